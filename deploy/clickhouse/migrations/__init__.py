@@ -1,0 +1,1 @@
+"""ClickHouse schema migrations, shipped as package data (plain numbered SQL files)."""

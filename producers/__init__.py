@@ -1,0 +1,1 @@
+"""Publishers of lab detections and border seizures, and the stream simulator."""

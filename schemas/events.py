@@ -1,0 +1,183 @@
+"""The wire contract: one JSON object per event, as labs and customs publish it.
+
+The models validate everything a downstream detector relies on (ISO codes that exist and belong
+together, timestamps with an offset, positive quantities) so that the stream apps never have to
+re-check. Unknown extra fields are kept (``model_extra``), never fatal: a lab adding a field must not
+lose its reports.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Annotated, Any, Literal
+
+import pycountry
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    model_validator,
+)
+
+#: Events before this instant or after ``LATEST_EVENT_TIME`` are typing errors, not history.
+EARLIEST_EVENT_TIME = datetime(1990, 1, 1, tzinfo=UTC)
+LATEST_EVENT_TIME = datetime(2100, 1, 1, tzinfo=UTC)
+
+EventKind = Literal["lab_detection", "border_seizure"]
+SampleType = Literal["seized_material", "biological", "wastewater", "drug_checking", "other"]
+Conveyance = Literal["air", "sea", "land", "postal", "other"]
+QuantityUnit = Literal["g", "kg", "mg", "ml", "l", "tablets", "units", "blotters"]
+
+Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500)]
+"""A non-blank, bounded free-text field (names, ids, methods)."""
+
+_INCHIKEY = re.compile(r"^[A-Z]{14}-[A-Z]{10}-[A-Z]$")
+_CAS = re.compile(r"^(\d{2,7})-(\d{2})-(\d)$")
+
+
+@lru_cache(maxsize=4096)
+def _country_exists(code: str) -> bool:
+    return pycountry.countries.get(alpha_2=code) is not None
+
+
+@lru_cache(maxsize=16384)
+def _subdivision_country(code: str) -> str | None:
+    subdivision = pycountry.subdivisions.get(code=code)
+    return None if subdivision is None else str(subdivision.country_code)
+
+
+def _country_code(value: str) -> str:
+    code = value.strip().upper()
+    if len(code) != 2 or not _country_exists(code):
+        raise ValueError(f"{value!r} is not an ISO 3166-1 alpha-2 country code")
+    return code
+
+
+def _region_code(value: str) -> str:
+    code = value.strip().upper()
+    if _subdivision_country(code) is None:
+        raise ValueError(f"{value!r} is not an ISO 3166-2 subdivision code (e.g. 'ML-BKO')")
+    return code
+
+
+def _inchikey(value: str) -> str:
+    key = value.strip().upper()
+    if not _INCHIKEY.match(key):
+        raise ValueError(f"{value!r} is not an InChIKey (XXXXXXXXXXXXXX-XXXXXXXXXX-X)")
+    return key
+
+
+def _cas_number(value: str) -> str:
+    match = _CAS.match(value.strip())
+    if match is None:
+        raise ValueError(f"{value!r} is not a CAS registry number (e.g. 1189805-46-6)")
+    digits = (match.group(1) + match.group(2))[::-1]
+    if sum((i + 1) * int(d) for i, d in enumerate(digits)) % 10 != int(match.group(3)):
+        raise ValueError(f"{value!r} has a wrong CAS check digit")
+    return value.strip()
+
+
+def _timestamp_text(value: Any) -> Any:
+    """RFC 3339 text only: a bare number would be read as epoch seconds and silently mean 1970."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise ValueError("timestamps are RFC 3339 strings with an offset, e.g. 2026-03-01T10:15:00+00:00")
+    return value
+
+
+def _plausible_time(value: datetime) -> datetime:
+    if not EARLIEST_EVENT_TIME <= value < LATEST_EVENT_TIME:
+        raise ValueError(
+            f"{value.isoformat()} is outside {EARLIEST_EVENT_TIME.year}-{LATEST_EVENT_TIME.year - 1}"
+        )
+    return value
+
+
+CountryCode = Annotated[str, AfterValidator(_country_code)]
+RegionCode = Annotated[str, AfterValidator(_region_code)]
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_timestamp_text), AfterValidator(_plausible_time)]
+
+
+class SubstanceReport(BaseModel):
+    """The substance as reported: a name always, a structure when a lab identified one."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    name: Text = Field(description="Name as reported (any language, any spelling).")
+    smiles: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)] | None = (
+        None
+    )
+    inchikey: Annotated[str, AfterValidator(_inchikey)] | None = None
+    cas: Annotated[str, AfterValidator(_cas_number)] | None = None
+
+
+class Quantity(BaseModel):
+    """A seized amount; normalised to grams downstream where the unit allows."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    value: float = Field(gt=0, le=1e9, description="Strictly positive amount in `unit`.")
+    unit: QuantityUnit
+
+
+class _EventBase(BaseModel):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    event_id: Text = Field(description="Unique id; a re-sent event carries the same id.")
+    occurred_at: Timestamp = Field(description="Event time (RFC 3339 with offset).")
+    reported_at: Timestamp | None = None
+    country: CountryCode
+    region: RegionCode = Field(description="ISO 3166-2 subdivision of `country`.")
+    substance: SubstanceReport
+
+    @model_validator(mode="after")
+    def _region_in_country(self) -> _EventBase:
+        owner = _subdivision_country(self.region)
+        if owner != self.country:
+            raise ValueError(f"region {self.region} belongs to country {owner}, not {self.country}")
+        return self
+
+    @property
+    def extra_fields(self) -> dict[str, Any]:
+        """Unknown fields of the event and of its substance, kept verbatim."""
+        extra = dict(self.model_extra or {})
+        if self.substance.model_extra:
+            extra["substance"] = dict(self.substance.model_extra)
+        return extra
+
+
+class LabDetection(_EventBase):
+    """A forensic lab's structure-identified detection."""
+
+    kind: Literal["lab_detection"]
+    lab_id: Text
+    sample_id: Text
+    sample_type: SampleType
+    method: Text = Field(description="Identification method as free text, e.g. GC-MS, LC-HRMS.")
+    confirmed: bool = True
+    purity_pct: float | None = Field(default=None, ge=0, le=100)
+
+
+class BorderSeizure(_EventBase):
+    """A customs or police seizure, usually identified by name only."""
+
+    kind: Literal["border_seizure"]
+    agency: Text
+    seizure_id: Text
+    border_point: Text
+    conveyance: Conveyance
+    quantity: Quantity
+    origin_country: CountryCode | None = None
+    destination_country: CountryCode | None = None
+
+
+Event = Annotated[LabDetection | BorderSeizure, Field(discriminator="kind")]
+"""Any input event; ``kind`` selects the model."""
+
+EVENT_ADAPTER: TypeAdapter[LabDetection | BorderSeizure] = TypeAdapter(Event)

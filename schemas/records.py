@@ -1,0 +1,79 @@
+"""Records the pipeline itself produces: rejects (bad input kept with its reason) and alerts."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+RejectStage = Literal["publish", "worker", "detection", "backtest", "ingest"]
+AlertType = Literal["new_substance", "first_in_region", "spike", "spread"]
+Severity = Literal["info", "warning", "critical"]
+
+#: Longest raw input kept in a reject; the rest is cut so one huge line cannot clog the topic.
+MAX_RAW_CHARS = 100_000
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Reject(BaseModel):
+    """An input that could not be used, kept verbatim with a reason a person can act on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    raw: str = Field(description="The input as received (decoded with replacement, cut at 100,000 chars).")
+    source: str = Field(description="Where it came from: a topic, or a file and line number.")
+    reason: str = Field(description="Why it was refused, in words.")
+    stage: RejectStage
+    event_id: str | None = Field(default=None, description="The event id, when one could be read.")
+    rejected_at: datetime = Field(default_factory=utc_now)
+
+    @classmethod
+    def of(
+        cls, raw: bytes | str, *, source: str, reason: str, stage: RejectStage, event_id: str | None = None
+    ) -> Reject:
+        if isinstance(raw, str):  # readers keep undecodable bytes as surrogates: make them visible
+            raw = raw.encode("utf-8", errors="surrogateescape")
+        text = raw.decode("utf-8", errors="replace")
+        if len(text) > MAX_RAW_CHARS:
+            text = text[:MAX_RAW_CHARS] + f"... [{len(text) - MAX_RAW_CHARS} more characters cut]"
+        return cls(raw=text, source=source, reason=reason, stage=stage, event_id=event_id)
+
+
+class AlertSubstance(BaseModel):
+    """The substance an alert is about, as the identity resolver named it."""
+
+    name: str
+    key: str = Field(description="Stable substance key: InChIKey first block, or `name:<normalised>`.")
+    inchikey: str | None = None
+    family: str | None = None
+    controlled: bool | None = Field(default=None, description="Under international control, when known.")
+
+
+class Alert(BaseModel):
+    """An early warning. Carries what applies of a European drug alert (risk, place, method, data)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alert_id: str = Field(description="Deterministic: type, region, substance and episode.")
+    alert_type: AlertType
+    severity: Severity
+    country: str | None = None
+    region: str | None = Field(default=None, description="ISO 3166-2; None for network-wide alerts.")
+    substance: AlertSubstance
+    metric: Literal["count", "quantity"] | None = Field(default=None, description="Spikes only.")
+    observed: float | None = None
+    expected: float | None = None
+    score: float | None = Field(default=None, description="Strength of evidence (e.g. -log10 p-value).")
+    window_start: datetime
+    window_end: datetime
+    triggered_at: datetime = Field(description="Event time of the report that made the alert true.")
+    detected_at: datetime = Field(default_factory=utc_now, description="Wall-clock time it was raised.")
+    evidence_event_ids: list[str] = Field(default_factory=list)
+    summary: str = Field(default="", description="One sentence a liaison officer can read.")
+    identification_methods: list[str] = Field(default_factory=list)
+    sample_types: list[str] = Field(default_factory=list)
+    details: dict[str, Any] = Field(default_factory=dict)

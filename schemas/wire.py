@@ -1,0 +1,80 @@
+"""Decoding raw bytes into events, with reasons a person can act on when it fails.
+
+The publisher and the worker both call :func:`parse_event`, so a record is judged the same way at
+the edge and in the stream (the worker re-validates what other producers may have sent).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import ValidationError
+
+from .events import EVENT_ADAPTER, BorderSeizure, LabDetection
+
+
+class WireError(ValueError):
+    """A record that does not meet the wire contract; ``reason`` says why in one line."""
+
+    def __init__(self, reason: str, event_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.event_id = event_id
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    # Drop the discriminator tag pydantic inserts ("lab_detection.region" -> "region").
+    parts = [str(p) for p in loc if p not in ("lab_detection", "border_seizure")]
+    return ".".join(parts)
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line per problem, joined: ``field: message``; readable in a reject table."""
+    problems = []
+    for item in error.errors(include_url=False):
+        message = str(item["msg"]).removeprefix("Value error, ")
+        where = _location(tuple(item["loc"]))
+        if item["type"] == "missing":
+            message = "required field is missing"
+        elif item["type"] == "json_invalid":
+            message = f"invalid JSON: {item['ctx'].get('error', message) if item.get('ctx') else message}"
+        elif item["type"] == "union_tag_invalid":
+            message = "unknown kind; expected 'lab_detection' or 'border_seizure'"
+            where = "kind"
+        elif item["type"] == "union_tag_not_found":
+            message = "required field is missing (one of 'lab_detection', 'border_seizure')"
+            where = "kind"
+        problems.append(f"{where}: {message}" if where else message)
+    return "; ".join(problems)
+
+
+def _peek_event_id(raw: bytes | str | dict[str, Any]) -> str | None:
+    """Best-effort event id of a refused record, so a reject can be traced to its source."""
+    try:
+        obj = raw if isinstance(raw, dict) else json.loads(raw)
+    except (ValueError, TypeError, RecursionError):
+        return None
+    event_id = obj.get("event_id") if isinstance(obj, dict) else None
+    return event_id[:500] if isinstance(event_id, str) and event_id.strip() else None
+
+
+def parse_event(raw: bytes | str) -> LabDetection | BorderSeizure:
+    """Validate one JSON record; raise :class:`WireError` with a reason when it is not an event."""
+    try:
+        return EVENT_ADAPTER.validate_json(raw)
+    except ValidationError as error:
+        raise WireError(describe_validation_error(error), _peek_event_id(raw)) from None
+
+
+def parse_event_object(obj: dict[str, Any]) -> LabDetection | BorderSeizure:
+    """Validate an already decoded record (CSV rows, simulator output)."""
+    try:
+        return EVENT_ADAPTER.validate_python(obj)
+    except ValidationError as error:
+        raise WireError(describe_validation_error(error), _peek_event_id(obj)) from None
+
+
+def event_to_json(event: LabDetection | BorderSeizure) -> bytes:
+    """Canonical wire bytes of an event (extra fields included, unset optionals left out)."""
+    return event.model_dump_json(exclude_none=True).encode()

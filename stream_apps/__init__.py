@@ -1,0 +1,1 @@
+"""Faust stream processors: validation, detectors, sinks and delivery."""

