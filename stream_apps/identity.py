@@ -1,0 +1,318 @@
+"""Substance identity: one stable key per substance, whatever name, salt or SMILES spelling a report uses.
+
+Every detector counts by substance, so every report goes through ``SubstanceResolver.resolve``. The
+structure key is the InChIKey first block (connectivity only): the same molecule written differently,
+as a salt, or without stereo still gets one key. Names are only a fallback, because street names are
+ambiguous; names seen alongside a structure are learnt so later name-only reports join that structure.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from functools import cache, lru_cache
+from typing import Any, Literal
+
+import pint
+from rdkit import Chem
+from rdkit.Chem.MolStandardize import rdMolStandardize
+from rdkit.rdBase import BlockLogs
+
+from synthwatch.catalogue import CatalogueEntry, Family, shipped_catalogue
+
+from .families import classify
+
+ResolvedBy = Literal["structure", "catalogue_name", "learnt_name", "unresolved_name"]
+
+NAME_KEY_PREFIX = "name:"
+SMILES_ERROR = "SMILES not parseable by RDKit"
+INCHIKEY_ERROR = "InChIKey not well formed"
+STANDARDISE_ERROR = "structure could not be standardised to an InChIKey"
+
+_CACHE_SIZE = 65536
+_INCHIKEY = re.compile(r"^([A-Z]{14})(?:-[A-Z]{10}-[A-Z])?$")
+_STRUCTURE_KEY = re.compile(r"[A-Z]{14}")
+
+# Placeholders that say nothing about the substance; learning them would merge unrelated reports.
+UNINFORMATIVE_NAMES: frozenset[str] = frozenset(
+    {"", "unknown", "unidentified", "unknownsubstance", "unknownpowder", "na", "none", "null", "other"}
+) | {"powder", "pill", "pills", "tablet", "tablets", "liquid", "sample", "substance", "mixture"}
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def normalise_name(name: str) -> str:
+    """Fold case, accents and punctuation so "3-MMC", " 3 mmc " and "3MMC" (and "Cocaïne"/"cocaine") meet."""
+    decomposed = unicodedata.normalize("NFKD", name.casefold())
+    return "".join(ch for ch in decomposed if ch.isalnum() and not unicodedata.combining(ch))
+
+
+@dataclass(frozen=True, slots=True)
+class Structure:
+    """What a valid structure tells us: its key (InChIKey first block), full InChIKey and SMARTS family."""
+
+    key: str
+    inchikey: str | None
+    family: Family | None
+
+
+def _parent(mol: Any) -> Any:
+    """Keep the parent compound: drop salts and solvents, then neutralise, so salt forms share a key."""
+    parent = rdMolStandardize.LargestFragmentChooser().choose(mol)
+    return rdMolStandardize.Uncharger().uncharge(parent)
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def structure_from_smiles(smiles: str) -> Structure | str:
+    """Structure for a SMILES, or an error message. Cached per input string: this is the hot path."""
+    with BlockLogs():  # malformed SMILES from the field must not flood stderr
+        mol = Chem.MolFromSmiles(smiles.strip()) if smiles.strip() else None
+        if mol is None or mol.GetNumAtoms() == 0:
+            return SMILES_ERROR
+        try:
+            parent = _parent(mol)
+            inchikey = Chem.MolToInchiKey(parent)
+        except Exception:  # any RDKit failure on field data is a bad structure, never a dead worker
+            return STANDARDISE_ERROR
+    if not inchikey:
+        return STANDARDISE_ERROR
+    return Structure(key=inchikey[:14], inchikey=inchikey, family=classify(parent))
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def structure_from_inchikey(inchikey: str) -> Structure | str:
+    """Structure for a reported InChIKey (full key or first block); family unknown without atoms."""
+    text = inchikey.strip().upper()
+    match = _INCHIKEY.match(text)
+    if match is None:
+        return INCHIKEY_ERROR
+    return Structure(key=match.group(1), inchikey=text if len(text) > 14 else None, family=None)
+
+
+@dataclass(frozen=True, slots=True)
+class NormalisedQuantity:
+    """A reported amount in canonical units; exactly one field is set (mass, volume or a count)."""
+
+    grams: float | None = None
+    millilitres: float | None = None
+    units: float | None = None
+
+
+# Counted items, compared after normalise_name ("Tablets", "comprimés"); never converted to a mass.
+COUNT_UNITS: frozenset[str] = frozenset(
+    {"unit", "units", "u", "tablet", "tablets", "tab", "tabs", "pill", "pills", "capsule", "capsules"}
+) | {"blotter", "blotters", "stamp", "stamps", "piece", "pieces", "dose", "doses", "comprime", "comprimes"}
+
+
+@cache
+def _registry() -> pint.UnitRegistry:
+    """One pint registry per process, built on first use (building it costs a few hundred ms)."""
+    return pint.UnitRegistry()
+
+
+@lru_cache(maxsize=1024)
+def _unit_factor(unit: str) -> tuple[Literal["g", "ml"], float]:
+    """Pint's factor from ``unit`` to grams or millilitres, computed once per distinct unit string."""
+    registry = _registry()
+    try:
+        quantity = registry.Quantity(1.0, unit.strip())
+    except (pint.errors.PintError, AttributeError, ValueError, TypeError) as error:
+        raise ValueError(f"unknown unit {unit!r}") from error
+    if quantity.check("[mass]"):
+        return "g", float(quantity.to("gram").magnitude)
+    if quantity.check("[volume]"):
+        return "ml", float(quantity.to("millilitre").magnitude)
+    raise ValueError(f"unit {unit!r} is neither a mass, a volume nor a count")
+
+
+def normalise_quantity(value: float, unit: str) -> NormalisedQuantity:
+    """Mass to grams and volume to millilitres via pint; tablets, blotters and the like stay counts."""
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"quantity must be finite and non-negative, got {value!r}")
+    if normalise_name(unit) in COUNT_UNITS:
+        return NormalisedQuantity(units=float(value))
+    kind, factor = _unit_factor(unit)
+    if kind == "g":
+        return NormalisedQuantity(grams=value * factor)
+    return NormalisedQuantity(millilitres=value * factor)
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedSubstance:
+    """The identity of the substance in one report; ``key`` is what detectors group and count by."""
+
+    key: str
+    display_name: str
+    inchikey: str | None
+    family: Family | None
+    controlled: bool | None
+    catalogued: bool
+    resolved_by: ResolvedBy
+    structure_error: str | None = None
+
+
+class SubstanceResolver:
+    """Resolves reports to substances: structure first, then catalogue names, then learnt names.
+
+    Deterministic for a given catalogue and sequence of reports. Not thread-safe (one per stream worker).
+    """
+
+    def __init__(self, catalogue: Iterable[CatalogueEntry] | None = None) -> None:
+        entries = tuple(shipped_catalogue() if catalogue is None else catalogue)
+        self._by_key: dict[str, tuple[CatalogueEntry, Structure]] = {}
+        self._by_name: dict[str, ResolvedSubstance] = {}
+        self._learnt: dict[str, str] = {}
+        self._key_family: dict[str, Family | None] = {}
+        for entry in entries:
+            self._index(entry)
+
+    def _index(self, entry: CatalogueEntry) -> None:
+        """Index one entry by structure key and every alias; clashes are catalogue bugs, so fail loudly."""
+        structure = structure_from_smiles(entry.smiles)
+        if isinstance(structure, str):
+            raise ValueError(f"catalogue entry {entry.name!r}: {structure}")
+        if structure.key in self._by_key:
+            raise ValueError(
+                f"catalogue entries {entry.name!r} and {self._by_key[structure.key][0].name!r} "
+                f"share structure key {structure.key}"
+            )
+        self._by_key[structure.key] = (entry, structure)
+        by_name = ResolvedSubstance(
+            key=structure.key,
+            display_name=entry.name,
+            inchikey=structure.inchikey,
+            family=entry.family,
+            controlled=entry.controlled,
+            catalogued=True,
+            resolved_by="catalogue_name",
+        )
+        for alias in {normalise_name(alias) for alias in (entry.name, *entry.synonyms)}:
+            clash = self._by_name.get(alias)
+            if clash is not None and clash.key != structure.key:
+                raise ValueError(f"catalogue alias {alias!r} names {clash.display_name!r} and {entry.name!r}")
+            if alias:
+                self._by_name[alias] = by_name
+
+    def resolve(self, name: str, smiles: str | None = None, inchikey: str | None = None) -> ResolvedSubstance:
+        """Identity of one report: valid SMILES, else InChIKey, else catalogue name, learnt name, raw name."""
+        error: str | None = None
+        structure: Structure | None = None
+        if smiles:
+            found = structure_from_smiles(smiles)
+            if isinstance(found, str):
+                error = found
+            else:
+                structure = found
+        if structure is None and inchikey:
+            found = structure_from_inchikey(inchikey)
+            if isinstance(found, str):
+                error = found if error is None else f"{error}; {found}"
+            else:
+                structure = found
+        if structure is not None:
+            return self._from_structure(structure, name, error)
+        return self._from_name(name, error)
+
+    def _from_structure(self, structure: Structure, name: str, error: str | None) -> ResolvedSubstance:
+        """A structure decides identity; the catalogue only adds a display name and legal status."""
+        key = structure.key
+        self._learn_from_report(name, key)
+        catalogued = self._by_key.get(key)
+        if catalogued is not None:
+            entry, known = catalogued
+            return ResolvedSubstance(
+                key=key,
+                display_name=entry.name,
+                inchikey=structure.inchikey or known.inchikey,
+                family=structure.family or self.family_of(key),
+                controlled=entry.controlled,
+                catalogued=True,
+                resolved_by="structure",
+                structure_error=error,
+            )
+        if structure.family is not None or key not in self._key_family:
+            self._key_family[key] = structure.family
+        return ResolvedSubstance(
+            key=key,
+            display_name=name.strip() or key,
+            inchikey=structure.inchikey,
+            family=structure.family or self._key_family.get(key),
+            controlled=None,
+            catalogued=False,
+            resolved_by="structure",
+            structure_error=error,
+        )
+
+    def _from_name(self, name: str, error: str | None) -> ResolvedSubstance:
+        """Name-only report: catalogue alias, else a learnt name, else a key made from the name itself."""
+        normalised = normalise_name(name)
+        by_name = self._by_name.get(normalised)
+        if by_name is not None:
+            return by_name if error is None else replace(by_name, structure_error=error)
+        learnt = self._learnt.get(normalised)
+        if learnt is not None:
+            catalogued = self._by_key.get(learnt)
+            if catalogued is not None:
+                entry, known = catalogued
+                return ResolvedSubstance(
+                    key=learnt,
+                    display_name=entry.name,
+                    inchikey=known.inchikey,
+                    family=self.family_of(learnt),
+                    controlled=entry.controlled,
+                    catalogued=True,
+                    resolved_by="learnt_name",
+                    structure_error=error,
+                )
+            return ResolvedSubstance(
+                key=learnt,
+                display_name=name.strip(),
+                inchikey=None,
+                family=self._key_family.get(learnt),
+                controlled=None,
+                catalogued=False,
+                resolved_by="learnt_name",
+                structure_error=error,
+            )
+        return ResolvedSubstance(
+            key=NAME_KEY_PREFIX + normalised,
+            display_name=name.strip(),
+            inchikey=None,
+            family=None,
+            controlled=None,
+            catalogued=False,
+            resolved_by="unresolved_name",
+            structure_error=error,
+        )
+
+    def _learn_from_report(self, name: str, key: str) -> None:
+        """Remember a new name seen with a structure; first sighting wins so a name's key never flips."""
+        normalised = normalise_name(name)
+        if normalised in self._learnt or normalised in self._by_name or normalised in UNINFORMATIVE_NAMES:
+            return
+        self._learnt[normalised] = key
+
+    def learn(self, name: str, key: str, family: Family | None = None) -> bool:
+        """Restore a persisted learnt name; False when the catalogue or an earlier learnt name owns it."""
+        if _STRUCTURE_KEY.fullmatch(key) is None:
+            raise ValueError(f"learnt names map to structure keys (InChIKey first block), got {key!r}")
+        normalised = normalise_name(name)
+        if normalised in self._learnt or normalised in self._by_name or normalised in UNINFORMATIVE_NAMES:
+            return False
+        self._learnt[normalised] = key
+        if family is not None and key not in self._by_key:
+            self._key_family[key] = family
+        return True
+
+    def learnt_names(self) -> dict[str, str]:
+        """Learnt normalised name -> structure key: a copy to persist and replay through ``learn``."""
+        return dict(self._learnt)
+
+    def family_of(self, key: str) -> Family | None:
+        """Best known family of a structure key: catalogue (SMARTS, else declared), else from reports."""
+        catalogued = self._by_key.get(key)
+        if catalogued is not None:
+            return catalogued[1].family or catalogued[0].family
+        return self._key_family.get(key)

@@ -1,0 +1,223 @@
+"""Substance identity: one key per substance whatever the spelling, salt or stereo of the report."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rdkit import Chem
+from synthwatch.stream_apps.identity import (
+    SMILES_ERROR,
+    SubstanceResolver,
+    normalise_name,
+    normalise_quantity,
+    structure_from_smiles,
+)
+
+from synthwatch.catalogue import CatalogueEntry, shipped_catalogue
+
+CATALOGUE = shipped_catalogue()
+ENTRIES = st.sampled_from(CATALOGUE)
+SEEDS = st.integers(min_value=0, max_value=2**31 - 1)
+RESOLVER = SubstanceResolver()  # read-only use in property tests; tests that learn build their own
+
+ISOTONITAZENE = "CCN(CC)CCn1c(Cc2ccc(OC(C)C)cc2)nc2cc([N+](=O)[O-])ccc21"
+PENTYLOXY_NITAZENE = "CCN(CC)CCn1c(Cc2ccc(OCCCCC)cc2)nc2cc([N+](=O)[O-])ccc21"
+FENTANYL = "CCC(=O)N(c1ccccc1)C1CCN(CCc2ccccc2)CC1"
+# Hydrochloride, hydrated hydrochloride, hydrobromide, sulfate, citrate.
+SALTS = (".Cl", ".O.Cl", ".Br", ".OS(=O)(=O)O", ".OC(=O)CC(O)(CC(O)=O)C(O)=O")
+
+
+def _key(smiles: str) -> str:
+    structure = structure_from_smiles(smiles)
+    assert not isinstance(structure, str), smiles
+    return structure.key
+
+
+@settings(max_examples=150, deadline=None)
+@given(entry=ENTRIES, seed=SEEDS)
+def test_key_invariant_under_random_smiles(entry: CatalogueEntry, seed: int) -> None:
+    mol = Chem.MolFromSmiles(entry.smiles)
+    rewritten = Chem.MolToRandomSmilesVect(mol, 1, randomSeed=seed)[0]
+    assert _key(rewritten) == _key(entry.smiles)
+
+
+@settings(max_examples=60, deadline=None)
+@given(entry=ENTRIES, seed=SEEDS)
+def test_key_invariant_under_kekule_smiles(entry: CatalogueEntry, seed: int) -> None:
+    mol = Chem.MolFromSmiles(entry.smiles)
+    Chem.Kekulize(mol, clearAromaticFlags=True)
+    kekule = Chem.MolToRandomSmilesVect(mol, 1, randomSeed=seed, kekuleSmiles=True)[0]
+    assert _key(kekule) == _key(entry.smiles)
+    assert _key(Chem.MolToSmiles(mol, kekuleSmiles=True)) == _key(entry.smiles)
+
+
+@settings(max_examples=60, deadline=None)
+@given(entry=ENTRIES)
+def test_key_invariant_under_stereo_removal(entry: CatalogueEntry) -> None:
+    mol = Chem.MolFromSmiles(entry.smiles)
+    Chem.RemoveStereochemistry(mol)
+    assert _key(Chem.MolToSmiles(mol)) == _key(entry.smiles)
+
+
+@settings(max_examples=80, deadline=None)
+@given(entry=ENTRIES, salt=st.sampled_from(SALTS))
+def test_key_and_family_invariant_under_salt_forms(entry: CatalogueEntry, salt: str) -> None:
+    plain = RESOLVER.resolve(entry.name, smiles=entry.smiles)
+    salted = RESOLVER.resolve(entry.name, smiles=entry.smiles + salt)
+    assert (salted.key, salted.family, salted.display_name) == (plain.key, plain.family, plain.display_name)
+
+
+def test_protonated_salt_is_the_free_base() -> None:
+    assert _key("C[NH2+]C(C)Cc1ccccc1.[Cl-]") == _key("CNC(C)Cc1ccccc1")
+
+
+def test_isotopes_do_not_change_the_key() -> None:
+    assert _key("[2H]C([2H])([2H])NC(C)Cc1ccccc1") == _key("CNC(C)Cc1ccccc1")
+
+
+def test_bad_smiles_is_silent(capfd: pytest.CaptureFixture[str]) -> None:
+    assert structure_from_smiles("C1CC(N=") == SMILES_ERROR
+    assert capfd.readouterr().err == ""
+
+
+@st.composite
+def respelt(draw: st.DrawFn, name: str) -> str:
+    """The same name with random case, and spaces or hyphens sprinkled in and around it."""
+    out = []
+    for ch in name:
+        out.append(ch.upper() if draw(st.booleans()) else ch.lower())
+        out.append(draw(st.sampled_from(["", "", "", " ", "-", "\u2011", "  "])))
+    return draw(st.sampled_from(["", " ", "\t"])) + "".join(out) + draw(st.sampled_from(["", " "]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), entry=ENTRIES)
+def test_name_case_spacing_and_punctuation_invariance(data: st.DataObject, entry: CatalogueEntry) -> None:
+    alias = data.draw(st.sampled_from((entry.name, *entry.synonyms)))
+    spelt = data.draw(respelt(alias))
+    resolved = RESOLVER.resolve(spelt)
+    assert resolved.resolved_by == "catalogue_name"
+    assert resolved.key == RESOLVER.resolve(entry.name).key
+    assert resolved.display_name == entry.name
+
+
+def test_normalise_name_examples() -> None:
+    assert normalise_name("3-MMC") == normalise_name("3 mmc") == normalise_name(" 3\u2011Mmc ") == "3mmc"
+    assert normalise_name("Cocaïne") == normalise_name("cocaine")
+    assert normalise_name("MÉPHÉDRONE") == "mephedrone"
+
+
+def test_smiles_beats_name() -> None:
+    resolved = SubstanceResolver().resolve("cocaine", smiles=FENTANYL)
+    assert resolved.display_name == "Fentanyl"
+    assert resolved.resolved_by == "structure"
+    assert resolved.key == _key(FENTANYL)
+
+
+def test_smiles_beats_inchikey() -> None:
+    resolved = SubstanceResolver().resolve("x", smiles=FENTANYL, inchikey="ZPUCINDJVBIVPJ-LJISPDSOSA-N")
+    assert resolved.display_name == "Fentanyl"
+
+
+def test_inchikey_only_report() -> None:
+    inchikey = Chem.MolToInchiKey(Chem.MolFromSmiles(ISOTONITAZENE))
+    resolved = SubstanceResolver().resolve("white powder", inchikey=inchikey.lower())
+    assert resolved.key == inchikey[:14]
+    assert resolved.inchikey == inchikey
+    assert resolved.display_name == "Isotonitazene"
+    assert resolved.family == "nitazene" and resolved.catalogued and resolved.resolved_by == "structure"
+
+
+def test_name_only_catalogued_synonym() -> None:
+    resolved = SubstanceResolver().resolve("Meow Meow")
+    mephedrone = Chem.MolToInchiKey(Chem.MolFromSmiles("CNC(C)C(=O)c1ccc(C)cc1"))
+    assert resolved.key == mephedrone[:14]
+    assert resolved.inchikey == mephedrone
+    assert resolved.family == "synthetic_cathinone"
+    assert resolved.display_name == "Mephedrone"
+    assert resolved.controlled is True and resolved.catalogued and resolved.resolved_by == "catalogue_name"
+
+
+def test_learnt_names() -> None:
+    resolver = SubstanceResolver()
+    first = resolver.resolve("Blue Dragon", smiles=PENTYLOXY_NITAZENE)
+    later = resolver.resolve("blue-dragon")
+    assert later.key == first.key and later.resolved_by == "learnt_name" and later.family == "nitazene"
+    assert resolver.learnt_names() == {"bluedragon": first.key}
+
+    rebuilt = SubstanceResolver()
+    for name, key in resolver.learnt_names().items():
+        assert rebuilt.learn(name, key, family=resolver.family_of(key))
+    assert rebuilt.resolve("BLUE DRAGON").key == first.key
+    assert rebuilt.resolve("BLUE DRAGON").family == "nitazene"
+
+
+def test_first_learnt_name_wins_and_catalogue_names_are_never_learnt() -> None:
+    resolver = SubstanceResolver()
+    resolver.resolve("blue dragon", smiles=PENTYLOXY_NITAZENE)
+    resolver.resolve("blue dragon", smiles=FENTANYL)
+    resolver.resolve("cocaine", smiles=FENTANYL)  # a mislabelled sample must not redefine "cocaine"
+    resolver.resolve("unknown", smiles=FENTANYL)  # placeholders are never learnt
+    assert resolver.learnt_names() == {"bluedragon": _key(PENTYLOXY_NITAZENE)}
+    assert resolver.resolve("cocaine").display_name == "Cocaine"
+    assert not resolver.learn("coke", _key(FENTANYL))
+    with pytest.raises(ValueError):
+        resolver.learn("anything", "name:anything")
+
+
+def test_unresolved_name_key() -> None:
+    resolved = SubstanceResolver().resolve("  Purple Haze-7 ")
+    assert resolved.key == "name:purplehaze7"
+    assert resolved.resolved_by == "unresolved_name"
+    assert resolved.inchikey is None and resolved.family is None
+    assert resolved.controlled is None and not resolved.catalogued
+
+
+def test_bad_smiles_falls_back_with_structure_error() -> None:
+    resolver = SubstanceResolver()
+    by_name = resolver.resolve("ketamine", smiles="C1CC(N")
+    assert by_name.structure_error == SMILES_ERROR
+    assert by_name.display_name == "Ketamine" and by_name.resolved_by == "catalogue_name"
+
+    inchikey = Chem.MolToInchiKey(Chem.MolFromSmiles(FENTANYL))
+    by_key = resolver.resolve("mystery", smiles="not-a-smiles", inchikey=inchikey)
+    assert by_key.structure_error == SMILES_ERROR and by_key.display_name == "Fentanyl"
+
+    unresolved = resolver.resolve("mystery 2", smiles="Xx")
+    assert unresolved.structure_error == SMILES_ERROR and unresolved.key == "name:mystery2"
+    assert resolver.learnt_names() == {"mystery": inchikey[:14]}
+
+
+def test_fentanyl_is_fentanyl_not_phenethylamine() -> None:
+    assert SubstanceResolver().resolve("x", smiles=FENTANYL).family == "fentanyl"
+
+
+def test_bupropion_is_a_cathinone_but_not_controlled() -> None:
+    resolved = SubstanceResolver().resolve("", smiles="CC(NC(C)(C)C)C(=O)c1cccc(Cl)c1")
+    assert resolved.family == "synthetic_cathinone"
+    assert resolved.controlled is False and resolved.display_name == "Bupropion"
+
+
+def test_new_nitazene_analogue_is_a_nitazene_and_not_catalogued() -> None:
+    resolved = SubstanceResolver().resolve("pentyloxy-isotonitazene", smiles=PENTYLOXY_NITAZENE)
+    assert resolved.family == "nitazene"
+    assert not resolved.catalogued and resolved.controlled is None
+    assert resolved.key != _key(ISOTONITAZENE)
+    assert resolved.display_name == "pentyloxy-isotonitazene"
+
+
+def test_quantities() -> None:
+    assert normalise_quantity(2.5, "kg").grams == pytest.approx(2500)
+    assert normalise_quantity(250, "mg").grams == pytest.approx(0.25)
+    assert normalise_quantity(1, "l").millilitres == pytest.approx(1000)
+    assert normalise_quantity(500, "ml").millilitres == pytest.approx(500)
+    tablets = normalise_quantity(40, "tablets")
+    assert (tablets.units, tablets.grams, tablets.millilitres) == (40, None, None)
+    assert normalise_quantity(3, "blotters").units == 3
+
+
+@pytest.mark.parametrize(("value", "unit"), [(1, "parsec"), (1, "furlongs per fortnight"), (-1, "g")])
+def test_bad_quantities_are_rejected(value: float, unit: str) -> None:
+    with pytest.raises(ValueError):
+        normalise_quantity(value, unit)
