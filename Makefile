@@ -19,16 +19,25 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/synthwatch demo
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow and not integration" $(PYTEST_ARGS)
 
+# mypy cannot see setuptools' package-dir mapping through the editable install, so it checks a
+# symlinked view of the installed layout (synthwatch/schemas -> schemas/, ...).
+TYPECHECK := build/typecheck
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy
+	@rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/synthwatch
+	@for f in synthwatch/*; do ln -s ../../../$$f $(TYPECHECK)/synthwatch/; done
+	@ln -s ../../../schemas $(TYPECHECK)/synthwatch/schemas
+	@ln -s ../../../producers $(TYPECHECK)/synthwatch/producers
+	@ln -s ../../../stream_apps $(TYPECHECK)/synthwatch/stream_apps
+	@ln -s ../../../deploy/clickhouse/migrations $(TYPECHECK)/synthwatch/migrations
+	cd $(TYPECHECK) && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p synthwatch
 
 bench: install
 	$(BIN)/synthwatch bench publish

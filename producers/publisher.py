@@ -109,7 +109,9 @@ class Publisher:
         key = (reject.event_id or reject.source).encode()
         self.send_raw(self.settings.topic_rejects, key, reject.model_dump_json().encode(), "reject", reject.source)
 
-    def publish_records(self, records: Iterable[InputRecord], progress: Callable[[int], None] | None = None) -> PublishSummary:
+    def publish_records(
+        self, records: Iterable[InputRecord], progress: Callable[[int], None] | None = None
+    ) -> PublishSummary:
         """Validate and send every record; returns once every message is acked or has failed."""
         self.flush()
         self._sweep(wait=True)
@@ -125,19 +127,31 @@ class Publisher:
                 reason = error.reason.split(":", 1)[0] if ":" in error.reason else error.reason
                 reasons[reason] = reasons.get(reason, 0) + 1
                 self.send_reject(
-                    Reject.of(record.raw, source=record.source, reason=error.reason, stage=self.stage,
-                              event_id=error.event_id)
+                    Reject.of(
+                        record.raw,
+                        source=record.source,
+                        reason=error.reason,
+                        stage=self.stage,
+                        event_id=error.event_id,
+                    )
                 )
             else:
                 if event.event_id in seen:
                     summary.duplicates += 1
                     continue
                 seen.add(event.event_id)
-                value = record.raw.encode("utf-8", errors="surrogateescape") if record.obj is None else (
-                    event.model_dump_json(exclude_none=True).encode()
+                value = (
+                    record.raw.encode("utf-8", errors="surrogateescape")
+                    if record.obj is None
+                    else (event.model_dump_json(exclude_none=True).encode())
                 )
-                self.send_raw(self.settings.topic_for_kind(event.kind), event.region.encode(), value,
-                              "event", event.event_id)
+                self.send_raw(
+                    self.settings.topic_for_kind(event.kind),
+                    event.region.encode(),
+                    value,
+                    "event",
+                    event.event_id,
+                )
             if progress is not None and summary.read % 1000 == 0:
                 progress(1000)
         self.flush()

@@ -34,7 +34,7 @@ def detect_format(path: str) -> InputFormat:
 def _open(path: str) -> IO[str]:
     if path == "-":
         return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape")
-    return open(Path(path), encoding="utf-8", errors="surrogateescape", newline="")  # noqa: SIM115
+    return open(Path(path), encoding="utf-8", errors="surrogateescape", newline="")
 
 
 def read_ndjson(stream: IO[str], name: str) -> Iterator[InputRecord]:

@@ -23,7 +23,8 @@ from pydantic import (
     Field,
     StringConstraints,
     TypeAdapter,
-    model_validator,
+    ValidationInfo,
+    field_validator,
 )
 
 #: Events before this instant or after ``LATEST_EVENT_TIME`` are typing errors, not history.
@@ -93,9 +94,7 @@ def _timestamp_text(value: Any) -> Any:
 
 def _plausible_time(value: datetime) -> datetime:
     if not EARLIEST_EVENT_TIME <= value < LATEST_EVENT_TIME:
-        raise ValueError(
-            f"{value.isoformat()} is outside {EARLIEST_EVENT_TIME.year}-{LATEST_EVENT_TIME.year - 1}"
-        )
+        raise ValueError(f"{value.isoformat()} is outside {EARLIEST_EVENT_TIME.year}-{LATEST_EVENT_TIME.year - 1}")
     return value
 
 
@@ -110,9 +109,7 @@ class SubstanceReport(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     name: Text = Field(description="Name as reported (any language, any spelling).")
-    smiles: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)] | None = (
-        None
-    )
+    smiles: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)] | None = None
     inchikey: Annotated[str, AfterValidator(_inchikey)] | None = None
     cas: Annotated[str, AfterValidator(_cas_number)] | None = None
 
@@ -136,12 +133,14 @@ class _EventBase(BaseModel):
     region: RegionCode = Field(description="ISO 3166-2 subdivision of `country`.")
     substance: SubstanceReport
 
-    @model_validator(mode="after")
-    def _region_in_country(self) -> _EventBase:
-        owner = _subdivision_country(self.region)
-        if owner != self.country:
-            raise ValueError(f"region {self.region} belongs to country {owner}, not {self.country}")
-        return self
+    @field_validator("region")
+    @classmethod
+    def _region_in_country(cls, region: str, info: ValidationInfo) -> str:
+        country = info.data.get("country")  # absent when the country itself was invalid
+        owner = _subdivision_country(region)
+        if country is not None and owner != country:
+            raise ValueError(f"{region} belongs to country {owner}, not {country}")
+        return region
 
     @property
     def extra_fields(self) -> dict[str, Any]:

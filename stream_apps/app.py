@@ -18,7 +18,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from functools import partial
+from typing import Any, TypeVar, cast
 
 import faust
 from clickhouse_connect.driver.client import Client
@@ -118,15 +119,14 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
 
     @app.agent(inputs, name="intake")
     async def intake_agent(stream: faust.StreamT[bytes]) -> None:
-        async for events in stream.take_events(settings.sink_batch_size, within=settings.sink_batch_seconds):
+        async for events in cast(faust.Stream[bytes], stream).take_events(
+            settings.sink_batch_size, within=settings.sink_batch_seconds
+        ):
             messages = [
-                RawMessage(f"{e.message.topic}:{e.message.partition}:{e.message.offset}", e.value)
-                for e in events
+                RawMessage(f"{e.message.topic}:{e.message.partition}:{e.message.offset}", e.value) for e in events
             ]
             result = ctx.intake.process(messages)
-            stored = await with_retries(
-                app, "storing events", lambda r=result: ctx.sink.store_events(r.events), stats
-            )
+            stored = await with_retries(app, "storing events", partial(ctx.sink.store_events, result.events), stats)
             await send_rejects(result.rejects)
             stats.consumed += len(messages)
             stats.stored += stored.stored
@@ -135,7 +135,9 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
 
     @app.agent(rejects_topic, name="rejects")
     async def rejects_agent(stream: faust.StreamT[bytes]) -> None:
-        async for events in stream.take_events(settings.sink_batch_size, within=settings.sink_batch_seconds):
+        async for events in cast(faust.Stream[bytes], stream).take_events(
+            settings.sink_batch_size, within=settings.sink_batch_seconds
+        ):
             rejects = []
             for e in events:
                 try:
@@ -143,16 +145,20 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
                 except ValueError as error:
                     source = f"{e.message.topic}:{e.message.partition}:{e.message.offset}"
                     rejects.append(
-                        Reject.of(e.value or b"", source=source, reason=f"not a reject record: {error}",
-                                  stage="worker")
+                        Reject.of(
+                            e.value or b"",
+                            source=source,
+                            reason=f"not a reject record: {error}",
+                            stage="worker",
+                        )
                     )
             stats.rejects_stored += await with_retries(
-                app, "storing rejects", lambda r=rejects: ctx.sink.store_rejects(r), stats
+                app, "storing rejects", partial(ctx.sink.store_rejects, rejects), stats
             )
 
     @app.task
     async def announce_ready() -> None:
-        await app.tables.recovery.completed.wait()
+        await cast(Any, app.tables).recovery.completed.wait()
         stats.ready_seconds = time.monotonic() - ctx.started_at
         if ctx.on_ready is not None:
             ctx.on_ready(stats.ready_seconds)

@@ -169,9 +169,7 @@ class ClickHouseSink:
         stored = self._stored_ids(table, [item.event_id for item in items])
         fresh = [to_row(item) for item in items if item.event_id not in stored]
         if fresh:
-            self.client.insert(
-                table, _columns(fresh, len(columns)), column_names=columns, column_oriented=True
-            )
+            self.client.insert(table, _columns(fresh, len(columns)), column_names=columns, column_oriented=True)
         return len(fresh), len(items) - len(fresh)
 
     def store_events(self, items: Sequence[EnrichedEvent]) -> StoreResult:
@@ -180,9 +178,7 @@ class ClickHouseSink:
         seizures = [item for item in items if isinstance(item.event, BorderSeizure)]
         with self.lock:
             new_labs, old_labs = self._insert_new(LAB_TABLE, labs, LAB_COLUMNS, lab_row)
-            new_seizures, old_seizures = self._insert_new(
-                SEIZURE_TABLE, seizures, SEIZURE_COLUMNS, seizure_row
-            )
+            new_seizures, old_seizures = self._insert_new(SEIZURE_TABLE, seizures, SEIZURE_COLUMNS, seizure_row)
         return StoreResult(new_labs, new_seizures, old_labs + old_seizures)
 
     def store_rejects(self, rejects: Sequence[Reject]) -> int:

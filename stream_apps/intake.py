@@ -57,9 +57,7 @@ class Intake:
         reported = event.substance
         substance = self.resolver.resolve(reported.name, smiles=reported.smiles, inchikey=reported.inchikey)
         quantity = (
-            normalise_quantity(event.quantity.value, event.quantity.unit)
-            if isinstance(event, BorderSeizure)
-            else None
+            normalise_quantity(event.quantity.value, event.quantity.unit) if isinstance(event, BorderSeizure) else None
         )
         return EnrichedEvent(event=event, substance=substance, quantity=quantity, source=source)
 

@@ -14,7 +14,14 @@ from rich.table import Table
 from .broker import EmbeddedBroker, ensure_topics
 from .settings import Settings
 
-_REGIONS = [("ML", "ML-BKO"), ("MA", "MA-CAS"), ("SN", "SN-DK"), ("FR", "FR-75C"), ("NL", "NL-NH"), ("US", "US-CA")]
+_REGIONS = [
+    ("ML", "ML-BKO"),
+    ("MA", "MA-CAS"),
+    ("SN", "SN-DK"),
+    ("FR", "FR-75C"),
+    ("NL", "NL-NH"),
+    ("US", "US-CA"),
+]
 
 
 def sample_lines(count: int, prefix: str) -> list[str]:
@@ -23,12 +30,23 @@ def sample_lines(count: int, prefix: str) -> list[str]:
     lines = []
     for i in range(count):
         country, region = _REGIONS[i % len(_REGIONS)]
-        lines.append(json.dumps({
-            "event_id": f"{prefix}-{i}", "kind": "border_seizure",
-            "occurred_at": (base + timedelta(seconds=i)).isoformat(), "country": country, "region": region,
-            "substance": {"name": "3-MMC"}, "agency": "Customs", "seizure_id": f"S{i}",
-            "border_point": "Airport", "conveyance": "air", "quantity": {"value": 12.5, "unit": "g"},
-        }))
+        lines.append(
+            json.dumps(
+                {
+                    "event_id": f"{prefix}-{i}",
+                    "kind": "border_seizure",
+                    "occurred_at": (base + timedelta(seconds=i)).isoformat(),
+                    "country": country,
+                    "region": region,
+                    "substance": {"name": "3-MMC"},
+                    "agency": "Customs",
+                    "seizure_id": f"S{i}",
+                    "border_point": "Airport",
+                    "conveyance": "air",
+                    "quantity": {"value": 12.5, "unit": "g"},
+                }
+            )
+        )
     return lines
 
 

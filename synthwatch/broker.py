@@ -83,15 +83,11 @@ class EmbeddedBroker:
             "--storage-engine",
             "memory://tansu/",
         ]
-        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        try:
+        with open(self.log_path or os.devnull, "ab") as log:
             # Own process group: Ctrl-C in a terminal reaches us, and we decide when the broker stops.
             self.process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
             )
-        finally:
-            if log is not subprocess.DEVNULL:
-                log.close()
         try:
             wait_for_port(self.host, self.port, timeout)
         except BrokerError:

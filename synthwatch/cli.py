@@ -6,7 +6,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn, cast
 
 import typer
 from rich.console import Console
@@ -26,7 +26,7 @@ console = Console()
 err = Console(stderr=True)
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
     err.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(code)
 
@@ -83,7 +83,7 @@ def publish(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from synthwatch.producers.publisher import Publisher
-    from synthwatch.producers.readers import read_records
+    from synthwatch.producers.readers import InputFormat, read_records
 
     from .runtime import NoBrokerConfigured, bootstrap_servers
 
@@ -100,25 +100,31 @@ def publish(
     with (
         Publisher(settings, servers) as publisher,
         Progress(
-            TextColumn("publishing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=err, transient=True, disable=not err.is_terminal,
+            TextColumn("publishing"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+            disable=not err.is_terminal,
         ) as progress,
     ):
         task = progress.add_task("publish", total=total)
         summary = publisher.publish_records(
-            read_records(file, fmt),  # type: ignore[arg-type]
+            read_records(file, cast(InputFormat | None, fmt)),
             progress=lambda n: progress.advance(task, n),
         )
     table = Table(title=f"published {file}")
     for column in ("read", "sent", "rejected", "duplicates", "failed"):
         table.add_column(column, justify="right")
-    table.add_row(*(str(v) for v in (summary.read, summary.sent, summary.rejected, summary.duplicates,
-                                       len(summary.failed))))
+    table.add_row(
+        *(str(v) for v in (summary.read, summary.sent, summary.rejected, summary.duplicates, len(summary.failed)))
+    )
     console.print(table)
     for reason, count in sorted(summary.reject_reasons.items(), key=lambda kv: -kv[1]):
         console.print(f"  rejected ({reason}): {count}")
-    for label, error in summary.failed[:20]:
-        err.print(f"[red]not delivered[/] {label}: {error}")
+    for label, problem in summary.failed[:20]:
+        err.print(f"[red]not delivered[/] {label}: {problem}")
     if summary.failed:
         _fail(f"{len(summary.failed)} records were NOT delivered (listed above); re-send the file", code=2)
 
@@ -154,8 +160,10 @@ def simulate(
             summary = publisher.publish_records(
                 InputRecord(source=f"simulate:{i}", raw=line) for i, line in enumerate(sim.lines, start=1)
             )
-        err.print(f"sent {summary.sent}, rejected {summary.rejected}, duplicates {summary.duplicates}, "
-                  f"failed {len(summary.failed)}")
+        err.print(
+            f"sent {summary.sent}, rejected {summary.rejected}, duplicates {summary.duplicates}, "
+            f"failed {len(summary.failed)}"
+        )
     elif out == "-":
         sys.stdout.writelines(line + "\n" for line in sim.lines)
     else:

@@ -134,7 +134,7 @@ def migrate(client: Client, migrations: list[Migration] | None = None) -> list[M
         if status != "applied":
             raise MigrationError(
                 f"migration {version:04d}_{name} was started but not finished; inspect the database, "
-                f"then record it with \"INSERT INTO schema_migrations (version, name, checksum, status) "
+                f'then record it with "INSERT INTO schema_migrations (version, name, checksum, status) '
                 f"VALUES ({version}, '{name}', '{checksum}', 'applied')\" or drop what it created"
             )
         shipped = next((m for m in migrations if m.version == version), None)

@@ -119,22 +119,42 @@ def run_demo(days: int, seed: int, console: Console, keep_running: bool = False)
             f"{waited:.1f} s after publishing ended "
             f"({summary.sent / (publish_seconds + waited):.0f} reports/s end to end)."
         )
-        _print_query(console, settings, "Reports stored, by country and kind", """
+        _print_query(
+            console,
+            settings,
+            "Reports stored, by country and kind",
+            """
             SELECT country, 'lab_detection' AS kind, count() AS reports, uniqExact(substance_key) AS substances
             FROM lab_detections GROUP BY country
             UNION ALL
             SELECT country, 'border_seizure', count(), uniqExact(substance_key) FROM border_seizures GROUP BY country
-            ORDER BY country, kind""")
-        _print_query(console, settings, "Rejected input, by reason", """
-            SELECT stage, reason, count() AS n FROM rejects GROUP BY stage, reason ORDER BY n DESC LIMIT 12""")
-        _print_query(console, settings, "Top substances seized (grams)", """
+            ORDER BY country, kind""",
+        )
+        _print_query(
+            console,
+            settings,
+            "Rejected input, by reason",
+            """
+            SELECT stage, reason, count() AS n FROM rejects GROUP BY stage, reason ORDER BY n DESC LIMIT 12""",
+        )
+        _print_query(
+            console,
+            settings,
+            "Top substances seized (grams)",
+            """
             SELECT resolved_name AS substance, family, round(sum(grams)) AS grams, count() AS seizures
-            FROM border_seizures GROUP BY substance, family ORDER BY grams DESC LIMIT 10""")
+            FROM border_seizures GROUP BY substance, family ORDER BY grams DESC LIMIT 10""",
+        )
         tables = {row[0] for row in run_query(settings, "SHOW TABLES").rows}
         if "alerts" in tables:
-            _print_query(console, settings, "Alerts raised", """
+            _print_query(
+                console,
+                settings,
+                "Alerts raised",
+                """
                 SELECT triggered_at, alert_type, severity, region, substance_name, summary
-                FROM alerts ORDER BY triggered_at LIMIT 50""")
+                FROM alerts ORDER BY triggered_at LIMIT 50""",
+            )
         else:
             console.print("Alerts: none raised — this build stores reports only (no detector is installed).")
         console.rule("where to look next")
@@ -142,7 +162,7 @@ def run_demo(days: int, seed: int, console: Console, keep_running: bool = False)
             f"Data: {data_dir} (ClickHouse files in clickhouse/, the stream and its truth labels beside them).\n"
             f"Start the stack again:   SYNTHWATCH_DATA_DIR={data_dir} .venv/bin/synthwatch up\n"
             f"Then, in another shell:  SYNTHWATCH_DATA_DIR={data_dir} .venv/bin/synthwatch sql "
-            "\"SELECT region, count() FROM border_seizures GROUP BY region\"\n"
+            '"SELECT region, count() FROM border_seizures GROUP BY region"\n'
             f"Publish your own file:   .venv/bin/synthwatch publish FILE.ndjson   (or .csv)\n"
             f"Worker log: {log_path}"
         )

@@ -6,6 +6,7 @@ directory, ask it over its HTTP port (``POST /sql``); otherwise open the engine 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -72,10 +73,8 @@ def execute_remote(web_url: str, sql: str, parameters: dict[str, Any] | None = N
             payload = json.loads(response.read())
     except urllib.error.HTTPError as error:
         detail = error.read().decode("utf-8", errors="replace")
-        try:
+        with contextlib.suppress(ValueError):
             detail = json.loads(detail).get("error", detail)
-        except ValueError:
-            pass
         raise QueryError(detail) from None
     except urllib.error.URLError as error:
         raise QueryError(f"the running stack at {web_url} did not answer: {error.reason}") from None

@@ -28,6 +28,7 @@ class StackInfo:
     clickhouse_url: str
     started_at: str
     ready_seconds: float | None = None
+    broker_pid: int | None = None  # the embedded broker `up` started, if any
 
 
 def stack_file(settings: Settings) -> Path:

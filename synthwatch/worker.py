@@ -28,6 +28,7 @@ def run_worker(
     started_at: float | None = None,
     loglevel: str = "warning",
     announce: Callable[[str], None] = print,
+    broker_pid: int | None = None,
 ) -> None:
     """Open ClickHouse, apply migrations, run the Faust worker until SIGINT/SIGTERM.
 
@@ -57,6 +58,7 @@ def run_worker(
                 clickhouse_url=settings.resolved_clickhouse_url,
                 started_at=datetime.now(UTC).isoformat(),
                 ready_seconds=round(seconds, 3),
+                broker_pid=broker_pid,
             ),
         )
         announce(f"Worker ready in {seconds:.1f} s (Kafka {bootstrap_servers}, HTTP {web_url})")
@@ -78,7 +80,9 @@ def run_worker(
         client.close()
 
 
-def run_embedded_stack(settings: Settings, *, loglevel: str = "warning", announce: Callable[[str], None] = print) -> None:
+def run_embedded_stack(
+    settings: Settings, *, loglevel: str = "warning", announce: Callable[[str], None] = print
+) -> None:
     """``synthwatch up``: Tansu on a free port, the topics, and a worker; stops all on Ctrl-C/SIGTERM."""
     started_at = time.monotonic()
     # Until Faust installs its own handlers, SIGTERM must unwind through `finally` to stop the broker.
@@ -90,7 +94,14 @@ def run_embedded_stack(settings: Settings, *, loglevel: str = "warning", announc
         announce(f"Broker: Tansu on {broker.bootstrap_servers} (pid {broker.process.pid if broker.process else '?'})")
         created = ensure_topics(settings, broker.bootstrap_servers)
         announce(f"Topics: {', '.join(settings.all_topics)} ({settings.partitions} partitions; created {len(created)})")
-        run_worker(settings, broker.bootstrap_servers, started_at=started_at, loglevel=loglevel, announce=announce)
+        run_worker(
+            settings,
+            broker.bootstrap_servers,
+            started_at=started_at,
+            loglevel=loglevel,
+            announce=announce,
+            broker_pid=broker.process.pid if broker.process else None,
+        )
     except KeyboardInterrupt:
         pass
     finally:

@@ -6,6 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rdkit import Chem
+
+from synthwatch.catalogue import CatalogueEntry, shipped_catalogue
 from synthwatch.stream_apps.identity import (
     SMILES_ERROR,
     SubstanceResolver,
@@ -13,8 +15,6 @@ from synthwatch.stream_apps.identity import (
     normalise_quantity,
     structure_from_smiles,
 )
-
-from synthwatch.catalogue import CatalogueEntry, shipped_catalogue
 
 CATALOGUE = shipped_catalogue()
 ENTRIES = st.sampled_from(CATALOGUE)

@@ -1,0 +1,192 @@
+"""Shared fixtures: one real Tansu broker and one embedded ClickHouse engine per pytest process.
+
+chDB allows one engine per process, so every test that needs ClickHouse in this process gets its own
+*database* on the session's engine. Integration tests run the worker as a real child process (it owns
+its own engine directory) and read its data through its HTTP ``/sql`` endpoint, as the CLI does.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from synthwatch.broker import EmbeddedBroker, ensure_topics
+from synthwatch.clickhouse import connect
+from synthwatch.query import QueryResult, run_query
+from synthwatch.runtime import StackInfo, read_stack
+from synthwatch.settings import Settings
+
+_db_counter = itertools.count()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test with ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last value: {last!r})")
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[EmbeddedBroker]:
+    """A real Tansu broker for the whole session."""
+    with EmbeddedBroker(Settings()) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def engine_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("chdb")
+
+
+@pytest.fixture
+def ch_settings(engine_dir: Path, request: pytest.FixtureRequest) -> Settings:
+    """Settings pointing at the session's engine with a database of this test's own."""
+    name = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:40]
+    return Settings(data_dir=engine_dir, clickhouse_database=f"t{next(_db_counter)}_{name}")
+
+
+@pytest.fixture
+def ch(ch_settings: Settings) -> Iterator[Any]:
+    """A clickhouse-connect client on the embedded engine, in a fresh database."""
+    client = connect(ch_settings)
+    try:
+        yield client
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {ch_settings.clickhouse_database}")
+        client.close()
+
+
+def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """Environment for a child ``synthwatch`` process with these settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHWATCH_")}
+    env["SYNTHWATCH_DATA_DIR"] = str(settings.data_dir)
+    for field in (
+        "kafka_bootstrap_servers",
+        "app_id",
+        "topic_lab_detections",
+        "topic_border_seizures",
+        "topic_rejects",
+        "topic_alerts",
+        "web_port",
+    ):
+        value = getattr(settings, field)
+        if value is not None:
+            env[f"SYNTHWATCH_{field.upper()}"] = str(value)
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    settings: Settings, *args: str, timeout: float = 120, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "synthwatch.cli", *args],
+        env=cli_env(settings, COLUMNS="200"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
+    )
+
+
+@dataclass
+class RunningWorker:
+    settings: Settings
+    process: subprocess.Popen[bytes]
+    info: StackInfo
+    log_path: Path
+
+    def query(self, sql: str, parameters: dict[str, Any] | None = None) -> QueryResult:
+        return run_query(self.settings, sql, parameters)
+
+    def wait_rows(
+        self, sql: str, parameters: dict[str, Any], n: int, what: str, timeout: float = 60
+    ) -> list[dict[str, Any]]:
+        """Poll a query until it returns exactly ``n`` rows; returns them as dicts."""
+
+        def rows() -> list[dict[str, Any]] | None:
+            found = self.query(sql, parameters).as_dicts()
+            return found if len(found) == n else None
+
+        return wait_until(rows, timeout, what)  # type: ignore[no-any-return]
+
+    def count(self, sql: str, parameters: dict[str, Any] | None = None) -> int:
+        return int(self.query(sql, parameters).rows[0][0])
+
+
+def start_worker(settings: Settings, log_path: Path, command: str = "worker") -> RunningWorker:
+    """Start ``synthwatch worker`` (or ``up``) as a child process and wait until it is ready."""
+    log = open(log_path, "wb")  # noqa: SIM115 - the child writes to it for its whole life
+    process = subprocess.Popen(
+        [sys.executable, "-m", "synthwatch.cli", command],
+        env=cli_env(settings),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+
+    def ready() -> StackInfo | None:
+        if process.poll() is not None:
+            pytest.fail(f"`synthwatch {command}` exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        info = read_stack(settings)
+        return info if info is not None and info.pid == process.pid and info.ready_seconds is not None else None
+
+    info = wait_until(ready, 90, f"`synthwatch {command}` to become ready")
+    print(f"\n[{command}] ready in {info.ready_seconds:.2f} s")
+    return RunningWorker(settings, process, info, log_path)
+
+
+def stop_worker(worker: RunningWorker, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+    if worker.process.poll() is None:
+        worker.process.send_signal(sig)
+        try:
+            worker.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            worker.process.kill()
+            worker.process.wait(10)
+    return worker.process.returncode
+
+
+@pytest.fixture(scope="session")
+def stack(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningWorker]:
+    """A real worker process on the session broker, with its own embedded ClickHouse."""
+    data_dir = tmp_path_factory.mktemp("worker")
+    suffix = uuid.uuid4().hex[:6]
+    settings = Settings(
+        data_dir=data_dir,
+        kafka_bootstrap_servers=broker.bootstrap_servers,
+        app_id=f"synthwatch-test-{suffix}",
+        topic_lab_detections=f"labs-{suffix}",
+        topic_border_seizures=f"seizures-{suffix}",
+        topic_rejects=f"rejects-{suffix}",
+        topic_alerts=f"alerts-{suffix}",
+        web_port=0,
+    )
+    ensure_topics(settings, broker.bootstrap_servers)
+    worker = start_worker(settings, data_dir / "worker.log")
+    try:
+        yield worker
+    finally:
+        stop_worker(worker)
+
+
+def ndjson(records: list[Any]) -> str:
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)

@@ -1,0 +1,162 @@
+"""End to end on real parts: `synthwatch publish` -> Tansu -> Faust worker -> embedded ClickHouse."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kafka import KafkaProducer
+
+from .conftest import RunningWorker, ndjson, run_cli, wait_until
+from .factories import lab, malformed_records, seizure
+
+pytestmark = pytest.mark.integration
+
+
+def _valid_records(prefix: str, n_seizures: int, n_labs: int) -> list[dict[str, Any]]:
+    regions = [("ML", "ML-BKO"), ("MA", "MA-TNG"), ("SN", "SN-DK"), ("FR", "FR-75C"), ("NL", "NL-NH")]
+    records = []
+    for i in range(n_seizures):
+        country, region = regions[i % len(regions)]
+        records.append(
+            seizure(
+                event_id=f"{prefix}-s-{i}",
+                country=country,
+                region=region,
+                occurred_at=f"2026-03-{1 + i % 28:02d}T{i % 24:02d}:15:00+00:00",
+                quantity={"value": 1 + i, "unit": "g" if i % 2 else "kg"},
+            )
+        )
+    for i in range(n_labs):
+        records.append(lab(event_id=f"{prefix}-l-{i}", sample_id=f"S-{i}", purity_pct=float(i % 100)))
+    return records
+
+
+def _stored(stack: RunningWorker, prefix: str) -> int:
+    return stack.count(
+        "SELECT (SELECT count() FROM border_seizures WHERE startsWith(event_id, %(p)s))"
+        " + (SELECT count() FROM lab_detections WHERE startsWith(event_id, %(p)s))",
+        {"p": prefix},
+    )
+
+
+def _summary(stdout: str) -> dict[str, int]:
+    """The numbers of `synthwatch publish`'s summary table."""
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.replace("┃", "│").split("│") if c.strip()]
+        if len(cells) == 5 and all(c.isdigit() for c in cells):
+            return dict(zip(["read", "sent", "rejected", "duplicates", "failed"], map(int, cells), strict=True))
+    raise AssertionError(f"no summary in output:\n{stdout}")
+
+
+def test_published_file_arrives_row_for_row_and_resend_adds_nothing(stack: RunningWorker, tmp_path: Path) -> None:
+    prefix = f"rr{uuid.uuid4().hex[:6]}"
+    records = _valid_records(prefix, 300, 200)
+    path = tmp_path / "batch.ndjson"
+    path.write_text(ndjson(records), encoding="utf-8")
+
+    done = run_cli(stack.settings, "publish", str(path))
+    assert done.returncode == 0, done.stderr
+    summary = _summary(done.stdout)
+    print(f"publish: {summary}")
+    assert summary == {"read": 500, "sent": 500, "rejected": 0, "duplicates": 0, "failed": 0}
+    wait_until(lambda: _stored(stack, prefix) == 500, 60, "500 rows in ClickHouse")
+
+    rows = stack.query(
+        "SELECT event_id, country, region, substance_name, quantity_value, quantity_unit, grams, agency, "
+        "seizure_id, formatDateTime(occurred_at, '%%Y-%%m-%%dT%%H:%%i:%%S') FROM border_seizures "
+        "WHERE startsWith(event_id, %(p)s) ORDER BY event_id",
+        {"p": prefix},
+    ).as_dicts()
+    expected = {r["event_id"]: r for r in records if r["kind"] == "border_seizure"}
+    assert len(rows) == len(expected) == 300
+    for row in rows:
+        sent = expected[row["event_id"]]
+        assert (row["country"], row["region"], row["substance_name"]) == (
+            sent["country"],
+            sent["region"],
+            "Tramadol",
+        )
+        assert (row["quantity_value"], row["quantity_unit"]) == (
+            sent["quantity"]["value"],
+            sent["quantity"]["unit"],
+        )
+        factor = 1000 if sent["quantity"]["unit"] == "kg" else 1
+        assert row["grams"] == pytest.approx(sent["quantity"]["value"] * factor)
+        assert (row["agency"], row["seizure_id"]) == (sent["agency"], sent["seizure_id"])
+        assert row["formatDateTime(occurred_at, '%Y-%m-%dT%H:%i:%S')"] == sent["occurred_at"][:19]
+    labs = stack.query(
+        "SELECT event_id, sample_id, purity_pct, resolved_name FROM lab_detections WHERE startsWith(event_id, %(p)s)",
+        {"p": prefix},
+    ).as_dicts()
+    assert len(labs) == 200 and {r["resolved_name"] for r in labs} == {"3-MMC"}
+    assert all(r["purity_pct"] == float(int(r["event_id"].rsplit("-", 1)[1]) % 100) for r in labs)
+
+    again = run_cli(stack.settings, "publish", str(path))
+    assert again.returncode == 0 and _summary(again.stdout)["sent"] == 500
+    marker = seizure(event_id=f"{prefix}-marker")  # published after the re-send: when it lands, so has the re-send
+    (tmp_path / "marker.ndjson").write_text(ndjson([marker]))
+    assert run_cli(stack.settings, "publish", str(tmp_path / "marker.ndjson")).returncode == 0
+    wait_until(lambda: _stored(stack, prefix) == 501, 60, "the marker row")
+    duplicates = stack.count(
+        "SELECT count() - uniqExact(event_id) FROM border_seizures WHERE startsWith(event_id, %(p)s)",
+        {"p": prefix},
+    )
+    print(f"after re-send: stored {_stored(stack, prefix)} (500 + marker), duplicate rows {duplicates}")
+    assert duplicates == 0
+
+
+def test_malformed_input_lands_in_rejects_and_counts_add_up(stack: RunningWorker, tmp_path: Path) -> None:
+    prefix = f"mf{uuid.uuid4().hex[:6]}"
+    bad = malformed_records(prefix)
+    good = _valid_records(prefix, 20, 10)
+    lines = [json.dumps(r) for r in good] + [r if isinstance(r, str) else json.dumps(r) for _, r, _ in bad]
+    path = tmp_path / "mixed.ndjson"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    done = run_cli(stack.settings, "publish", str(path))
+    assert done.returncode == 0, done.stderr
+    summary = _summary(done.stdout)
+    print(f"publish: {summary} for {len(lines)} lines")
+    assert summary["sent"] + summary["rejected"] == len(lines)
+    assert (summary["sent"], summary["rejected"]) == (30, len(bad))
+
+    rejects = stack.wait_rows(
+        "SELECT source, reason, event_id, raw FROM rejects WHERE source LIKE 'mixed.ndjson:%%' "
+        "AND (startsWith(event_id, %(p)s) OR raw LIKE %(like)s)",
+        {"p": prefix, "like": f"%{prefix}%"},
+        len(bad),
+        "all rejects stored",
+    )
+    wait_until(lambda: _stored(stack, prefix) == 30, 60, "the valid rows")
+    by_line = {int(r["source"].rsplit(":", 1)[1]): r for r in rejects}
+    for offset, (label, record, fragment) in enumerate(bad):
+        reject = by_line[len(good) + offset + 1]
+        assert fragment in reject["reason"], f"{label}: {reject['reason']}"
+        assert reject["raw"] == (record if isinstance(record, str) else json.dumps(record))
+        print(f"  {label:28s} -> {reject['reason']}")
+
+
+def test_worker_revalidates_what_other_producers_send(stack: RunningWorker) -> None:
+    prefix = f"wv{uuid.uuid4().hex[:6]}"
+    producer = KafkaProducer(bootstrap_servers=stack.info.bootstrap_servers)
+    topic = stack.settings.topic_border_seizures
+    producer.send(topic, key=b"ML-BKO", value=json.dumps(seizure(event_id=f"{prefix}-ok")).encode())
+    producer.send(topic, key=b"ML-BKO", value=json.dumps(seizure(event_id=f"{prefix}-bad", region="FR-75C")).encode())
+    producer.send(topic, key=b"ML-BKO", value=b"\xff not json " + prefix.encode())
+    producer.flush()
+    producer.close()
+    wait_until(lambda: _stored(stack, prefix) == 1, 60, "the valid event")
+    rejects = stack.wait_rows(
+        "SELECT stage, reason, source FROM rejects WHERE event_id = %(id)s OR raw LIKE %(like)s",
+        {"id": f"{prefix}-bad", "like": f"%not json {prefix}%"},
+        2,
+        "two worker-stage rejects",
+    )
+    assert {r["stage"] for r in rejects} == {"worker"}
+    assert all(r["source"].startswith(f"{topic}:") for r in rejects)
+    assert any("belongs to country FR" in r["reason"] for r in rejects)
+    assert any("invalid JSON" in r["reason"] for r in rejects)

@@ -1,0 +1,60 @@
+"""The ClickHouse sink on the real embedded engine: idempotent on event_id, rows as sent."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from synthwatch.clickhouse import migrate
+from synthwatch.schemas import Reject
+from synthwatch.stream_apps.clickhouse_sink import ClickHouseSink
+from synthwatch.stream_apps.intake import Intake, RawMessage
+
+from .factories import lab, seizure
+
+
+def _messages(records: list[dict[str, Any]]) -> list[RawMessage]:
+    return [RawMessage(f"t:0:{i}", json.dumps(r)) for i, r in enumerate(records)]
+
+
+def test_store_is_idempotent_and_keeps_every_field(ch: Any) -> None:
+    migrate(ch)
+    sink, intake = ClickHouseSink(ch), Intake()
+    records = [seizure(event_id=f"s-{i}", extra_note=f"n{i}") for i in range(50)] + [
+        lab(event_id=f"l-{i}") for i in range(30)
+    ]
+    batch = intake.process(_messages(records))
+    first = sink.store_events(batch.events)
+    assert (first.border_seizures, first.lab_detections, first.already_stored) == (50, 30, 0)
+    again = sink.store_events(intake.process(_messages(records)).events)
+    assert (again.stored, again.already_stored) == (0, 80)
+    assert ch.query("SELECT count() FROM border_seizures").result_rows[0][0] == 50
+    assert ch.query("SELECT count() FROM lab_detections").result_rows[0][0] == 30
+    row = ch.query(
+        "SELECT region, substance_name, quantity_value, quantity_unit, grams, substance_key, resolved_name, "
+        "family, extra, toString(occurred_at) FROM border_seizures WHERE event_id = 's-7'"
+    ).result_rows[0]
+    assert row[:5] == ("ML-BKO", "Tramadol", 2.5, "kg", 2500.0)
+    assert row[6] == "Tramadol" and row[5] and row[7]
+    assert json.loads(row[8]) == {"extra_note": "n7"}
+    assert row[9] == "2026-03-01 09:00:00.000"  # +01:00 stored as UTC
+    lab_row = ch.query(
+        "SELECT substance_smiles, resolved_name, family, purity_pct FROM lab_detections WHERE event_id='l-3'"
+    ).result_rows[0]
+    assert lab_row[0].endswith(".Cl") and lab_row[1] == "3-MMC" and lab_row[2] == "synthetic_cathinone"
+
+
+def test_duplicates_inside_one_batch_count_once(ch: Any) -> None:
+    migrate(ch)
+    result = Intake().process(_messages([seizure(event_id="d-1"), seizure(event_id="d-1"), seizure(event_id="d-2")]))
+    assert result.duplicates == 1 and len(result.events) == 2
+    assert ClickHouseSink(ch).store_events(result.events).stored == 2
+
+
+def test_rejects_are_stored_once(ch: Any) -> None:
+    migrate(ch)
+    sink = ClickHouseSink(ch)
+    rejects = [Reject.of(f"bad {i}", source=f"f:{i}", reason="invalid JSON", stage="publish") for i in range(5)]
+    assert sink.store_rejects(rejects) == 5
+    assert sink.store_rejects(rejects + rejects[:2]) == 0
+    assert ch.query("SELECT count(), countIf(reason = 'invalid JSON') FROM rejects").result_rows[0] == (5, 5)
