@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kafka import KafkaProducer
-from kafka.partitioner.default import murmur2
 
+from synthwatch.broker import default_partition
 from synthwatch.schemas import Reject, WireError, parse_event, parse_event_object
 from synthwatch.schemas.records import RejectStage
 from synthwatch.settings import Settings
@@ -82,7 +82,7 @@ class Publisher:
         cached = self._partitions.get((topic, key))
         if cached is None:
             partitions = sorted(self.producer.partitions_for(topic))
-            cached = self._partitions[(topic, key)] = partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+            cached = self._partitions[(topic, key)] = partitions[default_partition(key, len(partitions))]
         return cached
 
     def _sweep(self, wait: bool = False) -> None:

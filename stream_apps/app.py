@@ -1,21 +1,32 @@
-"""The Faust application: a thin adapter that moves batches between Kafka and the pure core.
+"""The Faust application: thin adapters that move batches between Kafka and the pure core.
 
-Agents:
-- ``intake`` consumes both input topics (keyed by region, co-partitioned, so one region's events are
-  processed in order by one worker), validates and enriches each batch, stores the new events in
-  ClickHouse and sends rejects to the rejects topic. Offsets are acknowledged only after the batch
-  is stored (``take_events`` acks when the loop body returns), so a crash loses nothing.
-- ``rejects`` stores the rejects topic (from the publisher and from ``intake``) in ClickHouse.
+Agents (each consumes batches with ``take_events``, which acknowledges offsets only after the loop
+body returns, so a crash re-delivers rather than loses):
 
-Web (worker HTTP port): ``/ready`` and ``/sql`` (read-only queries for commands that cannot open the
-embedded engine while this process holds it).
+- ``intake`` on both input topics (keyed by region, co-partitioned, so one region's events are
+  processed in order by one worker): validate and enrich; run the region stage (lateness,
+  duplicates, spikes); store new events in ClickHouse; send rejects, spike alerts and sightings
+  (keyed by substance); write changed detector state to the region table's changelog.
+- ``novelty`` on the sightings topic (keyed by substance): new substances, first appearances in a
+  region, spread.
+- ``rejects`` and ``alerts`` store those topics in ClickHouse (the delivery agent reads alerts too).
+
+Detector state lives in two changelog-backed Faust tables. Faust would pick a table's changelog
+partition from "the current event", which a batch does not have, so the adapters write with the
+public ``send_changelog(partition, ...)`` using the partition the records arrived on: a region's
+state stays with the region's partition and is restored to whichever worker owns it.
+
+Web (worker HTTP port): ``/ready`` and ``/sql`` (read-only queries for commands that cannot open
+the embedded engine while this process holds it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -25,12 +36,16 @@ import faust
 from clickhouse_connect.driver.client import Client
 from faust.web import Request, Response, View
 
+from synthwatch.broker import default_partition
 from synthwatch.query import QueryError, execute_local
-from synthwatch.schemas import Reject
+from synthwatch.schemas import Alert, Reject, event_to_json
 from synthwatch.settings import Settings
 
 from .clickhouse_sink import ClickHouseSink
-from .intake import Intake, RawMessage
+from .detection import Observation, RegionDetector
+from .intake import EnrichedEvent, Intake, RawMessage
+from .novelty import NoveltyDetector, Sighting
+from .state_rebuild import rebuild
 
 log = logging.getLogger("synthwatch.worker")
 T = TypeVar("T")
@@ -44,10 +59,14 @@ class WorkerStats:
     stored: int = 0
     duplicates: int = 0
     rejected: int = 0
+    too_late: int = 0
     rejects_stored: int = 0
+    alerts_raised: int = 0
+    alerts_stored: int = 0
+    sightings: int = 0
     sink_retries: int = 0
     ready_seconds: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    rebuild: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -58,9 +77,18 @@ class WorkerContext:
     client: Client
     sink: ClickHouseSink
     intake: Intake
+    regions: RegionDetector
+    novelty: NoveltyDetector
     started_at: float
     stats: WorkerStats = field(default_factory=WorkerStats)
     on_ready: Callable[[float], None] | None = None
+    state_ready: bool = False  # set once tables are recovered (and rebuilt from ClickHouse if empty)
+
+
+async def until_state_ready(ctx: WorkerContext) -> None:
+    """Hold a batch until detector state is recovered; a plain flag, as agents start before the loop runs."""
+    while not ctx.state_ready:
+        await asyncio.sleep(0.05)
 
 
 async def with_retries(app: faust.App, what: str, call: Callable[[], T], stats: WorkerStats) -> T:
@@ -81,6 +109,11 @@ async def with_retries(app: faust.App, what: str, call: Callable[[], T], stats: 
             log.warning("%s failed (%s); retrying in %.1f s", what, error, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
+
+
+def _partition(source: str) -> int:
+    """Partition number of a ``topic:partition:offset`` source."""
+    return int(source.rsplit(":", 2)[1])
 
 
 def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> faust.App:
@@ -107,37 +140,122 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
     )
     inputs = app.topic(*settings.input_topics, key_serializer="raw", value_serializer="raw")
     rejects_topic = app.topic(settings.topic_rejects, key_serializer="raw", value_serializer="raw")
+    alerts_topic = app.topic(settings.topic_alerts, key_serializer="raw", value_serializer="raw")
+    sightings_topic = app.topic(settings.topic_sightings, key_serializer="raw", value_serializer="raw")
+    state_schema: faust.Schema = faust.Schema(key_serializer="json", value_serializer="json")
+    region_table = app.Table("detector-regions", partitions=settings.partitions, schema=state_schema)
+    substance_table = app.Table("detector-substances", partitions=settings.partitions, schema=state_schema)
+    ctx.regions.fetch = lambda key: region_table.data.get(key)
+    ctx.novelty.fetch = lambda key: substance_table.data.get(key)
     stats = ctx.stats
+    batch, within = settings.sink_batch_size, settings.sink_batch_seconds
 
-    async def send_rejects(rejects: list[Reject]) -> None:
-        pending: list[Awaitable[Any]] = []
-        for reject in rejects:
-            key = (reject.event_id or reject.source).encode()
-            pending.append(await rejects_topic.send(key=key, value=reject.model_dump_json().encode()))
+    async def send_all(pending: list[Awaitable[Any]]) -> None:
         if pending:
             await asyncio.gather(*pending)  # delivered before this batch's offsets are committed
 
+    async def send(topic: faust.TopicT, key: bytes, value: bytes) -> Awaitable[Any]:
+        return cast(Awaitable[Any], await topic.send(key=key, value=value))
+
+    def save(table: Any, changes: list[tuple[int, str, dict[str, Any]]]) -> list[Awaitable[Any]]:
+        futures = []
+        for partition, key, value in changes:
+            table.data[key] = value
+            futures.append(cast(Awaitable[Any], table.send_changelog(partition, key, value)))
+        return futures
+
+    def detect_regions(
+        events: list[EnrichedEvent],
+    ) -> tuple[list[EnrichedEvent], list[tuple[EnrichedEvent, str]], list[Alert], list[Sighting], dict[str, int]]:
+        kept: list[EnrichedEvent] = []
+        late: list[tuple[EnrichedEvent, str]] = []
+        alerts: list[Alert] = []
+        sightings: list[Sighting] = []
+        partitions: dict[str, int] = {}
+        for item in events:
+            found = ctx.regions.observe(Observation.of(item))
+            partitions[item.event.region] = _partition(item.source)
+            if found.late_reason is not None:
+                late.append((item, found.late_reason))
+                continue
+            kept.append(item)
+            alerts.extend(found.alerts)
+            sightings.extend(found.sightings)
+        return kept, late, alerts, sightings, partitions
+
+    async def refuse_late(late: list[tuple[EnrichedEvent, str]], rejects: list[Reject]) -> int:
+        """Too-late events go to rejects, unless already stored: a re-sent old event is a duplicate."""
+        if not late:
+            return 0
+        stored = await with_retries(
+            app, "checking late events", partial(ctx.sink.stored_event_ids, [i for i, _ in late]), stats
+        )
+        for item, reason in late:
+            if item.event_id not in stored:
+                stats.too_late += 1
+                rejects.append(
+                    Reject.of(
+                        event_to_json(item.event),
+                        source=item.source,
+                        reason=reason,
+                        stage="detection",
+                        event_id=item.event_id,
+                    )
+                )
+        return len(stored)
+
     @app.agent(inputs, name="intake")
     async def intake_agent(stream: faust.StreamT[bytes]) -> None:
-        async for events in cast(faust.Stream[bytes], stream).take_events(
-            settings.sink_batch_size, within=settings.sink_batch_seconds
-        ):
+        async for events in cast(faust.Stream[bytes], stream).take_events(batch, within=within):
+            await until_state_ready(ctx)
             messages = [
                 RawMessage(f"{e.message.topic}:{e.message.partition}:{e.message.offset}", e.value) for e in events
             ]
             result = ctx.intake.process(messages)
-            stored = await with_retries(app, "storing events", partial(ctx.sink.store_events, result.events), stats)
-            await send_rejects(result.rejects)
+            kept, late, alerts, sightings, partitions = detect_regions(result.events)
+            result.duplicates += await refuse_late(late, result.rejects)
+            stored = await with_retries(app, "storing events", partial(ctx.sink.store_events, kept), stats)
+            pending = [
+                await send(rejects_topic, (r.event_id or r.source).encode(), r.model_dump_json().encode())
+                for r in result.rejects
+            ]
+            pending += [await send(alerts_topic, a.alert_id.encode(), a.model_dump_json().encode()) for a in alerts]
+            by_substance: dict[str, list[dict[str, Any]]] = defaultdict(list)
+            for sighting in sightings:
+                by_substance[sighting.key].append(sighting.to_dict())
+            pending += [
+                await send(sightings_topic, key.encode(), json.dumps(values).encode())
+                for key, values in by_substance.items()
+            ]
+            changes = [(partitions[region], key, value) for region, key, value in ctx.regions.drain_dirty()]
+            pending += save(region_table, changes)
+            await send_all(pending)
             stats.consumed += len(messages)
             stats.stored += stored.stored
             stats.duplicates += result.duplicates + stored.already_stored
             stats.rejected += len(result.rejects)
+            stats.alerts_raised += len(alerts)
+            stats.sightings += len(sightings)
+
+    @app.agent(sightings_topic, name="novelty")
+    async def novelty_agent(stream: faust.StreamT[bytes]) -> None:
+        async for events in cast(faust.Stream[bytes], stream).take_events(batch, within=within):
+            await until_state_ready(ctx)
+            alerts: list[Alert] = []
+            partitions: dict[str, int] = {}
+            for e in events:
+                for data in json.loads(e.value):
+                    sighting = Sighting.from_dict(data)
+                    partitions[sighting.key] = e.message.partition
+                    alerts.extend(ctx.novelty.observe(sighting))
+            pending = [await send(alerts_topic, a.alert_id.encode(), a.model_dump_json().encode()) for a in alerts]
+            pending += save(substance_table, [(partitions[k], k, v) for k, v in ctx.novelty.drain_dirty()])
+            await send_all(pending)
+            stats.alerts_raised += len(alerts)
 
     @app.agent(rejects_topic, name="rejects")
     async def rejects_agent(stream: faust.StreamT[bytes]) -> None:
-        async for events in cast(faust.Stream[bytes], stream).take_events(
-            settings.sink_batch_size, within=settings.sink_batch_seconds
-        ):
+        async for events in cast(faust.Stream[bytes], stream).take_events(batch, within=within):
             rejects = []
             for e in events:
                 try:
@@ -145,20 +263,50 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
                 except ValueError as error:
                     source = f"{e.message.topic}:{e.message.partition}:{e.message.offset}"
                     rejects.append(
-                        Reject.of(
-                            e.value or b"",
-                            source=source,
-                            reason=f"not a reject record: {error}",
-                            stage="worker",
-                        )
+                        Reject.of(e.value or b"", source=source, reason=f"not a reject record: {error}", stage="worker")
                     )
             stats.rejects_stored += await with_retries(
                 app, "storing rejects", partial(ctx.sink.store_rejects, rejects), stats
             )
 
+    @app.agent(alerts_topic, name="alerts")
+    async def alerts_agent(stream: faust.StreamT[bytes]) -> None:
+        async for events in cast(faust.Stream[bytes], stream).take_events(batch, within=within):
+            alerts = []
+            for e in events:
+                try:
+                    alerts.append(Alert.model_validate_json(e.value))
+                except ValueError as error:
+                    log.error("alerts topic: not an alert at %s:%s (%s)", e.message.partition, e.message.offset, error)
+            stats.alerts_stored += await with_retries(
+                app, "storing alerts", partial(ctx.sink.store_alerts, alerts), stats
+            )
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # mode's stub wants a keyword-only signal
+    async def forget_state(sender: Any, *args: Any, **kwargs: Any) -> None:
+
+        # Another worker may own these regions now; reload from the tables when they come back.
+        ctx.regions.forget()
+        ctx.novelty.forget()
+
     @app.task
     async def announce_ready() -> None:
         await cast(Any, app.tables).recovery.completed.wait()
+        if len(region_table.data) == 0 and len(substance_table.data) == 0:
+            report = await asyncio.get_running_loop().run_in_executor(None, partial(rebuild_locked, ctx))
+            stats.rebuild = report.__dict__
+            n = settings.partitions
+            pending = save(
+                region_table,
+                [(default_partition(r.encode(), n), k, v) for r, k, v in ctx.regions.drain_dirty()],
+            )
+            pending += save(
+                substance_table,
+                [(default_partition(k.encode(), n), k, v) for k, v in ctx.novelty.drain_dirty()],
+            )
+            await send_all(pending)
+            log.info("detector state rebuilt from ClickHouse: %s", report)
+        ctx.state_ready = True
         stats.ready_seconds = time.monotonic() - ctx.started_at
         if ctx.on_ready is not None:
             ctx.on_ready(stats.ready_seconds)
@@ -188,3 +336,9 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             return self.json({"columns": result.columns, "rows": result.rows})
 
     return app
+
+
+def rebuild_locked(ctx: WorkerContext) -> Any:
+    """Rebuild detector state from ClickHouse while holding the client lock."""
+    with ctx.sink.lock:
+        return rebuild(ctx.client, ctx.regions, ctx.novelty, ctx.intake.resolver)

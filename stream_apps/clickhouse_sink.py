@@ -17,7 +17,7 @@ from typing import Any
 
 from clickhouse_connect.driver.client import Client
 
-from synthwatch.schemas import BorderSeizure, LabDetection, Reject
+from synthwatch.schemas import Alert, BorderSeizure, LabDetection, Reject
 
 from .intake import EnrichedEvent
 
@@ -57,6 +57,32 @@ SEIZURE_COLUMNS = [
     "destination_country",
 ]
 REJECT_COLUMNS = ["reject_id", "rejected_at", "stage", "source", "reason", "event_id", "raw"]
+ALERT_TABLE = "alerts"
+ALERT_COLUMNS = [
+    "alert_id",
+    "alert_type",
+    "severity",
+    "country",
+    "region",
+    "substance_key",
+    "substance_name",
+    "substance_inchikey",
+    "family",
+    "controlled",
+    "metric",
+    "observed",
+    "expected",
+    "score",
+    "window_start",
+    "window_end",
+    "triggered_at",
+    "detected_at",
+    "evidence_event_ids",
+    "summary",
+    "identification_methods",
+    "sample_types",
+    "details",
+]
 
 
 @dataclass(slots=True, frozen=True)
@@ -144,6 +170,35 @@ def reject_row(reject: Reject) -> list[Any]:
     ]
 
 
+def alert_row(alert: Alert) -> list[Any]:
+    s = alert.substance
+    return [
+        alert.alert_id,
+        alert.alert_type,
+        alert.severity,
+        alert.country or "",
+        alert.region or "",
+        s.key,
+        s.name,
+        s.inchikey,
+        s.family or "",
+        s.controlled,
+        alert.metric or "",
+        alert.observed,
+        alert.expected,
+        alert.score,
+        alert.window_start,
+        alert.window_end,
+        alert.triggered_at,
+        alert.detected_at,
+        alert.evidence_event_ids,
+        alert.summary,
+        alert.identification_methods,
+        alert.sample_types,
+        json.dumps(alert.details, ensure_ascii=False, default=str),
+    ]
+
+
 def _columns(rows: list[list[Any]], width: int) -> list[list[Any]]:
     return [[row[i] for row in rows] for i in range(width)] if rows else [[] for _ in range(width)]
 
@@ -172,6 +227,13 @@ class ClickHouseSink:
             self.client.insert(table, _columns(fresh, len(columns)), column_names=columns, column_oriented=True)
         return len(fresh), len(items) - len(fresh)
 
+    def stored_event_ids(self, items: Sequence[EnrichedEvent]) -> set[str]:
+        """Which of these events are already stored (a re-sent old event is a duplicate, not late)."""
+        labs = [i.event_id for i in items if isinstance(i.event, LabDetection)]
+        seizures = [i.event_id for i in items if isinstance(i.event, BorderSeizure)]
+        with self.lock:
+            return self._stored_ids(LAB_TABLE, labs) | self._stored_ids(SEIZURE_TABLE, seizures)
+
     def store_events(self, items: Sequence[EnrichedEvent]) -> StoreResult:
         """Insert the events not stored yet; safe to call again with the same batch after a failure."""
         labs = [item for item in items if isinstance(item.event, LabDetection)]
@@ -183,23 +245,29 @@ class ClickHouseSink:
 
     def store_rejects(self, rejects: Sequence[Reject]) -> int:
         """Insert rejects not stored yet (by :func:`reject_id`); returns how many were new."""
-        if not rejects:
-            return 0
-        unique = {reject_id(r): r for r in rejects}
         with self.lock:
-            existing = {
-                row[0]
-                for row in self.client.query(
-                    f"SELECT reject_id FROM {REJECT_TABLE} WHERE reject_id IN %(ids)s",
-                    parameters={"ids": tuple(unique)},
-                ).result_rows
-            }
-            fresh = [reject_row(r) for key, r in unique.items() if key not in existing]
-            if fresh:
-                self.client.insert(
-                    REJECT_TABLE,
-                    _columns(fresh, len(REJECT_COLUMNS)),
-                    column_names=REJECT_COLUMNS,
-                    column_oriented=True,
-                )
+            return self._insert_unique(
+                REJECT_TABLE, "reject_id", {reject_id(r): reject_row(r) for r in rejects}, REJECT_COLUMNS
+            )
+
+    def _insert_unique(self, table: str, id_column: str, rows: dict[str, list[Any]], columns: list[str]) -> int:
+        """Insert the rows whose id is not stored yet (caller holds the lock)."""
+        if not rows:
+            return 0
+        existing = {
+            row[0]
+            for row in self.client.query(
+                f"SELECT {id_column} FROM {table} WHERE {id_column} IN %(ids)s", parameters={"ids": tuple(rows)}
+            ).result_rows
+        }
+        fresh = [row for key, row in rows.items() if key not in existing]
+        if fresh:
+            self.client.insert(table, _columns(fresh, len(columns)), column_names=columns, column_oriented=True)
         return len(fresh)
+
+    def store_alerts(self, alerts: Sequence[Alert]) -> int:
+        """Insert alerts not stored yet (one row per alert_id); returns how many were new."""
+        with self.lock:
+            return self._insert_unique(
+                ALERT_TABLE, "alert_id", {a.alert_id: alert_row(a) for a in alerts}, ALERT_COLUMNS
+            )

@@ -19,12 +19,18 @@ from types import TracebackType
 from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.partitioner.default import murmur2
 
 from .settings import Settings
 
 
 class BrokerError(RuntimeError):
     """The embedded broker could not be started or reached."""
+
+
+def default_partition(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner (Java, aiokafka, kafka-python) gives ``key``."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -9,9 +9,13 @@ at a real cluster.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from synthwatch.stream_apps.detection import DetectionConfig
 
 
 class Settings(BaseSettings):
@@ -40,6 +44,10 @@ class Settings(BaseSettings):
     topic_border_seizures: str = "synthwatch.border-seizures"
     topic_rejects: str = "synthwatch.rejects"
     topic_alerts: str = "synthwatch.alerts"
+    topic_sightings: str = Field(
+        default="synthwatch.sightings",
+        description="Internal: region stage -> substance stage (one record per region, substance, day).",
+    )
     partitions: int = Field(default=4, ge=1, description="Partitions of each topic created by synthwatch.")
     replication_factor: int = Field(default=1, ge=1)
 
@@ -54,6 +62,20 @@ class Settings(BaseSettings):
         gt=0,
         description="Kafka consumer session timeout (s). Tansu joins a group after about half of it.",
     )
+
+    # --- detection -----------------------------------------------------------------------------------
+    lateness_hours: float = Field(default=24.0, ge=0, description="Reports later than this go to rejects.")
+    spread_regions: int = Field(default=3, ge=2, description="Spread: at least k regions ...")
+    spread_days: int = Field(default=14, ge=1, description="... within w days.")
+
+    def detection_config(self) -> DetectionConfig:
+        from synthwatch.stream_apps.detection import DetectionConfig
+        from synthwatch.stream_apps.novelty import NoveltyConfig
+
+        return DetectionConfig(
+            lateness_hours=self.lateness_hours,
+            novelty=NoveltyConfig(spread_regions=self.spread_regions, spread_days=self.spread_days),
+        )
 
     @field_validator("data_dir")
     @classmethod
@@ -80,7 +102,7 @@ class Settings(BaseSettings):
 
     @property
     def all_topics(self) -> tuple[str, ...]:
-        return (*self.input_topics, self.topic_rejects, self.topic_alerts)
+        return (*self.input_topics, self.topic_rejects, self.topic_alerts, self.topic_sightings)
 
     def topic_for_kind(self, kind: str) -> str:
         """The input topic of an event kind (``lab_detection`` or ``border_seizure``)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import time
@@ -37,9 +38,12 @@ def run_worker(
     """
     from synthwatch.stream_apps.app import WorkerContext, create_app
     from synthwatch.stream_apps.clickhouse_sink import ClickHouseSink
+    from synthwatch.stream_apps.detection import RegionDetector
     from synthwatch.stream_apps.intake import Intake
+    from synthwatch.stream_apps.novelty import NoveltyDetector
 
     started_at = time.monotonic() if started_at is None else started_at
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints every stack
     client = connect(settings)
     applied = migrate(client)
     if applied:
@@ -68,6 +72,8 @@ def run_worker(
         client=client,
         sink=ClickHouseSink(client),
         intake=Intake(),
+        regions=RegionDetector(settings.detection_config()),
+        novelty=NoveltyDetector(settings.detection_config().novelty),
         started_at=started_at,
         on_ready=on_ready,
     )

@@ -128,6 +128,13 @@ class RunningWorker:
 
         return wait_until(rows, timeout, what)  # type: ignore[no-any-return]
 
+    def stats(self) -> dict[str, Any]:
+        """The worker's own counters (GET /ready): consumed, stored, rejected, too late, alerts..."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.info.web_url}/ready", timeout=10) as response:
+            return json.loads(response.read())  # type: ignore[no-any-return]
+
     def count(self, sql: str, parameters: dict[str, Any] | None = None) -> int:
         return int(self.query(sql, parameters).rows[0][0])
 
@@ -136,7 +143,7 @@ def start_worker(settings: Settings, log_path: Path, command: str = "worker") ->
     """Start ``synthwatch worker`` (or ``up``) as a child process and wait until it is ready."""
     log = open(log_path, "wb")  # noqa: SIM115 - the child writes to it for its whole life
     process = subprocess.Popen(
-        [sys.executable, "-m", "synthwatch.cli", command],
+        [sys.executable, "-m", "synthwatch.cli", command, "--loglevel", "info"],
         env=cli_env(settings),
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,16 @@ from .factories import lab, malformed_records, seizure
 pytestmark = pytest.mark.integration
 
 
+def _now_iso(minutes: float = 0.0) -> str:
+    return (datetime.now(UTC) + timedelta(minutes=minutes)).isoformat()
+
+
 def _valid_records(prefix: str, n_seizures: int, n_labs: int) -> list[dict[str, Any]]:
+    """Seizures over five regions then lab detections, in time order from now.
+
+    The tests share one worker, which refuses reports more than 24 h older than the newest of their
+    region and kind: times start from the wall clock so each test is newer than the previous one.
+    """
     regions = [("ML", "ML-BKO"), ("MA", "MA-TNG"), ("SN", "SN-DK"), ("FR", "FR-75C"), ("NL", "NL-NH")]
     records = []
     for i in range(n_seizures):
@@ -26,12 +36,14 @@ def _valid_records(prefix: str, n_seizures: int, n_labs: int) -> list[dict[str, 
                 event_id=f"{prefix}-s-{i}",
                 country=country,
                 region=region,
-                occurred_at=f"2026-03-{1 + i % 28:02d}T{i % 24:02d}:15:00+00:00",
+                occurred_at=_now_iso(i),
                 quantity={"value": 1 + i, "unit": "g" if i % 2 else "kg"},
             )
         )
     for i in range(n_labs):
-        records.append(lab(event_id=f"{prefix}-l-{i}", sample_id=f"S-{i}", purity_pct=float(i % 100)))
+        records.append(
+            lab(event_id=f"{prefix}-l-{i}", sample_id=f"S-{i}", purity_pct=float(i % 100), occurred_at=_now_iso(i))
+        )
     return records
 
 
@@ -63,7 +75,7 @@ def test_published_file_arrives_row_for_row_and_resend_adds_nothing(stack: Runni
     summary = _summary(done.stdout)
     print(f"publish: {summary}")
     assert summary == {"read": 500, "sent": 500, "rejected": 0, "duplicates": 0, "failed": 0}
-    wait_until(lambda: _stored(stack, prefix) == 500, 60, "500 rows in ClickHouse")
+    wait_until(lambda: _stored(stack, prefix) == 500, 60, f"500 rows in ClickHouse; worker: {stack.stats()}")
 
     rows = stack.query(
         "SELECT event_id, country, region, substance_name, quantity_value, quantity_unit, grams, agency, "
@@ -87,7 +99,8 @@ def test_published_file_arrives_row_for_row_and_resend_adds_nothing(stack: Runni
         factor = 1000 if sent["quantity"]["unit"] == "kg" else 1
         assert row["grams"] == pytest.approx(sent["quantity"]["value"] * factor)
         assert (row["agency"], row["seizure_id"]) == (sent["agency"], sent["seizure_id"])
-        assert row["formatDateTime(occurred_at, '%Y-%m-%dT%H:%i:%S')"] == sent["occurred_at"][:19]
+        stored_at = datetime.fromisoformat(row["formatDateTime(occurred_at, '%Y-%m-%dT%H:%i:%S')"] + "+00:00")
+        assert abs(stored_at - datetime.fromisoformat(sent["occurred_at"])) < timedelta(seconds=1)
     labs = stack.query(
         "SELECT event_id, sample_id, purity_pct, resolved_name FROM lab_detections WHERE startsWith(event_id, %(p)s)",
         {"p": prefix},
@@ -97,16 +110,20 @@ def test_published_file_arrives_row_for_row_and_resend_adds_nothing(stack: Runni
 
     again = run_cli(stack.settings, "publish", str(path))
     assert again.returncode == 0 and _summary(again.stdout)["sent"] == 500
-    marker = seizure(event_id=f"{prefix}-marker")  # published after the re-send: when it lands, so has the re-send
+    # published after the re-send: when it lands, so has the re-send
+    marker = seizure(event_id=f"{prefix}-marker", occurred_at=_now_iso(600))
+
     (tmp_path / "marker.ndjson").write_text(ndjson([marker]))
     assert run_cli(stack.settings, "publish", str(tmp_path / "marker.ndjson")).returncode == 0
-    wait_until(lambda: _stored(stack, prefix) == 501, 60, "the marker row")
+    wait_until(lambda: _stored(stack, prefix) == 501, 60, f"the marker row; worker: {stack.stats()}")
     duplicates = stack.count(
         "SELECT count() - uniqExact(event_id) FROM border_seizures WHERE startsWith(event_id, %(p)s)",
         {"p": prefix},
     )
-    print(f"after re-send: stored {_stored(stack, prefix)} (500 + marker), duplicate rows {duplicates}")
+    late = stack.count("SELECT count() FROM rejects WHERE startsWith(event_id, %(p)s)", {"p": prefix})
+    print(f"after re-send: stored {_stored(stack, prefix)} (500 + marker), duplicate rows {duplicates}, rejects {late}")
     assert duplicates == 0
+    assert late == 0  # re-sent old events are duplicates, not "too late"
 
 
 def test_malformed_input_lands_in_rejects_and_counts_add_up(stack: RunningWorker, tmp_path: Path) -> None:
@@ -144,8 +161,10 @@ def test_worker_revalidates_what_other_producers_send(stack: RunningWorker) -> N
     prefix = f"wv{uuid.uuid4().hex[:6]}"
     producer = KafkaProducer(bootstrap_servers=stack.info.bootstrap_servers)
     topic = stack.settings.topic_border_seizures
-    producer.send(topic, key=b"ML-BKO", value=json.dumps(seizure(event_id=f"{prefix}-ok")).encode())
-    producer.send(topic, key=b"ML-BKO", value=json.dumps(seizure(event_id=f"{prefix}-bad", region="FR-75C")).encode())
+    ok = seizure(event_id=f"{prefix}-ok", occurred_at=_now_iso(700))
+    bad = seizure(event_id=f"{prefix}-bad", region="FR-75C", occurred_at=_now_iso(700))
+    producer.send(topic, key=b"ML-BKO", value=json.dumps(ok).encode())
+    producer.send(topic, key=b"ML-BKO", value=json.dumps(bad).encode())
     producer.send(topic, key=b"ML-BKO", value=b"\xff not json " + prefix.encode())
     producer.flush()
     producer.close()

@@ -1,0 +1,129 @@
+"""Turning detector findings into alerts: deterministic ids, severity, and a sentence people can act on."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import pycountry
+
+from synthwatch.catalogue import OPIOID_FAMILIES
+from synthwatch.schemas import Alert, AlertSubstance
+from synthwatch.schemas.records import AlertType, Severity
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+FAMILY_LABELS = {
+    "nitazene": "nitazene (benzimidazole opioid)",
+    "fentanyl": "fentanyl analogue",
+    "other_opioid": "opioid",
+    "synthetic_cathinone": "synthetic cathinone",
+    "synthetic_cannabinoid": "synthetic cannabinoid",
+    "benzodiazepine": "benzodiazepine",
+    "arylcyclohexylamine": "arylcyclohexylamine (dissociative)",
+    "tryptamine": "tryptamine (psychedelic)",
+    "phenethylamine": "phenethylamine",
+    "other": "other",
+}
+
+
+def day_of(moment: datetime) -> int:
+    """UTC day number of an aware datetime (days since 1970-01-01)."""
+    return (moment - EPOCH).days
+
+
+def day_start(day: int) -> datetime:
+    return EPOCH + timedelta(days=day)
+
+
+def alert_id(alert_type: str, region: str | None, subject: str, episode: str | int, metric: str = "") -> str:
+    """Same type, place, substance and episode -> same id, on any worker, in any replay."""
+    text = "\x1f".join([alert_type, region or "*", subject, metric, str(episode)])
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def severity(alert_type: AlertType, subject: Subject) -> Severity:
+    """Critical for opioids (a never-seen opioid kills); warning for NPS news; info for the familiar.
+
+    A name nobody could resolve (no structure, not in the catalogue) is info: it may be a spelling
+    the catalogue lacks, and a false critical costs the officers' trust.
+    """
+    if subject.key.startswith("name:") and alert_type in ("new_substance", "first_in_region"):
+        return "info"
+    opioid = subject.family in OPIOID_FAMILIES
+    if opioid:
+        return "critical"
+    if alert_type == "first_in_region" and subject.catalogued and subject.controlled:
+        return "info" if subject.family in (None, "other") else "warning"
+    return "warning"
+
+
+def region_label(region: str | None) -> str:
+    if region is None:
+        return "the network"
+    subdivision = pycountry.subdivisions.get(code=region)
+    return f"{region} ({subdivision.name})" if subdivision is not None else region
+
+
+@dataclass(slots=True)
+class Subject:
+    """What an alert is about: a substance, or a family series (``family:<name>``)."""
+
+    key: str
+    name: str
+    inchikey: str | None
+    family: str | None
+    controlled: bool | None
+    catalogued: bool
+
+    def as_alert_substance(self) -> AlertSubstance:
+        return AlertSubstance(
+            name=self.name, key=self.key, inchikey=self.inchikey, family=self.family, controlled=self.controlled
+        )
+
+    @property
+    def family_text(self) -> str:
+        return FAMILY_LABELS.get(self.family or "", "unclassified structure") if self.family else "unclassified"
+
+
+def build_alert(
+    *,
+    alert_type: AlertType,
+    subject: Subject,
+    country: str | None,
+    region: str | None,
+    triggered_at: datetime,
+    window_start: datetime,
+    window_end: datetime,
+    episode: str | int,
+    evidence: list[str],
+    summary: str,
+    metric: str | None = None,
+    observed: float | None = None,
+    expected: float | None = None,
+    score: float | None = None,
+    methods: list[str] | None = None,
+    sample_types: list[str] | None = None,
+    details: dict[str, object] | None = None,
+) -> Alert:
+    return Alert(
+        alert_id=alert_id(alert_type, region, subject.key, episode, metric or ""),
+        alert_type=alert_type,
+        severity=severity(alert_type, subject),
+        country=country,
+        region=region,
+        substance=subject.as_alert_substance(),
+        metric=metric,  # type: ignore[arg-type]
+        observed=observed,
+        expected=expected,
+        score=score,
+        window_start=window_start,
+        window_end=window_end,
+        triggered_at=triggered_at,
+        evidence_event_ids=evidence,
+        summary=summary,
+        identification_methods=methods or [],
+        sample_types=sample_types or [],
+        details=details or {},
+    )

@@ -1,0 +1,333 @@
+"""The detector core shared by the Faust agents and the offline backtest (no I/O here).
+
+Two stages, because their state is keyed differently:
+
+- :class:`RegionDetector`, keyed by region (one region's state on one partition, in event order):
+  lateness, duplicates, the region's weekday rhythm, spike series per region × substance and
+  region × family, and one :class:`Sighting` per region, substance and day for the next stage.
+- :class:`~synthwatch.stream_apps.novelty.NoveltyDetector`, keyed by substance: new substances,
+  first appearances in a region, spread.
+
+:class:`Detector` chains them in one process (backtest, tests); the worker chains them through a
+Kafka topic keyed by substance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from synthwatch.schemas import Alert, LabDetection
+
+from .alerting import FAMILY_LABELS, Subject, build_alert, day_of, day_start, region_label
+from .intake import EnrichedEvent
+from .novelty import NoveltyConfig, NoveltyDetector, Sighting
+from .spikes import SeriesState, SpikeConfig, SpikeFinding, SpikeModel
+
+Fetch = Callable[[str], dict[str, Any] | None]
+
+
+class DetectionConfig(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    lateness_hours: float = Field(default=24.0, ge=0, description="Later reports go to rejects.")
+    spike: SpikeConfig = SpikeConfig()
+    novelty: NoveltyConfig = NoveltyConfig()
+
+
+@dataclass(slots=True)
+class Observation:
+    """What the detectors need of one valid event (compact, already resolved)."""
+
+    event_id: str
+    kind: str
+    occurred_at: datetime
+    day: int
+    country: str
+    region: str
+    subject: Subject
+    grams: float | None
+    method: str | None
+    sample_type: str | None
+
+    @classmethod
+    def of(cls, item: EnrichedEvent) -> Observation:
+        event, substance = item.event, item.substance
+        return cls(
+            event_id=event.event_id,
+            kind=event.kind,
+            occurred_at=event.occurred_at,
+            day=day_of(event.occurred_at),
+            country=event.country,
+            region=event.region,
+            subject=Subject(
+                key=substance.key,
+                name=substance.display_name,
+                inchikey=substance.inchikey,
+                family=substance.family,
+                controlled=substance.controlled,
+                catalogued=substance.catalogued,
+            ),
+            grams=item.quantity.grams if item.quantity is not None else None,
+            method=event.method if isinstance(event, LabDetection) else None,
+            sample_type=event.sample_type if isinstance(event, LabDetection) else None,
+        )
+
+    def sighting(self) -> Sighting:
+        s = self.subject
+        return Sighting(
+            event_id=self.event_id,
+            kind=self.kind,
+            occurred_at=self.occurred_at,
+            day=self.day,
+            country=self.country,
+            region=self.region,
+            key=s.key,
+            name=s.name,
+            inchikey=s.inchikey,
+            family=s.family,
+            controlled=s.controlled,
+            catalogued=s.catalogued,
+            method=self.method,
+            sample_type=self.sample_type,
+        )
+
+
+@dataclass(slots=True)
+class RegionState:
+    """Per-region bookkeeping: event-time watermarks, recent ids (duplicates), daily totals (rhythm).
+
+    Watermarks are per kind: labs and seizures come on two topics whose interleaving is arbitrary
+    (a replay may deliver a month of lab reports before the seizures), but each is in order.
+    """
+
+    watermarks: dict[str, datetime] = field(default_factory=dict)
+    recent: dict[int, set[str]] = field(default_factory=dict)
+    forwarded: dict[int, set[str]] = field(default_factory=dict)
+    totals: dict[int, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "w": {kind: moment.isoformat() for kind, moment in self.watermarks.items()},
+            "r": {str(d): sorted(ids) for d, ids in self.recent.items()},
+            "f": {str(d): sorted(keys) for d, keys in self.forwarded.items()},
+            "t": {str(d): n for d, n in self.totals.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RegionState:
+        return cls(
+            watermarks={kind: datetime.fromisoformat(v) for kind, v in (data.get("w") or {}).items()},
+            recent={int(d): set(ids) for d, ids in data.get("r", {}).items()},
+            forwarded={int(d): set(keys) for d, keys in data.get("f", {}).items()},
+            totals={int(d): int(n) for d, n in data.get("t", {}).items()},
+        )
+
+
+@dataclass(slots=True)
+class RegionResult:
+    alerts: list[Alert] = field(default_factory=list)
+    sightings: list[Sighting] = field(default_factory=list)
+    late_reason: str | None = None
+    duplicate: bool = False
+
+
+def family_subject(family: str) -> Subject:
+    return Subject(
+        key=f"family:{family}",
+        name=f"{FAMILY_LABELS.get(family, family)} (all substances)",
+        inchikey=None,
+        family=family,
+        controlled=None,
+        catalogued=True,
+    )
+
+
+class RegionDetector:
+    """Region-keyed stage. State: ``regions`` (RegionState) and ``series`` ("REGION|series key")."""
+
+    RHYTHM_DAYS = 56
+
+    def __init__(self, config: DetectionConfig | None = None, fetch: Fetch | None = None) -> None:
+        self.config = config or DetectionConfig()
+        self.fetch = fetch  # loads a state record not in memory yet (the worker's changelog table)
+        self.model = SpikeModel(self.config.spike)
+        self.regions: dict[str, RegionState] = {}
+        self.series: dict[str, SeriesState] = {}
+        self.dirty_regions: set[str] = set()
+        self.dirty_series: set[str] = set()
+        self._rhythm: dict[tuple[str, int], list[float]] = {}
+        self.lateness = timedelta(hours=self.config.lateness_hours)
+        self._keep_ids_days = int(self.config.lateness_hours // 24) + 2
+
+    # --- state access (the Faust adapter may preload these dicts from its tables) ---------------------
+
+    def region_state(self, region: str) -> RegionState:
+        state = self.regions.get(region)
+        if state is None:
+            stored = self.fetch(f"R:{region}") if self.fetch else None
+            state = self.regions[region] = RegionState.from_dict(stored) if stored else RegionState()
+        return state
+
+    def series_state(self, region: str, key: str, day: int) -> tuple[str, SeriesState]:
+        name = f"{region}|{key}"
+        state = self.series.get(name)
+        if state is None:
+            stored = self.fetch(f"S:{name}") if self.fetch else None
+            state = SeriesState.from_dict(stored) if stored else SeriesState(first_day=day)
+            self.series[name] = state
+        if day < state.first_day:
+            state.first_day = day
+        return name, state
+
+    # --- weekday rhythm ------------------------------------------------------------------------------
+
+    def rhythm(self, region: str, state: RegionState, today: int) -> Callable[[int], float]:
+        """Weekday factors from the region's own daily totals (1.0 until it has four weeks)."""
+        cache_key = (region, today)
+        factors = self._rhythm.get(cache_key)
+        if factors is None:
+            start = today - self.RHYTHM_DAYS
+            days = [d for d in range(start, today) if d >= min(state.totals, default=today)]
+            factors = [1.0] * 7
+            if len(days) >= 28:
+                totals = [state.totals.get(d, 0) for d in days]
+                overall = sum(totals) / len(totals)
+                if overall > 0:
+                    for weekday in range(7):
+                        values = [t for d, t in zip(days, totals, strict=True) if d % 7 == weekday]
+                        factors[weekday] = min(3.0, max(0.2, (sum(values) / len(values)) / overall))
+            self._rhythm = {k: v for k, v in self._rhythm.items() if k[1] == today}  # keep today's only
+            self._rhythm[cache_key] = factors
+        return lambda day: factors[day % 7]
+
+    # --- the stage -----------------------------------------------------------------------------------
+
+    def observe(self, obs: Observation, emit: bool = True) -> RegionResult:
+        """Process one event of ``obs.region`` (in that region's arrival order)."""
+        result = RegionResult()
+        region = self.region_state(obs.region)
+        watermark = region.watermarks.get(obs.kind)
+        if watermark is not None and obs.occurred_at < watermark - self.lateness:
+            late_by = watermark - obs.occurred_at
+            result.late_reason = (
+                f"too late: occurred {late_by.total_seconds() / 3600:.1f} h before the newest "
+                f"{obs.kind.replace('_', ' ')} already received from {obs.region}; reports later than "
+                f"{self.config.lateness_hours:g} h are not counted"
+            )
+            return result
+        day = obs.day
+        seen_today = region.recent.setdefault(day, set())
+        if obs.event_id in seen_today:
+            result.duplicate = True
+            return result
+        seen_today.add(obs.event_id)
+        self.dirty_regions.add(obs.region)
+        if watermark is None or obs.occurred_at > watermark:
+            region.watermarks[obs.kind] = obs.occurred_at
+        today = day_of(max(region.watermarks.values()))
+        self._prune(region, today)
+        region.totals[day] = region.totals.get(day, 0) + 1
+        rhythm = self.rhythm(obs.region, region, today)
+
+        series = [(obs.subject.key, obs.subject)]
+        if obs.subject.family:
+            series.append((f"family:{obs.subject.family}", family_subject(obs.subject.family)))
+        for key, subject in series:
+            name, state = self.series_state(obs.region, key, day)
+            self.dirty_series.add(name)
+            findings = self.model.observe(state, day, today, obs.event_id, obs.grams, rhythm)
+            if emit:
+                result.alerts.extend(self._spike_alert(obs, subject, state, f) for f in findings if f.new_episode)
+
+        forwarded = region.forwarded.setdefault(day, set())
+        if obs.subject.key not in forwarded:
+            forwarded.add(obs.subject.key)
+            result.sightings.append(obs.sighting())
+        return result
+
+    def drain_dirty(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """(region, table key, value) of every record changed since the last call."""
+        changed = [(r, f"R:{r}", self.regions[r].to_dict()) for r in self.dirty_regions]
+        changed += [(n.split("|", 1)[0], f"S:{n}", self.series[n].to_dict()) for n in self.dirty_series]
+        self.dirty_regions.clear()
+        self.dirty_series.clear()
+        return changed
+
+    def forget(self) -> None:
+        """Drop the in-memory cache (after a rebalance another worker may own these regions)."""
+        self.regions.clear()
+        self.series.clear()
+        self.dirty_regions.clear()
+        self.dirty_series.clear()
+        self._rhythm.clear()
+
+    def _prune(self, region: RegionState, today: int) -> None:
+        oldest = today - self._keep_ids_days
+        for table in (region.recent, region.forwarded):
+            for day in [d for d in table if d < oldest]:
+                del table[day]
+        if region.totals and min(region.totals) < today - self.RHYTHM_DAYS - 1:
+            region.totals = {d: n for d, n in region.totals.items() if d >= today - self.RHYTHM_DAYS - 1}
+
+    def _spike_alert(self, obs: Observation, subject: Subject, state: SeriesState, f: SpikeFinding) -> Alert:
+        window_ids = [i for d, i in state.evidence if f.window_start_day <= d <= f.window_end_day][-20:]
+        place = region_label(obs.region)
+        if f.metric == "count":
+            summary = (
+                f"{place}: {f.observed:g} reports of {subject.name} in {f.window_days} day(s) where "
+                f"{f.expected:.2g} were expected (p < 1e-{int(f.score)})."
+            )
+        else:
+            summary = (
+                f"{place}: {f.observed:,.0f} g of {subject.name} seized in {f.window_days} days; the latest "
+                f"seizure is {f.score:.1f} robust SD above this series' usual mass."
+            )
+        return build_alert(
+            alert_type="spike",
+            subject=subject,
+            country=obs.country,
+            region=obs.region,
+            triggered_at=obs.occurred_at,
+            window_start=day_start(f.window_start_day),
+            window_end=day_start(f.window_end_day + 1),
+            episode=f.episode_start,
+            evidence=window_ids,
+            summary=summary,
+            metric=f.metric,
+            observed=f.observed,
+            expected=f.expected,
+            score=f.score,
+            details={"window_days": f.window_days},
+        )
+
+
+@dataclass(slots=True)
+class DetectionResult:
+    alerts: list[Alert] = field(default_factory=list)
+    late_reason: str | None = None
+    duplicate: bool = False
+
+
+class Detector:
+    """Both stages in one process, in arrival order: the backtest and the tests use this."""
+
+    def __init__(self, config: DetectionConfig | None = None) -> None:
+        self.config = config or DetectionConfig()
+        self.regions = RegionDetector(self.config)
+        self.novelty = NoveltyDetector(self.config.novelty)
+
+    def observe(self, obs: Observation) -> DetectionResult:
+        stage = self.regions.observe(obs)
+        result = DetectionResult(alerts=[], late_reason=stage.late_reason, duplicate=stage.duplicate)
+        for sighting in stage.sightings:
+            result.alerts.extend(self.novelty.observe(sighting))
+        result.alerts.extend(stage.alerts)
+        return result
+
+    def observe_event(self, item: EnrichedEvent) -> DetectionResult:
+        return self.observe(Observation.of(item))

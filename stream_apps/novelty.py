@@ -1,0 +1,211 @@
+"""Network-level novelty, keyed by substance: never-seen substances, first appearance in a region, spread.
+
+Its input is a :class:`Sighting`: the region stage forwards at most one per region, substance and
+day, so this stage sees a tiny fraction of the events and its state (one record per substance) is
+small. The catalogue names and classifies a substance but never suppresses: a catalogued drug the
+network has never seen is still news to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from synthwatch.schemas import Alert
+
+from .alerting import Subject, build_alert, day_start, region_label
+
+
+class NoveltyConfig(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    spread_regions: int = Field(default=3, ge=2, description="k: regions that make a spread.")
+    spread_days: int = Field(default=14, ge=1, description="w: window of a spread, in days.")
+
+
+@dataclass(slots=True)
+class Sighting:
+    """A substance seen in a region on a day (the first report of that day), as forwarded by region."""
+
+    event_id: str
+    kind: str
+    occurred_at: datetime
+    day: int
+    country: str
+    region: str
+    key: str
+    name: str
+    inchikey: str | None
+    family: str | None
+    controlled: bool | None
+    catalogued: bool
+    method: str | None = None
+    sample_type: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["occurred_at"] = self.occurred_at.isoformat()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Sighting:
+        return cls(**{**data, "occurred_at": datetime.fromisoformat(data["occurred_at"])})
+
+    @property
+    def subject(self) -> Subject:
+        return Subject(self.key, self.name, self.inchikey, self.family, self.controlled, self.catalogued)
+
+
+@dataclass(slots=True)
+class SubstanceState:
+    """What the network knows of one substance: where and when it was first and last seen."""
+
+    first_region: str
+    first_day: int
+    regions: dict[str, list[int]] = field(default_factory=dict)  # region -> [first_day, last_day]
+    spread: list[int] | None = None  # [episode start day, last day the condition held]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"r": self.first_region, "d": self.first_day, "g": self.regions, "s": self.spread}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SubstanceState:
+        return cls(
+            first_region=data["r"],
+            first_day=int(data["d"]),
+            regions={k: [int(v[0]), int(v[1])] for k, v in data["g"].items()},
+            spread=[int(x) for x in data["s"]] if data.get("s") else None,
+        )
+
+
+class NoveltyDetector:
+    """Pure and synchronous: ``observe(sighting) -> alerts``; state is a dict of SubstanceState."""
+
+    def __init__(
+        self, config: NoveltyConfig | None = None, fetch: Callable[[str], dict[str, Any] | None] | None = None
+    ) -> None:
+        self.config = config or NoveltyConfig()
+        self.fetch = fetch  # loads a record not in memory yet (the worker's changelog table)
+        self.state: dict[str, SubstanceState] = {}
+        self.dirty: set[str] = set()
+
+    def get(self, key: str) -> SubstanceState | None:
+        known = self.state.get(key)
+        if known is None and self.fetch is not None:
+            stored = self.fetch(key)
+            if stored is not None:
+                known = self.state[key] = SubstanceState.from_dict(stored)
+        return known
+
+    def drain_dirty(self) -> list[tuple[str, dict[str, Any]]]:
+        changed = [(key, self.state[key].to_dict()) for key in self.dirty]
+        self.dirty.clear()
+        return changed
+
+    def forget(self) -> None:
+        self.state.clear()
+        self.dirty.clear()
+
+    def observe(self, sighting: Sighting, emit: bool = True) -> list[Alert]:
+        """Update the substance's record; return the alerts this sighting makes true.
+
+        ``emit=False`` rebuilds state from history without raising alerts again.
+        """
+        key, region, day = sighting.key, sighting.region, sighting.day
+        self.dirty.add(key)
+        known = self.get(key)
+        alerts: list[Alert] = []
+        if known is None:
+            known = self.state[key] = SubstanceState(first_region=region, first_day=day)
+            known.regions[region] = [day, day]
+            if emit:
+                alerts.append(self._new_substance(sighting))
+        elif region not in known.regions:
+            known.regions[region] = [day, day]
+            if emit:
+                alerts.append(self._first_in_region(sighting, known))
+        else:
+            span = known.regions[region]
+            span[0], span[1] = min(span[0], day), max(span[1], day)
+        spread = self._spread(sighting, known)
+        if spread is not None and emit:
+            alerts.append(spread)
+        return alerts
+
+    def _new_substance(self, s: Sighting) -> Alert:
+        subject = s.subject
+        origin = "a catalogued substance" if s.catalogued else "not in the catalogue"
+        identified = "identified by structure" if s.inchikey else "reported by name only"
+        return build_alert(
+            alert_type="new_substance",
+            subject=subject,
+            country=s.country,
+            region=s.region,
+            triggered_at=s.occurred_at,
+            window_start=day_start(s.day),
+            window_end=day_start(s.day + 1),
+            episode="first",
+            evidence=[s.event_id],
+            summary=(
+                f"Never seen by the network: {s.name} ({subject.family_text}; {origin}; {identified}), "
+                f"first reported in {region_label(s.region)} by a {s.kind.replace('_', ' ')}."
+            ),
+            methods=[s.method] if s.method else [],
+            sample_types=[s.sample_type] if s.sample_type else [],
+            details={"first_region": s.region, "catalogued": s.catalogued},
+        )
+
+    def _first_in_region(self, s: Sighting, known: SubstanceState) -> Alert:
+        elsewhere = sorted(r for r in known.regions if r != s.region)
+        return build_alert(
+            alert_type="first_in_region",
+            subject=s.subject,
+            country=s.country,
+            region=s.region,
+            triggered_at=s.occurred_at,
+            window_start=day_start(s.day),
+            window_end=day_start(s.day + 1),
+            episode="first",
+            evidence=[s.event_id],
+            summary=(
+                f"First report of {s.name} ({s.subject.family_text}) in {region_label(s.region)}; "
+                f"known to the network since {day_start(known.first_day).date()} "
+                f"(first in {known.first_region}; {len(elsewhere)} other region(s))."
+            ),
+            methods=[s.method] if s.method else [],
+            sample_types=[s.sample_type] if s.sample_type else [],
+            details={"other_regions": elsewhere[:20], "network_first_day": str(day_start(known.first_day).date())},
+        )
+
+    def _spread(self, s: Sighting, known: SubstanceState) -> Alert | None:
+        cfg = self.config
+        since = s.day - cfg.spread_days + 1
+        active = sorted(r for r, (first, last) in known.regions.items() if last >= since and first <= s.day)
+        if len(active) < cfg.spread_regions:
+            return None
+        if known.spread is not None and s.day - known.spread[1] <= cfg.spread_days:
+            known.spread[1] = max(known.spread[1], s.day)  # same episode: condition still holds
+            return None
+        known.spread = [s.day, s.day]
+        return build_alert(
+            alert_type="spread",
+            subject=s.subject,
+            country=None,
+            region=None,
+            triggered_at=s.occurred_at,
+            window_start=day_start(since),
+            window_end=day_start(s.day + 1),
+            episode=s.day,
+            evidence=[s.event_id],
+            summary=(
+                f"{s.name} ({s.subject.family_text}) is spreading: reported in {len(active)} regions within "
+                f"{cfg.spread_days} days ({', '.join(active[:8])}{'…' if len(active) > 8 else ''})."
+            ),
+            observed=float(len(active)),
+            expected=float(cfg.spread_regions),
+            details={"regions": active},
+        )

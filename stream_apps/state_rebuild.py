@@ -1,0 +1,128 @@
+"""Rebuilding detector state from what ClickHouse holds, for when the broker's changelogs are gone.
+
+The embedded broker keeps everything in memory, so after a restart of ``synthwatch up`` the Faust
+tables come back empty while ClickHouse still has every report. The rebuild runs the same detector
+core over the stored history with alerts switched off, so its state is exactly what it would have
+been (the alerts it would raise were raised, and stored, the first time).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, timedelta
+from typing import Any
+
+from .alerting import Subject, day_of
+from .detection import Observation, RegionDetector
+from .identity import SubstanceResolver
+from .novelty import NoveltyDetector, Sighting
+
+_HISTORY = """
+SELECT event_id, kind, occurred_at, country, region, substance_key, resolved_name, resolved_inchikey, family,
+       grams, method, sample_type
+FROM (
+    SELECT event_id, 'lab_detection' AS kind, occurred_at, country, region, substance_key, resolved_name,
+           resolved_inchikey, family, CAST(NULL AS Nullable(Float64)) AS grams,
+           CAST(method AS Nullable(String)) AS method, CAST(sample_type AS Nullable(String)) AS sample_type
+    FROM lab_detections WHERE occurred_at >= %(since)s
+    UNION ALL
+    SELECT event_id, 'border_seizure', occurred_at, country, region, substance_key, resolved_name,
+           resolved_inchikey, family, grams, NULL, NULL
+    FROM border_seizures WHERE occurred_at >= %(since)s
+)
+ORDER BY occurred_at, event_id
+"""
+
+_FIRST_SEEN = """
+SELECT substance_key, region, any(country), argMin(event_id, occurred_at), argMin(kind, occurred_at),
+       min(occurred_at), max(occurred_at), any(resolved_name), any(resolved_inchikey), any(family)
+FROM (
+    SELECT substance_key, region, country, event_id, 'lab_detection' AS kind, occurred_at, resolved_name,
+           resolved_inchikey, family FROM lab_detections
+    UNION ALL
+    SELECT substance_key, region, country, event_id, 'border_seizure', occurred_at, resolved_name,
+           resolved_inchikey, family FROM border_seizures
+)
+GROUP BY substance_key, region
+ORDER BY min(occurred_at)
+"""
+
+_LEARNT_NAMES = """
+SELECT substance_name, any(substance_key) FROM lab_detections
+WHERE substance_smiles IS NOT NULL OR substance_inchikey IS NOT NULL
+GROUP BY substance_name
+"""
+
+
+@dataclass
+class RebuildReport:
+    substances: int
+    events_replayed: int
+    names_learnt: int
+    seconds: float
+
+
+def _subject(key: str, name: str, inchikey: str | None, family: str) -> Subject:
+    return Subject(key, name, inchikey, family or None, None, False)
+
+
+def rebuild(
+    client: Any, regions: RegionDetector, novelty: NoveltyDetector, resolver: SubstanceResolver
+) -> RebuildReport:
+    """Fill empty detectors from ClickHouse (blocking: run it in an executor thread)."""
+    started = time.perf_counter()
+    substances: set[str] = set()
+    for row in client.query(_FIRST_SEEN).result_rows:
+        key, region, country, event_id, kind, first, last, name, inchikey, family = row
+        first, last = first.replace(tzinfo=UTC), last.replace(tzinfo=UTC)
+        subject = _subject(key, name, inchikey, family)
+        for moment in (first, last):
+            novelty.observe(
+                Sighting(
+                    event_id,
+                    kind,
+                    moment,
+                    day_of(moment),
+                    country,
+                    region,
+                    key,
+                    subject.name,
+                    inchikey,
+                    subject.family,
+                    None,
+                    False,
+                ),
+                emit=False,
+            )
+        substances.add(key)
+    keep_days = regions.model.keep_days
+    latest = client.query(
+        "SELECT greatest((SELECT max(occurred_at) FROM lab_detections), (SELECT max(occurred_at) FROM border_seizures))"
+    ).result_rows[0][0]
+    replayed = 0
+    if latest is not None and latest.year > 1970:
+        since = latest.replace(tzinfo=UTC) - timedelta(days=keep_days)
+        for row in client.query(_HISTORY, parameters={"since": since}).result_rows:
+            event_id, kind, occurred_at, country, region, key, name, inchikey, family, grams, method, sample = row
+            moment = occurred_at.replace(tzinfo=UTC)
+            regions.observe(
+                Observation(
+                    event_id,
+                    kind,
+                    moment,
+                    day_of(moment),
+                    country,
+                    region,
+                    _subject(key, name, inchikey, family),
+                    grams,
+                    method,
+                    sample,
+                ),
+                emit=False,
+            )
+            replayed += 1
+    learnt = 0
+    for name, key in client.query(_LEARNT_NAMES).result_rows:
+        learnt += bool(resolver.learn(name, key))
+    return RebuildReport(len(substances), replayed, learnt, time.perf_counter() - started)
