@@ -63,7 +63,21 @@ class Settings(BaseSettings):
         description="Kafka consumer session timeout (s). Tansu joins a group after about half of it.",
     )
 
+    # --- delivery and links --------------------------------------------------------------------------
+    subscriptions_file: Path | None = Field(
+        default=None, description="Liaison officers' subscriptions (YAML). Unset: alerts are stored, not sent."
+    )
+    grafana_url: str = Field(default="http://localhost:3000", description="Base URL for drill-down links.")
+    smtp_host: str | None = Field(default=None, description="SMTP server for e-mail alerts.")
+    smtp_port: int = 587
+    smtp_starttls: bool = True
+    smtp_username: str | None = None
+    smtp_password: str | None = None
+    smtp_sender: str = "synthwatch@localhost"
+    webhook_secret: str | None = Field(default=None, description="Default HMAC secret for webhook signatures.")
+
     # --- detection -----------------------------------------------------------------------------------
+
     lateness_hours: float = Field(default=24.0, ge=0, description="Reports later than this go to rejects.")
     spread_regions: int = Field(default=3, ge=2, description="Spread: at least k regions ...")
     spread_days: int = Field(default=14, ge=1, description="... within w days.")
