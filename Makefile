@@ -37,6 +37,7 @@ lint: install
 	@ln -s ../../../producers $(TYPECHECK)/synthwatch/producers
 	@ln -s ../../../stream_apps $(TYPECHECK)/synthwatch/stream_apps
 	@ln -s ../../../deploy/clickhouse/migrations $(TYPECHECK)/synthwatch/migrations
+	@ln -s ../../../dashboards $(TYPECHECK)/synthwatch/dashboards
 	cd $(TYPECHECK) && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p synthwatch
 
 bench: install

@@ -64,6 +64,7 @@ class WorkerStats:
     alerts_raised: int = 0
     alerts_stored: int = 0
     sightings: int = 0
+    sightings_processed: int = 0
     sink_retries: int = 0
     ready_seconds: float | None = None
     rebuild: dict[str, Any] = field(default_factory=dict)
@@ -243,11 +244,18 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             await until_state_ready(ctx)
             alerts: list[Alert] = []
             partitions: dict[str, int] = {}
+            batch_sightings = []
             for e in events:
                 for data in json.loads(e.value):
                     sighting = Sighting.from_dict(data)
                     partitions[sighting.key] = e.message.partition
-                    alerts.extend(ctx.novelty.observe(sighting))
+                    batch_sightings.append(sighting)
+            # Sightings of one substance come from every region's partition in arrival order; what
+            # arrived together is processed in event-time order, so "first" means first reported.
+            for sighting in sorted(batch_sightings, key=lambda s: (s.occurred_at, s.event_id)):
+                alerts.extend(ctx.novelty.observe(sighting))
+                stats.sightings_processed += 1
+
             pending = [await send(alerts_topic, a.alert_id.encode(), a.model_dump_json().encode()) for a in alerts]
             pending += save(substance_table, [(partitions[k], k, v) for k, v in ctx.novelty.drain_dirty()])
             await send_all(pending)

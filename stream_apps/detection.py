@@ -151,6 +151,7 @@ class RegionDetector:
     """Region-keyed stage. State: ``regions`` (RegionState) and ``series`` ("REGION|series key")."""
 
     RHYTHM_DAYS = 56
+    RHYTHM_LAG = 9
 
     def __init__(self, config: DetectionConfig | None = None, fetch: Fetch | None = None) -> None:
         self.config = config or DetectionConfig()
@@ -186,13 +187,19 @@ class RegionDetector:
 
     # --- weekday rhythm ------------------------------------------------------------------------------
 
-    def rhythm(self, region: str, state: RegionState, today: int) -> Callable[[int], float]:
-        """Weekday factors from the region's own daily totals (1.0 until it has four weeks)."""
-        cache_key = (region, today)
+    def rhythm(self, region: str, state: RegionState, day: int) -> Callable[[int], float]:
+        """Weekday factors from the region's own daily totals (1.0 until it has four weeks).
+
+        Learnt from days that ended more than ``RHYTHM_LAG`` days before ``day``: recent totals are
+        still filling in (the two input topics may deliver a region's labs and seizures at different
+        paces), and the factors must not depend on that.
+        """
+        cache_key = (region, day)
         factors = self._rhythm.get(cache_key)
         if factors is None:
-            start = today - self.RHYTHM_DAYS
-            days = [d for d in range(start, today) if d >= min(state.totals, default=today)]
+            end = day - self.RHYTHM_LAG
+            start = end - self.RHYTHM_DAYS
+            days = [d for d in range(start, end) if d >= min(state.totals, default=end)]
             factors = [1.0] * 7
             if len(days) >= 28:
                 totals = [state.totals.get(d, 0) for d in days]
@@ -201,7 +208,8 @@ class RegionDetector:
                     for weekday in range(7):
                         values = [t for d, t in zip(days, totals, strict=True) if d % 7 == weekday]
                         factors[weekday] = min(3.0, max(0.2, (sum(values) / len(values)) / overall))
-            self._rhythm = {k: v for k, v in self._rhythm.items() if k[1] == today}  # keep today's only
+            if len(self._rhythm) > 4096:
+                self._rhythm.clear()
             self._rhythm[cache_key] = factors
         return lambda day: factors[day % 7]
 
@@ -232,7 +240,7 @@ class RegionDetector:
         today = day_of(max(region.watermarks.values()))
         self._prune(region, today)
         region.totals[day] = region.totals.get(day, 0) + 1
-        rhythm = self.rhythm(obs.region, region, today)
+        rhythm = self.rhythm(obs.region, region, day)
 
         series = [(obs.subject.key, obs.subject)]
         if obs.subject.family:
@@ -240,7 +248,11 @@ class RegionDetector:
         for key, subject in series:
             name, state = self.series_state(obs.region, key, day)
             self.dirty_series.add(name)
-            findings = self.model.observe(state, day, today, obs.event_id, obs.grams, rhythm)
+            # Seized mass is tested per substance only: a family mixes drugs seized by the gram with
+            # drugs seized by the kilo, so its mass distribution says nothing about any one of them.
+            grams = obs.grams if key == obs.subject.key else None
+            findings = self.model.observe(state, day, today, obs.event_id, grams, rhythm)
+
             if emit:
                 result.alerts.extend(self._spike_alert(obs, subject, state, f) for f in findings if f.new_episode)
 
@@ -271,8 +283,10 @@ class RegionDetector:
         for table in (region.recent, region.forwarded):
             for day in [d for d in table if d < oldest]:
                 del table[day]
-        if region.totals and min(region.totals) < today - self.RHYTHM_DAYS - 1:
-            region.totals = {d: n for d, n in region.totals.items() if d >= today - self.RHYTHM_DAYS - 1}
+        if region.totals and min(region.totals) < today - self.RHYTHM_DAYS - self.RHYTHM_LAG - 2:
+            region.totals = {
+                d: n for d, n in region.totals.items() if d >= today - self.RHYTHM_DAYS - self.RHYTHM_LAG - 2
+            }
 
     def _spike_alert(self, obs: Observation, subject: Subject, state: SeriesState, f: SpikeFinding) -> Alert:
         window_ids = [i for d, i in state.evidence if f.window_start_day <= d <= f.window_end_day][-20:]

@@ -27,19 +27,20 @@ class SpikeConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    windows: tuple[int, ...] = Field(default=(1, 3, 7), description="Window lengths in days.")
+    windows: tuple[int, ...] = Field(default=(1, 2, 3, 5, 7), description="Window lengths in days.")
     baseline_days: int = Field(default=56, description="History used for the rate, before the guard band.")
-    guard_days: int = Field(default=7, description="Days before the window left out of the baseline.")
+    guard_days: int = Field(default=2, description="Days before the longest window left out of the baseline.")
     min_history_days: int = Field(default=21, description="A series younger than this is not tested.")
     min_baseline_days: int = Field(default=14, description="Fewest baseline days needed.")
-    alpha: float = Field(default=1e-4, description="Tail probability that counts as a spike.")
+    alpha: float = Field(default=1e-3, description="Tail probability that counts as a spike (all windows).")
     min_count: int = Field(default=3, description="Fewest reports in the window for a count spike.")
     min_ratio: float = Field(default=2.0, description="Observed / expected at least this.")
     max_dispersion: float = Field(default=4.0, description="Cap on the overdispersion factor.")
     cooldown_days: int = Field(default=7, description="Quiet days that end an episode.")
     mass_min_history: int = Field(default=8, description="Seizures with a mass needed for the mass test.")
-    mass_z: float = Field(default=3.0, description="Robust z of an exceptional seizure.")
-    mass_extreme_z: float = Field(default=5.0, description="Robust z that alone makes a mass spike.")
+    mass_z: float = Field(default=2.5, description="Robust z of an exceptional seizure.")
+    mass_extreme_z: float = Field(default=4.0, description="Robust z that alone makes a mass spike.")
+
     mass_repeat: int = Field(default=2, description="Exceptional seizures in the window that make a spike.")
     mass_window_days: int = Field(default=7)
     mass_memory: int = Field(default=60, description="Most recent seizure masses kept per series.")
@@ -104,6 +105,10 @@ class SeriesState:
     masses: list[tuple[int, float]] = field(default_factory=list)  # (day, log grams), most recent last
     episodes: dict[str, Episode] = field(default_factory=dict)
     evidence: list[tuple[int, str]] = field(default_factory=list)  # (day, event_id), most recent last
+    # Not persisted: the baseline of the current day (it ends two weeks back, so reports arriving today
+    # - never more than the lateness old - cannot change it) and the last day pruned.
+    cached_baseline: tuple[int, tuple[float, float, int] | None] | None = None
+    pruned_day: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -127,7 +132,10 @@ class SeriesState:
         )
 
     def prune(self, today: int, keep_days: int) -> None:
-        """Forget days older than the longest look-back, so state stays bounded."""
+        """Forget days older than the longest look-back, so state stays bounded (once a day)."""
+        if self.pruned_day == today:
+            return
+        self.pruned_day = today
         oldest = today - keep_days
         if self.counts and min(self.counts) < oldest:
             self.counts = {d: n for d, n in self.counts.items() if d >= oldest}
@@ -188,7 +196,15 @@ class SpikeModel:
 
     def baseline_rate(self, state: SeriesState, day: int, dow_factor: Any) -> tuple[float, float, int] | None:
         """(weekday-adjusted daily rate, dispersion, baseline days) learnt from this series' history."""
+        if state.cached_baseline is not None and state.cached_baseline[0] == day:
+            return state.cached_baseline[1]
+        baseline = self._baseline_rate(state, day, dow_factor)
+        state.cached_baseline = (day, baseline)
+        return baseline
+
+    def _baseline_rate(self, state: SeriesState, day: int, dow_factor: Any) -> tuple[float, float, int] | None:
         cfg = self.config
+
         end = day - max(cfg.windows) - cfg.guard_days + 1  # exclusive: window + guard band left out
         start = max(state.first_day, end - cfg.baseline_days)
         days = end - start
@@ -209,13 +225,18 @@ class SpikeModel:
             return None
         rate, dispersion, _ = baseline
         best: tuple[float, int, int, float] | None = None
-
-        for window in cfg.windows:
-            first = day - window + 1
-            observed = sum(state.counts.get(d, 0) for d in range(first, day + 1))
-            expected = rate * sum(dow_factor(d) for d in range(first, day + 1))
+        counts, windows = state.counts, set(cfg.windows)
+        observed, weight = 0, 0.0
+        for length in range(1, max(cfg.windows) + 1):  # one pass: every window's sums on the way
+            d = day - length + 1
+            observed += counts.get(d, 0)
+            weight += dow_factor(d)
+            if length not in windows:
+                continue
+            window, expected = length, rate * weight
             if observed < cfg.min_count or observed < cfg.min_ratio * expected:
                 continue
+
             p = poisson_sf(observed / dispersion, expected / dispersion)
             if p < cfg.alpha / len(cfg.windows) and (best is None or p < best[0]):
                 best = (p, window, observed, expected)

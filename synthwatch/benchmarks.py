@@ -117,3 +117,21 @@ def bench_publish(events: int, console: Console) -> dict[str, float]:
         table.add_row(name, f"{rate:,.0f}", f"{rate / reference:.2f}")
     console.print(table)
     return rates
+
+
+def bench_backtest(console: Console, days: int, seed: int) -> float:
+    """Events/s of the offline backtest over a simulated stream (RDKit caches start cold)."""
+    from datetime import date
+
+    from synthwatch.producers.simulate import SimulationConfig, simulate
+    from synthwatch.stream_apps.backtest import run_lines
+
+    sim = simulate(SimulationConfig(days=days, seed=seed, start=date(2026, 1, 1)))
+    run = run_lines((f"sim:{i}", line) for i, line in enumerate(sim.lines))
+    s = run.summary
+    table = Table(title=f"backtest of a simulated {days}-day stream (seed {seed})")
+    for column in ("lines", "events", "alerts", "seconds", "lines/s"):
+        table.add_column(column, justify="right")
+    table.add_row(f"{s.lines:,}", f"{s.events:,}", f"{s.alerts:,}", f"{s.seconds:.1f}", f"{s.events_per_second:,.0f}")
+    console.print(table)
+    return s.events_per_second

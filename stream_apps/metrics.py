@@ -1,0 +1,415 @@
+"""Prometheus metrics of the worker and of ``synthwatch publish``, each in its own CollectorRegistry.
+
+Why a registry per object: tests build several workers in one process, and prometheus-client's global
+registry would refuse the second set of metrics (or mix their counts). The worker serves its registry
+on the Faust web port at ``/metrics`` (:func:`attach_metrics`); the publisher, a short batch job,
+pushes to a Pushgateway or writes a node-exporter textfile.
+
+Metric names are part of the contract with ``deploy/prometheus/rules/`` and the pipeline-health
+dashboard (``dashboards/pipeline.py``); tests check that every name they use exists here.
+
+Label values are bounded: topics, tables, alert types and severities come from configuration and
+schemas; reject reasons are reduced to a short class by :func:`reject_reason` (the full sentence
+stays in ClickHouse's ``rejects`` table).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+    push_to_gateway,
+    write_to_textfile,
+)
+
+if TYPE_CHECKING:
+    import faust
+
+    from synthwatch.producers.publisher import PublishSummary
+    from synthwatch.schemas import Alert, Reject
+
+#: Event ingested (Kafka timestamp of the message that carried it) -> alert published, in seconds.
+ALERT_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+SINK_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+SINK_ROWS_BUCKETS = (1, 5, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000)
+
+_FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
+
+
+def reject_reason(reason: str) -> str:
+    """A short, bounded class of a reject reason, fit for a label (``invalid_json``, ``too_late``, ...).
+
+    Wire errors read ``field: message; field: message``: the class is ``invalid_<first field>``.
+    """
+    text = reason.strip()
+    lowered = text.lower()
+    if lowered.startswith("too late"):
+        return "too_late"
+    if lowered.startswith("empty message"):
+        return "empty_message"
+    if lowered.startswith("not a reject record"):
+        return "not_a_reject_record"
+    if "invalid json" in lowered.split(";")[0]:
+        return "invalid_json"
+    match = _FIELD.match(text)
+    if match:
+        field = re.sub(r"\[\d+\]|\.\d+", "", match.group(1)).replace(".", "_").lower()
+        return f"invalid_{field}"[:48]
+    return "other"
+
+
+class KafkaEvent(Protocol):
+    """What the helpers read from a Faust ``EventT`` (duck-typed so tests need no broker)."""
+
+    @property
+    def message(self) -> Any: ...
+
+
+def message_source(event: KafkaEvent) -> str:
+    """``topic:partition:offset``, the source string the intake agent gives every record."""
+    message = event.message
+    return f"{message.topic}:{message.partition}:{message.offset}"
+
+
+def ingest_times(events: Iterable[KafkaEvent], items: Iterable[Any]) -> dict[str, float]:
+    """event_id -> Kafka timestamp of the message that carried it, for :meth:`WorkerMetrics.alerts_published`.
+
+    ``items`` are the intake's enriched events (anything with ``event_id`` and ``source``).
+    """
+    by_source = {message_source(e): float(e.message.timestamp or time.time()) for e in events}
+    return {item.event_id: by_source[item.source] for item in items if item.source in by_source}
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionOffsets:
+    """One assigned partition: the end of the log and how far this consumer group has committed."""
+
+    topic: str
+    partition: int
+    end: int
+    committed: int
+
+    @property
+    def lag(self) -> int:
+        return max(self.end - self.committed, 0)
+
+
+class WorkerMetrics:
+    """The worker's metrics and the helpers its agents call; one instance per worker process."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, app_id: str = "synthwatch") -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.info = Info("synthwatch_worker", "The worker's identity.", registry=r)
+        self.info.info({"app_id": app_id})
+        self.ready = Gauge(
+            "synthwatch_worker_ready", "1 once detector state is recovered and batches flow.", registry=r
+        )
+        self.events_consumed = Counter(
+            "synthwatch_events_consumed", "Kafka records consumed, per topic.", ["topic"], registry=r
+        )
+        self.events_produced = Counter(
+            "synthwatch_events_produced", "Kafka records produced and acknowledged, per topic.", ["topic"], registry=r
+        )
+        self.events_stored = Counter(
+            "synthwatch_events_stored", "Rows inserted into ClickHouse, per table.", ["table"], registry=r
+        )
+        self.duplicates = Counter(
+            "synthwatch_duplicates", "Events skipped as already seen or already stored.", registry=r
+        )
+        self.rejects = Counter(
+            "synthwatch_rejects", "Records refused, per stage and reason class.", ["stage", "reason"], registry=r
+        )
+        self.alerts = Counter(
+            "synthwatch_alerts", "Alerts published, per type and severity.", ["alert_type", "severity"], registry=r
+        )
+        self.alert_latency = Histogram(
+            "synthwatch_alert_latency_seconds",
+            "Triggering event ingested (its Kafka timestamp) -> alert published.",
+            ["alert_type"],
+            buckets=ALERT_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.sink_batch_rows = Histogram(
+            "synthwatch_sink_batch_rows",
+            "Rows per ClickHouse sink call, per table.",
+            ["table"],
+            buckets=SINK_ROWS_BUCKETS,
+            registry=r,
+        )
+        self.sink_batch_seconds = Histogram(
+            "synthwatch_sink_batch_seconds",
+            "Duration of a successful ClickHouse sink call, per table.",
+            ["table"],
+            buckets=SINK_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.sink_retries = Counter(
+            "synthwatch_sink_retries",
+            "Failed ClickHouse calls that were retried, per operation.",
+            ["operation"],
+            registry=r,
+        )
+        self.sink_failing = Gauge(
+            "synthwatch_sink_failing",
+            "1 while an operation keeps failing (the agent waits and retries), 0 once it succeeds.",
+            ["operation"],
+            registry=r,
+        )
+        self.consumer_lag = Gauge(
+            "synthwatch_consumer_lag",
+            "Records between the log end and this worker's committed offset, per assigned partition.",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.last_consumed = Gauge(
+            "synthwatch_last_consumed_timestamp_seconds",
+            "Unix time the worker last consumed an input record, per topic.",
+            ["topic"],
+            registry=r,
+        )
+        self._lag_labels: set[tuple[str, str]] = set()
+        self.faust_metrics: Any = None  # Faust's own sensor metrics, once attach_metrics made them
+
+    # --- helpers the agents call ------------------------------------------------------------------
+
+    def consumed(self, events: Iterable[KafkaEvent]) -> None:
+        """A batch taken from Kafka (``take_events``): counts per topic and the time input last arrived."""
+        counts: dict[str, int] = {}
+        for event in events:
+            topic = event.message.topic
+            counts[topic] = counts.get(topic, 0) + 1
+        now = time.time()
+        for topic, n in counts.items():
+            self.events_consumed.labels(topic=topic).inc(n)
+            self.last_consumed.labels(topic=topic).set(now)
+
+    def produced(self, topic: str, n: int = 1) -> None:
+        if n:
+            self.events_produced.labels(topic=topic).inc(n)
+
+    def stored(self, table: str, n: int) -> None:
+        if n:
+            self.events_stored.labels(table=table).inc(n)
+
+    def skipped_duplicates(self, n: int) -> None:
+        if n:
+            self.duplicates.inc(n)
+
+    def rejected(self, rejects: Iterable[Reject]) -> None:
+        for reject in rejects:
+            self.rejects.labels(stage=reject.stage, reason=reject_reason(reject.reason)).inc()
+
+    def alerts_published(
+        self,
+        alerts: Iterable[Alert],
+        ingested_at: float | Mapping[str, float],
+        published_at: float | None = None,
+    ) -> None:
+        """Count alerts and observe their latency once their records are acknowledged by Kafka.
+
+        ``ingested_at``: one Kafka timestamp for the batch, or event_id -> timestamp
+        (:func:`ingest_times`); an alert's triggering event is its newest evidence present there.
+        """
+        published_at = time.time() if published_at is None else published_at
+        fallback = min(ingested_at.values(), default=published_at) if isinstance(ingested_at, Mapping) else ingested_at
+        for alert in alerts:
+            self.alerts.labels(alert_type=alert.alert_type, severity=alert.severity).inc()
+            if isinstance(ingested_at, Mapping):
+                known = [ingested_at[e] for e in alert.evidence_event_ids if e in ingested_at]
+                started = max(known) if known else fallback
+            else:
+                started = ingested_at
+            self.alert_latency.labels(alert_type=alert.alert_type).observe(max(published_at - started, 0.0))
+
+    @contextmanager
+    def sink_batch(self, table: str, rows: int) -> Iterator[None]:
+        """Time one successful sink call (``with metrics.sink_batch("alerts", len(batch)): ...``)."""
+        started = time.perf_counter()
+        yield
+        self.sink_batch_seconds.labels(table=table).observe(time.perf_counter() - started)
+        self.sink_batch_rows.labels(table=table).observe(rows)
+
+    def sink_retry(self, operation: str) -> None:
+        """A ClickHouse call failed and will be retried."""
+        self.sink_retries.labels(operation=operation).inc()
+        self.sink_failing.labels(operation=operation).set(1)
+
+    def sink_recovered(self, operation: str) -> None:
+        """The operation succeeded (after retries or not)."""
+        self.sink_failing.labels(operation=operation).set(0)
+
+    def set_ready(self, ready: bool = True) -> None:
+        self.ready.set(1 if ready else 0)
+
+    def set_consumer_lag(self, offsets: Iterable[PartitionOffsets]) -> None:
+        """Replace the lag series: partitions no longer assigned (after a rebalance) disappear."""
+        current: set[tuple[str, str]] = set()
+        for item in offsets:
+            labels = (item.topic, str(item.partition))
+            current.add(labels)
+            self.consumer_lag.labels(*labels).set(item.lag)
+        for labels in self._lag_labels - current:
+            self.consumer_lag.remove(*labels)
+        self._lag_labels = current
+
+    def exposition(self) -> bytes:
+        """The registry in Prometheus' text format (what ``/metrics`` serves)."""
+        return generate_latest(self.registry)
+
+
+# --- Faust wiring ------------------------------------------------------------------------------------
+
+_FAUST_INTERNAL = ("-changelog", "__assignor", "-repartition")
+
+
+async def partition_offsets(app: faust.App, topics: Collection[str] | None = None) -> list[PartitionOffsets]:
+    """End and committed offsets of the partitions assigned to this worker's consumer.
+
+    End: the highwater the consumer saw on its last fetch. Committed: what this worker committed,
+    else its fetch position (right after start that is the committed offset). Changelog and other
+    Faust-internal topics are left out: they are not consumed through commits.
+    """
+    consumer: Any = app.consumer
+    monitor: Any = app.monitor
+    found = []
+    for tp in sorted(consumer.assignment()):
+        if topics is not None and tp.topic not in topics:
+            continue
+        if topics is None and any(marker in tp.topic for marker in _FAUST_INTERNAL):
+            continue
+        end = monitor.tp_end_offsets.get(tp)
+        if end is None:
+            try:
+                end = consumer.highwater(tp)
+            except Exception:  # not fetched yet / partition just revoked
+                end = None
+        committed = monitor.tp_committed_offsets.get(tp)
+        if committed is None:
+            try:
+                committed = await consumer.position(tp)
+            except Exception:
+                committed = None
+        if end is not None and committed is not None:
+            found.append(PartitionOffsets(tp.topic, tp.partition, int(end), int(committed)))
+    return found
+
+
+def attach_metrics(
+    app: faust.App,
+    metrics: WorkerMetrics,
+    *,
+    topics: Collection[str] | None = None,
+    lag_interval: float = 10.0,
+    faust_sensor: bool = True,
+) -> None:
+    """Serve ``metrics`` at ``/metrics`` on the worker's web port and keep consumer lag up to date.
+
+    With ``faust_sensor``, Faust's own Prometheus monitor (messages in per topic, send latency,
+    commit latency, rebalances, offsets; prefix ``faust_``) records into the same registry. Call
+    before the worker starts: the monitor is picked up when the app's services start.
+    """
+    from faust import web
+
+    if faust_sensor:
+        from faust.sensors.prometheus import FaustMetrics, PrometheusMonitor
+
+        if metrics.faust_metrics is None:
+            metrics.faust_metrics = FaustMetrics.create(metrics.registry, "faust")
+        app.monitor = PrometheusMonitor(metrics=metrics.faust_metrics)
+
+    @app.page("/metrics")
+    async def metrics_page(self: web.View, request: web.Request) -> web.Response:
+        return self.bytes(metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    @app.timer(lag_interval, name="synthwatch.metrics.consumer_lag")
+    async def update_consumer_lag() -> None:
+        metrics.set_consumer_lag(await partition_offsets(app, topics))
+
+
+# --- the publisher -----------------------------------------------------------------------------------
+
+
+class PublisherMetrics:
+    """``synthwatch publish``: what one run did, pushed or written when it ends (a batch job has no port)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.records = Counter(
+            "synthwatch_publish_records",
+            "Input records by outcome: sent, rejected, duplicate, failed.",
+            ["outcome"],
+            registry=r,
+        )
+        self.events_produced = Counter(
+            "synthwatch_publish_events_produced", "Events acknowledged by Kafka, per topic.", ["topic"], registry=r
+        )
+        self.rejects = Counter(
+            "synthwatch_publish_rejects", "Records refused at the edge, per reason class.", ["reason"], registry=r
+        )
+        self.duration = Gauge("synthwatch_publish_duration_seconds", "Duration of the last run.", registry=r)
+        self.last_success = Gauge(
+            "synthwatch_publish_last_success_timestamp_seconds",
+            "Unix time the last run ended with every record delivered.",
+            registry=r,
+        )
+        self.last_run = Gauge(
+            "synthwatch_publish_last_run_timestamp_seconds", "Unix time the last run ended.", registry=r
+        )
+
+    def observe(
+        self, summary: PublishSummary, seconds: float, produced_per_topic: Mapping[str, int] | None = None
+    ) -> None:
+        """Record one finished run from its :class:`PublishSummary`."""
+        for outcome, n in (
+            ("sent", summary.sent),
+            ("rejected", summary.rejected),
+            ("duplicate", summary.duplicates),
+            ("failed", len(summary.failed)),
+        ):
+            self.records.labels(outcome=outcome).inc(n)
+        for reason, n in summary.reject_reasons.items():
+            # the publisher keeps a reason's first part ("region", "invalid JSON"): classify it as a full one
+            self.rejects.labels(reason=reject_reason(reason if ":" in reason else f"{reason}: ")).inc(n)
+        for topic, n in (produced_per_topic or {}).items():
+            self.events_produced.labels(topic=topic).inc(n)
+        now = time.time()
+        self.duration.set(seconds)
+        self.last_run.set(now)
+        if not summary.failed:
+            self.last_success.set(now)
+
+    def push(self, gateway: str, job: str = "synthwatch_publish", instance: str | None = None) -> None:
+        """Push to a Prometheus Pushgateway (``host:9091`` or a URL); replaces this job's last push."""
+        grouping = {"instance": instance} if instance else None
+        push_to_gateway(gateway, job=job, registry=self.registry, grouping_key=grouping)
+
+    def write_textfile(self, path: Path) -> None:
+        """Write for node-exporter's textfile collector (atomically, as it requires)."""
+        write_to_textfile(str(path), self.registry)
+
+
+def metric_names(registry: CollectorRegistry) -> set[str]:
+    """Every series name the registry can expose (``_total``, ``_bucket``... included), children or not."""
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "summary": ("_sum", "_count", "_created"),
+        "info": ("_info",),
+        "gauge": ("",),
+    }
+    return {family.name + suffix for family in registry.collect() for suffix in suffixes.get(family.type, ("",))}

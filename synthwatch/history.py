@@ -1,0 +1,533 @@
+"""Backfill: years of NDJSON reports straight into ClickHouse, bypassing Kafka, exactly once.
+
+Why a separate path: replaying two million reports through the broker and the worker takes an hour;
+this takes seconds, and applies the same contract. Every line is judged by the same
+:func:`~synthwatch.schemas.parse_event` as the publisher and the worker, resolved by the same
+:class:`~synthwatch.stream_apps.identity.SubstanceResolver`, and ends as exactly one of: stored, duplicate
+(same ``event_id`` earlier in the file or already in ClickHouse), or a row in ``rejects`` with stage
+``ingest``, its ``file:line`` and a reason. Re-ingesting a file adds nothing.
+
+How it is fast (two cores, ~100k lines/s): worker processes validate and resolve chunks and encode each
+event as one JSON line (pydantic's Rust ``model_dump_json`` plus cached substance fragments); this
+process bulk-loads a chunk into a Memory staging table, then one ``INSERT ... SELECT`` moves the rows
+whose ``event_id`` is not stored yet into the raw tables (their materialized views fire as for the sink).
+Dedup runs inside ClickHouse, so the file never needs to fit in memory.
+
+Substance identity depends on order (names seen with a structure are learnt, first sighting wins).
+Chunks resolve in parallel, so a row whose identity could depend on what earlier chunks learnt is sent
+back to this process, which re-resolves it in file order: the result equals a sequential run.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+from clickhouse_connect.driver.client import Client
+
+from synthwatch.catalogue import shipped_catalogue
+from synthwatch.schemas import BorderSeizure, LabDetection, Reject, WireError, parse_event
+from synthwatch.stream_apps.clickhouse_sink import (
+    LAB_COLUMNS,
+    LAB_TABLE,
+    SEIZURE_COLUMNS,
+    SEIZURE_TABLE,
+    ClickHouseSink,
+)
+from synthwatch.stream_apps.identity import (
+    UNINFORMATIVE_NAMES,
+    ResolvedSubstance,
+    SubstanceResolver,
+    normalise_name,
+    normalise_quantity,
+    structure_from_smiles,
+)
+
+from .clickhouse import connect, migrate
+from .runtime import read_stack
+from .settings import Settings
+
+#: Rejects per pre-check query: their ids are bound into the SQL text, which ClickHouse caps at 256 KiB.
+_REJECT_SLICE = 5000
+_STRUCTURE_KEY = re.compile(r"[A-Z]{14}")  # a report with a bad SMILES and no InChIKey keeps a name key
+_STAGING_SETTINGS = {
+    "date_time_input_format": "best_effort",  # RFC 3339 with any offset, as pydantic wrote it
+    "input_format_skip_unknown_fields": 1,  # extra fields are in the event JSON; `x` carries them
+    "input_format_json_ignore_unknown_keys_in_named_tuple": 1,
+}
+# Rows are unique per key already (ids deduplicated, MVs group by key): collapsing them again on insert
+# costs a third of the insert for nothing; merges still collapse across inserts.
+_INSERT_SETTINGS = {"optimize_on_insert": 0}
+# The validated event as pydantic dumps it, read by ClickHouse into named tuples (unknown keys skipped).
+_COMMON_TUPLE = (
+    "event_id String, occurred_at DateTime64(3, 'UTC'), reported_at Nullable(DateTime64(3, 'UTC')), "
+    "country String, region String, "
+    "substance Tuple(name String, smiles Nullable(String), inchikey Nullable(String), cas Nullable(String))"
+)
+_STAGING_COLUMNS = "k String, n String, ik Nullable(String), f String, x String DEFAULT '{}'"
+_LAB_STAGING = (
+    f"e Tuple({_COMMON_TUPLE}, lab_id String, sample_id String, sample_type String, method String, "
+    f"confirmed Bool, purity_pct Nullable(Float64)), {_STAGING_COLUMNS}"
+)
+_SEIZURE_STAGING = (
+    f"e Tuple({_COMMON_TUPLE}, agency String, seizure_id String, border_point String, conveyance String, "
+    "quantity Tuple(value Float64, unit String), origin_country Nullable(String), "
+    f"destination_country Nullable(String)), {_STAGING_COLUMNS}, "
+    "g Nullable(Float64), ml Nullable(Float64), u Nullable(Float64)"
+)
+_COMMON_SELECT = (
+    "e.event_id, e.occurred_at, e.reported_at, e.country, e.region, e.substance.name, e.substance.smiles, "
+    "e.substance.inchikey, e.substance.cas, k, n, ik, f, x"
+)
+_LAB_SELECT = f"{_COMMON_SELECT}, e.lab_id, e.sample_id, e.sample_type, e.method, e.confirmed, e.purity_pct"
+_SEIZURE_SELECT = (
+    f"{_COMMON_SELECT}, e.agency, e.seizure_id, e.border_point, e.conveyance, e.quantity.value, e.quantity.unit, "
+    "g, ml, u, ifNull(e.origin_country, ''), ifNull(e.destination_country, '')"
+)
+# Learnt names already in ClickHouse (as the worker's state rebuild restores them).
+_LEARNT_NAMES = """
+SELECT substance_name, any(substance_key), any(family) FROM lab_detections
+WHERE substance_smiles IS NOT NULL OR substance_inchikey IS NOT NULL
+GROUP BY substance_name
+"""
+
+
+class IngestRefused(RuntimeError):
+    """The backfill cannot run now (another process owns the embedded engine)."""
+
+
+@dataclass
+class IngestSummary:
+    """What one backfill did. ``lines == stored + duplicates + rejected`` always holds."""
+
+    path: str
+    lines: int = 0
+    stored: int = 0
+    lab_detections: int = 0
+    border_seizures: int = 0
+    duplicates_in_file: int = 0
+    already_stored: int = 0
+    rejected: int = 0
+    rejects_stored: int = 0
+    blank_lines: int = 0
+    seconds: float = 0.0
+    workers: int = 1
+    reject_reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def duplicates(self) -> int:
+        return self.duplicates_in_file + self.already_stored
+
+    @property
+    def rate(self) -> float:
+        """Lines per second, end to end (reading, validation, resolution, insert, dedup)."""
+        return self.lines / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def balanced(self) -> bool:
+        return self.lines == self.stored + self.duplicates + self.rejected
+
+
+# --- encoding (worker processes, and this process for re-resolved rows) ----------------------------
+
+
+def _number(value: float | None) -> str:
+    return "null" if value is None else repr(float(value))
+
+
+def _substance_fragment(substance: ResolvedSubstance) -> str:
+    return (
+        f',"k":{json.dumps(substance.key)},"n":{json.dumps(substance.display_name, ensure_ascii=False)},'
+        f'"ik":{json.dumps(substance.inchikey)},"f":{json.dumps(substance.family or "")}'
+    )
+
+
+def _extra_fragment(event: LabDetection | BorderSeizure) -> str:
+    """The sink's ``extra`` column (unknown fields, kept verbatim); empty for nearly every report."""
+    if not event.model_extra and not event.substance.model_extra:
+        return ""
+    text = json.dumps(event.extra_fields, ensure_ascii=False, default=str)
+    return f',"x":{json.dumps(text, ensure_ascii=False)}'
+
+
+_QUANTITIES: dict[tuple[float, str], str] = {}
+
+
+def _quantity_fragment(event: BorderSeizure) -> str:
+    key = (event.quantity.value, event.quantity.unit)
+    found = _QUANTITIES.get(key)
+    if found is None:
+        if len(_QUANTITIES) > 200_000:
+            _QUANTITIES.clear()
+        q = normalise_quantity(*key)
+        found = _QUANTITIES[key] = f',"g":{_number(q.grams)},"ml":{_number(q.millilitres)},"u":{_number(q.units)}'
+    return found
+
+
+def encode_event(event: LabDetection | BorderSeizure, substance_fragment: str) -> tuple[bool, str]:
+    """(is a lab detection, one JSONEachRow line for the staging table)."""
+    body = event.model_dump_json()
+    if isinstance(event, LabDetection):
+        return True, f'{{"e":{body}{substance_fragment}{_extra_fragment(event)}}}'
+    return False, f'{{"e":{body}{substance_fragment}{_quantity_fragment(event)}{_extra_fragment(event)}}}'
+
+
+def _depends_on_order(substance: ResolvedSubstance, smiles: str | None) -> bool:
+    """True when the resolution used (or could have used) names or families learnt from earlier reports."""
+    if substance.resolved_by in ("learnt_name", "unresolved_name"):
+        return True
+    if substance.resolved_by == "structure" and not substance.catalogued:
+        # family of an InChIKey-only report comes from earlier SMILES reports of the same key
+        return not (smiles and not isinstance(structure_from_smiles(smiles), str))
+    return False
+
+
+@dataclass
+class Chunk:
+    """Work for one worker: a byte range of the file holding whole lines, and the names learnt so far."""
+
+    path: str
+    name: str
+    start: int
+    end: int
+    first_line: int
+    known: dict[str, tuple[str, str | None]]
+
+
+@dataclass
+class ChunkResult:
+    """A chunk's outcome; ``pending`` rows and ``learnt`` names are merged by the parent in line order."""
+
+    start: int
+    end: int
+    lines: int = 0
+    blank: int = 0
+    duplicates: int = 0
+    labs: list[str] = field(default_factory=list)
+    seizures: list[str] = field(default_factory=list)
+    rejects: list[tuple[int, bytes, str, str | None]] = field(default_factory=list)
+    pending: list[tuple[int, bytes]] = field(default_factory=list)
+    learnt: list[tuple[int, str, str, str | None]] = field(default_factory=list)
+
+
+_CATALOGUE_NAMES: frozenset[str] | None = None
+_FRAGMENTS: dict[tuple[str, str | None, str | None], str] = {}
+
+
+def _catalogue_names() -> frozenset[str]:
+    global _CATALOGUE_NAMES
+    if _CATALOGUE_NAMES is None:
+        _CATALOGUE_NAMES = frozenset(
+            normalise_name(alias) for entry in shipped_catalogue() for alias in (entry.name, *entry.synonyms)
+        )
+    return _CATALOGUE_NAMES
+
+
+def _seeded_resolver(known: dict[str, tuple[str, str | None]]) -> SubstanceResolver:
+    resolver = SubstanceResolver()
+    for name, (key, family) in known.items():
+        resolver.learn(name, key, family)  # type: ignore[arg-type]
+    return resolver
+
+
+def process_chunk(chunk: Chunk) -> ChunkResult:
+    """Validate, dedup (within the chunk), resolve and encode one chunk; pure, runs in a worker."""
+    with open(chunk.path, "rb") as handle:
+        handle.seek(chunk.start)
+        data = handle.read(chunk.end - chunk.start)
+    result = ChunkResult(chunk.start, chunk.end)
+    resolver = _seeded_resolver(chunk.known)
+    catalogue_names = _catalogue_names()
+    seen: set[str] = set()
+    learnt_here: set[str] = set()
+    fragments = _FRAGMENTS  # state-independent resolutions only: valid in every chunk
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # tens of thousands of short-lived models: the cyclic collector only costs time here
+    try:
+        for number, line in enumerate(data.split(b"\n"), start=chunk.first_line):
+            raw = line.rstrip(b"\r")
+            if not raw.strip():
+                result.blank += 1
+                continue
+            result.lines += 1
+            try:
+                event = parse_event(raw)
+            except WireError as error:
+                result.rejects.append((number, raw, error.reason, error.event_id))
+                continue
+            if event.event_id in seen:
+                result.duplicates += 1
+                continue
+            seen.add(event.event_id)
+            reported = event.substance
+            cache_key = (reported.name, reported.smiles, reported.inchikey)
+            fragment = fragments.get(cache_key)
+            if fragment is None:
+                substance = resolver.resolve(reported.name, smiles=reported.smiles, inchikey=reported.inchikey)
+                if substance.resolved_by == "structure":
+                    normalised = normalise_name(reported.name)
+                    if (
+                        normalised not in learnt_here
+                        and normalised not in catalogue_names
+                        and normalised not in UNINFORMATIVE_NAMES
+                    ):
+                        learnt_here.add(normalised)
+                        result.learnt.append((number, reported.name, substance.key, substance.family))
+                if _depends_on_order(substance, reported.smiles):
+                    result.pending.append((number, raw))
+                    continue
+                fragment = fragments[cache_key] = _substance_fragment(substance)
+            is_lab, encoded = encode_event(event, fragment)
+            (result.labs if is_lab else result.seizures).append(encoded)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    if data.endswith(b"\n"):
+        result.blank -= 1  # the split's empty tail after the last line end is not a line
+    return result
+
+
+# --- reading the file in chunks --------------------------------------------------------------------
+
+
+def _chunks(path: Path, batch_size: int) -> Iterator[tuple[int, int, int]]:
+    """(start offset, end offset, first line number) of consecutive ranges of ``batch_size`` lines."""
+    with open(path, "rb") as handle:
+        line = 1
+        while True:
+            start = handle.tell()
+            count = sum(1 for _ in itertools.islice(handle, batch_size))
+            if count == 0:
+                return
+            yield start, handle.tell(), line
+            line += count
+
+
+# --- storing ---------------------------------------------------------------------------------------
+
+
+class _Store:
+    """Staging tables and the dedup ``INSERT ... SELECT`` (this process owns the client)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        suffix = f"{os.getpid()}_{int(time.time() * 1000) % 10**9}"
+        self.staging = {LAB_TABLE: f"_ingest_labs_{suffix}", SEIZURE_TABLE: f"_ingest_seizures_{suffix}"}
+        structures = {LAB_TABLE: _LAB_STAGING, SEIZURE_TABLE: _SEIZURE_STAGING}
+        for table, staging in self.staging.items():
+            client.command(f"DROP TABLE IF EXISTS {staging}")
+            client.command(f"CREATE TABLE {staging} ({structures[table]}) ENGINE = Memory")
+
+    def close(self) -> None:
+        for staging in self.staging.values():
+            self.client.command(f"DROP TABLE IF EXISTS {staging}")
+
+    def insert(self, table: str, lines: list[str]) -> tuple[int, int]:
+        """Insert rows whose event_id is not stored yet; returns (stored, already stored)."""
+        if not lines:
+            return 0, 0
+        staging = self.staging[table]
+        self.client.command(f"TRUNCATE TABLE {staging}")
+        self.client.raw_insert(
+            staging, None, ("\n".join(lines) + "\n").encode(), settings=_STAGING_SETTINGS, fmt="JSONEachRow"
+        )
+        stored_ids = f"SELECT event_id FROM {table} WHERE event_id IN (SELECT e.event_id FROM {staging})"
+        already = int(self.client.command(f"SELECT count() FROM {staging} WHERE e.event_id IN ({stored_ids})"))
+        columns, select = (LAB_COLUMNS, _LAB_SELECT) if table == LAB_TABLE else (SEIZURE_COLUMNS, _SEIZURE_SELECT)
+        if already < len(lines):
+            self.client.command(
+                f"INSERT INTO {table} ({', '.join(columns)}) SELECT {select} FROM {staging} "
+                f"WHERE e.event_id NOT IN ({stored_ids})",
+                settings=_INSERT_SETTINGS,
+            )
+        return len(lines) - already, already
+
+
+def _learnt_from_clickhouse(client: Client) -> dict[str, tuple[str, str | None]]:
+    """Names learnt by earlier loads or by the worker, so a backfill resolves as the worker would."""
+    resolver = SubstanceResolver()
+    families: dict[str, str | None] = {}
+    for name, key, family in client.query(_LEARNT_NAMES).result_rows:
+        if _STRUCTURE_KEY.fullmatch(key) and resolver.learn(name, key, family or None):
+            families[key] = family or None
+    return {name: (key, families.get(key)) for name, key in resolver.learnt_names().items()}
+
+
+def _known(resolver: SubstanceResolver) -> dict[str, tuple[str, str | None]]:
+    return {name: (key, resolver.family_of(key)) for name, key in resolver.learnt_names().items()}
+
+
+def check_engine_free(settings: Settings) -> None:
+    """Refuse while ``synthwatch up``/``worker`` holds the embedded engine (one process per directory)."""
+    if not settings.clickhouse_is_embedded:
+        return
+    info = read_stack(settings)
+    if info is not None and info.pid != os.getpid():
+        raise IngestRefused(
+            f"a running synthwatch stack (pid {info.pid}, {info.web_url}) owns the embedded ClickHouse in "
+            f"{settings.embedded_clickhouse_path}; stop it first (Ctrl-C on `synthwatch up`), or point "
+            "SYNTHWATCH_CLICKHOUSE_URL at a ClickHouse server that both can use"
+        )
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """Worker processes, started now, before this process opens the engine.
+
+    Fork is cheapest (modules are already imported) but unsafe once chDB's threads run in this process;
+    then the forkserver starts clean workers (scripts calling this need the ``__main__`` guard).
+    """
+    method = "fork" if "chdb" not in sys.modules and sys.platform == "linux" else "forkserver"
+    pool = ProcessPoolExecutor(workers, mp_context=get_context(method))
+    for started in [pool.submit(os.getpid) for _ in range(workers)]:
+        started.result()
+    return pool
+
+
+def ingest_history(
+    settings: Settings,
+    path: Path | str,
+    batch_size: int = 50_000,
+    progress: bool = True,
+    workers: int | None = None,
+    client: Client | None = None,
+) -> IngestSummary:
+    """Load an NDJSON file of reports into ClickHouse; see the module docstring for the guarantees.
+
+    ``workers``: parsing processes (default: one per core, at most 2; 0 parses in this process).
+    ``client``: an open client to use (tests); default: open the configured ClickHouse here.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    if client is None:
+        check_engine_free(settings)
+    size = path.stat().st_size
+    if workers is None:
+        workers = min(2, os.cpu_count() or 1) if size > 4 * 1024 * 1024 else 0
+    summary = IngestSummary(path=str(path), workers=max(workers, 1))
+    started = time.perf_counter()
+    pool = _pool(workers) if workers > 0 else None  # before the engine opens in this process
+    own_client = client is None
+    client = client or connect(settings)
+    try:
+        migrate(client)
+        store = _Store(client)
+        try:
+            _run(client, store, pool, path, batch_size, progress, size, summary, workers)
+        finally:
+            store.close()
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        if own_client:
+            client.close()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _run(
+    client: Client,
+    store: _Store,
+    pool: ProcessPoolExecutor | None,
+    path: Path,
+    batch_size: int,
+    progress: bool,
+    size: int,
+    summary: IngestSummary,
+    workers: int,
+) -> None:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    resolver = _seeded_resolver(_learnt_from_clickhouse(client))
+    sink = ClickHouseSink(client)
+    chunks = _chunks(path, batch_size)
+    in_flight: list[Future[ChunkResult]] = []
+
+    def submit() -> bool:
+        spec = next(chunks, None)
+        if spec is None:
+            return False
+        chunk = Chunk(str(path), path.name, *spec, known=_known(resolver))
+        if pool is None:
+            done: Future[ChunkResult] = Future()
+            done.set_result(process_chunk(chunk))
+            in_flight.append(done)
+        else:
+            in_flight.append(pool.submit(process_chunk, chunk))
+        return True
+
+    bar = Progress(
+        TextColumn("ingesting [bold]{task.fields[name]}[/]"),
+        BarColumn(),
+        DownloadColumn(),
+        TextColumn("{task.fields[lines]:,} lines · {task.fields[rate]:,.0f}/s"),
+        TimeElapsedColumn(),
+        disable=not progress,
+        transient=False,
+    )
+    started = time.perf_counter()
+    with bar:
+        task = bar.add_task("ingest", total=size, name=path.name, lines=0, rate=0.0)
+        for _ in range(max(workers, 1) + 1):
+            if not submit():
+                break
+        while in_flight:
+            result = in_flight.pop(0).result()
+            submit()
+            _store_chunk(result, resolver, store, sink, path.name, summary)
+            elapsed = time.perf_counter() - started
+            bar.update(task, completed=result.end, lines=summary.lines, rate=summary.lines / max(elapsed, 1e-9))
+
+
+def _store_chunk(
+    result: ChunkResult,
+    resolver: SubstanceResolver,
+    store: _Store,
+    sink: ClickHouseSink,
+    name: str,
+    summary: IngestSummary,
+) -> None:
+    """Merge re-resolved rows and learnt names in line order, then insert and store rejects."""
+    events: list[tuple[int, str, str, str | None, str | None]] = [
+        (line, "learn", n, k, f) for line, n, k, f in result.learnt
+    ]
+    events += [(line, "row", raw.decode("utf-8", "replace"), None, None) for line, raw in result.pending]
+    events.sort(key=lambda item: (item[0], item[1] == "row"))
+    labs, seizures = result.labs, result.seizures
+    for _line, what, text, key, family in events:
+        if what == "learn":
+            resolver.learn(text, key or "", family)  # type: ignore[arg-type]
+            continue
+        event = parse_event(text)
+        reported = event.substance
+        substance = resolver.resolve(reported.name, smiles=reported.smiles, inchikey=reported.inchikey)
+        is_lab, encoded = encode_event(event, _substance_fragment(substance))
+        (labs if is_lab else seizures).append(encoded)
+    new_labs, old_labs = store.insert(LAB_TABLE, labs)
+    new_seizures, old_seizures = store.insert(SEIZURE_TABLE, seizures)
+    rejects = [
+        Reject.of(raw, source=f"{name}:{line}", reason=reason, stage="ingest", event_id=event_id)
+        for line, raw, reason, event_id in result.rejects
+    ]
+    for i in range(0, len(rejects), _REJECT_SLICE):
+        summary.rejects_stored += sink.store_rejects(rejects[i : i + _REJECT_SLICE])
+    for reject in rejects:
+        summary.reject_reasons[reject.reason] = summary.reject_reasons.get(reject.reason, 0) + 1
+    summary.lines += result.lines
+    summary.blank_lines += result.blank
+    summary.duplicates_in_file += result.duplicates
+    summary.lab_detections += new_labs
+    summary.border_seizures += new_seizures
+    summary.stored += new_labs + new_seizures
+    summary.already_stored += old_labs + old_seizures
+    summary.rejected += len(rejects)

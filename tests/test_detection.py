@@ -1,0 +1,208 @@
+"""Detectors on hand-made series: each test builds the reports it is about."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from synthwatch.stream_apps.alerting import Subject, alert_id, day_of
+from synthwatch.stream_apps.detection import DetectionConfig, Detector, Observation, RegionState
+from synthwatch.stream_apps.novelty import NoveltyConfig, SubstanceState
+from synthwatch.stream_apps.spikes import SeriesState, ears_c2, poisson_sf
+
+T0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)  # a Monday
+TRAMADOL = Subject("TVYLLZQTGLZFBW", "Tramadol", None, "other_opioid", False, True)
+NITAZENE = Subject("NEWNITAZENEKEY", "Pentoxy-nitazene", "NEWNITAZENEKEY-UHFFFAOYSA-N", "nitazene", None, False)
+COCAINE = Subject("ZPUCINDJVBIVPJ", "Cocaine", None, "other", True, True)
+_ids = iter(range(10**9))
+
+
+def obs(
+    subject: Subject, at: datetime, region: str = "ML-BKO", grams: float | None = None, kind: str = "border_seizure"
+) -> Observation:
+    country = region.split("-")[0]
+    return Observation(f"e{next(_ids)}", kind, at, day_of(at), country, region, subject, grams, None, None)
+
+
+def feed(detector: Detector, items: list[Observation]) -> list:
+    alerts = []
+    for item in items:
+        alerts.extend(detector.observe(item).alerts)
+    return alerts
+
+
+def steady(
+    subject: Subject, days: int, per_day: int, region: str = "ML-BKO", start: datetime = T0, grams: float | None = None
+) -> list[Observation]:
+    return [
+        obs(subject, start + timedelta(days=d, minutes=10 * k), region, grams)
+        for d in range(days)
+        for k in range(per_day)
+    ]
+
+
+def test_poisson_tail_is_exact_enough() -> None:
+    assert poisson_sf(0, 3.0) == 1.0
+    assert poisson_sf(1, 2.0) == pytest.approx(1 - 0.1353352832, rel=1e-9)
+    assert poisson_sf(10, 1.0) == pytest.approx(1.1142547833e-07, rel=1e-6)
+    assert 0 < poisson_sf(60, 1.0) < 1e-60  # upper tail summed directly, not 1 - (almost 1)
+
+
+def test_new_substance_fires_once_then_first_in_region_then_spread() -> None:
+    detector = Detector(DetectionConfig(novelty=NoveltyConfig(spread_regions=3, spread_days=14)))
+    alerts = feed(
+        detector,
+        [
+            obs(NITAZENE, T0, "ML-BKO", kind="lab_detection"),
+            obs(NITAZENE, T0 + timedelta(hours=3), "ML-BKO"),
+            obs(NITAZENE, T0 + timedelta(days=2), "SN-DK"),
+            obs(NITAZENE, T0 + timedelta(days=3), "SN-DK"),
+            obs(NITAZENE, T0 + timedelta(days=5), "MA-CAS"),
+        ],
+    )
+    kinds = [(a.alert_type, a.region, a.severity) for a in alerts]
+    assert kinds == [
+        ("new_substance", "ML-BKO", "critical"),  # a never-seen opioid is critical
+        ("first_in_region", "SN-DK", "critical"),
+        ("first_in_region", "MA-CAS", "critical"),
+        ("spread", None, "critical"),
+    ]
+    assert alerts[0].triggered_at == T0 and len(alerts[0].evidence_event_ids) == 1
+    assert "Never seen by the network" in alerts[0].summary
+
+
+def test_catalogued_drug_the_network_never_saw_is_still_news() -> None:
+    alerts = feed(Detector(), [obs(COCAINE, T0)])
+    assert [(a.alert_type, a.severity) for a in alerts] == [("new_substance", "warning")]
+
+
+def test_unresolved_name_is_info_not_critical() -> None:
+    unknown = Subject("name:blueberrydream", "Blueberry dream", None, None, None, False)
+    assert [a.severity for a in feed(Detector(), [obs(unknown, T0)])] == ["info"]
+
+
+def test_alert_ids_are_deterministic_per_episode() -> None:
+    first = feed(Detector(), [obs(NITAZENE, T0)])
+    again = feed(Detector(), [obs(NITAZENE, T0 + timedelta(hours=1))])
+    assert first[0].alert_id == again[0].alert_id == alert_id("new_substance", "ML-BKO", NITAZENE.key, "first")
+
+
+def test_sparse_series_without_a_spike_stays_quiet() -> None:
+    # 90 days of a sparse, noisy series (0-2 a day): the count model must not cry wolf
+    import random
+
+    rnd = random.Random(4)
+    items = [
+        obs(TRAMADOL, T0 + timedelta(days=d, hours=h)) for d in range(90) for h in range(rnd.choice([0, 0, 0, 1, 1, 2]))
+    ]
+    spikes = [a for a in feed(Detector(), items) if a.alert_type == "spike"]
+    assert spikes == []
+
+
+def test_count_spike_fires_intra_day_once_per_episode() -> None:
+    detector = Detector()
+    feed(detector, steady(TRAMADOL, 60, 1))
+    burst_day = T0 + timedelta(days=60)
+    alerts = feed(detector, [obs(TRAMADOL, burst_day + timedelta(minutes=20 * k)) for k in range(12)])
+    spikes = [a for a in alerts if a.alert_type == "spike" and a.substance.key == TRAMADOL.key]
+    assert len(spikes) == 1  # the same episode does not alert again
+    spike = spikes[0]
+    assert spike.metric == "count" and spike.triggered_at.date() == burst_day.date()  # intra-day
+    assert spike.observed >= 3 and spike.expected < spike.observed / 2 and spike.score > 3
+    assert spike.window_start <= spike.triggered_at < spike.window_end
+    family = [a for a in alerts if a.alert_type == "spike" and a.substance.key == "family:other_opioid"]
+    assert len(family) == 1  # region x family series alerts too
+    # after a quiet cool-down, a new burst is a new episode with a new id
+    feed(detector, steady(TRAMADOL, 14, 1, start=burst_day + timedelta(days=1)))
+    later = burst_day + timedelta(days=15)
+    again = [
+        a
+        for a in feed(detector, [obs(TRAMADOL, later + timedelta(minutes=k)) for k in range(12)])
+        if a.alert_type == "spike" and a.substance.key == TRAMADOL.key
+    ]
+    assert len(again) == 1 and again[0].alert_id != spike.alert_id
+
+
+def test_young_series_is_not_tested_for_spikes() -> None:
+    items = steady(TRAMADOL, 5, 1) + [obs(TRAMADOL, T0 + timedelta(days=5, minutes=k)) for k in range(20)]
+    assert [a for a in feed(Detector(), items) if a.alert_type == "spike"] == []
+
+
+def test_quantity_spike_on_far_larger_seizures() -> None:
+    detector = Detector()
+    import random
+
+    rnd = random.Random(1)
+    usual = [obs(TRAMADOL, T0 + timedelta(days=d), grams=rnd.lognormvariate(5, 0.5)) for d in range(40)]
+    feed(detector, usual)
+    big = [obs(TRAMADOL, T0 + timedelta(days=40, hours=h), grams=150 * 60.0) for h in (1, 2)]
+    quantity = [a for a in feed(detector, big) if a.metric == "quantity"]
+    assert len(quantity) == 1 and quantity[0].observed >= 9000
+    assert quantity[0].substance.key == TRAMADOL.key  # mass is tested per substance, not per family
+
+
+def test_late_reports_count_in_their_day_and_too_late_ones_are_refused() -> None:
+    detector = Detector(DetectionConfig(lateness_hours=24))
+    now = T0 + timedelta(days=10)
+    feed(detector, [obs(TRAMADOL, now)])
+    late = detector.observe(obs(TRAMADOL, now - timedelta(hours=20)))
+    assert late.late_reason is None
+    series = detector.regions.series[f"ML-BKO|{TRAMADOL.key}"]
+    assert series.counts[day_of(now - timedelta(hours=20))] == 1  # counted in its own day
+    too_late = detector.observe(obs(TRAMADOL, now - timedelta(hours=30)))
+    assert too_late.late_reason is not None and "24 h" in too_late.late_reason
+    # lateness is per kind: a lab report of last week is not late because seizures are newer
+    lab = detector.observe(obs(TRAMADOL, now - timedelta(days=7), kind="lab_detection"))
+    assert lab.late_reason is None
+
+
+def test_a_resent_event_is_not_counted_twice() -> None:
+    detector = Detector()
+    item = obs(TRAMADOL, T0)
+    assert not detector.observe(item).duplicate
+    assert detector.observe(item).duplicate
+    assert detector.regions.series[f"ML-BKO|{TRAMADOL.key}"].counts[day_of(T0)] == 1
+
+
+def test_state_round_trips_through_plain_dicts() -> None:
+    detector = Detector()
+    feed(detector, steady(TRAMADOL, 30, 2, grams=10.0) + [obs(NITAZENE, T0 + timedelta(days=3), "SN-DK")])
+    for name, series in detector.regions.series.items():
+        again = SeriesState.from_dict(series.to_dict())
+        assert (again.counts, again.grams, again.masses, again.first_day) == (
+            series.counts,
+            series.grams,
+            series.masses,
+            series.first_day,
+        ), name
+    region = detector.regions.regions["ML-BKO"]
+    assert RegionState.from_dict(region.to_dict()).to_dict() == region.to_dict()
+    for state in detector.novelty.state.values():
+        assert SubstanceState.from_dict(state.to_dict()).to_dict() == state.to_dict()
+
+
+def test_state_loaded_from_a_table_continues_where_it_stopped() -> None:
+    first = Detector()
+    items = steady(TRAMADOL, 50, 1)
+    feed(first, items[:30])
+    table = {key: value for _, key, value in first.regions.drain_dirty()}
+    table.update({key: value for key, value in first.novelty.drain_dirty()})
+    resumed = Detector()
+    resumed.regions.fetch = table.get
+    resumed.novelty.fetch = table.get
+    reference = Detector()
+    assert (
+        feed(resumed, items[30:])
+        == []
+        == [a for a in feed(reference, items)[1:] if a.triggered_at > items[29].occurred_at]
+    )
+    assert (
+        resumed.regions.series[f"ML-BKO|{TRAMADOL.key}"].counts
+        == reference.regions.series[f"ML-BKO|{TRAMADOL.key}"].counts
+    )
+
+
+def test_ears_c2_reference() -> None:
+    assert ears_c2([1, 0, 1, 0, 1, 0, 1, 0, 0, 6])
+    assert not ears_c2([2, 3, 2, 3, 2, 3, 2, 0, 0, 3])
