@@ -167,7 +167,8 @@ def test_a_resent_event_is_not_counted_twice() -> None:
 
 def test_state_round_trips_through_plain_dicts() -> None:
     detector = Detector()
-    feed(detector, steady(TRAMADOL, 30, 2, grams=10.0) + [obs(NITAZENE, T0 + timedelta(days=3), "SN-DK")])
+    feed(detector, [*steady(TRAMADOL, 30, 2, grams=10.0), obs(NITAZENE, T0 + timedelta(days=3), "SN-DK")])
+
     for name, series in detector.regions.series.items():
         again = SeriesState.from_dict(series.to_dict())
         assert (again.counts, again.grams, again.masses, again.first_day) == (

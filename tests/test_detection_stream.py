@@ -66,7 +66,8 @@ def test_streamed_month_raises_the_backtest_alerts(broker: EmbeddedBroker, tmp_p
                     InputRecord(source=f"day{number}:{i}", raw=line) for i, line in enumerate(chunk)
                 )
                 sent += summary.sent
-                wait_until(lambda: worker.stats()["consumed"] >= sent, 60, f"day {number} consumed")
+                wait_until(lambda total=sent: worker.stats()["consumed"] >= total, 60, f"day {number} consumed")
+
                 wait_until(
                     lambda: worker.stats()["sightings_processed"] >= worker.stats()["sightings"],
                     60,
