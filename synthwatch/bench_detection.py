@@ -85,7 +85,7 @@ def score_seed(seed: int, days: int, warmup: int, config: DetectionConfig | None
     after = [(a, d) for a, d in alerts if d >= warm_day]
     score.alerts_after_warmup = len(after)
 
-    incidents_by_ids = {}
+    incidents_by_ids: dict[str, Incident] = {}
     for incident in sim.truth.incidents:
         for event_id in incident.event_ids:
             incidents_by_ids.setdefault(event_id, incident)
@@ -97,12 +97,12 @@ def score_seed(seed: int, days: int, warmup: int, config: DetectionConfig | None
         for incident in injected:
             start_day = day_of(incident.start)
             ids = set(incident.event_ids)
-            if any(a.alert_type == kind and ids & set(a.evidence_event_ids) and d == start_day for a, d in alerts):
+            if any(
+                a.alert_type == kind and bool(ids & set(a.evidence_event_ids)) and d == start_day for a, d in alerts
+            ):
                 caught += 1
         unlabelled = sum(
-            1
-            for a, _ in after
-            if a.alert_type == kind and not any(incidents_by_ids.get(e) for e in a.evidence_event_ids)
+            1 for a, _ in after if a.alert_type == kind and not any(e in incidents_by_ids for e in a.evidence_event_ids)
         )
         if kind == "new_substance":
             score.new_total, score.new_same_day, score.new_unlabelled = len(injected), caught, unlabelled
