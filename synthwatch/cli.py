@@ -22,7 +22,8 @@ app.add_typer(schemas_app, name="schemas")
 app.add_typer(db_app, name="db")
 app.add_typer(bench_app, name="bench")
 
-console = Console()
+console = Console(width=None if Console().is_terminal else 140)  # logs and `make demo` get wide tables
+
 err = Console(stderr=True)
 
 
