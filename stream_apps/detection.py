@@ -109,6 +109,8 @@ class RegionState:
     recent: dict[int, set[str]] = field(default_factory=dict)
     forwarded: dict[int, set[str]] = field(default_factory=dict)
     totals: dict[int, int] = field(default_factory=dict)
+    first_day: int | None = None  # the region's first report (the rhythm needs four weeks of it)
+    pruned_day: int | None = None  # not persisted: pruning runs once per day
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -116,6 +118,7 @@ class RegionState:
             "r": {str(d): sorted(ids) for d, ids in self.recent.items()},
             "f": {str(d): sorted(keys) for d, keys in self.forwarded.items()},
             "t": {str(d): n for d, n in self.totals.items()},
+            "d": self.first_day,
         }
 
     @classmethod
@@ -125,6 +128,7 @@ class RegionState:
             recent={int(d): set(ids) for d, ids in data.get("r", {}).items()},
             forwarded={int(d): set(keys) for d, keys in data.get("f", {}).items()},
             totals={int(d): int(n) for d, n in data.get("t", {}).items()},
+            first_day=data.get("d"),
         )
 
 
@@ -187,7 +191,7 @@ class RegionDetector:
 
     # --- weekday rhythm ------------------------------------------------------------------------------
 
-    def rhythm(self, region: str, state: RegionState, day: int) -> Callable[[int], float]:
+    def rhythm(self, region: str, state: RegionState, day: int) -> list[float]:
         """Weekday factors from the region's own daily totals (1.0 until it has four weeks).
 
         Learnt from days that ended more than ``RHYTHM_LAG`` days before ``day``: recent totals are
@@ -199,7 +203,8 @@ class RegionDetector:
         if factors is None:
             end = day - self.RHYTHM_LAG
             start = end - self.RHYTHM_DAYS
-            days = [d for d in range(start, end) if d >= min(state.totals, default=end)]
+            since = state.first_day if state.first_day is not None else end
+            days = list(range(max(start, since), end))
             factors = [1.0] * 7
             if len(days) >= 28:
                 totals = [state.totals.get(d, 0) for d in days]
@@ -211,7 +216,7 @@ class RegionDetector:
             if len(self._rhythm) > 4096:
                 self._rhythm.clear()
             self._rhythm[cache_key] = factors
-        return lambda day: factors[day % 7]
+        return factors
 
     # --- the stage -----------------------------------------------------------------------------------
 
@@ -240,6 +245,8 @@ class RegionDetector:
         today = day_of(max(region.watermarks.values()))
         self._prune(region, today)
         region.totals[day] = region.totals.get(day, 0) + 1
+        if region.first_day is None or day < region.first_day:
+            region.first_day = day
         rhythm = self.rhythm(obs.region, region, day)
 
         series = [(obs.subject.key, obs.subject)]
@@ -279,7 +286,11 @@ class RegionDetector:
         self._rhythm.clear()
 
     def _prune(self, region: RegionState, today: int) -> None:
+        if region.pruned_day == today:
+            return
+        region.pruned_day = today
         oldest = today - self._keep_ids_days
+
         for table in (region.recent, region.forwarded):
             for day in [d for d in table if d < oldest]:
                 del table[day]

@@ -16,6 +16,7 @@ Everything here is pure and synchronous; state is plain data so it can live in a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,10 +39,10 @@ class SpikeConfig(BaseModel):
     max_dispersion: float = Field(default=4.0, description="Cap on the overdispersion factor.")
     cooldown_days: int = Field(default=7, description="Quiet days that end an episode.")
     mass_min_history: int = Field(default=8, description="Seizures with a mass needed for the mass test.")
-    mass_z: float = Field(default=2.5, description="Robust z of an exceptional seizure.")
-    mass_extreme_z: float = Field(default=4.0, description="Robust z that alone makes a mass spike.")
-
-    mass_repeat: int = Field(default=2, description="Exceptional seizures in the window that make a spike.")
+    mass_z: float = Field(default=2.5, description="Robust z (log-mass) of a large seizure.")
+    mass_extreme_z: float = Field(default=4.5, description="Robust z that alone makes a mass spike.")
+    mass_repeat: int = Field(default=2, description="Fewest large seizures in the window for a mass spike.")
+    mass_alpha: float = Field(default=1e-2, description="Binomial tail probability of that many large seizures.")
     mass_window_days: int = Field(default=7)
     mass_memory: int = Field(default=60, description="Most recent seizure masses kept per series.")
 
@@ -144,6 +145,20 @@ class SeriesState:
             self.evidence = self.evidence[-64:]
 
 
+def normal_sf(z: float) -> float:
+    """P(Z >= z) for a standard normal."""
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def binomial_sf(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p); n is a week of seizures, so exact summation is cheap."""
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k, n + 1))
+
+
 def _dispersion(values: list[float], mean: float, cap: float) -> float:
     if mean <= 0 or len(values) < 2:
         return 1.0
@@ -172,16 +187,16 @@ class SpikeModel:
         today: int,
         event_id: str,
         grams: float | None,
-        dow_factor: Any,
+        rhythm: Sequence[float],
     ) -> list[SpikeFinding]:
         """Add a report of ``day`` (≤ ``today``, the series' newest day) and test the series.
 
-        ``dow_factor(day) -> float`` gives the region's weekday rhythm (1.0 when unknown).
+        ``rhythm[day % 7]`` is the region's weekday factor (1.0 when unknown).
         """
         state.counts[day] = state.counts.get(day, 0) + 1
         state.evidence.append((day, event_id))
         findings = []
-        count_finding = self._count_test(state, day, dow_factor)
+        count_finding = self._count_test(state, day, rhythm)
         if count_finding is not None:
             findings.append(count_finding)
         if grams is not None and grams > 0:
@@ -194,15 +209,15 @@ class SpikeModel:
 
     # --- counts --------------------------------------------------------------------------------------
 
-    def baseline_rate(self, state: SeriesState, day: int, dow_factor: Any) -> tuple[float, float, int] | None:
+    def baseline_rate(self, state: SeriesState, day: int, rhythm: Sequence[float]) -> tuple[float, float, int] | None:
         """(weekday-adjusted daily rate, dispersion, baseline days) learnt from this series' history."""
         if state.cached_baseline is not None and state.cached_baseline[0] == day:
             return state.cached_baseline[1]
-        baseline = self._baseline_rate(state, day, dow_factor)
+        baseline = self._baseline_rate(state, day, rhythm)
         state.cached_baseline = (day, baseline)
         return baseline
 
-    def _baseline_rate(self, state: SeriesState, day: int, dow_factor: Any) -> tuple[float, float, int] | None:
+    def _baseline_rate(self, state: SeriesState, day: int, rhythm: Sequence[float]) -> tuple[float, float, int] | None:
         cfg = self.config
 
         end = day - max(cfg.windows) - cfg.guard_days + 1  # exclusive: window + guard band left out
@@ -210,7 +225,7 @@ class SpikeModel:
         days = end - start
         if day - state.first_day < cfg.min_history_days or days < cfg.min_baseline_days:
             return None
-        factors = [dow_factor(d) for d in range(start, end)]
+        factors = [rhythm[d % 7] for d in range(start, end)]
         counts = [state.counts.get(d, 0) for d in range(start, end)]
         total_factor = sum(factors)
         rate = max(sum(counts), 0.5) / total_factor  # half an event when none: a rate, never zero
@@ -218,9 +233,9 @@ class SpikeModel:
         dispersion = _dispersion(adjusted, sum(adjusted) / len(adjusted), self.config.max_dispersion)
         return rate, dispersion, days
 
-    def _count_test(self, state: SeriesState, day: int, dow_factor: Any) -> SpikeFinding | None:
+    def _count_test(self, state: SeriesState, day: int, rhythm: Sequence[float]) -> SpikeFinding | None:
         cfg = self.config
-        baseline = self.baseline_rate(state, day, dow_factor)
+        baseline = self.baseline_rate(state, day, rhythm)
         if baseline is None:
             return None
         rate, dispersion, _ = baseline
@@ -230,7 +245,7 @@ class SpikeModel:
         for length in range(1, max(cfg.windows) + 1):  # one pass: every window's sums on the way
             d = day - length + 1
             observed += counts.get(d, 0)
-            weight += dow_factor(d)
+            weight += rhythm[d % 7]
             if length not in windows:
                 continue
             window, expected = length, rate * weight
@@ -272,10 +287,16 @@ class SpikeModel:
         def z(value: float) -> float:
             return (value - centre) / spread
 
-        recent = [(d, v) for d, v in state.masses if day - cfg.mass_window_days < d <= day]
-        exceptional = [v for _, v in recent if z(v) >= cfg.mass_z]
-        extreme = z(log_mass) >= cfg.mass_extreme_z
-        if not (extreme or len(exceptional) >= cfg.mass_repeat) or z(log_mass) < cfg.mass_z:
+        current = z(log_mass)
+        if current < cfg.mass_z:
+            return None
+        # How many of the window's seizures are unusually large, against this series' own tail rate
+        # (the empirical one, or the normal one when the history is short: whichever is larger).
+        recent = [v for d, v in state.masses if day - cfg.mass_window_days < d <= day]
+        large = sum(1 for v in recent if z(v) >= cfg.mass_z)
+        tail = max(normal_sf(cfg.mass_z), (sum(1 for v in history if z(v) >= cfg.mass_z) + 1) / (len(history) + 2))
+        p = binomial_sf(large, len(recent), tail)
+        if not (current >= cfg.mass_extreme_z or (large >= cfg.mass_repeat and p < cfg.mass_alpha)):
             return None
         window_first = day - cfg.mass_window_days + 1
         observed = sum(state.grams.get(d, 0.0) for d in range(window_first, day + 1))
@@ -289,7 +310,7 @@ class SpikeModel:
             window_days=cfg.mass_window_days,
             observed=round(observed, 3),
             expected=round(expected, 3),
-            score=round(z(log_mass), 3),
+            score=round(max(current, min(-math.log10(max(p, 1e-300)), 300.0)), 3),
             episode_start=episode.start_day,
             window_start_day=window_first,
             window_end_day=day,
