@@ -11,10 +11,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from synthwatch.schemas import Alert, Reject
+from synthwatch.schemas import Alert, Reject, WireError, parse_event
 
 from .detection import DetectionConfig, Detector, Observation
-from .intake import Intake, RawMessage
+from .intake import Intake
 
 
 @dataclass
@@ -48,13 +48,17 @@ def run_lines(lines: Iterable[tuple[str, str]], config: DetectionConfig | None =
     started = time.perf_counter()
     for source, line in lines:
         summary.lines += 1
-        batch = intake.process([RawMessage(source, line)])
-        if batch.rejects:
+        try:
+            event = parse_event(line)
+        except WireError as error:
             summary.malformed += 1
-            rejects.extend(batch.rejects)
+            rejects.append(
+                Reject.of(line, source=source, reason=error.reason, stage="backtest", event_id=error.event_id)
+            )
             continue
-        item = batch.events[0]
+        item = intake.enrich(event, source)
         result = detector.observe(Observation.of(item))
+
         if result.duplicate or (result.late_reason is not None and item.event_id in seen):
             summary.duplicates += 1
         elif result.late_reason is not None:

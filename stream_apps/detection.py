@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from synthwatch.schemas import Alert, LabDetection
 
 from .alerting import FAMILY_LABELS, Subject, build_alert, day_of, day_start, region_label
+from .identity import ResolvedSubstance
 from .intake import EnrichedEvent
 from .novelty import NoveltyConfig, NoveltyDetector, Sighting
 from .spikes import SeriesState, SpikeConfig, SpikeFinding, SpikeModel
@@ -37,6 +39,19 @@ class DetectionConfig(BaseModel):
     lateness_hours: float = Field(default=24.0, ge=0, description="Later reports go to rejects.")
     spike: SpikeConfig = SpikeConfig()
     novelty: NoveltyConfig = NoveltyConfig()
+
+
+@lru_cache(maxsize=65536)
+def subject_of(substance: ResolvedSubstance) -> Subject:
+    """The alert subject of a resolved substance (cached: the resolver returns few distinct ones)."""
+    return Subject(
+        key=substance.key,
+        name=substance.display_name,
+        inchikey=substance.inchikey,
+        family=substance.family,
+        controlled=substance.controlled,
+        catalogued=substance.catalogued,
+    )
 
 
 @dataclass(slots=True)
@@ -56,7 +71,7 @@ class Observation:
 
     @classmethod
     def of(cls, item: EnrichedEvent) -> Observation:
-        event, substance = item.event, item.substance
+        event = item.event
         return cls(
             event_id=event.event_id,
             kind=event.kind,
@@ -64,14 +79,7 @@ class Observation:
             day=day_of(event.occurred_at),
             country=event.country,
             region=event.region,
-            subject=Subject(
-                key=substance.key,
-                name=substance.display_name,
-                inchikey=substance.inchikey,
-                family=substance.family,
-                controlled=substance.controlled,
-                catalogued=substance.catalogued,
-            ),
+            subject=subject_of(item.substance),
             grams=item.quantity.grams if item.quantity is not None else None,
             method=event.method if isinstance(event, LabDetection) else None,
             sample_type=event.sample_type if isinstance(event, LabDetection) else None,

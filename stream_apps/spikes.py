@@ -159,13 +159,6 @@ def binomial_sf(k: int, n: int, p: float) -> float:
     return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k, n + 1))
 
 
-def _dispersion(values: list[float], mean: float, cap: float) -> float:
-    if mean <= 0 or len(values) < 2:
-        return 1.0
-    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return min(cap, max(1.0, variance / mean))
-
-
 def _median(values: list[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
@@ -225,12 +218,20 @@ class SpikeModel:
         days = end - start
         if day - state.first_day < cfg.min_history_days or days < cfg.min_baseline_days:
             return None
-        factors = [rhythm[d % 7] for d in range(start, end)]
-        counts = [state.counts.get(d, 0) for d in range(start, end)]
-        total_factor = sum(factors)
-        rate = max(sum(counts), 0.5) / total_factor  # half an event when none: a rate, never zero
-        adjusted = [c / f for c, f in zip(counts, factors, strict=True)]
-        dispersion = _dispersion(adjusted, sum(adjusted) / len(adjusted), self.config.max_dispersion)
+        # One pass, summing only the days with reports (most days of a sparse series are zero).
+        total_factor = sum(rhythm[d % 7] for d in range(start, end))
+        total = 0
+        adjusted_sum = adjusted_squares = 0.0
+        for d, count in state.counts.items():
+            if start <= d < end:
+                total += count
+                adjusted = count / rhythm[d % 7]
+                adjusted_sum += adjusted
+                adjusted_squares += adjusted * adjusted
+        rate = max(total, 0.5) / total_factor  # half an event when none: a rate, never zero
+        mean = adjusted_sum / days
+        variance = (adjusted_squares - days * mean * mean) / (days - 1)
+        dispersion = min(cfg.max_dispersion, max(1.0, variance / mean)) if mean > 0 else 1.0
         return rate, dispersion, days
 
     def _count_test(self, state: SeriesState, day: int, rhythm: Sequence[float]) -> SpikeFinding | None:
