@@ -124,5 +124,11 @@ def rebuild(
             replayed += 1
     learnt = 0
     for name, key in client.query(_LEARNT_NAMES).result_rows:
-        learnt += bool(resolver.learn(name, key))
+        if key.startswith("name:"):  # its structure was unusable: nothing to learn from it
+            continue
+        try:
+            learnt += bool(resolver.learn(name, key))
+        except ValueError:  # a name the resolver refuses to learn must not stop the worker
+            continue
+
     return RebuildReport(len(substances), replayed, learnt, time.perf_counter() - started)

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .cli_data import register as register_data_commands
 from .settings import Settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Early warning for new synthetic drugs.")
@@ -21,6 +22,7 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print number
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(db_app, name="db")
 app.add_typer(bench_app, name="bench")
+register_data_commands(app)
 
 console = Console(width=None if Console().is_terminal else 140)  # logs and `make demo` get wide tables
 
@@ -198,9 +200,14 @@ def schemas_check() -> None:
 
 
 @db_app.command("migrate")
-def db_migrate() -> None:
+def db_migrate(
+    clustered: Annotated[
+        bool, typer.Option("--clustered", help="Apply deploy/clickhouse/clustered (ON CLUSTER).")
+    ] = False,
+) -> None:
     """Apply pending ClickHouse migrations (idempotent) to the configured ClickHouse."""
-    from .clickhouse import MigrationError, connect, migrate
+    from .clickhouse import MigrationError, connect, database_of, migrate
+    from .clustered import clustered_migrations, create_database_on_cluster
     from .runtime import read_stack
 
     settings = Settings()
@@ -209,7 +216,9 @@ def db_migrate() -> None:
         return
     client = connect(settings)
     try:
-        applied = migrate(client)
+        if clustered:
+            create_database_on_cluster(client, database_of(settings))
+        applied = migrate(client, clustered_migrations() if clustered else None)
     except MigrationError as error:
         _fail(str(error))
     finally:

@@ -47,6 +47,7 @@ from synthwatch.stream_apps.clickhouse_sink import (
 from synthwatch.stream_apps.identity import (
     UNINFORMATIVE_NAMES,
     ResolvedSubstance,
+    Structure,
     SubstanceResolver,
     normalise_name,
     normalise_quantity,
@@ -121,7 +122,7 @@ class IngestSummary:
     rejects_stored: int = 0
     blank_lines: int = 0
     seconds: float = 0.0
-    workers: int = 1
+    workers: int = 0  # parsing processes; 0: parsed in this process
     reject_reasons: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -182,13 +183,16 @@ def encode_event(event: LabDetection | BorderSeizure, substance_fragment: str) -
     return False, f'{{"e":{body}{substance_fragment}{_quantity_fragment(event)}{_extra_fragment(event)}}}'
 
 
-def _depends_on_order(substance: ResolvedSubstance, smiles: str | None) -> bool:
+def _depends_on_order(substance: ResolvedSubstance, smiles: str | None, structures: dict[str, Structure | str]) -> bool:
     """True when the resolution used (or could have used) names or families learnt from earlier reports."""
     if substance.resolved_by in ("learnt_name", "unresolved_name"):
         return True
     if substance.resolved_by == "structure" and not substance.catalogued:
         # family of an InChIKey-only report comes from earlier SMILES reports of the same key
-        return not (smiles and not isinstance(structure_from_smiles(smiles), str))
+        if not smiles:
+            return True
+        found = structures.get(smiles)
+        return isinstance(found if found is not None else structure_from_smiles(smiles), str)
     return False
 
 
@@ -202,6 +206,7 @@ class Chunk:
     end: int
     first_line: int
     known: dict[str, tuple[str, str | None]]
+    structures: dict[str, Structure | str] = field(default_factory=dict)
 
 
 @dataclass
@@ -233,8 +238,28 @@ def _catalogue_names() -> frozenset[str]:
     return _CATALOGUE_NAMES
 
 
-def _seeded_resolver(known: dict[str, tuple[str, str | None]]) -> SubstanceResolver:
-    resolver = SubstanceResolver()
+class _SharedStructuresResolver(SubstanceResolver):
+    """The stream's resolver, fed structures other processes computed (RDKit costs ~1 ms per distinct SMILES).
+
+    A valid SMILES resolves exactly as :meth:`SubstanceResolver.resolve` does (structure, no error); anything
+    else, or a SMILES not computed yet, goes through the inherited method unchanged.
+    """
+
+    def __init__(self, structures: dict[str, Structure | str]) -> None:
+        super().__init__()
+        self.structures = structures
+
+    def resolve(self, name: str, smiles: str | None = None, inchikey: str | None = None) -> ResolvedSubstance:
+        found = self.structures.get(smiles) if smiles else None
+        if isinstance(found, Structure):
+            return self._from_structure(found, name, None)
+        return super().resolve(name, smiles=smiles, inchikey=inchikey)
+
+
+def _seeded_resolver(
+    known: dict[str, tuple[str, str | None]], structures: dict[str, Structure | str] | None = None
+) -> SubstanceResolver:
+    resolver = _SharedStructuresResolver(structures or {})
     for name, (key, family) in known.items():
         resolver.learn(name, key, family)  # type: ignore[arg-type]
     return resolver
@@ -246,7 +271,7 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
         handle.seek(chunk.start)
         data = handle.read(chunk.end - chunk.start)
     result = ChunkResult(chunk.start, chunk.end)
-    resolver = _seeded_resolver(chunk.known)
+    resolver = _seeded_resolver(chunk.known, chunk.structures)
     catalogue_names = _catalogue_names()
     seen: set[str] = set()
     learnt_here: set[str] = set()
@@ -283,7 +308,7 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
                     ):
                         learnt_here.add(normalised)
                         result.learnt.append((number, reported.name, substance.key, substance.family))
-                if _depends_on_order(substance, reported.smiles):
+                if _depends_on_order(substance, reported.smiles, chunk.structures):
                     result.pending.append((number, raw))
                     continue
                 fragment = fragments[cache_key] = _substance_fragment(substance)
@@ -295,6 +320,34 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
     if data.endswith(b"\n"):
         result.blank -= 1  # the split's empty tail after the last line end is not a line
     return result
+
+
+# --- structures: each distinct SMILES through RDKit once, split over the workers ---------------------
+
+_SMILES_FIELD = re.compile(rb'"smiles"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+def distinct_smiles(path: Path) -> list[str]:
+    """Every distinct SMILES spelling in the file (as validation will strip it), from a regex pass."""
+    found: set[bytes] = set()
+    with open(path, "rb") as handle:
+        while block := handle.read(64 * 1024 * 1024):
+            block += handle.readline()
+            found.update(_SMILES_FIELD.findall(block))
+    out = set()
+    for raw in found:
+        try:
+            text = json.loads(b'"' + raw + b'"')
+        except ValueError:
+            continue
+        if isinstance(text, str) and text.strip():
+            out.add(text.strip())
+    return sorted(out)
+
+
+def compute_structures(smiles: list[str]) -> dict[str, Structure | str]:
+    """RDKit's answer for each SMILES (a structure, or the reason it is not one); runs in a worker."""
+    return {text: structure_from_smiles(text) for text in smiles}
 
 
 # --- reading the file in chunks --------------------------------------------------------------------
@@ -342,7 +395,7 @@ class _Store:
             staging, None, ("\n".join(lines) + "\n").encode(), settings=_STAGING_SETTINGS, fmt="JSONEachRow"
         )
         stored_ids = f"SELECT event_id FROM {table} WHERE event_id IN (SELECT e.event_id FROM {staging})"
-        already = int(self.client.command(f"SELECT count() FROM {staging} WHERE e.event_id IN ({stored_ids})"))
+        already = int(str(self.client.command(f"SELECT count() FROM {staging} WHERE e.event_id IN ({stored_ids})")))
         columns, select = (LAB_COLUMNS, _LAB_SELECT) if table == LAB_TABLE else (SEIZURE_COLUMNS, _SEIZURE_SELECT)
         if already < len(lines):
             self.client.command(
@@ -414,7 +467,7 @@ def ingest_history(
     size = path.stat().st_size
     if workers is None:
         workers = min(2, os.cpu_count() or 1) if size > 4 * 1024 * 1024 else 0
-    summary = IngestSummary(path=str(path), workers=max(workers, 1))
+    summary = IngestSummary(path=str(path), workers=workers)
     started = time.perf_counter()
     pool = _pool(workers) if workers > 0 else None  # before the engine opens in this process
     own_client = client is None
@@ -448,7 +501,13 @@ def _run(
 ) -> None:
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
-    resolver = _seeded_resolver(_learnt_from_clickhouse(client))
+    structures: dict[str, Structure | str] = {}
+    if pool is not None:
+        smiles = distinct_smiles(path)
+        halves = [smiles[i :: max(workers, 1)] for i in range(max(workers, 1))]
+        for part in pool.map(compute_structures, halves):
+            structures.update(part)
+    resolver = _seeded_resolver(_learnt_from_clickhouse(client), structures)
     sink = ClickHouseSink(client)
     chunks = _chunks(path, batch_size)
     in_flight: list[Future[ChunkResult]] = []
@@ -457,7 +516,7 @@ def _run(
         spec = next(chunks, None)
         if spec is None:
             return False
-        chunk = Chunk(str(path), path.name, *spec, known=_known(resolver))
+        chunk = Chunk(str(path), path.name, *spec, known=_known(resolver), structures=structures)
         if pool is None:
             done: Future[ChunkResult] = Future()
             done.set_result(process_chunk(chunk))

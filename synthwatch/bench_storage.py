@@ -1,0 +1,152 @@
+"""Storage benchmarks that print numbers (never timed tests): the sink and the NDJSON backfill.
+
+Each opens its own embedded engine in a temporary directory, so neither can run inside a process that
+already holds another engine path (pytest's session engine): run them from the CLI, or in a subprocess.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import date
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .clickhouse import connect, migrate
+from .settings import Settings
+
+
+def _simulation_lines(events: int, seed: int = 11) -> list[str]:
+    """About ``events`` realistic lines (a month of simulated reports, bad lines and re-sends included)."""
+    from synthwatch.producers.simulate import SimulationConfig, simulate
+
+    days = 30
+    per_day = min(100_000.0, max(10.0, events / days))
+    return simulate(SimulationConfig(days=days, seed=seed, start=date(2025, 1, 1), events_per_day=per_day)).lines
+
+
+def bench_sink(
+    console: Console, events: int = 200_000, batch_sizes: Sequence[int] = (2000, 10_000)
+) -> dict[str, float]:
+    """``ClickHouseSink.store_events`` from an in-memory source of enriched events, per batch size.
+
+    Also times the id pre-check alone, and the same sink with the pre-check bound as a server-side
+    array parameter (the change proposed for clickhouse_sink.py), each on a fresh database.
+    """
+    from synthwatch.stream_apps.clickhouse_sink import ClickHouseSink
+    from synthwatch.stream_apps.intake import Intake, RawMessage
+
+    lines = _simulation_lines(events)
+    batch = Intake().process(RawMessage(f"bench:{i}", line) for i, line in enumerate(lines, start=1))
+    items = batch.events[:events]
+
+    class ArrayParamSink(ClickHouseSink):
+        """The proposal: ids as one server-side Array(String) parameter, not literals in the SQL text."""
+
+        def _stored_ids(self, table: str, ids: Sequence[str]) -> set[str]:
+            if not ids:
+                return set()
+            rows = self.client.query(
+                f"SELECT event_id FROM {table} WHERE event_id IN {{ids:Array(String)}}", parameters={"ids": list(ids)}
+            ).result_rows
+            return {row[0] for row in rows}
+
+    rates: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="synthwatch-bench-") as tmp:
+        for n, size in enumerate(batch_sizes):
+            for label, sink_class in (("as shipped", ClickHouseSink), ("ids as array parameter", ArrayParamSink)):
+                if label == "as shipped" and size > 15_000:
+                    continue  # literal ids beyond ~15k exceed ClickHouse's 256 KiB max_query_size
+                settings = Settings(data_dir=Path(tmp), clickhouse_database=f"bench_{n}_{len(rates)}")
+                client = connect(settings)
+                try:
+                    migrate(client)
+                    sink = sink_class(client)
+                    check = 0.0
+                    started = time.perf_counter()
+                    for i in range(0, len(items), size):
+                        chunk = items[i : i + size]
+                        t = time.perf_counter()
+                        sink.stored_event_ids(chunk)
+                        check += time.perf_counter() - t
+                        sink.store_events(chunk)
+                    elapsed = time.perf_counter() - started
+                    stored = int(
+                        str(
+                            client.command(
+                                "SELECT (SELECT count() FROM lab_detections) + (SELECT count() FROM border_seizures)"
+                            )
+                        )
+                    )
+                    if stored != len(items):
+                        raise RuntimeError(f"stored {stored} of {len(items)} events")
+                    again = time.perf_counter()
+                    replay = sink.store_events(items[:size])
+                    replay_seconds = time.perf_counter() - again
+                    if replay.stored:
+                        raise RuntimeError("a replayed batch was stored again")
+                    rates[f"{label}, batch {size:,}"] = len(items) / (elapsed - check)
+                    rates[f"{label}, batch {size:,}: pre-check alone"] = len(items) / check
+                    rates[f"{label}, batch {size:,}: replayed batch (all duplicates)"] = size / replay_seconds
+                finally:
+                    client.command(f"DROP DATABASE IF EXISTS {settings.clickhouse_database}")
+                    client.close()
+    table = Table(title=f"ClickHouseSink.store_events, {len(items):,} enriched events from memory")
+    table.add_column("variant")
+    table.add_column("events/s", justify="right")
+    for name, rate in rates.items():
+        table.add_row(name, f"{rate:,.0f}")
+    console.print(table)
+    console.print("store_events rates include its own pre-check; the pre-check is also timed alone.")
+    return rates
+
+
+def bench_ingest(
+    console: Console, events: int = 200_000, workers: Sequence[int | None] = (None, 0)
+) -> dict[str, float]:
+    """``ingest_history`` on a simulated NDJSON file: first load, then a re-ingest that must add nothing."""
+    from .history import ingest_history
+
+    rates: dict[str, float] = {}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="synthwatch-bench-") as tmp:
+        path = Path(tmp) / "history.ndjson"
+        lines = _simulation_lines(events)
+        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        megabytes = path.stat().st_size / 1e6
+        for n, count in enumerate(workers):
+            settings = Settings(data_dir=Path(tmp) / "data", clickhouse_database=f"ingest_{n}")
+            for run in ("first load", "re-ingest"):
+                summary = ingest_history(settings, path, progress=False, workers=count)
+                if not summary.balanced or (run == "re-ingest" and summary.stored):
+                    raise RuntimeError(f"counts wrong on {run}: {summary}")
+                how = f"{summary.workers} parsing processes" if summary.workers else "parsed in-process"
+                label = f"{run}, {how}"
+                rates[label] = summary.rate
+                rows.append((label, summary))
+    table = Table(title=f"synthwatch ingest-history, {len(lines):,} NDJSON lines ({megabytes:.0f} MB)")
+    for column in ("run", "lines", "stored", "duplicates", "rejected", "seconds", "lines/s"):
+        table.add_column(column, justify="left" if column == "run" else "right")
+    for label, s in rows:
+        table.add_row(
+            label,
+            f"{s.lines:,}",
+            f"{s.stored:,}",
+            f"{s.duplicates:,}",
+            f"{s.rejected:,}",
+            f"{s.seconds:.2f}",
+            f"{s.rate:,.0f}",
+        )
+    console.print(table)
+    return rates
+
+
+if __name__ == "__main__":  # `python -m synthwatch.bench_storage [events]`: both benchmarks
+    import sys
+
+    size = int(sys.argv[1]) if len(sys.argv) > 1 else 200_000
+    bench_sink(Console(), events=size)
+    bench_ingest(Console(), events=size)
