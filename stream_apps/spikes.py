@@ -235,6 +235,23 @@ class SpikeModel:
         return rate, dispersion, days
 
     def _count_test(self, state: SeriesState, day: int, rhythm: Sequence[float]) -> SpikeFinding | None:
+        """Test the windows ending on the report's day and, for a late report, on the series' newest day.
+
+        A late report must be able to complete the evidence of the newest windows, or whether a spike
+        is ever tested with all its reports would depend on the order reports happen to arrive in.
+        The episode is dated by the earliest window end that crosses.
+        """
+        newest = max(state.counts)
+        for end in (day, newest) if newest > day else (day,):
+            found = self._count_windows(state, end, rhythm)
+            if found is not None:
+                return self._count_finding(state, end, *found)
+        return None
+
+    def _count_windows(
+        self, state: SeriesState, day: int, rhythm: Sequence[float]
+    ) -> tuple[float, int, int, float] | None:
+        """(p, window, observed, expected) of the most surprising window ending on ``day``, if any."""
         cfg = self.config
         baseline = self.baseline_rate(state, day, rhythm)
         if baseline is None:
@@ -252,13 +269,14 @@ class SpikeModel:
             window, expected = length, rate * weight
             if observed < cfg.min_count or observed < cfg.min_ratio * expected:
                 continue
-
             p = poisson_sf(observed / dispersion, expected / dispersion)
             if p < cfg.alpha / len(cfg.windows) and (best is None or p < best[0]):
                 best = (p, window, observed, expected)
-        if best is None:
-            return None
-        p, window, observed, expected = best
+        return best
+
+    def _count_finding(
+        self, state: SeriesState, day: int, p: float, window: int, observed: int, expected: float
+    ) -> SpikeFinding:
         episode, new = self._episode(state, "count", day)
         return SpikeFinding(
             metric="count",

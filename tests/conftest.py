@@ -30,6 +30,7 @@ from synthwatch.runtime import StackInfo, read_stack
 from synthwatch.settings import Settings
 
 _db_counter = itertools.count()
+TOPICS = ("lab_detections", "border_seizures", "rejects", "alerts", "sightings")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
@@ -78,18 +79,11 @@ def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
     """Environment for a child ``synthwatch`` process with these settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHWATCH_")}
     env["SYNTHWATCH_DATA_DIR"] = str(settings.data_dir)
-    for field in (
-        "kafka_bootstrap_servers",
-        "app_id",
-        "topic_lab_detections",
-        "topic_border_seizures",
-        "topic_rejects",
-        "topic_alerts",
-        "web_port",
-    ):
+    for field in settings.model_fields_set:  # every setting given explicitly, none forgotten
         value = getattr(settings, field)
         if value is not None:
             env[f"SYNTHWATCH_{field.upper()}"] = str(value)
+
     env.update(extra)
     return env
 
@@ -172,22 +166,29 @@ def stop_worker(worker: RunningWorker, sig: int = signal.SIGTERM, timeout: float
     return worker.process.returncode
 
 
-@pytest.fixture(scope="session")
-def stack(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningWorker]:
-    """A real worker process on the session broker, with its own embedded ClickHouse."""
-    data_dir = tmp_path_factory.mktemp("worker")
+def isolated_settings(broker: EmbeddedBroker, data_dir: Path, **overrides: Any) -> Settings:
+    """Settings for a worker of its own on the shared broker: its own group, topics and data dir.
+
+    Workers sharing the session broker must not share a topic: each would read the other's records.
+    """
     suffix = uuid.uuid4().hex[:6]
+    topics: dict[str, Any] = {f"topic_{name}": f"{name}-{suffix}" for name in TOPICS}
     settings = Settings(
         data_dir=data_dir,
         kafka_bootstrap_servers=broker.bootstrap_servers,
         app_id=f"synthwatch-test-{suffix}",
-        topic_lab_detections=f"labs-{suffix}",
-        topic_border_seizures=f"seizures-{suffix}",
-        topic_rejects=f"rejects-{suffix}",
-        topic_alerts=f"alerts-{suffix}",
         web_port=0,
+        **{**topics, **overrides},
     )
     ensure_topics(settings, broker.bootstrap_servers)
+    return settings
+
+
+@pytest.fixture(scope="session")
+def stack(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningWorker]:
+    """A real worker process on the session broker, with its own embedded ClickHouse."""
+    data_dir = tmp_path_factory.mktemp("worker")
+    settings = isolated_settings(broker, data_dir)
     worker = start_worker(settings, data_dir / "worker.log")
     try:
         yield worker

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import random
 import signal
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,15 +13,14 @@ from typing import Any
 import pytest
 from kafka import KafkaProducer
 
-from synthwatch.broker import EmbeddedBroker, ensure_topics
+from synthwatch.broker import EmbeddedBroker
 from synthwatch.clickhouse import migrate
 from synthwatch.producers.simulate import SimulationConfig, simulate
 from synthwatch.schemas import Alert, AlertSubstance
-from synthwatch.settings import Settings
 from synthwatch.stream_apps.clickhouse_sink import ClickHouseSink
 from synthwatch.stream_apps.intake import Intake, RawMessage
 
-from .conftest import start_worker, stop_worker, wait_until
+from .conftest import isolated_settings, start_worker, stop_worker, wait_until
 from .factories import seizure
 
 _RAW = """
@@ -134,19 +132,9 @@ def test_aggregates_equal_a_recount_from_the_raw_tables(replayed: tuple[Any, Any
 @pytest.mark.integration
 def test_worker_killed_mid_stream_restarts_without_gap_or_duplicate(broker: EmbeddedBroker, tmp_path: Path) -> None:
     """SIGKILL between insert and offset commit: the restarted worker re-reads and stores each event once."""
-    suffix = uuid.uuid4().hex[:6]
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        kafka_bootstrap_servers=broker.bootstrap_servers,
-        app_id=f"synthwatch-kill-{suffix}",
-        topic_lab_detections=f"labs-{suffix}",
-        topic_border_seizures=f"seizures-{suffix}",
-        topic_rejects=f"rejects-{suffix}",
-        topic_alerts=f"alerts-{suffix}",
-        web_port=0,
-    )
-    ensure_topics(settings, broker.bootstrap_servers)
-    total, prefix = 20_000, f"k{suffix}"
+    settings = isolated_settings(broker, tmp_path / "data")
+    total, prefix = 20_000, f"k{settings.app_id[-6:]}"
+
     regions = [("ML", "ML-BKO"), ("MA", "MA-TNG"), ("SN", "SN-DK"), ("FR", "FR-75C"), ("NL", "NL-NH")]
     base = datetime.now(UTC)
     producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, linger_ms=20)
