@@ -290,6 +290,13 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
                 app, "storing alerts", partial(ctx.sink.store_alerts, alerts), stats
             )
 
+    if settings.subscriptions_file is not None:
+        from .delivery import DeliveryService, attach_delivery
+
+        # The sink's lock: the embedded engine's client is shared with the other agents.
+        delivery = DeliveryService.from_settings(settings, ctx.client, lock=ctx.sink.lock)
+        attach_delivery(app, alerts_topic, delivery, batch=batch, within=within)
+
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # mode's stub wants a keyword-only signal
     async def forget_state(sender: Any, *args: Any, **kwargs: Any) -> None:
 

@@ -2,9 +2,9 @@
 
 Webhook: a JSON POST signed with HMAC-SHA256 over ``timestamp + "." + body``; the receiver checks the
 signature, refuses a timestamp outside its tolerance (a captured request cannot be replayed later) and
-refuses an ``Idempotency-Key`` it has already accepted (:func:`verify_webhook` does all three). A 409 from
-the receiver therefore means "already have it" and counts as delivered: our earlier attempt arrived but
-its answer was lost.
+refuses an ``Idempotency-Key`` (the alert id) it has already accepted for the same officer: one endpoint
+may serve several officers (:func:`verify_webhook` does all three). A 409 from the receiver therefore means
+"already have it" and counts as delivered: our earlier attempt arrived but its answer was lost.
 
 E-mail: smtplib in its own small thread pool (a hung SMTP server must not starve the threads ClickHouse
 calls run in), STARTTLS and login when configured, a plain-text and an HTML part, and a Message-ID
@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import smtplib
 import ssl
 import time
@@ -93,8 +94,10 @@ def verify_webhook(
     """Check a received webhook; returns its idempotency key, or raises :class:`WebhookRejected`.
 
     401: missing or wrong signature (or body changed); 400: timestamp missing or more than
-    ``tolerance_s`` from ``now`` (a replay of a captured request); 409: key already in ``seen_ids``
-    (added to it when accepted). Keep ``seen_ids`` for at least the tolerance window.
+    ``tolerance_s`` from ``now`` (a replay of a captured request); 409: already accepted. ``seen_ids``
+    holds ``<officer_id>/<key>`` (the officer read from the signed body): the key is the alert id, and
+    one endpoint may serve several officers, each of whom must get the alert. Keep ``seen_ids`` for at
+    least the tolerance window (longer also absorbs our retries after a lost answer).
     """
     lower = {k.lower(): v for k, v in headers.items()}
     signature = lower.get(SIGNATURE_HEADER.lower(), "")
@@ -115,10 +118,20 @@ def verify_webhook(
     if not key:
         raise WebhookRejected(400, f"missing {IDEMPOTENCY_HEADER}")
     if seen_ids is not None:
-        if key in seen_ids:
+        scoped = f"{_officer_of(body)}/{key}"
+        if scoped in seen_ids:
             raise WebhookRejected(409, f"{IDEMPOTENCY_HEADER} {key} already received")
-        seen_ids.add(key)
+        seen_ids.add(scoped)
     return key
+
+
+def _officer_of(body: bytes) -> str:
+    """The ``officer_id`` of a synthwatch payload ('' for any other body); trusted once the signature is."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return ""
+    return str(data.get("officer_id") or "") if isinstance(data, dict) else ""
 
 
 def classify_http(status: int, body: str = "") -> SendResult:
@@ -207,12 +220,12 @@ def build_email(
     email["Date"] = formatdate(usegmt=True)
     domain = sender.rsplit("@", 1)[-1] or "synthwatch.invalid"
     email["Message-ID"] = f"<{message_id}@{domain}>"
-    email["Content-Language"] = message.language
     email["Auto-Submitted"] = "auto-generated"  # RFC 3834: no vacation replies to a robot
     for name, value in (headers or {}).items():
         email[name] = value
     email.set_content(message.text)
     email.add_alternative(message.html, subtype="html")
+    email["Content-Language"] = message.language  # after the parts: making them moves Content-* headers down
     return email
 
 
@@ -265,11 +278,10 @@ class SmtpSender:
                 False, worst, f"recipients refused: {listed}", retryable=all(400 <= x < 500 for x in codes)
             )
         except smtplib.SMTPResponseException as error:
-            reply = (
-                error.smtp_error.decode(errors="replace") if isinstance(error.smtp_error, bytes) else error.smtp_error
-            )
+            raw = error.smtp_error
+            said = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
             permanent = not 400 <= error.smtp_code < 500
-            return SendResult(False, error.smtp_code, f"SMTP {error.smtp_code}: {reply}", retryable=not permanent)
+            return SendResult(False, error.smtp_code, f"SMTP {error.smtp_code}: {said}", retryable=not permanent)
         except smtplib.SMTPNotSupportedError as error:
             return SendResult(False, None, f"server does not support it: {error} (check SYNTHWATCH_SMTP_STARTTLS)")
         except ssl.SSLError as error:

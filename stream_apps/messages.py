@@ -280,7 +280,9 @@ def drilldown_url(grafana_url: str, alert: Alert) -> str:
     """The Grafana substance dashboard on this region and substance, a month before the alert to a day after."""
     start = alert.window_start - timedelta(days=30)
     end = alert.window_end + timedelta(days=1)
+    country = alert.country or (alert.region.split("-", 1)[0] if alert.region else None)
     params = {
+        "var-country": country or "$__all",  # the dashboard lists only the selected countries' regions
         "var-region": alert.region or "$__all",
         "var-substance": alert.substance.key,
         "from": str(int(start.timestamp() * 1000)),

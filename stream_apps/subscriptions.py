@@ -374,6 +374,30 @@ def _duplicate_keys(root: yaml.Node, source: str) -> list[tuple[int, str]]:
     return problems
 
 
+def _duplicate_ids(root: yaml.Node, source: str) -> list[tuple[int, str]]:
+    """A repeated officer id, at the line of its second use (deliveries are recorded per officer id)."""
+    officers = (
+        next((v for k, v in root.value if k.value == "officers"), None) if isinstance(root, yaml.MappingNode) else None
+    )
+    if not isinstance(officers, yaml.SequenceNode):
+        return []
+    first: dict[str, int] = {}
+    problems = []
+    for index, officer in enumerate(officers.value):
+        if not isinstance(officer, yaml.MappingNode):
+            continue
+        node = next((v for k, v in officer.value if k.value == "id"), None)
+        if not isinstance(node, yaml.ScalarNode):
+            continue
+        line = node.start_mark.line + 1
+        if node.value in first:
+            message = f"officer id {node.value!r} is already used at line {first[node.value]}"
+            problems.append((line, f"{source}:{line}: officers[{index}].id: {message}"))
+        else:
+            first[node.value] = line
+    return problems
+
+
 def _locate(root: yaml.Node, loc: tuple[int | str, ...]) -> tuple[int, str]:
     """Line (1-based) and dotted field path of a pydantic error location in the YAML tree.
 
@@ -392,7 +416,7 @@ def _locate(root: yaml.Node, loc: tuple[int | str, ...]) -> tuple[int, str]:
             tag = values.get("type")
             if isinstance(tag, yaml.ScalarNode) and tag.value == part:
                 continue  # discriminated union: pydantic names the chosen member
-        path = f"{path}.{part}" if path else str(part)
+        path = f"{path}[{part}]" if isinstance(part, int) else f"{path}.{part}" if path else str(part)
     return node.start_mark.line + 1, path
 
 
@@ -415,7 +439,7 @@ def parse_subscriptions(text: str, source: str = "<subscriptions>") -> Subscript
         raise SubscriptionsError([f"{source}:{line}: not valid YAML: {error.problem or error}"]) from None
     if root is None:
         return Subscriptions()
-    problems = _duplicate_keys(root, source)
+    problems = _duplicate_keys(root, source) + _duplicate_ids(root, source)
     loader = _Loader("")
     try:
         data = loader.construct_document(root)
@@ -428,6 +452,8 @@ def parse_subscriptions(text: str, source: str = "<subscriptions>") -> Subscript
         errors = error.errors(include_url=False)
         for item in errors:
             loc = tuple(item["loc"])
+            if loc == () and "officer ids must be unique" in str(item["msg"]):
+                continue  # reported by _duplicate_ids, at the line of the repeated id
             if item["type"] == "too_short" and any(
                 len(e["loc"]) > len(loc) and e["loc"][: len(loc)] == loc for e in errors
             ):

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .cli_data import register as register_data_commands
+from .cli_delivery import register as register_delivery_commands
 from .settings import Settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Early warning for new synthetic drugs.")
@@ -23,6 +24,7 @@ app.add_typer(schemas_app, name="schemas")
 app.add_typer(db_app, name="db")
 app.add_typer(bench_app, name="bench")
 register_data_commands(app)
+register_delivery_commands(app)
 
 console = Console(width=None if Console().is_terminal else 140)  # logs and `make demo` get wide tables
 
@@ -301,6 +303,16 @@ def bench_backtest_command(
     from .benchmarks import bench_backtest
 
     bench_backtest(console, days=days, seed=seed)
+
+
+@bench_app.command("delivery")
+def bench_delivery_command(
+    runs: Annotated[int, typer.Option(min=1, help="Lab reports to time (after one warm-up).")] = 20,
+) -> None:
+    """A new nitazene in Bamako: publish -> the French officer's webhook, p50/p99 (target 5 s)."""
+    from .bench_delivery import bench_delivery
+
+    bench_delivery(console, runs=runs)
 
 
 @bench_app.command("publish")

@@ -1,0 +1,278 @@
+"""Commands for alert delivery: ``subscriptions check FILE`` and ``deliveries``.
+
+``check`` is what an administrator runs before handing a file to the worker: it validates (errors name
+file:line and field) and shows who would receive what for a few realistic alerts, so a route that
+catches nothing, or everything, is seen before an officer misses an alert or gets spammed.
+``deliveries`` reads the attempts through :func:`synthwatch.query.run_query`, i.e. through the running
+worker when it holds the embedded engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .settings import Settings
+
+_STATUS_STYLE = {
+    "delivered": "green",
+    "digest_sent": "green",
+    "queued_digest": "cyan",
+    "failed": "yellow",
+    "gave_up": "bold red",
+}
+
+DELIVERIES_SQL = """
+SELECT at, officer_id, alert_id, channel, route, attempt, toString(status) AS status, response_code,
+       duration_ms, substance, region, reason
+FROM deliveries
+WHERE {where}
+ORDER BY at DESC, attempt DESC
+LIMIT %(limit)s
+"""
+
+
+def sample_alerts(now: datetime | None = None) -> list[Any]:
+    """Realistic alerts of every type and severity, to show what a subscriptions file does with them."""
+    from synthwatch.schemas import Alert, AlertSubstance
+
+    now = now or datetime.now(UTC)
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+
+    def alert(alert_id: str, **fields: Any) -> Alert:
+        base: dict[str, Any] = {
+            "alert_id": alert_id,
+            "window_start": day,
+            "window_end": day + timedelta(days=1),
+            "triggered_at": now,
+            "detected_at": now,
+        }
+        return Alert(**{**base, **fields})
+
+    nitazene = AlertSubstance(
+        name="N-pentyloxy nitazene (sample)", key="SAMPLENITAZENE", inchikey=None, family="nitazene", controlled=None
+    )
+    cathinone = AlertSubstance(name="3-MMC", key="sample-3mmc", family="synthetic_cathinone", controlled=True)
+    ketamine = AlertSubstance(name="Ketamine", key="sample-ketamine", family="arylcyclohexylamine", controlled=False)
+    isotonitazene = AlertSubstance(name="Isotonitazene", key="sample-isotonitazene", family="nitazene", controlled=True)
+    return [
+        alert(
+            "sample-new-nitazene-ml-bko",
+            alert_type="new_substance",
+            severity="critical",
+            country="ML",
+            region="ML-BKO",
+            substance=nitazene,
+            summary="Sample: a never-seen nitazene identified by a Bamako lab.",
+        ),
+        alert(
+            "sample-first-3mmc-sn-dk",
+            alert_type="first_in_region",
+            severity="warning",
+            country="SN",
+            region="SN-DK",
+            substance=cathinone,
+        ),
+        alert(
+            "sample-spike-3mmc-fr-75c",
+            alert_type="spike",
+            severity="warning",
+            country="FR",
+            region="FR-75C",
+            substance=cathinone,
+            metric="count",
+            observed=14,
+            expected=2.5,
+            window_start=day - timedelta(days=6),
+        ),
+        alert(
+            "sample-first-ketamine-ma-rab",
+            alert_type="first_in_region",
+            severity="info",
+            country="MA",
+            region="MA-RAB",
+            substance=ketamine,
+        ),
+        alert(
+            "sample-spread-isotonitazene",
+            alert_type="spread",
+            severity="critical",
+            substance=isotonitazene,
+            observed=3,
+            expected=3,
+            window_start=day - timedelta(days=13),
+            details={"regions": ["MA-CAS", "ML-BKO", "SN-DK"]},
+        ),
+    ]
+
+
+def _read_alerts(path: Path) -> list[Any]:
+    """One alert JSON object, a JSON list of them, or NDJSON."""
+    from synthwatch.schemas import Alert
+
+    text = path.read_text(encoding="utf-8").strip()
+    try:
+        data = json.loads(text)
+        items = data if isinstance(data, list) else [data]
+    except json.JSONDecodeError:
+        items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [Alert.model_validate(item) for item in items]
+
+
+def _warnings(subscriptions: Any, settings: Settings) -> list[str]:
+    """What would make a delivery give up in *this* environment (the worker's may differ)."""
+    from synthwatch.stream_apps.subscriptions import WebhookChannel
+
+    found = []
+    for officer in subscriptions.officers:
+        for name, channel in officer.channels().items():
+            where = f"{officer.id} / channel {name}"
+            if isinstance(channel, WebhookChannel):
+                if channel.secret_env and not os.environ.get(channel.secret_env):
+                    found.append(f"{where}: environment variable {channel.secret_env} is not set here")
+                elif channel.resolve_secret(settings.webhook_secret) is None:
+                    found.append(f"{where}: no secret (set secret_env, or SYNTHWATCH_WEBHOOK_SECRET)")
+            elif not settings.smtp_host:
+                found.append(f"{where}: e-mail, but SYNTHWATCH_SMTP_HOST is not set here")
+    return found
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``subscriptions check`` and ``deliveries`` to the ``synthwatch`` command line."""
+    subscriptions_app = typer.Typer(no_args_is_help=True, help="Liaison officers' subscriptions (alert delivery).")
+    app.add_typer(subscriptions_app, name="subscriptions")
+
+    @subscriptions_app.command("check")
+    def check(
+        file: Annotated[Path, typer.Argument(help="Subscriptions YAML file.")],
+        alert: Annotated[
+            Path | None, typer.Option("--alert", help="Route these alerts (JSON, JSON list or NDJSON) instead.")
+        ] = None,
+    ) -> None:
+        """Validate a subscriptions file and show who would receive what for sample alerts."""
+        from synthwatch.stream_apps.subscriptions import SubscriptionsError, load_subscriptions, recipients
+
+        console, err = Console(), Console(stderr=True)
+        try:
+            subscriptions = load_subscriptions(file)
+        except SubscriptionsError as error:
+            for problem in error.problems:
+                err.print(f"[bold red]error:[/] {problem}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        try:
+            alerts = _read_alerts(alert) if alert is not None else sample_alerts()
+        except (OSError, ValueError) as error:
+            err.print(f"[bold red]error:[/] {alert}: {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+        officers = Table(title=f"{file}: {len(subscriptions.officers)} officer(s)", title_justify="left")
+        for column in ("officer", "name", "language", "digest", "routes", "channels"):
+            officers.add_column(column)
+        for officer in subscriptions.officers:
+            officers.add_row(
+                officer.id,
+                officer.name,
+                officer.language,
+                f"{officer.digest_time:%H:%M} {officer.timezone} (below {officer.immediate_min_severity})",
+                ", ".join(r.name or "" for r in officer.routes),
+                ", ".join(f"{c.type}:{n} -> {c.target}" for n, c in officer.channels().items()),
+            )
+        console.print(officers)
+
+        for item in alerts:
+            place = item.region or "network: " + ", ".join(item.details.get("regions", []))
+            table = Table(
+                title=f"{item.alert_type} · {item.severity} · {item.substance.name} "
+                f"({item.substance.family or 'unclassified'}) · {place}",
+                title_justify="left",
+            )
+            for column in ("officer", "language", "route", "channel", "when"):
+                table.add_column(column)
+            found = recipients(item, subscriptions)
+            for r in found:
+                when = "immediately" if r.immediate else f"digest {r.officer.digest_time:%H:%M} {r.officer.timezone}"
+                table.add_row(
+                    r.officer.id, r.officer.language, r.route.name or "", f"{r.channel.type}:{r.channel.name}", when
+                )
+            if not found:
+                table.add_row("[yellow]nobody[/]", "", "", "", "")
+            console.print(table)
+
+        for warning in _warnings(subscriptions, Settings()):
+            console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        console.print(f"[green]{file} is valid.[/]", highlight=False)
+
+    @app.command("deliveries")
+    def deliveries(
+        officer: Annotated[str | None, typer.Option("--officer", help="Only this officer's attempts.")] = None,
+        alert: Annotated[str | None, typer.Option("--alert", help="Only this alert's attempts.")] = None,
+        status: Annotated[
+            str | None, typer.Option("--status", help="delivered, failed, gave_up, queued_digest or digest_sent.")
+        ] = None,
+        limit: Annotated[int, typer.Option("--limit", min=1, max=10_000, help="Most recent N attempts.")] = 50,
+    ) -> None:
+        """Recent delivery attempts to liaison officers and their status (newest first)."""
+        from .query import run_query
+
+        console, err = Console(), Console(stderr=True)
+        if status is not None and status not in _STATUS_STYLE:
+            err.print(f"[bold red]error:[/] --status is one of {', '.join(_STATUS_STYLE)}", highlight=False)
+            raise typer.Exit(1)
+        conditions, params = ["1"], {"limit": limit}
+        for column, value in (("officer_id", officer), ("alert_id", alert), ("status", status)):
+            if value is not None:
+                conditions.append(f"{column} = %({column})s")
+                params[column] = value  # type: ignore[assignment]
+        try:
+            result = run_query(Settings(), DELIVERIES_SQL.format(where=" AND ".join(conditions)), params)
+        except Exception as error:  # QueryError, or ClickHouse's own message: either says what is wrong
+            err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            if "deliveries" in str(error) and ("UNKNOWN_TABLE" in str(error) or "doesn't exist" in str(error)):
+                err.print("The deliveries table is missing: run `synthwatch db migrate` (or restart the worker).")
+            raise typer.Exit(1) from None
+        rows = result.as_dicts()
+        title = "delivery attempts" + (f" for {officer}" if officer else "") + (f", alert {alert}" if alert else "")
+        table = Table(title=f"{title} (newest first, at most {limit})", title_justify="left")
+        for column in (
+            "at (UTC)",
+            "officer",
+            "alert",
+            "channel",
+            "route",
+            "#",
+            "status",
+            "code",
+            "ms",
+            "what",
+            "reason",
+        ):
+            table.add_column(column, justify="right" if column in ("#", "code", "ms") else "left")
+        counts: dict[str, int] = {}
+        for row in rows:
+            counts[row["status"]] = counts.get(row["status"], 0) + 1
+            style = _STATUS_STYLE.get(row["status"], "")
+            table.add_row(
+                str(row["at"]).replace("T", " ")[:19],
+                row["officer_id"],
+                row["alert_id"],
+                row["channel"],
+                row["route"],
+                str(row["attempt"]),
+                f"[{style}]{row['status']}[/]" if style else row["status"],
+                "" if row["response_code"] is None else str(row["response_code"]),
+                f"{row['duration_ms']:.0f}",
+                f"{row['substance']} {row['region']}".strip(),
+                row["reason"],
+            )
+        console.print(table)
+        if not rows:
+            console.print("No delivery attempts recorded" + (f" for {officer}." if officer else "."))
+        else:
+            console.print(", ".join(f"{name}: {n}" for name, n in sorted(counts.items())), highlight=False)
