@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(BIN)/synthwatch demo
+	SYNTHWATCH_DATA_DIR=$${SYNTHWATCH_DATA_DIR:-.synthwatch}/demo $(BIN)/synthwatch report --out report.html --since 35d
+	@echo "Report for people without Grafana: report.html (open it in a browser)."
+
 
 test: install lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -16,8 +16,8 @@ partition from "the current event", which a batch does not have, so the adapters
 public ``send_changelog(partition, ...)`` using the partition the records arrived on: a region's
 state stays with the region's partition and is restored to whichever worker owns it.
 
-Web (worker HTTP port): ``/ready`` and ``/sql`` (read-only queries for commands that cannot open
-the embedded engine while this process holds it).
+Web (worker HTTP port): ``/ready``, ``/metrics`` (Prometheus, :mod:`.metrics`) and ``/sql`` (read-only
+queries for commands that cannot open the embedded engine while this process holds it).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from synthwatch.settings import Settings
 from .clickhouse_sink import ClickHouseSink
 from .detection import Observation, RegionDetector
 from .intake import EnrichedEvent, Intake, RawMessage
+from .metrics import WorkerMetrics, attach_metrics, ingest_times
 from .novelty import NoveltyDetector, Sighting
 from .state_rebuild import rebuild
 
@@ -82,6 +83,7 @@ class WorkerContext:
     novelty: NoveltyDetector
     started_at: float
     stats: WorkerStats = field(default_factory=WorkerStats)
+    metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
     on_ready: Callable[[float], None] | None = None
     state_ready: bool = False  # set once tables are recovered (and rebuilt from ClickHouse if empty)
 
@@ -92,7 +94,9 @@ async def until_state_ready(ctx: WorkerContext) -> None:
         await asyncio.sleep(0.05)
 
 
-async def with_retries(app: faust.App, what: str, call: Callable[[], T], stats: WorkerStats) -> T:
+async def with_retries(
+    app: faust.App, what: str, call: Callable[[], T], stats: WorkerStats, metrics: WorkerMetrics | None = None
+) -> T:
     """Run a blocking ClickHouse call in a thread; on failure back off and retry until it works.
 
     While this waits, the agent does not take new events, Faust's stream buffer fills and fetching
@@ -102,14 +106,20 @@ async def with_retries(app: faust.App, what: str, call: Callable[[], T], stats: 
     loop = asyncio.get_running_loop()
     while True:
         try:
-            return await loop.run_in_executor(None, call)
+            result = await loop.run_in_executor(None, call)
         except Exception as error:
             if app.should_stop:
                 raise
             stats.sink_retries += 1
+            if metrics is not None:
+                metrics.sink_retry(what)
             log.warning("%s failed (%s); retrying in %.1f s", what, error, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
+        else:
+            if metrics is not None:
+                metrics.sink_recovered(what)
+            return result
 
 
 def _partition(source: str) -> int:
@@ -149,6 +159,8 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
     ctx.regions.fetch = lambda key: region_table.data.get(key)
     ctx.novelty.fetch = lambda key: substance_table.data.get(key)
     stats = ctx.stats
+    metrics = ctx.metrics
+    attach_metrics(app, metrics, topics=set(settings.all_topics))
     batch, within = settings.sink_batch_size, settings.sink_batch_seconds
 
     async def send_all(pending: list[Awaitable[Any]]) -> None:
@@ -189,7 +201,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
         if not late:
             return 0
         stored = await with_retries(
-            app, "checking late events", partial(ctx.sink.stored_event_ids, [i for i, _ in late]), stats
+            app, "checking late events", partial(ctx.sink.stored_event_ids, [i for i, _ in late]), stats, metrics
         )
         for item, reason in late:
             if item.event_id not in stored:
@@ -209,13 +221,20 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
     async def intake_agent(stream: faust.StreamT[bytes]) -> None:
         async for events in cast(faust.Stream[bytes], stream).take_events(batch, within=within):
             await until_state_ready(ctx)
+            metrics.consumed(events)
             messages = [
                 RawMessage(f"{e.message.topic}:{e.message.partition}:{e.message.offset}", e.value) for e in events
             ]
             result = ctx.intake.process(messages)
             kept, late, alerts, sightings, partitions = detect_regions(result.events)
             result.duplicates += await refuse_late(late, result.rejects)
-            stored = await with_retries(app, "storing events", partial(ctx.sink.store_events, kept), stats)
+            stored = await with_retries(
+                app,
+                "storing events",
+                metrics.timed_call("events", len(kept), partial(ctx.sink.store_events, kept)),
+                stats,
+                metrics,
+            )
             pending = [
                 await send(rejects_topic, (r.event_id or r.source).encode(), r.model_dump_json().encode())
                 for r in result.rejects
@@ -231,6 +250,14 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             changes = [(partitions[region], key, value) for region, key, value in ctx.regions.drain_dirty()]
             pending += save(region_table, changes)
             await send_all(pending)
+            metrics.stored("lab_detections", stored.lab_detections)
+            metrics.stored("border_seizures", stored.border_seizures)
+            metrics.skipped_duplicates(result.duplicates + stored.already_stored)
+            metrics.rejected(result.rejects)
+            metrics.produced(settings.topic_rejects, len(result.rejects))
+            metrics.produced(settings.topic_sightings, len(by_substance))
+            metrics.produced(settings.topic_alerts, len(alerts))
+            metrics.alerts_published(alerts, ingest_times(events, kept))
             stats.consumed += len(messages)
             stats.stored += stored.stored
             stats.duplicates += result.duplicates + stored.already_stored
@@ -242,6 +269,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
     async def novelty_agent(stream: faust.StreamT[bytes]) -> None:
         async for events in cast(faust.Stream[bytes], stream).take_events(batch, within=within):
             await until_state_ready(ctx)
+            metrics.consumed(events)
             alerts: list[Alert] = []
             partitions: dict[str, int] = {}
             batch_sightings = []
@@ -259,11 +287,15 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             pending = [await send(alerts_topic, a.alert_id.encode(), a.model_dump_json().encode()) for a in alerts]
             pending += save(substance_table, [(partitions[k], k, v) for k, v in ctx.novelty.drain_dirty()])
             await send_all(pending)
+            metrics.produced(settings.topic_alerts, len(alerts))
+            # from the sighting's Kafka timestamp: the intake stage's time before it is not included
+            metrics.alerts_published(alerts, min((e.message.timestamp or time.time() for e in events), default=0.0))
             stats.alerts_raised += len(alerts)
 
     @app.agent(rejects_topic, name="rejects")
     async def rejects_agent(stream: faust.StreamT[bytes]) -> None:
         async for events in cast(faust.Stream[bytes], stream).take_events(batch, within=within):
+            metrics.consumed(events)
             rejects = []
             for e in events:
                 try:
@@ -273,22 +305,35 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
                     rejects.append(
                         Reject.of(e.value or b"", source=source, reason=f"not a reject record: {error}", stage="worker")
                     )
-            stats.rejects_stored += await with_retries(
-                app, "storing rejects", partial(ctx.sink.store_rejects, rejects), stats
+            new_rejects = await with_retries(
+                app,
+                "storing rejects",
+                metrics.timed_call("rejects", len(rejects), partial(ctx.sink.store_rejects, rejects)),
+                stats,
+                metrics,
             )
+            metrics.stored("rejects", new_rejects)
+            stats.rejects_stored += new_rejects
 
     @app.agent(alerts_topic, name="alerts")
     async def alerts_agent(stream: faust.StreamT[bytes]) -> None:
         async for events in cast(faust.Stream[bytes], stream).take_events(batch, within=within):
+            metrics.consumed(events)
             alerts = []
             for e in events:
                 try:
                     alerts.append(Alert.model_validate_json(e.value))
                 except ValueError as error:
                     log.error("alerts topic: not an alert at %s:%s (%s)", e.message.partition, e.message.offset, error)
-            stats.alerts_stored += await with_retries(
-                app, "storing alerts", partial(ctx.sink.store_alerts, alerts), stats
+            new_alerts = await with_retries(
+                app,
+                "storing alerts",
+                metrics.timed_call("alerts", len(alerts), partial(ctx.sink.store_alerts, alerts)),
+                stats,
+                metrics,
             )
+            metrics.stored("alerts", new_alerts)
+            stats.alerts_stored += new_alerts
 
     if settings.subscriptions_file is not None:
         from .delivery import DeliveryService, attach_delivery
@@ -322,6 +367,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             await send_all(pending)
             log.info("detector state rebuilt from ClickHouse: %s", report)
         ctx.state_ready = True
+        metrics.set_ready()
         stats.ready_seconds = time.monotonic() - ctx.started_at
         if ctx.on_ready is not None:
             ctx.on_ready(stats.ready_seconds)

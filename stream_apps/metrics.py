@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -41,12 +41,14 @@ if TYPE_CHECKING:
     from synthwatch.producers.publisher import PublishSummary
     from synthwatch.schemas import Alert, Reject
 
+T = TypeVar("T")
+
 #: Event ingested (Kafka timestamp of the message that carried it) -> alert published, in seconds.
 ALERT_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 SINK_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SINK_ROWS_BUCKETS = (1, 5, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000)
 
-_FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
+_FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*):(?:\s|$)")
 
 
 def reject_reason(reason: str) -> str:
@@ -243,6 +245,15 @@ class WorkerMetrics:
         self.sink_batch_seconds.labels(table=table).observe(time.perf_counter() - started)
         self.sink_batch_rows.labels(table=table).observe(rows)
 
+    def timed_call(self, table: str, rows: int, call: Callable[[], T]) -> Callable[[], T]:
+        """``call`` timed as one sink batch when it succeeds; for ``with_retries(..., metrics.timed_call(...))``."""
+
+        def run() -> T:
+            with self.sink_batch(table, rows):
+                return call()
+
+        return run
+
     def sink_retry(self, operation: str) -> None:
         """A ClickHouse call failed and will be retried."""
         self.sink_retries.labels(operation=operation).inc()
@@ -279,29 +290,32 @@ _FAUST_INTERNAL = ("-changelog", "__assignor", "-repartition")
 async def partition_offsets(app: faust.App, topics: Collection[str] | None = None) -> list[PartitionOffsets]:
     """End and committed offsets of the partitions assigned to this worker's consumer.
 
-    End: the highwater the consumer saw on its last fetch. Committed: what this worker committed,
-    else its fetch position (right after start that is the committed offset). Changelog and other
-    Faust-internal topics are left out: they are not consumed through commits.
+    End: the larger of the brokers' answer to ListOffsets (so partitions paused by back-pressure, when
+    ClickHouse is down and the stream buffer is full, still show their growing lag) and the highwater
+    of the last fetch. Committed:
+    what this worker committed, else its fetch position (right after start, the committed offset).
+    Changelog and other Faust-internal topics are left out: they are not consumed through commits.
     """
     consumer: Any = app.consumer
     monitor: Any = app.monitor
+    assigned = sorted(
+        tp
+        for tp in consumer.assignment()
+        if (tp.topic in topics if topics is not None else not any(m in tp.topic for m in _FAUST_INTERNAL))
+    )
+    try:
+        ends = dict(await consumer.highwaters(*assigned)) if assigned else {}
+    except Exception:  # a rebalance or a broker hiccup: fall back to what the fetcher saw
+        ends = {}
     found = []
-    for tp in sorted(consumer.assignment()):
-        if topics is not None and tp.topic not in topics:
-            continue
-        if topics is None and any(marker in tp.topic for marker in _FAUST_INTERNAL):
-            continue
-        end = monitor.tp_end_offsets.get(tp)
-        if end is None:
-            try:
-                end = consumer.highwater(tp)
-            except Exception:  # not fetched yet / partition just revoked
-                end = None
+    for tp in assigned:
+        known = [offset for offset in (ends.get(tp), monitor.tp_end_offsets.get(tp)) if offset is not None]
+        end = max(known) if known else None  # never below what the fetcher saw (Tansu's ListOffsets lags it)
         committed = monitor.tp_committed_offsets.get(tp)
         if committed is None:
             try:
                 committed = await consumer.position(tp)
-            except Exception:
+            except Exception:  # revoked meanwhile
                 committed = None
         if end is not None and committed is not None:
             found.append(PartitionOffsets(tp.topic, tp.partition, int(end), int(committed)))
@@ -384,7 +398,7 @@ class PublisherMetrics:
             self.records.labels(outcome=outcome).inc(n)
         for reason, n in summary.reject_reasons.items():
             # the publisher keeps a reason's first part ("region", "invalid JSON"): classify it as a full one
-            self.rejects.labels(reason=reject_reason(reason if ":" in reason else f"{reason}: ")).inc(n)
+            self.rejects.labels(reason=reject_reason(reason if ":" in reason else f"{reason}:")).inc(n)
         for topic, n in (produced_per_topic or {}).items():
             self.events_produced.labels(topic=topic).inc(n)
         now = time.time()

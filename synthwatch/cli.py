@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .cli_dashboards import register as register_dashboard_commands
 from .cli_data import register as register_data_commands
 from .cli_delivery import register as register_delivery_commands
 from .settings import Settings
@@ -25,6 +26,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(bench_app, name="bench")
 register_data_commands(app)
 register_delivery_commands(app)
+register_dashboard_commands(app)
 
 console = Console(width=None if Console().is_terminal else 140)  # logs and `make demo` get wide tables
 

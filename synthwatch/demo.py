@@ -196,6 +196,10 @@ def run_demo(days: int, seed: int, console: Console, keep_running: bool = False)
             f"Then, in another shell:  SYNTHWATCH_DATA_DIR={data_dir} .venv/bin/synthwatch sql "
             '"SELECT region, count() FROM border_seizures GROUP BY region"\n'
             f"Publish your own file:   .venv/bin/synthwatch publish FILE.ndjson   (or .csv)\n"
+            f"Metrics (Prometheus):    {info.web_url}/metrics while the stack runs "
+            "(rules in deploy/prometheus/, dashboards in dashboards/json/)\n"
+            f"Report without Grafana:  .venv/bin/synthwatch report --out report.html (make demo writes one)\n"
+
             f"Worker log: {log_path}"
         )
         if keep_running:

@@ -53,6 +53,12 @@ class Settings(BaseSettings):
 
     # --- worker ------------------------------------------------------------------------------------
     app_id: str = Field(default="synthwatch", description="Faust application id (consumer group).")
+    migrate_on_start: bool = Field(
+        default=True,
+        description="Apply the single-node migrations at worker start. Off on a cluster, where a job runs "
+        "`synthwatch db migrate --clustered` (the clustered files have other checksums).",
+    )
+
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=6066, ge=0, le=65535, description="Worker HTTP port; 0 picks a free one.")
     sink_batch_size: int = Field(default=2000, ge=1, description="Events per ClickHouse insert at most.")

@@ -40,14 +40,17 @@ def run_worker(
     from synthwatch.stream_apps.clickhouse_sink import ClickHouseSink
     from synthwatch.stream_apps.detection import RegionDetector
     from synthwatch.stream_apps.intake import Intake
+    from synthwatch.stream_apps.metrics import WorkerMetrics
     from synthwatch.stream_apps.novelty import NoveltyDetector
 
     started_at = time.monotonic() if started_at is None else started_at
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints every stack
     client = connect(settings)
-    applied = migrate(client)
-    if applied:
-        announce(f"ClickHouse: applied migrations {', '.join(f'{m.version:04d}_{m.name}' for m in applied)}")
+    if settings.migrate_on_start:
+        applied = migrate(client)
+        if applied:
+            announce(f"ClickHouse: applied migrations {', '.join(f'{m.version:04d}_{m.name}' for m in applied)}")
+
     web_port = settings.web_port or free_port(settings.web_host)
     web_url = f"http://{settings.web_host}:{web_port}"
     pid = os.getpid()
@@ -72,6 +75,7 @@ def run_worker(
         client=client,
         sink=ClickHouseSink(client),
         intake=Intake(),
+        metrics=WorkerMetrics(app_id=settings.app_id),
         regions=RegionDetector(settings.detection_config()),
         novelty=NoveltyDetector(settings.detection_config().novelty),
         started_at=started_at,

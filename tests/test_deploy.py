@@ -1,0 +1,368 @@
+"""Deployment files: they parse, and every image, port, environment variable and file they name exists.
+
+Nothing here starts containers (no Docker in CI); ``docker compose config`` and ``kubectl kustomize``
+run only where those tools are installed.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from synthwatch.cli import app as cli_app
+from synthwatch.dashboards.clickhouse_query import PLUGIN_ID, PLUGIN_VERSION
+from synthwatch.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+SETTING_VARS = {f"SYNTHWATCH_{name.upper()}" for name in Settings.model_fields}
+VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+WORKER_IMAGE = f"synthwatch/worker:{VERSION}"
+WEB_PORT = 6066
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())  # type: ignore[no-any-return]
+
+
+def services() -> dict[str, dict[str, Any]]:
+    return compose()["services"]  # type: ignore[no-any-return]
+
+
+def _env(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {str(k): str(v) for k, v in env.items()}
+
+
+def _synthwatch_vars(mapping: dict[str, Any]) -> set[str]:
+    return {k for k in mapping if k.startswith("SYNTHWATCH_")}
+
+
+# --- compose.yaml --------------------------------------------------------------------------------------
+
+
+def test_compose_has_the_production_like_stack() -> None:
+    assert {"kafka", "kafka-topics", "clickhouse", "migrate", "worker", "prometheus", "pushgateway", "grafana"} <= set(
+        services()
+    )
+    kafka = _env(services()["kafka"])
+    assert set(kafka["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}, "KRaft: no ZooKeeper"
+    assert not any("ZOOKEEPER" in key for s in services().values() for key in _env(s))
+
+
+def test_compose_images_are_pinned_and_builds_exist() -> None:
+    for name, service in services().items():
+        image = service.get("image", "")
+        assert ":" in image and not image.endswith(":latest"), f"{name}: pin the image ({image!r})"
+        if "build" in service:
+            build = service["build"]
+            context = (DEPLOY / build["context"]).resolve()
+            assert (context / build["dockerfile"]).is_file(), name
+            assert image == WORKER_IMAGE, f"{name}: our image is tagged with the package version"
+
+
+def test_compose_mounts_and_depends_on_exist() -> None:
+    declared_volumes = set(compose().get("volumes", {}))
+    for name, service in services().items():
+        for mount in service.get("volumes", []):
+            source = mount.split(":", 1)[0]
+            if source.startswith((".", "/")):
+                assert (DEPLOY / source).exists(), f"{name}: mounts missing {source}"
+            else:
+                assert source in declared_volumes, f"{name}: undeclared volume {source}"
+        for dependency in service.get("depends_on", {}):
+            assert dependency in services(), f"{name} depends on unknown service {dependency}"
+
+
+def test_compose_synthwatch_env_vars_are_settings() -> None:
+    for name, service in services().items():
+        unknown = _synthwatch_vars(_env(service)) - SETTING_VARS
+        assert not unknown, f"{name}: {unknown} are not fields of synthwatch.settings.Settings"
+    worker = _env(services()["worker"])
+    assert {"SYNTHWATCH_KAFKA_BOOTSTRAP_SERVERS", "SYNTHWATCH_CLICKHOUSE_URL"} <= set(worker)
+    # the values parse as the Settings model would read them (interpolations given sample values)
+    sample = {k: re.sub(r"\$\{(\w+)(?::?[-?][^}]*)?\}", "8", v) for k, v in worker.items()}
+    settings = Settings(**{k.removeprefix("SYNTHWATCH_").lower(): v for k, v in sample.items()})
+    assert settings.web_port == WEB_PORT and not settings.clickhouse_is_embedded
+
+
+def test_compose_wiring_between_services() -> None:
+    s = services()
+    worker = _env(s["worker"])
+    kafka = _env(s["kafka"])
+    assert worker["SYNTHWATCH_KAFKA_BOOTSTRAP_SERVERS"] == kafka["KAFKA_ADVERTISED_LISTENERS"].removeprefix(
+        "PLAINTEXT://"
+    )
+    url = worker["SYNTHWATCH_CLICKHOUSE_URL"]
+    assert re.fullmatch(r"http://synthwatch:\$\{CLICKHOUSE_PASSWORD[^}]*\}@clickhouse:8123/synthwatch", url)
+    assert _env(s["clickhouse"])["CLICKHOUSE_DB"] == "synthwatch"
+    assert _env(s["clickhouse"])["CLICKHOUSE_USER"] == "synthwatch"
+    assert worker["SYNTHWATCH_WEB_PORT"] == str(WEB_PORT) and str(WEB_PORT) in s["worker"]["expose"]
+    assert s["worker"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert s["migrate"]["command"] == ["db", "migrate"]
+    # the topics the one-shot job creates are the ones the worker reads and writes
+    script = s["kafka-topics"]["command"][0]
+    created = set(re.search(r"for topic in ([^;]+);", script).group(1).split())  # type: ignore[union-attr]
+    assert created == set(Settings().all_topics)
+    prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    job = next(j for j in prometheus["scrape_configs"] if j["job_name"] == "synthwatch-worker")
+    assert job["dns_sd_configs"][0]["names"] == ["worker"] and job["dns_sd_configs"][0]["port"] == WEB_PORT
+    assert any(f.startswith("--config.file=/etc/prometheus/") for f in s["prometheus"]["command"])
+    assert "./prometheus:/etc/prometheus:ro" in s["prometheus"]["volumes"]
+
+
+def test_compose_grafana_gets_plugin_datasources_and_dashboards() -> None:
+    grafana = services()["grafana"]
+    env = _env(grafana)
+    assert env["GF_INSTALL_PLUGINS"].split() == [PLUGIN_ID, PLUGIN_VERSION]
+    mounts = dict(m.split(":")[:2] for m in grafana["volumes"])
+    assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning"
+    provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/synthwatch.yaml").read_text())
+    dashboards_path = provider["providers"][0]["options"]["path"]
+    assert mounts["../dashboards/json"] == dashboards_path
+    assert {p.name for p in (DEPLOY / "../dashboards/json").iterdir()} >= {"overview.json", "substance.json"}
+    assert env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"] == f"{dashboards_path}/overview.json"
+    # every ${VAR} of the datasource provisioning is set in Grafana's environment
+    datasources = (DEPLOY / "grafana/provisioning/datasources/datasources.yaml").read_text()
+    datasources = "\n".join(line for line in datasources.splitlines() if not line.lstrip().startswith("#"))
+    for variable in re.findall(r"\$\{(\w+)\}", datasources):
+        assert variable in env, f"Grafana needs {variable} for its datasources"
+    # and the read-only ClickHouse user it logs in as is mounted into ClickHouse with that password
+    assert env["CLICKHOUSE_GRAFANA_USER"] == "grafana"
+    users = (DEPLOY / "grafana/clickhouse-users.d/grafana.xml").read_text()
+    assert "<grafana>" in users and 'from_env="CLICKHOUSE_GRAFANA_PASSWORD"' in users
+    assert "CLICKHOUSE_GRAFANA_PASSWORD" in _env(services()["clickhouse"])
+
+
+def test_compose_required_variables_are_documented() -> None:
+    text = (DEPLOY / "compose.yaml").read_text()
+    readme = (DEPLOY / "README.md").read_text()
+    required = set(re.findall(r"\$\{(\w+):\?", text))
+    assert required == {"CLICKHOUSE_PASSWORD", "CLICKHOUSE_GRAFANA_PASSWORD", "GRAFANA_ADMIN_PASSWORD"}
+    for variable in required | set(re.findall(r"\$\{(\w+):-", text)):
+        assert variable in readme, f"deploy/README.md does not explain {variable}"
+
+
+def _compose_command() -> list[str] | None:
+    """``docker compose`` (v2 plugin) or ``docker-compose`` (v1), whichever is installed."""
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    return ["docker-compose"] if shutil.which("docker-compose") else None
+
+
+@pytest.mark.skipif(_compose_command() is None, reason="neither `docker compose` nor docker-compose is installed")
+def test_docker_compose_config_is_valid() -> None:
+    command = _compose_command()
+    assert command is not None
+    path = str(DEPLOY / "compose.yaml")
+    env = {"PATH": "/usr/bin:/bin:/usr/local/bin"}
+    passwords = {"CLICKHOUSE_PASSWORD": "x", "CLICKHOUSE_GRAFANA_PASSWORD": "y", "GRAFANA_ADMIN_PASSWORD": "z"}
+    done = subprocess.run(
+        [*command, "-f", path, "config", "-q"], capture_output=True, text=True, env={**env, **passwords}
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    done = subprocess.run([*command, "-f", path, "config", "-q"], capture_output=True, text=True, env=env)
+    assert done.returncode != 0 and "CLICKHOUSE_PASSWORD" in done.stdout + done.stderr, "passwords are required"
+
+
+# --- Dockerfile ----------------------------------------------------------------------------------------
+
+
+def _dockerfile() -> list[list[str]]:
+    """Instructions as token lists (continuation lines joined, comments dropped)."""
+    text = re.sub(r"\\\n", " ", (DEPLOY / "Dockerfile").read_text())
+    return [shlex.split(line, posix=False) for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_dockerfile_copies_the_whole_package_and_runs_synthwatch() -> None:
+    instructions = _dockerfile()
+    copied = []
+    for tokens in instructions:
+        if tokens[0] == "COPY" and not any(t.startswith("--from") for t in tokens):
+            for source in tokens[1:-1]:
+                assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
+                copied.append(source.rstrip("/"))
+    package_dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()
+    for folder in package_dirs:
+        assert any(folder == c or folder.startswith(c + "/") for c in copied), f"the image lacks {folder}/"
+    assert "pyproject.toml" in copied and "README.md" in copied  # pyproject's readme
+    exposed = [t for tokens in instructions if tokens[0] == "EXPOSE" for t in tokens[1:]]
+    assert exposed == [str(WEB_PORT)]
+    entrypoint = next(" ".join(t[1:]) for t in instructions if t[0] == "ENTRYPOINT")
+    assert entrypoint == '["synthwatch"]'
+    env_keys = {t.split("=", 1)[0] for tokens in instructions if tokens[0] == "ENV" for t in tokens[1:] if "=" in t}
+    assert _synthwatch_vars(dict.fromkeys(env_keys)) <= SETTING_VARS
+    assert any(tokens[0] == "USER" and tokens[1] != "root" for tokens in instructions)
+    health = next(" ".join(t) for t in instructions if t[0] == "HEALTHCHECK")
+    assert f"127.0.0.1:{WEB_PORT}/ready" in health
+
+
+def test_dockerfile_puts_the_clustered_migrations_where_the_cli_reads_them() -> None:
+    from synthwatch import clustered
+
+    instructions = _dockerfile()
+    python = next(t[1] for t in instructions if t[0] == "FROM").split(":")[1].split("-")[0]  # "3.11"
+    site_packages = f"/opt/synthwatch/lib/python{python}/site-packages"
+    # clustered.py looks in <parent of the synthwatch package>/deploy/clickhouse/clustered
+    relative = clustered.CLUSTERED_DIR.relative_to(Path(clustered.__file__).resolve().parent.parent)
+    targets = [t[-1].rstrip("/") for t in instructions if t[0] == "COPY" and len(t) >= 3]
+    assert f"{site_packages}/{relative}" in targets
+
+
+# --- Kubernetes ----------------------------------------------------------------------------------------
+
+
+def k8s_documents(include_example: bool = False) -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml" or (path.name == "secret.example.yaml" and not include_example):
+            continue
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def by_kind(kind: str, include_example: bool = False) -> list[dict[str, Any]]:
+    return [d for d in k8s_documents(include_example) if d["kind"] == kind]
+
+
+def worker() -> dict[str, Any]:
+    return next(d for d in by_kind("Deployment") if d["metadata"]["name"] == "synthwatch-worker")
+
+
+def config() -> dict[str, str]:
+    return by_kind("ConfigMap")[0]["data"]  # type: ignore[no-any-return]
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    resources = kustomization["resources"]
+    for resource in resources:
+        assert (K8S / resource).is_file(), resource
+    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
+    assert set(resources) == on_disk
+    assert kustomization["images"] == [{"name": "synthwatch/worker", "newTag": VERSION}]
+    for doc in k8s_documents(include_example=True):
+        assert {"apiVersion", "kind", "metadata"} <= set(doc) and doc["metadata"].get("name"), doc
+
+
+def test_k8s_config_and_secret_hold_only_settings() -> None:
+    secret = by_kind("Secret", include_example=True)[0]
+    assert secret["metadata"]["name"] == "synthwatch"
+    for data in (config(), secret["stringData"]):
+        unknown = _synthwatch_vars(data) - SETTING_VARS
+        assert set(data) == _synthwatch_vars(data) and not unknown, unknown
+    assert {"SYNTHWATCH_KAFKA_BOOTSTRAP_SERVERS", "SYNTHWATCH_CLICKHOUSE_URL"} <= set(secret["stringData"])
+    Settings(**{k.removeprefix("SYNTHWATCH_").lower(): v for k, v in {**config(), **secret["stringData"]}.items()})
+
+
+def test_k8s_workers_scale_with_probes_resources_and_config_from_the_secret() -> None:
+    deployment = worker()
+    spec = deployment["spec"]
+    assert spec["replicas"] >= 2
+    pod = spec["template"]
+    assert pod["metadata"]["labels"] | spec["selector"]["matchLabels"] == pod["metadata"]["labels"]
+    (container,) = pod["spec"]["containers"]
+    assert container["image"] == WORKER_IMAGE
+    assert container["args"][0] == "worker"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["http"] == WEB_PORT == int(config()["SYNTHWATCH_WEB_PORT"])
+    assert config()["SYNTHWATCH_WEB_HOST"] == "0.0.0.0"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        check = container[probe]["httpGet"]
+        assert check["path"] == "/ready" and check["port"] in ("http", WEB_PORT), probe
+    requests = container["resources"]["requests"]
+    assert requests["cpu"] and requests["memory"] and container["resources"]["limits"]["memory"]
+    refs = {next(iter(ref)): next(iter(ref.values()))["name"] for ref in container["envFrom"]}
+    assert refs == {"configMapRef": "synthwatch-config", "secretRef": "synthwatch"}
+    assert by_kind("ConfigMap")[0]["metadata"]["name"] == "synthwatch-config"
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert config()["SYNTHWATCH_DATA_DIR"] in mounts, "the data dir must be writable (read-only root filesystem)"
+
+
+def test_k8s_selectors_match_the_worker_pods() -> None:
+    labels = worker()["spec"]["template"]["metadata"]["labels"]
+
+    def matches(selector: dict[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in selector.items())
+
+    assert matches(by_kind("Service")[0]["spec"]["selector"])
+    assert matches(by_kind("PodDisruptionBudget")[0]["spec"]["selector"]["matchLabels"])
+    monitor = by_kind("PodMonitor")[0]["spec"]
+    assert matches(monitor["selector"]["matchLabels"])
+    assert (
+        monitor["podMetricsEndpoints"][0]["port"] == "http" and monitor["podMetricsEndpoints"][0]["path"] == "/metrics"
+    )
+    assert labels[monitor["jobLabel"]] == "synthwatch-worker", "rules and dashboards use job=synthwatch-worker"
+
+
+def test_k8s_topics_match_the_settings_and_partitions() -> None:
+    topics = {t["spec"]["topicName"]: t["spec"] for t in by_kind("KafkaTopic")}
+    partitions = int(config()["SYNTHWATCH_PARTITIONS"])
+    app_id = config()["SYNTHWATCH_APP_ID"]
+    tables = re.findall(r'app\.Table\("([\w-]+)"', (ROOT / "stream_apps" / "app.py").read_text())
+    assert tables, "the worker's Faust tables"
+    changelogs = {f"{app_id}-{table}-changelog" for table in tables}
+    configured = {
+        config()[f"SYNTHWATCH_TOPIC_{name}"]
+        for name in ("LAB_DETECTIONS", "BORDER_SEIZURES", "REJECTS", "ALERTS", "SIGHTINGS")
+    }
+    assert configured == set(Settings().all_topics)
+    assert set(topics) == configured | changelogs
+    for name, spec in topics.items():
+        assert spec["partitions"] == partitions, f"{name}: all topics co-partitioned"
+        assert spec["replicas"] >= int(config()["SYNTHWATCH_REPLICATION_FACTOR"])
+        assert spec["config"]["cleanup.policy"] == ("compact" if name in changelogs else "delete")
+
+
+def test_k8s_prometheus_rules_equal_the_rule_files() -> None:
+    rule = by_kind("PrometheusRule")[0]
+    assert rule["spec"] == yaml.safe_load((DEPLOY / "prometheus" / "rules" / "synthwatch.yml").read_text())
+
+
+def test_k8s_commands_exist_in_the_cli() -> None:
+    runner = CliRunner()
+    for doc in by_kind("Deployment") + by_kind("Job"):
+        for container in doc["spec"]["template"]["spec"]["containers"]:
+            args = container["args"]
+            words = [a for a in args if not a.startswith("-")][:2]
+            command = words if len(words) == 2 and words[0] == "db" else words[:1]
+            done = runner.invoke(cli_app, [*command, "--help"])
+            assert done.exit_code == 0, f"synthwatch {' '.join(command)}: {done.output}"
+            for option in (a for a in args if a.startswith("--")):
+                if option == "--clustered" and "--clustered" not in done.output:
+                    pytest.skip(
+                        "`synthwatch db migrate --clustered` is not in the CLI yet (deploy/clickhouse/clustered/)"
+                    )
+                assert option in done.output, f"synthwatch {' '.join(command)} has no {option}"
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kustomize_builds() -> None:
+    done = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+# --- README --------------------------------------------------------------------------------------------
+
+
+def test_readme_names_files_that_exist_and_explains_scaling() -> None:
+    readme = (DEPLOY / "README.md").read_text()
+    for path in re.findall(r"`((?:deploy/|\.\./|k8s/|prometheus/|grafana/|clickhouse/|dashboards/)[\w./-]*)`", readme):
+        candidates = [ROOT / path, DEPLOY / path]
+        assert any(c.exists() for c in candidates), f"deploy/README.md names {path}, which does not exist"
+    for words in ("partition", "keyed", "region", "substance", "sightings", "shard"):
+        assert words in readme
