@@ -199,7 +199,6 @@ def run_demo(days: int, seed: int, console: Console, keep_running: bool = False)
             f"Metrics (Prometheus):    {info.web_url}/metrics while the stack runs "
             "(rules in deploy/prometheus/, dashboards in dashboards/json/)\n"
             f"Report without Grafana:  .venv/bin/synthwatch report --out report.html (make demo writes one)\n"
-
             f"Worker log: {log_path}"
         )
         if keep_running:
