@@ -317,6 +317,26 @@ def bench_delivery_command(
     bench_delivery(console, runs=runs)
 
 
+@bench_app.command("sink")
+def bench_sink_command(
+    events: Annotated[int, typer.Option(help="Reports stored from an in-memory batch source.")] = 200_000,
+) -> None:
+    """ClickHouseSink.store_events rows/s into a fresh embedded engine (pre-check of ids included)."""
+    from .bench_storage import bench_sink
+
+    bench_sink(console, events=events)
+
+
+@bench_app.command("ingest")
+def bench_ingest_command(
+    events: Annotated[int, typer.Option(help="Reports in the simulated NDJSON history.")] = 200_000,
+) -> None:
+    """ingest-history rows/s from NDJSON into a fresh embedded engine."""
+    from .bench_storage import bench_ingest
+
+    bench_ingest(console, events=events)
+
+
 @bench_app.command("publish")
 def bench_publish(
     events: Annotated[int, typer.Option(help="Events per producer.")] = 100_000,
