@@ -29,12 +29,11 @@ def _simulation_lines(events: int, seed: int = 11) -> list[str]:
 
 
 def bench_sink(
-    console: Console, events: int = 200_000, batch_sizes: Sequence[int] = (2000, 10_000)
+    console: Console, events: int = 200_000, batch_sizes: Sequence[int] = (2000, 10_000, 20_000)
 ) -> dict[str, float]:
     """``ClickHouseSink.store_events`` from an in-memory source of enriched events, per batch size.
 
-    Also times the id pre-check alone, and the same sink with the pre-check bound as a server-side
-    array parameter (the change proposed for clickhouse_sink.py), each on a fresh database.
+    Also times the id pre-check alone and a replayed batch, each batch size on a fresh database.
     """
     from synthwatch.stream_apps.clickhouse_sink import ClickHouseSink
     from synthwatch.stream_apps.intake import Intake, RawMessage
@@ -43,23 +42,10 @@ def bench_sink(
     batch = Intake().process(RawMessage(f"bench:{i}", line) for i, line in enumerate(lines, start=1))
     items = batch.events[:events]
 
-    class ArrayParamSink(ClickHouseSink):
-        """The proposal: ids as one server-side Array(String) parameter, not literals in the SQL text."""
-
-        def _stored_ids(self, table: str, ids: Sequence[str]) -> set[str]:
-            if not ids:
-                return set()
-            rows = self.client.query(
-                f"SELECT event_id FROM {table} WHERE event_id IN {{ids:Array(String)}}", parameters={"ids": list(ids)}
-            ).result_rows
-            return {row[0] for row in rows}
-
     rates: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="synthwatch-bench-") as tmp:
         for n, size in enumerate(batch_sizes):
-            for label, sink_class in (("as shipped", ClickHouseSink), ("ids as array parameter", ArrayParamSink)):
-                if label == "as shipped" and size > 15_000:
-                    continue  # literal ids beyond ~15k exceed ClickHouse's 256 KiB max_query_size
+            for label, sink_class in (("store_events", ClickHouseSink),):
                 settings = Settings(data_dir=Path(tmp), clickhouse_database=f"bench_{n}_{len(rates)}")
                 client = connect(settings)
                 try:
