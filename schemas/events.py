@@ -43,8 +43,14 @@ _INCHIKEY = re.compile(r"^[A-Z]{14}-[A-Z]{10}-[A-Z]$")
 _CAS = re.compile(r"^(\d{2,7})-(\d{2})-(\d)$")
 
 
+def _shown(value: str, limit: int = 40) -> str:
+    """A refused value as quoted in a reason, cut: a 1 MB "country" must not make a 1 MB reject."""
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + f"... ({len(value):,} characters)"
+
+
 @lru_cache(maxsize=4096)
 def _country_exists(code: str) -> bool:
+
     return pycountry.countries.get(alpha_2=code) is not None
 
 
@@ -57,31 +63,31 @@ def _subdivision_country(code: str) -> str | None:
 def _country_code(value: str) -> str:
     code = value.strip().upper()
     if len(code) != 2 or not _country_exists(code):
-        raise ValueError(f"{value!r} is not an ISO 3166-1 alpha-2 country code")
+        raise ValueError(f"{_shown(value)} is not an ISO 3166-1 alpha-2 country code")
     return code
 
 
 def _region_code(value: str) -> str:
     code = value.strip().upper()
     if _subdivision_country(code) is None:
-        raise ValueError(f"{value!r} is not an ISO 3166-2 subdivision code (e.g. 'ML-BKO')")
+        raise ValueError(f"{_shown(value)} is not an ISO 3166-2 subdivision code (e.g. 'ML-BKO')")
     return code
 
 
 def _inchikey(value: str) -> str:
     key = value.strip().upper()
     if not _INCHIKEY.match(key):
-        raise ValueError(f"{value!r} is not an InChIKey (XXXXXXXXXXXXXX-XXXXXXXXXX-X)")
+        raise ValueError(f"{_shown(value)} is not an InChIKey (XXXXXXXXXXXXXX-XXXXXXXXXX-X)")
     return key
 
 
 def _cas_number(value: str) -> str:
     match = _CAS.match(value.strip())
     if match is None:
-        raise ValueError(f"{value!r} is not a CAS registry number (e.g. 1189805-46-6)")
+        raise ValueError(f"{_shown(value)} is not a CAS registry number (e.g. 1189805-46-6)")
     digits = (match.group(1) + match.group(2))[::-1]
     if sum((i + 1) * int(d) for i, d in enumerate(digits)) % 10 != int(match.group(3)):
-        raise ValueError(f"{value!r} has a wrong CAS check digit")
+        raise ValueError(f"{_shown(value)} has a wrong CAS check digit")
     return value.strip()
 
 

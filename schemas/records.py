@@ -13,6 +13,7 @@ Severity = Literal["info", "warning", "critical"]
 
 #: Longest raw input kept in a reject; the rest is cut so one huge line cannot clog the topic.
 MAX_RAW_CHARS = 100_000
+MAX_REASON_CHARS = 2_000
 
 
 def utc_now() -> datetime:
@@ -40,6 +41,10 @@ class Reject(BaseModel):
         text = raw.decode("utf-8", errors="replace")
         if len(text) > MAX_RAW_CHARS:
             text = text[:MAX_RAW_CHARS] + f"... [{len(text) - MAX_RAW_CHARS} more characters cut]"
+        if len(reason) > MAX_REASON_CHARS:  # reasons quote inputs: keep the record well under Kafka's 1 MB
+            reason = reason[:MAX_REASON_CHARS] + "... [reason cut]"
+        source = source[:1000]
+        event_id = event_id[:500] if event_id else event_id
         return cls(raw=text, source=source, reason=reason, stage=stage, event_id=event_id)
 
 

@@ -32,35 +32,38 @@ class FloorVariant:
     batch: int = 0  # 0: ``async for value in stream``; n: ``stream.take_events(n, within)``
     within: float = 0.25
     settings: dict[str, Any] = field(default_factory=dict)
-    monitor: bool = True  # False: drop Faust's Monitor sensor (per-event bookkeeping for its web stats)
+    # "default": Faust's Monitor; "quiet": without its per-event bookkeeping; "prometheus": Faust's
+    # PrometheusMonitor, as the worker attaches it (stream_apps/metrics.py)
+    monitor: str = "default"
 
     def arguments(self) -> list[str]:
         args = ["--loop", self.loop, "--batch", str(self.batch), "--within", str(self.within)]
-        args += ["--settings", json.dumps(self.settings)]
-        return args if self.monitor else [*args, "--no-monitor"]
+        return [*args, "--settings", json.dumps(self.settings), "--monitor", self.monitor]
 
 
 #: The floor as the issue defines it: per-event agent, default stream settings, the worker's broker settings.
 FLOOR = FloorVariant("bare Faust agent (per event, defaults)")
 
 #: What was tried to raise the floor (docs/performance.md has the results).
+_BUFFERS: dict[str, Any] = {
+    "stream_buffer_maxsize": 32768,
+    "broker_max_poll_records": 5000,
+    "consumer_max_fetch_size": 4 << 20,
+}
 FLOOR_EXPERIMENTS: tuple[FloorVariant, ...] = (
     FLOOR,
+    FloorVariant("+ Faust's PrometheusMonitor (as the worker runs)", monitor="prometheus"),
+    FloorVariant("+ Monitor without per-event bookkeeping", monitor="quiet"),
     FloorVariant("+ uvloop", loop="uvloop"),
     FloorVariant("batch agent: take_events(2000, 0.25)", batch=2000),
     FloorVariant("batch agent + uvloop", loop="uvloop", batch=2000),
     FloorVariant(
-        "batch + uvloop + buffers (stream_buffer_maxsize 32768, max_poll_records 5000, 4 MiB fetch)",
-        loop="uvloop",
-        batch=2000,
-        settings={"stream_buffer_maxsize": 32768, "broker_max_poll_records": 5000, "consumer_max_fetch_size": 4 << 20},
+        "per event + buffers (stream_buffer_maxsize 32768, max_poll_records 5000, 4 MiB fetch)", settings=_BUFFERS
     ),
+    FloorVariant("batch + buffers", batch=2000, settings=_BUFFERS),
+    FloorVariant("batch + buffers + uvloop", loop="uvloop", batch=2000, settings=_BUFFERS),
     FloorVariant(
-        "batch + uvloop + buffers, Monitor sensor off",
-        loop="uvloop",
-        batch=2000,
-        settings={"stream_buffer_maxsize": 32768, "broker_max_poll_records": 5000, "consumer_max_fetch_size": 4 << 20},
-        monitor=False,
+        "batch + buffers + uvloop + quiet Monitor", loop="uvloop", batch=2000, settings=_BUFFERS, monitor="quiet"
     ),
 )
 
@@ -189,7 +192,7 @@ def _main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=0)
     parser.add_argument("--within", type=float, default=0.25)
     parser.add_argument("--settings", default="{}")
-    parser.add_argument("--no-monitor", action="store_true")
+    parser.add_argument("--monitor", choices=("default", "quiet", "prometheus"), default="default")
     args = parser.parse_args(argv)
     if args.loop == "uvloop":
         import mode.loop
@@ -210,8 +213,13 @@ def _main(argv: Sequence[str] | None = None) -> None:
         stream_wait_empty=False,
         **json.loads(args.settings),
     )
-    if args.no_monitor:
+    if args.monitor == "quiet":
         app.monitor = _quiet_monitor()
+    elif args.monitor == "prometheus":
+        from faust.sensors.prometheus import FaustMetrics, PrometheusMonitor
+        from prometheus_client import CollectorRegistry
+
+        app.monitor = PrometheusMonitor(metrics=FaustMetrics.create(CollectorRegistry(), "faust"))
     topic = app.topic(*args.topics.split(","), key_serializer="raw", value_serializer="raw")
     expect, decode = args.expect, json.loads
     state = {"count": 0, "first": 0.0}

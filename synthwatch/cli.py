@@ -337,6 +337,19 @@ def bench_ingest_command(
     bench_ingest(console, events=events)
 
 
+@bench_app.command("pipeline")
+def bench_pipeline_command(
+    events: Annotated[int, typer.Option(help="Events for the throughput phases.")] = 100_000,
+    latency_seconds: Annotated[int, typer.Option(help="Seconds of steady load for alert latency.")] = 20,
+    rss_events: Annotated[int, typer.Option(help="Events before the worker's RSS is read.")] = 1_000_000,
+    scale_out: Annotated[bool, typer.Option(help="Also run two workers on one broker.")] = True,
+) -> None:
+    """The whole pipeline: transport and framework references, end to end, latency, start-up, RSS."""
+    from .bench_pipeline import bench_pipeline
+
+    bench_pipeline(console, events=events, latency_seconds=latency_seconds, rss_events=rss_events, scale_out=scale_out)
+
+
 @bench_app.command("publish")
 def bench_publish(
     events: Annotated[int, typer.Option(help="Events per producer.")] = 100_000,
