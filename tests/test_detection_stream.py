@@ -3,8 +3,7 @@ alerts as the offline backtest of the same file (one detector core, two adapters
 
 from __future__ import annotations
 
-import json
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from pathlib import Path
 
 import pytest
@@ -16,25 +15,9 @@ from synthwatch.producers.simulate import SimulationConfig, simulate
 from synthwatch.stream_apps.backtest import run_lines
 
 from .conftest import isolated_settings, start_worker, stop_worker, wait_until
+from .reliability_helpers import daily_chunks, novelty_summary
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _daily_chunks(lines: list[str]) -> list[list[str]]:
-    """Split the file where the newest event day advances: what one day of reporting delivers."""
-    chunks: list[list[str]] = [[]]
-    newest = None
-    for line in lines:
-        try:
-            day = datetime.fromisoformat(json.loads(line)["occurred_at"]).astimezone(UTC).date()
-        except (ValueError, KeyError, TypeError):
-            day = newest
-        if newest is not None and day is not None and day > newest and chunks[-1]:
-            chunks.append([])
-        if day is not None and (newest is None or day > newest):
-            newest = day
-        chunks[-1].append(line)
-    return chunks
 
 
 def test_streamed_month_raises_the_backtest_alerts(broker: EmbeddedBroker, tmp_path: Path) -> None:
@@ -47,7 +30,7 @@ def test_streamed_month_raises_the_backtest_alerts(broker: EmbeddedBroker, tmp_p
     try:
         sent = 0
         with Publisher(settings, broker.bootstrap_servers) as publisher:
-            for number, chunk in enumerate(_daily_chunks(sim.lines)):
+            for number, chunk in enumerate(daily_chunks(sim.lines)):
                 summary = publisher.publish_records(
                     InputRecord(source=f"day{number}:{i}", raw=line) for i, line in enumerate(chunk)
                 )
@@ -107,7 +90,7 @@ def test_streamed_month_raises_the_backtest_alerts(broker: EmbeddedBroker, tmp_p
     # Novelty: the same substances are new, once each, and reach the same regions. Which region is
     # called "first" may differ when two regions report a never-seen substance in the same moment
     # and their partitions deliver in another order than the file.
-    assert _novelty(streamed) == _novelty(backtest)
+    assert novelty_summary(streamed) == novelty_summary(backtest)
     same_first = sum(1 for a in streamed if a[1] == "new_substance" and a in set(backtest))
     new_total = sum(1 for a in backtest if a[1] == "new_substance")
     print(f"new substances with the same first region as the backtest: {same_first}/{new_total}")
@@ -117,18 +100,3 @@ def _matched(spike: tuple[str, ...], others: list[tuple[str, ...]]) -> bool:
     """The same region, series and metric, dated within a day."""
     day = date.fromisoformat(spike[3][:10])
     return any(o[:3] == spike[:3] and abs(date.fromisoformat(o[3][:10]) - day) <= timedelta(days=1) for o in others)
-
-
-def _novelty(alerts: list[tuple[str, str, str | None, str]]) -> dict[str, object]:
-    """Per substance: how often it was called new, the regions alerted, whether it spread."""
-    regions: dict[str, set[str]] = {}
-    new: dict[str, int] = {}
-    spread: set[str] = set()
-    for _, kind, region, key in alerts:
-        if kind in ("new_substance", "first_in_region"):
-            regions.setdefault(key, set()).add(region or "")
-        if kind == "new_substance":
-            new[key] = new.get(key, 0) + 1
-        if kind == "spread":
-            spread.add(key)
-    return {"regions": regions, "new": new, "spread": spread}
