@@ -4,17 +4,23 @@ Guarantees a caller can rely on:
 - an invalid record never stops the run and is never dropped silently: it is sent to the rejects
   topic with its reason;
 - a record whose ``event_id`` already appeared in this run is counted as a duplicate, not re-sent;
-- ``sent`` counts only records the broker acknowledged; anything else is listed in ``failed``.
+- ``sent`` counts only records the broker acknowledged; anything else is listed in ``failed``;
+- when the broker has lost the idempotent producer's state (a restarted broker, an in-memory one
+  above all), the producer is re-created and every record it had not acknowledged is sent again: a
+  re-sent record the broker did keep is a duplicate that the worker drops by ``event_id``.
 Events are keyed by region so that one region's events stay in order on one partition.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from kafka import KafkaProducer
+from kafka import errors as kafka_errors
 
 from synthwatch.broker import default_partition
 from synthwatch.schemas import Reject, WireError, parse_event, parse_event_object
@@ -22,6 +28,8 @@ from synthwatch.schemas.records import RejectStage
 from synthwatch.settings import Settings
 
 from .readers import InputRecord
+
+log = logging.getLogger("synthwatch.publisher")
 
 #: Producer settings measured to keep kafka-python near aiokafka's throughput (see docs/performance.md).
 PRODUCER_DEFAULTS: dict[str, Any] = {
@@ -36,6 +44,30 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "enable_idempotence": True,  # with it, 5 requests in flight keep a region's order across retries
     "max_in_flight_requests_per_connection": 5,
 }
+
+#: Errors that mean "the broker no longer knows this producer's id or sequence numbers": kafka-python's
+#: idempotent producer then fails every later record too, while a fresh producer (new id) succeeds.
+PRODUCER_STATE_ERRORS: tuple[type[Exception], ...] = (
+    kafka_errors.UnknownProducerIdError,
+    kafka_errors.OutOfOrderSequenceNumberError,
+    kafka_errors.InvalidProducerEpochError,
+)
+
+#: Fresh producers per ``publish_records`` call at most; records still failing after that are reported.
+MAX_PRODUCER_RENEWALS = 5
+
+
+@dataclass
+class Pending:
+    """One send not yet known to be done, with what it carries so it can be sent again."""
+
+    future: Any
+    what: str  # "event" or "reject"
+    label: str  # the event id or source, for the failure report
+    topic: str
+    key: bytes | None
+    value: bytes
+    partition: int | None
 
 
 @dataclass
@@ -62,16 +94,20 @@ class Publisher:
     ) -> None:
         self.settings = settings
         self.stage: RejectStage = stage
-        config = {**PRODUCER_DEFAULTS, **overrides}
-        self.producer = KafkaProducer(
-            bootstrap_servers=bootstrap_servers.split(","), client_id="synthwatch-publisher", **config
-        )
-        # Futures not yet known to be done, with what they carry ("event"/"reject", id). Swept in
-        # chunks: per-future callbacks cost more than the send itself at 50,000 messages/s.
-        self._pending: list[tuple[Any, str, str]] = []
+        self._config: dict[str, Any] = {
+            "bootstrap_servers": bootstrap_servers.split(","),
+            "client_id": "synthwatch-publisher",
+            **PRODUCER_DEFAULTS,
+            **overrides,
+        }
+        self.producer = KafkaProducer(**self._config)
+        # Sends not yet known to be done. Swept in chunks: per-future callbacks cost more than the
+        # send itself at 50,000 messages/s.
+        self._pending: list[Pending] = []
         self._failed: list[tuple[str, str]] = []
         self._acked: dict[str, int] = {"event": 0, "reject": 0}
         self._partitions: dict[tuple[str, bytes], int] = {}
+        self.renewals = 0  # fresh producers in the current publish_records call
 
     def partition_for(self, topic: str, key: bytes) -> int:
         """Kafka's default partition for ``key`` (murmur2, as Java and aiokafka clients compute it).
@@ -86,22 +122,58 @@ class Publisher:
         return cached
 
     def _sweep(self, wait: bool = False) -> None:
-        """Count finished sends; with ``wait`` (after flush) every send must have finished."""
-        still = []
-        for future, what, label in self._pending:
-            if not future.is_done and not wait:
-                still.append((future, what, label))
-            elif future.succeeded():
-                self._acked[what] += 1
-            else:
-                error = future.exception or "not acknowledged by the broker"
-                self._failed.append((f"{what} {label}", f"{type(error).__name__}: {error}"))
-        self._pending = still
+        """Count finished sends; with ``wait`` (after flush) every send must have finished.
+
+        Sends that failed because the broker lost the producer's state are sent again on a fresh
+        producer (at most ``MAX_PRODUCER_RENEWALS`` times per call); other failures are reported.
+        """
+        while True:
+            still: list[Pending] = []
+            again = False
+            for item in self._pending:
+                future = item.future
+                if not future.is_done and not wait:
+                    still.append(item)
+                elif future.succeeded():
+                    self._acked[item.what] += 1
+                elif isinstance(future.exception, PRODUCER_STATE_ERRORS) and self.renewals < MAX_PRODUCER_RENEWALS:
+                    still.append(item)
+                    again = True
+                else:
+                    error = future.exception or "not acknowledged by the broker"
+                    self._failed.append((f"{item.what} {item.label}", f"{type(error).__name__}: {error}"))
+            self._pending = still
+            if not again:
+                return
+            self._renew()
+            if not wait:
+                return
+            self.producer.flush()
+
+    def _renew(self) -> None:
+        """Replace the producer (a new producer id) and send everything not acknowledged again, in order.
+
+        What the old producer still holds is sent again too: it would fail the same way. A record it
+        did deliver meanwhile arrives twice and is dropped downstream by ``event_id``; it is counted once.
+        """
+        self.renewals += 1
+        resend, self._pending = self._pending, []
+        log.warning("the broker lost this producer's state; re-sending %d records on a fresh producer", len(resend))
+        old = self.producer
+        self.producer = KafkaProducer(**self._config)
+        with contextlib.suppress(Exception):
+            old.close(timeout=0)
+        for item in resend:
+            self._send(item.topic, item.key, item.value, item.partition, item.what, item.label)
+
+    def _send(self, topic: str, key: bytes | None, value: bytes, partition: int | None, what: str, label: str) -> None:
+        future = self.producer.send(topic, key=key, value=value, partition=partition)
+        self._pending.append(Pending(future, what, label, topic, key, value, partition))
 
     def send_raw(self, topic: str, key: bytes | None, value: bytes, what: str, label: str) -> None:
         """Queue one message; its acknowledgement or failure is counted under ``what``."""
         partition = None if key is None else self.partition_for(topic, key)
-        self._pending.append((self.producer.send(topic, key=key, value=value, partition=partition), what, label))
+        self._send(topic, key, value, partition, what, label)
         if len(self._pending) >= 20_000:
             self._sweep()
 
@@ -116,6 +188,7 @@ class Publisher:
         self.flush()
         self._sweep(wait=True)
         self._failed, self._acked = [], {"event": 0, "reject": 0}
+        self.renewals = 0
         summary = PublishSummary()
         seen: set[str] = set()
         reasons = summary.reject_reasons

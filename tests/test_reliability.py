@@ -426,12 +426,6 @@ def test_broker_restarted_under_the_publisher_it_never_claims_an_event_it_lost(b
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="kafka-python's idempotent producer fails every record with UnknownProducerIdError once the broker "
-    "has lost its producer state (a restarted in-memory Tansu); the publisher needs to re-send on a fresh "
-    "producer: patch in docs/performance.md (reliability findings)",
-)
 def test_broker_restarted_under_the_publisher_it_delivers_what_comes_after_the_restart(
     broker_restart: RestartRun,
 ) -> None:
