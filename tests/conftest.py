@@ -33,8 +33,18 @@ _db_counter = itertools.count()
 TOPICS = ("lab_detections", "border_seizures", "rejects", "alerts", "sightings")
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail the test with ``what`` otherwise."""
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float,
+    what: str,
+    interval: float = 0.2,
+    details: Callable[[], str] | None = None,
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test with ``what`` otherwise.
+
+    ``details`` is called on a timeout to say what the system was doing (a worker's counters and log),
+    so a failure in CI can be understood without re-running it.
+    """
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -42,13 +52,26 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
         if last:
             return last
         time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last value: {last!r})")
+    context = ""
+    if details is not None:
+        try:
+            context = "\n" + details()
+        except Exception as error:  # the diagnosis must not hide the timeout
+            context = f"\n(could not describe the state: {error!r})"
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last value: {last!r}){context}")
 
 
 @pytest.fixture(scope="session")
 def broker() -> Iterator[EmbeddedBroker]:
     """A real Tansu broker for the whole session."""
     with EmbeddedBroker(Settings()) as running:
+        yield running
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
+    """A Tansu broker for one test: heavy tests do not load the session broker, and its log is at hand."""
+    with EmbeddedBroker(Settings(), log_path=tmp_path / "tansu.log") as running:
         yield running
 
 
@@ -131,6 +154,16 @@ class RunningWorker:
 
     def count(self, sql: str, parameters: dict[str, Any] | None = None) -> int:
         return int(self.query(sql, parameters).rows[0][0])
+
+    def describe(self, log_lines: int = 60) -> str:
+        """The worker's counters and the end of its log, for a failure message."""
+        alive = "running" if self.process.poll() is None else f"exited with {self.process.returncode}"
+        try:
+            stats = json.dumps(self.stats(), sort_keys=True)
+        except Exception as error:
+            stats = f"(no /ready: {error!r})"
+        tail = self.log_path.read_text(errors="replace").splitlines()[-log_lines:]
+        return f"worker {alive}; counters {stats}\nlast {len(tail)} log lines:\n" + "\n".join(tail)
 
 
 def start_worker(settings: Settings, log_path: Path, command: str = "worker") -> RunningWorker:

@@ -130,8 +130,9 @@ def test_aggregates_equal_a_recount_from_the_raw_tables(replayed: tuple[Any, Any
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_worker_killed_mid_stream_restarts_without_gap_or_duplicate(broker: EmbeddedBroker, tmp_path: Path) -> None:
+def test_worker_killed_mid_stream_restarts_without_gap_or_duplicate(own_broker: EmbeddedBroker, tmp_path: Path) -> None:
     """SIGKILL between insert and offset commit: the restarted worker re-reads and stores each event once."""
+    broker = own_broker
     settings = isolated_settings(broker, tmp_path / "data")
     total, prefix = 20_000, f"k{settings.app_id[-6:]}"
 
@@ -152,14 +153,24 @@ def test_worker_killed_mid_stream_restarts_without_gap_or_duplicate(broker: Embe
     count = "SELECT count() FROM border_seizures WHERE startsWith(event_id, %(p)s)"
 
     worker = start_worker(settings, tmp_path / "worker-1.log")
-    seen = wait_until(lambda: (n := worker.count(count, {"p": prefix})) >= total // 10 and n, 120, "some rows stored")
+    seen = wait_until(
+        lambda: (n := worker.count(count, {"p": prefix})) >= total // 10 and n,
+        120,
+        "some rows stored",
+        details=worker.describe,
+    )
     assert stop_worker(worker, signal.SIGKILL) == -signal.SIGKILL
     print(f"killed the worker (SIGKILL) after {seen} of {total} events were stored")
     assert seen < total, "the worker finished before it could be killed; publish more events"
 
     restarted = start_worker(settings, tmp_path / "worker-2.log")
     try:
-        wait_until(lambda: restarted.count(count, {"p": prefix}) >= total, 180, f"all {total} events stored")
+        wait_until(
+            lambda: restarted.count(count, {"p": prefix}) >= total,
+            180,
+            f"all {total} events stored",
+            details=lambda: f"stored {restarted.count(count, {'p': prefix})} of {total}; {restarted.describe()}",
+        )
         rows, unique = restarted.query(
             "SELECT count(), uniqExact(event_id) FROM border_seizures WHERE startsWith(event_id, %(p)s)",
             {"p": prefix},
