@@ -1,13 +1,19 @@
-"""The HTTP code path against a real ClickHouse server: migrate, store, backfill, read back.
+"""The HTTP code path: migrate, store, backfill and read back through clickhouse-connect's HTTP client.
 
-Set SYNTHWATCH_TEST_CLICKHOUSE_URL=http://user:pass@host:8123 to run it; each run uses a fresh database
-on that server and drops it afterwards.
+Two targets. A real ClickHouse server when SYNTHWATCH_TEST_CLICKHOUSE_URL=http://user:pass@host:8123 is set
+(each run uses a fresh database on that server and drops it afterwards); it skips with that reason otherwise.
+And always: the embedded engine (the same ClickHouse code, chDB) answering ClickHouse's HTTP interface in a
+process of its own (tests/reliability_helpers.py), so the HTTP client path runs in every `make test` even
+where no server is reachable. The second target is not a ClickHouse server: server-only behaviour
+(users, clusters, replication) is covered only by the first.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -16,6 +22,7 @@ from urllib.parse import urlparse, urlunparse
 
 import pytest
 
+from synthwatch.broker import free_port, wait_for_port
 from synthwatch.clickhouse import connect, migrate
 from synthwatch.history import ingest_history
 from synthwatch.reads import stats, substance_history
@@ -26,17 +33,43 @@ from synthwatch.stream_apps.intake import Intake, RawMessage
 from .factories import lab, seizure
 
 SERVER = os.environ.get("SYNTHWATCH_TEST_CLICKHOUSE_URL")
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(not SERVER, reason="SYNTHWATCH_TEST_CLICKHOUSE_URL is not set (no ClickHouse server to test)"),
-]
+pytestmark = [pytest.mark.integration]
 
 
 @pytest.fixture
-def server_settings(tmp_path: Path) -> Iterator[Settings]:
-    assert SERVER is not None
+def engine_over_http(tmp_path: Path) -> Iterator[str]:
+    """The embedded engine behind ClickHouse's HTTP interface, in a process of its own; yields its URL."""
+    port = free_port()
+    log_path = tmp_path / "clickhouse-http.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "tests.reliability_helpers", "clickhouse-http", str(port), str(tmp_path / "chdb")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+    try:
+        wait_for_port("127.0.0.1", port, 60)
+        yield f"http://default:@127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(5)
+
+
+@pytest.fixture(params=["server", "engine-over-http"])
+def server_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Settings]:
+    if request.param == "server":
+        if not SERVER:
+            pytest.skip("SYNTHWATCH_TEST_CLICKHOUSE_URL is not set (no ClickHouse server to test)")
+        base = SERVER
+    else:
+        base = request.getfixturevalue("engine_over_http")
     database = f"synthwatch_test_{uuid.uuid4().hex[:8]}"
-    url = urlunparse(urlparse(SERVER)._replace(path=f"/{database}"))
+    url = urlunparse(urlparse(base)._replace(path=f"/{database}"))
     settings = Settings(data_dir=tmp_path, clickhouse_url=url)
     yield settings
     client = connect(settings)
