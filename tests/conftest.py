@@ -7,6 +7,7 @@ its own engine directory) and read its data through its HTTP ``/sql`` endpoint, 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -23,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from synthwatch.broker import EmbeddedBroker, ensure_topics
+from synthwatch.broker import EmbeddedBroker, ensure_topics, free_port, wait_for_port
 from synthwatch.clickhouse import connect
 from synthwatch.query import QueryResult, run_query
 from synthwatch.runtime import StackInfo, read_stack
@@ -197,6 +198,39 @@ def stop_worker(worker: RunningWorker, sig: int = signal.SIGTERM, timeout: float
             worker.process.kill()
             worker.process.wait(10)
     return worker.process.returncode
+
+
+def terminate(process: subprocess.Popen[bytes], timeout: float = 30) -> int:
+    """SIGTERM a child process, SIGKILL it if it does not stop in ``timeout`` s; returns its exit code."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+    return process.returncode
+
+
+@contextlib.contextmanager
+def engine_over_http(data_dir: Path, log_path: Path) -> Iterator[int]:
+    """The embedded engine answering ClickHouse's HTTP interface from a process of its own; yields its port.
+
+    A process of its own because chDB allows one engine per process (see DEVELOPERS.md).
+    """
+    port = free_port()
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "tests.reliability_helpers", "clickhouse-http", str(port), str(data_dir)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+    try:
+        wait_for_port("127.0.0.1", port, 60)
+        yield port
+    finally:
+        terminate(server, 15)
 
 
 def isolated_settings(broker: EmbeddedBroker, data_dir: Path, **overrides: Any) -> Settings:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -22,7 +20,6 @@ from urllib.parse import urlparse, urlunparse
 
 import pytest
 
-from synthwatch.broker import free_port, wait_for_port
 from synthwatch.clickhouse import connect, migrate
 from synthwatch.history import ingest_history
 from synthwatch.reads import stats, substance_history
@@ -30,6 +27,7 @@ from synthwatch.settings import Settings
 from synthwatch.stream_apps.clickhouse_sink import ClickHouseSink
 from synthwatch.stream_apps.intake import Intake, RawMessage
 
+from .conftest import engine_over_http
 from .factories import lab, seizure
 
 SERVER = os.environ.get("SYNTHWATCH_TEST_CLICKHOUSE_URL")
@@ -37,27 +35,9 @@ pytestmark = [pytest.mark.integration]
 
 
 @pytest.fixture
-def engine_over_http(tmp_path: Path) -> Iterator[str]:
-    """The embedded engine behind ClickHouse's HTTP interface, in a process of its own; yields its URL."""
-    port = free_port()
-    log_path = tmp_path / "clickhouse-http.log"
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "tests.reliability_helpers", "clickhouse-http", str(port), str(tmp_path / "chdb")],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=Path(__file__).resolve().parent.parent,
-        )
-    try:
-        wait_for_port("127.0.0.1", port, 60)
-        yield f"http://default:@127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(5)
+def engine_port(tmp_path: Path) -> Iterator[int]:
+    with engine_over_http(tmp_path / "chdb", tmp_path / "clickhouse-http.log") as port:
+        yield port
 
 
 @pytest.fixture(params=["server", "engine-over-http"])
@@ -67,7 +47,8 @@ def server_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
             pytest.skip("SYNTHWATCH_TEST_CLICKHOUSE_URL is not set (no ClickHouse server to test)")
         base = SERVER
     else:
-        base = request.getfixturevalue("engine_over_http")
+        port = request.getfixturevalue("engine_port")
+        base = f"http://default:@127.0.0.1:{port}"
     database = f"synthwatch_test_{uuid.uuid4().hex[:8]}"
     url = urlunparse(urlparse(base)._replace(path=f"/{database}"))
     settings = Settings(data_dir=tmp_path, clickhouse_url=url)

@@ -33,7 +33,7 @@ from synthwatch.stream_apps.metrics import (
     ingest_times,
     reject_reason,
 )
-from tests.conftest import wait_until
+from tests.conftest import terminate, wait_until
 
 
 def samples(exposition: bytes | str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -257,12 +257,7 @@ def metrics_worker(broker: EmbeddedBroker, tmp_path: Path) -> Iterator[tuple[str
     try:
         yield f"http://127.0.0.1:{port}", settings.topic_lab_detections
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        terminate(process)
         print(log.read_text(errors="replace")[-3000:])
 
 
