@@ -221,3 +221,27 @@ def test_quantities() -> None:
 def test_bad_quantities_are_rejected(value: float, unit: str) -> None:
     with pytest.raises(ValueError):
         normalise_quantity(value, unit)
+
+
+def _uncached_structure(smiles: str) -> tuple[str, str, str | None]:
+    """The standardisation done from scratch (no per-molecule cache): what the cached path must equal."""
+    from synthwatch.stream_apps.families import classify
+    from synthwatch.stream_apps.identity import _parent
+
+    parent = _parent(Chem.MolFromSmiles(smiles))
+    inchikey = Chem.MolToInchiKey(parent)
+    return inchikey[:14], inchikey, classify(parent)
+
+
+@settings(max_examples=150, deadline=None)
+@given(entry=ENTRIES, seed=SEEDS, salt=st.sampled_from(("", *SALTS)), kekule=st.booleans())
+def test_molecule_cache_gives_what_standardising_each_spelling_gives(
+    entry: CatalogueEntry, seed: int, salt: str, kekule: bool
+) -> None:
+    mol = Chem.MolFromSmiles(entry.smiles)
+    if kekule:
+        Chem.Kekulize(mol, clearAromaticFlags=True)
+    spelling = Chem.MolToRandomSmilesVect(mol, 1, randomSeed=seed, kekuleSmiles=kekule)[0] + salt
+    structure = structure_from_smiles(spelling)
+    assert not isinstance(structure, str), spelling
+    assert (structure.key, structure.inchikey, structure.family) == _uncached_structure(spelling)
