@@ -21,11 +21,15 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetPydanticSchema,
+    Strict,
     StringConstraints,
     TypeAdapter,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
 )
+from pydantic_core import core_schema
 
 #: Events before this instant or after ``LATEST_EVENT_TIME`` are typing errors, not history.
 EARLIEST_EVENT_TIME = datetime(1990, 1, 1, tzinfo=UTC)
@@ -107,6 +111,40 @@ def _plausible_time(value: datetime) -> datetime:
 CountryCode = Annotated[str, AfterValidator(_country_code)]
 RegionCode = Annotated[str, AfterValidator(_region_code)]
 Timestamp = Annotated[AwareDatetime, BeforeValidator(_timestamp_text), AfterValidator(_plausible_time)]
+InChIKey = Annotated[str, AfterValidator(_inchikey)]
+
+# --- the fast path: the same contract checked inside pydantic-core, no Python call per field ----------
+#
+# The public models below accept only values that are already in normal form (upper-case codes, a
+# well-formed InChIKey, an RFC 3339 string), which is what nearly every report sends. Anything they
+# refuse goes to the checked models at the end of this module, which accept what needs normalising and
+# word the reasons; :mod:`.wire` does the routing. Fast-accepted is a subset of checked-accepted with
+# equal values (tests/test_schemas.py compares the two on fuzzed input), so the contract is unchanged.
+# Each fast type shows the JSON Schema of its checked twin, so the exported schema is unchanged too.
+
+
+def _one_of(values: frozenset[str], json_schema: dict[str, Any]) -> Any:
+    """A str that must be one of ``values`` (a hash lookup in pydantic-core), shown as ``json_schema``."""
+    schema = core_schema.literal_schema(sorted(values))
+    return GetPydanticSchema(lambda _type, _handler: schema), WithJsonSchema(json_schema)
+
+
+#: Every code the checked validators accept, in the normal form they return it in.
+COUNTRY_CODES: frozenset[str] = frozenset(
+    code for code in (str(c.alpha_2).upper() for c in pycountry.countries) if _country_exists(code)
+)
+SUBDIVISION_COUNTRY: dict[str, str] = {
+    code: owner
+    for code in (str(s.code).upper() for s in pycountry.subdivisions)
+    if (owner := _subdivision_country(code)) is not None
+}
+
+_STRING = {"type": "string"}
+_FastCountry = Annotated[str, *_one_of(COUNTRY_CODES, _STRING)]
+_FastRegion = Annotated[str, *_one_of(frozenset(SUBDIVISION_COUNTRY), _STRING)]
+# Strict: a JSON string only (the checked twin refuses numbers); the range is checked by ``fast_event_ok``.
+_FastTimestamp = Annotated[AwareDatetime, Strict(), WithJsonSchema({"format": "date-time", "type": "string"})]
+_FastInChIKey = Annotated[str, StringConstraints(pattern=_INCHIKEY.pattern), WithJsonSchema(_STRING)]
 
 
 class SubstanceReport(BaseModel):
@@ -116,7 +154,7 @@ class SubstanceReport(BaseModel):
 
     name: Text = Field(description="Name as reported (any language, any spelling).")
     smiles: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)] | None = None
-    inchikey: Annotated[str, AfterValidator(_inchikey)] | None = None
+    inchikey: _FastInChIKey | None = None
     cas: Annotated[str, AfterValidator(_cas_number)] | None = None
 
 
@@ -133,20 +171,11 @@ class _EventBase(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     event_id: Text = Field(description="Unique id; a re-sent event carries the same id.")
-    occurred_at: Timestamp = Field(description="Event time (RFC 3339 with offset).")
-    reported_at: Timestamp | None = None
-    country: CountryCode
-    region: RegionCode = Field(description="ISO 3166-2 subdivision of `country`.")
+    occurred_at: _FastTimestamp = Field(description="Event time (RFC 3339 with offset).")
+    reported_at: _FastTimestamp | None = None
+    country: _FastCountry
+    region: _FastRegion = Field(description="ISO 3166-2 subdivision of `country`.")
     substance: SubstanceReport
-
-    @field_validator("region")
-    @classmethod
-    def _region_in_country(cls, region: str, info: ValidationInfo) -> str:
-        country = info.data.get("country")  # absent when the country itself was invalid
-        owner = _subdivision_country(region)
-        if country is not None and owner != country:
-            raise ValueError(f"{region} belongs to country {owner}, not {country}")
-        return region
 
     @property
     def extra_fields(self) -> dict[str, Any]:
@@ -178,11 +207,63 @@ class BorderSeizure(_EventBase):
     border_point: Text
     conveyance: Conveyance
     quantity: Quantity
-    origin_country: CountryCode | None = None
-    destination_country: CountryCode | None = None
+    origin_country: _FastCountry | None = None
+    destination_country: _FastCountry | None = None
 
 
 Event = Annotated[LabDetection | BorderSeizure, Field(discriminator="kind")]
 """Any input event; ``kind`` selects the model."""
 
 EVENT_ADAPTER: TypeAdapter[LabDetection | BorderSeizure] = TypeAdapter(Event)
+EVENTS_ADAPTER: TypeAdapter[list[LabDetection | BorderSeizure]] = TypeAdapter(list[Event])
+"""A JSON array of events in one call (bulk loads); fast path only, same acceptance rule per item."""
+
+
+def fast_event_ok(event: LabDetection | BorderSeizure) -> bool:
+    """The checks pydantic-core cannot make: times in the plausible range, region inside the country."""
+    reported = event.reported_at
+    return (
+        EARLIEST_EVENT_TIME <= event.occurred_at < LATEST_EVENT_TIME
+        and (reported is None or EARLIEST_EVENT_TIME <= reported < LATEST_EVENT_TIME)
+        and SUBDIVISION_COUNTRY[event.region] == event.country
+    )
+
+
+# --- the checked models: normalise what needs it, and say why a report is refused --------------------
+
+
+class CheckedSubstanceReport(SubstanceReport):
+    inchikey: InChIKey | None = None
+
+
+class _CheckedEvent(_EventBase):
+    occurred_at: Timestamp = Field(description="Event time (RFC 3339 with offset).")
+    reported_at: Timestamp | None = None
+    country: CountryCode
+    region: RegionCode = Field(description="ISO 3166-2 subdivision of `country`.")
+    substance: CheckedSubstanceReport
+
+    @field_validator("region")
+    @classmethod
+    def _region_in_country(cls, region: str, info: ValidationInfo) -> str:
+        country = info.data.get("country")  # absent when the country itself was invalid
+        owner = _subdivision_country(region)
+        if country is not None and owner != country:
+            raise ValueError(f"{region} belongs to country {owner}, not {country}")
+        return region
+
+
+class CheckedLabDetection(_CheckedEvent, LabDetection):
+    """:class:`LabDetection` with Python validators: normalises codes and words refusals."""
+
+
+class CheckedBorderSeizure(_CheckedEvent, BorderSeizure):
+    """:class:`BorderSeizure` with Python validators: normalises codes and words refusals."""
+
+    origin_country: CountryCode | None = None
+    destination_country: CountryCode | None = None
+
+
+CHECKED_EVENT_ADAPTER: TypeAdapter[CheckedLabDetection | CheckedBorderSeizure] = TypeAdapter(
+    Annotated[CheckedLabDetection | CheckedBorderSeizure, Field(discriminator="kind")]
+)

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .events import EVENT_ADAPTER, BorderSeizure, LabDetection
+from .events import CHECKED_EVENT_ADAPTER, EVENT_ADAPTER, BorderSeizure, LabDetection, fast_event_ok
 
 
 class WireError(ValueError):
@@ -60,19 +60,48 @@ def _peek_event_id(raw: bytes | str | dict[str, Any]) -> str | None:
 
 
 def parse_event(raw: bytes | str) -> LabDetection | BorderSeizure:
-    """Validate one JSON record; raise :class:`WireError` with a reason when it is not an event."""
+    """Validate one JSON record; raise :class:`WireError` with a reason when it is not an event.
+
+    The fast models decide nearly every record inside pydantic-core; what they refuse is judged again
+    by the checked models, which accept what only needs normalising and word the refusal.
+    """
     try:
-        return EVENT_ADAPTER.validate_json(raw)
+        event = EVENT_ADAPTER.validate_json(raw)
+    except ValidationError:
+        pass
+    else:
+        if fast_event_ok(event):
+            return event
+    try:
+        checked = CHECKED_EVENT_ADAPTER.validate_json(raw)
     except ValidationError as error:
         raise WireError(describe_validation_error(error), _peek_event_id(raw)) from None
+    return public_event(checked)
 
 
 def parse_event_object(obj: dict[str, Any]) -> LabDetection | BorderSeizure:
     """Validate an already decoded record (CSV rows, simulator output)."""
     try:
-        return EVENT_ADAPTER.validate_python(obj)
+        event = EVENT_ADAPTER.validate_python(obj)
+    except ValidationError:
+        pass
+    else:
+        if fast_event_ok(event):
+            return event
+    try:
+        checked = CHECKED_EVENT_ADAPTER.validate_python(obj)
     except ValidationError as error:
         raise WireError(describe_validation_error(error), _peek_event_id(obj)) from None
+    return public_event(checked)
+
+
+def public_event(checked: LabDetection | BorderSeizure) -> LabDetection | BorderSeizure:
+    """The public model of an event the checked models accepted (values already normalised).
+
+    Only the fields the report set are passed on, so defaults and ``model_fields_set`` come out as a
+    direct parse would give them.
+    """
+    return EVENT_ADAPTER.validate_python(checked.model_dump(exclude_unset=True))
 
 
 def event_to_json(event: LabDetection | BorderSeizure) -> bytes:
