@@ -260,13 +260,17 @@ class RegionDetector:
         series = [(obs.subject.key, obs.subject)]
         if obs.subject.family:
             series.append((f"family:{obs.subject.family}", family_subject(obs.subject.family)))
-        for key, subject in series:
-            name, state = self.series_state(obs.region, key, day)
+        states = [self.series_state(obs.region, key, day) for key, _ in series]
+        pool = states[1][1] if len(states) > 1 else None
+        for (key, subject), (name, state) in zip(series, states, strict=True):
             self.dirty_series.add(name)
-            # Seized mass is tested per substance only: a family mixes drugs seized by the gram with
-            # drugs seized by the kilo, so its mass distribution says nothing about any one of them.
-            grams = obs.grams if key == obs.subject.key else None
-            findings = self.model.observe(state, day, today, obs.event_id, grams, rhythm)
+            # Seized mass is tested per substance only: a family's total mixes drugs of every member,
+            # so an alert on it would say nothing about any one of them. The family keeps its masses as
+            # the usual seizure of members with too little history of their own.
+            own = key == obs.subject.key
+            findings = self.model.observe(
+                state, day, today, obs.event_id, obs.grams, rhythm, test_mass=own, pool=pool if own else None
+            )
 
             if emit:
                 result.alerts.extend(self._spike_alert(obs, subject, state, f) for f in findings if f.new_episode)

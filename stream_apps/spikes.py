@@ -2,13 +2,15 @@
 
 Most series are zero on most days, so a z-score over a 7-day window (EARS C1/C2/C3) false-alarms
 constantly. Instead, each series learns its own rate from its history and asks how surprising the
-recent count is under a quasi-Poisson model (Farrington-style: a day-of-week adjusted rate, an
-overdispersion factor, a guard band so an ongoing spike does not inflate its own baseline), over
-several window lengths. It decides intra-day: the current day is compared with a *full* day's
-expectation, so an alert fires on the report that makes the evidence cross the threshold.
+recent count is over several window lengths (Farrington-style: a day-of-week adjusted rate, a guard
+band so an ongoing spike does not inflate its own baseline, earlier outlying days capped, a shrunk
+overdispersion factor). The rate is only known from the reports it was learnt from, so the tail is
+the negative binomial predictive, not Poisson: sparse series do not cry wolf. It decides intra-day:
+the current day is compared with a *full* day's expectation, so an alert fires on the report that
+makes the evidence cross the threshold.
 
-Seized mass has its own test: a seizure is exceptional when its log-mass is far above the series'
-robust (median/MAD) log-mass; an episode needs repeated exceptional seizures, or one extreme one.
+Seized mass has its own test: are several of the window's seizures improbably far above the series'
+robust (median/MAD) log-mass - or, for a series with little history, its region × family's?
 
 Everything here is pure and synchronous; state is plain data so it can live in a Faust table.
 """
@@ -28,21 +30,33 @@ class SpikeConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    windows: tuple[int, ...] = Field(default=(1, 2, 3, 5, 7), description="Window lengths in days.")
+    windows: tuple[int, ...] = Field(default=(1, 2, 3, 4, 5, 7), description="Window lengths in days.")
     baseline_days: int = Field(default=56, description="History used for the rate, before the guard band.")
     guard_days: int = Field(default=2, description="Days before the longest window left out of the baseline.")
     min_history_days: int = Field(default=21, description="A series younger than this is not tested.")
     min_baseline_days: int = Field(default=14, description="Fewest baseline days needed.")
-    alpha: float = Field(default=1e-3, description="Tail probability that counts as a spike (all windows).")
+    alpha: float = Field(default=3e-3, description="Tail probability that counts as a spike (all windows).")
+    baseline_cap_z: float | None = Field(
+        default=3.0, description="Baseline days above rate + z·sqrt(rate) + 1 are capped (None: off)."
+    )
+    prior_events: float = Field(default=0.5, description="Reports added to a baseline (a rate is never zero).")
     min_count: int = Field(default=3, description="Fewest reports in the window for a count spike.")
     min_ratio: float = Field(default=2.0, description="Observed / expected at least this.")
     max_dispersion: float = Field(default=4.0, description="Cap on the overdispersion factor.")
-    cooldown_days: int = Field(default=7, description="Quiet days that end an episode.")
+    dispersion_prior_days: float = Field(default=50.0, description="Pseudo-days of Poisson variance in the dispersion.")
+    cooldown_days: int = Field(default=4, description="Quiet days that end an episode.")
+    renew_after_days: int = Field(default=7, description="Evidence starting this long after an alert is a new episode.")
     mass_min_history: int = Field(default=8, description="Seizures with a mass needed for the mass test.")
-    mass_z: float = Field(default=2.5, description="Robust z (log-mass) of a large seizure.")
-    mass_extreme_z: float = Field(default=4.5, description="Robust z that alone makes a mass spike.")
+    mass_z: float = Field(default=1.0, description="Robust z (log-mass) from which a seizure counts as large.")
+    mass_top: int = Field(default=5, description="Most large seizures of the window tested together.")
+    mass_prior_weight: float = Field(
+        default=50.0, description="Pseudo-seizures pulling each level's tail rate towards the normal tail."
+    )
+    mass_extreme_z: float | None = Field(
+        default=None, description="Robust z that alone makes a mass spike (off: bulk consignments are routine)."
+    )
     mass_repeat: int = Field(default=2, description="Fewest large seizures in the window for a mass spike.")
-    mass_alpha: float = Field(default=1e-2, description="Binomial tail probability of that many large seizures.")
+    mass_alpha: float = Field(default=1e-4, description="Binomial tail probability (all levels) of the large seizures.")
     mass_window_days: int = Field(default=7)
     mass_memory: int = Field(default=60, description="Most recent seizure masses kept per series.")
 
@@ -60,6 +74,35 @@ def poisson_sf(k: float, mean: float) -> float:
         lower += term
         term *= mean / (i + 1)
     return max(0.0, 1.0 - lower) if lower < 0.999999 else _upper_tail(k_int, mean)
+
+
+def gamma_poisson_sf(k: float, shape: float, scale: float) -> float:
+    """P(X >= k) for X ~ Poisson(L), L ~ Gamma(shape, scale): the negative binomial.
+
+    It is the predictive count of a window when the rate is only known from ``shape`` events over
+    an exposure of ``1 / scale`` windows: a series with three reports in eight weeks does not know
+    its rate well enough to call three reports in a day impossible.
+    """
+    if k <= 0:
+        return 1.0
+    if scale <= 0:
+        return 0.0
+    k_int = math.ceil(k)
+    q = scale / (1 + scale)
+    log_p0 = -shape * math.log1p(scale)
+    term, lower = math.exp(log_p0), 0.0
+    for i in range(k_int):
+        lower += term
+        term *= (i + shape) / (i + 1) * q
+    if lower < 0.999999:
+        return max(0.0, 1.0 - lower)
+    log_term = math.lgamma(k_int + shape) - math.lgamma(shape) - math.lgamma(k_int + 1) + log_p0 + k_int * math.log(q)
+    total, term, i = 0.0, math.exp(log_term), k_int
+    while term > total * 1e-12 and i < k_int + 10_000:
+        total += term
+        term *= (i + shape) / (i + 1) * q
+        i += 1
+    return total
 
 
 def _upper_tail(k: int, mean: float) -> float:
@@ -108,7 +151,7 @@ class SeriesState:
     evidence: list[tuple[int, str]] = field(default_factory=list)  # (day, event_id), most recent last
     # Not persisted: the baseline of the current day (it ends two weeks back, so reports arriving today
     # - never more than the lateness old - cannot change it) and the last day pruned.
-    cached_baseline: tuple[int, tuple[float, float, int] | None] | None = None
+    cached_baseline: tuple[int, tuple[float, float, float] | None] | None = None
     pruned_day: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,6 +202,11 @@ def binomial_sf(k: int, n: int, p: float) -> float:
     return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k, n + 1))
 
 
+def _cap(mean: float, z: float) -> float:
+    """Highest daily count a baseline day keeps: ``mean + z·sqrt(mean) + 1``."""
+    return mean + z * math.sqrt(mean) + 1.0
+
+
 def _median(values: list[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
@@ -172,6 +220,8 @@ class SpikeModel:
         self.config = config or SpikeConfig()
         cfg = self.config
         self.keep_days = cfg.baseline_days + cfg.guard_days + max(cfg.windows) + 2
+        self._windows, self._longest = frozenset(cfg.windows), max(cfg.windows)
+        self._alpha_per_window = cfg.alpha / len(cfg.windows)
 
     def observe(
         self,
@@ -181,10 +231,13 @@ class SpikeModel:
         event_id: str,
         grams: float | None,
         rhythm: Sequence[float],
+        test_mass: bool = True,
+        pool: SeriesState | None = None,
     ) -> list[SpikeFinding]:
         """Add a report of ``day`` (≤ ``today``, the series' newest day) and test the series.
 
-        ``rhythm[day % 7]`` is the region's weekday factor (1.0 when unknown).
+        ``rhythm[day % 7]`` is the region's weekday factor (1.0 when unknown). ``test_mass`` is off for
+        series whose masses are only kept as ``pool``: the usual seizure of a sparse series' family.
         """
         state.counts[day] = state.counts.get(day, 0) + 1
         state.evidence.append((day, event_id))
@@ -194,23 +247,30 @@ class SpikeModel:
             findings.append(count_finding)
         if grams is not None and grams > 0:
             state.grams[day] = state.grams.get(day, 0.0) + grams
-            mass_finding = self._mass_test(state, day, math.log(grams))
-            if mass_finding is not None:
-                findings.append(mass_finding)
+            if test_mass:
+                mass_finding = self._mass_test(state, day, math.log(grams), pool)
+                if mass_finding is not None:
+                    findings.append(mass_finding)
+            else:
+                state.masses.append((day, math.log(grams)))
+                if len(state.masses) > self.config.mass_memory:
+                    state.masses = state.masses[-self.config.mass_memory :]
         state.prune(today, self.keep_days)
         return findings
 
     # --- counts --------------------------------------------------------------------------------------
 
-    def baseline_rate(self, state: SeriesState, day: int, rhythm: Sequence[float]) -> tuple[float, float, int] | None:
-        """(weekday-adjusted daily rate, dispersion, baseline days) learnt from this series' history."""
+    def baseline_rate(self, state: SeriesState, day: int, rhythm: Sequence[float]) -> tuple[float, float, float] | None:
+        """(reports, weekday-adjusted exposure in days, dispersion) of this series' baseline."""
         if state.cached_baseline is not None and state.cached_baseline[0] == day:
             return state.cached_baseline[1]
         baseline = self._baseline_rate(state, day, rhythm)
         state.cached_baseline = (day, baseline)
         return baseline
 
-    def _baseline_rate(self, state: SeriesState, day: int, rhythm: Sequence[float]) -> tuple[float, float, int] | None:
+    def _baseline_rate(
+        self, state: SeriesState, day: int, rhythm: Sequence[float]
+    ) -> tuple[float, float, float] | None:
         cfg = self.config
 
         end = day - max(cfg.windows) - cfg.guard_days + 1  # exclusive: window + guard band left out
@@ -218,21 +278,37 @@ class SpikeModel:
         days = end - start
         if day - state.first_day < cfg.min_history_days or days < cfg.min_baseline_days:
             return None
-        # One pass, summing only the days with reports (most days of a sparse series are zero).
-        total_factor = sum(rhythm[d % 7] for d in range(start, end))
-        total = 0
+        # Summing only the days with reports (most days of a sparse series are zero).
+        weeks, rest = divmod(days, 7)
+        total_factor = weeks * sum(rhythm) + sum(rhythm[d % 7] for d in range(end - rest, end))
+        total = highest = 0.0
         adjusted_sum = adjusted_squares = 0.0
         for d, count in state.counts.items():
             if start <= d < end:
                 total += count
                 adjusted = count / rhythm[d % 7]
+                if adjusted > highest:
+                    highest = adjusted
                 adjusted_sum += adjusted
                 adjusted_squares += adjusted * adjusted
-        rate = max(total, 0.5) / total_factor  # half an event when none: a rate, never zero
+        # Robust: a day far above the rate (an earlier spike) is capped at rate + z·sqrt(rate) + 1
+        # (weekday-adjusted) before the rate and dispersion are learnt, or it would hide the next spike.
+        z = cfg.baseline_cap_z
+        if z is not None and highest > _cap((total + cfg.prior_events) / total_factor, z):
+            values = [(count / rhythm[d % 7], rhythm[d % 7]) for d, count in state.counts.items() if start <= d < end]
+            for _ in range(2):  # the rate falls as the outliers are capped; two passes converge
+                cap = _cap((total + cfg.prior_events) / total_factor, z)
+                values = [(min(adjusted, cap), factor) for adjusted, factor in values]
+                total = sum(adjusted * factor for adjusted, factor in values)
+            adjusted_sum = sum(adjusted for adjusted, _ in values)
+            adjusted_squares = sum(adjusted * adjusted for adjusted, _ in values)
         mean = adjusted_sum / days
         variance = (adjusted_squares - days * mean * mean) / (days - 1)
-        dispersion = min(cfg.max_dispersion, max(1.0, variance / mean)) if mean > 0 else 1.0
-        return rate, dispersion, days
+        # Variance / mean of a few weeks is noisy: shrunk towards Poisson (1) by ``dispersion_prior_days``.
+        raw = variance / mean if mean > 0 else 1.0
+        weight = (days - 1) / (days - 1 + cfg.dispersion_prior_days)
+        dispersion = min(cfg.max_dispersion, max(1.0, 1.0 + weight * (raw - 1.0)))
+        return total + cfg.prior_events, total_factor, dispersion
 
     def _count_test(self, state: SeriesState, day: int, rhythm: Sequence[float]) -> SpikeFinding | None:
         """Test the windows ending on the report's day and, for a late report, on the series' newest day.
@@ -253,31 +329,36 @@ class SpikeModel:
     ) -> tuple[float, int, int, float] | None:
         """(p, window, observed, expected) of the most surprising window ending on ``day``, if any."""
         cfg = self.config
-        baseline = self.baseline_rate(state, day, rhythm)
-        if baseline is None:
-            return None
-        rate, dispersion, _ = baseline
+        counts, windows = state.counts, self._windows
+        baseline: tuple[float, float, float] | None = None
+        rate = events = exposure = dispersion = 0.0
         best: tuple[float, int, int, float] | None = None
-        counts, windows = state.counts, set(cfg.windows)
         observed, weight = 0, 0.0
-        for length in range(1, max(cfg.windows) + 1):  # one pass: every window's sums on the way
+        for length in range(1, self._longest + 1):  # one pass: every window's sums on the way
             d = day - length + 1
             observed += counts.get(d, 0)
             weight += rhythm[d % 7]
-            if length not in windows:
+            if length not in windows or observed < cfg.min_count:
                 continue
-            window, expected = length, rate * weight
-            if observed < cfg.min_count or observed < cfg.min_ratio * expected:
+            if baseline is None:  # learnt only when a window has enough reports (sparse series rarely do)
+                baseline = self.baseline_rate(state, day, rhythm)
+                if baseline is None:
+                    return None
+                events, exposure, dispersion = baseline
+                rate = events / exposure
+            expected = rate * weight
+            if observed < cfg.min_ratio * expected:
                 continue
-            p = poisson_sf(observed / dispersion, expected / dispersion)
-            if p < cfg.alpha / len(cfg.windows) and (best is None or p < best[0]):
-                best = (p, window, observed, expected)
+            # The rate is known from ``events`` reports only: the predictive tail is negative binomial.
+            p = gamma_poisson_sf(observed / dispersion, events / dispersion, weight / exposure)
+            if p < self._alpha_per_window and (best is None or p < best[0]):
+                best = (p, length, observed, expected)
         return best
 
     def _count_finding(
         self, state: SeriesState, day: int, p: float, window: int, observed: int, expected: float
     ) -> SpikeFinding:
-        episode, new = self._episode(state, "count", day)
+        episode, new = self._episode(state, "count", day, day - window + 1)
         return SpikeFinding(
             metric="count",
             window_days=window,
@@ -292,38 +373,54 @@ class SpikeModel:
 
     # --- seized mass ---------------------------------------------------------------------------------
 
-    def _mass_test(self, state: SeriesState, day: int, log_mass: float) -> SpikeFinding | None:
+    def _mass_test(
+        self, state: SeriesState, day: int, log_mass: float, pool: SeriesState | None
+    ) -> SpikeFinding | None:
+        """Are this window's seizures improbably large for this series?
+
+        The usual log-mass is the series' own (median/MAD) or, while it has too few seizures, the
+        region × family pool's (drugs of one family are seized in similar forms and sizes). For the
+        k = 2..``mass_top`` largest seizures of the window, how likely are k seizures at least as large
+        as the k-th among the window's seizures (binomial, Bonferroni over k)? The tail rate at that
+        level is the history's, shrunk towards the normal tail by ``mass_prior_weight`` pseudo-seizures,
+        so a short history neither hides nor invents a tail.
+        """
         cfg = self.config
-        history = [v for d, v in state.masses if d < day - cfg.mass_window_days]
+        cutoff = day - cfg.mass_window_days
+        own = [v for d, v in state.masses if d <= cutoff]
         state.masses.append((day, log_mass))
         if len(state.masses) > cfg.mass_memory:
             state.masses = state.masses[-cfg.mass_memory :]
+        history = own
+        if len(history) < cfg.mass_min_history and pool is not None:
+            history = [v for d, v in pool.masses if d <= cutoff]
         if len(history) < cfg.mass_min_history:
             return None
         centre = _median(history)
         spread = max(1.4826 * _median([abs(v - centre) for v in history]), 0.25)
-
-        def z(value: float) -> float:
-            return (value - centre) / spread
-
-        current = z(log_mass)
+        current = (log_mass - centre) / spread
         if current < cfg.mass_z:
             return None
-        # How many of the window's seizures are unusually large, against this series' own tail rate
-        # (the empirical one, or the normal one when the history is short: whichever is larger).
-        recent = [v for d, v in state.masses if day - cfg.mass_window_days < d <= day]
-        large = sum(1 for v in recent if z(v) >= cfg.mass_z)
-        tail = max(normal_sf(cfg.mass_z), (sum(1 for v in history if z(v) >= cfg.mass_z) + 1) / (len(history) + 2))
-        p = binomial_sf(large, len(recent), tail)
-        if not (current >= cfg.mass_extreme_z or (large >= cfg.mass_repeat and p < cfg.mass_alpha)):
+        recent = sorted(((v - centre) / spread for d, v in state.masses if cutoff < d <= day), reverse=True)
+        scores = [(v - centre) / spread for v in history]
+        tested = range(cfg.mass_repeat, min(cfg.mass_top, len(recent)) + 1)
+        best = 1.0
+        for k in tested:
+            level = recent[k - 1]
+            if current < level or level < cfg.mass_z:
+                continue
+            in_history = sum(1 for v in scores if v >= level)
+            tail = (in_history + cfg.mass_prior_weight * normal_sf(level)) / (len(history) + cfg.mass_prior_weight)
+            best = min(best, binomial_sf(k, len(recent), tail))
+        p = min(1.0, best * max(1, len(tested)))
+        extreme = cfg.mass_extreme_z is not None and current >= cfg.mass_extreme_z
+        if not (extreme or p < cfg.mass_alpha):
             return None
-        window_first = day - cfg.mass_window_days + 1
+        window_first = cutoff + 1
         observed = sum(state.grams.get(d, 0.0) for d in range(window_first, day + 1))
-        typical = math.exp(centre)  # median seizure
-        seizures_in_history = len(history)
-        history_days = max(1, day - cfg.mass_window_days - state.first_day)
-        expected = typical * seizures_in_history / history_days * cfg.mass_window_days
-        episode, new = self._episode(state, "quantity", day)
+        history_days = max(1, cutoff - state.first_day)
+        expected = math.exp(centre) * len(own) / history_days * cfg.mass_window_days  # median seizure x rate
+        episode, new = self._episode(state, "quantity", day, window_first)
         return SpikeFinding(
             metric="quantity",
             window_days=cfg.mass_window_days,
@@ -338,10 +435,19 @@ class SpikeModel:
 
     # --- episodes ------------------------------------------------------------------------------------
 
-    def _episode(self, state: SeriesState, metric: str, day: int) -> tuple[Episode, bool]:
-        """The episode this evidence belongs to, and whether it starts now (after a quiet cool-down)."""
+    def _episode(self, state: SeriesState, metric: str, day: int, window_start: int) -> tuple[Episode, bool]:
+        """The episode this evidence belongs to, and whether it starts now.
+
+        An episode ends after ``cooldown_days`` without evidence. It also ends when the evidence lies
+        wholly after the episode's first window (a second surge days after the first): the long windows
+        still cross while they hold the first surge, and would otherwise swallow the second one.
+        """
         current = state.episodes.get(metric)
-        if current is None or day - current.last_day > self.config.cooldown_days:
+        if (
+            current is None
+            or day - current.last_day > self.config.cooldown_days
+            or window_start > current.start_day + self.config.renew_after_days
+        ):
             current = Episode(start_day=day, last_day=day)
             state.episodes[metric] = current
             return current, True

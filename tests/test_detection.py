@@ -9,7 +9,7 @@ import pytest
 from synthwatch.stream_apps.alerting import Subject, alert_id, day_of
 from synthwatch.stream_apps.detection import DetectionConfig, Detector, Observation, RegionState
 from synthwatch.stream_apps.novelty import NoveltyConfig, SubstanceState
-from synthwatch.stream_apps.spikes import SeriesState, ears_c2, poisson_sf
+from synthwatch.stream_apps.spikes import SeriesState, SpikeConfig, ears_c2, gamma_poisson_sf, poisson_sf
 
 T0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)  # a Monday
 TRAMADOL = Subject("TVYLLZQTGLZFBW", "Tramadol", None, "other_opioid", False, True)
@@ -47,6 +47,16 @@ def test_poisson_tail_is_exact_enough() -> None:
     assert poisson_sf(1, 2.0) == pytest.approx(1 - 0.1353352832, rel=1e-9)
     assert poisson_sf(10, 1.0) == pytest.approx(1.1142547833e-07, rel=1e-6)
     assert 0 < poisson_sf(60, 1.0) < 1e-60  # upper tail summed directly, not 1 - (almost 1)
+
+
+def test_predictive_tail_is_the_negative_binomial() -> None:
+    # P(X >= 1) = 1 - (1 + scale)^-shape; a huge shape with a tiny scale is Poisson
+    assert gamma_poisson_sf(1, 2.5, 0.1) == pytest.approx(1 - 1.1**-2.5, rel=1e-12)
+    assert gamma_poisson_sf(4, 1e7, 2e-7) == pytest.approx(poisson_sf(4, 2.0), rel=1e-5)
+    # a rate learnt from 3 reports is uncertain: 3 in a day is far less surprising than Poisson says
+    assert gamma_poisson_sf(3, 3.5, 1 / 56) > 1.5 * poisson_sf(3, 3.5 / 56)
+    assert gamma_poisson_sf(6, 1.5, 1 / 56) > 20 * poisson_sf(6, 1.5 / 56)
+    assert 0 < gamma_poisson_sf(80, 2.0, 0.1) < 1e-60  # upper tail summed directly
 
 
 def test_new_substance_fires_once_then_first_in_region_then_spread() -> None:
@@ -124,6 +134,35 @@ def test_count_spike_fires_intra_day_once_per_episode() -> None:
     assert len(again) == 1 and again[0].alert_id != spike.alert_id
 
 
+def _burst(subject: Subject, start: datetime, per_day: list[int]) -> list[Observation]:
+    return [obs(subject, start + timedelta(days=d, minutes=7 * k)) for d, n in enumerate(per_day) for k in range(n)]
+
+
+def test_an_earlier_spike_in_the_baseline_does_not_hide_the_next() -> None:
+    # 2 a day with a ×15 surge 11-13 days before the second, ×5 surge (on another weekday, so the
+    # region's weekday rhythm does not absorb it): capping the surge days in the baseline keeps the
+    # rate and dispersion those of the quiet days
+    history = _burst(TRAMADOL, T0, [2] * 40 + [30, 30, 30] + [2] * 10)
+    second = _burst(TRAMADOL, T0 + timedelta(days=53), [10])
+
+    def second_alerts(config: SpikeConfig) -> list:
+        detector = Detector(DetectionConfig(spike=config))
+        feed(detector, history)
+        return [a for a in feed(detector, second) if a.alert_type == "spike" and a.substance.key == TRAMADOL.key]
+
+    assert len(second_alerts(SpikeConfig())) == 1
+    assert second_alerts(SpikeConfig(baseline_cap_z=None)) == []  # the surge inflates the baseline
+
+
+def test_a_second_surge_after_the_first_is_a_new_episode() -> None:
+    detector = Detector()
+    alerts = feed(detector, _burst(TRAMADOL, T0, [1] * 40 + [12, 12] + [1] * 6 + [12, 12]))
+    spikes = [a for a in alerts if a.alert_type == "spike" and a.substance.key == TRAMADOL.key]
+    # the 7-day window still crosses on the quiet days in between, yet the second surge is news
+    assert [s.triggered_at.date() for s in spikes] == [(T0 + timedelta(days=d)).date() for d in (40, 48)]
+    assert spikes[0].alert_id != spikes[1].alert_id
+
+
 def test_young_series_is_not_tested_for_spikes() -> None:
     items = steady(TRAMADOL, 5, 1) + [obs(TRAMADOL, T0 + timedelta(days=5, minutes=k)) for k in range(20)]
     assert [a for a in feed(Detector(), items) if a.alert_type == "spike"] == []
@@ -140,6 +179,36 @@ def test_quantity_spike_on_far_larger_seizures() -> None:
     quantity = [a for a in feed(detector, big) if a.metric == "quantity"]
     assert len(quantity) == 1 and quantity[0].observed >= 9000
     assert quantity[0].substance.key == TRAMADOL.key  # mass is tested per substance, not per family
+
+
+def test_sparse_series_learns_the_usual_seizure_from_its_family() -> None:
+    import random
+
+    rnd = random.Random(2)
+    heroin = Subject("GVGLGOZIDCSQPN", "Heroin", None, "other_opioid", True, True)
+    family = [obs(heroin, T0 + timedelta(days=d, hours=3), grams=rnd.lognormvariate(3, 1)) for d in range(40)]
+    own = [obs(TRAMADOL, T0 + timedelta(days=d), grams=rnd.lognormvariate(3, 1)) for d in (5, 20)]
+    big = [obs(TRAMADOL, T0 + timedelta(days=45, hours=h), grams=5000.0) for h in (1, 5, 9)]
+    detector = Detector()
+    feed(detector, sorted(family + own, key=lambda o: o.occurred_at))
+    quantity = [a for a in feed(detector, big) if a.metric == "quantity"]
+    assert [a.substance.key for a in quantity] == [TRAMADOL.key]  # two seizures of its own would not do
+    assert quantity[0].triggered_at == big[1].occurred_at  # the second large seizure makes it
+
+    alone = Detector()  # the same seizures with no family behind them: nothing to compare with
+    feed(alone, own)
+    assert [a for a in feed(alone, big) if a.metric == "quantity"] == []
+
+
+def test_one_huge_seizure_alone_is_not_a_mass_spike_unless_configured() -> None:
+    import random
+
+    rnd = random.Random(3)
+    usual = [obs(TRAMADOL, T0 + timedelta(days=d), grams=rnd.lognormvariate(3, 0.5)) for d in range(40)]
+    huge = [obs(TRAMADOL, T0 + timedelta(days=41), grams=50_000.0)]
+    assert [a for a in feed(Detector(), usual + huge) if a.metric == "quantity"] == []
+    extreme = Detector(DetectionConfig(spike=SpikeConfig(mass_extreme_z=6.0)))
+    assert len([a for a in feed(extreme, usual + huge) if a.metric == "quantity"]) == 1
 
 
 def test_late_reports_count_in_their_day_and_too_late_ones_are_refused() -> None:
