@@ -322,7 +322,8 @@ class RegionDetector:
         else:
             summary = (
                 f"{place}: {f.observed:,.0f} g of {subject.name} seized in {f.window_days} days; the latest "
-                f"seizure is {f.score:.1f} robust SD above this series' usual mass."
+                f"seizure is {f.mass_z or 0:.1f} robust SD above the usual mass here, and that many this "
+                f"large are improbable (p < 1e-{int(f.score)})."
             )
         return build_alert(
             alert_type="spike",

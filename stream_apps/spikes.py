@@ -50,13 +50,13 @@ class SpikeConfig(BaseModel):
     mass_z: float = Field(default=1.0, description="Robust z (log-mass) from which a seizure counts as large.")
     mass_top: int = Field(default=5, description="Most large seizures of the window tested together.")
     mass_prior_weight: float = Field(
-        default=50.0, description="Pseudo-seizures pulling each level's tail rate towards the normal tail."
+        default=50.0, description="Pseudo-seizures pulling the history's tail rate towards the normal tail."
     )
     mass_extreme_z: float | None = Field(
         default=None, description="Robust z that alone makes a mass spike (off: bulk consignments are routine)."
     )
     mass_repeat: int = Field(default=2, description="Fewest large seizures in the window for a mass spike.")
-    mass_alpha: float = Field(default=1e-4, description="Binomial tail probability (all levels) of the large seizures.")
+    mass_alpha: float = Field(default=1e-4, description="Binomial tail probability of the k largest (Bonferroni).")
     mass_window_days: int = Field(default=7)
     mass_memory: int = Field(default=60, description="Most recent seizure masses kept per series.")
 
@@ -137,6 +137,7 @@ class SpikeFinding:
     window_start_day: int
     window_end_day: int
     new_episode: bool  # only the first finding of an episode becomes an alert
+    mass_z: float | None = None  # mass spikes: robust z of the seizure that made it
 
 
 @dataclass(slots=True)
@@ -426,11 +427,12 @@ class SpikeModel:
             window_days=cfg.mass_window_days,
             observed=round(observed, 3),
             expected=round(expected, 3),
-            score=round(max(current, min(-math.log10(max(p, 1e-300)), 300.0)), 3),
+            score=round(min(-math.log10(max(p, 1e-300)), 300.0), 3),
             episode_start=episode.start_day,
             window_start_day=window_first,
             window_end_day=day,
             new_episode=new,
+            mass_z=round(current, 3),
         )
 
     # --- episodes ------------------------------------------------------------------------------------
