@@ -6,14 +6,23 @@ a file beside the output so nothing is lost silently.
 
 from __future__ import annotations
 
+import gc
+import itertools
+import json
+import re
+import sys
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
 
 from synthwatch.schemas import Alert, Reject, WireError, parse_event
 
 from .detection import DetectionConfig, Detector, Observation
+from .identity import Structure, remember_structures, structure_from_smiles
 from .intake import Intake
 
 
@@ -46,35 +55,100 @@ def run_lines(lines: Iterable[tuple[str, str]], config: DetectionConfig | None =
     summary, alerts, rejects = BacktestSummary(), [], []
     seen: set[str] = set()  # the worker asks ClickHouse; here the whole history is at hand
     started = time.perf_counter()
-    for source, line in lines:
-        summary.lines += 1
-        try:
-            event = parse_event(line)
-        except WireError as error:
-            summary.malformed += 1
-            rejects.append(
-                Reject.of(line, source=source, reason=error.reason, stage="backtest", event_id=error.event_id)
-            )
-            continue
-        item = intake.enrich(event, source)
-        result = detector.observe(Observation.of(item))
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # ~10 short-lived objects per line and a growing state: the cyclic collector only costs
+    try:
+        for source, line in _with_structures_ahead(lines):
+            summary.lines += 1
+            try:
+                event = parse_event(line)
+            except WireError as error:
+                summary.malformed += 1
+                rejects.append(
+                    Reject.of(line, source=source, reason=error.reason, stage="backtest", event_id=error.event_id)
+                )
+                continue
+            item = intake.enrich(event, source)
+            result = detector.observe(Observation.of(item))
 
-        if result.duplicate or (result.late_reason is not None and item.event_id in seen):
-            summary.duplicates += 1
-        elif result.late_reason is not None:
-            summary.too_late += 1
-            rejects.append(
-                Reject.of(line, source=source, reason=result.late_reason, stage="detection", event_id=item.event_id)
-            )
-        else:
-            seen.add(item.event_id)
-            summary.events += 1
-            alerts.extend(result.alerts)
+            if result.duplicate or (result.late_reason is not None and item.event_id in seen):
+                summary.duplicates += 1
+            elif result.late_reason is not None:
+                summary.too_late += 1
+                rejects.append(
+                    Reject.of(line, source=source, reason=result.late_reason, stage="detection", event_id=item.event_id)
+                )
+            else:
+                seen.add(item.event_id)
+                summary.events += 1
+                alerts.extend(result.alerts)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     summary.seconds = time.perf_counter() - started
     summary.alerts = len(alerts)
     for alert in alerts:
         summary.alerts_by_type[alert.alert_type] = summary.alerts_by_type.get(alert.alert_type, 0) + 1
     return BacktestRun(alerts, rejects, summary)
+
+
+# --- RDKit ahead of the reader -----------------------------------------------------------------------
+#
+# Standardising a new SMILES spelling costs ~0.3 ms, a tenth of the backtest when cold. A second process
+# standardises the spellings of the next block while this one detects over the current block; its
+# answers are the same function's (``structure_from_smiles``), so results do not depend on it.
+
+_BLOCK_LINES = 4096
+_SMILES_FIELD = re.compile(r'"smiles"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+def _spellings(block: list[tuple[str, str]], asked: set[str]) -> list[str]:
+    """SMILES spellings in ``block`` not asked for yet, as validation will hand them to the resolver."""
+    new = set()
+    for _source, line in block:
+        if not isinstance(line, str):  # callers may hand over raw bytes: those resolve when read
+            continue
+        for raw in _SMILES_FIELD.findall(line):
+            try:
+                text = json.loads(f'"{raw}"') if "\\" in raw else raw
+            except ValueError:
+                continue
+            text = text.strip()
+            if text and text not in asked:
+                new.add(text)
+    asked.update(new)
+    return sorted(new)
+
+
+def _standardise_all(spellings: list[str]) -> dict[str, Structure | str]:
+    return {text: structure_from_smiles(text) for text in spellings}
+
+
+def _with_structures_ahead(lines: Iterable[tuple[str, str]]) -> Iterator[tuple[str, str]]:
+    """The lines unchanged; meanwhile a helper process fills the structure cache a block ahead.
+
+    Small inputs (one block) never start the process.
+    """
+    source = iter(lines)
+    blocks = iter(lambda: list(itertools.islice(source, _BLOCK_LINES)), [])
+    first = next(blocks, None)
+    if first is None:
+        return
+    if len(first) < _BLOCK_LINES:
+        yield from first
+        return
+    method = "fork" if "chdb" not in sys.modules and sys.platform == "linux" else "forkserver"
+    asked: set[str] = set()
+    with ProcessPoolExecutor(1, mp_context=get_context(method)) as pool:
+        ahead: deque[tuple[list[tuple[str, str]], Future[dict[str, Structure | str]]]] = deque()
+        ahead.append((first, pool.submit(_standardise_all, _spellings(first, asked))))
+        while ahead:
+            block, future = ahead.popleft()
+            following = next(blocks, None)
+            if following is not None:
+                ahead.append((following, pool.submit(_standardise_all, _spellings(following, asked))))
+            remember_structures(future.result())
+            yield from block
 
 
 def read_lines(path: Path) -> Iterator[tuple[str, str]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from functools import cache, lru_cache
 from typing import Any, Literal
@@ -64,9 +64,29 @@ def _parent(mol: Any) -> Any:
     return rdMolStandardize.Uncharger().uncharge(parent)
 
 
-@lru_cache(maxsize=_CACHE_SIZE)
 def structure_from_smiles(smiles: str) -> Structure | str:
-    """Structure for a SMILES, or an error message. Cached per input string: this is the hot path.
+    """Structure for a SMILES, or an error message. Cached per input string: this is the hot path."""
+    found = _BY_SPELLING.get(smiles)
+    if found is None:
+        found = _standardise(smiles)
+        if len(_BY_SPELLING) >= _CACHE_SIZE:
+            _BY_SPELLING.clear()
+        _BY_SPELLING[smiles] = found
+    return found
+
+
+def remember_structures(found: Mapping[str, Structure | str]) -> None:
+    """Add answers another process computed with :func:`structure_from_smiles` to this process's cache.
+
+    Lets a pool standardise the distinct spellings of a file ahead of the reader (RDKit is the cold cost).
+    """
+    if len(_BY_SPELLING) + len(found) > _CACHE_SIZE:
+        _BY_SPELLING.clear()
+    _BY_SPELLING.update(found)
+
+
+def _standardise(smiles: str) -> Structure | str:
+    """RDKit's answer for one spelling.
 
     Spellings of one molecule (atom order, ring closures, Kekulé or aromatic) are many, molecules few
     (the simulated year: 2,278 spellings, 242 molecules). Parsing and writing RDKit's canonical SMILES
@@ -107,6 +127,7 @@ def _structure_of_molecule(canonical: str, mol: Any) -> Structure | str:
 
 
 _BY_CANONICAL: dict[str, Structure | str] = {}
+_BY_SPELLING: dict[str, Structure | str] = {}
 
 
 @lru_cache(maxsize=_CACHE_SIZE)
