@@ -27,16 +27,18 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
+from typing import get_args
 
 from clickhouse_connect.driver.client import Client
 
 from synthwatch.catalogue import shipped_catalogue
 from synthwatch.schemas import BorderSeizure, LabDetection, Reject, WireError, parse_event
+from synthwatch.schemas.events import QuantityUnit
 from synthwatch.stream_apps.clickhouse_sink import (
     LAB_COLUMNS,
     LAB_TABLE,
@@ -327,27 +329,68 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
 _SMILES_FIELD = re.compile(rb'"smiles"\s*:\s*"((?:[^"\\]|\\.)*)"')
 
 
-def distinct_smiles(path: Path) -> list[str]:
-    """Every distinct SMILES spelling in the file (as validation will strip it), from a regex pass."""
-    found: set[bytes] = set()
+def compute_structures(smiles: list[str]) -> dict[str, Structure | str]:
+    """RDKit's answer for each SMILES (a structure, or the reason it is not one); runs in a worker."""
+    return {text: structure_from_smiles(text) for text in smiles}
+
+
+def scan_part(path: str, start: int, end: int) -> set[str]:
+    """Distinct SMILES spellings in a byte range of whole lines; also readies this worker's caches.
+
+    Runs in the workers while the parent opens and migrates the engine, so the first chunks find the
+    catalogue indexed and pint's registry built (a few hundred ms per process otherwise).
+    """
+    _catalogue_names()
+    _seeded_resolver({})
+    for unit in get_args(QuantityUnit):
+        normalise_quantity(1.0, unit)
+    found: set[str] = set()
     with open(path, "rb") as handle:
-        while block := handle.read(64 * 1024 * 1024):
-            block += handle.readline()
-            found.update(_SMILES_FIELD.findall(block))
+        handle.seek(start)
+        remaining = end - start
+        while remaining > 0:
+            block = handle.read(min(remaining, 64 * 1024 * 1024))
+            if not block:
+                break
+            remaining -= len(block)
+            found.update(_decoded_smiles(_SMILES_FIELD.findall(block)))
+    return found
+
+
+def _decoded_smiles(found: Iterable[bytes]) -> set[str]:
     out = set()
-    for raw in found:
+    for raw in set(found):
         try:
             text = json.loads(b'"' + raw + b'"')
         except ValueError:
             continue
         if isinstance(text, str) and text.strip():
             out.add(text.strip())
-    return sorted(out)
+    return out
 
 
-def compute_structures(smiles: list[str]) -> dict[str, Structure | str]:
-    """RDKit's answer for each SMILES (a structure, or the reason it is not one); runs in a worker."""
-    return {text: structure_from_smiles(text) for text in smiles}
+class _Prepass:
+    """Every distinct SMILES through RDKit once, split over the workers, started before the engine opens."""
+
+    def __init__(self, pool: ProcessPoolExecutor, path: Path, workers: int) -> None:
+        self.pool, self.workers = pool, workers
+        size = path.stat().st_size
+        bounds = [0]
+        with open(path, "rb") as handle:
+            for i in range(1, workers):
+                handle.seek(max(size * i // workers, bounds[-1]))
+                handle.readline()  # to the next line start: a line is scanned by exactly one part
+                bounds.append(handle.tell())
+        bounds.append(size)
+        self.scans = [pool.submit(scan_part, str(path), a, b) for a, b in itertools.pairwise(bounds)]
+
+    def structures(self) -> dict[str, Structure | str]:
+        spellings = sorted(set().union(*(scan.result() for scan in self.scans)))
+        parts = [spellings[i :: self.workers] for i in range(self.workers)]
+        structures: dict[str, Structure | str] = {}
+        for part in self.pool.map(compute_structures, parts):
+            structures.update(part)
+        return structures
 
 
 # --- reading the file in chunks --------------------------------------------------------------------
@@ -470,13 +513,14 @@ def ingest_history(
     summary = IngestSummary(path=str(path), workers=workers)
     started = time.perf_counter()
     pool = _pool(workers) if workers > 0 else None  # before the engine opens in this process
+    prepass = _Prepass(pool, path, workers) if pool is not None else None  # runs while the engine opens
     own_client = client is None
     client = client or connect(settings)
     try:
         migrate(client)
         store = _Store(client)
         try:
-            _run(client, store, pool, path, batch_size, progress, size, summary, workers)
+            _run(client, store, pool, prepass, path, batch_size, progress, size, summary, workers)
         finally:
             store.close()
     finally:
@@ -492,6 +536,7 @@ def _run(
     client: Client,
     store: _Store,
     pool: ProcessPoolExecutor | None,
+    prepass: _Prepass | None,
     path: Path,
     batch_size: int,
     progress: bool,
@@ -501,12 +546,7 @@ def _run(
 ) -> None:
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
-    structures: dict[str, Structure | str] = {}
-    if pool is not None:
-        smiles = distinct_smiles(path)
-        halves = [smiles[i :: max(workers, 1)] for i in range(max(workers, 1))]
-        for part in pool.map(compute_structures, halves):
-            structures.update(part)
+    structures = prepass.structures() if prepass is not None else {}
     resolver = _seeded_resolver(_learnt_from_clickhouse(client), structures)
     sink = ClickHouseSink(client)
     chunks = _chunks(path, batch_size)
