@@ -23,6 +23,7 @@ queries for commands that cannot open the embedded engine while this process hol
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import time
@@ -41,6 +42,7 @@ from synthwatch.query import QueryError, execute_local
 from synthwatch.schemas import Alert, Reject, event_to_json
 from synthwatch.settings import Settings
 
+from . import faust_transport
 from .clickhouse_sink import ClickHouseSink
 from .detection import Observation, RegionDetector
 from .intake import EnrichedEvent, Intake, RawMessage
@@ -130,8 +132,13 @@ def _partition(source: str) -> int:
 def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> faust.App:
     """Build the Faust app for one worker process (no module-level app: tests build several)."""
     settings = ctx.settings
-    app = faust.App(
+    app = faust_transport.App(
         settings.app_id,
+        fetch_max_wait_ms=settings.consumer_fetch_max_wait_ms,
+        stream_buffer_maxsize=settings.stream_buffer_maxsize,
+        broker_max_poll_records=settings.consumer_max_poll_records,
+        producer_max_batch_size=settings.producer_batch_bytes,
+        producer_linger=settings.producer_linger_ms / 1000,
         broker=[f"kafka://{server.strip()}" for server in bootstrap_servers.split(",")],
         store="memory://",
         datadir=str(settings.data_dir / "faust"),
@@ -228,12 +235,16 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             result = ctx.intake.process(messages)
             kept, late, alerts, sightings, partitions = detect_regions(result.events)
             result.duplicates += await refuse_late(late, result.rejects)
-            stored = await with_retries(
-                app,
-                "storing events",
-                metrics.timed_call("events", len(kept), partial(ctx.sink.store_events, kept)),
-                stats,
-                metrics,
+            # ClickHouse inserts in its thread while this loop produces; both finish before the batch's
+            # offsets can be committed (the loop body returns after both).
+            storing = asyncio.ensure_future(
+                with_retries(
+                    app,
+                    "storing events",
+                    metrics.timed_call("events", len(kept), partial(ctx.sink.store_events, kept)),
+                    stats,
+                    metrics,
+                )
             )
             pending = [
                 await send(rejects_topic, (r.event_id or r.source).encode(), r.model_dump_json().encode())
@@ -249,7 +260,10 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             ]
             changes = [(partitions[region], key, value) for region, key, value in ctx.regions.drain_dirty()]
             pending += save(region_table, changes)
-            await send_all(pending)
+            try:
+                await send_all(pending)
+            finally:
+                stored = await storing
             metrics.stored("lab_detections", stored.lab_detections)
             metrics.stored("border_seizures", stored.border_seizures)
             metrics.skipped_duplicates(result.duplicates + stored.already_stored)
@@ -366,6 +380,12 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             )
             await send_all(pending)
             log.info("detector state rebuilt from ClickHouse: %s", report)
+        if settings.gc_freeze:
+            # What exists now lives as long as the worker: keep it out of every later collection, and
+            # collect the young generation less often (each collection walks the detector state).
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(50_000, 20, 100)
         ctx.state_ready = True
         metrics.set_ready()
         stats.ready_seconds = time.monotonic() - ctx.started_at

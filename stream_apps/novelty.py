@@ -9,7 +9,7 @@ network has never seen is still news to it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
@@ -47,7 +47,8 @@ class Sighting:
     sample_type: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        """The wire form on the sightings topic (fields are flat: no deep copy as ``asdict`` makes)."""
+        data = {name: getattr(self, name) for name in _SIGHTING_FIELDS}
         data["occurred_at"] = self.occurred_at.isoformat()
         return data
 
@@ -58,6 +59,9 @@ class Sighting:
     @property
     def subject(self) -> Subject:
         return Subject(self.key, self.name, self.inchikey, self.family, self.controlled, self.catalogued)
+
+
+_SIGHTING_FIELDS = tuple(f.name for f in fields(Sighting))
 
 
 @dataclass(slots=True)

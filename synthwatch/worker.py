@@ -44,6 +44,10 @@ def run_worker(
     from synthwatch.stream_apps.novelty import NoveltyDetector
 
     started_at = time.monotonic() if started_at is None else started_at
+    if settings.event_loop == "uvloop":
+        import mode.loop
+
+        mode.loop.use("uvloop")  # before Faust creates its loop
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints every stack
     client = connect(settings)
     if settings.migrate_on_start:
