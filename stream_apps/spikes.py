@@ -32,7 +32,7 @@ class SpikeConfig(BaseModel):
 
     windows: tuple[int, ...] = Field(default=(1, 2, 3, 4, 5, 7), description="Window lengths in days.")
     baseline_days: int = Field(default=56, description="History used for the rate, before the guard band.")
-    guard_days: int = Field(default=2, description="Days before the longest window left out of the baseline.")
+    guard_days: int = Field(default=1, description="Days before the longest window left out of the baseline.")
     min_history_days: int = Field(default=21, description="A series younger than this is not tested.")
     min_baseline_days: int = Field(default=14, description="Fewest baseline days needed.")
     alpha: float = Field(default=3e-3, description="Tail probability that counts as a spike (all windows).")
@@ -150,7 +150,7 @@ class SeriesState:
     masses: list[tuple[int, float]] = field(default_factory=list)  # (day, log grams), most recent last
     episodes: dict[str, Episode] = field(default_factory=dict)
     evidence: list[tuple[int, str]] = field(default_factory=list)  # (day, event_id), most recent last
-    # Not persisted: the baseline of the current day (it ends two weeks back, so reports arriving today
+    # Not persisted: the baseline of the current day (it ends 8 days back, so reports arriving today
     # - never more than the lateness old - cannot change it) and the last day pruned.
     cached_baseline: tuple[int, tuple[float, float, float] | None] | None = None
     pruned_day: int | None = None
