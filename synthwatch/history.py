@@ -396,13 +396,18 @@ class _Prepass:
 # --- reading the file in chunks --------------------------------------------------------------------
 
 
-def _chunks(path: Path, batch_size: int) -> Iterator[tuple[int, int, int]]:
-    """(start offset, end offset, first line number) of consecutive ranges of ``batch_size`` lines."""
+def _chunks(path: Path, batch_size: int, small_first: int = 0) -> Iterator[tuple[int, int, int]]:
+    """(start offset, end offset, first line number) of consecutive ranges of ``batch_size`` lines.
+
+    The first ``small_first`` ranges are a quarter of that: this process waits for the first chunk
+    before it can insert anything, so a small one gets the engine busy early.
+    """
     with open(path, "rb") as handle:
         line = 1
-        while True:
+        for n in itertools.count():
             start = handle.tell()
-            count = sum(1 for _ in itertools.islice(handle, batch_size))
+            size = max(1, batch_size // 4) if n < small_first else batch_size
+            count = sum(1 for _ in itertools.islice(handle, size))
             if count == 0:
                 return
             yield start, handle.tell(), line
@@ -549,7 +554,7 @@ def _run(
     structures = prepass.structures() if prepass is not None else {}
     resolver = _seeded_resolver(_learnt_from_clickhouse(client), structures)
     sink = ClickHouseSink(client)
-    chunks = _chunks(path, batch_size)
+    chunks = _chunks(path, batch_size, small_first=workers)
     in_flight: list[Future[ChunkResult]] = []
 
     def submit() -> bool:
