@@ -154,6 +154,7 @@ class SeriesState:
     # - never more than the lateness old - cannot change it) and the last day pruned.
     cached_baseline: tuple[int, tuple[float, float, float] | None] | None = None
     pruned_day: int | None = None
+    newest_day: int | None = None  # not persisted either: max(counts), kept as reports come in
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -241,6 +242,10 @@ class SpikeModel:
         series whose masses are only kept as ``pool``: the usual seizure of a sparse series' family.
         """
         state.counts[day] = state.counts.get(day, 0) + 1
+        if state.newest_day is None:
+            state.newest_day = max(state.counts)
+        elif day > state.newest_day:
+            state.newest_day = day
         state.evidence.append((day, event_id))
         findings = []
         count_finding = self._count_test(state, day, rhythm)
@@ -297,12 +302,15 @@ class SpikeModel:
         z = cfg.baseline_cap_z
         if z is not None and highest > _cap((total + cfg.prior_events) / total_factor, z):
             values = [(count / rhythm[d % 7], rhythm[d % 7]) for d, count in state.counts.items() if start <= d < end]
+            cap = highest
             for _ in range(2):  # the rate falls as the outliers are capped; two passes converge
                 cap = _cap((total + cfg.prior_events) / total_factor, z)
-                values = [(min(adjusted, cap), factor) for adjusted, factor in values]
-                total = sum(adjusted * factor for adjusted, factor in values)
-            adjusted_sum = sum(adjusted for adjusted, _ in values)
-            adjusted_squares = sum(adjusted * adjusted for adjusted, _ in values)
+                total = sum(min(adjusted, cap) * factor for adjusted, factor in values)
+            adjusted_sum = adjusted_squares = 0.0
+            for adjusted, _ in values:
+                kept = min(adjusted, cap)
+                adjusted_sum += kept
+                adjusted_squares += kept * kept
         mean = adjusted_sum / days
         variance = (adjusted_squares - days * mean * mean) / (days - 1)
         # Variance / mean of a few weeks is noisy: shrunk towards Poisson (1) by ``dispersion_prior_days``.
@@ -318,7 +326,7 @@ class SpikeModel:
         is ever tested with all its reports would depend on the order reports happen to arrive in.
         The episode is dated by the earliest window end that crosses.
         """
-        newest = max(state.counts)
+        newest = state.newest_day if state.newest_day is not None else max(state.counts)
         for end in (day, newest) if newest > day else (day,):
             found = self._count_windows(state, end, rhythm)
             if found is not None:
