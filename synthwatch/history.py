@@ -396,18 +396,13 @@ class _Prepass:
 # --- reading the file in chunks --------------------------------------------------------------------
 
 
-def _chunks(path: Path, batch_size: int, small_first: int = 0) -> Iterator[tuple[int, int, int]]:
-    """(start offset, end offset, first line number) of consecutive ranges of ``batch_size`` lines.
-
-    The first ``small_first`` ranges are a quarter of that: this process waits for the first chunk
-    before it can insert anything, so a small one gets the engine busy early.
-    """
+def _chunks(path: Path, batch_size: int) -> Iterator[tuple[int, int, int]]:
+    """(start offset, end offset, first line number) of consecutive ranges of ``batch_size`` lines."""
     with open(path, "rb") as handle:
         line = 1
-        for n in itertools.count():
+        while True:
             start = handle.tell()
-            size = max(1, batch_size // 4) if n < small_first else batch_size
-            count = sum(1 for _ in itertools.islice(handle, size))
+            count = sum(1 for _ in itertools.islice(handle, batch_size))
             if count == 0:
                 return
             yield start, handle.tell(), line
@@ -554,7 +549,7 @@ def _run(
     structures = prepass.structures() if prepass is not None else {}
     resolver = _seeded_resolver(_learnt_from_clickhouse(client), structures)
     sink = ClickHouseSink(client)
-    chunks = _chunks(path, batch_size, small_first=workers)
+    chunks = _chunks(path, batch_size)
     in_flight: list[Future[ChunkResult]] = []
 
     def submit() -> bool:
