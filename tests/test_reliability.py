@@ -501,8 +501,8 @@ nasty = st.one_of(
     st.sampled_from(ODD_TIMES),
     st.sampled_from(BAD_SMILES),
     st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e308, -0.0, 0]),
-    # huge strings, rarely large, never near 1 MB (see test_a_huge_invalid_code_ends_in_rejects_...)
-    st.sampled_from([2_000, 20_000, 20_000, 100_000, 100_000, 100_000, 100_000, 100_000, 100_000, 600_000]).map(
+    # huge strings, up to ~1 MB (Kafka's default message limit), the largest rarely
+    st.sampled_from([2_000, 20_000, 20_000, 100_000, 100_000, 100_000, 100_000, 100_000, 600_000, 900_000]).map(
         lambda n: "x" * n
     ),
     st.sampled_from([50, 400, 3000]).map(DEEP.format),  # deep nesting, spliced in as raw JSON
