@@ -119,6 +119,7 @@ class RegionState:
     totals: dict[int, int] = field(default_factory=dict)
     first_day: int | None = None  # the region's first report (the rhythm needs four weeks of it)
     pruned_day: int | None = None  # not persisted: pruning runs once per day
+    today: int | None = None  # not persisted: the day of the newest watermark, kept as they move
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -148,7 +149,9 @@ class RegionResult:
     duplicate: bool = False
 
 
+@lru_cache(maxsize=1024)
 def family_subject(family: str) -> Subject:
+    """The alert subject of a family series (cached: built for every report with a family)."""
     return Subject(
         key=f"family:{family}",
         name=f"{FAMILY_LABELS.get(family, family)} (all substances)",
@@ -242,16 +245,25 @@ class RegionDetector:
             )
             return result
         day = obs.day
-        seen_today = region.recent.setdefault(day, set())
-        if obs.event_id in seen_today:
+        seen_today = region.recent.get(day)
+        if seen_today is None:
+            seen_today = region.recent[day] = set()
+        elif obs.event_id in seen_today:
             result.duplicate = True
             return result
         seen_today.add(obs.event_id)
         self.dirty_regions.add(obs.region)
-        if watermark is None or obs.occurred_at > watermark:
+        today = region.today
+        if today is None:
+            if watermark is None or obs.occurred_at > watermark:
+                region.watermarks[obs.kind] = obs.occurred_at
+            today = region.today = day_of(max(region.watermarks.values()))
+        elif watermark is None or obs.occurred_at > watermark:
             region.watermarks[obs.kind] = obs.occurred_at
-        today = day_of(max(region.watermarks.values()))
-        self._prune(region, today)
+            if day > today:  # the day of the newest watermark: day_of is monotonic
+                today = region.today = day
+        if region.pruned_day != today:
+            self._prune(region, today)
         region.totals[day] = region.totals.get(day, 0) + 1
         if region.first_day is None or day < region.first_day:
             region.first_day = day
@@ -272,10 +284,12 @@ class RegionDetector:
                 state, day, today, obs.event_id, obs.grams, rhythm, test_mass=own, pool=pool if own else None
             )
 
-            if emit:
+            if findings and emit:
                 result.alerts.extend(self._spike_alert(obs, subject, state, f) for f in findings if f.new_episode)
 
-        forwarded = region.forwarded.setdefault(day, set())
+        forwarded = region.forwarded.get(day)
+        if forwarded is None:
+            forwarded = region.forwarded[day] = set()
         if obs.subject.key not in forwarded:
             forwarded.add(obs.subject.key)
             result.sightings.append(obs.sighting())

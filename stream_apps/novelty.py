@@ -187,13 +187,23 @@ class NoveltyDetector:
 
     def _spread(self, s: Sighting, known: SubstanceState) -> Alert | None:
         cfg = self.config
-        since = s.day - cfg.spread_days + 1
-        active = sorted(r for r, (first, last) in known.regions.items() if last >= since and first <= s.day)
-        if len(active) < cfg.spread_regions:
+        since, day, needed = s.day - cfg.spread_days + 1, s.day, cfg.spread_regions
+        if len(known.regions) < needed:
+            return None
+        # Counting stops at k: a widespread substance is active in dozens of regions, and the region
+        # list is only needed for an alert.
+        found = 0
+        for first, last in known.regions.values():
+            if last >= since and first <= day:
+                found += 1
+                if found >= needed:
+                    break
+        else:
             return None
         if known.spread is not None and s.day - known.spread[1] <= cfg.spread_days:
             known.spread[1] = max(known.spread[1], s.day)  # same episode: condition still holds
             return None
+        active = sorted(r for r, (first, last) in known.regions.items() if last >= since and first <= day)
         known.spread = [s.day, s.day]
         return build_alert(
             alert_type="spread",
