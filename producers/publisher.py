@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,7 +137,7 @@ class Publisher:
                     still.append(item)
                 elif future.succeeded():
                     self._acked[item.what] += 1
-                elif isinstance(future.exception, PRODUCER_STATE_ERRORS) and self.renewals < MAX_PRODUCER_RENEWALS:
+                elif self._renewable(future.exception) and self.renewals < MAX_PRODUCER_RENEWALS:
                     still.append(item)
                     again = True
                 else:
@@ -150,6 +151,18 @@ class Publisher:
                 return
             self.producer.flush()
 
+    def _renewable(self, error: object) -> bool:
+        """Whether a fresh producer would succeed where this one failed.
+
+        Yes for the producer-state errors, and whenever this producer is in a fatal state (after a
+        broker restart kafka-python may also fail with a plain ``KafkaError`` from InitProducerId):
+        then it fails every record, while a new producer asks the broker for a new id.
+        """
+        if isinstance(error, PRODUCER_STATE_ERRORS):
+            return True
+        manager = getattr(self.producer, "_transaction_manager", None)
+        return bool(manager is not None and manager.has_fatal_error())
+
     def _renew(self) -> None:
         """Replace the producer (a new producer id) and send everything not acknowledged again, in order.
 
@@ -157,6 +170,7 @@ class Publisher:
         did deliver meanwhile arrives twice and is dropped downstream by ``event_id``; it is counted once.
         """
         self.renewals += 1
+        time.sleep(min(8.0, 0.5 * 2**self.renewals))  # a restarting broker may not answer InitProducerId yet
         resend, self._pending = self._pending, []
         log.warning("the broker lost this producer's state; re-sending %d records on a fresh producer", len(resend))
         old = self.producer
