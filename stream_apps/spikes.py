@@ -155,7 +155,7 @@ class SeriesState:
     evidence: list[tuple[int, str]] = field(default_factory=list)  # (day, event_id), most recent last
     # Not persisted: the baseline of the current day (it ends 8 days back, so reports arriving today
     # - never more than the lateness old - cannot change it) and the last day pruned.
-    cached_baseline: tuple[int, tuple[float, float, float] | None] | None = None
+    cached_baseline: tuple[int, list[Any] | None] | None = None
     pruned_day: int | None = None
     newest_day: int | None = None  # not persisted either: max(counts), kept as reports come in
 
@@ -281,15 +281,26 @@ class SpikeModel:
 
     def baseline_rate(self, state: SeriesState, day: int, rhythm: Sequence[float]) -> tuple[float, float, float] | None:
         """(reports, weekday-adjusted exposure in days, dispersion) of this series' baseline."""
-        if state.cached_baseline is not None and state.cached_baseline[0] == day:
-            return state.cached_baseline[1]
-        baseline = self._baseline_rate(state, day, rhythm)
-        state.cached_baseline = (day, baseline)
-        return baseline
+        parts = self._baseline_parts(state, day, rhythm)
+        if parts is None:
+            return None
+        return parts[0], parts[1], self._dispersion(state, parts)
 
-    def _baseline_rate(
-        self, state: SeriesState, day: int, rhythm: Sequence[float]
-    ) -> tuple[float, float, float] | None:
+    def _baseline_parts(self, state: SeriesState, day: int, rhythm: Sequence[float]) -> list[Any] | None:
+        """The baseline of ``day``, cached for the day: [reports, exposure, dispersion or None, start, end,
+        weekday factors it was learnt with].
+
+        The dispersion is left out (None) when no day was capped: only a window that already passes the
+        observed/expected ratio needs it (about a quarter of the baselines learnt), see :meth:`_dispersion`.
+        """
+        cached = state.cached_baseline
+        if cached is not None and cached[0] == day:
+            return cached[1]
+        parts = self._baseline_rate(state, day, rhythm)
+        state.cached_baseline = (day, parts)
+        return parts
+
+    def _baseline_rate(self, state: SeriesState, day: int, rhythm: Sequence[float]) -> list[Any] | None:
         cfg = self.config
 
         end = day - self._baseline_lag  # exclusive: window + guard band left out
@@ -307,15 +318,12 @@ class SpikeModel:
             partial += rhythm[d % 7]
         total_factor = weeks * sum(rhythm) + partial
         total = highest = 0.0
-        adjusted_sum = adjusted_squares = 0.0
         for d, count in state.counts.items():
             if start <= d < end:
                 total += count
                 adjusted = count / rhythm[d % 7]
                 if adjusted > highest:
                     highest = adjusted
-                adjusted_sum += adjusted
-                adjusted_squares += adjusted * adjusted
         # Robust: a day far above the rate (an earlier spike) is capped at rate + z·sqrt(rate) + 1
         # (weekday-adjusted) before the rate and dispersion are learnt, or it would hide the next spike.
         z = cfg.baseline_cap_z
@@ -330,13 +338,37 @@ class SpikeModel:
                 kept = min(adjusted, cap)
                 adjusted_sum += kept
                 adjusted_squares += kept * kept
+            dispersion = self._dispersion_of(adjusted_sum, adjusted_squares, days)
+            return [total + cfg.prior_events, total_factor, dispersion, start, end, rhythm]
+        return [total + cfg.prior_events, total_factor, None, start, end, rhythm]
+
+    def _dispersion(self, state: SeriesState, parts: list[Any]) -> float:
+        """The baseline's dispersion, learnt on first use (the baseline's days no longer change today).
+
+        With the weekday factors the rate was learnt with: a late report tests the newest day's windows
+        with its own day's factors, and the cached baseline must stay the one first learnt.
+        """
+        if parts[2] is None:
+            start, end, rhythm = parts[3], parts[4], parts[5]
+            adjusted_sum = adjusted_squares = 0.0
+            for d, count in state.counts.items():  # the order of the sums is the counts' own, as always
+                if start <= d < end:
+                    adjusted = count / rhythm[d % 7]
+                    adjusted_sum += adjusted
+                    adjusted_squares += adjusted * adjusted
+            parts[2] = self._dispersion_of(adjusted_sum, adjusted_squares, end - start)
+        dispersion: float = parts[2]
+        return dispersion
+
+    def _dispersion_of(self, adjusted_sum: float, adjusted_squares: float, days: int) -> float:
+        """Variance / mean of the weekday-adjusted daily counts, shrunk towards Poisson and capped."""
+        cfg = self.config
         mean = adjusted_sum / days
         variance = (adjusted_squares - days * mean * mean) / (days - 1)
         # Variance / mean of a few weeks is noisy: shrunk towards Poisson (1) by ``dispersion_prior_days``.
         raw = variance / mean if mean > 0 else 1.0
         weight = (days - 1) / (days - 1 + cfg.dispersion_prior_days)
-        dispersion = min(cfg.max_dispersion, max(1.0, 1.0 + weight * (raw - 1.0)))
-        return total + cfg.prior_events, total_factor, dispersion
+        return min(cfg.max_dispersion, max(1.0, 1.0 + weight * (raw - 1.0)))
 
     def _count_test(
         self, state: SeriesState, day: int, rhythm: Sequence[float], newest: int | None = None
@@ -365,8 +397,9 @@ class SpikeModel:
         cfg = self.config
         counts, windows, min_count = state.counts, self._windows, cfg.min_count
         get = counts.get
-        baseline: tuple[float, float, float] | None = None
-        rate = events = exposure = dispersion = 0.0
+        baseline: list[Any] | None = None
+        rate = events = exposure = 0.0
+        dispersion: float | None = None
         best: tuple[float, int, int, float] | None = None
         observed, weight = 0, 0.0
         for length in range(1, self._longest + 1):  # one pass: every window's sums on the way
@@ -384,11 +417,13 @@ class SpikeModel:
                     state.cached_baseline = (day, baseline)
                 if baseline is None:
                     return None
-                events, exposure, dispersion = baseline
+                events, exposure = baseline[0], baseline[1]
                 rate = events / exposure
             expected = rate * weight
             if observed < cfg.min_ratio * expected:
                 continue
+            if dispersion is None:
+                dispersion = self._dispersion(state, baseline)
             # The rate is known from ``events`` reports only: the predictive tail is negative binomial.
             p = gamma_poisson_sf(observed / dispersion, events / dispersion, weight / exposure)
             if p < self._alpha_per_window and (best is None or p < best[0]):
