@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -158,6 +159,7 @@ class SeriesState:
     cached_baseline: tuple[int, list[Any] | None] | None = None
     pruned_day: int | None = None
     newest_day: int | None = None  # not persisted either: max(counts), kept as reports come in
+    oldest_day: int | None = None  # not persisted either: min(counts), kept as reports come in
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -191,9 +193,13 @@ class SeriesState:
             return
         self.pruned_day = today
         oldest = today - keep_days
-        if self.counts and min(self.counts) < oldest - PRUNE_SLACK_DAYS:
+        first = self.oldest_day
+        if first is None and self.counts:
+            first = self.oldest_day = min(self.counts)
+        if first is not None and first < oldest - PRUNE_SLACK_DAYS:
             self.counts = {d: n for d, n in self.counts.items() if d >= oldest}
             self.grams = {d: g for d, g in self.grams.items() if d >= oldest}
+            self.oldest_day = min(self.counts) if self.counts else None
         if len(self.evidence) > 64:
             self.evidence = self.evidence[-64:]
 
@@ -252,6 +258,8 @@ class SpikeModel:
         """
         counts = state.counts
         counts[day] = counts.get(day, 0) + 1
+        if state.oldest_day is not None and day < state.oldest_day:
+            state.oldest_day = day
         newest = state.newest_day
         if newest is None:
             newest = state.newest_day = max(counts)
@@ -332,10 +340,12 @@ class SpikeModel:
             cap = highest
             for _ in range(2):  # the rate falls as the outliers are capped; two passes converge
                 cap = _cap((total + cfg.prior_events) / total_factor, z)
-                total = sum(min(adjusted, cap) * factor for adjusted, factor in values)
+                total = 0  # as ``sum()``: the same additions in the same order, without a generator
+                for adjusted, factor in values:
+                    total += (cap if cap < adjusted else adjusted) * factor
             adjusted_sum = adjusted_squares = 0.0
             for adjusted, _ in values:
-                kept = min(adjusted, cap)
+                kept = cap if cap < adjusted else adjusted
                 adjusted_sum += kept
                 adjusted_squares += kept * kept
             dispersion = self._dispersion_of(adjusted_sum, adjusted_squares, days)
@@ -401,8 +411,11 @@ class SpikeModel:
         rate = events = exposure = 0.0
         dispersion: float | None = None
         best: tuple[float, int, int, float] | None = None
+        longest = self._longest
+        if sum(map(get, range(day - longest + 1, day + 1), repeat(0, longest))) < min_count:
+            return None  # windows are nested: none of them holds enough reports
         observed, weight = 0, 0.0
-        for length in range(1, self._longest + 1):  # one pass: every window's sums on the way
+        for length in range(1, longest + 1):  # one pass: every window's sums on the way
             d = day - length + 1
             observed += get(d, 0)
             weight += rhythm[d % 7]
