@@ -235,16 +235,14 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             result = ctx.intake.process(messages)
             kept, late, alerts, sightings, partitions = detect_regions(result.events)
             result.duplicates += await refuse_late(late, result.rejects)
-            # ClickHouse inserts in its thread while this loop produces; both finish before the batch's
-            # offsets can be committed (the loop body returns after both).
-            storing = asyncio.ensure_future(
-                with_retries(
-                    app,
-                    "storing events",
-                    metrics.timed_call("events", len(kept), partial(ctx.sink.store_events, kept)),
-                    stats,
-                    metrics,
-                )
+            # Stored before anything is produced: a worker killed mid-batch leaves rows, never records
+            # (alerts, sightings, changelog) of events that are not stored; the re-delivered batch completes it.
+            stored = await with_retries(
+                app,
+                "storing events",
+                metrics.timed_call("events", len(kept), partial(ctx.sink.store_events, kept)),
+                stats,
+                metrics,
             )
             pending = [
                 await send(rejects_topic, (r.event_id or r.source).encode(), r.model_dump_json().encode())
@@ -260,10 +258,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             ]
             changes = [(partitions[region], key, value) for region, key, value in ctx.regions.drain_dirty()]
             pending += save(region_table, changes)
-            try:
-                await send_all(pending)
-            finally:
-                stored = await storing
+            await send_all(pending)
             metrics.stored("lab_detections", stored.lab_detections)
             metrics.stored("border_seizures", stored.border_seizures)
             metrics.skipped_duplicates(result.duplicates + stored.already_stored)
