@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -201,7 +200,7 @@ class SeriesState:
             self.grams = {d: g for d, g in self.grams.items() if d >= oldest}
             self.oldest_day = min(self.counts) if self.counts else None
         if len(self.evidence) > 64:
-            self.evidence = self.evidence[-64:]
+            del self.evidence[:-64]
 
 
 def normal_sf(z: float) -> float:
@@ -411,11 +410,8 @@ class SpikeModel:
         rate = events = exposure = 0.0
         dispersion: float | None = None
         best: tuple[float, int, int, float] | None = None
-        longest = self._longest
-        if sum(map(get, range(day - longest + 1, day + 1), repeat(0, longest))) < min_count:
-            return None  # windows are nested: none of them holds enough reports
         observed, weight = 0, 0.0
-        for length in range(1, longest + 1):  # one pass: every window's sums on the way
+        for length in range(1, self._longest + 1):  # one pass: every window's sums on the way
             d = day - length + 1
             observed += get(d, 0)
             weight += rhythm[d % 7]
