@@ -34,6 +34,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import get_args
 
+import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 
 from synthwatch.catalogue import shipped_catalogue
@@ -185,6 +186,144 @@ def encode_event(event: LabDetection | BorderSeizure, substance_fragment: str) -
     return False, f'{{"e":{body}{substance_fragment}{_quantity_fragment(event)}{_extra_fragment(event)}}}'
 
 
+# The staging columns the Arrow path fills: the sink's columns, with each event field as pydantic holds it.
+_ARROW_COMMON = [
+    ("event_id", pa.string(), "String"),
+    ("occurred_at", pa.timestamp("ms", tz="UTC"), "DateTime64(3, 'UTC')"),
+    ("reported_at", pa.timestamp("ms", tz="UTC"), "Nullable(DateTime64(3, 'UTC'))"),
+    ("country", pa.string(), "String"),
+    ("region", pa.string(), "String"),
+    ("substance_name", pa.string(), "String"),
+    ("substance_smiles", pa.string(), "Nullable(String)"),
+    ("substance_inchikey", pa.string(), "Nullable(String)"),
+    ("substance_cas", pa.string(), "Nullable(String)"),
+    ("substance_key", pa.string(), "String"),
+    ("resolved_name", pa.string(), "String"),
+    ("resolved_inchikey", pa.string(), "Nullable(String)"),
+    ("family", pa.string(), "String"),
+    ("extra", pa.string(), "String"),
+]
+_ARROW_COLUMNS = {
+    LAB_TABLE: [
+        *_ARROW_COMMON,
+        ("lab_id", pa.string(), "String"),
+        ("sample_id", pa.string(), "String"),
+        ("sample_type", pa.string(), "String"),
+        ("method", pa.string(), "String"),
+        ("confirmed", pa.bool_(), "Bool"),
+        ("purity_pct", pa.float64(), "Nullable(Float64)"),
+    ],
+    SEIZURE_TABLE: [
+        *_ARROW_COMMON,
+        ("agency", pa.string(), "String"),
+        ("seizure_id", pa.string(), "String"),
+        ("border_point", pa.string(), "String"),
+        ("conveyance", pa.string(), "String"),
+        ("quantity_value", pa.float64(), "Float64"),
+        ("quantity_unit", pa.string(), "String"),
+        ("grams", pa.float64(), "Nullable(Float64)"),
+        ("millilitres", pa.float64(), "Nullable(Float64)"),
+        ("units", pa.float64(), "Nullable(Float64)"),
+        ("origin_country", pa.string(), "String"),
+        ("destination_country", pa.string(), "String"),
+    ],
+}
+
+
+def _substance_values(substance: ResolvedSubstance) -> tuple[str, str, str | None, str]:
+    return substance.key, substance.display_name, substance.inchikey, substance.family or ""
+
+
+_QUANTITY_VALUES: dict[tuple[float, str], tuple[float | None, float | None, float | None]] = {}
+
+
+def _quantity_values(event: BorderSeizure) -> tuple[float | None, float | None, float | None]:
+    key = (event.quantity.value, event.quantity.unit)
+    found = _QUANTITY_VALUES.get(key)
+    if found is None:
+        if len(_QUANTITY_VALUES) > 200_000:
+            _QUANTITY_VALUES.clear()
+        q = normalise_quantity(*key)
+        found = _QUANTITY_VALUES[key] = (q.grams, q.millilitres, q.units)
+    return found
+
+
+class ArrowRows:
+    """Rows for both raw tables, shipped to the owner process as Arrow IPC bytes.
+
+    Why: the owner process is the bottleneck; with Arrow it hands typed columns to ClickHouse instead of
+    text that ClickHouse must parse (~3 µs a row there). Values are the sink's (``lab_row``, ``seizure_row``).
+    """
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[tuple[object, ...]]] = {LAB_TABLE: [], SEIZURE_TABLE: []}
+
+    def add(self, event: LabDetection | BorderSeizure, substance: tuple[str, str, str | None, str]) -> None:
+        s = event.substance
+        extra = event.extra_fields if (event.model_extra or s.model_extra) else None
+        common = (
+            event.event_id,
+            event.occurred_at,
+            event.reported_at,
+            event.country,
+            event.region,
+            s.name,
+            s.smiles,
+            s.inchikey,
+            s.cas,
+            *substance,
+            json.dumps(extra, ensure_ascii=False, default=str) if extra else "{}",
+        )
+        if isinstance(event, LabDetection):
+            self.rows[LAB_TABLE].append(
+                (
+                    *common,
+                    event.lab_id,
+                    event.sample_id,
+                    event.sample_type,
+                    event.method,
+                    event.confirmed,
+                    event.purity_pct,
+                )
+            )
+        else:
+            q = event.quantity
+            self.rows[SEIZURE_TABLE].append(
+                (
+                    *common,
+                    event.agency,
+                    event.seizure_id,
+                    event.border_point,
+                    event.conveyance,
+                    q.value,
+                    q.unit,
+                    *_quantity_values(event),
+                    event.origin_country or "",
+                    event.destination_country or "",
+                )
+            )
+
+    def count(self, table: str) -> int:
+        return len(self.rows[table])
+
+    def ipc(self, table: str) -> bytes:
+        """The rows of ``table`` as one Arrow IPC stream (empty bytes when there are none)."""
+        rows = self.rows[table]
+        if not rows:
+            return b""
+        arrays = []
+        for values, (_, kind, _) in zip(zip(*rows, strict=True), _ARROW_COLUMNS[table], strict=True):
+            if pa.types.is_timestamp(kind):  # pydantic keeps microseconds; DateTime64(3) truncates them
+                arrays.append(pa.array(values, pa.timestamp("us", tz="UTC")).cast(kind, safe=False))
+            else:
+                arrays.append(pa.array(values, kind))
+        batch = pa.record_batch(arrays, names=[name for name, _, _ in _ARROW_COLUMNS[table]])
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+        return bytes(sink.getvalue().to_pybytes())
+
+
 def _depends_on_order(substance: ResolvedSubstance, smiles: str | None, structures: dict[str, Structure | str]) -> bool:
     """True when the resolution used (or could have used) names or families learnt from earlier reports."""
     if substance.resolved_by in ("learnt_name", "unresolved_name"):
@@ -209,6 +348,7 @@ class Chunk:
     first_line: int
     known: dict[str, tuple[str, str | None]]
     structures: dict[str, Structure | str] = field(default_factory=dict)
+    encoding: str = "arrow"  # "arrow": typed columns (fast); "json": JSONEachRow text (the reference path)
 
 
 @dataclass
@@ -220,8 +360,10 @@ class ChunkResult:
     lines: int = 0
     blank: int = 0
     duplicates: int = 0
-    labs: list[str] = field(default_factory=list)
+    labs: list[str] = field(default_factory=list)  # JSONEachRow lines (json encoding)
     seizures: list[str] = field(default_factory=list)
+    arrow: dict[str, bytes] = field(default_factory=dict)  # Arrow IPC per table (arrow encoding)
+    arrow_rows: dict[str, int] = field(default_factory=dict)
     rejects: list[tuple[int, bytes, str, str | None]] = field(default_factory=list)
     pending: list[tuple[int, bytes]] = field(default_factory=list)
     learnt: list[tuple[int, str, str, str | None]] = field(default_factory=list)
@@ -229,6 +371,7 @@ class ChunkResult:
 
 _CATALOGUE_NAMES: frozenset[str] | None = None
 _FRAGMENTS: dict[tuple[str, str | None, str | None], str] = {}
+_VALUES: dict[tuple[str, str | None, str | None], tuple[str, str, str | None, str]] = {}
 
 
 def _catalogue_names() -> frozenset[str]:
@@ -278,6 +421,8 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
     seen: set[str] = set()
     learnt_here: set[str] = set()
     fragments = _FRAGMENTS  # state-independent resolutions only: valid in every chunk
+    values = _VALUES
+    rows = ArrowRows() if chunk.encoding == "arrow" else None
     gc_was_enabled = gc.isenabled()
     gc.disable()  # tens of thousands of short-lived models: the cyclic collector only costs time here
     try:
@@ -298,7 +443,12 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
             seen.add(event.event_id)
             reported = event.substance
             cache_key = (reported.name, reported.smiles, reported.inchikey)
-            fragment = fragments.get(cache_key)
+            if rows is not None:
+                found = values.get(cache_key)
+                if found is not None:
+                    rows.add(event, found)
+                    continue
+            fragment = fragments.get(cache_key) if rows is None else None
             if fragment is None:
                 substance = resolver.resolve(reported.name, smiles=reported.smiles, inchikey=reported.inchikey)
                 if substance.resolved_by == "structure":
@@ -313,12 +463,19 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
                 if _depends_on_order(substance, reported.smiles, chunk.structures):
                     result.pending.append((number, raw))
                     continue
+                if rows is not None:
+                    rows.add(event, values.setdefault(cache_key, _substance_values(substance)))
+                    continue
                 fragment = fragments[cache_key] = _substance_fragment(substance)
             is_lab, encoded = encode_event(event, fragment)
             (result.labs if is_lab else result.seizures).append(encoded)
     finally:
         if gc_was_enabled:
             gc.enable()
+    if rows is not None:
+        for table in (LAB_TABLE, SEIZURE_TABLE):
+            result.arrow[table] = rows.ipc(table)
+            result.arrow_rows[table] = rows.count(table)
     if data.endswith(b"\n"):
         result.blank -= 1  # the split's empty tail after the last line end is not a line
     return result
@@ -415,11 +572,13 @@ def _chunks(path: Path, batch_size: int) -> Iterator[tuple[int, int, int]]:
 class _Store:
     """Staging tables and the dedup ``INSERT ... SELECT`` (this process owns the client)."""
 
-    def __init__(self, client: Client) -> None:
-        self.client = client
+    def __init__(self, client: Client, encoding: str = "arrow") -> None:
+        self.client, self.encoding = client, encoding
         suffix = f"{os.getpid()}_{int(time.time() * 1000) % 10**9}"
         self.staging = {LAB_TABLE: f"_ingest_labs_{suffix}", SEIZURE_TABLE: f"_ingest_seizures_{suffix}"}
         structures = {LAB_TABLE: _LAB_STAGING, SEIZURE_TABLE: _SEIZURE_STAGING}
+        if encoding == "arrow":
+            structures = {t: ", ".join(f"{n} {ch}" for n, _, ch in cols) for t, cols in _ARROW_COLUMNS.items()}
         for table, staging in self.staging.items():
             client.command(f"DROP TABLE IF EXISTS {staging}")
             client.command(f"CREATE TABLE {staging} ({structures[table]}) ENGINE = Memory")
@@ -428,25 +587,36 @@ class _Store:
         for staging in self.staging.values():
             self.client.command(f"DROP TABLE IF EXISTS {staging}")
 
-    def insert(self, table: str, lines: list[str]) -> tuple[int, int]:
-        """Insert rows whose event_id is not stored yet; returns (stored, already stored)."""
-        if not lines:
+    def insert(self, table: str, lines: list[str], arrow: Iterable[bytes] = (), count: int = 0) -> tuple[int, int]:
+        """Insert rows whose event_id is not stored yet; returns (stored, already stored).
+
+        ``lines``: JSONEachRow rows (json encoding); ``arrow``: Arrow IPC streams holding ``count`` rows.
+        """
+        count += len(lines)
+        if not count:
             return 0, 0
         staging = self.staging[table]
         self.client.command(f"TRUNCATE TABLE {staging}")
-        self.client.raw_insert(
-            staging, None, ("\n".join(lines) + "\n").encode(), settings=_STAGING_SETTINGS, fmt="JSONEachRow"
-        )
-        stored_ids = f"SELECT event_id FROM {table} WHERE event_id IN (SELECT e.event_id FROM {staging})"
-        already = int(str(self.client.command(f"SELECT count() FROM {staging} WHERE e.event_id IN ({stored_ids})")))
-        columns, select = (LAB_COLUMNS, _LAB_SELECT) if table == LAB_TABLE else (SEIZURE_COLUMNS, _SEIZURE_SELECT)
-        if already < len(lines):
+        if self.encoding == "arrow":
+            for block in arrow:
+                if block:
+                    self.client.raw_insert(staging, None, block, fmt="ArrowStream")
+            event_id, select = "event_id", ", ".join(LAB_COLUMNS if table == LAB_TABLE else SEIZURE_COLUMNS)
+        else:
+            self.client.raw_insert(
+                staging, None, ("\n".join(lines) + "\n").encode(), settings=_STAGING_SETTINGS, fmt="JSONEachRow"
+            )
+            event_id, select = "e.event_id", _LAB_SELECT if table == LAB_TABLE else _SEIZURE_SELECT
+        columns = LAB_COLUMNS if table == LAB_TABLE else SEIZURE_COLUMNS
+        stored_ids = f"SELECT event_id FROM {table} WHERE event_id IN (SELECT {event_id} FROM {staging})"
+        already = int(str(self.client.command(f"SELECT count() FROM {staging} WHERE {event_id} IN ({stored_ids})")))
+        if already < count:
             self.client.command(
                 f"INSERT INTO {table} ({', '.join(columns)}) SELECT {select} FROM {staging} "
-                f"WHERE e.event_id NOT IN ({stored_ids})",
+                f"WHERE {event_id} NOT IN ({stored_ids})",
                 settings=_INSERT_SETTINGS,
             )
-        return len(lines) - already, already
+        return count - already, already
 
 
 def _learnt_from_clickhouse(client: Client) -> dict[str, tuple[str, str | None]]:
@@ -496,12 +666,17 @@ def ingest_history(
     progress: bool = True,
     workers: int | None = None,
     client: Client | None = None,
+    encoding: str = "arrow",
 ) -> IngestSummary:
     """Load an NDJSON file of reports into ClickHouse; see the module docstring for the guarantees.
 
     ``workers``: parsing processes (default: one per core, at most 2; 0 parses in this process).
     ``client``: an open client to use (tests); default: open the configured ClickHouse here.
+    ``encoding``: how rows travel to ClickHouse: ``"arrow"`` (typed columns, fast) or ``"json"``
+    (JSONEachRow parsed by ClickHouse: the earlier path, kept as the reference the tests compare with).
     """
+    if encoding not in ("arrow", "json"):
+        raise ValueError(f"encoding must be 'arrow' or 'json', not {encoding!r}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
@@ -518,7 +693,7 @@ def ingest_history(
     client = client or connect(settings)
     try:
         migrate(client)
-        store = _Store(client)
+        store = _Store(client, encoding)
         try:
             _run(client, store, pool, prepass, path, batch_size, progress, size, summary, workers)
         finally:
@@ -556,7 +731,9 @@ def _run(
         spec = next(chunks, None)
         if spec is None:
             return False
-        chunk = Chunk(str(path), path.name, *spec, known=_known(resolver), structures=structures)
+        chunk = Chunk(
+            str(path), path.name, *spec, known=_known(resolver), structures=structures, encoding=store.encoding
+        )
         if pool is None:
             done: Future[ChunkResult] = Future()
             done.set_result(process_chunk(chunk))
@@ -603,6 +780,7 @@ def _store_chunk(
     events += [(line, "row", raw.decode("utf-8", "replace"), None, None) for line, raw in result.pending]
     events.sort(key=lambda item: (item[0], item[1] == "row"))
     labs, seizures = result.labs, result.seizures
+    rows = ArrowRows() if store.encoding == "arrow" else None
     for _line, what, text, key, family in events:
         if what == "learn":
             resolver.learn(text, key or "", family)  # type: ignore[arg-type]
@@ -610,10 +788,19 @@ def _store_chunk(
         event = parse_event(text)
         reported = event.substance
         substance = resolver.resolve(reported.name, smiles=reported.smiles, inchikey=reported.inchikey)
+        if rows is not None:
+            rows.add(event, _substance_values(substance))
+            continue
         is_lab, encoded = encode_event(event, _substance_fragment(substance))
         (labs if is_lab else seizures).append(encoded)
-    new_labs, old_labs = store.insert(LAB_TABLE, labs)
-    new_seizures, old_seizures = store.insert(SEIZURE_TABLE, seizures)
+    inserted = {}
+    for table, lines in ((LAB_TABLE, labs), (SEIZURE_TABLE, seizures)):
+        blocks, count = [result.arrow.get(table, b"")], result.arrow_rows.get(table, 0)
+        if rows is not None and rows.count(table):
+            blocks.append(rows.ipc(table))
+            count += rows.count(table)
+        inserted[table] = store.insert(table, lines, blocks, count)
+    (new_labs, old_labs), (new_seizures, old_seizures) = inserted[LAB_TABLE], inserted[SEIZURE_TABLE]
     rejects = [
         Reject.of(raw, source=f"{name}:{line}", reason=reason, stage="ingest", event_id=event_id)
         for line, raw, reason, event_id in result.rejects

@@ -123,6 +123,69 @@ def test_rows_equal_what_the_stream_sink_stores(ch: Any, ch_settings: Settings, 
         client.close()
 
 
+def _awkward_records() -> list[str]:
+    """Values where a typed (Arrow) path and ClickHouse's JSON parsing could disagree."""
+    return [
+        json.dumps(lab(event_id="odd-us", occurred_at="2026-03-02T09:00:00.123987+05:30", purity_pct=None)),
+        json.dumps(lab(event_id="odd-rep", reported_at="2026-03-03T00:00:00.0005Z", confirmed=False)),
+        json.dumps(seizure(event_id="odd-extra", source_batch="B-7", substance={"name": "Tramadol", "lot": 3})),
+        json.dumps(seizure(event_id="odd-origin", origin_country="NG", destination_country="ML")),
+        json.dumps(seizure(event_id="odd-qty", quantity={"value": 0.1 + 0.2, "unit": "mg"})),
+        json.dumps(seizure(event_id="odd-ml", quantity={"value": 12, "unit": "ml"}, border_point="Gao 🚧 «nord»")),
+        json.dumps(seizure(event_id="odd-tabs", quantity={"value": 40, "unit": "tablets"})),
+        json.dumps(lab(event_id="odd-cas", substance={"name": "Ketamine", "cas": "6740-88-1", "inchikey": None})),
+    ]
+
+
+@pytest.mark.slow
+def test_arrow_path_stores_what_the_json_path_stores(ch: Any, ch_settings: Settings, tmp_path: Path) -> None:
+    """The fast path (Arrow columns from the workers) and the reference path (JSON parsed by ClickHouse)
+    store identical rows, rejects and counts: a fresh load over events already stored, then a re-ingest."""
+    lines = _with_novel_name(_lines()[0])
+    lines[30:30] = _awkward_records()
+    path, head = tmp_path / "history.ndjson", tmp_path / "head.ndjson"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    head.write_text("\n".join(lines[:700]) + "\n", encoding="utf-8")  # stored before the full file
+    tables = {
+        "lab_detections": "* EXCEPT ingested_at",
+        "border_seizures": "* EXCEPT ingested_at",
+        "rejects": "* EXCEPT rejected_at",
+        "reports_daily": "*",
+    }
+    stored: dict[str, dict[str, list[Any]]] = {}
+    counts: dict[str, list[tuple[Any, ...]]] = {}
+    for encoding in ("json", "arrow"):
+        other = ch_settings.model_copy(update={"clickhouse_database": f"{ch_settings.clickhouse_database}_{encoding}"})
+        client = connect(other)
+        try:
+            runs = [
+                ingest_history(other, file, batch_size=400, progress=False, workers=n, client=client, encoding=encoding)
+                for file, n in ((head, 0), (path, 2), (path, 0))
+            ]
+            assert all(run.balanced for run in runs) and runs[1].already_stored > 0 and runs[2].stored == 0
+            counts[encoding] = [
+                (r.lines, r.stored, r.duplicates_in_file, r.already_stored, r.rejected, r.reject_reasons) for r in runs
+            ]
+            stored[encoding] = {
+                table: client.query(f"SELECT {columns} FROM {table} ORDER BY tuple(*)").result_rows
+                for table, columns in tables.items()
+            }
+        finally:
+            client.command(f"DROP DATABASE IF EXISTS {other.clickhouse_database}")
+            client.close()
+    print(f"counts per run (json path): {[c[:5] for c in counts['json']]}")
+    assert counts["arrow"] == counts["json"]
+    for table in tables:
+        assert len(stored["arrow"][table]) > 0
+        assert stored["arrow"][table] == stored["json"][table], table
+        print(f"{table}: {len(stored['arrow'][table])} rows, equal on both paths, every column")
+    odd = {row[0]: row for t in ("lab_detections", "border_seizures") for row in stored["arrow"][t]}
+    assert {key for key in odd if str(key).startswith("odd-")} == {
+        json.loads(r)["event_id"] for r in _awkward_records()
+    }
+    assert odd["odd-us"][1].microsecond == 123000  # DateTime64(3): truncated to the millisecond on both paths
+
+
 def test_refuses_while_a_stack_owns_the_embedded_engine(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "data")
     write_stack(
