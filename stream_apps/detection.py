@@ -269,23 +269,23 @@ class RegionDetector:
             region.first_day = day
         rhythm = self.rhythm(obs.region, region, day)
 
-        series = [(obs.subject.key, obs.subject)]
-        if obs.subject.family:
-            series.append((f"family:{obs.subject.family}", family_subject(obs.subject.family)))
-        states = [self.series_state(obs.region, key, day) for key, _ in series]
-        pool = states[1][1] if len(states) > 1 else None
-        for (key, subject), (name, state) in zip(series, states, strict=True):
-            self.dirty_series.add(name)
-            # Seized mass is tested per substance only: a family's total mixes drugs of every member,
-            # so an alert on it would say nothing about any one of them. The family keeps its masses as
-            # the usual seizure of members with too little history of their own.
-            own = key == obs.subject.key
-            findings = self.model.observe(
-                state, day, today, obs.event_id, obs.grams, rhythm, test_mass=own, pool=pool if own else None
-            )
-
+        # The substance's series, then its family's (both loaded first: a series' first report dates it).
+        subject, family = obs.subject, obs.subject.family
+        name, state = self.series_state(obs.region, subject.key, day)
+        family_name, family_state = self.series_state(obs.region, f"family:{family}", day) if family else ("", None)
+        # Seized mass is tested per substance only: a family's total mixes drugs of every member, so an
+        # alert on it would say nothing about any one of them. The family keeps its masses as the usual
+        # seizure of members with too little history of their own.
+        self.dirty_series.add(name)
+        findings = self.model.observe(state, day, today, obs.event_id, obs.grams, rhythm, pool=family_state)
+        if findings and emit:
+            result.alerts.extend(self._spike_alert(obs, subject, state, f) for f in findings if f.new_episode)
+        if family and family_state is not None:
+            self.dirty_series.add(family_name)
+            findings = self.model.observe(family_state, day, today, obs.event_id, obs.grams, rhythm, test_mass=False)
             if findings and emit:
-                result.alerts.extend(self._spike_alert(obs, subject, state, f) for f in findings if f.new_episode)
+                group = family_subject(family)
+                result.alerts.extend(self._spike_alert(obs, group, family_state, f) for f in findings if f.new_episode)
 
         forwarded = region.forwarded.get(day)
         if forwarded is None:

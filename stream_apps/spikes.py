@@ -255,6 +255,11 @@ class SpikeModel:
         ``rhythm[day % 7]`` is the region's weekday factor (1.0 when unknown). ``test_mass`` is off for
         series whose masses are only kept as ``pool``: the usual seizure of a sparse series' family.
         """
+        cached = state.cached_baseline
+        if cached is not None and cached[1] is not None and cached[1][2] is None and day < cached[1][4]:
+            # A report inside a cached baseline (a lagging topic): settle its dispersion on the counts
+            # the rate was learnt from, as if it had been learnt with the rate.
+            self._dispersion(state, cached[1])
         counts = state.counts
         counts[day] = counts.get(day, 0) + 1
         if state.oldest_day is not None and day < state.oldest_day:
@@ -281,6 +286,10 @@ class SpikeModel:
                 if len(state.masses) > self.config.mass_memory:
                     state.masses = state.masses[-self.config.mass_memory :]
         if state.pruned_day != today:
+            cached = state.cached_baseline
+            parts = cached[1] if cached is not None else None
+            if parts is not None and parts[2] is None and parts[3] < today - self.keep_days:
+                self._dispersion(state, parts)  # before pruning may drop the baseline's days
             state.prune(today, self.keep_days)
         return findings
 
@@ -481,6 +490,8 @@ class SpikeModel:
         if len(history) < cfg.mass_min_history:
             return None
         centre = _median(history)
+        if log_mass <= centre and cfg.mass_z > 0:
+            return None  # at most the usual seizure: its robust z is not positive, whatever the spread
         spread = max(1.4826 * _median([abs(v - centre) for v in history]), 0.25)
         current = (log_mass - centre) / spread
         if current < cfg.mass_z:
