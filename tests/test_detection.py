@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from synthwatch.stream_apps import spikes
 from synthwatch.stream_apps.alerting import Subject, alert_id, day_of
 from synthwatch.stream_apps.detection import DetectionConfig, Detector, Observation, RegionState
 from synthwatch.stream_apps.novelty import NoveltyConfig, SubstanceState
-from synthwatch.stream_apps.spikes import SeriesState, SpikeConfig, ears_c2, gamma_poisson_sf, poisson_sf
+from synthwatch.stream_apps.spikes import SeriesState, SpikeConfig, SpikeModel, ears_c2, gamma_poisson_sf, poisson_sf
 
 T0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)  # a Monday
 TRAMADOL = Subject("TVYLLZQTGLZFBW", "Tramadol", None, "other_opioid", False, True)
@@ -276,3 +281,50 @@ def test_state_loaded_from_a_table_continues_where_it_stopped() -> None:
 def test_ears_c2_reference() -> None:
     assert ears_c2([1, 0, 1, 0, 1, 0, 1, 0, 0, 6])
     assert not ears_c2([2, 3, 2, 3, 2, 3, 2, 0, 0, 3])
+
+
+# --- the spike core's shortcuts give the plain computation's results -----------------------------------
+
+
+class _EagerModel(SpikeModel):
+    """The same model with every baseline's dispersion learnt at once (no lazy settling)."""
+
+    def _baseline_rate(self, state: SeriesState, day: int, rhythm: Sequence[float]) -> list[Any] | None:
+        parts = super()._baseline_rate(state, day, rhythm)
+        if parts is not None:
+            self._dispersion(state, parts)
+        return parts
+
+
+def _reports(draw: st.DrawFn) -> list[tuple[int, int, float | None]]:
+    """(day, today, grams) reports of one series: mostly in order, some late, some from a lagging topic."""
+    reports, today = [], 0
+    for _ in range(draw(st.integers(60, 400))):
+        today += draw(st.sampled_from([0, 0, 0, 1, 1, 2]))
+        lag = draw(st.sampled_from([0, 0, 0, 0, 1, 3, 12]))
+        grams = draw(st.sampled_from([None, 1.0, 5.0, 250.0]))
+        reports.append((max(0, today - lag), today, grams))
+    return reports
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), slack=st.sampled_from([0, 7]))
+def test_lazy_dispersion_and_pruning_slack_change_no_finding(data: st.DataObject, slack: int) -> None:
+    """Lazy dispersion and the pruning slack are shortcuts: findings and stored state equal the plain way."""
+    reports = _reports(data.draw)
+    rhythms = [[1.0] * 7, [0.6, 1.2, 1.1, 1.0, 0.9, 1.3, 0.9]]
+    config = SpikeConfig(min_history_days=7, min_baseline_days=7)
+    lazy, eager = SpikeModel(config), _EagerModel(config)
+    lazy_state, eager_state = SeriesState(first_day=0), SeriesState(first_day=0)
+    with pytest.MonkeyPatch.context() as patch:
+        for i, (day, today, grams) in enumerate(reports):
+            rhythm = rhythms[(today // 11) % 2]
+            patch.setattr(spikes, "PRUNE_SLACK_DAYS", slack)
+            found = lazy.observe(lazy_state, day, today, f"e{i}", grams, rhythm)
+            patch.setattr(spikes, "PRUNE_SLACK_DAYS", 0)
+            expected = eager.observe(eager_state, day, today, f"e{i}", grams, rhythm)
+            assert found == expected
+    lazy_days = {d: n for d, n in lazy_state.counts.items() if d in eager_state.counts}
+    assert lazy_days == eager_state.counts
+    assert lazy_state.episodes == eager_state.episodes
+    assert lazy_state.evidence == eager_state.evidence
