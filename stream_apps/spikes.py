@@ -329,7 +329,7 @@ class SpikeModel:
             return None
         # Summing only the days with reports (most days of a sparse series are zero).
         weeks, rest = divmod(days, 7)
-        partial = 0  # the same additions, in the same order, as ``sum()`` over the last ``rest`` days
+        partial: float = 0  # the same additions, in the same order, as ``sum()`` over the last ``rest`` days
         for d in range(end - rest, end):
             partial += rhythm[d % 7]
         total_factor = weeks * sum(rhythm) + partial
