@@ -71,18 +71,19 @@ class Observation:
 
     @classmethod
     def of(cls, item: EnrichedEvent) -> Observation:
-        event = item.event
-        return cls(
-            event_id=event.event_id,
-            kind=event.kind,
-            occurred_at=event.occurred_at,
-            day=day_of(event.occurred_at),
-            country=event.country,
-            region=event.region,
-            subject=subject_of(item.substance),
-            grams=item.quantity.grams if item.quantity is not None else None,
-            method=event.method if isinstance(event, LabDetection) else None,
-            sample_type=event.sample_type if isinstance(event, LabDetection) else None,
+        event, quantity, moment = item.event, item.quantity, item.event.occurred_at
+        lab = event if isinstance(event, LabDetection) else None
+        return cls(  # positional: built for every report
+            event.event_id,
+            event.kind,
+            moment,
+            day_of(moment),
+            event.country,
+            event.region,
+            subject_of(item.substance),
+            quantity.grams if quantity is not None else None,
+            lab.method if lab is not None else None,
+            lab.sample_type if lab is not None else None,
         )
 
     def sighting(self) -> Sighting:

@@ -413,7 +413,7 @@ class SpikeModel:
     ) -> tuple[float, int, int, float] | None:
         """(p, window, observed, expected) of the most surprising window ending on ``day``, if any."""
         cfg = self.config
-        counts, windows, min_count = state.counts, self._windows, cfg.min_count
+        counts, windows, min_count, min_ratio = state.counts, self._windows, cfg.min_count, cfg.min_ratio
         get = counts.get
         baseline: list[Any] | None = None
         rate = events = exposure = 0.0
@@ -438,7 +438,7 @@ class SpikeModel:
                 events, exposure = baseline[0], baseline[1]
                 rate = events / exposure
             expected = rate * weight
-            if observed < cfg.min_ratio * expected:
+            if observed < min_ratio * expected:
                 continue
             if dispersion is None:
                 dispersion = self._dispersion(state, baseline)
