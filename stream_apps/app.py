@@ -48,7 +48,7 @@ from .detection import Observation, RegionDetector
 from .intake import EnrichedEvent, Intake, RawMessage
 from .metrics import WorkerMetrics, attach_metrics, ingest_times
 from .novelty import NoveltyDetector, Sighting
-from .state_rebuild import rebuild
+from .state_rebuild import learn_names, rebuild
 
 log = logging.getLogger("synthwatch.worker")
 T = TypeVar("T")
@@ -256,9 +256,12 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
                 await send(sightings_topic, key.encode(), json.dumps(values).encode())
                 for key, values in by_substance.items()
             ]
-            changes = [(partitions[region], key, value) for region, key, value in ctx.regions.drain_dirty()]
-            pending += save(region_table, changes)
+            # Outputs are acknowledged before the state that implies them is written: a worker killed in
+            # between replays the batch from state that has not seen it and produces the same records
+            # again (same ids, deduplicated downstream) instead of state saying "alerted" for a lost alert.
             await send_all(pending)
+            changes = [(partitions[region], key, value) for region, key, value in ctx.regions.drain_dirty()]
+            await send_all(save(region_table, changes))
             metrics.stored("lab_detections", stored.lab_detections)
             metrics.stored("border_seizures", stored.border_seizures)
             metrics.skipped_duplicates(result.duplicates + stored.already_stored)
@@ -293,9 +296,10 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
                 alerts.extend(ctx.novelty.observe(sighting))
                 stats.sightings_processed += 1
 
-            pending = [await send(alerts_topic, a.alert_id.encode(), a.model_dump_json().encode()) for a in alerts]
-            pending += save(substance_table, [(partitions[k], k, v) for k, v in ctx.novelty.drain_dirty()])
-            await send_all(pending)
+            # Alerts acknowledged before the state that says they were raised (see the intake agent).
+            sent = [await send(alerts_topic, a.alert_id.encode(), a.model_dump_json().encode()) for a in alerts]
+            await send_all(sent)
+            await send_all(save(substance_table, [(partitions[k], k, v) for k, v in ctx.novelty.drain_dirty()]))
             metrics.produced(settings.topic_alerts, len(alerts))
             # from the sighting's Kafka timestamp: the intake stage's time before it is not included
             metrics.alerts_published(alerts, min((e.message.timestamp or time.time() for e in events), default=0.0))
@@ -375,6 +379,10 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             )
             await send_all(pending)
             log.info("detector state rebuilt from ClickHouse: %s", report)
+        else:
+            learnt = await asyncio.get_running_loop().run_in_executor(None, partial(learn_names_locked, ctx))
+            stats.rebuild = {"names_learnt": learnt}
+            log.info("detector state recovered from the changelogs; %d names learnt from ClickHouse", learnt)
         if settings.gc_freeze:
             # What exists now lives as long as the worker: keep it out of every later collection, and
             # collect the young generation less often (each collection walks the detector state).
@@ -412,6 +420,12 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             return self.json({"columns": result.columns, "rows": result.rows})
 
     return app
+
+
+def learn_names_locked(ctx: WorkerContext) -> int:
+    """Teach the resolver the names stored in ClickHouse while holding the client lock."""
+    with ctx.sink.lock:
+        return learn_names(ctx.client, ctx.intake.resolver)
 
 
 def rebuild_locked(ctx: WorkerContext) -> Any:

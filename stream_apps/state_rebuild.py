@@ -122,6 +122,17 @@ def rebuild(
                 emit=False,
             )
             replayed += 1
+    learnt = learn_names(client, resolver)
+    return RebuildReport(len(substances), replayed, learnt, time.perf_counter() - started)
+
+
+def learn_names(client: Any, resolver: SubstanceResolver) -> int:
+    """Teach the resolver every name stored beside a structure; returns how many it learnt.
+
+    Learnt names live in the worker's memory, not in the detector tables: a restarted worker whose
+    tables came back from their changelogs must still learn them, or a name-only report of a substance
+    it knew by structure becomes a "new substance" of its own.
+    """
     learnt = 0
     for name, key in client.query(_LEARNT_NAMES).result_rows:
         if key.startswith("name:"):  # its structure was unusable: nothing to learn from it
@@ -130,5 +141,4 @@ def rebuild(
             learnt += bool(resolver.learn(name, key))
         except ValueError:  # a name the resolver refuses to learn must not stop the worker
             continue
-
-    return RebuildReport(len(substances), replayed, learnt, time.perf_counter() - started)
+    return learnt
