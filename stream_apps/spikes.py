@@ -140,9 +140,6 @@ class SpikeFinding:
     mass_z: float | None = None  # mass spikes: robust z of the seizure that made it
 
 
-PRUNE_SLACK_DAYS = 7
-
-
 @dataclass(slots=True)
 class SeriesState:
     """History of one daily series; small enough to be one Faust table value."""
@@ -184,9 +181,8 @@ class SeriesState:
     def prune(self, today: int, keep_days: int) -> None:
         """Forget days older than the longest look-back, so state stays bounded (once a day).
 
-        The dicts are rebuilt only when their oldest day is ``PRUNE_SLACK_DAYS`` past the look-back:
-        days older than the look-back are never read (every reader filters by day), so keeping a few
-        more changes no result, and rebuilding them every day cost ~5 % of a backtest.
+        Exactly at the look-back, not lazily later: a report from a lagging topic can be older than
+        ``today`` by days, and its baseline would otherwise see days that are gone in a fresh state.
         """
         if self.pruned_day == today:
             return
@@ -195,7 +191,7 @@ class SeriesState:
         first = self.oldest_day
         if first is None and self.counts:
             first = self.oldest_day = min(self.counts)
-        if first is not None and first < oldest - PRUNE_SLACK_DAYS:
+        if first is not None and first < oldest:
             self.counts = {d: n for d, n in self.counts.items() if d >= oldest}
             self.grams = {d: g for d, g in self.grams.items() if d >= oldest}
             self.oldest_day = min(self.counts) if self.counts else None

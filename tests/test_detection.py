@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from synthwatch.stream_apps import spikes
 from synthwatch.stream_apps.alerting import Subject, alert_id, day_of
 from synthwatch.stream_apps.detection import DetectionConfig, Detector, Observation, RegionState
 from synthwatch.stream_apps.novelty import NoveltyConfig, SubstanceState
@@ -308,23 +307,17 @@ def _reports(draw: st.DrawFn) -> list[tuple[int, int, float | None]]:
 
 
 @settings(max_examples=40, deadline=None)
-@given(data=st.data(), slack=st.sampled_from([0, 7]))
-def test_lazy_dispersion_and_pruning_slack_change_no_finding(data: st.DataObject, slack: int) -> None:
-    """Lazy dispersion and the pruning slack are shortcuts: findings and stored state equal the plain way."""
+@given(data=st.data())
+def test_lazy_dispersion_changes_no_finding(data: st.DataObject) -> None:
+    """The lazily learnt dispersion is a shortcut: findings and stored state equal the eager way's,
+    with late reports and reports from a lagging topic inside cached baselines."""
     reports = _reports(data.draw)
     rhythms = [[1.0] * 7, [0.6, 1.2, 1.1, 1.0, 0.9, 1.3, 0.9]]
     config = SpikeConfig(min_history_days=7, min_baseline_days=7)
     lazy, eager = SpikeModel(config), _EagerModel(config)
     lazy_state, eager_state = SeriesState(first_day=0), SeriesState(first_day=0)
-    with pytest.MonkeyPatch.context() as patch:
-        for i, (day, today, grams) in enumerate(reports):
-            rhythm = rhythms[(today // 11) % 2]
-            patch.setattr(spikes, "PRUNE_SLACK_DAYS", slack)
-            found = lazy.observe(lazy_state, day, today, f"e{i}", grams, rhythm)
-            patch.setattr(spikes, "PRUNE_SLACK_DAYS", 0)
-            expected = eager.observe(eager_state, day, today, f"e{i}", grams, rhythm)
-            assert found == expected
-    lazy_days = {d: n for d, n in lazy_state.counts.items() if d in eager_state.counts}
-    assert lazy_days == eager_state.counts
-    assert lazy_state.episodes == eager_state.episodes
-    assert lazy_state.evidence == eager_state.evidence
+    for i, (day, today, grams) in enumerate(reports):
+        rhythm = rhythms[(today // 11) % 2]
+        found = lazy.observe(lazy_state, day, today, f"e{i}", grams, rhythm)
+        assert found == eager.observe(eager_state, day, today, f"e{i}", grams, rhythm)
+    assert lazy_state.to_dict() == eager_state.to_dict()
