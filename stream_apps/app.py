@@ -1,7 +1,7 @@
 """The Faust application: thin adapters that move batches between Kafka and the pure core.
 
-Agents (each consumes batches with ``take_events``, which acknowledges offsets only after the loop
-body returns, so a crash re-delivers rather than loses):
+Agents (each consumes batches with :func:`processed_batches`, which acknowledges offsets only after the
+loop body has finished with a batch, so a crash or a stop mid-batch re-delivers rather than loses):
 
 - ``intake`` on both input topics (keyed by region, co-partitioned, so one region's events are
   processed in order by one worker): validate and enrich; run the region stage (lateness,
@@ -28,7 +28,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar, cast
@@ -122,6 +122,22 @@ async def with_retries(
             if metrics is not None:
                 metrics.sink_recovered(what)
             return result
+
+
+async def processed_batches(stream: faust.StreamT[bytes], size: int, within: float) -> AsyncIterator[list[Any]]:
+    """Batches of events whose offsets are acknowledged only once the loop body is done with them.
+
+    Faust's ``take_events`` acknowledges a batch in a ``finally``: a batch whose processing was
+    cancelled (SIGTERM mid-batch) or failed was committed unprocessed, and its detector state was lost
+    with it. Here the acks run only when the consumer asks for the next batch, i.e. after the body
+    returned; a batch left mid-way stays unacknowledged and is delivered again after a restart.
+    """
+    s = cast(faust.Stream[bytes], stream)
+    async for taken in s.noack_take(size, within=within):
+        events = list(cast(Sequence[Any], taken))  # noack_take yields the events themselves
+        yield events
+        for event in events:
+            await s.ack(event)
 
 
 def _partition(source: str) -> int:
@@ -226,7 +242,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
 
     @app.agent(inputs, name="intake")
     async def intake_agent(stream: faust.StreamT[bytes]) -> None:
-        async for events in cast(faust.Stream[bytes], stream).take_events(batch, within=within):
+        async for events in processed_batches(stream, batch, within):
             await until_state_ready(ctx)
             metrics.consumed(events)
             messages = [
@@ -279,7 +295,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
 
     @app.agent(sightings_topic, name="novelty")
     async def novelty_agent(stream: faust.StreamT[bytes]) -> None:
-        async for events in cast(faust.Stream[bytes], stream).take_events(batch, within=within):
+        async for events in processed_batches(stream, batch, within):
             await until_state_ready(ctx)
             metrics.consumed(events)
             alerts: list[Alert] = []
@@ -307,7 +323,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
 
     @app.agent(rejects_topic, name="rejects")
     async def rejects_agent(stream: faust.StreamT[bytes]) -> None:
-        async for events in cast(faust.Stream[bytes], stream).take_events(batch, within=within):
+        async for events in processed_batches(stream, batch, within):
             metrics.consumed(events)
             rejects = []
             for e in events:
@@ -330,7 +346,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
 
     @app.agent(alerts_topic, name="alerts")
     async def alerts_agent(stream: faust.StreamT[bytes]) -> None:
-        async for events in cast(faust.Stream[bytes], stream).take_events(batch, within=within):
+        async for events in processed_batches(stream, batch, within):
             metrics.consumed(events)
             alerts = []
             for e in events:

@@ -3,7 +3,9 @@ alerts as the offline backtest of the same file (one detector core, two adapters
 
 from __future__ import annotations
 
-from datetime import date, timedelta
+import json
+import uuid
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from synthwatch.producers.simulate import SimulationConfig, simulate
 from synthwatch.stream_apps.backtest import run_lines
 
 from .conftest import isolated_settings, start_worker, stop_worker, wait_until
+from .factories import lab, seizure
 from .reliability_helpers import daily_chunks, novelty_summary
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -100,3 +103,62 @@ def _matched(spike: tuple[str, ...], others: list[tuple[str, ...]]) -> bool:
     """The same region, series and metric, dated within a day."""
     day = date.fromisoformat(spike[3][:10])
     return any(o[:3] == spike[:3] and abs(date.fromisoformat(o[3][:10]) - day) <= timedelta(days=1) for o in others)
+
+
+def test_a_restarted_worker_still_knows_names_learnt_from_structures(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """Learnt names live in memory, not in the detector tables: a worker restarted on its changelogs
+    must learn them again, or a name-only report of a known substance becomes a "new substance"."""
+    settings = isolated_settings(broker, tmp_path)
+    now = datetime.now(UTC)
+    name = f"ZX-nitazene-{uuid.uuid4().hex[:4]}"  # not in the catalogue: only the lab report names it
+    report = lab(
+        event_id=f"{settings.app_id}-lab",
+        occurred_at=(now - timedelta(hours=3)).isoformat(),
+        substance={"name": name, "smiles": "CCN(CC)CCn1c(Cc2ccc(OC(C)C)cc2)nc2cc([N+](=O)[O-])ccc21"},
+    )
+    name_only = seizure(
+        event_id=f"{settings.app_id}-seizure",
+        occurred_at=(now - timedelta(hours=1)).isoformat(),
+        substance={"name": f"  {name.lower().replace('-', ' ')} "},
+    )
+    keys = "SELECT substance_key FROM {table} WHERE event_id = %(id)s"
+
+    worker = start_worker(settings, tmp_path / "worker-1.log")
+    try:
+        with Publisher(settings, broker.bootstrap_servers) as publisher:
+            assert publisher.publish_records([InputRecord("lab", json.dumps(report))]).sent == 1
+        lab_key = wait_until(
+            lambda: worker.query(keys.format(table="lab_detections"), {"id": report["event_id"]}).rows,
+            60,
+            "the lab report stored",
+        )[0][0]
+    finally:
+        assert stop_worker(worker) == 0
+    assert not lab_key.startswith("name:"), "the structure must give the substance its key"
+
+    restarted = start_worker(settings, tmp_path / "worker-2.log")
+    try:
+        assert restarted.stats()["rebuild"].get("names_learnt", 0) >= 1, "tables came back: names learnt apart"
+        with Publisher(settings, broker.bootstrap_servers) as publisher:
+            assert publisher.publish_records([InputRecord("seizure", json.dumps(name_only))]).sent == 1
+        seizure_key = wait_until(
+            lambda: restarted.query(keys.format(table="border_seizures"), {"id": name_only["event_id"]}).rows,
+            60,
+            "the name-only seizure stored",
+            details=restarted.describe,
+        )[0][0]
+        raised = wait_until(  # the alert this seizure makes true: first in region, or a "new substance"
+            lambda: (
+                restarted.query(
+                    "SELECT alert_type, substance_key FROM alerts WHERE has(evidence_event_ids, %(id)s)",
+                    {"id": name_only["event_id"]},
+                ).rows
+            ),
+            60,
+            "the seizure's alert stored",
+        )
+    finally:
+        stop_worker(restarted)
+    print(f"\nlab {lab_key}, name-only seizure after restart {seizure_key}; its alerts {raised}")
+    assert seizure_key == lab_key
+    assert raised == [["first_in_region", lab_key]], "a known substance reaching a new region, not a new one"
