@@ -192,9 +192,13 @@ class SeriesState:
         if first is None and self.counts:
             first = self.oldest_day = min(self.counts)
         if first is not None and first < oldest:
-            self.counts = {d: n for d, n in self.counts.items() if d >= oldest}
-            self.grams = {d: g for d, g in self.grams.items() if d >= oldest}
-            self.oldest_day = min(self.counts) if self.counts else None
+            # Delete the days that fell out (usually one) rather than rebuild both dicts every day:
+            # the kept days keep their order, so every sum over them is the same.
+            counts, grams = self.counts, self.grams
+            for day in range(first, oldest):  # a day with grams always has a count (observe adds both)
+                counts.pop(day, None)
+                grams.pop(day, None)
+            self.oldest_day = min(counts) if counts else None
         if len(self.evidence) > 64:
             del self.evidence[:-64]
 
