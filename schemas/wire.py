@@ -7,6 +7,7 @@ the edge and in the stream (the worker re-validates what other producers may hav
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -65,34 +66,28 @@ def parse_event(raw: bytes | str) -> LabDetection | BorderSeizure:
     The fast models decide nearly every record inside pydantic-core; what they refuse is judged again
     by the checked models, which accept what only needs normalising and word the refusal.
     """
-    try:
-        event = EVENT_ADAPTER.validate_json(raw)
-    except ValidationError:
-        pass
-    else:
-        if fast_event_ok(event):
-            return event
-    try:
-        checked = CHECKED_EVENT_ADAPTER.validate_json(raw)
-    except ValidationError as error:
-        raise WireError(describe_validation_error(error), _peek_event_id(raw)) from None
-    return public_event(checked)
+    return _parse(raw, EVENT_ADAPTER.validate_json, CHECKED_EVENT_ADAPTER.validate_json)
 
 
 def parse_event_object(obj: dict[str, Any]) -> LabDetection | BorderSeizure:
     """Validate an already decoded record (CSV rows, simulator output)."""
+    return _parse(obj, EVENT_ADAPTER.validate_python, CHECKED_EVENT_ADAPTER.validate_python)
+
+
+def _parse(raw: Any, fast: Callable[[Any], Any], checked: Callable[[Any], Any]) -> LabDetection | BorderSeizure:
+    """The fast models first; the checked ones for what they refuse (see :func:`parse_event`)."""
     try:
-        event = EVENT_ADAPTER.validate_python(obj)
+        event = fast(raw)
     except ValidationError:
         pass
     else:
         if fast_event_ok(event):
             return event
     try:
-        checked = CHECKED_EVENT_ADAPTER.validate_python(obj)
+        result = checked(raw)
     except ValidationError as error:
-        raise WireError(describe_validation_error(error), _peek_event_id(obj)) from None
-    return public_event(checked)
+        raise WireError(describe_validation_error(error), _peek_event_id(raw)) from None
+    return public_event(result)
 
 
 def public_event(checked: LabDetection | BorderSeizure) -> LabDetection | BorderSeizure:
