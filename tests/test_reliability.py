@@ -39,7 +39,15 @@ from synthwatch.query import QueryResult, run_query
 from synthwatch.settings import Settings
 from synthwatch.stream_apps.backtest import run_lines
 
-from .conftest import RunningWorker, cli_env, isolated_settings, start_worker, stop_worker, wait_until
+from .conftest import (
+    RunningWorker,
+    cli_env,
+    engine_over_http,
+    isolated_settings,
+    start_worker,
+    stop_worker,
+    wait_until,
+)
 from .factories import lab, seizure
 from .reliability_helpers import (
     FlakyProxy,
@@ -50,7 +58,6 @@ from .reliability_helpers import (
     novelty_summary,
     publish_summary,
     read_all,
-    wait_for_port,
 )
 
 pytestmark = pytest.mark.integration
@@ -174,27 +181,12 @@ def test_worker_killed_mid_stream_restarts_and_stores_every_event_once_without_l
 @pytest.fixture
 def clickhouse_http(tmp_path: Path) -> Iterator[tuple[int, FlakyProxy]]:
     """The real engine behind ClickHouse's HTTP interface (own process), and a proxy that can refuse."""
-    port = free_port()
-    log = open(tmp_path / "clickhouse-http.log", "wb")  # noqa: SIM115 - the child writes to it while it lives
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tests.reliability_helpers", "clickhouse-http", str(port), str(tmp_path / "chdb")],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-    log.close()
-    proxy = FlakyProxy(port)
-    try:
-        wait_for_port(port, 60)
-        yield port, proxy.up()
-    finally:
-        proxy.down()
-        server.terminate()
+    with engine_over_http(tmp_path / "chdb", tmp_path / "clickhouse-http.log") as port:
+        proxy = FlakyProxy(port)
         try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(5)
+            yield port, proxy.up()
+        finally:
+            proxy.down()
 
 
 @pytest.mark.slow
