@@ -193,47 +193,44 @@ def encode_event(event: LabDetection | BorderSeizure, substance_fragment: str) -
     return False, f'{{"e":{body}{substance_fragment}{_quantity_fragment(event)}{_extra_fragment(event)}}}'
 
 
-# The staging columns the Arrow path fills: the sink's columns, with each event field as pydantic holds it.
-_ARROW_COMMON = [
-    ("event_id", pa.string(), "String"),
-    ("occurred_at", pa.timestamp("ms", tz="UTC"), "DateTime64(3, 'UTC')"),
-    ("reported_at", pa.timestamp("ms", tz="UTC"), "Nullable(DateTime64(3, 'UTC'))"),
-    ("country", pa.string(), "String"),
-    ("region", pa.string(), "String"),
-    ("substance_name", pa.string(), "String"),
-    ("substance_smiles", pa.string(), "Nullable(String)"),
-    ("substance_inchikey", pa.string(), "Nullable(String)"),
-    ("substance_cas", pa.string(), "Nullable(String)"),
-    ("substance_key", pa.string(), "String"),
-    ("resolved_name", pa.string(), "String"),
-    ("resolved_inchikey", pa.string(), "Nullable(String)"),
-    ("family", pa.string(), "String"),
-    ("extra", pa.string(), "String"),
-]
+# Arrow and ClickHouse types of each staging column the Arrow path fills (each event field as pydantic
+# holds it). Names and order are the sink's LAB_COLUMNS / SEIZURE_COLUMNS: one place defines them.
+_ARROW_TYPES: dict[str, tuple[pa.DataType, str]] = {
+    "event_id": (pa.string(), "String"),
+    "occurred_at": (pa.timestamp("ms", tz="UTC"), "DateTime64(3, 'UTC')"),
+    "reported_at": (pa.timestamp("ms", tz="UTC"), "Nullable(DateTime64(3, 'UTC'))"),
+    "country": (pa.string(), "String"),
+    "region": (pa.string(), "String"),
+    "substance_name": (pa.string(), "String"),
+    "substance_smiles": (pa.string(), "Nullable(String)"),
+    "substance_inchikey": (pa.string(), "Nullable(String)"),
+    "substance_cas": (pa.string(), "Nullable(String)"),
+    "substance_key": (pa.string(), "String"),
+    "resolved_name": (pa.string(), "String"),
+    "resolved_inchikey": (pa.string(), "Nullable(String)"),
+    "family": (pa.string(), "String"),
+    "extra": (pa.string(), "String"),
+    "lab_id": (pa.string(), "String"),
+    "sample_id": (pa.string(), "String"),
+    "sample_type": (pa.string(), "String"),
+    "method": (pa.string(), "String"),
+    "confirmed": (pa.bool_(), "Bool"),
+    "purity_pct": (pa.float64(), "Nullable(Float64)"),
+    "agency": (pa.string(), "String"),
+    "seizure_id": (pa.string(), "String"),
+    "border_point": (pa.string(), "String"),
+    "conveyance": (pa.string(), "String"),
+    "quantity_value": (pa.float64(), "Float64"),
+    "quantity_unit": (pa.string(), "String"),
+    "grams": (pa.float64(), "Nullable(Float64)"),
+    "millilitres": (pa.float64(), "Nullable(Float64)"),
+    "units": (pa.float64(), "Nullable(Float64)"),
+    "origin_country": (pa.string(), "String"),
+    "destination_country": (pa.string(), "String"),
+}
 _ARROW_COLUMNS = {
-    LAB_TABLE: [
-        *_ARROW_COMMON,
-        ("lab_id", pa.string(), "String"),
-        ("sample_id", pa.string(), "String"),
-        ("sample_type", pa.string(), "String"),
-        ("method", pa.string(), "String"),
-        ("confirmed", pa.bool_(), "Bool"),
-        ("purity_pct", pa.float64(), "Nullable(Float64)"),
-    ],
-    SEIZURE_TABLE: [
-        *_ARROW_COMMON,
-        ("agency", pa.string(), "String"),
-        ("seizure_id", pa.string(), "String"),
-        ("border_point", pa.string(), "String"),
-        ("conveyance", pa.string(), "String"),
-        ("quantity_value", pa.float64(), "Float64"),
-        ("quantity_unit", pa.string(), "String"),
-        ("grams", pa.float64(), "Nullable(Float64)"),
-        ("millilitres", pa.float64(), "Nullable(Float64)"),
-        ("units", pa.float64(), "Nullable(Float64)"),
-        ("origin_country", pa.string(), "String"),
-        ("destination_country", pa.string(), "String"),
-    ],
+    table: [(name, *_ARROW_TYPES[name]) for name in columns]
+    for table, columns in ((LAB_TABLE, LAB_COLUMNS), (SEIZURE_TABLE, SEIZURE_COLUMNS))
 }
 
 
