@@ -5,7 +5,8 @@ stored (ids bound as one Array(String) parameter, never spliced into the SQL tex
 batch at ~15,000 ids) and drops those,
  so a replayed partition or a re-sent file adds no rows (counts are right
 without FINAL). The tables are ReplacingMergeTree on a key ending in ``event_id`` as a backstop.
-Inserts are column-oriented: one Python list per column is far cheaper than row tuples.
+Inserts are column-oriented: one Python list per column is far cheaper than row tuples. Row values come
+from ``lab_values`` / ``seizure_values``, which ``ingest-history`` shares, so both writers store the same.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import json
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from clickhouse_connect.driver.client import Client
 
 from synthwatch.schemas import Alert, BorderSeizure, LabDetection, Reject
 
+from .identity import NormalisedQuantity, ResolvedSubstance
 from .intake import EnrichedEvent
 
 # The sink never inserts an id twice in one block (ids already stored are filtered, and intake drops
@@ -105,58 +107,86 @@ class StoreResult:
         return self.lab_detections + self.border_seizures
 
 
-def _common_values(item: EnrichedEvent) -> list[Any]:
-    event, substance = item.event, item.substance
-    extra = event.extra_fields
-    return [
+SubstanceValues = tuple[str, str, str | None, str]
+"""The resolved substance as stored: key, display name, InChIKey, family ("" when none)."""
+QuantityValues = tuple[float | None, float | None, float | None]
+"""A seized amount as stored: grams, millilitres, units (each None when the unit is not of that kind)."""
+
+
+def substance_values(substance: ResolvedSubstance) -> SubstanceValues:
+    return substance.key, substance.display_name, substance.inchikey, substance.family or ""
+
+
+def quantity_values(quantity: NormalisedQuantity | None) -> QuantityValues:
+    return (quantity.grams, quantity.millilitres, quantity.units) if quantity else (None, None, None)
+
+
+def extra_text(event: LabDetection | BorderSeizure) -> str:
+    """The ``extra`` column: unknown fields kept verbatim as JSON, ``{}`` for nearly every report."""
+    if not event.model_extra and not event.substance.model_extra:
+        return "{}"
+    return json.dumps(event.extra_fields, ensure_ascii=False, default=str)
+
+
+def lab_values(event: LabDetection, substance: SubstanceValues) -> tuple[Any, ...]:
+    """One row of :data:`LAB_COLUMNS` (the sink and ``ingest-history`` both store these values)."""
+    s = event.substance
+    return (
         event.event_id,
         event.occurred_at,
         event.reported_at,
         event.country,
         event.region,
-        event.substance.name,
-        event.substance.smiles,
-        event.substance.inchikey,
-        event.substance.cas,
-        substance.key,
-        substance.display_name,
-        substance.inchikey,
-        substance.family or "",
-        json.dumps(extra, ensure_ascii=False, default=str) if extra else "{}",
-    ]
-
-
-def lab_row(item: EnrichedEvent) -> list[Any]:
-    event = item.event
-    assert isinstance(event, LabDetection)
-    return [
-        *_common_values(item),
+        s.name,
+        s.smiles,
+        s.inchikey,
+        s.cas,
+        *substance,
+        extra_text(event),
         event.lab_id,
         event.sample_id,
         event.sample_type,
         event.method,
         event.confirmed,
         event.purity_pct,
-    ]
+    )
 
 
-def seizure_row(item: EnrichedEvent) -> list[Any]:
-    event, quantity = item.event, item.quantity
-    assert isinstance(event, BorderSeizure)
-    return [
-        *_common_values(item),
+def seizure_values(event: BorderSeizure, substance: SubstanceValues, quantity: QuantityValues) -> tuple[Any, ...]:
+    """One row of :data:`SEIZURE_COLUMNS` (the sink and ``ingest-history`` both store these values)."""
+    s, q = event.substance, event.quantity
+    return (
+        event.event_id,
+        event.occurred_at,
+        event.reported_at,
+        event.country,
+        event.region,
+        s.name,
+        s.smiles,
+        s.inchikey,
+        s.cas,
+        *substance,
+        extra_text(event),
         event.agency,
         event.seizure_id,
         event.border_point,
         event.conveyance,
-        event.quantity.value,
-        event.quantity.unit,
-        quantity.grams if quantity else None,
-        quantity.millilitres if quantity else None,
-        quantity.units if quantity else None,
+        q.value,
+        q.unit,
+        *quantity,
         event.origin_country or "",
         event.destination_country or "",
-    ]
+    )
+
+
+def lab_row(item: EnrichedEvent) -> tuple[Any, ...]:
+    return lab_values(cast(LabDetection, item.event), substance_values(item.substance))
+
+
+def seizure_row(item: EnrichedEvent) -> tuple[Any, ...]:
+    return seizure_values(
+        cast(BorderSeizure, item.event), substance_values(item.substance), quantity_values(item.quantity)
+    )
 
 
 def reject_id(reject: Reject) -> str:
@@ -206,7 +236,7 @@ def alert_row(alert: Alert) -> list[Any]:
     ]
 
 
-def _columns(rows: list[list[Any]], width: int) -> list[list[Any]]:
+def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
     return [[row[i] for row in rows] for i in range(width)] if rows else [[] for _ in range(width)]
 
 
@@ -226,7 +256,7 @@ class ClickHouseSink:
         return {row[0] for row in rows}
 
     def _insert_new(
-        self, table: str, items: list[EnrichedEvent], columns: list[str], to_row: Callable[..., list[Any]]
+        self, table: str, items: list[EnrichedEvent], columns: list[str], to_row: Callable[..., Sequence[Any]]
     ) -> tuple[int, int]:
         stored = self._stored_ids(table, [item.event_id for item in items])
         fresh = [to_row(item) for item in items if item.event_id not in stored]

@@ -36,16 +36,24 @@ from typing import get_args
 
 import pyarrow as pa
 from clickhouse_connect.driver.client import Client
+from pydantic import ValidationError
 
 from synthwatch.catalogue import shipped_catalogue
 from synthwatch.schemas import BorderSeizure, LabDetection, Reject, WireError, parse_event
-from synthwatch.schemas.events import QuantityUnit
+from synthwatch.schemas.events import EVENT_ADAPTER, Quantity, QuantityUnit, fast_event_ok
 from synthwatch.stream_apps.clickhouse_sink import (
     LAB_COLUMNS,
     LAB_TABLE,
     SEIZURE_COLUMNS,
     SEIZURE_TABLE,
     ClickHouseSink,
+    QuantityValues,
+    SubstanceValues,
+    extra_text,
+    lab_values,
+    quantity_values,
+    seizure_values,
+    substance_values,
 )
 from synthwatch.stream_apps.identity import (
     UNINFORMATIVE_NAMES,
@@ -151,15 +159,19 @@ class IngestSummary:
 
 # --- encoding (worker processes, and this process for re-resolved rows) ----------------------------
 
+SubstanceKey = tuple[str, str | None, str | None]
+"""A report's substance as spelt (name, SMILES, InChIKey): the unit of resolution caching."""
+
 
 def _number(value: float | None) -> str:
     return "null" if value is None else repr(float(value))
 
 
-def _substance_fragment(substance: ResolvedSubstance) -> str:
+def _substance_fragment(values: SubstanceValues) -> str:
+    key, name, inchikey, family = values
     return (
-        f',"k":{json.dumps(substance.key)},"n":{json.dumps(substance.display_name, ensure_ascii=False)},'
-        f'"ik":{json.dumps(substance.inchikey)},"f":{json.dumps(substance.family or "")}'
+        f',"k":{json.dumps(key)},"n":{json.dumps(name, ensure_ascii=False)},'
+        f'"ik":{json.dumps(inchikey)},"f":{json.dumps(family)}'
     )
 
 
@@ -167,30 +179,50 @@ def _extra_fragment(event: LabDetection | BorderSeizure) -> str:
     """The sink's ``extra`` column (unknown fields, kept verbatim); empty for nearly every report."""
     if not event.model_extra and not event.substance.model_extra:
         return ""
-    text = json.dumps(event.extra_fields, ensure_ascii=False, default=str)
-    return f',"x":{json.dumps(text, ensure_ascii=False)}'
+    return f',"x":{json.dumps(extra_text(event), ensure_ascii=False)}'
 
 
-_QUANTITIES: dict[tuple[float, str], str] = {}
+class Quantities:
+    """Grams, millilitres and units per distinct (value, unit): pint runs once per spelling, not per report.
+
+    Owned by one :class:`ChunkParser` (or one store), so its size is bounded and its life is the loader's.
+    """
+
+    def __init__(self, limit: int = 200_000) -> None:
+        self.limit = limit
+        self._values: dict[tuple[float, str], QuantityValues] = {}
+        self._fragments: dict[tuple[float, str], str] = {}
+
+    def values(self, quantity: Quantity) -> QuantityValues:
+        key = (quantity.value, quantity.unit)
+        found = self._values.get(key)
+        if found is None:
+            if len(self._values) >= self.limit:
+                self._values.clear()
+            found = self._values[key] = quantity_values(normalise_quantity(*key))
+        return found
+
+    def fragment(self, quantity: Quantity) -> str:
+        """The staging table's ``g``, ``ml`` and ``u`` fields as JSON (the reference path)."""
+        key = (quantity.value, quantity.unit)
+        found = self._fragments.get(key)
+        if found is None:
+            if len(self._fragments) >= self.limit:
+                self._fragments.clear()
+            grams, millilitres, units = self.values(quantity)
+            found = self._fragments[key] = f',"g":{_number(grams)},"ml":{_number(millilitres)},"u":{_number(units)}'
+        return found
 
 
-def _quantity_fragment(event: BorderSeizure) -> str:
-    key = (event.quantity.value, event.quantity.unit)
-    found = _QUANTITIES.get(key)
-    if found is None:
-        if len(_QUANTITIES) > 200_000:
-            _QUANTITIES.clear()
-        q = normalise_quantity(*key)
-        found = _QUANTITIES[key] = f',"g":{_number(q.grams)},"ml":{_number(q.millilitres)},"u":{_number(q.units)}'
-    return found
-
-
-def encode_event(event: LabDetection | BorderSeizure, substance_fragment: str) -> tuple[bool, str]:
+def encode_event(
+    event: LabDetection | BorderSeizure, substance_fragment: str, quantities: Quantities
+) -> tuple[bool, str]:
     """(is a lab detection, one JSONEachRow line for the staging table)."""
     body = event.model_dump_json()
     if isinstance(event, LabDetection):
         return True, f'{{"e":{body}{substance_fragment}{_extra_fragment(event)}}}'
-    return False, f'{{"e":{body}{substance_fragment}{_quantity_fragment(event)}{_extra_fragment(event)}}}'
+    fragment = quantities.fragment(event.quantity)
+    return False, f'{{"e":{body}{substance_fragment}{fragment}{_extra_fragment(event)}}}'
 
 
 # Arrow and ClickHouse types of each staging column the Arrow path fills (each event field as pydantic
@@ -234,78 +266,24 @@ _ARROW_COLUMNS = {
 }
 
 
-def _substance_values(substance: ResolvedSubstance) -> tuple[str, str, str | None, str]:
-    return substance.key, substance.display_name, substance.inchikey, substance.family or ""
-
-
-_QUANTITY_VALUES: dict[tuple[float, str], tuple[float | None, float | None, float | None]] = {}
-
-
-def _quantity_values(event: BorderSeizure) -> tuple[float | None, float | None, float | None]:
-    key = (event.quantity.value, event.quantity.unit)
-    found = _QUANTITY_VALUES.get(key)
-    if found is None:
-        if len(_QUANTITY_VALUES) > 200_000:
-            _QUANTITY_VALUES.clear()
-        q = normalise_quantity(*key)
-        found = _QUANTITY_VALUES[key] = (q.grams, q.millilitres, q.units)
-    return found
-
-
 class ArrowRows:
     """Rows for both raw tables, shipped to the owner process as Arrow IPC bytes.
 
     Why: the owner process is the bottleneck; with Arrow it hands typed columns to ClickHouse instead of
-    text that ClickHouse must parse (~3 µs a row there). Values are the sink's (``lab_row``, ``seizure_row``).
+    text that ClickHouse must parse (~3 µs a row there). Values are the sink's (``lab_values``,
+    ``seizure_values``), taken as a tuple at once so the validated event can be freed (keeping a chunk's
+    events alive until the end costs more than the tuples).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, quantities: Quantities) -> None:
+        self.quantities = quantities
         self.rows: dict[str, list[tuple[object, ...]]] = {LAB_TABLE: [], SEIZURE_TABLE: []}
 
-    def add(self, event: LabDetection | BorderSeizure, substance: tuple[str, str, str | None, str]) -> None:
-        s = event.substance
-        extra = event.extra_fields if (event.model_extra or s.model_extra) else None
-        common = (
-            event.event_id,
-            event.occurred_at,
-            event.reported_at,
-            event.country,
-            event.region,
-            s.name,
-            s.smiles,
-            s.inchikey,
-            s.cas,
-            *substance,
-            json.dumps(extra, ensure_ascii=False, default=str) if extra else "{}",
-        )
+    def add(self, event: LabDetection | BorderSeizure, substance: SubstanceValues) -> None:
         if isinstance(event, LabDetection):
-            self.rows[LAB_TABLE].append(
-                (
-                    *common,
-                    event.lab_id,
-                    event.sample_id,
-                    event.sample_type,
-                    event.method,
-                    event.confirmed,
-                    event.purity_pct,
-                )
-            )
+            self.rows[LAB_TABLE].append(lab_values(event, substance))
         else:
-            q = event.quantity
-            self.rows[SEIZURE_TABLE].append(
-                (
-                    *common,
-                    event.agency,
-                    event.seizure_id,
-                    event.border_point,
-                    event.conveyance,
-                    q.value,
-                    q.unit,
-                    *_quantity_values(event),
-                    event.origin_country or "",
-                    event.destination_country or "",
-                )
-            )
+            self.rows[SEIZURE_TABLE].append(seizure_values(event, substance, self.quantities.values(event.quantity)))
 
     def count(self, table: str) -> int:
         return len(self.rows[table])
@@ -325,7 +303,7 @@ class ArrowRows:
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, batch.schema) as writer:
             writer.write_batch(batch)
-        return bytes(sink.getvalue().to_pybytes())
+        return bytes(sink.getvalue())
 
 
 def _depends_on_order(substance: ResolvedSubstance, smiles: str | None, structures: dict[str, Structure | str]) -> bool:
@@ -373,20 +351,6 @@ class ChunkResult:
     learnt: list[tuple[int, str, str, str | None]] = field(default_factory=list)
 
 
-_CATALOGUE_NAMES: frozenset[str] | None = None
-_FRAGMENTS: dict[tuple[str, str | None, str | None], str] = {}
-_VALUES: dict[tuple[str, str | None, str | None], tuple[str, str, str | None, str]] = {}
-
-
-def _catalogue_names() -> frozenset[str]:
-    global _CATALOGUE_NAMES
-    if _CATALOGUE_NAMES is None:
-        _CATALOGUE_NAMES = frozenset(
-            normalise_name(alias) for entry in shipped_catalogue() for alias in (entry.name, *entry.synonyms)
-        )
-    return _CATALOGUE_NAMES
-
-
 class _SharedStructuresResolver(SubstanceResolver):
     """The stream's resolver, fed structures other processes computed (RDKit costs ~1 ms per distinct SMILES).
 
@@ -414,75 +378,124 @@ def _seeded_resolver(
     return resolver
 
 
-def process_chunk(chunk: Chunk) -> ChunkResult:
-    """Validate, dedup (within the chunk), resolve and encode one chunk; pure, runs in a worker."""
-    with open(chunk.path, "rb") as handle:
-        handle.seek(chunk.start)
-        data = handle.read(chunk.end - chunk.start)
-    result = ChunkResult(chunk.start, chunk.end)
-    resolver = _seeded_resolver(chunk.known, chunk.structures)
-    catalogue_names = _catalogue_names()
-    seen: set[str] = set()
-    learnt_here: set[str] = set()
-    fragments = _FRAGMENTS  # state-independent resolutions only: valid in every chunk
-    values = _VALUES
-    rows = ArrowRows() if chunk.encoding == "arrow" else None
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # tens of thousands of short-lived models: the cyclic collector only costs time here
-    try:
-        for number, line in enumerate(data.split(b"\n"), start=chunk.first_line):
-            raw = line.rstrip(b"\r")
-            if not raw.strip():
-                result.blank += 1
-                continue
-            result.lines += 1
-            try:
-                event = parse_event(raw)
-            except WireError as error:
-                result.rejects.append((number, raw, error.reason, error.event_id))
-                continue
-            if event.event_id in seen:
-                result.duplicates += 1
-                continue
-            seen.add(event.event_id)
-            reported = event.substance
-            cache_key = (reported.name, reported.smiles, reported.inchikey)
-            if rows is not None:
+class ChunkParser:
+    """One parsing process's state across chunks: what stays valid whatever the file order.
+
+    Holds the catalogue's names, the substance values of state-independent resolutions (per spelling),
+    and the quantity conversions. The loader owns one when it parses in-process; each worker process
+    owns one, made by the pool's initializer.
+    """
+
+    def __init__(self) -> None:
+        self.catalogue_names = frozenset(
+            normalise_name(alias) for entry in shipped_catalogue() for alias in (entry.name, *entry.synonyms)
+        )
+        self.values: dict[SubstanceKey, SubstanceValues] = {}
+        self.fragments: dict[SubstanceKey, str] = {}
+        self.quantities = Quantities()
+
+    def warm(self) -> None:
+        """Index the catalogue and build pint's registry now, not in the first chunk."""
+        _seeded_resolver({})
+        for unit in get_args(QuantityUnit):
+            normalise_quantity(1.0, unit)
+
+    def process(self, chunk: Chunk) -> ChunkResult:
+        """Validate, dedup (within the chunk), resolve and encode one chunk; pure but for the caches."""
+        with open(chunk.path, "rb") as handle:
+            handle.seek(chunk.start)
+            data = handle.read(chunk.end - chunk.start)
+        result = ChunkResult(chunk.start, chunk.end)
+        resolver = _seeded_resolver(chunk.known, chunk.structures)
+        seen: set[str] = set()
+        learnt_here: set[str] = set()
+        values = self.values  # state-independent resolutions only: valid in every chunk
+        rows = ArrowRows(self.quantities) if chunk.encoding == "arrow" else None
+        validate = EVENT_ADAPTER.validator.validate_json
+        gc_was_enabled = gc.isenabled()
+        gc.disable()  # tens of thousands of short-lived models: the cyclic collector only costs time here
+        try:
+            lines = data.split(b"\n")
+            for number, line in enumerate(lines, start=chunk.first_line):
+                raw = line.rstrip(b"\r")
+                if not raw or raw.isspace():  # what `not raw.strip()` says, without the copy
+                    result.blank += 1
+                    continue
+                # parse_event's own first step, inlined (it is most of the per-line cost): what the fast
+                # models refuse or cannot finish checking goes to parse_event, which gives its verdict.
+                try:
+                    event = validate(raw)
+                except ValidationError:
+                    event = None
+                if event is None or not fast_event_ok(event):
+                    try:
+                        event = parse_event(raw)
+                    except WireError as error:
+                        result.rejects.append((number, raw, error.reason, error.event_id))
+                        continue
+                event_id = event.event_id
+                if event_id in seen:
+                    result.duplicates += 1
+                    continue
+                seen.add(event_id)
+                reported = event.substance
+                cache_key = (reported.name, reported.smiles, reported.inchikey)
                 found = values.get(cache_key)
-                if found is not None:
+                if found is None:
+                    substance = resolver.resolve(reported.name, smiles=reported.smiles, inchikey=reported.inchikey)
+                    if substance.resolved_by == "structure":
+                        normalised = normalise_name(reported.name)
+                        if (
+                            normalised not in learnt_here
+                            and normalised not in self.catalogue_names
+                            and normalised not in UNINFORMATIVE_NAMES
+                        ):
+                            learnt_here.add(normalised)
+                            result.learnt.append((number, reported.name, substance.key, substance.family))
+                    if _depends_on_order(substance, reported.smiles, chunk.structures):
+                        result.pending.append((number, raw))
+                        continue
+                    found = values[cache_key] = substance_values(substance)
+                if rows is not None:
                     rows.add(event, found)
                     continue
-            fragment = fragments.get(cache_key) if rows is None else None
-            if fragment is None:
-                substance = resolver.resolve(reported.name, smiles=reported.smiles, inchikey=reported.inchikey)
-                if substance.resolved_by == "structure":
-                    normalised = normalise_name(reported.name)
-                    if (
-                        normalised not in learnt_here
-                        and normalised not in catalogue_names
-                        and normalised not in UNINFORMATIVE_NAMES
-                    ):
-                        learnt_here.add(normalised)
-                        result.learnt.append((number, reported.name, substance.key, substance.family))
-                if _depends_on_order(substance, reported.smiles, chunk.structures):
-                    result.pending.append((number, raw))
-                    continue
-                if rows is not None:
-                    rows.add(event, values.setdefault(cache_key, _substance_values(substance)))
-                    continue
-                fragment = fragments[cache_key] = _substance_fragment(substance)
-            is_lab, encoded = encode_event(event, fragment)
-            (result.labs if is_lab else result.seizures).append(encoded)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    if rows is not None:
-        for table in (LAB_TABLE, SEIZURE_TABLE):
-            result.arrow[table] = rows.ipc(table)
-            result.arrow_rows[table] = rows.count(table)
-    if data.endswith(b"\n"):
-        result.blank -= 1  # the split's empty tail after the last line end is not a line
-    return result
+                fragment = self.fragments.get(cache_key)
+                if fragment is None:
+                    fragment = self.fragments[cache_key] = _substance_fragment(found)
+                is_lab, encoded = encode_event(event, fragment, self.quantities)
+                (result.labs if is_lab else result.seizures).append(encoded)
+            if rows is not None:  # still without the collector: the chunk's events are all alive here
+                for table in (LAB_TABLE, SEIZURE_TABLE):
+                    result.arrow[table] = rows.ipc(table)
+                    result.arrow_rows[table] = rows.count(table)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+        result.lines = len(lines) - result.blank
+        if data.endswith(b"\n"):
+            result.blank -= 1  # the split's empty tail after the last line end is not a line
+        return result
+
+
+_WORKER: ChunkParser | None = None  # this worker process's parser (set by the pool's initializer)
+
+
+def _start_worker() -> None:
+    """Pool initializer: the worker process's own :class:`ChunkParser`."""
+    global _WORKER
+    _WORKER = ChunkParser()
+
+
+def _worker() -> ChunkParser:
+    if _WORKER is None:
+        _start_worker()
+    assert _WORKER is not None
+    return _WORKER
+
+
+def process_chunk(chunk: Chunk) -> ChunkResult:
+    """A chunk parsed by this worker process's :class:`ChunkParser` (a pool task)."""
+    return _worker().process(chunk)
 
 
 # --- structures: each distinct SMILES through RDKit once, split over the workers ---------------------
@@ -501,10 +514,7 @@ def scan_part(path: str, start: int, end: int) -> set[str]:
     Runs in the workers while the parent opens and migrates the engine, so the first chunks find the
     catalogue indexed and pint's registry built (a few hundred ms per process otherwise).
     """
-    _catalogue_names()
-    _seeded_resolver({})
-    for unit in get_args(QuantityUnit):
-        normalise_quantity(1.0, unit)
+    _worker().warm()
     found: set[str] = set()
     with open(path, "rb") as handle:
         handle.seek(start)
@@ -657,7 +667,7 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     then the forkserver starts clean workers (scripts calling this need the ``__main__`` guard).
     """
     method = "fork" if "chdb" not in sys.modules and sys.platform == "linux" else "forkserver"
-    pool = ProcessPoolExecutor(workers, mp_context=get_context(method))
+    pool = ProcessPoolExecutor(workers, mp_context=get_context(method), initializer=_start_worker)
     for started in [pool.submit(os.getpid) for _ in range(workers)]:
         started.result()
     return pool
@@ -730,6 +740,8 @@ def _run(
     structures = prepass.structures() if prepass is not None else {}
     resolver = _seeded_resolver(_learnt_from_clickhouse(client), structures)
     sink = ClickHouseSink(client)
+    parser = ChunkParser() if pool is None else None
+    quantities = parser.quantities if parser is not None else Quantities()
     chunks = _chunks(path, batch_size)
     in_flight: list[Future[ChunkResult]] = []
 
@@ -742,7 +754,7 @@ def _run(
         )
         if pool is None:
             done: Future[ChunkResult] = Future()
-            done.set_result(process_chunk(chunk))
+            done.set_result(parser.process(chunk))  # type: ignore[union-attr]
             in_flight.append(done)
         else:
             in_flight.append(pool.submit(process_chunk, chunk))
@@ -766,7 +778,7 @@ def _run(
         while in_flight:
             result = in_flight.pop(0).result()
             submit()
-            _store_chunk(result, resolver, store, sink, path.name, summary)
+            _store_chunk(result, resolver, store, sink, path.name, summary, quantities)
             elapsed = time.perf_counter() - started
             bar.update(task, completed=result.end, lines=summary.lines, rate=summary.lines / max(elapsed, 1e-9))
 
@@ -778,6 +790,7 @@ def _store_chunk(
     sink: ClickHouseSink,
     name: str,
     summary: IngestSummary,
+    quantities: Quantities,
 ) -> None:
     """Merge re-resolved rows and learnt names in line order, then insert and store rejects."""
     events: list[tuple[int, str, str, str | None, str | None]] = [
@@ -786,7 +799,7 @@ def _store_chunk(
     events += [(line, "row", raw.decode("utf-8", "replace"), None, None) for line, raw in result.pending]
     events.sort(key=lambda item: (item[0], item[1] == "row"))
     labs, seizures = result.labs, result.seizures
-    rows = ArrowRows() if store.encoding == "arrow" else None
+    rows = ArrowRows(quantities) if store.encoding == "arrow" else None
     for _line, what, text, key, family in events:
         if what == "learn":
             resolver.learn(text, key or "", family)  # type: ignore[arg-type]
@@ -795,9 +808,9 @@ def _store_chunk(
         reported = event.substance
         substance = resolver.resolve(reported.name, smiles=reported.smiles, inchikey=reported.inchikey)
         if rows is not None:
-            rows.add(event, _substance_values(substance))
+            rows.add(event, substance_values(substance))
             continue
-        is_lab, encoded = encode_event(event, _substance_fragment(substance))
+        is_lab, encoded = encode_event(event, _substance_fragment(substance_values(substance)), quantities)
         (labs if is_lab else seizures).append(encoded)
     inserted = {}
     for table, lines in ((LAB_TABLE, labs), (SEIZURE_TABLE, seizures)):
