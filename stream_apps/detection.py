@@ -28,7 +28,7 @@ from .alerting import FAMILY_LABELS, Subject, build_alert, day_of, day_start, re
 from .identity import ResolvedSubstance
 from .intake import EnrichedEvent
 from .novelty import NoveltyConfig, NoveltyDetector, Sighting
-from .spikes import SeriesState, SpikeConfig, SpikeFinding, SpikeModel
+from .spikes import SeriesState, SpikeConfig, SpikeFinding, SpikeModel, intern_day
 
 Fetch = Callable[[str], dict[str, Any] | None]
 
@@ -77,7 +77,7 @@ class Observation:
             event.event_id,
             event.kind,
             moment,
-            day_of(moment),
+            intern_day(day_of(moment)),
             event.country,
             event.region,
             subject_of(item.substance),
@@ -112,6 +112,9 @@ class RegionState:
 
     Watermarks are per kind: labs and seizures come on two topics whose interleaving is arbitrary
     (a replay may deliver a month of lab reports before the seizures), but each is in order.
+
+    Written to a changelog as a full record plus a delta of the ids added since (see
+    :meth:`changelog_record`), so a batch does not rewrite days of ids it did not touch.
     """
 
     watermarks: dict[str, datetime] = field(default_factory=dict)
@@ -119,27 +122,113 @@ class RegionState:
     forwarded: dict[int, set[str]] = field(default_factory=dict)
     totals: dict[int, int] = field(default_factory=dict)
     first_day: int | None = None  # the region's first report (the rhythm needs four weeks of it)
-    pruned_day: int | None = None  # not persisted: pruning runs once per day
+    pruned_day: int | None = (
+        None  # pruning runs once per day (persisted: a restored state prunes when the live one would)
+    )
     today: int | None = None  # not persisted: the day of the newest watermark, kept as they move
+    # Weekday factors per day, learnt when first asked for (see :meth:`RegionDetector.rhythm`); persisted, so a
+    # restored state uses the factors the live one learnt even when a lagging topic changed old totals since.
+    rhythm: dict[int, list[float]] = field(default_factory=dict)
+    # Changelog bookkeeping (no effect on detection): what changed since the full record ``gen``.
+    gen: int = 0
+    full_due: bool = True  # no full record of this state written yet (new, or restored)
+    added_recent: dict[int, list[str]] = field(default_factory=dict)
+    added_forwarded: dict[int, list[str]] = field(default_factory=dict)
+    added: int = 0
+    added_rhythm: list[int] = field(default_factory=list)
+    cut: int | None = None  # ids of days before this were pruned after the full record
+    rhythm_cut: int | None = None  # factors of days before this were pruned after the full record
 
     def to_dict(self) -> dict[str, Any]:
+        """The full record (id sets as lists in set order: they are read back into sets)."""
+        totals = self.totals
         return {
+            "g": self.gen,
             "w": {kind: moment.isoformat() for kind, moment in self.watermarks.items()},
-            "r": {str(d): sorted(ids) for d, ids in self.recent.items()},
-            "f": {str(d): sorted(keys) for d, keys in self.forwarded.items()},
-            "t": {str(d): n for d, n in self.totals.items()},
+            "r": {str(d): list(ids) for d, ids in self.recent.items()},
+            "f": {str(d): list(keys) for d, keys in self.forwarded.items()},
+            "t": [list(totals), list(totals.values())],
             "d": self.first_day,
+            "p": self.pruned_day,
+            "h": {str(d): factors for d, factors in self.rhythm.items()},
         }
+
+    def delta_dict(self) -> dict[str, Any]:
+        """What changed since the full record ``gen``: new ids and keys; totals and watermarks whole."""
+        totals = self.totals
+        return {
+            "g": self.gen,
+            "w": {kind: moment.isoformat() for kind, moment in self.watermarks.items()},
+            "r": {str(d): ids[:] for d, ids in self.added_recent.items()},
+            "f": {str(d): keys[:] for d, keys in self.added_forwarded.items()},
+            "t": [list(totals), list(totals.values())],
+            "d": self.first_day,
+            "p": self.pruned_day,
+            "h": {str(d): self.rhythm[d] for d in self.added_rhythm if d in self.rhythm},
+            "o": self.cut,
+            "ho": self.rhythm_cut,
+        }
+
+    def changelog_record(self, delta_limit: int = 256) -> tuple[bool, dict[str, Any]]:
+        """(full?, record) to write now: the delta, or a new full record once the delta is large."""
+        if not self.full_due and self.added + len(self.added_rhythm) <= delta_limit:
+            return False, self.delta_dict()
+        self.gen += 1
+        self.full_due = False
+        self.added_recent.clear()
+        self.added_forwarded.clear()
+        self.added_rhythm.clear()
+        self.added = 0
+        self.cut = self.rhythm_cut = None
+        return True, self.to_dict()
+
+    def note_added(self, day: int, event_id: str, forwarded_key: str | None) -> None:
+        """Remember an id (and a forwarded substance) added since the full record."""
+        ids = self.added_recent.get(day)
+        if ids is None:
+            ids = self.added_recent[day] = []
+        ids.append(event_id)
+        if forwarded_key is not None:
+            keys = self.added_forwarded.get(day)
+            if keys is None:
+                keys = self.added_forwarded[day] = []
+            keys.append(forwarded_key)
+        self.added += 1
+
+    @classmethod
+    def from_records(cls, full: dict[str, Any], delta: dict[str, Any] | None = None) -> RegionState:
+        """The state the live one had when ``full`` and then ``delta`` (if of the same ``gen``) were written."""
+        recent = {int(d): set(ids) for d, ids in full.get("r", {}).items()}
+        forwarded = {int(d): set(keys) for d, keys in full.get("f", {}).items()}
+        rhythm = {int(d): list(factors) for d, factors in full.get("h", {}).items()}
+        watermarks, totals, first_day = full.get("w") or {}, full.get("t") or [[], []], full.get("d")
+        pruned_day = full.get("p")
+        if delta is not None and delta["g"] == full.get("g"):
+            cut, rhythm_cut = delta["o"], delta["ho"]
+            if cut is not None:
+                recent = {d: ids for d, ids in recent.items() if d >= cut}
+                forwarded = {d: keys for d, keys in forwarded.items() if d >= cut}
+            if rhythm_cut is not None:
+                rhythm = {d: factors for d, factors in rhythm.items() if d >= rhythm_cut}
+            for table, added in ((recent, delta["r"]), (forwarded, delta["f"])):
+                for d, ids in added.items():
+                    table.setdefault(int(d), set()).update(ids)
+            rhythm.update((int(d), list(factors)) for d, factors in delta["h"].items())
+            watermarks, totals, first_day, pruned_day = delta["w"] or {}, delta["t"], delta["d"], delta["p"]
+        return cls(
+            watermarks={kind: datetime.fromisoformat(v) for kind, v in watermarks.items()},
+            recent=recent,
+            forwarded=forwarded,
+            totals={intern_day(int(d)): int(n) for d, n in zip(*totals, strict=True)},
+            first_day=first_day,
+            pruned_day=pruned_day,
+            rhythm=rhythm,
+            gen=int(full.get("g", 0)),
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RegionState:
-        return cls(
-            watermarks={kind: datetime.fromisoformat(v) for kind, v in (data.get("w") or {}).items()},
-            recent={int(d): set(ids) for d, ids in data.get("r", {}).items()},
-            forwarded={int(d): set(keys) for d, keys in data.get("f", {}).items()},
-            totals={int(d): int(n) for d, n in data.get("t", {}).items()},
-            first_day=data.get("d"),
-        )
+        return cls.from_records(data)
 
 
 @dataclass(slots=True)
@@ -177,7 +266,6 @@ class RegionDetector:
         self.series: dict[str, SeriesState] = {}
         self.dirty_regions: set[str] = set()
         self.dirty_series: set[str] = set()
-        self._rhythm: dict[tuple[str, int], list[float]] = {}
         self.lateness = timedelta(hours=self.config.lateness_hours)
         self._keep_ids_days = int(self.config.lateness_hours // 24) + 2
 
@@ -187,7 +275,11 @@ class RegionDetector:
         state = self.regions.get(region)
         if state is None:
             stored = self.fetch(f"R:{region}") if self.fetch else None
-            state = self.regions[region] = RegionState.from_dict(stored) if stored else RegionState()
+            if stored and self.fetch:
+                state = RegionState.from_records(stored, self.fetch(f"R+:{region}"))
+            else:
+                state = RegionState()
+            self.regions[region] = state
         return state
 
     def series_state(self, region: str, key: str, day: int) -> tuple[str, SeriesState]:
@@ -195,7 +287,10 @@ class RegionDetector:
         state = self.series.get(name)
         if state is None:
             stored = self.fetch(f"S:{name}") if self.fetch else None
-            state = SeriesState.from_dict(stored) if stored else SeriesState(first_day=day)
+            if stored and self.fetch:
+                state = SeriesState.from_records(stored, self.fetch(f"S+:{name}"))
+            else:
+                state = SeriesState(first_day=day)
             self.series[name] = state
         if day < state.first_day:
             state.first_day = day
@@ -210,8 +305,7 @@ class RegionDetector:
         still filling in (the two input topics may deliver a region's labs and seizures at different
         paces), and the factors must not depend on that.
         """
-        cache_key = (region, day)
-        factors = self._rhythm.get(cache_key)
+        factors = state.rhythm.get(day)
         if factors is None:
             end = day - self.RHYTHM_LAG
             start = end - self.RHYTHM_DAYS
@@ -225,9 +319,8 @@ class RegionDetector:
                     for weekday in range(7):
                         values = [t for d, t in zip(days, totals, strict=True) if d % 7 == weekday]
                         factors[weekday] = min(3.0, max(0.2, (sum(values) / len(values)) / overall))
-            if len(self._rhythm) > 4096:
-                self._rhythm.clear()
-            self._rhythm[cache_key] = factors
+            state.rhythm[day] = factors
+            state.added_rhythm.append(day)
         return factors
 
     # --- the stage -----------------------------------------------------------------------------------
@@ -294,12 +387,24 @@ class RegionDetector:
         if obs.subject.key not in forwarded:
             forwarded.add(obs.subject.key)
             result.sightings.append(obs.sighting())
+            region.note_added(day, obs.event_id, obs.subject.key)
+        else:
+            region.note_added(day, obs.event_id, None)
         return result
 
     def drain_dirty(self) -> list[tuple[str, str, dict[str, Any]]]:
-        """(region, table key, value) of every record changed since the last call."""
-        changed = [(r, f"R:{r}", self.regions[r].to_dict()) for r in self.dirty_regions]
-        changed += [(n.split("|", 1)[0], f"S:{n}", self.series[n].to_dict()) for n in self.dirty_series]
+        """(region, table key, value) of every record changed since the last call.
+
+        A state changed since its last full record ("R:…", "S:…") writes only a delta ("R+:…", "S+:…");
+        :meth:`region_state` and :meth:`series_state` read both back through ``fetch``.
+        """
+        changed = []
+        for r in self.dirty_regions:
+            full, value = self.regions[r].changelog_record()
+            changed.append((r, f"R:{r}" if full else f"R+:{r}", value))
+        for n in self.dirty_series:
+            full, value = self.series[n].changelog_record()
+            changed.append((n.split("|", 1)[0], f"S:{n}" if full else f"S+:{n}", value))
         self.dirty_regions.clear()
         self.dirty_series.clear()
         return changed
@@ -310,7 +415,6 @@ class RegionDetector:
         self.series.clear()
         self.dirty_regions.clear()
         self.dirty_series.clear()
-        self._rhythm.clear()
 
     def _prune(self, region: RegionState, today: int) -> None:
         if region.pruned_day == today:
@@ -318,13 +422,19 @@ class RegionDetector:
         region.pruned_day = today
         oldest = today - self._keep_ids_days
 
-        for table in (region.recent, region.forwarded):
+        for table in (region.recent, region.forwarded, region.added_recent, region.added_forwarded):
             for day in [d for d in table if d < oldest]:
                 del table[day]
+                region.cut = oldest
         if region.totals and min(region.totals) < today - self.RHYTHM_DAYS - self.RHYTHM_LAG - 2:
             region.totals = {
                 d: n for d, n in region.totals.items() if d >= today - self.RHYTHM_DAYS - self.RHYTHM_LAG - 2
             }
+        horizon = today - self.RHYTHM_DAYS - self.RHYTHM_LAG - 2
+        if region.rhythm and min(region.rhythm) < horizon:
+            for day in [d for d in region.rhythm if d < horizon]:
+                del region.rhythm[day]
+            region.rhythm_cut = horizon
 
     def _spike_alert(self, obs: Observation, subject: Subject, state: SeriesState, f: SpikeFinding) -> Alert:
         window_ids = [i for d, i in state.evidence if f.window_start_day <= d <= f.window_end_day][-20:]

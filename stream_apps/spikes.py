@@ -140,9 +140,24 @@ class SpikeFinding:
     mass_z: float | None = None  # mass spikes: robust z of the seizure that made it
 
 
+_DAYS: dict[int, int] = {}
+
+
+def intern_day(day: int) -> int:
+    """One int object per day number: a series holds a day in its counts, masses and evidence, and the
+    5,000 series of a region stage repeat the same few dozen days (28 bytes each time otherwise)."""
+    return _DAYS.setdefault(day, day)
+
+
 @dataclass(slots=True)
 class SeriesState:
-    """History of one daily series; small enough to be one Faust table value."""
+    """History of one daily series, written to a changelog as a full record plus a small delta.
+
+    After a batch, only what changed since the last full record is written (:meth:`changelog_record`):
+    days whose count or grams changed, masses and evidence appended, how many fell off the front, the
+    pruning cut. The full record is rewritten when that delta grows past a few dozen items, so the cost
+    of a write does not grow with the history a series holds.
+    """
 
     first_day: int
     counts: dict[int, int] = field(default_factory=dict)
@@ -150,33 +165,116 @@ class SeriesState:
     masses: list[tuple[int, float]] = field(default_factory=list)  # (day, log grams), most recent last
     episodes: dict[str, Episode] = field(default_factory=dict)
     evidence: list[tuple[int, str]] = field(default_factory=list)  # (day, event_id), most recent last
-    # Not persisted: the baseline of the current day (it ends 8 days back, so reports arriving today
-    # - never more than the lateness old - cannot change it) and the last day pruned.
+    # The baseline of the current day (it ends 8 days back, so reports arriving today - never more than
+    # the lateness old - cannot change it) and the last day pruned. Persisted, though they only save work:
+    # a report from a lagging topic can change the baseline's days, and a restored state must not see that
+    # where the live one, holding the baseline learnt earlier, does not.
     cached_baseline: tuple[int, list[Any] | None] | None = None
     pruned_day: int | None = None
     newest_day: int | None = None  # not persisted either: max(counts), kept as reports come in
     oldest_day: int | None = None  # not persisted either: min(counts), kept as reports come in
+    # Changelog bookkeeping (no effect on detection): what changed since the full record ``gen``.
+    gen: int = 0
+    full_due: bool = True  # no full record of this state written yet (new, or restored)
+    changed_counts: dict[int, None] = field(default_factory=dict)  # in order of first change
+    changed_grams: dict[int, None] = field(default_factory=dict)
+    added_masses: int = 0
+    base_masses: int = 0  # len(masses) in the full record
+    added_evidence: int = 0
+    base_evidence: int = 0
+    cut: int | None = None  # days before this were pruned after the full record
 
     def to_dict(self) -> dict[str, Any]:
+        """The full record: parallel lists and shared tuples, so it is cheap to build and to hold."""
+        counts, grams = self.counts, self.grams
         return {
+            "g": self.gen,
             "f": self.first_day,
-            "c": [[d, n] for d, n in self.counts.items()],
-            "g": [[d, g] for d, g in self.grams.items()],
-            "m": [[d, v] for d, v in self.masses],
+            "c": [list(counts), list(counts.values())],
+            "gr": [list(grams), list(grams.values())],
+            "m": list(self.masses),
             "e": {k: [v.start_day, v.last_day] for k, v in self.episodes.items()},
-            "v": [[d, i] for d, i in self.evidence],
+            "v": list(self.evidence),
+            "b": self._baseline_record(),
+            "p": self.pruned_day,
         }
+
+    def _baseline_record(self) -> list[Any] | None:
+        cached = self.cached_baseline
+        if cached is None:
+            return None
+        return [cached[0], list(cached[1]) if cached[1] is not None else None]
+
+    def delta_dict(self) -> dict[str, Any]:
+        """What changed since the full record ``gen`` (see :meth:`from_records`)."""
+        counts, grams, masses, evidence = self.counts, self.grams, self.masses, self.evidence
+        added_m, added_v = self.added_masses, self.added_evidence
+        return {
+            "g": self.gen,
+            "f": self.first_day,
+            "o": self.cut,
+            "c": [list(self.changed_counts), [counts[d] for d in self.changed_counts]],
+            "gr": [list(self.changed_grams), [grams[d] for d in self.changed_grams]],
+            "m": masses[len(masses) - added_m :] if added_m else [],
+            "md": self.base_masses + added_m - len(masses),
+            "e": {k: [v.start_day, v.last_day] for k, v in self.episodes.items()},
+            "v": evidence[len(evidence) - added_v :] if added_v else [],
+            "vd": self.base_evidence + added_v - len(evidence),
+            "b": self._baseline_record(),
+            "p": self.pruned_day,
+        }
+
+    def changelog_record(self, delta_limit: int = 32) -> tuple[bool, dict[str, Any]]:
+        """(full?, record) to write now: the delta, or a new full record once the delta is large."""
+        size = len(self.changed_counts) + len(self.changed_grams) + self.added_masses + self.added_evidence
+        if (
+            not self.full_due
+            and size <= delta_limit
+            and self.added_masses <= len(self.masses)
+            and self.added_evidence <= len(self.evidence)
+        ):
+            return False, self.delta_dict()
+        self.gen += 1
+        self.full_due = False
+        self.changed_counts.clear()
+        self.changed_grams.clear()
+        self.added_masses = self.added_evidence = 0
+        self.base_masses, self.base_evidence = len(self.masses), len(self.evidence)
+        self.cut = None
+        return True, self.to_dict()
+
+    @classmethod
+    def from_records(cls, full: dict[str, Any], delta: dict[str, Any] | None = None) -> SeriesState:
+        """The state the live one had when ``full`` and then ``delta`` (if of the same ``gen``) were written."""
+        counts = dict(zip(*full["c"], strict=True))
+        grams = dict(zip(*full["gr"], strict=True))
+        masses, evidence, episodes, first_day = full["m"], full["v"], full["e"], full["f"]
+        baseline, pruned_day = full.get("b"), full.get("p")
+        if delta is not None and delta["g"] == full["g"]:
+            cut = delta["o"]
+            if cut is not None:
+                counts = {d: n for d, n in counts.items() if d >= cut}
+                grams = {d: g for d, g in grams.items() if d >= cut}
+            counts.update(zip(*delta["c"], strict=True))
+            grams.update(zip(*delta["gr"], strict=True))
+            masses = [*masses, *delta["m"]][delta["md"] :]
+            evidence = [*evidence, *delta["v"]][delta["vd"] :]
+            episodes, first_day, baseline, pruned_day = delta["e"], delta["f"], delta["b"], delta["p"]
+        return cls(
+            first_day=int(first_day),
+            counts={intern_day(int(d)): int(n) for d, n in counts.items()},
+            grams={intern_day(int(d)): float(g) for d, g in grams.items()},
+            masses=[(intern_day(int(d)), float(v)) for d, v in masses],
+            episodes={k: Episode(int(v[0]), int(v[1])) for k, v in episodes.items()},
+            evidence=[(intern_day(int(d)), str(i)) for d, i in evidence],
+            cached_baseline=(baseline[0], list(baseline[1]) if baseline[1] is not None else None) if baseline else None,
+            pruned_day=pruned_day,
+            gen=int(full["g"]),
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SeriesState:
-        return cls(
-            first_day=int(data["f"]),
-            counts={int(d): int(n) for d, n in data.get("c", [])},
-            grams={int(d): float(g) for d, g in data.get("g", [])},
-            masses=[(int(d), float(v)) for d, v in data.get("m", [])],
-            episodes={k: Episode(int(v[0]), int(v[1])) for k, v in data.get("e", {}).items()},
-            evidence=[(int(d), str(i)) for d, i in data.get("v", [])],
-        )
+        return cls.from_records(data)
 
     def prune(self, today: int, keep_days: int) -> None:
         """Forget days older than the longest look-back, so state stays bounded (once a day).
@@ -195,10 +293,14 @@ class SeriesState:
             # Delete the days that fell out (usually one) rather than rebuild both dicts every day:
             # the kept days keep their order, so every sum over them is the same.
             counts, grams = self.counts, self.grams
+            changed_counts, changed_grams = self.changed_counts, self.changed_grams
             for day in range(first, oldest):  # a day with grams always has a count (observe adds both)
                 counts.pop(day, None)
                 grams.pop(day, None)
+                changed_counts.pop(day, None)
+                changed_grams.pop(day, None)
             self.oldest_day = min(counts) if counts else None
+            self.cut = oldest
         if len(self.evidence) > 64:
             del self.evidence[:-64]
 
@@ -262,6 +364,7 @@ class SpikeModel:
             self._dispersion(state, cached[1])
         counts = state.counts
         counts[day] = counts.get(day, 0) + 1
+        state.changed_counts[day] = None
         if state.oldest_day is not None and day < state.oldest_day:
             state.oldest_day = day
         newest = state.newest_day
@@ -270,6 +373,7 @@ class SpikeModel:
         elif day > newest:
             newest = state.newest_day = day
         state.evidence.append((day, event_id))
+        state.added_evidence += 1
         findings = []
         # The windows ending on the report's day and, for a late report, on the series' newest day.
         count_finding = self._count_test(state, day, rhythm, newest)
@@ -277,12 +381,14 @@ class SpikeModel:
             findings.append(count_finding)
         if grams is not None and grams > 0:
             state.grams[day] = state.grams.get(day, 0.0) + grams
+            state.changed_grams[day] = None
             if test_mass:
                 mass_finding = self._mass_test(state, day, math.log(grams), pool)
                 if mass_finding is not None:
                     findings.append(mass_finding)
             else:
                 state.masses.append((day, math.log(grams)))
+                state.added_masses += 1
                 if len(state.masses) > self.config.mass_memory:
                     state.masses = state.masses[-self.config.mass_memory :]
         if state.pruned_day != today:
@@ -482,6 +588,7 @@ class SpikeModel:
         cutoff = day - cfg.mass_window_days
         own = [v for d, v in state.masses if d <= cutoff]
         state.masses.append((day, log_mass))
+        state.added_masses += 1
         if len(state.masses) > cfg.mass_memory:
             state.masses = state.masses[-cfg.mass_memory :]
         history = own

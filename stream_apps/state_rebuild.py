@@ -17,6 +17,7 @@ from .alerting import Subject, day_of
 from .detection import Observation, RegionDetector
 from .identity import SubstanceResolver
 from .novelty import NoveltyDetector, Sighting
+from .spikes import intern_day
 
 _HISTORY = """
 SELECT event_id, kind, occurred_at, country, region, substance_key, resolved_name, resolved_inchikey, family,
@@ -111,7 +112,7 @@ def rebuild(
                     event_id,
                     kind,
                     moment,
-                    day_of(moment),
+                    intern_day(day_of(moment)),
                     country,
                     region,
                     _subject(key, name, inchikey, family),

