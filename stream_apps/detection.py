@@ -437,7 +437,8 @@ class RegionDetector:
             region.rhythm_cut = horizon
 
     def _spike_alert(self, obs: Observation, subject: Subject, state: SeriesState, f: SpikeFinding) -> Alert:
-        window_ids = [i for d, i in state.evidence if f.window_start_day <= d <= f.window_end_day][-20:]
+        pairs = zip(state.evidence_days, state.evidence_ids, strict=True)
+        window_ids = [i for d, i in pairs if f.window_start_day <= d <= f.window_end_day][-20:]
         place = region_label(obs.region)
         if f.metric == "count":
             summary = (

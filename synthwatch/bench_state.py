@@ -41,6 +41,7 @@ class StateBenchResult:
     live_bytes: int
     table_extra_bytes: int
     events: int
+    full_records: int = 0
 
     def lines(self) -> list[str]:
         series = self.records - self.region_records
@@ -54,6 +55,7 @@ class StateBenchResult:
             f"({(self.drain_seconds + self.encode_seconds) / self.events * 1e6:.1f} us per report)",
             f"JSON bytes             {per:,.0f} per record, {self.encoded_bytes / self.events:,.0f} per report; "
             f"region records {self.region_bytes / max(1, self.region_records):,.0f} each",
+            f"full records           {self.full_records:,} of {self.records:,}",
             f"memory: live state     {self.live_bytes / 2**20:,.1f} MiB",
             f"memory: table values   {self.table_extra_bytes / 2**20:,.1f} MiB beyond the live state",
         ]
@@ -116,7 +118,7 @@ def run(regions: int, substances: int, days: int, events: int, batches: int, bat
     step_events = batches * batch
     more = stream(regions, substances, step, step_events, first=events)
     drain = encode = 0.0
-    written = encoded = region_records = region_bytes = 0
+    written = encoded = region_records = region_bytes = full = 0
     dumps = codecs.get_codec("json").dumps
     for _ in range(batches):
         for _, obs in zip(range(batch), more, strict=False):
@@ -128,7 +130,8 @@ def run(regions: int, substances: int, days: int, events: int, batches: int, bat
             table[key] = value
             data = dumps(value)
             encoded += len(data)
-            if key.startswith("R:"):
+            full += "+" not in key.split(":", 1)[0]
+            if key.startswith("R"):  # "R:" full records and "R+:" deltas
                 region_records += 1
                 region_bytes += len(data)
         done = time.perf_counter()
@@ -138,7 +141,9 @@ def run(regions: int, substances: int, days: int, events: int, batches: int, bat
     seen: set[int] = set()
     live = deep_size(detector.regions, seen) + deep_size(detector.series, seen)
     extra = deep_size(table, seen)
-    return StateBenchResult(written, drain, encode, encoded, region_records, region_bytes, live, extra, step_events)
+    return StateBenchResult(
+        written, drain, encode, encoded, region_records, region_bytes, live, extra, step_events, full_records=full
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
