@@ -74,7 +74,15 @@ class SubstanceState:
     spread: list[int] | None = None  # [episode start day, last day the condition held]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"r": self.first_region, "d": self.first_day, "g": self.regions, "s": self.spread}
+        """A snapshot: the worker keeps it in its table, and a batch changes the live spans in place
+        (a table value that followed them would hold effects of events whose batch was never finished)."""
+        spread = self.spread
+        return {
+            "r": self.first_region,
+            "d": self.first_day,
+            "g": {region: [span[0], span[1]] for region, span in self.regions.items()},
+            "s": [spread[0], spread[1]] if spread is not None else None,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SubstanceState:

@@ -136,3 +136,17 @@ def test_a_full_record_is_rewritten_only_when_its_delta_grows() -> None:
     deltas = [s for s in sizes if s]
     assert fulls < len(sizes) / 10
     assert max(deltas[-500:]) <= max(deltas[:500]) * 1.5
+
+
+def test_a_written_record_does_not_follow_later_changes() -> None:
+    """What drain_dirty gave stays what was written: the worker keeps it in its table as the last durable state."""
+    detector = Detector()
+    items = simulated()[:3000]
+    for item in items[:1500]:
+        detector.observe(item)
+    table = {key: value for _, key, value in detector.regions.drain_dirty()}
+    table.update(detector.novelty.drain_dirty())
+    frozen = codecs.dumps("json", table)
+    for item in items[1500:]:
+        detector.observe(item)
+    assert codecs.dumps("json", table) == frozen
