@@ -36,11 +36,11 @@ lint: install
 	$(BIN)/ruff format --check .
 	@rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/synthwatch
 	@for f in synthwatch/*; do ln -s ../../../$$f $(TYPECHECK)/synthwatch/; done
-	@ln -s ../../../schemas $(TYPECHECK)/synthwatch/schemas
-	@ln -s ../../../producers $(TYPECHECK)/synthwatch/producers
-	@ln -s ../../../stream_apps $(TYPECHECK)/synthwatch/stream_apps
-	@ln -s ../../../deploy/clickhouse/migrations $(TYPECHECK)/synthwatch/migrations
-	@ln -s ../../../dashboards $(TYPECHECK)/synthwatch/dashboards
+	@ln -sfn ../../../schemas $(TYPECHECK)/synthwatch/schemas
+	@ln -sfn ../../../producers $(TYPECHECK)/synthwatch/producers
+	@ln -sfn ../../../stream_apps $(TYPECHECK)/synthwatch/stream_apps
+	@ln -sfn ../../../deploy/clickhouse/migrations $(TYPECHECK)/synthwatch/migrations
+	@ln -sfn ../../../dashboards $(TYPECHECK)/synthwatch/dashboards
 	cd $(TYPECHECK) && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p synthwatch
 
 bench: install

@@ -28,7 +28,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar, cast
@@ -43,8 +43,10 @@ from synthwatch.schemas import Alert, Reject, event_to_json
 from synthwatch.settings import Settings
 
 from . import faust_transport
+from .checkpoints import Checkpoint
 from .clickhouse_sink import ClickHouseSink
 from .detection import Observation, RegionDetector
+from .faust_batches import channel_batches, take_batches
 from .intake import EnrichedEvent, Intake, RawMessage
 from .metrics import WorkerMetrics, attach_metrics, ingest_times
 from .novelty import NoveltyDetector, Sighting
@@ -68,6 +70,7 @@ class WorkerStats:
     alerts_stored: int = 0
     sightings: int = 0
     sightings_processed: int = 0
+    intake_batches: int = 0
     sink_retries: int = 0
     ready_seconds: float | None = None
     rebuild: dict[str, Any] = field(default_factory=dict)
@@ -124,20 +127,13 @@ async def with_retries(
             return result
 
 
-async def processed_batches(stream: faust.StreamT[bytes], size: int, within: float) -> AsyncIterator[list[Any]]:
-    """Batches of events whose offsets are acknowledged only once the loop body is done with them.
-
-    Faust's ``take_events`` acknowledges a batch in a ``finally``: a batch whose processing was
-    cancelled (SIGTERM mid-batch) or failed was committed unprocessed, and its detector state was lost
-    with it. Here the acks run only when the consumer asks for the next batch, i.e. after the body
-    returned; a batch left mid-way stays unacknowledged and is delivered again after a restart.
-    """
-    s = cast(faust.Stream[bytes], stream)
-    async for taken in s.noack_take(size, within=within):
-        events = list(cast(Sequence[Any], taken))  # noack_take yields the events themselves
-        yield events
-        for event in events:
-            await s.ack(event)
+def agent_batches(settings: Settings) -> Callable[[faust.StreamT[bytes]], AsyncIterator[list[Any]]]:
+    """The batching the settings ask for: straight from the channel, or Faust's ``noack_take``."""
+    size, within, idle = settings.sink_batch_size, settings.sink_batch_seconds, settings.checkpoint_seconds
+    if settings.agent_batches == "channel":
+        linger, least = settings.batch_linger_seconds, settings.batch_least
+        return lambda stream: channel_batches(stream, size, idle=idle, linger=linger, least=least)
+    return lambda stream: take_batches(stream, size, within)
 
 
 def _partition(source: str) -> int:
@@ -185,6 +181,12 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
     metrics = ctx.metrics
     attach_metrics(app, metrics, topics=set(settings.all_topics))
     batch, within = settings.sink_batch_size, settings.sink_batch_seconds
+    batches = agent_batches(settings)
+    # Faust's take batches end only when events come, so they checkpoint after every batch.
+    every = settings.checkpoint_seconds if settings.agent_batches == "channel" else 0.0
+
+    def checkpoint() -> Checkpoint:
+        return Checkpoint(app, every, most=batch)
 
     async def send_all(pending: list[Awaitable[Any]]) -> None:
         if pending:
@@ -219,13 +221,18 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             sightings.extend(found.sightings)
         return kept, late, alerts, sightings, partitions
 
-    async def refuse_late(late: list[tuple[EnrichedEvent, str]], rejects: list[Reject]) -> int:
-        """Too-late events go to rejects, unless already stored: a re-sent old event is a duplicate."""
+    async def refuse_late(
+        late: list[tuple[EnrichedEvent, str]], rejects: list[Reject], unstored: list[EnrichedEvent]
+    ) -> int:
+        """Too-late events go to rejects, unless already stored (or about to be, in ``unstored``):
+        a re-sent old event is a duplicate."""
         if not late:
             return 0
         stored = await with_retries(
             app, "checking late events", partial(ctx.sink.stored_event_ids, [i for i, _ in late]), stats, metrics
         )
+        late_ids = {item.event_id for item, _ in late}
+        stored |= {item.event_id for item in unstored if item.event_id in late_ids}
         for item, reason in late:
             if item.event_id not in stored:
                 stats.too_late += 1
@@ -242,98 +249,113 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
 
     @app.agent(inputs, name="intake")
     async def intake_agent(stream: faust.StreamT[bytes]) -> None:
-        async for events in processed_batches(stream, batch, within):
-            await until_state_ready(ctx)
-            metrics.consumed(events)
-            messages = [
-                RawMessage(f"{e.message.topic}:{e.message.partition}:{e.message.offset}", e.value) for e in events
-            ]
-            result = ctx.intake.process(messages)
-            kept, late, alerts, sightings, partitions = detect_regions(result.events)
-            result.duplicates += await refuse_late(late, result.rejects)
-            # Stored before anything is produced: a worker killed mid-batch leaves rows, never records
-            # (alerts, sightings, changelog) of events that are not stored; the re-delivered batch completes it.
+        held = checkpoint()
+        rows: list[EnrichedEvent] = []  # kept events since the last checkpoint, stored at the next one
+        storing: list[EnrichedEvent] = []  # the rows of the checkpoint under way
+        partitions: dict[str, int] = {}
+
+        async def write(rows: list[EnrichedEvent], changes: list[tuple[int, str, dict[str, Any]]]) -> None:
+            # Rows first, then the state that has seen them: a worker killed in between replays events
+            # that are stored already (skipped by event_id) into state that has not seen them.
             stored = await with_retries(
                 app,
                 "storing events",
-                metrics.timed_call("events", len(kept), partial(ctx.sink.store_events, kept)),
+                metrics.timed_call("events", len(rows), partial(ctx.sink.store_events, rows)),
                 stats,
                 metrics,
             )
-            pending = [
-                await send(rejects_topic, (r.event_id or r.source).encode(), r.model_dump_json().encode())
-                for r in result.rejects
-            ]
-            pending += [await send(alerts_topic, a.alert_id.encode(), a.model_dump_json().encode()) for a in alerts]
-            by_substance: dict[str, list[dict[str, Any]]] = defaultdict(list)
-            for sighting in sightings:
-                by_substance[sighting.key].append(sighting.to_dict())
-            pending += [
-                await send(sightings_topic, key.encode(), json.dumps(values).encode())
-                for key, values in by_substance.items()
-            ]
-            # Outputs are acknowledged before the state that implies them is written: a worker killed in
-            # between replays the batch from state that has not seen it and produces the same records
-            # again (same ids, deduplicated downstream) instead of state saying "alerted" for a lost alert.
-            await send_all(pending)
-            changes = [(partitions[region], key, value) for region, key, value in ctx.regions.drain_dirty()]
             await send_all(save(region_table, changes))
             metrics.stored("lab_detections", stored.lab_detections)
             metrics.stored("border_seizures", stored.border_seizures)
-            metrics.skipped_duplicates(result.duplicates + stored.already_stored)
-            metrics.rejected(result.rejects)
-            metrics.produced(settings.topic_rejects, len(result.rejects))
-            metrics.produced(settings.topic_sightings, len(by_substance))
-            metrics.produced(settings.topic_alerts, len(alerts))
-            metrics.alerts_published(alerts, ingest_times(events, kept))
-            stats.consumed += len(messages)
+            metrics.skipped_duplicates(stored.already_stored)
             stats.stored += stored.stored
-            stats.duplicates += result.duplicates + stored.already_stored
-            stats.rejected += len(result.rejects)
-            stats.alerts_raised += len(alerts)
-            stats.sightings += len(sightings)
+            stats.duplicates += stored.already_stored
+
+        async for events in batches(stream):
+            if events:
+                await until_state_ready(ctx)
+                metrics.consumed(events)
+                messages = [
+                    RawMessage(f"{e.message.topic}:{e.message.partition}:{e.message.offset}", e.value) for e in events
+                ]
+                result = ctx.intake.process(messages)
+                kept, late, alerts, sightings, batch_partitions = detect_regions(result.events)
+                partitions.update(batch_partitions)
+                result.duplicates += await refuse_late(late, result.rejects, [*storing, *rows])
+                rows.extend(kept)
+                # Sent now, not at the checkpoint: alerts and the sightings that lead to new-substance
+                # alerts are not held back by storage. Acknowledged by the broker before the checkpoint.
+                pending = [
+                    await send(rejects_topic, (r.event_id or r.source).encode(), r.model_dump_json().encode())
+                    for r in result.rejects
+                ]
+                pending += [await send(alerts_topic, a.alert_id.encode(), a.model_dump_json().encode()) for a in alerts]
+                by_substance: dict[str, list[dict[str, Any]]] = defaultdict(list)
+                for sighting in sightings:
+                    by_substance[sighting.key].append(sighting.to_dict())
+                pending += [
+                    await send(sightings_topic, key.encode(), json.dumps(values).encode())
+                    for key, values in by_substance.items()
+                ]
+                held.hold(events, pending)
+                metrics.skipped_duplicates(result.duplicates)
+                metrics.rejected(result.rejects)
+                metrics.produced(settings.topic_rejects, len(result.rejects))
+                metrics.produced(settings.topic_sightings, len(by_substance))
+                metrics.produced(settings.topic_alerts, len(alerts))
+                if alerts:
+                    metrics.alerts_published(alerts, ingest_times(events, kept))
+                stats.consumed += len(messages)
+                stats.intake_batches += 1
+                stats.duplicates += result.duplicates
+                stats.rejected += len(result.rejects)
+                stats.alerts_raised += len(alerts)
+                stats.sightings += len(sightings)
+            if held.due():
+                changes = [(partitions[region], key, value) for region, key, value in ctx.regions.drain_dirty()]
+                storing, rows = rows, []
+                await held.start(write(storing, changes))
 
     @app.agent(sightings_topic, name="novelty")
     async def novelty_agent(stream: faust.StreamT[bytes]) -> None:
-        async for events in processed_batches(stream, batch, within):
-            await until_state_ready(ctx)
-            metrics.consumed(events)
-            alerts: list[Alert] = []
-            partitions: dict[str, int] = {}
-            batch_sightings = []
-            for e in events:
-                for data in json.loads(e.value):
-                    sighting = Sighting.from_dict(data)
-                    partitions[sighting.key] = e.message.partition
-                    batch_sightings.append(sighting)
-            # Sightings of one substance come from every region's partition in arrival order; what
-            # arrived together is processed in event-time order, so "first" means first reported.
-            for sighting in sorted(batch_sightings, key=lambda s: (s.occurred_at, s.event_id)):
-                alerts.extend(ctx.novelty.observe(sighting))
-                stats.sightings_processed += 1
+        held = checkpoint()
+        partitions: dict[str, int] = {}
 
-            # Alerts acknowledged before the state that says they were raised (see the intake agent).
-            sent = [await send(alerts_topic, a.alert_id.encode(), a.model_dump_json().encode()) for a in alerts]
-            await send_all(sent)
-            await send_all(save(substance_table, [(partitions[k], k, v) for k, v in ctx.novelty.drain_dirty()]))
-            metrics.produced(settings.topic_alerts, len(alerts))
-            # from the sighting's Kafka timestamp: the intake stage's time before it is not included
-            metrics.alerts_published(alerts, min((e.message.timestamp or time.time() for e in events), default=0.0))
-            stats.alerts_raised += len(alerts)
+        async def write(changes: list[tuple[int, str, dict[str, Any]]]) -> None:
+            await send_all(save(substance_table, changes))
+
+        async for events in batches(stream):
+            if events:
+                await until_state_ready(ctx)
+                metrics.consumed(events)
+                alerts: list[Alert] = []
+                batch_sightings = []
+                for e in events:
+                    for data in json.loads(e.value):
+                        sighting = Sighting.from_dict(data)
+                        partitions[sighting.key] = e.message.partition
+                        batch_sightings.append(sighting)
+                # Sightings of one substance come from every region's partition in arrival order; what
+                # arrived together is processed in event-time order, so "first" means first reported.
+                for sighting in sorted(batch_sightings, key=lambda s: (s.occurred_at, s.event_id)):
+                    alerts.extend(ctx.novelty.observe(sighting))
+                    stats.sightings_processed += 1
+                sent = [await send(alerts_topic, a.alert_id.encode(), a.model_dump_json().encode()) for a in alerts]
+                held.hold(events, sent)
+                metrics.produced(settings.topic_alerts, len(alerts))
+                if alerts:
+                    # from the sighting's Kafka timestamp: the intake stage's time before it is not included
+                    metrics.alerts_published(alerts, min(e.message.timestamp or time.time() for e in events))
+                stats.alerts_raised += len(alerts)
+            if held.due():
+                await held.start(write([(partitions[k], k, v) for k, v in ctx.novelty.drain_dirty()]))
 
     @app.agent(rejects_topic, name="rejects")
     async def rejects_agent(stream: faust.StreamT[bytes]) -> None:
-        async for events in processed_batches(stream, batch, within):
-            metrics.consumed(events)
-            rejects = []
-            for e in events:
-                try:
-                    rejects.append(Reject.model_validate_json(e.value))
-                except ValueError as error:
-                    source = f"{e.message.topic}:{e.message.partition}:{e.message.offset}"
-                    rejects.append(
-                        Reject.of(e.value or b"", source=source, reason=f"not a reject record: {error}", stage="worker")
-                    )
+        held = checkpoint()
+        rejects: list[Reject] = []
+
+        async def write(rejects: list[Any]) -> None:
             new_rejects = await with_retries(
                 app,
                 "storing rejects",
@@ -344,16 +366,27 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             metrics.stored("rejects", new_rejects)
             stats.rejects_stored += new_rejects
 
-    @app.agent(alerts_topic, name="alerts")
-    async def alerts_agent(stream: faust.StreamT[bytes]) -> None:
-        async for events in processed_batches(stream, batch, within):
+        async for events in batches(stream):
             metrics.consumed(events)
-            alerts = []
             for e in events:
                 try:
-                    alerts.append(Alert.model_validate_json(e.value))
+                    rejects.append(Reject.model_validate_json(e.value))
                 except ValueError as error:
-                    log.error("alerts topic: not an alert at %s:%s (%s)", e.message.partition, e.message.offset, error)
+                    source = f"{e.message.topic}:{e.message.partition}:{e.message.offset}"
+                    rejects.append(
+                        Reject.of(e.value or b"", source=source, reason=f"not a reject record: {error}", stage="worker")
+                    )
+            held.hold(events, [])
+            if held.due():
+                taken, rejects = rejects, []
+                await held.start(write(taken))
+
+    @app.agent(alerts_topic, name="alerts")
+    async def alerts_agent(stream: faust.StreamT[bytes]) -> None:
+        held = checkpoint()
+        alerts: list[Alert] = []
+
+        async def write(alerts: list[Any]) -> None:
             new_alerts = await with_retries(
                 app,
                 "storing alerts",
@@ -363,6 +396,18 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             )
             metrics.stored("alerts", new_alerts)
             stats.alerts_stored += new_alerts
+
+        async for events in batches(stream):
+            metrics.consumed(events)
+            for e in events:
+                try:
+                    alerts.append(Alert.model_validate_json(e.value))
+                except ValueError as error:
+                    log.error("alerts topic: not an alert at %s:%s (%s)", e.message.partition, e.message.offset, error)
+            held.hold(events, [])
+            if held.due():
+                taken, alerts = alerts, []
+                await held.start(write(taken))
 
     if settings.subscriptions_file is not None:
         from .delivery import DeliveryService, attach_delivery

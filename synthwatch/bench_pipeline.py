@@ -62,11 +62,19 @@ WORKER_ENV: dict[str, dict[str, str]] = {
     "asyncio": {"SYNTHWATCH_EVENT_LOOP": "asyncio"},
     "producer-16k": {"SYNTHWATCH_PRODUCER_BATCH_BYTES": "16384"},  # Faust's default
     "buffers": {"SYNTHWATCH_STREAM_BUFFER_MAXSIZE": "32768", "SYNTHWATCH_CONSUMER_MAX_POLL_RECORDS": "5000"},
+    "take-batches": {"SYNTHWATCH_AGENT_BATCHES": "take"},  # Faust's noack_take, the previous batching
+    "no-linger": {"SYNTHWATCH_BATCH_LINGER_SECONDS": "0"},
+    "linger-0.1": {"SYNTHWATCH_BATCH_LINGER_SECONDS": "0.1", "SYNTHWATCH_BATCH_LEAST": "2000"},
+    "checkpoint-0.25": {"SYNTHWATCH_CHECKPOINT_SECONDS": "0.25"},
 }
 
 #: What ``--experiments`` compares (backlog drain): each a combination of the above.
 EXPERIMENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("shipped settings", ()),
+    ("batches by Faust's noack_take (0.25 s window)", ("take-batches",)),
+    ("channel batches without linger", ("no-linger",)),
+    ("channel batches, linger 0.1 s below 2,000 events", ("linger-0.1",)),
+    ("checkpoint every 0.25 s", ("checkpoint-0.25",)),
     ("producer batches of 16 KiB (Faust's default)", ("producer-16k",)),
     ("sink batch 2,000 (the previous default)", ("batch-2000",)),
     ("without gc.freeze", ("no-gc-freeze",)),
@@ -959,9 +967,11 @@ def worker_experiments(
                         first = wait_first_consumed([worker], 120)
                         done = wait_consumed([worker], summary.sent, timeout=900)
                         rates.setdefault(label, []).append(summary.sent / (done - first))
+                        batches = worker.stats().get("intake_batches") or 0
                     finally:
                         worker.stop()
-                    console.print(f"{label}: {rates[label][-1]:,.0f} events/s")
+                    per_batch = f" ({summary.sent / batches:,.0f} events per intake batch)" if batches else ""
+                    console.print(f"{label}: {rates[label][-1]:,.0f} events/s{per_batch}")
             rates["bare Faust agent (floor)"].append(run_bare_agent(servers, settings.input_topics, summary.sent).rate)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1063,6 +1073,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--experiments", action="store_true", help="only the worker variants (backlog drain)")
     parser.add_argument("--latency-experiments", action="store_true", help="only alert latency per worker variant")
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--variants", default="", help="--experiments: comma-separated indices of the variants to run")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     console = Console(width=None if Console().is_terminal else 160)
@@ -1072,7 +1083,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.latency_experiments:
         result = latency_experiments(console, args.rss_events, args.rate, args.latency_seconds)
     elif args.experiments:
-        result = worker_experiments(console, args.events, repeat=args.repeat)
+        chosen = [int(i) for i in args.variants.split(",") if i] or range(len(EXPERIMENTS))
+        result = worker_experiments(console, args.events, [EXPERIMENTS[i] for i in chosen], repeat=args.repeat)
     else:
         result = bench_pipeline(
             console,

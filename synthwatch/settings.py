@@ -68,7 +68,30 @@ class Settings(BaseSettings):
         "bench sink stored ~15k/s at 2,000 and 40-60k/s at 10,000-20,000).",
     )
 
-    sink_batch_seconds: float = Field(default=0.25, gt=0, description="Longest an event waits for its batch.")
+    sink_batch_seconds: float = Field(
+        default=0.25,
+        gt=0,
+        description="Longest an event waits for its batch (agent_batches=take only: a channel batch never waits).",
+    )
+    agent_batches: Literal["channel", "take"] = Field(
+        default="channel",
+        description="How agents take batches: 'channel' reads whatever the consumer has delivered (up to "
+        "sink_batch_size) straight from the agent's channel, skipping Faust's per-event stream machinery; "
+        "'take' is Faust's noack_take with the sink_batch_seconds window (docs/performance.md).",
+    )
+    batch_linger_seconds: float = Field(
+        default=0.05,
+        ge=0,
+        description="agent_batches=channel: a batch smaller than batch_least waits up to this long for more "
+        "(fixed costs per batch against added latency per hop).",
+    )
+    batch_least: int = Field(default=1000, ge=1, description="See batch_linger_seconds.")
+    checkpoint_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="Longest time between an agent's checkpoints (events stored in ClickHouse, detector state "
+        "written, offsets acknowledged); alerts and sightings are sent with every batch, not held for it.",
+    )
     broker_session_timeout: float = Field(
         default=4.0,
         gt=0,
