@@ -197,7 +197,13 @@ class RegionState:
 
     @classmethod
     def from_records(cls, full: dict[str, Any], delta: dict[str, Any] | None = None) -> RegionState:
-        """The state the live one had when ``full`` and then ``delta`` (if of the same ``gen``) were written."""
+        """The state the live one had when ``full`` and then ``delta`` (if of the same ``gen``) were written.
+
+        A record of the previous format (no ``g``; totals as a dict) is read as a full record without delta.
+        """
+        if "g" not in full:
+            full = {**full, "g": 0, "t": [[int(d) for d in full.get("t", {})], list(full.get("t", {}).values())]}
+            delta = None
         recent = {int(d): set(ids) for d, ids in full.get("r", {}).items()}
         forwarded = {int(d): set(keys) for d, keys in full.get("f", {}).items()}
         rhythm = {int(d): list(factors) for d, factors in full.get("h", {}).items()}

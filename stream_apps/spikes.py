@@ -271,6 +271,8 @@ class SeriesState:
     @classmethod
     def from_records(cls, full: dict[str, Any], delta: dict[str, Any] | None = None) -> SeriesState:
         """The state the live one had when ``full`` and then ``delta`` (if of the same ``gen``) were written."""
+        if "gr" not in full:  # a record of the previous format (one whole record per series) from a changelog
+            return cls._from_whole_record(full)
         counts = dict(zip(*full["c"], strict=True))
         grams = dict(zip(*full["gr"], strict=True))
         (mass_days, mass_values), (evidence_days, evidence_ids) = full["m"], full["v"]
@@ -306,6 +308,22 @@ class SeriesState:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SeriesState:
         return cls.from_records(data)
+
+    @classmethod
+    def _from_whole_record(cls, data: dict[str, Any]) -> SeriesState:
+        """The previous format: pairs ``[[day, n], ...]`` and no generation (written in full next time)."""
+        masses = [(intern_day(int(d)), float(v)) for d, v in data.get("m", [])]
+        evidence = [(intern_day(int(d)), str(i)) for d, i in data.get("v", [])]
+        return cls(
+            first_day=int(data["f"]),
+            counts={intern_day(int(d)): int(n) for d, n in data.get("c", [])},
+            grams={intern_day(int(d)): float(g) for d, g in data.get("g", [])},
+            mass_days=[d for d, _ in masses],
+            mass_values=[v for _, v in masses],
+            episodes={k: Episode(int(v[0]), int(v[1])) for k, v in data.get("e", {}).items()},
+            evidence_days=[d for d, _ in evidence],
+            evidence_ids=[i for _, i in evidence],
+        )
 
     def prune(self, today: int, keep_days: int) -> None:
         """Forget days older than the longest look-back, so state stays bounded (once a day).
