@@ -1,18 +1,29 @@
-"""A Faust app whose Kafka consumer waits ``fetch_max_wait_ms`` for data instead of Faust's fixed 1.5 s.
+"""Faust's aiokafka transport with two changes to its consumer (everything else is Faust's own driver).
 
-Why: Faust builds its aiokafka consumer with ``fetch_max_wait_ms=1500`` and no setting to change it.
-A broker may hold a fetch until that wait ends when less than ``fetch_min_bytes`` is there; Tansu
-(the embedded broker) answers a waiting fetch only when the wait ends, not when data arrives. Every
-hop of the pipeline (input topics, then sightings) then cost up to 1.5 s of alert latency at a low
-rate (docs/performance.md). Everything else is Faust's own aiokafka driver.
+1. ``fetch_max_wait_ms`` from the app instead of Faust's fixed 1.5 s. A broker may hold a fetch
+   until that wait ends when less than ``fetch_min_bytes`` is there; Tansu (the embedded broker)
+   answers a waiting fetch only when the wait ends, not when data arrives. Every hop of the
+   pipeline (input topics, then sightings) cost up to 1.5 s of alert latency at a low rate.
+2. Handing a fetched message to the conductor without four asyncio tasks per message. Faust runs
+   ``wait_first(callback(message), suspend_flow.wait())`` for every message, which creates tasks for
+   the callback, the suspend event and the service's stopped and crashed events, then
+   ``asyncio.wait``. The callback almost always completes without waiting (it puts the event on a
+   channel queue that has room), so it is first run directly; only a callback that has to wait
+   (a full queue, flow control) is finished under ``wait_first`` as Faust does.
+
+docs/performance.md has the measurements.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import asyncio
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator
+from typing import Any, ClassVar, cast
 
 import aiokafka
 import faust
+from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TransportT
 
@@ -31,9 +42,106 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         return consumer
 
 
+@types.coroutine
+def _resumed(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
+    """Go on driving ``coro``, which was started by hand and has just yielded ``yielded`` (``yield from``
+    would start it again). The task that awaits this receives what ``coro`` yields and sends back."""
+    while True:
+        try:
+            sent = yield yielded
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as error:  # thrown in (a cancellation): hand it on
+            try:
+                yielded = coro.throw(error)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                yielded = coro.send(sent)
+            except StopIteration as stop:
+                return stop.value
+
+
+async def _finish(coro: Coroutine[Any, Any, Any], yielded: Any) -> Any:
+    """:func:`_resumed` as a coroutine object (``wait_first`` takes awaitables, not generators)."""
+    return await _resumed(coro, yielded)
+
+
 class Consumer(faust_aiokafka.Consumer):
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def deliver(self, callback: Callable[[Any], Awaitable[Any]], message: Any) -> None:
+        """``callback(message)`` run directly; only if it has to wait, finished as Faust does."""
+        if self.suspend_flow.is_set():
+            await self.wait_first(callback(message), self.suspend_flow.wait())
+            return
+        coro = cast(Coroutine[Any, Any, Any], callback(message))  # the conductor's on_message, an async def
+        try:
+            yielded = coro.send(None)
+        except StopIteration:
+            return
+        await self.wait_first(_finish(coro, yielded), self.suspend_flow.wait())
+
+    async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - Faust's loop, one call changed
+        # faust/transport/consumer.py Consumer._drain_messages (faust-streaming 0.15.x); the only change
+        # is ``await deliver(callback, message)`` instead of ``await self.wait_first(callback(message),
+        # self.suspend_flow.wait())``.
+        callback = self.callback
+        deliver = self.deliver
+        getmany = self.getmany
+        consumer_should_stop = self._stopped.is_set
+        fetcher_should_stop = fetcher._stopped.is_set
+        get_read_offset = self._read_offset.__getitem__
+        set_read_offset = self._read_offset.__setitem__
+        flag_consumer_fetching = faust_consumer.CONSUMER_FETCHING
+        set_flag = self.diag.set_flag
+        unset_flag = self.diag.unset_flag
+        commit_every = self._commit_every
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        yield_every = 100
+        num_since_yield = 0
+        sleep = asyncio.sleep
+        try:
+            while not (consumer_should_stop() or fetcher_should_stop()):
+                set_flag(flag_consumer_fetching)
+                ait = cast(Any, getmany(timeout=1.0))
+                await self.sleep(0)
+                if not self.should_stop:
+                    async for tp, message in ait:
+                        num_since_yield += 1
+                        if num_since_yield > yield_every:
+                            await sleep(0)
+                            num_since_yield = 0
+                        offset = message.offset
+                        r_offset = get_read_offset(tp)
+                        if r_offset is None or offset >= r_offset:
+                            gap = offset - (r_offset or 0)
+                            if gap > 1 and r_offset and acks_enabled_for(message.topic):
+                                await self._add_gap(tp, r_offset + 1, offset)
+                            if commit_every is not None and self._n_acked >= commit_every:
+                                self._n_acked = 0
+                                await self.commit()
+                            await deliver(callback, message)
+                            set_read_offset(tp, offset)
+                    unset_flag(flag_consumer_fetching)
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                self.log.info("Broker stopped consumer, shutting down...")
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                self.log.info("Consumer shutting down for user cancel.")
+                return
+            raise
+        except Exception as exc:
+            self.log.exception("Drain messages raised: %r", exc)
+            raise
+        finally:
+            unset_flag(flag_consumer_fetching)
 
 
 class Transport(faust_aiokafka.Transport):

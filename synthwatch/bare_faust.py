@@ -35,9 +35,14 @@ class FloorVariant:
     # "default": Faust's Monitor; "quiet": without its per-event bookkeeping; "prometheus": Faust's
     # PrometheusMonitor, as the worker attaches it (stream_apps/metrics.py)
     monitor: str = "default"
+    # "faust": Faust's aiokafka transport; "synthwatch": the worker's (stream_apps/faust_transport.py)
+    transport: str = "faust"
+    # with batch > 0: "take" (``take_events``) or "channel" (stream_apps/faust_batches.py, as the worker)
+    batches: str = "take"
 
     def arguments(self) -> list[str]:
         args = ["--loop", self.loop, "--batch", str(self.batch), "--within", str(self.within)]
+        args += ["--transport", self.transport, "--batches", self.batches]
         return [*args, "--settings", json.dumps(self.settings), "--monitor", self.monitor]
 
 
@@ -52,6 +57,13 @@ _BUFFERS: dict[str, Any] = {
 }
 FLOOR_EXPERIMENTS: tuple[FloorVariant, ...] = (
     FLOOR,
+    FloorVariant("+ the worker's transport (no tasks per message)", transport="synthwatch"),
+    FloorVariant(
+        "the worker's transport + channel batches (as the worker)",
+        transport="synthwatch",
+        batch=10_000,
+        batches="channel",
+    ),
     FloorVariant("+ Faust's PrometheusMonitor (as the worker runs)", monitor="prometheus"),
     FloorVariant("+ Monitor without per-event bookkeeping", monitor="quiet"),
     FloorVariant("+ uvloop", loop="uvloop"),
@@ -193,6 +205,8 @@ def _main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--within", type=float, default=0.25)
     parser.add_argument("--settings", default="{}")
     parser.add_argument("--monitor", choices=("default", "quiet", "prometheus"), default="default")
+    parser.add_argument("--transport", choices=("faust", "synthwatch"), default="faust")
+    parser.add_argument("--batches", choices=("take", "channel"), default="take")
     args = parser.parse_args(argv)
     if args.loop == "uvloop":
         import mode.loop
@@ -200,7 +214,12 @@ def _main(argv: Sequence[str] | None = None) -> None:
         mode.loop.use("uvloop")  # before Faust creates its loop, as `faust -L uvloop worker` does
     import faust
 
-    app = faust.App(
+    app_class: Any = faust.App
+    if args.transport == "synthwatch":
+        from synthwatch.stream_apps import faust_transport
+
+        app_class = faust_transport.App  # Faust's own fetch wait (1.5 s): only the hand-over differs
+    app = app_class(
         args.app_id,
         broker=[f"kafka://{s.strip()}" for s in args.bootstrap.split(",")],
         store="memory://",
@@ -233,7 +252,20 @@ def _main(argv: Sequence[str] | None = None) -> None:
             sys.stdout.write(json.dumps(report) + "\n")
             sys.stdout.flush()
 
-    if args.batch > 0:
+    if args.batch > 0 and args.batches == "channel":
+        from synthwatch.stream_apps.faust_batches import channel_batches
+
+        @app.agent(topic, name="count")
+        async def count_channel_batches(stream: faust.StreamT[bytes]) -> None:
+            async for events in channel_batches(stream, args.batch, linger=0.05, least=1000):
+                if state["count"] == 0:
+                    state["first"] = time.time()
+                for event in events:
+                    decode(event.value)
+                    event.ack()
+                counted(len(events))
+
+    elif args.batch > 0:
 
         @app.agent(topic, name="count")
         async def count_batches(stream: faust.StreamT[bytes]) -> None:

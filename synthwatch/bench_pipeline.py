@@ -57,6 +57,7 @@ WORKER_ENV: dict[str, dict[str, str]] = {
     "window-0.1": {"SYNTHWATCH_SINK_BATCH_SECONDS": "0.1"},
     "window-0.5": {"SYNTHWATCH_SINK_BATCH_SECONDS": "0.5"},
     "fetch-wait-1500": {"SYNTHWATCH_CONSUMER_FETCH_MAX_WAIT_MS": "1500"},  # Faust's fixed value
+    "fetch-wait-20": {"SYNTHWATCH_CONSUMER_FETCH_MAX_WAIT_MS": "20"},
     "no-gc-freeze": {"SYNTHWATCH_GC_FREEZE": "false"},
     "uvloop": {"SYNTHWATCH_EVENT_LOOP": "uvloop"},
     "asyncio": {"SYNTHWATCH_EVENT_LOOP": "asyncio"},
@@ -996,9 +997,10 @@ def worker_experiments(
 #: Latency variants: (label, changes, extra environment for the worker).
 LATENCY_EXPERIMENTS: tuple[tuple[str, tuple[str, ...], dict[str, str]], ...] = (
     ("shipped settings", (), {}),
+    ("batches by Faust's noack_take (0.25 s window)", ("take-batches",), {}),
+    ("channel batches, linger 0.1 s below 2,000 events", ("linger-0.1",), {}),
+    ("fetch wait 20 ms", ("fetch-wait-20",), {}),
     ("Faust's fixed 1.5 s fetch wait", ("fetch-wait-1500",), {}),
-    ("batch window 0.1 s", ("window-0.1",), {}),
-    ("batch window 0.5 s", ("window-0.5",), {}),
 )
 
 
