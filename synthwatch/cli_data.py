@@ -143,7 +143,7 @@ def substance(
 
 def ingest_history(
     file: Annotated[Path, typer.Argument(help="NDJSON file of reports (one JSON object per line).")],
-    batch_size: Annotated[int, typer.Option(min=1000, help="Lines per chunk and per insert.")] = 50_000,
+    batch_size: Annotated[int, typer.Option(min=1000, help="Lines per chunk and per insert, at most.")] = 200_000,
     workers: Annotated[int | None, typer.Option(min=0, help="Parsing processes (default: cores, at most 2).")] = None,
 ) -> None:
     """Load historical reports straight into ClickHouse (no Kafka); each line is stored, a duplicate, or a reject."""

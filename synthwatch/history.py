@@ -7,11 +7,12 @@ this takes seconds, and applies the same contract. Every line is judged by the s
 (same ``event_id`` earlier in the file or already in ClickHouse), or a row in ``rejects`` with stage
 ``ingest``, its ``file:line`` and a reason. Re-ingesting a file adds nothing.
 
-How it is fast (two cores, ~100k lines/s): worker processes validate and resolve chunks and encode each
-event as one JSON line (pydantic's Rust ``model_dump_json`` plus cached substance fragments); this
-process bulk-loads a chunk into a Memory staging table, then one ``INSERT ... SELECT`` moves the rows
-whose ``event_id`` is not stored yet into the raw tables (their materialized views fire as for the sink).
-Dedup runs inside ClickHouse, so the file never needs to fit in memory.
+How it is fast (speeds in deploy/clickhouse/README.md, "Backfill speed"): worker processes validate and
+resolve chunks and build each chunk's rows as Arrow columns (the sink's own row values; the JSON encoding
+is kept as the reference path); this process bulk-loads a chunk into a Memory staging table, then one
+``INSERT ... SELECT`` moves the rows whose ``event_id`` is not stored yet into the raw tables (their
+materialized views fire as for the sink). Dedup runs inside ClickHouse, so the file never needs to fit
+in memory.
 
 Substance identity depends on order (names seen with a structure are learnt, first sighting wins).
 Chunks resolve in parallel, so a row whose identity could depend on what earlier chunks learnt is sent
@@ -591,17 +592,31 @@ class _Prepass:
 # --- reading the file in chunks --------------------------------------------------------------------
 
 
-def _chunks(path: Path, batch_size: int) -> Iterator[tuple[int, int, int]]:
-    """(start offset, end offset, first line number) of consecutive ranges of ``batch_size`` lines."""
+def _chunks(path: Path, batch_size: int, parts: int = 3) -> Iterator[tuple[int, int, int]]:
+    """(start offset, end offset, first line number) of consecutive ranges of whole lines.
+
+    At most ``batch_size`` lines each (each insert costs ClickHouse ~0.05-0.1 s of CPU whatever its size, so
+    fewer is cheaper), and about 1/``parts`` of what is left at most (never under ``min(batch_size, 20,000)``
+    lines): chunks shrink towards the end of the file, so the last inserts run while the workers still
+    parse instead of after them, and a small file still feeds every worker.
+    """
+    floor = min(batch_size, 20_000)
+    size = path.stat().st_size
     with open(path, "rb") as handle:
+        sample = handle.read(1 << 20)
+        per_line = len(sample) / max(sample.count(b"\n"), 1)  # bytes a line, until lines are counted
+        handle.seek(0)
         line = 1
         while True:
             start = handle.tell()
-            count = sum(1 for _ in itertools.islice(handle, batch_size))
+            left = (size - start) / per_line
+            want = max(floor, min(batch_size, int(left / parts)))
+            count = sum(1 for _ in itertools.islice(handle, want))
             if count == 0:
                 return
             yield start, handle.tell(), line
             line += count
+            per_line = handle.tell() / (line - 1)
 
 
 # --- storing ---------------------------------------------------------------------------------------
@@ -700,7 +715,7 @@ def _pool(workers: int) -> ProcessPoolExecutor:
 def ingest_history(
     settings: Settings,
     path: Path | str,
-    batch_size: int = 50_000,
+    batch_size: int = 200_000,
     progress: bool = True,
     workers: int | None = None,
     client: Client | None = None,
@@ -767,8 +782,9 @@ def _run(
     sink = ClickHouseSink(client)
     parser = ChunkParser() if pool is None else None
     quantities = parser.quantities if parser is not None else Quantities()
-    chunks = _chunks(path, batch_size)
+    chunks = _chunks(path, batch_size, max(workers, 1) + 1)
     in_flight: list[Future[ChunkResult]] = []
+    unstored: list[Reject] = []
 
     def submit() -> bool:
         spec = next(chunks, None)
@@ -804,9 +820,17 @@ def _run(
         while in_flight:
             result = in_flight.pop(0).result()
             submit()
-            _store_chunk(result, resolver, store, sink, path.name, summary, quantities)
+            _store_chunk(result, resolver, store, sink, path.name, summary, quantities, unstored)
             elapsed = time.perf_counter() - started
             bar.update(task, completed=result.end, lines=summary.lines, rate=summary.lines / max(elapsed, 1e-9))
+        _store_rejects(sink, unstored, summary)
+
+
+def _store_rejects(sink: ClickHouseSink, rejects: list[Reject], summary: IngestSummary) -> None:
+    """Store (and forget) the rejects gathered so far, a slice per query."""
+    for i in range(0, len(rejects), _REJECT_SLICE):
+        summary.rejects_stored += sink.store_rejects(rejects[i : i + _REJECT_SLICE])
+    rejects.clear()
 
 
 def _store_chunk(
@@ -817,8 +841,9 @@ def _store_chunk(
     name: str,
     summary: IngestSummary,
     quantities: Quantities,
+    unstored: list[Reject],
 ) -> None:
-    """Merge re-resolved rows and learnt names in line order, then insert and store rejects."""
+    """Merge re-resolved rows and learnt names in line order, then insert; rejects are stored by slices."""
     events: list[tuple[int, str, str, str | None, str | None]] = [
         (line, "learn", n, k, f) for line, n, k, f in result.learnt
     ]
@@ -850,8 +875,9 @@ def _store_chunk(
         Reject.of(raw, source=f"{name}:{line}", reason=reason, stage="ingest", event_id=event_id)
         for line, raw, reason, event_id in result.rejects
     ]
-    for i in range(0, len(rejects), _REJECT_SLICE):
-        summary.rejects_stored += sink.store_rejects(rejects[i : i + _REJECT_SLICE])
+    unstored.extend(rejects)
+    if len(unstored) >= _REJECT_SLICE:  # a query and an insert per slice, not per chunk
+        _store_rejects(sink, unstored, summary)
     for reject in rejects:
         summary.reject_reasons[reject.reason] = summary.reject_reasons.get(reject.reason, 0) + 1
     summary.lines += result.lines
