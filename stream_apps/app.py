@@ -36,6 +36,7 @@ from typing import Any, TypeVar, cast
 import faust
 from clickhouse_connect.driver.client import Client
 from faust.web import Request, Response, View
+from pydantic_core import from_json, to_json
 
 from synthwatch.broker import default_partition
 from synthwatch.query import QueryError, execute_local
@@ -136,6 +137,12 @@ def agent_batches(settings: Settings) -> Callable[[faust.StreamT[bytes]], AsyncI
     return lambda stream: take_batches(stream, size, within)
 
 
+def _load_record(data: Any, key: str) -> dict[str, Any] | None:
+    """A detector state record from a table (JSON bytes), or None if the table has none."""
+    raw = data.get(key)
+    return cast(dict[str, Any], from_json(raw)) if raw is not None else None
+
+
 def _partition(source: str) -> int:
     """Partition number of a ``topic:partition:offset`` source."""
     return int(source.rsplit(":", 2)[1])
@@ -172,11 +179,15 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
     rejects_topic = app.topic(settings.topic_rejects, key_serializer="raw", value_serializer="raw")
     alerts_topic = app.topic(settings.topic_alerts, key_serializer="raw", value_serializer="raw")
     sightings_topic = app.topic(settings.topic_sightings, key_serializer="raw", value_serializer="raw")
-    state_schema: faust.Schema = faust.Schema(key_serializer="json", value_serializer="json")
-    region_table = app.Table("detector-regions", partitions=settings.partitions, schema=state_schema)
-    substance_table = app.Table("detector-substances", partitions=settings.partitions, schema=state_schema)
-    ctx.regions.fetch = lambda key: region_table.data.get(key)
-    ctx.novelty.fetch = lambda key: substance_table.data.get(key)
+    # Values are JSON text serialised by pydantic-core (in Rust), not by Faust's json codec per record; the
+    # table keeps them as bytes (restored from the changelog as the same bytes): compact, and decoded
+    # only when a record is loaded into the detectors.
+    state_schema: faust.Schema = faust.Schema(key_serializer="json", value_serializer="raw")
+    tables: dict[str, Any] = {"partitions": settings.partitions, "schema": state_schema, "value_type": bytes}
+    region_table = app.Table("detector-regions", **tables)  # value_type=bytes: restored raw, too
+    substance_table = app.Table("detector-substances", **tables)
+    ctx.regions.fetch = partial(_load_record, region_table.data)
+    ctx.novelty.fetch = partial(_load_record, substance_table.data)
     stats = ctx.stats
     metrics = ctx.metrics
     attach_metrics(app, metrics, topics=set(settings.all_topics))
@@ -197,9 +208,10 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
 
     def save(table: Any, changes: list[tuple[int, str, dict[str, Any]]]) -> list[Awaitable[Any]]:
         futures = []
+        data, send_changelog = table.data, table.send_changelog
         for partition, key, value in changes:
-            table.data[key] = value
-            futures.append(cast(Awaitable[Any], table.send_changelog(partition, key, value)))
+            encoded = data[key] = to_json(value)
+            futures.append(cast(Awaitable[Any], send_changelog(partition, key, encoded)))
         return futures
 
     def detect_regions(

@@ -51,14 +51,17 @@ async def channel_batches(
         while not s.should_stop:
             if errors:
                 raise errors.popleft()
-            if queue.empty() and idle is not None:
-                try:
-                    first = await asyncio.wait_for(queue.get(), idle)
-                except TimeoutError:
-                    yield []
-                    continue
-            else:
-                first = await queue.get()
+            try:
+                if queue.empty() and idle is not None:
+                    try:
+                        first = await asyncio.wait_for(queue.get(), idle)
+                    except TimeoutError:
+                        yield []
+                        continue
+                else:
+                    first = await queue.get()
+            except StopAsyncIteration:  # thrown into the channel when the stream stops
+                return
             if linger > 0 and queue.qsize() + 1 < least:
                 # The conductor hands a fetch over one event per turn of the loop: give it a moment.
                 deadline = time.monotonic() + linger

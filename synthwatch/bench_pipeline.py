@@ -1075,7 +1075,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--experiments", action="store_true", help="only the worker variants (backlog drain)")
     parser.add_argument("--latency-experiments", action="store_true", help="only alert latency per worker variant")
     parser.add_argument("--repeat", type=int, default=1)
-    parser.add_argument("--variants", default="", help="--experiments: comma-separated indices of the variants to run")
+    parser.add_argument("--variants", default="", help="--experiments, --latency-experiments: comma-separated indices of the variants to run")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     console = Console(width=None if Console().is_terminal else 160)
@@ -1083,7 +1083,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.floor:
         result = [r.__dict__ for r in floor_experiments(console, args.events)]
     elif args.latency_experiments:
-        result = latency_experiments(console, args.rss_events, args.rate, args.latency_seconds)
+        chosen = [int(i) for i in args.variants.split(",") if i] or range(len(LATENCY_EXPERIMENTS))
+        variants = [LATENCY_EXPERIMENTS[i] for i in chosen]
+        result = latency_experiments(console, args.rss_events, args.rate, args.latency_seconds, variants)
     elif args.experiments:
         chosen = [int(i) for i in args.variants.split(",") if i] or range(len(EXPERIMENTS))
         result = worker_experiments(console, args.events, [EXPERIMENTS[i] for i in chosen], repeat=args.repeat)
