@@ -128,9 +128,14 @@ async def with_retries(
             return result
 
 
+#: A stream with nothing new for this long is quiet: its agent checkpoints what it holds at once.
+QUIET_SECONDS = 0.2
+
+
 def agent_batches(settings: Settings) -> Callable[[faust.StreamT[bytes]], AsyncIterator[list[Any]]]:
     """The batching the settings ask for: straight from the channel, or Faust's ``noack_take``."""
-    size, within, idle = settings.sink_batch_size, settings.sink_batch_seconds, settings.checkpoint_seconds
+    size, within = settings.sink_batch_size, settings.sink_batch_seconds
+    idle = min(settings.checkpoint_seconds, QUIET_SECONDS)
     if settings.agent_batches == "channel":
         linger, least = settings.batch_linger_seconds, settings.batch_least
         return lambda stream: channel_batches(stream, size, idle=idle, linger=linger, least=least)
@@ -323,7 +328,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
                 stats.rejected += len(result.rejects)
                 stats.alerts_raised += len(alerts)
                 stats.sightings += len(sightings)
-            if held.due():
+            if held.due(quiet=not events):
                 changes = [(partitions[region], key, value) for region, key, value in ctx.regions.drain_dirty()]
                 storing, rows = rows, []
                 await held.start(write(storing, changes))
@@ -359,7 +364,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
                     # from the sighting's Kafka timestamp: the intake stage's time before it is not included
                     metrics.alerts_published(alerts, min(e.message.timestamp or time.time() for e in events))
                 stats.alerts_raised += len(alerts)
-            if held.due():
+            if held.due(quiet=not events):
                 await held.start(write([(partitions[k], k, v) for k, v in ctx.novelty.drain_dirty()]))
 
     @app.agent(rejects_topic, name="rejects")
@@ -389,7 +394,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
                         Reject.of(e.value or b"", source=source, reason=f"not a reject record: {error}", stage="worker")
                     )
             held.hold(events, [])
-            if held.due():
+            if held.due(quiet=not events):
                 taken, rejects = rejects, []
                 await held.start(write(taken))
 
@@ -417,7 +422,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
                 except ValueError as error:
                     log.error("alerts topic: not an alert at %s:%s (%s)", e.message.partition, e.message.offset, error)
             held.hold(events, [])
-            if held.due():
+            if held.due(quiet=not events):
                 taken, alerts = alerts, []
                 await held.start(write(taken))
 

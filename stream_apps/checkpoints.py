@@ -44,11 +44,13 @@ class Checkpoint:
         self.events.extend(events)
         self.sends.extend(sends)
 
-    def due(self) -> bool:
-        """Something is held and it has been held long enough (or there is a lot of it)."""
+    def due(self, quiet: bool = False) -> bool:
+        """Something is held and it has been held long enough, or there is a lot of it, or the stream
+        is ``quiet`` (nothing arrived for a while: checkpointing costs nothing then, and the held
+        events reach ClickHouse without waiting out the interval)."""
         if not self.events:
             return False
-        return len(self.events) >= self.most or time.monotonic() - self.since >= self.every
+        return quiet or len(self.events) >= self.most or time.monotonic() - self.since >= self.every
 
     async def start(self, write: Coroutine[Any, Any, None]) -> None:
         """Checkpoint what is held now in the background; the agent goes on with its next batches.
@@ -59,7 +61,11 @@ class Checkpoint:
         back after one checkpoint's worth of events, instead of letting it run ahead without bound)
         and raises what it raised.
         """
-        await self.wait()
+        try:
+            await self.wait()
+        except BaseException:
+            write.close()  # never started: the agent fails with the previous checkpoint's error
+            raise
         events, sends = self.events, self.sends
         self.events, self.sends = [], []
         self.running = asyncio.ensure_future(self._complete(events, sends, write))

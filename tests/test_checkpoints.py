@@ -114,6 +114,7 @@ def test_due_after_the_interval_or_once_enough_is_held() -> None:
         assert not held.due()  # nothing held
         held.hold([order.event("a"), order.event("b")], [])
         assert not held.due()  # two of three, well within the minute
+        assert held.due(quiet=True)  # nothing new arrived: no reason to wait
         held.hold([order.event("c")], [])
         assert held.due()
         quick = Checkpoint(cast(Any, _App()), every=0.01, most=1000)
