@@ -1,6 +1,6 @@
 """Detector state written as changelog records (full record + deltas) and read back behaves as the live one.
 
-The worker writes what ``drain_dirty`` gives after every batch through Faust's JSON codec and, after a
+The worker writes what ``drain_dirty`` gives at every checkpoint as JSON (pydantic-core) and, after a
 restart or a rebalance, reads it back through ``fetch``. A detector restored that way at any batch
 boundary must give exactly the alerts, sightings, duplicates and late reports the live one gives.
 """
@@ -14,6 +14,7 @@ from typing import Any
 from faust.serializers import codecs
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic_core import from_json, to_json
 
 from synthwatch.producers.simulate import SimulationConfig, simulate
 from synthwatch.stream_apps.alerting import Subject, day_of
@@ -47,11 +48,11 @@ def outcome(detector: Detector, item: Observation) -> tuple[Any, ...]:
 
 
 def write(detector: Detector, table: dict[str, Any]) -> None:
-    """What the worker does after a batch: every changed record through Faust's JSON codec."""
+    """What the worker does at a checkpoint: every changed record as JSON (pydantic-core), read back from it."""
     changes = [(key, value) for _, key, value in detector.regions.drain_dirty()]
     changes += detector.novelty.drain_dirty()
     for key, value in changes:
-        table[key] = codecs.loads("json", codecs.dumps("json", value))
+        table[key] = from_json(to_json(value))
 
 
 def restored(table: dict[str, Any]) -> Detector:
@@ -132,7 +133,7 @@ def test_a_full_record_is_rewritten_only_when_its_delta_grows() -> None:
         for _, key, value in detector.regions.drain_dirty():
             if key.startswith("S"):
                 fulls += key.startswith("S:")
-                sizes.append(len(codecs.dumps("json", value)) if key.startswith("S+") else 0)
+                sizes.append(len(to_json(value)) if key.startswith("S+") else 0)
     deltas = [s for s in sizes if s]
     assert fulls < len(sizes) / 10
     assert max(deltas[-500:]) <= max(deltas[:500]) * 1.5
@@ -146,10 +147,10 @@ def test_a_written_record_does_not_follow_later_changes() -> None:
         detector.observe(item)
     table = {key: value for _, key, value in detector.regions.drain_dirty()}
     table.update(detector.novelty.drain_dirty())
-    frozen = codecs.dumps("json", table)
+    frozen = to_json(table)
     for item in items[1500:]:
         detector.observe(item)
-    assert codecs.dumps("json", table) == frozen
+    assert to_json(table) == frozen
 
 
 def previous_format(detector: Detector) -> dict[str, Any]:
@@ -173,6 +174,7 @@ def previous_format(detector: Detector) -> dict[str, Any]:
             "d": r.first_day,
         }
     table.update(detector.novelty.drain_dirty())
+    # as the previous worker wrote them: Faust's json codec
     return {key: codecs.loads("json", codecs.dumps("json", value)) for key, value in table.items()}
 
 
