@@ -1,7 +1,8 @@
 """Micro-benchmark: what writing changed detector state costs once the worker holds a long history.
 
-The worker writes every state record a batch touched to a Faust changelog (``drain_dirty`` →
-``table.data[key] = value`` → Faust's JSON codec). This builds realistic region-stage state
+The worker writes every state record a checkpoint touched to a Faust changelog (``drain_dirty`` →
+JSON by pydantic-core → ``table.data[key] = bytes``; before 8de9e8d: the dict in the table and Faust's
+JSON codec, ``--codec faust-json``). This builds realistic region-stage state
 (``--regions`` × ``--substances`` series plus their families, ``--days`` of event time, ``--events``
 reports, the density of ``bench_pipeline``'s RSS phase), then runs ``--batches`` more batches of
 ``--batch`` reports and prints records/s and bytes for ``drain_dirty`` alone and with the codec, and
@@ -22,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from faust.serializers import codecs
+from pydantic_core import to_json
 
 from synthwatch.stream_apps.alerting import Subject, day_of
 from synthwatch.stream_apps.detection import Observation, RegionDetector
@@ -51,7 +53,7 @@ class StateBenchResult:
             f"for {self.events:,} reports",
             f"drain_dirty            {self.records / self.drain_seconds:,.0f} records/s "
             f"({self.drain_seconds / self.events * 1e6:.1f} us per report)",
-            f"drain_dirty + JSON     {self.records / (self.drain_seconds + self.encode_seconds):,.0f} records/s "
+            f"drain_dirty + encoding {self.records / (self.drain_seconds + self.encode_seconds):,.0f} records/s "
             f"({(self.drain_seconds + self.encode_seconds) / self.events * 1e6:.1f} us per report)",
             f"JSON bytes             {per:,.0f} per record, {self.encoded_bytes / self.events:,.0f} per report; "
             f"region records {self.region_bytes / max(1, self.region_records):,.0f} each",
@@ -103,15 +105,19 @@ def deep_size(obj: Any, seen: set[int]) -> int:
     return total
 
 
-def run(regions: int, substances: int, days: int, events: int, batches: int, batch: int) -> StateBenchResult:
+def run(
+    regions: int, substances: int, days: int, events: int, batches: int, batch: int, codec: str = "pydantic-core"
+) -> StateBenchResult:
     """Build the state, then time ``batches`` batches' worth of state writes as the worker does them."""
+    keep_bytes = codec == "pydantic-core"  # the table holds the JSON bytes, or (faust-json) the dict
+    dumps = to_json if keep_bytes else codecs.get_codec("json").dumps
     detector = RegionDetector()
     table: dict[str, Any] = {}
     step = timedelta(days=days) / events
     for obs in stream(regions, substances, step, events):
         detector.observe(obs, emit=False)
     for _, key, value in detector.drain_dirty():  # the table as the worker holds it after the history
-        table[key] = value
+        table[key] = dumps(value) if keep_bytes else value
     gc.collect()  # as the worker does once ready (settings.gc_freeze)
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
@@ -119,7 +125,6 @@ def run(regions: int, substances: int, days: int, events: int, batches: int, bat
     more = stream(regions, substances, step, step_events, first=events)
     drain = encode = 0.0
     written = encoded = region_records = region_bytes = full = 0
-    dumps = codecs.get_codec("json").dumps
     for _ in range(batches):
         for _, obs in zip(range(batch), more, strict=False):
             detector.observe(obs, emit=False)
@@ -127,8 +132,8 @@ def run(regions: int, substances: int, days: int, events: int, batches: int, bat
         changes = detector.drain_dirty()
         middle = time.perf_counter()
         for _, key, value in changes:
-            table[key] = value
             data = dumps(value)
+            table[key] = data if keep_bytes else value
             encoded += len(data)
             full += "+" not in key.split(":", 1)[0]
             if key.startswith("R"):  # "R:" full records and "R+:" deltas
@@ -153,10 +158,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--days", type=int, default=60)
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--batches", type=int, default=40)
-    parser.add_argument("--batch", type=int, default=1000, help="Reports per batch (the worker's batches).")
+    parser.add_argument("--batch", type=int, default=1000, help="Reports per checkpoint (records written once).")
+    parser.add_argument("--codec", choices=("pydantic-core", "faust-json"), default="pydantic-core")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    result = run(args.regions, args.substances, args.days, args.events, args.batches, args.batch)
+    result = run(args.regions, args.substances, args.days, args.events, args.batches, args.batch, args.codec)
     for line in result.lines():
         print(line)
     print(f"({time.perf_counter() - started:.0f} s in all)")
