@@ -33,8 +33,8 @@ async def channel_batches(
 ) -> AsyncIterator[list[EventT]]:
     """Yield lists of at most ``size`` events as they arrive, unacknowledged: the caller acks them.
 
-    A batch of fewer than ``least`` events waits once up to ``linger`` seconds for more: the conductor
-    hands over a fetch while the agent runs, and every batch has fixed costs. With ``idle``
+    A batch of fewer than ``least`` events waits up to ``linger`` seconds for more while more keep
+    coming: the conductor hands over a fetch while the agent runs, and every batch has fixed costs. With ``idle``
     (seconds), an empty list comes when nothing arrived for that long, so the caller can finish work
     it holds (a checkpoint) on a quiet stream.
     """
@@ -63,10 +63,16 @@ async def channel_batches(
             except StopAsyncIteration:  # thrown into the channel when the stream stops
                 return
             if linger > 0 and queue.qsize() + 1 < least:
-                # The conductor hands a fetch over one event per turn of the loop: give it a moment.
+                # The conductor hands a fetch over one event per turn of the loop: while it is still
+                # doing so (the queue grew in the last 5 ms), give it time, up to ``linger``. A steady,
+                # light stream (a fetch of a few events, then nothing) goes after ~10 ms.
                 deadline = time.monotonic() + linger
-                while queue.qsize() + 1 < least and (left := deadline - time.monotonic()) > 0:
+                seen, still = queue.qsize(), 0
+                while still < 2 and seen + 1 < least and (left := deadline - time.monotonic()) > 0:
                     await asyncio.sleep(min(0.005, left))
+                    size_now = queue.qsize()
+                    still = still + 1 if size_now == seen else 0
+                    seen = size_now
             taken = [first]
             while len(taken) < size and not queue.empty():
                 taken.append(queue.get_nowait())
