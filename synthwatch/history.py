@@ -34,7 +34,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import BinaryIO, get_args
+from typing import get_args
 
 import pyarrow as pa
 from clickhouse_connect.driver.client import Client
@@ -598,42 +598,25 @@ def _chunks(path: Path, batch_size: int, parts: int = 3) -> Iterator[tuple[int, 
     At most ``batch_size`` lines each (each insert costs ClickHouse ~0.05-0.1 s of CPU whatever its size, so
     fewer is cheaper), and about 1/``parts`` of what is left at most (never under ``min(batch_size, 20,000)``
     lines): chunks shrink towards the end of the file, so the last inserts run while the workers still
-    parse instead of after them, and a small file still feeds every worker. Boundaries are found by
-    counting line ends in blocks (C speed), not by iterating lines in Python: this process is the busy one.
+    parse instead of after them, and a small file still feeds every worker.
     """
     floor = min(batch_size, 20_000)
     size = path.stat().st_size
     with open(path, "rb") as handle:
         sample = handle.read(1 << 20)
         per_line = len(sample) / max(sample.count(b"\n"), 1)  # bytes a line, until lines are counted
-        start, line = 0, 1
-        while start < size:
-            want = max(floor, min(batch_size, int((size - start) / per_line / parts)))
-            end, count = _line_ends(handle, start, size, want, per_line)
-            yield start, end, line
-            start, line = end, line + count
-            per_line = start / (line - 1)
-
-
-def _line_ends(handle: BinaryIO, start: int, size: int, want: int, per_line: float) -> tuple[int, int]:
-    """(end offset, lines) of the range from line start ``start`` holding ``want`` lines (fewer at the end)."""
-    end, count = start, 0
-    while count < want and end < size:
-        guess = min(size, end + max(int((want - count) * per_line * 0.97), 1))  # mostly short of the target
-        handle.seek(guess)
-        handle.readline()
-        stop = handle.tell()  # a line start, or the end of the file
-        handle.seek(end)
-        block = handle.read(stop - end)
-        newlines = block.count(b"\n")
-        lines = newlines + (not block.endswith(b"\n"))  # the file's last line may lack its line end
-        if count + lines > want:  # overshot: end after the line that makes ``want``
-            cut = len(block)
-            for _ in range(newlines - (want - count) + 1):
-                cut = block.rindex(b"\n", 0, cut)
-            return end + cut + 1, want
-        end, count = stop, count + lines
-    return end, count
+        handle.seek(0)
+        line = 1
+        while True:
+            start = handle.tell()
+            left = (size - start) / per_line
+            want = max(floor, min(batch_size, int(left / parts)))
+            count = sum(1 for _ in itertools.islice(handle, want))
+            if count == 0:
+                return
+            yield start, handle.tell(), line
+            line += count
+            per_line = handle.tell() / (line - 1)
 
 
 # --- storing ---------------------------------------------------------------------------------------

@@ -7,16 +7,14 @@ refuses to ``parse_event`` itself; these tests compare the loop's verdicts, line
 
 from __future__ import annotations
 
-import itertools
 import json
-import random
 from datetime import date
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
-from synthwatch.history import Chunk, ChunkParser, _chunks, compute_structures, scan_part
+from synthwatch.history import Chunk, ChunkParser, compute_structures, scan_part
 from synthwatch.producers.simulate import SimulationConfig, simulate
 from synthwatch.schemas import WireError, parse_event
 from synthwatch.stream_apps.clickhouse_sink import LAB_TABLE, SEIZURE_TABLE
@@ -77,33 +75,3 @@ def test_chunk_loop_gives_parse_events_verdict_on_every_line(tmp_path: Path, enc
     assert sorted([*stored, *pending]) == sorted(set(accepted))  # each accepted event once, re-sends dropped
     assert result.duplicates == len(accepted) - len(set(accepted)) > 1  # the simulated re-sends and ours
     assert result.lines == len(expected) and result.blank == len(lines) - len(expected)
-
-
-def _reference_chunks(path: Path, batch_size: int, parts: int) -> list[tuple[int, int, int]]:
-    """The same sizes as ``_chunks``, found by iterating the file's lines in Python."""
-    size, out, line = path.stat().st_size, [], 1
-    sample = path.read_bytes()[: 1 << 20]
-    per_line = len(sample) / max(sample.count(b"\n"), 1)
-    with open(path, "rb") as handle:
-        while True:
-            start = handle.tell()
-            want = max(min(batch_size, 20_000), min(batch_size, int((size - start) / per_line / parts)))
-            count = sum(1 for _ in itertools.islice(handle, want))
-            if count == 0:
-                return out
-            out.append((start, handle.tell(), line))
-            line += count
-            per_line = handle.tell() / (line - 1)
-
-
-@pytest.mark.parametrize("ending", ["\n", "", "\n\n", "\r\n"])
-def test_chunk_boundaries_are_whole_lines_and_counted_right(tmp_path: Path, ending: str) -> None:
-    rng = random.Random(len(ending))
-    lines = ["x" * rng.choice([0, 1, 5, 80, 400, 3000]) for _ in range(25_000)]
-    path = tmp_path / "h.ndjson"
-    path.write_bytes((ending.replace("\n\n", "\n").join(lines) + ending).encode())
-    for batch, parts in ((1000, 3), (7, 2), (200_000, 3), (30_000, 1)):
-        got = list(_chunks(path, batch, parts))
-        assert got == _reference_chunks(path, batch, parts), (batch, parts)
-        assert got[0][0] == 0 and got[-1][1] == path.stat().st_size
-        assert all(a[1] == b[0] for a, b in itertools.pairwise(got))
