@@ -284,7 +284,9 @@ def _main(argv: Sequence[str] | None = None) -> None:
                 decode(value)
                 counted(1)
 
-    worker = faust.Worker(app, loglevel="warning", quiet=True, redirect_stdouts=False)
+    from synthwatch.worker import faust_worker
+
+    worker = faust_worker(app, "warning")  # as the worker's: no spinner keeping the root logger at DEBUG
     worker.execute_from_commandline()
 
 
