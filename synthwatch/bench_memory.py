@@ -36,6 +36,7 @@ from rich.table import Table
 VARIANTS: dict[str, dict[str, str]] = {
     "python": {},
     "chdb-default": {"JE_MALLOC_CONF": "dirty_decay_ms:5000"},
+    "decay-0": {"JE_MALLOC_CONF": "dirty_decay_ms:0"},
     "shipped": {},
 }
 
@@ -194,7 +195,8 @@ def bench_memory(
     console.print(table)
     console.print(
         "python: intake only, no engine (the Python share of this path); chdb-default: the engine with chDB's "
-        "own allocator setting (dirty_decay_ms:5000); shipped: synthwatch.clickhouse.connect as the worker opens it."
+        "own allocator setting (dirty_decay_ms:5000); decay-0: freed pages returned at once; shipped: "
+        "synthwatch.clickhouse.connect as the worker opens it (EMBEDDED_MALLOC_CONF)."
     )
     return results
 

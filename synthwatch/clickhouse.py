@@ -25,11 +25,11 @@ _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 #: jemalloc options for the embedded engine. chDB links jemalloc statically (a heap of its own, apart
 #: from Python's) and reads them from ``JE_MALLOC_CONF`` when it is loaded. Its default,
-#: ``dirty_decay_ms:5000``, keeps freed pages resident for seconds; under the worker's stream of small
-#: inserts (each also feeding four materialized views) that was 100-170 MiB of freed memory still in
-#: RSS (``python -m synthwatch.bench_memory``; docs/performance.md). 0 returns freed pages at once,
-#: at no CPU cost measured within the noise.
-EMBEDDED_MALLOC_CONF = "dirty_decay_ms:0"
+#: ``dirty_decay_ms:5000``, keeps freed pages resident for seconds: under the sink's inserts (each
+#: also feeding four materialized views) 50-150 MiB of freed pages sat in the worker's RSS. Returning
+#: them at once (0) cut the most but cost the engine ~65 % more CPU in page faults; 1 s keeps about
+#: half the saving for a third of the CPU (``python -m synthwatch.bench_memory``; docs/performance.md).
+EMBEDDED_MALLOC_CONF = "dirty_decay_ms:1000"
 
 
 def prepare_embedded_engine() -> bool:
