@@ -211,12 +211,18 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
     async def send(topic: faust.TopicT, key: bytes, value: bytes) -> Awaitable[Any]:
         return cast(Awaitable[Any], await topic.send(key=key, value=value))
 
-    def save(table: Any, changes: list[tuple[int, str, dict[str, Any]]]) -> list[Awaitable[Any]]:
+    async def save(table: Any, changes: list[tuple[int, str, dict[str, Any]]]) -> list[Awaitable[Any]]:
+        """Keep each record in the table and send it to the table's changelog, on the given partition.
+
+        Straight to Faust's producer: ``Table.send_changelog`` builds a FutureMessage and goes through
+        Faust's producer buffer for every record, and its callback only matters to RocksDB stores. Keys
+        are encoded as Faust's json codec does, so compaction and recovery see the same keys.
+        """
+        data, topic, send = table.data, table.changelog_topic.get_topic_name(), app.producer.send
         futures = []
-        data, send_changelog = table.data, table.send_changelog
         for partition, key, value in changes:
             encoded = data[key] = to_json(value)
-            futures.append(cast(Awaitable[Any], send_changelog(partition, key, encoded)))
+            futures.append(await send(topic, json.dumps(key).encode(), encoded, partition, None, None))
         return futures
 
     def detect_regions(
@@ -281,7 +287,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
                 stats,
                 metrics,
             )
-            await send_all(save(region_table, changes))
+            await send_all(await save(region_table, changes))
             metrics.stored("lab_detections", stored.lab_detections)
             metrics.stored("border_seizures", stored.border_seizures)
             metrics.skipped_duplicates(stored.already_stored)
@@ -339,7 +345,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
         partitions: dict[str, int] = {}
 
         async def write(changes: list[tuple[int, str, dict[str, Any]]]) -> None:
-            await send_all(save(substance_table, changes))
+            await send_all(await save(substance_table, changes))
 
         async for events in batches(stream):
             if events:
@@ -447,11 +453,11 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             report = await asyncio.get_running_loop().run_in_executor(None, partial(rebuild_locked, ctx))
             stats.rebuild = report.__dict__
             n = settings.partitions
-            pending = save(
+            pending = await save(
                 region_table,
                 [(default_partition(r.encode(), n), k, v) for r, k, v in ctx.regions.drain_dirty()],
             )
-            pending += save(
+            pending += await save(
                 substance_table,
                 [(default_partition(k.encode(), n), k, v) for k, v in ctx.novelty.drain_dirty()],
             )

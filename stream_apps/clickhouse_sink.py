@@ -25,8 +25,8 @@ from synthwatch.schemas import Alert, BorderSeizure, LabDetection, Reject
 from .identity import NormalisedQuantity, ResolvedSubstance
 from .intake import EnrichedEvent
 
-# The sink never inserts an id twice in one block (ids already stored are filtered, and intake drops
-# in-batch duplicates), so merging Replacing/Summing rows at insert time is wasted work.
+# The sink never inserts an id twice in one block (ids already stored are filtered, and so are the
+# repeats of an id within the call), so merging Replacing/Summing rows at insert time is wasted work.
 INSERT_SETTINGS = {"optimize_on_insert": 0}
 
 LAB_TABLE = "lab_detections"
@@ -259,7 +259,11 @@ class ClickHouseSink:
         self, table: str, items: list[EnrichedEvent], columns: list[str], to_row: Callable[..., Sequence[Any]]
     ) -> tuple[int, int]:
         stored = self._stored_ids(table, [item.event_id for item in items])
-        fresh = [to_row(item) for item in items if item.event_id not in stored]
+        fresh = []
+        for item in items:  # a checkpoint spans batches: an id may come twice in one call (a re-send)
+            if item.event_id not in stored:
+                stored.add(item.event_id)
+                fresh.append(to_row(item))
         if fresh:
             self.client.insert(
                 table,

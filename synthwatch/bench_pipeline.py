@@ -58,6 +58,7 @@ WORKER_ENV: dict[str, dict[str, str]] = {
     "window-0.5": {"SYNTHWATCH_SINK_BATCH_SECONDS": "0.5"},
     "fetch-wait-1500": {"SYNTHWATCH_CONSUMER_FETCH_MAX_WAIT_MS": "1500"},  # Faust's fixed value
     "fetch-wait-20": {"SYNTHWATCH_CONSUMER_FETCH_MAX_WAIT_MS": "20"},
+    "fetch-wait-50": {"SYNTHWATCH_CONSUMER_FETCH_MAX_WAIT_MS": "50"},
     "no-gc-freeze": {"SYNTHWATCH_GC_FREEZE": "false"},
     "uvloop": {"SYNTHWATCH_EVENT_LOOP": "uvloop"},
     "asyncio": {"SYNTHWATCH_EVENT_LOOP": "asyncio"},
@@ -998,6 +999,7 @@ LATENCY_EXPERIMENTS: tuple[tuple[str, tuple[str, ...], dict[str, str]], ...] = (
     ("batches by Faust's noack_take (0.25 s window)", ("take-batches",), {}),
     ("uvloop instead of asyncio's loop", ("uvloop",), {}),
     ("fetch wait 20 ms", ("fetch-wait-20",), {}),
+    ("fetch wait 50 ms", ("fetch-wait-50",), {}),
     ("Faust's fixed 1.5 s fetch wait", ("fetch-wait-1500",), {}),
 )
 

@@ -208,21 +208,31 @@ def test_clickhouse_unavailable_the_sink_retries_the_consumer_waits_and_catches_
     def count(sql: str) -> int:
         return int(query(sql).rows[0][0])
 
-    sim = simulate(SimulationConfig(days=10, seed=31, start=date.today() - timedelta(days=10), events_per_day=1200))
+    # The second part is several times what the worker holds before it stops for a stuck checkpoint
+    # (one checkpoint's events plus the next), so a consumer that did not pause would consume it all.
+    sim = simulate(SimulationConfig(days=10, seed=31, start=date.today() - timedelta(days=10), events_per_day=6000))
     lines = sim.lines
     first, second = lines[: len(lines) // 3], lines[len(lines) // 3 :]
     worker = start_worker(settings, tmp_path / "worker.log")
     try:
         with Publisher(settings, broker.bootstrap_servers) as publisher:
             one = publisher.publish_records(InputRecord(source=f"a:{i}", raw=line) for i, line in enumerate(first))
-            wait_until(lambda: worker.stats()["consumed"] >= one.sent, 90, "the first part stored")
+            wait_until(lambda: worker.stats()["consumed"] >= one.sent, 90, "the first part consumed")
+            wait_until(
+                lambda: consumer_lag(broker.bootstrap_servers, settings.app_id, settings.input_topics) == 0,
+                60,
+                "the first part stored and committed",
+                interval=0.5,
+            )
             stored_before = count(STORED)
 
             proxy.down()  # ClickHouse refuses connections from here on
             down_at = time.monotonic()
             two = publisher.publish_records(InputRecord(source=f"b:{i}", raw=line) for i, line in enumerate(second))
             wait_until(lambda: worker.stats()["sink_retries"] >= 3, 60, "the sink to retry")
-            time.sleep(max(0.0, 8.0 - (time.monotonic() - down_at)))  # stay down at least 8 s
+            time.sleep(max(0.0, 6.0 - (time.monotonic() - down_at)))
+            paused_at = worker.stats()["consumed"]
+            time.sleep(3.0)  # down 9 s or more in all
             during = worker.stats()
             lag_during = consumer_lag(broker.bootstrap_servers, settings.app_id, settings.input_topics)
             stored_during = count(STORED)
@@ -252,6 +262,7 @@ def test_clickhouse_unavailable_the_sink_retries_the_consumer_waits_and_catches_
         "ClickHouse down",
         sent=sent,
         stored_before_outage=stored_before,
+        consumed_when_paused=paused_at,
         consumed_during_outage=during["consumed"],
         stored_during_outage=stored_during,
         lag_during_outage=lag_during,
@@ -263,7 +274,8 @@ def test_clickhouse_unavailable_the_sink_retries_the_consumer_waits_and_catches_
         duplicates=after["duplicates"],
     )
     assert stored_during == stored_before, "nothing can be stored while ClickHouse is down"
-    assert during["consumed"] < sent and lag_during > 0, "the unstored events wait in Kafka (not committed)"
+    assert during["consumed"] == paused_at < sent, "the consumer pauses while ClickHouse is down"
+    assert lag_during > 0, "the unstored events wait in Kafka (not committed)"
     assert after["sink_retries"] >= 3
     assert rows == unique == sent - late - after["duplicates"], "every event stored exactly once after the outage"
     assert rows + late == len({e["event_id"] for e in sim.iter_events()})

@@ -51,6 +51,18 @@ def test_duplicates_inside_one_batch_count_once(ch: Any) -> None:
     assert ClickHouseSink(ch).store_events(result.events).stored == 2
 
 
+def test_an_id_that_comes_in_two_batches_of_one_checkpoint_is_stored_once(ch: Any) -> None:
+    """The worker stores several batches at once: a re-send in the next batch must not add a row."""
+    migrate(ch)
+    intake = Intake()
+    first = intake.process(_messages([seizure(event_id="c-1"), seizure(event_id="c-2")])).events
+    resent = intake.process(_messages([seizure(event_id="c-1")])).events
+    assert len(resent) == 1
+    result = ClickHouseSink(ch).store_events([*first, *resent])
+    assert (result.stored, result.already_stored) == (2, 1)
+    assert ch.query("SELECT count() FROM border_seizures").result_rows[0][0] == 2
+
+
 def test_rejects_are_stored_once(ch: Any) -> None:
     migrate(ch)
     sink = ClickHouseSink(ch)
