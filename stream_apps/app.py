@@ -72,6 +72,7 @@ class WorkerStats:
     sightings: int = 0
     sightings_processed: int = 0
     intake_batches: int = 0
+    checkpointed: int = 0  # input events whose rows and detector state are written (offsets acknowledged)
     sink_retries: int = 0
     ready_seconds: float | None = None
     rebuild: dict[str, Any] = field(default_factory=dict)
@@ -277,7 +278,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
         storing: list[EnrichedEvent] = []  # the rows of the checkpoint under way
         partitions: dict[str, int] = {}
 
-        async def write(rows: list[EnrichedEvent], changes: list[tuple[int, str, dict[str, Any]]]) -> None:
+        async def write(rows: list[EnrichedEvent], changes: list[tuple[int, str, dict[str, Any]]], events: int) -> None:
             # Rows first, then the state that has seen them: a worker killed in between replays events
             # that are stored already (skipped by event_id) into state that has not seen them.
             stored = await with_retries(
@@ -288,6 +289,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
                 metrics,
             )
             await send_all(await save(region_table, changes))
+            stats.checkpointed += events  # acknowledged right after this returns
             metrics.stored("lab_detections", stored.lab_detections)
             metrics.stored("border_seizures", stored.border_seizures)
             metrics.skipped_duplicates(stored.already_stored)
@@ -337,7 +339,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             if held.due(quiet=not events):
                 changes = [(partitions[region], key, value) for region, key, value in ctx.regions.drain_dirty()]
                 storing, rows = rows, []
-                await held.start(write(storing, changes))
+                await held.start(write(storing, changes, len(held.events)))
 
     @app.agent(sightings_topic, name="novelty")
     async def novelty_agent(stream: faust.StreamT[bytes]) -> None:

@@ -232,11 +232,15 @@ def _tail(path: Path, size: int = 2000) -> str:
 
 
 def wait_consumed(workers: Sequence[BenchWorker], total: int, timeout: float, interval: float = 0.1) -> float:
-    """Poll until the workers together have consumed (and stored) ``total`` input events; returns when."""
+    """Poll until the workers together have consumed and stored ``total`` input events; returns when.
+
+    Stored: the events' checkpoint is done (rows in ClickHouse, detector state written, offsets
+    acknowledged), not merely taken from Kafka.
+    """
     deadline = time.monotonic() + timeout
     consumed = 0
     while time.monotonic() < deadline:
-        consumed = sum(w.stats()["consumed"] for w in workers)
+        consumed = sum(w.stats()["checkpointed"] for w in workers)
         if consumed >= total:
             return time.perf_counter()
         for w in workers:
@@ -674,7 +678,7 @@ def bench_pipeline(
 
             # 4. RSS after rss_events events over 5,000 region x substance keys (and their sustained rate)
             if rss_events > 0:
-                before = worker.stats()["consumed"]
+                before = worker.stats()["checkpointed"]
                 regions, substances = bench_regions(100), bench_substances(50)
                 started = time.perf_counter()
                 rss_summary = publish_lines(
