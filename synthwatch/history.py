@@ -625,8 +625,9 @@ def _chunks(path: Path, batch_size: int, parts: int = 3) -> Iterator[tuple[int, 
 class _Store:
     """Staging tables and the dedup ``INSERT ... SELECT`` (this process owns the client)."""
 
-    def __init__(self, client: Client, encoding: str = "arrow") -> None:
-        self.client, self.encoding = client, encoding
+    def __init__(self, client: Client, encoding: str = "arrow", exclusive: bool = False) -> None:
+        # exclusive: nothing else writes the raw tables meanwhile (the embedded engine, held by this process)
+        self.client, self.encoding, self.exclusive = client, encoding, exclusive
         suffix = f"{os.getpid()}_{int(time.time() * 1000) % 10**9}"
         self.staging = {LAB_TABLE: f"_ingest_labs_{suffix}", SEIZURE_TABLE: f"_ingest_seizures_{suffix}"}
         structures = {LAB_TABLE: _LAB_STAGING, SEIZURE_TABLE: _SEIZURE_STAGING}
@@ -664,9 +665,12 @@ class _Store:
         stored_ids = f"SELECT event_id FROM {table} WHERE event_id IN (SELECT {event_id} FROM {staging})"
         already = int(str(self.client.command(f"SELECT count() FROM {staging} WHERE {event_id} IN ({stored_ids})")))
         if already < count:
+            # When none is stored and no other writer can store one meanwhile, the filter would read every
+            # stored event_id a second time for nothing (a first load: each chunk, the whole table so far).
+            unfiltered = already == 0 and self.exclusive
             self.client.command(
-                f"INSERT INTO {table} ({', '.join(columns)}) SELECT {select} FROM {staging} "
-                f"WHERE {event_id} NOT IN ({stored_ids})",
+                f"INSERT INTO {table} ({', '.join(columns)}) SELECT {select} FROM {staging}"
+                + ("" if unfiltered else f" WHERE {event_id} NOT IN ({stored_ids})"),
                 settings=_INSERT_SETTINGS,
             )
         return count - already, already
@@ -697,6 +701,21 @@ def check_engine_free(settings: Settings) -> None:
             f"{settings.embedded_clickhouse_path}; stop it first (Ctrl-C on `synthwatch up`), or point "
             "SYNTHWATCH_CLICKHOUSE_URL at a ClickHouse server that both can use"
         )
+
+
+def _pause_merges(client: Client, settings: Settings) -> bool:
+    """Stop background merges in the embedded engine for the load; True when they were stopped.
+
+    Why: merging the parts each insert creates costs this process ~1-1.5 core-s per million lines while
+    the workers need the cores. Nothing needs the merges to be correct: ids are deduplicated before
+    insert and queries aggregate with ``sum()/min()/max() ... GROUP BY`` (no ``FINAL``), so the merges
+    are left to whoever holds the engine next (``synthwatch up``/``worker``), in its background.
+    Only the embedded engine: on a server, other clients share the merges and the pause needs rights.
+    """
+    if not settings.clickhouse_is_embedded:
+        return False
+    client.command("SYSTEM STOP MERGES")  # the tables that exist now (migrations ran); not persisted
+    return True
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:
@@ -748,10 +767,13 @@ def ingest_history(
     try:
         migrate(client)
         summary.startup_seconds = time.perf_counter() - opening
-        store = _Store(client, encoding)
+        store = _Store(client, encoding, exclusive=settings.clickhouse_is_embedded)
+        paused = _pause_merges(client, settings)
         try:
             _run(client, store, pool, prepass, path, batch_size, progress, size, summary, workers, started)
         finally:
+            if paused:
+                client.command("SYSTEM START MERGES")
             store.close()
     finally:
         if pool is not None:

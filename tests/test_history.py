@@ -240,3 +240,28 @@ def test_storage_benchmarks_run_in_their_own_process() -> None:
     print(done.stdout[-3000:])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "events/s" in done.stdout and "lines/s" in done.stdout
+
+
+def test_unmerged_load_reads_right_and_merges_resume(ch: Any, ch_settings: Settings, tmp_path: Path) -> None:
+    """The load pauses merges: without FINAL, counts and aggregates are already right; afterwards they merge."""
+    lines, truth = _lines(days=4)
+    path = tmp_path / "history.ndjson"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    summary = ingest_history(ch_settings, path, batch_size=200, progress=False, workers=0, client=ch)
+    assert summary.stored == truth.valid_unique == _stored(ch)
+    parts = int(ch.command("SELECT count() FROM system.parts WHERE active AND table = 'lab_detections'"))
+    raw = (
+        "SELECT toDate(occurred_at) AS day, substance_key, 1 AS n, ifNull(grams, 0) AS g FROM border_seizures "
+        "UNION ALL SELECT toDate(occurred_at), substance_key, 1, 0 FROM lab_detections"
+    )
+    aggregate = (
+        "SELECT day, substance_key, sum(reports), round(sum(grams), 3) FROM reports_daily GROUP BY ALL ORDER BY ALL"
+    )
+    recount = f"SELECT day, substance_key, sum(n), round(sum(g), 3) FROM ({raw}) GROUP BY ALL ORDER BY ALL"
+    expected = ch.query(recount).result_rows
+    print(f"{parts} unmerged lab parts; {len(expected)} daily rows")
+    assert parts > 1 and expected and ch.query(aggregate).result_rows == expected
+    ch.command("OPTIMIZE TABLE lab_detections FINAL")  # refused ("Cancelled merging parts") while paused
+    ch.command("OPTIMIZE TABLE reports_daily FINAL")
+    assert int(ch.command("SELECT count() FROM system.parts WHERE active AND table = 'lab_detections'")) < parts
+    assert ch.query(aggregate).result_rows == expected and _stored(ch) == truth.valid_unique
