@@ -375,64 +375,61 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             if held.due(quiet=not events):
                 await held.start(write([(partitions[k], k, v) for k, v in ctx.novelty.drain_dirty()]))
 
-    @app.agent(rejects_topic, name="rejects")
-    async def rejects_agent(stream: faust.StreamT[bytes]) -> None:
-        held = checkpoint()
-        rejects: list[Reject] = []
+    def storing_agent(
+        topic: faust.TopicT,
+        what: str,
+        parse: Callable[[Any], Any | None],
+        store: Callable[[list[Any]], int],
+        count: Callable[[int], None],
+    ) -> None:
+        """An agent that stores the records of ``topic`` in ClickHouse at its checkpoints."""
 
-        async def write(rejects: list[Any]) -> None:
-            new_rejects = await with_retries(
-                app,
-                "storing rejects",
-                metrics.timed_call("rejects", len(rejects), partial(ctx.sink.store_rejects, rejects)),
-                stats,
-                metrics,
-            )
-            metrics.stored("rejects", new_rejects)
-            stats.rejects_stored += new_rejects
+        async def agent(stream: faust.StreamT[bytes]) -> None:
+            held = checkpoint()
+            items: list[Any] = []
 
-        async for events in batches(stream):
-            metrics.consumed(events)
-            for e in events:
-                try:
-                    rejects.append(Reject.model_validate_json(e.value))
-                except ValueError as error:
-                    source = f"{e.message.topic}:{e.message.partition}:{e.message.offset}"
-                    rejects.append(
-                        Reject.of(e.value or b"", source=source, reason=f"not a reject record: {error}", stage="worker")
-                    )
-            held.hold(events, [])
-            if held.due(quiet=not events):
-                taken, rejects = rejects, []
-                await held.start(write(taken))
+            async def write(taken: list[Any]) -> None:
+                new = await with_retries(
+                    app, f"storing {what}", metrics.timed_call(what, len(taken), partial(store, taken)), stats, metrics
+                )
+                metrics.stored(what, new)
+                count(new)
 
-    @app.agent(alerts_topic, name="alerts")
-    async def alerts_agent(stream: faust.StreamT[bytes]) -> None:
-        held = checkpoint()
-        alerts: list[Alert] = []
+            async for events in batches(stream):
+                metrics.consumed(events)
+                for e in events:
+                    item = parse(e)
+                    if item is not None:
+                        items.append(item)
+                held.hold(events, [])
+                if held.due(quiet=not events):
+                    taken, items = items, []
+                    await held.start(write(taken))
 
-        async def write(alerts: list[Any]) -> None:
-            new_alerts = await with_retries(
-                app,
-                "storing alerts",
-                metrics.timed_call("alerts", len(alerts), partial(ctx.sink.store_alerts, alerts)),
-                stats,
-                metrics,
-            )
-            metrics.stored("alerts", new_alerts)
-            stats.alerts_stored += new_alerts
+        app.agent(topic, name=what)(agent)
 
-        async for events in batches(stream):
-            metrics.consumed(events)
-            for e in events:
-                try:
-                    alerts.append(Alert.model_validate_json(e.value))
-                except ValueError as error:
-                    log.error("alerts topic: not an alert at %s:%s (%s)", e.message.partition, e.message.offset, error)
-            held.hold(events, [])
-            if held.due(quiet=not events):
-                taken, alerts = alerts, []
-                await held.start(write(taken))
+    def parse_reject(e: Any) -> Reject:
+        try:
+            return Reject.model_validate_json(e.value)
+        except ValueError as error:
+            source = f"{e.message.topic}:{e.message.partition}:{e.message.offset}"
+            return Reject.of(e.value or b"", source=source, reason=f"not a reject record: {error}", stage="worker")
+
+    def parse_alert(e: Any) -> Alert | None:
+        try:
+            return Alert.model_validate_json(e.value)
+        except ValueError as error:
+            log.error("alerts topic: not an alert at %s:%s (%s)", e.message.partition, e.message.offset, error)
+            return None
+
+    def count_rejects(n: int) -> None:
+        stats.rejects_stored += n
+
+    def count_alerts(n: int) -> None:
+        stats.alerts_stored += n
+
+    storing_agent(rejects_topic, "rejects", parse_reject, ctx.sink.store_rejects, count_rejects)
+    storing_agent(alerts_topic, "alerts", parse_alert, ctx.sink.store_alerts, count_alerts)
 
     if settings.subscriptions_file is not None:
         from .delivery import DeliveryService, attach_delivery
