@@ -1,20 +1,21 @@
 """The Faust application: thin adapters that move batches between Kafka and the pure core.
 
-Agents (each consumes batches with :func:`processed_batches`, which acknowledges offsets only after the
-loop body has finished with a batch, so a crash or a stop mid-batch re-delivers rather than loses):
+Agents take batches straight from their channel (:mod:`.faust_batches`), send what a batch produces
+(alerts, sightings, rejects) at once, and store rows, write detector state and acknowledge offsets at
+their checkpoints (:mod:`.checkpoints`), so a crash or a stop re-delivers rather than loses:
 
 - ``intake`` on both input topics (keyed by region, co-partitioned, so one region's events are
   processed in order by one worker): validate and enrich; run the region stage (lateness,
-  duplicates, spikes); store new events in ClickHouse; send rejects, spike alerts and sightings
-  (keyed by substance); write changed detector state to the region table's changelog.
+  duplicates, spikes); send rejects, spike alerts and sightings (keyed by substance); at checkpoints
+  store new events in ClickHouse and write changed detector state to the region table's changelog.
 - ``novelty`` on the sightings topic (keyed by substance): new substances, first appearances in a
   region, spread.
 - ``rejects`` and ``alerts`` store those topics in ClickHouse (the delivery agent reads alerts too).
 
 Detector state lives in two changelog-backed Faust tables. Faust would pick a table's changelog
-partition from "the current event", which a batch does not have, so the adapters write with the
-public ``send_changelog(partition, ...)`` using the partition the records arrived on: a region's
-state stays with the region's partition and is restored to whichever worker owns it.
+partition from "the current event", which a batch does not have, so the adapters send each record to
+the table's changelog topic on the partition the records arrived on: a region's state stays with the
+region's partition and is restored to whichever worker owns it.
 
 Web (worker HTTP port): ``/ready``, ``/metrics`` (Prometheus, :mod:`.metrics`) and ``/sql`` (read-only
 queries for commands that cannot open the embedded engine while this process holds it).
@@ -28,9 +29,10 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import chain
 from typing import Any, TypeVar, cast
 
 import faust
@@ -246,7 +248,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
         return kept, late, alerts, sightings, partitions
 
     async def refuse_late(
-        late: list[tuple[EnrichedEvent, str]], rejects: list[Reject], unstored: list[EnrichedEvent]
+        late: list[tuple[EnrichedEvent, str]], rejects: list[Reject], unstored: Iterable[EnrichedEvent]
     ) -> int:
         """Too-late events go to rejects, unless already stored (or about to be, in ``unstored``):
         a re-sent old event is a duplicate."""
@@ -278,13 +280,15 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
         storing: list[EnrichedEvent] = []  # the rows of the checkpoint under way
         partitions: dict[str, int] = {}
 
-        async def write(rows: list[EnrichedEvent], changes: list[tuple[int, str, dict[str, Any]]], events: int) -> None:
+        async def write(
+            taken: list[EnrichedEvent], changes: list[tuple[int, str, dict[str, Any]]], events: int
+        ) -> None:
             # Rows first, then the state that has seen them: a worker killed in between replays events
             # that are stored already (skipped by event_id) into state that has not seen them.
             stored = await with_retries(
                 app,
                 "storing events",
-                metrics.timed_call("events", len(rows), partial(ctx.sink.store_events, rows)),
+                metrics.timed_call("events", len(taken), partial(ctx.sink.store_events, taken)),
                 stats,
                 metrics,
             )
@@ -306,7 +310,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
                 result = ctx.intake.process(messages)
                 kept, late, alerts, sightings, batch_partitions = detect_regions(result.events)
                 partitions.update(batch_partitions)
-                result.duplicates += await refuse_late(late, result.rejects, [*storing, *rows])
+                result.duplicates += await refuse_late(late, result.rejects, chain(storing, rows))
                 rows.extend(kept)
                 # Sent now, not at the checkpoint: alerts and the sightings that lead to new-substance
                 # alerts are not held back by storage. Acknowledged by the broker before the checkpoint.

@@ -95,14 +95,12 @@ async def channel_batches(
             await s.stop()
 
 
-async def take_batches(
-    stream: faust.StreamT[Any], size: int, within: float, idle: float | None = None
-) -> AsyncIterator[list[EventT]]:
+async def take_batches(stream: faust.StreamT[Any], size: int, within: float) -> AsyncIterator[list[EventT]]:
     """Faust's own batching (``noack_take``), unacknowledged, for comparison with :func:`channel_batches`.
 
     Not ``take_events``: it acknowledges a batch in a ``finally``, so a batch whose processing was
-    cancelled (SIGTERM mid-batch) was committed unprocessed. ``idle`` is accepted for the same
-    signature; ``noack_take`` yields no empty batches, so a quiet stream's checkpoint waits for the next one.
+    cancelled (SIGTERM mid-batch) was committed unprocessed. ``noack_take`` yields no empty batches,
+    so the worker checkpoints after every batch with it.
     """
     s = cast(faust.Stream[Any], stream)
     async for taken in s.noack_take(size, within=within):

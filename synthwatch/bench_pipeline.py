@@ -37,7 +37,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse, urlunparse
 
 from rich.console import Console
@@ -52,6 +52,8 @@ from .settings import Settings
 
 #: Settings (environment of the worker process) that stand for another value of a setting in settings.py;
 #: every variant is the shipped code, so what ``--experiments`` measures is what a user can configure.
+T = TypeVar("T")
+
 WORKER_ENV: dict[str, dict[str, str]] = {
     "batch-2000": {"SYNTHWATCH_SINK_BATCH_SIZE": "2000"},  # the sink's default before 10,000
     "window-0.1": {"SYNTHWATCH_SINK_BATCH_SECONDS": "0.1"},
@@ -1066,6 +1068,11 @@ def latency_experiments(
     return out
 
 
+def _chosen(variants: Sequence[T], indices: str) -> list[T]:
+    """The variants named by comma-separated indices (``--variants``), or all of them."""
+    return [variants[int(i)] for i in indices.split(",") if i] or list(variants)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="synthwatch bench pipeline (also: --floor, --experiments)")
     parser.add_argument("--events", type=int, default=100_000)
@@ -1091,12 +1098,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.floor:
         result = [r.__dict__ for r in floor_experiments(console, args.events)]
     elif args.latency_experiments:
-        chosen = [int(i) for i in args.variants.split(",") if i] or range(len(LATENCY_EXPERIMENTS))
-        variants = [LATENCY_EXPERIMENTS[i] for i in chosen]
+        variants = _chosen(LATENCY_EXPERIMENTS, args.variants)
         result = latency_experiments(console, args.rss_events, args.rate, args.latency_seconds, variants)
     elif args.experiments:
-        chosen = [int(i) for i in args.variants.split(",") if i] or range(len(EXPERIMENTS))
-        result = worker_experiments(console, args.events, [EXPERIMENTS[i] for i in chosen], repeat=args.repeat)
+        result = worker_experiments(console, args.events, _chosen(EXPERIMENTS, args.variants), repeat=args.repeat)
     else:
         result = bench_pipeline(
             console,
