@@ -7,6 +7,7 @@ import json
 import uuid
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,7 @@ from synthwatch.producers.readers import InputRecord
 from synthwatch.producers.simulate import SimulationConfig, simulate
 from synthwatch.stream_apps.backtest import run_lines
 
-from .conftest import isolated_settings, start_worker, stop_worker, wait_until
+from .conftest import RunningWorker, isolated_settings, start_worker, stop_worker, wait_until
 from .factories import lab, seizure
 from .reliability_helpers import daily_chunks, novelty_summary
 
@@ -121,17 +122,18 @@ def test_a_restarted_worker_still_knows_names_learnt_from_structures(broker: Emb
         occurred_at=(now - timedelta(hours=1)).isoformat(),
         substance={"name": f"  {name.lower().replace('-', ' ')} "},
     )
-    keys = "SELECT substance_key FROM {table} WHERE event_id = %(id)s"
+
+    def stored_key(worker: RunningWorker, kind: str, record: dict[str, Any], table: str, what: str) -> str:
+        """Publish one report and return the substance key it was stored under."""
+        with Publisher(settings, broker.bootstrap_servers) as publisher:
+            assert publisher.publish_records([InputRecord(kind, json.dumps(record))]).sent == 1
+        sql = f"SELECT substance_key FROM {table} WHERE event_id = %(id)s"
+        rows = wait_until(lambda: worker.query(sql, {"id": record["event_id"]}).rows, 60, what, details=worker.describe)
+        return str(rows[0][0])
 
     worker = start_worker(settings, tmp_path / "worker-1.log")
     try:
-        with Publisher(settings, broker.bootstrap_servers) as publisher:
-            assert publisher.publish_records([InputRecord("lab", json.dumps(report))]).sent == 1
-        lab_key = wait_until(
-            lambda: worker.query(keys.format(table="lab_detections"), {"id": report["event_id"]}).rows,
-            60,
-            "the lab report stored",
-        )[0][0]
+        lab_key = stored_key(worker, "lab", report, "lab_detections", "the lab report stored")
     finally:
         assert stop_worker(worker) == 0
     assert not lab_key.startswith("name:"), "the structure must give the substance its key"
@@ -139,14 +141,7 @@ def test_a_restarted_worker_still_knows_names_learnt_from_structures(broker: Emb
     restarted = start_worker(settings, tmp_path / "worker-2.log")
     try:
         assert restarted.stats()["rebuild"].get("names_learnt", 0) >= 1, "tables came back: names learnt apart"
-        with Publisher(settings, broker.bootstrap_servers) as publisher:
-            assert publisher.publish_records([InputRecord("seizure", json.dumps(name_only))]).sent == 1
-        seizure_key = wait_until(
-            lambda: restarted.query(keys.format(table="border_seizures"), {"id": name_only["event_id"]}).rows,
-            60,
-            "the name-only seizure stored",
-            details=restarted.describe,
-        )[0][0]
+        seizure_key = stored_key(restarted, "seizure", name_only, "border_seizures", "the name-only seizure stored")
         raised = wait_until(  # the alert this seizure makes true: first in region, or a "new substance"
             lambda: (
                 restarted.query(
