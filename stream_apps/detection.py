@@ -432,11 +432,9 @@ class RegionDetector:
             for day in [d for d in table if d < oldest]:
                 del table[day]
                 region.cut = oldest
-        if region.totals and min(region.totals) < today - self.RHYTHM_DAYS - self.RHYTHM_LAG - 2:
-            region.totals = {
-                d: n for d, n in region.totals.items() if d >= today - self.RHYTHM_DAYS - self.RHYTHM_LAG - 2
-            }
         horizon = today - self.RHYTHM_DAYS - self.RHYTHM_LAG - 2
+        if region.totals and min(region.totals) < horizon:
+            region.totals = {d: n for d, n in region.totals.items() if d >= horizon}
         if region.rhythm and min(region.rhythm) < horizon:
             for day in [d for d in region.rhythm if d < horizon]:
                 del region.rhythm[day]

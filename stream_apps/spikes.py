@@ -449,13 +449,6 @@ class SpikeModel:
 
     # --- counts --------------------------------------------------------------------------------------
 
-    def baseline_rate(self, state: SeriesState, day: int, rhythm: Sequence[float]) -> tuple[float, float, float] | None:
-        """(reports, weekday-adjusted exposure in days, dispersion) of this series' baseline."""
-        parts = self._baseline_parts(state, day, rhythm)
-        if parts is None:
-            return None
-        return parts[0], parts[1], self._dispersion(state, parts)
-
     def _baseline_parts(self, state: SeriesState, day: int, rhythm: Sequence[float]) -> list[Any] | None:
         """The baseline of ``day``, cached for the day: [reports, exposure, dispersion or None, start, end,
         weekday factors it was learnt with].
@@ -542,17 +535,13 @@ class SpikeModel:
         weight = (days - 1) / (days - 1 + cfg.dispersion_prior_days)
         return min(cfg.max_dispersion, max(1.0, 1.0 + weight * (raw - 1.0)))
 
-    def _count_test(
-        self, state: SeriesState, day: int, rhythm: Sequence[float], newest: int | None = None
-    ) -> SpikeFinding | None:
+    def _count_test(self, state: SeriesState, day: int, rhythm: Sequence[float], newest: int) -> SpikeFinding | None:
         """Test the windows ending on the report's day and, for a late report, on the series' newest day.
 
         A late report must be able to complete the evidence of the newest windows, or whether a spike
         is ever tested with all its reports would depend on the order reports happen to arrive in.
         The episode is dated by the earliest window end that crosses.
         """
-        if newest is None:
-            newest = state.newest_day if state.newest_day is not None else max(state.counts)
         found = self._count_windows(state, day, rhythm)
         if found is not None:
             return self._count_finding(state, day, *found)
@@ -581,12 +570,7 @@ class SpikeModel:
             if observed < min_count or length not in windows:
                 continue
             if baseline is None:  # learnt only when a window has enough reports (sparse series rarely do)
-                cached = state.cached_baseline
-                if cached is not None and cached[0] == day:
-                    baseline = cached[1]
-                else:
-                    baseline = self._baseline_rate(state, day, rhythm)
-                    state.cached_baseline = (day, baseline)
+                baseline = self._baseline_parts(state, day, rhythm)
                 if baseline is None:
                     return None
                 events, exposure = baseline[0], baseline[1]

@@ -135,7 +135,6 @@ class IngestSummary:
     rejects_stored: int = 0
     blank_lines: int = 0
     seconds: float = 0.0
-    startup_seconds: float = 0.0  # of ``seconds``: opening the engine and applying migrations
     setup_seconds: float = 0.0  # of ``seconds``: everything before the first chunk is handed out (pool start,
     # engine open, migrations, the RDKit pre-pass, names already learnt): a fixed cost per command
     workers: int = 0  # parsing processes; 0: parsed in this process
@@ -149,12 +148,6 @@ class IngestSummary:
     def rate(self) -> float:
         """Lines per second, end to end (reading, validation, resolution, insert, dedup)."""
         return self.lines / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def rate_after_startup(self) -> float:
-        """Lines per second without the fixed cost of opening the engine and migrating (not the target's measure)."""
-        rest = self.seconds - self.startup_seconds
-        return self.lines / rest if rest > 0 else 0.0
 
     @property
     def rate_steady(self) -> float:
@@ -762,11 +755,9 @@ def ingest_history(
     pool = _pool(workers) if workers > 0 else None  # before the engine opens in this process
     prepass = _Prepass(pool, path, workers) if pool is not None else None  # runs while the engine opens
     own_client = client is None
-    opening = time.perf_counter()
     client = client or connect(settings)
     try:
         migrate(client)
-        summary.startup_seconds = time.perf_counter() - opening
         store = _Store(client, encoding, exclusive=settings.clickhouse_is_embedded)
         paused = _pause_merges(client, settings)
         try:
