@@ -621,6 +621,8 @@ def test_fuzzed_stream_never_crashes_the_worker_and_every_line_is_stored_or_reje
         producer.close()
         total = len(lines)
         wait_until(lambda: worker.stats()["consumed"] >= total, 300, f"{total} fuzzed messages consumed", interval=1)
+        # Rows count as stored at the checkpoint after they are consumed (up to a second later).
+        wait_until(lambda: worker.stats()["checkpointed"] >= total, 60, "the last checkpoint written")
         stats = worker.stats()
         wait_until(lambda: worker.count("SELECT count() FROM rejects") >= stats["rejected"], 120, "rejects stored")
         rows, unique = worker.count(STORED), worker.count(UNIQUE)
