@@ -34,7 +34,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import pyarrow as pa
 from clickhouse_connect.driver.client import Client
@@ -68,6 +68,7 @@ from synthwatch.stream_apps.identity import (
 )
 
 from .clickhouse import connect, migrate
+from .history_sql import GRAMS, MILLILITRES, PARSE_SETTINGS, PARSED_STRUCTURE, UNITS, parse_select
 from .runtime import read_stack
 from .settings import Settings
 
@@ -82,6 +83,8 @@ _STAGING_SETTINGS = {
 # Rows are unique per key already (ids deduplicated, MVs group by key): collapsing them again on insert
 # costs a third of the insert for nothing; merges still collapse across inserts.
 _INSERT_SETTINGS = {"optimize_on_insert": 0}
+# When the engine parses (no worker processes hold the cores): the raw table and its views in parallel.
+_PARALLEL_INSERT_SETTINGS = {**_INSERT_SETTINGS, "max_insert_threads": 2, "parallel_view_processing": 1}
 # The validated event as pydantic dumps it, read by ClickHouse into named tuples (unknown keys skipped).
 _COMMON_TUPLE = (
     "event_id String, occurred_at DateTime64(3, 'UTC'), reported_at Nullable(DateTime64(3, 'UTC')), "
@@ -403,6 +406,41 @@ class ChunkParser:
         for unit in get_args(QuantityUnit):
             normalise_quantity(1.0, unit)
 
+    def resolve_spelling(
+        self,
+        resolver: SubstanceResolver,
+        structures: dict[str, Structure | str],
+        name: str,
+        smiles: str | None,
+        inchikey: str | None,
+        number: int,
+        learnt_here: set[str],
+        result: ChunkResult,
+    ) -> SubstanceValues | None:
+        """The stored substance values of a report's spelling, or None when they depend on file order.
+
+        Names resolved by structure are recorded in ``result.learnt`` at ``number`` (the first report of
+        the name in this chunk): the loader teaches its resolver in line order from them.
+        """
+        cache_key = (name, smiles, inchikey)
+        found = self.values.get(cache_key)
+        if found is not None:
+            return found
+        substance = resolver.resolve(name, smiles=smiles, inchikey=inchikey)
+        if substance.resolved_by == "structure":
+            normalised = normalise_name(name)
+            if (
+                normalised not in learnt_here
+                and normalised not in self.catalogue_names
+                and normalised not in UNINFORMATIVE_NAMES
+            ):
+                learnt_here.add(normalised)
+                result.learnt.append((number, name, substance.key, substance.family))
+        if _depends_on_order(substance, smiles, structures):
+            return None
+        found = self.values[cache_key] = substance_values(substance)
+        return found
+
     def process(self, chunk: Chunk) -> ChunkResult:
         """Validate, dedup (within the chunk), resolve and encode one chunk; pure but for the caches."""
         with open(chunk.path, "rb") as handle:
@@ -412,7 +450,6 @@ class ChunkParser:
         resolver = _seeded_resolver(chunk.known, chunk.structures)
         seen: set[str] = set()
         learnt_here: set[str] = set()
-        values = self.values  # state-independent resolutions only: valid in every chunk
         rows = ArrowRows(self.quantities) if chunk.encoding == "arrow" else None
         validate = EVENT_ADAPTER.validator.validate_json
         gc_was_enabled = gc.isenabled()
@@ -442,26 +479,16 @@ class ChunkParser:
                     continue
                 seen.add(event_id)
                 reported = event.substance
-                cache_key = (reported.name, reported.smiles, reported.inchikey)
-                found = values.get(cache_key)
+                found = self.resolve_spelling(
+                    resolver, chunk.structures, reported.name, reported.smiles, reported.inchikey, number, learnt_here, result
+                )
                 if found is None:
-                    substance = resolver.resolve(reported.name, smiles=reported.smiles, inchikey=reported.inchikey)
-                    if substance.resolved_by == "structure":
-                        normalised = normalise_name(reported.name)
-                        if (
-                            normalised not in learnt_here
-                            and normalised not in self.catalogue_names
-                            and normalised not in UNINFORMATIVE_NAMES
-                        ):
-                            learnt_here.add(normalised)
-                            result.learnt.append((number, reported.name, substance.key, substance.family))
-                    if _depends_on_order(substance, reported.smiles, chunk.structures):
-                        result.pending.append((number, raw))
-                        continue
-                    found = values[cache_key] = substance_values(substance)
+                    result.pending.append((number, raw))
+                    continue
                 if rows is not None:
                     rows.add(event, found)
                     continue
+                cache_key = (reported.name, reported.smiles, reported.inchikey)
                 fragment = self.fragments.get(cache_key)
                 if fragment is None:
                     fragment = self.fragments[cache_key] = _substance_fragment(found)
@@ -612,6 +639,227 @@ def _chunks(path: Path, batch_size: int, parts: int = 3) -> Iterator[tuple[int, 
             per_line = handle.tell() / (line - 1)
 
 
+# --- parsing in the engine (embedded ClickHouse: it can read the file) ------------------------------
+
+_PARSED_ARROW = {
+    "n": pa.uint64(),
+    "ok": pa.uint8(),
+    "raw": pa.string(),
+    "kind": pa.string(),
+    "event_id": pa.string(),
+    "occurred_at": pa.timestamp("ms", tz="UTC"),
+    "reported_at": pa.timestamp("ms", tz="UTC"),
+    "country": pa.string(),
+    "region": pa.string(),
+    "name": pa.string(),
+    "smiles": pa.string(),
+    "inchikey": pa.string(),
+    "cas": pa.string(),
+    "lab_id": pa.string(),
+    "sample_id": pa.string(),
+    "sample_type": pa.string(),
+    "method": pa.string(),
+    "confirmed": pa.bool_(),
+    "purity_pct": pa.float64(),
+    "agency": pa.string(),
+    "seizure_id": pa.string(),
+    "border_point": pa.string(),
+    "conveyance": pa.string(),
+    "quantity_value": pa.float64(),
+    "quantity_unit": pa.string(),
+    "origin_country": pa.string(),
+    "destination_country": pa.string(),
+    "extra": pa.string(),
+}
+
+
+def _parsed_row(number: int, event: LabDetection | BorderSeizure) -> tuple[object, ...]:
+    """An event Python accepted, as a row of the engine's parsed table (``ok = 2``)."""
+    s = event.substance
+    common = (number, 2, "", event.kind, event.event_id, event.occurred_at, event.reported_at, event.country)
+    common += (event.region, s.name, s.smiles or "", s.inchikey or "", s.cas)
+    if isinstance(event, LabDetection):
+        lab = (event.lab_id, event.sample_id, event.sample_type, event.method, event.confirmed, event.purity_pct)
+        return (*common, *lab, "", "", "", "", 0.0, "", "", "", extra_text(event))
+    q = event.quantity
+    seizure = (event.agency, event.seizure_id, event.border_point, event.conveyance, q.value, q.unit)
+    places = (event.origin_country or "", event.destination_country or "")
+    return (*common, "", "", "", "", True, None, *seizure, *places, extra_text(event))
+
+
+def _parsed_ipc(rows: list[tuple[object, ...]]) -> bytes:
+    arrays = []
+    for values, kind in zip(zip(*rows, strict=True), _PARSED_ARROW.values(), strict=True):
+        if pa.types.is_timestamp(kind):  # pydantic keeps microseconds; DateTime64(3) truncates them
+            arrays.append(pa.array(values, pa.timestamp("us", tz="UTC")).cast(kind, safe=False))
+        else:
+            arrays.append(pa.array(values, kind))
+    batch = pa.record_batch(arrays, names=list(_PARSED_ARROW))
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return bytes(sink.getvalue())
+
+
+def _sql_literal(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+class _EngineChunks:
+    """Chunks parsed and checked by the engine itself (:mod:`.history_sql`), for the embedded engine.
+
+    Only the lines the engine does not accept (about 1 %: malformed, to normalise, unknown fields) and
+    the distinct substance spellings come back to Python; the rows go from the parsed table to the
+    staging tables inside the engine. Same verdicts, same rows as the Arrow path (tests compare).
+    """
+
+    def __init__(self, client: Client, store: _Store, path: Path, parser: ChunkParser) -> None:
+        self.client, self.store, self.parser = client, store, parser
+        self.source = f"file({_sql_literal(str(path.resolve()))}, 'LineAsString', 'line String')"
+        suffix = store.staging[LAB_TABLE].removeprefix("_ingest_labs_")
+        self.parsed, self.first = f"_ingest_parsed_{suffix}", f"_ingest_first_{suffix}"
+        self.spellings, self.rows = f"_ingest_spellings_{suffix}", f"_ingest_rows_{suffix}"
+        resolved = "k String, rn String, ik Nullable(String), f String"
+        tables = {
+            self.parsed: PARSED_STRUCTURE,
+            self.first: "n UInt64",
+            self.spellings: f"s_name String, s_smiles String, s_inchikey String, {resolved}",
+            self.rows: f"r_n UInt64, {resolved}",
+        }
+        for table, structure in tables.items():
+            client.command(f"DROP TABLE IF EXISTS {table}")
+            client.command(f"CREATE TABLE {table} ({structure}) ENGINE = Memory")
+        self.lines = int(str(client.command(f"SELECT count() FROM {self.source}")))
+
+    def close(self) -> None:
+        for table in (self.parsed, self.first, self.spellings, self.rows):
+            self.client.command(f"DROP TABLE IF EXISTS {table}")
+
+    def chunks(self, batch_size: int) -> Iterator[tuple[int, int]]:
+        """(first row, end row) of each chunk, 0-based: ``batch_size`` lines (the file is read once per
+        chunk up to its end, so chunks are large)."""
+        for start in range(0, self.lines, batch_size):
+            yield start, min(start + batch_size, self.lines)
+
+    def process(
+        self, start: int, end: int, resolver: SubstanceResolver, structures: dict[str, Structure | str]
+    ) -> tuple[ChunkResult, dict[str, int]]:
+        """Parse rows ``start..end`` into the staging tables; (what Python found, rows staged per table)."""
+        client = self.client
+        for table in (self.parsed, self.first, self.spellings, self.rows):
+            client.command(f"TRUNCATE TABLE {table}")
+        lines = f"SELECT _row_number + 1 AS n, line FROM {self.source} WHERE _row_number >= {start} AND _row_number < {end}"
+        client.command(
+            f"INSERT INTO {self.parsed} {parse_select(lines + f' LIMIT {end - start}')}", settings=PARSE_SETTINGS
+        )
+        result = ChunkResult(start, end)
+        slow = client.query(
+            f"SELECT n, raw FROM {self.parsed} WHERE ok = 0 ORDER BY n", query_formats={"String": "bytes"}
+        ).result_rows
+        accepted: list[tuple[object, ...]] = []
+        validate = EVENT_ADAPTER.validator.validate_json
+        for number, line in slow:
+            raw = bytes(line).rstrip(b"\r")
+            if not raw or raw.isspace():
+                result.blank += 1
+                continue
+            try:
+                event = validate(raw)
+            except ValidationError:
+                event = None
+            if event is None or not fast_event_ok(event):
+                try:
+                    event = parse_event(raw)
+                except WireError as error:
+                    result.rejects.append((number, raw, error.reason, error.event_id))
+                    continue
+            accepted.append(_parsed_row(number, event))
+        if accepted:
+            client.raw_insert(self.parsed, list(_PARSED_ARROW), _parsed_ipc(accepted), fmt="ArrowStream")
+        # The first report of each id wins, whichever side accepted it; the others are duplicates.
+        client.command(f"INSERT INTO {self.first} SELECT min(n) FROM {self.parsed} WHERE ok > 0 GROUP BY event_id")
+        kept = int(str(client.command(f"SELECT count() FROM {self.first}")))
+        result.duplicates = int(str(client.command(f"SELECT count() FROM {self.parsed} WHERE ok > 0"))) - kept
+        result.lines = end - start - result.blank
+        self._resolve(result, resolver, structures)
+        staged = {}
+        for table, kind in ((LAB_TABLE, "lab_detection"), (SEIZURE_TABLE, "border_seizure")):
+            staged[table] = self._stage(table, kind)
+        return result, staged
+
+    def _resolve(
+        self, result: ChunkResult, resolver: SubstanceResolver, structures: dict[str, Structure | str]
+    ) -> None:
+        """Substance values per distinct spelling (order-dependent ones per row, in line order)."""
+        chunk_resolver = _seeded_resolver(_known(resolver), structures)
+        learnt_here: set[str] = set()
+        resolved, pending = [], []
+        spellings = self.client.query(
+            f"SELECT name, smiles, inchikey, min(n) AS first FROM {self.parsed} WHERE ok > 0 AND n IN {self.first} "
+            "GROUP BY name, smiles, inchikey ORDER BY first"
+        ).result_rows
+        for name, smiles, inchikey, number in spellings:
+            found = self.parser.resolve_spelling(
+                chunk_resolver, structures, name, smiles or None, inchikey or None, number, learnt_here, result
+            )
+            if found is None:
+                pending.append((name, smiles, inchikey))
+            else:
+                resolved.append((name, smiles, inchikey, *found))
+        if resolved:
+            self.client.insert(self.spellings, resolved)
+        rows: list[tuple[object, ...]] = []
+        events: list[tuple[int, str, str, str | None, str | None]] = [
+            (line, "learn", n, k, f) for line, n, k, f in result.learnt
+        ]
+        if pending:
+            self.client.insert(self.spellings, [(*p, "", "", None, "~pending") for p in pending])
+            events += [
+                (number, "row", name, smiles, inchikey)
+                for number, name, smiles, inchikey in self.client.query(
+                    f"SELECT n, name, smiles, inchikey FROM {self.parsed} WHERE ok > 0 AND n IN {self.first} AND "
+                    f"(name, smiles, inchikey) IN (SELECT s_name, s_smiles, s_inchikey FROM {self.spellings} "
+                    "WHERE f = '~pending') ORDER BY n"
+                ).result_rows
+            ]
+        events.sort(key=lambda item: (item[0], item[1] == "row"))
+        for number, what, text, a, b in events:
+            if what == "learn":
+                resolver.learn(text, a or "", b)  # type: ignore[arg-type]
+            else:
+                substance = resolver.resolve(text, smiles=a or None, inchikey=b or None)
+                rows.append((number, *substance_values(substance)))
+        if rows:
+            self.client.insert(self.rows, rows)
+
+    def _stage(self, table: str, kind: str) -> int:
+        """Fill ``table``'s staging table with this chunk's kept rows of ``kind``; returns how many."""
+        columns = LAB_COLUMNS if table == LAB_TABLE else SEIZURE_COLUMNS
+        resolved = {
+            "substance_key": "if(r_n != 0, x.k, s.k)",
+            "resolved_name": "if(r_n != 0, x.rn, s.rn)",
+            "resolved_inchikey": "if(r_n != 0, x.ik, s.ik)",
+            "family": "if(r_n != 0, x.f, s.f)",
+            "substance_name": "name",
+            "substance_smiles": "nullIf(smiles, '')",
+            "substance_inchikey": "nullIf(inchikey, '')",
+            "substance_cas": "cas",
+            "grams": GRAMS,
+            "millilitres": MILLILITRES,
+            "units": UNITS,
+        }
+        select = ", ".join(resolved.get(column, column) for column in columns)
+        staging = self.store.staging[table]
+        self.client.command(f"TRUNCATE TABLE {staging}")
+        self.client.command(
+            f"INSERT INTO {staging} ({', '.join(columns)}) SELECT {select} FROM {self.parsed} AS p "
+            f"LEFT JOIN {self.spellings} AS s ON p.name = s.s_name AND p.smiles = s.s_smiles "
+            f"AND p.inchikey = s.s_inchikey LEFT JOIN {self.rows} AS x ON p.n = x.r_n "
+            f"WHERE p.ok > 0 AND p.n IN {self.first} AND p.kind = '{kind}'"
+        )
+        return int(str(self.client.command(f"SELECT count() FROM {staging}")))
+
+
 # --- storing ---------------------------------------------------------------------------------------
 
 
@@ -624,7 +872,7 @@ class _Store:
         suffix = f"{os.getpid()}_{int(time.time() * 1000) % 10**9}"
         self.staging = {LAB_TABLE: f"_ingest_labs_{suffix}", SEIZURE_TABLE: f"_ingest_seizures_{suffix}"}
         structures = {LAB_TABLE: _LAB_STAGING, SEIZURE_TABLE: _SEIZURE_STAGING}
-        if encoding == "arrow":
+        if encoding != "json":
             structures = {t: ", ".join(f"{n} {ch}" for n, _, ch in cols) for t, cols in _ARROW_COLUMNS.items()}
         for table, staging in self.staging.items():
             client.command(f"DROP TABLE IF EXISTS {staging}")
@@ -644,16 +892,25 @@ class _Store:
             return 0, 0
         staging = self.staging[table]
         self.client.command(f"TRUNCATE TABLE {staging}")
-        if self.encoding == "arrow":
-            for block in arrow:
-                if block:
-                    self.client.raw_insert(staging, None, block, fmt="ArrowStream")
-            event_id, select = "event_id", ", ".join(LAB_COLUMNS if table == LAB_TABLE else SEIZURE_COLUMNS)
-        else:
+        if self.encoding == "json":
             self.client.raw_insert(
                 staging, None, ("\n".join(lines) + "\n").encode(), settings=_STAGING_SETTINGS, fmt="JSONEachRow"
             )
+        else:
+            for block in arrow:
+                if block:
+                    self.client.raw_insert(staging, None, block, fmt="ArrowStream")
+        return self.commit(table, count)
+
+    def commit(self, table: str, count: int) -> tuple[int, int]:
+        """Move the ``count`` staged rows of ``table`` whose event_id is not stored yet into ``table``."""
+        if not count:
+            return 0, 0
+        staging = self.staging[table]
+        if self.encoding == "json":
             event_id, select = "e.event_id", _LAB_SELECT if table == LAB_TABLE else _SEIZURE_SELECT
+        else:
+            event_id, select = "event_id", ", ".join(LAB_COLUMNS if table == LAB_TABLE else SEIZURE_COLUMNS)
         columns = LAB_COLUMNS if table == LAB_TABLE else SEIZURE_COLUMNS
         stored_ids = f"SELECT event_id FROM {table} WHERE event_id IN (SELECT {event_id} FROM {staging})"
         already = int(str(self.client.command(f"SELECT count() FROM {staging} WHERE {event_id} IN ({stored_ids})")))
@@ -664,7 +921,7 @@ class _Store:
             self.client.command(
                 f"INSERT INTO {table} ({', '.join(columns)}) SELECT {select} FROM {staging}"
                 + ("" if unfiltered else f" WHERE {event_id} NOT IN ({stored_ids})"),
-                settings=_INSERT_SETTINGS,
+                settings=_PARALLEL_INSERT_SETTINGS if self.encoding == "sql" else _INSERT_SETTINGS,
             )
         return count - already, already
 
@@ -727,21 +984,28 @@ def _pool(workers: int) -> ProcessPoolExecutor:
 def ingest_history(
     settings: Settings,
     path: Path | str,
-    batch_size: int = 200_000,
+    batch_size: int | None = None,
     progress: bool = True,
     workers: int | None = None,
     client: Client | None = None,
-    encoding: str = "arrow",
+    encoding: str | None = None,
 ) -> IngestSummary:
     """Load an NDJSON file of reports into ClickHouse; see the module docstring for the guarantees.
 
     ``workers``: parsing processes (default: one per core, at most 2; 0 parses in this process).
     ``client``: an open client to use (tests); default: open the configured ClickHouse here.
-    ``encoding``: how rows travel to ClickHouse: ``"arrow"`` (typed columns, fast) or ``"json"``
-    (JSONEachRow parsed by ClickHouse: the earlier path, kept as the reference the tests compare with).
+    ``encoding``: how lines become rows: ``"sql"`` (the embedded engine reads and checks the file
+    itself, Python sees only the lines it does not accept; the default there), ``"arrow"`` (worker
+    processes validate every line and send typed columns; the default for a server) or ``"json"``
+    (JSONEachRow parsed by ClickHouse: the earliest path, kept as the reference the tests compare with).
+    ``batch_size``: lines per chunk (default 500,000 for ``sql``, 200,000 otherwise).
     """
-    if encoding not in ("arrow", "json"):
-        raise ValueError(f"encoding must be 'arrow' or 'json', not {encoding!r}")
+    encoding = encoding or ("sql" if settings.clickhouse_is_embedded else "arrow")
+    if encoding not in ("sql", "arrow", "json"):
+        raise ValueError(f"encoding must be 'sql', 'arrow' or 'json', not {encoding!r}")
+    if encoding == "sql" and not settings.clickhouse_is_embedded:
+        raise ValueError("encoding 'sql' reads the file inside the engine: embedded ClickHouse (chdb://) only")
+    batch_size = batch_size or (500_000 if encoding == "sql" else 200_000)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
@@ -793,6 +1057,9 @@ def _run(
     structures = prepass.structures() if prepass is not None else {}
     resolver = _seeded_resolver(_learnt_from_clickhouse(client), structures)
     sink = ClickHouseSink(client)
+    if store.encoding == "sql":
+        _run_in_engine(client, store, path, batch_size, progress, resolver, structures, sink, summary, ingest_started)
+        return
     parser = ChunkParser() if pool is None else None
     quantities = parser.quantities if parser is not None else Quantities()
     chunks = _chunks(path, batch_size, max(workers, 1) + 1)
@@ -839,6 +1106,51 @@ def _run(
         _store_rejects(sink, unstored, summary)
 
 
+def _progress(progress: bool) -> Any:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("ingesting [bold]{task.fields[name]}[/]"),
+        BarColumn(),
+        TextColumn("{task.fields[lines]:,} lines · {task.fields[rate]:,.0f}/s"),
+        TimeElapsedColumn(),
+        disable=not progress,
+        transient=False,
+    )
+
+
+def _run_in_engine(
+    client: Client,
+    store: _Store,
+    path: Path,
+    batch_size: int,
+    progress: bool,
+    resolver: SubstanceResolver,
+    structures: dict[str, Structure | str],
+    sink: ClickHouseSink,
+    summary: IngestSummary,
+    ingest_started: float,
+) -> None:
+    """The embedded engine's path: chunks of the file parsed and checked by the engine (``_EngineChunks``)."""
+    parser = ChunkParser()
+    engine = _EngineChunks(client, store, path, parser)
+    unstored: list[Reject] = []
+    started = time.perf_counter()
+    summary.setup_seconds = started - ingest_started
+    try:
+        with _progress(progress) as bar:
+            task = bar.add_task("ingest", total=engine.lines, name=path.name, lines=0, rate=0.0)
+            for start, end in engine.chunks(batch_size):
+                result, staged = engine.process(start, end, resolver, structures)
+                inserted = {table: store.commit(table, count) for table, count in staged.items()}
+                _account(result, inserted, sink, path.name, summary, unstored)
+                elapsed = time.perf_counter() - started
+                bar.update(task, completed=end, lines=summary.lines, rate=summary.lines / max(elapsed, 1e-9))
+            _store_rejects(sink, unstored, summary)
+    finally:
+        engine.close()
+
+
 def _store_rejects(sink: ClickHouseSink, rejects: list[Reject], summary: IngestSummary) -> None:
     """Store (and forget) the rejects gathered so far, a slice per query."""
     for i in range(0, len(rejects), _REJECT_SLICE):
@@ -883,6 +1195,18 @@ def _store_chunk(
             blocks.append(rows.ipc(table))
             count += rows.count(table)
         inserted[table] = store.insert(table, lines, blocks, count)
+    _account(result, inserted, sink, name, summary, unstored)
+
+
+def _account(
+    result: ChunkResult,
+    inserted: dict[str, tuple[int, int]],
+    sink: ClickHouseSink,
+    name: str,
+    summary: IngestSummary,
+    unstored: list[Reject],
+) -> None:
+    """Count a stored chunk into ``summary``; its rejects are stored by slices."""
     (new_labs, old_labs), (new_seizures, old_seizures) = inserted[LAB_TABLE], inserted[SEIZURE_TABLE]
     rejects = [
         Reject.of(raw, source=f"{name}:{line}", reason=reason, stage="ingest", event_id=event_id)

@@ -134,13 +134,27 @@ def _awkward_records() -> list[str]:
         json.dumps(seizure(event_id="odd-ml", quantity={"value": 12, "unit": "ml"}, border_point="Gao 🚧 «nord»")),
         json.dumps(seizure(event_id="odd-tabs", quantity={"value": 40, "unit": "tablets"})),
         json.dumps(lab(event_id="odd-cas", substance={"name": "Ketamine", "cas": "6740-88-1", "inchikey": None})),
+        # where the engine's parsing (the sql path) could disagree with pydantic's
+        json.dumps(lab(event_id="odd-z", occurred_at="2026-03-01T23:30:00.5-00:00", purity_pct=50)),
+        json.dumps(lab(event_id="odd-neg", occurred_at="2026-02-28T22:00:00-03:30", reported_at=None)),
+        json.dumps(lab(event_id="odd-feb", occurred_at="2026-02-29T10:00:00Z")),  # no such day: rejected
+        json.dumps(lab(event_id="odd-24h", occurred_at="2026-03-01T24:00:00Z")),
+        json.dumps(lab(event_id="odd-case", country="ml", region="ml-bko", substance={"name": "  MDMA "})),
+        json.dumps(seizure(event_id="odd-exp", quantity={"value": 1e3, "unit": "kg"}, conveyance="sea")),
+        json.dumps(lab(event_id="odd-bool", confirmed="yes")),  # lax: pydantic reads it as True
+        json.dumps(lab(event_id="odd-num", purity_pct="12.5")),
+        json.dumps(lab(event_id="odd-badcas", substance={"name": "Ketamine", "cas": "6740-88-2"})),
+        json.dumps(lab(event_id="odd-key", substance={"name": "Ketamine", "inchikey": "yqeznsilzqqkae-uhfffaoysa-n"})),
+        json.dumps(lab(event_id="odd-dup")).replace('"lab_id": ', '"lab_id": "LAB-X", "lab_id": ', 1),
+        json.dumps(lab(event_id="odd-crlf"), separators=(",", ":")) + "\r",
     ]
 
 
 @pytest.mark.slow
 def test_arrow_path_stores_what_the_json_path_stores(ch: Any, ch_settings: Settings, tmp_path: Path) -> None:
-    """The fast path (Arrow columns from the workers) and the reference path (JSON parsed by ClickHouse)
-    store identical rows, rejects and counts: a fresh load over events already stored, then a re-ingest."""
+    """The fast paths (the engine parsing the file: ``sql``; Arrow columns from the workers) and the
+    reference path (Python validates, ClickHouse reads the rows as JSON) store identical rows, rejects and
+    counts: a fresh load over events already stored, then a re-ingest."""
     lines = _with_novel_name(_lines()[0])
     lines[30:30] = _awkward_records()
     path, head = tmp_path / "history.ndjson", tmp_path / "head.ndjson"
@@ -154,7 +168,7 @@ def test_arrow_path_stores_what_the_json_path_stores(ch: Any, ch_settings: Setti
     }
     stored: dict[str, dict[str, list[Any]]] = {}
     counts: dict[str, list[tuple[Any, ...]]] = {}
-    for encoding in ("json", "arrow"):
+    for encoding in ("json", "arrow", "sql"):
         other = ch_settings.model_copy(update={"clickhouse_database": f"{ch_settings.clickhouse_database}_{encoding}"})
         client = connect(other)
         try:
@@ -175,14 +189,18 @@ def test_arrow_path_stores_what_the_json_path_stores(ch: Any, ch_settings: Setti
             client.close()
     print(f"counts per run (json path): {[c[:5] for c in counts['json']]}")
     assert counts["arrow"] == counts["json"]
+    assert counts["sql"] == counts["json"]
     for table in tables:
         assert len(stored["arrow"][table]) > 0
         assert stored["arrow"][table] == stored["json"][table], table
-        print(f"{table}: {len(stored['arrow'][table])} rows, equal on both paths, every column")
+        assert stored["sql"][table] == stored["json"][table], table
+        print(f"{table}: {len(stored['arrow'][table])} rows, equal on the three paths, every column")
     odd = {row[0]: row for t in ("lab_detections", "border_seizures") for row in stored["arrow"][t]}
+    refused = {"odd-feb", "odd-24h", "odd-badcas"}  # the contract refuses them (each path the same way)
     assert {key for key in odd if str(key).startswith("odd-")} == {
         json.loads(r)["event_id"] for r in _awkward_records()
-    }
+    } - refused
+    assert refused <= {row[4] for row in stored["sql"]["rejects"]}  # reject_id, stage, source, reason, event_id
     assert odd["odd-us"][1].microsecond == 123000  # DateTime64(3): truncated to the millisecond on both paths
 
 
