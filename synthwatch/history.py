@@ -480,7 +480,14 @@ class ChunkParser:
                 seen.add(event_id)
                 reported = event.substance
                 found = self.resolve_spelling(
-                    resolver, chunk.structures, reported.name, reported.smiles, reported.inchikey, number, learnt_here, result
+                    resolver,
+                    chunk.structures,
+                    reported.name,
+                    reported.smiles,
+                    reported.inchikey,
+                    number,
+                    learnt_here,
+                    result,
                 )
                 if found is None:
                     result.pending.append((number, raw))
@@ -676,8 +683,8 @@ _PARSED_ARROW = {
 def _parsed_row(number: int, event: LabDetection | BorderSeizure) -> tuple[object, ...]:
     """An event Python accepted, as a row of the engine's parsed table (``ok = 2``)."""
     s = event.substance
-    common = (number, 2, "", event.kind, event.event_id, event.occurred_at, event.reported_at, event.country)
-    common += (event.region, s.name, s.smiles or "", s.inchikey or "", s.cas)
+    common: tuple[object, ...] = (number, 2, "", event.kind, event.event_id, event.occurred_at, event.reported_at)
+    common += (event.country, event.region, s.name, s.smiles or "", s.inchikey or "", s.cas)
     if isinstance(event, LabDetection):
         lab = (event.lab_id, event.sample_id, event.sample_type, event.method, event.confirmed, event.purity_pct)
         return (*common, *lab, "", "", "", "", 0.0, "", "", "", extra_text(event))
@@ -748,7 +755,7 @@ class _EngineChunks:
         client = self.client
         for table in (self.parsed, self.first, self.spellings, self.rows):
             client.command(f"TRUNCATE TABLE {table}")
-        lines = f"SELECT _row_number + 1 AS n, line FROM {self.source} WHERE _row_number >= {start} AND _row_number < {end}"
+        lines = f"SELECT _row_number + 1 AS n, line FROM {self.source} WHERE _row_number BETWEEN {start} AND {end - 1}"
         client.command(
             f"INSERT INTO {self.parsed} {parse_select(lines + f' LIMIT {end - start}')}", settings=PARSE_SETTINGS
         )

@@ -50,16 +50,14 @@ _SEIZURE_KEYS = (
 )
 _SUBSTANCE_KEYS = ("name", "smiles", "inchikey", "cas")
 _EXTRACT = (
-    "Tuple(kind String, event_id String, occurred_at String, reported_at Nullable(String), country String, region String, "
+    "Tuple(kind String, event_id String, occurred_at String, reported_at Nullable(String), country String, "
+    "region String, "
     "substance Tuple(name String, smiles Nullable(String), inchikey Nullable(String), cas Nullable(String)), "
     "lab_id String, sample_id String, sample_type String, method String, confirmed Nullable(Bool), "
     "purity_pct Nullable(Float64), agency String, seizure_id String, border_point String, conveyance String, "
     "quantity Tuple(value Float64, unit String), origin_country Nullable(String), "
     "destination_country Nullable(String))"
 )
-# A JSON number both sides read to the same double (at most 15 integer digits: exact; the rest is a
-# correctly rounded decimal in both parsers). Longer or odd spellings go to Python.
-_NUMBER = r"^-?(0|[1-9][0-9]{0,14})(\\.[0-9]{1,17})?([eE][-+]?[0-9]{1,3})?$"
 _TIMESTAMP = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,6})?(Z|[-+][0-9]{2}:[0-9]{2})$"
 _INCHIKEY = r"^[A-Z]{14}-[A-Z]{10}-[A-Z]$"
 _CAS = r"^([0-9]{2,7})-([0-9]{2})-([0-9])$"
@@ -157,12 +155,12 @@ def _violations() -> str:
     nullable = "reported_at|origin_country|destination_country|smiles|inchikey|cas"
     return "|".join(
         [
-            f'"({strings})"\\\\s*:\\\\s*[^"]',
-            f'"({nullable})"\\\\s*:\\\\s*[^"n]',
-            '"confirmed"\\\\s*:\\\\s*[^tf]',
-            '"purity_pct"\\\\s*:\\\\s*[^-0-9n]',
-            '"value"\\\\s*:\\\\s*[^-0-9]',
-            '"(substance|quantity)"\\\\s*:\\\\s*[^{]',
+            f'"({strings})"\\\\s*:\\\\s*[^"\\\\s]',
+            f'"({nullable})"\\\\s*:\\\\s*[^"n\\\\s]',
+            '"confirmed"\\\\s*:\\\\s*[^tf\\\\s]',
+            '"purity_pct"\\\\s*:\\\\s*[^-0-9n\\\\s]',
+            '"value"\\\\s*:\\\\s*[^-0-9\\\\s]',
+            '"(substance|quantity)"\\\\s*:\\\\s*[^{\\\\s]',
         ]
     )
 
