@@ -378,7 +378,7 @@ class _SharedStructuresResolver(SubstanceResolver):
 def _seeded_resolver(
     known: dict[str, tuple[str, str | None]], structures: dict[str, Structure | str] | None = None
 ) -> SubstanceResolver:
-    resolver = _SharedStructuresResolver(structures or {})
+    resolver = _SharedStructuresResolver(structures if structures is not None else {})
     for name, (key, family) in known.items():
         resolver.learn(name, key, family)  # type: ignore[arg-type]
     return resolver
@@ -736,22 +736,13 @@ class _EngineChunks:
         for table, structure in tables.items():
             client.command(f"DROP TABLE IF EXISTS {table}")
             client.command(f"CREATE TABLE {table} ({structure}) ENGINE = Memory")
-        self.lines = int(str(client.command(f"SELECT count() FROM {self.source}")))
 
     def close(self) -> None:
         for table in (self.parsed, self.first, self.spellings, self.rows):
             self.client.command(f"DROP TABLE IF EXISTS {table}")
 
-    def chunks(self, batch_size: int) -> Iterator[tuple[int, int]]:
-        """(first row, end row) of each chunk, 0-based: ``batch_size`` lines (the file is read once per
-        chunk up to its end, so chunks are large)."""
-        for start in range(0, self.lines, batch_size):
-            yield start, min(start + batch_size, self.lines)
-
-    def process(
-        self, start: int, end: int, resolver: SubstanceResolver, structures: dict[str, Structure | str]
-    ) -> tuple[ChunkResult, dict[str, int]]:
-        """Parse rows ``start..end`` into the staging tables; (what Python found, rows staged per table)."""
+    def parse(self, start: int, end: int) -> int:
+        """Parse rows ``start..end`` (0-based, end excluded) of the file; returns how many there were."""
         client = self.client
         for table in (self.parsed, self.first, self.spellings, self.rows):
             client.command(f"TRUNCATE TABLE {table}")
@@ -759,6 +750,15 @@ class _EngineChunks:
         client.command(
             f"INSERT INTO {self.parsed} {parse_select(lines + f' LIMIT {end - start}')}", settings=PARSE_SETTINGS
         )
+        return int(str(client.command(f"SELECT count() FROM {self.parsed}")))
+
+    def finish(
+        self, start: int, rows: int, resolver: SubstanceResolver, structures: dict[str, Structure | str]
+    ) -> tuple[ChunkResult, dict[str, int]]:
+        """The chunk's other lines through Python, then duplicates, substances and the staging tables;
+        returns (what Python found, rows staged per table)."""
+        client = self.client
+        end = start + rows
         result = ChunkResult(start, end)
         slow = client.query(
             f"SELECT n, raw FROM {self.parsed} WHERE ok = 0 ORDER BY n", query_formats={"String": "bytes"}
@@ -1061,12 +1061,12 @@ def _run(
 ) -> None:
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
+    sink = ClickHouseSink(client)
+    if store.encoding == "sql":  # the engine parses the first chunk while the workers finish the RDKit pre-pass
+        _run_in_engine(client, store, path, batch_size, progress, prepass, sink, summary, ingest_started)
+        return
     structures = prepass.structures() if prepass is not None else {}
     resolver = _seeded_resolver(_learnt_from_clickhouse(client), structures)
-    sink = ClickHouseSink(client)
-    if store.encoding == "sql":
-        _run_in_engine(client, store, path, batch_size, progress, resolver, structures, sink, summary, ingest_started)
-        return
     parser = ChunkParser() if pool is None else None
     quantities = parser.quantities if parser is not None else Quantities()
     chunks = _chunks(path, batch_size, max(workers, 1) + 1)
@@ -1132,27 +1132,41 @@ def _run_in_engine(
     path: Path,
     batch_size: int,
     progress: bool,
-    resolver: SubstanceResolver,
-    structures: dict[str, Structure | str],
+    prepass: _Prepass | None,
     sink: ClickHouseSink,
     summary: IngestSummary,
     ingest_started: float,
 ) -> None:
     """The embedded engine's path: chunks of the file parsed and checked by the engine (``_EngineChunks``)."""
-    parser = ChunkParser()
-    engine = _EngineChunks(client, store, path, parser)
+    structures: dict[str, Structure | str] = {}  # filled from the pre-pass before the first resolution
+    resolver = _seeded_resolver(_learnt_from_clickhouse(client), structures)
+    engine = _EngineChunks(client, store, path, ChunkParser())
     unstored: list[Reject] = []
     started = time.perf_counter()
     summary.setup_seconds = started - ingest_started
+    with open(path, "rb") as handle:
+        sample = handle.read(1 << 20)
+    estimate = int(path.stat().st_size / max(len(sample) / max(sample.count(b"\n"), 1), 1))
     try:
         with _progress(progress) as bar:
-            task = bar.add_task("ingest", total=engine.lines, name=path.name, lines=0, rate=0.0)
-            for start, end in engine.chunks(batch_size):
-                result, staged = engine.process(start, end, resolver, structures)
+            task = bar.add_task("ingest", total=estimate, name=path.name, lines=0, rate=0.0)
+            start = 0
+            while True:
+                rows = engine.parse(start, start + batch_size)
+                if not rows:
+                    break
+                if prepass is not None:
+                    structures.update(prepass.structures())
+                    prepass = None
+                result, staged = engine.finish(start, rows, resolver, structures)
                 inserted = {table: store.commit(table, count) for table, count in staged.items()}
                 _account(result, inserted, sink, path.name, summary, unstored)
+                start += rows
                 elapsed = time.perf_counter() - started
-                bar.update(task, completed=end, lines=summary.lines, rate=summary.lines / max(elapsed, 1e-9))
+                bar.update(task, completed=start, lines=summary.lines, rate=summary.lines / max(elapsed, 1e-9))
+                if rows < batch_size:
+                    break
+            bar.update(task, total=start, completed=start)
             _store_rejects(sink, unstored, summary)
     finally:
         engine.close()
