@@ -767,22 +767,16 @@ class _EngineChunks:
             f"SELECT n, raw FROM {self.parsed} WHERE ok = 0 ORDER BY n", query_formats={"String": "bytes"}
         ).result_rows
         accepted: list[tuple[object, ...]] = []
-        validate = EVENT_ADAPTER.validator.validate_json
-        for number, line in slow:
+        for number, line in slow:  # ~1 % of the lines: parse_event itself, no inlined fast step
             raw = bytes(line).rstrip(b"\r")
             if not raw or raw.isspace():
                 result.blank += 1
                 continue
             try:
-                event = validate(raw)
-            except ValidationError:
-                event = None
-            if event is None or not fast_event_ok(event):
-                try:
-                    event = parse_event(raw)
-                except WireError as error:
-                    result.rejects.append((number, raw, error.reason, error.event_id))
-                    continue
+                event = parse_event(raw)
+            except WireError as error:
+                result.rejects.append((number, raw, error.reason, error.event_id))
+                continue
             accepted.append(_parsed_row(number, event))
         if accepted:
             client.raw_insert(self.parsed, list(_PARSED_ARROW), _parsed_ipc(accepted), fmt="ArrowStream")
