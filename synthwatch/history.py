@@ -27,6 +27,7 @@ from __future__ import annotations
 import gc
 import itertools
 import json
+import math
 import os
 import re
 import sys
@@ -757,9 +758,9 @@ class _EngineChunks:
 
     def finish(
         self, start: int, rows: int, resolver: SubstanceResolver, structures: dict[str, Structure | str]
-    ) -> tuple[ChunkResult, dict[str, int]]:
-        """The chunk's other lines through Python, then duplicates, substances and the staging tables;
-        returns (what Python found, rows staged per table)."""
+    ) -> ChunkResult:
+        """The chunk's other lines through Python, then duplicates and substances (the rows stay in the
+        engine: :meth:`kept_rows`); returns what Python found."""
         client = self.client
         end = start + rows
         result = ChunkResult(start, end)
@@ -786,10 +787,7 @@ class _EngineChunks:
         result.duplicates = int(str(client.command(f"SELECT count() FROM {self.parsed} WHERE ok > 0"))) - kept
         result.lines = end - start - result.blank
         self._resolve(result, resolver, structures)
-        staged = {}
-        for table, kind in ((LAB_TABLE, "lab_detection"), (SEIZURE_TABLE, "border_seizure")):
-            staged[table] = self._stage(table, kind)
-        return result, staged
+        return result
 
     def _resolve(
         self, result: ChunkResult, resolver: SubstanceResolver, structures: dict[str, Structure | str]
@@ -836,8 +834,10 @@ class _EngineChunks:
         if rows:
             self.client.insert(self.rows, rows)
 
-    def _stage(self, table: str, kind: str) -> int:
-        """Fill ``table``'s staging table with this chunk's kept rows of ``kind``; returns how many."""
+    def kept_rows(self, table: str) -> tuple[str, str, int]:
+        """(ids query, rows query, count) of this chunk's kept rows for ``table``, as :meth:`_Store.commit`
+        takes them: the rows go from the parsed table straight into the raw table, no staging copy."""
+        kind = "lab_detection" if table == LAB_TABLE else "border_seizure"
         columns = LAB_COLUMNS if table == LAB_TABLE else SEIZURE_COLUMNS
         resolved = {
             "substance_key": "if(r_n != 0, x.k, s.k)",
@@ -852,16 +852,15 @@ class _EngineChunks:
             "millilitres": MILLILITRES,
             "units": UNITS,
         }
-        select = ", ".join(resolved.get(column, column) for column in columns)
-        staging = self.store.staging[table]
-        self.client.command(f"TRUNCATE TABLE {staging}")
-        self.client.command(
-            f"INSERT INTO {staging} ({', '.join(columns)}) SELECT {select} FROM {self.parsed} AS p "
+        select = ", ".join(f"{resolved[c]} AS {c}" if c in resolved else c for c in columns)
+        ids = f"SELECT event_id FROM {self.parsed} WHERE ok > 0 AND n IN {self.first} AND kind = '{kind}'"
+        rows = (
+            f"SELECT {select} FROM {self.parsed} AS p "
             f"LEFT JOIN {self.spellings} AS s ON p.name = s.s_name AND p.smiles = s.s_smiles "
             f"AND p.inchikey = s.s_inchikey LEFT JOIN {self.rows} AS x ON p.n = x.r_n "
             f"WHERE p.ok > 0 AND p.n IN {self.first} AND p.kind = '{kind}'"
         )
-        return int(str(self.client.command(f"SELECT count() FROM {staging}")))
+        return ids, rows, int(str(self.client.command(f"SELECT count() FROM ({ids})")))
 
 
 # --- storing ---------------------------------------------------------------------------------------
@@ -906,24 +905,33 @@ class _Store:
                     self.client.raw_insert(staging, None, block, fmt="ArrowStream")
         return self.commit(table, count)
 
-    def commit(self, table: str, count: int) -> tuple[int, int]:
-        """Move the ``count`` staged rows of ``table`` whose event_id is not stored yet into ``table``."""
+    def commit(self, table: str, count: int, source: tuple[str, str] | None = None) -> tuple[int, int]:
+        """Move the ``count`` staged rows of ``table`` whose event_id is not stored yet into ``table``.
+
+        ``source``: (a query of the rows' ids, a query of the rows in ``table``'s column order) to insert
+        from instead of the staging table.
+        """
         if not count:
             return 0, 0
         staging = self.staging[table]
-        if self.encoding == "json":
+        columns = LAB_COLUMNS if table == LAB_TABLE else SEIZURE_COLUMNS
+        if source is not None:
+            ids, rows = f"({source[0]})", f"({source[1]})"
+            event_id, select = "event_id", "*"
+        elif self.encoding == "json":
+            ids = rows = staging
             event_id, select = "e.event_id", _LAB_SELECT if table == LAB_TABLE else _SEIZURE_SELECT
         else:
-            event_id, select = "event_id", ", ".join(LAB_COLUMNS if table == LAB_TABLE else SEIZURE_COLUMNS)
-        columns = LAB_COLUMNS if table == LAB_TABLE else SEIZURE_COLUMNS
-        stored_ids = f"SELECT event_id FROM {table} WHERE event_id IN (SELECT {event_id} FROM {staging})"
-        already = int(str(self.client.command(f"SELECT count() FROM {staging} WHERE {event_id} IN ({stored_ids})")))
+            ids = rows = staging
+            event_id, select = "event_id", ", ".join(columns)
+        stored_ids = f"SELECT event_id FROM {table} WHERE event_id IN (SELECT {event_id} FROM {ids})"
+        already = int(str(self.client.command(f"SELECT count() FROM {ids} WHERE {event_id} IN ({stored_ids})")))
         if already < count:
             # When none is stored and no other writer can store one meanwhile, the filter would read every
             # stored event_id a second time for nothing (a first load: each chunk, the whole table so far).
             unfiltered = already == 0 and self.exclusive
             self.client.command(
-                f"INSERT INTO {table} ({', '.join(columns)}) SELECT {select} FROM {staging}"
+                f"INSERT INTO {table} ({', '.join(columns)}) SELECT {select} FROM {rows}"
                 + ("" if unfiltered else f" WHERE {event_id} NOT IN ({stored_ids})"),
                 settings=_PARALLEL_INSERT_SETTINGS if self.encoding == "sql" else _INSERT_SETTINGS,
             )
@@ -1144,24 +1152,30 @@ def _run_in_engine(
     with open(path, "rb") as handle:
         sample = handle.read(1 << 20)
     estimate = int(path.stat().st_size / max(len(sample) / max(sample.count(b"\n"), 1), 1))
+    # Even chunks of at most batch_size lines: each chunk reads the file from its start, so a small last
+    # chunk would cost a whole extra pass (and an insert's fixed cost) for a few lines.
+    per_chunk = math.ceil(estimate * 1.02 / max(math.ceil(estimate * 1.02 / batch_size), 1)) or batch_size
     try:
         with _progress(progress) as bar:
             task = bar.add_task("ingest", total=estimate, name=path.name, lines=0, rate=0.0)
             start = 0
             while True:
-                rows = engine.parse(start, start + batch_size)
+                rows = engine.parse(start, start + per_chunk)
                 if not rows:
                     break
                 if prepass is not None:
                     structures.update(prepass.structures())
                     prepass = None
-                result, staged = engine.finish(start, rows, resolver, structures)
-                inserted = {table: store.commit(table, count) for table, count in staged.items()}
+                result = engine.finish(start, rows, resolver, structures)
+                inserted = {}
+                for table in (LAB_TABLE, SEIZURE_TABLE):
+                    ids, kept, count = engine.kept_rows(table)
+                    inserted[table] = store.commit(table, count, source=(ids, kept))
                 _account(result, inserted, sink, path.name, summary, unstored)
                 start += rows
                 elapsed = time.perf_counter() - started
                 bar.update(task, completed=start, lines=summary.lines, rate=summary.lines / max(elapsed, 1e-9))
-                if rows < batch_size:
+                if rows < per_chunk:
                     break
             bar.update(task, total=start, completed=start)
             _store_rejects(sink, unstored, summary)
