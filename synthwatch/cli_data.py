@@ -143,8 +143,21 @@ def substance(
 
 def ingest_history(
     file: Annotated[Path, typer.Argument(help="NDJSON file of reports (one JSON object per line).")],
-    batch_size: Annotated[int, typer.Option(min=1000, help="Lines per chunk and per insert, at most.")] = 200_000,
-    workers: Annotated[int | None, typer.Option(min=0, help="Parsing processes (default: cores, at most 2).")] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1000,
+            help="Lines per chunk and per insert, at most (default: 600,000 when the embedded engine parses the "
+            "file, 200,000 with a server).",
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Processes for the RDKit pre-pass, and for parsing with a server (default: cores, at most 2).",
+        ),
+    ] = None,
 ) -> None:
     """Load historical reports straight into ClickHouse (no Kafka); each line is stored, a duplicate, or a reject."""
     from .history import IngestRefused

@@ -15,7 +15,7 @@ worker processes validate and resolve chunks and build each chunk's rows as Arro
 row values; the JSON encoding is kept as the reference path). Either way a chunk's rows land in a Memory
 staging table, then one ``INSERT ... SELECT`` moves the rows whose ``event_id`` is not stored yet into the
 raw tables (their materialized views fire as for the sink). Dedup runs inside ClickHouse, so the file
-never needs to fit in memory (a chunk does: 500,000 lines on the engine's path).
+never needs to fit in memory (a chunk does: 600,000 lines at most on the engine's path).
 
 Substance identity depends on order (names seen with a structure are learnt, first sighting wins).
 Chunks resolve in parallel, so a row whose identity could depend on what earlier chunks learnt is sent
@@ -1010,14 +1010,14 @@ def ingest_history(
     itself, Python sees only the lines it does not accept; the default there), ``"arrow"`` (worker
     processes validate every line and send typed columns; the default for a server) or ``"json"``
     (JSONEachRow parsed by ClickHouse: the earliest path, kept as the reference the tests compare with).
-    ``batch_size``: lines per chunk (default 500,000 for ``sql``, 200,000 otherwise).
+    ``batch_size``: lines per chunk at most (default 600,000 for ``sql``, 200,000 otherwise).
     """
     encoding = encoding or ("sql" if settings.clickhouse_is_embedded else "arrow")
     if encoding not in ("sql", "arrow", "json"):
         raise ValueError(f"encoding must be 'sql', 'arrow' or 'json', not {encoding!r}")
     if encoding == "sql" and not settings.clickhouse_is_embedded:
         raise ValueError("encoding 'sql' reads the file inside the engine: embedded ClickHouse (chdb://) only")
-    batch_size = batch_size or (500_000 if encoding == "sql" else 200_000)
+    batch_size = batch_size or (600_000 if encoding == "sql" else 200_000)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
