@@ -149,6 +149,7 @@ def _violations() -> str:
 
     A ``"key":`` can only be a key (a quote inside a string is escaped), so this reads the types
     without a second parse; every string field must hold a string, nullable ones a string or null.
+    A key spelt with a ``\\u`` escape would hide from it, so any such key matches too (and goes to Python).
     """
     strings = "kind|event_id|occurred_at|country|region|lab_id|sample_id|sample_type|method|agency|seizure_id"
     strings += "|border_point|conveyance|name|unit"
@@ -161,6 +162,7 @@ def _violations() -> str:
             '"purity_pct"\\\\s*:\\\\s*[^-0-9n\\\\s]',
             '"value"\\\\s*:\\\\s*[^-0-9\\\\s]',
             '"(substance|quantity)"\\\\s*:\\\\s*[^{\\\\s]',
+            '\\\\\\\\u[^"]*"\\\\s*:',
         ]
     )
 

@@ -114,6 +114,28 @@ def _mutated(rng: random.Random, n: int) -> str:
     return text
 
 
+def _hand_written() -> list[str]:
+    """Lines aimed at what a single regex over the raw text could miss."""
+    plain = json.dumps(lab(event_id="h-0"))
+    return [
+        plain,
+        plain.replace('"lab_id": "LAB-FR-01"', '"lab_\\u0069d": 5'),  # an escaped key with a number
+        plain.replace('"lab_id": "LAB-FR-01"', '"lab_\\u0069d": "LAB-FR-01"'),
+        plain.replace('"event_id": "h-0"', '"event_id": "h-\\u00e9"'),  # an escape in a value
+        plain.replace('"event_id": "h-0"', '"event_id": "h-\\ud800"'),  # a lone surrogate
+        plain.replace('"GC-MS"', '"GC-MS\\""'),
+        plain + " {}",
+        "[" + plain + "]",
+        plain.replace('"method": "GC-MS"', '"method": {"name": "GC-MS"}'),
+        plain.replace('"method": "GC-MS"', '"method": ["GC-MS"]'),
+        plain.replace('"purity_pct": 71.5', '"purity_pct": 7.15e1'),
+        plain.replace('"purity_pct": 71.5', '"purity_pct": 100000000000000000000000'),
+        plain.replace('"purity_pct": 71.5', '"purity_pct": 1e-400'),
+        plain.replace('"purity_pct": 71.5', '"purity_pct": -0'),
+        plain.replace('"occurred_at": "', '"note": "\\"occurred_at\\": 5", "occurred_at": "'),
+    ]
+
+
 def _values(event: LabDetection | BorderSeizure) -> tuple[Any, ...]:
     """What the fast path stores for an event, as parse_event's model holds it."""
 
@@ -152,9 +174,11 @@ def _values(event: LabDetection | BorderSeizure) -> tuple[Any, ...]:
 
 def test_engine_accepts_only_what_parse_event_accepts_with_the_same_values(ch: Any, tmp_path: Path) -> None:
     rng = random.Random(20261123)
-    lines = [_mutated(rng, n) for n in range(4000)]
+    lines = [_mutated(rng, n) for n in range(4000)] + _hand_written()
     path = tmp_path / "generated.ndjson"
-    path.write_bytes(("\n".join(lines) + "\n").encode("utf-8", "surrogatepass"))
+    bad_utf8 = json.dumps(lab(event_id="h-bytes")).encode().replace(b"GC-MS", b"GC-MS\xff")
+    path.write_bytes(("\n".join(lines) + "\n").encode() + bad_utf8 + b"\n")
+    lines.append(bad_utf8)  # type: ignore[arg-type]  # parse_event takes bytes too
     ch.command(f"CREATE TABLE parsed ({PARSED_STRUCTURE}) ENGINE = Memory")
     source = f"SELECT _row_number + 1 AS n, line FROM file('{path}', 'LineAsString', 'line String')"
     ch.command(f"INSERT INTO parsed {parse_select(source)}", settings=PARSE_SETTINGS)
