@@ -12,10 +12,11 @@ engine reads the file itself and checks each line against a conservative SQL for
 (:mod:`.history_sql`); only the lines it does not accept (~1 %) and the distinct substance spellings come
 back to Python, which gives its own verdict on them. With a server (which cannot read the loader's file),
 worker processes validate and resolve chunks and build each chunk's rows as Arrow columns (the sink's own
-row values; the JSON encoding is kept as the reference path). Either way a chunk's rows land in a Memory
-staging table, then one ``INSERT ... SELECT`` moves the rows whose ``event_id`` is not stored yet into the
-raw tables (their materialized views fire as for the sink). Dedup runs inside ClickHouse, so the file
-never needs to fit in memory (a chunk does: 600,000 lines at most on the engine's path).
+row values; the JSON encoding is kept as the reference path). A chunk's rows land in a Memory staging
+table, then one ``INSERT ... SELECT`` moves the rows whose ``event_id`` is not stored yet into the
+raw tables (their materialized views fire as for the sink; the engine's path inserts from its parsed
+table directly). Dedup runs inside ClickHouse, so the file never needs to fit in memory (a chunk does:
+600,000 lines at most on the engine's path).
 
 Substance identity depends on order (names seen with a structure are learnt, first sighting wins).
 Chunks resolve in parallel, so a row whose identity could depend on what earlier chunks learnt is sent
@@ -720,8 +721,8 @@ class _EngineChunks:
     """Chunks parsed and checked by the engine itself (:mod:`.history_sql`), for the embedded engine.
 
     Only the lines the engine does not accept (about 1 %: malformed, to normalise, unknown fields) and
-    the distinct substance spellings come back to Python; the rows go from the parsed table to the
-    staging tables inside the engine. Same verdicts, same rows as the Arrow path (tests compare).
+    the distinct substance spellings come back to Python; the rows go from the parsed table straight
+    into the raw tables inside the engine. Same verdicts, same rows as the Arrow path (tests compare).
     """
 
     def __init__(self, client: Client, store: _Store, path: Path, parser: ChunkParser) -> None:
@@ -729,26 +730,26 @@ class _EngineChunks:
         self.source = f"file({_sql_literal(str(path.resolve()))}, 'LineAsString', 'line String')"
         suffix = store.staging[LAB_TABLE].removeprefix("_ingest_labs_")
         self.parsed, self.first = f"_ingest_parsed_{suffix}", f"_ingest_first_{suffix}"
-        self.spellings, self.rows = f"_ingest_spellings_{suffix}", f"_ingest_rows_{suffix}"
+        self.spellings, self.row_values = f"_ingest_spellings_{suffix}", f"_ingest_rows_{suffix}"
         resolved = "k String, rn String, ik Nullable(String), f String"
         tables = {
             self.parsed: PARSED_STRUCTURE,
             self.first: "n UInt64",
             self.spellings: f"s_name String, s_smiles String, s_inchikey String, {resolved}",
-            self.rows: f"r_n UInt64, {resolved}",
+            self.row_values: f"r_n UInt64, {resolved}",
         }
         for table, structure in tables.items():
             client.command(f"DROP TABLE IF EXISTS {table}")
             client.command(f"CREATE TABLE {table} ({structure}) ENGINE = Memory")
 
     def close(self) -> None:
-        for table in (self.parsed, self.first, self.spellings, self.rows):
+        for table in (self.parsed, self.first, self.spellings, self.row_values):
             self.client.command(f"DROP TABLE IF EXISTS {table}")
 
     def parse(self, start: int, end: int) -> int:
         """Parse rows ``start..end`` (0-based, end excluded) of the file; returns how many there were."""
         client = self.client
-        for table in (self.parsed, self.first, self.spellings, self.rows):
+        for table in (self.parsed, self.first, self.spellings, self.row_values):
             client.command(f"TRUNCATE TABLE {table}")
         lines = f"SELECT _row_number + 1 AS n, line FROM {self.source} WHERE _row_number BETWEEN {start} AND {end - 1}"
         client.command(
@@ -832,7 +833,7 @@ class _EngineChunks:
                 substance = resolver.resolve(text, smiles=a or None, inchikey=b or None)
                 rows.append((number, *substance_values(substance)))
         if rows:
-            self.client.insert(self.rows, rows)
+            self.client.insert(self.row_values, rows)
 
     def kept_rows(self, table: str) -> tuple[str, str, int]:
         """(ids query, rows query, count) of this chunk's kept rows for ``table``, as :meth:`_Store.commit`
@@ -857,7 +858,7 @@ class _EngineChunks:
         rows = (
             f"SELECT {select} FROM {self.parsed} AS p "
             f"LEFT JOIN {self.spellings} AS s ON p.name = s.s_name AND p.smiles = s.s_smiles "
-            f"AND p.inchikey = s.s_inchikey LEFT JOIN {self.rows} AS x ON p.n = x.r_n "
+            f"AND p.inchikey = s.s_inchikey LEFT JOIN {self.row_values} AS x ON p.n = x.r_n "
             f"WHERE p.ok > 0 AND p.n IN {self.first} AND p.kind = '{kind}'"
         )
         return ids, rows, int(str(self.client.command(f"SELECT count() FROM ({ids})")))
