@@ -1013,11 +1013,17 @@ def ingest_history(
     (JSONEachRow parsed by ClickHouse: the earliest path, kept as the reference the tests compare with).
     ``batch_size``: lines per chunk at most (default 600,000 for ``sql``, 200,000 otherwise).
     """
-    encoding = encoding or ("sql" if settings.clickhouse_is_embedded else "arrow")
+    # The engine reads the file by name, and its file() expands *, ?, {} and [] in names: such a file
+    # (or a server, which cannot see this machine's files) goes through the worker processes instead.
+    by_name = settings.clickhouse_is_embedded and not any(c in str(Path(path).resolve()) for c in "*?{}[]")
+    encoding = encoding or ("sql" if by_name else "arrow")
     if encoding not in ("sql", "arrow", "json"):
         raise ValueError(f"encoding must be 'sql', 'arrow' or 'json', not {encoding!r}")
-    if encoding == "sql" and not settings.clickhouse_is_embedded:
-        raise ValueError("encoding 'sql' reads the file inside the engine: embedded ClickHouse (chdb://) only")
+    if encoding == "sql" and not by_name:
+        raise ValueError(
+            "encoding 'sql' has the embedded engine (chdb://) read the file by name, which must not contain "
+            "any of * ? { } [ ]; use encoding 'arrow'"
+        )
     batch_size = batch_size or (600_000 if encoding == "sql" else 200_000)
     path = Path(path)
     if not path.is_file():

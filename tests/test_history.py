@@ -150,6 +150,19 @@ def _awkward_records() -> list[str]:
     ]
 
 
+def test_a_file_name_the_engine_would_expand_loads_through_the_workers(
+    ch: Any, ch_settings: Settings, tmp_path: Path
+) -> None:
+    """ClickHouse's file() reads ``history{1}.ndjson`` as a glob (and finds no such file: 0 lines): that file
+    takes the Arrow path, and asking for the engine's path says why not."""
+    path = tmp_path / "history{1}.ndjson"
+    path.write_text(json.dumps(lab(event_id="glob-1")) + "\n" + json.dumps(seizure(event_id="glob-2")) + "\n")
+    summary = ingest_history(ch_settings, path, progress=False, workers=0, client=ch)
+    assert (summary.lines, summary.stored, summary.rejected) == (2, 2, 0)
+    with pytest.raises(ValueError, match="must not contain"):
+        ingest_history(ch_settings, path, progress=False, workers=0, client=ch, encoding="sql")
+
+
 @pytest.mark.slow
 def test_arrow_path_stores_what_the_json_path_stores(ch: Any, ch_settings: Settings, tmp_path: Path) -> None:
     """The fast paths (the engine parsing the file: ``sql``; Arrow columns from the workers) and the
