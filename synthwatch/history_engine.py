@@ -1,0 +1,237 @@
+"""Backfill chunks parsed and checked by the embedded engine itself, for :mod:`synthwatch.history`.
+
+Why: the engine reads the file (``file()``, its lines numbered by ``_row_number``) and checks every line
+against the contract's normal form (:mod:`.history_sql`) in C++, with no Python object per field; only
+the lines it does not accept (~1 %) and the distinct substance spellings come back to Python. The rows
+go from the parsed table straight into the raw tables. Verdicts and rows equal the other paths'
+(``tests/test_history.py`` compares every column).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+from clickhouse_connect.driver.client import Client
+
+from synthwatch.schemas import BorderSeizure, LabDetection, WireError, parse_event
+from synthwatch.stream_apps.clickhouse_sink import (
+    LAB_COLUMNS,
+    LAB_TABLE,
+    SEIZURE_COLUMNS,
+    extra_text,
+    substance_values,
+)
+from synthwatch.stream_apps.identity import Structure, SubstanceResolver
+
+from .history import ChunkParser, ChunkResult, known_names, seeded_resolver
+from .history_sql import GRAMS, MILLILITRES, PARSE_SETTINGS, PARSED_STRUCTURE, UNITS, parse_select
+
+_PARSED_ARROW = {
+    "n": pa.uint64(),
+    "ok": pa.uint8(),
+    "raw": pa.string(),
+    "kind": pa.string(),
+    "event_id": pa.string(),
+    "occurred_at": pa.timestamp("ms", tz="UTC"),
+    "reported_at": pa.timestamp("ms", tz="UTC"),
+    "country": pa.string(),
+    "region": pa.string(),
+    "name": pa.string(),
+    "smiles": pa.string(),
+    "inchikey": pa.string(),
+    "cas": pa.string(),
+    "lab_id": pa.string(),
+    "sample_id": pa.string(),
+    "sample_type": pa.string(),
+    "method": pa.string(),
+    "confirmed": pa.bool_(),
+    "purity_pct": pa.float64(),
+    "agency": pa.string(),
+    "seizure_id": pa.string(),
+    "border_point": pa.string(),
+    "conveyance": pa.string(),
+    "quantity_value": pa.float64(),
+    "quantity_unit": pa.string(),
+    "origin_country": pa.string(),
+    "destination_country": pa.string(),
+    "extra": pa.string(),
+}
+
+
+def _parsed_row(number: int, event: LabDetection | BorderSeizure) -> tuple[object, ...]:
+    """An event Python accepted, as a row of the engine's parsed table (``ok = 2``)."""
+    s = event.substance
+    common: tuple[object, ...] = (number, 2, "", event.kind, event.event_id, event.occurred_at, event.reported_at)
+    common += (event.country, event.region, s.name, s.smiles or "", s.inchikey or "", s.cas)
+    if isinstance(event, LabDetection):
+        lab = (event.lab_id, event.sample_id, event.sample_type, event.method, event.confirmed, event.purity_pct)
+        return (*common, *lab, "", "", "", "", 0.0, "", "", "", extra_text(event))
+    q = event.quantity
+    seizure = (event.agency, event.seizure_id, event.border_point, event.conveyance, q.value, q.unit)
+    places = (event.origin_country or "", event.destination_country or "")
+    return (*common, "", "", "", "", True, None, *seizure, *places, extra_text(event))
+
+
+def _parsed_ipc(rows: list[tuple[object, ...]]) -> bytes:
+    arrays = []
+    for values, kind in zip(zip(*rows, strict=True), _PARSED_ARROW.values(), strict=True):
+        if pa.types.is_timestamp(kind):  # pydantic keeps microseconds; DateTime64(3) truncates them
+            arrays.append(pa.array(values, pa.timestamp("us", tz="UTC")).cast(kind, safe=False))
+        else:
+            arrays.append(pa.array(values, kind))
+    batch = pa.record_batch(arrays, names=list(_PARSED_ARROW))
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return bytes(sink.getvalue())
+
+
+def _sql_literal(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+class EngineChunks:
+    """Chunks parsed and checked by the engine itself (:mod:`.history_sql`), for the embedded engine.
+
+    Only the lines the engine does not accept (about 1 %: malformed, to normalise, unknown fields) and
+    the distinct substance spellings come back to Python; the rows go from the parsed table straight
+    into the raw tables inside the engine. Same verdicts, same rows as the Arrow path (tests compare).
+    """
+
+    def __init__(self, client: Client, path: Path, parser: ChunkParser, suffix: str) -> None:
+        self.client, self.parser = client, parser
+        self.source = f"file({_sql_literal(str(path.resolve()))}, 'LineAsString', 'line String')"
+        self.parsed, self.first = f"_ingest_parsed_{suffix}", f"_ingest_first_{suffix}"
+        self.spellings, self.row_values = f"_ingest_spellings_{suffix}", f"_ingest_rows_{suffix}"
+        resolved = "k String, rn String, ik Nullable(String), f String"
+        tables = {
+            self.parsed: PARSED_STRUCTURE,
+            self.first: "n UInt64",
+            self.spellings: f"s_name String, s_smiles String, s_inchikey String, {resolved}",
+            self.row_values: f"r_n UInt64, {resolved}",
+        }
+        for table, structure in tables.items():
+            client.command(f"DROP TABLE IF EXISTS {table}")
+            client.command(f"CREATE TABLE {table} ({structure}) ENGINE = Memory")
+
+    def close(self) -> None:
+        for table in (self.parsed, self.first, self.spellings, self.row_values):
+            self.client.command(f"DROP TABLE IF EXISTS {table}")
+
+    def parse(self, start: int, end: int) -> int:
+        """Parse rows ``start..end`` (0-based, end excluded) of the file; returns how many there were."""
+        client = self.client
+        for table in (self.parsed, self.first, self.spellings, self.row_values):
+            client.command(f"TRUNCATE TABLE {table}")
+        lines = f"SELECT _row_number + 1 AS n, line FROM {self.source} WHERE _row_number BETWEEN {start} AND {end - 1}"
+        client.command(
+            f"INSERT INTO {self.parsed} {parse_select(lines + f' LIMIT {end - start}')}", settings=PARSE_SETTINGS
+        )
+        return int(str(client.command(f"SELECT count() FROM {self.parsed}")))
+
+    def finish(
+        self, start: int, rows: int, resolver: SubstanceResolver, structures: dict[str, Structure | str]
+    ) -> ChunkResult:
+        """The chunk's other lines through Python, then duplicates and substances (the rows stay in the
+        engine: :meth:`kept_rows`); returns what Python found."""
+        client = self.client
+        end = start + rows
+        result = ChunkResult(start, end)
+        slow = client.query(
+            f"SELECT n, raw FROM {self.parsed} WHERE ok = 0 ORDER BY n", query_formats={"String": "bytes"}
+        ).result_rows
+        accepted: list[tuple[object, ...]] = []
+        for number, line in slow:  # ~1 % of the lines: parse_event itself, no inlined fast step
+            raw = bytes(line).rstrip(b"\r")
+            if not raw or raw.isspace():
+                result.blank += 1
+                continue
+            try:
+                event = parse_event(raw)
+            except WireError as error:
+                result.rejects.append((number, raw, error.reason, error.event_id))
+                continue
+            accepted.append(_parsed_row(number, event))
+        if accepted:
+            client.raw_insert(self.parsed, list(_PARSED_ARROW), _parsed_ipc(accepted), fmt="ArrowStream")
+        # The first report of each id wins, whichever side accepted it; the others are duplicates.
+        client.command(f"INSERT INTO {self.first} SELECT min(n) FROM {self.parsed} WHERE ok > 0 GROUP BY event_id")
+        kept = int(str(client.command(f"SELECT count() FROM {self.first}")))
+        result.duplicates = int(str(client.command(f"SELECT count() FROM {self.parsed} WHERE ok > 0"))) - kept
+        result.lines = end - start - result.blank
+        self._resolve(result, resolver, structures)
+        return result
+
+    def _resolve(
+        self, result: ChunkResult, resolver: SubstanceResolver, structures: dict[str, Structure | str]
+    ) -> None:
+        """Substance values per distinct spelling (order-dependent ones per row, in line order)."""
+        chunk_resolver = seeded_resolver(known_names(resolver), structures)
+        learnt_here: set[str] = set()
+        resolved, pending = [], []
+        spellings = self.client.query(
+            f"SELECT name, smiles, inchikey, min(n) AS first FROM {self.parsed} WHERE ok > 0 AND n IN {self.first} "
+            "GROUP BY name, smiles, inchikey ORDER BY first"
+        ).result_rows
+        for name, smiles, inchikey, number in spellings:
+            found = self.parser.resolve_spelling(
+                chunk_resolver, structures, name, smiles or None, inchikey or None, number, learnt_here, result
+            )
+            if found is None:
+                pending.append((name, smiles, inchikey))
+            else:
+                resolved.append((name, smiles, inchikey, *found))
+        if resolved:
+            self.client.insert(self.spellings, resolved)
+        rows: list[tuple[object, ...]] = []
+        events: list[tuple[int, str, str, str | None, str | None]] = [
+            (line, "learn", n, k, f) for line, n, k, f in result.learnt
+        ]
+        if pending:
+            self.client.insert(self.spellings, [(*p, "", "", None, "~pending") for p in pending])
+            events += [
+                (number, "row", name, smiles, inchikey)
+                for number, name, smiles, inchikey in self.client.query(
+                    f"SELECT n, name, smiles, inchikey FROM {self.parsed} WHERE ok > 0 AND n IN {self.first} AND "
+                    f"(name, smiles, inchikey) IN (SELECT s_name, s_smiles, s_inchikey FROM {self.spellings} "
+                    "WHERE f = '~pending') ORDER BY n"
+                ).result_rows
+            ]
+        events.sort(key=lambda item: (item[0], item[1] == "row"))
+        for number, what, text, a, b in events:
+            if what == "learn":
+                resolver.learn(text, a or "", b)  # type: ignore[arg-type]
+            else:
+                substance = resolver.resolve(text, smiles=a or None, inchikey=b or None)
+                rows.append((number, *substance_values(substance)))
+        if rows:
+            self.client.insert(self.row_values, rows)
+
+    def kept_rows(self, table: str) -> tuple[str, str, int]:
+        """(ids query, rows query, count) of this chunk's kept rows for ``table``, as :meth:`_Store.commit`
+        takes them: the rows go from the parsed table straight into the raw table, no staging copy."""
+        kind = "lab_detection" if table == LAB_TABLE else "border_seizure"
+        columns = LAB_COLUMNS if table == LAB_TABLE else SEIZURE_COLUMNS
+        resolved = {
+            "substance_key": "if(r_n != 0, x.k, s.k)",
+            "resolved_name": "if(r_n != 0, x.rn, s.rn)",
+            "resolved_inchikey": "if(r_n != 0, x.ik, s.ik)",
+            "family": "if(r_n != 0, x.f, s.f)",
+            "substance_name": "name",
+            "substance_smiles": "nullIf(smiles, '')",
+            "substance_inchikey": "nullIf(inchikey, '')",
+            "substance_cas": "cas",
+            "grams": GRAMS,
+            "millilitres": MILLILITRES,
+            "units": UNITS,
+        }
+        select = ", ".join(f"{resolved[c]} AS {c}" if c in resolved else c for c in columns)
+        ids = f"SELECT event_id FROM {self.parsed} WHERE ok > 0 AND n IN {self.first} AND kind = '{kind}'"
+        rows = (
+            f"SELECT {select} FROM {self.parsed} AS p "
+            f"LEFT JOIN {self.spellings} AS s ON p.name = s.s_name AND p.smiles = s.s_smiles "
+            f"AND p.inchikey = s.s_inchikey LEFT JOIN {self.row_values} AS x ON p.n = x.r_n "
+            f"WHERE p.ok > 0 AND p.n IN {self.first} AND p.kind = '{kind}'"
+        )
+        return ids, rows, int(str(self.client.command(f"SELECT count() FROM ({ids})")))
