@@ -9,8 +9,8 @@ this takes seconds, and applies the same contract. Every line is judged by the s
 
 How it is fast (speeds in deploy/clickhouse/README.md, "Backfill speed"): with the embedded engine, the
 engine reads the file itself and checks each line against a conservative SQL form of the contract
-(:mod:`.history_engine`, its SQL in :mod:`.history_sql`); only the lines it does not accept (~1 %) and the distinct substance spellings come
-back to Python, which gives its own verdict on them. With a server (which cannot read the loader's file),
+(:mod:`.history_engine`, its SQL in :mod:`.history_sql`); only the lines it does not accept (~1 %) and
+the distinct substance spellings come back to Python, which gives its own verdict on them. With a server (which cannot read the loader's file),
 worker processes validate and resolve chunks and build each chunk's rows as Arrow columns (the sink's own
 row values; the JSON encoding is kept as the reference path). A chunk's rows land in a Memory staging
 table, then one ``INSERT ... SELECT`` moves the rows whose ``event_id`` is not stored yet into the
