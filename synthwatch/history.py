@@ -9,14 +9,14 @@ this takes seconds, and applies the same contract. Every line is judged by the s
 
 How it is fast (speeds in deploy/clickhouse/README.md, "Backfill speed"): with the embedded engine, the
 engine reads the file itself and checks each line against a conservative SQL form of the contract
-(:mod:`.history_engine`, its SQL in :mod:`.history_sql`); only the lines it does not accept (~1 %) and
-the distinct substance spellings come back to Python, which gives its own verdict on them. With a server (which cannot read the loader's file),
-worker processes validate and resolve chunks and build each chunk's rows as Arrow columns (the sink's own
-row values; the JSON encoding is kept as the reference path). A chunk's rows land in a Memory staging
-table, then one ``INSERT ... SELECT`` moves the rows whose ``event_id`` is not stored yet into the
-raw tables (their materialized views fire as for the sink; the engine's path inserts from its parsed
-table directly). Dedup runs inside ClickHouse, so the file never needs to fit in memory (a chunk does:
-600,000 lines at most on the engine's path).
+(:mod:`.history_engine`, its SQL in :mod:`.history_sql`); only the lines it does not accept (~1 %) and the
+distinct substance spellings come back to Python, which gives its own verdict on them. With a server (which
+cannot read the loader's file), worker processes validate and resolve chunks and build each chunk's rows as
+Arrow columns (the sink's own row values; the JSON encoding is kept as the reference path). A chunk's rows
+land in a Memory staging table, then one ``INSERT ... SELECT`` moves the rows whose ``event_id`` is not
+stored yet into the raw tables (their materialized views fire as for the sink; the engine's path inserts
+from its parsed table directly). Dedup runs inside ClickHouse, so the file never needs to fit in memory (a
+chunk does: 600,000 lines at most on the engine's path).
 
 Substance identity depends on order (names seen with a structure are learnt, first sighting wins).
 Chunks resolve in parallel, so a row whose identity could depend on what earlier chunks learnt is sent
