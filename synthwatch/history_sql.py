@@ -178,6 +178,7 @@ def parse_select(source: str) -> str:
     text = _text_ok
     common = " AND ".join(
         [
+            "startsWith(line, '{')",  # no BOM (simdjson skips one, jiter refuses it) nor leading whitespace
             f"NOT match(line, '{_violations()}')",
             "length(keys) = length(arrayDistinct(keys)) AND length(skeys) = length(arrayDistinct(skeys))",
             "has(keys, 'event_id') AND has(keys, 'occurred_at') AND has(keys, 'country') AND has(keys, 'region')",

@@ -133,6 +133,7 @@ def _hand_written() -> list[str]:
         plain.replace('"purity_pct": 71.5', '"purity_pct": 1e-400'),
         plain.replace('"purity_pct": 71.5', '"purity_pct": -0'),
         plain.replace('"occurred_at": "', '"note": "\\"occurred_at\\": 5", "occurred_at": "'),
+        "\ufeff" + plain,  # a byte order mark: simdjson skips it, jiter refuses the line
     ]
 
 
