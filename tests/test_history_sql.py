@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from synthwatch.history_sql import PARSE_SETTINGS, PARSED_STRUCTURE, parse_select
 from synthwatch.schemas import WireError, parse_event
 from synthwatch.schemas.events import BorderSeizure, LabDetection
@@ -134,6 +136,12 @@ def _hand_written() -> list[str]:
         plain.replace('"purity_pct": 71.5', '"purity_pct": -0'),
         plain.replace('"occurred_at": "', '"note": "\\"occurred_at\\": 5", "occurred_at": "'),
         "\ufeff" + plain,  # a byte order mark: simdjson skips it, jiter refuses the line
+        # numbers only a correctly rounding parser reads as jiter does (rapidjson, the engine's other
+        # JSON parser, is off by an ulp on these), and invalid UTF-8 only a validating one refuses
+        plain.replace('"purity_pct": 71.5', '"purity_pct": 12.345678901234567890'),
+        plain.replace('"purity_pct": 71.5', '"purity_pct": 3.3333333333333333333333333333333333333'),
+        plain.replace('"purity_pct": 71.5', '"purity_pct": 99.999999999999992894572642398999'),
+        plain.replace('"event_id": "h-0"', '"event_id": "h-\\udfff"'),
     ]
 
 
@@ -173,16 +181,21 @@ def _values(event: LabDetection | BorderSeizure) -> tuple[Any, ...]:
     )
 
 
-def test_engine_accepts_only_what_parse_event_accepts_with_the_same_values(ch: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("user_settings", [{}, {"allow_simdjson": 0}], ids=["defaults", "no-simdjson"])
+def test_engine_accepts_only_what_parse_event_accepts_with_the_same_values(
+    ch: Any, tmp_path: Path, user_settings: dict[str, Any]
+) -> None:
+    """Whatever the session's own settings: the parse query pins the ones its rule depends on."""
     rng = random.Random(20261123)
     lines = [_mutated(rng, n) for n in range(4000)] + _hand_written()
     path = tmp_path / "generated.ndjson"
     bad_utf8 = json.dumps(lab(event_id="h-bytes")).encode().replace(b"GC-MS", b"GC-MS\xff")
-    path.write_bytes(("\n".join(lines) + "\n").encode() + bad_utf8 + b"\n")
-    lines.append(bad_utf8)  # type: ignore[arg-type]  # parse_event takes bytes too
+    overlong = json.dumps(lab(event_id="h-overlong")).encode().replace(b"GC-MS", b"GC\xc0\xafMS")
+    path.write_bytes(("\n".join(lines) + "\n").encode() + bad_utf8 + b"\n" + overlong + b"\n")
+    lines += [bad_utf8, overlong]  # type: ignore[list-item]  # parse_event takes bytes too
     ch.command(f"CREATE TABLE parsed ({PARSED_STRUCTURE}) ENGINE = Memory")
     source = f"SELECT _row_number + 1 AS n, line FROM file('{path}', 'LineAsString', 'line String')"
-    ch.command(f"INSERT INTO parsed {parse_select(source)}", settings=PARSE_SETTINGS)
+    ch.command(f"INSERT INTO parsed {parse_select(source)}", settings={**user_settings, **PARSE_SETTINGS})
     common = "kind, event_id, occurred_at, reported_at, country, region, name, smiles, inchikey, cas"
     lab_columns = f"{common}, lab_id, sample_id, sample_type, method, confirmed, purity_pct"
     seizure_columns = f"{common}, agency, seizure_id, border_point, conveyance, quantity_value, quantity_unit"
