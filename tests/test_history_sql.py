@@ -19,6 +19,7 @@ import pytest
 from synthwatch.history_sql import PARSE_SETTINGS, PARSED_STRUCTURE, parse_select
 from synthwatch.schemas import WireError, parse_event
 from synthwatch.schemas.events import BorderSeizure, LabDetection
+from synthwatch.stream_apps.clickhouse_sink import lab_values, seizure_values
 
 from .factories import lab, seizure
 
@@ -146,7 +147,9 @@ def _hand_written() -> list[str]:
 
 
 def _values(event: LabDetection | BorderSeizure) -> tuple[Any, ...]:
-    """What the fast path stores for an event, as parse_event's model holds it."""
+    """What the fast path stores for an event: the sink's own row values (``lab_values`` /
+    ``seizure_values``) in the parsed table's layout (times to the ms in UTC, '' for no SMILES/InChIKey,
+    without the resolved substance, ``extra`` and the converted quantities, which come later)."""
 
     def ms(value: datetime | None) -> datetime | None:
         if value is None:
@@ -154,31 +157,14 @@ def _values(event: LabDetection | BorderSeizure) -> tuple[Any, ...]:
         value = value.astimezone(UTC)
         return value.replace(microsecond=value.microsecond // 1000 * 1000, tzinfo=None)
 
-    s = event.substance
-    common = (event.kind, event.event_id, ms(event.occurred_at), ms(event.reported_at), event.country, event.region)
-    common += (s.name, s.smiles or "", s.inchikey or "", s.cas)
+    unresolved = ("", "", None, "")
     if isinstance(event, LabDetection):
-        return (
-            *common,
-            event.lab_id,
-            event.sample_id,
-            event.sample_type,
-            event.method,
-            event.confirmed,
-            event.purity_pct,
-        )
-    q = event.quantity
-    return (
-        *common,
-        event.agency,
-        event.seizure_id,
-        event.border_point,
-        event.conveyance,
-        q.value,
-        q.unit,
-        event.origin_country or "",
-        event.destination_country or "",
-    )
+        row, rest = lab_values(event, unresolved), slice(14, None)
+    else:
+        row, rest = seizure_values(event, unresolved, (None, None, None)), slice(14, 20)
+    common = (event.kind, row[0], ms(row[1]), ms(row[2]), *row[3:6], row[6] or "", row[7] or "", row[8])
+    places = () if isinstance(event, LabDetection) else row[23:25]  # after grams, millilitres, units
+    return (*common, *row[rest], *places)
 
 
 @pytest.mark.parametrize("user_settings", [{}, {"allow_simdjson": 0}], ids=["defaults", "no-simdjson"])
