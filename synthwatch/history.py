@@ -301,19 +301,26 @@ class ArrowRows:
     def ipc(self, table: str) -> bytes:
         """The rows of ``table`` as one Arrow IPC stream (empty bytes when there are none)."""
         rows = self.rows[table]
-        if not rows:
-            return b""
-        arrays = []
-        for values, (_, kind, _) in zip(zip(*rows, strict=True), _ARROW_COLUMNS[table], strict=True):
-            if pa.types.is_timestamp(kind):  # pydantic keeps microseconds; DateTime64(3) truncates them
-                arrays.append(pa.array(values, pa.timestamp("us", tz="UTC")).cast(kind, safe=False))
-            else:
-                arrays.append(pa.array(values, kind))
-        batch = pa.record_batch(arrays, names=[name for name, _, _ in _ARROW_COLUMNS[table]])
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, batch.schema) as writer:
-            writer.write_batch(batch)
-        return bytes(sink.getvalue())
+        return arrow_ipc(rows, [(name, kind) for name, kind, _ in _ARROW_COLUMNS[table]]) if rows else b""
+
+
+def arrow_ipc(rows: list[tuple[object, ...]], columns: list[tuple[str, pa.DataType]]) -> bytes:
+    """``rows`` (Python values in ``columns`` order) as one Arrow IPC stream, for ``raw_insert(fmt="ArrowStream")``.
+
+    Timestamps are pydantic's aware datetimes with microseconds: truncated to the column's unit, as
+    ClickHouse's ``DateTime64(3)`` does with text.
+    """
+    arrays = []
+    for values, (_, kind) in zip(zip(*rows, strict=True), columns, strict=True):
+        if pa.types.is_timestamp(kind):
+            arrays.append(pa.array(values, pa.timestamp("us", tz="UTC")).cast(kind, safe=False))
+        else:
+            arrays.append(pa.array(values, kind))
+    batch = pa.record_batch(arrays, names=[name for name, _ in columns])
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return bytes(sink.getvalue())
 
 
 def _depends_on_order(substance: ResolvedSubstance, smiles: str | None, structures: dict[str, Structure | str]) -> bool:

@@ -24,39 +24,22 @@ from synthwatch.stream_apps.clickhouse_sink import (
 )
 from synthwatch.stream_apps.identity import Structure, SubstanceResolver
 
-from .history import ChunkParser, ChunkResult, known_names, seeded_resolver
-from .history_sql import GRAMS, MILLILITRES, PARSE_SETTINGS, PARSED_STRUCTURE, UNITS, parse_select
+from .history import ChunkParser, ChunkResult, arrow_ipc, known_names, seeded_resolver
+from .history_sql import GRAMS, MILLILITRES, PARSE_SETTINGS, PARSED_COLUMNS, PARSED_STRUCTURE, UNITS, parse_select
 
-_PARSED_ARROW = {
-    "n": pa.uint64(),
-    "ok": pa.uint8(),
-    "raw": pa.string(),
-    "kind": pa.string(),
-    "event_id": pa.string(),
-    "occurred_at": pa.timestamp("ms", tz="UTC"),
-    "reported_at": pa.timestamp("ms", tz="UTC"),
-    "country": pa.string(),
-    "region": pa.string(),
-    "name": pa.string(),
-    "smiles": pa.string(),
-    "inchikey": pa.string(),
-    "cas": pa.string(),
-    "lab_id": pa.string(),
-    "sample_id": pa.string(),
-    "sample_type": pa.string(),
-    "method": pa.string(),
-    "confirmed": pa.bool_(),
-    "purity_pct": pa.float64(),
-    "agency": pa.string(),
-    "seizure_id": pa.string(),
-    "border_point": pa.string(),
-    "conveyance": pa.string(),
-    "quantity_value": pa.float64(),
-    "quantity_unit": pa.string(),
-    "origin_country": pa.string(),
-    "destination_country": pa.string(),
-    "extra": pa.string(),
+# Arrow types of the parsed table's columns, for the rows Python accepted.
+_ARROW_OF = {
+    "UInt64": pa.uint64(),
+    "UInt8": pa.uint8(),
+    "Bool": pa.bool_(),
+    "Float64": pa.float64(),
+    "String": pa.string(),
+    "DateTime64(3, 'UTC')": pa.timestamp("ms", tz="UTC"),
 }
+_PARSED_ARROW = [
+    (name, _ARROW_OF[kind.removeprefix("Nullable(").removesuffix(")") if kind.startswith("Nullable(") else kind])
+    for name, kind in PARSED_COLUMNS
+]
 
 
 def _parsed_row(number: int, event: LabDetection | BorderSeizure) -> tuple[object, ...]:
@@ -71,20 +54,6 @@ def _parsed_row(number: int, event: LabDetection | BorderSeizure) -> tuple[objec
     seizure = (event.agency, event.seizure_id, event.border_point, event.conveyance, q.value, q.unit)
     places = (event.origin_country or "", event.destination_country or "")
     return (*common, "", "", "", "", True, None, *seizure, *places, extra_text(event))
-
-
-def _parsed_ipc(rows: list[tuple[object, ...]]) -> bytes:
-    arrays = []
-    for values, kind in zip(zip(*rows, strict=True), _PARSED_ARROW.values(), strict=True):
-        if pa.types.is_timestamp(kind):  # pydantic keeps microseconds; DateTime64(3) truncates them
-            arrays.append(pa.array(values, pa.timestamp("us", tz="UTC")).cast(kind, safe=False))
-        else:
-            arrays.append(pa.array(values, kind))
-    batch = pa.record_batch(arrays, names=list(_PARSED_ARROW))
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, batch.schema) as writer:
-        writer.write_batch(batch)
-    return bytes(sink.getvalue())
 
 
 def _sql_literal(text: str) -> str:
@@ -154,7 +123,9 @@ class EngineChunks:
                 continue
             accepted.append(_parsed_row(number, event))
         if accepted:
-            client.raw_insert(self.parsed, list(_PARSED_ARROW), _parsed_ipc(accepted), fmt="ArrowStream")
+            client.raw_insert(
+                self.parsed, [n for n, _ in _PARSED_ARROW], arrow_ipc(accepted, _PARSED_ARROW), fmt="ArrowStream"
+            )
         # The first report of each id wins, whichever side accepted it; the others are duplicates.
         client.command(f"INSERT INTO {self.first} SELECT min(n) FROM {self.parsed} WHERE ok > 0 GROUP BY event_id")
         kept = int(str(client.command(f"SELECT count() FROM {self.first}")))

@@ -32,15 +32,37 @@ from synthwatch.stream_apps.identity import normalise_quantity
 #: The parsed lines of one chunk: every line's number and verdict; the values only where ``ok = 1``.
 #: ``smiles``/``inchikey`` hold '' for none (the contract refuses an empty one). ``ok = 2`` marks the
 #: id of an event Python accepted (filled in later), so duplicates are found over both kinds of line.
-PARSED_STRUCTURE = (
-    "n UInt64, ok UInt8, raw String, kind String, event_id String, "
-    "occurred_at DateTime64(3, 'UTC'), reported_at Nullable(DateTime64(3, 'UTC')), country String, "
-    "region String, name String, smiles String, inchikey String, cas Nullable(String), "
-    "lab_id String, sample_id String, sample_type String, method String, confirmed Bool, "
-    "purity_pct Nullable(Float64), agency String, seizure_id String, border_point String, "
-    "conveyance String, quantity_value Float64, quantity_unit String, origin_country String, "
-    "destination_country String, extra String"
-)
+PARSED_COLUMNS: list[tuple[str, str]] = [
+    ("n", "UInt64"),
+    ("ok", "UInt8"),
+    ("raw", "String"),
+    ("kind", "String"),
+    ("event_id", "String"),
+    ("occurred_at", "DateTime64(3, 'UTC')"),
+    ("reported_at", "Nullable(DateTime64(3, 'UTC'))"),
+    ("country", "String"),
+    ("region", "String"),
+    ("name", "String"),
+    ("smiles", "String"),
+    ("inchikey", "String"),
+    ("cas", "Nullable(String)"),
+    ("lab_id", "String"),
+    ("sample_id", "String"),
+    ("sample_type", "String"),
+    ("method", "String"),
+    ("confirmed", "Bool"),
+    ("purity_pct", "Nullable(Float64)"),
+    ("agency", "String"),
+    ("seizure_id", "String"),
+    ("border_point", "String"),
+    ("conveyance", "String"),
+    ("quantity_value", "Float64"),
+    ("quantity_unit", "String"),
+    ("origin_country", "String"),
+    ("destination_country", "String"),
+    ("extra", "String"),
+]
+PARSED_STRUCTURE = ", ".join(f"{name} {kind}" for name, kind in PARSED_COLUMNS)
 
 _COMMON_KEYS = ("kind", "event_id", "occurred_at", "reported_at", "country", "region", "substance")
 _LAB_KEYS = (*_COMMON_KEYS, "lab_id", "sample_id", "sample_type", "method", "confirmed", "purity_pct")
