@@ -25,7 +25,16 @@ from synthwatch.stream_apps.clickhouse_sink import (
 from synthwatch.stream_apps.identity import Structure, SubstanceResolver
 
 from .history import ChunkParser, ChunkResult, arrow_ipc, known_names, seeded_resolver
-from .history_sql import GRAMS, MILLILITRES, PARSE_SETTINGS, PARSED_COLUMNS, PARSED_STRUCTURE, UNITS, parse_select
+from .history_sql import (
+    GRAMS,
+    MILLILITRES,
+    PARSE_SETTINGS,
+    PARSED_COLUMNS,
+    PARSED_STRUCTURE,
+    UNITS,
+    parse_select,
+    sql_string,
+)
 
 # Arrow types of the parsed table's columns, for the rows Python accepted.
 _ARROW_OF = {
@@ -56,10 +65,6 @@ def _parsed_row(number: int, event: LabDetection | BorderSeizure) -> tuple[objec
     return (*common, "", "", "", "", True, None, *seizure, *places, extra_text(event))
 
 
-def _sql_literal(text: str) -> str:
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 class EngineChunks:
     """Chunks parsed and checked by the engine itself (:mod:`.history_sql`), for the embedded engine.
 
@@ -70,7 +75,7 @@ class EngineChunks:
 
     def __init__(self, client: Client, path: Path, parser: ChunkParser, suffix: str) -> None:
         self.client, self.parser = client, parser
-        self.source = f"file({_sql_literal(str(path.resolve()))}, 'LineAsString', 'line String')"
+        self.source = f"file({sql_string(str(path.resolve()))}, 'LineAsString', 'line String')"
         self.parsed, self.first = f"_ingest_parsed_{suffix}", f"_ingest_first_{suffix}"
         self.spellings, self.row_values = f"_ingest_spellings_{suffix}", f"_ingest_rows_{suffix}"
         resolved = "k String, rn String, ik Nullable(String), f String"

@@ -85,7 +85,7 @@ _INCHIKEY = r"^[A-Z]{14}-[A-Z]{10}-[A-Z]$"
 _CAS = r"^([0-9]{2,7})-([0-9]{2})-([0-9])$"
 
 
-def _sql_string(text: str) -> str:
+def sql_string(text: str) -> str:
     """A ClickHouse string literal of ``text`` (its UTF-8 bytes, non-printable ones escaped)."""
     out = []
     for byte in text.encode():
@@ -97,7 +97,7 @@ def _sql_string(text: str) -> str:
 
 
 def _strings(values: object) -> str:
-    return ", ".join(_sql_string(str(v)) for v in sorted(values))  # type: ignore[call-overload]
+    return ", ".join(sql_string(str(v)) for v in sorted(values))  # type: ignore[call-overload]
 
 
 # Characters a text field may not start or end with here: whatever pydantic-core's strip (Rust's
@@ -126,11 +126,11 @@ def _unit_columns() -> tuple[str, str, str]:
     for unit in get_args(QuantityUnit):
         converted = normalise_quantity(1.0, unit)  # value * factor: 1.0 gives the factor itself
         if converted.grams is not None:
-            grams.append(f"quantity_unit = {_sql_string(unit)}, quantity_value * {converted.grams!r}")
+            grams.append(f"quantity_unit = {sql_string(unit)}, quantity_value * {converted.grams!r}")
         elif converted.millilitres is not None:
-            millilitres.append(f"quantity_unit = {_sql_string(unit)}, quantity_value * {converted.millilitres!r}")
+            millilitres.append(f"quantity_unit = {sql_string(unit)}, quantity_value * {converted.millilitres!r}")
         else:
-            counts.append(_sql_string(unit))
+            counts.append(sql_string(unit))
     return (
         f"multiIf({', '.join(grams)}, NULL)",
         f"multiIf({', '.join(millilitres)}, NULL)",
@@ -300,7 +300,7 @@ PARSE_SETTINGS = {"short_circuit_function_evaluation": "disable", "allow_simdjso
 
 
 def _sql_string_set(name: str, values: list[str]) -> str:
-    return f"({', '.join(_sql_string(v) for v in values)}) AS {name}"
+    return f"({', '.join(sql_string(v) for v in values)}) AS {name}"
 
 
 def regions_rows() -> list[tuple[str, str]]:

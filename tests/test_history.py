@@ -161,6 +161,10 @@ def test_a_file_name_the_engine_would_expand_loads_through_the_workers(
     assert (summary.lines, summary.stored, summary.rejected) == (2, 2, 0)
     with pytest.raises(ValueError, match="must not contain"):
         ingest_history(ch_settings, path, progress=False, workers=0, client=ch, encoding="sql")
+    quoted = tmp_path / "l'historique \\ été.ndjson"  # quoted into the engine's SQL, byte for byte
+    quoted.write_text(json.dumps(lab(event_id="quoted-1")) + "\n")
+    summary = ingest_history(ch_settings, quoted, progress=False, workers=0, client=ch, encoding="sql")
+    assert (summary.lines, summary.stored) == (1, 1)
 
 
 @pytest.mark.slow
