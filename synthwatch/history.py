@@ -995,6 +995,28 @@ def _store_rejects(sink: ClickHouseSink, rejects: list[Reject], summary: IngestS
     rejects.clear()
 
 
+def resolve_in_line_order(
+    resolver: SubstanceResolver,
+    learnt: list[tuple[int, str, str, str | None]],
+    pending: list[tuple[int, SubstanceKey]],
+) -> list[ResolvedSubstance]:
+    """The resolutions of a chunk's order-dependent spellings (``pending``: line, spelling), with the names
+    the chunk learnt (``learnt``: line, name, key, family) taught to ``resolver`` at their lines, a name
+    before a report on the same line: what a sequential run over the file resolves."""
+    steps = sorted(
+        [(line, 0, i) for i, (line, *_) in enumerate(learnt)] + [(p[0], 1, i) for i, p in enumerate(pending)]
+    )
+    found: dict[int, ResolvedSubstance] = {}
+    for _line, is_report, i in steps:
+        if is_report:
+            name, smiles, inchikey = pending[i][1]
+            found[i] = resolver.resolve(name, smiles=smiles, inchikey=inchikey)
+        else:
+            _, name, key, family = learnt[i]
+            resolver.learn(name, key, family)  # type: ignore[arg-type]
+    return [found[i] for i in range(len(pending))]
+
+
 def _store_chunk(
     result: ChunkResult,
     resolver: SubstanceResolver,
@@ -1006,20 +1028,15 @@ def _store_chunk(
     unstored: list[Reject],
 ) -> None:
     """Merge re-resolved rows and learnt names in line order, then insert; rejects are stored by slices."""
-    events: list[tuple[int, str, str, str | None, str | None]] = [
-        (line, "learn", n, k, f) for line, n, k, f in result.learnt
-    ]
-    events += [(line, "row", raw.decode("utf-8", "replace"), None, None) for line, raw in result.pending]
-    events.sort(key=lambda item: (item[0], item[1] == "row"))
+    pending = [(line, parse_event(raw.decode("utf-8", "replace"))) for line, raw in result.pending]
+    substances = resolve_in_line_order(
+        resolver,
+        result.learnt,
+        [(line, (e.substance.name, e.substance.smiles, e.substance.inchikey)) for line, e in pending],
+    )
     labs, seizures = result.labs, result.seizures
     rows = ArrowRows(quantities) if store.encoding == "arrow" else None
-    for _line, what, text, key, family in events:
-        if what == "learn":
-            resolver.learn(text, key or "", family)  # type: ignore[arg-type]
-            continue
-        event = parse_event(text)
-        reported = event.substance
-        substance = resolver.resolve(reported.name, smiles=reported.smiles, inchikey=reported.inchikey)
+    for (_line, event), substance in zip(pending, substances, strict=True):
         if rows is not None:
             rows.add(event, substance_values(substance))
             continue

@@ -24,7 +24,15 @@ from synthwatch.stream_apps.clickhouse_sink import (
 )
 from synthwatch.stream_apps.identity import Structure, SubstanceResolver
 
-from .history import ChunkParser, ChunkResult, arrow_ipc, known_names, seeded_resolver
+from .history import (
+    ChunkParser,
+    ChunkResult,
+    SubstanceKey,
+    arrow_ipc,
+    known_names,
+    resolve_in_line_order,
+    seeded_resolver,
+)
 from .history_sql import (
     GRAMS,
     MILLILITRES,
@@ -145,7 +153,8 @@ class EngineChunks:
         """Substance values per distinct spelling (order-dependent ones per row, in line order)."""
         chunk_resolver = seeded_resolver(known_names(resolver), structures)
         learnt_here: set[str] = set()
-        resolved, pending = [], []
+        resolved: list[tuple[object, ...]] = []
+        pending = False
         spellings = self.client.query(
             f"SELECT name, smiles, inchikey, min(n) AS first FROM {self.parsed} WHERE ok > 0 AND n IN {self.first} "
             "GROUP BY name, smiles, inchikey ORDER BY first"
@@ -155,33 +164,24 @@ class EngineChunks:
                 chunk_resolver, structures, name, smiles or None, inchikey or None, number, learnt_here, result
             )
             if found is None:
-                pending.append((name, smiles, inchikey))
+                pending = True
             else:
                 resolved.append((name, smiles, inchikey, *found))
         if resolved:
             self.client.insert(self.spellings, resolved)
-        rows: list[tuple[object, ...]] = []
-        events: list[tuple[int, str, str, str | None, str | None]] = [
-            (line, "learn", n, k, f) for line, n, k, f in result.learnt
-        ]
-        if pending:
-            self.client.insert(self.spellings, [(*p, "", "", None, "~pending") for p in pending])
-            events += [
-                (number, "row", name, smiles, inchikey)
-                for number, name, smiles, inchikey in self.client.query(
-                    f"SELECT n, name, smiles, inchikey FROM {self.parsed} WHERE ok > 0 AND n IN {self.first} AND "
-                    f"(name, smiles, inchikey) IN (SELECT s_name, s_smiles, s_inchikey FROM {self.spellings} "
-                    "WHERE f = '~pending') ORDER BY n"
-                ).result_rows
+        reports: list[tuple[int, SubstanceKey]] = []
+        if pending:  # the kept reports whose spelling was not resolved above depend on file order
+            query = (
+                f"SELECT n, name, smiles, inchikey FROM {self.parsed} WHERE ok > 0 AND n IN {self.first} AND "
+                f"(name, smiles, inchikey) NOT IN (SELECT s_name, s_smiles, s_inchikey FROM {self.spellings}) "
+                "ORDER BY n"
+            )
+            reports = [
+                (n, (name, smiles or None, ik or None)) for n, name, smiles, ik in self.client.query(query).result_rows
             ]
-        events.sort(key=lambda item: (item[0], item[1] == "row"))
-        for number, what, text, a, b in events:
-            if what == "learn":
-                resolver.learn(text, a or "", b)  # type: ignore[arg-type]
-            else:
-                substance = resolver.resolve(text, smiles=a or None, inchikey=b or None)
-                rows.append((number, *substance_values(substance)))
-        if rows:
+        substances = resolve_in_line_order(resolver, result.learnt, reports)  # teaches the chunk's names too
+        if reports:
+            rows = [(number, *substance_values(s)) for (number, _), s in zip(reports, substances, strict=True)]
             self.client.insert(self.row_values, rows)
 
     def kept_rows(self, table: str) -> tuple[str, str, int]:
