@@ -632,6 +632,13 @@ class _Prepass:
 # --- reading the file in chunks --------------------------------------------------------------------
 
 
+def _bytes_per_line(path: Path) -> float:
+    """Bytes a line in the file's first MiB: an estimate of how many lines a size holds."""
+    with open(path, "rb") as handle:
+        sample = handle.read(1 << 20)
+    return max(len(sample) / max(sample.count(b"\n"), 1), 1.0)
+
+
 def _chunks(path: Path, batch_size: int, parts: int = 3) -> Iterator[tuple[int, int, int]]:
     """(start offset, end offset, first line number) of consecutive ranges of whole lines.
 
@@ -642,10 +649,8 @@ def _chunks(path: Path, batch_size: int, parts: int = 3) -> Iterator[tuple[int, 
     """
     floor = min(batch_size, 20_000)
     size = path.stat().st_size
+    per_line = _bytes_per_line(path)  # until lines are counted
     with open(path, "rb") as handle:
-        sample = handle.read(1 << 20)
-        per_line = len(sample) / max(sample.count(b"\n"), 1)  # bytes a line, until lines are counted
-        handle.seek(0)
         line = 1
         while True:
             start = handle.tell()
@@ -663,13 +668,20 @@ def _chunks(path: Path, batch_size: int, parts: int = 3) -> Iterator[tuple[int, 
 
 
 class _Store:
-    """Staging tables and the dedup ``INSERT ... SELECT`` (this process owns the client)."""
+    """Staging tables and the dedup ``INSERT ... SELECT`` (this process owns the client).
+
+    ``suffix`` names this load's scratch tables. The ``sql`` encoding stages nothing here: its rows are
+    committed from the engine's own parsed table (``commit(..., source=...)``).
+    """
 
     def __init__(self, client: Client, encoding: str = "arrow", exclusive: bool = False) -> None:
         # exclusive: nothing else writes the raw tables meanwhile (the embedded engine, held by this process)
         self.client, self.encoding, self.exclusive = client, encoding, exclusive
-        suffix = f"{os.getpid()}_{int(time.time() * 1000) % 10**9}"
-        self.staging = {LAB_TABLE: f"_ingest_labs_{suffix}", SEIZURE_TABLE: f"_ingest_seizures_{suffix}"}
+        self.suffix = f"{os.getpid()}_{int(time.time() * 1000) % 10**9}"
+        self.staging: dict[str, str] = {}
+        if encoding == "sql":
+            return
+        self.staging = {LAB_TABLE: f"_ingest_labs_{self.suffix}", SEIZURE_TABLE: f"_ingest_seizures_{self.suffix}"}
         structures = {LAB_TABLE: _LAB_STAGING, SEIZURE_TABLE: _SEIZURE_STAGING}
         if encoding != "json":
             structures = {t: ", ".join(f"{n} {ch}" for n, _, ch in cols) for t, cols in _ARROW_COLUMNS.items()}
@@ -709,16 +721,15 @@ class _Store:
         """
         if not count:
             return 0, 0
-        staging = self.staging[table]
         columns = LAB_COLUMNS if table == LAB_TABLE else SEIZURE_COLUMNS
         if source is not None:
             ids, rows = f"({source[0]})", f"({source[1]})"
             event_id, select = "event_id", "*"
         elif self.encoding == "json":
-            ids = rows = staging
+            ids = rows = self.staging[table]
             event_id, select = "e.event_id", _LAB_SELECT if table == LAB_TABLE else _SEIZURE_SELECT
         else:
-            ids = rows = staging
+            ids = rows = self.staging[table]
             event_id, select = "event_id", ", ".join(columns)
         stored_ids = f"SELECT event_id FROM {table} WHERE event_id IN (SELECT {event_id} FROM {ids})"
         already = int(str(self.client.command(f"SELECT count() FROM {ids} WHERE {event_id} IN ({stored_ids})")))
@@ -867,8 +878,6 @@ def _run(
     workers: int,
     ingest_started: float,
 ) -> None:
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
-
     sink = ClickHouseSink(client)
     if store.encoding == "sql":  # the engine parses the first chunk while the workers finish the RDKit pre-pass
         _run_in_engine(client, store, path, batch_size, progress, prepass, sink, summary, ingest_started)
@@ -896,15 +905,7 @@ def _run(
             in_flight.append(pool.submit(process_chunk, chunk))
         return True
 
-    bar = Progress(
-        TextColumn("ingesting [bold]{task.fields[name]}[/]"),
-        BarColumn(),
-        DownloadColumn(),
-        TextColumn("{task.fields[lines]:,} lines · {task.fields[rate]:,.0f}/s"),
-        TimeElapsedColumn(),
-        disable=not progress,
-        transient=False,
-    )
+    bar = _progress(progress, by_bytes=True)
     started = time.perf_counter()
     summary.setup_seconds = started - ingest_started
     with bar:
@@ -921,12 +922,14 @@ def _run(
         _store_rejects(sink, unstored, summary)
 
 
-def _progress(progress: bool) -> Any:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+def _progress(progress: bool, by_bytes: bool) -> Any:
+    """The load's progress bar: over the file's bytes (worker chunks are byte ranges) or its lines."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
         TextColumn("ingesting [bold]{task.fields[name]}[/]"),
         BarColumn(),
+        *([DownloadColumn()] if by_bytes else []),
         TextColumn("{task.fields[lines]:,} lines · {task.fields[rate]:,.0f}/s"),
         TimeElapsedColumn(),
         disable=not progress,
@@ -950,18 +953,17 @@ def _run_in_engine(
     resolver = seeded_resolver(_learnt_from_clickhouse(client), structures)
     from .history_engine import EngineChunks  # imports this module: loaded when first used
 
-    engine = EngineChunks(client, path, ChunkParser(), store.staging[LAB_TABLE].removeprefix("_ingest_labs_"))
+    engine = EngineChunks(client, path, ChunkParser(), store.suffix)
     unstored: list[Reject] = []
     started = time.perf_counter()
     summary.setup_seconds = started - ingest_started
-    with open(path, "rb") as handle:
-        sample = handle.read(1 << 20)
-    estimate = int(path.stat().st_size / max(len(sample) / max(sample.count(b"\n"), 1), 1))
+    estimate = int(path.stat().st_size / _bytes_per_line(path))
     # Even chunks of at most batch_size lines: each chunk reads the file from its start, so a small last
     # chunk would cost a whole extra pass (and an insert's fixed cost) for a few lines.
-    per_chunk = math.ceil(estimate * 1.02 / max(math.ceil(estimate * 1.02 / batch_size), 1)) or batch_size
+    expected = estimate * 1.02  # a little over the estimate, so an underestimate adds no tiny last chunk
+    per_chunk = math.ceil(expected / max(math.ceil(expected / batch_size), 1)) or batch_size
     try:
-        with _progress(progress) as bar:
+        with _progress(progress, by_bytes=False) as bar:
             task = bar.add_task("ingest", total=estimate, name=path.name, lines=0, rate=0.0)
             start = 0
             while True:
