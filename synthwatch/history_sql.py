@@ -148,7 +148,7 @@ def _timestamp(text: str, name: str) -> tuple[str, str]:
     (which refuses 24:00, :60 and dates such as Feb 30 that a parser may roll over), and the offset is
     under 24 h as pydantic requires.
     """
-    p, off = f"{name}_p", f"{name}_off"
+    p = f"{name}_p"
     offset = (
         f"if(endsWith({text}, 'Z'), 0, if(substring({text}, -6, 1) = '-', -1, 1) * "
         f"(toInt32OrZero(substring({text}, -5, 2)) * 3600 + toInt32OrZero(substring({text}, -2, 2)) * 60))"
@@ -158,7 +158,7 @@ def _timestamp(text: str, name: str) -> tuple[str, str]:
         f"(match({text}, '{_TIMESTAMP}') AND (parseDateTime64BestEffortOrNull({text}, 6, 'UTC') AS {p}) IS NOT NULL "
         f"AND (endsWith({text}, 'Z') OR (toInt32OrZero(substring({text}, -5, 2)) < 24 "
         f"AND toInt32OrZero(substring({text}, -2, 2)) < 60)) "
-        f"AND formatDateTime(addSeconds(assumeNotNull({p}), {offset} AS {off}), '%Y-%m-%dT%H:%i:%S') "
+        f"AND formatDateTime(addSeconds(assumeNotNull({p}), {offset}), '%Y-%m-%dT%H:%i:%S') "
         f"= substring({text}, 1, 19) "
         f"AND {micros} >= {int(EARLIEST_EVENT_TIME.timestamp()) * 1_000_000} "
         f"AND {micros} < {int(LATEST_EVENT_TIME.timestamp()) * 1_000_000})"
