@@ -59,18 +59,37 @@ _PARSED_ARROW = [
 ]
 
 
+# What a column of the other kind of report holds (the engine's defaults for its types).
+_EMPTY: dict[str, object] = {"String": "", "Bool": True, "Float64": 0.0, "Nullable(Float64)": None}
+
+
 def _parsed_row(number: int, event: LabDetection | BorderSeizure) -> tuple[object, ...]:
-    """An event Python accepted, as a row of the engine's parsed table (``ok = 2``)."""
+    """An event Python accepted, as a row of the engine's parsed table (``ok = 2``), in its column order."""
     s = event.substance
-    common: tuple[object, ...] = (number, 2, "", event.kind, event.event_id, event.occurred_at, event.reported_at)
-    common += (event.country, event.region, s.name, s.smiles or "", s.inchikey or "", s.cas)
+    row: dict[str, object] = {
+        "n": number,
+        "ok": 2,
+        "raw": "",
+        "kind": event.kind,
+        "event_id": event.event_id,
+        "occurred_at": event.occurred_at,
+        "reported_at": event.reported_at,
+        "country": event.country,
+        "region": event.region,
+        "name": s.name,
+        "smiles": s.smiles or "",
+        "inchikey": s.inchikey or "",
+        "cas": s.cas,
+        "extra": extra_text(event),
+    }
     if isinstance(event, LabDetection):
-        lab = (event.lab_id, event.sample_id, event.sample_type, event.method, event.confirmed, event.purity_pct)
-        return (*common, *lab, "", "", "", "", 0.0, "", "", "", extra_text(event))
-    q = event.quantity
-    seizure = (event.agency, event.seizure_id, event.border_point, event.conveyance, q.value, q.unit)
-    places = (event.origin_country or "", event.destination_country or "")
-    return (*common, "", "", "", "", True, None, *seizure, *places, extra_text(event))
+        row.update(lab_id=event.lab_id, sample_id=event.sample_id, sample_type=event.sample_type)
+        row.update(method=event.method, confirmed=event.confirmed, purity_pct=event.purity_pct)
+    else:
+        row.update(agency=event.agency, seizure_id=event.seizure_id, border_point=event.border_point)
+        row.update(conveyance=event.conveyance, quantity_value=event.quantity.value, quantity_unit=event.quantity.unit)
+        row.update(origin_country=event.origin_country or "", destination_country=event.destination_country or "")
+    return tuple(row[name] if name in row else _EMPTY[kind] for name, kind in PARSED_COLUMNS)
 
 
 class EngineChunks:
