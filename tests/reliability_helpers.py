@@ -377,8 +377,8 @@ def high_watermarks(servers: str, topics: Iterable[str], timeout: float = 20.0) 
         consumer.close(autocommit=False)
 
 
-def consumer_lag(servers: str, group: str, topics: Iterable[str]) -> int:
-    """High watermarks minus the group's committed offsets over ``topics`` (nothing committed: all of it)."""
+def committed_offsets(servers: str, group: str, topics: Iterable[str]) -> dict[Any, tuple[int, int]]:
+    """Per partition of ``topics``: (the group's committed offset, -1 when none; the high watermark)."""
     from kafka import KafkaAdminClient
 
     marks = high_watermarks(servers, topics)
@@ -387,11 +387,16 @@ def consumer_lag(servers: str, group: str, topics: Iterable[str]) -> int:
         committed = admin.list_group_offsets({group: list(marks)}).get(group, {})
     finally:
         admin.close()
-    lag = 0
+    out = {}
     for tp, mark in marks.items():
         meta = committed.get(tp)
-        lag += mark - (meta.offset if meta is not None and meta.offset >= 0 else 0)
-    return lag
+        out[tp] = (meta.offset if meta is not None else -1, mark)
+    return out
+
+
+def consumer_lag(servers: str, group: str, topics: Iterable[str]) -> int:
+    """High watermarks minus the group's committed offsets over ``topics`` (nothing committed: all of it)."""
+    return sum(mark - max(offset, 0) for offset, mark in committed_offsets(servers, group, topics).values())
 
 
 def main(argv: list[str]) -> None:

@@ -23,7 +23,7 @@ from synthwatch.stream_apps.intake import Intake, RawMessage
 
 from .conftest import RunningWorker, isolated_settings, start_worker, stop_worker, wait_until
 from .factories import seizure
-from .reliability_helpers import high_watermarks
+from .reliability_helpers import committed_offsets
 
 _RAW = """
 SELECT 'lab_detection' AS kind, event_id, occurred_at, country, region, family, substance_key, resolved_name,
@@ -191,20 +191,12 @@ def test_worker_killed_mid_stream_restarts_without_gap_or_duplicate(own_broker: 
 def _offsets(worker: RunningWorker) -> str:
     """Per input partition, the group's committed offset against the partition's end: a stall shows as
     committed < end (not fetched or not acknowledged), a skip as committed == end with rows missing."""
-    from kafka import KafkaAdminClient
-
     settings = worker.settings
-    servers = settings.kafka_bootstrap_servers or ""
-    marks = high_watermarks(servers, settings.input_topics)
-    admin = KafkaAdminClient(bootstrap_servers=servers)
-    try:
-        committed = admin.list_group_offsets({settings.app_id: list(marks)}).get(settings.app_id, {})
-    finally:
-        admin.close()
-    parts = []
-    for tp, mark in sorted(marks.items(), key=lambda item: (item[0].topic, item[0].partition)):
-        meta = committed.get(tp)
-        parts.append(f"{tp.topic}[{tp.partition}] committed {meta.offset if meta else None} of {mark}")
+    offsets = committed_offsets(settings.kafka_bootstrap_servers or "", settings.app_id, settings.input_topics)
+    parts = [
+        f"{tp.topic}[{tp.partition}] committed {committed} of {end}"
+        for tp, (committed, end) in sorted(offsets.items(), key=lambda item: (item[0].topic, item[0].partition))
+    ]
     return "offsets: " + ", ".join(parts)
 
 
