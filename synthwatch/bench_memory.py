@@ -45,16 +45,20 @@ _JEMALLOC_TOTALS = re.compile(
 )
 
 
-def process_memory() -> dict[str, int]:
-    """This process's VmRSS, VmHWM (peak), RssAnon, RssFile in KiB and its thread count."""
-    wanted = {"VmRSS", "VmHWM", "RssAnon", "RssFile", "Threads"}
+def proc_status(pid: int | str = "self", wanted: Sequence[str] = ("VmRSS", "VmHWM")) -> dict[str, int]:
+    """Numeric fields of a process's ``/proc/PID/status`` (memory in KiB)."""
     found: dict[str, int] = {}
-    with open("/proc/self/status", encoding="ascii") as status:
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
         for line in status:
             name, _, value = line.partition(":")
             if name in wanted:
                 found[name] = int(value.split()[0])
     return found
+
+
+def process_memory() -> dict[str, int]:
+    """This process's VmRSS, VmHWM (peak), RssAnon, RssFile in KiB and its thread count."""
+    return proc_status("self", ("VmRSS", "VmHWM", "RssAnon", "RssFile", "Threads"))
 
 
 def engine_memory(client: Any) -> dict[str, int]:

@@ -149,13 +149,9 @@ class BenchWorker:
 
     def memory_kib(self) -> dict[str, int]:
         """VmRSS and VmHWM (peak RSS) of the worker process, in KiB."""
-        found: dict[str, int] = {}
-        with open(f"/proc/{self.process.pid}/status", encoding="ascii") as status:
-            for line in status:
-                name, _, value = line.partition(":")
-                if name in ("VmRSS", "VmHWM"):
-                    found[name] = int(value.split()[0])
-        return found
+        from .bench_memory import proc_status  # bench_memory imports this module's workload helpers
+
+        return proc_status(self.process.pid, ("VmRSS", "VmHWM"))
 
     def stop(self) -> None:
         if self.process.poll() is None:
