@@ -31,7 +31,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from kafka import KafkaProducer
 
-from synthwatch.broker import EmbeddedBroker, ensure_topics, free_port
+from synthwatch.broker import EmbeddedBroker, consumer_lag, ensure_topics, free_port
 from synthwatch.producers.publisher import PRODUCER_DEFAULTS, Publisher
 from synthwatch.producers.readers import InputRecord
 from synthwatch.producers.simulate import SimulationConfig, simulate
@@ -53,7 +53,6 @@ from .reliability_helpers import (
     FlakyProxy,
     Tailer,
     backtest_outcomes,
-    consumer_lag,
     daily_chunks,
     novelty_summary,
     publish_summary,
