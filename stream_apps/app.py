@@ -17,6 +17,9 @@ partition from "the current event", which a batch does not have, so the adapters
 the table's changelog topic on the partition the records arrived on: a region's state stays with the
 region's partition and is restored to whichever worker owns it.
 
+A watchdog (:mod:`.watchdog`) seeks stalled partitions back to their committed offsets and turns
+``/ready`` to 503 if that does not help.
+
 Web (worker HTTP port): ``/ready``, ``/metrics`` (Prometheus, :mod:`.metrics`) and ``/sql`` (read-only
 queries for commands that cannot open the embedded engine while this process holds it).
 """
@@ -51,9 +54,10 @@ from .clickhouse_sink import ClickHouseSink
 from .detection import Observation, RegionDetector
 from .faust_batches import channel_batches, take_batches
 from .intake import EnrichedEvent, Intake, RawMessage
-from .metrics import WorkerMetrics, attach_metrics, ingest_times
+from .metrics import PartitionOffsets, WorkerMetrics, attach_metrics, ingest_times
 from .novelty import NoveltyDetector, Sighting
 from .state_rebuild import learn_names, rebuild
+from .watchdog import StallWatch, watch_consumer
 
 log = logging.getLogger("synthwatch.worker")
 T = TypeVar("T")
@@ -76,6 +80,7 @@ class WorkerStats:
     intake_batches: int = 0
     checkpointed: int = 0  # input events whose rows and detector state are written (offsets acknowledged)
     sink_retries: int = 0
+    consumer_stalls: int = 0  # partitions the watchdog found stalled and sought back
     ready_seconds: float | None = None
     rebuild: dict[str, Any] = field(default_factory=dict)
 
@@ -199,6 +204,25 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
     stats = ctx.stats
     metrics = ctx.metrics
     attach_metrics(app, metrics, topics=set(settings.all_topics))
+    watch = StallWatch(after=settings.stall_seconds)
+
+    def on_stall(item: PartitionOffsets) -> None:
+        stats.consumer_stalls += 1
+        metrics.consumer_stalls.labels(topic=item.topic).inc()
+
+    def on_health(healthy: bool) -> None:
+        metrics.set_ready(healthy and ctx.state_ready)
+
+    watch_consumer(
+        app,
+        watch,
+        set(settings.all_topics),
+        interval=max(0.5, settings.stall_seconds / 6),
+        sink_failing=lambda: bool(metrics.failing),
+        on_stall=on_stall,
+        ready=lambda: ctx.state_ready,
+        on_health=on_health,
+    )
     batch, within = settings.sink_batch_size, settings.sink_batch_seconds
     batches = agent_batches(settings)
     # Faust's take batches end only when events come, so they checkpoint after every batch.
@@ -485,8 +509,11 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
     @app.page("/ready")
     class ReadyView(View):
         async def get(self, request: Request) -> Response:
-            body = {"ready": stats.ready_seconds is not None, **stats.__dict__}
-            return self.json(body, status=200 if stats.ready_seconds is not None else 503)
+            # Not ready until detector state is recovered, nor while the watchdog finds a partition stalled
+            # after a seek back: an orchestrator's probe then restarts the worker.
+            ready = stats.ready_seconds is not None and watch.healthy
+            body = {"ready": ready, "stalled": watch.reason() or None, **stats.__dict__}
+            return self.json(body, status=200 if ready else 503)
 
     @app.page("/sql")
     class SqlView(View):

@@ -183,7 +183,15 @@ class WorkerMetrics:
             ["topic"],
             registry=r,
         )
+        self.consumer_stalls = Counter(
+            "synthwatch_consumer_stalls",
+            "Partitions found with unread records and no committed progress for stall_seconds, then sought back "
+            "to their committed offset (the consumer watchdog).",
+            ["topic"],
+            registry=r,
+        )
         self._lag_labels: set[tuple[str, str]] = set()
+        self.failing: set[str] = set()  # operations failing now (sink_failing == 1)
         self.faust_metrics: Any = None  # Faust's own sensor metrics, once attach_metrics made them
 
     # --- helpers the agents call ------------------------------------------------------------------
@@ -258,10 +266,12 @@ class WorkerMetrics:
         """A ClickHouse call failed and will be retried."""
         self.sink_retries.labels(operation=operation).inc()
         self.sink_failing.labels(operation=operation).set(1)
+        self.failing.add(operation)
 
     def sink_recovered(self, operation: str) -> None:
         """The operation succeeded (after retries or not)."""
         self.sink_failing.labels(operation=operation).set(0)
+        self.failing.discard(operation)
 
     def set_ready(self, ready: bool = True) -> None:
         self.ready.set(1 if ready else 0)

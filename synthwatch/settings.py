@@ -123,6 +123,13 @@ class Settings(BaseSettings):
     producer_linger_ms: int = Field(
         default=0, ge=0, description="Milliseconds the worker's producer waits to fill a batch (Faust's default 0)."
     )
+    stall_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="Consumer watchdog: a partition with unread records whose committed offset has not moved for "
+        "this long (ClickHouse answering) is sought back to its committed offset; still stuck this long after, "
+        "the worker reports not ready on /ready so an orchestrator restarts it.",
+    )
     event_loop: Literal["asyncio", "uvloop"] = Field(
         default="asyncio", description="The worker's event loop: asyncio's own, or uvloop (docs/performance.md)."
     )
