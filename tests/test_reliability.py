@@ -189,6 +189,88 @@ def clickhouse_http(tmp_path: Path) -> Iterator[tuple[int, FlakyProxy]]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_worker_stuck_without_an_error_is_sought_back_then_reported_not_ready_then_recovers(
+    broker: EmbeddedBroker, tmp_path: Path, clickhouse_http: tuple[int, FlakyProxy]
+) -> None:
+    """The consumer watchdog, on a real worker: ClickHouse stops answering without failing (a hung
+    server), so checkpoints never finish and committed offsets stop while records wait. The worker must
+    notice, count and seek back, then answer 503 on /ready; once ClickHouse answers it must report ready
+    again and store every event exactly once."""
+    port, proxy = clickhouse_http
+    (tmp_path / "worker").mkdir()
+    settings = isolated_settings(
+        broker,
+        tmp_path / "worker",
+        clickhouse_url=f"http://127.0.0.1:{proxy.port}/watchdog",
+        stall_seconds=2.0,
+    )
+    direct = settings.model_copy(update={"clickhouse_url": f"http://127.0.0.1:{port}/watchdog"})
+    regions = [("ML", "ML-BKO"), ("MA", "MA-TNG"), ("SN", "SN-DK")]
+    base = datetime.now(UTC) - timedelta(hours=2)
+
+    def publish(first: int, count: int) -> None:
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, linger_ms=5)
+        for i in range(first, first + count):
+            country, region = regions[i % len(regions)]
+            record = seizure(
+                event_id=f"wd-{i}",
+                country=country,
+                region=region,
+                occurred_at=(base + timedelta(seconds=i)).isoformat(),
+            )
+            producer.send(settings.topic_border_seizures, key=region.encode(), value=json.dumps(record).encode())
+        producer.flush()
+        producer.close()
+
+    def ready_status() -> tuple[int, dict[str, Any]]:
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{worker.info.web_url}/ready", timeout=10) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    def lag() -> int:
+        return consumer_lag(broker.bootstrap_servers, settings.app_id, settings.input_topics)
+
+    worker = start_worker(settings, tmp_path / "worker.log")
+    try:
+        publish(0, 300)
+        wait_until(lambda: lag() == 0, 60, "the first part stored and committed", interval=0.5)
+        assert ready_status()[0] == 200
+
+        proxy.hung.set()  # ClickHouse accepts connections and never answers
+        publish(300, 300)
+        status, body = wait_until(
+            lambda: (found := ready_status())[0] == 503 and found,
+            60,
+            "/ready to answer 503 while the consumer is stuck",
+            details=worker.describe,
+        )
+        print(f"stuck: /ready {status}: stalled {body['stalled']!r}, seek-backs {body['consumer_stalls']}")
+        assert body["consumer_stalls"] >= 1  # it sought back before it gave up
+        assert "has not moved" in body["stalled"] and settings.topic_border_seizures in body["stalled"]
+        assert alive(worker)
+        log = worker.log_path.read_text(errors="replace")
+        assert "consumer stalled:" in log and "reporting not ready" in log
+
+        proxy.hung.clear()  # ClickHouse answers again: the held requests complete
+        wait_until(lambda: lag() == 0, 90, "offsets committed once ClickHouse answers", interval=0.5)
+        status, body = wait_until(lambda: (found := ready_status())[0] == 200 and found, 60, "/ready 200 again")
+        rows, unique = run_query(
+            direct, "SELECT count(), uniqExact(event_id) FROM border_seizures WHERE startsWith(event_id, 'wd-')"
+        ).rows[0]
+        print(f"recovered: /ready {status}, rows {rows}, unique {unique}, seek-backs {body['consumer_stalls']}")
+        assert int(rows) == int(unique) == 600
+    finally:
+        proxy.hung.clear()
+        stop_worker(worker)
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_clickhouse_unavailable_the_sink_retries_the_consumer_waits_and_catches_up(
     broker: EmbeddedBroker, tmp_path: Path, clickhouse_http: tuple[int, FlakyProxy]
