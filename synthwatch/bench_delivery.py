@@ -53,9 +53,13 @@ def nitazene_variants(count: int, first_chain: int = 5) -> list[tuple[str, str]]
     return out
 
 
-def bench_subscriptions(url: str) -> str:
-    """One Bamako customs officer, in French, on a webhook, for opioids in Mali."""
+BENCH_SECRET_ENV = "SYNTHWATCH_BENCH_WEBHOOK_SECRET"
+
+
+def bench_subscriptions(url: str, secret_env: str = BENCH_SECRET_ENV) -> str:
+    """One Bamako customs officer, in French, on a webhook (a loopback receiver, allowed on purpose)."""
     return (
+        "webhook_allowed_networks: [127.0.0.0/8]\n"
         "officers:\n"
         f"  - id: {OFFICER_ID}\n"
         "    name: Kadiatou Diallo\n"
@@ -67,7 +71,7 @@ def bench_subscriptions(url: str) -> str:
         "        regions: [ML-BKO]\n"
         "        families: [nitazene, fentanyl, other_opioid]\n"
         "        min_severity: warning\n"
-        f'        channel: {{type: webhook, url: "{url}"}}\n'
+        f'        channel: {{type: webhook, url: "{url}", secret_env: {secret_env}}}\n'
     )
 
 
@@ -117,13 +121,13 @@ class LatencyReceiver:
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
-                from synthwatch.stream_apps.channels import WebhookRejected, verify_webhook
+                from synthwatch.stream_apps.channels import WebhookRejected, verify
 
                 arrived, wall = time.perf_counter(), time.time()
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 headers = {k: v for k, v in self.headers.items()}
                 try:
-                    verify_webhook(receiver.secret, headers, body, time.time(), seen_ids=receiver._seen)
+                    verified = verify(receiver.secret, headers, body, now=time.time(), seen=receiver._seen)
                     status = 200
                 except WebhookRejected as error:
                     status = error.status
@@ -133,7 +137,7 @@ class LatencyReceiver:
                 if status == 200:
                     with receiver._changed:
                         receiver.received.append((arrived, json.loads(body), headers))
-                        receiver.arrived_wall[headers.get("Idempotency-Key", "")] = wall
+                        receiver.arrived_wall[str(verified.payload.get("alert_id", ""))] = wall
                         receiver._changed.notify_all()
 
             def log_message(self, format: str, *args: Any) -> None:
@@ -167,15 +171,15 @@ class LatencyReceiver:
         self.server.server_close()
 
 
-def stack_env(settings: Settings) -> dict[str, str]:
-    """Environment of the child ``synthwatch up``: this run's settings, nothing inherited from SYNTHWATCH_*."""
+def stack_env(settings: Settings, secrets: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of the child ``synthwatch up``: this run's settings (and webhook ``secrets`` by variable
+    name), nothing inherited from SYNTHWATCH_*."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHWATCH_")}
     env["SYNTHWATCH_DATA_DIR"] = str(settings.data_dir)
     env["SYNTHWATCH_WEB_PORT"] = str(settings.web_port)
     if settings.subscriptions_file is not None:
         env["SYNTHWATCH_SUBSCRIPTIONS_FILE"] = str(settings.subscriptions_file)
-    if settings.webhook_secret is not None:
-        env["SYNTHWATCH_WEBHOOK_SECRET"] = settings.webhook_secret
+    env.update(secrets or {})
     return env
 
 
@@ -221,12 +225,12 @@ def bench_delivery(console: Console, runs: int = 20, timeout_s: float = 30.0, ke
     with LatencyReceiver(secret) as receiver:
         subscriptions = data_dir / "subscriptions.yaml"
         subscriptions.write_text(bench_subscriptions(receiver.url), encoding="utf-8")
-        settings = Settings(data_dir=data_dir, subscriptions_file=subscriptions, webhook_secret=secret, web_port=0)
+        settings = Settings(data_dir=data_dir, subscriptions_file=subscriptions, web_port=0)
         log_path = data_dir / "up.log"
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "synthwatch.cli", "up"],
-                env=stack_env(settings),
+                env=stack_env(settings, {BENCH_SECRET_ENV: secret}),
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -271,7 +275,7 @@ def bench_delivery(console: Console, runs: int = 20, timeout_s: float = 30.0, ke
                 delivered_rows = -1
         finally:
             _stop(process)
-        keys = Counter(h.get("Idempotency-Key", "") for _, _, h in receiver.received)
+        keys = Counter(str(payload.get("delivery_id", "")) for _, payload, _ in receiver.received)
         duplicates = sum(n - 1 for n in keys.values() if n > 1)
         rejected = list(receiver.rejected)
     if not keep:
