@@ -54,7 +54,7 @@ class Endpoint:
         left = max(0.0, self.reopen_at - self.clock())
         return (
             f"endpoint {self.name} is failing ({self.failures} consecutive failures): circuit open, "
-            f"delivery deferred; next probe in {left:.0f} s"
+            f"delivery deferred; next probe in {left:.1f} s"
         )
 
     async def turn(self, on_deferred: Callable[[str], Awaitable[None]] | None = None) -> bool:

@@ -49,6 +49,7 @@ from synthwatch.stream_apps.channels import (
     SmtpConfig,
     SmtpConfigError,
     WebhookRejected,
+    WebhookSender,
     delivery_id,
     message_id,
     sign,
@@ -56,6 +57,7 @@ from synthwatch.stream_apps.channels import (
     webhook_headers,
 )
 from synthwatch.stream_apps.delivery import DeliveryService, DeliveryStore, RetryPolicy, attach_delivery
+from synthwatch.stream_apps.endpoints import Endpoint, EndpointLimits
 from synthwatch.stream_apps.identity import SubstanceResolver
 from synthwatch.stream_apps.messages import (
     FAMILIES,
@@ -67,6 +69,7 @@ from synthwatch.stream_apps.messages import (
     render_digest,
 )
 from synthwatch.stream_apps.subscriptions import Subscriptions, parse_subscriptions, recipients
+from synthwatch.stream_apps.targets import TargetPolicy
 
 from .delivery_helpers import (
     LOOPBACK,
@@ -539,6 +542,126 @@ def test_a_hanging_channel_does_not_delay_other_officers_or_later_alerts(db: Any
     assert by_officer["slow"].status == "gave_up" and "no answer within 0.4 s" in by_officer["slow"].reason
     assert by_officer["fast"].status == "delivered"
     assert took["all"] < 2.0  # two 0.4 s attempts and a backoff, not two of the receiver's 2 s hangs
+
+
+def test_an_endpoint_limits_attempts_and_its_breaker_opens_defers_probes_and_closes() -> None:
+    async def scenario() -> list[str]:
+        endpoint = Endpoint("http://hung:80", EndpointLimits(concurrency=2, failures_to_open=2, cooldown_s=0.05))
+        told: list[str] = []
+
+        async def note(why: str) -> None:
+            told.append(why)
+
+        assert [await endpoint.turn(), await endpoint.turn()] == [False, False]
+        third = asyncio.ensure_future(endpoint.turn())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not third.done() and endpoint.in_flight == 2  # the limit holds
+        await endpoint.done(reached=True, probe=False)
+        assert await third is False
+        await endpoint.done(reached=False, probe=False)
+        assert endpoint.state == "closed"  # one failure in a row is not enough
+        await endpoint.done(reached=False, probe=False)
+        assert (endpoint.state, endpoint.in_flight, endpoint.failures) == ("open", 0, 2)
+
+        probe = await endpoint.turn(note)  # deferred until the cool-down is over, then the one probe
+        assert probe is True and endpoint.state == "half_open" and len(told) == 1
+        assert "circuit open, delivery deferred" in told[0] and "2 consecutive failures" in told[0]
+        waiting = asyncio.ensure_future(endpoint.turn(note))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not waiting.done()  # no second attempt while the probe is out
+        await endpoint.done(reached=False, probe=True)
+        assert endpoint.state == "open" and endpoint.cooldown_s == pytest.approx(0.1)  # failed probe: twice as long
+        second_probe = await waiting
+        assert second_probe is True
+        follower = asyncio.ensure_future(endpoint.turn(note))
+        await endpoint.done(reached=True, probe=True)
+        assert await follower is False  # the probe got through: the circuit is closed and everyone goes
+        assert (endpoint.state, endpoint.failures, endpoint.cooldown_s) == ("closed", 0, 0.05)
+        await endpoint.done(reached=True, probe=False)
+        return told
+
+    told = asyncio.run(scenario())
+    assert len(told) == 2  # each turn that found the circuit open said so once (the follower found it closed)
+
+
+def test_with_one_receiver_hung_the_others_get_all_their_alerts_while_its_deliveries_wait(db: Any) -> None:
+    """The functional form of the latency bar (the numbers are in `bench_delivery.bench_hung_receiver`)."""
+    alerts = [make_alert(alert_id=f"hung{i:020d}") for i in range(12)]
+    healthy = ["bko", "dkr", "rab"]
+    limits = EndpointLimits(concurrency=2, failures_to_open=2, cooldown_s=0.2)
+    # many attempts, short backoffs: the hung officer's deliveries must still be pending, not given up
+    policy = replace(FAST, max_attempts=1000, base_delay_s=0.05, max_delay_s=0.1)
+
+    async def scenario() -> tuple[WebhookReceiver, WebhookReceiver, list[list[Any]], dict[str, Any]]:
+        # two servers: an endpoint is a server (scheme, host, port), and only one of them hangs
+        async with WebhookReceiver() as hooks, WebhookReceiver(delay_s={"hung": 3600.0}) as stuck:
+            text = "webhook_allowed_networks: [127.0.0.0/8]\nofficers:\n" + "".join(
+                _officer(name, hook(hooks.url(name), name)) for name in healthy
+            )
+            text += _officer("hung", hook(stuck.url("hung"), "hung", timeout_s=0.2))
+            service = _service(db, text, policy=policy, endpoint_limits=limits, max_in_flight=4)
+            tickets = await service.submit(alerts)
+            await _until(lambda: all(len(hooks.accepted(n)) == len(alerts) for n in healthy), "healthy deliveries")
+            await _until(lambda: service.endpoints.states().get(f"http://127.0.0.1:{stuck.port}") == "open", "open")
+            seen: dict[str, Any] = {"pending": [t.done() for t in tickets]}
+            seen["hung_requests"] = len(stuck.on("hung"))
+            stuck.delay_s["hung"] = 0  # the receiver recovers: the deferred deliveries go out, none was dropped
+            outcomes = list(await asyncio.gather(*tickets))
+            await service.close()
+            return hooks, stuck, outcomes, seen
+
+    hooks, stuck, outcomes, seen = asyncio.run(scenario())
+    assert seen["pending"] == [False] * len(alerts)  # the hung officer's deliveries were all still waiting ...
+    assert all(hooks.per_key(name) == {a.alert_id: 1 for a in alerts} for name in healthy)  # ... the others had all
+    assert stuck.per_key("hung") == {a.alert_id: 1 for a in alerts}  # and after recovery: every alert, once
+    assert {o.status for group in outcomes for o in group} == {"delivered"}
+    rows = _rows(db, "officer_id = 'hung'")
+    deferred = [r for r in rows if r["status"] == "deferred"]
+    assert deferred and all("circuit open, delivery deferred" in r["reason"] for r in deferred)
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert failed and all(r["reason"] == "no answer within 0.2 s" for r in failed)
+    # while it hung, the open circuit kept the alerts away: a few attempts and probes, not one per alert
+    assert seen["hung_requests"] < len(alerts)
+    assert len({r["alert_id"] for r in deferred}) >= len(alerts) - limits.concurrency
+
+
+def test_webhooks_connect_only_to_allowed_addresses_even_through_dns() -> None:
+    """``localhost`` passes no literal check; the resolver sees 127.0.0.1 and refuses it before connecting."""
+    body = b'{"kind": "alert", "delivery_id": "d_1", "officer_id": "bko"}'
+
+    async def scenario() -> tuple[WebhookReceiver, list[Any]]:
+        async with WebhookReceiver() as hooks:
+            results = []
+            for policy, url in (
+                (TargetPolicy(), hooks.url("x").replace("127.0.0.1", "localhost")),
+                (TargetPolicy(), hooks.url("x")),
+                (TargetPolicy.of(["127.0.0.0/8", "::1/128"]), hooks.url("x").replace("127.0.0.1", "localhost")),
+            ):
+                sender = WebhookSender(policy=policy)
+                sent = await sender.post(
+                    url, body, secret=secret_for("bko"), delivery_id="d_1", event="alert", timeout_s=5
+                )
+                results.append(sent)
+                await sender.close()
+            return hooks, results
+
+    hooks, (by_name, by_address, allowed) = asyncio.run(scenario())
+    for refused in (by_name, by_address):
+        assert not refused.ok and not refused.retryable and refused.code is None
+        assert "is 127.0.0.1 (loopback): refused" in refused.reason and "webhook_allowed_networks" in refused.reason
+    assert allowed.ok and allowed.code == 200
+    assert len(hooks.on("x")) == 1  # only the allowed request reached the receiver
+
+
+async def _until(predicate: Any, what: str, timeout: float = 60.0) -> None:
+    """Wait (in the loop) until ``predicate()``; a guard against a hang, not a timing assertion."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 def test_the_same_alert_again_in_a_batch_or_later_is_sent_once_and_a_409_counts_as_delivered(db: Any) -> None:
