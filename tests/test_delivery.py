@@ -955,6 +955,87 @@ def test_deliveries_lists_recent_attempts_of_an_officer(db: Any, ch_settings: Se
     assert wrong.exit_code == 1 and "--status is one of" in wrong.stderr
 
 
+# --- the example receiver in docs/ ---------------------------------------------------------------------------
+
+RECEIVER_EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "webhook_receiver.py"
+
+
+def test_the_documented_example_receiver_accepts_real_deliveries_and_refuses_replays_and_forgeries(db: Any) -> None:
+    """docs/examples/webhook_receiver.py, run as an officer would run it, against this service's deliveries."""
+    import subprocess
+    import sys
+
+    officers = ("bko", "dkr")
+    env = {**os.environ, **{f"SECRET_{o.upper()}": secret_for(o) for o in officers}}
+    command = [sys.executable, str(RECEIVER_EXAMPLE), "--port", "0"]
+    command += [a for o in officers for a in ("--secret-env", f"{o}=SECRET_{o.upper()}")]
+    receiver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert receiver.stdout is not None
+        url = receiver.stdout.readline().strip().removeprefix("listening on ") + "/synthwatch"
+        assert url.startswith("http://127.0.0.1:"), url
+
+        def text_for(target: str) -> str:
+            return "officers:\n" + "".join(_officer(o, hook(target, o)) for o in officers)
+
+        def forward(request: Any, body: bytes | None = None, headers: dict[str, str] | None = None) -> int:
+            wire = {
+                k: v for k, v in (headers or request.headers).items() if k.lower() not in ("content-length", "host")
+            }
+            sent = urllib.request.Request(url, data=body or request.body, headers=wire)
+            try:
+                with urllib.request.urlopen(sent, timeout=10) as response:
+                    return int(response.status)
+            except urllib.error.HTTPError as error:
+                return error.code
+
+        async def scenario() -> tuple[list[Any], list[Any], WebhookReceiver]:
+            service = _service(db, text_for(url))
+            delivered = await service.handle(make_alert(alert_id="example-1"))
+            await service.close()
+            late = _service(db, text_for(url))
+            late.webhook.clock = lambda: time.time() - 3600  # signed an hour ago: outside the window
+            stale = await late.handle(make_alert(alert_id="example-2"))
+            await late.close()
+            # our record of example-1 is lost (the crash window), so it is sent again: captured on the wire
+            db.command("TRUNCATE TABLE deliveries")
+            async with WebhookReceiver() as capture:
+                again = _service(db, text_for(capture.url("c")))
+                await again.handle(make_alert(alert_id="example-1"))
+                await again.close()
+            return delivered, stale, capture
+
+        delivered, stale, capture = asyncio.run(scenario())
+        assert [(o.officer_id, o.status) for o in delivered] == [("bko", "delivered"), ("dkr", "delivered")]
+        assert [(o.status, o.attempts) for o in stale] == [("gave_up", 1)] * 2 and "HTTP 400" in stale[0].reason
+        captured = {r.json()["officer_id"]: r for r in capture.on("c")}
+        assert set(captured) == set(officers)
+        bko, dkr = captured["bko"], captured["dkr"]
+        statuses = {
+            "replayed": forward(bko),  # the same signed delivery id again
+            "tampered": forward(bko, body=bko.body.replace(b"Pentyloxynitazene", b"Pentyloxynitazene, evacuate")),
+            "forged": forward(
+                dkr,  # bko's secret cannot sign for dkr
+                headers={
+                    **dkr.headers,
+                    SIGNATURE_HEADER: webhook_headers(
+                        secret_for("bko"), dkr.body, dkr.headers[DELIVERY_HEADER], "alert", time.time()
+                    )[SIGNATURE_HEADER],
+                },
+            ),
+            "unsigned": forward(bko, headers={"Content-Type": "application/json"}),
+        }
+        assert statuses == {"replayed": 409, "tampered": 401, "forged": 401, "unsigned": 401}
+    finally:
+        receiver.terminate()
+        out, err = receiver.communicate(timeout=10)
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    accepted = [r for r in lines if r["status"] == 200]
+    assert sorted((r["officer_id"], r["alert_id"]) for r in accepted) == [("bko", "example-1"), ("dkr", "example-1")]
+    assert accepted[0]["delivery_id"] == delivery_id("example-1", accepted[0]["officer_id"], "webhook")
+    assert [r["status"] for r in lines if r["status"] != 200] == [400, 400, 409, 401, 401, 401], (lines, err)
+
+
 # --- benchmark parts (the full run needs the wired worker: `bench_delivery`) ---------------------------------
 
 
