@@ -302,6 +302,9 @@ class DeliveryService:
         self.email = SmtpSender(smtp) if smtp is not None else None
         self.endpoints = Endpoints(endpoint_limits)
         self._unusable = self._check_secrets()
+        self._unwritten: list[tuple[list[Attempt], asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._rendered: OrderedDict[tuple[str, str], Message] = OrderedDict()
         self._remember_max = remember
         self._done: OrderedDict[Key, None] = OrderedDict()
         self._inflight: dict[Key, asyncio.Task[Outcome]] = {}
@@ -411,12 +414,7 @@ class DeliveryService:
     async def _deliver(self, alert: Alert, recipient: Recipient) -> Outcome:
         key = recipient.key(alert.alert_id)
         try:
-            send: Send | SendResult
-            try:
-                send = self._prepare(alert, recipient)
-            except Exception as error:  # a template or payload bug: record it, do not crash the agent
-                log.exception("cannot prepare %s for %s", alert.alert_id, recipient.officer.id)
-                send = _refuse(f"cannot render the message: {type(error).__name__}: {error}")
+            send = self._refusal(recipient) or self._lazy(alert, recipient)
 
             def rows(
                 attempt: int, status: DeliveryStatus, result: SendResult, at: datetime, ms: float
@@ -436,9 +434,39 @@ class DeliveryService:
     def _endpoint(self, channel: WebhookChannel | EmailChannel) -> Endpoint:
         return self.endpoints[channel.endpoint if isinstance(channel, WebhookChannel) else SMTP_ENDPOINT]
 
+    def _refusal(self, recipient: Recipient) -> SendResult | None:
+        """A configuration problem that makes sending pointless (checked before any waiting)."""
+        channel = recipient.channel
+        if isinstance(channel, WebhookChannel):
+            unusable = self._unusable.get(f"{recipient.officer.id}/{channel.name}")
+            if unusable or not channel.resolve_secret():
+                why = unusable or "none set"
+                return _refuse(f"webhook secret refused: {why} (see `synthwatch subscriptions check`)")
+        elif self.email is None:
+            return _refuse("no SMTP server configured (SYNTHWATCH_SMTP_HOST)")
+        return None
+
+    def _lazy(self, alert: Alert, recipient: Recipient) -> Send:
+        """A send that renders its message at its first attempt, i.e. once its endpoint lets it go:
+        deliveries waiting on a hung endpoint cost nothing (no rendering in the burst the others are in).
+        """
+        prepared: list[Send | SendResult] = []
+
+        async def send() -> SendResult:
+            if not prepared:
+                try:
+                    prepared.append(self._prepare(alert, recipient))
+                except Exception as error:  # a template or payload bug: record it, do not crash the agent
+                    log.exception("cannot prepare %s for %s", alert.alert_id, recipient.officer.id)
+                    prepared.append(_refuse(f"cannot render the message: {type(error).__name__}: {error}"))
+            ready = prepared[0]
+            return ready if isinstance(ready, SendResult) else await ready()
+
+        return send
+
     def _prepare(self, alert: Alert, recipient: Recipient) -> Send | SendResult:
         officer, channel = recipient.officer, recipient.channel
-        message = render_alert(alert, officer.language, self.grafana_url)
+        message = self._render(alert, officer.language)
         if isinstance(channel, WebhookChannel):
             payload = webhook_payload(alert, officer, recipient.route.name or "", message, channel.name)
             return self._webhook_send(officer, channel, _json(payload), payload["delivery_id"], "alert")
@@ -497,7 +525,7 @@ class DeliveryService:
                 async def deferred(why: str, attempt: int = attempt) -> None:
                     failed = SendResult(False, None, why)
                     deferral = rows(attempt, "deferred", failed, moment(), 0)
-                    await self._store("recording a deferral", self.store.record, deferral)
+                    await self._record(deferral)
 
                 probe = await endpoint.turn(deferred)
                 at, started = moment(), time.monotonic()
@@ -517,7 +545,7 @@ class DeliveryService:
                 status = "gave_up"
                 if result.retryable:
                     result = SendResult(False, result.code, f"{result.reason} (gave up after {attempt} attempts)")
-            await self._store("recording a delivery attempt", self.store.record, rows(attempt, status, result, at, ms))
+            await self._record(rows(attempt, status, result, at, ms))
             if status != "failed":
                 if status == "gave_up":
                     log.warning("delivery gave up: %s", result.reason)
@@ -645,6 +673,44 @@ class DeliveryService:
         ]
 
     # --- plumbing ----------------------------------------------------------------------------------------
+
+    async def _record(self, rows: list[Attempt]) -> None:
+        """Write attempt rows; returns once they are stored. Rows of concurrent deliveries share one insert.
+
+        A burst of alerts to many officers makes one row per delivery at nearly the same moment; one
+        insert each, serialised on the client lock, made the last officer wait for all the others' rows.
+        """
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._unwritten.append((rows, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_pending(), name="delivery rows")
+        await asyncio.shield(done)  # a cancelled delivery does not cancel the others' rows
+
+    async def _write_pending(self) -> None:
+        while self._unwritten:
+            batch, self._unwritten = self._unwritten, []
+            try:
+                await self._store(
+                    "recording delivery attempts", self.store.record, [r for rows, _ in batch for r in rows]
+                )
+            except Exception as error:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(error)
+            else:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+
+    def _render(self, alert: Alert, language: str) -> Message:
+        """One rendering per (alert, language): a burst to many officers renders each alert once or twice."""
+        key = (alert.alert_id, language)
+        message = self._rendered.get(key)
+        if message is None:
+            message = self._rendered[key] = render_alert(alert, language, self.grafana_url)
+            while len(self._rendered) > 1024:
+                self._rendered.popitem(last=False)
+        return message
 
     def _remember(self, keys: Collection[Key]) -> None:
         for key in keys:
