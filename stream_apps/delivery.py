@@ -760,6 +760,8 @@ class DeliveryService:
         for task in list(self._inflight.values()):
             task.cancel()
         await asyncio.gather(*list(self._inflight.values()), return_exceptions=True)
+        if self._writer is not None:  # rows of attempts that did finish are still written
+            await asyncio.gather(self._writer, return_exceptions=True)
         await self.webhook.close()
         if self.email is not None:
             self.email.close()

@@ -176,6 +176,18 @@ class Settings(BaseSettings):
             novelty=NoveltyConfig(spread_regions=self.spread_regions, spread_days=self.spread_days),
         )
 
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _networks(cls, values: list[str]) -> list[str]:
+        import ipaddress
+
+        for value in values:
+            try:
+                ipaddress.ip_network(value.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{value!r} is not an IP network (e.g. 10.20.0.0/16)") from None
+        return values
+
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:

@@ -68,7 +68,7 @@ from synthwatch.stream_apps.messages import (
     render_alert,
     render_digest,
 )
-from synthwatch.stream_apps.subscriptions import Subscriptions, parse_subscriptions, recipients
+from synthwatch.stream_apps.subscriptions import Subscriptions, SubscriptionsError, parse_subscriptions, recipients
 from synthwatch.stream_apps.targets import TargetPolicy
 
 from .delivery_helpers import (
@@ -849,6 +849,19 @@ def test_an_edited_subscriptions_file_is_picked_up_and_a_broken_edit_ignored(db:
     path.write_text("officers: [")
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
     assert service.reload_if_changed() is False and service.subscriptions.officers[0].name == "Awa Ndiaye"
+
+
+def test_the_worker_allows_loopback_webhooks_only_when_its_settings_say_so(db: Any, tmp_path: Path) -> None:
+    path = tmp_path / "subs.yaml"
+    path.write_text("officers:\n" + _officer("bko", hook("http://127.0.0.1:9/x", "bko")))
+    with pytest.raises(SubscriptionsError, match=r"subs.yaml:6: officers\[0\]\.routes\[0\]\.channel\.url: .*loopback"):
+        DeliveryService.from_settings(Settings(subscriptions_file=path), db)
+    allowed = Settings(subscriptions_file=path, webhook_allowed_networks=["127.0.0.0/8"])
+    service = DeliveryService.from_settings(allowed, db)
+    assert service.webhook.policy.refusal("h", "127.0.0.1") is None
+    assert service.webhook.policy.refusal("h", "10.0.0.1") is not None  # only what was allowed
+    with pytest.raises(ValueError, match="'intranet' is not an IP network"):
+        Settings(webhook_allowed_networks=["intranet"])
 
 
 def test_attach_delivery_defines_the_delivery_agent_on_the_alerts_topic(db: Any) -> None:
