@@ -114,7 +114,7 @@ class LatencyReceiver:
     def __init__(self, secret: str, host: str = "127.0.0.1") -> None:
         self.secret = secret
         self.received: list[tuple[float, dict[str, Any], dict[str, str]]] = []
-        self.arrived_wall: dict[str, float] = {}  # idempotency key -> time.time() at arrival
+        self.arrived_wall: dict[str, float] = {}  # alert id (from the verified body) -> time.time() at arrival
         self.rejected: list[str] = []
         self._seen: set[str] = set()
         self._changed = threading.Condition()

@@ -271,7 +271,7 @@ def test_delivery_ids_are_per_officer_and_stable_across_retries() -> None:
 # --- channels against real servers --------------------------------------------------------------------------
 
 
-def test_webhook_is_signed_in_the_officers_language_with_the_alert_id_as_idempotency_key(db: Any) -> None:
+def test_webhook_is_signed_in_the_officers_language_with_a_delivery_id_per_officer(db: Any) -> None:
     alert = make_alert()
 
     async def scenario() -> tuple[WebhookReceiver, list[Any], float]:
