@@ -146,11 +146,27 @@ class Settings(BaseSettings):
     grafana_url: str = Field(default="http://localhost:3000", description="Base URL for drill-down links.")
     smtp_host: str | None = Field(default=None, description="SMTP server for e-mail alerts.")
     smtp_port: int = 587
-    smtp_starttls: bool = True
+    smtp_starttls: bool = Field(default=True, description="Upgrade to TLS with STARTTLS (port 587).")
+    smtp_ssl: bool = Field(default=False, description="SMTPS: TLS from the first byte (port 465).")
     smtp_username: str | None = None
-    smtp_password: str | None = None
+    smtp_password: str | None = Field(
+        default=None, description="Only over TLS (STARTTLS or SMTPS): a plain-text login is refused."
+    )
     smtp_sender: str = "synthwatch@localhost"
-    webhook_secret: str | None = Field(default=None, description="Default HMAC secret for webhook signatures.")
+    webhook_allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="Networks webhooks may reach besides public addresses (JSON list of CIDRs, e.g. "
+        '["10.20.0.0/16"]); loopback, link-local and private addresses are refused otherwise.',
+    )
+    delivery_endpoint_concurrency: int = Field(
+        default=4, ge=1, description="Attempts in flight per receiving endpoint (webhook origin or SMTP server)."
+    )
+    delivery_breaker_failures: int = Field(
+        default=5, ge=1, description="Consecutive failures or timeouts of an endpoint that open its circuit."
+    )
+    delivery_breaker_cooldown_s: float = Field(
+        default=30.0, gt=0, description="Open circuit: wait this long before one probe (doubles up to 10 min)."
+    )
 
     # --- detection -----------------------------------------------------------------------------------
 
@@ -166,6 +182,18 @@ class Settings(BaseSettings):
             lateness_hours=self.lateness_hours,
             novelty=NoveltyConfig(spread_regions=self.spread_regions, spread_days=self.spread_days),
         )
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _networks(cls, values: list[str]) -> list[str]:
+        import ipaddress
+
+        for value in values:
+            try:
+                ipaddress.ip_network(value.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{value!r} is not an IP network (e.g. 10.20.0.0/16)") from None
+        return values
 
     @field_validator("data_dir")
     @classmethod
