@@ -992,7 +992,7 @@ class _Generator:
 
     def assemble(self) -> Simulation:
         """Serialise in event-time order (ids and sequence numbers follow time), then shuffle into
-        arrival order: report delays, late and too-late arrivals, re-sends and malformed lines."""
+        arrival order: report delays, late and very late arrivals, re-sends and malformed lines."""
         config = self.config
         seed = config.seed
         self.occurrences.sort(key=lambda o: (o.ts, o.region, o.substance, o.kind, o.incident, o.value))

@@ -57,6 +57,8 @@ def test_streamed_month_raises_the_backtest_alerts(broker: EmbeddedBroker, tmp_p
             "SELECT alert_id, alert_type, region, substance_key, metric, toDate(triggered_at) AS day, reported_late, "
             "late_by_hours FROM alerts"
         ).as_dicts()
+        stored = "SELECT (SELECT count() FROM lab_detections) + (SELECT count() FROM border_seizures)"
+        wait_until(lambda: worker.count(stored) >= run.summary.events, 60, "every event stored")
         stored_late = worker.count(
             "SELECT (SELECT countIf(late) FROM lab_detections) + (SELECT countIf(late) FROM border_seizures)"
         )

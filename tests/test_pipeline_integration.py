@@ -24,8 +24,8 @@ def _now_iso(minutes: float = 0.0) -> str:
 def _valid_records(prefix: str, n_seizures: int, n_labs: int) -> list[dict[str, Any]]:
     """Seizures over five regions then lab detections, in time order from now.
 
-    The tests share one worker, which refuses reports more than 24 h older than the newest of their
-    region and kind: times start from the wall clock so each test is newer than the previous one.
+    The tests share one worker, which flags reports more than 24 h older than the newest of their
+    region and kind as late: times start from the wall clock so each test is newer than the previous one.
     """
     regions = [("ML", "ML-BKO"), ("MA", "MA-TNG"), ("SN", "SN-DK"), ("FR", "FR-75C"), ("NL", "NL-NH")]
     records = []
