@@ -139,7 +139,7 @@ def run_demo(days: int, seed: int, console: Console, keep_running: bool = False)
         waited, stored, late = _wait_stored(settings, summary.sent, summary.rejected, timeout=180)
         console.print(
             f"4. Every report accounted for {waited:.1f} s after publishing ended "
-            f"({summary.sent / (publish_seconds + waited):.0f} reports/s end to end): {stored} stored, "
+            f"({summary.sent / (publish_seconds + waited):.0f} reports/s end to end): {stored} stored "
             f"({late} of them more than {settings.lateness_hours:g} h late: flagged, counted on their own day, "
             "left out of spikes), "
             f"{summary.rejected} malformed in rejects, {summary.duplicates} duplicates skipped: "
