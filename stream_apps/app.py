@@ -5,8 +5,9 @@ Agents take batches straight from their channel (:mod:`.faust_batches`), send wh
 their checkpoints (:mod:`.checkpoints`), so a crash or a stop re-delivers rather than loses:
 
 - ``intake`` on both input topics (keyed by region, co-partitioned, so one region's events are
-  processed in order by one worker): validate and enrich; run the region stage (lateness,
-  duplicates, spikes); send rejects, spike alerts and sightings (keyed by substance); at checkpoints
+  processed in order by one worker): validate and enrich; run the region stage (lateness: a late
+  report is stored and flagged, not refused; duplicates, spikes); send rejects, spike alerts and
+  sightings (keyed by substance); at checkpoints
   store new events in ClickHouse and write changed detector state to the region table's changelog.
 - ``novelty`` on the sightings topic (keyed by substance): new substances, first appearances in a
   region, spread.
@@ -45,13 +46,13 @@ from pydantic_core import from_json, to_json
 
 from synthwatch.broker import default_partition
 from synthwatch.query import QueryError, execute_local
-from synthwatch.schemas import Alert, Reject, event_to_json
+from synthwatch.schemas import Alert, Reject
 from synthwatch.settings import Settings
 
 from . import faust_transport
 from .checkpoints import Checkpoint
 from .clickhouse_sink import ClickHouseSink
-from .detection import Observation, RegionDetector
+from .detection import Observation, RegionDetector, RegionResult
 from .faust_batches import channel_batches, take_batches
 from .intake import EnrichedEvent, Intake, RawMessage
 from .metrics import PartitionOffsets, WorkerMetrics, attach_metrics, ingest_times
@@ -61,6 +62,7 @@ from .watchdog import StallWatch, watch_consumer
 
 log = logging.getLogger("synthwatch.worker")
 T = TypeVar("T")
+LateEvent = tuple[EnrichedEvent, RegionResult]  # a late report and what the region stage made of it
 
 
 @dataclass
@@ -71,7 +73,7 @@ class WorkerStats:
     stored: int = 0
     duplicates: int = 0
     rejected: int = 0
-    too_late: int = 0
+    late: int = 0  # late reports kept (stored, flagged late, left out of spike series)
     rejects_stored: int = 0
     alerts_raised: int = 0
     alerts_stored: int = 0
@@ -257,48 +259,50 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
 
     def detect_regions(
         events: list[EnrichedEvent],
-    ) -> tuple[list[EnrichedEvent], list[tuple[EnrichedEvent, str]], list[Alert], list[Sighting], dict[str, int]]:
+    ) -> tuple[list[EnrichedEvent], list[LateEvent], list[Alert], list[Sighting], dict[str, int]]:
         kept: list[EnrichedEvent] = []
-        late: list[tuple[EnrichedEvent, str]] = []
+        late: list[LateEvent] = []
         alerts: list[Alert] = []
         sightings: list[Sighting] = []
         partitions: dict[str, int] = {}
         for item in events:
             found = ctx.regions.observe(Observation.of(item))
             partitions[item.event.region] = _partition(item.source)
-            if found.late_reason is not None:
-                late.append((item, found.late_reason))
+            if found.late_by_hours is not None and not found.duplicate:
+                late.append((item, found))  # kept or not once storage tells a late report from a re-send
                 continue
             kept.append(item)
             alerts.extend(found.alerts)
             sightings.extend(found.sightings)
         return kept, late, alerts, sightings, partitions
 
-    async def refuse_late(
-        late: list[tuple[EnrichedEvent, str]], rejects: list[Reject], unstored: Iterable[EnrichedEvent]
-    ) -> int:
-        """Too-late events go to rejects, unless already stored (or about to be, in ``unstored``):
-        a re-sent old event is a duplicate."""
+    async def keep_late(
+        late: list[LateEvent], unstored: Iterable[EnrichedEvent]
+    ) -> tuple[list[EnrichedEvent], list[Sighting], int]:
+        """Late events are kept (stored flagged ``late``, their sightings sent), unless already stored (or
+        about to be, in ``unstored``): a re-sent old event is a duplicate. Returns (kept, sightings, duplicates)."""
         if not late:
-            return 0
+            return [], [], 0
         stored = await with_retries(
             app, "checking late events", partial(ctx.sink.stored_event_ids, [i for i, _ in late]), stats, metrics
         )
         late_ids = {item.event_id for item, _ in late}
         stored |= {item.event_id for item in unstored if item.event_id in late_ids}
-        for item, reason in late:
-            if item.event_id not in stored:
-                stats.too_late += 1
-                rejects.append(
-                    Reject.of(
-                        event_to_json(item.event),
-                        source=item.source,
-                        reason=reason,
-                        stage="detection",
-                        event_id=item.event_id,
-                    )
-                )
-        return len(stored)
+        kept: list[EnrichedEvent] = []
+        sightings: list[Sighting] = []
+        duplicates = 0
+        for item, found in late:
+            if item.event_id in stored:
+                duplicates += 1
+                continue
+            stored.add(item.event_id)  # a re-send later in the same batch
+            item.late = True
+            kept.append(item)
+            sightings.extend(found.sightings)
+            stats.late += 1
+            metrics.late(item.event.kind)
+            log.info("late %s %r stored: %.1f h late", item.event.kind, item.event_id, found.late_by_hours)
+        return kept, sightings, duplicates
 
     @app.agent(inputs, name="intake")
     async def intake_agent(stream: faust.StreamT[bytes]) -> None:
@@ -337,8 +341,11 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
                 result = ctx.intake.process(messages)
                 kept, late, alerts, sightings, batch_partitions = detect_regions(result.events)
                 partitions.update(batch_partitions)
-                result.duplicates += await refuse_late(late, result.rejects, chain(storing, rows))
+                late_kept, late_sightings, late_duplicates = await keep_late(late, chain(storing, rows, kept))
+                result.duplicates += late_duplicates
+                sightings += late_sightings
                 rows.extend(kept)
+                rows.extend(late_kept)
                 # Sent now, not at the checkpoint: alerts and the sightings that lead to new-substance
                 # alerts are not held back by storage. Acknowledged by the broker before the checkpoint.
                 pending = [

@@ -32,6 +32,7 @@ class EnrichedEvent:
     substance: ResolvedSubstance
     quantity: NormalisedQuantity | None
     source: str
+    late: bool = False  # set by the worker for a late report: stored with its ``late`` column true
 
     @property
     def event_id(self) -> str:

@@ -52,14 +52,12 @@ _FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*):(?:\s|$)")
 
 
 def reject_reason(reason: str) -> str:
-    """A short, bounded class of a reject reason, fit for a label (``invalid_json``, ``too_late``, ...).
+    """A short, bounded class of a reject reason, fit for a label (``invalid_json``, ``empty_message``, ...).
 
     Wire errors read ``field: message; field: message``: the class is ``invalid_<first field>``.
     """
     text = reason.strip()
     lowered = text.lower()
-    if lowered.startswith("too late"):
-        return "too_late"
     if lowered.startswith("empty message"):
         return "empty_message"
     if lowered.startswith("not a reject record"):
@@ -134,6 +132,12 @@ class WorkerMetrics:
         )
         self.rejects = Counter(
             "synthwatch_rejects", "Records refused, per stage and reason class.", ["stage", "reason"], registry=r
+        )
+        self.late_events = Counter(
+            "synthwatch_late_events",
+            "Late reports kept (stored, flagged late, left out of spike series), per kind.",
+            ["kind"],
+            registry=r,
         )
         self.alerts = Counter(
             "synthwatch_alerts", "Alerts published, per type and severity.", ["alert_type", "severity"], registry=r
@@ -218,6 +222,11 @@ class WorkerMetrics:
     def skipped_duplicates(self, n: int) -> None:
         if n:
             self.duplicates.inc(n)
+
+    def late(self, kind: str, n: int = 1) -> None:
+        """Late reports kept; ``kind`` is one of the two event kinds (a bounded label)."""
+        if n:
+            self.late_events.labels(kind=kind).inc(n)
 
     def rejected(self, rejects: Iterable[Reject]) -> None:
         for reject in rejects:

@@ -77,7 +77,7 @@ def bench_subscriptions(url: str, secret_env: str = BENCH_SECRET_ENV) -> str:
 
 
 def lab_report(event_id: str, name: str, smiles: str, now: datetime | None = None) -> dict[str, Any]:
-    """A Bamako lab's confirmed detection, timestamped now (the worker refuses reports a day late)."""
+    """A Bamako lab's confirmed detection, timestamped now (a report a day late would be flagged late)."""
     return {
         "event_id": event_id,
         "kind": "lab_detection",

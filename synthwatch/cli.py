@@ -272,10 +272,10 @@ def backtest(
     run = run_file(input, output, Settings().detection_config(), rejects)
     s = run.summary
     table = Table(title=f"backtest of {input.name}")
-    for column in ("lines", "events", "malformed", "duplicates", "too late", "alerts", "events/s"):
+    for column in ("lines", "events", "of them late", "malformed", "duplicates", "alerts", "events/s"):
         table.add_column(column, justify="right")
     table.add_row(
-        *(str(v) for v in (s.lines, s.events, s.malformed, s.duplicates, s.too_late, s.alerts)),
+        *(str(v) for v in (s.lines, s.events, s.late, s.malformed, s.duplicates, s.alerts)),
         f"{s.events_per_second:,.0f}",
     )
     console.print(table)

@@ -170,7 +170,12 @@ class Settings(BaseSettings):
 
     # --- detection -----------------------------------------------------------------------------------
 
-    lateness_hours: float = Field(default=24.0, ge=0, description="Reports later than this go to rejects.")
+    lateness_hours: float = Field(
+        default=24.0,
+        ge=0,
+        description="A report that occurred more than this before the newest of its kind from its region is late: "
+        "stored with late = true, left out of spike series (docs/detection.md).",
+    )
     spread_regions: int = Field(default=3, ge=2, description="Spread: at least k regions ...")
     spread_days: int = Field(default=14, ge=1, description="... within w days.")
 

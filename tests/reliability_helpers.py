@@ -418,7 +418,7 @@ def publish_summary(stdout: str) -> dict[str, int]:
 
 def backtest_outcomes(messages: Iterable[tuple[str, bytes | str]]) -> list[tuple[str, str | None]]:
     """Per message, what the offline backtest (stream_apps.backtest.run_lines) makes of it, in order:
-    ("stored" | "malformed" | "too late" | "duplicate", event id)."""
+    ("stored" | "late" (stored, flagged) | "malformed" | "duplicate", event id)."""
     from synthwatch.schemas import WireError, parse_event
     from synthwatch.stream_apps.detection import Detector, Observation
     from synthwatch.stream_apps.intake import Intake
@@ -433,12 +433,10 @@ def backtest_outcomes(messages: Iterable[tuple[str, bytes | str]]) -> list[tuple
             out.append(("malformed", error.event_id))
             continue
         item = intake.enrich(event, source)
-        result = detector.observe(Observation.of(item))
-        if result.duplicate or (result.late_reason is not None and item.event_id in seen):
+        result = detector.observe(Observation.of(item), seen)
+        if result.duplicate:
             out.append(("duplicate", item.event_id))
-        elif result.late_reason is not None:
-            out.append(("too late", item.event_id))
         else:
             seen.add(item.event_id)
-            out.append(("stored", item.event_id))
+            out.append(("late" if result.late_by_hours is not None else "stored", item.event_id))
     return out

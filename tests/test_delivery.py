@@ -207,6 +207,20 @@ def test_html_escapes_what_reporters_wrote_and_subjects_stay_on_one_line() -> No
     assert "unclassified structure" in message.text
 
 
+def test_an_alert_raised_by_a_late_report_says_how_late_in_every_message() -> None:
+    late = make_alert(alert_type="new_substance", reported_late=True, late_by_hours=362.0)
+    on_time = make_alert(alert_type="new_substance")
+    en, fr = render_alert(late, "en", GRAFANA), render_alert(late, "fr", GRAFANA)
+    assert "Reported late: the report occurred 362 h (15.1 days) before the newest report" in en.text
+    assert "Reported late</th>" in en.html and "362 h (15.1 days)" in en.html
+    assert "Signalement tardif : le signalement date de 362 h (15,1 jours)" in fr.text
+    assert "Signalement tardif</th>" in fr.html
+    digest = render_digest([late, on_time], "en", GRAFANA, date(2026, 3, 10), "Jo")
+    assert digest.text.count("Reported late:") == 1 and digest.html.count("Reported late:") == 1
+    for message in (render_alert(on_time, "en", GRAFANA), render_alert(on_time, "fr", GRAFANA)):
+        assert "Reported late" not in message.text and "Signalement tardif" not in message.text
+
+
 def test_numbers_are_written_the_way_each_language_writes_them() -> None:
     assert (number(14500, "en"), number(14500, "fr")) == ("14,500", "14\u202f500")
     assert (number(2300.5, "en"), number(2300.5, "fr")) == ("2,300.5", "2\u202f300,5")
