@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Annotated, NoReturn, cast
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from .cli_dashboards import register as register_dashboard_commands
 from .cli_data import register as register_data_commands
 from .cli_delivery import register as register_delivery_commands
+from .consoles import command_console
 from .settings import Settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Early warning for new synthetic drugs.")
@@ -28,9 +28,9 @@ register_data_commands(app)
 register_delivery_commands(app)
 register_dashboard_commands(app)
 
-console = Console(width=None if Console().is_terminal else 140)  # logs and `make demo` get wide tables
+console = command_console()
 
-err = Console(stderr=True)
+err = command_console(stderr=True)
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
