@@ -26,6 +26,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+from synthwatch.broker import committed_offsets, high_watermarks  # noqa: F401 - the tests' names for them
+
 # --- a ClickHouse HTTP endpoint over the embedded engine --------------------------------------------------
 
 _FORMAT = re.compile(r"\sFORMAT\s+(\w+)\s*;?\s*$", re.IGNORECASE)
@@ -348,50 +350,6 @@ def read_all(servers: str, topics: Iterable[str], idle: float = 2.0, timeout: fl
         return values
     finally:
         consumer.close(autocommit=False)
-
-
-def high_watermarks(servers: str, topics: Iterable[str], timeout: float = 20.0) -> dict[Any, int]:
-    """Per partition, the offset after the last record, as fetch responses report it.
-
-    Not ListOffsets: Tansu 0.6 answers "latest" with the first offset of the last record batch, so a
-    lag computed from it looks zero (or negative) while the last batch is still unread.
-    """
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False)
-    try:
-        partitions = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or set())]
-        consumer.assign(partitions)
-        for tp, offset in consumer.end_offsets(partitions).items():
-            consumer.seek(tp, offset)  # at or before the end: one fetch tells the high watermark
-        marks: dict[Any, int] = {}
-        deadline = time.monotonic() + timeout
-        while len(marks) < len(partitions) and time.monotonic() < deadline:
-            consumer.poll(timeout_ms=200)
-            for tp in partitions:
-                mark = consumer.highwater(tp)
-                if mark is not None:
-                    marks[tp] = mark
-        return marks
-    finally:
-        consumer.close(autocommit=False)
-
-
-def committed_offsets(servers: str, group: str, topics: Iterable[str]) -> dict[Any, tuple[int, int]]:
-    """Per partition of ``topics``: (the group's committed offset, -1 when none; the high watermark)."""
-    from kafka import KafkaAdminClient
-
-    marks = high_watermarks(servers, topics)
-    admin = KafkaAdminClient(bootstrap_servers=servers)
-    try:
-        committed = admin.list_group_offsets({group: list(marks)}).get(group, {})
-    finally:
-        admin.close()
-    out = {}
-    for tp, mark in marks.items():
-        meta = committed.get(tp)
-        out[tp] = (meta.offset if meta is not None else -1, mark)
-    return out
 
 
 def consumer_lag(servers: str, group: str, topics: Iterable[str]) -> int:
