@@ -19,7 +19,7 @@ PIPE_WIDTH = 4096
 class CommandConsole(Console):
     """A Rich console whose width is the terminal's at a terminal, and unbounded otherwise."""
 
-    @property  # type: ignore[override]
+    @property
     def size(self) -> ConsoleDimensions:
         """The terminal's size at a terminal; :data:`PIPE_WIDTH` columns when writing anywhere else."""
         if self.is_terminal:

@@ -84,7 +84,7 @@ def describe_lag(settings: Settings, lag: dict[str, int]) -> str:
     return f"{reports:,} reports ({inside}); in flight: {flight}"
 
 
-class DrainingWorker(faust.Worker):  # type: ignore[misc]  # faust's Worker is untyped
+class DrainingWorker(faust.Worker):
     """Faust's worker whose first stop signal drains (see the module docstring) and second stops now."""
 
     def __init__(
@@ -114,7 +114,7 @@ class DrainingWorker(faust.Worker):  # type: ignore[misc]  # faust's Worker is u
     def _on_sigterm(self) -> None:
         self._drain_or_stop(signal.SIGTERM)
 
-    def _say(self, message: str) -> None:
+    def _tell(self, message: str) -> None:
         with contextlib.suppress(OSError):  # a closed terminal (SIGHUP) must not stop the drain
             self.announce(message)
 
@@ -127,7 +127,7 @@ class DrainingWorker(faust.Worker):  # type: ignore[misc]  # faust's Worker is u
         self._drain.cancel()
         self.outcome = DrainOutcome("stopped by a second signal")
         said = f" ({describe_lag(self.drain_settings, self._last_lag)} at the last count)" if self._last_lag else ""
-        self._say(f"Stopping now; what the broker still holds is lost{said}. Counting it ...")
+        self._tell(f"Stopping now; what the broker still holds is lost{said}. Counting it ...")
         self._schedule_shutdown(sig)
 
     async def _drain_then_stop(self, sig: signal.Signals) -> None:
@@ -135,7 +135,7 @@ class DrainingWorker(faust.Worker):  # type: ignore[misc]  # faust's Worker is u
         timeout = settings.drain_timeout_seconds
         started = self.loop.time()
         said = started - PROGRESS_SECONDS
-        self._say(
+        self._tell(
             f"Stopping: storing what the broker holds first (at most {timeout:.0f} s, "
             "SYNTHWATCH_DRAIN_TIMEOUT_SECONDS). Ctrl-C again stops at once and loses it."
         )
@@ -153,18 +153,18 @@ class DrainingWorker(faust.Worker):  # type: ignore[misc]  # faust's Worker is u
                     self._last_lag = lag
                     if sum(lag.values()) == 0:
                         self.outcome = DrainOutcome("drained")
-                        self._say(f"Drained in {now - started:.1f} s: every accepted event is stored.")
+                        self._tell(f"Drained in {now - started:.1f} s: every accepted event is stored.")
                         break
                 if now - started >= timeout:
                     self.outcome = DrainOutcome(f"gave up draining after {timeout:.0f} s")
-                    self._say(f"Gave up draining after {timeout:.0f} s; is the worker stuck? See its log above.")
+                    self._tell(f"Gave up draining after {timeout:.0f} s; is the worker stuck? See its log above.")
                     break
                 if now - said >= PROGRESS_SECONDS:
                     said = now
                     pending = describe_lag(settings, lag) if lag is not None else "unknown (the broker did not answer)"
-                    self._say(f"Draining ({now - started:.0f} s): not stored yet: {pending}. Ctrl-C again loses them.")
+                    self._tell(f"Draining ({now - started:.0f} s): not stored yet: {pending}. Ctrl-C again loses them.")
                 await asyncio.sleep(0.25)
         except Exception as error:  # the stop must happen whatever went wrong while counting
             self.outcome = DrainOutcome(f"drain failed: {error!r}")
-            self._say(f"Could not drain ({error!r}); stopping.")
+            self._tell(f"Could not drain ({error!r}); stopping.")
         self._schedule_shutdown(sig)

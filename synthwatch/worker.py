@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from types import FrameType
-from typing import IO
+from typing import IO, Any
 
 import faust
 
@@ -98,13 +98,18 @@ def run_worker(
         on_ready=on_ready,
     )
     app = create_app(ctx, bootstrap_servers, web_port)
-    worker = (
-        DrainingWorker(
-            app, **_worker_options(loglevel), settings=settings, bootstrap_servers=bootstrap_servers, announce=announce
+    worker: faust.Worker
+    if drain:
+        worker = DrainingWorker(
+            app,
+            loglevel=loglevel,
+            settings=settings,
+            bootstrap_servers=bootstrap_servers,
+            announce=announce,
+            **_WORKER_OPTIONS,
         )
-        if drain
-        else faust_worker(app, loglevel)
-    )
+    else:
+        worker = faust_worker(app, loglevel)
     worker.spinner = None
     try:
         worker.execute_from_commandline()
@@ -117,8 +122,8 @@ def run_worker(
         client.close()
 
 
-def _worker_options(loglevel: str | int) -> dict[str, object]:
-    return {"loglevel": loglevel, "quiet": True, "redirect_stdouts": False}
+#: A worker for a service: no banner, standard streams left alone.
+_WORKER_OPTIONS: dict[str, Any] = {"quiet": True, "redirect_stdouts": False}
 
 
 def faust_worker(app: faust.App, loglevel: str | int) -> faust.Worker:
@@ -127,7 +132,7 @@ def faust_worker(app: faust.App, loglevel: str | int) -> faust.Worker:
     Faust's spinner sets the root logger to DEBUG at WARNING and above (so that it spins on every
     record): every debug call of aiokafka and Faust then built a LogRecord, ~8 % of the event loop.
     """
-    worker = faust.Worker(app, **_worker_options(loglevel))
+    worker = faust.Worker(app, loglevel=loglevel, **_WORKER_OPTIONS)
     worker.spinner = None
     return worker
 
