@@ -35,7 +35,7 @@ def _alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().split()[2] == "Z")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_up_serves_commands_and_stops_cleanly(tmp_path: Path, sig: int) -> None:
     settings = Settings(data_dir=tmp_path / "data", web_port=0)
     bystander = EmbeddedBroker(settings).start()  # a broker `up` did not start must survive it
@@ -136,9 +136,14 @@ def test_ctrl_c_right_after_publishing_stores_every_accepted_event(tmp_path: Pat
         assert _accounted_for(settings) == sent
 
 
-def test_a_second_ctrl_c_stops_at_once_and_counts_what_was_lost(tmp_path: Path) -> None:
-    """Nothing can progress while the broker is frozen (SIGSTOP), so the loss is certain, not a race."""
-    settings = Settings(data_dir=tmp_path / "data", web_port=0)
+@pytest.mark.parametrize("how", ["second signal", "timeout"])
+def test_a_stop_that_cannot_drain_counts_what_was_lost(tmp_path: Path, how: str) -> None:
+    """A second Ctrl-C, or the drain's time limit, stops `up` with events unstored; it says how many.
+
+    Nothing can progress while the broker is frozen (SIGSTOP), so the loss is certain, not a race.
+    """
+    timeout = {"drain_timeout_seconds": 0} if how == "timeout" else {}
+    settings = Settings(data_dir=tmp_path / "data", web_port=0, **timeout)
     log = tmp_path / "up.log"
     with running_up(settings, log) as up:
         broker_pid = up.info.broker_pid
@@ -152,15 +157,21 @@ def test_a_second_ctrl_c_stops_at_once_and_counts_what_was_lost(tmp_path: Path) 
         try:
             up.process.send_signal(signal.SIGINT)
             _wait_log(log, "Stopping: storing what the broker holds first")
-            up.process.send_signal(signal.SIGINT)
-            _wait_log(log, "Stopping now")
+            if how == "second signal":
+                up.process.send_signal(signal.SIGINT)
+                _wait_log(log, "Stopping now")
+            else:
+                _wait_log(log, "Gave up draining after 0 s")
         finally:
             os.kill(broker_pid, signal.SIGCONT)  # the count after the stop needs it
         assert up.process.wait(120) == 3, log.read_text()[-3000:]
         text = log.read_text()
-        print("\n".join(line for line in text.splitlines() if line.startswith(("Stopping", "Draining", "Not stored"))))
-        lost = int(re.search(r"Not stored: [\d,]+ records: ([\d,]+) reports", text)[1].replace(",", ""))  # type: ignore[index]
-        assert re.search(r"error: [\d,]+ accepted records were not stored \(stopped by a second signal\)", text)
+        print("\n".join(line for line in text.splitlines() if line.startswith(("Stopping", "Gave up", "Not stored"))))
+        found = re.search(r"Not stored: [\d,]+ records: ([\d,]+) reports", text)
+        assert found, text[-3000:]
+        lost = int(found[1].replace(",", ""))
+        reason = "stopped by a second signal" if how == "second signal" else "gave up draining after 0 s"
+        assert re.search(rf"error: [\d,]+ accepted records were not stored \({reason}\)", text)
         assert lost > 0 and _accounted_for(settings) + lost == sent
         assert not _alive(broker_pid)
 
