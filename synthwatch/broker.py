@@ -92,7 +92,7 @@ def die_with_parent() -> Callable[[], None] | None:
     return preexec
 
 
-def broker_command_line(pid: int) -> list[str] | None:
+def process_command_line(pid: int) -> list[str] | None:
     """The command line of process ``pid`` (Linux /proc), or None if it is gone or unreadable."""
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -107,7 +107,7 @@ def is_our_broker(pid: int, bootstrap_servers: str) -> bool:
     Checked on the process's command line before anything kills it: the pid in an old stack file may
     belong to another program by now.
     """
-    argv = broker_command_line(pid)
+    argv = process_command_line(pid)
     if not argv or "tansu" not in Path(argv[0]).name.lower() or "broker" not in argv:
         return False
     return f"tcp://{bootstrap_servers}" in argv

@@ -126,6 +126,7 @@ class DrainingWorker(faust.Worker):
             return  # already stopping
         self._drain.cancel()
         self.outcome = DrainOutcome("stopped by a second signal")
+        log.warning("stop signal %s while draining: stopping without storing what the broker holds", sig.name)
         said = f" ({describe_lag(self.drain_settings, self._last_lag)} at the last count)" if self._last_lag else ""
         self._tell(f"Stopping now; what the broker still holds is lost{said}. Counting it ...")
         self._schedule_shutdown(sig)
@@ -157,6 +158,7 @@ class DrainingWorker(faust.Worker):
                         break
                 if now - started >= timeout:
                     self.outcome = DrainOutcome(f"gave up draining after {timeout:.0f} s")
+                    log.warning("gave up draining after %.0f s; not stored at the last count: %s", timeout, lag)
                     self._tell(f"Gave up draining after {timeout:.0f} s; is the worker stuck? See its log above.")
                     break
                 if now - said >= PROGRESS_SECONDS:
@@ -166,5 +168,6 @@ class DrainingWorker(faust.Worker):
                 await asyncio.sleep(0.25)
         except Exception as error:  # the stop must happen whatever went wrong while counting
             self.outcome = DrainOutcome(f"drain failed: {error!r}")
+            log.exception("the drain failed; stopping")
             self._tell(f"Could not drain ({error!r}); stopping.")
         self._schedule_shutdown(sig)

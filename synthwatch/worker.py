@@ -6,6 +6,7 @@ import contextlib
 import errno
 import faulthandler
 import fcntl
+import logging
 import os
 import signal
 import socket
@@ -17,11 +18,13 @@ from typing import IO, Any
 
 import faust
 
-from .broker import EmbeddedBroker, broker_command_line, ensure_topics, free_port, is_our_broker, stop_process
+from .broker import EmbeddedBroker, ensure_topics, free_port, is_our_broker, process_command_line, stop_process
 from .clickhouse import connect, migrate
 from .drain import DrainingWorker, DrainOutcome, describe_lag, final_count
 from .runtime import StackInfo, read_stack, remove_stack, write_stack
 from .settings import Settings
+
+log = logging.getLogger("synthwatch.stack")
 
 
 class StackError(RuntimeError):
@@ -156,7 +159,7 @@ def web_port_for(settings: Settings) -> int:
 
 
 def _is_synthwatch(pid: int) -> bool:
-    argv = broker_command_line(pid)
+    argv = process_command_line(pid)
     return argv is not None and any("synthwatch" in part for part in argv)
 
 
@@ -251,6 +254,7 @@ def run_embedded_stack(
         if outcome is not None:  # the worker ran: count what it left, while the broker still knows
             outcome = final_count(settings, broker.bootstrap_servers, outcome)
             if not outcome.drained:
+                log.warning("stopped with records not stored (%s): %s", outcome.reason, outcome.not_stored)
                 lost = "an unknown number of" if outcome.lost is None else f"{outcome.lost:,}"
                 announce(
                     f"Not stored: {lost} records"
