@@ -217,7 +217,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.child:
         _child(args)
         return
-    results = bench_memory(Console(), args.events, args.batch, args.every, [v for v in args.variants.split(",") if v])
+    from synthwatch.consoles import command_console
+
+    results = bench_memory(
+        command_console(), args.events, args.batch, args.every, [v for v in args.variants.split(",") if v]
+    )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1), encoding="utf-8")
 

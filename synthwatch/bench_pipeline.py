@@ -45,6 +45,7 @@ from rich.table import Table
 
 from .bare_faust import FLOOR, FLOOR_EXPERIMENTS, FloorResult, FloorVariant, run_bare_agent
 from .broker import EmbeddedBroker, ensure_topics
+from .consoles import command_console
 from .query import execute_remote
 from .settings import Settings
 
@@ -1089,7 +1090,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
-    console = Console(width=None if Console().is_terminal else 160)
+    console = command_console()
     result: Any
     if args.floor:
         result = [r.__dict__ for r in floor_experiments(console, args.events)]

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .clickhouse import connect, migrate
+from .consoles import command_console
 from .settings import Settings
 
 
@@ -153,5 +154,5 @@ if __name__ == "__main__":  # `python -m synthwatch.bench_storage [events]`: bot
     import sys
 
     size = int(sys.argv[1]) if len(sys.argv) > 1 else 200_000
-    bench_sink(Console(), events=size)
-    bench_ingest(Console(), events=size)
+    bench_sink(command_console(), events=size)
+    bench_ingest(command_console(), events=size)

@@ -8,15 +8,17 @@ deployment points ``SYNTHWATCH_KAFKA_BOOTSTRAP_SERVERS`` at a Kafka cluster inst
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
@@ -65,14 +67,78 @@ def wait_for_port(host: str, port: int, timeout: float) -> None:
     raise BrokerError(f"nothing is listening on {host}:{port} after {timeout:.0f} s")
 
 
-class EmbeddedBroker:
-    """A Tansu broker child process; ``stop()`` kills exactly the process this object started."""
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
-    def __init__(self, settings: Settings, port: int | None = None, log_path: Path | None = None) -> None:
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel SIGKILL the child when the thread that started it exits.
+
+    Why: ``synthwatch up`` killed with SIGKILL, or by SIGHUP when its terminal closed, left Tansu
+    running and listening (it has its own session so that Ctrl-C reaches only ``up``). Linux only
+    (None elsewhere). libc is looked up here, in the parent: the child only calls ``prctl`` and checks
+    that its parent did not exit before that (then it exits itself). Use it only from a process
+    without other threads running: code run between fork and exec can deadlock on their locks.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    prctl, parent = libc.prctl, os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: nobody would stop this broker
+            os._exit(1)
+
+    return preexec
+
+
+def process_command_line(pid: int) -> list[str] | None:
+    """The command line of process ``pid`` (Linux /proc), or None if it is gone or unreadable."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part] or None
+
+
+def is_our_broker(pid: int, bootstrap_servers: str) -> bool:
+    """Is ``pid`` a Tansu broker that an ``EmbeddedBroker`` started on ``bootstrap_servers``?
+
+    Checked on the process's command line before anything kills it: the pid in an old stack file may
+    belong to another program by now.
+    """
+    argv = process_command_line(pid)
+    if not argv or "tansu" not in Path(argv[0]).name.lower() or "broker" not in argv:
+        return False
+    return f"tcp://{bootstrap_servers}" in argv
+
+
+def stop_process(pid: int, timeout: float = 5.0) -> None:
+    """SIGTERM ``pid`` (not our child: it cannot be reaped here), SIGKILL it if it does not exit in time."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            os.kill(pid, 0)  # raises ProcessLookupError once it is gone
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+
+
+class EmbeddedBroker:
+    """A Tansu broker child process; ``stop()`` kills exactly the process this object started.
+
+    ``tied_to_parent``: the kernel kills the broker when the process that started it dies, however it
+    dies (see :func:`die_with_parent`); ``synthwatch up`` sets it.
+    """
+
+    def __init__(
+        self, settings: Settings, port: int | None = None, log_path: Path | None = None, tied_to_parent: bool = False
+    ) -> None:
         self.settings = settings
         self.host = "127.0.0.1"
         self.port = port or free_port(self.host)
         self.log_path = log_path
+        self.tied_to_parent = tied_to_parent
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -94,7 +160,12 @@ class EmbeddedBroker:
         with open(self.log_path or os.devnull, "ab") as log:
             # Own process group: Ctrl-C in a terminal reaches us, and we decide when the broker stops.
             self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=die_with_parent() if self.tied_to_parent else None,
             )
         try:
             wait_for_port(self.host, self.port, timeout)
@@ -159,49 +230,85 @@ def ensure_topics(settings: Settings, bootstrap_servers: str, timeout: float = 2
         admin.close()
 
 
-# --- offsets, as an operator or a benchmark sees them from outside the worker ----------------------------
+def _partitions(consumer: KafkaConsumer, topics: Iterable[str]) -> list[TopicPartition]:
+    return [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or set())]
 
 
-def high_watermarks(servers: str, topics: Iterable[str], timeout: float = 20.0) -> dict[Any, int]:
+def _marks(consumer: KafkaConsumer, partitions: list[TopicPartition], timeout: float) -> dict[TopicPartition, int]:
+    consumer.assign(partitions)
+    for tp, offset in consumer.end_offsets(partitions).items():
+        consumer.seek(tp, offset)  # at or before the end: one fetch tells the high watermark
+    marks: dict[TopicPartition, int] = {}
+    deadline = time.monotonic() + timeout
+    while len(marks) < len(partitions) and time.monotonic() < deadline:
+        consumer.poll(timeout_ms=200)
+        for tp in partitions:
+            mark = consumer.highwater(tp)
+            if mark is not None:
+                marks[tp] = mark
+    return marks
+
+
+def high_watermarks(servers: str, topics: Iterable[str], timeout: float = 20.0) -> dict[TopicPartition, int]:
     """Per partition, the offset after the last record, as fetch responses report it.
 
     Not ListOffsets: Tansu 0.6 answers "latest" with the first offset of the last record batch, so a
-    lag computed from it looks zero (or negative) while the last batch is still unread.
+    lag computed from it looks zero (or negative) while the last batch is still unread. A partition
+    whose mark is not known within ``timeout`` is missing from the result.
     """
     consumer = KafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False)
     try:
-        partitions = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or set())]
-        consumer.assign(partitions)
-        for tp, offset in consumer.end_offsets(partitions).items():
-            consumer.seek(tp, offset)  # at or before the end: one fetch tells the high watermark
-        marks: dict[Any, int] = {}
-        deadline = time.monotonic() + timeout
-        while len(marks) < len(partitions) and time.monotonic() < deadline:
-            consumer.poll(timeout_ms=200)
-            for tp in partitions:
-                mark = consumer.highwater(tp)
-                if mark is not None:
-                    marks[tp] = mark
-        return marks
+        return _marks(consumer, _partitions(consumer, topics), timeout)
     finally:
         consumer.close(autocommit=False)
 
 
-def committed_offsets(servers: str, group: str, topics: Iterable[str]) -> dict[Any, tuple[int, int]]:
-    """Per partition of ``topics``: (the group's committed offset, -1 when none; the high watermark)."""
-    marks = high_watermarks(servers, topics)
-    admin = KafkaAdminClient(bootstrap_servers=servers)
+def committed_offsets(
+    servers: str, group: str, topics: Iterable[str], timeout: float = 20.0
+) -> dict[TopicPartition, tuple[int, int]]:
+    """Per partition of ``topics``: (the group's committed offset, -1 when none; the high watermark).
+
+    The committed offsets are read before the high watermarks: whatever the group's consumers do in
+    between can only make the lag look larger, never smaller (a record a consumer produced before
+    committing is in a mark read after the commit). A partition whose mark is not known in ``timeout``
+    is missing from the result.
+    """
+    # Requests time out with ``timeout``, not kafka-python's 30 s to 5 min: a frozen broker must not
+    # hold a stopping `up` for minutes.
+    wait_ms = max(int(timeout * 1000), 1000)
+    consumer = KafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False, request_timeout_ms=wait_ms)
     try:
-        committed = admin.list_group_offsets({group: list(marks)}).get(group, {})
+        partitions = _partitions(consumer, topics)
+        admin = KafkaAdminClient(bootstrap_servers=servers, client_id="synthwatch-lag", request_timeout_ms=wait_ms)
+        try:
+            committed = admin.list_group_offsets({group: partitions}).get(group, {})
+        finally:
+            admin.close()
+        marks = _marks(consumer, partitions, timeout)
     finally:
-        admin.close()
+        consumer.close(autocommit=False)
     out = {}
     for tp, mark in marks.items():
         meta = committed.get(tp)
-        out[tp] = (meta.offset if meta is not None else -1, mark)
+        out[tp] = (meta.offset if meta is not None and meta.offset is not None else -1, mark)
     return out
 
 
 def consumer_lag(servers: str, group: str, topics: Iterable[str]) -> int:
     """High watermarks minus the group's committed offsets over ``topics`` (nothing committed: all of it)."""
     return sum(mark - max(offset, 0) for offset, mark in committed_offsets(servers, group, topics).values())
+
+
+def lag_by_topic(servers: str, group: str, topics: Iterable[str], timeout: float = 20.0) -> dict[str, int] | None:
+    """Records of each topic the group has not committed yet (nothing committed: all of it).
+
+    None when a partition's high watermark could not be read: the lag is unknown, not zero.
+    """
+    topics = list(topics)
+    offsets = committed_offsets(servers, group, topics, timeout)
+    if not offsets or any(tp.topic not in topics for tp in offsets):
+        return None
+    lag = dict.fromkeys(topics, 0)
+    for tp, (offset, mark) in offsets.items():
+        lag[tp.topic] += max(mark - max(offset, 0), 0)
+    return lag

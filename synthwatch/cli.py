@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Annotated, NoReturn, cast
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from .cli_dashboards import register as register_dashboard_commands
 from .cli_data import register as register_data_commands
 from .cli_delivery import register as register_delivery_commands
+from .consoles import command_console
 from .settings import Settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Early warning for new synthetic drugs.")
@@ -28,9 +28,9 @@ register_data_commands(app)
 register_delivery_commands(app)
 register_dashboard_commands(app)
 
-console = Console(width=None if Console().is_terminal else 140)  # logs and `make demo` get wide tables
+console = command_console()
 
-err = Console(stderr=True)
+err = command_console(stderr=True)
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -43,26 +43,35 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 
 @app.command()
 def up(loglevel: Annotated[str, typer.Option(help="Faust log level.")] = "warning") -> None:
-    """Start the embedded stack: Tansu broker, topics, Faust worker and embedded ClickHouse. Ctrl-C stops it."""
-    from .worker import run_embedded_stack
+    """Start the embedded stack: Tansu broker, topics, Faust worker and embedded ClickHouse.
+
+    Ctrl-C stores what the broker holds, then stops (a second Ctrl-C stops at once).
+    """
+    from .broker import BrokerError
+    from .worker import StackError, run_embedded_stack
 
     settings = Settings()
-    console.print(f"Data directory: {settings.data_dir}")
-    run_embedded_stack(settings, loglevel=loglevel, announce=lambda m: console.print(m, highlight=False))
+    try:
+        outcome = run_embedded_stack(settings, loglevel=loglevel, announce=lambda m: console.print(m, highlight=False))
+    except (StackError, BrokerError) as error:
+        _fail(str(error))
+    if outcome is not None and not outcome.drained:
+        lost = "an unknown number of" if outcome.lost is None else f"{outcome.lost:,}"
+        _fail(f"{lost} accepted records were not stored ({outcome.reason})", code=3)
 
 
 @app.command()
 def worker(loglevel: Annotated[str, typer.Option(help="Faust log level.")] = "warning") -> None:
     """Run one Faust worker against the configured Kafka and ClickHouse (production; N replicas)."""
     from .runtime import NoBrokerConfigured, bootstrap_servers
-    from .worker import run_worker
+    from .worker import StackError, run_worker
 
     settings = Settings()
     try:
         servers = bootstrap_servers(settings)
-    except NoBrokerConfigured as error:
+        run_worker(settings, servers, loglevel=loglevel, announce=lambda m: console.print(m, highlight=False))
+    except (NoBrokerConfigured, StackError) as error:
         _fail(str(error))
-    run_worker(settings, servers, loglevel=loglevel, announce=lambda m: console.print(m, highlight=False))
 
 
 @app.command()

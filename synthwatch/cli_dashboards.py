@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-console = Console()
-err = Console(stderr=True)
+from .consoles import command_console
+
+console = command_console()
+err = command_console(stderr=True)
 
 
 def register(app: typer.Typer) -> None:

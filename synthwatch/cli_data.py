@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from .consoles import command_console
 from .settings import Settings
 
-console = Console()
-err = Console(stderr=True)
+console = command_console()
+err = command_console(stderr=True)
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:

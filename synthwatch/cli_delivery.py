@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from .consoles import command_console
 from .settings import Settings
 
 _STATUS_STYLE = {
@@ -173,7 +173,7 @@ def register(app: typer.Typer) -> None:
         """Validate a subscriptions file and show who would receive what for sample alerts."""
         from synthwatch.stream_apps.subscriptions import SubscriptionsError, load_subscriptions, recipients
 
-        console, err = Console(), Console(stderr=True)
+        console, err = command_console(), command_console(stderr=True)
         settings = Settings()
         try:
             subscriptions = load_subscriptions(file, settings.webhook_allowed_networks)
@@ -247,7 +247,7 @@ def register(app: typer.Typer) -> None:
         """Recent delivery attempts to liaison officers and their status (newest first)."""
         from .query import run_query
 
-        console, err = Console(), Console(stderr=True)
+        console, err = command_console(), command_console(stderr=True)
         if status is not None and status not in _STATUS_STYLE:
             err.print(f"[bold red]error:[/] --status is one of {', '.join(_STATUS_STYLE)}", highlight=False)
             raise typer.Exit(1)

@@ -13,14 +13,20 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from rich.rule import Rule
 from rich.table import Table
 
 from .query import QueryError, run_query
 from .runtime import read_stack
 from .settings import Settings
+
+
+class DemoFailed(RuntimeError):
+    """A step of the demo did not work; the message says which and why."""
 
 
 def _wait_ready(settings: Settings, process: subprocess.Popen[bytes], timeout: float) -> float:
@@ -62,32 +68,97 @@ def _wait_stored(settings: Settings, events: int, rejects: int, timeout: float) 
 
 def _wait_alerts(settings: Settings, timeout: float) -> None:
     """Alerts are stored by their own agent, a moment after the reports: wait until none is pending."""
-    info = read_stack(settings)
-    deadline = time.monotonic() + timeout
-    while info is not None and time.monotonic() < deadline:
-        import json
-        import urllib.request
+    import json
+    import urllib.request
 
+    info = read_stack(settings)
+    if info is None:
+        raise DemoFailed("the stack stopped before its alerts were stored")
+    deadline = time.monotonic() + timeout
+    stats: dict[str, int] = {}
+    while time.monotonic() < deadline:
         with urllib.request.urlopen(f"{info.web_url}/ready", timeout=5) as response:
             stats = json.loads(response.read())
         if stats["alerts_stored"] >= stats["alerts_raised"] and stats["sightings_processed"] >= stats["sightings"]:
             return
         time.sleep(0.25)
+    raise DemoFailed(
+        f"after {timeout:.0f} s {stats.get('alerts_stored')} of {stats.get('alerts_raised')} alerts were stored and "
+        f"{stats.get('sightings_processed')} of {stats.get('sightings')} sightings processed"
+    )
 
 
-def _print_query(console: Console, settings: Settings, title: str, sql: str) -> None:
+@dataclass(frozen=True, slots=True)
+class DemoQuery:
+    """A table the demo prints: its title and the read-only query behind it."""
 
+    title: str
+    sql: str
+
+
+#: What the demo shows once every report is stored (the test runs these same queries).
+STORED_QUERIES: tuple[DemoQuery, ...] = (
+    DemoQuery(
+        "Reports stored, by country and kind",
+        # ORDER BY after UNION ALL belongs to the last SELECT: the union is sorted as a whole outside it.
+        """
+        SELECT country, kind, reports, substances FROM (
+            SELECT country, 'lab_detection' AS kind, count() AS reports, uniqExact(substance_key) AS substances
+            FROM lab_detections GROUP BY country
+            UNION ALL
+            SELECT country, 'border_seizure' AS kind, count() AS reports, uniqExact(substance_key) AS substances
+            FROM border_seizures GROUP BY country
+        ) ORDER BY country, kind""",
+    ),
+    DemoQuery(
+        "Rejected input, by reason",
+        """
+        SELECT stage, reason, count() AS n FROM rejects GROUP BY stage, reason
+        ORDER BY n DESC, stage, reason LIMIT 12""",
+    ),
+    DemoQuery(
+        "Top substances seized (grams)",
+        """
+        SELECT resolved_name AS substance, family, round(sum(grams)) AS grams, count() AS seizures
+        FROM border_seizures GROUP BY substance, family ORDER BY grams DESC, substance LIMIT 10""",
+    ),
+)
+
+#: What the demo shows once the alerts are stored.
+ALERT_QUERIES: tuple[DemoQuery, ...] = (
+    DemoQuery(
+        "Alerts raised, by type and severity",
+        """
+        SELECT alert_type, countIf(severity = 'critical') AS critical, countIf(severity = 'warning') AS warning,
+               countIf(severity = 'info') AS info, count() AS total
+        FROM alerts GROUP BY alert_type ORDER BY total DESC, alert_type""",
+    ),
+    DemoQuery(
+        "Latest critical and warning alerts (early days are warm-up: everything is new to the network)",
+        """
+        SELECT formatDateTime(triggered_at, '%Y-%m-%d %H:%i') AS triggered, severity, summary
+        FROM alerts WHERE severity != 'info' ORDER BY triggered_at DESC, alert_id LIMIT 15""",
+    ),
+)
+
+
+def _print_query(console: Console, settings: Settings, query: DemoQuery) -> None:
+    """Print one of the demo's tables; a query that fails stops the demo (a demo must not hide errors)."""
     try:
-        result = run_query(settings, sql)
+        result = run_query(settings, query.sql)
     except QueryError as error:
-        console.print(f"[yellow]{title}: {error}[/]")
-        return
-    table = Table(title=title, title_justify="left")
+        raise DemoFailed(f"the query for {query.title!r} failed: {error}") from error
+    table = Table(title=query.title, title_justify="left")
     for column in result.columns:
         table.add_column(column)
     for row in result.rows:
         table.add_row(*(str(v) for v in row))
     console.print(table)
+
+
+def _rule(console: Console, title: str) -> None:
+    """A section rule: the terminal's width, or 100 columns in a log (a pipe's console has no width)."""
+    console.print(Rule(title), width=None if console.is_terminal else 100)
 
 
 def run_demo(days: int, seed: int, console: Console, keep_running: bool = False) -> int:
@@ -105,7 +176,7 @@ def run_demo(days: int, seed: int, console: Console, keep_running: bool = False)
     env.pop("SYNTHWATCH_KAFKA_BOOTSTRAP_SERVERS", None)
     env.pop("SYNTHWATCH_CLICKHOUSE_URL", None)
 
-    console.rule("synthwatch demo")
+    _rule(console, "synthwatch demo")
     log_path = data_dir / "up.log"
     started = time.monotonic()
     with open(log_path, "wb") as log:
@@ -146,52 +217,12 @@ def run_demo(days: int, seed: int, console: Console, keep_running: bool = False)
             f"{stored + summary.rejected + summary.duplicates} = {summary.read} lines read."
         )
 
-        _print_query(
-            console,
-            settings,
-            "Reports stored, by country and kind",
-            """
-            SELECT country, 'lab_detection' AS kind, count() AS reports, uniqExact(substance_key) AS substances
-            FROM lab_detections GROUP BY country
-            UNION ALL
-            SELECT country, 'border_seizure', count(), uniqExact(substance_key) FROM border_seizures GROUP BY country
-            ORDER BY country, kind""",
-        )
-        _print_query(
-            console,
-            settings,
-            "Rejected input, by reason",
-            """
-            SELECT stage, reason, count() AS n FROM rejects GROUP BY stage, reason ORDER BY n DESC LIMIT 12""",
-        )
-        _print_query(
-            console,
-            settings,
-            "Top substances seized (grams)",
-            """
-            SELECT resolved_name AS substance, family, round(sum(grams)) AS grams, count() AS seizures
-            FROM border_seizures GROUP BY substance, family ORDER BY grams DESC LIMIT 10""",
-        )
+        for query in STORED_QUERIES:
+            _print_query(console, settings, query)
         _wait_alerts(settings, timeout=60)
-        _print_query(
-            console,
-            settings,
-            "Alerts raised, by type and severity",
-            """
-            SELECT alert_type, countIf(severity = 'critical') AS critical, countIf(severity = 'warning') AS warning,
-                   countIf(severity = 'info') AS info, count() AS total
-            FROM alerts GROUP BY alert_type ORDER BY total DESC""",
-        )
-        _print_query(
-            console,
-            settings,
-            "Latest critical and warning alerts (early days are warm-up: everything is new to the network)",
-            """
-            SELECT formatDateTime(triggered_at, '%Y-%m-%d %H:%i') AS triggered, severity, summary
-
-            FROM alerts WHERE severity != 'info' ORDER BY triggered_at DESC, alert_id LIMIT 15""",
-        )
-        console.rule("where to look next")
+        for query in ALERT_QUERIES:
+            _print_query(console, settings, query)
+        _rule(console, "where to look next")
         console.print(
             f"Data: {data_dir} (ClickHouse files in clickhouse/, the stream and its truth labels beside them).\n"
             f"Start the stack again:   SYNTHWATCH_DATA_DIR={data_dir} .venv/bin/synthwatch up\n"
@@ -207,7 +238,7 @@ def run_demo(days: int, seed: int, console: Console, keep_running: bool = False)
             console.print("The stack keeps running; Ctrl-C stops it.")
             process.wait()
         return 0
-    except (RuntimeError, QueryError) as error:
+    except (RuntimeError, QueryError) as error:  # DemoFailed is a RuntimeError
         console.print(f"[bold red]demo failed:[/] {error}")
         tail = Path(log_path).read_text(errors="replace").splitlines()[-30:]
         console.print("\n".join(tail), highlight=False)

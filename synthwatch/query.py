@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
+from clickhouse_connect.driver.exceptions import ClickHouseError
+
 from .clickhouse import connect
 from .runtime import read_stack
 from .settings import Settings
@@ -57,8 +59,15 @@ def _jsonable(value: Any) -> Any:
 
 
 def execute_local(client: Any, sql: str, parameters: dict[str, Any] | None = None) -> QueryResult:
-    """Run a read statement on an open clickhouse-connect client; values made JSON-friendly."""
-    result = client.query(check_read_only(sql), parameters=parameters or None)
+    """Run a read statement on an open clickhouse-connect client; values made JSON-friendly.
+
+    ClickHouse's own refusal becomes a :class:`QueryError`, as it does over HTTP: callers handle one error.
+    """
+    statement = check_read_only(sql)
+    try:
+        result = client.query(statement, parameters=parameters or None)
+    except ClickHouseError as error:
+        raise QueryError(str(error)) from error
     return QueryResult(list(result.column_names), [_jsonable(list(row)) for row in result.result_rows])
 
 

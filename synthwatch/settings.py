@@ -133,6 +133,12 @@ class Settings(BaseSettings):
     event_loop: Literal["asyncio", "uvloop"] = Field(
         default="asyncio", description="The worker's event loop: asyncio's own, or uvloop (docs/performance.md)."
     )
+    drain_timeout_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        description="`synthwatch up` on Ctrl-C/SIGTERM: longest wait for the worker to store what the embedded "
+        "broker holds (it keeps records in memory only) before stopping anyway; a second Ctrl-C stops at once.",
+    )
     gc_freeze: bool = Field(
         default=True,
         description="Once the worker is ready, move what start-up allocated out of the garbage collector's "

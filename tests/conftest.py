@@ -117,7 +117,7 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "synthwatch.cli", *args],
-        env=cli_env(settings, COLUMNS="200"),
+        env=cli_env(settings),  # no COLUMNS: piped output must not depend on a width
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import io
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+from rich.table import Table
+
+from synthwatch.consoles import CommandConsole
 from synthwatch.settings import Settings
 
-from .conftest import run_cli
+from .conftest import cli_env, run_cli
+
+LONG = "a-report-field-that-is-longer-than-any-terminal " * 8
 
 
 def test_publish_without_a_broker_says_what_to_do(tmp_path: Path) -> None:
@@ -51,3 +60,36 @@ def test_settings_point_at_a_cluster_through_the_environment(monkeypatch) -> Non
     from synthwatch.clickhouse import database_of
 
     assert database_of(settings) == "synthwatch"
+
+
+def test_piped_output_keeps_lines_whole_whatever_the_terminal_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "30")  # a narrow terminal around the process must not matter
+    out = io.StringIO()
+    console = CommandConsole(file=out)
+    table = Table("kind", "summary")
+    table.add_row("new_substance", LONG.strip())
+    console.print(f"wrote {LONG.strip()}")
+    console.print(table)
+    lines = out.getvalue().splitlines()
+    assert f"wrote {LONG.strip()}" in lines
+    assert any("new_substance" in line and LONG.strip() in line for line in lines)  # the cell is on one line
+    assert max(len(line) for line in lines) < len(LONG) + 40  # the table takes only the width it needs
+
+
+def test_a_terminal_still_gets_the_terminal_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "30")
+    out = io.StringIO()
+    CommandConsole(file=out, force_terminal=True).print(LONG.strip())
+    assert max(len(line) for line in out.getvalue().splitlines()) <= 30
+
+
+def test_a_command_piped_with_a_narrow_columns_prints_whole_values(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "synthwatch.cli", "sql", f"SELECT '{LONG.strip()}' AS summary"],
+        env=cli_env(Settings(data_dir=tmp_path), COLUMNS="40"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert LONG.strip() in done.stdout

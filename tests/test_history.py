@@ -277,26 +277,55 @@ def test_storage_benchmarks_run_in_their_own_process() -> None:
     assert "events/s" in done.stdout and "lines/s" in done.stdout
 
 
-def test_unmerged_load_reads_right_and_merges_resume(ch: Any, ch_settings: Settings, tmp_path: Path) -> None:
-    """The load pauses merges: without FINAL, counts and aggregates are already right; afterwards they merge."""
+def test_unmerged_load_reads_right_and_merges_resume(
+    ch: Any, ch_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The load pauses merges: without FINAL, counts and aggregates are already right; afterwards they merge.
+
+    The engine merges in the background as soon as merges resume, so the test keeps them paused after
+    the load itself (the load is told it did not pause them and leaves them so) and reads the unmerged
+    parts, then resumes them and forces the merge: right before, right after, whatever the scheduling.
+    """
+    import synthwatch.history as history
+
+    pauses: list[bool] = []
+    history_pause = history._pause_merges
+
+    def pause_and_keep_paused(client: Any, settings: Settings) -> bool:
+        pauses.append(history_pause(client, settings))
+        return False  # so the load does not resume them: the test does, after reading the unmerged parts
+
+    monkeypatch.setattr(history, "_pause_merges", pause_and_keep_paused)
     lines, truth = _lines(days=4)
     path = tmp_path / "history.ndjson"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    summary = ingest_history(ch_settings, path, batch_size=200, progress=False, workers=0, client=ch)
-    assert summary.stored == truth.valid_unique == _stored(ch)
-    parts = int(ch.command("SELECT count() FROM system.parts WHERE active AND table = 'lab_detections'"))
-    raw = (
-        "SELECT toDate(occurred_at) AS day, substance_key, 1 AS n, ifNull(grams, 0) AS g FROM border_seizures "
-        "UNION ALL SELECT toDate(occurred_at), substance_key, 1, 0 FROM lab_detections"
-    )
-    aggregate = (
-        "SELECT day, substance_key, sum(reports), round(sum(grams), 3) FROM reports_daily GROUP BY ALL ORDER BY ALL"
-    )
-    recount = f"SELECT day, substance_key, sum(n), round(sum(g), 3) FROM ({raw}) GROUP BY ALL ORDER BY ALL"
-    expected = ch.query(recount).result_rows
-    print(f"{parts} unmerged lab parts; {len(expected)} daily rows")
-    assert parts > 1 and expected and ch.query(aggregate).result_rows == expected
-    ch.command("OPTIMIZE TABLE lab_detections FINAL")  # refused ("Cancelled merging parts") while paused
+    db = ch_settings.clickhouse_database
+
+    def parts(table: str) -> int:
+        return int(
+            ch.command(f"SELECT count() FROM system.parts WHERE active AND database = '{db}' AND table = '{table}'")
+        )
+
+    try:
+        summary = ingest_history(ch_settings, path, batch_size=200, progress=False, workers=0, client=ch)
+        assert pauses == [True]  # the embedded engine's merges were paused for the load
+        assert summary.stored == truth.valid_unique == _stored(ch)
+        unmerged = parts("lab_detections")
+        raw = (
+            "SELECT toDate(occurred_at) AS day, substance_key, 1 AS n, ifNull(grams, 0) AS g FROM border_seizures "
+            "UNION ALL SELECT toDate(occurred_at), substance_key, 1, 0 FROM lab_detections"
+        )
+        aggregate = (
+            "SELECT day, substance_key, sum(reports), round(sum(grams), 3) FROM reports_daily GROUP BY ALL ORDER BY ALL"
+        )
+        recount = f"SELECT day, substance_key, sum(n), round(sum(g), 3) FROM ({raw}) GROUP BY ALL ORDER BY ALL"
+        expected = ch.query(recount).result_rows
+        print(f"{unmerged} unmerged lab parts, {parts('reports_daily')} daily parts; {len(expected)} daily rows")
+        assert unmerged > 1 and parts("reports_daily") > 1  # one part per insert: nothing merged them
+        assert expected and ch.query(aggregate).result_rows == expected
+    finally:
+        ch.command("SYSTEM START MERGES")  # the session's engine is shared by the other tests
+    ch.command("OPTIMIZE TABLE lab_detections FINAL")
     ch.command("OPTIMIZE TABLE reports_daily FINAL")
-    assert int(ch.command("SELECT count() FROM system.parts WHERE active AND table = 'lab_detections'")) < parts
+    assert parts("lab_detections") == 1 and parts("reports_daily") == 1
     assert ch.query(aggregate).result_rows == expected and _stored(ch) == truth.valid_unique
