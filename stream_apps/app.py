@@ -17,8 +17,10 @@ partition from "the current event", which a batch does not have, so the adapters
 the table's changelog topic on the partition the records arrived on: a region's state stays with the
 region's partition and is restored to whichever worker owns it.
 
-Web (worker HTTP port): ``/ready``, ``/metrics`` (Prometheus, :mod:`.metrics`) and ``/sql`` (read-only
-queries for commands that cannot open the embedded engine while this process holds it).
+Web (worker HTTP port): ``/ready``, ``/metrics`` (Prometheus, :mod:`.metrics`) and ``/sql`` (analysts'
+SELECTs for commands that cannot open the embedded engine while this process holds it: token, loopback
+Host, no Origin, JSON only; read-only session of its own, see :mod:`synthwatch.query`). Faust's own
+views (``/table/``, ``/router/``, ``/graph/``, stats) are off.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import chain
@@ -41,7 +44,7 @@ from faust.web import Request, Response, View
 from pydantic_core import from_json, to_json
 
 from synthwatch.broker import default_partition
-from synthwatch.query import QueryError, execute_local
+from synthwatch.query import QueryError, run_analyst_query
 from synthwatch.schemas import Alert, Reject, event_to_json
 from synthwatch.settings import Settings
 
@@ -54,6 +57,7 @@ from .intake import EnrichedEvent, Intake, RawMessage
 from .metrics import WorkerMetrics, attach_metrics, ingest_times
 from .novelty import NoveltyDetector, Sighting
 from .state_rebuild import learn_names, rebuild
+from .web_auth import refuse_request
 
 log = logging.getLogger("synthwatch.worker")
 T = TypeVar("T")
@@ -95,6 +99,7 @@ class WorkerContext:
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
     on_ready: Callable[[float], None] | None = None
     state_ready: bool = False  # set once tables are recovered (and rebuilt from ClickHouse if empty)
+    web_token: str | None = None  # for /sql (DATA_DIR/web-token); None: /sql refuses every request
 
 
 async def until_state_ready(ctx: WorkerContext) -> None:
@@ -172,6 +177,13 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
         web_host=settings.web_host,
         web_bind=settings.web_host,
         web_port=web_port,
+        # Faust's own views list table contents (/table/...: event ids, unauthenticated) and the
+        # partition routing (/router/); the debug ones show the graph and stats. None is served.
+        web_router_enabled=False,
+        web_tables_enabled=False,
+        web_graph_enabled=False,
+        web_stats_enabled=False,
+        web_metrics_enabled=False,
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
         consumer_auto_offset_reset="earliest",
@@ -488,21 +500,40 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             body = {"ready": stats.ready_seconds is not None, **stats.__dict__}
             return self.json(body, status=200 if stats.ready_seconds is not None else 503)
 
+    # A pool of its own: analysts' queries (each up to sql_max_seconds) must never take the default
+    # executor's threads, which the sink's ClickHouse calls run on.
+    analysts = ThreadPoolExecutor(max_workers=2, thread_name_prefix="analyst-sql")
+
     @app.page("/sql")
     class SqlView(View):
+        """Analysts' SELECTs, for commands that cannot open the embedded engine while this process holds it.
+
+        Each runs on a read-only chDB handle of its own (:func:`synthwatch.query.analyst_client`), never on
+        the sink's client and never under the sink's lock: a slow query cannot stall ingestion.
+        """
+
         async def post(self, request: Request) -> Response:
-            payload = await request.json()
-            sql, parameters = payload.get("sql", ""), payload.get("parameters") or None
-
-            def run() -> Any:
-                with ctx.sink.lock:
-                    return execute_local(ctx.client, sql, parameters)
-
+            refused = refuse_request(request.headers, ctx.web_token, settings.web_allowed_hosts)
+            if refused is not None:
+                return self.json({"error": refused[1]}, status=refused[0])
+            declared = request.content_length
+            if declared is not None and declared > settings.sql_max_body_bytes:
+                return self.json({"error": f"request over {settings.sql_max_body_bytes} bytes"}, status=413)
+            body = await request.read()
+            if len(body) > settings.sql_max_body_bytes:
+                return self.json({"error": f"request over {settings.sql_max_body_bytes} bytes"}, status=413)
             try:
-                result = await asyncio.get_running_loop().run_in_executor(None, run)
+                payload = json.loads(body)
+                sql, parameters = str(payload["sql"]), payload.get("parameters") or None
+                if parameters is not None and not isinstance(parameters, dict):
+                    raise TypeError("parameters must be an object")
+            except (ValueError, KeyError, TypeError) as error:
+                return self.json({"error": f'send {{"sql": "SELECT ...", "parameters": {{}}}} ({error})'}, status=400)
+            try:
+                result = await asyncio.get_running_loop().run_in_executor(
+                    analysts, partial(run_analyst_query, settings, sql, parameters)
+                )
             except QueryError as error:
-                return self.json({"error": str(error)}, status=400)
-            except Exception as error:  # ClickHouse's own message is what the user needs
                 return self.json({"error": str(error)}, status=400)
             return self.json({"columns": result.columns, "rows": result.rows})
 

@@ -46,6 +46,7 @@ from rich.table import Table
 from .bare_faust import FLOOR, FLOOR_EXPERIMENTS, FloorResult, FloorVariant, run_bare_agent
 from .broker import EmbeddedBroker, ensure_topics
 from .query import execute_remote
+from .runtime import read_web_token
 from .settings import Settings
 
 # --- worker variants: the shipped settings, and the other values of the settings that cost or save time ---
@@ -145,7 +146,8 @@ class BenchWorker:
             return stats
 
     def count(self, sql: str) -> int:
-        return int(execute_remote(self.web_url, sql).rows[0][0])
+        token = read_web_token(Settings(data_dir=self.data_dir))
+        return int(execute_remote(self.web_url, sql, token=token).rows[0][0])
 
     def memory_kib(self) -> dict[str, int]:
         """VmRSS and VmHWM (peak RSS) of the worker process, in KiB."""

@@ -68,6 +68,7 @@ def worker(loglevel: Annotated[str, typer.Option(help="Faust log level.")] = "wa
 @app.command()
 def status() -> None:
     """Show the running embedded stack (broker address, worker HTTP port), if any."""
+    from .redaction import redact
     from .runtime import read_stack
 
     settings = Settings()
@@ -75,7 +76,7 @@ def status() -> None:
     if info is None:
         console.print(f"No stack running for {settings.data_dir}. Start one with `synthwatch up`.")
         raise typer.Exit(1)
-    console.print_json(json.dumps(dataclasses.asdict(info)))
+    console.print_json(redact(json.dumps(dataclasses.asdict(info))))
 
 
 # --- producing -----------------------------------------------------------------------------------------
@@ -231,8 +232,9 @@ def db_migrate(
 
 
 @app.command()
-def sql(query: Annotated[str, typer.Argument(help="One read-only statement (SELECT, SHOW, ...).")]) -> None:
-    """Run a read-only query on synthwatch's ClickHouse (through the running stack if it holds it)."""
+def sql(query: Annotated[str, typer.Argument(help="One SELECT (or WITH ... SELECT) statement.")]) -> None:
+    """Run one SELECT on synthwatch's ClickHouse in a read-only, time-bounded session (through the running stack
+    if it holds the engine). Tables: SELECT name FROM system.tables WHERE database = currentDatabase()."""
     from .query import QueryError, run_query
 
     try:

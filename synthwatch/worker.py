@@ -14,7 +14,8 @@ import faust
 
 from .broker import EmbeddedBroker, ensure_topics, free_port
 from .clickhouse import connect, migrate
-from .runtime import StackInfo, remove_stack, write_stack
+from .redaction import install_log_redaction, private_dir, redact
+from .runtime import StackInfo, new_web_token, remove_stack, write_stack
 from .settings import Settings
 
 
@@ -55,8 +56,12 @@ def run_worker(
         if applied:
             announce(f"ClickHouse: applied migrations {', '.join(f'{m.version:04d}_{m.name}' for m in applied)}")
 
+    install_log_redaction()
+    private_dir(settings.data_dir)
     web_port = settings.web_port or free_port(settings.web_host)
-    web_url = f"http://{settings.web_host}:{web_port}"
+    # The address other commands on this machine use: loopback even when the port listens on every interface.
+    local_host = "127.0.0.1" if settings.web_host in ("0.0.0.0", "", "::") else settings.web_host
+    web_url = f"http://{local_host}:{web_port}"
     pid = os.getpid()
 
     def on_ready(seconds: float) -> None:
@@ -72,7 +77,7 @@ def run_worker(
                 broker_pid=broker_pid,
             ),
         )
-        announce(f"Worker ready in {seconds:.1f} s (Kafka {bootstrap_servers}, HTTP {web_url})")
+        announce(f"Worker ready in {seconds:.1f} s (Kafka {redact(bootstrap_servers)}, HTTP {web_url})")
 
     ctx = WorkerContext(
         settings=settings,
@@ -84,6 +89,7 @@ def run_worker(
         novelty=NoveltyDetector(settings.detection_config().novelty),
         started_at=started_at,
         on_ready=on_ready,
+        web_token=new_web_token(settings),
     )
     app = create_app(ctx, bootstrap_servers, web_port)
     worker = faust_worker(app, loglevel)
@@ -112,7 +118,7 @@ def run_embedded_stack(
     started_at = time.monotonic()
     # Until Faust installs its own handlers, SIGTERM must unwind through `finally` to stop the broker.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.data_dir)
     broker = EmbeddedBroker(settings, log_path=settings.data_dir / "tansu.log")
     broker.start()
     try:
