@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .events import CHECKED_EVENT_ADAPTER, EVENT_ADAPTER, BorderSeizure, LabDetection, fast_event_ok
+from .text import FORBIDDEN_PATTERN, first_forbidden
 
 
 class WireError(ValueError):
@@ -43,6 +44,9 @@ def describe_validation_error(error: ValidationError) -> str:
         elif item["type"] == "union_tag_invalid":
             message = "unknown kind; expected 'lab_detection' or 'border_seizure'"
             where = "kind"
+        elif item["type"] == "string_pattern_mismatch" and (item.get("ctx") or {}).get("pattern") == FORBIDDEN_PATTERN:
+            found = first_forbidden(str(item.get("input", "")))
+            message = f"contains {found}: text fields are one line of printable text (no control characters)"
         elif item["type"] == "union_tag_not_found":
             message = "required field is missing (one of 'lab_detection', 'border_seizure')"
             where = "kind"

@@ -41,6 +41,7 @@ from pydantic import (
 )
 
 from synthwatch.catalogue import Family
+from synthwatch.redaction import redact_url
 from synthwatch.schemas import Alert
 from synthwatch.schemas.events import CountryCode, RegionCode
 from synthwatch.schemas.records import AlertType, Severity
@@ -112,9 +113,9 @@ class WebhookChannel(BaseModel):
 
     @property
     def target(self) -> str:
-        """Where it goes, for the record: no query string (it may carry a token)."""
+        """Where it goes, for the record: no query string (it may carry a token), no password."""
         parts = urlsplit(self.url)
-        return f"{parts.scheme}://{parts.netloc}{parts.path}"
+        return redact_url(f"{parts.scheme}://{parts.netloc}{parts.path}")
 
     def resolve_secret(self, default: str | None) -> str | None:
         if self.secret is not None:

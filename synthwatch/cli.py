@@ -15,7 +15,10 @@ from rich.table import Table
 from .cli_dashboards import register as register_dashboard_commands
 from .cli_data import register as register_data_commands
 from .cli_delivery import register as register_delivery_commands
+from .redaction import redact
 from .settings import Settings
+from .terminal import console as make_console
+from .terminal import plain, say
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Early warning for new synthetic drugs.")
 schemas_app = typer.Typer(no_args_is_help=True, help="Wire-contract JSON Schema files.")
@@ -28,13 +31,13 @@ register_data_commands(app)
 register_delivery_commands(app)
 register_dashboard_commands(app)
 
-console = Console(width=None if Console().is_terminal else 140)  # logs and `make demo` get wide tables
+console = make_console(width=None if Console().is_terminal else 140)  # logs and `make demo` get wide tables
 
-err = Console(stderr=True)
+err = make_console(stderr=True)
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}")
+    say(err, "[bold red]error:[/] ", redact(message))
     raise typer.Exit(code)
 
 
@@ -47,7 +50,7 @@ def up(loglevel: Annotated[str, typer.Option(help="Faust log level.")] = "warnin
     from .worker import run_embedded_stack
 
     settings = Settings()
-    console.print(f"Data directory: {settings.data_dir}")
+    say(console, "Data directory: ", settings.data_dir)
     run_embedded_stack(settings, loglevel=loglevel, announce=lambda m: console.print(m, highlight=False))
 
 
@@ -122,7 +125,7 @@ def publish(
             read_records(file, cast(InputFormat | None, fmt)),
             progress=lambda n: progress.advance(task, n),
         )
-    table = Table(title=f"published {file}")
+    table = Table(title=plain(f"published {file}"))
     for column in ("read", "sent", "rejected", "duplicates", "failed"):
         table.add_column(column, justify="right")
     table.add_row(
@@ -130,9 +133,9 @@ def publish(
     )
     console.print(table)
     for reason, count in sorted(summary.reject_reasons.items(), key=lambda kv: -kv[1]):
-        console.print(f"  rejected ({reason}): {count}")
+        say(console, "  rejected (", reason, f"): {count}")
     for label, problem in summary.failed[:20]:
-        err.print(f"[red]not delivered[/] {label}: {problem}")
+        say(err, "[red]not delivered[/] ", f"{label}: {problem}")
     if summary.failed:
         _fail(f"{len(summary.failed)} records were NOT delivered (listed above); re-send the file", code=2)
 
@@ -243,9 +246,9 @@ def sql(query: Annotated[str, typer.Argument(help="One SELECT (or WITH ... SELEC
         _fail(str(error))
     table = Table()
     for column in result.columns:
-        table.add_column(column)
+        table.add_column(plain(column))
     for row in result.rows:
-        table.add_row(*(str(v) for v in row))
+        table.add_row(*(plain(v) for v in row))
     console.print(table)
 
 

@@ -21,6 +21,7 @@ from rich.table import Table
 from .query import QueryError, run_query
 from .runtime import read_stack
 from .settings import Settings
+from .terminal import plain, say
 
 
 def _wait_ready(settings: Settings, process: subprocess.Popen[bytes], timeout: float) -> float:
@@ -79,13 +80,13 @@ def _print_query(console: Console, settings: Settings, title: str, sql: str) -> 
     try:
         result = run_query(settings, sql)
     except QueryError as error:
-        console.print(f"[yellow]{title}: {error}[/]")
+        console.print(plain(f"{title}: {error}", style="yellow"))
         return
     table = Table(title=title, title_justify="left")
     for column in result.columns:
         table.add_column(column)
     for row in result.rows:
-        table.add_row(*(str(v) for v in row))
+        table.add_row(*(plain(v) for v in row))
     console.print(table)
 
 
@@ -206,7 +207,7 @@ def run_demo(days: int, seed: int, console: Console, keep_running: bool = False)
             process.wait()
         return 0
     except (RuntimeError, QueryError) as error:
-        console.print(f"[bold red]demo failed:[/] {error}")
+        say(console, "[bold red]demo failed:[/] ", error)
         tail = Path(log_path).read_text(errors="replace").splitlines()[-30:]
         console.print("\n".join(tail), highlight=False)
         return 1
