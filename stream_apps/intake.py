@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from synthwatch.schemas import BorderSeizure, LabDetection, Reject, WireError, parse_event
 from synthwatch.schemas.records import RejectStage
+from synthwatch.schemas.wire import DEFAULT_LIMITS, RecordLimits, check_extras, check_size
 
 from .identity import NormalisedQuantity, ResolvedSubstance, SubstanceResolver, normalise_quantity
 
@@ -48,9 +49,15 @@ class IntakeResult:
 class Intake:
     """Validates and enriches batches; holds the substance resolver (its learnt names are state)."""
 
-    def __init__(self, resolver: SubstanceResolver | None = None, stage: RejectStage = "worker") -> None:
+    def __init__(
+        self,
+        resolver: SubstanceResolver | None = None,
+        stage: RejectStage = "worker",
+        limits: RecordLimits = DEFAULT_LIMITS,
+    ) -> None:
         self.resolver = resolver or SubstanceResolver()
         self.stage: RejectStage = stage
+        self.limits = limits  # other producers bypass the publisher's caps: the worker applies them again
 
     def enrich(self, event: LabDetection | BorderSeizure, source: str) -> EnrichedEvent:
         """Resolve the substance (structure first, then names) and normalise the quantity."""
@@ -71,7 +78,9 @@ class Intake:
                 )
                 continue
             try:
+                check_size(len(message.value), self.limits)
                 event = parse_event(message.value)
+                check_extras(event, self.limits)
             except WireError as error:
                 result.rejects.append(
                     Reject.of(

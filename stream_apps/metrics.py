@@ -69,6 +69,10 @@ def reject_reason(reason: str) -> str:
         return "invalid_json"
     if lowered.startswith("record too large"):
         return "too_large"
+    if lowered.startswith("extra_fields:"):
+        return "too_many_extra_fields"
+    if lowered.startswith("csv "):
+        return "unreadable_csv"
     match = _FIELD.match(text)
     if match:
         field = re.sub(r"\[\d+\]|\.\d+", "", match.group(1)).replace(".", "_").lower()
@@ -103,6 +107,7 @@ def _wire_fields() -> frozenset[str]:
 def reject_reason_classes() -> frozenset[str]:
     """The fixed set of reject reason label values (why: Prometheus series must not grow with input)."""
     fixed = {"too_late", "empty_message", "not_a_reject_record", "invalid_json", "too_large", "invalid_other_field"}
+    fixed |= {"too_many_extra_fields", "unreadable_csv"}
     return frozenset(fixed | {f"invalid_{f}" for f in _wire_fields()} | {"other"})
 
 

@@ -122,7 +122,12 @@ def publish(
     ):
         task = progress.add_task("publish", total=total)
         summary = publisher.publish_records(
-            read_records(file, cast(InputFormat | None, fmt)),
+            read_records(
+                file,
+                cast(InputFormat | None, fmt),
+                max_depth=settings.max_csv_header_depth,
+                max_field=settings.max_csv_field_bytes,
+            ),
             progress=lambda n: progress.advance(task, n),
         )
     table = Table(title=plain(f"published {file}"))

@@ -15,6 +15,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
+    from synthwatch.schemas.wire import RecordLimits
     from synthwatch.stream_apps.detection import DetectionConfig
 
 
@@ -195,6 +196,16 @@ class Settings(BaseSettings):
         return DetectionConfig(
             lateness_hours=self.lateness_hours,
             novelty=NoveltyConfig(spread_regions=self.spread_regions, spread_days=self.spread_days),
+        )
+
+    def record_limits(self) -> RecordLimits:
+        """The record size and unknown-field caps: the publisher and the worker apply the same."""
+        from synthwatch.schemas.wire import RecordLimits
+
+        return RecordLimits(
+            max_bytes=self.max_record_bytes,
+            max_extra_fields=self.max_extra_fields,
+            max_extra_bytes=self.max_extra_bytes,
         )
 
     @field_validator("data_dir")

@@ -83,7 +83,7 @@ def run_worker(
         settings=settings,
         client=client,
         sink=ClickHouseSink(client),
-        intake=Intake(),
+        intake=Intake(limits=settings.record_limits()),
         metrics=WorkerMetrics(app_id=settings.app_id),
         regions=RegionDetector(settings.detection_config()),
         novelty=NoveltyDetector(settings.detection_config().novelty),

@@ -290,3 +290,173 @@ def test_status_and_stack_file_show_no_clickhouse_password(broker: EmbeddedBroke
     assert result.returncode == 0, result.stderr
     assert secret not in result.stdout + result.stderr
     assert "synthwatch:***@clickhouse.example" in result.stdout
+
+
+# --- 7. the publisher: bad records are rejected with a reason, the run goes on -------------------------
+
+
+def _summary(stdout: str) -> dict[str, int]:
+    """The numbers of `synthwatch publish`'s summary table."""
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.replace("┃", "│").split("│") if c.strip()]
+        if len(cells) == 5 and all(c.isdigit() for c in cells):
+            return dict(zip(["read", "sent", "rejected", "duplicates", "failed"], map(int, cells), strict=True))
+    raise AssertionError(f"no summary in output:\n{stdout}")
+
+
+def _stored_ids(worker: RunningWorker, prefix: str) -> set[str]:
+    rows = worker.query(
+        "SELECT event_id FROM lab_detections WHERE startsWith(event_id, {p:String})", {"p": prefix}
+    ).rows
+    return {str(r[0]) for r in rows}
+
+
+def _rejects(worker: RunningWorker, prefix: str) -> list[str]:
+    return [
+        str(r[0])
+        for r in worker.query(
+            "SELECT reason FROM rejects WHERE startsWith(source, {p:String}) ORDER BY source", {"p": prefix}
+        ).rows
+    ]
+
+
+def test_a_csv_cell_over_128_kib_rejects_its_row_only(worker: RunningWorker, tmp_path: Path) -> None:
+    prefix = f"big{uuid.uuid4().hex[:6]}"
+    path = tmp_path / f"{prefix}.csv"
+    header = "event_id,kind,occurred_at,country,region,substance.name,lab_id,sample_id,sample_type,method"
+    row = "{id},lab_detection,2026-03-02T09:00:00Z,FR,FR-75C,{name},LAB-1,S-1,seized_material,GC-MS"
+    path.write_text(
+        "\n".join(
+            [
+                header,
+                row.format(id=f"{prefix}-1", name="3-MMC"),
+                row.format(id=f"{prefix}-2", name="x" * (600 * 1024)),  # over Python's 128 KiB and our 512 KiB
+                row.format(id=f"{prefix}-3", name="3-MMC"),
+            ]
+        )
+        + "\n"
+    )
+    done = run_cli(worker.settings, "publish", str(path))
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert _summary(done.stdout) == {"read": 3, "sent": 2, "rejected": 1, "duplicates": 0, "failed": 0}
+    wait_until(lambda: _stored_ids(worker, prefix) == {f"{prefix}-1", f"{prefix}-3"}, 60, "the two good rows")
+    reasons = wait_until(lambda: _rejects(worker, path.name), 60, "the reject of the big row")
+    assert len(reasons) == 1 and "CSV row unreadable: field larger than field limit" in reasons[0]
+
+
+def test_a_header_nested_60000_levels_deep_is_refused_with_a_reason(worker: RunningWorker, tmp_path: Path) -> None:
+    prefix = f"deep{uuid.uuid4().hex[:6]}"
+    path = tmp_path / f"{prefix}.csv"
+    deep = ".".join(["x"] * 60_000)
+    path.write_text(f"event_id,kind,{deep}\n{prefix}-1,lab_detection,1\n{prefix}-2,lab_detection,2\n")
+    done = run_cli(worker.settings, "publish", str(path))
+    assert done.returncode == 0, done.stderr
+    assert "RecursionError" not in done.stderr + done.stdout
+    assert _summary(done.stdout) == {"read": 2, "sent": 0, "rejected": 2, "duplicates": 0, "failed": 0}
+    reasons = wait_until(lambda: len(_rejects(worker, path.name)) == 2 and _rejects(worker, path.name), 60, "2 rejects")
+    assert all("nests 60,000 levels, at most 8" in r for r in reasons)
+
+
+def test_a_valid_50_mb_event_is_rejected_as_too_large_and_the_rest_is_sent(
+    worker: RunningWorker, tmp_path: Path
+) -> None:
+    prefix = f"huge{uuid.uuid4().hex[:6]}"
+    path = tmp_path / f"{prefix}.ndjson"
+    with path.open("w", encoding="utf-8") as out:
+        out.write(json.dumps(lab(event_id=f"{prefix}-1")) + "\n")
+        out.write(json.dumps(lab(event_id=f"{prefix}-2", note="n" * (50 * 1024 * 1024))) + "\n")  # valid, 50 MB
+        out.write(json.dumps(lab(event_id=f"{prefix}-3", **{f"x{i}": i for i in range(100)})) + "\n")  # 100 extras
+        out.write(json.dumps(lab(event_id=f"{prefix}-4")) + "\n")
+    done = run_cli(worker.settings, "publish", str(path))
+    assert done.returncode == 0, done.stderr
+    assert "MessageSizeTooLargeError" not in done.stderr + done.stdout
+    assert _summary(done.stdout) == {"read": 4, "sent": 2, "rejected": 2, "duplicates": 0, "failed": 0}
+    wait_until(lambda: _stored_ids(worker, prefix) == {f"{prefix}-1", f"{prefix}-4"}, 60, "the two good events")
+    reasons = wait_until(lambda: len(_rejects(worker, path.name)) == 2 and _rejects(worker, path.name), 60, "2 rejects")
+    assert reasons[0].startswith("record too large: 52,")
+    assert reasons[1].startswith("extra_fields: 100 unknown fields, at most 64")
+
+
+def test_the_worker_applies_the_same_caps_to_other_producers(worker: RunningWorker) -> None:
+    """A producer that skips `synthwatch publish` meets the same limits in the worker."""
+    from kafka import KafkaProducer
+
+    prefix = f"direct{uuid.uuid4().hex[:6]}"
+    producer = KafkaProducer(bootstrap_servers=worker.settings.kafka_bootstrap_servers, max_request_size=4 << 20)
+    try:
+        many = lab(event_id=f"{prefix}-1", **{f"x{i}": i for i in range(100)})
+        producer.send(worker.settings.topic_lab_detections, key=b"FR-75C", value=json.dumps(many).encode()).get(30)
+        ok = lab(event_id=f"{prefix}-2")
+        producer.send(worker.settings.topic_lab_detections, key=b"FR-75C", value=json.dumps(ok).encode()).get(30)
+    finally:
+        producer.close()
+    wait_until(lambda: _stored_ids(worker, prefix) == {f"{prefix}-2"}, 60, "the good event")
+    reasons = wait_until(
+        lambda: worker.query("SELECT reason FROM rejects WHERE event_id = {e:String}", {"e": f"{prefix}-1"}).rows,
+        60,
+        "the reject of the event with 100 unknown fields",
+    )
+    assert str(reasons[0][0]).startswith("extra_fields: 100 unknown fields")
+
+
+# --- 3. report text in the analysts' terminal ---------------------------------------------------------
+
+MARKUP_NAMES = ["[/]", "[link=https://evil.example]Isotonitazene[/link]", ":x: Protonitazene"]
+
+
+def test_markup_and_escapes_in_stored_data_reach_the_terminal_as_plain_text(
+    worker: RunningWorker, tmp_path: Path
+) -> None:
+    """Names that look like Rich markup are valid reports; a forged alert (no Kafka auth yet: issue 12 item 2)
+    carries ESC, OSC-8 and bidi characters. `alerts`, `stats`, `substance` and `sql` print all of it as text."""
+    from kafka import KafkaProducer
+
+    from .delivery_helpers import make_alert
+
+    prefix = f"mk{uuid.uuid4().hex[:6]}"
+    path = tmp_path / f"{prefix}.ndjson"
+    path.write_text(
+        "".join(
+            json.dumps(lab(event_id=f"{prefix}-{i}", substance={"name": n})) + "\n" for i, n in enumerate(MARKUP_NAMES)
+        )
+    )
+    done = run_cli(worker.settings, "publish", str(path))
+    assert done.returncode == 0 and _summary(done.stdout)["sent"] == 3, done.stdout + done.stderr
+    evil = "\x1b]8;;https://evil.example\x07Isotonitazene\x1b]8;;\x07 \x1b[2J\u202eevil"
+    alert = make_alert(
+        alert_id=f"{prefix}-alert",
+        substance=make_alert().substance.model_copy(update={"name": "[/]" + evil}),
+        summary=f"[bold]x[/] :x: {evil}\nSeverity: forged line",
+    )
+    producer = KafkaProducer(bootstrap_servers=worker.settings.kafka_bootstrap_servers)
+    try:
+        producer.send(
+            worker.settings.topic_alerts, key=alert.alert_id.encode(), value=alert.model_dump_json().encode()
+        ).get(30)
+    finally:
+        producer.close()
+    wait_until(lambda: len(_stored_ids(worker, prefix)) == 3, 60, "the three reports")
+    wait_until(
+        lambda: worker.count("SELECT count() FROM alerts WHERE alert_id = {a:String}", {"a": alert.alert_id}),
+        60,
+        "the forged alert stored",
+    )
+    outputs = {
+        "alerts": run_cli(worker.settings, "alerts", "--since", "30d"),
+        "stats": run_cli(worker.settings, "stats", "--days", "3650"),
+        "substance": run_cli(worker.settings, "substance", "[/]"),
+        "sql": run_cli(
+            worker.settings, "sql", f"SELECT substance_name, summary FROM alerts WHERE alert_id = '{alert.alert_id}'"
+        ),
+    }
+    for command, result in outputs.items():
+        text = result.stdout + result.stderr
+        assert result.returncode == 0, f"{command}: {text}"
+        assert "MarkupError" not in text and "Traceback" not in text, command
+        assert "\x1b" not in text and "\u202e" not in text and "\u274c" not in text, f"{command}: {text!r}"
+    assert "\\x1b]8;;https://evil.example\\x07Isotonitazene" in outputs["alerts"].stdout
+    assert "Severity: forged line" not in outputs["alerts"].stdout.replace("\\nSeverity: forged line", "")
+    for name in MARKUP_NAMES:
+        assert name in outputs["stats"].stdout, name
+    assert "[/]" in outputs["substance"].stdout
