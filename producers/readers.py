@@ -12,7 +12,7 @@ import csv
 import io
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -72,7 +72,7 @@ def _nest(row: dict[str, str]) -> dict[str, Any]:
     return nested
 
 
-def _too_deep(fieldnames: list[str] | None, max_depth: int) -> str | None:
+def _too_deep(fieldnames: Sequence[str] | None, max_depth: int) -> str | None:
     """The reason rows of this header cannot be read, when a column nests deeper than ``max_depth``."""
     for column in fieldnames or []:
         if column is not None and column.count(".") + 1 > max_depth:

@@ -516,8 +516,8 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             refused = refuse_request(request.headers, ctx.web_token, settings.web_allowed_hosts)
             if refused is not None:
                 return self.json({"error": refused[1]}, status=refused[0])
-            declared = request.content_length
-            if declared is not None and declared > settings.sql_max_body_bytes:
+            declared = request.headers.get("Content-Length", "0")
+            if not declared.isdigit() or int(declared) > settings.sql_max_body_bytes:
                 return self.json({"error": f"request over {settings.sql_max_body_bytes} bytes"}, status=413)
             body = await request.read()
             if len(body) > settings.sql_max_body_bytes:

@@ -460,3 +460,8 @@ def test_markup_and_escapes_in_stored_data_reach_the_terminal_as_plain_text(
     for name in MARKUP_NAMES:
         assert name in outputs["stats"].stdout, name
     assert "[/]" in outputs["substance"].stdout
+
+
+def test_an_oversized_request_is_refused_before_it_is_read(worker: RunningWorker) -> None:
+    status, answer = post(worker, "/sql", {"sql": "SELECT 1 -- " + "x" * (300 * 1024)})
+    assert status == 413, answer
