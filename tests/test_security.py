@@ -465,3 +465,68 @@ def test_markup_and_escapes_in_stored_data_reach_the_terminal_as_plain_text(
 def test_an_oversized_request_is_refused_before_it_is_read(worker: RunningWorker) -> None:
     status, answer = post(worker, "/sql", {"sql": "SELECT 1 -- " + "x" * (300 * 1024)})
     assert status == 413, answer
+
+
+def test_deliveries_shows_hostile_names_and_no_webhook_password(tmp_path: Path) -> None:
+    """`synthwatch deliveries` crashed on a substance named ``[/]``; rows also kept ``user:password@``.
+
+    A child process that owns a fresh embedded engine stores one attempt row as the delivery service
+    builds it (``target`` from ``WebhookChannel.target``, ``reason`` through ``redact``); the command then
+    opens that engine itself (no stack is running).
+    """
+    import subprocess
+    import sys
+
+    from synthwatch.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "data")
+    code = r"""
+import sys
+from datetime import UTC, datetime
+from synthwatch.clickhouse import connect, migrate
+from synthwatch.redaction import redact
+from synthwatch.settings import Settings
+from synthwatch.stream_apps.delivery import COLUMNS, TABLE
+from synthwatch.stream_apps.subscriptions import WebhookChannel
+
+client = connect(Settings(data_dir=sys.argv[1]))
+migrate(client)
+channel = WebhookChannel(type="webhook", url="https://officer:hunter2@hooks.example/in")
+row = {
+    "alert_id": "a1", "officer_id": "[/]", "channel": "webhook", "channel_type": "webhook", "route": "[link=https://evil.example]r[/link]",
+    "attempt": 1, "status": "failed", "reason": redact("POST https://officer:hunter2@hooks.example/in: refused"),
+    "response_code": None, "target": channel.target, "at": datetime.now(UTC), "duration_ms": 1.0,
+    "alert_type": "new_substance", "severity": "critical", "substance": "[/] :x: \x1b]8;;https://e\x07y",
+    "region": "ML-BKO", "digest_id": "", "alert_json": "",
+}
+client.insert(TABLE, [[row[c] for c in COLUMNS]], column_names=COLUMNS)
+client.close()
+"""
+    prepared = subprocess.run(
+        [sys.executable, "-c", code, str(settings.data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert prepared.returncode == 0, prepared.stderr
+    result = run_cli(settings, "deliveries")
+    text = result.stdout + result.stderr
+    assert result.returncode == 0, text
+    assert "MarkupError" not in text and "\x1b" not in text and "\u274c" not in text
+    assert "[/]" in result.stdout and ":x:" in result.stdout and "[link=https://evil.example]r[/link]" in result.stdout
+    assert "hunter2" not in text
+    rows = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from synthwatch.query import run_query; from synthwatch.settings import Settings; "
+            "print(run_query(Settings(data_dir=sys.argv[1]), 'SELECT target, reason FROM deliveries').rows)",
+            str(settings.data_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert rows.returncode == 0, rows.stderr
+    assert "hunter2" not in rows.stdout and "officer:***@hooks.example" in rows.stdout
