@@ -24,9 +24,9 @@ from kafka import KafkaProducer
 from kafka import errors as kafka_errors
 
 from synthwatch.broker import default_partition
-from synthwatch.schemas import BorderSeizure, LabDetection, Reject, WireError, parse_event, parse_event_object
+from synthwatch.schemas import BorderSeizure, LabDetection, Reject, WireError, parse_event_object
 from synthwatch.schemas.records import RejectStage
-from synthwatch.schemas.wire import RecordLimits, check_extras, check_size
+from synthwatch.schemas.wire import RecordLimits, check_extras, check_size, parse_limited
 from synthwatch.settings import Settings
 
 from .readers import InputRecord
@@ -258,8 +258,10 @@ class Publisher:
         """The record's event, or WireError: unreadable, too large, not an event, too many unknown fields."""
         if record.problem is not None:
             raise WireError(record.problem)
-        check_size(len(record.raw.encode("utf-8", errors="surrogateescape")), self.limits)
-        event = parse_event_object(record.obj) if record.obj is not None else parse_event(record.raw)
+        if record.obj is None:
+            return parse_limited(record.raw, self.limits)
+        check_size(record.raw, self.limits)
+        event = parse_event_object(record.obj)
         check_extras(event, self.limits)
         return event
 

@@ -125,13 +125,30 @@ class RecordLimits:
 DEFAULT_LIMITS = RecordLimits()
 
 
-def check_size(size: int, limits: RecordLimits = DEFAULT_LIMITS) -> None:
-    """Refuse a record over ``limits.max_bytes`` before parsing it (parsing 50 MB is work wasted)."""
+def byte_size(raw: bytes | str, limit: int) -> int:
+    """Bytes of a record as Kafka carries it (UTF-8); a str is encoded only when it could reach ``limit``."""
+    if isinstance(raw, bytes):
+        return len(raw)
+    return len(raw) if len(raw) * 4 <= limit else len(raw.encode("utf-8", errors="surrogateescape"))
+
+
+def check_size(raw: bytes | str, limits: RecordLimits = DEFAULT_LIMITS) -> None:
+    """Refuse a record over ``limits.max_bytes`` before validating it (a 50 MB event crashed the publisher)."""
+    size = byte_size(raw, limits.max_bytes)
     if size > limits.max_bytes:
         raise WireError(
             f"record too large: {size:,} bytes, at most {limits.max_bytes:,} (SYNTHWATCH_MAX_RECORD_BYTES); "
-            "send big attachments elsewhere and a reference in the report"
+            "send big attachments elsewhere and a reference in the report",
+            _peek_event_id(raw) if size <= 16 * limits.max_bytes else None,
         )
+
+
+def parse_limited(raw: bytes | str, limits: RecordLimits = DEFAULT_LIMITS) -> LabDetection | BorderSeizure:
+    """:func:`parse_event` within the record caps: what the publisher, the worker and the backtest apply."""
+    check_size(raw, limits)
+    event = parse_event(raw)
+    check_extras(event, limits)
+    return event
 
 
 def _count_keys(value: Any) -> int:

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from synthwatch.schemas import BorderSeizure, LabDetection, Reject, WireError, parse_event
+from synthwatch.schemas import BorderSeizure, LabDetection, Reject, WireError
 from synthwatch.schemas.records import RejectStage
-from synthwatch.schemas.wire import DEFAULT_LIMITS, RecordLimits, check_extras, check_size
+from synthwatch.schemas.wire import DEFAULT_LIMITS, RecordLimits, parse_limited
 
 from .identity import NormalisedQuantity, ResolvedSubstance, SubstanceResolver, normalise_quantity
 
@@ -78,9 +78,7 @@ class Intake:
                 )
                 continue
             try:
-                check_size(len(message.value), self.limits)
-                event = parse_event(message.value)
-                check_extras(event, self.limits)
+                event = parse_limited(message.value, self.limits)
             except WireError as error:
                 result.rejects.append(
                     Reject.of(

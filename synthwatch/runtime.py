@@ -55,6 +55,7 @@ def write_stack(settings: Settings, info: StackInfo) -> None:
 
 
 def web_token_file(settings: Settings) -> Path:
+    """Where the running stack keeps its ``/sql`` token (0600, readable by the user that started it)."""
     return settings.data_dir / "web-token"
 
 

@@ -160,9 +160,12 @@ def test_request_checks() -> None:
 
 def test_record_size_and_extra_field_caps() -> None:
     limits = RecordLimits(max_bytes=1000, max_extra_fields=3, max_extra_bytes=100)
-    check_size(1000, limits)
+    check_size(b"x" * 1000, limits)
     with pytest.raises(WireError, match="record too large: 1,001 bytes"):
-        check_size(1001, limits)
+        check_size(b"x" * 1001, limits)
+    with pytest.raises(WireError, match="record too large: 1,002 bytes") as caught:  # 'é' is 2 bytes
+        check_size('{"event_id": "e-1", "x": "' + "é" * 487 + '"}', limits)
+    assert caught.value.event_id == "e-1"  # a reject can still be traced
     event = parse_event(json.dumps(lab(a=1, b=2, substance={"name": "x", "c": 3})))
     check_extras(event, limits)
     many = parse_event(json.dumps(lab(a=1, b=2, d={"e": 1}, substance={"name": "x", "c": 3})))
