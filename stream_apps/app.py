@@ -44,7 +44,7 @@ from faust.web import Request, Response, View
 from pydantic_core import from_json, to_json
 
 from synthwatch.broker import default_partition
-from synthwatch.query import QueryError, run_analyst_query
+from synthwatch.query import AnalystSessions, QueryError
 from synthwatch.schemas import Alert, Reject, event_to_json
 from synthwatch.settings import Settings
 
@@ -503,13 +503,15 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
     # A pool of its own: analysts' queries (each up to sql_max_seconds) must never take the default
     # executor's threads, which the sink's ClickHouse calls run on.
     analysts = ThreadPoolExecutor(max_workers=2, thread_name_prefix="analyst-sql")
+    sessions = AnalystSessions(settings)
 
     @app.page("/sql")
     class SqlView(View):
         """Analysts' SELECTs, for commands that cannot open the embedded engine while this process holds it.
 
-        Each runs on a read-only chDB handle of its own (:func:`synthwatch.query.analyst_client`), never on
-        the sink's client and never under the sink's lock: a slow query cannot stall ingestion.
+        They run on read-only chDB handles of their own, one per thread of a two-thread pool
+        (:class:`synthwatch.query.AnalystSessions`), never on the sink's client and never under the
+        sink's lock: a slow query cannot stall ingestion.
         """
 
         async def post(self, request: Request) -> Response:
@@ -531,7 +533,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
                 return self.json({"error": f'send {{"sql": "SELECT ...", "parameters": {{}}}} ({error})'}, status=400)
             try:
                 result = await asyncio.get_running_loop().run_in_executor(
-                    analysts, partial(run_analyst_query, settings, sql, parameters)
+                    analysts, partial(sessions.run, sql, parameters)
                 )
             except QueryError as error:
                 return self.json({"error": str(error)}, status=400)
