@@ -24,8 +24,9 @@ from kafka import KafkaProducer
 from kafka import errors as kafka_errors
 
 from synthwatch.broker import default_partition
-from synthwatch.schemas import Reject, WireError, parse_event, parse_event_object
+from synthwatch.schemas import BorderSeizure, LabDetection, Reject, WireError, parse_event_object
 from synthwatch.schemas.records import RejectStage
+from synthwatch.schemas.wire import RecordLimits, check_extras, check_size, parse_limited
 from synthwatch.settings import Settings
 
 from .readers import InputRecord
@@ -109,6 +110,7 @@ class Publisher:
         self._acked: dict[str, int] = {"event": 0, "reject": 0}
         self._partitions: dict[tuple[str, bytes], int] = {}
         self.renewals = 0  # fresh producers in the current publish_records call
+        self.limits: RecordLimits = settings.record_limits()
 
     def partition_for(self, topic: str, key: bytes) -> int:
         """Kafka's default partition for ``key`` (murmur2, as Java and aiokafka clients compute it).
@@ -181,7 +183,11 @@ class Publisher:
             self._send(item.topic, item.key, item.value, item.partition, item.what, item.label)
 
     def _send(self, topic: str, key: bytes | None, value: bytes, partition: int | None, what: str, label: str) -> None:
-        future = self.producer.send(topic, key=key, value=value, partition=partition)
+        try:
+            future = self.producer.send(topic, key=key, value=value, partition=partition)
+        except kafka_errors.KafkaError as error:  # e.g. MessageSizeTooLargeError, raised before sending
+            self._failed.append((f"{what} {label}", f"{type(error).__name__}: {error}"))
+            return
         self._pending.append(Pending(future, what, label, topic, key, value, partition))
 
     def send_raw(self, topic: str, key: bytes | None, value: bytes, what: str, label: str) -> None:
@@ -209,7 +215,7 @@ class Publisher:
         for record in records:
             summary.read += 1
             try:
-                event = parse_event_object(record.obj) if record.obj is not None else parse_event(record.raw)
+                event = self._judge(record)
             except WireError as error:
                 reason = error.reason.split(":", 1)[0] if ":" in error.reason else error.reason
                 reasons[reason] = reasons.get(reason, 0) + 1
@@ -247,6 +253,17 @@ class Publisher:
         summary.sent = self._acked["event"]
         summary.rejected = self._acked["reject"]  # a reject that never reached Kafka is in `failed`
         return summary
+
+    def _judge(self, record: InputRecord) -> LabDetection | BorderSeizure:
+        """The record's event, or WireError: unreadable, too large, not an event, too many unknown fields."""
+        if record.problem is not None:
+            raise WireError(record.problem)
+        if record.obj is None:
+            return parse_limited(record.raw, self.limits)
+        check_size(record.raw, self.limits)
+        event = parse_event_object(record.obj)
+        check_extras(event, self.limits)
+        return event
 
     def flush(self, timeout: float | None = None) -> None:
         self.producer.flush(timeout=timeout)

@@ -31,6 +31,8 @@ from pydantic import (
 )
 from pydantic_core import core_schema
 
+from .text import FORBIDDEN_PATTERN
+
 #: Events before this instant or after ``LATEST_EVENT_TIME`` are typing errors, not history.
 EARLIEST_EVENT_TIME = datetime(1990, 1, 1, tzinfo=UTC)
 LATEST_EVENT_TIME = datetime(2100, 1, 1, tzinfo=UTC)
@@ -40,8 +42,12 @@ SampleType = Literal["seized_material", "biological", "wastewater", "drug_checki
 Conveyance = Literal["air", "sea", "land", "postal", "other"]
 QuantityUnit = Literal["g", "kg", "mg", "ml", "l", "tablets", "units", "blotters"]
 
-Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500)]
-"""A non-blank, bounded free-text field (names, ids, methods)."""
+Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500, pattern=FORBIDDEN_PATTERN)]
+"""A non-blank, bounded, one-line text field (names, ids, methods): no control or bidi-override characters,
+which forged lines in e-mails and rewrote terminals (checked inside pydantic-core; reason in :mod:`.wire`)."""
+Smiles = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000, pattern=FORBIDDEN_PATTERN)
+]
 
 _INCHIKEY = re.compile(r"^[A-Z]{14}-[A-Z]{10}-[A-Z]$")
 _CAS = re.compile(r"^(\d{2,7})-(\d{2})-(\d)$")
@@ -153,7 +159,7 @@ class SubstanceReport(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     name: Text = Field(description="Name as reported (any language, any spelling).")
-    smiles: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)] | None = None
+    smiles: Smiles | None = None
     inchikey: _FastInChIKey | None = None
     cas: Annotated[str, AfterValidator(_cas_number)] | None = None
 

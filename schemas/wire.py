@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
 from .events import CHECKED_EVENT_ADAPTER, EVENT_ADAPTER, BorderSeizure, LabDetection, fast_event_ok
+from .text import FORBIDDEN_PATTERN, first_forbidden
 
 
 class WireError(ValueError):
@@ -43,6 +45,9 @@ def describe_validation_error(error: ValidationError) -> str:
         elif item["type"] == "union_tag_invalid":
             message = "unknown kind; expected 'lab_detection' or 'border_seizure'"
             where = "kind"
+        elif item["type"] == "string_pattern_mismatch" and (item.get("ctx") or {}).get("pattern") == FORBIDDEN_PATTERN:
+            found = first_forbidden(str(item.get("input", "")))
+            message = f"contains {found}: text fields are one line of printable text (no control characters)"
         elif item["type"] == "union_tag_not_found":
             message = "required field is missing (one of 'lab_detection', 'border_seizure')"
             where = "kind"
@@ -102,3 +107,74 @@ def public_event(checked: LabDetection | BorderSeizure) -> LabDetection | Border
 def event_to_json(event: LabDetection | BorderSeizure) -> bytes:
     """Canonical wire bytes of an event (extra fields included, unset optionals left out)."""
     return event.model_dump_json(exclude_none=True).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class RecordLimits:
+    """How big a record, and how much unknown content in it, the pipeline takes (``Settings`` sets them).
+
+    Why: one 50 MB event made the publisher crash (Kafka refuses messages over ~1 MB), and unknown
+    fields are stored verbatim in every row: a record may not smuggle megabytes or thousands of keys.
+    """
+
+    max_bytes: int = 900 * 1024
+    max_extra_fields: int = 64
+    max_extra_bytes: int = 64 * 1024
+
+
+DEFAULT_LIMITS = RecordLimits()
+
+
+def byte_size(raw: bytes | str, limit: int) -> int:
+    """Bytes of a record as Kafka carries it (UTF-8); a str is encoded only when it could reach ``limit``."""
+    if isinstance(raw, bytes):
+        return len(raw)
+    return len(raw) if len(raw) * 4 <= limit else len(raw.encode("utf-8", errors="surrogateescape"))
+
+
+def check_size(raw: bytes | str, limits: RecordLimits = DEFAULT_LIMITS) -> None:
+    """Refuse a record over ``limits.max_bytes`` before validating it (a 50 MB event crashed the publisher)."""
+    size = byte_size(raw, limits.max_bytes)
+    if size > limits.max_bytes:
+        raise WireError(
+            f"record too large: {size:,} bytes, at most {limits.max_bytes:,} (SYNTHWATCH_MAX_RECORD_BYTES); "
+            "send big attachments elsewhere and a reference in the report",
+            _peek_event_id(raw) if size <= 16 * limits.max_bytes else None,
+        )
+
+
+def parse_limited(raw: bytes | str, limits: RecordLimits = DEFAULT_LIMITS) -> LabDetection | BorderSeizure:
+    """:func:`parse_event` within the record caps: what the publisher, the worker and the backtest apply."""
+    check_size(raw, limits)
+    event = parse_event(raw)
+    check_extras(event, limits)
+    return event
+
+
+def _count_keys(value: Any) -> int:
+    if isinstance(value, dict):
+        return len(value) + sum(_count_keys(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_count_keys(v) for v in value)
+    return 0
+
+
+def check_extras(event: LabDetection | BorderSeizure, limits: RecordLimits = DEFAULT_LIMITS) -> None:
+    """Refuse an event whose unknown fields (at every level) are too many or too big."""
+    extras = event.extra_fields
+    if not extras:
+        return
+    count = _count_keys(extras) - (1 if "substance" in extras else 0)  # the "substance" wrapper is not a field
+    if count > limits.max_extra_fields:
+        raise WireError(
+            f"extra_fields: {count} unknown fields, at most {limits.max_extra_fields} "
+            "(SYNTHWATCH_MAX_EXTRA_FIELDS); agree new fields with the synthwatch team",
+            event.event_id,
+        )
+    size = len(json.dumps(extras, ensure_ascii=False, default=str).encode())
+    if size > limits.max_extra_bytes:
+        raise WireError(
+            f"extra_fields: {size:,} bytes of unknown fields, at most {limits.max_extra_bytes:,} "
+            "(SYNTHWATCH_MAX_EXTRA_BYTES)",
+            event.event_id,
+        )

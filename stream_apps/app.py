@@ -21,8 +21,10 @@ region's partition and is restored to whichever worker owns it.
 A watchdog (:mod:`.watchdog`) seeks stalled partitions back to their committed offsets and turns
 ``/ready`` to 503 if that does not help.
 
-Web (worker HTTP port): ``/ready``, ``/metrics`` (Prometheus, :mod:`.metrics`) and ``/sql`` (read-only
-queries for commands that cannot open the embedded engine while this process holds it).
+Web (worker HTTP port): ``/ready``, ``/metrics`` (Prometheus, :mod:`.metrics`) and ``/sql`` (analysts'
+SELECTs for commands that cannot open the embedded engine while this process holds it: token, loopback
+Host, no Origin, JSON only; read-only session of its own, see :mod:`synthwatch.query`). Faust's own
+views (``/table/``, ``/router/``, ``/graph/``, stats) are off.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import chain
@@ -45,7 +48,7 @@ from faust.web import Request, Response, View
 from pydantic_core import from_json, to_json
 
 from synthwatch.broker import default_partition
-from synthwatch.query import QueryError, execute_local
+from synthwatch.query import AnalystSessions, QueryError
 from synthwatch.schemas import Alert, Reject
 from synthwatch.settings import Settings
 
@@ -59,6 +62,7 @@ from .metrics import PartitionOffsets, WorkerMetrics, attach_metrics, ingest_tim
 from .novelty import NoveltyDetector, Sighting
 from .state_rebuild import learn_names, rebuild
 from .watchdog import StallWatch, watch_consumer
+from .web_auth import refuse_request
 
 log = logging.getLogger("synthwatch.worker")
 T = TypeVar("T")
@@ -102,6 +106,7 @@ class WorkerContext:
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
     on_ready: Callable[[float], None] | None = None
     state_ready: bool = False  # set once tables are recovered (and rebuilt from ClickHouse if empty)
+    web_token: str | None = None  # for /sql (DATA_DIR/web-token); None: /sql refuses every request
 
 
 async def until_state_ready(ctx: WorkerContext) -> None:
@@ -179,6 +184,13 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
         web_host=settings.web_host,
         web_bind=settings.web_host,
         web_port=web_port,
+        # Faust's own views list table contents (/table/...: event ids, unauthenticated) and the
+        # partition routing (/router/); the debug ones show the graph and stats. None is served.
+        web_router_enabled=False,
+        web_tables_enabled=False,
+        web_graph_enabled=False,
+        web_stats_enabled=False,
+        web_metrics_enabled=False,
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
         consumer_auto_offset_reset="earliest",
@@ -525,21 +537,42 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             body = {"ready": ready, "stalled": watch.reason() or None, **stats.__dict__}
             return self.json(body, status=200 if ready else 503)
 
+    # A pool of its own: analysts' queries (each up to sql_max_seconds) must never take the default
+    # executor's threads, which the sink's ClickHouse calls run on.
+    analysts = ThreadPoolExecutor(max_workers=2, thread_name_prefix="analyst-sql")
+    sessions = AnalystSessions(settings)
+
     @app.page("/sql")
     class SqlView(View):
+        """Analysts' SELECTs, for commands that cannot open the embedded engine while this process holds it.
+
+        They run on read-only chDB handles of their own, one per thread of a two-thread pool
+        (:class:`synthwatch.query.AnalystSessions`), never on the sink's client and never under the
+        sink's lock: a slow query cannot stall ingestion.
+        """
+
         async def post(self, request: Request) -> Response:
-            payload = await request.json()
-            sql, parameters = payload.get("sql", ""), payload.get("parameters") or None
-
-            def run() -> Any:
-                with ctx.sink.lock:
-                    return execute_local(ctx.client, sql, parameters)
-
+            refused = refuse_request(request.headers, ctx.web_token, settings.web_allowed_hosts)
+            if refused is not None:
+                return self.json({"error": refused[1]}, status=refused[0])
+            declared = request.headers.get("Content-Length", "0")
+            if not declared.isdigit() or int(declared) > settings.sql_max_body_bytes:
+                return self.json({"error": f"request over {settings.sql_max_body_bytes} bytes"}, status=413)
+            body = await request.read()
+            if len(body) > settings.sql_max_body_bytes:
+                return self.json({"error": f"request over {settings.sql_max_body_bytes} bytes"}, status=413)
             try:
-                result = await asyncio.get_running_loop().run_in_executor(None, run)
+                payload = json.loads(body)
+                sql, parameters = str(payload["sql"]), payload.get("parameters") or None
+                if parameters is not None and not isinstance(parameters, dict):
+                    raise TypeError("parameters must be an object")
+            except (ValueError, KeyError, TypeError) as error:
+                return self.json({"error": f'send {{"sql": "SELECT ...", "parameters": {{}}}} ({error})'}, status=400)
+            try:
+                result = await asyncio.get_running_loop().run_in_executor(
+                    analysts, partial(sessions.run, sql, parameters)
+                )
             except QueryError as error:
-                return self.json({"error": str(error)}, status=400)
-            except Exception as error:  # ClickHouse's own message is what the user needs
                 return self.json({"error": str(error)}, status=400)
             return self.json({"columns": result.columns, "rows": result.rows})
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
-from synthwatch.schemas import Alert, Reject, WireError, parse_event
+from synthwatch.schemas import Alert, Reject, WireError
+from synthwatch.schemas.wire import parse_limited
 
 from .detection import DetectionConfig, Detector, Observation
 from .identity import Structure, remember_structures, structure_from_smiles
@@ -62,7 +63,7 @@ def run_lines(lines: Iterable[tuple[str, str]], config: DetectionConfig | None =
         for source, line in _with_structures_ahead(lines):
             summary.lines += 1
             try:
-                event = parse_event(line)
+                event = parse_limited(line)  # the worker's record caps (their defaults), as the worker applies them
             except WireError as error:
                 summary.malformed += 1
                 rejects.append(

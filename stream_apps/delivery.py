@@ -38,6 +38,7 @@ from typing import Any, Literal, TypeVar, cast
 import faust
 from clickhouse_connect.driver.client import Client
 
+from synthwatch.redaction import redact
 from synthwatch.schemas import Alert
 from synthwatch.settings import Settings
 
@@ -583,7 +584,7 @@ class DeliveryService:
             route=recipient.route.name or "",
             attempt=attempt,
             status=status,
-            reason=result.reason,
+            reason=redact(result.reason),  # an HTTP client's error may quote the URL with its user:password@
             response_code=result.code,
             target=channel.target,
             at=at,

@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from synthwatch.schemas import BorderSeizure, LabDetection, Reject, WireError, parse_event
+from synthwatch.schemas import BorderSeizure, LabDetection, Reject, WireError
 from synthwatch.schemas.records import RejectStage
+from synthwatch.schemas.wire import DEFAULT_LIMITS, RecordLimits, parse_limited
 
 from .identity import NormalisedQuantity, ResolvedSubstance, SubstanceResolver, normalise_quantity
 
@@ -49,9 +50,15 @@ class IntakeResult:
 class Intake:
     """Validates and enriches batches; holds the substance resolver (its learnt names are state)."""
 
-    def __init__(self, resolver: SubstanceResolver | None = None, stage: RejectStage = "worker") -> None:
+    def __init__(
+        self,
+        resolver: SubstanceResolver | None = None,
+        stage: RejectStage = "worker",
+        limits: RecordLimits = DEFAULT_LIMITS,
+    ) -> None:
         self.resolver = resolver or SubstanceResolver()
         self.stage: RejectStage = stage
+        self.limits = limits  # other producers bypass the publisher's caps: the worker applies them again
 
     def enrich(self, event: LabDetection | BorderSeizure, source: str) -> EnrichedEvent:
         """Resolve the substance (structure first, then names) and normalise the quantity."""
@@ -72,7 +79,7 @@ class Intake:
                 )
                 continue
             try:
-                event = parse_event(message.value)
+                event = parse_limited(message.value, self.limits)
             except WireError as error:
                 result.rejects.append(
                     Reject.of(

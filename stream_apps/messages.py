@@ -22,6 +22,7 @@ import jinja2
 import pycountry
 
 from synthwatch.schemas import Alert
+from synthwatch.schemas.text import visible
 
 LANGUAGES: tuple[str, ...] = ("en", "fr")
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -303,6 +304,8 @@ def alert_view(alert: Alert, language: str, grafana_url: str) -> AlertView:
     s = alert.substance
     family_label, family_why = FAMILIES[language].get(s.family or "", FAMILIES[language][""])
     listed = alert.details.get("regions")
+    # Every value from the alert is shown through ``visible``: one line each, control characters escaped,
+    # so a name with a newline cannot forge a line in the plain-text e-mail or the webhook's text.
     regions = [str(r) for r in listed] if isinstance(listed, list) else []
     if alert.region:
         place, short = place_names(alert.region, alert.country, language)
@@ -320,18 +323,18 @@ def alert_view(alert: Alert, language: str, grafana_url: str) -> AlertView:
         type_label=TYPE_LABELS[language][alert.alert_type],
         severity=alert.severity,
         severity_label=SEVERITY_LABELS[language][alert.severity],
-        substance=s.name,
-        substance_key=s.key,
-        inchikey=s.inchikey,
+        substance=visible(s.name),
+        substance_key=visible(s.key),
+        inchikey=visible(s.inchikey) if s.inchikey else s.inchikey,
         family_label=family_label,
         family_why=family_why,
         control=CONTROL_LABELS[language][s.controlled],
-        methods=", ".join(alert.identification_methods),
-        samples=", ".join(SAMPLE_LABELS[language].get(t, t.replace("_", " ")) for t in alert.sample_types),
-        place=place,
-        place_short=short,
+        methods=visible(", ".join(alert.identification_methods)),
+        samples=visible(", ".join(SAMPLE_LABELS[language].get(t, t.replace("_", " ")) for t in alert.sample_types)),
+        place=visible(place),
+        place_short=visible(short),
         network_wide=alert.region is None,
-        regions=", ".join(regions),
+        regions=visible(", ".join(regions)),
         window_start=alert.window_start.date().isoformat(),
         window_end=(alert.window_end - timedelta(microseconds=1)).date().isoformat(),
         window_days=max(1, (alert.window_end - alert.window_start).days),
@@ -339,11 +342,11 @@ def alert_view(alert: Alert, language: str, grafana_url: str) -> AlertView:
         observed=number(observed, language),
         expected=number(expected, language),
         ratio=ratio,
-        metric=alert.metric,
+        metric=visible(alert.metric) if alert.metric else alert.metric,
         score=number(alert.score, language) if alert.score is not None else None,
         since=str(alert.details.get("network_first_day")) if alert.details.get("network_first_day") else None,
         other_regions=len(others) if isinstance(others, list) else 0,
-        summary=alert.summary,
+        summary=visible(alert.summary),
         link=drilldown_url(grafana_url, alert),
     )
     view.unusual = _render(f"{language}/unusual.txt.j2", v=view).strip()

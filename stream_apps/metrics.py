@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -64,11 +65,48 @@ def reject_reason(reason: str) -> str:
         return "not_a_reject_record"
     if "invalid json" in lowered.split(";")[0]:
         return "invalid_json"
+    if lowered.startswith("record too large"):
+        return "too_large"
+    if lowered.startswith("extra_fields:"):
+        return "too_many_extra_fields"
+    if lowered.startswith("csv "):
+        return "unreadable_csv"
     match = _FIELD.match(text)
     if match:
         field = re.sub(r"\[\d+\]|\.\d+", "", match.group(1)).replace(".", "_").lower()
-        return f"invalid_{field}"[:48]
+        # Field names come from the input (an unknown key inside ``quantity``, a path in a nested
+        # extra): only the contract's own fields become label values, the rest share one.
+        return f"invalid_{field}" if field in _wire_fields() else "invalid_other_field"
     return "other"
+
+
+@lru_cache(maxsize=1)
+def _wire_fields() -> frozenset[str]:
+    """Every field path of the wire contract, flattened as label values spell them (``quantity_value``)."""
+    from pydantic import BaseModel
+
+    from synthwatch.schemas.events import BorderSeizure, LabDetection
+
+    found: set[str] = {"kind"}
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            found.add(prefix + name)
+            for candidate in (info.annotation, *getattr(info.annotation, "__args__", ())):
+                if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                    walk(candidate, f"{prefix}{name}_")
+
+    walk(LabDetection, "")
+    walk(BorderSeizure, "")
+    return frozenset(found)
+
+
+#: Every label value :func:`reject_reason` can return; a test checks the set stays bounded.
+def reject_reason_classes() -> frozenset[str]:
+    """The fixed set of reject reason label values (why: Prometheus series must not grow with input)."""
+    fixed = {"too_late", "empty_message", "not_a_reject_record", "invalid_json", "too_large", "invalid_other_field"}
+    fixed |= {"too_many_extra_fields", "unreadable_csv"}
+    return frozenset(fixed | {f"invalid_{f}" for f in _wire_fields()} | {"other"})
 
 
 class KafkaEvent(Protocol):

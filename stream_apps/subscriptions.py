@@ -42,6 +42,7 @@ from pydantic import (
 )
 
 from synthwatch.catalogue import Family
+from synthwatch.redaction import redact_url
 from synthwatch.schemas import Alert
 from synthwatch.schemas.events import CountryCode, RegionCode
 from synthwatch.schemas.records import AlertType, Severity
@@ -137,9 +138,9 @@ class WebhookChannel(BaseModel):
 
     @property
     def target(self) -> str:
-        """Where it goes, for the record: no query string (it may carry a token)."""
+        """Where it goes, for the record: no query string (it may carry a token), no password."""
         parts = urlsplit(self.url)
-        return f"{parts.scheme}://{parts.netloc}{parts.path}"
+        return redact_url(f"{parts.scheme}://{parts.netloc}{parts.path}")
 
     @property
     def endpoint(self) -> str:

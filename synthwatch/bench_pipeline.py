@@ -46,7 +46,8 @@ from rich.table import Table
 from .bare_faust import FLOOR, FLOOR_EXPERIMENTS, FloorResult, FloorVariant, run_bare_agent
 from .broker import EmbeddedBroker, ensure_topics
 from .consoles import command_console
-from .query import execute_remote
+from .query import QueryResult, execute_remote
+from .runtime import read_web_token
 from .settings import Settings
 
 # --- worker variants: the shipped settings, and the other values of the settings that cost or save time ---
@@ -145,8 +146,13 @@ class BenchWorker:
             stats: dict[str, Any] = json.loads(response.read())
             return stats
 
+    def query(self, sql: str, parameters: dict[str, Any] | None = None) -> QueryResult:
+        """A read statement through the worker's /sql endpoint, with the token the worker wrote."""
+        token = read_web_token(Settings(data_dir=self.data_dir))
+        return execute_remote(self.web_url, sql, parameters, token=token)
+
     def count(self, sql: str) -> int:
-        return int(execute_remote(self.web_url, sql).rows[0][0])
+        return int(self.query(sql).rows[0][0])
 
     def memory_kib(self) -> dict[str, int]:
         """VmRSS and VmHWM (peak RSS) of the worker process, in KiB."""

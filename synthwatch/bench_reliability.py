@@ -38,7 +38,6 @@ from rich.table import Table
 
 from .bench_pipeline import BenchWorker, Topics, _seizure_line, start_worker
 from .broker import EmbeddedBroker, committed_offsets, ensure_topics
-from .query import execute_remote
 from .settings import Settings
 
 REGIONS = (("ML", "ML-BKO"), ("MA", "MA-TNG"), ("SN", "SN-DK"), ("FR", "FR-75C"), ("NL", "NL-NH"))
@@ -163,8 +162,7 @@ def kill_restart_run(
                 break
             time.sleep(0.5)
         seconds = time.monotonic() - started if done else None
-        rows, unique = execute_remote(
-            second.web_url,
+        rows, unique = second.query(
             "SELECT count(), uniqExact(event_id) FROM border_seizures WHERE startsWith(event_id, %(p)s)",
             {"p": suffix},
         ).rows[0]

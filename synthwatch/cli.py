@@ -15,7 +15,9 @@ from .cli_dashboards import register as register_dashboard_commands
 from .cli_data import register as register_data_commands
 from .cli_delivery import register as register_delivery_commands
 from .consoles import command_console
+from .redaction import redact
 from .settings import Settings
+from .terminal import plain, say
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Early warning for new synthetic drugs.")
 schemas_app = typer.Typer(no_args_is_help=True, help="Wire-contract JSON Schema files.")
@@ -34,7 +36,7 @@ err = command_console(stderr=True)
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}")
+    say(err, "[bold red]error:[/] ", redact(message))
     raise typer.Exit(code)
 
 
@@ -77,6 +79,7 @@ def worker(loglevel: Annotated[str, typer.Option(help="Faust log level.")] = "wa
 @app.command()
 def status() -> None:
     """Show the running embedded stack (broker address, worker HTTP port), if any."""
+    from .redaction import redact
     from .runtime import read_stack
 
     settings = Settings()
@@ -84,7 +87,7 @@ def status() -> None:
     if info is None:
         console.print(f"No stack running for {settings.data_dir}. Start one with `synthwatch up`.")
         raise typer.Exit(1)
-    console.print_json(json.dumps(dataclasses.asdict(info)))
+    console.print_json(redact(json.dumps(dataclasses.asdict(info))))
 
 
 # --- producing -----------------------------------------------------------------------------------------
@@ -127,10 +130,15 @@ def publish(
     ):
         task = progress.add_task("publish", total=total)
         summary = publisher.publish_records(
-            read_records(file, cast(InputFormat | None, fmt)),
+            read_records(
+                file,
+                cast(InputFormat | None, fmt),
+                max_depth=settings.max_csv_header_depth,
+                max_field=settings.max_csv_field_bytes,
+            ),
             progress=lambda n: progress.advance(task, n),
         )
-    table = Table(title=f"published {file}")
+    table = Table(title=plain(f"published {file}"))
     for column in ("read", "sent", "rejected", "duplicates", "failed"):
         table.add_column(column, justify="right")
     table.add_row(
@@ -138,9 +146,9 @@ def publish(
     )
     console.print(table)
     for reason, count in sorted(summary.reject_reasons.items(), key=lambda kv: -kv[1]):
-        console.print(f"  rejected ({reason}): {count}")
+        say(console, "  rejected (", reason, f"): {count}")
     for label, problem in summary.failed[:20]:
-        err.print(f"[red]not delivered[/] {label}: {problem}")
+        say(err, "[red]not delivered[/] ", f"{label}: {problem}")
     if summary.failed:
         _fail(f"{len(summary.failed)} records were NOT delivered (listed above); re-send the file", code=2)
 
@@ -240,8 +248,9 @@ def db_migrate(
 
 
 @app.command()
-def sql(query: Annotated[str, typer.Argument(help="One read-only statement (SELECT, SHOW, ...).")]) -> None:
-    """Run a read-only query on synthwatch's ClickHouse (through the running stack if it holds it)."""
+def sql(query: Annotated[str, typer.Argument(help="One SELECT (or WITH ... SELECT) statement.")]) -> None:
+    """Run one SELECT on synthwatch's ClickHouse in a read-only, time-bounded session (through the running stack
+    if it holds the engine). Tables: SELECT name FROM system.tables WHERE database = currentDatabase()."""
     from .query import QueryError, run_query
 
     try:
@@ -250,9 +259,9 @@ def sql(query: Annotated[str, typer.Argument(help="One read-only statement (SELE
         _fail(str(error))
     table = Table()
     for column in result.columns:
-        table.add_column(column)
+        table.add_column(plain(column))
     for row in result.rows:
-        table.add_row(*(str(v) for v in row))
+        table.add_row(*(plain(v) for v in row))
     console.print(table)
 
 

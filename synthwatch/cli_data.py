@@ -14,14 +14,16 @@ import typer
 from rich.table import Table
 
 from .consoles import command_console
+from .redaction import redact
 from .settings import Settings
+from .terminal import plain, say
 
 console = command_console()
 err = command_console(stderr=True)
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}")
+    say(err, "[bold red]error:[/] ", redact(message))
     raise typer.Exit(code)
 
 
@@ -47,20 +49,20 @@ def alerts(
         rows = recent_alerts(Settings(), region=region, since=parse_since(since), severity=severity, limit=limit)
     except (ValueError, QueryError) as error:
         _fail(str(error))
-    table = Table(title=f"alerts in the last {since}" + (f" in {region.upper()}" if region else ""))
+    table = Table(title=plain(f"alerts in the last {since}" + (f" in {region.upper()}" if region else "")))
     for column in ("triggered (UTC)", "severity", "type", "region", "substance", "observed", "expected", "summary"):
         table.add_column(column, overflow="fold", justify="right" if column in ("observed", "expected") else "left")
     colours = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
     for row in rows:
         table.add_row(
             _when(row.triggered_at),
-            f"[{colours.get(row.severity, '')}]{row.severity}[/]",
-            row.alert_type,
-            row.region or "(network)",
-            row.substance_name,
+            plain(row.severity, style=colours.get(row.severity, "")),
+            plain(row.alert_type),
+            plain(row.region or "(network)"),
+            plain(row.substance_name),
             _number(row.observed),
             _number(row.expected),
-            row.summary,
+            plain(row.summary),
         )
     console.print(table)
     console.print(f"{len(rows)} alert(s)")
@@ -78,14 +80,14 @@ def stats(
         rows = read_stats(Settings(), days=days, region=region)
     except (ValueError, QueryError) as error:
         _fail(str(error))
-    table = Table(title=f"reports in the last {days} days" + (f" in {region.upper()}" if region else ""))
+    table = Table(title=plain(f"reports in the last {days} days" + (f" in {region.upper()}" if region else "")))
     for column in ("region", "substance", "family", "reports", "labs", "seizures", "grams", "first seen", "last seen"):
         table.add_column(column, justify="right" if column in ("reports", "labs", "seizures", "grams") else "left")
     for row in rows:
         table.add_row(
-            row.region,
-            row.substance_name,
-            row.family,
+            plain(row.region),
+            plain(row.substance_name),
+            plain(row.family),
             f"{row.reports:,}",
             f"{row.lab_detections:,}",
             f"{row.border_seizures:,}",
@@ -110,16 +112,20 @@ def substance(
         _fail(str(error))
     if history is None:
         _fail(f"no report of {name!r} is stored", code=2)
+    header = plain(history.substance_name, style="bold")
+    header.append_text(
+        plain(f" (key {history.substance_key}, {history.family or 'family unknown'}; matched by {history.resolved_by})")
+    )
+    console.print(header)
     console.print(
-        f"[bold]{history.substance_name}[/] (key {history.substance_key}, {history.family or 'family unknown'}; "
-        f"matched by {history.resolved_by})\n"
-        f"first seen {_when(history.first_seen)}, last seen {_when(history.last_seen)}, {history.reports:,} reports"
+        f"first seen {_when(history.first_seen)}, last seen {_when(history.last_seen)}, {history.reports:,} reports",
+        highlight=False,
     )
     regions = Table(title="regions, in order of first sighting")
     for column in ("region", "country", "first seen", "last seen", "reports"):
         regions.add_column(column, justify="right" if column == "reports" else "left")
     for r in history.regions:
-        regions.add_row(r.region, r.country, _when(r.first_seen), _when(r.last_seen), f"{r.reports:,}")
+        regions.add_row(plain(r.region), plain(r.country), _when(r.first_seen), _when(r.last_seen), f"{r.reports:,}")
     console.print(regions)
     months = Table(title="reports per month")
     for column in ("month", "reports", "labs", "seizures", "grams"):
@@ -137,7 +143,13 @@ def substance(
     for column in ("triggered (UTC)", "severity", "type", "region", "summary"):
         alerts_table.add_column(column, overflow="fold")
     for a in history.alerts:
-        alerts_table.add_row(_when(a.triggered_at), a.severity, a.alert_type, a.region or "(network)", a.summary)
+        alerts_table.add_row(
+            _when(a.triggered_at),
+            plain(a.severity),
+            plain(a.alert_type),
+            plain(a.region or "(network)"),
+            plain(a.summary),
+        )
     console.print(alerts_table)
 
 
@@ -169,7 +181,7 @@ def ingest_history(
         summary = run_ingest(Settings(), file, batch_size=batch_size, progress=err.is_terminal, workers=workers)
     except IngestRefused as error:
         _fail(str(error))
-    table = Table(title=f"ingested {file.name}")
+    table = Table(title=plain(f"ingested {file.name}"))
     for column in (
         "lines",
         "stored",
@@ -198,7 +210,7 @@ def ingest_history(
         f"duplicates: {summary.duplicates_in_file:,} repeated in the file, {summary.already_stored:,} already stored"
     )
     for reason, count in sorted(summary.reject_reasons.items(), key=lambda kv: -kv[1])[:10]:
-        console.print(f"  rejected ({reason}): {count}")
+        say(console, "  rejected (", reason, f"): {count}")
     if not summary.balanced:
         _fail("counts do not add up (lines != stored + duplicates + rejected); please report this", code=3)
 

@@ -18,7 +18,9 @@ import typer
 from rich.table import Table
 
 from .consoles import command_console
+from .redaction import redact
 from .settings import Settings
+from .terminal import plain, say
 
 _STATUS_STYLE = {
     "delivered": "green",
@@ -179,33 +181,35 @@ def register(app: typer.Typer) -> None:
             subscriptions = load_subscriptions(file, settings.webhook_allowed_networks)
         except SubscriptionsError as error:
             for problem in error.problems:
-                err.print(f"[bold red]error:[/] {problem}", highlight=False, soft_wrap=True)
+                say(err, "[bold red]error:[/] ", problem)
             raise typer.Exit(1) from None
         try:
             alerts = _read_alerts(alert) if alert is not None else sample_alerts()
         except (OSError, ValueError) as error:
-            err.print(f"[bold red]error:[/] {alert}: {error}", highlight=False, soft_wrap=True)
+            say(err, "[bold red]error:[/] ", f"{alert}: {error}")
             raise typer.Exit(1) from None
 
-        officers = Table(title=f"{file}: {len(subscriptions.officers)} officer(s)", title_justify="left")
+        officers = Table(title=plain(f"{file}: {len(subscriptions.officers)} officer(s)"), title_justify="left")
         for column in ("officer", "name", "language", "digest", "routes", "channels"):
             officers.add_column(column)
         for officer in subscriptions.officers:
             officers.add_row(
-                officer.id,
-                officer.name,
-                officer.language,
-                f"{officer.digest_time:%H:%M} {officer.timezone} (below {officer.immediate_min_severity})",
-                ", ".join(r.name or "" for r in officer.routes),
-                ", ".join(f"{c.type}:{n} -> {c.target}" for n, c in officer.channels().items()),
+                plain(officer.id),
+                plain(officer.name),
+                plain(officer.language),
+                plain(f"{officer.digest_time:%H:%M} {officer.timezone} (below {officer.immediate_min_severity})"),
+                plain(", ".join(r.name or "" for r in officer.routes)),
+                plain(", ".join(f"{c.type}:{n} -> {redact(str(c.target))}" for n, c in officer.channels().items())),
             )
         console.print(officers)
 
         for item in alerts:
             place = item.region or "network: " + ", ".join(item.details.get("regions", []))
             table = Table(
-                title=f"{item.alert_type} · {item.severity} · {item.substance.name} "
-                f"({item.substance.family or 'unclassified'}) · {place}",
+                title=plain(
+                    f"{item.alert_type} · {item.severity} · {item.substance.name} "
+                    f"({item.substance.family or 'unclassified'}) · {place}"
+                ),
                 title_justify="left",
             )
             for column in ("officer", "language", "route", "channel", "when"):
@@ -214,7 +218,11 @@ def register(app: typer.Typer) -> None:
             for r in found:
                 when = "immediately" if r.immediate else f"digest {r.officer.digest_time:%H:%M} {r.officer.timezone}"
                 table.add_row(
-                    r.officer.id, r.officer.language, r.route.name or "", f"{r.channel.type}:{r.channel.name}", when
+                    plain(r.officer.id),
+                    plain(r.officer.language),
+                    plain(r.route.name or ""),
+                    plain(f"{r.channel.type}:{r.channel.name}"),
+                    plain(when),
                 )
             if not found:
                 table.add_row("[yellow]nobody[/]", "", "", "", "")
@@ -222,9 +230,9 @@ def register(app: typer.Typer) -> None:
 
         errors, warnings = _problems(subscriptions, settings)
         for warning in warnings:
-            console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+            say(console, "[yellow]warning:[/] ", warning)
         for problem in errors:
-            err.print(f"[bold red]error:[/] {problem}", highlight=False, soft_wrap=True)
+            say(err, "[bold red]error:[/] ", problem)
         if errors:
             err.print(
                 f"{file}: the worker would refuse these webhooks: give each officer's webhook its own secret "
@@ -233,7 +241,7 @@ def register(app: typer.Typer) -> None:
                 soft_wrap=True,
             )
             raise typer.Exit(1)
-        console.print(f"[green]{file} is valid.[/]", highlight=False)
+        console.print(plain(f"{file} is valid.", style="green"))
 
     @app.command("deliveries")
     def deliveries(
@@ -259,13 +267,13 @@ def register(app: typer.Typer) -> None:
         try:
             result = run_query(Settings(), DELIVERIES_SQL.format(where=" AND ".join(conditions)), params)
         except Exception as error:  # QueryError, or ClickHouse's own message: either says what is wrong
-            err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            say(err, "[bold red]error:[/] ", redact(str(error)))
             if "deliveries" in str(error) and ("UNKNOWN_TABLE" in str(error) or "doesn't exist" in str(error)):
                 err.print("The deliveries table is missing: run `synthwatch db migrate` (or restart the worker).")
             raise typer.Exit(1) from None
         rows = result.as_dicts()
         title = "delivery attempts" + (f" for {officer}" if officer else "") + (f", alert {alert}" if alert else "")
-        table = Table(title=f"{title} (newest first, at most {limit})", title_justify="left")
+        table = Table(title=plain(f"{title} (newest first, at most {limit})"), title_justify="left")
         for column in (
             "at (UTC)",
             "officer",
@@ -285,20 +293,20 @@ def register(app: typer.Typer) -> None:
             counts[row["status"]] = counts.get(row["status"], 0) + 1
             style = _STATUS_STYLE.get(row["status"], "")
             table.add_row(
-                str(row["at"]).replace("T", " ")[:19],
-                row["officer_id"],
-                row["alert_id"],
-                row["channel"],
-                row["route"],
+                plain(str(row["at"]).replace("T", " ")[:19]),
+                plain(row["officer_id"]),
+                plain(row["alert_id"]),
+                plain(row["channel"]),
+                plain(row["route"]),
                 str(row["attempt"]),
-                f"[{style}]{row['status']}[/]" if style else row["status"],
+                plain(row["status"], style=style),
                 "" if row["response_code"] is None else str(row["response_code"]),
                 f"{row['duration_ms']:.0f}",
-                f"{row['substance']} {row['region']}".strip(),
-                row["reason"],
+                plain(f"{row['substance']} {row['region']}".strip()),
+                plain(redact(str(row["reason"]))),
             )
         console.print(table)
         if not rows:
-            console.print("No delivery attempts recorded" + (f" for {officer}." if officer else "."))
+            console.print(plain("No delivery attempts recorded" + (f" for {officer}." if officer else ".")))
         else:
-            console.print(", ".join(f"{name}: {n}" for name, n in sorted(counts.items())), highlight=False)
+            console.print(plain(", ".join(f"{name}: {n}" for name, n in sorted(counts.items()))))

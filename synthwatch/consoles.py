@@ -33,4 +33,4 @@ class CommandConsole(Console):
 
 def command_console(stderr: bool = False) -> Console:
     """The console a command prints its results (or, with ``stderr``, its errors) through."""
-    return CommandConsole(stderr=stderr)
+    return CommandConsole(stderr=stderr, emoji=False)  # data is printed as plain text (synthwatch.terminal)

@@ -23,6 +23,7 @@ from rich.table import Table
 from .query import QueryError, run_query
 from .runtime import read_stack
 from .settings import Settings
+from .terminal import plain, say
 
 
 class DemoFailed(RuntimeError):
@@ -152,7 +153,7 @@ def _print_query(console: Console, settings: Settings, query: DemoQuery) -> None
     for column in result.columns:
         table.add_column(column)
     for row in result.rows:
-        table.add_row(*(str(v) for v in row))
+        table.add_row(*(plain(v) for v in row))
     console.print(table)
 
 
@@ -238,8 +239,8 @@ def run_demo(days: int, seed: int, console: Console, keep_running: bool = False)
             console.print("The stack keeps running; Ctrl-C stops it.")
             process.wait()
         return 0
-    except (RuntimeError, QueryError) as error:  # DemoFailed is a RuntimeError
-        console.print(f"[bold red]demo failed:[/] {error}")
+    except (RuntimeError, QueryError) as error:
+        say(console, "[bold red]demo failed:[/] ", error)
         tail = Path(log_path).read_text(errors="replace").splitlines()[-30:]
         console.print("\n".join(tail), highlight=False)
         return 1

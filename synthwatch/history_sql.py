@@ -112,10 +112,15 @@ _EDGE_CHARS = sorted(
 )
 
 
+#: re2 twin of schemas.text.FORBIDDEN_PATTERN: control and bidi-override characters anywhere in a text field.
+_FORBIDDEN_RE2 = r"[\x{0}-\x{1f}\x{7f}-\x{9f}\x{202a}-\x{202e}\x{2066}-\x{2069}]"
+
+
 def _text_ok(value: str, most: int) -> str:
     return (
         f"({value} != '' AND lengthUTF8({value}) <= {most} AND substringUTF8({value}, 1, 1) NOT IN edge "
-        f"AND substringUTF8({value}, lengthUTF8({value}), 1) NOT IN edge)"
+        f"AND substringUTF8({value}, lengthUTF8({value}), 1) NOT IN edge "
+        f"AND NOT match({value}, {sql_string(_FORBIDDEN_RE2)}))"
     )
 
 

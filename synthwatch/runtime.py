@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .redaction import private_dir, redact_url, write_private
 from .settings import Settings
 
 
@@ -25,7 +27,7 @@ class StackInfo:
     pid: int
     bootstrap_servers: str
     web_url: str
-    clickhouse_url: str
+    clickhouse_url: str  # redacted: no password (the file is 0600 all the same)
     started_at: str
     ready_seconds: float | None = None
     broker_pid: int | None = None  # the embedded broker `up` started, if any
@@ -46,11 +48,34 @@ def _alive(pid: int) -> bool:
 
 
 def write_stack(settings: Settings, info: StackInfo) -> None:
-    path = stack_file(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(info), indent=2), encoding="utf-8")
-    tmp.replace(path)
+    """Describe the running stack for other commands: data dir 0700, file 0600, no password in it."""
+    private_dir(settings.data_dir)
+    safe = StackInfo(**{**asdict(info), "clickhouse_url": redact_url(info.clickhouse_url)})
+    write_private(stack_file(settings), json.dumps(asdict(safe), indent=2))
+
+
+def web_token_file(settings: Settings) -> Path:
+    """Where the running stack keeps its ``/sql`` token (0600, readable by the user that started it)."""
+    return settings.data_dir / "web-token"
+
+
+def new_web_token(settings: Settings) -> str:
+    """A fresh random token for the worker's ``/sql`` endpoint, written 0600 for the CLI of the same user.
+
+    New at every start, so a token leaked from an earlier run is worth nothing.
+    """
+    token = secrets.token_urlsafe(32)
+    private_dir(settings.data_dir)
+    write_private(web_token_file(settings), token + "\n")
+    return token
+
+
+def read_web_token(settings: Settings) -> str | None:
+    """The running stack's ``/sql`` token, or None when this user cannot read it (or none exists)."""
+    try:
+        return web_token_file(settings).read_text(encoding="utf-8").strip() or None
+    except (FileNotFoundError, PermissionError):
+        return None
 
 
 def remove_stack(settings: Settings, pid: int) -> None:

@@ -15,6 +15,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
+    from synthwatch.schemas.wire import RecordLimits
     from synthwatch.stream_apps.detection import DetectionConfig
 
 
@@ -61,6 +62,43 @@ class Settings(BaseSettings):
 
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=6066, ge=0, le=65535, description="Worker HTTP port; 0 picks a free one.")
+    web_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names /sql answers besides loopback ones (localhost, 127.0.0.1, ::1): a refusal of "
+        "other Host headers stops DNS rebinding from a browser.",
+    )
+    clickhouse_query_url: str | None = Field(
+        default=None,
+        description="Server only: http(s)://analyst:pass@host:8123/db, a read-only user with <constraints> "
+        "(deploy/clickhouse/users.d) for `synthwatch sql` and the read commands. Unset: clickhouse_url.",
+    )
+    sql_max_seconds: float = Field(default=10.0, gt=0, le=600, description="Analyst queries: max_execution_time.")
+    sql_max_rows: int = Field(default=1_000_000, ge=1, description="Analyst queries: max_result_rows.")
+    sql_max_memory_bytes: int = Field(
+        default=1024**3, ge=1024**2, description="Analyst queries: max_memory_usage (bytes)."
+    )
+    sql_max_body_bytes: int = Field(default=256 * 1024, ge=1024, description="Largest /sql request body accepted.")
+
+    # --- publishing ----------------------------------------------------------------------------------
+    max_record_bytes: int = Field(
+        default=900 * 1024,
+        ge=1024,
+        le=8 * 1024 * 1024,
+        description="Largest record (bytes of JSON) the publisher sends; larger ones are rejected with a reason. "
+        "Below Kafka's default 1 MB message limit, so the broker never refuses what passed here.",
+    )
+    max_extra_fields: int = Field(
+        default=64, ge=0, description="Unknown (extra) fields per record at most, counted over every level."
+    )
+    max_extra_bytes: int = Field(
+        default=64 * 1024, ge=0, description="Bytes of JSON the unknown (extra) fields of a record may take."
+    )
+    max_csv_header_depth: int = Field(
+        default=8, ge=1, le=64, description="Dots a CSV header may nest (substance.name is 2 levels)."
+    )
+    max_csv_field_bytes: int = Field(
+        default=512 * 1024, ge=1024, description="Longest CSV cell read; a longer one rejects its row."
+    )
     sink_batch_size: int = Field(
         default=10_000,
         ge=1,
@@ -205,6 +243,16 @@ class Settings(BaseSettings):
             except ValueError:
                 raise ValueError(f"{value!r} is not an IP network (e.g. 10.20.0.0/16)") from None
         return values
+
+    def record_limits(self) -> RecordLimits:
+        """The record size and unknown-field caps: the publisher and the worker apply the same."""
+        from synthwatch.schemas.wire import RecordLimits
+
+        return RecordLimits(
+            max_bytes=self.max_record_bytes,
+            max_extra_fields=self.max_extra_fields,
+            max_extra_bytes=self.max_extra_bytes,
+        )
 
     @field_validator("data_dir")
     @classmethod

@@ -21,7 +21,8 @@ import faust
 from .broker import EmbeddedBroker, ensure_topics, free_port, is_our_broker, process_command_line, stop_process
 from .clickhouse import connect, migrate
 from .drain import DrainingWorker, DrainOutcome, describe_lag, final_count
-from .runtime import StackInfo, read_stack, remove_stack, write_stack
+from .redaction import install_log_redaction, private_dir, redact
+from .runtime import StackInfo, new_web_token, read_stack, remove_stack, write_stack
 from .settings import Settings
 
 log = logging.getLogger("synthwatch.stack")
@@ -70,8 +71,12 @@ def run_worker(
         if applied:
             announce(f"ClickHouse: applied migrations {', '.join(f'{m.version:04d}_{m.name}' for m in applied)}")
 
+    install_log_redaction()
+    private_dir(settings.data_dir)
     web_port = web_port_for(settings)
-    web_url = f"http://{settings.web_host}:{web_port}"
+    # The address other commands on this machine use: loopback even when the port listens on every interface.
+    local_host = "127.0.0.1" if settings.web_host in ("0.0.0.0", "", "::") else settings.web_host
+    web_url = f"http://{local_host}:{web_port}"
     pid = os.getpid()
 
     def on_ready(seconds: float) -> None:
@@ -87,18 +92,19 @@ def run_worker(
                 broker_pid=broker_pid,
             ),
         )
-        announce(f"Worker ready in {seconds:.1f} s (Kafka {bootstrap_servers}, HTTP {web_url})")
+        announce(f"Worker ready in {seconds:.1f} s (Kafka {redact(bootstrap_servers)}, HTTP {web_url})")
 
     ctx = WorkerContext(
         settings=settings,
         client=client,
         sink=ClickHouseSink(client),
-        intake=Intake(),
+        intake=Intake(limits=settings.record_limits()),
         metrics=WorkerMetrics(app_id=settings.app_id),
         regions=RegionDetector(settings.detection_config()),
         novelty=NoveltyDetector(settings.detection_config().novelty),
         started_at=started_at,
         on_ready=on_ready,
+        web_token=new_web_token(settings),
     )
     app = create_app(ctx, bootstrap_servers, web_port)
     worker: faust.Worker
@@ -220,6 +226,7 @@ def run_embedded_stack(
     # Until Faust installs its own handlers, SIGTERM/SIGHUP must unwind through `finally` to stop the broker.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     signal.signal(signal.SIGHUP, _raise_keyboard_interrupt)
+    private_dir(settings.data_dir)
     lock = claim_data_dir(settings, announce)
     announce(f"Data directory: {settings.data_dir}")
     settings = settings.model_copy(update={"web_port": web_port_for(settings)})

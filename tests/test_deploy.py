@@ -150,7 +150,12 @@ def test_compose_required_variables_are_documented() -> None:
     text = (DEPLOY / "compose.yaml").read_text()
     readme = (DEPLOY / "README.md").read_text()
     required = set(re.findall(r"\$\{(\w+):\?", text))
-    assert required == {"CLICKHOUSE_PASSWORD", "CLICKHOUSE_GRAFANA_PASSWORD", "GRAFANA_ADMIN_PASSWORD"}
+    assert required == {
+        "CLICKHOUSE_PASSWORD",
+        "CLICKHOUSE_GRAFANA_PASSWORD",
+        "CLICKHOUSE_ANALYST_PASSWORD",
+        "GRAFANA_ADMIN_PASSWORD",
+    }
     for variable in required | set(re.findall(r"\$\{(\w+):-", text)):
         assert variable in readme, f"deploy/README.md does not explain {variable}"
 

@@ -1,0 +1,100 @@
+"""One place that hides secrets before text leaves the process, and writes files only their owner reads.
+
+Why one helper: a ClickHouse URL with its password was printed by ``synthwatch status`` and kept in a
+0644 ``stack.json``, and webhook URLs kept ``user:password@`` in the deliveries table. Everything that
+shows or stores a URL or an error message (status, logs, tables, exceptions) goes through
+:func:`redact`, so a new place cannot forget one kind of secret.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+MASK = "***"
+
+#: ``scheme://user:password@`` anywhere in a text; the password is replaced, the user kept.
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]*)@")
+#: ``password=...``, ``token: ...`` and the like in query strings, DSNs and messages.
+_SECRET_WORDS = r"pass(?:word|wd)?|secret|token|api[_-]?key|access[_-]?key|sig(?:nature)?|authorization"
+_ASSIGNMENT = re.compile(
+    rf"(?P<key>(?<![A-Za-z0-9])(?:{_SECRET_WORDS})(?![A-Za-z0-9])\s*[=:]\s*)(?P<quote>['\"]?)(?:Bearer\s+)?(?P<value>[^\s&'\",;]+)",
+    re.IGNORECASE,
+)
+_SECRET_KEYS = re.compile(rf"^(?:{_SECRET_WORDS})$", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """``text`` with every password in a URL and every ``password=``/``token=`` value replaced by ``***``."""
+    if not text:
+        return text
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
+    return _ASSIGNMENT.sub(lambda m: f"{m['key']}{m['quote']}{MASK}", text)
+
+
+def redact_url(url: str) -> str:
+    """A URL fit to show or store: no password in its user part, no secret-looking query values."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return redact(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:{MASK}@{host}" if ":" in userinfo else f"{user}@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, MASK if _SECRET_KEYS.match(k) else v) for k, v in pairs], safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+class _RedactingRecordFactory:
+    """Wraps logging's record factory: every record's message is redacted once, before any handler."""
+
+    def __init__(self, inner: logging._LogRecordFactory) -> None:  # type: ignore[name-defined]
+        self.inner = inner
+
+    def __call__(self, *args: object, **kwargs: object) -> logging.LogRecord:
+        record = self.inner(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string stays the handler's problem, as before
+            return record
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return record
+
+
+def install_log_redaction() -> None:
+    """Redact every log record of this process (Faust, aiokafka, ours); idempotent."""
+    factory = logging.getLogRecordFactory()
+    if not isinstance(factory, _RedactingRecordFactory):
+        logging.setLogRecordFactory(_RedactingRecordFactory(factory))
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) and make it 0700: the data directory holds data and secrets."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` atomically to a file only its owner can read (0600 from creation, never wider)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(path)

@@ -1,0 +1,532 @@
+"""Issue 12's attacks, reproduced against the real embedded stack (Tansu, worker process, chDB): each must fail.
+
+One worker for the module (its own data dir and topics on the session broker); the attacks talk to its
+web port as an attacker on the same machine (or a web page in the analyst's browser) would.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import stat
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from synthwatch.broker import EmbeddedBroker
+from synthwatch.query import QueryError, execute_remote
+from synthwatch.runtime import read_web_token, stack_file, web_token_file
+
+from .conftest import RunningWorker, isolated_settings, run_cli, start_worker, stop_worker, wait_until
+from .factories import lab
+
+pytestmark = pytest.mark.integration
+
+#: The worker's analyst queries stop after this long; long enough that the "ingestion goes on" test can
+#: store an event while one runs, however loaded the machine.
+SQL_SECONDS = 30
+
+
+@pytest.fixture(scope="module")
+def worker(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningWorker]:
+    data_dir = tmp_path_factory.mktemp("secure-worker")
+    settings = isolated_settings(broker, data_dir, sql_max_seconds=SQL_SECONDS, sql_max_rows=1000)
+    running = start_worker(settings, data_dir / "worker.log")
+    try:
+        yield running
+    finally:
+        stop_worker(running)
+
+
+def post(
+    worker: RunningWorker,
+    path: str,
+    body: bytes | dict[str, Any],
+    *,
+    token: str | None = "own",
+    headers: dict[str, str] | None = None,
+    method: str = "POST",
+) -> tuple[int, dict[str, Any] | str]:
+    """One raw HTTP request to the worker, headers exactly as given (``token="own"``: the real token)."""
+    parts = urlsplit(worker.info.web_url)
+    sent = {"Content-Type": "application/json", "Host": parts.netloc}
+    if token == "own":
+        token = read_web_token(worker.settings)
+    if token is not None:
+        sent["Authorization"] = f"Bearer {token}"
+    sent.update(headers or {})
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=120)
+    try:
+        connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for key, value in sent.items():
+            connection.putheader(key, value)
+        connection.putheader("Content-Length", str(len(data)))
+        connection.endheaders(data)
+        response = connection.getresponse()
+        text = response.read().decode("utf-8", errors="replace")
+    finally:
+        connection.close()
+    try:
+        return response.status, json.loads(text)
+    except ValueError:
+        return response.status, text
+
+
+def sql(worker: RunningWorker, query: str, **kwargs: Any) -> tuple[int, dict[str, Any] | str]:
+    return post(worker, "/sql", {"sql": query}, **kwargs)
+
+
+def error_of(answer: dict[str, Any] | str) -> str:
+    return answer.get("error", "") if isinstance(answer, dict) else answer
+
+
+# --- /sql: what a query may do -----------------------------------------------------------------------
+
+
+def test_select_still_works_with_the_token(worker: RunningWorker) -> None:
+    status, answer = sql(worker, "SELECT count() AS n FROM lab_detections")
+    assert status == 200, answer
+    assert isinstance(answer, dict) and answer["columns"] == ["n"]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "SELECT * FROM file('/etc/passwd', 'LineAsString')",
+        "SELECT file('/etc/passwd')",  # the function: readonly=1 alone let this one through
+        "SELECT FILE('/etc/passwd')",
+        "SELECT * FROM (SELECT file('/etc/passwd') AS f)",
+    ],
+)
+def test_no_file_can_be_read(worker: RunningWorker, query: str) -> None:
+    status, answer = sql(worker, query)
+    assert status == 400
+    assert "root:" not in json.dumps(answer)
+
+
+def test_into_outfile_writes_nothing(worker: RunningWorker, tmp_path: Path) -> None:
+    """The reported code execution: INTO OUTFILE '<venv>/site-packages/x.pth'. Here: any path at all."""
+    target = tmp_path / "evil.pth"
+    for query in (
+        f"SELECT 'import os' INTO OUTFILE '{target}'",
+        f"SELECT 'import os' INTO OUTFILE '{target}' FORMAT TabSeparatedRaw",
+        f"SELECT 1 /* ) */ INTO OUTFILE '{target}' -- ",
+        f"WITH 1 AS x SELECT x INTO OUTFILE '{target}' TRUNCATE",
+    ):
+        status, answer = sql(worker, query)
+        assert status == 400, (query, answer)
+        assert "INTO OUTFILE" in error_of(answer)
+    assert not target.exists()
+
+
+def test_url_is_refused_at_once(worker: RunningWorker) -> None:
+    """It hung 30 s+ against a closed port; now it never connects."""
+    for query in (
+        "SELECT * FROM url('http://127.0.0.1:1/', 'CSV', 'x String')",
+        "SELECT * FROM s3('http://127.0.0.1:1/a')",
+    ):
+        status, answer = sql(worker, query)
+        assert status == 400 and "not allowed" in error_of(answer), answer
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "SELECT 1 SETTINGS readonly=0",
+        "SELECT 1 SETTINGS max_execution_time=0",
+        "SELECT * FROM (SELECT 1 SETTINGS readonly=0)",
+    ],
+)
+def test_settings_cannot_be_changed(worker: RunningWorker, query: str) -> None:
+    status, answer = sql(worker, query)
+    assert status == 400, answer
+    assert "SETTINGS" in error_of(answer) or "readonly" in error_of(answer)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "DROP TABLE lab_detections",
+        "SELECT 1; DROP TABLE lab_detections",
+        "INSERT INTO rejects (reject_id) VALUES ('x')",
+        "ALTER TABLE lab_detections DELETE WHERE 1",
+        "SET readonly = 0",
+        "SYSTEM SHUTDOWN",
+        "CREATE TABLE x (a UInt8) ENGINE = Memory",
+    ],
+)
+def test_only_select_statements_run(worker: RunningWorker, query: str) -> None:
+    status, answer = sql(worker, query)
+    assert status == 400, answer
+    status, answer = sql(
+        worker, "SELECT count() FROM system.tables WHERE database = currentDatabase() AND name = 'lab_detections'"
+    )
+    assert status == 200 and isinstance(answer, dict) and answer["rows"] == [[1]]
+
+
+def test_result_rows_are_capped(worker: RunningWorker) -> None:
+    status, answer = sql(worker, "SELECT number FROM numbers(5000)")
+    assert status == 400 and "TOO_MANY_ROWS" in error_of(answer)
+
+
+@pytest.mark.slow
+def test_a_slow_query_neither_stalls_ingestion_nor_runs_past_its_limit(worker: RunningWorker) -> None:
+    """It held the sink lock 45 s; now it runs on a handle of its own and stops at max_execution_time."""
+    marker = uuid.uuid4().hex
+    slow = f"SELECT count() FROM numbers(1000000000000) WHERE NOT ignore(sipHash64(number, '{marker}'))"
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        outcome["answer"] = sql(worker, slow)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    # running: the engine lists it (the check's own text does not contain the marker as one string)
+    wait_until(
+        lambda: worker.count(
+            "SELECT count() FROM system.processes WHERE position(query, {m:String}) > 0", {"m": marker}
+        ),
+        30,
+        "the slow query to be running",
+    )
+    event_id = f"sec-{marker}"
+    run_cli(worker.settings, "publish", "-", "--format", "ndjson", input=json.dumps(lab(event_id=event_id)) + "\n")
+    wait_until(
+        lambda: worker.count("SELECT count() FROM lab_detections WHERE event_id = {e:String}", {"e": event_id}),
+        SQL_SECONDS,
+        "the event published during the slow query to be stored",
+    )
+    assert thread.is_alive(), "the slow query ended before the event was stored: the test proved nothing"
+    thread.join(SQL_SECONDS + 30)
+    status, answer = outcome["answer"]
+    assert status == 400 and "TIMEOUT_EXCEEDED" in error_of(answer), answer
+
+
+# --- /sql: who may ask -------------------------------------------------------------------------------
+
+
+def test_no_token_no_answer(worker: RunningWorker) -> None:
+    assert sql(worker, "SELECT 1", token=None)[0] == 401
+    assert sql(worker, "SELECT 1", token="x" * 43)[0] == 401
+    assert sql(worker, "SELECT 1", token="")[0] == 401
+
+
+def test_browser_requests_are_refused(worker: RunningWorker) -> None:
+    """CSRF (any page POSTs text/plain with an Origin) and DNS rebinding (a foreign Host name)."""
+    assert sql(worker, "SELECT 1", headers={"Origin": "https://evil.example"})[0] == 403
+    assert sql(worker, "SELECT 1", headers={"Origin": "null"})[0] == 403
+    assert sql(worker, "SELECT 1", headers={"Host": "evil.example:6066"})[0] == 403
+    assert sql(worker, "SELECT 1", headers={"Content-Type": "text/plain"})[0] == 415
+    assert sql(worker, "SELECT 1", headers={"Content-Type": "application/x-www-form-urlencoded"})[0] == 415
+    # loopback names are fine
+    assert sql(worker, "SELECT 1", headers={"Host": f"localhost:{urlsplit(worker.info.web_url).port}"})[0] == 200
+
+
+def test_faust_views_are_off(worker: RunningWorker) -> None:
+    for path in ("/table/", "/table/detector-regions/", "/router/", "/graph/", "/stats/", "/performance/"):
+        status, _ = post(worker, path, b"", method="GET")
+        assert status == 404, path
+
+
+def test_the_client_without_the_token_file_is_told_what_to_do(worker: RunningWorker) -> None:
+    with pytest.raises(QueryError, match="web-token"):
+        execute_remote(worker.info.web_url, "SELECT 1", token=None)
+
+
+# --- files and secrets -------------------------------------------------------------------------------
+
+
+def test_token_and_stack_files_are_private(worker: RunningWorker) -> None:
+    assert stat.S_IMODE(os.stat(worker.settings.data_dir).st_mode) == 0o700
+    for path in (web_token_file(worker.settings), stack_file(worker.settings)):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+
+
+def test_every_start_makes_a_new_token(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    settings = isolated_settings(broker, tmp_path / "data")
+    first = start_worker(settings, tmp_path / "first.log")
+    token = read_web_token(settings)
+    stop_worker(first)
+    second = start_worker(settings, tmp_path / "second.log")
+    try:
+        assert token and read_web_token(settings) and read_web_token(settings) != token
+        status, _ = sql(second, "SELECT 1", token=token)
+        assert status == 401
+    finally:
+        stop_worker(second)
+
+
+def test_status_and_stack_file_show_no_clickhouse_password(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """A worker on a password-protected ClickHouse URL: neither stack.json nor `synthwatch status` holds it.
+
+    The URL is a server one (nothing listens there): the worker is not started; the stack file it would
+    write is written by the same function, and `status` reads it.
+    """
+    from synthwatch.runtime import StackInfo, write_stack
+
+    settings = isolated_settings(broker, tmp_path / "data")
+    secret = "s3cr3t-" + uuid.uuid4().hex
+    write_stack(
+        settings,
+        StackInfo(
+            pid=os.getpid(),
+            bootstrap_servers=broker.bootstrap_servers,
+            web_url="http://127.0.0.1:1",
+            clickhouse_url=f"https://synthwatch:{secret}@clickhouse.example:8443/synthwatch?password={secret}",
+            started_at="2026-01-01T00:00:00+00:00",
+        ),
+    )
+    assert secret not in stack_file(settings).read_text()
+    assert stat.S_IMODE(os.stat(stack_file(settings)).st_mode) == 0o600
+    # `status` from another process (pid of this test process: alive, so the file counts as running)
+    result = run_cli(settings, "status")
+    assert result.returncode == 0, result.stderr
+    assert secret not in result.stdout + result.stderr
+    assert "synthwatch:***@clickhouse.example" in result.stdout
+
+
+# --- 7. the publisher: bad records are rejected with a reason, the run goes on -------------------------
+
+
+def _summary(stdout: str) -> dict[str, int]:
+    """The numbers of `synthwatch publish`'s summary table."""
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.replace("┃", "│").split("│") if c.strip()]
+        if len(cells) == 5 and all(c.isdigit() for c in cells):
+            return dict(zip(["read", "sent", "rejected", "duplicates", "failed"], map(int, cells), strict=True))
+    raise AssertionError(f"no summary in output:\n{stdout}")
+
+
+def _stored_ids(worker: RunningWorker, prefix: str) -> set[str]:
+    rows = worker.query(
+        "SELECT event_id FROM lab_detections WHERE startsWith(event_id, {p:String})", {"p": prefix}
+    ).rows
+    return {str(r[0]) for r in rows}
+
+
+def _rejects(worker: RunningWorker, prefix: str) -> list[str]:
+    return [
+        str(r[0])
+        for r in worker.query(
+            "SELECT reason FROM rejects WHERE startsWith(source, {p:String}) ORDER BY source", {"p": prefix}
+        ).rows
+    ]
+
+
+def test_a_csv_cell_over_128_kib_rejects_its_row_only(worker: RunningWorker, tmp_path: Path) -> None:
+    prefix = f"big{uuid.uuid4().hex[:6]}"
+    path = tmp_path / f"{prefix}.csv"
+    header = "event_id,kind,occurred_at,country,region,substance.name,lab_id,sample_id,sample_type,method"
+    row = "{id},lab_detection,2026-03-02T09:00:00Z,FR,FR-75C,{name},LAB-1,S-1,seized_material,GC-MS"
+    path.write_text(
+        "\n".join(
+            [
+                header,
+                row.format(id=f"{prefix}-1", name="3-MMC"),
+                row.format(id=f"{prefix}-2", name="x" * (600 * 1024)),  # over Python's 128 KiB and our 512 KiB
+                row.format(id=f"{prefix}-3", name="3-MMC"),
+            ]
+        )
+        + "\n"
+    )
+    done = run_cli(worker.settings, "publish", str(path))
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert _summary(done.stdout) == {"read": 3, "sent": 2, "rejected": 1, "duplicates": 0, "failed": 0}
+    wait_until(lambda: _stored_ids(worker, prefix) == {f"{prefix}-1", f"{prefix}-3"}, 60, "the two good rows")
+    reasons = wait_until(lambda: _rejects(worker, path.name), 60, "the reject of the big row")
+    assert len(reasons) == 1 and "CSV row unreadable: field larger than field limit" in reasons[0]
+
+
+def test_a_header_nested_60000_levels_deep_is_refused_with_a_reason(worker: RunningWorker, tmp_path: Path) -> None:
+    prefix = f"deep{uuid.uuid4().hex[:6]}"
+    path = tmp_path / f"{prefix}.csv"
+    deep = ".".join(["x"] * 60_000)
+    path.write_text(f"event_id,kind,{deep}\n{prefix}-1,lab_detection,1\n{prefix}-2,lab_detection,2\n")
+    done = run_cli(worker.settings, "publish", str(path))
+    assert done.returncode == 0, done.stderr
+    assert "RecursionError" not in done.stderr + done.stdout
+    assert _summary(done.stdout) == {"read": 2, "sent": 0, "rejected": 2, "duplicates": 0, "failed": 0}
+    reasons = wait_until(lambda: len(_rejects(worker, path.name)) == 2 and _rejects(worker, path.name), 60, "2 rejects")
+    assert all("nests 60,000 levels, at most 8" in r for r in reasons)
+
+
+def test_a_valid_50_mb_event_is_rejected_as_too_large_and_the_rest_is_sent(
+    worker: RunningWorker, tmp_path: Path
+) -> None:
+    prefix = f"huge{uuid.uuid4().hex[:6]}"
+    path = tmp_path / f"{prefix}.ndjson"
+    with path.open("w", encoding="utf-8") as out:
+        out.write(json.dumps(lab(event_id=f"{prefix}-1")) + "\n")
+        out.write(json.dumps(lab(event_id=f"{prefix}-2", note="n" * (50 * 1024 * 1024))) + "\n")  # valid, 50 MB
+        out.write(json.dumps(lab(event_id=f"{prefix}-3", **{f"x{i}": i for i in range(100)})) + "\n")  # 100 extras
+        out.write(json.dumps(lab(event_id=f"{prefix}-4")) + "\n")
+    done = run_cli(worker.settings, "publish", str(path))
+    assert done.returncode == 0, done.stderr
+    assert "MessageSizeTooLargeError" not in done.stderr + done.stdout
+    assert _summary(done.stdout) == {"read": 4, "sent": 2, "rejected": 2, "duplicates": 0, "failed": 0}
+    wait_until(lambda: _stored_ids(worker, prefix) == {f"{prefix}-1", f"{prefix}-4"}, 60, "the two good events")
+    reasons = wait_until(lambda: len(_rejects(worker, path.name)) == 2 and _rejects(worker, path.name), 60, "2 rejects")
+    assert reasons[0].startswith("record too large: 52,")
+    assert reasons[1].startswith("extra_fields: 100 unknown fields, at most 64")
+
+
+def test_the_worker_applies_the_same_caps_to_other_producers(worker: RunningWorker) -> None:
+    """A producer that skips `synthwatch publish` meets the same limits in the worker."""
+    from kafka import KafkaProducer
+
+    prefix = f"direct{uuid.uuid4().hex[:6]}"
+    producer = KafkaProducer(bootstrap_servers=worker.settings.kafka_bootstrap_servers, max_request_size=4 << 20)
+    try:
+        many = lab(event_id=f"{prefix}-1", **{f"x{i}": i for i in range(100)})
+        producer.send(worker.settings.topic_lab_detections, key=b"FR-75C", value=json.dumps(many).encode()).get(30)
+        ok = lab(event_id=f"{prefix}-2")
+        producer.send(worker.settings.topic_lab_detections, key=b"FR-75C", value=json.dumps(ok).encode()).get(30)
+    finally:
+        producer.close()
+    wait_until(lambda: _stored_ids(worker, prefix) == {f"{prefix}-2"}, 60, "the good event")
+    reasons = wait_until(
+        lambda: worker.query("SELECT reason FROM rejects WHERE event_id = {e:String}", {"e": f"{prefix}-1"}).rows,
+        60,
+        "the reject of the event with 100 unknown fields",
+    )
+    assert str(reasons[0][0]).startswith("extra_fields: 100 unknown fields")
+
+
+# --- 3. report text in the analysts' terminal ---------------------------------------------------------
+
+MARKUP_NAMES = ["[/]", "[link=https://evil.example]Isotonitazene[/link]", ":x: Protonitazene"]
+
+
+def test_markup_and_escapes_in_stored_data_reach_the_terminal_as_plain_text(
+    worker: RunningWorker, tmp_path: Path
+) -> None:
+    """Names that look like Rich markup are valid reports; a forged alert (no Kafka auth yet: issue 12 item 2)
+    carries ESC, OSC-8 and bidi characters. `alerts`, `stats`, `substance` and `sql` print all of it as text."""
+    from kafka import KafkaProducer
+
+    from .delivery_helpers import make_alert
+
+    prefix = f"mk{uuid.uuid4().hex[:6]}"
+    path = tmp_path / f"{prefix}.ndjson"
+    path.write_text(
+        "".join(
+            json.dumps(lab(event_id=f"{prefix}-{i}", substance={"name": n})) + "\n" for i, n in enumerate(MARKUP_NAMES)
+        )
+    )
+    done = run_cli(worker.settings, "publish", str(path))
+    assert done.returncode == 0 and _summary(done.stdout)["sent"] == 3, done.stdout + done.stderr
+    evil = "\x1b]8;;https://evil.example\x07Isotonitazene\x1b]8;;\x07 \x1b[2J\u202eevil"
+    alert = make_alert(
+        alert_id=f"{prefix}-alert",
+        substance=make_alert().substance.model_copy(update={"name": "[/]" + evil}),
+        summary=f"[bold]x[/] :x: {evil}\nSeverity: forged line",
+    )
+    producer = KafkaProducer(bootstrap_servers=worker.settings.kafka_bootstrap_servers)
+    try:
+        producer.send(
+            worker.settings.topic_alerts, key=alert.alert_id.encode(), value=alert.model_dump_json().encode()
+        ).get(30)
+    finally:
+        producer.close()
+    wait_until(lambda: len(_stored_ids(worker, prefix)) == 3, 60, "the three reports")
+    wait_until(
+        lambda: worker.count("SELECT count() FROM alerts WHERE alert_id = {a:String}", {"a": alert.alert_id}),
+        60,
+        "the forged alert stored",
+    )
+    outputs = {
+        "alerts": run_cli(worker.settings, "alerts", "--since", "30d"),
+        "stats": run_cli(worker.settings, "stats", "--days", "3650"),
+        "substance": run_cli(worker.settings, "substance", "[/]"),
+        "sql": run_cli(
+            worker.settings, "sql", f"SELECT substance_name, summary FROM alerts WHERE alert_id = '{alert.alert_id}'"
+        ),
+    }
+    for command, result in outputs.items():
+        text = result.stdout + result.stderr
+        assert result.returncode == 0, f"{command}: {text}"
+        assert "MarkupError" not in text and "Traceback" not in text, command
+        assert "\x1b" not in text and "\u202e" not in text and "\u274c" not in text, f"{command}: {text!r}"
+    assert "\\x1b]8;;https://evil.example\\x07Isotonitazene" in outputs["alerts"].stdout
+    assert "Severity: forged line" not in outputs["alerts"].stdout.replace("\\nSeverity: forged line", "")
+    for name in MARKUP_NAMES:
+        assert name in outputs["stats"].stdout, name
+    assert "[/]" in outputs["substance"].stdout
+
+
+def test_an_oversized_request_is_refused_before_it_is_read(worker: RunningWorker) -> None:
+    status, answer = post(worker, "/sql", {"sql": "SELECT 1 -- " + "x" * (300 * 1024)})
+    assert status == 413, answer
+
+
+def test_deliveries_shows_hostile_names_and_no_webhook_password(tmp_path: Path) -> None:
+    """`synthwatch deliveries` crashed on a substance named ``[/]``; rows also kept ``user:password@``.
+
+    A child process that owns a fresh embedded engine stores one attempt row as the delivery service
+    builds it (``target`` from ``WebhookChannel.target``, ``reason`` through ``redact``); the command then
+    opens that engine itself (no stack is running).
+    """
+    import subprocess
+    import sys
+
+    from synthwatch.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "data")
+    code = r"""
+import sys
+from datetime import UTC, datetime
+from synthwatch.clickhouse import connect, migrate
+from synthwatch.redaction import redact
+from synthwatch.settings import Settings
+from synthwatch.stream_apps.delivery import COLUMNS, TABLE
+from synthwatch.stream_apps.subscriptions import WebhookChannel
+
+client = connect(Settings(data_dir=sys.argv[1]))
+migrate(client)
+channel = WebhookChannel(type="webhook", url="https://officer:hunter2@hooks.example/in")
+row = {
+    "alert_id": "a1", "officer_id": "[/]", "channel": "webhook", "channel_type": "webhook", "route": "[link=https://evil.example]r[/link]",
+    "attempt": 1, "status": "failed", "reason": redact("POST https://officer:hunter2@hooks.example/in: refused"),
+    "response_code": None, "target": channel.target, "at": datetime.now(UTC), "duration_ms": 1.0,
+    "alert_type": "new_substance", "severity": "critical", "substance": "[/] :x: \x1b]8;;https://e\x07y",
+    "region": "ML-BKO", "digest_id": "", "alert_json": "",
+}
+client.insert(TABLE, [[row[c] for c in COLUMNS]], column_names=COLUMNS)
+client.close()
+"""
+    prepared = subprocess.run(
+        [sys.executable, "-c", code, str(settings.data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert prepared.returncode == 0, prepared.stderr
+    result = run_cli(settings, "deliveries")
+    text = result.stdout + result.stderr
+    assert result.returncode == 0, text
+    assert "MarkupError" not in text and "\x1b" not in text and "\u274c" not in text
+    assert "[/]" in result.stdout and ":x:" in result.stdout and "[link=https://evil.example]r[/link]" in result.stdout
+    assert "hunter2" not in text
+    rows = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from synthwatch.query import run_query; from synthwatch.settings import Settings; "
+            "print(run_query(Settings(data_dir=sys.argv[1]), 'SELECT target, reason FROM deliveries').rows)",
+            str(settings.data_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert rows.returncode == 0, rows.stderr
+    assert "hunter2" not in rows.stdout and "officer:***@hooks.example" in rows.stdout

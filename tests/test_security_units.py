@@ -1,0 +1,241 @@
+"""Issue 12's pure-logic defences, fast: what the integration tests in test_security.py exercise end to end."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
+
+from synthwatch.producers.readers import read_csv
+from synthwatch.redaction import install_log_redaction, redact, redact_url, write_private
+from synthwatch.schemas import Reject, WireError, parse_event
+from synthwatch.schemas.text import visible
+from synthwatch.schemas.wire import RecordLimits, check_extras, check_size
+from synthwatch.stream_apps.messages import render_alert
+from synthwatch.stream_apps.metrics import WorkerMetrics, reject_reason, reject_reason_classes
+from synthwatch.stream_apps.web_auth import refuse_request
+from synthwatch.terminal import plain
+
+from .delivery_helpers import make_alert
+from .factories import lab, seizure
+
+# --- 3. control characters: refused at ingest, escaped on output ---------------------------------------
+
+HOSTILE_NAMES = [
+    "Isotonitazene\nSeverity: CRITICAL - evacuate",
+    "x\x1b]8;;https://evil.example\x07click\x1b]8;;\x07",
+    "\x1b[2J\x1b[Hcleared",
+    "a\u202eevil",
+    "nul\x00byte",
+    "c1\x9bcontrol",
+]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_control_characters_in_names_are_refused_with_a_reason(name: str) -> None:
+    with pytest.raises(WireError) as caught:
+        parse_event(json.dumps(lab(substance={"name": name})))
+    assert caught.value.reason.startswith("substance.name: contains U+")
+    assert "one line of printable text" in caught.value.reason
+    # the reason names the character; it does not carry it
+    assert not any(ch in caught.value.reason for ch in "\n\x1b\u202e\x00\x9b")
+
+
+@pytest.mark.parametrize("field", ["event_id", "lab_id", "sample_id", "method"])
+def test_every_text_field_refuses_control_characters(field: str) -> None:
+    with pytest.raises(WireError, match=f"^{field}: contains U\\+000A"):
+        parse_event(json.dumps(lab(**{field: "a\nb"})))
+    for field_of_seizure in ("agency", "seizure_id", "border_point"):
+        with pytest.raises(WireError, match=f"^{field_of_seizure}: contains U\\+0009"):
+            parse_event(json.dumps(seizure(**{field_of_seizure: "a\tb"})))
+
+
+def test_markup_looking_names_are_data_and_accepted() -> None:
+    """``[/]``, ``[link=...]`` and ``:x:`` are harmless text; the danger was printing them as markup."""
+    for name in ("[/]", "[link=https://evil.example]Isotonitazene[/link]", ":x: fentanyl", "Ñitazène 中文"):
+        assert parse_event(json.dumps(lab(substance={"name": name}))).substance.name == name
+
+
+def test_visible_escapes_controls_and_drops_bidi_marks() -> None:
+    assert visible("a\nb\x1b[31m\u202ec\u200f") == "a\\nb\\x1b[31mc"
+    assert visible("plain Ñ") == "plain Ñ"
+
+
+def test_terminal_shows_data_as_text_not_markup_emoji_or_escapes() -> None:
+    out = io.StringIO()
+    console = Console(file=out, width=200, emoji=False, force_terminal=False, color_system=None)
+    for name in ("[/]", "[link=https://evil.example]Isotonitazene[/link]", ":x:", "\x1b]8;;https://e\x07y", "a\u202eb"):
+        console.print(plain(name))  # would raise MarkupError on "[/]" if parsed as markup
+    text = out.getvalue()
+    assert "[/]" in text and "[link=https://evil.example]Isotonitazene[/link]" in text and ":x:" in text
+    assert "\x1b" not in text and "\u202e" not in text and "\u274c" not in text
+    assert "\\x1b]8;;https://e\\x07y" in text
+
+
+def test_a_newline_in_a_stored_name_cannot_forge_a_line_in_an_email() -> None:
+    """Alerts from older rows or a forged alerts record never met the ingest check: rendering escapes too."""
+    alert = make_alert(
+        substance=make_alert().substance.model_copy(update={"name": "Pentyl\nSeverity: CRITICAL - evacuate"}),
+        summary="x\r\nFrom: boss@example.org",
+    )
+    for language in ("en", "fr"):
+        message = render_alert(alert, language, "https://grafana.example")
+        lines = message.text.splitlines()
+        assert not any(line.startswith(("Severity: CRITICAL", "From: boss")) for line in lines)
+        assert "Pentyl\\nSeverity" in message.text
+        assert "\n" not in message.subject and "\r" not in message.subject
+
+
+# --- 4. secrets --------------------------------------------------------------------------------------
+
+
+def test_redaction_hides_passwords_in_urls_texts_and_query_strings() -> None:
+    assert redact_url("https://synthwatch:pa55@ch.example:8443/db") == "https://synthwatch:***@ch.example:8443/db"
+    assert redact_url("https://hooks.example/x?token=abc&x=1") == "https://hooks.example/x?token=***&x=1"
+    assert redact_url("https://user@hooks.example/x") == "https://user@hooks.example/x"
+    text = "POST https://officer:hunter2@hooks.example/in failed; password=hunter2 token: abc Authorization: Bearer xyz"
+    cleaned = redact(text)
+    assert "hunter2" not in cleaned and "abc" not in cleaned and "xyz" not in cleaned
+    assert "https://officer:***@hooks.example/in" in cleaned
+    assert redact("smtp_password=hunter2 next") == "smtp_password=*** next"
+
+
+def test_log_records_are_redacted(caplog: pytest.LogCaptureFixture) -> None:
+    install_log_redaction()
+    with caplog.at_level(logging.WARNING, logger="synthwatch.test"):
+        logging.getLogger("synthwatch.test").warning("cannot reach %s", "http://u:s3cret@host:8123/db")
+    assert "s3cret" not in caplog.text and "u:***@host" in caplog.text
+
+
+def test_private_files_are_0600_from_the_start(tmp_path: Path) -> None:
+    target = tmp_path / "secret.json"
+    old = os.umask(0)  # even with a permissive umask
+    try:
+        write_private(target, "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+
+
+def test_webhook_target_in_the_deliveries_table_has_no_password() -> None:
+    from synthwatch.stream_apps.subscriptions import WebhookChannel
+
+    channel = WebhookChannel(type="webhook", url="https://officer:hunter2@hooks.example/in?token=t0k")
+    assert channel.target == "https://officer:***@hooks.example/in"
+
+
+# --- 1. who may call /sql (the real endpoint is tested in test_security.py) -----------------------------
+
+
+def _headers(**changes: str) -> dict[str, str]:
+    headers = {"Host": "127.0.0.1:6066", "Content-Type": "application/json", "Authorization": "Bearer tok"}
+    headers.update(changes)
+    return {k: v for k, v in headers.items() if v}
+
+
+def test_request_checks() -> None:
+    assert refuse_request(_headers(), "tok") is None
+    assert refuse_request(_headers(Host="[::1]:6066"), "tok") is None
+    assert refuse_request(_headers(Host="localhost"), "tok") is None
+    assert refuse_request(_headers(), None) is not None  # a worker without a token serves nothing
+    assert refuse_request(_headers(Authorization=""), "tok")[0] == 401  # type: ignore[index]
+    assert refuse_request(_headers(Authorization="Bearer other"), "tok")[0] == 401  # type: ignore[index]
+    assert refuse_request(_headers(Authorization="Basic tok"), "tok")[0] == 401  # type: ignore[index]
+    assert refuse_request(_headers(Host="rebind.evil.example:6066"), "tok")[0] == 403  # type: ignore[index]
+    assert refuse_request(_headers(Host="worker.internal:6066"), "tok", ["worker.internal"]) is None
+    assert refuse_request(_headers(Origin="http://127.0.0.1:6066"), "tok")[0] == 403  # type: ignore[index]
+    assert refuse_request(_headers(**{"Content-Type": "text/plain"}), "tok")[0] == 415  # type: ignore[index]
+
+
+# --- 7. size caps ------------------------------------------------------------------------------------
+
+
+def test_record_size_and_extra_field_caps() -> None:
+    limits = RecordLimits(max_bytes=1000, max_extra_fields=3, max_extra_bytes=100)
+    check_size(b"x" * 1000, limits)
+    with pytest.raises(WireError, match="record too large: 1,001 bytes"):
+        check_size(b"x" * 1001, limits)
+    with pytest.raises(WireError, match="record too large: 1,002 bytes") as caught:  # 'é' is 2 bytes
+        check_size('{"event_id": "e-1", "x": "' + "é" * 487 + '"}', limits)
+    assert caught.value.event_id == "e-1"  # a reject can still be traced
+    event = parse_event(json.dumps(lab(a=1, b=2, substance={"name": "x", "c": 3})))
+    check_extras(event, limits)
+    many = parse_event(json.dumps(lab(a=1, b=2, d={"e": 1}, substance={"name": "x", "c": 3})))
+    with pytest.raises(WireError, match="extra_fields: 5 unknown fields, at most 3"):
+        check_extras(many, limits)
+    big = parse_event(json.dumps(lab(note="x" * 200)))
+    with pytest.raises(WireError, match=r"extra_fields: .* bytes of unknown fields"):
+        check_extras(big, limits)
+
+
+def test_csv_rows_that_cannot_be_read_become_records_with_a_reason() -> None:
+    huge = "x" * (200 * 1024)
+    text = f"event_id,kind,substance.name\ne1,lab_detection,a\ne2,lab_detection,{huge}\ne3,lab_detection,c\n"
+    records = list(read_csv(io.StringIO(text), "f.csv", max_field=128 * 1024))
+    assert [r.source for r in records] == ["f.csv:2", "f.csv:3", "f.csv:4"]
+    assert records[0].problem is None and records[2].problem is None
+    assert records[1].problem is not None and "field larger than field limit" in records[1].problem
+
+
+def test_a_header_nested_60000_levels_deep_rejects_its_rows_and_nothing_recurses() -> None:
+    deep = ".".join(["a"] * 60_000)
+    text = f"event_id,{deep}\ne1,x\ne2,y\n"
+    records = list(read_csv(io.StringIO(text), "f.csv", max_depth=8))
+    assert len(records) == 2
+    assert all(r.problem and "nests 60,000 levels, at most 8" in r.problem for r in records)
+    assert all(len(r.problem or "") < 300 for r in records)
+
+
+# --- 8. metric label cardinality ---------------------------------------------------------------------
+
+
+def _bad_messages(n: int) -> list[str]:
+    """``n`` distinct bad records whose reasons all differ: each names a field of its own (an unknown key
+    inside ``quantity``, as the issue's 300 series came from), some with other faults as well."""
+    out = []
+    for i in range(n):
+        record = seizure(event_id=f"b{i}", quantity={"value": 1, "unit": "g", f"k{i}": 1})
+        if i % 3 == 1:
+            record["region"] = f"XX-{i}"
+        if i % 3 == 2:
+            record["substance"] = {"name": f"n\n{i}"}
+        out.append(json.dumps(record))
+    return out
+
+
+def test_300_distinct_bad_messages_make_a_few_series() -> None:
+    metrics = WorkerMetrics(app_id="cardinality")
+    rejects: list[Reject] = []
+    for i, raw in enumerate(_bad_messages(300)):
+        with pytest.raises(WireError) as caught:
+            parse_event(raw)
+        rejects.append(Reject.of(raw, source=f"t:0:{i}", reason=caught.value.reason, stage="worker"))
+    assert len({r.reason for r in rejects}) == 300  # the reasons really differ
+    metrics.rejected(rejects)
+    series: list[dict[str, Any]] = [
+        sample.labels
+        for family in text_string_to_metric_families(metrics.exposition().decode())
+        if family.name == "synthwatch_rejects"
+        for sample in family.samples
+        if sample.name == "synthwatch_rejects_total"
+    ]
+    assert sum(1 for _ in series) <= 10
+    assert {s["reason"] for s in series} <= reject_reason_classes()
+
+
+def test_reason_classes_are_a_fixed_set() -> None:
+    classes = reject_reason_classes()
+    assert len(classes) < 80
+    for reason in ("quantity.k9999: Extra inputs are not permitted", "zzz.yyy: whatever", "a" * 300 + ": b"):
+        assert reject_reason(reason) in classes
+    assert reject_reason("quantity.value: must be > 0") == "invalid_quantity_value"
+    assert reject_reason("record too large: 5 bytes") == "too_large"
+    assert reject_reason("extra_fields: 70 unknown fields") == "too_many_extra_fields"
