@@ -1,7 +1,7 @@
 """Sending one message on one channel, and telling a retryable failure from a permanent one.
 
 Webhook: a JSON POST signed with HMAC-SHA256 under the subscriber's own secret (scheme ``v1``, see
-:func:`sign` and docs/security-webhooks.md). What is signed is ``timestamp.delivery_id.event.body``, so
+:func:`sign` and docs/security.md ("Webhooks and delivery")). What is signed is ``timestamp.delivery_id.event.body``, so
 none of the four can be changed or moved to another request; the body repeats ``delivery_id`` and
 ``kind`` (= event), and carries ``alert_id`` (or ``digest_id``) and ``officer_id``, so a receiver
 de-duplicates on signed ids. :func:`verify` is what a receiver runs: signature, a timestamp inside the

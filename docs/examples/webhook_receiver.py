@@ -17,7 +17,7 @@ rotating: either secret is accepted). Each request is answered:
          synthwatch counts 409 as delivered
     413  body too large
 
-One JSON line per request goes to stdout. The scheme is in docs/security-webhooks.md.
+One JSON line per request goes to stdout. The scheme is in docs/security.md ("Webhooks and delivery").
 """
 
 from __future__ import annotations
