@@ -491,7 +491,7 @@ from synthwatch.stream_apps.subscriptions import WebhookChannel
 
 client = connect(Settings(data_dir=sys.argv[1]))
 migrate(client)
-channel = WebhookChannel(type="webhook", url="https://officer:hunter2@hooks.example/in")
+channel = WebhookChannel(type="webhook", url="https://officer:hunter2@hooks.example/in", secret_env="HOOK_SECRET")
 row = {
     "alert_id": "a1", "officer_id": "[/]", "channel": "webhook", "channel_type": "webhook", "route": "[link=https://evil.example]r[/link]",
     "attempt": 1, "status": "failed", "reason": redact("POST https://officer:hunter2@hooks.example/in: refused"),

@@ -128,7 +128,9 @@ def test_private_files_are_0600_from_the_start(tmp_path: Path) -> None:
 def test_webhook_target_in_the_deliveries_table_has_no_password() -> None:
     from synthwatch.stream_apps.subscriptions import WebhookChannel
 
-    channel = WebhookChannel(type="webhook", url="https://officer:hunter2@hooks.example/in?token=t0k")
+    channel = WebhookChannel(
+        type="webhook", url="https://officer:hunter2@hooks.example/in?token=t0k", secret_env="OFFICER_HOOK_SECRET"
+    )
     assert channel.target == "https://officer:***@hooks.example/in"
 
 
