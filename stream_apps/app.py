@@ -53,6 +53,7 @@ from .faust_batches import channel_batches, take_batches
 from .intake import EnrichedEvent, Intake, RawMessage
 from .metrics import WorkerMetrics, attach_metrics, ingest_times
 from .novelty import NoveltyDetector, Sighting
+from .replay import Position, position_of
 from .state_rebuild import learn_names, rebuild
 
 log = logging.getLogger("synthwatch.worker")
@@ -73,6 +74,8 @@ class WorkerStats:
     alerts_stored: int = 0
     sightings: int = 0
     sightings_processed: int = 0
+    replayed: int = 0  # input events read again after a restart that detector state held already
+    replayed_sightings: int = 0  # the same for sightings
     intake_batches: int = 0
     checkpointed: int = 0  # input events whose rows and detector state are written (offsets acknowledged)
     sink_retries: int = 0
@@ -237,8 +240,11 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
         sightings: list[Sighting] = []
         partitions: dict[str, int] = {}
         for item in events:
-            found = ctx.regions.observe(Observation.of(item))
+            found = ctx.regions.observe(Observation.of(item), at=position_of(item.source))
             partitions[item.event.region] = _partition(item.source)
+            if found.replayed:  # read again after a restart: stored, judged and sent before
+                stats.replayed += 1
+                continue
             if found.late_reason is not None:
                 late.append((item, found.late_reason))
                 continue
@@ -319,8 +325,10 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
                     for r in result.rejects
                 ]
                 pending += [await send(alerts_topic, a.alert_id.encode(), a.model_dump_json().encode()) for a in alerts]
+                # One message per substance, in event-time order: the novelty stage takes sightings in the
+                # order they are on the topic (see NoveltyDetector.observe_batch), so "first" is first reported.
                 by_substance: dict[str, list[dict[str, Any]]] = defaultdict(list)
-                for sighting in sightings:
+                for sighting in sorted(sightings, key=lambda s: (s.occurred_at, s.event_id)):
                     by_substance[sighting.key].append(sighting.to_dict())
                 pending += [
                     await send(sightings_topic, key.encode(), json.dumps(values).encode())
@@ -357,18 +365,17 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             if events:
                 await until_state_ready(ctx)
                 metrics.consumed(events)
-                alerts: list[Alert] = []
-                batch_sightings = []
+                batch_sightings: list[tuple[Sighting, Position]] = []
                 for e in events:
+                    at = (f"{e.message.topic}:{e.message.partition}", e.message.offset)
                     for data in json.loads(e.value):
                         sighting = Sighting.from_dict(data)
                         partitions[sighting.key] = e.message.partition
-                        batch_sightings.append(sighting)
-                # Sightings of one substance come from every region's partition in arrival order; what
-                # arrived together is processed in event-time order, so "first" means first reported.
-                for sighting in sorted(batch_sightings, key=lambda s: (s.occurred_at, s.event_id)):
-                    alerts.extend(ctx.novelty.observe(sighting))
-                    stats.sightings_processed += 1
+                        batch_sightings.append((sighting, at))
+                # In the order read; those a record holds already (read again after a restart) skipped.
+                alerts, taken = ctx.novelty.observe_batch(batch_sightings)
+                stats.sightings_processed += len(batch_sightings)
+                stats.replayed_sightings += len(batch_sightings) - taken
                 sent = [await send(alerts_topic, a.alert_id.encode(), a.model_dump_json().encode()) for a in alerts]
                 held.hold(events, sent)
                 metrics.produced(settings.topic_alerts, len(alerts))
