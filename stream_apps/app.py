@@ -207,6 +207,16 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
     # Faust's take batches end only when events come, so they checkpoint after every batch.
     every = settings.checkpoint_seconds if settings.agent_batches == "channel" else 0.0
 
+    def replayed_records(stage: str, n: int) -> None:
+        """Count records skipped as held by detector state; say so once per stage (a restart's replay)."""
+        if n:
+            metrics.replayed_records(stage, n)
+            if stage not in replay_logged:
+                replay_logged.add(stage)
+                log.info("%s: records read again after a restart are skipped where detector state holds them", stage)
+
+    replay_logged: set[str] = set()
+
     def checkpoint() -> Checkpoint:
         return Checkpoint(app, every, most=batch)
 
@@ -314,7 +324,9 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
                     RawMessage(f"{e.message.topic}:{e.message.partition}:{e.message.offset}", e.value) for e in events
                 ]
                 result = ctx.intake.process(messages)
+                replayed_before = stats.replayed
                 kept, late, alerts, sightings, batch_partitions = detect_regions(result.events)
+                replayed_records("intake", stats.replayed - replayed_before)
                 partitions.update(batch_partitions)
                 result.duplicates += await refuse_late(late, result.rejects, chain(storing, rows))
                 rows.extend(kept)
@@ -376,6 +388,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
                 alerts, taken = ctx.novelty.observe_batch(batch_sightings)
                 stats.sightings_processed += len(batch_sightings)
                 stats.replayed_sightings += len(batch_sightings) - taken
+                replayed_records("novelty", len(batch_sightings) - taken)
                 sent = [await send(alerts_topic, a.alert_id.encode(), a.model_dump_json().encode()) for a in alerts]
                 held.hold(events, sent)
                 metrics.produced(settings.topic_alerts, len(alerts))

@@ -135,6 +135,12 @@ class WorkerMetrics:
         self.rejects = Counter(
             "synthwatch_rejects", "Records refused, per stage and reason class.", ["stage", "reason"], registry=r
         )
+        self.replayed = Counter(
+            "synthwatch_replayed",
+            "Records read again after a restart that detector state held already (skipped), per stage.",
+            ["stage"],
+            registry=r,
+        )
         self.alerts = Counter(
             "synthwatch_alerts", "Alerts published, per type and severity.", ["alert_type", "severity"], registry=r
         )
@@ -210,6 +216,10 @@ class WorkerMetrics:
     def skipped_duplicates(self, n: int) -> None:
         if n:
             self.duplicates.inc(n)
+
+    def replayed_records(self, stage: str, n: int) -> None:
+        if n:
+            self.replayed.labels(stage=stage).inc(n)
 
     def rejected(self, rejects: Iterable[Reject]) -> None:
         for reject in rejects:

@@ -165,13 +165,17 @@ class NoveltyDetector:
         its replay takes them in the same order as before and raises the same alerts with the same
         content (an order that depended on how the stream was cut into batches would not). Each
         message is sorted by event time by the region stage that sent it. A sighting whose record
-        holds its position already (read again after a restart) is skipped.
+        holds its position already (read again after a restart) is skipped; a message (one position)
+        holds sightings of one substance and is taken whole or not at all.
         """
         alerts: list[Alert] = []
         taken = 0
+        fresh: dict[Position | None, bool] = {None: True}  # per message: all its sightings, or none
         for sighting, at in batch:
-            known = self.get(sighting.key)
-            if known is not None and applied(known.applied, at):
+            if at not in fresh:
+                known = self.get(sighting.key)
+                fresh[at] = known is None or not applied(known.applied, at)
+            if not fresh[at]:
                 continue
             alerts.extend(self.observe(sighting))
             note(self.state[sighting.key].applied, at)
