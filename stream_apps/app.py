@@ -134,6 +134,10 @@ async def with_retries(
             return result
 
 
+#: The key of the record that ends a changelog write on each partition (see ``seal`` in :func:`create_app`).
+SEAL_KEY = "~sealed"
+SEAL_VALUE = b"{}"
+
 #: A stream with nothing new for this long is quiet: its agent checkpoints what it holds at once.
 QUIET_SECONDS = 0.2
 
@@ -241,6 +245,24 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             futures.append(await send(topic, json.dumps(key).encode(), encoded, partition, None, None))
         return futures
 
+    async def seal(table: Any, changes: list[tuple[int, str, dict[str, Any]]]) -> None:
+        """After a write is acknowledged, end each partition it wrote with one record in a batch of its own.
+
+        Why: Tansu 0.6 answers ListOffsets "latest" with the first offset of the partition's last record
+        batch plus one, and Faust's recovery reads a changelog up to that offset: the other records of a
+        checkpoint's last batch were never restored, so a restarted worker lost part of its last
+        checkpoint's state while the offsets of the events behind it were committed. A lone last record
+        makes the answer the true end. A worker killed before the seal leaves the last batch unsealed:
+        recovery then reads a prefix of it (in send order), which the replay marks cover.
+        """
+        topic, send = table.changelog_topic.get_topic_name(), app.producer.send
+        key = json.dumps(SEAL_KEY).encode()
+        futures = []
+        for partition in sorted({partition for partition, _, _ in changes}):
+            table.data[SEAL_KEY] = SEAL_VALUE
+            futures.append(await send(topic, key, SEAL_VALUE, partition, None, None))
+        await send_all(futures)
+
     def detect_regions(
         events: list[EnrichedEvent],
     ) -> tuple[list[EnrichedEvent], list[tuple[EnrichedEvent, str]], list[Alert], list[Sighting], dict[str, int]]:
@@ -309,6 +331,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
                 metrics,
             )
             await send_all(await save(region_table, changes))
+            await seal(region_table, changes)
             stats.checkpointed += events  # acknowledged right after this returns
             metrics.stored("lab_detections", stored.lab_detections)
             metrics.stored("border_seizures", stored.border_seizures)
@@ -372,6 +395,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
 
         async def write(changes: list[tuple[int, str, dict[str, Any]]]) -> None:
             await send_all(await save(substance_table, changes))
+            await seal(substance_table, changes)
 
         async for events in batches(stream):
             if events:
@@ -476,15 +500,13 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             report = await asyncio.get_running_loop().run_in_executor(None, partial(rebuild_locked, ctx))
             stats.rebuild = report.__dict__
             n = settings.partitions
-            pending = await save(
-                region_table,
-                [(default_partition(r.encode(), n), k, v) for r, k, v in ctx.regions.drain_dirty()],
-            )
-            pending += await save(
-                substance_table,
-                [(default_partition(k.encode(), n), k, v) for k, v in ctx.novelty.drain_dirty()],
-            )
+            region_changes = [(default_partition(r.encode(), n), k, v) for r, k, v in ctx.regions.drain_dirty()]
+            substance_changes = [(default_partition(k.encode(), n), k, v) for k, v in ctx.novelty.drain_dirty()]
+            pending = await save(region_table, region_changes)
+            pending += await save(substance_table, substance_changes)
             await send_all(pending)
+            await seal(region_table, region_changes)
+            await seal(substance_table, substance_changes)
             log.info("detector state rebuilt from ClickHouse: %s", report)
         else:
             learnt = await asyncio.get_running_loop().run_in_executor(None, partial(learn_names_locked, ctx))
