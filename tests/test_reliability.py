@@ -102,8 +102,8 @@ def no_crash_in_log(worker: RunningWorker) -> None:
     strict=False,
     reason="open (issue 11, section 2; docs/performance.md, 'Worker killed mid-checkpoint'): spike alerts are "
     "published before the series state that decided them is written; a kill in between makes the restarted "
-    "worker decide those events again, in another interleaving of the two input topics, and it can publish a "
-    "spike with another episode (another id) or the same id with other content",
+    "worker decide those events again, in another interleaving of the two input topics, and it publishes the "
+    "same spike id again with another evidence list",
 )
 def test_worker_killed_mid_stream_restarts_and_stores_every_event_once_without_losing_alerts(
     broker: EmbeddedBroker, tmp_path: Path
