@@ -60,6 +60,7 @@ from .faust_batches import channel_batches, take_batches
 from .intake import EnrichedEvent, Intake, RawMessage
 from .metrics import PartitionOffsets, WorkerMetrics, attach_metrics, ingest_times
 from .novelty import NoveltyDetector, Sighting
+from .replay import Position, position_of
 from .state_rebuild import learn_names, rebuild
 from .watchdog import StallWatch, watch_consumer
 from .web_auth import refuse_request
@@ -83,6 +84,8 @@ class WorkerStats:
     alerts_stored: int = 0
     sightings: int = 0
     sightings_processed: int = 0
+    replayed: int = 0  # input events read again after a restart that detector state held already
+    replayed_sightings: int = 0  # the same for sightings
     intake_batches: int = 0
     checkpointed: int = 0  # input events whose rows and detector state are written (offsets acknowledged)
     sink_retries: int = 0
@@ -142,6 +145,10 @@ async def with_retries(
                 metrics.sink_recovered(what)
             return result
 
+
+#: The key of the record that ends a changelog write on each partition (see ``seal`` in :func:`create_app`).
+SEAL_KEY = "~sealed"
+SEAL_VALUE = b"{}"
 
 #: A stream with nothing new for this long is quiet: its agent checkpoints what it holds at once.
 QUIET_SECONDS = 0.2
@@ -245,6 +252,16 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
     # Faust's take batches end only when events come, so they checkpoint after every batch.
     every = settings.checkpoint_seconds if settings.agent_batches == "channel" else 0.0
 
+    def replayed_records(stage: str, n: int) -> None:
+        """Count records skipped as held by detector state; say so once per stage (a restart's replay)."""
+        if n:
+            metrics.replayed_records(stage, n)
+            if stage not in replay_logged:
+                replay_logged.add(stage)
+                log.info("%s: records read again after a restart are skipped where detector state holds them", stage)
+
+    replay_logged: set[str] = set()
+
     def checkpoint() -> Checkpoint:
         return Checkpoint(app, every, most=batch)
 
@@ -269,6 +286,24 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             futures.append(await send(topic, json.dumps(key).encode(), encoded, partition, None, None))
         return futures
 
+    async def seal(table: Any, changes: list[tuple[int, str, dict[str, Any]]]) -> None:
+        """After a write is acknowledged, end each partition it wrote with one record in a batch of its own.
+
+        Why: Tansu 0.6 answers ListOffsets "latest" with the first offset of the partition's last record
+        batch plus one, and Faust's recovery reads a changelog up to that offset: the other records of a
+        checkpoint's last batch were never restored, so a restarted worker lost part of its last
+        checkpoint's state while the offsets of the events behind it were committed. A lone last record
+        makes the answer the true end. A worker killed before the seal leaves the last batch unsealed:
+        recovery then reads a prefix of it (in send order), which the replay marks cover.
+        """
+        topic, send = table.changelog_topic.get_topic_name(), app.producer.send
+        key = json.dumps(SEAL_KEY).encode()
+        futures = []
+        for partition in sorted({partition for partition, _, _ in changes}):
+            table.data[SEAL_KEY] = SEAL_VALUE
+            futures.append(await send(topic, key, SEAL_VALUE, partition, None, None))
+        await send_all(futures)
+
     def detect_regions(
         events: list[EnrichedEvent],
     ) -> tuple[list[EnrichedEvent], list[LateEvent], list[Alert], list[Sighting], dict[str, int]]:
@@ -278,8 +313,11 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
         sightings: list[Sighting] = []
         partitions: dict[str, int] = {}
         for item in events:
-            found = ctx.regions.observe(Observation.of(item))
+            found = ctx.regions.observe(Observation.of(item), at=position_of(item.source))
             partitions[item.event.region] = _partition(item.source)
+            if found.replayed:  # read again after a restart: stored, judged and sent before
+                stats.replayed += 1
+                continue
             if found.late_by_hours is not None and not found.duplicate:
                 late.append((item, found))  # kept or not once storage tells a late report from a re-send
                 continue
@@ -336,6 +374,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
                 metrics,
             )
             await send_all(await save(region_table, changes))
+            await seal(region_table, changes)
             stats.checkpointed += events  # acknowledged right after this returns
             metrics.stored("lab_detections", stored.lab_detections)
             metrics.stored("border_seizures", stored.border_seizures)
@@ -351,7 +390,9 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
                     RawMessage(f"{e.message.topic}:{e.message.partition}:{e.message.offset}", e.value) for e in events
                 ]
                 result = ctx.intake.process(messages)
+                replayed_before = stats.replayed
                 kept, late, alerts, sightings, batch_partitions = detect_regions(result.events)
+                replayed_records("intake", stats.replayed - replayed_before)
                 partitions.update(batch_partitions)
                 late_kept, late_sightings, late_duplicates = await keep_late(late, chain(storing, rows, kept))
                 result.duplicates += late_duplicates
@@ -365,8 +406,10 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
                     for r in result.rejects
                 ]
                 pending += [await send(alerts_topic, a.alert_id.encode(), a.model_dump_json().encode()) for a in alerts]
+                # One message per substance, in event-time order: the novelty stage takes sightings in the
+                # order they are on the topic (see NoveltyDetector.observe_batch), so "first" is first reported.
                 by_substance: dict[str, list[dict[str, Any]]] = defaultdict(list)
-                for sighting in sightings:
+                for sighting in sorted(sightings, key=lambda s: (s.occurred_at, s.event_id)):
                     by_substance[sighting.key].append(sighting.to_dict())
                 pending += [
                     await send(sightings_topic, key.encode(), json.dumps(values).encode())
@@ -398,23 +441,24 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
 
         async def write(changes: list[tuple[int, str, dict[str, Any]]]) -> None:
             await send_all(await save(substance_table, changes))
+            await seal(substance_table, changes)
 
         async for events in batches(stream):
             if events:
                 await until_state_ready(ctx)
                 metrics.consumed(events)
-                alerts: list[Alert] = []
-                batch_sightings = []
+                batch_sightings: list[tuple[Sighting, Position]] = []
                 for e in events:
+                    at = (f"{e.message.topic}:{e.message.partition}", e.message.offset)
                     for data in json.loads(e.value):
                         sighting = Sighting.from_dict(data)
                         partitions[sighting.key] = e.message.partition
-                        batch_sightings.append(sighting)
-                # Sightings of one substance come from every region's partition in arrival order; what
-                # arrived together is processed in event-time order, so "first" means first reported.
-                for sighting in sorted(batch_sightings, key=lambda s: (s.occurred_at, s.event_id)):
-                    alerts.extend(ctx.novelty.observe(sighting))
-                    stats.sightings_processed += 1
+                        batch_sightings.append((sighting, at))
+                # In the order read; those a record holds already (read again after a restart) skipped.
+                alerts, taken = ctx.novelty.observe_batch(batch_sightings)
+                stats.sightings_processed += len(batch_sightings)
+                stats.replayed_sightings += len(batch_sightings) - taken
+                replayed_records("novelty", len(batch_sightings) - taken)
                 sent = [await send(alerts_topic, a.alert_id.encode(), a.model_dump_json().encode()) for a in alerts]
                 held.hold(events, sent)
                 metrics.produced(settings.topic_alerts, len(alerts))
@@ -502,15 +546,13 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             report = await asyncio.get_running_loop().run_in_executor(None, partial(rebuild_locked, ctx))
             stats.rebuild = report.__dict__
             n = settings.partitions
-            pending = await save(
-                region_table,
-                [(default_partition(r.encode(), n), k, v) for r, k, v in ctx.regions.drain_dirty()],
-            )
-            pending += await save(
-                substance_table,
-                [(default_partition(k.encode(), n), k, v) for k, v in ctx.novelty.drain_dirty()],
-            )
+            region_changes = [(default_partition(r.encode(), n), k, v) for r, k, v in ctx.regions.drain_dirty()]
+            substance_changes = [(default_partition(k.encode(), n), k, v) for k, v in ctx.novelty.drain_dirty()]
+            pending = await save(region_table, region_changes)
+            pending += await save(substance_table, substance_changes)
             await send_all(pending)
+            await seal(region_table, region_changes)
+            await seal(substance_table, substance_changes)
             log.info("detector state rebuilt from ClickHouse: %s", report)
         else:
             learnt = await asyncio.get_running_loop().run_in_executor(None, partial(learn_names_locked, ctx))

@@ -29,6 +29,7 @@ from .alerting import FAMILY_LABELS, Subject, build_alert, day_of, day_start, re
 from .identity import ResolvedSubstance
 from .intake import EnrichedEvent
 from .novelty import NoveltyConfig, NoveltyDetector, Sighting
+from .replay import Position, apply_once, marks_of
 from .spikes import SeriesState, SpikeConfig, SpikeFinding, SpikeModel, intern_day
 
 Fetch = Callable[[str], dict[str, Any] | None]
@@ -146,6 +147,8 @@ class RegionState:
     added_rhythm: list[int] = field(default_factory=list)
     cut: int | None = None  # ids of days before this were pruned after the full record
     rhythm_cut: int | None = None  # factors of days before this were pruned after the full record
+    # Per input partition, the offset of the last event this region judged (see :mod:`.replay`).
+    applied: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The full record (id sets as lists in set order: they are read back into sets)."""
@@ -159,6 +162,7 @@ class RegionState:
             "d": self.first_day,
             "p": self.pruned_day,
             "h": {str(d): factors for d, factors in self.rhythm.items()},
+            "a": dict(self.applied),
         }
 
     def delta_dict(self) -> dict[str, Any]:
@@ -175,6 +179,7 @@ class RegionState:
             "h": {str(d): self.rhythm[d] for d in self.added_rhythm if d in self.rhythm},
             "o": self.cut,
             "ho": self.rhythm_cut,
+            "a": dict(self.applied),
         }
 
     def changelog_record(self, delta_limit: int = 256) -> tuple[bool, dict[str, Any]]:
@@ -216,7 +221,7 @@ class RegionState:
         forwarded = {int(d): set(keys) for d, keys in full.get("f", {}).items()}
         rhythm = {int(d): list(factors) for d, factors in full.get("h", {}).items()}
         watermarks, totals, first_day = full.get("w") or {}, full.get("t") or [[], []], full.get("d")
-        pruned_day = full.get("p")
+        pruned_day, marks = full.get("p"), marks_of(full)
         if delta is not None and delta["g"] == full.get("g"):
             cut, rhythm_cut = delta["o"], delta["ho"]
             if cut is not None:
@@ -229,6 +234,7 @@ class RegionState:
                     table.setdefault(int(d), set()).update(ids)
             rhythm.update((int(d), list(factors)) for d, factors in delta["h"].items())
             watermarks, totals, first_day, pruned_day = delta["w"] or {}, delta["t"], delta["d"], delta["p"]
+            marks = marks_of(delta)
         return cls(
             watermarks={kind: datetime.fromisoformat(v) for kind, v in watermarks.items()},
             recent=recent,
@@ -238,6 +244,7 @@ class RegionState:
             pruned_day=pruned_day,
             rhythm=rhythm,
             gen=int(full.get("g", 0)),
+            applied=marks,
         )
 
     @classmethod
@@ -251,6 +258,7 @@ class RegionResult:
     sightings: list[Sighting] = field(default_factory=list)
     late_by_hours: float | None = None  # a late report: stored and flagged, not counted in spikes
     duplicate: bool = False
+    replayed: bool = False  # judged before a restart and held in the region's state already: nothing to do
 
 
 @lru_cache(maxsize=1024)
@@ -339,10 +347,18 @@ class RegionDetector:
 
     # --- the stage -----------------------------------------------------------------------------------
 
-    def observe(self, obs: Observation, emit: bool = True) -> RegionResult:
-        """Process one event of ``obs.region`` (in that region's arrival order)."""
+    def observe(self, obs: Observation, emit: bool = True, at: Position | None = None) -> RegionResult:
+        """Process one event of ``obs.region`` (in that region's arrival order).
+
+        ``at``: where the event was read (the worker). A region or series record that holds it already
+        (a replay after a crash, see :mod:`.replay`) is left as it is; one that does not takes it.
+        """
         result = RegionResult()
         region = self.region_state(obs.region)
+        if not apply_once(region.applied, at):
+            # Judged before, and every series record it touched was written before this region record.
+            result.replayed = True
+            return result
         watermark = region.watermarks.get(obs.kind)
         if watermark is not None and obs.occurred_at < watermark - self.lateness:
             return self._observe_late(obs, region, watermark, result)
@@ -378,11 +394,12 @@ class RegionDetector:
         # Seized mass is tested per substance only: a family's total mixes drugs of every member, so an
         # alert on it would say nothing about any one of them. The family keeps its masses as the usual
         # seizure of members with too little history of their own.
-        self.dirty_series.add(name)
-        findings = self.model.observe(state, day, today, obs.event_id, obs.grams, rhythm, pool=family_state)
-        if findings and emit:
-            result.alerts.extend(self._spike_alert(obs, subject, state, f) for f in findings if f.new_episode)
-        if family and family_state is not None:
+        if apply_once(state.applied, at):
+            self.dirty_series.add(name)
+            findings = self.model.observe(state, day, today, obs.event_id, obs.grams, rhythm, pool=family_state)
+            if findings and emit:
+                result.alerts.extend(self._spike_alert(obs, subject, state, f) for f in findings if f.new_episode)
+        if family and family_state is not None and apply_once(family_state.applied, at):
             self.dirty_series.add(family_name)
             findings = self.model.observe(family_state, day, today, obs.event_id, obs.grams, rhythm, test_mass=False)
             if findings and emit:
@@ -440,14 +457,17 @@ class RegionDetector:
 
         A state changed since its last full record ("R:…", "S:…") writes only a delta ("R+:…", "S+:…");
         :meth:`region_state` and :meth:`series_state` read both back through ``fetch``.
+
+        Series first, regions last: written in this order to the region's partition, a region record
+        that survived a crash implies its series records did (a region's replay marks then cover them).
         """
         changed = []
-        for r in self.dirty_regions:
-            full, value = self.regions[r].changelog_record()
-            changed.append((r, f"R:{r}" if full else f"R+:{r}", value))
         for n in self.dirty_series:
             full, value = self.series[n].changelog_record()
             changed.append((n.split("|", 1)[0], f"S:{n}" if full else f"S+:{n}", value))
+        for r in self.dirty_regions:
+            full, value = self.regions[r].changelog_record()
+            changed.append((r, f"R:{r}" if full else f"R+:{r}", value))
         self.dirty_regions.clear()
         self.dirty_series.clear()
         return changed

@@ -177,6 +177,12 @@ class WorkerMetrics:
             ["kind"],
             registry=r,
         )
+        self.replayed = Counter(
+            "synthwatch_replayed",
+            "Records read again after a restart that detector state held already (skipped), per stage.",
+            ["stage"],
+            registry=r,
+        )
         self.alerts = Counter(
             "synthwatch_alerts", "Alerts published, per type and severity.", ["alert_type", "severity"], registry=r
         )
@@ -265,6 +271,10 @@ class WorkerMetrics:
         """Late reports kept; ``kind`` is one of the two event kinds (a bounded label)."""
         if n:
             self.late_events.labels(kind=kind).inc(n)
+
+    def replayed_records(self, stage: str, n: int) -> None:
+        if n:
+            self.replayed.labels(stage=stage).inc(n)
 
     def rejected(self, rejects: Iterable[Reject]) -> None:
         for reject in rejects:

@@ -8,7 +8,7 @@ network has never seen is still news to it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from synthwatch.schemas import Alert
 
 from .alerting import Subject, build_alert, day_start, region_label
+from .replay import Position, applied, marks_of, note
 
 
 class NoveltyConfig(BaseModel):
@@ -25,6 +26,12 @@ class NoveltyConfig(BaseModel):
 
     spread_regions: int = Field(default=3, ge=2, description="k: regions that make a spread.")
     spread_days: int = Field(default=14, ge=1, description="w: window of a spread, in days.")
+    resent_days: int = Field(
+        default=31,
+        ge=1,
+        le=62,
+        description="Days before a region's newest sighting for which a sighting sent again is recognised.",
+    )
 
 
 @dataclass(slots=True)
@@ -73,6 +80,12 @@ class SubstanceState:
     first_day: int
     regions: dict[str, list[int]] = field(default_factory=dict)  # region -> [first_day, last_day]
     spread: list[int] | None = None  # [episode start day, last day the condition held]
+    # Per region, the days sighted lately as bits (bit i: the region's last day - i): the region stage
+    # forwards one sighting per region, substance and day, so another one for a set bit was sent again
+    # (an intake replay after a crash) and changes nothing.
+    days: dict[str, int] = field(default_factory=dict)
+    # Per sightings partition, the offset of the last sighting this record took (see replay.py).
+    applied: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A snapshot: the worker keeps it in its table, and a batch changes the live spans in place
@@ -83,6 +96,8 @@ class SubstanceState:
             "d": self.first_day,
             "g": {region: [span[0], span[1]] for region, span in self.regions.items()},
             "s": [spread[0], spread[1]] if spread is not None else None,
+            "m": dict(self.days),
+            "a": dict(self.applied),
         }
 
     @classmethod
@@ -92,7 +107,28 @@ class SubstanceState:
             first_day=int(data["d"]),
             regions={k: [int(v[0]), int(v[1])] for k, v in data["g"].items()},
             spread=[int(x) for x in data["s"]] if data.get("s") else None,
+            days={str(k): int(v) for k, v in (data.get("m") or {}).items()},
+            applied=marks_of(data),
         )
+
+    def sighted(self, region: str, day: int, horizon: int) -> bool:
+        """Whether a sighting of ``region`` on ``day`` was taken already (known for ``horizon`` days back)."""
+        span = self.regions.get(region)
+        if span is None:
+            return False
+        back = span[1] - day
+        return 0 <= back < horizon and bool(self.days.get(region, 0) >> back & 1)
+
+    def mark_sighted(self, region: str, day: int, last_before: int | None, horizon: int) -> None:
+        """Set ``day``'s bit; ``last_before`` is the region's last day before this sighting (None: new)."""
+        mask = self.days.get(region, 0) if last_before is not None else 0
+        last = self.regions[region][1]
+        if last_before is not None and last > last_before:
+            mask <<= last - last_before
+        back = last - day
+        if back < horizon:
+            mask |= 1 << back
+        self.days[region] = mask & ((1 << horizon) - 1)
 
 
 class NoveltyDetector:
@@ -123,27 +159,60 @@ class NoveltyDetector:
         self.state.clear()
         self.dirty.clear()
 
+    def observe_batch(self, batch: Sequence[tuple[Sighting, Position | None]]) -> tuple[list[Alert], int]:
+        """A batch of sightings read from the sightings topic, in the order read: (alerts, sightings taken).
+
+        In the order read, not re-sorted: a substance's sightings are on one partition, so after a crash
+        its replay takes them in the same order as before and raises the same alerts with the same
+        content (an order that depended on how the stream was cut into batches would not). Each
+        message is sorted by event time by the region stage that sent it. A sighting whose record
+        holds its position already (read again after a restart) is skipped; a message (one position)
+        holds sightings of one substance and is taken whole or not at all.
+        """
+        alerts: list[Alert] = []
+        taken = 0
+        fresh: dict[Position | None, bool] = {None: True}  # per message: all its sightings, or none
+        for sighting, at in batch:
+            if at not in fresh:
+                known = self.get(sighting.key)
+                fresh[at] = known is None or not applied(known.applied, at)
+            if not fresh[at]:
+                continue
+            alerts.extend(self.observe(sighting))
+            note(self.state[sighting.key].applied, at)
+            taken += 1
+        return alerts, taken
+
     def observe(self, sighting: Sighting, emit: bool = True) -> list[Alert]:
         """Update the substance's record; return the alerts this sighting makes true.
 
-        ``emit=False`` rebuilds state from history without raising alerts again.
+        ``emit=False`` rebuilds state from history without raising alerts again. A sighting of a
+        region and day taken already (sent again by a region stage replaying after a crash) changes
+        nothing.
         """
         key, region, day = sighting.key, sighting.region, sighting.day
-        self.dirty.add(key)
+        horizon = self.config.resent_days
         known = self.get(key)
         alerts: list[Alert] = []
+        if known is not None and known.sighted(region, day, horizon):
+            return alerts
+        self.dirty.add(key)
         if known is None:
             known = self.state[key] = SubstanceState(first_region=region, first_day=day)
             known.regions[region] = [day, day]
+            known.mark_sighted(region, day, None, horizon)
             if emit:
                 alerts.append(self._new_substance(sighting))
         elif region not in known.regions:
             known.regions[region] = [day, day]
+            known.mark_sighted(region, day, None, horizon)
             if emit:
                 alerts.append(self._first_in_region(sighting, known))
         else:
             span = known.regions[region]
+            last_before = span[1]
             span[0], span[1] = min(span[0], day), max(span[1], day)
+            known.mark_sighted(region, day, last_before, horizon)
         if day < known.first_day:  # "first" is by occurrence: a late report can predate the first one received
             known.first_day, known.first_region = day, region
         spread = self._spread(sighting, known)

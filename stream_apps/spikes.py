@@ -187,6 +187,8 @@ class SeriesState:
     added_evidence: int = 0
     base_evidence: int = 0
     cut: int | None = None  # days before this were pruned after the full record
+    # Per input partition, the offset of the last event this series took (see stream_apps/replay.py).
+    applied: dict[str, int] = field(default_factory=dict)
 
     @property
     def masses(self) -> list[tuple[int, float]]:
@@ -221,6 +223,7 @@ class SeriesState:
             "v": [self.evidence_days[:], self.evidence_ids[:]],
             "b": self._baseline_record(),
             "p": self.pruned_day,
+            "a": dict(self.applied),
         }
 
     def _baseline_record(self) -> list[Any] | None:
@@ -247,6 +250,7 @@ class SeriesState:
             "vd": self.base_evidence + added_v - n_v,
             "b": self._baseline_record(),
             "p": self.pruned_day,
+            "a": dict(self.applied),
         }
 
     def changelog_record(self, delta_limit: int = 32) -> tuple[bool, dict[str, Any]]:
@@ -277,7 +281,7 @@ class SeriesState:
         grams = dict(zip(*full["gr"], strict=True))
         (mass_days, mass_values), (evidence_days, evidence_ids) = full["m"], full["v"]
         episodes, first_day = full["e"], full["f"]
-        baseline, pruned_day = full.get("b"), full.get("p")
+        baseline, pruned_day, marks = full.get("b"), full.get("p"), full.get("a")
         if delta is not None and delta["g"] == full["g"]:
             cut = delta["o"]
             if cut is not None:
@@ -291,6 +295,7 @@ class SeriesState:
             evidence_days = [*evidence_days, *delta["v"][0]][dropped_v:]
             evidence_ids = [*evidence_ids, *delta["v"][1]][dropped_v:]
             episodes, first_day, baseline, pruned_day = delta["e"], delta["f"], delta["b"], delta["p"]
+            marks = delta.get("a")
         return cls(
             first_day=int(first_day),
             counts={intern_day(int(d)): int(n) for d, n in counts.items()},
@@ -303,6 +308,7 @@ class SeriesState:
             cached_baseline=(baseline[0], list(baseline[1]) if baseline[1] is not None else None) if baseline else None,
             pruned_day=pruned_day,
             gen=int(full["g"]),
+            applied={str(k): int(v) for k, v in marks.items()} if marks else {},
         )
 
     @classmethod

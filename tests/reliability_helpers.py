@@ -26,7 +26,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from synthwatch.broker import committed_offsets, consumer_lag, high_watermarks  # noqa: F401 - the tests' names
+from synthwatch.bench_crash import novelty_summary
+from synthwatch.broker import committed_offsets, consumer_lag, high_watermarks
+from synthwatch.kafka_checks import daily_chunks, read_all
 
 # --- a ClickHouse HTTP endpoint over the embedded engine --------------------------------------------------
 
@@ -332,26 +334,6 @@ class Tailer:
         self._thread.join(10)
 
 
-def read_all(servers: str, topics: Iterable[str], idle: float = 2.0, timeout: float = 60.0) -> list[bytes]:
-    """Every record value in ``topics``: read from the beginning until nothing new comes for ``idle`` s."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False, auto_offset_reset="earliest")
-    try:
-        partitions = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or set())]
-        consumer.assign(partitions)
-        consumer.seek_to_beginning()
-        values: list[bytes] = []
-        deadline, quiet_since = time.monotonic() + timeout, time.monotonic()
-        while time.monotonic() - quiet_since < idle and time.monotonic() < deadline:
-            for records in consumer.poll(timeout_ms=200).values():
-                values += [r.value for r in records]
-                quiet_since = time.monotonic()
-        return values
-    finally:
-        consumer.close(autocommit=False)
-
-
 def main(argv: list[str]) -> None:
     if len(argv) == 3 and argv[0] == "clickhouse-http":
         serve_clickhouse(int(argv[1]), argv[2])
@@ -364,44 +346,6 @@ if __name__ == "__main__":
 
 
 # --- streams and comparisons -------------------------------------------------------------------------------
-
-
-def daily_chunks(lines: list[str]) -> list[list[str]]:
-    """Split a simulated file where the newest event day advances: what one day of reporting delivers."""
-    from datetime import UTC, date, datetime
-
-    chunks: list[list[str]] = [[]]
-    newest: date | None = None
-    for line in lines:
-        day: date | None
-        try:
-            day = datetime.fromisoformat(json.loads(line)["occurred_at"]).astimezone(UTC).date()
-        except (ValueError, KeyError, TypeError):
-            day = newest
-        if newest is not None and day is not None and day > newest and chunks[-1]:
-            chunks.append([])
-        if day is not None and (newest is None or day > newest):
-            newest = day
-        chunks[-1].append(line)
-    return chunks
-
-
-def novelty_summary(alerts: Iterable[tuple[str, str, str | None, str]]) -> dict[str, object]:
-    """Per substance: how often it was called new, the regions alerted, whether it spread.
-
-    What must not depend on which partition's sighting arrived first (see test_detection_stream).
-    """
-    regions: dict[str, set[str]] = {}
-    new: dict[str, int] = {}
-    spread: set[str] = set()
-    for _, kind, region, key in alerts:
-        if kind in ("new_substance", "first_in_region"):
-            regions.setdefault(key, set()).add(region or "")
-        if kind == "new_substance":
-            new[key] = new.get(key, 0) + 1
-        if kind == "spread":
-            spread.add(key)
-    return {"regions": regions, "new": new, "spread": spread}
 
 
 def publish_summary(stdout: str) -> dict[str, int]:
@@ -439,3 +383,6 @@ def backtest_outcomes(messages: Iterable[tuple[str, bytes | str]]) -> list[tuple
             seen.add(item.event_id)
             out.append(("stored", item.event_id))
     return out
+
+
+__all__ = ["committed_offsets", "consumer_lag", "daily_chunks", "high_watermarks", "novelty_summary", "read_all"]

@@ -31,11 +31,13 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from kafka import KafkaProducer
 
+from synthwatch.bench_crash import alert_content, compared
 from synthwatch.broker import EmbeddedBroker, consumer_lag, ensure_topics, free_port
 from synthwatch.producers.publisher import PRODUCER_DEFAULTS, Publisher
 from synthwatch.producers.readers import InputRecord
 from synthwatch.producers.simulate import SimulationConfig, simulate
 from synthwatch.query import QueryResult, run_query
+from synthwatch.schemas import Alert
 from synthwatch.settings import Settings
 from synthwatch.stream_apps.backtest import run_lines
 
@@ -96,6 +98,13 @@ def no_crash_in_log(worker: RunningWorker) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+@pytest.mark.xfail(
+    strict=False,
+    reason="open (issue 11, section 2; docs/performance.md, 'Worker killed mid-checkpoint'): spike alerts are "
+    "published before the series state that decided them is written; a kill in between makes the restarted "
+    "worker decide those events again, in another interleaving of the two input topics, and it publishes the "
+    "same spike id again with another evidence list",
+)
 def test_worker_killed_mid_stream_restarts_and_stores_every_event_once_without_losing_alerts(
     broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
@@ -147,8 +156,13 @@ def test_worker_killed_mid_stream_restarts_and_stores_every_event_once_without_l
         detection_rejects = worker.count("SELECT count() FROM rejects WHERE stage = 'detection'")
         alert_rows = worker.query("SELECT alert_id, alert_type, region, substance_key FROM alerts").as_dicts()
         alert_dupes = worker.count("SELECT count() - uniqExact(alert_id) FROM alerts")
+        published: dict[str, set[str]] = {}  # every record of the alerts topic: what officers were sent
+        for value in read_all(broker.bootstrap_servers, [settings.topic_alerts], idle=1.0):
+            alert = Alert.model_validate_json(value)
+            published.setdefault(alert.alert_id, set()).add(alert_content(alert))
     finally:
         stop_worker(worker)
+    versus = compared(published, {a.alert_id: alert_content(a) for a in backtest.alerts})
 
     streamed = [(r["alert_id"], r["alert_type"], r["region"] or None, r["substance_key"]) for r in alert_rows]
     expected_alerts = [(a.alert_id, a.alert_type, a.region, a.substance.key) for a in backtest.alerts]
@@ -164,6 +178,8 @@ def test_worker_killed_mid_stream_restarts_and_stores_every_event_once_without_l
         expected=len(expected),
         stored_late=late_rows,
         alerts=f"{len(streamed)} streamed / {len(expected_alerts)} backtest ({len(alerts_before)} before the kill)",
+        replayed=f"{stats['replayed']} events and {stats['replayed_sightings']} sightings found in detector state",
+        versus_backtest=versus,
     )
     assert rows == len(ids) == len(expected), "every valid event exactly once"
     assert ids == expected
@@ -171,7 +187,15 @@ def test_worker_killed_mid_stream_restarts_and_stores_every_event_once_without_l
     assert alert_dupes == 0
     assert alerts_before <= {a[0] for a in streamed}, "an alert stored before the kill vanished"
     assert len(streamed) == len(expected_alerts), "no alert lost or raised twice across the restart"
-    assert {a for a in streamed if a[1] == "spike"} == {a for a in expected_alerts if a[1] == "spike"}
+    assert len(published) == len(streamed), "every alert published is stored, once"
+    assert versus["resent_changed"] == 0, "an alert was published again after the restart with other content"
+    # Spikes are decided per region from the region's own records: the backtest's, field for field but for
+    # the evidence list (the window's last 20 reports in arrival order, which interleaves the two topics).
+    assert versus["spikes_same"] and versus["spikes"] > 0
+    # Novelty: the same substances new, reaching the same regions, spreading. Which region is named first,
+    # and the other regions an alert lists, follow the order sightings of different regions reach the
+    # novelty stage, which is not the file's order with or without a crash (docs/performance.md).
+    assert versus["novelty_same"]
     assert novelty_summary(streamed) == novelty_summary(expected_alerts)
 
 
