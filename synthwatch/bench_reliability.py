@@ -66,12 +66,22 @@ class RunResult:
         return self.committed_equals_end and not self.stalled and self.rows == self.unique == self.events
 
 
-def _publish(servers: str, topic: str, events: int, prefix: str) -> None:
-    base = datetime(2026, 1, 1, tzinfo=UTC)
+def publish_seizures(
+    servers: str,
+    topic: str,
+    prefix: str,
+    count: int,
+    *,
+    first: int = 0,
+    start: datetime = datetime(2026, 1, 1, tzinfo=UTC),
+    regions: Sequence[tuple[str, str]] = REGIONS,
+) -> None:
+    """Publish border seizures ``prefix-first`` .. ``prefix-(first+count-1)``, one second apart from ``start``,
+    round-robin over ``regions`` and keyed by region (as the publisher keys them)."""
     producer = KafkaProducer(bootstrap_servers=servers, linger_ms=20)
-    for i in range(events):
-        country, region = REGIONS[i % len(REGIONS)]
-        at = (base + timedelta(seconds=i)).isoformat()
+    for i in range(first, first + count):
+        country, region = regions[i % len(regions)]
+        at = (start + timedelta(seconds=i)).isoformat()
         line = _seizure_line(f"{prefix}-{i}", country, region, "Tramadol", at, i)
         producer.send(topic, key=region.encode(), value=line.encode())
     producer.flush()
@@ -132,7 +142,7 @@ def kill_restart_run(
     group = f"bench-reliability-{suffix}"
     ensure_topics(settings, servers)
     inputs = list(settings.input_topics)
-    _publish(servers, settings.topic_border_seizures, events, suffix)
+    publish_seizures(servers, settings.topic_border_seizures, suffix, events)
     data_dir = workdir / f"run-{run}-{when}"
     first = start_worker(settings, servers, data_dir, app_id=group)
     try:

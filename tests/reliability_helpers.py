@@ -187,7 +187,9 @@ def serve_clickhouse(port: int, path: str) -> None:
 class FlakyProxy:
     """Forwards 127.0.0.1:``port`` to ``target``; ``down()`` refuses and cuts connections, ``up()`` resumes.
 
-    While down nothing listens on the port, so clients get ECONNREFUSED, as from a stopped server.
+    While down nothing listens on the port, so clients get ECONNREFUSED, as from a stopped server. While
+    ``hung`` is set, connections stay open and nothing is forwarded either way: a server that has stopped
+    answering without failing (requests wait; nothing errors).
     """
 
     def __init__(self, target_port: int, port: int = 0) -> None:
@@ -198,6 +200,7 @@ class FlakyProxy:
         self._lock = threading.Lock()
         self.accepted = 0
         self.refused_while_down = 0
+        self.hung = threading.Event()
 
     def up(self) -> FlakyProxy:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -251,6 +254,8 @@ class FlakyProxy:
                 chunk = source.recv(65536)
                 if not chunk:
                     break
+                while self.hung.is_set():
+                    time.sleep(0.02)
                 sink.sendall(chunk)
         except OSError:
             pass

@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from kafka import KafkaProducer
 
 from synthwatch.bench_crash import alert_content, compared
+from synthwatch.bench_reliability import publish_seizures
 from synthwatch.broker import EmbeddedBroker, consumer_lag, ensure_topics, free_port
 from synthwatch.producers.publisher import PRODUCER_DEFAULTS, Publisher
 from synthwatch.producers.readers import InputRecord
@@ -235,18 +236,15 @@ def test_a_worker_stuck_without_an_error_is_sought_back_then_reported_not_ready_
     base = datetime.now(UTC) - timedelta(hours=2)
 
     def publish(first: int, count: int) -> None:
-        producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, linger_ms=5)
-        for i in range(first, first + count):
-            country, region = regions[i % len(regions)]
-            record = seizure(
-                event_id=f"wd-{i}",
-                country=country,
-                region=region,
-                occurred_at=(base + timedelta(seconds=i)).isoformat(),
-            )
-            producer.send(settings.topic_border_seizures, key=region.encode(), value=json.dumps(record).encode())
-        producer.flush()
-        producer.close()
+        publish_seizures(
+            broker.bootstrap_servers,
+            settings.topic_border_seizures,
+            "wd",
+            count,
+            first=first,
+            start=base,
+            regions=regions,
+        )
 
     def ready_status() -> tuple[int, dict[str, Any]]:
         import urllib.error

@@ -3,7 +3,6 @@ the materialized aggregates equal a recount from the raw tables."""
 
 from __future__ import annotations
 
-import json
 import random
 import signal
 from datetime import UTC, datetime, timedelta
@@ -11,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kafka import KafkaProducer
 
+from synthwatch.bench_reliability import publish_seizures
 from synthwatch.broker import EmbeddedBroker, committed_offsets
 from synthwatch.clickhouse import migrate
 from synthwatch.producers.simulate import SimulationConfig, simulate
@@ -21,7 +20,6 @@ from synthwatch.stream_apps.clickhouse_sink import ClickHouseSink
 from synthwatch.stream_apps.intake import Intake, RawMessage
 
 from .conftest import RunningWorker, isolated_settings, start_worker, stop_worker, wait_until
-from .factories import seizure
 
 _RAW = """
 SELECT 'lab_detection' AS kind, event_id, occurred_at, country, region, family, substance_key, resolved_name,
@@ -136,20 +134,7 @@ def test_worker_killed_mid_stream_restarts_without_gap_or_duplicate(own_broker: 
     settings = isolated_settings(broker, tmp_path / "data")
     total, prefix = 20_000, f"k{settings.app_id[-6:]}"
 
-    regions = [("ML", "ML-BKO"), ("MA", "MA-TNG"), ("SN", "SN-DK"), ("FR", "FR-75C"), ("NL", "NL-NH")]
-    base = datetime.now(UTC)
-    producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, linger_ms=20)
-    for i in range(total):
-        country, region = regions[i % len(regions)]
-        record = seizure(
-            event_id=f"{prefix}-{i}",
-            country=country,
-            region=region,
-            occurred_at=(base + timedelta(seconds=i)).isoformat(),
-        )
-        producer.send(settings.topic_border_seizures, key=region.encode(), value=json.dumps(record).encode())
-    producer.flush()
-    producer.close()
+    publish_seizures(broker.bootstrap_servers, settings.topic_border_seizures, prefix, total, start=datetime.now(UTC))
     count = "SELECT count() FROM border_seizures WHERE startsWith(event_id, %(p)s)"
 
     worker = start_worker(settings, tmp_path / "worker-1.log")
