@@ -24,7 +24,7 @@ from kafka import KafkaProducer
 from kafka import errors as kafka_errors
 
 from synthwatch.broker import default_partition
-from synthwatch.kafka_clients import KafkaConnectError, kafka_python_config
+from synthwatch.kafka_clients import KafkaConnectError, kafka_python_config, tls_preflight
 from synthwatch.schemas import Reject, WireError, parse_event, parse_event_object
 from synthwatch.schemas.envelope import envelope_headers, load_org_keys, parse_key
 from synthwatch.schemas.records import RejectStage
@@ -126,6 +126,7 @@ class Publisher:
             **overrides,
         }
         self.signer = signing_key(settings)
+        tls_preflight(settings, bootstrap_servers)
         try:
             self.producer = KafkaProducer(**self._config)
         except kafka_errors.KafkaError as error:

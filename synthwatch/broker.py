@@ -23,7 +23,7 @@ from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.partitioner.default import murmur2
 
-from .kafka_clients import KafkaConnectError, kafka_python_config
+from .kafka_clients import KafkaConnectError, kafka_python_config, tls_preflight
 from .settings import Settings
 
 
@@ -106,8 +106,15 @@ def wait_for_port(host: str, port: int, timeout: float) -> None:
 class EmbeddedBroker:
     """A Tansu broker child process; ``stop()`` kills exactly the process this object started."""
 
-    def __init__(self, settings: Settings, port: int | None = None, log_path: Path | None = None) -> None:
+    def __init__(
+        self, settings: Settings, port: int | None = None, log_path: Path | None = None, authentication: bool = False
+    ) -> None:
+        """``authentication``: Tansu's ``--authentication`` (every client must pass SASL SCRAM first). Tansu 0.6
+        keeps its users in the broker's storage, memory here, and lets no request but the SASL handshake
+        through before authentication, so such a broker has no users and refuses everyone: it serves to
+        prove that clients really speak SASL, not to run the stack (docs/security-kafka.md)."""
         self.settings = settings
+        self.authentication = authentication
         self.host = "127.0.0.1"
         self.port = port or free_port(self.host)
         self.log_path = log_path
@@ -128,6 +135,7 @@ class EmbeddedBroker:
             url,
             "--storage-engine",
             "memory://tansu/",
+            *(["--authentication"] if self.authentication else []),
         ]
         with open(self.log_path or os.devnull, "ab") as log:
             # Own process group: Ctrl-C in a terminal reaches us, and we decide when the broker stops.
@@ -170,6 +178,7 @@ def ensure_topics(settings: Settings, bootstrap_servers: str, timeout: float = 2
     Existing topics are left as they are (a cluster operator may have tuned them).
     """
     deadline = time.monotonic() + timeout
+    tls_preflight(settings, bootstrap_servers)
     while True:
         try:
             admin = KafkaAdminClient(

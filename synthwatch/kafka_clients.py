@@ -8,6 +8,7 @@ read from a ``SecretStr`` only when a client is built; nothing here logs or form
 
 from __future__ import annotations
 
+import socket
 import ssl
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,35 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
     if certfile is not None:
         context.load_cert_chain(certfile, keyfile)
     return context
+
+
+def tls_preflight(settings: Settings, servers: str, timeout: float = 10.0) -> None:
+    """Check that the first reachable bootstrap server completes a TLS handshake, or raise KafkaConnectError.
+
+    Why: kafka-python waits forever for the answer to its TLS hello from a listener that does not speak
+    TLS (a plaintext listener reads the hello as the length of a huge request and waits for the rest), so
+    the publisher hung instead of failing. One handshake with a deadline first turns that into an error.
+    """
+    context = ssl_context(settings)
+    if context is None:
+        return
+    problems = []
+    for server in servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        host = host.strip("[]")
+        try:
+            with (
+                socket.create_connection((host, int(port)), timeout=timeout) as raw,
+                context.wrap_socket(raw, server_hostname=host),
+            ):
+                return
+        except TimeoutError:
+            problems.append(f"{server}: no TLS answer within {timeout:.0f} s (is it a PLAINTEXT listener?)")
+        except ssl.SSLError as error:
+            problems.append(f"{server}: TLS handshake failed ({error.reason or error})")
+        except (OSError, ValueError) as error:
+            problems.append(f"{server}: {error}")
+    raise KafkaConnectError.of(settings, servers, ConnectionError("; ".join(problems)))
 
 
 def kafka_python_config(settings: Settings) -> dict[str, Any]:
