@@ -111,8 +111,8 @@ def load_org_keys(path: Path) -> dict[str, Organisation]:
         mode = path.stat().st_mode
     except OSError as error:
         raise OrgKeysError(f"cannot read the organisation keys file {path}: {error.strerror}") from error
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise OrgKeysError(f"{path} holds secret keys but other users can read it: run `chmod 600 {path}`")
+    if mode & (stat.S_IRWXO | stat.S_IWGRP):  # group-read stays allowed: Kubernetes mounts secrets 0440 (fsGroup)
+        raise OrgKeysError(f"{path} holds secret keys but other users can read or change it: run `chmod 600 {path}`")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as error:
