@@ -46,20 +46,19 @@ class OrgKeysError(ValueError):
     """The organisation keys file cannot be used."""
 
 
+_LENGTH = struct.Struct(">I").pack
+_KEY_LENGTH = struct.Struct(">i").pack
+
+
 def sign(secret: bytes, topic: str, key: bytes | None, value: bytes) -> bytes:
-    """HMAC-SHA256 of (topic, key, value) under ``secret``; a missing key is signed as length -1."""
+    """HMAC-SHA256 of (topic, key, value) under ``secret``; a missing key is signed as length -1.
+
+    One call into OpenSSL's one-shot HMAC over the length-prefixed fields (the hot path of the intake).
+    """
     topic_bytes = topic.encode()
-    mac = hmac.new(secret, _DOMAIN, hashlib.sha256)
-    mac.update(struct.pack(">I", len(topic_bytes)))
-    mac.update(topic_bytes)
-    if key is None:
-        mac.update(struct.pack(">i", -1))
-    else:
-        mac.update(struct.pack(">i", len(key)))
-        mac.update(key)
-    mac.update(struct.pack(">I", len(value)))
-    mac.update(value)
-    return mac.digest()
+    key_part = (_KEY_LENGTH(-1), b"") if key is None else (_KEY_LENGTH(len(key)), key)
+    message = b"".join((_DOMAIN, _LENGTH(len(topic_bytes)), topic_bytes, *key_part, _LENGTH(len(value)), value))
+    return hmac.digest(secret, message, hashlib.sha256)
 
 
 def envelope_headers(
