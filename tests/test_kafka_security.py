@@ -320,3 +320,20 @@ def test_worker_stores_signed_reports_and_rejects_forgeries(broker: EmbeddedBrok
         assert stats["rejected"] == 3 and stats["consumed"] == 2 + 3
     finally:
         stop_worker(worker)
+
+
+@pytest.mark.integration
+def test_publisher_keeps_refused_records_off_the_rejects_topic_when_told(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """Labs may not write the rejects topic (ACLs): their publisher counts refused records instead."""
+    from .reliability_helpers import high_watermarks
+
+    settings = isolated_settings(broker, tmp_path, publisher_send_rejects=False)
+    records = [InputRecord("f:1", json.dumps(lab(event_id="ok"))), InputRecord("f:2", '{"event_id": "bad", ')]
+    with Publisher(settings, broker.bootstrap_servers) as publisher:
+        summary = publisher.publish_records(records)
+    assert (summary.read, summary.sent, summary.rejected) == (2, 1, 1) and summary.balanced
+    assert summary.reject_reasons == {"invalid JSON": 1}
+    assert sum(high_watermarks(broker.bootstrap_servers, [settings.topic_rejects]).values()) == 0
+    assert sum(high_watermarks(broker.bootstrap_servers, [settings.topic_lab_detections]).values()) == 1

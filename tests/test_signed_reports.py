@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -225,3 +226,51 @@ def test_intake_counts_a_signed_organisation_once_whatever_lab_id_it_uses() -> N
     assert len(result.events) == 2
     assert intake.resolver.resolve("blue dragon").provisional  # one organisation, two lab ids: not corroborated
     assert intake.stored_reporter("lab:LAB-FR-02") == "org:lab-fr" and intake.stored_reporter("lab:X") == "lab:X"
+
+
+# --- after a restart: the same rules replayed from what ClickHouse stored ---------------------------------
+
+
+@pytest.mark.integration
+def test_restart_replays_name_evidence_from_clickhouse(ch: Any) -> None:
+    from synthwatch.clickhouse import migrate
+    from synthwatch.stream_apps.clickhouse_sink import ClickHouseSink
+    from synthwatch.stream_apps.state_rebuild import learn_names
+
+    migrate(ch)
+    orgs = {
+        "lab-fr": Organisation("lab-fr", (KEY_A,), frozenset({"LAB-FR-01", "LAB-FR-02"}), frozenset()),
+        "lab-de": Organisation("lab-de", (KEY_B,), frozenset({"LAB-DE-07"}), frozenset()),
+    }
+    live = Intake(SubstanceResolver(corroboration=2), verifier=EnvelopeVerifier(orgs))
+    reports = [  # (event, lab, name, smiles, organisation, key), in the order they occurred
+        ("r1", "LAB-FR-01", "Blue Dragon", PENTYLOXY_NITAZENE, "lab-fr", KEY_A),
+        ("r2", "LAB-FR-02", "Blue Dragon", PENTYLOXY_NITAZENE, "lab-fr", KEY_A),  # same organisation again
+        ("r3", "LAB-FR-01", "Pink", FENTANYL, "lab-fr", KEY_A),
+        ("r4", "LAB-DE-07", "Pink", FENTANYL, "lab-de", KEY_B),  # confirmed by another organisation
+        ("r5", "LAB-FR-01", "Grey", FENTANYL, "lab-fr", KEY_A),
+        ("r6", "LAB-DE-07", "Grey", PENTYLOXY_NITAZENE, "lab-de", KEY_B),  # contested
+    ]
+    messages = [
+        signed(
+            lab(
+                event_id=event,
+                lab_id=lab_id,
+                occurred_at=f"2026-03-0{i + 1}T09:00:00Z",
+                substance={"name": name, "smiles": smiles},
+            ),
+            org,
+            key,
+        )
+        for i, (event, lab_id, name, smiles, org, key) in enumerate(reports)
+    ]
+    batch = live.process(messages)
+    assert len(batch.events) == len(reports)
+    ClickHouseSink(ch).store_events(batch.events)
+
+    restarted = Intake(SubstanceResolver(corroboration=2), verifier=EnvelopeVerifier(orgs))
+    learn_names(ch, restarted.resolver, restarted.stored_reporter)
+    for resolver in (live.resolver, restarted.resolver):
+        assert resolver.provisional_names() == {"bluedragon": _key(PENTYLOXY_NITAZENE)}
+        assert resolver.learnt_names() == {"bluedragon": _key(PENTYLOXY_NITAZENE), "pink": _key(FENTANYL)}
+        assert set(resolver.contested_names()) == {"grey"}
