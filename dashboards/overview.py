@@ -246,6 +246,42 @@ ORDER BY reports DESC
         height=10,
     ),
     SqlPanel(
+        key="report_delay_per_lab",
+        title="Report delay per lab",
+        kind="table",
+        description=(
+            "Per lab, how long after the sample its reports arrive (reported_at minus occurred_at, in hours), and "
+            "how many were late: occurred more than the lateness (24 h by default) before the newest lab report "
+            "already received from their region. Late reports are stored and count on their own day, but are left "
+            "out of spike decisions already made. Reports without reported_at are left out of the delays."
+        ),
+        sql="""
+SELECT
+    toString(lab_id) AS lab,
+    count() AS reports,
+    round(quantileExactIf(0.5)(report_delay_seconds, reported_at IS NOT NULL) / 3600, 1) AS median_delay_h,
+    round(quantileExactIf(0.95)(report_delay_seconds, reported_at IS NOT NULL) / 3600, 1) AS p95_delay_h,
+    round(maxIf(report_delay_seconds, reported_at IS NOT NULL) / 3600, 1) AS max_delay_h,
+    countIf(late) AS late_reports
+FROM lab_detections
+WHERE $__timeFilter(occurred_at)
+GROUP BY lab
+HAVING countIf(reported_at IS NOT NULL) > 0
+ORDER BY p95_delay_h DESC, lab
+LIMIT 50
+""",
+        columns=(
+            text_col("lab"),
+            num_col("reports"),
+            num_col("median_delay_h"),
+            num_col("p95_delay_h"),
+            num_col("max_delay_h"),
+            num_col("late_reports"),
+        ),
+        width=12,
+        height=10,
+    ),
+    SqlPanel(
         key="regions",
         title="Regions",
         kind="table",

@@ -80,13 +80,17 @@ PANELS: tuple[PromPanel, ...] = (
         key="events_out",
         title="Events out per topic / stored per table",
         kind="timeseries",
-        description="Records produced per second per topic (rejects, alerts, sightings) and rows stored per table.",
+        description=(
+            "Records produced per second per topic (rejects, alerts, sightings), rows stored per table, and late "
+            "reports among them (stored flagged late, left out of spike decisions already made)."
+        ),
         targets=(
             PromTarget("sum by (topic) (rate(synthwatch_events_produced_total[$__rate_interval]))", "{{topic}}"),
             PromTarget("sum by (table) (rate(synthwatch_events_stored_total[$__rate_interval]))", "stored {{table}}"),
+            PromTarget("sum by (kind) (rate(synthwatch_late_events_total[$__rate_interval]))", "late {{kind}}"),
         ),
         unit="ops",
-        metrics=("synthwatch_events_produced_total", "synthwatch_events_stored_total"),
+        metrics=("synthwatch_events_produced_total", "synthwatch_events_stored_total", "synthwatch_late_events_total"),
     ),
     PromPanel(
         key="rejects",

@@ -107,7 +107,12 @@ class SimulationConfig(BaseModel):
     malformed_fraction: float = Field(default=0.003, ge=0, le=0.5)
     duplicate_fraction: float = Field(default=0.005, ge=0, le=0.5)
     late_fraction: float = Field(default=0.02, ge=0, le=1, description="Arriving 1.5-20 h after occurring.")
-    too_late_fraction: float = Field(default=0.001, ge=0, le=1, description="Arriving 25-72 h after occurring.")
+    very_late_fraction: float = Field(
+        default=0.001,
+        ge=0,
+        le=1,
+        description="Arriving 25-72 h after occurring: beyond the default lateness, so stored flagged late.",
+    )
     new_substances: int | None = Field(default=None, ge=0, description="Default: ~1 per 10 days, >= 1 if >= 7.")
     first_appearances: int | None = Field(default=None, ge=0, description="Default: ~1 per 5 days.")
     spikes: int | None = Field(default=None, ge=0, description="Default: ~1 per 7 days.")
@@ -117,8 +122,8 @@ class SimulationConfig(BaseModel):
     def _fractions_fit(self) -> SimulationConfig:
         if not date(1990, 1, 1) <= self.start <= date(2099, 12, 31) - timedelta(days=self.days + 3):
             raise ValueError("the simulated period (plus late arrivals) must lie within 1990-2099, as on the wire")
-        if self.late_fraction + self.too_late_fraction > 1:
-            raise ValueError("late_fraction + too_late_fraction must not exceed 1")
+        if self.late_fraction + self.very_late_fraction > 1:
+            raise ValueError("late_fraction + very_late_fraction must not exceed 1")
         if self.malformed_fraction + self.duplicate_fraction >= 1:
             raise ValueError("malformed_fraction + duplicate_fraction must stay below 1")
         return self
@@ -187,8 +192,9 @@ class MalformedLine(BaseModel):
 class Truth(BaseModel):
     """Everything a benchmark needs to score a detector on the stream.
 
-    ``lines == valid_unique + malformed + duplicates``; ``late`` and ``too_late`` are disjoint subsets
-    of ``valid_unique`` (delayed 1.5-20 h and 25-72 h respectively).
+    ``lines == valid_unique + malformed + duplicates``; ``late`` and ``very_late`` are disjoint subsets
+    of ``valid_unique`` (delayed 1.5-20 h and 25-72 h respectively; the worker stores both, and flags
+    the ``very_late`` ones late when newer reports of their region and kind came first).
     """
 
     config: SimulationConfig
@@ -198,11 +204,11 @@ class Truth(BaseModel):
     malformed: int
     duplicates: int
     late: int
-    too_late: int
+    very_late: int
     incidents: list[Incident]
     malformed_kinds: list[MalformedLine]
     late_event_ids: list[str]
-    too_late_event_ids: list[str]
+    very_late_event_ids: list[str]
 
 
 _LineStatus = Literal["event", "duplicate", "malformed"]
@@ -986,7 +992,7 @@ class _Generator:
 
     def assemble(self) -> Simulation:
         """Serialise in event-time order (ids and sequence numbers follow time), then shuffle into
-        arrival order: report delays, late and too-late arrivals, re-sends and malformed lines."""
+        arrival order: report delays, late and very late arrivals, re-sends and malformed lines."""
         config = self.config
         seed = config.seed
         self.occurrences.sort(key=lambda o: (o.ts, o.region, o.substance, o.kind, o.incident, o.value))
@@ -995,19 +1001,19 @@ class _Generator:
         items: list[tuple[int, int, str, _LineStatus, str | None]] = []
         event_ids: list[str] = []
         late_ids: list[str] = []
-        too_late_ids: list[str] = []
+        very_late_ids: list[str] = []
         seizure_records: list[dict[str, Any]] = []
         all_records: list[dict[str, Any]] = []
-        too_late_cut = config.too_late_fraction
-        late_cut = too_late_cut + config.late_fraction
+        very_late_cut = config.very_late_fraction
+        late_cut = very_late_cut + config.late_fraction
         for n, occ in enumerate(self.occurrences, start=1):
             event_id = f"sim-{seed}-{n:08d}"
             event_ids.append(event_id)
             record, offset = (self.lab_record if occ.kind == _LAB else self.seizure_record)(occ, event_id, rnd)
             u = rnd.random()
-            if u < too_late_cut:
+            if u < very_late_cut:
                 delay = int(rnd.uniform(25, 72) * _HOUR)
-                too_late_ids.append(event_id)
+                very_late_ids.append(event_id)
             elif u < late_cut:
                 delay = int(rnd.uniform(1.5, 20) * _HOUR)
                 late_ids.append(event_id)
@@ -1068,11 +1074,11 @@ class _Generator:
                 malformed=len(malformed),
                 duplicates=n_dup,
                 late=len(late_ids),
-                too_late=len(too_late_ids),
+                very_late=len(very_late_ids),
                 incidents=self.incidents(event_ids),
                 malformed_kinds=malformed,
                 late_event_ids=late_ids,
-                too_late_event_ids=too_late_ids,
+                very_late_event_ids=very_late_ids,
             ),
             statuses=[item[3] for item in items],
         )

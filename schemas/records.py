@@ -82,3 +82,11 @@ class Alert(BaseModel):
     identification_methods: list[str] = Field(default_factory=list)
     sample_types: list[str] = Field(default_factory=list)
     details: dict[str, Any] = Field(default_factory=dict)
+    reported_late: bool = Field(
+        default=False,
+        description="Raised by a report that arrived late: it occurred more than the lateness before the newest "
+        "report of its kind already received from its region.",
+    )
+    late_by_hours: float | None = Field(
+        default=None, ge=0, description="How late that report was, in hours (None when it was on time)."
+    )

@@ -106,7 +106,11 @@ def build_alert(
     methods: list[str] | None = None,
     sample_types: list[str] | None = None,
     details: dict[str, object] | None = None,
+    late_by_hours: float | None = None,
 ) -> Alert:
+    """An alert from a finding; ``late_by_hours`` (set when a late report raised it) is stated in the summary."""
+    if late_by_hours is not None:
+        summary = f"{summary} {late_note(late_by_hours)}"
     return Alert(
         alert_id=alert_id(alert_type, region, subject.key, episode, metric or ""),
         alert_type=alert_type,
@@ -126,4 +130,14 @@ def build_alert(
         identification_methods=methods or [],
         sample_types=sample_types or [],
         details=details or {},
+        reported_late=late_by_hours is not None,
+        late_by_hours=late_by_hours,
+    )
+
+
+def late_note(late_by_hours: float) -> str:
+    """The sentence an alert raised by a late report carries (how late, against what)."""
+    return (
+        f"Reported late: the report occurred {late_by_hours:,.1f} h ({late_by_hours / 24:.1f} days) before the "
+        "newest report of its kind already received from its region."
     )

@@ -5,8 +5,9 @@ Agents take batches straight from their channel (:mod:`.faust_batches`), send wh
 their checkpoints (:mod:`.checkpoints`), so a crash or a stop re-delivers rather than loses:
 
 - ``intake`` on both input topics (keyed by region, co-partitioned, so one region's events are
-  processed in order by one worker): validate and enrich; run the region stage (lateness,
-  duplicates, spikes); send rejects, spike alerts and sightings (keyed by substance); at checkpoints
+  processed in order by one worker): validate and enrich; run the region stage (lateness: a late
+  report is stored and flagged, not refused; duplicates, spikes); send rejects, spike alerts and
+  sightings (keyed by substance); at checkpoints
   store new events in ClickHouse and write changed detector state to the region table's changelog.
 - ``novelty`` on the sightings topic (keyed by substance): new substances, first appearances in a
   region, spread.
@@ -16,6 +17,9 @@ Detector state lives in two changelog-backed Faust tables. Faust would pick a ta
 partition from "the current event", which a batch does not have, so the adapters send each record to
 the table's changelog topic on the partition the records arrived on: a region's state stays with the
 region's partition and is restored to whichever worker owns it.
+
+A watchdog (:mod:`.watchdog`) seeks stalled partitions back to their committed offsets and turns
+``/ready`` to 503 if that does not help.
 
 Web (worker HTTP port): ``/ready``, ``/metrics`` (Prometheus, :mod:`.metrics`) and ``/sql`` (read-only
 queries for commands that cannot open the embedded engine while this process holds it).
@@ -43,21 +47,23 @@ from pydantic_core import from_json, to_json
 from synthwatch.broker import default_partition
 from synthwatch.kafka_clients import faust_credentials
 from synthwatch.query import QueryError, execute_local
-from synthwatch.schemas import Alert, Reject, event_to_json
+from synthwatch.schemas import Alert, Reject
 from synthwatch.settings import Settings
 
 from . import faust_transport
 from .checkpoints import Checkpoint
 from .clickhouse_sink import ClickHouseSink
-from .detection import Observation, RegionDetector
+from .detection import Observation, RegionDetector, RegionResult
 from .faust_batches import channel_batches, take_batches
 from .intake import EnrichedEvent, Intake, RawMessage
-from .metrics import WorkerMetrics, attach_metrics, ingest_times
+from .metrics import PartitionOffsets, WorkerMetrics, attach_metrics, ingest_times
 from .novelty import NoveltyDetector, Sighting
 from .state_rebuild import learn_names, rebuild
+from .watchdog import StallWatch, watch_consumer
 
 log = logging.getLogger("synthwatch.worker")
 T = TypeVar("T")
+LateEvent = tuple[EnrichedEvent, RegionResult]  # a late report and what the region stage made of it
 
 
 @dataclass
@@ -68,7 +74,7 @@ class WorkerStats:
     stored: int = 0
     duplicates: int = 0
     rejected: int = 0
-    too_late: int = 0
+    late: int = 0  # late reports kept (stored, flagged late, left out of spike series)
     rejects_stored: int = 0
     alerts_raised: int = 0
     alerts_stored: int = 0
@@ -77,6 +83,7 @@ class WorkerStats:
     intake_batches: int = 0
     checkpointed: int = 0  # input events whose rows and detector state are written (offsets acknowledged)
     sink_retries: int = 0
+    consumer_stalls: int = 0  # partitions the watchdog found stalled and sought back
     ready_seconds: float | None = None
     rebuild: dict[str, Any] = field(default_factory=dict)
 
@@ -201,6 +208,28 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
     stats = ctx.stats
     metrics = ctx.metrics
     attach_metrics(app, metrics, topics=set(settings.all_topics))
+    watch = StallWatch(after=settings.stall_seconds)
+
+    def on_stall(item: PartitionOffsets) -> None:
+        stats.consumer_stalls += 1
+        metrics.consumer_stalls.labels(topic=item.topic).inc()
+
+    def on_health(healthy: bool) -> None:
+        metrics.set_ready(healthy and ctx.state_ready)
+
+    # The alerts topic's offsets wait for deliveries when officers subscribe (an alert is acknowledged when
+    # its deliveries are final, retries included): slow receivers are not a stalled consumer.
+    watched = set(settings.all_topics) - ({settings.topic_alerts} if settings.subscriptions_file else set())
+    watch_consumer(
+        app,
+        watch,
+        watched,
+        interval=max(0.5, settings.stall_seconds / 6),
+        sink_failing=lambda: bool(metrics.failing),
+        on_stall=on_stall,
+        ready=lambda: ctx.state_ready,
+        on_health=on_health,
+    )
     batch, within = settings.sink_batch_size, settings.sink_batch_seconds
     batches = agent_batches(settings)
     # Faust's take batches end only when events come, so they checkpoint after every batch.
@@ -232,48 +261,50 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
 
     def detect_regions(
         events: list[EnrichedEvent],
-    ) -> tuple[list[EnrichedEvent], list[tuple[EnrichedEvent, str]], list[Alert], list[Sighting], dict[str, int]]:
+    ) -> tuple[list[EnrichedEvent], list[LateEvent], list[Alert], list[Sighting], dict[str, int]]:
         kept: list[EnrichedEvent] = []
-        late: list[tuple[EnrichedEvent, str]] = []
+        late: list[LateEvent] = []
         alerts: list[Alert] = []
         sightings: list[Sighting] = []
         partitions: dict[str, int] = {}
         for item in events:
             found = ctx.regions.observe(Observation.of(item))
             partitions[item.event.region] = _partition(item.source)
-            if found.late_reason is not None:
-                late.append((item, found.late_reason))
+            if found.late_by_hours is not None and not found.duplicate:
+                late.append((item, found))  # kept or not once storage tells a late report from a re-send
                 continue
             kept.append(item)
             alerts.extend(found.alerts)
             sightings.extend(found.sightings)
         return kept, late, alerts, sightings, partitions
 
-    async def refuse_late(
-        late: list[tuple[EnrichedEvent, str]], rejects: list[Reject], unstored: Iterable[EnrichedEvent]
-    ) -> int:
-        """Too-late events go to rejects, unless already stored (or about to be, in ``unstored``):
-        a re-sent old event is a duplicate."""
+    async def keep_late(
+        late: list[LateEvent], unstored: Iterable[EnrichedEvent]
+    ) -> tuple[list[EnrichedEvent], list[Sighting], int]:
+        """Late events are kept (stored flagged ``late``, their sightings sent), unless already stored (or
+        about to be, in ``unstored``): a re-sent old event is a duplicate. Returns (kept, sightings, duplicates)."""
         if not late:
-            return 0
+            return [], [], 0
         stored = await with_retries(
             app, "checking late events", partial(ctx.sink.stored_event_ids, [i for i, _ in late]), stats, metrics
         )
         late_ids = {item.event_id for item, _ in late}
         stored |= {item.event_id for item in unstored if item.event_id in late_ids}
-        for item, reason in late:
-            if item.event_id not in stored:
-                stats.too_late += 1
-                rejects.append(
-                    Reject.of(
-                        event_to_json(item.event),
-                        source=item.source,
-                        reason=reason,
-                        stage="detection",
-                        event_id=item.event_id,
-                    )
-                )
-        return len(stored)
+        kept: list[EnrichedEvent] = []
+        sightings: list[Sighting] = []
+        duplicates = 0
+        for item, found in late:
+            if item.event_id in stored:
+                duplicates += 1
+                continue
+            stored.add(item.event_id)  # a re-send later in the same batch
+            item.late = True
+            kept.append(item)
+            sightings.extend(found.sightings)
+            stats.late += 1
+            metrics.late(item.event.kind)
+            log.info("late %s %r stored: %.1f h late", item.event.kind, item.event_id, found.late_by_hours)
+        return kept, sightings, duplicates
 
     @app.agent(inputs, name="intake")
     async def intake_agent(stream: faust.StreamT[bytes]) -> None:
@@ -320,8 +351,11 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
                 result = ctx.intake.process(messages)
                 kept, late, alerts, sightings, batch_partitions = detect_regions(result.events)
                 partitions.update(batch_partitions)
-                result.duplicates += await refuse_late(late, result.rejects, chain(storing, rows))
+                late_kept, late_sightings, late_duplicates = await keep_late(late, chain(storing, rows, kept))
+                result.duplicates += late_duplicates
+                sightings += late_sightings
                 rows.extend(kept)
+                rows.extend(late_kept)
                 # Sent now, not at the checkpoint: alerts and the sightings that lead to new-substance
                 # alerts are not held back by storage. Acknowledged by the broker before the checkpoint.
                 pending = [
@@ -495,8 +529,11 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
     @app.page("/ready")
     class ReadyView(View):
         async def get(self, request: Request) -> Response:
-            body = {"ready": stats.ready_seconds is not None, **stats.__dict__}
-            return self.json(body, status=200 if stats.ready_seconds is not None else 503)
+            # Not ready until detector state is recovered, nor while the watchdog finds a partition stalled
+            # after a seek back: an orchestrator's probe then restarts the worker.
+            ready = stats.ready_seconds is not None and watch.healthy
+            body = {"ready": ready, "stalled": watch.reason() or None, **stats.__dict__}
+            return self.json(body, status=200 if ready else 503)
 
     @app.page("/sql")
     class SqlView(View):

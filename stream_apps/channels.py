@@ -1,14 +1,22 @@
 """Sending one message on one channel, and telling a retryable failure from a permanent one.
 
-Webhook: a JSON POST signed with HMAC-SHA256 over ``timestamp + "." + body``; the receiver checks the
-signature, refuses a timestamp outside its tolerance (a captured request cannot be replayed later) and
-refuses an ``Idempotency-Key`` (the alert id) it has already accepted for the same officer: one endpoint
-may serve several officers (:func:`verify_webhook` does all three). A 409 from the receiver therefore means
-"already have it" and counts as delivered: our earlier attempt arrived but its answer was lost.
+Webhook: a JSON POST signed with HMAC-SHA256 under the subscriber's own secret (scheme ``v1``, see
+:func:`sign` and docs/security-webhooks.md). What is signed is ``timestamp.delivery_id.event.body``, so
+none of the four can be changed or moved to another request; the body repeats ``delivery_id`` and
+``kind`` (= event), and carries ``alert_id`` (or ``digest_id``) and ``officer_id``, so a receiver
+de-duplicates on signed ids. :func:`verify` is what a receiver runs: signature, a timestamp inside the
+tolerance window (a captured request cannot be replayed later), ids in the body equal to the signed
+ones, and a delivery id not accepted before (a replay inside the window). A 409 from the receiver
+therefore means "already have it" and counts as delivered: our earlier attempt arrived but its answer
+was lost. The delivery id is derived from (alert, officer, channel), so our own retries reuse it.
+
+Connections go only to public addresses or to networks the administrator allowed
+(:class:`~.targets.TargetPolicy`, checked on every address DNS returns: :class:`GuardedResolver`).
 
 E-mail: smtplib in its own small thread pool (a hung SMTP server must not starve the threads ClickHouse
-calls run in), STARTTLS and login when configured, a plain-text and an HTML part, and a Message-ID
-derived from (alert, officer, channel) so a resend after a crash can be recognised by mail systems.
+calls run in), STARTTLS (or SMTPS) and login when configured, a plain-text and an HTML part, and a
+Message-ID derived from (alert, officer, channel) so a resend after a crash can be recognised by mail
+systems. A password is never sent over an unencrypted connection: :class:`SmtpConfig` refuses it.
 
 Every sender returns a :class:`SendResult` instead of raising: the delivery service decides on retries.
 """
@@ -19,28 +27,40 @@ import asyncio
 import hashlib
 import hmac
 import json
+import re
 import smtplib
+import socket
 import ssl
 import time
-from collections.abc import Callable, Mapping, MutableSet, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableSet, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
 from email.utils import formatdate
 from functools import partial
+from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 
 from synthwatch.settings import Settings
 
 from .messages import Message
+from .targets import TargetPolicy
 
-SIGNATURE_HEADER = "X-Synthwatch-Signature"
-TIMESTAMP_HEADER = "X-Synthwatch-Timestamp"
-EVENT_HEADER = "X-Synthwatch-Event"
-IDEMPOTENCY_HEADER = "Idempotency-Key"
-USER_AGENT = "synthwatch-delivery/1"
+SIGNATURE_HEADER = "Synthwatch-Signature"
+DELIVERY_HEADER = "Synthwatch-Delivery-Id"
+EVENT_HEADER = "Synthwatch-Event"
+IDEMPOTENCY_HEADER = "Idempotency-Key"  # = the delivery id, for HTTP middleware; not signed on its own
+USER_AGENT = "synthwatch-delivery/2"
+SIGNATURE_VERSION = "v1"
+DEFAULT_TOLERANCE_S = 300.0
+
+_DELIVERY_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_EVENT = re.compile(r"^[a-z_]{1,32}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,21 +76,39 @@ class SendResult:
 # --- webhook ------------------------------------------------------------------------------------------------
 
 
-def sign(secret: str, timestamp: str, body: bytes) -> str:
-    """``sha256=<hex HMAC-SHA256(secret, timestamp + "." + body)>``: the timestamp is signed with the body."""
-    mac = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
-    return f"sha256={mac.hexdigest()}"
+def delivery_id(*parts: str) -> str:
+    """The id of one delivery, e.g. (alert, officer, channel): the same on every retry, unique per officer."""
+    return "d_" + hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
 
 
-def webhook_headers(secret: str, body: bytes, idempotency_key: str, event: str, now: float) -> dict[str, str]:
-    timestamp = str(int(now))
+def _signed_bytes(timestamp: int, delivery: str, event: str, body: bytes) -> bytes:
+    if not _DELIVERY_ID.match(delivery):
+        raise ValueError(f"delivery id {delivery!r} must match {_DELIVERY_ID.pattern}")
+    if not _EVENT.match(event):
+        raise ValueError(f"event {event!r} must match {_EVENT.pattern}")
+    return f"{timestamp}.{delivery}.{event}.".encode() + body
+
+
+def sign(secret: str, body: bytes, *, delivery_id: str, event: str, timestamp: int) -> str:
+    """The ``Synthwatch-Signature`` value: ``t=<unix seconds>,v1=<hex>``.
+
+    ``v1`` = hex HMAC-SHA256(secret, ``"<t>.<delivery_id>.<event>."`` + body). No part can contain a
+    dot (ids are ``[A-Za-z0-9_-]``, events ``[a-z_]``, t digits), so the signed string is unambiguous.
+    A later scheme adds ``v2=...`` beside ``v1``; receivers ignore versions they do not know.
+    """
+    mac = hmac.new(secret.encode(), _signed_bytes(timestamp, delivery_id, event, body), hashlib.sha256)
+    return f"t={timestamp},{SIGNATURE_VERSION}={mac.hexdigest()}"
+
+
+def webhook_headers(secret: str, body: bytes, delivery: str, event: str, now: float) -> dict[str, str]:
+    """Headers of one POST: signed now (each retry is signed again, with its own timestamp)."""
     return {
         "Content-Type": "application/json; charset=utf-8",
         "User-Agent": USER_AGENT,
-        TIMESTAMP_HEADER: timestamp,
-        SIGNATURE_HEADER: sign(secret, timestamp, body),
-        IDEMPOTENCY_HEADER: idempotency_key,
+        SIGNATURE_HEADER: sign(secret, body, delivery_id=delivery, event=event, timestamp=int(now)),
+        DELIVERY_HEADER: delivery,
         EVENT_HEADER: event,
+        IDEMPOTENCY_HEADER: delivery,
     }
 
 
@@ -83,55 +121,74 @@ class WebhookRejected(Exception):
         self.reason = reason
 
 
-def verify_webhook(
-    secret: str,
+@dataclass(frozen=True, slots=True)
+class VerifiedWebhook:
+    """A request :func:`verify` accepted: its signed ids and the parsed body."""
+
+    delivery_id: str
+    event: str
+    timestamp: int
+    payload: dict[str, Any]
+
+
+def _parse_signature(value: str) -> tuple[int | None, list[str]]:
+    timestamp: int | None = None
+    macs: list[str] = []
+    for item in value.split(","):
+        name, _, text = item.strip().partition("=")
+        if name == "t" and text.isdigit():
+            timestamp = int(text)
+        elif name == SIGNATURE_VERSION:
+            macs.append(text)
+    return timestamp, macs
+
+
+def verify(
+    secrets: str | Iterable[str],
     headers: Mapping[str, str],
     body: bytes,
+    *,
     now: float,
-    tolerance_s: float = 300,
-    seen_ids: MutableSet[str] | None = None,
-) -> str:
-    """Check a received webhook; returns its idempotency key, or raises :class:`WebhookRejected`.
+    tolerance_s: float = DEFAULT_TOLERANCE_S,
+    seen: MutableSet[str] | None = None,
+) -> VerifiedWebhook:
+    """Check a received webhook as a receiver must; returns it verified, or raises :class:`WebhookRejected`.
 
-    401: missing or wrong signature (or body changed); 400: timestamp missing or more than
-    ``tolerance_s`` from ``now`` (a replay of a captured request); 409: already accepted. ``seen_ids``
-    holds ``<officer_id>/<key>`` (the officer read from the signed body): the key is the alert id, and
-    one endpoint may serve several officers, each of whom must get the alert. Keep ``seen_ids`` for at
-    least the tolerance window (longer also absorbs our retries after a lost answer).
+    ``secrets``: the subscriber's secret (several while rotating: any may match). 401: signature
+    missing or wrong (body, timestamp, delivery id or event changed, or another subscriber's secret);
+    400: timestamp more than ``tolerance_s`` from ``now`` (a captured request replayed later), or a body
+    whose ``delivery_id``/``kind`` differ from the signed ones; 409: delivery id already in ``seen``
+    (a replay inside the window, or our retry after a lost answer). Keep ``seen`` at least as long
+    as the tolerance window; longer (days) also absorbs our retries. The id is added only on success.
     """
+    keys = [secrets] if isinstance(secrets, str) else list(secrets)
     lower = {k.lower(): v for k, v in headers.items()}
-    signature = lower.get(SIGNATURE_HEADER.lower(), "")
-    timestamp = lower.get(TIMESTAMP_HEADER.lower(), "")
-    key = lower.get(IDEMPOTENCY_HEADER.lower(), "")
-    if not signature or not timestamp:
-        raise WebhookRejected(401, f"missing {SIGNATURE_HEADER} or {TIMESTAMP_HEADER}")
-    if not hmac.compare_digest(sign(secret, timestamp, body), signature):
-        raise WebhookRejected(401, "signature does not match the body and timestamp")
-    try:
-        sent_at = int(timestamp)
-    except ValueError:
-        raise WebhookRejected(400, f"{TIMESTAMP_HEADER} is not a Unix time") from None
-    if abs(now - sent_at) > tolerance_s:
+    timestamp, macs = _parse_signature(lower.get(SIGNATURE_HEADER.lower(), ""))
+    delivery = lower.get(DELIVERY_HEADER.lower(), "")
+    event = lower.get(EVENT_HEADER.lower(), "")
+    if timestamp is None or not macs:
+        raise WebhookRejected(401, f"missing or malformed {SIGNATURE_HEADER} (expected t=...,v1=...)")
+    if not _DELIVERY_ID.match(delivery) or not _EVENT.match(event):
+        raise WebhookRejected(401, f"missing or malformed {DELIVERY_HEADER} or {EVENT_HEADER}")
+    signed = _signed_bytes(timestamp, delivery, event, body)
+    expected = [hmac.new(k.encode(), signed, hashlib.sha256).hexdigest() for k in keys if k]
+    if not any(hmac.compare_digest(e, m) for e in expected for m in macs):
+        raise WebhookRejected(401, "signature does not match (body, timestamp, delivery id, event or secret)")
+    if abs(now - timestamp) > tolerance_s:
         raise WebhookRejected(
-            400, f"timestamp {sent_at} is {now - sent_at:.0f} s from now (tolerance {tolerance_s:g} s)"
+            400, f"timestamp {timestamp} is {now - timestamp:.0f} s from now (tolerance {tolerance_s:g} s)"
         )
-    if not key:
-        raise WebhookRejected(400, f"missing {IDEMPOTENCY_HEADER}")
-    if seen_ids is not None:
-        scoped = f"{_officer_of(body)}/{key}"
-        if scoped in seen_ids:
-            raise WebhookRejected(409, f"{IDEMPOTENCY_HEADER} {key} already received")
-        seen_ids.add(scoped)
-    return key
-
-
-def _officer_of(body: bytes) -> str:
-    """The ``officer_id`` of a synthwatch payload ('' for any other body); trusted once the signature is."""
     try:
-        data = json.loads(body)
+        payload = json.loads(body)
     except ValueError:
-        return ""
-    return str(data.get("officer_id") or "") if isinstance(data, dict) else ""
+        raise WebhookRejected(400, "body is not JSON") from None
+    if not isinstance(payload, dict) or payload.get("delivery_id") != delivery or payload.get("kind") != event:
+        raise WebhookRejected(400, "body's delivery_id/kind differ from the signed ones")
+    if seen is not None:
+        if delivery in seen:
+            raise WebhookRejected(409, f"delivery {delivery} already received")
+        seen.add(delivery)
+    return VerifiedWebhook(delivery, event, timestamp, payload)
 
 
 def classify_http(status: int, body: str = "") -> SendResult:
@@ -148,19 +205,65 @@ def classify_http(status: int, body: str = "") -> SendResult:
     return SendResult(False, status, detail)
 
 
+class TargetRefused(OSError):
+    """A webhook host resolved to an address the :class:`TargetPolicy` refuses."""
+
+
+class GuardedResolver(AbstractResolver):
+    """DNS for webhooks: every address of a name must pass the policy, else no connection at all.
+
+    aiohttp connects to exactly the addresses the resolver returned, so a name cannot resolve to a
+    public address for a check and to a private one for the connection (DNS rebinding).
+    """
+
+    def __init__(self, policy: TargetPolicy, inner: AbstractResolver | None = None) -> None:
+        self.policy = policy
+        self.inner = inner or DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await self.inner.resolve(host, port, family)
+        for item in found:
+            reason = self.policy.refusal(host, str(item["host"]))
+            if reason is not None:
+                raise TargetRefused(reason)
+        return found
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def _refused_by(error: BaseException) -> TargetRefused | None:
+    """The TargetRefused inside an aiohttp connection error, if that is what it was."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, TargetRefused):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 class WebhookSender:
     """POSTs signed JSON with one pooled aiohttp session (created in the running loop, on first use)."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time, policy: TargetPolicy | None = None) -> None:
         self.clock = clock
+        self.policy = policy or TargetPolicy()
         self._session: aiohttp.ClientSession | None = None
 
     async def post(
-        self, url: str, body: bytes, *, secret: str, idempotency_key: str, event: str, timeout_s: float
+        self, url: str, body: bytes, *, secret: str, delivery_id: str, event: str, timeout_s: float
     ) -> SendResult:
+        host = urlsplit(url).hostname or ""
+        refused = self.policy.literal_refusal(host)  # IP literals skip the resolver
+        if refused is not None:
+            return SendResult(False, None, refused)
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64, limit_per_host=8))
-        headers = webhook_headers(secret, body, idempotency_key, event, self.clock())
+            # no connection limits here: the delivery service limits attempts per endpoint and in total
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, resolver=GuardedResolver(self.policy))
+            self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
+        headers = webhook_headers(secret, body, delivery_id, event, self.clock())
         try:
             async with self._session.post(
                 url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s), allow_redirects=False
@@ -172,6 +275,9 @@ class WebhookSender:
         except aiohttp.InvalidURL as error:
             return SendResult(False, None, f"invalid URL: {error}")
         except (aiohttp.ClientError, OSError) as error:
+            target = _refused_by(error)
+            if target is not None:
+                return SendResult(False, None, str(target))
             return SendResult(False, None, f"{type(error).__name__}: {error}", retryable=True)
 
     async def close(self) -> None:
@@ -183,9 +289,17 @@ class WebhookSender:
 # --- e-mail -------------------------------------------------------------------------------------------------
 
 
+class SmtpConfigError(ValueError):
+    """An SMTP configuration that would leak the password; the message says what to set instead."""
+
+
 @dataclass(frozen=True, slots=True)
 class SmtpConfig:
-    """The SMTP server (from settings); ``ssl_context`` lets tests and private CAs verify STARTTLS."""
+    """The SMTP server (from settings); ``ssl_context`` lets tests and private CAs verify the certificate.
+
+    ``ssl``: SMTPS (TLS from the first byte, port 465); ``starttls``: upgrade a plain connection (587).
+    With a password, one of the two is required: a login over plain text is refused at construction.
+    """
 
     host: str
     port: int = 587
@@ -194,6 +308,15 @@ class SmtpConfig:
     password: str | None = None
     sender: str = "synthwatch@localhost"
     ssl_context: ssl.SSLContext | None = None
+    ssl: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.username or self.password) and not (self.starttls or self.ssl):
+            raise SmtpConfigError(
+                f"SMTP login to {self.host}:{self.port} without TLS would send the password in clear: set "
+                "SYNTHWATCH_SMTP_STARTTLS=true (port 587) or SYNTHWATCH_SMTP_SSL=true (port 465), "
+                "or remove SYNTHWATCH_SMTP_USERNAME/PASSWORD for a relay that needs no login"
+            )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SmtpConfig | None:
@@ -202,10 +325,11 @@ class SmtpConfig:
         return cls(
             host=settings.smtp_host,
             port=settings.smtp_port,
-            starttls=settings.smtp_starttls,
+            starttls=settings.smtp_starttls and not settings.smtp_ssl,
             username=settings.smtp_username,
             password=settings.smtp_password,
             sender=settings.smtp_sender,
+            ssl=settings.smtp_ssl,
         )
 
 
@@ -249,10 +373,16 @@ class SmtpSender:
         c = self.config
         recipients = [a.strip() for a in str(email["To"]).split(",") if a.strip()]
         try:
-            with smtplib.SMTP(c.host, c.port, timeout=timeout_s) as smtp:
+            context = c.ssl_context or ssl.create_default_context()
+            connection = (
+                smtplib.SMTP_SSL(c.host, c.port, timeout=timeout_s, context=context)
+                if c.ssl
+                else smtplib.SMTP(c.host, c.port, timeout=timeout_s)
+            )
+            with connection as smtp:
                 smtp.ehlo()
-                if c.starttls:
-                    smtp.starttls(context=c.ssl_context or ssl.create_default_context())
+                if c.starttls and not c.ssl:
+                    smtp.starttls(context=context)  # raises when the server does not offer it: no plain fallback
                     smtp.ehlo()
                 if c.username:
                     smtp.login(c.username, c.password or "")
@@ -283,7 +413,9 @@ class SmtpSender:
             permanent = not 400 <= error.smtp_code < 500
             return SendResult(False, error.smtp_code, f"SMTP {error.smtp_code}: {said}", retryable=not permanent)
         except smtplib.SMTPNotSupportedError as error:
-            return SendResult(False, None, f"server does not support it: {error} (check SYNTHWATCH_SMTP_STARTTLS)")
+            return SendResult(
+                False, None, f"server does not support it: {error} (check SYNTHWATCH_SMTP_STARTTLS / SMTP_SSL)"
+            )
         except ssl.SSLError as error:
             return SendResult(False, None, f"TLS failed: {error}")
         except (smtplib.SMTPException, OSError) as error:

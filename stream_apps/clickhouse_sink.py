@@ -65,6 +65,9 @@ SEIZURE_COLUMNS = [
     "origin_country",
     "destination_country",
 ]
+# The stream also stores whether a report was late (``ingest-history`` leaves the column to its default).
+SINK_LAB_COLUMNS = [*LAB_COLUMNS, "late"]
+SINK_SEIZURE_COLUMNS = [*SEIZURE_COLUMNS, "late"]
 REJECT_COLUMNS = ["reject_id", "rejected_at", "stage", "source", "reason", "event_id", "raw"]
 ALERT_TABLE = "alerts"
 ALERT_COLUMNS = [
@@ -91,6 +94,8 @@ ALERT_COLUMNS = [
     "identification_methods",
     "sample_types",
     "details",
+    "reported_late",
+    "late_by_hours",
 ]
 
 
@@ -180,13 +185,16 @@ def seizure_values(event: BorderSeizure, substance: SubstanceValues, quantity: Q
 
 
 def lab_row(item: EnrichedEvent) -> tuple[Any, ...]:
-    return lab_values(cast(LabDetection, item.event), substance_values(item.substance))
+    """One row of :data:`SINK_LAB_COLUMNS`."""
+    return (*lab_values(cast(LabDetection, item.event), substance_values(item.substance)), item.late)
 
 
 def seizure_row(item: EnrichedEvent) -> tuple[Any, ...]:
-    return seizure_values(
+    """One row of :data:`SINK_SEIZURE_COLUMNS`."""
+    values = seizure_values(
         cast(BorderSeizure, item.event), substance_values(item.substance), quantity_values(item.quantity)
     )
+    return (*values, item.late)
 
 
 def reject_id(reject: Reject) -> str:
@@ -233,6 +241,8 @@ def alert_row(alert: Alert) -> list[Any]:
         alert.identification_methods,
         alert.sample_types,
         json.dumps(alert.details, ensure_ascii=False, default=str),
+        alert.reported_late,
+        alert.late_by_hours,
     ]
 
 
@@ -286,8 +296,8 @@ class ClickHouseSink:
         labs = [item for item in items if isinstance(item.event, LabDetection)]
         seizures = [item for item in items if isinstance(item.event, BorderSeizure)]
         with self.lock:
-            new_labs, old_labs = self._insert_new(LAB_TABLE, labs, LAB_COLUMNS, lab_row)
-            new_seizures, old_seizures = self._insert_new(SEIZURE_TABLE, seizures, SEIZURE_COLUMNS, seizure_row)
+            new_labs, old_labs = self._insert_new(LAB_TABLE, labs, SINK_LAB_COLUMNS, lab_row)
+            new_seizures, old_seizures = self._insert_new(SEIZURE_TABLE, seizures, SINK_SEIZURE_COLUMNS, seizure_row)
         return StoreResult(new_labs, new_seizures, old_labs + old_seizures)
 
     def store_rejects(self, rejects: Sequence[Reject]) -> int:

@@ -4,7 +4,8 @@ Never twice: before sending, the service asks an in-memory set and then ClickHou
 officer, channel) was already delivered or queued for the digest, so a restarted worker or a replayed
 alerts topic sends nothing again. Every attempt is written to ``deliveries`` as it happens. The one
 window left (sent, then the process dies before the row is written) is covered on the receiving side:
-webhooks carry ``Idempotency-Key`` = alert id, e-mails a Message-ID derived from (alert, officer, channel).
+webhooks carry a signed delivery id derived from (alert, officer, channel), e-mails a Message-ID derived
+from the same.
 
 Never lost: the Faust agent acknowledges an alert only once all its deliveries are final (delivered,
 gave up, or queued for the digest); a crash replays the unacknowledged alerts and the check above skips
@@ -12,7 +13,10 @@ what was done. A delivery that gave up is not final for a replay: nothing reache
 
 Nobody waits for a broken channel: each delivery is its own task with the channel's timeout and
 exponential backoff between attempts, and the agent keeps taking alerts meanwhile (Kafka commits stop at
-the oldest unfinished alert, which is what makes a crash replay it).
+the oldest unfinished alert, which is what makes a crash replay it). Attempts are limited per receiving
+endpoint and in total, and a delivery holds neither slot while it waits to retry; an endpoint that keeps
+failing has its circuit opened (:mod:`.endpoints`): its deliveries are deferred (a ``deferred`` row says
+so) until a probe gets through, so one hung receiver costs the others nothing.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ from clickhouse_connect.driver.client import Client
 from synthwatch.schemas import Alert
 from synthwatch.settings import Settings
 
-from .channels import SendResult, SmtpConfig, SmtpSender, WebhookSender, build_email, message_id
+from .channels import SendResult, SmtpConfig, SmtpSender, WebhookSender, build_email, delivery_id, message_id
+from .endpoints import Endpoint, EndpointLimits, Endpoints
 from .messages import Message, render_alert, render_digest
 from .subscriptions import (
     EmailChannel,
@@ -48,12 +53,13 @@ from .subscriptions import (
     WebhookChannel,
     load_subscriptions,
     recipients,
+    secret_problems,
 )
 
 log = logging.getLogger("synthwatch.delivery")
 T = TypeVar("T")
 
-DeliveryStatus = Literal["delivered", "failed", "gave_up", "queued_digest", "digest_sent"]
+DeliveryStatus = Literal["delivered", "failed", "gave_up", "queued_digest", "digest_sent", "deferred"]
 Key = tuple[str, str, str]
 """(alert_id, officer_id, channel name): what is delivered at most once."""
 
@@ -216,10 +222,15 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def webhook_payload(alert: Alert, officer: Officer, route: str, message: Message) -> dict[str, Any]:
-    """What a webhook receives for one alert: the rendered message (the officer's language) and the alert."""
+def webhook_payload(alert: Alert, officer: Officer, route: str, message: Message, channel: str) -> dict[str, Any]:
+    """What a webhook receives for one alert: the rendered message (the officer's language) and the alert.
+
+    ``delivery_id`` (signed, see ``channels.sign``) is what receivers de-duplicate on: one per
+    (alert, officer, channel), the same on every retry.
+    """
     return {
         "kind": "alert",
+        "delivery_id": delivery_id(alert.alert_id, officer.id, channel),
         "alert_id": alert.alert_id,
         "officer_id": officer.id,
         "route": route,
@@ -234,6 +245,7 @@ def webhook_payload(alert: Alert, officer: Officer, route: str, message: Message
 def digest_payload(digest_id: str, officer: Officer, alerts: Sequence[Alert], message: Message) -> dict[str, Any]:
     return {
         "kind": "digest",
+        "delivery_id": delivery_id(digest_id),
         "digest_id": digest_id,
         "officer_id": officer.id,
         "language": message.language,
@@ -251,13 +263,12 @@ def _json(payload: dict[str, Any]) -> bytes:
 Send = Callable[[], Awaitable[SendResult]]
 
 
-def _refuse(reason: str) -> Send:
-    """A send that fails at once and for good (a configuration problem: retrying cannot help)."""
+def _refuse(reason: str) -> SendResult:
+    """A send that is not even tried (a configuration problem: retrying cannot help)."""
+    return SendResult(False, None, reason)
 
-    async def send() -> SendResult:
-        return SendResult(False, None, reason)
 
-    return send
+SMTP_ENDPOINT = "smtp"
 
 
 class DeliveryService:
@@ -269,8 +280,9 @@ class DeliveryService:
         store: DeliveryStore,
         *,
         grafana_url: str = "http://localhost:3000",
-        webhook_secret: str | None = None,
         smtp: SmtpConfig | None = None,
+        allowed_networks: Sequence[str] = (),
+        endpoint_limits: EndpointLimits | None = None,
         policy: RetryPolicy | None = None,
         subscriptions_file: Path | None = None,
         max_in_flight: int = 256,
@@ -281,17 +293,22 @@ class DeliveryService:
         self.subscriptions = subscriptions
         self.store = store
         self.grafana_url = grafana_url
-        self.webhook_secret = webhook_secret
+        self.allowed_networks = tuple(allowed_networks)
         self.policy = policy or RetryPolicy()
         self.subscriptions_file = subscriptions_file
         self.store_retries = store_retries  # None: wait for ClickHouse as long as it takes, like the sink
         self.clock = clock
-        self.webhook = WebhookSender()
+        self.webhook = WebhookSender(policy=subscriptions.target_policy(self.allowed_networks))
         self.email = SmtpSender(smtp) if smtp is not None else None
+        self.endpoints = Endpoints(endpoint_limits)
+        self._unusable = self._check_secrets()
+        self._unwritten: list[tuple[list[Attempt], asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._rendered: OrderedDict[tuple[str, str], Message] = OrderedDict()
         self._remember_max = remember
         self._done: OrderedDict[Key, None] = OrderedDict()
         self._inflight: dict[Key, asyncio.Task[Outcome]] = {}
-        self._slots = asyncio.Semaphore(max_in_flight)
+        self._slots = asyncio.Semaphore(max_in_flight)  # attempts in flight, all endpoints together
         self._digest_lock = asyncio.Lock()
         self._digest_hold: dict[tuple[str, str], datetime] = {}
         self._mtime = self._file_mtime()
@@ -303,15 +320,28 @@ class DeliveryService:
         """The worker's service: subscriptions from ``settings.subscriptions_file`` (errors name file:line)."""
         if settings.subscriptions_file is None:
             raise ValueError("settings.subscriptions_file is not set: there is nobody to deliver to")
+        limits = EndpointLimits(
+            concurrency=settings.delivery_endpoint_concurrency,
+            failures_to_open=settings.delivery_breaker_failures,
+            cooldown_s=settings.delivery_breaker_cooldown_s,
+        )
         return cls(
-            load_subscriptions(settings.subscriptions_file),
+            load_subscriptions(settings.subscriptions_file, settings.webhook_allowed_networks),
             DeliveryStore(client, lock),
             grafana_url=settings.grafana_url,
-            webhook_secret=settings.webhook_secret,
             smtp=SmtpConfig.from_settings(settings),
             subscriptions_file=settings.subscriptions_file,
+            allowed_networks=settings.webhook_allowed_networks,
+            endpoint_limits=limits,
             **options,
         )
+
+    def _check_secrets(self) -> dict[str, str]:
+        """Channels that cannot be signed for here (unset, short or shared secret): logged, never sent on."""
+        found = secret_problems(self.subscriptions)
+        for key, why in found.items():
+            log.error("webhook %s: %s; its deliveries will be refused until this is fixed", key, why)
+        return found
 
     # --- alerts ------------------------------------------------------------------------------------------
 
@@ -356,11 +386,6 @@ class DeliveryService:
                     self._remember([key])
                     settled.append(Outcome(*key, "queued_digest", 0, reason))
                 else:
-                    await self._slots.acquire()
-                    if key in self._done or key in self._inflight:  # claimed by a concurrent submit meanwhile
-                        self._slots.release()
-                        settled.append(Outcome(*key, "skipped", 0, "already being delivered"))
-                        continue
                     task = asyncio.create_task(self._deliver(alert, recipient), name=f"deliver {'/'.join(key)}")
                     self._inflight[key] = task
                     tasks.append(task)
@@ -389,31 +414,62 @@ class DeliveryService:
     async def _deliver(self, alert: Alert, recipient: Recipient) -> Outcome:
         key = recipient.key(alert.alert_id)
         try:
-            try:
-                send = self._prepare(alert, recipient)
-            except Exception as error:  # a template or payload bug: record it, do not crash the agent
-                log.exception("cannot prepare %s for %s", alert.alert_id, recipient.officer.id)
-                send = _refuse(f"cannot render the message: {type(error).__name__}: {error}")
+            send = self._refusal(recipient) or self._lazy(alert, recipient)
 
             def rows(
                 attempt: int, status: DeliveryStatus, result: SendResult, at: datetime, ms: float
             ) -> list[Attempt]:
                 return [self._attempt(alert, recipient, attempt, status, result, at, ms)]
 
-            status, attempts, result = await self._attempts(send, rows, recipient.channel.timeout_s, "delivered")
+            channel = recipient.channel
+            status, attempts, result = await self._attempts(
+                send, rows, channel.timeout_s, "delivered", self._endpoint(channel)
+            )
             if status == "delivered":
                 self._remember([key])
             return Outcome(*key, cast(Any, status), attempts, result.reason)
         finally:
             self._inflight.pop(key, None)
-            self._slots.release()
 
-    def _prepare(self, alert: Alert, recipient: Recipient) -> Send:
-        officer, channel = recipient.officer, recipient.channel
-        message = render_alert(alert, officer.language, self.grafana_url)
+    def _endpoint(self, channel: WebhookChannel | EmailChannel) -> Endpoint:
+        return self.endpoints[channel.endpoint if isinstance(channel, WebhookChannel) else SMTP_ENDPOINT]
+
+    def _refusal(self, recipient: Recipient) -> SendResult | None:
+        """A configuration problem that makes sending pointless (checked before any waiting)."""
+        channel = recipient.channel
         if isinstance(channel, WebhookChannel):
-            body = _json(webhook_payload(alert, officer, recipient.route.name or "", message))
-            return self._webhook_send(channel, body, alert.alert_id, "alert")
+            unusable = self._unusable.get(f"{recipient.officer.id}/{channel.name}")
+            if unusable or not channel.resolve_secret():
+                why = unusable or "none set"
+                return _refuse(f"webhook secret refused: {why} (see `synthwatch subscriptions check`)")
+        elif self.email is None:
+            return _refuse("no SMTP server configured (SYNTHWATCH_SMTP_HOST)")
+        return None
+
+    def _lazy(self, alert: Alert, recipient: Recipient) -> Send:
+        """A send that renders its message at its first attempt, i.e. once its endpoint lets it go:
+        deliveries waiting on a hung endpoint cost nothing (no rendering in the burst the others are in).
+        """
+        prepared: list[Send | SendResult] = []
+
+        async def send() -> SendResult:
+            if not prepared:
+                try:
+                    prepared.append(self._prepare(alert, recipient))
+                except Exception as error:  # a template or payload bug: record it, do not crash the agent
+                    log.exception("cannot prepare %s for %s", alert.alert_id, recipient.officer.id)
+                    prepared.append(_refuse(f"cannot render the message: {type(error).__name__}: {error}"))
+            ready = prepared[0]
+            return ready if isinstance(ready, SendResult) else await ready()
+
+        return send
+
+    def _prepare(self, alert: Alert, recipient: Recipient) -> Send | SendResult:
+        officer, channel = recipient.officer, recipient.channel
+        message = self._render(alert, officer.language)
+        if isinstance(channel, WebhookChannel):
+            payload = webhook_payload(alert, officer, recipient.route.name or "", message, channel.name)
+            return self._webhook_send(officer, channel, _json(payload), payload["delivery_id"], "alert")
         return self._email_send(
             channel,
             message,
@@ -421,16 +477,19 @@ class DeliveryService:
             {"X-Synthwatch-Alert-Id": alert.alert_id, "X-Synthwatch-Officer": officer.id},
         )
 
-    def _webhook_send(self, channel: WebhookChannel, body: bytes, idempotency_key: str, event: str) -> Send:
-        secret = channel.resolve_secret(self.webhook_secret)
-        if not secret:
-            return _refuse("no webhook secret: set the channel's secret_env or SYNTHWATCH_WEBHOOK_SECRET")
+    def _webhook_send(
+        self, officer: Officer, channel: WebhookChannel, body: bytes, delivery: str, event: str
+    ) -> Send | SendResult:
+        unusable = self._unusable.get(f"{officer.id}/{channel.name}")
+        secret = channel.resolve_secret()
+        if unusable or not secret:
+            return _refuse(f"webhook secret refused: {unusable or 'none set'} (see `synthwatch subscriptions check`)")
         webhook, url, timeout = self.webhook, channel.url, channel.timeout_s
-        return lambda: webhook.post(
-            url, body, secret=secret, idempotency_key=idempotency_key, event=event, timeout_s=timeout
-        )
+        return lambda: webhook.post(url, body, secret=secret, delivery_id=delivery, event=event, timeout_s=timeout)
 
-    def _email_send(self, channel: EmailChannel, message: Message, msg_id: str, headers: dict[str, str]) -> Send:
+    def _email_send(
+        self, channel: EmailChannel, message: Message, msg_id: str, headers: dict[str, str]
+    ) -> Send | SendResult:
         sender = self.email
         if sender is None:
             return _refuse("no SMTP server configured (SYNTHWATCH_SMTP_HOST)")
@@ -440,25 +499,43 @@ class DeliveryService:
 
     async def _attempts(
         self,
-        send: Send,
+        send: Send | SendResult,
         rows: Callable[[int, DeliveryStatus, SendResult, datetime, float], list[Attempt]],
         timeout_s: float,
         success: DeliveryStatus,
+        endpoint: Endpoint,
         start: datetime | None = None,
     ) -> tuple[DeliveryStatus, int, SendResult]:
-        """Try up to ``max_attempts`` times with backoff, recording each attempt; returns the final status."""
+        """Try up to ``max_attempts`` times with backoff, recording each attempt; returns the final status.
+
+        Each attempt takes a slot of its endpoint (waiting, deferred, while the endpoint's circuit is
+        open) and one of the service's; both are released before the attempt is recorded and before
+        the backoff, so waiting to retry holds nothing.
+        """
         began = time.monotonic()
+
+        def moment() -> datetime:
+            return start + timedelta(seconds=time.monotonic() - began) if start is not None else self.clock()
+
         for attempt in range(1, self.policy.max_attempts + 1):
-            at = start + timedelta(seconds=time.monotonic() - began) if start is not None else self.clock()
-            started = time.monotonic()
-            try:
-                result = await asyncio.wait_for(send(), timeout_s + 5)  # backstop: senders time out on their own
-            except TimeoutError:
-                result = SendResult(False, None, f"no answer within {timeout_s:g} s", retryable=True)
-            except Exception as error:
-                log.exception("delivery attempt raised")
-                result = SendResult(False, None, f"{type(error).__name__}: {error}", retryable=True)
-            ms = (time.monotonic() - started) * 1000
+            if isinstance(send, SendResult):  # refused before any network: no endpoint involved
+                result, ms, at = send, 0.0, moment()
+            else:
+
+                async def deferred(why: str, attempt: int = attempt) -> None:
+                    failed = SendResult(False, None, why)
+                    deferral = rows(attempt, "deferred", failed, moment(), 0)
+                    await self._record(deferral)
+
+                probe = await endpoint.turn(deferred)
+                at, started = moment(), time.monotonic()
+                result = SendResult(False, None, "cancelled", retryable=True)
+                try:
+                    async with self._slots:
+                        result = await self._try(send, timeout_s)
+                finally:
+                    await endpoint.done(reached=result.ok or not result.retryable, probe=probe)
+                ms = (time.monotonic() - started) * 1000
             status: DeliveryStatus
             if result.ok:
                 status = success
@@ -468,13 +545,23 @@ class DeliveryService:
                 status = "gave_up"
                 if result.retryable:
                     result = SendResult(False, result.code, f"{result.reason} (gave up after {attempt} attempts)")
-            await self._store("recording a delivery attempt", self.store.record, rows(attempt, status, result, at, ms))
+            await self._record(rows(attempt, status, result, at, ms))
             if status != "failed":
                 if status == "gave_up":
                     log.warning("delivery gave up: %s", result.reason)
                 return status, attempt, result
             await asyncio.sleep(self.policy.delay(attempt))
         raise AssertionError("unreachable: the last attempt is final")
+
+    @staticmethod
+    async def _try(send: Send, timeout_s: float) -> SendResult:
+        try:
+            return await asyncio.wait_for(send(), timeout_s + 5)  # backstop: senders time out on their own
+        except TimeoutError:
+            return SendResult(False, None, f"no answer within {timeout_s:g} s", retryable=True)
+        except Exception as error:
+            log.exception("delivery attempt raised")
+            return SendResult(False, None, f"{type(error).__name__}: {error}", retryable=True)
 
     def _attempt(
         self,
@@ -560,8 +647,8 @@ class DeliveryService:
         try:
             message = render_digest([a for _, a in alerts], officer.language, self.grafana_url, day, officer.name)
             if isinstance(channel, WebhookChannel):
-                body = _json(digest_payload(digest_id, officer, [a for _, a in alerts], message))
-                send = self._webhook_send(channel, body, digest_id, "digest")
+                payload = digest_payload(digest_id, officer, [a for _, a in alerts], message)
+                send = self._webhook_send(officer, channel, _json(payload), payload["delivery_id"], "digest")
             else:
                 headers = {"X-Synthwatch-Digest-Id": digest_id, "X-Synthwatch-Officer": officer.id}
                 send = self._email_send(channel, message, message_id(digest_id), headers)
@@ -576,7 +663,9 @@ class DeliveryService:
                 out.append(self._attempt(alert, recipient, attempt, status, result, at, ms, digest_id=digest_id))
             return out
 
-        status, attempts, result = await self._attempts(send, rows, channel.timeout_s, "digest_sent", start=now)
+        status, attempts, result = await self._attempts(
+            send, rows, channel.timeout_s, "digest_sent", self._endpoint(channel), start=now
+        )
         if status == "gave_up":
             self._digest_hold[(officer.id, channel.name)] = now + timedelta(seconds=self.policy.digest_hold_s)
         return [
@@ -584,6 +673,44 @@ class DeliveryService:
         ]
 
     # --- plumbing ----------------------------------------------------------------------------------------
+
+    async def _record(self, rows: list[Attempt]) -> None:
+        """Write attempt rows; returns once they are stored. Rows of concurrent deliveries share one insert.
+
+        A burst of alerts to many officers makes one row per delivery at nearly the same moment; one
+        insert each, serialised on the client lock, made the last officer wait for all the others' rows.
+        """
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._unwritten.append((rows, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_pending(), name="delivery rows")
+        await asyncio.shield(done)  # a cancelled delivery does not cancel the others' rows
+
+    async def _write_pending(self) -> None:
+        while self._unwritten:
+            batch, self._unwritten = self._unwritten, []
+            try:
+                await self._store(
+                    "recording delivery attempts", self.store.record, [r for rows, _ in batch for r in rows]
+                )
+            except Exception as error:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(error)
+            else:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+
+    def _render(self, alert: Alert, language: str) -> Message:
+        """One rendering per (alert, language): a burst to many officers renders each alert once or twice."""
+        key = (alert.alert_id, language)
+        message = self._rendered.get(key)
+        if message is None:
+            message = self._rendered[key] = render_alert(alert, language, self.grafana_url)
+            while len(self._rendered) > 1024:
+                self._rendered.popitem(last=False)
+        return message
 
     def _remember(self, keys: Collection[Key]) -> None:
         for key in keys:
@@ -619,10 +746,12 @@ class DeliveryService:
             return False
         self._mtime = mtime
         try:
-            self.subscriptions = load_subscriptions(self.subscriptions_file)
+            self.subscriptions = load_subscriptions(self.subscriptions_file, self.allowed_networks)
         except SubscriptionsError as error:
             log.error("subscriptions file changed but is invalid; keeping the previous one:\n%s", error)
             return False
+        self.webhook.policy = self.subscriptions.target_policy(self.allowed_networks)
+        self._unusable = self._check_secrets()
         log.info("subscriptions reloaded: %d officer(s)", len(self.subscriptions.officers))
         return True
 
@@ -631,6 +760,8 @@ class DeliveryService:
         for task in list(self._inflight.values()):
             task.cancel()
         await asyncio.gather(*list(self._inflight.values()), return_exceptions=True)
+        if self._writer is not None:  # rows of attempts that did finish are still written
+            await asyncio.gather(self._writer, return_exceptions=True)
         await self.webhook.close()
         if self.email is not None:
             self.email.close()

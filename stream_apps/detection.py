@@ -3,8 +3,9 @@
 Two stages, because their state is keyed differently:
 
 - :class:`RegionDetector`, keyed by region (one region's state on one partition, in event order):
-  lateness, duplicates, the region's weekday rhythm, spike series per region × substance and
-  region × family, and one :class:`Sighting` per region, substance and day for the next stage.
+  lateness (a late report is flagged, not dropped), duplicates, the region's weekday rhythm, spike
+  series per region × substance and region × family, and one :class:`Sighting` per region,
+  substance and day for the next stage.
 - :class:`~synthwatch.stream_apps.novelty.NoveltyDetector`, keyed by substance: new substances,
   first appearances in a region, spread.
 
@@ -14,7 +15,7 @@ Kafka topic keyed by substance.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -36,7 +37,12 @@ Fetch = Callable[[str], dict[str, Any] | None]
 class DetectionConfig(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    lateness_hours: float = Field(default=24.0, ge=0, description="Later reports go to rejects.")
+    lateness_hours: float = Field(
+        default=24.0,
+        ge=0,
+        description="A report that occurred more than this before the newest of its kind from its region is late: "
+        "stored and flagged, it raises novelty alerts but is left out of the spike series (see docs/detection.md).",
+    )
     spike: SpikeConfig = SpikeConfig()
     novelty: NoveltyConfig = NoveltyConfig()
 
@@ -86,7 +92,8 @@ class Observation:
             lab.sample_type if lab is not None else None,
         )
 
-    def sighting(self) -> Sighting:
+    def sighting(self, late_by_hours: float | None = None) -> Sighting:
+        """What the novelty stage needs of this report (``late_by_hours`` for a late one)."""
         s = self.subject
         return Sighting(
             event_id=self.event_id,
@@ -103,6 +110,7 @@ class Observation:
             catalogued=s.catalogued,
             method=self.method,
             sample_type=self.sample_type,
+            late_by_hours=late_by_hours,
         )
 
 
@@ -241,7 +249,7 @@ class RegionState:
 class RegionResult:
     alerts: list[Alert] = field(default_factory=list)
     sightings: list[Sighting] = field(default_factory=list)
-    late_reason: str | None = None
+    late_by_hours: float | None = None  # a late report: stored and flagged, not counted in spikes
     duplicate: bool = False
 
 
@@ -337,13 +345,7 @@ class RegionDetector:
         region = self.region_state(obs.region)
         watermark = region.watermarks.get(obs.kind)
         if watermark is not None and obs.occurred_at < watermark - self.lateness:
-            late_by = watermark - obs.occurred_at
-            result.late_reason = (
-                f"too late: occurred {late_by.total_seconds() / 3600:.1f} h before the newest "
-                f"{obs.kind.replace('_', ' ')} already received from {obs.region}; reports later than "
-                f"{self.config.lateness_hours:g} h are not counted"
-            )
-            return result
+            return self._observe_late(obs, region, watermark, result)
         day = obs.day
         seen_today = region.recent.get(day)
         if seen_today is None:
@@ -393,6 +395,41 @@ class RegionDetector:
         if obs.subject.key not in forwarded:
             forwarded.add(obs.subject.key)
             result.sightings.append(obs.sighting())
+            region.note_added(day, obs.event_id, obs.subject.key)
+        else:
+            region.note_added(day, obs.event_id, None)
+        return result
+
+    def _observe_late(
+        self, obs: Observation, region: RegionState, watermark: datetime, result: RegionResult
+    ) -> RegionResult:
+        """A late report: the spike windows of its day are decided, so it is left out of the series, the
+        region's totals and watermarks; it is still stored (by the caller) and sighted for novelty.
+
+        While its day's ids are kept, a re-send is a duplicate here; an older day's ids are pruned, and the
+        caller tells a re-send from a late first report by what is stored.
+        """
+        late_by = round((watermark - obs.occurred_at).total_seconds() / 3600, 1)
+        result.late_by_hours = late_by
+        day = obs.day
+        newest = region.pruned_day if region.pruned_day is not None else day_of(max(region.watermarks.values()))
+        if day < newest - self._keep_ids_days:
+            result.sightings.append(obs.sighting(late_by))
+            return result
+        seen = region.recent.get(day)
+        if seen is None:
+            seen = region.recent[day] = set()
+        elif obs.event_id in seen:
+            result.duplicate = True
+            return result
+        seen.add(obs.event_id)
+        self.dirty_regions.add(obs.region)
+        forwarded = region.forwarded.get(day)
+        if forwarded is None:
+            forwarded = region.forwarded[day] = set()
+        if obs.subject.key not in forwarded:
+            forwarded.add(obs.subject.key)
+            result.sightings.append(obs.sighting(late_by))
             region.note_added(day, obs.event_id, obs.subject.key)
         else:
             region.note_added(day, obs.event_id, None)
@@ -477,7 +514,7 @@ class RegionDetector:
 @dataclass(slots=True)
 class DetectionResult:
     alerts: list[Alert] = field(default_factory=list)
-    late_reason: str | None = None
+    late_by_hours: float | None = None
     duplicate: bool = False
 
 
@@ -489,9 +526,13 @@ class Detector:
         self.regions = RegionDetector(self.config)
         self.novelty = NoveltyDetector(self.config.novelty)
 
-    def observe(self, obs: Observation) -> DetectionResult:
+    def observe(self, obs: Observation, stored: Container[str] = ()) -> DetectionResult:
+        """Both stages; a late report whose id is in ``stored`` is a re-send (the worker asks ClickHouse)."""
         stage = self.regions.observe(obs)
-        result = DetectionResult(alerts=[], late_reason=stage.late_reason, duplicate=stage.duplicate)
+        duplicate = stage.duplicate or (stage.late_by_hours is not None and obs.event_id in stored)
+        result = DetectionResult(alerts=[], late_by_hours=stage.late_by_hours, duplicate=duplicate)
+        if duplicate:
+            return result
         for sighting in stage.sightings:
             result.alerts.extend(self.novelty.observe(sighting))
         result.alerts.extend(stage.alerts)

@@ -10,6 +10,14 @@
    ``asyncio.wait``. The callback almost always completes without waiting (it puts the event on a
    channel queue that has room), so it is first run directly; only a callback that has to wait
    (a full queue, flow control) is finished under ``wait_first`` as Faust does.
+3. Recovery stops the flow before it resumes the stream partitions and seeks them to their committed
+   offsets (:class:`Recovery`). Faust does that only when a rebalance revokes partitions; on the first
+   rebalance of a fresh process (nothing to revoke) the fetcher, running for the changelogs, delivered
+   stream records into the agents' queues during the seek, and ``flow_control.resume()`` then cleared
+   those queues: events dropped after their offsets were fetched, never fetched again. Either the
+   committed offsets stopped for good (a silent stall) or a later record opened a gap that Faust counts
+   as acknowledged (events lost). Issue 11 has the diagnosis; docs/performance.md the runs before and
+   after.
 
 docs/performance.md has the measurements.
 """
@@ -23,9 +31,11 @@ from typing import Any, ClassVar, cast
 
 import aiokafka
 import faust
+from faust.tables import TableManager as FaustTableManager
+from faust.tables.recovery import Recovery as FaustRecovery
 from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
-from faust.types import TransportT
+from faust.types import AppT, TransportT
 
 
 class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -148,11 +158,58 @@ class Transport(faust_aiokafka.Transport):
     Consumer = Consumer
 
 
+def stop_flow(app: AppT) -> None:
+    """Stop fetched records from reaching the agents, as Faust does before a rebalance.
+
+    The consumer's flow: a fetch under way is abandoned, the record being handed over is not delivered
+    (``Consumer.deliver`` gives up when ``suspend_flow`` is set), no new fetch starts. Flow control:
+    nothing more is put in the agents' queues. Both resume with ``flow_control.resume()`` (which clears
+    the queues) and ``consumer.resume_flow()``, after the partitions have been sought to their committed
+    offsets, so whatever was fetched, delivered or cleared meanwhile is fetched again from there.
+    """
+    app.consumer.stop_flow()
+    app.flow_control.suspend()
+
+
+class Recovery(FaustRecovery):
+    """Faust's table recovery, with the flow stopped before the stream partitions are resumed and sought."""
+
+    async def on_recovery_completed(self, generation_id: int = 0) -> None:
+        stop_flow(self.app)
+        await super().on_recovery_completed(generation_id)
+
+    async def _resume_streams(self, generation_id: int = 0) -> None:
+        stop_flow(self.app)
+        await super()._resume_streams(generation_id)
+
+
+class TableManager(FaustTableManager):
+    """Faust's table manager, with :class:`Recovery`."""
+
+    @property
+    def recovery(self) -> FaustRecovery:
+        if self._recovery is None:
+            self._recovery = Recovery(self.app, self, beacon=self.beacon, loop=self.loop)
+        return self._recovery
+
+
+async def seek_to_committed(app: AppT) -> None:
+    """Seek every assigned partition back to its committed offset, as recovery does: flow stopped, seek,
+    flow resumed (queues cleared: what they held is fetched again from the committed offsets)."""
+    stop_flow(app)
+    try:
+        await app.consumer.perform_seek()
+    finally:
+        app.flow_control.resume()
+        app.consumer.resume_flow()
+
+
 class App(faust.App):
     """``faust.App`` with ``fetch_max_wait_ms`` (milliseconds) for its worker consumer."""
 
     def __init__(self, *args: Any, fetch_max_wait_ms: int = 1500, **kwargs: Any) -> None:
         self.fetch_max_wait_ms = fetch_max_wait_ms
+        kwargs.setdefault("TableManager", TableManager)
         super().__init__(*args, **kwargs)
 
     def _new_transport(self) -> TransportT:

@@ -44,6 +44,7 @@ class EnrichedEvent:
     quantity: NormalisedQuantity | None
     source: str
     org: str | None = None  # the organisation whose signature the record carried
+    late: bool = False  # set by the worker for a late report: stored with its ``late`` column true
 
     @property
     def event_id(self) -> str:

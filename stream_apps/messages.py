@@ -236,6 +236,7 @@ class AlertView:
     summary: str
     link: str
     unusual: str = ""
+    late: str = ""  # why and how late, when a late report raised the alert; "" otherwise
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -346,7 +347,23 @@ def alert_view(alert: Alert, language: str, grafana_url: str) -> AlertView:
         link=drilldown_url(grafana_url, alert),
     )
     view.unusual = _render(f"{language}/unusual.txt.j2", v=view).strip()
+    if alert.reported_late and alert.late_by_hours is not None:
+        view.late = late_text(alert.late_by_hours, language)
     return view
+
+
+def late_text(late_by_hours: float, language: str) -> str:
+    """How late the report that raised an alert was, for a reader of ``language``."""
+    hours, days = number(round(late_by_hours, 1), language), number(round(late_by_hours / 24, 1), language)
+    if language == "fr":
+        return (
+            f"le signalement date de {hours} h ({days} jours) avant le plus récent de son type déjà reçu "
+            "de la région ; il est enregistré à sa date, sans compter dans les pics déjà évalués."
+        )
+    return (
+        f"the report occurred {hours} h ({days} days) before the newest report of its kind already received "
+        "from the region; it is stored on its own day and left out of spike decisions already made."
+    )
 
 
 @cache

@@ -54,7 +54,7 @@ _FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*):(?:\s|$)")
 
 
 def reject_reason(reason: str) -> str:
-    """A short, bounded class of a reject reason, fit for a label (``invalid_json``, ``too_late``, ...).
+    """A short, bounded class of a reject reason, fit for a label (``invalid_json``, ``empty_message``, ...).
 
     Wire errors read ``field: message; field: message``: the class is ``invalid_<first field>``.
     """
@@ -63,8 +63,6 @@ def reject_reason(reason: str) -> str:
     if auth is not None:
         return auth
     lowered = text.lower()
-    if lowered.startswith("too late"):
-        return "too_late"
     if lowered.startswith("empty message"):
         return "empty_message"
     if lowered.startswith("not a reject record"):
@@ -140,6 +138,12 @@ class WorkerMetrics:
         self.rejects = Counter(
             "synthwatch_rejects", "Records refused, per stage and reason class.", ["stage", "reason"], registry=r
         )
+        self.late_events = Counter(
+            "synthwatch_late_events",
+            "Late reports kept (stored, flagged late, left out of spike series), per kind.",
+            ["kind"],
+            registry=r,
+        )
         self.alerts = Counter(
             "synthwatch_alerts", "Alerts published, per type and severity.", ["alert_type", "severity"], registry=r
         )
@@ -188,7 +192,15 @@ class WorkerMetrics:
             ["topic"],
             registry=r,
         )
+        self.consumer_stalls = Counter(
+            "synthwatch_consumer_stalls",
+            "Partitions found with unread records and no committed progress for stall_seconds, then sought back "
+            "to their committed offset (the consumer watchdog).",
+            ["topic"],
+            registry=r,
+        )
         self._lag_labels: set[tuple[str, str]] = set()
+        self.failing: set[str] = set()  # operations failing now (sink_failing == 1)
         self.faust_metrics: Any = None  # Faust's own sensor metrics, once attach_metrics made them
 
     # --- helpers the agents call ------------------------------------------------------------------
@@ -215,6 +227,11 @@ class WorkerMetrics:
     def skipped_duplicates(self, n: int) -> None:
         if n:
             self.duplicates.inc(n)
+
+    def late(self, kind: str, n: int = 1) -> None:
+        """Late reports kept; ``kind`` is one of the two event kinds (a bounded label)."""
+        if n:
+            self.late_events.labels(kind=kind).inc(n)
 
     def rejected(self, rejects: Iterable[Reject]) -> None:
         for reject in rejects:
@@ -263,10 +280,12 @@ class WorkerMetrics:
         """A ClickHouse call failed and will be retried."""
         self.sink_retries.labels(operation=operation).inc()
         self.sink_failing.labels(operation=operation).set(1)
+        self.failing.add(operation)
 
     def sink_recovered(self, operation: str) -> None:
         """The operation succeeded (after retries or not)."""
         self.sink_failing.labels(operation=operation).set(0)
+        self.failing.discard(operation)
 
     def set_ready(self, ready: bool = True) -> None:
         self.ready.set(1 if ready else 0)

@@ -45,6 +45,7 @@ class Sighting:
     catalogued: bool
     method: str | None = None
     sample_type: str | None = None
+    late_by_hours: float | None = None  # a late report's sighting: its alerts say so
 
     def to_dict(self) -> dict[str, Any]:
         """The wire form on the sightings topic (fields are flat: no deep copy as ``asdict`` makes)."""
@@ -143,6 +144,8 @@ class NoveltyDetector:
         else:
             span = known.regions[region]
             span[0], span[1] = min(span[0], day), max(span[1], day)
+        if day < known.first_day:  # "first" is by occurrence: a late report can predate the first one received
+            known.first_day, known.first_region = day, region
         spread = self._spread(sighting, known)
         if spread is not None and emit:
             alerts.append(spread)
@@ -169,10 +172,17 @@ class NoveltyDetector:
             methods=[s.method] if s.method else [],
             sample_types=[s.sample_type] if s.sample_type else [],
             details={"first_region": s.region, "catalogued": s.catalogued},
+            late_by_hours=s.late_by_hours,
         )
 
     def _first_in_region(self, s: Sighting, known: SubstanceState) -> Alert:
         elsewhere = sorted(r for r in known.regions if r != s.region)
+        since = day_start(known.first_day).date()
+        if s.day < known.first_day:  # a late report older than every report received of the substance
+            history = f"it predates the network's first report received ({since}, in {known.first_region})"
+        else:
+            history = f"known to the network since {since} (first in {known.first_region}"
+            history += f"; {len(elsewhere)} other region(s))"
         return build_alert(
             alert_type="first_in_region",
             subject=s.subject,
@@ -183,14 +193,11 @@ class NoveltyDetector:
             window_end=day_start(s.day + 1),
             episode="first",
             evidence=[s.event_id],
-            summary=(
-                f"First report of {s.name} ({s.subject.family_text}) in {region_label(s.region)}; "
-                f"known to the network since {day_start(known.first_day).date()} "
-                f"(first in {known.first_region}; {len(elsewhere)} other region(s))."
-            ),
+            summary=(f"First report of {s.name} ({s.subject.family_text}) in {region_label(s.region)}; {history}."),
             methods=[s.method] if s.method else [],
             sample_types=[s.sample_type] if s.sample_type else [],
             details={"other_regions": elsewhere[:20], "network_first_day": str(day_start(known.first_day).date())},
+            late_by_hours=s.late_by_hours,
         )
 
     def _spread(self, s: Sighting, known: SubstanceState) -> Alert | None:
@@ -230,4 +237,5 @@ class NoveltyDetector:
             observed=float(len(active)),
             expected=float(cfg.spread_regions),
             details={"regions": active},
+            late_by_hours=s.late_by_hours,
         )

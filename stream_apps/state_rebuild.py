@@ -3,7 +3,8 @@
 The embedded broker keeps everything in memory, so after a restart of ``synthwatch up`` the Faust
 tables come back empty while ClickHouse still has every report. The rebuild runs the same detector
 core over the stored history with alerts switched off, so its state is exactly what it would have
-been (the alerts it would raise were raised, and stored, the first time).
+been (the alerts it would raise were raised, and stored, the first time). Rows stored late are left
+out of the region replay, as the live detector left them out of its spike series.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ FROM (
     SELECT event_id, 'lab_detection' AS kind, occurred_at, country, region, substance_key, resolved_name,
            resolved_inchikey, family, CAST(NULL AS Nullable(Float64)) AS grams,
            CAST(method AS Nullable(String)) AS method, CAST(sample_type AS Nullable(String)) AS sample_type
-    FROM lab_detections WHERE occurred_at >= %(since)s
+    FROM lab_detections WHERE occurred_at >= %(since)s AND NOT late
     UNION ALL
     SELECT event_id, 'border_seizure', occurred_at, country, region, substance_key, resolved_name,
            resolved_inchikey, family, grams, NULL, NULL
-    FROM border_seizures WHERE occurred_at >= %(since)s
+    FROM border_seizures WHERE occurred_at >= %(since)s AND NOT late
 )
 ORDER BY occurred_at, event_id
 """

@@ -16,9 +16,10 @@ Errors name the place to fix: ``file:line: officers[0].routes[1].min_severity: m
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
@@ -44,6 +45,11 @@ from synthwatch.catalogue import Family
 from synthwatch.schemas import Alert
 from synthwatch.schemas.events import CountryCode, RegionCode
 from synthwatch.schemas.records import AlertType, Severity
+
+from .targets import TargetPolicy, parse_networks
+
+MIN_SECRET_LENGTH = 16
+"""Shortest webhook secret accepted (characters); ``openssl rand -hex 32`` gives 64."""
 
 Language = Literal["en", "fr"]
 """Languages the message templates exist in (``stream_apps/templates/<language>/``)."""
@@ -99,7 +105,11 @@ def _zone(value: str) -> str:
 
 
 class WebhookChannel(BaseModel):
-    """JSON POST signed with HMAC-SHA256; the secret comes from here, an environment variable, or settings."""
+    """JSON POST signed with HMAC-SHA256 under this subscriber's own secret (never shared with another).
+
+    A shared secret would let every agency holding it sign alerts for the others, so each webhook
+    names its own: ``secret_env`` (an environment variable; preferred) or ``secret`` (in the file).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -107,8 +117,23 @@ class WebhookChannel(BaseModel):
     name: Identifier = Field(default="webhook", description="Deliveries are recorded and deduplicated per name.")
     url: Annotated[str, AfterValidator(_http_url)]
     secret: SecretStr | None = Field(default=None, description="Prefer secret_env: files get copied around.")
-    secret_env: str | None = Field(default=None, description="Environment variable holding the secret.")
+    secret_env: Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = Field(
+        default=None, description="Environment variable holding the secret."
+    )
     timeout_s: float = Field(default=10.0, gt=0, le=120)
+
+    @model_validator(mode="after")
+    def _own_secret(self) -> WebhookChannel:
+        if self.secret is None and self.secret_env is None:
+            raise ValueError(
+                "a webhook needs its own secret: set secret_env (an environment variable holding at least "
+                f"{MIN_SECRET_LENGTH} random characters, e.g. from `openssl rand -hex 32`)"
+            )
+        if self.secret is not None and self.secret_env is not None:
+            raise ValueError("give either secret or secret_env, not both")
+        if self.secret is not None and len(self.secret.get_secret_value()) < MIN_SECRET_LENGTH:
+            raise ValueError(f"secret is shorter than {MIN_SECRET_LENGTH} characters: use `openssl rand -hex 32`")
+        return self
 
     @property
     def target(self) -> str:
@@ -116,12 +141,20 @@ class WebhookChannel(BaseModel):
         parts = urlsplit(self.url)
         return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
-    def resolve_secret(self, default: str | None) -> str | None:
+    @property
+    def endpoint(self) -> str:
+        """The receiving server (scheme, host, port): concurrency limits and circuit breakers are per endpoint."""
+        parts = urlsplit(self.url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
+
+    def resolve_secret(self, environ: Mapping[str, str] | None = None) -> str | None:
+        """The secret's value: from the file, or from the environment variable (None when unset)."""
         if self.secret is not None:
             return self.secret.get_secret_value()
         if self.secret_env:
-            return os.environ.get(self.secret_env) or None
-        return default
+            return (os.environ if environ is None else environ).get(self.secret_env) or None
+        return None
 
 
 class EmailChannel(BaseModel):
@@ -242,11 +275,22 @@ class Officer(BaseModel):
 
 
 class Subscriptions(BaseModel):
-    """The whole file: a list of officers with unique ids."""
+    """The whole file: a list of officers with unique ids, and networks webhooks may reach on purpose."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    webhook_allowed_networks: tuple[str, ...] = Field(
+        default=(),
+        description="Non-public networks (CIDR) webhooks may reach, e.g. [10.20.0.0/16]; "
+        "loopback, link-local and private addresses are refused otherwise.",
+    )
     officers: tuple[Officer, ...] = ()
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _networks(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        parse_networks(values)
+        return values
 
     @model_validator(mode="after")
     def _unique_ids(self) -> Subscriptions:
@@ -255,6 +299,17 @@ class Subscriptions(BaseModel):
         if duplicated:
             raise ValueError(f"officer ids must be unique; repeated: {', '.join(duplicated)}")
         return self
+
+    def target_policy(self, *extra: Sequence[str]) -> TargetPolicy:
+        """Public addresses plus this file's allowed networks (and ``extra``, e.g. from settings)."""
+        return TargetPolicy.of(self.webhook_allowed_networks, *extra)
+
+    def webhooks(self) -> Iterator[tuple[int, int, Officer, WebhookChannel]]:
+        """(officer index, route index, officer, channel) of every webhook route, in file order."""
+        for i, officer in enumerate(self.officers):
+            for j, route in enumerate(officer.routes):
+                if isinstance(route.channel, WebhookChannel):
+                    yield i, j, officer, route.channel
 
     def officer(self, officer_id: str) -> Officer | None:
         return next((o for o in self.officers if o.id == officer_id), None)
@@ -429,8 +484,74 @@ def _message(error: Any) -> str:
     return message
 
 
-def parse_subscriptions(text: str, source: str = "<subscriptions>") -> Subscriptions:
-    """Validate a subscriptions document; raises :class:`SubscriptionsError` naming lines and fields."""
+def _webhook_problems(
+    subscriptions: Subscriptions, root: yaml.Node, source: str, allowed: Sequence[str]
+) -> list[tuple[int, str]]:
+    """Secrets shared between officers, and webhook URLs that are loopback/private and not allowed."""
+    problems: list[tuple[int, str]] = []
+    owners: dict[str, tuple[str, int]] = {}  # secret_env name or secret digest -> (officer, line)
+    policy = subscriptions.target_policy(allowed)
+    for i, j, officer, channel in subscriptions.webhooks():
+        where = ("officers", i, "routes", j, "channel")
+        field, token = (
+            ("secret_env", f"env:{channel.secret_env}")
+            if channel.secret_env
+            else ("secret", "value:" + hashlib.sha256(channel.secret.get_secret_value().encode()).hexdigest())
+            if channel.secret is not None
+            else ("", "")
+        )
+        if token:
+            line, path = _locate(root, (*where, field))
+            owner = owners.setdefault(token, (officer.id, line))
+            if owner[0] != officer.id:
+                problems.append(
+                    (
+                        line,
+                        f"{source}:{line}: {path}: officer {officer.id} uses the same webhook secret as officer "
+                        f"{owner[0]} (line {owner[1]}): each subscriber needs its own, or one could sign "
+                        "alerts for the other",
+                    )
+                )
+        refused = policy.literal_refusal(urlsplit(channel.url).hostname or "")
+        if refused is not None:
+            line, path = _locate(root, (*where, "url"))
+            problems.append((line, f"{source}:{line}: {path}: {refused}"))
+    return problems
+
+
+def secret_problems(subscriptions: Subscriptions, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Webhooks whose secret cannot be used here: ``"officer/channel" -> why`` (unset, short, or shared).
+
+    The file check catches the same variable named twice; this one catches two variables holding
+    the same value, which only the environment shows. The worker refuses to send on these channels.
+    """
+    environ = os.environ if environ is None else environ
+    found: dict[str, str] = {}
+    owners: dict[str, str] = {}
+    for _, _, officer, channel in subscriptions.webhooks():
+        key = f"{officer.id}/{channel.name}"
+        value = channel.resolve_secret(environ)
+        if value is None:
+            found[key] = f"environment variable {channel.secret_env} is not set: the webhook has no secret"
+            continue
+        if len(value) < MIN_SECRET_LENGTH:
+            found[key] = f"the secret in {channel.secret_env} is shorter than {MIN_SECRET_LENGTH} characters"
+            continue
+        digest = hashlib.sha256(value.encode()).hexdigest()
+        owner = owners.setdefault(digest, officer.id)
+        if owner != officer.id:
+            found[key] = f"its secret has the same value as officer {owner}'s: each subscriber needs its own"
+    return found
+
+
+def parse_subscriptions(
+    text: str, source: str = "<subscriptions>", allowed_networks: Sequence[str] = ()
+) -> Subscriptions:
+    """Validate a subscriptions document; raises :class:`SubscriptionsError` naming lines and fields.
+
+    ``allowed_networks``: networks webhooks may reach besides public ones, from settings (the file
+    may add its own with ``webhook_allowed_networks``).
+    """
     try:
         root = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as error:
@@ -460,16 +581,18 @@ def parse_subscriptions(text: str, source: str = "<subscriptions>") -> Subscript
                 continue  # "no routes left" only because a route was invalid: that route's own error says why
             line, path = _locate(root, loc)
             problems.append((line, f"{source}:{line}: {path or '(document)'}: {_message(item)}"))
+    if subscriptions is not None:
+        problems += _webhook_problems(subscriptions, root, source, allowed_networks)
     if problems or subscriptions is None:
         raise SubscriptionsError([text for _, text in sorted(problems, key=lambda p: p[0])])
     return subscriptions
 
 
-def load_subscriptions(path: Path | str) -> Subscriptions:
+def load_subscriptions(path: Path | str, allowed_networks: Sequence[str] = ()) -> Subscriptions:
     """Read and validate a subscriptions file (see ``deploy/subscriptions.example.yaml``)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise SubscriptionsError([f"{path}: cannot read: {error.strerror or error}"]) from None
-    return parse_subscriptions(text, source=str(path))
+    return parse_subscriptions(text, source=str(path), allowed_networks=allowed_networks)

@@ -67,7 +67,7 @@ def score_seed(seed: int, days: int, warmup: int, config: DetectionConfig | None
             continue
         obs = Observation.of(batch.events[0])
         result = detector.observe(obs)
-        if result.duplicate or result.late_reason is not None:
+        if result.duplicate:
             continue
         score.events += 1
         key, region = obs.subject.key, obs.region

@@ -15,10 +15,12 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
-from kafka import KafkaAdminClient
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.partitioner.default import murmur2
@@ -206,3 +208,51 @@ def ensure_topics(settings: Settings, bootstrap_servers: str, timeout: float = 2
         return created
     finally:
         admin.close()
+
+
+# --- offsets, as an operator or a benchmark sees them from outside the worker ----------------------------
+
+
+def high_watermarks(servers: str, topics: Iterable[str], timeout: float = 20.0) -> dict[Any, int]:
+    """Per partition, the offset after the last record, as fetch responses report it.
+
+    Not ListOffsets: Tansu 0.6 answers "latest" with the first offset of the last record batch, so a
+    lag computed from it looks zero (or negative) while the last batch is still unread.
+    """
+    consumer = KafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False)
+    try:
+        partitions = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or set())]
+        consumer.assign(partitions)
+        for tp, offset in consumer.end_offsets(partitions).items():
+            consumer.seek(tp, offset)  # at or before the end: one fetch tells the high watermark
+        marks: dict[Any, int] = {}
+        deadline = time.monotonic() + timeout
+        while len(marks) < len(partitions) and time.monotonic() < deadline:
+            consumer.poll(timeout_ms=200)
+            for tp in partitions:
+                mark = consumer.highwater(tp)
+                if mark is not None:
+                    marks[tp] = mark
+        return marks
+    finally:
+        consumer.close(autocommit=False)
+
+
+def committed_offsets(servers: str, group: str, topics: Iterable[str]) -> dict[Any, tuple[int, int]]:
+    """Per partition of ``topics``: (the group's committed offset, -1 when none; the high watermark)."""
+    marks = high_watermarks(servers, topics)
+    admin = KafkaAdminClient(bootstrap_servers=servers)
+    try:
+        committed = admin.list_group_offsets({group: list(marks)}).get(group, {})
+    finally:
+        admin.close()
+    out = {}
+    for tp, mark in marks.items():
+        meta = committed.get(tp)
+        out[tp] = (meta.offset if meta is not None else -1, mark)
+    return out
+
+
+def consumer_lag(servers: str, group: str, topics: Iterable[str]) -> int:
+    """High watermarks minus the group's committed offsets over ``topics`` (nothing committed: all of it)."""
+    return sum(mark - max(offset, 0) for offset, mark in committed_offsets(servers, group, topics).values())

@@ -278,10 +278,10 @@ def backtest(
     run = run_file(input, output, Settings().detection_config(), rejects)
     s = run.summary
     table = Table(title=f"backtest of {input.name}")
-    for column in ("lines", "events", "malformed", "duplicates", "too late", "alerts", "events/s"):
+    for column in ("lines", "events", "of them late", "malformed", "duplicates", "alerts", "events/s"):
         table.add_column(column, justify="right")
     table.add_row(
-        *(str(v) for v in (s.lines, s.events, s.malformed, s.duplicates, s.too_late, s.alerts)),
+        *(str(v) for v in (s.lines, s.events, s.late, s.malformed, s.duplicates, s.alerts)),
         f"{s.events_per_second:,.0f}",
     )
     console.print(table)
@@ -321,6 +321,22 @@ def bench_delivery_command(
     from .bench_delivery import bench_delivery
 
     bench_delivery(console, runs=runs)
+
+
+@bench_app.command("delivery-hung")
+def bench_delivery_hung_command(
+    healthy: Annotated[int, typer.Option(min=1, help="Healthy receivers (one officer each).")] = 4,
+    alerts: Annotated[int, typer.Option(min=1, help="Alerts, each to every officer.")] = 300,
+    hang: Annotated[float, typer.Option(help="The hung receiver answers after this many seconds.")] = 30.0,
+    timeout: Annotated[float, typer.Option(help="Webhook timeout (s).")] = 10.0,
+    unlimited: Annotated[bool, typer.Option(help="Also run without per-endpoint limit and breaker.")] = True,
+) -> None:
+    """One receiver hung, others healthy: the healthy officers' p50/p99 delivery latency (bar: p99 < 2 s)."""
+    from .bench_delivery import bench_hung_receiver
+
+    bench_hung_receiver(
+        console, healthy=healthy, alerts=alerts, hang_s=hang, timeout_s=timeout, with_unlimited=unlimited
+    )
 
 
 @bench_app.command("sink")

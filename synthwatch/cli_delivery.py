@@ -10,7 +10,6 @@ worker when it holds the embedded engine.
 from __future__ import annotations
 
 import json
-import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,6 +26,7 @@ _STATUS_STYLE = {
     "queued_digest": "cyan",
     "failed": "yellow",
     "gave_up": "bold red",
+    "deferred": "magenta",
 }
 
 DELIVERIES_SQL = """
@@ -126,22 +126,36 @@ def _read_alerts(path: Path) -> list[Any]:
     return [Alert.model_validate(item) for item in items]
 
 
-def _warnings(subscriptions: Any, settings: Settings) -> list[str]:
-    """What would make a delivery give up in *this* environment (the worker's may differ)."""
-    from synthwatch.stream_apps.subscriptions import WebhookChannel
+def _problems(subscriptions: Any, settings: Settings) -> tuple[list[str], list[str]]:
+    """(errors, warnings) in *this* environment (the worker's may differ).
 
-    found = []
+    Errors: a webhook secret that is unset, too short, or the same value as another officer's (the
+    worker refuses to sign with it). Warnings: a webhook host that resolves to an address the worker
+    would refuse, and e-mail routes without an SMTP server.
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    from synthwatch.stream_apps.subscriptions import WebhookChannel, secret_problems
+
+    errors = [f"{key.replace('/', ' / channel ')}: {why}" for key, why in secret_problems(subscriptions).items()]
+    warnings = []
+    policy = subscriptions.target_policy(settings.webhook_allowed_networks)
     for officer in subscriptions.officers:
         for name, channel in officer.channels().items():
             where = f"{officer.id} / channel {name}"
             if isinstance(channel, WebhookChannel):
-                if channel.secret_env and not os.environ.get(channel.secret_env):
-                    found.append(f"{where}: environment variable {channel.secret_env} is not set here")
-                elif channel.resolve_secret(settings.webhook_secret) is None:
-                    found.append(f"{where}: no secret (set secret_env, or SYNTHWATCH_WEBHOOK_SECRET)")
+                host = urlsplit(channel.url).hostname or ""
+                try:
+                    addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
+                except OSError as error:
+                    warnings.append(f"{where}: cannot resolve {host} here ({error})")
+                    continue
+                refused = sorted(filter(None, (policy.refusal(host, a) for a in addresses)))
+                warnings.extend(f"{where}: {reason}" for reason in refused[:1])
             elif not settings.smtp_host:
-                found.append(f"{where}: e-mail, but SYNTHWATCH_SMTP_HOST is not set here")
-    return found
+                warnings.append(f"{where}: e-mail, but SYNTHWATCH_SMTP_HOST is not set here")
+    return errors, warnings
 
 
 def register(app: typer.Typer) -> None:
@@ -160,8 +174,9 @@ def register(app: typer.Typer) -> None:
         from synthwatch.stream_apps.subscriptions import SubscriptionsError, load_subscriptions, recipients
 
         console, err = Console(), Console(stderr=True)
+        settings = Settings()
         try:
-            subscriptions = load_subscriptions(file)
+            subscriptions = load_subscriptions(file, settings.webhook_allowed_networks)
         except SubscriptionsError as error:
             for problem in error.problems:
                 err.print(f"[bold red]error:[/] {problem}", highlight=False, soft_wrap=True)
@@ -205,8 +220,19 @@ def register(app: typer.Typer) -> None:
                 table.add_row("[yellow]nobody[/]", "", "", "", "")
             console.print(table)
 
-        for warning in _warnings(subscriptions, Settings()):
+        errors, warnings = _problems(subscriptions, settings)
+        for warning in warnings:
             console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        for problem in errors:
+            err.print(f"[bold red]error:[/] {problem}", highlight=False, soft_wrap=True)
+        if errors:
+            err.print(
+                f"{file}: the worker would refuse these webhooks: give each officer's webhook its own secret "
+                "(secret_env naming a variable set to e.g. `openssl rand -hex 32`)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(1)
         console.print(f"[green]{file} is valid.[/]", highlight=False)
 
     @app.command("deliveries")

@@ -89,7 +89,8 @@ _ALERTS = """
 SELECT alert_id, alert_type, severity, country, region, substance_key, substance_name, family, triggered_at,
        detected_at, observed, expected, score, length(evidence_event_ids) AS evidence, summary
 FROM alerts
-WHERE triggered_at >= now64(3) - toIntervalSecond(%(seconds)s)
+WHERE (triggered_at >= now64(3) - toIntervalSecond(%(seconds)s)
+       OR (reported_late AND detected_at >= now64(3) - toIntervalSecond(%(seconds)s)))
   AND (%(region)s = '' OR region = %(region)s)
   AND (%(severity)s = '' OR severity = %(severity)s)
 ORDER BY triggered_at DESC, alert_id
@@ -105,7 +106,8 @@ def recent_alerts(
     severity: str | None = None,
     limit: int = 100,
 ) -> list[AlertRow]:
-    """Alerts triggered within ``since`` of now, newest first (``LIMIT 1 BY alert_id``: cheap, alerts are few)."""
+    """Alerts triggered within ``since`` of now, or raised that recently by a late report (its trigger is the
+    report's old occurrence time), newest first (``LIMIT 1 BY alert_id``: cheap, alerts are few)."""
     if severity is not None and severity not in SEVERITIES:
         raise ValueError(f"severity must be one of {', '.join(SEVERITIES)}, got {severity!r}")
     result = run_query(

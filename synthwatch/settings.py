@@ -163,6 +163,13 @@ class Settings(BaseSettings):
     producer_linger_ms: int = Field(
         default=0, ge=0, description="Milliseconds the worker's producer waits to fill a batch (Faust's default 0)."
     )
+    stall_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="Consumer watchdog: a partition with unread records whose committed offset has not moved for "
+        "this long (ClickHouse answering) is sought back to its committed offset; still stuck this long after, "
+        "the worker reports not ready on /ready so an orchestrator restarts it.",
+    )
     event_loop: Literal["asyncio", "uvloop"] = Field(
         default="asyncio", description="The worker's event loop: asyncio's own, or uvloop (docs/performance.md)."
     )
@@ -179,11 +186,27 @@ class Settings(BaseSettings):
     grafana_url: str = Field(default="http://localhost:3000", description="Base URL for drill-down links.")
     smtp_host: str | None = Field(default=None, description="SMTP server for e-mail alerts.")
     smtp_port: int = 587
-    smtp_starttls: bool = True
+    smtp_starttls: bool = Field(default=True, description="Upgrade to TLS with STARTTLS (port 587).")
+    smtp_ssl: bool = Field(default=False, description="SMTPS: TLS from the first byte (port 465).")
     smtp_username: str | None = None
-    smtp_password: str | None = None
+    smtp_password: str | None = Field(
+        default=None, description="Only over TLS (STARTTLS or SMTPS): a plain-text login is refused."
+    )
     smtp_sender: str = "synthwatch@localhost"
-    webhook_secret: str | None = Field(default=None, description="Default HMAC secret for webhook signatures.")
+    webhook_allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="Networks webhooks may reach besides public addresses (JSON list of CIDRs, e.g. "
+        '["10.20.0.0/16"]); loopback, link-local and private addresses are refused otherwise.',
+    )
+    delivery_endpoint_concurrency: int = Field(
+        default=4, ge=1, description="Attempts in flight per receiving endpoint (webhook origin or SMTP server)."
+    )
+    delivery_breaker_failures: int = Field(
+        default=5, ge=1, description="Consecutive failures or timeouts of an endpoint that open its circuit."
+    )
+    delivery_breaker_cooldown_s: float = Field(
+        default=30.0, gt=0, description="Open circuit: wait this long before one probe (doubles up to 10 min)."
+    )
 
     # --- detection -----------------------------------------------------------------------------------
 
@@ -194,7 +217,12 @@ class Settings(BaseSettings):
         "structure before the name is settled; until then it is provisional, and a conflicting structure makes "
         "it contested instead of taking it over (stream_apps/identity.py). 1: the first sighting wins.",
     )
-    lateness_hours: float = Field(default=24.0, ge=0, description="Reports later than this go to rejects.")
+    lateness_hours: float = Field(
+        default=24.0,
+        ge=0,
+        description="A report that occurred more than this before the newest of its kind from its region is late: "
+        "stored with late = true, left out of spike series (docs/detection.md).",
+    )
     spread_regions: int = Field(default=3, ge=2, description="Spread: at least k regions ...")
     spread_days: int = Field(default=14, ge=1, description="... within w days.")
 
@@ -226,6 +254,18 @@ class Settings(BaseSettings):
         if self.require_signed_reports is not None:
             return self.require_signed_reports
         return self.org_keys_file is not None
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _networks(cls, values: list[str]) -> list[str]:
+        import ipaddress
+
+        for value in values:
+            try:
+                ipaddress.ip_network(value.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{value!r} is not an IP network (e.g. 10.20.0.0/16)") from None
+        return values
 
     @field_validator("data_dir")
     @classmethod

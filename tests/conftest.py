@@ -150,7 +150,7 @@ class RunningWorker:
         return wait_until(rows, timeout, what)  # type: ignore[no-any-return]
 
     def stats(self) -> dict[str, Any]:
-        """The worker's own counters (GET /ready): consumed, stored, rejected, too late, alerts..."""
+        """The worker's own counters (GET /ready): consumed, stored, rejected, late, alerts..."""
         import urllib.request
 
         with urllib.request.urlopen(f"{self.info.web_url}/ready", timeout=10) as response:

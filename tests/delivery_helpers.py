@@ -1,7 +1,9 @@
 """Real receivers for delivery tests: an aiohttp webhook server and an aiosmtpd SMTP server on free ports.
 
-The webhook receiver verifies every request as a real receiver would (signature, timestamp, replayed
-idempotency key) and can be scripted to fail first (``statuses``) or to hang (``delay_s``).
+The webhook receiver verifies every request as a real receiver would (signature under the officer's
+own secret, timestamp, replayed delivery id) and can be scripted to fail first (``statuses``) or to hang
+(``delay_s``). Every test officer has its own secret (:func:`secret_for`), and loopback receivers are
+allowed explicitly (:data:`LOOPBACK`): the default policy refuses them.
 """
 
 from __future__ import annotations
@@ -26,9 +28,42 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from synthwatch.broker import free_port
 from synthwatch.schemas import Alert, AlertSubstance
-from synthwatch.stream_apps.channels import IDEMPOTENCY_HEADER, WebhookRejected, verify_webhook
+from synthwatch.stream_apps.channels import WebhookRejected, verify
 
 SECRET = "test-secret-Bamako"
+LOOPBACK = ("127.0.0.0/8",)
+"""What tests allow webhooks to reach on purpose (their receivers listen on 127.0.0.1)."""
+
+
+def secret_for(officer_id: str) -> str:
+    """Each test officer's own webhook secret (a receiver looks it up by the officer id in the body)."""
+    return f"{SECRET}-{officer_id}"
+
+
+def hook(url: str, officer_id: str, **extra: Any) -> str:
+    """A YAML flow mapping for a webhook channel with the officer's own secret."""
+    fields = "".join(f", {k}: {v}" for k, v in extra.items())
+    return f"{{type: webhook, url: '{url}', secret: '{secret_for(officer_id)}'{fields}}}"
+
+
+def officer_of(body: bytes) -> str:
+    """The (unverified) officer id a request claims: only to pick the secret it must be signed with."""
+    import json
+
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return ""
+    return str(data.get("officer_id", "")) if isinstance(data, dict) else ""
+
+
+def check_request(headers: dict[str, str], body: bytes, seen: set[str], tolerance_s: float = 300) -> int:
+    """What a real receiver answers: 200, or the status :func:`verify` refuses it with."""
+    try:
+        verify(secret_for(officer_of(body)), headers, body, now=time.time(), tolerance_s=tolerance_s, seen=seen)
+    except WebhookRejected as error:
+        return error.status
+    return 200
 
 
 def make_alert(**changes: Any) -> Alert:
@@ -70,7 +105,9 @@ class Received:
 
     @property
     def key(self) -> str:
-        return self.headers.get(IDEMPOTENCY_HEADER, "")
+        """The alert id (or digest id) in the body: what one officer must get once."""
+        data = self.json()
+        return str(data.get("alert_id") or data.get("digest_id") or "")
 
     def json(self) -> Any:
         import json
@@ -80,9 +117,8 @@ class Received:
 
 @dataclass
 class WebhookReceiver:
-    """``async with WebhookReceiver(SECRET, statuses={"flaky": [503]}) as hooks: hooks.url("flaky")``."""
+    """``async with WebhookReceiver(statuses={"flaky": [503]}) as hooks: hooks.url("flaky")``."""
 
-    secret: str = SECRET
     statuses: dict[str, list[int]] = field(default_factory=dict)  # scripted answers per path, then verification
     delay_s: dict[str, float] = field(default_factory=dict)
     tolerance_s: float = 300
@@ -116,11 +152,8 @@ class WebhookReceiver:
         if scripted:
             status, text = scripted.pop(0), "scripted failure"
         else:
-            try:
-                verify_webhook(self.secret, headers, body, time.time(), self.tolerance_s, seen_ids=self.seen)
-                status, text = 200, "ok"
-            except WebhookRejected as error:
-                status, text = error.status, error.reason
+            status = check_request(headers, body, self.seen, self.tolerance_s)
+            text = "ok" if status == 200 else "refused"
         self.requests.append(Received(name, headers, body, status, time.monotonic()))
         return web.Response(status=status, text=text)
 
@@ -149,28 +182,44 @@ class _Inbox:
 
 
 class SmtpServer:
-    """A real aiosmtpd server on a free loopback port; with ``tls_dir``: STARTTLS required, and AUTH LOGIN."""
+    """A real aiosmtpd server on a free loopback port.
 
-    def __init__(self, tls_dir: Path | None = None, username: str = "officer-bot", password: str = "s3cret") -> None:
+    ``tls_dir`` given: STARTTLS required, and AUTH LOGIN (only after STARTTLS); with ``implicit_tls`` too:
+    SMTPS (TLS from the first byte). ``plain_auth``: no TLS at all and AUTH offered in clear, as a badly
+    configured relay would; ``auth_attempts`` counts the logins the server saw.
+    """
+
+    def __init__(
+        self,
+        tls_dir: Path | None = None,
+        username: str = "officer-bot",
+        password: str = "s3cret",
+        *,
+        implicit_tls: bool = False,
+        plain_auth: bool = False,
+    ) -> None:
         self.inbox = _Inbox()
         self.port = free_port("127.0.0.1")
         self.username, self.password = username, password
         self.client_context: ssl.SSLContext | None = None
+        self.auth_attempts = 0
         kwargs: dict[str, Any] = {}
         if tls_dir is not None:
             cert, key = self_signed_certificate(tls_dir)
             server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             server_context.load_cert_chain(cert, key)
             self.client_context = ssl.create_default_context(cafile=str(cert))
-            kwargs = {
-                "tls_context": server_context,
-                "require_starttls": True,
-                "authenticator": self._authenticate,
-                "auth_require_tls": True,
-            }
+            kwargs = {"authenticator": self._authenticate, "auth_require_tls": True}
+            if implicit_tls:  # aiosmtpd counts only STARTTLS as TLS for auth_require_tls; here all of it is
+                kwargs |= {"ssl_context": server_context, "auth_require_tls": False}
+            else:
+                kwargs |= {"tls_context": server_context, "require_starttls": True}
+        elif plain_auth:
+            kwargs = {"authenticator": self._authenticate, "auth_require_tls": False}
         self.controller = Controller(self.inbox, hostname="127.0.0.1", port=self.port, **kwargs)
 
     def _authenticate(self, server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+        self.auth_attempts += 1
         ok = isinstance(data, LoginPassword) and (data.login, data.password) == (
             self.username.encode(),
             self.password.encode(),
@@ -221,6 +270,7 @@ def subscriptions_yaml(hooks: WebhookReceiver | None = None, smtp_to: str = "j.m
     """A small file: a French Bamako officer on a webhook, an English Paris officer by e-mail."""
     url = hooks.url("bamako") if hooks else "http://127.0.0.1:9/bamako"
     return f"""
+webhook_allowed_networks: [127.0.0.0/8]
 officers:
   - id: ml-bko-douanes
     name: Kadiatou Diallo
@@ -231,7 +281,7 @@ officers:
         countries: [ML]
         families: [nitazene, fentanyl, other_opioid]
         min_severity: warning
-        channel: {{type: webhook, url: "{url}"}}
+        channel: {hook(url, "ml-bko-douanes")}
   - id: fr-paris-ofast
     name: Julien Martin
     language: en
@@ -248,12 +298,11 @@ class ThreadedReceiver:
     Verifies like a real receiver; ``override`` answers every request with that status instead (an outage).
     """
 
-    def __init__(self, secret: str = SECRET) -> None:
+    def __init__(self) -> None:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-        self.secret = secret
         self.override: int | None = None
-        self.requests: list[tuple[str, int]] = []  # (idempotency key, status answered)
+        self.requests: list[tuple[str, int]] = []  # (alert id claimed in the body, status answered)
         self.seen: set[str] = set()
         self._lock = threading.Lock()
         receiver = self
@@ -265,12 +314,8 @@ class ThreadedReceiver:
                 with receiver._lock:
                     status = receiver.override
                     if status is None:
-                        try:
-                            verify_webhook(receiver.secret, headers, body, time.time(), seen_ids=receiver.seen)
-                            status = 200
-                        except WebhookRejected as error:
-                            status = error.status
-                    receiver.requests.append((headers.get(IDEMPOTENCY_HEADER, ""), status))
+                        status = check_request(headers, body, receiver.seen)
+                    receiver.requests.append((_alert_of(body), status))
                 self.send_response(status)
                 self.end_headers()
 
@@ -301,6 +346,15 @@ class ThreadedReceiver:
         self.server.server_close()
 
 
+def _alert_of(body: bytes) -> str:
+    import json
+
+    try:
+        return str(json.loads(body).get("alert_id", ""))
+    except (ValueError, AttributeError):
+        return ""
+
+
 def run_delivery_worker(data_dir: str, bootstrap: str, topic: str, subscriptions: str, app_id: str) -> None:
     """A worker with only the delivery agent (own embedded ClickHouse in ``data_dir``), as the real one wires it.
 
@@ -316,7 +370,6 @@ def run_delivery_worker(data_dir: str, bootstrap: str, topic: str, subscriptions
         data_dir=Path(data_dir),
         topic_alerts=topic,
         subscriptions_file=Path(subscriptions),
-        webhook_secret=SECRET,
         app_id=app_id,
         broker_session_timeout=3.0,
     )

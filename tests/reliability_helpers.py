@@ -183,7 +183,9 @@ def serve_clickhouse(port: int, path: str) -> None:
 class FlakyProxy:
     """Forwards 127.0.0.1:``port`` to ``target``; ``down()`` refuses and cuts connections, ``up()`` resumes.
 
-    While down nothing listens on the port, so clients get ECONNREFUSED, as from a stopped server.
+    While down nothing listens on the port, so clients get ECONNREFUSED, as from a stopped server. While
+    ``hung`` is set, connections stay open and nothing is forwarded either way: a server that has stopped
+    answering without failing (requests wait; nothing errors).
     """
 
     def __init__(self, target_port: int, port: int = 0) -> None:
@@ -194,6 +196,7 @@ class FlakyProxy:
         self._lock = threading.Lock()
         self.accepted = 0
         self.refused_while_down = 0
+        self.hung = threading.Event()
 
     def up(self) -> FlakyProxy:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -247,6 +250,8 @@ class FlakyProxy:
                 chunk = source.recv(65536)
                 if not chunk:
                     break
+                while self.hung.is_set():
+                    time.sleep(0.02)
                 sink.sendall(chunk)
         except OSError:
             pass
@@ -350,55 +355,6 @@ def read_all(servers: str, topics: Iterable[str], idle: float = 2.0, timeout: fl
         consumer.close(autocommit=False)
 
 
-def high_watermarks(servers: str, topics: Iterable[str], timeout: float = 20.0) -> dict[Any, int]:
-    """Per partition, the offset after the last record, as fetch responses report it.
-
-    Not ListOffsets: Tansu 0.6 answers "latest" with the first offset of the last record batch, so a
-    lag computed from it looks zero (or negative) while the last batch is still unread.
-    """
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False)
-    try:
-        partitions = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or set())]
-        consumer.assign(partitions)
-        for tp, offset in consumer.end_offsets(partitions).items():
-            consumer.seek(tp, offset)  # at or before the end: one fetch tells the high watermark
-        marks: dict[Any, int] = {}
-        deadline = time.monotonic() + timeout
-        while len(marks) < len(partitions) and time.monotonic() < deadline:
-            consumer.poll(timeout_ms=200)
-            for tp in partitions:
-                mark = consumer.highwater(tp)
-                if mark is not None:
-                    marks[tp] = mark
-        return marks
-    finally:
-        consumer.close(autocommit=False)
-
-
-def committed_offsets(servers: str, group: str, topics: Iterable[str]) -> dict[Any, tuple[int, int]]:
-    """Per partition of ``topics``: (the group's committed offset, -1 when none; the high watermark)."""
-    from kafka import KafkaAdminClient
-
-    marks = high_watermarks(servers, topics)
-    admin = KafkaAdminClient(bootstrap_servers=servers)
-    try:
-        committed = admin.list_group_offsets({group: list(marks)}).get(group, {})
-    finally:
-        admin.close()
-    out = {}
-    for tp, mark in marks.items():
-        meta = committed.get(tp)
-        out[tp] = (meta.offset if meta is not None else -1, mark)
-    return out
-
-
-def consumer_lag(servers: str, group: str, topics: Iterable[str]) -> int:
-    """High watermarks minus the group's committed offsets over ``topics`` (nothing committed: all of it)."""
-    return sum(mark - max(offset, 0) for offset, mark in committed_offsets(servers, group, topics).values())
-
-
 def main(argv: list[str]) -> None:
     if len(argv) == 3 and argv[0] == "clickhouse-http":
         serve_clickhouse(int(argv[1]), argv[2])
@@ -462,7 +418,7 @@ def publish_summary(stdout: str) -> dict[str, int]:
 
 def backtest_outcomes(messages: Iterable[tuple[str, bytes | str]]) -> list[tuple[str, str | None]]:
     """Per message, what the offline backtest (stream_apps.backtest.run_lines) makes of it, in order:
-    ("stored" | "malformed" | "too late" | "duplicate", event id)."""
+    ("stored" | "late" (stored, flagged) | "malformed" | "duplicate", event id)."""
     from synthwatch.schemas import WireError, parse_event
     from synthwatch.stream_apps.detection import Detector, Observation
     from synthwatch.stream_apps.intake import Intake
@@ -477,12 +433,10 @@ def backtest_outcomes(messages: Iterable[tuple[str, bytes | str]]) -> list[tuple
             out.append(("malformed", error.event_id))
             continue
         item = intake.enrich(event, source)
-        result = detector.observe(Observation.of(item))
-        if result.duplicate or (result.late_reason is not None and item.event_id in seen):
+        result = detector.observe(Observation.of(item), seen)
+        if result.duplicate:
             out.append(("duplicate", item.event_id))
-        elif result.late_reason is not None:
-            out.append(("too late", item.event_id))
         else:
             seen.add(item.event_id)
-            out.append(("stored", item.event_id))
+            out.append(("late" if result.late_by_hours is not None else "stored", item.event_id))
     return out

@@ -50,12 +50,16 @@ def load_simulation(client: Any, days: int = DAYS, seed: int = 7, start: date = 
     from synthwatch.producers.simulate import SimulationConfig, simulate
     from synthwatch.stream_apps.backtest import run_lines
     from synthwatch.stream_apps.clickhouse_sink import ClickHouseSink
+    from synthwatch.stream_apps.detection import Detector, Observation
     from synthwatch.stream_apps.intake import Intake, RawMessage
 
     migrate(client)
     sim = simulate(SimulationConfig(days=days, seed=seed, start=start))
     result = Intake().process([RawMessage(f"x:{i}", line) for i, line in enumerate(sim.lines)])
     sink = ClickHouseSink(client)
+    detector = Detector()  # flags late reports as the worker does (stored with late = true)
+    for item in result.events:
+        item.late = detector.observe(Observation.of(item)).late_by_hours is not None
     stored = sink.store_events(result.events)
     alerts = run_lines([(f"x:{i}", line) for i, line in enumerate(sim.lines)]).alerts
     sink.store_alerts(alerts)
@@ -179,6 +183,32 @@ def test_alert_counts_match_the_alerts_stored(loaded: LoadedData) -> None:
         loaded.client, spec, TimeRange(RANGE.start - timedelta(days=2), RANGE.end + timedelta(days=5)), {}
     )
     assert sum(rows[0]) == loaded.alerts
+
+
+@pytest.mark.integration
+def test_report_delay_per_lab_shows_each_labs_delays_and_late_reports(loaded: LoadedData) -> None:
+    spec = next(p for p in overview.PANELS if p.key == "report_delay_per_lab")
+    _, rows = run_panel(loaded.client, spec, RANGE, {})
+    delays: dict[str, list[float]] = {}
+    late: dict[str, int] = {}
+    stored = loaded.client.query(
+        "SELECT toString(lab_id), occurred_at, reported_at, late FROM lab_detections "
+        "WHERE occurred_at >= %(a)s AND occurred_at < %(b)s",
+        parameters={"a": RANGE.start, "b": RANGE.end},
+    ).result_rows
+    for lab_id, occurred, reported, is_late in stored:
+        late[lab_id] = late.get(lab_id, 0) + int(is_late)
+        if reported is not None:
+            delays.setdefault(lab_id, []).append((reported - occurred).total_seconds() / 3600)
+    print(f"{len(rows)} labs; late lab reports {sum(late.values())}; slowest {rows[0]}")
+    assert {row[0] for row in rows} == set(delays)
+    for lab_id, reports, median, p95, longest, late_reports in rows:
+        assert reports == sum(1 for r in stored if r[0] == lab_id)
+        assert longest == round(max(delays[lab_id]), 1)
+        assert min(delays[lab_id]) <= median <= p95 <= longest
+        assert late_reports == late[lab_id]
+    assert [row[3] for row in rows] == sorted((row[3] for row in rows), reverse=True)
+    assert sum(late.values()) > 0, "the simulated month has lab reports stored late"
 
 
 # --- the generated JSON ---------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ and that a hanging channel delays nobody else.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -41,16 +43,21 @@ from synthwatch.clickhouse import migrate
 from synthwatch.schemas import Alert, parse_event_object
 from synthwatch.settings import Settings
 from synthwatch.stream_apps.channels import (
+    DELIVERY_HEADER,
+    EVENT_HEADER,
     SIGNATURE_HEADER,
-    TIMESTAMP_HEADER,
     SmtpConfig,
+    SmtpConfigError,
     WebhookRejected,
+    WebhookSender,
+    delivery_id,
     message_id,
     sign,
-    verify_webhook,
+    verify,
     webhook_headers,
 )
 from synthwatch.stream_apps.delivery import DeliveryService, DeliveryStore, RetryPolicy, attach_delivery
+from synthwatch.stream_apps.endpoints import Endpoint, EndpointLimits
 from synthwatch.stream_apps.identity import SubstanceResolver
 from synthwatch.stream_apps.messages import (
     FAMILIES,
@@ -61,9 +68,19 @@ from synthwatch.stream_apps.messages import (
     render_alert,
     render_digest,
 )
-from synthwatch.stream_apps.subscriptions import Subscriptions, parse_subscriptions, recipients
+from synthwatch.stream_apps.subscriptions import Subscriptions, SubscriptionsError, parse_subscriptions, recipients
+from synthwatch.stream_apps.targets import TargetPolicy
 
-from .delivery_helpers import SECRET, SmtpServer, WebhookReceiver, make_alert, subscriptions_yaml
+from .delivery_helpers import (
+    LOOPBACK,
+    SECRET,
+    SmtpServer,
+    WebhookReceiver,
+    hook,
+    make_alert,
+    secret_for,
+    subscriptions_yaml,
+)
 
 FAST = RetryPolicy(max_attempts=3, base_delay_s=0.05, max_delay_s=0.2, jitter=0.0)
 GRAFANA = "https://grafana.example.org"
@@ -77,8 +94,8 @@ def db(ch: Any) -> Any:
 
 def _service(db: Any, subscriptions: Subscriptions | str, **options: Any) -> DeliveryService:
     if isinstance(subscriptions, str):
-        subscriptions = parse_subscriptions(subscriptions)
-    options = {"webhook_secret": SECRET, "policy": FAST, "grafana_url": GRAFANA, "store_retries": 3, **options}
+        subscriptions = parse_subscriptions(subscriptions, allowed_networks=LOOPBACK)
+    options = {"policy": FAST, "grafana_url": GRAFANA, "store_retries": 3, "allowed_networks": LOOPBACK, **options}
     return DeliveryService(subscriptions, DeliveryStore(db), **options)
 
 
@@ -190,6 +207,20 @@ def test_html_escapes_what_reporters_wrote_and_subjects_stay_on_one_line() -> No
     assert "unclassified structure" in message.text
 
 
+def test_an_alert_raised_by_a_late_report_says_how_late_in_every_message() -> None:
+    late = make_alert(alert_type="new_substance", reported_late=True, late_by_hours=362.0)
+    on_time = make_alert(alert_type="new_substance")
+    en, fr = render_alert(late, "en", GRAFANA), render_alert(late, "fr", GRAFANA)
+    assert "Reported late: the report occurred 362 h (15.1 days) before the newest report" in en.text
+    assert "Reported late</th>" in en.html and "362 h (15.1 days)" in en.html
+    assert "Signalement tardif : le signalement date de 362 h (15,1 jours)" in fr.text
+    assert "Signalement tardif</th>" in fr.html
+    digest = render_digest([late, on_time], "en", GRAFANA, date(2026, 3, 10), "Jo")
+    assert digest.text.count("Reported late:") == 1 and digest.html.count("Reported late:") == 1
+    for message in (render_alert(on_time, "en", GRAFANA), render_alert(on_time, "fr", GRAFANA)):
+        assert "Reported late" not in message.text and "Signalement tardif" not in message.text
+
+
 def test_numbers_are_written_the_way_each_language_writes_them() -> None:
     assert (number(14500, "en"), number(14500, "fr")) == ("14,500", "14\u202f500")
     assert (number(2300.5, "en"), number(2300.5, "fr")) == ("2,300.5", "2\u202f300,5")
@@ -208,41 +239,53 @@ def test_digest_lists_the_most_severe_first_in_the_readers_language() -> None:
 # --- webhook signatures ------------------------------------------------------------------------------------
 
 
-def test_verify_webhook_accepts_a_signed_request_once_and_refuses_tampering_and_replays() -> None:
-    body = b'{"alert_id": "x"}'
+def test_verify_accepts_a_signed_request_once_and_refuses_tampering_replays_and_other_secrets() -> None:
+    body = json.dumps({"kind": "alert", "delivery_id": "d_1", "alert_id": "a1", "officer_id": "bko"}).encode()
     now = 1_770_000_000.0
-    headers = webhook_headers(SECRET, body, "alert-1", "alert", now)
-    assert re.fullmatch(r"sha256=[0-9a-f]{64}", headers[SIGNATURE_HEADER])
+    headers = webhook_headers(SECRET, body, "d_1", "alert", now)
+    assert re.fullmatch(r"t=1770000000,v1=[0-9a-f]{64}", headers[SIGNATURE_HEADER])
+    expected = hmac.new(SECRET.encode(), b"1770000000.d_1.alert." + body, hashlib.sha256).hexdigest()
+    assert headers[SIGNATURE_HEADER].endswith(expected)  # the documented scheme, computed independently
     seen: set[str] = set()
     lower = {k.lower(): v for k, v in headers.items()}  # header names are case-insensitive
-    assert verify_webhook(SECRET, lower, body, now + 10, seen_ids=seen) == "alert-1"
+    verified = verify(SECRET, lower, body, now=now + 10, seen=seen)
+    assert (verified.delivery_id, verified.event, verified.payload["alert_id"]) == ("d_1", "alert", "a1")
 
-    def refused(secret: str, h: dict[str, str], b: bytes, at: float) -> int:
+    def refused(secret: str, h: dict[str, str], b: bytes, at: float = now) -> int:
         with pytest.raises(WebhookRejected) as caught:
-            verify_webhook(secret, h, b, at, seen_ids=seen)
+            verify(secret, h, b, now=at, seen=seen)
         return caught.value.status
 
-    assert refused(SECRET, headers, body, now) == 409  # replayed idempotency key
-    fresh = webhook_headers(SECRET, body, "alert-2", "alert", now)
-    assert refused(SECRET, fresh, body + b" ", now) == 401  # body changed
-    assert refused("another-secret", fresh, body, now) == 401
-    assert refused(SECRET, {**fresh, TIMESTAMP_HEADER: str(int(now) + 1)}, body, now) == 401  # timestamp is signed
-    assert refused(SECRET, fresh, body, now + 301) == 400  # captured and replayed later
-    assert refused(SECRET, fresh, body, now - 301) == 400
-    assert refused(SECRET, {"Idempotency-Key": "alert-2"}, body, now) == 401
-    assert verify_webhook(SECRET, fresh, body, now, seen_ids=seen) == "alert-2"
-    # one endpoint serving two officers: the same alert id for another officer is not a replay
-    for officer in ("ml-bko-douanes", "ml-bko-police"):
-        own = json.dumps({"officer_id": officer, "alert_id": "alert-3"}).encode()
-        assert verify_webhook(SECRET, webhook_headers(SECRET, own, "alert-3", "alert", now), own, now, seen_ids=seen)
-    again = json.dumps({"officer_id": "ml-bko-police", "alert_id": "alert-3"}).encode()
-    assert refused(SECRET, webhook_headers(SECRET, again, "alert-3", "alert", now), again, now) == 409
+    assert refused(SECRET, headers, body) == 409  # the same delivery again (a replay inside the window)
+    other = json.dumps({"kind": "alert", "delivery_id": "d_2", "alert_id": "a1", "officer_id": "bko"}).encode()
+    fresh = webhook_headers(SECRET, other, "d_2", "alert", now)
+    assert refused(SECRET, fresh, other + b" ") == 401  # body changed
+    assert refused("another-officers-secret", fresh, other) == 401  # another subscriber cannot sign for this one
+    later = f"t={int(now) + 1},v1={fresh[SIGNATURE_HEADER].split('v1=')[1]}"
+    assert refused(SECRET, {**fresh, SIGNATURE_HEADER: later}, other) == 401  # the timestamp is signed
+    assert refused(SECRET, {**fresh, DELIVERY_HEADER: "d_3"}, other) == 401  # so is the delivery id
+    assert refused(SECRET, {**fresh, EVENT_HEADER: "digest"}, other) == 401  # and the event
+    assert refused(SECRET, fresh, other, now + 301) == 400  # captured and replayed later
+    assert refused(SECRET, fresh, other, now - 301) == 400
+    assert refused(SECRET, {"Idempotency-Key": "d_2"}, other) == 401  # unsigned
+    lying = json.dumps({"kind": "alert", "delivery_id": "d_9", "alert_id": "a1", "officer_id": "bko"}).encode()
+    assert refused(SECRET, webhook_headers(SECRET, lying, "d_4", "alert", now), lying) == 400  # body id != signed id
+    assert verify(["old-secret-being-rotated", SECRET], fresh, other, now=now, seen=seen).delivery_id == "d_2"
+    assert "d_4" not in seen  # refused requests are not remembered
+    with pytest.raises(ValueError, match="delivery id"):
+        webhook_headers(SECRET, body, "d.1", "alert", now)  # a dot would make the signed string ambiguous
+
+
+def test_delivery_ids_are_per_officer_and_stable_across_retries() -> None:
+    assert delivery_id("a1", "bko", "webhook") == delivery_id("a1", "bko", "webhook")
+    assert len({delivery_id("a1", "bko", "webhook"), delivery_id("a1", "dkr", "webhook"), delivery_id("a1")}) == 3
+    assert re.fullmatch(r"d_[0-9a-f]{32}", delivery_id("a1", "bko", "webhook"))
 
 
 # --- channels against real servers --------------------------------------------------------------------------
 
 
-def test_webhook_is_signed_in_the_officers_language_with_the_alert_id_as_idempotency_key(db: Any) -> None:
+def test_webhook_is_signed_in_the_officers_language_with_a_delivery_id_per_officer(db: Any) -> None:
     alert = make_alert()
 
     async def scenario() -> tuple[WebhookReceiver, list[Any], float]:
@@ -257,10 +300,15 @@ def test_webhook_is_signed_in_the_officers_language_with_the_alert_id_as_idempot
     (request,) = hooks.on("bamako")
     assert request.status == 200  # the receiver verified signature, timestamp and key
     headers = request.headers
-    assert headers["Idempotency-Key"] == alert.alert_id and headers["X-Synthwatch-Event"] == "alert"
-    assert abs(int(headers[TIMESTAMP_HEADER]) - started) < 5
-    assert headers[SIGNATURE_HEADER] == sign(SECRET, headers[TIMESTAMP_HEADER], request.body)
     payload = request.json()
+    signed_id = delivery_id(alert.alert_id, "ml-bko-douanes", "webhook")
+    assert headers[DELIVERY_HEADER] == headers["Idempotency-Key"] == payload["delivery_id"] == signed_id
+    assert headers[EVENT_HEADER] == payload["kind"] == "alert" and payload["alert_id"] == alert.alert_id
+    timestamp = int(headers[SIGNATURE_HEADER].split(",")[0].removeprefix("t="))
+    assert abs(timestamp - started) < 5
+    assert headers[SIGNATURE_HEADER] == sign(
+        secret_for("ml-bko-douanes"), request.body, delivery_id=signed_id, event="alert", timestamp=timestamp
+    )
     assert (payload["officer_id"], payload["route"], payload["language"]) == ("ml-bko-douanes", "opioides-mali", "fr")
     assert payload["subject"] == "[synthwatch CRITIQUE] Nouvelle substance : Pentyloxynitazene – Bamako, Mali"
     assert "Jamais signalée sur le réseau auparavant : 1 signalement(s) observé(s), 0 attendu." in payload["text"]
@@ -324,24 +372,74 @@ def test_email_over_starttls_with_login_and_refusals_that_retrying_cannot_fix(db
             for alert_id, config in (
                 ("tls-ok", good),
                 ("tls-bad-password", replace(good, password="wrong")),
-                ("no-starttls", replace(good, starttls=False, username=None)),
-                ("no-starttls-login", replace(good, starttls=False)),
+                ("no-starttls", replace(good, starttls=False, username=None, password=None)),
             ):
                 service = _service(db, paris, smtp=config)
                 results.append(await service.handle(make_alert(alert_id=alert_id)))
                 await service.close()
             return results
 
-        ok, bad_password, plain, plain_login = asyncio.run(scenario())
+        ok, bad_password, plain = asyncio.run(scenario())
     assert [o.status for o in ok] == ["delivered"] and len(smtp.messages) == 1
     assert smtp.messages[0][2]["X-Synthwatch-Alert-Id"] == "tls-ok"
     assert (bad_password[0].status, bad_password[0].attempts) == ("gave_up", 1)
     assert "535" in bad_password[0].reason
     assert (plain[0].status, plain[0].attempts) == ("gave_up", 1)  # the server requires STARTTLS: 530
-    assert (plain_login[0].status, plain_login[0].attempts) == ("gave_up", 1)
-    assert "AUTH extension not supported" in plain_login[0].reason and "SMTP_STARTTLS" in plain_login[0].reason
     codes = {r["alert_id"]: r["response_code"] for r in _rows(db)}
-    assert codes == {"tls-ok": 250, "tls-bad-password": 535, "no-starttls": 530, "no-starttls-login": None}
+    assert codes == {"tls-ok": 250, "tls-bad-password": 535, "no-starttls": 530}
+
+
+def test_a_password_is_never_configured_for_a_plain_text_smtp_connection() -> None:
+    with pytest.raises(SmtpConfigError, match=r"SYNTHWATCH_SMTP_STARTTLS=true .* SYNTHWATCH_SMTP_SSL=true"):
+        SmtpConfig("smtp.example.org", 25, starttls=False, username="bot", password="s3cret")
+    with pytest.raises(SmtpConfigError, match="password in clear"):
+        SmtpConfig.from_settings(Settings(smtp_host="smtp.example.org", smtp_starttls=False, smtp_password="s3cret"))
+    relay = SmtpConfig.from_settings(Settings(smtp_host="relay.internal", smtp_starttls=False))
+    assert relay is not None and relay.password is None  # no login: a plain relay stays possible
+    smtps = SmtpConfig.from_settings(Settings(smtp_host="h", smtp_port=465, smtp_ssl=True, smtp_password="p"))
+    assert smtps is not None and smtps.ssl and not smtps.starttls
+
+
+def test_a_server_without_starttls_never_sees_the_password(db: Any) -> None:
+    """A relay offering AUTH in clear (or a man in the middle stripping STARTTLS): we stop before logging in."""
+    paris = "officers:\n" + _officer("fr-paris", "{type: email, to: j.martin@ofast.example.fr}")
+    with SmtpServer(plain_auth=True) as smtp:
+
+        async def scenario() -> list[Any]:
+            config = _smtp(smtp, starttls=True, username=smtp.username, password=smtp.password)
+            service = _service(db, paris, smtp=config)
+            outcomes = await service.handle(make_alert())
+            await service.close()
+            return outcomes
+
+        (outcome,) = asyncio.run(scenario())
+    assert (outcome.status, outcome.attempts) == ("gave_up", 1)
+    assert "STARTTLS extension not supported" in outcome.reason and "SMTP_STARTTLS" in outcome.reason
+    assert smtp.auth_attempts == 0 and smtp.messages == []
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI for a test certificate")
+def test_email_over_smtps_with_login(db: Any, tmp_path: Path) -> None:
+    paris = "officers:\n" + _officer("fr-paris", "{type: email, to: j.martin@ofast.example.fr}")
+    with SmtpServer(tls_dir=tmp_path, implicit_tls=True) as smtp:
+        config = _smtp(
+            smtp,
+            starttls=False,
+            ssl=True,
+            username=smtp.username,
+            password=smtp.password,
+            ssl_context=smtp.client_context,
+        )
+
+        async def scenario() -> list[Any]:
+            service = _service(db, paris, smtp=config)
+            outcomes = await service.handle(make_alert(alert_id="smtps-ok"))
+            await service.close()
+            return outcomes
+
+        (outcome,) = asyncio.run(scenario())
+    assert outcome.status == "delivered", outcome.reason
+    assert smtp.auth_attempts == 1 and smtp.messages[0][2]["X-Synthwatch-Alert-Id"] == "smtps-ok"
 
 
 # --- retries ------------------------------------------------------------------------------------------------
@@ -377,7 +475,7 @@ def test_delivery_gives_up_after_the_limit_and_at_once_when_retrying_cannot_help
         async with WebhookReceiver(statuses={"down": [500] * 10, "gone": [404]}) as hooks:
             closed = f"http://127.0.0.1:{_closed_port()}/nothing"
             text = "officers:\n" + "".join(
-                _officer(name, f"{{type: webhook, url: '{url}'}}")
+                _officer(name, hook(url, name))
                 for name, url in (("down", hooks.url("down")), ("gone", hooks.url("gone")), ("closed", closed))
             )
             service = _service(db, text)
@@ -408,17 +506,20 @@ def _closed_port() -> int:
 
 
 def test_configuration_problems_and_stale_alerts_are_recorded_not_sent(db: Any) -> None:
-    text = "officers:\n" + _officer("no-secret", "{type: webhook, url: 'http://127.0.0.1:9/x'}")
+    unset = "SYNTHWATCH_TEST_SECRET_NOBODY_SET"
+    assert unset not in os.environ
+    text = "officers:\n" + _officer("no-secret", f"{{type: webhook, url: 'http://127.0.0.1:9/x', secret_env: {unset}}}")
     stale = make_alert(alert_id="s" * 24, detected_at=datetime.now(UTC) - timedelta(days=8))
 
     async def scenario() -> tuple[list[Any], list[Any]]:
-        service = _service(db, text, webhook_secret=None)
+        service = _service(db, text)
         results = await service.handle(make_alert()), await service.handle(stale)
         await service.close()
         return results
 
     no_secret, too_old = asyncio.run(scenario())
-    assert no_secret[0].status == "gave_up" and "no webhook secret" in no_secret[0].reason
+    assert (no_secret[0].status, no_secret[0].attempts) == ("gave_up", 1)
+    assert f"{unset} is not set" in no_secret[0].reason
     assert too_old[0].status == "gave_up" and too_old[0].reason.startswith("stale: detected 192 h ago")
 
 
@@ -433,9 +534,9 @@ def test_a_hanging_channel_does_not_delay_other_officers_or_later_alerts(db: Any
     async def scenario() -> tuple[WebhookReceiver, float, dict[str, float], bool, list[Any]]:
         async with WebhookReceiver(delay_s={"slow": 2.0}) as hooks:
             text = "officers:\n" + _officer(
-                "slow", f"{{type: webhook, url: '{hooks.url('slow')}', timeout_s: 0.4}}", route="countries: [SN], "
+                "slow", hook(hooks.url("slow"), "slow", timeout_s=0.4), route="countries: [SN], "
             )
-            text += _officer("fast", f"{{type: webhook, url: '{hooks.url('fast')}'}}")
+            text += _officer("fast", hook(hooks.url("fast"), "fast"))
             service = _service(db, text, policy=replace(FAST, max_attempts=2))
             started = time.monotonic()
             slow_ticket, fast_ticket = await service.submit([senegal, mali])
@@ -457,14 +558,134 @@ def test_a_hanging_channel_does_not_delay_other_officers_or_later_alerts(db: Any
     assert took["all"] < 2.0  # two 0.4 s attempts and a backoff, not two of the receiver's 2 s hangs
 
 
+def test_an_endpoint_limits_attempts_and_its_breaker_opens_defers_probes_and_closes() -> None:
+    async def scenario() -> list[str]:
+        endpoint = Endpoint("http://hung:80", EndpointLimits(concurrency=2, failures_to_open=2, cooldown_s=0.05))
+        told: list[str] = []
+
+        async def note(why: str) -> None:
+            told.append(why)
+
+        assert [await endpoint.turn(), await endpoint.turn()] == [False, False]
+        third = asyncio.ensure_future(endpoint.turn())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not third.done() and endpoint.in_flight == 2  # the limit holds
+        await endpoint.done(reached=True, probe=False)
+        assert await third is False
+        await endpoint.done(reached=False, probe=False)
+        assert endpoint.state == "closed"  # one failure in a row is not enough
+        await endpoint.done(reached=False, probe=False)
+        assert (endpoint.state, endpoint.in_flight, endpoint.failures) == ("open", 0, 2)
+
+        probe = await endpoint.turn(note)  # deferred until the cool-down is over, then the one probe
+        assert probe is True and endpoint.state == "half_open" and len(told) == 1
+        assert "circuit open, delivery deferred" in told[0] and "2 consecutive failures" in told[0]
+        waiting = asyncio.ensure_future(endpoint.turn(note))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not waiting.done()  # no second attempt while the probe is out
+        await endpoint.done(reached=False, probe=True)
+        assert endpoint.state == "open" and endpoint.cooldown_s == pytest.approx(0.1)  # failed probe: twice as long
+        second_probe = await waiting
+        assert second_probe is True
+        follower = asyncio.ensure_future(endpoint.turn(note))
+        await endpoint.done(reached=True, probe=True)
+        assert await follower is False  # the probe got through: the circuit is closed and everyone goes
+        assert (endpoint.state, endpoint.failures, endpoint.cooldown_s) == ("closed", 0, 0.05)
+        await endpoint.done(reached=True, probe=False)
+        return told
+
+    told = asyncio.run(scenario())
+    assert len(told) == 2  # each turn that found the circuit open said so once (the follower found it closed)
+
+
+def test_with_one_receiver_hung_the_others_get_all_their_alerts_while_its_deliveries_wait(db: Any) -> None:
+    """The functional form of the latency bar (the numbers are in `bench_delivery.bench_hung_receiver`)."""
+    alerts = [make_alert(alert_id=f"hung{i:020d}") for i in range(12)]
+    healthy = ["bko", "dkr", "rab"]
+    limits = EndpointLimits(concurrency=2, failures_to_open=2, cooldown_s=0.2)
+    # many attempts, short backoffs: the hung officer's deliveries must still be pending, not given up
+    policy = replace(FAST, max_attempts=1000, base_delay_s=0.05, max_delay_s=0.1)
+
+    async def scenario() -> tuple[WebhookReceiver, WebhookReceiver, list[list[Any]], dict[str, Any]]:
+        # two servers: an endpoint is a server (scheme, host, port), and only one of them hangs
+        async with WebhookReceiver() as hooks, WebhookReceiver(delay_s={"hung": 3600.0}) as stuck:
+            text = "webhook_allowed_networks: [127.0.0.0/8]\nofficers:\n" + "".join(
+                _officer(name, hook(hooks.url(name), name)) for name in healthy
+            )
+            text += _officer("hung", hook(stuck.url("hung"), "hung", timeout_s=0.2))
+            service = _service(db, text, policy=policy, endpoint_limits=limits, max_in_flight=4)
+            tickets = await service.submit(alerts)
+            await _until(lambda: all(len(hooks.accepted(n)) == len(alerts) for n in healthy), "healthy deliveries")
+            await _until(lambda: service.endpoints.states().get(f"http://127.0.0.1:{stuck.port}") == "open", "open")
+            seen: dict[str, Any] = {"pending": [t.done() for t in tickets]}
+            seen["hung_requests"] = len(stuck.on("hung"))
+            stuck.delay_s["hung"] = 0  # the receiver recovers: the deferred deliveries go out, none was dropped
+            outcomes = list(await asyncio.gather(*tickets))
+            await service.close()
+            return hooks, stuck, outcomes, seen
+
+    hooks, stuck, outcomes, seen = asyncio.run(scenario())
+    assert seen["pending"] == [False] * len(alerts)  # the hung officer's deliveries were all still waiting ...
+    assert all(hooks.per_key(name) == {a.alert_id: 1 for a in alerts} for name in healthy)  # ... the others had all
+    assert stuck.per_key("hung") == {a.alert_id: 1 for a in alerts}  # and after recovery: every alert, once
+    assert {o.status for group in outcomes for o in group} == {"delivered"}
+    rows = _rows(db, "officer_id = 'hung'")
+    deferred = [r for r in rows if r["status"] == "deferred"]
+    assert deferred and all("circuit open, delivery deferred" in r["reason"] for r in deferred)
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert failed and all(r["reason"] == "no answer within 0.2 s" for r in failed)
+    # while it hung, the open circuit kept the alerts away: a few attempts and probes, not one per alert
+    assert seen["hung_requests"] < len(alerts)
+    assert len({r["alert_id"] for r in deferred}) >= len(alerts) - limits.concurrency
+
+
+def test_webhooks_connect_only_to_allowed_addresses_even_through_dns() -> None:
+    """``localhost`` passes no literal check; the resolver sees 127.0.0.1 and refuses it before connecting."""
+    body = b'{"kind": "alert", "delivery_id": "d_1", "officer_id": "bko"}'
+
+    async def scenario() -> tuple[WebhookReceiver, list[Any]]:
+        async with WebhookReceiver() as hooks:
+            results = []
+            for policy, url in (
+                (TargetPolicy(), hooks.url("x").replace("127.0.0.1", "localhost")),
+                (TargetPolicy(), hooks.url("x")),
+                (TargetPolicy.of(["127.0.0.0/8", "::1/128"]), hooks.url("x").replace("127.0.0.1", "localhost")),
+            ):
+                sender = WebhookSender(policy=policy)
+                sent = await sender.post(
+                    url, body, secret=secret_for("bko"), delivery_id="d_1", event="alert", timeout_s=5
+                )
+                results.append(sent)
+                await sender.close()
+            return hooks, results
+
+    hooks, (by_name, by_address, allowed) = asyncio.run(scenario())
+    for refused in (by_name, by_address):
+        assert not refused.ok and not refused.retryable and refused.code is None
+        assert "is 127.0.0.1 (loopback): refused" in refused.reason and "webhook_allowed_networks" in refused.reason
+    assert allowed.ok and allowed.code == 200
+    assert len(hooks.on("x")) == 1  # only the allowed request reached the receiver
+
+
+async def _until(predicate: Any, what: str, timeout: float = 60.0) -> None:
+    """Wait (in the loop) until ``predicate()``; a guard against a hang, not a timing assertion."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
 def test_the_same_alert_again_in_a_batch_or_later_is_sent_once_and_a_409_counts_as_delivered(db: Any) -> None:
     alert = make_alert()
     already = make_alert(alert_id="r" * 24)
 
     async def scenario() -> tuple[WebhookReceiver, list[list[Any]], list[Any], list[Any]]:
         async with WebhookReceiver() as hooks:
-            hooks.seen.add(f"bko/{already.alert_id}")  # the receiver got it before, say our answer was lost
-            service = _service(db, "officers:\n" + _officer("bko", f"{{type: webhook, url: '{hooks.url('b')}'}}"))
+            hooks.seen.add(delivery_id(already.alert_id, "bko", "webhook"))  # it got there before, our answer was lost
+            service = _service(db, "officers:\n" + _officer("bko", hook(hooks.url("b"), "bko")))
             batch = await service.handle_batch([alert, alert])
             again = await service.handle(alert)
             replayed = await service.handle(already)
@@ -484,10 +705,14 @@ def test_a_restarted_service_replaying_the_topic_sends_nothing_twice(db: Any) ->
 
     async def scenario() -> WebhookReceiver:
         async with WebhookReceiver() as hooks:
+            paris_secret = secret_for("fr-paris-ofast")
             text = (
                 subscriptions_yaml(hooks)
                 .replace("type: email", "type: webhook, name: paris")
-                .replace('to: "j.martin@ofast.example.fr"', f'url: "{hooks.url("paris")}"')
+                .replace(
+                    'to: "j.martin@ofast.example.fr"',
+                    f'url: "{hooks.url("paris")}", secret: {paris_secret}',
+                )
             )
             first = _service(db, text)
             await first.handle_batch(alerts[:3])  # ... and then the worker dies
@@ -511,12 +736,13 @@ def test_a_restarted_service_replaying_the_topic_sends_nothing_twice(db: Any) ->
 
 @pytest.mark.slow
 def test_a_worker_killed_mid_delivery_delivers_the_rest_after_restart_and_nothing_twice(db: Any) -> None:
-    """Killed while requests are in flight: the receiver may have them; Idempotency-Key makes the resend harmless."""
+    """Killed while requests are in flight: the receiver may have them; the signed delivery id makes the resend
+    harmless."""
     alerts = [make_alert(alert_id=f"{i:024d}") for i in range(4)]
 
     async def scenario() -> WebhookReceiver:
         async with WebhookReceiver(delay_s={"b": 0.3}) as hooks:
-            text = "officers:\n" + _officer("bko", f"{{type: webhook, url: '{hooks.url('b')}'}}")
+            text = "officers:\n" + _officer("bko", hook(hooks.url("b"), "bko"))
             first = _service(db, text)
             await first.handle(alerts[0])
             tickets = await first.submit(alerts[1:])
@@ -606,9 +832,7 @@ def test_alerts_below_the_threshold_wait_for_one_daily_digest_sent_once(db: Any)
 def test_a_webhook_digest_that_gives_up_is_held_then_retried(db: Any) -> None:
     async def scenario() -> tuple[WebhookReceiver, list[list[Any]]]:
         async with WebhookReceiver(statuses={"d": [500, 500]}) as hooks:
-            text = DAKAR.replace(
-                "{type: email, to: a.ndiaye@sante.example.sn}", f"{{type: webhook, url: '{hooks.url('d')}'}}"
-            )
+            text = DAKAR.replace("{type: email, to: a.ndiaye@sante.example.sn}", hook(hooks.url("d"), "sn-dk-sante"))
             service = _service(db, text, policy=replace(FAST, max_attempts=2, digest_hold_s=600))
             await service.handle(make_alert(severity="warning", region="SN-DK", country="SN"))
             moment = service.subscriptions.officers[0].digest_moment(datetime.now(UTC) + timedelta(days=1))
@@ -623,14 +847,15 @@ def test_a_webhook_digest_that_gives_up_is_held_then_retried(db: Any) -> None:
     hooks, (gave_up, held, retried) = asyncio.run(scenario())
     assert [o.status for o in gave_up] == ["gave_up"] and held == [] and [o.status for o in retried] == ["digest_sent"]
     (accepted,) = hooks.accepted("d")
-    assert accepted.headers["X-Synthwatch-Event"] == "digest" and accepted.key.startswith("digest-sn-dk-sante-webhook-")
+    assert accepted.headers[EVENT_HEADER] == "digest" and accepted.key.startswith("digest-sn-dk-sante-webhook-")
+    assert accepted.json()["delivery_id"] == accepted.headers[DELIVERY_HEADER] == delivery_id(accepted.key)
     assert accepted.json()["kind"] == "digest" and len(accepted.json()["alerts"]) == 1
 
 
 def test_an_edited_subscriptions_file_is_picked_up_and_a_broken_edit_ignored(db: Any, tmp_path: Path) -> None:
     path = tmp_path / "subs.yaml"
     path.write_text(DAKAR)
-    service = DeliveryService.from_settings(Settings(subscriptions_file=path, webhook_secret=SECRET), db)
+    service = DeliveryService.from_settings(Settings(subscriptions_file=path), db)
     assert service.reload_if_changed() is False
     path.write_text(DAKAR.replace("Sn-Dk-Sante", "Awa Ndiaye"))
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
@@ -638,6 +863,19 @@ def test_an_edited_subscriptions_file_is_picked_up_and_a_broken_edit_ignored(db:
     path.write_text("officers: [")
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
     assert service.reload_if_changed() is False and service.subscriptions.officers[0].name == "Awa Ndiaye"
+
+
+def test_the_worker_allows_loopback_webhooks_only_when_its_settings_say_so(db: Any, tmp_path: Path) -> None:
+    path = tmp_path / "subs.yaml"
+    path.write_text("officers:\n" + _officer("bko", hook("http://127.0.0.1:9/x", "bko")))
+    with pytest.raises(SubscriptionsError, match=r"subs.yaml:6: officers\[0\]\.routes\[0\]\.channel\.url: .*loopback"):
+        DeliveryService.from_settings(Settings(subscriptions_file=path), db)
+    allowed = Settings(subscriptions_file=path, webhook_allowed_networks=["127.0.0.0/8"])
+    service = DeliveryService.from_settings(allowed, db)
+    assert service.webhook.policy.refusal("h", "127.0.0.1") is None
+    assert service.webhook.policy.refusal("h", "10.0.0.1") is not None  # only what was allowed
+    with pytest.raises(ValueError, match="'intranet' is not an IP network"):
+        Settings(webhook_allowed_networks=["intranet"])
 
 
 def test_attach_delivery_defines_the_delivery_agent_on_the_alerts_topic(db: Any) -> None:
@@ -664,9 +902,17 @@ def _cli() -> typer.Typer:
     return app
 
 
+EXAMPLE_SECRETS = {
+    "SYNTHWATCH_SECRET_ML_DOUANES": "ml-douanes-0123456789abcdef",
+    "SYNTHWATCH_SECRET_SN_SANTE": "sn-sante-0123456789abcdef",
+    "SYNTHWATCH_SECRET_UNODC": "unodc-0123456789abcdef",
+}
+
+
 def test_subscriptions_check_shows_who_receives_what(tmp_path: Path) -> None:
     runner = CliRunner()
-    done = runner.invoke(_cli(), ["subscriptions", "check", str(EXAMPLE)], env={"COLUMNS": "200"})
+    env = {"COLUMNS": "200", **EXAMPLE_SECRETS}
+    done = runner.invoke(_cli(), ["subscriptions", "check", str(EXAMPLE)], env=env)
     assert done.exit_code == 0, done.output
     assert "5 officer(s)" in done.output and "is valid" in done.output
     assert (
@@ -674,9 +920,7 @@ def test_subscriptions_check_shows_who_receives_what(tmp_path: Path) -> None:
     )
     alert_file = tmp_path / "alert.json"
     alert_file.write_text(make_alert(region="SN-DK", country="SN", severity="warning").model_dump_json())
-    mine = runner.invoke(
-        _cli(), ["subscriptions", "check", str(EXAMPLE), "--alert", str(alert_file)], env={"COLUMNS": "200"}
-    )
+    mine = runner.invoke(_cli(), ["subscriptions", "check", str(EXAMPLE), "--alert", str(alert_file)], env=env)
     assert mine.exit_code == 0 and "sn-dk-sante" in mine.output and "digest 07:00 Africa/Dakar" in mine.output
     broken = tmp_path / "broken.yaml"
     broken.write_text("officers:\n  - id: x\n    name: X\n    language: de\n    routes: []\n")
@@ -684,6 +928,35 @@ def test_subscriptions_check_shows_who_receives_what(tmp_path: Path) -> None:
     assert bad.exit_code == 1
     assert f"{broken}:4: officers[0].language: Input should be 'en' or 'fr'" in bad.stderr
     assert f"{broken}:5: officers[0].routes: needs at least 1 item(s)" in bad.stderr
+
+
+def test_subscriptions_check_refuses_webhooks_without_an_own_secret(tmp_path: Path) -> None:
+    """A secret shared by two agencies lets either sign alerts for the other: the check says so and fails."""
+    runner = CliRunner()
+    env = {"COLUMNS": "200", **EXAMPLE_SECRETS}
+    shared_value = {**env, "SYNTHWATCH_SECRET_UNODC": EXAMPLE_SECRETS["SYNTHWATCH_SECRET_ML_DOUANES"]}
+    done = runner.invoke(_cli(), ["subscriptions", "check", str(EXAMPLE)], env=shared_value)
+    assert done.exit_code == 1
+    assert "fr-75-unodc-liaison / channel webhook: its secret has the same value as officer ml-bko-douanes" in (
+        done.stderr
+    )
+    assert "give each officer's webhook its own secret" in done.stderr and "is valid" not in done.output
+    unset = {k: v for k, v in env.items() if k != "SYNTHWATCH_SECRET_SN_SANTE"}
+    missing = runner.invoke(_cli(), ["subscriptions", "check", str(EXAMPLE)], env=unset)
+    assert missing.exit_code == 1 and "SYNTHWATCH_SECRET_SN_SANTE is not set" in missing.stderr
+    text = EXAMPLE.read_text()
+    same_variable = tmp_path / "same-variable.yaml"
+    same_variable.write_text(text.replace("SYNTHWATCH_SECRET_UNODC", "SYNTHWATCH_SECRET_ML_DOUANES"))
+    bad = runner.invoke(_cli(), ["subscriptions", "check", str(same_variable)], env=env)
+    line = next(i for i, t in enumerate(text.splitlines(), 1) if "SYNTHWATCH_SECRET_UNODC" in t)
+    assert bad.exit_code == 1
+    assert f"{same_variable}:{line}: officers[4].routes[1].channel.secret_env: officer fr-75-unodc-liaison uses " in (
+        bad.stderr
+    )
+    no_secret = tmp_path / "no-secret.yaml"
+    no_secret.write_text(text.replace("          secret_env: SYNTHWATCH_SECRET_SN_SANTE\n", ""))
+    bad = runner.invoke(_cli(), ["subscriptions", "check", str(no_secret)], env=env)
+    assert bad.exit_code == 1 and "officers[2].routes[0].channel: a webhook needs its own secret" in bad.stderr
 
 
 def test_deliveries_lists_recent_attempts_of_an_officer(db: Any, ch_settings: Settings, monkeypatch: Any) -> None:
@@ -709,6 +982,87 @@ def test_deliveries_lists_recent_attempts_of_an_officer(db: Any, ch_settings: Se
     assert wrong.exit_code == 1 and "--status is one of" in wrong.stderr
 
 
+# --- the example receiver in docs/ ---------------------------------------------------------------------------
+
+RECEIVER_EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "webhook_receiver.py"
+
+
+def test_the_documented_example_receiver_accepts_real_deliveries_and_refuses_replays_and_forgeries(db: Any) -> None:
+    """docs/examples/webhook_receiver.py, run as an officer would run it, against this service's deliveries."""
+    import subprocess
+    import sys
+
+    officers = ("bko", "dkr")
+    env = {**os.environ, **{f"SECRET_{o.upper()}": secret_for(o) for o in officers}}
+    command = [sys.executable, str(RECEIVER_EXAMPLE), "--port", "0"]
+    command += [a for o in officers for a in ("--secret-env", f"{o}=SECRET_{o.upper()}")]
+    receiver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert receiver.stdout is not None
+        url = receiver.stdout.readline().strip().removeprefix("listening on ") + "/synthwatch"
+        assert url.startswith("http://127.0.0.1:"), url
+
+        def text_for(target: str) -> str:
+            return "officers:\n" + "".join(_officer(o, hook(target, o)) for o in officers)
+
+        def forward(request: Any, body: bytes | None = None, headers: dict[str, str] | None = None) -> int:
+            wire = {
+                k: v for k, v in (headers or request.headers).items() if k.lower() not in ("content-length", "host")
+            }
+            sent = urllib.request.Request(url, data=body or request.body, headers=wire)
+            try:
+                with urllib.request.urlopen(sent, timeout=10) as response:
+                    return int(response.status)
+            except urllib.error.HTTPError as error:
+                return error.code
+
+        async def scenario() -> tuple[list[Any], list[Any], WebhookReceiver]:
+            service = _service(db, text_for(url))
+            delivered = await service.handle(make_alert(alert_id="example-1"))
+            await service.close()
+            late = _service(db, text_for(url))
+            late.webhook.clock = lambda: time.time() - 3600  # signed an hour ago: outside the window
+            stale = await late.handle(make_alert(alert_id="example-2"))
+            await late.close()
+            # our record of example-1 is lost (the crash window), so it is sent again: captured on the wire
+            db.command("TRUNCATE TABLE deliveries")
+            async with WebhookReceiver() as capture:
+                again = _service(db, text_for(capture.url("c")))
+                await again.handle(make_alert(alert_id="example-1"))
+                await again.close()
+            return delivered, stale, capture
+
+        delivered, stale, capture = asyncio.run(scenario())
+        assert [(o.officer_id, o.status) for o in delivered] == [("bko", "delivered"), ("dkr", "delivered")]
+        assert [(o.status, o.attempts) for o in stale] == [("gave_up", 1)] * 2 and "HTTP 400" in stale[0].reason
+        captured = {r.json()["officer_id"]: r for r in capture.on("c")}
+        assert set(captured) == set(officers)
+        bko, dkr = captured["bko"], captured["dkr"]
+        statuses = {
+            "replayed": forward(bko),  # the same signed delivery id again
+            "tampered": forward(bko, body=bko.body.replace(b"Pentyloxynitazene", b"Pentyloxynitazene, evacuate")),
+            "forged": forward(
+                dkr,  # bko's secret cannot sign for dkr
+                headers={
+                    **dkr.headers,
+                    SIGNATURE_HEADER: webhook_headers(
+                        secret_for("bko"), dkr.body, dkr.headers[DELIVERY_HEADER], "alert", time.time()
+                    )[SIGNATURE_HEADER],
+                },
+            ),
+            "unsigned": forward(bko, headers={"Content-Type": "application/json"}),
+        }
+        assert statuses == {"replayed": 409, "tampered": 401, "forged": 401, "unsigned": 401}
+    finally:
+        receiver.terminate()
+        out, err = receiver.communicate(timeout=10)
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    accepted = [r for r in lines if r["status"] == 200]
+    assert sorted((r["officer_id"], r["alert_id"]) for r in accepted) == [("bko", "example-1"), ("dkr", "example-1")]
+    assert accepted[0]["delivery_id"] == delivery_id("example-1", accepted[0]["officer_id"], "webhook")
+    assert [r["status"] for r in lines if r["status"] != 200] == [400, 400, 409, 401, 401, 401], (lines, err)
+
+
 # --- benchmark parts (the full run needs the wired worker: `bench_delivery`) ---------------------------------
 
 
@@ -729,12 +1083,14 @@ def test_bench_reports_are_new_nitazenes_in_bamako_that_reach_the_french_webhook
 
 def test_bench_receiver_accepts_signed_requests_only(monkeypatch: Any) -> None:
     monkeypatch.setenv("SYNTHWATCH_KAFKA_BOOTSTRAP_SERVERS", "elsewhere:9092")
-    env = stack_env(Settings(subscriptions_file=Path("/x/subs.yaml"), webhook_secret="s", web_port=0))
+    env = stack_env(Settings(subscriptions_file=Path("/x/subs.yaml"), web_port=0), {"SECRET_X": "s" * 16})
     assert env["SYNTHWATCH_SUBSCRIPTIONS_FILE"] == "/x/subs.yaml" and "SYNTHWATCH_KAFKA_BOOTSTRAP_SERVERS" not in env
+    assert env["SECRET_X"] == "s" * 16
     with LatencyReceiver(SECRET) as receiver:
-        body = json.dumps({"alert": {"evidence_event_ids": ["e1"]}, "language": "fr"}).encode()
+        payload = {"kind": "alert", "delivery_id": "d_1", "alert_id": "a1", "alert": {"evidence_event_ids": ["e1"]}}
+        body = json.dumps({**payload, "language": "fr"}).encode()
         signed = urllib.request.Request(
-            receiver.url, data=body, headers=webhook_headers(SECRET, body, "k1", "alert", time.time()), method="POST"
+            receiver.url, data=body, headers=webhook_headers(SECRET, body, "d_1", "alert", time.time()), method="POST"
         )
         with urllib.request.urlopen(signed, timeout=5) as response:
             assert response.status == 200
@@ -788,7 +1144,8 @@ def test_the_agent_acknowledges_alerts_only_when_final_so_a_killed_worker_loses_
 
     with ThreadedReceiver() as hooks:
         (tmp_path / "subs.yaml").write_text(
-            "officers:\n" + _officer("bko", f"{{type: webhook, url: '{hooks.url}'}}", language="fr")
+            "webhook_allowed_networks: [127.0.0.0/8]\nofficers:\n"
+            + _officer("bko", hook(hooks.url, "bko"), language="fr")
         )
         first = start()
         try:
@@ -824,7 +1181,7 @@ def test_concurrent_submits_of_one_alert_waiting_for_a_slot_send_it_once(db: Any
 
     async def scenario() -> WebhookReceiver:
         async with WebhookReceiver(delay_s={"b": 0.2}) as hooks:
-            text = "officers:\n" + _officer("bko", f"{{type: webhook, url: '{hooks.url('b')}'}}")
+            text = "officers:\n" + _officer("bko", hook(hooks.url("b"), "bko"))
             service = _service(db, text, max_in_flight=1)
             busy = await service.submit([make_alert(alert_id="z" * 24)])  # holds the only slot for 0.2 s
             both = await asyncio.gather(service.handle(alert), service.handle(alert))

@@ -289,8 +289,12 @@ def test_k8s_workers_scale_with_probes_resources_and_config_from_the_secret() ->
         assert check["path"] == "/ready" and check["port"] in ("http", WEB_PORT), probe
     requests = container["resources"]["requests"]
     assert requests["cpu"] and requests["memory"] and container["resources"]["limits"]["memory"]
-    refs = {next(iter(ref)): next(iter(ref.values()))["name"] for ref in container["envFrom"]}
-    assert refs == {"configMapRef": "synthwatch-config", "secretRef": "synthwatch"}
+    refs = [(next(iter(ref)), next(iter(ref.values()))["name"]) for ref in container["envFrom"]]
+    assert refs[:2] == [("configMapRef", "synthwatch-config"), ("secretRef", "synthwatch")]
+    # each officer's webhook secret, by the secret_env names of the subscriptions file
+    assert (
+        refs[2:] == [("secretRef", "synthwatch-webhook-secrets")] and container["envFrom"][2]["secretRef"]["optional"]
+    )
     assert by_kind("ConfigMap")[0]["metadata"]["name"] == "synthwatch-config"
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert config()["SYNTHWATCH_DATA_DIR"] in mounts, "the data dir must be writable (read-only root filesystem)"

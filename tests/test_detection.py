@@ -215,19 +215,92 @@ def test_one_huge_seizure_alone_is_not_a_mass_spike_unless_configured() -> None:
     assert len([a for a in feed(extreme, usual + huge) if a.metric == "quantity"]) == 1
 
 
-def test_late_reports_count_in_their_day_and_too_late_ones_are_refused() -> None:
+def test_late_reports_count_in_their_day_and_later_ones_are_flagged_not_dropped() -> None:
     detector = Detector(DetectionConfig(lateness_hours=24))
     now = T0 + timedelta(days=10)
     feed(detector, [obs(TRAMADOL, now)])
-    late = detector.observe(obs(TRAMADOL, now - timedelta(hours=20)))
-    assert late.late_reason is None
+    within = detector.observe(obs(TRAMADOL, now - timedelta(hours=20)))
+    assert within.late_by_hours is None and not within.duplicate
     series = detector.regions.series[f"ML-BKO|{TRAMADOL.key}"]
     assert series.counts[day_of(now - timedelta(hours=20))] == 1  # counted in its own day
-    too_late = detector.observe(obs(TRAMADOL, now - timedelta(hours=30)))
-    assert too_late.late_reason is not None and "24 h" in too_late.late_reason
+    region = detector.regions.regions["ML-BKO"]
+    before = (dict(series.counts), dict(region.totals), dict(region.watermarks))
+    late = detector.observe(obs(TRAMADOL, now - timedelta(hours=30)))
+    assert late.late_by_hours == 30.0 and not late.duplicate  # kept (the worker stores it), flagged
+    assert (dict(series.counts), dict(region.totals), dict(region.watermarks)) == before  # out of the spike series
     # lateness is per kind: a lab report of last week is not late because seizures are newer
     lab = detector.observe(obs(TRAMADOL, now - timedelta(days=7), kind="lab_detection"))
-    assert lab.late_reason is None
+    assert lab.late_by_hours is None
+
+
+def test_a_late_report_is_a_duplicate_only_when_resent() -> None:
+    detector = Detector(DetectionConfig(lateness_hours=24))
+    now = T0 + timedelta(days=30)
+    feed(detector, [obs(TRAMADOL, now)])
+    recent = obs(TRAMADOL, now - timedelta(hours=40))  # its day's ids are still kept: the region stage knows
+    assert not detector.observe(recent).duplicate
+    assert detector.observe(recent).duplicate
+    old = obs(TRAMADOL, now - timedelta(days=20))  # ids of that day are pruned: what is stored decides
+    first = detector.observe(old, stored=set())
+    assert not first.duplicate and first.late_by_hours == 480.0
+    again = detector.observe(old, stored={old.event_id})
+    assert again.duplicate and again.alerts == []
+
+
+def test_a_late_report_never_reopens_or_raises_a_decided_spike() -> None:
+    detector = Detector(DetectionConfig(lateness_hours=24))
+    history = steady(TRAMADOL, 42, 1)
+    spike_day = T0 + timedelta(days=42)
+    burst = [obs(TRAMADOL, spike_day + timedelta(minutes=5 * k)) for k in range(8)]
+    alerts = feed(detector, history + burst)
+    spikes = [a for a in alerts if a.alert_type == "spike"]
+    assert len(spikes) >= 1, "the burst is a spike"
+    newest = T0 + timedelta(days=45)
+    feed(detector, [obs(TRAMADOL, newest)])
+    name = f"ML-BKO|{TRAMADOL.key}"
+    state = detector.regions.series[name].to_dict()
+    region = detector.regions.regions["ML-BKO"]
+    totals = dict(region.totals)
+    # 20 late reports of the spike's day (an episode already raised) and of a quiet day (a window decided
+    # without them): neither raises a spike, and the series is untouched.
+    late = [obs(TRAMADOL, spike_day + timedelta(minutes=1 + k)) for k in range(20)]
+    late += [obs(TRAMADOL, T0 + timedelta(days=38, minutes=k)) for k in range(20)]
+    results = [detector.observe(item) for item in late]
+    assert all(r.late_by_hours is not None and r.late_by_hours > 24 for r in results)
+    assert [a for r in results for a in r.alerts if a.alert_type == "spike"] == []
+    assert detector.regions.series[name].to_dict() == state
+    assert region.totals == totals
+    # on-time reports after them are judged as if the late ones had not come
+    reference = Detector(DetectionConfig(lateness_hours=24))
+    feed(reference, [*history, *burst, obs(TRAMADOL, newest)])
+    after = [obs(TRAMADOL, newest + timedelta(hours=h)) for h in range(1, 30, 2)]
+    assert [a.alert_id for a in feed(detector, after)] == [a.alert_id for a in feed(reference, after)]
+
+
+def test_a_late_report_raises_novelty_alerts_first_by_occurrence_and_says_how_late() -> None:
+    detector = Detector(DetectionConfig(lateness_hours=24))
+    now = T0 + timedelta(days=20)
+    feed(detector, [obs(TRAMADOL, now, "SN-DK", kind="lab_detection")])  # SN-DK's labs are up to date
+    feed(detector, [obs(COCAINE, now, "ML-BKO", kind="lab_detection")])
+    # Pentoxy-nitazene reported on time in ML-BKO first, then a lab report from SN-DK that occurred 362 h earlier
+    feed(detector, [obs(NITAZENE, now, "ML-BKO", kind="lab_detection")])
+    late = detector.observe(obs(NITAZENE, now - timedelta(hours=362), "SN-DK", kind="lab_detection"))
+    assert late.late_by_hours == 362.0 and not late.duplicate
+    (first,) = late.alerts
+    assert first.alert_type == "first_in_region" and first.region == "SN-DK"
+    assert first.reported_late and first.late_by_hours == 362.0
+    assert "Reported late" in first.summary and "362.0 h" in first.summary
+    assert "predates the network's first report received" in first.summary
+    known = detector.novelty.state[NITAZENE.key]
+    assert (known.first_day, known.first_region) == (day_of(now - timedelta(hours=362)), "SN-DK")  # by occurrence
+    # a substance never seen, reported late: new_substance, late
+    fresh = Subject("LATEKEY", "Late-azepam", None, "benzodiazepine", None, False)
+    (new,) = detector.observe(obs(fresh, now - timedelta(hours=100), "ML-BKO", kind="lab_detection")).alerts
+    assert new.alert_type == "new_substance" and new.reported_late and new.late_by_hours == 100.0
+    # on-time alerts say nothing of lateness
+    (on_time,) = detector.observe(obs(fresh, now + timedelta(hours=1), "SN-DK", kind="lab_detection")).alerts
+    assert on_time.alert_type == "first_in_region" and not on_time.reported_late and on_time.late_by_hours is None
+    assert "Reported late" not in on_time.summary
 
 
 def test_a_resent_event_is_not_counted_twice() -> None:

@@ -26,8 +26,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def test_streamed_month_raises_the_backtest_alerts(broker: EmbeddedBroker, tmp_path: Path) -> None:
     sim = simulate(SimulationConfig(days=30, seed=11, start=date.today() - timedelta(days=30)))
-    expected = run_lines((f"sim:{i}", line) for i, line in enumerate(sim.lines)).alerts
+    run = run_lines((f"sim:{i}", line) for i, line in enumerate(sim.lines))
+    expected = run.alerts
     assert expected, "the simulated month must raise alerts for this test to mean anything"
+    assert run.summary.late, "the simulated month must have late reports for this test to mean anything"
 
     settings = isolated_settings(broker, tmp_path)
     worker = start_worker(settings, tmp_path / "worker.log")
@@ -52,8 +54,15 @@ def test_streamed_month_raises_the_backtest_alerts(broker: EmbeddedBroker, tmp_p
             "every alert stored",
         )
         rows = worker.query(
-            "SELECT alert_id, alert_type, region, substance_key, metric, toDate(triggered_at) AS day FROM alerts"
+            "SELECT alert_id, alert_type, region, substance_key, metric, toDate(triggered_at) AS day, reported_late, "
+            "late_by_hours FROM alerts"
         ).as_dicts()
+        stored = "SELECT (SELECT count() FROM lab_detections) + (SELECT count() FROM border_seizures)"
+        wait_until(lambda: worker.count(stored) >= run.summary.events, 60, "every event stored")
+        stored_late = worker.count(
+            "SELECT (SELECT countIf(late) FROM lab_detections) + (SELECT countIf(late) FROM border_seizures)"
+        )
+        rejected_late = worker.count("SELECT count() FROM rejects WHERE stage = 'detection'")
     finally:
         stop_worker(worker)
     streamed = [(r["alert_id"], r["alert_type"], r["region"] or None, r["substance_key"]) for r in rows]
@@ -95,6 +104,15 @@ def test_streamed_month_raises_the_backtest_alerts(broker: EmbeddedBroker, tmp_p
     # called "first" may differ when two regions report a never-seen substance in the same moment
     # and their partitions deliver in another order than the file.
     assert novelty_summary(streamed) == novelty_summary(backtest)
+
+    # Late reports: stored and flagged (none refused), the same ones as the backtest counts, and the alerts
+    # they raised say so the same way.
+    stream_late = {(r["alert_id"], r["late_by_hours"]) for r in rows if r["reported_late"]}
+    backtest_late = {(a.alert_id, a.late_by_hours) for a in expected if a.reported_late}
+    print(f"late reports stored {stored_late} (backtest {run.summary.late}); late alerts {sorted(stream_late)}")
+    assert rejected_late == 0
+    assert stored_late == run.summary.late == stats["late"]
+    assert stream_late == backtest_late
     same_first = sum(1 for a in streamed if a[1] == "new_substance" and a in set(backtest))
     new_total = sum(1 for a in backtest if a[1] == "new_substance")
     print(f"new substances with the same first region as the backtest: {same_first}/{new_total}")

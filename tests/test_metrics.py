@@ -88,7 +88,6 @@ def test_helpers_count_what_the_agents_report() -> None:
         [
             Reject.of("{", source="s", reason="invalid JSON: EOF while parsing", stage="worker"),
             Reject.of("{}", source="s", reason="region: not ISO 3166-2; country: missing", stage="worker"),
-            Reject.of("{}", source="s", reason="too late: occurred 30.0 h before ...", stage="detection"),
         ]
     )
     m.set_ready()
@@ -101,7 +100,12 @@ def test_helpers_count_what_the_agents_report() -> None:
     assert value(text, "synthwatch_duplicates_total") == 4
     assert value(text, "synthwatch_rejects_total", stage="worker", reason="invalid_json") == 1
     assert value(text, "synthwatch_rejects_total", stage="worker", reason="invalid_region") == 1
-    assert value(text, "synthwatch_rejects_total", stage="detection", reason="too_late") == 1
+    m.late("lab_detection")
+    m.late("border_seizure", 2)
+    m.late("lab_detection", 0)
+    text = m.exposition()
+    assert value(text, "synthwatch_late_events_total", kind="lab_detection") == 1
+    assert value(text, "synthwatch_late_events_total", kind="border_seizure") == 2
     assert value(text, "synthwatch_worker_ready") == 1
     assert value(text, "synthwatch_worker_info", app_id="synthwatch-test") == 1
 

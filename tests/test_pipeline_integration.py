@@ -24,8 +24,8 @@ def _now_iso(minutes: float = 0.0) -> str:
 def _valid_records(prefix: str, n_seizures: int, n_labs: int) -> list[dict[str, Any]]:
     """Seizures over five regions then lab detections, in time order from now.
 
-    The tests share one worker, which refuses reports more than 24 h older than the newest of their
-    region and kind: times start from the wall clock so each test is newer than the previous one.
+    The tests share one worker, which flags reports more than 24 h older than the newest of their
+    region and kind as late: times start from the wall clock so each test is newer than the previous one.
     """
     regions = [("ML", "ML-BKO"), ("MA", "MA-TNG"), ("SN", "SN-DK"), ("FR", "FR-75C"), ("NL", "NL-NH")]
     records = []
@@ -120,10 +120,87 @@ def test_published_file_arrives_row_for_row_and_resend_adds_nothing(stack: Runni
         "SELECT count() - uniqExact(event_id) FROM border_seizures WHERE startsWith(event_id, %(p)s)",
         {"p": prefix},
     )
-    late = stack.count("SELECT count() FROM rejects WHERE startsWith(event_id, %(p)s)", {"p": prefix})
-    print(f"after re-send: stored {_stored(stack, prefix)} (500 + marker), duplicate rows {duplicates}, rejects {late}")
+    refused = stack.count("SELECT count() FROM rejects WHERE startsWith(event_id, %(p)s)", {"p": prefix})
+    print(
+        f"after re-send: stored {_stored(stack, prefix)} (500 + marker), duplicate rows {duplicates}, rejects {refused}"
+    )
     assert duplicates == 0
-    assert late == 0  # re-sent old events are duplicates, not "too late"
+    assert refused == 0  # re-sent events are duplicates: skipped, never refused
+
+
+def test_a_lab_report_362_hours_late_is_stored_flagged_and_its_alerts_say_how_late(
+    stack: RunningWorker, tmp_path: Path
+) -> None:
+    """Issue 11 §3: a lab detection that occurred 362 h before the newest one from its region is stored
+    (flagged late, its report delay kept) and raises new-substance / first-in-region alerts that say so."""
+    prefix = f"lt{uuid.uuid4().hex[:6]}"
+    now = datetime.now(UTC).replace(microsecond=0)
+    back = now - timedelta(hours=362)
+
+    def lab_at(n: str, region: str, name: str, occurred: datetime, reported: datetime) -> dict[str, Any]:
+        return lab(
+            event_id=f"{prefix}-{n}",
+            country="PT",
+            region=region,  # Lisbon and Porto: no other test reports from there
+            substance={"name": f"{name} {prefix}"},
+            occurred_at=occurred.isoformat(),
+            reported_at=reported.isoformat(),
+        )
+
+    def publish(name: str, records: list[dict[str, Any]]) -> dict[str, int]:
+        path = tmp_path / f"{name}.ndjson"
+        path.write_text(ndjson(records))
+        done = run_cli(stack.settings, "publish", str(path))
+        assert done.returncode == 0, done.stderr
+        return _summary(done.stdout)
+
+    alerts_sql = (
+        "SELECT alert_type, region, substance_name, reported_late, late_by_hours, summary FROM alerts "
+        "WHERE position(substance_name, %(p)s) > 0 ORDER BY substance_name, alert_type"
+    )
+    late_before = stack.stats()["late"]
+    # On time: Lisbon's newest lab report, and the first report of Firstinol anywhere (in Porto).
+    first = publish(
+        "on-time", [lab_at("now", "PT-11", "Ontimeol", now, now), lab_at("p", "PT-13", "Firstinol", now, now)]
+    )
+    assert (first["sent"], first["rejected"]) == (2, 0)
+    stack.wait_rows(alerts_sql, {"p": prefix}, 2, "the on-time new_substance alerts")
+    # 362 h late from Lisbon: a substance nobody reported, and Firstinol (so far seen only in Porto).
+    second = publish(
+        "late",
+        [
+            lab_at("late-new", "PT-11", "Latezepam", back, now + timedelta(minutes=2)),
+            lab_at("late-first", "PT-11", "Firstinol", back, now + timedelta(minutes=3)),
+        ],
+    )
+    assert (second["sent"], second["rejected"]) == (2, 0)
+    alerts = stack.wait_rows(alerts_sql, {"p": prefix}, 4, f"the late reports' alerts; worker: {stack.stats()}")
+    rows = stack.query(
+        "SELECT event_id, late, reported_at IS NOT NULL AS dated, report_delay_seconds FROM lab_detections "
+        "WHERE startsWith(event_id, %(p)s) ORDER BY event_id",
+        {"p": prefix},
+    ).as_dicts()
+    refused = stack.count("SELECT count() FROM rejects WHERE startsWith(event_id, %(p)s)", {"p": prefix})
+    stats = stack.stats()
+    for row in rows + alerts:
+        print(row)
+
+    assert refused == 0
+    flags = {r["event_id"][len(prefix) + 1 :]: (r["late"], r["dated"]) for r in rows}
+    assert flags == {"late-first": (True, True), "late-new": (True, True), "now": (False, True), "p": (False, True)}
+    delays = {r["event_id"][len(prefix) + 1 :]: r["report_delay_seconds"] for r in rows}
+    assert delays["late-new"] == 362 * 3600 + 120 and delays["late-first"] == 362 * 3600 + 180 and delays["now"] == 0
+    assert stats["late"] - late_before == 2
+    by_name = {(a["substance_name"].split()[0], a["region"]): a for a in alerts}
+    new = by_name[("Latezepam", "PT-11")]
+    assert new["alert_type"] == "new_substance" and new["reported_late"] and new["late_by_hours"] == 362.0
+    assert "Reported late" in new["summary"] and "362.0 h" in new["summary"]
+    moved = by_name[("Firstinol", "PT-11")]
+    assert moved["alert_type"] == "first_in_region" and moved["reported_late"] and moved["late_by_hours"] == 362.0
+    assert "predates the network's first report received" in moved["summary"]
+    on_time = by_name[("Firstinol", "PT-13")]
+    assert on_time["alert_type"] == "new_substance" and not on_time["reported_late"]
+    assert on_time["late_by_hours"] is None
 
 
 def test_malformed_input_lands_in_rejects_and_counts_add_up(stack: RunningWorker, tmp_path: Path) -> None:

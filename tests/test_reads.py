@@ -64,6 +64,21 @@ def data(ch: Any, ch_settings: Settings) -> tuple[Any, Settings, str, str]:
     return ch, ch_settings, key, name
 
 
+def test_an_alert_raised_recently_by_a_late_report_is_recent(data: tuple[Any, Settings, str, str]) -> None:
+    ch, settings, key, name = data
+    late = _alert(4, key, name, "SN-DK", 362, "warning").model_copy(
+        update={"reported_late": True, "late_by_hours": 362.0}
+    )
+    old = _alert(5, key, name, "SN-DK", 362, "warning")  # triggered as long ago, raised on time back then
+    old = old.model_copy(update={"detected_at": old.triggered_at})
+    ClickHouseSink(ch).store_alerts([late, old])
+    week = [a.alert_id for a in recent_alerts(settings)]
+    assert week == ["a-0", "a-1", "a-2", "a-4"]  # by trigger time; a-4 raised now, its report 362 h old
+    assert [a.alert_id for a in recent_alerts(settings, region="sn-dk")] == ["a-4"]
+    stored = ch.query("SELECT reported_late, late_by_hours FROM alerts WHERE alert_id = 'a-4'").result_rows
+    assert stored == [(True, 362.0)]
+
+
 def test_parse_since() -> None:
     assert parse_since("7d") == timedelta(days=7)
     assert parse_since("12h") == timedelta(hours=12)

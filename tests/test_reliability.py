@@ -31,7 +31,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from kafka import KafkaProducer
 
-from synthwatch.broker import EmbeddedBroker, ensure_topics, free_port
+from synthwatch.broker import EmbeddedBroker, consumer_lag, ensure_topics, free_port
 from synthwatch.producers.publisher import PRODUCER_DEFAULTS, Publisher
 from synthwatch.producers.readers import InputRecord
 from synthwatch.producers.simulate import SimulationConfig, simulate
@@ -53,7 +53,6 @@ from .reliability_helpers import (
     FlakyProxy,
     Tailer,
     backtest_outcomes,
-    consumer_lag,
     daily_chunks,
     novelty_summary,
     publish_summary,
@@ -64,6 +63,7 @@ pytestmark = pytest.mark.integration
 
 STORED = "SELECT (SELECT count() FROM lab_detections) + (SELECT count() FROM border_seizures)"
 UNIQUE = "SELECT (SELECT uniqExact(event_id) FROM lab_detections) + (SELECT uniqExact(event_id) FROM border_seizures)"
+LATE = "SELECT (SELECT countIf(late) FROM lab_detections) + (SELECT countIf(late) FROM border_seizures)"
 
 
 def stored_ids(worker: RunningWorker, query: Any = None) -> set[str]:
@@ -101,9 +101,8 @@ def test_worker_killed_mid_stream_restarts_and_stores_every_event_once_without_l
 ) -> None:
     sim = simulate(SimulationConfig(days=16, seed=29, start=date.today() - timedelta(days=16), events_per_day=1500))
     backtest = run_lines((f"sim:{i}", line) for i, line in enumerate(sim.lines))
-    too_late = {r.event_id for r in backtest.rejects if r.stage == "detection"}
-    expected = {e["event_id"] for e in sim.iter_events()} - too_late
-    assert len(expected) == backtest.summary.events and backtest.alerts
+    expected = {e["event_id"] for e in sim.iter_events()}  # late reports are stored too
+    assert len(expected) == backtest.summary.events and backtest.alerts and backtest.summary.late
 
     settings = isolated_settings(broker, tmp_path)
     worker = start_worker(settings, tmp_path / "worker-1.log")
@@ -141,10 +140,11 @@ def test_worker_killed_mid_stream_restarts_and_stores_every_event_once_without_l
         stats = wait_until(
             lambda: (s := worker.stats())["alerts_stored"] >= s["alerts_raised"] and s, 60, "every alert stored"
         )
-        wait_until(lambda: worker.count("SELECT count() FROM rejects") >= rejected + len(too_late), 60, "rejects")
+        wait_until(lambda: worker.count("SELECT count() FROM rejects") >= rejected, 60, "rejects")
         ids = stored_ids(worker)
         rows = worker.count(STORED)
-        late_rows = {str(r[0]) for r in worker.query("SELECT event_id FROM rejects WHERE stage = 'detection'").rows}
+        late_rows = worker.count(LATE)
+        detection_rejects = worker.count("SELECT count() FROM rejects WHERE stage = 'detection'")
         alert_rows = worker.query("SELECT alert_id, alert_type, region, substance_key FROM alerts").as_dicts()
         alert_dupes = worker.count("SELECT count() - uniqExact(alert_id) FROM alerts")
     finally:
@@ -162,12 +162,12 @@ def test_worker_killed_mid_stream_restarts_and_stores_every_event_once_without_l
         stored_rows=rows,
         unique_stored=len(ids),
         expected=len(expected),
-        too_late=len(late_rows),
+        stored_late=late_rows,
         alerts=f"{len(streamed)} streamed / {len(expected_alerts)} backtest ({len(alerts_before)} before the kill)",
     )
     assert rows == len(ids) == len(expected), "every valid event exactly once"
     assert ids == expected
-    assert late_rows == too_late
+    assert late_rows == backtest.summary.late and detection_rejects == 0
     assert alert_dupes == 0
     assert alerts_before <= {a[0] for a in streamed}, "an alert stored before the kill vanished"
     assert len(streamed) == len(expected_alerts), "no alert lost or raised twice across the restart"
@@ -187,6 +187,88 @@ def clickhouse_http(tmp_path: Path) -> Iterator[tuple[int, FlakyProxy]]:
             yield port, proxy.up()
         finally:
             proxy.down()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_worker_stuck_without_an_error_is_sought_back_then_reported_not_ready_then_recovers(
+    broker: EmbeddedBroker, tmp_path: Path, clickhouse_http: tuple[int, FlakyProxy]
+) -> None:
+    """The consumer watchdog, on a real worker: ClickHouse stops answering without failing (a hung
+    server), so checkpoints never finish and committed offsets stop while records wait. The worker must
+    notice, count and seek back, then answer 503 on /ready; once ClickHouse answers it must report ready
+    again and store every event exactly once."""
+    port, proxy = clickhouse_http
+    (tmp_path / "worker").mkdir()
+    settings = isolated_settings(
+        broker,
+        tmp_path / "worker",
+        clickhouse_url=f"http://127.0.0.1:{proxy.port}/watchdog",
+        stall_seconds=2.0,
+    )
+    direct = settings.model_copy(update={"clickhouse_url": f"http://127.0.0.1:{port}/watchdog"})
+    regions = [("ML", "ML-BKO"), ("MA", "MA-TNG"), ("SN", "SN-DK")]
+    base = datetime.now(UTC) - timedelta(hours=2)
+
+    def publish(first: int, count: int) -> None:
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, linger_ms=5)
+        for i in range(first, first + count):
+            country, region = regions[i % len(regions)]
+            record = seizure(
+                event_id=f"wd-{i}",
+                country=country,
+                region=region,
+                occurred_at=(base + timedelta(seconds=i)).isoformat(),
+            )
+            producer.send(settings.topic_border_seizures, key=region.encode(), value=json.dumps(record).encode())
+        producer.flush()
+        producer.close()
+
+    def ready_status() -> tuple[int, dict[str, Any]]:
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{worker.info.web_url}/ready", timeout=10) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    def lag() -> int:
+        return consumer_lag(broker.bootstrap_servers, settings.app_id, settings.input_topics)
+
+    worker = start_worker(settings, tmp_path / "worker.log")
+    try:
+        publish(0, 300)
+        wait_until(lambda: lag() == 0, 60, "the first part stored and committed", interval=0.5)
+        assert ready_status()[0] == 200
+
+        proxy.hung.set()  # ClickHouse accepts connections and never answers
+        publish(300, 300)
+        status, body = wait_until(
+            lambda: (found := ready_status())[0] == 503 and found,
+            60,
+            "/ready to answer 503 while the consumer is stuck",
+            details=worker.describe,
+        )
+        print(f"stuck: /ready {status}: stalled {body['stalled']!r}, seek-backs {body['consumer_stalls']}")
+        assert body["consumer_stalls"] >= 1  # it sought back before it gave up
+        assert "has not moved" in body["stalled"] and settings.topic_border_seizures in body["stalled"]
+        assert alive(worker)
+        log = worker.log_path.read_text(errors="replace")
+        assert "consumer stalled:" in log and "reporting not ready" in log
+
+        proxy.hung.clear()  # ClickHouse answers again: the held requests complete
+        wait_until(lambda: lag() == 0, 90, "offsets committed once ClickHouse answers", interval=0.5)
+        status, body = wait_until(lambda: (found := ready_status())[0] == 200 and found, 60, "/ready 200 again")
+        rows, unique = run_query(
+            direct, "SELECT count(), uniqExact(event_id) FROM border_seizures WHERE startsWith(event_id, 'wd-')"
+        ).rows[0]
+        print(f"recovered: /ready {status}, rows {rows}, unique {unique}, seek-backs {body['consumer_stalls']}")
+        assert int(rows) == int(unique) == 600
+    finally:
+        proxy.hung.clear()
+        stop_worker(worker)
 
 
 @pytest.mark.slow
@@ -251,7 +333,7 @@ def test_clickhouse_unavailable_the_sink_retries_the_consumer_waits_and_catches_
         )
         after = worker.stats()
         rows, unique = count(STORED), count(UNIQUE)
-        late = count("SELECT count() FROM rejects WHERE stage = 'detection'")
+        late = count(LATE)
         assert alive(worker)
     finally:
         if not proxy.is_up:
@@ -270,15 +352,15 @@ def test_clickhouse_unavailable_the_sink_retries_the_consumer_waits_and_catches_
         caught_up_seconds=f"{caught_up:.1f}",
         stored=rows,
         unique=unique,
-        too_late=late,
+        stored_late=late,
         duplicates=after["duplicates"],
     )
     assert stored_during == stored_before, "nothing can be stored while ClickHouse is down"
     assert during["consumed"] == paused_at < sent, "the consumer pauses while ClickHouse is down"
     assert lag_during > 0, "the unstored events wait in Kafka (not committed)"
     assert after["sink_retries"] >= 3
-    assert rows == unique == sent - late - after["duplicates"], "every event stored exactly once after the outage"
-    assert rows + late == len({e["event_id"] for e in sim.iter_events()})
+    assert rows == unique == sent - after["duplicates"], "every event stored exactly once after the outage"
+    assert rows == len({e["event_id"] for e in sim.iter_events()}), "late reports are stored too"
 
 
 # --- 3. the broker restarted under the publisher -------------------------------------------------------
@@ -648,13 +730,13 @@ def test_fuzzed_stream_never_crashes_the_worker_and_every_line_is_stored_or_reje
         rejected=stats["rejected"],
         rejects_stored=rejects,
         duplicates=stats["duplicates"],
-        backtest=f"{s.events} stored, {s.malformed} malformed, {s.too_late} too late, {s.duplicates} duplicates",
+        backtest=f"{s.events} stored ({s.late} late), {s.malformed} malformed, {s.duplicates} duplicates",
     )
     assert stats["consumed"] == total
     assert stats["stored"] + stats["rejected"] + stats["duplicates"] == total, "every message accounted for once"
     if rows != s.events:  # show what differs before failing
         outcomes = backtest_outcomes((src, v if v is not None else b"") for src, v in lines)
-        expected_ids = {i for what, i in outcomes if what == "stored"}
+        expected_ids = {i for what, i in outcomes if what in ("stored", "late")}
         for n, ((what, event_id), (_, value)) in enumerate(zip(outcomes, lines, strict=True)):
             if event_id is not None and (event_id in expected_ids) != (event_id in ids):
                 print(
@@ -663,10 +745,10 @@ def test_fuzzed_stream_never_crashes_the_worker_and_every_line_is_stored_or_reje
                 )
     assert rows == unique == stats["stored"] == s.events
     assert rejects == stats["rejected"]
-    # A too-late event re-sent within one batch is a duplicate to the worker and a second reject to the
-    # file-order backtest: how the rest splits depends on batch boundaries, the sum does not.
-    assert s.malformed <= stats["rejected"] <= s.malformed + s.too_late
-    assert stats["rejected"] + stats["duplicates"] == s.malformed + s.too_late + s.duplicates
+    # Late reports are stored (flagged), never refused: only malformed input is rejected.
+    assert stats["rejected"] == s.malformed
+    assert stats["duplicates"] == s.duplicates
+    assert stats["late"] == s.late
     assert no_reason == 0
 
 

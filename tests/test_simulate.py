@@ -279,8 +279,8 @@ def test_counts_add_up(run: Run) -> None:
     assert truth.valid_unique == len(run.events)
     assert truth.duplicates == len(run.duplicate_lines)
     assert truth.malformed == len(truth.malformed_kinds)
-    assert truth.late == len(truth.late_event_ids) and truth.too_late == len(truth.too_late_event_ids)
-    assert not set(truth.late_event_ids) & set(truth.too_late_event_ids)
+    assert truth.late == len(truth.late_event_ids) and truth.very_late == len(truth.very_late_event_ids)
+    assert not set(truth.late_event_ids) & set(truth.very_late_event_ids)
     assert 0.002 < truth.malformed / truth.lines < 0.004
     assert 0.003 < truth.duplicates / truth.lines < 0.007
     assert 0.01 < truth.late / truth.valid_unique < 0.03
@@ -306,7 +306,7 @@ def test_late_events_arrive_out_of_order(run: Run) -> None:
         event = run.by_id[event_id]
         delay = datetime.fromisoformat(event["reported_at"]) - occurred(event)
         assert timedelta(hours=1) < delay < timedelta(hours=24)
-    for event_id in run.truth.too_late_event_ids:
+    for event_id in run.truth.very_late_event_ids:
         event = run.by_id[event_id]
         assert datetime.fromisoformat(event["reported_at"]) - occurred(event) > timedelta(hours=24)
     # File order is arrival order: late events sit after events that occurred later than they did.

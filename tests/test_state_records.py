@@ -44,7 +44,7 @@ def lagged(items: list[Observation], kind: str, lag: int) -> list[Observation]:
 def outcome(detector: Detector, item: Observation) -> tuple[Any, ...]:
     result = detector.observe(item)
     alerts = [a.model_dump_json(exclude={"detected_at"}) for a in result.alerts]  # detected_at: the wall clock
-    return (result.duplicate, result.late_reason, alerts)
+    return (result.duplicate, result.late_by_hours, alerts)
 
 
 def write(detector: Detector, table: dict[str, Any]) -> None:

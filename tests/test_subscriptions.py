@@ -22,7 +22,9 @@ from synthwatch.stream_apps.subscriptions import (
     load_subscriptions,
     parse_subscriptions,
     recipients,
+    secret_problems,
 )
+from synthwatch.stream_apps.targets import TargetPolicy
 
 from .delivery_helpers import make_alert
 
@@ -113,7 +115,8 @@ def test_errors_name_the_file_line_and_field() -> None:
         ),
         (
             "officers:\n  - id: a\n    name: A\n    language: en\n    routes:\n"
-            "      - channel: {type: webhook, url: 'http://a/1'}\n      - channel: {type: webhook, url: 'http://a/2'}\n",
+            "      - channel: {type: webhook, url: 'http://a/1', secret_env: S1}\n"
+            "      - channel: {type: webhook, url: 'http://a/2', secret_env: S1}\n",
             "f.yaml:2: officers[0]: two different channels are both named 'webhook'",
         ),
         (
@@ -189,7 +192,7 @@ def test_two_matching_routes_on_one_channel_send_once_and_digest_only_when_nothi
         "      - {name: mali, countries: [ML], channel: {type: email, to: a@b.org}}\n"
         "      - {name: opioids, families: [nitazene], channel: {type: email, to: a@b.org}}\n"
         "      - {name: low, countries: [ML], immediate_min_severity: critical, "
-        "channel: {type: webhook, name: hook, url: 'http://h/1'}}\n"
+        "channel: {type: webhook, name: hook, url: 'http://h/1', secret_env: HOOK_SECRET}}\n"
     )
     critical = recipients(make_alert(severity="critical"), subscriptions)
     assert [(r.route.name, r.channel.name, r.immediate) for r in critical] == [
@@ -198,6 +201,101 @@ def test_two_matching_routes_on_one_channel_send_once_and_digest_only_when_nothi
     ]
     info = recipients(make_alert(severity="info"), subscriptions)
     assert [(r.route.name, r.channel.name, r.immediate) for r in info] == [("mali", "email", False)]
+
+
+# --- webhook secrets and targets ---------------------------------------------------------------------------
+
+
+def _two_officers(first: str, second: str, head: str = "") -> str:
+    return (
+        f"{head}officers:\n"
+        f"  - {{id: bko, name: B, language: fr, routes: [{{channel: {first}}}]}}\n"
+        f"  - {{id: dkr, name: D, language: fr, routes: [{{channel: {second}}}]}}\n"
+    )
+
+
+def test_every_webhook_needs_a_secret_of_its_own() -> None:
+    ok = parse_subscriptions(
+        _two_officers(
+            "{type: webhook, url: 'https://a.example/1', secret_env: SECRET_BKO}",
+            "{type: webhook, url: 'https://a.example/1', secret: 'dakar-own-secret-0123'}",
+        )
+    )
+    assert [o.id for o in ok.officers] == ["bko", "dkr"]
+    cases = {
+        "{type: webhook, url: 'https://a.example/2'}": "f.yaml:3: officers[1].routes[0].channel: a webhook needs "
+        "its own secret",
+        "{type: webhook, url: 'https://a.example/2', secret_env: SECRET_BKO}": "f.yaml:3: "
+        "officers[1].routes[0].channel.secret_env: officer dkr uses the same webhook secret as officer bko (line 2)",
+        "{type: webhook, url: 'https://a.example/2', secret: 'too-short'}": "f.yaml:3: officers[1].routes[0].channel: "
+        "secret is shorter than 16 characters",
+        "{type: webhook, url: 'https://a.example/2', secret_env: 'NOT A NAME'}": "f.yaml:3: "
+        "officers[1].routes[0].channel.secret_env: String should match",
+    }
+    for second, expected in cases.items():
+        with pytest.raises(SubscriptionsError) as caught:
+            parse_subscriptions(
+                _two_officers("{type: webhook, url: 'https://a.example/1', secret_env: SECRET_BKO}", second), "f.yaml"
+            )
+        assert any(p.startswith(expected) for p in caught.value.problems), caught.value.problems
+    same_literal = "{type: webhook, url: 'https://a.example/1', secret: 'one-secret-for-two-agencies'}"
+    with pytest.raises(SubscriptionsError, match="officer dkr uses the same webhook secret as officer bko"):
+        parse_subscriptions(_two_officers(same_literal, same_literal))
+
+
+def test_secrets_with_the_same_value_under_two_variables_are_unusable() -> None:
+    subscriptions = parse_subscriptions(
+        _two_officers(
+            "{type: webhook, url: 'https://a.example/1', secret_env: SECRET_BKO}",
+            "{type: webhook, url: 'https://a.example/1', secret_env: SECRET_DKR}",
+        )
+    )
+    assert secret_problems(subscriptions, {"SECRET_BKO": "x" * 20, "SECRET_DKR": "y" * 20}) == {}
+    assert secret_problems(subscriptions, {"SECRET_BKO": "x" * 20, "SECRET_DKR": "x" * 20}) == {
+        "dkr/webhook": "its secret has the same value as officer bko's: each subscriber needs its own"
+    }
+    assert secret_problems(subscriptions, {"SECRET_BKO": "x" * 20, "SECRET_DKR": "short"}) == {
+        "dkr/webhook": "the secret in SECRET_DKR is shorter than 16 characters"
+    }
+    assert "SECRET_DKR is not set" in secret_problems(subscriptions, {"SECRET_BKO": "x" * 20})["dkr/webhook"]
+
+
+@pytest.mark.parametrize(
+    ("url", "kind"),
+    [
+        ("http://127.0.0.1:8080/hook", "loopback"),
+        ("http://localhost/hook", "loopback"),
+        ("http://[::1]/hook", "loopback"),
+        ("http://[::ffff:127.0.0.1]/hook", "loopback"),
+        ("http://169.254.169.254/latest/meta-data", "link-local"),
+        ("http://10.1.2.3/hook", "private"),
+        ("http://192.168.0.10/hook", "private"),
+        ("http://0.0.0.0/hook", "unspecified"),
+        ("http://100.64.0.1/hook", "not globally routable"),
+    ],
+)
+def test_webhooks_to_loopback_link_local_or_private_addresses_are_refused_unless_allowed(url: str, kind: str) -> None:
+    channel = f"{{type: webhook, url: '{url}', secret_env: SECRET_BKO}}"
+    text = f"officers:\n  - {{id: bko, name: B, language: fr, routes: [{{channel: {channel}}}]}}\n"
+    with pytest.raises(SubscriptionsError) as caught:
+        parse_subscriptions(text, "f.yaml")
+    (problem,) = caught.value.problems
+    assert problem.startswith("f.yaml:2: officers[0].routes[0].channel.url: webhook target ") and f"({kind})" in problem
+    assert "webhook_allowed_networks" in problem
+    everything = "webhook_allowed_networks: ['0.0.0.0/0', '::/0', '::ffff:0:0/96']\n"
+    assert parse_subscriptions(everything + text).officers[0].id == "bko"  # allowed on purpose, in the file
+    allowed = parse_subscriptions(text, allowed_networks=["0.0.0.0/0", "::/0"])  # or by the settings
+    assert allowed.target_policy(["0.0.0.0/0", "::/0"]).refusal("h", "127.0.0.1") is None
+    assert parse_subscriptions(text.replace(url, "https://alertes.douanes.example.ml/hook")).officers
+
+
+def test_allowing_one_network_does_not_allow_the_others() -> None:
+    policy = TargetPolicy.of(["127.0.0.0/8"])
+    assert policy.refusal("h", "127.0.0.1") is None
+    assert "169.254.169.254 (link-local)" in (policy.refusal("h", "169.254.169.254") or "")
+    assert policy.refusal("h", "93.184.215.14") is None  # public
+    with pytest.raises(SubscriptionsError, match=r"<subscriptions>:1: webhook_allowed_networks: 'intranet' is not"):
+        parse_subscriptions("webhook_allowed_networks: [intranet]\nofficers: []\n")
 
 
 # --- the routing property ---------------------------------------------------------------------------------
@@ -209,9 +307,9 @@ SUBSTANCES = [("Isotonitazene", "isokey"), ("3-MMC", "mmckey"), ("Ketamine", "ke
 TYPES = ["new_substance", "first_in_region", "spike", "spread"]
 SEVERITIES = ["info", "warning", "critical"]
 CHANNELS = {
-    "webhook": {"type": "webhook", "url": "http://127.0.0.1:9/h"},
+    "webhook": {"type": "webhook", "url": "http://127.0.0.1:9/h", "secret_env": "HOOK_SECRET"},
     "email": {"type": "email", "to": "x@y.org"},
-    "pager": {"type": "webhook", "name": "pager", "url": "http://127.0.0.1:9/p"},
+    "pager": {"type": "webhook", "name": "pager", "url": "http://127.0.0.1:9/p", "secret_env": "PAGER_SECRET"},
 }
 
 
