@@ -327,7 +327,7 @@ def test_publisher_keeps_refused_records_off_the_rejects_topic_when_told(
     broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
     """Labs may not write the rejects topic (ACLs): their publisher counts refused records instead."""
-    from .reliability_helpers import high_watermarks
+    from synthwatch.broker import high_watermarks
 
     settings = isolated_settings(broker, tmp_path, publisher_send_rejects=False)
     records = [InputRecord("f:1", json.dumps(lab(event_id="ok"))), InputRecord("f:2", '{"event_id": "bad", ')]
