@@ -5,16 +5,25 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench clean constraints
 
 install: $(STAMP)
 
-# Re-installs only when the dependency list changes; the package itself is editable.
-$(STAMP): pyproject.toml
+# Re-installs only when the dependency list changes; the package itself is editable. Every dependency is
+# held to the version in constraints.txt (tested together): a new release reaches us only by `make constraints`.
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
+
+# After a deliberate upgrade: a fresh venv with the newest versions pyproject.toml allows, frozen into
+# constraints.txt. Run `make test` before committing it.
+constraints:
+	rm -rf build/constraints-venv && $(PYTHON) -m venv build/constraints-venv
+	build/constraints-venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	{ sed -n '1,2p' constraints.txt; build/constraints-venv/bin/pip freeze --exclude-editable | grep -vi '^synthwatch'; } > constraints.new
+	mv constraints.new constraints.txt && rm -rf build/constraints-venv
 
 demo: install
 	$(BIN)/synthwatch demo

@@ -24,7 +24,9 @@ from kafka import KafkaProducer
 from kafka import errors as kafka_errors
 
 from synthwatch.broker import default_partition
+from synthwatch.kafka_clients import KafkaConnectError, kafka_python_config, tls_preflight
 from synthwatch.schemas import BorderSeizure, LabDetection, Reject, WireError, parse_event_object
+from synthwatch.schemas.envelope import envelope_headers, load_org_keys, parse_key
 from synthwatch.schemas.records import RejectStage
 from synthwatch.schemas.wire import RecordLimits, check_extras, check_size, parse_limited
 from synthwatch.settings import Settings
@@ -70,6 +72,7 @@ class Pending:
     key: bytes | None
     value: bytes
     partition: int | None
+    headers: list[tuple[str, bytes]] | None = None
 
 
 @dataclass
@@ -88,8 +91,28 @@ class PublishSummary:
         return self.read == self.sent + self.rejected + self.duplicates + len(self.failed)
 
 
+class SigningError(ValueError):
+    """The publisher was asked to sign as an organisation but has no usable key for it."""
+
+
+def signing_key(settings: Settings) -> tuple[str, bytes] | None:
+    """(organisation, key) the publisher signs events with: ``SYNTHWATCH_ORG_ID`` with ``SYNTHWATCH_ORG_KEY``,
+    or with its first key in ``SYNTHWATCH_ORG_KEYS_FILE``; None when no organisation is set."""
+    org_id = settings.org_id
+    if not org_id:
+        return None
+    if settings.org_key is not None:
+        return org_id, parse_key(settings.org_key.get_secret_value(), "SYNTHWATCH_ORG_KEY")
+    if settings.org_keys_file is None:
+        raise SigningError(f"SYNTHWATCH_ORG_ID={org_id!r} needs SYNTHWATCH_ORG_KEY (hex) or SYNTHWATCH_ORG_KEYS_FILE")
+    org = load_org_keys(settings.org_keys_file).get(org_id)
+    if org is None:
+        raise SigningError(f"organisation {org_id!r} is not in {settings.org_keys_file}")
+    return org_id, org.keys[0]
+
+
 class Publisher:
-    """A kafka-python producer bound to synthwatch's topics."""
+    """A kafka-python producer bound to synthwatch's topics; signs events when an organisation is set."""
 
     def __init__(
         self, settings: Settings, bootstrap_servers: str, stage: RejectStage = "publish", **overrides: Any
@@ -99,10 +122,16 @@ class Publisher:
         self._config: dict[str, Any] = {
             "bootstrap_servers": bootstrap_servers.split(","),
             "client_id": "synthwatch-publisher",
+            **kafka_python_config(settings),
             **PRODUCER_DEFAULTS,
             **overrides,
         }
-        self.producer = KafkaProducer(**self._config)
+        self.signer = signing_key(settings)
+        tls_preflight(settings, bootstrap_servers)
+        try:
+            self.producer = KafkaProducer(**self._config)
+        except kafka_errors.KafkaError as error:
+            raise KafkaConnectError.of(settings, bootstrap_servers, error) from error
         # Sends not yet known to be done. Swept in chunks: per-future callbacks cost more than the
         # send itself at 50,000 messages/s.
         self._pending: list[Pending] = []
@@ -180,24 +209,42 @@ class Publisher:
         with contextlib.suppress(Exception):
             old.close(timeout=0)
         for item in resend:
-            self._send(item.topic, item.key, item.value, item.partition, item.what, item.label)
+            self._send(item.topic, item.key, item.value, item.partition, item.what, item.label, item.headers)
 
-    def _send(self, topic: str, key: bytes | None, value: bytes, partition: int | None, what: str, label: str) -> None:
+    def _send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        partition: int | None,
+        what: str,
+        label: str,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> None:
         try:
-            future = self.producer.send(topic, key=key, value=value, partition=partition)
+            future = self.producer.send(topic, key=key, value=value, partition=partition, headers=headers)
         except kafka_errors.KafkaError as error:  # e.g. MessageSizeTooLargeError, raised before sending
             self._failed.append((f"{what} {label}", f"{type(error).__name__}: {error}"))
             return
-        self._pending.append(Pending(future, what, label, topic, key, value, partition))
+        self._pending.append(Pending(future, what, label, topic, key, value, partition, headers))
 
     def send_raw(self, topic: str, key: bytes | None, value: bytes, what: str, label: str) -> None:
-        """Queue one message; its acknowledgement or failure is counted under ``what``."""
+        """Queue one message; its acknowledgement or failure is counted under ``what``.
+
+        Events carry the organisation's signed envelope (schemas/envelope.py) when it signs.
+        """
         partition = None if key is None else self.partition_for(topic, key)
-        self._send(topic, key, value, partition, what, label)
+        headers = None
+        if self.signer is not None and what == "event":
+            headers = envelope_headers(self.signer[0], self.signer[1], topic, key, value)
+        self._send(topic, key, value, partition, what, label, headers)
         if len(self._pending) >= 20_000:
             self._sweep()
 
     def send_reject(self, reject: Reject) -> None:
+        if not self.settings.publisher_send_rejects:
+            self._acked["reject"] += 1  # counted and listed in the summary; the ACLs keep labs off that topic
+            return
         key = (reject.event_id or reject.source).encode()
         self.send_raw(self.settings.topic_rejects, key, reject.model_dump_json().encode(), "reject", reject.source)
 

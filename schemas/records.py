@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-RejectStage = Literal["publish", "worker", "detection", "backtest", "ingest"]
+RejectStage = Literal["publish", "worker", "auth", "detection", "backtest", "ingest"]
 AlertType = Literal["new_substance", "first_in_region", "spike", "spread"]
 Severity = Literal["info", "warning", "critical"]
 

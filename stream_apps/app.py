@@ -48,6 +48,7 @@ from faust.web import Request, Response, View
 from pydantic_core import from_json, to_json
 
 from synthwatch.broker import default_partition
+from synthwatch.kafka_clients import faust_credentials
 from synthwatch.query import AnalystSessions, QueryError
 from synthwatch.schemas import Alert, Reject
 from synthwatch.settings import Settings
@@ -186,6 +187,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
         producer_max_batch_size=settings.producer_batch_bytes,
         producer_linger=settings.producer_linger_ms / 1000,
         broker=[f"kafka://{server.strip()}" for server in bootstrap_servers.split(",")],
+        broker_credentials=faust_credentials(settings),  # SASL_SSL / mTLS from SYNTHWATCH_KAFKA_*
         store="memory://",
         datadir=str(settings.data_dir / "faust"),
         web_host=settings.web_host,
@@ -386,8 +388,16 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             if events:
                 await until_state_ready(ctx)
                 metrics.consumed(events)
+                # topic, key and headers: what a signed envelope covers (checked in the intake when configured)
                 messages = [
-                    RawMessage(f"{e.message.topic}:{e.message.partition}:{e.message.offset}", e.value) for e in events
+                    RawMessage(
+                        f"{e.message.topic}:{e.message.partition}:{e.message.offset}",
+                        e.value,
+                        e.message.topic,
+                        e.message.key,
+                        e.message.headers,
+                    )
+                    for e in events
                 ]
                 result = ctx.intake.process(messages)
                 replayed_before = stats.replayed
@@ -624,10 +634,10 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
 def learn_names_locked(ctx: WorkerContext) -> int:
     """Teach the resolver the names stored in ClickHouse while holding the client lock."""
     with ctx.sink.lock:
-        return learn_names(ctx.client, ctx.intake.resolver)
+        return learn_names(ctx.client, ctx.intake.resolver, ctx.intake.stored_reporter)
 
 
 def rebuild_locked(ctx: WorkerContext) -> Any:
     """Rebuild detector state from ClickHouse while holding the client lock."""
     with ctx.sink.lock:
-        return rebuild(ctx.client, ctx.regions, ctx.novelty, ctx.intake.resolver)
+        return rebuild(ctx.client, ctx.regions, ctx.novelty, ctx.intake.resolver, ctx.intake.stored_reporter)

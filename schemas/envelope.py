@@ -1,0 +1,228 @@
+"""Signed envelopes: which organisation published an input record, proven by an HMAC in its Kafka headers.
+
+Kafka tells a consumer nothing about the principal that produced a record, so broker authentication
+alone cannot stop an authenticated lab from reporting as another lab's ``lab_id``. Each organisation
+therefore holds a secret key; its publisher adds two headers to every record:
+
+- ``synthwatch-org``: the organisation id;
+- ``synthwatch-sig``: HMAC-SHA256 with the organisation's key over the topic, the record key and the
+  record value (length-prefixed, so no field can absorb another).
+
+The worker (:class:`EnvelopeVerifier`, pure and synchronous, used by the intake) recomputes the HMAC
+and checks that the organisation may report as the event's ``lab_id`` (lab detections) or ``agency``
+(border seizures). HMAC rather than Ed25519: ~1 µs a record against ~50 µs, and no new dependency; the
+price is that the worker holds every key (it is trusted anyway: it is the only writer of alerts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import stat
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HEADER_ORG = "synthwatch-org"
+HEADER_SIG = "synthwatch-sig"
+_DOMAIN = b"synthwatch-envelope-v1\0"
+MIN_KEY_BYTES = 16
+
+#: Reject reasons start with one of these classes (``auth: <class>: details``): a fixed set of metric labels.
+UNSIGNED = "unsigned"
+UNKNOWN_ORG = "unknown_organisation"
+BAD_SIGNATURE = "bad_signature"
+NOT_PERMITTED = "not_permitted"
+AUTH_CLASSES = (UNSIGNED, UNKNOWN_ORG, BAD_SIGNATURE, NOT_PERMITTED)
+
+Headers = Sequence[tuple[str, bytes]] | Mapping[str, bytes]
+
+
+class OrgKeysError(ValueError):
+    """The organisation keys file cannot be used."""
+
+
+_LENGTH = struct.Struct(">I").pack
+_KEY_LENGTH = struct.Struct(">i").pack
+
+
+def sign(secret: bytes, topic: str, key: bytes | None, value: bytes) -> bytes:
+    """HMAC-SHA256 of (topic, key, value) under ``secret``; a missing key is signed as length -1.
+
+    One call into OpenSSL's one-shot HMAC over the length-prefixed fields (the hot path of the intake).
+    """
+    topic_bytes = topic.encode()
+    key_part = (_KEY_LENGTH(-1), b"") if key is None else (_KEY_LENGTH(len(key)), key)
+    message = b"".join((_DOMAIN, _LENGTH(len(topic_bytes)), topic_bytes, *key_part, _LENGTH(len(value)), value))
+    return hmac.digest(secret, message, hashlib.sha256)
+
+
+def envelope_headers(
+    org_id: str, secret: bytes, topic: str, key: bytes | None, value: bytes
+) -> list[tuple[str, bytes]]:
+    """The Kafka headers that prove ``org_id`` published this record."""
+    return [(HEADER_ORG, org_id.encode()), (HEADER_SIG, sign(secret, topic, key, value))]
+
+
+def parse_key(text: str, where: str) -> bytes:
+    """A hex-encoded key of at least 16 bytes (``openssl rand -hex 32`` makes one)."""
+    try:
+        secret = bytes.fromhex(text.strip())
+    except ValueError as error:
+        raise OrgKeysError(f"{where}: a key must be hex (make one with `openssl rand -hex 32`)") from error
+    if len(secret) < MIN_KEY_BYTES:
+        raise OrgKeysError(f"{where}: a key must have at least {MIN_KEY_BYTES} bytes ({2 * MIN_KEY_BYTES} hex digits)")
+    return secret
+
+
+@dataclass(frozen=True, slots=True)
+class Organisation:
+    """One publishing organisation: its keys (newest first; older ones accepted during a rotation) and
+    the lab ids and agencies it may report as."""
+
+    org_id: str
+    keys: tuple[bytes, ...]
+    lab_ids: frozenset[str]
+    agencies: frozenset[str]
+
+    def __repr__(self) -> str:  # never the keys
+        return f"Organisation({self.org_id!r}, lab_ids={sorted(self.lab_ids)}, agencies={sorted(self.agencies)})"
+
+
+def load_org_keys(path: Path) -> dict[str, Organisation]:
+    """Read the organisation keys file (YAML), refusing one that other users can read.
+
+    Format::
+
+        organisations:
+          lab-bamako:
+            keys: ["<64 hex digits>"]   # newest first
+            lab_ids: ["LNS-BKO"]
+          douane-sn:
+            keys: ["<64 hex digits>"]
+            agencies: ["Douanes sénégalaises"]
+    """
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        raise OrgKeysError(f"cannot read the organisation keys file {path}: {error.strerror}") from error
+    if mode & (stat.S_IRWXO | stat.S_IWGRP):  # group-read stays allowed: Kubernetes mounts secrets 0440 (fsGroup)
+        raise OrgKeysError(f"{path} holds secret keys but other users can read or change it: run `chmod 600 {path}`")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise OrgKeysError(f"cannot read the organisation keys file {path}: {error}") from error
+    entries = data.get("organisations") if isinstance(data, dict) else None
+    if not isinstance(entries, dict) or not entries:
+        raise OrgKeysError(f"{path}: expected a mapping `organisations: {{org_id: {{keys: [...], lab_ids: [...]}}}}`")
+    orgs: dict[str, Organisation] = {}
+    for org_id, entry in entries.items():
+        where = f"{path}: organisation {org_id!r}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("keys"), list) or not entry["keys"]:
+            raise OrgKeysError(f"{where}: needs `keys: [<hex key>, ...]`")
+        lab_ids, agencies = _names(entry.get("lab_ids"), where), _names(entry.get("agencies"), where)
+        if not lab_ids and not agencies:
+            raise OrgKeysError(f"{where}: lists neither lab_ids nor agencies, so it could publish nothing")
+        orgs[str(org_id)] = Organisation(
+            org_id=str(org_id),
+            keys=tuple(parse_key(str(key), where) for key in entry["keys"]),
+            lab_ids=lab_ids,
+            agencies=agencies,
+        )
+    return orgs
+
+
+def _names(value: Any, where: str) -> frozenset[str]:
+    if value is None:
+        return frozenset()
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise OrgKeysError(f"{where}: lab_ids and agencies are lists of strings")
+    return frozenset(value)
+
+
+def _header(headers: Headers | None, name: str) -> bytes | None:
+    if not headers:
+        return None
+    if isinstance(headers, Mapping):
+        found = headers.get(name)
+        return found if isinstance(found, bytes) else None
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+def _shown(raw: bytes) -> str:
+    """An organisation id from a header, safe to put in a reason (bounded, no control characters)."""
+    text = raw[:64].decode("utf-8", errors="replace")
+    return repr("".join(ch if ch.isprintable() else "?" for ch in text))
+
+
+def auth_reason(kind: str, detail: str) -> str:
+    return f"auth: {kind}: {detail}"
+
+
+class EnvelopeVerifier:
+    """Checks the signed envelope of input records; pure and synchronous (the intake's hot path).
+
+    ``required``: a record without headers is refused; otherwise it passes unattributed (a record that
+    does carry headers is always checked).
+    """
+
+    def __init__(self, orgs: Mapping[str, Organisation], required: bool = True) -> None:
+        self.orgs = dict(orgs)
+        self.required = required
+        self._org_of = {f"lab:{lab}": org.org_id for org in self.orgs.values() for lab in org.lab_ids} | {
+            f"agency:{agency}": org.org_id for org in self.orgs.values() for agency in org.agencies
+        }
+
+    @classmethod
+    def from_file(cls, path: Path, required: bool = True) -> EnvelopeVerifier:
+        return cls(load_org_keys(path), required)
+
+    def check(
+        self, topic: str, key: bytes | None, value: bytes, headers: Headers | None
+    ) -> tuple[str | None, str | None]:
+        """(organisation id, None) for a valid signature, (None, None) for an allowed unsigned record,
+        (None, reason) for a refused one."""
+        raw_org = _header(headers, HEADER_ORG)
+        signature = _header(headers, HEADER_SIG)
+        if raw_org is None or signature is None:
+            if self.required:
+                return None, auth_reason(
+                    UNSIGNED, f"no {HEADER_ORG}/{HEADER_SIG} headers (signed reports are required)"
+                )
+            return None, None
+        org = self.orgs.get(raw_org.decode("utf-8", errors="replace"))
+        if org is None:
+            return None, auth_reason(UNKNOWN_ORG, f"{_shown(raw_org)} is not in the organisation keys file")
+        for secret in org.keys:
+            if hmac.compare_digest(sign(secret, topic, key, value), signature):
+                return org.org_id, None
+        return None, auth_reason(BAD_SIGNATURE, f"the signature is not {org.org_id!r}'s for this topic, key and value")
+
+    def permits(self, org_id: str, lab_id: str | None, agency: str | None) -> str | None:
+        """None when ``org_id`` may report as this lab or agency, else the reason to refuse."""
+        org = self.orgs[org_id]
+        if lab_id is not None and lab_id not in org.lab_ids:
+            return auth_reason(NOT_PERMITTED, f"organisation {org_id!r} may not report as lab_id {lab_id[:64]!r}")
+        if agency is not None and agency not in org.agencies:
+            return auth_reason(NOT_PERMITTED, f"organisation {org_id!r} may not report as agency {agency[:64]!r}")
+        return None
+
+    def org_of(self, reporter: str) -> str | None:
+        """The organisation allowed to report as ``lab:ID`` or ``agency:NAME`` (for evidence rebuilt
+        from stored reports, which do not keep the signature)."""
+        return self._org_of.get(reporter)
+
+
+def auth_reason_class(reason: str) -> str | None:
+    """``auth_<class>`` for an envelope reject reason, None for any other reason."""
+    if not reason.startswith("auth: "):
+        return None
+    kind = reason[6:].split(":", 1)[0]
+    return f"auth_{kind}" if kind in AUTH_CLASSES else "auth_other"

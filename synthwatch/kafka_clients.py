@@ -1,0 +1,183 @@
+"""One place that turns ``SYNTHWATCH_KAFKA_*`` settings into each Kafka client's security arguments.
+
+Every client synthwatch creates (the kafka-python publisher and admin client, the aiokafka clients of
+the benchmarks, the Faust worker) takes its TLS and SASL configuration from here, so a deployment
+switches all of them to SASL_SSL (SCRAM-SHA-512) or mTLS with the same few variables. Passwords are
+read from a ``SecretStr`` only when a client is built; nothing here logs or formats them.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from pathlib import Path
+from typing import Any
+
+from .settings import Settings
+
+
+class KafkaSecurityError(ValueError):
+    """The Kafka security settings cannot be used (a missing file, an incomplete credential)."""
+
+
+class KafkaConnectError(RuntimeError):
+    """A client could not talk to Kafka with the configured security (the message says what to check)."""
+
+    @classmethod
+    def of(cls, settings: Settings, servers: str, error: BaseException) -> KafkaConnectError:
+        """The error with what to check for this protocol; the password is never part of it."""
+        hints = []
+        if _uses_tls(settings):
+            hints.append(
+                "does the broker listen with TLS on that port, and does SYNTHWATCH_KAFKA_SSL_CAFILE hold the CA that "
+                "signed its certificate? (a TLS client against a plaintext listener waits until this timeout)"
+            )
+        if _uses_sasl(settings):
+            hints.append(
+                f"is {settings.kafka_sasl_username!r} a {settings.kafka_sasl_mechanism} user on the broker, "
+                "with this SYNTHWATCH_KAFKA_SASL_PASSWORD?"
+            )
+        if not hints:
+            hints.append(
+                "is the broker running? One that requires TLS or SASL fails the same way: set "
+                "SYNTHWATCH_KAFKA_SECURITY_PROTOCOL and its credentials (docs/security.md#kafka-authentication)"
+            )
+        return cls(
+            f"cannot talk to Kafka at {servers} ({describe(settings)}): {type(error).__name__}: {error}. "
+            + " ".join(hints)
+        )
+
+
+def _existing(path: Path | None, variable: str) -> str | None:
+    """``path`` as a string, after checking it is a readable file (a clear error beats a TLS alert)."""
+    if path is None:
+        return None
+    if not path.is_file():
+        raise KafkaSecurityError(
+            f"{variable}={path} is not a file: point it at the PEM file (docs/security.md#kafka-authentication)"
+        )
+    return str(path)
+
+
+def _uses_tls(settings: Settings) -> bool:
+    return settings.kafka_security_protocol in ("SSL", "SASL_SSL")
+
+
+def _uses_sasl(settings: Settings) -> bool:
+    return settings.kafka_security_protocol.startswith("SASL_")
+
+
+def _password(settings: Settings) -> str:
+    secret = settings.kafka_sasl_password
+    if secret is None or not settings.kafka_sasl_username:  # the settings validator already refuses this
+        raise KafkaSecurityError("SASL needs SYNTHWATCH_KAFKA_SASL_USERNAME and SYNTHWATCH_KAFKA_SASL_PASSWORD")
+    return secret.get_secret_value()
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context for aiokafka/Faust (CA, optional client certificate for mTLS), or None without TLS."""
+    if not _uses_tls(settings):
+        return None
+    cafile = _existing(settings.kafka_ssl_cafile, "SYNTHWATCH_KAFKA_SSL_CAFILE")
+    certfile = _existing(settings.kafka_ssl_certfile, "SYNTHWATCH_KAFKA_SSL_CERTFILE")
+    keyfile = _existing(settings.kafka_ssl_keyfile, "SYNTHWATCH_KAFKA_SSL_KEYFILE")
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = settings.kafka_ssl_check_hostname
+    if certfile is not None:
+        context.load_cert_chain(certfile, keyfile)
+    return context
+
+
+def tls_preflight(settings: Settings, servers: str, timeout: float = 10.0) -> None:
+    """Check that the first reachable bootstrap server completes a TLS handshake, or raise KafkaConnectError.
+
+    Why: kafka-python waits forever for the answer to its TLS hello from a listener that does not speak
+    TLS (a plaintext listener reads the hello as the length of a huge request and waits for the rest), so
+    the publisher hung instead of failing. One handshake with a deadline first turns that into an error.
+    """
+    context = ssl_context(settings)
+    if context is None:
+        return
+    problems = []
+    for server in servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        host = host.strip("[]")
+        try:
+            with (
+                socket.create_connection((host, int(port)), timeout=timeout) as raw,
+                context.wrap_socket(raw, server_hostname=host),
+            ):
+                return
+        except TimeoutError:
+            problems.append(f"{server}: no TLS answer within {timeout:.0f} s (is it a PLAINTEXT listener?)")
+        except ssl.SSLError as error:
+            problems.append(f"{server}: TLS handshake failed ({error.reason or error})")
+        except (OSError, ValueError) as error:
+            problems.append(f"{server}: {error}")
+    raise KafkaConnectError.of(settings, servers, ConnectionError("; ".join(problems)))
+
+
+def kafka_python_config(settings: Settings) -> dict[str, Any]:
+    """Security keyword arguments for kafka-python's KafkaProducer, KafkaConsumer and KafkaAdminClient."""
+    config: dict[str, Any] = {"security_protocol": settings.kafka_security_protocol}
+    if _uses_tls(settings):
+        config |= {
+            "ssl_cafile": _existing(settings.kafka_ssl_cafile, "SYNTHWATCH_KAFKA_SSL_CAFILE"),
+            "ssl_certfile": _existing(settings.kafka_ssl_certfile, "SYNTHWATCH_KAFKA_SSL_CERTFILE"),
+            "ssl_keyfile": _existing(settings.kafka_ssl_keyfile, "SYNTHWATCH_KAFKA_SSL_KEYFILE"),
+            "ssl_check_hostname": settings.kafka_ssl_check_hostname,
+        }
+    if _uses_sasl(settings):
+        config |= {
+            "sasl_mechanism": settings.kafka_sasl_mechanism,
+            "sasl_plain_username": settings.kafka_sasl_username,
+            "sasl_plain_password": _password(settings),
+        }
+    return config
+
+
+def aiokafka_config(settings: Settings) -> dict[str, Any]:
+    """Security keyword arguments for aiokafka's AIOKafkaProducer and AIOKafkaConsumer."""
+    config: dict[str, Any] = {"security_protocol": settings.kafka_security_protocol}
+    context = ssl_context(settings)
+    if context is not None:
+        config["ssl_context"] = context
+    if _uses_sasl(settings):
+        config |= {
+            "sasl_mechanism": settings.kafka_sasl_mechanism,
+            "sasl_plain_username": settings.kafka_sasl_username,
+            "sasl_plain_password": _password(settings),
+        }
+    return config
+
+
+def faust_credentials(settings: Settings) -> Any:
+    """``broker_credentials`` for ``faust.App``: SASLCredentials (with TLS for SASL_SSL), SSLCredentials, or None.
+
+    Faust hands them to every aiokafka client it makes (consumer, producer, the admin client that creates
+    changelog topics) through ``credentials_to_aiokafka_auth``.
+    """
+    import faust
+
+    context = ssl_context(settings)
+    if _uses_sasl(settings):
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=_password(settings),
+            mechanism=settings.kafka_sasl_mechanism,
+            ssl_context=context,
+        )
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
+
+
+def describe(settings: Settings) -> str:
+    """One line for logs and ``status``: protocol, mechanism, principal and files; never the password."""
+    parts: list[str] = [settings.kafka_security_protocol]
+    if _uses_sasl(settings):
+        parts.append(f"{settings.kafka_sasl_mechanism} as {settings.kafka_sasl_username!r}")
+    if _uses_tls(settings):
+        parts.append("client certificate" if settings.kafka_ssl_certfile else "server certificate only")
+    return ", ".join(parts)
