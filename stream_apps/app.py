@@ -65,6 +65,7 @@ from .replay import Position, position_of
 from .state_rebuild import learn_names, rebuild
 from .watchdog import StallWatch, watch_consumer
 from .web_auth import refuse_request
+from .worker_signature import WorkerSigner, worker_key
 
 log = logging.getLogger("synthwatch.worker")
 T = TypeVar("T")
@@ -91,6 +92,7 @@ class WorkerStats:
     checkpointed: int = 0  # input events whose rows and detector state are written (offsets acknowledged)
     sink_retries: int = 0
     consumer_stalls: int = 0  # partitions the watchdog found stalled and sought back
+    forged: int = 0  # alerts and sightings refused: no valid worker signature
     ready_seconds: float | None = None
     rebuild: dict[str, Any] = field(default_factory=dict)
 
@@ -225,6 +227,24 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
     ctx.regions.fetch = partial(_load_record, region_table.data)
     ctx.novelty.fetch = partial(_load_record, substance_table.data)
     stats = ctx.stats
+    signer = WorkerSigner(
+        worker_key(settings.worker_key.get_secret_value() if settings.worker_key else None, settings.data_dir)
+    )
+
+    def produced_by_a_worker(e: Any) -> bool:
+        """Alerts and sightings must carry a worker's signature (:mod:`.worker_signature`); others are refused."""
+        if signer.valid_event(e):
+            return True
+        stats.forged += 1
+        metrics.forged.labels(topic=e.message.topic).inc()
+        log.error(
+            "%s[%s] offset %s: no valid worker signature; refused (not stored, not delivered)",
+            e.message.topic,
+            e.message.partition,
+            e.message.offset,
+        )
+        return False
+
     metrics = ctx.metrics
     attach_metrics(app, metrics, topics=set(settings.all_topics))
     watch = StallWatch(after=settings.stall_seconds)
@@ -272,7 +292,8 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             await asyncio.gather(*pending)  # delivered before this batch's offsets are committed
 
     async def send(topic: faust.TopicT, key: bytes, value: bytes) -> Awaitable[Any]:
-        return cast(Awaitable[Any], await topic.send(key=key, value=value))
+        headers = signer.headers(topic.get_topic_name(), key, value)
+        return cast(Awaitable[Any], await topic.send(key=key, value=value, headers=headers))
 
     async def save(table: Any, changes: list[tuple[int, str, dict[str, Any]]]) -> list[Awaitable[Any]]:
         """Keep each record in the table and send it to the table's changelog, on the given partition.
@@ -459,6 +480,8 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
                 metrics.consumed(events)
                 batch_sightings: list[tuple[Sighting, Position]] = []
                 for e in events:
+                    if not produced_by_a_worker(e):
+                        continue
                     at = (f"{e.message.topic}:{e.message.partition}", e.message.offset)
                     for data in json.loads(e.value):
                         sighting = Sighting.from_dict(data)
@@ -520,6 +543,8 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             return Reject.of(e.value or b"", source=source, reason=f"not a reject record: {error}", stage="worker")
 
     def parse_alert(e: Any) -> Alert | None:
+        if not produced_by_a_worker(e):
+            return None
         try:
             return Alert.model_validate_json(e.value)
         except ValueError as error:
@@ -540,7 +565,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
 
         # The sink's lock: the embedded engine's client is shared with the other agents.
         delivery = DeliveryService.from_settings(settings, ctx.client, lock=ctx.sink.lock)
-        attach_delivery(app, alerts_topic, delivery, batch=batch, within=within)
+        attach_delivery(app, alerts_topic, delivery, batch=batch, within=within, accept=signer.valid_event)
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # mode's stub wants a keyword-only signal
     async def forget_state(sender: Any, *args: Any, **kwargs: Any) -> None:

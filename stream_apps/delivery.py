@@ -788,12 +788,14 @@ def attach_delivery(
     within: float = 0.25,
     digest_every_s: float = 60.0,
     reload_every_s: float = 30.0,
+    accept: Callable[[Any], bool] | None = None,
 ) -> Any:
     """Define the ``delivery`` agent on the alerts topic, the digest timer and the subscriptions reload.
 
     The agent takes batches without acknowledging them (``noack_take``: ``take_events`` would ack when
     the loop body returns, so either every later alert waits for the slowest channel or a crash loses
-    deliveries in progress) and acknowledges each alert when its deliveries are final.
+    deliveries in progress) and acknowledges each alert when its deliveries are final. ``accept`` (the
+    worker signature check) refuses records no worker produced: they are acknowledged, never delivered.
     """
     acks: set[asyncio.Task[None]] = set()
 
@@ -817,6 +819,9 @@ def attach_delivery(
             alerts: list[Alert] = []
             owners: list[Any] = []
             for event in events:
+                if accept is not None and not accept(event):
+                    await s.ack(event)  # forged: counted and logged by ``accept``
+                    continue
                 try:
                     alerts.append(Alert.model_validate_json(event.value))
                     owners.append(event)

@@ -236,6 +236,12 @@ class WorkerMetrics:
             ["topic"],
             registry=r,
         )
+        self.forged = Counter(
+            "synthwatch_forged_records",
+            "Records on the alerts or sightings topic without a valid worker signature: refused, per topic.",
+            ["topic"],
+            registry=r,
+        )
         self.consumer_stalls = Counter(
             "synthwatch_consumer_stalls",
             "Partitions found with unread records and no committed progress for stall_seconds, then sought back "

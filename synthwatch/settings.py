@@ -201,6 +201,11 @@ class Settings(BaseSettings):
     producer_linger_ms: int = Field(
         default=0, ge=0, description="Milliseconds the worker's producer waits to fill a batch (Faust's default 0)."
     )
+    worker_key: SecretStr | None = Field(
+        default=None,
+        description="Hex key (at least 16 bytes) the workers sign alerts and sightings with and check them by; every "
+        "worker of a deployment the same. Unset: a random key kept in DATA_DIR/worker-key (0600).",
+    )
     stall_seconds: float = Field(
         default=30.0,
         gt=0,

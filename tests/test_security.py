@@ -530,3 +530,68 @@ client.close()
     )
     assert rows.returncode == 0, rows.stderr
     assert "hunter2" not in rows.stdout and "officer:***@hooks.example" in rows.stdout
+
+
+# --- forged records on the internal topics (issue 12 item 2: a forged critical alert reached an officer) -------
+
+
+def test_forged_alerts_and_sightings_are_refused_and_a_real_alert_still_flows(worker: RunningWorker) -> None:
+    """Anyone who can write to the alerts or sightings topic (the embedded broker authenticates no one) tried
+    to have a critical alert stored and delivered, and a never-seen substance announced. Without a worker's
+    signature both are refused and counted; an alert the worker raises itself goes through."""
+    from kafka import KafkaProducer
+
+    from .delivery_helpers import make_alert
+
+    settings = worker.settings
+    servers = settings.kafka_bootstrap_servers or ""
+    forged = make_alert(alert_id=f"forged{uuid.uuid4().hex[:18]}", severity="critical")
+    sighting = [
+        {
+            "event_id": "forged-sighting",
+            "kind": "lab_detection",
+            "occurred_at": "2026-12-01T10:00:00+00:00",
+            "day": 20788,
+            "country": "ML",
+            "region": "ML-BKO",
+            "key": "FORGEDXXXXXXXX",
+            "name": "Evacuate now",
+            "inchikey": None,
+            "family": None,
+            "controlled": None,
+            "catalogued": False,
+        }
+    ]
+    before = worker.stats()["forged"]
+    producer = KafkaProducer(bootstrap_servers=servers, acks="all")
+    producer.send(settings.topic_alerts, key=forged.alert_id.encode(), value=forged.model_dump_json().encode())
+    producer.send(settings.topic_sightings, key=b"FORGEDXXXXXXXX", value=json.dumps(sighting).encode())
+    # a header that only looks like the worker's
+    producer.send(
+        settings.topic_alerts,
+        key=forged.alert_id.encode(),
+        value=forged.model_dump_json().encode(),
+        headers=[("synthwatch-worker-sig", b"\0" * 32)],
+    )
+    producer.flush()
+    producer.close()
+    wait_until(lambda: worker.stats()["forged"] >= before + 3, 60, "the three forged records to be refused")
+
+    # A report of a substance never seen makes the worker raise a real alert, which is stored.
+    name = f"Forgery-check-{uuid.uuid4().hex[:6]}"
+    result = run_cli(settings, "publish", "-", input=json.dumps(lab(event_id=f"real-{name}", substance={"name": name})))
+    assert result.returncode == 0, result.stdout + result.stderr
+    wait_until(
+        lambda: (
+            worker.count(
+                "SELECT count() FROM alerts WHERE alert_type = 'new_substance' AND position(summary, %(n)s) > 0",
+                {"n": name},
+            )
+            == 1
+        ),
+        60,
+        "the worker's own alert for the new substance to be stored",
+    )
+    assert worker.count("SELECT count() FROM alerts WHERE alert_id = %(a)s", {"a": forged.alert_id}) == 0
+    assert worker.count("SELECT count() FROM alerts WHERE position(summary, 'Evacuate') > 0") == 0
+    assert worker.stats()["forged"] == before + 3

@@ -241,3 +241,25 @@ def test_reason_classes_are_a_fixed_set() -> None:
     assert reject_reason("quantity.value: must be > 0") == "invalid_quantity_value"
     assert reject_reason("record too large: 5 bytes") == "too_large"
     assert reject_reason("extra_fields: 70 unknown fields") == "too_many_extra_fields"
+
+
+# --- worker signatures on alerts and sightings ----------------------------------------------------------
+
+
+def test_a_worker_signature_holds_only_for_the_same_topic_key_value_and_key(tmp_path: Path) -> None:
+    from synthwatch.stream_apps.worker_signature import HEADER, WorkerSigner, worker_key
+
+    key = worker_key(None, tmp_path)
+    assert worker_key(None, tmp_path) == key  # kept in the data directory, made once
+    assert stat.S_IMODE((tmp_path / "worker-key").stat().st_mode) == 0o600
+    signer = WorkerSigner(key)
+    headers = signer.headers("alerts", b"k", b"v")
+    assert signer.valid("alerts", b"k", b"v", headers)
+    assert not signer.valid("sightings", b"k", b"v", headers)  # moved to another topic
+    assert not signer.valid("alerts", b"k2", b"v", headers)
+    assert not signer.valid("alerts", b"k", b"v2", headers)
+    assert not signer.valid("alerts", b"k", b"v", None)
+    assert not signer.valid("alerts", b"k", b"v", [(HEADER, b"\0" * 32)])
+    other = WorkerSigner(worker_key("ab" * 16, tmp_path))  # the configured key wins over the file
+    assert not other.valid("alerts", b"k", b"v", headers)
+    assert "ab" not in repr(other)
