@@ -6,9 +6,11 @@ their checkpoints (:mod:`.checkpoints`), so a crash or a stop re-delivers rather
 
 - ``intake`` on both input topics (keyed by region, co-partitioned, so one region's events are
   processed in order by one worker): validate and enrich; run the region stage (lateness: a late
-  report is stored and flagged, not refused; duplicates, spikes); send rejects, spike alerts and
-  sightings (keyed by substance); at checkpoints
-  store new events in ClickHouse and write changed detector state to the region table's changelog.
+  report is stored and flagged, not refused; duplicates, spikes); send rejects and sightings (keyed by
+  substance); at checkpoints store new events in ClickHouse, write changed detector state to the
+  region table's changelog, then send the spike alerts that state decided (an outbox in the series
+  records: a crash cannot re-decide a sent alert differently; a spike alert waits up to one checkpoint
+  interval, ``SYNTHWATCH_CHECKPOINT_SECONDS``, longer than before).
 - ``novelty`` on the sightings topic (keyed by substance): new substances, first appearances in a
   region, spread.
 - ``rejects`` and ``alerts`` store those topics in ClickHouse (the delivery agent reads alerts too).
