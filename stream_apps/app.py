@@ -6,9 +6,11 @@ their checkpoints (:mod:`.checkpoints`), so a crash or a stop re-delivers rather
 
 - ``intake`` on both input topics (keyed by region, co-partitioned, so one region's events are
   processed in order by one worker): validate and enrich; run the region stage (lateness: a late
-  report is stored and flagged, not refused; duplicates, spikes); send rejects, spike alerts and
-  sightings (keyed by substance); at checkpoints
-  store new events in ClickHouse and write changed detector state to the region table's changelog.
+  report is stored and flagged, not refused; duplicates, spikes); send rejects and sightings (keyed by
+  substance); at checkpoints store new events in ClickHouse, write changed detector state to the
+  region table's changelog, then send the spike alerts that state decided (an outbox in the series
+  records: a crash cannot re-decide a sent alert differently; a spike alert waits up to one checkpoint
+  interval, ``SYNTHWATCH_CHECKPOINT_SECONDS``, longer than before).
 - ``novelty`` on the sightings topic (keyed by substance): new substances, first appearances in a
   region, spread.
 - ``rejects`` and ``alerts`` store those topics in ClickHouse (the delivery agent reads alerts too).
@@ -62,6 +64,7 @@ from .intake import EnrichedEvent, Intake, RawMessage
 from .metrics import PartitionOffsets, WorkerMetrics, attach_metrics, ingest_times
 from .novelty import NoveltyDetector, Sighting
 from .replay import Position, position_of
+from .spikes import SeriesState
 from .state_rebuild import learn_names, rebuild
 from .watchdog import StallWatch, watch_consumer
 from .web_auth import refuse_request
@@ -70,6 +73,7 @@ from .worker_signature import WorkerSigner, worker_key
 log = logging.getLogger("synthwatch.worker")
 T = TypeVar("T")
 LateEvent = tuple[EnrichedEvent, RegionResult]  # a late report and what the region stage made of it
+Outbox = list[tuple[str, SeriesState, list[str]]]  # what RegionDetector.take_outbox hands a checkpoint
 
 
 @dataclass
@@ -173,6 +177,15 @@ def _load_record(data: Any, key: str) -> dict[str, Any] | None:
     return cast(dict[str, Any], from_json(raw)) if raw is not None else None
 
 
+def outbox_series(data: Any) -> list[str]:
+    """Series whose stored record (full or delta) holds outbox entries (``"x"``, only there when non-empty)."""
+    names = set()
+    for key, raw in list(data.items()):
+        if isinstance(key, str) and key.startswith(("S:", "S+:")) and b'"x":' in raw:
+            names.add(key.split(":", 1)[1])
+    return sorted(names)
+
+
 def _partition(source: str) -> int:
     """Partition number of a ``topic:partition:offset`` source."""
     return int(source.rsplit(":", 2)[1])
@@ -225,6 +238,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
     region_table = app.Table("detector-regions", **tables)  # value_type=bytes: restored raw, too
     substance_table = app.Table("detector-substances", **tables)
     ctx.regions.fetch = partial(_load_record, region_table.data)
+    ctx.regions.outbox = True  # spike alerts are sent after the checkpoint that writes the state deciding them
     ctx.novelty.fetch = partial(_load_record, substance_table.data)
     stats = ctx.stats
     signer = WorkerSigner(
@@ -327,6 +341,27 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             futures.append(await send(topic, key, SEAL_VALUE, partition, None, None))
         await send_all(futures)
 
+    ingested: dict[str, float] = {}  # alert id -> Kafka timestamp of its triggering event (latency metric)
+
+    async def send_outbox(outbox: Outbox) -> None:
+        """Send outbox entries (written to the changelog before), await their acks, then drop them."""
+        if not outbox:
+            return
+        pending: list[Awaitable[Any]] = []
+        published: list[Alert] = []
+        for _, _, entries in outbox:
+            for entry in entries:
+                alert = Alert.model_validate_json(entry)
+                published.append(alert)
+                pending.append(await send(alerts_topic, alert.alert_id.encode(), entry.encode()))
+        await send_all(pending)
+        for name, state, entries in outbox:
+            ctx.regions.sent(name, state, len(entries))
+        metrics.produced(settings.topic_alerts, len(published))
+        now = time.time()
+        for alert in published:  # re-sent ones after a restart have no ingest time here: counted, latency 0
+            metrics.alerts_published([alert], ingested.pop(alert.alert_id, now), now)
+
     def detect_regions(
         events: list[EnrichedEvent],
     ) -> tuple[list[EnrichedEvent], list[LateEvent], list[Alert], list[Sighting], dict[str, int]]:
@@ -385,7 +420,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
         partitions: dict[str, int] = {}
 
         async def write(
-            taken: list[EnrichedEvent], changes: list[tuple[int, str, dict[str, Any]]], events: int
+            taken: list[EnrichedEvent], changes: list[tuple[int, str, dict[str, Any]]], outbox: Outbox, events: int
         ) -> None:
             # Rows first, then the state that has seen them: a worker killed in between replays events
             # that are stored already (skipped by event_id) into state that has not seen them.
@@ -398,6 +433,9 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             )
             await send_all(await save(region_table, changes))
             await seal(region_table, changes)
+            # The spike alerts these records decided, now that the records holding them are acknowledged;
+            # acknowledged themselves before this checkpoint's offsets are (Checkpoint._complete).
+            await send_outbox(outbox)
             stats.checkpointed += events  # acknowledged right after this returns
             metrics.stored("lab_detections", stored.lab_detections)
             metrics.stored("border_seizures", stored.border_seizures)
@@ -436,7 +474,14 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
                     await send(rejects_topic, (r.event_id or r.source).encode(), r.model_dump_json().encode())
                     for r in result.rejects
                 ]
-                pending += [await send(alerts_topic, a.alert_id.encode(), a.model_dump_json().encode()) for a in alerts]
+                # Spike alerts wait in the outbox of the series that raised them (RegionDetector.outbox) and
+                # go out at the checkpoint that writes that series: up to one checkpoint interval later.
+                if alerts:
+                    started = ingest_times(events, kept)
+                    fallback = min(started.values(), default=time.time())
+                    for a in alerts:
+                        known = [started[e] for e in a.evidence_event_ids if e in started]
+                        ingested[a.alert_id] = max(known) if known else fallback
                 # One message per substance, in event-time order: the novelty stage takes sightings in the
                 # order they are on the topic (see NoveltyDetector.observe_batch), so "first" is first reported.
                 by_substance: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -451,9 +496,6 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
                 metrics.rejected(result.rejects)
                 metrics.produced(settings.topic_rejects, len(result.rejects))
                 metrics.produced(settings.topic_sightings, len(by_substance))
-                metrics.produced(settings.topic_alerts, len(alerts))
-                if alerts:
-                    metrics.alerts_published(alerts, ingest_times(events, kept))
                 stats.consumed += len(messages)
                 stats.intake_batches += 1
                 stats.duplicates += result.duplicates
@@ -462,8 +504,9 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
                 stats.sightings += len(sightings)
             if held.due(quiet=not events):
                 changes = [(partitions[region], key, value) for region, key, value in ctx.regions.drain_dirty()]
+                outbox = ctx.regions.take_outbox()
                 storing, rows = rows, []
-                await held.start(write(storing, changes, len(held.events)))
+                await held.start(write(storing, changes, outbox, len(held.events)))
 
     @app.agent(sightings_topic, name="novelty")
     async def novelty_agent(stream: faust.StreamT[bytes]) -> None:
@@ -593,6 +636,14 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             learnt = await asyncio.get_running_loop().run_in_executor(None, partial(learn_names_locked, ctx))
             stats.rebuild = {"names_learnt": learnt}
             log.info("detector state recovered from the changelogs; %d names learnt from ClickHouse", learnt)
+            # Spike alerts stored in state by a worker that may have died before sending them: send them now
+            # (same ids and content; the alerts sink and delivery skip ids they have).
+            ctx.regions.restore_outboxes(outbox_series(region_table.data))
+            outbox = ctx.regions.take_outbox()
+            await send_outbox(outbox)
+            if outbox:
+                resent = sum(len(entries) for _, _, entries in outbox)
+                log.info("%d spike alert(s) kept in state before a restart sent again", resent)
         if settings.gc_freeze:
             # What exists now lives as long as the worker: keep it out of every later collection, and
             # collect the young generation less often (each collection walks the detector state).

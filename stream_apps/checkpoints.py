@@ -1,8 +1,10 @@
 """Checkpoints: acknowledge consumed events only once everything they caused is durable.
 
 Why: an agent's outputs (alerts, sightings, rejects) go out with each batch, so an alert is not held
-back by storage; the costly, per-batch-fixed work (a ClickHouse insert with its materialized views,
-rewriting every changed detector state record to the changelog) runs once per checkpoint instead of
+back by storage (but spike alerts: they wait in an outbox in the state that decided them and go out
+inside the intake agent's ``write``, after that state is written, see :mod:`.app`); the costly,
+per-batch-fixed work (a ClickHouse insert with its materialized views, rewriting every changed
+detector state record to the changelog) runs once per checkpoint instead of
 once per batch. A checkpoint, in this order: the batches' produced records are acknowledged by the
 broker; their rows are in ClickHouse; the detector state they changed is in the changelog; then
 their offsets are acknowledged (and committed by Faust). A worker that dies before the end of a

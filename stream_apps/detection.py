@@ -15,7 +15,7 @@ Kafka topic keyed by substance.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -288,6 +288,13 @@ class RegionDetector:
         self.series: dict[str, SeriesState] = {}
         self.dirty_regions: set[str] = set()
         self.dirty_series: set[str] = set()
+        # The worker's outbox (off in the backtest, which has no crash to survive): a spike alert is kept
+        # in the record of the series that raised it, written with the state that decided it, and sent
+        # only after that record is acknowledged (see :meth:`take_outbox`). A worker killed before the
+        # write re-decides the event from state that never saw it, and nothing was sent; one killed after
+        # it finds the alert in the restored record (its mark skips the event) and sends it then.
+        self.outbox = False
+        self.outbox_series: set[str] = set()  # series holding outbox entries no checkpoint is sending
         self.lateness = timedelta(hours=self.config.lateness_hours)
         self._keep_ids_days = int(self.config.lateness_hours // 24) + 2
 
@@ -308,15 +315,56 @@ class RegionDetector:
         name = f"{region}|{key}"
         state = self.series.get(name)
         if state is None:
-            stored = self.fetch(f"S:{name}") if self.fetch else None
-            if stored and self.fetch:
-                state = SeriesState.from_records(stored, self.fetch(f"S+:{name}"))
-            else:
-                state = SeriesState(first_day=day)
+            state = self.load_series(name) or SeriesState(first_day=day)
             self.series[name] = state
         if day < state.first_day:
             state.first_day = day
         return name, state
+
+    def load_series(self, name: str) -> SeriesState | None:
+        """A series record from the table (None if it has none); its outbox entries are queued to send."""
+        stored = self.fetch(f"S:{name}") if self.fetch else None
+        if not stored or not self.fetch:
+            return None
+        state = SeriesState.from_records(stored, self.fetch(f"S+:{name}"))
+        if state.outbox:  # written with the state that decided them, maybe never sent: send (again)
+            self.outbox_series.add(name)
+        return state
+
+    # --- the outbox (worker only) ---------------------------------------------------------------------
+
+    def restore_outboxes(self, names: Iterable[str]) -> None:
+        """Load these series (their records hold outbox entries) so :meth:`take_outbox` returns them."""
+        for name in names:
+            if name not in self.series:
+                state = self.load_series(name)
+                if state is not None:
+                    self.series[name] = state
+
+    def take_outbox(self) -> list[tuple[str, SeriesState, list[str]]]:
+        """(series, state, alert JSON) of outbox entries not handed out before, for a checkpoint to send.
+
+        Call it with :meth:`drain_dirty`: an entry added since the last call belongs to a series that is
+        dirty now, so the checkpoint writes it before sending it; a restored entry is written already.
+        """
+        taken = []
+        for name in self.outbox_series:
+            state = self.series.get(name)
+            if state is not None and len(state.outbox) > state.sending:
+                taken.append((name, state, state.outbox[state.sending :]))
+                state.sending = len(state.outbox)
+        self.outbox_series.clear()
+        return taken
+
+    def sent(self, name: str, state: SeriesState, n: int) -> None:
+        """The first ``n`` outbox entries of ``state`` are acknowledged by the broker: drop them, and write
+        the record without them at the next checkpoint (a restart before that sends them again: same id,
+        same content, skipped downstream)."""
+        if self.series.get(name) is not state:
+            return  # forgotten (a rebalance) meanwhile: the next owner of the record sends them again
+        del state.outbox[:n]
+        state.sending -= n
+        self.dirty_series.add(name)
 
     # --- weekday rhythm ------------------------------------------------------------------------------
 
@@ -398,13 +446,15 @@ class RegionDetector:
             self.dirty_series.add(name)
             findings = self.model.observe(state, day, today, obs.event_id, obs.grams, rhythm, pool=family_state)
             if findings and emit:
-                result.alerts.extend(self._spike_alert(obs, subject, state, f) for f in findings if f.new_episode)
+                alerts = [self._spike_alert(obs, subject, state, f) for f in findings if f.new_episode]
+                self._raise(result, name, state, alerts)
         if family and family_state is not None and apply_once(family_state.applied, at):
             self.dirty_series.add(family_name)
             findings = self.model.observe(family_state, day, today, obs.event_id, obs.grams, rhythm, test_mass=False)
             if findings and emit:
                 group = family_subject(family)
-                result.alerts.extend(self._spike_alert(obs, group, family_state, f) for f in findings if f.new_episode)
+                alerts = [self._spike_alert(obs, group, family_state, f) for f in findings if f.new_episode]
+                self._raise(result, family_name, family_state, alerts)
 
         forwarded = region.forwarded.get(day)
         if forwarded is None:
@@ -416,6 +466,14 @@ class RegionDetector:
         else:
             region.note_added(day, obs.event_id, None)
         return result
+
+    def _raise(self, result: RegionResult, name: str, state: SeriesState, alerts: list[Alert]) -> None:
+        """Return the alerts; with the outbox on, also keep them in the series record that raised them."""
+        if alerts:
+            result.alerts.extend(alerts)
+            if self.outbox:
+                state.outbox.extend(a.model_dump_json() for a in alerts)
+                self.outbox_series.add(name)
 
     def _observe_late(
         self, obs: Observation, region: RegionState, watermark: datetime, result: RegionResult
@@ -478,6 +536,7 @@ class RegionDetector:
         self.series.clear()
         self.dirty_regions.clear()
         self.dirty_series.clear()
+        self.outbox_series.clear()
 
     def _prune(self, region: RegionState, today: int) -> None:
         if region.pruned_day == today:

@@ -189,6 +189,10 @@ class SeriesState:
     cut: int | None = None  # days before this were pruned after the full record
     # Per input partition, the offset of the last event this series took (see stream_apps/replay.py).
     applied: dict[str, int] = field(default_factory=dict)
+    # The worker's outbox (see RegionDetector.outbox): JSON of the spike alerts this series raised, written
+    # with the state that decided them and sent only once that record is acknowledged; removed once sent.
+    outbox: list[str] = field(default_factory=list)
+    sending: int = 0  # not persisted: how many of the outbox's first entries a checkpoint is sending
 
     @property
     def masses(self) -> list[tuple[int, float]]:
@@ -224,7 +228,12 @@ class SeriesState:
             "b": self._baseline_record(),
             "p": self.pruned_day,
             "a": dict(self.applied),
+            **self._outbox_record(),
         }
+
+    def _outbox_record(self) -> dict[str, Any]:
+        """The outbox, whole, in full records and deltas alike (no key when empty: records stay as before)."""
+        return {"x": self.outbox[:]} if self.outbox else {}
 
     def _baseline_record(self) -> list[Any] | None:
         cached = self.cached_baseline
@@ -251,6 +260,7 @@ class SeriesState:
             "b": self._baseline_record(),
             "p": self.pruned_day,
             "a": dict(self.applied),
+            **self._outbox_record(),
         }
 
     def changelog_record(self, delta_limit: int = 32) -> tuple[bool, dict[str, Any]]:
@@ -282,6 +292,7 @@ class SeriesState:
         (mass_days, mass_values), (evidence_days, evidence_ids) = full["m"], full["v"]
         episodes, first_day = full["e"], full["f"]
         baseline, pruned_day, marks = full.get("b"), full.get("p"), full.get("a")
+        outbox = full.get("x") or []
         if delta is not None and delta["g"] == full["g"]:
             cut = delta["o"]
             if cut is not None:
@@ -296,6 +307,7 @@ class SeriesState:
             evidence_ids = [*evidence_ids, *delta["v"][1]][dropped_v:]
             episodes, first_day, baseline, pruned_day = delta["e"], delta["f"], delta["b"], delta["p"]
             marks = delta.get("a")
+            outbox = delta.get("x") or []
         return cls(
             first_day=int(first_day),
             counts={intern_day(int(d)): int(n) for d, n in counts.items()},
@@ -309,6 +321,7 @@ class SeriesState:
             pruned_day=pruned_day,
             gen=int(full["g"]),
             applied={str(k): int(v) for k, v in marks.items()} if marks else {},
+            outbox=[str(a) for a in outbox],
         )
 
     @classmethod

@@ -190,3 +190,35 @@ def test_records_of_the_previous_format_are_read() -> None:
     table: dict[str, Any] = {}
     write(resumed, table)  # the upgraded state is written in the new format from then on
     assert all("g" in value for key, value in table.items() if key[0] in "RS")
+
+
+def test_spike_alerts_wait_in_the_outbox_of_their_series_record_until_sent() -> None:
+    """The worker's outbox: a spike alert is in the record of the series that raised it (full or delta), read
+    back whole after a restart, and gone from the record written after it was sent. Alerts are unchanged."""
+    plain, held, table = Detector(), Detector(), {}
+    held.regions.outbox = True
+    spikes: list[str] = []
+    sent_and_written = 0
+    for i in range(0, len(simulated()), 250):
+        for item in simulated()[i : i + 250]:
+            expected = [a.model_dump_json(exclude={"detected_at"}) for a in plain.observe(item).alerts]
+            got = held.observe(item).alerts
+            assert [a.model_dump_json(exclude={"detected_at"}) for a in got] == expected
+            spikes += [a.model_dump_json() for a in got if a.alert_type == "spike"]
+        write(held, table)
+        outbox = held.regions.take_outbox()
+        # What a checkpoint is about to send is in the records just written, and reads back the same.
+        restarted = restored(table)
+        restarted.regions.restore_outboxes(name for name, _, _ in outbox)
+        again = {name: entries for name, _, entries in restarted.regions.take_outbox()}
+        for name, state, entries in outbox:
+            assert again[name] == entries == state.outbox
+            assert [e for e in entries if e not in spikes] == []
+        for name, state, entries in outbox:
+            held.regions.sent(name, state, len(entries))
+        write(held, table)  # the write after the sends: records without them
+        for name, _, _ in outbox:
+            assert SeriesState.from_records(table[f"S:{name}"], table.get(f"S+:{name}")).outbox == []
+            sent_and_written += 1
+    assert len(spikes) > 5 and sent_and_written > 5  # the stream raises spikes, so the comparison means something
+    assert held.regions.take_outbox() == []  # nothing left unsent
