@@ -408,9 +408,12 @@ MARKUP_NAMES = ["[/]", "[link=https://evil.example]Isotonitazene[/link]", ":x: P
 def test_markup_and_escapes_in_stored_data_reach_the_terminal_as_plain_text(
     worker: RunningWorker, tmp_path: Path
 ) -> None:
-    """Names that look like Rich markup are valid reports; a forged alert (no Kafka auth yet: issue 12 item 2)
-    carries ESC, OSC-8 and bidi characters. `alerts`, `stats`, `substance` and `sql` print all of it as text."""
+    """Names that look like Rich markup are valid reports; an alert that carries ESC, OSC-8 and bidi characters
+    (ingest refuses them, so it is written straight to the topic, signed with the worker key as only a worker
+    or someone holding its key could) is stored. `alerts`, `stats`, `substance` and `sql` print it as text."""
     from kafka import KafkaProducer
+
+    from synthwatch.stream_apps.worker_signature import WorkerSigner, worker_key
 
     from .delivery_helpers import make_alert
 
@@ -431,16 +434,16 @@ def test_markup_and_escapes_in_stored_data_reach_the_terminal_as_plain_text(
     )
     producer = KafkaProducer(bootstrap_servers=worker.settings.kafka_bootstrap_servers)
     try:
-        producer.send(
-            worker.settings.topic_alerts, key=alert.alert_id.encode(), value=alert.model_dump_json().encode()
-        ).get(30)
+        topic, key, value = worker.settings.topic_alerts, alert.alert_id.encode(), alert.model_dump_json().encode()
+        signer = WorkerSigner(worker_key(None, worker.settings.data_dir))
+        producer.send(topic, key=key, value=value, headers=signer.headers(topic, key, value)).get(30)
     finally:
         producer.close()
     wait_until(lambda: len(_stored_ids(worker, prefix)) == 3, 60, "the three reports")
     wait_until(
         lambda: worker.count("SELECT count() FROM alerts WHERE alert_id = {a:String}", {"a": alert.alert_id}),
         60,
-        "the forged alert stored",
+        "the signed hostile alert stored",
     )
     outputs = {
         "alerts": run_cli(worker.settings, "alerts", "--since", "30d"),
