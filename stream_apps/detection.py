@@ -411,14 +411,8 @@ class RegionDetector:
         if watermark is not None and obs.occurred_at < watermark - self.lateness:
             return self._observe_late(obs, region, watermark, result)
         day = obs.day
-        seen_today = region.recent.get(day)
-        if seen_today is None:
-            seen_today = region.recent[day] = set()
-        elif obs.event_id in seen_today:
-            result.duplicate = True
+        if self._seen_before(region, obs, result):
             return result
-        seen_today.add(obs.event_id)
-        self.dirty_regions.add(obs.region)
         today = region.today
         if today is None:
             if watermark is None or obs.occurred_at > watermark:
@@ -475,6 +469,18 @@ class RegionDetector:
                 state.outbox.extend(a.model_dump_json() for a in alerts)
                 self.outbox_series.add(name)
 
+    def _seen_before(self, region: RegionState, obs: Observation, result: RegionResult) -> bool:
+        """Note ``obs`` among its day's event ids; True (``result.duplicate`` set) if it was there already."""
+        seen = region.recent.get(obs.day)
+        if seen is None:
+            seen = region.recent[obs.day] = set()
+        elif obs.event_id in seen:
+            result.duplicate = True
+            return True
+        seen.add(obs.event_id)
+        self.dirty_regions.add(obs.region)
+        return False
+
     def _observe_late(
         self, obs: Observation, region: RegionState, watermark: datetime, result: RegionResult
     ) -> RegionResult:
@@ -491,14 +497,8 @@ class RegionDetector:
         if day < newest - self._keep_ids_days:
             result.sightings.append(obs.sighting(late_by))
             return result
-        seen = region.recent.get(day)
-        if seen is None:
-            seen = region.recent[day] = set()
-        elif obs.event_id in seen:
-            result.duplicate = True
+        if self._seen_before(region, obs, result):
             return result
-        seen.add(obs.event_id)
-        self.dirty_regions.add(obs.region)
         forwarded = region.forwarded.get(day)
         if forwarded is None:
             forwarded = region.forwarded[day] = set()
