@@ -318,7 +318,7 @@ def high_watermarks(servers: str, topics: Iterable[str], timeout: float = 20.0) 
 
 
 def committed_offsets(
-    servers: str, group: str, topics: Iterable[str], timeout: float = 20.0
+    servers: str, group: str, topics: Iterable[str], timeout: float = 20.0, require_all: bool = False
 ) -> dict[TopicPartition, tuple[int, int]]:
     """Per partition of ``topics``: (the group's committed offset, -1 when none; the high watermark).
 
@@ -341,6 +341,8 @@ def committed_offsets(
         marks = _marks(consumer, partitions, timeout)
     finally:
         consumer.close(autocommit=False)
+    if require_all and len(marks) < len(partitions):
+        return {}  # a partition's end is unknown: so is the lag, and it is not zero
     out = {}
     for tp, mark in marks.items():
         meta = committed.get(tp)
@@ -359,8 +361,8 @@ def lag_by_topic(servers: str, group: str, topics: Iterable[str], timeout: float
     None when a partition's high watermark could not be read: the lag is unknown, not zero.
     """
     topics = list(topics)
-    offsets = committed_offsets(servers, group, topics, timeout)
-    if not offsets or any(tp.topic not in topics for tp in offsets):
+    offsets = committed_offsets(servers, group, topics, timeout, require_all=True)
+    if not offsets:
         return None
     lag = dict.fromkeys(topics, 0)
     for tp, (offset, mark) in offsets.items():
