@@ -503,7 +503,13 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
                 stats.alerts_raised += len(alerts)
                 stats.sightings += len(sightings)
             if held.due(quiet=not events):
-                changes = [(partitions[region], key, value) for region, key, value in ctx.regions.drain_dirty()]
+                # A region with no event since the start (a series whose outbox was sent at start) has no
+                # partition noted yet: it is the region's own, as the publishers key by region.
+                n = settings.partitions
+                changes = [
+                    (partitions.get(region) or default_partition(region.encode(), n), key, value)
+                    for region, key, value in ctx.regions.drain_dirty()
+                ]
                 outbox = ctx.regions.take_outbox()
                 storing, rows = rows, []
                 await held.start(write(storing, changes, outbox, len(held.events)))
@@ -638,7 +644,15 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             log.info("detector state recovered from the changelogs; %d names learnt from ClickHouse", learnt)
             # Spike alerts stored in state by a worker that may have died before sending them: send them now
             # (same ids and content; the alerts sink and delivery skip ids they have).
-            ctx.regions.restore_outboxes(outbox_series(region_table.data))
+            # Only series of this worker's regions: the table also holds standby copies of other workers'.
+            mine = {tp.partition for tp in app.consumer.assignment() if tp.topic in settings.input_topics}
+            ctx.regions.restore_outboxes(
+                [
+                    name
+                    for name in outbox_series(region_table.data)
+                    if default_partition(name.split("|", 1)[0].encode(), settings.partitions) in mine
+                ]
+            )
             outbox = ctx.regions.take_outbox()
             await send_outbox(outbox)
             if outbox:

@@ -820,7 +820,7 @@ def attach_delivery(
             owners: list[Any] = []
             for event in events:
                 if accept is not None and not accept(event):
-                    await s.ack(event)  # forged: counted and logged by ``accept``
+                    await s.ack(event)  # forged: never delivered (the alerts-storing agent counts and logs it)
                     continue
                 try:
                     alerts.append(Alert.model_validate_json(event.value))
