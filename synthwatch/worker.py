@@ -124,7 +124,10 @@ def run_worker(
         on_ready=on_ready,
         web_token=new_web_token(settings),
     )
-    app = create_app(ctx, bootstrap_servers, web_port)
+    try:
+        app = create_app(ctx, bootstrap_servers, web_port)
+    except OrgKeysError as error:  # a worker key that is not hex of 16+ bytes (e.g. the example's CHANGE-ME)
+        raise SystemExit(f"SYNTHWATCH_WORKER_KEY: {error} (make one with `openssl rand -hex 32`)") from error
     worker: faust.Worker
     if drain:
         worker = DrainingWorker(
