@@ -9,10 +9,11 @@ channel's queue; this reads that queue directly and hands the agent whatever has
 one event when the stream is quiet (no batch window to wait out, so alerts are not delayed).
 
 What Faust's own loop does per event and must still be done (faust/streams.py ``_py_aiter``):
-events of an older consumer generation are skipped and acknowledged; an event is tracked as
-unacknowledged before it is processed, so the consumer never commits past it; it is acknowledged only
-after the agent is done with its batch. One difference: events taken while flow control is off (a seek
-is under way, which fetches them again) are skipped *unacknowledged* (Faust acknowledges them).
+events of an older consumer generation, or taken while flow control is off, are skipped; an event is
+tracked as unacknowledged before it is processed, so the consumer never commits past it; it is
+acknowledged only after the agent is done with its batch. One difference: skipped events are *not*
+acknowledged (Faust acknowledges them): a rebalance or a seek fetches them again, and an acknowledged
+offset could be committed for a partition that came back to this worker before the event was processed.
 Per-event stream sensors are not called (the worker counts events in its own metrics). Events are
 yielded unacknowledged: the worker acknowledges them at its next checkpoint (:mod:`.checkpoints`),
 once what they changed is durable.
@@ -82,13 +83,12 @@ async def channel_batches(
             events: list[EventT] = []
             for event in taken:
                 message = event.message
-                if message.generation_id != generation:
-                    event.ack()  # stale (before a rebalance): acknowledged unprocessed, as Faust does
-                    continue
-                if not active:
-                    # Flow stopped for a seek (recovery, the watchdog): the seek fetches this record again.
-                    # Not acknowledged, unlike Faust: an acknowledged offset may be committed before the
-                    # copy fetched again is stored, and a crash in between would lose the event.
+                if message.generation_id != generation or not active:
+                    # Stale (fetched before a rebalance) or taken while the flow is stopped for a seek: the
+                    # new generation or the seek fetches it again from the committed offset. Not acknowledged,
+                    # unlike Faust: Faust's ``Consumer.ack`` does not check the generation, so a partition that
+                    # came back to this worker would count the offset as done and commit past an event never
+                    # processed (after a SIGKILL Tansu puts the new worker through two rebalances).
                     continue
                 if not message.tracked and message.topic in acking_topics:
                     message.tracked = True
