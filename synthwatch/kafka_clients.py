@@ -129,12 +129,17 @@ def kafka_python_config(settings: Settings) -> dict[str, Any]:
             "ssl_check_hostname": settings.kafka_ssl_check_hostname,
         }
     if _uses_sasl(settings):
-        config |= {
-            "sasl_mechanism": settings.kafka_sasl_mechanism,
-            "sasl_plain_username": settings.kafka_sasl_username,
-            "sasl_plain_password": _password(settings),
-        }
+        config |= _sasl(settings)
     return config
+
+
+def _sasl(settings: Settings) -> dict[str, Any]:
+    """The SASL keyword arguments kafka-python and aiokafka share (same names in both)."""
+    return {
+        "sasl_mechanism": settings.kafka_sasl_mechanism,
+        "sasl_plain_username": settings.kafka_sasl_username,
+        "sasl_plain_password": _password(settings),
+    }
 
 
 def aiokafka_config(settings: Settings) -> dict[str, Any]:
@@ -144,11 +149,7 @@ def aiokafka_config(settings: Settings) -> dict[str, Any]:
     if context is not None:
         config["ssl_context"] = context
     if _uses_sasl(settings):
-        config |= {
-            "sasl_mechanism": settings.kafka_sasl_mechanism,
-            "sasl_plain_username": settings.kafka_sasl_username,
-            "sasl_plain_password": _password(settings),
-        }
+        config |= _sasl(settings)
     return config
 
 
