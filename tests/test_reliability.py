@@ -144,14 +144,22 @@ def test_worker_killed_mid_stream_restarts_and_stores_every_event_once_without_l
         # at the checkpoint, novelty with its batch), so with the inputs and sightings committed, the alerts
         # topic committed to its end means every published alert is stored. Not this worker's counters: an
         # alert re-raised after the restart whose id the killed worker had stored is raised but not new.
+        # The same for rejects: committed to the end of their topic, so a shortfall below is a loss, not a wait.
         wait_until(
             lambda: consumer_lag(broker.bootstrap_servers, settings.app_id, [settings.topic_alerts]) == 0,
             60,
             "every alert stored",
             interval=0.3,
         )
+        wait_until(
+            lambda: consumer_lag(broker.bootstrap_servers, settings.app_id, [settings.topic_rejects]) == 0,
+            60,
+            "every reject consumed and committed",
+            interval=0.3,
+        )
         stats = worker.stats()
-        wait_until(lambda: worker.count("SELECT count() FROM rejects") >= rejected, 60, "rejects")
+        reject_rows = worker.count("SELECT count() FROM rejects")
+        unique_rejects = worker.count("SELECT uniqExact(reject_id) FROM rejects")
         ids = stored_ids(worker)
         rows = worker.count(STORED)
         late_rows = worker.count(LATE)
@@ -173,6 +181,7 @@ def test_worker_killed_mid_stream_restarts_and_stores_every_event_once_without_l
         lines=len(sim.lines),
         sent=sent,
         publish_rejected=rejected,
+        stored_rejects=f"{reject_rows} rows, {unique_rejects} unique",
         killed_after_events_of_the_day=killed_after,
         redelivered_and_skipped=stats["duplicates"],
         stored_rows=rows,
@@ -183,6 +192,8 @@ def test_worker_killed_mid_stream_restarts_and_stores_every_event_once_without_l
         replayed=f"{stats['replayed']} events and {stats['replayed_sightings']} sightings found in detector state",
         versus_backtest=versus,
     )
+    assert unique_rejects == rejected, "every reject the publisher sent is stored (its topic is committed)"
+    assert reject_rows == unique_rejects, "every reject stored once"
     assert rows == len(ids) == len(expected), "every valid event exactly once"
     assert ids == expected
     assert late_rows == backtest.summary.late and detection_rejects == 0
