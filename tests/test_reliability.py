@@ -226,15 +226,23 @@ def clickhouse_http(tmp_path: Path) -> Iterator[tuple[int, FlakyProxy]]:
             proxy.down()
 
 
+STUCK_EVENTS = 3000  # ten batches of STUCK_BATCH: while one batch hangs, the agent's queue holds more
+STUCK_BATCH = 300
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("committed_before", [300, 0], ids=["after-commits", "never-committed"])
 def test_a_worker_stuck_without_an_error_is_sought_back_then_reported_not_ready_then_recovers(
-    broker: EmbeddedBroker, tmp_path: Path, clickhouse_http: tuple[int, FlakyProxy]
+    broker: EmbeddedBroker, tmp_path: Path, clickhouse_http: tuple[int, FlakyProxy], committed_before: int
 ) -> None:
     """The consumer watchdog, on a real worker: ClickHouse stops answering without failing (a hung
     server), so checkpoints never finish and committed offsets stop while records wait. The worker must
     notice, count and seek back, then answer 503 on /ready; once ClickHouse answers it must report ready
-    again and store every event exactly once."""
+    again and store every event exactly once.
+
+    ``never-committed``: the partitions had no committed offset when the worker sought back (aiokafka
+    seeks only partitions with one), so what the cleared queues held must be fetched from the start."""
     port, proxy = clickhouse_http
     (tmp_path / "worker").mkdir()
     settings = isolated_settings(
@@ -242,6 +250,7 @@ def test_a_worker_stuck_without_an_error_is_sought_back_then_reported_not_ready_
         tmp_path / "worker",
         clickhouse_url=f"http://127.0.0.1:{proxy.port}/watchdog",
         stall_seconds=2.0,
+        sink_batch_size=STUCK_BATCH,
     )
     direct = settings.model_copy(update={"clickhouse_url": f"http://127.0.0.1:{port}/watchdog"})
     regions = [("ML", "ML-BKO"), ("MA", "MA-TNG"), ("SN", "SN-DK")]
@@ -273,12 +282,13 @@ def test_a_worker_stuck_without_an_error_is_sought_back_then_reported_not_ready_
 
     worker = start_worker(settings, tmp_path / "worker.log")
     try:
-        publish(0, 300)
-        wait_until(lambda: lag() == 0, 60, "the first part stored and committed", interval=0.5)
+        if committed_before:
+            publish(0, committed_before)
+            wait_until(lambda: lag() == 0, 60, "the first part stored and committed", interval=0.5)
         assert ready_status()[0] == 200
 
         proxy.hung.set()  # ClickHouse accepts connections and never answers
-        publish(300, 300)
+        publish(committed_before, STUCK_EVENTS)
         status, body = wait_until(
             lambda: (found := ready_status())[0] == 503 and found,
             60,
@@ -299,7 +309,9 @@ def test_a_worker_stuck_without_an_error_is_sought_back_then_reported_not_ready_
             direct, "SELECT count(), uniqExact(event_id) FROM border_seizures WHERE startsWith(event_id, 'wd-')"
         ).rows[0]
         print(f"recovered: /ready {status}, rows {rows}, unique {unique}, seek-backs {body['consumer_stalls']}")
-        assert int(rows) == int(unique) == 600
+        assert int(rows) == int(unique) == committed_before + STUCK_EVENTS
+        if not committed_before:  # the seek-back started the never-committed partitions over
+            assert "never-committed stream partitions to their beginning" in worker.log_path.read_text(errors="replace")
     finally:
         proxy.hung.clear()
         stop_worker(worker)
