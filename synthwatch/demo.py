@@ -234,11 +234,16 @@ def demo_streams(history_days: int, live_days: int, seed: int, end: date) -> Dem
     start = end - timedelta(days=history_days + live_days)
     sim = simulate(SimulationConfig(days=history_days + live_days, seed=seed, start=start, warmup_days=history_days))
     cutover = datetime.combine(start + timedelta(days=history_days), day_time(), UTC)
-    split = len(sim.lines)
-    for index, (line, status) in enumerate(zip(sim.lines, sim.statuses, strict=True)):
-        if status == "event" and datetime.fromisoformat(json.loads(line)["reported_at"]) >= cutover:
-            split = index
-            break
+    split = 0  # no history: every line is live, even a malformed one that "arrived" before the first report
+    if history_days:
+        split = next(
+            (
+                index
+                for index, (line, status) in enumerate(zip(sim.lines, sim.statuses, strict=True))
+                if status == "event" and datetime.fromisoformat(json.loads(line)["reported_at"]) >= cutover
+            ),
+            len(sim.lines),
+        )
     return DemoStreams(sim.lines[:split], sim.lines[split:], cutover, end, sim.truth)
 
 
@@ -329,7 +334,6 @@ def _print_comparison(
             f"{empty[kind] / days:.1f}",
             str(planted[kind]) if kind != "spread" else "-",
         )
-    console.print(table)
     spread = f"{settings.spread_regions} or more regions within {settings.spread_days} days"
     if streams.history_days == 0:
         _prose(
@@ -338,6 +342,7 @@ def _print_comparison(
             "these alerts say more about the empty network than about the drugs.",
         )
         return
+    console.print(table)
     _prose(
         console,
         f"What the numbers mean: the network already knew {streams.history_days} days of reports when the live "
@@ -418,7 +423,9 @@ def run_demo(
         _prose(
             console,
             f"2. History loaded with `synthwatch ingest-history` in {ingest_seconds:.1f} s: {history} reports "
-            f"stored straight into ClickHouse, {history_rejects} malformed lines in rejects.",
+            f"stored straight into ClickHouse, {history_rejects} malformed lines in rejects."
+            if streams.history
+            else "2. No history loaded (--history-days 0): the network starts empty.",
         )
         rebuilt = _ready_stats(settings).get("rebuild", {})
         _prose(
