@@ -283,7 +283,7 @@ def demo(
         datetime | None,
         typer.Option(
             formats=["%Y-%m-%d"],
-            help="The day after the simulated period (default: today, UTC). With a fixed day and seed the run repeats.",
+            help="The day after the simulated period (default: today, UTC); a fixed day and seed repeat the reports.",
         ),
     ] = None,
 ) -> None:
