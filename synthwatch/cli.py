@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, NoReturn, cast
 
@@ -273,13 +274,25 @@ def sql(query: Annotated[str, typer.Argument(help="One SELECT (or WITH ... SELEC
 
 @app.command()
 def demo(
-    days: Annotated[int, typer.Option(help="Days of simulated reports.")] = 30,
+    days: Annotated[int, typer.Option(min=1, help="Days published live through Kafka (the alerts shown).")] = 21,
+    history_days: Annotated[
+        int, typer.Option(min=0, help="Days of history loaded first with ingest-history (0: an empty network).")
+    ] = 180,
     seed: Annotated[int, typer.Option(help="Simulation seed.")] = 7,
+    end: Annotated[
+        datetime | None,
+        typer.Option(
+            formats=["%Y-%m-%d"],
+            help="The day after the simulated period (default: today, UTC); a fixed day and seed repeat the reports.",
+        ),
+    ] = None,
 ) -> None:
-    """Start the embedded stack, stream a simulated month through it, and show what it stored."""
+    """Load half a year of simulated reports, stream the last weeks through the stack, and show its alerts."""
     from .demo import run_demo
 
-    raise typer.Exit(run_demo(days=days, seed=seed, console=console))
+    raise typer.Exit(
+        run_demo(days=days, seed=seed, console=console, history_days=history_days, end=end.date() if end else None)
+    )
 
 
 @app.command()
