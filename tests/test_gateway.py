@@ -162,8 +162,8 @@ def gateway(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) ->
         org_keys_file=keys,
         gateway_port=0,
         gateway_max_body_bytes=64 * 1024,
-        gateway_rate_per_minute=6,
-        gateway_rate_burst=5,
+        gateway_rate_per_minute=1,  # one request a minute after the burst: no test is near that slow
+        gateway_rate_burst=8,
     )
     worker = start_worker(settings, base / "worker.log")
     log_path = base / "gateway.log"
@@ -330,9 +330,10 @@ def test_oversized_body_wrong_content_type_and_foreign_host_are_refused(gateway:
 @pytest.mark.integration
 def test_a_token_over_its_rate_gets_429_with_retry_after(gateway: Gateway) -> None:
     token, other = gateway.token(), gateway.token()
-    statuses = [httpx.get(f"{gateway.url}/v1/whoami", headers={"Authorization": f"Bearer {token}"}) for _ in range(6)]
-    assert [r.status_code for r in statuses] == [200] * 5 + [429]  # burst 5, then one per 10 s
-    assert 1 <= int(statuses[-1].headers["Retry-After"]) <= 10
+    statuses = [httpx.get(f"{gateway.url}/v1/whoami", headers={"Authorization": f"Bearer {token}"}) for _ in range(9)]
+    assert [r.status_code for r in statuses] == [200] * 8 + [429]  # burst 8, then one a minute
+    assert 1 <= int(statuses[-1].headers["Retry-After"]) <= 60
+    assert "retry after" in statuses[-1].json()["detail"]
     assert httpx.get(f"{gateway.url}/v1/whoami", headers={"Authorization": f"Bearer {other}"}).status_code == 200
 
 
@@ -351,3 +352,17 @@ def test_tokens_cli_prints_the_secret_once_and_lists_no_secret(gateway: Gateway)
     assert unknown.returncode == 1 and "not in" in unknown.stderr
     response = gateway.post(secret, json.dumps(seizure(event_id="gw-cli-1")) + "\n", "application/x-ndjson")
     assert response.json()["accepted"] == 1
+
+
+@pytest.mark.integration
+def test_a_token_of_an_organisation_without_a_signing_key_is_refused_not_produced(gateway: Gateway) -> None:
+    """The worker requires signed reports: records the gateway cannot sign would all be rejected there."""
+    from synthwatch.broker import high_watermarks
+
+    settings = gateway.settings
+    topics = (settings.topic_lab_detections, settings.topic_rejects)
+    before = high_watermarks(settings.kafka_bootstrap_servers or "", topics)
+    _, secret = TokenStore.open(settings.resolved_gateway_tokens_file).create("lab-xx", ["LAB-XX"], [])
+    response = gateway.post(secret, json.dumps(lab(event_id="gw-unsignable", lab_id="LAB-XX")), "application/json")
+    assert response.status_code == 403 and "no key in the organisation keys file" in response.json()["detail"]
+    assert high_watermarks(settings.kafka_bootstrap_servers or "", topics) == before  # nothing produced
