@@ -165,9 +165,14 @@ class GatewayPublisher(Publisher):
     """
 
     def __init__(
-        self, settings: Settings, bootstrap_servers: str, org_keys: dict[str, Organisation] | None = None
+        self,
+        settings: Settings,
+        bootstrap_servers: str,
+        org_keys: dict[str, Organisation] | None = None,
+        **overrides: Any,
     ) -> None:
-        super().__init__(settings.model_copy(update={"org_id": None, "org_key": None}), bootstrap_servers)
+        gateway_settings = settings.model_copy(update={"org_id": None, "org_key": None})
+        super().__init__(gateway_settings, bootstrap_servers, **overrides)
         self.org_keys = org_keys
         self.sign_required = settings.signed_reports_required
         self._lock = threading.Lock()

@@ -366,3 +366,33 @@ def test_a_token_of_an_organisation_without_a_signing_key_is_refused_not_produce
     response = gateway.post(secret, json.dumps(lab(event_id="gw-unsignable", lab_id="LAB-XX")), "application/json")
     assert response.status_code == 403 and "no key in the organisation keys file" in response.json()["detail"]
     assert high_watermarks(settings.kafka_bootstrap_servers or "", topics) == before  # nothing produced
+
+
+@pytest.mark.integration
+def test_records_kafka_did_not_acknowledge_are_failed_not_accepted(own_broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """A broker that dies mid-way: every record gets a verdict, none is called accepted without an ack."""
+    from synthwatch.gateway import GatewayPublisher
+    from synthwatch.producers.readers import InputRecord
+
+    settings = isolated_settings(own_broker, tmp_path / "data")
+    token, _ = TokenStore.open(tmp_path / "tokens.json").create("lab-fr", ["LAB-FR-01"], [])
+    quick = {"request_timeout_ms": 1000, "delivery_timeout_ms": 3000, "max_block_ms": 3000, "retries": 1}
+    publisher = GatewayPublisher(settings, own_broker.bootstrap_servers, None, **quick)
+    try:
+        first = publisher.publish_request(token, [InputRecord("r:1", json.dumps(lab(event_id="gw-up")))])
+        assert [(p.event_id, p.verdict) for p in first] == [("gw-up", "accepted")]
+        own_broker.stop()
+        records = [
+            InputRecord("r:1", json.dumps(lab(event_id="gw-down-1"))),
+            InputRecord("r:2", json.dumps(lab(event_id="gw-down-2"))),
+            InputRecord("r:3", "{not json"),
+        ]
+        verdicts = publisher.publish_request(token, records)
+    finally:
+        publisher.producer.close(timeout=0)
+    assert [(p.position, p.event_id, p.verdict) for p in verdicts] == [
+        (1, "gw-down-1", "failed"),
+        (2, "gw-down-2", "failed"),
+        (3, None, "rejected"),
+    ]
+    assert all("send it again" in (p.reason or "") for p in verdicts[:2])
