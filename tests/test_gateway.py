@@ -263,6 +263,10 @@ def test_csv_and_json_bodies(gateway: Gateway) -> None:
     ], result["records"]
     assert "may not report as agency 'Douanes sénégalaises'" in result["records"][1]["reason"]
     assert "quantity.value" in result["records"][2]["reason"]
+    # the same file as a Latin-1 LIMS export: decoded by its charset, so the first row is the record just accepted
+    latin = gateway.post(token, csv_body.encode("latin-1"), "text/csv; charset=ISO-8859-1").json()
+    assert [r["verdict"] for r in latin["records"]] == ["duplicate", "rejected", "rejected"], latin["records"]
+    assert "'Douanes sénégalaises'" in latin["records"][1]["reason"]
 
     array = [seizure(event_id="gw-json-1"), seizure(event_id="gw-json-2", agency="Other"), 7]
     result = gateway.post(token, json.dumps(array), "application/json").json()
