@@ -15,6 +15,7 @@ from rich.table import Table
 from .cli_dashboards import register as register_dashboard_commands
 from .cli_data import register as register_data_commands
 from .cli_delivery import register as register_delivery_commands
+from .cli_gateway import register as register_gateway_commands
 from .consoles import command_console
 from .redaction import redact
 from .settings import Settings
@@ -30,6 +31,7 @@ app.add_typer(bench_app, name="bench")
 register_data_commands(app)
 register_delivery_commands(app)
 register_dashboard_commands(app)
+register_gateway_commands(app)
 
 console = command_console()
 
