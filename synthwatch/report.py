@@ -20,7 +20,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from synthwatch.dashboards import overview
-from synthwatch.dashboards.macros import TimeRange, expand, panel_interval
+from synthwatch.dashboards.macros import ALL, TimeRange, VariableValue, expand, panel_interval
 from synthwatch.dashboards.panels import SqlPanel, coerce
 
 from .query import QueryError, QueryResult, run_query
@@ -31,6 +31,9 @@ REPORT_DATA_POINTS = 40
 SEVERITY_COLOURS = {"critical": "#c4162a", "warning": "#e0a800", "info": "#3274d9"}
 
 Runner = Callable[[str], QueryResult]
+
+#: The overview's country and region variables as the report sets them: every place.
+EVERYWHERE: dict[str, VariableValue] = {"country": ALL, "region": ALL}
 
 
 @dataclass
@@ -214,7 +217,7 @@ def render_report(
         result.panels.append(outcome)
         interval = panel_interval(time_range, REPORT_DATA_POINTS, spec.min_interval)
         try:
-            answer = runner(expand(spec.sql, time_range, interval=interval))
+            answer = runner(expand(spec.sql, time_range, interval=interval, variables=EVERYWHERE))
             if answer.rows and tuple(answer.columns) != spec.column_names:
                 raise QueryError(f"columns {answer.columns} != expected {list(spec.column_names)}")
             rows = [[coerce(v, c.type) for v, c in zip(row, spec.columns, strict=True)] for row in answer.rows]

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from synthwatch.cli_dashboards import register
 from synthwatch.dashboards import overview
-from synthwatch.dashboards.macros import TimeRange, expand, panel_interval
+from synthwatch.dashboards.macros import ALL, TimeRange, expand, panel_interval
 from synthwatch.query import QueryError, QueryResult
 from synthwatch.report import REPORT_DATA_POINTS, render_report, write_report
 from synthwatch.settings import Settings
@@ -136,7 +136,12 @@ def test_report_runs_the_dashboards_own_sql() -> None:
 
     result = render_report(runner, time_range)
     expected = [
-        expand(p.sql, time_range, interval=panel_interval(time_range, REPORT_DATA_POINTS, p.min_interval))
+        expand(
+            p.sql,
+            time_range,
+            interval=panel_interval(time_range, REPORT_DATA_POINTS, p.min_interval),
+            variables={"country": ALL, "region": ALL},
+        )
         for p in overview.PANELS
     ]
     assert sent == expected
