@@ -342,9 +342,8 @@ def _open_failure(settings: Settings, error: Exception) -> QueryError:
         return QueryError(f"cannot use {settings.data_dir}: {error.strerror or error}; {_POINT_AT_DATA}")
     if settings.clickhouse_is_embedded:
         return QueryError(
-            f"the embedded ClickHouse in {settings.embedded_clickhouse_path} is open in another process that "
-            "does not serve queries (e.g. `synthwatch ingest-history`, or a stack started with another "
-            f"SYNTHWATCH_DATA_DIR): wait for it to finish, then retry ({_first_line(error)})"
+            f"cannot open the embedded ClickHouse in {settings.embedded_clickhouse_path} ({_first_line(error)}); "
+            "if another process has it open (e.g. `synthwatch ingest-history`), wait for it to finish, then retry"
         )
     return QueryError(f"cannot reach ClickHouse: {_first_line(error)}; check SYNTHWATCH_CLICKHOUSE_QUERY_URL")
 
