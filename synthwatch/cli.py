@@ -17,6 +17,7 @@ from .cli_data import register as register_data_commands
 from .cli_delivery import register as register_delivery_commands
 from .cli_gateway import register as register_gateway_commands
 from .consoles import command_console
+from .output import FormatOption, OutputFormat, emit
 from .redaction import redact
 from .settings import Settings
 from .terminal import plain, say
@@ -257,21 +258,34 @@ def db_migrate(
 
 
 @app.command()
-def sql(query: Annotated[str, typer.Argument(help="One SELECT (or WITH ... SELECT) statement.")]) -> None:
+def sql(
+    query: Annotated[str, typer.Argument(help="One SELECT (or WITH ... SELECT) statement.")],
+    fmt: FormatOption = OutputFormat.table,
+) -> None:
     """Run one SELECT on synthwatch's ClickHouse in a read-only, time-bounded session (through the running stack
     if it holds the engine). Tables: SELECT name FROM system.tables WHERE database = currentDatabase()."""
-    from .query import QueryError, run_query
+    from .query import QueryError, run_query, trailing_format
 
+    wanted = trailing_format(query)
+    if wanted is not None:
+        _fail(
+            f"FORMAT {wanted} is not run by ClickHouse here (the session is read-only, and its answer must pass "
+            f"the same checks); drop the FORMAT clause and pass --format csv or --format json"
+        )
     try:
         result = run_query(Settings(), query)
     except QueryError as error:
         _fail(str(error))
-    table = Table()
-    for column in result.columns:
-        table.add_column(plain(column))
-    for row in result.rows:
-        table.add_row(*(plain(v) for v in row))
-    console.print(table)
+
+    def table() -> Table:
+        table = Table()
+        for column in result.columns:
+            table.add_column(plain(column))
+        for row in result.rows:
+            table.add_row(*(plain(v) for v in row))
+        return table
+
+    emit(fmt, result.columns, result.rows, table, console)
 
 
 @app.command()

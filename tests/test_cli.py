@@ -40,6 +40,7 @@ def test_db_migrate_is_idempotent_on_a_fresh_engine(tmp_path: Path) -> None:
 
 
 def test_sql_refuses_writes(tmp_path: Path) -> None:
+    assert run_cli(Settings(data_dir=tmp_path), "db", "migrate").returncode == 0
     done = run_cli(Settings(data_dir=tmp_path), "sql", "DROP TABLE rejects")
     assert done.returncode == 1 and "only a single SELECT" in done.stderr
 
@@ -84,6 +85,7 @@ def test_a_terminal_still_gets_the_terminal_width(monkeypatch: pytest.MonkeyPatc
 
 
 def test_a_command_piped_with_a_narrow_columns_prints_whole_values(tmp_path: Path) -> None:
+    assert run_cli(Settings(data_dir=tmp_path), "db", "migrate").returncode == 0  # reads need an engine
     done = subprocess.run(
         [sys.executable, "-m", "synthwatch.cli", "sql", f"SELECT '{LONG.strip()}' AS summary"],
         env=cli_env(Settings(data_dir=tmp_path), COLUMNS="40"),
