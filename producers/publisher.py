@@ -75,6 +75,11 @@ class Pending:
     headers: list[tuple[str, bytes]] | None = None
 
 
+#: Sources listed per reason in a summary, and distinct reasons whose sources are kept (bounded memory).
+MAX_SOURCES_PER_REASON = 20
+MAX_REASONS_KEPT = 1000
+
+
 @dataclass
 class PublishSummary:
     """What happened to every input record: read == sent + rejected + duplicates + failed."""
@@ -85,6 +90,17 @@ class PublishSummary:
     duplicates: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     reject_reasons: dict[str, int] = field(default_factory=dict)
+    #: Full reason -> where it happened (``file:line``): the first ``MAX_SOURCES_PER_REASON`` of them.
+    reject_sources: dict[str, list[str]] = field(default_factory=dict)
+    #: Full reason -> how many records were refused for it (reject_sources keeps only the first few).
+    reject_counts: dict[str, int] = field(default_factory=dict)
+
+    def note_reject(self, reason: str, source: str) -> None:
+        """Count a refused record under its full reason, keeping where it was (for the summary)."""
+        self.reject_counts[reason] = self.reject_counts.get(reason, 0) + 1
+        sources = self.reject_sources.setdefault(reason, [])
+        if len(sources) < MAX_SOURCES_PER_REASON and len(self.reject_sources) <= MAX_REASONS_KEPT:
+            sources.append(source)
 
     @property
     def balanced(self) -> bool:
@@ -137,6 +153,7 @@ class Publisher:
         self._pending: list[Pending] = []
         self._failed: list[tuple[str, str]] = []
         self._acked: dict[str, int] = {"event": 0, "reject": 0}
+        self.acked_per_topic: dict[str, int] = {}  # events acknowledged per topic in the last publish_records
         self._partitions: dict[tuple[str, bytes], int] = {}
         self.renewals = 0  # fresh producers in the current publish_records call
         self.limits: RecordLimits = settings.record_limits()
@@ -168,6 +185,8 @@ class Publisher:
                     still.append(item)
                 elif future.succeeded():
                     self._acked[item.what] += 1
+                    if item.what == "event":
+                        self.acked_per_topic[item.topic] = self.acked_per_topic.get(item.topic, 0) + 1
                 elif self._renewable(future.exception) and self.renewals < MAX_PRODUCER_RENEWALS:
                     still.append(item)
                     again = True
@@ -255,6 +274,7 @@ class Publisher:
         self.flush()
         self._sweep(wait=True)
         self._failed, self._acked = [], {"event": 0, "reject": 0}
+        self.acked_per_topic = {}
         self.renewals = 0
         summary = PublishSummary()
         seen: set[str] = set()
@@ -266,11 +286,13 @@ class Publisher:
             except WireError as error:
                 reason = error.reason.split(":", 1)[0] if ":" in error.reason else error.reason
                 reasons[reason] = reasons.get(reason, 0) + 1
+                full = error.reason if record.hint is None else f"{error.reason} ({record.hint})"
+                summary.note_reject(full, record.source)
                 self.send_reject(
                     Reject.of(
                         record.raw,
                         source=record.source,
-                        reason=error.reason,
+                        reason=full,
                         stage=self.stage,
                         event_id=error.event_id,
                     )
