@@ -3,7 +3,8 @@
 Guarantees a caller can rely on:
 - an invalid record never stops the run and is never dropped silently: it is sent to the rejects
   topic with its reason;
-- a record whose ``event_id`` already appeared in this run is counted as a duplicate, not re-sent;
+- a record whose ``event_id`` already appeared in this run is counted as a duplicate, not re-sent, when
+  its text is the same; with another text it is rejected as a changed report (a correction needs a new id);
 - ``sent`` counts only records the broker acknowledged; anything else is listed in ``failed``;
 - when the broker has lost the idempotent producer's state (a restarted broker, an in-memory one
   above all), the producer is re-created and every record it had not acknowledged is sent again: a
@@ -28,7 +29,7 @@ from synthwatch.kafka_clients import KafkaConnectError, kafka_python_config, tls
 from synthwatch.schemas import BorderSeizure, LabDetection, Reject, WireError, parse_event_object
 from synthwatch.schemas.envelope import envelope_headers, load_org_keys, parse_key
 from synthwatch.schemas.records import RejectStage
-from synthwatch.schemas.wire import RecordLimits, check_extras, check_size, parse_limited
+from synthwatch.schemas.wire import RecordLimits, changed_content_reason, check_extras, check_size, parse_limited
 from synthwatch.settings import Settings
 
 from .readers import InputRecord
@@ -277,7 +278,7 @@ class Publisher:
         self.acked_per_topic = {}
         self.renewals = 0
         summary = PublishSummary()
-        seen: set[str] = set()
+        seen: dict[str, int] = {}  # event id -> hash of its text in this run
         reasons = summary.reject_reasons
         for record in records:
             summary.read += 1
@@ -298,10 +299,25 @@ class Publisher:
                     )
                 )
             else:
-                if event.event_id in seen:
-                    summary.duplicates += 1
+                earlier = seen.get(event.event_id)
+                if earlier is not None:
+                    if earlier == hash(record.raw):
+                        summary.duplicates += 1
+                    else:  # the same id with another text in one run: a changed report, never a silent duplicate
+                        reason = changed_content_reason(event.event_id, earlier_in="earlier in this file")
+                        reasons["changed content"] = reasons.get("changed content", 0) + 1
+                        summary.note_reject(reason, record.source)
+                        self.send_reject(
+                            Reject.of(
+                                record.raw,
+                                source=record.source,
+                                reason=reason,
+                                stage=self.stage,
+                                event_id=event.event_id,
+                            )
+                        )
                     continue
-                seen.add(event.event_id)
+                seen[event.event_id] = hash(record.raw)
                 value = (
                     record.raw.encode("utf-8", errors="surrogateescape")
                     if record.obj is None

@@ -105,6 +105,16 @@ def test_exit_codes_reasons_with_lines_and_the_pushed_counts(
     pushed = gateway.last_samples()
     assert (_records(pushed, "sent"), _records(pushed, "rejected")) == (2, 3)
 
+    twice = tmp_path / "twice.ndjson"
+    twice.write_text(
+        ndjson([seizure(event_id="t-1"), seizure(event_id="t-1"), seizure(event_id="t-1", border_point="Kayes")])
+    )
+    done = run_cli(settings, "publish", str(twice))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "rejected 1× event_id 't-1' is earlier in this file with different content" in done.stdout
+    assert "│    3 │    1 │        1 │          1 │      0 │" in done.stdout  # the identical one is a duplicate
+    assert gateway.last_samples()[("synthwatch_publish_rejects_total", (("reason", "changed_content"),))] == 1
+
     bad = tmp_path / "bad.ndjson"
     bad.write_text(ndjson([seizure(event_id="b-1", region="XX-99")]))
     assert run_cli(settings, "publish", str(bad)).returncode == 2  # nothing sent
