@@ -79,6 +79,7 @@ class Pending:
 #: Sources listed per reason in a summary, and distinct reasons whose sources are kept (bounded memory).
 MAX_SOURCES_PER_REASON = 20
 MAX_REASONS_KEPT = 1000
+OTHER_REASONS = "(further distinct reasons, counted together)"
 
 
 @dataclass
@@ -97,10 +98,15 @@ class PublishSummary:
     reject_counts: dict[str, int] = field(default_factory=dict)
 
     def note_reject(self, reason: str, source: str) -> None:
-        """Count a refused record under its full reason, keeping where it was (for the summary)."""
+        """Count a refused record under its full reason, keeping where it was (for the summary).
+
+        Reasons quote values, so a bad file can have a million distinct ones: past ``MAX_REASONS_KEPT``
+        the rest are counted together (memory stays bounded; ``synthwatch rejects`` has every one)."""
+        if reason not in self.reject_counts and len(self.reject_counts) >= MAX_REASONS_KEPT:
+            reason = OTHER_REASONS
         self.reject_counts[reason] = self.reject_counts.get(reason, 0) + 1
         sources = self.reject_sources.setdefault(reason, [])
-        if len(sources) < MAX_SOURCES_PER_REASON and len(self.reject_sources) <= MAX_REASONS_KEPT:
+        if len(sources) < MAX_SOURCES_PER_REASON:
             sources.append(source)
 
     @property

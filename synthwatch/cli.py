@@ -128,6 +128,7 @@ def publish(
         InputFormat,
         ReaderError,
         check_encoding,
+        detect_format,
         load_aliases,
         read_records,
     )
@@ -164,8 +165,9 @@ def publish(
             settings, servers, bootstrap_timeout_ms=int(settings.publish_connect_timeout_seconds * 1000)
         )
     except (SigningError, OrgKeysError, KafkaSecurityError, KafkaConnectError) as error:  # each says what to do
-        if isinstance(error, KafkaConnectError) and total:  # the run's records all failed: the rule must see it
-            failed = PublishSummary(read=total, failed=[("file", "no broker")] * total)
+        records_in_file = (total or 0) - (1 if (fmt or detect_format(file)) == "csv" else 0)  # minus a header
+        if isinstance(error, KafkaConnectError) and records_in_file > 0:  # all failed: the rule must see it
+            failed = PublishSummary(read=records_in_file, failed=[("file", "no broker")] * records_in_file)
             push_metrics(settings, failed, time.monotonic() - started, None, err)
         _fail(str(error), error_code)
     records = read_records(

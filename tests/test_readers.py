@@ -168,3 +168,17 @@ def test_alias_defaults_never_make_an_id_from_an_empty_cell(tmp_path: Path) -> N
     aliases_path.write_text("[colums]\n")
     with pytest.raises(ReaderError, match="unknown section"):
         load_aliases(aliases_path)
+
+
+def test_a_summary_keeps_bounded_reasons_and_sources() -> None:
+    from synthwatch.producers.publisher import MAX_REASONS_KEPT, MAX_SOURCES_PER_REASON, OTHER_REASONS, PublishSummary
+
+    summary = PublishSummary()
+    for i in range(MAX_REASONS_KEPT + 50):
+        summary.note_reject(f"region: 'X{i}' is not a code", f"f.csv:{i + 2}")
+    for i in range(MAX_SOURCES_PER_REASON + 5):
+        summary.note_reject("region: 'X0' is not a code", f"g.csv:{i}")
+    assert len(summary.reject_counts) == MAX_REASONS_KEPT + 1 and summary.reject_counts[OTHER_REASONS] == 50
+    assert summary.reject_counts["region: 'X0' is not a code"] == MAX_SOURCES_PER_REASON + 6
+    assert len(summary.reject_sources["region: 'X0' is not a code"]) == MAX_SOURCES_PER_REASON
+    assert sum(summary.reject_counts.values()) == MAX_REASONS_KEPT + 50 + MAX_SOURCES_PER_REASON + 5
