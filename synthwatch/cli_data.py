@@ -1,4 +1,4 @@
-"""Data commands: ``alerts``, ``stats``, ``substance``, ``ingest-history`` (mounted by :mod:`synthwatch.cli`).
+"""Data commands: ``alerts``, ``rejects``, ``stats``, ``substance``, ``ingest-history`` (under :mod:`synthwatch.cli`).
 
 Reads go through :mod:`synthwatch.reads` (so they work while ``synthwatch up`` holds the embedded engine);
 the backfill opens the engine itself and refuses while a stack holds it.
@@ -109,6 +109,37 @@ STATS_COLUMNS = (
     "first_seen",
     "last_seen",
 )
+
+
+def rejects(
+    since: Annotated[str, typer.Option(help="How far back: 30m, 12h, 7d, 2w.")] = "7d",
+    lab: Annotated[str | None, typer.Option(help="Only records naming this lab_id (or customs agency).")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Most rejects shown.")] = 200,
+) -> None:
+    """Recently refused records with their reasons and where they came from, newest first: fix and re-send."""
+    from .query import QueryError
+    from .reads import parse_since, recent_rejects
+
+    try:
+        rows = recent_rejects(Settings(), since=parse_since(since), lab=lab, limit=limit)
+    except (ValueError, QueryError) as error:
+        _fail(str(error))
+    table = Table(title=plain(f"rejects in the last {since}" + (f" for {lab}" if lab else "")))
+    for column in ("rejected (UTC)", "stage", "source", "event id", "lab / agency", "reason"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(
+            _when(row.rejected_at),
+            plain(row.stage),
+            plain(row.source),
+            plain(row.event_id or ""),
+            plain(row.reporter),
+            plain(row.reason),
+        )
+    console.print(table)
+    console.print(
+        f"{len(rows)} reject(s)" + (f" (the newest {limit}; --limit shows more)" if len(rows) == limit else "")
+    )
 
 
 def stats(
@@ -291,6 +322,7 @@ def ingest_history(
 def register(app: typer.Typer) -> None:
     """Add the data commands to the ``synthwatch`` application."""
     app.command("alerts")(alerts)
+    app.command("rejects")(rejects)
     app.command("stats")(stats)
     app.command("substance")(substance)
     app.command("ingest-history")(ingest_history)

@@ -343,3 +343,55 @@ def substance_history(settings: Settings, name_or_inchikey: str) -> SubstanceHis
         ],
         alerts=[_alert_row(a) for a in alerts],
     )
+
+
+# --- rejects -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RejectRow:
+    rejected_at: datetime
+    stage: str
+    source: str
+    reason: str
+    event_id: str | None
+    reporter: str  # the lab_id or agency the refused record named ('' when it named none or was unreadable)
+
+
+_REJECTS = """
+SELECT rejected_at, stage, source, reason, event_id,
+       if(JSONExtractString(raw, 'lab_id') != '', JSONExtractString(raw, 'lab_id'),
+          JSONExtractString(raw, 'agency')) AS reporter
+FROM rejects
+WHERE rejected_at >= now64(3) - toIntervalSecond(%(seconds)s)
+  AND (%(lab)s = '' OR JSONExtractString(raw, 'lab_id') = %(lab)s OR JSONExtractString(raw, 'agency') = %(lab)s)
+ORDER BY rejected_at DESC, source
+LIMIT 1 BY reject_id
+LIMIT %(limit)s
+"""
+
+
+def recent_rejects(
+    settings: Settings, since: timedelta = timedelta(days=7), lab: str | None = None, limit: int = 200
+) -> list[RejectRow]:
+    """Records refused within ``since`` of now, newest first, so a lab can fix and re-send them.
+
+    ``lab`` keeps the rejects whose record names that ``lab_id`` (or customs ``agency``); a record too
+    broken to read (not JSON) names nobody and is listed only without ``lab``.
+    """
+    result = run_query(
+        settings,
+        _REJECTS,
+        {"seconds": int(since.total_seconds()), "lab": (lab or "").strip(), "limit": int(limit)},
+    )
+    return [
+        RejectRow(
+            rejected_at=_dt(r["rejected_at"]) or _EPOCH,
+            stage=r["stage"],
+            source=r["source"],
+            reason=r["reason"],
+            event_id=r["event_id"],
+            reporter=r["reporter"],
+        )
+        for r in result.as_dicts()
+    ]

@@ -79,6 +79,18 @@ class Settings(BaseSettings):
         description="Publisher: send records it refuses to the rejects topic. Off where the Kafka ACLs let a lab "
         "write only its input topic (deploy/kafka/acls.sh): refused records are then only counted and listed.",
     )
+    publish_connect_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description="Publisher: how long `synthwatch publish` tries to reach a bootstrap server before it gives up "
+        "(exit code 2, and every record of the file counted as failed in the pushed metrics).",
+    )
+    pushgateway_url: str | None = Field(
+        default=None,
+        description="Publisher: Prometheus Pushgateway (http://host:9091) that `synthwatch publish` pushes each "
+        "run's counts to (job synthwatch_publish; the SynthwatchPublishFailed rule reads them). Unset: no push.",
+    )
 
     # --- topics ------------------------------------------------------------------------------------
     topic_lab_detections: str = "synthwatch.lab-detections"

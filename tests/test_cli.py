@@ -21,13 +21,13 @@ LONG = "a-report-field-that-is-longer-than-any-terminal " * 8
 def test_publish_without_a_broker_says_what_to_do(tmp_path: Path) -> None:
     (tmp_path / "x.ndjson").write_text("{}\n")
     done = run_cli(Settings(data_dir=tmp_path), "publish", str(tmp_path / "x.ndjson"))
-    assert done.returncode == 1
+    assert done.returncode == 2  # an error: nothing was sent
     assert "synthwatch up" in done.stderr and "SYNTHWATCH_KAFKA_BOOTSTRAP_SERVERS" in done.stderr
 
 
 def test_publish_of_a_missing_file(tmp_path: Path) -> None:
     done = run_cli(Settings(data_dir=tmp_path, kafka_bootstrap_servers="127.0.0.1:1"), "publish", "nope.ndjson")
-    assert done.returncode == 1 and "no such file" in done.stderr
+    assert done.returncode == 2 and "no such file" in done.stderr
 
 
 def test_db_migrate_is_idempotent_on_a_fresh_engine(tmp_path: Path) -> None:

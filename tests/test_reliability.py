@@ -553,8 +553,8 @@ def test_broker_restarted_under_the_publisher_it_never_claims_an_event_it_lost(b
     assert summary["sent"] <= len(received & run.valid_ids)
     if summary["failed"]:
         assert run.returncode == 2 and not_delivered, "failures must be reported and fail the command"
-    else:
-        assert run.returncode == 0
+    else:  # the simulated stream holds malformed lines: 1 = some records rejected, the rest sent
+        assert run.returncode == (1 if summary["rejected"] else 0)
 
 
 @pytest.mark.slow
