@@ -305,7 +305,7 @@ class DeliveryService:
         self._unusable = self._check_secrets()
         self._unwritten: list[tuple[list[Attempt], asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
-        self._rendered: OrderedDict[tuple[str, str], Message] = OrderedDict()
+        self._rendered: OrderedDict[tuple[str, str, str], Message] = OrderedDict()
         self._remember_max = remember
         self._done: OrderedDict[Key, None] = OrderedDict()
         self._inflight: dict[Key, asyncio.Task[Outcome]] = {}
@@ -467,7 +467,7 @@ class DeliveryService:
 
     def _prepare(self, alert: Alert, recipient: Recipient) -> Send | SendResult:
         officer, channel = recipient.officer, recipient.channel
-        message = self._render(alert, officer.language)
+        message = self._render(alert, officer.language, officer.timezone)
         if isinstance(channel, WebhookChannel):
             payload = webhook_payload(alert, officer, recipient.route.name or "", message, channel.name)
             return self._webhook_send(officer, channel, _json(payload), payload["delivery_id"], "alert")
@@ -646,7 +646,9 @@ class DeliveryService:
         day = officer.local_day(now)
         digest_id = f"digest-{officer.id}-{channel.name}-{day.isoformat()}"
         try:
-            message = render_digest([a for _, a in alerts], officer.language, self.grafana_url, day, officer.name)
+            message = render_digest(
+                [a for _, a in alerts], officer.language, self.grafana_url, day, officer.name, officer.timezone
+            )
             if isinstance(channel, WebhookChannel):
                 payload = digest_payload(digest_id, officer, [a for _, a in alerts], message)
                 send = self._webhook_send(officer, channel, _json(payload), payload["delivery_id"], "digest")
@@ -703,12 +705,12 @@ class DeliveryService:
                     if not done.done():
                         done.set_result(None)
 
-    def _render(self, alert: Alert, language: str) -> Message:
-        """One rendering per (alert, language): a burst to many officers renders each alert once or twice."""
-        key = (alert.alert_id, language)
+    def _render(self, alert: Alert, language: str, timezone: str = "UTC") -> Message:
+        """One rendering per (alert, language, time zone): a burst to many officers renders each alert once or twice."""
+        key = (alert.alert_id, language, timezone)
         message = self._rendered.get(key)
         if message is None:
-            message = self._rendered[key] = render_alert(alert, language, self.grafana_url)
+            message = self._rendered[key] = render_alert(alert, language, self.grafana_url, timezone)
             while len(self._rendered) > 1024:
                 self._rendered.popitem(last=False)
         return message

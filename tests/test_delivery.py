@@ -27,6 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 import faust
 import pytest
 import typer
+from babel.dates import format_date
 from typer.testing import CliRunner
 
 from synthwatch.bench_delivery import (
@@ -168,10 +169,13 @@ def test_alert_message_says_what_where_how_unusual_why_and_links_to_grafana() ->
     en, fr = render_alert(spike, "en", GRAFANA), render_alert(spike, "fr", GRAFANA)
     assert en.subject == "[synthwatch Warning] Spike: 3-MMC – Paris, France"
     assert fr.subject == "[synthwatch Avertissement] Pic : 3-MMC – Paris, France"
-    assert "14 reports in 1 day(s) against 2.5 expected (5.6 times the usual level)" in en.text
-    assert "14 signalements en 1 jour(s) contre 2,5 attendus (5,6 fois le niveau habituel)" in fr.text
-    assert "synthetic cathinone (under international control)" in en.text and "Why it matters: Synthetic" in en.text
-    assert "cathinone de synthèse (sous contrôle international)" in fr.text and "Pourquoi c'est important" in fr.text
+    assert "14 reports in 1 day against 2.5 expected (5.6 times the usual level)" in en.text
+    assert "14 signalements en 1 jour, contre 2,5 attendus (5,6 fois le niveau habituel)" in fr.text
+    assert "synthetic cathinone; under international control" in en.text and "Why it matters: Synthetic" in en.text
+    assert (
+        "cathinone de synthèse ; substance sous contrôle international" in fr.text
+        and "Pourquoi c'est important" in fr.text
+    )
     assert "Where: Paris (FR-75C), France." in en.text and "Où : Paris (FR-75C), France." in fr.text
     for message in (en, fr):
         assert message.links == (drilldown_url(GRAFANA, spike),)
@@ -194,7 +198,7 @@ def test_network_wide_alerts_name_their_regions_and_link_to_all_regions() -> Non
         details={"regions": ["ML-BKO", "SN-DK"]},
     )
     text = render_alert(spread, "fr", GRAFANA).text
-    assert "sur l'ensemble du réseau : ML-BKO, SN-DK" in text and "Signalée dans 3 régions" in text
+    assert "sur l'ensemble du réseau : ML-BKO, SN-DK" in text and "signalée dans 3 régions" in text
     query = parse_qs(urlsplit(drilldown_url(GRAFANA, spread)).query)
     assert query["var-region"] == query["var-country"] == ["$__all"]
 
@@ -211,9 +215,9 @@ def test_an_alert_raised_by_a_late_report_says_how_late_in_every_message() -> No
     late = make_alert(alert_type="new_substance", reported_late=True, late_by_hours=362.0)
     on_time = make_alert(alert_type="new_substance")
     en, fr = render_alert(late, "en", GRAFANA), render_alert(late, "fr", GRAFANA)
-    assert "Reported late: the report occurred 362 h (15.1 days) before the newest report" in en.text
-    assert "Reported late</th>" in en.html and "362 h (15.1 days)" in en.html
-    assert "Signalement tardif : le signalement date de 362 h (15,1 jours)" in fr.text
+    assert "Reported late: the report occurred 362 hours (15.1 days) before the newest report" in en.text
+    assert "Reported late</th>" in en.html and "362 hours (15.1 days)" in en.html
+    assert "Signalement tardif : le signalement date de 362 heures (15,1 jours)" in fr.text
     assert "Signalement tardif</th>" in fr.html
     digest = render_digest([late, on_time], "en", GRAFANA, date(2026, 3, 10), "Jo")
     assert digest.text.count("Reported late:") == 1 and digest.html.count("Reported late:") == 1
@@ -231,7 +235,7 @@ def test_digest_lists_the_most_severe_first_in_the_readers_language() -> None:
     info = make_alert(alert_id="i" * 24, severity="info", substance={"name": "Ketamine", "key": "k", "family": None})
     critical = make_alert(alert_id="c" * 24)
     message = render_digest([info, critical], "fr", GRAFANA, date(2026, 3, 10), "Awa Ndiaye")
-    assert message.subject == "[synthwatch] Résumé quotidien du 2026-03-10 : 2 alerte(s)"
+    assert message.subject == "[synthwatch] Résumé quotidien du 10 mars 2026 : 2 alertes"
     assert message.text.index("Pentyloxynitazene") < message.text.index("Ketamine")
     assert message.text.startswith("Bonjour Awa Ndiaye") and len(message.links) == 2
 
@@ -311,7 +315,7 @@ def test_webhook_is_signed_in_the_officers_language_with_a_delivery_id_per_offic
     )
     assert (payload["officer_id"], payload["route"], payload["language"]) == ("ml-bko-douanes", "opioides-mali", "fr")
     assert payload["subject"] == "[synthwatch CRITIQUE] Nouvelle substance : Pentyloxynitazene – Bamako, Mali"
-    assert "Jamais signalée sur le réseau auparavant : 1 signalement(s) observé(s), 0 attendu." in payload["text"]
+    assert "jamais signalée sur le réseau auparavant ; 1 signalement observé, contre 0 attendu." in payload["text"]
     assert "nitazène (opioïde benzimidazolé)" in payload["text"] and "naloxone" in payload["text"]
     assert payload["link"] == drilldown_url(GRAFANA, alert)
     assert Alert.model_validate(payload["alert"]) == alert
@@ -350,7 +354,7 @@ def test_email_carries_text_and_html_in_english_with_a_stable_message_id(db: Any
     assert message["Message-ID"] == f"<{message_id(alert.alert_id, 'fr-paris-ofast', 'email')}@synthwatch.example>"
     plain = message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
     html = message.get_body(("html",)).get_content()  # type: ignore[union-attr]
-    assert "How unusual: Never reported anywhere in the network before: 1 report(s) observed, 0 expected." in plain
+    assert "How unusual: never reported anywhere in the network before: 1 report observed, 0 expected." in plain
     assert "Why it matters: Nitazenes are synthetic opioids" in plain and "Where: Bamako (ML-BKO), Mali." in plain
     assert drilldown_url(GRAFANA, alert) in plain
     assert f'href="{drilldown_url(GRAFANA, alert).replace("&", "&amp;")}"' in html and "<table" in html
@@ -817,9 +821,10 @@ def test_alerts_below_the_threshold_wait_for_one_daily_digest_sent_once(db: Any)
     assert [o.alert_id for o in got["next_day"]] == ["l" * 24]
     subjects = [m["Subject"] for _, _, m in smtp.messages]
     assert subjects[0].startswith("[synthwatch CRITIQUE] Nouvelle substance")  # critical: at once
+    first, second = (format_date(d.date(), "long", locale="fr") for d in (day1, day1 + timedelta(days=1)))
     assert subjects[1:] == [
-        f"[synthwatch] Résumé quotidien du {day1.date()} : 2 alerte(s)",
-        f"[synthwatch] Résumé quotidien du {(day1 + timedelta(days=1)).date()} : 1 alerte(s)",
+        f"[synthwatch] Résumé quotidien du {first} : 2 alertes",
+        f"[synthwatch] Résumé quotidien du {second} : 1 alerte",
     ]
     digest = smtp.messages[1][2].get_body(("plain",)).get_content()  # type: ignore[union-attr]
     assert digest.index("Pentyloxynitazene") < digest.index("Ketamine")  # warning before info
@@ -926,7 +931,7 @@ def test_subscriptions_check_shows_who_receives_what(tmp_path: Path) -> None:
     broken.write_text("officers:\n  - id: x\n    name: X\n    language: de\n    routes: []\n")
     bad = runner.invoke(_cli(), ["subscriptions", "check", str(broken)], env={"COLUMNS": "200"})
     assert bad.exit_code == 1
-    assert f"{broken}:4: officers[0].language: Input should be 'en' or 'fr'" in bad.stderr
+    assert f"{broken}:4: officers[0].language: Input should be 'en', 'fr' or 'ar'" in bad.stderr
     assert f"{broken}:5: officers[0].routes: needs at least 1 item(s)" in bad.stderr
 
 
