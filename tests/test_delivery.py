@@ -1196,3 +1196,69 @@ def test_concurrent_submits_of_one_alert_waiting_for_a_slot_send_it_once(db: Any
             return hooks
 
     assert asyncio.run(scenario()).per_key("b") == {"z" * 24: 1, alert.alert_id: 1}
+
+
+def test_a_delivery_that_gave_up_is_resent_by_hand_with_the_same_signed_delivery_id(
+    db: Any, ch_settings: Settings, monkeypatch: Any, tmp_path: Path
+) -> None:
+    """`deliveries resend ID` against a real receiver: new signed attempts, same delivery id, numbered after."""
+    runner, alert = CliRunner(), make_alert()
+
+    async def scenario() -> dict[str, Any]:
+        async with WebhookReceiver(statuses={"bamako": [503, 503, 503]}) as hooks:
+            text = subscriptions_yaml(hooks)
+            service = _service(db, text)
+            first = {o.officer_id: o.status for o in await service.handle(alert)}
+            await service.close()
+            file = tmp_path / "subscriptions.yaml"
+            file.write_text(text)
+            monkeypatch.setenv("SYNTHWATCH_SUBSCRIPTIONS_FILE", str(file))
+            wide = {"COLUMNS": "250"}
+            listing = await asyncio.to_thread(runner.invoke, _cli(), ["deliveries", "--status", "gave_up"], env=wide)
+            found = re.search(
+                r"ml-bko-douanes/webhook; send it again with `synthwatch deliveries resend (d_\w+)`", listing.output
+            )
+            assert found, listing.output
+            resent = await asyncio.to_thread(runner.invoke, _cli(), ["deliveries", "resend", found.group(1)], env=wide)
+            again = await asyncio.to_thread(runner.invoke, _cli(), ["deliveries", "resend", found.group(1)], env=wide)
+            mail_id = delivery_id(alert.alert_id, "fr-paris-ofast", "email")
+            mail = await asyncio.to_thread(runner.invoke, _cli(), ["deliveries", "resend", mail_id], env=wide)
+            bogus = await asyncio.to_thread(runner.invoke, _cli(), ["deliveries", "resend", "d_" + "0" * 32], env=wide)
+            return {
+                "first": first,
+                "id": found.group(1),
+                "resent": resent,
+                "again": again,
+                "mail": mail,
+                "bogus": bogus,
+                "requests": list(hooks.requests),
+            }
+
+    monkeypatch.setenv("SYNTHWATCH_DATA_DIR", str(ch_settings.data_dir))
+    monkeypatch.setenv("SYNTHWATCH_CLICKHOUSE_DATABASE", ch_settings.clickhouse_database)
+    got = asyncio.run(scenario())
+    assert got["first"] == {"ml-bko-douanes": "gave_up", "fr-paris-ofast": "gave_up"}
+    signed_id = delivery_id(alert.alert_id, "ml-bko-douanes", "webhook")
+    assert got["id"] == signed_id
+    assert got["resent"].exit_code == 0, got["resent"].output + got["resent"].stderr
+    assert f"delivery {signed_id}: delivered after 1 new attempt" in got["resent"].output
+    *failed, accepted = got["requests"]
+    assert [r.status for r in failed] == [503, 503, 503] and accepted.status == 200  # verified by the receiver
+    assert accepted.headers[DELIVERY_HEADER] == accepted.json()["delivery_id"] == signed_id
+    assert accepted.json()["alert_id"] == alert.alert_id and accepted.json()["language"] == "fr"
+    first_timestamp = failed[0].headers[SIGNATURE_HEADER].split(",")[0]
+    assert accepted.headers[SIGNATURE_HEADER].split(",")[0] >= first_timestamp  # signed afresh
+    rows = _rows(db, "officer_id = 'ml-bko-douanes'")
+    assert [(r["attempt"], r["status"]) for r in rows] == [
+        (1, "failed"),
+        (2, "failed"),
+        (3, "gave_up"),
+        (4, "delivered"),
+    ]
+    assert got["again"].exit_code == 1 and "was delivered since" in got["again"].stderr
+    # No SMTP server here: the e-mail is refused again (not retried), its attempt numbered after the first one.
+    assert got["mail"].exit_code == 1 and "gave_up after 1 new attempt: no SMTP" in got["mail"].output
+    assert "no SMTP server configured" in got["mail"].output
+    mails = _rows(db, "officer_id = 'fr-paris-ofast'")
+    assert [(r["attempt"], r["status"]) for r in mails] == [(1, "gave_up"), (2, "gave_up")]
+    assert got["bogus"].exit_code == 1 and "--status gave_up" in got["bogus"].stderr
