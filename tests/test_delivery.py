@@ -1262,3 +1262,60 @@ def test_a_delivery_that_gave_up_is_resent_by_hand_with_the_same_signed_delivery
     mails = _rows(db, "officer_id = 'fr-paris-ofast'")
     assert [(r["attempt"], r["status"]) for r in mails] == [(1, "gave_up"), (2, "gave_up")]
     assert got["bogus"].exit_code == 1 and "--status gave_up" in got["bogus"].stderr
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_resend_goes_through_the_running_worker_that_holds_the_embedded_engine(broker: Any, tmp_path: Path) -> None:
+    """With `synthwatch worker` holding the embedded engine, `deliveries resend` asks it (token-protected
+    `/deliveries/resend`); the worker's own service sends the alert to a real receiver and records it."""
+    from kafka import KafkaProducer
+
+    from synthwatch.runtime import read_web_token
+    from synthwatch.stream_apps.worker_signature import WorkerSigner, worker_key
+
+    from .conftest import isolated_settings, run_cli, start_worker, stop_worker, wait_until
+    from .delivery_helpers import ThreadedReceiver
+
+    alert = make_alert(alert_id="r" * 24)
+    with ThreadedReceiver() as hooks:
+        subs = tmp_path / "subs.yaml"
+        subs.write_text(
+            "webhook_allowed_networks: [127.0.0.0/8]\nofficers:\n" + _officer("bko", hook(hooks.url, "bko"))
+        )
+        settings = isolated_settings(broker, tmp_path / "worker", subscriptions_file=subs)
+        worker = start_worker(settings, tmp_path / "worker.log")
+        try:
+            hooks.override = 400  # the receiver refuses: a final answer, the delivery gives up at once
+            producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers)
+            try:
+                topic, key, value = settings.topic_alerts, alert.alert_id.encode(), alert.model_dump_json().encode()
+                signer = WorkerSigner(worker_key(None, settings.data_dir))
+                producer.send(topic, key=key, value=value, headers=signer.headers(topic, key, value)).get(30)
+            finally:
+                producer.close()
+            gave_up = "SELECT count() FROM deliveries WHERE alert_id = {a:String} AND status = 'gave_up'"
+            wait_until(lambda: worker.count(gave_up, {"a": alert.alert_id}) == 1, 60, "the delivery to give up")
+            hooks.override = None  # fixed
+            wanted = delivery_id(alert.alert_id, "bko", "webhook")
+            request = urllib.request.Request(
+                f"{worker.info.web_url}/deliveries/resend",
+                data=json.dumps({"delivery_id": wanted}).encode(),
+                headers={"Content-Type": "application/json", "Authorization": "Bearer wrong"},
+                method="POST",
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=30)
+            assert refused.value.code == 401 and hooks.accepted() == {}
+            assert read_web_token(settings)
+            done = run_cli(settings, "deliveries", "resend", wanted)
+            assert done.returncode == 0, done.stdout + done.stderr + worker.describe()
+            assert f"delivery {wanted}: delivered after 1 new attempt" in done.stdout
+            assert hooks.accepted() == {alert.alert_id: 1}
+            rows = worker.query(
+                "SELECT attempt, toString(status) FROM deliveries WHERE alert_id = {a:String} ORDER BY at, attempt",
+                {"a": alert.alert_id},
+            ).rows
+            assert [tuple(r) for r in rows] == [(1, "gave_up"), (2, "delivered")]
+        finally:
+            stop_worker(worker)
