@@ -35,6 +35,15 @@ from synthwatch.schemas import Alert
 from synthwatch.schemas.text import visible
 
 LANGUAGES: tuple[str, ...] = ("en", "fr", "ar")
+#: The CLDR locale each language's dates are written in (British English: day before month, as the
+#: international bodies officers work with write them).
+DATE_LOCALES: dict[str, str] = {"en": "en_GB", "fr": "fr", "ar": "ar"}
+#: A family series (spikes of a whole family): its label in the reader's language, then this.
+FAMILY_SERIES: dict[str, str] = {
+    "en": "every substance of the family {family}",
+    "fr": "l'ensemble des substances de la famille {family}",
+    "ar": "جميع مواد فصيلة {family}",
+}
 #: Languages written right to left (their HTML gets ``dir="rtl"``).
 RTL_LANGUAGES = frozenset({"ar"})
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -340,6 +349,7 @@ class AlertView:
     place_short: str
     network_wide: bool
     regions: str
+    family_series: bool
     window_start: str
     window_end: str
     window_days: int
@@ -394,9 +404,11 @@ def _capitalise(text: str) -> str:
 
 
 @cache
-def _country_names(language: str) -> gettext.NullTranslations:
+def _country_names(language: str, domain: str = "iso3166-1") -> gettext.NullTranslations:
+    """ISO 3166 names in ``language`` (pycountry's catalogues; none for Arabic subdivisions: they stay as
+    ISO writes them, with their code)."""
     try:
-        return gettext.translation("iso3166-1", pycountry.LOCALES_DIR, languages=[language])
+        return gettext.translation(domain, pycountry.LOCALES_DIR, languages=[language])
     except OSError:
         return gettext.NullTranslations()
 
@@ -413,7 +425,8 @@ def place_names(region: str | None, country: str | None, language: str) -> tuple
     comma = "، " if language == "ar" else ", "
     if subdivision is None:
         return (f"{region}{comma}{nation}" if region else nation), (nation or (region or ""))
-    return f"{subdivision.name} ({region}){comma}{nation}", f"{subdivision.name}{comma}{nation}"
+    name = _country_names(language, "iso3166-2").gettext(subdivision.name)
+    return f"{name} ({region}){comma}{nation}", f"{name}{comma}{nation}"
 
 
 def drilldown_url(grafana_url: str, alert: Alert) -> str:
@@ -433,7 +446,7 @@ def drilldown_url(grafana_url: str, alert: Alert) -> str:
 
 def day_text(day: date, language: str) -> str:
     """A calendar day as the language writes it in full: '5 December 2026', '5 décembre 2026'."""
-    return format_date(day, format="long", locale=language)
+    return format_date(day, format="long", locale=DATE_LOCALES[language])
 
 
 def _zone_label(zone: ZoneInfo, language: str) -> str:
@@ -476,7 +489,9 @@ def alert_view(alert: Alert, language: str, grafana_url: str, timezone: str = "U
         type_label=TYPE_LABELS[language][alert.alert_type],
         severity=alert.severity,
         severity_label=SEVERITY_LABELS[language][alert.severity],
-        substance=visible(s.name),
+        substance=visible(
+            FAMILY_SERIES[language].format(family=family_label) if s.key.startswith("family:") else s.name
+        ),
         substance_key=visible(s.key),
         inchikey=visible(s.inchikey) if s.inchikey else s.inchikey,
         family_label=family_label,
@@ -489,13 +504,14 @@ def alert_view(alert: Alert, language: str, grafana_url: str, timezone: str = "U
         place=visible(place),
         place_short=visible(short),
         network_wide=alert.region is None,
+        family_series=s.key.startswith("family:"),
         regions=visible(separator.join(regions)),
         window_start=day_text(alert.window_start.date(), language),
         window_end=day_text((alert.window_end - timedelta(microseconds=1)).date(), language),
         window_days=max(1, (alert.window_end - alert.window_start).days),
         triggered="",
         triggered_date=day_text(triggered.date(), language),
-        triggered_time=format_time(triggered, format="HH:mm", locale=language),
+        triggered_time=format_time(triggered, format="HH:mm", locale=DATE_LOCALES[language]),
         zone=_zone_label(zone, language),
         observed=number(observed, language),
         observed_n=observed,

@@ -354,7 +354,7 @@ def test_email_carries_text_and_html_in_english_with_a_stable_message_id(db: Any
     assert message["Message-ID"] == f"<{message_id(alert.alert_id, 'fr-paris-ofast', 'email')}@synthwatch.example>"
     plain = message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
     html = message.get_body(("html",)).get_content()  # type: ignore[union-attr]
-    assert "How unusual: never reported anywhere in the network before: 1 report observed, 0 expected." in plain
+    assert "How unusual: never reported anywhere in the network before; 1 report observed, 0 expected." in plain
     assert "Why it matters: Nitazenes are synthetic opioids" in plain and "Where: Bamako (ML-BKO), Mali." in plain
     assert drilldown_url(GRAFANA, alert) in plain
     assert f'href="{drilldown_url(GRAFANA, alert).replace("&", "&amp;")}"' in html and "<table" in html

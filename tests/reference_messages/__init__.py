@@ -97,6 +97,23 @@ def reference_alerts() -> dict[str, Alert]:
             window_start=datetime(2026, 12, 3, tzinfo=UTC),
             **{k: v for k, v in common.items() if k != "window_start"},
         ),
+        "spike_family": Alert(
+            alert_id="5123456789abcdef01234567",
+            alert_type="spike",
+            severity="critical",
+            country="ML",
+            region="ML-BKO",
+            substance=AlertSubstance(
+                name="nitazene (benzimidazole opioid) (all substances)", key="family:nitazene", family="nitazene"
+            ),
+            metric="count",
+            observed=2.0,
+            expected=0.2,
+            score=2.2,
+            evidence_event_ids=["lab-1", "lab-7"],
+            reported_by=["LAB-ML-01"],
+            **common,
+        ),
         "spike_quantity": Alert(
             alert_id="3123456789abcdef01234567",
             alert_type="spike",
