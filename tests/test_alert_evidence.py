@@ -59,3 +59,16 @@ def test_a_learnt_synonym_and_an_unresolved_name_are_told_apart() -> None:
     assert (by_event["l-2"].alert_type, by_event["l-2"].identified_by) == ("first_in_region", "learnt_name")
     assert by_event["l-3"].identified_by == "unresolved_name"
     assert "not identified" in by_event["l-3"].summary
+
+
+def test_the_alerts_table_keeps_how_and_who(ch: Any) -> None:
+    from synthwatch.clickhouse import migrate
+    from synthwatch.stream_apps.clickhouse_sink import ClickHouseSink
+
+    migrate(ch)
+    (alert,) = _alerts([lab(event_id="l-1", substance={"name": "3-MMC"}, lab_id="LAB-FR-07")])
+    ClickHouseSink(ch).store_alerts([alert])
+    rows = ch.query(
+        "SELECT identified_by, reported_by FROM alerts WHERE alert_id = {a:String}", parameters={"a": alert.alert_id}
+    ).result_rows
+    assert rows == [("catalogue_name", ["LAB-FR-07"])]
