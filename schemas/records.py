@@ -100,5 +100,6 @@ class Alert(BaseModel):
     )
     reported_by: list[str] = Field(
         default_factory=list,
-        description="Labs (lab_id) and agencies whose report raised the alert: whom an officer can ask.",
+        description="Labs (lab_id) and agencies whose report raised the alert: whom an officer can ask. For a "
+        "spike, the report that tipped it; the window's other reports are in evidence_event_ids.",
     )

@@ -380,6 +380,8 @@ class AlertView:
 def number(value: float, language: str) -> str:
     """1234.5 -> '1,234.5' (en), '1 234,5' (fr), digits as CLDR gives each locale; small non-integers keep two
     significant digits, and below 0.01 reads '<0.01'."""
+    # Digits are the locale's default numbering system in CLDR: Latin digits for `ar` (CLDR 42 on), as the
+    # Maghreb writes them; a locale whose default is Arabic-Indic (ar_EG, ar_SA) would get those.
     if not float(value).is_integer():
         if abs(value) >= 1:
             value = round(value, 1)
