@@ -10,6 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field
 RejectStage = Literal["publish", "worker", "auth", "detection", "backtest", "ingest"]
 AlertType = Literal["new_substance", "first_in_region", "spike", "spread"]
 Severity = Literal["info", "warning", "critical"]
+#: How a report's substance was identified: the structure the lab reported (SMILES or InChIKey), a catalogue
+#: name or synonym, a name learnt from earlier reports that carried a structure, or nothing (a bare name).
+IdentifiedBy = Literal["structure", "catalogue_name", "learnt_name", "unresolved_name"]
 
 #: Longest raw input kept in a reject; the rest is cut so one huge line cannot clog the topic.
 MAX_RAW_CHARS = 100_000
@@ -89,4 +92,14 @@ class Alert(BaseModel):
     )
     late_by_hours: float | None = Field(
         default=None, ge=0, description="How late that report was, in hours (None when it was on time)."
+    )
+    identified_by: IdentifiedBy | None = Field(
+        default=None,
+        description="How the substance of the report that raised the alert was identified: structure reported by "
+        "the lab, catalogue name, learnt synonym, or unresolved name. None for family series.",
+    )
+    reported_by: list[str] = Field(
+        default_factory=list,
+        description="Labs (lab_id) and agencies whose report raised the alert: whom an officer can ask. For a "
+        "spike, the report that tipped it; the window's other reports are in evidence_event_ids.",
     )

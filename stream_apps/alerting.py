@@ -76,6 +76,7 @@ class Subject:
     family: str | None
     controlled: bool | None
     catalogued: bool
+    identified_by: str | None = None  # how the resolver established identity (ResolvedSubstance.resolved_by)
 
     def as_alert_substance(self) -> AlertSubstance:
         return AlertSubstance(
@@ -107,8 +108,13 @@ def build_alert(
     sample_types: list[str] | None = None,
     details: dict[str, object] | None = None,
     late_by_hours: float | None = None,
+    reported_by: list[str] | None = None,
 ) -> Alert:
-    """An alert from a finding; ``late_by_hours`` (set when a late report raised it) is stated in the summary."""
+    """An alert from a finding; ``late_by_hours`` (set when a late report raised it) is stated in the summary.
+
+    The identity method comes from ``subject`` (a family series has none); ``reported_by`` names the labs or
+    agencies whose reports the alert rests on, so an officer can ask them.
+    """
     if late_by_hours is not None:
         summary = f"{summary} {late_note(late_by_hours)}"
     return Alert(
@@ -132,7 +138,18 @@ def build_alert(
         details=details or {},
         reported_late=late_by_hours is not None,
         late_by_hours=late_by_hours,
+        identified_by=subject.identified_by,  # type: ignore[arg-type]
+        reported_by=sorted(set(reported_by or [])),
     )
+
+
+#: How identity was established, in the English summary (messages.py has every language).
+IDENTIFIED_TEXT = {
+    "structure": "identified by the structure the lab reported",
+    "catalogue_name": "identified by its catalogue name (no structure reported)",
+    "learnt_name": "identified by a synonym learnt from earlier reports with a structure (no structure reported)",
+    "unresolved_name": "reported by name only, not identified",
+}
 
 
 def late_note(late_by_hours: float) -> str:

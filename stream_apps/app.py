@@ -634,6 +634,31 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
         delivery = DeliveryService.from_settings(settings, ctx.client, lock=ctx.sink.lock)
         attach_delivery(app, alerts_topic, delivery, batch=batch, within=within, accept=signer.valid_event)
 
+        @app.page("/deliveries/resend")
+        class ResendView(View):
+            """``synthwatch deliveries resend ID`` while this process holds the embedded engine (same token as
+            ``/sql``): the delivery is sent by this worker's service, with its endpoints and records."""
+
+            async def post(self, request: Request) -> Response:
+                from .delivery import ResendError
+
+                refused = refuse_request(request.headers, ctx.web_token, settings.web_allowed_hosts)
+                if refused is not None:
+                    return self.json({"error": refused[1]}, status=refused[0])
+                declared = request.headers.get("Content-Length", "0")
+                if not declared.isdigit() or int(declared) > 4096:
+                    return self.json({"error": "request over 4096 bytes"}, status=413)
+                body = await request.read()
+                try:
+                    wanted = str(json.loads(body)["delivery_id"])
+                except (ValueError, KeyError, TypeError) as error:
+                    return self.json({"error": f'send {{"delivery_id": "d_..."}} ({error})'}, status=400)
+                try:
+                    outcome = await delivery.resend(wanted)
+                except ResendError as error:
+                    return self.json({"error": str(error)}, status=409)
+                return self.json({"status": outcome.status, "attempts": outcome.attempts, "reason": outcome.reason})
+
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # mode's stub wants a keyword-only signal
     async def forget_state(sender: Any, *args: Any, **kwargs: Any) -> None:
 

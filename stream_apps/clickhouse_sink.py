@@ -96,6 +96,8 @@ ALERT_COLUMNS = [
     "details",
     "reported_late",
     "late_by_hours",
+    "identified_by",
+    "reported_by",
 ]
 
 
@@ -245,6 +247,8 @@ def alert_row(alert: Alert) -> list[Any]:
         json.dumps(alert.details, ensure_ascii=False, default=str),
         alert.reported_late,
         alert.late_by_hours,
+        alert.identified_by or "",
+        alert.reported_by,
     ]
 
 

@@ -159,6 +159,21 @@ class QueuedAlert:
     queued_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class GaveUp:
+    """A delivery that gave up, as ``deliveries resend`` finds it: its key, route, alert and attempts so far."""
+
+    key: Key
+    route: str
+    alert_json: str
+    attempts: int
+    last_status: str
+
+
+class ResendError(ValueError):
+    """A resend that cannot be done; the message says why and what to do instead."""
+
+
 class DeliveryStore:
     """The ``deliveries`` table. Blocking (clickhouse-connect); the service calls it from threads.
 
@@ -193,6 +208,25 @@ class DeliveryStore:
             ).result_rows
         wanted = set(keys)
         return {key for key in ((str(a), str(o), str(c)) for a, o, c in rows) if key in wanted}
+
+    def gave_up(self, delivery: str) -> GaveUp | None:
+        """The alert delivery with id ``delivery`` (see ``channels.delivery_id``) whose latest try gave up.
+
+        Ids are hashes of (alert, officer, channel), so the candidates are read and hashed here; there are
+        few (deliveries that gave up are rare and each is a handful of rows).
+        """
+        with self.lock:
+            rows = self.client.query(
+                "SELECT alert_id, officer_id, channel, argMax(route, at), "
+                "argMaxIf(alert_json, at, status = 'gave_up'), max(attempt), argMax(toString(status), (at, attempt)) "
+                f"FROM {TABLE} WHERE digest_id = '' GROUP BY alert_id, officer_id, channel "
+                "HAVING countIf(status = 'gave_up') > 0",
+            ).result_rows
+        for alert_id, officer_id, channel, route, alert_json, attempts, last in rows:
+            if delivery_id(str(alert_id), str(officer_id), str(channel)) == delivery:
+                key = (str(alert_id), str(officer_id), str(channel))
+                return GaveUp(key, str(route), str(alert_json), int(attempts), str(last))
+        return None
 
     def pending_digests(self, now: datetime) -> list[QueuedAlert]:
         """Alerts queued for a digest (in the last ``digest_window``) and not sent in one yet."""
@@ -305,7 +339,7 @@ class DeliveryService:
         self._unusable = self._check_secrets()
         self._unwritten: list[tuple[list[Attempt], asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
-        self._rendered: OrderedDict[tuple[str, str], Message] = OrderedDict()
+        self._rendered: OrderedDict[tuple[str, str, str], Message] = OrderedDict()
         self._remember_max = remember
         self._done: OrderedDict[Key, None] = OrderedDict()
         self._inflight: dict[Key, asyncio.Task[Outcome]] = {}
@@ -412,7 +446,8 @@ class DeliveryService:
     async def _ticket(settled: list[Outcome], tasks: list[asyncio.Task[Outcome]]) -> list[Outcome]:
         return settled + list(await asyncio.gather(*tasks))
 
-    async def _deliver(self, alert: Alert, recipient: Recipient) -> Outcome:
+    async def _deliver(self, alert: Alert, recipient: Recipient, attempts_before: int = 0) -> Outcome:
+        """Deliver with retries; ``attempts_before`` (a resend) numbers the new attempts after the old ones."""
         key = recipient.key(alert.alert_id)
         try:
             send = self._refusal(recipient) or self._lazy(alert, recipient)
@@ -420,7 +455,7 @@ class DeliveryService:
             def rows(
                 attempt: int, status: DeliveryStatus, result: SendResult, at: datetime, ms: float
             ) -> list[Attempt]:
-                return [self._attempt(alert, recipient, attempt, status, result, at, ms)]
+                return [self._attempt(alert, recipient, attempts_before + attempt, status, result, at, ms)]
 
             channel = recipient.channel
             status, attempts, result = await self._attempts(
@@ -431,6 +466,45 @@ class DeliveryService:
             return Outcome(*key, cast(Any, status), attempts, result.reason)
         finally:
             self._inflight.pop(key, None)
+
+    async def resend(self, delivery: str) -> Outcome:
+        """Send again, by hand, an alert delivery that gave up (``synthwatch deliveries resend ID``).
+
+        Same ``delivery_id`` (and e-mail Message-ID) as the attempts that gave up: a receiver de-duplicates
+        on it, and an attempt that gave up may still have reached it (an answer lost to a timeout), so a new
+        id could make it act twice on one alert. Each attempt is signed afresh (new timestamp), so replay
+        windows hold; the attempts are new rows numbered after the old ones, with the usual retries. The
+        officer, channel and secret are today's subscriptions: a fixed URL or secret is what a resend is for.
+        """
+        found = await self._store("finding the delivery", self.store.gave_up, delivery)
+        if found is None:
+            raise ResendError(
+                f"no delivery {delivery!r} that gave up; list them with `synthwatch deliveries --status gave_up`"
+            )
+        alert_id, officer_id, channel_name = found.key
+        done = await self._store("checking earlier deliveries", self.store.finished, [found.key])
+        if found.last_status == "delivered" or done:
+            raise ResendError(f"delivery {delivery} of alert {alert_id} to {officer_id} was delivered since")
+        if not found.alert_json:
+            raise ResendError(
+                f"delivery {delivery} gave up before deliveries kept their alert: nothing to send it from"
+            )
+        officer = next((o for o in self.subscriptions.officers if o.id == officer_id), None)
+        channel = officer.channels().get(channel_name) if officer is not None else None
+        if officer is None or channel is None:
+            raise ResendError(
+                f"officer {officer_id!r} has no channel {channel_name!r} in the subscriptions file any more; "
+                "add it back (or resend nothing)"
+            )
+        if found.key in self._inflight:
+            raise ResendError(f"delivery {delivery} is being attempted right now")
+        route = next((r for r in officer.routes if r.name == found.route and r.channel.name == channel_name), None)
+        route = route or next(r for r in officer.routes if r.channel.name == channel_name)
+        alert = Alert.model_validate_json(found.alert_json)
+        recipient = Recipient(officer, route, channel, immediate=True)
+        task = asyncio.create_task(self._deliver(alert, recipient, found.attempts), name=f"resend {delivery}")
+        self._inflight[found.key] = task
+        return await task
 
     def _endpoint(self, channel: WebhookChannel | EmailChannel) -> Endpoint:
         return self.endpoints[channel.endpoint if isinstance(channel, WebhookChannel) else SMTP_ENDPOINT]
@@ -467,7 +541,7 @@ class DeliveryService:
 
     def _prepare(self, alert: Alert, recipient: Recipient) -> Send | SendResult:
         officer, channel = recipient.officer, recipient.channel
-        message = self._render(alert, officer.language)
+        message = self._render(alert, officer.language, officer.timezone)
         if isinstance(channel, WebhookChannel):
             payload = webhook_payload(alert, officer, recipient.route.name or "", message, channel.name)
             return self._webhook_send(officer, channel, _json(payload), payload["delivery_id"], "alert")
@@ -594,6 +668,8 @@ class DeliveryService:
             substance=alert.substance.name,
             region=alert.region or "",
             digest_id=digest_id,
+            # A delivery that gave up keeps its alert: `synthwatch deliveries resend` sends it from this row.
+            alert_json=alert.model_dump_json() if status == "gave_up" and not digest_id else "",
         )
 
     # --- digests -----------------------------------------------------------------------------------------
@@ -646,7 +722,9 @@ class DeliveryService:
         day = officer.local_day(now)
         digest_id = f"digest-{officer.id}-{channel.name}-{day.isoformat()}"
         try:
-            message = render_digest([a for _, a in alerts], officer.language, self.grafana_url, day, officer.name)
+            message = render_digest(
+                [a for _, a in alerts], officer.language, self.grafana_url, day, officer.name, officer.timezone
+            )
             if isinstance(channel, WebhookChannel):
                 payload = digest_payload(digest_id, officer, [a for _, a in alerts], message)
                 send = self._webhook_send(officer, channel, _json(payload), payload["delivery_id"], "digest")
@@ -703,12 +781,12 @@ class DeliveryService:
                     if not done.done():
                         done.set_result(None)
 
-    def _render(self, alert: Alert, language: str) -> Message:
-        """One rendering per (alert, language): a burst to many officers renders each alert once or twice."""
-        key = (alert.alert_id, language)
+    def _render(self, alert: Alert, language: str, timezone: str = "UTC") -> Message:
+        """One rendering per (alert, language, time zone): a burst to many officers renders each alert once or twice."""
+        key = (alert.alert_id, language, timezone)
         message = self._rendered.get(key)
         if message is None:
-            message = self._rendered[key] = render_alert(alert, language, self.grafana_url)
+            message = self._rendered[key] = render_alert(alert, language, self.grafana_url, timezone)
             while len(self._rendered) > 1024:
                 self._rendered.popitem(last=False)
         return message

@@ -58,6 +58,7 @@ def subject_of(substance: ResolvedSubstance) -> Subject:
         family=substance.family,
         controlled=substance.controlled,
         catalogued=substance.catalogued,
+        identified_by=substance.resolved_by,
     )
 
 
@@ -75,6 +76,7 @@ class Observation:
     grams: float | None
     method: str | None
     sample_type: str | None
+    reporter: str | None = None  # the lab (lab_id) or agency whose report this is: alerts name it
 
     @classmethod
     def of(cls, item: EnrichedEvent) -> Observation:
@@ -91,6 +93,7 @@ class Observation:
             quantity.grams if quantity is not None else None,
             lab.method if lab is not None else None,
             lab.sample_type if lab is not None else None,
+            lab.lab_id if lab is not None else getattr(event, "agency", None),
         )
 
     def sighting(self, late_by_hours: float | None = None) -> Sighting:
@@ -112,6 +115,8 @@ class Observation:
             method=self.method,
             sample_type=self.sample_type,
             late_by_hours=late_by_hours,
+            identified_by=s.identified_by,
+            reporter=self.reporter,
         )
 
 
@@ -587,6 +592,7 @@ class RegionDetector:
             expected=f.expected,
             score=f.score,
             details={"window_days": f.window_days},
+            reported_by=[obs.reporter] if obs.reporter else [],
         )
 
 

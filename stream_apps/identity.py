@@ -32,10 +32,11 @@ from rdkit.Chem.MolStandardize import rdMolStandardize
 from rdkit.rdBase import BlockLogs
 
 from synthwatch.catalogue import CatalogueEntry, Family, shipped_catalogue
+from synthwatch.schemas.records import IdentifiedBy
 
 from .families import classify
 
-ResolvedBy = Literal["structure", "catalogue_name", "learnt_name", "unresolved_name"]
+ResolvedBy = IdentifiedBy  # carried to the alert (Alert.identified_by)
 
 NAME_KEY_PREFIX = "name:"
 SMILES_ERROR = "SMILES not parseable by RDKit"

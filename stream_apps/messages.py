@@ -1,10 +1,16 @@
 """Rendering alerts (and daily digests) for people, per language, from the jinja2 templates.
 
-Facts are computed here once (numbers formatted the way each language writes them, place names from
-ISO 3166 in the reader's language, the family and why it matters); the wording lives in
-``templates/<language>/`` so a translator edits one folder. Every message answers the same questions:
-what was seen, where, how unusual (observed vs expected), what family and why it matters, and where to
-look (the Grafana drill-down).
+Facts are computed here once (numbers, dates and digits as CLDR says each language writes them, through
+Babel, times in the officer's own time zone, place names from ISO 3166 in the reader's language, the
+family and why it matters); the wording lives in ``templates/<language>/`` so a translator edits one
+folder, with CLDR plural rules (``plural`` in the templates: French "1 signalement", Arabic's six forms)
+instead of "(s)". Every message answers the same questions: what was seen, how it was identified and
+who reported it, where, how unusual (observed vs expected), what family and why it matters, and where
+to look (the Grafana drill-down). The detector's English summary is not shown: every sentence is
+rendered from the alert's facts in the reader's language.
+
+The reviewed texts of every alert type in every language are in tests/reference_messages/ (see
+tests/test_reference_messages.py for how to regenerate them; a regenerated text needs a human review).
 """
 
 from __future__ import annotations
@@ -12,19 +18,34 @@ from __future__ import annotations
 import gettext
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import date, timedelta
 from functools import cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
+from zoneinfo import ZoneInfo
 
 import jinja2
 import pycountry
+from babel import Locale
+from babel.dates import format_date, format_time, get_timezone_location
+from babel.numbers import format_decimal
 
 from synthwatch.schemas import Alert
 from synthwatch.schemas.text import visible
 
-LANGUAGES: tuple[str, ...] = ("en", "fr")
+LANGUAGES: tuple[str, ...] = ("en", "fr", "ar")
+#: The CLDR locale each language's dates are written in (British English: day before month, as the
+#: international bodies officers work with write them).
+DATE_LOCALES: dict[str, str] = {"en": "en_GB", "fr": "fr", "ar": "ar"}
+#: A family series (spikes of a whole family): its label in the reader's language, then this.
+FAMILY_SERIES: dict[str, str] = {
+    "en": "every substance of the family {family}",
+    "fr": "l'ensemble des substances de la famille {family}",
+    "ar": "جميع مواد فصيلة {family}",
+}
+#: Languages written right to left (their HTML gets ``dir="rtl"``).
+RTL_LANGUAGES = frozenset({"ar"})
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 DASHBOARD_UID = "synthwatch-substance"
 
@@ -41,19 +62,31 @@ TYPE_LABELS: dict[str, dict[str, str]] = {
         "spike": "Pic",
         "spread": "Diffusion",
     },
+    "ar": {
+        "new_substance": "مادة جديدة",
+        "first_in_region": "أول ظهور في المنطقة",
+        "spike": "ارتفاع مفاجئ",
+        "spread": "انتشار",
+    },
 }
 
 SEVERITY_LABELS: dict[str, dict[str, str]] = {
     "en": {"info": "Information", "warning": "Warning", "critical": "CRITICAL"},
     "fr": {"info": "Information", "warning": "Avertissement", "critical": "CRITIQUE"},
+    "ar": {"info": "معلومة", "warning": "تحذير", "critical": "حرج"},
 }
 
 CONTROL_LABELS: dict[str, dict[bool | None, str]] = {
     "en": {True: "under international control", False: "not under international control", None: "control unknown"},
     "fr": {
-        True: "sous contrôle international",
-        False: "non soumise au contrôle international",
-        None: "statut de contrôle inconnu",
+        True: "substance sous contrôle international",
+        False: "substance non soumise au contrôle international",
+        None: "statut au regard du contrôle international inconnu",
+    },
+    "ar": {
+        True: "خاضعة للرقابة الدولية",
+        False: "غير خاضعة للرقابة الدولية",
+        None: "وضعها الرقابي غير معروف",
     },
 }
 
@@ -71,6 +104,13 @@ SAMPLE_LABELS: dict[str, dict[str, str]] = {
         "wastewater": "eaux usées",
         "drug_checking": "analyse de produits (drug checking)",
         "other": "autre",
+    },
+    "ar": {
+        "seized_material": "مادة مضبوطة",
+        "biological": "عينة بيولوجية",
+        "wastewater": "مياه الصرف الصحي",
+        "drug_checking": "فحص المواد (drug checking)",
+        "other": "أخرى",
     },
 }
 
@@ -134,8 +174,8 @@ FAMILIES: dict[str, dict[str, tuple[str, str]]] = {
         "nitazene": (
             "nitazène (opioïde benzimidazolé)",
             "Les nitazènes sont des opioïdes de synthèse, souvent bien plus puissants que le fentanyl. Vendus comme "
-            "faux oxycodone ou comme héroïne, ils ont causé des séries de surdoses mortelles. La naloxone les "
-            "neutralise, mais plusieurs doses peuvent être nécessaires.",
+            "de la fausse oxycodone ou comme de l'héroïne, ils ont causé des séries de surdoses mortelles. La "
+            "naloxone les neutralise, mais plusieurs doses peuvent être nécessaires.",
         ),
         "fentanyl": (
             "analogue du fentanyl",
@@ -188,6 +228,89 @@ FAMILIES: dict[str, dict[str, tuple[str, str]]] = {
             "risques ne sont pas connus.",
         ),
     },
+    "ar": {
+        "nitazene": (
+            "نيتازين (مادة أفيونية من البنزيميدازولات)",
+            "النيتازينات مواد أفيونية اصطناعية، كثير منها أقوى بكثير من الفنتانيل. تُباع على أنها أوكسيكودون مزيَّف "
+            "أو على أنها هيروين، وتسبّبت في موجات من الجرعات الزائدة القاتلة. يُبطل النالوكسون مفعولها، لكن قد "
+            "يلزم إعطاء عدة جرعات منه.",
+        ),
+        "fentanyl": (
+            "نظير للفنتانيل",
+            "نظائر الفنتانيل مواد أفيونية اصطناعية شديدة القوة: بضعة مليغرامات منها قد تقتل. كثيرًا ما تُخفى في "
+            "الهيروين أو في أقراص مقلَّدة. يُبطل النالوكسون مفعولها.",
+        ),
+        "other_opioid": (
+            "مادة أفيونية",
+            "تُثبِّط المواد الأفيونية التنفس وتسبّب جرعات زائدة قاتلة، ولا سيما لدى من لم يعتادوا عليها. يُبطل "
+            "النالوكسون مفعولها.",
+        ),
+        "synthetic_cathinone": (
+            "كاثينون اصطناعي",
+            "الكاثينونات الاصطناعية منشِّطات تُباع باسم «أملاح الاستحمام» أو بديلًا عن الإكستاسي؛ وهي تسبّب الهياج "
+            "والذهان واضطرابات القلب، وكثيرًا ما تُتعاطى في نوبات متواصلة.",
+        ),
+        "synthetic_cannabinoid": (
+            "قنّبين اصطناعي",
+            "القنّبينات الاصطناعية أقوى بكثير من القنّب؛ وهي تسبّب نوبات تشنّج وذهانًا ووفيات، وكثيرًا ما تُهرَّب "
+            "على ورق أو أعشاب مشبَّعة بها، ومن ذلك إلى السجون.",
+        ),
+        "benzodiazepine": (
+            "بنزوديازيبين",
+            "تُباع البنزوديازيبينات المصمَّمة على أنها أدوية مزيَّفة؛ وإذا اجتمعت مع المواد الأفيونية رفعت كثيرًا خطر "
+            "الجرعة الزائدة القاتلة، ولا يُبطل النالوكسون هذا الخطر كاملًا.",
+        ),
+        "arylcyclohexylamine": (
+            "أريل سيكلوهكسيلامين (مادة مُفارِقة)",
+            "تسبّب المواد المُفارِقة من نوع الكيتامين والفينسيكليدين (PCP) التشوّش والإصابات، ومع تكرار التعاطي "
+            "أضرارًا في المثانة.",
+        ),
+        "tryptamine": (
+            "تريبتامين (مادة مُهلوِسة)",
+            "نادرًا ما تسبّب التريبتامينات المُهلوِسة جرعات زائدة قاتلة، لكنها تؤدي إلى سلوك خطِر؛ وجرعات الجديد منها "
+            "غير معروفة.",
+        ),
+        "phenethylamine": (
+            "فينيثيلامين",
+            "تضم الفينيثيلامينات (الأمفيتامينات و2C-x وNBOMe) مركّبات فعّالة بجرعات من رتبة الميكروغرام؛ وقد تسبّبت "
+            "أوراق النشاف المشبَّعة بمواد من نوع NBOMe في وفيات.",
+        ),
+        "other": (
+            "أخرى",
+            "خارج الفصائل الخاضعة للرصد: لم تُحدَّد آثارها ومخاطرها بعد.",
+        ),
+        "": (
+            "بنية غير مصنَّفة",
+            "تعذّر تصنيف بنيتها (أُبلغ عنها بالاسم فقط، أو أنها مجهولة): آثارها ومخاطرها غير معروفة.",
+        ),
+    },
+}
+
+
+#: How the substance of the report that raised the alert was identified (Alert.identified_by).
+IDENTIFIED: dict[str, dict[str, str]] = {
+    "en": {
+        "structure": "Identified from the chemical structure (SMILES or InChIKey) the lab reported.",
+        "catalogue_name": "Identified by its name in the synthwatch catalogue; the report gave no structure.",
+        "learnt_name": "Identified by a synonym learnt from earlier reports that gave its structure; this report "
+        "gave none.",
+        "unresolved_name": "Reported by name only and not identified: the name matches no known substance.",
+    },
+    "fr": {
+        "structure": "Identifiée par la structure chimique (SMILES ou InChIKey) transmise par le laboratoire.",
+        "catalogue_name": "Identifiée par son nom dans le catalogue synthwatch ; le signalement ne donnait pas "
+        "sa structure.",
+        "learnt_name": "Identifiée par un synonyme appris de signalements antérieurs qui en donnaient la structure ; "
+        "celui-ci ne la donnait pas.",
+        "unresolved_name": "Signalée par son nom seulement et non identifiée : ce nom ne correspond à aucune "
+        "substance connue.",
+    },
+    "ar": {
+        "structure": "حُدِّدت هويتها من البنية الكيميائية (SMILES أو InChIKey) التي أرسلها المختبر.",
+        "catalogue_name": "حُدِّدت هويتها من اسمها في دليل synthwatch، ولم يتضمّن البلاغ بنيتها الكيميائية.",
+        "learnt_name": "حُدِّدت هويتها من اسم مرادف تعلّمه النظام من بلاغات سابقة تضمّنت بنيتها، ولم يتضمّنها هذا البلاغ.",
+        "unresolved_name": "أُبلغ عنها باسمها فقط ولم تُحدَّد هويتها: لا يطابق هذا الاسم أي مادة معروفة.",
+    },
 }
 
 
@@ -204,7 +327,10 @@ class Message:
 
 @dataclass(slots=True)
 class AlertView:
-    """An alert's facts, already in the reader's language; the templates only arrange them."""
+    """An alert's facts, already in the reader's language; the templates only arrange them.
+
+    Counts are kept as numbers too (``*_n``) so the templates choose the CLDR plural form with ``plural``.
+    """
 
     alert_id: str
     type: str
@@ -223,43 +349,68 @@ class AlertView:
     place_short: str
     network_wide: bool
     regions: str
+    family_series: bool
     window_start: str
     window_end: str
     window_days: int
     triggered: str
+    triggered_date: str
+    triggered_time: str
+    zone: str
     observed: str
+    observed_n: float
     expected: str
+    expected_n: float
     ratio: str | None
     metric: str | None
     score: str | None
+    odds: str | None  # "1 in N" for a spike's p-value, N a power of ten as the language writes it
     since: str | None
     other_regions: int
-    summary: str
     link: str
+    identified: str = ""  # how identity was established, one sentence ("" when not recorded)
+    reporters: str = ""  # labs and agencies whose report raised it
+    reporters_n: int = 0
     unusual: str = ""
     late: str = ""  # why and how late, when a late report raised the alert; "" otherwise
+    language: str = "en"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def number(value: float, language: str) -> str:
-    """1234.5 -> '1,234.5' (en) or '1 234,5' (fr); small non-integers keep two significant digits."""
-    if float(value).is_integer():
-        text = f"{int(value):,}"
-    elif abs(value) >= 10:
-        text = f"{value:,.1f}"
-    elif abs(value) >= 0.01:
-        text = f"{value:.2g}" if abs(value) < 1 else f"{value:.1f}"
-    else:
-        text = "<0.01"
-    if language == "fr":
-        text = text.replace(",", "\u202f").replace(".", ",")
-    return text
+    """1234.5 -> '1,234.5' (en), '1 234,5' (fr), digits as CLDR gives each locale; small non-integers keep two
+    significant digits, and below 0.01 reads '<0.01'."""
+    # Digits are the locale's default numbering system in CLDR: Latin digits for `ar` (CLDR 42 on), as the
+    # Maghreb writes them; a locale whose default is Arabic-Indic (ar_EG, ar_SA) would get those.
+    if not float(value).is_integer():
+        if abs(value) >= 1:
+            value = round(value, 1)
+        elif abs(value) >= 0.01:
+            value = float(f"{value:.2g}")
+        else:
+            return "<" + format_decimal(0.01, locale=language, numbering_system="default")
+    return format_decimal(value, format="#,##0.##", locale=language, numbering_system="default")
+
+
+def plural(count: float, language: str, **forms: str) -> str:
+    """The CLDR plural form of ``count`` in ``language`` (``one``, ``two``, ``few``, ``many``, ``zero``,
+    ``other``), with ``{n}`` replaced by the count as the language writes it; ``other`` is the fallback."""
+    category = Locale.parse(language).plural_form(count)
+    text = forms.get(category, forms["other"])
+    return text.replace("{n}", number(count, language))
+
+
+def _capitalise(text: str) -> str:
+    """First letter up (a sentence shown on its own), the rest untouched: 'jamais signalée…' -> 'Jamais…'."""
+    return text[:1].upper() + text[1:]
 
 
 @cache
-def _country_names(language: str) -> gettext.NullTranslations:
+def _country_names(language: str, domain: str = "iso3166-1") -> gettext.NullTranslations:
+    """ISO 3166 names in ``language`` (pycountry's catalogues; none for Arabic subdivisions: they stay as
+    ISO writes them, with their code)."""
     try:
-        return gettext.translation("iso3166-1", pycountry.LOCALES_DIR, languages=[language])
+        return gettext.translation(domain, pycountry.LOCALES_DIR, languages=[language])
     except OSError:
         return gettext.NullTranslations()
 
@@ -273,9 +424,11 @@ def place_names(region: str | None, country: str | None, language: str) -> tuple
     """(long, short) place names: 'Bamako (ML-BKO), Mali' and 'Bamako, Mali'."""
     subdivision = pycountry.subdivisions.get(code=region) if region else None
     nation = country_name(country or (region.split("-", 1)[0] if region else None), language)
+    comma = "، " if language == "ar" else ", "
     if subdivision is None:
-        return (f"{region}, {nation}" if region else nation), (nation or (region or ""))
-    return f"{subdivision.name} ({region}), {nation}", f"{subdivision.name}, {nation}"
+        return (f"{region}{comma}{nation}" if region else nation), (nation or (region or ""))
+    name = _country_names(language, "iso3166-2").gettext(subdivision.name)
+    return f"{name} ({region}){comma}{nation}", f"{name}{comma}{nation}"
 
 
 def drilldown_url(grafana_url: str, alert: Alert) -> str:
@@ -293,62 +446,92 @@ def drilldown_url(grafana_url: str, alert: Alert) -> str:
     return f"{grafana_url.rstrip('/')}/d/{DASHBOARD_UID}?{urlencode(params)}"
 
 
-def _moment(value: datetime) -> str:
-    return value.strftime("%Y-%m-%d %H:%M UTC")
+def day_text(day: date, language: str) -> str:
+    """A calendar day as the language writes it in full: '5 December 2026', '5 décembre 2026'."""
+    return format_date(day, format="long", locale=DATE_LOCALES[language])
 
 
-def alert_view(alert: Alert, language: str, grafana_url: str) -> AlertView:
-    """Everything the templates show about one alert, in ``language``."""
+def _zone_label(zone: ZoneInfo, language: str) -> str:
+    return "UTC" if zone.key in ("UTC", "Etc/UTC") else get_timezone_location(zone, locale=language, return_city=True)
+
+
+def alert_view(alert: Alert, language: str, grafana_url: str, timezone: str = "UTC") -> AlertView:
+    """Everything the templates show about one alert, in ``language``, times in ``timezone`` (the officer's)."""
     if language not in LANGUAGES:
         raise ValueError(f"no templates for language {language!r}; available: {', '.join(LANGUAGES)}")
+    zone = ZoneInfo(timezone)
     s = alert.substance
     family_label, family_why = FAMILIES[language].get(s.family or "", FAMILIES[language][""])
     listed = alert.details.get("regions")
     # Every value from the alert is shown through ``visible``: one line each, control characters escaped,
     # so a name with a newline cannot forge a line in the plain-text e-mail or the webhook's text.
     regions = [str(r) for r in listed] if isinstance(listed, list) else []
+    separator = "، " if language == "ar" else ", "
     if alert.region:
         place, short = place_names(alert.region, alert.country, language)
     else:
-        place = short = ", ".join(regions[:12]) + ("…" if len(regions) > 12 else "")
+        place = short = separator.join(regions[:12]) + ("…" if len(regions) > 12 else "")
     observed = alert.observed if alert.observed is not None else float(max(1, len(alert.evidence_event_ids)))
     expected = alert.expected if alert.expected is not None else 0.0
     ratio = None
     if alert.alert_type == "spike" and expected > 0:
         ratio = number(round(observed / expected, 1 if observed / expected < 10 else 0), language)
     others = alert.details.get("other_regions")
+    first_day = alert.details.get("network_first_day")
+    since = None
+    if first_day:
+        try:
+            since = day_text(date.fromisoformat(str(first_day)), language)
+        except ValueError:
+            since = visible(str(first_day))
+    triggered = alert.triggered_at.astimezone(zone)
     view = AlertView(
         alert_id=alert.alert_id,
         type=alert.alert_type,
         type_label=TYPE_LABELS[language][alert.alert_type],
         severity=alert.severity,
         severity_label=SEVERITY_LABELS[language][alert.severity],
-        substance=visible(s.name),
+        substance=visible(
+            FAMILY_SERIES[language].format(family=family_label) if s.key.startswith("family:") else s.name
+        ),
         substance_key=visible(s.key),
         inchikey=visible(s.inchikey) if s.inchikey else s.inchikey,
         family_label=family_label,
         family_why=family_why,
         control=CONTROL_LABELS[language][s.controlled],
-        methods=visible(", ".join(alert.identification_methods)),
-        samples=visible(", ".join(SAMPLE_LABELS[language].get(t, t.replace("_", " ")) for t in alert.sample_types)),
+        methods=visible(separator.join(alert.identification_methods)),
+        samples=visible(
+            separator.join(SAMPLE_LABELS[language].get(t, t.replace("_", " ")) for t in alert.sample_types)
+        ),
         place=visible(place),
         place_short=visible(short),
         network_wide=alert.region is None,
-        regions=visible(", ".join(regions)),
-        window_start=alert.window_start.date().isoformat(),
-        window_end=(alert.window_end - timedelta(microseconds=1)).date().isoformat(),
+        family_series=s.key.startswith("family:"),
+        regions=visible(separator.join(regions)),
+        window_start=day_text(alert.window_start.date(), language),
+        window_end=day_text((alert.window_end - timedelta(microseconds=1)).date(), language),
         window_days=max(1, (alert.window_end - alert.window_start).days),
-        triggered=_moment(alert.triggered_at),
+        triggered="",
+        triggered_date=day_text(triggered.date(), language),
+        triggered_time=format_time(triggered, format="HH:mm", locale=DATE_LOCALES[language]),
+        zone=_zone_label(zone, language),
         observed=number(observed, language),
+        observed_n=observed,
         expected=number(expected, language),
+        expected_n=expected,
         ratio=ratio,
         metric=visible(alert.metric) if alert.metric else alert.metric,
         score=number(alert.score, language) if alert.score is not None else None,
-        since=str(alert.details.get("network_first_day")) if alert.details.get("network_first_day") else None,
+        odds=number(10 ** int(alert.score), language) if alert.score is not None and 1 <= alert.score < 13 else None,
+        since=since,
         other_regions=len(others) if isinstance(others, list) else 0,
-        summary=visible(alert.summary),
         link=drilldown_url(grafana_url, alert),
+        identified=IDENTIFIED[language].get(alert.identified_by or "", ""),
+        reporters=visible(separator.join(alert.reported_by)),
+        reporters_n=len(alert.reported_by),
+        language=language,
     )
+    view.triggered = _render(f"{language}/moment.txt.j2", v=view).strip()
     view.unusual = _render(f"{language}/unusual.txt.j2", v=view).strip()
     if alert.reported_late and alert.late_by_hours is not None:
         view.late = late_text(alert.late_by_hours, language)
@@ -357,21 +540,13 @@ def alert_view(alert: Alert, language: str, grafana_url: str) -> AlertView:
 
 def late_text(late_by_hours: float, language: str) -> str:
     """How late the report that raised an alert was, for a reader of ``language``."""
-    hours, days = number(round(late_by_hours, 1), language), number(round(late_by_hours / 24, 1), language)
-    if language == "fr":
-        return (
-            f"le signalement date de {hours} h ({days} jours) avant le plus récent de son type déjà reçu "
-            "de la région ; il est enregistré à sa date, sans compter dans les pics déjà évalués."
-        )
-    return (
-        f"the report occurred {hours} h ({days} days) before the newest report of its kind already received "
-        "from the region; it is stored on its own day and left out of spike decisions already made."
-    )
+    hours, days = round(late_by_hours, 1), round(late_by_hours / 24, 1)
+    return _render(f"{language}/late.txt.j2", hours=hours, days=days, language=language).strip()
 
 
 @cache
 def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
+    environment = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
         autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",), default_for_string=False),
         undefined=jinja2.StrictUndefined,
@@ -379,6 +554,10 @@ def _environment() -> jinja2.Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
+    environment.globals["plural"] = plural
+    environment.globals["number"] = number
+    environment.filters["capitalise"] = _capitalise
+    return environment
 
 
 def _render(template: str, /, **context: Any) -> str:
@@ -390,9 +569,9 @@ def _subject(text: str) -> str:
     return " ".join(text.split())
 
 
-def render_alert(alert: Alert, language: str, grafana_url: str) -> Message:
-    """Subject, plain text and HTML of one alert for a reader of ``language``."""
-    view = alert_view(alert, language, grafana_url)
+def render_alert(alert: Alert, language: str, grafana_url: str, timezone: str = "UTC") -> Message:
+    """Subject, plain text and HTML of one alert for a reader of ``language`` living in ``timezone``."""
+    view = alert_view(alert, language, grafana_url, timezone)
     return Message(
         language=language,
         subject=_subject(_render(f"{language}/alert_subject.txt.j2", v=view)),
@@ -405,11 +584,13 @@ def render_alert(alert: Alert, language: str, grafana_url: str) -> Message:
 _SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 
 
-def render_digest(alerts: Sequence[Alert], language: str, grafana_url: str, day: date, name: str) -> Message:
-    """One message listing ``alerts`` (most severe first) for the reader ``name`` on ``day``."""
+def render_digest(
+    alerts: Sequence[Alert], language: str, grafana_url: str, day: date, name: str, timezone: str = "UTC"
+) -> Message:
+    """One message listing ``alerts`` (most severe first) for the reader ``name`` on ``day`` (their local day)."""
     ordered = sorted(alerts, key=lambda a: (_SEVERITY_ORDER[a.severity], a.triggered_at, a.alert_id))
-    views = [alert_view(alert, language, grafana_url) for alert in ordered]
-    context = {"views": views, "day": day.isoformat(), "name": name, "count": len(views)}
+    views = [alert_view(alert, language, grafana_url, timezone) for alert in ordered]
+    context = {"views": views, "day": day_text(day, language), "name": visible(name), "count": len(views)}
     return Message(
         language=language,
         subject=_subject(_render(f"{language}/digest_subject.txt.j2", **context)),

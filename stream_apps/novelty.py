@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from synthwatch.schemas import Alert
 
-from .alerting import Subject, build_alert, day_start, region_label
+from .alerting import IDENTIFIED_TEXT, Subject, build_alert, day_start, region_label
 from .replay import Position, applied, marks_of, note
 
 
@@ -53,6 +53,8 @@ class Sighting:
     method: str | None = None
     sample_type: str | None = None
     late_by_hours: float | None = None  # a late report's sighting: its alerts say so
+    identified_by: str | None = None  # how the report's substance was identified (ResolvedSubstance.resolved_by)
+    reporter: str | None = None  # the lab or agency whose report this is
 
     def to_dict(self) -> dict[str, Any]:
         """The wire form on the sightings topic (fields are flat: no deep copy as ``asdict`` makes)."""
@@ -66,7 +68,13 @@ class Sighting:
 
     @property
     def subject(self) -> Subject:
-        return Subject(self.key, self.name, self.inchikey, self.family, self.controlled, self.catalogued)
+        return Subject(
+            self.key, self.name, self.inchikey, self.family, self.controlled, self.catalogued, self.identified_by
+        )
+
+    @property
+    def reported_by(self) -> list[str]:
+        return [self.reporter] if self.reporter else []
 
 
 _SIGHTING_FIELDS = tuple(f.name for f in fields(Sighting))
@@ -223,7 +231,9 @@ class NoveltyDetector:
     def _new_substance(self, s: Sighting) -> Alert:
         subject = s.subject
         origin = "a catalogued substance" if s.catalogued else "not in the catalogue"
-        identified = "identified by structure" if s.inchikey else "reported by name only"
+        # How this report identified it, not whether the catalogue knows a structure: a name-only report of a
+        # catalogued drug was identified by its name, and the officer must be able to tell.
+        identified = IDENTIFIED_TEXT.get(s.identified_by or "", "identification not recorded")
         return build_alert(
             alert_type="new_substance",
             subject=subject,
@@ -236,12 +246,14 @@ class NoveltyDetector:
             evidence=[s.event_id],
             summary=(
                 f"Never seen by the network: {s.name} ({subject.family_text}; {origin}; {identified}), "
-                f"first reported in {region_label(s.region)} by a {s.kind.replace('_', ' ')}."
+                f"first reported in {region_label(s.region)} by a {s.kind.replace('_', ' ')}"
+                f"{f' ({s.reporter})' if s.reporter else ''}."
             ),
             methods=[s.method] if s.method else [],
             sample_types=[s.sample_type] if s.sample_type else [],
             details={"first_region": s.region, "catalogued": s.catalogued},
             late_by_hours=s.late_by_hours,
+            reported_by=s.reported_by,
         )
 
     def _first_in_region(self, s: Sighting, known: SubstanceState) -> Alert:
@@ -267,6 +279,7 @@ class NoveltyDetector:
             sample_types=[s.sample_type] if s.sample_type else [],
             details={"other_regions": elsewhere[:20], "network_first_day": str(day_start(known.first_day).date())},
             late_by_hours=s.late_by_hours,
+            reported_by=s.reported_by,
         )
 
     def _spread(self, s: Sighting, known: SubstanceState) -> Alert | None:
@@ -307,4 +320,5 @@ class NoveltyDetector:
             expected=float(cfg.spread_regions),
             details={"regions": active},
             late_by_hours=s.late_by_hours,
+            reported_by=s.reported_by,
         )

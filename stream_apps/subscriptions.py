@@ -52,7 +52,7 @@ from .targets import TargetPolicy, parse_networks
 MIN_SECRET_LENGTH = 16
 """Shortest webhook secret accepted (characters); ``openssl rand -hex 32`` gives 64."""
 
-Language = Literal["en", "fr"]
+Language = Literal["en", "fr", "ar"]
 """Languages the message templates exist in (``stream_apps/templates/<language>/``)."""
 
 SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "critical": 2}

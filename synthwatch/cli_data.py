@@ -58,28 +58,47 @@ ALERT_COLUMNS = (
 
 def alerts(
     region: Annotated[str | None, typer.Option(help="ISO 3166-2 region, e.g. ML-BKO.")] = None,
-    since: Annotated[str, typer.Option(help="How far back: 30m, 12h, 7d, 2w.")] = "7d",
+    since: Annotated[
+        str,
+        typer.Option(
+            help="How far back: 30m, 12h, 7d, 2w; counted on detection time (when synthwatch raised the alert) "
+            "unless --time triggered."
+        ),
+    ] = "7d",
     severity: Annotated[str | None, typer.Option(help="info, warning or critical.")] = None,
     limit: Annotated[int, typer.Option(min=1, help="Most alerts shown.")] = 100,
+    time: Annotated[
+        str,
+        typer.Option(
+            "--time",
+            help="What --since filters and sorts on: 'detected' (when synthwatch raised the alert, the default) or "
+            "'triggered' (event time of the report that raised it: when the sample was taken or the seizure made).",
+        ),
+    ] = "detected",
     fmt: FormatOption = OutputFormat.table,
 ) -> None:
-    """Recent alerts, newest first."""
+    """Recent alerts, newest first by detection time (or by report time with --time triggered)."""
     from .query import QueryError
     from .reads import parse_since, recent_alerts
 
     try:
-        rows = recent_alerts(Settings(), region=region, since=parse_since(since), severity=severity, limit=limit)
+        rows = recent_alerts(
+            Settings(), region=region, since=parse_since(since), severity=severity, limit=limit, time=time
+        )
     except (ValueError, QueryError) as error:
         _fail(str(error))
+    which = "detected" if time == "detected" else "triggered by a report"
 
     def table() -> Table:
-        title = plain(f"alerts in the last {since}" + (f" in {region.upper()}" if region else ""))
+        title = plain(f"alerts {which} in the last {since}" + (f" in {region.upper()}" if region else ""))
         table = Table(title=title)
-        for column in ("triggered (UTC)", "severity", "type", "region", "substance", "observed", "expected", "summary"):
+        columns = ("detected (UTC)", "triggered (UTC)", "severity", "type", "region", "substance", "observed")
+        for column in (*columns, "expected", "summary"):
             table.add_column(column, overflow="fold", justify="right" if column in ("observed", "expected") else "left")
         colours = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
         for row in rows:
             table.add_row(
+                _when(row.detected_at),
                 _when(row.triggered_at),
                 plain(row.severity, style=colours.get(row.severity, "")),
                 plain(row.alert_type),

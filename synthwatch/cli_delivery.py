@@ -9,7 +9,9 @@ worker when it holds the embedded engine.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -50,7 +52,7 @@ DELIVERY_COLUMNS = (
 
 DELIVERIES_SQL = """
 SELECT at, officer_id, alert_id, channel, route, attempt, toString(status) AS status, response_code,
-       duration_ms, substance, region, reason
+       duration_ms, substance, region, reason, digest_id
 FROM deliveries
 WHERE {where}
 ORDER BY at DESC, attempt DESC
@@ -177,6 +179,73 @@ def _problems(subscriptions: Any, settings: Settings) -> tuple[list[str], list[s
     return errors, warnings
 
 
+def delivery_id(alert_id: str, officer_id: str, channel: str) -> str:
+    """The id ``deliveries resend`` takes: the signed delivery id receivers see (``channels.delivery_id``)."""
+    from .stream_apps.channels import delivery_id as signed_id
+
+    return signed_id(alert_id, officer_id, channel)
+
+
+def _resend(settings: Settings, delivery: str) -> dict[str, Any]:
+    """Resend through the running worker when it holds the embedded engine, else from this process."""
+    import asyncio
+    import os
+
+    from .runtime import read_stack, read_web_token
+
+    if not re.fullmatch(r"d_[0-9a-f]{32}", delivery):
+        raise ValueError(f"{delivery!r} is not a delivery id (d_ and 32 hex digits, as `synthwatch deliveries` shows)")
+    if settings.clickhouse_is_embedded:
+        info = read_stack(settings)
+        if info is not None and info.pid != os.getpid():
+            return _resend_remote(info.web_url, read_web_token(settings), delivery)
+    if settings.subscriptions_file is None:
+        raise ValueError("SYNTHWATCH_SUBSCRIPTIONS_FILE is not set: resend needs the officers' subscriptions")
+    from .clickhouse import connect, migrate
+    from .stream_apps.delivery import DeliveryService
+
+    client = connect(settings)
+    try:
+        migrate(client)  # the gave_up rows keep their alert from migration 0004 on; nothing else to add
+
+        async def run() -> dict[str, Any]:
+            service = DeliveryService.from_settings(settings, client, store_retries=3)
+            try:
+                outcome = await service.resend(delivery)
+            finally:
+                await service.close()
+            return {"status": outcome.status, "attempts": outcome.attempts, "reason": outcome.reason}
+
+        return asyncio.run(run())
+    finally:
+        client.close()
+
+
+def _resend_remote(web_url: str, token: str | None, delivery: str) -> dict[str, Any]:
+    """Ask the running worker (it owns the embedded engine and the delivery service) to resend."""
+    import urllib.error
+    import urllib.request
+
+    if not token:
+        raise ValueError("no access token for the running stack: run this as the user that started `synthwatch up`")
+    request = urllib.request.Request(
+        f"{web_url}/deliveries/resend",
+        data=json.dumps({"delivery_id": delivery}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=1800) as response:
+            return dict(json.loads(response.read()))
+    except urllib.error.HTTPError as error:
+        detail = error.read().decode("utf-8", errors="replace")
+        with contextlib.suppress(ValueError):
+            detail = str(json.loads(detail).get("error", detail))
+        raise ValueError(detail) from None
+    except urllib.error.URLError as error:
+        raise ValueError(f"the running stack at {web_url} did not answer: {error.reason}") from None
+
+
 def register(app: typer.Typer) -> None:
     """Add ``subscriptions check`` and ``deliveries`` to the ``synthwatch`` command line."""
     subscriptions_app = typer.Typer(no_args_is_help=True, help="Liaison officers' subscriptions (alert delivery).")
@@ -260,8 +329,39 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(1)
         console.print(plain(f"{file} is valid.", style="green"))
 
-    @app.command("deliveries")
+    deliveries_app = typer.Typer(
+        help="Delivery attempts to liaison officers (newest first); `deliveries resend ID` sends one again."
+    )
+    app.add_typer(deliveries_app, name="deliveries")
+
+    @deliveries_app.command("resend")
+    def resend(
+        delivery: Annotated[
+            str, typer.Argument(metavar="ID", help="The delivery id (d_…) shown by `synthwatch deliveries`.")
+        ],
+    ) -> None:
+        """Send again an alert delivery that gave up, with the same delivery id (receivers de-duplicate on it).
+
+        Uses today's subscriptions file (a fixed URL or secret is what a resend is for); the new attempts
+        are recorded after the old ones. With the embedded stack running, the worker sends it.
+        """
+        console, err = command_console(), command_console(stderr=True)
+        try:
+            outcome = _resend(Settings(), delivery.strip())
+        except Exception as error:  # ResendError, QueryError, a configuration error: one line, what to do
+            say(err, "[bold red]error:[/] ", redact(str(error)))
+            raise typer.Exit(1) from None
+        style = _STATUS_STYLE.get(outcome["status"], "")
+        attempts = int(outcome["attempts"])
+        said = f"{attempts} new attempt" + ("" if attempts == 1 else "s")
+        reason = f": {redact(str(outcome['reason']))}" if outcome["reason"] else ""
+        console.print(plain(f"delivery {delivery}: {outcome['status']} after {said}{reason}", style=style))
+        if outcome["status"] != "delivered":
+            raise typer.Exit(1)
+
+    @deliveries_app.callback(invoke_without_command=True)
     def deliveries(
+        ctx: typer.Context,
         officer: Annotated[str | None, typer.Option("--officer", help="Only this officer's attempts.")] = None,
         alert: Annotated[str | None, typer.Option("--alert", help="Only this alert's attempts.")] = None,
         status: Annotated[
@@ -272,6 +372,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Recent delivery attempts to liaison officers and their status (newest first)."""
         from .query import run_query
+
+        if ctx.invoked_subcommand is not None:
+            return
 
         console, err = command_console(), command_console(stderr=True)
         if status is not None and status not in _STATUS_STYLE:
@@ -329,6 +432,19 @@ def register(app: typer.Typer) -> None:
                 plain(redact(str(row["reason"]))),
             )
         console.print(table)
+        gave_up = {
+            (row["alert_id"], row["officer_id"], row["channel"])
+            for row in rows
+            if row["status"] == "gave_up" and not row["digest_id"]
+        }
+        for alert_id, officer_id, channel in sorted(gave_up):
+            console.print(
+                plain(
+                    f"gave up: alert {alert_id} to {officer_id}/{channel}; send it again with "
+                    f"`synthwatch deliveries resend {delivery_id(alert_id, officer_id, channel)}`"
+                ),
+                soft_wrap=True,
+            )
         if not rows:
             console.print(plain("No delivery attempts recorded" + (f" for {officer}." if officer else ".")))
         else:

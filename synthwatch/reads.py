@@ -89,14 +89,18 @@ _ALERTS = """
 SELECT alert_id, alert_type, severity, country, region, substance_key, substance_name, family, triggered_at,
        detected_at, observed, expected, score, length(evidence_event_ids) AS evidence, summary
 FROM alerts
-WHERE (triggered_at >= now64(3) - toIntervalSecond(%(seconds)s)
-       OR (reported_late AND detected_at >= now64(3) - toIntervalSecond(%(seconds)s)))
+WHERE {column} >= now64(3) - toIntervalSecond(%(seconds)s)
   AND (%(region)s = '' OR region = %(region)s)
   AND (%(severity)s = '' OR severity = %(severity)s)
-ORDER BY triggered_at DESC, alert_id
+ORDER BY {column} DESC, alert_id
 LIMIT 1 BY alert_id
 LIMIT %(limit)s
 """
+
+#: What ``--since`` counts back from: when synthwatch raised the alert (the default: what an analyst asking
+#: "what came in lately" means, a late report's alert included), or the event time of the report that
+#: raised it (when the sample was taken or the seizure made).
+ALERT_TIMES: dict[str, str] = {"detected": "detected_at", "triggered": "triggered_at"}
 
 
 def recent_alerts(
@@ -105,14 +109,17 @@ def recent_alerts(
     since: timedelta = timedelta(days=7),
     severity: str | None = None,
     limit: int = 100,
+    time: str = "detected",
 ) -> list[AlertRow]:
-    """Alerts triggered within ``since`` of now, or raised that recently by a late report (its trigger is the
-    report's old occurrence time), newest first (``LIMIT 1 BY alert_id``: cheap, alerts are few)."""
+    """Alerts whose ``time`` (detected: raised by synthwatch; triggered: the raising report's event time) is
+    within ``since`` of now, newest first by it (``LIMIT 1 BY alert_id``: cheap, alerts are few)."""
     if severity is not None and severity not in SEVERITIES:
         raise ValueError(f"severity must be one of {', '.join(SEVERITIES)}, got {severity!r}")
+    if time not in ALERT_TIMES:
+        raise ValueError(f"time must be one of {', '.join(ALERT_TIMES)}, got {time!r}")
     result = run_query(
         settings,
-        _ALERTS,
+        _ALERTS.format(column=ALERT_TIMES[time]),
         {
             "seconds": int(since.total_seconds()),
             "region": (region or "").upper(),

@@ -27,6 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 import faust
 import pytest
 import typer
+from babel.dates import format_date
 from typer.testing import CliRunner
 
 from synthwatch.bench_delivery import (
@@ -168,10 +169,13 @@ def test_alert_message_says_what_where_how_unusual_why_and_links_to_grafana() ->
     en, fr = render_alert(spike, "en", GRAFANA), render_alert(spike, "fr", GRAFANA)
     assert en.subject == "[synthwatch Warning] Spike: 3-MMC – Paris, France"
     assert fr.subject == "[synthwatch Avertissement] Pic : 3-MMC – Paris, France"
-    assert "14 reports in 1 day(s) against 2.5 expected (5.6 times the usual level)" in en.text
-    assert "14 signalements en 1 jour(s) contre 2,5 attendus (5,6 fois le niveau habituel)" in fr.text
-    assert "synthetic cathinone (under international control)" in en.text and "Why it matters: Synthetic" in en.text
-    assert "cathinone de synthèse (sous contrôle international)" in fr.text and "Pourquoi c'est important" in fr.text
+    assert "14 reports in 1 day against 2.5 expected (5.6 times the usual level)" in en.text
+    assert "14 signalements en 1 jour, contre 2,5 attendus (5,6 fois le niveau habituel)" in fr.text
+    assert "synthetic cathinone; under international control" in en.text and "Why it matters: Synthetic" in en.text
+    assert (
+        "cathinone de synthèse ; substance sous contrôle international" in fr.text
+        and "Pourquoi c'est important" in fr.text
+    )
     assert "Where: Paris (FR-75C), France." in en.text and "Où : Paris (FR-75C), France." in fr.text
     for message in (en, fr):
         assert message.links == (drilldown_url(GRAFANA, spike),)
@@ -194,7 +198,7 @@ def test_network_wide_alerts_name_their_regions_and_link_to_all_regions() -> Non
         details={"regions": ["ML-BKO", "SN-DK"]},
     )
     text = render_alert(spread, "fr", GRAFANA).text
-    assert "sur l'ensemble du réseau : ML-BKO, SN-DK" in text and "Signalée dans 3 régions" in text
+    assert "sur l'ensemble du réseau : ML-BKO, SN-DK" in text and "signalée dans 3 régions" in text
     query = parse_qs(urlsplit(drilldown_url(GRAFANA, spread)).query)
     assert query["var-region"] == query["var-country"] == ["$__all"]
 
@@ -211,9 +215,9 @@ def test_an_alert_raised_by_a_late_report_says_how_late_in_every_message() -> No
     late = make_alert(alert_type="new_substance", reported_late=True, late_by_hours=362.0)
     on_time = make_alert(alert_type="new_substance")
     en, fr = render_alert(late, "en", GRAFANA), render_alert(late, "fr", GRAFANA)
-    assert "Reported late: the report occurred 362 h (15.1 days) before the newest report" in en.text
-    assert "Reported late</th>" in en.html and "362 h (15.1 days)" in en.html
-    assert "Signalement tardif : le signalement date de 362 h (15,1 jours)" in fr.text
+    assert "Reported late: the report occurred 362 hours (15.1 days) before the newest report" in en.text
+    assert "Reported late</th>" in en.html and "362 hours (15.1 days)" in en.html
+    assert "Signalement tardif : le signalement date de 362 heures (15,1 jours)" in fr.text
     assert "Signalement tardif</th>" in fr.html
     digest = render_digest([late, on_time], "en", GRAFANA, date(2026, 3, 10), "Jo")
     assert digest.text.count("Reported late:") == 1 and digest.html.count("Reported late:") == 1
@@ -231,7 +235,7 @@ def test_digest_lists_the_most_severe_first_in_the_readers_language() -> None:
     info = make_alert(alert_id="i" * 24, severity="info", substance={"name": "Ketamine", "key": "k", "family": None})
     critical = make_alert(alert_id="c" * 24)
     message = render_digest([info, critical], "fr", GRAFANA, date(2026, 3, 10), "Awa Ndiaye")
-    assert message.subject == "[synthwatch] Résumé quotidien du 2026-03-10 : 2 alerte(s)"
+    assert message.subject == "[synthwatch] Résumé quotidien du 10 mars 2026 : 2 alertes"
     assert message.text.index("Pentyloxynitazene") < message.text.index("Ketamine")
     assert message.text.startswith("Bonjour Awa Ndiaye") and len(message.links) == 2
 
@@ -311,7 +315,7 @@ def test_webhook_is_signed_in_the_officers_language_with_a_delivery_id_per_offic
     )
     assert (payload["officer_id"], payload["route"], payload["language"]) == ("ml-bko-douanes", "opioides-mali", "fr")
     assert payload["subject"] == "[synthwatch CRITIQUE] Nouvelle substance : Pentyloxynitazene – Bamako, Mali"
-    assert "Jamais signalée sur le réseau auparavant : 1 signalement(s) observé(s), 0 attendu." in payload["text"]
+    assert "jamais signalée sur le réseau auparavant ; 1 signalement observé, contre 0 attendu." in payload["text"]
     assert "nitazène (opioïde benzimidazolé)" in payload["text"] and "naloxone" in payload["text"]
     assert payload["link"] == drilldown_url(GRAFANA, alert)
     assert Alert.model_validate(payload["alert"]) == alert
@@ -350,7 +354,7 @@ def test_email_carries_text_and_html_in_english_with_a_stable_message_id(db: Any
     assert message["Message-ID"] == f"<{message_id(alert.alert_id, 'fr-paris-ofast', 'email')}@synthwatch.example>"
     plain = message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
     html = message.get_body(("html",)).get_content()  # type: ignore[union-attr]
-    assert "How unusual: Never reported anywhere in the network before: 1 report(s) observed, 0 expected." in plain
+    assert "How unusual: never reported anywhere in the network before; 1 report observed, 0 expected." in plain
     assert "Why it matters: Nitazenes are synthetic opioids" in plain and "Where: Bamako (ML-BKO), Mali." in plain
     assert drilldown_url(GRAFANA, alert) in plain
     assert f'href="{drilldown_url(GRAFANA, alert).replace("&", "&amp;")}"' in html and "<table" in html
@@ -828,9 +832,10 @@ def test_alerts_below_the_threshold_wait_for_one_daily_digest_sent_once(db: Any)
     assert [o.alert_id for o in got["next_day"]] == ["l" * 24]
     subjects = [m["Subject"] for _, _, m in smtp.messages]
     assert subjects[0].startswith("[synthwatch CRITIQUE] Nouvelle substance")  # critical: at once
+    first, second = (format_date(d.date(), "long", locale="fr") for d in (day1, day1 + timedelta(days=1)))
     assert subjects[1:] == [
-        f"[synthwatch] Résumé quotidien du {day1.date()} : 2 alerte(s)",
-        f"[synthwatch] Résumé quotidien du {(day1 + timedelta(days=1)).date()} : 1 alerte(s)",
+        f"[synthwatch] Résumé quotidien du {first} : 2 alertes",
+        f"[synthwatch] Résumé quotidien du {second} : 1 alerte",
     ]
     digest = smtp.messages[1][2].get_body(("plain",)).get_content()  # type: ignore[union-attr]
     assert digest.index("Pentyloxynitazene") < digest.index("Ketamine")  # warning before info
@@ -937,7 +942,7 @@ def test_subscriptions_check_shows_who_receives_what(tmp_path: Path) -> None:
     broken.write_text("officers:\n  - id: x\n    name: X\n    language: de\n    routes: []\n")
     bad = runner.invoke(_cli(), ["subscriptions", "check", str(broken)], env={"COLUMNS": "200"})
     assert bad.exit_code == 1
-    assert f"{broken}:4: officers[0].language: Input should be 'en' or 'fr'" in bad.stderr
+    assert f"{broken}:4: officers[0].language: Input should be 'en', 'fr' or 'ar'" in bad.stderr
     assert f"{broken}:5: officers[0].routes: needs at least 1 item(s)" in bad.stderr
 
 
@@ -1202,3 +1207,126 @@ def test_concurrent_submits_of_one_alert_waiting_for_a_slot_send_it_once(db: Any
             return hooks
 
     assert asyncio.run(scenario()).per_key("b") == {"z" * 24: 1, alert.alert_id: 1}
+
+
+def test_a_delivery_that_gave_up_is_resent_by_hand_with_the_same_signed_delivery_id(
+    db: Any, ch_settings: Settings, monkeypatch: Any, tmp_path: Path
+) -> None:
+    """`deliveries resend ID` against a real receiver: new signed attempts, same delivery id, numbered after."""
+    runner, alert = CliRunner(), make_alert()
+
+    async def scenario() -> dict[str, Any]:
+        async with WebhookReceiver(statuses={"bamako": [503, 503, 503]}) as hooks:
+            text = subscriptions_yaml(hooks)
+            service = _service(db, text)
+            first = {o.officer_id: o.status for o in await service.handle(alert)}
+            await service.close()
+            file = tmp_path / "subscriptions.yaml"
+            file.write_text(text)
+            monkeypatch.setenv("SYNTHWATCH_SUBSCRIPTIONS_FILE", str(file))
+            wide = {"COLUMNS": "250"}
+            listing = await asyncio.to_thread(runner.invoke, _cli(), ["deliveries", "--status", "gave_up"], env=wide)
+            found = re.search(
+                r"ml-bko-douanes/webhook; send it again with `synthwatch deliveries resend (d_\w+)`", listing.output
+            )
+            assert found, listing.output
+            resent = await asyncio.to_thread(runner.invoke, _cli(), ["deliveries", "resend", found.group(1)], env=wide)
+            again = await asyncio.to_thread(runner.invoke, _cli(), ["deliveries", "resend", found.group(1)], env=wide)
+            mail_id = delivery_id(alert.alert_id, "fr-paris-ofast", "email")
+            mail = await asyncio.to_thread(runner.invoke, _cli(), ["deliveries", "resend", mail_id], env=wide)
+            bogus = await asyncio.to_thread(runner.invoke, _cli(), ["deliveries", "resend", "d_" + "0" * 32], env=wide)
+            return {
+                "first": first,
+                "id": found.group(1),
+                "resent": resent,
+                "again": again,
+                "mail": mail,
+                "bogus": bogus,
+                "requests": list(hooks.requests),
+            }
+
+    monkeypatch.setenv("SYNTHWATCH_DATA_DIR", str(ch_settings.data_dir))
+    monkeypatch.setenv("SYNTHWATCH_CLICKHOUSE_DATABASE", ch_settings.clickhouse_database)
+    got = asyncio.run(scenario())
+    assert got["first"] == {"ml-bko-douanes": "gave_up", "fr-paris-ofast": "gave_up"}
+    signed_id = delivery_id(alert.alert_id, "ml-bko-douanes", "webhook")
+    assert got["id"] == signed_id
+    assert got["resent"].exit_code == 0, got["resent"].output + got["resent"].stderr
+    assert f"delivery {signed_id}: delivered after 1 new attempt" in got["resent"].output
+    *failed, accepted = got["requests"]
+    assert [r.status for r in failed] == [503, 503, 503] and accepted.status == 200  # verified by the receiver
+    assert accepted.headers[DELIVERY_HEADER] == accepted.json()["delivery_id"] == signed_id
+    assert accepted.json()["alert_id"] == alert.alert_id and accepted.json()["language"] == "fr"
+    first_timestamp = failed[0].headers[SIGNATURE_HEADER].split(",")[0]
+    assert accepted.headers[SIGNATURE_HEADER].split(",")[0] >= first_timestamp  # signed afresh
+    rows = _rows(db, "officer_id = 'ml-bko-douanes'")
+    assert [(r["attempt"], r["status"]) for r in rows] == [
+        (1, "failed"),
+        (2, "failed"),
+        (3, "gave_up"),
+        (4, "delivered"),
+    ]
+    assert got["again"].exit_code == 1 and "was delivered since" in got["again"].stderr
+    # No SMTP server here: the e-mail is refused again (not retried), its attempt numbered after the first one.
+    assert got["mail"].exit_code == 1 and "gave_up after 1 new attempt: no SMTP" in got["mail"].output
+    assert "no SMTP server configured" in got["mail"].output
+    mails = _rows(db, "officer_id = 'fr-paris-ofast'")
+    assert [(r["attempt"], r["status"]) for r in mails] == [(1, "gave_up"), (2, "gave_up")]
+    assert got["bogus"].exit_code == 1 and "--status gave_up" in got["bogus"].stderr
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_resend_goes_through_the_running_worker_that_holds_the_embedded_engine(broker: Any, tmp_path: Path) -> None:
+    """With `synthwatch worker` holding the embedded engine, `deliveries resend` asks it (token-protected
+    `/deliveries/resend`); the worker's own service sends the alert to a real receiver and records it."""
+    from kafka import KafkaProducer
+
+    from synthwatch.runtime import read_web_token
+    from synthwatch.stream_apps.worker_signature import WorkerSigner, worker_key
+
+    from .conftest import isolated_settings, run_cli, start_worker, stop_worker, wait_until
+    from .delivery_helpers import ThreadedReceiver
+
+    alert = make_alert(alert_id="r" * 24)
+    with ThreadedReceiver() as hooks:
+        subs = tmp_path / "subs.yaml"
+        subs.write_text(
+            "webhook_allowed_networks: [127.0.0.0/8]\nofficers:\n" + _officer("bko", hook(hooks.url, "bko"))
+        )
+        settings = isolated_settings(broker, tmp_path / "worker", subscriptions_file=subs)
+        worker = start_worker(settings, tmp_path / "worker.log")
+        try:
+            hooks.override = 400  # the receiver refuses: a final answer, the delivery gives up at once
+            producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers)
+            try:
+                topic, key, value = settings.topic_alerts, alert.alert_id.encode(), alert.model_dump_json().encode()
+                signer = WorkerSigner(worker_key(None, settings.data_dir))
+                producer.send(topic, key=key, value=value, headers=signer.headers(topic, key, value)).get(30)
+            finally:
+                producer.close()
+            gave_up = "SELECT count() FROM deliveries WHERE alert_id = {a:String} AND status = 'gave_up'"
+            wait_until(lambda: worker.count(gave_up, {"a": alert.alert_id}) == 1, 60, "the delivery to give up")
+            hooks.override = None  # fixed
+            wanted = delivery_id(alert.alert_id, "bko", "webhook")
+            request = urllib.request.Request(
+                f"{worker.info.web_url}/deliveries/resend",
+                data=json.dumps({"delivery_id": wanted}).encode(),
+                headers={"Content-Type": "application/json", "Authorization": "Bearer wrong"},
+                method="POST",
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=30)
+            assert refused.value.code == 401 and hooks.accepted() == {}
+            assert read_web_token(settings)
+            done = run_cli(settings, "deliveries", "resend", wanted)
+            assert done.returncode == 0, done.stdout + done.stderr + worker.describe()
+            assert f"delivery {wanted}: delivered after 1 new attempt" in done.stdout
+            assert hooks.accepted() == {alert.alert_id: 1}
+            rows = worker.query(
+                "SELECT attempt, toString(status) FROM deliveries WHERE alert_id = {a:String} ORDER BY at, attempt",
+                {"a": alert.alert_id},
+            ).rows
+            assert [tuple(r) for r in rows] == [(1, "gave_up"), (2, "delivered")]
+        finally:
+            stop_worker(worker)

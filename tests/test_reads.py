@@ -35,6 +35,7 @@ def _alert(i: int, key: str, name: str, region: str, hours_ago: float, severity:
         window_start=moment - timedelta(days=1),
         window_end=moment,
         triggered_at=moment,
+        detected_at=moment + timedelta(seconds=30),  # raised right after its report, as on time
         evidence_event_ids=[f"e-{i}", f"f-{i}"],
         summary=f"alert {i}",
     )
@@ -64,19 +65,24 @@ def data(ch: Any, ch_settings: Settings) -> tuple[Any, Settings, str, str]:
     return ch, ch_settings, key, name
 
 
-def test_an_alert_raised_recently_by_a_late_report_is_recent(data: tuple[Any, Settings, str, str]) -> None:
+def test_since_counts_on_detection_time_unless_asked_for_report_time(data: tuple[Any, Settings, str, str]) -> None:
     ch, settings, key, name = data
     late = _alert(4, key, name, "SN-DK", 362, "warning").model_copy(
-        update={"reported_late": True, "late_by_hours": 362.0}
+        update={"reported_late": True, "late_by_hours": 362.0, "detected_at": datetime.now(UTC)}
     )
     old = _alert(5, key, name, "SN-DK", 362, "warning")  # triggered as long ago, raised on time back then
-    old = old.model_copy(update={"detected_at": old.triggered_at})
     ClickHouseSink(ch).store_alerts([late, old])
     week = [a.alert_id for a in recent_alerts(settings)]
-    assert week == ["a-0", "a-1", "a-2", "a-4"]  # by trigger time; a-4 raised now, its report 362 h old
+    assert week == ["a-4", "a-0", "a-1", "a-2"]  # by detection: a-4 raised now, its report 362 h old
     assert [a.alert_id for a in recent_alerts(settings, region="sn-dk")] == ["a-4"]
+    by_report = [a.alert_id for a in recent_alerts(settings, time="triggered")]
+    assert by_report == ["a-0", "a-1", "a-2"]  # by the reports' own time a-4 is 15 days old
+    month = [a.alert_id for a in recent_alerts(settings, since=timedelta(days=20), time="triggered", region="sn-dk")]
+    assert sorted(month) == ["a-4", "a-5"]
     stored = ch.query("SELECT reported_late, late_by_hours FROM alerts WHERE alert_id = 'a-4'").result_rows
     assert stored == [(True, 362.0)]
+    with pytest.raises(ValueError, match="time must be one of detected, triggered"):
+        recent_alerts(settings, time="sampled")
 
 
 def test_parse_since() -> None:

@@ -83,7 +83,7 @@ def test_errors_name_the_file_line_and_field() -> None:
         ("subs.yaml:10: officers[0].routes[0].channel.url:", "not an http(s) URL"),
         ("subs.yaml:11: officers[0].routes[1].regions[0]:", "ISO 3166-2"),
         ("subs.yaml:13: officers[0].routes[1].channel.to:", "Field required"),
-        ("subs.yaml:16: officers[1].language:", "'en' or 'fr'"),
+        ("subs.yaml:16: officers[1].language:", "'en', 'fr' or 'ar'"),
         ("subs.yaml:17: officers[1].timezone:", "IANA time zone"),
         ("subs.yaml:19: officers[1].routes[0].countrys:", "Extra inputs are not permitted"),
         ("subs.yaml:20: officers[1].routes[0].channel.to[0]:", "not an e-mail address"),
