@@ -68,7 +68,7 @@ from .spikes import SeriesState
 from .state_rebuild import learn_names, rebuild
 from .watchdog import StallWatch, watch_consumer
 from .web_auth import refuse_request
-from .worker_signature import WorkerSigner, worker_key
+from .worker_signature import WorkerSigner, settings_worker_keys, verified_changelog
 
 log = logging.getLogger("synthwatch.worker")
 T = TypeVar("T")
@@ -241,9 +241,31 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
     ctx.regions.outbox = True  # spike alerts are sent after the checkpoint that writes the state deciding them
     ctx.novelty.fetch = partial(_load_record, substance_table.data)
     stats = ctx.stats
-    signer = WorkerSigner(
-        worker_key(settings.worker_key.get_secret_value() if settings.worker_key else None, settings.data_dir)
-    )
+    signer = WorkerSigner(settings_worker_keys(settings))
+
+    def refuse_state_records(events: list[Any]) -> None:
+        """Changelog records no worker signed are not restored: counted and logged, one line per batch."""
+        stats.forged += len(events)
+        where: dict[tuple[str, int], list[int]] = defaultdict(list)
+        for e in events:
+            where[(e.message.topic, e.message.partition)].append(e.message.offset)
+        for (topic, partition), offsets in sorted(where.items()):
+            metrics.forged.labels(topic=topic).inc(len(offsets))
+            log.error(
+                "%s[%s]: %d detector state record(s) without a valid worker signature refused at recovery "
+                "(offsets %s..%s); not restored, their outbox not sent",
+                topic,
+                partition,
+                len(offsets),
+                min(offsets),
+                max(offsets),
+            )
+
+    for table in (region_table, substance_table):
+        # restored state is trusted (a series record's outbox is sent as alerts): only what a worker signed
+        table.apply_changelog_batch = verified_changelog(  # type: ignore[method-assign,assignment]
+            table.apply_changelog_batch, signer, refuse_state_records
+        )
 
     def produced_by_a_worker(e: Any) -> bool:
         """Alerts and sightings must carry a worker's signature (:mod:`.worker_signature`); others are refused."""
@@ -320,7 +342,9 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
         futures = []
         for partition, key, value in changes:
             encoded = data[key] = to_json(value)
-            futures.append(await send(topic, json.dumps(key).encode(), encoded, partition, None, None))
+            raw_key = json.dumps(key).encode()
+            headers = signer.headers(topic, raw_key, encoded, partition)  # checked at recovery
+            futures.append(await send(topic, raw_key, encoded, partition, None, headers))
         return futures
 
     async def seal(table: Any, changes: list[tuple[int, str, dict[str, Any]]]) -> None:
@@ -338,7 +362,8 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
         futures = []
         for partition in sorted({partition for partition, _, _ in changes}):
             table.data[SEAL_KEY] = SEAL_VALUE
-            futures.append(await send(topic, key, SEAL_VALUE, partition, None, None))
+            headers = signer.headers(topic, key, SEAL_VALUE, partition)
+            futures.append(await send(topic, key, SEAL_VALUE, partition, None, headers))
         await send_all(futures)
 
     ingested: dict[str, float] = {}  # alert id -> Kafka timestamp of its triggering event (latency metric)

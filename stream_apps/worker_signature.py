@@ -10,9 +10,19 @@ an HMAC-SHA256 of (topic, key, value) under a key the workers share, and the age
 refuse a record without a valid one (counted in ``synthwatch_forged_records_total``, logged, never
 stored, never delivered).
 
-The key: ``SYNTHWATCH_WORKER_KEY`` (hex, every worker of a deployment the same); unset, a random key
-kept in ``DATA_DIR/worker-key`` (0600) and made on first start, right for one worker or the embedded
-stack.
+The same holds for the detector state the worker writes to its tables' changelogs: a series record
+carries the spike alerts its state decided (the outbox), which a restarted worker sends, under its own
+signature. A record written there by anyone else would have been restored and its "outbox" sent as a
+genuine alert. So state records are signed too, over (topic, partition, key, value), and recovery
+restores only records with a valid signature (:func:`verified_changelog`).
+
+The keys: ``SYNTHWATCH_WORKER_KEY`` (hex; several separated by commas, newest first) or
+``SYNTHWATCH_WORKER_KEY_FILE`` (one hex key a line, newest first): the first key signs, every key is
+accepted, so a rotation adds the new key in front, restarts every worker, and drops the old key once no
+record signed with it is needed (alerts delivered, state rewritten: see docs/security.md). Every
+worker of a deployment has the same keys. Unset, a random key kept in ``DATA_DIR/worker-key`` (0600)
+and made on first start: right for one worker or the embedded stack only, so a worker told it is one
+of several (``SYNTHWATCH_WORKERS`` above 1) refuses to start without configured keys.
 """
 
 from __future__ import annotations
@@ -21,40 +31,129 @@ import hmac
 import logging
 import os
 import secrets
+import stat
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from synthwatch.schemas.envelope import MIN_KEY_BYTES, Headers, _header, parse_key, sign
+from synthwatch.schemas.envelope import MIN_KEY_BYTES, Headers, OrgKeysError, _header, parse_key, sign
 
 log = logging.getLogger("synthwatch.worker_signature")
 
 HEADER = "synthwatch-worker-sig"
 
 
+class WorkerKeyError(ValueError):
+    """The worker keys cannot be used: the message names the variable or file to fix."""
+
+
+def _bound(topic: str, partition: int | None) -> str:
+    """What a signature binds the record to: its topic, and its partition where the writer chose it."""
+    return topic if partition is None else f"{topic}\0{partition}"  # topic names cannot hold NUL
+
+
 class WorkerSigner:
-    """Signs what this worker produces for other workers and checks what it reads from them."""
+    """Signs what this worker produces for other workers and checks what it reads from them.
 
-    def __init__(self, key: bytes) -> None:
-        if len(key) < MIN_KEY_BYTES:
-            raise ValueError(f"the worker key must be at least {MIN_KEY_BYTES} bytes")
-        self._key = key
+    ``keys``: newest first; the first signs, each is accepted (a rotation in progress).
+    """
 
-    def __repr__(self) -> str:  # never the key
-        return "WorkerSigner(<key>)"
+    def __init__(self, keys: bytes | Sequence[bytes]) -> None:
+        keys = (keys,) if isinstance(keys, bytes) else tuple(keys)
+        if not keys or any(len(key) < MIN_KEY_BYTES for key in keys):
+            raise ValueError(f"worker keys must be at least {MIN_KEY_BYTES} bytes, and there must be one")
+        self._keys = keys
 
-    def headers(self, topic: str, key: bytes | None, value: bytes) -> list[tuple[str, bytes]]:
-        """The header that proves a worker produced this record."""
-        return [(HEADER, sign(self._key, topic, key, value))]
+    def __repr__(self) -> str:  # never the keys
+        return f"WorkerSigner(<{len(self._keys)} key(s)>)"
 
-    def valid(self, topic: str, key: bytes | None, value: bytes, headers: Headers | None) -> bool:
+    def headers(
+        self, topic: str, key: bytes | None, value: bytes, partition: int | None = None
+    ) -> list[tuple[str, bytes]]:
+        """The header that proves a worker produced this record (on this partition, when given)."""
+        return [(HEADER, sign(self._keys[0], _bound(topic, partition), key, value))]
+
+    def valid(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None, partition: int | None = None
+    ) -> bool:
         """Whether ``headers`` carry this deployment's worker signature over the record."""
         signature = _header(headers, HEADER)
-        return signature is not None and hmac.compare_digest(signature, sign(self._key, topic, key, value))
+        if signature is None or value is None:
+            return False
+        bound = _bound(topic, partition)
+        return any(hmac.compare_digest(signature, sign(k, bound, key, value)) for k in self._keys)
 
     def valid_event(self, event: Any) -> bool:
         """:meth:`valid` for a Faust event (its message's topic, key, value and headers)."""
         message = event.message
         return self.valid(message.topic, message.key, message.value, message.headers)
+
+    def valid_state_record(self, event: Any) -> bool:
+        """:meth:`valid` for a changelog record, which is signed for the partition it was written to."""
+        message = event.message
+        return self.valid(message.topic, message.key, message.value, message.headers, message.partition)
+
+
+def verified_changelog(
+    apply: Callable[[list[Any]], None], signer: WorkerSigner, refused: Callable[[list[Any]], None]
+) -> Callable[[Iterable[Any]], None]:
+    """Wrap a table's ``apply_changelog_batch``: only records a worker signed are restored.
+
+    Why: restored state is trusted (its outbox is sent as alerts under the worker's signature).
+    ``refused`` gets the others (to count and log them); a forged deletion (no value) is refused too.
+    """
+
+    def apply_verified(batch: Iterable[Any]) -> None:
+        kept: list[Any] = []
+        bad: list[Any] = []
+        for event in batch:
+            (kept if signer.valid_state_record(event) else bad).append(event)
+        if bad:
+            refused(bad)
+        apply(kept)
+
+    return apply_verified
+
+
+def settings_worker_keys(settings: Any) -> list[bytes]:
+    """:func:`worker_keys` from the settings object (``SYNTHWATCH_WORKER_KEY``, ``_KEY_FILE``, ``WORKERS``)."""
+    configured = settings.worker_key.get_secret_value() if settings.worker_key else None
+    return worker_keys(configured, settings.worker_key_file, settings.data_dir, settings.workers)
+
+
+def worker_keys(configured: str | None, key_file: Path | None, data_dir: Path, workers: int = 1) -> list[bytes]:
+    """The worker keys, newest first: configured (hex, comma-separated), from a key file, or this data
+    directory's own (made on first use, 0600; refused when ``workers`` > 1, as each worker would make its own)."""
+    try:
+        if configured:
+            keys = [parse_key(part, "SYNTHWATCH_WORKER_KEY") for part in configured.split(",") if part.strip()]
+        elif key_file is not None:
+            keys = _keys_from_file(key_file)
+        elif workers > 1:
+            raise WorkerKeyError(
+                f"SYNTHWATCH_WORKERS={workers} but no worker key is set: each worker would make its own and refuse "
+                "the others' records; set SYNTHWATCH_WORKER_KEY (or SYNTHWATCH_WORKER_KEY_FILE) to the same "
+                "`openssl rand -hex 32` on every worker"
+            )
+        else:
+            return [worker_key(None, data_dir)]
+    except OrgKeysError as error:
+        raise WorkerKeyError(str(error)) from error
+    if not keys:
+        raise WorkerKeyError("SYNTHWATCH_WORKER_KEY / SYNTHWATCH_WORKER_KEY_FILE holds no key")
+    return keys
+
+
+def _keys_from_file(path: Path) -> list[bytes]:
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text()
+    except OSError as error:
+        raise WorkerKeyError(f"SYNTHWATCH_WORKER_KEY_FILE {path}: {error.strerror}") from error
+    if mode & (stat.S_IRWXO | stat.S_IWGRP):  # group-read allowed: Kubernetes secret mounts (fsGroup)
+        raise WorkerKeyError(f"{path} holds the worker keys but other users can read or change it: `chmod 600 {path}`")
+    lines = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    return [parse_key(line, f"{path}: line {n}") for n, line in enumerate(lines, 1) if line]
 
 
 def worker_key(configured: str | None, data_dir: Path) -> bytes:

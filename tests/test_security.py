@@ -598,3 +598,128 @@ def test_forged_alerts_and_sightings_are_refused_and_a_real_alert_still_flows(wo
     assert worker.count("SELECT count() FROM alerts WHERE alert_id = %(a)s", {"a": forged.alert_id}) == 0
     assert worker.count("SELECT count() FROM alerts WHERE position(summary, 'Evacuate') > 0") == 0
     assert worker.stats()["forged"] == before + 3
+
+
+# --- forged detector state on the changelog (a series record's outbox is sent as a signed alert on restart) ----
+
+
+def _read_topic(servers: str, topic: str) -> list[Any]:
+    """Every record on ``topic`` now, all partitions, from the start to the current end."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False)
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        end = consumer.end_offsets(partitions)
+        records: list[Any] = []
+        while any(consumer.position(tp) < end[tp] for tp in partitions):
+            for batch in consumer.poll(timeout_ms=1000).values():
+                records.extend(batch)
+        return records
+    finally:
+        consumer.close()
+
+
+def test_forged_detector_state_is_not_restored_and_its_outbox_never_sent(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """A series record written to the detector-regions changelog by anyone but a worker, carrying a spike
+    alert in its outbox, was restored at the next start and its alert sent, signed by the worker, to the
+    alerts topic (stored, delivered to officers). Now recovery restores only records a worker signed for
+    that topic and partition: unsigned, falsely signed, a genuine record moved to another partition and a
+    genuine record of the other table's changelog are refused, counted as forged and logged; the worker's own state
+    is still restored."""
+    from kafka import KafkaProducer
+
+    from .delivery_helpers import make_alert
+
+    data_dir = tmp_path / "data"
+    settings = isolated_settings(broker, data_dir)
+    servers = settings.kafka_bootstrap_servers or ""
+    changelog = f"{settings.app_id}-detector-regions-changelog"
+    running = start_worker(settings, tmp_path / "worker-1.log")
+    try:
+        name = f"Outbox-check-{uuid.uuid4().hex[:6]}"
+        published = run_cli(
+            settings, "publish", "-", input=json.dumps(lab(event_id=f"s-{name}", substance={"name": name}))
+        )
+        assert published.returncode == 0, published.stdout + published.stderr
+        wait_until(lambda: running.stats()["checkpointed"] >= 1, 60, "the event's state to be checkpointed")
+        wait_until(lambda: running.stats()["alerts_stored"] >= 1, 60, "the worker's own alert to be stored")
+    finally:
+        assert stop_worker(running) == 0
+
+    series = [r for r in _read_topic(servers, changelog) if r.key and json.loads(r.key).startswith("S:")]
+    assert series, "the worker wrote no series record"
+    genuine = series[-1]
+    assert any(k == "synthwatch-worker-sig" for k, _ in genuine.headers)  # the worker signs its state
+    # a signed record of the other table (a key of JSON text, as every changelog key: Faust cannot decode others)
+    other_table = _read_topic(servers, f"{settings.app_id}-detector-substances-changelog")[0]
+    region = json.loads(genuine.key)[2:].split("|", 1)[0]
+
+    forged_ids = [f"forgedstate{i}{uuid.uuid4().hex[:12]}" for i in range(2)]
+    producer = KafkaProducer(bootstrap_servers=servers, acks="all")
+    for alert_id, headers in zip(forged_ids, ([], [("synthwatch-worker-sig", b"\1" * 32)]), strict=True):
+        record = json.loads(genuine.value)
+        record["x"] = [make_alert(alert_id=alert_id, region=region, summary="Evacuate the building").model_dump_json()]
+        key = json.dumps(f"S:{region}|FORGED{alert_id[-6:]}").encode()
+        producer.send(
+            changelog, key=key, value=json.dumps(record).encode(), partition=genuine.partition, headers=headers
+        )
+        producer.flush()  # a batch each: Tansu 0.6 reports a partition's end as its last batch's first offset + 1
+    # a genuine, signed record replayed onto another partition, and one from the other table's changelog
+    producer.send(
+        changelog, key=genuine.key, value=genuine.value, partition=(genuine.partition + 1) % 4, headers=genuine.headers
+    )
+    producer.flush()
+    producer.send(
+        changelog,
+        key=other_table.key,
+        value=other_table.value,
+        partition=other_table.partition,
+        headers=other_table.headers,
+    )
+    producer.flush()
+    producer.close()
+
+    running = start_worker(settings, tmp_path / "worker-2.log")
+    try:
+        stats = running.stats()
+        assert stats["forged"] == 4, running.describe()
+        assert "names_learnt" in stats["rebuild"], "the worker's own state was not restored: " + running.describe()
+        # The outbox is sent before the worker reports ready: the alerts topic holds all it ever will.
+        sent = {json.loads(r.value).get("alert_id") for r in _read_topic(servers, settings.topic_alerts)}
+        assert not sent & set(forged_ids)
+        assert running.count("SELECT count() FROM alerts WHERE position(summary, 'Evacuate') > 0") == 0
+        refusals = [
+            line for line in running.log_path.read_text().splitlines() if "without a valid worker signature" in line
+        ]
+        assert refusals and all("detector-regions-changelog" in line for line in refusals)
+    finally:
+        stop_worker(running)
+
+
+def test_one_of_several_workers_will_not_start_without_a_shared_key(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """Each worker made its own key when none was set: with several replicas, every worker refused the
+    others' alerts, sightings and state. Told it is one of several, a worker without a key stops at once
+    with one line saying what to set (and makes no key file)."""
+    import subprocess
+    import sys
+
+    from .conftest import cli_env
+
+    settings = isolated_settings(broker, tmp_path / "data", workers=3)
+    result = subprocess.run(
+        [sys.executable, "-m", "synthwatch.cli", "worker"],
+        env=cli_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    last = (result.stderr.strip().splitlines() or [""])[-1]
+    assert "SYNTHWATCH_WORKERS=3" in last and "SYNTHWATCH_WORKER_KEY" in last, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (settings.data_dir / "worker-key").exists()

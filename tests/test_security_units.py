@@ -263,3 +263,42 @@ def test_a_worker_signature_holds_only_for_the_same_topic_key_value_and_key(tmp_
     other = WorkerSigner(worker_key("ab" * 16, tmp_path))  # the configured key wins over the file
     assert not other.valid("alerts", b"k", b"v", headers)
     assert "ab" not in repr(other)
+
+
+def test_state_record_signatures_bind_the_partition_and_keys_rotate(tmp_path: Path) -> None:
+    from synthwatch.stream_apps.worker_signature import WorkerSigner
+
+    old, new = bytes.fromhex("ab" * 32), bytes.fromhex("cd" * 32)
+    before = WorkerSigner([old]).headers("t-changelog", b'"S:x"', b"{}", 2)
+    rotating = WorkerSigner([new, old])  # the new key signs, the old one is still accepted
+    assert rotating.valid("t-changelog", b'"S:x"', b"{}", before, 2)
+    assert not rotating.valid("t-changelog", b'"S:x"', b"{}", before, 3)  # replayed onto another partition
+    assert not rotating.valid("t-changelog", b'"S:x"', b"{}", before)  # nor is it an unbound record
+    assert not rotating.valid("t-changelog", b'"S:x"', None, before, 2)  # a forged deletion
+    after = rotating.headers("t-changelog", b'"S:x"', b"{}", 2)
+    assert WorkerSigner([new]).valid("t-changelog", b'"S:x"', b"{}", after, 2)
+    assert not WorkerSigner([old]).valid("t-changelog", b'"S:x"', b"{}", after, 2)  # the old key signs no more
+    assert "ab" not in repr(rotating) and "cd" not in repr(rotating)
+
+
+def test_worker_keys_come_from_the_variable_a_file_or_the_data_dir_but_several_workers_need_one(
+    tmp_path: Path,
+) -> None:
+    from synthwatch.stream_apps.worker_signature import WorkerKeyError, worker_keys
+
+    assert worker_keys(f"{'cd' * 32}, {'ab' * 32}", None, tmp_path) == [b"\xcd" * 32, b"\xab" * 32]
+    key_file = tmp_path / "keys"
+    key_file.write_text(f"# newest first\n{'cd' * 32}\n\n{'ab' * 32}  # previous\n")
+    key_file.chmod(0o644)
+    with pytest.raises(WorkerKeyError, match="chmod 600"):
+        worker_keys(None, key_file, tmp_path)
+    key_file.chmod(0o640)  # a Kubernetes secret mount with fsGroup
+    assert worker_keys(None, key_file, tmp_path) == [b"\xcd" * 32, b"\xab" * 32]
+    own = worker_keys(None, None, tmp_path / "one")
+    assert len(own) == 1 and (tmp_path / "one" / "worker-key").exists()
+    with pytest.raises(WorkerKeyError) as refused:
+        worker_keys(None, None, tmp_path / "three", workers=3)
+    assert "SYNTHWATCH_WORKERS=3" in str(refused.value) and "\n" not in str(refused.value)
+    assert not (tmp_path / "three").exists()  # no key made for itself
+    with pytest.raises(WorkerKeyError, match="SYNTHWATCH_WORKER_KEY"):
+        worker_keys("CHANGE-ME", None, tmp_path, workers=3)
