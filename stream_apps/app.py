@@ -305,7 +305,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
         ready=lambda: ctx.state_ready,
         on_health=on_health,
     )
-    batch, within = settings.sink_batch_size, settings.sink_batch_seconds
+    batch = settings.sink_batch_size
     batches = agent_batches(settings)
     # Faust's take batches end only when events come, so they checkpoint after every batch.
     every = settings.checkpoint_seconds if settings.agent_batches == "channel" else 0.0
@@ -639,7 +639,15 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
 
         # The sink's lock: the embedded engine's client is shared with the other agents.
         delivery = DeliveryService.from_settings(settings, ctx.client, lock=ctx.sink.lock)
-        attach_delivery(app, alerts_topic, delivery, batch=batch, within=within, accept=signer.valid_event)
+        # channel batches whatever SYNTHWATCH_AGENT_BATCHES says: Faust's noack_take acknowledges the events it
+        # skips (stale generation, flow stopped), which could commit an alert never delivered
+        attach_delivery(
+            app,
+            alerts_topic,
+            delivery,
+            batches=lambda stream: channel_batches(stream, batch),
+            accept=signer.valid_event,
+        )
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # mode's stub wants a keyword-only signal
     async def forget_state(sender: Any, *args: Any, **kwargs: Any) -> None:
