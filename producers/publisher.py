@@ -29,6 +29,7 @@ from synthwatch.schemas import BorderSeizure, LabDetection, Reject, WireError, p
 from synthwatch.schemas.envelope import envelope_headers, load_org_keys, parse_key
 from synthwatch.schemas.records import RejectStage
 from synthwatch.schemas.wire import RecordLimits, check_extras, check_size, parse_limited
+from synthwatch.schemas.worker_keys import WorkerKeyError, WorkerSigner, settings_worker_keys
 from synthwatch.settings import Settings
 
 from .readers import InputRecord
@@ -127,6 +128,13 @@ class Publisher:
             **overrides,
         }
         self.signer = signing_key(settings)
+        # Only holders of the worker key may write rejects (the worker refuses the others'): an operator's
+        # publisher (the embedded stack's, compose's) has it; labs' publishers do not send rejects at all.
+        try:
+            keys = settings_worker_keys(settings) if settings.publisher_send_rejects else None
+        except WorkerKeyError as error:
+            raise SigningError(f"{error}, or SYNTHWATCH_PUBLISHER_SEND_REJECTS=false") from error
+        self.reject_signer = WorkerSigner(keys) if keys else None
         tls_preflight(settings, bootstrap_servers)
         try:
             self.producer = KafkaProducer(**self._config)
@@ -237,6 +245,8 @@ class Publisher:
         headers = None
         if self.signer is not None and what == "event":
             headers = envelope_headers(self.signer[0], self.signer[1], topic, key, value)
+        elif self.reject_signer is not None and what == "reject":
+            headers = self.reject_signer.headers(topic, key, value)
         self._send(topic, key, value, partition, what, label, headers)
         if len(self._pending) >= 20_000:
             self._sweep()

@@ -96,7 +96,7 @@ class WorkerStats:
     checkpointed: int = 0  # input events whose rows and detector state are written (offsets acknowledged)
     sink_retries: int = 0
     consumer_stalls: int = 0  # partitions the watchdog found stalled and sought back
-    forged: int = 0  # alerts and sightings refused: no valid worker signature
+    forged: int = 0  # alerts, sightings, rejects and state records refused: no valid worker signature
     ready_seconds: float | None = None
     rebuild: dict[str, Any] = field(default_factory=dict)
 
@@ -268,7 +268,8 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
         )
 
     def produced_by_a_worker(e: Any) -> bool:
-        """Alerts and sightings must carry a worker's signature (:mod:`.worker_signature`); others are refused."""
+        """Alerts, sightings and rejects must carry a worker's signature (:mod:`.worker_signature`); others are
+        refused."""
         if signer.valid_event(e):
             return True
         stats.forged += 1
@@ -609,7 +610,9 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
 
         app.agent(topic, name=what)(agent)
 
-    def parse_reject(e: Any) -> Reject:
+    def parse_reject(e: Any) -> Reject | None:
+        if not produced_by_a_worker(e):  # only workers (and publishers holding the worker key) write rejects
+            return None
         try:
             return Reject.model_validate_json(e.value)
         except ValueError as error:

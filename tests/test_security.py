@@ -723,3 +723,38 @@ def test_one_of_several_workers_will_not_start_without_a_shared_key(broker: Embe
     assert "SYNTHWATCH_WORKERS=3" in last and "SYNTHWATCH_WORKER_KEY" in last, result.stderr
     assert "Traceback" not in result.stderr
     assert not (settings.data_dir / "worker-key").exists()
+
+
+def test_rejects_not_written_by_a_worker_are_refused(worker: RunningWorker) -> None:
+    """Only the worker (and an operator's publisher, which holds the worker key) writes rejects; a forged
+    reject written to the topic was stored as if the pipeline had refused a report. Now it is refused and
+    counted as forged, while the publisher's own rejects are still stored."""
+    from kafka import KafkaProducer
+
+    settings = worker.settings
+    marker = f"forged-reject-{uuid.uuid4().hex[:8]}"
+    forged = {
+        "source": "lab_detections:0:1",
+        "event_id": marker,
+        "stage": "worker",
+        "reason": "substance.name: Evacuate the building",
+        "raw": "{}",
+        "rejected_at": "2026-12-01T10:00:00+00:00",
+    }
+    before = worker.stats()["forged"]
+    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers or "", acks="all")
+    producer.send(settings.topic_rejects, key=marker.encode(), value=json.dumps(forged).encode())
+    producer.flush()
+    producer.close()
+    wait_until(lambda: worker.stats()["forged"] >= before + 1, 60, "the forged reject to be refused")
+
+    genuine = f"genuine-reject-{uuid.uuid4().hex[:8]}"
+    result = run_cli(settings, "publish", "-", input=json.dumps(lab(event_id=genuine, region="ML-ZZZ")))
+    assert result.returncode == 0, result.stdout + result.stderr
+    wait_until(
+        lambda: worker.count("SELECT count() FROM rejects WHERE event_id = %(e)s", {"e": genuine}) == 1,
+        60,
+        "the publisher's signed reject to be stored",
+    )
+    assert worker.count("SELECT count() FROM rejects WHERE event_id = %(e)s", {"e": marker}) == 0
+    assert worker.stats()["forged"] == before + 1
