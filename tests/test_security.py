@@ -111,6 +111,36 @@ def test_no_file_can_be_read(worker: RunningWorker, query: str) -> None:
     assert "root:" not in json.dumps(answer)
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        "SELECT dictGetOrDefault('d', 'a', toUInt64(1), 'x')",
+        "SELECT dictGetString('d', 'a', toUInt64(1))",
+        "SELECT DICTGETSTRING('d', 'a', toUInt64(1))",
+        "SELECT dictHas('d', toUInt64(1))",
+        "SELECT * FROM dictionary('d')",
+        "SELECT * FROM s3Cluster('c', 'http://127.0.0.1:1/x', 'CSV', 'a String')",
+        "SELECT * FROM urlCluster('c', 'http://127.0.0.1:1/x', 'CSV', 'a String')",
+        "SELECT * FROM remoteSecure('127.0.0.1:1', system.one)",
+        "SELECT * FROM input('a String')",
+        "SELECT * FROM jdbc('jdbc:mysql://h/db', 't')",
+        "SELECT * FROM odbc('DSN=x', 't')",
+        "SELECT * FROM hdfs('hdfs://h/f', 'CSV', 'a String')",
+        "SELECT * FROM mysql('h:3306', 'db', 't', 'u', 'p')",
+        "SELECT * FROM postgresql('h:5432', 'db', 't', 'u', 'p')",
+        "SELECT * FROM executable('x.sh', 'CSV', 'a String')",
+        "SELECT * FROM executablePool('x.sh', 'CSV', 'a String')",
+        "SELECT * FROM icebergS3('http://127.0.0.1:1/x')",
+        "SELECT count() FROM numbers(1) WHERE dictGetOrNull('d', 'a', number) IS NULL",  # nested in WHERE
+    ],
+)
+def test_every_member_of_an_outside_reaching_function_family_is_refused(worker: RunningWorker, query: str) -> None:
+    """The check matched exact names, so variants (dictGetOrDefault, dictGetString, ...) got past it."""
+    status, answer = sql(worker, query)
+    assert status == 400, answer
+    assert "reaches outside the database" in error_of(answer)
+
+
 def test_into_outfile_writes_nothing(worker: RunningWorker, tmp_path: Path) -> None:
     """The reported code execution: INTO OUTFILE '<venv>/site-packages/x.pth'. Here: any path at all."""
     target = tmp_path / "evil.pth"
