@@ -115,6 +115,43 @@ def test_log_records_are_redacted(caplog: pytest.LogCaptureFixture) -> None:
     assert "s3cret" not in caplog.text and "u:***@host" in caplog.text
 
 
+def test_log_lines_cannot_be_forged_by_report_fields() -> None:
+    """A newline (or ESC, CR) inside a report field that reaches a log line started a line of its own:
+    an attacker could forge ``... [ERROR] ...`` records or drive the terminal of whoever tails the log.
+    Arguments are escaped for every logger, whole messages for synthwatch's own; one record, one line."""
+    install_log_redaction()
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("[%(levelname)s] %(name)s: %(message)s"))
+    hostile = "Isotonitazene\n[2026-12-06 03:00:00,000] [1] [ERROR] forged line\r\x1b]8;;https://evil\x07"
+    loggers = [logging.getLogger("synthwatch.worker"), logging.getLogger("faust.tables.recovery")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+    try:
+        loggers[0].warning("delivery gave up: %s", hostile)
+        loggers[0].error("not an alert (%s)", ValueError(hostile))
+        loggers[0].warning("dict args %(name)s", {"name": hostile})
+        loggers[0].info(f"an f-string of our own: {hostile}")  # what a careless call site does
+        loggers[1].warning("Error in recovery %s", hostile)
+        loggers[1].warning("a table of Faust's own\n+---+\n| x |")  # libraries keep their own layout
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeHandler(handler)
+            logger.propagate = True
+            logger.setLevel(level)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 8, lines  # five one-line records, and Faust's three-line table
+    assert all("\x1b" not in line and "\r" not in line and "\x07" not in line for line in lines)
+    assert not any(line.startswith("[2026") for line in lines)
+    assert lines[0] == (
+        "[WARNING] synthwatch.worker: delivery gave up: "
+        "Isotonitazene\\n[2026-12-06 03:00:00,000] [1] [ERROR] forged line\\r\\x1b]8;;https://evil\\x07"
+    )
+
+
 def test_private_files_are_0600_from_the_start(tmp_path: Path) -> None:
     target = tmp_path / "secret.json"
     old = os.umask(0)  # even with a permissive umask
