@@ -788,3 +788,39 @@ def test_rejects_not_written_by_a_worker_are_refused(worker: RunningWorker) -> N
     )
     assert worker.count("SELECT count() FROM rejects WHERE event_id = %(e)s", {"e": marker}) == 0
     assert worker.stats()["forged"] == before + 1
+
+
+# --- ingest-history applies the publisher's record caps -----------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["sql", "arrow", "json"])
+def test_ingest_history_refuses_oversized_lines_and_too_many_extra_fields(
+    ch_settings: Any, tmp_path: Path, encoding: str
+) -> None:
+    """ingest-history stored what publish refuses: a line of a megabyte (a valid event padded with JSON
+    whitespace), 70 unknown fields, 70 KB of unknown content. Each is now a reject with the publisher's
+    reason, counted; the valid lines around them are stored; lines = stored + duplicates + rejected."""
+    from synthwatch.clickhouse import connect
+    from synthwatch.history import ingest_history
+
+    tag = uuid.uuid4().hex[:6]
+    padded = json.dumps(lab(event_id=f"big-{tag}")).replace(", ", "," + " " * (1024 * 1024), 1)
+    many = lab(event_id=f"many-{tag}", **{f"x{i}": i for i in range(70)})
+    heavy = lab(event_id=f"heavy-{tag}", notes="n" * (70 * 1024))
+    good = [json.dumps(lab(event_id=f"ok{i}-{tag}", sample_id=f"S{i}")) for i in range(3)]
+    path = tmp_path / "history.ndjson"
+    path.write_text("\n".join([good[0], padded, json.dumps(many), good[1], json.dumps(heavy), good[2]]) + "\n")
+    settings = ch_settings.model_copy(update={"clickhouse_database": f"{ch_settings.clickhouse_database}_{encoding}"})
+    client = connect(settings)
+    try:
+        summary = ingest_history(settings, path, progress=False, workers=0, client=client, encoding=encoding)
+        assert summary.balanced and summary.lines == 6 and summary.stored == 3 and summary.rejected == 3
+        reasons = sorted(summary.reject_reasons)
+        assert any(r.startswith("record too large") and "SYNTHWATCH_MAX_RECORD_BYTES" in r for r in reasons)
+        assert any("70 unknown fields" in r and "SYNTHWATCH_MAX_EXTRA_FIELDS" in r for r in reasons)
+        assert any("bytes of unknown fields" in r and "SYNTHWATCH_MAX_EXTRA_BYTES" in r for r in reasons)
+        stored = client.query("SELECT event_id FROM rejects WHERE stage = 'ingest' ORDER BY event_id").result_rows
+        assert sorted(r[0] for r in stored) == sorted([f"big-{tag}", f"heavy-{tag}", f"many-{tag}"])
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {settings.clickhouse_database}")
+        client.close()
