@@ -824,3 +824,41 @@ def test_ingest_history_refuses_oversized_lines_and_too_many_extra_fields(
     finally:
         client.command(f"DROP DATABASE IF EXISTS {settings.clickhouse_database}")
         client.close()
+
+
+def test_metrics_and_ready_answer_without_a_token_but_carry_no_report_content(worker: RunningWorker) -> None:
+    """Decision (docs/security.md): /metrics and /ready stay unauthenticated (Prometheus and the kubelet
+    scrape them; in Kubernetes the NetworkPolicy admits only those), so they must never carry report
+    content: after a report with distinctive values is stored, neither body holds any of them."""
+    import urllib.request
+
+    tag = uuid.uuid4().hex[:8]
+    markers = {
+        "substance": f"Leakcheckazene{tag}",
+        "lab_id": f"LAB-LEAK-{tag}",
+        "sample_id": f"SAMPLE-LEAK-{tag}",
+        "event_id": f"leak-{tag}",
+    }
+    record = lab(
+        event_id=markers["event_id"],
+        lab_id=markers["lab_id"],
+        sample_id=markers["sample_id"],
+        substance={"name": markers["substance"]},
+    )
+    bad = {**record, "event_id": f"leak-bad-{tag}", "region": f"ML-{tag[:3].upper()}"}  # a reject, too
+    result = run_cli(worker.settings, "publish", "-", input=json.dumps(record) + "\n" + json.dumps(bad) + "\n")
+    assert result.returncode == 0, result.stdout + result.stderr
+    wait_until(
+        lambda: worker.count("SELECT count() FROM lab_detections WHERE event_id = %(e)s", {"e": markers["event_id"]}),
+        60,
+        "the report to be stored",
+    )
+    bodies = {}
+    for path in ("/metrics", "/ready"):
+        with urllib.request.urlopen(f"{worker.info.web_url}{path}", timeout=10) as response:  # no token
+            assert response.status == 200
+            bodies[path] = response.read().decode()
+    assert "synthwatch_events_stored" in bodies["/metrics"] and '"stored"' in bodies["/ready"]
+    for path, body in bodies.items():
+        for what, value in markers.items():
+            assert value not in body, f"{path} leaks the report's {what}"
