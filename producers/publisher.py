@@ -29,7 +29,7 @@ from synthwatch.schemas import BorderSeizure, LabDetection, Reject, WireError, p
 from synthwatch.schemas.envelope import envelope_headers, load_org_keys, parse_key
 from synthwatch.schemas.records import RejectStage
 from synthwatch.schemas.wire import RecordLimits, check_extras, check_size, parse_limited
-from synthwatch.schemas.worker_keys import WorkerKeyError, WorkerSigner, settings_worker_keys
+from synthwatch.schemas.worker_keys import WorkerKeyError, WorkerSigner, existing_worker_keys
 from synthwatch.settings import Settings
 
 from .readers import InputRecord
@@ -131,10 +131,16 @@ class Publisher:
         # Only holders of the worker key may write rejects (the worker refuses the others'): an operator's
         # publisher (the embedded stack's, compose's) has it; labs' publishers do not send rejects at all.
         try:
-            keys = settings_worker_keys(settings) if settings.publisher_send_rejects else None
+            keys = existing_worker_keys(settings) if settings.publisher_send_rejects else None
         except WorkerKeyError as error:
             raise SigningError(f"{error}, or SYNTHWATCH_PUBLISHER_SEND_REJECTS=false") from error
         self.reject_signer = WorkerSigner(keys) if keys else None
+        if settings.publisher_send_rejects and keys is None:
+            log.warning(
+                "no worker key here (SYNTHWATCH_WORKER_KEY, SYNTHWATCH_WORKER_KEY_FILE or DATA_DIR/worker-key): "
+                "rejects are sent unsigned and the worker will refuse them; set the key, or "
+                "SYNTHWATCH_PUBLISHER_SEND_REJECTS=false to list them in the summary only"
+            )
         tls_preflight(settings, bootstrap_servers)
         try:
             self.producer = KafkaProducer(**self._config)

@@ -80,6 +80,15 @@ def settings_worker_keys(settings: Any) -> list[bytes]:
     return worker_keys(configured, settings.worker_key_file, settings.data_dir, settings.workers)
 
 
+def existing_worker_keys(settings: Any) -> list[bytes] | None:
+    """The worker keys a process other than the worker may use, never made here: configured, from the key
+    file, or the data directory's existing key; None when there is none (a publisher then signs nothing)."""
+    if settings.worker_key or settings.worker_key_file:
+        return settings_worker_keys(settings)
+    path = Path(settings.data_dir) / "worker-key"
+    return [worker_key(None, Path(settings.data_dir))] if path.exists() else None
+
+
 def worker_keys(configured: str | None, key_file: Path | None, data_dir: Path, workers: int = 1) -> list[bytes]:
     """The worker keys, newest first: configured (hex, comma-separated), from a key file, or this data
     directory's own (made on first use, 0600; refused when ``workers`` > 1, as each worker would make its own)."""

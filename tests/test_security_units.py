@@ -339,3 +339,17 @@ def test_worker_keys_come_from_the_variable_a_file_or_the_data_dir_but_several_w
     assert not (tmp_path / "three").exists()  # no key made for itself
     with pytest.raises(WorkerKeyError, match="SYNTHWATCH_WORKER_KEY"):
         worker_keys("CHANGE-ME", None, tmp_path, workers=3)
+
+
+def test_a_publisher_uses_the_worker_key_it_finds_and_never_makes_one(tmp_path: Path) -> None:
+    """The publisher signs the rejects it sends with the worker key; it must not invent one (a lab's machine
+    would then hold a key nobody checks against, and a stray file)."""
+    from synthwatch.schemas.worker_keys import existing_worker_keys, worker_key
+    from synthwatch.settings import Settings
+
+    assert existing_worker_keys(Settings(data_dir=tmp_path / "lab")) is None
+    assert not (tmp_path / "lab").exists()
+    made = worker_key(None, tmp_path / "stack")  # what the embedded stack's worker made at its start
+    assert existing_worker_keys(Settings(data_dir=tmp_path / "stack")) == [made]
+    configured = Settings(data_dir=tmp_path / "lab", worker_key="ab" * 32)
+    assert existing_worker_keys(configured) == [b"\xab" * 32]
