@@ -65,6 +65,11 @@ def _one_line(value: object) -> object:
     return value
 
 
+#: Our modules that subclass Faust's services (App, Recovery, Worker): Faust's own messages (multi-line tables
+#: among them) are logged under these names, so they are treated like Faust's: only their arguments escaped.
+_FAUST_SERVICES = frozenset({"synthwatch.stream_apps.faust_transport", "synthwatch.drain"})
+
+
 class _RedactingRecordFactory:
     """Wraps logging's record factory: every record's message is redacted once, before any handler, and
     kept on one line (log injection: a newline in a report field forged a whole log line).
@@ -88,10 +93,13 @@ class _RedactingRecordFactory:
         except Exception:  # a broken format string stays the handler's problem, as before
             return record
         cleaned = redact(message)
-        if record.name == "synthwatch" or record.name.startswith("synthwatch."):
+        if (
+            record.name == "synthwatch" or record.name.startswith("synthwatch.")
+        ) and record.name not in _FAUST_SERVICES:
             cleaned = visible(cleaned)
         if cleaned != message:
-            record.msg, record.args = cleaned, None
+            # (), not None: mode's formatter (Faust's worker logging) turns None into (None,) and formats again
+            record.msg, record.args = cleaned, ()
         return record
 
 

@@ -122,9 +122,13 @@ def test_log_lines_cannot_be_forged_by_report_fields() -> None:
     install_log_redaction()
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("[%(levelname)s] %(name)s: %(message)s"))
+    # the formatter the worker's logging uses (mode's): it formats a record's arguments again
+    from mode.utils.logging import ExtensionFormatter
+
+    handler.setFormatter(ExtensionFormatter(stream, fmt="[%(levelname)s] %(name)s: %(message)s"))
     hostile = "Isotonitazene\n[2026-12-06 03:00:00,000] [1] [ERROR] forged line\r\x1b]8;;https://evil\x07"
-    loggers = [logging.getLogger("synthwatch.worker"), logging.getLogger("faust.tables.recovery")]
+    # the second: Faust's Recovery, subclassed in faust_transport, logs its tables under our module's name
+    loggers = [logging.getLogger("synthwatch.worker"), logging.getLogger("synthwatch.stream_apps.faust_transport")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.addHandler(handler)
@@ -137,15 +141,17 @@ def test_log_lines_cannot_be_forged_by_report_fields() -> None:
         loggers[0].info(f"an f-string of our own: {hostile}")  # what a careless call site does
         loggers[1].warning("Error in recovery %s", hostile)
         loggers[1].warning("a table of Faust's own\n+---+\n| x |")  # libraries keep their own layout
+        loggers[0].warning("redacted: %s", "http://u:s3cret@h/")  # a changed message keeps no arguments
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.removeHandler(handler)
             logger.propagate = True
             logger.setLevel(level)
     lines = stream.getvalue().splitlines()
-    assert len(lines) == 8, lines  # five one-line records, and Faust's three-line table
+    assert len(lines) == 9, lines  # six one-line records, and Faust's three-line table
     assert all("\x1b" not in line and "\r" not in line and "\x07" not in line for line in lines)
     assert not any(line.startswith("[2026") for line in lines)
+    assert lines[-1] == "[WARNING] synthwatch.worker: redacted: http://u:***@h/"
     assert lines[0] == (
         "[WARNING] synthwatch.worker: delivery gave up: "
         "Isotonitazene\\n[2026-12-06 03:00:00,000] [1] [ERROR] forged line\\r\\x1b]8;;https://evil\\x07"
