@@ -186,6 +186,26 @@ def outbox_series(data: Any) -> list[str]:
     return sorted(names)
 
 
+#: The key an undecodable changelog key is read as: refused by the signature check, never applied.
+UNDECODABLE_KEY = "~undecodable"
+
+
+class StateSchema(faust.Schema):
+    """The detector tables' schema: a changelog key that is not JSON decodes to :data:`UNDECODABLE_KEY`.
+
+    Why: Faust decodes a changelog record's key before the table sees it, and a key it cannot decode
+    raised inside recovery, which then never read that partition's offset and waited forever: one record
+    with a non-JSON key, written by anyone who can reach the changelog, stalled every restart. Decoded this
+    way, the record reaches the signature check (:func:`.worker_signature.verified_changelog`) and is refused.
+    """
+
+    def loads_key(self, app: Any, message: Any, *, loads: Any = None, serializer: Any = None) -> Any:
+        try:
+            return super().loads_key(app, message, loads=loads, serializer=serializer)
+        except Exception:  # KeyDecodeError (Faust wraps the codec's error)
+            return UNDECODABLE_KEY
+
+
 def _partition(source: str) -> int:
     """Partition number of a ``topic:partition:offset`` source."""
     return int(source.rsplit(":", 2)[1])
@@ -233,7 +253,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
     # Values are JSON text serialised by pydantic-core (in Rust), not by Faust's json codec per record; the
     # table keeps them as bytes (restored from the changelog as the same bytes): compact, and decoded
     # only when a record is loaded into the detectors.
-    state_schema: faust.Schema = faust.Schema(key_serializer="json", value_serializer="raw")
+    state_schema: faust.Schema = StateSchema(key_serializer="json", value_serializer="raw")
     tables: dict[str, Any] = {"partitions": settings.partitions, "schema": state_schema, "value_type": bytes}
     region_table = app.Table("detector-regions", **tables)  # value_type=bytes: restored raw, too
     substance_table = app.Table("detector-substances", **tables)

@@ -658,9 +658,9 @@ def test_forged_detector_state_is_not_restored_and_its_outbox_never_sent(
     """A series record written to the detector-regions changelog by anyone but a worker, carrying a spike
     alert in its outbox, was restored at the next start and its alert sent, signed by the worker, to the
     alerts topic (stored, delivered to officers). Now recovery restores only records a worker signed for
-    that topic and partition: unsigned, falsely signed, a genuine record moved to another partition and a
-    genuine record of the other table's changelog are refused, counted as forged and logged; the worker's own state
-    is still restored."""
+    that topic and partition: unsigned, falsely signed, a genuine record moved to another partition, a
+    genuine record of the other table's changelog and a record whose key is not JSON (it used to stall
+    recovery) are refused, counted as forged and logged; the worker's own state is still restored."""
     from kafka import KafkaProducer
 
     from .delivery_helpers import make_alert
@@ -685,8 +685,10 @@ def test_forged_detector_state_is_not_restored_and_its_outbox_never_sent(
     assert series, "the worker wrote no series record"
     genuine = series[-1]
     assert any(k == "synthwatch-worker-sig" for k, _ in genuine.headers)  # the worker signs its state
-    # a signed record of the other table (a key of JSON text, as every changelog key: Faust cannot decode others)
+    # a signed record of the other table, and the worker's own signed alert (its key is not JSON: recovery
+    # used to fail to decode it and then waited for that partition forever)
     other_table = _read_topic(servers, f"{settings.app_id}-detector-substances-changelog")[0]
+    own_alert = _read_topic(servers, settings.topic_alerts)[0]
     region = json.loads(genuine.key)[2:].split("|", 1)[0]
 
     forged_ids = [f"forgedstate{i}{uuid.uuid4().hex[:12]}" for i in range(2)]
@@ -712,12 +714,14 @@ def test_forged_detector_state_is_not_restored_and_its_outbox_never_sent(
         headers=other_table.headers,
     )
     producer.flush()
+    producer.send(changelog, key=own_alert.key, value=own_alert.value, partition=0, headers=own_alert.headers)
+    producer.flush()
     producer.close()
 
     running = start_worker(settings, tmp_path / "worker-2.log")
     try:
         stats = running.stats()
-        assert stats["forged"] == 4, running.describe()
+        assert stats["forged"] == 5, running.describe()
         assert "names_learnt" in stats["rebuild"], "the worker's own state was not restored: " + running.describe()
         # The outbox is sent before the worker reports ready: the alerts topic holds all it ever will.
         sent = {json.loads(r.value).get("alert_id") for r in _read_topic(servers, settings.topic_alerts)}
