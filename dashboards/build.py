@@ -16,6 +16,11 @@ from grafana_foundation_sdk.builders import dashboard
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 
 from . import overview, pipeline, substance
+from .clickhouse_query import PLUGIN_ID, PLUGIN_VERSION
+from .panels import CLICKHOUSE_INPUT, PROMETHEUS_INPUT
+
+#: The Grafana the dashboards are built and checked for: the one deploy/compose.yaml runs.
+GRAFANA_VERSION = "12.4.5"
 
 JSON_DIR = Path(__file__).resolve().parent / "json"
 
@@ -27,9 +32,32 @@ DASHBOARDS: dict[str, Callable[[], dashboard.Dashboard]] = {
 }
 
 
+def importable(board: dict[str, Any]) -> dict[str, Any]:
+    """The dashboard with ``__inputs`` and ``__requires``, as Grafana's "export for sharing externally" writes it.
+
+    Why: importing into an existing Grafana must ask which ClickHouse (and Prometheus) datasource to use;
+    the import dialog fills ``${DS_...}`` placeholders from ``__inputs`` and checks ``__requires``.
+    """
+    text = json.dumps(board)
+    used = [source for source in (CLICKHOUSE_INPUT, PROMETHEUS_INPUT) if f'"${{{source.variable}}}"' in text]
+    requires = [{"type": "grafana", "id": "grafana", "name": "Grafana", "version": GRAFANA_VERSION}]
+    requires += [
+        {"type": "datasource", "id": s.plugin_id, "name": s.plugin_name, "version": PLUGIN_VERSION}
+        for s in used
+        if s.plugin_id == PLUGIN_ID
+    ]
+    requires += [{"type": "panel", "id": kind, "name": kind, "version": ""} for kind in _panel_types(board)]
+    return {"__inputs": [s.inputs_entry() for s in used], "__requires": requires, **board}
+
+
+def _panel_types(board: dict[str, Any]) -> list[str]:
+    return sorted({str(panel["type"]) for panel in board.get("panels", [])})
+
+
 def render(name: str) -> str:
     """The dashboard's JSON text, exactly as committed (2-space indent, trailing newline)."""
-    return json.dumps(DASHBOARDS[name]().build(), cls=JSONEncoder, indent=2, ensure_ascii=False) + "\n"
+    board = json.loads(json.dumps(DASHBOARDS[name]().build(), cls=JSONEncoder))
+    return json.dumps(importable(board), indent=2, ensure_ascii=False) + "\n"
 
 
 def as_dict(name: str) -> dict[str, Any]:

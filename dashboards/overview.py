@@ -10,11 +10,28 @@ from __future__ import annotations
 from grafana_foundation_sdk.builders import dashboard
 from grafana_foundation_sdk.models import dashboard as dashboard_models
 
-from .panels import SqlPanel, build_sql_panel, layout, num_col, text_col, time_col
+from .panels import (
+    CLICKHOUSE_INPUT,
+    COUNTRY,
+    REGION,
+    SqlPanel,
+    SqlVariable,
+    build_datasource_variable,
+    build_sql_panel,
+    build_variable,
+    in_place,
+    layout,
+    num_col,
+    text_col,
+    time_col,
+)
 
 UID = "synthwatch-overview"
 TITLE = "synthwatch · Early warning overview"
 SUBSTANCE_LINK = "/d/synthwatch-substance/substance?var-substance=${__data.fields.substance_key}&${__url_time_range}"
+
+#: Country, then region (its list follows the country selection); All by default.
+VARIABLES: tuple[SqlVariable, ...] = (COUNTRY, REGION)
 
 PANELS: tuple[SqlPanel, ...] = (
     SqlPanel(
@@ -25,14 +42,14 @@ PANELS: tuple[SqlPanel, ...] = (
             "Alerts raised in the selected time range, by severity. synthwatch has no acknowledgement step "
             "yet, so an alert counts as open for the range it was raised in."
         ),
-        sql="""
+        sql=in_place("""
 SELECT
     countIf(severity = 'critical') AS critical,
     countIf(severity = 'warning') AS warning,
     countIf(severity = 'info') AS info
 FROM alerts
-WHERE $__timeFilter(triggered_at)
-""",
+WHERE $__timeFilter(triggered_at) AND {in_place}
+"""),
         columns=(num_col("critical"), num_col("warning"), num_col("info")),
         width=8,
         height=5,
@@ -42,15 +59,15 @@ WHERE $__timeFilter(triggered_at)
         title="Reports in range",
         kind="stat",
         description="Reports stored (lab detections and seizures), grams seized, distinct substances and regions.",
-        sql="""
+        sql=in_place("""
 SELECT
     sum(reports) AS reports,
     round(sumIf(grams, kind = 'border_seizure')) AS seized_grams,
     uniqExact(substance_key) AS substances,
     uniqExact(region) AS regions
 FROM reports_daily
-WHERE $__dateFilter(day)
-""",
+WHERE $__dateFilter(day) AND {in_place}
+"""),
         columns=(num_col("reports"), num_col("seized_grams"), num_col("substances"), num_col("regions")),
         width=16,
         height=5,
@@ -60,16 +77,16 @@ WHERE $__dateFilter(day)
         title="New substances over time",
         kind="timeseries",
         description="Substances never seen before anywhere in the network, by family (new_substance alerts).",
-        sql="""
+        sql=in_place("""
 SELECT
     $__timeInterval(triggered_at) AS time,
     if(family = '', 'unknown', toString(family)) AS family_name,
     count() AS new_substances
 FROM alerts
-WHERE alert_type = 'new_substance' AND $__timeFilter(triggered_at)
+WHERE alert_type = 'new_substance' AND $__timeFilter(triggered_at) AND {in_place}
 GROUP BY time, family_name
 ORDER BY time, family_name
-""",
+"""),
         columns=(time_col(), text_col("family_name"), num_col("new_substances")),
         min_interval="1d",
         stacked=True,
@@ -79,16 +96,16 @@ ORDER BY time, family_name
         title="Reports per region over time",
         kind="timeseries",
         description="Lab detections and border seizures per region (hourly aggregate, summed to the panel interval).",
-        sql="""
+        sql=in_place("""
 SELECT
     $__timeInterval(hour) AS time,
     toString(region) AS region_code,
     sum(reports) AS reports
 FROM reports_hourly
-WHERE $__timeFilter(hour)
+WHERE $__timeFilter(hour) AND {in_place}
 GROUP BY time, region_code
 ORDER BY time, region_code
-""",
+"""),
         columns=(time_col(), text_col("region_code"), num_col("reports")),
         min_interval="1h",
     ),
@@ -97,7 +114,7 @@ ORDER BY time, region_code
         title="First appearances in a region",
         kind="table",
         description="A substance reported in a region for the first time (first_in_region alerts), newest first.",
-        sql="""
+        sql=in_place("""
 SELECT
     triggered_at AS time,
     toString(severity) AS severity,
@@ -107,10 +124,10 @@ SELECT
     toString(family) AS family,
     substance_key
 FROM alerts
-WHERE alert_type = 'first_in_region' AND $__timeFilter(triggered_at)
+WHERE alert_type = 'first_in_region' AND $__timeFilter(triggered_at) AND {in_place}
 ORDER BY triggered_at DESC
 LIMIT 200
-""",
+"""),
         columns=(
             time_col(),
             text_col("severity"),
@@ -128,7 +145,7 @@ LIMIT 200
         title="Latest alerts",
         kind="table",
         description="Every alert type (new substance, first in region, spike, spread), newest first.",
-        sql="""
+        sql=in_place("""
 SELECT
     triggered_at AS time,
     toString(alert_type) AS type,
@@ -138,10 +155,10 @@ SELECT
     summary,
     substance_key
 FROM alerts
-WHERE $__timeFilter(triggered_at)
+WHERE $__timeFilter(triggered_at) AND {in_place}
 ORDER BY triggered_at DESC
 LIMIT 100
-""",
+"""),
         columns=(
             time_col(),
             text_col("type"),
@@ -159,7 +176,7 @@ LIMIT 100
         title="Top substances",
         kind="table",
         description="Most reported substances in the range, with the grams seized and how many regions reported them.",
-        sql="""
+        sql=in_place("""
 SELECT
     any(substance_name) AS substance,
     toString(any(family)) AS family,
@@ -170,11 +187,11 @@ SELECT
     uniqExact(region) AS regions,
     substance_key
 FROM reports_daily
-WHERE $__dateFilter(day)
+WHERE $__dateFilter(day) AND {in_place}
 GROUP BY substance_key
 ORDER BY reports DESC
 LIMIT 20
-""",
+"""),
         columns=(
             text_col("substance"),
             text_col("family"),
@@ -194,15 +211,15 @@ LIMIT 20
         title="Reports by family",
         kind="pie",
         description="Share of reports per substance family (SMARTS classification; unknown: unresolved names).",
-        sql="""
+        sql=in_place("""
 SELECT
     if(family = '', 'unknown', toString(family)) AS family_name,
     sum(reports) AS reports
 FROM reports_daily
-WHERE $__dateFilter(day)
+WHERE $__dateFilter(day) AND {in_place}
 GROUP BY family_name
 ORDER BY reports DESC
-""",
+"""),
         columns=(text_col("family_name"), num_col("reports")),
         width=10,
         height=10,
@@ -212,17 +229,17 @@ ORDER BY reports DESC
         title="Seized grams by region",
         kind="bars",
         description="Border seizures with a weight, summed per region (top 20).",
-        sql="""
+        sql=in_place("""
 SELECT
     toString(region) AS region,
     round(sum(grams)) AS seized_grams
 FROM reports_daily
-WHERE kind = 'border_seizure' AND $__dateFilter(day)
+WHERE kind = 'border_seizure' AND $__dateFilter(day) AND {in_place}
 GROUP BY region
 HAVING seized_grams > 0
 ORDER BY seized_grams DESC
 LIMIT 20
-""",
+"""),
         columns=(text_col("region"), num_col("seized_grams")),
         unit="massg",
         height=10,
@@ -232,16 +249,16 @@ LIMIT 20
         title="Reports by country",
         kind="geomap",
         description="Reports and grams seized per country, placed by ISO 3166-1 code.",
-        sql="""
+        sql=in_place("""
 SELECT
     toString(country) AS country,
     sum(reports) AS reports,
     round(sumIf(grams, kind = 'border_seizure')) AS seized_grams
 FROM reports_daily
-WHERE $__dateFilter(day)
+WHERE $__dateFilter(day) AND {in_place}
 GROUP BY country
 ORDER BY reports DESC
-""",
+"""),
         columns=(text_col("country"), num_col("reports"), num_col("seized_grams")),
         height=10,
     ),
@@ -255,7 +272,7 @@ ORDER BY reports DESC
             "already received from their region. Late reports are stored and count on their own day, but are left "
             "out of spike decisions already made. Reports without reported_at are left out of the delays."
         ),
-        sql="""
+        sql=in_place("""
 SELECT
     toString(lab_id) AS lab,
     count() AS reports,
@@ -264,12 +281,12 @@ SELECT
     round(maxIf(report_delay_seconds, reported_at IS NOT NULL) / 3600, 1) AS max_delay_h,
     countIf(late) AS late_reports
 FROM lab_detections
-WHERE $__timeFilter(occurred_at)
+WHERE $__timeFilter(occurred_at) AND {in_place}
 GROUP BY lab
 HAVING countIf(reported_at IS NOT NULL) > 0
 ORDER BY p95_delay_h DESC, lab
 LIMIT 50
-""",
+"""),
         columns=(
             text_col("lab"),
             num_col("reports"),
@@ -286,7 +303,7 @@ LIMIT 50
         title="Regions",
         kind="table",
         description="Per region: reports, seizures, grams, distinct substances and alerts raised in the range.",
-        sql="""
+        sql=in_place("""
 SELECT
     r.country AS country,
     r.region AS region,
@@ -307,18 +324,18 @@ FROM
         round(sum(grams)) AS seized_grams,
         uniqExact(substance_key) AS substances
     FROM reports_daily
-    WHERE $__dateFilter(day)
+    WHERE $__dateFilter(day) AND {in_place}
     GROUP BY country, region
 ) AS r
 LEFT JOIN
 (
     SELECT toString(region) AS region, count() AS alerts
     FROM alerts
-    WHERE $__timeFilter(triggered_at)
+    WHERE $__timeFilter(triggered_at) AND {in_place}
     GROUP BY region
 ) AS a ON a.region = r.region
 ORDER BY alerts DESC, reports DESC
-""",
+"""),
         columns=(
             text_col("country"),
             text_col("region"),
@@ -357,6 +374,9 @@ def build() -> dashboard.Dashboard:
             .keep_time(True)
         )
     )
+    board = board.with_variable(build_datasource_variable(CLICKHOUSE_INPUT))
+    for variable in VARIABLES:
+        board = board.with_variable(build_variable(variable))
     for panel in panels:
         board = board.with_panel(panel)
     return board

@@ -24,11 +24,61 @@ from grafana_foundation_sdk.models.piechart import PieChartType
 
 from .clickhouse_query import PLUGIN_ID, DataqueryBuilder, QueryType
 
-#: Datasource uids fixed by provisioning (deploy/grafana/provisioning/datasources/), so JSON can name them.
+#: Datasource uids of our own provisioning (deploy/grafana/provisioning/datasources/). The dashboards do not
+#: name them: an existing Grafana has its own uids, and a hard-coded one broke every panel on import.
 CLICKHOUSE_UID = "synthwatch-clickhouse"
 PROMETHEUS_UID = "synthwatch-prometheus"
-CLICKHOUSE = dashboard_models.DataSourceRef(type_val=PLUGIN_ID, uid=CLICKHOUSE_UID)
-PROMETHEUS = dashboard_models.DataSourceRef(type_val="prometheus", uid=PROMETHEUS_UID)
+
+
+@dataclass(frozen=True, slots=True)
+class DatasourceInput:
+    """A datasource a dashboard needs: chosen through a template variable, asked for on import.
+
+    Panels and targets refer to ``${variable}``; the variable's default is ``${input}``, which Grafana's
+    import dialog replaces (``__inputs``) with the datasource the user picks. Provisioned as a file, the
+    placeholder matches nothing and Grafana selects the first datasource of the plugin's type.
+    """
+
+    variable: str
+    input: str
+    plugin_id: str
+    plugin_name: str
+    label: str
+
+    @property
+    def ref(self) -> dashboard_models.DataSourceRef:
+        return dashboard_models.DataSourceRef(type_val=self.plugin_id, uid=f"${{{self.variable}}}")
+
+    def inputs_entry(self) -> dict[str, str]:
+        """This datasource in the dashboard's ``__inputs`` (what the import dialog asks for)."""
+        return {
+            "name": self.input,
+            "label": self.label,
+            "description": f"The {self.plugin_name} datasource holding synthwatch's data",
+            "type": "datasource",
+            "pluginId": self.plugin_id,
+            "pluginName": self.plugin_name,
+        }
+
+
+CLICKHOUSE_INPUT = DatasourceInput("datasource", "DS_CLICKHOUSE", PLUGIN_ID, "ClickHouse", "ClickHouse")
+PROMETHEUS_INPUT = DatasourceInput("prometheus", "DS_PROMETHEUS", "prometheus", "Prometheus", "Prometheus")
+CLICKHOUSE = CLICKHOUSE_INPUT.ref
+PROMETHEUS = PROMETHEUS_INPUT.ref
+
+
+def build_datasource_variable(source: DatasourceInput) -> cogbuilder.Builder[dashboard_models.VariableModel]:
+    """The template variable that picks ``source``'s datasource (defaulting to the one chosen on import)."""
+    placeholder = f"${{{source.input}}}"
+    return (
+        dashboard.DatasourceVariable(source.variable)
+        .label(source.label)
+        .type(source.plugin_id)
+        .current(dashboard_models.VariableOption(selected=True, text=placeholder, value=placeholder))
+        .multi(False)
+        .include_all(False)
+    )
+
 
 ColumnType = Literal["time", "text", "number"]
 PanelKind = Literal["stat", "timeseries", "bars", "table", "pie", "geomap"]
@@ -308,6 +358,16 @@ def layout(panels: Sequence[cogbuilder.Builder[dashboard_models.Panel]]) -> None
         row_height = max(row_height, grid.h)
 
 
+#: The filter every overview and drill-down panel applies: the selected countries and regions (All: no filter).
+IN_PLACE = """$__conditionalAll(country IN (${country:singlequote}), $country)
+  AND $__conditionalAll(region IN (${region:singlequote}), $region)"""
+
+
+def in_place(sql: str) -> str:
+    """``sql`` with ``{in_place}`` replaced by :data:`IN_PLACE` (the SQL stays readable where it is written)."""
+    return sql.replace("{in_place}", IN_PLACE)
+
+
 @dataclass(frozen=True, slots=True)
 class SqlVariable:
     """A template variable filled by a ClickHouse query: one column (value), or value then text."""
@@ -347,3 +407,29 @@ def build_variable(spec: SqlVariable) -> cogbuilder.Builder[dashboard_models.Var
     if spec.include_all:
         variable = variable.current(dashboard_models.VariableOption(selected=True, text="All", value="$__all"))
     return variable
+
+
+COUNTRY = SqlVariable(
+    name="country",
+    label="Country",
+    description="Narrows the panels (and the region list) to these countries.",
+    sql="""
+SELECT DISTINCT toString(country) AS country
+FROM substance_region_first_seen
+ORDER BY country
+""",
+    columns=(Column("country", "text"),),
+)
+
+REGION = SqlVariable(
+    name="region",
+    label="Region",
+    description="Narrows the panels to these ISO 3166-2 regions (network-wide alerts show under All only).",
+    sql="""
+SELECT DISTINCT toString(region) AS region
+FROM substance_region_first_seen
+WHERE $__conditionalAll(country IN (${country:singlequote}), $country)
+ORDER BY region
+""",
+    columns=(Column("region", "text"),),
+)

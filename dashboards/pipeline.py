@@ -9,7 +9,7 @@ from __future__ import annotations
 from grafana_foundation_sdk.builders import dashboard
 from grafana_foundation_sdk.models import dashboard as dashboard_models
 
-from .panels import PromPanel, PromTarget, build_prom_panel, layout
+from .panels import PROMETHEUS_INPUT, PromPanel, PromTarget, build_datasource_variable, build_prom_panel, layout
 
 UID = "synthwatch-pipeline"
 TITLE = "synthwatch · Pipeline health"
@@ -193,6 +193,7 @@ def build() -> dashboard.Dashboard:
         .refresh("30s")
         .tooltip(dashboard_models.DashboardCursorSync.CROSSHAIR)
     )
+    board = board.with_variable(build_datasource_variable(PROMETHEUS_INPUT))
     for panel in panels:
         board = board.with_panel(panel)
     return board

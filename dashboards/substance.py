@@ -9,7 +9,20 @@ from __future__ import annotations
 from grafana_foundation_sdk.builders import dashboard
 from grafana_foundation_sdk.models import dashboard as dashboard_models
 
-from .panels import SqlPanel, SqlVariable, build_sql_panel, build_variable, layout, num_col, text_col, time_col
+from .panels import (
+    CLICKHOUSE_INPUT,
+    COUNTRY,
+    REGION,
+    SqlPanel,
+    SqlVariable,
+    build_datasource_variable,
+    build_sql_panel,
+    build_variable,
+    layout,
+    num_col,
+    text_col,
+    time_col,
+)
 
 UID = "synthwatch-substance"
 TITLE = "synthwatch · Substance drill-down"
@@ -42,27 +55,8 @@ ORDER BY name
         multi=False,
         include_all=False,
     ),
-    SqlVariable(
-        name="country",
-        label="Country",
-        sql="""
-SELECT DISTINCT toString(country) AS country
-FROM substance_region_first_seen
-ORDER BY country
-""",
-        columns=(text_col("country"),),
-    ),
-    SqlVariable(
-        name="region",
-        label="Region",
-        sql="""
-SELECT DISTINCT toString(region) AS region
-FROM substance_region_first_seen
-WHERE $__conditionalAll(country IN (${country:singlequote}), $country)
-ORDER BY region
-""",
-        columns=(text_col("region"),),
-    ),
+    COUNTRY,
+    REGION,
 )
 
 #: The WHERE clause every panel shares: this substance, in the selected countries and regions.
@@ -251,6 +245,7 @@ def build() -> dashboard.Dashboard:
             .keep_time(True)
         )
     )
+    board = board.with_variable(build_datasource_variable(CLICKHOUSE_INPUT))
     for variable in VARIABLES:
         board = board.with_variable(build_variable(variable))
     for panel in panels:

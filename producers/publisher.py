@@ -3,7 +3,8 @@
 Guarantees a caller can rely on:
 - an invalid record never stops the run and is never dropped silently: it is sent to the rejects
   topic with its reason;
-- a record whose ``event_id`` already appeared in this run is counted as a duplicate, not re-sent;
+- a record whose ``event_id`` already appeared in this run is counted as a duplicate, not re-sent, when
+  its text is the same; with another text it is rejected as a changed report (a correction needs a new id);
 - ``sent`` counts only records the broker acknowledged; anything else is listed in ``failed``;
 - when the broker has lost the idempotent producer's state (a restarted broker, an in-memory one
   above all), the producer is re-created and every record it had not acknowledged is sent again: a
@@ -28,7 +29,7 @@ from synthwatch.kafka_clients import KafkaConnectError, kafka_python_config, tls
 from synthwatch.schemas import BorderSeizure, LabDetection, Reject, WireError, parse_event_object
 from synthwatch.schemas.envelope import envelope_headers, load_org_keys, parse_key
 from synthwatch.schemas.records import RejectStage
-from synthwatch.schemas.wire import RecordLimits, check_extras, check_size, parse_limited
+from synthwatch.schemas.wire import RecordLimits, changed_content_reason, check_extras, check_size, parse_limited
 from synthwatch.schemas.worker_keys import WorkerKeyError, WorkerSigner, existing_worker_keys
 from synthwatch.settings import Settings
 
@@ -76,6 +77,12 @@ class Pending:
     headers: list[tuple[str, bytes]] | None = None
 
 
+#: Sources listed per reason in a summary, and distinct reasons whose sources are kept (bounded memory).
+MAX_SOURCES_PER_REASON = 20
+MAX_REASONS_KEPT = 1000
+OTHER_REASONS = "(further distinct reasons, counted together)"
+
+
 @dataclass
 class PublishSummary:
     """What happened to every input record: read == sent + rejected + duplicates + failed."""
@@ -86,6 +93,22 @@ class PublishSummary:
     duplicates: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     reject_reasons: dict[str, int] = field(default_factory=dict)
+    #: Full reason -> where it happened (``file:line``): the first ``MAX_SOURCES_PER_REASON`` of them.
+    reject_sources: dict[str, list[str]] = field(default_factory=dict)
+    #: Full reason -> how many records were refused for it (reject_sources keeps only the first few).
+    reject_counts: dict[str, int] = field(default_factory=dict)
+
+    def note_reject(self, reason: str, source: str) -> None:
+        """Count a refused record under its full reason, keeping where it was (for the summary).
+
+        Reasons quote values, so a bad file can have a million distinct ones: past ``MAX_REASONS_KEPT``
+        the rest are counted together (memory stays bounded; ``synthwatch rejects`` has every one)."""
+        if reason not in self.reject_counts and len(self.reject_counts) >= MAX_REASONS_KEPT:
+            reason = OTHER_REASONS
+        self.reject_counts[reason] = self.reject_counts.get(reason, 0) + 1
+        sources = self.reject_sources.setdefault(reason, [])
+        if len(sources) < MAX_SOURCES_PER_REASON:
+            sources.append(source)
 
     @property
     def balanced(self) -> bool:
@@ -151,6 +174,7 @@ class Publisher:
         self._pending: list[Pending] = []
         self._failed: list[tuple[str, str]] = []
         self._acked: dict[str, int] = {"event": 0, "reject": 0}
+        self.acked_per_topic: dict[str, int] = {}  # events acknowledged per topic in the last publish_records
         self._partitions: dict[tuple[str, bytes], int] = {}
         self.renewals = 0  # fresh producers in the current publish_records call
         self.limits: RecordLimits = settings.record_limits()
@@ -182,6 +206,8 @@ class Publisher:
                     still.append(item)
                 elif future.succeeded():
                     self._acked[item.what] += 1
+                    if item.what == "event":
+                        self.acked_per_topic[item.topic] = self.acked_per_topic.get(item.topic, 0) + 1
                 elif self._renewable(future.exception) and self.renewals < MAX_PRODUCER_RENEWALS:
                     still.append(item)
                     again = True
@@ -271,9 +297,10 @@ class Publisher:
         self.flush()
         self._sweep(wait=True)
         self._failed, self._acked = [], {"event": 0, "reject": 0}
+        self.acked_per_topic = {}
         self.renewals = 0
         summary = PublishSummary()
-        seen: set[str] = set()
+        seen: dict[str, int] = {}  # event id -> hash of its text in this run
         reasons = summary.reject_reasons
         for record in records:
             summary.read += 1
@@ -282,20 +309,37 @@ class Publisher:
             except WireError as error:
                 reason = error.reason.split(":", 1)[0] if ":" in error.reason else error.reason
                 reasons[reason] = reasons.get(reason, 0) + 1
+                full = error.reason if record.hint is None else f"{error.reason} ({record.hint})"
+                summary.note_reject(full, record.source)
                 self.send_reject(
                     Reject.of(
                         record.raw,
                         source=record.source,
-                        reason=error.reason,
+                        reason=full,
                         stage=self.stage,
                         event_id=error.event_id,
                     )
                 )
             else:
-                if event.event_id in seen:
-                    summary.duplicates += 1
+                earlier = seen.get(event.event_id)
+                if earlier is not None:
+                    if earlier == hash(record.raw):
+                        summary.duplicates += 1
+                    else:  # the same id with another text in one run: a changed report, never a silent duplicate
+                        reason = changed_content_reason(event.event_id, earlier_in="earlier in this file")
+                        reasons["changed content"] = reasons.get("changed content", 0) + 1
+                        summary.note_reject(reason, record.source)
+                        self.send_reject(
+                            Reject.of(
+                                record.raw,
+                                source=record.source,
+                                reason=reason,
+                                stage=self.stage,
+                                event_id=event.event_id,
+                            )
+                        )
                     continue
-                seen.add(event.event_id)
+                seen[event.event_id] = hash(record.raw)
                 value = (
                     record.raw.encode("utf-8", errors="surrogateescape")
                     if record.obj is None

@@ -2,8 +2,16 @@
 
 Readers never judge a record's content; they say where each one came from (``file:line``) so that a
 reject can be traced back, and when a row cannot be read at all (a cell over the size limit, a header
-nested too deep) they hand on a record carrying the ``problem``: the publisher rejects it with that
-reason and the run goes on. Validation is the publisher's job.
+nested too deep, bytes that are not in the file's encoding) they hand on a record carrying the
+``problem``: the publisher rejects it with that reason and the run goes on. Validation is the
+publisher's job.
+
+CSV files are read as LIMS and spreadsheets export them (the issue's lab lost every row to a UTF-8 BOM):
+a BOM is dropped, the delimiter is sniffed from the header (``,`` ``;`` tab ``|``), header names match
+the contract's fields whatever their case, an alias file maps a LIMS's own headers and adds constant
+fields, codes (``KG``, ``Air``) are lower-cased, decimal commas become points, and dates without an
+offset are read in a stated time zone (UTC unless told). When a row still fails, ``hint`` names the
+likely cause found in the header, and the publisher adds it to the reason.
 """
 
 from __future__ import annotations
@@ -11,11 +19,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import sys
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import tomllib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, time
 from pathlib import Path
 from typing import IO, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 InputFormat = Literal["ndjson", "csv"]
 
@@ -28,6 +40,7 @@ class InputRecord:
     raw: str
     obj: dict[str, Any] | None = None
     problem: str | None = None  # the row could not be read; the reason of its reject
+    hint: str | None = None  # the likely cause when this row is refused (e.g. the header lacks a column)
 
 
 #: Dotted CSV headers nest at most this deep (``substance.name`` is 2): a header nested 60,000 levels
@@ -37,22 +50,159 @@ MAX_HEADER_DEPTH = 8
 MAX_FIELD_CHARS = 512 * 1024
 
 
+#: Delimiters sniffed from a CSV header, in order of preference when counts tie.
+DELIMITERS = (",", ";", "\t", "|")
+#: Fields holding codes the contract spells in lower case: "KG", "Air", "Seized_Material" are accepted.
+LOWER_CASE_CODES = frozenset({"kind", "sample_type", "conveyance", "quantity.unit"})
+#: Numeric fields where a decimal comma ("12,5", European spreadsheets) means a decimal point.
+DECIMAL_FIELDS = frozenset({"quantity.value", "purity_pct"})
+#: Timestamp fields; a date alone or a time without offset is read in the reader's time zone.
+TIME_FIELDS = frozenset({"occurred_at", "reported_at"})
+#: Every field of the contract, to match a header whatever its case ("Event_ID" -> "event_id").
+KNOWN_FIELDS = frozenset(
+    {"event_id", "kind", "occurred_at", "reported_at", "country", "region", "lab_id", "sample_id", "sample_type"}
+    | {"method", "confirmed", "purity_pct", "agency", "seizure_id", "border_point", "conveyance"}
+    | {"origin_country", "destination_country", "quantity.value", "quantity.unit"}
+    | {"substance.name", "substance.smiles", "substance.inchikey", "substance.cas"}
+)
+REQUIRED_FIELDS = frozenset({"event_id", "kind", "occurred_at", "country", "region"})
+_DECIMAL_COMMA = re.compile(r"^\s*[+-]?\d{1,3}(?:[ .\u00a0\u202f]\d{3})*,\d+\s*$|^\s*[+-]?\d+,\d+\s*$")
+_TEMPLATE = re.compile(r"\{([^{}]{1,100})\}")
+
+
+class ReaderError(ValueError):
+    """The input cannot be read as asked (an unknown encoding or time zone, a bad alias file)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Aliases:
+    """A LIMS export's own headers mapped to the contract, plus fields every row gets.
+
+    ``columns``: header (any case) -> contract field (``"Sample ID" = "sample_id"``); ``defaults``:
+    field -> value for every row that has none, where ``{Header}`` is replaced by that row's cell
+    (``event_id = "LAB-FR-01:{Sample ID}"``); ``values``: field -> {cell text (any case) -> code}
+    (``Matrice = {"Saisie" = "seized_material"}``); ``ignore``: headers left out.
+    """
+
+    columns: Mapping[str, str] = field(default_factory=dict)
+    defaults: Mapping[str, str] = field(default_factory=dict)
+    values: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    ignore: frozenset[str] = frozenset()
+
+
+def load_aliases(path: Path) -> Aliases:
+    """Parse a header-alias file (TOML: ``[columns]``, ``[defaults]``, ``[values.FIELD]``, ``ignore``)."""
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise ReaderError(f"alias file {path}: {error}") from error
+    unknown = set(document) - {"columns", "defaults", "values", "ignore"}
+    if unknown:
+        raise ReaderError(
+            f"alias file {path}: unknown section(s) {sorted(unknown)}; use columns, defaults, values, ignore"
+        )
+
+    def table(name: str) -> dict[str, Any]:
+        value = document.get(name, {})
+        if not isinstance(value, dict):
+            raise ReaderError(f"alias file {path}: [{name}] must be a table")
+        return value
+
+    columns, defaults, values = table("columns"), table("defaults"), table("values")
+    for name, mapping in (("columns", columns), ("defaults", defaults)):
+        bad = [k for k, v in mapping.items() if not isinstance(v, str)]
+        if bad:
+            raise ReaderError(f"alias file {path}: [{name}] values must be text, not for {bad}")
+    for target, mapping in values.items():
+        if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+            raise ReaderError(f"alias file {path}: [values.{target}] maps cell text to a code (text)")
+    ignore = document.get("ignore", [])
+    if not isinstance(ignore, list) or not all(isinstance(v, str) for v in ignore):
+        raise ReaderError(f"alias file {path}: ignore is a list of header names")
+    return Aliases(
+        columns={_fold(k): v.strip() for k, v in columns.items()},
+        defaults={k.strip(): v for k, v in defaults.items()},
+        values={k.strip(): {_fold(cell): code for cell, code in v.items()} for k, v in values.items()},
+        ignore=frozenset(_fold(v) for v in ignore),
+    )
+
+
+def _fold(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+@dataclass(frozen=True, slots=True)
+class CsvOptions:
+    """How to read a CSV export: delimiter (None: sniffed), time zone of offset-less dates, aliases."""
+
+    delimiter: str | None = None
+    timezone: str = "UTC"
+    aliases: Aliases | None = None
+
+    def zone(self) -> ZoneInfo:
+        try:
+            return ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError) as error:
+            raise ReaderError(
+                f"unknown time zone {self.timezone!r}; use an IANA name such as UTC, Europe/Paris, Africa/Bamako"
+            ) from error
+
+
 def detect_format(path: str) -> InputFormat:
-    return "csv" if path.lower().endswith(".csv") else "ndjson"
+    return "csv" if path.lower().endswith((".csv", ".tsv")) else "ndjson"
 
 
-def _open(path: str) -> IO[str]:
+def check_encoding(encoding: str | None) -> None:
+    """Refuse an encoding Python does not know, with what to pass instead."""
+    if encoding is None:
+        return
+    try:
+        "".encode(encoding)
+    except LookupError as error:
+        raise ReaderError(f"unknown encoding {encoding!r}; e.g. utf-8, cp1252 (Windows), latin-1") from error
+
+
+def _open(path: str, encoding: str | None = None) -> IO[str]:
+    """Text of a file (``-``: standard input): ``encoding``, else UTF-8 with an optional BOM dropped.
+
+    Bytes that are not UTF-8 are kept as surrogates, so the rows holding them are rejected with a hint
+    (see :func:`undecodable_hint`) and the other rows still go through.
+    """
+    errors = "strict" if encoding else "surrogateescape"
+    name = encoding or "utf-8-sig"
     if path == "-":
-        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape")
-    return open(Path(path), encoding="utf-8", errors="surrogateescape", newline="")
+        return io.TextIOWrapper(sys.stdin.buffer, encoding=name, errors=errors, newline="")
+    return open(Path(path), encoding=name, errors=errors, newline="")
+
+
+def undecodable_hint(text: str) -> str | None:
+    """Why a line holds bytes that are not UTF-8, and what to do: most often a Latin-1 / Windows export."""
+    found = re.search(r"[\udc80-\udcff]", text)
+    if found is None:
+        return None
+    byte = ord(found.group()) - 0xDC00
+    return (
+        f"byte 0x{byte:02x} is not UTF-8: the file looks like Latin-1 or Windows-1252 (Excel's 'CSV'); "
+        "re-export it as UTF-8 or pass --encoding cp1252"
+    )
 
 
 def read_ndjson(stream: IO[str], name: str) -> Iterator[InputRecord]:
     """Every non-blank line is a record (a bad line becomes a reject downstream, never a stop)."""
     for number, line in enumerate(stream, start=1):
         text = line.rstrip("\r\n")
+        if number == 1:
+            text = text.removeprefix("\ufeff")
         if text.strip():
-            yield InputRecord(source=f"{name}:{number}", raw=text)
+            problem = undecodable_hint(text)
+            yield InputRecord(source=f"{name}:{number}", raw=text, problem=problem)
+
+
+def sniff_delimiter(header: str) -> str:
+    """The delimiter of a CSV header line: the candidate found most often (``,`` when none is)."""
+    counts = {d: header.count(d) for d in DELIMITERS}
+    best = max(DELIMITERS, key=lambda d: counts[d])
+    return best if counts[best] else ","
 
 
 def _nest(row: dict[str, str]) -> dict[str, Any]:
@@ -84,37 +234,161 @@ def _too_deep(fieldnames: Sequence[str] | None, max_depth: int) -> str | None:
     return None
 
 
+def _field_of(column: str, aliases: Aliases | None) -> str | None:
+    """The contract field a header names (alias first, then any case of a known field); None: ignored."""
+    folded = _fold(column)
+    if aliases is not None:
+        if folded in aliases.ignore:
+            return None
+        if folded in aliases.columns:
+            return aliases.columns[folded]
+    known = folded.replace(" ", "_")
+    return known if known in KNOWN_FIELDS else column.strip()
+
+
+def header_hint(
+    fieldnames: Sequence[str], fields: Sequence[str | None], options: CsvOptions, delimiter: str
+) -> str | None:
+    """The likely cause, found in the header, of rows being refused (None when the header looks right)."""
+    if len(fieldnames) == 1:
+        others = [d for d in DELIMITERS if d != delimiter and d in fieldnames[0]]
+        shown = fieldnames[0] if len(fieldnames[0]) <= 60 else fieldnames[0][:60] + "..."
+        if others:
+            sep = "tab" if others[0] == "\t" else repr(others[0])
+            return f"the header has 1 column ({shown!r}): is the file separated by {sep}? pass --delimiter"
+        return f"the header has 1 column ({shown!r}): is the first line the header row?"
+    present = {f for f in fields if f is not None} | set(options.aliases.defaults if options.aliases else ())
+    missing = sorted(REQUIRED_FIELDS - present)
+    if missing:
+        return (
+            f"the header has no column for {', '.join(missing)}: name the columns as the contract does, or map "
+            "them (and add constants such as kind) with --aliases FILE (docs/examples/lims_aliases.toml)"
+        )
+    return None
+
+
+def _local_time(text: str, zone: ZoneInfo) -> str:
+    """A date or an offset-less date-time read in ``zone`` (RFC 3339 out); anything else is left as it is."""
+    value = text.strip()
+    try:
+        if len(value) == 10:
+            day = date.fromisoformat(value)
+            return datetime.combine(day, time(0), tzinfo=zone).isoformat()
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return text
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=zone).isoformat()
+    return text
+
+
+def _cell(target: str, value: str, options: CsvOptions, zone: ZoneInfo) -> str:
+    """One cell in the contract's spelling: mapped value, lower-case code, decimal point, zoned time."""
+    aliases = options.aliases
+    if aliases is not None and target in aliases.values:
+        value = aliases.values[target].get(_fold(value), value)
+    if target in LOWER_CASE_CODES:
+        return value.strip().lower()
+    if target in DECIMAL_FIELDS and _DECIMAL_COMMA.match(value):
+        return re.sub(r"[ .\u00a0\u202f]", "", value.strip()).replace(",", ".")
+    if target in TIME_FIELDS:
+        return _local_time(value, zone)
+    return value
+
+
+def _fill(template: str, row: Mapping[str, str]) -> str | None:
+    """A default's ``{Header}`` references replaced by the row's cells (plain lookup, no format language);
+    None when a referenced cell is empty, so ``"LAB:{Sample ID}"`` never makes the id ``"LAB:"``."""
+    folded = {_fold(k): v.strip() for k, v in row.items() if k is not None}
+    refs = [_fold(m) for m in _TEMPLATE.findall(template)]
+    if any(not folded.get(ref) for ref in refs):
+        return None
+    return _TEMPLATE.sub(lambda m: folded[_fold(m.group(1))], template)
+
+
 def read_csv(
-    stream: IO[str], name: str, max_depth: int = MAX_HEADER_DEPTH, max_field: int = MAX_FIELD_CHARS
+    stream: IO[str],
+    name: str,
+    max_depth: int = MAX_HEADER_DEPTH,
+    max_field: int = MAX_FIELD_CHARS,
+    options: CsvOptions | None = None,
 ) -> Iterator[InputRecord]:
     """Rows of a CSV file with a header; line numbers count the header as line 1.
 
     A row that cannot be read becomes a record with a ``problem`` (never an exception that ends the run).
     """
+    options = options or CsvOptions()
+    zone = options.zone()
     csv.field_size_limit(max_field)
-    reader = csv.DictReader(stream)
+    first = stream.readline()
+    if not first.strip():
+        return
+    delimiter = options.delimiter or sniff_delimiter(first.removeprefix("\ufeff"))
+    lines = _chain(first.removeprefix("\ufeff"), stream)
+    reader = csv.reader(lines, delimiter=delimiter)
     try:
-        header_problem = _too_deep(reader.fieldnames, max_depth)
-    except csv.Error as error:
+        fieldnames = next(reader)
+    except (csv.Error, StopIteration) as error:
         yield InputRecord(source=f"{name}:1", raw="", problem=f"CSV header unreadable: {error}")
         return
+    fields = [_field_of(column, options.aliases) for column in fieldnames]
+    header_problem = _too_deep([f for f in fields if f is not None], max_depth)
+    hint = header_hint(fieldnames, fields, options, delimiter)
     while True:
         try:
-            row = next(reader)
+            cells = next(reader)
         except StopIteration:
             return
         except csv.Error as error:
             problem = f"CSV row unreadable: {error} (SYNTHWATCH_MAX_CSV_FIELD_BYTES)"
-            yield InputRecord(source=f"{name}:{reader.line_num + 1}", raw="", problem=problem)
+            yield InputRecord(source=f"{name}:{reader.line_num}", raw="", problem=problem)
             continue
         source = f"{name}:{reader.line_num}"
-        if header_problem is not None:
-            if any(v for v in row.values()):
-                yield InputRecord(source=source, raw="", problem=header_problem)
+        if not any(cell.strip() for cell in cells):
             continue
-        obj = _nest(row)
-        if obj:
-            yield InputRecord(source=source, raw=json.dumps(obj, ensure_ascii=False), obj=obj)
+        if header_problem is not None:
+            yield InputRecord(source=source, raw="", problem=header_problem)
+            continue
+        raw = delimiter.join(cells)
+        undecodable = undecodable_hint(raw)
+        if undecodable is not None:
+            yield InputRecord(source=source, raw=raw, problem=f"{undecodable} (line {reader.line_num})")
+            continue
+        yield _row_record(source, fieldnames, fields, cells, options, zone, hint)
+
+
+def _chain(first: str, rest: IO[str]) -> Iterator[str]:
+    yield first
+    yield from rest
+
+
+def _row_record(
+    source: str,
+    fieldnames: Sequence[str],
+    fields: Sequence[str | None],
+    cells: Sequence[str],
+    options: CsvOptions,
+    zone: ZoneInfo,
+    hint: str | None,
+) -> InputRecord:
+    """One row as a record: cells under their contract fields, defaults added, values normalised."""
+    row: dict[str, str] = {}
+    extra = len(cells) - len(fieldnames)
+    for target, value in zip(fields, cells, strict=False):
+        if target is not None and value.strip() != "":
+            row[target] = _cell(target, value, options, zone)
+    if options.aliases is not None:
+        by_header = dict(zip(fieldnames, cells, strict=False))
+        for target, template in options.aliases.defaults.items():
+            filled = _fill(template, by_header) if target not in row else None
+            if filled is not None:
+                row[target] = _cell(target, filled, options, zone)
+    if hint is None and extra > 0 and any(cell.strip() for cell in cells[len(fieldnames) :]):
+        hint = (
+            f"the row has {len(cells)} cells, the header {len(fieldnames)}: a cell holding the delimiter must be quoted"
+        )
+    obj = _nest(row)
+    return InputRecord(source=source, raw=json.dumps(obj, ensure_ascii=False), obj=obj, hint=hint)
 
 
 def read_records(
@@ -123,9 +397,20 @@ def read_records(
     *,
     max_depth: int = MAX_HEADER_DEPTH,
     max_field: int = MAX_FIELD_CHARS,
+    encoding: str | None = None,
+    options: CsvOptions | None = None,
 ) -> Iterator[InputRecord]:
     """Records of a file (or ``-`` for standard input) in file order."""
     fmt = fmt or detect_format(path)
     name = "stdin" if path == "-" else Path(path).name
-    with _open(path) as stream:
-        yield from (read_csv(stream, name, max_depth, max_field) if fmt == "csv" else read_ndjson(stream, name))
+    check_encoding(encoding)
+    with _open(path, encoding) as stream:
+        try:
+            if fmt == "csv":
+                yield from read_csv(stream, name, max_depth, max_field, options)
+            else:
+                yield from read_ndjson(stream, name)
+        except UnicodeDecodeError as error:
+            raise ReaderError(
+                f"{name} is not {encoding}: {error.reason} at byte {error.start:,}; check --encoding"
+            ) from error

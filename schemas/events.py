@@ -28,6 +28,7 @@ from pydantic import (
     ValidationInfo,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
 from pydantic_core import core_schema
 
@@ -154,11 +155,13 @@ _FastInChIKey = Annotated[str, StringConstraints(pattern=_INCHIKEY.pattern), Wit
 
 
 class SubstanceReport(BaseModel):
-    """The substance as reported: a name always, a structure when a lab identified one."""
+    """The substance as reported: a name, a structure (SMILES or InChIKey), or both."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
-    name: Text = Field(description="Name as reported (any language, any spelling).")
+    name: Text | None = Field(
+        default=None, description="Name as reported (any language, any spelling); optional with a SMILES or InChIKey."
+    )
     smiles: Smiles | None = None
     inchikey: _FastInChIKey | None = None
     cas: Annotated[str, AfterValidator(_cas_number)] | None = None
@@ -234,10 +237,12 @@ def _plausible(value: datetime) -> bool:
 
 
 def fast_event_ok(event: LabDetection | BorderSeizure) -> bool:
-    """The checks pydantic-core cannot make: times in the plausible range, region inside the country."""
+    """The checks pydantic-core cannot make: a name or structure, times in range, region inside the country."""
     reported = event.reported_at
+    substance = event.substance
     return (
-        _plausible(event.occurred_at)
+        (substance.name is not None or substance.smiles is not None or substance.inchikey is not None)
+        and _plausible(event.occurred_at)
         and (reported is None or _plausible(reported))
         and SUBDIVISION_COUNTRY[event.region] == event.country
     )
@@ -248,6 +253,12 @@ def fast_event_ok(event: LabDetection | BorderSeizure) -> bool:
 
 class CheckedSubstanceReport(SubstanceReport):
     inchikey: InChIKey | None = None
+
+    @model_validator(mode="after")
+    def _named_or_structured(self) -> CheckedSubstanceReport:
+        if self.name is None and self.smiles is None and self.inchikey is None:
+            raise ValueError("needs a name, a SMILES or an InChIKey (any one identifies the substance)")
+        return self
 
 
 class _CheckedEvent(_EventBase):

@@ -6,6 +6,7 @@ the edge and in the stream (the worker re-validates what other producers may hav
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -178,3 +179,26 @@ def check_extras(event: LabDetection | BorderSeizure, limits: RecordLimits = DEF
             "(SYNTHWATCH_MAX_EXTRA_BYTES)",
             event.event_id,
         )
+
+
+def content_digest(event: LabDetection | BorderSeizure) -> str:
+    """A digest of what an event says (its canonical JSON), to tell a re-send from a changed report.
+
+    Field order and spelling do not matter (the event is parsed and normalised first, unknown fields are
+    sorted), so the same report sent again by another tool has the same digest.
+    """
+    if event.model_extra or event.substance.model_extra:
+        text = json.dumps(event.model_dump(mode="json", exclude_none=True), sort_keys=True, ensure_ascii=False)
+        data = text.encode()
+    else:
+        data = event.model_dump_json(exclude_none=True).encode()
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def changed_content_reason(event_id: str, earlier_in: str = "already stored") -> str:
+    """Why a re-sent ``event_id`` with other content is refused, and what to send instead (docs/detection.md)."""
+    shown = event_id if len(event_id) <= 80 else event_id[:80] + "..."
+    return (
+        f"event_id {shown!r} is {earlier_in} with different content: a report is never overwritten; "
+        "send the corrected report with a new event_id and `corrects` set to the old one"
+    )

@@ -431,25 +431,30 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
         return kept, late, alerts, sightings, partitions
 
     async def keep_late(
-        late: list[LateEvent], unstored: Iterable[EnrichedEvent]
+        late: list[LateEvent], unstored: Iterable[EnrichedEvent], changed: list[Reject]
     ) -> tuple[list[EnrichedEvent], list[Sighting], int]:
         """Late events are kept (stored flagged ``late``, their sightings sent), unless already stored (or
-        about to be, in ``unstored``): a re-sent old event is a duplicate. Returns (kept, sightings, duplicates)."""
+        about to be, in ``unstored``): a re-sent old event is a duplicate, or, with other content, a changed
+        report refused into ``changed``. Returns (kept, sightings, duplicates)."""
         if not late:
             return [], [], 0
         stored = await with_retries(
-            app, "checking late events", partial(ctx.sink.stored_event_ids, [i for i, _ in late]), stats, metrics
+            app, "checking late events", partial(ctx.sink.stored_event_digests, [i for i, _ in late]), stats, metrics
         )
         late_ids = {item.event_id for item, _ in late}
-        stored |= {item.event_id for item in unstored if item.event_id in late_ids}
+        stored.update({item.event_id: item.digest for item in unstored if item.event_id in late_ids})
         kept: list[EnrichedEvent] = []
         sightings: list[Sighting] = []
         duplicates = 0
         for item, found in late:
-            if item.event_id in stored:
-                duplicates += 1
+            known = stored.get(item.event_id)
+            if known is not None:
+                if known and item.digest and known != item.digest:
+                    changed.append(item.changed_content_reject())
+                else:
+                    duplicates += 1
                 continue
-            stored.add(item.event_id)  # a re-send later in the same batch
+            stored[item.event_id] = item.digest  # a re-send later in the same batch
             item.late = True
             kept.append(item)
             sightings.extend(found.sightings)
@@ -477,6 +482,17 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
                 stats,
                 metrics,
             )
+            if stored.changed:  # ids stored with other content: refused with a reason, like any reject
+                refused = [item.changed_content_reject() for item in stored.changed]
+                await send_all(
+                    [
+                        await send(rejects_topic, (r.event_id or r.source).encode(), r.model_dump_json().encode())
+                        for r in refused
+                    ]
+                )
+                metrics.rejected(refused)
+                metrics.produced(settings.topic_rejects, len(refused))
+                stats.rejected += len(refused)
             await send_all(await save(region_table, changes))
             await seal(region_table, changes)
             # The spike alerts these records decided, now that the records holding them are acknowledged;
@@ -509,7 +525,9 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
                 kept, late, alerts, sightings, batch_partitions = detect_regions(result.events)
                 replayed_records("intake", stats.replayed - replayed_before)
                 partitions.update(batch_partitions)
-                late_kept, late_sightings, late_duplicates = await keep_late(late, chain(storing, rows, kept))
+                late_kept, late_sightings, late_duplicates = await keep_late(
+                    late, chain(storing, rows, kept), result.rejects
+                )
                 result.duplicates += late_duplicates
                 sightings += late_sightings
                 rows.extend(kept)

@@ -66,8 +66,8 @@ SEIZURE_COLUMNS = [
     "destination_country",
 ]
 # The stream also stores whether a report was late (``ingest-history`` leaves the column to its default).
-SINK_LAB_COLUMNS = [*LAB_COLUMNS, "late"]
-SINK_SEIZURE_COLUMNS = [*SEIZURE_COLUMNS, "late"]
+SINK_LAB_COLUMNS = [*LAB_COLUMNS, "late", "content_hash"]
+SINK_SEIZURE_COLUMNS = [*SEIZURE_COLUMNS, "late", "content_hash"]
 REJECT_COLUMNS = ["reject_id", "rejected_at", "stage", "source", "reason", "event_id", "raw"]
 ALERT_TABLE = "alerts"
 ALERT_COLUMNS = [
@@ -101,11 +101,13 @@ ALERT_COLUMNS = [
 
 @dataclass(slots=True, frozen=True)
 class StoreResult:
-    """What one call stored: new rows per table and events skipped because already stored."""
+    """What one call stored: new rows per table, events skipped because already stored (same content),
+    and ``changed``: events whose id is stored with other content (to be rejected, never stored)."""
 
     lab_detections: int = 0
     border_seizures: int = 0
     already_stored: int = 0
+    changed: tuple[EnrichedEvent, ...] = ()
 
     @property
     def stored(self) -> int:
@@ -142,7 +144,7 @@ def lab_values(event: LabDetection, substance: SubstanceValues) -> tuple[Any, ..
         event.reported_at,
         event.country,
         event.region,
-        s.name,
+        s.name or "",
         s.smiles,
         s.inchikey,
         s.cas,
@@ -166,7 +168,7 @@ def seizure_values(event: BorderSeizure, substance: SubstanceValues, quantity: Q
         event.reported_at,
         event.country,
         event.region,
-        s.name,
+        s.name or "",
         s.smiles,
         s.inchikey,
         s.cas,
@@ -186,7 +188,7 @@ def seizure_values(event: BorderSeizure, substance: SubstanceValues, quantity: Q
 
 def lab_row(item: EnrichedEvent) -> tuple[Any, ...]:
     """One row of :data:`SINK_LAB_COLUMNS`."""
-    return (*lab_values(cast(LabDetection, item.event), substance_values(item.substance)), item.late)
+    return (*lab_values(cast(LabDetection, item.event), substance_values(item.substance)), item.late, item.digest)
 
 
 def seizure_row(item: EnrichedEvent) -> tuple[Any, ...]:
@@ -194,7 +196,7 @@ def seizure_row(item: EnrichedEvent) -> tuple[Any, ...]:
     values = seizure_values(
         cast(BorderSeizure, item.event), substance_values(item.substance), quantity_values(item.quantity)
     )
-    return (*values, item.late)
+    return (*values, item.late, item.digest)
 
 
 def reject_id(reject: Reject) -> str:
@@ -258,22 +260,37 @@ class ClickHouseSink:
         self.lock = lock or threading.Lock()
 
     def _stored_ids(self, table: str, ids: Sequence[str]) -> set[str]:
+        return set(self._stored_digests(table, ids))
+
+    def _stored_digests(self, table: str, ids: Sequence[str]) -> dict[str, str]:
+        """Stored event id -> content digest ('' for rows stored before digests, or by ingest-history)."""
         if not ids:
-            return set()
+            return {}
         rows = self.client.query(
-            f"SELECT event_id FROM {table} WHERE event_id IN {{ids:Array(String)}}", parameters={"ids": list(ids)}
+            f"SELECT event_id, any(content_hash) FROM {table} "
+            "WHERE event_id IN {ids:Array(String)} GROUP BY event_id",
+            parameters={"ids": list(ids)},
         ).result_rows
-        return {row[0] for row in rows}
+        return {row[0]: row[1] for row in rows}
 
     def _insert_new(
-        self, table: str, items: list[EnrichedEvent], columns: list[str], to_row: Callable[..., Sequence[Any]]
+        self,
+        table: str,
+        items: list[EnrichedEvent],
+        columns: list[str],
+        to_row: Callable[..., Sequence[Any]],
+        changed: list[EnrichedEvent],
     ) -> tuple[int, int]:
-        stored = self._stored_ids(table, [item.event_id for item in items])
+        """Insert the events not stored yet; an id stored with another digest goes to ``changed``."""
+        stored = self._stored_digests(table, [item.event_id for item in items])
         fresh = []
         for item in items:  # a checkpoint spans batches: an id may come twice in one call (a re-send)
-            if item.event_id not in stored:
-                stored.add(item.event_id)
+            known = stored.get(item.event_id)
+            if known is None:
+                stored[item.event_id] = item.digest
                 fresh.append(to_row(item))
+            elif known and item.digest and known != item.digest:
+                changed.append(item)
         if fresh:
             self.client.insert(
                 table,
@@ -282,7 +299,7 @@ class ClickHouseSink:
                 column_oriented=True,
                 settings=INSERT_SETTINGS,
             )
-        return len(fresh), len(items) - len(fresh)
+        return len(fresh), len(items) - len(fresh) - len(changed)
 
     def stored_event_ids(self, items: Sequence[EnrichedEvent]) -> set[str]:
         """Which of these events are already stored (a re-sent old event is a duplicate, not late)."""
@@ -295,10 +312,21 @@ class ClickHouseSink:
         """Insert the events not stored yet; safe to call again with the same batch after a failure."""
         labs = [item for item in items if isinstance(item.event, LabDetection)]
         seizures = [item for item in items if isinstance(item.event, BorderSeizure)]
+        changed_labs: list[EnrichedEvent] = []
+        changed_seizures: list[EnrichedEvent] = []
         with self.lock:
-            new_labs, old_labs = self._insert_new(LAB_TABLE, labs, SINK_LAB_COLUMNS, lab_row)
-            new_seizures, old_seizures = self._insert_new(SEIZURE_TABLE, seizures, SINK_SEIZURE_COLUMNS, seizure_row)
-        return StoreResult(new_labs, new_seizures, old_labs + old_seizures)
+            new_labs, old_labs = self._insert_new(LAB_TABLE, labs, SINK_LAB_COLUMNS, lab_row, changed_labs)
+            new_seizures, old_seizures = self._insert_new(
+                SEIZURE_TABLE, seizures, SINK_SEIZURE_COLUMNS, seizure_row, changed_seizures
+            )
+        return StoreResult(new_labs, new_seizures, old_labs + old_seizures, (*changed_labs, *changed_seizures))
+
+    def stored_event_digests(self, items: Sequence[EnrichedEvent]) -> dict[str, str]:
+        """Which of these events are already stored, with their stored content digest ('' when unknown)."""
+        labs = [i.event_id for i in items if isinstance(i.event, LabDetection)]
+        seizures = [i.event_id for i in items if isinstance(i.event, BorderSeizure)]
+        with self.lock:
+            return {**self._stored_digests(LAB_TABLE, labs), **self._stored_digests(SEIZURE_TABLE, seizures)}
 
     def store_rejects(self, rejects: Sequence[Reject]) -> int:
         """Insert rejects not stored yet (by :func:`reject_id`); returns how many were new."""

@@ -44,6 +44,7 @@ class Endpoint:
         self.cooldown_s = limits.cooldown_s
         self.reopen_at = 0.0
         self.in_flight = 0
+        self.waiting = 0  # deliveries told that the circuit is open, still waiting for it
         self._slots = asyncio.Semaphore(limits.concurrency)
         self._changed = asyncio.Condition()
         self._probing = False
@@ -63,29 +64,40 @@ class Endpoint:
         ``on_deferred`` is awaited once, the first time this call finds the circuit open.
         """
         told = False
-        while True:
-            if self.state == "closed":
-                await self._slots.acquire()
+        try:
+            while True:
                 if self.state == "closed":
+                    await self._slots.acquire()
+                    if self.state == "closed":
+                        self.in_flight += 1
+                        return False
+                    self._slots.release()  # opened while we waited for the slot
+                    continue
+                if self.state == "open" and self.clock() >= self.reopen_at and not self._probing:
+                    self.state, self._probing = "half_open", True
+                    await self._slots.acquire()
                     self.in_flight += 1
-                    return False
-                self._slots.release()  # opened while we waited for the slot
-                continue
-            if self.state == "open" and self.clock() >= self.reopen_at and not self._probing:
-                self.state, self._probing = "half_open", True
-                await self._slots.acquire()
-                self.in_flight += 1
-                return True
-            if not told and on_deferred is not None:
-                told = True
-                await on_deferred(self.describe())
-                continue  # the state may have changed while the deferral was recorded
-            wait = max(0.0, self.reopen_at - self.clock()) if self.state == "open" else None
-            version = self._version
-            async with self._changed:
-                if version == self._version:  # nothing changed while we took the lock: sleep until it does
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._changed.wait(), wait)
+                    return True
+                if not told and on_deferred is not None:
+                    told = True
+                    self.waiting += 1
+                    await on_deferred(self.describe())
+                    continue  # the state may have changed while the deferral was recorded
+                wait = max(0.0, self.reopen_at - self.clock()) if self.state == "open" else None
+                version = self._version
+                async with self._changed:
+                    if version == self._version:  # nothing changed while we took the lock: sleep until it does
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._changed.wait(), wait)
+        finally:
+            if told:
+                self.waiting -= 1
+
+    async def probe_now(self) -> None:
+        """End the cool-down: the next waiting delivery probes at once (an operator knows it is back up)."""
+        if self.state == "open":
+            self.reopen_at = self.clock()
+            await self._notify()
 
     async def done(self, *, reached: bool, probe: bool) -> None:
         """Release the slot; ``reached``: the endpoint answered (any status but a 5xx/408/429) or accepted."""
@@ -103,6 +115,9 @@ class Endpoint:
                 self.state, self.reopen_at = "open", self.clock() + self.cooldown_s
         if probe:
             self._probing = False
+        await self._notify()
+
+    async def _notify(self) -> None:
         self._version += 1
         async with self._changed:
             self._changed.notify_all()

@@ -83,6 +83,25 @@ class Consumer(faust_aiokafka.Consumer):
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
+    async def perform_seek(self) -> None:
+        """Faust's seek to the committed offsets, and to the start for stream partitions that have none.
+
+        aiokafka seeks only partitions whose committed offset is above 0 (``AIOKafkaConsumer.seek_to_committed``):
+        one never committed keeps its fetch position, past the records that the flow-control queues held and
+        clear when flow resumes, so those records were never fetched again (the rejects shortfall after a kill:
+        a sparse topic is often uncommitted when Tansu's second rebalance clears the queues; and the watchdog's
+        seek-back). Such partitions start over from the beginning, where ``auto_offset_reset='earliest'`` put
+        them: what was already stored is skipped by id, nothing is lost. Changelogs are recovery's business.
+        """
+        await super().perform_seek()
+        changelogs = set(self.app.tables.changelog_topics)
+        fresh = sorted(
+            tp for tp in self.assignment() if tp.topic not in changelogs and not self._committed_offset.get(tp)
+        )
+        if fresh:
+            self.log.info("Seek %d never-committed stream partitions to their beginning.", len(fresh))
+            await self._thread.seek_to_beginning(*(aiokafka.TopicPartition(tp.topic, tp.partition) for tp in fresh))
+
     async def deliver(self, callback: Callable[[Any], Awaitable[Any]], message: Any) -> None:
         """``callback(message)`` run directly; only if it has to wait, finished as Faust does."""
         if self.suspend_flow.is_set():

@@ -59,6 +59,54 @@ def normalise_name(name: str) -> str:
     return "".join(ch for ch in decomposed if ch.isalnum() and not unicodedata.combining(ch))
 
 
+#: Salt, counter-ion and form words (English and French) that say how a substance was prepared, not which one
+#: it is: "Mephedrone HCl", "chlorhydrate de méphédrone" and "MDMA hemifumarate" are mephedrone and MDMA, as
+#: their SMILES with ``.Cl`` already resolve. Matched on the normalised name (see :func:`strip_salt_words`).
+SALT_WORDS: frozenset[str] = frozenset(
+    {"hcl", "hydrochloride", "hydrochlorid", "dihydrochloride", "chlorhydrate", "dichlorhydrate", "hydrochlorure"}
+    | {"hbr", "hydrobromide", "bromhydrate", "hydroiodide", "iodhydrate"}
+    | {"citrate", "dihydrogencitrate", "fumarate", "hemifumarate", "tartrate", "bitartrate", "hemitartrate"}
+    | {"sulfate", "sulphate", "hemisulfate", "hemisulphate", "bisulfate", "phosphate", "diphosphate"}
+    | {"maleate", "mesylate", "mesilate", "besylate", "besilate", "oxalate", "succinate", "napsylate"}
+    | {"monohydrate", "dihydrate", "trihydrate", "hemihydrate", "sesquihydrate", "hydrate", "anhydrous", "anhydre"}
+    | {"freebase", "base", "baselibre", "salt", "salts", "sel", "sels"}
+)
+#: Salt words end a name ("mephedrone HCl"); in French they start it, joined by "de"/"du"/"d'"
+#: ("chlorhydrate de méphédrone", "sulfate d'amphétamine"). Longest first, so "hemifumarate" beats "fumarate".
+_SALT_SUFFIXES: tuple[str, ...] = tuple(sorted(SALT_WORDS, key=lambda w: (-len(w), w)))
+_SALT_PREFIXES: tuple[str, ...] = tuple(
+    sorted({w + joint for w in SALT_WORDS for joint in ("de", "du", "d")}, key=lambda w: (-len(w), w))
+)
+#: Characters a name keeps at least once its salt words are gone ("2C HCl" is 2C; "HCl" alone stays "hcl").
+_MIN_NAME = 2
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def strip_salt_words(name: str) -> str:
+    """The normalised name without its salt and form words ("Mephedrone HCl" -> "mephedrone").
+
+    Why: a lab names the salt it weighed; the network counts the substance. Matched on the normalised
+    name (case, accents, spaces and punctuation gone), so it is as indifferent to spelling as name
+    resolution itself ("hydrochlorid e" is "hydrochloride"). A name made only of such words
+    ("hydrochloride") is kept whole, so it never becomes the empty name.
+    """
+    key = normalise_name(name)
+    while True:
+        suffix = next((w for w in _SALT_SUFFIXES if key.endswith(w) and len(key) - len(w) >= _MIN_NAME), None)
+        prefix = next((w for w in _SALT_PREFIXES if key.startswith(w) and len(key) - len(w) >= _MIN_NAME), None)
+        if suffix is not None:
+            key = key[: -len(suffix)]
+        elif prefix is not None:
+            key = key[len(prefix) :]
+        else:
+            return key
+
+
+def name_key(name: str) -> str:
+    """The normalised name that resolves: :func:`normalise_name` of the name without its salt words."""
+    return strip_salt_words(name)
+
+
 @dataclass(frozen=True, slots=True)
 class Structure:
     """What a valid structure tells us: its key (InChIKey first block), full InChIKey and SMARTS family."""
@@ -254,7 +302,7 @@ class SubstanceResolver:
             catalogued=True,
             resolved_by="catalogue_name",
         )
-        for alias in {normalise_name(alias) for alias in (entry.name, *entry.synonyms)}:
+        for alias in {name_key(alias) for alias in (entry.name, *entry.synonyms)}:
             clash = self._by_name.get(alias)
             if clash is not None and clash.key != structure.key:
                 raise ValueError(f"catalogue alias {alias!r} names {clash.display_name!r} and {entry.name!r}")
@@ -262,12 +310,19 @@ class SubstanceResolver:
                 self._by_name[alias] = by_name
 
     def resolve(
-        self, name: str, smiles: str | None = None, inchikey: str | None = None, reporter: str | None = None
+        self,
+        name: str | None,
+        smiles: str | None = None,
+        inchikey: str | None = None,
+        reporter: str | None = None,
     ) -> ResolvedSubstance:
         """Identity of one report: valid SMILES, else InChIKey, else catalogue name, learnt name, raw name.
 
-        ``reporter`` (who vouches for the report) counts towards corroborating a name learnt from it.
+        ``reporter`` (who vouches for the report) counts towards corroborating a name learnt from it. A
+        report with a structure needs no name (the catalogue or the structure names it); when that
+        structure is unreadable, the spelling itself stands in for the missing name.
         """
+        name = name or ""
         error: str | None = None
         structure: Structure | None = None
         if smiles:
@@ -284,7 +339,7 @@ class SubstanceResolver:
                 structure = found
         if structure is not None:
             return self._from_structure(structure, name, error, reporter)
-        return self._from_name(name, error)
+        return self._from_name(name if name.strip() else (smiles or inchikey or ""), error)
 
     def _from_structure(
         self, structure: Structure, name: str, error: str | None, reporter: str | None = None
@@ -320,7 +375,7 @@ class SubstanceResolver:
 
     def _from_name(self, name: str, error: str | None) -> ResolvedSubstance:
         """Name-only report: catalogue alias, else a learnt name, else a key made from the name itself."""
-        normalised = normalise_name(name)
+        normalised = name_key(name)
         by_name = self._by_name.get(normalised)
         if by_name is not None:
             return by_name if error is None else replace(by_name, structure_error=error)
@@ -365,7 +420,7 @@ class SubstanceResolver:
 
     def _learn_from_report(self, name: str, key: str, reporter: str | None = None) -> None:
         """Remember a name seen with a structure; a name's key never flips (see the module docstring)."""
-        normalised = normalise_name(name)
+        normalised = name_key(name)
         learnt = self._learnt.get(normalised)
         if learnt is not None and normalised not in self._vouched:
             return  # corroborated (or corroboration=1): settled, the hot path
@@ -402,7 +457,7 @@ class SubstanceResolver:
         """Replay stored evidence (a name reported with structure ``key`` by ``reporter``) after a restart."""
         if _STRUCTURE_KEY.fullmatch(key) is None:
             raise ValueError(f"learnt names map to structure keys (InChIKey first block), got {key!r}")
-        normalised = normalise_name(name)
+        normalised = name_key(name)
         if normalised in self._by_name or normalised in UNINFORMATIVE_NAMES:
             return
         self.vouch(normalised, key, reporter)
@@ -419,7 +474,7 @@ class SubstanceResolver:
         """Restore a persisted learnt name; False when the catalogue or an earlier learnt name owns it."""
         if _STRUCTURE_KEY.fullmatch(key) is None:
             raise ValueError(f"learnt names map to structure keys (InChIKey first block), got {key!r}")
-        normalised = normalise_name(name)
+        normalised = name_key(name)
         if normalised in self._learnt or normalised in self._by_name or normalised in UNINFORMATIVE_NAMES:
             return False
         self._learnt[normalised] = key

@@ -2,7 +2,8 @@
 
 Pure and synchronous so the Faust agent, the offline backtest and the tests share it: the agent only
 moves bytes in and results out. Every message ends as exactly one of: an event, a duplicate (same
-``event_id`` earlier in the batch), or a reject.
+``event_id`` and content earlier in the batch), or a reject (also: the same ``event_id`` with other
+content, a changed report, which must come with a new id).
 
 With an :class:`~synthwatch.schemas.envelope.EnvelopeVerifier`, every record's signed envelope is checked
 before it is parsed: a missing, unknown or wrong signature, or an organisation reporting as a lab or
@@ -17,7 +18,14 @@ from dataclasses import dataclass, field
 from synthwatch.schemas import BorderSeizure, LabDetection, Reject, WireError
 from synthwatch.schemas.envelope import EnvelopeVerifier, Headers
 from synthwatch.schemas.records import RejectStage
-from synthwatch.schemas.wire import DEFAULT_LIMITS, RecordLimits, parse_limited
+from synthwatch.schemas.wire import (
+    DEFAULT_LIMITS,
+    RecordLimits,
+    changed_content_reason,
+    content_digest,
+    event_to_json,
+    parse_limited,
+)
 
 from .identity import NormalisedQuantity, ResolvedSubstance, SubstanceResolver, normalise_quantity
 
@@ -36,6 +44,17 @@ class RawMessage:
     headers: Headers | None = None
 
 
+def changed_content_reject(event: LabDetection | BorderSeizure, source: str, stage: RejectStage) -> Reject:
+    """The reject of an event whose id is already stored (or taken) with different content."""
+    return Reject.of(
+        event_to_json(event),
+        source=source,
+        reason=changed_content_reason(event.event_id),
+        stage=stage,
+        event_id=event.event_id,
+    )
+
+
 @dataclass(slots=True)
 class EnrichedEvent:
     """A valid event with its resolved substance and normalised quantity."""
@@ -46,6 +65,11 @@ class EnrichedEvent:
     source: str
     org: str | None = None  # the organisation whose signature the record carried
     late: bool = False  # set by the worker for a late report: stored with its ``late`` column true
+    digest: str = ""  # content_digest of the event: a re-send with another digest is a changed report
+
+    def changed_content_reject(self, stage: RejectStage = "worker") -> Reject:
+        """The reject of this event when its id is already stored (or taken) with different content."""
+        return changed_content_reject(self.event, self.source, stage)
 
     @property
     def event_id(self) -> str:
@@ -105,7 +129,7 @@ class Intake:
 
     def process(self, messages: Iterable[RawMessage]) -> IntakeResult:
         result = IntakeResult()
-        seen: set[str] = set()
+        seen: dict[str, str] = {}  # event id -> content digest
         verifier = self.verifier
         for message in messages:
             if message.value is None:
@@ -142,9 +166,16 @@ class Intake:
                 if refused is not None:
                     result.rejects.append(self._refuse(message, refused, event.event_id))
                     continue
-            if event.event_id in seen:
-                result.duplicates += 1
+            digest = content_digest(event)
+            earlier = seen.get(event.event_id)
+            if earlier is not None:
+                if earlier == digest:
+                    result.duplicates += 1
+                else:  # the same id with other content in one batch: a changed report, refused
+                    result.rejects.append(changed_content_reject(event, message.source, self.stage))
                 continue
-            seen.add(event.event_id)
-            result.events.append(self.enrich(event, message.source, org))
+            seen[event.event_id] = digest
+            enriched = self.enrich(event, message.source, org)
+            enriched.digest = digest
+            result.events.append(enriched)
         return result

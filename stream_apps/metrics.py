@@ -76,6 +76,11 @@ def reject_reason(reason: str) -> str:
         return "too_many_extra_fields"
     if lowered.startswith("csv "):
         return "unreadable_csv"
+    first = lowered.split(";")[0]
+    if "with different content" in first or lowered.startswith("changed content"):
+        return "changed_content"
+    if "is not utf-8" in first:
+        return "not_utf8"
     match = _FIELD.match(text)
     if match:
         field = re.sub(r"\[\d+\]|\.\d+", "", match.group(1)).replace(".", "_").lower()
@@ -110,7 +115,7 @@ def _wire_fields() -> frozenset[str]:
 def reject_reason_classes() -> frozenset[str]:
     """The fixed set of reject reason label values (why: Prometheus series must not grow with input)."""
     fixed = {"too_late", "empty_message", "not_a_reject_record", "invalid_json", "too_large", "invalid_other_field"}
-    fixed |= {"too_many_extra_fields", "unreadable_csv"}
+    fixed |= {"too_many_extra_fields", "unreadable_csv", "changed_content", "not_utf8"}
     return frozenset(fixed | {f"invalid_{f}" for f in _wire_fields()} | {"other"})
 
 

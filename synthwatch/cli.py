@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, NoReturn, cast
 
@@ -14,7 +15,10 @@ from rich.table import Table
 from .cli_dashboards import register as register_dashboard_commands
 from .cli_data import register as register_data_commands
 from .cli_delivery import register as register_delivery_commands
+from .cli_gateway import register as register_gateway_commands
+from .cli_publish import EXIT_CODES_HELP, EXIT_NOTHING_SENT_OR_ERROR, exit_code, print_reasons, push_metrics
 from .consoles import command_console
+from .output import FormatOption, OutputFormat, emit
 from .redaction import redact
 from .settings import Settings
 from .terminal import plain, say
@@ -29,6 +33,7 @@ app.add_typer(bench_app, name="bench")
 register_data_commands(app)
 register_delivery_commands(app)
 register_dashboard_commands(app)
+register_gateway_commands(app)
 
 console = command_console()
 
@@ -93,35 +98,90 @@ def status() -> None:
 # --- producing -----------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def publish(
     file: Annotated[str, typer.Argument(help="NDJSON or CSV file, or - for standard input.")],
     fmt: Annotated[str | None, typer.Option("--format", help="ndjson or csv (default: by extension).")] = None,
+    delimiter: Annotated[
+        str | None, typer.Option(help="CSV delimiter, e.g. ';' or tab (default: sniffed from the header).")
+    ] = None,
+    encoding: Annotated[
+        str | None, typer.Option(help="Text encoding, e.g. cp1252 (default: UTF-8, with or without a BOM).")
+    ] = None,
+    timezone: Annotated[
+        str, typer.Option(help="CSV: time zone of dates and times written without an offset (IANA name).")
+    ] = "UTC",
+    aliases: Annotated[
+        Path | None,
+        typer.Option(help="CSV: TOML file mapping a LIMS's headers to fields (docs/examples/lims_aliases.toml)."),
+    ] = None,
 ) -> None:
-    """Validate and publish reports; invalid ones go to the rejects topic with a reason."""
+    """Validate and publish reports; invalid ones go to the rejects topic with a reason.
+
+    CSV: a BOM is dropped, the delimiter sniffed, codes (KG, Air) read in any case, decimal commas
+    accepted, and a date or time without an offset is read in --timezone (UTC unless given).
+    """
+    import time
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from synthwatch.kafka_clients import KafkaConnectError, KafkaSecurityError
-    from synthwatch.producers.publisher import Publisher, SigningError
-    from synthwatch.producers.readers import InputFormat, read_records
+    from synthwatch.producers.publisher import Publisher, PublishSummary, SigningError
+    from synthwatch.producers.readers import (
+        CsvOptions,
+        InputFormat,
+        ReaderError,
+        check_encoding,
+        detect_format,
+        load_aliases,
+        read_records,
+    )
     from synthwatch.schemas.envelope import OrgKeysError
 
     from .runtime import NoBrokerConfigured, bootstrap_servers
 
+    error_code = EXIT_NOTHING_SENT_OR_ERROR
     settings = Settings()
+    if file != "-" and Path(file).is_dir():
+        _fail(f"{file} is a directory: publish one file at a time (for f in {file}/*; do ...; done)", error_code)
     if file != "-" and not Path(file).is_file():
-        _fail(f"no such file: {file}")
+        _fail(f"no such file: {file}", error_code)
     if fmt not in (None, "ndjson", "csv"):
-        _fail("--format is ndjson or csv")
+        _fail("--format is ndjson or csv", error_code)
+    if delimiter is not None:
+        delimiter = {"tab": "\t", "\\t": "\t"}.get(delimiter, delimiter)
+        if len(delimiter) != 1:
+            _fail(f"--delimiter is one character (or 'tab'), not {delimiter!r}", error_code)
+    try:
+        check_encoding(encoding)
+        options = CsvOptions(delimiter, timezone, load_aliases(aliases) if aliases is not None else None)
+        options.zone()
+    except ReaderError as error:
+        _fail(str(error), error_code)
     try:
         servers = bootstrap_servers(settings)
     except NoBrokerConfigured as error:
-        _fail(str(error))
+        _fail(str(error), error_code)
     total = None if file == "-" else sum(1 for line in open(file, "rb") if line.strip())  # noqa: SIM115
+    started = time.monotonic()
     try:
-        publisher = Publisher(settings, servers)
+        publisher = Publisher(
+            settings, servers, bootstrap_timeout_ms=int(settings.publish_connect_timeout_seconds * 1000)
+        )
     except (SigningError, OrgKeysError, KafkaSecurityError, KafkaConnectError) as error:  # each says what to do
-        _fail(str(error))
+        records_in_file = (total or 0) - (1 if (fmt or detect_format(file)) == "csv" else 0)  # minus a header
+        if isinstance(error, KafkaConnectError) and records_in_file > 0:  # all failed: the rule must see it
+            failed = PublishSummary(read=records_in_file, failed=[("file", "no broker")] * records_in_file)
+            push_metrics(settings, failed, time.monotonic() - started, None, err)
+        _fail(str(error), error_code)
+    records = read_records(
+        file,
+        cast(InputFormat | None, fmt),
+        max_depth=settings.max_csv_header_depth,
+        max_field=settings.max_csv_field_bytes,
+        encoding=encoding,
+        options=options,
+    )
     with (
         publisher,
         Progress(
@@ -135,15 +195,11 @@ def publish(
         ) as progress,
     ):
         task = progress.add_task("publish", total=total)
-        summary = publisher.publish_records(
-            read_records(
-                file,
-                cast(InputFormat | None, fmt),
-                max_depth=settings.max_csv_header_depth,
-                max_field=settings.max_csv_field_bytes,
-            ),
-            progress=lambda n: progress.advance(task, n),
-        )
+        try:
+            summary = publisher.publish_records(records, progress=lambda n: progress.advance(task, n))
+        except ReaderError as error:
+            _fail(f"{error}; nothing after that point was read", error_code)
+    push_metrics(settings, summary, time.monotonic() - started, publisher.acked_per_topic, err)
     table = Table(title=plain(f"published {file}"))
     for column in ("read", "sent", "rejected", "duplicates", "failed"):
         table.add_column(column, justify="right")
@@ -151,12 +207,14 @@ def publish(
         *(str(v) for v in (summary.read, summary.sent, summary.rejected, summary.duplicates, len(summary.failed)))
     )
     console.print(table)
-    for reason, count in sorted(summary.reject_reasons.items(), key=lambda kv: -kv[1]):
-        say(console, "  rejected (", reason, f"): {count}")
+    print_reasons(console, summary)
+    if summary.read == 0:
+        say(err, "[yellow]warning:[/] ", f"{file} holds no records" + (" (only a header row)" if total else ""))
     for label, problem in summary.failed[:20]:
         say(err, "[red]not delivered[/] ", f"{label}: {problem}")
     if summary.failed:
-        _fail(f"{len(summary.failed)} records were NOT delivered (listed above); re-send the file", code=2)
+        _fail(f"{len(summary.failed)} records were NOT delivered (listed above); re-send the file", error_code)
+    raise typer.Exit(exit_code(summary))
 
 
 @app.command()
@@ -254,32 +312,57 @@ def db_migrate(
 
 
 @app.command()
-def sql(query: Annotated[str, typer.Argument(help="One SELECT (or WITH ... SELECT) statement.")]) -> None:
+def sql(
+    query: Annotated[str, typer.Argument(help="One SELECT (or WITH ... SELECT) statement.")],
+    fmt: FormatOption = OutputFormat.table,
+) -> None:
     """Run one SELECT on synthwatch's ClickHouse in a read-only, time-bounded session (through the running stack
     if it holds the engine). Tables: SELECT name FROM system.tables WHERE database = currentDatabase()."""
-    from .query import QueryError, run_query
+    from .query import QueryError, run_query, trailing_format
 
+    wanted = trailing_format(query)
+    if wanted is not None:
+        _fail(
+            f"FORMAT {wanted} is not run by ClickHouse here (the session is read-only, and its answer must pass "
+            f"the same checks); drop the FORMAT clause and pass --format csv or --format json"
+        )
     try:
         result = run_query(Settings(), query)
     except QueryError as error:
         _fail(str(error))
-    table = Table()
-    for column in result.columns:
-        table.add_column(plain(column))
-    for row in result.rows:
-        table.add_row(*(plain(v) for v in row))
-    console.print(table)
+
+    def table() -> Table:
+        table = Table()
+        for column in result.columns:
+            table.add_column(plain(column))
+        for row in result.rows:
+            table.add_row(*(plain(v) for v in row))
+        return table
+
+    emit(fmt, result.columns, result.rows, table, console)
 
 
 @app.command()
 def demo(
-    days: Annotated[int, typer.Option(help="Days of simulated reports.")] = 30,
+    days: Annotated[int, typer.Option(min=1, help="Days published live through Kafka (the alerts shown).")] = 21,
+    history_days: Annotated[
+        int, typer.Option(min=0, help="Days of history loaded first with ingest-history (0: an empty network).")
+    ] = 180,
     seed: Annotated[int, typer.Option(help="Simulation seed.")] = 7,
+    end: Annotated[
+        datetime | None,
+        typer.Option(
+            formats=["%Y-%m-%d"],
+            help="The day after the simulated period (default: today, UTC); a fixed day and seed repeat the reports.",
+        ),
+    ] = None,
 ) -> None:
-    """Start the embedded stack, stream a simulated month through it, and show what it stored."""
+    """Load half a year of simulated reports, stream the last weeks through the stack, and show its alerts."""
     from .demo import run_demo
 
-    raise typer.Exit(run_demo(days=days, seed=seed, console=console))
+    raise typer.Exit(
+        run_demo(days=days, seed=seed, console=console, history_days=history_days, end=end.date() if end else None)
+    )
 
 
 @app.command()

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from .consoles import command_console
+from .terminal import say
 
 console = command_console()
 err = command_console(stderr=True)
@@ -52,17 +53,27 @@ def register(app: typer.Typer) -> None:
         from synthwatch.dashboards.macros import parse_duration
         from synthwatch.settings import Settings
 
+        from .query import QueryError, run_query
         from .report import write_report
 
         try:
             duration = parse_duration(since)
         except ValueError as error:
-            err.print(f"[bold red]error:[/] --since: {error}")
+            say(err, "[bold red]error:[/] --since: ", str(error))
             raise typer.Exit(2) from None
-        result = write_report(Settings(), out, duration)
+        settings = Settings()
+        try:
+            run_query(settings, "SELECT count() FROM reports_daily")  # one clear line when there is no data
+            result = write_report(settings, out, duration)
+        except QueryError as error:
+            say(err, "[bold red]error:[/] ", str(error))
+            raise typer.Exit(1) from None
+        except OSError as error:
+            say(err, "[bold red]error:[/] ", f"cannot write {out}: {error.strerror or error}; choose another --out")
+            raise typer.Exit(1) from None
         drawn = len(result.panels) - len(result.failed)
         console.print(f"wrote {out} ({drawn}/{len(result.panels)} panels, last {since})")
         for panel in result.failed:
-            err.print(f"[red]panel {panel.title!r} failed:[/] {panel.error}")
+            say(err, "[red]panel failed:[/] ", f"{panel.title}: {panel.error}")
         if result.failed:
             raise typer.Exit(1)

@@ -1,4 +1,4 @@
-"""Data commands: ``alerts``, ``stats``, ``substance``, ``ingest-history`` (mounted by :mod:`synthwatch.cli`).
+"""Data commands: ``alerts``, ``rejects``, ``stats``, ``substance``, ``ingest-history`` (under :mod:`synthwatch.cli`).
 
 Reads go through :mod:`synthwatch.reads` (so they work while ``synthwatch up`` holds the embedded engine);
 the backfill opens the engine itself and refuses while a stack holds it.
@@ -6,6 +6,7 @@ the backfill opens the engine itself and refuses while a stack holds it.
 
 from __future__ import annotations
 
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -14,6 +15,7 @@ import typer
 from rich.table import Table
 
 from .consoles import command_console
+from .output import FormatOption, OutputFormat, emit, plural, to_json, write_csv
 from .redaction import redact
 from .settings import Settings
 from .terminal import plain, say
@@ -35,11 +37,31 @@ def _number(value: float | None, digits: int = 1) -> str:
     return "" if value is None else f"{value:,.{digits}f}"
 
 
+ALERT_COLUMNS = (
+    "alert_id",
+    "triggered_at",
+    "detected_at",
+    "severity",
+    "alert_type",
+    "country",
+    "region",
+    "substance_key",
+    "substance_name",
+    "family",
+    "observed",
+    "expected",
+    "score",
+    "evidence",
+    "summary",
+)
+
+
 def alerts(
     region: Annotated[str | None, typer.Option(help="ISO 3166-2 region, e.g. ML-BKO.")] = None,
     since: Annotated[str, typer.Option(help="How far back: 30m, 12h, 7d, 2w.")] = "7d",
     severity: Annotated[str | None, typer.Option(help="info, warning or critical.")] = None,
     limit: Annotated[int, typer.Option(min=1, help="Most alerts shown.")] = 100,
+    fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """Recent alerts, newest first."""
     from .query import QueryError
@@ -49,28 +71,81 @@ def alerts(
         rows = recent_alerts(Settings(), region=region, since=parse_since(since), severity=severity, limit=limit)
     except (ValueError, QueryError) as error:
         _fail(str(error))
-    table = Table(title=plain(f"alerts in the last {since}" + (f" in {region.upper()}" if region else "")))
-    for column in ("triggered (UTC)", "severity", "type", "region", "substance", "observed", "expected", "summary"):
-        table.add_column(column, overflow="fold", justify="right" if column in ("observed", "expected") else "left")
-    colours = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
+
+    def table() -> Table:
+        title = plain(f"alerts in the last {since}" + (f" in {region.upper()}" if region else ""))
+        table = Table(title=title)
+        for column in ("triggered (UTC)", "severity", "type", "region", "substance", "observed", "expected", "summary"):
+            table.add_column(column, overflow="fold", justify="right" if column in ("observed", "expected") else "left")
+        colours = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
+        for row in rows:
+            table.add_row(
+                _when(row.triggered_at),
+                plain(row.severity, style=colours.get(row.severity, "")),
+                plain(row.alert_type),
+                plain(row.region or "(network)"),
+                plain(row.substance_name),
+                _number(row.observed),
+                _number(row.expected),
+                plain(row.summary),
+            )
+        return table
+
+    emit(fmt, ALERT_COLUMNS, [[getattr(r, c) for c in ALERT_COLUMNS] for r in rows], table, console)
+    if fmt is OutputFormat.table:
+        console.print(plural(len(rows), "alert"))
+
+
+STATS_COLUMNS = (
+    "country",
+    "region",
+    "substance_key",
+    "substance_name",
+    "family",
+    "reports",
+    "lab_detections",
+    "border_seizures",
+    "grams",
+    "first_seen",
+    "last_seen",
+)
+
+
+def rejects(
+    since: Annotated[str, typer.Option(help="How far back: 30m, 12h, 7d, 2w.")] = "7d",
+    lab: Annotated[str | None, typer.Option(help="Only records naming this lab_id (or customs agency).")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Most rejects shown.")] = 200,
+) -> None:
+    """Recently refused records with their reasons and where they came from, newest first: fix and re-send."""
+    from .query import QueryError
+    from .reads import parse_since, recent_rejects
+
+    try:
+        rows = recent_rejects(Settings(), since=parse_since(since), lab=lab, limit=limit)
+    except (ValueError, QueryError) as error:
+        _fail(str(error))
+    table = Table(title=plain(f"rejects in the last {since}" + (f" for {lab}" if lab else "")))
+    for column in ("rejected (UTC)", "stage", "source", "event id", "lab / agency", "reason"):
+        table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(
-            _when(row.triggered_at),
-            plain(row.severity, style=colours.get(row.severity, "")),
-            plain(row.alert_type),
-            plain(row.region or "(network)"),
-            plain(row.substance_name),
-            _number(row.observed),
-            _number(row.expected),
-            plain(row.summary),
+            _when(row.rejected_at),
+            plain(row.stage),
+            plain(row.source),
+            plain(row.event_id or ""),
+            plain(row.reporter),
+            plain(row.reason),
         )
     console.print(table)
-    console.print(f"{len(rows)} alert(s)")
+    console.print(
+        f"{len(rows)} reject(s)" + (f" (the newest {limit}; --limit shows more)" if len(rows) == limit else "")
+    )
 
 
 def stats(
     days: Annotated[int, typer.Option(min=1, help="Window in days (today included).")] = 30,
     region: Annotated[str | None, typer.Option(help="Only this ISO 3166-2 region.")] = None,
+    fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """Reports and seized grams per region and substance, with first and last sighting."""
     from .query import QueryError
@@ -80,45 +155,74 @@ def stats(
         rows = read_stats(Settings(), days=days, region=region)
     except (ValueError, QueryError) as error:
         _fail(str(error))
-    table = Table(title=plain(f"reports in the last {days} days" + (f" in {region.upper()}" if region else "")))
-    for column in ("region", "substance", "family", "reports", "labs", "seizures", "grams", "first seen", "last seen"):
-        table.add_column(column, justify="right" if column in ("reports", "labs", "seizures", "grams") else "left")
-    for row in rows:
-        table.add_row(
-            plain(row.region),
-            plain(row.substance_name),
-            plain(row.family),
-            f"{row.reports:,}",
-            f"{row.lab_detections:,}",
-            f"{row.border_seizures:,}",
-            _number(row.grams),
-            _when(row.first_seen),
-            _when(row.last_seen),
-        )
-    console.print(table)
-    console.print(f"{sum(r.reports for r in rows):,} reports over {len(rows)} region x substance rows")
+
+    def table() -> Table:
+        title = plain(f"reports in the last {plural(days, 'day')}" + (f" in {region.upper()}" if region else ""))
+        table = Table(title=title)
+        numbers = ("reports", "lab detections", "seizures", "grams")
+        for column in ("region", "substance", "family", *numbers, "first seen", "last seen"):
+            table.add_column(column, justify="right" if column in numbers else "left")
+        for row in rows:
+            table.add_row(
+                plain(row.region),
+                plain(row.substance_name),
+                plain(row.family),
+                f"{row.reports:,}",
+                f"{row.lab_detections:,}",
+                f"{row.border_seizures:,}",
+                _number(row.grams),
+                _when(row.first_seen),
+                _when(row.last_seen),
+            )
+        return table
+
+    emit(fmt, STATS_COLUMNS, [[getattr(r, c) for c in STATS_COLUMNS] for r in rows], table, console)
+    if fmt is OutputFormat.table:
+        reports = plural(sum(r.reports for r in rows), "report")
+        console.print(f"{reports} over {plural(len(rows), 'region x substance row')}")
 
 
 def substance(
     name: Annotated[str, typer.Argument(help="A name (any spelling), an InChIKey or its first block.")],
+    fmt: FormatOption = OutputFormat.table,
+    part: Annotated[
+        str, typer.Option(help="With --format csv: which table, regions, months or alerts (JSON has all).")
+    ] = "regions",
 ) -> None:
     """Everything stored about one substance: first seen, regions, months, alerts."""
-    from .query import QueryError
-    from .reads import substance_history
+    import dataclasses
 
+    from .query import QueryError
+    from .reads import similar_substance_names, substance_history
+
+    parts = ("regions", "months", "alerts")
+    if part not in parts:
+        _fail(f"--part is one of {', '.join(parts)}, not {part!r}", code=2)
+    settings = Settings()
     try:
-        history = substance_history(Settings(), name)
+        history = substance_history(settings, name)
+        similar = similar_substance_names(settings, name) if history is None else []
     except (ValueError, QueryError) as error:
         _fail(str(error))
     if history is None:
-        _fail(f"no report of {name!r} is stored", code=2)
+        hint = f"; did you mean {', '.join(similar)}?" if similar else "; `synthwatch stats` lists the names stored"
+        _fail(f"no report of {name!r} is stored{hint}", code=2)
+    if fmt is OutputFormat.json:
+        sys.stdout.write(to_json(dataclasses.asdict(history)) + "\n")
+        return
+    if fmt is OutputFormat.csv:
+        items = getattr(history, part)
+        columns = [f.name for f in dataclasses.fields(items[0])] if items else []
+        write_csv(columns, [[getattr(item, c) for c in columns] for item in items])
+        return
     header = plain(history.substance_name, style="bold")
     header.append_text(
         plain(f" (key {history.substance_key}, {history.family or 'family unknown'}; matched by {history.resolved_by})")
     )
     console.print(header)
     console.print(
-        f"first seen {_when(history.first_seen)}, last seen {_when(history.last_seen)}, {history.reports:,} reports",
+        f"first seen {_when(history.first_seen)}, last seen {_when(history.last_seen)}, "
+        f"{plural(history.reports, 'report')}",
         highlight=False,
     )
     regions = Table(title="regions, in order of first sighting")
@@ -128,7 +232,7 @@ def substance(
         regions.add_row(plain(r.region), plain(r.country), _when(r.first_seen), _when(r.last_seen), f"{r.reports:,}")
     console.print(regions)
     months = Table(title="reports per month")
-    for column in ("month", "reports", "labs", "seizures", "grams"):
+    for column in ("month", "reports", "lab detections", "seizures", "grams"):
         months.add_column(column, justify="left" if column == "month" else "right")
     for m in history.months:
         months.add_row(
@@ -139,7 +243,7 @@ def substance(
             _number(m.grams),
         )
     console.print(months)
-    alerts_table = Table(title=f"{len(history.alerts)} alert(s)")
+    alerts_table = Table(title=plural(len(history.alerts), "alert"))
     for column in ("triggered (UTC)", "severity", "type", "region", "summary"):
         alerts_table.add_column(column, overflow="fold")
     for a in history.alerts:
@@ -185,7 +289,7 @@ def ingest_history(
     for column in (
         "lines",
         "stored",
-        "labs",
+        "lab detections",
         "seizures",
         "duplicates",
         "rejected",
@@ -218,6 +322,7 @@ def ingest_history(
 def register(app: typer.Typer) -> None:
     """Add the data commands to the ``synthwatch`` application."""
     app.command("alerts")(alerts)
+    app.command("rejects")(rejects)
     app.command("stats")(stats)
     app.command("substance")(substance)
     app.command("ingest-history")(ingest_history)

@@ -18,6 +18,7 @@ import typer
 from rich.table import Table
 
 from .consoles import command_console
+from .output import FormatOption, OutputFormat, emit
 from .redaction import redact
 from .settings import Settings
 from .terminal import plain, say
@@ -30,6 +31,22 @@ _STATUS_STYLE = {
     "gave_up": "bold red",
     "deferred": "magenta",
 }
+
+#: The columns DELIVERIES_SQL selects, in order (csv and json name them even when no row came back).
+DELIVERY_COLUMNS = (
+    "at",
+    "officer_id",
+    "alert_id",
+    "channel",
+    "route",
+    "attempt",
+    "status",
+    "response_code",
+    "duration_ms",
+    "substance",
+    "region",
+    "reason",
+)
 
 DELIVERIES_SQL = """
 SELECT at, officer_id, alert_id, channel, route, attempt, toString(status) AS status, response_code,
@@ -251,6 +268,7 @@ def register(app: typer.Typer) -> None:
             str | None, typer.Option("--status", help="delivered, failed, gave_up, queued_digest or digest_sent.")
         ] = None,
         limit: Annotated[int, typer.Option("--limit", min=1, max=10_000, help="Most recent N attempts.")] = 50,
+        fmt: FormatOption = OutputFormat.table,
     ) -> None:
         """Recent delivery attempts to liaison officers and their status (newest first)."""
         from .query import run_query
@@ -272,6 +290,11 @@ def register(app: typer.Typer) -> None:
                 err.print("The deliveries table is missing: run `synthwatch db migrate` (or restart the worker).")
             raise typer.Exit(1) from None
         rows = result.as_dicts()
+        if fmt is not OutputFormat.table:
+            columns = DELIVERY_COLUMNS
+            safe = [{**r, "reason": None if r["reason"] is None else redact(str(r["reason"]))} for r in rows]
+            emit(fmt, columns, [[r[c] for c in columns] for r in safe], Table, console)
+            return
         title = "delivery attempts" + (f" for {officer}" if officer else "") + (f", alert {alert}" if alert else "")
         table = Table(title=plain(f"{title} (newest first, at most {limit})"), title_justify="left")
         for column in (

@@ -68,7 +68,7 @@ from synthwatch.stream_apps.identity import (
     ResolvedSubstance,
     Structure,
     SubstanceResolver,
-    normalise_name,
+    name_key,
     normalise_quantity,
     structure_from_smiles,
 )
@@ -382,11 +382,11 @@ class _SharedStructuresResolver(SubstanceResolver):
         self.structures = structures
 
     def resolve(
-        self, name: str, smiles: str | None = None, inchikey: str | None = None, reporter: str | None = None
+        self, name: str | None, smiles: str | None = None, inchikey: str | None = None, reporter: str | None = None
     ) -> ResolvedSubstance:
         found = self.structures.get(smiles) if smiles else None
         if isinstance(found, Structure):
-            return self._from_structure(found, name, None, reporter)
+            return self._from_structure(found, name or "", None, reporter)
         return super().resolve(name, smiles=smiles, inchikey=inchikey, reporter=reporter)
 
 
@@ -411,7 +411,7 @@ class ChunkParser:
 
     def __init__(self) -> None:
         self.catalogue_names = frozenset(
-            normalise_name(alias) for entry in shipped_catalogue() for alias in (entry.name, *entry.synonyms)
+            name_key(alias) for entry in shipped_catalogue() for alias in (entry.name, *entry.synonyms)
         )
         self.values: dict[SubstanceKey, SubstanceValues] = {}
         self.fragments: dict[SubstanceKey, str] = {}
@@ -445,7 +445,7 @@ class ChunkParser:
             return found
         substance = resolver.resolve(name, smiles=smiles, inchikey=inchikey)
         if substance.resolved_by == "structure":
-            normalised = normalise_name(name)
+            normalised = name_key(name)
             if (
                 normalised not in learnt_here
                 and normalised not in self.catalogue_names
@@ -1060,7 +1060,7 @@ def _store_chunk(
     substances = resolve_in_line_order(
         resolver,
         result.learnt,
-        [(line, (e.substance.name, e.substance.smiles, e.substance.inchikey)) for line, e in pending],
+        [(line, (e.substance.name or "", e.substance.smiles, e.substance.inchikey)) for line, e in pending],
     )
     labs, seizures = result.labs, result.seizures
     rows = ArrowRows(quantities) if store.encoding == "arrow" else None

@@ -17,11 +17,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import sys
 import threading
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from datetime import date, datetime
+from pathlib import Path
 from typing import Any
 
 from clickhouse_connect.driver.binding import bind_query
@@ -178,6 +181,43 @@ def check_select(
     return canonical, run_parameters
 
 
+_UNKNOWN_TABLE = re.compile(r"Unknown table expression identifier '([^']+)'|Table (\S+) does not exist")
+_IN_SCOPE = re.compile(r"\.? In scope .*$")
+
+
+def _explained(error: BaseException, database: str | None) -> str:
+    """ClickHouse's message on one line, without the echoed query, with the next step for the usual causes."""
+    line = _first_line(error)
+    table = _UNKNOWN_TABLE.search(line)
+    if table is not None:
+        name = (table.group(1) or table.group(2)).split(".")[-1]
+        return (
+            f"there is no table {name} in database {database} (nothing stored there yet?): run `synthwatch db "
+            f"migrate`, or {_POINT_AT_DATA}"
+        )
+    if "UNKNOWN_IDENTIFIER" in line:
+        return (
+            _IN_SCOPE.sub("", line.split("DB::Exception: ", 1)[-1].split(" (UNKNOWN_IDENTIFIER)")[0]).rstrip(".")
+            + '. The columns of a table: `synthwatch sql "SELECT name, type FROM system.columns WHERE database = '
+            "currentDatabase() AND table = 'alerts'\"`"
+        )
+    return line
+
+
+_TRAILING_FORMAT = re.compile(r"\bFORMAT\s+([A-Za-z][A-Za-z0-9_]*)\s*;?\s*$", re.IGNORECASE)
+
+
+def trailing_format(sql: str) -> str | None:
+    """The output format a statement asks for at its end (``... FORMAT CSV``), if it does.
+
+    Why: analysts type ClickHouse's own ``FORMAT CSV``; the read-only session refuses every FORMAT
+    clause (its answer is parsed by us), so the command line points them to ``--format`` instead.
+    A cheap textual check for the message only: :func:`check_select` still refuses it on the AST.
+    """
+    match = _TRAILING_FORMAT.search(sql.strip())
+    return match.group(1) if match else None
+
+
 def _first_line(error: BaseException) -> str:
     text = redact(str(error)).strip().splitlines()
     return text[0][:500] if text else type(error).__name__
@@ -222,7 +262,7 @@ def execute_analyst(client: Client, sql: str, parameters: dict[str, Any] | None 
     try:
         result = client.query(canonical, parameters=run_parameters)
     except Exception as error:  # ClickHouse's own message (limits, unknown column) is what the user needs
-        raise QueryError(_first_line(error)) from None
+        raise QueryError(_explained(error, client.database)) from None
     return QueryResult(list(result.column_names), [_jsonable(list(row)) for row in result.result_rows])
 
 
@@ -255,13 +295,84 @@ def execute_remote(
     return QueryResult(payload["columns"], payload["rows"])
 
 
-def run_query(settings: Settings, sql: str, parameters: dict[str, Any] | None = None) -> QueryResult:
-    """Run a read statement where the data is: over HTTP if another process owns the engine."""
+#: The next step when the data directory holds no synthwatch data: where the data comes from.
+_POINT_AT_DATA = (
+    "start the stack with `synthwatch up` (or `synthwatch demo`), or set SYNTHWATCH_DATA_DIR to the directory it uses"
+)
+
+
+def _embedded_problem(settings: Settings) -> str | None:
+    """Why analysts' reads cannot use the embedded engine in ``settings.data_dir`` (None: they can).
+
+    A read must not create an engine: a mistyped SYNTHWATCH_DATA_DIR would otherwise get an empty
+    database that answers "Unknown table" for every command.
+    """
+    data_dir = settings.data_dir
+    if data_dir.exists() and not data_dir.is_dir():
+        return f"SYNTHWATCH_DATA_DIR {data_dir} is a file, not a directory: {_POINT_AT_DATA}"
+    if not settings.embedded_clickhouse_path.is_dir():
+        return (
+            f"no synthwatch data in {data_dir} (no {settings.embedded_clickhouse_path.name}/ there): {_POINT_AT_DATA}"
+        )
+    if "chdb" not in sys.modules and _engine_held(settings.embedded_clickhouse_path):  # (ours would block us too)
+        return (
+            f"the embedded ClickHouse in {settings.embedded_clickhouse_path} is open in another process that does "
+            "not serve queries (e.g. `synthwatch ingest-history`): wait for it to finish, then retry"
+        )
+    return None
+
+
+def _engine_held(path: Path) -> bool:
+    """Whether another process has the engine in ``path`` open (ClickHouse flocks its ``status`` file).
+
+    Asked before opening: chDB would otherwise print its own multi-line error to stderr before ours.
+    """
+    import fcntl
+
+    try:
+        with open(path / "status", "rb") as status:
+            try:
+                fcntl.flock(status, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(status, fcntl.LOCK_UN)
+    except OSError:
+        return False
+    return False
+
+
+def _open_failure(settings: Settings, error: Exception) -> QueryError:
+    """A one-line reason, and what to do, for an engine that would not open."""
+    if isinstance(error, OSError):
+        return QueryError(f"cannot use {settings.data_dir}: {error.strerror or error}; {_POINT_AT_DATA}")
     if settings.clickhouse_is_embedded:
-        info = read_stack(settings)
+        return QueryError(
+            f"cannot open the embedded ClickHouse in {settings.embedded_clickhouse_path} ({_first_line(error)}); "
+            "if another process has it open (e.g. `synthwatch ingest-history`), wait for it to finish, then retry"
+        )
+    return QueryError(f"cannot reach ClickHouse: {_first_line(error)}; check SYNTHWATCH_CLICKHOUSE_QUERY_URL")
+
+
+def run_query(settings: Settings, sql: str, parameters: dict[str, Any] | None = None) -> QueryResult:
+    """Run a read statement where the data is: over HTTP if another process owns the engine.
+
+    Every failure is a :class:`QueryError` whose one-line message says what to do next.
+    """
+    if settings.clickhouse_is_embedded:
+        try:
+            info = read_stack(settings)
+        except OSError as error:
+            raise _open_failure(settings, error) from None
         if info is not None and info.pid != os.getpid():
             return execute_remote(info.web_url, sql, parameters, token=read_web_token(settings))
-    client = analyst_client(settings)
+        if info is None:
+            problem = _embedded_problem(settings)
+            if problem is not None:
+                raise QueryError(problem)
+    try:
+        client = analyst_client(settings)
+    except Exception as error:  # chDB's "Unable to open", a server's connection error, a directory we cannot use
+        raise _open_failure(settings, error) from None
     try:
         return execute_analyst(client, sql, parameters)
     finally:

@@ -252,6 +252,38 @@ def resolve_substance_key(settings: Settings, name_or_inchikey: str) -> tuple[st
     return resolved.key, resolved.resolved_by
 
 
+_STORED_NAMES = "SELECT DISTINCT substance_name FROM substance_first_seen"
+
+
+def similar_substance_names(settings: Settings, text: str, limit: int = 5) -> list[str]:
+    """Names close to ``text`` for a "did you mean": catalogue names and synonyms, and names stored in reports.
+
+    Why: ``synthwatch substance Eto`` must lead somewhere. Names that start with what was typed come
+    first (difflib alone rates "Eto" far from "Etonitazene"), then difflib's close matches; spelling,
+    case and accents are folded as the resolver folds them.
+    """
+    import difflib
+
+    from synthwatch.catalogue import shipped_catalogue
+    from synthwatch.stream_apps.identity import normalise_name
+
+    names: dict[str, str] = {}  # folded name or synonym -> the name to show
+    for entry in shipped_catalogue():
+        for name in (entry.name, *entry.synonyms):
+            names.setdefault(normalise_name(name), entry.name)
+    for row in run_query(settings, _STORED_NAMES).rows:
+        if row[0]:
+            names.setdefault(normalise_name(str(row[0])), str(row[0]))
+    names.pop("", None)
+    wanted = normalise_name(text)
+    if not wanted:
+        return []
+    prefixed = sorted((folded for folded in names if folded.startswith(wanted)), key=lambda f: (len(f), f))
+    close = difflib.get_close_matches(wanted, list(names), n=limit, cutoff=0.6)
+    found = list(dict.fromkeys([*prefixed, *close]))[: limit * 2]
+    return list(dict.fromkeys(names[folded] for folded in found))[:limit]
+
+
 def substance_history(settings: Settings, name_or_inchikey: str) -> SubstanceHistory | None:
     """First seen, regions (first/last seen, reports), monthly counts and alerts; None when never reported."""
     key, how = resolve_substance_key(settings, name_or_inchikey)
@@ -311,3 +343,55 @@ def substance_history(settings: Settings, name_or_inchikey: str) -> SubstanceHis
         ],
         alerts=[_alert_row(a) for a in alerts],
     )
+
+
+# --- rejects -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RejectRow:
+    rejected_at: datetime
+    stage: str
+    source: str
+    reason: str
+    event_id: str | None
+    reporter: str  # the lab_id or agency the refused record named ('' when it named none or was unreadable)
+
+
+_REJECTS = """
+SELECT rejected_at, stage, source, reason, event_id,
+       if(JSONExtractString(raw, 'lab_id') != '', JSONExtractString(raw, 'lab_id'),
+          JSONExtractString(raw, 'agency')) AS reporter
+FROM rejects
+WHERE rejected_at >= now64(3) - toIntervalSecond(%(seconds)s)
+  AND (%(lab)s = '' OR JSONExtractString(raw, 'lab_id') = %(lab)s OR JSONExtractString(raw, 'agency') = %(lab)s)
+ORDER BY rejected_at DESC, source
+LIMIT 1 BY reject_id
+LIMIT %(limit)s
+"""
+
+
+def recent_rejects(
+    settings: Settings, since: timedelta = timedelta(days=7), lab: str | None = None, limit: int = 200
+) -> list[RejectRow]:
+    """Records refused within ``since`` of now, newest first, so a lab can fix and re-send them.
+
+    ``lab`` keeps the rejects whose record names that ``lab_id`` (or customs ``agency``); a record too
+    broken to read (not JSON) names nobody and is listed only without ``lab``.
+    """
+    result = run_query(
+        settings,
+        _REJECTS,
+        {"seconds": int(since.total_seconds()), "lab": (lab or "").strip(), "limit": int(limit)},
+    )
+    return [
+        RejectRow(
+            rejected_at=_dt(r["rejected_at"]) or _EPOCH,
+            stage=r["stage"],
+            source=r["source"],
+            reason=r["reason"],
+            event_id=r["event_id"],
+            reporter=r["reporter"],
+        )
+        for r in result.as_dicts()
+    ]

@@ -20,7 +20,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from synthwatch.dashboards import overview
-from synthwatch.dashboards.macros import TimeRange, expand, panel_interval
+from synthwatch.dashboards.macros import ALL, TimeRange, VariableValue, expand, panel_interval
 from synthwatch.dashboards.panels import SqlPanel, coerce
 
 from .query import QueryError, QueryResult, run_query
@@ -31,6 +31,9 @@ REPORT_DATA_POINTS = 40
 SEVERITY_COLOURS = {"critical": "#c4162a", "warning": "#e0a800", "info": "#3274d9"}
 
 Runner = Callable[[str], QueryResult]
+
+#: The overview's country and region variables as the report sets them: every place.
+EVERYWHERE: dict[str, VariableValue] = {"country": ALL, "region": ALL}
 
 
 @dataclass
@@ -52,12 +55,12 @@ class ReportResult:
         return [p for p in self.panels if p.error is not None]
 
 
-def _figure_html(figure: go.Figure, height: int) -> str:
+def _figure_html(figure: go.Figure, height: int, legend: dict[str, Any] | None = None) -> str:
     figure.update_layout(
         height=height,
         margin={"l": 60, "r": 20, "t": 10, "b": 40},
         template="plotly_white",
-        legend={"orientation": "h", "y": -0.2},
+        legend=legend or {"orientation": "h", "y": -0.2},
         font={"family": "system-ui, sans-serif", "size": 12},
     )
     return str(
@@ -69,25 +72,89 @@ def _figure_html(figure: go.Figure, height: int) -> str:
     )
 
 
-def _timeseries(spec: SqlPanel, rows: list[list[Any]]) -> str:
+def _naive_utc(moment: datetime) -> datetime:
+    """Times as plotly draws them: naive, in UTC (the report's axis is UTC like the dashboard's)."""
+    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo else moment
+
+
+def bucket_grid(time_range: TimeRange, interval: timedelta) -> list[datetime]:
+    """Every bucket that starts in the range (naive UTC), empty buckets included.
+
+    ClickHouse's ``toStartOfInterval(t, INTERVAL n second)`` starts buckets at multiples of n seconds
+    since the epoch; the same arithmetic here gives the buckets a query left out because nothing was
+    reported in them.
+    """
+    step = int(interval.total_seconds())
+    start = int(time_range.start.timestamp()) // step * step
+    end = time_range.end.timestamp()  # a bucket starting at the very end holds one instant: not drawn as a 0
+    return [_naive_utc(datetime.fromtimestamp(t, UTC)) for t in range(start, int(end), step) if t < end]
+
+
+def time_series(spec: SqlPanel, rows: list[list[Any]]) -> dict[str, dict[datetime, float]]:
+    """Long rows (time, labels..., values...) as one series per label (and value column), keyed by time."""
     labels = [i for i, c in enumerate(spec.columns) if c.type == "text"]
     values = [i for i, c in enumerate(spec.columns) if c.type == "number"]
-    series: dict[str, tuple[list[Any], list[Any]]] = {}
+    series: dict[str, dict[datetime, float]] = {}
     for row in rows:
         label = " ".join(str(row[i]) for i in labels)
         for v in values:
             name = label if len(values) == 1 and label else f"{spec.columns[v].name} {label}".strip()
-            xs, ys = series.setdefault(name, ([], []))
-            xs.append(row[0])
-            ys.append(row[v])
+            points = series.setdefault(name, {})
+            moment = _naive_utc(row[0])
+            points[moment] = points.get(moment, 0) + row[v]
+    return series
+
+
+def zero_filled(
+    series: dict[str, dict[datetime, float]], grid: list[datetime]
+) -> tuple[list[datetime], dict[str, list[float]]]:
+    """Every series on the same time axis, 0 where a bucket had no row (no line drawn across empty days)."""
+    axis = sorted(set(grid).union(*(points.keys() for points in series.values())))
+    return axis, {name: [points.get(t, 0) for t in axis] for name, points in series.items()}
+
+
+def top_series(series: dict[str, list[float]], keep: int, what: str = "others") -> list[tuple[str, list[float]]]:
+    """The ``keep`` largest series (by total), then one line for the rest: their average per bucket.
+
+    Why: 17 region lines on one chart cannot be told apart; the few that matter can, beside what a
+    typical other one did. An average (not a sum) stays on the same scale as the lines it sits beside;
+    its name says how many it stands for.
+    """
+    ranked = sorted(series.items(), key=lambda kv: (-sum(kv[1]), kv[0]))
+    if len(ranked) <= keep + 1:
+        return ranked
+    rest = ranked[keep:]
+    mean = [sum(values) / len(rest) for values in zip(*(values for _, values in rest), strict=True)]
+    return [*ranked[:keep], (f"{what}: average of {len(rest)}", mean)]
+
+
+#: Lines a time-series chart of the report shows before the rest are summed into "others".
+TOP_SERIES = 5
+OTHERS_COLOUR = "#9aa5b1"
+
+
+def _timeseries(spec: SqlPanel, rows: list[list[Any]], grid: list[datetime]) -> str:
+    axis, filled = zero_filled(time_series(spec, rows), grid)
     figure = go.Figure()
-    for name, (xs, ys) in sorted(series.items(), key=lambda kv: -sum(kv[1][1])):
-        if spec.stacked:
-            figure.add_trace(go.Bar(x=xs, y=ys, name=name))
-        else:
-            figure.add_trace(go.Scatter(x=xs, y=ys, name=name, mode="lines"))
     if spec.stacked:
+        for name, ys in sorted(filled.items(), key=lambda kv: (-sum(kv[1]), kv[0])):
+            figure.add_trace(go.Bar(x=axis, y=ys, name=name))
         figure.update_layout(barmode="stack")
+    else:
+        label = next((c.name for c in spec.columns[1:] if c.type == "text"), "series").replace("_code", "")
+        for name, ys in top_series(filled, TOP_SERIES, f"other {label}s"):
+            other = name.startswith(f"other {label}s:")
+            figure.add_trace(
+                go.Scatter(
+                    x=axis,
+                    y=ys,
+                    name=name,
+                    mode="lines+markers",  # a series with one non-zero bucket still shows a point
+                    marker={"size": 4},
+                    line={"width": 1.5, **({"color": OTHERS_COLOUR, "dash": "dot"} if other else {})},
+                )
+            )
+        figure.update_layout(showlegend=True)  # one series is named too
     return _figure_html(figure, 380)
 
 
@@ -102,9 +169,37 @@ def _bars(spec: SqlPanel, rows: list[list[Any]], horizontal: bool = True) -> str
     return _figure_html(figure, max(300, 22 * len(rows) + 80))
 
 
+#: Slices below this share of the total are grouped into one "others" slice (their labels would collide).
+MIN_SLICE_SHARE = 0.03
+
+
+def pie_slices(rows: list[list[Any]], min_share: float = MIN_SLICE_SHARE) -> list[tuple[str, float]]:
+    """(label, value) per slice, largest first, slices under ``min_share`` of the total summed as "others"."""
+    total = sum(r[1] for r in rows) or 1
+    big = [(str(r[0]), r[1]) for r in rows if r[1] / total >= min_share]
+    small = [r[1] for r in rows if r[1] / total < min_share]
+    big.sort(key=lambda kv: -kv[1])
+    if len(small) > 1:
+        return [*big, (f"others ({len(small)})", sum(small))]
+    return big + [(str(r[0]), r[1]) for r in rows if r[1] / total < min_share]
+
+
 def _pie(spec: SqlPanel, rows: list[list[Any]]) -> str:
-    figure = go.Figure(go.Pie(labels=[str(r[0]) for r in rows], values=[r[1] for r in rows], hole=0.45))
-    return _figure_html(figure, 380)
+    slices = pie_slices(rows)
+    figure = go.Figure(
+        go.Pie(
+            labels=[label for label, _ in slices],
+            values=[value for _, value in slices],
+            hole=0.45,
+            sort=False,
+            direction="clockwise",
+            textinfo="percent",
+            textposition="inside",  # percentages inside the slices; names in the legend, none overlapping
+            insidetextorientation="horizontal",
+        )
+    )
+    figure.update_layout(uniformtext={"minsize": 10, "mode": "hide"})
+    return _figure_html(figure, 380, legend={"orientation": "v", "x": 1.0, "y": 0.5, "yanchor": "middle"})
 
 
 def _stat(spec: SqlPanel, rows: list[list[Any]]) -> str:
@@ -146,14 +241,14 @@ def _table(spec: SqlPanel, rows: list[list[Any]], limit: int = 50) -> str:
     return f'<div class="table"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>{more}'
 
 
-def render_panel(spec: SqlPanel, rows: list[list[Any]]) -> str:
-    """The HTML of one panel's body from its (typed) rows."""
+def render_panel(spec: SqlPanel, rows: list[list[Any]], grid: list[datetime] | None = None) -> str:
+    """The HTML of one panel's body from its (typed) rows; ``grid``: a time series' buckets, empty ones too."""
     if spec.kind == "stat":
         return _stat(spec, rows)
     if not rows:
         return '<p class="empty">No data in this range.</p>'
     if spec.kind == "timeseries":
-        return _timeseries(spec, rows)
+        return _timeseries(spec, rows, grid or [])
     if spec.kind in ("bars", "geomap"):
         return _bars(spec, rows)
     if spec.kind == "pie":
@@ -214,12 +309,12 @@ def render_report(
         result.panels.append(outcome)
         interval = panel_interval(time_range, REPORT_DATA_POINTS, spec.min_interval)
         try:
-            answer = runner(expand(spec.sql, time_range, interval=interval))
+            answer = runner(expand(spec.sql, time_range, interval=interval, variables=EVERYWHERE))
             if answer.rows and tuple(answer.columns) != spec.column_names:
                 raise QueryError(f"columns {answer.columns} != expected {list(spec.column_names)}")
             rows = [[coerce(v, c.type) for v, c in zip(row, spec.columns, strict=True)] for row in answer.rows]
             outcome.rows = len(rows)
-            body = render_panel(spec, rows)
+            body = render_panel(spec, rows, bucket_grid(time_range, interval))
         except (QueryError, ValueError) as error:
             outcome.error = str(error)
             body = f'<p class="error">This panel could not be drawn: {html.escape(str(error))}</p>'

@@ -91,7 +91,7 @@ def read_stack(settings: Settings, require_alive: bool = True) -> StackInfo | No
     try:
         data = json.loads(stack_file(settings).read_text(encoding="utf-8"))
         info = StackInfo(**data)
-    except (FileNotFoundError, ValueError, TypeError):
+    except (FileNotFoundError, NotADirectoryError, ValueError, TypeError):  # no file, or DATA_DIR is not a dir
         return None
     if require_alive and not _alive(info.pid):
         return None

@@ -79,6 +79,18 @@ class Settings(BaseSettings):
         description="Publisher: send records it refuses to the rejects topic. Off where the Kafka ACLs let a lab "
         "write only its input topic (deploy/kafka/acls.sh): refused records are then only counted and listed.",
     )
+    publish_connect_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description="Publisher: how long `synthwatch publish` tries to reach a bootstrap server before it gives up "
+        "(exit code 2, and every record of the file counted as failed in the pushed metrics).",
+    )
+    pushgateway_url: str | None = Field(
+        default=None,
+        description="Publisher: Prometheus Pushgateway (http://host:9091) that `synthwatch publish` pushes each "
+        "run's counts to (job synthwatch_publish; the SynthwatchPublishFailed rule reads them). Unset: no push.",
+    )
 
     # --- topics ------------------------------------------------------------------------------------
     topic_lab_detections: str = "synthwatch.lab-detections"
@@ -270,6 +282,37 @@ class Settings(BaseSettings):
     delivery_breaker_cooldown_s: float = Field(
         default=30.0, gt=0, description="Open circuit: wait this long before one probe (doubles up to 10 min)."
     )
+
+    # --- HTTP intake gateway (synthwatch gateway; docs/security.md#http-intake-gateway) ------------------------------
+    gateway_host: str = Field(default="127.0.0.1", description="Address the gateway listens on.")
+    gateway_port: int = Field(default=8088, ge=0, le=65535, description="Gateway port; 0 picks a free one.")
+    gateway_tokens_file: Path | None = Field(
+        default=None, description="Hashed bearer tokens (JSON, 0600). Unset: DATA_DIR/gateway-tokens.json."
+    )
+    gateway_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names the gateway answers besides loopback ones (JSON list, e.g. "
+        '["intake.example.org"]); any other Host header is refused (DNS rebinding, misrouted requests).',
+    )
+    gateway_max_body_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1024, description="Largest request body; a larger one is refused with 413."
+    )
+    gateway_rate_per_minute: float = Field(
+        default=60.0, gt=0, description="Requests per minute per token (sustained); more get 429 with Retry-After."
+    )
+    gateway_rate_burst: int = Field(default=10, ge=1, description="Requests a token may send at once before pacing.")
+    gateway_ssl_certfile: Path | None = Field(default=None, description="Gateway TLS certificate (PEM).")
+    gateway_ssl_keyfile: Path | None = Field(default=None, description="Gateway TLS private key (PEM).")
+    gateway_behind_tls_proxy: bool = Field(
+        default=False,
+        description="The gateway listens on a non-loopback address without TLS because a reverse proxy terminates "
+        "TLS in front of it; without this (or a certificate) such an address is refused: tokens must not cross a "
+        "network in clear.",
+    )
+
+    @property
+    def resolved_gateway_tokens_file(self) -> Path:
+        return self.gateway_tokens_file or self.data_dir / "gateway-tokens.json"
 
     # --- detection -----------------------------------------------------------------------------------
 

@@ -122,7 +122,8 @@ class WebhookReceiver:
     statuses: dict[str, list[int]] = field(default_factory=dict)  # scripted answers per path, then verification
     delay_s: dict[str, float] = field(default_factory=dict)
     tolerance_s: float = 300
-    requests: list[Received] = field(default_factory=list)
+    requests: list[Received] = field(default_factory=list)  # answered requests
+    arrivals: list[str] = field(default_factory=list)  # the path of every request as it arrives, answered or not
     seen: set[str] = field(default_factory=set)
     port: int = 0
     _runner: web.AppRunner | None = None
@@ -146,6 +147,7 @@ class WebhookReceiver:
         name = request.match_info["name"]
         body = await request.read()
         headers = dict(request.headers)
+        self.arrivals.append(name)
         if self.delay_s.get(name):
             await asyncio.sleep(self.delay_s[name])
         scripted = self.statuses.get(name)

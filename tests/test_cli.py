@@ -21,13 +21,13 @@ LONG = "a-report-field-that-is-longer-than-any-terminal " * 8
 def test_publish_without_a_broker_says_what_to_do(tmp_path: Path) -> None:
     (tmp_path / "x.ndjson").write_text("{}\n")
     done = run_cli(Settings(data_dir=tmp_path), "publish", str(tmp_path / "x.ndjson"))
-    assert done.returncode == 1
+    assert done.returncode == 2  # an error: nothing was sent
     assert "synthwatch up" in done.stderr and "SYNTHWATCH_KAFKA_BOOTSTRAP_SERVERS" in done.stderr
 
 
 def test_publish_of_a_missing_file(tmp_path: Path) -> None:
     done = run_cli(Settings(data_dir=tmp_path, kafka_bootstrap_servers="127.0.0.1:1"), "publish", "nope.ndjson")
-    assert done.returncode == 1 and "no such file" in done.stderr
+    assert done.returncode == 2 and "no such file" in done.stderr
 
 
 def test_db_migrate_is_idempotent_on_a_fresh_engine(tmp_path: Path) -> None:
@@ -40,6 +40,7 @@ def test_db_migrate_is_idempotent_on_a_fresh_engine(tmp_path: Path) -> None:
 
 
 def test_sql_refuses_writes(tmp_path: Path) -> None:
+    assert run_cli(Settings(data_dir=tmp_path), "db", "migrate").returncode == 0
     done = run_cli(Settings(data_dir=tmp_path), "sql", "DROP TABLE rejects")
     assert done.returncode == 1 and "only a single SELECT" in done.stderr
 
@@ -84,6 +85,7 @@ def test_a_terminal_still_gets_the_terminal_width(monkeypatch: pytest.MonkeyPatc
 
 
 def test_a_command_piped_with_a_narrow_columns_prints_whole_values(tmp_path: Path) -> None:
+    assert run_cli(Settings(data_dir=tmp_path), "db", "migrate").returncode == 0  # reads need an engine
     done = subprocess.run(
         [sys.executable, "-m", "synthwatch.cli", "sql", f"SELECT '{LONG.strip()}' AS summary"],
         env=cli_env(Settings(data_dir=tmp_path), COLUMNS="40"),

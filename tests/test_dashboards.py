@@ -110,14 +110,59 @@ def _top_substance(client: Any) -> tuple[str, str, list[str]]:
 # --- the SQL of every panel, on real data --------------------------------------------------------------
 
 
+EVERYWHERE = {"country": ALL, "region": ALL}
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("spec", overview.PANELS, ids=lambda s: s.key)
 def test_overview_panel_sql_returns_the_panel_shape(loaded: LoadedData, spec: SqlPanel) -> None:
-    names, rows = run_panel(loaded.client, spec, RANGE, {})
-    assert rows, f"{spec.key}: no rows for a simulated month"
-    assert spec.shape_errors(names, rows) == []
-    names, rows = run_panel(loaded.client, spec, EMPTY_RANGE, {})
+    _, country, regions = _top_substance(loaded.client)
+    for variables in (EVERYWHERE, {"country": [country], "region": ALL}, {"country": [country], "region": regions}):
+        names, rows = run_panel(loaded.client, spec, RANGE, variables)
+        assert rows, f"{spec.key} with {variables}: no rows for a simulated month"
+        assert spec.shape_errors(names, rows) == [], variables
+    names, rows = run_panel(loaded.client, spec, EMPTY_RANGE, EVERYWHERE)
     assert spec.shape_errors(names, rows) == [], "an empty time range must still give the panel's shape"
+
+
+@pytest.mark.integration
+def test_overview_country_and_region_variables_narrow_every_panel(loaded: LoadedData) -> None:
+    """The numbers under a selection are the stored numbers of that place, not of the network."""
+    _, country, regions = _top_substance(loaded.client)
+    regions = regions[:1]  # one region of the country (the country may have only two)
+    figures = next(p for p in overview.PANELS if p.key == "key_figures")
+    by_place = {}
+    for label, variables in (
+        ("all", EVERYWHERE),
+        ("country", {"country": [country], "region": ALL}),
+        ("regions", {"country": ALL, "region": regions}),
+    ):
+        by_place[label] = run_panel(loaded.client, figures, RANGE, variables)[1][0][0]
+    stored = {
+        label: loaded.client.query(
+            f"SELECT sum(reports) FROM reports_daily WHERE day >= %(a)s AND day <= %(b)s AND {where}",
+            parameters={"a": RANGE.start.date(), "b": RANGE.end.date(), "c": country, "r": regions},
+        ).result_rows[0][0]
+        for label, where in (("all", "1"), ("country", "country = %(c)s"), ("regions", "region IN %(r)s"))
+    }
+    assert by_place == stored
+    assert stored["all"] > stored["country"] > stored["regions"] > 0
+    by_region = next(p for p in overview.PANELS if p.key == "reports_by_region")
+    _, rows = run_panel(loaded.client, by_region, RANGE, {"country": ALL, "region": regions})
+    assert {row[1] for row in rows} == set(regions)
+    latest = next(p for p in overview.PANELS if p.key == "latest_alerts")
+    _, rows = run_panel(loaded.client, latest, RANGE, {"country": [country], "region": ALL})
+    assert rows and {row[3][:2] for row in rows} == {country}
+
+
+@pytest.mark.integration
+def test_overview_variables_list_countries_and_regions(loaded: LoadedData) -> None:
+    _, country, regions = _top_substance(loaded.client)
+    countries = [r[0] for r in loaded.client.query(expand(overview.VARIABLES[0].sql, RANGE)).result_rows]
+    assert country in countries
+    region_sql = expand(overview.VARIABLES[1].sql, RANGE, variables={"country": [country]})
+    in_country = [r[0] for r in loaded.client.query(region_sql).result_rows]
+    assert set(regions) <= set(in_country) and all(r.startswith(f"{country}-") for r in in_country)
 
 
 def _substance_selections(client: Any) -> list[dict[str, Any]]:
@@ -180,7 +225,7 @@ def test_substance_variables_list_what_the_panels_filter_on(loaded: LoadedData) 
 def test_alert_counts_match_the_alerts_stored(loaded: LoadedData) -> None:
     spec = next(p for p in overview.PANELS if p.key == "open_alerts")
     _, rows = run_panel(
-        loaded.client, spec, TimeRange(RANGE.start - timedelta(days=2), RANGE.end + timedelta(days=5)), {}
+        loaded.client, spec, TimeRange(RANGE.start - timedelta(days=2), RANGE.end + timedelta(days=5)), EVERYWHERE
     )
     assert sum(rows[0]) == loaded.alerts
 
@@ -188,7 +233,7 @@ def test_alert_counts_match_the_alerts_stored(loaded: LoadedData) -> None:
 @pytest.mark.integration
 def test_report_delay_per_lab_shows_each_labs_delays_and_late_reports(loaded: LoadedData) -> None:
     spec = next(p for p in overview.PANELS if p.key == "report_delay_per_lab")
-    _, rows = run_panel(loaded.client, spec, RANGE, {})
+    _, rows = run_panel(loaded.client, spec, RANGE, EVERYWHERE)
     delays: dict[str, list[float]] = {}
     late: dict[str, int] = {}
     stored = loaded.client.query(
@@ -240,7 +285,7 @@ def test_clickhouse_targets_carry_the_plugin_fields() -> None:
         targets = list(_targets(board))
         assert targets
         for panel, target in targets:
-            assert target["datasource"] == {"type": PLUGIN_ID, "uid": CLICKHOUSE_UID}
+            assert target["datasource"] == panel["datasource"] == {"type": PLUGIN_ID, "uid": "${datasource}"}
             assert target["editorType"] == "sql"
             assert int(target["pluginVersion"].split(".")[0]) >= 4  # else the plugin migrates it as v3
             expected = (0, "timeseries") if panel["type"] == "timeseries" else (1, "table")
@@ -264,11 +309,14 @@ def test_substance_dashboard_has_its_uid_and_variables() -> None:
     board = build.as_dict("substance")
     assert board["uid"] == "synthwatch-substance"
     names = [v["name"] for v in board["templating"]["list"]]
-    assert set(names) == {"country", "region", "substance", "family"}
-    # a variable is defined before any variable whose query uses it
-    for i, variable in enumerate(board["templating"]["list"]):
-        for later in board["templating"]["list"][i + 1 :]:
-            assert f"${later['name']}" not in variable["query"]
+    assert names == ["datasource", "family", "substance", "country", "region"]
+    assert [v["name"] for v in build.as_dict("overview")["templating"]["list"]] == ["datasource", "country", "region"]
+    for name in ("overview", "substance", "pipeline"):
+        # a variable is defined before any variable whose query (or datasource) uses it
+        variables = build.as_dict(name)["templating"]["list"]
+        for i, variable in enumerate(variables):
+            for later in variables[i + 1 :]:
+                assert f"${later['name']}" not in json.dumps([variable["query"], variable.get("datasource")])
     link = overview.SUBSTANCE_LINK
     assert link.startswith("/d/synthwatch-substance/") and "var-substance=" in link
     url = substance.substance_url("http://grafana:3000/", "name:foo bar", region="FR-75C")
@@ -288,6 +336,46 @@ def test_dashboards_read_back_with_the_sdk() -> None:
     assert "$__timeFilter(triggered_at)" in target.raw_sql
     built = DataqueryBuilder().raw_sql("SELECT 1").query_type(QueryType.TIME_SERIES).ref_id("B").build()
     assert built.to_json()["format"] == 0 and Dataquery.from_json(built.to_json()).to_json() == built.to_json()
+
+
+@pytest.mark.parametrize("name", sorted(build.DASHBOARDS))
+def test_dashboards_import_into_a_grafana_with_other_datasource_uids(name: str) -> None:
+    """No datasource uid is written in the JSON: a datasource variable picks it, its default asked on import.
+
+    What Grafana's import does is done here: each ``${DS_...}`` of ``__inputs`` replaced by the uid the user
+    chose; every panel, target and query variable must then reach that datasource through the variable.
+    """
+    text = build.render(name)
+    assert CLICKHOUSE_UID not in text and PROMETHEUS_UID not in text
+    board = json.loads(text)
+    inputs = {i["name"]: i for i in board["__inputs"]}
+    placeholders = set(re.findall(r"\$\{(DS_[A-Z_]+)\}", text))
+    assert placeholders == set(inputs) and inputs, "every placeholder is asked for on import, nothing more"
+    chosen = {key: f"their-{key.lower()}-uid" for key in inputs}
+    imported = json.loads(re.sub(r"\$\{(DS_[A-Z_]+)\}", lambda m: chosen[m.group(1)], text))
+    variables = {v["name"]: v for v in imported["templating"]["list"]}
+    by_plugin = {}
+    for key, item in inputs.items():
+        assert item["type"] == "datasource"
+        source = next(v for v in variables.values() if v["type"] == "datasource" and v["query"] == item["pluginId"])
+        assert source["current"]["value"] == chosen[key]
+        by_plugin[item["pluginId"]] = "${" + source["name"] + "}"
+    refs = [panel["datasource"] for panel in imported["panels"]]
+    refs += [target["datasource"] for _, target in _targets(imported)]
+    refs += [v["datasource"] for v in variables.values() if v["type"] == "query"]
+    assert refs and all(ref == {"type": ref["type"], "uid": by_plugin[ref["type"]]} for ref in refs), refs
+    required = {(r["type"], r["id"]) for r in board["__requires"]}
+    assert ("grafana", "grafana") in required
+    assert {("panel", p["type"]) for p in board["panels"]} <= required
+    if PLUGIN_ID in by_plugin:
+        plugin = next(r for r in board["__requires"] if r["id"] == PLUGIN_ID)
+        assert int(plugin["version"].split(".")[0]) >= 4
+
+
+def test_required_grafana_is_the_one_deployed() -> None:
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    images = [s.get("image", "") for s in compose["services"].values()]
+    assert f"grafana/grafana-oss:{build.GRAFANA_VERSION}" in images
 
 
 def test_uids_match_provisioning() -> None:
@@ -318,8 +406,8 @@ def test_pipeline_panels_read_metrics_that_exist() -> None:
         assert used <= known, f"{spec.key}: unknown metrics {used - known}"
         assert set(spec.metrics) <= used | {m for m in spec.metrics if m in text}
     board = build.as_dict("pipeline")
-    for _, target in _targets(board):
-        assert target["datasource"] == {"type": "prometheus", "uid": PROMETHEUS_UID}
+    for panel, target in _targets(board):
+        assert target["datasource"] == panel["datasource"] == {"type": "prometheus", "uid": "${prometheus}"}
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rdkit import Chem
 
 from synthwatch.catalogue import CatalogueEntry, shipped_catalogue
+from synthwatch.stream_apps.backtest import run_file
 from synthwatch.stream_apps.identity import (
     SMILES_ERROR,
     SubstanceResolver,
     normalise_name,
     normalise_quantity,
+    strip_salt_words,
     structure_from_smiles,
 )
+from tests.factories import lab
 
 CATALOGUE = shipped_catalogue()
 ENTRIES = st.sampled_from(CATALOGUE)
@@ -245,3 +251,87 @@ def test_molecule_cache_gives_what_standardising_each_spelling_gives(
     structure = structure_from_smiles(spelling)
     assert not isinstance(structure, str), spelling
     assert (structure.key, structure.inchikey, structure.family) == _uncached_structure(spelling)
+
+
+# Spellings labs really use for salts and forms of catalogued substances (English, French, abbreviations).
+SALT_SPELLINGS: list[tuple[str, str]] = [
+    ("Mephedrone HCl", "Mephedrone"),
+    ("mephedrone hydrochloride", "Mephedrone"),
+    ("MEPHEDRONE HYDROCHLORIDE", "Mephedrone"),
+    ("4-MMC HCl", "Mephedrone"),
+    ("4-MMC.HCl", "Mephedrone"),
+    ("chlorhydrate de méphédrone", "Mephedrone"),
+    ("Méphédrone (chlorhydrate)", "Mephedrone"),
+    ("MDMA hemifumarate", "MDMA"),
+    ("MDMA·HCl", "MDMA"),
+    ("sel de MDMA", "MDMA"),
+    ("bromhydrate de MDMA", "MDMA"),
+    ("Cocaine base", "Cocaine"),
+    ("cocaine freebase", "Cocaine"),
+    ("Cocaine free base", "Cocaine"),
+    ("cocaïne base libre", "Cocaine"),
+    ("Amphetamine sulphate", "Amphetamine"),
+    ("amphétamine sulfate", "Amphetamine"),
+    ("Ketamine hydrochloride", "Ketamine"),
+    ("kétamine chlorhydrate", "Ketamine"),
+    ("Fentanyl citrate", "Fentanyl"),
+    ("citrate de fentanyl", "Fentanyl"),
+    ("Heroin HCl salt", "Heroin"),
+    ("Tramadol hydrochloride", "Tramadol"),
+    ("Isotonitazene citrate", "Isotonitazene"),
+    ("Methamphetamine HBr", "Methamphetamine"),
+    ("Codeine phosphate", "Codeine"),
+    ("codéine phosphate hémihydrate", "Codeine"),
+    ("Morphine sulfate", "Morphine"),
+    ("LSD tartrate", "LSD"),
+    ("3-MMC (HCl)", "3-MMC"),
+]
+
+
+@pytest.mark.parametrize(("spelling", "catalogued"), SALT_SPELLINGS)
+def test_salt_and_form_words_resolve_to_the_catalogued_substance(spelling: str, catalogued: str) -> None:
+    resolved = SubstanceResolver().resolve(spelling)
+    assert (resolved.display_name, resolved.resolved_by, resolved.catalogued) == (catalogued, "catalogue_name", True)
+
+
+def test_a_name_made_only_of_salt_words_is_kept_whole() -> None:
+    assert strip_salt_words("Hydrochloride") == "hydrochloride"
+    assert SubstanceResolver().resolve("base").key == "name:base"
+    # a salt word at the start of a name is left alone without the French "de"/"d'" that makes it a salt
+    assert strip_salt_words("Basetamine HCl") == "basetamine"
+    # as indifferent to spacing and punctuation as name resolution (hypothesis found "hydrochlorid e")
+    assert strip_salt_words("cocaine hydrochlorid e") == strip_salt_words("Cocaine (HCl)") == "cocaine"
+
+
+def test_salt_words_do_not_split_a_learnt_name() -> None:
+    resolver = SubstanceResolver()
+    key = resolver.resolve("Novelone HCl", smiles=PENTYLOXY_NITAZENE).key
+    assert resolver.resolve("novelone hydrochloride").key == key
+    assert resolver.resolve("chlorhydrate de novelone").resolved_by == "learnt_name"
+
+
+def test_a_structure_needs_no_name() -> None:
+    resolver = SubstanceResolver()
+    by_smiles = resolver.resolve(None, smiles=FENTANYL + ".Cl")
+    assert (by_smiles.display_name, by_smiles.catalogued) == ("Fentanyl", True)
+    unknown = resolver.resolve("", smiles=PENTYLOXY_NITAZENE)
+    assert unknown.display_name == unknown.key and unknown.family == "nitazene"
+    assert resolver.learnt_names() == {}  # the missing name is never learnt
+    bad = resolver.resolve(None, smiles="C1CC(")
+    assert bad.key == "name:c1cc" and bad.structure_error == SMILES_ERROR
+
+
+def test_salt_spellings_raise_no_never_seen_alerts(tmp_path: Path) -> None:
+    """The issue's report: "Mephedrone HCl" by name raised "Never seen by the network"; only the first
+    report of mephedrone (any spelling) is news now."""
+    lines = [
+        json.dumps(lab(event_id=f"salt-{i}", occurred_at=f"2026-03-{i + 2:02d}T09:00:00Z", substance={"name": n}))
+        for i, (n, catalogued) in enumerate(SALT_SPELLINGS)
+        if catalogued == "Mephedrone"
+    ]
+    source = tmp_path / "salts.ndjson"
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    run = run_file(source, tmp_path / "alerts.ndjson")
+    new = [a for a in run.alerts if a.alert_type == "new_substance"]
+    assert len(lines) >= 5 and not run.rejects
+    assert [(a.substance.name, a.evidence_event_ids) for a in new] == [("Mephedrone", ["salt-0"])]

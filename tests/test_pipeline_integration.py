@@ -212,7 +212,7 @@ def test_malformed_input_lands_in_rejects_and_counts_add_up(stack: RunningWorker
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     done = run_cli(stack.settings, "publish", str(path))
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 1, done.stderr  # some records rejected, the rest sent
     summary = _summary(done.stdout)
     print(f"publish: {summary} for {len(lines)} lines")
     assert summary["sent"] + summary["rejected"] == len(lines)
@@ -256,3 +256,45 @@ def test_worker_revalidates_what_other_producers_send(stack: RunningWorker) -> N
     assert all(r["source"].startswith(f"{topic}:") for r in rejects)
     assert any("belongs to country FR" in r["reason"] for r in rejects)
     assert any("invalid JSON" in r["reason"] for r in rejects)
+
+
+def test_a_resent_id_with_changed_content_is_rejected_and_listed_by_rejects(
+    stack: RunningWorker, tmp_path: Path
+) -> None:
+    """Issue 13 §5/§6: the stored report stays; the changed one is refused with a reason the lab can act on,
+    and `synthwatch rejects --lab` shows it; the same report sent again is still only a duplicate."""
+    prefix = f"cc{uuid.uuid4().hex[:6]}"
+    lab_id = f"LAB-{prefix}"
+    first = lab(event_id=f"{prefix}-1", lab_id=lab_id, purity_pct=40.0)
+
+    def publish(name: str, record: dict[str, Any]) -> None:
+        (tmp_path / name).write_text(ndjson([record]))
+        done = run_cli(stack.settings, "publish", str(tmp_path / name))
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    publish("first.ndjson", first)
+    wait_until(lambda: _stored(stack, prefix) == 1, 60, f"the first report; worker: {stack.stats()}")
+    publish("changed.ndjson", {**first, "purity_pct": 80.0})
+    publish("again.ndjson", first)
+    publish("marker.ndjson", lab(event_id=f"{prefix}-marker", lab_id=lab_id))
+    wait_until(lambda: _stored(stack, prefix) == 2, 60, f"the marker; worker: {stack.stats()}")
+
+    def rejects() -> list[tuple[Any, ...]]:
+        return stack.query(
+            "SELECT event_id, stage, reason, raw FROM rejects WHERE event_id = %(id)s", {"id": f"{prefix}-1"}
+        ).rows
+
+    found = wait_until(rejects, 60, "the reject of the changed report")
+    assert len(found) == 1, found  # the identical re-send is a duplicate, not a reject
+    event_id, stage, reason, raw = found[0]
+    assert stage == "worker" and "already stored with different content" in reason and "new event_id" in reason
+    assert json.loads(raw)["purity_pct"] == 80.0
+    stored = stack.query("SELECT purity_pct FROM lab_detections WHERE event_id = %(id)s", {"id": event_id}).rows
+    assert [tuple(r) for r in stored] == [(40.0,)]
+
+    listed = run_cli(stack.settings, "rejects", "--lab", lab_id, "--since", "1d")
+    assert listed.returncode == 0, listed.stderr
+    assert f"{prefix}-1" in listed.stdout and "already stored with different content" in listed.stdout
+    assert "1 reject(s)" in listed.stdout
+    other = run_cli(stack.settings, "rejects", "--lab", f"{lab_id}-other", "--since", "1d")
+    assert other.returncode == 0 and "0 reject(s)" in other.stdout

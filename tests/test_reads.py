@@ -162,3 +162,35 @@ def test_substance_history_by_name_inchikey_and_first_block(data: tuple[Any, Set
         found = substance_history(settings, query)
         assert found is not None and found.substance_key == key and found.reports == total
     assert substance_history(settings, "no such substance xyz") is None
+
+
+def test_recent_rejects_filter_by_time_and_lab(ch: Any, ch_settings: Settings) -> None:
+    from synthwatch.reads import recent_rejects
+    from synthwatch.schemas import Reject
+
+    migrate(ch)
+    now = datetime.now(UTC)
+
+    def reject(n: int, raw: str, hours_ago: float) -> Reject:
+        made = Reject.of(raw, source=f"f.csv:{n}", reason=f"region: bad {n}", stage="publish", event_id=f"e-{n}")
+        return made.model_copy(update={"rejected_at": now - timedelta(hours=hours_ago)})
+
+    ClickHouseSink(ch).store_rejects(
+        [
+            reject(2, '{"lab_id": "LAB-FR-01", "region": "XX"}', 1),
+            reject(3, '{"agency": "ADII", "region": "XX"}', 2),
+            reject(4, "{not json", 3),
+            reject(5, '{"lab_id": "LAB-FR-01"}', 24 * 10),  # older than the window
+        ]
+    )
+    rows = recent_rejects(ch_settings, since=timedelta(days=7))
+    assert [(r.source, r.reporter, r.reason) for r in rows] == [
+        ("f.csv:2", "LAB-FR-01", "region: bad 2"),
+        ("f.csv:3", "ADII", "region: bad 3"),
+        ("f.csv:4", "", "region: bad 4"),
+    ]
+    assert [r.source for r in recent_rejects(ch_settings, since=timedelta(days=30), lab="LAB-FR-01")] == [
+        "f.csv:2",
+        "f.csv:5",
+    ]
+    assert [r.event_id for r in recent_rejects(ch_settings, lab="ADII")] == ["e-3"]

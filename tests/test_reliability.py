@@ -144,14 +144,22 @@ def test_worker_killed_mid_stream_restarts_and_stores_every_event_once_without_l
         # at the checkpoint, novelty with its batch), so with the inputs and sightings committed, the alerts
         # topic committed to its end means every published alert is stored. Not this worker's counters: an
         # alert re-raised after the restart whose id the killed worker had stored is raised but not new.
+        # The same for rejects: committed to the end of their topic, so a shortfall below is a loss, not a wait.
         wait_until(
             lambda: consumer_lag(broker.bootstrap_servers, settings.app_id, [settings.topic_alerts]) == 0,
             60,
             "every alert stored",
             interval=0.3,
         )
+        wait_until(
+            lambda: consumer_lag(broker.bootstrap_servers, settings.app_id, [settings.topic_rejects]) == 0,
+            60,
+            "every reject consumed and committed",
+            interval=0.3,
+        )
         stats = worker.stats()
-        wait_until(lambda: worker.count("SELECT count() FROM rejects") >= rejected, 60, "rejects")
+        reject_rows = worker.count("SELECT count() FROM rejects")
+        unique_rejects = worker.count("SELECT uniqExact(reject_id) FROM rejects")
         ids = stored_ids(worker)
         rows = worker.count(STORED)
         late_rows = worker.count(LATE)
@@ -173,6 +181,7 @@ def test_worker_killed_mid_stream_restarts_and_stores_every_event_once_without_l
         lines=len(sim.lines),
         sent=sent,
         publish_rejected=rejected,
+        stored_rejects=f"{reject_rows} rows, {unique_rejects} unique",
         killed_after_events_of_the_day=killed_after,
         redelivered_and_skipped=stats["duplicates"],
         stored_rows=rows,
@@ -183,6 +192,8 @@ def test_worker_killed_mid_stream_restarts_and_stores_every_event_once_without_l
         replayed=f"{stats['replayed']} events and {stats['replayed_sightings']} sightings found in detector state",
         versus_backtest=versus,
     )
+    assert unique_rejects == rejected, "every reject the publisher sent is stored (its topic is committed)"
+    assert reject_rows == unique_rejects, "every reject stored once"
     assert rows == len(ids) == len(expected), "every valid event exactly once"
     assert ids == expected
     assert late_rows == backtest.summary.late and detection_rejects == 0
@@ -215,15 +226,23 @@ def clickhouse_http(tmp_path: Path) -> Iterator[tuple[int, FlakyProxy]]:
             proxy.down()
 
 
+STUCK_EVENTS = 3000  # ten batches of STUCK_BATCH: while one batch hangs, the agent's queue holds more
+STUCK_BATCH = 300
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("committed_before", [300, 0], ids=["after-commits", "never-committed"])
 def test_a_worker_stuck_without_an_error_is_sought_back_then_reported_not_ready_then_recovers(
-    broker: EmbeddedBroker, tmp_path: Path, clickhouse_http: tuple[int, FlakyProxy]
+    broker: EmbeddedBroker, tmp_path: Path, clickhouse_http: tuple[int, FlakyProxy], committed_before: int
 ) -> None:
     """The consumer watchdog, on a real worker: ClickHouse stops answering without failing (a hung
     server), so checkpoints never finish and committed offsets stop while records wait. The worker must
     notice, count and seek back, then answer 503 on /ready; once ClickHouse answers it must report ready
-    again and store every event exactly once."""
+    again and store every event exactly once.
+
+    ``never-committed``: the partitions had no committed offset when the worker sought back (aiokafka
+    seeks only partitions with one), so what the cleared queues held must be fetched from the start."""
     port, proxy = clickhouse_http
     (tmp_path / "worker").mkdir()
     settings = isolated_settings(
@@ -231,6 +250,7 @@ def test_a_worker_stuck_without_an_error_is_sought_back_then_reported_not_ready_
         tmp_path / "worker",
         clickhouse_url=f"http://127.0.0.1:{proxy.port}/watchdog",
         stall_seconds=2.0,
+        sink_batch_size=STUCK_BATCH,
     )
     direct = settings.model_copy(update={"clickhouse_url": f"http://127.0.0.1:{port}/watchdog"})
     regions = [("ML", "ML-BKO"), ("MA", "MA-TNG"), ("SN", "SN-DK")]
@@ -262,12 +282,13 @@ def test_a_worker_stuck_without_an_error_is_sought_back_then_reported_not_ready_
 
     worker = start_worker(settings, tmp_path / "worker.log")
     try:
-        publish(0, 300)
-        wait_until(lambda: lag() == 0, 60, "the first part stored and committed", interval=0.5)
+        if committed_before:
+            publish(0, committed_before)
+            wait_until(lambda: lag() == 0, 60, "the first part stored and committed", interval=0.5)
         assert ready_status()[0] == 200
 
         proxy.hung.set()  # ClickHouse accepts connections and never answers
-        publish(300, 300)
+        publish(committed_before, STUCK_EVENTS)
         status, body = wait_until(
             lambda: (found := ready_status())[0] == 503 and found,
             60,
@@ -288,7 +309,9 @@ def test_a_worker_stuck_without_an_error_is_sought_back_then_reported_not_ready_
             direct, "SELECT count(), uniqExact(event_id) FROM border_seizures WHERE startsWith(event_id, 'wd-')"
         ).rows[0]
         print(f"recovered: /ready {status}, rows {rows}, unique {unique}, seek-backs {body['consumer_stalls']}")
-        assert int(rows) == int(unique) == 600
+        assert int(rows) == int(unique) == committed_before + STUCK_EVENTS
+        if not committed_before:  # the seek-back started the never-committed partitions over
+            assert "never-committed stream partitions to their beginning" in worker.log_path.read_text(errors="replace")
     finally:
         proxy.hung.clear()
         stop_worker(worker)
@@ -530,8 +553,8 @@ def test_broker_restarted_under_the_publisher_it_never_claims_an_event_it_lost(b
     assert summary["sent"] <= len(received & run.valid_ids)
     if summary["failed"]:
         assert run.returncode == 2 and not_delivered, "failures must be reported and fail the command"
-    else:
-        assert run.returncode == 0
+    else:  # the simulated stream holds malformed lines: 1 = some records rejected, the rest sent
+        assert run.returncode == (1 if summary["rejected"] else 0)
 
 
 @pytest.mark.slow

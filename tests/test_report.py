@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,19 @@ from typer.testing import CliRunner
 
 from synthwatch.cli_dashboards import register
 from synthwatch.dashboards import overview
-from synthwatch.dashboards.macros import TimeRange, expand, panel_interval
+from synthwatch.dashboards.macros import ALL, TimeRange, expand, panel_interval
+from synthwatch.dashboards.panels import SqlPanel, num_col, text_col, time_col
 from synthwatch.query import QueryError, QueryResult
-from synthwatch.report import REPORT_DATA_POINTS, render_report, write_report
+from synthwatch.report import (
+    REPORT_DATA_POINTS,
+    bucket_grid,
+    pie_slices,
+    render_report,
+    time_series,
+    top_series,
+    write_report,
+    zero_filled,
+)
 from synthwatch.settings import Settings
 from tests.test_dashboards import DAYS, load_simulation
 
@@ -136,7 +147,12 @@ def test_report_runs_the_dashboards_own_sql() -> None:
 
     result = render_report(runner, time_range)
     expected = [
-        expand(p.sql, time_range, interval=panel_interval(time_range, REPORT_DATA_POINTS, p.min_interval))
+        expand(
+            p.sql,
+            time_range,
+            interval=panel_interval(time_range, REPORT_DATA_POINTS, p.min_interval),
+            variables={"country": ALL, "region": ALL},
+        )
         for p in overview.PANELS
     ]
     assert sent == expected
@@ -166,3 +182,118 @@ def test_cli_report_and_dashboards_commands(
     assert sorted(p.name for p in (tmp_path / "json").iterdir()) == ["overview.json", "pipeline.json", "substance.json"]
     done = runner.invoke(app, ["dashboards", "check"])
     assert done.exit_code == 0, done.output
+
+
+# --- readable charts: empty buckets, single points, many series, small slices ------------------------------
+
+_DAY = timedelta(days=1)
+_WEEK = TimeRange(datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 3, 8, tzinfo=UTC))
+
+
+def test_bucket_grid_holds_the_empty_buckets_clickhouse_leaves_out() -> None:
+    grid = bucket_grid(_WEEK, _DAY)
+    assert grid == [datetime(2026, 3, d) for d in range(1, 8)]  # naive UTC, one per day (Mar 8 00:00 is the end)
+    hours = bucket_grid(
+        TimeRange(datetime(2026, 3, 1, 10, 30, tzinfo=UTC), datetime(2026, 3, 1, 13, tzinfo=UTC)), timedelta(hours=1)
+    )
+    assert hours == [datetime(2026, 3, 1, h) for h in (10, 11, 12)]  # aligned like toStartOfInterval
+
+
+def test_zero_filled_series_and_top_regions_with_the_rest_averaged() -> None:
+    spec = SqlPanel("x", "x", "timeseries", "", (time_col(), text_col("region_code"), num_col("reports")))
+    rows = [
+        [datetime(2026, 3, 2, tzinfo=UTC), "ML-BKO", 1],  # a single point
+        [datetime(2026, 3, 1, tzinfo=UTC), "FR-75C", 4],
+        [datetime(2026, 3, 5, tzinfo=UTC), "FR-75C", 2],
+    ]
+    axis, filled = zero_filled(time_series(spec, rows), bucket_grid(_WEEK, _DAY))
+    assert len(axis) == 7
+    assert filled["ML-BKO"] == [0, 1, 0, 0, 0, 0, 0]
+    assert filled["FR-75C"] == [4, 0, 0, 0, 2, 0, 0]  # no line from 4 straight to 2 across empty days
+    many = {f"R-{i:02d}": [float(i), float(2 * i)] for i in range(17)}
+    shown = top_series(many, 5, "other regions")
+    assert [name for name, _ in shown] == ["R-16", "R-15", "R-14", "R-13", "R-12", "other regions: average of 12"]
+    assert shown[-1][1] == [sum(range(12)) / 12, 2 * sum(range(12)) / 12]
+    assert top_series(dict(list(many.items())[:6]), 5) == sorted(
+        dict(list(many.items())[:6]).items(), key=lambda kv: -sum(kv[1])
+    ), "six series are shown as they are: an 'others' of one would hide a name for nothing"
+
+
+def test_small_pie_slices_are_grouped() -> None:
+    rows = [["opioid", 500], ["cathinone", 300], ["tryptamine", 170], ["a", 10], ["b", 10], ["c", 10]]
+    assert pie_slices(rows) == [("opioid", 500), ("cathinone", 300), ("tryptamine", 170), ("others (3)", 30)]
+    assert pie_slices([["x", 99], ["y", 1]]) == [("x", 99), ("y", 1)]  # one small slice stays itself
+
+
+def _crafted_report(tmp_path: Path) -> Path:
+    """A report of a week with a one-point series, 17 regions and a family mix with tiny shares."""
+    lines = SqlPanel(
+        "regions_lines",
+        "Reports per region",
+        "timeseries",
+        "SELECT 'lines' -- $__timeInterval(t)",
+        (time_col(), text_col("region_code"), num_col("reports")),
+        width=24,
+        min_interval="1d",
+    )
+    lone = SqlPanel(
+        "lone_point",
+        "One report in the week",
+        "timeseries",
+        "SELECT 'lone'",
+        (time_col(), text_col("region_code"), num_col("reports")),
+        width=12,
+        min_interval="1d",
+    )
+    pie = SqlPanel(
+        "families", "Reports by family", "pie", "SELECT 'pie'", (text_col("family_name"), num_col("reports"))
+    )
+    days = [(_WEEK.start + n * _DAY).isoformat() for n in range(7)]
+    answers = {
+        "'lines'": QueryResult(
+            ["time", "region_code", "reports"],
+            [
+                [day, f"R{r:02d}", (r * 7 + d * 3) % 11 + r]
+                for d, day in enumerate(days)
+                for r in range(17)
+                if (d + r) % 4
+            ],
+        ),
+        "'lone'": QueryResult(["time", "region_code", "reports"], [[days[3], "ML-BKO", 1]]),
+        "'pie'": QueryResult(
+            ["family_name", "reports"],
+            [["other_opioid", 900], ["phenethylamine", 700], ["nitazene", 400], ["fentanyl", 300]]
+            + [[f"rare_{i}", 5 + i] for i in range(6)],
+        ),
+    }
+    result = render_report(
+        lambda sql: next(a for key, a in answers.items() if key in sql), _WEEK, panels=(lines, lone, pie)
+    )
+    assert result.failed == []
+    out = tmp_path / "crafted.html"
+    out.write_text(result.html, encoding="utf-8")
+    return out
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(_browser() is None, reason="no Chromium: apt-get install chromium")
+def test_crafted_report_draws_points_top_regions_and_grouped_slices(tmp_path: Path) -> None:
+    browser = _browser()
+    assert browser is not None
+    page = _crafted_report(tmp_path)
+    done = headless(browser, tmp_path / "profile-dom", "--dump-dom", page.as_uri())
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    by_key = sections(done.stdout.decode("utf-8", errors="replace"))
+    lines, lone, pie = by_key["regions_lines"], by_key["lone_point"], by_key["families"]
+    # six legend entries: the five busiest regions, and the average of the twelve others
+    assert len(re.findall(r'class="traces"', lines)) == 6 and "other regions: average of 12" in lines
+    # the lone report: a line at zero through the week's seven days, a marker on each, and its name
+    assert len(re.findall(r'<path class="point"', lone)) == 7 and "ML-BKO" in lone
+    # small families grouped into one slice; four families plus "others"
+    assert len(re.findall(r'<g class="slice"', pie)) == 5 and "others (6)" in pie
+    screenshot = tmp_path / "crafted.png"
+    done = headless(
+        browser, tmp_path / "profile-png", f"--screenshot={screenshot}", "--window-size=1400,900", page.as_uri()
+    )
+    assert done.returncode == 0 and screenshot.is_file()
+    shutil.copy(screenshot, Path(tempfile.gettempdir()) / "synthwatch-crafted-report.png")  # for a person to look at

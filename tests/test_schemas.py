@@ -109,3 +109,12 @@ def test_export_writes_every_schema(tmp_path) -> None:  # type: ignore[no-untype
     assert {p.name for p in written} == set(render_schemas())
     event_schema = json.loads((tmp_path / "event.schema.json").read_text())
     assert set(event_schema["discriminator"]["mapping"]) == {"lab_detection", "border_seizure"}
+
+
+def test_a_structure_needs_no_name() -> None:
+    """A lab that sends a SMILES or an InChIKey identified the substance: the catalogue or the structure names it."""
+    by_smiles = parse_event_object(lab(substance={"smiles": "CNC(C)C(=O)c1ccc(C)cc1.Cl"}))
+    by_key = parse_event(json.dumps(lab(substance={"inchikey": "yelgftgwjgbaqu-uhfffaoysa-n"})))
+    assert by_smiles.substance.name is None and by_key.substance.inchikey == "YELGFTGWJGBAQU-UHFFFAOYSA-N"
+    with pytest.raises(WireError, match="substance: needs a name, a SMILES or an InChIKey"):
+        parse_event_object(lab(substance={"cas": "1189805-46-6"}))

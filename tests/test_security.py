@@ -367,7 +367,7 @@ def test_a_csv_cell_over_128_kib_rejects_its_row_only(worker: RunningWorker, tmp
         + "\n"
     )
     done = run_cli(worker.settings, "publish", str(path))
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 1, done.stderr  # one row rejected, the others sent
     assert "Traceback" not in done.stderr
     assert _summary(done.stdout) == {"read": 3, "sent": 2, "rejected": 1, "duplicates": 0, "failed": 0}
     wait_until(lambda: _stored_ids(worker, prefix) == {f"{prefix}-1", f"{prefix}-3"}, 60, "the two good rows")
@@ -381,7 +381,7 @@ def test_a_header_nested_60000_levels_deep_is_refused_with_a_reason(worker: Runn
     deep = ".".join(["x"] * 60_000)
     path.write_text(f"event_id,kind,{deep}\n{prefix}-1,lab_detection,1\n{prefix}-2,lab_detection,2\n")
     done = run_cli(worker.settings, "publish", str(path))
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 2, done.stderr  # nothing sent
     assert "RecursionError" not in done.stderr + done.stdout
     assert _summary(done.stdout) == {"read": 2, "sent": 0, "rejected": 2, "duplicates": 0, "failed": 0}
     reasons = wait_until(lambda: len(_rejects(worker, path.name)) == 2 and _rejects(worker, path.name), 60, "2 rejects")
@@ -399,7 +399,7 @@ def test_a_valid_50_mb_event_is_rejected_as_too_large_and_the_rest_is_sent(
         out.write(json.dumps(lab(event_id=f"{prefix}-3", **{f"x{i}": i for i in range(100)})) + "\n")  # 100 extras
         out.write(json.dumps(lab(event_id=f"{prefix}-4")) + "\n")
     done = run_cli(worker.settings, "publish", str(path))
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 1, done.stderr  # two rejected, the others sent
     assert "MessageSizeTooLargeError" not in done.stderr + done.stdout
     assert _summary(done.stdout) == {"read": 4, "sent": 2, "rejected": 2, "duplicates": 0, "failed": 0}
     wait_until(lambda: _stored_ids(worker, prefix) == {f"{prefix}-1", f"{prefix}-4"}, 60, "the two good events")

@@ -70,3 +70,32 @@ def test_rejects_are_stored_once(ch: Any) -> None:
     assert sink.store_rejects(rejects) == 5
     assert sink.store_rejects(rejects + rejects[:2]) == 0
     assert ch.query("SELECT count(), countIf(reason = 'invalid JSON') FROM rejects").result_rows[0] == (5, 5)
+
+
+def test_a_changed_report_under_a_stored_id_is_refused_and_the_stored_row_kept(ch: Any) -> None:
+    """Issue 13: a re-sent event_id with other content was dropped as a duplicate without a word."""
+    migrate(ch)
+    intake, sink = Intake(), ClickHouseSink(ch)
+    sink.store_events(
+        intake.process(_messages([seizure(event_id="x-1", quantity={"value": 2.5, "unit": "kg"})])).events
+    )
+    # the same report, fields in another order and codes in another case: a duplicate, not a change
+    same = dict(reversed(list(seizure(event_id="x-1", quantity={"value": 2.5, "unit": "kg"}).items())))
+    same["region"] = "ml-bko"
+    changed = seizure(event_id="x-1", quantity={"value": 25, "unit": "kg"})
+    result = sink.store_events(intake.process(_messages([same])).events + intake.process(_messages([changed])).events)
+    assert (result.stored, result.already_stored, [c.event_id for c in result.changed]) == (0, 1, ["x-1"])
+    reject = result.changed[0].changed_content_reject()
+    assert "already stored with different content" in reject.reason and "new event_id" in reject.reason
+    assert json.loads(reject.raw)["quantity"]["value"] == 25
+    stored = sink.stored_event_digests(result.changed)
+    assert set(stored) == {"x-1"} and stored["x-1"] not in ("", result.changed[0].digest)
+    assert ch.query("SELECT quantity_value FROM border_seizures WHERE event_id = 'x-1'").result_rows == [(2.5,)]
+
+
+def test_a_changed_report_inside_one_batch_is_a_reject_not_a_duplicate() -> None:
+    result = Intake().process(
+        _messages([seizure(event_id="y-1"), seizure(event_id="y-1"), seizure(event_id="y-1", border_point="Kayes")])
+    )
+    assert (len(result.events), result.duplicates, len(result.rejects)) == (1, 1, 1)
+    assert result.rejects[0].event_id == "y-1" and "different content" in result.rejects[0].reason

@@ -68,11 +68,21 @@ def test_engine_is_readable_after_the_stack_stopped(tmp_path: Path) -> None:
     (tmp_path / "one.ndjson").write_text(ndjson([seizure(event_id=f"keep-{i}") for i in range(3)]))
     assert run_cli(settings, "publish", str(tmp_path / "one.ndjson")).returncode == 0
     wait_until(lambda: up.count("SELECT count() FROM border_seizures") == 3, 60, "three events")
+    through_stack = run_cli(settings, "stats", "--days", "3650", "--format", "json")  # over the stack's /sql
+    assert through_stack.returncode == 0, through_stack.stderr
+    assert [(r["region"], r["reports"], r["border_seizures"]) for r in json.loads(through_stack.stdout)] == [
+        ("ML-BKO", 3, 3)
+    ]
     stop_worker(up)
     time.sleep(0.2)
     shown = run_cli(settings, "sql", "SELECT count() FROM border_seizures")  # opens the engine directly now
     assert shown.returncode == 0, shown.stderr
     assert "│ 3 " in shown.stdout.replace("┃", "│")
+    # up.log is a file, not a terminal: each announcement is one line however long (no wrap at 80 columns)
+    log = (tmp_path / "up.log").read_text().splitlines()
+    topics = [line for line in log if line.startswith("Topics: ")]
+    assert len(topics) == 1 and topics[0].endswith(")") and len(topics[0]) > 80, topics
+    assert any(line.startswith("Stopping: ") and line.endswith("loses it.") for line in log), log
 
 
 # --- stopping without losing what the in-memory broker accepted (issue 11, section 4) -------------------------
