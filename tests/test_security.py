@@ -783,8 +783,10 @@ def test_rejects_not_written_by_a_worker_are_refused(worker: RunningWorker) -> N
     wait_until(lambda: worker.stats()["forged"] >= before + 1, 60, "the forged reject to be refused")
 
     genuine = f"genuine-reject-{uuid.uuid4().hex[:8]}"
+    from synthwatch.cli_publish import EXIT_NOTHING_SENT_OR_ERROR
+
     result = run_cli(settings, "publish", "-", input=json.dumps(lab(event_id=genuine, region="ML-ZZZ")))
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == EXIT_NOTHING_SENT_OR_ERROR, result.stdout + result.stderr  # its only record refused
     wait_until(
         lambda: worker.count("SELECT count() FROM rejects WHERE event_id = %(e)s", {"e": genuine}) == 1,
         60,
@@ -851,7 +853,9 @@ def test_metrics_and_ready_answer_without_a_token_but_carry_no_report_content(wo
     )
     bad = {**record, "event_id": f"leak-bad-{tag}", "region": f"ML-{tag[:3].upper()}"}  # a reject, too
     result = run_cli(worker.settings, "publish", "-", input=json.dumps(record) + "\n" + json.dumps(bad) + "\n")
-    assert result.returncode == 0, result.stdout + result.stderr
+    from synthwatch.cli_publish import EXIT_SOME_REJECTED
+
+    assert result.returncode == EXIT_SOME_REJECTED, result.stdout + result.stderr
     wait_until(
         lambda: worker.count("SELECT count() FROM lab_detections WHERE event_id = %(e)s", {"e": markers["event_id"]}),
         60,
