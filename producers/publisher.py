@@ -30,6 +30,7 @@ from synthwatch.schemas import BorderSeizure, LabDetection, Reject, WireError, p
 from synthwatch.schemas.envelope import envelope_headers, load_org_keys, parse_key
 from synthwatch.schemas.records import RejectStage
 from synthwatch.schemas.wire import RecordLimits, changed_content_reason, check_extras, check_size, parse_limited
+from synthwatch.schemas.worker_keys import WorkerKeyError, WorkerSigner, existing_worker_keys
 from synthwatch.settings import Settings
 
 from .readers import InputRecord
@@ -150,6 +151,19 @@ class Publisher:
             **overrides,
         }
         self.signer = signing_key(settings)
+        # Only holders of the worker key may write rejects (the worker refuses the others'): an operator's
+        # publisher (the embedded stack's, compose's) has it; labs' publishers do not send rejects at all.
+        try:
+            keys = existing_worker_keys(settings) if settings.publisher_send_rejects else None
+        except WorkerKeyError as error:
+            raise SigningError(f"{error}, or SYNTHWATCH_PUBLISHER_SEND_REJECTS=false") from error
+        self.reject_signer = WorkerSigner(keys) if keys else None
+        if settings.publisher_send_rejects and keys is None:
+            log.warning(
+                "no worker key here (SYNTHWATCH_WORKER_KEY, SYNTHWATCH_WORKER_KEY_FILE or DATA_DIR/worker-key): "
+                "rejects are sent unsigned and the worker will refuse them; set the key, or "
+                "SYNTHWATCH_PUBLISHER_SEND_REJECTS=false to list them in the summary only"
+            )
         tls_preflight(settings, bootstrap_servers)
         try:
             self.producer = KafkaProducer(**self._config)
@@ -263,6 +277,8 @@ class Publisher:
         headers = None
         if self.signer is not None and what == "event":
             headers = envelope_headers(self.signer[0], self.signer[1], topic, key, value)
+        elif self.reject_signer is not None and what == "reject":
+            headers = self.reject_signer.headers(topic, key, value)
         self._send(topic, key, value, partition, what, label, headers)
         if len(self._pending) >= 20_000:
             self._sweep()

@@ -68,7 +68,7 @@ from .spikes import SeriesState
 from .state_rebuild import learn_names, rebuild
 from .watchdog import StallWatch, watch_consumer
 from .web_auth import refuse_request
-from .worker_signature import WorkerSigner, worker_key
+from .worker_signature import WorkerSigner, settings_worker_keys, verified_changelog
 
 log = logging.getLogger("synthwatch.worker")
 T = TypeVar("T")
@@ -96,7 +96,7 @@ class WorkerStats:
     checkpointed: int = 0  # input events whose rows and detector state are written (offsets acknowledged)
     sink_retries: int = 0
     consumer_stalls: int = 0  # partitions the watchdog found stalled and sought back
-    forged: int = 0  # alerts and sightings refused: no valid worker signature
+    forged: int = 0  # alerts, sightings, rejects and state records refused: no valid worker signature
     ready_seconds: float | None = None
     rebuild: dict[str, Any] = field(default_factory=dict)
 
@@ -186,6 +186,26 @@ def outbox_series(data: Any) -> list[str]:
     return sorted(names)
 
 
+#: The key an undecodable changelog key is read as: refused by the signature check, never applied.
+UNDECODABLE_KEY = "~undecodable"
+
+
+class StateSchema(faust.Schema):
+    """The detector tables' schema: a changelog key that is not JSON decodes to :data:`UNDECODABLE_KEY`.
+
+    Why: Faust decodes a changelog record's key before the table sees it, and a key it cannot decode
+    raised inside recovery, which then never read that partition's offset and waited forever: one record
+    with a non-JSON key, written by anyone who can reach the changelog, stalled every restart. Decoded this
+    way, the record reaches the signature check (:func:`.worker_signature.verified_changelog`) and is refused.
+    """
+
+    def loads_key(self, app: Any, message: Any, *, loads: Any = None, serializer: Any = None) -> Any:
+        try:
+            return super().loads_key(app, message, loads=loads, serializer=serializer)
+        except Exception:  # KeyDecodeError (Faust wraps the codec's error)
+            return UNDECODABLE_KEY
+
+
 def _partition(source: str) -> int:
     """Partition number of a ``topic:partition:offset`` source."""
     return int(source.rsplit(":", 2)[1])
@@ -233,7 +253,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
     # Values are JSON text serialised by pydantic-core (in Rust), not by Faust's json codec per record; the
     # table keeps them as bytes (restored from the changelog as the same bytes): compact, and decoded
     # only when a record is loaded into the detectors.
-    state_schema: faust.Schema = faust.Schema(key_serializer="json", value_serializer="raw")
+    state_schema: faust.Schema = StateSchema(key_serializer="json", value_serializer="raw")
     tables: dict[str, Any] = {"partitions": settings.partitions, "schema": state_schema, "value_type": bytes}
     region_table = app.Table("detector-regions", **tables)  # value_type=bytes: restored raw, too
     substance_table = app.Table("detector-substances", **tables)
@@ -241,12 +261,35 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
     ctx.regions.outbox = True  # spike alerts are sent after the checkpoint that writes the state deciding them
     ctx.novelty.fetch = partial(_load_record, substance_table.data)
     stats = ctx.stats
-    signer = WorkerSigner(
-        worker_key(settings.worker_key.get_secret_value() if settings.worker_key else None, settings.data_dir)
-    )
+    signer = WorkerSigner(settings_worker_keys(settings))
+
+    def refuse_state_records(events: list[Any]) -> None:
+        """Changelog records no worker signed are not restored: counted and logged, one line per batch."""
+        stats.forged += len(events)
+        where: dict[tuple[str, int], list[int]] = defaultdict(list)
+        for e in events:
+            where[(e.message.topic, e.message.partition)].append(e.message.offset)
+        for (topic, partition), offsets in sorted(where.items()):
+            metrics.forged.labels(topic=topic).inc(len(offsets))
+            log.error(
+                "%s[%s]: %d detector state record(s) without a valid worker signature refused at recovery "
+                "(offsets %s..%s); not restored, their outbox not sent",
+                topic,
+                partition,
+                len(offsets),
+                min(offsets),
+                max(offsets),
+            )
+
+    for table in (region_table, substance_table):
+        # restored state is trusted (a series record's outbox is sent as alerts): only what a worker signed
+        table.apply_changelog_batch = verified_changelog(  # type: ignore[method-assign,assignment]
+            table.apply_changelog_batch, signer, refuse_state_records
+        )
 
     def produced_by_a_worker(e: Any) -> bool:
-        """Alerts and sightings must carry a worker's signature (:mod:`.worker_signature`); others are refused."""
+        """Alerts, sightings and rejects must carry a worker's signature (:mod:`.worker_signature`); others are
+        refused."""
         if signer.valid_event(e):
             return True
         stats.forged += 1
@@ -283,7 +326,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
         ready=lambda: ctx.state_ready,
         on_health=on_health,
     )
-    batch, within = settings.sink_batch_size, settings.sink_batch_seconds
+    batch = settings.sink_batch_size
     batches = agent_batches(settings)
     # Faust's take batches end only when events come, so they checkpoint after every batch.
     every = settings.checkpoint_seconds if settings.agent_batches == "channel" else 0.0
@@ -320,7 +363,9 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
         futures = []
         for partition, key, value in changes:
             encoded = data[key] = to_json(value)
-            futures.append(await send(topic, json.dumps(key).encode(), encoded, partition, None, None))
+            raw_key = json.dumps(key).encode()
+            headers = signer.headers(topic, raw_key, encoded, partition)  # checked at recovery
+            futures.append(await send(topic, raw_key, encoded, partition, None, headers))
         return futures
 
     async def seal(table: Any, changes: list[tuple[int, str, dict[str, Any]]]) -> None:
@@ -338,7 +383,8 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
         futures = []
         for partition in sorted({partition for partition, _, _ in changes}):
             table.data[SEAL_KEY] = SEAL_VALUE
-            futures.append(await send(topic, key, SEAL_VALUE, partition, None, None))
+            headers = signer.headers(topic, key, SEAL_VALUE, partition)
+            futures.append(await send(topic, key, SEAL_VALUE, partition, None, headers))
         await send_all(futures)
 
     ingested: dict[str, float] = {}  # alert id -> Kafka timestamp of its triggering event (latency metric)
@@ -602,7 +648,9 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
 
         app.agent(topic, name=what)(agent)
 
-    def parse_reject(e: Any) -> Reject:
+    def parse_reject(e: Any) -> Reject | None:
+        if not produced_by_a_worker(e):  # only workers (and publishers holding the worker key) write rejects
+            return None
         try:
             return Reject.model_validate_json(e.value)
         except ValueError as error:
@@ -632,7 +680,15 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
 
         # The sink's lock: the embedded engine's client is shared with the other agents.
         delivery = DeliveryService.from_settings(settings, ctx.client, lock=ctx.sink.lock)
-        attach_delivery(app, alerts_topic, delivery, batch=batch, within=within, accept=signer.valid_event)
+        # channel batches whatever SYNTHWATCH_AGENT_BATCHES says: Faust's noack_take acknowledges the events it
+        # skips (stale generation, flow stopped), which could commit an alert never delivered
+        attach_delivery(
+            app,
+            alerts_topic,
+            delivery,
+            batches=lambda stream: channel_batches(stream, batch),
+            accept=signer.valid_event,
+        )
 
         @app.page("/deliveries/resend")
         class ResendView(View):

@@ -29,7 +29,7 @@ import random
 import threading
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -857,27 +857,25 @@ def _route_named(officer: Officer, name: str, channel: WebhookChannel | EmailCha
 # --- Faust wiring ------------------------------------------------------------------------------------------
 
 
-def attach_delivery(
-    app: faust.App,
-    alerts_topic: faust.TopicT,
+async def deliver_alerts(
+    app: Any,
+    batches: AsyncIterator[list[Any]],
     service: DeliveryService,
-    *,
-    batch: int = 100,
-    within: float = 0.25,
-    digest_every_s: float = 60.0,
-    reload_every_s: float = 30.0,
     accept: Callable[[Any], bool] | None = None,
-) -> Any:
-    """Define the ``delivery`` agent on the alerts topic, the digest timer and the subscriptions reload.
+) -> None:
+    """Submit each batch of alert events for delivery; acknowledge each when its deliveries are final.
 
-    The agent takes batches without acknowledging them (``noack_take``: ``take_events`` would ack when
-    the loop body returns, so either every later alert waits for the slowest channel or a crash loses
-    deliveries in progress) and acknowledges each alert when its deliveries are final. ``accept`` (the
-    worker signature check) refuses records no worker produced: they are acknowledged, never delivered.
+    ``batches`` come from ``stream_apps.faust_batches.channel_batches``, as for every other agent: events of an
+    older consumer generation or taken while the flow is stopped (a seek, a rebalance) are skipped there
+    *unacknowledged*, so the new generation or the seek fetches them again. Faust's ``noack_take``, used
+    here before, acknowledged them unprocessed (its stream loop acks every skipped event), so an alert
+    skipped that way could be committed and never delivered. An alert whose deliveries end after its
+    partition was reassigned is not acknowledged either (its new owner delivers it; ids de-duplicate),
+    as at checkpoints (:class:`.checkpoints.Checkpoint`).
     """
     acks: set[asyncio.Task[None]] = set()
 
-    async def ack_when_final(stream: faust.Stream[bytes], event: Any, ticket: asyncio.Future[list[Outcome]]) -> None:
+    async def ack_when_final(event: Any, ticket: asyncio.Future[list[Outcome]]) -> None:
         try:
             await ticket
         except asyncio.CancelledError:
@@ -887,31 +885,53 @@ def attach_delivery(
                 "delivery of alert at %s:%s failed; left unacknowledged", event.message.tp, event.message.offset
             )
             return
-        await stream.ack(event)
+        if event.message.generation_id == app.consumer_generation_id:
+            event.ack()
+
+    async for events in batches:
+        alerts: list[Alert] = []
+        owners: list[Any] = []
+        for event in events:
+            if accept is not None and not accept(event):
+                event.ack()  # forged: never delivered (the alerts-storing agent counts and logs it)
+                continue
+            try:
+                alerts.append(Alert.model_validate_json(event.value))
+                owners.append(event)
+            except ValueError as error:
+                log.error(
+                    "alerts topic: not an alert at %s:%s (%s)", event.message.partition, event.message.offset, error
+                )
+                event.ack()
+        if not alerts:
+            continue
+        for event, ticket in zip(owners, await service.submit(alerts), strict=True):
+            task = asyncio.create_task(ack_when_final(event, ticket))
+            acks.add(task)
+            task.add_done_callback(acks.discard)
+
+
+def attach_delivery(
+    app: faust.App,
+    alerts_topic: faust.TopicT,
+    service: DeliveryService,
+    *,
+    batches: Callable[[faust.StreamT[bytes]], AsyncIterator[list[Any]]],
+    digest_every_s: float = 60.0,
+    reload_every_s: float = 30.0,
+    accept: Callable[[Any], bool] | None = None,
+) -> Any:
+    """Define the ``delivery`` agent on the alerts topic, the digest timer and the subscriptions reload.
+
+    The agent (:func:`deliver_alerts`) takes batches without acknowledging them (``batches``: the
+    worker's ``channel_batches``, which skips stale events unacknowledged) and acknowledges each alert
+    when its deliveries are final. ``accept`` (the worker signature check) refuses records no
+    worker produced: they are acknowledged, never delivered.
+    """
 
     @app.agent(alerts_topic, name="delivery")
     async def delivery_agent(stream: faust.StreamT[bytes]) -> None:
-        s = cast(faust.Stream[bytes], stream)
-        async for taken in s.noack_take(batch, within=within):
-            events = cast(Sequence[Any], taken)  # noack_take yields the events themselves
-            alerts: list[Alert] = []
-            owners: list[Any] = []
-            for event in events:
-                if accept is not None and not accept(event):
-                    await s.ack(event)  # forged: never delivered (the alerts-storing agent counts and logs it)
-                    continue
-                try:
-                    alerts.append(Alert.model_validate_json(event.value))
-                    owners.append(event)
-                except ValueError as error:
-                    log.error(
-                        "alerts topic: not an alert at %s:%s (%s)", event.message.partition, event.message.offset, error
-                    )
-                    await s.ack(event)
-            for event, ticket in zip(owners, await service.submit(alerts), strict=True):
-                task = asyncio.create_task(ack_when_final(s, event, ticket))
-                acks.add(task)
-                task.add_done_callback(acks.discard)
+        await deliver_alerts(app, batches(stream), service, accept)
 
     @app.timer(interval=digest_every_s, on_leader=True)
     async def delivery_digests() -> None:

@@ -10,65 +10,62 @@ an HMAC-SHA256 of (topic, key, value) under a key the workers share, and the age
 refuse a record without a valid one (counted in ``synthwatch_forged_records_total``, logged, never
 stored, never delivered).
 
-The key: ``SYNTHWATCH_WORKER_KEY`` (hex, every worker of a deployment the same); unset, a random key
-kept in ``DATA_DIR/worker-key`` (0600) and made on first start, right for one worker or the embedded
-stack.
+The same holds for the detector state the worker writes to its tables' changelogs: a series record
+carries the spike alerts its state decided (the outbox), which a restarted worker sends, under its own
+signature. A record written there by anyone else would have been restored and its "outbox" sent as a
+genuine alert. So state records are signed too, over (topic, partition, key, value), and recovery
+restores only records with a valid signature (:func:`verified_changelog`).
+
+The keys: ``SYNTHWATCH_WORKER_KEY`` (hex; several separated by commas, newest first) or
+``SYNTHWATCH_WORKER_KEY_FILE`` (one hex key a line, newest first): the first key signs, every key is
+accepted, so a rotation adds the new key in front, restarts every worker, and drops the old key once no
+record signed with it is needed (alerts delivered, state rewritten: see docs/security.md). Every
+worker of a deployment has the same keys. Unset, a random key kept in ``DATA_DIR/worker-key`` (0600)
+and made on first start: right for one worker or the embedded stack only, so a worker told it is one
+of several (``SYNTHWATCH_WORKERS`` above 1) refuses to start without configured keys.
 """
 
 from __future__ import annotations
 
-import hmac
-import logging
-import os
-import secrets
-from pathlib import Path
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from synthwatch.schemas.envelope import MIN_KEY_BYTES, Headers, _header, parse_key, sign
+from synthwatch.schemas.worker_keys import (
+    HEADER,
+    WorkerKeyError,
+    WorkerSigner,
+    settings_worker_keys,
+    worker_key,
+    worker_keys,
+)
 
-log = logging.getLogger("synthwatch.worker_signature")
-
-HEADER = "synthwatch-worker-sig"
-
-
-class WorkerSigner:
-    """Signs what this worker produces for other workers and checks what it reads from them."""
-
-    def __init__(self, key: bytes) -> None:
-        if len(key) < MIN_KEY_BYTES:
-            raise ValueError(f"the worker key must be at least {MIN_KEY_BYTES} bytes")
-        self._key = key
-
-    def __repr__(self) -> str:  # never the key
-        return "WorkerSigner(<key>)"
-
-    def headers(self, topic: str, key: bytes | None, value: bytes) -> list[tuple[str, bytes]]:
-        """The header that proves a worker produced this record."""
-        return [(HEADER, sign(self._key, topic, key, value))]
-
-    def valid(self, topic: str, key: bytes | None, value: bytes, headers: Headers | None) -> bool:
-        """Whether ``headers`` carry this deployment's worker signature over the record."""
-        signature = _header(headers, HEADER)
-        return signature is not None and hmac.compare_digest(signature, sign(self._key, topic, key, value))
-
-    def valid_event(self, event: Any) -> bool:
-        """:meth:`valid` for a Faust event (its message's topic, key, value and headers)."""
-        message = event.message
-        return self.valid(message.topic, message.key, message.value, message.headers)
+__all__ = [
+    "HEADER",
+    "WorkerKeyError",
+    "WorkerSigner",
+    "settings_worker_keys",
+    "verified_changelog",
+    "worker_key",
+    "worker_keys",
+]
 
 
-def worker_key(configured: str | None, data_dir: Path) -> bytes:
-    """The configured key (hex), or this data directory's own, made on first use (0600)."""
-    if configured:
-        return parse_key(configured, "SYNTHWATCH_WORKER_KEY")
-    path = data_dir / "worker-key"
-    if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another worker on this data directory made it meanwhile
-            pass
-        else:
-            with os.fdopen(descriptor, "w") as file:
-                file.write(secrets.token_hex(32))
-    return parse_key(path.read_text().strip(), str(path))
+def verified_changelog(
+    apply: Callable[[list[Any]], None], signer: WorkerSigner, refused: Callable[[list[Any]], None]
+) -> Callable[[Iterable[Any]], None]:
+    """Wrap a table's ``apply_changelog_batch``: only records a worker signed are restored.
+
+    Why: restored state is trusted (its outbox is sent as alerts under the worker's signature).
+    ``refused`` gets the others (to count and log them); a forged deletion (no value) is refused too.
+    """
+
+    def apply_verified(batch: Iterable[Any]) -> None:
+        kept: list[Any] = []
+        bad: list[Any] = []
+        for event in batch:
+            (kept if signer.valid_state_record(event) else bad).append(event)
+        if bad:
+            refused(bad)
+        apply(kept)
+
+    return apply_verified

@@ -23,6 +23,7 @@ import contextlib
 import json
 import math
 import os
+import secrets
 import shutil
 import signal
 import statistics
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse, urlunparse
 
+from pydantic import SecretStr
 from rich.console import Console
 from rich.table import Table
 
@@ -106,6 +108,9 @@ class Topics:
     rejects: str = ""
     alerts: str = ""
     sightings: str = ""
+    # The worker key the phase's workers and publisher share (the worker refuses rejects it cannot verify,
+    # and each bench worker has a data directory of its own, so none would find the publisher's key).
+    worker_key: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
 
     def __post_init__(self) -> None:
         s = self.suffix
@@ -125,6 +130,7 @@ class Topics:
                 "topic_rejects": self.rejects,
                 "topic_alerts": self.alerts,
                 "topic_sightings": self.sightings,
+                "worker_key": base.worker_key or SecretStr(self.worker_key),
                 **changes,
             }
         )
@@ -204,6 +210,8 @@ def start_worker(
         SYNTHWATCH_PARTITIONS=str(settings.partitions),
         SYNTHWATCH_WEB_PORT="0",
     )
+    if settings.worker_key is not None:  # the key the phase's publisher signs its rejects with
+        env["SYNTHWATCH_WORKER_KEY"] = settings.worker_key.get_secret_value()
     url = _clickhouse_url(settings, f"bench_{data_dir.name.replace('-', '_')}")
     if url is not None:
         env["SYNTHWATCH_CLICKHOUSE_URL"] = url

@@ -48,6 +48,7 @@ from pydantic import ValidationError
 from synthwatch.catalogue import shipped_catalogue
 from synthwatch.schemas import BorderSeizure, LabDetection, Reject, WireError, parse_event
 from synthwatch.schemas.events import EVENT_ADAPTER, Quantity, QuantityUnit, fast_event_ok
+from synthwatch.schemas.wire import DEFAULT_LIMITS, RecordLimits, check_extras, check_size
 from synthwatch.stream_apps.clickhouse_sink import (
     LAB_COLUMNS,
     LAB_TABLE,
@@ -348,6 +349,7 @@ class Chunk:
     known: dict[str, tuple[str, str | None]]
     structures: dict[str, Structure | str] = field(default_factory=dict)
     encoding: str = "arrow"  # "arrow": typed columns (fast); "json": JSONEachRow text (the reference path)
+    limits: RecordLimits = DEFAULT_LIMITS  # the publisher's record caps (size, unknown fields), from the settings
 
 
 @dataclass
@@ -466,6 +468,7 @@ class ChunkParser:
         seen: set[str] = set()
         learnt_here: set[str] = set()
         rows = ArrowRows(self.quantities) if chunk.encoding == "arrow" else None
+        limits = chunk.limits
         validate = EVENT_ADAPTER.validator.validate_json
         gc_was_enabled = gc.isenabled()
         gc.disable()  # tens of thousands of short-lived models: the cyclic collector only costs time here
@@ -476,6 +479,12 @@ class ChunkParser:
                 if not raw or raw.isspace():  # what `not raw.strip()` says, without the copy
                     result.blank += 1
                     continue
+                if len(raw) > limits.max_bytes:  # before parsing it: the caps the publisher applies
+                    try:
+                        check_size(raw, limits)
+                    except WireError as error:
+                        result.rejects.append((number, raw, error.reason, error.event_id))
+                        continue
                 # parse_event's own first step, inlined (it is most of the per-line cost): what the fast
                 # models refuse or cannot finish checking goes to parse_event, which gives its verdict.
                 try:
@@ -485,6 +494,12 @@ class ChunkParser:
                 if event is None or not fast_event_ok(event):
                     try:
                         event = parse_event(raw)
+                    except WireError as error:
+                        result.rejects.append((number, raw, error.reason, error.event_id))
+                        continue
+                if event.extra_fields:
+                    try:
+                        check_extras(event, limits)
                     except WireError as error:
                         result.rejects.append((number, raw, error.reason, error.event_id))
                         continue
@@ -853,7 +868,8 @@ def ingest_history(
         store = _Store(client, encoding, exclusive=settings.clickhouse_is_embedded)
         paused = _pause_merges(client, settings)
         try:
-            _run(client, store, pool, prepass, path, batch_size, progress, size, summary, workers, started)
+            limits = settings.record_limits()  # the caps publish applies: a line may not smuggle megabytes either
+            _run(client, store, pool, prepass, path, batch_size, progress, size, summary, workers, started, limits)
         finally:
             if paused:
                 client.command("SYSTEM START MERGES")
@@ -879,10 +895,11 @@ def _run(
     summary: IngestSummary,
     workers: int,
     ingest_started: float,
+    limits: RecordLimits = DEFAULT_LIMITS,
 ) -> None:
     sink = ClickHouseSink(client)
     if store.encoding == "sql":  # the engine parses the first chunk while the workers finish the RDKit pre-pass
-        _run_in_engine(client, store, path, batch_size, progress, prepass, sink, summary, ingest_started)
+        _run_in_engine(client, store, path, batch_size, progress, prepass, sink, summary, ingest_started, limits)
         return
     structures = prepass.structures() if prepass is not None else {}
     resolver = seeded_resolver(_learnt_from_clickhouse(client), structures)
@@ -897,7 +914,13 @@ def _run(
         if spec is None:
             return False
         chunk = Chunk(
-            str(path), path.name, *spec, known=known_names(resolver), structures=structures, encoding=store.encoding
+            str(path),
+            path.name,
+            *spec,
+            known=known_names(resolver),
+            structures=structures,
+            encoding=store.encoding,
+            limits=limits,
         )
         if pool is None:
             done: Future[ChunkResult] = Future()
@@ -949,13 +972,14 @@ def _run_in_engine(
     sink: ClickHouseSink,
     summary: IngestSummary,
     ingest_started: float,
+    limits: RecordLimits = DEFAULT_LIMITS,
 ) -> None:
     """The embedded engine's path: chunks of the file parsed and checked by the engine (``EngineChunks``)."""
     structures: dict[str, Structure | str] = {}  # filled from the pre-pass before the first resolution
     resolver = seeded_resolver(_learnt_from_clickhouse(client), structures)
     from .history_engine import EngineChunks  # imports this module: loaded when first used
 
-    engine = EngineChunks(client, path, ChunkParser(), store.suffix)
+    engine = EngineChunks(client, path, ChunkParser(), store.suffix, limits)
     unstored: list[Reject] = []
     started = time.perf_counter()
     summary.setup_seconds = started - ingest_started

@@ -14,7 +14,8 @@ from pathlib import Path
 import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 
-from synthwatch.schemas import BorderSeizure, LabDetection, WireError, parse_event
+from synthwatch.schemas import BorderSeizure, LabDetection, WireError
+from synthwatch.schemas.wire import DEFAULT_LIMITS, RecordLimits, parse_limited
 from synthwatch.stream_apps.clickhouse_sink import (
     LAB_COLUMNS,
     LAB_TABLE,
@@ -100,8 +101,10 @@ class EngineChunks:
     into the raw tables inside the engine. Same verdicts, same rows as the Arrow path (tests compare).
     """
 
-    def __init__(self, client: Client, path: Path, parser: ChunkParser, suffix: str) -> None:
-        self.client, self.parser = client, parser
+    def __init__(
+        self, client: Client, path: Path, parser: ChunkParser, suffix: str, limits: RecordLimits = DEFAULT_LIMITS
+    ) -> None:
+        self.client, self.parser, self.limits = client, parser, limits
         self.source = f"file({sql_string(str(path.resolve()))}, 'LineAsString', 'line String')"
         self.parsed, self.first = f"_ingest_parsed_{suffix}", f"_ingest_first_{suffix}"
         self.spellings, self.row_values = f"_ingest_spellings_{suffix}", f"_ingest_rows_{suffix}"
@@ -127,7 +130,8 @@ class EngineChunks:
             client.command(f"TRUNCATE TABLE {table}")
         lines = f"SELECT _row_number + 1 AS n, line FROM {self.source} WHERE _row_number BETWEEN {start} AND {end - 1}"
         client.command(
-            f"INSERT INTO {self.parsed} {parse_select(lines + f' LIMIT {end - start}')}", settings=PARSE_SETTINGS
+            f"INSERT INTO {self.parsed} {parse_select(lines + f' LIMIT {end - start}', self.limits.max_bytes)}",
+            settings=PARSE_SETTINGS,
         )
         return int(str(client.command(f"SELECT count() FROM {self.parsed}")))
 
@@ -149,7 +153,7 @@ class EngineChunks:
                 result.blank += 1
                 continue
             try:
-                event = parse_event(raw)
+                event = parse_limited(raw, self.limits)  # the publisher's caps: size, unknown fields
             except WireError as error:
                 result.rejects.append((number, raw, error.reason, error.event_id))
                 continue

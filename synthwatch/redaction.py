@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from synthwatch.schemas.text import visible
+
 MASK = "***"
 
 #: ``scheme://user:password@`` anywhere in a text; the password is replaced, the user kept.
@@ -53,21 +55,51 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def _one_line(value: object) -> object:
+    """A log argument that may carry input text (a string, an exception's message) with control characters
+    escaped (``\\n``, ``\\x1b``): a report field cannot start a forged log line or drive a terminal."""
+    if isinstance(value, str):
+        return visible(value)
+    if isinstance(value, BaseException):
+        return visible(str(value))
+    return value
+
+
+#: Our modules that subclass Faust's services (App, Recovery, Worker): Faust's own messages (multi-line tables
+#: among them) are logged under these names, so they are treated like Faust's: only their arguments escaped.
+_FAUST_SERVICES = frozenset({"synthwatch.stream_apps.faust_transport", "synthwatch.drain"})
+
+
 class _RedactingRecordFactory:
-    """Wraps logging's record factory: every record's message is redacted once, before any handler."""
+    """Wraps logging's record factory: every record's message is redacted once, before any handler, and
+    kept on one line (log injection: a newline in a report field forged a whole log line).
+
+    Arguments (where input text arrives) are escaped for every logger; the whole message too for
+    synthwatch's own loggers, whose messages are one line by design. Faust's and aiokafka's messages
+    may hold multi-line tables of their own, so only their arguments are escaped. Tracebacks are not.
+    """
 
     def __init__(self, inner: logging._LogRecordFactory) -> None:  # type: ignore[name-defined]
         self.inner = inner
 
     def __call__(self, *args: object, **kwargs: object) -> logging.LogRecord:
         record = self.inner(*args, **kwargs)
+        if isinstance(record.args, tuple):
+            record.args = tuple(_one_line(a) for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: _one_line(v) for k, v in record.args.items()}
         try:
             message = record.getMessage()
         except Exception:  # a broken format string stays the handler's problem, as before
             return record
         cleaned = redact(message)
+        if (
+            record.name == "synthwatch" or record.name.startswith("synthwatch.")
+        ) and record.name not in _FAUST_SERVICES:
+            cleaned = visible(cleaned)
         if cleaned != message:
-            record.msg, record.args = cleaned, None
+            # (), not None: mode's formatter (Faust's worker logging) turns None into (None,) and formats again
+            record.msg, record.args = cleaned, ()
         return record
 
 

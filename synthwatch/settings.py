@@ -215,8 +215,22 @@ class Settings(BaseSettings):
     )
     worker_key: SecretStr | None = Field(
         default=None,
-        description="Hex key (at least 16 bytes) the workers sign alerts and sightings with and check them by; every "
-        "worker of a deployment the same. Unset: a random key kept in DATA_DIR/worker-key (0600).",
+        description="Hex key (at least 16 bytes) the workers sign alerts, sightings, rejects and detector state "
+        "with and check them by; every worker of a deployment the same. Several, comma-separated, newest first, "
+        "during a rotation: the first signs, each is accepted. Unset: SYNTHWATCH_WORKER_KEY_FILE, else a random key "
+        "kept in DATA_DIR/worker-key (0600), which only a single worker may use.",
+    )
+    worker_key_file: Path | None = Field(
+        default=None,
+        description="File with the worker keys, one hex key a line, newest first (mode 0600, or 0640/0440 for a "
+        "Kubernetes secret mount); used when SYNTHWATCH_WORKER_KEY is unset.",
+    )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        description="How many worker processes share this deployment's topics (the Kubernetes manifests set the "
+        "replica count). Above 1, a worker refuses to start without SYNTHWATCH_WORKER_KEY(_FILE): a key each made "
+        "for itself would make every worker refuse the others' records.",
     )
     stall_seconds: float = Field(
         default=30.0,

@@ -60,6 +60,7 @@ def run_worker(
     from synthwatch.stream_apps.intake import Intake
     from synthwatch.stream_apps.metrics import WorkerMetrics
     from synthwatch.stream_apps.novelty import NoveltyDetector
+    from synthwatch.stream_apps.worker_signature import WorkerKeyError
 
     started_at = time.monotonic() if started_at is None else started_at
     if settings.event_loop == "uvloop":
@@ -126,8 +127,8 @@ def run_worker(
     )
     try:
         app = create_app(ctx, bootstrap_servers, web_port)
-    except OrgKeysError as error:  # a worker key that is not hex of 16+ bytes (e.g. the example's CHANGE-ME)
-        raise SystemExit(f"SYNTHWATCH_WORKER_KEY: {error} (make one with `openssl rand -hex 32`)") from error
+    except WorkerKeyError as error:  # not hex of 16+ bytes (the example's CHANGE-ME), or none for several workers
+        raise SystemExit(str(error)) from error
     worker: faust.Worker
     if drain:
         worker = DrainingWorker(

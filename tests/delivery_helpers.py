@@ -367,6 +367,7 @@ def run_delivery_worker(data_dir: str, bootstrap: str, topic: str, subscriptions
     from synthwatch.clickhouse import connect, migrate
     from synthwatch.settings import Settings
     from synthwatch.stream_apps.delivery import DeliveryService, RetryPolicy, attach_delivery
+    from synthwatch.stream_apps.faust_batches import channel_batches
 
     settings = Settings(
         data_dir=Path(data_dir),
@@ -392,7 +393,8 @@ def run_delivery_worker(data_dir: str, bootstrap: str, topic: str, subscriptions
     )
     alerts = app.topic(topic, key_serializer="raw", value_serializer="raw")
     policy = RetryPolicy(max_attempts=1000, base_delay_s=0.2, max_delay_s=0.5, jitter=0.0)
-    attach_delivery(app, alerts, DeliveryService.from_settings(settings, client, policy=policy), batch=50, within=0.1)
+    service = DeliveryService.from_settings(settings, client, policy=policy)
+    attach_delivery(app, alerts, service, batches=lambda stream: channel_batches(stream, 50))
     faust.Worker(app, loglevel="warning", quiet=True, redirect_stdouts=False).execute_from_commandline()
 
 

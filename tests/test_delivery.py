@@ -59,6 +59,7 @@ from synthwatch.stream_apps.channels import (
 )
 from synthwatch.stream_apps.delivery import DeliveryService, DeliveryStore, RetryPolicy, attach_delivery
 from synthwatch.stream_apps.endpoints import Endpoint, EndpointLimits
+from synthwatch.stream_apps.faust_batches import channel_batches
 from synthwatch.stream_apps.identity import SubstanceResolver
 from synthwatch.stream_apps.messages import (
     FAMILIES,
@@ -897,9 +898,108 @@ def test_the_worker_allows_loopback_webhooks_only_when_its_settings_say_so(db: A
 def test_attach_delivery_defines_the_delivery_agent_on_the_alerts_topic(db: Any) -> None:
     app = faust.App("delivery-test", broker="kafka://127.0.0.1:1", store="memory://")
     topic = app.topic("alerts-test", key_serializer="raw", value_serializer="raw")
-    agent = attach_delivery(app, topic, _service(db, DAKAR), batch=10, within=0.1)
+    agent = attach_delivery(app, topic, _service(db, DAKAR), batches=lambda s: channel_batches(s, 10))
     assert agent.name == "delivery" and "delivery" in app.agents
     assert agent.channel.get_topic_name() == "alerts-test"  # type: ignore[attr-defined]
+
+
+class _FakeMessage:
+    def __init__(self, offset: int, generation: int) -> None:
+        self.topic, self.partition, self.offset, self.tp = "alerts", 0, offset, ("alerts", 0)
+        self.generation_id, self.tracked = generation, False
+
+
+class _FakeEvent:
+    def __init__(self, offset: int, value: bytes, generation: int, acked: list[int]) -> None:
+        self.message, self.value, self._acked = _FakeMessage(offset, generation), value, acked
+
+    def ack(self) -> None:
+        self._acked.append(self.message.offset)
+
+
+class _FakeQueue(asyncio.Queue[Any]):
+    """A channel queue that ends the stream (as Faust does at stop) when it meets ``None``."""
+
+    _errors: Any = __import__("collections").deque()
+
+    async def get(self) -> Any:
+        item = await super().get()
+        if item is None:
+            raise StopAsyncIteration
+        return item
+
+
+def test_the_delivery_agent_skips_alerts_taken_while_the_flow_is_stopped_without_acknowledging_them() -> None:
+    """Faust's ``noack_take`` acknowledged the events its stream loop skips (flow stopped for a seek, or a
+    stale generation after a rebalance): such an alert could be committed without ever being delivered.
+    The delivery agent now batches like the other agents: skipped events are neither delivered nor
+    acknowledged (the seek or the new generation fetches them again); the others are delivered, then
+    acknowledged. Unit level, with a fake app and channel: stopping the flow at a chosen moment is not
+    something a real broker lets a test do deterministically."""
+    from types import SimpleNamespace
+
+    from synthwatch.stream_apps.delivery import deliver_alerts
+
+    acked: list[int] = []
+    submitted: list[str] = []
+    flow = SimpleNamespace(active=True)
+    flow.is_active = lambda: flow.active
+    app = SimpleNamespace(
+        consumer=SimpleNamespace(unacked=set()),
+        consumer_generation_id=2,
+        topics=SimpleNamespace(acking_topics={"alerts"}),
+        flow_control=flow,
+    )
+
+    class Service:
+        async def submit(self, alerts: list[Alert]) -> list[asyncio.Future[list[Any]]]:
+            submitted.extend(a.alert_id for a in alerts)
+            done = []
+            for _ in alerts:
+                future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+                future.set_result([])
+                done.append(future)
+            return done
+
+    async def run() -> None:
+        queue = _FakeQueue()
+        stream = SimpleNamespace(app=app, channel=SimpleNamespace(queue=queue), should_stop=False)
+
+        async def maybe_start() -> bool:
+            return False
+
+        stream.maybe_start = maybe_start
+
+        def alert(offset: int, generation: int = 2) -> _FakeEvent:
+            value = make_alert(alert_id=f"flow{offset:020d}").model_dump_json().encode()
+            return _FakeEvent(offset, value, generation, acked)
+
+        async def batches() -> Any:
+            async for events in channel_batches(stream, 10):  # type: ignore[arg-type]
+                yield events
+
+        queue.put_nowait(alert(1))
+        queue.put_nowait(alert(2, generation=1))  # fetched before a rebalance
+        agent = asyncio.ensure_future(deliver_alerts(app, batches(), Service()))  # type: ignore[arg-type]
+        for _ in range(20):
+            await asyncio.sleep(0)
+        flow.active = False  # a seek or a rebalance stops the flow: what is taken now is stale
+        queue.put_nowait(alert(3))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        flow.active = True
+        queue.put_nowait(alert(4))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        queue.put_nowait(None)
+        await agent
+        for _ in range(20):  # let the acknowledging tasks run
+            await asyncio.sleep(0)
+
+    asyncio.run(run())
+    assert submitted == [f"flow{1:020d}", f"flow{4:020d}"]
+    assert sorted(acked) == [1, 4]  # 2 and 3 stay unacknowledged: fetched again, never committed past
+    assert {m.offset for m in app.consumer.unacked} == {1, 4}  # tracked, so no commit passes them before their ack
 
 
 # --- command line -------------------------------------------------------------------------------------------

@@ -158,6 +158,7 @@ def test_compose_required_variables_are_documented() -> None:
         "CLICKHOUSE_GRAFANA_PASSWORD",
         "CLICKHOUSE_ANALYST_PASSWORD",
         "GRAFANA_ADMIN_PASSWORD",
+        "SYNTHWATCH_WORKER_KEY",  # shared by the scaled workers: each would refuse the others' records
     }
     for variable in required | set(re.findall(r"\$\{(\w+):-", text)):
         assert variable in readme, f"deploy/README.md does not explain {variable}"
@@ -513,3 +514,14 @@ def test_k8s_workers_authenticate_to_kafka_and_require_signed_reports() -> None:
     assert mounts[str(Path(data["SYNTHWATCH_KAFKA_SSL_CAFILE"]).parent)] == "kafka-ca"
     keys = volumes[mounts[str(Path(data["SYNTHWATCH_ORG_KEYS_FILE"]).parent)]]
     assert keys["secret"]["defaultMode"] == 0o440, "the keys file must not be world-readable"
+
+
+def test_k8s_workers_require_a_shared_worker_key_from_the_secret() -> None:
+    """Several replicas without one key refuse each other's records: the pod must not start without it."""
+    worker = yaml.safe_load((DEPLOY / "k8s" / "worker.yaml").read_text())
+    spec = worker["spec"]
+    container = spec["template"]["spec"]["containers"][0]
+    env = {item["name"]: item for item in container["env"]}
+    reference = env["SYNTHWATCH_WORKER_KEY"]["valueFrom"]["secretKeyRef"]
+    assert reference["name"] == "synthwatch" and reference.get("optional") is False
+    assert spec["replicas"] > 1 and int(env["SYNTHWATCH_WORKERS"]["value"]) > 1

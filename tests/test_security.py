@@ -111,6 +111,36 @@ def test_no_file_can_be_read(worker: RunningWorker, query: str) -> None:
     assert "root:" not in json.dumps(answer)
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        "SELECT dictGetOrDefault('d', 'a', toUInt64(1), 'x')",
+        "SELECT dictGetString('d', 'a', toUInt64(1))",
+        "SELECT DICTGETSTRING('d', 'a', toUInt64(1))",
+        "SELECT dictHas('d', toUInt64(1))",
+        "SELECT * FROM dictionary('d')",
+        "SELECT * FROM s3Cluster('c', 'http://127.0.0.1:1/x', 'CSV', 'a String')",
+        "SELECT * FROM urlCluster('c', 'http://127.0.0.1:1/x', 'CSV', 'a String')",
+        "SELECT * FROM remoteSecure('127.0.0.1:1', system.one)",
+        "SELECT * FROM input('a String')",
+        "SELECT * FROM jdbc('jdbc:mysql://h/db', 't')",
+        "SELECT * FROM odbc('DSN=x', 't')",
+        "SELECT * FROM hdfs('hdfs://h/f', 'CSV', 'a String')",
+        "SELECT * FROM mysql('h:3306', 'db', 't', 'u', 'p')",
+        "SELECT * FROM postgresql('h:5432', 'db', 't', 'u', 'p')",
+        "SELECT * FROM executable('x.sh', 'CSV', 'a String')",
+        "SELECT * FROM executablePool('x.sh', 'CSV', 'a String')",
+        "SELECT * FROM icebergS3('http://127.0.0.1:1/x')",
+        "SELECT count() FROM numbers(1) WHERE dictGetOrNull('d', 'a', number) IS NULL",  # nested in WHERE
+    ],
+)
+def test_every_member_of_an_outside_reaching_function_family_is_refused(worker: RunningWorker, query: str) -> None:
+    """The check matched exact names, so variants (dictGetOrDefault, dictGetString, ...) got past it."""
+    status, answer = sql(worker, query)
+    assert status == 400, answer
+    assert "reaches outside the database" in error_of(answer)
+
+
 def test_into_outfile_writes_nothing(worker: RunningWorker, tmp_path: Path) -> None:
     """The reported code execution: INTO OUTFILE '<venv>/site-packages/x.pth'. Here: any path at all."""
     target = tmp_path / "evil.pth"
@@ -598,3 +628,245 @@ def test_forged_alerts_and_sightings_are_refused_and_a_real_alert_still_flows(wo
     assert worker.count("SELECT count() FROM alerts WHERE alert_id = %(a)s", {"a": forged.alert_id}) == 0
     assert worker.count("SELECT count() FROM alerts WHERE position(summary, 'Evacuate') > 0") == 0
     assert worker.stats()["forged"] == before + 3
+
+
+# --- forged detector state on the changelog (a series record's outbox is sent as a signed alert on restart) ----
+
+
+def _read_topic(servers: str, topic: str) -> list[Any]:
+    """Every record on ``topic`` now, all partitions, from the start to the current end."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False)
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        end = consumer.end_offsets(partitions)
+        records: list[Any] = []
+        while any(consumer.position(tp) < end[tp] for tp in partitions):
+            for batch in consumer.poll(timeout_ms=1000).values():
+                records.extend(batch)
+        return records
+    finally:
+        consumer.close()
+
+
+def test_forged_detector_state_is_not_restored_and_its_outbox_never_sent(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """A series record written to the detector-regions changelog by anyone but a worker, carrying a spike
+    alert in its outbox, was restored at the next start and its alert sent, signed by the worker, to the
+    alerts topic (stored, delivered to officers). Now recovery restores only records a worker signed for
+    that topic and partition: unsigned, falsely signed, a genuine record moved to another partition, a
+    genuine record of the other table's changelog and a record whose key is not JSON (it used to stall
+    recovery) are refused, counted as forged and logged; the worker's own state is still restored."""
+    from kafka import KafkaProducer
+
+    from .delivery_helpers import make_alert
+
+    data_dir = tmp_path / "data"
+    settings = isolated_settings(broker, data_dir)
+    servers = settings.kafka_bootstrap_servers or ""
+    changelog = f"{settings.app_id}-detector-regions-changelog"
+    running = start_worker(settings, tmp_path / "worker-1.log")
+    try:
+        name = f"Outbox-check-{uuid.uuid4().hex[:6]}"
+        published = run_cli(
+            settings, "publish", "-", input=json.dumps(lab(event_id=f"s-{name}", substance={"name": name}))
+        )
+        assert published.returncode == 0, published.stdout + published.stderr
+        wait_until(lambda: running.stats()["checkpointed"] >= 1, 60, "the event's state to be checkpointed")
+        wait_until(lambda: running.stats()["alerts_stored"] >= 1, 60, "the worker's own alert to be stored")
+    finally:
+        assert stop_worker(running) == 0
+
+    series = [r for r in _read_topic(servers, changelog) if r.key and json.loads(r.key).startswith("S:")]
+    assert series, "the worker wrote no series record"
+    genuine = series[-1]
+    assert any(k == "synthwatch-worker-sig" for k, _ in genuine.headers)  # the worker signs its state
+    # a signed record of the other table, and the worker's own signed alert (its key is not JSON: recovery
+    # used to fail to decode it and then waited for that partition forever)
+    other_table = _read_topic(servers, f"{settings.app_id}-detector-substances-changelog")[0]
+    own_alert = _read_topic(servers, settings.topic_alerts)[0]
+    region = json.loads(genuine.key)[2:].split("|", 1)[0]
+
+    forged_ids = [f"forgedstate{i}{uuid.uuid4().hex[:12]}" for i in range(2)]
+    producer = KafkaProducer(bootstrap_servers=servers, acks="all")
+    for alert_id, headers in zip(forged_ids, ([], [("synthwatch-worker-sig", b"\1" * 32)]), strict=True):
+        record = json.loads(genuine.value)
+        record["x"] = [make_alert(alert_id=alert_id, region=region, summary="Evacuate the building").model_dump_json()]
+        key = json.dumps(f"S:{region}|FORGED{alert_id[-6:]}").encode()
+        producer.send(
+            changelog, key=key, value=json.dumps(record).encode(), partition=genuine.partition, headers=headers
+        )
+        producer.flush()  # a batch each: Tansu 0.6 reports a partition's end as its last batch's first offset + 1
+    # a genuine, signed record replayed onto another partition, and one from the other table's changelog
+    producer.send(
+        changelog, key=genuine.key, value=genuine.value, partition=(genuine.partition + 1) % 4, headers=genuine.headers
+    )
+    producer.flush()
+    producer.send(
+        changelog,
+        key=other_table.key,
+        value=other_table.value,
+        partition=other_table.partition,
+        headers=other_table.headers,
+    )
+    producer.flush()
+    producer.send(changelog, key=own_alert.key, value=own_alert.value, partition=0, headers=own_alert.headers)
+    producer.flush()
+    producer.close()
+
+    running = start_worker(settings, tmp_path / "worker-2.log")
+    try:
+        stats = running.stats()
+        assert stats["forged"] == 5, running.describe()
+        assert "names_learnt" in stats["rebuild"], "the worker's own state was not restored: " + running.describe()
+        # The outbox is sent before the worker reports ready: the alerts topic holds all it ever will.
+        sent = {json.loads(r.value).get("alert_id") for r in _read_topic(servers, settings.topic_alerts)}
+        assert not sent & set(forged_ids)
+        assert running.count("SELECT count() FROM alerts WHERE position(summary, 'Evacuate') > 0") == 0
+        refusals = [
+            line for line in running.log_path.read_text().splitlines() if "without a valid worker signature" in line
+        ]
+        assert refusals and all("detector-regions-changelog" in line for line in refusals)
+    finally:
+        stop_worker(running)
+
+
+def test_one_of_several_workers_will_not_start_without_a_shared_key(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """Each worker made its own key when none was set: with several replicas, every worker refused the
+    others' alerts, sightings and state. Told it is one of several, a worker without a key stops at once
+    with one line saying what to set (and makes no key file)."""
+    import subprocess
+    import sys
+
+    from .conftest import cli_env
+
+    settings = isolated_settings(broker, tmp_path / "data", workers=3)
+    result = subprocess.run(
+        [sys.executable, "-m", "synthwatch.cli", "worker"],
+        env=cli_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    last = (result.stderr.strip().splitlines() or [""])[-1]
+    assert "SYNTHWATCH_WORKERS=3" in last and "SYNTHWATCH_WORKER_KEY" in last, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (settings.data_dir / "worker-key").exists()
+
+
+def test_rejects_not_written_by_a_worker_are_refused(worker: RunningWorker) -> None:
+    """Only the worker (and an operator's publisher, which holds the worker key) writes rejects; a forged
+    reject written to the topic was stored as if the pipeline had refused a report. Now it is refused and
+    counted as forged, while the publisher's own rejects are still stored."""
+    from kafka import KafkaProducer
+
+    settings = worker.settings
+    marker = f"forged-reject-{uuid.uuid4().hex[:8]}"
+    forged = {
+        "source": "lab_detections:0:1",
+        "event_id": marker,
+        "stage": "worker",
+        "reason": "substance.name: Evacuate the building",
+        "raw": "{}",
+        "rejected_at": "2026-12-01T10:00:00+00:00",
+    }
+    before = worker.stats()["forged"]
+    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers or "", acks="all")
+    producer.send(settings.topic_rejects, key=marker.encode(), value=json.dumps(forged).encode())
+    producer.flush()
+    producer.close()
+    wait_until(lambda: worker.stats()["forged"] >= before + 1, 60, "the forged reject to be refused")
+
+    genuine = f"genuine-reject-{uuid.uuid4().hex[:8]}"
+    from synthwatch.cli_publish import EXIT_NOTHING_SENT_OR_ERROR
+
+    result = run_cli(settings, "publish", "-", input=json.dumps(lab(event_id=genuine, region="ML-ZZZ")))
+    assert result.returncode == EXIT_NOTHING_SENT_OR_ERROR, result.stdout + result.stderr  # its only record refused
+    wait_until(
+        lambda: worker.count("SELECT count() FROM rejects WHERE event_id = %(e)s", {"e": genuine}) == 1,
+        60,
+        "the publisher's signed reject to be stored",
+    )
+    assert worker.count("SELECT count() FROM rejects WHERE event_id = %(e)s", {"e": marker}) == 0
+    assert worker.stats()["forged"] == before + 1
+
+
+# --- ingest-history applies the publisher's record caps -----------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["sql", "arrow", "json"])
+def test_ingest_history_refuses_oversized_lines_and_too_many_extra_fields(
+    ch_settings: Any, tmp_path: Path, encoding: str
+) -> None:
+    """ingest-history stored what publish refuses: a line of a megabyte (a valid event padded with JSON
+    whitespace), 70 unknown fields, 70 KB of unknown content. Each is now a reject with the publisher's
+    reason, counted; the valid lines around them are stored; lines = stored + duplicates + rejected."""
+    from synthwatch.clickhouse import connect
+    from synthwatch.history import ingest_history
+
+    tag = uuid.uuid4().hex[:6]
+    padded = json.dumps(lab(event_id=f"big-{tag}")).replace(", ", "," + " " * (1024 * 1024), 1)
+    many = lab(event_id=f"many-{tag}", **{f"x{i}": i for i in range(70)})
+    heavy = lab(event_id=f"heavy-{tag}", notes="n" * (70 * 1024))
+    good = [json.dumps(lab(event_id=f"ok{i}-{tag}", sample_id=f"S{i}")) for i in range(3)]
+    path = tmp_path / "history.ndjson"
+    path.write_text("\n".join([good[0], padded, json.dumps(many), good[1], json.dumps(heavy), good[2]]) + "\n")
+    settings = ch_settings.model_copy(update={"clickhouse_database": f"{ch_settings.clickhouse_database}_{encoding}"})
+    client = connect(settings)
+    try:
+        summary = ingest_history(settings, path, progress=False, workers=0, client=client, encoding=encoding)
+        assert summary.balanced and summary.lines == 6 and summary.stored == 3 and summary.rejected == 3
+        reasons = sorted(summary.reject_reasons)
+        assert any(r.startswith("record too large") and "SYNTHWATCH_MAX_RECORD_BYTES" in r for r in reasons)
+        assert any("70 unknown fields" in r and "SYNTHWATCH_MAX_EXTRA_FIELDS" in r for r in reasons)
+        assert any("bytes of unknown fields" in r and "SYNTHWATCH_MAX_EXTRA_BYTES" in r for r in reasons)
+        stored = client.query("SELECT event_id FROM rejects WHERE stage = 'ingest' ORDER BY event_id").result_rows
+        assert sorted(r[0] for r in stored) == sorted([f"big-{tag}", f"heavy-{tag}", f"many-{tag}"])
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {settings.clickhouse_database}")
+        client.close()
+
+
+def test_metrics_and_ready_answer_without_a_token_but_carry_no_report_content(worker: RunningWorker) -> None:
+    """Decision (docs/security.md): /metrics and /ready stay unauthenticated (Prometheus and the kubelet
+    scrape them; in Kubernetes the NetworkPolicy admits only those), so they must never carry report
+    content: after a report with distinctive values is stored, neither body holds any of them."""
+    import urllib.request
+
+    tag = uuid.uuid4().hex[:8]
+    markers = {
+        "substance": f"Leakcheckazene{tag}",
+        "lab_id": f"LAB-LEAK-{tag}",
+        "sample_id": f"SAMPLE-LEAK-{tag}",
+        "event_id": f"leak-{tag}",
+    }
+    record = lab(
+        event_id=markers["event_id"],
+        lab_id=markers["lab_id"],
+        sample_id=markers["sample_id"],
+        substance={"name": markers["substance"]},
+    )
+    bad = {**record, "event_id": f"leak-bad-{tag}", "region": f"ML-{tag[:3].upper()}"}  # a reject, too
+    result = run_cli(worker.settings, "publish", "-", input=json.dumps(record) + "\n" + json.dumps(bad) + "\n")
+    from synthwatch.cli_publish import EXIT_SOME_REJECTED
+
+    assert result.returncode == EXIT_SOME_REJECTED, result.stdout + result.stderr
+    wait_until(
+        lambda: worker.count("SELECT count() FROM lab_detections WHERE event_id = %(e)s", {"e": markers["event_id"]}),
+        60,
+        "the report to be stored",
+    )
+    bodies = {}
+    for path in ("/metrics", "/ready"):
+        with urllib.request.urlopen(f"{worker.info.web_url}{path}", timeout=10) as response:  # no token
+            assert response.status == 200
+            bodies[path] = response.read().decode()
+    assert "synthwatch_events_stored" in bodies["/metrics"] and '"stored"' in bodies["/ready"]
+    for path, body in bodies.items():
+        for what, value in markers.items():
+            assert value not in body, f"{path} leaks the report's {what}"

@@ -115,6 +115,49 @@ def test_log_records_are_redacted(caplog: pytest.LogCaptureFixture) -> None:
     assert "s3cret" not in caplog.text and "u:***@host" in caplog.text
 
 
+def test_log_lines_cannot_be_forged_by_report_fields() -> None:
+    """A newline (or ESC, CR) inside a report field that reaches a log line started a line of its own:
+    an attacker could forge ``... [ERROR] ...`` records or drive the terminal of whoever tails the log.
+    Arguments are escaped for every logger, whole messages for synthwatch's own; one record, one line."""
+    install_log_redaction()
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    # the formatter the worker's logging uses (mode's): it formats a record's arguments again
+    from mode.utils.logging import ExtensionFormatter
+
+    handler.setFormatter(ExtensionFormatter(stream, fmt="[%(levelname)s] %(name)s: %(message)s"))
+    hostile = "Isotonitazene\n[2026-12-06 03:00:00,000] [1] [ERROR] forged line\r\x1b]8;;https://evil\x07"
+    # the second: Faust's Recovery, subclassed in faust_transport, logs its tables under our module's name
+    loggers = [logging.getLogger("synthwatch.worker"), logging.getLogger("synthwatch.stream_apps.faust_transport")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+    try:
+        loggers[0].warning("delivery gave up: %s", hostile)
+        loggers[0].error("not an alert (%s)", ValueError(hostile))
+        loggers[0].warning("dict args %(name)s", {"name": hostile})
+        loggers[0].info(f"an f-string of our own: {hostile}")  # what a careless call site does
+        loggers[1].warning("Error in recovery %s", hostile)
+        loggers[1].warning("a table of Faust's own\n+---+\n| x |")  # libraries keep their own layout
+        loggers[0].warning("redacted: %s", "http://u:s3cret@h/")  # a changed message keeps no arguments
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeHandler(handler)
+            logger.propagate = True
+            logger.setLevel(level)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 9, lines  # six one-line records, and Faust's three-line table
+    assert all("\x1b" not in line and "\r" not in line and "\x07" not in line for line in lines)
+    assert not any(line.startswith("[2026") for line in lines)
+    assert lines[-1] == "[WARNING] synthwatch.worker: redacted: http://u:***@h/"
+    assert lines[0] == (
+        "[WARNING] synthwatch.worker: delivery gave up: "
+        "Isotonitazene\\n[2026-12-06 03:00:00,000] [1] [ERROR] forged line\\r\\x1b]8;;https://evil\\x07"
+    )
+
+
 def test_private_files_are_0600_from_the_start(tmp_path: Path) -> None:
     target = tmp_path / "secret.json"
     old = os.umask(0)  # even with a permissive umask
@@ -263,3 +306,56 @@ def test_a_worker_signature_holds_only_for_the_same_topic_key_value_and_key(tmp_
     other = WorkerSigner(worker_key("ab" * 16, tmp_path))  # the configured key wins over the file
     assert not other.valid("alerts", b"k", b"v", headers)
     assert "ab" not in repr(other)
+
+
+def test_state_record_signatures_bind_the_partition_and_keys_rotate(tmp_path: Path) -> None:
+    from synthwatch.stream_apps.worker_signature import WorkerSigner
+
+    old, new = bytes.fromhex("ab" * 32), bytes.fromhex("cd" * 32)
+    before = WorkerSigner([old]).headers("t-changelog", b'"S:x"', b"{}", 2)
+    rotating = WorkerSigner([new, old])  # the new key signs, the old one is still accepted
+    assert rotating.valid("t-changelog", b'"S:x"', b"{}", before, 2)
+    assert not rotating.valid("t-changelog", b'"S:x"', b"{}", before, 3)  # replayed onto another partition
+    assert not rotating.valid("t-changelog", b'"S:x"', b"{}", before)  # nor is it an unbound record
+    assert not rotating.valid("t-changelog", b'"S:x"', None, before, 2)  # a forged deletion
+    after = rotating.headers("t-changelog", b'"S:x"', b"{}", 2)
+    assert WorkerSigner([new]).valid("t-changelog", b'"S:x"', b"{}", after, 2)
+    assert not WorkerSigner([old]).valid("t-changelog", b'"S:x"', b"{}", after, 2)  # the old key signs no more
+    assert "ab" not in repr(rotating) and "cd" not in repr(rotating)
+
+
+def test_worker_keys_come_from_the_variable_a_file_or_the_data_dir_but_several_workers_need_one(
+    tmp_path: Path,
+) -> None:
+    from synthwatch.stream_apps.worker_signature import WorkerKeyError, worker_keys
+
+    assert worker_keys(f"{'cd' * 32}, {'ab' * 32}", None, tmp_path) == [b"\xcd" * 32, b"\xab" * 32]
+    key_file = tmp_path / "keys"
+    key_file.write_text(f"# newest first\n{'cd' * 32}\n\n{'ab' * 32}  # previous\n")
+    key_file.chmod(0o644)
+    with pytest.raises(WorkerKeyError, match="chmod 600"):
+        worker_keys(None, key_file, tmp_path)
+    key_file.chmod(0o640)  # a Kubernetes secret mount with fsGroup
+    assert worker_keys(None, key_file, tmp_path) == [b"\xcd" * 32, b"\xab" * 32]
+    own = worker_keys(None, None, tmp_path / "one")
+    assert len(own) == 1 and (tmp_path / "one" / "worker-key").exists()
+    with pytest.raises(WorkerKeyError) as refused:
+        worker_keys(None, None, tmp_path / "three", workers=3)
+    assert "SYNTHWATCH_WORKERS=3" in str(refused.value) and "\n" not in str(refused.value)
+    assert not (tmp_path / "three").exists()  # no key made for itself
+    with pytest.raises(WorkerKeyError, match="SYNTHWATCH_WORKER_KEY"):
+        worker_keys("CHANGE-ME", None, tmp_path, workers=3)
+
+
+def test_a_publisher_uses_the_worker_key_it_finds_and_never_makes_one(tmp_path: Path) -> None:
+    """The publisher signs the rejects it sends with the worker key; it must not invent one (a lab's machine
+    would then hold a key nobody checks against, and a stray file)."""
+    from synthwatch.schemas.worker_keys import existing_worker_keys, worker_key
+    from synthwatch.settings import Settings
+
+    assert existing_worker_keys(Settings(data_dir=tmp_path / "lab")) is None
+    assert not (tmp_path / "lab").exists()
+    made = worker_key(None, tmp_path / "stack")  # what the embedded stack's worker made at its start
+    assert existing_worker_keys(Settings(data_dir=tmp_path / "stack")) == [made]
+    configured = Settings(data_dir=tmp_path / "lab", worker_key="ab" * 32)
+    assert existing_worker_keys(configured) == [b"\xab" * 32]
