@@ -41,8 +41,10 @@ from .identity import SubstanceResolver
 from .novelty import NoveltyDetector, Sighting
 from .spikes import SeriesState, intern_day
 
-#: Days replayed before the baseline window of the oldest finding that can still decide a live alert: an
-#: episode a live report may continue began at most ``max(windows) + renew_after_days`` (14) days back.
+#: The newest days replayed with spike tests: an episode a live report may continue began at most
+#: ``max(windows) + renew_after_days`` (14) days back, and the one before it decides whether that one was new.
+#: Before them, ``keep_days`` are replayed without tests (what those tests would decide has ended), so that the
+#: tested days' baselines are whole. Testing every day costs most of a replay.
 SETTLE_DAYS = 28
 
 # Both tables as one stream, with the arrival order the live worker saw.
@@ -170,17 +172,19 @@ def rebuild(
     ).result_rows[0][0]
     replayed = 0
     if latest is not None and latest.year > 1970:
-        since = day_start(day_of(_utc(latest)) - regions.model.keep_days - SETTLE_DAYS)
+        tested_from = day_of(_utc(latest)) - SETTLE_DAYS
+        since = day_start(tested_from - regions.model.keep_days)
         _seed_series(client, regions, since)
         for row in client.query(_HISTORY, parameters={"since": since}).result_rows:
             event_id, kind, occurred_at, country, region, key, name, inchikey, family, grams, method, sample = row
             moment = _utc(occurred_at)
+            day = intern_day(day_of(moment))
             regions.observe(
                 Observation(
                     event_id,
                     kind,
                     moment,
-                    intern_day(day_of(moment)),
+                    day,
                     country,
                     region,
                     _subject(key, name, inchikey, family),
@@ -189,6 +193,7 @@ def rebuild(
                     sample,
                 ),
                 emit=False,
+                test=day >= tested_from,
             )
             replayed += 1
     learnt = learn_names(client, resolver, reporter_of)
