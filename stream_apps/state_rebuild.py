@@ -17,7 +17,8 @@ What each stage keeps, and how it comes back:
 - Region (per region, and per region x substance / family series): daily counts for the spike
   baselines (``keep_days``), episodes, seizure masses (the last ``mass_memory``, however old) and
   each series' first day. The reports of ``keep_days`` plus :data:`SETTLE_DAYS` before the newest
-  are replayed, so the episodes under way were decided on full baselines; each series' first day
+  are replayed, tested on the last :data:`SETTLE_DAYS` only, so the episodes under way were decided on
+  whole baselines (not on the first days of the replay, which lack theirs); each series' first day
   and its older masses are loaded first (a series dated by the window alone was too young to test,
   or learnt its rate over too few days, and mass tests fell back on the family's seizures).
 
