@@ -22,7 +22,8 @@ What each stage keeps, and how it comes back:
   and its older masses are loaded first (a series dated by the window alone was too young to test,
   or learnt its rate over too few days, and mass tests fell back on the family's seizures).
 
-Arrival order is the reports' ``reported_at`` (their occurrence when a source gives none): the region
+Arrival order is the reports' ``reported_at`` (their occurrence when a source gives none or an earlier one;
+a ``reported_at`` in the future puts that one report last, where it may be judged late): the region
 stage judges lateness by it, as the live worker did. Rows the worker stored flagged late stay out of the
 region replay, as they stayed out of its series; ``ingest-history`` flags none, so the replay finds them.
 """
@@ -48,14 +49,18 @@ from .spikes import SeriesState, intern_day
 #: tested days' baselines are whole. Testing every day costs most of a replay.
 SETTLE_DAYS = 28
 
-# Both tables as one stream, with the arrival order the live worker saw.
+# Both tables as one stream, with the arrival order the live worker saw: when the report was sent, never before
+# it occurred (a source's clock that is wrong the other way would have one row replayed before days of others,
+# and make them all late).
 _ROWS = """
-    SELECT event_id, 'lab_detection' AS kind, occurred_at, coalesce(reported_at, occurred_at) AS arrival, country,
+    SELECT event_id, 'lab_detection' AS kind, occurred_at, greatest(occurred_at, coalesce(reported_at, occurred_at))
+           AS arrival, country,
            region, substance_key, resolved_name, resolved_inchikey, family, CAST(NULL AS Nullable(Float64)) AS grams,
            CAST(method AS Nullable(String)) AS method, CAST(sample_type AS Nullable(String)) AS sample_type, late
     FROM lab_detections
     UNION ALL
-    SELECT event_id, 'border_seizure', occurred_at, coalesce(reported_at, occurred_at), country, region,
+    SELECT event_id, 'border_seizure', occurred_at, greatest(occurred_at, coalesce(reported_at, occurred_at)),
+           country, region,
            substance_key, resolved_name, resolved_inchikey, family, grams, NULL, NULL, late
     FROM border_seizures
 """

@@ -55,9 +55,9 @@ def _rebuilt_then_live(client: Any, live: list[str]) -> list[Any]:
     return run_lines(_numbered(live, "l"), config, detector=detector, intake=intake, stored=stored).alerts
 
 
-def _report(n: int, region: str, day: int) -> str:
+def _report(n: int, region: str, day: int, reported_days: float = 1 / 24) -> str:
     occurred = datetime(2026, 1, 1, 10, tzinfo=UTC) + timedelta(days=day, minutes=n)
-    reported = occurred + timedelta(hours=1)
+    reported = occurred + timedelta(days=reported_days)
     record = lab(
         event_id=f"rb-{n}",
         occurred_at=occurred.isoformat(),
@@ -110,3 +110,23 @@ def test_rebuild_then_live_raises_the_alerts_of_one_backtest_over_everything(
     assert set(kinds) == {"new_substance", "first_in_region", "spread", "spike"}, kinds  # every kind is at stake
     assert {a.metric for a in expected if a.alert_type == "spike"} == {"count", "quantity"}
     assert _content(live) == _content(expected)
+
+
+def test_a_report_sent_before_it_occurred_does_not_reorder_the_replay(ch: Any) -> None:
+    # One report claims to have been sent ten days before it occurred. Replayed at that claim, it would move
+    # the region's watermark ten days ahead and make the reports of those days late: out of the spike series.
+    history = [_report(n, "FR-75C", day) for n, day in enumerate(range(41))]
+    history.insert(36, _report(len(history), "FR-75C", 35, reported_days=-10))  # it arrived on its day
+    config = Settings().detection_config()
+    saw, rebuilt = Detector(config), Detector(config)
+    assert run_lines(_numbered(history, "h"), config, detector=saw).summary.late == 0
+
+    migrate(ch)
+    result = Intake().process([RawMessage(f"h:0:{n}", line) for n, line in enumerate(history)])
+    assert ClickHouseSink(ch).store_events(result.events).stored == len(history)
+    rebuild(ch, rebuilt.regions, rebuilt.novelty, Intake().resolver)
+    assert set(rebuilt.regions.series) == set(saw.regions.series)
+    for name, state in saw.regions.series.items():
+        assert sum(state.counts.values()) == len(history), name
+        assert rebuilt.regions.series[name].counts == state.counts, name
+    assert rebuilt.regions.regions["FR-75C"].totals == saw.regions.regions["FR-75C"].totals
