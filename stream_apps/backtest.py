@@ -51,11 +51,22 @@ class BacktestRun:
     summary: BacktestSummary
 
 
-def run_lines(lines: Iterable[tuple[str, str]], config: DetectionConfig | None = None) -> BacktestRun:
-    """Detect over ``(source, line)`` pairs; returns alerts, rejects and counts that add up."""
-    intake, detector = Intake(stage="backtest"), Detector(config)
+def run_lines(
+    lines: Iterable[tuple[str, str]],
+    config: DetectionConfig | None = None,
+    detector: Detector | None = None,
+    intake: Intake | None = None,
+    stored: set[str] | None = None,
+) -> BacktestRun:
+    """Detect over ``(source, line)`` pairs; returns alerts, rejects and counts that add up.
+
+    ``detector``, ``intake`` and ``stored`` (ids stored before, grown with every event taken) continue from
+    a state built elsewhere, e.g. rebuilt from ClickHouse: how the tests check that rebuild-then-live raises
+    the alerts of one backtest over everything.
+    """
+    intake, detector = intake or Intake(stage="backtest"), detector or Detector(config)
     summary, alerts, rejects = BacktestSummary(), [], []
-    seen: set[str] = set()  # the worker asks ClickHouse; here the whole history is at hand
+    seen: set[str] = stored if stored is not None else set()  # the worker asks ClickHouse; here all is at hand
     started = time.perf_counter()
     gc_was_enabled = gc.isenabled()
     gc.disable()  # ~10 short-lived objects per line and a growing state: the cyclic collector only costs

@@ -400,11 +400,14 @@ class RegionDetector:
 
     # --- the stage -----------------------------------------------------------------------------------
 
-    def observe(self, obs: Observation, emit: bool = True, at: Position | None = None) -> RegionResult:
+    def observe(
+        self, obs: Observation, emit: bool = True, at: Position | None = None, test: bool = True
+    ) -> RegionResult:
         """Process one event of ``obs.region`` (in that region's arrival order).
 
         ``at``: where the event was read (the worker). A region or series record that holds it already
         (a replay after a crash, see :mod:`.replay`) is left as it is; one that does not takes it.
+        ``test`` off records the event in its series without testing them (see :meth:`SpikeModel.observe`).
         """
         result = RegionResult()
         region = self.region_state(obs.region)
@@ -443,13 +446,17 @@ class RegionDetector:
         # seizure of members with too little history of their own.
         if apply_once(state.applied, at):
             self.dirty_series.add(name)
-            findings = self.model.observe(state, day, today, obs.event_id, obs.grams, rhythm, pool=family_state)
+            findings = self.model.observe(
+                state, day, today, obs.event_id, obs.grams, rhythm, pool=family_state, test=test
+            )
             if findings and emit:
                 alerts = [self._spike_alert(obs, subject, state, f) for f in findings if f.new_episode]
                 self._raise(result, name, state, alerts)
         if family and family_state is not None and apply_once(family_state.applied, at):
             self.dirty_series.add(family_name)
-            findings = self.model.observe(family_state, day, today, obs.event_id, obs.grams, rhythm, test_mass=False)
+            findings = self.model.observe(
+                family_state, day, today, obs.event_id, obs.grams, rhythm, test_mass=False, test=test
+            )
             if findings and emit:
                 group = family_subject(family)
                 alerts = [self._spike_alert(obs, group, family_state, f) for f in findings if f.new_episode]

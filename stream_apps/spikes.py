@@ -420,11 +420,14 @@ class SpikeModel:
         rhythm: Sequence[float],
         test_mass: bool = True,
         pool: SeriesState | None = None,
+        test: bool = True,
     ) -> list[SpikeFinding]:
         """Add a report of ``day`` (≤ ``today``, the series' newest day) and test the series.
 
         ``rhythm[day % 7]`` is the region's weekday factor (1.0 when unknown). ``test_mass`` is off for
         series whose masses are only kept as ``pool``: the usual seizure of a sparse series' family.
+        ``test`` off only records the report (a state rebuild filling the days older findings no longer
+        depend on: testing them would cost most of the rebuild and decide nothing).
         """
         cached = state.cached_baseline
         if cached is not None and cached[1] is not None and cached[1][2] is None and day < cached[1][4]:
@@ -446,13 +449,13 @@ class SpikeModel:
         state.added_evidence += 1
         findings = []
         # The windows ending on the report's day and, for a late report, on the series' newest day.
-        count_finding = self._count_test(state, day, rhythm, newest)
+        count_finding = self._count_test(state, day, rhythm, newest) if test else None
         if count_finding is not None:
             findings.append(count_finding)
         if grams is not None and grams > 0:
             state.grams[day] = state.grams.get(day, 0.0) + grams
             state.changed_grams[day] = None
-            if test_mass:
+            if test_mass and test:
                 mass_finding = self._mass_test(state, day, math.log(grams), pool)
                 if mass_finding is not None:
                     findings.append(mass_finding)

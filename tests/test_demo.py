@@ -187,7 +187,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
 
 #: The novelty alerts of the 21 live days for seed 7 and END, by kind: the same alerts (same ids) in every run.
 #: A change here means the simulator, the detectors or the state rebuild changed.
-EXPECTED_LIVE = {"new_substance": 2, "first_in_region": 5, "spread": 8}
+EXPECTED_LIVE = {"new_substance": 2, "first_in_region": 5, "spread": 6}
 #: Spike alerts are not repeatable to the alert: the worker reads a region's lab detections and border
 #: seizures from two topics, interleaved as they arrive, so which report crosses a spike's threshold (its
 #: triggered_at) varies between runs, and a borderline spike can be missed (20 spike alerts in six runs, 19
@@ -251,17 +251,11 @@ def test_the_demo_output_counts_per_day_and_explains_them(demo_run: DemoRun) -> 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="the state rebuilt from ClickHouse is not the state of a worker that saw the history: novelty is "
-    "replayed from each region's first and last sighting only, so a spread episode under way is announced again "
-    "(Carfentanil, Metonitazene for seed 7); see stream_apps/state_rebuild.py",
-)
 def test_the_live_alerts_are_those_of_a_worker_that_saw_the_whole_history(demo_run: DemoRun) -> None:
     streams = demo_streams(HISTORY_DAYS, LIVE_DAYS, seed=7, end=END)
     lines = streams.history + streams.live
     run = run_lines([(f"x:0:{i}", line) for i, line in enumerate(lines)], Settings().detection_config())
-    # Novelty alerts only: spike alerts vary between runs (see EXPECTED_LIVE); they differ from the backtest's
-    # too (two quantity spikes more, one count spike fewer for seed 7), cause not investigated.
+    # Novelty alerts only: spike alerts vary between runs (see EXPECTED_LIVE). With one order of the two topics
+    # the rebuilt state raises the backtest's spike alerts too: tests/test_state_rebuild.py.
     expected = {a.alert_id for a in run.alerts if a.triggered_at >= streams.cutover and a.alert_type in EXPECTED_LIVE}
     assert {a["alert_id"] for a in demo_run.alerts if a["alert_type"] in EXPECTED_LIVE} == expected

@@ -403,3 +403,19 @@ def test_lazy_dispersion_changes_no_finding(data: st.DataObject) -> None:
     assert {k: v for k, v in lazy_state.to_dict().items() if k != "b"} == {
         k: v for k, v in eager_state.to_dict().items() if k != "b"
     }
+
+
+def test_a_series_filled_without_tests_holds_what_a_tested_one_holds() -> None:
+    # The state rebuild fills its older days with ``test=False``: the series must hold the same counts,
+    # masses and evidence as one tested on every report, and only the findings (and their episodes) are gone.
+    model = SpikeModel()
+    tested, filled = SeriesState(first_day=0), SeriesState(first_day=0)
+    reports = [(day, 5.0 * (1 + day % 3)) for day in range(0, 40, 3)] + [(41, 900.0)] * 6
+    found = []
+    for n, (day, grams) in enumerate(reports):
+        found += model.observe(tested, day, day, f"e{n}", grams, [1.0] * 7)
+        assert model.observe(filled, day, day, f"e{n}", grams, [1.0] * 7, test=False) == []
+    assert {f.metric for f in found} == {"count", "quantity"}  # a spike the filled series did not test
+    for attribute in ("counts", "grams", "mass_days", "mass_values", "evidence_days", "evidence_ids", "pruned_day"):
+        assert getattr(filled, attribute) == getattr(tested, attribute), attribute
+    assert filled.episodes == {} and tested.episodes
