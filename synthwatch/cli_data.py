@@ -130,10 +130,14 @@ STATS_COLUMNS = (
 )
 
 
+REJECT_COLUMNS = ("rejected_at", "stage", "source", "event_id", "reporter", "reason")
+
+
 def rejects(
     since: Annotated[str, typer.Option(help="How far back: 30m, 12h, 7d, 2w.")] = "7d",
     lab: Annotated[str | None, typer.Option(help="Only records naming this lab_id (or customs agency).")] = None,
     limit: Annotated[int, typer.Option(min=1, help="Most rejects shown.")] = 200,
+    fmt: FormatOption = OutputFormat.table,
 ) -> None:
     """Recently refused records with their reasons and where they came from, newest first: fix and re-send."""
     from .query import QueryError
@@ -143,22 +147,27 @@ def rejects(
         rows = recent_rejects(Settings(), since=parse_since(since), lab=lab, limit=limit)
     except (ValueError, QueryError) as error:
         _fail(str(error))
-    table = Table(title=plain(f"rejects in the last {since}" + (f" for {lab}" if lab else "")))
-    for column in ("rejected (UTC)", "stage", "source", "event id", "lab / agency", "reason"):
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(
-            _when(row.rejected_at),
-            plain(row.stage),
-            plain(row.source),
-            plain(row.event_id or ""),
-            plain(row.reporter),
-            plain(row.reason),
+
+    def table() -> Table:
+        table = Table(title=plain(f"rejects in the last {since}" + (f" for {lab}" if lab else "")))
+        for column in ("rejected (UTC)", "stage", "source", "event id", "lab / agency", "reason"):
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            table.add_row(
+                _when(row.rejected_at),
+                plain(row.stage),
+                plain(row.source),
+                plain(row.event_id or ""),
+                plain(row.reporter),
+                plain(row.reason),
+            )
+        return table
+
+    emit(fmt, REJECT_COLUMNS, [[getattr(r, c) for c in REJECT_COLUMNS] for r in rows], table, console)
+    if fmt is OutputFormat.table:
+        console.print(
+            plural(len(rows), "reject") + (f" (the newest {limit}; --limit shows more)" if len(rows) == limit else "")
         )
-    console.print(table)
-    console.print(
-        f"{len(rows)} reject(s)" + (f" (the newest {limit}; --limit shows more)" if len(rows) == limit else "")
-    )
 
 
 def stats(

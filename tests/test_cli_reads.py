@@ -33,6 +33,7 @@ READ_COMMANDS = [
     ("sql", "SELECT count() FROM alerts"),
     ("substance", "Etonitazene"),
     ("deliveries",),
+    ("rejects",),
     ("report", "--out", "r.html"),
 ]
 HOSTILE = 'comma, "quoted" and\nnew line\r\n; semicolon \x1b[31mred\x1b[0m \u202eevil'
@@ -194,6 +195,22 @@ def test_substance_and_deliveries_formats(cli: CliRunner, ch: Any) -> None:
     done = cli.invoke(app, ["deliveries", "--format", "csv"])
     assert done.output.startswith("at,officer_id,alert_id,")
     assert cli.invoke(app, ["alerts", "--format", "xml"]).exit_code == 2
+
+
+def test_rejects_formats_carry_the_refused_text_whole(cli: CliRunner, ch: Any) -> None:
+    """A lab fixing its file reads the reasons in a spreadsheet: the raw record's hostile text arrives whole."""
+    batch = Intake().process([RawMessage("lab.csv:7", json.dumps({"event_id": HOSTILE, "lab_id": "LAB-ML-01"}))])
+    assert len(batch.rejects) == 1
+    ClickHouseSink(ch).store_rejects(batch.rejects)
+    (row,) = json.loads(cli.invoke(app, ["rejects", "--format", "json"]).output)
+    assert row["source"] == "lab.csv:7" and row["reporter"] == "LAB-ML-01" and row["reason"]
+    done = cli.invoke(app, ["rejects", "--format", "csv", "--lab", "LAB-ML-01"])
+    (found,) = list(csv.DictReader(io.StringIO(done.stdout_bytes.decode(), newline="")))
+    assert found["source"] == "lab.csv:7" and found["reason"] == row["reason"]
+    assert cli.invoke(app, ["rejects", "--format", "csv", "--lab", "LAB-XX"]).output.strip() == ",".join(
+        ("rejected_at", "stage", "source", "event_id", "reporter", "reason")
+    )
+    assert "1 reject" in cli.invoke(app, ["rejects"]).output
 
 
 def test_plural_and_json_escaping() -> None:
