@@ -302,24 +302,22 @@ class Publisher:
         summary = PublishSummary()
         seen: dict[str, int] = {}  # event id -> hash of its text in this run
         reasons = summary.reject_reasons
+
+        def refuse(record: InputRecord, reason: str, label: str, event_id: str | None) -> None:
+            """Count the refusal under ``label`` (a fixed metric label) and send it to the rejects topic."""
+            reasons[label] = reasons.get(label, 0) + 1
+            summary.note_reject(reason, record.source)
+            reject = Reject.of(record.raw, source=record.source, reason=reason, stage=self.stage, event_id=event_id)
+            self.send_reject(reject)
+
         for record in records:
             summary.read += 1
             try:
                 event = self._judge(record)
             except WireError as error:
-                reason = error.reason.split(":", 1)[0] if ":" in error.reason else error.reason
-                reasons[reason] = reasons.get(reason, 0) + 1
+                label = error.reason.split(":", 1)[0] if ":" in error.reason else error.reason
                 full = error.reason if record.hint is None else f"{error.reason} ({record.hint})"
-                summary.note_reject(full, record.source)
-                self.send_reject(
-                    Reject.of(
-                        record.raw,
-                        source=record.source,
-                        reason=full,
-                        stage=self.stage,
-                        event_id=error.event_id,
-                    )
-                )
+                refuse(record, full, label, error.event_id)
             else:
                 earlier = seen.get(event.event_id)
                 if earlier is not None:
@@ -327,17 +325,7 @@ class Publisher:
                         summary.duplicates += 1
                     else:  # the same id with another text in one run: a changed report, never a silent duplicate
                         reason = changed_content_reason(event.event_id, earlier_in="earlier in this file")
-                        reasons["changed content"] = reasons.get("changed content", 0) + 1
-                        summary.note_reject(reason, record.source)
-                        self.send_reject(
-                            Reject.of(
-                                record.raw,
-                                source=record.source,
-                                reason=reason,
-                                stage=self.stage,
-                                event_id=event.event_id,
-                            )
-                        )
+                        refuse(record, reason, "changed content", event.event_id)
                     continue
                 seen[event.event_id] = hash(record.raw)
                 value = (
