@@ -722,6 +722,37 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
         ctx.regions.forget()
         ctx.novelty.forget()
 
+    async def send_kept_outboxes() -> int:
+        """Send the spike alerts kept in the state of this worker's regions; returns how many.
+
+        A worker that died between writing the state that decided a spike and sending it left the alert
+        in the series' outbox: send it now (same id and content; the alerts sink and delivery skip ids
+        they have). Only series of this worker's regions: the table also holds standby copies of others'.
+        """
+        mine = {tp.partition for tp in app.consumer.assignment() if tp.topic in settings.input_topics}
+        loaded = ctx.regions.restore_outboxes(
+            [
+                name
+                for name in outbox_series(region_table.data)
+                if default_partition(name.split("|", 1)[0].encode(), settings.partitions) in mine
+            ]
+        )
+        outbox = ctx.regions.take_outbox(only=set(loaded))
+        await send_outbox(outbox)
+        return sum(len(entries) for _, _, entries in outbox)
+
+    async def after_rebalance() -> None:
+        """Partitions taken over from a worker that stopped or died: their kept spike alerts go out now,
+        not when their series next gets a report (which may be never). The first recovery is
+        :func:`announce_ready`'s (it may rebuild state first)."""
+        if not ctx.state_ready:
+            return
+        resent = await send_kept_outboxes()
+        if resent:
+            log.info("%d spike alert(s) kept in the state of partitions taken over sent", resent)
+
+    app.after_recovery.append(after_rebalance)
+
     @app.task
     async def announce_ready() -> None:
         await cast(Any, app.tables).recovery.completed.wait()
@@ -741,21 +772,8 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             learnt = await asyncio.get_running_loop().run_in_executor(None, partial(learn_names_locked, ctx))
             stats.rebuild = {"names_learnt": learnt}
             log.info("detector state recovered from the changelogs; %d names learnt from ClickHouse", learnt)
-            # Spike alerts stored in state by a worker that may have died before sending them: send them now
-            # (same ids and content; the alerts sink and delivery skip ids they have).
-            # Only series of this worker's regions: the table also holds standby copies of other workers'.
-            mine = {tp.partition for tp in app.consumer.assignment() if tp.topic in settings.input_topics}
-            ctx.regions.restore_outboxes(
-                [
-                    name
-                    for name in outbox_series(region_table.data)
-                    if default_partition(name.split("|", 1)[0].encode(), settings.partitions) in mine
-                ]
-            )
-            outbox = ctx.regions.take_outbox()
-            await send_outbox(outbox)
-            if outbox:
-                resent = sum(len(entries) for _, _, entries in outbox)
+            resent = await send_kept_outboxes()
+            if resent:
                 log.info("%d spike alert(s) kept in state before a restart sent again", resent)
         if settings.gc_freeze:
             # What exists now lives as long as the worker: keep it out of every later collection, and

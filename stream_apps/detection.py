@@ -15,7 +15,7 @@ Kafka topic keyed by substance.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Collection, Container, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -338,27 +338,38 @@ class RegionDetector:
 
     # --- the outbox (worker only) ---------------------------------------------------------------------
 
-    def restore_outboxes(self, names: Iterable[str]) -> None:
-        """Load these series (their records hold outbox entries) so :meth:`take_outbox` returns them."""
+    def restore_outboxes(self, names: Iterable[str]) -> list[str]:
+        """Load these series (their records hold outbox entries) so :meth:`take_outbox` returns them.
+
+        Returns the names loaded now: their entries are all written (a series already in memory may
+        hold entries added since, which only a checkpoint may send, after writing them).
+        """
+        loaded = []
         for name in names:
             if name not in self.series:
                 state = self.load_series(name)
                 if state is not None:
                     self.series[name] = state
+                    loaded.append(name)
+        return loaded
 
-    def take_outbox(self) -> list[tuple[str, SeriesState, list[str]]]:
+    def take_outbox(self, only: Collection[str] | None = None) -> list[tuple[str, SeriesState, list[str]]]:
         """(series, state, alert JSON) of outbox entries not handed out before, for a checkpoint to send.
 
         Call it with :meth:`drain_dirty`: an entry added since the last call belongs to a series that is
         dirty now, so the checkpoint writes it before sending it; a restored entry is written already.
+        ``only``: just these series (restored ones, sent outside a checkpoint); the others stay queued.
         """
         taken = []
-        for name in self.outbox_series:
+        for name in self.outbox_series if only is None else [n for n in self.outbox_series if n in only]:
             state = self.series.get(name)
             if state is not None and len(state.outbox) > state.sending:
                 taken.append((name, state, state.outbox[state.sending :]))
                 state.sending = len(state.outbox)
-        self.outbox_series.clear()
+        if only is None:
+            self.outbox_series.clear()
+        else:
+            self.outbox_series.difference_update(only)
         return taken
 
     def sent(self, name: str, state: SeriesState, n: int) -> None:

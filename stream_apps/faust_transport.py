@@ -25,6 +25,7 @@ docs/performance.md has the measurements.
 from __future__ import annotations
 
 import asyncio
+import logging
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, ClassVar, cast
@@ -36,6 +37,8 @@ from faust.tables.recovery import Recovery as FaustRecovery
 from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import AppT, TransportT
+
+log = logging.getLogger(__name__)
 
 
 class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -207,15 +210,37 @@ def stop_flow(app: AppT) -> None:
 
 
 class Recovery(FaustRecovery):
-    """Faust's table recovery, with the flow stopped before the stream partitions are resumed and sought."""
+    """Faust's table recovery, with the flow stopped before the stream partitions are resumed and sought,
+    and the app's ``after_recovery`` hooks run once the tables hold the partitions assigned."""
 
     async def on_recovery_completed(self, generation_id: int = 0) -> None:
         stop_flow(self.app)
         await super().on_recovery_completed(generation_id)
+        self._after_recovery(generation_id)
 
     async def _resume_streams(self, generation_id: int = 0) -> None:
         stop_flow(self.app)
         await super()._resume_streams(generation_id)
+        self._after_recovery(generation_id)
+
+    def _after_recovery(self, generation_id: int) -> None:
+        """Start the hooks in the background (recovery does not wait for them), unless a newer
+        rebalance has begun: its own recovery will run them."""
+        if self.app.consumer_generation_id != generation_id:
+            return
+        for hook in getattr(self.app, "after_recovery", ()):
+            task = asyncio.ensure_future(hook())
+            _hooks.add(task)
+            task.add_done_callback(_hook_done)
+
+
+_hooks: set[asyncio.Future[None]] = set()  # running after-recovery hooks (a task needs a reference to live)
+
+
+def _hook_done(task: asyncio.Future[None]) -> None:
+    _hooks.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("after-recovery hook failed: %r", task.exception())
 
 
 class TableManager(FaustTableManager):
@@ -244,6 +269,8 @@ class App(faust.App):
 
     def __init__(self, *args: Any, fetch_max_wait_ms: int = 1500, **kwargs: Any) -> None:
         self.fetch_max_wait_ms = fetch_max_wait_ms
+        #: Run after every recovery once the tables hold the assigned partitions (:class:`Recovery`).
+        self.after_recovery: list[Callable[[], Awaitable[None]]] = []
         kwargs.setdefault("TableManager", TableManager)
         super().__init__(*args, **kwargs)
 

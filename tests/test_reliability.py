@@ -47,6 +47,7 @@ from .conftest import (
     cli_env,
     engine_over_http,
     isolated_settings,
+    run_cli,
     start_worker,
     stop_worker,
     wait_until,
@@ -900,3 +901,82 @@ def test_burst_of_200k_events_is_absorbed_lag_returns_to_zero_and_nothing_is_los
     assert summary.sent == total and not summary.failed
     assert rows == unique == total, "nothing lost, nothing twice"
     assert not math.isnan(drained)
+
+
+# --- 6. partitions taken over ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_spike_alerts_kept_in_state_go_out_when_a_running_worker_takes_their_partitions_over(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """A worker that died after writing the state that decided a spike, before sending the alert, leaves it
+    in the series' outbox. A worker starting on that state sent it at once; a worker already running that
+    took the partitions over in a rebalance sent it only when the series got its next report, which may be
+    never. Kept alerts are planted (signed, as a worker writes them) in every partition's state while one
+    worker runs; a second worker joins, the first keeps some partitions and must send theirs at once."""
+    from synthwatch.stream_apps.app import default_partition
+    from synthwatch.stream_apps.worker_signature import WorkerSigner
+
+    from .delivery_helpers import make_alert
+
+    key = "5a" * 32
+    first = isolated_settings(broker, tmp_path / "a", worker_key=key, workers=2)
+    second = first.model_copy(update={"data_dir": tmp_path / "b"})
+    (tmp_path / "b").mkdir()
+    servers = broker.bootstrap_servers
+    changelog = f"{first.app_id}-detector-regions-changelog"
+    worker_a = start_worker(first, tmp_path / "worker-a.log")
+    worker_b = None
+    try:
+        name = f"Kept-{uuid.uuid4().hex[:6]}"
+        done = run_cli(first, "publish", "-", input=json.dumps(lab(event_id=f"k-{name}", substance={"name": name})))
+        assert done.returncode == 0, done.stdout + done.stderr
+        wait_until(lambda: worker_a.stats()["checkpointed"] >= 1, 60, "the first state checkpointed")
+        series = [r for r in _changelog_records(servers, changelog) if json.loads(r[0]).startswith("S:")]
+        assert series, "the worker wrote no series record"
+        _, genuine_value, _ = series[-1]
+        signer = WorkerSigner(bytes.fromhex(key))
+        planted: dict[int, str] = {}
+        regions = [f"ML-P{i:02d}" for i in range(40)]
+        producer = KafkaProducer(bootstrap_servers=servers, acks="all")
+        for partition in range(first.partitions):
+            region = next(r for r in regions if default_partition(r.encode(), first.partitions) == partition)
+            alert_id = f"kept{partition}{uuid.uuid4().hex[:16]}"
+            record = json.loads(genuine_value)
+            record["x"] = [make_alert(alert_id=alert_id, region=region).model_dump_json()]
+            record_key = json.dumps(f"S:{region}|KEPT").encode()
+            value = json.dumps(record).encode()
+            headers = signer.headers(changelog, record_key, value, partition)
+            producer.send(changelog, key=record_key, value=value, partition=partition, headers=headers)
+            producer.flush()
+            planted[partition] = alert_id
+        producer.close()
+
+        worker_b = start_worker(second, tmp_path / "worker-b.log")  # the group rebalances: a keeps some
+
+        def sent() -> set[str]:
+            return {str(json.loads(v).get("alert_id")) for v in read_all(servers, [first.topic_alerts], idle=0.5)}
+
+        wait_until(lambda: set(planted.values()) <= sent(), 90, "every kept alert sent", interval=1.0)
+        log_a = worker_a.log_path.read_text(errors="replace")
+        assert "kept in the state of partitions taken over sent" in log_a, "the running worker sent none"
+    finally:
+        if worker_b is not None:
+            stop_worker(worker_b)
+        stop_worker(worker_a)
+
+
+def _changelog_records(servers: str, topic: str) -> list[tuple[bytes, bytes, int]]:
+    """(key, value, partition) of every record of ``topic``, from the beginning."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False, consumer_timeout_ms=2000)
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or set())]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning()
+        return [(r.key, r.value, r.partition) for r in consumer if r.key and r.value]
+    finally:
+        consumer.close()
