@@ -129,7 +129,9 @@ class Consumer(faust_aiokafka.Consumer):
         # record at C+k made Faust count C+1..C+k-1 as a gap (acknowledged, committed) and skip the records
         # fetched again below its read offset, so k events were lost with committed = end (a watchdog
         # seek-back under a burst lost 67 of 200,000). The seek has put the fetch position back: the
-        # dropped records are fetched again.
+        # dropped records are fetched again. A seek during the fetch itself leaves it unknown which side
+        # of the seek the records are from (dropping records fetched after it stalled every partition of
+        # a restarted worker): that case seeks again.
         callback = self.callback
         deliver = self.deliver
         getmany = self.getmany
@@ -149,13 +151,25 @@ class Consumer(faust_aiokafka.Consumer):
             while not (consumer_should_stop() or fetcher_should_stop()):
                 set_flag(flag_consumer_fetching)
                 seeks = self.seeks
+                first = True
                 ait = cast(Any, getmany(timeout=1.0))
                 await self.sleep(0)
                 if not self.should_stop:
                     async for tp, message in ait:
-                        if self.seeks != seeks:  # fetched before a seek: stale, fetched again from the new position
+                        if self.seeks != seeks:
                             await ait.aclose()
+                            if first:
+                                # A seek landed while this fetch was under way: its records may come from
+                                # before or after it, and dropping records fetched after it would skip
+                                # them for good. Seek again: whatever follows the committed offsets comes
+                                # again (duplicates are skipped by event id).
+                                try:
+                                    await self.perform_seek()
+                                except Exception as error:  # as Faust's getmany: a rebalance seeks anyway
+                                    self.log.warning("seek again after a seek during a fetch failed: %r", error)
+                            # Else fetched before a seek that came during delivery: stale, fetched again.
                             break
+                        first = False
                         num_since_yield += 1
                         if num_since_yield > yield_every:
                             await sleep(0)

@@ -150,11 +150,20 @@ class RunningWorker:
         return wait_until(rows, timeout, what)  # type: ignore[no-any-return]
 
     def stats(self) -> dict[str, Any]:
-        """The worker's own counters (GET /ready): consumed, stored, rejected, late, alerts..."""
+        """The worker's own counters (GET /ready): consumed, stored, rejected, late, alerts...
+
+        The body carries them whether the worker is ready (200) or not (503: recovering, or the watchdog
+        reports a stall, which tests that care read from ``ready``/``stalled``)."""
+        import urllib.error
         import urllib.request
 
-        with urllib.request.urlopen(f"{self.info.web_url}/ready", timeout=10) as response:
-            return json.loads(response.read())  # type: ignore[no-any-return]
+        try:
+            with urllib.request.urlopen(f"{self.info.web_url}/ready", timeout=10) as response:
+                return json.loads(response.read())  # type: ignore[no-any-return]
+        except urllib.error.HTTPError as error:
+            if error.code != 503:
+                raise
+            return json.loads(error.read())  # type: ignore[no-any-return]
 
     def count(self, sql: str, parameters: dict[str, Any] | None = None) -> int:
         return int(self.query(sql, parameters).rows[0][0])
