@@ -15,9 +15,9 @@ from typing import Any
 from grafana_foundation_sdk.builders import dashboard
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 
-from . import overview, pipeline, substance
-from .clickhouse_query import PLUGIN_ID, PLUGIN_VERSION
-from .panels import CLICKHOUSE_INPUT, PROMETHEUS_INPUT
+from synthwatch.dashboards import overview, pipeline, substance
+from synthwatch.dashboards.clickhouse_query import PLUGIN_ID, PLUGIN_VERSION
+from synthwatch.dashboards.panels import CLICKHOUSE_INPUT, PROMETHEUS_INPUT
 
 #: The Grafana the dashboards are built and checked for: the one deploy/compose.yaml runs.
 GRAFANA_VERSION = "12.4.5"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from grafana_foundation_sdk.builders import dashboard
 from grafana_foundation_sdk.models import dashboard as dashboard_models
 
-from .panels import (
+from synthwatch.dashboards.panels import (
     CLICKHOUSE_INPUT,
     COUNTRY,
     REGION,

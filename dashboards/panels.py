@@ -22,7 +22,7 @@ from grafana_foundation_sdk.models import dashboard as dashboard_models
 from grafana_foundation_sdk.models.geomap import TooltipMode
 from grafana_foundation_sdk.models.piechart import PieChartType
 
-from .clickhouse_query import PLUGIN_ID, DataqueryBuilder, QueryType
+from synthwatch.dashboards.clickhouse_query import PLUGIN_ID, DataqueryBuilder, QueryType
 
 #: Datasource uids of our own provisioning (deploy/grafana/provisioning/datasources/). The dashboards do not
 #: name them: an existing Grafana has its own uids, and a hard-coded one broke every panel on import.

@@ -1,6 +1,6 @@
 """Pipeline health from Prometheus: is the worker up, is data flowing, is anything piling up or failing.
 
-Reads the metrics of ``synthwatch.stream_apps.metrics`` (scrape job ``synthwatch-worker``, see
+Reads the metrics of ``synthwatch.stream_apps.runtime.metrics`` (scrape job ``synthwatch-worker``, see
 ``deploy/prometheus/prometheus.yml``) and the publisher's pushed metrics (job ``synthwatch_publish``).
 """
 
@@ -9,7 +9,14 @@ from __future__ import annotations
 from grafana_foundation_sdk.builders import dashboard
 from grafana_foundation_sdk.models import dashboard as dashboard_models
 
-from .panels import PROMETHEUS_INPUT, PromPanel, PromTarget, build_datasource_variable, build_prom_panel, layout
+from synthwatch.dashboards.panels import (
+    PROMETHEUS_INPUT,
+    PromPanel,
+    PromTarget,
+    build_datasource_variable,
+    build_prom_panel,
+    layout,
+)
 
 UID = "synthwatch-pipeline"
 TITLE = "synthwatch · Pipeline health"

@@ -32,9 +32,7 @@ from rdkit import Chem
 from rdkit.rdBase import BlockLogs
 
 from synthwatch.catalogue import CatalogueEntry, shipped_catalogue
-from synthwatch.schemas.wire import WireError, parse_event
-
-from .simulate_templates import (
+from synthwatch.producers.simulate_templates import (
     BLOC_AFFINITY,
     BLOC_LINKS,
     NOVEL_CORES,
@@ -49,6 +47,7 @@ from .simulate_templates import (
     Region,
     propose_novel,
 )
+from synthwatch.schemas.wire import WireError, parse_event
 
 IncidentType = Literal["new_substance", "first_in_region", "spike"]
 SpikeMetric = Literal["count", "quantity"]

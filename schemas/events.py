@@ -32,7 +32,7 @@ from pydantic import (
 )
 from pydantic_core import core_schema
 
-from .text import FORBIDDEN_PATTERN
+from synthwatch.schemas.text import FORBIDDEN_PATTERN
 
 #: Events before this instant or after ``LATEST_EVENT_TIME`` are typing errors, not history.
 EARLIEST_EVENT_TIME = datetime(1990, 1, 1, tzinfo=UTC)

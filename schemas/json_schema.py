@@ -7,8 +7,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from .events import EVENT_ADAPTER, BorderSeizure, LabDetection
-from .records import Alert, Reject
+from synthwatch.schemas.events import EVENT_ADAPTER, BorderSeizure, LabDetection
+from synthwatch.schemas.records import Alert, Reject
 
 #: Where the committed schema files live (beside this module, shipped in the wheel).
 SCHEMA_DIR = Path(__file__).parent / "json"

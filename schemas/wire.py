@@ -14,8 +14,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .events import CHECKED_EVENT_ADAPTER, EVENT_ADAPTER, BorderSeizure, LabDetection, fast_event_ok
-from .text import FORBIDDEN_PATTERN, first_forbidden
+from synthwatch.schemas.events import CHECKED_EVENT_ADAPTER, EVENT_ADAPTER, BorderSeizure, LabDetection, fast_event_ok
+from synthwatch.schemas.text import FORBIDDEN_PATTERN, first_forbidden
 
 
 class WireError(ValueError):

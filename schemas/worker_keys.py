@@ -2,7 +2,7 @@
 
 Here, beside the organisations' envelopes, rather than in the Faust runtime, because the publisher
 signs the rejects it sends with it too (only holders of the worker key may write rejects); the checks
-on the worker's side are in ``stream_apps.worker_signature``.
+on the worker's side are in ``stream_apps.runtime.worker_signature``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .envelope import MIN_KEY_BYTES, Headers, OrgKeysError, _header, parse_key, sign
+from synthwatch.schemas.envelope import MIN_KEY_BYTES, Headers, OrgKeysError, _header, parse_key, sign
 
 log = logging.getLogger("synthwatch.worker_signature")
 

@@ -25,7 +25,7 @@ A watchdog (:mod:`.watchdog`) seeks stalled partitions back to their committed o
 
 Web (worker HTTP port): ``/ready``, ``/metrics`` (Prometheus, :mod:`.metrics`) and ``/sql`` (analysts'
 SELECTs for commands that cannot open the embedded engine while this process holds it: token, loopback
-Host, no Origin, JSON only; read-only session of its own, see :mod:`synthwatch.query`). Faust's own
+Host, no Origin, JSON only; read-only session of its own, see :mod:`synthwatch.stream_apps.storage.query`). Faust's own
 views (``/table/``, ``/router/``, ``/graph/``, stats) are off.
 """
 
@@ -49,28 +49,27 @@ from clickhouse_connect.driver.client import Client
 from faust.web import Request, Response, View
 from pydantic_core import from_json, to_json
 
-from synthwatch.broker import default_partition
+import synthwatch.stream_apps.runtime.transport as faust_transport
 from synthwatch.kafka_clients import faust_credentials
-from synthwatch.query import AnalystSessions, QueryError
 from synthwatch.schemas import Alert, Reject
 from synthwatch.settings import Settings
+from synthwatch.stack.broker import default_partition
+from synthwatch.stream_apps.detect.intake import EnrichedEvent, Intake, RawMessage
+from synthwatch.stream_apps.detect.novelty import NoveltyDetector, Sighting
+from synthwatch.stream_apps.detect.region import Observation, RegionDetector, RegionResult
+from synthwatch.stream_apps.detect.replay import Position, position_of
+from synthwatch.stream_apps.detect.spikes import SeriesState
+from synthwatch.stream_apps.runtime.batches import channel_batches, take_batches
+from synthwatch.stream_apps.runtime.checkpoints import Checkpoint
+from synthwatch.stream_apps.runtime.metrics import PartitionOffsets, WorkerMetrics, attach_metrics, ingest_times
+from synthwatch.stream_apps.runtime.watchdog import StallWatch, watch_consumer
+from synthwatch.stream_apps.runtime.web_auth import refuse_request
+from synthwatch.stream_apps.runtime.worker_signature import WorkerSigner, settings_worker_keys, verified_changelog
+from synthwatch.stream_apps.storage.query import AnalystSessions, QueryError
+from synthwatch.stream_apps.storage.sink import ClickHouseSink
+from synthwatch.stream_apps.storage.state_rebuild import learn_names, rebuild
 
-from . import faust_transport
-from .checkpoints import Checkpoint
-from .clickhouse_sink import ClickHouseSink
-from .detection import Observation, RegionDetector, RegionResult
-from .faust_batches import channel_batches, take_batches
-from .intake import EnrichedEvent, Intake, RawMessage
-from .metrics import PartitionOffsets, WorkerMetrics, attach_metrics, ingest_times
-from .novelty import NoveltyDetector, Sighting
-from .replay import Position, position_of
-from .spikes import SeriesState
-from .state_rebuild import learn_names, rebuild
-from .watchdog import StallWatch, watch_consumer
-from .web_auth import refuse_request
-from .worker_signature import WorkerSigner, settings_worker_keys, verified_changelog
-
-log = logging.getLogger("synthwatch.worker")
+log = logging.getLogger("synthwatch.stack.worker")
 T = TypeVar("T")
 LateEvent = tuple[EnrichedEvent, RegionResult]  # a late report and what the region stage made of it
 Outbox = list[tuple[str, SeriesState, list[str]]]  # what RegionDetector.take_outbox hands a checkpoint
@@ -676,7 +675,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
     storing_agent(alerts_topic, "alerts", parse_alert, ctx.sink.store_alerts, count_alerts)
 
     if settings.subscriptions_file is not None:
-        from .delivery import DeliveryService, attach_delivery
+        from synthwatch.stream_apps.delivery.service import DeliveryService, attach_delivery
 
         # The sink's lock: the embedded engine's client is shared with the other agents.
         delivery = DeliveryService.from_settings(settings, ctx.client, lock=ctx.sink.lock)
@@ -696,7 +695,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
             ``/sql``): the delivery is sent by this worker's service, with its endpoints and records."""
 
             async def post(self, request: Request) -> Response:
-                from .delivery import ResendError
+                from synthwatch.stream_apps.delivery.service import ResendError
 
                 refused = refuse_request(request.headers, ctx.web_token, settings.web_allowed_hosts)
                 if refused is not None:
@@ -806,7 +805,7 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
         """Analysts' SELECTs, for commands that cannot open the embedded engine while this process holds it.
 
         They run on read-only chDB handles of their own, one per thread of a two-thread pool
-        (:class:`synthwatch.query.AnalystSessions`), never on the sink's client and never under the
+        (:class:`synthwatch.stream_apps.storage.query.AnalystSessions`), never on the sink's client and never under the
         sink's lock: a slow query cannot stall ingestion.
         """
 

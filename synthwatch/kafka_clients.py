@@ -13,7 +13,7 @@ import ssl
 from pathlib import Path
 from typing import Any
 
-from .settings import Settings
+from synthwatch.settings import Settings
 
 
 class KafkaSecurityError(ValueError):

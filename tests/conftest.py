@@ -25,11 +25,11 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from synthwatch.broker import EmbeddedBroker, ensure_topics, free_port, wait_for_port
-from synthwatch.clickhouse import connect
-from synthwatch.query import QueryResult, run_query
-from synthwatch.runtime import StackInfo, read_stack
 from synthwatch.settings import Settings
+from synthwatch.stack.broker import EmbeddedBroker, ensure_topics, free_port, wait_for_port
+from synthwatch.stackfile import StackInfo, read_stack
+from synthwatch.stream_apps.storage.clickhouse import connect
+from synthwatch.stream_apps.storage.query import QueryResult, run_query
 
 _db_counter = itertools.count()
 TOPICS = ("lab_detections", "border_seizures", "rejects", "alerts", "sightings")
@@ -119,7 +119,7 @@ def run_cli(
     settings: Settings, *args: str, timeout: float = 120, input: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "synthwatch.cli", *args],
+        [sys.executable, "-m", "synthwatch.cli.main", *args],
         env=cli_env(settings),  # no COLUMNS: piped output must not depend on a width
         capture_output=True,
         text=True,
@@ -183,7 +183,7 @@ def start_worker(settings: Settings, log_path: Path, command: str = "worker") ->
     """Start ``synthwatch worker`` (or ``up``) as a child process and wait until it is ready."""
     log = open(log_path, "wb")  # noqa: SIM115 - the child writes to it for its whole life
     process = subprocess.Popen(
-        [sys.executable, "-m", "synthwatch.cli", command, "--loglevel", "info"],
+        [sys.executable, "-m", "synthwatch.cli.main", command, "--loglevel", "info"],
         env=cli_env(settings),
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -26,9 +26,9 @@ from aiohttp import web
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from synthwatch.broker import free_port
 from synthwatch.schemas import Alert, AlertSubstance
-from synthwatch.stream_apps.channels import WebhookRejected, verify
+from synthwatch.stack.broker import free_port
+from synthwatch.stream_apps.delivery.channels import WebhookRejected, verify
 
 SECRET = "test-secret-Bamako"
 LOOPBACK = ("127.0.0.0/8",)
@@ -364,10 +364,10 @@ def run_delivery_worker(data_dir: str, bootstrap: str, topic: str, subscriptions
     """
     import faust
 
-    from synthwatch.clickhouse import connect, migrate
     from synthwatch.settings import Settings
-    from synthwatch.stream_apps.delivery import DeliveryService, RetryPolicy, attach_delivery
-    from synthwatch.stream_apps.faust_batches import channel_batches
+    from synthwatch.stream_apps.delivery.service import DeliveryService, RetryPolicy, attach_delivery
+    from synthwatch.stream_apps.runtime.batches import channel_batches
+    from synthwatch.stream_apps.storage.clickhouse import connect, migrate
 
     settings = Settings(
         data_dir=Path(data_dir),

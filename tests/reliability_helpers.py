@@ -26,9 +26,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from synthwatch.bench_crash import novelty_summary
-from synthwatch.broker import committed_offsets, consumer_lag, high_watermarks
-from synthwatch.kafka_checks import daily_chunks, read_all
+from synthwatch.bench.crash import novelty_summary
+from synthwatch.stack.broker import committed_offsets, consumer_lag, high_watermarks
+from synthwatch.stack.kafka_checks import daily_chunks, read_all
 
 # --- a ClickHouse HTTP endpoint over the embedded engine --------------------------------------------------
 
@@ -363,11 +363,11 @@ def publish_summary(stdout: str) -> dict[str, int]:
 
 
 def backtest_outcomes(messages: Iterable[tuple[str, bytes | str]]) -> list[tuple[str, str | None]]:
-    """Per message, what the offline backtest (stream_apps.backtest.run_lines) makes of it, in order:
+    """Per message, what the offline backtest (stream_apps.detect.backtest.run_lines) makes of it, in order:
     ("stored" | "malformed" | "too late" | "duplicate", event id)."""
     from synthwatch.schemas import WireError, parse_event
-    from synthwatch.stream_apps.detection import Detector, Observation
-    from synthwatch.stream_apps.intake import Intake
+    from synthwatch.stream_apps.detect.intake import Intake
+    from synthwatch.stream_apps.detect.region import Detector, Observation
 
     intake, detector = Intake(stage="backtest"), Detector()
     seen: set[str] = set()

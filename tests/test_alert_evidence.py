@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from synthwatch.schemas import Alert, parse_event_object
-from synthwatch.stream_apps.detection import Detector
-from synthwatch.stream_apps.intake import Intake
+from synthwatch.stream_apps.detect.intake import Intake
+from synthwatch.stream_apps.detect.region import Detector
 
 from .factories import lab, seizure
 
@@ -62,8 +62,8 @@ def test_a_learnt_synonym_and_an_unresolved_name_are_told_apart() -> None:
 
 
 def test_the_alerts_table_keeps_how_and_who(ch: Any) -> None:
-    from synthwatch.clickhouse import migrate
-    from synthwatch.stream_apps.clickhouse_sink import ClickHouseSink
+    from synthwatch.stream_apps.storage.clickhouse import migrate
+    from synthwatch.stream_apps.storage.sink import ClickHouseSink
 
     migrate(ch)
     (alert,) = _alerts([lab(event_id="l-1", substance={"name": "3-MMC"}, lab_id="LAB-FR-07")])

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from synthwatch.producers.simulate import SimulationConfig, simulate
-from synthwatch.stream_apps import backtest, identity
-from synthwatch.stream_apps.backtest import BacktestRun, run_lines
+from synthwatch.stream_apps.detect import backtest, identity
+from synthwatch.stream_apps.detect.backtest import BacktestRun, run_lines
 
 
 def _comparable(run: BacktestRun) -> tuple[Any, ...]:

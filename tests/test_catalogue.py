@@ -9,8 +9,8 @@ from rdkit import Chem
 from rdkit.Chem.rdMolDescriptors import CalcMolFormula
 
 from synthwatch.catalogue import CatalogueEntry, shipped_catalogue
-from synthwatch.stream_apps.families import classify
-from synthwatch.stream_apps.identity import SubstanceResolver, normalise_name, structure_from_smiles
+from synthwatch.stream_apps.detect.families import classify
+from synthwatch.stream_apps.detect.identity import SubstanceResolver, normalise_name, structure_from_smiles
 
 CATALOGUE = shipped_catalogue()
 BY_NAME = {entry.name: entry for entry in CATALOGUE}

@@ -12,7 +12,7 @@ from typing import Any, cast
 
 import pytest
 
-from synthwatch.stream_apps.checkpoints import Checkpoint
+from synthwatch.stream_apps.runtime.checkpoints import Checkpoint
 
 
 @dataclass

@@ -58,7 +58,7 @@ def test_settings_point_at_a_cluster_through_the_environment(monkeypatch) -> Non
     assert settings.kafka_bootstrap_servers == "broker:9092"
     assert settings.resolved_clickhouse_url.startswith("http://") and not settings.clickhouse_is_embedded
     assert settings.partitions == 12
-    from synthwatch.clickhouse import database_of
+    from synthwatch.stream_apps.storage.clickhouse import database_of
 
     assert database_of(settings) == "synthwatch"
 
@@ -87,7 +87,7 @@ def test_a_terminal_still_gets_the_terminal_width(monkeypatch: pytest.MonkeyPatc
 def test_a_command_piped_with_a_narrow_columns_prints_whole_values(tmp_path: Path) -> None:
     assert run_cli(Settings(data_dir=tmp_path), "db", "migrate").returncode == 0  # reads need an engine
     done = subprocess.run(
-        [sys.executable, "-m", "synthwatch.cli", "sql", f"SELECT '{LONG.strip()}' AS summary"],
+        [sys.executable, "-m", "synthwatch.cli.main", "sql", f"SELECT '{LONG.strip()}' AS summary"],
         env=cli_env(Settings(data_dir=tmp_path), COLUMNS="40"),
         capture_output=True,
         text=True,

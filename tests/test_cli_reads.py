@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from synthwatch.cli import app
-from synthwatch.clickhouse import migrate
-from synthwatch.output import plural, to_json, write_csv
+from synthwatch.cli.main import app
+from synthwatch.cli.output import plural, to_json, write_csv
 from synthwatch.settings import Settings
-from synthwatch.stream_apps.clickhouse_sink import ClickHouseSink
-from synthwatch.stream_apps.intake import Intake, RawMessage
+from synthwatch.stream_apps.detect.intake import Intake, RawMessage
+from synthwatch.stream_apps.storage.clickhouse import migrate
+from synthwatch.stream_apps.storage.sink import ClickHouseSink
 
 from .conftest import cli_env, run_cli
 from .delivery_helpers import make_alert
@@ -78,7 +78,8 @@ def test_an_engine_held_by_another_process(tmp_path: Path) -> None:
         [
             sys.executable,
             "-c",
-            "import sys; from synthwatch.clickhouse import connect; from synthwatch.settings import Settings; "
+            "import sys; from synthwatch.stream_apps.storage.clickhouse import connect; "
+            "from synthwatch.settings import Settings; "
             "c = connect(Settings()); print('held', flush=True); sys.stdin.read()",
         ],
         env=cli_env(settings),

@@ -20,12 +20,12 @@ from urllib.parse import urlparse, urlunparse
 
 import pytest
 
-from synthwatch.clickhouse import connect, migrate
-from synthwatch.history import ingest_history
-from synthwatch.reads import stats, substance_history
 from synthwatch.settings import Settings
-from synthwatch.stream_apps.clickhouse_sink import ClickHouseSink
-from synthwatch.stream_apps.intake import Intake, RawMessage
+from synthwatch.stream_apps.detect.intake import Intake, RawMessage
+from synthwatch.stream_apps.storage.backfill.ingest import ingest_history
+from synthwatch.stream_apps.storage.clickhouse import connect, migrate
+from synthwatch.stream_apps.storage.reads import stats, substance_history
+from synthwatch.stream_apps.storage.sink import ClickHouseSink
 
 from .conftest import engine_over_http
 from .factories import lab, seizure

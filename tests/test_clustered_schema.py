@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from synthwatch.clickhouse import Migration, available_migrations, connect, migrate
-from synthwatch.clustered import CLUSTERED_DIR, clustered_migrations
 from synthwatch.settings import Settings
-from synthwatch.stream_apps.clickhouse_sink import ClickHouseSink
-from synthwatch.stream_apps.intake import Intake, RawMessage
+from synthwatch.stream_apps.detect.intake import Intake, RawMessage
+from synthwatch.stream_apps.storage.clickhouse import Migration, available_migrations, connect, migrate
+from synthwatch.stream_apps.storage.clustered import CLUSTERED_DIR, clustered_migrations
+from synthwatch.stream_apps.storage.sink import ClickHouseSink
 
 from .factories import lab, seizure
 

@@ -17,7 +17,7 @@ from typing import Any
 import confluent_kafka  # a test dependency (pyproject.toml [dev]): missing, the test fails rather than skips
 import pytest
 
-from synthwatch.broker import EmbeddedBroker
+from synthwatch.stack.broker import EmbeddedBroker
 
 from .conftest import isolated_settings, start_worker, stop_worker, wait_until
 from .factories import lab

@@ -21,13 +21,13 @@ from typing import Any
 import pytest
 import yaml
 
-from synthwatch.clickhouse import connect, migrate
 from synthwatch.dashboards import build, overview, pipeline, substance
 from synthwatch.dashboards.clickhouse_query import PLUGIN_ID, Dataquery, DataqueryBuilder, QueryType, register
 from synthwatch.dashboards.macros import ALL, MacroError, TimeRange, expand, panel_interval
 from synthwatch.dashboards.panels import CLICKHOUSE_UID, PROMETHEUS_UID, SqlPanel
 from synthwatch.settings import Settings
-from synthwatch.stream_apps.metrics import PublisherMetrics, WorkerMetrics, metric_names
+from synthwatch.stream_apps.runtime.metrics import PublisherMetrics, WorkerMetrics, metric_names
+from synthwatch.stream_apps.storage.clickhouse import connect, migrate
 
 ROOT = Path(__file__).resolve().parents[1]
 DAYS = 30
@@ -48,10 +48,10 @@ class LoadedData:
 def load_simulation(client: Any, days: int = DAYS, seed: int = 7, start: date = START) -> tuple[int, int]:
     """Migrate, then store a simulated stream's events and its backtest's alerts; returns the counts."""
     from synthwatch.producers.simulate import SimulationConfig, simulate
-    from synthwatch.stream_apps.backtest import run_lines
-    from synthwatch.stream_apps.clickhouse_sink import ClickHouseSink
-    from synthwatch.stream_apps.detection import Detector, Observation
-    from synthwatch.stream_apps.intake import Intake, RawMessage
+    from synthwatch.stream_apps.detect.backtest import run_lines
+    from synthwatch.stream_apps.detect.intake import Intake, RawMessage
+    from synthwatch.stream_apps.detect.region import Detector, Observation
+    from synthwatch.stream_apps.storage.sink import ClickHouseSink
 
     migrate(client)
     sim = simulate(SimulationConfig(days=days, seed=seed, start=start))

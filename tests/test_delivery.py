@@ -30,7 +30,7 @@ import typer
 from babel.dates import format_date
 from typer.testing import CliRunner
 
-from synthwatch.bench_delivery import (
+from synthwatch.bench.delivery import (
     LatencyReceiver,
     bench_subscriptions,
     lab_report,
@@ -39,11 +39,10 @@ from synthwatch.bench_delivery import (
     stack_env,
 )
 from synthwatch.catalogue import Family
-from synthwatch.cli_delivery import register
-from synthwatch.clickhouse import migrate
+from synthwatch.cli.delivery import register
 from synthwatch.schemas import Alert, parse_event_object
 from synthwatch.settings import Settings
-from synthwatch.stream_apps.channels import (
+from synthwatch.stream_apps.delivery.channels import (
     DELIVERY_HEADER,
     EVENT_HEADER,
     SIGNATURE_HEADER,
@@ -57,11 +56,8 @@ from synthwatch.stream_apps.channels import (
     verify,
     webhook_headers,
 )
-from synthwatch.stream_apps.delivery import DeliveryService, DeliveryStore, RetryPolicy, attach_delivery
-from synthwatch.stream_apps.endpoints import Endpoint, EndpointLimits
-from synthwatch.stream_apps.faust_batches import channel_batches
-from synthwatch.stream_apps.identity import SubstanceResolver
-from synthwatch.stream_apps.messages import (
+from synthwatch.stream_apps.delivery.endpoints import Endpoint, EndpointLimits
+from synthwatch.stream_apps.delivery.messages import (
     FAMILIES,
     LANGUAGES,
     TEMPLATE_DIR,
@@ -70,8 +66,17 @@ from synthwatch.stream_apps.messages import (
     render_alert,
     render_digest,
 )
-from synthwatch.stream_apps.subscriptions import Subscriptions, SubscriptionsError, parse_subscriptions, recipients
-from synthwatch.stream_apps.targets import TargetPolicy
+from synthwatch.stream_apps.delivery.service import DeliveryService, DeliveryStore, RetryPolicy, attach_delivery
+from synthwatch.stream_apps.delivery.subscriptions import (
+    Subscriptions,
+    SubscriptionsError,
+    parse_subscriptions,
+    recipients,
+)
+from synthwatch.stream_apps.delivery.targets import TargetPolicy
+from synthwatch.stream_apps.detect.identity import SubstanceResolver
+from synthwatch.stream_apps.runtime.batches import channel_batches
+from synthwatch.stream_apps.storage.clickhouse import migrate
 
 from .delivery_helpers import (
     LOOPBACK,
@@ -505,7 +510,7 @@ def test_delivery_gives_up_after_the_limit_and_at_once_when_retrying_cannot_help
 
 
 def _closed_port() -> int:
-    from synthwatch.broker import free_port
+    from synthwatch.stack.broker import free_port
 
     return free_port("127.0.0.1")  # free a moment ago and nobody listens: connection refused
 
@@ -938,7 +943,7 @@ def test_the_delivery_agent_skips_alerts_taken_while_the_flow_is_stopped_without
     something a real broker lets a test do deterministically."""
     from types import SimpleNamespace
 
-    from synthwatch.stream_apps.delivery import deliver_alerts
+    from synthwatch.stream_apps.delivery.service import deliver_alerts
 
     acked: list[int] = []
     submitted: list[str] = []
@@ -1012,7 +1017,7 @@ def _cli() -> typer.Typer:
 
     @app.callback()
     def main() -> None:
-        """A host for the delivery commands, as synthwatch.cli mounts them."""
+        """A host for the delivery commands, as synthwatch.cli.main mounts them."""
 
     register(app)
     return app
@@ -1234,7 +1239,7 @@ def test_the_agent_acknowledges_alerts_only_when_final_so_a_killed_worker_loses_
 
     from kafka import KafkaProducer
 
-    from synthwatch.broker import ensure_topics
+    from synthwatch.stack.broker import ensure_topics
 
     from .conftest import wait_until
     from .delivery_helpers import ThreadedReceiver
@@ -1382,8 +1387,8 @@ def test_resend_goes_through_the_running_worker_that_holds_the_embedded_engine(b
     `/deliveries/resend`); the worker's own service sends the alert to a real receiver and records it."""
     from kafka import KafkaProducer
 
-    from synthwatch.runtime import read_web_token
-    from synthwatch.stream_apps.worker_signature import WorkerSigner, worker_key
+    from synthwatch.stackfile import read_web_token
+    from synthwatch.stream_apps.runtime.worker_signature import WorkerSigner, worker_key
 
     from .conftest import isolated_settings, run_cli, start_worker, stop_worker, wait_until
     from .delivery_helpers import ThreadedReceiver

@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from synthwatch.clickhouse import migrate
 from synthwatch.consoles import CommandConsole
-from synthwatch.demo import (
+from synthwatch.producers.simulate import SimulationConfig, simulate
+from synthwatch.settings import Settings
+from synthwatch.stack.demo import (
     ALERT_KINDS,
     ALERT_QUERIES,
     HISTORY_DAYS,
@@ -33,12 +34,11 @@ from synthwatch.demo import (
     demo_streams,
     empty_network_alerts,
 )
-from synthwatch.producers.simulate import SimulationConfig, simulate
-from synthwatch.query import run_query
-from synthwatch.settings import Settings
-from synthwatch.stream_apps.backtest import run_lines
-from synthwatch.stream_apps.clickhouse_sink import ClickHouseSink
-from synthwatch.stream_apps.intake import Intake, RawMessage
+from synthwatch.stream_apps.detect.backtest import run_lines
+from synthwatch.stream_apps.detect.intake import Intake, RawMessage
+from synthwatch.stream_apps.storage.clickhouse import migrate
+from synthwatch.stream_apps.storage.query import run_query
+from synthwatch.stream_apps.storage.sink import ClickHouseSink
 from tests.conftest import cli_env, run_cli
 
 
@@ -148,7 +148,7 @@ class DemoRun:
 
 _READ_BACK = """
 import json, sys
-from synthwatch.query import run_query
+from synthwatch.stream_apps.storage.query import run_query
 from synthwatch.settings import Settings
 s = Settings()
 def rows(sql):

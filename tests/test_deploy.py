@@ -18,7 +18,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from synthwatch.cli import app as cli_app
+from synthwatch.cli.main import app as cli_app
 from synthwatch.dashboards.clickhouse_query import PLUGIN_ID, PLUGIN_VERSION
 from synthwatch.settings import Settings
 
@@ -221,7 +221,7 @@ def test_dockerfile_copies_the_whole_package_and_runs_synthwatch() -> None:
 
 
 def test_dockerfile_puts_the_clustered_migrations_where_the_cli_reads_them() -> None:
-    from synthwatch import clustered
+    from synthwatch.stream_apps.storage import clustered
 
     instructions = _dockerfile()
     python = next(t[1] for t in instructions if t[0] == "FROM").split(":")[1].split("-")[0]  # "3.11"

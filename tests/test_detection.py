@@ -10,10 +10,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from synthwatch.stream_apps.alerting import Subject, alert_id, day_of
-from synthwatch.stream_apps.detection import DetectionConfig, Detector, Observation, RegionState
-from synthwatch.stream_apps.novelty import NoveltyConfig, SubstanceState
-from synthwatch.stream_apps.spikes import SeriesState, SpikeConfig, SpikeModel, ears_c2, gamma_poisson_sf, poisson_sf
+from synthwatch.stream_apps.detect.alerting import Subject, alert_id, day_of
+from synthwatch.stream_apps.detect.novelty import NoveltyConfig, SubstanceState
+from synthwatch.stream_apps.detect.region import DetectionConfig, Detector, Observation, RegionState
+from synthwatch.stream_apps.detect.spikes import (
+    SeriesState,
+    SpikeConfig,
+    SpikeModel,
+    ears_c2,
+    gamma_poisson_sf,
+    poisson_sf,
+)
 
 T0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)  # a Monday
 TRAMADOL = Subject("TVYLLZQTGLZFBW", "Tramadol", None, "other_opioid", False, True)

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from synthwatch.broker import EmbeddedBroker
 from synthwatch.producers.publisher import Publisher
 from synthwatch.producers.readers import InputRecord
 from synthwatch.producers.simulate import SimulationConfig, simulate
-from synthwatch.stream_apps.backtest import run_lines
+from synthwatch.stack.broker import EmbeddedBroker
+from synthwatch.stream_apps.detect.backtest import run_lines
 
 from .conftest import RunningWorker, isolated_settings, start_worker, stop_worker, wait_until
 from .factories import lab, seizure

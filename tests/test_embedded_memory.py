@@ -16,20 +16,20 @@ from typing import Any
 
 import pytest
 
-from synthwatch.bench_memory import engine_memory, process_memory
-from synthwatch.clickhouse import EMBEDDED_MALLOC_CONF, prepare_embedded_engine
+from synthwatch.bench.memory import engine_memory, process_memory
+from synthwatch.stream_apps.storage.clickhouse import EMBEDDED_MALLOC_CONF, prepare_embedded_engine
 
 _OPEN_AND_REPORT = """
 import sys
 from pathlib import Path
-from synthwatch.clickhouse import connect
+from synthwatch.stream_apps.storage.clickhouse import connect
 from synthwatch.settings import Settings
 client = connect(Settings(data_dir=Path(sys.argv[1])))
 print(client.command("SELECT * FROM system.jemalloc_stats"))
 """
 
 
-_BENCH = (sys.executable, "-m", "synthwatch.bench_memory")
+_BENCH = (sys.executable, "-m", "synthwatch.bench.memory")
 _VARIANTS = ("--variants", "python,chdb-default")
 
 

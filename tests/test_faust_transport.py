@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from synthwatch.stream_apps.faust_transport import _finish
+from synthwatch.stream_apps.runtime.transport import _finish
 
 
 async def _steps(log: list[str], gate: asyncio.Future[str]) -> str:

@@ -20,10 +20,10 @@ import httpx
 import pytest
 import yaml
 
-from synthwatch.broker import EmbeddedBroker
-from synthwatch.gateway import BodyError, GatewayConfigError, RateLimiter, check_listen_address, records_of
-from synthwatch.gateway_tokens import TokenStore, TokenStoreError
+from synthwatch.producers.gateway import BodyError, GatewayConfigError, RateLimiter, check_listen_address, records_of
+from synthwatch.producers.gateway_tokens import TokenStore, TokenStoreError
 from synthwatch.settings import Settings
+from synthwatch.stack.broker import EmbeddedBroker
 
 from .conftest import (
     RunningWorker,
@@ -104,7 +104,10 @@ def test_a_non_loopback_address_needs_tls_or_a_tls_proxy(tmp_path: Path) -> None
 
 def test_the_openapi_description_covers_the_routes_and_bodies() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "synthwatch.cli", "gateway", "--openapi"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "synthwatch.cli.main", "gateway", "--openapi"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
@@ -169,7 +172,7 @@ def gateway(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) ->
     log_path = base / "gateway.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "synthwatch.cli", "gateway"], env=cli_env(settings), stdout=log, stderr=log
+            [sys.executable, "-m", "synthwatch.cli.main", "gateway"], env=cli_env(settings), stdout=log, stderr=log
         )
 
     def listening() -> str | None:
@@ -361,7 +364,7 @@ def test_tokens_cli_prints_the_secret_once_and_lists_no_secret(gateway: Gateway)
 @pytest.mark.integration
 def test_a_token_of_an_organisation_without_a_signing_key_is_refused_not_produced(gateway: Gateway) -> None:
     """The worker requires signed reports: records the gateway cannot sign would all be rejected there."""
-    from synthwatch.broker import high_watermarks
+    from synthwatch.stack.broker import high_watermarks
 
     settings = gateway.settings
     topics = (settings.topic_lab_detections, settings.topic_rejects)
@@ -375,7 +378,7 @@ def test_a_token_of_an_organisation_without_a_signing_key_is_refused_not_produce
 @pytest.mark.integration
 def test_records_kafka_did_not_acknowledge_are_failed_not_accepted(own_broker: EmbeddedBroker, tmp_path: Path) -> None:
     """A broker that dies mid-way: every record gets a verdict, none is called accepted without an ack."""
-    from synthwatch.gateway import GatewayPublisher
+    from synthwatch.producers.gateway import GatewayPublisher
     from synthwatch.producers.readers import InputRecord
 
     settings = isolated_settings(own_broker, tmp_path / "data")

@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
-from synthwatch.clickhouse import connect, migrate
-from synthwatch.history import IngestRefused, ingest_history
 from synthwatch.producers.simulate import SimulationConfig, simulate
-from synthwatch.runtime import StackInfo, write_stack
 from synthwatch.settings import Settings
-from synthwatch.stream_apps.clickhouse_sink import ClickHouseSink
-from synthwatch.stream_apps.intake import Intake, RawMessage
+from synthwatch.stackfile import StackInfo, write_stack
+from synthwatch.stream_apps.detect.intake import Intake, RawMessage
+from synthwatch.stream_apps.storage.backfill.ingest import IngestRefused, ingest_history
+from synthwatch.stream_apps.storage.clickhouse import connect, migrate
+from synthwatch.stream_apps.storage.sink import ClickHouseSink
 
 from .conftest import cli_env, start_worker, stop_worker
 from .factories import lab, seizure
@@ -46,8 +46,8 @@ def _with_novel_name(lines: list[str]) -> list[str]:
 def run_data_cli(settings: Settings, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     """``synthwatch ARGS`` with the data commands mounted (works before and after cli.py mounts them)."""
     code = (
-        "from synthwatch.cli import app\n"
-        "from synthwatch.cli_data import register\n"
+        "from synthwatch.cli.main import app\n"
+        "from synthwatch.cli.data import register\n"
         "if not any(c.name == 'ingest-history' for c in app.registered_commands):\n"
         "    register(app)\n"
         "app()\n"
@@ -271,7 +271,7 @@ def test_worker_started_after_a_backfill_rebuilds_its_state(tmp_path: Path) -> N
 def test_storage_benchmarks_run_in_their_own_process() -> None:
     """Smoke test: each benchmark opens its own engine, so it runs in a child process here."""
     done = subprocess.run(
-        [sys.executable, "-m", "synthwatch.bench_storage", "3000"],
+        [sys.executable, "-m", "synthwatch.bench.storage", "3000"],
         capture_output=True,
         text=True,
         timeout=280,
@@ -291,7 +291,7 @@ def test_unmerged_load_reads_right_and_merges_resume(
     the load itself (the load is told it did not pause them and leaves them so) and reads the unmerged
     parts, then resumes them and forces the merge: right before, right after, whatever the scheduling.
     """
-    import synthwatch.history as history
+    import synthwatch.stream_apps.storage.backfill.ingest as history
 
     pauses: list[bool] = []
     history_pause = history._pause_merges

@@ -14,10 +14,10 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from synthwatch.history import Chunk, ChunkParser, compute_structures, scan_part
 from synthwatch.producers.simulate import SimulationConfig, simulate
 from synthwatch.schemas import WireError, parse_event
-from synthwatch.stream_apps.clickhouse_sink import LAB_TABLE, SEIZURE_TABLE
+from synthwatch.stream_apps.storage.backfill.ingest import Chunk, ChunkParser, compute_structures, scan_part
+from synthwatch.stream_apps.storage.sink import LAB_TABLE, SEIZURE_TABLE
 
 from .factories import lab, malformed_records, seizure
 

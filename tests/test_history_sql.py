@@ -2,7 +2,7 @@
 
 Thousands of generated lines, each a valid report with one or two fields or spellings changed (values
 at every edge of the contract, lax spellings pydantic normalises, JSON oddities), are parsed by the
-engine with :func:`synthwatch.history_sql.parse_select`. Every line it accepts must be one
+engine with :func:`synthwatch.stream_apps.storage.backfill.sql.parse_select`. Every line it accepts must be one
 ``parse_event`` accepts, with equal stored values; and it must accept most plain valid lines.
 """
 
@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from synthwatch.history_sql import PARSE_SETTINGS, PARSED_STRUCTURE, parse_select
 from synthwatch.schemas import WireError, parse_event
 from synthwatch.schemas.events import BorderSeizure, LabDetection
-from synthwatch.stream_apps.clickhouse_sink import lab_values, seizure_values
+from synthwatch.stream_apps.storage.backfill.sql import PARSE_SETTINGS, PARSED_STRUCTURE, parse_select
+from synthwatch.stream_apps.storage.sink import lab_values, seizure_values
 
 from .factories import lab, seizure
 

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from rdkit import Chem
 
 from synthwatch.catalogue import CatalogueEntry, shipped_catalogue
-from synthwatch.stream_apps.backtest import run_file
-from synthwatch.stream_apps.identity import (
+from synthwatch.stream_apps.detect.backtest import run_file
+from synthwatch.stream_apps.detect.identity import (
     SMILES_ERROR,
     SubstanceResolver,
     normalise_name,
@@ -231,8 +231,8 @@ def test_bad_quantities_are_rejected(value: float, unit: str) -> None:
 
 def _uncached_structure(smiles: str) -> tuple[str, str, str | None]:
     """The standardisation done from scratch (no per-molecule cache): what the cached path must equal."""
-    from synthwatch.stream_apps.families import classify
-    from synthwatch.stream_apps.identity import _parent
+    from synthwatch.stream_apps.detect.families import classify
+    from synthwatch.stream_apps.detect.identity import _parent
 
     parent = _parent(Chem.MolFromSmiles(smiles))
     inchikey = Chem.MolToInchiKey(parent)

@@ -31,7 +31,6 @@ import yaml
 from kafka import KafkaAdminClient, KafkaProducer
 from pydantic import ValidationError
 
-from synthwatch.broker import TANSU_SHA256, BrokerError, EmbeddedBroker, ensure_topics, file_sha256, tansu_binary
 from synthwatch.kafka_clients import (
     KafkaConnectError,
     KafkaSecurityError,
@@ -44,6 +43,7 @@ from synthwatch.producers.publisher import Publisher, SigningError, signing_key
 from synthwatch.producers.readers import InputRecord
 from synthwatch.schemas.envelope import envelope_headers
 from synthwatch.settings import Settings
+from synthwatch.stack.broker import TANSU_SHA256, BrokerError, EmbeddedBroker, ensure_topics, file_sha256, tansu_binary
 
 from .conftest import isolated_settings, start_worker, stop_worker, wait_until
 from .factories import lab
@@ -142,9 +142,9 @@ def test_the_worker_app_gets_the_credentials() -> None:
     from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
     from synthwatch.stream_apps.app import WorkerContext, create_app
-    from synthwatch.stream_apps.detection import RegionDetector
-    from synthwatch.stream_apps.intake import Intake
-    from synthwatch.stream_apps.novelty import NoveltyDetector
+    from synthwatch.stream_apps.detect.intake import Intake
+    from synthwatch.stream_apps.detect.novelty import NoveltyDetector
+    from synthwatch.stream_apps.detect.region import RegionDetector
 
     settings = Settings(kafka_security_protocol="SASL_PLAINTEXT", kafka_sasl_username="worker", kafka_sasl_password="p")
     sink = SimpleNamespace(lock=threading.Lock(), store_rejects=None, store_alerts=None)
@@ -327,7 +327,7 @@ def test_publisher_keeps_refused_records_off_the_rejects_topic_when_told(
     broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
     """Labs may not write the rejects topic (ACLs): their publisher counts refused records instead."""
-    from synthwatch.broker import high_watermarks
+    from synthwatch.stack.broker import high_watermarks
 
     settings = isolated_settings(broker, tmp_path, publisher_send_rejects=False)
     records = [InputRecord("f:1", json.dumps(lab(event_id="ok"))), InputRecord("f:2", '{"event_id": "bad", ')]

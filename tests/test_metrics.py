@@ -22,11 +22,11 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from synthwatch.broker import EmbeddedBroker, ensure_topics, free_port
 from synthwatch.producers.publisher import PublishSummary
 from synthwatch.schemas import Alert, AlertSubstance, Reject
 from synthwatch.settings import Settings
-from synthwatch.stream_apps.metrics import (
+from synthwatch.stack.broker import EmbeddedBroker, ensure_topics, free_port
+from synthwatch.stream_apps.runtime.metrics import (
     PartitionOffsets,
     PublisherMetrics,
     WorkerMetrics,
@@ -198,7 +198,7 @@ WORKER_SCRIPT = textwrap.dedent(
     import asyncio, sys
     from typing import Any
     import faust
-    from synthwatch.stream_apps.metrics import WorkerMetrics, attach_metrics
+    from synthwatch.stream_apps.runtime.metrics import WorkerMetrics, attach_metrics
 
     bootstrap, topic, port, datadir, app_id = sys.argv[1:6]
     app = faust.App(

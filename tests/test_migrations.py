@@ -7,7 +7,13 @@ from typing import Any
 import pytest
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from synthwatch.clickhouse import Migration, MigrationError, applied_migrations, available_migrations, migrate
+from synthwatch.stream_apps.storage.clickhouse import (
+    Migration,
+    MigrationError,
+    applied_migrations,
+    available_migrations,
+    migrate,
+)
 
 
 def _tables(ch: Any) -> set[str]:

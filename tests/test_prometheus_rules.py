@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from synthwatch.stream_apps.metrics import PublisherMetrics, WorkerMetrics, metric_names
+from synthwatch.stream_apps.runtime.metrics import PublisherMetrics, WorkerMetrics, metric_names
 
 PROMETHEUS = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
 RULE_FILES = sorted((PROMETHEUS / "rules").glob("*.yml"))

@@ -15,8 +15,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from synthwatch.broker import EmbeddedBroker, free_port
 from synthwatch.settings import Settings
+from synthwatch.stack.broker import EmbeddedBroker, free_port
 
 from .conftest import isolated_settings, ndjson, run_cli
 from .factories import lab, seizure

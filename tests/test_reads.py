@@ -7,13 +7,13 @@ from typing import Any
 
 import pytest
 
-from synthwatch.clickhouse import migrate
 from synthwatch.producers.simulate import SimulationConfig, simulate
-from synthwatch.reads import parse_since, recent_alerts, stats, substance_history
 from synthwatch.schemas import Alert, AlertSubstance
 from synthwatch.settings import Settings
-from synthwatch.stream_apps.clickhouse_sink import ClickHouseSink
-from synthwatch.stream_apps.intake import Intake, RawMessage
+from synthwatch.stream_apps.detect.intake import Intake, RawMessage
+from synthwatch.stream_apps.storage.clickhouse import migrate
+from synthwatch.stream_apps.storage.reads import parse_since, recent_alerts, stats, substance_history
+from synthwatch.stream_apps.storage.sink import ClickHouseSink
 
 _RAW = """
 SELECT event_id, occurred_at, country, region, substance_key, toFloat64(0) AS g FROM lab_detections
@@ -171,8 +171,8 @@ def test_substance_history_by_name_inchikey_and_first_block(data: tuple[Any, Set
 
 
 def test_recent_rejects_filter_by_time_and_lab(ch: Any, ch_settings: Settings) -> None:
-    from synthwatch.reads import recent_rejects
     from synthwatch.schemas import Reject
+    from synthwatch.stream_apps.storage.reads import recent_rejects
 
     migrate(ch)
     now = datetime.now(UTC)

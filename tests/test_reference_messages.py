@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from synthwatch.stream_apps.messages import LANGUAGES, plural, render_alert
+from synthwatch.stream_apps.delivery.messages import LANGUAGES, plural, render_alert
 
 from .reference_messages import GRAFANA, HERE, files, reference_alerts, reference_messages
 from .test_report import _browser, headless

@@ -31,16 +31,16 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from kafka import KafkaProducer
 
-from synthwatch.bench_crash import alert_content, compared
-from synthwatch.bench_reliability import publish_seizures
-from synthwatch.broker import EmbeddedBroker, consumer_lag, ensure_topics, free_port
+from synthwatch.bench.crash import alert_content, compared
+from synthwatch.bench.reliability import publish_seizures
 from synthwatch.producers.publisher import PRODUCER_DEFAULTS, Publisher
 from synthwatch.producers.readers import InputRecord
 from synthwatch.producers.simulate import SimulationConfig, simulate
-from synthwatch.query import QueryResult, run_query
 from synthwatch.schemas import Alert
 from synthwatch.settings import Settings
-from synthwatch.stream_apps.backtest import run_lines
+from synthwatch.stack.broker import EmbeddedBroker, consumer_lag, ensure_topics, free_port
+from synthwatch.stream_apps.detect.backtest import run_lines
+from synthwatch.stream_apps.storage.query import QueryResult, run_query
 
 from .conftest import (
     RunningWorker,
@@ -468,7 +468,7 @@ def broker_restart(tmp_path_factory: pytest.TempPathFactory) -> RestartRun:
         tailer = Tailer(first.bootstrap_servers, topics).start()
         with open(tmp_path / "publish.out", "wb") as out, open(tmp_path / "publish.err", "wb") as err:
             publisher = subprocess.Popen(
-                [sys.executable, "-m", "synthwatch.cli", "publish", "-"],
+                [sys.executable, "-m", "synthwatch.cli.main", "publish", "-"],
                 env=cli_env(base, COLUMNS="200"),
                 stdin=subprocess.PIPE,
                 stdout=out,
@@ -855,7 +855,7 @@ def test_a_huge_invalid_code_ends_in_rejects_and_does_not_stop_the_worker(
 def test_burst_of_200k_events_is_absorbed_lag_returns_to_zero_and_nothing_is_lost(
     broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
-    from synthwatch.bench_pipeline import bench_regions, bench_substances, keyed_lines
+    from synthwatch.bench.pipeline import bench_regions, bench_substances, keyed_lines
 
     total = int(os.environ.get("SYNTHWATCH_BURST_EVENTS", "200000"))
     settings = isolated_settings(broker, tmp_path)
@@ -922,7 +922,7 @@ def test_spike_alerts_kept_in_state_go_out_when_a_running_worker_takes_their_par
     never. Kept alerts are planted (signed, as a worker writes them) in every partition's state while one
     worker runs; a second worker joins, the first keeps some partitions and must send theirs at once."""
     from synthwatch.stream_apps.app import default_partition
-    from synthwatch.stream_apps.worker_signature import WorkerSigner
+    from synthwatch.stream_apps.runtime.worker_signature import WorkerSigner
 
     from .delivery_helpers import make_alert
 

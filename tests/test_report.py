@@ -14,12 +14,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from synthwatch.cli_dashboards import register
+from synthwatch.cli.dashboards import register
 from synthwatch.dashboards import overview
 from synthwatch.dashboards.macros import ALL, TimeRange, expand, panel_interval
 from synthwatch.dashboards.panels import SqlPanel, num_col, text_col, time_col
-from synthwatch.query import QueryError, QueryResult
-from synthwatch.report import (
+from synthwatch.dashboards.report import (
     REPORT_DATA_POINTS,
     bucket_grid,
     pie_slices,
@@ -30,6 +29,7 @@ from synthwatch.report import (
     zero_filled,
 )
 from synthwatch.settings import Settings
+from synthwatch.stream_apps.storage.query import QueryError, QueryResult
 from tests.test_dashboards import DAYS, load_simulation
 
 CHART_KINDS = {"timeseries", "bars", "pie", "geomap"}

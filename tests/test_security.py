@@ -19,9 +19,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from synthwatch.broker import EmbeddedBroker
-from synthwatch.query import QueryError, execute_remote
-from synthwatch.runtime import read_web_token, stack_file, web_token_file
+from synthwatch.stack.broker import EmbeddedBroker
+from synthwatch.stackfile import read_web_token, stack_file, web_token_file
+from synthwatch.stream_apps.storage.query import QueryError, execute_remote
 
 from .conftest import RunningWorker, isolated_settings, run_cli, start_worker, stop_worker, wait_until
 from .factories import lab
@@ -299,7 +299,7 @@ def test_status_and_stack_file_show_no_clickhouse_password(broker: EmbeddedBroke
     The URL is a server one (nothing listens there): the worker is not started; the stack file it would
     write is written by the same function, and `status` reads it.
     """
-    from synthwatch.runtime import StackInfo, write_stack
+    from synthwatch.stackfile import StackInfo, write_stack
 
     settings = isolated_settings(broker, tmp_path / "data")
     secret = "s3cr3t-" + uuid.uuid4().hex
@@ -443,7 +443,7 @@ def test_markup_and_escapes_in_stored_data_reach_the_terminal_as_plain_text(
     or someone holding its key could) is stored. `alerts`, `stats`, `substance` and `sql` print it as text."""
     from kafka import KafkaProducer
 
-    from synthwatch.stream_apps.worker_signature import WorkerSigner, worker_key
+    from synthwatch.stream_apps.runtime.worker_signature import WorkerSigner, worker_key
 
     from .delivery_helpers import make_alert
 
@@ -516,11 +516,11 @@ def test_deliveries_shows_hostile_names_and_no_webhook_password(tmp_path: Path) 
     code = r"""
 import sys
 from datetime import UTC, datetime
-from synthwatch.clickhouse import connect, migrate
+from synthwatch.stream_apps.storage.clickhouse import connect, migrate
 from synthwatch.redaction import redact
 from synthwatch.settings import Settings
-from synthwatch.stream_apps.delivery import COLUMNS, TABLE
-from synthwatch.stream_apps.subscriptions import WebhookChannel
+from synthwatch.stream_apps.delivery.service import COLUMNS, TABLE
+from synthwatch.stream_apps.delivery.subscriptions import WebhookChannel
 
 client = connect(Settings(data_dir=sys.argv[1]))
 migrate(client)
@@ -553,7 +553,8 @@ client.close()
         [
             sys.executable,
             "-c",
-            "import sys; from synthwatch.query import run_query; from synthwatch.settings import Settings; "
+            "import sys; from synthwatch.stream_apps.storage.query import run_query; "
+            "from synthwatch.settings import Settings; "
             "print(run_query(Settings(data_dir=sys.argv[1]), 'SELECT target, reason FROM deliveries').rows)",
             str(settings.data_dir),
         ],
@@ -746,7 +747,7 @@ def test_one_of_several_workers_will_not_start_without_a_shared_key(broker: Embe
 
     settings = isolated_settings(broker, tmp_path / "data", workers=3)
     result = subprocess.run(
-        [sys.executable, "-m", "synthwatch.cli", "worker"],
+        [sys.executable, "-m", "synthwatch.cli.main", "worker"],
         env=cli_env(settings),
         capture_output=True,
         text=True,
@@ -783,7 +784,7 @@ def test_rejects_not_written_by_a_worker_are_refused(worker: RunningWorker) -> N
     wait_until(lambda: worker.stats()["forged"] >= before + 1, 60, "the forged reject to be refused")
 
     genuine = f"genuine-reject-{uuid.uuid4().hex[:8]}"
-    from synthwatch.cli_publish import EXIT_NOTHING_SENT_OR_ERROR
+    from synthwatch.cli.publish import EXIT_NOTHING_SENT_OR_ERROR
 
     result = run_cli(settings, "publish", "-", input=json.dumps(lab(event_id=genuine, region="ML-ZZZ")))
     assert result.returncode == EXIT_NOTHING_SENT_OR_ERROR, result.stdout + result.stderr  # its only record refused
@@ -806,8 +807,8 @@ def test_ingest_history_refuses_oversized_lines_and_too_many_extra_fields(
     """ingest-history stored what publish refuses: a line of a megabyte (a valid event padded with JSON
     whitespace), 70 unknown fields, 70 KB of unknown content. Each is now a reject with the publisher's
     reason, counted; the valid lines around them are stored; lines = stored + duplicates + rejected."""
-    from synthwatch.clickhouse import connect
-    from synthwatch.history import ingest_history
+    from synthwatch.stream_apps.storage.backfill.ingest import ingest_history
+    from synthwatch.stream_apps.storage.clickhouse import connect
 
     tag = uuid.uuid4().hex[:6]
     padded = json.dumps(lab(event_id=f"big-{tag}")).replace(", ", "," + " " * (1024 * 1024), 1)
@@ -853,7 +854,7 @@ def test_metrics_and_ready_answer_without_a_token_but_carry_no_report_content(wo
     )
     bad = {**record, "event_id": f"leak-bad-{tag}", "region": f"ML-{tag[:3].upper()}"}  # a reject, too
     result = run_cli(worker.settings, "publish", "-", input=json.dumps(record) + "\n" + json.dumps(bad) + "\n")
-    from synthwatch.cli_publish import EXIT_SOME_REJECTED
+    from synthwatch.cli.publish import EXIT_SOME_REJECTED
 
     assert result.returncode == EXIT_SOME_REJECTED, result.stdout + result.stderr
     wait_until(

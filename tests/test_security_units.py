@@ -19,9 +19,9 @@ from synthwatch.redaction import install_log_redaction, redact, redact_url, writ
 from synthwatch.schemas import Reject, WireError, parse_event
 from synthwatch.schemas.text import visible
 from synthwatch.schemas.wire import RecordLimits, check_extras, check_size
-from synthwatch.stream_apps.messages import render_alert
-from synthwatch.stream_apps.metrics import WorkerMetrics, reject_reason, reject_reason_classes
-from synthwatch.stream_apps.web_auth import refuse_request
+from synthwatch.stream_apps.delivery.messages import render_alert
+from synthwatch.stream_apps.runtime.metrics import WorkerMetrics, reject_reason, reject_reason_classes
+from synthwatch.stream_apps.runtime.web_auth import refuse_request
 from synthwatch.terminal import plain
 
 from .delivery_helpers import make_alert
@@ -128,7 +128,10 @@ def test_log_lines_cannot_be_forged_by_report_fields() -> None:
     handler.setFormatter(ExtensionFormatter(stream, fmt="[%(levelname)s] %(name)s: %(message)s"))
     hostile = "Isotonitazene\n[2026-12-06 03:00:00,000] [1] [ERROR] forged line\r\x1b]8;;https://evil\x07"
     # the second: Faust's Recovery, subclassed in faust_transport, logs its tables under our module's name
-    loggers = [logging.getLogger("synthwatch.worker"), logging.getLogger("synthwatch.stream_apps.faust_transport")]
+    loggers = [
+        logging.getLogger("synthwatch.stack.worker"),
+        logging.getLogger("synthwatch.stream_apps.runtime.transport"),
+    ]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.addHandler(handler)
@@ -151,9 +154,9 @@ def test_log_lines_cannot_be_forged_by_report_fields() -> None:
     assert len(lines) == 9, lines  # six one-line records, and Faust's three-line table
     assert all("\x1b" not in line and "\r" not in line and "\x07" not in line for line in lines)
     assert not any(line.startswith("[2026") for line in lines)
-    assert lines[-1] == "[WARNING] synthwatch.worker: redacted: http://u:***@h/"
+    assert lines[-1] == "[WARNING] synthwatch.stack.worker: redacted: http://u:***@h/"
     assert lines[0] == (
-        "[WARNING] synthwatch.worker: delivery gave up: "
+        "[WARNING] synthwatch.stack.worker: delivery gave up: "
         "Isotonitazene\\n[2026-12-06 03:00:00,000] [1] [ERROR] forged line\\r\\x1b]8;;https://evil\\x07"
     )
 
@@ -169,7 +172,7 @@ def test_private_files_are_0600_from_the_start(tmp_path: Path) -> None:
 
 
 def test_webhook_target_in_the_deliveries_table_has_no_password() -> None:
-    from synthwatch.stream_apps.subscriptions import WebhookChannel
+    from synthwatch.stream_apps.delivery.subscriptions import WebhookChannel
 
     channel = WebhookChannel(
         type="webhook", url="https://officer:hunter2@hooks.example/in?token=t0k", secret_env="OFFICER_HOOK_SECRET"
@@ -290,7 +293,7 @@ def test_reason_classes_are_a_fixed_set() -> None:
 
 
 def test_a_worker_signature_holds_only_for_the_same_topic_key_value_and_key(tmp_path: Path) -> None:
-    from synthwatch.stream_apps.worker_signature import HEADER, WorkerSigner, worker_key
+    from synthwatch.stream_apps.runtime.worker_signature import HEADER, WorkerSigner, worker_key
 
     key = worker_key(None, tmp_path)
     assert worker_key(None, tmp_path) == key  # kept in the data directory, made once
@@ -309,7 +312,7 @@ def test_a_worker_signature_holds_only_for_the_same_topic_key_value_and_key(tmp_
 
 
 def test_state_record_signatures_bind_the_partition_and_keys_rotate(tmp_path: Path) -> None:
-    from synthwatch.stream_apps.worker_signature import WorkerSigner
+    from synthwatch.stream_apps.runtime.worker_signature import WorkerSigner
 
     old, new = bytes.fromhex("ab" * 32), bytes.fromhex("cd" * 32)
     before = WorkerSigner([old]).headers("t-changelog", b'"S:x"', b"{}", 2)
@@ -327,7 +330,7 @@ def test_state_record_signatures_bind_the_partition_and_keys_rotate(tmp_path: Pa
 def test_worker_keys_come_from_the_variable_a_file_or_the_data_dir_but_several_workers_need_one(
     tmp_path: Path,
 ) -> None:
-    from synthwatch.stream_apps.worker_signature import WorkerKeyError, worker_keys
+    from synthwatch.stream_apps.runtime.worker_signature import WorkerKeyError, worker_keys
 
     assert worker_keys(f"{'cd' * 32}, {'ab' * 32}", None, tmp_path) == [b"\xcd" * 32, b"\xab" * 32]
     key_file = tmp_path / "keys"

@@ -24,9 +24,9 @@ from synthwatch.schemas.envelope import (
     load_org_keys,
     sign,
 )
-from synthwatch.stream_apps.identity import SubstanceResolver
-from synthwatch.stream_apps.intake import Intake, RawMessage
-from synthwatch.stream_apps.metrics import reject_reason
+from synthwatch.stream_apps.detect.identity import SubstanceResolver
+from synthwatch.stream_apps.detect.intake import Intake, RawMessage
+from synthwatch.stream_apps.runtime.metrics import reject_reason
 
 from .factories import lab, seizure
 
@@ -233,9 +233,9 @@ def test_intake_counts_a_signed_organisation_once_whatever_lab_id_it_uses() -> N
 
 @pytest.mark.integration
 def test_restart_replays_name_evidence_from_clickhouse(ch: Any) -> None:
-    from synthwatch.clickhouse import migrate
-    from synthwatch.stream_apps.clickhouse_sink import ClickHouseSink
-    from synthwatch.stream_apps.state_rebuild import learn_names
+    from synthwatch.stream_apps.storage.clickhouse import migrate
+    from synthwatch.stream_apps.storage.sink import ClickHouseSink
+    from synthwatch.stream_apps.storage.state_rebuild import learn_names
 
     migrate(ch)
     orgs = {

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from stream_apps.identity import structure_from_smiles
-from stream_apps.similarity import SimilarityIndex, closest_names, fingerprint, guess_family
+from stream_apps.detect.identity import structure_from_smiles
+from stream_apps.detect.similarity import SimilarityIndex, closest_names, fingerprint, guess_family
 from synthwatch.catalogue import CatalogueEntry, shipped_catalogue
 
 CATALOGUE = {entry.name: entry for entry in shipped_catalogue()}

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from synthwatch.clickhouse import migrate
 from synthwatch.schemas import Reject
-from synthwatch.stream_apps.clickhouse_sink import ClickHouseSink
-from synthwatch.stream_apps.intake import Intake, RawMessage
+from synthwatch.stream_apps.detect.intake import Intake, RawMessage
+from synthwatch.stream_apps.storage.clickhouse import migrate
+from synthwatch.stream_apps.storage.sink import ClickHouseSink
 
 from .factories import lab, seizure
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from synthwatch.broker import EmbeddedBroker
 from synthwatch.settings import Settings
+from synthwatch.stack.broker import EmbeddedBroker
 
 from .conftest import RunningWorker, ndjson, run_cli, start_worker, stop_worker, wait_until
 from .factories import seizure
@@ -198,7 +198,7 @@ def test_the_broker_dies_with_a_killed_up(tmp_path: Path) -> None:
 
 def test_up_stops_a_broker_an_earlier_up_left_running(tmp_path: Path) -> None:
     """As a broker started before brokers died with their `up` (or by a build without it) was left."""
-    from synthwatch.runtime import StackInfo, write_stack
+    from synthwatch.stackfile import StackInfo, write_stack
 
     settings = Settings(data_dir=tmp_path / "data", web_port=0)
     orphan = EmbeddedBroker(settings).start()  # not tied to this process, like the old ones
@@ -224,7 +224,7 @@ def test_up_stops_a_broker_an_earlier_up_left_running(tmp_path: Path) -> None:
 
 def test_up_leaves_a_process_that_only_looks_like_its_broker(tmp_path: Path) -> None:
     """The pid in a stale stack file may be anything by now: only our Tansu on its address is stopped."""
-    from synthwatch.runtime import StackInfo, write_stack
+    from synthwatch.stackfile import StackInfo, write_stack
 
     settings = Settings(data_dir=tmp_path / "data", web_port=0)
     stranger = subprocess.Popen(["sleep", "60"])

@@ -15,15 +15,15 @@ from typing import Any
 
 import pytest
 
-from synthwatch.clickhouse import migrate
-from synthwatch.demo import demo_streams
-from synthwatch.history import ingest_history
 from synthwatch.settings import Settings
-from synthwatch.stream_apps.backtest import run_lines
-from synthwatch.stream_apps.clickhouse_sink import ClickHouseSink
-from synthwatch.stream_apps.detection import Detector
-from synthwatch.stream_apps.intake import Intake, RawMessage
-from synthwatch.stream_apps.state_rebuild import rebuild
+from synthwatch.stack.demo import demo_streams
+from synthwatch.stream_apps.detect.backtest import run_lines
+from synthwatch.stream_apps.detect.intake import Intake, RawMessage
+from synthwatch.stream_apps.detect.region import Detector
+from synthwatch.stream_apps.storage.backfill.ingest import ingest_history
+from synthwatch.stream_apps.storage.clickhouse import migrate
+from synthwatch.stream_apps.storage.sink import ClickHouseSink
+from synthwatch.stream_apps.storage.state_rebuild import rebuild
 
 from .factories import lab
 

@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 from pydantic_core import from_json, to_json
 
 from synthwatch.producers.simulate import SimulationConfig, simulate
-from synthwatch.stream_apps.alerting import Subject, day_of
-from synthwatch.stream_apps.detection import Detector, Observation, RegionState
-from synthwatch.stream_apps.intake import Intake, RawMessage
-from synthwatch.stream_apps.spikes import SeriesState
+from synthwatch.stream_apps.detect.alerting import Subject, day_of
+from synthwatch.stream_apps.detect.intake import Intake, RawMessage
+from synthwatch.stream_apps.detect.region import Detector, Observation, RegionState
+from synthwatch.stream_apps.detect.spikes import SeriesState
 
 
 @cache

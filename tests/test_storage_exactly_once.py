@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from synthwatch.bench_reliability import publish_seizures
-from synthwatch.broker import EmbeddedBroker, committed_offsets
-from synthwatch.clickhouse import migrate
+from synthwatch.bench.reliability import publish_seizures
 from synthwatch.producers.simulate import SimulationConfig, simulate
 from synthwatch.schemas import Alert, AlertSubstance
-from synthwatch.stream_apps.clickhouse_sink import ClickHouseSink
-from synthwatch.stream_apps.intake import Intake, RawMessage
+from synthwatch.stack.broker import EmbeddedBroker, committed_offsets
+from synthwatch.stream_apps.detect.intake import Intake, RawMessage
+from synthwatch.stream_apps.storage.clickhouse import migrate
+from synthwatch.stream_apps.storage.sink import ClickHouseSink
 
 from .conftest import RunningWorker, isolated_settings, start_worker, stop_worker, wait_until
 

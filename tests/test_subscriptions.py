@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from synthwatch.schemas import Alert
-from synthwatch.stream_apps.subscriptions import (
+from synthwatch.stream_apps.delivery.subscriptions import (
     Subscriptions,
     SubscriptionsError,
     alert_places,
@@ -24,7 +24,7 @@ from synthwatch.stream_apps.subscriptions import (
     recipients,
     secret_problems,
 )
-from synthwatch.stream_apps.targets import TargetPolicy
+from synthwatch.stream_apps.delivery.targets import TargetPolicy
 
 from .delivery_helpers import make_alert
 

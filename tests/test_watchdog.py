@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from synthwatch.stream_apps.metrics import PartitionOffsets
-from synthwatch.stream_apps.watchdog import StallWatch
+from synthwatch.stream_apps.runtime.metrics import PartitionOffsets
+from synthwatch.stream_apps.runtime.watchdog import StallWatch
 
 
 def at(committed: int, end: int = 100, partition: int = 0, topic: str = "labs") -> PartitionOffsets:

@@ -6,7 +6,7 @@ import logging
 
 import faust
 
-from synthwatch.worker import faust_worker
+from synthwatch.stack.worker import faust_worker
 
 
 def test_the_worker_at_warning_does_not_switch_the_root_logger_to_debug() -> None:

@@ -16,7 +16,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 from synthwatch.schemas import Alert, AlertSubstance
-from synthwatch.stream_apps.messages import LANGUAGES, Message, render_alert, render_digest
+from synthwatch.stream_apps.delivery.messages import LANGUAGES, Message, render_alert, render_digest
 
 HERE = Path(__file__).parent
 GRAFANA = "https://grafana.example.org"

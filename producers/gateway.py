@@ -1,0 +1,524 @@
+"""The HTTP intake gateway: labs and customs without a Kafka client POST their reports over HTTPS.
+
+One route, ``POST /v1/reports``, takes NDJSON, a JSON array (or one object) or CSV, authenticated by a
+bearer token of the organisation (producers/gateway_tokens.py). Each record gets a verdict: accepted
+(acknowledged by Kafka), rejected with the reason, duplicate (an ``event_id`` seen earlier in the request,
+or already accepted by this gateway), or failed (not acknowledged: send it again). The records are
+validated by the wire contract and produced by the same :class:`~synthwatch.producers.publisher.Publisher`
+as ``synthwatch publish``: refused records go to the rejects topic with their reason, and when the gateway
+holds the organisation keys file every record carries the organisation's signed envelope, which the worker
+checks as it checks any publisher's.
+
+A token is bound to the lab ids / agencies of its organisation: a record claiming another lab or agency is
+rejected (``auth: not_permitted``) and never produced. FastAPI (on Starlette, served by uvicorn) parses the
+HTTP; its OpenAPI description is served, to token holders, at ``GET /v1/openapi.json`` and printed by
+``synthwatch gateway --openapi``. The threat model is in docs/security.md#http-intake-gateway.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations, which name locals.
+import codecs
+import io
+import json
+import logging
+import math
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+from synthwatch.producers.gateway_tokens import GatewayToken, TokenStore
+from synthwatch.producers.publisher import Publisher
+from synthwatch.producers.readers import InputRecord, read_csv, read_ndjson
+from synthwatch.schemas import BorderSeizure, LabDetection, WireError
+from synthwatch.schemas.envelope import Organisation
+from synthwatch.settings import Settings
+
+log = logging.getLogger("synthwatch.producers.gateway")
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+#: Content types accepted, by the reader they select.
+CONTENT_TYPES: dict[str, Literal["ndjson", "json", "csv"]] = {
+    "application/x-ndjson": "ndjson",
+    "application/ndjson": "ndjson",
+    "application/jsonl": "ndjson",
+    "application/json": "json",
+    "text/csv": "csv",
+}
+
+#: ``event_id`` -> content hash of records this gateway accepted, to answer "duplicate" across requests.
+RECENT_IDS = 200_000
+
+Verdict = Literal["accepted", "rejected", "duplicate", "failed"]
+
+
+# --- the response (its models are the OpenAPI description) -------------------------------------------------
+
+
+class RecordVerdict(BaseModel):
+    """What happened to one record of the request."""
+
+    position: int = Field(
+        description="Line of the NDJSON or CSV body (the CSV header is line 1), or element "
+        "number of a JSON array (from 1)."
+    )
+    event_id: str | None = Field(default=None, description="The record's event_id, when one could be read.")
+    verdict: Verdict = Field(
+        description="accepted: acknowledged by Kafka; rejected: refused with `reason` (fix and re-send); "
+        "duplicate: its event_id came earlier in this request or was already accepted here; failed: not "
+        "acknowledged by Kafka, send it again."
+    )
+    reason: str | None = None
+
+
+class IntakeResult(BaseModel):
+    """The verdict of every record: received = accepted + rejected + duplicates + failed."""
+
+    request_id: str = Field(description="Quote it to the operators; rejects carry it in their source.")
+    org_id: str
+    received: int
+    accepted: int
+    rejected: int
+    duplicates: int
+    failed: int
+    records: list[RecordVerdict]
+
+
+class TokenInfo(BaseModel):
+    """Who a token publishes as (no secret)."""
+
+    token_id: str
+    org_id: str
+    lab_ids: list[str]
+    agencies: list[str]
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+# --- rate limiting ---------------------------------------------------------------------------------------
+
+
+class RateLimiter:
+    """A token bucket per key: ``burst`` requests at once, then ``per_minute`` sustained.
+
+    Pure logic with an injectable clock, so its arithmetic is unit-tested without sleeping.
+    """
+
+    def __init__(self, per_minute: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = per_minute / 60.0
+        self.burst = float(burst)
+        self.clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+        self._lock = threading.Lock()
+
+    def take(self, key: str) -> float:
+        """0 when the request may go on, else the seconds to wait before the next one may."""
+        with self._lock:
+            now = self.clock()
+            tokens, at = self._buckets.get(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - at) * self.rate)
+            if tokens >= 1.0:
+                self._buckets[key] = (tokens - 1.0, now)
+                return 0.0
+            self._buckets[key] = (tokens, now)
+            return (1.0 - tokens) / self.rate
+
+
+# --- publishing with a verdict per record ------------------------------------------------------------------
+
+
+class SigningKeyMissing(RuntimeError):
+    """Signed reports are required but the gateway holds no key for the token's organisation."""
+
+
+@dataclass
+class _Pending:
+    position: int
+    event_id: str | None = None
+    verdict: Verdict | None = None
+    reason: str | None = None
+    digest: str | None = None
+
+
+def _position(source: str) -> int:
+    tail = source.rsplit(":", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+class GatewayPublisher(Publisher):
+    """The CLI's publisher, with the token's binding checked per record and a verdict kept per record.
+
+    One Kafka producer for every organisation; requests are published one at a time (a lock) because the
+    signing organisation is set per request.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        bootstrap_servers: str,
+        org_keys: dict[str, Organisation] | None = None,
+        **overrides: Any,
+    ) -> None:
+        gateway_settings = settings.model_copy(update={"org_id": None, "org_key": None})
+        super().__init__(gateway_settings, bootstrap_servers, **overrides)
+        self.org_keys = org_keys
+        self.sign_required = settings.signed_reports_required
+        self._lock = threading.Lock()
+        self._token: GatewayToken | None = None
+        self._records: dict[str, _Pending] = {}
+        self._request_ids: set[str] = set()
+        self._recent: OrderedDict[tuple[str, str], str] = OrderedDict()
+
+    def signer_for(self, org_id: str) -> tuple[str, bytes] | None:
+        """(organisation, newest key) the gateway signs ``org_id``'s records with, or None (unsigned)."""
+        org = (self.org_keys or {}).get(org_id)
+        if org is not None:
+            return org.org_id, org.keys[0]
+        if self.sign_required or self.org_keys is not None:
+            raise SigningKeyMissing(
+                f"organisation {org_id!r} has no key in the organisation keys file (SYNTHWATCH_ORG_KEYS_FILE), so "
+                "the worker would refuse its records: the operator must add it there and restart the gateway"
+            )
+        return None
+
+    def publish_request(self, token: GatewayToken, records: Iterable[InputRecord]) -> list[_Pending]:
+        """Validate, check the binding, produce; returns one verdict per record in request order."""
+        with self._lock:
+            self.signer = self.signer_for(token.org_id)
+            self._token, self._records, self._request_ids = token, {}, set()
+            summary = self.publish_records(self._skip_known(token, records))
+            failed = {label.removeprefix("event "): problem for label, problem in summary.failed}
+            for pending in self._records.values():
+                if pending.verdict is not None:
+                    continue
+                problem = failed.get(pending.event_id or "")
+                if problem is not None:
+                    pending.verdict, pending.reason = "failed", f"not acknowledged by Kafka ({problem}); send it again"
+                    continue
+                pending.verdict = "accepted"
+                if pending.event_id is not None and pending.digest is not None:
+                    self._remember((token.org_id, pending.event_id), pending.digest)
+            return list(self._records.values())
+
+    def _remember(self, key: tuple[str, str], digest: str) -> None:
+        self._recent[key] = digest
+        self._recent.move_to_end(key)
+        while len(self._recent) > RECENT_IDS:
+            self._recent.popitem(last=False)
+
+    def _skip_known(self, token: GatewayToken, records: Iterable[InputRecord]) -> Iterator[InputRecord]:
+        """Records on to the publisher, except exact re-sends of what this gateway already accepted."""
+        import hashlib
+
+        for record in records:
+            pending = self._records[record.source] = _Pending(_position(record.source))
+            pending.digest = hashlib.sha256(record.raw.encode("utf-8", errors="surrogateescape")).hexdigest()
+            event_id = _cheap_event_id(record)
+            if event_id is not None and self._recent.get((token.org_id, event_id)) == pending.digest:
+                pending.event_id, pending.verdict = event_id, "duplicate"
+                pending.reason = "already accepted by this gateway (same event_id and content)"
+                continue
+            yield record
+
+    def _judge(self, record: InputRecord) -> LabDetection | BorderSeizure:
+        """The publisher's judgement, then the token's binding; keeps the record's verdict."""
+        pending = self._records[record.source]
+        try:
+            event = super()._judge(record)
+        except WireError as error:
+            pending.event_id, pending.verdict, pending.reason = error.event_id, "rejected", error.reason
+            raise
+        pending.event_id = event.event_id
+        assert self._token is not None
+        refused = self._token.permits(
+            event.lab_id if isinstance(event, LabDetection) else None,
+            event.agency if isinstance(event, BorderSeizure) else None,
+        )
+        if refused is not None:
+            pending.verdict, pending.reason = "rejected", refused
+            raise WireError(refused, event.event_id)
+        if event.event_id in self._request_ids:  # the publisher counts it as a duplicate and does not send it
+            pending.verdict, pending.reason = "duplicate", "the same event_id came earlier in this request"
+        self._request_ids.add(event.event_id)
+        return event
+
+
+def _cheap_event_id(record: InputRecord) -> str | None:
+    obj = record.obj
+    if obj is None and record.problem is None:
+        try:
+            obj = json.loads(record.raw)
+        except (ValueError, RecursionError):
+            return None
+    value = obj.get("event_id") if isinstance(obj, dict) else None
+    return value if isinstance(value, str) else None
+
+
+# --- reading a request body ----------------------------------------------------------------------------------
+
+
+class BodyError(ValueError):
+    """The body as a whole cannot be read (not one record can be judged)."""
+
+
+def records_of(text: str, kind: Literal["ndjson", "json", "csv"], name: str, settings: Settings) -> list[InputRecord]:
+    """The records of a request body, each with a ``name:position`` source (the same readers as the CLI)."""
+    if kind == "ndjson":
+        return list(read_ndjson(io.StringIO(text), name))
+    if kind == "csv":
+        stream = io.StringIO(text, newline="")
+        return list(read_csv(stream, name, settings.max_csv_header_depth, settings.max_csv_field_bytes))
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise BodyError(f"the body is not JSON ({str(error)[:200]}); send a JSON array of reports") from None
+    items = data if isinstance(data, list) else [data]
+    records = []
+    for number, item in enumerate(items, start=1):
+        raw = json.dumps(item, ensure_ascii=False)
+        if isinstance(item, dict):
+            records.append(InputRecord(source=f"{name}:{number}", raw=raw, obj=item))
+        else:
+            problem = f"not a report: element {number} is a JSON {type(item).__name__}, not an object"
+            records.append(InputRecord(source=f"{name}:{number}", raw=raw, problem=problem))
+    return records
+
+
+def _charset(content_type: str) -> str:
+    for part in content_type.split(";")[1:]:
+        key, _, value = part.partition("=")
+        if key.strip().lower() == "charset":
+            return value.strip().strip('"').lower() or "utf-8"
+    return "utf-8"
+
+
+# --- the application ---------------------------------------------------------------------------------------------
+
+PublishFn = Callable[[GatewayToken, list[InputRecord]], list[_Pending]]
+
+
+def create_app(settings: Settings, store: TokenStore, publish: PublishFn) -> FastAPI:
+    """The gateway's ASGI application (no server: ``serve`` runs it, tests may mount it elsewhere)."""
+    app = FastAPI(
+        title="synthwatch intake gateway",
+        version="1",
+        description="Publish lab detections and border seizures over HTTPS with an organisation's bearer token. "
+        "Every record gets a verdict; the counts add up. See docs/security.md#http-intake-gateway.",
+        openapi_url=None,  # served below to token holders only: no endpoint without authentication
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=[*LOOPBACK_HOSTS, *settings.gateway_allowed_hosts])
+    limiter = RateLimiter(settings.gateway_rate_per_minute, settings.gateway_rate_burst)
+    # Failed authentications are paced per peer address: a client looping on a wrong token is slowed.
+    failures = RateLimiter(settings.gateway_rate_per_minute, settings.gateway_rate_burst)
+    bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer swg_...` (synthwatch tokens create)")
+
+    def too_many(wait: float, what: str) -> HTTPException:
+        return HTTPException(
+            429, f"too many requests {what}; retry after {math.ceil(wait)} s", {"Retry-After": str(math.ceil(wait))}
+        )
+
+    def authenticated(
+        request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    ) -> GatewayToken:
+        store.reload_if_changed()
+        token = store.authenticate(credentials.credentials) if credentials is not None else None
+        if token is None:
+            peer = request.client.host if request.client is not None else "unknown"
+            wait = failures.take(f"peer:{peer}")
+            if wait:
+                raise too_many(wait, "with a wrong token from this address")
+            log.warning(
+                "refused a request from %s: %s",
+                peer,
+                "no bearer token" if credentials is None else "unknown or revoked token",
+            )
+            raise HTTPException(
+                401,
+                "a valid bearer token is required (Authorization: Bearer swg_...); ask the operators for one "
+                "(`synthwatch tokens create`)",
+                {"WWW-Authenticate": 'Bearer realm="synthwatch"'},
+            )
+        wait = limiter.take(f"token:{token.token_id}")
+        if wait:
+            raise too_many(wait, f"for token {token.token_id}")
+        return token
+
+    Token = Annotated[GatewayToken, Depends(authenticated)]
+    errors: dict[int | str, dict[str, Any]] = {
+        code: {"model": Problem, "description": text}
+        for code, text in [
+            (400, "unreadable body or Host not allowed"),
+            (401, "no, unknown or revoked token"),
+            (403, "the organisation cannot be signed for"),
+            (413, "body over SYNTHWATCH_GATEWAY_MAX_BODY_BYTES"),
+            (415, "Content-Type not NDJSON, JSON or CSV, or an unknown charset"),
+            (429, "rate limit of the token; see Retry-After"),
+        ]
+    }
+
+    @app.post(
+        "/v1/reports",
+        response_model=IntakeResult,
+        responses={**errors, 503: {"model": IntakeResult, "description": "some records were not acknowledged"}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/x-ndjson": {"schema": {"type": "string"}, "example": '{"kind": "lab_detection"}'},
+                    "application/json": {"schema": {"type": "array", "items": {"type": "object"}}},
+                    "text/csv": {"schema": {"type": "string"}, "example": "kind,event_id,substance.name\n"},
+                },
+            }
+        },
+        summary="Publish reports",
+    )
+    async def post_reports(request: Request, token: Token) -> JSONResponse:
+        """Validate and publish the body's reports; one verdict per record (the wire contract is in schemas/json)."""
+        content_type = request.headers.get("content-type", "")
+        kind = CONTENT_TYPES.get(content_type.split(";")[0].strip().lower())
+        if kind is None:
+            raise HTTPException(
+                415, "send Content-Type application/x-ndjson, application/json or text/csv (charset=utf-8)"
+            )
+        charset = _charset(content_type)
+        try:
+            codecs.lookup(charset)
+        except LookupError:
+            raise HTTPException(415, f"unknown charset {charset[:40]!r}; send UTF-8") from None
+        limit = settings.gateway_max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise HTTPException(413, f"the body has {int(declared):,} bytes, at most {limit:,}: split it")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise HTTPException(413, f"the body is over {limit:,} bytes: split it")
+        request_id = uuid.uuid4().hex[:12]
+        text = bytes(body).decode(
+            charset, errors="surrogateescape" if charset.replace("-", "") == "utf8" else "replace"
+        )
+        try:
+            records = records_of(text, kind, f"gateway/{token.org_id}/{request_id}", settings)
+        except BodyError as error:
+            raise HTTPException(400, str(error)) from None
+        try:
+            verdicts = await run_in_threadpool(publish, token, records)
+        except SigningKeyMissing as error:
+            raise HTTPException(403, str(error)) from None
+        counts = {
+            v: sum(1 for p in verdicts if p.verdict == v) for v in ("accepted", "rejected", "duplicate", "failed")
+        }
+        result = IntakeResult(
+            request_id=request_id,
+            org_id=token.org_id,
+            received=len(verdicts),
+            accepted=counts["accepted"],
+            rejected=counts["rejected"],
+            duplicates=counts["duplicate"],
+            failed=counts["failed"],
+            records=[
+                RecordVerdict(position=p.position, event_id=p.event_id, verdict=p.verdict or "failed", reason=p.reason)
+                for p in verdicts
+            ],
+        )
+        log.info(
+            "request %s token %s org %s: %d received, %d accepted, %d rejected, %d duplicates, %d failed",
+            request_id, token.token_id, token.org_id, result.received, result.accepted, result.rejected,
+            result.duplicates, result.failed,
+        )  # fmt: skip
+        status = 503 if result.failed else 200
+        headers = {"Retry-After": "5"} if result.failed else None
+        return JSONResponse(result.model_dump(), status_code=status, headers=headers)
+
+    @app.get("/v1/whoami", response_model=TokenInfo, responses=errors, summary="Who this token publishes as")
+    def whoami(token: Token) -> TokenInfo:
+        """The organisation, lab ids and agencies of the token: a LIMS's connection check."""
+        return TokenInfo(
+            token_id=token.token_id, org_id=token.org_id, lab_ids=list(token.lab_ids), agencies=list(token.agencies)
+        )
+
+    @app.get("/v1/openapi.json", include_in_schema=False)
+    def openapi(token: Token) -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    return app
+
+
+def openapi_document(settings: Settings) -> dict[str, Any]:
+    """The OpenAPI description without a server, Kafka or tokens (``synthwatch gateway --openapi``)."""
+    app = create_app(settings, TokenStore(settings.resolved_gateway_tokens_file), lambda token, records: [])
+    return app.openapi()
+
+
+class GatewayConfigError(ValueError):
+    """The gateway cannot start with these settings; the message says which to change."""
+
+
+def check_listen_address(settings: Settings) -> None:
+    """Refuse to put bearer tokens on a network in clear: a non-loopback address needs TLS (or a TLS proxy)."""
+    tls = settings.gateway_ssl_certfile is not None and settings.gateway_ssl_keyfile is not None
+    if (settings.gateway_ssl_certfile is None) != (settings.gateway_ssl_keyfile is None):
+        raise GatewayConfigError("TLS needs both SYNTHWATCH_GATEWAY_SSL_CERTFILE and SYNTHWATCH_GATEWAY_SSL_KEYFILE")
+    if settings.gateway_host not in LOOPBACK_HOSTS and not tls and not settings.gateway_behind_tls_proxy:
+        raise GatewayConfigError(
+            f"SYNTHWATCH_GATEWAY_HOST={settings.gateway_host} is not a loopback address and the gateway has no TLS "
+            "certificate: bearer tokens would cross the network in clear. Set SYNTHWATCH_GATEWAY_SSL_CERTFILE and "
+            "SYNTHWATCH_GATEWAY_SSL_KEYFILE, or SYNTHWATCH_GATEWAY_BEHIND_TLS_PROXY=true when a reverse proxy "
+            "terminates TLS in front of it"
+        )
+
+
+def serve(settings: Settings, bootstrap_servers: str, announce: Callable[[str], None]) -> None:
+    """Run the gateway until SIGINT/SIGTERM; ``announce`` gets its URL once it listens (port 0: the one chosen)."""
+    import socket
+
+    import uvicorn
+
+    from synthwatch.schemas.envelope import load_org_keys
+
+    check_listen_address(settings)
+    store = TokenStore.open(settings.resolved_gateway_tokens_file)
+    org_keys = load_org_keys(settings.org_keys_file) if settings.org_keys_file is not None else None
+    publisher = GatewayPublisher(settings, bootstrap_servers, org_keys)
+    app = create_app(settings, store, publisher.publish_request)
+    family = socket.AF_INET6 if ":" in settings.gateway_host.strip("[]") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.gateway_host.strip("[]"), settings.gateway_port))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        access_log=False,  # our own line per request names the token id, never the token
+        log_level="warning",
+        ssl_certfile=settings.gateway_ssl_certfile,
+        ssl_keyfile=settings.gateway_ssl_keyfile,
+        server_header=False,
+        proxy_headers=settings.gateway_behind_tls_proxy,
+        limit_concurrency=64,
+        timeout_keep_alive=5,
+    )
+    server = uvicorn.Server(config)
+    scheme = "https" if settings.gateway_ssl_certfile else "http"
+    host = f"[{settings.gateway_host.strip('[]')}]" if family == socket.AF_INET6 else settings.gateway_host
+    announce(f"gateway listening on {scheme}://{host}:{port} (tokens: {store.path}, {len(store.tokens)} stored)")
+    try:
+        server.run(sockets=[sock])
+    finally:
+        publisher.close()
+        sock.close()

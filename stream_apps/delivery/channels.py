@@ -1,0 +1,429 @@
+"""Sending one message on one channel, and telling a retryable failure from a permanent one.
+
+Webhook: a JSON POST signed with HMAC-SHA256 under the subscriber's own secret (scheme ``v1``, see
+:func:`sign` and docs/security.md ("Webhooks and delivery")). What is signed is ``timestamp.delivery_id.event.body``, so
+none of the four can be changed or moved to another request; the body repeats ``delivery_id`` and
+``kind`` (= event), and carries ``alert_id`` (or ``digest_id``) and ``officer_id``, so a receiver
+de-duplicates on signed ids. :func:`verify` is what a receiver runs: signature, a timestamp inside the
+tolerance window (a captured request cannot be replayed later), ids in the body equal to the signed
+ones, and a delivery id not accepted before (a replay inside the window). A 409 from the receiver
+therefore means "already have it" and counts as delivered: our earlier attempt arrived but its answer
+was lost. The delivery id is derived from (alert, officer, channel), so our own retries reuse it.
+
+Connections go only to public addresses or to networks the administrator allowed
+(:class:`~.targets.TargetPolicy`, checked on every address DNS returns: :class:`GuardedResolver`).
+
+E-mail: smtplib in its own small thread pool (a hung SMTP server must not starve the threads ClickHouse
+calls run in), STARTTLS (or SMTPS) and login when configured, a plain-text and an HTML part, and a
+Message-ID derived from (alert, officer, channel) so a resend after a crash can be recognised by mail
+systems. A password is never sent over an unencrypted connection: :class:`SmtpConfig` refuses it.
+
+Every sender returns a :class:`SendResult` instead of raising: the delivery service decides on retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import re
+import smtplib
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterable, Mapping, MutableSet, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.policy import SMTP as SMTP_POLICY
+from email.utils import formatdate
+from functools import partial
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
+
+from synthwatch.settings import Settings
+from synthwatch.stream_apps.delivery.messages import Message
+from synthwatch.stream_apps.delivery.targets import TargetPolicy
+
+SIGNATURE_HEADER = "Synthwatch-Signature"
+DELIVERY_HEADER = "Synthwatch-Delivery-Id"
+EVENT_HEADER = "Synthwatch-Event"
+IDEMPOTENCY_HEADER = "Idempotency-Key"  # = the delivery id, for HTTP middleware; not signed on its own
+USER_AGENT = "synthwatch-delivery/2"
+SIGNATURE_VERSION = "v1"
+DEFAULT_TOLERANCE_S = 300.0
+
+_DELIVERY_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_EVENT = re.compile(r"^[a-z_]{1,32}$")
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """What one attempt achieved; ``code`` is the HTTP status or SMTP reply code, when one came."""
+
+    ok: bool
+    code: int | None
+    reason: str
+    retryable: bool = False
+
+
+# --- webhook ------------------------------------------------------------------------------------------------
+
+
+def delivery_id(*parts: str) -> str:
+    """The id of one delivery, e.g. (alert, officer, channel): the same on every retry, unique per officer."""
+    return "d_" + hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
+
+
+def _signed_bytes(timestamp: int, delivery: str, event: str, body: bytes) -> bytes:
+    if not _DELIVERY_ID.match(delivery):
+        raise ValueError(f"delivery id {delivery!r} must match {_DELIVERY_ID.pattern}")
+    if not _EVENT.match(event):
+        raise ValueError(f"event {event!r} must match {_EVENT.pattern}")
+    return f"{timestamp}.{delivery}.{event}.".encode() + body
+
+
+def sign(secret: str, body: bytes, *, delivery_id: str, event: str, timestamp: int) -> str:
+    """The ``Synthwatch-Signature`` value: ``t=<unix seconds>,v1=<hex>``.
+
+    ``v1`` = hex HMAC-SHA256(secret, ``"<t>.<delivery_id>.<event>."`` + body). No part can contain a
+    dot (ids are ``[A-Za-z0-9_-]``, events ``[a-z_]``, t digits), so the signed string is unambiguous.
+    A later scheme adds ``v2=...`` beside ``v1``; receivers ignore versions they do not know.
+    """
+    mac = hmac.new(secret.encode(), _signed_bytes(timestamp, delivery_id, event, body), hashlib.sha256)
+    return f"t={timestamp},{SIGNATURE_VERSION}={mac.hexdigest()}"
+
+
+def webhook_headers(secret: str, body: bytes, delivery: str, event: str, now: float) -> dict[str, str]:
+    """Headers of one POST: signed now (each retry is signed again, with its own timestamp)."""
+    return {
+        "Content-Type": "application/json; charset=utf-8",
+        "User-Agent": USER_AGENT,
+        SIGNATURE_HEADER: sign(secret, body, delivery_id=delivery, event=event, timestamp=int(now)),
+        DELIVERY_HEADER: delivery,
+        EVENT_HEADER: event,
+        IDEMPOTENCY_HEADER: delivery,
+    }
+
+
+class WebhookRejected(Exception):
+    """A request the receiver must refuse; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedWebhook:
+    """A request :func:`verify` accepted: its signed ids and the parsed body."""
+
+    delivery_id: str
+    event: str
+    timestamp: int
+    payload: dict[str, Any]
+
+
+def _parse_signature(value: str) -> tuple[int | None, list[str]]:
+    timestamp: int | None = None
+    macs: list[str] = []
+    for item in value.split(","):
+        name, _, text = item.strip().partition("=")
+        if name == "t" and text.isdigit():
+            timestamp = int(text)
+        elif name == SIGNATURE_VERSION:
+            macs.append(text)
+    return timestamp, macs
+
+
+def verify(
+    secrets: str | Iterable[str],
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    now: float,
+    tolerance_s: float = DEFAULT_TOLERANCE_S,
+    seen: MutableSet[str] | None = None,
+) -> VerifiedWebhook:
+    """Check a received webhook as a receiver must; returns it verified, or raises :class:`WebhookRejected`.
+
+    ``secrets``: the subscriber's secret (several while rotating: any may match). 401: signature
+    missing or wrong (body, timestamp, delivery id or event changed, or another subscriber's secret);
+    400: timestamp more than ``tolerance_s`` from ``now`` (a captured request replayed later), or a body
+    whose ``delivery_id``/``kind`` differ from the signed ones; 409: delivery id already in ``seen``
+    (a replay inside the window, or our retry after a lost answer). Keep ``seen`` at least as long
+    as the tolerance window; longer (days) also absorbs our retries. The id is added only on success.
+    """
+    keys = [secrets] if isinstance(secrets, str) else list(secrets)
+    lower = {k.lower(): v for k, v in headers.items()}
+    timestamp, macs = _parse_signature(lower.get(SIGNATURE_HEADER.lower(), ""))
+    delivery = lower.get(DELIVERY_HEADER.lower(), "")
+    event = lower.get(EVENT_HEADER.lower(), "")
+    if timestamp is None or not macs:
+        raise WebhookRejected(401, f"missing or malformed {SIGNATURE_HEADER} (expected t=...,v1=...)")
+    if not _DELIVERY_ID.match(delivery) or not _EVENT.match(event):
+        raise WebhookRejected(401, f"missing or malformed {DELIVERY_HEADER} or {EVENT_HEADER}")
+    signed = _signed_bytes(timestamp, delivery, event, body)
+    expected = [hmac.new(k.encode(), signed, hashlib.sha256).hexdigest() for k in keys if k]
+    if not any(hmac.compare_digest(e, m) for e in expected for m in macs):
+        raise WebhookRejected(401, "signature does not match (body, timestamp, delivery id, event or secret)")
+    if abs(now - timestamp) > tolerance_s:
+        raise WebhookRejected(
+            400, f"timestamp {timestamp} is {now - timestamp:.0f} s from now (tolerance {tolerance_s:g} s)"
+        )
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        raise WebhookRejected(400, "body is not JSON") from None
+    if not isinstance(payload, dict) or payload.get("delivery_id") != delivery or payload.get("kind") != event:
+        raise WebhookRejected(400, "body's delivery_id/kind differ from the signed ones")
+    if seen is not None:
+        if delivery in seen:
+            raise WebhookRejected(409, f"delivery {delivery} already received")
+        seen.add(delivery)
+    return VerifiedWebhook(delivery, event, timestamp, payload)
+
+
+def classify_http(status: int, body: str = "") -> SendResult:
+    """2xx delivered; 409 already delivered; 408/425/429/5xx worth retrying; anything else is permanent."""
+    detail = f"HTTP {status}" + (f": {body.strip()[:200]}" if body.strip() else "")
+    if 200 <= status < 300:
+        return SendResult(True, status, f"HTTP {status}")
+    if status == 409:
+        return SendResult(True, status, f"receiver already had it ({detail})")
+    if status in (408, 425, 429) or status >= 500:
+        return SendResult(False, status, detail, retryable=True)
+    if 300 <= status < 400:
+        return SendResult(False, status, f"{detail} (redirects are not followed: fix the URL)")
+    return SendResult(False, status, detail)
+
+
+class TargetRefused(OSError):
+    """A webhook host resolved to an address the :class:`TargetPolicy` refuses."""
+
+
+class GuardedResolver(AbstractResolver):
+    """DNS for webhooks: every address of a name must pass the policy, else no connection at all.
+
+    aiohttp connects to exactly the addresses the resolver returned, so a name cannot resolve to a
+    public address for a check and to a private one for the connection (DNS rebinding).
+    """
+
+    def __init__(self, policy: TargetPolicy, inner: AbstractResolver | None = None) -> None:
+        self.policy = policy
+        self.inner = inner or DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await self.inner.resolve(host, port, family)
+        for item in found:
+            reason = self.policy.refusal(host, str(item["host"]))
+            if reason is not None:
+                raise TargetRefused(reason)
+        return found
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def _refused_by(error: BaseException) -> TargetRefused | None:
+    """The TargetRefused inside an aiohttp connection error, if that is what it was."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, TargetRefused):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+class WebhookSender:
+    """POSTs signed JSON with one pooled aiohttp session (created in the running loop, on first use)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time, policy: TargetPolicy | None = None) -> None:
+        self.clock = clock
+        self.policy = policy or TargetPolicy()
+        self._session: aiohttp.ClientSession | None = None
+
+    async def post(
+        self, url: str, body: bytes, *, secret: str, delivery_id: str, event: str, timeout_s: float
+    ) -> SendResult:
+        host = urlsplit(url).hostname or ""
+        refused = self.policy.literal_refusal(host)  # IP literals skip the resolver
+        if refused is not None:
+            return SendResult(False, None, refused)
+        if self._session is None or self._session.closed:
+            # no connection limits here: the delivery service limits attempts per endpoint and in total
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, resolver=GuardedResolver(self.policy))
+            self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
+        headers = webhook_headers(secret, body, delivery_id, event, self.clock())
+        try:
+            async with self._session.post(
+                url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s), allow_redirects=False
+            ) as response:
+                text = await response.text(errors="replace")
+                return classify_http(response.status, text)
+        except TimeoutError:
+            return SendResult(False, None, f"no answer within {timeout_s:g} s", retryable=True)
+        except aiohttp.InvalidURL as error:
+            return SendResult(False, None, f"invalid URL: {error}")
+        except (aiohttp.ClientError, OSError) as error:
+            target = _refused_by(error)
+            if target is not None:
+                return SendResult(False, None, str(target))
+            return SendResult(False, None, f"{type(error).__name__}: {error}", retryable=True)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+# --- e-mail -------------------------------------------------------------------------------------------------
+
+
+class SmtpConfigError(ValueError):
+    """An SMTP configuration that would leak the password; the message says what to set instead."""
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpConfig:
+    """The SMTP server (from settings); ``ssl_context`` lets tests and private CAs verify the certificate.
+
+    ``ssl``: SMTPS (TLS from the first byte, port 465); ``starttls``: upgrade a plain connection (587).
+    With a password, one of the two is required: a login over plain text is refused at construction.
+    """
+
+    host: str
+    port: int = 587
+    starttls: bool = True
+    username: str | None = None
+    password: str | None = None
+    sender: str = "synthwatch@localhost"
+    ssl_context: ssl.SSLContext | None = None
+    ssl: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.username or self.password) and not (self.starttls or self.ssl):
+            raise SmtpConfigError(
+                f"SMTP login to {self.host}:{self.port} without TLS would send the password in clear: set "
+                "SYNTHWATCH_SMTP_STARTTLS=true (port 587) or SYNTHWATCH_SMTP_SSL=true (port 465), "
+                "or remove SYNTHWATCH_SMTP_USERNAME/PASSWORD for a relay that needs no login"
+            )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SmtpConfig | None:
+        if not settings.smtp_host:
+            return None
+        return cls(
+            host=settings.smtp_host,
+            port=settings.smtp_port,
+            starttls=settings.smtp_starttls and not settings.smtp_ssl,
+            username=settings.smtp_username,
+            password=settings.smtp_password,
+            sender=settings.smtp_sender,
+            ssl=settings.smtp_ssl,
+        )
+
+
+def build_email(
+    message: Message, *, sender: str, to: Sequence[str], message_id: str, headers: Mapping[str, str] | None = None
+) -> EmailMessage:
+    """A multipart/alternative e-mail: the plain text first, the HTML as the preferred alternative."""
+    email = EmailMessage()
+    email["Subject"] = message.subject
+    email["From"] = sender
+    email["To"] = ", ".join(to)
+    email["Date"] = formatdate(usegmt=True)
+    domain = sender.rsplit("@", 1)[-1] or "synthwatch.invalid"
+    email["Message-ID"] = f"<{message_id}@{domain}>"
+    email["Auto-Submitted"] = "auto-generated"  # RFC 3834: no vacation replies to a robot
+    for name, value in (headers or {}).items():
+        email[name] = value
+    email.set_content(message.text)
+    email.add_alternative(message.html, subtype="html")
+    email["Content-Language"] = message.language  # after the parts: making them moves Content-* headers down
+    return email
+
+
+def message_id(*parts: str) -> str:
+    """Same (alert, officer, channel) -> same Message-ID, so a resend after a crash is recognisable."""
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
+
+
+class SmtpSender:
+    """Sends through smtplib in a dedicated thread pool; one connection per message (alerts are rare)."""
+
+    def __init__(self, config: SmtpConfig, max_connections: int = 4) -> None:
+        self.config = config
+        self._executor = ThreadPoolExecutor(max_workers=max_connections, thread_name_prefix="synthwatch-smtp")
+
+    async def send(self, email: EmailMessage, timeout_s: float) -> SendResult:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, partial(self._send, email, timeout_s))
+
+    def _send(self, email: EmailMessage, timeout_s: float) -> SendResult:
+        c = self.config
+        recipients = [a.strip() for a in str(email["To"]).split(",") if a.strip()]
+        try:
+            context = c.ssl_context or ssl.create_default_context()
+            connection = (
+                smtplib.SMTP_SSL(c.host, c.port, timeout=timeout_s, context=context)
+                if c.ssl
+                else smtplib.SMTP(c.host, c.port, timeout=timeout_s)
+            )
+            with connection as smtp:
+                smtp.ehlo()
+                if c.starttls and not c.ssl:
+                    smtp.starttls(context=context)  # raises when the server does not offer it: no plain fallback
+                    smtp.ehlo()
+                if c.username:
+                    smtp.login(c.username, c.password or "")
+                code, reply = smtp.mail(c.sender)
+                if code != 250:
+                    raise smtplib.SMTPSenderRefused(code, reply, c.sender)
+                refused = {}
+                for address in recipients:
+                    code, reply = smtp.rcpt(address)
+                    if code not in (250, 251):
+                        refused[address] = (code, reply)
+                if len(refused) == len(recipients):
+                    smtp.rset()
+                    raise smtplib.SMTPRecipientsRefused(refused)
+                code, reply = smtp.data(email.as_bytes(policy=SMTP_POLICY))
+                if code != 250:
+                    raise smtplib.SMTPDataError(code, reply)
+        except smtplib.SMTPRecipientsRefused as error:
+            codes = [code for code, _ in error.recipients.values()]
+            worst = max(codes)
+            listed = "; ".join(f"{a}: {code} {r.decode(errors='replace')}" for a, (code, r) in error.recipients.items())
+            return SendResult(
+                False, worst, f"recipients refused: {listed}", retryable=all(400 <= x < 500 for x in codes)
+            )
+        except smtplib.SMTPResponseException as error:
+            raw = error.smtp_error
+            said = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+            permanent = not 400 <= error.smtp_code < 500
+            return SendResult(False, error.smtp_code, f"SMTP {error.smtp_code}: {said}", retryable=not permanent)
+        except smtplib.SMTPNotSupportedError as error:
+            return SendResult(
+                False, None, f"server does not support it: {error} (check SYNTHWATCH_SMTP_STARTTLS / SMTP_SSL)"
+            )
+        except ssl.SSLError as error:
+            return SendResult(False, None, f"TLS failed: {error}")
+        except (smtplib.SMTPException, OSError) as error:
+            return SendResult(False, None, f"{type(error).__name__}: {error}", retryable=True)
+        text = reply.decode(errors="replace")
+        if refused:
+            listed = "; ".join(f"{a}: {code}" for a, (code, _) in refused.items())
+            return SendResult(True, code, f"SMTP {code}: {text}; refused: {listed}")
+        return SendResult(True, code, f"SMTP {code}: {text}")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

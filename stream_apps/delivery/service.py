@@ -1,0 +1,955 @@
+"""Delivering alerts to liaison officers: route, send once per (alert, officer, channel), record every attempt.
+
+Never twice: before sending, the service asks an in-memory set and then ClickHouse whether (alert,
+officer, channel) was already delivered or queued for the digest, so a restarted worker or a replayed
+alerts topic sends nothing again. Every attempt is written to ``deliveries`` as it happens. The one
+window left (sent, then the process dies before the row is written) is covered on the receiving side:
+webhooks carry a signed delivery id derived from (alert, officer, channel), e-mails a Message-ID derived
+from the same.
+
+Never lost: the Faust agent acknowledges an alert only once all its deliveries are final (delivered,
+gave up, or queued for the digest); a crash replays the unacknowledged alerts and the check above skips
+what was done. A delivery that gave up is not final for a replay: nothing reached the officer.
+
+Nobody waits for a broken channel: each delivery is its own task with the channel's timeout and
+exponential backoff between attempts, and the agent keeps taking alerts meanwhile (Kafka commits stop at
+the oldest unfinished alert, which is what makes a crash replay it). Attempts are limited per receiving
+endpoint and in total, and a delivery holds neither slot while it waits to retry; an endpoint that keeps
+failing has its circuit opened (:mod:`.endpoints`): its deliveries are deferred (a ``deferred`` row says
+so) until a probe gets through, so one hung receiver costs the others nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import random
+import threading
+import time
+from collections import OrderedDict, defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
+
+import faust
+from clickhouse_connect.driver.client import Client
+
+from synthwatch.redaction import redact
+from synthwatch.schemas import Alert
+from synthwatch.settings import Settings
+from synthwatch.stream_apps.delivery.channels import (
+    SendResult,
+    SmtpConfig,
+    SmtpSender,
+    WebhookSender,
+    build_email,
+    delivery_id,
+    message_id,
+)
+from synthwatch.stream_apps.delivery.endpoints import Endpoint, EndpointLimits, Endpoints
+from synthwatch.stream_apps.delivery.messages import Message, render_alert, render_digest
+from synthwatch.stream_apps.delivery.subscriptions import (
+    EmailChannel,
+    Officer,
+    Recipient,
+    Subscriptions,
+    SubscriptionsError,
+    WebhookChannel,
+    load_subscriptions,
+    recipients,
+    secret_problems,
+)
+
+log = logging.getLogger("synthwatch.delivery")
+T = TypeVar("T")
+
+DeliveryStatus = Literal["delivered", "failed", "gave_up", "queued_digest", "digest_sent", "deferred"]
+Key = tuple[str, str, str]
+"""(alert_id, officer_id, channel name): what is delivered at most once."""
+
+TABLE = "deliveries"
+FINAL_STATUSES = ("delivered", "queued_digest", "digest_sent")
+COLUMNS = [
+    "alert_id",
+    "officer_id",
+    "channel",
+    "channel_type",
+    "route",
+    "attempt",
+    "status",
+    "reason",
+    "response_code",
+    "target",
+    "at",
+    "duration_ms",
+    "alert_type",
+    "severity",
+    "substance",
+    "region",
+    "digest_id",
+    "alert_json",
+]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Attempts per delivery and the backoff between them: base * 2**(n-1), capped, +-jitter."""
+
+    max_attempts: int = 5
+    base_delay_s: float = 2.0
+    max_delay_s: float = 300.0
+    jitter: float = 0.2
+    stale_after_s: float = 7 * 86400.0  # an alert older than this (replayed after a long outage) is not sent
+    digest_hold_s: float = 3600.0  # after a digest gave up, wait this long before trying it again
+
+    def delay(self, attempt: int) -> float:
+        base = min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1))
+        return float(base * (1 + random.uniform(-self.jitter, self.jitter)))
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One row of ``deliveries``."""
+
+    alert_id: str
+    officer_id: str
+    channel: str
+    channel_type: str
+    route: str
+    attempt: int
+    status: DeliveryStatus
+    reason: str
+    response_code: int | None
+    target: str
+    at: datetime
+    duration_ms: float = 0.0
+    alert_type: str = ""
+    severity: str = ""
+    substance: str = ""
+    region: str = ""
+    digest_id: str = ""
+    alert_json: str = ""
+
+    def row(self) -> list[Any]:
+        return [getattr(self, column) for column in COLUMNS]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one (alert, officer, channel) ended in this call; ``skipped`` = done before, sent by nobody now."""
+
+    alert_id: str
+    officer_id: str
+    channel: str
+    status: Literal["delivered", "gave_up", "queued_digest", "digest_sent", "skipped"]
+    attempts: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedAlert:
+    """An alert waiting for an officer's digest."""
+
+    officer_id: str
+    channel: str
+    route: str
+    alert_id: str
+    alert_json: str
+    queued_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class GaveUp:
+    """A delivery that gave up, as ``deliveries resend`` finds it: its key, route, alert and attempts so far."""
+
+    key: Key
+    route: str
+    alert_json: str
+    attempts: int
+    last_status: str
+
+
+class ResendError(ValueError):
+    """A resend that cannot be done; the message says why and what to do instead."""
+
+
+class DeliveryStore:
+    """The ``deliveries`` table. Blocking (clickhouse-connect); the service calls it from threads.
+
+    ``lock`` is the worker's client lock: the embedded engine's client is shared with the sink.
+    """
+
+    def __init__(self, client: Client, lock: threading.Lock | None = None, digest_window_days: int = 14) -> None:
+        self.client = client
+        self.lock = lock or threading.Lock()
+        self.digest_window = timedelta(days=digest_window_days)
+
+    def record(self, attempts: Sequence[Attempt]) -> None:
+        if not attempts:
+            return
+        columns = [[a.row()[i] for a in attempts] for i in range(len(COLUMNS))]
+        with self.lock:
+            self.client.insert(TABLE, columns, column_names=COLUMNS, column_oriented=True)
+
+    def finished(self, keys: Collection[Key]) -> set[Key]:
+        """Which keys were delivered, queued for a digest or sent in one (a point lookup per key)."""
+        if not keys:
+            return set()
+        with self.lock:
+            rows = self.client.query(
+                f"SELECT DISTINCT alert_id, officer_id, channel FROM {TABLE} "
+                "WHERE officer_id IN %(officers)s AND alert_id IN %(alerts)s AND status IN %(final)s",
+                parameters={
+                    "officers": tuple({k[1] for k in keys}),
+                    "alerts": tuple({k[0] for k in keys}),
+                    "final": FINAL_STATUSES,
+                },
+            ).result_rows
+        wanted = set(keys)
+        return {key for key in ((str(a), str(o), str(c)) for a, o, c in rows) if key in wanted}
+
+    def gave_up(self, delivery: str) -> GaveUp | None:
+        """The alert delivery with id ``delivery`` (see ``channels.delivery_id``) whose latest try gave up.
+
+        Ids are hashes of (alert, officer, channel), so the candidates are read and hashed here; there are
+        few (deliveries that gave up are rare and each is a handful of rows).
+        """
+        with self.lock:
+            rows = self.client.query(
+                "SELECT alert_id, officer_id, channel, argMax(route, at), "
+                "argMaxIf(alert_json, at, status = 'gave_up'), max(attempt), argMax(toString(status), (at, attempt)) "
+                f"FROM {TABLE} WHERE digest_id = '' GROUP BY alert_id, officer_id, channel "
+                "HAVING countIf(status = 'gave_up') > 0",
+            ).result_rows
+        for alert_id, officer_id, channel, route, alert_json, attempts, last in rows:
+            if delivery_id(str(alert_id), str(officer_id), str(channel)) == delivery:
+                key = (str(alert_id), str(officer_id), str(channel))
+                return GaveUp(key, str(route), str(alert_json), int(attempts), str(last))
+        return None
+
+    def pending_digests(self, now: datetime) -> list[QueuedAlert]:
+        """Alerts queued for a digest (in the last ``digest_window``) and not sent in one yet."""
+        with self.lock:
+            rows = self.client.query(
+                f"SELECT officer_id, channel, alert_id, argMaxIf(route, at, status = 'queued_digest'), "
+                "argMaxIf(alert_json, at, status = 'queued_digest'), minIf(at, status = 'queued_digest') AS queued "
+                f"FROM {TABLE} WHERE status IN ('queued_digest', 'digest_sent') AND at >= %(since)s "
+                "GROUP BY officer_id, channel, alert_id "
+                "HAVING countIf(status = 'digest_sent') = 0 AND countIf(status = 'queued_digest') > 0 "
+                "ORDER BY officer_id, channel, queued",
+                parameters={"since": now - self.digest_window},
+            ).result_rows
+        return [QueuedAlert(str(o), str(c), str(r), str(a), str(j), _aware(q)) for o, c, a, r, j, q in rows]
+
+    def last_digests(self, now: datetime) -> dict[tuple[str, str], datetime]:
+        """(officer, channel) -> when its latest digest was sent."""
+        with self.lock:
+            rows = self.client.query(
+                f"SELECT officer_id, channel, max(at) FROM {TABLE} "
+                "WHERE status = 'digest_sent' AND at >= %(since)s GROUP BY officer_id, channel",
+                parameters={"since": now - self.digest_window},
+            ).result_rows
+        return {(str(o), str(c)): _aware(at) for o, c, at in rows}
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def webhook_payload(alert: Alert, officer: Officer, route: str, message: Message, channel: str) -> dict[str, Any]:
+    """What a webhook receives for one alert: the rendered message (the officer's language) and the alert.
+
+    ``delivery_id`` (signed, see ``channels.sign``) is what receivers de-duplicate on: one per
+    (alert, officer, channel), the same on every retry.
+    """
+    return {
+        "kind": "alert",
+        "delivery_id": delivery_id(alert.alert_id, officer.id, channel),
+        "alert_id": alert.alert_id,
+        "officer_id": officer.id,
+        "route": route,
+        "language": message.language,
+        "subject": message.subject,
+        "text": message.text,
+        "link": message.links[0] if message.links else None,
+        "alert": alert.model_dump(mode="json"),
+    }
+
+
+def digest_payload(digest_id: str, officer: Officer, alerts: Sequence[Alert], message: Message) -> dict[str, Any]:
+    return {
+        "kind": "digest",
+        "delivery_id": delivery_id(digest_id),
+        "digest_id": digest_id,
+        "officer_id": officer.id,
+        "language": message.language,
+        "subject": message.subject,
+        "text": message.text,
+        "links": list(message.links),
+        "alerts": [alert.model_dump(mode="json") for alert in alerts],
+    }
+
+
+def _json(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+Send = Callable[[], Awaitable[SendResult]]
+
+
+def _refuse(reason: str) -> SendResult:
+    """A send that is not even tried (a configuration problem: retrying cannot help)."""
+    return SendResult(False, None, reason)
+
+
+SMTP_ENDPOINT = "smtp"
+
+
+class DeliveryService:
+    """Routes alerts to officers and delivers each (alert, officer, channel) at most once; see the module doc."""
+
+    def __init__(
+        self,
+        subscriptions: Subscriptions,
+        store: DeliveryStore,
+        *,
+        grafana_url: str = "http://localhost:3000",
+        smtp: SmtpConfig | None = None,
+        allowed_networks: Sequence[str] = (),
+        endpoint_limits: EndpointLimits | None = None,
+        policy: RetryPolicy | None = None,
+        subscriptions_file: Path | None = None,
+        max_in_flight: int = 256,
+        store_retries: int | None = None,
+        remember: int = 100_000,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self.subscriptions = subscriptions
+        self.store = store
+        self.grafana_url = grafana_url
+        self.allowed_networks = tuple(allowed_networks)
+        self.policy = policy or RetryPolicy()
+        self.subscriptions_file = subscriptions_file
+        self.store_retries = store_retries  # None: wait for ClickHouse as long as it takes, like the sink
+        self.clock = clock
+        self.webhook = WebhookSender(policy=subscriptions.target_policy(self.allowed_networks))
+        self.email = SmtpSender(smtp) if smtp is not None else None
+        self.endpoints = Endpoints(endpoint_limits)
+        self._unusable = self._check_secrets()
+        self._unwritten: list[tuple[list[Attempt], asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._rendered: OrderedDict[tuple[str, str, str], Message] = OrderedDict()
+        self._remember_max = remember
+        self._done: OrderedDict[Key, None] = OrderedDict()
+        self._inflight: dict[Key, asyncio.Task[Outcome]] = {}
+        self._slots = asyncio.Semaphore(max_in_flight)  # attempts in flight, all endpoints together
+        self._digest_lock = asyncio.Lock()
+        self._digest_hold: dict[tuple[str, str], datetime] = {}
+        self._mtime = self._file_mtime()
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, client: Client, lock: threading.Lock | None = None, **options: Any
+    ) -> DeliveryService:
+        """The worker's service: subscriptions from ``settings.subscriptions_file`` (errors name file:line)."""
+        if settings.subscriptions_file is None:
+            raise ValueError("settings.subscriptions_file is not set: there is nobody to deliver to")
+        limits = EndpointLimits(
+            concurrency=settings.delivery_endpoint_concurrency,
+            failures_to_open=settings.delivery_breaker_failures,
+            cooldown_s=settings.delivery_breaker_cooldown_s,
+        )
+        return cls(
+            load_subscriptions(settings.subscriptions_file, settings.webhook_allowed_networks),
+            DeliveryStore(client, lock),
+            grafana_url=settings.grafana_url,
+            smtp=SmtpConfig.from_settings(settings),
+            subscriptions_file=settings.subscriptions_file,
+            allowed_networks=settings.webhook_allowed_networks,
+            endpoint_limits=limits,
+            **options,
+        )
+
+    def _check_secrets(self) -> dict[str, str]:
+        """Channels that cannot be signed for here (unset, short or shared secret): logged, never sent on."""
+        found = secret_problems(self.subscriptions)
+        for key, why in found.items():
+            log.error("webhook %s: %s; its deliveries will be refused until this is fixed", key, why)
+        return found
+
+    # --- alerts ------------------------------------------------------------------------------------------
+
+    async def submit(self, alerts: Sequence[Alert]) -> list[asyncio.Future[list[Outcome]]]:
+        """Route, skip what was done, queue digests, start deliveries; one future per alert.
+
+        Returns once the decisions are recorded; a future completes when all of its alert's deliveries
+        are final, and is cancelled (never completed) when a delivery was interrupted by shutdown.
+        """
+        plans = [(alert, recipients(alert, self.subscriptions)) for alert in alerts]
+        unknown = {
+            key
+            for alert, found in plans
+            for key in (r.key(alert.alert_id) for r in found)
+            if key not in self._done and key not in self._inflight
+        }
+        if unknown:
+            self._remember(await self._store("checking earlier deliveries", self.store.finished, unknown))
+        now = self.clock()
+        queued: list[Attempt] = []
+        tickets: list[asyncio.Future[list[Outcome]]] = []
+        for alert, found in plans:
+            settled: list[Outcome] = []
+            tasks: list[asyncio.Task[Outcome]] = []
+            age = (now - alert.detected_at).total_seconds()
+            for recipient in found:
+                key = recipient.key(alert.alert_id)
+                if key in self._done or key in self._inflight:
+                    why = "already delivered or queued" if key in self._done else "already being delivered"
+                    settled.append(Outcome(*key, "skipped", 0, why))
+                elif age > self.policy.stale_after_s:
+                    reason = (
+                        f"stale: detected {age / 3600:.0f} h ago, older than the {self.policy.stale_after_s:g} s limit"
+                    )
+                    queued.append(self._attempt(alert, recipient, 0, "gave_up", SendResult(False, None, reason), now))
+                    settled.append(Outcome(*key, "gave_up", 0, reason))
+                elif not recipient.immediate:
+                    reason = "below the immediate threshold: queued for the daily digest"
+                    row = self._attempt(alert, recipient, 0, "queued_digest", SendResult(False, None, reason), now)
+                    row.alert_json = alert.model_dump_json()
+                    queued.append(row)
+                    self._remember([key])
+                    settled.append(Outcome(*key, "queued_digest", 0, reason))
+                else:
+                    task = asyncio.create_task(self._deliver(alert, recipient), name=f"deliver {'/'.join(key)}")
+                    self._inflight[key] = task
+                    tasks.append(task)
+            tickets.append(asyncio.ensure_future(self._ticket(settled, tasks)))
+        if queued:
+            await self._store("recording digest queue", self.store.record, queued)
+        return tickets
+
+    async def handle(self, alert: Alert) -> list[Outcome]:
+        """Deliver one alert and wait until every delivery is final."""
+        (ticket,) = await self.submit([alert])
+        return await ticket
+
+    async def handle_batch(self, alerts: Sequence[Alert]) -> list[list[Outcome]]:
+        return list(await asyncio.gather(*await self.submit(alerts)))
+
+    async def drain(self) -> None:
+        """Wait for every delivery in progress (tests, orderly shutdown)."""
+        while self._inflight:
+            await asyncio.gather(*list(self._inflight.values()), return_exceptions=True)
+
+    @staticmethod
+    async def _ticket(settled: list[Outcome], tasks: list[asyncio.Task[Outcome]]) -> list[Outcome]:
+        return settled + list(await asyncio.gather(*tasks))
+
+    async def _deliver(self, alert: Alert, recipient: Recipient, attempts_before: int = 0) -> Outcome:
+        """Deliver with retries; ``attempts_before`` (a resend) numbers the new attempts after the old ones."""
+        key = recipient.key(alert.alert_id)
+        try:
+            send = self._refusal(recipient) or self._lazy(alert, recipient)
+
+            def rows(
+                attempt: int, status: DeliveryStatus, result: SendResult, at: datetime, ms: float
+            ) -> list[Attempt]:
+                return [self._attempt(alert, recipient, attempts_before + attempt, status, result, at, ms)]
+
+            channel = recipient.channel
+            status, attempts, result = await self._attempts(
+                send, rows, channel.timeout_s, "delivered", self._endpoint(channel)
+            )
+            if status == "delivered":
+                self._remember([key])
+            return Outcome(*key, cast(Any, status), attempts, result.reason)
+        finally:
+            self._inflight.pop(key, None)
+
+    async def resend(self, delivery: str) -> Outcome:
+        """Send again, by hand, an alert delivery that gave up (``synthwatch deliveries resend ID``).
+
+        Same ``delivery_id`` (and e-mail Message-ID) as the attempts that gave up: a receiver de-duplicates
+        on it, and an attempt that gave up may still have reached it (an answer lost to a timeout), so a new
+        id could make it act twice on one alert. Each attempt is signed afresh (new timestamp), so replay
+        windows hold; the attempts are new rows numbered after the old ones, with the usual retries. The
+        officer, channel and secret are today's subscriptions: a fixed URL or secret is what a resend is for.
+        """
+        found = await self._store("finding the delivery", self.store.gave_up, delivery)
+        if found is None:
+            raise ResendError(
+                f"no delivery {delivery!r} that gave up; list them with `synthwatch deliveries --status gave_up`"
+            )
+        alert_id, officer_id, channel_name = found.key
+        done = await self._store("checking earlier deliveries", self.store.finished, [found.key])
+        if found.last_status == "delivered" or done:
+            raise ResendError(f"delivery {delivery} of alert {alert_id} to {officer_id} was delivered since")
+        if not found.alert_json:
+            raise ResendError(
+                f"delivery {delivery} gave up before deliveries kept their alert: nothing to send it from"
+            )
+        officer = next((o for o in self.subscriptions.officers if o.id == officer_id), None)
+        channel = officer.channels().get(channel_name) if officer is not None else None
+        if officer is None or channel is None:
+            raise ResendError(
+                f"officer {officer_id!r} has no channel {channel_name!r} in the subscriptions file any more; "
+                "add it back (or resend nothing)"
+            )
+        if found.key in self._inflight:
+            raise ResendError(f"delivery {delivery} is being attempted right now")
+        route = next((r for r in officer.routes if r.name == found.route and r.channel.name == channel_name), None)
+        route = route or next(r for r in officer.routes if r.channel.name == channel_name)
+        alert = Alert.model_validate_json(found.alert_json)
+        recipient = Recipient(officer, route, channel, immediate=True)
+        task = asyncio.create_task(self._deliver(alert, recipient, found.attempts), name=f"resend {delivery}")
+        self._inflight[found.key] = task
+        return await task
+
+    def _endpoint(self, channel: WebhookChannel | EmailChannel) -> Endpoint:
+        return self.endpoints[channel.endpoint if isinstance(channel, WebhookChannel) else SMTP_ENDPOINT]
+
+    def _refusal(self, recipient: Recipient) -> SendResult | None:
+        """A configuration problem that makes sending pointless (checked before any waiting)."""
+        channel = recipient.channel
+        if isinstance(channel, WebhookChannel):
+            unusable = self._unusable.get(f"{recipient.officer.id}/{channel.name}")
+            if unusable or not channel.resolve_secret():
+                why = unusable or "none set"
+                return _refuse(f"webhook secret refused: {why} (see `synthwatch subscriptions check`)")
+        elif self.email is None:
+            return _refuse("no SMTP server configured (SYNTHWATCH_SMTP_HOST)")
+        return None
+
+    def _lazy(self, alert: Alert, recipient: Recipient) -> Send:
+        """A send that renders its message at its first attempt, i.e. once its endpoint lets it go:
+        deliveries waiting on a hung endpoint cost nothing (no rendering in the burst the others are in).
+        """
+        prepared: list[Send | SendResult] = []
+
+        async def send() -> SendResult:
+            if not prepared:
+                try:
+                    prepared.append(self._prepare(alert, recipient))
+                except Exception as error:  # a template or payload bug: record it, do not crash the agent
+                    log.exception("cannot prepare %s for %s", alert.alert_id, recipient.officer.id)
+                    prepared.append(_refuse(f"cannot render the message: {type(error).__name__}: {error}"))
+            ready = prepared[0]
+            return ready if isinstance(ready, SendResult) else await ready()
+
+        return send
+
+    def _prepare(self, alert: Alert, recipient: Recipient) -> Send | SendResult:
+        officer, channel = recipient.officer, recipient.channel
+        message = self._render(alert, officer.language, officer.timezone)
+        if isinstance(channel, WebhookChannel):
+            payload = webhook_payload(alert, officer, recipient.route.name or "", message, channel.name)
+            return self._webhook_send(officer, channel, _json(payload), payload["delivery_id"], "alert")
+        return self._email_send(
+            channel,
+            message,
+            message_id(alert.alert_id, officer.id, channel.name),
+            {"X-Synthwatch-Alert-Id": alert.alert_id, "X-Synthwatch-Officer": officer.id},
+        )
+
+    def _webhook_send(
+        self, officer: Officer, channel: WebhookChannel, body: bytes, delivery: str, event: str
+    ) -> Send | SendResult:
+        unusable = self._unusable.get(f"{officer.id}/{channel.name}")
+        secret = channel.resolve_secret()
+        if unusable or not secret:
+            return _refuse(f"webhook secret refused: {unusable or 'none set'} (see `synthwatch subscriptions check`)")
+        webhook, url, timeout = self.webhook, channel.url, channel.timeout_s
+        return lambda: webhook.post(url, body, secret=secret, delivery_id=delivery, event=event, timeout_s=timeout)
+
+    def _email_send(
+        self, channel: EmailChannel, message: Message, msg_id: str, headers: dict[str, str]
+    ) -> Send | SendResult:
+        sender = self.email
+        if sender is None:
+            return _refuse("no SMTP server configured (SYNTHWATCH_SMTP_HOST)")
+        email = build_email(message, sender=sender.config.sender, to=channel.to, message_id=msg_id, headers=headers)
+        timeout = channel.timeout_s
+        return lambda: sender.send(email, timeout)
+
+    async def _attempts(
+        self,
+        send: Send | SendResult,
+        rows: Callable[[int, DeliveryStatus, SendResult, datetime, float], list[Attempt]],
+        timeout_s: float,
+        success: DeliveryStatus,
+        endpoint: Endpoint,
+        start: datetime | None = None,
+    ) -> tuple[DeliveryStatus, int, SendResult]:
+        """Try up to ``max_attempts`` times with backoff, recording each attempt; returns the final status.
+
+        Each attempt takes a slot of its endpoint (waiting, deferred, while the endpoint's circuit is
+        open) and one of the service's; both are released before the attempt is recorded and before
+        the backoff, so waiting to retry holds nothing.
+        """
+        began = time.monotonic()
+
+        def moment() -> datetime:
+            return start + timedelta(seconds=time.monotonic() - began) if start is not None else self.clock()
+
+        for attempt in range(1, self.policy.max_attempts + 1):
+            if isinstance(send, SendResult):  # refused before any network: no endpoint involved
+                result, ms, at = send, 0.0, moment()
+            else:
+
+                async def deferred(why: str, attempt: int = attempt) -> None:
+                    failed = SendResult(False, None, why)
+                    deferral = rows(attempt, "deferred", failed, moment(), 0)
+                    await self._record(deferral)
+
+                probe = await endpoint.turn(deferred)
+                at, started = moment(), time.monotonic()
+                result = SendResult(False, None, "cancelled", retryable=True)
+                try:
+                    async with self._slots:
+                        result = await self._try(send, timeout_s)
+                finally:
+                    await endpoint.done(reached=result.ok or not result.retryable, probe=probe)
+                ms = (time.monotonic() - started) * 1000
+            status: DeliveryStatus
+            if result.ok:
+                status = success
+            elif result.retryable and attempt < self.policy.max_attempts:
+                status = "failed"
+            else:
+                status = "gave_up"
+                if result.retryable:
+                    result = SendResult(False, result.code, f"{result.reason} (gave up after {attempt} attempts)")
+            await self._record(rows(attempt, status, result, at, ms))
+            if status != "failed":
+                if status == "gave_up":
+                    log.warning("delivery gave up: %s", result.reason)
+                return status, attempt, result
+            await asyncio.sleep(self.policy.delay(attempt))
+        raise AssertionError("unreachable: the last attempt is final")
+
+    @staticmethod
+    async def _try(send: Send, timeout_s: float) -> SendResult:
+        try:
+            return await asyncio.wait_for(send(), timeout_s + 5)  # backstop: senders time out on their own
+        except TimeoutError:
+            return SendResult(False, None, f"no answer within {timeout_s:g} s", retryable=True)
+        except Exception as error:
+            log.exception("delivery attempt raised")
+            return SendResult(False, None, f"{type(error).__name__}: {error}", retryable=True)
+
+    def _attempt(
+        self,
+        alert: Alert,
+        recipient: Recipient,
+        attempt: int,
+        status: DeliveryStatus,
+        result: SendResult,
+        at: datetime,
+        duration_ms: float = 0.0,
+        digest_id: str = "",
+    ) -> Attempt:
+        channel = recipient.channel
+        return Attempt(
+            alert_id=alert.alert_id,
+            officer_id=recipient.officer.id,
+            channel=channel.name,
+            channel_type=channel.type,
+            route=recipient.route.name or "",
+            attempt=attempt,
+            status=status,
+            reason=redact(result.reason),  # an HTTP client's error may quote the URL with its user:password@
+            response_code=result.code,
+            target=channel.target,
+            at=at,
+            duration_ms=round(duration_ms, 3),
+            alert_type=alert.alert_type,
+            severity=alert.severity,
+            substance=alert.substance.name,
+            region=alert.region or "",
+            digest_id=digest_id,
+            # A delivery that gave up keeps its alert: `synthwatch deliveries resend` sends it from this row.
+            alert_json=alert.model_dump_json() if status == "gave_up" and not digest_id else "",
+        )
+
+    # --- digests -----------------------------------------------------------------------------------------
+
+    async def send_digests(self, now: datetime | None = None) -> list[Outcome]:
+        """Send each officer's daily digest when its time has come (once per officer, channel and day).
+
+        Run it often (the worker's timer: every minute, on the leader only); it does nothing until an
+        officer's ``digest_time`` has passed in their time zone and there are queued alerts.
+        """
+        if self._digest_lock.locked():
+            return []  # the previous run is still sending
+        async with self._digest_lock:
+            now = now or self.clock()
+            pending = await self._store("reading the digest queue", self.store.pending_digests, now)
+            if not pending:
+                return []
+            last = await self._store("reading the last digests", self.store.last_digests, now)
+            groups: dict[tuple[str, str], list[QueuedAlert]] = defaultdict(list)
+            for item in pending:
+                groups[(item.officer_id, item.channel)].append(item)
+            jobs = []
+            for (officer_id, channel_name), items in groups.items():
+                officer = self.subscriptions.officer(officer_id)
+                if officer is None:
+                    log.warning(
+                        "digest: officer %s is no longer subscribed; %d alert(s) stay queued", officer_id, len(items)
+                    )
+                    continue
+                moment = officer.digest_moment(now)
+                previous = last.get((officer_id, channel_name))
+                held = self._digest_hold.get((officer_id, channel_name))
+                if now < moment or (previous is not None and previous >= moment) or (held and held > now):
+                    continue
+                channel = officer.channels().get(channel_name) or officer.routes[0].channel
+                jobs.append(self._send_digest(officer, channel, items, now))
+            return [outcome for group in await asyncio.gather(*jobs) for outcome in group]
+
+    async def _send_digest(
+        self, officer: Officer, channel: WebhookChannel | EmailChannel, items: list[QueuedAlert], now: datetime
+    ) -> list[Outcome]:
+        alerts: list[tuple[QueuedAlert, Alert]] = []
+        for item in items:
+            try:
+                alerts.append((item, Alert.model_validate_json(item.alert_json)))
+            except ValueError as error:
+                log.error("digest: queued alert %s is unreadable (%s); skipped", item.alert_id, error)
+        if not alerts:
+            return []
+        day = officer.local_day(now)
+        digest_id = f"digest-{officer.id}-{channel.name}-{day.isoformat()}"
+        try:
+            message = render_digest(
+                [a for _, a in alerts], officer.language, self.grafana_url, day, officer.name, officer.timezone
+            )
+            if isinstance(channel, WebhookChannel):
+                payload = digest_payload(digest_id, officer, [a for _, a in alerts], message)
+                send = self._webhook_send(officer, channel, _json(payload), payload["delivery_id"], "digest")
+            else:
+                headers = {"X-Synthwatch-Digest-Id": digest_id, "X-Synthwatch-Officer": officer.id}
+                send = self._email_send(channel, message, message_id(digest_id), headers)
+        except Exception as error:
+            log.exception("cannot prepare digest %s", digest_id)
+            send = _refuse(f"cannot render the digest: {type(error).__name__}: {error}")
+
+        def rows(attempt: int, status: DeliveryStatus, result: SendResult, at: datetime, ms: float) -> list[Attempt]:
+            out = []
+            for item, alert in alerts:
+                recipient = Recipient(officer, _route_named(officer, item.route, channel), channel, immediate=False)
+                out.append(self._attempt(alert, recipient, attempt, status, result, at, ms, digest_id=digest_id))
+            return out
+
+        status, attempts, result = await self._attempts(
+            send, rows, channel.timeout_s, "digest_sent", self._endpoint(channel), start=now
+        )
+        if status == "gave_up":
+            self._digest_hold[(officer.id, channel.name)] = now + timedelta(seconds=self.policy.digest_hold_s)
+        return [
+            Outcome(a.alert_id, officer.id, channel.name, cast(Any, status), attempts, result.reason) for _, a in alerts
+        ]
+
+    # --- plumbing ----------------------------------------------------------------------------------------
+
+    async def _record(self, rows: list[Attempt]) -> None:
+        """Write attempt rows; returns once they are stored. Rows of concurrent deliveries share one insert.
+
+        A burst of alerts to many officers makes one row per delivery at nearly the same moment; one
+        insert each, serialised on the client lock, made the last officer wait for all the others' rows.
+        """
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._unwritten.append((rows, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_pending(), name="delivery rows")
+        await asyncio.shield(done)  # a cancelled delivery does not cancel the others' rows
+
+    async def _write_pending(self) -> None:
+        while self._unwritten:
+            batch, self._unwritten = self._unwritten, []
+            try:
+                await self._store(
+                    "recording delivery attempts", self.store.record, [r for rows, _ in batch for r in rows]
+                )
+            except Exception as error:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(error)
+            else:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+
+    def _render(self, alert: Alert, language: str, timezone: str = "UTC") -> Message:
+        """One rendering per (alert, language, time zone): a burst to many officers renders each alert once or twice."""
+        key = (alert.alert_id, language, timezone)
+        message = self._rendered.get(key)
+        if message is None:
+            message = self._rendered[key] = render_alert(alert, language, self.grafana_url, timezone)
+            while len(self._rendered) > 1024:
+                self._rendered.popitem(last=False)
+        return message
+
+    def _remember(self, keys: Collection[Key]) -> None:
+        for key in keys:
+            self._done[key] = None
+            self._done.move_to_end(key)
+        while len(self._done) > self._remember_max:
+            self._done.popitem(last=False)
+
+    async def _store(self, what: str, call: Callable[..., T], *args: Any) -> T:
+        """Run a blocking store call in a thread; if ClickHouse fails, back off and retry (it holds the ack)."""
+        delay = 0.2
+        for attempt in itertools.count(1):
+            try:
+                return await asyncio.to_thread(call, *args)
+            except Exception as error:
+                if self.store_retries is not None and attempt >= self.store_retries:
+                    raise
+                log.warning("%s failed (%s); retrying in %.1f s", what, error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        raise AssertionError("unreachable")
+
+    def _file_mtime(self) -> int | None:
+        try:
+            return self.subscriptions_file.stat().st_mtime_ns if self.subscriptions_file else None
+        except OSError:
+            return None
+
+    def reload_if_changed(self) -> bool:
+        """Pick up an edited subscriptions file; a broken edit is logged and the old subscriptions kept."""
+        mtime = self._file_mtime()
+        if self.subscriptions_file is None or mtime is None or mtime == self._mtime:
+            return False
+        self._mtime = mtime
+        try:
+            self.subscriptions = load_subscriptions(self.subscriptions_file, self.allowed_networks)
+        except SubscriptionsError as error:
+            log.error("subscriptions file changed but is invalid; keeping the previous one:\n%s", error)
+            return False
+        self.webhook.policy = self.subscriptions.target_policy(self.allowed_networks)
+        self._unusable = self._check_secrets()
+        log.info("subscriptions reloaded: %d officer(s)", len(self.subscriptions.officers))
+        return True
+
+    async def close(self) -> None:
+        """Stop: cancel deliveries in progress (their alerts stay unacknowledged and are redelivered)."""
+        for task in list(self._inflight.values()):
+            task.cancel()
+        await asyncio.gather(*list(self._inflight.values()), return_exceptions=True)
+        if self._writer is not None:  # rows of attempts that did finish are still written
+            await asyncio.gather(self._writer, return_exceptions=True)
+        await self.webhook.close()
+        if self.email is not None:
+            self.email.close()
+
+
+def _route_named(officer: Officer, name: str, channel: WebhookChannel | EmailChannel) -> Any:
+    """The officer's route called ``name`` (it may have been renamed since the alert was queued)."""
+    route = next((r for r in officer.routes if r.name == name), None)
+    if route is not None:
+        return route
+    return next((r for r in officer.routes if r.channel.name == channel.name), officer.routes[0])
+
+
+# --- Faust wiring ------------------------------------------------------------------------------------------
+
+
+async def deliver_alerts(
+    app: Any,
+    batches: AsyncIterator[list[Any]],
+    service: DeliveryService,
+    accept: Callable[[Any], bool] | None = None,
+) -> None:
+    """Submit each batch of alert events for delivery; acknowledge each when its deliveries are final.
+
+    ``batches`` come from ``stream_apps.runtime.batches.channel_batches``, as for every other agent: events of an
+    older consumer generation or taken while the flow is stopped (a seek, a rebalance) are skipped there
+    *unacknowledged*, so the new generation or the seek fetches them again. Faust's ``noack_take``, used
+    here before, acknowledged them unprocessed (its stream loop acks every skipped event), so an alert
+    skipped that way could be committed and never delivered. An alert whose deliveries end after its
+    partition was reassigned is not acknowledged either (its new owner delivers it; ids de-duplicate),
+    as at checkpoints (:class:`.checkpoints.Checkpoint`).
+    """
+    acks: set[asyncio.Task[None]] = set()
+
+    async def ack_when_final(event: Any, ticket: asyncio.Future[list[Outcome]]) -> None:
+        try:
+            await ticket
+        except asyncio.CancelledError:
+            return  # shutting down: left unacknowledged, redelivered after the restart
+        except Exception:
+            log.exception(
+                "delivery of alert at %s:%s failed; left unacknowledged", event.message.tp, event.message.offset
+            )
+            return
+        if event.message.generation_id == app.consumer_generation_id:
+            event.ack()
+
+    async for events in batches:
+        alerts: list[Alert] = []
+        owners: list[Any] = []
+        for event in events:
+            if accept is not None and not accept(event):
+                event.ack()  # forged: never delivered (the alerts-storing agent counts and logs it)
+                continue
+            try:
+                alerts.append(Alert.model_validate_json(event.value))
+                owners.append(event)
+            except ValueError as error:
+                log.error(
+                    "alerts topic: not an alert at %s:%s (%s)", event.message.partition, event.message.offset, error
+                )
+                event.ack()
+        if not alerts:
+            continue
+        for event, ticket in zip(owners, await service.submit(alerts), strict=True):
+            task = asyncio.create_task(ack_when_final(event, ticket))
+            acks.add(task)
+            task.add_done_callback(acks.discard)
+
+
+def attach_delivery(
+    app: faust.App,
+    alerts_topic: faust.TopicT,
+    service: DeliveryService,
+    *,
+    batches: Callable[[faust.StreamT[bytes]], AsyncIterator[list[Any]]],
+    digest_every_s: float = 60.0,
+    reload_every_s: float = 30.0,
+    accept: Callable[[Any], bool] | None = None,
+) -> Any:
+    """Define the ``delivery`` agent on the alerts topic, the digest timer and the subscriptions reload.
+
+    The agent (:func:`deliver_alerts`) takes batches without acknowledging them (``batches``: the
+    worker's ``channel_batches``, which skips stale events unacknowledged) and acknowledges each alert
+    when its deliveries are final. ``accept`` (the worker signature check) refuses records no
+    worker produced: they are acknowledged, never delivered.
+    """
+
+    @app.agent(alerts_topic, name="delivery")
+    async def delivery_agent(stream: faust.StreamT[bytes]) -> None:
+        await deliver_alerts(app, batches(stream), service, accept)
+
+    @app.timer(interval=digest_every_s, on_leader=True)
+    async def delivery_digests() -> None:
+        await service.send_digests()
+
+    @app.timer(interval=reload_every_s)
+    async def delivery_reload() -> None:
+        service.reload_if_changed()
+
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]  # mode's stub wants a keyword-only signal
+    async def delivery_close(sender: Any, *args: Any, **kwargs: Any) -> None:
+        await service.close()
+
+    return delivery_agent

@@ -1,0 +1,494 @@
+"""Substance identity: one stable key per substance, whatever name, salt or SMILES spelling a report uses.
+
+Every detector counts by substance, so every report goes through ``SubstanceResolver.resolve``. The
+structure key is the InChIKey first block (connectivity only): the same molecule written differently,
+as a salt, or without stereo still gets one key. Names are only a fallback, because street names are
+ambiguous; names seen alongside a structure are learnt so later name-only reports join that structure.
+
+Learnt names and forged reports: with ``corroboration=n`` (the worker uses 2), a learnt name is
+*provisional* until n different reporters (organisations whose signature was verified, else the claimed
+lab or agency) have reported it with the same structure. A provisional name still resolves, marked
+``provisional=True``. A report of a provisional name with another structure makes the name *contested*:
+neither structure keeps it, name-only reports of it resolve by the name itself (``name:...``, as an
+unknown name) and :meth:`SubstanceResolver.contested_names` lists it for an analyst (the catalogue
+settles it). A corroborated name is never taken over by a later, different structure. So one
+organisation (or one forger with one key) can no longer bind a street name to a wrong structure for
+good; with ``corroboration=1`` (the default, for trusted batch loads) the first sighting wins.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from functools import cache, lru_cache
+from typing import Any, Literal
+
+import pint
+from rdkit import Chem
+from rdkit.Chem.MolStandardize import rdMolStandardize
+from rdkit.rdBase import BlockLogs
+
+from synthwatch.catalogue import CatalogueEntry, Family, shipped_catalogue
+from synthwatch.schemas.records import IdentifiedBy
+from synthwatch.stream_apps.detect.families import classify
+
+ResolvedBy = IdentifiedBy  # carried to the alert (Alert.identified_by)
+
+NAME_KEY_PREFIX = "name:"
+SMILES_ERROR = "SMILES not parseable by RDKit"
+INCHIKEY_ERROR = "InChIKey not well formed"
+STANDARDISE_ERROR = "structure could not be standardised to an InChIKey"
+
+_CACHE_SIZE = 65536
+_INCHIKEY = re.compile(r"^([A-Z]{14})(?:-[A-Z]{10}-[A-Z])?$")
+_STRUCTURE_KEY = re.compile(r"[A-Z]{14}")
+
+# Placeholders that say nothing about the substance; learning them would merge unrelated reports.
+UNINFORMATIVE_NAMES: frozenset[str] = frozenset(
+    {"", "unknown", "unidentified", "unknownsubstance", "unknownpowder", "na", "none", "null", "other"}
+) | {"powder", "pill", "pills", "tablet", "tablets", "liquid", "sample", "substance", "mixture"}
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def normalise_name(name: str) -> str:
+    """Fold case, accents and punctuation so "3-MMC", " 3 mmc " and "3MMC" (and "Cocaïne"/"cocaine") meet."""
+    decomposed = unicodedata.normalize("NFKD", name.casefold())
+    return "".join(ch for ch in decomposed if ch.isalnum() and not unicodedata.combining(ch))
+
+
+#: Salt, counter-ion and form words (English and French) that say how a substance was prepared, not which one
+#: it is: "Mephedrone HCl", "chlorhydrate de méphédrone" and "MDMA hemifumarate" are mephedrone and MDMA, as
+#: their SMILES with ``.Cl`` already resolve. Matched on the normalised name (see :func:`strip_salt_words`).
+SALT_WORDS: frozenset[str] = frozenset(
+    {"hcl", "hydrochloride", "hydrochlorid", "dihydrochloride", "chlorhydrate", "dichlorhydrate", "hydrochlorure"}
+    | {"hbr", "hydrobromide", "bromhydrate", "hydroiodide", "iodhydrate"}
+    | {"citrate", "dihydrogencitrate", "fumarate", "hemifumarate", "tartrate", "bitartrate", "hemitartrate"}
+    | {"sulfate", "sulphate", "hemisulfate", "hemisulphate", "bisulfate", "phosphate", "diphosphate"}
+    | {"maleate", "mesylate", "mesilate", "besylate", "besilate", "oxalate", "succinate", "napsylate"}
+    | {"monohydrate", "dihydrate", "trihydrate", "hemihydrate", "sesquihydrate", "hydrate", "anhydrous", "anhydre"}
+    | {"freebase", "base", "baselibre", "salt", "salts", "sel", "sels"}
+)
+#: Salt words end a name ("mephedrone HCl"); in French they start it, joined by "de"/"du"/"d'"
+#: ("chlorhydrate de méphédrone", "sulfate d'amphétamine"). Longest first, so "hemifumarate" beats "fumarate".
+_SALT_SUFFIXES: tuple[str, ...] = tuple(sorted(SALT_WORDS, key=lambda w: (-len(w), w)))
+_SALT_PREFIXES: tuple[str, ...] = tuple(
+    sorted({w + joint for w in SALT_WORDS for joint in ("de", "du", "d")}, key=lambda w: (-len(w), w))
+)
+#: Characters a name keeps at least once its salt words are gone ("2C HCl" is 2C; "HCl" alone stays "hcl").
+_MIN_NAME = 2
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def strip_salt_words(name: str) -> str:
+    """The normalised name without its salt and form words ("Mephedrone HCl" -> "mephedrone").
+
+    Why: a lab names the salt it weighed; the network counts the substance. Matched on the normalised
+    name (case, accents, spaces and punctuation gone), so it is as indifferent to spelling as name
+    resolution itself ("hydrochlorid e" is "hydrochloride"). A name made only of such words
+    ("hydrochloride") is kept whole, so it never becomes the empty name.
+    """
+    key = normalise_name(name)
+    while True:
+        suffix = next((w for w in _SALT_SUFFIXES if key.endswith(w) and len(key) - len(w) >= _MIN_NAME), None)
+        prefix = next((w for w in _SALT_PREFIXES if key.startswith(w) and len(key) - len(w) >= _MIN_NAME), None)
+        if suffix is not None:
+            key = key[: -len(suffix)]
+        elif prefix is not None:
+            key = key[len(prefix) :]
+        else:
+            return key
+
+
+def name_key(name: str) -> str:
+    """The normalised name that resolves: :func:`normalise_name` of the name without its salt words."""
+    return strip_salt_words(name)
+
+
+@dataclass(frozen=True, slots=True)
+class Structure:
+    """What a valid structure tells us: its key (InChIKey first block), full InChIKey and SMARTS family."""
+
+    key: str
+    inchikey: str | None
+    family: Family | None
+
+
+def _parent(mol: Any) -> Any:
+    """Keep the parent compound: drop salts and solvents, then neutralise, so salt forms share a key."""
+    parent = rdMolStandardize.LargestFragmentChooser().choose(mol)
+    return rdMolStandardize.Uncharger().uncharge(parent)
+
+
+def structure_from_smiles(smiles: str) -> Structure | str:
+    """Structure for a SMILES, or an error message. Cached per input string: this is the hot path."""
+    found = _BY_SPELLING.get(smiles)
+    if found is None:
+        found = _standardise(smiles)
+        if len(_BY_SPELLING) >= _CACHE_SIZE:
+            _BY_SPELLING.clear()
+        _BY_SPELLING[smiles] = found
+    return found
+
+
+def remember_structures(found: Mapping[str, Structure | str]) -> None:
+    """Add answers another process computed with :func:`structure_from_smiles` to this process's cache.
+
+    Lets a pool standardise the distinct spellings of a file ahead of the reader (RDKit is the cold cost).
+    """
+    if len(_BY_SPELLING) + len(found) > _CACHE_SIZE:
+        _BY_SPELLING.clear()
+    _BY_SPELLING.update(found)
+
+
+def _standardise(smiles: str) -> Structure | str:
+    """RDKit's answer for one spelling.
+
+    Spellings of one molecule (atom order, ring closures, Kekulé or aromatic) are many, molecules few
+    (the simulated year: 2,278 spellings, 242 molecules). Parsing and writing RDKit's canonical SMILES
+    costs ~0.2 ms; standardising and the InChI cost ~0.6 ms more, so those run once per molecule.
+    """
+    with BlockLogs():  # malformed SMILES from the field must not flood stderr
+        mol = Chem.MolFromSmiles(smiles.strip()) if smiles.strip() else None
+        if mol is None or mol.GetNumAtoms() == 0:
+            return SMILES_ERROR
+        try:
+            canonical = Chem.MolToSmiles(mol)
+        except Exception:  # any RDKit failure on field data is a bad structure, never a dead worker
+            return STANDARDISE_ERROR
+        return _structure_of_molecule(canonical, mol)
+
+
+def _structure_of_molecule(canonical: str, mol: Any) -> Structure | str:
+    """Key, InChIKey and family of a parsed molecule; cached by its canonical (isomeric) SMILES.
+
+    The canonical SMILES carries everything the InChI reads from a molecule parsed from SMILES (atoms,
+    charges, isotopes, hydrogens, bonds, stereo), so one canonical string is one answer.
+    """
+    found = _BY_CANONICAL.get(canonical)
+    if found is not None:
+        return found
+    try:
+        parent = _parent(mol)
+        inchikey = Chem.MolToInchiKey(parent)
+    except Exception:  # any RDKit failure on field data is a bad structure, never a dead worker
+        return STANDARDISE_ERROR
+    result: Structure | str = (
+        Structure(key=inchikey[:14], inchikey=inchikey, family=classify(parent)) if inchikey else STANDARDISE_ERROR
+    )
+    if len(_BY_CANONICAL) >= _CACHE_SIZE:
+        _BY_CANONICAL.clear()
+    _BY_CANONICAL[canonical] = result
+    return result
+
+
+_BY_CANONICAL: dict[str, Structure | str] = {}
+_BY_SPELLING: dict[str, Structure | str] = {}
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def structure_from_inchikey(inchikey: str) -> Structure | str:
+    """Structure for a reported InChIKey (full key or first block); family unknown without atoms."""
+    text = inchikey.strip().upper()
+    match = _INCHIKEY.match(text)
+    if match is None:
+        return INCHIKEY_ERROR
+    return Structure(key=match.group(1), inchikey=text if len(text) > 14 else None, family=None)
+
+
+@dataclass(frozen=True, slots=True)
+class NormalisedQuantity:
+    """A reported amount in canonical units; exactly one field is set (mass, volume or a count)."""
+
+    grams: float | None = None
+    millilitres: float | None = None
+    units: float | None = None
+
+
+# Counted items, compared after normalise_name ("Tablets", "comprimés"); never converted to a mass.
+COUNT_UNITS: frozenset[str] = frozenset(
+    {"unit", "units", "u", "tablet", "tablets", "tab", "tabs", "pill", "pills", "capsule", "capsules"}
+) | {"blotter", "blotters", "stamp", "stamps", "piece", "pieces", "dose", "doses", "comprime", "comprimes"}
+
+
+@cache
+def _registry() -> pint.UnitRegistry:
+    """One pint registry per process, built on first use (building it costs a few hundred ms)."""
+    return pint.UnitRegistry()
+
+
+@lru_cache(maxsize=1024)
+def _unit_factor(unit: str) -> tuple[Literal["g", "ml"], float]:
+    """Pint's factor from ``unit`` to grams or millilitres, computed once per distinct unit string."""
+    registry = _registry()
+    try:
+        quantity = registry.Quantity(1.0, unit.strip())
+    except (pint.errors.PintError, AttributeError, ValueError, TypeError) as error:
+        raise ValueError(f"unknown unit {unit!r}") from error
+    if quantity.check("[mass]"):
+        return "g", float(quantity.to("gram").magnitude)
+    if quantity.check("[volume]"):
+        return "ml", float(quantity.to("millilitre").magnitude)
+    raise ValueError(f"unit {unit!r} is neither a mass, a volume nor a count")
+
+
+def normalise_quantity(value: float, unit: str) -> NormalisedQuantity:
+    """Mass to grams and volume to millilitres via pint; tablets, blotters and the like stay counts."""
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"quantity must be finite and non-negative, got {value!r}")
+    if normalise_name(unit) in COUNT_UNITS:
+        return NormalisedQuantity(units=float(value))
+    kind, factor = _unit_factor(unit)
+    if kind == "g":
+        return NormalisedQuantity(grams=value * factor)
+    return NormalisedQuantity(millilitres=value * factor)
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedSubstance:
+    """The identity of the substance in one report; ``key`` is what detectors group and count by."""
+
+    key: str
+    display_name: str
+    inchikey: str | None
+    family: Family | None
+    controlled: bool | None
+    catalogued: bool
+    resolved_by: ResolvedBy
+    structure_error: str | None = None
+    provisional: bool = False  # resolved through a learnt name not yet corroborated by enough reporters
+
+
+class SubstanceResolver:
+    """Resolves reports to substances: structure first, then catalogue names, then learnt names.
+
+    Deterministic for a given catalogue and sequence of reports. Not thread-safe (one per stream worker).
+    """
+
+    def __init__(self, catalogue: Iterable[CatalogueEntry] | None = None, corroboration: int = 1) -> None:
+        if corroboration < 1:
+            raise ValueError(f"corroboration counts reporters: at least 1, got {corroboration}")
+        entries = tuple(shipped_catalogue() if catalogue is None else catalogue)
+        self.corroboration = corroboration
+        self._by_key: dict[str, tuple[CatalogueEntry, Structure]] = {}
+        self._by_name: dict[str, ResolvedSubstance] = {}
+        self._learnt: dict[str, str] = {}
+        # Provisional learnt names -> the reporters that vouched for their structure (fewer than corroboration).
+        self._vouched: dict[str, set[str]] = {}
+        self._contested: dict[str, set[str]] = {}  # name -> the structure keys reported with it
+        self._key_family: dict[str, Family | None] = {}
+        for entry in entries:
+            self._index(entry)
+
+    def _index(self, entry: CatalogueEntry) -> None:
+        """Index one entry by structure key and every alias; clashes are catalogue bugs, so fail loudly."""
+        structure = structure_from_smiles(entry.smiles)
+        if isinstance(structure, str):
+            raise ValueError(f"catalogue entry {entry.name!r}: {structure}")
+        if structure.key in self._by_key:
+            raise ValueError(
+                f"catalogue entries {entry.name!r} and {self._by_key[structure.key][0].name!r} "
+                f"share structure key {structure.key}"
+            )
+        self._by_key[structure.key] = (entry, structure)
+        by_name = ResolvedSubstance(
+            key=structure.key,
+            display_name=entry.name,
+            inchikey=structure.inchikey,
+            family=entry.family,
+            controlled=entry.controlled,
+            catalogued=True,
+            resolved_by="catalogue_name",
+        )
+        for alias in {name_key(alias) for alias in (entry.name, *entry.synonyms)}:
+            clash = self._by_name.get(alias)
+            if clash is not None and clash.key != structure.key:
+                raise ValueError(f"catalogue alias {alias!r} names {clash.display_name!r} and {entry.name!r}")
+            if alias:
+                self._by_name[alias] = by_name
+
+    def resolve(
+        self,
+        name: str | None,
+        smiles: str | None = None,
+        inchikey: str | None = None,
+        reporter: str | None = None,
+    ) -> ResolvedSubstance:
+        """Identity of one report: valid SMILES, else InChIKey, else catalogue name, learnt name, raw name.
+
+        ``reporter`` (who vouches for the report) counts towards corroborating a name learnt from it. A
+        report with a structure needs no name (the catalogue or the structure names it); when that
+        structure is unreadable, the spelling itself stands in for the missing name.
+        """
+        name = name or ""
+        error: str | None = None
+        structure: Structure | None = None
+        if smiles:
+            found = structure_from_smiles(smiles)
+            if isinstance(found, str):
+                error = found
+            else:
+                structure = found
+        if structure is None and inchikey:
+            found = structure_from_inchikey(inchikey)
+            if isinstance(found, str):
+                error = found if error is None else f"{error}; {found}"
+            else:
+                structure = found
+        if structure is not None:
+            return self._from_structure(structure, name, error, reporter)
+        return self._from_name(name if name.strip() else (smiles or inchikey or ""), error)
+
+    def _from_structure(
+        self, structure: Structure, name: str, error: str | None, reporter: str | None = None
+    ) -> ResolvedSubstance:
+        """A structure decides identity; the catalogue only adds a display name and legal status."""
+        key = structure.key
+        self._learn_from_report(name, key, reporter)
+        catalogued = self._by_key.get(key)
+        if catalogued is not None:
+            entry, known = catalogued
+            return ResolvedSubstance(
+                key=key,
+                display_name=entry.name,
+                inchikey=structure.inchikey or known.inchikey,
+                family=structure.family or self.family_of(key),
+                controlled=entry.controlled,
+                catalogued=True,
+                resolved_by="structure",
+                structure_error=error,
+            )
+        if structure.family is not None or key not in self._key_family:
+            self._key_family[key] = structure.family
+        return ResolvedSubstance(
+            key=key,
+            display_name=name.strip() or key,
+            inchikey=structure.inchikey,
+            family=structure.family or self._key_family.get(key),
+            controlled=None,
+            catalogued=False,
+            resolved_by="structure",
+            structure_error=error,
+        )
+
+    def _from_name(self, name: str, error: str | None) -> ResolvedSubstance:
+        """Name-only report: catalogue alias, else a learnt name, else a key made from the name itself."""
+        normalised = name_key(name)
+        by_name = self._by_name.get(normalised)
+        if by_name is not None:
+            return by_name if error is None else replace(by_name, structure_error=error)
+        learnt = self._learnt.get(normalised)
+        if learnt is not None:
+            provisional = normalised in self._vouched
+            catalogued = self._by_key.get(learnt)
+            if catalogued is not None:
+                entry, known = catalogued
+                return ResolvedSubstance(
+                    key=learnt,
+                    display_name=entry.name,
+                    inchikey=known.inchikey,
+                    family=self.family_of(learnt),
+                    controlled=entry.controlled,
+                    catalogued=True,
+                    resolved_by="learnt_name",
+                    structure_error=error,
+                    provisional=provisional,
+                )
+            return ResolvedSubstance(
+                key=learnt,
+                display_name=name.strip(),
+                inchikey=None,
+                family=self._key_family.get(learnt),
+                controlled=None,
+                catalogued=False,
+                resolved_by="learnt_name",
+                structure_error=error,
+                provisional=provisional,
+            )
+        return ResolvedSubstance(
+            key=NAME_KEY_PREFIX + normalised,
+            display_name=name.strip(),
+            inchikey=None,
+            family=None,
+            controlled=None,
+            catalogued=False,
+            resolved_by="unresolved_name",
+            structure_error=error,
+        )
+
+    def _learn_from_report(self, name: str, key: str, reporter: str | None = None) -> None:
+        """Remember a name seen with a structure; a name's key never flips (see the module docstring)."""
+        normalised = name_key(name)
+        learnt = self._learnt.get(normalised)
+        if learnt is not None and normalised not in self._vouched:
+            return  # corroborated (or corroboration=1): settled, the hot path
+        if normalised in self._by_name or normalised in UNINFORMATIVE_NAMES:
+            return
+        self.vouch(normalised, key, reporter)
+
+    def vouch(self, normalised: str, key: str, reporter: str | None) -> None:
+        """One reporter's evidence that the (normalised) name means structure ``key``."""
+        learnt = self._learnt.get(normalised)
+        if learnt is None:
+            contested = self._contested.get(normalised)
+            if contested is not None:
+                contested.add(key)
+                return
+            self._learnt[normalised] = key
+            if self.corroboration > 1:
+                self._vouched[normalised] = {reporter} if reporter is not None else set()
+            return
+        vouched = self._vouched.get(normalised)
+        if vouched is None:
+            return  # corroborated: first corroborated binding wins
+        if learnt == key:
+            if reporter is not None:
+                vouched.add(reporter)
+                if len(vouched) >= self.corroboration:
+                    del self._vouched[normalised]
+            return
+        # A provisional name reported with another structure: neither report decides it.
+        del self._learnt[normalised], self._vouched[normalised]
+        self._contested[normalised] = {learnt, key}
+
+    def observe_name(self, name: str, key: str, reporter: str | None) -> None:
+        """Replay stored evidence (a name reported with structure ``key`` by ``reporter``) after a restart."""
+        if _STRUCTURE_KEY.fullmatch(key) is None:
+            raise ValueError(f"learnt names map to structure keys (InChIKey first block), got {key!r}")
+        normalised = name_key(name)
+        if normalised in self._by_name or normalised in UNINFORMATIVE_NAMES:
+            return
+        self.vouch(normalised, key, reporter)
+
+    def contested_names(self) -> dict[str, set[str]]:
+        """Names reported with different structures before corroboration -> those structure keys."""
+        return {name: set(keys) for name, keys in self._contested.items()}
+
+    def provisional_names(self) -> dict[str, str]:
+        """Learnt names not yet corroborated -> their structure key."""
+        return {name: self._learnt[name] for name in self._vouched}
+
+    def learn(self, name: str, key: str, family: Family | None = None) -> bool:
+        """Restore a persisted learnt name; False when the catalogue or an earlier learnt name owns it."""
+        if _STRUCTURE_KEY.fullmatch(key) is None:
+            raise ValueError(f"learnt names map to structure keys (InChIKey first block), got {key!r}")
+        normalised = name_key(name)
+        if normalised in self._learnt or normalised in self._by_name or normalised in UNINFORMATIVE_NAMES:
+            return False
+        self._learnt[normalised] = key
+        if family is not None and key not in self._by_key:
+            self._key_family[key] = family
+        return True
+
+    def learnt_names(self) -> dict[str, str]:
+        """Learnt normalised name -> structure key: a copy to persist and replay through ``learn``."""
+        return dict(self._learnt)
+
+    def family_of(self, key: str) -> Family | None:
+        """Best known family of a structure key: catalogue (SMARTS, else declared), else from reports."""
+        catalogued = self._by_key.get(key)
+        if catalogued is not None:
+            return catalogued[1].family or catalogued[0].family
+        return self._key_family.get(key)

@@ -1,0 +1,185 @@
+"""Intake: raw Kafka messages in, validated and enriched events (or rejects with reasons) out.
+
+Pure and synchronous so the Faust agent, the offline backtest and the tests share it: the agent only
+moves bytes in and results out. Every message ends as exactly one of: an event, a duplicate (same
+``event_id`` and content earlier in the batch), or a reject (also: the same ``event_id`` with other
+content, a changed report, which must come with a new id).
+
+With an :class:`~synthwatch.schemas.envelope.EnvelopeVerifier`, every record's signed envelope is checked
+before it is parsed: a missing, unknown or wrong signature, or an organisation reporting as a lab or
+agency that is not its own, is a reject of stage ``auth`` with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from synthwatch.schemas import BorderSeizure, LabDetection, Reject, WireError
+from synthwatch.schemas.envelope import EnvelopeVerifier, Headers
+from synthwatch.schemas.records import RejectStage
+from synthwatch.schemas.wire import (
+    DEFAULT_LIMITS,
+    RecordLimits,
+    changed_content_reason,
+    content_digest,
+    event_to_json,
+    parse_limited,
+)
+from synthwatch.stream_apps.detect.identity import (
+    NormalisedQuantity,
+    ResolvedSubstance,
+    SubstanceResolver,
+    normalise_quantity,
+)
+
+
+@dataclass(slots=True, frozen=True)
+class RawMessage:
+    """One input record and where it came from (``topic:partition:offset`` or ``file:line``).
+
+    ``topic``, ``key`` and ``headers`` are what the signed envelope covers (Kafka records only).
+    """
+
+    source: str
+    value: bytes | str | None
+    topic: str | None = None
+    key: bytes | None = None
+    headers: Headers | None = None
+
+
+def changed_content_reject(event: LabDetection | BorderSeizure, source: str, stage: RejectStage) -> Reject:
+    """The reject of an event whose id is already stored (or taken) with different content."""
+    return Reject.of(
+        event_to_json(event),
+        source=source,
+        reason=changed_content_reason(event.event_id),
+        stage=stage,
+        event_id=event.event_id,
+    )
+
+
+@dataclass(slots=True)
+class EnrichedEvent:
+    """A valid event with its resolved substance and normalised quantity."""
+
+    event: LabDetection | BorderSeizure
+    substance: ResolvedSubstance
+    quantity: NormalisedQuantity | None
+    source: str
+    org: str | None = None  # the organisation whose signature the record carried
+    late: bool = False  # set by the worker for a late report: stored with its ``late`` column true
+    digest: str = ""  # content_digest of the event: a re-send with another digest is a changed report
+
+    def changed_content_reject(self, stage: RejectStage = "worker") -> Reject:
+        """The reject of this event when its id is already stored (or taken) with different content."""
+        return changed_content_reject(self.event, self.source, stage)
+
+    @property
+    def event_id(self) -> str:
+        return self.event.event_id
+
+
+@dataclass(slots=True)
+class IntakeResult:
+    events: list[EnrichedEvent] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+    duplicates: int = 0
+
+
+class Intake:
+    """Validates and enriches batches; holds the substance resolver (its learnt names are state)."""
+
+    def __init__(
+        self,
+        resolver: SubstanceResolver | None = None,
+        stage: RejectStage = "worker",
+        limits: RecordLimits = DEFAULT_LIMITS,
+        verifier: EnvelopeVerifier | None = None,
+    ) -> None:
+        self.resolver = resolver or SubstanceResolver()
+        self.stage: RejectStage = stage
+        self.limits = limits  # other producers bypass the publisher's caps: the worker applies them again
+        self.verifier = verifier
+
+    def reporter(self, event: LabDetection | BorderSeizure, org: str | None = None) -> str:
+        """Who vouches for a report, as identity evidence: the verified organisation, else (unsigned
+        input, or a rebuild from stored rows) the organisation of its lab id, else the claimed lab/agency."""
+        if org is not None:
+            return f"org:{org}"
+        return self.stored_reporter(
+            f"lab:{event.lab_id}" if isinstance(event, LabDetection) else f"agency:{event.agency}"
+        )
+
+    def stored_reporter(self, claimed: str) -> str:
+        """:meth:`reporter` for a claimed ``lab:ID``/``agency:NAME`` (a stored report keeps no signature):
+        the organisation the keys file gives it, else the claim itself."""
+        org = self.verifier.org_of(claimed) if self.verifier is not None else None
+        return f"org:{org}" if org is not None else claimed
+
+    def enrich(self, event: LabDetection | BorderSeizure, source: str, org: str | None = None) -> EnrichedEvent:
+        """Resolve the substance (structure first, then names) and normalise the quantity."""
+        reported = event.substance
+        substance = self.resolver.resolve(
+            reported.name, smiles=reported.smiles, inchikey=reported.inchikey, reporter=self.reporter(event, org)
+        )
+        quantity = (
+            normalise_quantity(event.quantity.value, event.quantity.unit) if isinstance(event, BorderSeizure) else None
+        )
+        return EnrichedEvent(event=event, substance=substance, quantity=quantity, source=source, org=org)
+
+    def _refuse(self, message: RawMessage, reason: str, event_id: str | None = None) -> Reject:
+        return Reject.of(message.value or b"", source=message.source, reason=reason, stage="auth", event_id=event_id)
+
+    def process(self, messages: Iterable[RawMessage]) -> IntakeResult:
+        result = IntakeResult()
+        seen: dict[str, str] = {}  # event id -> content digest
+        verifier = self.verifier
+        for message in messages:
+            if message.value is None:
+                result.rejects.append(
+                    Reject.of(b"", source=message.source, reason="empty message (no value)", stage=self.stage)
+                )
+                continue
+            org: str | None = None
+            if verifier is not None:
+                value = message.value if isinstance(message.value, bytes) else message.value.encode()
+                org, refused = verifier.check(message.topic or "", message.key, value, message.headers)
+                if refused is not None:
+                    result.rejects.append(self._refuse(message, refused))
+                    continue
+            try:
+                event = parse_limited(message.value, self.limits)
+            except WireError as error:
+                result.rejects.append(
+                    Reject.of(
+                        message.value,
+                        source=message.source,
+                        reason=error.reason,
+                        stage=self.stage,
+                        event_id=error.event_id,
+                    )
+                )
+                continue
+            if org is not None and verifier is not None:
+                refused = verifier.permits(
+                    org,
+                    event.lab_id if isinstance(event, LabDetection) else None,
+                    event.agency if isinstance(event, BorderSeizure) else None,
+                )
+                if refused is not None:
+                    result.rejects.append(self._refuse(message, refused, event.event_id))
+                    continue
+            digest = content_digest(event)
+            earlier = seen.get(event.event_id)
+            if earlier is not None:
+                if earlier == digest:
+                    result.duplicates += 1
+                else:  # the same id with other content in one batch: a changed report, refused
+                    result.rejects.append(changed_content_reject(event, message.source, self.stage))
+                continue
+            seen[event.event_id] = digest
+            enriched = self.enrich(event, message.source, org)
+            enriched.digest = digest
+            result.events.append(enriched)
+        return result

@@ -1,0 +1,323 @@
+"""Network-level novelty, keyed by substance: never-seen substances, first appearance in a region, spread.
+
+Its input is a :class:`Sighting`: the region stage forwards at most one per region, substance and
+day, so this stage sees a tiny fraction of the events and its state (one record per substance) is
+small. The catalogue names and classifies a substance but never suppresses: a catalogued drug the
+network has never seen is still news to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from synthwatch.schemas import Alert
+from synthwatch.stream_apps.detect.alerting import IDENTIFIED_TEXT, Subject, build_alert, day_start, region_label
+from synthwatch.stream_apps.detect.replay import Position, applied, marks_of, note
+
+
+class NoveltyConfig(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    spread_regions: int = Field(default=3, ge=2, description="k: regions that make a spread.")
+    spread_days: int = Field(default=14, ge=1, description="w: window of a spread, in days.")
+    resent_days: int = Field(
+        default=31,
+        ge=1,
+        le=62,
+        description="Days before a region's newest sighting for which a sighting sent again is recognised.",
+    )
+
+
+@dataclass(slots=True)
+class Sighting:
+    """A substance seen in a region on a day (the first report of that day), as forwarded by region."""
+
+    event_id: str
+    kind: str
+    occurred_at: datetime
+    day: int
+    country: str
+    region: str
+    key: str
+    name: str
+    inchikey: str | None
+    family: str | None
+    controlled: bool | None
+    catalogued: bool
+    method: str | None = None
+    sample_type: str | None = None
+    late_by_hours: float | None = None  # a late report's sighting: its alerts say so
+    identified_by: str | None = None  # how the report's substance was identified (ResolvedSubstance.resolved_by)
+    reporter: str | None = None  # the lab or agency whose report this is
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form on the sightings topic (fields are flat: no deep copy as ``asdict`` makes)."""
+        data = {name: getattr(self, name) for name in _SIGHTING_FIELDS}
+        data["occurred_at"] = self.occurred_at.isoformat()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Sighting:
+        return cls(**{**data, "occurred_at": datetime.fromisoformat(data["occurred_at"])})
+
+    @property
+    def subject(self) -> Subject:
+        return Subject(
+            self.key, self.name, self.inchikey, self.family, self.controlled, self.catalogued, self.identified_by
+        )
+
+    @property
+    def reported_by(self) -> list[str]:
+        return [self.reporter] if self.reporter else []
+
+
+_SIGHTING_FIELDS = tuple(f.name for f in fields(Sighting))
+
+
+@dataclass(slots=True)
+class SubstanceState:
+    """What the network knows of one substance: where and when it was first and last seen."""
+
+    first_region: str
+    first_day: int
+    regions: dict[str, list[int]] = field(default_factory=dict)  # region -> [first_day, last_day]
+    spread: list[int] | None = None  # [episode start day, last day the condition held]
+    # Per region, the days sighted lately as bits (bit i: the region's last day - i): the region stage
+    # forwards one sighting per region, substance and day, so another one for a set bit was sent again
+    # (an intake replay after a crash) and changes nothing.
+    days: dict[str, int] = field(default_factory=dict)
+    # Per sightings partition, the offset of the last sighting this record took (see replay.py).
+    applied: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A snapshot: the worker keeps it in its table, and a batch changes the live spans in place
+        (a table value that followed them would hold effects of events whose batch was never finished)."""
+        spread = self.spread
+        return {
+            "r": self.first_region,
+            "d": self.first_day,
+            "g": {region: [span[0], span[1]] for region, span in self.regions.items()},
+            "s": [spread[0], spread[1]] if spread is not None else None,
+            "m": dict(self.days),
+            "a": dict(self.applied),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SubstanceState:
+        return cls(
+            first_region=data["r"],
+            first_day=int(data["d"]),
+            regions={k: [int(v[0]), int(v[1])] for k, v in data["g"].items()},
+            spread=[int(x) for x in data["s"]] if data.get("s") else None,
+            days={str(k): int(v) for k, v in (data.get("m") or {}).items()},
+            applied=marks_of(data),
+        )
+
+    def sighted(self, region: str, day: int, horizon: int) -> bool:
+        """Whether a sighting of ``region`` on ``day`` was taken already (known for ``horizon`` days back)."""
+        span = self.regions.get(region)
+        if span is None:
+            return False
+        back = span[1] - day
+        return 0 <= back < horizon and bool(self.days.get(region, 0) >> back & 1)
+
+    def mark_sighted(self, region: str, day: int, last_before: int | None, horizon: int) -> None:
+        """Set ``day``'s bit; ``last_before`` is the region's last day before this sighting (None: new)."""
+        mask = self.days.get(region, 0) if last_before is not None else 0
+        last = self.regions[region][1]
+        if last_before is not None and last > last_before:
+            mask <<= last - last_before
+        back = last - day
+        if back < horizon:
+            mask |= 1 << back
+        self.days[region] = mask & ((1 << horizon) - 1)
+
+
+class NoveltyDetector:
+    """Pure and synchronous: ``observe(sighting) -> alerts``; state is a dict of SubstanceState."""
+
+    def __init__(
+        self, config: NoveltyConfig | None = None, fetch: Callable[[str], dict[str, Any] | None] | None = None
+    ) -> None:
+        self.config = config or NoveltyConfig()
+        self.fetch = fetch  # loads a record not in memory yet (the worker's changelog table)
+        self.state: dict[str, SubstanceState] = {}
+        self.dirty: set[str] = set()
+
+    def get(self, key: str) -> SubstanceState | None:
+        known = self.state.get(key)
+        if known is None and self.fetch is not None:
+            stored = self.fetch(key)
+            if stored is not None:
+                known = self.state[key] = SubstanceState.from_dict(stored)
+        return known
+
+    def drain_dirty(self) -> list[tuple[str, dict[str, Any]]]:
+        changed = [(key, self.state[key].to_dict()) for key in self.dirty]
+        self.dirty.clear()
+        return changed
+
+    def forget(self) -> None:
+        self.state.clear()
+        self.dirty.clear()
+
+    def observe_batch(self, batch: Sequence[tuple[Sighting, Position | None]]) -> tuple[list[Alert], int]:
+        """A batch of sightings read from the sightings topic, in the order read: (alerts, sightings taken).
+
+        In the order read, not re-sorted: a substance's sightings are on one partition, so after a crash
+        its replay takes them in the same order as before and raises the same alerts with the same
+        content (an order that depended on how the stream was cut into batches would not). Each
+        message is sorted by event time by the region stage that sent it. A sighting whose record
+        holds its position already (read again after a restart) is skipped; a message (one position)
+        holds sightings of one substance and is taken whole or not at all.
+        """
+        alerts: list[Alert] = []
+        taken = 0
+        fresh: dict[Position | None, bool] = {None: True}  # per message: all its sightings, or none
+        for sighting, at in batch:
+            if at not in fresh:
+                known = self.get(sighting.key)
+                fresh[at] = known is None or not applied(known.applied, at)
+            if not fresh[at]:
+                continue
+            alerts.extend(self.observe(sighting))
+            note(self.state[sighting.key].applied, at)
+            taken += 1
+        return alerts, taken
+
+    def observe(self, sighting: Sighting, emit: bool = True) -> list[Alert]:
+        """Update the substance's record; return the alerts this sighting makes true.
+
+        ``emit=False`` rebuilds state from history without raising alerts again. A sighting of a
+        region and day taken already (sent again by a region stage replaying after a crash) changes
+        nothing.
+        """
+        key, region, day = sighting.key, sighting.region, sighting.day
+        horizon = self.config.resent_days
+        known = self.get(key)
+        alerts: list[Alert] = []
+        if known is not None and known.sighted(region, day, horizon):
+            return alerts
+        self.dirty.add(key)
+        if known is None:
+            known = self.state[key] = SubstanceState(first_region=region, first_day=day)
+            known.regions[region] = [day, day]
+            known.mark_sighted(region, day, None, horizon)
+            if emit:
+                alerts.append(self._new_substance(sighting))
+        elif region not in known.regions:
+            known.regions[region] = [day, day]
+            known.mark_sighted(region, day, None, horizon)
+            if emit:
+                alerts.append(self._first_in_region(sighting, known))
+        else:
+            span = known.regions[region]
+            last_before = span[1]
+            span[0], span[1] = min(span[0], day), max(span[1], day)
+            known.mark_sighted(region, day, last_before, horizon)
+        if day < known.first_day:  # "first" is by occurrence: a late report can predate the first one received
+            known.first_day, known.first_region = day, region
+        spread = self._spread(sighting, known)
+        if spread is not None and emit:
+            alerts.append(spread)
+        return alerts
+
+    def _new_substance(self, s: Sighting) -> Alert:
+        subject = s.subject
+        origin = "a catalogued substance" if s.catalogued else "not in the catalogue"
+        # How this report identified it, not whether the catalogue knows a structure: a name-only report of a
+        # catalogued drug was identified by its name, and the officer must be able to tell.
+        identified = IDENTIFIED_TEXT.get(s.identified_by or "", "identification not recorded")
+        return build_alert(
+            alert_type="new_substance",
+            subject=subject,
+            country=s.country,
+            region=s.region,
+            triggered_at=s.occurred_at,
+            window_start=day_start(s.day),
+            window_end=day_start(s.day + 1),
+            episode="first",
+            evidence=[s.event_id],
+            summary=(
+                f"Never seen by the network: {s.name} ({subject.family_text}; {origin}; {identified}), "
+                f"first reported in {region_label(s.region)} by a {s.kind.replace('_', ' ')}"
+                f"{f' ({s.reporter})' if s.reporter else ''}."
+            ),
+            methods=[s.method] if s.method else [],
+            sample_types=[s.sample_type] if s.sample_type else [],
+            details={"first_region": s.region, "catalogued": s.catalogued},
+            late_by_hours=s.late_by_hours,
+            reported_by=s.reported_by,
+        )
+
+    def _first_in_region(self, s: Sighting, known: SubstanceState) -> Alert:
+        elsewhere = sorted(r for r in known.regions if r != s.region)
+        since = day_start(known.first_day).date()
+        if s.day < known.first_day:  # a late report older than every report received of the substance
+            history = f"it predates the network's first report received ({since}, in {known.first_region})"
+        else:
+            history = f"known to the network since {since} (first in {known.first_region}"
+            history += f"; {len(elsewhere)} other region(s))"
+        return build_alert(
+            alert_type="first_in_region",
+            subject=s.subject,
+            country=s.country,
+            region=s.region,
+            triggered_at=s.occurred_at,
+            window_start=day_start(s.day),
+            window_end=day_start(s.day + 1),
+            episode="first",
+            evidence=[s.event_id],
+            summary=(f"First report of {s.name} ({s.subject.family_text}) in {region_label(s.region)}; {history}."),
+            methods=[s.method] if s.method else [],
+            sample_types=[s.sample_type] if s.sample_type else [],
+            details={"other_regions": elsewhere[:20], "network_first_day": str(day_start(known.first_day).date())},
+            late_by_hours=s.late_by_hours,
+            reported_by=s.reported_by,
+        )
+
+    def _spread(self, s: Sighting, known: SubstanceState) -> Alert | None:
+        cfg = self.config
+        since, day, needed = s.day - cfg.spread_days + 1, s.day, cfg.spread_regions
+        if len(known.regions) < needed:
+            return None
+        # Counting stops at k: a widespread substance is active in dozens of regions, and the region
+        # list is only needed for an alert.
+        found = 0
+        for first, last in known.regions.values():
+            if last >= since and first <= day:
+                found += 1
+                if found >= needed:
+                    break
+        else:
+            return None
+        if known.spread is not None and s.day - known.spread[1] <= cfg.spread_days:
+            known.spread[1] = max(known.spread[1], s.day)  # same episode: condition still holds
+            return None
+        active = sorted(r for r, (first, last) in known.regions.items() if last >= since and first <= day)
+        known.spread = [s.day, s.day]
+        return build_alert(
+            alert_type="spread",
+            subject=s.subject,
+            country=None,
+            region=None,
+            triggered_at=s.occurred_at,
+            window_start=day_start(since),
+            window_end=day_start(s.day + 1),
+            episode=s.day,
+            evidence=[s.event_id],
+            summary=(
+                f"{s.name} ({s.subject.family_text}) is spreading: reported in {len(active)} regions within "
+                f"{cfg.spread_days} days ({', '.join(active[:8])}{'…' if len(active) > 8 else ''})."
+            ),
+            observed=float(len(active)),
+            expected=float(cfg.spread_regions),
+            details={"regions": active},
+            late_by_hours=s.late_by_hours,
+            reported_by=s.reported_by,
+        )

@@ -1,0 +1,644 @@
+"""The detector core shared by the Faust agents and the offline backtest (no I/O here).
+
+Two stages, because their state is keyed differently:
+
+- :class:`RegionDetector`, keyed by region (one region's state on one partition, in event order):
+  lateness (a late report is flagged, not dropped), duplicates, the region's weekday rhythm, spike
+  series per region × substance and region × family, and one :class:`Sighting` per region,
+  substance and day for the next stage.
+- :class:`~synthwatch.stream_apps.detect.novelty.NoveltyDetector`, keyed by substance: new substances,
+  first appearances in a region, spread.
+
+:class:`Detector` chains them in one process (backtest, tests); the worker chains them through a
+Kafka topic keyed by substance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Container, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from functools import lru_cache
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from synthwatch.schemas import Alert, LabDetection
+from synthwatch.stream_apps.detect.alerting import FAMILY_LABELS, Subject, build_alert, day_of, day_start, region_label
+from synthwatch.stream_apps.detect.identity import ResolvedSubstance
+from synthwatch.stream_apps.detect.intake import EnrichedEvent
+from synthwatch.stream_apps.detect.novelty import NoveltyConfig, NoveltyDetector, Sighting
+from synthwatch.stream_apps.detect.replay import Position, apply_once, marks_of
+from synthwatch.stream_apps.detect.spikes import SeriesState, SpikeConfig, SpikeFinding, SpikeModel, intern_day
+
+Fetch = Callable[[str], dict[str, Any] | None]
+
+
+class DetectionConfig(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    lateness_hours: float = Field(
+        default=24.0,
+        ge=0,
+        description="A report that occurred more than this before the newest of its kind from its region is late: "
+        "stored and flagged, it raises novelty alerts but is left out of the spike series (see docs/detection.md).",
+    )
+    spike: SpikeConfig = SpikeConfig()
+    novelty: NoveltyConfig = NoveltyConfig()
+
+
+@lru_cache(maxsize=65536)
+def subject_of(substance: ResolvedSubstance) -> Subject:
+    """The alert subject of a resolved substance (cached: the resolver returns few distinct ones)."""
+    return Subject(
+        key=substance.key,
+        name=substance.display_name,
+        inchikey=substance.inchikey,
+        family=substance.family,
+        controlled=substance.controlled,
+        catalogued=substance.catalogued,
+        identified_by=substance.resolved_by,
+    )
+
+
+@dataclass(slots=True)
+class Observation:
+    """What the detectors need of one valid event (compact, already resolved)."""
+
+    event_id: str
+    kind: str
+    occurred_at: datetime
+    day: int
+    country: str
+    region: str
+    subject: Subject
+    grams: float | None
+    method: str | None
+    sample_type: str | None
+    reporter: str | None = None  # the lab (lab_id) or agency whose report this is: alerts name it
+
+    @classmethod
+    def of(cls, item: EnrichedEvent) -> Observation:
+        event, quantity, moment = item.event, item.quantity, item.event.occurred_at
+        lab = event if isinstance(event, LabDetection) else None
+        return cls(  # positional: built for every report
+            event.event_id,
+            event.kind,
+            moment,
+            intern_day(day_of(moment)),
+            event.country,
+            event.region,
+            subject_of(item.substance),
+            quantity.grams if quantity is not None else None,
+            lab.method if lab is not None else None,
+            lab.sample_type if lab is not None else None,
+            lab.lab_id if lab is not None else getattr(event, "agency", None),
+        )
+
+    def sighting(self, late_by_hours: float | None = None) -> Sighting:
+        """What the novelty stage needs of this report (``late_by_hours`` for a late one)."""
+        s = self.subject
+        return Sighting(
+            event_id=self.event_id,
+            kind=self.kind,
+            occurred_at=self.occurred_at,
+            day=self.day,
+            country=self.country,
+            region=self.region,
+            key=s.key,
+            name=s.name,
+            inchikey=s.inchikey,
+            family=s.family,
+            controlled=s.controlled,
+            catalogued=s.catalogued,
+            method=self.method,
+            sample_type=self.sample_type,
+            late_by_hours=late_by_hours,
+            identified_by=s.identified_by,
+            reporter=self.reporter,
+        )
+
+
+@dataclass(slots=True)
+class RegionState:
+    """Per-region bookkeeping: event-time watermarks, recent ids (duplicates), daily totals (rhythm).
+
+    Watermarks are per kind: labs and seizures come on two topics whose interleaving is arbitrary
+    (a replay may deliver a month of lab reports before the seizures), but each is in order.
+
+    Written to a changelog as a full record plus a delta of the ids added since (see
+    :meth:`changelog_record`), so a batch does not rewrite days of ids it did not touch.
+    """
+
+    watermarks: dict[str, datetime] = field(default_factory=dict)
+    recent: dict[int, set[str]] = field(default_factory=dict)
+    forwarded: dict[int, set[str]] = field(default_factory=dict)
+    totals: dict[int, int] = field(default_factory=dict)
+    first_day: int | None = None  # the region's first report (the rhythm needs four weeks of it)
+    pruned_day: int | None = (
+        None  # pruning runs once per day (persisted: a restored state prunes when the live one would)
+    )
+    today: int | None = None  # not persisted: the day of the newest watermark, kept as they move
+    # Weekday factors per day, learnt when first asked for (see :meth:`RegionDetector.rhythm`); persisted, so a
+    # restored state uses the factors the live one learnt even when a lagging topic changed old totals since.
+    rhythm: dict[int, list[float]] = field(default_factory=dict)
+    # Changelog bookkeeping (no effect on detection): what changed since the full record ``gen``.
+    gen: int = 0
+    full_due: bool = True  # no full record of this state written yet (new, or restored)
+    added_recent: dict[int, list[str]] = field(default_factory=dict)
+    added_forwarded: dict[int, list[str]] = field(default_factory=dict)
+    added: int = 0
+    added_rhythm: list[int] = field(default_factory=list)
+    cut: int | None = None  # ids of days before this were pruned after the full record
+    rhythm_cut: int | None = None  # factors of days before this were pruned after the full record
+    # Per input partition, the offset of the last event this region judged (see :mod:`.replay`).
+    applied: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The full record (id sets as lists in set order: they are read back into sets)."""
+        totals = self.totals
+        return {
+            "g": self.gen,
+            "w": {kind: moment.isoformat() for kind, moment in self.watermarks.items()},
+            "r": {str(d): list(ids) for d, ids in self.recent.items()},
+            "f": {str(d): list(keys) for d, keys in self.forwarded.items()},
+            "t": [list(totals), list(totals.values())],
+            "d": self.first_day,
+            "p": self.pruned_day,
+            "h": {str(d): factors for d, factors in self.rhythm.items()},
+            "a": dict(self.applied),
+        }
+
+    def delta_dict(self) -> dict[str, Any]:
+        """What changed since the full record ``gen``: new ids and keys; totals and watermarks whole."""
+        totals = self.totals
+        return {
+            "g": self.gen,
+            "w": {kind: moment.isoformat() for kind, moment in self.watermarks.items()},
+            "r": {str(d): ids[:] for d, ids in self.added_recent.items()},
+            "f": {str(d): keys[:] for d, keys in self.added_forwarded.items()},
+            "t": [list(totals), list(totals.values())],
+            "d": self.first_day,
+            "p": self.pruned_day,
+            "h": {str(d): self.rhythm[d] for d in self.added_rhythm if d in self.rhythm},
+            "o": self.cut,
+            "ho": self.rhythm_cut,
+            "a": dict(self.applied),
+        }
+
+    def changelog_record(self, delta_limit: int = 256) -> tuple[bool, dict[str, Any]]:
+        """(full?, record) to write now: the delta, or a new full record once the delta is large."""
+        if not self.full_due and self.added + len(self.added_rhythm) <= delta_limit:
+            return False, self.delta_dict()
+        self.gen += 1
+        self.full_due = False
+        self.added_recent.clear()
+        self.added_forwarded.clear()
+        self.added_rhythm.clear()
+        self.added = 0
+        self.cut = self.rhythm_cut = None
+        return True, self.to_dict()
+
+    def note_added(self, day: int, event_id: str, forwarded_key: str | None) -> None:
+        """Remember an id (and a forwarded substance) added since the full record."""
+        ids = self.added_recent.get(day)
+        if ids is None:
+            ids = self.added_recent[day] = []
+        ids.append(event_id)
+        if forwarded_key is not None:
+            keys = self.added_forwarded.get(day)
+            if keys is None:
+                keys = self.added_forwarded[day] = []
+            keys.append(forwarded_key)
+        self.added += 1
+
+    @classmethod
+    def from_records(cls, full: dict[str, Any], delta: dict[str, Any] | None = None) -> RegionState:
+        """The state the live one had when ``full`` and then ``delta`` (if of the same ``gen``) were written.
+
+        A record of the previous format (no ``g``; totals as a dict) is read as a full record without delta.
+        """
+        if "g" not in full:
+            full = {**full, "g": 0, "t": [[int(d) for d in full.get("t", {})], list(full.get("t", {}).values())]}
+            delta = None
+        recent = {int(d): set(ids) for d, ids in full.get("r", {}).items()}
+        forwarded = {int(d): set(keys) for d, keys in full.get("f", {}).items()}
+        rhythm = {int(d): list(factors) for d, factors in full.get("h", {}).items()}
+        watermarks, totals, first_day = full.get("w") or {}, full.get("t") or [[], []], full.get("d")
+        pruned_day, marks = full.get("p"), marks_of(full)
+        if delta is not None and delta["g"] == full.get("g"):
+            cut, rhythm_cut = delta["o"], delta["ho"]
+            if cut is not None:
+                recent = {d: ids for d, ids in recent.items() if d >= cut}
+                forwarded = {d: keys for d, keys in forwarded.items() if d >= cut}
+            if rhythm_cut is not None:
+                rhythm = {d: factors for d, factors in rhythm.items() if d >= rhythm_cut}
+            for table, added in ((recent, delta["r"]), (forwarded, delta["f"])):
+                for d, ids in added.items():
+                    table.setdefault(int(d), set()).update(ids)
+            rhythm.update((int(d), list(factors)) for d, factors in delta["h"].items())
+            watermarks, totals, first_day, pruned_day = delta["w"] or {}, delta["t"], delta["d"], delta["p"]
+            marks = marks_of(delta)
+        return cls(
+            watermarks={kind: datetime.fromisoformat(v) for kind, v in watermarks.items()},
+            recent=recent,
+            forwarded=forwarded,
+            totals={intern_day(int(d)): int(n) for d, n in zip(*totals, strict=True)},
+            first_day=first_day,
+            pruned_day=pruned_day,
+            rhythm=rhythm,
+            gen=int(full.get("g", 0)),
+            applied=marks,
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RegionState:
+        return cls.from_records(data)
+
+
+@dataclass(slots=True)
+class RegionResult:
+    alerts: list[Alert] = field(default_factory=list)
+    sightings: list[Sighting] = field(default_factory=list)
+    late_by_hours: float | None = None  # a late report: stored and flagged, not counted in spikes
+    duplicate: bool = False
+    replayed: bool = False  # judged before a restart and held in the region's state already: nothing to do
+
+
+@lru_cache(maxsize=1024)
+def family_subject(family: str) -> Subject:
+    """The alert subject of a family series (cached: built for every report with a family)."""
+    return Subject(
+        key=f"family:{family}",
+        name=f"{FAMILY_LABELS.get(family, family)} (all substances)",
+        inchikey=None,
+        family=family,
+        controlled=None,
+        catalogued=True,
+    )
+
+
+class RegionDetector:
+    """Region-keyed stage. State: ``regions`` (RegionState) and ``series`` ("REGION|series key")."""
+
+    RHYTHM_DAYS = 56
+    RHYTHM_LAG = 9
+
+    def __init__(self, config: DetectionConfig | None = None, fetch: Fetch | None = None) -> None:
+        self.config = config or DetectionConfig()
+        self.fetch = fetch  # loads a state record not in memory yet (the worker's changelog table)
+        self.model = SpikeModel(self.config.spike)
+        self.regions: dict[str, RegionState] = {}
+        self.series: dict[str, SeriesState] = {}
+        self.dirty_regions: set[str] = set()
+        self.dirty_series: set[str] = set()
+        # The worker's outbox (off in the backtest, which has no crash to survive): a spike alert is kept
+        # in the record of the series that raised it, written with the state that decided it, and sent
+        # only after that record is acknowledged (see :meth:`take_outbox`). A worker killed before the
+        # write re-decides the event from state that never saw it, and nothing was sent; one killed after
+        # it finds the alert in the restored record (its mark skips the event) and sends it then.
+        self.outbox = False
+        self.outbox_series: set[str] = set()  # series holding outbox entries no checkpoint is sending
+        self.lateness = timedelta(hours=self.config.lateness_hours)
+        self._keep_ids_days = int(self.config.lateness_hours // 24) + 2
+
+    # --- state access (the Faust adapter may preload these dicts from its tables) ---------------------
+
+    def region_state(self, region: str) -> RegionState:
+        state = self.regions.get(region)
+        if state is None:
+            stored = self.fetch(f"R:{region}") if self.fetch else None
+            if stored and self.fetch:
+                state = RegionState.from_records(stored, self.fetch(f"R+:{region}"))
+            else:
+                state = RegionState()
+            self.regions[region] = state
+        return state
+
+    def series_state(self, region: str, key: str, day: int) -> tuple[str, SeriesState]:
+        name = f"{region}|{key}"
+        state = self.series.get(name)
+        if state is None:
+            state = self.load_series(name) or SeriesState(first_day=day)
+            self.series[name] = state
+        if day < state.first_day:
+            state.first_day = day
+        return name, state
+
+    def load_series(self, name: str) -> SeriesState | None:
+        """A series record from the table (None if it has none); its outbox entries are queued to send."""
+        stored = self.fetch(f"S:{name}") if self.fetch else None
+        if not stored or not self.fetch:
+            return None
+        state = SeriesState.from_records(stored, self.fetch(f"S+:{name}"))
+        if state.outbox:  # written with the state that decided them, maybe never sent: send (again)
+            self.outbox_series.add(name)
+        return state
+
+    # --- the outbox (worker only) ---------------------------------------------------------------------
+
+    def restore_outboxes(self, names: Iterable[str]) -> list[str]:
+        """Load these series (their records hold outbox entries) so :meth:`take_outbox` returns them.
+
+        Returns the names loaded now: their entries are all written (a series already in memory may
+        hold entries added since, which only a checkpoint may send, after writing them).
+        """
+        loaded = []
+        for name in names:
+            if name not in self.series:
+                state = self.load_series(name)
+                if state is not None:
+                    self.series[name] = state
+                    loaded.append(name)
+        return loaded
+
+    def take_outbox(self, only: Collection[str] | None = None) -> list[tuple[str, SeriesState, list[str]]]:
+        """(series, state, alert JSON) of outbox entries not handed out before, for a checkpoint to send.
+
+        Call it with :meth:`drain_dirty`: an entry added since the last call belongs to a series that is
+        dirty now, so the checkpoint writes it before sending it; a restored entry is written already.
+        ``only``: just these series (restored ones, sent outside a checkpoint); the others stay queued.
+        """
+        taken = []
+        for name in self.outbox_series if only is None else [n for n in self.outbox_series if n in only]:
+            state = self.series.get(name)
+            if state is not None and len(state.outbox) > state.sending:
+                taken.append((name, state, state.outbox[state.sending :]))
+                state.sending = len(state.outbox)
+        if only is None:
+            self.outbox_series.clear()
+        else:
+            self.outbox_series.difference_update(only)
+        return taken
+
+    def sent(self, name: str, state: SeriesState, n: int) -> None:
+        """The first ``n`` outbox entries of ``state`` are acknowledged by the broker: drop them, and write
+        the record without them at the next checkpoint (a restart before that sends them again: same id,
+        same content, skipped downstream)."""
+        if self.series.get(name) is not state:
+            return  # forgotten (a rebalance) meanwhile: the next owner of the record sends them again
+        del state.outbox[:n]
+        state.sending -= n
+        self.dirty_series.add(name)
+
+    # --- weekday rhythm ------------------------------------------------------------------------------
+
+    def rhythm(self, region: str, state: RegionState, day: int) -> list[float]:
+        """Weekday factors from the region's own daily totals (1.0 until it has four weeks).
+
+        Learnt from days that ended more than ``RHYTHM_LAG`` days before ``day``: recent totals are
+        still filling in (the two input topics may deliver a region's labs and seizures at different
+        paces), and the factors must not depend on that.
+        """
+        factors = state.rhythm.get(day)
+        if factors is None:
+            end = day - self.RHYTHM_LAG
+            start = end - self.RHYTHM_DAYS
+            since = state.first_day if state.first_day is not None else end
+            days = list(range(max(start, since), end))
+            factors = [1.0] * 7
+            if len(days) >= 28:
+                totals = [state.totals.get(d, 0) for d in days]
+                overall = sum(totals) / len(totals)
+                if overall > 0:
+                    for weekday in range(7):
+                        values = [t for d, t in zip(days, totals, strict=True) if d % 7 == weekday]
+                        factors[weekday] = min(3.0, max(0.2, (sum(values) / len(values)) / overall))
+            state.rhythm[day] = factors
+            state.added_rhythm.append(day)
+        return factors
+
+    # --- the stage -----------------------------------------------------------------------------------
+
+    def observe(
+        self, obs: Observation, emit: bool = True, at: Position | None = None, test: bool = True
+    ) -> RegionResult:
+        """Process one event of ``obs.region`` (in that region's arrival order).
+
+        ``at``: where the event was read (the worker). A region or series record that holds it already
+        (a replay after a crash, see :mod:`.replay`) is left as it is; one that does not takes it.
+        ``test`` off records the event in its series without testing them (see :meth:`SpikeModel.observe`).
+        """
+        result = RegionResult()
+        region = self.region_state(obs.region)
+        if not apply_once(region.applied, at):
+            # Judged before, and every series record it touched was written before this region record.
+            result.replayed = True
+            return result
+        watermark = region.watermarks.get(obs.kind)
+        if watermark is not None and obs.occurred_at < watermark - self.lateness:
+            return self._observe_late(obs, region, watermark, result)
+        day = obs.day
+        if self._seen_before(region, obs, result):
+            return result
+        today = region.today
+        if today is None:
+            if watermark is None or obs.occurred_at > watermark:
+                region.watermarks[obs.kind] = obs.occurred_at
+            today = region.today = day_of(max(region.watermarks.values()))
+        elif watermark is None or obs.occurred_at > watermark:
+            region.watermarks[obs.kind] = obs.occurred_at
+            if day > today:  # the day of the newest watermark: day_of is monotonic
+                today = region.today = day
+        if region.pruned_day != today:
+            self._prune(region, today)
+        region.totals[day] = region.totals.get(day, 0) + 1
+        if region.first_day is None or day < region.first_day:
+            region.first_day = day
+        rhythm = self.rhythm(obs.region, region, day)
+
+        # The substance's series, then its family's (both loaded first: a series' first report dates it).
+        subject, family = obs.subject, obs.subject.family
+        name, state = self.series_state(obs.region, subject.key, day)
+        family_name, family_state = self.series_state(obs.region, f"family:{family}", day) if family else ("", None)
+        # Seized mass is tested per substance only: a family's total mixes drugs of every member, so an
+        # alert on it would say nothing about any one of them. The family keeps its masses as the usual
+        # seizure of members with too little history of their own.
+        if apply_once(state.applied, at):
+            self.dirty_series.add(name)
+            findings = self.model.observe(
+                state, day, today, obs.event_id, obs.grams, rhythm, pool=family_state, test=test
+            )
+            if findings and emit:
+                alerts = [self._spike_alert(obs, subject, state, f) for f in findings if f.new_episode]
+                self._raise(result, name, state, alerts)
+        if family and family_state is not None and apply_once(family_state.applied, at):
+            self.dirty_series.add(family_name)
+            findings = self.model.observe(
+                family_state, day, today, obs.event_id, obs.grams, rhythm, test_mass=False, test=test
+            )
+            if findings and emit:
+                group = family_subject(family)
+                alerts = [self._spike_alert(obs, group, family_state, f) for f in findings if f.new_episode]
+                self._raise(result, family_name, family_state, alerts)
+
+        forwarded = region.forwarded.get(day)
+        if forwarded is None:
+            forwarded = region.forwarded[day] = set()
+        if obs.subject.key not in forwarded:
+            forwarded.add(obs.subject.key)
+            result.sightings.append(obs.sighting())
+            region.note_added(day, obs.event_id, obs.subject.key)
+        else:
+            region.note_added(day, obs.event_id, None)
+        return result
+
+    def _raise(self, result: RegionResult, name: str, state: SeriesState, alerts: list[Alert]) -> None:
+        """Return the alerts; with the outbox on, also keep them in the series record that raised them."""
+        if alerts:
+            result.alerts.extend(alerts)
+            if self.outbox:
+                state.outbox.extend(a.model_dump_json() for a in alerts)
+                self.outbox_series.add(name)
+
+    def _seen_before(self, region: RegionState, obs: Observation, result: RegionResult) -> bool:
+        """Note ``obs`` among its day's event ids; True (``result.duplicate`` set) if it was there already."""
+        seen = region.recent.get(obs.day)
+        if seen is None:
+            seen = region.recent[obs.day] = set()
+        elif obs.event_id in seen:
+            result.duplicate = True
+            return True
+        seen.add(obs.event_id)
+        self.dirty_regions.add(obs.region)
+        return False
+
+    def _observe_late(
+        self, obs: Observation, region: RegionState, watermark: datetime, result: RegionResult
+    ) -> RegionResult:
+        """A late report: the spike windows of its day are decided, so it is left out of the series, the
+        region's totals and watermarks; it is still stored (by the caller) and sighted for novelty.
+
+        While its day's ids are kept, a re-send is a duplicate here; an older day's ids are pruned, and the
+        caller tells a re-send from a late first report by what is stored.
+        """
+        late_by = round((watermark - obs.occurred_at).total_seconds() / 3600, 1)
+        result.late_by_hours = late_by
+        day = obs.day
+        newest = region.pruned_day if region.pruned_day is not None else day_of(max(region.watermarks.values()))
+        if day < newest - self._keep_ids_days:
+            result.sightings.append(obs.sighting(late_by))
+            return result
+        if self._seen_before(region, obs, result):
+            return result
+        forwarded = region.forwarded.get(day)
+        if forwarded is None:
+            forwarded = region.forwarded[day] = set()
+        if obs.subject.key not in forwarded:
+            forwarded.add(obs.subject.key)
+            result.sightings.append(obs.sighting(late_by))
+            region.note_added(day, obs.event_id, obs.subject.key)
+        else:
+            region.note_added(day, obs.event_id, None)
+        return result
+
+    def drain_dirty(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """(region, table key, value) of every record changed since the last call.
+
+        A state changed since its last full record ("R:…", "S:…") writes only a delta ("R+:…", "S+:…");
+        :meth:`region_state` and :meth:`series_state` read both back through ``fetch``.
+
+        Series first, regions last: written in this order to the region's partition, a region record
+        that survived a crash implies its series records did (a region's replay marks then cover them).
+        """
+        changed = []
+        for n in self.dirty_series:
+            full, value = self.series[n].changelog_record()
+            changed.append((n.split("|", 1)[0], f"S:{n}" if full else f"S+:{n}", value))
+        for r in self.dirty_regions:
+            full, value = self.regions[r].changelog_record()
+            changed.append((r, f"R:{r}" if full else f"R+:{r}", value))
+        self.dirty_regions.clear()
+        self.dirty_series.clear()
+        return changed
+
+    def forget(self) -> None:
+        """Drop the in-memory cache (after a rebalance another worker may own these regions)."""
+        self.regions.clear()
+        self.series.clear()
+        self.dirty_regions.clear()
+        self.dirty_series.clear()
+        self.outbox_series.clear()
+
+    def _prune(self, region: RegionState, today: int) -> None:
+        if region.pruned_day == today:
+            return
+        region.pruned_day = today
+        oldest = today - self._keep_ids_days
+
+        for table in (region.recent, region.forwarded, region.added_recent, region.added_forwarded):
+            for day in [d for d in table if d < oldest]:
+                del table[day]
+                region.cut = oldest
+        horizon = today - self.RHYTHM_DAYS - self.RHYTHM_LAG - 2
+        if region.totals and min(region.totals) < horizon:
+            region.totals = {d: n for d, n in region.totals.items() if d >= horizon}
+        if region.rhythm and min(region.rhythm) < horizon:
+            for day in [d for d in region.rhythm if d < horizon]:
+                del region.rhythm[day]
+            region.rhythm_cut = horizon
+
+    def _spike_alert(self, obs: Observation, subject: Subject, state: SeriesState, f: SpikeFinding) -> Alert:
+        pairs = zip(state.evidence_days, state.evidence_ids, strict=True)
+        window_ids = [i for d, i in pairs if f.window_start_day <= d <= f.window_end_day][-20:]
+        place = region_label(obs.region)
+        if f.metric == "count":
+            summary = (
+                f"{place}: {f.observed:g} reports of {subject.name} in {f.window_days} day(s) where "
+                f"{f.expected:.2g} were expected (p < 1e-{int(f.score)})."
+            )
+        else:
+            summary = (
+                f"{place}: {f.observed:,.0f} g of {subject.name} seized in {f.window_days} days; the latest "
+                f"seizure is {f.mass_z or 0:.1f} robust SD above the usual mass here, and that many this "
+                f"large are improbable (p < 1e-{int(f.score)})."
+            )
+        return build_alert(
+            alert_type="spike",
+            subject=subject,
+            country=obs.country,
+            region=obs.region,
+            triggered_at=obs.occurred_at,
+            window_start=day_start(f.window_start_day),
+            window_end=day_start(f.window_end_day + 1),
+            episode=f.episode_start,
+            evidence=window_ids,
+            summary=summary,
+            metric=f.metric,
+            observed=f.observed,
+            expected=f.expected,
+            score=f.score,
+            details={"window_days": f.window_days},
+            reported_by=[obs.reporter] if obs.reporter else [],
+        )
+
+
+@dataclass(slots=True)
+class DetectionResult:
+    alerts: list[Alert] = field(default_factory=list)
+    late_by_hours: float | None = None
+    duplicate: bool = False
+
+
+class Detector:
+    """Both stages in one process, in arrival order: the backtest and the tests use this."""
+
+    def __init__(self, config: DetectionConfig | None = None) -> None:
+        self.config = config or DetectionConfig()
+        self.regions = RegionDetector(self.config)
+        self.novelty = NoveltyDetector(self.config.novelty)
+
+    def observe(self, obs: Observation, stored: Container[str] = ()) -> DetectionResult:
+        """Both stages; a late report whose id is in ``stored`` is a re-send (the worker asks ClickHouse)."""
+        stage = self.regions.observe(obs)
+        duplicate = stage.duplicate or (stage.late_by_hours is not None and obs.event_id in stored)
+        result = DetectionResult(alerts=[], late_by_hours=stage.late_by_hours, duplicate=duplicate)
+        if duplicate:
+            return result
+        for sighting in stage.sightings:
+            result.alerts.extend(self.novelty.observe(sighting))
+        result.alerts.extend(stage.alerts)
+        return result
+
+    def observe_event(self, item: EnrichedEvent) -> DetectionResult:
+        return self.observe(Observation.of(item))

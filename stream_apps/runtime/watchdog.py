@@ -1,0 +1,170 @@
+"""The consumer watchdog: a worker that has fallen silent says so, tries to recover, then asks to be restarted.
+
+Why: an embedded worker that stops taking events while its partitions still hold unread ones is the
+worst failure of an early-warning service: no error, no crash, no alert. Issue 11's restart stall was
+one such case (events dropped from a channel queue after their offsets had been fetched: the
+committed offsets never moved again). Its cause is fixed (:mod:`.faust_transport`), but nothing
+guarantees it is the only one, so the worker watches itself:
+
+- a partition is **stalled** when it has unread records (lag above zero) and its committed offset has
+  not moved for ``after`` seconds while ClickHouse answers (a sink that is down holds the consumer
+  back on purpose: :func:`.app.with_retries` retries, and counts that in its own metric);
+- on a stall the worker logs a warning, counts ``synthwatch_consumer_stalls_total`` and seeks its
+  partitions back to their committed offsets the way recovery does (flow stopped, seek, flow resumed:
+  :func:`.faust_transport.seek_to_committed`), so every record after them is fetched again (records
+  already processed come back as duplicates, which the region stage and the sink skip by event id);
+- if the partition still makes no progress for another ``after`` seconds, the worker is **unhealthy**:
+  ``/ready`` answers 503 with the reason, so an orchestrator's probe restarts it (a restart resumes
+  from the committed offsets, which lose nothing).
+
+:class:`StallWatch` is the decision alone (pure, tested on its own); :func:`watch_consumer` runs it in
+the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+
+from synthwatch.stream_apps.runtime.metrics import PartitionOffsets
+from synthwatch.stream_apps.runtime.transport import seek_to_committed
+
+log = logging.getLogger("synthwatch.watchdog")
+
+
+@dataclass
+class _Progress:
+    committed: int
+    since: float  # when the committed offset last moved, or the partition last had nothing to read
+    sought_back: bool = False  # a seek-back was tried since the last progress
+
+
+@dataclass
+class StallWatch:
+    """Decides, from successive looks at the assigned partitions, which ones have stalled.
+
+    ``after``: seconds without committed progress while lagging before a partition is stalled.
+    """
+
+    after: float
+    _partitions: dict[tuple[str, int], _Progress] = field(default_factory=dict)
+    unhealthy: dict[tuple[str, int], str] = field(default_factory=dict)
+
+    def check(
+        self, offsets: Iterable[PartitionOffsets], now: float, sink_failing: bool = False
+    ) -> list[PartitionOffsets]:
+        """Record one look; returns the partitions that have just stalled (to be sought back).
+
+        A partition already sought back that stalls again is moved to :attr:`unhealthy` instead.
+        Partitions no longer in ``offsets`` (revoked) are forgotten. While ``sink_failing``, nothing
+        counts as stalled: the consumer waits for ClickHouse on purpose.
+        """
+        stalled: list[PartitionOffsets] = []
+        seen: set[tuple[str, int]] = set()
+        for item in offsets:
+            key = (item.topic, item.partition)
+            seen.add(key)
+            state = self._partitions.get(key)
+            if state is None or item.committed != state.committed or item.lag == 0 or sink_failing:
+                self._partitions[key] = _Progress(item.committed, now)
+                self.unhealthy.pop(key, None)
+                continue
+            if now - state.since < self.after:
+                continue
+            if state.sought_back:
+                self.unhealthy[key] = (
+                    f"{item.topic}[{item.partition}]: committed offset {item.committed} of {item.end} has not moved "
+                    f"for {now - state.since:.0f} s after a seek back to it"
+                )
+                continue
+            state.sought_back, state.since = True, now
+            stalled.append(item)
+        for key in set(self._partitions) - seen:
+            del self._partitions[key]
+            self.unhealthy.pop(key, None)
+        return stalled
+
+    @property
+    def healthy(self) -> bool:
+        return not self.unhealthy
+
+    def reason(self) -> str:
+        return "; ".join(self.unhealthy.values())
+
+
+async def committed_positions(app: faust.App, topics: Collection[str]) -> list[PartitionOffsets]:
+    """Per assigned partition of ``topics``: its end and the offset this consumer has committed.
+
+    Unlike the lag metric (:func:`.metrics.partition_offsets`), never the fetch position: a stalled
+    consumer has fetched to the end and taken nothing, so its position says nothing is left. A partition
+    this group has never committed counts from its earliest offset.
+    """
+    consumer: Any = app.consumer
+    monitor: Any = app.monitor
+    assigned = sorted(tp for tp in consumer.assignment() if tp.topic in topics)
+    if not assigned:
+        return []
+    ends = dict(await consumer.highwaters(*assigned))
+    committed: dict[Any, int | None] = {tp: consumer._committed_offset.get(tp) for tp in assigned}
+    never = [tp for tp, offset in committed.items() if offset is None]
+    earliest = dict(await consumer.earliest_offsets(*never)) if never else {}
+    found = []
+    for tp in assigned:
+        end = max(e for e in (ends.get(tp), monitor.tp_end_offsets.get(tp), 0) if e is not None)
+        offset = committed[tp]
+        if offset is None:
+            offset = earliest.get(tp) or 0
+        found.append(PartitionOffsets(tp.topic, tp.partition, int(end), int(offset)))
+    return found
+
+
+def watch_consumer(
+    app: faust.App,
+    watch: StallWatch,
+    topics: Collection[str],
+    *,
+    interval: float,
+    sink_failing: Callable[[], bool],
+    on_stall: Callable[[PartitionOffsets], None],
+    ready: Callable[[], bool],
+    on_health: Callable[[bool], None],
+) -> None:
+    """Run ``watch`` every ``interval`` seconds in ``app`` (once the worker is ready): seek stalled
+    partitions back to their committed offsets; ``on_health`` hears when the verdict changes."""
+    healthy = [True]
+
+    @app.timer(interval, name="synthwatch.watchdog")
+    async def look() -> None:
+        if not ready() or app.rebalancing:
+            return
+        try:
+            offsets = await committed_positions(app, topics)
+        except Exception as error:  # a rebalance or a broker hiccup: look again next time
+            log.debug("watchdog: no offsets this time (%r)", error)
+            return
+        stalled = watch.check(offsets, time.monotonic(), sink_failing())
+        for item in stalled:
+            on_stall(item)
+            log.warning(
+                "consumer stalled: %s[%d] has %d unread records and its committed offset %d has not moved for %.0f s; "
+                "seeking back to the committed offsets",
+                item.topic,
+                item.partition,
+                item.lag,
+                item.committed,
+                watch.after,
+            )
+        if stalled:
+            await seek_to_committed(app)
+        if watch.healthy != healthy[0]:
+            healthy[0] = watch.healthy
+            on_health(watch.healthy)
+            if watch.healthy:
+                log.warning("consumer making progress again; reporting ready")
+            else:
+                log.error("consumer still stalled after a seek back; reporting not ready: %s", watch.reason())

@@ -1,0 +1,1 @@
+"""``synthwatch ingest-history``: years of past reports loaded straight into ClickHouse."""

@@ -1,0 +1,236 @@
+"""Backfill chunks parsed and checked by the embedded engine itself, for
+:mod:`synthwatch.stream_apps.storage.backfill.ingest`.
+
+Why: the engine reads the file (``file()``, its lines numbered by ``_row_number``) and checks every line
+against the contract's normal form (:mod:`.history_sql`) in C++, with no Python object per field; only
+the lines it does not accept (~1 %) and the distinct substance spellings come back to Python. The rows
+go from the parsed table straight into the raw tables. Verdicts and rows equal the other paths'
+(``tests/test_history.py`` compares every column).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+from clickhouse_connect.driver.client import Client
+
+from synthwatch.schemas import BorderSeizure, LabDetection, WireError
+from synthwatch.schemas.wire import DEFAULT_LIMITS, RecordLimits, parse_limited
+from synthwatch.stream_apps.detect.identity import Structure, SubstanceResolver
+from synthwatch.stream_apps.storage.backfill.ingest import (
+    ChunkParser,
+    ChunkResult,
+    SubstanceKey,
+    arrow_ipc,
+    known_names,
+    resolve_in_line_order,
+    seeded_resolver,
+)
+from synthwatch.stream_apps.storage.backfill.sql import (
+    GRAMS,
+    MILLILITRES,
+    PARSE_SETTINGS,
+    PARSED_COLUMNS,
+    PARSED_STRUCTURE,
+    UNITS,
+    parse_select,
+    sql_string,
+)
+from synthwatch.stream_apps.storage.sink import (
+    LAB_COLUMNS,
+    LAB_TABLE,
+    SEIZURE_COLUMNS,
+    extra_text,
+    substance_values,
+)
+
+# Arrow types of the parsed table's columns, for the rows Python accepted.
+_ARROW_OF = {
+    "UInt64": pa.uint64(),
+    "UInt8": pa.uint8(),
+    "Bool": pa.bool_(),
+    "Float64": pa.float64(),
+    "String": pa.string(),
+    "DateTime64(3, 'UTC')": pa.timestamp("ms", tz="UTC"),
+}
+_PARSED_ARROW = [
+    (name, _ARROW_OF[kind.removeprefix("Nullable(").removesuffix(")") if kind.startswith("Nullable(") else kind])
+    for name, kind in PARSED_COLUMNS
+]
+
+
+# What a column of the other kind of report holds (the engine's defaults for its types).
+_EMPTY: dict[str, object] = {"String": "", "Bool": True, "Float64": 0.0, "Nullable(Float64)": None}
+
+
+def _parsed_row(number: int, event: LabDetection | BorderSeizure) -> tuple[object, ...]:
+    """An event Python accepted, as a row of the engine's parsed table (``ok = 2``), in its column order."""
+    s = event.substance
+    row: dict[str, object] = {
+        "n": number,
+        "ok": 2,
+        "raw": "",
+        "kind": event.kind,
+        "event_id": event.event_id,
+        "occurred_at": event.occurred_at,
+        "reported_at": event.reported_at,
+        "country": event.country,
+        "region": event.region,
+        "name": s.name,
+        "smiles": s.smiles or "",
+        "inchikey": s.inchikey or "",
+        "cas": s.cas,
+        "extra": extra_text(event),
+    }
+    if isinstance(event, LabDetection):
+        row.update(lab_id=event.lab_id, sample_id=event.sample_id, sample_type=event.sample_type)
+        row.update(method=event.method, confirmed=event.confirmed, purity_pct=event.purity_pct)
+    else:
+        row.update(agency=event.agency, seizure_id=event.seizure_id, border_point=event.border_point)
+        row.update(conveyance=event.conveyance, quantity_value=event.quantity.value, quantity_unit=event.quantity.unit)
+        row.update(origin_country=event.origin_country or "", destination_country=event.destination_country or "")
+    return tuple(row[name] if name in row else _EMPTY[kind] for name, kind in PARSED_COLUMNS)
+
+
+class EngineChunks:
+    """Chunks parsed and checked by the engine itself (:mod:`.history_sql`), for the embedded engine.
+
+    Only the lines the engine does not accept (about 1 %: malformed, to normalise, unknown fields) and
+    the distinct substance spellings come back to Python; the rows go from the parsed table straight
+    into the raw tables inside the engine. Same verdicts, same rows as the Arrow path (tests compare).
+    """
+
+    def __init__(
+        self, client: Client, path: Path, parser: ChunkParser, suffix: str, limits: RecordLimits = DEFAULT_LIMITS
+    ) -> None:
+        self.client, self.parser, self.limits = client, parser, limits
+        self.source = f"file({sql_string(str(path.resolve()))}, 'LineAsString', 'line String')"
+        self.parsed, self.first = f"_ingest_parsed_{suffix}", f"_ingest_first_{suffix}"
+        self.spellings, self.row_values = f"_ingest_spellings_{suffix}", f"_ingest_rows_{suffix}"
+        resolved = "k String, rn String, ik Nullable(String), f String"
+        tables = {
+            self.parsed: PARSED_STRUCTURE,
+            self.first: "n UInt64",
+            self.spellings: f"s_name String, s_smiles String, s_inchikey String, {resolved}",
+            self.row_values: f"r_n UInt64, {resolved}",
+        }
+        for table, structure in tables.items():
+            client.command(f"DROP TABLE IF EXISTS {table}")
+            client.command(f"CREATE TABLE {table} ({structure}) ENGINE = Memory")
+
+    def close(self) -> None:
+        for table in (self.parsed, self.first, self.spellings, self.row_values):
+            self.client.command(f"DROP TABLE IF EXISTS {table}")
+
+    def parse(self, start: int, end: int) -> int:
+        """Parse rows ``start..end`` (0-based, end excluded) of the file; returns how many there were."""
+        client = self.client
+        for table in (self.parsed, self.first, self.spellings, self.row_values):
+            client.command(f"TRUNCATE TABLE {table}")
+        lines = f"SELECT _row_number + 1 AS n, line FROM {self.source} WHERE _row_number BETWEEN {start} AND {end - 1}"
+        client.command(
+            f"INSERT INTO {self.parsed} {parse_select(lines + f' LIMIT {end - start}', self.limits.max_bytes)}",
+            settings=PARSE_SETTINGS,
+        )
+        return int(str(client.command(f"SELECT count() FROM {self.parsed}")))
+
+    def finish(
+        self, start: int, rows: int, resolver: SubstanceResolver, structures: dict[str, Structure | str]
+    ) -> ChunkResult:
+        """The chunk's other lines through Python, then duplicates and substances (the rows stay in the
+        engine: :meth:`kept_rows`); returns what Python found."""
+        client = self.client
+        end = start + rows
+        result = ChunkResult(start, end)
+        slow = client.query(
+            f"SELECT n, raw FROM {self.parsed} WHERE ok = 0 ORDER BY n", query_formats={"String": "bytes"}
+        ).result_rows
+        accepted: list[tuple[object, ...]] = []
+        for number, line in slow:  # ~1 % of the lines: parse_event itself, no inlined fast step
+            raw = bytes(line).rstrip(b"\r")
+            if not raw or raw.isspace():
+                result.blank += 1
+                continue
+            try:
+                event = parse_limited(raw, self.limits)  # the publisher's caps: size, unknown fields
+            except WireError as error:
+                result.rejects.append((number, raw, error.reason, error.event_id))
+                continue
+            accepted.append(_parsed_row(number, event))
+        if accepted:
+            client.raw_insert(
+                self.parsed, [n for n, _ in _PARSED_ARROW], arrow_ipc(accepted, _PARSED_ARROW), fmt="ArrowStream"
+            )
+        # The first report of each id wins, whichever side accepted it; the others are duplicates.
+        client.command(f"INSERT INTO {self.first} SELECT min(n) FROM {self.parsed} WHERE ok > 0 GROUP BY event_id")
+        kept = int(str(client.command(f"SELECT count() FROM {self.first}")))
+        result.duplicates = int(str(client.command(f"SELECT count() FROM {self.parsed} WHERE ok > 0"))) - kept
+        result.lines = end - start - result.blank
+        self._resolve(result, resolver, structures)
+        return result
+
+    def _resolve(
+        self, result: ChunkResult, resolver: SubstanceResolver, structures: dict[str, Structure | str]
+    ) -> None:
+        """Substance values per distinct spelling (order-dependent ones per row, in line order)."""
+        chunk_resolver = seeded_resolver(known_names(resolver), structures)
+        learnt_here: set[str] = set()
+        resolved: list[tuple[object, ...]] = []
+        pending = False
+        spellings = self.client.query(
+            f"SELECT name, smiles, inchikey, min(n) AS first FROM {self.parsed} WHERE ok > 0 AND n IN {self.first} "
+            "GROUP BY name, smiles, inchikey ORDER BY first"
+        ).result_rows
+        for name, smiles, inchikey, number in spellings:
+            found = self.parser.resolve_spelling(
+                chunk_resolver, structures, name, smiles or None, inchikey or None, number, learnt_here, result
+            )
+            if found is None:
+                pending = True
+            else:
+                resolved.append((name, smiles, inchikey, *found))
+        if resolved:
+            self.client.insert(self.spellings, resolved)
+        reports: list[tuple[int, SubstanceKey]] = []
+        if pending:  # the kept reports whose spelling was not resolved above depend on file order
+            query = (
+                f"SELECT n, name, smiles, inchikey FROM {self.parsed} WHERE ok > 0 AND n IN {self.first} AND "
+                f"(name, smiles, inchikey) NOT IN (SELECT s_name, s_smiles, s_inchikey FROM {self.spellings}) "
+                "ORDER BY n"
+            )
+            reports = [
+                (n, (name, smiles or None, ik or None)) for n, name, smiles, ik in self.client.query(query).result_rows
+            ]
+        substances = resolve_in_line_order(resolver, result.learnt, reports)  # teaches the chunk's names too
+        if reports:
+            rows = [(number, *substance_values(s)) for (number, _), s in zip(reports, substances, strict=True)]
+            self.client.insert(self.row_values, rows)
+
+    def kept_rows(self, table: str) -> tuple[str, str, int]:
+        """(ids query, rows query, count) of this chunk's kept rows for ``table``, as :meth:`_Store.commit`
+        takes them: the rows go from the parsed table straight into the raw table, no staging copy."""
+        kind = "lab_detection" if table == LAB_TABLE else "border_seizure"
+        columns = LAB_COLUMNS if table == LAB_TABLE else SEIZURE_COLUMNS
+        resolved = {
+            "substance_key": "if(r_n != 0, x.k, s.k)",
+            "resolved_name": "if(r_n != 0, x.rn, s.rn)",
+            "resolved_inchikey": "if(r_n != 0, x.ik, s.ik)",
+            "family": "if(r_n != 0, x.f, s.f)",
+            "substance_name": "name",
+            "substance_smiles": "nullIf(smiles, '')",
+            "substance_inchikey": "nullIf(inchikey, '')",
+            "substance_cas": "cas",
+            "grams": GRAMS,
+            "millilitres": MILLILITRES,
+            "units": UNITS,
+        }
+        select = ", ".join(f"{resolved[c]} AS {c}" if c in resolved else c for c in columns)
+        ids = f"SELECT event_id FROM {self.parsed} WHERE ok > 0 AND n IN {self.first} AND kind = '{kind}'"
+        rows = (
+            f"SELECT {select} FROM {self.parsed} AS p "
+            f"LEFT JOIN {self.spellings} AS s ON p.name = s.s_name AND p.smiles = s.s_smiles "
+            f"AND p.inchikey = s.s_inchikey LEFT JOIN {self.row_values} AS x ON p.n = x.r_n "
+            f"WHERE p.ok > 0 AND p.n IN {self.first} AND p.kind = '{kind}'"
+        )
+        return ids, rows, int(str(self.client.command(f"SELECT count() FROM ({ids})")))

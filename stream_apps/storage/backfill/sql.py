@@ -1,0 +1,316 @@
+"""The wire contract's fast path for backfills, checked inside ClickHouse: NDJSON lines to typed rows.
+
+Why: in Python the contract costs ~15 µs a line (pydantic-core builds a Python object per field, then
+the row is rebuilt as a tuple and converted to Arrow); the engine reads, parses and checks a line in
+~2 µs of C++ on every core, with no object per field. This module only *accepts*: a line it accepts is
+one :func:`~synthwatch.schemas.parse_event` accepts, with the same values (``ok = 1``). Anything else
+(``ok = 0``: malformed, unknown fields, values to normalise, odd spellings of a valid value) goes back to
+Python, whose verdict and reason stand. So the rule here is a conservative subset of the contract, in
+its normal form: exact key sets, exact JSON types (no lax coercion), codes as listed, timestamps as
+``YYYY-MM-DDTHH:MM:SS[.ffffff](Z|±HH:MM)``, text without surrounding whitespace.
+``tests/test_history_sql.py`` checks it against ``parse_event`` on generated and mutated lines.
+
+Only the embedded engine reads the file itself (``file()``); a server cannot see the loader's files.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import get_args
+
+from synthwatch.schemas.events import (
+    COUNTRY_CODES,
+    EARLIEST_EVENT_TIME,
+    LATEST_EVENT_TIME,
+    SUBDIVISION_COUNTRY,
+    Conveyance,
+    QuantityUnit,
+    SampleType,
+)
+from synthwatch.stream_apps.detect.identity import normalise_quantity
+
+#: The parsed lines of one chunk: every line's number and verdict; the values only where ``ok = 1``.
+#: ``smiles``/``inchikey`` hold '' for none (the contract refuses an empty one). ``ok = 2`` marks the
+#: id of an event Python accepted (filled in later), so duplicates are found over both kinds of line.
+PARSED_COLUMNS: list[tuple[str, str]] = [
+    ("n", "UInt64"),
+    ("ok", "UInt8"),
+    ("raw", "String"),
+    ("kind", "String"),
+    ("event_id", "String"),
+    ("occurred_at", "DateTime64(3, 'UTC')"),
+    ("reported_at", "Nullable(DateTime64(3, 'UTC'))"),
+    ("country", "String"),
+    ("region", "String"),
+    ("name", "String"),
+    ("smiles", "String"),
+    ("inchikey", "String"),
+    ("cas", "Nullable(String)"),
+    ("lab_id", "String"),
+    ("sample_id", "String"),
+    ("sample_type", "String"),
+    ("method", "String"),
+    ("confirmed", "Bool"),
+    ("purity_pct", "Nullable(Float64)"),
+    ("agency", "String"),
+    ("seizure_id", "String"),
+    ("border_point", "String"),
+    ("conveyance", "String"),
+    ("quantity_value", "Float64"),
+    ("quantity_unit", "String"),
+    ("origin_country", "String"),
+    ("destination_country", "String"),
+    ("extra", "String"),
+]
+PARSED_STRUCTURE = ", ".join(f"{name} {kind}" for name, kind in PARSED_COLUMNS)
+
+_COMMON_KEYS = ("kind", "event_id", "occurred_at", "reported_at", "country", "region", "substance")
+_LAB_KEYS = (*_COMMON_KEYS, "lab_id", "sample_id", "sample_type", "method", "confirmed", "purity_pct")
+_SEIZURE_KEYS = (
+    *_COMMON_KEYS,
+    *("agency", "seizure_id", "border_point", "conveyance", "quantity", "origin_country", "destination_country"),
+)
+_SUBSTANCE_KEYS = ("name", "smiles", "inchikey", "cas")
+_EXTRACT = (
+    "Tuple(kind String, event_id String, occurred_at String, reported_at Nullable(String), country String, "
+    "region String, "
+    "substance Tuple(name String, smiles Nullable(String), inchikey Nullable(String), cas Nullable(String)), "
+    "lab_id String, sample_id String, sample_type String, method String, confirmed Nullable(Bool), "
+    "purity_pct Nullable(Float64), agency String, seizure_id String, border_point String, conveyance String, "
+    "quantity Tuple(value Float64, unit String), origin_country Nullable(String), "
+    "destination_country Nullable(String))"
+)
+_TIMESTAMP = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,6})?(Z|[-+][0-9]{2}:[0-9]{2})$"
+_INCHIKEY = r"^[A-Z]{14}-[A-Z]{10}-[A-Z]$"
+_CAS = r"^([0-9]{2,7})-([0-9]{2})-([0-9])$"
+
+
+def sql_string(text: str) -> str:
+    """A ClickHouse string literal of ``text`` (its UTF-8 bytes, non-printable ones escaped)."""
+    out = []
+    for byte in text.encode():
+        if byte in (0x27, 0x5C) or byte < 0x20 or byte >= 0x7F:
+            out.append(f"\\x{byte:02X}")
+        else:
+            out.append(chr(byte))
+    return "'" + "".join(out) + "'"
+
+
+def _strings(values: object) -> str:
+    return ", ".join(sql_string(str(v)) for v in sorted(values))  # type: ignore[call-overload]
+
+
+# Characters a text field may not start or end with here: whatever pydantic-core's strip (Rust's
+# White_Space) or Python's str.strip() removes, and control characters (conservative).
+_RUST_WHITE_SPACE = [*range(0x09, 0x0E), 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029]
+_RUST_WHITE_SPACE += [0x202F, 0x205F, 0x3000]
+_EDGE_CHARS = sorted(
+    {chr(c) for c in range(0x20)}
+    | {"\x7f"}
+    | {chr(c) for c in _RUST_WHITE_SPACE}
+    | {chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace()}
+)
+
+
+#: re2 twin of schemas.text.FORBIDDEN_PATTERN: control and bidi-override characters anywhere in a text field.
+_FORBIDDEN_RE2 = r"[\x{0}-\x{1f}\x{7f}-\x{9f}\x{202a}-\x{202e}\x{2066}-\x{2069}]"
+
+
+def _text_ok(value: str, most: int) -> str:
+    return (
+        f"({value} != '' AND lengthUTF8({value}) <= {most} AND substringUTF8({value}, 1, 1) NOT IN edge "
+        f"AND substringUTF8({value}, lengthUTF8({value}), 1) NOT IN edge "
+        f"AND NOT match({value}, {sql_string(_FORBIDDEN_RE2)}))"
+    )
+
+
+def _unit_columns() -> tuple[str, str, str]:
+    """grams, millilitres, units of ``quantity_value`` in ``quantity_unit``: the loader's pint factors."""
+    grams, millilitres = [], []
+    counts = []
+    for unit in get_args(QuantityUnit):
+        converted = normalise_quantity(1.0, unit)  # value * factor: 1.0 gives the factor itself
+        if converted.grams is not None:
+            grams.append(f"quantity_unit = {sql_string(unit)}, quantity_value * {converted.grams!r}")
+        elif converted.millilitres is not None:
+            millilitres.append(f"quantity_unit = {sql_string(unit)}, quantity_value * {converted.millilitres!r}")
+        else:
+            counts.append(sql_string(unit))
+    return (
+        f"multiIf({', '.join(grams)}, NULL)",
+        f"multiIf({', '.join(millilitres)}, NULL)",
+        f"if(quantity_unit IN ({', '.join(counts)}), quantity_value, NULL)",
+    )
+
+
+GRAMS, MILLILITRES, UNITS = _unit_columns()
+
+
+def _timestamp(text: str, name: str) -> tuple[str, str]:
+    """(the instant truncated to ms, its check) for ``text`` in the fast path's timestamp form.
+
+    ClickHouse parses it; the check writes the parsed instant back in the text's own offset and compares
+    (which refuses 24:00, :60 and dates such as Feb 30 that a parser may roll over), and the offset is
+    under 24 h as pydantic requires.
+    """
+    p = f"{name}_p"
+    offset = (
+        f"if(endsWith({text}, 'Z'), 0, if(substring({text}, -6, 1) = '-', -1, 1) * "
+        f"(toInt32OrZero(substring({text}, -5, 2)) * 3600 + toInt32OrZero(substring({text}, -2, 2)) * 60))"
+    )
+    micros = f"toUnixTimestamp64Micro({p})"
+    check = (
+        f"(match({text}, '{_TIMESTAMP}') AND (parseDateTime64BestEffortOrNull({text}, 6, 'UTC') AS {p}) IS NOT NULL "
+        f"AND (endsWith({text}, 'Z') OR (toInt32OrZero(substring({text}, -5, 2)) < 24 "
+        f"AND toInt32OrZero(substring({text}, -2, 2)) < 60)) "
+        f"AND formatDateTime(addSeconds(assumeNotNull({p}), {offset}), '%Y-%m-%dT%H:%i:%S') "
+        f"= substring({text}, 1, 19) "
+        f"AND {micros} >= {int(EARLIEST_EVENT_TIME.timestamp()) * 1_000_000} "
+        f"AND {micros} < {int(LATEST_EVENT_TIME.timestamp()) * 1_000_000})"
+    )
+    return f"fromUnixTimestamp64Milli(intDiv({micros}, 1000), 'UTC')", check
+
+
+def _violations() -> str:
+    """One regex over the raw line matching any value of the wrong JSON type for its key.
+
+    A ``"key":`` can only be a key (a quote inside a string is escaped), so this reads the types
+    without a second parse; every string field must hold a string, nullable ones a string or null.
+    A key spelt with a ``\\u`` escape would hide from it, so any such key matches too (and goes to Python).
+    """
+    strings = "kind|event_id|occurred_at|country|region|lab_id|sample_id|sample_type|method|agency|seizure_id"
+    strings += "|border_point|conveyance|name|unit"
+    nullable = "reported_at|origin_country|destination_country|smiles|inchikey|cas"
+    return "|".join(
+        [
+            f'"({strings})"\\\\s*:\\\\s*[^"\\\\s]',
+            f'"({nullable})"\\\\s*:\\\\s*[^"n\\\\s]',
+            '"confirmed"\\\\s*:\\\\s*[^tf\\\\s]',
+            '"purity_pct"\\\\s*:\\\\s*[^-0-9n\\\\s]',
+            '"value"\\\\s*:\\\\s*[^-0-9\\\\s]',
+            '"(substance|quantity)"\\\\s*:\\\\s*[^{\\\\s]',
+            '\\\\\\\\u[^"]*"\\\\s*:',
+        ]
+    )
+
+
+def parse_select(source: str, max_bytes: int | None = None) -> str:
+    """``SELECT`` of :data:`PARSED_STRUCTURE` from ``source``, a query giving ``n UInt64, line String``.
+
+    Run it with :data:`PARSE_SETTINGS`: ``short_circuit_function_evaluation = 'disable'`` (evaluated
+    lazily, the checks cost ~40x more; every function here is safe on any input) and simdjson.
+    ``max_bytes``: a longer line is left to Python, which refuses it with the publisher's reason (known
+    fields are bounded, but JSON whitespace is not).
+    """
+    occurred, occurred_ok = _timestamp("t.occurred_at", "occ")
+    reported, reported_ok = _timestamp("ifNull(t.reported_at, '')", "rep")
+    text = _text_ok
+    common = " AND ".join(
+        [
+            *([f"length(line) <= {int(max_bytes)}"] if max_bytes is not None else []),
+            "startsWith(line, '{')",  # no BOM (simdjson skips one, jiter refuses it) nor leading whitespace
+            f"NOT match(line, '{_violations()}')",
+            "length(keys) = length(arrayDistinct(keys)) AND length(skeys) = length(arrayDistinct(skeys))",
+            "has(keys, 'event_id') AND has(keys, 'occurred_at') AND has(keys, 'country') AND has(keys, 'region')",
+            "has(keys, 'substance') AND has(skeys, 'name')",
+            text("t.event_id", 500),
+            occurred_ok,
+            f"(t.reported_at IS NULL OR {reported_ok})",
+            "t.country IN countries",
+            "concat(t.region, ' ', t.country) IN regions",
+            f"arrayAll(k -> k IN ({_strings(_SUBSTANCE_KEYS)}), skeys)",
+            text("t.substance.name", 500),
+            f"(t.substance.smiles IS NULL OR {text('assumeNotNull(t.substance.smiles)', 2000)})",
+            f"(t.substance.inchikey IS NULL OR match(assumeNotNull(t.substance.inchikey), '{_INCHIKEY}'))",
+            "(t.substance.cas IS NULL OR cas_ok)",
+        ]
+    )
+    lab = " AND ".join(
+        [
+            f"arrayAll(k -> k IN ({_strings(_LAB_KEYS)}), keys)",
+            "has(keys, 'lab_id') AND has(keys, 'sample_id') AND has(keys, 'sample_type') AND has(keys, 'method')",
+            text("t.lab_id", 500),
+            text("t.sample_id", 500),
+            f"t.sample_type IN ({_strings(get_args(SampleType))})",
+            text("t.method", 500),
+            "(t.purity_pct IS NULL OR (t.purity_pct >= 0 AND t.purity_pct <= 100))",
+        ]
+    )
+    seizure = " AND ".join(
+        [
+            f"arrayAll(k -> k IN ({_strings(_SEIZURE_KEYS)}), keys)",
+            "has(keys, 'agency') AND has(keys, 'seizure_id') AND has(keys, 'border_point')",
+            "has(keys, 'conveyance') AND has(keys, 'quantity')",
+            text("t.agency", 500),
+            text("t.seizure_id", 500),
+            text("t.border_point", 500),
+            f"t.conveyance IN ({_strings(get_args(Conveyance))})",
+            "length(qkeys) = 2 AND has(qkeys, 'value') AND has(qkeys, 'unit')",
+            f"t.quantity.unit IN ({_strings(get_args(QuantityUnit))})",
+            "t.quantity.value > 0 AND t.quantity.value <= 1e9",
+            "(t.origin_country IS NULL OR t.origin_country IN countries)",
+            "(t.destination_country IS NULL OR t.destination_country IN countries)",
+        ]
+    )
+    cas_digits = "reverse(concat(cas_g[1], cas_g[2]))"
+    cas_ok = (
+        f"(length(extractGroups(ifNull(t.substance.cas, ''), '{_CAS}') AS cas_g) = 3 AND "
+        f"arraySum(arrayMap(i -> toUInt8OrZero(substring({cas_digits}, i, 1)) * i, "
+        f"range(1, length({cas_digits}) + 1))) % 10 = toUInt8OrZero(cas_g[3]))"
+    )
+    return f"""
+WITH
+    {_sql_string_set("edge", _EDGE_CHARS)},
+    ({_strings(COUNTRY_CODES)}) AS countries,
+    ({_strings(f"{r} {c}" for r, c in SUBDIVISION_COUNTRY.items())}) AS regions,
+    JSONExtract(line, '{_EXTRACT}') AS t,
+    JSONExtractKeys(line) AS keys,
+    JSONExtractKeys(line, 'substance') AS skeys,
+    JSONExtractKeys(line, 'quantity') AS qkeys,
+    {cas_ok} AS cas_ok,
+    ({common}) AND multiIf(t.kind = 'lab_detection', {lab}, t.kind = 'border_seizure', {seizure}, false) AS accepted
+SELECT
+    n,
+    accepted AS ok,
+    if(accepted, '', line) AS raw,
+    t.kind AS kind,
+    t.event_id AS event_id,
+    ifNull({occurred}, toDateTime64(0, 3, 'UTC')) AS occurred_at,
+    if(t.reported_at IS NULL, NULL, {reported}) AS reported_at,
+    t.country AS country,
+    t.region AS region,
+    t.substance.name AS name,
+    ifNull(t.substance.smiles, '') AS smiles,
+    ifNull(t.substance.inchikey, '') AS inchikey,
+    t.substance.cas AS cas,
+    t.lab_id AS lab_id,
+    t.sample_id AS sample_id,
+    t.sample_type AS sample_type,
+    t.method AS method,
+    ifNull(t.confirmed, true) AS confirmed,
+    t.purity_pct AS purity_pct,
+    t.agency AS agency,
+    t.seizure_id AS seizure_id,
+    t.border_point AS border_point,
+    t.conveyance AS conveyance,
+    t.quantity.value AS quantity_value,
+    t.quantity.unit AS quantity_unit,
+    ifNull(t.origin_country, '') AS origin_country,
+    ifNull(t.destination_country, '') AS destination_country,
+    '{{}}' AS extra
+FROM ({source})
+"""
+
+
+#: ``allow_simdjson``: the rule leans on simdjson (it validates UTF-8 and rounds numbers correctly, as
+#: jiter does); the engine's other JSON parser, rapidjson, accepts overlong UTF-8 and is off by an ulp.
+PARSE_SETTINGS = {"short_circuit_function_evaluation": "disable", "allow_simdjson": 1}
+
+
+def _sql_string_set(name: str, values: list[str]) -> str:
+    return f"({', '.join(sql_string(v) for v in values)}) AS {name}"
+
+
+def regions_rows() -> list[tuple[str, str]]:
+    """(region, country) of every subdivision the contract accepts: the ``regions`` lookup table."""
+    return sorted(SUBDIVISION_COUNTRY.items())

@@ -1,0 +1,188 @@
+"""Opening ClickHouse (embedded chDB or a server) and applying the versioned schema migrations.
+
+The same clickhouse-connect client API serves both: ``chdb:///path`` opens the real ClickHouse engine
+inside this process (one engine per process, one process per directory), ``http(s)://`` talks to a
+server or cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from urllib.parse import urlparse, urlunparse
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+
+from synthwatch.settings import Settings
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+#: jemalloc options for the embedded engine. chDB links jemalloc statically (a heap of its own, apart
+#: from Python's) and reads them from ``JE_MALLOC_CONF`` when it is loaded. Its default,
+#: ``dirty_decay_ms:5000``, keeps freed pages resident for seconds: under the sink's inserts (each
+#: also feeding four materialized views) 50-150 MiB of freed pages sat in the worker's RSS. Returning
+#: them at once (0) cut the most but cost the engine ~65 % more CPU in page faults; 1 s keeps about
+#: half the saving for a third of the CPU (``python -m synthwatch.bench.memory``; docs/performance.md).
+EMBEDDED_MALLOC_CONF = "dirty_decay_ms:1000"
+
+
+def prepare_embedded_engine() -> bool:
+    """Give chDB's allocator :data:`EMBEDDED_MALLOC_CONF` before chDB is first loaded in this process.
+
+    False when it cannot or should not: chDB is already loaded (its allocator reads its options once
+    per process), or ``JE_MALLOC_CONF`` is already set (the operator's choice wins).
+    """
+    if "chdb" in sys.modules or "JE_MALLOC_CONF" in os.environ:
+        return False
+    os.environ["JE_MALLOC_CONF"] = EMBEDDED_MALLOC_CONF
+    return True
+
+
+class MigrationError(RuntimeError):
+    """The database is in a state the migrations cannot safely continue from."""
+
+
+def database_of(settings: Settings) -> str:
+    """Database name: the URL's path for a server, ``clickhouse_database`` for chdb."""
+    url = settings.resolved_clickhouse_url
+    if url.startswith("chdb:"):
+        name = settings.clickhouse_database
+    else:
+        name = urlparse(url).path.strip("/").split("/")[0] or "default"
+    if not _IDENTIFIER.match(name):
+        raise ValueError(f"database name {name!r} must be a plain identifier (letters, digits, _)")
+    return name
+
+
+def connect(settings: Settings, database: str | None = None, create: bool = True) -> Client:
+    """A client on the configured ClickHouse, with ``database`` (created if missing) as default.
+
+    For ``chdb://`` this opens the embedded engine in this process; a second process cannot open the
+    same directory (ask the running ``synthwatch up`` instead: see :mod:`synthwatch.stream_apps.storage.query`).
+    """
+    url = settings.resolved_clickhouse_url
+    database = database or database_of(settings)
+    if url.startswith("chdb:"):
+        prepare_embedded_engine()
+        settings.embedded_clickhouse_path.mkdir(parents=True, exist_ok=True)
+        if create:
+            bootstrap = clickhouse_connect.get_client(dsn=url)
+            try:
+                bootstrap.command(f"CREATE DATABASE IF NOT EXISTS {database}")
+                return clickhouse_connect.get_client(dsn=url, database=database)
+            finally:
+                bootstrap.close()
+        return clickhouse_connect.get_client(dsn=url, database=database)
+    parts = urlparse(url)
+    if create:
+        server = urlunparse(parts._replace(path="/default"))
+        bootstrap = clickhouse_connect.get_client(dsn=server)
+        try:
+            bootstrap.command(f"CREATE DATABASE IF NOT EXISTS {database}")
+        finally:
+            bootstrap.close()
+    return clickhouse_connect.get_client(dsn=urlunparse(parts._replace(path=f"/{database}")))
+
+
+# --- migrations ---------------------------------------------------------------------------------------
+
+_MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()[:16]
+
+    def statements(self) -> list[str]:
+        """The file's statements: split on ``;`` at the end of a line, comments dropped."""
+        lines = [line for line in self.sql.splitlines() if not line.strip().startswith("--")]
+        return [s.strip() for s in re.split(r";\s*$", "\n".join(lines), flags=re.M) if s.strip()]
+
+
+def available_migrations(package: str = "synthwatch.migrations") -> list[Migration]:
+    """Every numbered SQL file shipped in ``deploy/clickhouse/migrations``, in version order."""
+    found = []
+    for entry in resources.files(package).iterdir():
+        match = _MIGRATION_FILE.match(entry.name)
+        if match:
+            found.append(Migration(int(match.group(1)), match.group(2), entry.read_text(encoding="utf-8")))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise MigrationError(f"two migration files share a version number: {versions}")
+    return found
+
+
+_LEDGER = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version UInt32,
+    name String,
+    checksum String,
+    status Enum8('started' = 1, 'applied' = 2),
+    at DateTime64(3, 'UTC') DEFAULT now64(3)
+) ENGINE = MergeTree ORDER BY (version, at)
+"""
+
+
+def applied_migrations(client: Client) -> dict[int, tuple[str, str, str]]:
+    """version -> (name, checksum, latest status) as recorded in ``schema_migrations``."""
+    client.command(_LEDGER)
+    rows = client.query(
+        "SELECT version, argMax(name, at), argMax(checksum, at), toString(argMax(status, at)) "
+        "FROM schema_migrations GROUP BY version ORDER BY version"
+    ).result_rows
+    return {int(v): (str(n), str(c), str(s)) for v, n, c, s in rows}
+
+
+def migrate(client: Client, migrations: list[Migration] | None = None) -> list[Migration]:
+    """Apply the pending migrations in order; idempotent. Returns the ones applied now.
+
+    Refuses to continue (MigrationError) when a migration was started but never finished, or when an
+    applied file was edited afterwards: both need a person to look.
+    """
+    migrations = available_migrations() if migrations is None else migrations
+    ledger = applied_migrations(client)
+    for version, (name, checksum, status) in ledger.items():
+        if status != "applied":
+            raise MigrationError(
+                f"migration {version:04d}_{name} was started but not finished; inspect the database, "
+                f'then record it with "INSERT INTO schema_migrations (version, name, checksum, status) '
+                f"VALUES ({version}, '{name}', '{checksum}', 'applied')\" or drop what it created"
+            )
+        shipped = next((m for m in migrations if m.version == version), None)
+        if shipped is not None and shipped.checksum != checksum:
+            raise MigrationError(
+                f"migration {version:04d}_{name} was applied with checksum {checksum} but the file now has "
+                f"{shipped.checksum}; never edit an applied migration, add a new one instead"
+            )
+    done = []
+    for migration in migrations:
+        if migration.version in ledger:
+            continue
+        columns = ["version", "name", "checksum", "status"]
+        client.insert(
+            "schema_migrations",
+            [[migration.version, migration.name, migration.checksum, "started"]],
+            column_names=columns,
+        )
+        for statement in migration.statements():
+            client.command(statement)
+        client.insert(
+            "schema_migrations",
+            [[migration.version, migration.name, migration.checksum, "applied"]],
+            column_names=columns,
+        )
+        done.append(migration)
+    return done

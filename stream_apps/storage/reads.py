@@ -1,0 +1,405 @@
+"""Typed read queries for the CLI, the dashboards' tests and the report, wherever the engine lives.
+
+Every function goes through :func:`synthwatch.stream_apps.storage.query.run_query`, so it works on a server,
+on an embedded
+engine nobody holds, and on one a running ``synthwatch up`` owns (over its ``/sql`` endpoint). Counts
+come from the aggregate tables (thousands of rows for years of reports), never from the raw tables, and
+no query uses FINAL: the writers store each event and alert once, so plain ``sum() ... GROUP BY`` is exact.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from synthwatch.settings import Settings
+from synthwatch.stream_apps.storage.query import run_query
+
+_SINCE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_INCHIKEY = re.compile(r"^([A-Z]{14})(?:-[A-Z]{10}-[A-Z])?$")
+SEVERITIES = ("info", "warning", "critical")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def parse_since(text: str) -> timedelta:
+    """``7d``, ``12h``, ``30m``, ``2w`` (or ``90s``) as a timedelta; ValueError with an example otherwise."""
+    match = _SINCE.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration; use a number and a unit: 30m, 12h, 7d, 2w")
+    return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()])
+
+
+def _dt(value: Any) -> datetime | None:
+    """A ClickHouse DateTime (ISO text from run_query, naive UTC) as an aware datetime."""
+    if value is None:
+        return None
+    parsed = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _day(value: Any) -> date:
+    return value if isinstance(value, date) else date.fromisoformat(str(value)[:10])
+
+
+# --- alerts ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AlertRow:
+    alert_id: str
+    alert_type: str
+    severity: str
+    country: str
+    region: str
+    substance_key: str
+    substance_name: str
+    family: str
+    triggered_at: datetime
+    detected_at: datetime
+    observed: float | None
+    expected: float | None
+    score: float | None
+    evidence: int
+    summary: str
+
+
+def _alert_row(r: dict[str, Any]) -> AlertRow:
+    return AlertRow(
+        alert_id=r["alert_id"],
+        alert_type=r["alert_type"],
+        severity=r["severity"],
+        country=r["country"],
+        region=r["region"],
+        substance_key=r["substance_key"],
+        substance_name=r["substance_name"],
+        family=r["family"],
+        triggered_at=_dt(r["triggered_at"]) or _EPOCH,
+        detected_at=_dt(r["detected_at"]) or _EPOCH,
+        observed=r["observed"],
+        expected=r["expected"],
+        score=r["score"],
+        evidence=int(r["evidence"]),
+        summary=r["summary"],
+    )
+
+
+_ALERTS = """
+SELECT alert_id, alert_type, severity, country, region, substance_key, substance_name, family, triggered_at,
+       detected_at, observed, expected, score, length(evidence_event_ids) AS evidence, summary
+FROM alerts
+WHERE {column} >= now64(3) - toIntervalSecond(%(seconds)s)
+  AND (%(region)s = '' OR region = %(region)s)
+  AND (%(severity)s = '' OR severity = %(severity)s)
+ORDER BY {column} DESC, alert_id
+LIMIT 1 BY alert_id
+LIMIT %(limit)s
+"""
+
+#: What ``--since`` counts back from: when synthwatch raised the alert (the default: what an analyst asking
+#: "what came in lately" means, a late report's alert included), or the event time of the report that
+#: raised it (when the sample was taken or the seizure made).
+ALERT_TIMES: dict[str, str] = {"detected": "detected_at", "triggered": "triggered_at"}
+
+
+def recent_alerts(
+    settings: Settings,
+    region: str | None = None,
+    since: timedelta = timedelta(days=7),
+    severity: str | None = None,
+    limit: int = 100,
+    time: str = "detected",
+) -> list[AlertRow]:
+    """Alerts whose ``time`` (detected: raised by synthwatch; triggered: the raising report's event time) is
+    within ``since`` of now, newest first by it (``LIMIT 1 BY alert_id``: cheap, alerts are few)."""
+    if severity is not None and severity not in SEVERITIES:
+        raise ValueError(f"severity must be one of {', '.join(SEVERITIES)}, got {severity!r}")
+    if time not in ALERT_TIMES:
+        raise ValueError(f"time must be one of {', '.join(ALERT_TIMES)}, got {time!r}")
+    result = run_query(
+        settings,
+        _ALERTS.format(column=ALERT_TIMES[time]),
+        {
+            "seconds": int(since.total_seconds()),
+            "region": (region or "").upper(),
+            "severity": severity or "",
+            "limit": int(limit),
+        },
+    )
+    return [_alert_row(r) for r in result.as_dicts()]
+
+
+# --- stats -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StatsRow:
+    """One region x substance over the window; first/last seen are all-time for that region."""
+
+    country: str
+    region: str
+    substance_key: str
+    substance_name: str
+    family: str
+    reports: int
+    lab_detections: int
+    border_seizures: int
+    grams: float
+    first_seen: datetime | None
+    last_seen: datetime | None
+
+
+_STATS = """
+SELECT d.country AS country, d.region AS region, d.substance_key AS substance_key,
+       d.substance_name AS substance_name, d.family AS family, d.n AS reports, d.labs AS labs,
+       d.seizures AS seizures, d.g AS grams, s.first_seen AS first_seen, s.last_seen AS last_seen
+FROM (
+    SELECT country, region, substance_key, any(substance_name) AS substance_name, any(family) AS family,
+           sum(reports) AS n, sumIf(reports, kind = 'lab_detection') AS labs,
+           sumIf(reports, kind = 'border_seizure') AS seizures, sum(grams) AS g
+    FROM reports_daily
+    WHERE day > today() - %(days)s AND (%(region)s = '' OR region = %(region)s)
+    GROUP BY country, region, substance_key
+) AS d
+LEFT JOIN (
+    SELECT substance_key, country, region, min(first_seen) AS first_seen, max(last_seen) AS last_seen
+    FROM substance_region_first_seen
+    WHERE %(region)s = '' OR region = %(region)s
+    GROUP BY substance_key, country, region
+) AS s ON s.substance_key = d.substance_key AND s.country = d.country AND s.region = d.region
+ORDER BY reports DESC, region, substance_key
+"""
+
+
+def stats(settings: Settings, days: int = 30, region: str | None = None) -> list[StatsRow]:
+    """Reports and grams per region and substance over the last ``days`` days (today included)."""
+    if days < 1:
+        raise ValueError("days must be at least 1")
+    result = run_query(settings, _STATS, {"days": int(days), "region": (region or "").upper()})
+    return [
+        StatsRow(
+            country=r["country"],
+            region=r["region"],
+            substance_key=r["substance_key"],
+            substance_name=r["substance_name"],
+            family=r["family"],
+            reports=int(r["reports"]),
+            lab_detections=int(r["labs"]),
+            border_seizures=int(r["seizures"]),
+            grams=float(r["grams"]),
+            first_seen=_dt(r["first_seen"]),
+            last_seen=_dt(r["last_seen"]),
+        )
+        for r in result.as_dicts()
+    ]
+
+
+# --- one substance ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RegionHistory:
+    country: str
+    region: str
+    first_seen: datetime
+    last_seen: datetime
+    reports: int
+
+
+@dataclass(frozen=True, slots=True)
+class MonthCount:
+    month: date
+    reports: int
+    lab_detections: int
+    border_seizures: int
+    grams: float
+
+
+@dataclass(frozen=True, slots=True)
+class SubstanceHistory:
+    """Everything stored about one substance key: when and where it appeared, how often, what was raised."""
+
+    query: str
+    substance_key: str
+    substance_name: str
+    family: str
+    resolved_by: str
+    first_seen: datetime
+    last_seen: datetime
+    reports: int
+    regions: list[RegionHistory] = field(default_factory=list)
+    months: list[MonthCount] = field(default_factory=list)
+    alerts: list[AlertRow] = field(default_factory=list)
+
+
+_LEARNT_NAMES = """
+SELECT substance_name, any(substance_key) AS key, any(family) AS family FROM lab_detections
+WHERE (substance_smiles IS NOT NULL OR substance_inchikey IS NOT NULL) AND match(substance_key, '^[A-Z]{14}$')
+GROUP BY substance_name
+"""
+
+
+def resolve_substance_key(settings: Settings, name_or_inchikey: str) -> tuple[str, str]:
+    """(substance key, how): an InChIKey or its first block is the key; a name goes through the resolver.
+
+    The resolver knows the catalogue and, like the worker after a restart, the names learnt from stored
+    lab reports with a structure, so a street name first reported next to a SMILES finds that structure.
+    """
+    from synthwatch.stream_apps.detect.identity import SubstanceResolver
+
+    text = name_or_inchikey.strip()
+    match = _INCHIKEY.match(text.upper())
+    if match is not None:
+        return match.group(1), "inchikey"
+    resolver = SubstanceResolver()
+    for row in run_query(settings, _LEARNT_NAMES).rows:
+        resolver.learn(str(row[0]), str(row[1]), row[2] or None)
+    resolved = resolver.resolve(text)
+    return resolved.key, resolved.resolved_by
+
+
+_STORED_NAMES = "SELECT DISTINCT substance_name FROM substance_first_seen"
+
+
+def similar_substance_names(settings: Settings, text: str, limit: int = 5) -> list[str]:
+    """Names close to ``text`` for a "did you mean": catalogue names and synonyms, and names stored in reports.
+
+    Why: ``synthwatch substance Eto`` must lead somewhere. Names that start with what was typed come
+    first (difflib alone rates "Eto" far from "Etonitazene"), then difflib's close matches; spelling,
+    case and accents are folded as the resolver folds them.
+    """
+    import difflib
+
+    from synthwatch.catalogue import shipped_catalogue
+    from synthwatch.stream_apps.detect.identity import normalise_name
+
+    names: dict[str, str] = {}  # folded name or synonym -> the name to show
+    for entry in shipped_catalogue():
+        for name in (entry.name, *entry.synonyms):
+            names.setdefault(normalise_name(name), entry.name)
+    for row in run_query(settings, _STORED_NAMES).rows:
+        if row[0]:
+            names.setdefault(normalise_name(str(row[0])), str(row[0]))
+    names.pop("", None)
+    wanted = normalise_name(text)
+    if not wanted:
+        return []
+    prefixed = sorted((folded for folded in names if folded.startswith(wanted)), key=lambda f: (len(f), f))
+    close = difflib.get_close_matches(wanted, list(names), n=limit, cutoff=0.6)
+    found = list(dict.fromkeys([*prefixed, *close]))[: limit * 2]
+    return list(dict.fromkeys(names[folded] for folded in found))[:limit]
+
+
+def substance_history(settings: Settings, name_or_inchikey: str) -> SubstanceHistory | None:
+    """First seen, regions (first/last seen, reports), monthly counts and alerts; None when never reported."""
+    key, how = resolve_substance_key(settings, name_or_inchikey)
+    params = {"key": key}
+    overall = run_query(
+        settings,
+        "SELECT any(substance_name) AS name, any(family) AS family, min(first_seen) AS first_seen, "
+        "max(last_seen) AS last_seen, sum(reports) AS reports FROM substance_first_seen "
+        "WHERE substance_key = %(key)s HAVING count() > 0",
+        params,
+    ).as_dicts()
+    if not overall:
+        return None
+    head = overall[0]
+    regions = run_query(
+        settings,
+        "SELECT country, region, min(first_seen) AS first_seen, max(last_seen) AS last_seen, sum(reports) AS reports "
+        "FROM substance_region_first_seen WHERE substance_key = %(key)s GROUP BY country, region "
+        "ORDER BY first_seen, region",
+        params,
+    ).as_dicts()
+    months = run_query(
+        settings,
+        "SELECT toStartOfMonth(day) AS month, sum(reports) AS n, sumIf(reports, kind = 'lab_detection') AS labs, "
+        "sumIf(reports, kind = 'border_seizure') AS seizures, sum(grams) AS g FROM reports_daily "
+        "WHERE substance_key = %(key)s GROUP BY month ORDER BY month",
+        params,
+    ).as_dicts()
+    alerts = run_query(
+        settings,
+        "SELECT alert_id, alert_type, severity, country, region, substance_key, substance_name, family, triggered_at, "
+        "detected_at, observed, expected, score, length(evidence_event_ids) AS evidence, summary FROM alerts "
+        "WHERE substance_key = %(key)s ORDER BY triggered_at, alert_id LIMIT 1 BY alert_id",
+        params,
+    ).as_dicts()
+    return SubstanceHistory(
+        query=name_or_inchikey,
+        substance_key=key,
+        substance_name=head["name"],
+        family=head["family"],
+        resolved_by=how,
+        first_seen=_dt(head["first_seen"]) or _EPOCH,
+        last_seen=_dt(head["last_seen"]) or _EPOCH,
+        reports=int(head["reports"]),
+        regions=[
+            RegionHistory(
+                r["country"],
+                r["region"],
+                _dt(r["first_seen"]) or _EPOCH,
+                _dt(r["last_seen"]) or _EPOCH,
+                int(r["reports"]),
+            )
+            for r in regions
+        ],
+        months=[
+            MonthCount(_day(m["month"]), int(m["n"]), int(m["labs"]), int(m["seizures"]), float(m["g"])) for m in months
+        ],
+        alerts=[_alert_row(a) for a in alerts],
+    )
+
+
+# --- rejects -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RejectRow:
+    rejected_at: datetime
+    stage: str
+    source: str
+    reason: str
+    event_id: str | None
+    reporter: str  # the lab_id or agency the refused record named ('' when it named none or was unreadable)
+
+
+_REJECTS = """
+SELECT rejected_at, stage, source, reason, event_id,
+       if(JSONExtractString(raw, 'lab_id') != '', JSONExtractString(raw, 'lab_id'),
+          JSONExtractString(raw, 'agency')) AS reporter
+FROM rejects
+WHERE rejected_at >= now64(3) - toIntervalSecond(%(seconds)s)
+  AND (%(lab)s = '' OR JSONExtractString(raw, 'lab_id') = %(lab)s OR JSONExtractString(raw, 'agency') = %(lab)s)
+ORDER BY rejected_at DESC, source
+LIMIT 1 BY reject_id
+LIMIT %(limit)s
+"""
+
+
+def recent_rejects(
+    settings: Settings, since: timedelta = timedelta(days=7), lab: str | None = None, limit: int = 200
+) -> list[RejectRow]:
+    """Records refused within ``since`` of now, newest first, so a lab can fix and re-send them.
+
+    ``lab`` keeps the rejects whose record names that ``lab_id`` (or customs ``agency``); a record too
+    broken to read (not JSON) names nobody and is listed only without ``lab``.
+    """
+    result = run_query(
+        settings,
+        _REJECTS,
+        {"seconds": int(since.total_seconds()), "lab": (lab or "").strip(), "limit": int(limit)},
+    )
+    return [
+        RejectRow(
+            rejected_at=_dt(r["rejected_at"]) or _EPOCH,
+            stage=r["stage"],
+            source=r["source"],
+            reason=r["reason"],
+            event_id=r["event_id"],
+            reporter=r["reporter"],
+        )
+        for r in result.as_dicts()
+    ]

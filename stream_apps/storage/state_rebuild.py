@@ -1,0 +1,268 @@
+"""Rebuilding detector state from what ClickHouse holds, for when the broker's changelogs are gone.
+
+The embedded broker keeps everything in memory, so after a restart of ``synthwatch up`` the Faust
+tables come back empty while ClickHouse still has every report. The rebuild runs the same detector
+core over the stored history with alerts switched off, so that its state is the state of a worker
+that saw that history: the alerts it would raise were raised, and stored, the first time, and the
+live reports after it must raise the alerts a backtest of history and live together raises (a crash
+never changes the alerts).
+
+What each stage keeps, and how it comes back:
+
+- Novelty (per substance): each region's first and last day, the days sighted lately, and the last
+  day a spread held. That last one depends on every sighting before it and the order they came in,
+  so every sighting is replayed - one per substance, region and day, the region stage's first
+  report of that day, in arrival order. Replaying only each region's first and last day made a
+  spread episode under way look new, and announced it again.
+- Region (per region, and per region x substance / family series): daily counts for the spike
+  baselines (``keep_days``), episodes, seizure masses (the last ``mass_memory``, however old) and
+  each series' first day. The reports of ``keep_days`` plus :data:`SETTLE_DAYS` before the newest
+  are replayed, tested on the last :data:`SETTLE_DAYS` only, so the episodes under way were decided on
+  whole baselines (not on the first days of the replay, which lack theirs); each series' first day
+  and its older masses are loaded first (a series dated by the window alone was too young to test,
+  or learnt its rate over too few days, and mass tests fell back on the family's seizures).
+
+Arrival order is the reports' ``reported_at`` (their occurrence when a source gives none or an earlier one;
+a ``reported_at`` in the future puts that one report last, where it may be judged late): the region
+stage judges lateness by it, as the live worker did. Rows the worker stored flagged late stay out of the
+region replay, as they stayed out of its series; ``ingest-history`` flags none, so the replay finds them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from synthwatch.stream_apps.detect.alerting import Subject, day_of, day_start
+from synthwatch.stream_apps.detect.identity import SubstanceResolver
+from synthwatch.stream_apps.detect.novelty import NoveltyDetector, Sighting
+from synthwatch.stream_apps.detect.region import Observation, RegionDetector
+from synthwatch.stream_apps.detect.spikes import SeriesState, intern_day
+
+#: The newest days replayed with spike tests: an episode a live report may continue began at most
+#: ``max(windows) + renew_after_days`` (14) days back, and the one before it decides whether that one was new.
+#: Before them, ``keep_days`` are replayed without tests (what those tests would decide has ended), so that the
+#: tested days' baselines are whole. Testing every day costs most of a replay.
+SETTLE_DAYS = 28
+
+# Both tables as one stream, with the arrival order the live worker saw: when the report was sent, never before
+# it occurred (a source's clock that is wrong the other way would have one row replayed before days of others,
+# and make them all late).
+_ROWS = """
+    SELECT event_id, 'lab_detection' AS kind, occurred_at, greatest(occurred_at, coalesce(reported_at, occurred_at))
+           AS arrival, country,
+           region, substance_key, resolved_name, resolved_inchikey, family, CAST(NULL AS Nullable(Float64)) AS grams,
+           CAST(method AS Nullable(String)) AS method, CAST(sample_type AS Nullable(String)) AS sample_type, late
+    FROM lab_detections
+    UNION ALL
+    SELECT event_id, 'border_seizure', occurred_at, greatest(occurred_at, coalesce(reported_at, occurred_at)),
+           country, region,
+           substance_key, resolved_name, resolved_inchikey, family, grams, NULL, NULL, late
+    FROM border_seizures
+"""
+
+_HISTORY = f"""
+SELECT event_id, kind, occurred_at, country, region, substance_key, resolved_name, resolved_inchikey, family,
+       grams, method, sample_type
+FROM ({_ROWS})
+WHERE occurred_at >= %(since)s AND NOT late
+ORDER BY arrival, event_id
+"""
+
+# What the region stage forwarded: the first report of each substance, region and day to arrive.
+_SIGHTINGS = f"""
+SELECT substance_key, region,
+       argMin((event_id, kind, occurred_at, country, resolved_name, resolved_inchikey, family), (arrival, event_id))
+FROM ({_ROWS})
+GROUP BY substance_key, region, toDate(occurred_at)
+ORDER BY min((arrival, event_id))
+"""
+
+# Every series' first day (a series is dated by its first report, however long ago).
+_SERIES = f"""
+SELECT region, substance_key, family, min(occurred_at)
+FROM ({_ROWS})
+WHERE NOT late
+GROUP BY region, substance_key, family
+"""
+
+# The seizure masses before the replay window, per series, in arrival order (the replay adds the rest).
+_MASSES = f"""
+SELECT region, {{series}},
+       arraySlice(arraySort(groupArray((arrival, event_id, occurred_at, grams))), -%(memory)s)
+FROM ({_ROWS})
+WHERE kind = 'border_seizure' AND NOT late AND grams > 0 AND occurred_at < %(since)s{{where}}
+GROUP BY region, {{series}}
+"""
+
+_LEARNT_NAMES = """
+SELECT substance_name, any(substance_key) FROM lab_detections
+WHERE substance_smiles IS NOT NULL OR substance_inchikey IS NOT NULL
+GROUP BY substance_name
+"""
+
+# The evidence behind learnt names, in the order it was reported: replayed through the resolver's own rules
+# (provisional, corroborated, contested) when it asks for corroboration.
+_NAME_EVIDENCE = """
+SELECT substance_name, substance_key, reporter, min(occurred_at) AS first_at
+FROM (
+    SELECT substance_name, substance_key, concat('lab:', lab_id) AS reporter, occurred_at FROM lab_detections
+    WHERE substance_smiles IS NOT NULL OR substance_inchikey IS NOT NULL
+    UNION ALL
+    SELECT substance_name, substance_key, concat('agency:', agency), occurred_at FROM border_seizures
+    WHERE substance_smiles IS NOT NULL OR substance_inchikey IS NOT NULL
+)
+WHERE NOT startsWith(substance_key, 'name:')
+GROUP BY substance_name, substance_key, reporter
+ORDER BY first_at, substance_name, substance_key, reporter
+"""
+
+
+@dataclass
+class RebuildReport:
+    substances: int
+    events_replayed: int
+    names_learnt: int
+    seconds: float
+    sightings_replayed: int = 0
+    series: int = 0
+
+
+def _subject(key: str, name: str, inchikey: str | None, family: str) -> Subject:
+    return Subject(key, name, inchikey, family or None, None, False)
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC)
+
+
+def rebuild(
+    client: Any,
+    regions: RegionDetector,
+    novelty: NoveltyDetector,
+    resolver: SubstanceResolver,
+    reporter_of: Callable[[str], str] | None = None,
+) -> RebuildReport:
+    """Fill empty detectors from ClickHouse (blocking: run it in an executor thread)."""
+    started = time.perf_counter()
+    substances: set[str] = set()
+    sightings = 0
+    for key, region, first in client.query(_SIGHTINGS).result_rows:
+        event_id, kind, occurred_at, country, name, inchikey, family = first
+        moment = _utc(occurred_at)
+        novelty.observe(
+            Sighting(
+                event_id,
+                kind,
+                moment,
+                day_of(moment),
+                country,
+                region,
+                key,
+                name,
+                inchikey,
+                family or None,
+                None,
+                False,
+            ),
+            emit=False,
+        )
+        substances.add(key)
+        sightings += 1
+    latest = client.query(
+        "SELECT greatest((SELECT max(occurred_at) FROM lab_detections), (SELECT max(occurred_at) FROM border_seizures))"
+    ).result_rows[0][0]
+    replayed = 0
+    if latest is not None and latest.year > 1970:
+        tested_from = day_of(_utc(latest)) - SETTLE_DAYS
+        since = day_start(tested_from - regions.model.keep_days)
+        _seed_series(client, regions, since)
+        for row in client.query(_HISTORY, parameters={"since": since}).result_rows:
+            event_id, kind, occurred_at, country, region, key, name, inchikey, family, grams, method, sample = row
+            moment = _utc(occurred_at)
+            day = intern_day(day_of(moment))
+            regions.observe(
+                Observation(
+                    event_id,
+                    kind,
+                    moment,
+                    day,
+                    country,
+                    region,
+                    _subject(key, name, inchikey, family),
+                    grams,
+                    method,
+                    sample,
+                ),
+                emit=False,
+                test=day >= tested_from,
+            )
+            replayed += 1
+    learnt = learn_names(client, resolver, reporter_of)
+    seconds = time.perf_counter() - started
+    return RebuildReport(len(substances), replayed, learnt, seconds, sightings, len(regions.series))
+
+
+def _seed_series(client: Any, regions: RegionDetector, since: datetime) -> None:
+    """Create every series the history holds, dated by its first report, with its masses from before ``since``.
+
+    The live detector keeps a series once it has one report, with its first day and its last seizure masses
+    whatever their age; the replay window alone would date it by its first report in the window.
+    """
+    firsts: dict[str, int] = {}
+    region_firsts: dict[str, int] = {}
+    for region, key, family, first in client.query(_SERIES).result_rows:
+        day = day_of(_utc(first))
+        names = [f"{region}|{key}"] + ([f"{region}|family:{family}"] if family else [])
+        for name in names:
+            if name not in firsts or day < firsts[name]:
+                firsts[name] = day
+        if region not in region_firsts or day < region_firsts[region]:
+            region_firsts[region] = day
+    for name, day in firsts.items():
+        regions.series[name] = SeriesState(first_day=intern_day(day))
+        regions.dirty_series.add(name)
+    for region, day in region_firsts.items():
+        regions.region_state(region).first_day = intern_day(day)
+        regions.dirty_regions.add(region)
+    memory = regions.model.config.mass_memory
+    for series, where, prefix in (("substance_key", "", ""), ("family", " AND family != ''", "family:")):
+        query = _MASSES.format(series=series, where=where)
+        for region, key, masses in client.query(query, parameters={"since": since, "memory": memory}).result_rows:
+            state = regions.series.get(f"{region}|{prefix}{key}")
+            if state is None:  # a series of late reports only
+                continue
+            state.mass_days = [intern_day(day_of(_utc(occurred_at))) for _, _, occurred_at, _ in masses]
+            state.mass_values = [math.log(grams) for _, _, _, grams in masses]
+
+
+def learn_names(client: Any, resolver: SubstanceResolver, reporter_of: Callable[[str], str] | None = None) -> int:
+    """Teach the resolver every name stored beside a structure; returns how many it learnt.
+
+    Learnt names live in the worker's memory, not in the detector tables: a restarted worker whose
+    tables came back from their changelogs must still learn them, or a name-only report of a substance
+    it knew by structure becomes a "new substance" of its own. A resolver that asks for corroboration
+    replays who reported each name (``reporter_of`` maps a stored ``lab:ID``/``agency:NAME`` to the
+    reporter the live intake would have counted, e.g. the lab's organisation).
+    """
+    if resolver.corroboration > 1:
+        before = len(resolver.learnt_names())
+        for name, key, reporter, _first in client.query(_NAME_EVIDENCE).result_rows:
+            try:
+                resolver.observe_name(name, key, reporter_of(reporter) if reporter_of else reporter)
+            except ValueError:  # a name the resolver refuses to learn must not stop the worker
+                continue
+        return len(resolver.learnt_names()) - before
+    learnt = 0
+    for name, key in client.query(_LEARNT_NAMES).result_rows:
+        if key.startswith("name:"):  # its structure was unusable: nothing to learn from it
+            continue
+        try:
+            learnt += bool(resolver.learn(name, key))
+        except ValueError:  # a name the resolver refuses to learn must not stop the worker
+            continue
+    return learnt

@@ -1,0 +1,1 @@
+"""Benchmarks that print numbers measured in one run (never timed tests): ``synthwatch bench ...``."""

@@ -1,0 +1,137 @@
+"""Benchmarks that print numbers (never timed tests): ratios measured in one run on one broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from rich.console import Console
+from rich.table import Table
+
+from synthwatch.settings import Settings
+from synthwatch.stack.broker import EmbeddedBroker, ensure_topics
+
+_REGIONS = [
+    ("ML", "ML-BKO"),
+    ("MA", "MA-CAS"),
+    ("SN", "SN-DK"),
+    ("FR", "FR-75C"),
+    ("NL", "NL-NH"),
+    ("US", "US-CA"),
+]
+
+
+def sample_lines(count: int, prefix: str) -> list[str]:
+    """Valid border-seizure lines spread over regions (cheap to build, realistic in size)."""
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    lines = []
+    for i in range(count):
+        country, region = _REGIONS[i % len(_REGIONS)]
+        lines.append(
+            json.dumps(
+                {
+                    "event_id": f"{prefix}-{i}",
+                    "kind": "border_seizure",
+                    "occurred_at": (base + timedelta(seconds=i)).isoformat(),
+                    "country": country,
+                    "region": region,
+                    "substance": {"name": "3-MMC"},
+                    "agency": "Customs",
+                    "seizure_id": f"S{i}",
+                    "border_point": "Airport",
+                    "conveyance": "air",
+                    "quantity": {"value": 12.5, "unit": "g"},
+                }
+            )
+        )
+    return lines
+
+
+async def _aiokafka_produce(servers: str, topic: str, payloads: list[tuple[bytes, bytes]]) -> float:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=servers, acks="all", linger_ms=20, max_batch_size=512 * 1024)
+    await producer.start()
+    try:
+        started = time.perf_counter()
+        futures = [await producer.send(topic, value=value, key=key) for key, value in payloads]
+        await asyncio.gather(*futures)
+        return time.perf_counter() - started
+    finally:
+        await producer.stop()
+
+
+def bench_publish(events: int, console: Console) -> dict[str, float]:
+    """kafka-python (synthwatch's Publisher, validation included) against aiokafka on the same broker."""
+    from kafka import KafkaProducer
+
+    from synthwatch.producers.publisher import Publisher
+    from synthwatch.producers.readers import InputRecord
+
+    settings = Settings(topic_border_seizures=f"bench-{uuid.uuid4().hex[:8]}")
+    rates: dict[str, float] = {}
+    with EmbeddedBroker(settings) as broker:
+        servers = broker.bootstrap_servers
+        ensure_topics(settings, servers)
+        lines = sample_lines(events, "bench")
+        payloads = [(json.loads(line)["region"].encode(), line.encode()) for line in lines]
+
+        rates["aiokafka producer (bytes only)"] = events / asyncio.run(
+            _aiokafka_produce(servers, settings.topic_border_seizures, payloads)
+        )
+
+        plain = KafkaProducer(bootstrap_servers=servers)
+        started = time.perf_counter()
+        for key, value in payloads:
+            plain.send(settings.topic_border_seizures, key=key, value=value)
+        plain.flush()
+        rates["kafka-python, default settings (bytes only)"] = events / (time.perf_counter() - started)
+        plain.close()
+
+        with Publisher(settings, servers) as publisher:
+            started = time.perf_counter()
+            for key, value in payloads:
+                publisher.send_raw(settings.topic_border_seizures, key, value, "event", "bench")
+            publisher.flush()
+            elapsed = time.perf_counter() - started
+            rates["kafka-python as synthwatch configures it (bytes only)"] = events / elapsed
+
+        with Publisher(settings, servers) as publisher:
+            records = [InputRecord(source=f"bench:{i}", raw=line) for i, line in enumerate(lines)]
+            started = time.perf_counter()
+            summary = publisher.publish_records(records)
+            elapsed = time.perf_counter() - started
+        if summary.sent != events:
+            raise RuntimeError(f"publisher acknowledged {summary.sent} of {events} events")
+        rates["synthwatch publish (kafka-python, validates each record)"] = events / elapsed
+
+    reference = rates["aiokafka producer (bytes only)"]
+    table = Table(title=f"publishing {events:,} events to Tansu on one machine")
+    table.add_column("producer")
+    table.add_column("events/s", justify="right")
+    table.add_column("vs aiokafka", justify="right")
+    for name, rate in rates.items():
+        table.add_row(name, f"{rate:,.0f}", f"{rate / reference:.2f}")
+    console.print(table)
+    return rates
+
+
+def bench_backtest(console: Console, days: int, seed: int) -> float:
+    """Events/s of the offline backtest over a simulated stream (RDKit caches start cold)."""
+    from datetime import date
+
+    from synthwatch.producers.simulate import SimulationConfig, simulate
+    from synthwatch.stream_apps.detect.backtest import run_lines
+
+    sim = simulate(SimulationConfig(days=days, seed=seed, start=date(2026, 1, 1)))
+    run = run_lines((f"sim:{i}", line) for i, line in enumerate(sim.lines))
+    s = run.summary
+    table = Table(title=f"backtest of a simulated {days}-day stream (seed {seed})")
+    for column in ("lines", "events", "alerts", "seconds", "lines/s"):
+        table.add_column(column, justify="right")
+    table.add_row(f"{s.lines:,}", f"{s.events:,}", f"{s.alerts:,}", f"{s.seconds:.1f}", f"{s.events_per_second:,.0f}")
+    console.print(table)
+    return s.events_per_second

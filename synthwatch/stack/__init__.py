@@ -1,0 +1,1 @@
+"""Running the pieces: the embedded broker, the worker process, the stack file, drain and the demo."""

@@ -1,0 +1,306 @@
+"""Running a worker process, alone (``synthwatch worker``) or with its own broker (``synthwatch up``)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import faulthandler
+import fcntl
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from types import FrameType
+from typing import IO, Any
+
+import faust
+
+from synthwatch.redaction import install_log_redaction, private_dir, redact
+from synthwatch.settings import Settings
+from synthwatch.stack.broker import (
+    EmbeddedBroker,
+    ensure_topics,
+    free_port,
+    is_our_broker,
+    process_command_line,
+    stop_process,
+)
+from synthwatch.stack.drain import DrainingWorker, DrainOutcome, describe_lag, final_count
+from synthwatch.stackfile import StackInfo, new_web_token, read_stack, remove_stack, write_stack
+from synthwatch.stream_apps.storage.clickhouse import connect, migrate
+
+log = logging.getLogger("synthwatch.stack")
+
+
+class StackError(RuntimeError):
+    """The stack cannot start as configured; the message says what to do instead."""
+
+
+def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_worker(
+    settings: Settings,
+    bootstrap_servers: str,
+    *,
+    started_at: float | None = None,
+    loglevel: str = "warning",
+    announce: Callable[[str], None] = print,
+    broker_pid: int | None = None,
+    drain: bool = False,
+) -> DrainOutcome | None:
+    """Open ClickHouse, apply migrations, run the Faust worker until SIGINT/SIGTERM.
+
+    This process owns the ClickHouse client for its lifetime; other commands reach the data through
+    its ``/sql`` endpoint, found through ``DATA_DIR/stack.json``. ``drain`` (``synthwatch up``): the
+    first stop signal waits until everything consumed is stored (:mod:`.drain`); returns how it went.
+    """
+    from synthwatch.schemas.envelope import EnvelopeVerifier, OrgKeysError
+    from synthwatch.stream_apps.app import WorkerContext, create_app
+    from synthwatch.stream_apps.detect.identity import SubstanceResolver
+    from synthwatch.stream_apps.detect.intake import Intake
+    from synthwatch.stream_apps.detect.novelty import NoveltyDetector
+    from synthwatch.stream_apps.detect.region import RegionDetector
+    from synthwatch.stream_apps.runtime.metrics import WorkerMetrics
+    from synthwatch.stream_apps.runtime.worker_signature import WorkerKeyError
+    from synthwatch.stream_apps.storage.sink import ClickHouseSink
+
+    started_at = time.monotonic() if started_at is None else started_at
+    if settings.event_loop == "uvloop":
+        import mode.loop
+
+        mode.loop.use("uvloop")  # before Faust creates its loop
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints every stack
+    client = connect(settings)
+    if settings.migrate_on_start:
+        applied = migrate(client)
+        if applied:
+            announce(f"ClickHouse: applied migrations {', '.join(f'{m.version:04d}_{m.name}' for m in applied)}")
+
+    install_log_redaction()
+    private_dir(settings.data_dir)
+    web_port = web_port_for(settings)
+    # The address other commands on this machine use: loopback even when the port listens on every interface.
+    local_host = "127.0.0.1" if settings.web_host in ("0.0.0.0", "", "::") else settings.web_host
+    web_url = f"http://{local_host}:{web_port}"
+    pid = os.getpid()
+
+    def on_ready(seconds: float) -> None:
+        write_stack(
+            settings,
+            StackInfo(
+                pid=pid,
+                bootstrap_servers=bootstrap_servers,
+                web_url=web_url,
+                clickhouse_url=settings.resolved_clickhouse_url,
+                started_at=datetime.now(UTC).isoformat(),
+                ready_seconds=round(seconds, 3),
+                broker_pid=broker_pid,
+            ),
+        )
+        announce(f"Worker ready in {seconds:.1f} s (Kafka {redact(bootstrap_servers)}, HTTP {web_url})")
+
+    verifier = None
+    if settings.org_keys_file is not None:
+        try:
+            verifier = EnvelopeVerifier.from_file(settings.org_keys_file, required=settings.signed_reports_required)
+        except OrgKeysError as error:
+            raise SystemExit(f"SYNTHWATCH_ORG_KEYS_FILE: {error}") from error
+        announce(
+            f"Signed reports: {len(verifier.orgs)} organisations from {settings.org_keys_file}; "
+            + ("unsigned records are rejected" if verifier.required else "unsigned records are accepted")
+        )
+    elif settings.signed_reports_required:
+        raise SystemExit(
+            "SYNTHWATCH_REQUIRE_SIGNED_REPORTS is on but SYNTHWATCH_ORG_KEYS_FILE is not set: "
+            "point it at the organisation keys file (docs/security.md#kafka-authentication)"
+        )
+    resolver = SubstanceResolver(corroboration=settings.learnt_name_reporters)
+    ctx = WorkerContext(
+        settings=settings,
+        client=client,
+        sink=ClickHouseSink(client),
+        intake=Intake(resolver, verifier=verifier, limits=settings.record_limits()),
+        metrics=WorkerMetrics(app_id=settings.app_id),
+        regions=RegionDetector(settings.detection_config()),
+        novelty=NoveltyDetector(settings.detection_config().novelty),
+        started_at=started_at,
+        on_ready=on_ready,
+        web_token=new_web_token(settings),
+    )
+    try:
+        app = create_app(ctx, bootstrap_servers, web_port)
+    except WorkerKeyError as error:  # not hex of 16+ bytes (the example's CHANGE-ME), or none for several workers
+        raise SystemExit(str(error)) from error
+    worker: faust.Worker
+    if drain:
+        worker = DrainingWorker(
+            app,
+            loglevel=loglevel,
+            settings=settings,
+            bootstrap_servers=bootstrap_servers,
+            announce=announce,
+            **_WORKER_OPTIONS,
+        )
+    else:
+        worker = faust_worker(app, loglevel)
+    worker.spinner = None
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as stopped:
+        if not isinstance(worker, DrainingWorker) or stopped.code not in (None, 0):
+            raise
+        return worker.outcome
+    finally:
+        remove_stack(settings, pid)
+        client.close()
+
+
+#: A worker for a service: no banner, standard streams left alone.
+_WORKER_OPTIONS: dict[str, Any] = {"quiet": True, "redirect_stdouts": False}
+
+
+def faust_worker(app: faust.App, loglevel: str | int) -> faust.Worker:
+    """Faust's worker for a service: no terminal spinner.
+
+    Faust's spinner sets the root logger to DEBUG at WARNING and above (so that it spins on every
+    record): every debug call of aiokafka and Faust then built a LogRecord, ~8 % of the event loop.
+    """
+    worker = faust.Worker(app, loglevel=loglevel, **_WORKER_OPTIONS)
+    worker.spinner = None
+    return worker
+
+
+def web_port_for(settings: Settings) -> int:
+    """The worker's HTTP port: the configured one if it is free (else a StackError naming the setting),
+    or a free one when the setting is 0."""
+    if settings.web_port == 0:
+        return free_port(settings.web_host)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the web server binds it
+        try:
+            sock.bind((settings.web_host, settings.web_port))
+        except OSError as error:
+            why = "is in use" if error.errno == errno.EADDRINUSE else f"cannot be used ({error.strerror})"
+            raise StackError(
+                f"the worker's HTTP port {settings.web_host}:{settings.web_port} {why}; set SYNTHWATCH_WEB_PORT "
+                "to a free port, or to 0 to pick one"
+            ) from None
+    return settings.web_port
+
+
+def _is_synthwatch(pid: int) -> bool:
+    argv = process_command_line(pid)
+    return argv is not None and any("synthwatch" in part for part in argv)
+
+
+def _running_message(settings: Settings, info: StackInfo | None) -> str:
+    if info is None:
+        return f"a stack is already running for {settings.data_dir} (starting up); stop it first"
+    broker = f"broker {info.bootstrap_servers}" + (f" (pid {info.broker_pid})" if info.broker_pid else "")
+    return (
+        f"a stack is already running, pid {info.pid}, {broker}, data {settings.data_dir}; stop it first "
+        f"(Ctrl-C in its terminal or `kill {info.pid}`), or start this one with another SYNTHWATCH_DATA_DIR"
+    )
+
+
+def claim_data_dir(settings: Settings, announce: Callable[[str], None]) -> IO[str]:
+    """Make this process the only stack on ``data_dir``; returns the lock (held while it stays open).
+
+    Another ``up`` (or a ``worker``) running on the directory: StackError with its pid and broker. A
+    broker left running by an ``up`` that was killed before brokers died with it: stopped, once its
+    command line shows it is the Tansu broker that ``up`` recorded.
+    """
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(settings.data_dir / "up.lock", "a+", encoding="utf-8")  # noqa: SIM115 - held for the life of `up`
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise StackError(_running_message(settings, read_stack(settings))) from None
+    info = read_stack(settings, require_alive=False)
+    if info is not None and info.pid != os.getpid():
+        if _is_synthwatch(info.pid):
+            lock.close()
+            raise StackError(_running_message(settings, info))
+        if info.broker_pid and is_our_broker(info.broker_pid, info.bootstrap_servers):
+            stop_process(info.broker_pid)
+            announce(
+                f"Stopped the broker (pid {info.broker_pid}, {info.bootstrap_servers}) an earlier `synthwatch up` "
+                f"(pid {info.pid}) left running."
+            )
+        with contextlib.suppress(FileNotFoundError):
+            (settings.data_dir / "stack.json").unlink()
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def run_embedded_stack(
+    settings: Settings, *, loglevel: str = "warning", announce: Callable[[str], None] = print
+) -> DrainOutcome | None:
+    """``synthwatch up``: Tansu on a free port, the topics, and a worker; stops all on Ctrl-C/SIGTERM.
+
+    The broker keeps records in memory only, so the first stop signal drains (:mod:`.drain`) and the
+    broker dies with this process however it ends. Returns how the drain went (None: stopped before
+    the worker ran).
+    """
+    started_at = time.monotonic()
+    # Until Faust installs its own handlers, SIGTERM/SIGHUP must unwind through `finally` to stop the broker.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    signal.signal(signal.SIGHUP, _raise_keyboard_interrupt)
+    private_dir(settings.data_dir)
+    lock = claim_data_dir(settings, announce)
+    announce(f"Data directory: {settings.data_dir}")
+    settings = settings.model_copy(update={"web_port": web_port_for(settings)})
+    broker = EmbeddedBroker(settings, log_path=settings.data_dir / "tansu.log", tied_to_parent=True)
+    broker.start()
+    outcome = None
+    try:
+        broker_pid = broker.process.pid if broker.process else None
+        announce(f"Broker: Tansu on {broker.bootstrap_servers} (pid {broker_pid}; events in memory only)")
+        write_stack(  # now: a later `up` finds this broker even if this process dies before the worker is ready
+            settings,
+            StackInfo(
+                pid=os.getpid(),
+                bootstrap_servers=broker.bootstrap_servers,
+                web_url=f"http://{settings.web_host}:{settings.web_port}",
+                clickhouse_url=settings.resolved_clickhouse_url,
+                started_at=datetime.now(UTC).isoformat(),
+                broker_pid=broker_pid,
+            ),
+        )
+        created = ensure_topics(settings, broker.bootstrap_servers)
+        announce(f"Topics: {', '.join(settings.all_topics)} ({settings.partitions} partitions; created {len(created)})")
+        outcome = run_worker(
+            settings,
+            broker.bootstrap_servers,
+            started_at=started_at,
+            loglevel=loglevel,
+            announce=announce,
+            broker_pid=broker_pid,
+            drain=True,
+        )
+        if outcome is not None:  # the worker ran: count what it left, while the broker still knows
+            outcome = final_count(settings, broker.bootstrap_servers, outcome)
+            if not outcome.drained:
+                log.warning("stopped with records not stored (%s): %s", outcome.reason, outcome.not_stored)
+                lost = "an unknown number of" if outcome.lost is None else f"{outcome.lost:,}"
+                announce(
+                    f"Not stored: {lost} records"
+                    + (f": {describe_lag(settings, outcome.not_stored)}" if outcome.not_stored else "")
+                )
+    except KeyboardInterrupt:
+        pass
+    finally:
+        broker.stop()
+        remove_stack(settings, os.getpid())
+        announce("Stopped: broker and worker are down.")
+        lock.close()
+    return outcome
