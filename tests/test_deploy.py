@@ -221,13 +221,14 @@ def test_dockerfile_copies_the_whole_package_and_runs_synthwatch() -> None:
 
 
 def test_dockerfile_puts_the_clustered_migrations_where_the_cli_reads_them() -> None:
+    import synthwatch
     from synthwatch.stream_apps.storage import clustered
 
     instructions = _dockerfile()
     python = next(t[1] for t in instructions if t[0] == "FROM").split(":")[1].split("-")[0]  # "3.11"
     site_packages = f"/opt/synthwatch/lib/python{python}/site-packages"
     # clustered.py looks in <parent of the synthwatch package>/deploy/clickhouse/clustered
-    relative = clustered.CLUSTERED_DIR.relative_to(Path(clustered.__file__).resolve().parent.parent)
+    relative = clustered.CLUSTERED_DIR.relative_to(Path(synthwatch.__file__).resolve().parent.parent)
     targets = [t[-1].rstrip("/") for t in instructions if t[0] == "COPY" and len(t) >= 3]
     assert f"{site_packages}/{relative}" in targets
 

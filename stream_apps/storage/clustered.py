@@ -12,9 +12,13 @@ from pathlib import Path
 
 from clickhouse_connect.driver.client import Client
 
+import synthwatch
 from synthwatch.stream_apps.storage.clickhouse import Migration, MigrationError
 
-CLUSTERED_DIR = Path(__file__).resolve().parents[2] / "deploy" / "clickhouse" / "clustered"
+#: Beside the ``synthwatch`` package's folder: the checkout's root, or site-packages in the image (the
+#: Dockerfile copies the folder there). Found from the package root, not this file, because setuptools'
+#: package-dir puts this module at different depths in a checkout and in an installed wheel.
+CLUSTERED_DIR = Path(synthwatch.__file__).resolve().parent.parent / "deploy" / "clickhouse" / "clustered"
 _MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
