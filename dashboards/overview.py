@@ -11,16 +11,12 @@ from grafana_foundation_sdk.builders import dashboard
 from grafana_foundation_sdk.models import dashboard as dashboard_models
 
 from synthwatch.dashboards.panels import (
-    CLICKHOUSE_INPUT,
     COUNTRY,
     REGION,
     SqlPanel,
     SqlVariable,
-    build_datasource_variable,
-    build_sql_panel,
-    build_variable,
+    assemble_sql_dashboard,
     in_place,
-    layout,
     num_col,
     text_col,
     time_col,
@@ -354,8 +350,6 @@ ORDER BY alerts DESC, reports DESC
 
 def build() -> dashboard.Dashboard:
     """The overview dashboard (uid ``synthwatch-overview``)."""
-    panels = [build_sql_panel(spec, number) for number, spec in enumerate(PANELS, start=1)]
-    layout(panels)
     board = (
         dashboard.Dashboard(TITLE)
         .uid(UID)
@@ -374,9 +368,4 @@ def build() -> dashboard.Dashboard:
             .keep_time(True)
         )
     )
-    board = board.with_variable(build_datasource_variable(CLICKHOUSE_INPUT))
-    for variable in VARIABLES:
-        board = board.with_variable(build_variable(variable))
-    for panel in panels:
-        board = board.with_panel(panel)
-    return board
+    return assemble_sql_dashboard(board, PANELS, VARIABLES)

@@ -433,3 +433,18 @@ ORDER BY region
 """,
     columns=(Column("region", "text"),),
 )
+
+
+def assemble_sql_dashboard(
+    board: dashboard.Dashboard, specs: Sequence[SqlPanel], variables: Sequence[SqlVariable]
+) -> dashboard.Dashboard:
+    """``board`` with its SQL panels numbered and laid out, after the ClickHouse datasource variable and the
+    dashboard's own variables: every ClickHouse dashboard is put together the same way, so their JSON agree."""
+    panels = [build_sql_panel(spec, number) for number, spec in enumerate(specs, start=1)]
+    layout(panels)
+    board = board.with_variable(build_datasource_variable(CLICKHOUSE_INPUT))
+    for variable in variables:
+        board = board.with_variable(build_variable(variable))
+    for panel in panels:
+        board = board.with_panel(panel)
+    return board

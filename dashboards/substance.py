@@ -10,15 +10,11 @@ from grafana_foundation_sdk.builders import dashboard
 from grafana_foundation_sdk.models import dashboard as dashboard_models
 
 from synthwatch.dashboards.panels import (
-    CLICKHOUSE_INPUT,
     COUNTRY,
     REGION,
     SqlPanel,
     SqlVariable,
-    build_datasource_variable,
-    build_sql_panel,
-    build_variable,
-    layout,
+    assemble_sql_dashboard,
     num_col,
     text_col,
     time_col,
@@ -228,8 +224,6 @@ LIMIT 200
 
 def build() -> dashboard.Dashboard:
     """The drill-down dashboard with its country, region, family and substance variables."""
-    panels = [build_sql_panel(spec, number) for number, spec in enumerate(PANELS, start=1)]
-    layout(panels)
     board = (
         dashboard.Dashboard(TITLE)
         .uid(UID)
@@ -245,12 +239,7 @@ def build() -> dashboard.Dashboard:
             .keep_time(True)
         )
     )
-    board = board.with_variable(build_datasource_variable(CLICKHOUSE_INPUT))
-    for variable in VARIABLES:
-        board = board.with_variable(build_variable(variable))
-    for panel in panels:
-        board = board.with_panel(panel)
-    return board
+    return assemble_sql_dashboard(board, PANELS, VARIABLES)
 
 
 def substance_url(
