@@ -37,7 +37,7 @@ from synthwatch.stream_apps.storage.backfill.sql import (
     parse_select,
     sql_string,
 )
-from synthwatch.stream_apps.storage.sink import (
+from synthwatch.stream_apps.storage.tables import (
     LAB_COLUMNS,
     LAB_TABLE,
     SEIZURE_COLUMNS,

@@ -61,12 +61,12 @@ from synthwatch.stream_apps.detect.identity import (
     structure_from_smiles,
 )
 from synthwatch.stream_apps.storage.clickhouse import connect, migrate
-from synthwatch.stream_apps.storage.sink import (
+from synthwatch.stream_apps.storage.sink import ClickHouseSink
+from synthwatch.stream_apps.storage.tables import (
     LAB_COLUMNS,
     LAB_TABLE,
     SEIZURE_COLUMNS,
     SEIZURE_TABLE,
-    ClickHouseSink,
     QuantityValues,
     SubstanceValues,
     extra_text,
