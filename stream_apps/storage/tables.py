@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, cast
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal, cast
 
 from synthwatch.schemas import Alert, BorderSeizure, LabDetection, Reject
 from synthwatch.stream_apps.detect.identity import NormalisedQuantity, ResolvedSubstance
@@ -222,3 +224,55 @@ def alert_row(alert: Alert) -> list[Any]:
         alert.identified_by or "",
         alert.reported_by,
     ]
+
+
+# Every attempt to deliver an alert to an officer (the deliveries store: :mod:`.deliveries`).
+DELIVERY_TABLE = "deliveries"
+DELIVERY_COLUMNS = [
+    "alert_id",
+    "officer_id",
+    "channel",
+    "channel_type",
+    "route",
+    "attempt",
+    "status",
+    "reason",
+    "response_code",
+    "target",
+    "at",
+    "duration_ms",
+    "alert_type",
+    "severity",
+    "substance",
+    "region",
+    "digest_id",
+    "alert_json",
+]
+DeliveryStatus = Literal["delivered", "failed", "gave_up", "queued_digest", "digest_sent", "deferred"]
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One row of ``deliveries``."""
+
+    alert_id: str
+    officer_id: str
+    channel: str
+    channel_type: str
+    route: str
+    attempt: int
+    status: DeliveryStatus
+    reason: str
+    response_code: int | None
+    target: str
+    at: datetime
+    duration_ms: float = 0.0
+    alert_type: str = ""
+    severity: str = ""
+    substance: str = ""
+    region: str = ""
+    digest_id: str = ""
+    alert_json: str = ""
+
+    def row(self) -> list[Any]:
+        return [getattr(self, column) for column in DELIVERY_COLUMNS]
