@@ -66,7 +66,7 @@ from synthwatch.stream_apps.delivery.messages import (
     render_alert,
     render_digest,
 )
-from synthwatch.stream_apps.delivery.service import DeliveryService, DeliveryStore, RetryPolicy, attach_delivery
+from synthwatch.stream_apps.delivery.service import DeliveryService, RetryPolicy, attach_delivery
 from synthwatch.stream_apps.delivery.subscriptions import (
     Subscriptions,
     SubscriptionsError,
@@ -77,6 +77,7 @@ from synthwatch.stream_apps.delivery.targets import TargetPolicy
 from synthwatch.stream_apps.detect.identity import SubstanceResolver
 from synthwatch.stream_apps.runtime.batches import channel_batches
 from synthwatch.stream_apps.storage.clickhouse import migrate
+from synthwatch.stream_apps.storage.deliveries import DeliveryStore
 
 from .delivery_helpers import (
     LOOPBACK,

@@ -16,8 +16,9 @@ import pytest
 
 from synthwatch.producers.simulate import SimulationConfig, simulate
 from synthwatch.schemas import WireError, parse_event
-from synthwatch.stream_apps.storage.backfill.ingest import Chunk, ChunkParser, compute_structures, scan_part
-from synthwatch.stream_apps.storage.sink import LAB_TABLE, SEIZURE_TABLE
+from synthwatch.stream_apps.storage.backfill.parse import Chunk, ChunkParser
+from synthwatch.stream_apps.storage.backfill.prepass import compute_structures, scan_part
+from synthwatch.stream_apps.storage.tables import LAB_TABLE, SEIZURE_TABLE
 
 from .factories import lab, malformed_records, seizure
 

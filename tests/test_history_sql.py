@@ -19,7 +19,7 @@ import pytest
 from synthwatch.schemas import WireError, parse_event
 from synthwatch.schemas.events import BorderSeizure, LabDetection
 from synthwatch.stream_apps.storage.backfill.sql import PARSE_SETTINGS, PARSED_STRUCTURE, parse_select
-from synthwatch.stream_apps.storage.sink import lab_values, seizure_values
+from synthwatch.stream_apps.storage.tables import lab_values, seizure_values
 
 from .factories import lab, seizure
 

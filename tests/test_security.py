@@ -519,7 +519,7 @@ from datetime import UTC, datetime
 from synthwatch.stream_apps.storage.clickhouse import connect, migrate
 from synthwatch.redaction import redact
 from synthwatch.settings import Settings
-from synthwatch.stream_apps.delivery.service import COLUMNS, TABLE
+from synthwatch.stream_apps.storage.tables import DELIVERY_COLUMNS, DELIVERY_TABLE
 from synthwatch.stream_apps.delivery.subscriptions import WebhookChannel
 
 client = connect(Settings(data_dir=sys.argv[1]))
@@ -532,7 +532,7 @@ row = {
     "alert_type": "new_substance", "severity": "critical", "substance": "[/] :x: \x1b]8;;https://e\x07y",
     "region": "ML-BKO", "digest_id": "", "alert_json": "",
 }
-client.insert(TABLE, [[row[c] for c in COLUMNS]], column_names=COLUMNS)
+client.insert(DELIVERY_TABLE, [[row[c] for c in DELIVERY_COLUMNS]], column_names=DELIVERY_COLUMNS)
 client.close()
 """
     prepared = subprocess.run(

@@ -63,36 +63,11 @@ from synthwatch.stream_apps.delivery.subscriptions import (
     recipients,
     secret_problems,
 )
+from synthwatch.stream_apps.storage.deliveries import DeliveryStore, Key, QueuedAlert
+from synthwatch.stream_apps.storage.tables import Attempt, DeliveryStatus
 
 log = logging.getLogger("synthwatch.delivery")
 T = TypeVar("T")
-
-DeliveryStatus = Literal["delivered", "failed", "gave_up", "queued_digest", "digest_sent", "deferred"]
-Key = tuple[str, str, str]
-"""(alert_id, officer_id, channel name): what is delivered at most once."""
-
-TABLE = "deliveries"
-FINAL_STATUSES = ("delivered", "queued_digest", "digest_sent")
-COLUMNS = [
-    "alert_id",
-    "officer_id",
-    "channel",
-    "channel_type",
-    "route",
-    "attempt",
-    "status",
-    "reason",
-    "response_code",
-    "target",
-    "at",
-    "duration_ms",
-    "alert_type",
-    "severity",
-    "substance",
-    "region",
-    "digest_id",
-    "alert_json",
-]
 
 
 def utc_now() -> datetime:
@@ -115,33 +90,6 @@ class RetryPolicy:
         return float(base * (1 + random.uniform(-self.jitter, self.jitter)))
 
 
-@dataclass(slots=True)
-class Attempt:
-    """One row of ``deliveries``."""
-
-    alert_id: str
-    officer_id: str
-    channel: str
-    channel_type: str
-    route: str
-    attempt: int
-    status: DeliveryStatus
-    reason: str
-    response_code: int | None
-    target: str
-    at: datetime
-    duration_ms: float = 0.0
-    alert_type: str = ""
-    severity: str = ""
-    substance: str = ""
-    region: str = ""
-    digest_id: str = ""
-    alert_json: str = ""
-
-    def row(self) -> list[Any]:
-        return [getattr(self, column) for column in COLUMNS]
-
-
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """How one (alert, officer, channel) ended in this call; ``skipped`` = done before, sent by nobody now."""
@@ -154,114 +102,8 @@ class Outcome:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class QueuedAlert:
-    """An alert waiting for an officer's digest."""
-
-    officer_id: str
-    channel: str
-    route: str
-    alert_id: str
-    alert_json: str
-    queued_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class GaveUp:
-    """A delivery that gave up, as ``deliveries resend`` finds it: its key, route, alert and attempts so far."""
-
-    key: Key
-    route: str
-    alert_json: str
-    attempts: int
-    last_status: str
-
-
 class ResendError(ValueError):
     """A resend that cannot be done; the message says why and what to do instead."""
-
-
-class DeliveryStore:
-    """The ``deliveries`` table. Blocking (clickhouse-connect); the service calls it from threads.
-
-    ``lock`` is the worker's client lock: the embedded engine's client is shared with the sink.
-    """
-
-    def __init__(self, client: Client, lock: threading.Lock | None = None, digest_window_days: int = 14) -> None:
-        self.client = client
-        self.lock = lock or threading.Lock()
-        self.digest_window = timedelta(days=digest_window_days)
-
-    def record(self, attempts: Sequence[Attempt]) -> None:
-        if not attempts:
-            return
-        columns = [[a.row()[i] for a in attempts] for i in range(len(COLUMNS))]
-        with self.lock:
-            self.client.insert(TABLE, columns, column_names=COLUMNS, column_oriented=True)
-
-    def finished(self, keys: Collection[Key]) -> set[Key]:
-        """Which keys were delivered, queued for a digest or sent in one (a point lookup per key)."""
-        if not keys:
-            return set()
-        with self.lock:
-            rows = self.client.query(
-                f"SELECT DISTINCT alert_id, officer_id, channel FROM {TABLE} "
-                "WHERE officer_id IN %(officers)s AND alert_id IN %(alerts)s AND status IN %(final)s",
-                parameters={
-                    "officers": tuple({k[1] for k in keys}),
-                    "alerts": tuple({k[0] for k in keys}),
-                    "final": FINAL_STATUSES,
-                },
-            ).result_rows
-        wanted = set(keys)
-        return {key for key in ((str(a), str(o), str(c)) for a, o, c in rows) if key in wanted}
-
-    def gave_up(self, delivery: str) -> GaveUp | None:
-        """The alert delivery with id ``delivery`` (see ``channels.delivery_id``) whose latest try gave up.
-
-        Ids are hashes of (alert, officer, channel), so the candidates are read and hashed here; there are
-        few (deliveries that gave up are rare and each is a handful of rows).
-        """
-        with self.lock:
-            rows = self.client.query(
-                "SELECT alert_id, officer_id, channel, argMax(route, at), "
-                "argMaxIf(alert_json, at, status = 'gave_up'), max(attempt), argMax(toString(status), (at, attempt)) "
-                f"FROM {TABLE} WHERE digest_id = '' GROUP BY alert_id, officer_id, channel "
-                "HAVING countIf(status = 'gave_up') > 0",
-            ).result_rows
-        for alert_id, officer_id, channel, route, alert_json, attempts, last in rows:
-            if delivery_id(str(alert_id), str(officer_id), str(channel)) == delivery:
-                key = (str(alert_id), str(officer_id), str(channel))
-                return GaveUp(key, str(route), str(alert_json), int(attempts), str(last))
-        return None
-
-    def pending_digests(self, now: datetime) -> list[QueuedAlert]:
-        """Alerts queued for a digest (in the last ``digest_window``) and not sent in one yet."""
-        with self.lock:
-            rows = self.client.query(
-                f"SELECT officer_id, channel, alert_id, argMaxIf(route, at, status = 'queued_digest'), "
-                "argMaxIf(alert_json, at, status = 'queued_digest'), minIf(at, status = 'queued_digest') AS queued "
-                f"FROM {TABLE} WHERE status IN ('queued_digest', 'digest_sent') AND at >= %(since)s "
-                "GROUP BY officer_id, channel, alert_id "
-                "HAVING countIf(status = 'digest_sent') = 0 AND countIf(status = 'queued_digest') > 0 "
-                "ORDER BY officer_id, channel, queued",
-                parameters={"since": now - self.digest_window},
-            ).result_rows
-        return [QueuedAlert(str(o), str(c), str(r), str(a), str(j), _aware(q)) for o, c, a, r, j, q in rows]
-
-    def last_digests(self, now: datetime) -> dict[tuple[str, str], datetime]:
-        """(officer, channel) -> when its latest digest was sent."""
-        with self.lock:
-            rows = self.client.query(
-                f"SELECT officer_id, channel, max(at) FROM {TABLE} "
-                "WHERE status = 'digest_sent' AND at >= %(since)s GROUP BY officer_id, channel",
-                parameters={"since": now - self.digest_window},
-            ).result_rows
-        return {(str(o), str(c)): _aware(at) for o, c, at in rows}
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def webhook_payload(alert: Alert, officer: Officer, route: str, message: Message, channel: str) -> dict[str, Any]:
@@ -483,7 +325,7 @@ class DeliveryService:
         windows hold; the attempts are new rows numbered after the old ones, with the usual retries. The
         officer, channel and secret are today's subscriptions: a fixed URL or secret is what a resend is for.
         """
-        found = await self._store("finding the delivery", self.store.gave_up, delivery)
+        found = await self._store("finding the delivery", self.store.gave_up, delivery, delivery_id)
         if found is None:
             raise ResendError(
                 f"no delivery {delivery!r} that gave up; list them with `synthwatch deliveries --status gave_up`"

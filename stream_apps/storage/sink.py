@@ -5,99 +5,40 @@ stored (ids bound as one Array(String) parameter, never spliced into the SQL tex
 batch at ~15,000 ids) and drops those,
  so a replayed partition or a re-sent file adds no rows (counts are right
 without FINAL). The tables are ReplacingMergeTree on a key ending in ``event_id`` as a backstop.
-Inserts are column-oriented: one Python list per column is far cheaper than row tuples. Row values come
-from ``lab_values`` / ``seizure_values``, which ``ingest-history`` shares, so both writers store the same.
+Inserts are column-oriented: one Python list per column is far cheaper than row tuples. Tables, columns
+and row values come from :mod:`.tables`, which ``ingest-history`` shares, so both writers store the same.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from clickhouse_connect.driver.client import Client
 
 from synthwatch.schemas import Alert, BorderSeizure, LabDetection, Reject
-from synthwatch.stream_apps.detect.identity import NormalisedQuantity, ResolvedSubstance
 from synthwatch.stream_apps.detect.intake import EnrichedEvent
+from synthwatch.stream_apps.storage.tables import (
+    ALERT_COLUMNS,
+    ALERT_TABLE,
+    LAB_TABLE,
+    REJECT_COLUMNS,
+    REJECT_TABLE,
+    SEIZURE_TABLE,
+    SINK_LAB_COLUMNS,
+    SINK_SEIZURE_COLUMNS,
+    alert_row,
+    lab_row,
+    reject_id,
+    reject_row,
+    seizure_row,
+)
 
 # The sink never inserts an id twice in one block (ids already stored are filtered, and so are the
 # repeats of an id within the call), so merging Replacing/Summing rows at insert time is wasted work.
 INSERT_SETTINGS = {"optimize_on_insert": 0}
-
-LAB_TABLE = "lab_detections"
-
-SEIZURE_TABLE = "border_seizures"
-REJECT_TABLE = "rejects"
-
-_COMMON = [
-    "event_id",
-    "occurred_at",
-    "reported_at",
-    "country",
-    "region",
-    "substance_name",
-    "substance_smiles",
-    "substance_inchikey",
-    "substance_cas",
-    "substance_key",
-    "resolved_name",
-    "resolved_inchikey",
-    "family",
-    "extra",
-]
-LAB_COLUMNS = [*_COMMON, "lab_id", "sample_id", "sample_type", "method", "confirmed", "purity_pct"]
-SEIZURE_COLUMNS = [
-    *_COMMON,
-    "agency",
-    "seizure_id",
-    "border_point",
-    "conveyance",
-    "quantity_value",
-    "quantity_unit",
-    "grams",
-    "millilitres",
-    "units",
-    "origin_country",
-    "destination_country",
-]
-# The stream also stores whether a report was late (``ingest-history`` leaves the column to its default).
-SINK_LAB_COLUMNS = [*LAB_COLUMNS, "late", "content_hash"]
-SINK_SEIZURE_COLUMNS = [*SEIZURE_COLUMNS, "late", "content_hash"]
-REJECT_COLUMNS = ["reject_id", "rejected_at", "stage", "source", "reason", "event_id", "raw"]
-ALERT_TABLE = "alerts"
-ALERT_COLUMNS = [
-    "alert_id",
-    "alert_type",
-    "severity",
-    "country",
-    "region",
-    "substance_key",
-    "substance_name",
-    "substance_inchikey",
-    "family",
-    "controlled",
-    "metric",
-    "observed",
-    "expected",
-    "score",
-    "window_start",
-    "window_end",
-    "triggered_at",
-    "detected_at",
-    "evidence_event_ids",
-    "summary",
-    "identification_methods",
-    "sample_types",
-    "details",
-    "reported_late",
-    "late_by_hours",
-    "identified_by",
-    "reported_by",
-]
 
 
 @dataclass(slots=True, frozen=True)
@@ -113,142 +54,6 @@ class StoreResult:
     @property
     def stored(self) -> int:
         return self.lab_detections + self.border_seizures
-
-
-SubstanceValues = tuple[str, str, str | None, str]
-"""The resolved substance as stored: key, display name, InChIKey, family ("" when none)."""
-QuantityValues = tuple[float | None, float | None, float | None]
-"""A seized amount as stored: grams, millilitres, units (each None when the unit is not of that kind)."""
-
-
-def substance_values(substance: ResolvedSubstance) -> SubstanceValues:
-    return substance.key, substance.display_name, substance.inchikey, substance.family or ""
-
-
-def quantity_values(quantity: NormalisedQuantity | None) -> QuantityValues:
-    return (quantity.grams, quantity.millilitres, quantity.units) if quantity else (None, None, None)
-
-
-def extra_text(event: LabDetection | BorderSeizure) -> str:
-    """The ``extra`` column: unknown fields kept verbatim as JSON, ``{}`` for nearly every report."""
-    if not event.model_extra and not event.substance.model_extra:
-        return "{}"
-    return json.dumps(event.extra_fields, ensure_ascii=False, default=str)
-
-
-def lab_values(event: LabDetection, substance: SubstanceValues) -> tuple[Any, ...]:
-    """One row of :data:`LAB_COLUMNS` (the sink and ``ingest-history`` both store these values)."""
-    s = event.substance
-    return (
-        event.event_id,
-        event.occurred_at,
-        event.reported_at,
-        event.country,
-        event.region,
-        s.name or "",
-        s.smiles,
-        s.inchikey,
-        s.cas,
-        *substance,
-        extra_text(event),
-        event.lab_id,
-        event.sample_id,
-        event.sample_type,
-        event.method,
-        event.confirmed,
-        event.purity_pct,
-    )
-
-
-def seizure_values(event: BorderSeizure, substance: SubstanceValues, quantity: QuantityValues) -> tuple[Any, ...]:
-    """One row of :data:`SEIZURE_COLUMNS` (the sink and ``ingest-history`` both store these values)."""
-    s, q = event.substance, event.quantity
-    return (
-        event.event_id,
-        event.occurred_at,
-        event.reported_at,
-        event.country,
-        event.region,
-        s.name or "",
-        s.smiles,
-        s.inchikey,
-        s.cas,
-        *substance,
-        extra_text(event),
-        event.agency,
-        event.seizure_id,
-        event.border_point,
-        event.conveyance,
-        q.value,
-        q.unit,
-        *quantity,
-        event.origin_country or "",
-        event.destination_country or "",
-    )
-
-
-def lab_row(item: EnrichedEvent) -> tuple[Any, ...]:
-    """One row of :data:`SINK_LAB_COLUMNS`."""
-    return (*lab_values(cast(LabDetection, item.event), substance_values(item.substance)), item.late, item.digest)
-
-
-def seizure_row(item: EnrichedEvent) -> tuple[Any, ...]:
-    """One row of :data:`SINK_SEIZURE_COLUMNS`."""
-    values = seizure_values(
-        cast(BorderSeizure, item.event), substance_values(item.substance), quantity_values(item.quantity)
-    )
-    return (*values, item.late, item.digest)
-
-
-def reject_id(reject: Reject) -> str:
-    """Stable id of a reject: the same refused input from the same place is stored once."""
-    digest = hashlib.sha256(f"{reject.stage}\x1f{reject.source}\x1f{reject.raw}".encode())
-    return digest.hexdigest()[:32]
-
-
-def reject_row(reject: Reject) -> list[Any]:
-    return [
-        reject_id(reject),
-        reject.rejected_at,
-        reject.stage,
-        reject.source,
-        reject.reason,
-        reject.event_id,
-        reject.raw,
-    ]
-
-
-def alert_row(alert: Alert) -> list[Any]:
-    s = alert.substance
-    return [
-        alert.alert_id,
-        alert.alert_type,
-        alert.severity,
-        alert.country or "",
-        alert.region or "",
-        s.key,
-        s.name,
-        s.inchikey,
-        s.family or "",
-        s.controlled,
-        alert.metric or "",
-        alert.observed,
-        alert.expected,
-        alert.score,
-        alert.window_start,
-        alert.window_end,
-        alert.triggered_at,
-        alert.detected_at,
-        alert.evidence_event_ids,
-        alert.summary,
-        alert.identification_methods,
-        alert.sample_types,
-        json.dumps(alert.details, ensure_ascii=False, default=str),
-        alert.reported_late,
-        alert.late_by_hours,
-        alert.identified_by or "",
-        alert.reported_by,
-    ]
 
 
 def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:

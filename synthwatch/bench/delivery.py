@@ -518,9 +518,10 @@ def bench_hung_receiver(
     import asyncio
 
     from synthwatch.stream_apps.delivery.endpoints import EndpointLimits
-    from synthwatch.stream_apps.delivery.service import DeliveryService, DeliveryStore
+    from synthwatch.stream_apps.delivery.service import DeliveryService
     from synthwatch.stream_apps.delivery.subscriptions import parse_subscriptions
     from synthwatch.stream_apps.storage.clickhouse import connect, migrate
+    from synthwatch.stream_apps.storage.deliveries import DeliveryStore
 
     data_dir = Path(tempfile.mkdtemp(prefix="synthwatch-bench-hung-"))
     client = connect(Settings(data_dir=data_dir))

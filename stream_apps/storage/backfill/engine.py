@@ -2,7 +2,7 @@
 :mod:`synthwatch.stream_apps.storage.backfill.ingest`.
 
 Why: the engine reads the file (``file()``, its lines numbered by ``_row_number``) and checks every line
-against the contract's normal form (:mod:`.history_sql`) in C++, with no Python object per field; only
+against the contract's normal form (:mod:`.sql`) in C++, with no Python object per field; only
 the lines it does not accept (~1 %) and the distinct substance spellings come back to Python. The rows
 go from the parsed table straight into the raw tables. Verdicts and rows equal the other paths'
 (``tests/test_history.py`` compares every column).
@@ -18,11 +18,10 @@ from clickhouse_connect.driver.client import Client
 from synthwatch.schemas import BorderSeizure, LabDetection, WireError
 from synthwatch.schemas.wire import DEFAULT_LIMITS, RecordLimits, parse_limited
 from synthwatch.stream_apps.detect.identity import Structure, SubstanceResolver
-from synthwatch.stream_apps.storage.backfill.ingest import (
-    ChunkParser,
-    ChunkResult,
+from synthwatch.stream_apps.storage.backfill.arrow import arrow_ipc
+from synthwatch.stream_apps.storage.backfill.parse import ChunkParser, ChunkResult
+from synthwatch.stream_apps.storage.backfill.resolve import (
     SubstanceKey,
-    arrow_ipc,
     known_names,
     resolve_in_line_order,
     seeded_resolver,
@@ -37,13 +36,7 @@ from synthwatch.stream_apps.storage.backfill.sql import (
     parse_select,
     sql_string,
 )
-from synthwatch.stream_apps.storage.sink import (
-    LAB_COLUMNS,
-    LAB_TABLE,
-    SEIZURE_COLUMNS,
-    extra_text,
-    substance_values,
-)
+from synthwatch.stream_apps.storage.tables import LAB_COLUMNS, LAB_TABLE, SEIZURE_COLUMNS, extra_text, substance_values
 
 # Arrow types of the parsed table's columns, for the rows Python accepted.
 _ARROW_OF = {
@@ -94,7 +87,7 @@ def _parsed_row(number: int, event: LabDetection | BorderSeizure) -> tuple[objec
 
 
 class EngineChunks:
-    """Chunks parsed and checked by the engine itself (:mod:`.history_sql`), for the embedded engine.
+    """Chunks parsed and checked by the engine itself (:mod:`.sql`), for the embedded engine.
 
     Only the lines the engine does not accept (about 1 %: malformed, to normalise, unknown fields) and
     the distinct substance spellings come back to Python; the rows go from the parsed table straight
@@ -208,7 +201,7 @@ class EngineChunks:
             self.client.insert(self.row_values, rows)
 
     def kept_rows(self, table: str) -> tuple[str, str, int]:
-        """(ids query, rows query, count) of this chunk's kept rows for ``table``, as :meth:`_Store.commit`
+        """(ids query, rows query, count) of this chunk's kept rows for ``table``, as :meth:`.store.Store.commit`
         takes them: the rows go from the parsed table straight into the raw table, no staging copy."""
         kind = "lab_detection" if table == LAB_TABLE else "border_seizure"
         columns = LAB_COLUMNS if table == LAB_TABLE else SEIZURE_COLUMNS

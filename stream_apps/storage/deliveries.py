@@ -1,0 +1,129 @@
+"""The ``deliveries`` table as the delivery service uses it: record attempts, find what is done or queued.
+
+Why here and not beside the service: every ClickHouse thing lives in storage, and delivery imports
+storage, never the reverse. The table's columns and its row (:class:`.tables.Attempt`) are in
+:mod:`.tables`; what a delivery is and when it is sent is :mod:`synthwatch.stream_apps.delivery.service`'s.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from clickhouse_connect.driver.client import Client
+
+from synthwatch.stream_apps.storage.tables import DELIVERY_COLUMNS, DELIVERY_TABLE, Attempt
+
+Key = tuple[str, str, str]
+"""(alert_id, officer_id, channel name): what is delivered at most once."""
+
+FINAL_STATUSES = ("delivered", "queued_digest", "digest_sent")
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedAlert:
+    """An alert waiting for an officer's digest."""
+
+    officer_id: str
+    channel: str
+    route: str
+    alert_id: str
+    alert_json: str
+    queued_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class GaveUp:
+    """A delivery that gave up, as ``deliveries resend`` finds it: its key, route, alert and attempts so far."""
+
+    key: Key
+    route: str
+    alert_json: str
+    attempts: int
+    last_status: str
+
+
+class DeliveryStore:
+    """The ``deliveries`` table. Blocking (clickhouse-connect); the service calls it from threads.
+
+    ``lock`` is the worker's client lock: the embedded engine's client is shared with the sink.
+    """
+
+    def __init__(self, client: Client, lock: threading.Lock | None = None, digest_window_days: int = 14) -> None:
+        self.client = client
+        self.lock = lock or threading.Lock()
+        self.digest_window = timedelta(days=digest_window_days)
+
+    def record(self, attempts: Sequence[Attempt]) -> None:
+        if not attempts:
+            return
+        columns = [[a.row()[i] for a in attempts] for i in range(len(DELIVERY_COLUMNS))]
+        with self.lock:
+            self.client.insert(DELIVERY_TABLE, columns, column_names=DELIVERY_COLUMNS, column_oriented=True)
+
+    def finished(self, keys: Collection[Key]) -> set[Key]:
+        """Which keys were delivered, queued for a digest or sent in one (a point lookup per key)."""
+        if not keys:
+            return set()
+        with self.lock:
+            rows = self.client.query(
+                f"SELECT DISTINCT alert_id, officer_id, channel FROM {DELIVERY_TABLE} "
+                "WHERE officer_id IN %(officers)s AND alert_id IN %(alerts)s AND status IN %(final)s",
+                parameters={
+                    "officers": tuple({k[1] for k in keys}),
+                    "alerts": tuple({k[0] for k in keys}),
+                    "final": FINAL_STATUSES,
+                },
+            ).result_rows
+        wanted = set(keys)
+        return {key for key in ((str(a), str(o), str(c)) for a, o, c in rows) if key in wanted}
+
+    def gave_up(self, delivery: str, id_of: Callable[[str, str, str], str]) -> GaveUp | None:
+        """The alert delivery with id ``delivery`` (``id_of(alert, officer, channel)``) whose latest try gave up.
+
+        Ids are hashes of (alert, officer, channel), so the candidates are read and hashed here; there are
+        few (deliveries that gave up are rare and each is a handful of rows). ``id_of`` is the delivery
+        side's ``delivery_id``: how a delivery is named to receivers is not storage's to know.
+        """
+        with self.lock:
+            rows = self.client.query(
+                "SELECT alert_id, officer_id, channel, argMax(route, at), "
+                "argMaxIf(alert_json, at, status = 'gave_up'), max(attempt), argMax(toString(status), (at, attempt)) "
+                f"FROM {DELIVERY_TABLE} WHERE digest_id = '' GROUP BY alert_id, officer_id, channel "
+                "HAVING countIf(status = 'gave_up') > 0",
+            ).result_rows
+        for alert_id, officer_id, channel, route, alert_json, attempts, last in rows:
+            if id_of(str(alert_id), str(officer_id), str(channel)) == delivery:
+                key = (str(alert_id), str(officer_id), str(channel))
+                return GaveUp(key, str(route), str(alert_json), int(attempts), str(last))
+        return None
+
+    def pending_digests(self, now: datetime) -> list[QueuedAlert]:
+        """Alerts queued for a digest (in the last ``digest_window``) and not sent in one yet."""
+        with self.lock:
+            rows = self.client.query(
+                f"SELECT officer_id, channel, alert_id, argMaxIf(route, at, status = 'queued_digest'), "
+                "argMaxIf(alert_json, at, status = 'queued_digest'), minIf(at, status = 'queued_digest') AS queued "
+                f"FROM {DELIVERY_TABLE} WHERE status IN ('queued_digest', 'digest_sent') AND at >= %(since)s "
+                "GROUP BY officer_id, channel, alert_id "
+                "HAVING countIf(status = 'digest_sent') = 0 AND countIf(status = 'queued_digest') > 0 "
+                "ORDER BY officer_id, channel, queued",
+                parameters={"since": now - self.digest_window},
+            ).result_rows
+        return [QueuedAlert(str(o), str(c), str(r), str(a), str(j), _aware(q)) for o, c, a, r, j, q in rows]
+
+    def last_digests(self, now: datetime) -> dict[tuple[str, str], datetime]:
+        """(officer, channel) -> when its latest digest was sent."""
+        with self.lock:
+            rows = self.client.query(
+                f"SELECT officer_id, channel, max(at) FROM {DELIVERY_TABLE} "
+                "WHERE status = 'digest_sent' AND at >= %(since)s GROUP BY officer_id, channel",
+                parameters={"since": now - self.digest_window},
+            ).result_rows
+        return {(str(o), str(c)): _aware(at) for o, c, at in rows}
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
