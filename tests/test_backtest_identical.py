@@ -11,6 +11,7 @@ them only from a commit whose detection is known to be right, and say so in the 
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 import sys
 from datetime import UTC, date, datetime
@@ -80,6 +81,29 @@ def test_the_backtest_command_writes_the_same_alerts_as_before(tmp_path: Path) -
     assert result.exit_code == 0, result.output
     assert len(out.read_text(encoding="utf-8").splitlines()) == EXPECTED[1][0]
     assert (file_digest(out), file_digest(tmp_path / "alerts.ndjson.rejects.ndjson")) == EXPECTED_FILES
+
+
+def test_the_backtest_command_shows_a_progress_bar_only_at_a_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from synthwatch.cli import main
+    from synthwatch.consoles import CommandConsole
+
+    lines = _lines(2)[:5000]
+    events, out = tmp_path / "in.ndjson", tmp_path / "alerts.ndjson"
+    events.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    command = ["backtest", "--input", str(events), "--output", str(out)]
+    piped = CliRunner().invoke(main.app, command)
+    assert piped.exit_code == 0 and "backtest of in.ndjson" in piped.stdout
+    assert f"{len(lines)}/{len(lines)}" not in piped.output
+    piped_alerts = file_digest(out)
+
+    terminal = io.StringIO()
+    monkeypatch.setattr(main, "err", CommandConsole(file=terminal, force_terminal=True, width=100, color_system=None))
+    shown = CliRunner().invoke(main.app, command)
+    assert shown.exit_code == 0, shown.output
+    assert "backtest" in terminal.getvalue() and f"{len(lines)}/{len(lines)}" in terminal.getvalue()
+    assert file_digest(out) == piped_alerts  # the bar changes nothing the command writes
 
 
 if __name__ == "__main__":  # print EXPECTED and EXPECTED_FILES for the code checked out

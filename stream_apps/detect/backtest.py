@@ -14,7 +14,7 @@ import re
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -166,11 +166,32 @@ def read_lines(path: Path) -> Iterator[tuple[str, str]]:
                 yield f"{path.name}:{number}", text
 
 
+def counted(
+    lines: Iterable[tuple[str, str]], progress: Callable[[int], None], every: int = 2048
+) -> Iterator[tuple[str, str]]:
+    """The lines unchanged, telling ``progress`` how many went by every ``every`` lines and at the end."""
+    done = 0
+    for done, line in enumerate(lines, start=1):
+        yield line
+        if done % every == 0:
+            progress(every)
+    if done % every:
+        progress(done % every)
+
+
 def run_file(
-    input_path: Path, output_path: Path, config: DetectionConfig | None = None, rejects_path: Path | None = None
+    input_path: Path,
+    output_path: Path,
+    config: DetectionConfig | None = None,
+    rejects_path: Path | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> BacktestRun:
-    """Backtest a file; writes one alert per line to ``output_path`` and rejects beside it."""
-    run = run_lines(read_lines(input_path), config)
+    """Backtest a file; writes one alert per line to ``output_path`` and rejects beside it.
+
+    ``progress`` (a progress bar's advance) hears how many non-blank lines were read, in steps.
+    """
+    lines = read_lines(input_path)
+    run = run_lines(lines if progress is None else counted(lines, progress), config)
     output_path.write_text("".join(a.model_dump_json() + "\n" for a in run.alerts), encoding="utf-8")
     rejects_path = rejects_path or output_path.with_name(output_path.name + ".rejects.ndjson")
     rejects_path.write_text("".join(r.model_dump_json() + "\n" for r in run.rejects), encoding="utf-8")

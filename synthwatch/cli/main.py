@@ -369,12 +369,26 @@ def backtest(
     output: Annotated[Path, typer.Option("--output", help="Alerts, one JSON object per line.")],
     rejects: Annotated[Path | None, typer.Option(help="Rejects file (default: beside the output).")] = None,
 ) -> None:
-    """Run the worker's detectors over a file, in file order, with no broker."""
+    """Run the worker's detectors over a file, in file order, with no broker.
+
+    At a terminal a progress bar on standard error shows the lines read; piped output is unchanged.
+    """
     from synthwatch.stream_apps.detect.backtest import run_file
 
     if not input.is_file():
         _fail(f"no such file: {input}")
-    run = run_file(input, output, Settings().detection_config(), rejects)
+    config = Settings().detection_config()
+    if not err.is_terminal:
+        run = run_file(input, output, config, rejects)
+    else:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with open(input, "rb") as counting:
+            total = sum(1 for line in counting if line.strip())
+        columns = (TextColumn("backtest"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=err, transient=True) as bar:
+            task = bar.add_task("backtest", total=total)
+            run = run_file(input, output, config, rejects, progress=lambda n: bar.advance(task, n))
     s = run.summary
     table = Table(title=f"backtest of {input.name}")
     for column in ("lines", "events", "of them late", "malformed", "duplicates", "alerts", "events/s"):
