@@ -419,11 +419,15 @@ def bench_detection_command(
 def bench_backtest_command(
     days: Annotated[int, typer.Option(help="Days of simulated reports.")] = 365,
     seed: Annotated[int, typer.Option(help="Simulation seed.")] = 1,
+    small_lines: Annotated[
+        int, typer.Option(min=1, help="Lines of the short file (the stream's first lines).")
+    ] = 30_000,
 ) -> None:
-    """Backtest throughput (events/s) on a simulated year, cold caches, in one process."""
+    """Lines/s of the whole `synthwatch backtest` command (start-up included) on a simulated year and on its first
+    30,000 lines, beside the in-process detection loop in the same run."""
     from synthwatch.bench.throughput import bench_backtest
 
-    bench_backtest(console, days=days, seed=seed)
+    bench_backtest(console, days=days, seed=seed, small_lines=small_lines)
 
 
 @bench_app.command("delivery")
