@@ -223,6 +223,20 @@ def test_quantities() -> None:
     assert normalise_quantity(3, "blotters").units == 3
 
 
+def test_the_wire_units_table_holds_pints_own_factors() -> None:
+    """The table that spares pint's import for the wire's units gives exactly what pint gives, for every one."""
+    from typing import get_args
+
+    from synthwatch.schemas.events import QuantityUnit
+    from synthwatch.stream_apps.detect.identity import COUNT_UNITS, WIRE_UNIT_FACTORS, _pint_factor
+
+    measured = {u for u in get_args(QuantityUnit) if normalise_name(u) not in COUNT_UNITS}
+    assert set(WIRE_UNIT_FACTORS) == measured
+    for unit, factor in WIRE_UNIT_FACTORS.items():
+        assert _pint_factor(unit) == factor, unit
+    assert normalise_quantity(3, "ounce").grams == 3 * _pint_factor("ounce")[1]  # other units: pint
+
+
 @pytest.mark.parametrize(("value", "unit"), [(1, "parsec"), (1, "furlongs per fortnight"), (-1, "g")])
 def test_bad_quantities_are_rejected(value: float, unit: str) -> None:
     with pytest.raises(ValueError):

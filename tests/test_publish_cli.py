@@ -229,3 +229,57 @@ def test_publish_failed_fires_on_the_series_a_failed_publish_pushed(tmp_path: Pa
     )
     assert done_rules.returncode == 0, done_rules.stdout + done_rules.stderr
     assert json.dumps(series(failed))  # the series were built from the push, not written by hand
+
+
+def _publish_with_stderr_on(settings: Settings, folder: Path, terminal: bool) -> tuple[str, str]:
+    """(stdout, stderr) of ``synthwatch publish reports.ndjson`` run in ``folder``, stderr a pty or a pipe."""
+    import os
+    import pty
+    import sys
+
+    from .conftest import cli_env
+
+    command = [sys.executable, "-m", "synthwatch.cli.main", "publish", "reports.ndjson"]
+    if not terminal:
+        done = subprocess.run(command, cwd=folder, env=cli_env(settings), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout, done.stderr
+    master, slave = pty.openpty()
+    shown = bytearray()
+
+    def drain() -> None:  # a full pty would block the child's writes
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the child closed its end
+                return
+            if not chunk:
+                return
+            shown.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    with subprocess.Popen(
+        command, cwd=folder, env=cli_env(settings), stdout=subprocess.PIPE, stderr=slave, text=True
+    ) as child:
+        os.close(slave)
+        stdout, _ = child.communicate(timeout=120)
+    reader.join(timeout=10)
+    os.close(master)
+    assert child.returncode == 0, stdout + shown.decode(errors="replace")
+    return stdout, shown.decode(errors="replace")
+
+
+def test_publish_shows_a_progress_bar_only_when_stderr_is_a_terminal(settings: Settings, tmp_path: Path) -> None:
+    """A large file shows its progress at a terminal; piped, the output is the same as without a bar."""
+    outputs = []
+    for terminal in (False, True):
+        folder = tmp_path / ("terminal" if terminal else "piped")
+        folder.mkdir()
+        records = [lab(event_id=f"{folder.name}-{i}", sample_id=f"S-{folder.name}-{i}") for i in range(3000)]
+        (folder / "reports.ndjson").write_text(ndjson(records), encoding="utf-8")
+        outputs.append(_publish_with_stderr_on(settings, folder, terminal))
+    (piped_out, piped_err), (shown_out, shown_err) = outputs
+    assert "3000/3000" in shown_err and "publishing" in shown_err
+    assert "publishing" not in piped_err and "3000" not in piped_err
+    assert shown_out == piped_out and "│ 3000 │ 3000 │" in piped_out

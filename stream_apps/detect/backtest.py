@@ -14,11 +14,12 @@ import re
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 from synthwatch.schemas import Alert, Reject, WireError
 from synthwatch.schemas.wire import parse_limited
@@ -63,6 +64,20 @@ def run_lines(
     a state built elsewhere, e.g. rebuilt from ClickHouse: how the tests check that rebuild-then-live raises
     the alerts of one backtest over everything.
     """
+    ahead = _with_structures_ahead(lines)  # the helper starts on the first block while the catalogue loads
+    try:
+        return _run(ahead, config, detector, intake, stored)
+    finally:
+        ahead.close()  # stops the helper process even when building the resolver failed
+
+
+def _run(
+    lines: Iterable[tuple[str, str]],
+    config: DetectionConfig | None,
+    detector: Detector | None,
+    intake: Intake | None,
+    stored: set[str] | None,
+) -> BacktestRun:
     intake, detector = intake or Intake(stage="backtest"), detector or Detector(config)
     summary, alerts, rejects = BacktestSummary(), [], []
     seen: set[str] = stored if stored is not None else set()  # the worker asks ClickHouse; here all is at hand
@@ -70,7 +85,7 @@ def run_lines(
     gc_was_enabled = gc.isenabled()
     gc.disable()  # ~10 short-lived objects per line and a growing state: the cyclic collector only costs
     try:
-        for source, line in _with_structures_ahead(lines):
+        for source, line in lines:
             summary.lines += 1
             try:
                 event = parse_limited(line)  # the worker's record caps (their defaults), as the worker applies them
@@ -131,24 +146,49 @@ def _standardise_all(spellings: list[str]) -> dict[str, Structure | str]:
     return {text: structure_from_smiles(text) for text in spellings}
 
 
-def _with_structures_ahead(lines: Iterable[tuple[str, str]]) -> Iterator[tuple[str, str]]:
+def _with_structures_ahead(lines: Iterable[tuple[str, str]]) -> Generator[tuple[str, str], None, None]:
     """The lines unchanged; meanwhile a helper process fills the structure cache a block ahead.
 
-    Small inputs (one block) never start the process.
+    Reads the first block and hands it to the helper at once (not at the first ``next``), so the caller can
+    build its resolver (the catalogue's structures) while the helper standardises that block. Small inputs
+    (one block) never start the process.
     """
     source = iter(lines)
     blocks = iter(lambda: list(itertools.islice(source, _BLOCK_LINES)), [])
     first = next(blocks, None)
-    if first is None:
-        return
-    if len(first) < _BLOCK_LINES:
-        yield from first
-        return
+    if first is None or len(first) < _BLOCK_LINES:
+        return _plain(first or [])
     method = "fork" if "chdb" not in sys.modules and sys.platform == "linux" else "forkserver"
     asked: set[str] = set()
-    with ProcessPoolExecutor(1, mp_context=get_context(method)) as pool:
-        ahead: deque[tuple[list[tuple[str, str]], Future[dict[str, Structure | str]]]] = deque()
-        ahead.append((first, pool.submit(_standardise_all, _spellings(first, asked))))
+    pool = ProcessPoolExecutor(1, mp_context=get_context(method))
+    try:
+        future = pool.submit(_standardise_all, _spellings(first, asked))
+    except BaseException:
+        pool.shutdown()
+        raise
+    ahead = _blocks_ahead(pool, blocks, first, future, asked)
+    next(ahead)  # into its ``with pool``: closing the generator from now on shuts the helper down
+    return ahead
+
+
+def _plain(block: list[tuple[str, str]]) -> Generator[tuple[str, str], None, None]:
+    yield from block
+
+
+def _blocks_ahead(
+    pool: ProcessPoolExecutor,
+    blocks: Iterator[list[tuple[str, str]]],
+    first: list[tuple[str, str]],
+    future: Future[dict[str, Structure | str]],
+    asked: set[str],
+) -> Generator[Any, None, None]:
+    """Yield each block once the helper's answers for it are in this process's cache; submit the next first.
+
+    The first item yielded is None: it only starts the generator (see :func:`_with_structures_ahead`).
+    """
+    with pool:
+        yield None
+        ahead: deque[tuple[list[tuple[str, str]], Future[dict[str, Structure | str]]]] = deque([(first, future)])
         while ahead:
             block, future = ahead.popleft()
             following = next(blocks, None)
@@ -166,11 +206,32 @@ def read_lines(path: Path) -> Iterator[tuple[str, str]]:
                 yield f"{path.name}:{number}", text
 
 
+def counted(
+    lines: Iterable[tuple[str, str]], progress: Callable[[int], None], every: int = 2048
+) -> Iterator[tuple[str, str]]:
+    """The lines unchanged, telling ``progress`` how many went by every ``every`` lines and at the end."""
+    done = 0
+    for done, line in enumerate(lines, start=1):
+        yield line
+        if done % every == 0:
+            progress(every)
+    if done % every:
+        progress(done % every)
+
+
 def run_file(
-    input_path: Path, output_path: Path, config: DetectionConfig | None = None, rejects_path: Path | None = None
+    input_path: Path,
+    output_path: Path,
+    config: DetectionConfig | None = None,
+    rejects_path: Path | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> BacktestRun:
-    """Backtest a file; writes one alert per line to ``output_path`` and rejects beside it."""
-    run = run_lines(read_lines(input_path), config)
+    """Backtest a file; writes one alert per line to ``output_path`` and rejects beside it.
+
+    ``progress`` (a progress bar's advance) hears how many non-blank lines were read, in steps.
+    """
+    lines = read_lines(input_path)
+    run = run_lines(lines if progress is None else counted(lines, progress), config)
     output_path.write_text("".join(a.model_dump_json() + "\n" for a in run.alerts), encoding="utf-8")
     rejects_path = rejects_path or output_path.with_name(output_path.name + ".rejects.ndjson")
     rejects_path.write_text("".join(r.model_dump_json() + "\n" for r in run.rejects), encoding="utf-8")

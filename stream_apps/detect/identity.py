@@ -24,9 +24,8 @@ import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from functools import cache, lru_cache
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import pint
 from rdkit import Chem
 from rdkit.Chem.MolStandardize import rdMolStandardize
 from rdkit.rdBase import BlockLogs
@@ -34,6 +33,9 @@ from rdkit.rdBase import BlockLogs
 from synthwatch.catalogue import CatalogueEntry, Family, shipped_catalogue
 from synthwatch.schemas.records import IdentifiedBy
 from synthwatch.stream_apps.detect.families import classify
+
+if TYPE_CHECKING:
+    import pint
 
 ResolvedBy = IdentifiedBy  # carried to the alert (Alert.identified_by)
 
@@ -215,13 +217,34 @@ COUNT_UNITS: frozenset[str] = frozenset(
 
 @cache
 def _registry() -> pint.UnitRegistry:
-    """One pint registry per process, built on first use (building it costs a few hundred ms)."""
+    """One pint registry per process, built on first use (importing pint and building it cost ~0.3 s)."""
+    import pint
+
     return pint.UnitRegistry()
 
 
-@lru_cache(maxsize=1024)
+#: Pint's factors for the units the wire contract allows (``QuantityUnit``), so a backtest or worker that
+#: only meets those never imports pint (~0.3 s of start-up). tests/test_identity.py checks them against pint.
+WIRE_UNIT_FACTORS: dict[str, tuple[Literal["g", "ml"], float]] = {
+    "g": ("g", 1.0),
+    "kg": ("g", 1000.0),
+    "mg": ("g", 0.001),
+    "ml": ("ml", 1.0),
+    "l": ("ml", 1000.0),
+}
+
+
 def _unit_factor(unit: str) -> tuple[Literal["g", "ml"], float]:
+    """The factor from ``unit`` to grams or millilitres: the wire's units from a table, others from pint."""
+    known = WIRE_UNIT_FACTORS.get(unit)
+    return known if known is not None else _pint_factor(unit)
+
+
+@lru_cache(maxsize=1024)
+def _pint_factor(unit: str) -> tuple[Literal["g", "ml"], float]:
     """Pint's factor from ``unit`` to grams or millilitres, computed once per distinct unit string."""
+    import pint
+
     registry = _registry()
     try:
         quantity = registry.Quantity(1.0, unit.strip())

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -119,19 +125,63 @@ def bench_publish(events: int, console: Console) -> dict[str, float]:
     return rates
 
 
-def bench_backtest(console: Console, days: int, seed: int) -> float:
-    """Events/s of the offline backtest over a simulated stream (RDKit caches start cold)."""
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and its reaped children (the backtest's helper too)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _command_seconds(input_path: Path, output_path: Path) -> tuple[float, float]:
+    """(wall, CPU) seconds of ``synthwatch backtest`` as a user runs it: a new process, start-up included."""
+    command = [sys.executable, "-m", "synthwatch.cli.main", "backtest", "--input", str(input_path)]
+    cpu, started = _cpu_seconds(), time.perf_counter()
+    subprocess.run([*command, "--output", str(output_path)], check=True, capture_output=True)
+    return time.perf_counter() - started, _cpu_seconds() - cpu
+
+
+def bench_backtest(console: Console, days: int, seed: int, small_lines: int = 30_000) -> dict[str, float]:
+    """Lines/s of the whole ``synthwatch backtest`` command (start-up included) on a simulated stream and on its
+    first ``small_lines`` lines, beside the in-process detection loop over the same stream in the same run.
+
+    Why both: issue 16's targets are for the command a user runs; the loop alone says how much of the time
+    is start-up (imports, catalogue, helper process) and file writing. Lines/s move with the machine's load,
+    so only the ratios of one run compare; the load is printed with them, and the CPU seconds (this process
+    and its children, helper processes included), which move less with other work on the machine.
+    """
     from datetime import date
 
     from synthwatch.producers.simulate import SimulationConfig, simulate
     from synthwatch.stream_apps.detect.backtest import run_lines
 
     sim = simulate(SimulationConfig(days=days, seed=seed, start=date(2026, 1, 1)))
-    run = run_lines((f"sim:{i}", line) for i, line in enumerate(sim.lines))
+    rates: dict[str, float] = {}
+    rows: list[tuple[str, int, tuple[float, float]]] = []
+    with tempfile.TemporaryDirectory(prefix="synthwatch-bench-") as tmp:
+        year, small, one = Path(tmp) / "stream.ndjson", Path(tmp) / "small.ndjson", Path(tmp) / "one.ndjson"
+        year.write_text("".join(line + "\n" for line in sim.lines), encoding="utf-8")
+        small_count = min(small_lines, len(sim.lines))
+        small.write_text("".join(line + "\n" for line in sim.lines[:small_count]), encoding="utf-8")
+        one.write_text(sim.lines[0] + "\n", encoding="utf-8")
+        rows.append(("command, one line (start-up)", 1, _command_seconds(one, Path(tmp) / "one.alerts")))
+        rows.append((f"command, {days}-day stream", len(sim.lines), _command_seconds(year, Path(tmp) / "y.alerts")))
+        rows.append((f"command, first {small_count:,} lines", small_count, _command_seconds(small, Path(tmp) / "s")))
+    cpu = _cpu_seconds()
+    run = run_lines((f"sim:{i}", line) for i, line in enumerate(sim.lines))  # RDKit caches start cold here too
     s = run.summary
-    table = Table(title=f"backtest of a simulated {days}-day stream (seed {seed})")
-    for column in ("lines", "events", "alerts", "seconds", "lines/s"):
-        table.add_column(column, justify="right")
-    table.add_row(f"{s.lines:,}", f"{s.events:,}", f"{s.alerts:,}", f"{s.seconds:.1f}", f"{s.events_per_second:,.0f}")
+    rows.append((f"in-process loop, {days}-day stream (reference)", s.lines, (s.seconds, _cpu_seconds() - cpu)))
+    reference = s.lines / s.seconds
+    load = os.getloadavg()
+    table = Table(
+        title=f"backtest of a simulated {days}-day stream (seed {seed}: {s.lines:,} lines, {s.alerts:,} alerts); "
+        f"load {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} cores"
+    )
+    for column in ("measurement", "lines", "seconds", "lines/s", "vs in-process loop", "CPU seconds"):
+        table.add_column(column, justify="left" if column == "measurement" else "right")
+    for name, lines, (seconds, cpu_seconds) in rows:
+        rates[name] = rate = lines / seconds
+        table.add_row(
+            name, f"{lines:,}", f"{seconds:.2f}", f"{rate:,.0f}", f"{rate / reference:.2f}", f"{cpu_seconds:.2f}"
+        )
     console.print(table)
-    return s.events_per_second
+    console.print("targets (issue 16): the command >= 50,000 lines/s on the simulated year, >= 30,000 on 30,000 lines")
+    return rates
