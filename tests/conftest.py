@@ -27,7 +27,8 @@ from pydantic import SecretStr
 
 from synthwatch.settings import Settings
 from synthwatch.stack.broker import EmbeddedBroker, ensure_topics, free_port, wait_for_port
-from synthwatch.stackfile import StackInfo, read_stack
+from synthwatch.stack.process import StackProcess, StackProcessError, stop_child
+from synthwatch.stackfile import StackInfo
 from synthwatch.stream_apps.storage.clickhouse import connect
 from synthwatch.stream_apps.storage.query import QueryResult, run_query
 
@@ -181,47 +182,34 @@ class RunningWorker:
 
 def start_worker(settings: Settings, log_path: Path, command: str = "worker") -> RunningWorker:
     """Start ``synthwatch worker`` (or ``up``) as a child process and wait until it is ready."""
-    log = open(log_path, "wb")  # noqa: SIM115 - the child writes to it for its whole life
-    process = subprocess.Popen(
+    child = StackProcess(
         [sys.executable, "-m", "synthwatch.cli.main", command, "--loglevel", "info"],
+        log_path,
         env=cli_env(settings),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    log.close()
+        settings=settings,
+        what=f"`synthwatch {command}`",
+        tail=3000,
+    ).start()
 
     def ready() -> StackInfo | None:
-        if process.poll() is not None:
-            pytest.fail(f"`synthwatch {command}` exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-        info = read_stack(settings)
-        return info if info is not None and info.pid == process.pid and info.ready_seconds is not None else None
+        try:
+            return child.ready_info()
+        except StackProcessError as error:  # it exited: fail now, with its log
+            pytest.fail(str(error))
 
     info = wait_until(ready, 90, f"`synthwatch {command}` to become ready")
     print(f"\n[{command}] ready in {info.ready_seconds:.2f} s")
-    return RunningWorker(settings, process, info, log_path)
+    return RunningWorker(settings, child.process, info, log_path)
 
 
 def stop_worker(worker: RunningWorker, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-    if worker.process.poll() is None:
-        worker.process.send_signal(sig)
-        try:
-            worker.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            worker.process.kill()
-            worker.process.wait(10)
-    return worker.process.returncode
+    """Stop the worker with ``sig`` (SIGKILL after ``timeout`` s); its exit code."""
+    return stop_child(worker.process, timeout, sig=sig)
 
 
 def terminate(process: subprocess.Popen[bytes], timeout: float = 30) -> int:
     """SIGTERM a child process, SIGKILL it if it does not stop in ``timeout`` s; returns its exit code."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-    return process.returncode
+    return stop_child(process, timeout)
 
 
 @contextlib.contextmanager
@@ -231,18 +219,15 @@ def engine_over_http(data_dir: Path, log_path: Path) -> Iterator[int]:
     A process of its own because chDB allows one engine per process (see DEVELOPERS.md).
     """
     port = free_port()
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "tests.reliability_helpers", "clickhouse-http", str(port), str(data_dir)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=Path(__file__).resolve().parent.parent,
-        )
-    try:
+    server = StackProcess(
+        [sys.executable, "-m", "tests.reliability_helpers", "clickhouse-http", str(port), str(data_dir)],
+        log_path,
+        cwd=Path(__file__).resolve().parent.parent,
+        stop_timeout=15,
+    )
+    with server:
         wait_for_port("127.0.0.1", port, 60)
         yield port
-    finally:
-        terminate(server, 15)
 
 
 def isolated_settings(broker: EmbeddedBroker, data_dir: Path, **overrides: Any) -> Settings:

@@ -855,7 +855,7 @@ def test_a_huge_invalid_code_ends_in_rejects_and_does_not_stop_the_worker(
 def test_burst_of_200k_events_is_absorbed_lag_returns_to_zero_and_nothing_is_lost(
     broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
-    from synthwatch.bench.pipeline import bench_regions, bench_substances, keyed_lines
+    from synthwatch.bench.workload import bench_regions, bench_substances, keyed_lines
 
     total = int(os.environ.get("SYNTHWATCH_BURST_EVENTS", "200000"))
     settings = isolated_settings(broker, tmp_path)

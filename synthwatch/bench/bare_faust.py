@@ -5,21 +5,23 @@ the worker), on the same broker and messages as the pipeline, with nothing of sy
 Run as ``python -m synthwatch.bench.bare_faust --bootstrap HOST:PORT --topics A,B --expect N``; it prints one
 JSON line when it has counted ``expect`` messages (wall-clock times of the first and last message) and
 then waits to be stopped. Variants (event loop, per-event or batch agent, Faust settings) are options,
-so the experiments that try to raise the floor run the very same code.
+so the experiments that try to raise the floor run the very same code. The other reference, raw aiokafka
+consumption with JSON decoding (the transport's limit), is :func:`raw_aiokafka_rate` here too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 
@@ -102,6 +104,8 @@ def run_bare_agent(
     session_timeout: float = 4.0,
 ) -> FloorResult:
     """Start the bare agent in a child process, wait for its count, stop exactly that process."""
+    from synthwatch.stack.process import StackProcess, log_tail  # here: the child itself imports nothing of it
+
     with tempfile.TemporaryDirectory(prefix="synthwatch-bare-faust-") as tmp:
         command = [
             sys.executable,
@@ -121,16 +125,12 @@ def run_bare_agent(
             str(session_timeout),
             *variant.arguments(),
         ]
-        log_path = os.path.join(tmp, "bare.log")
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
-        try:
-            line = _read_result(process, timeout)
-        finally:
-            _stop(process)
+        log_path = Path(tmp) / "bare.log"
+        agent = StackProcess(command, log_path, pipe_stdout=True, stdin=subprocess.DEVNULL, stop_timeout=15)
+        with agent:
+            line = _read_result(agent.process, timeout)
         if line is None:
-            with open(log_path, "rb") as log:
-                tail = log.read()[-3000:].decode(errors="replace")
+            tail = log_tail(log_path, 3000)
             raise RuntimeError(f"bare Faust agent ({variant.name}) gave no result:\n{tail}")
     data = json.loads(line)
     return FloorResult(variant.name, int(data["count"]), float(data["last"]) - float(data["first"]))
@@ -157,16 +157,46 @@ def _read_result(process: subprocess.Popen[bytes], timeout: float) -> str | None
     return None
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-    if process.stdout is not None:
-        process.stdout.close()
+# --- the transport's limit, the other reference --------------------------------------------------------
+
+
+async def _raw_consume(servers: str, topics: Sequence[str], expect: int, timeout: float) -> tuple[int, float]:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        partitions: list[TopicPartition] = []
+        for topic in topics:
+            known = consumer.partitions_for_topic(topic)
+            if not known:
+                await consumer._client.force_metadata_update()
+                known = consumer.partitions_for_topic(topic) or set()
+            partitions += [TopicPartition(topic, p) for p in sorted(known)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        count, first, decode = 0, 0.0, json.loads
+        deadline = time.monotonic() + timeout
+        while count < expect and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=500)
+            for records in batches.values():
+                if records and not first:
+                    first = time.time()
+                for record in records:
+                    with contextlib.suppress(ValueError):
+                        decode(record.value or b"null")
+                count += len(records)
+        return count, time.time() - first
+    finally:
+        await consumer.stop()
+
+
+def raw_aiokafka_rate(servers: str, topics: Sequence[str], expect: int, timeout: float = 300.0) -> FloorResult:
+    """aiokafka, no consumer group, JSON-decoding every value: the transport's limit."""
+    import asyncio  # here: the bare agent's process does not need it before Faust
+
+    count, seconds = asyncio.run(_raw_consume(servers, topics, expect, timeout))
+    return FloorResult("raw aiokafka + json.loads", count, seconds)
 
 
 # --- the child process ----------------------------------------------------------------------------------

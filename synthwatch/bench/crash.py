@@ -34,13 +34,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from synthwatch.bench.pipeline import BenchWorker, Topics, start_worker
+from synthwatch.bench.workers import BenchWorker, start_worker
+from synthwatch.bench.workload import Topics
 from synthwatch.producers.publisher import Publisher
 from synthwatch.producers.readers import InputRecord
 from synthwatch.producers.simulate import SimulationConfig, simulate
 from synthwatch.schemas import Alert
 from synthwatch.settings import Settings
-from synthwatch.stack.broker import EmbeddedBroker, committed_offsets, ensure_topics
+from synthwatch.stack.broker import EmbeddedBroker, committed_offsets
 from synthwatch.stack.kafka_checks import daily_chunks, read_all
 from synthwatch.stream_apps.detect.backtest import run_lines
 
@@ -186,8 +187,7 @@ def run_once(
     servers = broker.bootstrap_servers
     suffix = uuid.uuid4().hex[:6]
     topics = Topics(suffix)
-    settings = topics.settings(base, app_id=f"synthwatch-crash-{suffix}")
-    ensure_topics(settings, servers)
+    settings = topics.created(base, servers, app_id=f"synthwatch-crash-{suffix}")
     done_topics = [*topics.inputs, topics.sightings, topics.alerts, topics.rejects]
     data_dir = workdir / f"run-{point}"
     run = CrashRun(point, kill_at)

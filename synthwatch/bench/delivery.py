@@ -17,7 +17,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,7 +34,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from synthwatch.bench.workload import percentile
 from synthwatch.settings import Settings
+from synthwatch.stack.process import StackProcess
 
 ISOTONITAZENE = "CCN(CC)CCn1c(Cc2ccc(OC(C)C)cc2)nc2cc([N+](=O)[O-])ccc21"
 OFFICER_ID = "ml-bko-bench"
@@ -95,17 +96,6 @@ def lab_report(event_id: str, name: str, smiles: str, now: datetime | None = Non
 def _carries(event_id: str, payload: dict[str, Any]) -> bool:
     """Is this webhook payload the alert raised by report ``event_id``?"""
     return event_id in payload.get("alert", {}).get("evidence_event_ids", [])
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile, ``q`` in [0, 100]."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 class LatencyReceiver:
@@ -184,31 +174,6 @@ def stack_env(settings: Settings, secrets: dict[str, str] | None = None) -> dict
     return env
 
 
-def _wait_ready(settings: Settings, process: subprocess.Popen[bytes], log_path: Path, timeout: float) -> Any:
-    from synthwatch.stackfile import read_stack
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"`synthwatch up` exited with code {process.returncode}:\n{tail}")
-        info = read_stack(settings)
-        if info is not None and info.pid == process.pid and info.ready_seconds is not None:
-            return info
-        time.sleep(0.1)
-    raise RuntimeError(f"`synthwatch up` was not ready after {timeout:.0f} s (log: {log_path})")
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-
-
 def bench_delivery(console: Console, runs: int = 20, timeout_s: float = 30.0, keep: bool = False) -> dict[str, Any]:
     """Publish ``runs`` new-nitazene lab reports in Bamako; time each until the officer's webhook gets it."""
     from synthwatch.producers.publisher import Publisher
@@ -227,15 +192,15 @@ def bench_delivery(console: Console, runs: int = 20, timeout_s: float = 30.0, ke
         subscriptions.write_text(bench_subscriptions(receiver.url), encoding="utf-8")
         settings = Settings(data_dir=data_dir, subscriptions_file=subscriptions, web_port=0)
         log_path = data_dir / "up.log"
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "synthwatch.cli.main", "up"],
-                env=stack_env(settings, {BENCH_SECRET_ENV: secret}),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        try:
-            info = _wait_ready(settings, process, log_path, timeout=120)
+        up = StackProcess(
+            [sys.executable, "-m", "synthwatch.cli.main", "up"],
+            log_path,
+            env=stack_env(settings, {BENCH_SECRET_ENV: secret}),
+            settings=settings,
+            what="`synthwatch up`",
+        )
+        with up:
+            info = up.wait_ready(timeout=120)
             console.print(f"Stack ready in {info.ready_seconds:.1f} s; webhook receiver at {receiver.url}")
             # one unmeasured report first: consumer fetch sessions, RDKit and template caches warm up
             variants = nitazene_variants(runs + 1)
@@ -273,8 +238,6 @@ def bench_delivery(console: Console, runs: int = 20, timeout_s: float = 30.0, ke
             except QueryError as error:
                 console.print(f"[yellow]could not read deliveries: {error}[/]")
                 delivered_rows = -1
-        finally:
-            _stop(process)
         keys = Counter(str(payload.get("delivery_id", "")) for _, payload, _ in receiver.received)
         duplicates = sum(n - 1 for n in keys.values() if n > 1)
         rejected = list(receiver.rejected)

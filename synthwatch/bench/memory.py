@@ -81,7 +81,7 @@ def engine_memory(client: Any) -> dict[str, int]:
 
 def _child(args: argparse.Namespace) -> None:
     """One variant in this process: print a JSON line per checkpoint (``--child`` mode)."""
-    from synthwatch.bench.pipeline import bench_regions, bench_substances, keyed_lines
+    from synthwatch.bench.workload import bench_regions, bench_substances, keyed_lines
     from synthwatch.settings import Settings
     from synthwatch.stream_apps.detect.intake import Intake, RawMessage
 

@@ -36,9 +36,10 @@ from kafka import KafkaProducer
 from rich.console import Console
 from rich.table import Table
 
-from synthwatch.bench.pipeline import BenchWorker, Topics, _seizure_line, start_worker
+from synthwatch.bench.workers import BenchWorker, start_worker
+from synthwatch.bench.workload import Topics, seizure_line
 from synthwatch.settings import Settings
-from synthwatch.stack.broker import EmbeddedBroker, committed_offsets, ensure_topics
+from synthwatch.stack.broker import EmbeddedBroker, committed_offsets
 
 REGIONS = (("ML", "ML-BKO"), ("MA", "MA-TNG"), ("SN", "SN-DK"), ("FR", "FR-75C"), ("NL", "NL-NH"))
 
@@ -82,7 +83,7 @@ def publish_seizures(
     for i in range(first, first + count):
         country, region = regions[i % len(regions)]
         at = (start + timedelta(seconds=i)).isoformat()
-        line = _seizure_line(f"{prefix}-{i}", country, region, "Tramadol", at, i)
+        line = seizure_line(f"{prefix}-{i}", country, region, "Tramadol", at, i)
         producer.send(topic, key=region.encode(), value=line.encode())
     producer.flush()
     producer.close()
@@ -138,9 +139,8 @@ def kill_restart_run(
     """One run of the recipe (see the module docstring)."""
     suffix = uuid.uuid4().hex[:8]
     topics = Topics(suffix)
-    settings = topics.settings(base, partitions=4)
+    settings = topics.created(base, servers, partitions=4)
     group = f"bench-reliability-{suffix}"
-    ensure_topics(settings, servers)
     inputs = list(settings.input_topics)
     publish_seizures(servers, settings.topic_border_seizures, suffix, events)
     data_dir = workdir / f"run-{run}-{when}"

@@ -16,7 +16,7 @@ from typing import Annotated, NoReturn
 import typer
 from rich.table import Table
 
-from synthwatch.cli.output import FormatOption, OutputFormat, emit, plural, to_json, write_csv
+from synthwatch.cli.output import FormatOption, OutputFormat, emit, plural, rich_table, to_json, write_csv
 from synthwatch.consoles import command_console
 from synthwatch.redaction import redact
 from synthwatch.settings import Settings
@@ -91,26 +91,39 @@ def alerts(
         _fail(str(error))
     which = "detected" if time == "detected" else "triggered by a report"
 
+    colours = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
+
     def table() -> Table:
-        title = plain(f"alerts {which} in the last {since}" + (f" in {region.upper()}" if region else ""))
-        table = Table(title=title)
-        columns = ("detected (UTC)", "triggered (UTC)", "severity", "type", "region", "substance", "observed")
-        for column in (*columns, "expected", "summary"):
-            table.add_column(column, overflow="fold", justify="right" if column in ("observed", "expected") else "left")
-        colours = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
-        for row in rows:
-            table.add_row(
-                _when(row.detected_at),
-                _when(row.triggered_at),
-                plain(row.severity, style=colours.get(row.severity, "")),
-                plain(row.alert_type),
-                plain(row.region or "(network)"),
-                plain(row.substance_name),
-                _number(row.observed),
-                _number(row.expected),
-                plain(row.summary),
-            )
-        return table
+        return rich_table(
+            plain(f"alerts {which} in the last {since}" + (f" in {region.upper()}" if region else "")),
+            (
+                "detected (UTC)",
+                "triggered (UTC)",
+                "severity",
+                "type",
+                "region",
+                "substance",
+                "observed",
+                "expected",
+                "summary",
+            ),
+            [
+                (
+                    _when(row.detected_at),
+                    _when(row.triggered_at),
+                    plain(row.severity, style=colours.get(row.severity, "")),
+                    plain(row.alert_type),
+                    plain(row.region or "(network)"),
+                    plain(row.substance_name),
+                    _number(row.observed),
+                    _number(row.expected),
+                    plain(row.summary),
+                )
+                for row in rows
+            ],
+            right=("observed", "expected"),
+            overflow="fold",
+        )
 
     emit(fmt, ALERT_COLUMNS, [[getattr(r, c) for c in ALERT_COLUMNS] for r in rows], table, console)
     if fmt is OutputFormat.table:
@@ -151,19 +164,22 @@ def rejects(
         _fail(str(error))
 
     def table() -> Table:
-        table = Table(title=plain(f"rejects in the last {since}" + (f" for {lab}" if lab else "")))
-        for column in ("rejected (UTC)", "stage", "source", "event id", "lab / agency", "reason"):
-            table.add_column(column, overflow="fold")
-        for row in rows:
-            table.add_row(
-                _when(row.rejected_at),
-                plain(row.stage),
-                plain(row.source),
-                plain(row.event_id or ""),
-                plain(row.reporter),
-                plain(row.reason),
-            )
-        return table
+        return rich_table(
+            plain(f"rejects in the last {since}" + (f" for {lab}" if lab else "")),
+            ("rejected (UTC)", "stage", "source", "event id", "lab / agency", "reason"),
+            [
+                (
+                    _when(row.rejected_at),
+                    plain(row.stage),
+                    plain(row.source),
+                    plain(row.event_id or ""),
+                    plain(row.reporter),
+                    plain(row.reason),
+                )
+                for row in rows
+            ],
+            overflow="fold",
+        )
 
     emit(fmt, REJECT_COLUMNS, [[getattr(r, c) for c in REJECT_COLUMNS] for r in rows], table, console)
     if fmt is OutputFormat.table:
@@ -187,24 +203,26 @@ def stats(
         _fail(str(error))
 
     def table() -> Table:
-        title = plain(f"reports in the last {plural(days, 'day')}" + (f" in {region.upper()}" if region else ""))
-        table = Table(title=title)
         numbers = ("reports", "lab detections", "seizures", "grams")
-        for column in ("region", "substance", "family", *numbers, "first seen", "last seen"):
-            table.add_column(column, justify="right" if column in numbers else "left")
-        for row in rows:
-            table.add_row(
-                plain(row.region),
-                plain(row.substance_name),
-                plain(row.family),
-                f"{row.reports:,}",
-                f"{row.lab_detections:,}",
-                f"{row.border_seizures:,}",
-                _number(row.grams),
-                _when(row.first_seen),
-                _when(row.last_seen),
-            )
-        return table
+        return rich_table(
+            plain(f"reports in the last {plural(days, 'day')}" + (f" in {region.upper()}" if region else "")),
+            ("region", "substance", "family", *numbers, "first seen", "last seen"),
+            [
+                (
+                    plain(row.region),
+                    plain(row.substance_name),
+                    plain(row.family),
+                    f"{row.reports:,}",
+                    f"{row.lab_detections:,}",
+                    f"{row.border_seizures:,}",
+                    _number(row.grams),
+                    _when(row.first_seen),
+                    _when(row.last_seen),
+                )
+                for row in rows
+            ],
+            right=numbers,
+        )
 
     emit(fmt, STATS_COLUMNS, [[getattr(r, c) for c in STATS_COLUMNS] for r in rows], table, console)
     if fmt is OutputFormat.table:
@@ -255,36 +273,52 @@ def substance(
         f"{plural(history.reports, 'report')}",
         highlight=False,
     )
-    regions = Table(title="regions, in order of first sighting")
-    for column in ("region", "country", "first seen", "last seen", "reports"):
-        regions.add_column(column, justify="right" if column == "reports" else "left")
-    for r in history.regions:
-        regions.add_row(plain(r.region), plain(r.country), _when(r.first_seen), _when(r.last_seen), f"{r.reports:,}")
-    console.print(regions)
-    months = Table(title="reports per month")
-    for column in ("month", "reports", "lab detections", "seizures", "grams"):
-        months.add_column(column, justify="left" if column == "month" else "right")
-    for m in history.months:
-        months.add_row(
-            m.month.strftime("%Y-%m"),
-            f"{m.reports:,}",
-            f"{m.lab_detections:,}",
-            f"{m.border_seizures:,}",
-            _number(m.grams),
+    console.print(
+        rich_table(
+            "regions, in order of first sighting",
+            ("region", "country", "first seen", "last seen", "reports"),
+            [
+                (plain(r.region), plain(r.country), _when(r.first_seen), _when(r.last_seen), f"{r.reports:,}")
+                for r in history.regions
+            ],
+            right=("reports",),
         )
-    console.print(months)
-    alerts_table = Table(title=plural(len(history.alerts), "alert"))
-    for column in ("triggered (UTC)", "severity", "type", "region", "summary"):
-        alerts_table.add_column(column, overflow="fold")
-    for a in history.alerts:
-        alerts_table.add_row(
-            _when(a.triggered_at),
-            plain(a.severity),
-            plain(a.alert_type),
-            plain(a.region or "(network)"),
-            plain(a.summary),
+    )
+    counts = ("reports", "lab detections", "seizures", "grams")
+    console.print(
+        rich_table(
+            "reports per month",
+            ("month", *counts),
+            [
+                (
+                    m.month.strftime("%Y-%m"),
+                    f"{m.reports:,}",
+                    f"{m.lab_detections:,}",
+                    f"{m.border_seizures:,}",
+                    _number(m.grams),
+                )
+                for m in history.months
+            ],
+            right=counts,
         )
-    console.print(alerts_table)
+    )
+    console.print(
+        rich_table(
+            plural(len(history.alerts), "alert"),
+            ("triggered (UTC)", "severity", "type", "region", "summary"),
+            [
+                (
+                    _when(a.triggered_at),
+                    plain(a.severity),
+                    plain(a.alert_type),
+                    plain(a.region or "(network)"),
+                    plain(a.summary),
+                )
+                for a in history.alerts
+            ],
+            overflow="fold",
+        )
+    )
 
 
 def ingest_history(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,7 +21,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from synthwatch.cli.output import FormatOption, OutputFormat, emit
+from synthwatch.cli.output import FormatOption, OutputFormat, emit, rich_table
 from synthwatch.consoles import command_console
 from synthwatch.redaction import redact
 from synthwatch.settings import Settings
@@ -400,38 +401,29 @@ def register(app: typer.Typer) -> None:
             emit(fmt, columns, [[r[c] for c in columns] for r in safe], Table, console)
             return
         title = "delivery attempts" + (f" for {officer}" if officer else "") + (f", alert {alert}" if alert else "")
-        table = Table(title=plain(f"{title} (newest first, at most {limit})"), title_justify="left")
-        for column in (
-            "at (UTC)",
-            "officer",
-            "alert",
-            "channel",
-            "route",
-            "#",
-            "status",
-            "code",
-            "ms",
-            "what",
-            "reason",
-        ):
-            table.add_column(column, justify="right" if column in ("#", "code", "ms") else "left")
-        counts: dict[str, int] = {}
-        for row in rows:
-            counts[row["status"]] = counts.get(row["status"], 0) + 1
-            style = _STATUS_STYLE.get(row["status"], "")
-            table.add_row(
-                plain(str(row["at"]).replace("T", " ")[:19]),
-                plain(row["officer_id"]),
-                plain(row["alert_id"]),
-                plain(row["channel"]),
-                plain(row["route"]),
-                str(row["attempt"]),
-                plain(row["status"], style=style),
-                "" if row["response_code"] is None else str(row["response_code"]),
-                f"{row['duration_ms']:.0f}",
-                plain(f"{row['substance']} {row['region']}".strip()),
-                plain(redact(str(row["reason"]))),
-            )
+        counts = Counter(row["status"] for row in rows)
+        table = rich_table(
+            plain(f"{title} (newest first, at most {limit})"),
+            ("at (UTC)", "officer", "alert", "channel", "route", "#", "status", "code", "ms", "what", "reason"),
+            [
+                (
+                    plain(str(row["at"]).replace("T", " ")[:19]),
+                    plain(row["officer_id"]),
+                    plain(row["alert_id"]),
+                    plain(row["channel"]),
+                    plain(row["route"]),
+                    str(row["attempt"]),
+                    plain(row["status"], style=_STATUS_STYLE.get(row["status"], "")),
+                    "" if row["response_code"] is None else str(row["response_code"]),
+                    f"{row['duration_ms']:.0f}",
+                    plain(f"{row['substance']} {row['region']}".strip()),
+                    plain(redact(str(row["reason"]))),
+                )
+                for row in rows
+            ],
+            right=("#", "code", "ms"),
+            title_justify="left",
+        )
         console.print(table)
         gave_up = {
             (row["alert_id"], row["officer_id"], row["channel"])

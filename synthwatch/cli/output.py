@@ -13,14 +13,15 @@ import csv
 import json
 import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import date, datetime
 from enum import StrEnum
 from typing import Annotated, Any, TextIO
 
 import typer
-from rich.console import Console
+from rich.console import Console, JustifyMethod, OverflowMethod, RenderableType
 from rich.table import Table
+from rich.text import Text
 
 from synthwatch.schemas.text import visible
 
@@ -90,6 +91,28 @@ def write_csv(columns: Sequence[str], rows: Iterable[Sequence[Any]], stream: Tex
     writer.writerow([_csv_cell(c, escape) for c in columns])
     for row in rows:
         writer.writerow([_csv_cell(v, escape) for v in row])
+
+
+def rich_table(
+    title: str | Text | None,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[RenderableType]],
+    *,
+    right: Collection[str] = (),
+    overflow: OverflowMethod = "ellipsis",
+    title_justify: JustifyMethod = "center",
+) -> Table:
+    """The table a read command prints for a person: ``columns`` as headers, left-aligned but those named in
+    ``right`` (numbers), then ``rows``, whose cells the caller has made safe (:func:`synthwatch.terminal.plain`).
+
+    Why one builder: every read command's table has this one shape, and the options stay Rich's own.
+    """
+    table = Table(title=title, title_justify=title_justify)
+    for column in columns:
+        table.add_column(column, justify="right" if column in right else "left", overflow=overflow)
+    for row in rows:
+        table.add_row(*row)
+    return table
 
 
 def emit(

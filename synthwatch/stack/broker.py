@@ -29,6 +29,7 @@ from kafka.partitioner.default import murmur2
 
 from synthwatch.kafka_clients import KafkaConnectError, kafka_python_config, tls_preflight
 from synthwatch.settings import Settings
+from synthwatch.stack.process import stop_child
 
 
 class BrokerError(RuntimeError):
@@ -230,14 +231,8 @@ class EmbeddedBroker:
     def stop(self, timeout: float = 5.0) -> None:
         """Terminate the broker this object started (SIGTERM, then SIGKILL) and reap it."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout)
+        if process is not None:
+            stop_child(process, timeout, kill_wait=timeout)
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start()

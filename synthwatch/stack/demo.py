@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -33,6 +32,7 @@ from rich.table import Table
 from rich.text import Text
 
 from synthwatch.settings import Settings
+from synthwatch.stack.process import StackProcess
 from synthwatch.stackfile import read_stack
 from synthwatch.stream_apps.storage.query import QueryError, run_query
 from synthwatch.terminal import plain, say
@@ -50,18 +50,6 @@ ALERT_KINDS = ("new_substance", "first_in_region", "spread", "spike")
 
 class DemoFailed(RuntimeError):
     """A step of the demo did not work; the message says which and why."""
-
-
-def _wait_ready(settings: Settings, process: subprocess.Popen[bytes], timeout: float) -> float:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"`synthwatch up` exited with code {process.returncode}")
-        info = read_stack(settings)
-        if info is not None and info.ready_seconds is not None and info.pid == process.pid:
-            return info.ready_seconds
-        time.sleep(0.1)
-    raise RuntimeError(f"`synthwatch up` was not ready after {timeout:.0f} s")
 
 
 def _count(settings: Settings, sql: str) -> int:
@@ -396,7 +384,14 @@ def run_demo(
     _rule(console, "synthwatch demo")
     demo_started = time.monotonic()
     log_path = data_dir / "up.log"
-    process: subprocess.Popen[bytes] | None = None
+    stack = StackProcess(
+        [sys.executable, "-m", "synthwatch.cli.main", "up"],
+        log_path,
+        env=env,
+        settings=settings,
+        what="`synthwatch up`",
+        tail=0,
+    )
     try:
         streams = demo_streams(history_days, days, seed, end or datetime.now(UTC).date())
         history_path, live_path = data_dir / "history.ndjson", data_dir / "live.ndjson"
@@ -413,11 +408,7 @@ def run_demo(
 
         ingest_seconds = _ingest(settings, env, history_path, data_dir / "ingest.log") if streams.history else 0.0
         started = time.monotonic()
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "synthwatch.cli.main", "up"], env=env, stdout=log, stderr=subprocess.STDOUT
-            )
-        ready = _wait_ready(settings, process, timeout=180)
+        ready = stack.start().wait_ready(timeout=180).ready_seconds or 0.0
         history = _stored_events(settings)
         history_rejects = _count(settings, "SELECT count() FROM rejects WHERE stage = 'ingest'")
         _prose(
@@ -493,7 +484,7 @@ def run_demo(
         )
         if keep_running:
             console.print("The stack keeps running; Ctrl-C stops it.")
-            process.wait()
+            stack.process.wait()
         return 0
     except (RuntimeError, QueryError) as error:
         say(console, "[bold red]demo failed:[/] ", error)
@@ -502,9 +493,4 @@ def run_demo(
             console.print("\n".join(tail), highlight=False, soft_wrap=True)
         return 1
     finally:
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stack.stop()

@@ -1,0 +1,223 @@
+"""Experiments: what raises the framework floor, and what the setting variants do to the real worker's backlog
+drain and alert latency (``python -m synthwatch.bench.pipeline --floor / --experiments / --latency-experiments``).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import statistics
+import tempfile
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TypeVar
+
+from rich.console import Console
+from rich.table import Table
+
+from synthwatch.bench.bare_faust import (
+    FLOOR_EXPERIMENTS,
+    FloorResult,
+    FloorVariant,
+    raw_aiokafka_rate,
+    run_bare_agent,
+)
+from synthwatch.bench.latency import LatencyStream, alert_latency
+from synthwatch.bench.workers import start_worker, wait_consumed, wait_first_consumed, wait_idle
+from synthwatch.bench.workload import (
+    Topics,
+    bench_broker,
+    bench_regions,
+    bench_substances,
+    keyed_lines,
+    machine,
+    publish_lines,
+    ratio,
+    simulated_lines,
+)
+from synthwatch.settings import Settings
+
+T = TypeVar("T")
+
+#: What ``--experiments`` compares (backlog drain): each a combination of the above.
+EXPERIMENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("shipped settings", ()),
+    ("batches by Faust's noack_take (0.25 s window)", ("take-batches",)),
+    ("channel batches without linger", ("no-linger",)),
+    ("checkpoint every 0.25 s", ("checkpoint-0.25",)),
+    ("fetch wait 20 ms", ("fetch-wait-20",)),
+    ("producer batches of 16 KiB (Faust's default)", ("producer-16k",)),
+    ("sink batch 2,000 (the previous default)", ("batch-2000",)),
+    ("without gc.freeze", ("no-gc-freeze",)),
+    ("uvloop instead of asyncio's loop", ("uvloop",)),
+    ("stream buffer 32768, 5000 records per poll", ("buffers",)),
+)
+
+
+def floor_experiments(
+    console: Console, events: int = 100_000, variants: Sequence[FloorVariant] = FLOOR_EXPERIMENTS
+) -> list[FloorResult]:
+    """Each bare-agent variant on the same published messages, raw aiokafka first and last."""
+    base = Settings()
+    results: list[FloorResult] = []
+    with bench_broker(base, console) as servers:
+        settings = Topics(f"{uuid.uuid4().hex[:6]}-floor").created(base, servers)
+        sent = publish_lines(
+            settings,
+            servers,
+            keyed_lines(
+                events,
+                "floor",
+                datetime(2025, 1, 1, tzinfo=UTC),
+                timedelta(days=30),
+                bench_regions(100),
+                bench_substances(50),
+            ),
+        ).sent
+        results.append(raw_aiokafka_rate(servers, settings.input_topics, sent))
+        for variant in variants:
+            results.append(run_bare_agent(servers, settings.input_topics, sent, variant))
+            console.print(f"{variant.name}: {results[-1].rate:,.0f} events/s")
+        results.append(raw_aiokafka_rate(servers, settings.input_topics, sent))
+    table = Table(title=f"raising the framework floor: {events:,} events, one broker ({machine()})")
+    for column in ("variant", "events/s", "vs per-event defaults"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    reference = results[1].rate
+    for result in results:
+        table.add_row(result.variant, f"{result.rate:,.0f}", ratio(result.rate, reference))
+    console.print(table)
+    return results
+
+
+def worker_experiments(
+    console: Console,
+    events: int = 100_000,
+    experiments: Sequence[tuple[str, tuple[str, ...]]] = EXPERIMENTS,
+    repeat: int = 1,
+) -> dict[str, list[float]]:
+    """Backlog drain rate of the real worker per combination of proposed changes, same messages.
+
+    Every variant consumes the same published simulated stream with its own consumer group and engine,
+    from its first consumed event to the last one stored; the bare agent runs first and last.
+    """
+    base = Settings()
+    rates: dict[str, list[float]] = {}
+    tmp = Path(tempfile.mkdtemp(prefix="synthwatch-bench-experiments-"))
+    try:
+        with bench_broker(base, console) as servers:
+            run = uuid.uuid4().hex[:6]
+            shared = Topics(f"{run}-exp")
+            settings = shared.created(base, servers)
+            summary = publish_lines(settings, servers, iter(simulated_lines(events)))
+            rates["bare Faust agent (floor)"] = [run_bare_agent(servers, settings.input_topics, summary.sent).rate]
+            for _ in range(repeat):
+                for n, (label, changes) in enumerate(experiments):
+                    own = Topics(f"{run}-exp{n}-{uuid.uuid4().hex[:4]}", labs=shared.labs, seizures=shared.seizures)
+                    own_settings = own.created(base, servers)
+                    tag = uuid.uuid4().hex[:4]
+                    worker = start_worker(
+                        own_settings, servers, tmp / f"exp-{n}-{tag}", changes, app_id=f"bench-{run}-exp{n}-{tag}"
+                    )
+                    try:
+                        first = wait_first_consumed([worker], 120)
+                        done = wait_consumed([worker], summary.sent, timeout=900)
+                        rates.setdefault(label, []).append(summary.sent / (done - first))
+                        batches = worker.stats().get("intake_batches") or 0
+                    finally:
+                        worker.stop()
+                    per_batch = f" ({summary.sent / batches:,.0f} events per intake batch)" if batches else ""
+                    console.print(f"{label}: {rates[label][-1]:,.0f} events/s{per_batch}")
+            rates["bare Faust agent (floor)"].append(run_bare_agent(servers, settings.input_topics, summary.sent).rate)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    floor = statistics.mean(rates["bare Faust agent (floor)"])
+    table = Table(title=f"worker backlog drain, {events:,} simulated events, one broker ({machine()})")
+    for column in ("worker", "events/s (each run)", "mean", "vs shipped", "vs bare Faust"):
+        table.add_column(column, justify="left" if column == "worker" else "right")
+    shipped = statistics.mean(rates.get("shipped settings", [floor]))
+    for label, values in rates.items():
+        mean = statistics.mean(values)
+        table.add_row(
+            label,
+            ", ".join(f"{v:,.0f}" for v in values),
+            f"{mean:,.0f}",
+            ratio(mean, shipped),
+            ratio(mean, floor),
+        )
+    console.print(table)
+    return rates
+
+
+#: Latency variants: (label, changes, extra environment for the worker).
+LATENCY_EXPERIMENTS: tuple[tuple[str, tuple[str, ...], dict[str, str]], ...] = (
+    ("shipped settings", (), {}),
+    ("batches by Faust's noack_take (0.25 s window)", ("take-batches",), {}),
+    ("uvloop instead of asyncio's loop", ("uvloop",), {}),
+    ("fetch wait 20 ms", ("fetch-wait-20",), {}),
+    ("fetch wait 50 ms", ("fetch-wait-50",), {}),
+    ("Faust's fixed 1.5 s fetch wait", ("fetch-wait-1500",), {}),
+)
+
+
+def latency_experiments(
+    console: Console,
+    warmup_events: int = 50_000,
+    rate: int = 1000,
+    seconds: int = 20,
+    experiments: Sequence[tuple[str, tuple[str, ...], dict[str, str]]] = LATENCY_EXPERIMENTS,
+) -> dict[str, dict[str, float]]:
+    """Alert latency per worker variant: fresh worker, ``warmup_events`` over 5,000 keys, then the steady rate."""
+    base = Settings()
+    out: dict[str, dict[str, float]] = {}
+    tmp = Path(tempfile.mkdtemp(prefix="synthwatch-bench-latency-"))
+    try:
+        with bench_broker(base, console) as servers:
+            regions, substances = bench_regions(100), bench_substances(50)
+            for n, (label, changes, env) in enumerate(experiments):
+                run = uuid.uuid4().hex[:6]
+                settings = Topics(f"{run}-lat{n}").created(base, servers)
+                worker = start_worker(
+                    settings, servers, tmp / f"lat-{n}", changes, app_id=f"bench-{run}", extra_env=env
+                )
+                try:
+                    start = datetime(2025, 3, 1, tzinfo=UTC)
+                    if warmup_events:
+                        summary = publish_lines(
+                            settings,
+                            servers,
+                            keyed_lines(warmup_events, f"w{run}", start, timedelta(days=60), regions, substances),
+                        )
+                        wait_consumed([worker], summary.sent, timeout=900)
+                        wait_idle([worker], timeout=900)
+                    step = timedelta(days=60) / warmup_events if warmup_events else timedelta(seconds=5)
+                    result = alert_latency(
+                        settings, servers, rate, seconds, LatencyStream(f"lat{run}", start, step, warmup_events)
+                    )
+                finally:
+                    worker.stop()
+                out[label] = {
+                    "p50": result.percentile(0.5),
+                    "p99": result.percentile(0.99),
+                    "max": max(result.matched) if result.matched else math.nan,
+                    "alerts": float(len(result.matched)),
+                    "rate": result.sent / result.seconds,
+                }
+                console.print(f"{label}: {out[label]}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    table = Table(title=f"alert latency at {rate:,} events/s after {warmup_events:,} events ({machine()})")
+    for column in ("worker", "alerts", "p50 ms", "p99 ms", "max ms"):
+        table.add_column(column, justify="left" if column == "worker" else "right")
+    for label, r in out.items():
+        table.add_row(
+            label, f"{r['alerts']:.0f}", f"{r['p50'] * 1000:,.0f}", f"{r['p99'] * 1000:,.0f}", f"{r['max'] * 1000:,.0f}"
+        )
+    console.print(table)
+    return out
+
+
+def chosen(variants: Sequence[T], indices: str) -> list[T]:
+    """The variants named by comma-separated indices (``--variants``), or all of them."""
+    return [variants[int(i)] for i in indices.split(",") if i] or list(variants)

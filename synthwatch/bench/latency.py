@@ -1,0 +1,117 @@
+"""Alert latency at a steady rate: report handed to the producer -> alert read from the alerts topic."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from synthwatch.bench.workload import bench_regions, bench_substances, lab_line, percentile, seizure_line
+from synthwatch.settings import Settings
+
+
+@dataclass(frozen=True)
+class LatencyStream:
+    """Where the latency reports continue a ``keyed_lines`` stream: its start, step and next index."""
+
+    prefix: str
+    start: datetime
+    step: timedelta
+    first: int
+
+
+@dataclass
+class LatencyResult:
+    sent: int = 0
+    seconds: float = 0.0
+    alerts: int = 0
+    matched: list[float] = field(default_factory=list)
+    by_type: dict[str, int] = field(default_factory=dict)
+
+    def percentile(self, q: float) -> float:
+        """The ``q``-quantile (``q`` in [0, 1]) of the matched latencies, by nearest rank; NaN when none."""
+        return percentile(self.matched, q * 100, nearest_rank=True)
+
+
+async def _latency_run(
+    settings: Settings, servers: str, rate: int, seconds: int, novel_every: int, stream: LatencyStream
+) -> LatencyResult:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+    regions, substances = bench_regions(100), bench_substances(50)
+    result = LatencyResult()
+    published: dict[str, float] = {}
+    # A short fetch wait: Tansu answers a waiting fetch when the wait ends, not when data arrives, and the
+    # observer must not add its own delay to what it measures.
+    consumer = AIOKafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False, fetch_max_wait_ms=20)
+    await consumer.start()
+    await consumer._client.force_metadata_update()
+    known = consumer.partitions_for_topic(settings.topic_alerts) or {0}
+    partitions = [TopicPartition(settings.topic_alerts, p) for p in sorted(known)]
+    consumer.assign(partitions)
+    await consumer.seek_to_end(*partitions)
+    for tp in partitions:  # resolve the end offsets now, so nothing sent later is skipped
+        await consumer.position(tp)
+    producer = AIOKafkaProducer(bootstrap_servers=servers, acks="all", linger_ms=5)
+    await producer.start()
+
+    async def collect(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            batches = await consumer.getmany(timeout_ms=100)
+            now = time.monotonic()
+            for records in batches.values():
+                for record in records:
+                    alert = json.loads(record.value or b"{}")
+                    result.alerts += 1
+                    kind = str(alert.get("alert_type"))
+                    result.by_type[kind] = result.by_type.get(kind, 0) + 1
+                    sent_at = [published[e] for e in alert.get("evidence_event_ids", []) if e in published]
+                    if sent_at:  # the newest evidence is the report that made the alert true
+                        result.matched.append(now - max(sent_at))
+
+    stop = asyncio.Event()
+    collector = asyncio.create_task(collect(stop))
+    pending: list[asyncio.Future[Any]] = []
+    tick = 0.01
+    per_tick = rate * tick
+    started = time.monotonic()
+    i = 0
+    while time.monotonic() - started < seconds:
+        due = int((time.monotonic() - started) / tick * per_tick) + 1
+        while i < due:
+            n = stream.first + i  # the keys and the event time continue the stream the worker has seen
+            country, region = regions[n % len(regions)]
+            novel = novel_every > 0 and i % novel_every == 0
+            name = f"Benchnovel {stream.prefix} {i}" if novel else substances[(n // len(regions)) % len(substances)]
+            event_id = f"{stream.prefix}-{i}"
+            at = (stream.start + stream.step * n).isoformat()
+            line = (lab_line if (n // len(regions)) % 2 else seizure_line)(event_id, country, region, name, at, n)
+            topic = settings.topic_lab_detections if (n // len(regions)) % 2 else settings.topic_border_seizures
+            published[event_id] = time.monotonic()
+            pending.append(await producer.send(topic, key=region.encode(), value=line.encode()))
+            i += 1
+        await asyncio.sleep(tick)
+    result.sent, result.seconds = i, time.monotonic() - started
+    await asyncio.gather(*pending)
+    await producer.stop()
+    await asyncio.sleep(5.0)  # the last alerts of the run
+    stop.set()
+    await collector
+    await consumer.stop()
+    return result
+
+
+def alert_latency(
+    settings: Settings, servers: str, rate: int, seconds: int, stream: LatencyStream, novel_every: int = 50
+) -> LatencyResult:
+    """Send ``rate`` events/s for ``seconds``; every ``novel_every``-th names a never-seen substance.
+
+    The reports continue ``keyed_lines`` (same keys, same event-time density), so the detectors see
+    a steady stream, not a jump. Latency of an alert = when it is read from the alerts topic - when
+    its newest evidence report was handed to the producer (one monotonic clock, this process).
+    New-substance alerts go the longest way: intake -> sightings topic -> novelty -> alerts topic.
+    """
+    return asyncio.run(_latency_run(settings, servers, rate, seconds, novel_every, stream))

@@ -1,0 +1,179 @@
+"""``synthwatch worker`` processes as the benchmarks run them: the setting variants, start-up, counters, waits.
+
+Every variant is the shipped code with other settings in its environment, so what a benchmark measures is what
+a user can configure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse, urlunparse
+
+from synthwatch.bench.memory import proc_status
+from synthwatch.settings import Settings
+from synthwatch.stack.process import StackProcess, StackProcessError, log_tail, stop_child
+from synthwatch.stackfile import read_web_token
+from synthwatch.stream_apps.storage.query import QueryResult, execute_remote
+
+#: Settings (environment of the worker process) that stand for another value of a setting in settings.py;
+#: every variant is the shipped code, so what ``--experiments`` measures is what a user can configure.
+WORKER_ENV: dict[str, dict[str, str]] = {
+    "batch-2000": {"SYNTHWATCH_SINK_BATCH_SIZE": "2000"},  # the sink's default before 10,000
+    "window-0.1": {"SYNTHWATCH_SINK_BATCH_SECONDS": "0.1"},
+    "window-0.5": {"SYNTHWATCH_SINK_BATCH_SECONDS": "0.5"},
+    "fetch-wait-1500": {"SYNTHWATCH_CONSUMER_FETCH_MAX_WAIT_MS": "1500"},  # Faust's fixed value
+    "fetch-wait-20": {"SYNTHWATCH_CONSUMER_FETCH_MAX_WAIT_MS": "20"},
+    "fetch-wait-50": {"SYNTHWATCH_CONSUMER_FETCH_MAX_WAIT_MS": "50"},
+    "no-gc-freeze": {"SYNTHWATCH_GC_FREEZE": "false"},
+    "uvloop": {"SYNTHWATCH_EVENT_LOOP": "uvloop"},
+    "asyncio": {"SYNTHWATCH_EVENT_LOOP": "asyncio"},
+    "producer-16k": {"SYNTHWATCH_PRODUCER_BATCH_BYTES": "16384"},  # Faust's default
+    "buffers": {"SYNTHWATCH_STREAM_BUFFER_MAXSIZE": "32768", "SYNTHWATCH_CONSUMER_MAX_POLL_RECORDS": "5000"},
+    "take-batches": {"SYNTHWATCH_AGENT_BATCHES": "take"},  # Faust's noack_take, the previous batching
+    "no-linger": {"SYNTHWATCH_BATCH_LINGER_SECONDS": "0"},
+    "checkpoint-0.25": {"SYNTHWATCH_CHECKPOINT_SECONDS": "0.25"},
+}
+
+
+def worker_command() -> list[str]:
+    """argv of ``synthwatch worker`` (variants differ only in their environment)."""
+    return [sys.executable, "-m", "synthwatch.cli.main", "worker"]
+
+
+@dataclass
+class BenchWorker:
+    """A ``synthwatch worker`` child process and how to read its counters and its ClickHouse."""
+
+    process: subprocess.Popen[bytes]
+    data_dir: Path
+    log_path: Path
+    web_url: str = ""
+    ready_wall: float = 0.0  # process start -> ready, as seen from outside (Python start-up included)
+    ready_reported: float = 0.0  # the worker's own figure (from run_worker's start)
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.web_url}/ready", timeout=10) as response:
+            stats: dict[str, Any] = json.loads(response.read())
+            return stats
+
+    def query(self, sql: str, parameters: dict[str, Any] | None = None) -> QueryResult:
+        """A read statement through the worker's /sql endpoint, with the token the worker wrote."""
+        token = read_web_token(Settings(data_dir=self.data_dir))
+        return execute_remote(self.web_url, sql, parameters, token=token)
+
+    def count(self, sql: str) -> int:
+        return int(self.query(sql).rows[0][0])
+
+    def memory_kib(self) -> dict[str, int]:
+        """VmRSS and VmHWM (peak RSS) of the worker process, in KiB."""
+        return proc_status(self.process.pid, ("VmRSS", "VmHWM"))
+
+    def stop(self) -> None:
+        stop_child(self.process)
+
+
+def clickhouse_url(base: Settings, database: str) -> str | None:
+    """A server URL with its own database for one worker; None for the embedded engine (own directory)."""
+    if base.clickhouse_url is None or base.clickhouse_is_embedded:
+        return None
+    parts = urlparse(base.clickhouse_url)
+    return urlunparse(parts._replace(path=f"/{database}"))
+
+
+def start_worker(
+    settings: Settings,
+    bootstrap_servers: str,
+    data_dir: Path,
+    changes: Sequence[str] = (),
+    app_id: str | None = None,
+    timeout: float = 120.0,
+    extra_env: dict[str, str] | None = None,
+) -> BenchWorker:
+    """Start one worker (own data dir, own embedded engine or database) and wait until it is ready."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHWATCH_")}
+    env.update(
+        SYNTHWATCH_DATA_DIR=str(data_dir),
+        SYNTHWATCH_KAFKA_BOOTSTRAP_SERVERS=bootstrap_servers,
+        SYNTHWATCH_APP_ID=app_id or settings.app_id,
+        SYNTHWATCH_TOPIC_LAB_DETECTIONS=settings.topic_lab_detections,
+        SYNTHWATCH_TOPIC_BORDER_SEIZURES=settings.topic_border_seizures,
+        SYNTHWATCH_TOPIC_REJECTS=settings.topic_rejects,
+        SYNTHWATCH_TOPIC_ALERTS=settings.topic_alerts,
+        SYNTHWATCH_TOPIC_SIGHTINGS=settings.topic_sightings,
+        SYNTHWATCH_PARTITIONS=str(settings.partitions),
+        SYNTHWATCH_WEB_PORT="0",
+    )
+    if settings.worker_key is not None:  # the key the phase's publisher signs its rejects with
+        env["SYNTHWATCH_WORKER_KEY"] = settings.worker_key.get_secret_value()
+    url = clickhouse_url(settings, f"bench_{data_dir.name.replace('-', '_')}")
+    if url is not None:
+        env["SYNTHWATCH_CLICKHOUSE_URL"] = url
+    for name in changes:
+        env.update(WORKER_ENV.get(name, {}))
+    env.update(extra_env or {})
+    log_path = data_dir / "worker.log"
+    child = StackProcess(worker_command(), log_path, env=env, settings=Settings(data_dir=data_dir), what="worker")
+    child.start()
+    try:
+        info = child.wait_ready(timeout, interval=0.05)
+    except StackProcessError:
+        child.stop()
+        raise
+    ready_wall = time.monotonic() - child.started_at
+    return BenchWorker(child.process, data_dir, log_path, info.web_url, ready_wall, info.ready_seconds or 0.0)
+
+
+def wait_consumed(workers: Sequence[BenchWorker], total: int, timeout: float, interval: float = 0.1) -> float:
+    """Poll until the workers together have consumed and stored ``total`` input events; returns when.
+
+    Stored: the events' checkpoint is done (rows in ClickHouse, detector state written, offsets
+    acknowledged), not merely taken from Kafka.
+    """
+    deadline = time.monotonic() + timeout
+    consumed = 0
+    while time.monotonic() < deadline:
+        consumed = sum(w.stats()["checkpointed"] for w in workers)
+        if consumed >= total:
+            return time.perf_counter()
+        for w in workers:
+            if w.process.poll() is not None:
+                raise RuntimeError(
+                    f"worker exited with code {w.process.returncode} (log: {w.log_path}): {log_tail(w.log_path)}"
+                )
+        time.sleep(interval)
+    raise RuntimeError(f"only {consumed} of {total} events consumed after {timeout:.0f} s")
+
+
+def wait_idle(workers: Sequence[BenchWorker], timeout: float, interval: float = 0.2) -> None:
+    """Poll until the novelty stage has processed every sighting the intake stage sent.
+
+    After a backlog the intake agent is done first: Faust delivers one consumer's records in fetch
+    order, so the sightings wait behind the input backlog. A latency phase that starts before they
+    are processed would measure that backlog, not the steady rate.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = [w.stats() for w in workers]
+        if sum(s["sightings_processed"] for s in stats) >= sum(s["sightings"] for s in stats):
+            return
+        time.sleep(interval)
+    raise RuntimeError(f"sightings still unprocessed after {timeout:.0f} s")
+
+
+def wait_first_consumed(workers: Sequence[BenchWorker], timeout: float) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(w.stats()["consumed"] > 0 for w in workers):
+            return time.perf_counter()
+        time.sleep(0.05)
+    raise RuntimeError("no worker consumed anything")
