@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from datetime import date, datetime
+from typing import Any
 
 #: Bidirectional embeddings, overrides and isolates: refused at ingest and removed on output.
 BIDI_OVERRIDES = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
@@ -40,3 +42,17 @@ def visible(text: object) -> str:
     value = str(text)
     value = _BIDI.sub("", value)
     return _CONTROLS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), value)
+
+
+def jsonable(value: Any) -> Any:
+    """A value as JSON has it: datetimes and dates in ISO 8601, tuples as lists, bytes as text (the /sql
+    endpoint's rows and every command's ``--format json`` go through it)."""
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return value

@@ -23,7 +23,6 @@ import threading
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from clickhouse_connect.driver.binding import bind_query
 from clickhouse_connect.driver.client import Client
 
 from synthwatch.redaction import redact
+from synthwatch.schemas.text import jsonable
 from synthwatch.settings import Settings
 from synthwatch.stackfile import read_stack, read_web_token
 from synthwatch.stream_apps.storage.clickhouse import connect
@@ -223,18 +223,6 @@ def _first_line(error: BaseException) -> str:
     return text[0][:500] if text else type(error).__name__
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, datetime | date):
-        return value.isoformat()
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    return value
-
-
 class AnalystSessions:
     """One read-only analyst handle per thread, opened on first use and kept.
 
@@ -263,7 +251,7 @@ def execute_analyst(client: Client, sql: str, parameters: dict[str, Any] | None 
         result = client.query(canonical, parameters=run_parameters)
     except Exception as error:  # ClickHouse's own message (limits, unknown column) is what the user needs
         raise QueryError(_explained(error, client.database)) from None
-    return QueryResult(list(result.column_names), [_jsonable(list(row)) for row in result.result_rows])
+    return QueryResult(list(result.column_names), [jsonable(list(row)) for row in result.result_rows])
 
 
 def execute_remote(

@@ -14,7 +14,6 @@ import json
 import re
 import sys
 from collections.abc import Callable, Collection, Iterable, Sequence
-from datetime import date, datetime
 from enum import StrEnum
 from typing import Annotated, Any, TextIO
 
@@ -23,7 +22,7 @@ from rich.console import Console, JustifyMethod, OverflowMethod, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from synthwatch.schemas.text import visible
+from synthwatch.schemas.text import jsonable, visible
 
 
 class OutputFormat(StrEnum):
@@ -53,19 +52,6 @@ def plural(count: int, singular: str, plural_form: str | None = None) -> str:
     """``1 report``, ``2 reports``, ``1,204 reports``: English count and noun agree."""
     noun = singular if count == 1 else (plural_form or singular + "s")
     return f"{count:,} {noun}"
-
-
-def jsonable(value: Any) -> Any:
-    """A value as JSON has it: datetimes and dates in ISO 8601, tuples as lists, bytes as text."""
-    if isinstance(value, datetime | date):
-        return value.isoformat()
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    return value
 
 
 def to_json(data: Any) -> str:
