@@ -327,7 +327,7 @@ def test_k8s_topics_match_the_settings_and_partitions() -> None:
     topics = {t["spec"]["topicName"]: t["spec"] for t in by_kind("KafkaTopic")}
     partitions = int(config()["SYNTHWATCH_PARTITIONS"])
     app_id = config()["SYNTHWATCH_APP_ID"]
-    tables = re.findall(r'app\.Table\("([\w-]+)"', (ROOT / "stream_apps" / "app.py").read_text())
+    tables = re.findall(r'app\.Table\("([\w-]+)"', (ROOT / "stream_apps" / "runtime" / "state_tables.py").read_text())
     assert tables, "the worker's Faust tables"
     changelogs = {f"{app_id}-{table}-changelog" for table in tables}
     configured = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -69,3 +70,41 @@ def test_an_exception_after_the_hand_over_reaches_the_awaiting_task() -> None:
             await task
 
     asyncio.run(run())
+
+
+def _thread_with_partition_awaiting_reset() -> Any:
+    """What ``verify_event_path`` reads, for a partition sought to its beginning whose reset is not fetched yet."""
+    import aiokafka
+    from aiokafka.consumer.subscription_state import TopicPartitionState
+
+    tp = aiokafka.TopicPartition("sightings", 0)
+    state = TopicPartitionState(assignment=None)  # (called in a running loop: it makes a future)
+    state.await_reset(0)  # what seek_to_beginning does: position unknown until the reset is fetched
+    assignment = SimpleNamespace(state_value=lambda wanted: state if wanted == tp else None)
+    consumer = SimpleNamespace(
+        _fetcher=SimpleNamespace(_subscriptions=SimpleNamespace(subscription=SimpleNamespace(assignment=assignment)))
+    )
+    app = SimpleNamespace(monitor=object(), topics=SimpleNamespace(acks_enabled_for=lambda topic: True))
+    return SimpleNamespace(
+        _ensure_consumer=lambda: consumer,
+        _verify_aiokafka_event_path=lambda now, tp: False,
+        consumer=SimpleNamespace(app=app),
+        time_started=0.0,
+    )
+
+
+def test_the_livelock_check_skips_a_partition_sought_to_its_beginning() -> None:
+    """Faust's own check asserts on such a partition (it crashed the worker after a watchdog seek-back);
+    the worker's consumer thread leaves it for the next check."""
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    from synthwatch.stream_apps.runtime.transport import ConsumerThread
+
+    tp = SimpleNamespace(topic="sightings", partition=0)
+
+    async def check() -> None:
+        with pytest.raises(AssertionError):
+            AIOKafkaConsumerThread.verify_event_path(_thread_with_partition_awaiting_reset(), 10.0, tp)  # type: ignore[arg-type]
+        assert ConsumerThread.verify_event_path(_thread_with_partition_awaiting_reset(), 10.0, tp) is None  # type: ignore[arg-type,func-returns-value]
+
+    asyncio.run(check())

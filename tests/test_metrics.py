@@ -306,3 +306,38 @@ def test_worker_serves_metrics_and_tracks_consumer_lag(metrics_worker: tuple[str
     text = wait_until(lambda: (t := _scrape(url)) and (lag(t) or 0) >= 7 and t, 60, "lag of the stuck partition")
     assert lag(text) == 8  # "block" and the 7 after it are not committed
     producer.close()
+
+
+def test_one_call_keeps_the_ready_counters_and_prometheus_in_step() -> None:
+    """WorkerStats lives in WorkerMetrics: each helper the agents call updates /ready's counter and the
+    Prometheus series together (they were updated side by side before, and could drift apart)."""
+    m = WorkerMetrics()
+    refused = [Reject.of(b"{", source="labs:0:1", reason="invalid JSON: x", stage="worker")] * 2
+    m.rejected(refused)
+    m.skipped_duplicates(3)
+    m.late("lab_detection")
+    m.replayed_records("intake", 4)
+    m.replayed_records("novelty", 5)
+    m.records_stored("rejects", 2)
+    m.records_stored("alerts", 6)
+    m.events_checkpointed(10, lab_detections=7, border_seizures=1, already_stored=2)
+    m.intake_batch(10, sightings=8)
+    m.sightings_processed(8)
+    m.alerts_raised(1)
+    m.refused_forged("alerts", 2)
+    m.consumer_stalled("labs")
+    m.sink_retry("storing events")
+    s = m.stats
+    assert (s.rejected, s.duplicates, s.late, s.replayed, s.replayed_sightings) == (2, 5, 1, 4, 5)
+    assert (s.rejects_stored, s.alerts_stored, s.checkpointed, s.stored) == (2, 6, 10, 8)
+    assert (s.consumed, s.intake_batches, s.sightings, s.sightings_processed, s.alerts_raised) == (10, 1, 8, 8, 1)
+    assert (s.forged, s.consumer_stalls, s.sink_retries) == (2, 1, 1)
+    text = m.exposition()
+    assert value(text, "synthwatch_rejects_total", stage="worker", reason="invalid_json") == 2
+    assert value(text, "synthwatch_duplicates_total") == 5
+    assert value(text, "synthwatch_replayed_total", stage="novelty") == 5
+    assert value(text, "synthwatch_events_stored_total", table="lab_detections") == 7
+    assert value(text, "synthwatch_events_stored_total", table="alerts") == 6
+    assert value(text, "synthwatch_forged_records_total", topic="alerts") == 2
+    assert value(text, "synthwatch_consumer_stalls_total", topic="labs") == 1
+    assert value(text, "synthwatch_sink_retries_total", operation="storing events") == 1

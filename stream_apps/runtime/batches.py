@@ -17,17 +17,26 @@ offset could be committed for a partition that came back to this worker before t
 Per-event stream sensors are not called (the worker counts events in its own metrics). Events are
 yielded unacknowledged: the worker acknowledges them at its next checkpoint (:mod:`.checkpoints`),
 once what they changed is durable.
+
+Every agent's batching is chosen here (:func:`agent_batches`, :func:`delivery_batches`): the storing,
+intake and novelty agents take what ``SYNTHWATCH_AGENT_BATCHES`` says; the delivery agent always takes
+channel batches (see :func:`delivery_batches` for why).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, cast
 
 import faust
 from faust.types import EventT
+
+from synthwatch.settings import Settings
+
+#: A stream with nothing new for this long is quiet: its agent checkpoints what it holds at once.
+QUIET_SECONDS = 0.2
 
 
 async def channel_batches(
@@ -111,3 +120,30 @@ async def take_batches(stream: faust.StreamT[Any], size: int, within: float) -> 
     s = cast(faust.Stream[Any], stream)
     async for taken in s.noack_take(size, within=within):
         yield list(cast(Sequence[EventT], taken))  # noack_take yields the events themselves
+
+
+def agent_batches(settings: Settings) -> Callable[[faust.StreamT[bytes]], AsyncIterator[list[Any]]]:
+    """The batching the settings ask for: straight from the channel, or Faust's ``noack_take``."""
+    size, within = settings.sink_batch_size, settings.sink_batch_seconds
+    idle = min(settings.checkpoint_seconds, QUIET_SECONDS)
+    if settings.agent_batches == "channel":
+        linger, least = settings.batch_linger_seconds, settings.batch_least
+        return lambda stream: channel_batches(stream, size, idle=idle, linger=linger, least=least)
+    return lambda stream: take_batches(stream, size, within)
+
+
+def delivery_batches(settings: Settings) -> Callable[[faust.StreamT[bytes]], AsyncIterator[list[Any]]]:
+    """The delivery agent's batching: channel batches whatever ``SYNTHWATCH_AGENT_BATCHES`` says.
+
+    Why: Faust's ``noack_take`` acknowledges the events it skips (stale generation, flow stopped), which
+    could commit an alert never delivered. No idle batches and no linger: the delivery agent holds no
+    checkpoint, and an alert should go out as soon as it is read.
+    """
+    size = settings.sink_batch_size
+    return lambda stream: channel_batches(stream, size)
+
+
+def checkpoint_every(settings: Settings) -> float:
+    """Seconds between an agent's checkpoints: Faust's take batches end only when events come, so they
+    checkpoint after every batch (0)."""
+    return settings.checkpoint_seconds if settings.agent_batches == "channel" else 0.0

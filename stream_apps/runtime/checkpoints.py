@@ -2,7 +2,7 @@
 
 Why: an agent's outputs (alerts, sightings, rejects) go out with each batch, so an alert is not held
 back by storage (but spike alerts: they wait in an outbox in the state that decided them and go out
-inside the intake agent's ``write``, after that state is written, see :mod:`.app`); the costly,
+inside the intake agent's ``write``, after that state is written, see :mod:`.agents.intake`); the costly,
 per-batch-fixed work (a ClickHouse insert with its materialized views, rewriting every changed
 detector state record to the changelog) runs once per checkpoint instead of
 once per batch. A checkpoint, in this order: the batches' produced records are acknowledged by the

@@ -19,7 +19,7 @@ import re
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -155,8 +155,46 @@ class PartitionOffsets:
         return max(self.end - self.committed, 0)
 
 
+@dataclass
+class WorkerStats:
+    """Counters since start; exposed on /ready and printed by the CLI (kept by :class:`WorkerMetrics`)."""
+
+    consumed: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    late: int = 0  # late reports kept (stored, flagged late, left out of spike series)
+    rejects_stored: int = 0
+    alerts_raised: int = 0
+    alerts_stored: int = 0
+    sightings: int = 0
+    sightings_processed: int = 0
+    replayed: int = 0  # input events read again after a restart that detector state held already
+    replayed_sightings: int = 0  # the same for sightings
+    intake_batches: int = 0
+    checkpointed: int = 0  # input events whose rows and detector state are written (offsets acknowledged)
+    sink_retries: int = 0
+    consumer_stalls: int = 0  # partitions the watchdog found stalled and sought back
+    forged: int = 0  # alerts, sightings, rejects and state records refused: no valid worker signature
+    ready_seconds: float | None = None
+    rebuild: dict[str, Any] = field(default_factory=dict)
+
+
+#: Which /ready counter a stage's replayed records add to (:meth:`WorkerMetrics.replayed_records`).
+_REPLAYED_STATS = {"intake": "replayed", "novelty": "replayed_sightings"}
+#: Which /ready counter a storing agent's new rows add to (:meth:`WorkerMetrics.records_stored`).
+_STORED_STATS = {"rejects": "rejects_stored", "alerts": "alerts_stored"}
+
+
 class WorkerMetrics:
-    """The worker's metrics and the helpers its agents call; one instance per worker process."""
+    """The worker's metrics and the helpers its agents call; one instance per worker process.
+
+    Why one object for Prometheus and ``/ready``: the agents record each fact once, through these
+    helpers, which keep the Prometheus series and the plain counters ``/ready`` shows (:attr:`stats`,
+    a :class:`WorkerStats`) in step. The two are not the same numbers (``/ready`` counts input events,
+    raised alerts, sightings; Prometheus counts per topic, published alerts, messages), so neither is
+    derived from the other.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None, *, app_id: str = "synthwatch") -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
@@ -257,6 +295,7 @@ class WorkerMetrics:
         self._lag_labels: set[tuple[str, str]] = set()
         self.failing: set[str] = set()  # operations failing now (sink_failing == 1)
         self.faust_metrics: Any = None  # Faust's own sensor metrics, once attach_metrics made them
+        self.stats = WorkerStats()  # what /ready shows
 
     # --- helpers the agents call ------------------------------------------------------------------
 
@@ -280,21 +319,70 @@ class WorkerMetrics:
             self.events_stored.labels(table=table).inc(n)
 
     def skipped_duplicates(self, n: int) -> None:
+        """Events skipped as already seen (region stage) or already stored (sink)."""
+        self.stats.duplicates += n
         if n:
             self.duplicates.inc(n)
 
     def late(self, kind: str, n: int = 1) -> None:
         """Late reports kept; ``kind`` is one of the two event kinds (a bounded label)."""
+        self.stats.late += n
         if n:
             self.late_events.labels(kind=kind).inc(n)
 
     def replayed_records(self, stage: str, n: int) -> None:
+        """Records of ``stage`` (``intake`` or ``novelty``) skipped as held by detector state already."""
+        name = _REPLAYED_STATS.get(stage)
+        if name is not None:
+            setattr(self.stats, name, getattr(self.stats, name) + n)
         if n:
             self.replayed.labels(stage=stage).inc(n)
 
     def rejected(self, rejects: Iterable[Reject]) -> None:
+        """Records refused (sent to the rejects topic), per stage and reason class."""
         for reject in rejects:
+            self.stats.rejected += 1
             self.rejects.labels(stage=reject.stage, reason=reject_reason(reject.reason)).inc()
+
+    def records_stored(self, what: str, n: int) -> None:
+        """New rows a storing agent (``rejects``, ``alerts``) inserted."""
+        self.stored(what, n)
+        name = _STORED_STATS.get(what)
+        if name is not None:
+            setattr(self.stats, name, getattr(self.stats, name) + n)
+
+    def events_checkpointed(self, events: int, lab_detections: int, border_seizures: int, already_stored: int) -> None:
+        """One intake checkpoint done: ``events`` input events acknowledged, their new rows per table and the
+        ones skipped as stored already."""
+        self.stats.checkpointed += events
+        self.stored("lab_detections", lab_detections)
+        self.stored("border_seizures", border_seizures)
+        self.skipped_duplicates(already_stored)
+        self.stats.stored += lab_detections + border_seizures
+
+    def intake_batch(self, events: int, sightings: int) -> None:
+        """One intake batch processed: ``events`` input events, ``sightings`` sightings sent on."""
+        self.stats.consumed += events
+        self.stats.intake_batches += 1
+        self.stats.sightings += sightings
+
+    def sightings_processed(self, n: int) -> None:
+        """Sightings the novelty stage read (those it skipped as replayed included)."""
+        self.stats.sightings_processed += n
+
+    def alerts_raised(self, n: int) -> None:
+        """Alerts a stage decided (spike alerts are published later, from the outbox)."""
+        self.stats.alerts_raised += n
+
+    def refused_forged(self, topic: str, n: int = 1) -> None:
+        """Records on ``topic`` without a valid worker signature, refused."""
+        self.stats.forged += n
+        self.forged.labels(topic=topic).inc(n)
+
+    def consumer_stalled(self, topic: str) -> None:
+        """The watchdog found a partition of ``topic`` stalled and sought it back."""
+        self.stats.consumer_stalls += 1
+        self.consumer_stalls.labels(topic=topic).inc()
 
     def alerts_published(
         self,
@@ -337,6 +425,7 @@ class WorkerMetrics:
 
     def sink_retry(self, operation: str) -> None:
         """A ClickHouse call failed and will be retried."""
+        self.stats.sink_retries += 1
         self.sink_retries.labels(operation=operation).inc()
         self.sink_failing.labels(operation=operation).set(1)
         self.failing.add(operation)

@@ -8,7 +8,7 @@ guarantees it is the only one, so the worker watches itself:
 
 - a partition is **stalled** when it has unread records (lag above zero) and its committed offset has
   not moved for ``after`` seconds while ClickHouse answers (a sink that is down holds the consumer
-  back on purpose: :func:`.app.with_retries` retries, and counts that in its own metric);
+  back on purpose: :meth:`.context.AgentContext.with_retries` retries, and counts that in its own metric);
 - on a stall the worker logs a warning, counts ``synthwatch_consumer_stalls_total`` and seeks its
   partitions back to their committed offsets the way recovery does (flow stopped, seek, flow resumed:
   :func:`.faust_transport.seek_to_committed`), so every record after them is fetched again (records
@@ -27,12 +27,15 @@ import logging
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faust
 
 from synthwatch.stream_apps.runtime.metrics import PartitionOffsets
 from synthwatch.stream_apps.runtime.transport import seek_to_committed
+
+if TYPE_CHECKING:
+    from synthwatch.stream_apps.runtime.context import WorkerContext
 
 log = logging.getLogger("synthwatch.watchdog")
 
@@ -168,3 +171,30 @@ def watch_consumer(
                 log.warning("consumer making progress again; reporting ready")
             else:
                 log.error("consumer still stalled after a seek back; reporting not ready: %s", watch.reason())
+
+
+def watch_worker(app: faust.App, ctx: WorkerContext) -> StallWatch:
+    """Watch the worker's topics (:func:`watch_consumer`), counting stalls and keeping the ready gauge."""
+    settings, metrics = ctx.settings, ctx.metrics
+    watch = StallWatch(after=settings.stall_seconds)
+
+    def on_stall(item: PartitionOffsets) -> None:
+        metrics.consumer_stalled(item.topic)
+
+    def on_health(healthy: bool) -> None:
+        metrics.set_ready(healthy and ctx.state_ready)
+
+    # The alerts topic's offsets wait for deliveries when officers subscribe (an alert is acknowledged when
+    # its deliveries are final, retries included): slow receivers are not a stalled consumer.
+    watched = set(settings.all_topics) - ({settings.topic_alerts} if settings.subscriptions_file else set())
+    watch_consumer(
+        app,
+        watch,
+        watched,
+        interval=max(0.5, settings.stall_seconds / 6),
+        sink_failing=lambda: bool(metrics.failing),
+        on_stall=on_stall,
+        ready=lambda: ctx.state_ready,
+        on_health=on_health,
+    )
+    return watch

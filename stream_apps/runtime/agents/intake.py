@@ -1,0 +1,207 @@
+"""The ``intake`` agent on both input topics: validate and enrich, run the region stage, send on.
+
+Both input topics are keyed by region and co-partitioned, so one region's events are processed in order
+by one worker. Per batch: validate and enrich; run the region stage (lateness: a late report is stored
+and flagged, not refused; duplicates, spikes); send rejects and sightings (keyed by substance). At
+checkpoints: store new events in ClickHouse, write changed detector state to the region table's
+changelog, then send the spike alerts that state decided (an outbox in the series records: a crash
+cannot re-decide a sent alert differently; a spike alert waits up to one checkpoint interval,
+``SYNTHWATCH_CHECKPOINT_SECONDS``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from itertools import chain
+from typing import Any
+
+import faust
+
+from synthwatch.schemas import Alert, Reject
+from synthwatch.stream_apps.detect.intake import EnrichedEvent, RawMessage
+from synthwatch.stream_apps.detect.novelty import Sighting
+from synthwatch.stream_apps.detect.region import Observation, RegionResult
+from synthwatch.stream_apps.detect.replay import position_of
+from synthwatch.stream_apps.runtime.context import AgentContext, send_all
+from synthwatch.stream_apps.runtime.metrics import ingest_times
+from synthwatch.stream_apps.runtime.outbox import Outbox, SpikeOutbox
+from synthwatch.stream_apps.runtime.state_tables import Change, StateTables
+
+log = logging.getLogger("synthwatch.stack.worker")
+
+LateEvent = tuple[EnrichedEvent, RegionResult]  # a late report and what the region stage made of it
+
+
+def _partition(source: str) -> int:
+    """Partition number of a ``topic:partition:offset`` source."""
+    return int(source.rsplit(":", 2)[1])
+
+
+@dataclass
+class RegionPass:
+    """What the region stage made of a batch's valid events."""
+
+    kept: list[EnrichedEvent] = field(default_factory=list)
+    late: list[LateEvent] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)
+    sightings: list[Sighting] = field(default_factory=list)
+    partitions: dict[str, int] = field(default_factory=dict)  # region -> the partition its events came on
+    replayed: int = 0  # read again after a restart: stored, judged and sent before
+
+
+def detect_regions(agents: AgentContext, events: list[EnrichedEvent]) -> RegionPass:
+    """Run the region stage over ``events``; late reports are set aside for :func:`keep_late`."""
+    found_all = RegionPass()
+    for item in events:
+        found = agents.worker.regions.observe(Observation.of(item), at=position_of(item.source))
+        found_all.partitions[item.event.region] = _partition(item.source)
+        if found.replayed:  # read again after a restart: stored, judged and sent before
+            found_all.replayed += 1
+            continue
+        if found.late_by_hours is not None and not found.duplicate:
+            found_all.late.append((item, found))  # kept or not once storage tells a late report from a re-send
+            continue
+        found_all.kept.append(item)
+        found_all.alerts.extend(found.alerts)
+        found_all.sightings.extend(found.sightings)
+    return found_all
+
+
+async def keep_late(
+    agents: AgentContext, late: list[LateEvent], unstored: Iterable[EnrichedEvent], changed: list[Reject]
+) -> tuple[list[EnrichedEvent], list[Sighting], int]:
+    """Late events are kept (stored flagged ``late``, their sightings sent), unless already stored (or
+    about to be, in ``unstored``): a re-sent old event is a duplicate, or, with other content, a changed
+    report refused into ``changed``. Returns (kept, sightings, duplicates)."""
+    if not late:
+        return [], [], 0
+    sink = agents.worker.sink
+    stored = await agents.with_retries("checking late events", partial(sink.stored_event_digests, [i for i, _ in late]))
+    late_ids = {item.event_id for item, _ in late}
+    stored.update({item.event_id: item.digest for item in unstored if item.event_id in late_ids})
+    kept: list[EnrichedEvent] = []
+    sightings: list[Sighting] = []
+    duplicates = 0
+    for item, found in late:
+        known = stored.get(item.event_id)
+        if known is not None:
+            if known and item.digest and known != item.digest:
+                changed.append(item.changed_content_reject())
+            else:
+                duplicates += 1
+            continue
+        stored[item.event_id] = item.digest  # a re-send later in the same batch
+        item.late = True
+        kept.append(item)
+        sightings.extend(found.sightings)
+        agents.metrics.late(item.event.kind)
+        log.info("late %s %r stored: %.1f h late", item.event.kind, item.event_id, found.late_by_hours)
+    return kept, sightings, duplicates
+
+
+async def send_rejects(agents: AgentContext, rejects: list[Reject]) -> list[Awaitable[Any]]:
+    """Send rejects (keyed by event id, or source when there is none); returns their pending acks."""
+    topic = agents.topics.rejects
+    return [await agents.send(topic, (r.event_id or r.source).encode(), r.model_dump_json().encode()) for r in rejects]
+
+
+def add_intake_agent(agents: AgentContext, tables: StateTables, outbox: SpikeOutbox) -> None:
+    """Define the ``intake`` agent on the input topics."""
+    ctx, metrics, settings = agents.worker, agents.metrics, agents.settings
+
+    async def intake_agent(stream: faust.StreamT[bytes]) -> None:
+        held = agents.checkpoint()
+        rows: list[EnrichedEvent] = []  # kept events since the last checkpoint, stored at the next one
+        storing: list[EnrichedEvent] = []  # the rows of the checkpoint under way
+        partitions: dict[str, int] = {}
+
+        async def write(taken: list[EnrichedEvent], changes: list[Change], kept_outbox: Outbox, events: int) -> None:
+            # Rows first, then the state that has seen them: a worker killed in between replays events
+            # that are stored already (skipped by event_id) into state that has not seen them.
+            stored = await agents.with_retries(
+                "storing events", metrics.timed_call("events", len(taken), partial(ctx.sink.store_events, taken))
+            )
+            if stored.changed:  # ids stored with other content: refused with a reason, like any reject
+                refused = [item.changed_content_reject() for item in stored.changed]
+                await send_all(await send_rejects(agents, refused))
+                metrics.rejected(refused)
+                metrics.produced(settings.topic_rejects, len(refused))
+            await tables.write(tables.regions, changes)
+            # The spike alerts these records decided, now that the records holding them are acknowledged;
+            # acknowledged themselves before this checkpoint's offsets are (Checkpoint._complete).
+            await outbox.send(kept_outbox)
+            # acknowledged right after this returns
+            metrics.events_checkpointed(events, stored.lab_detections, stored.border_seizures, stored.already_stored)
+
+        async for events in agents.batches(stream):
+            if events:
+                await agents.until_state_ready()
+                metrics.consumed(events)
+                # topic, key and headers: what a signed envelope covers (checked in the intake when configured)
+                messages = [
+                    RawMessage(
+                        f"{e.message.topic}:{e.message.partition}:{e.message.offset}",
+                        e.value,
+                        e.message.topic,
+                        e.message.key,
+                        e.message.headers,
+                    )
+                    for e in events
+                ]
+                result = ctx.intake.process(messages)
+                found = detect_regions(agents, result.events)
+                agents.replayed_records("intake", found.replayed)
+                partitions.update(found.partitions)
+                late_kept, late_sightings, late_duplicates = await keep_late(
+                    agents, found.late, chain(storing, rows, found.kept), result.rejects
+                )
+                result.duplicates += late_duplicates
+                sightings = found.sightings + late_sightings
+                rows.extend(found.kept)
+                rows.extend(late_kept)
+                # Sent now, not at the checkpoint: alerts and the sightings that lead to new-substance
+                # alerts are not held back by storage. Acknowledged by the broker before the checkpoint.
+                pending = await send_rejects(agents, result.rejects)
+                # Spike alerts wait in the outbox of the series that raised them (RegionDetector.outbox) and
+                # go out at the checkpoint that writes that series: up to one checkpoint interval later.
+                if found.alerts:
+                    started = ingest_times(events, found.kept)
+                    fallback = min(started.values(), default=time.time())
+                    for a in found.alerts:
+                        known = [started[e] for e in a.evidence_event_ids if e in started]
+                        outbox.ingested[a.alert_id] = max(known) if known else fallback
+                # One message per substance, in event-time order: the novelty stage takes sightings in the
+                # order they are on the topic (see NoveltyDetector.observe_batch), so "first" is first reported.
+                by_substance: dict[str, list[dict[str, Any]]] = defaultdict(list)
+                for sighting in sorted(sightings, key=lambda s: (s.occurred_at, s.event_id)):
+                    by_substance[sighting.key].append(sighting.to_dict())
+                pending += [
+                    await agents.send(agents.topics.sightings, key.encode(), json.dumps(values).encode())
+                    for key, values in by_substance.items()
+                ]
+                held.hold(events, pending)
+                metrics.skipped_duplicates(result.duplicates)
+                metrics.rejected(result.rejects)
+                metrics.produced(settings.topic_rejects, len(result.rejects))
+                metrics.produced(settings.topic_sightings, len(by_substance))
+                metrics.intake_batch(len(messages), len(sightings))
+                metrics.alerts_raised(len(found.alerts))
+            if held.due(quiet=not events):
+                # A region with no event since the start (a series whose outbox was sent at start) has no
+                # partition noted yet: it is the region's own, as the publishers key by region.
+                n = settings.partitions
+                changes = [
+                    (partitions.get(region) or agents.partition_of(region.encode(), n), key, value)
+                    for region, key, value in ctx.regions.drain_dirty()
+                ]
+                taken_outbox = ctx.regions.take_outbox()
+                storing, rows = rows, []
+                await held.start(write(storing, changes, taken_outbox, len(held.events)))
+
+    agents.app.agent(agents.topics.inputs, name="intake")(intake_agent)

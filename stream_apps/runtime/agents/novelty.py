@@ -1,0 +1,59 @@
+"""The ``novelty`` agent on the sightings topic (keyed by substance): new substances, first appearances in a
+region, spread. Its alerts go out with each batch; the substance state they changed is written to the
+substance table's changelog at its checkpoints."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import faust
+
+from synthwatch.stream_apps.detect.novelty import Sighting
+from synthwatch.stream_apps.detect.replay import Position
+from synthwatch.stream_apps.runtime.context import AgentContext
+from synthwatch.stream_apps.runtime.state_tables import Change, StateTables
+
+
+def add_novelty_agent(agents: AgentContext, tables: StateTables) -> None:
+    """Define the ``novelty`` agent on the sightings topic."""
+    ctx, metrics, settings = agents.worker, agents.metrics, agents.settings
+
+    async def novelty_agent(stream: faust.StreamT[bytes]) -> None:
+        held = agents.checkpoint()
+        partitions: dict[str, int] = {}
+
+        async def write(changes: list[Change]) -> None:
+            await tables.write(tables.substances, changes)
+
+        async for events in agents.batches(stream):
+            if events:
+                await agents.until_state_ready()
+                metrics.consumed(events)
+                batch_sightings: list[tuple[Sighting, Position]] = []
+                for e in events:
+                    if not agents.produced_by_a_worker(e):
+                        continue
+                    at = (f"{e.message.topic}:{e.message.partition}", e.message.offset)
+                    for data in json.loads(e.value):
+                        sighting = Sighting.from_dict(data)
+                        partitions[sighting.key] = e.message.partition
+                        batch_sightings.append((sighting, at))
+                # In the order read; those a record holds already (read again after a restart) skipped.
+                alerts, taken = ctx.novelty.observe_batch(batch_sightings)
+                metrics.sightings_processed(len(batch_sightings))
+                agents.replayed_records("novelty", len(batch_sightings) - taken)
+                sent = [
+                    await agents.send(agents.topics.alerts, a.alert_id.encode(), a.model_dump_json().encode())
+                    for a in alerts
+                ]
+                held.hold(events, sent)
+                metrics.produced(settings.topic_alerts, len(alerts))
+                if alerts:
+                    # from the sighting's Kafka timestamp: the intake stage's time before it is not included
+                    metrics.alerts_published(alerts, min(e.message.timestamp or time.time() for e in events))
+                metrics.alerts_raised(len(alerts))
+            if held.due(quiet=not events):
+                await held.start(write([(partitions[k], k, v) for k, v in ctx.novelty.drain_dirty()]))
+
+    agents.app.agent(agents.topics.sightings, name="novelty")(novelty_agent)

@@ -1,0 +1,154 @@
+"""What the worker's agents share, as two typed objects instead of one closure's local variables.
+
+:class:`WorkerContext` is what the process hands the app (configuration, the open ClickHouse client,
+the pure core, metrics); :class:`AgentContext` adds what building the Faust app made (the app, its
+topics, the worker signer, the batching) and the few helpers every agent uses: sending a signed
+record, waiting for ClickHouse, refusing a record no worker signed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
+
+import faust
+from clickhouse_connect.driver.client import Client
+
+from synthwatch.settings import Settings
+from synthwatch.stream_apps.detect.intake import Intake
+from synthwatch.stream_apps.detect.novelty import NoveltyDetector
+from synthwatch.stream_apps.detect.region import RegionDetector
+from synthwatch.stream_apps.runtime.batches import checkpoint_every
+from synthwatch.stream_apps.runtime.checkpoints import Checkpoint
+from synthwatch.stream_apps.runtime.metrics import WorkerMetrics
+from synthwatch.stream_apps.runtime.worker_signature import WorkerSigner
+from synthwatch.stream_apps.storage.retries import retry_until_done
+from synthwatch.stream_apps.storage.sink import ClickHouseSink
+
+log = logging.getLogger("synthwatch.stack.worker")
+T = TypeVar("T")
+
+#: Kafka's default partitioner: ``(key, partitions) -> partition`` (handed in by the wiring).
+Partitioner = Callable[[bytes, int], int]
+#: How an agent takes its stream: lists of unacknowledged events (:mod:`.batches`).
+Batches = Callable[[faust.StreamT[bytes]], AsyncIterator[list[Any]]]
+
+
+@dataclass
+class WorkerContext:
+    """What the agents share: configuration, the open ClickHouse client and the pure core."""
+
+    settings: Settings
+    client: Client
+    sink: ClickHouseSink
+    intake: Intake
+    regions: RegionDetector
+    novelty: NoveltyDetector
+    started_at: float
+    metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
+    on_ready: Callable[[float], None] | None = None
+    state_ready: bool = False  # set once tables are recovered (and rebuilt from ClickHouse if empty)
+    web_token: str | None = None  # for /sql (DATA_DIR/web-token); None: /sql refuses every request
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The worker's topics (raw keys and values: the adapters encode and decode)."""
+
+    inputs: faust.TopicT
+    rejects: faust.TopicT
+    alerts: faust.TopicT
+    sightings: faust.TopicT
+
+    @classmethod
+    def of(cls, app: faust.App, settings: Settings) -> Topics:
+        def raw(*names: str) -> faust.TopicT:
+            return app.topic(*names, key_serializer="raw", value_serializer="raw")
+
+        return cls(
+            inputs=raw(*settings.input_topics),
+            rejects=raw(settings.topic_rejects),
+            alerts=raw(settings.topic_alerts),
+            sightings=raw(settings.topic_sightings),
+        )
+
+
+@dataclass
+class AgentContext:
+    """What an agent builder needs: the worker's context plus the built app, topics, signer and batching."""
+
+    worker: WorkerContext
+    app: faust.App
+    topics: Topics
+    signer: WorkerSigner
+    batches: Batches
+    partition_of: Partitioner
+    replay_logged: set[str] = field(default_factory=set)
+
+    @property
+    def settings(self) -> Settings:
+        return self.worker.settings
+
+    @property
+    def metrics(self) -> WorkerMetrics:
+        return self.worker.metrics
+
+    def checkpoint(self) -> Checkpoint:
+        """A new checkpoint for an agent, at the interval the batching allows (:func:`.batches.checkpoint_every`)."""
+        return Checkpoint(self.app, checkpoint_every(self.settings), most=self.settings.sink_batch_size)
+
+    async def until_state_ready(self) -> None:
+        """Hold a batch until detector state is recovered; a plain flag, as agents start before the loop runs."""
+        while not self.worker.state_ready:
+            await asyncio.sleep(0.05)
+
+    async def send(self, topic: faust.TopicT, key: bytes, value: bytes) -> Awaitable[Any]:
+        """Send a record signed as this worker's (:mod:`.worker_signature`); returns the pending acknowledgement."""
+        headers = self.signer.headers(topic.get_topic_name(), key, value)
+        return cast(Awaitable[Any], await topic.send(key=key, value=value, headers=headers))
+
+    async def with_retries(self, what: str, call: Callable[[], T]) -> T:
+        """Run a blocking ClickHouse call in a thread; on failure back off and retry until it works.
+
+        While this waits, the agent does not take new events, Faust's stream buffer fills and fetching
+        pauses: the consumer waits for ClickHouse instead of dropping data. A stopping worker gives up.
+        """
+        app, metrics = self.app, self.metrics
+        return await retry_until_done(
+            what,
+            call,
+            log=log,
+            give_up=lambda attempt: bool(app.should_stop),
+            on_retry=metrics.sink_retry,
+            on_success=metrics.sink_recovered,
+        )
+
+    def replayed_records(self, stage: str, n: int) -> None:
+        """Count records skipped as held by detector state; say so once per stage (a restart's replay)."""
+        self.metrics.replayed_records(stage, n)
+        if n and stage not in self.replay_logged:
+            self.replay_logged.add(stage)
+            log.info("%s: records read again after a restart are skipped where detector state holds them", stage)
+
+    def produced_by_a_worker(self, e: Any) -> bool:
+        """Alerts, sightings and rejects must carry a worker's signature (:mod:`.worker_signature`); others are
+        refused."""
+        if self.signer.valid_event(e):
+            return True
+        self.metrics.refused_forged(e.message.topic)
+        log.error(
+            "%s[%s] offset %s: no valid worker signature; refused (not stored, not delivered)",
+            e.message.topic,
+            e.message.partition,
+            e.message.offset,
+        )
+        return False
+
+
+async def send_all(pending: list[Awaitable[Any]]) -> None:
+    """Wait for records sent: delivered before the offsets of the batch that produced them are committed."""
+    if pending:
+        await asyncio.gather(*pending)
