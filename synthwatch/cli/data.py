@@ -216,16 +216,17 @@ def substance(
     name: Annotated[str, typer.Argument(help="A name (any spelling), an InChIKey or its first block.")],
     fmt: FormatOption = OutputFormat.table,
     part: Annotated[
-        str, typer.Option(help="With --format csv: which table, regions, months or alerts (JSON has all).")
+        str,
+        typer.Option(help="With --format csv: which table, regions, months, alerts or similar (JSON has all)."),
     ] = "regions",
 ) -> None:
-    """Everything stored about one substance: first seen, regions, months, alerts."""
+    """Everything stored about one substance: first seen, regions, months, alerts, structurally similar substances."""
     import dataclasses
 
     from synthwatch.stream_apps.storage.query import QueryError
     from synthwatch.stream_apps.storage.reads import similar_substance_names, substance_history
 
-    parts = ("regions", "months", "alerts")
+    parts = ("regions", "months", "alerts", "similar")
     if part not in parts:
         _fail(f"--part is one of {', '.join(parts)}, not {part!r}", code=2)
     settings = Settings()
@@ -285,6 +286,21 @@ def substance(
             plain(a.summary),
         )
     console.print(alerts_table)
+    if history.family_guess:  # only for a structure no SMARTS pattern classified
+        console.print(plain(f"family guess (nearest known relative): {history.family_guess}"), highlight=False)
+    nearest = Table(title="nearest known structures (similarity 0-1)")
+    for column in ("substance", "similarity", "family", "control", "known from"):
+        nearest.add_column(column, justify="right" if column == "similarity" else "left")
+    control = {True: "controlled", False: "not controlled", None: "unknown"}
+    for n in history.similar:
+        nearest.add_row(
+            plain(n.name),
+            f"{n.score:.2f}",
+            plain(n.family or "unclassified"),
+            control[n.controlled],
+            "catalogue" if n.catalogued else "reports",
+        )
+    console.print(nearest if history.similar else "no known structure to compare with (no structure reported)")
 
 
 def ingest_history(
