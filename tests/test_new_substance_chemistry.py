@@ -18,6 +18,7 @@ from synthwatch.producers.readers import InputRecord
 from synthwatch.schemas import Alert, parse_event_object
 from synthwatch.stack.broker import EmbeddedBroker
 from synthwatch.stream_apps.detect import similarity
+from synthwatch.stream_apps.detect.identity import structure_from_smiles
 from synthwatch.stream_apps.detect.intake import Intake
 from synthwatch.stream_apps.detect.region import Detector
 
@@ -68,6 +69,28 @@ def test_structures_the_network_learnt_become_neighbours_of_later_ones() -> None
     nearest = second.similar_substances[0]
     assert (nearest.name, nearest.catalogued, nearest.family, nearest.controlled) == ("Homo-eto", False, None, None)
     assert second.family_guess is not None and second.family_guess.nearest != "Homo-eto"  # a guess rests on a family
+
+
+def test_a_structure_first_known_by_its_inchikey_is_learnt_when_its_smiles_comes_and_alerts_stay_the_same() -> None:
+    structure = structure_from_smiles(HOMO_ETONITAZENE)
+    assert not isinstance(structure, str) and structure.inchikey
+    detector = Detector()
+    alerts = _alerts(
+        [
+            lab(event_id="l-1", substance={"name": "Homo-eto", "inchikey": structure.inchikey}, lab_id="LAB-FR-01"),
+            lab(event_id="l-2", region="FR-69M", substance={"smiles": HOMO_ETONITAZENE}, lab_id="LAB-FR-02"),
+            lab(event_id="l-3", region="FR-75C", substance={"smiles": BISHOMO_ETONITAZENE}, lab_id="LAB-FR-03"),
+        ],
+        detector,
+    )
+    assert [(a.alert_type, a.evidence_event_ids) for a in alerts] == [
+        ("new_substance", ["l-1"]),
+        ("first_in_region", ["l-2"]),  # learning the structure on the way changes no alert
+        ("new_substance", ["l-3"]),
+    ]
+    assert alerts[0].similar_substances == []  # an InChIKey has no atoms to compare
+    assert structure.key in detector.novelty.similarity
+    assert alerts[2].similar_substances[0].key == structure.key
 
 
 def test_a_catalogued_drug_reported_by_name_gets_its_catalogue_structures_neighbours() -> None:

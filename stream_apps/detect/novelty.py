@@ -236,21 +236,22 @@ class NoveltyDetector:
             known.regions[region] = [day, day]
             known.mark_sighted(region, day, None, horizon)
             if emit:
-                alerts.append(self._new_substance(sighting))
+                alerts.append(self._new_substance(sighting))  # indexes the structure too
             elif sighting.smiles:
                 self._learn(sighting)
-        elif sighting.smiles and sighting.key not in self.similarity:  # known before a restart: learnt again
-            self._learn(sighting)
-        elif region not in known.regions:
-            known.regions[region] = [day, day]
-            known.mark_sighted(region, day, None, horizon)
-            if emit:
-                alerts.append(self._first_in_region(sighting, known))
         else:
-            span = known.regions[region]
-            last_before = span[1]
-            span[0], span[1] = min(span[0], day), max(span[1], day)
-            known.mark_sighted(region, day, last_before, horizon)
+            if sighting.smiles and key not in self.similarity:
+                self._learn(sighting)  # first seen without a structure (an InChIKey), or before a restart
+            if region not in known.regions:
+                known.regions[region] = [day, day]
+                known.mark_sighted(region, day, None, horizon)
+                if emit:
+                    alerts.append(self._first_in_region(sighting, known))
+            else:
+                span = known.regions[region]
+                last_before = span[1]
+                span[0], span[1] = min(span[0], day), max(span[1], day)
+                known.mark_sighted(region, day, last_before, horizon)
         if day < known.first_day:  # "first" is by occurrence: a late report can predate the first one received
             known.first_day, known.first_region = day, region
         spread = self._spread(sighting, known)
