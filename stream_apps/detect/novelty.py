@@ -153,6 +153,11 @@ class NoveltyDetector:
     Every structure a sighting brings joins a :class:`~.similarity.SimilarityIndex` (the catalogue's and the
     network's learnt structures, one fingerprint each), so a new-substance alert names its nearest known
     relatives. The index is built on first use: a detector that never meets a structure never loads it.
+
+    "Learnt" means met by this detector: in the backtest and in one worker that has not restarted, every
+    structure of the stream so far. A restored detector re-learns a structure when it is sighted again (its
+    records are fetched lazily, so they cannot be listed), and with several workers each knows the
+    structures of its own partitions; such an alert can list fewer learnt neighbours than a live run would.
     """
 
     def __init__(
