@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 from rdkit import Chem, DataStructs
@@ -53,8 +54,14 @@ class FamilyGuess:
         return f"{self.family} (a guess: nearest known {self.nearest}, similarity {self.score:.2f})"
 
 
+@cache
 def _generator() -> Any:
     return rdFingerprintGenerator.GetMorganGenerator(radius=RADIUS, fpSize=BITS)
+
+
+def _needs_parent(mol: Any) -> bool:
+    """Salts, solvents and charges need standardising; one neutral fragment is its own parent (most reports)."""
+    return len(Chem.GetMolFrags(mol)) > 1 or any(atom.GetFormalCharge() for atom in mol.GetAtoms())
 
 
 def fingerprint(smiles: str) -> Any | None:
@@ -64,7 +71,7 @@ def fingerprint(smiles: str) -> Any | None:
         if mol is None or mol.GetNumAtoms() == 0:
             return None
         try:
-            return _generator().GetFingerprint(_parent(mol))
+            return _generator().GetFingerprint(_parent(mol) if _needs_parent(mol) else mol)
         except Exception:  # field data: a structure RDKit cannot handle has no neighbours, never a dead worker
             return None
 
