@@ -61,6 +61,25 @@ class AlertSubstance(BaseModel):
     controlled: bool | None = Field(default=None, description="Under international control, when known.")
 
 
+class SimilarSubstance(BaseModel):
+    """A known substance structurally close to the one a new-substance alert is about (what a chemist asks first)."""
+
+    name: str
+    key: str
+    score: float = Field(ge=0, le=1, description="Tanimoto similarity of Morgan fingerprints (radius 2, 2,048 bits).")
+    family: str | None = None
+    controlled: bool | None = Field(default=None, description="Under international control, when known.")
+    catalogued: bool = Field(description="In the catalogue; False: a structure the network learnt from reports.")
+
+
+class GuessedFamily(BaseModel):
+    """A family inferred from the nearest known substance, for a structure no SMARTS pattern matched: a guess."""
+
+    family: str
+    score: float = Field(ge=0, le=1, description="Similarity to ``nearest``, the substance the guess rests on.")
+    nearest: str
+
+
 class Alert(BaseModel):
     """An early warning. Carries what applies of a European drug alert (risk, place, method, data)."""
 
@@ -102,4 +121,17 @@ class Alert(BaseModel):
         default_factory=list,
         description="Labs (lab_id) and agencies whose report raised the alert: whom an officer can ask. For a "
         "spike, the report that tipped it; the window's other reports are in evidence_event_ids.",
+    )
+    similar_substances: list[SimilarSubstance] = Field(
+        default_factory=list,
+        description="New substances only: the nearest known substances by structural similarity, best first.",
+    )
+    family_guess: GuessedFamily | None = Field(
+        default=None,
+        description="New substances only: a family guessed from the nearest neighbour when no SMARTS pattern "
+        "matched the structure (never a classification).",
+    )
+    did_you_mean: list[str] = Field(
+        default_factory=list,
+        description="New substances reported by a name nothing resolved: catalogue names spelt most like it.",
     )

@@ -28,7 +28,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from synthwatch.schemas import Alert, AlertSubstance
 from synthwatch.stack.broker import free_port
-from synthwatch.stream_apps.delivery.channels import WebhookRejected, verify
+from synthwatch.stream_apps.delivery.webhook import WebhookRejected, verify
 
 SECRET = "test-secret-Bamako"
 LOOPBACK = ("127.0.0.0/8",)

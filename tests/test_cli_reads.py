@@ -227,3 +227,41 @@ def test_plural_and_json_escaping() -> None:
         ["", '["x", 1]'],
         [HOSTILE, "2.5"],
     ]
+
+
+HOMO_ETONITAZENE = "CCOc1ccc(Cc2nc3cc([N+](=O)[O-])ccc3n2CCCN(CC)CC)cc1"  # no SMARTS pattern matches it
+
+
+def test_substance_shows_the_nearest_known_substances_and_a_family_guess(cli: CliRunner, ch: Any) -> None:
+    now = datetime.now(UTC)
+    records = [
+        lab(
+            event_id="homo",
+            occurred_at=(now - timedelta(hours=3)).isoformat(),
+            substance={"name": "Homo-eto", "smiles": HOMO_ETONITAZENE},
+        ),
+        lab(
+            event_id="eto",
+            occurred_at=(now - timedelta(hours=2)).isoformat(),
+            substance={"name": "Etonitazene", "smiles": "CCOc1ccc(Cc2nc3cc([N+](=O)[O-])ccc3n2CCN(CC)CC)cc1"},
+        ),
+    ]
+    batch = Intake().process([RawMessage(f"t:0:{i}", json.dumps(r)) for i, r in enumerate(records)])
+    ClickHouseSink(ch).store_events(batch.events)
+
+    learnt = json.loads(cli.invoke(app, ["substance", "Homo-eto", "--format", "json"]).output)
+    assert [n["name"] for n in learnt["similar"]][:3] == ["Etonitazene", "Butonitazene", "Protonitazene"]
+    assert learnt["similar"][0]["catalogued"] is True and learnt["family_guess"] == "nitazene"
+    # a catalogued substance: its neighbours include the structure the network learnt, and no guess
+    known = json.loads(cli.invoke(app, ["substance", "Etonitazene", "--format", "json"]).output)
+    nearest = known["similar"][0]
+    assert (nearest["name"], nearest["catalogued"], nearest["family"]) == ("Homo-eto", False, "")
+    assert known["family_guess"] is None
+    rows = list(
+        csv.DictReader(
+            io.StringIO(cli.invoke(app, ["substance", "Homo-eto", "--format", "csv", "--part", "similar"]).output)
+        )
+    )
+    assert rows[0]["name"] == "Etonitazene" and float(rows[0]["score"]) == learnt["similar"][0]["score"]
+    table = cli.invoke(app, ["substance", "Homo-eto"]).output
+    assert "nearest known structures" in table and "family guess" in table and "Etonitazene" in table

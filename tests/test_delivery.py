@@ -42,20 +42,7 @@ from synthwatch.catalogue import Family
 from synthwatch.cli.delivery import register
 from synthwatch.schemas import Alert, parse_event_object
 from synthwatch.settings import Settings
-from synthwatch.stream_apps.delivery.channels import (
-    DELIVERY_HEADER,
-    EVENT_HEADER,
-    SIGNATURE_HEADER,
-    SmtpConfig,
-    SmtpConfigError,
-    WebhookRejected,
-    WebhookSender,
-    delivery_id,
-    message_id,
-    sign,
-    verify,
-    webhook_headers,
-)
+from synthwatch.stream_apps.delivery.email import SmtpConfig, SmtpConfigError, message_id
 from synthwatch.stream_apps.delivery.endpoints import Endpoint, EndpointLimits
 from synthwatch.stream_apps.delivery.messages import (
     FAMILIES,
@@ -74,6 +61,17 @@ from synthwatch.stream_apps.delivery.subscriptions import (
     recipients,
 )
 from synthwatch.stream_apps.delivery.targets import TargetPolicy
+from synthwatch.stream_apps.delivery.webhook import (
+    DELIVERY_HEADER,
+    EVENT_HEADER,
+    SIGNATURE_HEADER,
+    WebhookRejected,
+    WebhookSender,
+    delivery_id,
+    sign,
+    verify,
+    webhook_headers,
+)
 from synthwatch.stream_apps.detect.identity import SubstanceResolver
 from synthwatch.stream_apps.runtime.batches import channel_batches
 from synthwatch.stream_apps.storage.clickhouse import migrate

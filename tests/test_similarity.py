@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from stream_apps.detect.identity import structure_from_smiles
-from stream_apps.detect.similarity import SimilarityIndex, closest_names, fingerprint, guess_family
 from synthwatch.catalogue import CatalogueEntry, shipped_catalogue
+from synthwatch.stream_apps.detect.identity import structure_from_smiles
+from synthwatch.stream_apps.detect.similarity import SimilarityIndex, closest_names, fingerprint, guess_family
 
 CATALOGUE = {entry.name: entry for entry in shipped_catalogue()}
 # Etonitazene with a propyl linker: no SMARTS pattern matches (the nitazene one wants 2-aminoethyl).

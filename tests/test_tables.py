@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from synthwatch.schemas import Alert, BorderSeizure, LabDetection, Reject
-from synthwatch.schemas.records import AlertSubstance
+from synthwatch.schemas.records import AlertSubstance, GuessedFamily, SimilarSubstance
 from synthwatch.stream_apps.detect.intake import EnrichedEvent, Intake, RawMessage
 from synthwatch.stream_apps.storage import tables
 from synthwatch.stream_apps.storage.clickhouse import migrate
@@ -88,6 +88,10 @@ def _check_row(columns: list[str], row: Any, source: Any) -> int:
         checked += 1
         if column == "details":
             value = json.loads(value)
+        elif column == "similar_substances":  # a JSON list, '' when there is none
+            value, expected = (json.loads(value) if value else []), [n.model_dump() for n in expected]
+        elif column == "family_guess":  # the guessed family's name
+            expected = expected.family if expected else ""
         assert value == expected or (expected is None and value == ""), f"{column}: {value!r} != {expected!r}"
     return checked
 
@@ -145,6 +149,14 @@ def test_reject_alert_and_delivery_rows_put_each_value_under_its_column(migrated
     alert_row = tables.alert_row(alert)
     assert _check_row(tables.ALERT_COLUMNS, alert_row, alert) >= 20
     assert alert_row[tables.ALERT_COLUMNS.index("family")] == "opioid"
+    chemistry = alert.model_copy(
+        update={
+            "similar_substances": [SimilarSubstance(name="Etonitazene", key="K2", score=0.8, catalogued=True)],
+            "family_guess": GuessedFamily(family="nitazene", score=0.8, nearest="Etonitazene"),
+            "did_you_mean": ["Etonitazene"],
+        }
+    )
+    assert _check_row(tables.ALERT_COLUMNS, tables.alert_row(chemistry), chemistry) >= 23
 
     attempt = tables.Attempt("a1", "o1", "hook", "webhook", "r", 2, "failed", "refused", 503, "https://x", moment)
     delivery_row = attempt.row()

@@ -29,6 +29,7 @@ import jinja2
 import pycountry
 from babel import Locale
 from babel.dates import format_date, format_time, get_timezone_location
+from babel.lists import format_list
 from babel.numbers import format_decimal
 
 from synthwatch.schemas import Alert
@@ -325,6 +326,26 @@ class Message:
     links: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class NeighbourView:
+    """A known substance structurally close to a new one, in the reader's language."""
+
+    name: str
+    score: str  # Tanimoto similarity, two decimals as the language writes them
+    family: str
+    control: str
+    learnt: bool  # not in the catalogue: a structure the network learnt from earlier reports
+
+
+@dataclass(frozen=True, slots=True)
+class GuessView:
+    """A family guessed from the nearest neighbour (no SMARTS pattern matched): shown as a guess."""
+
+    family: str
+    nearest: str
+    score: str
+
+
 @dataclass(slots=True)
 class AlertView:
     """An alert's facts, already in the reader's language; the templates only arrange them.
@@ -373,6 +394,9 @@ class AlertView:
     reporters_n: int = 0
     unusual: str = ""
     late: str = ""  # why and how late, when a late report raised the alert; "" otherwise
+    similar: list[NeighbourView] = field(default_factory=list)  # new substances: nearest known, best first
+    guess: GuessView | None = None  # new substances no pattern classified: a family guess
+    did_you_mean: str = ""  # unresolved names: catalogue names spelt like it ("A, B or C")
     language: str = "en"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -390,6 +414,35 @@ def number(value: float, language: str) -> str:
         else:
             return "<" + format_decimal(0.01, locale=language, numbering_system="default")
     return format_decimal(value, format="#,##0.##", locale=language, numbering_system="default")
+
+
+def similarity(score: float, language: str) -> str:
+    """A Tanimoto score with two decimals, as the language writes them: '0.71' (en), '0,71' (fr)."""
+    return format_decimal(score, format="0.00", locale=language, numbering_system="default")
+
+
+def _family_label(family: str | None, language: str) -> str:
+    return FAMILIES[language].get(family or "", FAMILIES[language][""])[0]
+
+
+def chemistry_views(alert: Alert, language: str) -> tuple[list[NeighbourView], GuessView | None, str]:
+    """What a new-substance alert says a chemist would ask: nearest known substances, family guess, spellings."""
+    similar = [
+        NeighbourView(
+            name=visible(n.name),
+            score=similarity(n.score, language),
+            family=_family_label(n.family, language),
+            control=CONTROL_LABELS[language][n.controlled],
+            learnt=not n.catalogued,
+        )
+        for n in alert.similar_substances
+    ]
+    g = alert.family_guess
+    guess = (
+        GuessView(_family_label(g.family, language), visible(g.nearest), similarity(g.score, language)) if g else None
+    )
+    names = [visible(name) for name in alert.did_you_mean]
+    return similar, guess, format_list(names, style="or", locale=language) if names else ""
 
 
 def plural(count: float, language: str, **forms: str) -> str:
@@ -531,6 +584,7 @@ def alert_view(alert: Alert, language: str, grafana_url: str, timezone: str = "U
         reporters_n=len(alert.reported_by),
         language=language,
     )
+    view.similar, view.guess, view.did_you_mean = chemistry_views(alert, language)
     view.triggered = _render(f"{language}/moment.txt.j2", v=view).strip()
     view.unusual = _render(f"{language}/unusual.txt.j2", v=view).strip()
     if alert.reported_late and alert.late_by_hours is not None:

@@ -41,17 +41,10 @@ from clickhouse_connect.driver.client import Client
 from synthwatch.redaction import redact
 from synthwatch.schemas import Alert
 from synthwatch.settings import Settings
-from synthwatch.stream_apps.delivery.channels import (
-    SendResult,
-    SmtpConfig,
-    SmtpSender,
-    WebhookSender,
-    build_email,
-    delivery_id,
-    message_id,
-)
+from synthwatch.stream_apps.delivery.email import SmtpConfig, SmtpSender, build_email, message_id
 from synthwatch.stream_apps.delivery.endpoints import Endpoint, EndpointLimits, Endpoints
 from synthwatch.stream_apps.delivery.messages import Message, render_alert, render_digest
+from synthwatch.stream_apps.delivery.results import SendResult
 from synthwatch.stream_apps.delivery.subscriptions import (
     EmailChannel,
     Officer,
@@ -63,6 +56,7 @@ from synthwatch.stream_apps.delivery.subscriptions import (
     recipients,
     secret_problems,
 )
+from synthwatch.stream_apps.delivery.webhook import WebhookSender, delivery_id
 from synthwatch.stream_apps.storage.deliveries import DeliveryStore, Key, QueuedAlert
 from synthwatch.stream_apps.storage.tables import Attempt, DeliveryStatus
 
@@ -109,7 +103,7 @@ class ResendError(ValueError):
 def webhook_payload(alert: Alert, officer: Officer, route: str, message: Message, channel: str) -> dict[str, Any]:
     """What a webhook receives for one alert: the rendered message (the officer's language) and the alert.
 
-    ``delivery_id`` (signed, see ``channels.sign``) is what receivers de-duplicate on: one per
+    ``delivery_id`` (signed, see ``webhook.sign``) is what receivers de-duplicate on: one per
     (alert, officer, channel), the same on every retry.
     """
     return {

@@ -47,9 +47,7 @@ from synthwatch.schemas import Alert
 from synthwatch.schemas.events import CountryCode, RegionCode
 from synthwatch.schemas.records import AlertType, Severity
 from synthwatch.stream_apps.delivery.targets import TargetPolicy, parse_networks
-
-MIN_SECRET_LENGTH = 16
-"""Shortest webhook secret accepted (characters); ``openssl rand -hex 32`` gives 64."""
+from synthwatch.stream_apps.delivery.webhook import MIN_SECRET_LENGTH
 
 Language = Literal["en", "fr", "ar"]
 """Languages the message templates exist in (``stream_apps/delivery/templates/<language>/``)."""

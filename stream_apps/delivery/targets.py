@@ -7,7 +7,7 @@ address a webhook connects to must be globally routable, or inside a network the
 (the subscriptions file's ``webhook_allowed_networks`` or ``SYNTHWATCH_WEBHOOK_ALLOWED_NETWORKS``).
 
 The check runs twice: on the URL when the file is loaded (an IP literal or ``localhost``), and on every
-address DNS returns at connection time (``channels.GuardedResolver``), so a name that resolves to a private
+address DNS returns at connection time (``webhook.GuardedResolver``), so a name that resolves to a private
 address later (DNS rebinding) is refused too.
 """
 

@@ -10,7 +10,7 @@ import pycountry
 
 from synthwatch.catalogue import OPIOID_FAMILIES
 from synthwatch.schemas import Alert, AlertSubstance
-from synthwatch.schemas.records import AlertType, Severity
+from synthwatch.schemas.records import AlertType, GuessedFamily, Severity, SimilarSubstance
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -109,11 +109,15 @@ def build_alert(
     details: dict[str, object] | None = None,
     late_by_hours: float | None = None,
     reported_by: list[str] | None = None,
+    similar_substances: list[SimilarSubstance] | None = None,
+    family_guess: GuessedFamily | None = None,
+    did_you_mean: list[str] | None = None,
 ) -> Alert:
     """An alert from a finding; ``late_by_hours`` (set when a late report raised it) is stated in the summary.
 
     The identity method comes from ``subject`` (a family series has none); ``reported_by`` names the labs or
-    agencies whose reports the alert rests on, so an officer can ask them.
+    agencies whose reports the alert rests on, so an officer can ask them. A new substance also carries its
+    nearest known relatives, a family guess when no pattern classified it, or "did you mean" names.
     """
     if late_by_hours is not None:
         summary = f"{summary} {late_note(late_by_hours)}"
@@ -140,6 +144,9 @@ def build_alert(
         late_by_hours=late_by_hours,
         identified_by=subject.identified_by,  # type: ignore[arg-type]
         reported_by=sorted(set(reported_by or [])),
+        similar_substances=similar_substances or [],
+        family_guess=family_guess,
+        did_you_mean=did_you_mean or [],
     )
 
 

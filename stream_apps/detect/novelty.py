@@ -11,13 +11,21 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from synthwatch.schemas import Alert
+from synthwatch.schemas.records import GuessedFamily, SimilarSubstance
 from synthwatch.stream_apps.detect.alerting import IDENTIFIED_TEXT, Subject, build_alert, day_start, region_label
 from synthwatch.stream_apps.detect.replay import Position, applied, marks_of, note
+
+if TYPE_CHECKING:
+    from synthwatch.catalogue import Family
+    from synthwatch.stream_apps.detect.similarity import Neighbour, SimilarityIndex
+
+NEIGHBOURS = 5
+"""How many similar known substances a new-substance alert lists."""
 
 
 class NoveltyConfig(BaseModel):
@@ -54,6 +62,7 @@ class Sighting:
     late_by_hours: float | None = None  # a late report's sighting: its alerts say so
     identified_by: str | None = None  # how the report's substance was identified (ResolvedSubstance.resolved_by)
     reporter: str | None = None  # the lab or agency whose report this is
+    smiles: str | None = None  # the structure as the report gave it: what a new substance is compared by
 
     def to_dict(self) -> dict[str, Any]:
         """The wire form on the sightings topic (fields are flat: no deep copy as ``asdict`` makes)."""
@@ -139,15 +148,38 @@ class SubstanceState:
 
 
 class NoveltyDetector:
-    """Pure and synchronous: ``observe(sighting) -> alerts``; state is a dict of SubstanceState."""
+    """Pure and synchronous: ``observe(sighting) -> alerts``; state is a dict of SubstanceState.
+
+    Every structure a sighting brings joins a :class:`~.similarity.SimilarityIndex` (the catalogue's and the
+    network's learnt structures, one fingerprint each), so a new-substance alert names its nearest known
+    relatives. The index is built on first use: a detector that never meets a structure never loads it.
+
+    "Learnt" means met by this detector: in the backtest and in one worker that has not restarted, every
+    structure of the stream so far. A restored detector re-learns a structure when it is sighted again (its
+    records are fetched lazily, so they cannot be listed), and with several workers each knows the
+    structures of its own partitions; such an alert can list fewer learnt neighbours than a live run would.
+    """
 
     def __init__(
-        self, config: NoveltyConfig | None = None, fetch: Callable[[str], dict[str, Any] | None] | None = None
+        self,
+        config: NoveltyConfig | None = None,
+        fetch: Callable[[str], dict[str, Any] | None] | None = None,
+        similarity: SimilarityIndex | None = None,
     ) -> None:
         self.config = config or NoveltyConfig()
         self.fetch = fetch  # loads a record not in memory yet (the worker's changelog table)
         self.state: dict[str, SubstanceState] = {}
         self.dirty: set[str] = set()
+        self._similarity = similarity
+
+    @property
+    def similarity(self) -> SimilarityIndex:
+        """The structures known to this detector (catalogue first), built the first time it is needed."""
+        if self._similarity is None:
+            from synthwatch.stream_apps.detect.similarity import SimilarityIndex  # RDKit fingerprints: when asked
+
+            self._similarity = SimilarityIndex()
+        return self._similarity
 
     def get(self, key: str) -> SubstanceState | None:
         known = self.state.get(key)
@@ -209,23 +241,60 @@ class NoveltyDetector:
             known.regions[region] = [day, day]
             known.mark_sighted(region, day, None, horizon)
             if emit:
-                alerts.append(self._new_substance(sighting))
-        elif region not in known.regions:
-            known.regions[region] = [day, day]
-            known.mark_sighted(region, day, None, horizon)
-            if emit:
-                alerts.append(self._first_in_region(sighting, known))
+                alerts.append(self._new_substance(sighting))  # indexes the structure too
+            elif sighting.smiles:
+                self._learn(sighting)
         else:
-            span = known.regions[region]
-            last_before = span[1]
-            span[0], span[1] = min(span[0], day), max(span[1], day)
-            known.mark_sighted(region, day, last_before, horizon)
+            if sighting.smiles and key not in self.similarity:
+                self._learn(sighting)  # first seen without a structure (an InChIKey), or before a restart
+            if region not in known.regions:
+                known.regions[region] = [day, day]
+                known.mark_sighted(region, day, None, horizon)
+                if emit:
+                    alerts.append(self._first_in_region(sighting, known))
+            else:
+                span = known.regions[region]
+                last_before = span[1]
+                span[0], span[1] = min(span[0], day), max(span[1], day)
+                known.mark_sighted(region, day, last_before, horizon)
         if day < known.first_day:  # "first" is by occurrence: a late report can predate the first one received
             known.first_day, known.first_region = day, region
         spread = self._spread(sighting, known)
         if spread is not None and emit:
             alerts.append(spread)
         return alerts
+
+    def _learn(self, s: Sighting) -> list[Neighbour]:
+        """Index the sighting's structure (once per key); its neighbours among what was known before it."""
+        family = cast("Family | None", s.family)
+        return self.similarity.learn_and_rank(s.key, s.smiles or "", s.name, family, s.controlled, NEIGHBOURS)
+
+    def _chemistry(self, s: Sighting) -> dict[str, Any]:
+        """What a chemist asks of a new substance: its nearest known relatives, a family guess, or a spelling."""
+        if s.smiles or s.key in self.similarity:  # a name-only report of a known structure: that structure
+            from synthwatch.stream_apps.detect.similarity import guess_family
+
+            neighbours = self._learn(s)
+            guess = guess_family(neighbours) if s.family is None else None
+            return {
+                "similar_substances": [
+                    SimilarSubstance(
+                        name=n.name,
+                        key=n.key,
+                        score=n.score,
+                        family=n.family,
+                        controlled=n.controlled,
+                        catalogued=n.catalogued,
+                    )
+                    for n in neighbours
+                ],
+                "family_guess": (
+                    GuessedFamily(family=guess.family, score=guess.score, nearest=guess.nearest) if guess else None
+                ),
+            }
+        if s.identified_by == "unresolved_name":
+            return {"did_you_mean": self.similarity.did_you_mean(s.name)}
+        return {}
 
     def _new_substance(self, s: Sighting) -> Alert:
         subject = s.subject
@@ -253,6 +322,7 @@ class NoveltyDetector:
             details={"first_region": s.region, "catalogued": s.catalogued},
             late_by_hours=s.late_by_hours,
             reported_by=s.reported_by,
+            **self._chemistry(s),
         )
 
     def _first_in_region(self, s: Sighting, known: SubstanceState) -> Alert:

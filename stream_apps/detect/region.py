@@ -76,6 +76,7 @@ class Observation:
     method: str | None
     sample_type: str | None
     reporter: str | None = None  # the lab (lab_id) or agency whose report this is: alerts name it
+    smiles: str | None = None  # the structure as reported: a new substance's neighbours are found by it
 
     @classmethod
     def of(cls, item: EnrichedEvent) -> Observation:
@@ -93,6 +94,7 @@ class Observation:
             lab.method if lab is not None else None,
             lab.sample_type if lab is not None else None,
             lab.lab_id if lab is not None else getattr(event, "agency", None),
+            event.substance.smiles,
         )
 
     def sighting(self, late_by_hours: float | None = None) -> Sighting:
@@ -116,6 +118,7 @@ class Observation:
             late_by_hours=late_by_hours,
             identified_by=s.identified_by,
             reporter=self.reporter,
+            smiles=self.smiles if s.identified_by == "structure" else None,
         )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 from rdkit import Chem, DataStructs
@@ -53,8 +54,14 @@ class FamilyGuess:
         return f"{self.family} (a guess: nearest known {self.nearest}, similarity {self.score:.2f})"
 
 
+@cache
 def _generator() -> Any:
     return rdFingerprintGenerator.GetMorganGenerator(radius=RADIUS, fpSize=BITS)
+
+
+def _needs_parent(mol: Any) -> bool:
+    """Salts, solvents and charges need standardising; one neutral fragment is its own parent (most reports)."""
+    return len(Chem.GetMolFrags(mol)) > 1 or any(atom.GetFormalCharge() for atom in mol.GetAtoms())
 
 
 def fingerprint(smiles: str) -> Any | None:
@@ -64,7 +71,7 @@ def fingerprint(smiles: str) -> Any | None:
         if mol is None or mol.GetNumAtoms() == 0:
             return None
         try:
-            return _generator().GetFingerprint(_parent(mol))
+            return _generator().GetFingerprint(_parent(mol) if _needs_parent(mol) else mol)
         except Exception:  # field data: a structure RDKit cannot handle has no neighbours, never a dead worker
             return None
 
@@ -79,7 +86,13 @@ class SimilarityIndex:
         self._keys: list[str] = []
         self._fingerprints: list[Any] = []
         self._about: dict[str, Neighbour] = {}  # key -> name, family, status (score unused)
-        for entry in shipped_catalogue() if catalogue is None else catalogue:
+        self._position: dict[str, int] = {}  # key -> its place in _keys / _fingerprints
+        entries = tuple(shipped_catalogue() if catalogue is None else catalogue)
+        self._names = [name for entry in entries for name in (entry.name, *entry.synonyms)]
+        self._display = {
+            normalise_name(name): entry.name for entry in entries for name in (entry.name, *entry.synonyms)
+        }
+        for entry in entries:
             structure = structure_from_smiles(entry.smiles)
             if isinstance(structure, str):
                 raise ValueError(f"catalogue entry {entry.name!r}: {structure}")
@@ -107,18 +120,50 @@ class SimilarityIndex:
         found = fingerprint(smiles)
         if found is None:
             return False
-        self._keys.append(key)
-        self._fingerprints.append(found)
-        self._about[key] = Neighbour(key, name, 1.0, family, controlled, catalogued)
+        self._append(key, found, Neighbour(key, name, 1.0, family, controlled, catalogued))
         return True
 
     def nearest(self, smiles: str, k: int = 5, *, min_score: float = 0.2) -> list[Neighbour]:
         """The ``k`` most similar known structures (best first, ties by name), the query's own key left out."""
         query = fingerprint(smiles)
-        if query is None or not self._fingerprints:
+        if query is None:
             return []
         own = structure_from_smiles(smiles)
-        own_key = None if isinstance(own, str) else own.key
+        return self._rank(query, None if isinstance(own, str) else own.key, k, min_score)
+
+    def learn_and_rank(
+        self,
+        key: str,
+        smiles: str,
+        name: str,
+        family: Family | None,
+        controlled: bool | None = None,
+        k: int = 5,
+        *,
+        min_score: float = 0.2,
+    ) -> list[Neighbour]:
+        """The neighbours of a structure the network meets, which then joins the index (one fingerprint each).
+
+        A structure indexed already (the catalogue's, or one learnt earlier) reuses its fingerprint.
+        """
+        at = self._position.get(key)
+        found = self._fingerprints[at] if at is not None else fingerprint(smiles)
+        if found is None:
+            return []
+        ranked = self._rank(found, key, k, min_score)
+        if at is None:
+            self._append(key, found, Neighbour(key, name, 1.0, family, controlled, False))
+        return ranked
+
+    def _append(self, key: str, found: Any, about: Neighbour) -> None:
+        self._position[key] = len(self._keys)
+        self._keys.append(key)
+        self._fingerprints.append(found)
+        self._about[key] = about
+
+    def _rank(self, query: Any, own_key: str | None, k: int, min_score: float) -> list[Neighbour]:
+        if not self._fingerprints:
+            return []
         scores = DataStructs.BulkTanimotoSimilarity(query, self._fingerprints)
         ranked = sorted(
             (
@@ -133,6 +178,15 @@ class SimilarityIndex:
             about = self._about[key]
             out.append(Neighbour(key, about.name, score, about.family, about.controlled, about.catalogued))
         return out
+
+    def did_you_mean(self, name: str, n: int = 3) -> list[str]:
+        """Catalogue substances whose name or synonym is spelt like ``name``, by their catalogue name, once each."""
+        found: list[str] = []
+        for spelt in closest_names(name, self._names, n=2 * n):
+            display = self._display[normalise_name(spelt)]
+            if display not in found:
+                found.append(display)
+        return found[:n]
 
 
 def guess_family(neighbours: Iterable[Neighbour], min_score: float = GUESS_MIN_SCORE) -> FamilyGuess | None:

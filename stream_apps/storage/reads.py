@@ -218,6 +218,18 @@ class MonthCount:
 
 
 @dataclass(frozen=True, slots=True)
+class SimilarRow:
+    """A known substance structurally close to the one asked about (Tanimoto of Morgan fingerprints)."""
+
+    name: str
+    substance_key: str
+    score: float
+    family: str
+    controlled: bool | None
+    catalogued: bool  # False: a structure learnt from stored reports
+
+
+@dataclass(frozen=True, slots=True)
 class SubstanceHistory:
     """Everything stored about one substance key: when and where it appeared, how often, what was raised."""
 
@@ -232,6 +244,8 @@ class SubstanceHistory:
     regions: list[RegionHistory] = field(default_factory=list)
     months: list[MonthCount] = field(default_factory=list)
     alerts: list[AlertRow] = field(default_factory=list)
+    similar: list[SimilarRow] = field(default_factory=list)
+    family_guess: str | None = None  # for a structure no SMARTS pattern classified: a guess, never a class
 
 
 _LEARNT_NAMES = """
@@ -292,6 +306,41 @@ def similar_substance_names(settings: Settings, text: str, limit: int = 5) -> li
     return list(dict.fromkeys(names[folded] for folded in found))[:limit]
 
 
+# Every structure the network learnt from stored reports: one spelling per structure key is enough.
+_LEARNT_STRUCTURES = """
+SELECT substance_key, any(substance_name) AS name, any(family) AS family, any(substance_smiles) AS smiles
+FROM (
+    SELECT substance_key, substance_name, family, substance_smiles FROM lab_detections
+    WHERE substance_smiles IS NOT NULL AND match(substance_key, '^[A-Z]{14}$')
+    UNION ALL
+    SELECT substance_key, substance_name, family, substance_smiles FROM border_seizures
+    WHERE substance_smiles IS NOT NULL AND match(substance_key, '^[A-Z]{14}$')
+)
+GROUP BY substance_key
+ORDER BY substance_key
+"""
+
+
+def similar_substances(settings: Settings, key: str, k: int = 5) -> tuple[list[SimilarRow], str | None]:
+    """The known substances nearest to ``key`` (catalogue and learnt structures) and, when the structure has no
+    family, the guessed one: what the new-substance alert told the officers, for an analyst asking later."""
+    from synthwatch.stream_apps.detect.similarity import SimilarityIndex, guess_family
+
+    index = SimilarityIndex()
+    own: tuple[str, str | None] | None = None
+    for row_key, name, family, smiles in run_query(settings, _LEARNT_STRUCTURES).rows:
+        index.add(str(row_key), str(smiles), str(name), family or None)
+        if row_key == key:
+            own = (str(name), family or None)
+    if key not in index:
+        return [], None
+    name, family = own or (key, None)
+    neighbours = index.learn_and_rank(key, "", name, None, None, k)
+    guess = guess_family(neighbours) if family is None and own is not None else None  # learnt, unclassified
+    rows = [SimilarRow(n.name, n.key, n.score, n.family or "", n.controlled, n.catalogued) for n in neighbours]
+    return rows, guess.family if guess is not None else None
+
+
 def substance_history(settings: Settings, name_or_inchikey: str) -> SubstanceHistory | None:
     """First seen, regions (first/last seen, reports), monthly counts and alerts; None when never reported."""
     key, how = resolve_substance_key(settings, name_or_inchikey)
@@ -327,6 +376,7 @@ def substance_history(settings: Settings, name_or_inchikey: str) -> SubstanceHis
         "WHERE substance_key = %(key)s ORDER BY triggered_at, alert_id LIMIT 1 BY alert_id",
         params,
     ).as_dicts()
+    similar, guess = similar_substances(settings, key)
     return SubstanceHistory(
         query=name_or_inchikey,
         substance_key=key,
@@ -350,6 +400,8 @@ def substance_history(settings: Settings, name_or_inchikey: str) -> SubstanceHis
             MonthCount(_day(m["month"]), int(m["n"]), int(m["labs"]), int(m["seizures"]), float(m["g"])) for m in months
         ],
         alerts=[_alert_row(a) for a in alerts],
+        similar=similar,
+        family_guess=guess,
     )
 
 

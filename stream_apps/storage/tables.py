@@ -87,6 +87,9 @@ ALERT_COLUMNS = [
     "late_by_hours",
     "identified_by",
     "reported_by",
+    "similar_substances",
+    "family_guess",
+    "did_you_mean",
 ]
 
 
@@ -223,6 +226,11 @@ def alert_row(alert: Alert) -> list[Any]:
         alert.late_by_hours,
         alert.identified_by or "",
         alert.reported_by,
+        json.dumps([n.model_dump() for n in alert.similar_substances], ensure_ascii=False)
+        if alert.similar_substances
+        else "",
+        alert.family_guess.family if alert.family_guess else "",
+        alert.did_you_mean,
     ]
 
 

@@ -112,7 +112,7 @@ class LatencyReceiver:
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
-                from synthwatch.stream_apps.delivery.channels import WebhookRejected, verify
+                from synthwatch.stream_apps.delivery.webhook import WebhookRejected, verify
 
                 arrived, wall = time.perf_counter(), time.time()
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -374,7 +374,7 @@ class ReceiverProcess:
 
 def _serve_receivers() -> None:
     """The child of :class:`ReceiverProcess` (``python -m synthwatch.bench.delivery receivers``)."""
-    from synthwatch.stream_apps.delivery.channels import WebhookRejected, verify
+    from synthwatch.stream_apps.delivery.webhook import WebhookRejected, verify
 
     config = json.loads(sys.stdin.readline())
     secrets_by_officer: dict[str, str] = config["secrets"]

@@ -234,16 +234,17 @@ def substance(
     name: Annotated[str, typer.Argument(help="A name (any spelling), an InChIKey or its first block.")],
     fmt: FormatOption = OutputFormat.table,
     part: Annotated[
-        str, typer.Option(help="With --format csv: which table, regions, months or alerts (JSON has all).")
+        str,
+        typer.Option(help="With --format csv: which table, regions, months, alerts or similar (JSON has all)."),
     ] = "regions",
 ) -> None:
-    """Everything stored about one substance: first seen, regions, months, alerts."""
+    """Everything stored about one substance: first seen, regions, months, alerts, structurally similar substances."""
     import dataclasses
 
     from synthwatch.stream_apps.storage.query import QueryError
     from synthwatch.stream_apps.storage.reads import similar_substance_names, substance_history
 
-    parts = ("regions", "months", "alerts")
+    parts = ("regions", "months", "alerts", "similar")
     if part not in parts:
         _fail(f"--part is one of {', '.join(parts)}, not {part!r}", code=2)
     settings = Settings()
@@ -318,6 +319,28 @@ def substance(
             ],
             overflow="fold",
         )
+    )
+    if history.family_guess:  # only for a structure no SMARTS pattern classified
+        console.print(plain(f"family guess (nearest known relative): {history.family_guess}"), highlight=False)
+    control = {True: "controlled", False: "not controlled", None: "unknown"}
+    console.print(
+        rich_table(
+            "nearest known structures (similarity 0-1)",
+            ("substance", "similarity", "family", "control", "known from"),
+            [
+                (
+                    plain(n.name),
+                    f"{n.score:.2f}",
+                    plain(n.family or "unclassified"),
+                    control[n.controlled],
+                    "catalogue" if n.catalogued else "reports",
+                )
+                for n in history.similar
+            ],
+            right=("similarity",),
+        )
+        if history.similar
+        else "no known structure to compare with (no structure reported)"
     )
 
 

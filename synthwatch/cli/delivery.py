@@ -182,8 +182,8 @@ def _problems(subscriptions: Any, settings: Settings) -> tuple[list[str], list[s
 
 
 def delivery_id(alert_id: str, officer_id: str, channel: str) -> str:
-    """The id ``deliveries resend`` takes: the signed delivery id receivers see (``channels.delivery_id``)."""
-    from synthwatch.stream_apps.delivery.channels import delivery_id as signed_id
+    """The id ``deliveries resend`` takes: the signed delivery id receivers see (``webhook.delivery_id``)."""
+    from synthwatch.stream_apps.delivery.webhook import delivery_id as signed_id
 
     return signed_id(alert_id, officer_id, channel)
 

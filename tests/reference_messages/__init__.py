@@ -16,6 +16,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 from synthwatch.schemas import Alert, AlertSubstance
+from synthwatch.schemas.records import GuessedFamily, SimilarSubstance
 from synthwatch.stream_apps.delivery.messages import LANGUAGES, Message, render_alert, render_digest
 
 HERE = Path(__file__).parent
@@ -31,6 +32,11 @@ _NITAZENE = AlertSubstance(
     family="nitazene",
     controlled=True,
 )
+
+
+def _similar(name: str, key: str, score: float) -> SimilarSubstance:
+    """A catalogued nitazene near the new substance (scores as the similarity index computes them)."""
+    return SimilarSubstance(name=name, key=key, score=score, family="nitazene", controlled=True, catalogued=True)
 
 
 def reference_alerts() -> dict[str, Alert]:
@@ -57,6 +63,57 @@ def reference_alerts() -> dict[str, Alert]:
             sample_types=["seized_material"],
             identified_by="catalogue_name",
             reported_by=["LAB-ML-01"],
+            similar_substances=[
+                _similar("Etonitazepyne", "LQZWZCJCEPUKCJ", 0.864),
+                _similar("Protonitazene", "SJHUJFHOXYDSJY", 0.734),
+                _similar("Butonitazene", "UZZPOLCDCVWLAZ", 0.682),
+            ],
+            **common,
+        ),
+        # A structure no SMARTS pattern classifies (etonitazene with a propyl linker): a family guess, and a
+        # neighbour the network learnt from an earlier report (not in the catalogue, status unknown).
+        "new_substance_unclassified": Alert(
+            alert_id="6123456789abcdef01234567",
+            alert_type="new_substance",
+            severity="warning",
+            country="SN",
+            region="SN-DK",
+            substance=AlertSubstance(
+                name="Homo-etonitazene", key="KQNHOMOETONITZ", inchikey="KQNHOMOETONITZ-UHFFFAOYSA-N"
+            ),
+            observed=1.0,
+            expected=0.0,
+            evidence_event_ids=["lab-6"],
+            summary="Never seen by the network.",
+            identification_methods=["NMR"],
+            sample_types=["seized_material"],
+            identified_by="structure",
+            reported_by=["LAB-SN-03"],
+            similar_substances=[
+                _similar("Etonitazene", "PXDBZSCGSQSKST", 0.895),
+                SimilarSubstance(name="ETZ-7", key="QWERTYUIOPASDF", score=0.81, catalogued=False),
+                _similar("Butonitazene", "UZZPOLCDCVWLAZ", 0.803),
+            ],
+            family_guess=GuessedFamily(family="nitazene", score=0.895, nearest="Etonitazene"),
+            **common,
+        ),
+        # A name-only report nothing resolves: the catalogue names spelt like it.
+        "new_substance_unresolved": Alert(
+            alert_id="7123456789abcdef01234567",
+            alert_type="new_substance",
+            severity="info",
+            country="ML",
+            region="ML-BKO",
+            substance=AlertSubstance(name="protonitazen", key="name:protonitazen"),
+            observed=1.0,
+            expected=0.0,
+            evidence_event_ids=["lab-7"],
+            summary="Never seen by the network.",
+            identification_methods=["GC-MS"],
+            sample_types=["seized_material"],
+            identified_by="unresolved_name",
+            reported_by=["LAB-ML-01"],
+            did_you_mean=["Protonitazene", "Isotonitazene", "Etonitazene"],
             **common,
         ),
         "first_in_region": Alert(

@@ -1,44 +1,31 @@
-"""Sending one message on one channel, and telling a retryable failure from a permanent one.
+"""Webhooks: signing, verification and sending, in one place (docs/security.md, "Webhooks and delivery").
 
-Webhook: a JSON POST signed with HMAC-SHA256 under the subscriber's own secret (scheme ``v1``, see
-:func:`sign` and docs/security.md ("Webhooks and delivery")). What is signed is ``timestamp.delivery_id.event.body``, so
-none of the four can be changed or moved to another request; the body repeats ``delivery_id`` and
-``kind`` (= event), and carries ``alert_id`` (or ``digest_id``) and ``officer_id``, so a receiver
-de-duplicates on signed ids. :func:`verify` is what a receiver runs: signature, a timestamp inside the
-tolerance window (a captured request cannot be replayed later), ids in the body equal to the signed
-ones, and a delivery id not accepted before (a replay inside the window). A 409 from the receiver
-therefore means "already have it" and counts as delivered: our earlier attempt arrived but its answer
-was lost. The delivery id is derived from (alert, officer, channel), so our own retries reuse it.
+A webhook is a JSON POST signed with HMAC-SHA256 under the subscriber's own secret (scheme ``v1``, see
+:func:`sign`; a secret has at least :data:`MIN_SECRET_LENGTH` characters). What is signed is
+``timestamp.delivery_id.event.body``, so none of the four can be changed or moved to another request; the
+body repeats ``delivery_id`` and ``kind`` (= event), and carries ``alert_id`` (or ``digest_id``) and
+``officer_id``, so a receiver de-duplicates on signed ids. :func:`verify` is what a receiver runs:
+signature, a timestamp inside the tolerance window (a captured request cannot be replayed later), ids in
+the body equal to the signed ones, and a delivery id not accepted before (a replay inside the window). A
+409 from the receiver therefore means "already have it" and counts as delivered: our earlier attempt
+arrived but its answer was lost. The delivery id is derived from (alert, officer, channel), so our own
+retries reuse it.
 
 Connections go only to public addresses or to networks the administrator allowed
 (:class:`~.targets.TargetPolicy`, checked on every address DNS returns: :class:`GuardedResolver`).
-
-E-mail: smtplib in its own small thread pool (a hung SMTP server must not starve the threads ClickHouse
-calls run in), STARTTLS (or SMTPS) and login when configured, a plain-text and an HTML part, and a
-Message-ID derived from (alert, officer, channel) so a resend after a crash can be recognised by mail
-systems. A password is never sent over an unencrypted connection: :class:`SmtpConfig` refuses it.
-
-Every sender returns a :class:`SendResult` instead of raising: the delivery service decides on retries.
+The sender returns a :class:`~.results.SendResult` instead of raising.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
 import re
-import smtplib
 import socket
-import ssl
 import time
-from collections.abc import Callable, Iterable, Mapping, MutableSet, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Mapping, MutableSet
 from dataclasses import dataclass
-from email.message import EmailMessage
-from email.policy import SMTP as SMTP_POLICY
-from email.utils import formatdate
-from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -46,9 +33,11 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
-from synthwatch.settings import Settings
-from synthwatch.stream_apps.delivery.messages import Message
+from synthwatch.stream_apps.delivery.results import SendResult
 from synthwatch.stream_apps.delivery.targets import TargetPolicy
+
+MIN_SECRET_LENGTH = 16
+"""Shortest webhook secret accepted (characters); ``openssl rand -hex 32`` gives 64."""
 
 SIGNATURE_HEADER = "Synthwatch-Signature"
 DELIVERY_HEADER = "Synthwatch-Delivery-Id"
@@ -60,19 +49,6 @@ DEFAULT_TOLERANCE_S = 300.0
 
 _DELIVERY_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _EVENT = re.compile(r"^[a-z_]{1,32}$")
-
-
-@dataclass(frozen=True, slots=True)
-class SendResult:
-    """What one attempt achieved; ``code`` is the HTTP status or SMTP reply code, when one came."""
-
-    ok: bool
-    code: int | None
-    reason: str
-    retryable: bool = False
-
-
-# --- webhook ------------------------------------------------------------------------------------------------
 
 
 def delivery_id(*parts: str) -> str:
@@ -283,147 +259,3 @@ class WebhookSender:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-
-# --- e-mail -------------------------------------------------------------------------------------------------
-
-
-class SmtpConfigError(ValueError):
-    """An SMTP configuration that would leak the password; the message says what to set instead."""
-
-
-@dataclass(frozen=True, slots=True)
-class SmtpConfig:
-    """The SMTP server (from settings); ``ssl_context`` lets tests and private CAs verify the certificate.
-
-    ``ssl``: SMTPS (TLS from the first byte, port 465); ``starttls``: upgrade a plain connection (587).
-    With a password, one of the two is required: a login over plain text is refused at construction.
-    """
-
-    host: str
-    port: int = 587
-    starttls: bool = True
-    username: str | None = None
-    password: str | None = None
-    sender: str = "synthwatch@localhost"
-    ssl_context: ssl.SSLContext | None = None
-    ssl: bool = False
-
-    def __post_init__(self) -> None:
-        if (self.username or self.password) and not (self.starttls or self.ssl):
-            raise SmtpConfigError(
-                f"SMTP login to {self.host}:{self.port} without TLS would send the password in clear: set "
-                "SYNTHWATCH_SMTP_STARTTLS=true (port 587) or SYNTHWATCH_SMTP_SSL=true (port 465), "
-                "or remove SYNTHWATCH_SMTP_USERNAME/PASSWORD for a relay that needs no login"
-            )
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> SmtpConfig | None:
-        if not settings.smtp_host:
-            return None
-        return cls(
-            host=settings.smtp_host,
-            port=settings.smtp_port,
-            starttls=settings.smtp_starttls and not settings.smtp_ssl,
-            username=settings.smtp_username,
-            password=settings.smtp_password,
-            sender=settings.smtp_sender,
-            ssl=settings.smtp_ssl,
-        )
-
-
-def build_email(
-    message: Message, *, sender: str, to: Sequence[str], message_id: str, headers: Mapping[str, str] | None = None
-) -> EmailMessage:
-    """A multipart/alternative e-mail: the plain text first, the HTML as the preferred alternative."""
-    email = EmailMessage()
-    email["Subject"] = message.subject
-    email["From"] = sender
-    email["To"] = ", ".join(to)
-    email["Date"] = formatdate(usegmt=True)
-    domain = sender.rsplit("@", 1)[-1] or "synthwatch.invalid"
-    email["Message-ID"] = f"<{message_id}@{domain}>"
-    email["Auto-Submitted"] = "auto-generated"  # RFC 3834: no vacation replies to a robot
-    for name, value in (headers or {}).items():
-        email[name] = value
-    email.set_content(message.text)
-    email.add_alternative(message.html, subtype="html")
-    email["Content-Language"] = message.language  # after the parts: making them moves Content-* headers down
-    return email
-
-
-def message_id(*parts: str) -> str:
-    """Same (alert, officer, channel) -> same Message-ID, so a resend after a crash is recognisable."""
-    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
-
-
-class SmtpSender:
-    """Sends through smtplib in a dedicated thread pool; one connection per message (alerts are rare)."""
-
-    def __init__(self, config: SmtpConfig, max_connections: int = 4) -> None:
-        self.config = config
-        self._executor = ThreadPoolExecutor(max_workers=max_connections, thread_name_prefix="synthwatch-smtp")
-
-    async def send(self, email: EmailMessage, timeout_s: float) -> SendResult:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, partial(self._send, email, timeout_s))
-
-    def _send(self, email: EmailMessage, timeout_s: float) -> SendResult:
-        c = self.config
-        recipients = [a.strip() for a in str(email["To"]).split(",") if a.strip()]
-        try:
-            context = c.ssl_context or ssl.create_default_context()
-            connection = (
-                smtplib.SMTP_SSL(c.host, c.port, timeout=timeout_s, context=context)
-                if c.ssl
-                else smtplib.SMTP(c.host, c.port, timeout=timeout_s)
-            )
-            with connection as smtp:
-                smtp.ehlo()
-                if c.starttls and not c.ssl:
-                    smtp.starttls(context=context)  # raises when the server does not offer it: no plain fallback
-                    smtp.ehlo()
-                if c.username:
-                    smtp.login(c.username, c.password or "")
-                code, reply = smtp.mail(c.sender)
-                if code != 250:
-                    raise smtplib.SMTPSenderRefused(code, reply, c.sender)
-                refused = {}
-                for address in recipients:
-                    code, reply = smtp.rcpt(address)
-                    if code not in (250, 251):
-                        refused[address] = (code, reply)
-                if len(refused) == len(recipients):
-                    smtp.rset()
-                    raise smtplib.SMTPRecipientsRefused(refused)
-                code, reply = smtp.data(email.as_bytes(policy=SMTP_POLICY))
-                if code != 250:
-                    raise smtplib.SMTPDataError(code, reply)
-        except smtplib.SMTPRecipientsRefused as error:
-            codes = [code for code, _ in error.recipients.values()]
-            worst = max(codes)
-            listed = "; ".join(f"{a}: {code} {r.decode(errors='replace')}" for a, (code, r) in error.recipients.items())
-            return SendResult(
-                False, worst, f"recipients refused: {listed}", retryable=all(400 <= x < 500 for x in codes)
-            )
-        except smtplib.SMTPResponseException as error:
-            raw = error.smtp_error
-            said = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
-            permanent = not 400 <= error.smtp_code < 500
-            return SendResult(False, error.smtp_code, f"SMTP {error.smtp_code}: {said}", retryable=not permanent)
-        except smtplib.SMTPNotSupportedError as error:
-            return SendResult(
-                False, None, f"server does not support it: {error} (check SYNTHWATCH_SMTP_STARTTLS / SMTP_SSL)"
-            )
-        except ssl.SSLError as error:
-            return SendResult(False, None, f"TLS failed: {error}")
-        except (smtplib.SMTPException, OSError) as error:
-            return SendResult(False, None, f"{type(error).__name__}: {error}", retryable=True)
-        text = reply.decode(errors="replace")
-        if refused:
-            listed = "; ".join(f"{a}: {code}" for a, (code, _) in refused.items())
-            return SendResult(True, code, f"SMTP {code}: {text}; refused: {listed}")
-        return SendResult(True, code, f"SMTP {code}: {text}")
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
