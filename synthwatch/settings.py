@@ -16,7 +16,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
     from synthwatch.schemas.wire import RecordLimits
-    from synthwatch.stream_apps.detect.region import DetectionConfig
 
 
 class Settings(BaseSettings):
@@ -331,15 +330,8 @@ class Settings(BaseSettings):
     )
     spread_regions: int = Field(default=3, ge=2, description="Spread: at least k regions ...")
     spread_days: int = Field(default=14, ge=1, description="... within w days.")
-
-    def detection_config(self) -> DetectionConfig:
-        from synthwatch.stream_apps.detect.novelty import NoveltyConfig
-        from synthwatch.stream_apps.detect.region import DetectionConfig
-
-        return DetectionConfig(
-            lateness_hours=self.lateness_hours,
-            novelty=NoveltyConfig(spread_regions=self.spread_regions, spread_days=self.spread_days),
-        )
+    # The detectors read these through DetectionConfig.from_settings (stream_apps/detect/region.py): the floor
+    # does not import the layers above it.
 
     @model_validator(mode="after")
     def _kafka_credentials_complete(self) -> Settings:

@@ -11,13 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from synthwatch.schemas import Alert
 from synthwatch.stream_apps.detect.alerting import IDENTIFIED_TEXT, Subject, build_alert, day_start, region_label
 from synthwatch.stream_apps.detect.replay import Position, applied, marks_of, note
+
+if TYPE_CHECKING:
+    from synthwatch.settings import Settings
 
 
 class NoveltyConfig(BaseModel):
@@ -31,6 +34,11 @@ class NoveltyConfig(BaseModel):
         le=62,
         description="Days before a region's newest sighting for which a sighting sent again is recognised.",
     )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> NoveltyConfig:
+        """The novelty stage's thresholds as configured (SYNTHWATCH_SPREAD_*); the rest keep their defaults."""
+        return cls(spread_regions=settings.spread_regions, spread_days=settings.spread_days)
 
 
 @dataclass(slots=True)

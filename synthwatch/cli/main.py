@@ -371,10 +371,11 @@ def backtest(
 ) -> None:
     """Run the worker's detectors over a file, in file order, with no broker."""
     from synthwatch.stream_apps.detect.backtest import run_file
+    from synthwatch.stream_apps.detect.region import DetectionConfig
 
     if not input.is_file():
         _fail(f"no such file: {input}")
-    run = run_file(input, output, Settings().detection_config(), rejects)
+    run = run_file(input, output, DetectionConfig.from_settings(Settings()), rejects)
     s = run.summary
     table = Table(title=f"backtest of {input.name}")
     for column in ("lines", "events", "of them late", "malformed", "duplicates", "alerts", "events/s"):

@@ -262,8 +262,9 @@ def per_day_query(streams: DemoStreams) -> DemoQuery:
 def empty_network_alerts(settings: Settings, lines: list[str]) -> Counter[str]:
     """The alerts the live lines alone raise in the offline backtest: what a network without history would say."""
     from synthwatch.stream_apps.detect.backtest import run_lines
+    from synthwatch.stream_apps.detect.region import DetectionConfig
 
-    run = run_lines(((f"live:{n}", line) for n, line in enumerate(lines)), settings.detection_config())
+    run = run_lines(((f"live:{n}", line) for n, line in enumerate(lines)), DetectionConfig.from_settings(settings))
     return Counter(alert.alert_type for alert in run.alerts)
 
 
