@@ -29,10 +29,10 @@ from synthwatch.producers.readers import InputRecord
 from synthwatch.schemas import BorderSeizure, LabDetection, Reject, WireError, parse_event_object
 from synthwatch.schemas.envelope import envelope_headers, load_org_keys, parse_key
 from synthwatch.schemas.records import RejectStage
+from synthwatch.schemas.topics import default_partition
 from synthwatch.schemas.wire import RecordLimits, changed_content_reason, check_extras, check_size, parse_limited
 from synthwatch.schemas.worker_keys import WorkerKeyError, WorkerSigner, existing_worker_keys
 from synthwatch.settings import Settings
-from synthwatch.stack.broker import default_partition
 
 log = logging.getLogger("synthwatch.publisher")
 

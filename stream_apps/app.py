@@ -52,10 +52,10 @@ from pydantic_core import from_json, to_json
 import synthwatch.stream_apps.runtime.transport as faust_transport
 from synthwatch.kafka_clients import faust_credentials
 from synthwatch.schemas import Alert, Reject
+from synthwatch.schemas.topics import Sighting, default_partition
 from synthwatch.settings import Settings
-from synthwatch.stack.broker import default_partition
 from synthwatch.stream_apps.detect.intake import EnrichedEvent, Intake, RawMessage
-from synthwatch.stream_apps.detect.novelty import NoveltyDetector, Sighting
+from synthwatch.stream_apps.detect.novelty import NoveltyDetector
 from synthwatch.stream_apps.detect.region import Observation, RegionDetector, RegionResult
 from synthwatch.stream_apps.detect.replay import Position, position_of
 from synthwatch.stream_apps.detect.spikes import SeriesState

@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from synthwatch.schemas import Alert, LabDetection
+from synthwatch.schemas.topics import Sighting
 from synthwatch.stream_apps.detect.alerting import FAMILY_LABELS, Subject, build_alert, day_of, day_start, region_label
 from synthwatch.stream_apps.detect.identity import ResolvedSubstance
 from synthwatch.stream_apps.detect.intake import EnrichedEvent
-from synthwatch.stream_apps.detect.novelty import NoveltyConfig, NoveltyDetector, Sighting
+from synthwatch.stream_apps.detect.novelty import NoveltyConfig, NoveltyDetector
 from synthwatch.stream_apps.detect.replay import Position, apply_once, marks_of
 from synthwatch.stream_apps.detect.spikes import SeriesState, SpikeConfig, SpikeFinding, SpikeModel, intern_day
 
