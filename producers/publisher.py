@@ -24,6 +24,7 @@ from typing import Any
 from kafka import KafkaProducer
 from kafka import errors as kafka_errors
 
+from synthwatch.errors import SynthwatchError
 from synthwatch.kafka_clients import KafkaConnectError, kafka_python_config, tls_preflight
 from synthwatch.producers.readers import InputRecord
 from synthwatch.schemas import BorderSeizure, LabDetection, Reject, WireError, parse_event_object
@@ -114,7 +115,7 @@ class PublishSummary:
         return self.read == self.sent + self.rejected + self.duplicates + len(self.failed)
 
 
-class SigningError(ValueError):
+class SigningError(SynthwatchError, ValueError):
     """The publisher was asked to sign as an organisation but has no usable key for it."""
 
 

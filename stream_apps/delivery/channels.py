@@ -46,6 +46,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
+from synthwatch.errors import SynthwatchError
 from synthwatch.settings import Settings
 from synthwatch.stream_apps.delivery.messages import Message
 from synthwatch.stream_apps.delivery.targets import TargetPolicy
@@ -111,7 +112,7 @@ def webhook_headers(secret: str, body: bytes, delivery: str, event: str, now: fl
     }
 
 
-class WebhookRejected(Exception):
+class WebhookRejected(SynthwatchError):
     """A request the receiver must refuse; ``status`` is the HTTP status to answer with."""
 
     def __init__(self, status: int, reason: str) -> None:
@@ -204,7 +205,7 @@ def classify_http(status: int, body: str = "") -> SendResult:
     return SendResult(False, status, detail)
 
 
-class TargetRefused(OSError):
+class TargetRefused(SynthwatchError, OSError):
     """A webhook host resolved to an address the :class:`TargetPolicy` refuses."""
 
 
@@ -288,7 +289,7 @@ class WebhookSender:
 # --- e-mail -------------------------------------------------------------------------------------------------
 
 
-class SmtpConfigError(ValueError):
+class SmtpConfigError(SynthwatchError, ValueError):
     """An SMTP configuration that would leak the password; the message says what to set instead."""
 
 

@@ -26,11 +26,12 @@ from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
+from synthwatch.errors import SynthwatchError
 from synthwatch.kafka_clients import KafkaConnectError, kafka_python_config, tls_preflight
 from synthwatch.settings import Settings
 
 
-class BrokerError(RuntimeError):
+class BrokerError(SynthwatchError, RuntimeError):
     """The embedded broker could not be started or reached."""
 
 

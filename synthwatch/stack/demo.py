@@ -32,6 +32,7 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
+from synthwatch.errors import SynthwatchError
 from synthwatch.settings import Settings
 from synthwatch.stackfile import read_stack
 from synthwatch.stream_apps.storage.query import QueryError, run_query
@@ -48,7 +49,7 @@ LIVE_DAYS = 21
 ALERT_KINDS = ("new_substance", "first_in_region", "spread", "spike")
 
 
-class DemoFailed(RuntimeError):
+class DemoFailed(SynthwatchError, RuntimeError):
     """A step of the demo did not work; the message says which and why."""
 
 

@@ -18,6 +18,7 @@ from typing import IO, Any
 
 import faust
 
+from synthwatch.errors import SynthwatchError
 from synthwatch.redaction import install_log_redaction, private_dir, redact
 from synthwatch.settings import Settings
 from synthwatch.stack.broker import (
@@ -35,7 +36,7 @@ from synthwatch.stream_apps.storage.clickhouse import connect, migrate
 log = logging.getLogger("synthwatch.stack")
 
 
-class StackError(RuntimeError):
+class StackError(SynthwatchError, RuntimeError):
     """The stack cannot start as configured; the message says what to do instead."""
 
 

@@ -46,6 +46,7 @@ from clickhouse_connect.driver.client import Client
 from pydantic import ValidationError
 
 from synthwatch.catalogue import shipped_catalogue
+from synthwatch.errors import SynthwatchError
 from synthwatch.schemas import BorderSeizure, LabDetection, Reject, WireError, parse_event
 from synthwatch.schemas.events import EVENT_ADAPTER, Quantity, QuantityUnit, fast_event_ok
 from synthwatch.schemas.wire import DEFAULT_LIMITS, RecordLimits, check_extras, check_size
@@ -123,7 +124,7 @@ GROUP BY substance_name
 """
 
 
-class IngestRefused(RuntimeError):
+class IngestRefused(SynthwatchError, RuntimeError):
     """The backfill cannot run now (another process owns the embedded engine)."""
 
 
