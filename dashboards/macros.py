@@ -22,13 +22,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from synthwatch.errors import SynthwatchError
+
 #: The value Grafana gives a variable whose "All" option is selected.
 ALL = "$__all"
 
 VariableValue = str | Sequence[str]
 
 
-class MacroError(ValueError):
+class MacroError(SynthwatchError, ValueError):
     """The SQL uses a macro or variable that cannot be expanded; the message says which."""
 
 

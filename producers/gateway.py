@@ -36,6 +36,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from synthwatch.errors import SynthwatchError
 from synthwatch.producers.gateway_tokens import GatewayToken, TokenStore
 from synthwatch.producers.publisher import Publisher
 from synthwatch.producers.readers import InputRecord, read_csv, read_ndjson
@@ -139,7 +140,7 @@ class RateLimiter:
 # --- publishing with a verdict per record ------------------------------------------------------------------
 
 
-class SigningKeyMissing(RuntimeError):
+class SigningKeyMissing(SynthwatchError, RuntimeError):
     """Signed reports are required but the gateway holds no key for the token's organisation."""
 
 
@@ -269,7 +270,7 @@ def _cheap_event_id(record: InputRecord) -> str | None:
 # --- reading a request body ----------------------------------------------------------------------------------
 
 
-class BodyError(ValueError):
+class BodyError(SynthwatchError, ValueError):
     """The body as a whole cannot be read (not one record can be judged)."""
 
 
@@ -465,7 +466,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
     return app.openapi()
 
 
-class GatewayConfigError(ValueError):
+class GatewayConfigError(SynthwatchError, ValueError):
     """The gateway cannot start with these settings; the message says which to change."""
 
 

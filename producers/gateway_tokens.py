@@ -25,11 +25,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from synthwatch.errors import SynthwatchError
+
 #: Every token starts with this, so secret scanners (and people) recognise a leaked one.
 TOKEN_PREFIX = "swg_"
 
 
-class TokenStoreError(ValueError):
+class TokenStoreError(SynthwatchError, ValueError):
     """The tokens file cannot be used, or a token request makes no sense; the message says what to do."""
 
 

@@ -24,15 +24,16 @@ from typing import Any
 from kafka import KafkaProducer
 from kafka import errors as kafka_errors
 
+from synthwatch.errors import SynthwatchError
 from synthwatch.kafka_clients import KafkaConnectError, kafka_python_config, tls_preflight
 from synthwatch.producers.readers import InputRecord
 from synthwatch.schemas import BorderSeizure, LabDetection, Reject, WireError, parse_event_object
 from synthwatch.schemas.envelope import envelope_headers, load_org_keys, parse_key
 from synthwatch.schemas.records import RejectStage
+from synthwatch.schemas.topics import default_partition
 from synthwatch.schemas.wire import RecordLimits, changed_content_reason, check_extras, check_size, parse_limited
 from synthwatch.schemas.worker_keys import WorkerKeyError, WorkerSigner, existing_worker_keys
 from synthwatch.settings import Settings
-from synthwatch.stack.broker import default_partition
 
 log = logging.getLogger("synthwatch.publisher")
 
@@ -114,7 +115,7 @@ class PublishSummary:
         return self.read == self.sent + self.rejected + self.duplicates + len(self.failed)
 
 
-class SigningError(ValueError):
+class SigningError(SynthwatchError, ValueError):
     """The publisher was asked to sign as an organisation but has no usable key for it."""
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import IO, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from synthwatch.errors import SynthwatchError
+
 InputFormat = Literal["ndjson", "csv"]
 
 
@@ -70,7 +72,7 @@ _DECIMAL_COMMA = re.compile(r"^\s*[+-]?\d{1,3}(?:[ .\u00a0\u202f]\d{3})*,\d+\s*$
 _TEMPLATE = re.compile(r"\{([^{}]{1,100})\}")
 
 
-class ReaderError(ValueError):
+class ReaderError(SynthwatchError, ValueError):
     """The input cannot be read as asked (an unknown encoding or time zone, a bad alias file)."""
 
 

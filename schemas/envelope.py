@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from synthwatch.errors import SynthwatchError
+
 HEADER_ORG = "synthwatch-org"
 HEADER_SIG = "synthwatch-sig"
 _DOMAIN = b"synthwatch-envelope-v1\0"
@@ -42,7 +44,7 @@ AUTH_CLASSES = (UNSIGNED, UNKNOWN_ORG, BAD_SIGNATURE, NOT_PERMITTED)
 Headers = Sequence[tuple[str, bytes]] | Mapping[str, bytes]
 
 
-class OrgKeysError(ValueError):
+class OrgKeysError(SynthwatchError, ValueError):
     """The organisation keys file cannot be used."""
 
 

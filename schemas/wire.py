@@ -14,11 +14,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from synthwatch.errors import SynthwatchError
 from synthwatch.schemas.events import CHECKED_EVENT_ADAPTER, EVENT_ADAPTER, BorderSeizure, LabDetection, fast_event_ok
 from synthwatch.schemas.text import FORBIDDEN_PATTERN, first_forbidden
 
 
-class WireError(ValueError):
+class WireError(SynthwatchError, ValueError):
     """A record that does not meet the wire contract; ``reason`` says why in one line."""
 
     def __init__(self, reason: str, event_id: str | None = None) -> None:

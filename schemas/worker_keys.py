@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from synthwatch.errors import SynthwatchError
 from synthwatch.schemas.envelope import MIN_KEY_BYTES, Headers, OrgKeysError, _header, parse_key, sign
 
 log = logging.getLogger("synthwatch.worker_signature")
@@ -23,7 +24,7 @@ log = logging.getLogger("synthwatch.worker_signature")
 HEADER = "synthwatch-worker-sig"
 
 
-class WorkerKeyError(ValueError):
+class WorkerKeyError(SynthwatchError, ValueError):
     """The worker keys cannot be used: the message names the variable or file to fix."""
 
 

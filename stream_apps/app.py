@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import faust
 
-from synthwatch.stack.broker import default_partition
+from synthwatch.schemas.topics import default_partition
 from synthwatch.stream_apps.runtime.agents.delivery import add_delivery_agent
 from synthwatch.stream_apps.runtime.agents.intake import add_intake_agent
 from synthwatch.stream_apps.runtime.agents.novelty import add_novelty_agent

@@ -13,14 +13,15 @@ import ssl
 from pathlib import Path
 from typing import Any
 
+from synthwatch.errors import SynthwatchError
 from synthwatch.settings import Settings
 
 
-class KafkaSecurityError(ValueError):
+class KafkaSecurityError(SynthwatchError, ValueError):
     """The Kafka security settings cannot be used (a missing file, an incomplete credential)."""
 
 
-class KafkaConnectError(RuntimeError):
+class KafkaConnectError(SynthwatchError, RuntimeError):
     """A client could not talk to Kafka with the configured security (the message says what to check)."""
 
     @classmethod

@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from synthwatch.schemas import topics
+
 if TYPE_CHECKING:
     from synthwatch.schemas.wire import RecordLimits
-    from synthwatch.stream_apps.detect.region import DetectionConfig
 
 
 class Settings(BaseSettings):
@@ -92,15 +93,12 @@ class Settings(BaseSettings):
         "run's counts to (job synthwatch_publish; the SynthwatchPublishFailed rule reads them). Unset: no push.",
     )
 
-    # --- topics ------------------------------------------------------------------------------------
-    topic_lab_detections: str = "synthwatch.lab-detections"
-    topic_border_seizures: str = "synthwatch.border-seizures"
-    topic_rejects: str = "synthwatch.rejects"
-    topic_alerts: str = "synthwatch.alerts"
-    topic_sightings: str = Field(
-        default="synthwatch.sightings",
-        description="Internal: region stage -> substance stage (one record per region, substance, day).",
-    )
+    # --- topics (each declared, with its key and value, in schemas/topics.py) ------------------------------------
+    topic_lab_detections: str = topics.LAB_DETECTIONS.default
+    topic_border_seizures: str = topics.BORDER_SEIZURES.default
+    topic_rejects: str = topics.REJECTS.default
+    topic_alerts: str = topics.ALERTS.default
+    topic_sightings: str = Field(default=topics.SIGHTINGS.default, description=topics.SIGHTINGS.description)
     partitions: int = Field(default=4, ge=1, description="Partitions of each topic created by synthwatch.")
     replication_factor: int = Field(default=1, ge=1)
 
@@ -331,15 +329,8 @@ class Settings(BaseSettings):
     )
     spread_regions: int = Field(default=3, ge=2, description="Spread: at least k regions ...")
     spread_days: int = Field(default=14, ge=1, description="... within w days.")
-
-    def detection_config(self) -> DetectionConfig:
-        from synthwatch.stream_apps.detect.novelty import NoveltyConfig
-        from synthwatch.stream_apps.detect.region import DetectionConfig
-
-        return DetectionConfig(
-            lateness_hours=self.lateness_hours,
-            novelty=NoveltyConfig(spread_regions=self.spread_regions, spread_days=self.spread_days),
-        )
+    # The detectors read these through DetectionConfig.from_settings (stream_apps/detect/region.py): the floor
+    # does not import the layers above it.
 
     @model_validator(mode="after")
     def _kafka_credentials_complete(self) -> Settings:
@@ -404,11 +395,13 @@ class Settings(BaseSettings):
 
     @property
     def input_topics(self) -> tuple[str, str]:
-        return (self.topic_lab_detections, self.topic_border_seizures)
+        lab_detections, border_seizures = topics.INPUT_TOPICS
+        return (lab_detections.name(self), border_seizures.name(self))
 
     @property
     def all_topics(self) -> tuple[str, ...]:
-        return (*self.input_topics, self.topic_rejects, self.topic_alerts, self.topic_sightings)
+        """Every topic named by a setting, inputs first (the changelogs are Faust's, named after app_id)."""
+        return tuple(topic.name(self) for topic in topics.TOPICS)
 
     def topic_for_kind(self, kind: str) -> str:
         """The input topic of an event kind (``lab_detection`` or ``border_seizure``)."""

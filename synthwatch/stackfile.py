@@ -14,11 +14,12 @@ import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from synthwatch.errors import SynthwatchError
 from synthwatch.redaction import private_dir, redact_url, write_private
 from synthwatch.settings import Settings
 
 
-class NoBrokerConfigured(RuntimeError):
+class NoBrokerConfigured(SynthwatchError, RuntimeError):
     """No Kafka address is configured and no embedded stack is running."""
 
 

@@ -25,8 +25,9 @@ from synthwatch.dashboards import build, overview, pipeline, substance
 from synthwatch.dashboards.clickhouse_query import PLUGIN_ID, Dataquery, DataqueryBuilder, QueryType, register
 from synthwatch.dashboards.macros import ALL, MacroError, TimeRange, expand, panel_interval
 from synthwatch.dashboards.panels import CLICKHOUSE_UID, PROMETHEUS_UID, SqlPanel
+from synthwatch.producers.metrics import PublisherMetrics
 from synthwatch.settings import Settings
-from synthwatch.stream_apps.runtime.metrics import PublisherMetrics, WorkerMetrics, metric_names
+from synthwatch.stream_apps.runtime.metrics import WorkerMetrics, metric_names
 from synthwatch.stream_apps.storage.clickhouse import connect, migrate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -36,6 +36,7 @@ from synthwatch.stack.demo import (
 )
 from synthwatch.stream_apps.detect.backtest import run_lines
 from synthwatch.stream_apps.detect.intake import Intake, RawMessage
+from synthwatch.stream_apps.detect.region import DetectionConfig
 from synthwatch.stream_apps.storage.clickhouse import migrate
 from synthwatch.stream_apps.storage.query import run_query
 from synthwatch.stream_apps.storage.sink import ClickHouseSink
@@ -254,7 +255,7 @@ def test_the_demo_output_counts_per_day_and_explains_them(demo_run: DemoRun) -> 
 def test_the_live_alerts_are_those_of_a_worker_that_saw_the_whole_history(demo_run: DemoRun) -> None:
     streams = demo_streams(HISTORY_DAYS, LIVE_DAYS, seed=7, end=END)
     lines = streams.history + streams.live
-    run = run_lines([(f"x:0:{i}", line) for i, line in enumerate(lines)], Settings().detection_config())
+    run = run_lines([(f"x:0:{i}", line) for i, line in enumerate(lines)], DetectionConfig.from_settings(Settings()))
     # Novelty alerts only: spike alerts vary between runs (see EXPECTED_LIVE). With one order of the two topics
     # the rebuilt state raises the backtest's spike alerts too: tests/test_state_rebuild.py.
     expected = {a.alert_id for a in run.alerts if a.triggered_at >= streams.cutover and a.alert_type in EXPECTED_LIVE}

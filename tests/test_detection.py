@@ -426,3 +426,19 @@ def test_a_series_filled_without_tests_holds_what_a_tested_one_holds() -> None:
     for attribute in ("counts", "grams", "mass_days", "mass_values", "evidence_days", "evidence_ids", "pruned_day"):
         assert getattr(filled, attribute) == getattr(tested, attribute), attribute
     assert filled.episodes == {} and tested.episodes
+
+
+def test_detection_config_from_settings_reads_the_detection_settings() -> None:
+    """settings.py no longer builds the detectors' config (the floor does not import detect): the detect side reads
+    the same settings, and what settings.py refuses it still refuses, with its message."""
+    from pydantic import ValidationError
+
+    from synthwatch.settings import Settings
+
+    config = DetectionConfig.from_settings(Settings(lateness_hours=6.5, spread_regions=4, spread_days=9))
+    assert config.lateness_hours == 6.5
+    assert config.novelty == NoveltyConfig(spread_regions=4, spread_days=9)
+    assert config.spike == DetectionConfig().spike, "spike thresholds keep their tuned defaults"
+    assert DetectionConfig.from_settings(Settings()) == DetectionConfig()
+    with pytest.raises(ValidationError, match="spread_regions"):
+        Settings(spread_regions=1)

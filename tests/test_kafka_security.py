@@ -144,7 +144,7 @@ def test_the_worker_app_gets_the_credentials() -> None:
     from synthwatch.stream_apps.app import WorkerContext, create_app
     from synthwatch.stream_apps.detect.intake import Intake
     from synthwatch.stream_apps.detect.novelty import NoveltyDetector
-    from synthwatch.stream_apps.detect.region import RegionDetector
+    from synthwatch.stream_apps.detect.region import DetectionConfig, RegionDetector
 
     settings = Settings(kafka_security_protocol="SASL_PLAINTEXT", kafka_sasl_username="worker", kafka_sasl_password="p")
     sink = SimpleNamespace(lock=threading.Lock(), store_rejects=None, store_alerts=None)
@@ -153,8 +153,8 @@ def test_the_worker_app_gets_the_credentials() -> None:
         client=None,  # type: ignore[arg-type]  # not used while the app is only built
         sink=sink,  # type: ignore[arg-type]
         intake=Intake(),
-        regions=RegionDetector(settings.detection_config()),
-        novelty=NoveltyDetector(settings.detection_config().novelty),
+        regions=RegionDetector(DetectionConfig.from_settings(settings)),
+        novelty=NoveltyDetector(DetectionConfig.from_settings(settings).novelty),
         started_at=time.monotonic(),
     )
     app = create_app(ctx, "127.0.0.1:9", 6066)

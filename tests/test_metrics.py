@@ -22,17 +22,13 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from synthwatch.producers.metrics import PublisherMetrics
 from synthwatch.producers.publisher import PublishSummary
 from synthwatch.schemas import Alert, AlertSubstance, Reject
+from synthwatch.schemas.reject_reasons import reject_reason
 from synthwatch.settings import Settings
 from synthwatch.stack.broker import EmbeddedBroker, ensure_topics, free_port
-from synthwatch.stream_apps.runtime.metrics import (
-    PartitionOffsets,
-    PublisherMetrics,
-    WorkerMetrics,
-    ingest_times,
-    reject_reason,
-)
+from synthwatch.stream_apps.runtime.metrics import PartitionOffsets, WorkerMetrics, ingest_times
 from tests.conftest import terminate, wait_until
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from synthwatch.stream_apps.runtime.metrics import PublisherMetrics, WorkerMetrics, metric_names
+from synthwatch.producers.metrics import PublisherMetrics
+from synthwatch.stream_apps.runtime.metrics import WorkerMetrics, metric_names
 
 PROMETHEUS = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
 RULE_FILES = sorted((PROMETHEUS / "rules").glob("*.yml"))

@@ -23,8 +23,9 @@ from hypothesis import strategies as st
 from pydantic_core import from_json, to_json
 
 from synthwatch.producers.simulate import SimulationConfig, simulate
+from synthwatch.schemas.topics import Sighting
 from synthwatch.stream_apps.detect.intake import Intake, RawMessage
-from synthwatch.stream_apps.detect.novelty import NoveltyDetector, Sighting
+from synthwatch.stream_apps.detect.novelty import NoveltyDetector
 from synthwatch.stream_apps.detect.region import Observation, RegionDetector
 from synthwatch.stream_apps.detect.replay import Position, applied, apply_once, note, position_of
 

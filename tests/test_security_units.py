@@ -17,10 +17,11 @@ from rich.console import Console
 from synthwatch.producers.readers import read_csv
 from synthwatch.redaction import install_log_redaction, redact, redact_url, write_private
 from synthwatch.schemas import Reject, WireError, parse_event
+from synthwatch.schemas.reject_reasons import reject_reason, reject_reason_classes
 from synthwatch.schemas.text import visible
 from synthwatch.schemas.wire import RecordLimits, check_extras, check_size
 from synthwatch.stream_apps.delivery.messages import render_alert
-from synthwatch.stream_apps.runtime.metrics import WorkerMetrics, reject_reason, reject_reason_classes
+from synthwatch.stream_apps.runtime.metrics import WorkerMetrics
 from synthwatch.stream_apps.runtime.web_auth import refuse_request
 from synthwatch.terminal import plain
 

@@ -24,9 +24,9 @@ from synthwatch.schemas.envelope import (
     load_org_keys,
     sign,
 )
+from synthwatch.schemas.reject_reasons import reject_reason
 from synthwatch.stream_apps.detect.identity import SubstanceResolver
 from synthwatch.stream_apps.detect.intake import Intake, RawMessage
-from synthwatch.stream_apps.runtime.metrics import reject_reason
 
 from .factories import lab, seizure
 

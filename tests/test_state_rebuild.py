@@ -19,7 +19,7 @@ from synthwatch.settings import Settings
 from synthwatch.stack.demo import demo_streams
 from synthwatch.stream_apps.detect.backtest import run_lines
 from synthwatch.stream_apps.detect.intake import Intake, RawMessage
-from synthwatch.stream_apps.detect.region import Detector
+from synthwatch.stream_apps.detect.region import DetectionConfig, Detector
 from synthwatch.stream_apps.storage.backfill.ingest import ingest_history
 from synthwatch.stream_apps.storage.clickhouse import migrate
 from synthwatch.stream_apps.storage.sink import ClickHouseSink
@@ -43,7 +43,7 @@ def _content(alerts: list[Any]) -> list[dict[str, Any]]:
 
 def _rebuilt_then_live(client: Any, live: list[str]) -> list[Any]:
     """The alerts of the live lines, taken by detectors rebuilt from what ``client`` stores."""
-    config = Settings().detection_config()
+    config = DetectionConfig.from_settings(Settings())
     intake, detector = Intake(stage="backtest"), Detector(config)
     rebuild(client, detector.regions, detector.novelty, intake.resolver, intake.stored_reporter)
     stored = {
@@ -77,8 +77,8 @@ def test_a_spread_under_way_at_the_restart_is_not_announced_again(ch: Any) -> No
     days = [("FR-75C", d) for d in range(31)] + [("ES-B", d) for d in range(1, 31)] + [("NL-NH", 2), ("NL-NH", 12)]
     history = [_report(n, region, day) for n, (region, day) in enumerate(sorted(days, key=lambda rd: rd[1]))]
     live = [_report(len(history), "DE-BE", 31)]
-    whole = run_lines(_numbered(history + live, "h"), Settings().detection_config())
-    raised_by_history = len(run_lines(_numbered(history, "h"), Settings().detection_config()).alerts)
+    whole = run_lines(_numbered(history + live, "h"), DetectionConfig.from_settings(Settings()))
+    raised_by_history = len(run_lines(_numbered(history, "h"), DetectionConfig.from_settings(Settings())).alerts)
     expected = whole.alerts[raised_by_history:]
     assert [a.alert_type for a in expected] == ["first_in_region"]
 
@@ -93,7 +93,7 @@ def test_rebuild_then_live_raises_the_alerts_of_one_backtest_over_everything(
     ch: Any, ch_settings: Settings, tmp_path: Path
 ) -> None:
     streams = demo_streams(HISTORY_DAYS, LIVE_DAYS, seed=7, end=date(2026, 12, 6))
-    config = Settings().detection_config()
+    config = DetectionConfig.from_settings(Settings())
     history_alone = run_lines(_numbered(streams.history, "h"), config)
     whole = run_lines(_numbered(streams.history + streams.live, "h"), config)
     raised_by_history = len(history_alone.alerts)
@@ -117,7 +117,7 @@ def test_a_report_sent_before_it_occurred_does_not_reorder_the_replay(ch: Any) -
     # the region's watermark ten days ahead and make the reports of those days late: out of the spike series.
     history = [_report(n, "FR-75C", day) for n, day in enumerate(range(41))]
     history.insert(36, _report(len(history), "FR-75C", 35, reported_days=-10))  # it arrived on its day
-    config = Settings().detection_config()
+    config = DetectionConfig.from_settings(Settings())
     saw, rebuilt = Detector(config), Detector(config)
     assert run_lines(_numbered(history, "h"), config, detector=saw).summary.late == 0
 

@@ -21,12 +21,13 @@ from email.policy import SMTP as SMTP_POLICY
 from email.utils import formatdate
 from functools import partial
 
+from synthwatch.errors import SynthwatchError
 from synthwatch.settings import Settings
 from synthwatch.stream_apps.delivery.messages import Message
 from synthwatch.stream_apps.delivery.results import SendResult
 
 
-class SmtpConfigError(ValueError):
+class SmtpConfigError(SynthwatchError, ValueError):
     """An SMTP configuration that would leak the password; the message says what to set instead."""
 
 

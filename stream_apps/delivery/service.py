@@ -38,6 +38,7 @@ from typing import Any, Literal, TypeVar, cast
 import faust
 from clickhouse_connect.driver.client import Client
 
+from synthwatch.errors import SynthwatchError
 from synthwatch.redaction import redact
 from synthwatch.schemas import Alert
 from synthwatch.settings import Settings
@@ -96,7 +97,7 @@ class Outcome:
     reason: str
 
 
-class ResendError(ValueError):
+class ResendError(SynthwatchError, ValueError):
     """A resend that cannot be done; the message says why and what to do instead."""
 
 

@@ -42,6 +42,7 @@ from pydantic import (
 )
 
 from synthwatch.catalogue import Family
+from synthwatch.errors import SynthwatchError
 from synthwatch.redaction import redact_url
 from synthwatch.schemas import Alert
 from synthwatch.schemas.events import CountryCode, RegionCode
@@ -376,7 +377,7 @@ def recipients(alert: Alert, subscriptions: Subscriptions) -> list[Recipient]:
 # --- loading ---------------------------------------------------------------------------------------------
 
 
-class SubscriptionsError(ValueError):
+class SubscriptionsError(SynthwatchError, ValueError):
     """The file is not valid; ``problems`` holds one ``file:line: field: message`` per problem."""
 
     def __init__(self, problems: Sequence[str]) -> None:

@@ -33,6 +33,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
+from synthwatch.errors import SynthwatchError
 from synthwatch.stream_apps.delivery.results import SendResult
 from synthwatch.stream_apps.delivery.targets import TargetPolicy
 
@@ -87,7 +88,7 @@ def webhook_headers(secret: str, body: bytes, delivery: str, event: str, now: fl
     }
 
 
-class WebhookRejected(Exception):
+class WebhookRejected(SynthwatchError):
     """A request the receiver must refuse; ``status`` is the HTTP status to answer with."""
 
     def __init__(self, status: int, reason: str) -> None:
@@ -180,7 +181,7 @@ def classify_http(status: int, body: str = "") -> SendResult:
     return SendResult(False, status, detail)
 
 
-class TargetRefused(OSError):
+class TargetRefused(SynthwatchError, OSError):
     """A webhook host resolved to an address the :class:`TargetPolicy` refuses."""
 
 

@@ -9,19 +9,20 @@ network has never seen is still news to it.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
-from datetime import datetime
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from synthwatch.schemas import Alert
 from synthwatch.schemas.records import GuessedFamily, SimilarSubstance
+from synthwatch.schemas.topics import Sighting
 from synthwatch.stream_apps.detect.alerting import IDENTIFIED_TEXT, Subject, build_alert, day_start, region_label
 from synthwatch.stream_apps.detect.replay import Position, applied, marks_of, note
 
 if TYPE_CHECKING:
     from synthwatch.catalogue import Family
+    from synthwatch.settings import Settings
     from synthwatch.stream_apps.detect.similarity import Neighbour, SimilarityIndex
 
 NEIGHBOURS = 5
@@ -40,52 +41,15 @@ class NoveltyConfig(BaseModel):
         description="Days before a region's newest sighting for which a sighting sent again is recognised.",
     )
 
-
-@dataclass(slots=True)
-class Sighting:
-    """A substance seen in a region on a day (the first report of that day), as forwarded by region."""
-
-    event_id: str
-    kind: str
-    occurred_at: datetime
-    day: int
-    country: str
-    region: str
-    key: str
-    name: str
-    inchikey: str | None
-    family: str | None
-    controlled: bool | None
-    catalogued: bool
-    method: str | None = None
-    sample_type: str | None = None
-    late_by_hours: float | None = None  # a late report's sighting: its alerts say so
-    identified_by: str | None = None  # how the report's substance was identified (ResolvedSubstance.resolved_by)
-    reporter: str | None = None  # the lab or agency whose report this is
-    smiles: str | None = None  # the structure as the report gave it: what a new substance is compared by
-
-    def to_dict(self) -> dict[str, Any]:
-        """The wire form on the sightings topic (fields are flat: no deep copy as ``asdict`` makes)."""
-        data = {name: getattr(self, name) for name in _SIGHTING_FIELDS}
-        data["occurred_at"] = self.occurred_at.isoformat()
-        return data
-
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Sighting:
-        return cls(**{**data, "occurred_at": datetime.fromisoformat(data["occurred_at"])})
-
-    @property
-    def subject(self) -> Subject:
-        return Subject(
-            self.key, self.name, self.inchikey, self.family, self.controlled, self.catalogued, self.identified_by
-        )
-
-    @property
-    def reported_by(self) -> list[str]:
-        return [self.reporter] if self.reporter else []
+    def from_settings(cls, settings: Settings) -> NoveltyConfig:
+        """The novelty stage's thresholds as configured (SYNTHWATCH_SPREAD_*); the rest keep their defaults."""
+        return cls(spread_regions=settings.spread_regions, spread_days=settings.spread_days)
 
 
-_SIGHTING_FIELDS = tuple(f.name for f in fields(Sighting))
+def sighting_subject(s: Sighting) -> Subject:
+    """What a sighting's alerts are about (the sighting itself is a wire model, in schemas/topics.py)."""
+    return Subject(s.key, s.name, s.inchikey, s.family, s.controlled, s.catalogued, s.identified_by)
 
 
 @dataclass(slots=True)
@@ -297,7 +261,7 @@ class NoveltyDetector:
         return {}
 
     def _new_substance(self, s: Sighting) -> Alert:
-        subject = s.subject
+        subject = sighting_subject(s)
         origin = "a catalogued substance" if s.catalogued else "not in the catalogue"
         # How this report identified it, not whether the catalogue knows a structure: a name-only report of a
         # catalogued drug was identified by its name, and the officer must be able to tell.
@@ -333,9 +297,10 @@ class NoveltyDetector:
         else:
             history = f"known to the network since {since} (first in {known.first_region}"
             history += f"; {len(elsewhere)} other region(s))"
+        subject = sighting_subject(s)
         return build_alert(
             alert_type="first_in_region",
-            subject=s.subject,
+            subject=subject,
             country=s.country,
             region=s.region,
             triggered_at=s.occurred_at,
@@ -343,7 +308,7 @@ class NoveltyDetector:
             window_end=day_start(s.day + 1),
             episode="first",
             evidence=[s.event_id],
-            summary=(f"First report of {s.name} ({s.subject.family_text}) in {region_label(s.region)}; {history}."),
+            summary=(f"First report of {s.name} ({subject.family_text}) in {region_label(s.region)}; {history}."),
             methods=[s.method] if s.method else [],
             sample_types=[s.sample_type] if s.sample_type else [],
             details={"other_regions": elsewhere[:20], "network_first_day": str(day_start(known.first_day).date())},
@@ -371,9 +336,10 @@ class NoveltyDetector:
             return None
         active = sorted(r for r, (first, last) in known.regions.items() if last >= since and first <= day)
         known.spread = [s.day, s.day]
+        subject = sighting_subject(s)
         return build_alert(
             alert_type="spread",
-            subject=s.subject,
+            subject=subject,
             country=None,
             region=None,
             triggered_at=s.occurred_at,
@@ -382,7 +348,7 @@ class NoveltyDetector:
             episode=s.day,
             evidence=[s.event_id],
             summary=(
-                f"{s.name} ({s.subject.family_text}) is spreading: reported in {len(active)} regions within "
+                f"{s.name} ({subject.family_text}) is spreading: reported in {len(active)} regions within "
                 f"{cfg.spread_days} days ({', '.join(active[:8])}{'…' if len(active) > 8 else ''})."
             ),
             observed=float(len(active)),

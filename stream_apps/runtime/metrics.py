@@ -1,27 +1,23 @@
-"""Prometheus metrics of the worker and of ``synthwatch publish``, each in its own CollectorRegistry.
+"""Prometheus metrics of the worker, in its own CollectorRegistry (``synthwatch publish``'s: producers/metrics.py).
 
 Why a registry per object: tests build several workers in one process, and prometheus-client's global
 registry would refuse the second set of metrics (or mix their counts). The worker serves its registry
-on the Faust web port at ``/metrics`` (:func:`attach_metrics`); the publisher, a short batch job,
-pushes to a Pushgateway or writes a node-exporter textfile.
+on the Faust web port at ``/metrics`` (:func:`attach_metrics`).
 
 Metric names are part of the contract with ``deploy/prometheus/rules/`` and the pipeline-health
 dashboard (``dashboards/pipeline.py``); tests check that every name they use exists here.
 
 Label values are bounded: topics, tables, alert types and severities come from configuration and
-schemas; reject reasons are reduced to a short class by :func:`reject_reason` (the full sentence
-stays in ClickHouse's ``rejects`` table).
+schemas; reject reasons are reduced to a short class by
+:func:`synthwatch.schemas.reject_reasons.reject_reason` (the full sentence stays in ClickHouse's ``rejects`` table).
 """
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from prometheus_client import (
@@ -32,16 +28,13 @@ from prometheus_client import (
     Histogram,
     Info,
     generate_latest,
-    push_to_gateway,
-    write_to_textfile,
 )
 
-from synthwatch.schemas.envelope import auth_reason_class
+from synthwatch.schemas.reject_reasons import reject_reason
 
 if TYPE_CHECKING:
     import faust
 
-    from synthwatch.producers.publisher import PublishSummary
     from synthwatch.schemas import Alert, Reject
 
 T = TypeVar("T")
@@ -50,73 +43,6 @@ T = TypeVar("T")
 ALERT_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 SINK_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SINK_ROWS_BUCKETS = (1, 5, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000)
-
-_FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*):(?:\s|$)")
-
-
-def reject_reason(reason: str) -> str:
-    """A short, bounded class of a reject reason, fit for a label (``invalid_json``, ``empty_message``, ...).
-
-    Wire errors read ``field: message; field: message``: the class is ``invalid_<first field>``.
-    """
-    text = reason.strip()
-    auth = auth_reason_class(text)
-    if auth is not None:
-        return auth
-    lowered = text.lower()
-    if lowered.startswith("empty message"):
-        return "empty_message"
-    if lowered.startswith("not a reject record"):
-        return "not_a_reject_record"
-    if "invalid json" in lowered.split(";")[0]:
-        return "invalid_json"
-    if lowered.startswith("record too large"):
-        return "too_large"
-    if lowered.startswith("extra_fields:"):
-        return "too_many_extra_fields"
-    if lowered.startswith("csv "):
-        return "unreadable_csv"
-    first = lowered.split(";")[0]
-    if "with different content" in first or lowered.startswith("changed content"):
-        return "changed_content"
-    if "is not utf-8" in first:
-        return "not_utf8"
-    match = _FIELD.match(text)
-    if match:
-        field = re.sub(r"\[\d+\]|\.\d+", "", match.group(1)).replace(".", "_").lower()
-        # Field names come from the input (an unknown key inside ``quantity``, a path in a nested
-        # extra): only the contract's own fields become label values, the rest share one.
-        return f"invalid_{field}" if field in _wire_fields() else "invalid_other_field"
-    return "other"
-
-
-@lru_cache(maxsize=1)
-def _wire_fields() -> frozenset[str]:
-    """Every field path of the wire contract, flattened as label values spell them (``quantity_value``)."""
-    from pydantic import BaseModel
-
-    from synthwatch.schemas.events import BorderSeizure, LabDetection
-
-    found: set[str] = {"kind"}
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, info in model.model_fields.items():
-            found.add(prefix + name)
-            for candidate in (info.annotation, *getattr(info.annotation, "__args__", ())):
-                if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-                    walk(candidate, f"{prefix}{name}_")
-
-    walk(LabDetection, "")
-    walk(BorderSeizure, "")
-    return frozenset(found)
-
-
-#: Every label value :func:`reject_reason` can return; a test checks the set stays bounded.
-def reject_reason_classes() -> frozenset[str]:
-    """The fixed set of reject reason label values (why: Prometheus series must not grow with input)."""
-    fixed = {"too_late", "empty_message", "not_a_reject_record", "invalid_json", "too_large", "invalid_other_field"}
-    fixed |= {"too_many_extra_fields", "unreadable_csv", "changed_content", "not_utf8"}
-    return frozenset(fixed | {f"invalid_{f}" for f in _wire_fields()} | {"other"})
 
 
 class KafkaEvent(Protocol):
@@ -524,69 +450,6 @@ def attach_metrics(
     @app.timer(lag_interval, name="synthwatch.metrics.consumer_lag")
     async def update_consumer_lag() -> None:
         metrics.set_consumer_lag(await partition_offsets(app, topics))
-
-
-# --- the publisher -----------------------------------------------------------------------------------
-
-
-class PublisherMetrics:
-    """``synthwatch publish``: what one run did, pushed or written when it ends (a batch job has no port)."""
-
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.records = Counter(
-            "synthwatch_publish_records",
-            "Input records by outcome: sent, rejected, duplicate, failed.",
-            ["outcome"],
-            registry=r,
-        )
-        self.events_produced = Counter(
-            "synthwatch_publish_events_produced", "Events acknowledged by Kafka, per topic.", ["topic"], registry=r
-        )
-        self.rejects = Counter(
-            "synthwatch_publish_rejects", "Records refused at the edge, per reason class.", ["reason"], registry=r
-        )
-        self.duration = Gauge("synthwatch_publish_duration_seconds", "Duration of the last run.", registry=r)
-        self.last_success = Gauge(
-            "synthwatch_publish_last_success_timestamp_seconds",
-            "Unix time the last run ended with every record delivered.",
-            registry=r,
-        )
-        self.last_run = Gauge(
-            "synthwatch_publish_last_run_timestamp_seconds", "Unix time the last run ended.", registry=r
-        )
-
-    def observe(
-        self, summary: PublishSummary, seconds: float, produced_per_topic: Mapping[str, int] | None = None
-    ) -> None:
-        """Record one finished run from its :class:`PublishSummary`."""
-        for outcome, n in (
-            ("sent", summary.sent),
-            ("rejected", summary.rejected),
-            ("duplicate", summary.duplicates),
-            ("failed", len(summary.failed)),
-        ):
-            self.records.labels(outcome=outcome).inc(n)
-        for reason, n in summary.reject_reasons.items():
-            # the publisher keeps a reason's first part ("region", "invalid JSON"): classify it as a full one
-            self.rejects.labels(reason=reject_reason(reason if ":" in reason else f"{reason}:")).inc(n)
-        for topic, n in (produced_per_topic or {}).items():
-            self.events_produced.labels(topic=topic).inc(n)
-        now = time.time()
-        self.duration.set(seconds)
-        self.last_run.set(now)
-        if not summary.failed:
-            self.last_success.set(now)
-
-    def push(self, gateway: str, job: str = "synthwatch_publish", instance: str | None = None) -> None:
-        """Push to a Prometheus Pushgateway (``host:9091`` or a URL); replaces this job's last push."""
-        grouping = {"instance": instance} if instance else None
-        push_to_gateway(gateway, job=job, registry=self.registry, grouping_key=grouping)
-
-    def write_textfile(self, path: Path) -> None:
-        """Write for node-exporter's textfile collector (atomically, as it requires)."""
-        write_to_textfile(str(path), self.registry)
 
 
 def metric_names(registry: CollectorRegistry) -> set[str]:

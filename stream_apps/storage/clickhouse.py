@@ -18,6 +18,7 @@ from urllib.parse import urlparse, urlunparse
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
+from synthwatch.errors import SynthwatchError
 from synthwatch.settings import Settings
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -44,7 +45,7 @@ def prepare_embedded_engine() -> bool:
     return True
 
 
-class MigrationError(RuntimeError):
+class MigrationError(SynthwatchError, RuntimeError):
     """The database is in a state the migrations cannot safely continue from."""
 
 

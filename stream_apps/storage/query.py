@@ -29,6 +29,7 @@ from typing import Any
 from clickhouse_connect.driver.binding import bind_query
 from clickhouse_connect.driver.client import Client
 
+from synthwatch.errors import SynthwatchError
 from synthwatch.redaction import redact
 from synthwatch.schemas.text import jsonable
 from synthwatch.settings import Settings
@@ -36,7 +37,7 @@ from synthwatch.stackfile import read_stack, read_web_token
 from synthwatch.stream_apps.storage.clickhouse import connect
 
 
-class QueryError(RuntimeError):
+class QueryError(SynthwatchError, RuntimeError):
     """The query was refused or failed; the message says why."""
 
 

@@ -37,9 +37,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from synthwatch.schemas.topics import Sighting
 from synthwatch.stream_apps.detect.alerting import Subject, day_of, day_start
 from synthwatch.stream_apps.detect.identity import SubstanceResolver
-from synthwatch.stream_apps.detect.novelty import NoveltyDetector, Sighting
+from synthwatch.stream_apps.detect.novelty import NoveltyDetector
 from synthwatch.stream_apps.detect.region import Observation, RegionDetector
 from synthwatch.stream_apps.detect.spikes import SeriesState, intern_day
 

@@ -374,10 +374,11 @@ def backtest(
     At a terminal a progress bar on standard error shows the lines read; piped output is unchanged.
     """
     from synthwatch.stream_apps.detect.backtest import run_file
+    from synthwatch.stream_apps.detect.region import DetectionConfig
 
     if not input.is_file():
         _fail(f"no such file: {input}")
-    config = Settings().detection_config()
+    config = DetectionConfig.from_settings(Settings())
     if not err.is_terminal:
         run = run_file(input, output, config, rejects)
     else:

@@ -76,7 +76,7 @@ def push_metrics(
     url = settings.pushgateway_url
     if not url:
         return
-    from synthwatch.stream_apps.runtime.metrics import PublisherMetrics
+    from synthwatch.producers.metrics import PublisherMetrics
 
     metrics = PublisherMetrics()
     metrics.observe(summary, seconds, per_topic)

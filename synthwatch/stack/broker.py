@@ -25,20 +25,15 @@ from types import TracebackType
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
-from kafka.partitioner.default import murmur2
 
+from synthwatch.errors import SynthwatchError
 from synthwatch.kafka_clients import KafkaConnectError, kafka_python_config, tls_preflight
 from synthwatch.settings import Settings
 from synthwatch.stack.process import stop_child
 
 
-class BrokerError(RuntimeError):
+class BrokerError(SynthwatchError, RuntimeError):
     """The embedded broker could not be started or reached."""
-
-
-def default_partition(key: bytes, partitions: int) -> int:
-    """The partition Kafka's default partitioner (Java, aiokafka, kafka-python) gives ``key``."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def free_port(host: str = "127.0.0.1") -> int:

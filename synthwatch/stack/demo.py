@@ -31,6 +31,7 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
+from synthwatch.errors import SynthwatchError
 from synthwatch.settings import Settings
 from synthwatch.stack.process import StackProcess
 from synthwatch.stackfile import read_stack
@@ -48,7 +49,7 @@ LIVE_DAYS = 21
 ALERT_KINDS = ("new_substance", "first_in_region", "spread", "spike")
 
 
-class DemoFailed(RuntimeError):
+class DemoFailed(SynthwatchError, RuntimeError):
     """A step of the demo did not work; the message says which and why."""
 
 
@@ -250,8 +251,9 @@ def per_day_query(streams: DemoStreams) -> DemoQuery:
 def empty_network_alerts(settings: Settings, lines: list[str]) -> Counter[str]:
     """The alerts the live lines alone raise in the offline backtest: what a network without history would say."""
     from synthwatch.stream_apps.detect.backtest import run_lines
+    from synthwatch.stream_apps.detect.region import DetectionConfig
 
-    run = run_lines(((f"live:{n}", line) for n, line in enumerate(lines)), settings.detection_config())
+    run = run_lines(((f"live:{n}", line) for n, line in enumerate(lines)), DetectionConfig.from_settings(settings))
     return Counter(alert.alert_type for alert in run.alerts)
 
 

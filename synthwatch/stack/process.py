@@ -17,11 +17,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+from synthwatch.errors import SynthwatchError
 from synthwatch.settings import Settings
 from synthwatch.stackfile import StackInfo, read_stack
 
 
-class StackProcessError(RuntimeError):
+class StackProcessError(SynthwatchError, RuntimeError):
     """The child process exited, or was not ready in time; the message names its log file."""
 
 

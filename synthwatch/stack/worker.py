@@ -18,6 +18,7 @@ from typing import IO, Any
 
 import faust
 
+from synthwatch.errors import SynthwatchError
 from synthwatch.redaction import install_log_redaction, private_dir, redact
 from synthwatch.settings import Settings
 from synthwatch.stack.broker import (
@@ -35,7 +36,7 @@ from synthwatch.stream_apps.storage.clickhouse import connect, migrate
 log = logging.getLogger("synthwatch.stack")
 
 
-class StackError(RuntimeError):
+class StackError(SynthwatchError, RuntimeError):
     """The stack cannot start as configured; the message says what to do instead."""
 
 
@@ -64,7 +65,7 @@ def run_worker(
     from synthwatch.stream_apps.detect.identity import SubstanceResolver
     from synthwatch.stream_apps.detect.intake import Intake
     from synthwatch.stream_apps.detect.novelty import NoveltyDetector
-    from synthwatch.stream_apps.detect.region import RegionDetector
+    from synthwatch.stream_apps.detect.region import DetectionConfig, RegionDetector
     from synthwatch.stream_apps.runtime.metrics import WorkerMetrics
     from synthwatch.stream_apps.runtime.worker_signature import WorkerKeyError
     from synthwatch.stream_apps.storage.sink import ClickHouseSink
@@ -126,8 +127,8 @@ def run_worker(
         sink=ClickHouseSink(client),
         intake=Intake(resolver, verifier=verifier, limits=settings.record_limits()),
         metrics=WorkerMetrics(app_id=settings.app_id),
-        regions=RegionDetector(settings.detection_config()),
-        novelty=NoveltyDetector(settings.detection_config().novelty),
+        regions=RegionDetector(DetectionConfig.from_settings(settings)),
+        novelty=NoveltyDetector(DetectionConfig.from_settings(settings).novelty),
         started_at=started_at,
         on_ready=on_ready,
         web_token=new_web_token(settings),

@@ -24,8 +24,8 @@ from typing import Any
 import faust
 
 from synthwatch.schemas import Alert, Reject
+from synthwatch.schemas.topics import Sighting
 from synthwatch.stream_apps.detect.intake import EnrichedEvent, RawMessage
-from synthwatch.stream_apps.detect.novelty import Sighting
 from synthwatch.stream_apps.detect.region import Observation, RegionResult
 from synthwatch.stream_apps.detect.replay import position_of
 from synthwatch.stream_apps.runtime.context import AgentContext, send_all

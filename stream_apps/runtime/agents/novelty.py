@@ -9,7 +9,7 @@ import time
 
 import faust
 
-from synthwatch.stream_apps.detect.novelty import Sighting
+from synthwatch.schemas.topics import Sighting
 from synthwatch.stream_apps.detect.replay import Position
 from synthwatch.stream_apps.runtime.context import AgentContext
 from synthwatch.stream_apps.runtime.state_tables import Change, StateTables

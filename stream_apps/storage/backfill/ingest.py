@@ -39,6 +39,7 @@ from typing import Any
 
 from clickhouse_connect.driver.client import Client
 
+from synthwatch.errors import SynthwatchError
 from synthwatch.schemas import Reject, parse_event
 from synthwatch.schemas.wire import DEFAULT_LIMITS, RecordLimits
 from synthwatch.settings import Settings
@@ -65,7 +66,7 @@ from synthwatch.stream_apps.storage.tables import LAB_TABLE, SEIZURE_TABLE, subs
 _REJECT_SLICE = 5000
 
 
-class IngestRefused(RuntimeError):
+class IngestRefused(SynthwatchError, RuntimeError):
     """The backfill cannot run now (another process owns the embedded engine)."""
 
 
