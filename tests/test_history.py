@@ -334,3 +334,70 @@ def test_unmerged_load_reads_right_and_merges_resume(
     ch.command("OPTIMIZE TABLE reports_daily FINAL")
     assert parts("lab_detections") == 1 and parts("reports_daily") == 1
     assert ch.query(aggregate).result_rows == expected and _stored(ch) == truth.valid_unique
+
+
+def test_slow_lines_judged_in_the_pool_store_what_in_process_judging_stores(
+    ch: Any, ch_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine's path hands the lines it does not accept to Python; with a pool they are split over its
+    processes. Same verdicts, same order, same rows: every column of every table, the rejects and the
+    counts equal a run that judges them all in this process."""
+    from synthwatch.stream_apps.storage.backfill import engine
+
+    lines = _with_novel_name(_lines(days=2)[0])
+    slow = [  # lax spellings pydantic normalises, and lines it refuses: none is taken by the engine
+        json.dumps(lab(event_id=f"lax-{i}", country="ml", region="ml-bko", substance={"name": f" MDMA {i % 3} "}))
+        if i % 3 == 0
+        else json.dumps(lab(event_id=f"lax-{i}", confirmed="yes", purity_pct=str(i % 90)))
+        if i % 3 == 1
+        else '{"kind": "lab_detection", "event_id": "broken-' + str(i)
+        for i in range(90)
+    ]
+    for i, line in enumerate(slow):
+        lines.insert(7 * i + 3, line)
+    lines[30:30] = _awkward_records()
+    path = tmp_path / "history.ndjson"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    splits: list[int] = []
+    judged = engine.EngineChunks._judged
+
+    def spy(self: Any, slow: list[tuple[int, bytes]]) -> Any:
+        parts = judged(self, slow)
+        splits.append(len(parts))
+        return parts
+
+    monkeypatch.setattr(engine.EngineChunks, "_judged", spy)
+    monkeypatch.setattr(engine, "_SPLIT_SLOW_LINES", 2)  # the file's chunks have a few dozen slow lines each
+    tables = {
+        "lab_detections": "* EXCEPT ingested_at",
+        "border_seizures": "* EXCEPT ingested_at",
+        "rejects": "* EXCEPT rejected_at",
+        "reports_daily": "*",
+    }
+    stored: dict[int, dict[str, list[Any]]] = {}
+    counts: dict[int, tuple[Any, ...]] = {}
+    for workers in (0, 2):
+        other = ch_settings.model_copy(update={"clickhouse_database": f"{ch_settings.clickhouse_database}_{workers}"})
+        client = connect(other)
+        try:
+            run = ingest_history(other, path, batch_size=300, progress=False, workers=workers, client=client)
+            assert run.balanced
+            counts[workers] = (run.lines, run.stored, run.duplicates, run.rejected, run.blank_lines, run.reject_reasons)
+            stored[workers] = {
+                table: client.query(f"SELECT {columns} FROM {table} ORDER BY tuple(*)").result_rows
+                for table, columns in tables.items()
+            }
+        finally:
+            client.command(f"DROP DATABASE IF EXISTS {other.clickhouse_database}")
+            client.close()
+        if workers == 0:
+            assert splits and set(splits) == {1}  # judged here: the reference
+            splits.clear()
+    assert splits and max(splits) == 2  # the pool judged them, in two parts per chunk
+    assert counts[2] == counts[0]
+    assert counts[0][3] >= 30  # the broken lines are rejected, the lax ones stored
+    for table in tables:
+        assert len(stored[0][table]) > 0, table
+        assert stored[2][table] == stored[0][table], table
+    lax = {row[0] for row in stored[2]["lab_detections"] if str(row[0]).startswith("lax-")}
+    assert len(lax) == 60

@@ -6,6 +6,9 @@ already holds another engine path (pytest's session engine): run them from the C
 
 from __future__ import annotations
 
+import os
+import resource
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -18,6 +21,12 @@ from rich.table import Table
 from synthwatch.consoles import command_console
 from synthwatch.settings import Settings
 from synthwatch.stream_apps.storage.clickhouse import connect, migrate
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU of this process (every thread: chDB's too) and of its reaped children."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _simulation_lines(events: int, seed: int = 11) -> list[str]:
@@ -105,6 +114,9 @@ def bench_ingest(
 
     rates: dict[str, float] = {}
     rows = []
+    cpu: dict[str, float] = {}
+    loads: dict[str, float] = {}
+    partial: dict[str, bool] = {}
     with tempfile.TemporaryDirectory(prefix="synthwatch-bench-") as tmp:
         path = Path(tmp) / "history.ndjson"
         lines = _simulation_lines(events)
@@ -113,22 +125,32 @@ def bench_ingest(
         for n, (count, encoding) in enumerate(variants):
             settings = Settings(data_dir=Path(tmp) / "data", clickhouse_database=f"ingest_{n}")
             for run in ("first load", "re-ingest"):
+                forked = "chdb" not in sys.modules  # else the pool's processes are a forkserver's children
+                cpu_before = _cpu_seconds()
                 summary = ingest_history(settings, path, progress=False, workers=count, encoding=encoding)
+                cpu[f"{run}, {n}"] = _cpu_seconds() - cpu_before  # forked processes are reaped, so counted
+                partial[f"{run}, {n}"] = bool(summary.workers) and not forked
+                loads[f"{run}, {n}"] = os.getloadavg()[0]
                 if not summary.balanced or (run == "re-ingest" and summary.stored):
                     raise RuntimeError(f"counts wrong on {run}: {summary}")
                 how = f"{summary.workers} parsing processes" if summary.workers else "parsed in-process"
                 how = "parsed by the engine" if encoding == "sql" else how
                 label = f"{run}, {how}, {encoding}"
                 rates[label] = summary.rate
-                rows.append((label, summary))
+                key = f"{run}, {n}"
+                rows.append((label, summary, f"{cpu[key]:.1f}{'*' if partial[key] else ''}", loads[key]))
     table = Table(
         title=f"synthwatch ingest-history, {len(lines):,} NDJSON lines ({megabytes:.0f} MB): a simulated month "
         "(30 days, bad lines and re-sends included), fresh embedded engine"
     )
+    # The reference, measured in this run: the first load on the JSON path (Python validates, ClickHouse
+    # reads JSONEachRow), the earliest path; without it, the first variant's first load.
+    reference = next((s for label, s, _, _ in rows if label.startswith("first load") and "json" in label), rows[0][1])
     columns = ("run", "lines", "stored", "duplicates", "rejected", "seconds", "of which setup", "lines/s")
-    for column in (*columns, "lines/s once parsing"):
+    extra = ("lines/s once parsing", "× reference", "CPU s", "load")
+    for column in (*columns, *extra):
         table.add_column(column, justify="left" if column == "run" else "right")
-    for label, s in rows:
+    for label, s, cpu_seconds, load in rows:
         table.add_row(
             label,
             f"{s.lines:,}",
@@ -139,20 +161,25 @@ def bench_ingest(
             f"{s.setup_seconds:.2f}",
             f"{s.rate:,.0f}",
             f"{s.rate_steady:,.0f}",
+            f"{s.rate / reference.rate:.2f}" if reference.rate else "-",
+            cpu_seconds,
+            f"{load:.1f}",
         )
     console.print(table)
     console.print(
         "lines/s is the whole command (the issue's measure). Setup is the fixed cost before the first chunk is "
         "handed out (worker start, engine open, migrations, the RDKit pre-pass, learnt names: ~1-2 s whatever the "
         "file's size); 'once parsing' leaves it out (filling and draining the pipeline stay in), i.e. the rate a "
-        "large file approaches. A lab network's year is 1.5-2 M lines: `--events 1000000` measures a closer size."
+        "large file approaches. A lab network's year is 1.5-2 M lines: `--events 1000000` measures a closer size. "
+        "× reference: the whole command's rate over the JSON reference path's first load, same file, same run. "
+        "CPU s: this process and its parsing processes (user + system), steadier than wall time on a shared "
+        "machine (*: this process only; parsing processes started from a forkserver, as once the engine is open here, "
+        "are not counted); load: the 1-minute load average when the run ended (2 cores: above 2, others took CPU)."
     )
     return rates
 
 
 if __name__ == "__main__":  # `python -m synthwatch.bench.storage [events]`: both benchmarks
-    import sys
-
     size = int(sys.argv[1]) if len(sys.argv) > 1 else 200_000
     bench_sink(command_console(), events=size)
     bench_ingest(command_console(), events=size)

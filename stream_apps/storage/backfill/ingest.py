@@ -267,7 +267,9 @@ def _run(
 ) -> None:
     sink = ClickHouseSink(client)
     if store.encoding == "sql":  # the engine parses the first chunk while the workers finish the RDKit pre-pass
-        _run_in_engine(client, store, path, batch_size, progress, prepass, sink, summary, ingest_started, limits)
+        _run_in_engine(
+            client, store, path, batch_size, progress, prepass, sink, summary, ingest_started, limits, pool, workers
+        )
         return
     structures = prepass.structures() if prepass is not None else {}
     resolver = seeded_resolver(learnt_from_clickhouse(client), structures)
@@ -341,11 +343,13 @@ def _run_in_engine(
     summary: IngestSummary,
     ingest_started: float,
     limits: RecordLimits = DEFAULT_LIMITS,
+    pool: ProcessPoolExecutor | None = None,
+    workers: int = 0,
 ) -> None:
     """The embedded engine's path: chunks of the file parsed and checked by the engine (``EngineChunks``)."""
     structures: dict[str, Structure | str] = {}  # filled from the pre-pass before the first resolution
     resolver = seeded_resolver(learnt_from_clickhouse(client), structures)
-    engine = EngineChunks(client, path, ChunkParser(), store.suffix, limits)
+    engine = EngineChunks(client, path, ChunkParser(), store.suffix, limits, pool, workers)
     unstored: list[Reject] = []
     started = time.perf_counter()
     summary.setup_seconds = started - ingest_started
