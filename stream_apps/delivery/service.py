@@ -22,7 +22,7 @@ so) until a probe gets through, so one hung receiver costs the others nothing.
 from __future__ import annotations
 
 import asyncio
-import itertools
+import functools
 import json
 import logging
 import random
@@ -59,6 +59,7 @@ from synthwatch.stream_apps.delivery.subscriptions import (
 )
 from synthwatch.stream_apps.delivery.webhook import WebhookSender, delivery_id
 from synthwatch.stream_apps.storage.deliveries import DeliveryStore, Key, QueuedAlert
+from synthwatch.stream_apps.storage.retries import retry_until_done
 from synthwatch.stream_apps.storage.tables import Attempt, DeliveryStatus
 
 log = logging.getLogger("synthwatch.delivery")
@@ -644,17 +645,12 @@ class DeliveryService:
 
     async def _store(self, what: str, call: Callable[..., T], *args: Any) -> T:
         """Run a blocking store call in a thread; if ClickHouse fails, back off and retry (it holds the ack)."""
-        delay = 0.2
-        for attempt in itertools.count(1):
-            try:
-                return await asyncio.to_thread(call, *args)
-            except Exception as error:
-                if self.store_retries is not None and attempt >= self.store_retries:
-                    raise
-                log.warning("%s failed (%s); retrying in %.1f s", what, error, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
-        raise AssertionError("unreachable")
+        return await retry_until_done(
+            what,
+            functools.partial(call, *args),
+            log=log,
+            give_up=lambda attempt: self.store_retries is not None and attempt >= self.store_retries,
+        )
 
     def _file_mtime(self) -> int | None:
         try:

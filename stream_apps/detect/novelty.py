@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 from pydantic import BaseModel, ConfigDict, Field
 
 from synthwatch.schemas import Alert
-from synthwatch.schemas.records import GuessedFamily, SimilarSubstance
+from synthwatch.schemas.records import AlertType, GuessedFamily, SimilarSubstance
 from synthwatch.schemas.topics import Sighting
 from synthwatch.stream_apps.detect.alerting import IDENTIFIED_TEXT, Subject, build_alert, day_start, region_label
 from synthwatch.stream_apps.detect.replay import Position, applied, marks_of, note
@@ -266,26 +266,15 @@ class NoveltyDetector:
         # How this report identified it, not whether the catalogue knows a structure: a name-only report of a
         # catalogued drug was identified by its name, and the officer must be able to tell.
         identified = IDENTIFIED_TEXT.get(s.identified_by or "", "identification not recorded")
-        return build_alert(
-            alert_type="new_substance",
-            subject=subject,
-            country=s.country,
-            region=s.region,
-            triggered_at=s.occurred_at,
-            window_start=day_start(s.day),
-            window_end=day_start(s.day + 1),
-            episode="first",
-            evidence=[s.event_id],
+        return self._first_alert(
+            s,
+            "new_substance",
             summary=(
                 f"Never seen by the network: {s.name} ({subject.family_text}; {origin}; {identified}), "
                 f"first reported in {region_label(s.region)} by a {s.kind.replace('_', ' ')}"
                 f"{f' ({s.reporter})' if s.reporter else ''}."
             ),
-            methods=[s.method] if s.method else [],
-            sample_types=[s.sample_type] if s.sample_type else [],
             details={"first_region": s.region, "catalogued": s.catalogued},
-            late_by_hours=s.late_by_hours,
-            reported_by=s.reported_by,
             **self._chemistry(s),
         )
 
@@ -298,9 +287,21 @@ class NoveltyDetector:
             history = f"known to the network since {since} (first in {known.first_region}"
             history += f"; {len(elsewhere)} other region(s))"
         subject = sighting_subject(s)
+        return self._first_alert(
+            s,
+            "first_in_region",
+            summary=(f"First report of {s.name} ({subject.family_text}) in {region_label(s.region)}; {history}."),
+            details={"other_regions": elsewhere[:20], "network_first_day": str(day_start(known.first_day).date())},
+        )
+
+    @staticmethod
+    def _first_alert(
+        s: Sighting, alert_type: AlertType, *, summary: str, details: dict[str, Any], **extra: Any
+    ) -> Alert:
+        """A first sighting's alert (a new substance, or a known one in a new region): the day of one report."""
         return build_alert(
-            alert_type="first_in_region",
-            subject=subject,
+            alert_type=alert_type,
+            subject=sighting_subject(s),
             country=s.country,
             region=s.region,
             triggered_at=s.occurred_at,
@@ -308,12 +309,13 @@ class NoveltyDetector:
             window_end=day_start(s.day + 1),
             episode="first",
             evidence=[s.event_id],
-            summary=(f"First report of {s.name} ({subject.family_text}) in {region_label(s.region)}; {history}."),
+            summary=summary,
             methods=[s.method] if s.method else [],
             sample_types=[s.sample_type] if s.sample_type else [],
-            details={"other_regions": elsewhere[:20], "network_first_day": str(day_start(known.first_day).date())},
+            details=details,
             late_by_hours=s.late_by_hours,
             reported_by=s.reported_by,
+            **extra,
         )
 
     def _spread(self, s: Sighting, known: SubstanceState) -> Alert | None:

@@ -29,19 +29,19 @@ async def retry_until_done(
     on_retry: Callable[[str], None] | None = None,
     on_success: Callable[[str], None] | None = None,
 ) -> T:
-    """Run ``call`` in the default executor; on failure back off (0.2 s, doubling, at most 30 s) and retry.
+    """Run ``call`` in a thread (``asyncio.to_thread``: the default executor, context variables copied); on
+    failure back off (0.2 s, doubling, at most 30 s) and retry.
 
     ``give_up(attempt)`` (attempts counted from 1) re-raises the failure instead, e.g. when the worker
     is stopping. ``on_retry(what)`` runs before each wait (counters), ``on_success(what)`` once it works.
     The warning names ``what`` on ``log`` (the caller's logger, so each caller's log lines stay its own).
     """
     delay = FIRST_DELAY
-    loop = asyncio.get_running_loop()
     attempt = 0
     while True:
         attempt += 1
         try:
-            result = await loop.run_in_executor(None, call)
+            result = await asyncio.to_thread(call)
         except Exception as error:
             if give_up(attempt):
                 raise
