@@ -220,7 +220,7 @@ def engine_over_http(data_dir: Path, log_path: Path) -> Iterator[int]:
     """
     port = free_port()
     server = StackProcess(
-        [sys.executable, "-m", "tests.reliability_helpers", "clickhouse-http", str(port), str(data_dir)],
+        [sys.executable, "-m", "tests.support.reliability_helpers", "clickhouse-http", str(port), str(data_dir)],
         log_path,
         cwd=Path(__file__).resolve().parent.parent,
         stop_timeout=15,

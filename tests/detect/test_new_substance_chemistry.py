@@ -1,0 +1,198 @@
+"""New-substance alerts that help the chemist (issue 16): nearest known substances, family guess, "did you mean".
+
+Pure pipeline tests (intake -> detector, as the backtest and the worker run it), the alerts table, and one
+end-to-end run through the real broker, worker and ClickHouse: a structure never seen anywhere raises an alert
+that carries its neighbours.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from synthwatch.producers.publisher import Publisher
+from synthwatch.producers.readers import InputRecord
+from synthwatch.schemas import Alert, parse_event_object
+from synthwatch.stack.broker import EmbeddedBroker
+from synthwatch.stream_apps.detect import similarity
+from synthwatch.stream_apps.detect.identity import structure_from_smiles
+from synthwatch.stream_apps.detect.intake import Intake
+from synthwatch.stream_apps.detect.region import Detector
+from tests.conftest import isolated_settings, ndjson, start_worker, stop_worker
+from tests.support.factories import lab, seizure
+
+# Etonitazene with a propyl linker, and with a butyl one: no SMARTS pattern matches either (it wants 2-aminoethyl).
+HOMO_ETONITAZENE = "CCOc1ccc(Cc2nc3cc([N+](=O)[O-])ccc3n2CCCN(CC)CC)cc1"
+BISHOMO_ETONITAZENE = "CCOc1ccc(Cc2nc3cc([N+](=O)[O-])ccc3n2CCCCN(CC)CC)cc1"
+MMC_SMILES = "CNC(C)C(=O)c1cccc(C)c1"  # 3-MMC, catalogued
+
+
+def _alerts(records: list[dict[str, Any]], detector: Detector | None = None) -> list[Alert]:
+    intake, detector = Intake(), detector or Detector()
+    alerts: list[Alert] = []
+    for record in records:
+        alerts.extend(detector.observe_event(intake.enrich(parse_event_object(record), "test")).alerts)
+    return alerts
+
+
+def test_a_never_seen_structure_names_its_relatives_and_a_family_guess() -> None:
+    (alert,) = _alerts([lab(event_id="l-1", substance={"smiles": HOMO_ETONITAZENE}, lab_id="LAB-FR-01")])
+    assert alert.alert_type == "new_substance" and alert.substance.family is None
+    names = [n.name for n in alert.similar_substances]
+    assert names[:3] == ["Etonitazene", "Butonitazene", "Protonitazene"]
+    top = alert.similar_substances[0]
+    assert (top.family, top.controlled, top.catalogued) == ("nitazene", True, True)
+    assert 0.85 < top.score < 1.0
+    assert [n.score for n in alert.similar_substances] == sorted(
+        (n.score for n in alert.similar_substances), reverse=True
+    )
+    assert alert.family_guess is not None
+    assert (alert.family_guess.family, alert.family_guess.nearest) == ("nitazene", "Etonitazene")
+    assert alert.family_guess.score == top.score
+    assert alert.did_you_mean == []
+    assert alert.severity == "warning"  # a guess never raises the severity: only a SMARTS match classifies
+
+
+def test_structures_the_network_learnt_become_neighbours_of_later_ones() -> None:
+    alerts = _alerts(
+        [
+            lab(event_id="l-1", substance={"name": "Homo-eto", "smiles": HOMO_ETONITAZENE}, lab_id="LAB-FR-01"),
+            lab(event_id="l-2", region="FR-69M", substance={"smiles": BISHOMO_ETONITAZENE}, lab_id="LAB-FR-02"),
+        ]
+    )
+    first, second = (a for a in alerts if a.alert_type == "new_substance")
+    assert "Homo-eto" not in {n.name for n in first.similar_substances}  # never its own neighbour
+    nearest = second.similar_substances[0]
+    assert (nearest.name, nearest.catalogued, nearest.family, nearest.controlled) == ("Homo-eto", False, None, None)
+    assert second.family_guess is not None and second.family_guess.nearest != "Homo-eto"  # a guess rests on a family
+
+
+def test_a_structure_first_known_by_its_inchikey_is_learnt_when_its_smiles_comes_and_alerts_stay_the_same() -> None:
+    structure = structure_from_smiles(HOMO_ETONITAZENE)
+    assert not isinstance(structure, str) and structure.inchikey
+    detector = Detector()
+    alerts = _alerts(
+        [
+            lab(event_id="l-1", substance={"name": "Homo-eto", "inchikey": structure.inchikey}, lab_id="LAB-FR-01"),
+            lab(event_id="l-2", region="FR-69M", substance={"smiles": HOMO_ETONITAZENE}, lab_id="LAB-FR-02"),
+            lab(event_id="l-3", region="FR-75C", substance={"smiles": BISHOMO_ETONITAZENE}, lab_id="LAB-FR-03"),
+        ],
+        detector,
+    )
+    assert [(a.alert_type, a.evidence_event_ids) for a in alerts] == [
+        ("new_substance", ["l-1"]),
+        ("first_in_region", ["l-2"]),  # learning the structure on the way changes no alert
+        ("new_substance", ["l-3"]),
+    ]
+    assert alerts[0].similar_substances == []  # an InChIKey has no atoms to compare
+    assert structure.key in detector.novelty.similarity
+    assert alerts[2].similar_substances[0].key == structure.key
+
+
+def test_a_catalogued_drug_reported_by_name_gets_its_catalogue_structures_neighbours() -> None:
+    (alert,) = _alerts([lab(event_id="l-1", substance={"name": "3-MMC"}, lab_id="LAB-FR-07")])
+    assert alert.identified_by == "catalogue_name"
+    assert [n.name for n in alert.similar_substances][:3] == ["3-CMC", "Mephedrone", "4-CMC"]
+    assert alert.family_guess is None  # classified by SMARTS: nothing to guess
+
+
+def test_an_unresolved_name_gets_did_you_mean_from_the_catalogue() -> None:
+    (alert,) = _alerts([lab(event_id="l-1", substance={"name": "isotonitazen"}, lab_id="LAB-FR-03")])
+    assert alert.identified_by == "unresolved_name"
+    assert alert.did_you_mean[0] == "Isotonitazene"
+    assert len(alert.did_you_mean) == len(set(alert.did_you_mean)) <= 3
+    assert alert.similar_substances == [] and alert.family_guess is None
+    # a synonym spelt wrong names its substance by the catalogue name
+    (typo,) = _alerts([lab(event_id="l-2", substance={"name": "mefedrone"}, lab_id="LAB-FR-03")])
+    assert typo.did_you_mean[0] == "Mephedrone"
+
+
+def test_only_new_substance_alerts_carry_the_chemistry() -> None:
+    alerts = _alerts(
+        [
+            lab(event_id="l-1", substance={"name": "3-MMC", "smiles": MMC_SMILES}, lab_id="LAB-FR-01"),
+            seizure(event_id="s-1", substance={"name": "3-MMC"}, occurred_at="2026-03-03T10:00:00Z"),
+        ]
+    )
+    new, first = alerts
+    assert new.similar_substances and first.alert_type == "first_in_region"
+    assert (first.similar_substances, first.family_guess, first.did_you_mean) == ([], None, [])
+
+
+def test_fingerprints_are_computed_once_per_structure(monkeypatch: pytest.MonkeyPatch) -> None:
+    detector = Detector()
+    index = detector.novelty.similarity  # the catalogue's fingerprints, made once here
+    calls: list[str] = []
+    real = similarity.fingerprint
+
+    def counting(smiles: str) -> Any:
+        calls.append(smiles)
+        return real(smiles)
+
+    monkeypatch.setattr(similarity, "fingerprint", counting)
+    records = [
+        lab(event_id=f"l-{i}", country=region[:2], region=region, substance={"smiles": HOMO_ETONITAZENE}, lab_id="L")
+        for i, region in enumerate(["FR-75C", "FR-69M", "FR-13", "FR-75C"])
+    ]
+    records.append(lab(event_id="l-9", substance={"name": "3-MMC"}, lab_id="LAB-FR-01"))  # catalogued: indexed
+    alerts = _alerts(records, detector)
+    assert [a.alert_type for a in alerts].count("new_substance") == 2
+    assert calls == [HOMO_ETONITAZENE]  # the new structure once; the catalogue's were made before
+    assert len(index) == sum(1 for _ in similarity.shipped_catalogue()) + 1
+
+
+def test_the_alerts_table_keeps_neighbours_guess_and_spellings(ch: Any) -> None:
+    from synthwatch.stream_apps.storage.clickhouse import migrate
+    from synthwatch.stream_apps.storage.sink import ClickHouseSink
+
+    migrate(ch)
+    new, unresolved = _alerts(
+        [
+            lab(event_id="l-1", substance={"smiles": HOMO_ETONITAZENE}, lab_id="LAB-FR-01"),
+            lab(event_id="l-2", substance={"name": "isotonitazen"}, lab_id="LAB-FR-03"),
+        ]
+    )
+    ClickHouseSink(ch).store_alerts([new, unresolved])
+    rows = dict(
+        (row[0], row[1:])
+        for row in ch.query("SELECT alert_id, similar_substances, family_guess, did_you_mean FROM alerts").result_rows
+    )
+    similar, guess, spellings = rows[new.alert_id]
+    assert [n["name"] for n in json.loads(similar)] == [n.name for n in new.similar_substances]
+    assert json.loads(similar)[0] == new.similar_substances[0].model_dump()
+    assert (guess, spellings) == ("nitazene", [])
+    assert rows[unresolved.alert_id] == ("", "", unresolved.did_you_mean)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_never_seen_structure_streamed_through_the_worker_carries_its_neighbours(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    settings = isolated_settings(broker, tmp_path)
+    worker = start_worker(settings, tmp_path / "worker.log")
+    try:
+        query = (
+            "SELECT substance_key, similar_substances, family_guess FROM alerts WHERE alert_type = 'new_substance' "
+            "ORDER BY evidence_event_ids[1]"
+        )
+        first_report = lab(event_id="e2e-1", substance={"name": "Homo-eto", "smiles": HOMO_ETONITAZENE}, lab_id="L-1")
+        second_report = lab(event_id="e2e-2", region="FR-69M", substance={"smiles": BISHOMO_ETONITAZENE}, lab_id="L-2")
+        rows: list[dict[str, Any]] = []
+        # One after the other: the second structure's neighbours include the first only once the worker learnt it.
+        for number, record in enumerate([first_report, second_report], start=1):
+            with Publisher(settings, broker.bootstrap_servers) as publisher:
+                summary = publisher.publish_records([InputRecord(source=f"e2e:{number}", raw=ndjson([record]))])
+            assert summary.sent == 1
+            rows = worker.wait_rows(query, {}, number, f"new-substance alert {number}", timeout=90)
+    finally:
+        stop_worker(worker)
+    first, second = (row["similar_substances"] for row in rows)
+    first_guess, second_guess = (row["family_guess"] for row in rows)
+    assert [n["name"] for n in json.loads(first)][:3] == ["Etonitazene", "Butonitazene", "Protonitazene"]
+    assert first_guess == second_guess == "nitazene"
+    nearest = json.loads(second)[0]
+    assert (nearest["name"], nearest["catalogued"]) == ("Homo-eto", False)  # learnt by the worker from e2e-1

@@ -1,0 +1,119 @@
+"""The wire contract: what is accepted, what is refused, and that reasons say why."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from synthwatch.schemas import BorderSeizure, LabDetection, Reject, WireError, parse_event, parse_event_object
+from synthwatch.schemas.json_schema import export_schemas, render_schemas, stale_schemas
+from tests.support.factories import lab, malformed_records, seizure
+
+
+def test_valid_seizure_and_lab_detection_parse() -> None:
+    s = parse_event(json.dumps(seizure()))
+    assert isinstance(s, BorderSeizure)
+    assert (s.region, s.quantity.value, s.quantity.unit) == ("ML-BKO", 2.5, "kg")
+    assert s.occurred_at.utcoffset() is not None
+    item = parse_event(json.dumps(lab()))
+    assert isinstance(item, LabDetection)
+    assert item.confirmed is True and item.purity_pct == 71.5
+
+
+def test_unknown_fields_are_kept_not_fatal() -> None:
+    record = seizure(operation="Sahel-7", substance={"name": "Tramadol", "colour": "white"})
+    event = parse_event(json.dumps(record))
+    assert event.extra_fields == {"operation": "Sahel-7", "substance": {"colour": "white"}}
+    assert json.loads(event.model_dump_json())["operation"] == "Sahel-7"
+
+
+def test_codes_are_normalised_to_upper_case() -> None:
+    event = parse_event(json.dumps(seizure(country="ml", region="ml-bko")))
+    assert (event.country, event.region) == ("ML", "ML-BKO")
+
+
+@pytest.mark.parametrize(("label", "record", "fragment"), malformed_records("unit"))
+def test_malformed_input_is_refused_with_a_reason(label: str, record: object, fragment: str) -> None:
+    raw = record if isinstance(record, str) else json.dumps(record)
+    with pytest.raises(WireError) as caught:
+        parse_event(raw)
+    assert fragment in caught.value.reason, f"{label}: {caught.value.reason}"
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"occurred_at": 1772355600}, "RFC 3339"),
+        ({"occurred_at": "1900-01-01T00:00:00Z"}, "outside"),
+        ({"occurred_at": "2200-01-01T00:00:00Z"}, "outside"),
+        ({"country": "XX"}, "country"),
+        ({"quantity": {"value": 1, "unit": "bags"}}, "quantity.unit"),
+        ({"conveyance": "drone"}, "conveyance"),
+        ({"substance": {"name": "x", "inchikey": "not-a-key"}}, "InChIKey"),
+        ({"substance": {"name": "x", "cas": "1189805-46-7"}}, "check digit"),
+    ],
+)
+def test_more_bad_values(changes: dict[str, object], fragment: str) -> None:
+    with pytest.raises(WireError) as caught:
+        parse_event(json.dumps(seizure(**changes)))
+    assert fragment in caught.value.reason
+
+
+def test_nan_deep_nesting_and_invalid_utf8_are_refused_not_crashing() -> None:
+    for raw in (
+        b'{"event_id": "x", "kind": "lab_detection", "purity_pct": NaN}',
+        b'{"a":' + b"[" * 10_000 + b"]" * 10_000 + b"}",
+        b'{"event_id": "\xff\xfe"}',
+    ):
+        with pytest.raises(WireError):
+            parse_event(raw)
+
+
+def test_missing_kind_and_missing_field_reasons() -> None:
+    record = seizure()
+    del record["kind"]
+    with pytest.raises(WireError, match="kind: required"):
+        parse_event(json.dumps(record))
+    record = seizure()
+    del record["agency"]
+    with pytest.raises(WireError, match="agency: required field is missing"):
+        parse_event(json.dumps(record))
+
+
+def test_wire_error_carries_the_event_id_when_readable() -> None:
+    with pytest.raises(WireError) as caught:
+        parse_event(json.dumps(seizure(event_id="trace-me", region="FR-75C")))
+    assert caught.value.event_id == "trace-me"
+
+
+def test_csv_like_objects_with_string_values_validate() -> None:
+    record = seizure(quantity={"value": "2.5", "unit": "kg"})
+    assert parse_event_object(record).quantity.value == 2.5
+
+
+def test_reject_keeps_raw_text_and_cuts_huge_input() -> None:
+    reject = Reject.of(b"\xff" + b"x" * 200_000, source="f:1", reason="r", stage="publish")
+    assert reject.raw.startswith("\ufffd") and "more characters cut" in reject.raw
+    assert len(reject.raw) < 100_100
+
+
+def test_committed_json_schemas_are_fresh() -> None:
+    stale = stale_schemas()
+    assert not stale, f"stale JSON Schema files {stale}: run `synthwatch schemas export`"
+
+
+def test_export_writes_every_schema(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    written = export_schemas(tmp_path)
+    assert {p.name for p in written} == set(render_schemas())
+    event_schema = json.loads((tmp_path / "event.schema.json").read_text())
+    assert set(event_schema["discriminator"]["mapping"]) == {"lab_detection", "border_seizure"}
+
+
+def test_a_structure_needs_no_name() -> None:
+    """A lab that sends a SMILES or an InChIKey identified the substance: the catalogue or the structure names it."""
+    by_smiles = parse_event_object(lab(substance={"smiles": "CNC(C)C(=O)c1ccc(C)cc1.Cl"}))
+    by_key = parse_event(json.dumps(lab(substance={"inchikey": "yelgftgwjgbaqu-uhfffaoysa-n"})))
+    assert by_smiles.substance.name is None and by_key.substance.inchikey == "YELGFTGWJGBAQU-UHFFFAOYSA-N"
+    with pytest.raises(WireError, match="substance: needs a name, a SMILES or an InChIKey"):
+        parse_event_object(lab(substance={"cas": "1189805-46-6"}))

@@ -1,0 +1,404 @@
+"""The HTTP intake gateway: tokens, limits and verdicts, against a running ``synthwatch gateway`` process.
+
+The integration tests start a real worker (signed reports required) and a real gateway on the session's Tansu
+broker and talk to the gateway with httpx, so what is checked is what a LIMS would see, down to the worker
+storing what the gateway signed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from synthwatch.producers.gateway import BodyError, GatewayConfigError, RateLimiter, check_listen_address, records_of
+from synthwatch.producers.gateway_tokens import TokenStore, TokenStoreError
+from synthwatch.settings import Settings
+from synthwatch.stack.broker import EmbeddedBroker
+from tests.conftest import (
+    RunningWorker,
+    cli_env,
+    isolated_settings,
+    run_cli,
+    start_worker,
+    stop_worker,
+    terminate,
+    wait_until,
+)
+from tests.support.factories import lab, seizure
+
+# --- pure parts -------------------------------------------------------------------------------------------
+
+
+def test_rate_limiter_allows_a_burst_then_paces_and_says_how_long_to_wait() -> None:
+    now = [100.0]
+    limiter = RateLimiter(per_minute=6, burst=2, clock=lambda: now[0])  # one request per 10 s
+    assert limiter.take("a") == 0 and limiter.take("a") == 0
+    assert limiter.take("a") == pytest.approx(10.0)
+    assert limiter.take("b") == 0  # buckets are per key
+    now[0] += 5
+    assert limiter.take("a") == pytest.approx(5.0)
+    now[0] += 5
+    assert limiter.take("a") == 0
+
+
+def test_tokens_are_stored_hashed_in_a_private_file_and_revocation_is_seen(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.json"
+    store = TokenStore.open(path)
+    token, secret = store.create("lab-fr", ["LAB-FR-01"], [], note="LIMS of the Paris lab")
+    assert secret.startswith("swg_") and len(secret) > 40
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert secret not in path.read_text() and secret not in repr(token)
+    gateway_view = TokenStore.open(path)  # another process's view of the same file
+    assert gateway_view.authenticate(secret) == token
+    assert gateway_view.authenticate(secret + "x") is None
+    store.revoke(token.token_id)
+    gateway_view.reload_if_changed()
+    assert gateway_view.authenticate(secret) is None
+    assert not gateway_view.tokens[token.token_id].active  # kept on record
+    with pytest.raises(TokenStoreError, match="tokens list"):
+        store.revoke("nope")
+    with pytest.raises(TokenStoreError, match="--lab-id or --agency"):
+        store.create("lab-fr", [], [])
+    path.chmod(0o644)
+    with pytest.raises(TokenStoreError, match="chmod 600"):
+        TokenStore.open(path)
+
+
+def test_a_token_is_bound_to_its_lab_ids_and_agencies(tmp_path: Path) -> None:
+    token, _ = TokenStore.open(tmp_path / "t.json").create("lab-fr", ["LAB-FR-01"], [])
+    assert token.permits("LAB-FR-01", None) is None
+    refused = token.permits("LAB-DE-07", None)
+    assert refused is not None and refused.startswith("auth: not_permitted") and "'LAB-DE-07'" in refused
+    assert token.permits(None, "Douanes maliennes") is not None
+
+
+def test_json_bodies_give_one_record_per_element_and_a_clear_error_when_unreadable() -> None:
+    records = records_of(json.dumps([lab(), 3, "x"]), "json", "req", Settings())
+    assert [r.source for r in records] == ["req:1", "req:2", "req:3"]
+    assert records[0].obj == lab() and records[0].problem is None
+    assert records[1].problem is not None and "element 2 is a JSON int" in records[1].problem
+    assert len(records_of(json.dumps(lab()), "json", "req", Settings())) == 1  # one object is one record
+    with pytest.raises(BodyError, match="not JSON"):
+        records_of('[{"a": 1}', "json", "req", Settings())
+
+
+def test_a_non_loopback_address_needs_tls_or_a_tls_proxy(tmp_path: Path) -> None:
+    check_listen_address(Settings(gateway_host="127.0.0.1"))
+    with pytest.raises(GatewayConfigError, match="in clear"):
+        check_listen_address(Settings(gateway_host="0.0.0.0"))
+    check_listen_address(Settings(gateway_host="0.0.0.0", gateway_behind_tls_proxy=True))
+    with pytest.raises(GatewayConfigError, match="both"):
+        check_listen_address(Settings(gateway_host="0.0.0.0", gateway_ssl_certfile=tmp_path / "c.pem"))
+
+
+def test_the_openapi_description_covers_the_routes_and_bodies() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "synthwatch.cli.main", "gateway", "--openapi"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert set(document["paths"]) == {"/v1/reports", "/v1/whoami"}
+    post = document["paths"]["/v1/reports"]["post"]
+    assert set(post["requestBody"]["content"]) == {"application/x-ndjson", "application/json", "text/csv"}
+    assert {"200", "401", "413", "415", "429"} <= set(post["responses"])
+    assert document["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+
+
+# --- against the running gateway -----------------------------------------------------------------------------
+
+KEY_FR, KEY_ML = bytes(range(32)), bytes(range(100, 132))
+
+
+@dataclass
+class Gateway:
+    url: str
+    settings: Settings
+    worker: RunningWorker
+    log_path: Path
+    process: subprocess.Popen[bytes]
+
+    def token(self, org: str = "lab-fr") -> str:
+        """A fresh token (per test, so rate limits of one test do not touch another)."""
+        binding = (["LAB-FR-01"], []) if org == "lab-fr" else ([], ["Douanes maliennes"])
+        return TokenStore.open(self.settings.resolved_gateway_tokens_file).create(org, *binding)[1]
+
+    def post(self, token: str | None, body: str | bytes, content_type: str, **headers: str) -> httpx.Response:
+        sent = {"Content-Type": content_type, **headers}
+        if token is not None:
+            sent["Authorization"] = f"Bearer {token}"
+        return httpx.post(f"{self.url}/v1/reports", content=body, headers=sent, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def gateway(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A worker that requires signed reports, and a gateway holding the same organisation keys."""
+    base = tmp_path_factory.mktemp("gateway")
+    keys = base / "orgs.yaml"
+    keys.write_text(
+        yaml.safe_dump(
+            {
+                "organisations": {
+                    "lab-fr": {"keys": [KEY_FR.hex()], "lab_ids": ["LAB-FR-01"]},
+                    "douane-ml": {"keys": [KEY_ML.hex()], "agencies": ["Douanes maliennes"]},
+                }
+            }
+        )
+    )
+    keys.chmod(0o600)
+    settings = isolated_settings(
+        broker,
+        base / "data",
+        org_keys_file=keys,
+        gateway_port=0,
+        gateway_max_body_bytes=64 * 1024,
+        gateway_rate_per_minute=1,  # one request a minute after the burst: no test is near that slow
+        gateway_rate_burst=8,
+    )
+    worker = start_worker(settings, base / "worker.log")
+    log_path = base / "gateway.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "synthwatch.cli.main", "gateway"], env=cli_env(settings), stdout=log, stderr=log
+        )
+
+    def listening() -> str | None:
+        if process.poll() is not None:
+            pytest.fail(f"the gateway exited with {process.returncode}:\n{log_path.read_text()}")
+        found = re.search(r"gateway listening on (http://\S+:\d+)", log_path.read_text())
+        return found.group(1) if found else None
+
+    try:
+        url = wait_until(listening, 60, "the gateway to listen")
+        yield Gateway(url, settings, worker, log_path, process)
+    finally:
+        terminate(process)
+        stop_worker(worker)
+
+
+@pytest.mark.integration
+def test_mixed_records_get_a_verdict_each_and_the_worker_stores_the_accepted(gateway: Gateway) -> None:
+    token = gateway.token()
+    records = [
+        json.dumps(lab(event_id="gw-ok-1")),
+        json.dumps(lab(event_id="gw-ok-2", region="FR-69")),
+        '{"event_id": "gw-trunc", "kind": "lab_det',
+        json.dumps(lab(event_id="gw-other-lab", lab_id="LAB-DE-07")),  # another lab's id: refused
+        json.dumps(lab(event_id="gw-ok-1")),  # again in the same request
+        json.dumps(lab(event_id="gw-bad-region", region="XX-99")),
+    ]
+    response = gateway.post(token, "\n".join(records) + "\n", "application/x-ndjson")
+    assert response.status_code == 200, response.text
+    result = response.json()
+    verdicts = [(r["position"], r["event_id"], r["verdict"]) for r in result["records"]]
+    assert verdicts == [
+        (1, "gw-ok-1", "accepted"),
+        (2, "gw-ok-2", "accepted"),
+        (3, None, "rejected"),
+        (4, "gw-other-lab", "rejected"),
+        (5, "gw-ok-1", "duplicate"),
+        (6, "gw-bad-region", "rejected"),
+    ]
+    reasons = {r["position"]: r["reason"] for r in result["records"]}
+    assert "invalid JSON" in reasons[3]
+    assert reasons[4].startswith("auth: not_permitted") and "'LAB-DE-07'" in reasons[4]
+    assert "region" in reasons[6]
+    assert (result["received"], result["accepted"], result["rejected"], result["duplicates"], result["failed"]) == (
+        6,
+        2,
+        3,
+        1,
+        0,
+    )
+    assert result["org_id"] == "lab-fr"
+
+    # the worker (signatures required) stored exactly the accepted records: the gateway signed them as lab-fr
+    stored = gateway.worker.wait_rows(
+        "SELECT event_id FROM lab_detections WHERE event_id LIKE 'gw-%%' ORDER BY event_id",
+        {},
+        2,
+        "the accepted records in ClickHouse",
+        timeout=90,
+    )
+    assert [r["event_id"] for r in stored] == ["gw-ok-1", "gw-ok-2"]
+    rejects = gateway.worker.wait_rows(
+        "SELECT source, reason FROM rejects WHERE source LIKE %(src)s ORDER BY source",
+        {"src": f"gateway/lab-fr/{result['request_id']}:%"},
+        3,
+        "the refused records in the rejects table",
+    )
+    assert [r["source"].rsplit(":", 1)[1] for r in rejects] == ["3", "4", "6"]
+    assert gateway.worker.count("SELECT count() FROM rejects WHERE stage = 'auth'") == 0  # no bad signature
+
+    # the same record sent again later: a duplicate, not produced again
+    again = gateway.post(token, records[0] + "\n", "application/x-ndjson").json()
+    assert again["records"][0]["verdict"] == "duplicate" and again["duplicates"] == 1
+
+
+@pytest.mark.integration
+def test_csv_and_json_bodies(gateway: Gateway) -> None:
+    token = gateway.token("douane-ml")
+    csv_body = (
+        "event_id,kind,occurred_at,country,region,substance.name,agency,seizure_id,border_point,conveyance,"
+        "quantity.value,quantity.unit\r\n"
+        "gw-csv-1,border_seizure,2026-03-01T10:00:00+01:00,ML,ML-BKO,Tramadol,Douanes maliennes,S1,BKO,air,2.5,kg\r\n"
+        "gw-csv-2,border_seizure,2026-03-01T10:00:00+01:00,ML,ML-BKO,Tramadol,Douanes sénégalaises,S2,BKO,air,1,kg\r\n"
+        "gw-csv-3,border_seizure,2026-03-01T10:00:00+01:00,ML,ML-BKO,Tramadol,Douanes maliennes,S3,BKO,air,-1,kg\r\n"
+    )
+    result = gateway.post(token, csv_body.encode(), "text/csv; charset=utf-8").json()
+    assert [(r["position"], r["verdict"]) for r in result["records"]] == [
+        (2, "accepted"),
+        (3, "rejected"),
+        (4, "rejected"),
+    ], result["records"]
+    assert "may not report as agency 'Douanes sénégalaises'" in result["records"][1]["reason"]
+    assert "quantity.value" in result["records"][2]["reason"]
+    # the same file as a Latin-1 LIMS export: decoded by its charset, so the first row is the record just accepted
+    latin = gateway.post(token, csv_body.encode("latin-1"), "text/csv; charset=ISO-8859-1").json()
+    assert [r["verdict"] for r in latin["records"]] == ["duplicate", "rejected", "rejected"], latin["records"]
+    assert "'Douanes sénégalaises'" in latin["records"][1]["reason"]
+
+    array = [seizure(event_id="gw-json-1"), seizure(event_id="gw-json-2", agency="Other"), 7]
+    result = gateway.post(token, json.dumps(array), "application/json").json()
+    assert [r["verdict"] for r in result["records"]] == ["accepted", "rejected", "rejected"]
+    assert result["received"] == result["accepted"] + result["rejected"] + result["duplicates"] + result["failed"]
+    stored = gateway.worker.wait_rows(
+        "SELECT event_id FROM border_seizures WHERE event_id LIKE 'gw-%%' ORDER BY event_id",
+        {},
+        2,
+        "the accepted seizures in ClickHouse",
+        timeout=90,
+    )
+    assert [r["event_id"] for r in stored] == ["gw-csv-1", "gw-json-1"]
+
+
+@pytest.mark.integration
+def test_wrong_missing_and_revoked_tokens_are_refused_and_never_logged(gateway: Gateway) -> None:
+    body = json.dumps(lab(event_id="gw-never")) + "\n"
+    token = gateway.token()
+    for presented in (None, "swg_not-a-token", token + "x"):
+        response = gateway.post(presented, body, "application/x-ndjson")
+        assert response.status_code == 401, response.text
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    whoami = httpx.get(f"{gateway.url}/v1/whoami", headers={"Authorization": f"Bearer {token}"}).json()
+    assert {k: v for k, v in whoami.items() if k != "token_id"} == {
+        "org_id": "lab-fr",
+        "lab_ids": ["LAB-FR-01"],
+        "agencies": [],
+    }
+    token_id = whoami["token_id"]
+    revoked = run_cli(gateway.settings, "tokens", "revoke", token_id)
+    assert revoked.returncode == 0, revoked.stderr
+    assert gateway.post(token, body, "application/x-ndjson").status_code == 401  # the running gateway re-read it
+    # the OpenAPI description is for token holders too
+    assert httpx.get(f"{gateway.url}/v1/openapi.json").status_code == 401
+    fresh = gateway.token()
+    assert httpx.get(f"{gateway.url}/v1/openapi.json", headers={"Authorization": f"Bearer {fresh}"}).status_code == 200
+    log = gateway.log_path.read_text()
+    assert token not in log and fresh not in log and "swg_not-a-token" not in log
+
+
+@pytest.mark.integration
+def test_oversized_body_wrong_content_type_and_foreign_host_are_refused(gateway: Gateway) -> None:
+    token = gateway.token()
+    big = (json.dumps(lab(event_id="gw-big")) + "\n") * 400  # ~150 KB, over the 64 KiB limit
+    response = gateway.post(token, big, "application/x-ndjson")
+    assert response.status_code == 413 and "65,536" in response.json()["detail"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit holds while reading
+        for _ in range(400):
+            yield (json.dumps(lab(event_id="gw-big")) + "\n").encode()
+
+    streamed = httpx.post(
+        f"{gateway.url}/v1/reports",
+        content=chunks(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/x-ndjson"},
+    )
+    assert streamed.status_code == 413
+    assert gateway.post(token, "x", "text/plain").status_code == 415
+    assert gateway.post(token, "x", "text/csv; charset=klingon").status_code == 415
+    assert gateway.post(token, "{}", "application/json", Host="evil.example").status_code == 400
+    assert gateway.worker.count("SELECT count() FROM lab_detections WHERE event_id = 'gw-big'") == 0
+
+
+@pytest.mark.integration
+def test_a_token_over_its_rate_gets_429_with_retry_after(gateway: Gateway) -> None:
+    token, other = gateway.token(), gateway.token()
+    statuses = [httpx.get(f"{gateway.url}/v1/whoami", headers={"Authorization": f"Bearer {token}"}) for _ in range(9)]
+    assert [r.status_code for r in statuses] == [200] * 8 + [429]  # burst 8, then one a minute
+    assert 1 <= int(statuses[-1].headers["Retry-After"]) <= 60
+    assert "retry after" in statuses[-1].json()["detail"]
+    assert httpx.get(f"{gateway.url}/v1/whoami", headers={"Authorization": f"Bearer {other}"}).status_code == 200
+
+
+@pytest.mark.integration
+def test_tokens_cli_prints_the_secret_once_and_lists_no_secret(gateway: Gateway) -> None:
+    created = run_cli(gateway.settings, "tokens", "create", "--org", "douane-ml", "--note", "customs LIMS")
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.strip()
+    assert secret.startswith("swg_") and "Douanes maliennes" in created.stderr  # bindings from the keys file
+    listed = run_cli(gateway.settings, "tokens", "list")
+    assert listed.returncode == 0 and "douane-ml" in listed.stdout and "customs LIMS" in listed.stdout
+    assert secret not in listed.stdout and secret not in gateway.settings.resolved_gateway_tokens_file.read_text()
+    refused = run_cli(gateway.settings, "tokens", "create", "--org", "lab-fr", "--lab-id", "LAB-DE-07")
+    assert refused.returncode == 1 and "may not report as 'LAB-DE-07'" in refused.stderr
+    unknown = run_cli(gateway.settings, "tokens", "create", "--org", "lab-xx", "--lab-id", "X")
+    assert unknown.returncode == 1 and "not in" in unknown.stderr
+    response = gateway.post(secret, json.dumps(seizure(event_id="gw-cli-1")) + "\n", "application/x-ndjson")
+    assert response.json()["accepted"] == 1
+
+
+@pytest.mark.integration
+def test_a_token_of_an_organisation_without_a_signing_key_is_refused_not_produced(gateway: Gateway) -> None:
+    """The worker requires signed reports: records the gateway cannot sign would all be rejected there."""
+    from synthwatch.stack.broker import high_watermarks
+
+    settings = gateway.settings
+    topics = (settings.topic_lab_detections, settings.topic_rejects)
+    before = high_watermarks(settings.kafka_bootstrap_servers or "", topics)
+    _, secret = TokenStore.open(settings.resolved_gateway_tokens_file).create("lab-xx", ["LAB-XX"], [])
+    response = gateway.post(secret, json.dumps(lab(event_id="gw-unsignable", lab_id="LAB-XX")), "application/json")
+    assert response.status_code == 403 and "no key in the organisation keys file" in response.json()["detail"]
+    assert high_watermarks(settings.kafka_bootstrap_servers or "", topics) == before  # nothing produced
+
+
+@pytest.mark.integration
+def test_records_kafka_did_not_acknowledge_are_failed_not_accepted(own_broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """A broker that dies mid-way: every record gets a verdict, none is called accepted without an ack."""
+    from synthwatch.producers.gateway import GatewayPublisher
+    from synthwatch.producers.readers import InputRecord
+
+    settings = isolated_settings(own_broker, tmp_path / "data")
+    token, _ = TokenStore.open(tmp_path / "tokens.json").create("lab-fr", ["LAB-FR-01"], [])
+    quick = {"request_timeout_ms": 1000, "delivery_timeout_ms": 3000, "max_block_ms": 3000, "retries": 1}
+    publisher = GatewayPublisher(settings, own_broker.bootstrap_servers, None, **quick)
+    try:
+        first = publisher.publish_request(token, [InputRecord("r:1", json.dumps(lab(event_id="gw-up")))])
+        assert [(p.event_id, p.verdict) for p in first] == [("gw-up", "accepted")]
+        own_broker.stop()
+        records = [
+            InputRecord("r:1", json.dumps(lab(event_id="gw-down-1"))),
+            InputRecord("r:2", json.dumps(lab(event_id="gw-down-2"))),
+            InputRecord("r:3", "{not json"),
+        ]
+        verdicts = publisher.publish_request(token, records)
+    finally:
+        publisher.producer.close(timeout=0)
+    assert [(p.position, p.event_id, p.verdict) for p in verdicts] == [
+        (1, "gw-down-1", "failed"),
+        (2, "gw-down-2", "failed"),
+        (3, None, "rejected"),
+    ]
+    assert all("send it again" in (p.reason or "") for p in verdicts[:2])

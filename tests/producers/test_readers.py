@@ -1,0 +1,184 @@
+"""Input files: NDJSON and CSV records with their line numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from synthwatch.producers.readers import CsvOptions, ReaderError, load_aliases, read_records
+from synthwatch.schemas import parse_event_object
+
+
+def test_ndjson_skips_blank_lines_and_numbers_lines(tmp_path: Path) -> None:
+    path = tmp_path / "in.ndjson"
+    path.write_bytes(b'{"a": 1}\n\n{"b": 2}\r\n\xff\xfe broken\n')
+    records = list(read_records(str(path)))
+    assert [r.source for r in records] == ["in.ndjson:1", "in.ndjson:3", "in.ndjson:4"]
+    assert records[1].raw == '{"b": 2}'
+    assert records[2].obj is None  # undecodable bytes are kept for the reject, not dropped
+
+
+def test_csv_dotted_headers_nest_and_validate(tmp_path: Path) -> None:
+    path = tmp_path / "seizures.csv"
+    path.write_text(
+        "event_id,kind,occurred_at,country,region,substance.name,agency,seizure_id,border_point,"
+        "conveyance,quantity.value,quantity.unit,origin_country\n"
+        "c-1,border_seizure,2026-03-01T10:00:00+00:00,MA,MA-TNG,Cocaine,ADII,T-1,Tanger Med,sea,12.5,kg,BR\n"
+        'c-2,border_seizure,2026-03-01T11:00:00+00:00,MA,MA-TNG,"3-MMC, crystals",ADII,T-2,Tanger Med,sea,40,g,\n',
+        encoding="utf-8",
+    )
+    records = list(read_records(str(path)))
+    assert [r.source for r in records] == ["seizures.csv:2", "seizures.csv:3"]
+    first = parse_event_object(records[0].obj or {})
+    assert first.quantity.value == 12.5 and first.origin_country == "BR"  # type: ignore[union-attr]
+    second = records[1].obj or {}
+    assert second["substance"] == {"name": "3-MMC, crystals"} and "origin_country" not in second
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
+SEIZURE_HEADER = (
+    "event_id;kind;occurred_at;country;region;substance.name;agency;seizure_id;border_point;conveyance;"
+    "quantity.value;quantity.unit"
+)
+
+
+def _events(path: Path, **kwargs: Any) -> list[Any]:
+    records = list(read_records(str(path), **kwargs))
+    assert all(r.problem is None for r in records), [r.problem for r in records]
+    return [parse_event_object(r.obj or {}) for r in records]
+
+
+def test_the_shipped_lims_example_publishes_every_row_with_its_aliases() -> None:
+    """docs/examples: a BOM, ';', CRLF, LIMS headers, date-only and offset-less dates, decimal commas,
+    lower-case codes, salts in names and rows identified only by a structure."""
+    aliases = load_aliases(EXAMPLES / "lims_aliases.toml")
+    records = list(
+        read_records(str(EXAMPLES / "lims_export.csv"), options=CsvOptions(aliases=aliases, timezone="Europe/Paris"))
+    )
+    assert [r.source for r in records] == [f"lims_export.csv:{n}" for n in (2, 3, 4, 5)]
+    events = [parse_event_object(r.obj or {}) for r in records]
+    first, second, third, fourth = events
+    assert (first.event_id, first.kind, first.sample_id, first.substance.name) == (  # type: ignore[union-attr]
+        "LAB-FR-01:S-2026-0101",
+        "lab_detection",
+        "S-2026-0101",
+        "Mephedrone HCl",
+    )
+    assert first.occurred_at.isoformat() == "2026-03-02T00:00:00+01:00"  # a date alone: midnight, Paris time
+    assert second.occurred_at.isoformat() == "2026-03-02T14:30:00+01:00"
+    assert third.occurred_at.isoformat() == "2026-03-03T09:15:00+01:00"  # an offset given is kept
+    assert [e.purity_pct for e in events] == [71.5, 64.0, None, 12.25]  # type: ignore[union-attr]
+    assert [e.sample_type for e in events] == ["seized_material", "seized_material", "biological", "wastewater"]  # type: ignore[union-attr]
+    assert (second.country, second.region) == ("FR", "FR-75C")
+    assert third.substance.name is None and third.substance.smiles and fourth.substance.inchikey
+    assert "Analyst" not in records[0].raw and (second.model_extra or {}) == {}  # ignored columns stay out
+    assert "Comments" not in records[1].raw
+
+
+def test_a_bom_semicolons_and_windows_line_endings(tmp_path: Path) -> None:
+    path = tmp_path / "export.csv"
+    rows = [SEIZURE_HEADER, "c-1;Border_Seizure;2026-03-01T10:00:00Z;MA;MA-TNG;Cocaine;ADII;T-1;Tanger Med;SEA;12,5;KG"]
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(rows).encode() + b"\r\n")
+    [event] = _events(path)
+    assert (event.kind, event.conveyance, event.quantity.value, event.quantity.unit) == (  # type: ignore[union-attr]
+        "border_seizure",
+        "sea",
+        12.5,
+        "kg",
+    )
+
+
+def test_headers_match_whatever_their_case(tmp_path: Path) -> None:
+    path = tmp_path / "export.csv"
+    header = (
+        "Event_ID,KIND,Occurred_At,Country,Region,Substance.Name,Agency,Seizure_ID,Border_Point,Conveyance,"
+        "Quantity.Value,Quantity.Unit"
+    )
+    path.write_text(header + "\nc-1,border_seizure,2026-03-01,MA,MA-TNG,Cocaine,ADII,T-1,Tanger Med,Air,1 250,5,g\n")
+    # "1 250,5" has a comma inside an unquoted cell: the row is one cell too long, and says so
+    [record] = list(read_records(str(path)))
+    assert record.hint is not None and "must be quoted" in record.hint
+    path.write_text(header + '\nc-1,border_seizure,2026-03-01,MA,MA-TNG,Cocaine,ADII,T-1,Tanger Med,Air,"1 250,5",g\n')
+    [event] = _events(path)
+    assert (event.conveyance, event.quantity.value) == ("air", 1250.5)  # type: ignore[union-attr]
+    assert event.occurred_at.isoformat() == "2026-03-01T00:00:00+00:00"  # default time zone: UTC
+
+
+def test_an_explicit_delimiter_and_the_one_column_hint(tmp_path: Path) -> None:
+    path = tmp_path / "export.csv"
+    path.write_text(
+        SEIZURE_HEADER + "\nc-1;border_seizure;2026-03-01T10:00:00Z;MA;MA-TNG;Cocaine;ADII;T-1;Tanger Med;sea;2;kg\n"
+    )
+    [record] = list(read_records(str(path), options=CsvOptions(delimiter=",")))
+    assert record.hint is not None and "the header has 1 column" in record.hint and "separated by ';'" in record.hint
+    tabbed = tmp_path / "export.tsv"
+    tabbed.write_text(
+        SEIZURE_HEADER.replace(";", "\t")
+        + "\nc-1\tborder_seizure\t2026-03-01T10:00:00Z\tMA\tMA-TNG\tCocaine\tADII\tT-1\tTanger Med\tsea\t2\tkg\n"
+    )
+    assert _events(tabbed)[0].event_id == "c-1"
+
+
+def test_a_header_without_the_contract_columns_says_what_to_do(tmp_path: Path) -> None:
+    path = tmp_path / "export.csv"
+    path.write_text("Sample ID,Substance\nS-1,Cocaine\n")
+    [record] = list(read_records(str(path)))
+    assert record.hint is not None and "no column for country, event_id, kind, occurred_at, region" in record.hint
+    assert "--aliases" in record.hint
+
+
+def test_latin1_rows_are_refused_with_a_hint_and_read_with_encoding(tmp_path: Path) -> None:
+    path = tmp_path / "export.csv"
+    text = (
+        SEIZURE_HEADER
+        + "\nc-1;border_seizure;2026-03-01T10:00:00Z;MA;MA-TNG;Méphédrone;Douane;T-1;Tanger Med;sea;2;kg\n"
+    )
+    text += "c-2;border_seizure;2026-03-01T10:00:00Z;MA;MA-TNG;Cocaine;ADII;T-2;Tanger Med;sea;2;kg\n"
+    path.write_bytes(text.encode("latin-1"))
+    first, second = list(read_records(str(path)))
+    assert (
+        first.problem is not None and "byte 0xe9 is not UTF-8" in first.problem and "--encoding cp1252" in first.problem
+    )
+    assert second.problem is None  # the other rows still go through
+    assert [e.substance.name for e in _events(path, encoding="cp1252")] == ["Méphédrone", "Cocaine"]
+
+
+def test_ndjson_with_a_bom(tmp_path: Path) -> None:
+    path = tmp_path / "in.ndjson"
+    path.write_bytes(b'\xef\xbb\xbf{"a": 1}\n')
+    assert [r.raw for r in read_records(str(path))] == ['{"a": 1}']
+
+
+def test_unknown_time_zone_and_encoding_say_what_to_pass(tmp_path: Path) -> None:
+    with pytest.raises(ReaderError, match="IANA name"):
+        CsvOptions(timezone="Paris").zone()
+    with pytest.raises(ReaderError, match="cp1252"):
+        list(read_records(str(tmp_path / "x.csv"), encoding="no-such-encoding"))
+
+
+def test_alias_defaults_never_make_an_id_from_an_empty_cell(tmp_path: Path) -> None:
+    aliases_path = tmp_path / "a.toml"
+    aliases_path.write_text('[defaults]\nevent_id = "LAB:{Sample ID}"\nkind = "lab_detection"\n')
+    path = tmp_path / "export.csv"
+    path.write_text("Sample ID,x\n,1\nS-2,2\n")
+    first, second = list(read_records(str(path), options=CsvOptions(aliases=load_aliases(aliases_path))))
+    assert "event_id" not in (first.obj or {}) and (second.obj or {})["event_id"] == "LAB:S-2"
+    aliases_path.write_text("[colums]\n")
+    with pytest.raises(ReaderError, match="unknown section"):
+        load_aliases(aliases_path)
+
+
+def test_a_summary_keeps_bounded_reasons_and_sources() -> None:
+    from synthwatch.producers.publisher import MAX_REASONS_KEPT, MAX_SOURCES_PER_REASON, OTHER_REASONS, PublishSummary
+
+    summary = PublishSummary()
+    for i in range(MAX_REASONS_KEPT + 50):
+        summary.note_reject(f"region: 'X{i}' is not a code", f"f.csv:{i + 2}")
+    for i in range(MAX_SOURCES_PER_REASON + 5):
+        summary.note_reject("region: 'X0' is not a code", f"g.csv:{i}")
+    assert len(summary.reject_counts) == MAX_REASONS_KEPT + 1 and summary.reject_counts[OTHER_REASONS] == 50
+    assert summary.reject_counts["region: 'X0' is not a code"] == MAX_SOURCES_PER_REASON + 6
+    assert len(summary.reject_sources["region: 'X0' is not a code"]) == MAX_SOURCES_PER_REASON
+    assert sum(summary.reject_counts.values()) == MAX_REASONS_KEPT + 50 + MAX_SOURCES_PER_REASON + 5

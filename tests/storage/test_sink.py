@@ -1,0 +1,100 @@
+"""The ClickHouse sink on the real embedded engine: idempotent on event_id, rows as sent."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from synthwatch.schemas import Reject
+from synthwatch.stream_apps.detect.intake import Intake, RawMessage
+from synthwatch.stream_apps.storage.clickhouse import migrate
+from synthwatch.stream_apps.storage.sink import ClickHouseSink
+from tests.support.factories import lab, seizure
+
+
+def _messages(records: list[dict[str, Any]]) -> list[RawMessage]:
+    return [RawMessage(f"t:0:{i}", json.dumps(r)) for i, r in enumerate(records)]
+
+
+def test_store_is_idempotent_and_keeps_every_field(ch: Any) -> None:
+    migrate(ch)
+    sink, intake = ClickHouseSink(ch), Intake()
+    records = [seizure(event_id=f"s-{i}", extra_note=f"n{i}") for i in range(50)] + [
+        lab(event_id=f"l-{i}") for i in range(30)
+    ]
+    batch = intake.process(_messages(records))
+    first = sink.store_events(batch.events)
+    assert (first.border_seizures, first.lab_detections, first.already_stored) == (50, 30, 0)
+    again = sink.store_events(intake.process(_messages(records)).events)
+    assert (again.stored, again.already_stored) == (0, 80)
+    assert ch.query("SELECT count() FROM border_seizures").result_rows[0][0] == 50
+    assert ch.query("SELECT count() FROM lab_detections").result_rows[0][0] == 30
+    row = ch.query(
+        "SELECT region, substance_name, quantity_value, quantity_unit, grams, substance_key, resolved_name, "
+        "family, extra, toString(occurred_at) FROM border_seizures WHERE event_id = 's-7'"
+    ).result_rows[0]
+    assert row[:5] == ("ML-BKO", "Tramadol", 2.5, "kg", 2500.0)
+    assert row[6] == "Tramadol" and row[5] and row[7]
+    assert json.loads(row[8]) == {"extra_note": "n7"}
+    assert row[9] == "2026-03-01 09:00:00.000"  # +01:00 stored as UTC
+    lab_row = ch.query(
+        "SELECT substance_smiles, resolved_name, family, purity_pct FROM lab_detections WHERE event_id='l-3'"
+    ).result_rows[0]
+    assert lab_row[0].endswith(".Cl") and lab_row[1] == "3-MMC" and lab_row[2] == "synthetic_cathinone"
+
+
+def test_duplicates_inside_one_batch_count_once(ch: Any) -> None:
+    migrate(ch)
+    result = Intake().process(_messages([seizure(event_id="d-1"), seizure(event_id="d-1"), seizure(event_id="d-2")]))
+    assert result.duplicates == 1 and len(result.events) == 2
+    assert ClickHouseSink(ch).store_events(result.events).stored == 2
+
+
+def test_an_id_that_comes_in_two_batches_of_one_checkpoint_is_stored_once(ch: Any) -> None:
+    """The worker stores several batches at once: a re-send in the next batch must not add a row."""
+    migrate(ch)
+    intake = Intake()
+    first = intake.process(_messages([seizure(event_id="c-1"), seizure(event_id="c-2")])).events
+    resent = intake.process(_messages([seizure(event_id="c-1")])).events
+    assert len(resent) == 1
+    result = ClickHouseSink(ch).store_events([*first, *resent])
+    assert (result.stored, result.already_stored) == (2, 1)
+    assert ch.query("SELECT count() FROM border_seizures").result_rows[0][0] == 2
+
+
+def test_rejects_are_stored_once(ch: Any) -> None:
+    migrate(ch)
+    sink = ClickHouseSink(ch)
+    rejects = [Reject.of(f"bad {i}", source=f"f:{i}", reason="invalid JSON", stage="publish") for i in range(5)]
+    assert sink.store_rejects(rejects) == 5
+    assert sink.store_rejects(rejects + rejects[:2]) == 0
+    assert ch.query("SELECT count(), countIf(reason = 'invalid JSON') FROM rejects").result_rows[0] == (5, 5)
+
+
+def test_a_changed_report_under_a_stored_id_is_refused_and_the_stored_row_kept(ch: Any) -> None:
+    """Issue 13: a re-sent event_id with other content was dropped as a duplicate without a word."""
+    migrate(ch)
+    intake, sink = Intake(), ClickHouseSink(ch)
+    sink.store_events(
+        intake.process(_messages([seizure(event_id="x-1", quantity={"value": 2.5, "unit": "kg"})])).events
+    )
+    # the same report, fields in another order and codes in another case: a duplicate, not a change
+    same = dict(reversed(list(seizure(event_id="x-1", quantity={"value": 2.5, "unit": "kg"}).items())))
+    same["region"] = "ml-bko"
+    changed = seizure(event_id="x-1", quantity={"value": 25, "unit": "kg"})
+    result = sink.store_events(intake.process(_messages([same])).events + intake.process(_messages([changed])).events)
+    assert (result.stored, result.already_stored, [c.event_id for c in result.changed]) == (0, 1, ["x-1"])
+    reject = result.changed[0].changed_content_reject()
+    assert "already stored with different content" in reject.reason and "new event_id" in reject.reason
+    assert json.loads(reject.raw)["quantity"]["value"] == 25
+    stored = sink.stored_event_digests(result.changed)
+    assert set(stored) == {"x-1"} and stored["x-1"] not in ("", result.changed[0].digest)
+    assert ch.query("SELECT quantity_value FROM border_seizures WHERE event_id = 'x-1'").result_rows == [(2.5,)]
+
+
+def test_a_changed_report_inside_one_batch_is_a_reject_not_a_duplicate() -> None:
+    result = Intake().process(
+        _messages([seizure(event_id="y-1"), seizure(event_id="y-1"), seizure(event_id="y-1", border_point="Kayes")])
+    )
+    assert (len(result.events), result.duplicates, len(result.rejects)) == (1, 1, 1)
+    assert result.rejects[0].event_id == "y-1" and "different content" in result.rejects[0].reason

@@ -1,0 +1,131 @@
+"""A worker that rebuilt its state from ClickHouse raises, on the live reports after the history, the alerts of
+a worker that saw the history itself (issue 11: a crash never changes the alerts).
+
+The history goes into the real embedded engine with ``ingest-history`` (as `make demo` loads it); the rebuilt
+detectors then take the live lines through the offline backtest's loop, and the one backtest over history and
+live lines together is the reference: same alerts, same order, same content."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from synthwatch.settings import Settings
+from synthwatch.stack.demo import demo_streams
+from synthwatch.stream_apps.detect.backtest import run_lines
+from synthwatch.stream_apps.detect.intake import Intake, RawMessage
+from synthwatch.stream_apps.detect.region import DetectionConfig, Detector
+from synthwatch.stream_apps.storage.backfill.ingest import ingest_history
+from synthwatch.stream_apps.storage.clickhouse import migrate
+from synthwatch.stream_apps.storage.sink import ClickHouseSink
+from synthwatch.stream_apps.storage.state_rebuild import rebuild
+from tests.support.factories import lab
+
+#: Longer than the spike series' memory (66 days) plus the replay's settling days, so the rebuild has to
+#: restore what the replay window alone cannot (series dated before it, their older seizure masses), and with
+#: a spread episode under way at the cut (Mephedrone for seed 7).
+HISTORY_DAYS, LIVE_DAYS = 90, 14
+
+
+def _numbered(lines: list[str], stream: str) -> list[tuple[str, str]]:
+    return [(f"{stream}:0:{n}", line) for n, line in enumerate(lines)]
+
+
+def _content(alerts: list[Any]) -> list[dict[str, Any]]:
+    return [a.model_dump(exclude={"detected_at"}) for a in alerts]  # detected_at is the wall clock
+
+
+def _rebuilt_then_live(client: Any, live: list[str]) -> list[Any]:
+    """The alerts of the live lines, taken by detectors rebuilt from what ``client`` stores."""
+    config = DetectionConfig.from_settings(Settings())
+    intake, detector = Intake(stage="backtest"), Detector(config)
+    rebuild(client, detector.regions, detector.novelty, intake.resolver, intake.stored_reporter)
+    stored = {
+        row[0]
+        for row in client.query(
+            "SELECT event_id FROM lab_detections UNION ALL SELECT event_id FROM border_seizures"
+        ).result_rows
+    }
+    return run_lines(_numbered(live, "l"), config, detector=detector, intake=intake, stored=stored).alerts
+
+
+def _report(n: int, region: str, day: int, reported_days: float = 1 / 24) -> str:
+    occurred = datetime(2026, 1, 1, 10, tzinfo=UTC) + timedelta(days=day, minutes=n)
+    reported = occurred + timedelta(days=reported_days)
+    record = lab(
+        event_id=f"rb-{n}",
+        occurred_at=occurred.isoformat(),
+        reported_at=reported.isoformat(),
+        country=region[:2],
+        region=region,
+        substance={"name": "Protonitazene"},
+        sample_id=f"S-{n}",
+    )
+    return json.dumps(record)
+
+
+def test_a_spread_under_way_at_the_restart_is_not_announced_again(ch: Any) -> None:
+    # Two regions report the substance daily for a month; a third on days 2 and 12: the spread holds from day 2
+    # to day 25 (day 12 + 14 - 1). A fourth region on day 31 extends the same episode: no new spread alert.
+    # Replayed from each region's first and last day only, the episode seemed to have ended on day 12.
+    days = [("FR-75C", d) for d in range(31)] + [("ES-B", d) for d in range(1, 31)] + [("NL-NH", 2), ("NL-NH", 12)]
+    history = [_report(n, region, day) for n, (region, day) in enumerate(sorted(days, key=lambda rd: rd[1]))]
+    live = [_report(len(history), "DE-BE", 31)]
+    whole = run_lines(_numbered(history + live, "h"), DetectionConfig.from_settings(Settings()))
+    raised_by_history = len(run_lines(_numbered(history, "h"), DetectionConfig.from_settings(Settings())).alerts)
+    expected = whole.alerts[raised_by_history:]
+    assert [a.alert_type for a in expected] == ["first_in_region"]
+
+    migrate(ch)
+    result = Intake().process([RawMessage(f"h:0:{n}", line) for n, line in enumerate(history)])
+    assert ClickHouseSink(ch).store_events(result.events).stored == len(history)
+    assert _content(_rebuilt_then_live(ch, live)) == _content(expected)
+
+
+@pytest.mark.slow  # ~15 s alone: two backtests of 100 days, a load and a rebuild
+def test_rebuild_then_live_raises_the_alerts_of_one_backtest_over_everything(
+    ch: Any, ch_settings: Settings, tmp_path: Path
+) -> None:
+    streams = demo_streams(HISTORY_DAYS, LIVE_DAYS, seed=7, end=date(2026, 12, 6))
+    config = DetectionConfig.from_settings(Settings())
+    history_alone = run_lines(_numbered(streams.history, "h"), config)
+    whole = run_lines(_numbered(streams.history + streams.live, "h"), config)
+    raised_by_history = len(history_alone.alerts)
+    assert _content(whole.alerts[:raised_by_history]) == _content(history_alone.alerts)
+    expected = whole.alerts[raised_by_history:]
+
+    path = tmp_path / "history.ndjson"
+    path.write_text("".join(line + "\n" for line in streams.history), encoding="utf-8")
+    loaded = ingest_history(ch_settings, path, progress=False, workers=0, client=ch)
+    assert loaded.stored > 0
+    live = _rebuilt_then_live(ch, streams.live)
+
+    kinds = Counter(a.alert_type for a in expected)
+    assert set(kinds) == {"new_substance", "first_in_region", "spread", "spike"}, kinds  # every kind is at stake
+    assert {a.metric for a in expected if a.alert_type == "spike"} == {"count", "quantity"}
+    assert _content(live) == _content(expected)
+
+
+def test_a_report_sent_before_it_occurred_does_not_reorder_the_replay(ch: Any) -> None:
+    # One report claims to have been sent ten days before it occurred. Replayed at that claim, it would move
+    # the region's watermark ten days ahead and make the reports of those days late: out of the spike series.
+    history = [_report(n, "FR-75C", day) for n, day in enumerate(range(41))]
+    history.insert(36, _report(len(history), "FR-75C", 35, reported_days=-10))  # it arrived on its day
+    config = DetectionConfig.from_settings(Settings())
+    saw, rebuilt = Detector(config), Detector(config)
+    assert run_lines(_numbered(history, "h"), config, detector=saw).summary.late == 0
+
+    migrate(ch)
+    result = Intake().process([RawMessage(f"h:0:{n}", line) for n, line in enumerate(history)])
+    assert ClickHouseSink(ch).store_events(result.events).stored == len(history)
+    rebuild(ch, rebuilt.regions, rebuilt.novelty, Intake().resolver)
+    assert set(rebuilt.regions.series) == set(saw.regions.series)
+    for name, state in saw.regions.series.items():
+        assert sum(state.counts.values()) == len(history), name
+        assert rebuilt.regions.series[name].counts == state.counts, name
+    assert rebuilt.regions.regions["FR-75C"].totals == saw.regions.regions["FR-75C"].totals
