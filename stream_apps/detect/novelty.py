@@ -285,7 +285,7 @@ class NoveltyDetector:
             history = f"it predates the network's first report received ({since}, in {known.first_region})"
         else:
             history = f"known to the network since {since} (first in {known.first_region}"
-            history += f"; {len(elsewhere)} other region(s))"
+            history += f"; {len(elsewhere)} other {'region' if len(elsewhere) == 1 else 'regions'})"
         subject = sighting_subject(s)
         return self._first_alert(
             s,

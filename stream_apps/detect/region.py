@@ -597,7 +597,8 @@ class RegionDetector:
         place = region_label(obs.region)
         if f.metric == "count":
             summary = (
-                f"{place}: {f.observed:g} reports of {subject.name} in {f.window_days} day(s) where "
+                f"{place}: {f.observed:g} reports of {subject.name} in {f.window_days} "
+                f"{'day' if f.window_days == 1 else 'days'} where "
                 f"{f.expected:.2g} were expected (p < 1e-{int(f.score)})."
             )
         else:
