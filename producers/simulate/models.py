@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -24,16 +24,7 @@ MalformedKind = Literal[
     "naive_timestamp",
     "missing_required_field",
 ]
-MALFORMED_KINDS: tuple[MalformedKind, ...] = (
-    "truncated_json",
-    "bad_region_code",
-    "region_of_other_country",
-    "negative_quantity",
-    "unknown_kind",
-    "blank_substance_name",
-    "naive_timestamp",
-    "missing_required_field",
-)
+MALFORMED_KINDS: tuple[MalformedKind, ...] = get_args(MalformedKind)  # in the order declared
 
 #: Share of lab detections among baseline events (the rest are border seizures).
 LAB_SHARE = 0.55

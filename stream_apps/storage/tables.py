@@ -114,8 +114,9 @@ def extra_text(event: LabDetection | BorderSeizure) -> str:
     return json.dumps(event.extra_fields, ensure_ascii=False, default=str)
 
 
-def lab_values(event: LabDetection, substance: SubstanceValues) -> tuple[Any, ...]:
-    """One row of :data:`LAB_COLUMNS` (the sink and ``ingest-history`` both store these values)."""
+def report_values(event: LabDetection | BorderSeizure, substance: SubstanceValues) -> tuple[Any, ...]:
+    """The columns every report table starts with: ids, times, place, the substance as reported and resolved,
+    unknown fields (the first columns of :data:`LAB_COLUMNS` and :data:`SEIZURE_COLUMNS`)."""
     s = event.substance
     return (
         event.event_id,
@@ -129,6 +130,13 @@ def lab_values(event: LabDetection, substance: SubstanceValues) -> tuple[Any, ..
         s.cas,
         *substance,
         extra_text(event),
+    )
+
+
+def lab_values(event: LabDetection, substance: SubstanceValues) -> tuple[Any, ...]:
+    """One row of :data:`LAB_COLUMNS` (the sink and ``ingest-history`` both store these values)."""
+    return (
+        *report_values(event, substance),
         event.lab_id,
         event.sample_id,
         event.sample_type,
@@ -140,19 +148,9 @@ def lab_values(event: LabDetection, substance: SubstanceValues) -> tuple[Any, ..
 
 def seizure_values(event: BorderSeizure, substance: SubstanceValues, quantity: QuantityValues) -> tuple[Any, ...]:
     """One row of :data:`SEIZURE_COLUMNS` (the sink and ``ingest-history`` both store these values)."""
-    s, q = event.substance, event.quantity
+    q = event.quantity
     return (
-        event.event_id,
-        event.occurred_at,
-        event.reported_at,
-        event.country,
-        event.region,
-        s.name or "",
-        s.smiles,
-        s.inchikey,
-        s.cas,
-        *substance,
-        extra_text(event),
+        *report_values(event, substance),
         event.agency,
         event.seizure_id,
         event.border_point,
