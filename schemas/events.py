@@ -126,7 +126,7 @@ InChIKey = Annotated[str, AfterValidator(_inchikey)]
 # well-formed InChIKey, an RFC 3339 string), which is what nearly every report sends. Anything they
 # refuse goes to the checked models at the end of this module, which accept what needs normalising and
 # word the reasons; :mod:`.wire` does the routing. Fast-accepted is a subset of checked-accepted with
-# equal values (tests/test_schemas.py compares the two on fuzzed input), so the contract is unchanged.
+# equal values (tests/floor/test_schemas.py compares the two on fuzzed input), so the contract is unchanged.
 # Each fast type shows the JSON Schema of its checked twin, so the exported schema is unchanged too.
 
 

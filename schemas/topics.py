@@ -2,7 +2,7 @@
 
 Why one place: the topic names were spread over settings.py, the worker, the publisher and four deployment files
 (deploy/k8s/kafka-topics.yaml, deploy/k8s/configmap.yaml, deploy/compose.yaml, deploy/kafka/acls.sh); a test
-(tests/test_topics.py) checks each of those against these declarations.
+(tests/floor/test_topics.py) checks each of those against these declarations.
 
 Partitions: every topic has ``SYNTHWATCH_PARTITIONS`` partitions (``Settings.partitions``). The two input topics
 are consumed by one agent and must be co-partitioned (one region's lab detections and seizures on the same

@@ -10,7 +10,7 @@ to look (the Grafana drill-down). The detector's English summary is not shown: e
 rendered from the alert's facts in the reader's language.
 
 The reviewed texts of every alert type in every language are in tests/reference_messages/ (see
-tests/test_reference_messages.py for how to regenerate them; a regenerated text needs a human review).
+tests/delivery/test_reference_messages.py for how to regenerate them; a regenerated text needs a human review).
 """
 
 from __future__ import annotations

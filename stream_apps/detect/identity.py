@@ -224,7 +224,7 @@ def _registry() -> pint.UnitRegistry:
 
 
 #: Pint's factors for the units the wire contract allows (``QuantityUnit``), so a backtest or worker that
-#: only meets those never imports pint (~0.3 s of start-up). tests/test_identity.py checks them against pint.
+#: only meets those never imports pint (~0.3 s of start-up). tests/detect/test_identity.py checks them against pint.
 WIRE_UNIT_FACTORS: dict[str, tuple[Literal["g", "ml"], float]] = {
     "g": ("g", 1.0),
     "kg": ("g", 1000.0),

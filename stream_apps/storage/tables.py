@@ -2,7 +2,7 @@
 
 Why one module: the sink, ``ingest-history`` (:mod:`.backfill`) and the deliveries store write the same
 tables, and must write the same values in the same column order; declared once here, they cannot drift
-apart. ``tests/test_tables.py`` checks every column list against ``DESCRIBE TABLE`` of the migrated tables.
+apart. ``tests/storage/test_tables.py`` checks every column list against ``DESCRIBE TABLE`` of the migrated tables.
 Row builders are pure (no client): a row is a tuple or list in its column list's order.
 """
 

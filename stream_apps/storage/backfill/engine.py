@@ -5,7 +5,7 @@ Why: the engine reads the file (``file()``, its lines numbered by ``_row_number`
 against the contract's normal form (:mod:`.sql`) in C++, with no Python object per field; only
 the lines it does not accept (~1 %) and the distinct substance spellings come back to Python. The rows
 go from the parsed table straight into the raw tables. Verdicts and rows equal the other paths'
-(``tests/test_history.py`` compares every column).
+(``tests/storage/test_history.py`` compares every column).
 """
 
 from __future__ import annotations

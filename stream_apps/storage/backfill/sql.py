@@ -8,7 +8,7 @@ one :func:`~synthwatch.schemas.parse_event` accepts, with the same values (``ok 
 Python, whose verdict and reason stand. So the rule here is a conservative subset of the contract, in
 its normal form: exact key sets, exact JSON types (no lax coercion), codes as listed, timestamps as
 ``YYYY-MM-DDTHH:MM:SS[.ffffff](Z|±HH:MM)``, text without surrounding whitespace.
-``tests/test_history_sql.py`` checks it against ``parse_event`` on generated and mutated lines.
+``tests/storage/test_history_sql.py`` checks it against ``parse_event`` on generated and mutated lines.
 
 Only the embedded engine reads the file itself (``file()``); a server cannot see the loader's files.
 """
