@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,7 +21,6 @@ from synthwatch.stream_apps.detect.alerting import IDENTIFIED_TEXT, Subject, bui
 from synthwatch.stream_apps.detect.replay import Position, applied, marks_of, note
 
 if TYPE_CHECKING:
-    from synthwatch.catalogue import Family
     from synthwatch.settings import Settings
     from synthwatch.stream_apps.detect.similarity import Neighbour, SimilarityIndex
 
@@ -114,14 +113,12 @@ class SubstanceState:
 class NoveltyDetector:
     """Pure and synchronous: ``observe(sighting) -> alerts``; state is a dict of SubstanceState.
 
-    Every structure a sighting brings joins a :class:`~.similarity.SimilarityIndex` (the catalogue's and the
-    network's learnt structures, one fingerprint each), so a new-substance alert names its nearest known
-    relatives. The index is built on first use: a detector that never meets a structure never loads it.
-
-    "Learnt" means met by this detector: in the backtest and in one worker that has not restarted, every
-    structure of the stream so far. A restored detector re-learns a structure when it is sighted again (its
-    records are fetched lazily, so they cannot be listed), and with several workers each knows the
-    structures of its own partitions; such an alert can list fewer learnt neighbours than a live run would.
+    A new-substance alert names its nearest catalogue relatives (a :class:`~.similarity.SimilarityIndex`,
+    one fingerprint per structure, built on first use: a detector that never meets a structure never loads
+    it). Not the structures this detector learnt from earlier sightings: what a detector has met depends on
+    where it started (a restarted worker replays, several workers split the substances), and an alert must
+    be the same with or without a crash (tests/detect/test_replay.py found one that was not). Analysts
+    compare a structure with every stored one in ``synthwatch substance``.
     """
 
     def __init__(
@@ -205,12 +202,8 @@ class NoveltyDetector:
             known.regions[region] = [day, day]
             known.mark_sighted(region, day, None, horizon)
             if emit:
-                alerts.append(self._new_substance(sighting))  # indexes the structure too
-            elif sighting.smiles:
-                self._learn(sighting)
+                alerts.append(self._new_substance(sighting))
         else:
-            if sighting.smiles and key not in self.similarity:
-                self._learn(sighting)  # first seen without a structure (an InChIKey), or before a restart
             if region not in known.regions:
                 known.regions[region] = [day, day]
                 known.mark_sighted(region, day, None, horizon)
@@ -228,17 +221,17 @@ class NoveltyDetector:
             alerts.append(spread)
         return alerts
 
-    def _learn(self, s: Sighting) -> list[Neighbour]:
-        """Index the sighting's structure (once per key); its neighbours among what was known before it."""
-        family = cast("Family | None", s.family)
-        return self.similarity.learn_and_rank(s.key, s.smiles or "", s.name, family, s.controlled, NEIGHBOURS)
+    def _neighbours(self, s: Sighting) -> list[Neighbour]:
+        """The sighting's nearest catalogue structures: by its SMILES, or by the catalogue's structure for a
+        name-only report of a catalogued drug (see :meth:`SimilarityIndex.rank_only` for why not learnt ones)."""
+        return self.similarity.rank_only(s.key, s.smiles or "", NEIGHBOURS)
 
     def _chemistry(self, s: Sighting) -> dict[str, Any]:
         """What a chemist asks of a new substance: its nearest known relatives, a family guess, or a spelling."""
-        if s.smiles or s.key in self.similarity:  # a name-only report of a known structure: that structure
+        if s.smiles or s.key in self.similarity:  # a name-only report of a catalogued drug: its structure
             from synthwatch.stream_apps.detect.similarity import guess_family
 
-            neighbours = self._learn(s)
+            neighbours = self._neighbours(s)
             guess = guess_family(neighbours) if s.family is None else None
             return {
                 "similar_substances": [

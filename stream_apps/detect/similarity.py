@@ -87,6 +87,7 @@ class SimilarityIndex:
         self._fingerprints: list[Any] = []
         self._about: dict[str, Neighbour] = {}  # key -> name, family, status (score unused)
         self._position: dict[str, int] = {}  # key -> its place in _keys / _fingerprints
+        self._query_cache: dict[str, Any] = {}  # key -> fingerprint of a structure ranked, not indexed
         entries = tuple(shipped_catalogue() if catalogue is None else catalogue)
         self._names = [name for entry in entries for name in (entry.name, *entry.synonyms)]
         self._display = {
@@ -154,6 +155,26 @@ class SimilarityIndex:
         if at is None:
             self._append(key, found, Neighbour(key, name, 1.0, family, controlled, False))
         return ranked
+
+    def rank_only(self, key: str, smiles: str, k: int = 5, *, min_score: float = 0.2) -> list[Neighbour]:
+        """The neighbours of a structure among what the index holds, without adding it to the index.
+
+        Why not learn it: a new-substance alert must be the same whether or not a worker crashed and
+        replayed (tests/detect/test_replay.py). What a worker has learnt depends on which sightings it met
+        since it started, and a replay starts it again, so alerts rank against the catalogue alone; the
+        structures the network learnt are compared in ``synthwatch substance``, from every stored report.
+        A structure's fingerprint is still computed once (kept by key, apart from the ranked index).
+        """
+        at = self._position.get(key)
+        if at is not None:
+            found = self._fingerprints[at]
+        elif key in self._query_cache:
+            found = self._query_cache[key]
+        else:
+            found = self._query_cache[key] = fingerprint(smiles) if smiles else None
+        if found is None:
+            return []
+        return self._rank(found, key, k, min_score)
 
     def _append(self, key: str, found: Any, about: Neighbour) -> None:
         self._position[key] = len(self._keys)
