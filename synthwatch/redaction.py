@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import traceback
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -65,6 +66,47 @@ def _one_line(value: object) -> object:
     return value
 
 
+def safe_traceback(exc: BaseException) -> str:
+    """``exc``'s traceback as the logging module prints it, with each exception's message redacted and kept
+    on one line: the message may carry input text (a report field, a URL with its password). The frames are
+    source code: they keep their lines, redacted too (a literal secret in code is still a secret). Causes and
+    contexts are followed as Python prints them."""
+    chain: list[BaseException] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        if current.__cause__ is not None:
+            current = current.__cause__
+        elif current.__suppress_context__:
+            current = None
+        else:
+            current = current.__context__
+    parts: list[str] = []
+    for depth, error in enumerate(reversed(chain)):
+        if depth:
+            caused = error.__cause__ is chain[len(chain) - depth]
+            parts.append(
+                "\nThe above exception was the direct cause of the following exception:\n\n"
+                if caused
+                else "\nDuring handling of the above exception, another exception occurred:\n\n"
+            )
+        if error.__traceback__ is not None:
+            parts.append("Traceback (most recent call last):\n")
+            parts.extend(redact(frame) for frame in traceback.format_tb(error.__traceback__))
+        kind, module = type(error), type(error).__module__
+        name = kind.__qualname__ if module in ("builtins", "__main__") else f"{module}.{kind.__qualname__}"
+        try:
+            message = str(error)
+        except Exception:  # an exception whose __str__ fails still gets logged
+            message = "<exception str() failed>"
+        parts.append(f"{name}: {visible(redact(message))}\n" if message else f"{name}\n")
+        for note in getattr(error, "__notes__", None) or ():
+            parts.append(f"{visible(redact(str(note)))}\n")
+    return "".join(parts).rstrip("\n")
+
+
 #: Our modules that subclass Faust's services (App, Recovery, Worker): Faust's own messages (multi-line tables
 #: among them) are logged under these names, so they are treated like Faust's: only their arguments escaped.
 _FAUST_SERVICES = frozenset({"synthwatch.stream_apps.runtime.transport", "synthwatch.stack.drain"})
@@ -76,7 +118,9 @@ class _RedactingRecordFactory:
 
     Arguments (where input text arrives) are escaped for every logger; the whole message too for
     synthwatch's own loggers, whose messages are one line by design. Faust's and aiokafka's messages
-    may hold multi-line tables of their own, so only their arguments are escaped. Tracebacks are not.
+    may hold multi-line tables of their own, so only their arguments are escaped. A traceback's frames
+    stay multi-line, but each exception's message in it is redacted and kept on one line
+    (:func:`safe_traceback`): an exception raised on a report field or a URL carries them.
     """
 
     def __init__(self, inner: logging._LogRecordFactory) -> None:  # type: ignore[name-defined]
@@ -84,6 +128,9 @@ class _RedactingRecordFactory:
 
     def __call__(self, *args: object, **kwargs: object) -> logging.LogRecord:
         record = self.inner(*args, **kwargs)
+        if record.exc_info and record.exc_info[1] is not None and not record.exc_text:
+            # formatters keep an exc_text already set instead of formatting the exception themselves
+            record.exc_text = safe_traceback(record.exc_info[1])
         if isinstance(record.args, tuple):
             record.args = tuple(_one_line(a) for a in record.args)
         elif isinstance(record.args, dict):

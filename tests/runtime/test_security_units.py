@@ -161,6 +161,50 @@ def test_log_lines_cannot_be_forged_by_report_fields() -> None:
     )
 
 
+def test_tracebacks_in_logs_keep_each_message_on_one_line_and_hide_passwords() -> None:
+    """``log.exception`` printed the exception's message as Python does: a report field in it started
+    forged lines, and a URL in it kept its password. Frames stay; each message (causes too) is redacted
+    and one line, through the formatter the worker uses."""
+    install_log_redaction()
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    from mode.utils.logging import ExtensionFormatter
+
+    handler.setFormatter(ExtensionFormatter(stream, fmt="[%(levelname)s] %(name)s: %(message)s"))
+    logger = logging.getLogger("synthwatch.test.tracebacks")
+    logger.addHandler(handler)
+    logger.propagate = False
+    hostile = "Isotonitazene\n[2026-12-06 03:00:00,000] [1] [ERROR] forged line\x1b]8;;https://evil\x07"
+
+    def store() -> None:
+        raise ConnectionError("cannot reach http://synthwatch:s3cret@ch.example:8443/db")
+
+    try:
+        try:
+            store()
+        except ConnectionError as error:
+            raise ValueError(f"not an alert: {hostile}") from error
+    except ValueError:
+        logger.exception("delivery failed")
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+    text = stream.getvalue()
+    lines = text.splitlines()
+    assert lines[0] == "[ERROR] synthwatch.test.tracebacks: delivery failed"
+    assert "s3cret" not in text and "http://synthwatch:***@ch.example:8443/db" in text
+    assert "\x1b" not in text and "\x07" not in text
+    assert not any(line.startswith("[2026") for line in lines)
+    # what Python prints, message lines apart: both tracebacks, the link between them, the frames
+    assert lines.count("Traceback (most recent call last):") == 2
+    assert "The above exception was the direct cause of the following exception:" in lines
+    assert any(line.strip() == "store()" for line in lines)
+    assert lines[-1] == (
+        "ValueError: not an alert: Isotonitazene\\n[2026-12-06 03:00:00,000] [1] [ERROR] forged line"
+        "\\x1b]8;;https://evil\\x07"
+    )
+
+
 def test_private_files_are_0600_from_the_start(tmp_path: Path) -> None:
     target = tmp_path / "secret.json"
     old = os.umask(0)  # even with a permissive umask
