@@ -279,6 +279,24 @@ def test_k8s_config_and_secret_hold_only_settings() -> None:
     Settings(**{k.removeprefix("SYNTHWATCH_").lower(): v for k, v in {**config(), **secret["stringData"]}.items()})
 
 
+#: A DNS host name (RFC 1123 labels): what a Service's cluster name must be to resolve.
+_DNS_NAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$")
+
+
+def test_every_address_in_the_deploy_files_is_a_host_name_that_can_resolve() -> None:
+    """A scripted rename of modules once turned ``clickhouse-synthwatch.clickhouse.svc`` into
+    ``clickhouse-synthwatch.stream_apps.storage.clickhouse.svc`` in the example Secret: an underscore,
+    so no cluster could ever resolve it. Every URL and bootstrap address in deploy/ must be a DNS name."""
+    hosts: list[tuple[str, str]] = []
+    for path in sorted(DEPLOY.rglob("*.y*ml")):
+        text = re.sub(r"\$\{[^}]*\}", "x", path.read_text())  # compose's ${VAR:?message} interpolations
+        hosts += [(path.name, m) for m in re.findall(r"[a-z][a-z0-9+.-]*://(?:[^@/\s]*@)?([^:/?\s\"']+)", text)]
+        hosts += [(path.name, m) for m in re.findall(r"BOOTSTRAP_SERVERS:\s*\"?([^:\s\"]+):\d+", text)]
+    assert any(".svc" in host for _, host in hosts)  # the cluster addresses are among those checked
+    bad = [(name, host) for name, host in hosts if not _DNS_NAME.match(host)]
+    assert not bad, bad
+
+
 def test_k8s_workers_scale_with_probes_resources_and_config_from_the_secret() -> None:
     deployment = worker()
     spec = deployment["spec"]
