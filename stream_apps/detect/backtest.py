@@ -25,7 +25,8 @@ from synthwatch.schemas import Alert, Reject, WireError
 from synthwatch.schemas.wire import parse_limited
 from synthwatch.stream_apps.detect.identity import Structure, remember_structures, structure_from_smiles
 from synthwatch.stream_apps.detect.intake import Intake
-from synthwatch.stream_apps.detect.region import DetectionConfig, Detector, Observation
+from synthwatch.stream_apps.detect.region import DetectionConfig, Detector, Observation, ObservationFields
+from synthwatch.stream_apps.detect.spikes import intern_day
 
 
 @dataclass
@@ -64,11 +65,14 @@ def run_lines(
     a state built elsewhere, e.g. rebuilt from ClickHouse: how the tests check that rebuild-then-live raises
     the alerts of one backtest over everything.
     """
-    ahead = _with_structures_ahead(lines)  # the helper starts on the first block while the catalogue loads
+    ahead, helped = _with_structures_ahead(lines)  # the helper starts on the first block while the catalogue loads
     try:
-        return _run(ahead, config, detector, intake, stored)
+        # A stream of several blocks, with no state handed in, is detected in a second process (see
+        # _DetectionProcess); a caller's detector and id set stay here, where the caller sees them change.
+        separate = helped and detector is None and stored is None and _fork_is_safe()
+        return _run(ahead, config, detector, intake, stored, separate)
     finally:
-        ahead.close()  # stops the helper process even when building the resolver failed
+        ahead.close()  # stops the helper processes even when building the resolver failed
 
 
 def _run(
@@ -77,14 +81,20 @@ def _run(
     detector: Detector | None,
     intake: Intake | None,
     stored: set[str] | None,
+    separate: bool = False,
 ) -> BacktestRun:
-    intake, detector = intake or Intake(stage="backtest"), detector or Detector(config)
+    intake = intake or Intake(stage="backtest")
     summary, alerts, rejects = BacktestSummary(), [], []
-    seen: set[str] = stored if stored is not None else set()  # the worker asks ClickHouse; here all is at hand
     started = time.perf_counter()
     gc_was_enabled = gc.isenabled()
     gc.disable()  # ~10 short-lived objects per line and a growing state: the cyclic collector only costs
+    sink: _DetectionProcess | _InProcess = (
+        _DetectionProcess(config)
+        if separate
+        else _InProcess(detector or Detector(config), stored if stored is not None else set())
+    )
     try:
+        block: list[ObservationFields] = []
         for source, line in lines:
             summary.lines += 1
             try:
@@ -95,16 +105,19 @@ def _run(
                     Reject.of(line, source=source, reason=error.reason, stage="backtest", event_id=error.event_id)
                 )
                 continue
-            item = intake.enrich(event, source)
-            result = detector.observe(Observation.of(item), seen)
-            if result.duplicate:
-                summary.duplicates += 1
-            else:
-                seen.add(item.event_id)
-                summary.events += 1
-                summary.late += result.late_by_hours is not None
-                alerts.extend(result.alerts)
+            block.append(Observation.fields_of(intake.enrich(event, source)))
+            if len(block) >= _BLOCK_LINES:
+                sink.send(block)
+                block = []
+        if block:
+            sink.send(block)
+        for found in sink.results():
+            alerts.extend(found.alerts)
+            summary.events += found.events
+            summary.duplicates += found.duplicates
+            summary.late += found.late
     finally:
+        sink.close()
         if gc_was_enabled:
             gc.enable()
     summary.seconds = time.perf_counter() - started
@@ -112,6 +125,121 @@ def _run(
     for alert in alerts:
         summary.alerts_by_type[alert.alert_type] = summary.alerts_by_type.get(alert.alert_type, 0) + 1
     return BacktestRun(alerts, rejects, summary)
+
+
+# --- the detector core beside the reader --------------------------------------------------------------
+#
+# Reading, validating and resolving a line costs about a third of what detecting it does, and both run
+# in one order-dependent sequence each: the reader's (the resolver learns names) and the detector's. So a
+# second process detects block k while this one reads block k + 1. It gets the same observations in the
+# same order (blocks are numbered, and a block out of order is an error, not a silent reordering) and
+# runs the same function as the in-process path (_observe_all), so the alerts and counts are the same.
+
+
+@dataclass(slots=True)
+class _Found:
+    """What detecting one block gave: its alerts in order, and how its events were counted."""
+
+    alerts: list[Alert]
+    events: int
+    duplicates: int
+    late: int
+
+
+def _observe_all(detector: Detector, seen: set[str], observations: Iterable[Observation]) -> _Found:
+    """Both stages over observations in order; ``seen`` (ids taken) grows with every event taken."""
+    found = _Found([], 0, 0, 0)
+    for obs in observations:
+        result = detector.observe(obs, seen)
+        if result.duplicate:
+            found.duplicates += 1
+        else:
+            seen.add(obs.event_id)
+            found.events += 1
+            found.late += result.late_by_hours is not None
+            found.alerts.extend(result.alerts)
+    return found
+
+
+class _InProcess:
+    """Detects each block as it comes, in this process (small inputs, or a caller's detector and ids)."""
+
+    def __init__(self, detector: Detector, seen: set[str]) -> None:
+        self.detector, self.seen, self.found = detector, seen, _Found([], 0, 0, 0)
+
+    def send(self, block: list[ObservationFields]) -> None:
+        found = _observe_all(self.detector, self.seen, (Observation(*fields) for fields in block))
+        self.found.alerts.extend(found.alerts)
+        self.found.events += found.events
+        self.found.duplicates += found.duplicates
+        self.found.late += found.late
+
+    def results(self) -> Iterator[_Found]:
+        yield self.found
+
+    def close(self) -> None:
+        pass
+
+
+# The detection process's state: [detector, ids taken, number of the next block] (set by _start_detection).
+_DETECTION: list[Any] = []
+
+
+def _start_detection(config: DetectionConfig | None) -> None:
+    gc.disable()  # as in the reader: a growing state of small objects, no cycles worth collecting
+    _DETECTION[:] = [Detector(config), set(), 0]
+
+
+def _detect_block(number: int, block: list[ObservationFields]) -> _Found:
+    detector, seen, expected = _DETECTION
+    if number != expected:
+        raise RuntimeError(f"detection block {number} arrived before block {expected}: order would change alerts")
+    _DETECTION[2] = expected + 1
+    return _observe_all(detector, seen, (_observation(fields) for fields in block))
+
+
+def _observation(fields: ObservationFields) -> Observation:
+    obs = Observation(*fields)
+    obs.day = intern_day(obs.day)  # one int per day across the state, as in the reader (see intern_day)
+    return obs
+
+
+class _DetectionProcess:
+    """The detector core in a forked process: numbered blocks in, in order; their alerts and counts out.
+
+    At most ``_IN_FLIGHT`` blocks wait for it, so a reader faster than the detector does not hold a whole
+    file of observations.
+    """
+
+    def __init__(self, config: DetectionConfig | None) -> None:
+        self.pool = ProcessPoolExecutor(
+            1, mp_context=get_context("fork"), initializer=_start_detection, initargs=(config,)
+        )
+        self.waiting: deque[Future[_Found]] = deque()
+        self.done: list[_Found] = []
+        self.sent = 0
+
+    def send(self, block: list[ObservationFields]) -> None:
+        if len(self.waiting) >= _IN_FLIGHT:
+            self.done.append(self.waiting.popleft().result())
+        self.waiting.append(self.pool.submit(_detect_block, self.sent, block))
+        self.sent += 1
+
+    def results(self) -> Iterator[_Found]:
+        yield from self.done
+        while self.waiting:
+            yield self.waiting.popleft().result()
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+
+_IN_FLIGHT = 4
+
+
+def _fork_is_safe() -> bool:
+    """Fork only where the helper does (Linux, no embedded ClickHouse engine whose threads a fork would copy)."""
+    return "chdb" not in sys.modules and sys.platform == "linux"
 
 
 # --- RDKit ahead of the reader -----------------------------------------------------------------------
@@ -146,8 +274,11 @@ def _standardise_all(spellings: list[str]) -> dict[str, Structure | str]:
     return {text: structure_from_smiles(text) for text in spellings}
 
 
-def _with_structures_ahead(lines: Iterable[tuple[str, str]]) -> Generator[tuple[str, str], None, None]:
-    """The lines unchanged; meanwhile a helper process fills the structure cache a block ahead.
+def _with_structures_ahead(
+    lines: Iterable[tuple[str, str]],
+) -> tuple[Generator[tuple[str, str], None, None], bool]:
+    """The lines unchanged, and whether they are more than one block; meanwhile a helper process fills the
+    structure cache a block ahead.
 
     Reads the first block and hands it to the helper at once (not at the first ``next``), so the caller can
     build its resolver (the catalogue's structures) while the helper standardises that block. Small inputs
@@ -157,8 +288,8 @@ def _with_structures_ahead(lines: Iterable[tuple[str, str]]) -> Generator[tuple[
     blocks = iter(lambda: list(itertools.islice(source, _BLOCK_LINES)), [])
     first = next(blocks, None)
     if first is None or len(first) < _BLOCK_LINES:
-        return _plain(first or [])
-    method = "fork" if "chdb" not in sys.modules and sys.platform == "linux" else "forkserver"
+        return _plain(first or []), False
+    method = "fork" if _fork_is_safe() else "forkserver"
     asked: set[str] = set()
     pool = ProcessPoolExecutor(1, mp_context=get_context(method))
     try:
@@ -168,7 +299,7 @@ def _with_structures_ahead(lines: Iterable[tuple[str, str]]) -> Generator[tuple[
         raise
     ahead = _blocks_ahead(pool, blocks, first, future, asked)
     next(ahead)  # into its ``with pool``: closing the generator from now on shuts the helper down
-    return ahead
+    return ahead, True
 
 
 def _plain(block: list[tuple[str, str]]) -> Generator[tuple[str, str], None, None]:

@@ -71,6 +71,12 @@ def subject_of(substance: ResolvedSubstance) -> Subject:
     )
 
 
+#: An :class:`Observation`'s fields in order (``Observation(*fields)`` builds it).
+ObservationFields = tuple[
+    str, str, datetime, int, str, str, Subject, float | None, str | None, str | None, str | None, str | None
+]
+
+
 @dataclass(slots=True)
 class Observation:
     """What the detectors need of one valid event (compact, already resolved)."""
@@ -90,9 +96,15 @@ class Observation:
 
     @classmethod
     def of(cls, item: EnrichedEvent) -> Observation:
+        return cls(*cls.fields_of(item))
+
+    @staticmethod
+    def fields_of(item: EnrichedEvent) -> ObservationFields:
+        """The fields of :meth:`of`, in order, as a plain tuple: what the backtest sends its detection process
+        (a tuple pickles in a third of the time of the dataclass)."""
         event, quantity, moment = item.event, item.quantity, item.event.occurred_at
         lab = event if isinstance(event, LabDetection) else None
-        return cls(  # positional: built for every report
+        return (  # positional: built for every report
             event.event_id,
             event.kind,
             moment,

@@ -144,9 +144,11 @@ def bench_backtest(console: Console, days: int, seed: int, small_lines: int = 30
     first ``small_lines`` lines, beside the in-process detection loop over the same stream in the same run.
 
     Why both: issue 16's targets are for the command a user runs; the loop alone says how much of the time
-    is start-up (imports, catalogue, helper process) and file writing. Lines/s move with the machine's load,
-    so only the ratios of one run compare; the load is printed with them, and the CPU seconds (this process
-    and its children, helper processes included), which move less with other work on the machine.
+    is start-up (imports, catalogue, helper process) and file writing. The loop is ``run_lines`` in this
+    process, which, like the command, detects in a second process while it reads (see detect/backtest.py).
+    Lines/s move with the machine's load, so only the ratios of one run compare; the load is printed with
+    them, and the CPU seconds (this process and its children, helper processes included), which move less
+    with other work on the machine.
     """
     from datetime import date
 

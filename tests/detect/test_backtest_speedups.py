@@ -3,6 +3,10 @@ reader gives the same alerts, rejects and counts as resolving every structure in
 
 from __future__ import annotations
 
+import gc
+import json
+import subprocess
+import sys
 from datetime import date
 from typing import Any
 
@@ -37,3 +41,51 @@ def test_structures_computed_ahead_in_a_helper_process_give_the_same_run(monkeyp
 
     assert _comparable(helped) == _comparable(inline)
     assert helped.summary.lines == len(lines) and helped.alerts
+
+
+_SEPARATE = """
+import json, sys
+from datetime import date
+from synthwatch.producers.simulate import SimulationConfig, simulate
+from synthwatch.stream_apps.detect import backtest
+started = []
+real = backtest._DetectionProcess
+backtest._DetectionProcess = lambda config: started.append(config) or real(config)
+backtest._BLOCK_LINES = 700  # many blocks, more than _IN_FLIGHT waiting at once
+sim = simulate(SimulationConfig(days=30, seed=4, start=date(2026, 1, 1)))
+run = backtest.run_lines([(f"sim:{i}", line) for i, line in enumerate(sim.lines)])
+alerts = [a.model_dump(mode="json", exclude={"detected_at"}) for a in run.alerts]
+rejects = [r.model_dump(mode="json", exclude={"rejected_at"}) for r in run.rejects]
+counts = {**vars(run.summary), "seconds": None}
+json.dump({"started": len(started), "run": [alerts, rejects, counts]}, sys.stdout)
+"""
+
+
+def test_detecting_in_a_second_process_gives_the_run_of_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reader hands numbered blocks of observations to a detection process: same alerts, rejects, counts.
+
+    The separate run is made in a fresh interpreter: this one may hold the embedded engine from an earlier
+    test, and then the backtest detects in-process (it forks only without it).
+    """
+    done = subprocess.run([sys.executable, "-c", _SEPARATE], capture_output=True, text=True, check=True, timeout=240)
+    separate = json.loads(done.stdout)
+    assert separate["started"] == 1  # the stream went to the detection process
+
+    sim = simulate(SimulationConfig(days=30, seed=4, start=date(2026, 1, 1)))
+    monkeypatch.setattr(backtest, "_BLOCK_LINES", 700)
+    monkeypatch.setattr(backtest, "_fork_is_safe", lambda: False)  # as with the engine loaded: detect here
+    inline = run_lines([(f"sim:{i}", line) for i, line in enumerate(sim.lines)])
+    assert json.loads(json.dumps(list(_comparable(inline)))) == separate["run"]
+    assert inline.summary.events > 5000 and inline.summary.duplicates and inline.alerts
+
+
+def test_a_detection_block_out_of_order_is_refused() -> None:
+    """Blocks are numbered: one arriving early would change the alerts, so it is an error, never a reordering."""
+    backtest._start_detection(None)
+    try:
+        assert backtest._detect_block(0, []).events == 0
+        with pytest.raises(RuntimeError, match="block 2 arrived before block 1"):
+            backtest._detect_block(2, [])
+    finally:
+        backtest._DETECTION.clear()
+        gc.enable()  # _start_detection turns the collector off for the process it runs in
