@@ -134,6 +134,7 @@ class EngineChunks:
     ) -> None:
         self.client, self.parser, self.limits = client, parser, limits
         self.pool, self.workers = pool, workers
+        self.per_row = False  # this chunk has order-dependent rows, resolved one by one (``row_values``)
         self.source = f"file({sql_string(str(path.resolve()))}, 'LineAsString', 'line String')"
         self.parsed, self.first = f"_ingest_parsed_{suffix}", f"_ingest_first_{suffix}"
         self.spellings, self.row_values = f"_ingest_spellings_{suffix}", f"_ingest_rows_{suffix}"
@@ -144,9 +145,12 @@ class EngineChunks:
             self.spellings: f"s_name String, s_smiles String, s_inchikey String, {resolved}",
             self.row_values: f"r_n UInt64, {resolved}",
         }
+        # The first line of each id is a Set: every ``n IN first`` (six per chunk) probes it as it is,
+        # where a Memory table is read and hashed into a set again by each query.
+        engines = {self.first: "Set SETTINGS persistent = 0"}
         for table, structure in tables.items():
             client.command(f"DROP TABLE IF EXISTS {table}")
-            client.command(f"CREATE TABLE {table} ({structure}) ENGINE = Memory")
+            client.command(f"CREATE TABLE {table} ({structure}) ENGINE = {engines.get(table, 'Memory')}")
 
     def _judged(self, slow: list[tuple[int, bytes]]) -> list[Judged]:
         """Python's verdicts on ``slow`` lines, in line order: split over the pool's processes when there is
@@ -197,8 +201,13 @@ class EngineChunks:
             )
         # The first report of each id wins, whichever side accepted it; the others are duplicates.
         client.command(f"INSERT INTO {self.first} SELECT min(n) FROM {self.parsed} WHERE ok > 0 GROUP BY event_id")
-        kept = int(str(client.command(f"SELECT count() FROM {self.first}")))
-        result.duplicates = int(str(client.command(f"SELECT count() FROM {self.parsed} WHERE ok > 0"))) - kept
+        accepted_lines, kept = (
+            int(str(count))
+            for count in client.query(
+                f"SELECT count(), countIf(n IN {self.first}) FROM {self.parsed} WHERE ok > 0"
+            ).result_rows[0]
+        )
+        result.duplicates = accepted_lines - kept
         result.lines = end - start - result.blank
         self._resolve(result, resolver, structures)
         return result
@@ -236,6 +245,7 @@ class EngineChunks:
                 (n, (name, smiles or None, ik or None)) for n, name, smiles, ik in self.client.query(query).result_rows
             ]
         substances = resolve_in_line_order(resolver, result.learnt, reports)  # teaches the chunk's names too
+        self.per_row = bool(reports)
         if reports:
             rows = [(number, *substance_values(s)) for (number, _), s in zip(reports, substances, strict=True)]
             self.client.insert(self.row_values, rows)
@@ -245,11 +255,13 @@ class EngineChunks:
         takes them: the rows go from the parsed table straight into the raw table, no staging copy."""
         kind = "lab_detection" if table == LAB_TABLE else "border_seizure"
         columns = LAB_COLUMNS if table == LAB_TABLE else SEIZURE_COLUMNS
+        # Per-row values only when this chunk has some (rare): else no join with the empty table.
+        pick = {c: f"if(r_n != 0, x.{c}, s.{c})" if self.per_row else f"s.{c}" for c in ("k", "rn", "ik", "f")}
         resolved = {
-            "substance_key": "if(r_n != 0, x.k, s.k)",
-            "resolved_name": "if(r_n != 0, x.rn, s.rn)",
-            "resolved_inchikey": "if(r_n != 0, x.ik, s.ik)",
-            "family": "if(r_n != 0, x.f, s.f)",
+            "substance_key": pick["k"],
+            "resolved_name": pick["rn"],
+            "resolved_inchikey": pick["ik"],
+            "family": pick["f"],
             "substance_name": "name",
             "substance_smiles": "nullIf(smiles, '')",
             "substance_inchikey": "nullIf(inchikey, '')",
@@ -263,7 +275,8 @@ class EngineChunks:
         rows = (
             f"SELECT {select} FROM {self.parsed} AS p "
             f"LEFT JOIN {self.spellings} AS s ON p.name = s.s_name AND p.smiles = s.s_smiles "
-            f"AND p.inchikey = s.s_inchikey LEFT JOIN {self.row_values} AS x ON p.n = x.r_n "
-            f"WHERE p.ok > 0 AND p.n IN {self.first} AND p.kind = '{kind}'"
+            f"AND p.inchikey = s.s_inchikey "
+            + (f"LEFT JOIN {self.row_values} AS x ON p.n = x.r_n " if self.per_row else "")
+            + f"WHERE p.ok > 0 AND p.n IN {self.first} AND p.kind = '{kind}'"
         )
         return ids, rows, int(str(self.client.command(f"SELECT count() FROM ({ids})")))

@@ -94,7 +94,14 @@ class Store:
             ids = rows = self.staging[table]
             event_id, select = "event_id", ", ".join(columns)
         stored_ids = f"SELECT event_id FROM {table} WHERE event_id IN (SELECT {event_id} FROM {ids})"
-        already = int(str(self.client.command(f"SELECT count() FROM {ids} WHERE {event_id} IN ({stored_ids})")))
+        # An empty table holds none of them (a first load's first chunk): its count is read from the parts'
+        # metadata, where the lookup would hash every id of the chunk for nothing.
+        empty = int(str(self.client.command(f"SELECT count() FROM {table}"))) == 0
+        already = (
+            0
+            if empty
+            else int(str(self.client.command(f"SELECT count() FROM {ids} WHERE {event_id} IN ({stored_ids})")))
+        )
         if already < count:
             # When none is stored and no other writer can store one meanwhile, the filter would read every
             # stored event_id a second time for nothing (a first load: each chunk, the whole table so far).
