@@ -131,6 +131,8 @@ class RssSeries:
     engine: Callable[[], int | None] | None = None
     interval: float = 0.25
     points: list[RssPoint] = field(default_factory=list)
+    polls: int = 0
+    errors: list[str] = field(default_factory=list)  # what failed while following (printed by the caller)
     _base: int = 0
     _started: float = 0.0
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -165,13 +167,14 @@ class RssSeries:
     def _follow(self) -> None:
         mark = self.every
         while not self._stop.wait(self.interval):
+            self.polls += 1
             try:
                 done = self.counted() - self._base
-            except Exception:  # a busy worker's 503 or a slow answer: read at the next turn
-                continue  # (a worker that went away is reported by the caller's own wait)
-            if done >= mark:
-                self.read(done)
-                mark = (done // self.every + 1) * self.every
+                if done >= mark:
+                    self.read(done)
+                    mark = (done // self.every + 1) * self.every
+            except Exception as error:  # a busy worker's 503 or a slow answer: read at the next turn
+                self.errors.append(f"{type(error).__name__}: {error}")  # (a worker gone: the caller's wait says)
 
     def finish(self, events: int) -> list[RssPoint]:
         """Stop following and read the end point (once the phase's work is done)."""
