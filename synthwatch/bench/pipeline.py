@@ -251,8 +251,8 @@ def bench_pipeline(
                 console.print(f"RSS phase: { ({k: v for k, v in results['rss'].items() if k != 'series'}) }")
                 console.print(rss_table(series.points, before))
                 if series.errors:
-                    failed = f"{len(series.errors)} of {series.polls} readings failed"
-                    console.print(f"RSS series: {failed}: {series.errors[:3]}")
+                    lost = f"{len(series.errors)} of {series.polls} readings failed"
+                    console.print(f"RSS series: {lost}: {series.errors[:3]}")
 
             # 5. alert latency at a steady rate (after the RSS phase: its reports are the newest)
             if latency_seconds > 0:
