@@ -3,7 +3,7 @@
 Why: glibc returns freed memory to the kernel only from the top of a heap. The worker frees a lot in the
 middle of its heaps (Kafka fetch buffers, state records replaced at every checkpoint, each batch's
 events), so after a backlog its RSS stayed at the high-water mark: measured after 300,000 keyed events,
-glibc held 281 MiB of which 179 MiB were free, and one ``malloc_trim(0)`` took RSS from 1,087 to 925 MiB
+glibc held 281 MiB of which 179 MiB were free, and one ``malloc_trim(0)`` took RSS from 1,061 to 904 MiB
 (docs/performance.md, issue 16). The pages are given back with ``MADV_DONTNEED``; a later allocation
 there gets fresh zero pages, so nothing the process holds changes.
 

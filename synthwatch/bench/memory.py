@@ -231,8 +231,8 @@ def rss_chart(rss: dict[str, Any], title: str = "Worker RSS against events") -> 
     """Markdown for the pipeline benchmark's RSS phase (``results["rss"]``): a mermaid chart and a table.
 
     Why generated: the chart must come from a run (``--json`` of the pipeline benchmark), not be drawn by
-    hand. x: the worker's events (the end-to-end phase's included), y: MiB; lines top to bottom: RSS, its
-    anonymous part, the engine's heap (jemalloc resident), the engine's code (chDB's library file).
+    hand. x: the worker's input events (the end-to-end phase's included), y: MiB; lines: RSS, its anonymous
+    part, the engine's heap (jemalloc resident), the engine's code (chDB's library file), the target.
     """
     points = [RssPoint(**p) for p in rss["series"]]
     offset = int(rss.get("events_before", 0))
@@ -255,9 +255,9 @@ def rss_chart(rss: dict[str, Any], title: str = "Worker RSS against events") -> 
         f"    line [{', '.join('512' for _ in points)}]",
         "```",
         "",
-        "Lines, top to bottom at the end: RSS; its anonymous part (heaps: Python, glibc, the engine's "
-        "jemalloc); the engine's heap (jemalloc resident); the engine's code (resident pages of chDB's "
-        "library file); the 512 MiB target (flat).",
+        "The lines, in the order drawn (the chart has no legend): 1 RSS; 2 its anonymous part (heaps: "
+        "Python, glibc, the engine's jemalloc); 3 the engine's heap (jemalloc resident); 4 the engine's code "
+        "(resident pages of chDB's library file); 5 the 512 MiB target (flat).",
         "",
         "| events (worker) | s | RSS MiB | peak | anonymous | engine code | engine heap | rest: Python, libraries |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",

@@ -245,6 +245,8 @@ def bench_pipeline(
                     "rate": sent / (done - started),
                     "worker_total_events": worker.stats()["consumed"],
                     "events_before": before,  # input events the worker had checkpointed when the phase began
+                    "heap_trims": worker.stats().get("heap_trims"),  # the worker's malloc_trim calls, and their time
+                    "heap_trim_seconds": worker.stats().get("heap_trim_seconds"),
                     "series": series.rows(),
                     "series_errors": series.errors[:20],
                 }
@@ -399,8 +401,8 @@ def _print_table(console: Console, r: dict[str, Any]) -> None:
             Row(
                 f"worker RSS after {s['worker_total_events']:,} events, {s['keys']:,} keys (peak)",
                 f"{s['rss_kib'] / 1024:,.0f} MiB ({s['peak_kib'] / 1024:,.0f} MiB)",
-                target="<= 1024 MiB",
-                met="yes" if s["peak_kib"] <= 1024 * 1024 else "NO",
+                target="<= 512 MiB",
+                met="yes" if s["rss_kib"] <= 512 * 1024 else "NO",
             )
         )
     if "history" in r:
