@@ -104,6 +104,8 @@ class WorkerStats:
     forged: int = 0  # alerts, sightings, rejects and state records refused: no valid worker signature
     ready_seconds: float | None = None
     rebuild: dict[str, Any] = field(default_factory=dict)
+    heap_trims: int = 0  # freed heap pages given back to the kernel (stream_apps/runtime/heap.py)
+    heap_trim_seconds: float = 0.0  # time those calls took, in all (in their own thread)
 
 
 #: Which /ready counter a stage's replayed records add to (:meth:`WorkerMetrics.replayed_records`).
@@ -363,6 +365,11 @@ class WorkerMetrics:
 
     def set_ready(self, ready: bool = True) -> None:
         self.ready.set(1 if ready else 0)
+
+    def heap_trimmed(self, seconds: float) -> None:
+        """One ``malloc_trim`` call done (:mod:`.heap`), taking ``seconds`` (called from its own thread)."""
+        self.stats.heap_trims += 1
+        self.stats.heap_trim_seconds += seconds
 
     def set_consumer_lag(self, offsets: Iterable[PartitionOffsets]) -> None:
         """Replace the lag series: partitions no longer assigned (after a rebalance) disappear."""

@@ -11,6 +11,7 @@ from functools import partial
 from typing import Any, cast
 
 from synthwatch.stream_apps.runtime.context import AgentContext, WorkerContext, send_all
+from synthwatch.stream_apps.runtime.heap import start_heap_trimmer
 from synthwatch.stream_apps.runtime.outbox import SpikeOutbox
 from synthwatch.stream_apps.runtime.state_tables import StateTables
 from synthwatch.stream_apps.storage.state_rebuild import learn_names, rebuild
@@ -64,6 +65,7 @@ async def recover_state(agents: AgentContext, tables: StateTables, outbox: Spike
             log.info("%d spike alert(s) kept in state before a restart sent again", resent)
     if settings.gc_freeze:
         freeze_long_lived_objects()
+    start_heap_trimmer(settings.heap_trim_seconds, agents.metrics.heap_trimmed)
     ctx.state_ready = True
     agents.metrics.set_ready()
     stats.ready_seconds = time.monotonic() - ctx.started_at

@@ -21,8 +21,10 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -77,6 +79,210 @@ def engine_memory(client: Any) -> dict[str, int]:
     found["tracked"] = int(str(tracked))
     found["parts"] = int(str(client.command("SELECT count() FROM system.parts WHERE active")))
     return found
+
+
+def smaps_split(pid: int | str = "self") -> dict[str, int]:
+    """Resident KiB of a process by what backs it: the embedded engine's library file, other files, anonymous.
+
+    Why: chDB's library is ~530 MB of code mapped from its file; the part of it that is resident counts in
+    RSS but is shared by every process that maps it and reclaimable by the kernel. It is not the heap.
+    """
+    split = {"engine_code": 0, "other_files": 0, "anon": 0}
+    path = ""
+    with open(f"/proc/{pid}/smaps", encoding="utf-8", errors="replace") as smaps:
+        for line in smaps:
+            head = line.split(None, 6)
+            if head and "-" in head[0] and not head[0].endswith(":"):  # a mapping's first line
+                path = head[5].strip() if len(head) > 5 else ""
+            elif head and head[0] == "Rss:":
+                kib = int(head[1])
+                if path.startswith("/"):
+                    split["engine_code" if "chdb" in path.rsplit("/", 1)[-1] else "other_files"] += kib
+                else:
+                    split["anon"] += kib
+    return split
+
+
+@dataclass
+class RssPoint:
+    """One reading of the worker's memory during the RSS phase (KiB; engine figures in MiB)."""
+
+    events: int  # events of the phase checkpointed (stored, state written) when read
+    seconds: float  # since the phase started
+    rss_kib: int
+    peak_kib: int
+    anon_kib: int
+    file_kib: int
+    engine_code_kib: int  # resident pages of chDB's library file
+    engine_heap_mib: int | None = None  # the engine's jemalloc resident (None when /sql could not say)
+
+
+@dataclass
+class RssSeries:
+    """RSS against events, read from a running worker every ``every`` checkpointed events (a thread).
+
+    Why a series: the end point alone cannot tell state that grows with events from a fixed cost.
+    ``counted`` returns the worker's checkpointed events; ``engine`` its engine's jemalloc resident MiB.
+    """
+
+    pid: int
+    counted: Callable[[], int]
+    every: int = 100_000
+    engine: Callable[[], int | None] | None = None
+    interval: float = 0.25
+    points: list[RssPoint] = field(default_factory=list)
+    polls: int = 0
+    errors: list[str] = field(default_factory=list)  # what failed while following (printed by the caller)
+    _base: int = 0
+    _started: float = 0.0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> RssSeries:
+        """Read the starting point (events 0 of the phase), then follow the worker in a thread."""
+        self._base = self.counted()
+        self._started = time.monotonic()
+        self.read(0)
+        self._thread = threading.Thread(target=self._follow, name="rss-series", daemon=True)
+        self._thread.start()
+        return self
+
+    def read(self, events: int) -> RssPoint:
+        """One point now, at ``events`` of the phase."""
+        status = proc_status(self.pid, ("VmRSS", "VmHWM", "RssAnon", "RssFile"))
+        split = smaps_split(self.pid)
+        point = RssPoint(
+            events,
+            time.monotonic() - self._started,
+            status.get("VmRSS", 0),
+            status.get("VmHWM", 0),
+            status.get("RssAnon", 0),
+            status.get("RssFile", 0),
+            split["engine_code"],
+            self.engine() if self.engine is not None else None,
+        )
+        self.points.append(point)
+        return point
+
+    def _follow(self) -> None:
+        mark = self.every
+        while not self._stop.wait(self.interval):
+            self.polls += 1
+            try:
+                done = self.counted() - self._base
+                if done >= mark:
+                    self.read(done)
+                    mark = (done // self.every + 1) * self.every
+            except Exception as error:  # a busy worker's 503 or a slow answer: read at the next turn
+                self.errors.append(f"{type(error).__name__}: {error}")  # (a worker gone: the caller's wait says)
+
+    def finish(self, events: int) -> list[RssPoint]:
+        """Stop following and read the end point (once the phase's work is done)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if not self.points or self.points[-1].events != events:
+            self.read(events)
+        return self.points
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [asdict(p) for p in self.points]
+
+
+def engine_heap_mib(query: Callable[[str], Any]) -> int | None:
+    """The engine's jemalloc resident MiB through a ``query(sql) -> QueryResult`` (the worker's /sql)."""
+    try:
+        text = " ".join(str(v) for row in query("SELECT * FROM system.jemalloc_stats").rows for v in row)
+    except Exception:  # an endpoint that refuses system tables: the series goes on without it
+        return None
+    match = _JEMALLOC_TOTALS.search(text.replace("\\n", " "))
+    return int(match.group(4)) >> 20 if match else None
+
+
+def rss_table(points: Sequence[RssPoint], offset: int = 0) -> Table:
+    """The series as a table (MiB): RSS, its anonymous part, the engine's code and heap, the rest."""
+    table = Table(title="Worker RSS against events (MiB)")
+    columns = ("events (phase)", "worker total", "s", "RSS", "peak", "anon", "engine code", "engine heap", "rest")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for p in points:
+        heap = p.engine_heap_mib
+        rest = p.rss_kib / 1024 - p.engine_code_kib / 1024 - (heap or 0)
+        table.add_row(
+            f"{p.events:,}",
+            f"{p.events + offset:,}",
+            f"{p.seconds:.0f}",
+            _mib(p.rss_kib),
+            _mib(p.peak_kib),
+            _mib(p.anon_kib),
+            _mib(p.engine_code_kib),
+            "" if heap is None else f"{heap:,}",
+            f"{rest:,.0f}" if heap is not None else "",
+        )
+    return table
+
+
+#: The lines of docs/performance.md between which :func:`write_rss_chart` puts the chart and its table.
+CHART_BEGIN = "<!-- rss-series: generated by python -m synthwatch.bench.memory --chart; do not edit -->"
+CHART_END = "<!-- rss-series: end -->"
+
+
+def rss_chart(rss: dict[str, Any], title: str = "Worker RSS against events") -> str:
+    """Markdown for the pipeline benchmark's RSS phase (``results["rss"]``): a mermaid chart and a table.
+
+    Why generated: the chart must come from a run (``--json`` of the pipeline benchmark), not be drawn by
+    hand. x: the worker's input events (the end-to-end phase's included), y: MiB; lines: RSS, its anonymous
+    part, the engine's heap (jemalloc resident), the engine's code (chDB's library file), the target.
+    """
+    points = [RssPoint(**p) for p in rss["series"]]
+    offset = int(rss.get("events_before", 0))
+    xs = [f"{(p.events + offset) / 1000:.0f}" for p in points]
+    rss_mib = [round(p.rss_kib / 1024) for p in points]
+    anon = [round(p.anon_kib / 1024) for p in points]
+    code = [round(p.engine_code_kib / 1024) for p in points]
+    heap = [p.engine_heap_mib or 0 for p in points]
+    top = max([*rss_mib, 512]) // 100 * 100 + 100
+    chart = [
+        "```mermaid",
+        "xychart-beta",
+        f'    title "{title}"',
+        f'    x-axis "events consumed by the worker (thousands)" [{", ".join(xs)}]',
+        f'    y-axis "MiB" 0 --> {top}',
+        f"    line [{', '.join(map(str, rss_mib))}]",
+        f"    line [{', '.join(map(str, anon))}]",
+        f"    line [{', '.join(map(str, heap))}]",
+        f"    line [{', '.join(map(str, code))}]",
+        f"    line [{', '.join('512' for _ in points)}]",
+        "```",
+        "",
+        "The lines, in the order drawn (the chart has no legend): 1 RSS; 2 its anonymous part (heaps: "
+        "Python, glibc, the engine's jemalloc); 3 the engine's heap (jemalloc resident); 4 the engine's code "
+        "(resident pages of chDB's library file); 5 the 512 MiB target (flat).",
+        "",
+        "| events (worker) | s | RSS MiB | peak | anonymous | engine code | engine heap | rest: Python, libraries |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for p, r, a, c, h in zip(points, rss_mib, anon, code, heap, strict=True):
+        rest = "" if p.engine_heap_mib is None else f"{r - c - h:,}"
+        chart.append(
+            f"| {p.events + offset:,} | {p.seconds:,.0f} | {r:,} | {p.peak_kib / 1024:,.0f} | {a:,} | {c:,} | "
+            f"{'' if p.engine_heap_mib is None else f'{h:,}'} | {rest} |"
+        )
+    return "\n".join(chart) + "\n"
+
+
+def write_rss_chart(results: Path, doc: Path) -> str:
+    """Replace the generated block of ``doc`` with the chart of a pipeline benchmark's ``--json`` output."""
+    data = json.loads(results.read_text(encoding="utf-8"))
+    if "rss" not in data or not data["rss"].get("series"):
+        raise ValueError(f"{results} holds no RSS series: run the pipeline benchmark with --rss-events and --json")
+    block = rss_chart(data["rss"])
+    text = doc.read_text(encoding="utf-8")
+    begin, end = text.find(CHART_BEGIN), text.find(CHART_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"{doc} has no generated block: add the lines {CHART_BEGIN!r} and {CHART_END!r}")
+    doc.write_text(text[: begin + len(CHART_BEGIN)] + "\n" + block + text[end:], encoding="utf-8")
+    return block
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -211,9 +417,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--json", type=Path, help="also write every checkpoint to this file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--chart",
+        type=Path,
+        metavar="PIPELINE_JSON",
+        help="instead: write the RSS series of `python -m synthwatch.bench.pipeline --json FILE` into --doc",
+    )
+    parser.add_argument("--doc", type=Path, default=Path("docs/performance.md"))
     args = parser.parse_args(argv)
     if args.child:
         _child(args)
+        return
+    if args.chart:
+        print(write_rss_chart(args.chart, args.doc))
         return
     from synthwatch.consoles import command_console
 

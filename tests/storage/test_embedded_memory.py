@@ -11,12 +11,21 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from synthwatch.bench.memory import engine_memory, process_memory
+from synthwatch.bench.memory import (
+    CHART_BEGIN,
+    CHART_END,
+    RssSeries,
+    engine_memory,
+    process_memory,
+    smaps_split,
+    write_rss_chart,
+)
 from synthwatch.stream_apps.storage.clickhouse import EMBEDDED_MALLOC_CONF, prepare_embedded_engine
 
 _OPEN_AND_REPORT = """
@@ -104,3 +113,79 @@ def test_bench_memory_prints_each_variant(tmp_path: Path) -> None:
     assert [r["at"] for r in rows["chdb-default"]][:2] == ["start", "engine open"]
     assert rows["chdb-default"][-1]["events"] == 3000
     assert "jemalloc_resident" in rows["chdb-default"][-1] and "jemalloc_resident" not in rows["python"][-1]
+
+
+def test_smaps_split_adds_up_to_this_process_rss() -> None:
+    import chdb  # noqa: F401  (the engine's library mapped: its resident pages are counted apart)
+
+    split = smaps_split()
+    assert split["engine_code"] > 0
+    total = sum(split.values())
+    rss = process_memory()["VmRSS"]
+    assert split["anon"] > 0 and split["other_files"] > 0  # the interpreter's heap and its own code
+    assert abs(total - rss) <= max(2048, rss // 20)  # read a moment apart: within 5 % (or 2 MiB)
+
+
+def test_rss_series_reads_a_point_each_time_the_count_passes_a_step() -> None:
+    counts = iter([0, 40, 99, 100, 101, 250, 260, 300])
+    last = [0]
+
+    def counted() -> int:
+        last[0] = next(counts, last[0])
+        return last[0]
+
+    series = RssSeries(os.getpid(), counted, every=100, engine=lambda: 7, interval=0.001).start()
+    deadline = time.monotonic() + 10
+    while len(series.points) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    points = series.finish(300)
+    # the start, then the first reading at or past each step of 100 (a step the count jumps over is not repeated)
+    assert [p.events for p in points] == [0, 100, 250, 300]
+    assert all(p.rss_kib > 0 and p.engine_heap_mib == 7 for p in points)
+    assert all(0 <= p.engine_code_kib <= p.file_kib for p in points)  # the library's pages are file-backed
+
+
+def _series_results(points: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"rss": {"events": 200, "events_before": 1000, "series": points}}
+
+
+def _point(events: int, rss_mib: int, heap: int | None) -> dict[str, Any]:
+    return {
+        "events": events,
+        "seconds": events / 10,
+        "rss_kib": rss_mib * 1024,
+        "peak_kib": rss_mib * 1024,
+        "anon_kib": rss_mib * 512,
+        "file_kib": rss_mib * 512,
+        "engine_code_kib": 100 * 1024,
+        "engine_heap_mib": heap,
+    }
+
+
+def test_the_rss_chart_is_written_between_its_markers_from_a_run(tmp_path: Path) -> None:
+    results = tmp_path / "pipeline.json"
+    results.write_text(json.dumps(_series_results([_point(0, 600, 50), _point(200, 700, None)])))
+    doc = tmp_path / "performance.md"
+    doc.write_text(f"# before\n{CHART_BEGIN}\nold chart\n{CHART_END}\nafter\n")
+    write_rss_chart(results, doc)
+    text = doc.read_text()
+    assert text.startswith(f"# before\n{CHART_BEGIN}\n```mermaid\nxychart-beta\n") and "old chart" not in text
+    assert text.endswith(f"{CHART_END}\nafter\n")
+    assert '    x-axis "events consumed by the worker (thousands)" [1, 1]' in text  # 1,000 and 1,200 events
+    assert "    line [600, 700]" in text and "    line [512, 512]" in text
+    assert "| 1,000 | 0 | 600 | 600 | 300 | 100 | 50 | 450 |" in text
+    assert "| 1,200 | 20 | 700 | 700 | 350 | 100 |  |  |" in text  # no engine reading: not made up
+    write_rss_chart(results, doc)  # again: the block is replaced, not repeated
+    assert doc.read_text() == text
+
+
+def test_the_rss_chart_refuses_a_run_without_a_series_or_a_doc_without_markers(tmp_path: Path) -> None:
+    results, doc = tmp_path / "pipeline.json", tmp_path / "performance.md"
+    results.write_text(json.dumps({"e2e": {}}))
+    doc.write_text(f"{CHART_BEGIN}\n{CHART_END}\n")
+    with pytest.raises(ValueError, match="no RSS series"):
+        write_rss_chart(results, doc)
+    results.write_text(json.dumps(_series_results([_point(0, 600, 50)])))
+    doc.write_text("no markers\n")
+    with pytest.raises(ValueError, match="no generated block"):
+        write_rss_chart(results, doc)
