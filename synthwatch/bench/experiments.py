@@ -155,6 +155,11 @@ def worker_experiments(
 #: Latency variants: (label, changes, extra environment for the worker).
 LATENCY_EXPERIMENTS: tuple[tuple[str, tuple[str, ...], dict[str, str]], ...] = (
     ("shipped settings", (), {}),
+    (
+        "the settings before issue 16 (fetch wait 100 ms, spike alerts wait for the interval)",
+        ("fetch-wait-100", "no-spike-checkpoint"),
+        {},
+    ),
     ("spike alerts wait for the checkpoint interval (no early checkpoint)", ("no-spike-checkpoint",), {}),
     ("batches by Faust's noack_take (0.25 s window)", ("take-batches",), {}),
     ("uvloop instead of asyncio's loop", ("uvloop",), {}),
