@@ -211,6 +211,7 @@ class OpeningClient:
         *,
         apply_migrations: bool = True,
         on_migrated: Callable[[list[Migration]], None] | None = None,
+        start: bool = True,
     ) -> None:
         if settings.resolved_clickhouse_url.startswith("chdb:"):
             prepare_embedded_engine()  # here, not in the thread: before anything else in this process loads chDB
@@ -218,7 +219,14 @@ class OpeningClient:
         self._thread = threading.Thread(
             target=self._open, args=(settings, apply_migrations, on_migrated), name="clickhouse-open", daemon=True
         )
-        self._thread.start()
+        if start:
+            self._thread.start()
+
+    def start(self) -> None:
+        """Start opening (when made with ``start=False``): the worker starts it once its own start-up work
+        is done, so the two do not share the interpreter's lock while it waits for its group join."""
+        if not self._thread.is_alive() and not self._future.done():
+            self._thread.start()
 
     def _open(
         self, settings: Settings, apply_migrations: bool, on_migrated: Callable[[list[Migration]], None] | None
@@ -251,6 +259,8 @@ class OpeningClient:
 
     def close(self) -> None:
         """Close the client once it is open; nothing to close when opening failed."""
+        if self._thread.ident is None:  # never started (the worker stopped before): nothing was opened
+            return
         self._thread.join()
         if self._future.exception() is None:
             self._future.result().close()

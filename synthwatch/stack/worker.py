@@ -72,7 +72,8 @@ def run_worker(
         if applied:
             announce(f"ClickHouse: applied migrations {', '.join(f'{m.version:04d}_{m.name}' for m in applied)}")
 
-    client = OpeningClient(settings, apply_migrations=settings.migrate_on_start, on_migrated=migrated)
+    # Started once the app is built (_run_worker): while the worker waits for its group join, not while it imports.
+    client = OpeningClient(settings, apply_migrations=settings.migrate_on_start, on_migrated=migrated, start=False)
     try:
         return _run_worker(
             settings, bootstrap_servers, client, started_at, loglevel, announce, broker_pid=broker_pid, drain=drain
@@ -179,6 +180,7 @@ def _run_worker(
     else:
         worker = faust_worker(app, loglevel)
     worker.spinner = None
+    client.start()
     try:
         worker.execute_from_commandline()
     except SystemExit as stopped:
