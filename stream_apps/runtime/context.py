@@ -52,6 +52,15 @@ class WorkerContext:
     on_ready: Callable[[float], None] | None = None
     state_ready: bool = False  # set once tables are recovered (and rebuilt from ClickHouse if empty)
     web_token: str | None = None  # for /sql (DATA_DIR/web-token); None: /sql refuses every request
+    #: Waits until ``client`` is open and migrated, raising what opening raised: the worker opens ClickHouse in
+    #: a thread while it joins its group (:class:`~synthwatch.stream_apps.storage.clickhouse.OpeningClient`).
+    #: None: ``client`` was open when the context was made.
+    storage_opened: Callable[[], Awaitable[object]] | None = None
+
+    async def until_storage_open(self) -> None:
+        """Wait for ClickHouse to be open and migrated; raises what opening raised."""
+        if self.storage_opened is not None:
+            await self.storage_opened()
 
 
 @dataclass(frozen=True)

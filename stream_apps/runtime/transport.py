@@ -276,7 +276,19 @@ def _hook_done(task: asyncio.Future[None]) -> None:
 
 
 class TableManager(FaustTableManager):
-    """Faust's table manager, with :class:`Recovery`."""
+    """Faust's table manager, with :class:`Recovery`, and without the second it sleeps when it starts.
+
+    Faust sleeps 1 s before it registers the tables' changelog channels, for tables defined while the
+    worker starts; the conductor subscribes only after that, so every start-up waited 1 s before its
+    group join. The worker's tables are all defined when the app is built (``create_app``), before it
+    starts, and Faust refuses a table added later (``TableManager.add``), so nothing is missed.
+    """
+
+    async def on_start(self) -> None:
+        # faust/tables/manager.py TableManager.on_start (faust-streaming 0.15.x) without ``await self.sleep(1.0)``
+        if not self.should_stop:
+            await self._update_channels()
+            await self.recovery.start()
 
     @property
     def recovery(self) -> FaustRecovery:

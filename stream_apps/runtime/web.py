@@ -90,6 +90,7 @@ def add_sql_view(app: faust.App, ctx: WorkerContext) -> None:
             except (ValueError, KeyError, TypeError) as error:
                 return self.json({"error": f'send {{"sql": "SELECT ...", "parameters": {{}}}} ({error})'}, status=400)
             try:
+                await ctx.until_storage_open()  # the analysts' handles open on the worker's engine
                 result = await asyncio.get_running_loop().run_in_executor(
                     analysts, partial(sessions.run, sql, parameters)
                 )

@@ -7,12 +7,17 @@ server or cluster.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import hashlib
 import os
 import re
 import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 from urllib.parse import urlparse, urlunparse
 
 import clickhouse_connect
@@ -187,3 +192,80 @@ def migrate(client: Client, migrations: list[Migration] | None = None) -> list[M
         )
         done.append(migration)
     return done
+
+
+class OpeningClient:
+    """A client whose engine opens, and whose migrations run, in a thread of its own, started at once.
+
+    Why: opening the embedded engine and applying the migrations to a fresh directory took ~1-2 s of the
+    worker's start-up, before it even began to join its consumer group, where it then waited ~2 s for the
+    broker. In a thread, both overlap (docs/performance.md, "Worker start-up"). Every attribute (``query``,
+    ``insert``, ...) waits until the client is open and raises what opening raised (a
+    :class:`MigrationError`, an engine directory another process holds), so it is used as the client it
+    becomes; :meth:`opened` waits without blocking an event loop.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        apply_migrations: bool = True,
+        on_migrated: Callable[[list[Migration]], None] | None = None,
+        start: bool = True,
+    ) -> None:
+        if settings.resolved_clickhouse_url.startswith("chdb:"):
+            prepare_embedded_engine()  # here, not in the thread: before anything else in this process loads chDB
+        self._future: concurrent.futures.Future[Client] = concurrent.futures.Future()
+        self._thread = threading.Thread(
+            target=self._open, args=(settings, apply_migrations, on_migrated), name="clickhouse-open", daemon=True
+        )
+        if start:
+            self._thread.start()
+
+    def start(self) -> None:
+        """Start opening (when made with ``start=False``): the worker starts it once its own start-up work
+        is done, so the two do not share the interpreter's lock while it waits for its group join."""
+        if not self._thread.is_alive() and not self._future.done():
+            self._thread.start()
+
+    def _open(
+        self, settings: Settings, apply_migrations: bool, on_migrated: Callable[[list[Migration]], None] | None
+    ) -> None:
+        try:
+            client = connect(settings)
+            try:
+                applied = migrate(client) if apply_migrations else []
+                if on_migrated is not None:
+                    on_migrated(applied)
+            except BaseException:
+                client.close()
+                raise
+        except BaseException as error:  # handed to whoever uses the client (in the worker: recovery, which stops it)
+            self._future.set_exception(error)
+        else:
+            self._future.set_result(client)
+
+    def result(self) -> Client:
+        """The open client (waits for it); raises what opening raised."""
+        return self._future.result()
+
+    async def opened(self) -> Client:
+        """:meth:`result` for a coroutine: the event loop goes on meanwhile."""
+        return await asyncio.wrap_future(self._future)
+
+    def failed(self) -> BaseException | None:
+        """What opening raised, once it is over; None while it runs or when it worked."""
+        return self._future.exception() if self._future.done() else None
+
+    def close(self) -> None:
+        """Close the client once it is open; nothing to close when opening failed."""
+        if self._thread.ident is None:  # never started (the worker stopped before): nothing was opened
+            return
+        self._thread.join()
+        if self._future.exception() is None:
+            self._future.result().close()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # not the client's: an attribute of this object that is not set (yet)
+            raise AttributeError(name)
+        return getattr(self.result(), name)

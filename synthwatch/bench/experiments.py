@@ -47,7 +47,9 @@ EXPERIMENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("batches by Faust's noack_take (0.25 s window)", ("take-batches",)),
     ("channel batches without linger", ("no-linger",)),
     ("checkpoint every 0.25 s", ("checkpoint-0.25",)),
+    ("a waiting spike alert starts a checkpoint", ("spike-checkpoint",)),
     ("fetch wait 20 ms", ("fetch-wait-20",)),
+    ("fetch wait 100 ms (the default before 50)", ("fetch-wait-100",)),
     ("producer batches of 16 KiB (Faust's default)", ("producer-16k",)),
     ("sink batch 2,000 (the previous default)", ("batch-2000",)),
     ("without gc.freeze", ("no-gc-freeze",)),
@@ -153,10 +155,12 @@ def worker_experiments(
 #: Latency variants: (label, changes, extra environment for the worker).
 LATENCY_EXPERIMENTS: tuple[tuple[str, tuple[str, ...], dict[str, str]], ...] = (
     ("shipped settings", (), {}),
+    ("the settings before issue 16 (fetch wait 100 ms)", ("fetch-wait-100",), {}),
+    ("a waiting spike alert starts a checkpoint", ("spike-checkpoint",), {}),
     ("batches by Faust's noack_take (0.25 s window)", ("take-batches",), {}),
     ("uvloop instead of asyncio's loop", ("uvloop",), {}),
     ("fetch wait 20 ms", ("fetch-wait-20",), {}),
-    ("fetch wait 50 ms", ("fetch-wait-50",), {}),
+    ("fetch wait 100 ms (the default before 50)", ("fetch-wait-100",), {}),
     ("Faust's fixed 1.5 s fetch wait", ("fetch-wait-1500",), {}),
 )
 
@@ -203,16 +207,27 @@ def latency_experiments(
                     "max": max(result.matched) if result.matched else math.nan,
                     "alerts": float(len(result.matched)),
                     "rate": result.sent / result.seconds,
+                    **{f"{kind} {k}": v for kind, r in result.per_type().items() for k, v in r.items()},
                 }
                 console.print(f"{label}: {out[label]}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     table = Table(title=f"alert latency at {rate:,} events/s after {warmup_events:,} events ({machine()})")
-    for column in ("worker", "alerts", "p50 ms", "p99 ms", "max ms"):
+    kinds = ("new_substance", "first_in_region", "spike")
+    for column in ("worker", "alerts", "p50 ms", "p99 ms", "max ms", *(f"{kind} p99 ms (n)" for kind in kinds)):
         table.add_column(column, justify="left" if column == "worker" else "right")
+
+    def ms(value: float) -> str:
+        return f"{value * 1000:,.0f}"
+
     for label, r in out.items():
         table.add_row(
-            label, f"{r['alerts']:.0f}", f"{r['p50'] * 1000:,.0f}", f"{r['p99'] * 1000:,.0f}", f"{r['max'] * 1000:,.0f}"
+            label,
+            f"{r['alerts']:.0f}",
+            ms(r["p50"]),
+            ms(r["p99"]),
+            ms(r["max"]),
+            *(f"{ms(r[f'{kind} p99'])} ({r[f'{kind} alerts']:.0f})" if f"{kind} p99" in r else "" for kind in kinds),
         )
     console.print(table)
     return out

@@ -30,10 +30,27 @@ class LatencyResult:
     alerts: int = 0
     matched: list[float] = field(default_factory=list)
     by_type: dict[str, int] = field(default_factory=dict)
+    #: The matched latencies per alert type: spike alerts wait for the checkpoint that writes the state which
+    #: decided them (docs/performance.md), the others go out with their batch; the tail is one or the other.
+    matched_by_type: dict[str, list[float]] = field(default_factory=dict)
 
-    def percentile(self, q: float) -> float:
-        """The ``q``-quantile (``q`` in [0, 1]) of the matched latencies, by nearest rank; NaN when none."""
-        return percentile(self.matched, q * 100, nearest_rank=True)
+    def percentile(self, q: float, alert_type: str | None = None) -> float:
+        """The ``q``-quantile (``q`` in [0, 1]) of the matched latencies (of one alert type), by nearest rank;
+        NaN when none."""
+        values = self.matched if alert_type is None else self.matched_by_type.get(alert_type, [])
+        return percentile(values, q * 100, nearest_rank=True)
+
+    def per_type(self) -> dict[str, dict[str, float]]:
+        """p50, p99 and max (seconds) and the count of matched alerts, per alert type."""
+        return {
+            kind: {
+                "alerts": float(len(values)),
+                "p50": self.percentile(0.5, kind),
+                "p99": self.percentile(0.99, kind),
+                "max": max(values),
+            }
+            for kind, values in sorted(self.matched_by_type.items())
+        }
 
 
 async def _latency_run(
@@ -71,6 +88,7 @@ async def _latency_run(
                     sent_at = [published[e] for e in alert.get("evidence_event_ids", []) if e in published]
                     if sent_at:  # the newest evidence is the report that made the alert true
                         result.matched.append(now - max(sent_at))
+                        result.matched_by_type.setdefault(kind, []).append(now - max(sent_at))
 
     stop = asyncio.Event()
     collector = asyncio.create_task(collect(stop))

@@ -273,6 +273,7 @@ def bench_pipeline(
                     "p50": latency.percentile(0.50),
                     "p99": latency.percentile(0.99),
                     "max": max(latency.matched) if latency.matched else math.nan,
+                    "per_type": latency.per_type(),
                 }
                 console.print(f"latency: {results['latency']}")
             worker.stop()

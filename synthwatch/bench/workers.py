@@ -33,6 +33,7 @@ WORKER_ENV: dict[str, dict[str, str]] = {
     "fetch-wait-1500": {"SYNTHWATCH_CONSUMER_FETCH_MAX_WAIT_MS": "1500"},  # Faust's fixed value
     "fetch-wait-20": {"SYNTHWATCH_CONSUMER_FETCH_MAX_WAIT_MS": "20"},
     "fetch-wait-50": {"SYNTHWATCH_CONSUMER_FETCH_MAX_WAIT_MS": "50"},
+    "fetch-wait-100": {"SYNTHWATCH_CONSUMER_FETCH_MAX_WAIT_MS": "100"},
     "no-gc-freeze": {"SYNTHWATCH_GC_FREEZE": "false"},
     "uvloop": {"SYNTHWATCH_EVENT_LOOP": "uvloop"},
     "asyncio": {"SYNTHWATCH_EVENT_LOOP": "asyncio"},
@@ -41,6 +42,7 @@ WORKER_ENV: dict[str, dict[str, str]] = {
     "take-batches": {"SYNTHWATCH_AGENT_BATCHES": "take"},  # Faust's noack_take, the previous batching
     "no-linger": {"SYNTHWATCH_BATCH_LINGER_SECONDS": "0"},
     "checkpoint-0.25": {"SYNTHWATCH_CHECKPOINT_SECONDS": "0.25"},
+    "spike-checkpoint": {"SYNTHWATCH_CHECKPOINT_FOR_SPIKES": "true"},  # a waiting spike alert starts a checkpoint
 }
 
 

@@ -14,9 +14,10 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from types import FrameType
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import faust
+from clickhouse_connect.driver.client import Client
 
 from synthwatch.errors import SynthwatchError
 from synthwatch.redaction import install_log_redaction, private_dir, redact
@@ -31,7 +32,7 @@ from synthwatch.stack.broker import (
 )
 from synthwatch.stack.drain import DrainingWorker, DrainOutcome, describe_lag, final_count
 from synthwatch.stackfile import StackInfo, new_web_token, read_stack, remove_stack, write_stack
-from synthwatch.stream_apps.storage.clickhouse import connect, migrate
+from synthwatch.stream_apps.storage.clickhouse import Migration, OpeningClient
 
 log = logging.getLogger("synthwatch.stack")
 
@@ -56,10 +57,47 @@ def run_worker(
 ) -> DrainOutcome | None:
     """Open ClickHouse, apply migrations, run the Faust worker until SIGINT/SIGTERM.
 
-    This process owns the ClickHouse client for its lifetime; other commands reach the data through
-    its ``/sql`` endpoint, found through ``DATA_DIR/stack.json``. ``drain`` (``synthwatch up``): the
-    first stop signal waits until everything consumed is stored (:mod:`.drain`); returns how it went.
+    ClickHouse opens and migrates in a thread (:class:`OpeningClient`) while the worker builds its app and
+    joins its consumer group; the worker is ready only once both are done (:mod:`.recovery`), and stops with
+    the opening's error if it failed. This process owns the ClickHouse client for its lifetime; other
+    commands reach the data through its ``/sql`` endpoint, found through ``DATA_DIR/stack.json``. ``drain``
+    (``synthwatch up``): the first stop signal waits until everything consumed is stored (:mod:`.drain`);
+    returns how it went.
     """
+    started_at = time.monotonic() if started_at is None else started_at
+    install_log_redaction()
+    private_dir(settings.data_dir)
+
+    def migrated(applied: list[Migration]) -> None:
+        if applied:
+            announce(f"ClickHouse: applied migrations {', '.join(f'{m.version:04d}_{m.name}' for m in applied)}")
+
+    # Started once the app is built (_run_worker): while the worker waits for its group join, not while it imports.
+    client = OpeningClient(settings, apply_migrations=settings.migrate_on_start, on_migrated=migrated, start=False)
+    try:
+        return _run_worker(
+            settings, bootstrap_servers, client, started_at, loglevel, announce, broker_pid=broker_pid, drain=drain
+        )
+    except BaseException:
+        failed = client.failed()
+        if failed is not None:  # the worker stopped because ClickHouse could not be opened: that is the error
+            raise failed from None
+        raise
+    finally:
+        client.close()
+
+
+def _run_worker(
+    settings: Settings,
+    bootstrap_servers: str,
+    client: OpeningClient,
+    started_at: float,
+    loglevel: str,
+    announce: Callable[[str], None],
+    *,
+    broker_pid: int | None,
+    drain: bool,
+) -> DrainOutcome | None:
     from synthwatch.schemas.envelope import EnvelopeVerifier, OrgKeysError
     from synthwatch.stream_apps.app import WorkerContext, create_app
     from synthwatch.stream_apps.detect.identity import SubstanceResolver
@@ -70,20 +108,11 @@ def run_worker(
     from synthwatch.stream_apps.runtime.worker_signature import WorkerKeyError
     from synthwatch.stream_apps.storage.sink import ClickHouseSink
 
-    started_at = time.monotonic() if started_at is None else started_at
     if settings.event_loop == "uvloop":
         import mode.loop
 
         mode.loop.use("uvloop")  # before Faust creates its loop
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints every stack
-    client = connect(settings)
-    if settings.migrate_on_start:
-        applied = migrate(client)
-        if applied:
-            announce(f"ClickHouse: applied migrations {', '.join(f'{m.version:04d}_{m.name}' for m in applied)}")
-
-    install_log_redaction()
-    private_dir(settings.data_dir)
     web_port = web_port_for(settings)
     # The address other commands on this machine use: loopback even when the port listens on every interface.
     local_host = "127.0.0.1" if settings.web_host in ("0.0.0.0", "", "::") else settings.web_host
@@ -123,8 +152,8 @@ def run_worker(
     resolver = SubstanceResolver(corroboration=settings.learnt_name_reporters)
     ctx = WorkerContext(
         settings=settings,
-        client=client,
-        sink=ClickHouseSink(client),
+        client=cast(Client, client),  # used as the client it becomes (every use waits for it)
+        sink=ClickHouseSink(cast(Client, client)),
         intake=Intake(resolver, verifier=verifier, limits=settings.record_limits()),
         metrics=WorkerMetrics(app_id=settings.app_id),
         regions=RegionDetector(DetectionConfig.from_settings(settings)),
@@ -132,6 +161,7 @@ def run_worker(
         started_at=started_at,
         on_ready=on_ready,
         web_token=new_web_token(settings),
+        storage_opened=client.opened,
     )
     try:
         app = create_app(ctx, bootstrap_servers, web_port)
@@ -150,6 +180,7 @@ def run_worker(
     else:
         worker = faust_worker(app, loglevel)
     worker.spinner = None
+    client.start()
     try:
         worker.execute_from_commandline()
     except SystemExit as stopped:
@@ -158,7 +189,6 @@ def run_worker(
         return worker.outcome
     finally:
         remove_stack(settings, pid)
-        client.close()
 
 
 #: A worker for a service: no banner, standard streams left alone.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -108,3 +109,32 @@ def test_the_livelock_check_skips_a_partition_sought_to_its_beginning() -> None:
         assert ConsumerThread.verify_event_path(_thread_with_partition_awaiting_reset(), 10.0, tp) is None  # type: ignore[arg-type,func-returns-value]
 
     asyncio.run(check())
+
+
+def test_the_table_manager_registers_the_tables_and_starts_recovery_without_faust_s_second_of_sleep(
+    tmp_path: Path,
+) -> None:
+    """Faust's TableManager.on_start slept 1 s before registering the changelog channels, and the consumer
+    group join waited for that on every start-up; the worker's tables all exist before it starts."""
+    from synthwatch.settings import Settings
+    from synthwatch.stream_apps.runtime.transport import TableManager, worker_app
+
+    app = worker_app(Settings(data_dir=tmp_path), "127.0.0.1:9", 6066)  # built only: nothing connects
+    tables = app.tables
+    assert isinstance(tables, TableManager)
+    steps: list[str] = []
+
+    async def registered() -> None:
+        steps.append("channels registered")
+
+    async def recovery_started() -> None:
+        steps.append("recovery started")
+
+    async def slept(*args: Any, **kwargs: Any) -> None:
+        steps.append("slept")
+
+    tables._update_channels = registered  # type: ignore[method-assign]
+    tables._recovery = SimpleNamespace(start=recovery_started)  # type: ignore[assignment]
+    tables.sleep = slept  # type: ignore[method-assign]
+    asyncio.run(tables.on_start())
+    assert steps == ["channels registered", "recovery started"]

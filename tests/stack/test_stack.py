@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +19,16 @@ import pytest
 
 from synthwatch.settings import Settings
 from synthwatch.stack.broker import EmbeddedBroker
-from tests.conftest import RunningWorker, ndjson, run_cli, start_worker, stop_worker, wait_until
+from tests.conftest import (
+    RunningWorker,
+    cli_env,
+    isolated_settings,
+    ndjson,
+    run_cli,
+    start_worker,
+    stop_worker,
+    wait_until,
+)
 from tests.support.factories import seizure
 
 pytestmark = pytest.mark.integration
@@ -265,3 +275,33 @@ def test_a_busy_web_port_names_the_setting(tmp_path: Path) -> None:
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert f"127.0.0.1:{port} is in use" in done.stderr and "SYNTHWATCH_WEB_PORT" in done.stderr
     assert not (tmp_path / "data" / "tansu.log").exists()  # it stopped before starting a broker
+
+
+_BREAK_THE_LEDGER = """
+from clickhouse_connect.driver.exceptions import ClickHouseError
+from synthwatch.settings import Settings
+from synthwatch.stream_apps.storage.clickhouse import Migration, connect, migrate
+broken = Migration(1, "broken", "CREATE TABLE t (x UInt8) ENGINE = MergeTree ORDER BY x;\\nNOT SQL;")
+try:
+    migrate(connect(Settings()), [broken])
+except ClickHouseError:
+    print("half-applied")
+"""
+
+
+def test_a_worker_whose_migrations_fail_stops_with_their_error_and_is_never_ready(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """ClickHouse opens and migrates in a thread while the worker joins its group: a failure there must
+    still stop the worker with the migration's message, before it reports ready."""
+    settings = isolated_settings(broker, tmp_path / "data")
+    broken = subprocess.run(
+        [sys.executable, "-c", _BREAK_THE_LEDGER], env=cli_env(settings), capture_output=True, text=True, timeout=120
+    )
+    assert broken.stdout.strip() == "half-applied", broken.stderr
+    done = run_cli(settings, "worker", timeout=120)
+    assert done.returncode != 0
+    said = " ".join(done.stderr.split())  # however the traceback's renderer wraps it
+    assert "MigrationError: migration 0001_broken was started but not finished" in said, done.stderr[-3000:]
+    assert "Worker ready" not in done.stdout
+    assert not (settings.data_dir / "stack.json").exists()

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
+from synthwatch.settings import Settings
 from synthwatch.stream_apps.storage.clickhouse import (
     Migration,
     MigrationError,
+    OpeningClient,
     applied_migrations,
     available_migrations,
     migrate,
@@ -49,3 +52,42 @@ def test_edited_applied_migration_is_refused(ch: Any) -> None:
 def test_statements_split_on_semicolons_at_line_end() -> None:
     migration = Migration(9, "x", "-- comment; not a split\nSELECT 1;\nSELECT ';' ;\n\nSELECT 3")
     assert migration.statements() == ["SELECT 1", "SELECT ';'", "SELECT 3"]
+
+
+def test_opening_in_a_thread_migrates_and_every_use_waits_for_it(ch: Any, ch_settings: Settings) -> None:
+    """The worker opens ClickHouse in a thread while it joins its group: the client it hands out is usable at
+    once (a use waits for the opening), and the migrations are applied when it is."""
+    reported: list[list[Migration]] = []
+    client = OpeningClient(ch_settings, on_migrated=reported.append)
+    try:
+        tables = {row[0] for row in client.query("SHOW TABLES").result_rows}  # waits for the opening
+        assert {"lab_detections", "border_seizures", "rejects", "schema_migrations"} <= tables
+        assert [[m.version for m in applied] for applied in reported] == [[m.version for m in available_migrations()]]
+        assert asyncio.run(client.opened()) is client.result()
+        assert client.failed() is None
+    finally:
+        client.close()
+    assert migrate(ch) == []  # applied by the opening, nothing left
+
+
+def test_a_failed_opening_is_raised_by_every_use_and_by_opened(ch: Any, ch_settings: Settings) -> None:
+    """A worker whose migrations cannot run must stop with that error, not run without its tables."""
+    with pytest.raises(ClickHouseError):
+        migrate(
+            ch, [Migration(1, "broken", "CREATE TABLE ok_table (x UInt8) ENGINE = MergeTree ORDER BY x;\nNOT SQL;")]
+        )
+    client = OpeningClient(ch_settings)
+    with pytest.raises(MigrationError, match="started but not finished"):
+        client.query("SELECT 1")
+    with pytest.raises(MigrationError, match="started but not finished"):
+        asyncio.run(client.opened())
+    assert isinstance(client.failed(), MigrationError)
+    client.close()  # nothing to close: the opening closed its client when the migrations failed
+
+
+def test_opening_without_migrations_only_opens(ch: Any, ch_settings: Settings) -> None:
+    client = OpeningClient(ch_settings, apply_migrations=False)
+    try:
+        assert "schema_migrations" not in {row[0] for row in client.query("SHOW TABLES").result_rows}
+    finally:
+        client.close()
