@@ -216,6 +216,11 @@ class OpeningClient:
         if settings.resolved_clickhouse_url.startswith("chdb:"):
             prepare_embedded_engine()  # here, not in the thread: before anything else in this process loads chDB
         self._future: concurrent.futures.Future[Client] = concurrent.futures.Future()
+        # Running from the start, so it cannot be cancelled: a worker stopped while the engine opens cancels
+        # the tasks awaiting :meth:`opened`, and asyncio.wrap_future passes that on to this future. Cancelled,
+        # it made the opening thread fail on set_result (the opened client never closed) and close() raise
+        # CancelledError, so a stop in the first seconds ended in a traceback and exit code 1.
+        self._future.set_running_or_notify_cancel()
         self._thread = threading.Thread(
             target=self._open, args=(settings, apply_migrations, on_migrated), name="clickhouse-open", daemon=True
         )

@@ -85,6 +85,28 @@ def test_a_failed_opening_is_raised_by_every_use_and_by_opened(ch: Any, ch_setti
     client.close()  # nothing to close: the opening closed its client when the migrations failed
 
 
+def test_a_stop_while_the_engine_opens_cancels_the_waiters_not_the_opening(ch: Any, ch_settings: Settings) -> None:
+    """A worker stopped in its first seconds cancels the task awaiting ``opened`` (its recovery). That must not
+    cancel the opening itself: it made the opening thread fail, left the client it opened unclosed, and
+    made ``close`` raise CancelledError (a traceback and exit code 1 instead of a clean stop)."""
+    client = OpeningClient(ch_settings, start=False)  # the opening starts only after the waiter is cancelled
+
+    async def stop_while_waiting() -> None:
+        waiter = asyncio.ensure_future(client.opened())
+        await asyncio.sleep(0)  # the waiter is now awaiting the opening
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+
+    asyncio.run(stop_while_waiting())
+    client.start()
+    opened = client.result()  # the opening went on and worked
+    assert client.failed() is None
+    assert opened.query("SELECT 1").result_rows == [(1,)]
+    client.close()
+    assert migrate(ch) == []
+
+
 def test_opening_without_migrations_only_opens(ch: Any, ch_settings: Settings) -> None:
     client = OpeningClient(ch_settings, apply_migrations=False)
     try:
