@@ -86,13 +86,13 @@ def _run(
     intake = intake or Intake(stage="backtest")
     summary, alerts, rejects = BacktestSummary(), [], []
     started = time.perf_counter()
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # ~10 short-lived objects per line and a growing state: the cyclic collector only costs
     sink: _DetectionProcess | _InProcess = (
         _DetectionProcess(config)
         if separate
         else _InProcess(detector or Detector(config), stored if stored is not None else set())
     )
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # ~10 short-lived objects per line and a growing state: the cyclic collector only costs
     try:
         block: list[ObservationFields] = []
         for source, line in lines:
