@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -277,8 +278,13 @@ def _prose(console: Console, markup: str) -> None:
     console.print(wrapped, markup=False, highlight=False, soft_wrap=True)
 
 
-def _ingest(settings: Settings, env: dict[str, str], path: Path, log_path: Path) -> float:
-    """``synthwatch ingest-history`` in its own process (the embedded engine then belongs to ``up``)."""
+#: The line of ``ingest-history``'s summary that counts the lines it skipped as re-sends.
+_INGEST_DUPLICATES = re.compile(r"^duplicates: ([\d,]+) repeated in the file, ([\d,]+) already stored$", re.MULTILINE)
+
+
+def _ingest(settings: Settings, env: dict[str, str], path: Path, log_path: Path) -> tuple[float, int]:
+    """``synthwatch ingest-history`` in its own process (the embedded engine then belongs to ``up``): its
+    seconds and the lines it skipped as re-sends, as it reported them (they are stored nowhere)."""
     started = time.monotonic()
     with open(log_path, "wb") as log:
         result = subprocess.run(
@@ -290,7 +296,11 @@ def _ingest(settings: Settings, env: dict[str, str], path: Path, log_path: Path)
         )
     if result.returncode != 0:
         raise DemoFailed(f"`synthwatch ingest-history` exited with code {result.returncode}; see {log_path}")
-    return time.monotonic() - started
+    seconds = time.monotonic() - started
+    found = _INGEST_DUPLICATES.search(log_path.read_text(encoding="utf-8", errors="replace"))
+    if found is None:
+        raise DemoFailed(f"`synthwatch ingest-history` printed no count of duplicates; see {log_path}")
+    return seconds, sum(int(group.replace(",", "")) for group in found.groups())
 
 
 def _print_per_day(console: Console, settings: Settings, streams: DemoStreams) -> Counter[str]:
@@ -408,7 +418,9 @@ def run_demo(
             f"{streams.cutover:%Y-%m-%d %H:%M} UTC, then {len(streams.live)} lines for the last {days} days.",
         )
 
-        ingest_seconds = _ingest(settings, env, history_path, data_dir / "ingest.log") if streams.history else 0.0
+        ingest_seconds, history_duplicates = (
+            _ingest(settings, env, history_path, data_dir / "ingest.log") if streams.history else (0.0, 0)
+        )
         started = time.monotonic()
         ready = stack.start().wait_ready(timeout=180).ready_seconds or 0.0
         history = _stored_events(settings)
@@ -416,7 +428,9 @@ def run_demo(
         _prose(
             console,
             f"2. History loaded with `synthwatch ingest-history` in {ingest_seconds:.1f} s: {history} reports "
-            f"stored straight into ClickHouse, {history_rejects} malformed lines in rejects."
+            f"stored straight into ClickHouse, {history_rejects} malformed lines in rejects, "
+            f"{history_duplicates} re-sent lines skipped: "
+            f"{history + history_rejects + history_duplicates} = {len(streams.history)} lines of history."
             if streams.history
             else "2. No history loaded (--history-days 0): the network starts empty.",
         )

@@ -242,6 +242,9 @@ def test_the_demo_output_counts_per_day_and_explains_them(demo_run: DemoRun) -> 
         f"{empty['first_in_region']} first-in-region alerts" in " ".join(lines)
     )
     assert "What the numbers mean" in out
+    # The history too: its lines equal stored + rejected + re-sends (ClickHouse's counts and ingest-history's).
+    history = re.search(r"(\d+) = (\d+) lines of history", " ".join(lines))
+    assert history is not None and history.group(1) == history.group(2) == str(len(streams.history))
     # Accounted for: the live lines read equal stored + dropped + rejected + duplicates.
     accounted = re.search(r"(\d+) = (\d+) lines read", " ".join(lines))
     assert accounted is not None and accounted.group(1) == accounted.group(2) == str(len(streams.live))
