@@ -69,42 +69,29 @@ def _one_line(value: object) -> object:
 def safe_traceback(exc: BaseException) -> str:
     """``exc``'s traceback as the logging module prints it, with each exception's message redacted and kept
     on one line: the message may carry input text (a report field, a URL with its password). The frames are
-    source code: they keep their lines, redacted too (a literal secret in code is still a secret). Causes and
-    contexts are followed as Python prints them."""
-    chain: list[BaseException] = []
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        chain.append(current)
-        if current.__cause__ is not None:
-            current = current.__cause__
-        elif current.__suppress_context__:
-            current = None
-        else:
-            current = current.__context__
-    parts: list[str] = []
-    for depth, error in enumerate(reversed(chain)):
-        if depth:
-            caused = error.__cause__ is chain[len(chain) - depth]
-            parts.append(
-                "\nThe above exception was the direct cause of the following exception:\n\n"
-                if caused
-                else "\nDuring handling of the above exception, another exception occurred:\n\n"
-            )
-        if error.__traceback__ is not None:
-            parts.append("Traceback (most recent call last):\n")
-            parts.extend(redact(frame) for frame in traceback.format_tb(error.__traceback__))
-        kind, module = type(error), type(error).__module__
-        name = kind.__qualname__ if module in ("builtins", "__main__") else f"{module}.{kind.__qualname__}"
-        try:
-            message = str(error)
-        except Exception:  # an exception whose __str__ fails still gets logged
-            message = "<exception str() failed>"
-        parts.append(f"{name}: {visible(redact(message))}\n" if message else f"{name}\n")
-        for note in getattr(error, "__notes__", None) or ():
-            parts.append(f"{visible(redact(str(note)))}\n")
-    return "".join(parts).rstrip("\n")
+    source code: they keep their lines, redacted too (a literal secret in code is still a secret).
+
+    Python's own :class:`traceback.TracebackException` does the layout, so causes, contexts, notes and
+    exception groups (asyncio's TaskGroup raises them) print as Python prints them; only the texts that
+    come from the exceptions are cleaned first.
+    """
+    summary = traceback.TracebackException.from_exception(exc)
+    pending, seen = [summary], set()
+    while pending:
+        node = pending.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        # _str: the message format_exception_only prints (no public setter; the same name in 3.11 to 3.13)
+        node._str = visible(redact(node._str))  # type: ignore[attr-defined]
+        notes = getattr(node, "__notes__", None)
+        if notes:
+            node.__notes__ = [visible(redact(str(note))) for note in notes]
+        if getattr(node, "text", None):  # a SyntaxError's offending line
+            node.text = visible(redact(node.text))
+        pending.extend(n for n in (node.__cause__, node.__context__) if n is not None)
+        pending.extend(getattr(node, "exceptions", None) or ())
+    return redact("".join(summary.format())).rstrip("\n")
 
 
 #: Our modules that subclass Faust's services (App, Recovery, Worker): Faust's own messages (multi-line tables

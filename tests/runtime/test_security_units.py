@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
 from synthwatch.producers.readers import read_csv
-from synthwatch.redaction import install_log_redaction, redact, redact_url, write_private
+from synthwatch.redaction import install_log_redaction, redact, redact_url, safe_traceback, write_private
 from synthwatch.schemas import Reject, WireError, parse_event
 from synthwatch.schemas.reject_reasons import reject_reason, reject_reason_classes
 from synthwatch.schemas.text import visible
@@ -202,6 +202,48 @@ def test_tracebacks_in_logs_keep_each_message_on_one_line_and_hide_passwords() -
     assert lines[-1] == (
         "ValueError: not an alert: Isotonitazene\\n[2026-12-06 03:00:00,000] [1] [ERROR] forged line"
         "\\x1b]8;;https://evil\\x07"
+    )
+
+
+def test_exception_groups_in_logs_keep_their_members_tracebacks_each_message_cleaned() -> None:
+    """asyncio's TaskGroup raises ExceptionGroups: the hand-written traceback printed only the group's
+    own message and frames, dropping each member's traceback and message. Every member is shown as
+    Python shows it, its message redacted and on one line, its notes too."""
+    hostile = "Isotonitazene\n[2026-12-06 03:00:00,000] [1] [ERROR] forged line"
+
+    def deliver() -> None:
+        raise ConnectionError("cannot reach https://officer:hunter2@hook.example/alerts")
+
+    def parse() -> None:
+        raise ValueError(f"bad name {hostile}")
+
+    members: list[Exception] = []
+    for step in (deliver, parse):
+        try:
+            step()
+        except Exception as error:
+            members.append(error)
+    members[1].add_note(f"seen in {hostile}")
+    try:
+        raise ExceptionGroup("unhandled errors in a TaskGroup", members)
+    except ExceptionGroup as group:
+        text = safe_traceback(group)
+    lines = text.splitlines()
+    assert "hunter2" not in text and "https://officer:***@hook.example/alerts" in text
+    assert not any(line.lstrip(" |").startswith("[2026") for line in lines)
+    # both members' own frames and messages, under the group's
+    assert any(line.strip(" |") == 'raise ExceptionGroup("unhandled errors in a TaskGroup", members)' for line in lines)
+    assert any(line.strip(" |").endswith(", in deliver") for line in lines)
+    assert any(line.strip(" |").endswith(", in parse") for line in lines)
+    assert any(
+        line.strip(" |").endswith(
+            "ValueError: bad name Isotonitazene\\n[2026-12-06 03:00:00,000] [1] [ERROR] forged line"
+        )
+        for line in lines
+    )
+    assert any(
+        line.strip(" |") == "seen in Isotonitazene\\n[2026-12-06 03:00:00,000] [1] [ERROR] forged line"
+        for line in lines
     )
 
 
