@@ -75,6 +75,9 @@ class PartitionOffsets:
     partition: int
     end: int
     committed: int
+    #: Records after ``committed`` were processed, but the record at ``committed`` never was: the committed
+    #: offset cannot move past it (the watchdog's "held" partition; only :mod:`.watchdog` fills it in).
+    held: bool = False
 
     @property
     def lag(self) -> int:

@@ -8,7 +8,17 @@ guarantees it is the only one, so the worker watches itself:
 
 - a partition is **stalled** when it has unread records (lag above zero) and its committed offset has
   not moved for ``after`` seconds while ClickHouse answers (a sink that is down holds the consumer
-  back on purpose: :meth:`.context.AgentContext.with_retries` retries, and counts that in its own metric);
+  back on purpose: :meth:`.context.AgentContext.with_retries` retries, and counts that in its own metric),
+  unless it is only **waiting its turn**: the worker committed on another partition within those
+  ``after`` seconds, nothing after the partition's committed offset has been processed, and it has
+  waited less than ``starved_after`` (10 × ``after``). Under a backlog the consumer hands over one
+  partition's fetched records at a time; the sightings topic, fed by the worker itself, then waits
+  tens of seconds between turns behind the input backlog. Counting that as a stall sought every
+  partition back (re-fetching what was already fetched), then answered 503 on ``/ready``, so an
+  orchestrator's probe would restart a worker that was busy, not stuck, and restart it again under the
+  same backlog. A partition whose later records were processed while its committed offset cannot move
+  (a record lost between fetch and agent: issue 11's stall) is **held**, and stalled after ``after``
+  seconds whatever the others do;
 - on a stall the worker logs a warning, counts ``synthwatch_consumer_stalls_total`` and seeks its
   partitions back to their committed offsets the way recovery does (flow stopped, seek, flow resumed:
   :func:`.faust_transport.seek_to_committed`), so every record after them is fetched again (records
@@ -55,7 +65,10 @@ class StallWatch:
     """
 
     after: float
+    #: Seconds a partition may wait its turn while the worker commits elsewhere (default: 10 × ``after``).
+    starved_after: float | None = None
     _partitions: dict[tuple[str, int], _Progress] = field(default_factory=dict)
+    _last_commit: float | None = None  # when any watched partition's committed offset last moved
     unhealthy: dict[tuple[str, int], str] = field(default_factory=dict)
 
     def check(
@@ -65,8 +78,15 @@ class StallWatch:
 
         A partition already sought back that stalls again is moved to :attr:`unhealthy` instead.
         Partitions no longer in ``offsets`` (revoked) are forgotten. While ``sink_failing``, nothing
-        counts as stalled: the consumer waits for ClickHouse on purpose.
+        counts as stalled: the consumer waits for ClickHouse on purpose. A partition waiting its turn
+        (see the module's docstring) is not stalled either.
         """
+        offsets = list(offsets)
+        for item in offsets:
+            state = self._partitions.get((item.topic, item.partition))
+            if state is not None and item.committed != state.committed:
+                self._last_commit = now
+        starved_after = self.starved_after if self.starved_after is not None else 10 * self.after
         stalled: list[PartitionOffsets] = []
         seen: set[tuple[str, int]] = set()
         for item in offsets:
@@ -79,10 +99,15 @@ class StallWatch:
                 continue
             if now - state.since < self.after:
                 continue
+            busy_elsewhere = self._last_commit is not None and now - self._last_commit < self.after
+            if busy_elsewhere and not item.held and now - state.since < starved_after:
+                self.unhealthy.pop(key, None)  # waiting its turn behind a backlog
+                continue
             if state.sought_back:
+                held = " though later records were processed" if item.held else ""
                 self.unhealthy[key] = (
                     f"{item.topic}[{item.partition}]: committed offset {item.committed} of {item.end} has not moved "
-                    f"for {now - state.since:.0f} s after a seek back to it"
+                    f"for {now - state.since:.0f} s after a seek back to it{held}"
                 )
                 continue
             state.sought_back, state.since = True, now
@@ -105,7 +130,9 @@ async def committed_positions(app: faust.App, topics: Collection[str]) -> list[P
 
     Unlike the lag metric (:func:`.metrics.partition_offsets`), never the fetch position: a stalled
     consumer has fetched to the end and taken nothing, so its position says nothing is left. A partition
-    this group has never committed counts from its earliest offset.
+    this group has never committed counts from its earliest offset. ``held``: Faust holds acknowledged
+    offsets of the partition above the committed one, so the record at the committed offset is the one
+    never acknowledged (Faust commits only up to the first gap).
     """
     consumer: Any = app.consumer
     monitor: Any = app.monitor
@@ -122,7 +149,9 @@ async def committed_positions(app: faust.App, topics: Collection[str]) -> list[P
         offset = committed[tp]
         if offset is None:
             offset = earliest.get(tp) or 0
-        found.append(PartitionOffsets(tp.topic, tp.partition, int(end), int(offset)))
+        acked = consumer._acked.get(tp)
+        held = bool(acked) and min(acked) > offset
+        found.append(PartitionOffsets(tp.topic, tp.partition, int(end), int(offset), held))
     return found
 
 

@@ -247,6 +247,8 @@ def bench_pipeline(
                     "events_before": before,  # input events the worker had checkpointed when the phase began
                     "heap_trims": worker.stats().get("heap_trims"),  # the worker's malloc_trim calls, and their time
                     "heap_trim_seconds": worker.stats().get("heap_trim_seconds"),
+                    # seek-backs of the consumer watchdog during the burst (a busy worker is not a stalled one)
+                    "watchdog_seek_backs": worker.stats().get("consumer_stalls"),
                     "series": series.rows(),
                     "series_errors": series.errors[:20],
                 }

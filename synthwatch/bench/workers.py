@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,9 +64,16 @@ class BenchWorker:
     ready_reported: float = 0.0  # the worker's own figure (from run_worker's start)
 
     def stats(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"{self.web_url}/ready", timeout=10) as response:
-            stats: dict[str, Any] = json.loads(response.read())
-            return stats
+        """The worker's counters from ``/ready``, also while it answers 503 (not ready, or stalled): the
+        counters are in the body either way, and a benchmark reports a stall instead of dying of it."""
+        try:
+            with urllib.request.urlopen(f"{self.web_url}/ready", timeout=10) as response:
+                stats: dict[str, Any] = json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            if error.code != 503:
+                raise
+            stats = json.loads(error.read())
+        return stats
 
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> QueryResult:
         """A read statement through the worker's /sql endpoint, with the token the worker wrote."""

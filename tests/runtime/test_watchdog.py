@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from synthwatch.stream_apps.runtime.metrics import PartitionOffsets
 from synthwatch.stream_apps.runtime.watchdog import StallWatch
 
@@ -52,10 +54,54 @@ def test_a_failing_sink_holds_the_consumer_on_purpose_and_is_not_a_stall() -> No
 
 def test_partitions_are_watched_apart_and_revoked_ones_forgotten() -> None:
     watch = StallWatch(after=5)
-    watch.check([at(10, partition=0), at(20, partition=1)], now=0)
-    stalled = watch.check([at(10, partition=0), at(25, partition=1)], now=5)
-    assert stalled == [at(10, partition=0)]
-    watch.check([at(10, partition=0), at(30, partition=1)], now=10)
+    held = PartitionOffsets("labs", 0, end=100, committed=10, held=True)  # stalls while partition 1 moves
+    watch.check([held, at(20, partition=1)], now=0)
+    stalled = watch.check([held, at(25, partition=1)], now=5)
+    assert stalled == [held]
+    watch.check([held, at(30, partition=1)], now=10)
     assert not watch.healthy
     watch.check([at(30, partition=1)], now=11)  # partition 0 went to another worker
     assert watch.healthy
+
+
+def test_a_partition_waiting_its_turn_behind_a_backlog_is_not_stalled() -> None:
+    """Under a backlog the consumer hands over one partition's records at a time: the sightings waited tens
+    of seconds between turns while the inputs committed, and were sought back, then reported not ready
+    (an orchestrator would have restarted a busy worker). While another partition commits, a lagging
+    partition with nothing processed past its committed offset is waiting, not stalled."""
+    watch = StallWatch(after=30)
+    sightings, labs = partial(at, topic="sightings"), partial(at, topic="labs")
+    for now in range(0, 300, 5):  # labs commits at every look; sightings never moves
+        assert watch.check([sightings(10), labs(100 + now, end=10_000)], now=now) == []
+    assert watch.healthy
+
+
+def test_a_partition_starved_for_ten_times_the_stall_time_is_stalled_even_while_others_commit() -> None:
+    watch = StallWatch(after=30)
+    sightings, labs = partial(at, topic="sightings"), partial(at, topic="labs")
+    for now in range(0, 300, 5):
+        assert watch.check([sightings(10), labs(100 + now, end=10_000)], now=now) == []
+    assert watch.check([sightings(10), labs(400, end=10_000)], now=300) == [sightings(10)]
+
+
+def test_a_held_partition_stalls_after_the_stall_time_whatever_the_others_do() -> None:
+    """Later records processed, the committed one never (a record lost between fetch and agent: issue 11):
+    Faust cannot commit past it, and no turn will come for it."""
+    watch = StallWatch(after=30)
+    held = PartitionOffsets("labs", 1, end=100, committed=10, held=True)
+    watch.check([held, at(100, end=10_000)], now=0)
+    assert watch.check([held, at(120, end=10_000)], now=29) == []
+    assert watch.check([held, at(140, end=10_000)], now=30) == [held]
+    watch.check([held, at(160, end=10_000)], now=45)
+    assert watch.check([held, at(180, end=10_000)], now=60) == []
+    assert not watch.healthy and "though later records were processed" in watch.reason()
+
+
+def test_the_worker_committing_nowhere_stalls_every_lagging_partition() -> None:
+    """The stall the watchdog is for: nothing commits anywhere (a hung sink): waiting needs a busy worker."""
+    watch = StallWatch(after=30)
+    sightings, labs = partial(at, topic="sightings"), partial(at, topic="labs")
+    watch.check([sightings(10), labs(100, end=10_000)], now=0)
+    watch.check([sightings(10), labs(150, end=10_000)], now=5)  # the last commit anywhere
+    assert watch.check([sightings(10), labs(150, end=10_000)], now=34) == []  # sightings: labs committed 29 s ago
+    assert watch.check([sightings(10), labs(150, end=10_000)], now=35) == [sightings(10), labs(150, end=10_000)]
