@@ -1,4 +1,4 @@
-"""Faust's aiokafka transport with two changes to its consumer (everything else is Faust's own driver).
+"""Faust's aiokafka transport with changes to its consumer (everything else is Faust's own driver).
 
 1. ``fetch_max_wait_ms`` from the app instead of Faust's fixed 1.5 s. A broker may hold a fetch
    until that wait ends when less than ``fetch_min_bytes`` is there; Tansu (the embedded broker)
@@ -18,6 +18,13 @@
    committed offsets stopped for good (a silent stall) or a later record opened a gap that Faust counts
    as acknowledged (events lost). Issue 11 has the diagnosis; docs/performance.md the runs before and
    after.
+4. No commit past an event still being processed (:meth:`Consumer._filter_committable_offsets`).
+   Faust commits the run of acknowledged offsets after the committed one, and tolerates a gap of
+   exactly one offset at its head (faust-streaming issue 606, open): with offset C in flight and C+1,
+   C+2 acknowledged it commits C+3, and a worker that dies before C is done never processes C again.
+   The delivery agent acknowledges each alert when its deliveries are final, so a slow receiver's
+   alert at C was committed past by the next alerts' quick deliveries: after a crash, that officer
+   never got it. On a never-committed partition Faust does not look at the head at all.
 
 docs/performance.md has the measurements.
 """
@@ -27,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import types
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, cast
 
 import aiokafka
@@ -127,6 +134,18 @@ class Consumer(faust_aiokafka.Consumer):
             self.log.info("Seek %d never-committed stream partitions to their beginning.", len(fresh))
             await self._thread.seek_to_beginning(*(aiokafka.TopicPartition(tp.topic, tp.partition) for tp in fresh))
 
+    def _filter_committable_offsets(self, tps: Any) -> dict[Any, int]:
+        """Faust's committable offsets, minus every partition whose acknowledged offsets lie above an event
+        still in flight (tracked, not acknowledged): those wait until it is acknowledged (item 4 above).
+
+        Checked before Faust's ``_new_offset``, which removes the offsets it returns from its
+        acknowledged list: a commit refused after it would lose them.
+        """
+        in_flight = unacked_heads(self._unacked_messages, self._committed_offset)
+        if in_flight:
+            tps = [tp for tp in tps if not holds_back(self._acked.get(tp), in_flight.get(tp))]
+        return cast(dict[Any, int], super()._filter_committable_offsets(tps))
+
     async def deliver(self, callback: Callable[[Any], Awaitable[Any]], message: Any) -> None:
         """``callback(message)`` run directly; only if it has to wait, finished as Faust does."""
         if self.suspend_flow.is_set():
@@ -222,6 +241,27 @@ class Consumer(faust_aiokafka.Consumer):
             raise
         finally:
             unset_flag(flag_consumer_fetching)
+
+
+def unacked_heads(messages: Iterable[Any], committed: Mapping[Any, int | None]) -> dict[Any, int]:
+    """Per partition, the lowest offset of a tracked event not acknowledged yet, at or above the committed
+    offset (below it, an event of an earlier assignment: fetched again, it does not hold anything)."""
+    heads: dict[Any, int] = {}
+    for message in list(messages):  # a WeakSet: an event dropped meanwhile leaves it
+        if message.acked:
+            continue
+        tp, offset = message.tp, message.offset
+        floor = committed.get(tp)
+        if floor is not None and offset < floor:
+            continue
+        if offset < heads.get(tp, offset + 1):
+            heads[tp] = offset
+    return heads
+
+
+def holds_back(acked: Sequence[int] | None, head: int | None) -> bool:
+    """Whether a commit now would pass ``head``, an event still in flight: some acknowledged offset is above it."""
+    return head is not None and bool(acked) and max(acked) > head  # type: ignore[arg-type]
 
 
 class Transport(faust_aiokafka.Transport):

@@ -1300,6 +1300,74 @@ def test_the_agent_acknowledges_alerts_only_when_final_so_a_killed_worker_loses_
     assert resent <= retrying  # nothing delivered before the kill was sent again
 
 
+@pytest.mark.integration
+@pytest.mark.slow
+def test_an_alert_still_retrying_is_not_committed_past_by_the_quick_ones_after_it(broker: Any, tmp_path: Path) -> None:
+    """Faust commits past one unacknowledged offset at the head of the acknowledged ones (faust-streaming
+    issue 606): the alert at offset C still retrying, C+1 and C+2 delivered, it committed C+3, and a worker
+    killed then never delivered C. The commit now waits for C."""
+    import signal
+    import subprocess
+    import sys
+    import uuid
+
+    from kafka import KafkaProducer
+
+    from synthwatch.stack.broker import ensure_topics
+    from tests.conftest import wait_until
+    from tests.support.delivery_helpers import ThreadedReceiver
+
+    suffix = uuid.uuid4().hex[:6]
+    settings = Settings(data_dir=tmp_path / "worker", topic_alerts=f"alerts-head-{suffix}", app_id=f"head-{suffix}")
+    ensure_topics(settings, broker.bootstrap_servers)
+    alerts = [make_alert(alert_id=f"{suffix}{i:018d}") for i in range(5)]
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, acks="all")
+
+    def publish(batch: list[Alert]) -> None:
+        for alert in batch:  # one partition: offsets in this order
+            producer.send(settings.topic_alerts, value=alert.model_dump_json().encode(), partition=0)
+        producer.flush()
+
+    def start() -> subprocess.Popen[bytes]:
+        log = open(tmp_path / "worker.log", "ab")  # noqa: SIM115 - the child writes to it for its whole life
+        command = [sys.executable, "-m", "tests.support.delivery_helpers", str(settings.data_dir)]
+        command += [broker.bootstrap_servers, settings.topic_alerts, str(tmp_path / "subs.yaml"), settings.app_id]
+        process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[2], stdout=log, stderr=log)
+        log.close()
+        return process
+
+    with ThreadedReceiver() as hooks:
+        (tmp_path / "subs.yaml").write_text(
+            "webhook_allowed_networks: [127.0.0.0/8]\nofficers:\n" + _officer("bko", hook(hooks.url, "bko"))
+        )
+        first = start()
+        slow = alerts[2].alert_id
+        try:
+            publish(alerts[:2])
+            wait_until(lambda: set(hooks.accepted()) >= {a.alert_id for a in alerts[:2]}, 90, "the first deliveries")
+            time.sleep(1.5)  # their offsets get committed (commit interval 0.5 s)
+            hooks.refuse.add(slow)  # this one alert's delivery keeps failing; the two after it go through
+            publish(alerts[2:])
+            wait_until(
+                lambda: set(hooks.accepted()) >= {a.alert_id for a in alerts[3:]} and (slow, 503) in hooks.snapshot(),
+                60,
+                "the later alerts delivered while the slow one retries",
+            )
+            time.sleep(1.5)  # several commit intervals: a commit past the slow alert would be made by now
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait(10)
+        hooks.refuse.clear()
+        second = start()
+        try:
+            wait_until(lambda: slow in hooks.accepted(), 60, "the slow alert delivered after the restart")
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.wait(30)
+    producer.close()
+    assert hooks.accepted() == {a.alert_id: 1 for a in alerts}  # and nothing twice
+
+
 def test_concurrent_submits_of_one_alert_waiting_for_a_slot_send_it_once(db: Any) -> None:
     alert = make_alert()
 

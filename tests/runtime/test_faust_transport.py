@@ -1,4 +1,5 @@
-"""The consumer's direct hand-over: a callback started by hand and finished as a task behaves as if awaited."""
+"""The consumer's direct hand-over (a callback started by hand and finished as a task behaves as if awaited),
+and its commits (never past an event still in flight)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from synthwatch.stream_apps.runtime.transport import _finish
+from synthwatch.stream_apps.runtime.transport import _finish, holds_back, unacked_heads
 
 
 async def _steps(log: list[str], gate: asyncio.Future[str]) -> str:
@@ -138,3 +139,30 @@ def test_the_table_manager_registers_the_tables_and_starts_recovery_without_faus
     tables.sleep = slept  # type: ignore[method-assign]
     asyncio.run(tables.on_start())
     assert steps == ["channels registered", "recovery started"]
+
+
+# --- no commit past an event in flight (faust-streaming issue 606) ---------------------------------------
+
+
+def _message(offset: int, acked: bool = False, partition: int = 0) -> SimpleNamespace:
+    return SimpleNamespace(tp=("alerts", partition), offset=offset, acked=acked)
+
+
+def test_the_lowest_unacknowledged_offset_per_partition_holds_the_commit() -> None:
+    messages = [
+        _message(12),
+        _message(11),
+        _message(10, acked=True),
+        _message(20, partition=1),
+        _message(3, partition=2),
+    ]
+    committed = {("alerts", 0): 10, ("alerts", 1): None, ("alerts", 2): 5}
+    # partition 2's event at 3 is from before its committed offset (an earlier assignment): it holds nothing
+    assert unacked_heads(messages, committed) == {("alerts", 0): 11, ("alerts", 1): 20}
+
+
+def test_a_commit_waits_while_an_acknowledged_offset_lies_above_an_event_in_flight() -> None:
+    assert holds_back([11, 12], 10)  # Faust would commit 13 past the event at 10: the commit waits
+    assert not holds_back([8, 9], 10)  # everything acknowledged is below it: commit up to 10
+    assert not holds_back([11, 12], None)  # nothing in flight
+    assert not holds_back([], 10) and not holds_back(None, 10)

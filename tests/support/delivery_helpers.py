@@ -297,13 +297,15 @@ officers:
 class ThreadedReceiver:
     """A webhook receiver in a thread, for tests whose main thread blocks (child processes, Kafka).
 
-    Verifies like a real receiver; ``override`` answers every request with that status instead (an outage).
+    Verifies like a real receiver; ``override`` answers every request with that status instead (an outage),
+    ``refuse`` answers 503 for the alert ids it holds (one alert's delivery keeps failing).
     """
 
     def __init__(self) -> None:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         self.override: int | None = None
+        self.refuse: set[str] = set()
         self.requests: list[tuple[str, int]] = []  # (alert id claimed in the body, status answered)
         self.seen: set[str] = set()
         self._lock = threading.Lock()
@@ -315,6 +317,8 @@ class ThreadedReceiver:
                 headers = dict(self.headers.items())
                 with receiver._lock:
                     status = receiver.override
+                    if status is None and _alert_of(body) in receiver.refuse:
+                        status = 503
                     if status is None:
                         status = check_request(headers, body, receiver.seen)
                     receiver.requests.append((_alert_of(body), status))
@@ -367,6 +371,7 @@ def run_delivery_worker(data_dir: str, bootstrap: str, topic: str, subscriptions
     from synthwatch.settings import Settings
     from synthwatch.stream_apps.delivery.service import DeliveryService, RetryPolicy, attach_delivery
     from synthwatch.stream_apps.runtime.batches import channel_batches
+    from synthwatch.stream_apps.runtime.transport import App
     from synthwatch.stream_apps.storage.clickhouse import connect, migrate
 
     settings = Settings(
@@ -378,7 +383,7 @@ def run_delivery_worker(data_dir: str, bootstrap: str, topic: str, subscriptions
     )
     client = connect(settings)
     migrate(client)
-    app = faust.App(
+    app = App(  # the worker's app class: its consumer's commits and fetches, not Faust's defaults
         app_id,
         broker=f"kafka://{bootstrap}",
         store="memory://",
