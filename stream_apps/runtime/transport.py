@@ -369,6 +369,7 @@ def worker_app(settings: Settings, bootstrap_servers: str, web_port: int) -> App
         fetch_max_wait_ms=settings.consumer_fetch_max_wait_ms,
         stream_buffer_maxsize=settings.stream_buffer_maxsize,
         broker_max_poll_records=settings.consumer_max_poll_records,
+        consumer_max_fetch_size=settings.consumer_partition_fetch_bytes,
         producer_max_batch_size=settings.producer_batch_bytes,
         producer_linger=settings.producer_linger_ms / 1000,
         broker=[f"kafka://{server.strip()}" for server in bootstrap_servers.split(",")],

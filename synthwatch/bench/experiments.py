@@ -55,6 +55,8 @@ EXPERIMENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("without gc.freeze", ("no-gc-freeze",)),
     ("uvloop instead of asyncio's loop", ("uvloop",)),
     ("stream buffer 32768, 5000 records per poll", ("buffers",)),
+    ("partition fetches of 1 MiB (Faust's default)", ("fetch-1m",)),
+    ("partition fetches of 32 KiB", ("fetch-32k",)),
 )
 
 

@@ -166,3 +166,19 @@ def test_a_commit_waits_while_an_acknowledged_offset_lies_above_an_event_in_flig
     assert not holds_back([8, 9], 10)  # everything acknowledged is below it: commit up to 10
     assert not holds_back([11, 12], None)  # nothing in flight
     assert not holds_back([], 10) and not holds_back(None, 10)
+
+
+def test_the_worker_consumer_fetches_small_partition_batches_as_the_settings_say(tmp_path: Path) -> None:
+    """Faust's 1 MiB per partition put thousands of input reports ahead of the sightings under a backlog
+    (new-substance alerts 31 s late at p50); the setting reaches the consumer that aiokafka builds."""
+    from synthwatch.settings import Settings
+    from synthwatch.stream_apps.runtime.transport import worker_app
+
+    assert Settings(data_dir=tmp_path).consumer_partition_fetch_bytes == 32 * 1024
+    app = worker_app(Settings(data_dir=tmp_path, consumer_partition_fetch_bytes=65536), "127.0.0.1:9", 6066)
+    assert app.conf.consumer_max_fetch_size == 65536
+
+    async def build() -> Any:  # the aiokafka consumer Faust starts (built in a loop, never started here)
+        return app.consumer._thread._create_worker_consumer(app.transport)
+
+    assert asyncio.run(build())._max_partition_fetch_bytes == 65536
