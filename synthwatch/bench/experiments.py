@@ -24,7 +24,7 @@ from synthwatch.bench.bare_faust import (
     raw_aiokafka_rate,
     run_bare_agent,
 )
-from synthwatch.bench.latency import LatencyStream, alert_latency
+from synthwatch.bench.latency import LatencyStream, alert_latency, hop_lines
 from synthwatch.bench.workers import start_worker, wait_consumed, wait_first_consumed, wait_idle
 from synthwatch.bench.workload import (
     Topics,
@@ -210,6 +210,8 @@ def latency_experiments(
                     **{f"{kind} {k}": v for kind, r in result.per_type().items() for k, v in r.items()},
                 }
                 console.print(f"{label}: {out[label]}")
+                for line in hop_lines(result):
+                    console.print(f"{label}, hops, {line}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     table = Table(title=f"alert latency at {rate:,} events/s after {warmup_events:,} events ({machine()})")
