@@ -181,13 +181,6 @@ class Settings(BaseSettings):
         description="Longest time between an agent's checkpoints (events stored in ClickHouse, detector state "
         "written, offsets acknowledged); alerts and sightings are sent with every batch, not held for it.",
     )
-    checkpoint_for_spikes: bool = Field(
-        default=False,
-        description="Start the intake agent's checkpoint as soon as a spike alert waits for it (unless one is "
-        "under way): a spike alert is sent only once the detector state that decided it is written, so it "
-        "otherwise waits up to checkpoint_seconds. Off until an unexplained tail seen with it is understood "
-        "(docs/performance.md).",
-    )
     broker_session_timeout: float = Field(
         default=4.0,
         gt=0,

@@ -47,7 +47,6 @@ EXPERIMENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("batches by Faust's noack_take (0.25 s window)", ("take-batches",)),
     ("channel batches without linger", ("no-linger",)),
     ("checkpoint every 0.25 s", ("checkpoint-0.25",)),
-    ("a waiting spike alert starts a checkpoint", ("spike-checkpoint",)),
     ("fetch wait 20 ms", ("fetch-wait-20",)),
     ("fetch wait 100 ms (the default before 50)", ("fetch-wait-100",)),
     ("producer batches of 16 KiB (Faust's default)", ("producer-16k",)),
@@ -156,7 +155,6 @@ def worker_experiments(
 LATENCY_EXPERIMENTS: tuple[tuple[str, tuple[str, ...], dict[str, str]], ...] = (
     ("shipped settings", (), {}),
     ("the settings before issue 16 (fetch wait 100 ms)", ("fetch-wait-100",), {}),
-    ("a waiting spike alert starts a checkpoint", ("spike-checkpoint",), {}),
     ("batches by Faust's noack_take (0.25 s window)", ("take-batches",), {}),
     ("uvloop instead of asyncio's loop", ("uvloop",), {}),
     ("fetch wait 20 ms", ("fetch-wait-20",), {}),
