@@ -170,9 +170,9 @@ class Settings(BaseSettings):
     batch_linger_seconds: float = Field(
         default=0.1,
         ge=0,
-        description="agent_batches=channel: a batch smaller than batch_least waits up to this long for more "
-        "while more keep arriving (a steady light stream does not wait: it goes after ~10 ms) "
-        "(fixed costs per batch against added latency per hop).",
+        description="agent_batches=channel: an intake or storing batch smaller than batch_least waits up to "
+        "this long for more while more keep arriving (a steady light stream does not wait: it goes after ~10 ms) "
+        "(fixed costs per batch against added latency per hop); the novelty agent never waits.",
     )
     batch_least: int = Field(default=2000, ge=1, description="See batch_linger_seconds.")
     checkpoint_seconds: float = Field(
@@ -180,13 +180,6 @@ class Settings(BaseSettings):
         gt=0,
         description="Longest time between an agent's checkpoints (events stored in ClickHouse, detector state "
         "written, offsets acknowledged); alerts and sightings are sent with every batch, not held for it.",
-    )
-    checkpoint_for_spikes: bool = Field(
-        default=False,
-        description="Start the intake agent's checkpoint as soon as a spike alert waits for it (unless one is "
-        "under way): a spike alert is sent only once the detector state that decided it is written, so it "
-        "otherwise waits up to checkpoint_seconds. Off until an unexplained tail seen with it is understood "
-        "(docs/performance.md).",
     )
     broker_session_timeout: float = Field(
         default=4.0,

@@ -377,10 +377,6 @@ class RegionDetector:
                     loaded.append(name)
         return loaded
 
-    def outbox_waiting(self) -> bool:
-        """Whether outbox entries wait for a checkpoint to send them (none handed out yet)."""
-        return bool(self.outbox_series)
-
     def take_outbox(self, only: Collection[str] | None = None) -> list[tuple[str, SeriesState, list[str]]]:
         """(series, state, alert JSON) of outbox entries not handed out before, for a checkpoint to send.
 

@@ -46,17 +46,13 @@ class Checkpoint:
         self.events.extend(events)
         self.sends.extend(sends)
 
-    def due(self, quiet: bool = False, waiting: bool = False) -> bool:
+    def due(self, quiet: bool = False) -> bool:
         """Something is held and it has been held long enough, or there is a lot of it, or the stream
         is ``quiet`` (nothing arrived for a while: checkpointing costs nothing then, and the held
-        events reach ClickHouse without waiting out the interval), or an alert is ``waiting`` for this
-        checkpoint and none is under way (a spike alert goes out only once the state that decided it is
-        written: it would wait up to the whole interval; starting now does not hold the agent back)."""
+        events reach ClickHouse without waiting out the interval)."""
         if not self.events:
             return False
-        if quiet or len(self.events) >= self.most or time.monotonic() - self.since >= self.every:
-            return True
-        return waiting and (self.running is None or self.running.done())
+        return quiet or len(self.events) >= self.most or time.monotonic() - self.since >= self.every
 
     async def start(self, write: Coroutine[Any, Any, None]) -> None:
         """Checkpoint what is held now in the background; the agent goes on with its next batches.

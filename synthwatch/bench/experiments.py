@@ -24,7 +24,7 @@ from synthwatch.bench.bare_faust import (
     raw_aiokafka_rate,
     run_bare_agent,
 )
-from synthwatch.bench.latency import LatencyStream, alert_latency
+from synthwatch.bench.latency import LatencyStream, alert_latency, hop_lines
 from synthwatch.bench.workers import start_worker, wait_consumed, wait_first_consumed, wait_idle
 from synthwatch.bench.workload import (
     Topics,
@@ -47,7 +47,6 @@ EXPERIMENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("batches by Faust's noack_take (0.25 s window)", ("take-batches",)),
     ("channel batches without linger", ("no-linger",)),
     ("checkpoint every 0.25 s", ("checkpoint-0.25",)),
-    ("a waiting spike alert starts a checkpoint", ("spike-checkpoint",)),
     ("fetch wait 20 ms", ("fetch-wait-20",)),
     ("fetch wait 100 ms (the default before 50)", ("fetch-wait-100",)),
     ("producer batches of 16 KiB (Faust's default)", ("producer-16k",)),
@@ -158,7 +157,6 @@ def worker_experiments(
 LATENCY_EXPERIMENTS: tuple[tuple[str, tuple[str, ...], dict[str, str]], ...] = (
     ("shipped settings", (), {}),
     ("the settings before issue 16 (fetch wait 100 ms)", ("fetch-wait-100",), {}),
-    ("a waiting spike alert starts a checkpoint", ("spike-checkpoint",), {}),
     ("batches by Faust's noack_take (0.25 s window)", ("take-batches",), {}),
     ("uvloop instead of asyncio's loop", ("uvloop",), {}),
     ("fetch wait 20 ms", ("fetch-wait-20",), {}),
@@ -212,6 +210,8 @@ def latency_experiments(
                     **{f"{kind} {k}": v for kind, r in result.per_type().items() for k, v in r.items()},
                 }
                 console.print(f"{label}: {out[label]}")
+                for line in hop_lines(result):
+                    console.print(f"{label}, hops, {line}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     table = Table(title=f"alert latency at {rate:,} events/s after {warmup_events:,} events ({machine()})")

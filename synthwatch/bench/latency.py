@@ -33,6 +33,13 @@ class LatencyResult:
     #: The matched latencies per alert type: spike alerts wait for the checkpoint that writes the state which
     #: decided them (docs/performance.md), the others go out with their batch; the tail is one or the other.
     matched_by_type: dict[str, list[float]] = field(default_factory=dict)
+    #: Where each matched alert's time went, per alert type and hop (seconds), from the Kafka CreateTime
+    #: stamps the worker's producer puts on the records it sends (same machine, same wall clock):
+    #: "intake" = report handed to the producer -> its sighting sent by the intake agent (input fetch, batch,
+    #: region stage); "novelty" = sighting sent -> alert sent (sightings fetch, novelty stage);
+    #: "to alert" = report handed over -> alert sent (spikes: intake, then the checkpoint and its outbox);
+    #: "reader" = alert sent -> read here (producer flush, alerts fetch: the observer's own share).
+    hops: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     def percentile(self, q: float, alert_type: str | None = None) -> float:
         """The ``q``-quantile (``q`` in [0, 1]) of the matched latencies (of one alert type), by nearest rank;
@@ -52,6 +59,24 @@ class LatencyResult:
             for kind, values in sorted(self.matched_by_type.items())
         }
 
+    def hop_table(self) -> dict[str, dict[str, dict[str, float]]]:
+        """p50, p99 and max (seconds) of each hop, per alert type (see ``hops``)."""
+        return {
+            kind: {
+                hop: {
+                    "p50": percentile(values, 50, nearest_rank=True),
+                    "p99": percentile(values, 99, nearest_rank=True),
+                    "max": max(values),
+                }
+                for hop, values in hops.items()
+                if values
+            }
+            for kind, hops in sorted(self.hops.items())
+        }
+
+    def hop(self, kind: str, name: str, seconds: float) -> None:
+        self.hops.setdefault(kind, {}).setdefault(name, []).append(seconds)
+
 
 async def _latency_run(
     settings: Settings, servers: str, rate: int, seconds: int, novel_every: int, stream: LatencyStream
@@ -61,13 +86,19 @@ async def _latency_run(
     regions, substances = bench_regions(100), bench_substances(50)
     result = LatencyResult()
     published: dict[str, float] = {}
+    handed: dict[str, float] = {}  # event id -> wall clock when handed to the producer (to compare with CreateTime)
+    sighted: dict[str, float] = {}  # event id -> CreateTime of the sightings record that carried it (seconds)
     # A short fetch wait: Tansu answers a waiting fetch when the wait ends, not when data arrives, and the
-    # observer must not add its own delay to what it measures.
-    consumer = AIOKafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False, fetch_max_wait_ms=20)
+    # observer must not add its own delay to what it measures (its share is the "reader" hop: 10 ms, not
+    # 20, halves it; shorter would poll the broker on the machine it measures more than 100 times a second).
+    consumer = AIOKafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False, fetch_max_wait_ms=10)
     await consumer.start()
     await consumer._client.force_metadata_update()
-    known = consumer.partitions_for_topic(settings.topic_alerts) or {0}
-    partitions = [TopicPartition(settings.topic_alerts, p) for p in sorted(known)]
+    partitions = [
+        TopicPartition(topic, p)
+        for topic in (settings.topic_alerts, settings.topic_sightings)
+        for p in sorted(consumer.partitions_for_topic(topic) or {0})
+    ]
     consumer.assign(partitions)
     await consumer.seek_to_end(*partitions)
     for tp in partitions:  # resolve the end offsets now, so nothing sent later is skipped
@@ -78,17 +109,30 @@ async def _latency_run(
     async def collect(stop: asyncio.Event) -> None:
         while not stop.is_set():
             batches = await consumer.getmany(timeout_ms=100)
-            now = time.monotonic()
-            for records in batches.values():
+            now, wall = time.monotonic(), time.time()
+            for tp, records in batches.items():
+                if tp.topic == settings.topic_sightings:
+                    for record in records:
+                        for sighting in json.loads(record.value or b"[]"):
+                            sighted.setdefault(str(sighting.get("event_id")), record.timestamp / 1000)
+                    continue
                 for record in records:
                     alert = json.loads(record.value or b"{}")
                     result.alerts += 1
                     kind = str(alert.get("alert_type"))
                     result.by_type[kind] = result.by_type.get(kind, 0) + 1
-                    sent_at = [published[e] for e in alert.get("evidence_event_ids", []) if e in published]
+                    evidence = [e for e in alert.get("evidence_event_ids", []) if e in published]
+                    sent_at = [published[e] for e in evidence]
                     if sent_at:  # the newest evidence is the report that made the alert true
                         result.matched.append(now - max(sent_at))
                         result.matched_by_type.setdefault(kind, []).append(now - max(sent_at))
+                        newest = max(evidence, key=published.__getitem__)
+                        alert_sent = record.timestamp / 1000
+                        result.hop(kind, "to alert", alert_sent - handed[newest])
+                        if newest in sighted:
+                            result.hop(kind, "intake", sighted[newest] - handed[newest])
+                            result.hop(kind, "novelty", alert_sent - sighted[newest])
+                        result.hop(kind, "reader", wall - alert_sent)
 
     stop = asyncio.Event()
     collector = asyncio.create_task(collect(stop))
@@ -108,7 +152,7 @@ async def _latency_run(
             at = (stream.start + stream.step * n).isoformat()
             line = (lab_line if (n // len(regions)) % 2 else seizure_line)(event_id, country, region, name, at, n)
             topic = settings.topic_lab_detections if (n // len(regions)) % 2 else settings.topic_border_seizures
-            published[event_id] = time.monotonic()
+            published[event_id], handed[event_id] = time.monotonic(), time.time()
             pending.append(await producer.send(topic, key=region.encode(), value=line.encode()))
             i += 1
         await asyncio.sleep(tick)
@@ -120,6 +164,20 @@ async def _latency_run(
     await collector
     await consumer.stop()
     return result
+
+
+def hop_lines(result: LatencyResult) -> list[str]:
+    """One line per alert type: p50/p99/max of each hop in ms (where an alert's time goes)."""
+
+    def ms(value: float) -> str:
+        return f"{value * 1000:,.0f}"
+
+    return [
+        f"{kind}: "
+        + "; ".join(f"{hop} {ms(v['p50'])}/{ms(v['p99'])}/{ms(v['max'])}" for hop, v in hops.items())
+        + " ms (p50/p99/max)"
+        for kind, hops in result.hop_table().items()
+    ]
 
 
 def alert_latency(

@@ -51,7 +51,7 @@ from synthwatch.bench.experiments import (
     latency_experiments,
     worker_experiments,
 )
-from synthwatch.bench.latency import LatencyStream, alert_latency
+from synthwatch.bench.latency import LatencyStream, alert_latency, hop_lines
 from synthwatch.bench.memory import RssSeries, engine_heap_mib, rss_table
 from synthwatch.bench.workers import (
     WORKER_ENV,
@@ -276,8 +276,11 @@ def bench_pipeline(
                     "p99": latency.percentile(0.99),
                     "max": max(latency.matched) if latency.matched else math.nan,
                     "per_type": latency.per_type(),
+                    "hops": latency.hop_table(),
                 }
                 console.print(f"latency: {results['latency']}")
+                for line in hop_lines(latency):
+                    console.print(f"latency hops, {line}")
             worker.stop()
 
             # 6. the floor again, with nothing else running: how much the machine's noise moves it

@@ -45,7 +45,6 @@ WORKER_ENV: dict[str, dict[str, str]] = {
     "take-batches": {"SYNTHWATCH_AGENT_BATCHES": "take"},  # Faust's noack_take, the previous batching
     "no-linger": {"SYNTHWATCH_BATCH_LINGER_SECONDS": "0"},
     "checkpoint-0.25": {"SYNTHWATCH_CHECKPOINT_SECONDS": "0.25"},
-    "spike-checkpoint": {"SYNTHWATCH_CHECKPOINT_FOR_SPIKES": "true"},  # a waiting spike alert starts a checkpoint
 }
 
 

@@ -123,33 +123,3 @@ def test_due_after_the_interval_or_once_enough_is_held() -> None:
         assert quick.due()
 
     asyncio.run(run())
-
-
-def test_a_waiting_alert_makes_a_checkpoint_due_at_once_unless_one_is_under_way() -> None:
-    """Spike alerts go out only with the checkpoint that writes their state: one waiting starts it now, not at
-    the interval, but never while the previous is still running (the agent would stop until it ends)."""
-    order = _Order()
-
-    async def run() -> None:
-        held = Checkpoint(cast(Any, _App()), every=3600.0, most=100)
-        assert not held.due(waiting=True)  # nothing held: nothing to write
-        held.hold([order.event("e1")], [])
-        assert not held.due()  # an hour's interval, little held, the stream not quiet
-        assert held.due(waiting=True)
-        gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        async def slow_write() -> None:
-            await gate
-            order.log.append("write 1")
-
-        await held.start(slow_write())
-        held.hold([order.event("e2")], [])
-        assert not held.due(waiting=True)  # the first is under way: wait for it rather than block on it
-        gate.set_result(None)
-        await held.wait()
-        assert held.due(waiting=True)
-        await held.start(order.write("2"))
-        await held.wait()
-
-    asyncio.run(run())
-    assert order.log == ["write 1", "ack e1", "write 2", "ack e2"]

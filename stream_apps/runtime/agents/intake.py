@@ -6,8 +6,7 @@ and flagged, not refused; duplicates, spikes); send rejects and sightings (keyed
 checkpoints: store new events in ClickHouse, write changed detector state to the region table's
 changelog, then send the spike alerts that state decided (an outbox in the series records: a crash
 cannot re-decide a sent alert differently): a spike alert waits up to one checkpoint interval,
-``SYNTHWATCH_CHECKPOINT_SECONDS``, or, with ``SYNTHWATCH_CHECKPOINT_FOR_SPIKES`` (off by default), a batch
-that leaves spike alerts in the outbox starts a checkpoint at once unless one is under way.
+``SYNTHWATCH_CHECKPOINT_SECONDS``.
 """
 
 from __future__ import annotations
@@ -193,11 +192,7 @@ def add_intake_agent(agents: AgentContext, tables: StateTables, outbox: SpikeOut
                 metrics.produced(settings.topic_sightings, len(by_substance))
                 metrics.intake_batch(len(messages), len(sightings))
                 metrics.alerts_raised(len(found.alerts))
-            # Spike alerts wait in the outbox for the checkpoint that writes their series: start it now
-            # unless one is under way (SYNTHWATCH_CHECKPOINT_FOR_SPIKES, off by default: else up to
-            # checkpoint_seconds later).
-            spikes_waiting = settings.checkpoint_for_spikes and ctx.regions.outbox_waiting()
-            if held.due(quiet=not events, waiting=spikes_waiting):
+            if held.due(quiet=not events):
                 # A region with no event since the start (a series whose outbox was sent at start) has no
                 # partition noted yet: it is the region's own, as the publishers key by region.
                 n = settings.partitions

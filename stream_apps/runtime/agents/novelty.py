@@ -11,6 +11,7 @@ import faust
 
 from synthwatch.schemas.topics import Sighting
 from synthwatch.stream_apps.detect.replay import Position
+from synthwatch.stream_apps.runtime.batches import novelty_batches
 from synthwatch.stream_apps.runtime.context import AgentContext
 from synthwatch.stream_apps.runtime.state_tables import Change, StateTables
 
@@ -18,6 +19,7 @@ from synthwatch.stream_apps.runtime.state_tables import Change, StateTables
 def add_novelty_agent(agents: AgentContext, tables: StateTables) -> None:
     """Define the ``novelty`` agent on the sightings topic."""
     ctx, metrics, settings = agents.worker, agents.metrics, agents.settings
+    batches = novelty_batches(settings)  # no linger: see novelty_batches
 
     async def novelty_agent(stream: faust.StreamT[bytes]) -> None:
         held = agents.checkpoint()
@@ -26,7 +28,7 @@ def add_novelty_agent(agents: AgentContext, tables: StateTables) -> None:
         async def write(changes: list[Change]) -> None:
             await tables.write(tables.substances, changes)
 
-        async for events in agents.batches(stream):
+        async for events in batches(stream):
             if events:
                 await agents.until_state_ready()
                 metrics.consumed(events)

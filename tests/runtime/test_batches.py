@@ -1,0 +1,81 @@
+"""Channel batches: the intake lingers for a fetch still being handed over, the novelty agent does not."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from types import SimpleNamespace
+from typing import Any
+
+from synthwatch.settings import Settings
+from synthwatch.stream_apps.runtime.batches import agent_batches, novelty_batches
+
+
+class _Queue(asyncio.Queue[Any]):
+    """The channel queue as the batching reads it (Faust's ThrowableQueue keeps errors in ``_errors``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._errors: deque[BaseException] = deque()
+
+
+def _stream(queue: _Queue) -> Any:
+    """The parts of a Faust stream, its app and consumer that ``channel_batches`` touches."""
+    app = SimpleNamespace(
+        consumer=SimpleNamespace(unacked=_Unacked()),
+        topics=SimpleNamespace(acking_topics={"sightings"}),
+        flow_control=SimpleNamespace(is_active=lambda: True),
+        consumer_generation_id=1,
+    )
+
+    async def maybe_start() -> bool:
+        return False
+
+    return SimpleNamespace(app=app, channel=SimpleNamespace(queue=queue), should_stop=False, maybe_start=maybe_start)
+
+
+class _Unacked(list[Any]):
+    """The consumer's set of unacknowledged messages (a list here: the fake messages are not hashable)."""
+
+    def add(self, message: Any) -> None:
+        self.append(message)
+
+
+def _event(n: int) -> Any:
+    return SimpleNamespace(message=SimpleNamespace(generation_id=1, tracked=False, topic="sightings", offset=n))
+
+
+async def _first_batch(batches: Callable[[Any], AsyncIterator[list[Any]]]) -> list[Any]:
+    """The first batch while events keep arriving one per turn of the loop (a fetch being handed over)."""
+    queue = _Queue()
+    queue.put_nowait(_event(0))
+    stop = asyncio.Event()
+
+    async def feed() -> None:
+        n = 1
+        while not stop.is_set():
+            queue.put_nowait(_event(n))
+            n += 1
+            await asyncio.sleep(0)
+
+    feeder = asyncio.ensure_future(feed())
+    try:
+        async for batch in batches(_stream(queue)):
+            return batch
+    finally:
+        stop.set()
+        await feeder
+    raise AssertionError("no batch")
+
+
+def test_the_intake_lingers_while_a_fetch_is_handed_over_the_novelty_agent_does_not() -> None:
+    # a long linger and a small least: the intake's batch ends when 10 events are there, never by the clock
+    settings = Settings(batch_linger_seconds=60.0, batch_least=10)
+    lingering = asyncio.run(_first_batch(agent_batches(settings)))
+    assert len(lingering) >= 10
+    assert [e.message.offset for e in lingering] == list(range(len(lingering)))
+    assert all(e.message.tracked for e in lingering)  # tracked as unacknowledged: never committed past
+    direct = asyncio.run(_first_batch(novelty_batches(settings)))
+    assert [e.message.offset for e in direct] == [0]  # what was there, at once
+    assert direct[0].message.tracked
