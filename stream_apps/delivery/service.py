@@ -33,10 +33,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequ
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import faust
-from clickhouse_connect.driver.client import Client
 
 from synthwatch.errors import SynthwatchError
 from synthwatch.redaction import redact
@@ -61,6 +60,10 @@ from synthwatch.stream_apps.delivery.webhook import WebhookSender, delivery_id
 from synthwatch.stream_apps.storage.deliveries import DeliveryStore, Key, QueuedAlert
 from synthwatch.stream_apps.storage.retries import retry_until_done
 from synthwatch.stream_apps.storage.tables import Attempt, DeliveryStatus
+
+if TYPE_CHECKING:
+    # clickhouse-connect is imported where a client is opened: in the worker, by the thread that opens it.
+    from clickhouse_connect.driver.client import Client
 
 log = logging.getLogger("synthwatch.delivery")
 T = TypeVar("T")

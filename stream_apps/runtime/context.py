@@ -12,10 +12,9 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import faust
-from clickhouse_connect.driver.client import Client
 
 from synthwatch.settings import Settings
 from synthwatch.stream_apps.detect.intake import Intake
@@ -27,6 +26,10 @@ from synthwatch.stream_apps.runtime.metrics import WorkerMetrics
 from synthwatch.stream_apps.runtime.worker_signature import WorkerSigner
 from synthwatch.stream_apps.storage.retries import retry_until_done
 from synthwatch.stream_apps.storage.sink import ClickHouseSink
+
+if TYPE_CHECKING:
+    # clickhouse-connect is imported where a client is opened: in the worker, by the thread that opens it.
+    from clickhouse_connect.driver.client import Client
 
 log = logging.getLogger("synthwatch.stack.worker")
 T = TypeVar("T")

@@ -17,14 +17,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse, urlunparse
-
-import clickhouse_connect
-from clickhouse_connect.driver.client import Client
 
 from synthwatch.errors import SynthwatchError
 from synthwatch.settings import Settings
+
+if TYPE_CHECKING:
+    from clickhouse_connect.driver.client import Client
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -72,6 +72,8 @@ def connect(settings: Settings, database: str | None = None, create: bool = True
     For ``chdb://`` this opens the embedded engine in this process; a second process cannot open the
     same directory (ask the running ``synthwatch up`` instead: see :mod:`synthwatch.stream_apps.storage.query`).
     """
+    import clickhouse_connect  # here, not at the top: a worker imports it in the thread that opens its client
+
     url = settings.resolved_clickhouse_url
     database = database or database_of(settings)
     if url.startswith("chdb:"):
@@ -228,9 +230,9 @@ class OpeningClient:
             self._thread.start()
 
     def start(self) -> None:
-        """Start opening (when made with ``start=False``): the worker starts it once its own start-up work
-        is done, so the two do not share the interpreter's lock while it waits for its group join."""
-        if not self._thread.is_alive() and not self._future.done():
+        """Start opening (when made with ``start=False``; later calls do nothing): the worker starts it when
+        its group join begins, so the two do not share the interpreter's lock while the worker starts."""
+        if self._thread.ident is None:
             self._thread.start()
 
     def _open(

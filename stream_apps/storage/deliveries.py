@@ -11,10 +11,13 @@ import threading
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-
-from clickhouse_connect.driver.client import Client
+from typing import TYPE_CHECKING
 
 from synthwatch.stream_apps.storage.tables import DELIVERY_COLUMNS, DELIVERY_TABLE, Attempt
+
+if TYPE_CHECKING:
+    # clickhouse-connect is imported where a client is opened: in the worker, by the thread that opens it.
+    from clickhouse_connect.driver.client import Client
 
 Key = tuple[str, str, str]
 """(alert_id, officer_id, channel name): what is delivered at most once."""

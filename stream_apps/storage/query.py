@@ -24,10 +24,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from clickhouse_connect.driver.binding import bind_query
-from clickhouse_connect.driver.client import Client
+from typing import TYPE_CHECKING, Any
 
 from synthwatch.errors import SynthwatchError
 from synthwatch.redaction import redact
@@ -35,6 +32,10 @@ from synthwatch.schemas.text import jsonable
 from synthwatch.settings import Settings
 from synthwatch.stackfile import read_stack, read_web_token
 from synthwatch.stream_apps.storage.clickhouse import connect
+
+if TYPE_CHECKING:
+    # clickhouse-connect is imported where a client is opened: in the worker, by the thread that opens it.
+    from clickhouse_connect.driver.client import Client
 
 
 class QueryError(SynthwatchError, RuntimeError):
@@ -149,6 +150,8 @@ def check_select(
     parameters (``%(name)s``) are bound first, so what is checked is what runs; returns the canonical text
     and the server-side parameters (``{name:Type}``) still to bind, if any.
     """
+    from clickhouse_connect.driver.binding import bind_query
+
     statement = sql.strip().rstrip(";").strip()
     if not statement:
         raise QueryError("empty query; send one SELECT statement")

@@ -14,9 +14,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-from clickhouse_connect.driver.client import Client
+from typing import TYPE_CHECKING, Any
 
 from synthwatch.schemas import Alert, BorderSeizure, LabDetection, Reject
 from synthwatch.stream_apps.detect.intake import EnrichedEvent
@@ -35,6 +33,10 @@ from synthwatch.stream_apps.storage.tables import (
     reject_row,
     seizure_row,
 )
+
+if TYPE_CHECKING:
+    # clickhouse-connect is imported where a client is opened: in the worker, by the thread that opens it.
+    from clickhouse_connect.driver.client import Client
 
 # The sink never inserts an id twice in one block (ids already stored are filtered, and so are the
 # repeats of an id within the call), so merging Replacing/Summing rows at insert time is wasted work.

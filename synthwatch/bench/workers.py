@@ -48,9 +48,10 @@ WORKER_ENV: dict[str, dict[str, str]] = {
 }
 
 
-def worker_command() -> list[str]:
-    """argv of ``synthwatch worker`` (variants differ only in their environment)."""
-    return [sys.executable, "-m", "synthwatch.cli.main", "worker"]
+def worker_command(python: str | None = None) -> list[str]:
+    """argv of ``synthwatch worker`` (variants differ only in their environment); ``python``: another
+    interpreter (another checkout's virtualenv, to compare its start-up in the same run)."""
+    return [python or sys.executable, "-m", "synthwatch.cli.main", "worker"]
 
 
 @dataclass
@@ -108,6 +109,7 @@ def start_worker(
     app_id: str | None = None,
     timeout: float = 120.0,
     extra_env: dict[str, str] | None = None,
+    python: str | None = None,
 ) -> BenchWorker:
     """Start one worker (own data dir, own embedded engine or database) and wait until it is ready."""
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -133,7 +135,11 @@ def start_worker(
         env.update(WORKER_ENV.get(name, {}))
     env.update(extra_env or {})
     log_path = data_dir / "worker.log"
-    child = StackProcess(worker_command(), log_path, env=env, settings=Settings(data_dir=data_dir), what="worker")
+    # In its data directory: `-m` puts the working directory first on sys.path, so a worker of another
+    # interpreter (``python``) started from a checkout would import that checkout's package, not its own.
+    child = StackProcess(
+        worker_command(python), log_path, env=env, settings=Settings(data_dir=data_dir), what="worker", cwd=data_dir
+    )
     child.start()
     try:
         info = child.wait_ready(timeout, interval=0.05)

@@ -457,6 +457,19 @@ def bench_delivery_hung_command(
     )
 
 
+@bench_app.command("ready")
+def bench_ready_command(
+    runs: Annotated[int, typer.Option(min=1, help="Workers started per interpreter, one after another.")] = 5,
+    python: Annotated[
+        list[str] | None, typer.Option(help="Another interpreter to compare, e.g. OTHER/.venv/bin/python (repeatable).")
+    ] = None,
+) -> None:
+    """Worker start-up to ready (target 3 s): median from process start and by the worker's own count."""
+    from synthwatch.bench.ready import bench_ready
+
+    bench_ready(console, runs, python or ())
+
+
 @bench_app.command("sink")
 def bench_sink_command(
     events: Annotated[int, typer.Option(help="Reports stored from an in-memory batch source.")] = 200_000,

@@ -21,15 +21,17 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
-
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
-from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from typing import TYPE_CHECKING
 
 from synthwatch.errors import SynthwatchError
 from synthwatch.kafka_clients import KafkaConnectError, kafka_python_config, tls_preflight
 from synthwatch.settings import Settings
 from synthwatch.stack.process import stop_child
+
+if TYPE_CHECKING:
+    # kafka-python is imported where it is used: a worker (`synthwatch worker`) imports this module for the
+    # stack file and the port checks but never calls kafka-python before it is ready (~0.1 s of its start-up).
+    from kafka import KafkaConsumer, TopicPartition
 
 
 class BrokerError(SynthwatchError, RuntimeError):
@@ -243,6 +245,10 @@ def ensure_topics(settings: Settings, bootstrap_servers: str, timeout: float = 2
 
     Existing topics are left as they are (a cluster operator may have tuned them).
     """
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from kafka.errors import KafkaError, TopicAlreadyExistsError
+
     deadline = time.monotonic() + timeout
     tls_preflight(settings, bootstrap_servers)
     while True:
@@ -275,6 +281,8 @@ def ensure_topics(settings: Settings, bootstrap_servers: str, timeout: float = 2
 
 
 def _partitions(consumer: KafkaConsumer, topics: Iterable[str]) -> list[TopicPartition]:
+    from kafka import TopicPartition
+
     return [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or set())]
 
 
@@ -300,6 +308,8 @@ def high_watermarks(servers: str, topics: Iterable[str], timeout: float = 20.0) 
     lag computed from it looks zero (or negative) while the last batch is still unread. A partition
     whose mark is not known within ``timeout`` is missing from the result.
     """
+    from kafka import KafkaConsumer
+
     consumer = KafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False)
     try:
         return _marks(consumer, _partitions(consumer, topics), timeout)
@@ -319,6 +329,8 @@ def committed_offsets(
     """
     # Requests time out with ``timeout``, not kafka-python's 30 s to 5 min: a frozen broker must not
     # hold a stopping `up` for minutes.
+    from kafka import KafkaAdminClient, KafkaConsumer
+
     wait_ms = max(int(timeout * 1000), 1000)
     consumer = KafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False, request_timeout_ms=wait_ms)
     try:

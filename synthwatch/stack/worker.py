@@ -14,10 +14,9 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from types import FrameType
-from typing import IO, Any, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import faust
-from clickhouse_connect.driver.client import Client
 
 from synthwatch.errors import SynthwatchError
 from synthwatch.redaction import install_log_redaction, private_dir, redact
@@ -33,6 +32,9 @@ from synthwatch.stack.broker import (
 from synthwatch.stack.drain import DrainingWorker, DrainOutcome, describe_lag, final_count
 from synthwatch.stackfile import StackInfo, new_web_token, read_stack, remove_stack, write_stack
 from synthwatch.stream_apps.storage.clickhouse import Migration, OpeningClient
+
+if TYPE_CHECKING:
+    from clickhouse_connect.driver.client import Client
 
 log = logging.getLogger("synthwatch.stack")
 
@@ -57,8 +59,8 @@ def run_worker(
 ) -> DrainOutcome | None:
     """Open ClickHouse, apply migrations, run the Faust worker until SIGINT/SIGTERM.
 
-    ClickHouse opens and migrates in a thread (:class:`OpeningClient`) while the worker builds its app and
-    joins its consumer group; the worker is ready only once both are done (:mod:`.recovery`), and stops with
+    ClickHouse opens and migrates in a thread (:class:`OpeningClient`) while the worker waits for its group
+    join (:func:`open_storage_at_join`); the worker is ready only once both are done (:mod:`.recovery`), and stops with
     the opening's error if it failed. This process owns the ClickHouse client for its lifetime; other
     commands reach the data through its ``/sql`` endpoint, found through ``DATA_DIR/stack.json``. ``drain``
     (``synthwatch up``): the first stop signal waits until everything consumed is stored (:mod:`.drain`);
@@ -72,7 +74,7 @@ def run_worker(
         if applied:
             announce(f"ClickHouse: applied migrations {', '.join(f'{m.version:04d}_{m.name}' for m in applied)}")
 
-    # Started once the app is built (_run_worker): while the worker waits for its group join, not while it imports.
+    # Started when the group join begins (_run_worker): while the worker waits for the broker, not while it starts.
     client = OpeningClient(settings, apply_migrations=settings.migrate_on_start, on_migrated=migrated, start=False)
     try:
         return _run_worker(
@@ -152,8 +154,8 @@ def _run_worker(
     resolver = SubstanceResolver(corroboration=settings.learnt_name_reporters)
     ctx = WorkerContext(
         settings=settings,
-        client=cast(Client, client),  # used as the client it becomes (every use waits for it)
-        sink=ClickHouseSink(cast(Client, client)),
+        client=cast("Client", client),  # used as the client it becomes (every use waits for it)
+        sink=ClickHouseSink(cast("Client", client)),
         intake=Intake(resolver, verifier=verifier, limits=settings.record_limits()),
         metrics=WorkerMetrics(app_id=settings.app_id),
         regions=RegionDetector(DetectionConfig.from_settings(settings)),
@@ -180,7 +182,7 @@ def _run_worker(
     else:
         worker = faust_worker(app, loglevel)
     worker.spinner = None
-    client.start()
+    open_storage_at_join(app, client)
     try:
         worker.execute_from_commandline()
     except SystemExit as stopped:
@@ -189,6 +191,20 @@ def _run_worker(
         return worker.outcome
     finally:
         remove_stack(settings, pid)
+
+
+def open_storage_at_join(app: faust.App, client: OpeningClient) -> None:
+    """Start opening ClickHouse when the consumer begins its first group join (Faust's first revocation).
+
+    Why then: the broker holds the JoinGroup (Tansu: half the session timeout, 2 s), and the opening (the
+    clickhouse-connect and chDB imports, the engine, the migrations: ~1 s) fits in that wait. Started before
+    the Faust worker, it shared the interpreter's lock with Faust's start-up, which is on the path to the
+    join (0.3 s from worker start to JoinGroup instead of 0.1 s). Later rebalances find it started.
+    """
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # mode's stub wants a keyword-only signal
+    async def open_storage(sender: Any, *args: Any, **kwargs: Any) -> None:
+        client.start()
 
 
 #: A worker for a service: no banner, standard streams left alone.
