@@ -717,6 +717,10 @@ async def deliver_alerts(
     as at checkpoints (:class:`.checkpoints.Checkpoint`).
     """
     acks: set[asyncio.Task[None]] = set()
+    # Alerts left unacknowledged on purpose stay referenced: the consumer tracks events weakly, and an event
+    # collected would no longer hold its partition's commit (stream_apps/runtime/transport.py, item 4), so
+    # the next alerts' commits would pass it and the restart would not deliver it again.
+    left: list[Any] = []
 
     async def ack_when_final(event: Any, ticket: asyncio.Future[list[Outcome]]) -> None:
         try:
@@ -727,6 +731,7 @@ async def deliver_alerts(
             log.exception(
                 "delivery of alert at %s:%s failed; left unacknowledged", event.message.tp, event.message.offset
             )
+            left.append(event)  # until this agent ends: after a rebalance its generation holds nothing anyway
             return
         if event.message.generation_id == app.consumer_generation_id:
             event.ack()

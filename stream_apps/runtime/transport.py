@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import types
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping
 from typing import Any, ClassVar, cast
 
 import aiokafka
@@ -108,8 +108,13 @@ async def _finish(coro: Coroutine[Any, Any, Any], yielded: Any) -> Any:
 
 
 class Consumer(faust_aiokafka.Consumer):
+    #: Per partition, the lowest offset still in flight, during one :meth:`_filter_committable_offsets`.
+    _in_flight: dict[Any, int] = {}  # noqa: RUF012 (replaced, never mutated, per instance)
     #: Seeks so far (:meth:`perform_seek`); the drain loop drops what it fetched before the latest one.
     seeks: int = 0
+    #: Per partition, the offset of the last record handed to the agents since the latest seek. Faust's own
+    #: read offset cannot say: a seek sets it to the committed offset, the next record *to* read.
+    handed: dict[Any, int]
 
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -125,6 +130,7 @@ class Consumer(faust_aiokafka.Consumer):
         them: what was already stored is skipped by id, nothing is lost. Changelogs are recovery's business.
         """
         self.seeks += 1  # before the seek: what the drain loop holds from an earlier fetch is stale from here on
+        self.handed = {}
         await super().perform_seek()
         changelogs = set(self.app.tables.changelog_topics)
         fresh = sorted(
@@ -135,16 +141,31 @@ class Consumer(faust_aiokafka.Consumer):
             await self._thread.seek_to_beginning(*(aiokafka.TopicPartition(tp.topic, tp.partition) for tp in fresh))
 
     def _filter_committable_offsets(self, tps: Any) -> dict[Any, int]:
-        """Faust's committable offsets, minus every partition whose acknowledged offsets lie above an event
-        still in flight (tracked, not acknowledged): those wait until it is acknowledged (item 4 above).
+        """Faust's committable offsets, each capped below the lowest event of its partition still in flight
+        (tracked, not acknowledged, of this consumer generation): item 4 above."""
+        self._in_flight = unacked_heads(self._unacked_messages, self._committed_offset, self.app.consumer_generation_id)
+        try:
+            return cast(dict[Any, int], super()._filter_committable_offsets(tps))
+        finally:
+            self._in_flight = {}
 
-        Checked before Faust's ``_new_offset``, which removes the offsets it returns from its
-        acknowledged list: a commit refused after it would lose them.
+    def _new_offset(self, tp: Any) -> int | None:
+        """Faust's new offset for ``tp`` from the acknowledged offsets below its in-flight head only.
+
+        The ones above the head are set aside for the call and kept (Faust's ``_new_offset`` removes
+        what it returns from its list): they are committed once the head is acknowledged. So the run
+        below the head is committed now and nothing passes the head.
         """
-        in_flight = unacked_heads(self._unacked_messages, self._committed_offset)
-        if in_flight:
-            tps = [tp for tp in tps if not holds_back(self._acked.get(tp), in_flight.get(tp))]
-        return cast(dict[Any, int], super()._filter_committable_offsets(tps))
+        head = self._in_flight.get(tp)
+        acked = self._acked[tp]
+        if head is None or not acked or max(acked) < head:
+            return cast(int | None, super()._new_offset(tp))
+        above = [offset for offset in acked if offset > head]
+        acked[:] = [offset for offset in acked if offset <= head]  # the head itself: acked by a copy fetched again
+        try:
+            return cast(int | None, super()._new_offset(tp)) if acked else None
+        finally:
+            acked.extend(above)
 
     async def deliver(self, callback: Callable[[Any], Awaitable[Any]], message: Any) -> None:
         """``callback(message)`` run directly; only if it has to wait, finished as Faust does."""
@@ -176,6 +197,8 @@ class Consumer(faust_aiokafka.Consumer):
         fetcher_should_stop = fetcher._stopped.is_set
         get_read_offset = self._read_offset.__getitem__
         set_read_offset = self._read_offset.__setitem__
+        if not hasattr(self, "handed"):
+            self.handed = {}
         flag_consumer_fetching = faust_consumer.CONSUMER_FETCHING
         set_flag = self.diag.set_flag
         unset_flag = self.diag.unset_flag
@@ -225,6 +248,7 @@ class Consumer(faust_aiokafka.Consumer):
                                 await ait.aclose()
                                 break
                             set_read_offset(tp, offset)
+                            self.handed[tp] = offset
                     unset_flag(flag_consumer_fetching)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
@@ -243,12 +267,15 @@ class Consumer(faust_aiokafka.Consumer):
             unset_flag(flag_consumer_fetching)
 
 
-def unacked_heads(messages: Iterable[Any], committed: Mapping[Any, int | None]) -> dict[Any, int]:
+def unacked_heads(
+    messages: Iterable[Any], committed: Mapping[Any, int | None], generation: int | None = None
+) -> dict[Any, int]:
     """Per partition, the lowest offset of a tracked event not acknowledged yet, at or above the committed
-    offset (below it, an event of an earlier assignment: fetched again, it does not hold anything)."""
+    offset. Events below it, or of an earlier consumer generation (fetched before a rebalance: the new
+    assignment fetches them again from the committed offset and tracks its own), hold nothing."""
     heads: dict[Any, int] = {}
     for message in list(messages):  # a WeakSet: an event dropped meanwhile leaves it
-        if message.acked:
+        if message.acked or (generation is not None and message.generation_id != generation):
             continue
         tp, offset = message.tp, message.offset
         floor = committed.get(tp)
@@ -257,11 +284,6 @@ def unacked_heads(messages: Iterable[Any], committed: Mapping[Any, int | None]) 
         if offset < heads.get(tp, offset + 1):
             heads[tp] = offset
     return heads
-
-
-def holds_back(acked: Sequence[int] | None, head: int | None) -> bool:
-    """Whether a commit now would pass ``head``, an event still in flight: some acknowledged offset is above it."""
-    return head is not None and bool(acked) and max(acked) > head  # type: ignore[arg-type]
 
 
 class Transport(faust_aiokafka.Transport):

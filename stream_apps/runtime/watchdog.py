@@ -10,8 +10,10 @@ guarantees it is the only one, so the worker watches itself:
   not moved for ``after`` seconds while ClickHouse answers (a sink that is down holds the consumer
   back on purpose: :meth:`.context.AgentContext.with_retries` retries, and counts that in its own metric),
   unless it is only **waiting its turn**: the worker committed on another partition within those
-  ``after`` seconds, nothing after the partition's committed offset has been processed, and it has
-  waited less than ``starved_after`` (10 × ``after``). Under a backlog the consumer hands over one
+  ``after`` seconds, nothing at or after the partition's committed offset has been handed to the agents
+  since the latest seek, and it has waited less than ``starved_after`` (10 × ``after``). An
+  agent that hangs or died holds records handed over to it, so it is stalled after ``after`` seconds
+  as before. Under a backlog the consumer hands over one
   partition's fetched records at a time; the sightings topic, fed by the worker itself, then waits
   tens of seconds between turns behind the input backlog. Counting that as a stall sought every
   partition back (re-fetching what was already fetched), then answered 503 on ``/ready``, so an
@@ -100,7 +102,8 @@ class StallWatch:
             if now - state.since < self.after:
                 continue
             busy_elsewhere = self._last_commit is not None and now - self._last_commit < self.after
-            if busy_elsewhere and not item.held and now - state.since < starved_after:
+            waiting = not item.held and not item.handed_over
+            if busy_elsewhere and waiting and now - state.since < starved_after:
                 self.unhealthy.pop(key, None)  # waiting its turn behind a backlog
                 continue
             if state.sought_back:
@@ -132,7 +135,8 @@ async def committed_positions(app: faust.App, topics: Collection[str]) -> list[P
     consumer has fetched to the end and taken nothing, so its position says nothing is left. A partition
     this group has never committed counts from its earliest offset. ``held``: Faust holds acknowledged
     offsets of the partition above the committed one, so the record at the committed offset is the one
-    never acknowledged (Faust commits only up to the first gap).
+    never acknowledged (Faust commits only up to the first gap). ``handed_over``: the last record given to the
+    agents since the latest seek (:attr:`.transport.Consumer.handed`) is at or past the committed offset.
     """
     consumer: Any = app.consumer
     monitor: Any = app.monitor
@@ -151,7 +155,9 @@ async def committed_positions(app: faust.App, topics: Collection[str]) -> list[P
             offset = earliest.get(tp) or 0
         acked = consumer._acked.get(tp)
         held = bool(acked) and min(acked) > offset
-        found.append(PartitionOffsets(tp.topic, tp.partition, int(end), int(offset), held))
+        handed = getattr(consumer, "handed", {}).get(tp)  # the last offset handed to the agents since a seek
+        handed_over = handed is not None and handed >= offset
+        found.append(PartitionOffsets(tp.topic, tp.partition, int(end), int(offset), held, handed_over))
     return found
 
 

@@ -105,3 +105,14 @@ def test_the_worker_committing_nowhere_stalls_every_lagging_partition() -> None:
     watch.check([sightings(10), labs(150, end=10_000)], now=5)  # the last commit anywhere
     assert watch.check([sightings(10), labs(150, end=10_000)], now=34) == []  # sightings: labs committed 29 s ago
     assert watch.check([sightings(10), labs(150, end=10_000)], now=35) == [sightings(10), labs(150, end=10_000)]
+
+
+def test_a_partition_whose_records_were_handed_over_is_not_waiting_its_turn() -> None:
+    """An agent that hangs or died holds records handed over to it: no turn will move its partition, so it
+    is stalled after the stall time even while the worker commits elsewhere (review of the waiting rule)."""
+    watch = StallWatch(after=30)
+    hung = PartitionOffsets("sightings", 0, end=100, committed=10, handed_over=True)
+    labs = partial(at, topic="labs")
+    watch.check([hung, labs(100, end=10_000)], now=0)
+    assert watch.check([hung, labs(120, end=10_000)], now=29) == []
+    assert watch.check([hung, labs(140, end=10_000)], now=30) == [hung]
