@@ -427,12 +427,17 @@ class RegionDetector:
             days = list(range(max(start, since), end))
             factors = [1.0] * 7
             if len(days) >= 28:
-                totals = [state.totals.get(d, 0) for d in days]
-                overall = sum(totals) / len(totals)
+                get = state.totals.get
+                # Integer sums per weekday (exact, so the same numbers as summing each weekday's list).
+                sums, sizes = [0] * 7, [0] * 7
+                for d in days:
+                    weekday = d % 7
+                    sums[weekday] += get(d, 0)
+                    sizes[weekday] += 1
+                overall = sum(sums) / len(days)
                 if overall > 0:
                     for weekday in range(7):
-                        values = [t for d, t in zip(days, totals, strict=True) if d % 7 == weekday]
-                        factors[weekday] = min(3.0, max(0.2, (sum(values) / len(values)) / overall))
+                        factors[weekday] = min(3.0, max(0.2, (sums[weekday] / sizes[weekday]) / overall))
             state.rhythm[day] = factors
             state.added_rhythm.append(day)
         return factors
@@ -449,8 +454,8 @@ class RegionDetector:
         ``test`` off records the event in its series without testing them (see :meth:`SpikeModel.observe`).
         """
         result = RegionResult()
-        region = self.region_state(obs.region)
-        if not apply_once(region.applied, at):
+        region = self.regions.get(obs.region) or self.region_state(obs.region)
+        if at is not None and not apply_once(region.applied, at):
             # Judged before, and every series record it touched was written before this region record.
             result.replayed = True
             return result
@@ -483,7 +488,7 @@ class RegionDetector:
         # Seized mass is tested per substance only: a family's total mixes drugs of every member, so an
         # alert on it would say nothing about any one of them. The family keeps its masses as the usual
         # seizure of members with too little history of their own.
-        if apply_once(state.applied, at):
+        if at is None or apply_once(state.applied, at):
             self.dirty_series.add(name)
             findings = self.model.observe(
                 state, day, today, obs.event_id, obs.grams, rhythm, pool=family_state, test=test
@@ -491,7 +496,7 @@ class RegionDetector:
             if findings and emit:
                 alerts = [self._spike_alert(obs, subject, state, f) for f in findings if f.new_episode]
                 self._raise(result, name, state, alerts)
-        if family and family_state is not None and apply_once(family_state.applied, at):
+        if family and family_state is not None and (at is None or apply_once(family_state.applied, at)):
             self.dirty_series.add(family_name)
             findings = self.model.observe(
                 family_state, day, today, obs.event_id, obs.grams, rhythm, test_mass=False, test=test
