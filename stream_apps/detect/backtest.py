@@ -95,7 +95,7 @@ def _run(
     gc.disable()  # ~10 short-lived objects per line and a growing state: the cyclic collector only costs
     try:
         block: list[ObservationFields] = []
-        size = _FIRST_BLOCK_LINES  # a short first block: the detector starts sooner
+        size = _first_block_lines()  # a short first block: the detector starts sooner
         for source, line in lines:
             summary.lines += 1
             try:
@@ -260,6 +260,12 @@ def _fork_is_safe() -> bool:
 
 _BLOCK_LINES = 4096
 _FIRST_BLOCK_LINES = 1024  # the first block read and detected: the helper standardises it before the rest
+
+
+def _first_block_lines() -> int:
+    return min(_FIRST_BLOCK_LINES, _BLOCK_LINES)
+
+
 _SMILES_FIELD = re.compile(r'"smiles"\s*:\s*"((?:[^"\\]|\\.)*)"')
 
 
@@ -305,7 +311,7 @@ def _with_structures_ahead(
     pool = ProcessPoolExecutor(1, mp_context=get_context(method))
     try:
         # The first block in two parts: the reader (and so the detector) starts once the helper has the first.
-        head, rest = first[:_FIRST_BLOCK_LINES], first[_FIRST_BLOCK_LINES:]
+        head, rest = first[: _first_block_lines()], first[_first_block_lines() :]
         started = [(part, pool.submit(_standardise_all, _spellings(part, asked))) for part in (head, rest)]
     except BaseException:
         pool.shutdown()

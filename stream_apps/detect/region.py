@@ -15,6 +15,7 @@ Kafka topic keyed by substance.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Collection, Container, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -104,19 +105,32 @@ class Observation:
         (a tuple pickles in a third of the time of the dataclass)."""
         event, quantity, moment = item.event, item.quantity, item.event.occurred_at
         lab = event if isinstance(event, LabDetection) else None
+        # The few distinct codes, names and spellings as one object each (sys.intern): the detection process
+        # gets each once per block (pickle keeps one copy of an object), and its state holds one copy.
+        shared = sys.intern
+        smiles = event.substance.smiles
+        method: str | None
+        sample_type: str | None
+        reporter: str | None
+        if lab is not None:
+            method, sample_type, reporter = shared(lab.method), shared(lab.sample_type), shared(lab.lab_id)
+        else:
+            agency = getattr(event, "agency", None)
+            method = sample_type = None
+            reporter = shared(agency) if agency is not None else None
         return (  # positional: built for every report
             event.event_id,
-            event.kind,
+            shared(event.kind),
             moment,
             intern_day(day_of(moment)),
-            event.country,
-            event.region,
+            shared(event.country),
+            shared(event.region),
             subject_of(item.substance),
             quantity.grams if quantity is not None else None,
-            lab.method if lab is not None else None,
-            lab.sample_type if lab is not None else None,
-            lab.lab_id if lab is not None else getattr(event, "agency", None),
-            event.substance.smiles,
+            method,
+            sample_type,
+            reporter,
+            shared(smiles) if smiles is not None else None,
         )
 
     def sighting(self, late_by_hours: float | None = None) -> Sighting:

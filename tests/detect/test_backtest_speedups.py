@@ -35,6 +35,7 @@ def test_structures_computed_ahead_in_a_helper_process_give_the_same_run(monkeyp
     inline = run_lines(lines)
 
     monkeypatch.setattr(backtest, "_BLOCK_LINES", 500)  # many blocks: the helper runs a block ahead
+    monkeypatch.setattr(backtest, "_FIRST_BLOCK_LINES", 150)  # the first one in two parts, as with 1,024 of 4,096
     monkeypatch.setattr(identity, "_BY_SPELLING", {})
     helped = run_lines(iter(lines))
     assert len(identity._BY_SPELLING) > 100  # the cache was filled, by the helper's answers among others
@@ -52,6 +53,7 @@ started = []
 real = backtest._DetectionProcess
 backtest._DetectionProcess = lambda config: started.append(config) or real(config)
 backtest._BLOCK_LINES = 700  # many blocks, more than _IN_FLIGHT waiting at once
+backtest._FIRST_BLOCK_LINES = 250  # a short first block, as 1,024 of 4,096
 sim = simulate(SimulationConfig(days=30, seed=4, start=date(2026, 1, 1)))
 run = backtest.run_lines([(f"sim:{i}", line) for i, line in enumerate(sim.lines)])
 alerts = [a.model_dump(mode="json", exclude={"detected_at"}) for a in run.alerts]
