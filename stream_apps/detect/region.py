@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Collection, Container, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, tzinfo
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +72,8 @@ def subject_of(substance: ResolvedSubstance) -> Subject:
     )
 
 
+_ZONES: dict[tzinfo, tzinfo] = {}  # one object per UTC offset (see Observation.fields_of)
+
 #: An :class:`Observation`'s fields in order (``Observation(*fields)`` builds it).
 ObservationFields = tuple[
     str, str, datetime, int, str, str, Subject, float | None, str | None, str | None, str | None, str | None
@@ -105,8 +107,15 @@ class Observation:
         (a tuple pickles in a third of the time of the dataclass)."""
         event, quantity, moment = item.event, item.quantity, item.event.occurred_at
         lab = event if isinstance(event, LabDetection) else None
-        # The few distinct codes, names and spellings as one object each (sys.intern): the detection process
-        # gets each once per block (pickle keeps one copy of an object), and its state holds one copy.
+        # The few distinct codes, names, spellings and UTC offsets as one object each: the detection process
+        # gets each once per block (pickle keeps one copy of an object), its state holds one copy, and two
+        # times with the same offset object compare without asking it for the offset. Fixed offsets: a time
+        # given another object of the same offset is the same instant, written the same way.
+        zone = moment.tzinfo
+        if zone is not None:
+            same = _ZONES.setdefault(zone, zone)
+            if same is not zone:
+                moment = moment.replace(tzinfo=same)
         shared = sys.intern
         smiles = event.substance.smiles
         method: str | None
