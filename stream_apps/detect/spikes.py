@@ -502,27 +502,16 @@ class SpikeModel:
         for d in range(end - rest, end):
             partial += rhythm[d % 7]
         total_factor = weeks * sum(rhythm) + partial
-        # Counts are small ints: their sum is exact in any order, so it is summed as an int (then a float, as
-        # before). The highest weekday-adjusted count is only compared with the cap: the highest count over
-        # the smallest factor bounds it (division is monotonic), and only a day that may pass the cap needs
-        # the exact value.
-        reports = top = 0
+        total = highest = 0.0
         for d, count in state.counts.items():
             if start <= d < end:
-                reports += count
-                if count > top:
-                    top = count
-        total = float(reports)
-        z = cfg.baseline_cap_z
-        highest = 0.0
-        if z is not None and top / min(rhythm) > _cap((total + cfg.prior_events) / total_factor, z):
-            for d, count in state.counts.items():
-                if start <= d < end:
-                    adjusted = count / rhythm[d % 7]
-                    if adjusted > highest:
-                        highest = adjusted
+                total += count
+                adjusted = count / rhythm[d % 7]
+                if adjusted > highest:
+                    highest = adjusted
         # Robust: a day far above the rate (an earlier spike) is capped at rate + z·sqrt(rate) + 1
         # (weekday-adjusted) before the rate and dispersion are learnt, or it would hide the next spike.
+        z = cfg.baseline_cap_z
         if z is not None and highest > _cap((total + cfg.prior_events) / total_factor, z):
             values = [(count / rhythm[d % 7], rhythm[d % 7]) for d, count in state.counts.items() if start <= d < end]
             cap = highest
