@@ -95,6 +95,7 @@ def _run(
     gc.disable()  # ~10 short-lived objects per line and a growing state: the cyclic collector only costs
     try:
         block: list[ObservationFields] = []
+        size = _first_block_lines()  # a short first block: the detector starts sooner
         for source, line in lines:
             summary.lines += 1
             try:
@@ -106,9 +107,9 @@ def _run(
                 )
                 continue
             block.append(Observation.fields_of(intake.enrich(event, source)))
-            if len(block) >= _BLOCK_LINES:
+            if len(block) >= size:
                 sink.send(block)
-                block = []
+                block, size = [], _BLOCK_LINES
         if block:
             sink.send(block)
         for found in sink.results():
@@ -187,7 +188,15 @@ _DETECTION: list[Any] = []
 
 def _start_detection(config: DetectionConfig | None) -> None:
     gc.disable()  # as in the reader: a growing state of small objects, no cycles worth collecting
-    _DETECTION[:] = [Detector(config), set(), 0]
+    detector = Detector(config)
+    # The first new substance would build the catalogue's fingerprints (~0.15 s, it names the nearest ones):
+    # built now, while the reader still waits for the first block. The same index either way (catalogue only).
+    detector.novelty.similarity  # noqa: B018 (the property builds it)
+    _DETECTION[:] = [detector, set(), 0]
+
+
+def _started() -> None:
+    """Nothing: submitted first, so the pool forks its process (and runs :func:`_start_detection`) at once."""
 
 
 def _detect_block(number: int, block: list[ObservationFields]) -> _Found:
@@ -215,6 +224,7 @@ class _DetectionProcess:
         self.pool = ProcessPoolExecutor(
             1, mp_context=get_context("fork"), initializer=_start_detection, initargs=(config,)
         )
+        self.pool.submit(_started)  # the pool forks on its first task: now, not when the first block is ready
         self.waiting: deque[Future[_Found]] = deque()
         self.done: list[_Found] = []
         self.sent = 0
@@ -249,6 +259,13 @@ def _fork_is_safe() -> bool:
 # answers are the same function's (``structure_from_smiles``), so results do not depend on it.
 
 _BLOCK_LINES = 4096
+_FIRST_BLOCK_LINES = 1024  # the first block read and detected: the helper standardises it before the rest
+
+
+def _first_block_lines() -> int:
+    return min(_FIRST_BLOCK_LINES, _BLOCK_LINES)
+
+
 _SMILES_FIELD = re.compile(r'"smiles"\s*:\s*"((?:[^"\\]|\\.)*)"')
 
 
@@ -293,11 +310,13 @@ def _with_structures_ahead(
     asked: set[str] = set()
     pool = ProcessPoolExecutor(1, mp_context=get_context(method))
     try:
-        future = pool.submit(_standardise_all, _spellings(first, asked))
+        # The first block in two parts: the reader (and so the detector) starts once the helper has the first.
+        head, rest = first[: _first_block_lines()], first[_first_block_lines() :]
+        started = [(part, pool.submit(_standardise_all, _spellings(part, asked))) for part in (head, rest)]
     except BaseException:
         pool.shutdown()
         raise
-    ahead = _blocks_ahead(pool, blocks, first, future, asked)
+    ahead = _blocks_ahead(pool, blocks, started, asked)
     next(ahead)  # into its ``with pool``: closing the generator from now on shuts the helper down
     return ahead, True
 
@@ -309,17 +328,17 @@ def _plain(block: list[tuple[str, str]]) -> Generator[tuple[str, str], None, Non
 def _blocks_ahead(
     pool: ProcessPoolExecutor,
     blocks: Iterator[list[tuple[str, str]]],
-    first: list[tuple[str, str]],
-    future: Future[dict[str, Structure | str]],
+    started: list[tuple[list[tuple[str, str]], Future[dict[str, Structure | str]]]],
     asked: set[str],
 ) -> Generator[Any, None, None]:
     """Yield each block once the helper's answers for it are in this process's cache; submit the next first.
 
-    The first item yielded is None: it only starts the generator (see :func:`_with_structures_ahead`).
+    ``started``: the first blocks, already submitted. The first item yielded is None: it only starts the
+    generator (see :func:`_with_structures_ahead`).
     """
     with pool:
         yield None
-        ahead: deque[tuple[list[tuple[str, str]], Future[dict[str, Structure | str]]]] = deque([(first, future)])
+        ahead: deque[tuple[list[tuple[str, str]], Future[dict[str, Structure | str]]]] = deque(started)
         while ahead:
             block, future = ahead.popleft()
             following = next(blocks, None)

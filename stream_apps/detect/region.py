@@ -15,9 +15,10 @@ Kafka topic keyed by substance.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Collection, Container, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, tzinfo
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +72,8 @@ def subject_of(substance: ResolvedSubstance) -> Subject:
     )
 
 
+_ZONES: dict[tzinfo, tzinfo] = {}  # one object per UTC offset (see Observation.fields_of)
+
 #: An :class:`Observation`'s fields in order (``Observation(*fields)`` builds it).
 ObservationFields = tuple[
     str, str, datetime, int, str, str, Subject, float | None, str | None, str | None, str | None, str | None
@@ -104,19 +107,39 @@ class Observation:
         (a tuple pickles in a third of the time of the dataclass)."""
         event, quantity, moment = item.event, item.quantity, item.event.occurred_at
         lab = event if isinstance(event, LabDetection) else None
+        # The few distinct codes, names, spellings and UTC offsets as one object each: the detection process
+        # gets each once per block (pickle keeps one copy of an object), its state holds one copy, and two
+        # times with the same offset object compare without asking it for the offset. Fixed offsets: a time
+        # given another object of the same offset is the same instant, written the same way.
+        zone = moment.tzinfo
+        if zone is not None:
+            same = _ZONES.setdefault(zone, zone)
+            if same is not zone:
+                moment = moment.replace(tzinfo=same)
+        shared = sys.intern
+        smiles = event.substance.smiles
+        method: str | None
+        sample_type: str | None
+        reporter: str | None
+        if lab is not None:
+            method, sample_type, reporter = shared(lab.method), shared(lab.sample_type), shared(lab.lab_id)
+        else:
+            agency = getattr(event, "agency", None)
+            method = sample_type = None
+            reporter = shared(agency) if agency is not None else None
         return (  # positional: built for every report
             event.event_id,
-            event.kind,
+            shared(event.kind),
             moment,
             intern_day(day_of(moment)),
-            event.country,
-            event.region,
+            shared(event.country),
+            shared(event.region),
             subject_of(item.substance),
             quantity.grams if quantity is not None else None,
-            lab.method if lab is not None else None,
-            lab.sample_type if lab is not None else None,
-            lab.lab_id if lab is not None else getattr(event, "agency", None),
-            event.substance.smiles,
+            method,
+            sample_type,
+            reporter,
+            shared(smiles) if smiles is not None else None,
         )
 
     def sighting(self, late_by_hours: float | None = None) -> Sighting:
@@ -423,12 +446,17 @@ class RegionDetector:
             days = list(range(max(start, since), end))
             factors = [1.0] * 7
             if len(days) >= 28:
-                totals = [state.totals.get(d, 0) for d in days]
-                overall = sum(totals) / len(totals)
+                get = state.totals.get
+                # Integer sums per weekday (exact, so the same numbers as summing each weekday's list).
+                sums, sizes = [0] * 7, [0] * 7
+                for d in days:
+                    weekday = d % 7
+                    sums[weekday] += get(d, 0)
+                    sizes[weekday] += 1
+                overall = sum(sums) / len(days)
                 if overall > 0:
                     for weekday in range(7):
-                        values = [t for d, t in zip(days, totals, strict=True) if d % 7 == weekday]
-                        factors[weekday] = min(3.0, max(0.2, (sum(values) / len(values)) / overall))
+                        factors[weekday] = min(3.0, max(0.2, (sums[weekday] / sizes[weekday]) / overall))
             state.rhythm[day] = factors
             state.added_rhythm.append(day)
         return factors
@@ -445,8 +473,8 @@ class RegionDetector:
         ``test`` off records the event in its series without testing them (see :meth:`SpikeModel.observe`).
         """
         result = RegionResult()
-        region = self.region_state(obs.region)
-        if not apply_once(region.applied, at):
+        region = self.regions.get(obs.region) or self.region_state(obs.region)
+        if at is not None and not apply_once(region.applied, at):
             # Judged before, and every series record it touched was written before this region record.
             result.replayed = True
             return result
@@ -479,7 +507,7 @@ class RegionDetector:
         # Seized mass is tested per substance only: a family's total mixes drugs of every member, so an
         # alert on it would say nothing about any one of them. The family keeps its masses as the usual
         # seizure of members with too little history of their own.
-        if apply_once(state.applied, at):
+        if at is None or apply_once(state.applied, at):
             self.dirty_series.add(name)
             findings = self.model.observe(
                 state, day, today, obs.event_id, obs.grams, rhythm, pool=family_state, test=test
@@ -487,7 +515,7 @@ class RegionDetector:
             if findings and emit:
                 alerts = [self._spike_alert(obs, subject, state, f) for f in findings if f.new_episode]
                 self._raise(result, name, state, alerts)
-        if family and family_state is not None and apply_once(family_state.applied, at):
+        if family and family_state is not None and (at is None or apply_once(family_state.applied, at)):
             self.dirty_series.add(family_name)
             findings = self.model.observe(
                 family_state, day, today, obs.event_id, obs.grams, rhythm, test_mass=False, test=test

@@ -35,6 +35,7 @@ def test_structures_computed_ahead_in_a_helper_process_give_the_same_run(monkeyp
     inline = run_lines(lines)
 
     monkeypatch.setattr(backtest, "_BLOCK_LINES", 500)  # many blocks: the helper runs a block ahead
+    monkeypatch.setattr(backtest, "_FIRST_BLOCK_LINES", 150)  # the first one in two parts, as with 1,024 of 4,096
     monkeypatch.setattr(identity, "_BY_SPELLING", {})
     helped = run_lines(iter(lines))
     assert len(identity._BY_SPELLING) > 100  # the cache was filled, by the helper's answers among others
@@ -52,6 +53,7 @@ started = []
 real = backtest._DetectionProcess
 backtest._DetectionProcess = lambda config: started.append(config) or real(config)
 backtest._BLOCK_LINES = 700  # many blocks, more than _IN_FLIGHT waiting at once
+backtest._FIRST_BLOCK_LINES = 250  # a short first block, as 1,024 of 4,096
 sim = simulate(SimulationConfig(days=30, seed=4, start=date(2026, 1, 1)))
 run = backtest.run_lines([(f"sim:{i}", line) for i, line in enumerate(sim.lines)])
 alerts = [a.model_dump(mode="json", exclude={"detected_at"}) for a in run.alerts]
@@ -89,3 +91,30 @@ def test_a_detection_block_out_of_order_is_refused() -> None:
     finally:
         backtest._DETECTION.clear()
         gc.enable()  # _start_detection turns the collector off for the process it runs in
+
+
+def test_observations_share_offsets_and_strings_without_changing_a_value() -> None:
+    """Observation.fields_of gives equal times with one tzinfo object per UTC offset, and one object per distinct
+    code and name: the same instants, written the same way, and the same strings (only fewer objects)."""
+    from synthwatch.schemas import parse_event
+    from synthwatch.stream_apps.detect.intake import Intake
+    from synthwatch.stream_apps.detect.region import Observation
+    from tests.support.factories import lab, seizure
+
+    intake = Intake(stage="backtest")
+    records = [
+        lab(event_id="a", occurred_at="2026-03-01T10:00:00+01:00"),
+        lab(event_id="b", occurred_at="2026-03-01T12:30:00+01:00"),
+        seizure(event_id="c", occurred_at="2026-03-01T09:00:00Z"),
+        seizure(event_id="d", occurred_at="2026-03-01T23:59:59-05:00"),
+        seizure(event_id="e", occurred_at="2026-03-02T01:00:00-05:00"),
+    ]
+    events = [parse_event(json.dumps(record)) for record in records]
+    fields = [Observation.fields_of(intake.enrich(event, "test")) for event in events]
+    for event, got in zip(events, fields, strict=True):
+        assert got[2] == event.occurred_at and got[2].utcoffset() == event.occurred_at.utcoffset()
+        assert got[2].isoformat() == event.occurred_at.isoformat()
+        assert (got[1], got[4], got[5]) == (event.kind, event.country, event.region)
+    assert fields[0][2].tzinfo is fields[1][2].tzinfo and fields[3][2].tzinfo is fields[4][2].tzinfo
+    assert fields[0][2].tzinfo is not fields[2][2].tzinfo  # another offset, another object
+    assert fields[0][4] is fields[1][4] and fields[0][10] is fields[1][10]  # country, lab: one object each

@@ -117,3 +117,19 @@ def test_a_structure_needs_no_name() -> None:
     assert by_smiles.substance.name is None and by_key.substance.inchikey == "YELGFTGWJGBAQU-UHFFFAOYSA-N"
     with pytest.raises(WireError, match="substance: needs a name, a SMILES or an InChIKey"):
         parse_event_object(lab(substance={"cas": "1189805-46-6"}))
+
+
+def test_subdivision_table_is_the_lookup_per_code() -> None:
+    """The fast path's region table is read off pycountry's subdivisions directly (start-up): it must give, code for
+    code, the country the checked validator's lookup gives, and hold every code that lookup accepts."""
+    import pycountry
+
+    from synthwatch.schemas import events
+
+    looked_up = {
+        code: owner
+        for code in (str(s.code).upper() for s in pycountry.subdivisions)
+        if (owner := events._subdivision_country(code)) is not None
+    }
+    assert looked_up == events.SUBDIVISION_COUNTRY
+    assert len(events.SUBDIVISION_COUNTRY) > 4000
