@@ -193,13 +193,12 @@ def test_a_commit_stops_below_an_event_in_flight_and_keeps_the_acknowledged_ones
     assert consumer._filter_committable_offsets([tp]) == {tp: 15}
 
 
-def test_the_worker_consumer_fetches_small_partition_batches_as_the_settings_say(tmp_path: Path) -> None:
-    """Faust's 1 MiB per partition put thousands of input reports ahead of the sightings under a backlog
-    (new-substance alerts 31 s late at p50); the setting reaches the consumer that aiokafka builds."""
+def test_the_worker_consumer_fetches_partition_batches_of_the_size_the_settings_say(tmp_path: Path) -> None:
+    """The partition fetch size is a setting (Faust's 1 MiB by default); it reaches the consumer aiokafka builds."""
     from synthwatch.settings import Settings
     from synthwatch.stream_apps.runtime.transport import worker_app
 
-    assert Settings(data_dir=tmp_path).consumer_partition_fetch_bytes == 32 * 1024
+    assert Settings(data_dir=tmp_path).consumer_partition_fetch_bytes == 1024 * 1024
     app = worker_app(Settings(data_dir=tmp_path, consumer_partition_fetch_bytes=65536), "127.0.0.1:9", 6066)
     assert app.conf.consumer_max_fetch_size == 65536
 
