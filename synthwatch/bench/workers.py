@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,9 +69,19 @@ class BenchWorker:
     ready_reported: float = 0.0  # the worker's own figure (from run_worker's start)
 
     def stats(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"{self.web_url}/ready", timeout=10) as response:
-            stats: dict[str, Any] = json.loads(response.read())
-            return stats
+        """The worker's counters from ``/ready``, also while it answers 503.
+
+        Why: ``/ready`` says 503 while the watchdog finds a partition stalled (it seeks back by itself) with
+        the same counters in its body; under load that happened mid-phase and ended whole benchmark runs.
+        """
+        try:
+            with urllib.request.urlopen(f"{self.web_url}/ready", timeout=10) as response:
+                stats: dict[str, Any] = json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            if error.code != 503:
+                raise
+            stats = json.loads(error.read())
+        return stats
 
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> QueryResult:
         """A read statement through the worker's /sql endpoint, with the token the worker wrote."""
