@@ -36,7 +36,7 @@ from rich.table import Table
 
 from synthwatch.bench.workload import percentile
 from synthwatch.settings import Settings
-from synthwatch.stack.process import StackProcess, worker_environment
+from synthwatch.stack.process import StackProcess
 
 ISOTONITAZENE = "CCN(CC)CCn1c(Cc2ccc(OC(C)C)cc2)nc2cc([N+](=O)[O-])ccc21"
 OFFICER_ID = "ml-bko-bench"
@@ -195,7 +195,7 @@ def bench_delivery(console: Console, runs: int = 20, timeout_s: float = 30.0, ke
         up = StackProcess(
             [sys.executable, "-m", "synthwatch.cli.main", "up"],
             log_path,
-            env=worker_environment(stack_env(settings, {BENCH_SECRET_ENV: secret})),
+            env=stack_env(settings, {BENCH_SECRET_ENV: secret}),
             settings=settings,
             what="`synthwatch up`",
         )

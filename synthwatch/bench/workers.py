@@ -21,7 +21,7 @@ from urllib.parse import urlparse, urlunparse
 
 from synthwatch.bench.memory import proc_status
 from synthwatch.settings import Settings
-from synthwatch.stack.process import StackProcess, StackProcessError, log_tail, stop_child, worker_environment
+from synthwatch.stack.process import StackProcess, StackProcessError, log_tail, stop_child
 from synthwatch.stackfile import read_web_token
 from synthwatch.stream_apps.storage.query import QueryResult, execute_remote
 
@@ -44,11 +44,6 @@ WORKER_ENV: dict[str, dict[str, str]] = {
     "no-linger": {"SYNTHWATCH_BATCH_LINGER_SECONDS": "0"},
     "checkpoint-0.25": {"SYNTHWATCH_CHECKPOINT_SECONDS": "0.25"},
     "spike-checkpoint": {"SYNTHWATCH_CHECKPOINT_FOR_SPIKES": "true"},  # a waiting spike alert starts a checkpoint
-    # The allocator (synthwatch.stack.process.WORKER_ALLOCATOR_ENV): pymalloc as before, glibc's default arena
-    # count (8 per core), and a fixed mmap threshold (glibc raises it up to 32 MiB as large buffers are freed).
-    "pymalloc": {"PYTHONMALLOC": "pymalloc"},
-    "glibc-arenas-16": {"MALLOC_ARENA_MAX": "16"},
-    "mmap-128k": {"MALLOC_MMAP_THRESHOLD_": "131072"},
 }
 
 
@@ -147,9 +142,7 @@ def start_worker(
         env.update(WORKER_ENV.get(name, {}))
     env.update(extra_env or {})
     log_path = data_dir / "worker.log"
-    child = StackProcess(
-        worker_command(), log_path, env=worker_environment(env), settings=Settings(data_dir=data_dir), what="worker"
-    )
+    child = StackProcess(worker_command(), log_path, env=env, settings=Settings(data_dir=data_dir), what="worker")
     child.start()
     try:
         info = child.wait_ready(timeout, interval=0.05)

@@ -34,7 +34,7 @@ from rich.text import Text
 
 from synthwatch.errors import SynthwatchError
 from synthwatch.settings import Settings
-from synthwatch.stack.process import StackProcess, worker_environment
+from synthwatch.stack.process import StackProcess
 from synthwatch.stackfile import read_stack
 from synthwatch.stream_apps.storage.query import QueryError, run_query
 from synthwatch.terminal import plain, say
@@ -389,7 +389,7 @@ def run_demo(
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True)
     settings = base.model_copy(update={"data_dir": data_dir, "kafka_bootstrap_servers": None, "clickhouse_url": None})
-    env = worker_environment({**os.environ, "SYNTHWATCH_DATA_DIR": str(data_dir)})  # `up` runs the worker
+    env = {**os.environ, "SYNTHWATCH_DATA_DIR": str(data_dir)}
     env.pop("SYNTHWATCH_KAFKA_BOOTSTRAP_SERVERS", None)
     env.pop("SYNTHWATCH_CLICKHOUSE_URL", None)
 

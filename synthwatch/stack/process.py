@@ -21,22 +21,6 @@ from synthwatch.errors import SynthwatchError
 from synthwatch.settings import Settings
 from synthwatch.stackfile import StackInfo, read_stack
 
-#: C-level allocator settings for a worker process (``synthwatch worker`` or ``up``): read once when the
-#: interpreter and glibc start, so they must be in the process's environment, not in Settings.
-#: ``PYTHONMALLOC=malloc``: Python's small objects come from glibc instead of pymalloc's 1 MiB arenas; an
-#: arena goes back to the system only once every object in it is freed, so after a backlog the worker kept
-#: ~190 MiB of nearly empty arenas, while glibc's free chunks are returned by the worker's ``malloc_trim``
-#: (:mod:`synthwatch.stream_apps.runtime.heap`). ``MALLOC_ARENA_MAX=2``: glibc makes up to 8 heaps per core
-#: for the threads that allocate (Kafka, the engine's opening, the trimmer), each with free memory of its own.
-#: Measured in docs/performance.md (issue 16). Production sets the same in deploy/Dockerfile.
-WORKER_ALLOCATOR_ENV: dict[str, str] = {"PYTHONMALLOC": "malloc", "MALLOC_ARENA_MAX": "2"}
-
-
-def worker_environment(env: Mapping[str, str]) -> dict[str, str]:
-    """``env`` for a worker child process: :data:`WORKER_ALLOCATOR_ENV` added where ``env`` sets none of its
-    own (an operator's or a benchmark variant's choice wins)."""
-    return {**WORKER_ALLOCATOR_ENV, **env}
-
 
 class StackProcessError(SynthwatchError, RuntimeError):
     """The child process exited, or was not ready in time; the message names its log file."""

@@ -21,7 +21,6 @@ from typer.testing import CliRunner
 from synthwatch.cli.main import app as cli_app
 from synthwatch.dashboards.clickhouse_query import PLUGIN_ID, PLUGIN_VERSION
 from synthwatch.settings import Settings
-from synthwatch.stack.process import WORKER_ALLOCATOR_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -219,12 +218,6 @@ def test_dockerfile_copies_the_whole_package_and_runs_synthwatch() -> None:
     assert any(tokens[0] == "USER" and tokens[1] != "root" for tokens in instructions)
     health = next(" ".join(t) for t in instructions if t[0] == "HEALTHCHECK")
     assert f"127.0.0.1:{WEB_PORT}/ready" in health
-
-
-def test_dockerfile_gives_the_worker_the_allocator_settings_the_stack_gives_its_workers() -> None:
-    """compose and Kubernetes run this image: its ENV is where production's worker gets them (issue 16)."""
-    env = dict(t.split("=", 1) for tokens in _dockerfile() if tokens[0] == "ENV" for t in tokens[1:] if "=" in t)
-    assert {name: env.get(name) for name in WORKER_ALLOCATOR_ENV} == WORKER_ALLOCATOR_ENV
 
 
 def test_dockerfile_puts_the_clustered_migrations_where_the_cli_reads_them() -> None:

@@ -6,7 +6,6 @@ event (a line in the log, the child's exit), and a child that ignores SIGTERM is
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import textwrap
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from synthwatch.settings import Settings
-from synthwatch.stack.process import WORKER_ALLOCATOR_ENV, StackProcess, StackProcessError, worker_environment
+from synthwatch.stack.process import StackProcess, StackProcessError
 from tests.conftest import wait_until
 
 
@@ -96,27 +95,3 @@ def test_without_settings_there_is_no_stack_file_to_wait_for(tmp_path: Path) -> 
     child = StackProcess(_python("import time; time.sleep(120)"), tmp_path / "child.log")
     with child, pytest.raises(StackProcessError, match="no settings given"):
         child.wait_ready(timeout=1)
-
-
-# -- the worker's allocator settings (issue 16: worker RSS) ---------------------------------------------------
-
-
-def test_worker_environment_adds_the_allocator_settings_and_keeps_the_operators_own() -> None:
-    env = worker_environment({"PATH": "/usr/bin", "MALLOC_ARENA_MAX": "4"})
-    assert env == {"PATH": "/usr/bin", "PYTHONMALLOC": "malloc", "MALLOC_ARENA_MAX": "4"}
-    assert worker_environment({}) == WORKER_ALLOCATOR_ENV
-
-
-def _allocator_stats(tmp_path: Path, name: str, env: dict[str, str]) -> str:
-    """What ``sys._debugmallocstats()`` prints in a child started as the stack starts a worker."""
-    log = tmp_path / f"{name}.log"
-    child = StackProcess(_python("import sys; sys._debugmallocstats()"), log, env=env).start()
-    assert child.process.wait(60) == 0, log.read_text()
-    return log.read_text()
-
-
-def test_a_worker_started_with_worker_environment_allocates_through_glibc(tmp_path: Path) -> None:
-    """pymalloc's pool statistics appear only when pymalloc allocates: the variables reach the new interpreter."""
-    plain = {k: v for k, v in os.environ.items() if k not in WORKER_ALLOCATOR_ENV}
-    assert "Small block threshold" in _allocator_stats(tmp_path, "pymalloc", plain)
-    assert "Small block threshold" not in _allocator_stats(tmp_path, "worker", worker_environment(plain))
