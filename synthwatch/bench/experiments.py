@@ -55,9 +55,9 @@ EXPERIMENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("without gc.freeze", ("no-gc-freeze",)),
     ("uvloop instead of asyncio's loop", ("uvloop",)),
     ("stream buffer 32768, 5000 records per poll", ("buffers",)),
-    ("pymalloc instead of glibc's malloc (before the allocator step)", ("pymalloc",)),
+    ("Python objects from glibc's malloc, 2 arenas (PYTHONMALLOC=malloc)", ("glibc-malloc",)),
+    ("at most 2 glibc arenas (MALLOC_ARENA_MAX=2)", ("arenas-2",)),
     ("glibc's mmap threshold fixed at 128 KiB", ("mmap-128k",)),
-    ("glibc's default arena count (16 on 2 cores)", ("glibc-arenas-16",)),
 )
 
 

@@ -44,6 +44,12 @@ WORKER_ENV: dict[str, dict[str, str]] = {
     "no-linger": {"SYNTHWATCH_BATCH_LINGER_SECONDS": "0"},
     "checkpoint-0.25": {"SYNTHWATCH_CHECKPOINT_SECONDS": "0.25"},
     "spike-checkpoint": {"SYNTHWATCH_CHECKPOINT_FOR_SPIKES": "true"},  # a waiting spike alert starts a checkpoint
+    # The C allocator (read when the process starts, so environment, not settings; docs/performance.md, issue 16):
+    # Python's objects from glibc instead of pymalloc, in at most two glibc heaps; a fixed mmap threshold (glibc
+    # raises it up to 32 MiB as large buffers are freed); glibc's default arena count (8 per core).
+    "glibc-malloc": {"PYTHONMALLOC": "malloc", "MALLOC_ARENA_MAX": "2"},
+    "arenas-2": {"MALLOC_ARENA_MAX": "2"},
+    "mmap-128k": {"MALLOC_MMAP_THRESHOLD_": "131072"},
 }
 
 
