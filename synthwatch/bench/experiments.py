@@ -56,6 +56,9 @@ EXPERIMENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("stream buffer 32768, 5000 records per poll", ("buffers",)),
     ("partition fetches of 1 MiB (Faust's default)", ("fetch-1m",)),
     ("partition fetches of 32 KiB", ("fetch-32k",)),
+    ("Python objects from glibc's malloc, 2 arenas (PYTHONMALLOC=malloc)", ("glibc-malloc",)),
+    ("at most 2 glibc arenas (MALLOC_ARENA_MAX=2)", ("arenas-2",)),
+    ("glibc's mmap threshold fixed at 128 KiB", ("mmap-128k",)),
 )
 
 

@@ -209,11 +209,11 @@ def bench_pipeline(
 
             # 4. RSS after rss_events events over 5,000 region x substance keys (and their sustained rate)
             if rss_events > 0:
-                before = worker.stats()["checkpointed"]
+                before = worker.checkpointed()
                 regions, substances = bench_regions(100), bench_substances(50)
                 series = RssSeries(
                     worker.process.pid,
-                    lambda: int(worker.stats()["checkpointed"]),
+                    worker.checkpointed,
                     rss_every,
                     partial(engine_heap_mib, worker.query),
                 ).start()
@@ -233,7 +233,7 @@ def bench_pipeline(
                 sent, failed = rss_summary.sent, len(rss_summary.failed)
                 done = wait_consumed([worker], before + sent, timeout=max(900.0, rss_events / 200))
                 wait_idle([worker], timeout=900)  # the novelty stage's state is part of what is measured
-                series.finish(worker.stats()["checkpointed"] - before)
+                series.finish(worker.checkpointed() - before)
                 memory = worker.memory_kib()
                 results["rss"] = {
                     "events": sent,

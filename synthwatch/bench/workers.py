@@ -45,6 +45,12 @@ WORKER_ENV: dict[str, dict[str, str]] = {
     "take-batches": {"SYNTHWATCH_AGENT_BATCHES": "take"},  # Faust's noack_take, the previous batching
     "no-linger": {"SYNTHWATCH_BATCH_LINGER_SECONDS": "0"},
     "checkpoint-0.25": {"SYNTHWATCH_CHECKPOINT_SECONDS": "0.25"},
+    # The C allocator (read when the process starts, so environment, not settings; docs/performance.md, issue 16):
+    # Python's objects from glibc instead of pymalloc, in at most two glibc heaps; a fixed mmap threshold (glibc
+    # raises it up to 32 MiB as large buffers are freed); glibc's default arena count (8 per core).
+    "glibc-malloc": {"PYTHONMALLOC": "malloc", "MALLOC_ARENA_MAX": "2"},
+    "arenas-2": {"MALLOC_ARENA_MAX": "2"},
+    "mmap-128k": {"MALLOC_MMAP_THRESHOLD_": "131072"},
 }
 
 
@@ -66,8 +72,11 @@ class BenchWorker:
     ready_reported: float = 0.0  # the worker's own figure (from run_worker's start)
 
     def stats(self) -> dict[str, Any]:
-        """The worker's counters from ``/ready``, also while it answers 503 (not ready, or stalled): the
-        counters are in the body either way, and a benchmark reports a stall instead of dying of it."""
+        """The worker's counters from ``/ready``, also while it answers 503.
+
+        Why: ``/ready`` says 503 while the watchdog finds a partition stalled (it seeks back by itself) with
+        the same counters in its body; under load that happened mid-phase and ended whole benchmark runs.
+        """
         try:
             with urllib.request.urlopen(f"{self.web_url}/ready", timeout=10) as response:
                 stats: dict[str, Any] = json.loads(response.read())
@@ -76,6 +85,13 @@ class BenchWorker:
                 raise
             stats = json.loads(error.read())
         return stats
+
+    def checkpointed(self) -> int:
+        """Input events checkpointed, each once: the events read again after a watchdog's seek-back (``replayed``:
+        judged and stored before, skipped) are counted again in ``checkpointed``, so under load a phase
+        looked done while up to a sixth of its events were still unread."""
+        stats = self.stats()
+        return int(stats["checkpointed"]) - int(stats.get("replayed", 0))
 
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> QueryResult:
         """A read statement through the worker's /sql endpoint, with the token the worker wrote."""
@@ -159,7 +175,7 @@ def wait_consumed(workers: Sequence[BenchWorker], total: int, timeout: float, in
     deadline = time.monotonic() + timeout
     consumed = 0
     while time.monotonic() < deadline:
-        consumed = sum(w.stats()["checkpointed"] for w in workers)
+        consumed = sum(w.checkpointed() for w in workers)
         if consumed >= total:
             return time.perf_counter()
         for w in workers:

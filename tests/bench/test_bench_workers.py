@@ -1,0 +1,88 @@
+"""How the benchmarks read a worker's counters: from ``/ready`` also while it answers 503, each event once.
+
+A real HTTP server stands in for the worker's web endpoint (``/ready`` answers as the worker does: 200 when
+ready, 503 with the same counters while the watchdog finds a partition stalled).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar, cast
+
+import pytest
+
+from synthwatch.bench.workers import BenchWorker, wait_consumed
+
+
+class _Ready(BaseHTTPRequestHandler):
+    answers: ClassVar[list[tuple[int, dict[str, Any]]]] = []
+
+    def do_GET(self) -> None:
+        status, body = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def ready_server() -> Iterator[tuple[str, list[tuple[int, dict[str, Any]]]]]:
+    answers: ClassVar[list[tuple[int, dict[str, Any]]]] = []
+    handler = type("Ready", (_Ready,), {"answers": answers})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", answers
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _Running:
+    """A process that has not exited (wait_consumed checks it between polls)."""
+
+    returncode = None
+
+    def poll(self) -> None:
+        return None
+
+
+def _worker(url: str, tmp_path: Path) -> BenchWorker:
+    return BenchWorker(cast(Any, _Running()), tmp_path, tmp_path / "worker.log", web_url=url)
+
+
+def test_counters_are_read_from_a_stalled_workers_503(ready_server: Any, tmp_path: Path) -> None:
+    url, answers = ready_server
+    answers.append((503, {"ready": False, "stalled": "intake[0] stalled", "checkpointed": 70, "replayed": 5}))
+    worker = _worker(url, tmp_path)
+    assert worker.stats()["checkpointed"] == 70
+    assert worker.checkpointed() == 65
+
+
+def test_a_phase_waits_until_its_events_are_checkpointed_once(ready_server: Any, tmp_path: Path) -> None:
+    """Events read again after a seek-back count in 'checkpointed' twice: 100 there is not 100 events done."""
+    url, answers = ready_server
+    answers += [
+        (200, {"checkpointed": 100, "replayed": 20}),  # 80 events done, 20 of them read twice
+        (503, {"checkpointed": 110, "replayed": 20}),  # stalled meanwhile: still read
+        (200, {"checkpointed": 120, "replayed": 20}),  # all 100 done
+    ]
+    wait_consumed([_worker(url, tmp_path)], 100, timeout=30, interval=0.01)
+    assert answers == [(200, {"checkpointed": 120, "replayed": 20})]  # it read until the last answer
+
+
+def test_other_http_errors_are_not_taken_for_counters(ready_server: Any, tmp_path: Path) -> None:
+    url, answers = ready_server
+    answers.append((500, {"error": "boom"}))
+    with pytest.raises(Exception, match="500"):
+        _worker(url, tmp_path).stats()
