@@ -58,19 +58,22 @@ def run_lines(
     detector: Detector | None = None,
     intake: Intake | None = None,
     stored: set[str] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> BacktestRun:
     """Detect over ``(source, line)`` pairs; returns alerts, rejects and counts that add up.
 
     ``detector``, ``intake`` and ``stored`` (ids stored before, grown with every event taken) continue from
     a state built elsewhere, e.g. rebuilt from ClickHouse: how the tests check that rebuild-then-live raises
-    the alerts of one backtest over everything.
+    the alerts of one backtest over everything. ``progress`` (a progress bar's advance) hears how many
+    lines are done, a block at a time, once the detector is through them: not when they are read, which
+    ran up to four blocks ahead of detection in the second process.
     """
     ahead, helped = _with_structures_ahead(lines)  # the helper starts on the first block while the catalogue loads
     try:
         # A stream of several blocks, with no state handed in, is detected in a second process (see
         # _DetectionProcess); a caller's detector and id set stay here, where the caller sees them change.
         separate = helped and detector is None and stored is None and _fork_is_safe()
-        return _run(ahead, config, detector, intake, stored, separate)
+        return _run(ahead, config, detector, intake, stored, separate, progress)
     finally:
         ahead.close()  # stops the helper processes even when building the resolver failed
 
@@ -82,20 +85,22 @@ def _run(
     intake: Intake | None,
     stored: set[str] | None,
     separate: bool = False,
+    progress: Callable[[int], None] | None = None,
 ) -> BacktestRun:
     intake = intake or Intake(stage="backtest")
     summary, alerts, rejects = BacktestSummary(), [], []
     started = time.perf_counter()
     sink: _DetectionProcess | _InProcess = (
-        _DetectionProcess(config)
+        _DetectionProcess(config, progress)
         if separate
-        else _InProcess(detector or Detector(config), stored if stored is not None else set())
+        else _InProcess(detector or Detector(config), stored if stored is not None else set(), progress)
     )
     gc_was_enabled = gc.isenabled()
     gc.disable()  # ~10 short-lived objects per line and a growing state: the cyclic collector only costs
     try:
         block: list[ObservationFields] = []
         size = _first_block_lines()  # a short first block: the detector starts sooner
+        sent_lines = 0  # lines (malformed ones too) up to the last block sent: each block reports its share
         for source, line in lines:
             summary.lines += 1
             try:
@@ -108,10 +113,10 @@ def _run(
                 continue
             block.append(Observation.fields_of(intake.enrich(event, source)))
             if len(block) >= size:
-                sink.send(block)
-                block, size = [], _BLOCK_LINES
-        if block:
-            sink.send(block)
+                sink.send(block, summary.lines - sent_lines)
+                block, size, sent_lines = [], _BLOCK_LINES, summary.lines
+        if block or summary.lines > sent_lines:
+            sink.send(block, summary.lines - sent_lines)
         for found in sink.results():
             alerts.extend(found.alerts)
             summary.events += found.events
@@ -165,15 +170,19 @@ def _observe_all(detector: Detector, seen: set[str], observations: Iterable[Obse
 class _InProcess:
     """Detects each block as it comes, in this process (small inputs, or a caller's detector and ids)."""
 
-    def __init__(self, detector: Detector, seen: set[str]) -> None:
+    def __init__(self, detector: Detector, seen: set[str], progress: Callable[[int], None] | None = None) -> None:
         self.detector, self.seen, self.found = detector, seen, _Found([], 0, 0, 0)
+        self.progress = progress
 
-    def send(self, block: list[ObservationFields]) -> None:
+    def send(self, block: list[ObservationFields], lines: int = 0) -> None:
+        """Detect ``block``; ``lines``: how many input lines it stands for (malformed ones too), for progress."""
         found = _observe_all(self.detector, self.seen, (Observation(*fields) for fields in block))
         self.found.alerts.extend(found.alerts)
         self.found.events += found.events
         self.found.duplicates += found.duplicates
         self.found.late += found.late
+        if self.progress is not None and lines:
+            self.progress(lines)
 
     def results(self) -> Iterator[_Found]:
         yield self.found
@@ -220,7 +229,8 @@ class _DetectionProcess:
     file of observations.
     """
 
-    def __init__(self, config: DetectionConfig | None) -> None:
+    def __init__(self, config: DetectionConfig | None, progress: Callable[[int], None] | None = None) -> None:
+        self.progress = progress
         self.pool = ProcessPoolExecutor(
             1, mp_context=get_context("fork"), initializer=_start_detection, initargs=(config,)
         )
@@ -229,10 +239,16 @@ class _DetectionProcess:
         self.done: list[_Found] = []
         self.sent = 0
 
-    def send(self, block: list[ObservationFields]) -> None:
+    def send(self, block: list[ObservationFields], lines: int = 0) -> None:
+        """Queue ``block`` for detection; ``lines`` (input lines it stands for) reach ``progress`` once it is
+        detected (from the pool's thread: a rich progress bar takes advances from any thread)."""
         if len(self.waiting) >= _IN_FLIGHT:
             self.done.append(self.waiting.popleft().result())
-        self.waiting.append(self.pool.submit(_detect_block, self.sent, block))
+        future = self.pool.submit(_detect_block, self.sent, block)
+        if self.progress is not None and lines:
+            progress = self.progress
+            future.add_done_callback(lambda done: done.exception() is None and progress(lines))
+        self.waiting.append(future)
         self.sent += 1
 
     def results(self) -> Iterator[_Found]:
@@ -356,19 +372,6 @@ def read_lines(path: Path) -> Iterator[tuple[str, str]]:
                 yield f"{path.name}:{number}", text
 
 
-def counted(
-    lines: Iterable[tuple[str, str]], progress: Callable[[int], None], every: int = 2048
-) -> Iterator[tuple[str, str]]:
-    """The lines unchanged, telling ``progress`` how many went by every ``every`` lines and at the end."""
-    done = 0
-    for done, line in enumerate(lines, start=1):
-        yield line
-        if done % every == 0:
-            progress(every)
-    if done % every:
-        progress(done % every)
-
-
 def run_file(
     input_path: Path,
     output_path: Path,
@@ -378,10 +381,9 @@ def run_file(
 ) -> BacktestRun:
     """Backtest a file; writes one alert per line to ``output_path`` and rejects beside it.
 
-    ``progress`` (a progress bar's advance) hears how many non-blank lines were read, in steps.
+    ``progress`` (a progress bar's advance) hears how many non-blank lines are done, a block at a time.
     """
-    lines = read_lines(input_path)
-    run = run_lines(lines if progress is None else counted(lines, progress), config)
+    run = run_lines(read_lines(input_path), config, progress=progress)
     output_path.write_text("".join(a.model_dump_json() + "\n" for a in run.alerts), encoding="utf-8")
     rejects_path = rejects_path or output_path.with_name(output_path.name + ".rejects.ndjson")
     rejects_path.write_text("".join(r.model_dump_json() + "\n" for r in run.rejects), encoding="utf-8")

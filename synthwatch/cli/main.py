@@ -371,7 +371,7 @@ def backtest(
 ) -> None:
     """Run the worker's detectors over a file, in file order, with no broker.
 
-    At a terminal a progress bar on standard error shows the lines read; piped output is unchanged.
+    At a terminal a progress bar on standard error shows the lines detected; piped output is unchanged.
     """
     from synthwatch.stream_apps.detect.backtest import run_file
     from synthwatch.stream_apps.detect.region import DetectionConfig

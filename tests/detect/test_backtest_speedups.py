@@ -51,15 +51,19 @@ from synthwatch.producers.simulate import SimulationConfig, simulate
 from synthwatch.stream_apps.detect import backtest
 started = []
 real = backtest._DetectionProcess
-backtest._DetectionProcess = lambda config: started.append(config) or real(config)
+backtest._DetectionProcess = lambda config, progress=None: started.append(config) or real(config, progress)
 backtest._BLOCK_LINES = 700  # many blocks, more than _IN_FLIGHT waiting at once
 backtest._FIRST_BLOCK_LINES = 250  # a short first block, as 1,024 of 4,096
 sim = simulate(SimulationConfig(days=30, seed=4, start=date(2026, 1, 1)))
-run = backtest.run_lines([(f"sim:{i}", line) for i, line in enumerate(sim.lines)])
+reported = []
+lines = [(f"sim:{i}", line) for i, line in enumerate(sim.lines)] + [("sim:end", "{not json")]
+run = backtest.run_lines(lines[:-1], progress=reported.append)  # (same run as without progress)
 alerts = [a.model_dump(mode="json", exclude={"detected_at"}) for a in run.alerts]
 rejects = [r.model_dump(mode="json", exclude={"rejected_at"}) for r in run.rejects]
 counts = {**vars(run.summary), "seconds": None}
-json.dump({"started": len(started), "run": [alerts, rejects, counts]}, sys.stdout)
+tail = []  # a last line that is malformed: its progress comes with an empty last block
+backtest.run_lines(lines, progress=tail.append)
+json.dump({"started": len(started), "run": [alerts, rejects, counts], "progress": [reported, tail]}, sys.stdout)
 """
 
 
@@ -71,13 +75,22 @@ def test_detecting_in_a_second_process_gives_the_run_of_one_process(monkeypatch:
     """
     done = subprocess.run([sys.executable, "-c", _SEPARATE], capture_output=True, text=True, check=True, timeout=240)
     separate = json.loads(done.stdout)
-    assert separate["started"] == 1  # the stream went to the detection process
+    assert separate["started"] == 2  # both streams went to the detection process
+    # progress: one advance per block once it is detected (not every 2,048 lines read), counting the block's
+    # observations and the malformed lines among them; they add up to the lines
+    reported, tail = separate["progress"]
+    assert reported[0] >= 250 and all(700 <= r < 750 for r in reported[1:-1])
+    assert sum(reported) == separate["run"][2]["lines"]
+    assert sum(tail) == sum(reported) + 1 and tail[-1] <= 700
 
     sim = simulate(SimulationConfig(days=30, seed=4, start=date(2026, 1, 1)))
     monkeypatch.setattr(backtest, "_BLOCK_LINES", 700)
+    monkeypatch.setattr(backtest, "_FIRST_BLOCK_LINES", 250)
     monkeypatch.setattr(backtest, "_fork_is_safe", lambda: False)  # as with the engine loaded: detect here
-    inline = run_lines([(f"sim:{i}", line) for i, line in enumerate(sim.lines)])
+    inline_reported: list[int] = []
+    inline = run_lines([(f"sim:{i}", line) for i, line in enumerate(sim.lines)], progress=inline_reported.append)
     assert json.loads(json.dumps(list(_comparable(inline)))) == separate["run"]
+    assert inline_reported == reported  # the same blocks, reported as each is detected here
     assert inline.summary.events > 5000 and inline.summary.duplicates and inline.alerts
 
 
