@@ -15,6 +15,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -1224,6 +1226,45 @@ def test_bench_receiver_accepts_signed_requests_only(monkeypatch: Any) -> None:
 # --- the Faust agent on a real broker ------------------------------------------------------------------------
 
 
+class _KillableDelivery:
+    """A delivery-only worker the test can SIGKILL and start again, on its own alerts topic, with the alerts
+    it will publish: the worker is ``tests.support.delivery_helpers`` run as a child process."""
+
+    def __init__(self, broker: Any, tmp_path: Path, name: str, alerts: int) -> None:
+        import uuid
+
+        from kafka import KafkaProducer
+
+        from synthwatch.stack.broker import ensure_topics
+
+        suffix = uuid.uuid4().hex[:6]
+        self.tmp_path, self.bootstrap = tmp_path, broker.bootstrap_servers
+        self.settings = Settings(
+            data_dir=tmp_path / "worker", topic_alerts=f"alerts-{name}-{suffix}", app_id=f"{name}-{suffix}"
+        )
+        ensure_topics(self.settings, self.bootstrap)
+        self.alerts = [make_alert(alert_id=f"{suffix}{i:018d}") for i in range(alerts)]
+        self.producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all")
+
+    def publish(self, batch: list[Alert], keyed: bool) -> None:
+        """Keyed by alert id (spread over partitions), or all on partition 0 in this order."""
+        for alert in batch:
+            value = alert.model_dump_json().encode()
+            if keyed:
+                self.producer.send(self.settings.topic_alerts, key=alert.alert_id.encode(), value=value)
+            else:
+                self.producer.send(self.settings.topic_alerts, value=value, partition=0)
+        self.producer.flush()
+
+    def start(self) -> subprocess.Popen[bytes]:
+        log = open(self.tmp_path / "worker.log", "ab")  # noqa: SIM115 - the child writes to it for its whole life
+        command = [sys.executable, "-m", "tests.support.delivery_helpers", str(self.settings.data_dir), self.bootstrap]
+        command += [self.settings.topic_alerts, str(self.tmp_path / "subs.yaml"), self.settings.app_id]
+        process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[2], stdout=log, stderr=log)
+        log.close()
+        return process
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_the_agent_acknowledges_alerts_only_when_final_so_a_killed_worker_loses_none(
@@ -1231,40 +1272,15 @@ def test_the_agent_acknowledges_alerts_only_when_final_so_a_killed_worker_loses_
 ) -> None:
     """Delivered before the kill: not sent again. Still retrying at the kill: delivered after the restart."""
     import signal
-    import subprocess
-    import sys
-    import uuid
 
-    from kafka import KafkaProducer
-
-    from synthwatch.stack.broker import ensure_topics
     from tests.conftest import wait_until
     from tests.support.delivery_helpers import ThreadedReceiver
 
-    suffix = uuid.uuid4().hex[:6]
-    settings = Settings(data_dir=tmp_path / "worker", topic_alerts=f"alerts-delivery-{suffix}", app_id=f"dlv-{suffix}")
-    ensure_topics(settings, broker.bootstrap_servers)
-    alerts = [make_alert(alert_id=f"{suffix}{i:018d}") for i in range(6)]
-    producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, acks="all")
+    worker = _KillableDelivery(broker, tmp_path, "delivery", alerts=6)
+    alerts, start = worker.alerts, worker.start
 
     def publish(batch: list[Alert]) -> None:
-        for alert in batch:
-            producer.send(settings.topic_alerts, key=alert.alert_id.encode(), value=alert.model_dump_json().encode())
-        producer.flush()
-
-    def start() -> subprocess.Popen[bytes]:
-        log = open(tmp_path / "worker.log", "ab")  # noqa: SIM115 - the child writes to it for its whole life
-        command = [
-            sys.executable,
-            "-m",
-            "tests.support.delivery_helpers",
-            str(settings.data_dir),
-            broker.bootstrap_servers,
-        ]
-        command += [settings.topic_alerts, str(tmp_path / "subs.yaml"), settings.app_id]
-        process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[2], stdout=log, stderr=log)
-        log.close()
-        return process
+        worker.publish(batch, keyed=True)
 
     with ThreadedReceiver() as hooks:
         (tmp_path / "subs.yaml").write_text(
@@ -1294,7 +1310,7 @@ def test_the_agent_acknowledges_alerts_only_when_final_so_a_killed_worker_loses_
         finally:
             second.send_signal(signal.SIGTERM)
             second.wait(30)
-    producer.close()
+    worker.producer.close()
     assert hooks.accepted() == {a.alert_id: 1 for a in alerts}
     resent = {key for key, _ in hooks.snapshot()[seen_before_restart:]}
     assert resent <= retrying  # nothing delivered before the kill was sent again
@@ -1307,34 +1323,15 @@ def test_an_alert_still_retrying_is_not_committed_past_by_the_quick_ones_after_i
     issue 606): the alert at offset C still retrying, C+1 and C+2 delivered, it committed C+3, and a worker
     killed then never delivered C. The commit now waits for C."""
     import signal
-    import subprocess
-    import sys
-    import uuid
 
-    from kafka import KafkaProducer
-
-    from synthwatch.stack.broker import ensure_topics
     from tests.conftest import wait_until
     from tests.support.delivery_helpers import ThreadedReceiver
 
-    suffix = uuid.uuid4().hex[:6]
-    settings = Settings(data_dir=tmp_path / "worker", topic_alerts=f"alerts-head-{suffix}", app_id=f"head-{suffix}")
-    ensure_topics(settings, broker.bootstrap_servers)
-    alerts = [make_alert(alert_id=f"{suffix}{i:018d}") for i in range(5)]
-    producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, acks="all")
+    worker = _KillableDelivery(broker, tmp_path, "head", alerts=5)
+    alerts, start = worker.alerts, worker.start
 
     def publish(batch: list[Alert]) -> None:
-        for alert in batch:  # one partition: offsets in this order
-            producer.send(settings.topic_alerts, value=alert.model_dump_json().encode(), partition=0)
-        producer.flush()
-
-    def start() -> subprocess.Popen[bytes]:
-        log = open(tmp_path / "worker.log", "ab")  # noqa: SIM115 - the child writes to it for its whole life
-        command = [sys.executable, "-m", "tests.support.delivery_helpers", str(settings.data_dir)]
-        command += [broker.bootstrap_servers, settings.topic_alerts, str(tmp_path / "subs.yaml"), settings.app_id]
-        process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[2], stdout=log, stderr=log)
-        log.close()
-        return process
+        worker.publish(batch, keyed=False)  # one partition: offsets in this order
 
     with ThreadedReceiver() as hooks:
         (tmp_path / "subs.yaml").write_text(
@@ -1364,7 +1361,7 @@ def test_an_alert_still_retrying_is_not_committed_past_by_the_quick_ones_after_i
         finally:
             second.send_signal(signal.SIGTERM)
             second.wait(30)
-    producer.close()
+    worker.producer.close()
     assert hooks.accepted() == {a.alert_id: 1 for a in alerts}  # and nothing twice
 
 
