@@ -78,8 +78,8 @@ class PartitionOffsets:
     #: Records after ``committed`` were processed, but the record at ``committed`` never was: the committed
     #: offset cannot move past it (the watchdog's "held" partition; only :mod:`.watchdog` fills it in).
     held: bool = False
-    #: Records at or after ``committed`` were handed to the agents (Faust's read offset reached it): the
-    #: partition is not merely waiting for its turn in the fetch (only :mod:`.watchdog` fills it in).
+    #: Records at or after ``committed`` were handed to the agents since the latest seek: the partition is
+    #: not merely waiting for its turn in the fetch (only :mod:`.watchdog` fills it in).
     handed_over: bool = False
 
     @property

@@ -116,6 +116,10 @@ class Consumer(faust_aiokafka.Consumer):
     #: read offset cannot say: a seek sets it to the committed offset, the next record *to* read.
     handed: dict[Any, int]
 
+    def _reset_state(self) -> None:
+        super()._reset_state()  # at construction and on a restart of the consumer, as Faust's own state
+        self.handed = {}
+
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
@@ -197,8 +201,6 @@ class Consumer(faust_aiokafka.Consumer):
         fetcher_should_stop = fetcher._stopped.is_set
         get_read_offset = self._read_offset.__getitem__
         set_read_offset = self._read_offset.__setitem__
-        if not hasattr(self, "handed"):
-            self.handed = {}
         flag_consumer_fetching = faust_consumer.CONSUMER_FETCHING
         set_flag = self.diag.set_flag
         unset_flag = self.diag.unset_flag

@@ -155,7 +155,7 @@ async def committed_positions(app: faust.App, topics: Collection[str]) -> list[P
             offset = earliest.get(tp) or 0
         acked = consumer._acked.get(tp)
         held = bool(acked) and min(acked) > offset
-        handed = getattr(consumer, "handed", {}).get(tp)  # the last offset handed to the agents since a seek
+        handed = consumer.handed.get(tp)  # the last offset handed to the agents since a seek
         handed_over = handed is not None and handed >= offset
         found.append(PartitionOffsets(tp.topic, tp.partition, int(end), int(offset), held, handed_over))
     return found
