@@ -246,8 +246,7 @@ class _DetectionProcess:
             self.done.append(self.waiting.popleft().result())
         future = self.pool.submit(_detect_block, self.sent, block)
         if self.progress is not None and lines:
-            progress = self.progress
-            future.add_done_callback(lambda done: done.exception() is None and progress(lines))
+            future.add_done_callback(_advance_when_detected(self.progress, lines))
         self.waiting.append(future)
         self.sent += 1
 
@@ -261,6 +260,17 @@ class _DetectionProcess:
 
 
 _IN_FLIGHT = 4
+
+
+def _advance_when_detected(progress: Callable[[int], None], lines: int) -> Callable[[Future[_Found]], None]:
+    """A done-callback that advances ``progress`` by ``lines`` if the block was detected; not for a block
+    that failed, nor for one cancelled at a shutdown (Ctrl-C, an error), whose ``exception()`` would raise."""
+
+    def advance(done: Future[_Found]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            progress(lines)
+
+    return advance
 
 
 def _fork_is_safe() -> bool:

@@ -131,3 +131,23 @@ def test_observations_share_offsets_and_strings_without_changing_a_value() -> No
     assert fields[0][2].tzinfo is fields[1][2].tzinfo and fields[3][2].tzinfo is fields[4][2].tzinfo
     assert fields[0][2].tzinfo is not fields[2][2].tzinfo  # another offset, another object
     assert fields[0][4] is fields[1][4] and fields[0][10] is fields[1][10]  # country, lab: one object each
+
+
+def test_progress_advances_only_for_blocks_detected_not_for_failed_or_cancelled_ones(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A block cancelled at a shutdown (Ctrl-C) made the callback raise from ``exception()``, logged by the
+    pool as an error; a failed block must not count as done either."""
+    from concurrent.futures import Future
+
+    advanced: list[int] = []
+    detected: Future[Any] = Future()
+    failed: Future[Any] = Future()
+    cancelled: Future[Any] = Future()
+    for future in (detected, failed, cancelled):
+        future.add_done_callback(backtest._advance_when_detected(advanced.append, 700))
+    detected.set_result(None)
+    failed.set_exception(RuntimeError("the detection process died"))
+    assert cancelled.cancel()
+    assert advanced == [700]
+    assert not [r for r in caplog.records if "exception calling callback" in r.getMessage()]
