@@ -54,7 +54,6 @@ EXPERIMENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("without gc.freeze", ("no-gc-freeze",)),
     ("uvloop instead of asyncio's loop", ("uvloop",)),
     ("stream buffer 32768, 5000 records per poll", ("buffers",)),
-    ("partition fetches of 1 MiB (Faust's default)", ("fetch-1m",)),
     ("partition fetches of 32 KiB", ("fetch-32k",)),
     ("Python objects from glibc's malloc, 2 arenas (PYTHONMALLOC=malloc)", ("glibc-malloc",)),
     ("at most 2 glibc arenas (MALLOC_ARENA_MAX=2)", ("arenas-2",)),

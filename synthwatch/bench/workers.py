@@ -39,7 +39,6 @@ WORKER_ENV: dict[str, dict[str, str]] = {
     "uvloop": {"SYNTHWATCH_EVENT_LOOP": "uvloop"},
     "asyncio": {"SYNTHWATCH_EVENT_LOOP": "asyncio"},
     "producer-16k": {"SYNTHWATCH_PRODUCER_BATCH_BYTES": "16384"},  # Faust's default
-    "fetch-1m": {"SYNTHWATCH_CONSUMER_PARTITION_FETCH_BYTES": str(1 << 20)},  # Faust's default
     "fetch-32k": {"SYNTHWATCH_CONSUMER_PARTITION_FETCH_BYTES": str(32 << 10)},
     "buffers": {"SYNTHWATCH_STREAM_BUFFER_MAXSIZE": "32768", "SYNTHWATCH_CONSUMER_MAX_POLL_RECORDS": "5000"},
     "take-batches": {"SYNTHWATCH_AGENT_BATCHES": "take"},  # Faust's noack_take, the previous batching
