@@ -474,7 +474,7 @@ class RegionDetector:
         """
         result = RegionResult()
         region = self.regions.get(obs.region) or self.region_state(obs.region)
-        if at is not None and not apply_once(region.applied, at):
+        if not apply_once(region.applied, at):
             # Judged before, and every series record it touched was written before this region record.
             result.replayed = True
             return result
@@ -507,7 +507,7 @@ class RegionDetector:
         # Seized mass is tested per substance only: a family's total mixes drugs of every member, so an
         # alert on it would say nothing about any one of them. The family keeps its masses as the usual
         # seizure of members with too little history of their own.
-        if at is None or apply_once(state.applied, at):
+        if apply_once(state.applied, at):
             self.dirty_series.add(name)
             findings = self.model.observe(
                 state, day, today, obs.event_id, obs.grams, rhythm, pool=family_state, test=test
@@ -515,7 +515,7 @@ class RegionDetector:
             if findings and emit:
                 alerts = [self._spike_alert(obs, subject, state, f) for f in findings if f.new_episode]
                 self._raise(result, name, state, alerts)
-        if family and family_state is not None and (at is None or apply_once(family_state.applied, at)):
+        if family and family_state is not None and apply_once(family_state.applied, at):
             self.dirty_series.add(family_name)
             findings = self.model.observe(
                 family_state, day, today, obs.event_id, obs.grams, rhythm, test_mass=False, test=test

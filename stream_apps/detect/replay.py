@@ -46,7 +46,10 @@ def note(marks: dict[str, int], at: Position | None) -> None:
 
 
 def apply_once(marks: dict[str, int], at: Position | None) -> bool:
-    """True (and noted) if the event at ``at`` is new to the record; False if the record holds it already."""
+    """True (and noted) if the event at ``at`` is new to the record; False if the record holds it already.
+    An event with no position (a file line: the backtest) is always new, and nothing is noted."""
+    if at is None:
+        return True
     if applied(marks, at):
         return False
     note(marks, at)
