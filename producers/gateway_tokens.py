@@ -19,13 +19,13 @@ import hashlib
 import json
 import os
 import secrets
-import stat
 import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from synthwatch.errors import SynthwatchError
+from synthwatch.schemas.envelope import others_can_reach
 
 #: Every token starts with this, so secret scanners (and people) recognise a leaked one.
 TOKEN_PREFIX = "swg_"
@@ -100,7 +100,7 @@ class TokenStore:
         stamp = (info.st_mtime_ns, info.st_size)
         if stamp == self._stamp:
             return
-        if info.st_mode & (stat.S_IRWXO | stat.S_IRWXG):
+        if others_can_reach(info.st_mode):  # group read allowed: a Kubernetes Secret mount (deploy/k8s/gateway.yaml)
             raise TokenStoreError(
                 f"{self.path} holds token hashes but other users can read or change it: run `chmod 600 {self.path}`"
             )

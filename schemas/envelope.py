@@ -52,6 +52,15 @@ _LENGTH = struct.Struct(">I").pack
 _KEY_LENGTH = struct.Struct(">i").pack
 
 
+def others_can_reach(mode: int) -> bool:
+    """True when a secret file's mode lets users outside its group in, or its group change it.
+
+    Group *read* stays allowed: Kubernetes mounts a Secret for a non-root user with group read (``fsGroup``),
+    and the group is then the pod's own. One rule for every file holding keys or token hashes.
+    """
+    return bool(mode & (stat.S_IRWXO | stat.S_IWGRP))
+
+
 def sign(secret: bytes, topic: str, key: bytes | None, value: bytes) -> bytes:
     """HMAC-SHA256 of (topic, key, value) under ``secret``; a missing key is signed as length -1.
 
@@ -112,7 +121,7 @@ def load_org_keys(path: Path) -> dict[str, Organisation]:
         mode = path.stat().st_mode
     except OSError as error:
         raise OrgKeysError(f"cannot read the organisation keys file {path}: {error.strerror}") from error
-    if mode & (stat.S_IRWXO | stat.S_IWGRP):  # group-read stays allowed: Kubernetes mounts secrets 0440 (fsGroup)
+    if others_can_reach(mode):
         raise OrgKeysError(f"{path} holds secret keys but other users can read or change it: run `chmod 600 {path}`")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))

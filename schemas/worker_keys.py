@@ -11,13 +11,12 @@ import hmac
 import logging
 import os
 import secrets
-import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from synthwatch.errors import SynthwatchError
-from synthwatch.schemas.envelope import MIN_KEY_BYTES, Headers, OrgKeysError, _header, parse_key, sign
+from synthwatch.schemas.envelope import MIN_KEY_BYTES, Headers, OrgKeysError, _header, others_can_reach, parse_key, sign
 
 log = logging.getLogger("synthwatch.worker_signature")
 
@@ -119,7 +118,7 @@ def _keys_from_file(path: Path) -> list[bytes]:
         text = path.read_text()
     except OSError as error:
         raise WorkerKeyError(f"SYNTHWATCH_WORKER_KEY_FILE {path}: {error.strerror}") from error
-    if mode & (stat.S_IRWXO | stat.S_IWGRP):  # group-read allowed: Kubernetes secret mounts (fsGroup)
+    if others_can_reach(mode):
         raise WorkerKeyError(f"{path} holds the worker keys but other users can read or change it: `chmod 600 {path}`")
     lines = [line.split("#", 1)[0].strip() for line in text.splitlines()]
     return [parse_key(line, f"{path}: line {n}") for n, line in enumerate(lines, 1) if line]

@@ -72,6 +72,44 @@ def test_tokens_are_stored_hashed_in_a_private_file_and_revocation_is_seen(tmp_p
     path.chmod(0o644)
     with pytest.raises(TokenStoreError, match="chmod 600"):
         TokenStore.open(path)
+    path.chmod(0o660)  # its group could replace the hashes with its own
+    with pytest.raises(TokenStoreError, match="chmod 600"):
+        TokenStore.open(path)
+    path.chmod(0o440)  # a Kubernetes Secret mounted with fsGroup (deploy/k8s/gateway.yaml): read-only, group read
+    assert TokenStore.open(path).authenticate(secret) is None  # opened; the token is still revoked
+
+
+def _kubelet_update(mount: Path, name: str, content: bytes, version: str) -> None:
+    """Write a Secret the way the kubelet does: files in a new timestamped directory (0440), then the
+    ``..data`` link swapped to it atomically; the file the pod reads is a link through ``..data``."""
+    directory = mount / f"..{version}"
+    directory.mkdir()
+    (directory / name).write_bytes(content)
+    (directory / name).chmod(0o440)
+    (mount / "..data_tmp").symlink_to(directory.name)
+    (mount / "..data_tmp").replace(mount / "..data")
+    if not (mount / name).is_symlink():
+        (mount / name).symlink_to(f"..data/{name}")
+
+
+def test_a_token_revoked_in_a_kubernetes_secret_is_refused_once_the_kubelet_swaps_the_file(tmp_path: Path) -> None:
+    """deploy/k8s/gateway.yaml: the gateway reads its token hashes from a Secret mount (0440, group read);
+    the operator revokes with the CLI on a copy and replaces the Secret, and no restart is needed."""
+    operator_copy = tmp_path / "gateway-tokens.json"
+    operators = TokenStore.open(operator_copy)
+    kept, kept_secret = operators.create("lab-fr", ["LAB-FR-01"], [])
+    leaked, leaked_secret = operators.create("lab-ml", ["LAB-ML-01"], [])
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    _kubelet_update(mount, operator_copy.name, operator_copy.read_bytes(), "2026_12_06_10_00_00.1")
+    gateway_view = TokenStore.open(mount / operator_copy.name)
+    assert gateway_view.authenticate(leaked_secret) == leaked
+
+    operators.revoke(leaked.token_id)
+    _kubelet_update(mount, operator_copy.name, operator_copy.read_bytes(), "2026_12_06_10_05_00.2")
+    gateway_view.reload_if_changed()
+    assert gateway_view.authenticate(leaked_secret) is None
+    assert gateway_view.authenticate(kept_secret) == kept
 
 
 def test_a_token_is_bound_to_its_lab_ids_and_agencies(tmp_path: Path) -> None:
