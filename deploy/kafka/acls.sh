@@ -3,17 +3,18 @@
 # (authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer, allow.everyone.if.no.acl.found=false)
 # and a SASL_SSL listener with SCRAM-SHA-512. The same rules as deploy/k8s/kafka-users.yaml (Strimzi).
 #
-#   deploy/kafka/acls.sh BOOTSTRAP ADMIN_CONFIG worker lab:lab-fr customs:douane-ml ...
+#   deploy/kafka/acls.sh BOOTSTRAP ADMIN_CONFIG worker gateway lab:lab-fr customs:douane-ml ...
 #
 # BOOTSTRAP: host:port of the SASL_SSL listener; ADMIN_CONFIG: a client properties file of a super user
 # (security.protocol, sasl.mechanism, sasl.jaas.config, ssl.truststore...). Each principal gets a random
 # password, printed once to standard output as `principal password` (store it, hand it over, do not keep
 # this output). Rules: labs and customs may write only their own input topic; only the worker writes
-# alerts, sightings, rejects and changelogs; Grafana and analysts get no Kafka principal.
+# alerts, sightings and changelogs; only it and the intake gateway (which also writes both input topics)
+# write rejects; Grafana and analysts get no Kafka principal.
 set -eu
 
-BOOTSTRAP=${1:?usage: acls.sh BOOTSTRAP ADMIN_CONFIG worker|lab:NAME|customs:NAME ...}
-ADMIN_CONFIG=${2:?usage: acls.sh BOOTSTRAP ADMIN_CONFIG worker|lab:NAME|customs:NAME ...}
+BOOTSTRAP=${1:?usage: acls.sh BOOTSTRAP ADMIN_CONFIG worker|gateway|lab:NAME|customs:NAME ...}
+ADMIN_CONFIG=${2:?usage: acls.sh BOOTSTRAP ADMIN_CONFIG worker|gateway|lab:NAME|customs:NAME ...}
 shift 2
 KAFKA_BIN=${KAFKA_BIN:-/opt/kafka/bin}
 APP_ID=${SYNTHWATCH_APP_ID:-synthwatch}
@@ -44,6 +45,12 @@ for principal in "$@"; do
             acl --allow-principal "$user" --operation Describe --operation Read \
                 --group "$APP_ID" --resource-pattern-type prefixed
             ;;
+        gateway)
+            scram_user synthwatch-gateway
+            for topic in synthwatch.lab-detections synthwatch.border-seizures synthwatch.rejects; do
+                acl --allow-principal User:synthwatch-gateway --operation Describe --operation Write --topic "$topic"
+            done
+            ;;
         lab:*)
             name=${principal#lab:}
             scram_user "$name"
@@ -55,7 +62,7 @@ for principal in "$@"; do
             acl --allow-principal "User:$name" --operation Describe --operation Write --topic synthwatch.border-seizures
             ;;
         *)
-            echo "unknown principal kind: $principal (worker, lab:NAME or customs:NAME)" >&2
+            echo "unknown principal kind: $principal (worker, gateway, lab:NAME or customs:NAME)" >&2
             exit 2
             ;;
     esac

@@ -249,8 +249,12 @@ def by_kind(kind: str, include_example: bool = False) -> list[dict[str, Any]]:
     return [d for d in k8s_documents(include_example) if d["kind"] == kind]
 
 
+def named(kind: str, name: str) -> dict[str, Any]:
+    return next(d for d in by_kind(kind) if d["metadata"]["name"] == name)
+
+
 def worker() -> dict[str, Any]:
-    return next(d for d in by_kind("Deployment") if d["metadata"]["name"] == "synthwatch-worker")
+    return named("Deployment", "synthwatch-worker")
 
 
 def config() -> dict[str, str]:
@@ -331,8 +335,8 @@ def test_k8s_selectors_match_the_worker_pods() -> None:
     def matches(selector: dict[str, str]) -> bool:
         return all(labels.get(k) == v for k, v in selector.items())
 
-    assert matches(by_kind("Service")[0]["spec"]["selector"])
-    assert matches(by_kind("PodDisruptionBudget")[0]["spec"]["selector"]["matchLabels"])
+    assert matches(named("Service", "synthwatch-worker")["spec"]["selector"])
+    assert matches(named("PodDisruptionBudget", "synthwatch-worker")["spec"]["selector"]["matchLabels"])
     monitor = by_kind("PodMonitor")[0]["spec"]
     assert matches(monitor["selector"]["matchLabels"])
     assert (
@@ -412,8 +416,21 @@ def test_k8s_network_policies_admit_only_prometheus_to_workers_and_only_our_clie
     deny = [p for p in ours if p["spec"]["podSelector"] == {}]
     assert len(deny) == 1 and deny[0]["spec"]["policyTypes"] == ["Ingress"] and "ingress" not in deny[0]["spec"]
     labels = worker()["spec"]["template"]["metadata"]["labels"]
-    (to_worker,) = [p for p in ours if p["spec"]["podSelector"] != {}]
+    to_worker, to_gateway = (
+        next(p for p in ours if p["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/component") == c)
+        for c in ("worker", "gateway")
+    )
+    assert len(ours) == 3, "deny-all, Prometheus to the workers, the labs to the gateway"
     assert all(labels.get(k) == v for k, v in to_worker["spec"]["podSelector"]["matchLabels"].items())
+    gateway_labels = named("Deployment", "synthwatch-gateway")["spec"]["template"]["metadata"]["labels"]
+    assert all(
+        labels.get(k) != v
+        for k, v in to_gateway["spec"]["podSelector"]["matchLabels"].items()
+        if k != "app.kubernetes.io/name"
+    )
+    assert all(gateway_labels.get(k) == v for k, v in to_gateway["spec"]["podSelector"]["matchLabels"].items())
+    (open_rule,) = to_gateway["spec"]["ingress"]
+    assert open_rule == {"ports": [{"port": 8443, "protocol": "TCP"}]}, "the gateway's HTTPS port, nothing else"
     (rule,) = to_worker["spec"]["ingress"]
     assert rule["ports"] == [{"port": WEB_PORT, "protocol": "TCP"}]
     (peer,) = rule["from"]
@@ -508,15 +525,22 @@ def test_kafka_principals_write_only_what_they_own() -> None:
     worker_acls = _acls(users["synthwatch-worker"])
     written = {name for (kind, name), ops in worker_acls.items() if kind == "topic" and "Write" in ops}
     assert written == {settings.topic_alerts, settings.topic_sightings, settings.topic_rejects, f"{settings.app_id}-"}
+    gateway_acls = _acls(users["synthwatch-gateway"])
+    inputs = {settings.topic_lab_detections, settings.topic_border_seizures}
+    assert gateway_acls == {("topic", t): {"Describe", "Write"} for t in (*inputs, settings.topic_rejects)}
     for name, user in users.items():
         if name != "synthwatch-worker":
+            shared = {settings.topic_rejects} if name == "synthwatch-gateway" else set()
             for (_kind, topic), ops in _acls(user).items():
-                assert topic not in written and "Read" not in ops, f"{name} may not touch {topic}"
+                assert topic not in written - shared and "Read" not in ops, f"{name} may not touch {topic}"
     # the same rules for a cluster without Strimzi
     script = (DEPLOY / "kafka/acls.sh").read_text()
     for topic in (settings.topic_alerts, settings.topic_sightings, settings.topic_rejects):
         assert topic in script
     assert "--topic synthwatch.lab-detections" in script and "--topic synthwatch.border-seizures" in script
+    gateway_case = script.split("        gateway)", 1)[1].split(";;", 1)[0]
+    assert "for topic in synthwatch.lab-detections synthwatch.border-seizures synthwatch.rejects; do" in gateway_case
+    assert "Read" not in gateway_case and "--group" not in gateway_case
     assert subprocess.run(["sh", "-n", str(DEPLOY / "kafka/acls.sh")]).returncode == 0
 
 
@@ -544,3 +568,70 @@ def test_k8s_workers_require_a_shared_worker_key_from_the_secret() -> None:
     reference = env["SYNTHWATCH_WORKER_KEY"]["valueFrom"]["secretKeyRef"]
     assert reference["name"] == "synthwatch" and reference.get("optional") is False
     assert spec["replicas"] > 1 and int(env["SYNTHWATCH_WORKERS"]["value"]) > 1
+
+
+def test_k8s_gateway_starts_with_tls_its_own_kafka_principal_and_secret_files_it_accepts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pod's settings pass the gateway's own start-up checks; every file it reads is a read-only Secret
+    mount whose mode the loaders accept (group read, never other users); the port is the same in the
+    container, the Service, the NetworkPolicy and the settings."""
+    from synthwatch.producers.gateway import check_listen_address
+    from synthwatch.schemas.envelope import others_can_reach
+
+    deployment = named("Deployment", "synthwatch-gateway")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == WORKER_IMAGE and container["args"] == ["gateway"]
+    env = {e["name"]: e for e in container["env"]}
+    values = {name: e["value"] for name, e in env.items() if "value" in e}
+    secret_refs = {name: e["valueFrom"]["secretKeyRef"] for name, e in env.items() if "valueFrom" in e}
+    assert all(ref.get("optional") is False for ref in secret_refs.values())
+    settings_env = {**config(), **values, **{name: "from-a-secret" for name in secret_refs}}
+    assert set(settings_env) <= SETTING_VARS, set(settings_env) - SETTING_VARS
+    for name, value in settings_env.items():  # read from the environment, as in the pod (JSON lists included)
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.gateway_allowed_hosts == ["intake.synthwatch.example.org"]
+    check_listen_address(settings)  # raises on a non-loopback address without TLS
+    assert settings.gateway_ssl_certfile and settings.gateway_ssl_keyfile and not settings.gateway_behind_tls_proxy
+    assert settings.kafka_sasl_username == "synthwatch-gateway" != config()["SYNTHWATCH_KAFKA_SASL_USERNAME"]
+    assert "synthwatch-gateway" in {u["metadata"]["name"] for u in by_kind("KafkaUser")}
+    assert secret_refs["SYNTHWATCH_KAFKA_SASL_PASSWORD"]["name"] == "synthwatch-gateway"
+    assert "SYNTHWATCH_KAFKA_SASL_PASSWORD" not in values and "SYNTHWATCH_WORKER_KEY" not in values
+
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    read = [settings.gateway_ssl_certfile, settings.gateway_ssl_keyfile, settings.resolved_gateway_tokens_file]
+    for path in [*read, settings.org_keys_file, settings.kafka_ssl_cafile]:
+        mount = mounts[str(Path(str(path)).parent)]
+        assert mount.get("readOnly") is True, path
+        secret = volumes[mount["name"]]["secret"]
+        assert secret["secretName"].startswith("synthwatch-")
+        mode = secret.get("defaultMode", 0o644)
+        if path in read or path == settings.org_keys_file:
+            assert mode == 0o440 and not others_can_reach(mode), path
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"], "group read reaches the pod"
+    assert str(settings.data_dir) in mounts, "the data dir must be writable (read-only root filesystem)"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+    (port,) = container["ports"]
+    assert port["containerPort"] == settings.gateway_port == 8443
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["tcpSocket"]["port"] == port["name"], "every HTTP route needs a token"
+    service = named("Service", "synthwatch-gateway")
+    assert service["spec"]["ports"][0]["targetPort"] == port["name"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    for selector in (service["spec"]["selector"], deployment["spec"]["selector"]["matchLabels"]):
+        assert (
+            all(labels.get(k) == v for k, v in selector.items())
+            and selector["app.kubernetes.io/component"] == "gateway"
+        )
+    pdb = named("PodDisruptionBudget", "synthwatch-gateway")["spec"]["selector"]["matchLabels"]
+    assert pdb == deployment["spec"]["selector"]["matchLabels"]
+    example = (K8S / "secret.example.yaml").read_text()
+    for name in {v["secret"]["secretName"] for v in volumes.values() if "secret" in v} - {
+        "synthwatch-kafka-ca",
+        "synthwatch-org-keys",
+    }:
+        assert f"secret generic {name} " in example or f"secret tls {name} " in example, f"{name}: how to create it"
