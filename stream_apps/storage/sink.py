@@ -36,7 +36,11 @@ from synthwatch.stream_apps.storage.tables import (
 
 if TYPE_CHECKING:
     # clickhouse-connect is imported where a client is opened: in the worker, by the thread that opens it.
+    from datetime import datetime
+
     from clickhouse_connect.driver.client import Client
+
+    from synthwatch.stream_apps.detect.similarity import LearntStructure
 
 # The sink never inserts an id twice in one block (ids already stored are filtered, and so are the
 # repeats of an id within the call), so merging Replacing/Summing rows at insert time is wasted work.
@@ -166,6 +170,13 @@ class ClickHouseSink:
                 settings=INSERT_SETTINGS,
             )
         return len(fresh)
+
+    def learnt_structures(self, as_of: datetime) -> list[LearntStructure]:
+        """The structures learnt from reports stored at or before ``as_of`` (see :mod:`.learnt`), under the lock."""
+        from synthwatch.stream_apps.storage.learnt import learnt_structures
+
+        with self.lock:
+            return learnt_structures(self.client, as_of)
 
     def store_alerts(self, alerts: Sequence[Alert]) -> int:
         """Insert alerts not stored yet (one row per alert_id); returns how many were new."""
