@@ -172,8 +172,9 @@ class SimilarityIndex:
 
         Why not learn it: a new-substance alert must be the same whether or not a worker crashed and
         replayed (tests/detect/test_replay.py). What a worker has learnt depends on which sightings it met
-        since it started, and a replay starts it again, so alerts rank against the catalogue alone; the
-        structures the network learnt are compared in ``synthwatch substance``, from every stored report.
+        since it started, and a replay starts it again, so this part ranks against the catalogue alone; the
+        structures the network learnt are a separate part, read from the store up to a cut
+        (:meth:`rank_learnt`), and ``synthwatch substance`` compares with every stored report.
         A structure's fingerprint is still computed once (kept by key, apart from the ranked index).
         """
         found = self._query_fingerprint(key, smiles)
