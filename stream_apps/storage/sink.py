@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from synthwatch.schemas import Alert, BorderSeizure, LabDetection, Reject
 from synthwatch.stream_apps.detect.intake import EnrichedEvent
+from synthwatch.stream_apps.storage.learnt import LearntStructures
 from synthwatch.stream_apps.storage.tables import (
     ALERT_COLUMNS,
     ALERT_TABLE,
@@ -72,6 +73,7 @@ class ClickHouseSink:
     def __init__(self, client: Client, lock: threading.Lock | None = None) -> None:
         self.client = client
         self.lock = lock or threading.Lock()
+        self._learnt = LearntStructures()  # kept between alerts: each reads only what was stored since
 
     def _stored_ids(self, table: str, ids: Sequence[str]) -> set[str]:
         return set(self._stored_digests(table, ids))
@@ -173,10 +175,8 @@ class ClickHouseSink:
 
     def learnt_structures(self, as_of: datetime) -> list[LearntStructure]:
         """The structures learnt from reports stored at or before ``as_of`` (see :mod:`.learnt`), under the lock."""
-        from synthwatch.stream_apps.storage.learnt import learnt_structures
-
         with self.lock:
-            return learnt_structures(self.client, as_of)
+            return self._learnt.as_of(self.client, as_of)
 
     def store_alerts(self, alerts: Sequence[Alert]) -> int:
         """Insert alerts not stored yet (one row per alert_id); returns how many were new."""

@@ -12,6 +12,7 @@ from typing import Any
 
 from synthwatch.stream_apps.detect.intake import Intake, RawMessage
 from synthwatch.stream_apps.storage.clickhouse import migrate
+from synthwatch.stream_apps.storage.learnt import learnt_structures
 from synthwatch.stream_apps.storage.sink import ClickHouseSink
 from tests.conftest import wait_until
 from tests.support.factories import lab, seizure
@@ -74,3 +75,25 @@ def test_hostile_names_come_back_as_stored(ch: Any) -> None:
     (learnt,) = sink.learnt_structures(_newest_stored(ch))
     assert learnt.name == name
     assert ch.query("SELECT count() FROM alerts").result_rows[0][0] == 0
+
+
+def test_the_worker_s_kept_structures_answer_every_cut_as_a_fresh_read(ch: Any) -> None:
+    """The worker reads only what was stored since its last cut; a later cut, an earlier one (a replay), the
+    same one: each answer is the one a fresh read of the store gives."""
+    migrate(ch)
+    sink = ClickHouseSink(ch)
+    cuts = []
+    records = [
+        lab(event_id="l-1", substance={"name": "Protonitazepyne", "smiles": PROTONITAZEPYNE}, lab_id="LAB-FR-01"),
+        seizure(event_id="s-2", substance={"name": "pyrrolidino proto", "smiles": PROTONITAZEPYNE}),
+        lab(event_id="l-3", substance={"name": "Isotonitazepyne", "smiles": ISOTONITAZEPYNE}, lab_id="LAB-FR-02"),
+    ]
+    for record in records:
+        assert _store(sink, [record]) == 1
+        cuts.append(_newest_stored(ch))
+        assert sink.learnt_structures(cuts[-1]) == learnt_structures(ch, cuts[-1])
+        _wait_past(ch, cuts[-1])
+    for cut in [cuts[0], cuts[2], cuts[1], cuts[0] - timedelta(milliseconds=1), cuts[2]]:
+        assert sink.learnt_structures(cut) == learnt_structures(ch, cut)
+    assert [s.name for s in sink.learnt_structures(cuts[1])] == ["Protonitazepyne"]  # the first stored name
+    assert len(sink.learnt_structures(cuts[2])) == 2
