@@ -95,3 +95,54 @@ def test_a_signed_record_that_is_not_sightings_is_refused_and_the_novelty_agent_
     assert sorted(a["substance_name"] for a in alerts) == sorted(f"Agentfailine-{i}" for i in range(8))
     assert stats["rejected"] == len(NOT_SIGHTINGS)  # counted where they were refused, as the intake counts
     assert "Restarting dead" not in log and "Crashed reason" not in log
+
+
+def test_a_defect_in_an_agent_stops_the_worker_at_once_and_its_restart_loses_nothing(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """An exception out of the intake agent (a defect injected into the region stage, once, on one event):
+    the worker says which agent failed, counts it and exits with status 1 instead of restarting the agent in
+    place; the next worker (what an orchestrator starts) processes every record after the committed offsets,
+    the failing one included: every event stored once. Before, the worker stayed up with the intake taking
+    nothing (the test timed out waiting for it to exit)."""
+    (tmp_path / "worker").mkdir()
+    settings = isolated_settings(broker, tmp_path / "worker", checkpoint_seconds=0.2)
+    first = [json.dumps(lab(event_id=f"df-{i}", sample_id=f"DF-{i}")) for i in range(5)]
+    second = [json.dumps(lab(event_id=f"df-{i}", sample_id=f"DF-{i}")) for i in range(5, 12)]
+
+    def publish(reports: list[str], part: str) -> None:
+        with Publisher(settings, broker.bootstrap_servers) as publisher:
+            sent = publisher.publish_records(InputRecord(source=f"{part}:{i}", raw=r) for i, r in enumerate(reports))
+        assert sent.sent == len(reports)
+
+    worker = start_worker(settings, tmp_path / "failing.log", module=("tests.support.agent_faults", "df-7"))
+    try:
+        publish(first, "first")
+        wait_until(lambda: worker.stats()["checkpointed"] >= len(first), 60, "the first part stored")
+        publish(second, "second")  # df-7 makes the intake agent raise
+        code = wait_until(
+            lambda: worker.process.poll(), 60, "the worker to exit after its agent failed", details=worker.describe
+        )
+    finally:
+        stop_worker(worker)
+    log = worker.log_path.read_text(errors="replace")
+    assert code == 1, log[-3000:]
+    assert "agent intake failed: RuntimeError: injected defect in the region stage on df-7" in log
+    assert "stopping the worker (exit status 1)" in log
+    assert "Restarting dead" not in log
+
+    restarted = start_worker(settings, tmp_path / "restarted.log")
+    try:
+        every = "SELECT count(), uniqExact(event_id) FROM lab_detections WHERE startsWith(event_id, 'df-')"
+        rows = wait_until(
+            lambda: (found := restarted.query(every).rows[0])[0] >= len(first) + len(second) and found,
+            60,
+            "every event stored after the restart",
+            details=restarted.describe,
+        )
+        stats = restarted.stats()
+    finally:
+        stop_worker(restarted)
+    print(f"\n[agent defect] exit {code}; after the restart: rows {rows[0]}, unique {rows[1]}; worker {stats}")
+    assert int(rows[0]) == int(rows[1]) == len(first) + len(second)
+    assert stats["ready"] and stats["failed"] is None
