@@ -29,6 +29,8 @@ def reject_reason(reason: str) -> str:
         return "empty_message"
     if lowered.startswith("not a reject record"):
         return "not_a_reject_record"
+    if lowered.startswith("not a sightings record"):
+        return "not_a_sightings_record"
     if "invalid json" in lowered.split(";")[0]:
         return "invalid_json"
     if lowered.startswith("record too large"):
@@ -76,5 +78,6 @@ def _wire_fields() -> frozenset[str]:
 def reject_reason_classes() -> frozenset[str]:
     """The fixed set of reject reason label values (why: Prometheus series must not grow with input)."""
     fixed = {"too_late", "empty_message", "not_a_reject_record", "invalid_json", "too_large", "invalid_other_field"}
+    fixed.add("not_a_sightings_record")
     fixed |= {"too_many_extra_fields", "unreadable_csv", "changed_content", "not_utf8"}
     return frozenset(fixed | {f"invalid_{f}" for f in _wire_fields()} | {"other"})

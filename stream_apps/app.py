@@ -15,7 +15,8 @@ their checkpoints (:mod:`.runtime.checkpoints`), so a crash or a stop re-deliver
 Detector state lives in two changelog-backed Faust tables (:mod:`.runtime.state_tables`), recovered
 or rebuilt from ClickHouse before the worker is ready (:mod:`.runtime.recovery`). A watchdog
 (:mod:`.runtime.watchdog`) seeks stalled partitions back to their committed offsets and turns
-``/ready`` to 503 if that does not help. Web (worker HTTP port): ``/ready``, ``/sql`` and
+``/ready`` to 503 if that does not help. An agent that raises stops the worker with exit status 1, to be
+restarted from its committed offsets (:mod:`.runtime.supervision`). Web (worker HTTP port): ``/ready``, ``/sql`` and
 ``/deliveries/resend`` (:mod:`.runtime.web`), ``/metrics`` (:mod:`.runtime.metrics`).
 """
 
@@ -34,6 +35,7 @@ from synthwatch.stream_apps.runtime.metrics import attach_metrics
 from synthwatch.stream_apps.runtime.outbox import SpikeOutbox
 from synthwatch.stream_apps.runtime.recovery import add_recovery
 from synthwatch.stream_apps.runtime.state_tables import StateTables
+from synthwatch.stream_apps.runtime.supervision import agent_failed, stopping_supervisor
 from synthwatch.stream_apps.runtime.transport import worker_app
 from synthwatch.stream_apps.runtime.watchdog import watch_worker
 from synthwatch.stream_apps.runtime.web import add_ready_view, add_sql_view
@@ -45,7 +47,8 @@ __all__ = ["WorkerContext", "create_app", "default_partition"]
 def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> faust.App:
     """Build the Faust app for one worker process (no module-level app: tests build several)."""
     settings = ctx.settings
-    app = worker_app(settings, bootstrap_servers, web_port)
+    # An agent that raises stops the worker (exit 1) instead of a restart in place that took nothing more.
+    app = worker_app(settings, bootstrap_servers, web_port, stopping_supervisor(agent_failed(ctx.metrics)))
     topics = Topics.of(app, settings)
     signer = WorkerSigner(settings_worker_keys(settings))
     tables = StateTables.create(app, ctx, signer)

@@ -180,11 +180,18 @@ class RunningWorker:
         return f"worker {alive}; counters {stats}\nlast {len(tail)} log lines:\n" + "\n".join(tail)
 
 
-def start_worker(settings: Settings, log_path: Path, command: str = "worker") -> RunningWorker:
-    """Start ``synthwatch worker`` (or ``up``) as a child process and wait until it is ready."""
+def start_worker(
+    settings: Settings, log_path: Path, command: str = "worker", module: tuple[str, ...] = ("synthwatch.cli.main",)
+) -> RunningWorker:
+    """Start ``synthwatch worker`` (or ``up``) as a child process and wait until it is ready.
+
+    ``module``: the module to run and its first arguments, for a worker with a fault injected (tests/support).
+    """
     child = StackProcess(
-        [sys.executable, "-m", "synthwatch.cli.main", command, "--loglevel", "info"],
+        [sys.executable, "-m", *module, command, "--loglevel", "info"],
         log_path,
+        # a module of tests.support is importable from the repository
+        cwd=None if module == ("synthwatch.cli.main",) else Path(__file__).resolve().parent.parent,
         env=cli_env(settings),
         settings=settings,
         what=f"`synthwatch {command}`",

@@ -108,6 +108,7 @@ class WorkerStats:
     sink_retries: int = 0
     consumer_stalls: int = 0  # partitions the watchdog found stalled and sought back
     forged: int = 0  # alerts, sightings, rejects and state records refused: no valid worker signature
+    failed: str | None = None  # an agent raised: the worker is stopping (:mod:`.supervision`), and why
     ready_seconds: float | None = None
     rebuild: dict[str, Any] = field(default_factory=dict)
     heap_trims: int = 0  # freed heap pages given back to the kernel (stream_apps/runtime/heap.py)
@@ -226,6 +227,13 @@ class WorkerMetrics:
             ["topic"],
             registry=r,
         )
+        self.agent_failures = Counter(
+            "synthwatch_agent_failures",
+            "Exceptions raised out of an agent, per agent: each stops the worker, which restarts from its "
+            "committed offsets (stream_apps/runtime/supervision.py).",
+            ["agent"],
+            registry=r,
+        )
         self._lag_labels: set[tuple[str, str]] = set()
         self.failing: set[str] = set()  # operations failing now (sink_failing == 1)
         self.faust_metrics: Any = None  # Faust's own sensor metrics, once attach_metrics made them
@@ -312,6 +320,13 @@ class WorkerMetrics:
         """Records on ``topic`` without a valid worker signature, refused."""
         self.stats.forged += n
         self.forged.labels(topic=topic).inc(n)
+
+    def agent_failed(self, agent: str, reason: str) -> None:
+        """``agent`` raised: counted, and the worker is not ready from now on (it is stopping)."""
+        self.agent_failures.labels(agent=agent).inc()
+        if self.stats.failed is None:
+            self.stats.failed = reason
+        self.set_ready(False)
 
     def consumer_stalled(self, topic: str) -> None:
         """The watchdog found a partition of ``topic`` stalled and sought it back."""

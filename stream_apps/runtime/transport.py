@@ -44,6 +44,7 @@ from faust.tables.recovery import Recovery as FaustRecovery
 from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import AppT, TransportT
+from mode import SupervisorStrategyT
 
 from synthwatch.kafka_clients import faust_credentials
 from synthwatch.settings import Settings
@@ -386,10 +387,17 @@ class App(faust.App):
         return Transport(self.conf.broker_consumer, self)
 
 
-def worker_app(settings: Settings, bootstrap_servers: str, web_port: int) -> App:
-    """The worker's Faust app, configured from the settings (no module-level app: tests build several)."""
+def worker_app(
+    settings: Settings, bootstrap_servers: str, web_port: int, agent_supervisor: type[SupervisorStrategyT] | None = None
+) -> App:
+    """The worker's Faust app, configured from the settings (no module-level app: tests build several).
+
+    ``agent_supervisor``: what an agent that raises does to the worker (:mod:`.supervision`); None: Faust's
+    default, which restarts the agent in place.
+    """
     return App(
         settings.app_id,
+        agent_supervisor=agent_supervisor,
         fetch_max_wait_ms=settings.consumer_fetch_max_wait_ms,
         stream_buffer_maxsize=settings.stream_buffer_maxsize,
         broker_max_poll_records=settings.consumer_max_poll_records,

@@ -217,7 +217,7 @@ def watch_worker(app: faust.App, ctx: WorkerContext) -> StallWatch:
         metrics.consumer_stalled(item.topic)
 
     def on_health(healthy: bool) -> None:
-        metrics.set_ready(healthy and ctx.state_ready)
+        metrics.set_ready(healthy and ctx.state_ready and metrics.stats.failed is None)
 
     # The alerts topic's offsets wait for deliveries when officers subscribe (an alert is acknowledged when
     # its deliveries are final, retries included): slow receivers are not a stalled consumer.

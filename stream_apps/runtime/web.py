@@ -51,8 +51,9 @@ def add_ready_view(app: faust.App, ctx: WorkerContext, watch: StallWatch) -> Non
     class ReadyView(View):
         async def get(self, request: Request) -> Response:
             # Not ready until detector state is recovered, nor while the watchdog finds a partition stalled
-            # after a seek back: an orchestrator's probe then restarts the worker.
-            ready = stats.ready_seconds is not None and watch.healthy
+            # after a seek back: an orchestrator's probe then restarts the worker. Nor once an agent failed
+            # (``failed`` says which and why): the worker is stopping (:mod:`.supervision`).
+            ready = stats.ready_seconds is not None and watch.healthy and stats.failed is None
             body = {"ready": ready, "stalled": watch.reason() or None, **stats.__dict__}
             return self.json(body, status=200 if ready else 503)
 

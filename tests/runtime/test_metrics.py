@@ -112,6 +112,7 @@ def test_reject_reasons_become_a_few_label_values() -> None:
     assert reject_reason("kind: unknown kind; expected 'lab_detection' or 'border_seizure'") == "invalid_kind"
     assert reject_reason("empty message (no value)") == "empty_message"
     assert reject_reason("not a reject record: 1 validation error") == "not_a_reject_record"
+    assert reject_reason("not a sightings record: JSONDecodeError: Expecting value") == "not_a_sightings_record"
     assert reject_reason("something nobody expected") == "other"
     assert len(reject_reason("a" * 200 + ": b")) <= 48
 

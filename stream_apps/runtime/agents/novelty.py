@@ -1,22 +1,46 @@
 """The ``novelty`` agent on the sightings topic (keyed by substance): new substances, first appearances in a
 region, spread. Its alerts go out with each batch; the substance state they changed is written to the
-substance table's changelog at its checkpoints."""
+substance table's changelog at its checkpoints.
+
+A signed sightings record that is not one (not a JSON array of sightings: a worker bug, or a publisher holding
+the worker key) is refused into the rejects topic with the reason, like any bad input, before the novelty
+stage sees it: it raised out of the agent, and the worker stopped taking sightings.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from typing import Any
 
 import faust
 
-from synthwatch.schemas import Alert
+from synthwatch.schemas import Alert, Reject
 from synthwatch.schemas.topics import Sighting
 from synthwatch.stream_apps.detect.replay import Position
+from synthwatch.stream_apps.runtime.agents.intake import send_rejects
 from synthwatch.stream_apps.runtime.batches import novelty_batches
 from synthwatch.stream_apps.runtime.context import AgentContext
 from synthwatch.stream_apps.runtime.state_tables import Change, StateTables
+
+log = logging.getLogger("synthwatch.stack.worker")
+
+
+def parse_sightings(e: Any) -> list[Sighting] | Reject:
+    """The sightings of one record of the sightings topic, or a reject saying why it holds none."""
+    try:
+        data = json.loads(e.value)
+        if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+            raise ValueError("not a JSON array of objects")
+        return [Sighting.from_dict(item) for item in data]
+    except (ValueError, TypeError, KeyError) as error:  # JSON, text, a field missing, unknown or malformed
+        source = f"{e.message.topic}:{e.message.partition}:{e.message.offset}"
+        reason = f"not a sightings record: {type(error).__name__}: {error}"
+        log.error("%s refused: %s", source, reason)
+        return Reject.of(e.value or b"", source=source, reason=reason, stage="worker")
 
 
 def add_novelty_agent(agents: AgentContext, tables: StateTables) -> None:
@@ -64,12 +88,16 @@ def add_novelty_agent(agents: AgentContext, tables: StateTables) -> None:
                 metrics.consumed(events)
                 batch_sightings: list[tuple[Sighting, Position]] = []
                 raised_by: dict[tuple[str, str], tuple[Sighting, float | None]] = {}
+                refused: list[Reject] = []
                 for e in events:
                     if not agents.produced_by_a_worker(e):
                         continue
+                    parsed = parse_sightings(e)
+                    if isinstance(parsed, Reject):
+                        refused.append(parsed)
+                        continue
                     at = (f"{e.message.topic}:{e.message.partition}", e.message.offset)
-                    for data in json.loads(e.value):
-                        sighting = Sighting.from_dict(data)
+                    for sighting in parsed:
                         partitions[sighting.key] = e.message.partition
                         batch_sightings.append((sighting, at))
                         raised_by.setdefault((sighting.key, sighting.event_id), (sighting, e.message.timestamp))
@@ -82,8 +110,11 @@ def add_novelty_agent(agents: AgentContext, tables: StateTables) -> None:
                     await agents.send(agents.topics.alerts, a.alert_id.encode(), a.model_dump_json().encode())
                     for a in alerts
                 ]
+                sent += await send_rejects(agents, refused)
                 held.hold(events, sent)
                 metrics.produced(settings.topic_alerts, len(alerts))
+                metrics.rejected(refused)
+                metrics.produced(settings.topic_rejects, len(refused))
                 if alerts:
                     # from the sighting's Kafka timestamp: the intake stage's time before it is not included
                     metrics.alerts_published(alerts, min(e.message.timestamp or time.time() for e in events))
