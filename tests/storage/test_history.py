@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -401,65 +400,3 @@ def test_slow_lines_judged_in_the_pool_store_what_in_process_judging_stores(
         assert stored[2][table] == stored[0][table], table
     lax = {row[0] for row in stored[2]["lab_detections"] if str(row[0]).startswith("lax-")}
     assert len(lax) == 60
-
-
-def test_the_next_chunk_is_parsed_while_this_one_is_stored(
-    ch: Any, ch_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The engine's path parses chunk k+1 on a second handle, in a thread, while chunk k is judged and stored
-    (what the rows are is checked by the tests above, which load in several chunks). Here: the overlap exists
-    (chunk k+1's parse is started before chunk k's finish), each chunk is finished from the table it was
-    parsed into, and an error in a chunk's finish waits for the parse under way, drops the scratch tables and
-    is raised as it is."""
-    from synthwatch.stream_apps.storage.backfill import engine
-
-    lines, _ = _lines(days=2)
-    path = tmp_path / "history.ndjson"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    events: list[tuple[str, int, int]] = []
-    parse, finish = engine.EngineChunks.parse, engine.EngineChunks.finish
-    finishing = threading.Condition()
-    overlapped: list[bool] = []
-
-    def parse_spy(self: Any, slot: int, start: int, end: int) -> int:
-        with finishing:
-            events.append(("parse", slot, start))
-            earlier = sum(1 for kind, _, _ in events if kind == "parse") - 1
-            if earlier:  # chunk k+1's parse goes on only once chunk k's finish has started: it cannot if they
-                # run one after the other (the wait ends at its timeout, and the test fails below)
-                overlapped.append(finishing.wait_for(lambda: _finishes() >= earlier, timeout=30))
-        return parse(self, slot, start, end)
-
-    def _finishes() -> int:
-        return sum(1 for kind, _, _ in events if kind == "finish")
-
-    def finish_spy(self: Any, slot: int, start: int, *args: Any) -> Any:
-        with finishing:
-            events.append(("finish", slot, start))
-            finishing.notify_all()
-        result = finish(self, slot, start, *args)
-        assert self.parsed == self.slots[slot]  # what kept_rows reads next
-        return result
-
-    monkeypatch.setattr(engine.EngineChunks, "parse", parse_spy)
-    monkeypatch.setattr(engine.EngineChunks, "finish", finish_spy)
-    run = ingest_history(ch_settings, path, batch_size=200, progress=False, workers=0, client=ch)
-    assert run.balanced and run.lines == len(lines)
-    finished = [(slot, start) for kind, slot, start in events if kind == "finish"]
-    parsed = [(slot, start) for kind, slot, start in events if kind == "parse"]
-    assert len(finished) >= 3 and [s for s, _ in finished] == [i % 2 for i in range(len(finished))]
-    assert parsed[: len(finished)] == finished  # each chunk finished from the table it was parsed into
-    assert overlapped and all(overlapped)
-
-    def failing(self: Any, slot: int, start: int, *args: Any) -> Any:
-        if start > 0:
-            raise RuntimeError("finish failed")
-        return finish(self, slot, start, *args)
-
-    monkeypatch.setattr(engine.EngineChunks, "parse", parse)
-    monkeypatch.setattr(engine.EngineChunks, "finish", failing)
-    with pytest.raises(RuntimeError, match="finish failed"):
-        ingest_history(ch_settings, path, batch_size=200, progress=False, workers=0, client=ch)
-    assert (
-        ch.command("SELECT count() FROM system.tables WHERE database = currentDatabase() AND name LIKE '_ingest%'") == 0
-    )

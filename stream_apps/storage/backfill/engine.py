@@ -131,22 +131,16 @@ class EngineChunks:
         limits: RecordLimits = DEFAULT_LIMITS,
         pool: ProcessPoolExecutor | None = None,
         workers: int = 0,
-        reader: Client | None = None,
     ) -> None:
         self.client, self.parser, self.limits = client, parser, limits
-        # ``reader``: a second handle on the engine for :meth:`parse`, so the next chunk's parse can run (in a
-        # thread) while this one's rows are judged and stored on ``client`` (each handle serialises its calls).
-        self.reader = reader or client
         self.pool, self.workers = pool, workers
         self.per_row = False  # this chunk has order-dependent rows, resolved one by one (``row_values``)
         self.source = f"file({sql_string(str(path.resolve()))}, 'LineAsString', 'line String')"
-        # Two parsed tables: chunk k's rows are stored from one while chunk k+1 is parsed into the other.
-        self.slots = (f"_ingest_parsed_{suffix}_0", f"_ingest_parsed_{suffix}_1")
-        self.parsed, self.first = self.slots[0], f"_ingest_first_{suffix}"
+        self.parsed, self.first = f"_ingest_parsed_{suffix}", f"_ingest_first_{suffix}"
         self.spellings, self.row_values = f"_ingest_spellings_{suffix}", f"_ingest_rows_{suffix}"
         resolved = "k String, rn String, ik Nullable(String), f String"
         tables = {
-            **dict.fromkeys(self.slots, PARSED_STRUCTURE),
+            self.parsed: PARSED_STRUCTURE,
             self.first: "n UInt64",
             self.spellings: f"s_name String, s_smiles String, s_inchikey String, {resolved}",
             self.row_values: f"r_n UInt64, {resolved}",
@@ -170,36 +164,27 @@ class EngineChunks:
         return list(self.pool.map(judge_lines, parts, [self.limits] * len(parts)))  # map keeps the order
 
     def close(self) -> None:
-        for table in (*self.slots, self.first, self.spellings, self.row_values):
+        for table in (self.parsed, self.first, self.spellings, self.row_values):
             self.client.command(f"DROP TABLE IF EXISTS {table}")
 
-    def parse(self, slot: int, start: int, end: int) -> int:
-        """Parse rows ``start..end`` (0-based, end excluded) of the file into parsed table ``slot`` (0 or 1),
-        on the reader's handle (safe in a thread beside :meth:`finish` of the other slot); returns how many
-        rows there were."""
-        reader, table = self.reader, self.slots[slot]
-        reader.command(f"TRUNCATE TABLE {table}")
+    def parse(self, start: int, end: int) -> int:
+        """Parse rows ``start..end`` (0-based, end excluded) of the file; returns how many there were."""
+        client = self.client
+        for table in (self.parsed, self.first, self.spellings, self.row_values):
+            client.command(f"TRUNCATE TABLE {table}")
         lines = f"SELECT _row_number + 1 AS n, line FROM {self.source} WHERE _row_number BETWEEN {start} AND {end - 1}"
-        reader.command(
-            f"INSERT INTO {table} {parse_select(lines + f' LIMIT {end - start}', self.limits.max_bytes)}",
+        client.command(
+            f"INSERT INTO {self.parsed} {parse_select(lines + f' LIMIT {end - start}', self.limits.max_bytes)}",
             settings=PARSE_SETTINGS,
         )
-        return int(str(reader.command(f"SELECT count() FROM {table}")))
+        return int(str(client.command(f"SELECT count() FROM {self.parsed}")))
 
     def finish(
-        self,
-        slot: int,
-        start: int,
-        rows: int,
-        resolver: SubstanceResolver,
-        structures: dict[str, Structure | str],
+        self, start: int, rows: int, resolver: SubstanceResolver, structures: dict[str, Structure | str]
     ) -> ChunkResult:
-        """The chunk parsed into ``slot``: its other lines through Python, then duplicates and substances (the
-        rows stay in the engine: :meth:`kept_rows`); returns what Python found."""
+        """The chunk's other lines through Python, then duplicates and substances (the rows stay in the
+        engine: :meth:`kept_rows`); returns what Python found."""
         client = self.client
-        self.parsed = self.slots[slot]
-        for table in (self.first, self.spellings, self.row_values):
-            client.command(f"TRUNCATE TABLE {table}")
         end = start + rows
         result = ChunkResult(start, end)
         slow = client.query(

@@ -31,7 +31,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -235,15 +235,10 @@ def ingest_history(
         migrate(client)
         store = Store(client, encoding, exclusive=settings.clickhouse_is_embedded)
         paused = _pause_merges(client, settings)
-        # The engine's path parses on a second handle of the embedded engine (see _run_in_engine).
-        reader = connect(settings, database=client.database, create=False) if encoding == "sql" else None
         try:
             limits = settings.record_limits()  # the caps publish applies: a line may not smuggle megabytes either
-            run = (client, store, pool, prepass, path, batch_size, progress, size, summary, workers, started, limits)
-            _run(*run, reader=reader)
+            _run(client, store, pool, prepass, path, batch_size, progress, size, summary, workers, started, limits)
         finally:
-            if reader is not None:
-                reader.close()
             if paused:
                 client.command("SYSTEM START MERGES")
             store.close()
@@ -269,24 +264,11 @@ def _run(
     workers: int,
     ingest_started: float,
     limits: RecordLimits = DEFAULT_LIMITS,
-    reader: Client | None = None,
 ) -> None:
     sink = ClickHouseSink(client)
     if store.encoding == "sql":  # the engine parses the first chunk while the workers finish the RDKit pre-pass
         _run_in_engine(
-            client,
-            store,
-            path,
-            batch_size,
-            progress,
-            prepass,
-            sink,
-            summary,
-            ingest_started,
-            limits,
-            pool,
-            workers,
-            reader,
+            client, store, path, batch_size, progress, prepass, sink, summary, ingest_started, limits, pool, workers
         )
         return
     structures = prepass.structures() if prepass is not None else {}
@@ -363,18 +345,11 @@ def _run_in_engine(
     limits: RecordLimits = DEFAULT_LIMITS,
     pool: ProcessPoolExecutor | None = None,
     workers: int = 0,
-    reader: Client | None = None,
 ) -> None:
-    """The embedded engine's path: chunks of the file parsed and checked by the engine (``EngineChunks``).
-
-    ``reader``: a second handle on the engine, for the parses (default: ``client``, then nothing overlaps).
-    """
+    """The embedded engine's path: chunks of the file parsed and checked by the engine (``EngineChunks``)."""
     structures: dict[str, Structure | str] = {}  # filled from the pre-pass before the first resolution
     resolver = seeded_resolver(learnt_from_clickhouse(client), structures)
-    engine = EngineChunks(client, path, ChunkParser(), store.suffix, limits, pool, workers, reader)
-    # The next chunk is parsed (on the reader's handle, in this thread) while this one is judged and stored:
-    # the raw-table inserts run on about one core, the parse on two.
-    parsing = ThreadPoolExecutor(1, thread_name_prefix="ingest-parse")
+    engine = EngineChunks(client, path, ChunkParser(), store.suffix, limits, pool, workers)
     unstored: list[Reject] = []
     started = time.perf_counter()
     summary.setup_seconds = started - ingest_started
@@ -383,35 +358,31 @@ def _run_in_engine(
     # chunk would cost a whole extra pass (and an insert's fixed cost) for a few lines.
     expected = estimate * 1.02  # a little over the estimate, so an underestimate adds no tiny last chunk
     per_chunk = math.ceil(expected / max(math.ceil(expected / batch_size), 1)) or batch_size
-    pending: Future[int] | None = parsing.submit(engine.parse, 0, 0, per_chunk)
     try:
         with _progress(progress, by_bytes=False) as bar:
             task = bar.add_task("ingest", total=estimate, name=path.name, lines=0, rate=0.0)
-            start, slot = 0, 0
-            while pending is not None:
-                rows, pending = pending.result(), None
+            start = 0
+            while True:
+                rows = engine.parse(start, start + per_chunk)
                 if not rows:
                     break
-                if rows == per_chunk:  # more may follow: parsed into the other table meanwhile
-                    pending = parsing.submit(engine.parse, 1 - slot, start + rows, start + rows + per_chunk)
                 if prepass is not None:
                     structures.update(prepass.structures())
                     prepass = None
-                result = engine.finish(slot, start, rows, resolver, structures)
+                result = engine.finish(start, rows, resolver, structures)
                 inserted = {}
                 for table in (LAB_TABLE, SEIZURE_TABLE):
                     ids, kept, count = engine.kept_rows(table)
                     inserted[table] = store.commit(table, count, source=(ids, kept))
                 _account(result, inserted, sink, path.name, summary, unstored)
-                start, slot = start + rows, 1 - slot
+                start += rows
                 elapsed = time.perf_counter() - started
                 bar.update(task, completed=start, lines=summary.lines, rate=summary.lines / max(elapsed, 1e-9))
+                if rows < per_chunk:
+                    break
             bar.update(task, total=start, completed=start)
             _store_rejects(sink, unstored, summary)
     finally:
-        if pending is not None:  # stopped by an error: the parse under way ends before its table is dropped
-            wait([pending])
-        parsing.shutdown()
         engine.close()
 
 
