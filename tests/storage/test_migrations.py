@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -113,3 +115,46 @@ def test_opening_without_migrations_only_opens(ch: Any, ch_settings: Settings) -
         assert "schema_migrations" not in {row[0] for row in client.query("SHOW TABLES").result_rows}
     finally:
         client.close()
+
+
+def test_the_ledger_records_each_migration_started_then_applied_with_its_values_bound(ch: Any) -> None:
+    """Ledger rows go in as ``INSERT ... VALUES`` with bound parameters (not ``client.insert``, which imports
+    pandas): a name with quotes and backslashes is stored as it is, never spliced into the SQL."""
+    awkward = Migration(1, "it's a \\ 'name'", "CREATE TABLE quoted_ok (x UInt8) ENGINE = MergeTree ORDER BY x")
+    migrate(ch, [awkward])
+    rows = ch.query("SELECT version, name, checksum, toString(status) FROM schema_migrations ORDER BY at, status")
+    assert rows.result_rows == [
+        (1, awkward.name, awkward.checksum, "started"),
+        (1, awkward.name, awkward.checksum, "applied"),
+    ]
+    assert applied_migrations(ch) == {1: (awkward.name, awkward.checksum, "applied")}
+    assert migrate(ch, [awkward]) == []
+
+
+def test_a_started_and_applied_row_in_the_same_millisecond_read_as_applied(ch: Any) -> None:
+    applied_migrations(ch)  # creates the ledger
+    at = "'2026-01-01 00:00:00.000'"  # both rows of a migration in the same millisecond, in either order
+    ch.command(
+        "INSERT INTO schema_migrations (version, name, checksum, status, at) VALUES "
+        f"(1, 'one', 'abc', 'started', {at}), (1, 'one', 'abc', 'applied', {at}), "
+        f"(2, 'two', 'def', 'applied', {at}), (2, 'two', 'def', 'started', {at})"
+    )
+    assert applied_migrations(ch) == {1: ("one", "abc", "applied"), 2: ("two", "def", "applied")}
+
+
+def test_migrating_a_fresh_directory_does_not_import_pandas(tmp_path: Any) -> None:
+    """pandas costs ~0.2 core-s and ~0.3 s to import: not on the start-up path of the worker's opening or of
+    ``ingest-history`` (clickhouse-connect's ``insert`` imported it for the ledger rows)."""
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from synthwatch.settings import Settings\n"
+        "from synthwatch.stream_apps.storage.clickhouse import connect, migrate\n"
+        "client = connect(Settings(data_dir=Path(sys.argv[1])))\n"
+        "assert migrate(client)\n"
+        "client.close()\n"
+        "print('pandas' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
