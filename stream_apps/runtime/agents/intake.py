@@ -29,6 +29,7 @@ from synthwatch.stream_apps.detect.intake import EnrichedEvent, RawMessage
 from synthwatch.stream_apps.detect.region import Observation, RegionResult
 from synthwatch.stream_apps.detect.replay import position_of
 from synthwatch.stream_apps.runtime.context import AgentContext, send_all
+from synthwatch.stream_apps.runtime.corrections import judge_batch
 from synthwatch.stream_apps.runtime.metrics import ingest_times
 from synthwatch.stream_apps.runtime.outbox import Outbox, SpikeOutbox
 from synthwatch.stream_apps.runtime.state_tables import Change, StateTables
@@ -155,6 +156,8 @@ def add_intake_agent(agents: AgentContext, tables: StateTables, outbox: SpikeOut
                     for e in events
                 ]
                 result = ctx.intake.process(messages)
+                # Corrections that may not correct what they name are refused before anything counts them.
+                result.events = await judge_batch(agents, result.events, chain(storing, rows), result.rejects)
                 found = detect_regions(agents, result.events)
                 agents.replayed_records("intake", found.replayed)
                 partitions.update(found.partitions)

@@ -1,0 +1,53 @@
+"""Corrections in the worker: refuse the ones that may not correct what they name, notify on the rest.
+
+Two steps, both batched (:mod:`synthwatch.stream_apps.storage.corrections`):
+
+- :func:`judge_batch` runs before the region stage, so a refused correction is never counted: the reports
+  a batch's corrections name are looked up in one query per table (none for a batch without a
+  correction), with the reports taken since the last checkpoint (not stored yet) counted as known.
+- :func:`correction_notices` runs at the checkpoint, once the corrections are stored: every stored alert
+  whose evidence names a corrected report gets a ``correction`` notice on the alerts topic, which the alerts
+  agent stores and the delivery agent sends to whoever received that alert. Ids are deterministic, so a
+  replayed checkpoint sends the same notices again and both skip them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import replace
+
+from synthwatch.schemas import Reject
+from synthwatch.stream_apps.detect.corrections import (
+    ReportFacts,
+    facts_of,
+    judge_corrections,
+)
+from synthwatch.stream_apps.detect.intake import EnrichedEvent
+from synthwatch.stream_apps.runtime.context import AgentContext
+from synthwatch.stream_apps.storage.corrections import stored_reports
+
+
+async def judge_batch(
+    agents: AgentContext, events: list[EnrichedEvent], pending: Iterable[EnrichedEvent], rejects: list[Reject]
+) -> list[EnrichedEvent]:
+    """``events`` without the corrections that may not correct what they name (their rejects go to ``rejects``)."""
+    named = {item.event.corrects for item in events if item.event.corrects is not None}
+    if not named:
+        return events
+    known: dict[str, ReportFacts] = {}
+    for item in pending:  # taken since the last checkpoint, not stored yet
+        known.setdefault(item.event_id, facts_of(item.event, item.substance.display_name))
+        if item.event.corrects is not None and item.event.corrects in known:
+            known[item.event.corrects] = replace(known[item.event.corrects], corrected_by=item.event_id)
+    sink = agents.worker.sink
+    wanted = sorted(named - known.keys())
+
+    def lookup() -> dict[str, ReportFacts]:
+        with sink.lock:
+            return stored_reports(sink.client, wanted)
+
+    stored = await agents.with_retries("checking corrected reports", lookup) if wanted else {}
+    known = {**stored, **known}
+    judged = judge_corrections(events, known, agents.worker.intake.stored_reporter)
+    rejects.extend(judged.rejects)
+    return judged.kept
