@@ -13,18 +13,21 @@ Two steps, both batched (:mod:`synthwatch.stream_apps.storage.corrections`):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
+from datetime import UTC, datetime
 
-from synthwatch.schemas import Reject
+from synthwatch.schemas import Alert, Reject
 from synthwatch.stream_apps.detect.corrections import (
+    CitedAlert,
     ReportFacts,
+    correction_notice,
     facts_of,
     judge_corrections,
 )
 from synthwatch.stream_apps.detect.intake import EnrichedEvent
-from synthwatch.stream_apps.runtime.context import AgentContext
-from synthwatch.stream_apps.storage.corrections import stored_reports
+from synthwatch.stream_apps.runtime.context import AgentContext, send_all
+from synthwatch.stream_apps.storage.corrections import alerts_citing, stored_reports
 
 
 async def judge_batch(
@@ -51,3 +54,31 @@ async def judge_batch(
     judged = judge_corrections(events, known, agents.worker.intake.stored_reporter)
     rejects.extend(judged.rejects)
     return judged.kept
+
+
+async def correction_notices(agents: AgentContext, stored: Sequence[EnrichedEvent]) -> list[Alert]:
+    """Send a notice for every stored alert resting on a report that ``stored`` (just stored) corrects."""
+    corrections = [item for item in stored if item.event.corrects is not None]
+    if not corrections:
+        return []
+    sink = agents.worker.sink
+    old_ids = sorted({item.event.corrects for item in corrections if item.event.corrects is not None})
+
+    def lookup() -> tuple[dict[str, ReportFacts], list[CitedAlert]]:
+        with sink.lock:
+            return stored_reports(sink.client, old_ids), alerts_citing(sink.client, old_ids)
+
+    originals, alerts = await agents.with_retries("reading corrected reports and their alerts", lookup)
+    now = datetime.now(UTC)
+    notices: list[Alert] = []
+    for item in corrections:
+        old = originals.get(item.event.corrects or "")
+        if old is None:
+            continue
+        for alert in alerts:
+            if old.event_id in alert.evidence_event_ids:
+                notices.append(correction_notice(alert, old, item.event, item.substance.display_name, now))
+    topic = agents.topics.alerts
+    await send_all([await agents.send(topic, n.alert_id.encode(), n.model_dump_json().encode()) for n in notices])
+    agents.metrics.produced(agents.settings.topic_alerts, len(notices))
+    return notices

@@ -13,7 +13,9 @@ from synthwatch.settings import Settings
 from synthwatch.stream_apps.detect.intake import EnrichedEvent, Intake, RawMessage
 from synthwatch.stream_apps.storage.clickhouse import migrate
 from synthwatch.stream_apps.storage.corrections import alerts_citing, stored_reports
+from synthwatch.stream_apps.storage.deliveries import DeliveryStore
 from synthwatch.stream_apps.storage.sink import ClickHouseSink
+from synthwatch.stream_apps.storage.tables import Attempt
 from tests.support.delivery_helpers import make_alert
 from tests.support.factories import lab, seizure
 
@@ -79,3 +81,16 @@ def test_alerts_citing_and_who_received_them(ch: Any) -> None:
     assert (found.alert_id, found.region, found.evidence_event_ids) == ("new-1", "ML-BKO", ("L-1", "L-7"))
     assert found.substance.name == cited.substance.name and found.severity == "critical"
     assert alerts_citing(ch, ["L-404"]) == []
+
+    store = DeliveryStore(ch)
+    at = datetime.now(UTC)
+    store.record(
+        [
+            Attempt("new-1", "amadou", "hook", "webhook", "all", 1, "delivered", "", 200, "http://x", at),
+            Attempt("new-1", "claire", "mail", "email", "all", 1, "gave_up", "", None, "c@x", at),
+            Attempt("new-1", "nadia", "mail", "email", "all", 0, "queued_digest", "", None, "n@x", at),
+        ]
+    )
+    assert store.recipients_of(["new-1", "new-2"]) == {
+        "new-1": {("amadou", "hook", "all"), ("nadia", "mail", "all")}  # who gave up was never told
+    }
