@@ -109,10 +109,14 @@ def quantity_values(quantity: NormalisedQuantity | None) -> QuantityValues:
 
 
 def extra_text(event: LabDetection | BorderSeizure) -> str:
-    """The ``extra`` column: unknown fields kept verbatim as JSON, ``{}`` for nearly every report."""
-    if not event.model_extra and not event.substance.model_extra:
+    """The ``extra`` column: unknown fields kept verbatim as JSON, ``{}`` for nearly every report.
+
+    ``corrects`` is kept here too, as it was while it was an unknown field: ``ingest-history`` does not judge
+    corrections (it stores no ``corrects`` column), so a history file's corrections are not lost."""
+    if not event.model_extra and not event.substance.model_extra and event.corrects is None:
         return "{}"
-    return json.dumps(event.extra_fields, ensure_ascii=False, default=str)
+    fields = event.extra_fields if event.corrects is None else {**event.extra_fields, "corrects": event.corrects}
+    return json.dumps(fields, ensure_ascii=False, default=str)
 
 
 def report_values(event: LabDetection | BorderSeizure, substance: SubstanceValues) -> tuple[Any, ...]:

@@ -94,3 +94,26 @@ def test_alerts_citing_and_who_received_them(ch: Any) -> None:
     assert store.recipients_of(["new-1", "new-2"]) == {
         "new-1": {("amadou", "hook", "all"), ("nadia", "mail", "all")}  # who gave up was never told
     }
+
+
+def test_ingest_history_keeps_a_correction_link_in_extra_without_acting_on_it(
+    ch: Any, ch_settings: Settings, tmp_path: Any
+) -> None:
+    """History files are not judged (no reporter check there): `corrects` is kept verbatim, as before it was
+    a declared field, and the corrects column stays '' (docs/detection.md, "Corrections")."""
+    from synthwatch.stream_apps.storage.backfill.ingest import ingest_history
+
+    migrate(ch)
+    path = tmp_path / "history.ndjson"
+    records = [lab(event_id="H-1"), lab(event_id="H-2", corrects="H-1"), seizure(event_id="HS-2", corrects="HS-1")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    ingest_history(ch_settings, path, progress=False, workers=0, client=ch)
+    rows = ch.query(
+        "SELECT * FROM (SELECT event_id, corrects, extra FROM lab_detections UNION ALL "
+        "SELECT event_id, corrects, extra FROM border_seizures) ORDER BY event_id"
+    ).result_rows
+    assert [(r[0], r[1], json.loads(r[2])) for r in rows] == [
+        ("H-1", "", {}),
+        ("H-2", "", {"corrects": "H-1"}),
+        ("HS-2", "", {"corrects": "HS-1"}),
+    ]
