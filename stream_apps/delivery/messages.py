@@ -649,6 +649,16 @@ class CorrectionView:
     link: str
 
 
+def _quantity_text(text: object, language: str) -> str:
+    """``"1.2 kg"`` as the language writes the number (``1,2 kg``); anything else shown as it is."""
+    value, _, unit = str(text).partition(" ")
+    try:
+        amount = float(value)
+    except ValueError:
+        return visible(text)
+    return visible(f"{number(amount, language)} {unit}".strip())
+
+
 def correction_view(alert: Alert, language: str, grafana_url: str) -> CorrectionView:
     """What a correction notice (``alert_type == "correction"``) shows, in ``language``."""
     if language not in LANGUAGES:
@@ -666,8 +676,8 @@ def correction_view(alert: Alert, language: str, grafana_url: str) -> Correction
         new_event_id=visible(d.get("correction_event_id", "")),
         old_substance=visible(d.get("old_substance", "")),
         new_substance=visible(d.get("new_substance", "")),
-        old_quantity=visible(d.get("old_quantity", "")),
-        new_quantity=visible(d.get("new_quantity", "")),
+        old_quantity=_quantity_text(d.get("old_quantity", ""), language),
+        new_quantity=_quantity_text(d.get("new_quantity", ""), language),
         reporters=visible(", ".join(alert.reported_by)),
         counts_recomputed=bool(d.get("counts_recomputed", False)),
         link=drilldown_url(grafana_url, alert),
