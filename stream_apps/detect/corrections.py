@@ -19,7 +19,7 @@ record and is counted like every reject. Pure: the caller looks the originals up
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Callable, Collection, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -97,6 +97,26 @@ def correction_refusal(
             "correct that report instead (corrections form a chain, one per report)"
         )
     return None
+
+
+def known_reports(
+    stored: Mapping[str, ReportFacts], pending: Iterable[Any], named: Collection[str]
+) -> dict[str, ReportFacts]:
+    """What the corrections of a batch can be judged against: the stored reports they name, and the
+    ``pending`` items (:class:`~.intake.EnrichedEvent`, taken since the last checkpoint, not stored yet),
+    which count as known and whose corrections mark what they correct (a stored report too)."""
+    known = dict(stored)
+    corrected: dict[str, str] = {}
+    for item in pending:
+        event: LabDetection | BorderSeizure = item.event
+        if event.event_id in named:
+            known.setdefault(event.event_id, facts_of(event, item.substance.display_name))
+        if event.corrects is not None and event.corrects in named:
+            corrected.setdefault(event.corrects, event.event_id)  # the first one: later forks were refused
+    for old, new in corrected.items():
+        if old in known and known[old].corrected_by is None:
+            known[old] = replace(known[old], corrected_by=new)
+    return known
 
 
 @dataclass(slots=True)

@@ -14,7 +14,6 @@ Two steps, both batched (:mod:`synthwatch.stream_apps.storage.corrections`):
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
 from datetime import UTC, datetime
 
 from synthwatch.schemas import Alert, Reject
@@ -22,8 +21,8 @@ from synthwatch.stream_apps.detect.corrections import (
     CitedAlert,
     ReportFacts,
     correction_notice,
-    facts_of,
     judge_corrections,
+    known_reports,
 )
 from synthwatch.stream_apps.detect.intake import EnrichedEvent
 from synthwatch.stream_apps.runtime.context import AgentContext, send_all
@@ -37,20 +36,17 @@ async def judge_batch(
     named = {item.event.corrects for item in events if item.event.corrects is not None}
     if not named:
         return events
-    known: dict[str, ReportFacts] = {}
-    for item in pending:  # taken since the last checkpoint, not stored yet
-        known.setdefault(item.event_id, facts_of(item.event, item.substance.display_name))
-        if item.event.corrects is not None and item.event.corrects in known:
-            known[item.event.corrects] = replace(known[item.event.corrects], corrected_by=item.event_id)
+    pending = list(pending)
+    # Ids taken since the last checkpoint are known without asking ClickHouse (they are not stored yet).
+    wanted = sorted(named - {item.event_id for item in pending})
     sink = agents.worker.sink
-    wanted = sorted(named - known.keys())
 
     def lookup() -> dict[str, ReportFacts]:
         with sink.lock:
             return stored_reports(sink.client, wanted)
 
     stored = await agents.with_retries("checking corrected reports", lookup) if wanted else {}
-    known = {**stored, **known}
+    known = known_reports(stored, pending, named)
     judged = judge_corrections(events, known, agents.worker.intake.stored_reporter)
     rejects.extend(judged.rejects)
     return judged.kept

@@ -14,6 +14,7 @@ from synthwatch.stream_apps.detect.corrections import (
     correction_notice,
     facts_of,
     judge_corrections,
+    known_reports,
     notice_id,
 )
 from synthwatch.stream_apps.detect.intake import EnrichedEvent, Intake, RawMessage
@@ -103,6 +104,17 @@ def test_the_original_earlier_in_the_same_batch_counts_the_one_after_does_not() 
     assert judge_corrections([original, correction], {}, _claim).kept == [original, correction]
     judged = judge_corrections([correction, original], {}, _claim)
     assert judged.kept == [original] and "is not stored (yet)" in judged.rejects[0].reason
+
+
+def test_reports_taken_since_the_checkpoint_count_as_known_and_their_corrections_too() -> None:
+    """Not stored yet (the checkpoint is pending): a pending original is known, and a pending correction of a
+    stored report marks it, so a second correction of it in a later batch is a fork, refused."""
+    pending = _items(lab(event_id="P-1"), lab(event_id="L-2", corrects="L-1"))
+    known = known_reports({"L-1": ORIGINAL}, pending, {"P-1", "L-1"})
+    assert known["P-1"].reporter == "lab:LAB-FR-01" and known["L-1"].corrected_by == "L-2"
+    fork, of_pending = _items(lab(event_id="L-3", corrects="L-1"), lab(event_id="P-2", corrects="P-1"))
+    judged = judge_corrections([fork, of_pending], known, _claim)
+    assert judged.kept == [of_pending] and "already corrected by 'L-2'" in judged.rejects[0].reason
 
 
 def test_the_notice_says_which_alert_which_report_and_what_changed() -> None:
