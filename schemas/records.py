@@ -74,6 +74,22 @@ class SimilarSubstance(BaseModel):
     catalogued: bool = Field(description="In the catalogue; False: a structure the network learnt from reports.")
 
 
+class LearntNeighbours(BaseModel):
+    """Structures the network learnt from reports (not in the catalogue) near a new substance, as of a stored cut.
+
+    Why a cut: which reports a worker has met when it raises an alert depends on timing (partitions, lag, a
+    replay), so the section is defined by the store instead: the structures whose first report was stored in
+    ClickHouse at or before ``as_of``. ``as_of`` is fixed by the sightings message that raised the alert, so a
+    replay after a crash asks the same question and gets the same answer. A learnt structure has no legal
+    status; its family comes from a structural (SMARTS) pattern, or is unknown.
+    """
+
+    as_of: datetime = Field(description="Stored-before cut: only reports stored in ClickHouse by then count.")
+    substances: list[SimilarSubstance] = Field(
+        default_factory=list, description="The nearest learnt structures, best first (each ``catalogued`` False)."
+    )
+
+
 class GuessedFamily(BaseModel):
     """A family inferred from the nearest known substance, for a structure no SMARTS pattern matched: a guess."""
 
@@ -136,4 +152,9 @@ class Alert(BaseModel):
     did_you_mean: list[str] = Field(
         default_factory=list,
         description="New substances reported by a name nothing resolved: catalogue names spelt most like it.",
+    )
+    learnt_substances: LearntNeighbours | None = Field(
+        default=None,
+        description="New substances only: the nearest structures learnt from reports stored before a cut (see "
+        "LearntNeighbours). None when not looked up (the backtest has no store; a name-only report).",
     )

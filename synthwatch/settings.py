@@ -344,6 +344,13 @@ class Settings(BaseSettings):
     )
     spread_regions: int = Field(default=3, ge=2, description="Spread: at least k regions ...")
     spread_days: int = Field(default=14, ge=1, description="... within w days.")
+    learnt_settle_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="A new-substance alert names the learnt structures whose first report was stored this long "
+        "before the sighting that raised it (its stored-before cut): long enough for an insert in flight and "
+        "the clock difference between workers and ClickHouse, so a replay reads the same reports.",
+    )
     # The detectors read these through DetectionConfig.from_settings (stream_apps/detect/region.py): the floor
     # does not import the layers above it.
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import gettext
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -400,6 +400,10 @@ class AlertView:
     similar: list[NeighbourView] = field(default_factory=list)  # new substances: nearest known, best first
     guess: GuessView | None = None  # new substances no pattern classified: a family guess
     did_you_mean: str = ""  # unresolved names: catalogue names spelt like it ("A, B or C")
+    # new substances: the nearest structures learnt from reports stored before a cut (never catalogue ones), and
+    # that cut as the reader's moment; "" when the alert has no such section
+    learnt: list[NeighbourView] = field(default_factory=list)
+    learnt_as_of: str = ""
     language: str = "en"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -446,6 +450,33 @@ def chemistry_views(alert: Alert, language: str) -> tuple[list[NeighbourView], G
     )
     names = [visible(name) for name in alert.did_you_mean]
     return similar, guess, format_list(names, style="or", locale=language) if names else ""
+
+
+def learnt_views(alert: Alert, language: str) -> list[NeighbourView]:
+    """The alert's nearest learnt structures: names from reports (escaped), no legal status (never a control
+    label: the templates say it has none), a family from a structural pattern or "not identified"."""
+    section = alert.learnt_substances
+    return [
+        NeighbourView(
+            name=visible(n.name),
+            score=similarity(n.score, language),
+            family=_family_label(n.family, language),
+            control="",
+            learnt=True,
+        )
+        for n in (section.substances if section is not None else [])
+    ]
+
+
+def moment_text(moment: datetime, zone: ZoneInfo, language: str) -> str:
+    """A moment as the alert's own time reads ("6 December 2026 at 14:03 UTC"), in the reader's zone."""
+    local = moment.astimezone(zone)
+    parts = {
+        "triggered_date": day_text(local.date(), language),
+        "triggered_time": format_time(local, format="HH:mm", locale=DATE_LOCALES[language]),
+        "zone": _zone_label(zone, language),
+    }
+    return _render(f"{language}/moment.txt.j2", v=parts).strip()
 
 
 def plural(count: float, language: str, **forms: str) -> str:
@@ -588,6 +619,9 @@ def alert_view(alert: Alert, language: str, grafana_url: str, timezone: str = "U
         language=language,
     )
     view.similar, view.guess, view.did_you_mean = chemistry_views(alert, language)
+    if alert.learnt_substances is not None and alert.learnt_substances.substances:
+        view.learnt = learnt_views(alert, language)
+        view.learnt_as_of = moment_text(alert.learnt_substances.as_of, zone, language)
     view.triggered = _render(f"{language}/moment.txt.j2", v=view).strip()
     view.unusual = _render(f"{language}/unusual.txt.j2", v=view).strip()
     if alert.reported_late and alert.late_by_hours is not None:

@@ -8,21 +8,22 @@ network has never seen is still news to it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from synthwatch.schemas import Alert
-from synthwatch.schemas.records import AlertType, GuessedFamily, SimilarSubstance
+from synthwatch.schemas.records import AlertType, GuessedFamily, LearntNeighbours, SimilarSubstance
 from synthwatch.schemas.topics import Sighting
 from synthwatch.stream_apps.detect.alerting import IDENTIFIED_TEXT, Subject, build_alert, day_start, region_label
 from synthwatch.stream_apps.detect.replay import Position, applied, marks_of, note
 
 if TYPE_CHECKING:
     from synthwatch.settings import Settings
-    from synthwatch.stream_apps.detect.similarity import Neighbour, SimilarityIndex
+    from synthwatch.stream_apps.detect.similarity import LearntStructure, Neighbour, SimilarityIndex
 
 NEIGHBOURS = 5
 """How many similar known substances a new-substance alert lists."""
@@ -119,6 +120,10 @@ class NoveltyDetector:
     where it started (a restarted worker replays, several workers split the substances), and an alert must
     be the same with or without a crash (tests/detect/test_replay.py found one that was not). Analysts
     compare a structure with every stored one in ``synthwatch substance``.
+
+    The structures the network learnt are a separate, labelled part of the alert (:meth:`with_learnt`): the
+    runtime reads them from the store up to a cut fixed by the sightings message (see
+    :class:`~synthwatch.schemas.records.LearntNeighbours`), so the answer does not depend on this detector.
     """
 
     def __init__(
@@ -226,9 +231,34 @@ class NoveltyDetector:
         name-only report of a catalogued drug (see :meth:`SimilarityIndex.rank_only` for why not learnt ones)."""
         return self.similarity.rank_only(s.key, s.smiles or "", NEIGHBOURS)
 
+    def compared_by_structure(self, s: Sighting) -> bool:
+        """Whether a sighting has a structure to compare: its SMILES, or a catalogued drug's (by name)."""
+        return bool(s.smiles) or s.key in self.similarity
+
+    def with_learnt(self, alert: Alert, s: Sighting, learnt: Iterable[LearntStructure], as_of: datetime) -> Alert:
+        """``alert`` (the new-substance alert ``s`` raised) with its nearest learnt structures as of ``as_of``.
+
+        Pure: the same sighting, stored structures and cut give the same section, whoever computes it and
+        whenever (a replay). The catalogue part of the alert is left as :meth:`observe` made it. An alert of
+        another type, or a sighting with no structure, is returned as it was.
+        """
+        if alert.alert_type != "new_substance" or not self.compared_by_structure(s):
+            return alert
+        neighbours = self.similarity.rank_learnt(s.key, s.smiles or "", learnt, NEIGHBOURS)
+        section = LearntNeighbours(
+            as_of=as_of,
+            substances=[
+                SimilarSubstance(
+                    name=n.name, key=n.key, score=n.score, family=n.family, controlled=None, catalogued=False
+                )
+                for n in neighbours
+            ],
+        )
+        return alert.model_copy(update={"learnt_substances": section})
+
     def _chemistry(self, s: Sighting) -> dict[str, Any]:
         """What a chemist asks of a new substance: its nearest known relatives, a family guess, or a spelling."""
-        if s.smiles or s.key in self.similarity:  # a name-only report of a catalogued drug: its structure
+        if self.compared_by_structure(s):  # a name-only report of a catalogued drug: its structure
             from synthwatch.stream_apps.detect.similarity import guess_family
 
             neighbours = self._neighbours(s)

@@ -76,6 +76,17 @@ def fingerprint(smiles: str) -> Any | None:
             return None
 
 
+@dataclass(frozen=True, slots=True)
+class LearntStructure:
+    """A structure the network learnt from a stored report: its key and, from its first stored report, the name,
+    SMILES and family (SMARTS-derived, or None). Every text in it came from a report: hostile."""
+
+    key: str
+    name: str
+    smiles: str
+    family: Family | None
+
+
 class SimilarityIndex:
     """Fingerprints of every known structure, by structure key; :meth:`nearest` ranks them for a query.
 
@@ -161,20 +172,61 @@ class SimilarityIndex:
 
         Why not learn it: a new-substance alert must be the same whether or not a worker crashed and
         replayed (tests/detect/test_replay.py). What a worker has learnt depends on which sightings it met
-        since it started, and a replay starts it again, so alerts rank against the catalogue alone; the
-        structures the network learnt are compared in ``synthwatch substance``, from every stored report.
+        since it started, and a replay starts it again, so this part ranks against the catalogue alone; the
+        structures the network learnt are a separate part, read from the store up to a cut
+        (:meth:`rank_learnt`), and ``synthwatch substance`` compares with every stored report.
         A structure's fingerprint is still computed once (kept by key, apart from the ranked index).
         """
-        at = self._position.get(key)
-        if at is not None:
-            found = self._fingerprints[at]
-        elif key in self._query_cache:
-            found = self._query_cache[key]
-        else:
-            found = self._query_cache[key] = fingerprint(smiles) if smiles else None
+        found = self._query_fingerprint(key, smiles)
         if found is None:
             return []
         return self._rank(found, key, k, min_score)
+
+    def rank_learnt(
+        self,
+        key: str,
+        smiles: str,
+        learnt: Iterable[LearntStructure],
+        k: int = 5,
+        *,
+        min_score: float = 0.2,
+    ) -> list[Neighbour]:
+        """The ``k`` structures of ``learnt`` nearest to this one (best first, ties by name, then key).
+
+        Why given, not held: what is "learnt" for an alert is fixed by a stored cut the caller read (see
+        :class:`synthwatch.schemas.records.LearntNeighbours`), never by what this index met. Catalogue
+        structures and the query's own key are left out (the catalogue part is :meth:`rank_only`'s). Each
+        fingerprint is computed once per key and kept, so the next alert compares without parsing again.
+        """
+        query = self._query_fingerprint(key, smiles)
+        if query is None:
+            return []
+        keys, found, about = [], [], []
+        for structure in learnt:
+            if structure.key == key or structure.key in self._about:
+                continue
+            fp = self._query_fingerprint(structure.key, structure.smiles)
+            if fp is not None:
+                keys.append(structure.key)
+                found.append(fp)
+                about.append(structure)
+        if not found:
+            return []
+        scores = DataStructs.BulkTanimotoSimilarity(query, found)
+        ranked = sorted(
+            ((round(score, 3), s) for s, score in zip(about, scores, strict=True) if score >= min_score),
+            key=lambda pair: (-pair[0], pair[1].name, pair[1].key),
+        )
+        return [Neighbour(s.key, s.name, score, s.family, None, False) for score, s in ranked[:k]]
+
+    def _query_fingerprint(self, key: str, smiles: str) -> Any | None:
+        """The fingerprint of ``key``: the index's, else computed from ``smiles`` once and kept by key."""
+        at = self._position.get(key)
+        if at is not None:
+            return self._fingerprints[at]
+        if key not in self._query_cache:
+            self._query_cache[key] = fingerprint(smiles) if smiles else None
+        return self._query_cache[key]
 
     def _append(self, key: str, found: Any, about: Neighbour) -> None:
         self._position[key] = len(self._keys)

@@ -3,7 +3,7 @@
 Both are one query per table for a whole batch (ids bound as one ``Array(String)`` parameter, as the sink's
 stored-id check does), so a batch of corrections costs a few queries, never one per event; a batch with no
 correction costs none (the caller skips the call). The link old -> new is the ``corrects`` column of the
-new report (migration 0010): a report is corrected when a row of its table names it.
+new report (migration 0011): a report is corrected when a row of its table names it.
 """
 
 from __future__ import annotations

@@ -462,7 +462,7 @@ def recent_rejects(
 
 @dataclass(frozen=True, slots=True)
 class CorrectionRow:
-    """A corrected report and the report that corrects it (``corrects`` column, migration 0010)."""
+    """A corrected report and the report that corrects it (``corrects`` column, migration 0011)."""
 
     corrected: str  # the event id of the report that was corrected (it stays stored, marked corrected)
     corrected_by: str  # the event id of the correction

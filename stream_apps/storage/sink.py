@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from synthwatch.schemas import Alert, BorderSeizure, LabDetection, Reject
 from synthwatch.stream_apps.detect.intake import EnrichedEvent
+from synthwatch.stream_apps.storage.learnt import LearntStructures
 from synthwatch.stream_apps.storage.tables import (
     ALERT_COLUMNS,
     ALERT_TABLE,
@@ -36,7 +37,11 @@ from synthwatch.stream_apps.storage.tables import (
 
 if TYPE_CHECKING:
     # clickhouse-connect is imported where a client is opened: in the worker, by the thread that opens it.
+    from datetime import datetime
+
     from clickhouse_connect.driver.client import Client
+
+    from synthwatch.stream_apps.detect.similarity import LearntStructure
 
 # The sink never inserts an id twice in one block (ids already stored are filtered, and so are the
 # repeats of an id within the call), so merging Replacing/Summing rows at insert time is wasted work.
@@ -68,6 +73,7 @@ class ClickHouseSink:
     def __init__(self, client: Client, lock: threading.Lock | None = None) -> None:
         self.client = client
         self.lock = lock or threading.Lock()
+        self._learnt = LearntStructures()  # kept between alerts: each reads only what was stored since
 
     def _stored_ids(self, table: str, ids: Sequence[str]) -> set[str]:
         return set(self._stored_digests(table, ids))
@@ -166,6 +172,11 @@ class ClickHouseSink:
                 settings=INSERT_SETTINGS,
             )
         return len(fresh)
+
+    def learnt_structures(self, as_of: datetime) -> list[LearntStructure]:
+        """The structures learnt from reports stored at or before ``as_of`` (see :mod:`.learnt`), under the lock."""
+        with self.lock:
+            return self._learnt.as_of(self.client, as_of)
 
     def store_alerts(self, alerts: Sequence[Alert]) -> int:
         """Insert alerts not stored yet (one row per alert_id); returns how many were new."""

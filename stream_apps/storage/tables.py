@@ -91,6 +91,7 @@ ALERT_COLUMNS = [
     "similar_substances",
     "family_guess",
     "did_you_mean",
+    "learnt_substances",
 ]
 
 
@@ -235,6 +236,7 @@ def alert_row(alert: Alert) -> list[Any]:
         else "",
         alert.family_guess.family if alert.family_guess else "",
         alert.did_you_mean,
+        alert.learnt_substances.model_dump_json() if alert.learnt_substances is not None else "",
     ]
 
 

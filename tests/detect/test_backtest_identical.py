@@ -53,7 +53,7 @@ _STAMP = re.compile(r'"(detected_at|rejected_at)":"[^"]*"')
 #: What issue 16 added to new-substance alerts after f8ef11d (nearest known structures, a family guess, "did you
 #: mean"; tests/detect/test_new_substance_chemistry.py checks them). Left out of the digests, everything else of every
 #: alert is still compared with what the code gave at f8ef11d.
-CHEMISTRY = {"similar_substances", "family_guess", "did_you_mean"}
+CHEMISTRY = {"similar_substances", "family_guess", "did_you_mean", "learnt_substances"}
 
 
 def file_digest(path: Path) -> str:

@@ -8,6 +8,8 @@ that carries its neighbours.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +18,12 @@ import pytest
 from synthwatch.producers.publisher import Publisher
 from synthwatch.producers.readers import InputRecord
 from synthwatch.schemas import Alert, parse_event_object
+from synthwatch.schemas.topics import Sighting
 from synthwatch.stack.broker import EmbeddedBroker
 from synthwatch.stream_apps.detect import similarity
 from synthwatch.stream_apps.detect.identity import structure_from_smiles
 from synthwatch.stream_apps.detect.intake import Intake
+from synthwatch.stream_apps.detect.novelty import NoveltyDetector
 from synthwatch.stream_apps.detect.region import Detector
 from tests.conftest import isolated_settings, ndjson, start_worker, stop_worker
 from tests.support.factories import lab, seizure
@@ -194,3 +198,105 @@ def test_a_never_seen_structure_streamed_through_the_worker_carries_its_neighbou
     assert first_guess == second_guess == "nitazene"
     offline = next(a for a in _alerts([second_report]) if a.alert_type == "new_substance")
     assert json.loads(second) == [n.model_dump() for n in offline.similar_substances]  # as if met alone
+
+
+# --- structures the network learnt (a separate section, read from the store up to a cut) ---------------------------
+
+# Real N-pyrrolidino nitazenes reported in Europe since 2022, none of them in the catalogue (Etonitazepyne is).
+PROTONITAZEPYNE = "CCCOc1ccc(Cc2nc3cc([N+](=O)[O-])ccc3n2CCN2CCCC2)cc1"
+METONITAZEPYNE = "COc1ccc(Cc2nc3cc([N+](=O)[O-])ccc3n2CCN2CCCC2)cc1"
+ISOTONITAZEPYNE = "CC(C)Oc1ccc(Cc2nc3cc([N+](=O)[O-])ccc3n2CCN2CCCC2)cc1"
+N_ETHYLHEXEDRONE = "CCCCC(NCC)C(=O)c1ccccc1"  # a cathinone: nothing like a nitazene
+ETONITAZEPYNE = "CCOc1ccc(Cc2nc3cc([N+](=O)[O-])ccc3n2CCN2CCCC2)cc1"  # catalogued
+_AS_OF = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
+
+
+def _key(smiles: str) -> str:
+    structure = structure_from_smiles(smiles)
+    assert not isinstance(structure, str)
+    return structure.key
+
+
+def _learnt(*named: tuple[str, str]) -> list[similarity.LearntStructure]:
+    return [similarity.LearntStructure(_key(smiles), name, smiles, "nitazene") for name, smiles in named]
+
+
+def _sighting(smiles: str, name: str = "unknown powder", event_id: str = "l-9") -> Sighting:
+    structure = structure_from_smiles(smiles)
+    assert not isinstance(structure, str)
+    return Sighting(
+        event_id=event_id,
+        kind="lab_detection",
+        occurred_at=datetime(2026, 3, 2, 10, 0, tzinfo=UTC),
+        day=20514,
+        country="FR",
+        region="FR-75C",
+        key=structure.key,
+        name=name,
+        inchikey=structure.inchikey,
+        family=structure.family,
+        controlled=None,
+        catalogued=False,
+        identified_by="structure",
+        smiles=smiles,
+    )
+
+
+def _new_substance(detector: NoveltyDetector, s: Sighting) -> Alert:
+    (alert,) = detector.observe(s)
+    assert alert.alert_type == "new_substance"
+    return alert
+
+
+def test_a_new_nitazene_analogue_names_the_learnt_ones_nearest_first_and_never_a_catalogue_structure() -> None:
+    detector = NoveltyDetector()
+    s = _sighting(METONITAZEPYNE)
+    alert = _new_substance(detector, s)
+    learnt = _learnt(
+        ("Protonitazepyne", PROTONITAZEPYNE),
+        ("Isotonitazepyne", ISOTONITAZEPYNE),
+        ("N-Ethylhexedrone", N_ETHYLHEXEDRONE),
+        ("Etonitazepyne (as a lab spelt it)", ETONITAZEPYNE),  # catalogued: the catalogue part names it
+        ("Metonitazepyne", METONITAZEPYNE),  # itself, stored already (its own report): never its own neighbour
+    )
+    with_learnt = detector.with_learnt(alert, s, learnt, _AS_OF)
+    section = with_learnt.learnt_substances
+    assert section is not None and section.as_of == _AS_OF
+    assert [(n.name, n.score) for n in section.substances] == [("Isotonitazepyne", 0.814), ("Protonitazepyne", 0.8)]
+    assert all(not n.catalogued and n.controlled is None for n in section.substances)  # no legal status, ever
+    # the catalogue part is what observe() made: Etonitazepyne is there, and nothing learnt
+    assert with_learnt.similar_substances == alert.similar_substances
+    assert alert.similar_substances[0].name == "Etonitazepyne" and all(n.catalogued for n in alert.similar_substances)
+    assert with_learnt.model_copy(update={"learnt_substances": None}) == alert
+
+
+def test_the_learnt_section_depends_on_the_stored_structures_and_the_cut_not_on_the_detector() -> None:
+    """A worker that met other structures, a fresh one (a replay, another worker), rows in another order: same."""
+    seasoned = NoveltyDetector()
+    for number, smiles in enumerate([PROTONITAZEPYNE, ISOTONITAZEPYNE, HOMO_ETONITAZENE]):
+        seasoned.observe(_sighting(smiles, event_id=f"l-{number}"))
+    s = _sighting(METONITAZEPYNE)
+    learnt = _learnt(("Protonitazepyne", PROTONITAZEPYNE), ("Isotonitazepyne", ISOTONITAZEPYNE))
+    fresh = NoveltyDetector()
+    alert = _new_substance(fresh, s)
+    assert seasoned.with_learnt(alert, s, learnt, _AS_OF) == fresh.with_learnt(alert, s, learnt[::-1], _AS_OF)
+    # nothing stored before the cut: the section says so (an empty list), it is not left out
+    empty = fresh.with_learnt(alert, s, [], _AS_OF).learnt_substances
+    assert empty is not None and empty.substances == []
+
+
+def test_only_new_substances_with_a_structure_get_a_learnt_section() -> None:
+    detector = NoveltyDetector()
+    learnt = _learnt(("Protonitazepyne", PROTONITAZEPYNE))
+    s = _sighting(METONITAZEPYNE)
+    _new_substance(detector, s)
+    elsewhere = replace(s, region="FR-69M", event_id="l-10")
+    (first_in_region,) = detector.observe(elsewhere)
+    assert first_in_region.alert_type == "first_in_region"
+    assert detector.with_learnt(first_in_region, elsewhere, learnt, _AS_OF) == first_in_region
+    unresolved = replace(
+        s, key="name:blue lotus", inchikey=None, family=None, smiles=None, identified_by="unresolved_name"
+    )
+    other = NoveltyDetector()
+    alert = _new_substance(other, unresolved)
+    assert other.with_learnt(alert, unresolved, learnt, _AS_OF).learnt_substances is None

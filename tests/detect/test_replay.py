@@ -8,12 +8,17 @@ records written, and the committed offsets lag the written state by up to a few 
 commits once a second). The restarted stages read the records back (JSON, as from the changelog) and
 replay from the committed offsets. The alerts sent before the kill and after the restart must be the
 live run's, id for id and field for field, and the final state the same.
+
+The model has a store and a clock too: the intake's reports are stored at each checkpoint (a re-sent one is not
+stored again), each sightings message carries the time it was sent, and a new-substance alert names the learnt
+structures stored by then (its cut), as the worker does (stream_apps/runtime/agents/novelty.py). The replay
+computes those alerts again later, when more is stored; the cut keeps them the same.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import UTC, date, datetime
 from functools import cache
 from typing import Any
 
@@ -28,6 +33,7 @@ from synthwatch.stream_apps.detect.intake import Intake, RawMessage
 from synthwatch.stream_apps.detect.novelty import NoveltyDetector
 from synthwatch.stream_apps.detect.region import Observation, RegionDetector
 from synthwatch.stream_apps.detect.replay import Position, applied, apply_once, note, position_of
+from synthwatch.stream_apps.detect.similarity import LearntStructure
 
 
 @cache
@@ -64,6 +70,41 @@ class Run:
     sent: dict[str, str] = field(default_factory=dict)
     conflicts: list[str] = field(default_factory=list)
     skipped: int = 0  # sightings the novelty stage found in its records already
+    stamps: list[int] = field(default_factory=list)  # per sightings message: the clock when it was sent
+    stored: dict[str, tuple[int, LearntStructure | None]] = field(default_factory=dict)  # event id -> when, what
+    clock: int = 0  # the wall clock: it moves on with each batch and each checkpoint, in a replay too
+    killed_at: int | None = None  # the clock when the worker was killed
+    sections: dict[str, tuple[Any, Sighting, int]] = field(default_factory=dict)  # alert id -> (alert, sighting, cut)
+
+    def store(self, observations: list[Observation]) -> None:
+        """The intake sink at a checkpoint: reports not stored yet, stamped with the store's clock."""
+        self.clock += 1  # after the batches it holds: an insert is never seen by a cut before it
+        for obs in observations:
+            if obs.event_id not in self.stored:
+                learnt = LearntStructure(obs.subject.key, obs.subject.name, obs.smiles, None) if obs.smiles else None
+                self.stored[obs.event_id] = (self.clock, learnt)
+
+    def learnt_by(self, cut: int) -> list[LearntStructure]:
+        """The structures whose first report was stored at or before ``cut`` (storage/learnt.py's question)."""
+        first: dict[str, tuple[int, str, LearntStructure]] = {}
+        for event_id, (at, learnt) in self.stored.items():
+            if learnt is not None and at <= cut:
+                known = first.get(learnt.key)
+                if known is None or (at, event_id) < known[:2]:
+                    first[learnt.key] = (at, event_id, learnt)
+        return [learnt for _, _, learnt in first.values()]
+
+    def with_learnt(self, novelty: NoveltyDetector, alerts: list[Any], raised: dict[Any, Any]) -> list[Any]:
+        """New-substance alerts with their learnt section, each read at its sightings message's cut."""
+        out = []
+        for alert in alerts:
+            found = raised.get((alert.substance.key, alert.evidence_event_ids[0]))
+            if alert.alert_type == "new_substance" and found is not None:
+                sighting, cut = found
+                self.sections.setdefault(alert.alert_id, (alert, sighting, cut))
+                alert = novelty.with_learnt(alert, sighting, self.learnt_by(cut), datetime.fromtimestamp(cut, UTC))
+            out.append(alert)
+        return out
 
     def send(self, alerts: list[Any]) -> None:
         for alert in alerts:
@@ -89,10 +130,13 @@ class Run:
         done, read = start, sightings_start
         commits: list[tuple[int, int]] = [(start, sightings_start)]
         checkpoint = 0
+        held: list[Observation] = []  # the events taken since the last checkpoint: the intake stores them there
         while done < len(items):
             for _ in range(every):
                 chunk, done = items[done : done + batch], min(len(items), done + batch)
                 sent: list[Sighting] = []
+                self.clock += 1
+                held.extend(obs for obs, _ in chunk)
                 for obs, at in chunk:
                     found = regions.observe(obs, at=at)
                     self.send(found.alerts)
@@ -102,10 +146,15 @@ class Run:
                 for sighting in sorted(sent, key=lambda s: (s.occurred_at, s.event_id)):
                     messages.setdefault(sighting.key, []).append(sighting)
                 self.sightings.extend(messages.values())
+                self.stamps.extend(self.clock for _ in messages)
                 new = [(s, ("sightings:0", read + i)) for i, m in enumerate(self.sightings[read:]) for s in m]
+                raised: dict[tuple[str, str], tuple[Sighting, int]] = {}
+                for i, m in enumerate(self.sightings[read:]):  # the first message with a sighting raised it
+                    for s in m:
+                        raised.setdefault((s.key, s.event_id), (s, self.stamps[read + i]))
                 alerts, taken = novelty.observe_batch(new)
                 self.skipped += len(new) - taken
-                self.send(alerts)
+                self.send(self.with_learnt(novelty, alerts, raised))
                 read = len(self.sightings)
                 if done >= len(items):
                     break
@@ -113,9 +162,13 @@ class Run:
             substance_records = novelty.drain_dirty()
             checkpoint += 1
             if kill is not None and checkpoint == kill[0]:
+                self.killed_at = self.clock
+                self.store(held[: int(len(held) * kill[1])])  # the intake's rows: a prefix, like the records
                 json_table(region_records[: int(len(region_records) * kill[1])], self.regions_table)
                 json_table(substance_records[: int(len(substance_records) * kill[2])], self.novelty_table)
                 return commits[max(0, len(commits) - 1 - kill[3])]
+            self.store(held)
+            held = []
             json_table(region_records, self.regions_table)
             json_table(substance_records, self.novelty_table)
             commits.append((done, read))
@@ -187,9 +240,27 @@ def test_a_worker_killed_mid_checkpoint_sends_the_live_alerts_after_replay(
     crashed.go(start, sightings_start, batch, every)
 
     assert not crashed.conflicts, "an alert id was sent again with other content"
-    assert crashed.sent == expected.sent
+    # A new-substance alert names the learnt structures stored by its cut: the time its sightings message was sent.
+    # One sent before the kill is sent again after it from the same message (same cut): the same, to the field.
+    # One whose message came after the kill was raised later than in the run without one: its cut is later (the
+    # alert says as of when), and its section is what the store held by then; everything else is the live one's.
+    assert crashed.killed_at is not None
+    late = {alert_id for alert_id, (_, _, cut) in crashed.sections.items() if cut > crashed.killed_at}
+    assert {k: v for k, v in crashed.sent.items() if k not in late} == {
+        k: v for k, v in expected.sent.items() if k not in late
+    }
+    assert set(crashed.sent) == set(expected.sent)
+    for alert_id in late:
+        assert from_json(crashed.sent[alert_id]) | {"learnt_substances": None} == from_json(expected.sent[alert_id]) | {
+            "learnt_substances": None
+        }
+        alert, sighting, cut = crashed.sections[alert_id]
+        again = NoveltyDetector().with_learnt(alert, sighting, crashed.learnt_by(cut), datetime.fromtimestamp(cut, UTC))
+        assert contents([again]) == [crashed.sent[alert_id]]  # read again at its cut, later: the same
     assert state_of(crashed) == state_of(expected)
     assert len(expected.sent) > 100  # alerts of every kind: the comparison means something
+    learnt = [a for a in map(from_json, expected.sent.values()) if (a.get("learnt_substances") or {}).get("substances")]
+    assert learnt, "some new substance names a learnt structure: the learnt sections are compared too"
     assert expected.skipped == 0  # a run without a kill reads nothing twice
 
 

@@ -1,4 +1,4 @@
-"""Corrections in ClickHouse: the link old -> new (migration 0010), the batched look-ups, the analysts' read."""
+"""Corrections in ClickHouse: the link old -> new (migration 0011), the batched look-ups, the analysts' read."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from synthwatch.schemas import Alert, BorderSeizure, LabDetection, Reject
-from synthwatch.schemas.records import AlertSubstance, GuessedFamily, SimilarSubstance
+from synthwatch.schemas.records import AlertSubstance, GuessedFamily, LearntNeighbours, SimilarSubstance
 from synthwatch.stream_apps.detect.intake import EnrichedEvent, Intake, RawMessage
 from synthwatch.stream_apps.storage import tables
 from synthwatch.stream_apps.storage.clickhouse import migrate
@@ -91,6 +91,8 @@ def _check_row(columns: list[str], row: Any, source: Any) -> int:
             value, expected = (json.loads(value) if value else []), [n.model_dump() for n in expected]
         elif column == "family_guess":  # the guessed family's name
             expected = expected.family if expected else ""
+        elif column == "learnt_substances":  # a JSON object {as_of, substances}, '' when not looked up
+            value = LearntNeighbours.model_validate_json(value) if value else None
         assert value == expected or (expected is None and value == ""), f"{column}: {value!r} != {expected!r}"
     return checked
 
@@ -153,9 +155,16 @@ def test_reject_alert_and_delivery_rows_put_each_value_under_its_column(migrated
             "similar_substances": [SimilarSubstance(name="Etonitazene", key="K2", score=0.8, catalogued=True)],
             "family_guess": GuessedFamily(family="nitazene", score=0.8, nearest="Etonitazene"),
             "did_you_mean": ["Etonitazene"],
+            "learnt_substances": LearntNeighbours(
+                as_of=moment, substances=[SimilarSubstance(name="Proto'<x>", key="K3", score=0.7, catalogued=False)]
+            ),
         }
     )
-    assert _check_row(tables.ALERT_COLUMNS, tables.alert_row(chemistry), chemistry) >= 23
+    assert _check_row(tables.ALERT_COLUMNS, tables.alert_row(chemistry), chemistry) >= 24
+    migrated.insert(tables.ALERT_TABLE, [tables.alert_row(chemistry)], column_names=tables.ALERT_COLUMNS)
+    (stored,) = migrated.query("SELECT learnt_substances FROM alerts").result_rows
+    assert LearntNeighbours.model_validate_json(stored[0]) == chemistry.learnt_substances
+    migrated.command("TRUNCATE TABLE alerts")
 
     attempt = tables.Attempt("a1", "o1", "hook", "webhook", "r", 2, "failed", "refused", 503, "https://x", moment)
     delivery_row = attempt.row()
