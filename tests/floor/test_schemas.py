@@ -156,3 +156,15 @@ def test_a_report_cannot_correct_itself(make) -> None:  # type: ignore[no-untype
     with pytest.raises(WireError) as forged:  # one line of printable text, as every id
         parse_event(json.dumps(make(event_id="X-1", corrects="X-0\nFrom: evil")))
     assert "control characters" in forged.value.reason
+
+
+def test_a_correction_digests_as_before_corrects_was_declared() -> None:
+    """Stored before the upgrade, with ``corrects`` as an unknown field: a re-send is the same content."""
+    import hashlib
+
+    from synthwatch.schemas.wire import content_digest
+
+    event = parse_event(json.dumps(lab(event_id="L-2", corrects="L-1")))
+    before = json.dumps(event.model_dump(mode="json", exclude_none=True), sort_keys=True, ensure_ascii=False)
+    assert content_digest(event) == hashlib.sha256(before.encode()).hexdigest()[:32]
+    assert content_digest(event) != content_digest(parse_event(json.dumps(lab(event_id="L-2", corrects="L-0"))))
