@@ -44,7 +44,7 @@ SELECT
     countIf(severity = 'warning') AS warning,
     countIf(severity = 'info') AS info
 FROM alerts
-WHERE $__timeFilter(triggered_at) AND {in_place}
+WHERE alert_type != 'correction' AND $__timeFilter(triggered_at) AND {in_place}
 """),
         columns=(num_col("critical"), num_col("warning"), num_col("info")),
         width=8,
@@ -140,7 +140,8 @@ LIMIT 200
         key="latest_alerts",
         title="Latest alerts",
         kind="table",
-        description="Every alert type (new substance, first in region, spike, spread), newest first.",
+        description="Every alert type (new substance, first in region, spike, spread) and the notices that a report "
+        "an alert rests on was corrected (type correction), newest first.",
         sql=in_place("""
 SELECT
     triggered_at AS time,
@@ -327,7 +328,7 @@ LEFT JOIN
 (
     SELECT toString(region) AS region, count() AS alerts
     FROM alerts
-    WHERE $__timeFilter(triggered_at) AND {in_place}
+    WHERE alert_type != 'correction' AND $__timeFilter(triggered_at) AND {in_place}
     GROUP BY region
 ) AS a ON a.region = r.region
 ORDER BY alerts DESC, reports DESC

@@ -183,6 +183,12 @@ class _EventBase(BaseModel):
     country: _FastCountry
     region: _FastRegion = Field(description="ISO 3166-2 subdivision of `country`.")
     substance: SubstanceReport
+    corrects: Text | None = Field(
+        default=None,
+        description="The event_id of an earlier report of the same reporter that this one corrects (a "
+        "misidentification, a typo): that report is marked corrected, never overwritten, and officers alerted "
+        "on it are told. Must name another event_id.",
+    )
 
     @property
     def extra_fields(self) -> dict[str, Any]:
@@ -243,6 +249,7 @@ def fast_event_ok(event: LabDetection | BorderSeizure) -> bool:
         and _plausible(event.occurred_at)
         and (reported is None or _plausible(reported))
         and SUBDIVISION_COUNTRY[event.region] == event.country
+        and event.corrects != event.event_id
     )
 
 
@@ -274,6 +281,13 @@ class _CheckedEvent(_EventBase):
         if country is not None and owner != country:
             raise ValueError(f"{region} belongs to country {owner}, not {country}")
         return region
+
+    @field_validator("corrects")
+    @classmethod
+    def _corrects_another(cls, corrects: str | None, info: ValidationInfo) -> str | None:
+        if corrects is not None and corrects == info.data.get("event_id"):
+            raise ValueError("names this report's own event_id: a correction has a new event_id of its own")
+        return corrects
 
 
 class CheckedLabDetection(_CheckedEvent, LabDetection):

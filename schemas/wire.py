@@ -186,9 +186,11 @@ def content_digest(event: LabDetection | BorderSeizure) -> str:
     """A digest of what an event says (its canonical JSON), to tell a re-send from a changed report.
 
     Field order and spelling do not matter (the event is parsed and normalised first, unknown fields are
-    sorted), so the same report sent again by another tool has the same digest.
+    sorted), so the same report sent again by another tool has the same digest. A report with ``corrects`` is
+    digested as when that was an unknown field (sorted keys), so one stored before it was declared re-sends
+    as a duplicate, not as a changed report.
     """
-    if event.model_extra or event.substance.model_extra:
+    if event.model_extra or event.substance.model_extra or event.corrects is not None:
         text = json.dumps(event.model_dump(mode="json", exclude_none=True), sort_keys=True, ensure_ascii=False)
         data = text.encode()
     else:

@@ -56,18 +56,21 @@ TYPE_LABELS: dict[str, dict[str, str]] = {
         "first_in_region": "First appearance in the region",
         "spike": "Spike",
         "spread": "Spread",
+        "correction": "Correction of an earlier alert",
     },
     "fr": {
         "new_substance": "Nouvelle substance",
         "first_in_region": "Première apparition dans la région",
         "spike": "Pic",
         "spread": "Diffusion",
+        "correction": "Rectification d'une alerte antérieure",
     },
     "ar": {
         "new_substance": "مادة جديدة",
         "first_in_region": "أول ظهور في المنطقة",
         "spike": "ارتفاع مفاجئ",
         "spread": "انتشار",
+        "correction": "تصحيح تنبيه سابق",
     },
 }
 
@@ -657,8 +660,75 @@ def _subject(text: str) -> str:
     return " ".join(text.split())
 
 
+@dataclass(frozen=True, slots=True)
+class CorrectionView:
+    """A correction notice's facts in the reader's language: which alert, which report, what changed.
+
+    Every value from the alert goes through ``visible`` (one line, control characters escaped); the HTML
+    templates escape it again (autoescape)."""
+
+    notice_id: str
+    alert_id: str  # the alert whose basis changed
+    alert_type_label: str
+    severity_label: str
+    place: str
+    old_event_id: str
+    new_event_id: str
+    old_substance: str
+    new_substance: str
+    old_quantity: str
+    new_quantity: str
+    reporters: str
+    counts_recomputed: bool
+    link: str
+
+
+def _quantity_text(text: object, language: str) -> str:
+    """``"1.2 kg"`` as the language writes the number (``1,2 kg``); anything else shown as it is."""
+    value, _, unit = str(text).partition(" ")
+    try:
+        amount = float(value)
+    except ValueError:
+        return visible(text)
+    return visible(f"{number(amount, language)} {unit}".strip())
+
+
+def correction_view(alert: Alert, language: str, grafana_url: str) -> CorrectionView:
+    """What a correction notice (``alert_type == "correction"``) shows, in ``language``."""
+    if language not in LANGUAGES:
+        raise ValueError(f"no templates for language {language!r}; available: {', '.join(LANGUAGES)}")
+    d = alert.details
+    corrected_type = str(d.get("corrected_alert_type", ""))
+    place = place_names(alert.region, alert.country, language)[0] if alert.region else ""
+    return CorrectionView(
+        notice_id=visible(alert.alert_id),
+        alert_id=visible(d.get("corrected_alert_id", "")),
+        alert_type_label=TYPE_LABELS[language].get(corrected_type, visible(corrected_type)),
+        severity_label=SEVERITY_LABELS[language][alert.severity],
+        place=visible(place),
+        old_event_id=visible(d.get("corrected_event_id", "")),
+        new_event_id=visible(d.get("correction_event_id", "")),
+        old_substance=visible(d.get("old_substance", "")),
+        new_substance=visible(d.get("new_substance", "")),
+        old_quantity=_quantity_text(d.get("old_quantity", ""), language),
+        new_quantity=_quantity_text(d.get("new_quantity", ""), language),
+        reporters=visible(", ".join(alert.reported_by)),
+        counts_recomputed=bool(d.get("counts_recomputed", False)),
+        link=drilldown_url(grafana_url, alert),
+    )
+
+
 def render_alert(alert: Alert, language: str, grafana_url: str, timezone: str = "UTC") -> Message:
     """Subject, plain text and HTML of one alert for a reader of ``language`` living in ``timezone``."""
+    if alert.alert_type == "correction":
+        notice = correction_view(alert, language, grafana_url)
+        return Message(
+            language=language,
+            subject=_subject(_render(f"{language}/correction_subject.txt.j2", v=notice)),
+            text=_render(f"{language}/correction.txt.j2", v=notice),
+            html=_render(f"{language}/correction.html.j2", v=notice),
+            links=(notice.link,),
+        )
     view = alert_view(alert, language, grafana_url, timezone)
     return Message(
         language=language,

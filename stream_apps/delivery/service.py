@@ -234,7 +234,7 @@ class DeliveryService:
         Returns once the decisions are recorded; a future completes when all of its alert's deliveries
         are final, and is cancelled (never completed) when a delivery was interrupted by shutdown.
         """
-        plans = [(alert, recipients(alert, self.subscriptions)) for alert in alerts]
+        plans = await self._plans(alerts)
         unknown = {
             key
             for alert, found in plans
@@ -276,6 +276,31 @@ class DeliveryService:
         if queued:
             await self._store("recording digest queue", self.store.record, queued)
         return tickets
+
+    async def _plans(self, alerts: Sequence[Alert]) -> list[tuple[Alert, list[Recipient]]]:
+        """Each alert with its recipients: by the routes, except a correction notice, which goes to whoever
+        received the alert it is about (at once: a trust matter), on the same channel, never re-routed."""
+        about = {str(a.details.get("corrected_alert_id", "")) for a in alerts if a.alert_type == "correction"}
+        received = (
+            await self._store("finding who received corrected alerts", self.store.recipients_of, about) if about else {}
+        )
+        plans: list[tuple[Alert, list[Recipient]]] = []
+        for alert in alerts:
+            if alert.alert_type != "correction":
+                plans.append((alert, recipients(alert, self.subscriptions)))
+                continue
+            found: list[Recipient] = []
+            for officer_id, channel_name, route_name in sorted(
+                received.get(str(alert.details.get("corrected_alert_id", "")), set())
+            ):
+                officer = self.subscriptions.officer(officer_id)
+                channel = officer.channels().get(channel_name) if officer is not None else None
+                if officer is None or channel is None:  # unsubscribed since: nobody to tell on that channel
+                    continue
+                route = _route_named(officer, route_name, channel)
+                found.append(Recipient(officer, route, channel, immediate=True))
+            plans.append((alert, found))
+        return plans
 
     async def handle(self, alert: Alert) -> list[Outcome]:
         """Deliver one alert and wait until every delivery is final."""

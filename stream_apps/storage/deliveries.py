@@ -83,6 +83,22 @@ class DeliveryStore:
         wanted = set(keys)
         return {key for key in ((str(a), str(o), str(c)) for a, o, c in rows) if key in wanted}
 
+    def recipients_of(self, alert_ids: Collection[str]) -> dict[str, set[tuple[str, str, str]]]:
+        """alert id -> the (officer, channel, route) it was delivered to, queued for or sent in a digest:
+        whom a correction notice about that alert goes to. One query for all the ids."""
+        if not alert_ids:
+            return {}
+        with self.lock:
+            rows = self.client.query(
+                f"SELECT DISTINCT alert_id, officer_id, channel, route FROM {DELIVERY_TABLE} "
+                "WHERE alert_id IN %(alerts)s AND status IN %(final)s ORDER BY alert_id, officer_id, channel",
+                parameters={"alerts": tuple(alert_ids), "final": FINAL_STATUSES},
+            ).result_rows
+        found: dict[str, set[tuple[str, str, str]]] = {}
+        for alert_id, officer_id, channel, route in rows:
+            found.setdefault(str(alert_id), set()).add((str(officer_id), str(channel), str(route)))
+        return found
+
     def gave_up(self, delivery: str, id_of: Callable[[str, str, str], str]) -> GaveUp | None:
         """The alert delivery with id ``delivery`` (``id_of(alert, officer, channel)``) whose latest try gave up.
 

@@ -455,3 +455,87 @@ def recent_rejects(
         )
         for r in result.as_dicts()
     ]
+
+
+# --- corrections ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CorrectionRow:
+    """A corrected report and the report that corrects it (``corrects`` column, migration 0011)."""
+
+    corrected: str  # the event id of the report that was corrected (it stays stored, marked corrected)
+    corrected_by: str  # the event id of the correction
+    kind: str
+    reporter: str  # lab_id or agency
+    old_substance: str
+    new_substance: str
+    old_quantity: str  # '' for lab detections
+    new_quantity: str
+    occurred_at: datetime
+    superseded: bool  # the correction itself was corrected since (a chain)
+
+
+_CORRECTIONS = """
+SELECT corrected, corrected_by, kind, reporter, old_substance, new_substance, old_quantity, new_quantity,
+       occurred_at, corrected_by IN (SELECT corrects FROM lab_detections WHERE corrects != ''
+                                     UNION ALL SELECT corrects FROM border_seizures WHERE corrects != '') AS superseded
+FROM (
+    SELECT n.corrects AS corrected, n.event_id AS corrected_by, 'lab_detection' AS kind, n.lab_id AS reporter,
+           o.substance_name AS old_substance, n.substance_name AS new_substance, '' AS old_quantity,
+           '' AS new_quantity, n.occurred_at AS occurred_at
+    FROM lab_detections AS n LEFT JOIN lab_detections AS o ON o.event_id = n.corrects
+    WHERE n.corrects != ''
+    UNION ALL
+    SELECT n.corrects, n.event_id, 'border_seizure', n.agency, o.substance_name, n.substance_name,
+           if(o.event_id = '', '', concat(toString(o.quantity_value), ' ', o.quantity_unit)),
+           concat(toString(n.quantity_value), ' ', n.quantity_unit), n.occurred_at
+    FROM border_seizures AS n LEFT JOIN border_seizures AS o ON o.event_id = n.corrects
+    WHERE n.corrects != ''
+)
+WHERE occurred_at >= now64(3) - toIntervalSecond(%(seconds)s)
+  AND (%(lab)s = '' OR reporter = %(lab)s)
+  AND (%(event)s = '' OR corrected = %(event)s OR corrected_by = %(event)s)
+ORDER BY occurred_at DESC, corrected_by
+LIMIT 1 BY corrected_by
+LIMIT %(limit)s
+"""
+
+
+def recent_corrections(
+    settings: Settings,
+    since: timedelta = timedelta(days=365),
+    lab: str | None = None,
+    event_id: str | None = None,
+    limit: int = 200,
+) -> list[CorrectionRow]:
+    """Reports corrected by their reporter, newest correction first: which report, by which id, what changed.
+
+    A corrected report stays stored and still counts in the aggregates (docs/detection.md, "Corrections");
+    this is where an analyst sees that it was corrected. ``event_id`` keeps the rows where that id is the
+    corrected report or its correction (one link of a chain)."""
+    result = run_query(
+        settings,
+        _CORRECTIONS,
+        {
+            "seconds": int(since.total_seconds()),
+            "lab": (lab or "").strip(),
+            "event": (event_id or "").strip(),
+            "limit": int(limit),
+        },
+    )
+    return [
+        CorrectionRow(
+            corrected=r["corrected"],
+            corrected_by=r["corrected_by"],
+            kind=r["kind"],
+            reporter=r["reporter"],
+            old_substance=r["old_substance"] or "",
+            new_substance=r["new_substance"] or "",
+            old_quantity=r["old_quantity"] or "",
+            new_quantity=r["new_quantity"] or "",
+            occurred_at=_dt(r["occurred_at"]) or _EPOCH,
+            superseded=bool(r["superseded"]),
+        )
+        for r in result.as_dicts()
+    ]

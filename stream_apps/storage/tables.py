@@ -54,9 +54,10 @@ SEIZURE_COLUMNS = [
     "origin_country",
     "destination_country",
 ]
-# The stream also stores whether a report was late (``ingest-history`` leaves the column to its default).
-SINK_LAB_COLUMNS = [*LAB_COLUMNS, "late", "content_hash"]
-SINK_SEIZURE_COLUMNS = [*SEIZURE_COLUMNS, "late", "content_hash"]
+# The stream also stores whether a report was late, its content digest and the report it corrects
+# (``ingest-history`` leaves these columns to their defaults).
+SINK_LAB_COLUMNS = [*LAB_COLUMNS, "late", "content_hash", "corrects"]
+SINK_SEIZURE_COLUMNS = [*SEIZURE_COLUMNS, "late", "content_hash", "corrects"]
 REJECT_COLUMNS = ["reject_id", "rejected_at", "stage", "source", "reason", "event_id", "raw"]
 ALERT_TABLE = "alerts"
 ALERT_COLUMNS = [
@@ -109,10 +110,14 @@ def quantity_values(quantity: NormalisedQuantity | None) -> QuantityValues:
 
 
 def extra_text(event: LabDetection | BorderSeizure) -> str:
-    """The ``extra`` column: unknown fields kept verbatim as JSON, ``{}`` for nearly every report."""
-    if not event.model_extra and not event.substance.model_extra:
+    """The ``extra`` column: unknown fields kept verbatim as JSON, ``{}`` for nearly every report.
+
+    ``corrects`` is kept here too, as it was while it was an unknown field: ``ingest-history`` does not judge
+    corrections (it stores no ``corrects`` column), so a history file's corrections are not lost."""
+    if not event.model_extra and not event.substance.model_extra and event.corrects is None:
         return "{}"
-    return json.dumps(event.extra_fields, ensure_ascii=False, default=str)
+    fields = event.extra_fields if event.corrects is None else {**event.extra_fields, "corrects": event.corrects}
+    return json.dumps(fields, ensure_ascii=False, default=str)
 
 
 def report_values(event: LabDetection | BorderSeizure, substance: SubstanceValues) -> tuple[Any, ...]:
@@ -166,7 +171,8 @@ def seizure_values(event: BorderSeizure, substance: SubstanceValues, quantity: Q
 
 def lab_row(item: EnrichedEvent) -> tuple[Any, ...]:
     """One row of :data:`SINK_LAB_COLUMNS`."""
-    return (*lab_values(cast(LabDetection, item.event), substance_values(item.substance)), item.late, item.digest)
+    values = lab_values(cast(LabDetection, item.event), substance_values(item.substance))
+    return (*values, item.late, item.digest, item.event.corrects or "")
 
 
 def seizure_row(item: EnrichedEvent) -> tuple[Any, ...]:
@@ -174,7 +180,7 @@ def seizure_row(item: EnrichedEvent) -> tuple[Any, ...]:
     values = seizure_values(
         cast(BorderSeizure, item.event), substance_values(item.substance), quantity_values(item.quantity)
     )
-    return (*values, item.late, item.digest)
+    return (*values, item.late, item.digest, item.event.corrects or "")
 
 
 def reject_id(reject: Reject) -> str:

@@ -1,4 +1,4 @@
-"""Data commands: ``alerts``, ``rejects``, ``stats``, ``substance``, ``ingest-history`` (under
+"""Data commands: ``alerts``, ``rejects``, ``corrections``, ``stats``, ``substance``, ``ingest-history`` (under
 :mod:`synthwatch.cli.main`).
 
 Reads go through :mod:`synthwatch.stream_apps.storage.reads` (so they work while ``synthwatch up`` holds the
@@ -186,6 +186,63 @@ def rejects(
         console.print(
             plural(len(rows), "reject") + (f" (the newest {limit}; --limit shows more)" if len(rows) == limit else "")
         )
+
+
+CORRECTION_COLUMNS = (
+    "corrected",
+    "corrected_by",
+    "kind",
+    "reporter",
+    "old_substance",
+    "new_substance",
+    "old_quantity",
+    "new_quantity",
+    "occurred_at",
+    "superseded",
+)
+
+
+def corrections(
+    event_id: Annotated[str | None, typer.Argument(help="Only this report: is it corrected, and by which id?")] = None,
+    since: Annotated[str, typer.Option(help="How far back (by the correction's occurrence): 30d, 2w.")] = "365d",
+    lab: Annotated[str | None, typer.Option(help="Only corrections by this lab_id (or customs agency).")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Most corrections shown.")] = 200,
+    fmt: FormatOption = OutputFormat.table,
+) -> None:
+    """Reports corrected by their reporter: which report, by which id, old and new substance and quantity."""
+    from synthwatch.stream_apps.storage.query import QueryError
+    from synthwatch.stream_apps.storage.reads import parse_since, recent_corrections
+
+    try:
+        rows = recent_corrections(Settings(), since=parse_since(since), lab=lab, event_id=event_id, limit=limit)
+    except (ValueError, QueryError) as error:
+        _fail(str(error))
+
+    def table() -> Table:
+        return rich_table(
+            plain("corrected reports" + (f" ({event_id})" if event_id else "") + (f" for {lab}" if lab else "")),
+            ("report", "corrected by", "kind", "lab / agency", "substance", "quantity", "occurred (UTC)"),
+            [
+                (
+                    plain(row.corrected),
+                    plain(row.corrected_by + (" (itself corrected since)" if row.superseded else "")),
+                    plain(row.kind),
+                    plain(row.reporter),
+                    plain(f"{row.old_substance} -> {row.new_substance}"),
+                    plain(f"{row.old_quantity} -> {row.new_quantity}" if row.new_quantity else ""),
+                    _when(row.occurred_at),
+                )
+                for row in rows
+            ],
+            overflow="fold",
+        )
+
+    emit(fmt, CORRECTION_COLUMNS, [[getattr(r, c) for c in CORRECTION_COLUMNS] for r in rows], table, console)
+    if fmt is OutputFormat.table:
+        if event_id and not rows:
+            console.print(plain(f"report {event_id} is not corrected (and corrects nothing)"))
+        else:
+            console.print(plural(len(rows), "corrected report"))
 
 
 def stats(
@@ -410,6 +467,7 @@ def register(app: typer.Typer) -> None:
     """Add the data commands to the ``synthwatch`` application."""
     app.command("alerts")(alerts)
     app.command("rejects")(rejects)
+    app.command("corrections")(corrections)
     app.command("stats")(stats)
     app.command("substance")(substance)
     app.command("ingest-history")(ingest_history)

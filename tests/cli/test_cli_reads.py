@@ -33,6 +33,7 @@ READ_COMMANDS = [
     ("substance", "Etonitazene"),
     ("deliveries",),
     ("rejects",),
+    ("corrections",),
     ("report", "--out", "r.html"),
 ]
 HOSTILE = 'comma, "quoted" and\nnew line\r\n; semicolon \x1b[31mred\x1b[0m \u202eevil'

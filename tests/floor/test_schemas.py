@@ -133,3 +133,38 @@ def test_subdivision_table_is_the_lookup_per_code() -> None:
     }
     assert looked_up == events.SUBDIVISION_COUNTRY
     assert len(events.SUBDIVISION_COUNTRY) > 4000
+
+
+def test_corrects_is_a_declared_field_of_both_kinds() -> None:
+    """A correction names the report it corrects; it is part of the contract, not an unknown extra."""
+    fixed = parse_event(json.dumps(lab(event_id="LAB-2", corrects=" LAB-1 ")))
+    assert fixed.corrects == "LAB-1" and fixed.extra_fields == {}
+    seized = parse_event(json.dumps(seizure(event_id="S-2", corrects="S-1")))
+    assert isinstance(seized, BorderSeizure) and seized.corrects == "S-1"
+    assert parse_event(json.dumps(lab())).corrects is None
+    assert "corrects" in LabDetection.model_json_schema()["properties"]
+
+
+@pytest.mark.parametrize("make", [lab, seizure])
+def test_a_report_cannot_correct_itself(make) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(WireError) as caught:
+        parse_event(json.dumps(make(event_id="X-1", corrects="X-1")))
+    assert caught.value.reason.startswith("corrects: names this report's own event_id")
+    with pytest.raises(WireError) as blank:
+        parse_event(json.dumps(make(event_id="X-1", corrects="  ")))
+    assert blank.value.reason.startswith("corrects:")
+    with pytest.raises(WireError) as forged:  # one line of printable text, as every id
+        parse_event(json.dumps(make(event_id="X-1", corrects="X-0\nFrom: evil")))
+    assert "control characters" in forged.value.reason
+
+
+def test_a_correction_digests_as_before_corrects_was_declared() -> None:
+    """Stored before the upgrade, with ``corrects`` as an unknown field: a re-send is the same content."""
+    import hashlib
+
+    from synthwatch.schemas.wire import content_digest
+
+    event = parse_event(json.dumps(lab(event_id="L-2", corrects="L-1")))
+    before = json.dumps(event.model_dump(mode="json", exclude_none=True), sort_keys=True, ensure_ascii=False)
+    assert content_digest(event) == hashlib.sha256(before.encode()).hexdigest()[:32]
+    assert content_digest(event) != content_digest(parse_event(json.dumps(lab(event_id="L-2", corrects="L-0"))))

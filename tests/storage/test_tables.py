@@ -59,8 +59,8 @@ def test_every_column_list_names_columns_of_its_migrated_table(migrated: Any) ->
 
 
 def test_the_stream_writes_every_column_the_backfill_writes_and_its_own_two() -> None:
-    assert [*tables.LAB_COLUMNS, "late", "content_hash"] == tables.SINK_LAB_COLUMNS
-    assert [*tables.SEIZURE_COLUMNS, "late", "content_hash"] == tables.SINK_SEIZURE_COLUMNS
+    assert [*tables.LAB_COLUMNS, "late", "content_hash", "corrects"] == tables.SINK_LAB_COLUMNS
+    assert [*tables.SEIZURE_COLUMNS, "late", "content_hash", "corrects"] == tables.SINK_SEIZURE_COLUMNS
 
 
 def _value_of(source: Any, column: str) -> tuple[bool, Any]:

@@ -29,6 +29,7 @@ from synthwatch.stream_apps.detect.intake import EnrichedEvent, RawMessage
 from synthwatch.stream_apps.detect.region import Observation, RegionResult
 from synthwatch.stream_apps.detect.replay import position_of
 from synthwatch.stream_apps.runtime.context import AgentContext, send_all
+from synthwatch.stream_apps.runtime.corrections import correction_notices, judge_batch
 from synthwatch.stream_apps.runtime.metrics import ingest_times
 from synthwatch.stream_apps.runtime.outbox import Outbox, SpikeOutbox
 from synthwatch.stream_apps.runtime.state_tables import Change, StateTables
@@ -132,6 +133,8 @@ def add_intake_agent(agents: AgentContext, tables: StateTables, outbox: SpikeOut
                 await send_all(await send_rejects(agents, refused))
                 metrics.rejected(refused)
                 metrics.produced(settings.topic_rejects, len(refused))
+            # Notices to those alerted on a report these corrections supersede (again after a replay: same ids).
+            await correction_notices(agents, [item for item in taken if item not in stored.changed])
             await tables.write(tables.regions, changes)
             # The spike alerts these records decided, now that the records holding them are acknowledged;
             # acknowledged themselves before this checkpoint's offsets are (Checkpoint._complete).
@@ -155,6 +158,8 @@ def add_intake_agent(agents: AgentContext, tables: StateTables, outbox: SpikeOut
                     for e in events
                 ]
                 result = ctx.intake.process(messages)
+                # Corrections that may not correct what they name are refused before anything counts them.
+                result.events = await judge_batch(agents, result.events, chain(storing, rows), result.rejects)
                 found = detect_regions(agents, result.events)
                 agents.replayed_records("intake", found.replayed)
                 partitions.update(found.partitions)

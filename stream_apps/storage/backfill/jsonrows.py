@@ -58,7 +58,7 @@ def substance_fragment(values: SubstanceValues) -> str:
 
 def _extra_fragment(event: LabDetection | BorderSeizure) -> str:
     """The sink's ``extra`` column (unknown fields, kept verbatim); empty for nearly every report."""
-    if not event.model_extra and not event.substance.model_extra:
+    if not event.model_extra and not event.substance.model_extra and event.corrects is None:
         return ""
     return f',"x":{json.dumps(extra_text(event), ensure_ascii=False)}'
 

@@ -201,6 +201,30 @@ def reference_alerts() -> dict[str, Alert]:
             window_start=datetime(2026, 11, 22, tzinfo=UTC),
             **{k: v for k, v in common.items() if k != "window_start"},
         ),
+        # A seizure corrected by its agency (a quantity typo and the substance): the notice to whoever got
+        # the spike alert resting on it (stream_apps/detect/corrections.py builds it the same way).
+        "correction": Alert(
+            alert_id="correction:5123456789abcdef",
+            alert_type="correction",
+            severity="warning",
+            country="SN",
+            region="SN-DK",
+            substance=AlertSubstance(name="Tramadol", key="name:tramadol", family="other_opioid"),
+            evidence_event_ids=["s-2", "s-2b"],
+            details={
+                "corrected_alert_id": "3123456789abcdef01234567",
+                "corrected_alert_type": "spike",
+                "corrected_event_id": "s-2",
+                "correction_event_id": "s-2b",
+                "old_substance": "Tramadol",
+                "new_substance": "Tapentadol",
+                "old_quantity": "12 kg",
+                "new_quantity": "1.2 kg",
+                "counts_recomputed": False,
+            },
+            reported_by=["Douane sénégalaise"],
+            **common,
+        ),
     }
 
 

@@ -1,0 +1,224 @@
+"""Corrections: who may correct a stored report, and what an officer is told when one is corrected.
+
+A lab that finds it misidentified a substance (isotonitazene, confirmatory analysis says protonitazene) or
+mistyped a quantity sends the right report under a new ``event_id`` with ``corrects`` naming the old one.
+Both stay stored (a report is never overwritten); the old one is marked corrected. Because ``corrects``
+comes from outside, it is judged like any hostile input (:func:`judge_corrections`):
+
+- only the reporter of the original may correct it: the same kind, the same ``lab_id`` (lab detections)
+  or ``agency`` (border seizures) and, for signed records, the same organisation;
+- the original must be known: stored, or taken earlier (this batch, or since the last checkpoint);
+  a correction that arrives before its original is refused with a reason (send the original first);
+- one correction per report: a report already corrected is corrected again by correcting its
+  correction (a chain), never by a second correction of the same report.
+
+A refused correction is a reject of stage ``worker`` whose reason starts ``corrects:``; it costs no valid
+record and is counted like every reject. Pure: the caller looks the originals up (in one query per batch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Collection, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+from synthwatch.schemas import Alert, BorderSeizure, LabDetection, Reject
+from synthwatch.schemas.events import EventKind
+from synthwatch.schemas.records import AlertSubstance, RejectStage
+from synthwatch.schemas.wire import event_to_json
+
+
+@dataclass(frozen=True, slots=True)
+class ReportFacts:
+    """What a correction is judged against and what a notice quotes: one stored (or pending) report."""
+
+    event_id: str
+    kind: EventKind
+    reporter: str  # the claimed reporter: ``lab:ID`` or ``agency:NAME``
+    substance: str  # the substance as the report named it (the resolved name when it gave only a structure)
+    quantity: str = ""  # "2.5 kg" for seizures, "" for lab detections
+    corrected_by: str | None = None  # the event id of the stored correction of this report, if any
+
+
+def claimed_reporter(event: LabDetection | BorderSeizure) -> str:
+    """``lab:ID`` or ``agency:NAME``: who a report says it comes from (what a correction must repeat)."""
+    return f"lab:{event.lab_id}" if isinstance(event, LabDetection) else f"agency:{event.agency}"
+
+
+def facts_of(event: LabDetection | BorderSeizure, resolved_name: str = "") -> ReportFacts:
+    """The :class:`ReportFacts` of an event not stored yet (earlier in the batch or since the checkpoint)."""
+    quantity = f"{event.quantity.value:g} {event.quantity.unit}" if isinstance(event, BorderSeizure) else ""
+    return ReportFacts(
+        event.event_id,
+        event.kind,
+        claimed_reporter(event),
+        event.substance.name or resolved_name or event.substance.inchikey or "",
+        quantity,
+    )
+
+
+def _shown(event_id: str) -> str:
+    return repr(event_id if len(event_id) <= 80 else event_id[:80] + "...")
+
+
+def correction_refusal(
+    event: LabDetection | BorderSeizure,
+    original: ReportFacts | None,
+    organisation_of: Callable[[str], str],
+    org: str | None,
+) -> str | None:
+    """Why ``event`` may not correct ``original`` (``None``: it may). ``organisation_of`` maps a claimed
+    reporter to ``org:NAME`` when a keys file names its organisation (else returns the claim)."""
+    target = event.corrects
+    assert target is not None
+    if original is None:
+        return (
+            f"corrects: event_id {_shown(target)} is not stored (yet): a correction is taken once the report it "
+            "corrects is; send that report first, or, if it was rejected, send the right report as a new one "
+            "without `corrects`"
+        )
+    if original.kind != event.kind:
+        return (
+            f"corrects: event_id {_shown(target)} is a {original.kind}, this report a {event.kind}: a correction "
+            "is of the same kind as the report it corrects"
+        )
+    mine = claimed_reporter(event)
+    if original.reporter != mine or (org is not None and organisation_of(original.reporter) != f"org:{org}"):
+        who = "lab (lab_id)" if isinstance(event, LabDetection) else "agency"
+        return (
+            f"corrects: event_id {_shown(target)} was reported by another {who}: only the reporter of a report "
+            "may correct it"
+        )
+    if original.corrected_by is not None and original.corrected_by != event.event_id:
+        return (
+            f"corrects: event_id {_shown(target)} is already corrected by {_shown(original.corrected_by)}: "
+            "correct that report instead (corrections form a chain, one per report)"
+        )
+    return None
+
+
+def known_reports(
+    stored: Mapping[str, ReportFacts], pending: Iterable[Any], named: Collection[str]
+) -> dict[str, ReportFacts]:
+    """What the corrections of a batch can be judged against: the stored reports they name, and the
+    ``pending`` items (:class:`~.intake.EnrichedEvent`, taken since the last checkpoint, not stored yet),
+    which count as known and whose corrections mark what they correct (a stored report too)."""
+    known = dict(stored)
+    corrected: dict[str, str] = {}
+    for item in pending:
+        event: LabDetection | BorderSeizure = item.event
+        if event.event_id in named:
+            known.setdefault(event.event_id, facts_of(event, item.substance.display_name))
+        if event.corrects is not None and event.corrects in named:
+            corrected.setdefault(event.corrects, event.event_id)  # the first one: later forks were refused
+    for old, new in corrected.items():
+        if old in known and known[old].corrected_by is None:
+            known[old] = replace(known[old], corrected_by=new)
+    return known
+
+
+@dataclass(slots=True)
+class Judged:
+    """The events of a batch with the refused corrections taken out (in order), and their rejects."""
+
+    kept: list[Any]
+    rejects: list[Reject]
+
+
+def judge_corrections(
+    items: Iterable[Any],
+    known: MutableMapping[str, ReportFacts],
+    organisation_of: Callable[[str], str],
+    stage: RejectStage = "worker",
+) -> Judged:
+    """Keep the items (:class:`~.intake.EnrichedEvent`) that are not corrections or may correct what they
+    name; refuse the others. ``known`` holds the reports the corrections name (stored or pending) and is
+    updated as the batch goes, so a correction earlier in the batch is known to the ones after it (a chain)."""
+    judged = Judged([], [])
+    for item in items:
+        event: LabDetection | BorderSeizure = item.event
+        if event.corrects is not None:
+            original = known.get(event.corrects)
+            refused = correction_refusal(event, original, organisation_of, item.org)
+            if refused is not None:
+                judged.rejects.append(
+                    Reject.of(
+                        event_to_json(event), source=item.source, reason=refused, stage=stage, event_id=event.event_id
+                    )
+                )
+                continue
+            assert original is not None
+            known[event.corrects] = replace(original, corrected_by=event.event_id)
+        if event.event_id not in known:
+            known[event.event_id] = facts_of(event, item.substance.display_name)
+        judged.kept.append(item)
+    return judged
+
+
+# --- what officers are told ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CitedAlert:
+    """An alert as stored, with what a correction notice needs of it."""
+
+    alert_id: str
+    alert_type: str
+    severity: str
+    country: str | None
+    region: str | None
+    substance: AlertSubstance
+    window_start: datetime
+    window_end: datetime
+    triggered_at: datetime
+    evidence_event_ids: tuple[str, ...]
+
+
+def notice_id(alert_id: str, correction_event_id: str) -> str:
+    """Deterministic id of the notice that ``correction_event_id`` changed the basis of ``alert_id``."""
+    digest = hashlib.sha256(f"{alert_id}\x1f{correction_event_id}".encode()).hexdigest()[:16]
+    return f"correction:{digest}"
+
+
+def correction_notice(
+    cited: CitedAlert, old: ReportFacts, new: LabDetection | BorderSeizure, new_substance: str, detected_at: datetime
+) -> Alert:
+    """The notice that ``new`` corrected ``old``, a report ``cited`` rests on: an alert of type
+    ``correction`` that goes to those who received ``cited`` (never re-routed), and says that the counts
+    behind ``cited`` are not recomputed."""
+    new_quantity = f"{new.quantity.value:g} {new.quantity.unit}" if isinstance(new, BorderSeizure) else ""
+    details = {
+        "corrected_alert_id": cited.alert_id,
+        "corrected_alert_type": cited.alert_type,
+        "corrected_event_id": old.event_id,
+        "correction_event_id": new.event_id,
+        "old_substance": old.substance,
+        "new_substance": new_substance,
+        "old_quantity": old.quantity,
+        "new_quantity": new_quantity,
+        "counts_recomputed": False,
+    }
+    summary = (
+        f"Report {old.event_id} behind alert {cited.alert_id} was corrected by report {new.event_id}: "
+        f"substance {old.substance} -> {new_substance}"
+        + (f", quantity {old.quantity} -> {new_quantity}" if old.quantity or new_quantity else "")
+        + ". The alert's basis changed; its counts are not recomputed."
+    )
+    return Alert(
+        alert_id=notice_id(cited.alert_id, new.event_id),
+        alert_type="correction",
+        severity=cited.severity,  # type: ignore[arg-type]  # read back from the alerts table
+        country=cited.country,
+        region=cited.region,
+        substance=cited.substance,
+        window_start=cited.window_start,
+        window_end=cited.window_end,
+        triggered_at=new.occurred_at,
+        detected_at=detected_at,
+        evidence_event_ids=[old.event_id, new.event_id],
+        summary=summary,
+        details=details,
+        reported_by=[claimed_reporter(new).split(":", 1)[1]],
+    )

@@ -1,0 +1,90 @@
+"""ClickHouse look-ups for corrections: the reports a batch's corrections name, the alerts resting on them.
+
+Both are one query per table for a whole batch (ids bound as one ``Array(String)`` parameter, as the sink's
+stored-id check does), so a batch of corrections costs a few queries, never one per event; a batch with no
+correction costs none (the caller skips the call). The link old -> new is the ``corrects`` column of the
+new report (migration 0011): a report is corrected when a row of its table names it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from synthwatch.schemas.events import EventKind
+from synthwatch.schemas.records import AlertSubstance
+from synthwatch.stream_apps.detect.corrections import CitedAlert, ReportFacts
+from synthwatch.stream_apps.storage.tables import ALERT_TABLE, LAB_TABLE, SEIZURE_TABLE
+
+if TYPE_CHECKING:
+    from clickhouse_connect.driver.client import Client
+
+_FACTS: dict[str, tuple[EventKind, str, str]] = {
+    LAB_TABLE: ("lab_detection", "concat('lab:', any(lab_id))", "''"),
+    SEIZURE_TABLE: (
+        "border_seizure",
+        "concat('agency:', any(agency))",
+        "concat(toString(any(quantity_value)), ' ', any(quantity_unit))",
+    ),
+}
+
+
+def stored_reports(client: Client, ids: Sequence[str]) -> dict[str, ReportFacts]:
+    """The stored reports among ``ids`` (either kind), each with the id of its stored correction, if any.
+
+    Caller holds the client's lock. Rows stored by ``ingest-history`` count as stored: their reporter
+    columns are the same."""
+    if not ids:
+        return {}
+    found: dict[str, ReportFacts] = {}
+    for table, (kind, reporter, quantity) in _FACTS.items():
+        rows = client.query(
+            f"SELECT event_id, {reporter}, any(if(substance_name != '', substance_name, resolved_name)), "
+            f"{quantity} FROM {table} WHERE event_id IN {{ids:Array(String)}} GROUP BY event_id",
+            parameters={"ids": list(ids)},
+        ).result_rows
+        corrected: dict[str, str] = {
+            str(old): str(new)
+            for old, new in client.query(
+                f"SELECT corrects, min(event_id) FROM {table} "
+                "WHERE corrects IN {ids:Array(String)} GROUP BY corrects",
+                parameters={"ids": list(ids)},
+            ).result_rows
+        }
+        for event_id, who, substance, amount in rows:
+            found[event_id] = ReportFacts(event_id, kind, who, substance, _quantity(amount), corrected.get(event_id))
+    return found
+
+
+def _quantity(text: str) -> str:
+    """``2.5 kg`` as the notice shows it (ClickHouse prints floats its own way: ``2500`` or ``2.5``)."""
+    value, _, unit = text.partition(" ")
+    try:
+        return f"{float(value):g} {unit}".strip()
+    except ValueError:
+        return text
+
+
+def alerts_citing(client: Client, ids: Sequence[str]) -> list[CitedAlert]:
+    """Every stored alert whose evidence names one of ``ids`` (corrected reports), correction notices left out."""
+    if not ids:
+        return []
+    rows = client.query(
+        "SELECT alert_id, any(alert_type), any(severity), any(country), any(region), any(substance_key), "
+        "any(substance_name), any(substance_inchikey), any(family), any(controlled), any(window_start), "
+        "any(window_end), any(triggered_at), any(evidence_event_ids) "
+        f"FROM {ALERT_TABLE} WHERE hasAny(evidence_event_ids, {{ids:Array(String)}}) "
+        "AND alert_type != 'correction' GROUP BY alert_id ORDER BY alert_id",
+        parameters={"ids": list(ids)},
+    ).result_rows
+    return [_cited(row) for row in rows]
+
+
+def _cited(row: Sequence[Any]) -> CitedAlert:
+    (alert_id, kind, severity, country, region, key, name, inchikey, family, controlled, start, end, at, evidence) = row
+    substance = AlertSubstance(
+        name=name, key=key, inchikey=inchikey or None, family=family or None, controlled=controlled
+    )
+    return CitedAlert(
+        alert_id, kind, severity, country or None, region or None, substance, start, end, at, tuple(evidence)
+    )

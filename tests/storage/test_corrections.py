@@ -1,0 +1,119 @@
+"""Corrections in ClickHouse: the link old -> new (migration 0011), the batched look-ups, the analysts' read."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from typer.testing import CliRunner
+
+from synthwatch.cli.main import app
+from synthwatch.settings import Settings
+from synthwatch.stream_apps.detect.intake import EnrichedEvent, Intake, RawMessage
+from synthwatch.stream_apps.storage.clickhouse import migrate
+from synthwatch.stream_apps.storage.corrections import alerts_citing, stored_reports
+from synthwatch.stream_apps.storage.deliveries import DeliveryStore
+from synthwatch.stream_apps.storage.sink import ClickHouseSink
+from synthwatch.stream_apps.storage.tables import Attempt
+from tests.support.delivery_helpers import make_alert
+from tests.support.factories import lab, seizure
+
+
+def _events(*records: dict[str, Any]) -> list[EnrichedEvent]:
+    result = Intake().process([RawMessage(f"t:0:{i}", json.dumps(r)) for i, r in enumerate(records)])
+    assert not result.rejects
+    return result.events
+
+
+def test_a_correction_is_a_new_row_and_marks_the_old_one(ch: Any, ch_settings: Settings, monkeypatch: Any) -> None:
+    migrate(ch)
+    sink = ClickHouseSink(ch)
+    now = datetime.now(UTC).isoformat()
+    sink.store_events(
+        _events(
+            lab(event_id="L-1", occurred_at=now, substance={"name": "isotonitazene"}),
+            seizure(event_id="S-1", occurred_at=now),
+            lab(event_id="L-9", occurred_at=now, lab_id="LAB-OTHER"),
+        )
+    )
+    stored = stored_reports(ch, ["L-1", "S-1", "L-404"])
+    assert set(stored) == {"L-1", "S-1"}  # one query per table for every id; unknown ids are absent
+    assert (stored["L-1"].kind, stored["L-1"].reporter, stored["L-1"].corrected_by) == (
+        "lab_detection",
+        "lab:LAB-FR-01",
+        None,
+    )
+    assert (stored["S-1"].reporter, stored["S-1"].quantity) == ("agency:Douanes maliennes", "2.5 kg")
+
+    fixed = _events(
+        lab(event_id="L-2", occurred_at=now, corrects="L-1", substance={"name": "protonitazene"}),
+        seizure(event_id="S-2", occurred_at=now, corrects="S-1", quantity={"value": 25, "unit": "g"}),
+    )
+    assert sink.store_events(fixed).stored == 2  # never an overwrite: two new rows
+    assert ch.query("SELECT count() FROM lab_detections WHERE event_id = 'L-1'").result_rows[0][0] == 1
+    again = stored_reports(ch, ["L-1", "S-1", "L-2"])
+    assert (again["L-1"].corrected_by, again["S-1"].corrected_by, again["L-2"].corrected_by) == ("L-2", "S-2", None)
+
+    # The analysts' read: the report shows as corrected, and by which id.
+    monkeypatch.setenv("SYNTHWATCH_DATA_DIR", str(ch_settings.data_dir))
+    monkeypatch.setenv("SYNTHWATCH_CLICKHOUSE_DATABASE", ch_settings.clickhouse_database)
+    rows = json.loads(CliRunner().invoke(app, ["corrections", "--format", "json"]).output)
+    by_old = {row["corrected"]: row for row in rows}
+    assert set(by_old) == {"L-1", "S-1"}
+    assert (by_old["L-1"]["corrected_by"], by_old["L-1"]["old_substance"], by_old["L-1"]["new_substance"]) == (
+        "L-2",
+        "isotonitazene",
+        "protonitazene",
+    )
+    assert (by_old["S-1"]["old_quantity"], by_old["S-1"]["new_quantity"]) == ("2.5 kg", "25 g")
+    one = CliRunner().invoke(app, ["corrections", "L-1"]).output
+    assert "L-2" in one and "S-1" not in one and "1 corrected report" in one
+    assert "is not corrected" in CliRunner().invoke(app, ["corrections", "L-9"]).output
+
+
+def test_alerts_citing_and_who_received_them(ch: Any) -> None:
+    migrate(ch)
+    sink = ClickHouseSink(ch)
+    cited = make_alert(alert_id="new-1", evidence_event_ids=["L-1", "L-7"])
+    sink.store_alerts([cited, make_alert(alert_id="new-2", evidence_event_ids=["L-8"])])
+    (found,) = alerts_citing(ch, ["L-1", "L-404"])
+    assert (found.alert_id, found.region, found.evidence_event_ids) == ("new-1", "ML-BKO", ("L-1", "L-7"))
+    assert found.substance.name == cited.substance.name and found.severity == "critical"
+    assert alerts_citing(ch, ["L-404"]) == []
+
+    store = DeliveryStore(ch)
+    at = datetime.now(UTC)
+    store.record(
+        [
+            Attempt("new-1", "amadou", "hook", "webhook", "all", 1, "delivered", "", 200, "http://x", at),
+            Attempt("new-1", "claire", "mail", "email", "all", 1, "gave_up", "", None, "c@x", at),
+            Attempt("new-1", "nadia", "mail", "email", "all", 0, "queued_digest", "", None, "n@x", at),
+        ]
+    )
+    assert store.recipients_of(["new-1", "new-2"]) == {
+        "new-1": {("amadou", "hook", "all"), ("nadia", "mail", "all")}  # who gave up was never told
+    }
+
+
+def test_ingest_history_keeps_a_correction_link_in_extra_without_acting_on_it(
+    ch: Any, ch_settings: Settings, tmp_path: Any
+) -> None:
+    """History files are not judged (no reporter check there): `corrects` is kept verbatim, as before it was
+    a declared field, and the corrects column stays '' (docs/detection.md, "Corrections")."""
+    from synthwatch.stream_apps.storage.backfill.ingest import ingest_history
+
+    migrate(ch)
+    path = tmp_path / "history.ndjson"
+    records = [lab(event_id="H-1"), lab(event_id="H-2", corrects="H-1"), seizure(event_id="HS-2", corrects="HS-1")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    ingest_history(ch_settings, path, progress=False, workers=0, client=ch)
+    rows = ch.query(
+        "SELECT * FROM (SELECT event_id, corrects, extra FROM lab_detections UNION ALL "
+        "SELECT event_id, corrects, extra FROM border_seizures) ORDER BY event_id"
+    ).result_rows
+    assert [(r[0], r[1], json.loads(r[2])) for r in rows] == [
+        ("H-1", "", {}),
+        ("H-2", "", {"corrects": "H-1"}),
+        ("HS-2", "", {"corrects": "HS-1"}),
+    ]
