@@ -171,8 +171,9 @@ class Settings(BaseSettings):
         default=0.1,
         ge=0,
         description="agent_batches=channel: an intake or storing batch smaller than batch_least waits up to "
-        "this long for more while more keep arriving (a steady light stream does not wait: it goes after ~10 ms) "
-        "(fixed costs per batch against added latency per hop); the novelty agent never waits.",
+        "this long for the rest of the fetch the worker's consumer is handing over, and no longer (a batch "
+        "between fetches goes at once) (fixed costs per batch against added latency per hop); the novelty "
+        "agent never waits.",
     )
     batch_least: int = Field(default=2000, ge=1, description="See batch_linger_seconds.")
     checkpoint_seconds: float = Field(

@@ -116,6 +116,10 @@ class Consumer(faust_aiokafka.Consumer):
     #: Per partition, the offset of the last record handed to the agents since the latest seek. Faust's own
     #: read offset cannot say: a seek sets it to the committed offset, the next record *to* read.
     handed: dict[Any, int]
+    #: True while the drain loop hands the records of one fetch to the agents (they come one ``deliver`` at a
+    #: time, with a loop turn every 100): an agent's batch lingers for the rest of that fetch, not longer
+    #: (:func:`.batches.channel_batches`).
+    delivering: bool = False
 
     def _reset_state(self) -> None:
         super()._reset_state()  # at construction and on a restart of the consumer, as Faust's own state
@@ -233,6 +237,7 @@ class Consumer(faust_aiokafka.Consumer):
                             # Else fetched before a seek that came during delivery: stale, fetched again.
                             break
                         first = False
+                        self.delivering = True
                         num_since_yield += 1
                         if num_since_yield > yield_every:
                             await sleep(0)
@@ -252,6 +257,7 @@ class Consumer(faust_aiokafka.Consumer):
                                 break
                             set_read_offset(tp, offset)
                             self.handed[tp] = offset
+                    self.delivering = False
                     unset_flag(flag_consumer_fetching)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
@@ -267,6 +273,7 @@ class Consumer(faust_aiokafka.Consumer):
             self.log.exception("Drain messages raised: %r", exc)
             raise
         finally:
+            self.delivering = False
             unset_flag(flag_consumer_fetching)
 
 

@@ -79,3 +79,40 @@ def test_the_intake_lingers_while_a_fetch_is_handed_over_the_novelty_agent_does_
     direct = asyncio.run(_first_batch(novelty_batches(settings)))
     assert [e.message.offset for e in direct] == [0]  # what was there, at once
     assert direct[0].message.tracked
+
+
+def _delivering_stream(queue: _Queue, consumer: Any) -> Any:
+    stream = _stream(queue)
+    stream.app.consumer = consumer
+    return stream
+
+
+def test_with_the_workers_consumer_the_intake_lingers_for_the_rest_of_the_fetch_and_no_longer() -> None:
+    # The worker's consumer says when it hands a fetch over: the batch waits for that whole fetch (10 events
+    # here, however slowly they come), then goes, though the linger (60 s) and least (2,000) would allow more.
+    settings = Settings(batch_linger_seconds=60.0, batch_least=2000)
+
+    async def run() -> tuple[list[Any], list[Any]]:
+        queue = _Queue()
+        consumer = SimpleNamespace(unacked=_Unacked(), delivering=True)
+        queue.put_nowait(_event(0))
+
+        async def hand_over() -> None:  # the rest of the fetch, slowly (a busy loop), then the fetch is done
+            for n in range(1, 10):
+                await asyncio.sleep(0.012)  # longer than the polling's two 5 ms looks at the queue
+                queue.put_nowait(_event(n))
+            consumer.delivering = False
+
+        feeder = asyncio.ensure_future(hand_over())
+        batches = agent_batches(settings)(_delivering_stream(queue, consumer))
+        first = await asyncio.wait_for(batches.__anext__(), 5)
+        await feeder
+        queue.put_nowait(_event(10))  # a later fetch, already handed over: taken at once, alone
+        second = await asyncio.wait_for(batches.__anext__(), 5)
+        await batches.aclose()
+        return first, second
+
+    first, second = asyncio.run(run())
+    assert [e.message.offset for e in first] == list(range(10))
+    assert [e.message.offset for e in second] == [10]
+    assert all(e.message.tracked for e in first + second)
