@@ -132,6 +132,7 @@ def add_intake_agent(agents: AgentContext, tables: StateTables, outbox: SpikeOut
                 await send_all(await send_rejects(agents, refused))
                 metrics.rejected(refused)
                 metrics.produced(settings.topic_rejects, len(refused))
+            held.rows_stored()  # stored or refused: a stop from here on loses none of these reports
             await tables.write(tables.regions, changes)
             # The spike alerts these records decided, now that the records holding them are acknowledged;
             # acknowledged themselves before this checkpoint's offsets are (Checkpoint._complete).
