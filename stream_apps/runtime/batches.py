@@ -64,7 +64,10 @@ async def channel_batches(
     try:
         while not s.should_stop:
             if errors:
-                raise errors.popleft()
+                error = errors.popleft()
+                if isinstance(error, StopAsyncIteration):  # thrown in when the stream stops: as below
+                    return
+                raise error
             try:
                 if queue.empty() and idle is not None:
                     try:

@@ -22,6 +22,8 @@ from typing import Any
 import faust
 from faust.types import EventT
 
+from synthwatch.stream_apps.runtime.transport import note_stored
+
 
 class Checkpoint:
     """What an agent holds since its last checkpoint: consumed events and records being produced.
@@ -39,6 +41,7 @@ class Checkpoint:
         self.sends: list[Awaitable[Any]] = []
         self.since = time.monotonic()
         self.running: asyncio.Future[None] | None = None
+        self.writing: list[EventT] = []  # the events of the checkpoint under way
 
     def hold(self, events: list[EventT], sends: list[Awaitable[Any]]) -> None:
         if not self.events:
@@ -70,7 +73,18 @@ class Checkpoint:
             raise
         events, sends = self.events, self.sends
         self.events, self.sends = [], []
+        self.writing = events
         self.running = asyncio.ensure_future(self._complete(events, sends, write))
+
+    def rows_stored(self) -> None:
+        """Note the events of the checkpoint under way as stored: ``write`` calls it once their rows are in
+        ClickHouse (or they are refused with a reason), before it writes detector state.
+
+        Why: a stop can cut a checkpoint short after that (a broker that was unwell while the worker stopped);
+        the events are then neither acknowledged nor committed, but their reports are stored, and the count
+        of what a stop lost (``synthwatch up``) must not call them lost.
+        """
+        note_stored(self.app.consumer, (event.message for event in self.writing))
 
     async def wait(self) -> None:
         """Wait for the checkpoint under way, if any."""

@@ -25,6 +25,12 @@
    The delivery agent acknowledges each alert when its deliveries are final, so a slow receiver's
    alert at C was committed past by the next alerts' quick deliveries: after a crash, that officer
    never got it. On a never-committed partition Faust does not look at the head at all.
+5. The offsets acknowledged (checkpointed: stored), or whose rows are stored by a checkpoint not finished
+   yet (:func:`note_stored`), and not committed to the broker yet, per partition
+   (:attr:`Consumer.stored`, :func:`stored_uncommitted`). A worker stopped while its broker is unwell
+   (frozen, gone) stores what it had fetched but cannot commit it; ``synthwatch up`` counts what is not
+   stored from the group's lag once the worker is down, and without these it counted stored records as
+   lost. Faust's own ``_acked`` cannot say: a commit takes its offsets out whether or not it succeeds.
 
 docs/performance.md has the measurements.
 """
@@ -120,10 +126,37 @@ class Consumer(faust_aiokafka.Consumer):
     #: time, with a loop turn every 100): an agent's batch lingers for the rest of that fetch, not longer
     #: (:func:`.batches.channel_batches`).
     delivering: bool = False
+    #: Per partition, the offsets acknowledged (their checkpoint is done: stored) that no successful commit
+    #: has covered yet (item 5 above). Kept across a restart of the consumer: stored stays stored.
+    stored: dict[Any, set[int]]
 
     def _reset_state(self) -> None:
         super()._reset_state()  # at construction and on a restart of the consumer, as Faust's own state
         self.handed = {}
+        if not hasattr(self, "stored"):
+            self.stored = {}
+
+    def ack(self, message: Any) -> bool:
+        """Faust's ack; an offset it counts is noted as stored until a commit covers it (item 5)."""
+        counted = cast(bool, super().ack(message))
+        if counted:
+            self.stored.setdefault(message.tp, set()).add(message.offset)
+        return counted
+
+    async def _commit(self, offsets: Mapping[Any, int]) -> bool:
+        """Faust's commit; on success, what it covers no longer needs noting as stored-not-committed.
+
+        Only partitions still assigned: the commit leaves out the others (Faust's driver), so their
+        offsets stay noted.
+        """
+        committed = cast(bool, await super()._commit(offsets))
+        if committed:
+            assigned = self.assignment()
+            for tp, offset in offsets.items():
+                noted = self.stored.get(tp)
+                if noted and tp in assigned:
+                    noted.difference_update([o for o in noted if o < offset])
+        return committed
 
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -275,6 +308,24 @@ class Consumer(faust_aiokafka.Consumer):
         finally:
             self.delivering = False
             unset_flag(flag_consumer_fetching)
+
+
+def note_stored(consumer: Any, messages: Iterable[Any]) -> None:
+    """Note ``messages`` as stored (their records are in ClickHouse) though not acknowledged yet (item 5)."""
+    noted: dict[Any, set[int]] | None = getattr(consumer, "stored", None)
+    if noted is None:  # not this transport's consumer (a test's own app): nothing counts on it
+        return
+    for message in messages:
+        noted.setdefault(message.tp, set()).add(message.offset)
+
+
+def stored_uncommitted(consumer: Any) -> dict[tuple[str, int], frozenset[int]]:
+    """Per (topic, partition): the offsets ``consumer`` stored that no successful commit covers (item 5).
+
+    For the count of what a stopped worker left unstored: the group's lag minus these.
+    """
+    noted: dict[Any, set[int]] = getattr(consumer, "stored", {})
+    return {(tp.topic, tp.partition): frozenset(offsets) for tp, offsets in list(noted.items()) if offsets}
 
 
 def unacked_heads(

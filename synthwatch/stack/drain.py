@@ -7,8 +7,8 @@ rejects): an offset is committed only after its checkpoint (rows in ClickHouse, 
 written), so committed = end means stored. The drain prints its progress and what a second Ctrl-C
 would lose; it gives up after ``drain_timeout_seconds``. A second signal stops at once. Either way,
 once the worker is down and before the broker stops, ``up`` counts the records still not committed
-(:func:`final_count`): that count, not an estimate made while the worker still ran, is what it
-reports as not stored.
+less those the worker stored but could not commit (:func:`final_count`): that count, not an estimate
+made while the worker still ran, is what it reports as not stored.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import faust
 
 from synthwatch.settings import Settings
-from synthwatch.stack.broker import lag_by_topic
+from synthwatch.stack.broker import committed_offsets, lag_by_topic
 
 log = logging.getLogger("synthwatch.stack.drain")
 
@@ -34,10 +34,15 @@ PROGRESS_SECONDS = 2.0
 
 @dataclass
 class DrainOutcome:
-    """How the stop went: ``not_stored`` records per topic once the worker was down (None: unknown)."""
+    """How the stop went: ``not_stored`` records per topic once the worker was down (None: unknown).
+
+    ``stored_uncommitted``: per (topic, partition), the offsets the worker stored (acknowledged after
+    their checkpoint) that no commit covered when it stopped (:func:`.transport.stored_uncommitted`).
+    """
 
     reason: str = "drained"
     not_stored: dict[str, int] | None = field(default_factory=dict)
+    stored_uncommitted: Mapping[tuple[str, int], Collection[int]] = field(default_factory=dict)
 
     @property
     def lost(self) -> int | None:
@@ -54,16 +59,31 @@ def drained_topics(settings: Settings) -> tuple[str, ...]:
 
 
 def final_count(settings: Settings, bootstrap_servers: str, outcome: DrainOutcome) -> DrainOutcome:
-    """``outcome`` with what is really not stored: the group's lag once its worker has stopped.
+    """``outcome`` with what is really not stored: per partition, the records between the group's committed
+    offset and the end that the worker did not store (``outcome.stored_uncommitted``), once it has stopped.
 
-    The broker must still run: it is the only place that knows.
+    Why not the lag alone: a worker stopped while its broker is unwell stores what it had fetched but cannot
+    commit it (a fetch answered just before the broker froze, read after; its checkpoint finished while the
+    worker stopped); the lag counted those stored records as lost. The broker must still run: it is the
+    only place that knows the committed offsets and the ends.
     """
     try:
-        lag = lag_by_topic(bootstrap_servers, settings.app_id, drained_topics(settings), 10.0)
+        topics = drained_topics(settings)
+        offsets = committed_offsets(bootstrap_servers, settings.app_id, topics, 10.0, require_all=True)
     except Exception as error:  # the broker is unwell: say so rather than guess
-        lag = None
-        outcome = DrainOutcome(f"{outcome.reason}; could not count what is left: {error!r}", None)
+        return DrainOutcome(f"{outcome.reason}; could not count what is left: {error!r}", None)
+    if not offsets:  # a partition's end is unknown: so is what is left, and it is not zero
+        return DrainOutcome(outcome.reason, None)
+    lag = dict.fromkeys(drained_topics(settings), 0)
+    for tp, (committed, end) in offsets.items():
+        lag[tp.topic] += unstored(committed, end, outcome.stored_uncommitted.get((tp.topic, tp.partition), ()))
     return DrainOutcome(outcome.reason, lag)
+
+
+def unstored(committed: int, end: int, stored: Collection[int]) -> int:
+    """Records of a partition from ``committed`` (-1: none) up to ``end`` whose offsets are not in ``stored``."""
+    start = max(committed, 0)
+    return max(end - start - sum(1 for offset in stored if start <= offset < end), 0)
 
 
 def describe_lag(settings: Settings, lag: dict[str, int]) -> str:

@@ -12,6 +12,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from types import FrameType
 from typing import IO, TYPE_CHECKING, Any, cast
@@ -31,6 +32,7 @@ from synthwatch.stack.broker import (
 )
 from synthwatch.stack.drain import DrainingWorker, DrainOutcome, describe_lag, final_count
 from synthwatch.stackfile import StackInfo, new_web_token, read_stack, remove_stack, write_stack
+from synthwatch.stream_apps.runtime.transport import stored_uncommitted
 from synthwatch.stream_apps.storage.clickhouse import Migration, OpeningClient
 
 if TYPE_CHECKING:
@@ -188,7 +190,14 @@ def _run_worker(
     except SystemExit as stopped:
         if not isinstance(worker, DrainingWorker) or stopped.code not in (None, 0):
             raise
-        return worker.outcome
+        # The worker is down: what it stored and could not commit is final (for final_count).
+        stored = stored_uncommitted(app.consumer)
+        if stored:
+            log.warning(
+                "stored but not committed at stop (not counted as lost): %s",
+                {f"{topic}[{partition}]": len(offsets) for (topic, partition), offsets in sorted(stored.items())},
+            )
+        return replace(worker.outcome, stored_uncommitted=stored)
     finally:
         remove_stack(settings, pid)
 

@@ -116,3 +116,22 @@ def test_with_the_workers_consumer_the_intake_lingers_for_the_rest_of_the_fetch_
     assert [e.message.offset for e in first] == list(range(10))
     assert [e.message.offset for e in second] == [10]
     assert all(e.message.tracked for e in first + second)
+
+
+def test_a_stream_stopping_ends_the_batches_and_other_errors_still_raise() -> None:
+    """Faust throws StopAsyncIteration into the channel when the stream stops: the batches end (raised
+    from the generator it became RuntimeError, an agent 'failure' that made a stopping `up` exit 1)."""
+    from synthwatch.stream_apps.runtime.batches import channel_batches
+
+    async def batches_after(error: BaseException) -> list[list[Any]]:
+        queue = _Queue()
+        queue._errors.append(error)
+        return [batch async for batch in channel_batches(_stream(queue), 10)]
+
+    assert asyncio.run(batches_after(StopAsyncIteration())) == []
+    try:
+        asyncio.run(batches_after(ValueError("broken")))
+    except ValueError as raised:
+        assert str(raised) == "broken"
+    else:
+        raise AssertionError("the error was swallowed")

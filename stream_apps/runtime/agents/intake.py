@@ -133,6 +133,7 @@ def add_intake_agent(agents: AgentContext, tables: StateTables, outbox: SpikeOut
                 await send_all(await send_rejects(agents, refused))
                 metrics.rejected(refused)
                 metrics.produced(settings.topic_rejects, len(refused))
+            held.rows_stored()  # stored or refused: a stop from here on loses none of these reports
             # Notices to those alerted on a report these corrections supersede (again after a replay: same ids).
             await correction_notices(agents, [item for item in taken if item not in stored.changed])
             await tables.write(tables.regions, changes)
