@@ -720,21 +720,17 @@ def correction_view(alert: Alert, language: str, grafana_url: str) -> Correction
 
 def render_alert(alert: Alert, language: str, grafana_url: str, timezone: str = "UTC") -> Message:
     """Subject, plain text and HTML of one alert for a reader of ``language`` living in ``timezone``."""
+    # a correction notice has its own templates (what changed in the report an alert rested on)
+    view: AlertView | CorrectionView
     if alert.alert_type == "correction":
-        notice = correction_view(alert, language, grafana_url)
-        return Message(
-            language=language,
-            subject=_subject(_render(f"{language}/correction_subject.txt.j2", v=notice)),
-            text=_render(f"{language}/correction.txt.j2", v=notice),
-            html=_render(f"{language}/correction.html.j2", v=notice),
-            links=(notice.link,),
-        )
-    view = alert_view(alert, language, grafana_url, timezone)
+        view, name = correction_view(alert, language, grafana_url), "correction"
+    else:
+        view, name = alert_view(alert, language, grafana_url, timezone), "alert"
     return Message(
         language=language,
-        subject=_subject(_render(f"{language}/alert_subject.txt.j2", v=view)),
-        text=_render(f"{language}/alert.txt.j2", v=view),
-        html=_render(f"{language}/alert.html.j2", v=view),
+        subject=_subject(_render(f"{language}/{name}_subject.txt.j2", v=view)),
+        text=_render(f"{language}/{name}.txt.j2", v=view),
+        html=_render(f"{language}/{name}.html.j2", v=view),
         links=(view.link,),
     )
 
