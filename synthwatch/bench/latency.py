@@ -7,10 +7,14 @@ import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from synthwatch.bench.workload import bench_regions, bench_substances, lab_line, percentile, seizure_line
 from synthwatch.settings import Settings
+from synthwatch.stack.broker import high_watermarks
+
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,21 @@ class LatencyResult:
         self.hops.setdefault(kind, {}).setdefault(name, []).append(seconds)
 
 
+async def start_at_end(consumer: AIOKafkaConsumer, servers: str, partitions: list[TopicPartition]) -> None:
+    """Position the assigned ``consumer`` after the last record of each partition: it reads only what is sent later.
+
+    Why not ``seek_to_end``: Tansu 0.6 answers ListOffsets "latest" inside the last record batch (see
+    :func:`.high_watermarks`), so the latency phase read the rest of the alerts topic's last batches, spike
+    alerts the end-to-end phase's last checkpoint had sent seconds before, as alerts of its own.
+    """
+    marks = await asyncio.to_thread(high_watermarks, servers, sorted({tp.topic for tp in partitions}))
+    missing = [f"{tp.topic}:{tp.partition}" for tp in partitions if tp not in marks]
+    if missing:
+        raise RuntimeError(f"no high watermark for {', '.join(missing)}: is the broker at {servers} answering fetches?")
+    for tp in partitions:
+        consumer.seek(tp, marks[tp])
+
+
 async def _latency_run(
     settings: Settings, servers: str, rate: int, seconds: int, novel_every: int, stream: LatencyStream
 ) -> LatencyResult:
@@ -100,9 +119,7 @@ async def _latency_run(
         for p in sorted(consumer.partitions_for_topic(topic) or {0})
     ]
     consumer.assign(partitions)
-    await consumer.seek_to_end(*partitions)
-    for tp in partitions:  # resolve the end offsets now, so nothing sent later is skipped
-        await consumer.position(tp)
+    await start_at_end(consumer, servers, partitions)
     producer = AIOKafkaProducer(bootstrap_servers=servers, acks="all", linger_ms=5)
     await producer.start()
 
