@@ -21,7 +21,7 @@ from synthwatch.kafka_clients import kafka_python_config
 from synthwatch.producers.publisher import Publisher
 from synthwatch.producers.readers import InputRecord
 from synthwatch.settings import Settings
-from synthwatch.stack.broker import EmbeddedBroker
+from synthwatch.stack.broker import EmbeddedBroker, high_watermarks
 from tests.conftest import RunningWorker, isolated_settings, ndjson, start_worker, stop_worker
 from tests.support.factories import lab
 
@@ -48,7 +48,9 @@ def _sightings_stamps(settings: Settings, servers: str) -> dict[str, datetime]:
         partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
         consumer.assign(partitions)
         consumer.seek_to_beginning()
-        end = consumer.end_offsets(partitions)
+        # as fetches report it: Tansu answers ListOffsets with the first offset of the last record batch
+        end = high_watermarks(servers, [topic])
+        assert set(end) == set(partitions), f"no end offset for some partition of {topic} within the timeout"
         found: dict[str, datetime] = {}
         while any(consumer.position(tp) < end[tp] for tp in partitions):
             for records in consumer.poll(timeout_ms=200).values():

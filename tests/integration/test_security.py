@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from synthwatch.stack.broker import EmbeddedBroker
+from synthwatch.stack.broker import EmbeddedBroker, high_watermarks
 from synthwatch.stackfile import read_web_token, stack_file, web_token_file
 from synthwatch.stream_apps.storage.query import QueryError, execute_remote
 from tests.conftest import RunningWorker, isolated_settings, run_cli, start_worker, stop_worker, wait_until
@@ -641,7 +641,9 @@ def _read_topic(servers: str, topic: str) -> list[Any]:
         partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         consumer.assign(partitions)
         consumer.seek_to_beginning(*partitions)
-        end = consumer.end_offsets(partitions)
+        # as fetches report it: Tansu answers ListOffsets with the first offset of the last record batch
+        end = high_watermarks(servers, [topic])
+        assert set(end) == set(partitions), f"no end offset for some partition of {topic} within the timeout"
         records: list[Any] = []
         while any(consumer.position(tp) < end[tp] for tp in partitions):
             for batch in consumer.poll(timeout_ms=1000).values():
