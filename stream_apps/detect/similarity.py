@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any
 
@@ -85,6 +85,19 @@ class LearntStructure:
     name: str
     smiles: str
     family: Family | None
+
+
+def _nearest(query: Any, found: list[Any], about: list[Neighbour], k: int, min_score: float) -> list[Neighbour]:
+    """The ``k`` of ``about`` (each beside its fingerprint in ``found``) nearest ``query`` by Tanimoto, at least
+    ``min_score``: best first, ties by name then key, each with its score rounded to 3 places."""
+    if not found:
+        return []
+    scores = DataStructs.BulkTanimotoSimilarity(query, found)
+    ranked = sorted(
+        ((round(score, 3), n) for n, score in zip(about, scores, strict=True) if score >= min_score),
+        key=lambda pair: (-pair[0], pair[1].name, pair[1].key),
+    )
+    return [replace(n, score=score) for score, n in ranked[:k]]
 
 
 class SimilarityIndex:
@@ -201,23 +214,15 @@ class SimilarityIndex:
         query = self._query_fingerprint(key, smiles)
         if query is None:
             return []
-        keys, found, about = [], [], []
+        found, about = [], []
         for structure in learnt:
             if structure.key == key or structure.key in self._about:
                 continue
             fp = self._query_fingerprint(structure.key, structure.smiles)
             if fp is not None:
-                keys.append(structure.key)
                 found.append(fp)
-                about.append(structure)
-        if not found:
-            return []
-        scores = DataStructs.BulkTanimotoSimilarity(query, found)
-        ranked = sorted(
-            ((round(score, 3), s) for s, score in zip(about, scores, strict=True) if score >= min_score),
-            key=lambda pair: (-pair[0], pair[1].name, pair[1].key),
-        )
-        return [Neighbour(s.key, s.name, score, s.family, None, False) for score, s in ranked[:k]]
+                about.append(Neighbour(structure.key, structure.name, 0.0, structure.family, None, False))
+        return _nearest(query, found, about, k, min_score)
 
     def _query_fingerprint(self, key: str, smiles: str) -> Any | None:
         """The fingerprint of ``key``: the index's, else computed from ``smiles`` once and kept by key."""
@@ -235,22 +240,10 @@ class SimilarityIndex:
         self._about[key] = about
 
     def _rank(self, query: Any, own_key: str | None, k: int, min_score: float) -> list[Neighbour]:
-        if not self._fingerprints:
-            return []
-        scores = DataStructs.BulkTanimotoSimilarity(query, self._fingerprints)
-        ranked = sorted(
-            (
-                (round(score, 3), key)
-                for key, score in zip(self._keys, scores, strict=True)
-                if key != own_key and score >= min_score
-            ),
-            key=lambda pair: (-pair[0], self._about[pair[1]].name),
+        kept = [n for n, key in enumerate(self._keys) if key != own_key]
+        return _nearest(
+            query, [self._fingerprints[n] for n in kept], [self._about[self._keys[n]] for n in kept], k, min_score
         )
-        out = []
-        for score, key in ranked[:k]:
-            about = self._about[key]
-            out.append(Neighbour(key, about.name, score, about.family, about.controlled, about.catalogued))
-        return out
 
     def did_you_mean(self, name: str, n: int = 3) -> list[str]:
         """Catalogue substances whose name or synonym is spelt like ``name``, by their catalogue name, once each."""
