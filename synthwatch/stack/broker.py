@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -357,8 +357,15 @@ def consumer_lag(servers: str, group: str, topics: Iterable[str]) -> int:
     return sum(mark - max(offset, 0) for offset, mark in committed_offsets(servers, group, topics).values())
 
 
-def lag_by_topic(servers: str, group: str, topics: Iterable[str], timeout: float = 20.0) -> dict[str, int] | None:
-    """Records of each topic the group has not committed yet (nothing committed: all of it).
+def lag_by_topic(
+    servers: str,
+    group: str,
+    topics: Iterable[str],
+    timeout: float = 20.0,
+    stored: Mapping[tuple[str, int], Collection[int]] | None = None,
+) -> dict[str, int] | None:
+    """Records of each topic the group has not committed yet (nothing committed: all of it), less ``stored``:
+    per (topic, partition), offsets its stopped consumer stored but could not commit (a stop's final count).
 
     None when a partition's high watermark could not be read: the lag is unknown, not zero.
     """
@@ -368,5 +375,11 @@ def lag_by_topic(servers: str, group: str, topics: Iterable[str], timeout: float
         return None
     lag = dict.fromkeys(topics, 0)
     for tp, (offset, mark) in offsets.items():
-        lag[tp.topic] += max(mark - max(offset, 0), 0)
+        lag[tp.topic] += unstored(offset, mark, (stored or {}).get((tp.topic, tp.partition), ()))
     return lag
+
+
+def unstored(committed: int, end: int, stored: Collection[int]) -> int:
+    """Records of a partition from ``committed`` (-1: none) up to ``end`` whose offsets are not in ``stored``."""
+    start = max(committed, 0)
+    return max(end - start - sum(1 for offset in stored if start <= offset < end), 0)

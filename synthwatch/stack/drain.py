@@ -24,7 +24,7 @@ from typing import Any
 import faust
 
 from synthwatch.settings import Settings
-from synthwatch.stack.broker import committed_offsets, lag_by_topic
+from synthwatch.stack.broker import lag_by_topic
 
 log = logging.getLogger("synthwatch.stack.drain")
 
@@ -68,22 +68,12 @@ def final_count(settings: Settings, bootstrap_servers: str, outcome: DrainOutcom
     only place that knows the committed offsets and the ends.
     """
     try:
-        topics = drained_topics(settings)
-        offsets = committed_offsets(bootstrap_servers, settings.app_id, topics, 10.0, require_all=True)
+        lag = lag_by_topic(
+            bootstrap_servers, settings.app_id, drained_topics(settings), 10.0, outcome.stored_uncommitted
+        )
     except Exception as error:  # the broker is unwell: say so rather than guess
         return DrainOutcome(f"{outcome.reason}; could not count what is left: {error!r}", None)
-    if not offsets:  # a partition's end is unknown: so is what is left, and it is not zero
-        return DrainOutcome(outcome.reason, None)
-    lag = dict.fromkeys(drained_topics(settings), 0)
-    for tp, (committed, end) in offsets.items():
-        lag[tp.topic] += unstored(committed, end, outcome.stored_uncommitted.get((tp.topic, tp.partition), ()))
-    return DrainOutcome(outcome.reason, lag)
-
-
-def unstored(committed: int, end: int, stored: Collection[int]) -> int:
-    """Records of a partition from ``committed`` (-1: none) up to ``end`` whose offsets are not in ``stored``."""
-    start = max(committed, 0)
-    return max(end - start - sum(1 for offset in stored if start <= offset < end), 0)
+    return DrainOutcome(outcome.reason, lag)  # None: a partition's end is unknown, so is what is left
 
 
 def describe_lag(settings: Settings, lag: dict[str, int]) -> str:

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 from faust.types import TP
 
-from synthwatch.stack.drain import unstored
+from synthwatch.stack.broker import unstored
 from synthwatch.stream_apps.runtime.transport import note_stored, stored_uncommitted
 
 
