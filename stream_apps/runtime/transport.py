@@ -463,9 +463,10 @@ def unmarked(app: faust.App) -> Iterator[faust.App]:
     Why: each of Faust's decorators (``app.agent``, ``app.task``, ``app.page``, ...) marks the function for
     venusian, which ``app.discover()`` scans to import the modules of a project; the mark reads the caller's
     source through ``inspect``, whose first call maps every loaded module to its file: ~25 ms of CPU on a
-    worker's path to its group join. The worker's app is built by calls, never discovered (``autodiscover``
-    off, refused here otherwise), so the marks were never read. Not thread-safe: Faust's decorators used in
-    another thread meanwhile would not mark either.
+    worker's path to its group join (in ``create_app``, or else when Faust's web server adds its own views
+    as the worker starts: the worker runs under this too). The worker's app is built by calls, never
+    discovered (``autodiscover`` off, refused here otherwise), so the marks were never read. Not
+    thread-safe: Faust's decorators used in another thread meanwhile would not mark either.
     """
     if cast(Any, app.conf).autodiscover:
         raise ValueError("an app that autodiscovers needs Faust's venusian marks")

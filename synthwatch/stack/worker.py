@@ -36,7 +36,7 @@ from synthwatch.stack.broker import (
 )
 from synthwatch.stack.drain import DrainingWorker, DrainOutcome, describe_lag, final_count
 from synthwatch.stackfile import StackInfo, new_web_token, read_stack, remove_stack, write_stack
-from synthwatch.stream_apps.runtime.transport import stored_uncommitted
+from synthwatch.stream_apps.runtime.transport import stored_uncommitted, unmarked
 from synthwatch.stream_apps.storage.clickhouse import Migration, OpeningClient
 
 if TYPE_CHECKING:
@@ -210,7 +210,8 @@ def _run_worker(
     worker.spinner = None
     start_at_join(app, client.start, prepare.start)
     try:
-        worker.execute_from_commandline()
+        with unmarked(app):  # Faust's web server adds its own views when it starts: no discovery marks either
+            worker.execute_from_commandline()
     except SystemExit as stopped:
         if not isinstance(worker, DrainingWorker) or stopped.code not in (None, 0):
             raise

@@ -72,6 +72,8 @@ _CLI_PROBE = """
 import gc, json, sys, threading
 
 import faust
+import faust.app.base
+import faust.utils.venusian
 
 from synthwatch.cli.main import app
 from synthwatch.stream_apps.detect.identity import SubstanceResolver
@@ -90,6 +92,7 @@ def started(self):  # Faust's worker would start the app here: record what is do
     seen["automatic_gc"] = gc.isenabled()
     seen["threads"] = sorted(t.name for t in threading.enumerate())
     seen["catalogued"] = [r.resolve("Mephedrone").catalogued for r in resolvers]
+    seen["discovery_marks"] = faust.app.base.venusian is faust.utils.venusian  # Faust's web views come next
     raise SystemExit(0)
 
 
@@ -104,7 +107,9 @@ print(json.dumps(seen))
 """
 
 
-def test_synthwatch_worker_leaves_the_catalogue_and_the_collection_for_the_join_wait(tmp_path: Path) -> None:
+def test_synthwatch_worker_leaves_the_catalogue_and_the_collection_for_the_join_wait_and_marks_nothing(
+    tmp_path: Path,
+) -> None:
     env = {
         "PATH": "/usr/bin:/bin",
         "SYNTHWATCH_DATA_DIR": str(tmp_path / "data"),
@@ -124,6 +129,7 @@ def test_synthwatch_worker_leaves_the_catalogue_and_the_collection_for_the_join_
     assert seen["catalogued"] == [False], "the resolver indexed its catalogue before the group join"
     assert "join-wait-work" not in seen["threads"], "the join-wait work began before the group join"
     assert seen["automatic_gc"] is False, "automatic collections ran while the worker started"
+    assert seen["discovery_marks"] is False, "Faust's web server would mark its views for autodiscovery"
     assert seen["automatic_gc_after"] is True, "a worker that stopped before its join left collections off"
 
 
