@@ -36,7 +36,7 @@ from synthwatch.stream_apps.runtime.outbox import SpikeOutbox
 from synthwatch.stream_apps.runtime.recovery import add_recovery
 from synthwatch.stream_apps.runtime.state_tables import StateTables
 from synthwatch.stream_apps.runtime.supervision import agent_failed, stopping_supervisor
-from synthwatch.stream_apps.runtime.transport import worker_app
+from synthwatch.stream_apps.runtime.transport import unmarked, worker_app
 from synthwatch.stream_apps.runtime.watchdog import watch_worker
 from synthwatch.stream_apps.runtime.web import add_ready_view, add_sql_view
 from synthwatch.stream_apps.runtime.worker_signature import WorkerSigner, settings_worker_keys
@@ -49,18 +49,19 @@ def create_app(ctx: WorkerContext, bootstrap_servers: str, web_port: int) -> fau
     settings = ctx.settings
     # An agent that raises stops the worker (exit 1) instead of a restart in place that took nothing more.
     app = worker_app(settings, bootstrap_servers, web_port, stopping_supervisor(agent_failed(ctx.metrics)))
-    topics = Topics.of(app, settings)
-    signer = WorkerSigner(settings_worker_keys(settings))
-    tables = StateTables.create(app, ctx, signer)
-    attach_metrics(app, ctx.metrics, topics=set(settings.all_topics))
-    watch = watch_worker(app, ctx)
-    agents = AgentContext(ctx, app, topics, signer, agent_batches(settings), partition_of=default_partition)
-    outbox = SpikeOutbox(agents, tables)
-    add_intake_agent(agents, tables, outbox)
-    add_novelty_agent(agents, tables)
-    add_storing_agents(agents)
-    add_delivery_agent(agents)
-    add_recovery(agents, tables, outbox)
-    add_ready_view(app, ctx, watch)
-    add_sql_view(app, ctx)
+    with unmarked(app):  # built by these calls, never discovered
+        topics = Topics.of(app, settings)
+        signer = WorkerSigner(settings_worker_keys(settings))
+        tables = StateTables.create(app, ctx, signer)
+        attach_metrics(app, ctx.metrics, topics=set(settings.all_topics))
+        watch = watch_worker(app, ctx)
+        agents = AgentContext(ctx, app, topics, signer, agent_batches(settings), partition_of=default_partition)
+        outbox = SpikeOutbox(agents, tables)
+        add_intake_agent(agents, tables, outbox)
+        add_novelty_agent(agents, tables)
+        add_storing_agents(agents)
+        add_delivery_agent(agents)
+        add_recovery(agents, tables, outbox)
+        add_ready_view(app, ctx, watch)
+        add_sql_view(app, ctx)
     return app

@@ -302,6 +302,15 @@ class SubstanceResolver:
         self._vouched: dict[str, set[str]] = {}
         self._contested: dict[str, set[str]] = {}  # name -> the structure keys reported with it
         self._key_family: dict[str, Family | None] = {}
+        self.add_catalogue(entries)
+
+    def add_catalogue(self, entries: Iterable[CatalogueEntry]) -> None:
+        """Index catalogue entries, as the constructor does with its ``catalogue``.
+
+        Why apart: standardising the shipped catalogue with RDKit costs ~0.1 s, which a worker spends while
+        it waits for its consumer group join (made with ``catalogue=()``, indexed before it is ready) rather
+        than before that join begins. Call it before the first :meth:`resolve`, as the constructor would.
+        """
         for entry in entries:
             self._index(entry)
 

@@ -59,11 +59,19 @@ class WorkerContext:
     #: a thread while it joins its group (:class:`~synthwatch.stream_apps.storage.clickhouse.OpeningClient`).
     #: None: ``client`` was open when the context was made.
     storage_opened: Callable[[], Awaitable[object]] | None = None
+    #: Waits until the rest of the start-up the worker left for its join wait is done (the resolver's
+    #: catalogue, :class:`~synthwatch.stack.worker.JoinWaitWork`), raising what it raised. None: nothing left.
+    prepared: Callable[[], Awaitable[object]] | None = None
 
     async def until_storage_open(self) -> None:
         """Wait for ClickHouse to be open and migrated; raises what opening raised."""
         if self.storage_opened is not None:
             await self.storage_opened()
+
+    async def until_prepared(self) -> None:
+        """Wait for the start-up work left for the join wait (:attr:`prepared`); raises what it raised."""
+        if self.prepared is not None:
+            await self.prepared()
 
 
 @dataclass(frozen=True)

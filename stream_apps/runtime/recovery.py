@@ -43,8 +43,10 @@ async def recover_state(agents: AgentContext, tables: StateTables, outbox: Spike
     """Once ClickHouse is open and the tables are recovered: rebuild empty state from ClickHouse, or learn the
     stored names and send the spike alerts kept in the recovered state; then mark the worker ready."""
     app, ctx, settings, stats = agents.app, agents.worker, agents.settings, agents.metrics.stats
-    # ClickHouse opens and migrates in a thread meanwhile (run_worker): a failure stops the worker here.
+    # ClickHouse opens and migrates in a thread meanwhile, and the resolver gets its catalogue in another
+    # (run_worker): a failure of either stops the worker here.
     await ctx.until_storage_open()
+    await ctx.until_prepared()
     await cast(Any, app.tables).recovery.completed.wait()
     if tables.empty:
         report = await asyncio.get_running_loop().run_in_executor(None, partial(rebuild_locked, ctx))

@@ -40,16 +40,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import types
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, ClassVar, cast
 
 import aiokafka
 import faust
+from faust.app import base as faust_app_base
 from faust.tables import TableManager as FaustTableManager
 from faust.tables.recovery import Recovery as FaustRecovery
 from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import AppT, TransportT
+from faust.utils import venusian as faust_venusian
 from mode import SupervisorStrategyT
 
 from synthwatch.kafka_clients import faust_credentials
@@ -443,6 +446,35 @@ class App(faust.App):
 
     def _new_transport(self) -> TransportT:
         return Transport(self.conf.broker_consumer, self)
+
+
+class _NoDiscoveryMarks:
+    """Stands in for Faust's venusian module while an app is built: marks nothing (see :func:`unmarked`)."""
+
+    @staticmethod
+    def attach(*args: Any, **kwargs: Any) -> None:
+        return None
+
+
+@contextmanager
+def unmarked(app: faust.App) -> Iterator[faust.App]:
+    """Build ``app``'s agents, tasks, timers and views without Faust's marks for autodiscovery.
+
+    Why: each of Faust's decorators (``app.agent``, ``app.task``, ``app.page``, ...) marks the function for
+    venusian, which ``app.discover()`` scans to import the modules of a project; the mark reads the caller's
+    source through ``inspect``, whose first call maps every loaded module to its file: ~25 ms of CPU on a
+    worker's path to its group join (in ``create_app``, or else when Faust's web server adds its own views
+    as the worker starts: the worker runs under this too). The worker's app is built by calls, never
+    discovered (``autodiscover`` off, refused here otherwise), so the marks were never read. Not
+    thread-safe: Faust's decorators used in another thread meanwhile would not mark either.
+    """
+    if cast(Any, app.conf).autodiscover:
+        raise ValueError("an app that autodiscovers needs Faust's venusian marks")
+    faust_app_base.venusian = _NoDiscoveryMarks  # type: ignore[assignment]
+    try:
+        yield app
+    finally:
+        faust_app_base.venusian = faust_venusian
 
 
 def worker_app(

@@ -58,6 +58,17 @@ def proc_status(pid: int | str = "self", wanted: Sequence[str] = ("VmRSS", "VmHW
     return found
 
 
+def process_cpu_seconds(pid: int | str = "self") -> float:
+    """User plus system CPU seconds a process has used so far, all its threads (``/proc/PID/stat``).
+
+    Why beside the wall clock: on a shared machine a start-up's wall time follows the load; its CPU time
+    much less, so a before/after of CPU time still says what a change saved.
+    """
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def process_memory() -> dict[str, int]:
     """This process's VmRSS, VmHWM (peak), RssAnon, RssFile in KiB and its thread count."""
     return proc_status("self", ("VmRSS", "VmHWM", "RssAnon", "RssFile", "Threads"))

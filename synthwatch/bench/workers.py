@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse, urlunparse
 
-from synthwatch.bench.memory import proc_status
+from synthwatch.bench.memory import proc_status, process_cpu_seconds
 from synthwatch.settings import Settings
 from synthwatch.stack.process import StackProcess, StackProcessError, log_tail, stop_child
 from synthwatch.stackfile import read_web_token
@@ -69,6 +69,7 @@ class BenchWorker:
     web_url: str = ""
     ready_wall: float = 0.0  # process start -> ready, as seen from outside (Python start-up included)
     ready_reported: float = 0.0  # the worker's own figure (from run_worker's start)
+    ready_cpu: float = 0.0  # CPU seconds (user + system, all threads) the worker had used when it was seen ready
 
     def stats(self) -> dict[str, Any]:
         """The worker's counters from ``/ready``, also while it answers 503.
@@ -162,7 +163,10 @@ def start_worker(
         child.stop()
         raise
     ready_wall = time.monotonic() - child.started_at
-    return BenchWorker(child.process, data_dir, log_path, info.web_url, ready_wall, info.ready_seconds or 0.0)
+    ready_cpu = process_cpu_seconds(child.process.pid)
+    return BenchWorker(
+        child.process, data_dir, log_path, info.web_url, ready_wall, info.ready_seconds or 0.0, ready_cpu
+    )
 
 
 def wait_consumed(workers: Sequence[BenchWorker], total: int, timeout: float, interval: float = 0.1) -> float:

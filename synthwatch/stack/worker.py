@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import faulthandler
 import fcntl
+import gc
 import logging
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -32,7 +36,7 @@ from synthwatch.stack.broker import (
 )
 from synthwatch.stack.drain import DrainingWorker, DrainOutcome, describe_lag, final_count
 from synthwatch.stackfile import StackInfo, new_web_token, read_stack, remove_stack, write_stack
-from synthwatch.stream_apps.runtime.transport import stored_uncommitted
+from synthwatch.stream_apps.runtime.transport import stored_uncommitted, unmarked
 from synthwatch.stream_apps.storage.clickhouse import Migration, OpeningClient
 
 if TYPE_CHECKING:
@@ -61,12 +65,13 @@ def run_worker(
 ) -> DrainOutcome | None:
     """Open ClickHouse, apply migrations, run the Faust worker until SIGINT/SIGTERM.
 
-    ClickHouse opens and migrates in a thread (:class:`OpeningClient`) while the worker waits for its group
-    join (:func:`open_storage_at_join`); the worker is ready only once both are done (:mod:`.recovery`), and stops with
-    the opening's error if it failed. This process owns the ClickHouse client for its lifetime; other
-    commands reach the data through its ``/sql`` endpoint, found through ``DATA_DIR/stack.json``. ``drain``
-    (``synthwatch up``): the first stop signal waits until everything consumed is stored (:mod:`.drain`);
-    returns how it went.
+    ClickHouse opens and migrates in a thread (:class:`OpeningClient`), and the rest of the start-up that
+    processing needs but building the app does not is done in another (:class:`JoinWaitWork`), while the
+    worker waits for its group join (:func:`start_at_join`); the worker is ready only once all are done
+    (:mod:`.recovery`), and stops with the error of either if it failed. This process owns the ClickHouse
+    client for its lifetime; other commands reach the data through its ``/sql`` endpoint, found through
+    ``DATA_DIR/stack.json``. ``drain`` (``synthwatch up``): the first stop signal waits until everything
+    consumed is stored (:mod:`.drain`); returns how it went.
     """
     started_at = time.monotonic() if started_at is None else started_at
     install_log_redaction()
@@ -78,23 +83,36 @@ def run_worker(
 
     # Started when the group join begins (_run_worker): while the worker waits for the broker, not while it starts.
     client = OpeningClient(settings, apply_migrations=settings.migrate_on_start, on_migrated=migrated, start=False)
+    prepare = JoinWaitWork()
     try:
         return _run_worker(
-            settings, bootstrap_servers, client, started_at, loglevel, announce, broker_pid=broker_pid, drain=drain
+            settings,
+            bootstrap_servers,
+            client,
+            prepare,
+            started_at,
+            loglevel,
+            announce,
+            broker_pid=broker_pid,
+            drain=drain,
         )
     except BaseException:
-        failed = client.failed()
-        if failed is not None:  # the worker stopped because ClickHouse could not be opened: that is the error
+        # The worker stopped because ClickHouse could not be opened, or its start-up work failed: that is the error.
+        failed = client.failed() or prepare.failed()
+        if failed is not None:
             raise failed from None
         raise
     finally:
+        prepare.join()
         client.close()
+        gc.enable()  # off while the process started (`synthwatch worker`); on again in the join wait, or here
 
 
 def _run_worker(
     settings: Settings,
     bootstrap_servers: str,
     client: OpeningClient,
+    prepare: JoinWaitWork,
     started_at: float,
     loglevel: str,
     announce: Callable[[str], None],
@@ -102,6 +120,7 @@ def _run_worker(
     broker_pid: int | None,
     drain: bool,
 ) -> DrainOutcome | None:
+    from synthwatch.catalogue import shipped_catalogue
     from synthwatch.schemas.envelope import EnvelopeVerifier, OrgKeysError
     from synthwatch.stream_apps.app import WorkerContext, create_app
     from synthwatch.stream_apps.detect.identity import SubstanceResolver
@@ -153,7 +172,11 @@ def _run_worker(
             "SYNTHWATCH_REQUIRE_SIGNED_REPORTS is on but SYNTHWATCH_ORG_KEYS_FILE is not set: "
             "point it at the organisation keys file (docs/security.md#kafka-authentication)"
         )
-    resolver = SubstanceResolver(corroboration=settings.learnt_name_reporters)
+    # The catalogue is indexed in the join wait (prepare), before the resolver's first use: the agents and the
+    # recovery that use it wait until the worker is ready, which waits for that work.
+    resolver = SubstanceResolver(catalogue=(), corroboration=settings.learnt_name_reporters)
+    prepare.add(lambda: resolver.add_catalogue(shipped_catalogue()))
+    prepare.add(lambda: settle_start_up_objects(freeze=settings.gc_freeze))
     ctx = WorkerContext(
         settings=settings,
         client=cast("Client", client),  # used as the client it becomes (every use waits for it)
@@ -166,6 +189,7 @@ def _run_worker(
         on_ready=on_ready,
         web_token=new_web_token(settings),
         storage_opened=client.opened,
+        prepared=prepare.done,
     )
     try:
         app = create_app(ctx, bootstrap_servers, web_port)
@@ -184,9 +208,10 @@ def _run_worker(
     else:
         worker = faust_worker(app, loglevel)
     worker.spinner = None
-    open_storage_at_join(app, client)
+    start_at_join(app, client.start, prepare.start)
     try:
-        worker.execute_from_commandline()
+        with unmarked(app):  # Faust's web server adds its own views when it starts: no discovery marks either
+            worker.execute_from_commandline()
     except SystemExit as stopped:
         if not isinstance(worker, DrainingWorker) or stopped.code not in (None, 0):
             raise
@@ -202,18 +227,88 @@ def _run_worker(
         remove_stack(settings, pid)
 
 
-def open_storage_at_join(app: faust.App, client: OpeningClient) -> None:
-    """Start opening ClickHouse when the consumer begins its first group join (Faust's first revocation).
+def start_at_join(app: faust.App, *starts: Callable[[], None]) -> None:
+    """Start the start-up work left for the join wait (opening ClickHouse, :class:`JoinWaitWork`) when the
+    consumer begins its first group join (Faust's first revocation).
 
     Why then: the broker holds the JoinGroup (Tansu: half the session timeout, 2 s), and the opening (the
-    clickhouse-connect and chDB imports, the engine, the migrations: ~1 s) fits in that wait. Started before
-    the Faust worker, it shared the interpreter's lock with Faust's start-up, which is on the path to the
-    join (0.3 s from worker start to JoinGroup instead of 0.1 s). Later rebalances find it started.
+    clickhouse-connect and chDB imports, the engine, the migrations: ~1 s) and the rest (~0.15 s) fit in that
+    wait. Started before the Faust worker, the opening shared the interpreter's lock with Faust's start-up,
+    which is on the path to the join (0.3 s from worker start to JoinGroup instead of 0.1 s). Each ``start``
+    only starts a thread (the JoinGroup is sent once this returns); later rebalances find them started.
     """
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # mode's stub wants a keyword-only signal
-    async def open_storage(sender: Any, *args: Any, **kwargs: Any) -> None:
-        client.start()
+    async def start_join_wait_work(sender: Any, *args: Any, **kwargs: Any) -> None:
+        for start in starts:
+            start()
+
+
+class JoinWaitWork:
+    """Start-up work the worker's processing needs but building its app does not, done in a thread of its
+    own while the consumer waits for its first group join; the worker is ready only after it.
+
+    Why: until the join begins the worker's start-up is one thread's CPU time (imports, building the app),
+    on the path to ready; the broker then holds the join ~2 s while the process mostly waits. Work moved
+    there leaves that path (docs/performance.md, "Worker ready: the join wait takes more"). :meth:`done`
+    waits for it and raises what a step raised; :meth:`failed` says it once over.
+    """
+
+    def __init__(self) -> None:
+        self._steps: list[Callable[[], object]] = []
+        self._future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        # Running from the start, so that a stop cancelling the tasks that await it cannot cancel it (as
+        # OpeningClient's future, whose comment says what that did).
+        self._future.set_running_or_notify_cancel()
+        self._thread = threading.Thread(target=self._run, name="join-wait-work", daemon=True)
+
+    def add(self, step: Callable[[], object]) -> None:
+        """Run ``step`` in the thread, after the ones added before (before :meth:`start`)."""
+        if self._thread.ident is not None:
+            raise RuntimeError("join-wait work added after it started")
+        self._steps.append(step)
+
+    def start(self) -> None:
+        """Start the steps (later calls do nothing)."""
+        if self._thread.ident is None:
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for step in self._steps:
+                step()
+        except BaseException as error:  # handed to whoever waits for it (in the worker: recovery, which stops it)
+            self._future.set_exception(error)
+        else:
+            self._future.set_result(None)
+
+    async def done(self) -> None:
+        """Wait until every step ran, without blocking the event loop; raises what a step raised."""
+        await asyncio.wrap_future(self._future)
+
+    def failed(self) -> BaseException | None:
+        """What a step raised, once the work is over; None while it runs or when it worked."""
+        return self._future.exception() if self._future.done() else None
+
+    def join(self) -> None:
+        """Wait for the thread, if it started (a worker stopped during the join wait)."""
+        if self._thread.ident is not None:
+            self._thread.join()
+
+
+def settle_start_up_objects(freeze: bool) -> None:
+    """Collect once what start-up left, move the rest out of the collector's sight if ``freeze``
+    (``SYNTHWATCH_GC_FREEZE``), and turn automatic collection on again (`synthwatch worker` starts with it off).
+
+    Why in the join wait: start-up makes ~100,000 objects that live as long as the worker; the automatic
+    collections that walked them while it started cost ~35 ms before its join, and the full collection at
+    ready (:func:`~synthwatch.stream_apps.runtime.recovery.freeze_long_lived_objects`) ~40 ms after it. With
+    these frozen here, that one walks only what was made since.
+    """
+    gc.collect()
+    if freeze:
+        gc.freeze()
+    gc.enable()
 
 
 #: A worker for a service: no banner, standard streams left alone.

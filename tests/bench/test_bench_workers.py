@@ -7,6 +7,8 @@ ready, 503 with the same counters while the watchdog finds a partition stalled).
 from __future__ import annotations
 
 import json
+import os
+import resource
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,6 +17,7 @@ from typing import Any, ClassVar, cast
 
 import pytest
 
+from synthwatch.bench.memory import process_cpu_seconds
 from synthwatch.bench.workers import BenchWorker, wait_consumed
 
 
@@ -86,3 +89,26 @@ def test_other_http_errors_are_not_taken_for_counters(ready_server: Any, tmp_pat
     answers.append((500, {"error": "boom"}))
     with pytest.raises(Exception, match="500"):
         _worker(url, tmp_path).stats()
+
+
+def test_a_process_cpu_seconds_are_its_user_and_system_time_of_all_threads() -> None:
+    """What ``bench ready`` reads from ``/proc/PID/stat``, against the kernel's ``getrusage`` of this process."""
+
+    def used() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
+        return usage.ru_utime + usage.ru_stime
+
+    def burn() -> None:
+        deadline = used() + 0.2
+        while used() < deadline:
+            pass
+
+    worker = threading.Thread(target=burn)  # CPU time of another thread counts
+    before = used()
+    worker.start()
+    worker.join()
+    read = process_cpu_seconds(os.getpid())
+    after = used()
+    tick = 1 / os.sysconf("SC_CLK_TCK")  # /proc counts whole clock ticks
+    assert before + 0.2 - tick <= read <= after + tick
+    assert process_cpu_seconds() == pytest.approx(process_cpu_seconds(os.getpid()), abs=tick)

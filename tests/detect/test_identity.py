@@ -145,6 +145,23 @@ def test_name_only_catalogued_synonym() -> None:
     assert resolved.controlled is True and resolved.catalogued and resolved.resolved_by == "catalogue_name"
 
 
+def test_a_catalogue_indexed_after_construction_resolves_as_one_given_to_the_constructor() -> None:
+    """The worker makes its resolver with ``catalogue=()`` and indexes the catalogue in its join wait."""
+    later = SubstanceResolver(catalogue=(), corroboration=2)
+    assert later.resolve("Meow Meow").catalogued is False  # nothing indexed yet
+    later.add_catalogue(CATALOGUE)
+    at_once = SubstanceResolver(catalogue=CATALOGUE, corroboration=2)
+    for entry in CATALOGUE:
+        for spelling in (entry.name, *entry.synonyms):
+            assert later.resolve(spelling) == at_once.resolve(spelling)
+        assert later.resolve(None, smiles=entry.smiles) == at_once.resolve(None, smiles=entry.smiles)
+    for resolver in (later, at_once):  # learning still refuses catalogue names, and learns new ones alike
+        assert resolver.resolve("Mephedrone", smiles=FENTANYL).display_name == "Fentanyl"
+        resolver.resolve("blue dragon", smiles=PENTYLOXY_NITAZENE, reporter="lab:a")
+    assert later.learnt_names() == at_once.learnt_names()
+    assert later.resolve("blue dragon") == at_once.resolve("blue dragon")
+
+
 def test_learnt_names() -> None:
     resolver = SubstanceResolver()
     first = resolver.resolve("Blue Dragon", smiles=PENTYLOXY_NITAZENE)

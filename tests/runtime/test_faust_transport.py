@@ -206,3 +206,37 @@ def test_the_worker_consumer_fetches_partition_batches_of_the_size_the_settings_
         return app.consumer._thread._create_worker_consumer(app.transport)
 
     assert asyncio.run(build())._max_partition_fetch_bytes == 65536
+
+
+def test_an_app_built_unmarked_has_its_agents_and_views_without_discovery_marks_and_faust_marks_again_after(
+    tmp_path: Path,
+) -> None:
+    """Faust's decorators mark functions for venusian's autodiscovery, which the worker's app never runs."""
+    import faust
+    import venusian
+
+    from synthwatch.settings import Settings
+    from synthwatch.stream_apps.runtime.transport import unmarked, worker_app
+
+    app = worker_app(Settings(data_dir=tmp_path), "127.0.0.1:9", 6066)
+
+    async def agent(stream: Any) -> None:
+        async for _ in stream:
+            pass
+
+    async def task() -> None:
+        return None
+
+    async def view(self: Any, request: Any) -> Any:
+        return None
+
+    with unmarked(app):
+        built = [app.agent(app.topic("a"), name="a")(agent), app.task(task), app.page("/unmarked")(view)]
+    for made in built:
+        assert not hasattr(made, venusian.ATTACH_ATTR), made
+    marked = app.agent(app.topic("b"), name="b")(agent)  # outside: Faust's own behaviour
+    assert hasattr(marked, venusian.ATTACH_ATTR)
+
+    discovering = faust.App("discovering", autodiscover=True, origin="tests")
+    with pytest.raises(ValueError, match="autodiscovers"), unmarked(discovering):
+        pass
