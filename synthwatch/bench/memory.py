@@ -409,6 +409,53 @@ def bench_memory(
     return results
 
 
+#: the innermost frame of this project's code in an allocation's traceback names who allocated it
+_OURS = ("/synthwatch/", "/stream_apps/", "/schemas/", "/producers/")
+
+
+def _owner(frames: Any) -> str:
+    """The innermost frame of this project's code, else the innermost frame (``file:line``)."""
+    for frame in reversed(frames):  # tracemalloc keeps the most recent call last
+        if any(part in frame.filename for part in _OURS):
+            return f"{frame.filename.rsplit('/', 2)[-2]}/{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}"
+    last = frames[-1]
+    return f"{last.filename.rsplit('/', 1)[-1]}:{last.lineno}"
+
+
+def snapshot_report(path: Path, console: Console, top: int = 25) -> dict[str, Any]:
+    """What a worker's tracemalloc snapshot holds (``python -m synthwatch.bench.pipeline --changes
+    tracemalloc`` writes one after the RSS phase): the total, the biggest tracebacks, and the same
+    allocations grouped by the innermost frame of this project's code (who asked for them)."""
+    import tracemalloc
+
+    snapshot = tracemalloc.Snapshot.load(str(path))
+    stats = snapshot.statistics("traceback")
+    total = sum(s.size for s in stats)
+    blocks = sum(s.count for s in stats)
+    console.print(f"{path}: {total / 2**20:,.1f} MiB traced in {blocks:,} blocks ({snapshot.traceback_limit} frames)")
+    owners: dict[str, list[int]] = {}
+    for stat in stats:
+        entry = owners.setdefault(_owner(stat.traceback), [0, 0])
+        entry[0] += stat.size
+        entry[1] += stat.count
+    table = Table(title="by the innermost frame of this project's code (else the innermost frame)")
+    for column in ("where", "MiB", "blocks", "B/block"):
+        table.add_column(column, justify="left" if column == "where" else "right")
+    ranked = sorted(owners.items(), key=lambda kv: -kv[1][0])
+    for where, (size, count) in ranked[:top]:
+        table.add_row(where, f"{size / 2**20:,.1f}", f"{count:,}", f"{size / max(count, 1):,.0f}")
+    console.print(table)
+    for stat in stats[: min(top, 12)]:
+        console.print(f"[bold]{stat.size / 2**20:,.1f} MiB, {stat.count:,} blocks[/]")
+        for frame in stat.traceback.format()[-2 * snapshot.traceback_limit :]:
+            console.print(f"  {frame.strip()}", highlight=False, markup=False)
+    return {
+        "traced_bytes": total,
+        "blocks": blocks,
+        "owners": [{"where": w, "bytes": s, "blocks": c} for w, (s, c) in ranked[:top]],
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m synthwatch.bench.memory", description=__doc__)
     parser.add_argument("--events", type=int, default=1_100_000)
@@ -424,14 +471,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="instead: write the RSS series of `python -m synthwatch.bench.pipeline --json FILE` into --doc",
     )
     parser.add_argument("--doc", type=Path, default=Path("docs/performance.md"))
+    parser.add_argument(
+        "--snapshot",
+        type=Path,
+        metavar="DUMP",
+        help="instead: what a worker's tracemalloc snapshot holds (`python -m synthwatch.bench.pipeline "
+        "--changes tracemalloc` writes one after the RSS phase)",
+    )
     args = parser.parse_args(argv)
     if args.child:
         _child(args)
         return
+    from synthwatch.consoles import command_console
+
     if args.chart:
         print(write_rss_chart(args.chart, args.doc))
         return
-    from synthwatch.consoles import command_console
+    if args.snapshot:
+        report = snapshot_report(args.snapshot, command_console())
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1), encoding="utf-8")
+        return
 
     results = bench_memory(
         command_console(), args.events, args.batch, args.every, [v for v in args.variants.split(",") if v]

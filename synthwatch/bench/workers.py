@@ -27,6 +27,9 @@ from synthwatch.stream_apps.storage.query import QueryResult, execute_remote
 
 #: Settings (environment of the worker process) that stand for another value of a setting in settings.py;
 #: every variant is the shipped code, so what ``--experiments`` measures is what a user can configure.
+#: where a worker of the ``tracemalloc`` variant writes its snapshot, in its data directory
+TRACEMALLOC_DUMP = "tracemalloc.dump"
+
 WORKER_ENV: dict[str, dict[str, str]] = {
     "batch-2000": {"SYNTHWATCH_SINK_BATCH_SIZE": "2000"},  # the sink's default before 10,000
     "window-0.1": {"SYNTHWATCH_SINK_BATCH_SECONDS": "0.1"},
@@ -50,6 +53,10 @@ WORKER_ENV: dict[str, dict[str, str]] = {
     "glibc-malloc": {"PYTHONMALLOC": "malloc", "MALLOC_ARENA_MAX": "2"},
     "arenas-2": {"MALLOC_ARENA_MAX": "2"},
     "mmap-128k": {"MALLOC_MMAP_THRESHOLD_": "131072"},
+    # Diagnostics, not a setting to ship: every Python allocation traced (8 frames, slow); the pipeline benchmark
+    # asks the worker for a snapshot after the RSS phase (stream_apps/runtime/memtrace.py; the file is relative
+    # to the worker's data directory, its working directory).
+    "tracemalloc": {"PYTHONTRACEMALLOC": "8", "SYNTHWATCH_TRACEMALLOC_DUMP": TRACEMALLOC_DUMP},
 }
 
 
