@@ -268,6 +268,13 @@ class Settings(BaseSettings):
         "(docs/performance.md).",
     )
 
+    tracemalloc_dump: Path | None = Field(
+        default=None,
+        description="Diagnostics only: with PYTHONTRACEMALLOC=N in the worker's environment, SIGUSR2 writes a "
+        "tracemalloc snapshot of the worker's Python heap to this file (stream_apps/runtime/memtrace.py). "
+        "Unset: nothing installed.",
+    )
+
     # --- delivery and links --------------------------------------------------------------------------
     subscriptions_file: Path | None = Field(
         default=None, description="Liaison officers' subscriptions (YAML). Unset: alerts are stored, not sent."

@@ -12,6 +12,7 @@ from typing import Any, cast
 
 from synthwatch.stream_apps.runtime.context import AgentContext, WorkerContext, send_all
 from synthwatch.stream_apps.runtime.heap import start_heap_trimmer
+from synthwatch.stream_apps.runtime.memtrace import install_snapshot_on_signal
 from synthwatch.stream_apps.runtime.outbox import SpikeOutbox
 from synthwatch.stream_apps.runtime.state_tables import StateTables
 from synthwatch.stream_apps.storage.state_rebuild import learn_names, rebuild
@@ -70,6 +71,7 @@ async def recover_state(agents: AgentContext, tables: StateTables, outbox: Spike
     if settings.gc_freeze:
         freeze_long_lived_objects()
     start_heap_trimmer(settings.heap_trim_seconds, agents.metrics.heap_trimmed)
+    install_snapshot_on_signal(settings.tracemalloc_dump)
     ctx.state_ready = True
     agents.metrics.set_ready()
     stats.ready_seconds = time.monotonic() - ctx.started_at

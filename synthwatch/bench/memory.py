@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from rich.table import Table
 #: ``JE_MALLOC_CONF`` wins over the shipped one, so the variant only needs to set it.
 VARIANTS: dict[str, dict[str, str]] = {
     "python": {},
+    "detectors": {},  # python, plus the worker's two detector stages and its changelog tables (no Kafka, no engine)
     "chdb-default": {"JE_MALLOC_CONF": "dirty_decay_ms:5000"},
     "decay-0": {"JE_MALLOC_CONF": "dirty_decay_ms:0"},
     "shipped": {},
@@ -307,6 +309,11 @@ def _child(args: argparse.Namespace) -> None:
     sink: Any = None
     regions, substances = bench_regions(100), bench_substances(50)
     intake = Intake()
+    stages = _Stages() if variant == "detectors" else None
+    if args.tracemalloc:
+        import tracemalloc
+
+        tracemalloc.start(5)  # after the imports: what the events leave behind, not the code loaded
 
     def report(label: str, done: int, started: float) -> None:
         times = os.times()
@@ -320,7 +327,7 @@ def _child(args: argparse.Namespace) -> None:
     started = time.monotonic()
     report("start", 0, started)
     with tempfile.TemporaryDirectory(prefix="synthwatch-bench-memory-") as tmp:
-        if variant != "python":
+        if variant not in ("python", "detectors"):
             from synthwatch.stream_apps.storage.clickhouse import connect, migrate
             from synthwatch.stream_apps.storage.sink import ClickHouseSink
 
@@ -335,20 +342,73 @@ def _child(args: argparse.Namespace) -> None:
         while done < args.events:
             chunk = [RawMessage(f"mem:{done + i}", line) for i, line in zip(range(args.batch), lines, strict=False)]
             result = intake.process(chunk)
+            if stages is not None:
+                stages.take(result.events)
             if sink is not None:
                 sink.stored_event_ids(result.events)  # the worker's late-event check
                 sink.store_events(result.events)
             done += len(chunk)
             if done % args.every < args.batch or done >= args.events:
                 report("stored", done, started)
+        if args.tracemalloc:
+            import gc
+            import tracemalloc
+
+            del chunk, result  # the last batch: not state
+            gc.collect()
+            tracemalloc.take_snapshot().dump(str(args.tracemalloc))
         if client is not None:
             client.close()
 
 
-def run_variant(variant: str, events: int, batch: int, every: int, console: Console) -> list[dict[str, Any]]:
-    """Run one variant in a fresh process; its checkpoints, printed as they come."""
+class _Stages:
+    """The worker's region and novelty stages as its agents drive them, without Kafka: the region stage
+    with its outbox, each batch's changed records kept as JSON bytes in a dict (the changelog table), the
+    sightings through their JSON messages to the novelty stage, its records kept the same way."""
+
+    def __init__(self) -> None:
+        from synthwatch.settings import Settings
+        from synthwatch.stream_apps.detect.novelty import NoveltyDetector
+        from synthwatch.stream_apps.detect.region import DetectionConfig, RegionDetector
+        from synthwatch.stream_apps.runtime.state_tables import load_record
+
+        config = DetectionConfig.from_settings(Settings())
+        self.region_table: dict[str, bytes] = {}
+        self.substance_table: dict[str, bytes] = {}
+        self.regions = RegionDetector(config, fetch=partial(load_record, self.region_table))
+        self.regions.outbox = True
+        self.novelty = NoveltyDetector(config.novelty)
+        self.novelty.fetch = partial(load_record, self.substance_table)
+
+    def take(self, events: list[Any]) -> None:
+        from pydantic_core import to_json
+
+        from synthwatch.schemas.topics import Sighting
+        from synthwatch.stream_apps.detect.region import Observation
+
+        sightings = []
+        for item in events:
+            found = self.regions.observe(Observation.of(item), at=("bench", int(item.source.rsplit(":", 1)[1])))
+            sightings.extend(found.sightings)
+        for _, key, value in self.regions.drain_dirty():
+            self.region_table[key] = to_json(value)
+        self.regions.take_outbox()
+        messages = [json.dumps([s.to_dict()]).encode() for s in sorted(sightings, key=lambda s: s.occurred_at)]
+        batch = [(Sighting.from_dict(d), None) for m in messages for d in json.loads(m)]
+        self.novelty.observe_batch(batch)
+        for key, value in self.novelty.drain_dirty():
+            self.substance_table[key] = to_json(value)
+
+
+def run_variant(
+    variant: str, events: int, batch: int, every: int, console: Console, trace: Path | None = None
+) -> list[dict[str, Any]]:
+    """Run one variant in a fresh process; its checkpoints, printed as they come. ``trace``: also trace its
+    Python allocations and write the snapshot after the last event there (``--snapshot`` reads it)."""
     command = [sys.executable, "-m", "synthwatch.bench.memory", "--child", variant]
     command += ["--events", str(events), "--batch", str(batch), "--every", str(every)]
+    if trace is not None:
+        command += ["--tracemalloc", str(trace.with_name(f"{trace.name}.{variant}"))]
     env = {k: v for k, v in os.environ.items() if k != "JE_MALLOC_CONF"}
     env.update(VARIANTS[variant])
     rows: list[dict[str, Any]] = []
@@ -386,14 +446,19 @@ def _line(row: dict[str, Any]) -> str:
 
 
 def bench_memory(
-    console: Console, events: int = 1_100_000, batch: int = 10_000, every: int = 100_000, variants: Sequence[str] = ()
+    console: Console,
+    events: int = 1_100_000,
+    batch: int = 10_000,
+    every: int = 100_000,
+    variants: Sequence[str] = (),
+    trace: Path | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Each variant's checkpoints, then one table of the final numbers."""
     variants = variants or tuple(VARIANTS)
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
-    results = {v: run_variant(v, events, batch, every, console) for v in variants}
+    results = {v: run_variant(v, events, batch, every, console, trace) for v in variants}
     table = Table(title=f"RSS after {events:,} keyed events stored in batches of {batch:,} (MiB)")
     columns = ("variant", "RSS", "peak", "anon", "file-backed", "threads", "engine jemalloc resident", "CPU s")
     for column in columns:
@@ -413,11 +478,59 @@ def bench_memory(
         )
     console.print(table)
     console.print(
-        "python: intake only, no engine (the Python share of this path); chdb-default: the engine with chDB's "
+        "python: intake only, no engine (the Python share of this path); detectors: python and the region and "
+        "novelty stages with their tables as the worker keeps them; chdb-default: the engine with chDB's "
         "own allocator setting (dirty_decay_ms:5000); decay-0: freed pages returned at once; shipped: "
         "synthwatch.stream_apps.storage.clickhouse.connect as the worker opens it (EMBEDDED_MALLOC_CONF)."
     )
     return results
+
+
+#: the innermost frame of this project's code in an allocation's traceback names who allocated it
+_OURS = ("/synthwatch/", "/stream_apps/", "/schemas/", "/producers/")
+
+
+def _owner(frames: Any) -> str:
+    """The innermost frame of this project's code, else the innermost frame (``file:line``)."""
+    for frame in reversed(frames):  # tracemalloc keeps the most recent call last
+        if any(part in frame.filename for part in _OURS):
+            return f"{frame.filename.rsplit('/', 2)[-2]}/{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}"
+    last = frames[-1]
+    return f"{last.filename.rsplit('/', 1)[-1]}:{last.lineno}"
+
+
+def snapshot_report(path: Path, console: Console, top: int = 25) -> dict[str, Any]:
+    """What a worker's tracemalloc snapshot holds (``python -m synthwatch.bench.pipeline --changes
+    tracemalloc`` writes one after the RSS phase): the total, the biggest tracebacks, and the same
+    allocations grouped by the innermost frame of this project's code (who asked for them)."""
+    import tracemalloc
+
+    snapshot = tracemalloc.Snapshot.load(str(path))
+    stats = snapshot.statistics("traceback")
+    total = sum(s.size for s in stats)
+    blocks = sum(s.count for s in stats)
+    console.print(f"{path}: {total / 2**20:,.1f} MiB traced in {blocks:,} blocks ({snapshot.traceback_limit} frames)")
+    owners: dict[str, list[int]] = {}
+    for stat in stats:
+        entry = owners.setdefault(_owner(stat.traceback), [0, 0])
+        entry[0] += stat.size
+        entry[1] += stat.count
+    table = Table(title="by the innermost frame of this project's code (else the innermost frame)")
+    for column in ("where", "MiB", "blocks", "B/block"):
+        table.add_column(column, justify="left" if column == "where" else "right")
+    ranked = sorted(owners.items(), key=lambda kv: -kv[1][0])
+    for where, (size, count) in ranked[:top]:
+        table.add_row(where, f"{size / 2**20:,.1f}", f"{count:,}", f"{size / max(count, 1):,.0f}")
+    console.print(table)
+    for stat in stats[: min(top, 12)]:
+        console.print(f"[bold]{stat.size / 2**20:,.1f} MiB, {stat.count:,} blocks[/]")
+        for frame in stat.traceback.format()[-2 * snapshot.traceback_limit :]:
+            console.print(f"  {frame.strip()}", highlight=False, markup=False)
+    return {
+        "traced_bytes": total,
+        "blocks": blocks,
+        "owners": [{"where": w, "bytes": s, "blocks": c} for w, (s, c) in ranked[:top]],
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -429,24 +542,43 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write every checkpoint to this file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument(
+        "--tracemalloc",
+        type=Path,
+        metavar="DUMP",
+        help="trace each variant's Python allocations (slow) and write a snapshot after the last event to "
+        "DUMP.VARIANT (read it with --snapshot)",
+    )
+    parser.add_argument(
         "--chart",
         type=Path,
         metavar="PIPELINE_JSON",
         help="instead: write the RSS series of `python -m synthwatch.bench.pipeline --json FILE` into --doc",
     )
     parser.add_argument("--doc", type=Path, default=Path("docs/performance.md"))
+    parser.add_argument(
+        "--snapshot",
+        type=Path,
+        metavar="DUMP",
+        help="instead: what a worker's tracemalloc snapshot holds (`python -m synthwatch.bench.pipeline "
+        "--changes tracemalloc` writes one after the RSS phase)",
+    )
     args = parser.parse_args(argv)
     if args.child:
         _child(args)
         return
+    from synthwatch.consoles import command_console
+
     if args.chart:
         print(write_rss_chart(args.chart, args.doc))
         return
-    from synthwatch.consoles import command_console
+    if args.snapshot:
+        report = snapshot_report(args.snapshot, command_console())
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1), encoding="utf-8")
+        return
 
-    results = bench_memory(
-        command_console(), args.events, args.batch, args.every, [v for v in args.variants.split(",") if v]
-    )
+    variants = [v for v in args.variants.split(",") if v]
+    results = bench_memory(command_console(), args.events, args.batch, args.every, variants, args.tracemalloc)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1), encoding="utf-8")
 

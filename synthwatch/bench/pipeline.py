@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -54,6 +55,7 @@ from synthwatch.bench.experiments import (
 from synthwatch.bench.latency import LatencyStream, alert_latency, hop_lines
 from synthwatch.bench.memory import RssSeries, engine_heap_mib, rss_table
 from synthwatch.bench.workers import (
+    TRACEMALLOC_DUMP,
     WORKER_ENV,
     BenchWorker,
     clickhouse_url,
@@ -129,6 +131,20 @@ class Row:
     vs_floor: str = ""
     target: str = ""
     met: str = ""
+
+
+def tracemalloc_snapshot(worker: BenchWorker, target: Path, timeout: float = 600.0) -> Path:
+    """Ask a worker of the ``tracemalloc`` variant for its snapshot (SIGUSR2) and move it to ``target``."""
+    dump = worker.data_dir / TRACEMALLOC_DUMP
+    dump.unlink(missing_ok=True)
+    worker.process.send_signal(signal.SIGUSR2)
+    deadline = time.monotonic() + timeout
+    while not dump.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no tracemalloc snapshot in {dump} after {timeout:.0f} s: see {worker.log_path}")
+        time.sleep(0.5)
+    shutil.move(dump, target)
+    return target
 
 
 def bench_pipeline(
@@ -235,6 +251,10 @@ def bench_pipeline(
                 wait_idle([worker], timeout=900)  # the novelty stage's state is part of what is measured
                 series.finish(worker.checkpointed() - before)
                 memory = worker.memory_kib()
+                if "tracemalloc" in changes:
+                    dumped = tracemalloc_snapshot(worker, Path.cwd() / f"tracemalloc-{run}.dump")
+                    results["tracemalloc_dump"] = str(dumped)
+                    console.print(f"tracemalloc snapshot: {results['tracemalloc_dump']}")
                 results["rss"] = {
                     "events": sent,
                     "failed": failed,

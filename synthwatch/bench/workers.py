@@ -27,6 +27,9 @@ from synthwatch.stream_apps.storage.query import QueryResult, execute_remote
 
 #: Settings (environment of the worker process) that stand for another value of a setting in settings.py;
 #: every variant is the shipped code, so what ``--experiments`` measures is what a user can configure.
+#: where a worker of the ``tracemalloc`` variant writes its snapshot, in its data directory
+TRACEMALLOC_DUMP = "tracemalloc.dump"
+
 WORKER_ENV: dict[str, dict[str, str]] = {
     "batch-2000": {"SYNTHWATCH_SINK_BATCH_SIZE": "2000"},  # the sink's default before 10,000
     "window-0.1": {"SYNTHWATCH_SINK_BATCH_SECONDS": "0.1"},
@@ -41,6 +44,8 @@ WORKER_ENV: dict[str, dict[str, str]] = {
     "producer-16k": {"SYNTHWATCH_PRODUCER_BATCH_BYTES": "16384"},  # Faust's default
     "fetch-32k": {"SYNTHWATCH_CONSUMER_PARTITION_FETCH_BYTES": str(32 << 10)},
     "buffers": {"SYNTHWATCH_STREAM_BUFFER_MAXSIZE": "32768", "SYNTHWATCH_CONSUMER_MAX_POLL_RECORDS": "5000"},
+    # At most one stream buffer of decoded records per poll (shipped: unbounded; docs/performance.md, issue 16)
+    "poll-4096": {"SYNTHWATCH_CONSUMER_MAX_POLL_RECORDS": "4096"},
     "take-batches": {"SYNTHWATCH_AGENT_BATCHES": "take"},  # Faust's noack_take, the previous batching
     "no-linger": {"SYNTHWATCH_BATCH_LINGER_SECONDS": "0"},
     "checkpoint-0.25": {"SYNTHWATCH_CHECKPOINT_SECONDS": "0.25"},
@@ -50,6 +55,10 @@ WORKER_ENV: dict[str, dict[str, str]] = {
     "glibc-malloc": {"PYTHONMALLOC": "malloc", "MALLOC_ARENA_MAX": "2"},
     "arenas-2": {"MALLOC_ARENA_MAX": "2"},
     "mmap-128k": {"MALLOC_MMAP_THRESHOLD_": "131072"},
+    # Diagnostics, not a setting to ship: every Python allocation traced (5 frames, slow); the pipeline benchmark
+    # asks the worker for a snapshot after the RSS phase (stream_apps/runtime/memtrace.py; the file is relative
+    # to the worker's data directory, its working directory).
+    "tracemalloc": {"PYTHONTRACEMALLOC": "5", "SYNTHWATCH_TRACEMALLOC_DUMP": TRACEMALLOC_DUMP},
 }
 
 
@@ -70,6 +79,8 @@ class BenchWorker:
     ready_wall: float = 0.0  # process start -> ready, as seen from outside (Python start-up included)
     ready_reported: float = 0.0  # the worker's own figure (from run_worker's start)
     ready_cpu: float = 0.0  # CPU seconds (user + system, all threads) the worker had used when it was seen ready
+    # seconds a /ready read may take: a worker tracing its allocations (``tracemalloc``) holds its loop for longer
+    stats_timeout: float = 10.0
 
     def stats(self) -> dict[str, Any]:
         """The worker's counters from ``/ready``, also while it answers 503.
@@ -78,7 +89,7 @@ class BenchWorker:
         the same counters in its body; under load that happened mid-phase and ended whole benchmark runs.
         """
         try:
-            with urllib.request.urlopen(f"{self.web_url}/ready", timeout=10) as response:
+            with urllib.request.urlopen(f"{self.web_url}/ready", timeout=self.stats_timeout) as response:
                 stats: dict[str, Any] = json.loads(response.read())
         except urllib.error.HTTPError as error:
             if error.code != 503:
@@ -164,9 +175,12 @@ def start_worker(
         raise
     ready_wall = time.monotonic() - child.started_at
     ready_cpu = process_cpu_seconds(child.process.pid)
-    return BenchWorker(
+    worker = BenchWorker(
         child.process, data_dir, log_path, info.web_url, ready_wall, info.ready_seconds or 0.0, ready_cpu
     )
+    if "tracemalloc" in changes:
+        worker.stats_timeout = 300.0
+    return worker
 
 
 def wait_consumed(workers: Sequence[BenchWorker], total: int, timeout: float, interval: float = 0.1) -> float:
