@@ -3,6 +3,9 @@
 Counts over time read the hourly aggregate (``reports_hourly``), rankings over the range read the daily
 one (``reports_daily``, kept for ever), alerts read ``alerts``: thousands of rows per query, not the
 millions of raw reports. The same panels are rendered by ``synthwatch report`` for people without Grafana.
+A corrected report is retracted from the aggregates by a row of the opposite sign (migration 0012), so
+distinct substances and regions are counted over keys whose reports sum above zero, never over raw rows:
+a substance whose only report was corrected into another is not counted (whether a merge ran or not).
 """
 
 from __future__ import annotations
@@ -57,12 +60,17 @@ WHERE alert_type != 'correction' AND $__timeFilter(triggered_at) AND {in_place}
         description="Reports stored (lab detections and seizures), grams seized, distinct substances and regions.",
         sql=in_place("""
 SELECT
-    sum(reports) AS reports,
-    round(sumIf(grams, kind = 'border_seizure')) AS seized_grams,
-    uniqExact(substance_key) AS substances,
-    uniqExact(region) AS regions
-FROM reports_daily
-WHERE $__dateFilter(day) AND {in_place}
+    sum(n) AS reports,
+    round(sum(g)) AS seized_grams,
+    uniqExactIf(substance_key, n > 0) AS substances,
+    uniqExactIf(region, n > 0) AS regions
+FROM
+(
+    SELECT substance_key, region, sum(reports) AS n, sumIf(grams, kind = 'border_seizure') AS g
+    FROM reports_daily
+    WHERE $__dateFilter(day) AND {in_place}
+    GROUP BY substance_key, region
+)
 """),
         columns=(num_col("reports"), num_col("seized_grams"), num_col("substances"), num_col("regions")),
         width=16,
@@ -175,17 +183,31 @@ LIMIT 100
         description="Most reported substances in the range, with the grams seized and how many regions reported them.",
         sql=in_place("""
 SELECT
-    any(substance_name) AS substance,
-    toString(any(family)) AS family,
-    sum(reports) AS reports,
-    sumIf(reports_daily.reports, kind = 'lab_detection') AS lab_detections,
-    sumIf(reports_daily.reports, kind = 'border_seizure') AS seizures,
-    round(sum(grams)) AS seized_grams,
-    uniqExact(region) AS regions,
+    any(name) AS substance,
+    toString(any(family_name)) AS family,
+    sum(n) AS reports,
+    sum(labs) AS lab_detections,
+    sum(seizures_n) AS seizures,
+    round(sum(g)) AS seized_grams,
+    uniqExactIf(region, n > 0) AS regions,
     substance_key
-FROM reports_daily
-WHERE $__dateFilter(day) AND {in_place}
+FROM
+(
+    SELECT
+        substance_key,
+        region,
+        any(substance_name) AS name,
+        any(family) AS family_name,
+        sum(reports) AS n,
+        sumIf(reports_daily.reports, kind = 'lab_detection') AS labs,
+        sumIf(reports_daily.reports, kind = 'border_seizure') AS seizures_n,
+        sum(grams) AS g
+    FROM reports_daily
+    WHERE $__dateFilter(day) AND {in_place}
+    GROUP BY substance_key, region
+)
 GROUP BY substance_key
+HAVING reports != 0
 ORDER BY reports DESC
 LIMIT 20
 """),
@@ -315,14 +337,27 @@ FROM
     SELECT
         toString(country) AS country,
         toString(region) AS region,
-        sum(reports) AS reports,
-        sumIf(reports_daily.reports, kind = 'lab_detection') AS lab_detections,
-        sumIf(reports_daily.reports, kind = 'border_seizure') AS seizures,
-        round(sum(grams)) AS seized_grams,
-        uniqExact(substance_key) AS substances
-    FROM reports_daily
-    WHERE $__dateFilter(day) AND {in_place}
+        sum(n) AS reports,
+        sum(labs) AS lab_detections,
+        sum(seizures_n) AS seizures,
+        round(sum(g)) AS seized_grams,
+        uniqExactIf(substance_key, n > 0) AS substances
+    FROM
+    (
+        SELECT
+            country,
+            region,
+            substance_key,
+            sum(reports) AS n,
+            sumIf(reports_daily.reports, kind = 'lab_detection') AS labs,
+            sumIf(reports_daily.reports, kind = 'border_seizure') AS seizures_n,
+            sum(grams) AS g
+        FROM reports_daily
+        WHERE $__dateFilter(day) AND {in_place}
+        GROUP BY country, region, substance_key
+    )
     GROUP BY country, region
+    HAVING reports != 0
 ) AS r
 LEFT JOIN
 (

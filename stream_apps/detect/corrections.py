@@ -31,6 +31,24 @@ from synthwatch.schemas.wire import event_to_json
 
 
 @dataclass(frozen=True, slots=True)
+class Counted:
+    """What one report added to the counts when it was stored: the keys and amount of its aggregate rows.
+
+    A correction carries these facts of the report it corrects (looked up with it when the correction is
+    judged), so taking that report out of the counts is a function of the correction alone: the sink stores
+    them as the correction's row of ``retractions`` (once per correction id) and the retraction views
+    (migration 0012) subtract them. The original's row is immutable, so a replay looks up the same facts."""
+
+    occurred_at: datetime
+    country: str
+    region: str
+    substance_key: str
+    substance_name: str  # the resolved display name (the aggregates' ``substance_name``)
+    family: str  # "" when none
+    grams: float | None = None  # seizures: the normalised mass, None for volumes, units and lab detections
+
+
+@dataclass(frozen=True, slots=True)
 class ReportFacts:
     """What a correction is judged against and what a notice quotes: one stored (or pending) report."""
 
@@ -40,6 +58,7 @@ class ReportFacts:
     substance: str  # the substance as the report named it (the resolved name when it gave only a structure)
     quantity: str = ""  # "2.5 kg" for seizures, "" for lab detections
     corrected_by: str | None = None  # the event id of the stored correction of this report, if any
+    counted: Counted | None = None  # what it added to the counts (taken out when a correction of it is stored)
 
 
 def claimed_reporter(event: LabDetection | BorderSeizure) -> str:
@@ -47,7 +66,9 @@ def claimed_reporter(event: LabDetection | BorderSeizure) -> str:
     return f"lab:{event.lab_id}" if isinstance(event, LabDetection) else f"agency:{event.agency}"
 
 
-def facts_of(event: LabDetection | BorderSeizure, resolved_name: str = "") -> ReportFacts:
+def facts_of(
+    event: LabDetection | BorderSeizure, resolved_name: str = "", counted: Counted | None = None
+) -> ReportFacts:
     """The :class:`ReportFacts` of an event not stored yet (earlier in the batch or since the checkpoint)."""
     quantity = f"{event.quantity.value:g} {event.quantity.unit}" if isinstance(event, BorderSeizure) else ""
     return ReportFacts(
@@ -56,6 +77,23 @@ def facts_of(event: LabDetection | BorderSeizure, resolved_name: str = "") -> Re
         claimed_reporter(event),
         event.substance.name or resolved_name or event.substance.inchikey or "",
         quantity,
+        counted=counted,
+    )
+
+
+def counted_of(item: Any) -> Counted:
+    """The :class:`Counted` facts of an :class:`~.intake.EnrichedEvent`: what storing it adds to the counts
+    (the same values the sink stores in its row: resolved substance key and name, family, grams)."""
+    event: LabDetection | BorderSeizure = item.event
+    quantity = item.quantity
+    return Counted(
+        event.occurred_at,
+        event.country,
+        event.region,
+        item.substance.key,
+        item.substance.display_name,
+        item.substance.family or "",
+        quantity.grams if quantity is not None and isinstance(event, BorderSeizure) else None,
     )
 
 
@@ -110,7 +148,7 @@ def known_reports(
     for item in pending:
         event: LabDetection | BorderSeizure = item.event
         if event.event_id in named:
-            known.setdefault(event.event_id, facts_of(event, item.substance.display_name))
+            known.setdefault(event.event_id, facts_of(event, item.substance.display_name, counted_of(item)))
         if event.corrects is not None and event.corrects in named:
             corrected.setdefault(event.corrects, event.event_id)  # the first one: later forks were refused
     for old, new in corrected.items():
@@ -135,7 +173,10 @@ def judge_corrections(
 ) -> Judged:
     """Keep the items (:class:`~.intake.EnrichedEvent`) that are not corrections or may correct what they
     name; refuse the others. ``known`` holds the reports the corrections name (stored or pending) and is
-    updated as the batch goes, so a correction earlier in the batch is known to the ones after it (a chain)."""
+    updated as the batch goes, so a correction earlier in the batch is known to the ones after it (a chain).
+
+    A kept correction's ``retracts`` is set to what the original added to the counts (:class:`Counted`):
+    storing the correction takes that out of the aggregates."""
     judged = Judged([], [])
     for item in items:
         event: LabDetection | BorderSeizure = item.event
@@ -151,8 +192,9 @@ def judge_corrections(
                 continue
             assert original is not None
             known[event.corrects] = replace(original, corrected_by=event.event_id)
+            item.retracts = original.counted  # set here, as the worker sets ``late``: the item is this batch's
         if event.event_id not in known:
-            known[event.event_id] = facts_of(event, item.substance.display_name)
+            known[event.event_id] = facts_of(event, item.substance.display_name, counted_of(item))
         judged.kept.append(item)
     return judged
 

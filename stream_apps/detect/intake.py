@@ -26,6 +26,7 @@ from synthwatch.schemas.wire import (
     event_to_json,
     parse_limited,
 )
+from synthwatch.stream_apps.detect.corrections import Counted
 from synthwatch.stream_apps.detect.identity import (
     NormalisedQuantity,
     ResolvedSubstance,
@@ -70,6 +71,7 @@ class EnrichedEvent:
     org: str | None = None  # the organisation whose signature the record carried
     late: bool = False  # set by the worker for a late report: stored with its ``late`` column true
     digest: str = ""  # content_digest of the event: a re-send with another digest is a changed report
+    retracts: Counted | None = None  # a correction: what the report it corrects added to the counts
 
     def changed_content_reject(self, stage: RejectStage = "worker") -> Reject:
         """The reject of this event when its id is already stored (or taken) with different content."""

@@ -13,34 +13,39 @@ from typing import TYPE_CHECKING, Any
 
 from synthwatch.schemas.events import EventKind
 from synthwatch.schemas.records import AlertSubstance
-from synthwatch.stream_apps.detect.corrections import CitedAlert, ReportFacts
+from synthwatch.stream_apps.detect.corrections import CitedAlert, Counted, ReportFacts
 from synthwatch.stream_apps.storage.tables import ALERT_TABLE, LAB_TABLE, SEIZURE_TABLE
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
 
-_FACTS: dict[str, tuple[EventKind, str, str]] = {
-    LAB_TABLE: ("lab_detection", "concat('lab:', any(lab_id))", "''"),
+_FACTS: dict[str, tuple[EventKind, str, str, str]] = {  # kind, reporter, quantity, grams counted
+    LAB_TABLE: ("lab_detection", "concat('lab:', any(lab_id))", "''", "CAST(NULL, 'Nullable(Float64)')"),
     SEIZURE_TABLE: (
         "border_seizure",
         "concat('agency:', any(agency))",
         "concat(toString(any(quantity_value)), ' ', any(quantity_unit))",
+        "any(grams)",
     ),
 }
+# What a report added to the counts (:class:`Counted`), as the counting views (migration 0003) read its row.
+_COUNTED = "any(occurred_at), any(country), any(region), any(substance_key), any(resolved_name), any(family)"
 
 
 def stored_reports(client: Client, ids: Sequence[str]) -> dict[str, ReportFacts]:
-    """The stored reports among ``ids`` (either kind), each with the id of its stored correction, if any.
+    """The stored reports among ``ids`` (either kind), each with the id of its stored correction, if any,
+    and what it added to the counts (which a correction of it takes out).
 
     Caller holds the client's lock. Rows stored by ``ingest-history`` count as stored: their reporter
     columns are the same."""
     if not ids:
         return {}
     found: dict[str, ReportFacts] = {}
-    for table, (kind, reporter, quantity) in _FACTS.items():
+    for table, (kind, reporter, quantity, grams) in _FACTS.items():
         rows = client.query(
             f"SELECT event_id, {reporter}, any(if(substance_name != '', substance_name, resolved_name)), "
-            f"{quantity} FROM {table} WHERE event_id IN {{ids:Array(String)}} GROUP BY event_id",
+            f"{quantity}, {_COUNTED}, {grams} FROM {table} WHERE event_id IN {{ids:Array(String)}} "
+            "GROUP BY event_id",
             parameters={"ids": list(ids)},
         ).result_rows
         corrected: dict[str, str] = {
@@ -51,8 +56,10 @@ def stored_reports(client: Client, ids: Sequence[str]) -> dict[str, ReportFacts]
                 parameters={"ids": list(ids)},
             ).result_rows
         }
-        for event_id, who, substance, amount in rows:
-            found[event_id] = ReportFacts(event_id, kind, who, substance, _quantity(amount), corrected.get(event_id))
+        for event_id, who, substance, amount, *counted in rows:
+            found[event_id] = ReportFacts(
+                event_id, kind, who, substance, _quantity(amount), corrected.get(event_id), Counted(*counted)
+            )
     return found
 
 

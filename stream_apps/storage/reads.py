@@ -162,6 +162,7 @@ FROM (
     FROM reports_daily
     WHERE day > today() - %(days)s AND (%(region)s = '' OR region = %(region)s)
     GROUP BY country, region, substance_key
+    HAVING n != 0  -- a substance whose reports were all corrected away (migration 0012: retractions)
 ) AS d
 LEFT JOIN (
     SELECT substance_key, country, region, min(first_seen) AS first_seen, max(last_seen) AS last_seen

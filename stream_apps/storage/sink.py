@@ -25,6 +25,8 @@ from synthwatch.stream_apps.storage.tables import (
     LAB_TABLE,
     REJECT_COLUMNS,
     REJECT_TABLE,
+    RETRACTION_COLUMNS,
+    RETRACTION_TABLE,
     SEIZURE_TABLE,
     SINK_LAB_COLUMNS,
     SINK_SEIZURE_COLUMNS,
@@ -32,6 +34,7 @@ from synthwatch.stream_apps.storage.tables import (
     lab_row,
     reject_id,
     reject_row,
+    retraction_row,
     seizure_row,
 )
 
@@ -51,12 +54,14 @@ INSERT_SETTINGS = {"optimize_on_insert": 0}
 @dataclass(slots=True, frozen=True)
 class StoreResult:
     """What one call stored: new rows per table, events skipped because already stored (same content),
-    and ``changed``: events whose id is stored with other content (to be rejected, never stored)."""
+    ``changed``: events whose id is stored with other content (to be rejected, never stored), and
+    ``retractions``: new rows of ``retractions`` (corrected reports taken out of the aggregates)."""
 
     lab_detections: int = 0
     border_seizures: int = 0
     already_stored: int = 0
     changed: tuple[EnrichedEvent, ...] = ()
+    retractions: int = 0
 
     @property
     def stored(self) -> int:
@@ -96,8 +101,11 @@ class ClickHouseSink:
         columns: list[str],
         to_row: Callable[..., Sequence[Any]],
         changed: list[EnrichedEvent],
+        kept: list[EnrichedEvent],
     ) -> tuple[int, int]:
-        """Insert the events not stored yet; an id stored with another digest goes to ``changed``."""
+        """Insert the events not stored yet; an id stored with another digest goes to ``changed``. ``kept``
+        gets the events whose row is now stored with their content: inserted now, or before with the same
+        digest (a replay, or a retry after a crash between this insert and the retractions)."""
         stored = self._stored_digests(table, [item.event_id for item in items])
         fresh = []
         for item in items:  # a checkpoint spans batches: an id may come twice in one call (a re-send)
@@ -105,8 +113,11 @@ class ClickHouseSink:
             if known is None:
                 stored[item.event_id] = item.digest
                 fresh.append(to_row(item))
+                kept.append(item)
             elif known and item.digest and known != item.digest:
                 changed.append(item)
+            elif known and known == item.digest:
+                kept.append(item)
         if fresh:
             self.client.insert(
                 table,
@@ -125,17 +136,26 @@ class ClickHouseSink:
             return self._stored_ids(LAB_TABLE, labs) | self._stored_ids(SEIZURE_TABLE, seizures)
 
     def store_events(self, items: Sequence[EnrichedEvent]) -> StoreResult:
-        """Insert the events not stored yet; safe to call again with the same batch after a failure."""
+        """Insert the events not stored yet; safe to call again with the same batch after a failure.
+
+        Then the retractions of the corrections among them (``retracts`` set by the judge) not stored yet,
+        by the correction's id: after the rows, so a crash in between leaves a correction whose retraction
+        the retry adds (its row is found stored with the same content); never twice."""
         labs = [item for item in items if isinstance(item.event, LabDetection)]
         seizures = [item for item in items if isinstance(item.event, BorderSeizure)]
         changed_labs: list[EnrichedEvent] = []
         changed_seizures: list[EnrichedEvent] = []
+        kept: list[EnrichedEvent] = []
         with self.lock:
-            new_labs, old_labs = self._insert_new(LAB_TABLE, labs, SINK_LAB_COLUMNS, lab_row, changed_labs)
+            new_labs, old_labs = self._insert_new(LAB_TABLE, labs, SINK_LAB_COLUMNS, lab_row, changed_labs, kept)
             new_seizures, old_seizures = self._insert_new(
-                SEIZURE_TABLE, seizures, SINK_SEIZURE_COLUMNS, seizure_row, changed_seizures
+                SEIZURE_TABLE, seizures, SINK_SEIZURE_COLUMNS, seizure_row, changed_seizures, kept
             )
-        return StoreResult(new_labs, new_seizures, old_labs + old_seizures, (*changed_labs, *changed_seizures))
+            retractions = {i.event_id: retraction_row(i, i.retracts) for i in kept if i.retracts is not None}
+            retracted = self._insert_unique(RETRACTION_TABLE, "event_id", retractions, RETRACTION_COLUMNS)
+        return StoreResult(
+            new_labs, new_seizures, old_labs + old_seizures, (*changed_labs, *changed_seizures), retracted
+        )
 
     def stored_event_digests(self, items: Sequence[EnrichedEvent]) -> dict[str, str]:
         """Which of these events are already stored, with their stored content digest ('' when unknown)."""

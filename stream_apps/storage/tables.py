@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any, Literal, cast
 
 from synthwatch.schemas import Alert, BorderSeizure, LabDetection, Reject
+from synthwatch.stream_apps.detect.corrections import Counted
 from synthwatch.stream_apps.detect.identity import NormalisedQuantity, ResolvedSubstance
 from synthwatch.stream_apps.detect.intake import EnrichedEvent
 
@@ -58,6 +59,21 @@ SEIZURE_COLUMNS = [
 # (``ingest-history`` leaves these columns to their defaults).
 SINK_LAB_COLUMNS = [*LAB_COLUMNS, "late", "content_hash", "corrects"]
 SINK_SEIZURE_COLUMNS = [*SEIZURE_COLUMNS, "late", "content_hash", "corrects"]
+# What a stored correction takes out of the aggregates: the report it corrects' contribution, one row per
+# correction (keyed by the correction's event_id), subtracted by the retraction views (migration 0012).
+RETRACTION_TABLE = "retractions"
+RETRACTION_COLUMNS = [
+    "event_id",
+    "corrected",
+    "kind",
+    "occurred_at",
+    "country",
+    "region",
+    "substance_key",
+    "substance_name",
+    "family",
+    "grams",
+]
 REJECT_COLUMNS = ["reject_id", "rejected_at", "stage", "source", "reason", "event_id", "raw"]
 ALERT_TABLE = "alerts"
 ALERT_COLUMNS = [
@@ -181,6 +197,24 @@ def seizure_row(item: EnrichedEvent) -> tuple[Any, ...]:
         cast(BorderSeizure, item.event), substance_values(item.substance), quantity_values(item.quantity)
     )
     return (*values, item.late, item.digest, item.event.corrects or "")
+
+
+def retraction_row(item: EnrichedEvent, retracts: Counted) -> list[Any]:
+    """One row of :data:`RETRACTION_COLUMNS`: a correction (``item``) and what the report it corrects added
+    to the counts (``retracts``, the same values the counting views read from that report's row)."""
+    r = retracts
+    return [
+        item.event_id,
+        item.event.corrects or "",
+        item.event.kind,
+        r.occurred_at,
+        r.country,
+        r.region,
+        r.substance_key,
+        r.substance_name,
+        r.family,
+        r.grams or 0.0,
+    ]
 
 
 def reject_id(reject: Reject) -> str:

@@ -257,6 +257,39 @@ def test_report_delay_per_lab_shows_each_labs_delays_and_late_reports(loaded: Lo
     assert sum(late.values()) > 0, "the simulated month has lab reports stored late"
 
 
+@pytest.mark.integration
+def test_a_corrected_report_counts_once_in_the_overview(ch: Any) -> None:
+    """A lab's misidentification corrected (migration 0012 retracts the original): reports, distinct
+    substances and regions count the report once, under the right substance, in every panel that counts them."""
+    from synthwatch.stream_apps.detect.corrections import judge_corrections, known_reports
+    from synthwatch.stream_apps.detect.intake import Intake, RawMessage
+    from synthwatch.stream_apps.storage.corrections import stored_reports
+    from synthwatch.stream_apps.storage.sink import ClickHouseSink
+    from tests.support.factories import lab
+
+    migrate(ch)
+    sink = ClickHouseSink(ch)
+    day = f"{START + timedelta(days=3)}T09:00:00Z"
+
+    def take(*records: dict[str, Any]) -> None:
+        items = Intake().process([RawMessage(f"t:0:{r['event_id']}", json.dumps(r)) for r in records]).events
+        named = {i.event.corrects for i in items if i.event.corrects}
+        judged = judge_corrections(items, known_reports(stored_reports(ch, sorted(named)), [], named), str)
+        assert not judged.rejects
+        sink.store_events(judged.kept)
+
+    wrong = {"name": "isotonitazene"}
+    take(lab(event_id="L-0", occurred_at=day), lab(event_id="L-1", occurred_at=day, substance=wrong))
+    take(lab(event_id="L-2", occurred_at=day, corrects="L-1", substance={"name": "3-MMC"}))
+    panels = {p.key: p for p in overview.PANELS}
+    _, ((reports, _grams, substances, regions),) = run_panel(ch, panels["key_figures"], RANGE, EVERYWHERE)
+    assert (reports, substances, regions) == (2, 1, 1)  # 3 reports and 2 substances without the retraction
+    _, top = run_panel(ch, panels["top_substances"], RANGE, EVERYWHERE)
+    assert [(row[0], row[2], row[6]) for row in top] == [("3-MMC", 2, 1)]
+    _, by_region = run_panel(ch, panels["regions"], RANGE, EVERYWHERE)
+    assert [(row[1], row[2], row[6]) for row in by_region] == [("FR-75C", 2, 1)]
+
+
 # --- the generated JSON ---------------------------------------------------------------------------------
 
 

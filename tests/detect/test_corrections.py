@@ -12,6 +12,7 @@ from synthwatch.stream_apps.detect.corrections import (
     CitedAlert,
     ReportFacts,
     correction_notice,
+    counted_of,
     facts_of,
     judge_corrections,
     known_reports,
@@ -132,3 +133,29 @@ def test_the_notice_says_which_alert_which_report_and_what_changed() -> None:
     assert notice.evidence_event_ids == ["S-1", "S-2"] and notice.severity == "critical"
     assert "counts are not recomputed" in notice.summary
     assert notice_id("new:abc", "S-2") != notice_id("new:abc", "S-3")
+
+
+def test_a_kept_correction_carries_what_the_report_it_corrects_added_to_the_counts() -> None:
+    """The retraction the sink stores (migration 0012) is the original's contribution: its time, place,
+    resolved substance and grams, whether the original is pending, earlier in the batch or a correction."""
+    original, fixed, refixed = _items(
+        seizure(event_id="S-1", quantity={"value": 2.5, "unit": "kg"}),
+        seizure(event_id="S-2", corrects="S-1", quantity={"value": 25, "unit": "g"}, region="ML-2"),
+        seizure(event_id="S-3", corrects="S-2", substance={"name": "Tapentadol"}),
+    )
+    forged = _items(seizure(event_id="S-9", agency="Police", corrects="S-1"))[0]
+    judged = judge_corrections([original, fixed, refixed, forged], {}, _claim)
+    assert judged.kept == [original, fixed, refixed] and len(judged.rejects) == 1
+    assert original.retracts is None and forged.retracts is None  # corrects nothing / refused
+    assert fixed.retracts == counted_of(original)
+    assert (fixed.retracts.region, fixed.retracts.grams, fixed.retracts.substance_key) == (
+        "ML-BKO",
+        2500.0,
+        original.substance.key,
+    )
+    assert refixed.retracts == counted_of(fixed) and refixed.retracts.grams == 25.0
+    # The same from a pending original (taken since the last checkpoint, not stored yet).
+    (late_fix,) = _items(seizure(event_id="S-2", corrects="S-1", quantity={"value": 25, "unit": "g"}))
+    known = known_reports({}, [original], {"S-1"})
+    assert judge_corrections([late_fix], known, _claim).kept == [late_fix]
+    assert late_fix.retracts == counted_of(original)

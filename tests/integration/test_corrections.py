@@ -113,6 +113,15 @@ def test_the_officer_alerted_on_a_corrected_report_is_told_and_a_forged_correcti
                 {"p": prefix},
             ).rows
             assert [tuple(r) for r in rows] == [(original["event_id"], ""), (genuine["event_id"], original["event_id"])]
+            # From its correction on, the original no longer counts in the aggregates (migration 0012): two
+            # reports stored, one counted, under the right substance.
+            counted = (
+                "SELECT sum(reports) FROM reports_daily WHERE substance_key = "
+                "(SELECT any(substance_key) FROM lab_detections WHERE event_id = {e:String})"
+            )
+            assert worker.count(counted, {"e": original["event_id"]}) == 0
+            assert worker.count(counted, {"e": genuine["event_id"]}) == 1
+            assert worker.count("SELECT sum(reports) FROM reports_daily") == 1
             listed = run_cli(settings, "corrections", original["event_id"])
             assert listed.returncode == 0, listed.stderr
             assert genuine["event_id"] in listed.stdout and "1 corrected report" in listed.stdout

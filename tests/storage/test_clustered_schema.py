@@ -16,9 +16,11 @@ from typing import Any
 import pytest
 
 from synthwatch.settings import Settings
+from synthwatch.stream_apps.detect.corrections import judge_corrections, known_reports
 from synthwatch.stream_apps.detect.intake import Intake, RawMessage
 from synthwatch.stream_apps.storage.clickhouse import Migration, available_migrations, connect, migrate
 from synthwatch.stream_apps.storage.clustered import CLUSTERED_DIR, clustered_migrations
+from synthwatch.stream_apps.storage.corrections import stored_reports
 from synthwatch.stream_apps.storage.sink import ClickHouseSink
 from tests.support.factories import lab, seizure
 
@@ -78,6 +80,9 @@ def test_clustered_statements_parse_as_written(ch: Any, version: int) -> None:
     statements = _clustered()[version].statements()
     for statement in statements:
         formatted = ch.query("SELECT formatQuery(%(q)s)", parameters={"q": statement}).result_rows[0][0]
+        if statement.startswith("INSERT INTO"):  # a one-off fill on the migrating node (takes no ON CLUSTER)
+            assert re.match(r"INSERT INTO \w+_local \(", statement), statement[:80]
+            continue
         assert "ON CLUSTER `{cluster}`" in formatted, statement[:80]
         altered = _ALTER.match(statement.lstrip())
         if altered is not None:  # a change to tables made earlier: the `_local` table and the Distributed one
@@ -167,8 +172,21 @@ def test_clustered_views_aggregate_like_single_node(ch: Any, scratch: Any) -> No
         for i, (c, r) in ((i, regions[i % 3]) for i in range(120))
     ] + [lab(event_id=f"l-{i}", occurred_at=f"2026-04-{1 + i % 20:02d}T0{i % 10}:00:00Z") for i in range(80)]
     batch = Intake().process([RawMessage(f"t:0:{i}", json.dumps(r)) for i, r in enumerate(records)])
-    ClickHouseSink(ch).store_events(batch.events)
-    for table in ("lab_detections", "border_seizures"):
+    sink = ClickHouseSink(ch)
+    sink.store_events(batch.events)
+    # Corrections (0012): a quantity, a substance and a region corrected; the retraction views must subtract alike.
+    seven_grams = {"value": 7, "unit": "g"}
+    fixes = [
+        seizure(event_id="s-200", occurred_at="2026-03-01T10:00:00Z", corrects="s-0", quantity=seven_grams),
+        seizure(event_id="s-201", occurred_at="2026-03-02T11:00:00Z", corrects="s-1", region="FR-IDF", country="FR"),
+        lab(event_id="l-200", occurred_at="2026-04-01T00:00:00Z", corrects="l-0", substance={"name": "protonitazene"}),
+    ]
+    corrections = Intake().process([RawMessage(f"t:0:{200 + i}", json.dumps(r)) for i, r in enumerate(fixes)])
+    known = known_reports(stored_reports(ch, ["s-0", "s-1", "l-0"]), [], {"s-0", "s-1", "l-0"})
+    judged = judge_corrections(corrections.events, known, lambda claim: claim)
+    assert len(judged.kept) == 3 and all(item.retracts is not None for item in judged.kept), judged.rejects
+    assert sink.store_events(judged.kept).retractions == 3
+    for table in ("lab_detections", "border_seizures", "retractions"):
         scratch.command(f"INSERT INTO {table}_local SELECT * FROM {ch.database}.{table}")
     first_last = "min(first_seen), max(last_seen), sum(reports)"
     recounts = {  # table: (group-by keys, aggregates)
@@ -186,3 +204,6 @@ def test_clustered_views_aggregate_like_single_node(ch: Any, scratch: Any) -> No
         clustered = scratch.query(f"SELECT {columns} FROM {table} GROUP BY {keys} ORDER BY {keys}").result_rows
         assert single and clustered == single, table
         print(f"{table}: {len(single)} aggregate rows equal on both layouts")
+    # 200 reports and 3 corrections, each corrected report counted once (203 without the retractions).
+    assert ch.query("SELECT sum(reports) FROM reports_daily").result_rows[0][0] == 200
+    assert scratch.query("SELECT sum(reports) FROM reports_daily").result_rows[0][0] == 200
