@@ -100,12 +100,28 @@ class BenchWorker:
     def count(self, sql: str) -> int:
         return int(self.query(sql).rows[0][0])
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of the worker process so far (all its threads: the engine's too).
+
+        Why: on a shared machine events/s move with the other agents' load; the CPU a worker spends on the
+        same events moves much less, so variants compare by it across runs.
+        """
+        return process_cpu_seconds(self.process.pid)
+
     def memory_kib(self) -> dict[str, int]:
         """VmRSS and VmHWM (peak RSS) of the worker process, in KiB."""
         return proc_status(self.process.pid, ("VmRSS", "VmHWM"))
 
     def stop(self) -> None:
         stop_child(self.process)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of a live process from ``/proc/PID/stat`` (fields 14 and 15, in clock ticks)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        text = stat.read()
+    fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) ": the comm may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def clickhouse_url(base: Settings, database: str) -> str | None:

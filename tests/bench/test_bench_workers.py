@@ -7,7 +7,9 @@ ready, 503 with the same counters while the watchdog finds a partition stalled).
 from __future__ import annotations
 
 import json
+import os
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -15,7 +17,8 @@ from typing import Any, ClassVar, cast
 
 import pytest
 
-from synthwatch.bench.workers import BenchWorker, wait_consumed
+from synthwatch.bench.experiments import Checkout, parse_checkouts
+from synthwatch.bench.workers import BenchWorker, process_cpu_seconds, wait_consumed
 
 
 class _Ready(BaseHTTPRequestHandler):
@@ -86,3 +89,25 @@ def test_other_http_errors_are_not_taken_for_counters(ready_server: Any, tmp_pat
     answers.append((500, {"error": "boom"}))
     with pytest.raises(Exception, match="500"):
         _worker(url, tmp_path).stats()
+
+
+def test_a_workers_cpu_seconds_are_its_user_and_system_time_from_proc() -> None:
+    # this process stands for the worker: /proc's ticks agree with the kernel's own process clock to a tick or two
+    own = os.getpid()
+    started = time.process_time()
+    while time.process_time() - started < 0.2:  # burn some CPU so the reading is not just start-up
+        pass
+    proc, clock = process_cpu_seconds(own), time.process_time()
+    assert proc >= 0.2
+    assert abs(proc - clock) <= 2 / os.sysconf("SC_CLK_TCK") + 0.01
+
+
+def test_checkouts_name_a_checkout_with_its_own_virtualenv(tmp_path: Path) -> None:
+    python = tmp_path / "old" / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.touch()
+    assert parse_checkouts(f"old={tmp_path / 'old'}") == [Checkout("old", str(python))]
+    with pytest.raises(SystemExit, match="make install there"):
+        parse_checkouts(f"new={tmp_path / 'new'}")  # no .venv: not installed
+    with pytest.raises(SystemExit, match="LABEL=DIR"):
+        parse_checkouts(str(tmp_path / "old"))
