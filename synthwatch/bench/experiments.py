@@ -5,11 +5,13 @@ drain and alert latency (``python -m synthwatch.bench.pipeline --floor / --exper
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import statistics
 import tempfile
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
@@ -96,19 +98,58 @@ def floor_experiments(
     return results
 
 
+@dataclass(frozen=True)
+class Checkout:
+    """Another checkout's worker, to compare code (not settings) in one run on one broker: ``python`` is that
+    checkout's virtualenv interpreter (its ``make install`` makes the package editable there)."""
+
+    label: str
+    python: str
+
+
+def parse_checkouts(text: str) -> list[Checkout]:
+    """``LABEL=DIR,LABEL=DIR`` (``--checkouts``): each DIR a checkout with its own ``.venv``."""
+    checkouts = []
+    for item in filter(None, text.split(",")):
+        label, sep, directory = item.partition("=")
+        python = Path(directory) / ".venv" / "bin" / "python"
+        if not sep or not python.exists():
+            raise SystemExit(f"--checkouts: {item!r} is not LABEL=DIR with DIR/.venv/bin/python (make install there)")
+        checkouts.append(Checkout(label, str(python)))
+    return checkouts
+
+
+@dataclass
+class DrainRuns:
+    """Each run of one worker variant: events/s (first consumed -> last stored) and the worker's CPU seconds
+    per 100,000 events, to the last event stored and to the novelty stage caught up (its sightings)."""
+
+    rates: list[float] = field(default_factory=list)
+    cpu_stored: list[float] = field(default_factory=list)
+    cpu_idle: list[float] = field(default_factory=list)
+    per_batch: list[float] = field(default_factory=list)
+
+
 def worker_experiments(
     console: Console,
     events: int = 100_000,
     experiments: Sequence[tuple[str, tuple[str, ...]]] = EXPERIMENTS,
     repeat: int = 1,
-) -> dict[str, list[float]]:
-    """Backlog drain rate of the real worker per combination of proposed changes, same messages.
+    checkouts: Sequence[Checkout] = (),
+) -> dict[str, DrainRuns]:
+    """Backlog drain rate and CPU of the real worker per combination of proposed changes, same messages.
 
     Every variant consumes the same published simulated stream with its own consumer group and engine,
-    from its first consumed event to the last one stored; the bare agent runs first and last.
+    from its first consumed event to the last one stored; the bare agent runs first and last. With
+    ``checkouts`` the variants are those checkouts' workers with their shipped settings instead, run in
+    turn (``repeat`` rounds alternate them, so the machine's load falls on each alike).
     """
     base = Settings()
-    rates: dict[str, list[float]] = {}
+    variants: list[tuple[str, tuple[str, ...], str | None]] = (
+        [(c.label, (), c.python) for c in checkouts] if checkouts else [(label, ch, None) for label, ch in experiments]
+    )
+    runs: dict[str, DrainRuns] = {}
+    floor: list[float] = []
     tmp = Path(tempfile.mkdtemp(prefix="synthwatch-bench-experiments-"))
     try:
         with bench_broker(base, console) as servers:
@@ -116,43 +157,67 @@ def worker_experiments(
             shared = Topics(f"{run}-exp")
             settings = shared.created(base, servers)
             summary = publish_lines(settings, servers, iter(simulated_lines(events)))
-            rates["bare Faust agent (floor)"] = [run_bare_agent(servers, settings.input_topics, summary.sent).rate]
+            floor.append(run_bare_agent(servers, settings.input_topics, summary.sent).rate)
+            per_100k = 100_000 / summary.sent
             for _ in range(repeat):
-                for n, (label, changes) in enumerate(experiments):
+                for n, (label, changes, python) in enumerate(variants):
                     own = Topics(f"{run}-exp{n}-{uuid.uuid4().hex[:4]}", labs=shared.labs, seizures=shared.seizures)
                     own_settings = own.created(base, servers)
                     tag = uuid.uuid4().hex[:4]
                     worker = start_worker(
-                        own_settings, servers, tmp / f"exp-{n}-{tag}", changes, app_id=f"bench-{run}-exp{n}-{tag}"
+                        own_settings,
+                        servers,
+                        tmp / f"exp-{n}-{tag}",
+                        changes,
+                        app_id=f"bench-{run}-exp{n}-{tag}",
+                        python=python,
                     )
+                    r = runs.setdefault(label, DrainRuns())
                     try:
+                        cpu = worker.cpu_seconds()  # ready and idle: start-up is not the drain's
                         first = wait_first_consumed([worker], 120)
                         done = wait_consumed([worker], summary.sent, timeout=900)
-                        rates.setdefault(label, []).append(summary.sent / (done - first))
+                        r.cpu_stored.append((worker.cpu_seconds() - cpu) * per_100k)
+                        r.rates.append(summary.sent / (done - first))
+                        wait_idle([worker], timeout=900)
+                        r.cpu_idle.append((worker.cpu_seconds() - cpu) * per_100k)
                         batches = worker.stats().get("intake_batches") or 0
                     finally:
                         worker.stop()
-                    per_batch = f" ({summary.sent / batches:,.0f} events per intake batch)" if batches else ""
-                    console.print(f"{label}: {rates[label][-1]:,.0f} events/s{per_batch}")
-            rates["bare Faust agent (floor)"].append(run_bare_agent(servers, settings.input_topics, summary.sent).rate)
+                    r.per_batch.append(summary.sent / batches if batches else math.nan)
+                    console.print(
+                        f"{label}: {r.rates[-1]:,.0f} events/s, worker CPU {r.cpu_stored[-1]:.1f} s per 100k events "
+                        f"({r.cpu_idle[-1]:.1f} s with the novelty stage caught up), "
+                        f"{r.per_batch[-1]:,.0f} events per intake batch; load {_load()}"
+                    )
+            floor.append(run_bare_agent(servers, settings.input_topics, summary.sent).rate)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    floor = statistics.mean(rates["bare Faust agent (floor)"])
+    _drain_table(console, events, runs, floor)
+    return runs
+
+
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def _drain_table(console: Console, events: int, runs: dict[str, DrainRuns], floor: list[float]) -> None:
+    mean_floor = statistics.mean(floor)
     table = Table(title=f"worker backlog drain, {events:,} simulated events, one broker ({machine()})")
-    for column in ("worker", "events/s (each run)", "mean", "vs shipped", "vs bare Faust"):
+    columns = ("worker", "events/s (each run)", "vs bare Faust (mean)", "CPU s / 100k (each run)", "to idle", "median")
+    for column in columns:
         table.add_column(column, justify="left" if column == "worker" else "right")
-    shipped = statistics.mean(rates.get("shipped settings", [floor]))
-    for label, values in rates.items():
-        mean = statistics.mean(values)
+    table.add_row("bare Faust agent (floor)", ", ".join(f"{v:,.0f}" for v in floor), "1.00", "", "", "")
+    for label, r in runs.items():
         table.add_row(
             label,
-            ", ".join(f"{v:,.0f}" for v in values),
-            f"{mean:,.0f}",
-            ratio(mean, shipped),
-            ratio(mean, floor),
+            ", ".join(f"{v:,.0f}" for v in r.rates),
+            ratio(statistics.mean(r.rates), mean_floor),
+            ", ".join(f"{v:.1f}" for v in r.cpu_stored),
+            ", ".join(f"{v:.1f}" for v in r.cpu_idle),
+            f"{statistics.median(r.cpu_stored):.1f}",
         )
     console.print(table)
-    return rates
 
 
 #: Latency variants: (label, changes, extra environment for the worker).
@@ -173,19 +238,38 @@ def latency_experiments(
     rate: int = 1000,
     seconds: int = 20,
     experiments: Sequence[tuple[str, tuple[str, ...], dict[str, str]]] = LATENCY_EXPERIMENTS,
+    checkouts: Sequence[Checkout] = (),
+    repeat: int = 1,
 ) -> dict[str, dict[str, float]]:
-    """Alert latency per worker variant: fresh worker, ``warmup_events`` over 5,000 keys, then the steady rate."""
+    """Alert latency per worker variant: fresh worker, ``warmup_events`` over 5,000 keys, then the steady rate.
+
+    With ``checkouts``: those checkouts' workers with their shipped settings, ``repeat`` alternating rounds
+    (a round's label gets `` #N`` from the second round on).
+    """
     base = Settings()
     out: dict[str, dict[str, float]] = {}
+    variants: list[tuple[str, tuple[str, ...], dict[str, str], str | None]] = (
+        [(c.label, (), {}, c.python) for c in checkouts]
+        if checkouts
+        else [(label, changes, env, None) for label, changes, env in experiments]
+    )
     tmp = Path(tempfile.mkdtemp(prefix="synthwatch-bench-latency-"))
     try:
         with bench_broker(base, console) as servers:
             regions, substances = bench_regions(100), bench_substances(50)
-            for n, (label, changes, env) in enumerate(experiments):
+            rounds = [(k, n, v) for k in range(repeat) for n, v in enumerate(variants)]
+            for k, n, (label, changes, env, python) in rounds:
+                label = f"{label} #{k + 1}" if k else label
                 run = uuid.uuid4().hex[:6]
                 settings = Topics(f"{run}-lat{n}").created(base, servers)
                 worker = start_worker(
-                    settings, servers, tmp / f"lat-{n}", changes, app_id=f"bench-{run}", extra_env=env
+                    settings,
+                    servers,
+                    tmp / f"lat-{k}-{n}",
+                    changes,
+                    app_id=f"bench-{run}",
+                    extra_env=env,
+                    python=python,
                 )
                 try:
                     start = datetime(2025, 3, 1, tzinfo=UTC)
@@ -209,6 +293,7 @@ def latency_experiments(
                     "max": max(result.matched) if result.matched else math.nan,
                     "alerts": float(len(result.matched)),
                     "rate": result.sent / result.seconds,
+                    "load_1min": os.getloadavg()[0],
                     **{f"{kind} {k}": v for kind, r in result.per_type().items() for k, v in r.items()},
                 }
                 console.print(f"{label}: {out[label]}")

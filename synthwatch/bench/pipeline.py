@@ -50,6 +50,7 @@ from synthwatch.bench.experiments import (
     chosen,
     floor_experiments,
     latency_experiments,
+    parse_checkouts,
     worker_experiments,
 )
 from synthwatch.bench.latency import LatencyStream, alert_latency, hop_lines
@@ -189,6 +190,7 @@ def bench_pipeline(
             from synthwatch.producers.publisher import Publisher
             from synthwatch.producers.readers import InputRecord
 
+            cpu = worker.cpu_seconds()
             started = time.perf_counter()
             with Publisher(settings, servers) as publisher:
                 summary = publisher.publish_records(
@@ -196,6 +198,7 @@ def bench_pipeline(
                 )
             published = time.perf_counter()
             done = wait_consumed([worker], summary.sent, timeout=max(600.0, events / 100))
+            cpu_stored = worker.cpu_seconds() - cpu
             stats = worker.stats()
             stored = worker.count("SELECT (SELECT count() FROM lab_detections) + (SELECT count() FROM border_seizures)")
             late = int(stats["late"])  # late reports are stored too (flagged): one of the stored rows
@@ -211,6 +214,10 @@ def bench_pipeline(
                 "publish_seconds": published - started,
                 "seconds": done - started,
                 "rate": summary.sent / (done - started),
+                # the worker's CPU (all threads, the engine's too) from first publish to last stored, per 100k
+                # events: moves far less with the machine's load than events/s (docs/performance.md)
+                "worker_cpu_per_100k": cpu_stored * 100_000 / max(summary.sent, 1),
+                "load": os.getloadavg(),
             }
             console.print(f"end to end: {results['e2e']}")
             if stored + stats["duplicates"] != summary.sent:
@@ -384,7 +391,8 @@ def _print_table(console: Console, r: dict[str, Any]) -> None:
         e = r["e2e"]["rate"]
         rows.append(
             Row(
-                f"end to end, first publish -> last event in ClickHouse ({r['e2e']['sent']:,} events)",
+                f"end to end, first publish -> last event in ClickHouse ({r['e2e']['sent']:,} events; worker CPU "
+                f"{r['e2e'].get('worker_cpu_per_100k', math.nan):.1f} s per 100k)",
                 events_rate(e),
                 ratio(e, raw),
                 ratio(e, floor),
@@ -491,6 +499,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         default="",
         help="comma-separated indices of the --experiments or --latency-experiments variants to run",
     )
+    parser.add_argument(
+        "--checkouts",
+        default="",
+        help="with --experiments or --latency-experiments: LABEL=DIR,... other checkouts' workers (each DIR after "
+        "`make install`), compared with their shipped settings in alternating rounds (--repeat)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     console = command_console()
@@ -499,9 +513,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         result = [r.__dict__ for r in floor_experiments(console, args.events)]
     elif args.latency_experiments:
         variants = chosen(LATENCY_EXPERIMENTS, args.variants)
-        result = latency_experiments(console, args.rss_events, args.rate, args.latency_seconds, variants)
+        result = latency_experiments(
+            console,
+            args.rss_events,
+            args.rate,
+            args.latency_seconds,
+            variants,
+            checkouts=parse_checkouts(args.checkouts),
+            repeat=args.repeat,
+        )
     elif args.experiments:
-        result = worker_experiments(console, args.events, chosen(EXPERIMENTS, args.variants), repeat=args.repeat)
+        result = worker_experiments(
+            console,
+            args.events,
+            chosen(EXPERIMENTS, args.variants),
+            repeat=args.repeat,
+            checkouts=parse_checkouts(args.checkouts),
+        )
     else:
         result = bench_pipeline(
             console,

@@ -112,6 +112,14 @@ class BenchWorker:
     def count(self, sql: str) -> int:
         return int(self.query(sql).rows[0][0])
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of the worker process so far (all its threads: the engine's too).
+
+        Why: on a shared machine events/s move with the other agents' load; the CPU a worker spends on the
+        same events moves much less, so variants compare by it across runs.
+        """
+        return process_cpu_seconds(self.process.pid)
+
     def memory_kib(self) -> dict[str, int]:
         """VmRSS and VmHWM (peak RSS) of the worker process, in KiB."""
         return proc_status(self.process.pid, ("VmRSS", "VmHWM"))

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, cast
 
 import pytest
 
+from synthwatch.bench.experiments import Checkout, parse_checkouts
 from synthwatch.bench.memory import process_cpu_seconds
 from synthwatch.bench.workers import BenchWorker, wait_consumed
 
@@ -112,3 +113,14 @@ def test_a_process_cpu_seconds_are_its_user_and_system_time_of_all_threads() -> 
     tick = 1 / os.sysconf("SC_CLK_TCK")  # /proc counts whole clock ticks, user and system each cut down to one
     assert before + 0.2 - 2 * tick <= read <= after + tick
     assert process_cpu_seconds() == pytest.approx(process_cpu_seconds(os.getpid()), abs=tick)
+
+
+def test_checkouts_name_a_checkout_with_its_own_virtualenv(tmp_path: Path) -> None:
+    python = tmp_path / "old" / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.touch()
+    assert parse_checkouts(f"old={tmp_path / 'old'}") == [Checkout("old", str(python))]
+    with pytest.raises(SystemExit, match="make install there"):
+        parse_checkouts(f"new={tmp_path / 'new'}")  # no .venv: not installed
+    with pytest.raises(SystemExit, match="LABEL=DIR"):
+        parse_checkouts(str(tmp_path / "old"))
