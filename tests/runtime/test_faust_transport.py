@@ -251,9 +251,10 @@ def test_a_record_fetched_before_a_seek_that_completed_during_the_drain_loop_s_c
     cleared, flow resumed). The record in hand (offset 5, fetched before the seek) was then handed over into
     the freshly cleared queue, ahead of the records fetched again from 3: the region stage applied 5 first, and
     took the records of that region at 3 and 4, fetched again next, for replays of records it had applied
-    (:mod:`synthwatch.stream_apps.detect.replay`): skipped, never stored, acknowledged and committed (the
-    pipeline benchmark's 163 events lost after watchdog seek-backs). The fetch is stale: nothing of it may be
-    handed over; the seek has put the fetch position back, so it comes again."""
+    (:mod:`synthwatch.stream_apps.detect.replay`): skipped, never stored, acknowledged and committed, when they
+    were still unprocessed in the cleared queue (docs/performance.md: not shown to be the cause of the pipeline
+    benchmark's 163 unstored events). The fetch is stale: nothing of it may be handed over; the seek has put the
+    fetch position back, so it comes again."""
     from faust.types import TP
 
     from synthwatch.settings import Settings
