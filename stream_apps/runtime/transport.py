@@ -234,7 +234,8 @@ class Consumer(faust_aiokafka.Consumer):
         # seek-back under a burst lost 67 of 200,000). The seek has put the fetch position back: the
         # dropped records are fetched again. A seek during the fetch itself leaves it unknown which side
         # of the seek the records are from (dropping records fetched after it stalled every partition of
-        # a restarted worker): that case seeks again.
+        # a restarted worker): that case seeks again. A seek that begins and ends while a record is in hand
+        # (during the inline commit) is checked again right before the hand-over: that record is stale too.
         callback = self.callback
         deliver = self.deliver
         getmany = self.getmany
@@ -287,6 +288,15 @@ class Consumer(faust_aiokafka.Consumer):
                             if commit_every is not None and self._n_acked >= commit_every:
                                 self._n_acked = 0
                                 await self.commit()
+                            if self.seeks != seeks:
+                                # Sought during the awaits above (the commit flushes the producer and may
+                                # wait for the timer's commit: a whole watchdog seek-back fits in it): this
+                                # record was fetched before the seek, and handed over now it would land in
+                                # the queues the seek has just cleared, ahead of the records fetched again
+                                # from the committed offset (the region stage then takes those for replays
+                                # and skips them: events lost). Fetched again from the committed offset.
+                                await ait.aclose()
+                                break
                             await deliver(callback, message)
                             if self.seeks != seeks:  # sought while it was delivered: its read offset is the seek's
                                 await ait.aclose()
