@@ -310,7 +310,10 @@ def high_watermarks(servers: str, topics: Iterable[str], timeout: float = 20.0) 
     """
     from kafka import KafkaConsumer
 
-    consumer = KafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False)
+    wait_ms = max(int(timeout * 1000), 1000)
+    consumer = KafkaConsumer(
+        bootstrap_servers=servers, enable_auto_commit=False, request_timeout_ms=wait_ms, bootstrap_timeout_ms=wait_ms
+    )
     try:
         return _marks(consumer, _partitions(consumer, topics), timeout)
     finally:
@@ -327,15 +330,22 @@ def committed_offsets(
     committing is in a mark read after the commit). A partition whose mark is not known in ``timeout``
     is missing from the result.
     """
-    # Requests time out with ``timeout``, not kafka-python's 30 s to 5 min: a frozen broker must not
-    # hold a stopping `up` for minutes.
+    # Connecting and requests time out with ``timeout``, not kafka-python's 30 s (bootstrap) to 5 min: a
+    # frozen broker must not hold a stopping `up` (its drain counts every 0.25 s) for half a minute a count.
     from kafka import KafkaAdminClient, KafkaConsumer
 
     wait_ms = max(int(timeout * 1000), 1000)
-    consumer = KafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False, request_timeout_ms=wait_ms)
+    consumer = KafkaConsumer(
+        bootstrap_servers=servers, enable_auto_commit=False, request_timeout_ms=wait_ms, bootstrap_timeout_ms=wait_ms
+    )
     try:
         partitions = _partitions(consumer, topics)
-        admin = KafkaAdminClient(bootstrap_servers=servers, client_id="synthwatch-lag", request_timeout_ms=wait_ms)
+        admin = KafkaAdminClient(
+            bootstrap_servers=servers,
+            client_id="synthwatch-lag",
+            request_timeout_ms=wait_ms,
+            bootstrap_timeout_ms=wait_ms,
+        )
         try:
             committed = admin.list_group_offsets({group: partitions}).get(group, {})
         finally:

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from faust.types import TP
+from kafka import KafkaProducer
+from kafka.errors import KafkaTimeoutError
 
-from synthwatch.stack.broker import unstored
+from synthwatch.settings import Settings
+from synthwatch.stack.broker import EmbeddedBroker, lag_by_topic, unstored
 from synthwatch.stream_apps.runtime.transport import note_stored, stored_uncommitted
 
 
@@ -24,3 +32,27 @@ def test_what_the_consumer_noted_as_stored_is_reported_per_partition() -> None:
     note_stored(consumer, [SimpleNamespace(tp=tp, offset=o) for o in (4, 5, 5)])
     assert stored_uncommitted(consumer) == {("lab", 2): frozenset({4, 5})}
     note_stored(SimpleNamespace(), [SimpleNamespace(tp=tp, offset=1)])  # a consumer that does not note: ignored
+
+
+def test_a_count_against_a_frozen_broker_gives_up_after_its_own_timeout(tmp_path: Path) -> None:
+    """A stopping `up` counts what is left every 0.25 s while it drains, and once more after: against a
+    frozen broker each count must give up after the timeout it was given, not after kafka-python's 30 s
+    wait for its first connection (which held every stop-with-a-frozen-broker for half a minute)."""
+    broker = EmbeddedBroker(Settings(data_dir=tmp_path / "data", web_port=0)).start()
+    assert broker.process is not None
+    try:
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers)
+        producer.send("frozen-count", b"x").get(timeout=10)
+        producer.close()
+        assert lag_by_topic(broker.bootstrap_servers, "g", ["frozen-count"], 5.0) == {"frozen-count": 1}
+        os.kill(broker.process.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(KafkaTimeoutError):
+                lag_by_topic(broker.bootstrap_servers, "g", ["frozen-count"], 1.0)
+            waited = time.monotonic() - started
+        finally:
+            os.kill(broker.process.pid, signal.SIGCONT)
+        assert waited < 15, f"waited {waited:.1f} s for a count given 1 s"  # kafka-python's own wait: 30 s
+    finally:
+        broker.stop()
