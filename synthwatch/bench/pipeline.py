@@ -262,21 +262,19 @@ def bench_pipeline(
                     ),
                 )
                 sent, failed = rss_summary.sent, len(rss_summary.failed)
-                done = wait_consumed([worker], before + sent, timeout=max(900.0, rss_events / 200))
-                wait_idle([worker], timeout=900)  # the novelty stage's state is part of what is measured
+                audit = partial(
+                    _audit_rss, console, worker, servers, settings, run, rss_events, tmp, summary.sent + sent
+                )
+                try:
+                    done = wait_consumed([worker], before + sent, timeout=max(900.0, rss_events / 200))
+                    wait_idle([worker], timeout=900)  # the novelty stage's state is part of what is measured
+                except RuntimeError:
+                    if keep is not None:  # the run ends here: audit while the (in-memory) broker still has the topics
+                        audit()
+                    raise
                 series.finish(worker.checkpointed() - before)
                 if keep is not None:  # what the worker stored of this phase, and the group's offsets
-                    audit = audit_phase(
-                        worker.query,
-                        servers,
-                        f"bench-{run}",
-                        [*settings.input_topics, settings.topic_sightings],
-                        f"rss-{run}-",
-                        rss_events,
-                        tmp / "rss-audit.json",
-                    )
-                    results["rss_audit"] = {k: v for k, v in audit.items() if k != "events"}
-                    console.print(f"RSS audit ({tmp / 'rss-audit.json'}): {results['rss_audit']}")
+                    results["rss_audit"] = audit()
                 memory = worker.memory_kib()
                 if "tracemalloc" in changes:
                     dumped = tracemalloc_snapshot(worker, Path.cwd() / f"tracemalloc-{run}.dump")
@@ -349,6 +347,36 @@ def bench_pipeline(
             shutil.rmtree(tmp, ignore_errors=True)
     _print_table(console, results)
     return results
+
+
+def _audit_rss(
+    console: Console,
+    worker: BenchWorker,
+    servers: str,
+    settings: Settings,
+    run: str,
+    rss_events: int,
+    tmp: Path,
+    sent_with_e2e: int,
+) -> dict[str, Any]:
+    """The RSS phase's audit (:func:`synthwatch.bench.audit.audit_phase`) into ``tmp/rss-audit.json``; returns
+    it without the per-event list, with both phases' sent and stored counts (as the benchmark counted the 163)."""
+    audit = audit_phase(
+        worker.query,
+        servers,
+        f"bench-{run}",  # the worker's app id: its consumer group
+        [*settings.input_topics, settings.topic_sightings],
+        f"rss-{run}-",
+        rss_events,
+        tmp / "rss-audit.json",
+    )
+    summary = {k: v for k, v in audit.items() if k != "events"}
+    summary["sent_with_e2e"] = sent_with_e2e
+    summary["stored_with_e2e"] = worker.count(
+        "SELECT (SELECT count() FROM lab_detections) + (SELECT count() FROM border_seizures)"
+    )
+    console.print(f"RSS audit ({tmp / 'rss-audit.json'}): {summary}")
+    return summary
 
 
 def _scale_out(
