@@ -43,6 +43,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from synthwatch.bench.audit import audit_phase
 from synthwatch.bench.bare_faust import FLOOR, raw_aiokafka_rate, run_bare_agent
 from synthwatch.bench.experiments import (
     EXPERIMENTS,
@@ -160,16 +161,23 @@ def bench_pipeline(
     history: bool = True,
     changes: Sequence[str] = (),
     seed: int = 5,
+    keep: Path | None = None,
 ) -> dict[str, Any]:
     """Run every phase and print one table; returns the numbers (also for docs/performance.md).
 
     ``changes``: other setting values for the measured workers (names of ``WORKER_ENV``); empty
-    measures the shipped worker. Sizes of 0 skip a phase.
+    measures the shipped worker. Sizes of 0 skip a phase. ``keep``: the run's directory (workers' data and
+    logs, the stream, ``rss-audit.json``) goes under it and stays; without it the run's directory is deleted.
     """
     base = Settings()
     results: dict[str, Any] = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine()}
     results["changes"] = list(changes)
-    tmp = Path(tempfile.mkdtemp(prefix="synthwatch-bench-pipeline-"))
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="synthwatch-bench-pipeline-", dir=keep))
+    if keep is not None:
+        results["kept"] = str(tmp)
+        console.print(f"keeping this run's directories and logs in {tmp}")
     workers: list[BenchWorker] = []
     try:
         with bench_broker(base, console) as servers:
@@ -254,9 +262,19 @@ def bench_pipeline(
                     ),
                 )
                 sent, failed = rss_summary.sent, len(rss_summary.failed)
-                done = wait_consumed([worker], before + sent, timeout=max(900.0, rss_events / 200))
-                wait_idle([worker], timeout=900)  # the novelty stage's state is part of what is measured
+                audit = partial(
+                    _audit_rss, console, worker, servers, settings, run, rss_events, tmp, summary.sent + sent
+                )
+                try:
+                    done = wait_consumed([worker], before + sent, timeout=max(900.0, rss_events / 200))
+                    wait_idle([worker], timeout=900)  # the novelty stage's state is part of what is measured
+                except RuntimeError:
+                    if keep is not None:  # the run ends here: audit while the (in-memory) broker still has the topics
+                        audit()
+                    raise
                 series.finish(worker.checkpointed() - before)
+                if keep is not None:  # what the worker stored of this phase, and the group's offsets
+                    results["rss_audit"] = audit()
                 memory = worker.memory_kib()
                 if "tracemalloc" in changes:
                     dumped = tracemalloc_snapshot(worker, Path.cwd() / f"tracemalloc-{run}.dump")
@@ -325,9 +343,40 @@ def bench_pipeline(
     finally:
         for w in workers:
             w.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if keep is None:
+            shutil.rmtree(tmp, ignore_errors=True)
     _print_table(console, results)
     return results
+
+
+def _audit_rss(
+    console: Console,
+    worker: BenchWorker,
+    servers: str,
+    settings: Settings,
+    run: str,
+    rss_events: int,
+    tmp: Path,
+    sent_with_e2e: int,
+) -> dict[str, Any]:
+    """The RSS phase's audit (:func:`synthwatch.bench.audit.audit_phase`) into ``tmp/rss-audit.json``; returns
+    it without the per-event list, with both phases' sent and stored counts (as the benchmark counted the 163)."""
+    audit = audit_phase(
+        worker.query,
+        servers,
+        f"bench-{run}",  # the worker's app id: its consumer group
+        [*settings.input_topics, settings.topic_sightings],
+        f"rss-{run}-",
+        rss_events,
+        tmp / "rss-audit.json",
+    )
+    summary = {k: v for k, v in audit.items() if k != "events"}
+    summary["sent_with_e2e"] = sent_with_e2e
+    summary["stored_with_e2e"] = worker.count(
+        "SELECT (SELECT count() FROM lab_detections) + (SELECT count() FROM border_seizures)"
+    )
+    console.print(f"RSS audit ({tmp / 'rss-audit.json'}): {summary}")
+    return summary
 
 
 def _scale_out(
@@ -506,6 +555,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "`make install`), compared with their shipped settings in alternating rounds (--repeat)",
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        metavar="DIR",
+        help="keep the run's directory (workers' data and logs) under DIR and audit the RSS phase's stored events",
+    )
     args = parser.parse_args(argv)
     console = command_console()
     result: Any
@@ -541,6 +596,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             scale_out=not args.no_scale_out,
             history=not args.no_history,
             changes=[c for c in args.changes.split(",") if c],
+            keep=args.keep,
         )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")

@@ -19,7 +19,7 @@ import pytest
 
 from synthwatch.bench.experiments import Checkout, parse_checkouts
 from synthwatch.bench.memory import process_cpu_seconds
-from synthwatch.bench.workers import BenchWorker, wait_consumed
+from synthwatch.bench.workers import BenchWorker, wait_consumed, wait_idle
 
 
 class _Ready(BaseHTTPRequestHandler):
@@ -83,6 +83,18 @@ def test_a_phase_waits_until_its_events_are_checkpointed_once(ready_server: Any,
     ]
     wait_consumed([_worker(url, tmp_path)], 100, timeout=30, interval=0.01)
     assert answers == [(200, {"checkpointed": 120, "replayed": 20})]  # it read until the last answer
+
+
+def test_a_phase_waits_until_its_sightings_are_processed_once(ready_server: Any, tmp_path: Path) -> None:
+    """Sightings read again after a seek-back count in 'sightings_processed' twice (``replayed_sightings``)."""
+    url, answers = ready_server
+    answers += [
+        (200, {"sightings": 50, "sightings_processed": 60, "replayed_sightings": 30}),  # 30 done, 30 read twice
+        (503, {"sightings": 50, "sightings_processed": 75, "replayed_sightings": 30}),  # stalled meanwhile
+        (200, {"sightings": 50, "sightings_processed": 80, "replayed_sightings": 30}),  # all 50 done
+    ]
+    wait_idle([_worker(url, tmp_path)], timeout=30, interval=0.01)
+    assert answers == [(200, {"sightings": 50, "sightings_processed": 80, "replayed_sightings": 30})]
 
 
 def test_other_http_errors_are_not_taken_for_counters(ready_server: Any, tmp_path: Path) -> None:
