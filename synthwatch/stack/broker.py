@@ -301,6 +301,25 @@ def _marks(consumer: KafkaConsumer, partitions: list[TopicPartition], timeout: f
     return marks
 
 
+def _wait_ms(timeout: float) -> int:
+    return max(int(timeout * 1000), 1000)
+
+
+def _counting_consumer(servers: str, timeout: float) -> KafkaConsumer:
+    """A kafka-python consumer that reads offsets only, connecting and asking within ``timeout``.
+
+    Why the bootstrap timeout too: kafka-python 3 waits 30 s for its first connection whatever
+    ``request_timeout_ms`` says, and a frozen broker must not hold a stopping `up` (whose drain counts
+    every 0.25 s) for half a minute a count.
+    """
+    from kafka import KafkaConsumer
+
+    wait_ms = _wait_ms(timeout)
+    return KafkaConsumer(
+        bootstrap_servers=servers, enable_auto_commit=False, request_timeout_ms=wait_ms, bootstrap_timeout_ms=wait_ms
+    )
+
+
 def high_watermarks(servers: str, topics: Iterable[str], timeout: float = 20.0) -> dict[TopicPartition, int]:
     """Per partition, the offset after the last record, as fetch responses report it.
 
@@ -308,12 +327,7 @@ def high_watermarks(servers: str, topics: Iterable[str], timeout: float = 20.0) 
     lag computed from it looks zero (or negative) while the last batch is still unread. A partition
     whose mark is not known within ``timeout`` is missing from the result.
     """
-    from kafka import KafkaConsumer
-
-    wait_ms = max(int(timeout * 1000), 1000)
-    consumer = KafkaConsumer(
-        bootstrap_servers=servers, enable_auto_commit=False, request_timeout_ms=wait_ms, bootstrap_timeout_ms=wait_ms
-    )
+    consumer = _counting_consumer(servers, timeout)
     try:
         return _marks(consumer, _partitions(consumer, topics), timeout)
     finally:
@@ -330,14 +344,10 @@ def committed_offsets(
     committing is in a mark read after the commit). A partition whose mark is not known in ``timeout``
     is missing from the result.
     """
-    # Connecting and requests time out with ``timeout``, not kafka-python's 30 s (bootstrap) to 5 min: a
-    # frozen broker must not hold a stopping `up` (its drain counts every 0.25 s) for half a minute a count.
-    from kafka import KafkaAdminClient, KafkaConsumer
+    from kafka import KafkaAdminClient
 
-    wait_ms = max(int(timeout * 1000), 1000)
-    consumer = KafkaConsumer(
-        bootstrap_servers=servers, enable_auto_commit=False, request_timeout_ms=wait_ms, bootstrap_timeout_ms=wait_ms
-    )
+    wait_ms = _wait_ms(timeout)
+    consumer = _counting_consumer(servers, timeout)
     try:
         partitions = _partitions(consumer, topics)
         admin = KafkaAdminClient(
