@@ -299,3 +299,47 @@ def test_a_record_fetched_before_a_seek_that_completed_during_the_drain_loop_s_c
     assert consumer.seeks == 1 and len(fetches) == 2  # sought once, then fetched again
     assert delivered == []  # nothing of the stale fetch reached the agents
     assert consumer._read_offset[tp] == 3  # the seek's position stands: 3 is read next
+
+
+def test_the_drain_loop_calls_the_partition_s_callback_directly_only_while_the_conductor_s_lock_is_free(
+    tmp_path: Path,
+) -> None:
+    """Item 6 of the transport: Faust's ``on_message`` takes the conductor's lock per record to look up the
+    partition's callback. The direct handler makes the same lookup without it when the lock is free, and
+    leaves the record to ``on_message`` (which waits for the lock) while a rebalance holds it."""
+    from faust.types import TP
+
+    from synthwatch.settings import Settings
+    from synthwatch.stream_apps.runtime.transport import worker_app
+
+    app = worker_app(Settings(data_dir=tmp_path), "127.0.0.1:9", 6066)  # built only: nothing connects
+    consumer: Any = app.consumer
+    conductor: Any = app.topics
+    tp = TP("reports", 0)
+    got: list[tuple[str, int]] = []
+
+    async def partition_callback(message: Any) -> None:
+        got.append(("partition", message.offset))
+
+    async def other(message: Any) -> None:  # not the conductor's handler: left alone
+        got.append(("other", message.offset))
+
+    assert consumer.direct_handler(other) is None
+    direct = consumer.direct_handler(consumer.callback)
+    assert consumer.callback is conductor.on_message and direct is not None
+
+    async def run() -> None:
+        conductor._tp_to_callback[tp] = partition_callback  # what a rebalance's map update puts there
+        await consumer.deliver(consumer.callback, SimpleNamespace(tp=tp, offset=1), direct)
+        async with conductor._tp_to_callback_lock:  # a rebalance rebuilding the map
+            handed = asyncio.ensure_future(
+                consumer.deliver(consumer.callback, SimpleNamespace(tp=tp, offset=2), direct)
+            )
+            await asyncio.sleep(0.05)
+            assert got == [("partition", 1)]  # waits for the lock, as Faust's on_message does
+        await asyncio.wait_for(handed, 5)
+        with pytest.raises(KeyError):  # a partition with no callback fails as in Faust's on_message
+            await consumer.deliver(consumer.callback, SimpleNamespace(tp=TP("reports", 9), offset=3), direct)
+
+    consumer.loop.run_until_complete(run())  # the consumer's loop: a record that has to wait is finished on it
+    assert got == [("partition", 1), ("partition", 2)]
