@@ -31,8 +31,6 @@
    (frozen, gone) stores what it had fetched but cannot commit it; ``synthwatch up`` counts what is not
    stored from the group's lag once the worker is down, and without these it counted stored records as
    lost. Faust's own ``_acked`` cannot say: a commit takes its offsets out whether or not it succeeds.
-6. A fetched record goes straight to its partition's callback when the conductor's lock is free
-   (:meth:`Consumer.direct_handler`), without Faust's ``on_message`` taking that lock for each record.
 
 docs/performance.md has the measurements.
 """
@@ -214,48 +212,17 @@ class Consumer(faust_aiokafka.Consumer):
         finally:
             acked.extend(above)
 
-    async def deliver(
-        self,
-        callback: Callable[[Any], Awaitable[Any]],
-        message: Any,
-        direct: Callable[[Any], Awaitable[Any]] | None = None,
-    ) -> None:
-        """``callback(message)`` run directly; only if it has to wait, finished as Faust does.
-
-        ``direct`` (:meth:`direct_handler`) stands in for ``callback`` when the flow is not suspended."""
+    async def deliver(self, callback: Callable[[Any], Awaitable[Any]], message: Any) -> None:
+        """``callback(message)`` run directly; only if it has to wait, finished as Faust does."""
         if self.suspend_flow.is_set():
             await self.wait_first(callback(message), self.suspend_flow.wait())
             return
-        # the conductor's on_message (an async def) or its per-partition callback
-        coro = cast(Coroutine[Any, Any, Any], (direct or callback)(message))
+        coro = cast(Coroutine[Any, Any, Any], callback(message))  # the conductor's on_message, an async def
         try:
             yielded = coro.send(None)
         except StopIteration:
             return
         await self.wait_first(_finish(coro, yielded), self.suspend_flow.wait())
-
-    def direct_handler(self, callback: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]] | None:
-        """The conductor's ``on_message`` without its lock when the lock is free (item 6); None when
-        ``callback`` is not the conductor's own handler.
-
-        Faust's ``on_message`` takes the conductor's asyncio lock for every record only to look up the
-        partition's callback (a rebalance holds it while it rebuilds that map, in place). Taking a free lock
-        that nobody waits for does not yield, so when it is free the lookup and the call are made here
-        directly, one coroutine and two lock calls fewer per record; when it is held or waited for, Faust's
-        ``on_message`` queues behind it as before.
-        """
-        conductor: Any = getattr(self.app, "topics", None)
-        if self.app.client_only or conductor is None or callback is not getattr(conductor, "on_message", None):
-            return None
-        lock: asyncio.Lock = conductor._tp_to_callback_lock
-        by_tp: Mapping[Any, Callable[[Any], Awaitable[Any]]] = conductor._tp_to_callback  # updated in place
-
-        def handler(message: Any) -> Awaitable[Any]:
-            if lock.locked() or getattr(lock, "_waiters", None):
-                return callback(message)
-            return by_tp[message.tp](message)
-
-        return handler
 
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - Faust's loop, one call changed
         # faust/transport/consumer.py Consumer._drain_messages (faust-streaming 0.15.x); two changes:
@@ -270,7 +237,6 @@ class Consumer(faust_aiokafka.Consumer):
         # a restarted worker): that case seeks again. A seek that begins and ends while a record is in hand
         # (during the inline commit) is checked again right before the hand-over: that record is stale too.
         callback = self.callback
-        direct = self.direct_handler(callback)
         deliver = self.deliver
         getmany = self.getmany
         consumer_should_stop = self._stopped.is_set
@@ -331,7 +297,7 @@ class Consumer(faust_aiokafka.Consumer):
                                 # and skips them: events lost). Fetched again from the committed offset.
                                 await ait.aclose()
                                 break
-                            await deliver(callback, message, direct)
+                            await deliver(callback, message)
                             if self.seeks != seeks:  # sought while it was delivered: its read offset is the seek's
                                 await ait.aclose()
                                 break
