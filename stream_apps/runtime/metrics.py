@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cache
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from prometheus_client import (
@@ -449,42 +448,6 @@ async def partition_offsets(app: faust.App, topics: Collection[str] | None = Non
     return found
 
 
-@cache
-def faust_monitor_class() -> type[Any]:
-    """Faust's Prometheus monitor, with the end-offset gauge of each partition looked up once, not per record.
-
-    Faust's consumer reports the partition's high watermark for every record it hands over
-    (``track_tp_end_offset``), and Faust's monitor then looks the gauge's labelled child up by its label
-    values (a lock, a tuple of ``str()``, a sorted check) and sets it: ~2 % of the worker's samples in a
-    backlog drain, for a value that changes once per fetch. Here the child is kept per partition and set
-    when the value changes; the gauge reads the same. A rebalance clears Faust's partition metrics (the
-    gauge's children too), and the kept children with them. Imported on first use (Faust's sensors)."""
-    from faust.sensors.prometheus import PrometheusMonitor
-
-    class EndOffsetCachingMonitor(PrometheusMonitor):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self._end_offset_children: dict[Any, tuple[Any, int]] = {}  # tp -> (gauge child, value set)
-
-        def track_tp_end_offset(self, tp: Any, offset: int) -> None:
-            self.tp_end_offsets[tp] = offset  # what Faust's Monitor.track_tp_end_offset does
-            known = self._end_offset_children.get(tp)
-            if known is not None:
-                if known[1] == offset:
-                    return
-                child = known[0]
-            else:
-                child = self._metrics.topic_partition_end_offset.labels(topic=tp.topic, partition=tp.partition)
-            child.set(offset)
-            self._end_offset_children[tp] = (child, offset)
-
-        def _clear_partition_related_metrics(self) -> None:
-            self._end_offset_children.clear()
-            super()._clear_partition_related_metrics()
-
-    return EndOffsetCachingMonitor
-
-
 def attach_metrics(
     app: faust.App,
     metrics: WorkerMetrics,
@@ -502,11 +465,11 @@ def attach_metrics(
     from faust import web
 
     if faust_sensor:
-        from faust.sensors.prometheus import FaustMetrics
+        from faust.sensors.prometheus import FaustMetrics, PrometheusMonitor
 
         if metrics.faust_metrics is None:
             metrics.faust_metrics = FaustMetrics.create(metrics.registry, "faust")
-        app.monitor = faust_monitor_class()(metrics=metrics.faust_metrics)
+        app.monitor = PrometheusMonitor(metrics=metrics.faust_metrics)
 
     @app.page("/metrics")
     async def metrics_page(self: web.View, request: web.Request) -> web.Response:

@@ -338,38 +338,3 @@ def test_one_call_keeps_the_ready_counters_and_prometheus_in_step() -> None:
     assert value(text, "synthwatch_forged_records_total", topic="alerts") == 2
     assert value(text, "synthwatch_consumer_stalls_total", topic="labs") == 1
     assert value(text, "synthwatch_sink_retries_total", operation="storing events") == 1
-
-
-def test_faust_end_offset_gauge_reads_as_faust_s_own_monitor_would_and_clears_on_rebalance() -> None:
-    """The worker's Faust monitor keeps each partition's end-offset gauge child instead of looking it up for
-    every record; the gauge and ``tp_end_offsets`` (the watchdog's and lag's source) read as with Faust's own
-    monitor fed the same calls, and a rebalance's clearing of partition metrics is not undone by a kept child."""
-    from faust.sensors.prometheus import FaustMetrics, PrometheusMonitor
-    from faust.types import TP
-
-    from synthwatch.stream_apps.runtime.metrics import faust_monitor_class
-
-    ours, theirs = WorkerMetrics(), WorkerMetrics()
-    monitor = faust_monitor_class()(metrics=FaustMetrics.create(ours.registry, "faust"))
-    reference = PrometheusMonitor(metrics=FaustMetrics.create(theirs.registry, "faust"))
-    a, b = TP("labs", 0), TP("seizures", 3)
-    calls = [(a, 10), (a, 10), (b, 7), (a, 12), (b, 7), (a, 12), (b, 9)]
-    for m in (monitor, reference):
-        for tp, offset in calls:
-            m.track_tp_end_offset(tp, offset)
-    name = "faust_topic_partition_end_offset"
-    assert value(ours.exposition(), name, topic="labs", partition="0") == 12
-    assert value(ours.exposition(), name, topic="seizures", partition="3") == 9
-    assert {k: v for k, v in samples(ours.exposition()).items() if k[0] == name} == {
-        k: v for k, v in samples(theirs.exposition()).items() if k[0] == name
-    }
-    assert monitor.tp_end_offsets == reference.tp_end_offsets == {a: 12, b: 9}
-
-    for m in (monitor, reference):  # a rebalance: Faust removes every partition's series
-        m._clear_partition_related_metrics()
-        m.track_tp_end_offset(a, 12)  # the same value as before: the series must come back all the same
-    assert value(ours.exposition(), name, topic="labs", partition="0") == 12
-    assert value(ours.exposition(), name, topic="seizures", partition="3") is None
-    assert {k: v for k, v in samples(ours.exposition()).items() if k[0] == name} == {
-        k: v for k, v in samples(theirs.exposition()).items() if k[0] == name
-    }
