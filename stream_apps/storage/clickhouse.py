@@ -66,6 +66,23 @@ def database_of(settings: Settings) -> str:
     return name
 
 
+def without_dataframes() -> None:
+    """Tell clickhouse-connect that this process passes it no pandas objects, unless pandas is loaded already.
+
+    Why: ``client.insert`` asks whether its rows are a DataFrame, and asking imports pandas (clickhouse-connect
+    resolves ``options.pd`` lazily): the worker's first checkpoint paid ~0.2-0.5 CPU s and ~47 MiB of RSS for
+    it, inside the backlog it was draining. synthwatch inserts and reads lists and Arrow bytes only; a value of
+    a pandas type cannot exist in a process that has not imported pandas, so every check that asks gives the
+    same answer. Once set, ``query_df``/``insert_df`` in this process say pandas is not installed: a process
+    that wants them imports pandas before its first client.
+    """
+    from clickhouse_connect.driver import options
+
+    if "pandas" not in sys.modules and "pd" not in vars(options):
+        options.pd = None
+        options.pd_time_test = None
+
+
 def connect(settings: Settings, database: str | None = None, create: bool = True) -> Client:
     """A client on the configured ClickHouse, with ``database`` (created if missing) as default.
 
@@ -74,6 +91,7 @@ def connect(settings: Settings, database: str | None = None, create: bool = True
     """
     import clickhouse_connect  # here, not at the top: a worker imports it in the thread that opens its client
 
+    without_dataframes()
     url = settings.resolved_clickhouse_url
     database = database or database_of(settings)
     if url.startswith("chdb:"):
@@ -192,9 +210,10 @@ def migrate(client: Client, migrations: list[Migration] | None = None) -> list[M
 def _record(client: Client, migration: Migration, status: str) -> None:
     """One ledger row, as an ``INSERT ... VALUES`` with bound parameters.
 
-    Why not ``client.insert``: its first call imports pandas (clickhouse-connect checks whether the rows
-    are a DataFrame), ~0.2 core-s and ~0.3 s on every start-up of a fresh directory (``ingest-history``,
-    the worker's opening), and each call asks ClickHouse for the table's column types first.
+    Why not ``client.insert``: its first call imported pandas (clickhouse-connect checks whether the rows
+    are a DataFrame; :func:`without_dataframes` now answers that), ~0.2 core-s and ~0.3 s on every start-up
+    of a fresh directory (``ingest-history``, the worker's opening), and each call asks ClickHouse for the
+    table's column types first.
     """
     client.command(
         "INSERT INTO schema_migrations (version, name, checksum, status) "

@@ -1,9 +1,10 @@
 """What a worker has loaded and done when its Faust worker starts, i.e. before it joins its consumer group.
 
 Everything imported before the join is on the path to ready; the ClickHouse driver (clickhouse-connect,
-chDB, and pandas through clickhouse-connect's insert) is imported by the thread that opens the engine while
-the broker holds the join, and kafka-python is not needed by a worker before its first checkpoint. The
-resolver's catalogue and one garbage collection are left for the join wait too (:class:`JoinWaitWork`).
+chDB; pandas not at all since ``storage.clickhouse.without_dataframes``) is imported by the thread that
+opens the engine while the broker holds the join, and kafka-python is not needed by a worker before its
+first checkpoint. The resolver's catalogue and one garbage collection are left for the join wait too
+(:class:`JoinWaitWork`).
 Checked in a fresh interpreter: the test session itself has imported everything.
 """
 

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 from typing import Any
 
 from synthwatch.schemas import Reject
@@ -98,3 +103,37 @@ def test_a_changed_report_inside_one_batch_is_a_reject_not_a_duplicate() -> None
     )
     assert (len(result.events), result.duplicates, len(result.rejects)) == (1, 1, 1)
     assert result.rejects[0].event_id == "y-1" and "different content" in result.rejects[0].reason
+
+
+def test_storing_events_does_not_import_pandas(tmp_path: Path) -> None:
+    """clickhouse-connect's insert asks whether its rows are a DataFrame, and asking imported pandas (~47 MiB of
+    RSS and a few tenths of a CPU second in the worker's first checkpoint). A fresh process that connects and
+    stores events through the sink has the rows stored and pandas still not imported."""
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        from synthwatch.settings import Settings
+        from synthwatch.stream_apps.detect.intake import Intake, RawMessage
+        from synthwatch.stream_apps.storage.clickhouse import connect, migrate
+        from synthwatch.stream_apps.storage.sink import ClickHouseSink
+        from tests.support.factories import lab, seizure
+
+        client = connect(Settings(data_dir={str(tmp_path)!r}))
+        migrate(client)
+        records = [seizure(event_id="s-1"), lab(event_id="l-1")]
+        batch = Intake().process([RawMessage(f"t:0:{{i}}", json.dumps(r)) for i, r in enumerate(records)])
+        stored = ClickHouseSink(client).store_events(batch.events)
+        print(json.dumps([stored.stored, "pandas" in sys.modules]))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHWATCH_")}
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parents[2],
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == [2, False]
