@@ -27,6 +27,17 @@ def compute_structures(smiles: list[str]) -> dict[str, Structure | str]:
     return {text: structure_from_smiles(text) for text in smiles}
 
 
+def compute_in_pool(
+    pool: ProcessPoolExecutor | None, workers: int, smiles: list[str]
+) -> list[Future[dict[str, Structure | str]]]:
+    """RDKit's answers for ``smiles``, split over the pool's processes and started now ([] without a pool or
+    SMILES: the resolver then computes what it meets itself, with the same result)."""
+    if pool is None or not smiles:
+        return []
+    parts = [smiles[i :: max(workers, 1)] for i in range(max(workers, 1))]
+    return [pool.submit(compute_structures, part) for part in parts if part]
+
+
 def scan_part(path: str, start: int, end: int) -> set[str]:
     """Distinct SMILES spellings in a byte range of whole lines; also readies this worker's caches.
 
