@@ -163,6 +163,14 @@ def _hand_written() -> list[str]:
         plain.replace('"GC-MS"', '"GC\\":MS"'),
         plain.replace('"lab_id": "LAB-FR-01"', '"lab_id" : "LAB-FR-01"'),
         seizure_plain.replace('{"value": 2.5, "unit": "kg"}', '{"value": 2.5, "unit": "kg", "lot" : 1}'),
+        # ASCII spaces around a substance name are stripped by the engine too; any other white space left at
+        # an edge after that sends the line to Python; the length counts after the strip
+        plain.replace('{"name": "3-MMC"', '{"name": "  3-MMC  "'),
+        plain.replace('{"name": "3-MMC"', '{"name": " \\u00a03-MMC "'),
+        plain.replace('{"name": "3-MMC"', '{"name": "3-MMC \\t "'),
+        plain.replace('{"name": "3-MMC"', '{"name": "   "'),
+        plain.replace('{"name": "3-MMC"', '{"name": "' + " " * 3 + "é" * 500 + " " * 3 + '"'),
+        plain.replace('{"name": "3-MMC"', '{"name": "' + " " + "é" * 501 + " " + '"'),
         # numbers only a correctly rounding parser reads as jiter does (rapidjson, the engine's other
         # JSON parser, is off by an ulp on these), and invalid UTF-8 only a validating one refuses
         plain.replace('"purity_pct": 71.5', '"purity_pct": 12.345678901234567890'),
