@@ -77,11 +77,16 @@ class Prepass:
     opens the engine and migrates, not after.
     """
 
-    def __init__(self, pool: ProcessPoolExecutor, path: Path, workers: int) -> None:
+    def __init__(self, pool: ProcessPoolExecutor, path: Path, workers: int, head: int | None = None) -> None:
+        """``head``: scan only the lines starting in the file's first ``head`` bytes (default: the whole file)."""
         self.pool, self.workers = pool, workers
         size = path.stat().st_size
         bounds = [0]
         with open(path, "rb") as handle:
+            if head is not None and head < size:
+                handle.seek(head)
+                handle.readline()  # to the end of the line under way
+                size = handle.tell()
             for i in range(1, workers):
                 handle.seek(max(size * i // workers, bounds[-1]))
                 handle.readline()  # to the next line start: a line is scanned by exactly one part
