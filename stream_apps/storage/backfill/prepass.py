@@ -78,7 +78,8 @@ class Prepass:
     """
 
     def __init__(self, pool: ProcessPoolExecutor, path: Path, workers: int, head: int | None = None) -> None:
-        """``head``: scan only the lines starting in the file's first ``head`` bytes (default: the whole file)."""
+        """``head``: scan only the file's first ``head`` bytes, to the end of the line under way there
+        (default: the whole file)."""
         self.pool, self.workers = pool, workers
         size = path.stat().st_size
         bounds = [0]
