@@ -355,7 +355,7 @@ def test_slow_lines_judged_in_the_pool_store_what_in_process_judging_stores(
 
     lines = _with_novel_name(_lines(days=2)[0])
     slow = [  # lax spellings pydantic normalises, and lines it refuses: none is taken by the engine
-        json.dumps(lab(event_id=f"lax-{i}", country="ml", region="ml-bko", substance={"name": f" MDMA {i % 3} "}))
+        json.dumps(lab(event_id=f"lax-{i}", country="ml", region="ml-bko", substance={"name": f"\u00a0MDMA {i % 3} "}))
         if i % 3 == 0
         else json.dumps(lab(event_id=f"lax-{i}", confirmed="yes", purity_pct=str(i % 90)))
         if i % 3 == 1

@@ -16,8 +16,9 @@ import pytest
 
 from synthwatch.producers.simulate import SimulationConfig, simulate
 from synthwatch.schemas import WireError, parse_event
+from synthwatch.stream_apps.storage.backfill.ingest import _pool
 from synthwatch.stream_apps.storage.backfill.parse import Chunk, ChunkParser
-from synthwatch.stream_apps.storage.backfill.prepass import compute_structures, scan_part
+from synthwatch.stream_apps.storage.backfill.prepass import Prepass, compute_structures, scan_part
 from synthwatch.stream_apps.storage.tables import LAB_TABLE, SEIZURE_TABLE
 from tests.support.factories import lab, malformed_records, seizure
 
@@ -75,3 +76,21 @@ def test_chunk_loop_gives_parse_events_verdict_on_every_line(tmp_path: Path, enc
     assert sorted([*stored, *pending]) == sorted(set(accepted))  # each accepted event once, re-sends dropped
     assert result.duplicates == len(accepted) - len(set(accepted)) > 1  # the simulated re-sends and ours
     assert result.lines == len(expected) and result.blank == len(lines) - len(expected)
+
+
+def test_prepass_of_the_head_computes_the_smiles_of_the_lines_starting_in_it(tmp_path: Path) -> None:
+    """The engine's path puts only the file's head through the pre-pass (the rest comes from the engine):
+    its lines, up to the end of the one under way where the head ends, and no other."""
+    smiles = ["CCO", "CCN", "c1ccccc1", "CC(=O)O"]
+    lines = [json.dumps(lab(event_id=f"p-{i}", substance={"name": f"s{i}", "smiles": s})) for i, s in enumerate(smiles)]
+    path = tmp_path / "h.ndjson"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    pool = _pool(2)
+    try:
+        head = Prepass(pool, path, 2, head=len(lines[0]) + 1 + 5).structures()  # 5 bytes into the second line
+        whole = Prepass(pool, path, 2).structures()
+    finally:
+        pool.shutdown()
+    assert sorted(head) == ["CCN", "CCO"]
+    assert sorted(whole) == sorted(smiles)
+    assert head == {s: whole[s] for s in head}  # RDKit's same answers

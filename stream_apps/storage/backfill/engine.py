@@ -10,6 +10,7 @@ go from the parsed table straight into the raw tables. Verdicts and rows equal t
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from synthwatch.schemas.wire import DEFAULT_LIMITS, RecordLimits, parse_limited
 from synthwatch.stream_apps.detect.identity import Structure, SubstanceResolver
 from synthwatch.stream_apps.storage.backfill.arrow import arrow_ipc
 from synthwatch.stream_apps.storage.backfill.parse import ChunkParser, ChunkResult
+from synthwatch.stream_apps.storage.backfill.prepass import compute_in_pool
 from synthwatch.stream_apps.storage.backfill.resolve import (
     SubstanceKey,
     known_names,
@@ -154,9 +156,9 @@ class EngineChunks:
 
     def _judged(self, slow: list[tuple[int, bytes]]) -> list[Judged]:
         """Python's verdicts on ``slow`` lines, in line order: split over the pool's processes when there is
-        one (idle by now: the pre-pass is done) and enough lines to pay for the hand-over, else here.
+        one and enough lines to pay for the hand-over, else here.
 
-        Why: ~90 µs a line in ``parse_event`` (~13k lines per million), while the engine waits."""
+        Why: ~45 µs a line in ``parse_event`` (~13k lines per million), while the engine waits."""
         if self.pool is None or self.workers < 2 or len(slow) < _SPLIT_SLOW_LINES:
             return [judge_lines(slow, self.limits)]
         size = -(-len(slow) // self.workers)
@@ -179,11 +181,26 @@ class EngineChunks:
         )
         return int(str(client.command(f"SELECT count() FROM {self.parsed}")))
 
+    def new_smiles(self, known: Collection[str]) -> list[str]:
+        """The distinct SMILES of the lines the engine accepted in this chunk (after :meth:`parse`) that are
+        not in ``known``, sorted."""
+        rows = self.client.query(f"SELECT DISTINCT smiles FROM {self.parsed} WHERE ok = 1 AND smiles != ''")
+        return sorted(smiles for (smiles,) in rows.result_rows if smiles not in known)
+
     def finish(
-        self, start: int, rows: int, resolver: SubstanceResolver, structures: dict[str, Structure | str]
+        self,
+        start: int,
+        rows: int,
+        resolver: SubstanceResolver,
+        structures: dict[str, Structure | str],
+        smiles: Sequence[str] = (),
     ) -> ChunkResult:
         """The chunk's other lines through Python, then duplicates and substances (the rows stay in the
-        engine: :meth:`kept_rows`); returns what Python found."""
+        engine: :meth:`kept_rows`); returns what Python found.
+
+        ``smiles``: this chunk's SMILES not in ``structures`` yet (:meth:`new_smiles`), put through RDKit in
+        the pool once the other lines are judged, while this process stores what they gave and finds the
+        duplicates; the answers join ``structures`` before the chunk's substances are resolved."""
         client = self.client
         end = start + rows
         result = ChunkResult(start, end)
@@ -191,7 +208,9 @@ class EngineChunks:
             f"SELECT n, raw FROM {self.parsed} WHERE ok = 0 ORDER BY n", query_formats={"String": "bytes"}
         ).result_rows
         accepted: list[tuple[object, ...]] = []
-        for blank, rejects, judged_rows in self._judged([(number, bytes(line)) for number, line in slow]):
+        judged = self._judged([(number, bytes(line)) for number, line in slow])
+        computing = compute_in_pool(self.pool, self.workers, list(smiles))
+        for blank, rejects, judged_rows in judged:
             result.blank += blank
             result.rejects.extend(rejects)
             accepted.extend(judged_rows)
@@ -209,6 +228,8 @@ class EngineChunks:
         )
         result.duplicates = accepted_lines - kept
         result.lines = end - start - result.blank
+        for answers in computing:
+            structures.update(answers.result())
         self._resolve(result, resolver, structures)
         return result
 

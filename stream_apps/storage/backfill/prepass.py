@@ -27,6 +27,17 @@ def compute_structures(smiles: list[str]) -> dict[str, Structure | str]:
     return {text: structure_from_smiles(text) for text in smiles}
 
 
+def compute_in_pool(
+    pool: ProcessPoolExecutor | None, workers: int, smiles: list[str]
+) -> list[Future[dict[str, Structure | str]]]:
+    """RDKit's answers for ``smiles``, split over the pool's processes and started now ([] without a pool or
+    SMILES: the resolver then computes what it meets itself, with the same result)."""
+    if pool is None or not smiles:
+        return []
+    parts = [smiles[i :: max(workers, 1)] for i in range(max(workers, 1))]
+    return [pool.submit(compute_structures, part) for part in parts if part]
+
+
 def scan_part(path: str, start: int, end: int) -> set[str]:
     """Distinct SMILES spellings in a byte range of whole lines; also readies this worker's caches.
 
@@ -66,11 +77,17 @@ class Prepass:
     opens the engine and migrates, not after.
     """
 
-    def __init__(self, pool: ProcessPoolExecutor, path: Path, workers: int) -> None:
+    def __init__(self, pool: ProcessPoolExecutor, path: Path, workers: int, head: int | None = None) -> None:
+        """``head``: scan only the file's first ``head`` bytes, to the end of the line under way there
+        (default: the whole file)."""
         self.pool, self.workers = pool, workers
         size = path.stat().st_size
         bounds = [0]
         with open(path, "rb") as handle:
+            if head is not None and head < size:
+                handle.seek(head)
+                handle.readline()  # to the end of the line under way
+                size = handle.tell()
             for i in range(1, workers):
                 handle.seek(max(size * i // workers, bounds[-1]))
                 handle.readline()  # to the next line start: a line is scanned by exactly one part
