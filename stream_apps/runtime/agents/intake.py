@@ -33,6 +33,7 @@ from synthwatch.stream_apps.runtime.corrections import correction_notices, judge
 from synthwatch.stream_apps.runtime.metrics import ingest_times
 from synthwatch.stream_apps.runtime.outbox import Outbox, SpikeOutbox
 from synthwatch.stream_apps.runtime.state_tables import Change, StateTables
+from synthwatch.stream_apps.runtime.transport import revoked
 
 log = logging.getLogger("synthwatch.stack.worker")
 
@@ -161,6 +162,11 @@ def add_intake_agent(agents: AgentContext, tables: StateTables, outbox: SpikeOut
                 result = ctx.intake.process(messages)
                 # Corrections that may not correct what they name are refused before anything counts them.
                 result.events = await judge_batch(agents, result.events, chain(storing, rows), result.rejects)
+                if revoked(agents.app, events[0].message):
+                    # A rebalance began during the awaits above (its partitions revoked, its detector state
+                    # forgotten): applied now, to state reloaded without the batches before it, its replay marks
+                    # would cover those batches' events, which the next owner would then skip. Read again.
+                    continue
                 found = detect_regions(agents, result.events)
                 agents.replayed_records("intake", found.replayed)
                 partitions.update(found.partitions)
