@@ -42,6 +42,9 @@
    them, in the rebalance (aiokafka still lists the partition; a broker takes a commit from a member of the
    generation) or once the partition came back: events whose detector state and spike alerts were never
    written, never read again. Refused, they are read again from the committed offset by the next owner.
+   For the same reason a checkpoint writes the detector state it drained, and sends its outbox, only if no
+   revoke began since (:attr:`Consumer.revocations`): written later, during or after the rebalance, it could
+   land in the changelog after the next owner's own records of the same keys.
 
 docs/performance.md has the measurements.
 """
@@ -147,12 +150,15 @@ class Consumer(faust_aiokafka.Consumer):
     #: True from the start of a revoke until the next assignment (item 6). A consumer generation, to the worker,
     #: ends when its partitions are revoked: Faust changes ``consumer_generation_id`` only with the new assignment.
     revoking: bool = False
+    #: Revokes so far: a checkpoint writes the detector state it drained only if none began since (item 6).
+    revocations: int = 0
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         """Faust's revoke (it drops its acknowledged offsets and committed offset of every revoked partition,
         then runs the app's callbacks: the worker forgets its detector state), with acknowledgements refused from
         its start until the next assignment (item 6)."""
         self.revoking = True
+        self.revocations += 1
         await super().on_partitions_revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: Any, generation_id: int = 0) -> None:
@@ -364,6 +370,11 @@ def revoked(app: Any, message: Any) -> bool:
     if message.generation_id != app.consumer_generation_id:
         return True
     return bool(getattr(app.consumer, "revoking", False))  # False: not this transport's consumer (a test's app)
+
+
+def revocations(app: Any) -> int:
+    """Revokes so far (item 6); 0 for another consumer (a test's own app)."""
+    return int(getattr(app.consumer, "revocations", 0))
 
 
 def note_stored(consumer: Any, messages: Iterable[Any]) -> None:

@@ -178,116 +178,183 @@ def test_stored_offsets_of_a_revoked_partition_stay_count_nothing_below_the_comm
     assert stored_uncommitted(worker.consumer) == {}
 
 
+class _Intake:
+    """The intake agent, wired as ``create_app`` wires it, on a :class:`_Worker` holding lab detections partition 0;
+    ClickHouse (``store_events``, the corrections' reads) and the producer's broker side stubbed. Every send is
+    recorded with the number of revokes begun before it."""
+
+    def __init__(self, tmp_path: Path, reports: dict[int, dict[str, Any]], store_events: Any = None) -> None:
+        import threading
+        import time
+        from types import SimpleNamespace
+
+        from synthwatch.stream_apps.detect.intake import Intake
+        from synthwatch.stream_apps.detect.novelty import NoveltyDetector
+        from synthwatch.stream_apps.detect.region import DetectionConfig, RegionDetector
+        from synthwatch.stream_apps.runtime.agents import intake as intake_module
+        from synthwatch.stream_apps.runtime.context import AgentContext, Topics, WorkerContext
+        from synthwatch.stream_apps.runtime.outbox import SpikeOutbox
+        from synthwatch.stream_apps.runtime.recovery import add_recovery
+        from synthwatch.stream_apps.runtime.state_tables import StateTables
+        from synthwatch.stream_apps.runtime.transport import unmarked
+        from synthwatch.stream_apps.runtime.worker_signature import WorkerSigner, settings_worker_keys
+        from synthwatch.stream_apps.storage.sink import StoreResult
+
+        self.module = intake_module
+        self.settings = settings = Settings(data_dir=tmp_path, checkpoint_seconds=600)  # checkpoints when quiet
+        self.config = DetectionConfig.from_settings(settings)
+        self.topic = topic = settings.topic_lab_detections
+        self.reports = reports
+        stored = store_events or (lambda items: StoreResult(lab_detections=len(items)))
+        self.ctx = WorkerContext(
+            settings=settings,
+            client=None,  # type: ignore[arg-type]  # the sink below stands in for ClickHouse
+            sink=SimpleNamespace(lock=threading.Lock(), store_events=stored),  # type: ignore[arg-type]
+            intake=Intake(),
+            regions=RegionDetector(self.config),
+            novelty=NoveltyDetector(self.config.novelty),
+            started_at=time.monotonic(),
+            state_ready=True,
+        )
+        self.worker = worker = _Worker(tmp_path)
+        self.app = app = worker.app
+        worker.tp = TP(topic, 0)
+        worker.assigned = {worker.tp}
+        app.topics._acking_topics.add(topic)
+        self.sends: list[tuple[str, int]] = []  # (topic, revokes begun before the send)
+        self.batches: Any = None
+
+        async def sent(topic: str, *args: Any, **kwargs: Any) -> Any:  # the producer: acknowledged at once
+            self.sends.append((topic, getattr(worker.consumer, "revocations", 0)))
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+
+        async def revoked_signal(revoked: Any) -> None:  # the app's side of the revoke: its signal's receivers
+            await app.on_partitions_revoked.send(revoked)
+
+        app.producer.send = sent
+        worker.consumer._on_partitions_revoked = revoked_signal
+        self.checkpoints: list[Checkpoint] = []
+        with unmarked(app):
+            signer = WorkerSigner(settings_worker_keys(settings))
+            self.tables = tables = StateTables.create(app, self.ctx, signer)
+            agents = AgentContext(
+                self.ctx,
+                app,
+                Topics.of(app, settings),
+                signer,
+                lambda stream: self.batches(),
+                partition_of=lambda k, n: 0,
+            )
+            outbox = SpikeOutbox(agents, tables)
+            make_checkpoint = agents.checkpoint
+            agents.checkpoint = lambda: self.checkpoints.append(make_checkpoint()) or self.checkpoints[-1]  # type: ignore[method-assign]
+            intake_module.add_intake_agent(agents, tables, outbox)
+            add_recovery(agents, tables, outbox)  # forget_state: what the revoke does to detector state
+
+    def event(self, offset: int) -> Any:
+        import json
+
+        value = json.dumps(self.reports[offset]).encode()
+        message = ConsumerMessage(self.topic, 0, offset, 0.0, 0, None, b"FR-75C", value, None, generation_id=GENERATION)
+        return Event(self.app, b"FR-75C", value, None, message)
+
+    def run(self) -> None:
+        """The agent over ``self.batches()``, then its checkpoints' end and one commit."""
+
+        async def run() -> None:
+            await self.app.agents["intake"].fun(None)
+            for checkpoint in self.checkpoints:
+                await checkpoint.wait()
+            await self.worker.consumer.commit()
+
+        asyncio.run(run())
+
+    def replayed(self, offset: int) -> bool:
+        """Whether a worker taking the partition over, its state restored from the changelog (the table here),
+        takes the report at ``offset`` for a replay."""
+        from synthwatch.stream_apps.detect.intake import Intake, RawMessage
+        from synthwatch.stream_apps.detect.region import Observation, RegionDetector
+        from synthwatch.stream_apps.detect.replay import position_of
+        from synthwatch.stream_apps.runtime.state_tables import load_record
+
+        taker = RegionDetector(self.config, fetch=lambda key: load_record(self.tables.regions.data, key))
+        raw = RawMessage(f"{self.topic}:0:{offset}", self.event(offset).value, self.topic, b"FR-75C", None)
+        (item,) = Intake().process([raw]).events
+        return bool(taker.observe(Observation.of(item), at=position_of(item.source)).replayed)
+
+
 def test_a_batch_whose_rebalance_began_while_it_waited_is_not_applied_to_detector_state(tmp_path: Path) -> None:
-    """The intake agent, wired as ``create_app`` wires it, with ClickHouse and the producer's broker side stubbed.
-    Report 5 of region FR-75C goes through the region stage and waits for its checkpoint. Report 6 (same
+    """Report 5 of region FR-75C goes through the region stage and waits for its checkpoint. Report 6 (same
     region) names a report it corrects, so the agent asks ClickHouse about it first; a rebalance begins during
     that wait, and the revoke forgets the detector state (``forget_state``), 5's changes with it. Before this
     fix, 6 then went through the region stage on the region's record reloaded without 5, and its replay mark
     (offset 6) said the record held every event up to 6: written at the checkpoint, that record made whoever
     took the partition next skip 5 as a replay (its counts and spike alerts lost for good). The batch must be
     left alone: both are read again from the committed offset."""
-    import json
-    import threading
-    import time
-    from types import SimpleNamespace
-
-    from synthwatch.stream_apps.detect.intake import Intake, RawMessage
-    from synthwatch.stream_apps.detect.novelty import NoveltyDetector
-    from synthwatch.stream_apps.detect.region import DetectionConfig, Observation, RegionDetector
-    from synthwatch.stream_apps.detect.replay import position_of
-    from synthwatch.stream_apps.runtime.agents import intake as intake_module
-    from synthwatch.stream_apps.runtime.context import AgentContext, Topics, WorkerContext
-    from synthwatch.stream_apps.runtime.outbox import SpikeOutbox
-    from synthwatch.stream_apps.runtime.recovery import add_recovery
-    from synthwatch.stream_apps.runtime.state_tables import StateTables, load_record
-    from synthwatch.stream_apps.runtime.transport import unmarked
-    from synthwatch.stream_apps.runtime.worker_signature import WorkerSigner, settings_worker_keys
-    from synthwatch.stream_apps.storage.sink import StoreResult
     from tests.support.factories import lab
 
-    settings = Settings(data_dir=tmp_path, checkpoint_seconds=600)  # checkpoints only when the stream is quiet
-    config = DetectionConfig.from_settings(settings)
-    topic = settings.topic_lab_detections
-    ctx = WorkerContext(
-        settings=settings,
-        client=None,  # type: ignore[arg-type]  # the sink below stands in for ClickHouse
-        sink=SimpleNamespace(  # type: ignore[arg-type]
-            lock=threading.Lock(), store_events=lambda items: StoreResult(lab_detections=len(items))
-        ),
-        intake=Intake(),
-        regions=RegionDetector(config),
-        novelty=NoveltyDetector(config.novelty),
-        started_at=time.monotonic(),
-        state_ready=True,
-    )
-    reports = {
-        5: lab(event_id="l-5", sample_id="S-5"),
-        6: lab(event_id="l-6", sample_id="S-6", corrects="l-0"),
-    }
-    worker = _Worker(tmp_path)
-    app = worker.app
-    worker.tp = TP(topic, 0)
-    worker.assigned = {worker.tp}
-    app.topics._acking_topics.add(topic)
+    intake = _Intake(tmp_path, {5: lab(event_id="l-5", sample_id="S-5"), 6: lab(event_id="l-6", corrects="l-0")})
 
-    def event(offset: int) -> Any:
-        value = json.dumps(reports[offset]).encode()
-        message = ConsumerMessage(topic, 0, offset, 0.0, 0, None, b"FR-75C", value, None, generation_id=GENERATION)
-        return Event(app, b"FR-75C", value, None, message)
-
-    async def batches(stream: Any) -> Any:
-        yield [event(5)]
-        yield [event(6)]  # taken before the rebalance began
+    async def batches() -> Any:
+        yield [intake.event(5)]
+        yield [intake.event(6)]  # taken before the rebalance began
         yield []  # the stream is quiet: the agent checkpoints what it holds
-
-    async def sent(*args: Any, **kwargs: Any) -> Any:  # the producer: acknowledged by the broker at once
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        return done
-
-    judge = intake_module.judge_batch
 
     async def judge_while_a_rebalance_begins(agents: Any, events: list[Any], *args: Any) -> Any:
         if any(item.event.corrects for item in events):  # ClickHouse is asked about l-0; meanwhile:
-            await worker.revoke()
+            await intake.worker.revoke()
         return events  # ClickHouse's answer: the corrected report is there, the correction may stand
 
     async def no_notices(*args: Any) -> list[Any]:  # ClickHouse's side: no alert rests on the corrected report
         return []
 
-    async def revoked_signal(revoked: Any) -> None:  # the app's side of the revoke: its signal's receivers
-        await app.on_partitions_revoked.send(revoked)
-
-    app.producer.send = sent
-    worker.consumer._on_partitions_revoked = revoked_signal
-    intake_module.judge_batch = judge_while_a_rebalance_begins
-    notices = intake_module.correction_notices
-    intake_module.correction_notices = no_notices
-    checkpoints: list[Checkpoint] = []
+    intake.batches = batches
+    judge, notices = intake.module.judge_batch, intake.module.correction_notices
+    intake.module.judge_batch, intake.module.correction_notices = judge_while_a_rebalance_begins, no_notices
     try:
-        with unmarked(app):
-            signer = WorkerSigner(settings_worker_keys(settings))
-            tables = StateTables.create(app, ctx, signer)
-            agents = AgentContext(ctx, app, Topics.of(app, settings), signer, batches, partition_of=lambda k, n: 0)
-            outbox = SpikeOutbox(agents, tables)
-            make_checkpoint = agents.checkpoint
-            agents.checkpoint = lambda: checkpoints.append(make_checkpoint()) or checkpoints[-1]  # type: ignore[method-assign]
-            intake_module.add_intake_agent(agents, tables, outbox)
-            add_recovery(agents, tables, outbox)  # forget_state: what the revoke does to detector state
-
-        async def run() -> None:
-            await app.agents["intake"].fun(None)
-            await checkpoints[0].wait()
-            await worker.consumer.commit()
-
-        asyncio.run(run())
+        intake.run()
     finally:
-        intake_module.judge_batch = judge
-        intake_module.correction_notices = notices
+        intake.module.judge_batch, intake.module.correction_notices = judge, notices
 
-    # The next owner restores the region's record from the changelog (the table here) and reads 5 again.
-    taker = RegionDetector(config, fetch=lambda key: load_record(tables.regions.data, key))
-    (five,) = Intake().process([RawMessage(f"{topic}:0:5", event(5).value, topic, b"FR-75C", None)]).events
-    assert not taker.observe(Observation.of(five), at=position_of(five.source)).replayed
-    assert worker.commits == []  # and nothing was committed past 5 or 6: both are read again
+    assert not intake.replayed(5)  # the next owner applies 5
+    assert intake.worker.commits == []  # and nothing was committed past 5 or 6: both are read again
+
+
+def test_state_a_checkpoint_drained_before_a_rebalance_began_is_not_written_after_it(tmp_path: Path) -> None:
+    """Report 5's checkpoint drains the detector state it changed, then stores its rows: ClickHouse is slow, and
+    a rebalance begins meanwhile. Before this fix the checkpoint then wrote that state to the changelog, during
+    the rebalance or after it (as late as ClickHouse let it), where it could land after the records the next
+    owner of the region writes for it, and a later restore would read this older record over theirs. It is not
+    written (nor its outbox sent): the revoke forgot that state, 5 is not acknowledged, the next owner reads it
+    again. Its row is stored (by id: harmless when read again)."""
+    import threading
+
+    from synthwatch.stream_apps.storage.sink import StoreResult
+    from tests.support.factories import lab
+
+    clickhouse_answers = threading.Event()
+    stored: list[str] = []
+
+    def slow_store(items: list[Any]) -> StoreResult:  # in the sink's thread
+        assert clickhouse_answers.wait(30), "the test never let ClickHouse answer"
+        stored.extend(item.event_id for item in items)
+        return StoreResult(lab_detections=len(items))
+
+    intake = _Intake(tmp_path, {5: lab(event_id="l-5", sample_id="S-5")}, store_events=slow_store)
+
+    async def batches() -> Any:
+        yield [intake.event(5)]
+        yield []  # quiet: the checkpoint drains the state and begins storing the row
+        await intake.worker.revoke()  # a rebalance begins while ClickHouse is slow
+        clickhouse_answers.set()
+
+    intake.batches = batches
+    intake.run()
+
+    changelog = intake.tables.regions.changelog_topic.get_topic_name()
+    assert stored == ["l-5"]
+    assert [topic for topic, _ in intake.sends if topic == changelog] == []  # sightings went out with the batch
+    assert intake.worker.commits == []
+    assert not intake.replayed(5)
