@@ -43,8 +43,9 @@
    generation) or once the partition came back: events whose detector state and spike alerts were never
    written, never read again. Refused, they are read again from the committed offset by the next owner.
    For the same reason a checkpoint writes the detector state it drained, and sends its outbox, only if no
-   revoke began since (:attr:`Consumer.revocations`): written later, during or after the rebalance, it could
-   land in the changelog after the next owner's own records of the same keys.
+   revoke began since (:attr:`Consumer.revocations`) and none was under way as it drained (:func:`drain_mark`:
+   the revoke forgets the state only after Faust's own steps, such as the producer's flush): written later,
+   during or after the rebalance, it could land in the changelog after the next owner's records of the same keys.
 
 docs/performance.md has the measurements.
 """
@@ -375,6 +376,20 @@ def revoked(app: Any, message: Any) -> bool:
 def revocations(app: Any) -> int:
     """Revokes so far (item 6); 0 for another consumer (a test's own app)."""
     return int(getattr(app.consumer, "revocations", 0))
+
+
+def drain_mark(app: Any) -> int | None:
+    """What a checkpoint notes as it drains detector state, for :func:`still_current` when it writes it (item 6).
+
+    None while a revoke is under way: the state drained then was the revoked partitions' too (the revoke forgets
+    it only after Faust's own steps, e.g. the producer's flush), so it must not be written after the rebalance.
+    """
+    return None if getattr(app.consumer, "revoking", False) else revocations(app)
+
+
+def still_current(app: Any, mark: int | None) -> bool:
+    """Whether state drained at ``mark`` may be written now: drained outside a revoke and no revoke began since."""
+    return mark is not None and revocations(app) == mark
 
 
 def note_stored(consumer: Any, messages: Iterable[Any]) -> None:

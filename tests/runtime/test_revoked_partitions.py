@@ -358,3 +358,73 @@ def test_state_a_checkpoint_drained_before_a_rebalance_began_is_not_written_afte
     assert [topic for topic, _ in intake.sends if topic == changelog] == []  # sightings went out with the batch
     assert intake.worker.commits == []
     assert not intake.replayed(5)
+
+
+def test_state_drained_between_the_start_of_a_revoke_and_forget_state_is_not_written_after_the_rebalance(
+    tmp_path: Path,
+) -> None:
+    """Report 5 goes through the region stage. A rebalance begins: ``Consumer.on_partitions_revoked`` sets
+    ``revoking`` and bumps ``revocations`` first, then Faust's ``App._on_partitions_revoked`` awaits the
+    producer's flush (and more) before it sends the signal whose receiver (``forget_state``) forgets the
+    detector state. In that gap the stream is quiet, so the intake checkpoints: it drains 5's region record
+    (not forgotten yet) with ``drained_at`` = the *new* revocation count, and stores the row (ClickHouse slow).
+    The revoke then forgets the state, the new assignment comes (generation + 1), and only then does ClickHouse
+    answer: ``revocations == drained_at``, so the record is written to the changelog after the rebalance, where
+    it can land after the next owner's records of the region (claim 3's hazard). Expected: not written."""
+    import threading
+
+    from synthwatch.stream_apps.storage.sink import StoreResult
+    from tests.support.factories import lab
+
+    clickhouse_answers = threading.Event()
+    stored: list[str] = []
+
+    def slow_store(items: list[Any]) -> StoreResult:  # in the sink's thread
+        assert clickhouse_answers.wait(30), "the test never let ClickHouse answer"
+        stored.extend(item.event_id for item in items)
+        return StoreResult(lab_detections=len(items))
+
+    intake = _Intake(tmp_path, {5: lab(event_id="l-5", sample_id="S-5")}, store_events=slow_store)
+    worker, app = intake.worker, intake.app
+    changelog = intake.tables.regions.changelog_topic.get_topic_name()
+
+    # Faust's App._on_partitions_revoked awaits the producer flush before it sends on_partitions_revoked.
+    flushed: dict[str, asyncio.Event] = {}
+    signal = worker.consumer._on_partitions_revoked
+
+    async def revoked_after_a_flush(revoked: Any) -> None:
+        await flushed["event"].wait()
+        await signal(revoked)
+
+    worker.consumer._on_partitions_revoked = revoked_after_a_flush
+
+    # Which generation each changelog record was sent in.
+    send = app.producer.send
+    changelog_sends: list[int] = []
+
+    async def sent(topic: str, *args: Any, **kwargs: Any) -> Any:
+        if topic == changelog:
+            changelog_sends.append(app.consumer_generation_id)
+        return await send(topic, *args, **kwargs)
+
+    app.producer.send = sent
+
+    async def batches() -> Any:
+        flushed["event"] = asyncio.Event()
+        yield [intake.event(5)]
+        revoke = asyncio.ensure_future(worker.revoke())
+        await asyncio.sleep(0)
+        assert worker.consumer.revoking and worker.consumer.revocations == 1  # the revoke has begun
+        yield []  # quiet: the agent drains the state (5's record, not forgotten yet) and stores the row
+        flushed["event"].set()
+        await revoke  # forget_state ran
+        await worker.assign_again()  # the rebalance is over: generation + 1
+        clickhouse_answers.set()  # only now does ClickHouse answer the rows write
+
+    intake.batches = batches
+    intake.run()
+
+    assert stored == ["l-5"]
+    assert worker.commits == []  # 5 is read again: not acknowledged
+    # Failed before drain_mark: [GENERATION + 1], a pre-revoke region record written after the new assignment.
+    assert changelog_sends == [], f"changelog written in generation(s) {changelog_sends} (revoke began in {GENERATION})"

@@ -33,7 +33,7 @@ from synthwatch.stream_apps.runtime.corrections import correction_notices, judge
 from synthwatch.stream_apps.runtime.metrics import ingest_times
 from synthwatch.stream_apps.runtime.outbox import Outbox, SpikeOutbox
 from synthwatch.stream_apps.runtime.state_tables import Change, StateTables
-from synthwatch.stream_apps.runtime.transport import revocations, revoked
+from synthwatch.stream_apps.runtime.transport import drain_mark, revoked, still_current
 
 log = logging.getLogger("synthwatch.stack.worker")
 
@@ -124,7 +124,7 @@ def add_intake_agent(agents: AgentContext, tables: StateTables, outbox: SpikeOut
         partitions: dict[str, int] = {}
 
         async def write(
-            taken: list[EnrichedEvent], changes: list[Change], kept_outbox: Outbox, events: int, drained_at: int
+            taken: list[EnrichedEvent], changes: list[Change], kept_outbox: Outbox, events: int, drained_at: int | None
         ) -> None:
             # Rows first, then the state that has seen them: a worker killed in between replays events
             # that are stored already (skipped by event_id) into state that has not seen them.
@@ -139,10 +139,11 @@ def add_intake_agent(agents: AgentContext, tables: StateTables, outbox: SpikeOut
             held.rows_stored()  # stored or refused: a stop from here on loses none of these reports
             # Notices to those alerted on a report these corrections supersede (again after a replay: same ids).
             await correction_notices(agents, [item for item in taken if item not in stored.changed])
-            if revocations(agents.app) != drained_at:
-                # A rebalance began since the state was drained: the state is forgotten, the events are read again
-                # (not acknowledged), and written now the records could land in the changelog after the next
-                # owner's records of the same regions. The rows above are stored by id: counted, harmless.
+            if not still_current(agents.app, drained_at):
+                # A rebalance began since the state was drained, or was under way then: the state is forgotten,
+                # the events are read again (not acknowledged), and written now the records could land in the
+                # changelog after the next owner's records of the same regions. The rows above are stored by id:
+                # counted, harmless.
                 metrics.events_checkpointed(0, stored.lab_detections, stored.border_seizures, stored.already_stored)
                 return
             await tables.write(tables.regions, changes)
@@ -222,6 +223,6 @@ def add_intake_agent(agents: AgentContext, tables: StateTables, outbox: SpikeOut
                 ]
                 taken_outbox = ctx.regions.take_outbox()
                 storing, rows = rows, []
-                await held.start(write(storing, changes, taken_outbox, len(held.events), revocations(agents.app)))
+                await held.start(write(storing, changes, taken_outbox, len(held.events), drain_mark(agents.app)))
 
     agents.app.agent(agents.topics.inputs, name="intake")(intake_agent)

@@ -32,7 +32,7 @@ from synthwatch.stream_apps.runtime.agents.intake import send_rejects
 from synthwatch.stream_apps.runtime.batches import novelty_batches
 from synthwatch.stream_apps.runtime.context import AgentContext
 from synthwatch.stream_apps.runtime.state_tables import Change, StateTables
-from synthwatch.stream_apps.runtime.transport import revocations, revoked
+from synthwatch.stream_apps.runtime.transport import drain_mark, revoked, still_current
 
 log = logging.getLogger("synthwatch.stack.worker")
 
@@ -105,8 +105,8 @@ def add_novelty_agent(agents: AgentContext, tables: StateTables) -> None:
         held = agents.checkpoint()
         partitions: dict[str, int] = {}
 
-        async def write(changes: list[Change], drained_at: int) -> None:
-            if revocations(agents.app) == drained_at:  # else forgotten in a rebalance since: as the intake's
+        async def write(changes: list[Change], drained_at: int | None) -> None:
+            if still_current(agents.app, drained_at):  # else forgotten in a rebalance since: as the intake's
                 await tables.write(tables.substances, changes)
 
         async for events in batches(stream):
@@ -159,6 +159,6 @@ def add_novelty_agent(agents: AgentContext, tables: StateTables) -> None:
                     metrics.alerts_raised(len(alerts))
             if held.due(quiet=not events):
                 changes = [(partitions[k], k, v) for k, v in ctx.novelty.drain_dirty()]
-                await held.start(write(changes, revocations(agents.app)))
+                await held.start(write(changes, drain_mark(agents.app)))
 
     agents.app.agent(agents.topics.sightings, name="novelty")(novelty_agent)
