@@ -59,6 +59,8 @@ async def channel_batches(
     unacked = consumer.unacked
     # the worker's consumer (:class:`.transport.Consumer`) says when it is handing a fetch over
     delivering = (lambda: consumer.delivering) if hasattr(consumer, "delivering") else None
+    # and counts its seeks (:meth:`.transport.Consumer.perform_seek`): each clears the queues and fetches again
+    seeks = (lambda: consumer.seeks) if hasattr(consumer, "seeks") else (lambda: 0)
     acking_topics = app.topics.acking_topics
     flow_control = app.flow_control
     try:
@@ -79,6 +81,10 @@ async def channel_batches(
                     first = await queue.get()
             except StopAsyncIteration:  # thrown into the channel when the stream stops
                 return
+            # Whether ``first`` is still current once the batch is complete: the waits below (the linger) leave
+            # time for a whole seek-back (flow stopped, seek, queues cleared, flow resumed), after which the
+            # queue holds records fetched again from the committed offset and ``first`` is from before.
+            first_active, first_seeks = flow_control.is_active(), seeks()
             if linger > 0 and queue.qsize() + 1 < least and delivering is not None:
                 # The worker's consumer says when it is handing a fetch over (``Consumer.delivering``, one
                 # event at a time, a loop turn every 100): wait for the rest of that fetch, up to ``linger``,
@@ -104,6 +110,11 @@ async def channel_batches(
             active = flow_control.is_active()
             generation = app.consumer_generation_id
             events: list[EventT] = []
+            if not first_active or seeks() != first_seeks:
+                # Taken before a seek that has cleared the queues meanwhile: fetched again after the records
+                # the queue holds now. Handed on ahead of them, the region stage applied it first and took the
+                # unprocessed records below it, of its region, for replays: skipped, never stored, committed.
+                taken = taken[1:]
             for event in taken:
                 message = event.message
                 if message.generation_id != generation or not active:

@@ -30,7 +30,9 @@ class Checkpoint:
 
     ``every`` seconds at most between checkpoints (0: after every batch), or sooner once ``most``
     events are held. Events of an older consumer generation (their partitions were reassigned
-    meanwhile) are not acknowledged: the new owner replays them from the state it restored.
+    meanwhile) are not acknowledged: the new owner replays them from the state it restored. From the
+    start of a revoke the consumer refuses every acknowledgement until the next assignment (the revoke
+    forgets the detector state the held events changed: :mod:`.transport`, item 6).
     """
 
     def __init__(self, app: faust.App, every: float, most: int) -> None:

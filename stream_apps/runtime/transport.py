@@ -31,6 +31,21 @@
    (frozen, gone) stores what it had fetched but cannot commit it; ``synthwatch up`` counts what is not
    stored from the group's lag once the worker is down, and without these it counted stored records as
    lost. Faust's own ``_acked`` cannot say: a commit takes its offsets out whether or not it succeeds.
+   A revoke keeps a partition's noted offsets on purpose: they say what is in ClickHouse, whoever owns the
+   partition now, and nothing commits from them; the count takes only those at or above the group's committed
+   offset, and the seek drops the ones below it when the partition comes back.
+6. No acknowledgement, from the start of a revoke until the next assignment, of anything fetched before it
+   (:attr:`Consumer.revoking`, :func:`revoked`). The revoke forgets the detector state that events held for
+   their checkpoint had changed (dirty records, spike alerts waiting in outboxes), and Faust drops its committed
+   offset for every revoked partition; the consumer generation, though, changes only with the new assignment
+   (seconds later with Tansu). A checkpoint finishing meanwhile acknowledged those events, and Faust committed
+   them, in the rebalance (aiokafka still lists the partition; a broker takes a commit from a member of the
+   generation) or once the partition came back: events whose detector state and spike alerts were never
+   written, never read again. Refused, they are read again from the committed offset by the next owner.
+   For the same reason a checkpoint writes the detector state it drained, and sends its outbox, only if no
+   revoke began since (:attr:`Consumer.revocations`) and none was under way as it drained (:func:`drain_mark`:
+   the revoke forgets the state only after Faust's own steps, such as the producer's flush): written later,
+   during or after the rebalance, it could land in the changelog after the next owner's records of the same keys.
 
 docs/performance.md has the measurements.
 """
@@ -133,6 +148,25 @@ class Consumer(faust_aiokafka.Consumer):
     #: has covered yet (item 5 above). Kept across a restart of the consumer: stored stays stored.
     stored: dict[Any, set[int]]
 
+    #: True from the start of a revoke until the next assignment (item 6). A consumer generation, to the worker,
+    #: ends when its partitions are revoked: Faust changes ``consumer_generation_id`` only with the new assignment.
+    revoking: bool = False
+    #: Revokes so far: a checkpoint writes the detector state it drained only if none began since (item 6).
+    revocations: int = 0
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        """Faust's revoke (it drops its acknowledged offsets and committed offset of every revoked partition,
+        then runs the app's callbacks: the worker forgets its detector state), with acknowledgements refused from
+        its start until the next assignment (item 6)."""
+        self.revoking = True
+        self.revocations += 1
+        await super().on_partitions_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: Any, generation_id: int = 0) -> None:
+        """Faust's assignment; what is fetched from here on, in the new generation, may be acknowledged again."""
+        self.revoking = False
+        await super().on_partitions_assigned(assigned, generation_id)
+
     def _reset_state(self) -> None:
         super()._reset_state()  # at construction and on a restart of the consumer, as Faust's own state
         self.handed = {}
@@ -140,7 +174,10 @@ class Consumer(faust_aiokafka.Consumer):
             self.stored = {}
 
     def ack(self, message: Any) -> bool:
-        """Faust's ack; an offset it counts is noted as stored until a commit covers it (item 5)."""
+        """Faust's ack, refused for a message fetched before the latest rebalance began (item 6); an offset it
+        counts is noted as stored until a commit covers it (item 5)."""
+        if message.generation_id != self.app.consumer_generation_id or self.revoking:
+            return False
         counted = cast(bool, super().ack(message))
         if counted:
             self.stored.setdefault(message.tp, set()).add(message.offset)
@@ -177,6 +214,10 @@ class Consumer(faust_aiokafka.Consumer):
         self.seeks += 1  # before the seek: what the drain loop holds from an earlier fetch is stale from here on
         self.handed = {}
         await super().perform_seek()
+        for tp, committed in self._committed_offset.items():  # the group's, as the seek learnt it
+            noted = self.stored.get(tp)
+            if noted and committed:  # below it they count for nothing (stored_uncommitted): a partition back
+                noted.difference_update([o for o in noted if o < committed])  # from another worker, mostly
         changelogs = set(self.app.tables.changelog_topics)
         fresh = sorted(
             tp for tp in self.assignment() if tp.topic not in changelogs and not self._committed_offset.get(tp)
@@ -321,6 +362,34 @@ class Consumer(faust_aiokafka.Consumer):
         finally:
             self.delivering = False
             unset_flag(flag_consumer_fetching)
+
+
+def revoked(app: Any, message: Any) -> bool:
+    """Whether ``message`` was fetched before the latest rebalance began: its partition was revoked then, and
+    whatever the worker does with it from there on may not be acknowledged nor applied to detector state (item 6).
+    """
+    if message.generation_id != app.consumer_generation_id:
+        return True
+    return bool(getattr(app.consumer, "revoking", False))  # False: not this transport's consumer (a test's app)
+
+
+def revocations(app: Any) -> int:
+    """Revokes so far (item 6); 0 for another consumer (a test's own app)."""
+    return int(getattr(app.consumer, "revocations", 0))
+
+
+def drain_mark(app: Any) -> int | None:
+    """What a checkpoint notes as it drains detector state, for :func:`still_current` when it writes it (item 6).
+
+    None while a revoke is under way: the state drained then was the revoked partitions' too (the revoke forgets
+    it only after Faust's own steps, e.g. the producer's flush), so it must not be written after the rebalance.
+    """
+    return None if getattr(app.consumer, "revoking", False) else revocations(app)
+
+
+def still_current(app: Any, mark: int | None) -> bool:
+    """Whether state drained at ``mark`` may be written now: drained outside a revoke and no revoke began since."""
+    return mark is not None and revocations(app) == mark
 
 
 def note_stored(consumer: Any, messages: Iterable[Any]) -> None:

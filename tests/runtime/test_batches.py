@@ -135,3 +135,65 @@ def test_a_stream_stopping_ends_the_batches_and_other_errors_still_raise() -> No
         assert str(raised) == "broken"
     else:
         raise AssertionError("the error was swallowed")
+
+
+def test_an_event_taken_before_a_seek_back_that_came_and_went_while_the_batch_lingered_is_not_handed_on(
+    tmp_path: Any,
+) -> None:
+    """The intake takes the first event of a batch (offset 50, from a fetch the consumer is still handing over),
+    then lingers up to ``batch_linger_seconds`` for the rest of that fetch. A watchdog seek-back fits in that
+    wait (0.1 s shipped): flow stopped, seek to the committed offset 40, the channel queues cleared, flow
+    resumed, and 40..49 fetched again into the queue. The batch was then [50, 40, ..., 49], every check passed
+    (flow active, same generation): 50 came from before the seek. The region stage applied 50 first, and took
+    the unprocessed 40..49 of 50's region for replays of what its record already held (marks up to 50):
+    skipped, never stored, acknowledged and committed. A mechanism for the pipeline benchmark's 163 unstored
+    events under a 4,096-record poll cap with seek-backs (docs/performance.md), not shown to be its cause.
+    Real worker app, consumer, flow control and channel queue; the broker's committed offset stubbed."""
+    from faust.events import Event
+    from faust.types import TP
+    from faust.types.tuples import ConsumerMessage
+
+    from synthwatch.stream_apps.runtime.batches import channel_batches
+    from synthwatch.stream_apps.runtime.transport import seek_to_committed, worker_app
+
+    app: Any = worker_app(Settings(data_dir=tmp_path), "127.0.0.1:9", 6066)  # built only: nothing connects
+    consumer = app.consumer
+    tp = TP("lab-detections", 0)
+    app.consumer_generation_id = 1
+    app.topics._acking_topics.add(tp.topic)
+    consumer.assignment = lambda: {tp}
+
+    async def committed_offsets() -> dict[Any, int]:  # the broker: committed 40
+        return {tp: 40}
+
+    consumer.seek_to_committed = committed_offsets
+
+    def event(offset: int) -> Any:
+        message = ConsumerMessage(tp.topic, 0, offset, 0.0, 0, None, b"k", b"v", None, generation_id=1)
+        return Event(app, b"k", b"v", None, message)
+
+    async def run() -> list[int]:
+        queue = app.FlowControlQueue(maxsize=1000, clear_on_resume=True)  # a topic channel's queue, as Faust makes it
+        stream = SimpleNamespace(app=app, channel=SimpleNamespace(queue=queue), should_stop=False)
+
+        async def maybe_start() -> bool:
+            return False
+
+        stream.maybe_start = maybe_start
+        queue.put_nowait(event(50))
+        consumer.delivering = True  # the drain loop is handing the rest of 50's fetch over
+        batches = channel_batches(stream, 100, linger=60.0, least=10)
+        first = asyncio.ensure_future(batches.__anext__())
+        while not queue.empty():  # the agent takes 50 and lingers
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.01)
+        assert not first.done()
+        await seek_to_committed(app)  # the watchdog's seek-back
+        for offset in range(40, 50):  # fetched again from the committed offset
+            queue.put_nowait(event(offset))
+        consumer.delivering = False
+        batch = await first
+        await batches.aclose()
+        return [e.message.offset for e in batch]
+
+    assert asyncio.run(run()) == list(range(40, 50))  # 50 comes again, after them

@@ -33,6 +33,7 @@ from synthwatch.stream_apps.runtime.corrections import correction_notices, judge
 from synthwatch.stream_apps.runtime.metrics import ingest_times
 from synthwatch.stream_apps.runtime.outbox import Outbox, SpikeOutbox
 from synthwatch.stream_apps.runtime.state_tables import Change, StateTables
+from synthwatch.stream_apps.runtime.transport import drain_mark, revoked, still_current
 
 log = logging.getLogger("synthwatch.stack.worker")
 
@@ -122,7 +123,9 @@ def add_intake_agent(agents: AgentContext, tables: StateTables, outbox: SpikeOut
         storing: list[EnrichedEvent] = []  # the rows of the checkpoint under way
         partitions: dict[str, int] = {}
 
-        async def write(taken: list[EnrichedEvent], changes: list[Change], kept_outbox: Outbox, events: int) -> None:
+        async def write(
+            taken: list[EnrichedEvent], changes: list[Change], kept_outbox: Outbox, events: int, drained_at: int | None
+        ) -> None:
             # Rows first, then the state that has seen them: a worker killed in between replays events
             # that are stored already (skipped by event_id) into state that has not seen them.
             stored = await agents.with_retries(
@@ -136,6 +139,13 @@ def add_intake_agent(agents: AgentContext, tables: StateTables, outbox: SpikeOut
             held.rows_stored()  # stored or refused: a stop from here on loses none of these reports
             # Notices to those alerted on a report these corrections supersede (again after a replay: same ids).
             await correction_notices(agents, [item for item in taken if item not in stored.changed])
+            if not still_current(agents.app, drained_at):
+                # A rebalance began since the state was drained, or was under way then: the state is forgotten,
+                # the events are read again (not acknowledged), and written now the records could land in the
+                # changelog after the next owner's records of the same regions. The rows above are stored by id:
+                # counted, harmless.
+                metrics.events_checkpointed(0, stored.lab_detections, stored.border_seizures, stored.already_stored)
+                return
             await tables.write(tables.regions, changes)
             # The spike alerts these records decided, now that the records holding them are acknowledged;
             # acknowledged themselves before this checkpoint's offsets are (Checkpoint._complete).
@@ -161,6 +171,11 @@ def add_intake_agent(agents: AgentContext, tables: StateTables, outbox: SpikeOut
                 result = ctx.intake.process(messages)
                 # Corrections that may not correct what they name are refused before anything counts them.
                 result.events = await judge_batch(agents, result.events, chain(storing, rows), result.rejects)
+                if revoked(agents.app, events[0].message):
+                    # A rebalance began during the awaits above (its partitions revoked, its detector state
+                    # forgotten): applied now, to state reloaded without the batches before it, its replay marks
+                    # would cover those batches' events, which the next owner would then skip. Read again.
+                    continue
                 found = detect_regions(agents, result.events)
                 agents.replayed_records("intake", found.replayed)
                 partitions.update(found.partitions)
@@ -208,6 +223,6 @@ def add_intake_agent(agents: AgentContext, tables: StateTables, outbox: SpikeOut
                 ]
                 taken_outbox = ctx.regions.take_outbox()
                 storing, rows = rows, []
-                await held.start(write(storing, changes, taken_outbox, len(held.events)))
+                await held.start(write(storing, changes, taken_outbox, len(held.events), drain_mark(agents.app)))
 
     agents.app.agent(agents.topics.inputs, name="intake")(intake_agent)

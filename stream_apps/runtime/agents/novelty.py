@@ -32,6 +32,7 @@ from synthwatch.stream_apps.runtime.agents.intake import send_rejects
 from synthwatch.stream_apps.runtime.batches import novelty_batches
 from synthwatch.stream_apps.runtime.context import AgentContext
 from synthwatch.stream_apps.runtime.state_tables import Change, StateTables
+from synthwatch.stream_apps.runtime.transport import drain_mark, revoked, still_current
 
 log = logging.getLogger("synthwatch.stack.worker")
 
@@ -104,8 +105,9 @@ def add_novelty_agent(agents: AgentContext, tables: StateTables) -> None:
         held = agents.checkpoint()
         partitions: dict[str, int] = {}
 
-        async def write(changes: list[Change]) -> None:
-            await tables.write(tables.substances, changes)
+        async def write(changes: list[Change], drained_at: int | None) -> None:
+            if still_current(agents.app, drained_at):  # else forgotten in a rebalance since: as the intake's
+                await tables.write(tables.substances, changes)
 
         async for events in batches(stream):
             if events:
@@ -128,12 +130,14 @@ def add_novelty_agent(agents: AgentContext, tables: StateTables) -> None:
                         partitions[sighting.key] = e.message.partition
                         of_event.append((sighting, at))
                         raised_by.setdefault((sighting.key, sighting.event_id), (sighting, e.message.timestamp))
-                generation = agents.app.consumer_generation_id
                 for n, (sliced, batch_sightings) in enumerate(slices(read)):
                     if n:
                         await asyncio.sleep(0)  # alerts sent so far leave; the other agents get a turn
-                        if agents.app.consumer_generation_id != generation:
-                            break  # a rebalance meanwhile: the rest is fetched again, as any stale event
+                    if revoked(agents.app, events[0].message):
+                        # A rebalance began meanwhile (from its revoke, not only once the new assignment has
+                        # come): the state is forgotten, and applied to state reloaded without the slices
+                        # before it, this slice's marks would cover theirs. The rest is fetched again.
+                        break
                     # In the order read; those a record holds already (read again after a restart) skipped.
                     alerts, taken = ctx.novelty.observe_batch(batch_sightings)
                     alerts = await with_learnt(alerts, raised_by)
@@ -154,6 +158,7 @@ def add_novelty_agent(agents: AgentContext, tables: StateTables) -> None:
                         metrics.alerts_published(alerts, min(e.message.timestamp or time.time() for e in sliced))
                     metrics.alerts_raised(len(alerts))
             if held.due(quiet=not events):
-                await held.start(write([(partitions[k], k, v) for k, v in ctx.novelty.drain_dirty()]))
+                changes = [(partitions[k], k, v) for k, v in ctx.novelty.drain_dirty()]
+                await held.start(write(changes, drain_mark(agents.app)))
 
     agents.app.agent(agents.topics.sightings, name="novelty")(novelty_agent)
