@@ -209,10 +209,26 @@ def _hand_over_a_fetch(up: RunningWorker, port: int) -> None:
 
 @pytest.mark.parametrize(
     ("how", "fetched"),
-    [("second signal", False), ("timeout", False), ("timeout", True)],
-    ids=["second signal", "timeout", "timeout, fetched"],
+    [
+        ("second signal", None),
+        ("timeout", None),
+        ("timeout", "cut"),
+        pytest.param(
+            "timeout",
+            "abandoned",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="a checkpoint's ClickHouse insert still running in its thread when the stop cancels the "
+                "tasks (a second after the services stopped) stores its rows, but the coroutine that would note "
+                "them as stored is gone: the count calls stored reports lost (1,227 said lost, all 1,227 stored). "
+                "Not fixed: noting from the thread, and waiting for writes under way before the count, touch the "
+                "checkpoint and the consumer's commit bookkeeping across threads",
+            ),
+        ),
+    ],
+    ids=["second signal", "timeout", "timeout, fetched", "timeout, fetched, insert outlives the stop"],
 )
-def test_a_stop_that_cannot_drain_counts_what_was_lost(tmp_path: Path, how: str, fetched: bool) -> None:
+def test_a_stop_that_cannot_drain_counts_what_was_lost(tmp_path: Path, how: str, fetched: str | None) -> None:
     """A second Ctrl-C, or the drain's time limit, stops `up` with events unstored; it says how many.
 
     Nothing can be committed while the broker is frozen (SIGSTOP), so the loss is certain, not a race. But
@@ -225,12 +241,13 @@ def test_a_stop_that_cannot_drain_counts_what_was_lost(tmp_path: Path, how: str,
     sightings they produced); the test waits for that checkpoint to be under way, broker frozen, and lets
     the broker continue only once the stop has begun. Whether the stop's last commit then comes before the
     checkpoint acknowledges the records or after is decided inside the stop, in milliseconds, and either is
-    right; ``tests.support.stop_faults`` fixes the order that leaves them stored and not committed.
+    right; ``tests.support.stop_faults`` (fault ``cut``) fixes the order that leaves them stored and not
+    committed. Fault ``abandoned``: the checkpoint's insert ends only after the stop cancelled the tasks.
     """
     timeout = {"drain_timeout_seconds": 0} if how == "timeout" else {}
     settings = Settings(data_dir=tmp_path / "data", web_port=0, **timeout)
     log = tmp_path / "up.log"
-    module = ("tests.support.stop_faults",) if fetched else ("synthwatch.cli.main",)
+    module = ("tests.support.stop_faults", fetched) if fetched else ("synthwatch.cli.main",)
     with running_up(settings, log, module) as up:
         broker_pid = up.info.broker_pid
         assert broker_pid
@@ -268,7 +285,7 @@ def test_a_stop_that_cannot_drain_counts_what_was_lost(tmp_path: Path, how: str,
         # Something is always lost (the reports, or the sightings of those fetched, which no one could
         # commit); the reports said lost are exactly those that are not stored.
         assert lost > 0 and _accounted_for(settings) + reports == sent
-        if fetched:
+        if fetched:  # the fetched records are in ClickHouse, not committed, and said so
             assert "stored but not committed at stop" in text
         assert not _alive(broker_pid)
 

@@ -1,23 +1,30 @@
-"""`synthwatch up` whose stop ends a checkpoint under way after its rows and before its acknowledgement,
-for the ``[timeout, fetched]`` case of tests/stack/test_stack.py.
+"""`synthwatch up` with the order of things in its stop fixed, for the ``[timeout, fetched...]`` cases of
+tests/stack/test_stack.py.
 
-``python -m tests.support.stop_faults up ...``: runs ``synthwatch up ...`` with the order of two things in
-its stop fixed; nothing else changes (same broker, ClickHouse, agents, count and report).
+``python -m tests.support.stop_faults FAULT up ...``: runs ``synthwatch up ...`` with FAULT (below); nothing
+else changes (same broker, ClickHouse, agents, count and report). Either way it logs :data:`UNDER_WAY` once a
+checkpoint of input records is under way, which the test waits for while the broker is frozen.
 
 Why: a worker that read a fetch while its broker was frozen holds a checkpoint of those records that can
 store nothing until the broker answers again (it first waits for the broker's acknowledgement of the
 sightings the records produced; then rows, detector state, acknowledgement). Once the broker continues,
-during the stop, that checkpoint stores the rows while the stop runs its last commit: whether the commit
-comes before the checkpoint acknowledges the records (stored, not committed, not counted as lost) or after
-(stored and committed) is decided in milliseconds inside the stop. Both outcomes are right; only the first
-exercises the count of what was stored but not committed, and no signal the test can wait on, with the
-broker frozen, decides it (nothing can be stored while it is frozen). So here, two waits on events:
+during the stop, that checkpoint stores the rows while the stop runs its last commit and tears the worker
+down: what happens to the records is decided in milliseconds inside the stop, and no signal the test can
+wait on with the broker frozen decides it (nothing can be stored while it is frozen).
+
+``cut``: the stop's last commit comes after the checkpoint stored its rows and before it acknowledges them
+(stored, not committed, not counted as lost). The other order (stored and committed) is right too; only this
+one exercises the count of what was stored but not committed. Two waits on events:
 
 1. the consumer's last commit (its ``on_stop``) waits until every checkpoint of input records under way has
    stored its rows (:meth:`Checkpoint.rows_stored`) or ended;
 2. a detector-state write of a stopping worker waits until the consumer has stopped (its last commit, and
    its commit timer, are over), so the checkpoint acknowledges its records, if at all, when nothing can
    commit them any more.
+
+``abandoned``: the checkpoint's insert is slow: it runs once the stop has cancelled the tasks still running
+(mode's ``_gather_all``, a second after the services stopped), and ends before the worker closes ClickHouse.
+The checkpoint awaiting it is cancelled, so its rows are in ClickHouse but were never noted as stored.
 """
 
 from __future__ import annotations
@@ -25,13 +32,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import threading
 from collections.abc import Coroutine
 from typing import Any
+
+import mode.worker
 
 from synthwatch.settings import Settings
 from synthwatch.stream_apps.runtime.checkpoints import Checkpoint
 from synthwatch.stream_apps.runtime.state_tables import StateTables
 from synthwatch.stream_apps.runtime.transport import Consumer
+from synthwatch.stream_apps.storage.clickhouse import OpeningClient
+from synthwatch.stream_apps.storage.sink import ClickHouseSink
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +56,11 @@ _UNDER_WAY: dict[asyncio.Future[None], asyncio.Event] = {}
 _CONSUMER_STOPPED = asyncio.Event()
 
 
-def inject(input_topics: tuple[str, ...]) -> None:
-    """Fix the order described in the module docstring, in this process."""
-    start, rows_stored, write = Checkpoint.start, Checkpoint.rows_stored, StateTables.write
-    on_stop, stop = Consumer.on_stop, Consumer.stop
-    noted: dict[int, asyncio.Event] = {}  # per Checkpoint (an agent's), the event of its checkpoint under way
+def log_under_way(input_topics: tuple[str, ...]) -> dict[int, asyncio.Event]:
+    """Log :data:`UNDER_WAY` when a checkpoint of input records starts; returns, per Checkpoint (an agent's),
+    an event set once its checkpoint under way ended (its rows stored, for :func:`cut`)."""
+    start = Checkpoint.start
+    noted: dict[int, asyncio.Event] = {}
 
     async def started(self: Checkpoint, write_coro: Coroutine[Any, Any, None]) -> None:
         await start(self, write_coro)
@@ -57,6 +69,15 @@ def inject(input_topics: tuple[str, ...]) -> None:
             event = noted[id(self)] = _UNDER_WAY[running] = asyncio.Event()
             running.add_done_callback(lambda _: event.set())
             log.warning("%s %d", UNDER_WAY, len(self.writing))
+
+    Checkpoint.start = started
+    return noted
+
+
+def cut(noted: dict[int, asyncio.Event]) -> None:
+    """The ``cut`` order (module docstring), in this process."""
+    rows_stored, write = Checkpoint.rows_stored, StateTables.write
+    on_stop, stop = Consumer.on_stop, Consumer.stop
 
     def stored(self: Checkpoint) -> None:
         rows_stored(self)
@@ -77,16 +98,60 @@ def inject(input_topics: tuple[str, ...]) -> None:
             await _CONSUMER_STOPPED.wait()
         await write(self, table, changes)
 
-    Checkpoint.start = started
     Checkpoint.rows_stored = stored
     Consumer.on_stop = last_commit
     Consumer.stop = stopped
     StateTables.write = state_write
 
 
+def abandoned() -> None:
+    """The ``abandoned`` order (module docstring), in this process."""
+    schedule, gather, store, close = (
+        mode.worker.Worker._schedule_shutdown,
+        mode.worker.Worker._gather_all,
+        ClickHouseSink.store_events,
+        OpeningClient.close,
+    )
+    stopping, cancelled, inserted = threading.Event(), threading.Event(), threading.Event()
+
+    def schedule_shutdown(self: Any, sig: Any) -> None:
+        stopping.set()  # the checkpoint under way (the test waited for it) inserts from here on, held
+        schedule(self, sig)
+
+    def gather_all(self: Any) -> None:
+        gather(self)
+        cancelled.set()
+
+    def store_events(self: ClickHouseSink, items: Any) -> Any:
+        if not stopping.is_set():
+            return store(self, items)
+        try:
+            cancelled.wait()
+            return store(self, items)
+        finally:
+            inserted.set()
+
+    def close_client(self: OpeningClient) -> None:
+        if stopping.is_set():
+            inserted.wait(120)  # a bound for a hang only: the held insert comes once the tasks are cancelled
+        close(self)
+
+    mode.worker.Worker._schedule_shutdown = schedule_shutdown  # type: ignore[method-assign,assignment]
+    mode.worker.Worker._gather_all = gather_all  # type: ignore[method-assign]
+    ClickHouseSink.store_events = store_events
+    OpeningClient.close = close_client
+
+
 def main() -> None:
-    inject(Settings().input_topics)
-    sys.argv = ["synthwatch", *sys.argv[1:]]
+    fault = sys.argv[1]
+    noted = log_under_way(Settings().input_topics)
+    if fault == "cut":
+        cut(noted)
+    elif fault == "abandoned":
+        abandoned()
+    else:
+        raise SystemExit(f"unknown fault {fault!r}: cut or abandoned")
+    sys.argv = ["synthwatch", *sys.argv[2:]]
     from synthwatch.cli.main import main as cli
 
     cli()
