@@ -22,7 +22,7 @@ from typing import Any
 import faust
 from faust.types import EventT
 
-from synthwatch.stream_apps.runtime.transport import note_stored
+from synthwatch.stream_apps.runtime.transport import RowsBeingStored, note_stored, rows_being_stored
 
 
 class Checkpoint:
@@ -44,6 +44,7 @@ class Checkpoint:
         self.since = time.monotonic()
         self.running: asyncio.Future[None] | None = None
         self.writing: list[EventT] = []  # the events of the checkpoint under way
+        self.storing: RowsBeingStored | None = None  # their rows, while a thread writes them
 
     def hold(self, events: list[EventT], sends: list[Awaitable[Any]]) -> None:
         if not self.events:
@@ -86,7 +87,15 @@ class Checkpoint:
         the events are then neither acknowledged nor committed, but their reports are stored, and the count
         of what a stop lost (``synthwatch up``) must not call them lost.
         """
-        note_stored(self.app.consumer, (event.message for event in self.writing))
+        note_stored(self.app.consumer, (event.message for event in self.writing), self.storing)
+        self.storing = None
+
+    def rows_being_stored(self) -> RowsBeingStored:
+        """For the thread that writes the rows of the checkpoint under way: its :meth:`RowsBeingStored.done`
+        marks them stored as :meth:`rows_stored` does, even if a stop cancels the coroutine that waits for it.
+        """
+        self.storing = rows_being_stored(self.app.consumer, (event.message for event in self.writing))
+        return self.storing
 
     async def wait(self) -> None:
         """Wait for the checkpoint under way, if any."""

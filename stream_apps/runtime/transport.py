@@ -31,6 +31,8 @@
    (frozen, gone) stores what it had fetched but cannot commit it; ``synthwatch up`` counts what is not
    stored from the group's lag once the worker is down, and without these it counted stored records as
    lost. Faust's own ``_acked`` cannot say: a commit takes its offsets out whether or not it succeeds.
+   Rows written in a thread are marked stored by that thread (:class:`RowsBeingStored`): a stop that
+   cancels the coroutine waiting for the write does not stop the write.
    A revoke keeps a partition's noted offsets on purpose: they say what is in ClickHouse, whoever owns the
    partition now, and nothing commits from them; the count takes only those at or above the group's committed
    offset, and the seek drops the ones below it when the partition comes back.
@@ -147,6 +149,8 @@ class Consumer(faust_aiokafka.Consumer):
     #: Per partition, the offsets acknowledged (their checkpoint is done: stored) that no successful commit
     #: has covered yet (item 5 above). Kept across a restart of the consumer: stored stays stored.
     stored: dict[Any, set[int]]
+    #: Checkpoints' rows being written in a thread (:func:`rows_being_stored`), until their coroutine notes them.
+    writes: list[RowsBeingStored]
 
     #: True from the start of a revoke until the next assignment (item 6). A consumer generation, to the worker,
     #: ends when its partitions are revoked: Faust changes ``consumer_generation_id`` only with the new assignment.
@@ -172,6 +176,7 @@ class Consumer(faust_aiokafka.Consumer):
         self.handed = {}
         if not hasattr(self, "stored"):
             self.stored = {}
+            self.writes = []
 
     def ack(self, message: Any) -> bool:
         """Faust's ack, refused for a message fetched before the latest rebalance began (item 6); an offset it
@@ -392,22 +397,63 @@ def still_current(app: Any, mark: int | None) -> bool:
     return mark is not None and revocations(app) == mark
 
 
-def note_stored(consumer: Any, messages: Iterable[Any]) -> None:
-    """Note ``messages`` as stored (their records are in ClickHouse) though not acknowledged yet (item 5)."""
+class RowsBeingStored:
+    """The messages of a checkpoint whose rows a thread is writing to ClickHouse (item 5).
+
+    Why: the coroutine that waits for the thread notes the messages as stored once the write returns
+    (:func:`note_stored`), but a stop cancels the tasks still running (a second after the worker's services
+    stopped) and cannot stop the thread: its rows were stored and never noted, so the count of what the stop
+    lost called them lost. The thread calls :meth:`done` itself as soon as they are in ClickHouse; it only
+    sets a flag, read once the threads have ended (:func:`stored_uncommitted`).
+    """
+
+    def __init__(self, messages: Iterable[Any]) -> None:
+        self.messages = list(messages)
+        self.stored = False
+
+    def done(self) -> None:
+        """The rows are in ClickHouse (called in the writing thread)."""
+        self.stored = True
+
+
+def rows_being_stored(consumer: Any, messages: Iterable[Any]) -> RowsBeingStored:
+    """A :class:`RowsBeingStored` for ``messages``, kept by ``consumer`` until :func:`note_stored` takes it back."""
+    rows = RowsBeingStored(messages)
+    writes: list[RowsBeingStored] | None = getattr(consumer, "writes", None)
+    if writes is not None:  # else not this transport's consumer (a test's own app): nothing counts on it
+        writes.append(rows)
+    return rows
+
+
+def note_stored(consumer: Any, messages: Iterable[Any], rows: RowsBeingStored | None = None) -> None:
+    """Note ``messages`` as stored (their records are in ClickHouse) though not acknowledged yet (item 5);
+    ``rows``, the thread's record of the same write, is not needed any more."""
     noted: dict[Any, set[int]] | None = getattr(consumer, "stored", None)
     if noted is None:  # not this transport's consumer (a test's own app): nothing counts on it
         return
     for message in messages:
         noted.setdefault(message.tp, set()).add(message.offset)
+    writes: list[RowsBeingStored] = getattr(consumer, "writes", [])
+    if rows is not None and rows in writes:
+        writes.remove(rows)
 
 
 def stored_uncommitted(consumer: Any) -> dict[tuple[str, int], frozenset[int]]:
-    """Per (topic, partition): the offsets ``consumer`` stored that no successful commit covers (item 5).
+    """Per (topic, partition): the offsets ``consumer`` stored that no successful commit covers (item 5),
+    with those of rows a thread wrote whose coroutine did not note them (:class:`RowsBeingStored`).
 
-    For the count of what a stopped worker left unstored: the group's lag minus these.
+    For the count of what a stopped worker left unstored: the group's lag minus these. Read it once the
+    threads that write rows have ended.
     """
     noted: dict[Any, set[int]] = getattr(consumer, "stored", {})
-    return {(tp.topic, tp.partition): frozenset(offsets) for tp, offsets in list(noted.items()) if offsets}
+    found: dict[tuple[str, int], set[int]] = {}
+    for tp, offsets in list(noted.items()):
+        found.setdefault((tp.topic, tp.partition), set()).update(offsets)
+    for rows in list(getattr(consumer, "writes", [])):
+        if rows.stored:
+            for message in rows.messages:
+                found.setdefault((message.tp.topic, message.tp.partition), set()).add(message.offset)
+    return {key: frozenset(offsets) for key, offsets in found.items() if offsets}
 
 
 def unacked_heads(

@@ -209,13 +209,19 @@ def _run_worker(
         worker = faust_worker(app, loglevel)
     worker.spinner = None
     start_at_join(app, client.start, prepare.start)
+    # The threads that write to ClickHouse (asyncio.to_thread): a stop cancels the coroutines waiting for them
+    # but not the writes, and the loop's close does not wait for them; the count after a drain does.
+    writers = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="asyncio")
+    worker.loop.set_default_executor(writers)
     try:
         with unmarked(app):  # Faust's web server adds its own views when it starts: no discovery marks either
             worker.execute_from_commandline()
     except SystemExit as stopped:
         if not isinstance(worker, DrainingWorker) or stopped.code not in (None, 0):
             raise
-        # The worker is down: what it stored and could not commit is final (for final_count).
+        # The worker is down, and once the writes a stop left running have ended, what it stored and could not
+        # commit is final (for final_count).
+        writers.shutdown(wait=True)
         stored = stored_uncommitted(app.consumer)
         if stored:
             log.warning(

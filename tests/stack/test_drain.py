@@ -15,7 +15,7 @@ from kafka.errors import KafkaTimeoutError
 
 from synthwatch.settings import Settings
 from synthwatch.stack.broker import EmbeddedBroker, lag_by_topic, unstored
-from synthwatch.stream_apps.runtime.transport import note_stored, stored_uncommitted
+from synthwatch.stream_apps.runtime.transport import note_stored, rows_being_stored, stored_uncommitted
 
 
 def test_records_stored_above_the_committed_offset_are_not_counted() -> None:
@@ -32,6 +32,24 @@ def test_what_the_consumer_noted_as_stored_is_reported_per_partition() -> None:
     note_stored(consumer, [SimpleNamespace(tp=tp, offset=o) for o in (4, 5, 5)])
     assert stored_uncommitted(consumer) == {("lab", 2): frozenset({4, 5})}
     note_stored(SimpleNamespace(), [SimpleNamespace(tp=tp, offset=1)])  # a consumer that does not note: ignored
+
+
+def test_rows_a_thread_wrote_count_as_stored_though_their_coroutine_never_noted_them() -> None:
+    """A stop cancels the coroutine that waits for a checkpoint's write, not the write: the writing thread's
+    own mark is what the count has then."""
+    consumer = SimpleNamespace(stored={}, writes=[])
+    lab, seizures = TP("lab", 0), TP("seizures", 1)
+    abandoned = rows_being_stored(consumer, [SimpleNamespace(tp=lab, offset=o) for o in (7, 8)])
+    unfinished = rows_being_stored(consumer, [SimpleNamespace(tp=seizures, offset=3)])
+    assert stored_uncommitted(consumer) == {}  # neither write has ended
+    abandoned.done()  # in the thread, once the rows are in ClickHouse
+    assert stored_uncommitted(consumer) == {("lab", 0): frozenset({7, 8})}
+    # The other write's coroutine got to note it: the same offsets once, the thread's record dropped.
+    unfinished.done()
+    note_stored(consumer, unfinished.messages, unfinished)
+    assert consumer.writes == [abandoned]
+    assert stored_uncommitted(consumer) == {("lab", 0): frozenset({7, 8}), ("seizures", 1): frozenset({3})}
+    rows_being_stored(SimpleNamespace(), []).done()  # a consumer that does not note: nothing kept, nothing fails
 
 
 def test_a_count_against_a_frozen_broker_gives_up_after_its_own_timeout(tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from synthwatch.stream_apps.runtime.metrics import ingest_times
 from synthwatch.stream_apps.runtime.outbox import Outbox, SpikeOutbox
 from synthwatch.stream_apps.runtime.state_tables import Change, StateTables
 from synthwatch.stream_apps.runtime.transport import drain_mark, revoked, still_current
+from synthwatch.stream_apps.storage.sink import StoreResult
 
 log = logging.getLogger("synthwatch.stack.worker")
 
@@ -128,9 +129,15 @@ def add_intake_agent(agents: AgentContext, tables: StateTables, outbox: SpikeOut
         ) -> None:
             # Rows first, then the state that has seen them: a worker killed in between replays events
             # that are stored already (skipped by event_id) into state that has not seen them.
-            stored = await agents.with_retries(
-                "storing events", metrics.timed_call("events", len(taken), partial(ctx.sink.store_events, taken))
-            )
+            rows = held.rows_being_stored()
+
+            def store() -> StoreResult:
+                result = ctx.sink.store_events(taken)
+                if not result.changed:  # else noted below, once their rejects are sent
+                    rows.done()  # here, in the thread: a stop that cancels this coroutine does not stop the write
+                return result
+
+            stored = await agents.with_retries("storing events", metrics.timed_call("events", len(taken), store))
             if stored.changed:  # ids stored with other content: refused with a reason, like any reject
                 refused = [item.changed_content_reject() for item in stored.changed]
                 await send_all(await send_rejects(agents, refused))
