@@ -3,11 +3,13 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+CORE   := build/core/manifest.json
+CORE_SOURCES := $(addprefix stream_apps/detect/,alerting.py replay.py spikes.py novelty.py region.py compiled.py)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint bench clean constraints
+.PHONY: install core demo test test-fast lint bench clean constraints
 
-install: $(STAMP)
+install: $(STAMP) $(CORE)
 
 # Re-installs only when the dependency list changes; the package itself is editable. Every dependency is
 # held to the version in constraints.txt (tested together): a new release reaches us only by `make constraints`.
@@ -16,6 +18,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
+
+# The detection core compiled with mypyc into build/core (never beside the sources), rebuilt when one of its
+# sources changes. At import, stream_apps/detect/compiled.py loads it only if every source still has the hash
+# it was built from; otherwise the pure modules run, with a one-line warning (see that module). A failed build
+# (mypyc refusing new code) does not stop the install: the old build is removed, the pure modules run, and
+# tests/detect/test_compiled.py fails until the core builds again.
+core: $(CORE)
+$(CORE): $(STAMP) $(CORE_SOURCES)
+	SYNTHWATCH_COMPILED_CORE=0 $(BIN)/python -c 'from synthwatch.stream_apps.detect import compiled; print("compiled detection core:", compiled.build())' \
+	  || { rm -rf build/core; echo "WARNING: the compiled detection core did not build (above); pure Python runs"; }
 
 # After a deliberate upgrade: a fresh venv with the newest versions pyproject.toml allows, frozen into
 # constraints.txt. Run `make test` before committing it.

@@ -268,6 +268,13 @@ class Settings(BaseSettings):
         "(docs/performance.md).",
     )
 
+    compiled_core: bool = Field(
+        default=True,
+        description="Run the detection core compiled (mypyc, built by `make install` into build/core) when the build "
+        "matches its sources; false: the pure Python modules. Read from the environment when the detection package "
+        "is imported, before any settings object exists (stream_apps/detect/compiled.py).",
+    )
+
     tracemalloc_dump: Path | None = Field(
         default=None,
         description="Diagnostics only: with PYTHONTRACEMALLOC=N in the worker's environment, SIGUSR2 writes a "

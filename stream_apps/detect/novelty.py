@@ -13,38 +13,18 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from synthwatch.schemas import Alert
 from synthwatch.schemas.records import AlertType, GuessedFamily, LearntNeighbours, SimilarSubstance
 from synthwatch.schemas.topics import Sighting
 from synthwatch.stream_apps.detect.alerting import IDENTIFIED_TEXT, Subject, build_alert, day_start, region_label
+from synthwatch.stream_apps.detect.config import NoveltyConfig
 from synthwatch.stream_apps.detect.replay import Position, applied, marks_of, note
 
 if TYPE_CHECKING:
-    from synthwatch.settings import Settings
     from synthwatch.stream_apps.detect.similarity import LearntStructure, Neighbour, SimilarityIndex
 
 NEIGHBOURS = 5
 """How many similar known substances a new-substance alert lists."""
-
-
-class NoveltyConfig(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    spread_regions: int = Field(default=3, ge=2, description="k: regions that make a spread.")
-    spread_days: int = Field(default=14, ge=1, description="w: window of a spread, in days.")
-    resent_days: int = Field(
-        default=31,
-        ge=1,
-        le=62,
-        description="Days before a region's newest sighting for which a sighting sent again is recognised.",
-    )
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> NoveltyConfig:
-        """The novelty stage's thresholds as configured (SYNTHWATCH_SPREAD_*); the rest keep their defaults."""
-        return cls(spread_regions=settings.spread_regions, spread_days=settings.spread_days)
 
 
 def sighting_subject(s: Sighting) -> Subject:

@@ -22,40 +22,20 @@ from datetime import datetime, timedelta, tzinfo
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from synthwatch.schemas import Alert, LabDetection
 from synthwatch.schemas.topics import Sighting
 from synthwatch.stream_apps.detect.alerting import FAMILY_LABELS, Subject, build_alert, day_of, day_start, region_label
+from synthwatch.stream_apps.detect.config import DetectionConfig
 from synthwatch.stream_apps.detect.identity import ResolvedSubstance
 from synthwatch.stream_apps.detect.intake import EnrichedEvent
-from synthwatch.stream_apps.detect.novelty import NoveltyConfig, NoveltyDetector
+from synthwatch.stream_apps.detect.novelty import NoveltyDetector
 from synthwatch.stream_apps.detect.replay import Position, apply_once, marks_of
-from synthwatch.stream_apps.detect.spikes import SeriesState, SpikeConfig, SpikeFinding, SpikeModel, intern_day
+from synthwatch.stream_apps.detect.spikes import SeriesState, SpikeFinding, SpikeModel, intern_day
 
 if TYPE_CHECKING:
-    from synthwatch.settings import Settings
+    pass
 
 Fetch = Callable[[str], dict[str, Any] | None]
-
-
-class DetectionConfig(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    lateness_hours: float = Field(
-        default=24.0,
-        ge=0,
-        description="A report that occurred more than this before the newest of its kind from its region is late: "
-        "stored and flagged, it raises novelty alerts but is left out of the spike series (see docs/detection.md).",
-    )
-    spike: SpikeConfig = SpikeConfig()
-    novelty: NoveltyConfig = NoveltyConfig()
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> DetectionConfig:
-        """The detectors' configuration from the one settings object (here, not in settings.py: the floor does
-        not import the detection layer). Spike thresholds keep their tuned defaults."""
-        return cls(lateness_hours=settings.lateness_hours, novelty=NoveltyConfig.from_settings(settings))
 
 
 @lru_cache(maxsize=65536)

@@ -18,47 +18,18 @@ Everything here is pure and synchronous; state is plain data so it can live in a
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from mypy_extensions import mypyc_attr
 
+from synthwatch.stream_apps.detect.config import SpikeConfig
 
-class SpikeConfig(BaseModel):
-    """Detector thresholds; defaults tuned with ``synthwatch bench detection`` (see docs/detection.md)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    windows: tuple[int, ...] = Field(default=(1, 2, 3, 4, 5, 7), description="Window lengths in days.")
-    baseline_days: int = Field(default=56, description="History used for the rate, before the guard band.")
-    guard_days: int = Field(default=1, description="Days before the longest window left out of the baseline.")
-    min_history_days: int = Field(default=21, description="A series younger than this is not tested.")
-    min_baseline_days: int = Field(default=14, description="Fewest baseline days needed.")
-    alpha: float = Field(default=3e-3, description="Tail probability that counts as a spike (all windows).")
-    baseline_cap_z: float | None = Field(
-        default=3.0, description="Baseline days above rate + z·sqrt(rate) + 1 are capped (None: off)."
-    )
-    prior_events: float = Field(default=0.5, description="Reports added to a baseline (a rate is never zero).")
-    min_count: int = Field(default=3, description="Fewest reports in the window for a count spike.")
-    min_ratio: float = Field(default=2.0, description="Observed / expected at least this.")
-    max_dispersion: float = Field(default=4.0, description="Cap on the overdispersion factor.")
-    dispersion_prior_days: float = Field(default=50.0, description="Pseudo-days of Poisson variance in the dispersion.")
-    cooldown_days: int = Field(default=4, description="Quiet days that end an episode.")
-    renew_after_days: int = Field(default=7, description="Evidence starting this long after an alert is a new episode.")
-    mass_min_history: int = Field(default=8, description="Seizures with a mass needed for the mass test.")
-    mass_z: float = Field(default=1.0, description="Robust z (log-mass) from which a seizure counts as large.")
-    mass_top: int = Field(default=5, description="Most large seizures of the window tested together.")
-    mass_prior_weight: float = Field(
-        default=50.0, description="Pseudo-seizures pulling the history's tail rate towards the normal tail."
-    )
-    mass_extreme_z: float | None = Field(
-        default=None, description="Robust z that alone makes a mass spike (off: bulk consignments are routine)."
-    )
-    mass_repeat: int = Field(default=2, description="Fewest large seizures in the window for a mass spike.")
-    mass_alpha: float = Field(default=1e-4, description="Binomial tail probability of the k largest (Bonferroni).")
-    mass_window_days: int = Field(default=7)
-    mass_memory: int = Field(default=60, description="Most recent seizure masses kept per series.")
+#: The builtin ``sum`` over floats, called as a plain function. Compiled by mypyc, ``sum()`` of floats raised
+#: ``TypeError: int object expected; got float`` (it kept an int accumulator); through this name the compiled
+#: and the pure module both run Python's own ``sum``, so both add the same floats in the same order.
+_sum_floats: Callable[[Iterable[float]], float] = sum
 
 
 def poisson_sf(k: float, mean: float) -> float:
@@ -385,7 +356,7 @@ def binomial_sf(k: int, n: int, p: float) -> float:
         return 1.0
     if k > n:
         return 0.0
-    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k, n + 1))
+    return _sum_floats(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k, n + 1))
 
 
 def _cap(mean: float, z: float) -> float:
@@ -399,6 +370,9 @@ def _median(values: list[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
+# Compiled, a class refuses interpreted subclasses unless it allows them: the tests check the lazy shortcuts
+# against a subclass that learns everything eagerly.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class SpikeModel:
     """Updates a series with one report and says whether it now shows a spike."""
 
@@ -498,10 +472,10 @@ class SpikeModel:
             return None
         # Summing only the days with reports (most days of a sparse series are zero).
         weeks, rest = divmod(days, 7)
-        partial: float = 0  # the same additions, in the same order, as ``sum()`` over the last ``rest`` days
+        partial = 0.0  # the same additions, in the same order, as ``sum()`` over the last ``rest`` days
         for d in range(end - rest, end):
             partial += rhythm[d % 7]
-        total_factor = weeks * sum(rhythm) + partial
+        total_factor = weeks * _sum_floats(rhythm) + partial
         total = highest = 0.0
         for d, count in state.counts.items():
             if start <= d < end:
@@ -517,7 +491,7 @@ class SpikeModel:
             cap = highest
             for _ in range(2):  # the rate falls as the outliers are capped; two passes converge
                 cap = _cap((total + cfg.prior_events) / total_factor, z)
-                total = 0  # as ``sum()``: the same additions in the same order, without a generator
+                total = 0.0  # as ``sum()`` (0.0 + x is x): the same additions in the same order, without a generator
                 for adjusted, factor in values:
                     total += (cap if cap < adjusted else adjusted) * factor
             adjusted_sum = adjusted_squares = 0.0
@@ -671,7 +645,7 @@ class SpikeModel:
         if not (extreme or p < cfg.mass_alpha):
             return None
         window_first = cutoff + 1
-        observed = sum(state.grams.get(d, 0.0) for d in range(window_first, day + 1))
+        observed = _sum_floats(state.grams.get(d, 0.0) for d in range(window_first, day + 1))
         history_days = max(1, cutoff - state.first_day)
         expected = math.exp(centre) * len(own) / history_days * cfg.mass_window_days  # median seizure x rate
         episode, new = self._episode(state, "quantity", day, window_first)
@@ -717,5 +691,5 @@ def ears_c2(counts: list[int], threshold: float = 3.0, min_sd: float = 0.2) -> b
     """
     baseline = counts[:7]
     mean = sum(baseline) / 7
-    sd = math.sqrt(sum((c - mean) ** 2 for c in baseline) / 6)
+    sd = math.sqrt(_sum_floats((c - mean) ** 2 for c in baseline) / 6)
     return (counts[-1] - mean) / max(sd, min_sd) > threshold

@@ -436,6 +436,19 @@ def bench_backtest_command(
     bench_backtest(console, days=days, seed=seed, small_lines=small_lines)
 
 
+@bench_app.command("core")
+def bench_core_command(
+    days: Annotated[int, typer.Option(help="Days of simulated reports.")] = 365,
+    seed: Annotated[int, typer.Option(help="Simulation seed.")] = 1,
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds, each pure then compiled.")] = 3,
+) -> None:
+    """The detector core's CPU compiled (mypyc) against pure Python, alternating in fresh processes; the same
+    alerts required."""
+    from synthwatch.bench.core import bench_core
+
+    bench_core(console, days=days, seed=seed, rounds=rounds)
+
+
 @bench_app.command("delivery")
 def bench_delivery_command(
     runs: Annotated[int, typer.Option(min=1, help="Lab reports to time (after one warm-up).")] = 20,
