@@ -273,9 +273,11 @@ def bench_pipeline(
                         audit()
                     raise
                 series.finish(worker.checkpointed() - before)
+                # read before the audit: its queries run in the worker's engine (the RSS read after them was
+                # 176-280 MiB above the series' last reading in five 1 M-event runs, docs/performance.md)
+                memory = worker.memory_kib()
                 if keep is not None:  # what the worker stored of this phase, and the group's offsets
                     results["rss_audit"] = audit()
-                memory = worker.memory_kib()
                 if "tracemalloc" in changes:
                     dumped = tracemalloc_snapshot(worker, Path.cwd() / f"tracemalloc-{run}.dump")
                     results["tracemalloc_dump"] = str(dumped)
