@@ -322,6 +322,23 @@ def test_a_batch_whose_rebalance_began_while_it_waited_is_not_applied_to_detecto
     assert intake.worker.commits == []  # and nothing was committed past 5 or 6: both are read again
 
 
+class _SlowClickHouse:
+    """The sink's insert, held in its thread until the test lets ClickHouse answer (``answers``)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.answers = threading.Event()
+        self.stored: list[str] = []
+
+    def store(self, items: list[Any]) -> Any:  # in the sink's thread
+        from synthwatch.stream_apps.storage.sink import StoreResult
+
+        assert self.answers.wait(30), "the test never let ClickHouse answer"
+        self.stored.extend(item.event_id for item in items)
+        return StoreResult(lab_detections=len(items))
+
+
 def test_state_a_checkpoint_drained_before_a_rebalance_began_is_not_written_after_it(tmp_path: Path) -> None:
     """Report 5's checkpoint drains the detector state it changed, then stores its rows: ClickHouse is slow, and
     a rebalance begins meanwhile. Before this fix the checkpoint then wrote that state to the changelog, during
@@ -329,32 +346,22 @@ def test_state_a_checkpoint_drained_before_a_rebalance_began_is_not_written_afte
     owner of the region writes for it, and a later restore would read this older record over theirs. It is not
     written (nor its outbox sent): the revoke forgot that state, 5 is not acknowledged, the next owner reads it
     again. Its row is stored (by id: harmless when read again)."""
-    import threading
-
-    from synthwatch.stream_apps.storage.sink import StoreResult
     from tests.support.factories import lab
 
-    clickhouse_answers = threading.Event()
-    stored: list[str] = []
-
-    def slow_store(items: list[Any]) -> StoreResult:  # in the sink's thread
-        assert clickhouse_answers.wait(30), "the test never let ClickHouse answer"
-        stored.extend(item.event_id for item in items)
-        return StoreResult(lab_detections=len(items))
-
-    intake = _Intake(tmp_path, {5: lab(event_id="l-5", sample_id="S-5")}, store_events=slow_store)
+    clickhouse = _SlowClickHouse()
+    intake = _Intake(tmp_path, {5: lab(event_id="l-5", sample_id="S-5")}, store_events=clickhouse.store)
 
     async def batches() -> Any:
         yield [intake.event(5)]
         yield []  # quiet: the checkpoint drains the state and begins storing the row
         await intake.worker.revoke()  # a rebalance begins while ClickHouse is slow
-        clickhouse_answers.set()
+        clickhouse.answers.set()
 
     intake.batches = batches
     intake.run()
 
     changelog = intake.tables.regions.changelog_topic.get_topic_name()
-    assert stored == ["l-5"]
+    assert clickhouse.stored == ["l-5"]
     assert [topic for topic, _ in intake.sends if topic == changelog] == []  # sightings went out with the batch
     assert intake.worker.commits == []
     assert not intake.replayed(5)
@@ -371,20 +378,10 @@ def test_state_drained_between_the_start_of_a_revoke_and_forget_state_is_not_wri
     The revoke then forgets the state, the new assignment comes (generation + 1), and only then does ClickHouse
     answer: ``revocations == drained_at``, so the record is written to the changelog after the rebalance, where
     it can land after the next owner's records of the region (claim 3's hazard). Expected: not written."""
-    import threading
-
-    from synthwatch.stream_apps.storage.sink import StoreResult
     from tests.support.factories import lab
 
-    clickhouse_answers = threading.Event()
-    stored: list[str] = []
-
-    def slow_store(items: list[Any]) -> StoreResult:  # in the sink's thread
-        assert clickhouse_answers.wait(30), "the test never let ClickHouse answer"
-        stored.extend(item.event_id for item in items)
-        return StoreResult(lab_detections=len(items))
-
-    intake = _Intake(tmp_path, {5: lab(event_id="l-5", sample_id="S-5")}, store_events=slow_store)
+    clickhouse = _SlowClickHouse()
+    intake = _Intake(tmp_path, {5: lab(event_id="l-5", sample_id="S-5")}, store_events=clickhouse.store)
     worker, app = intake.worker, intake.app
     changelog = intake.tables.regions.changelog_topic.get_topic_name()
 
@@ -419,12 +416,12 @@ def test_state_drained_between_the_start_of_a_revoke_and_forget_state_is_not_wri
         flushed["event"].set()
         await revoke  # forget_state ran
         await worker.assign_again()  # the rebalance is over: generation + 1
-        clickhouse_answers.set()  # only now does ClickHouse answer the rows write
+        clickhouse.answers.set()  # only now does ClickHouse answer the rows write
 
     intake.batches = batches
     intake.run()
 
-    assert stored == ["l-5"]
+    assert clickhouse.stored == ["l-5"]
     assert worker.commits == []  # 5 is read again: not acknowledged
     # Failed before drain_mark: [GENERATION + 1], a pre-revoke region record written after the new assignment.
     assert changelog_sends == [], f"changelog written in generation(s) {changelog_sends} (revoke began in {GENERATION})"
