@@ -6,21 +6,31 @@ run only where those tools are installed.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
 import shutil
+import ssl
+import stat
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from synthwatch.cli.main import app as cli_app
 from synthwatch.dashboards.clickhouse_query import PLUGIN_ID, PLUGIN_VERSION
+from synthwatch.producers.gateway import GatewayConfigError, check_listen_address
 from synthwatch.settings import Settings
+from synthwatch.stack.broker import EmbeddedBroker
+from tests.conftest import TOPICS, isolated_settings, terminate, wait_until
+from tests.support.factories import lab
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -635,3 +645,134 @@ def test_k8s_gateway_starts_with_tls_its_own_kafka_principal_and_secret_files_it
         "synthwatch-org-keys",
     }:
         assert f"secret generic {name} " in example or f"secret tls {name} " in example, f"{name}: how to create it"
+
+
+# --- compose.yaml: the intake gateway --------------------------------------------------------------------
+
+
+def _container_to_host(value: str, mounts: dict[str, Path]) -> str:
+    """A container path of the compose file, mapped to where this test keeps that mount's files."""
+    for inside, outside in mounts.items():
+        if value.startswith(inside + "/"):
+            return str(outside / value.removeprefix(inside + "/"))
+    return value
+
+
+def test_compose_gateway_gets_only_what_it_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = services()
+    gateway, tokens = s["gateway"], s["tokens"]
+    env = _env(gateway)
+    assert gateway["profiles"] == ["gateway"] and gateway["command"] == ["gateway"]
+    # least privilege: no ClickHouse credentials, no worker data, its own volume
+    assert not any("CLICKHOUSE" in key or "CLICKHOUSE" in value for key, value in env.items())
+    mounts = dict(m.split(":")[:2] for m in gateway["volumes"])
+    assert mounts == {"gateway-data": "/var/lib/synthwatch", "./gateway-tls": "/etc/synthwatch/gateway-tls"}
+    assert all(m.endswith(":ro") for m in gateway["volumes"] if m.startswith("./"))
+    # the certificate it is given is the one make-certs.sh writes, and the worker containers never mount it
+    script = (DEPLOY / "tls" / "make-certs.sh").read_text()
+    for name in ("tls.crt", "tls.key"):
+        assert env[f"SYNTHWATCH_GATEWAY_SSL_{'CERTFILE' if name == 'tls.crt' else 'KEYFILE'}"].endswith(f"/{name}")
+        assert f"../gateway-tls/{name}" in script
+    for name, service in s.items():
+        if name != "gateway":
+            assert not any("gateway-tls" in m for m in service.get("volumes", [])), name
+    # the tokens tool writes the file the gateway reads, in the volume they share
+    assert tokens["entrypoint"] == ["synthwatch", "tokens"] and tokens["volumes"] == [
+        "gateway-data:/var/lib/synthwatch"
+    ]
+    assert _env(tokens)["SYNTHWATCH_GATEWAY_TOKENS_FILE"] == env["SYNTHWATCH_GATEWAY_TOKENS_FILE"]
+    assert env["SYNTHWATCH_GATEWAY_TOKENS_FILE"].startswith("/var/lib/synthwatch/")
+    # its port: the one it listens on, published on loopback unless the operator opens it
+    assert gateway["ports"] == [f"${{GATEWAY_BIND:-127.0.0.1}}:{env['SYNTHWATCH_GATEWAY_PORT']}:8443"]
+    # the image's health check asks the worker's /ready, which the gateway does not serve
+    assert "8443" in " ".join(gateway["healthcheck"]["test"]) and "6066" not in " ".join(gateway["healthcheck"]["test"])
+    # and it starts on a non-loopback address only because it has TLS
+    for key, value in env.items():  # read as the container reads them: from its environment
+        monkeypatch.setenv(key, re.sub(r"\$\{(\w+)(?::?[-?][^}]*)?\}", "localhost", value))
+    settings = Settings()
+    assert settings.gateway_allowed_hosts == ["localhost"] and settings.gateway_host == "0.0.0.0"
+    check_listen_address(settings)
+    with pytest.raises(GatewayConfigError, match="in clear"):
+        check_listen_address(settings.model_copy(update={"gateway_ssl_certfile": None, "gateway_ssl_keyfile": None}))
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="make-certs.sh needs openssl")
+def test_compose_gateway_takes_a_report_over_tls_with_the_certificates_of_make_certs(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """The compose gateway's own settings, its paths mapped here: a token from the `tokens` tool, a report over TLS.
+
+    What a lab meets after following deploy/README.md: the certificate make-certs.sh wrote verifies against its
+    CA for the host name given, the key is readable by the gateway, and the token file the tool writes is
+    the one the gateway reads. Only the listen address differs (loopback, not 0.0.0.0, in a test).
+    """
+    deploy = tmp_path / "deploy"
+    shutil.copytree(DEPLOY / "tls", deploy / "tls")
+    (deploy / "gateway-tls").mkdir()
+    made = subprocess.run(
+        ["sh", "tls/make-certs.sh"], cwd=deploy, env={**os.environ, "GATEWAY_HOSTNAME": "intake.example.org"},
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert stat.S_IMODE((deploy / "gateway-tls" / "tls.key").stat().st_mode) == 0o640
+    data = tmp_path / "gateway-data"
+    data.mkdir()
+    mounts = {"/var/lib/synthwatch": data, "/etc/synthwatch/gateway-tls": deploy / "gateway-tls"}
+    topics = isolated_settings(broker, data)
+    topic_env = {f"SYNTHWATCH_TOPIC_{name.upper()}": getattr(topics, f"topic_{name}") for name in TOPICS}
+
+    def env_of(service: str) -> dict[str, str]:
+        values = {
+            k: re.sub(r"\$\{(\w+)(?::?[-?][^}]*)?\}", "intake.example.org", v)
+            for k, v in _env(services()[service]).items()
+        }
+        values = {k: _container_to_host(v, mounts) for k, v in values.items()}
+        values["SYNTHWATCH_WORKER_KEY"] = "ab" * 32
+        values["SYNTHWATCH_KAFKA_BOOTSTRAP_SERVERS"] = broker.bootstrap_servers
+        base = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHWATCH_")}
+        return {**base, **values, **topic_env}
+
+    created = subprocess.run(
+        [sys.executable, "-m", "synthwatch.cli.main", "tokens", "create", "--org", "lab-fr", "--lab-id", "LAB-FR-01"],
+        env=env_of("tokens"), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.strip()
+    env = env_of("gateway")
+    env["SYNTHWATCH_GATEWAY_HOST"], env["SYNTHWATCH_GATEWAY_PORT"] = "127.0.0.1", "0"
+    log_path = tmp_path / "gateway.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "synthwatch.cli.main", "gateway"], env=env, stdout=log, stderr=log
+        )
+    try:
+
+        def listening() -> str | None:
+            if process.poll() is not None:
+                pytest.fail(f"the gateway exited with {process.returncode}:\n{log_path.read_text()}")
+            found = re.search(
+                r"gateway listening on https://127\.0\.0\.1:(\d+) \(tokens: (\S+), (\d+) stored\)", log_path.read_text()
+            )
+            return found.groups() if found else None
+
+        port, tokens_file, stored = wait_until(listening, 60, "the gateway to listen")
+        # the file the `tokens` tool wrote is the one the gateway reads, in the volume they share
+        assert (tokens_file, stored) == (str(data / "gateway-tokens.json"), "1")
+        ca = str(deploy / "tls" / "ca.crt")
+        # the labs' host name is in the certificate: connect to loopback, ask for that name
+        with httpx.Client(verify=ssl.create_default_context(cafile=ca), timeout=60) as client:
+            url = f"https://localhost:{port}/v1/reports"
+            refused = client.post(url, content=json.dumps(lab()), headers={"Content-Type": "application/json"})
+            assert refused.status_code == 401
+            sent = client.post(
+                url, content=json.dumps(lab(event_id="compose-gw-1")),
+                headers={"Content-Type": "application/json", "Authorization": f"Bearer {secret}"},
+            )  # fmt: skip
+        assert sent.status_code == 200, sent.text
+        assert [r["verdict"] for r in sent.json()["records"]] == ["accepted"]
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            httpx.get(f"https://localhost:{port}/v1/reports", timeout=60)  # the system CAs do not know it
+    finally:
+        terminate(process)
+    assert secret not in log_path.read_text()
