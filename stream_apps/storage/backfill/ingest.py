@@ -29,7 +29,6 @@ import itertools
 import math
 import os
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -341,21 +340,6 @@ def _progress(progress: bool, by_bytes: bool) -> Any:
     )
 
 
-def _import_pandas_meanwhile() -> threading.Thread:
-    """Import pandas in a thread, started as the engine begins to parse the first chunk.
-
-    Why: pyarrow's ``pa.array`` (the rows Python accepted) and clickhouse-connect's ``insert`` (the
-    spellings, the rejects) import pandas at their first call, ~0.2 s of this interpreter alone on the
-    critical path in the first chunk's finish. During the parse the engine holds no interpreter lock, so
-    the import runs beside it. Nothing else changes: the same modules end up imported.
-    """
-    import pyarrow as pa
-
-    thread = threading.Thread(target=pa.array, args=([], pa.uint8()), name="ingest-import-pandas", daemon=True)
-    thread.start()
-    return thread
-
-
 def _run_in_engine(
     client: Client,
     store: Store,
@@ -390,7 +374,6 @@ def _run_in_engine(
     # chunk would cost a whole extra pass (and an insert's fixed cost) for a few lines.
     expected = estimate * 1.02  # a little over the estimate, so an underestimate adds no tiny last chunk
     per_chunk = math.ceil(expected / max(math.ceil(expected / batch_size), 1)) or batch_size
-    importing = _import_pandas_meanwhile()
     try:
         with _progress(progress, by_bytes=False) as bar:
             task = bar.add_task("ingest", total=estimate, name=path.name, lines=0, rate=0.0)
@@ -416,7 +399,6 @@ def _run_in_engine(
             bar.update(task, total=start, completed=start)
             _store_rejects(sink, unstored, summary)
     finally:
-        importing.join()
         engine.close()
 
 
