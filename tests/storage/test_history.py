@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import calendar
 import json
 import os
 import subprocess
@@ -412,3 +413,56 @@ def test_slow_lines_judged_in_the_pool_store_what_in_process_judging_stores(
         assert stored[2][table] == stored[0][table], table
     lax = {row[0] for row in stored[2]["lab_detections"] if str(row[0]).startswith("lax-")}
     assert len(lax) == 60
+
+
+def test_lines_only_python_accepts_go_in_without_pandas_and_keep_their_instants(tmp_path: Path) -> None:
+    """The engine's path stores the lines only Python accepts (here a lax ``confirmed``) through a Native
+    insert of millisecond ticks: pandas is never imported (~0.3 CPU s a load: pyarrow's ``pa.array``
+    imported it), and each instant is truncated to the millisecond, as the engine truncates a text
+    timestamp with more digits, whatever its offset."""
+    from synthwatch.schemas import parse_event
+
+    stamps = [
+        "2026-03-02T09:00:00.123999Z",
+        "2026-03-02T09:00:00.9999+05:30",
+        "2026-03-02T23:59:59.0005-01:00",
+        "2026-03-02T00:00:00Z",
+    ]
+    lines = [
+        json.dumps(lab(event_id=f"lax-{i}", confirmed="yes", occurred_at=stamp, reported_at=stamps[0] if i else None))
+        for i, stamp in enumerate(stamps)
+    ]
+    lines.append(json.dumps(lab(event_id="plain", occurred_at=stamps[1])))  # one the engine takes, to compare
+    path = tmp_path / "history.ndjson"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    code = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from synthwatch.settings import Settings\n"
+        "from synthwatch.stream_apps.storage.backfill.ingest import ingest_history\n"
+        "from synthwatch.stream_apps.storage.clickhouse import connect\n"
+        "settings = Settings(data_dir=Path(sys.argv[1]))\n"
+        "client = connect(settings)\n"
+        "run = ingest_history(settings, sys.argv[2], progress=False, workers=0, client=client, encoding='sql')\n"
+        "pandas = 'pandas' in sys.modules\n"
+        "rows = client.query('SELECT event_id, toUnixTimestamp64Milli(occurred_at), "
+        "toUnixTimestamp64Milli(reported_at), confirmed FROM lab_detections ORDER BY event_id').result_rows\n"
+        "print(json.dumps({'pandas': pandas, 'stored': run.stored, 'rows': rows}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "data"), str(path)], capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["pandas"] is False
+    assert result["stored"] == len(lines)
+
+    def millis(instant: datetime | None) -> int | None:
+        return None if instant is None else calendar.timegm(instant.utctimetuple()) * 1000 + instant.microsecond // 1000
+
+    expected = []
+    for line in lines:
+        event = parse_event(line)
+        expected.append([event.event_id, millis(event.occurred_at), millis(event.reported_at), event.confirmed])
+    assert result["rows"] == sorted(expected)
+    assert result["rows"][1][1] == millis(datetime(2026, 3, 2, 3, 30, 0, 999_900, tzinfo=UTC))  # lax-1: +05:30

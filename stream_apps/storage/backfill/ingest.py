@@ -29,7 +29,6 @@ import itertools
 import math
 import os
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -178,14 +177,16 @@ def _pause_merges(client: Client, settings: Settings) -> bool:
     return True
 
 
-def _pool(workers: int) -> ProcessPoolExecutor:
+def _pool(workers: int, parsers: bool = True) -> ProcessPoolExecutor:
     """Worker processes, started now, before this process opens the engine.
 
     Fork is cheapest (modules are already imported) but unsafe once chDB's threads run in this process;
     then the forkserver starts clean workers (scripts calling this need the ``__main__`` guard).
+    ``parsers``: each worker builds its :class:`ChunkParser` now; the engine's path, whose workers only scan,
+    put SMILES through RDKit and judge lines, needs none (~0.06 CPU s a process).
     """
     method = "fork" if "chdb" not in sys.modules and sys.platform == "linux" else "forkserver"
-    pool = ProcessPoolExecutor(workers, mp_context=get_context(method), initializer=start_worker)
+    pool = ProcessPoolExecutor(workers, mp_context=get_context(method), initializer=start_worker if parsers else None)
     for started in [pool.submit(os.getpid) for _ in range(workers)]:
         started.result()
     return pool
@@ -232,12 +233,12 @@ def ingest_history(
         workers = min(2, os.cpu_count() or 1) if size > 4 * 1024 * 1024 else 0
     summary = IngestSummary(path=str(path), workers=workers)
     started = time.perf_counter()
-    pool = _pool(workers) if workers > 0 else None  # before the engine opens in this process
+    pool = _pool(workers, parsers=encoding != "sql") if workers > 0 else None  # before the engine opens here
     # SMILES through RDKit in the worker processes while this process opens the engine: the whole file's
     # for the worker processes' path; for the engine's path only its head's, the time the start-up leaves
     # (the engine reads each chunk's other SMILES itself: ``_run_in_engine``).
     head = _PREPASS_HEAD if encoding == "sql" else None
-    prepass = Prepass(pool, path, workers, head) if pool is not None else None
+    prepass = Prepass(pool, path, workers, head, warm=encoding != "sql") if pool is not None else None
     own_client = client is None
     client = client or connect(settings)
     try:
@@ -341,21 +342,6 @@ def _progress(progress: bool, by_bytes: bool) -> Any:
     )
 
 
-def _import_pandas_meanwhile() -> threading.Thread:
-    """Import pandas in a thread, started as the engine begins to parse the first chunk.
-
-    Why: pyarrow's ``pa.array`` (the rows Python accepted) and clickhouse-connect's ``insert`` (the
-    spellings, the rejects) import pandas at their first call, ~0.2 s of this interpreter alone on the
-    critical path in the first chunk's finish. During the parse the engine holds no interpreter lock, so
-    the import runs beside it. Nothing else changes: the same modules end up imported.
-    """
-    import pyarrow as pa
-
-    thread = threading.Thread(target=pa.array, args=([], pa.uint8()), name="ingest-import-pandas", daemon=True)
-    thread.start()
-    return thread
-
-
 def _run_in_engine(
     client: Client,
     store: Store,
@@ -390,7 +376,6 @@ def _run_in_engine(
     # chunk would cost a whole extra pass (and an insert's fixed cost) for a few lines.
     expected = estimate * 1.02  # a little over the estimate, so an underestimate adds no tiny last chunk
     per_chunk = math.ceil(expected / max(math.ceil(expected / batch_size), 1)) or batch_size
-    importing = _import_pandas_meanwhile()
     try:
         with _progress(progress, by_bytes=False) as bar:
             task = bar.add_task("ingest", total=estimate, name=path.name, lines=0, rate=0.0)
@@ -416,7 +401,6 @@ def _run_in_engine(
             bar.update(task, total=start, completed=start)
             _store_rejects(sink, unstored, summary)
     finally:
-        importing.join()
         engine.close()
 
 

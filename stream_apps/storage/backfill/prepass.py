@@ -38,13 +38,15 @@ def compute_in_pool(
     return [pool.submit(compute_structures, part) for part in parts if part]
 
 
-def scan_part(path: str, start: int, end: int) -> set[str]:
+def scan_part(path: str, start: int, end: int, warm: bool = True) -> set[str]:
     """Distinct SMILES spellings in a byte range of whole lines; also readies this worker's caches.
 
     Runs in the workers while the parent opens and migrates the engine, so the first chunks find the
-    catalogue indexed and pint's registry built (a few hundred ms per process otherwise).
+    catalogue indexed and pint's registry built (a few hundred ms per process otherwise). ``warm=False``
+    (the engine's path, whose workers never resolve a substance) leaves the caches cold: ~0.1 CPU s a process.
     """
-    worker_parser().warm()
+    if warm:
+        worker_parser().warm()
     found: set[str] = set()
     with open(path, "rb") as handle:
         handle.seek(start)
@@ -77,9 +79,11 @@ class Prepass:
     opens the engine and migrates, not after.
     """
 
-    def __init__(self, pool: ProcessPoolExecutor, path: Path, workers: int, head: int | None = None) -> None:
+    def __init__(
+        self, pool: ProcessPoolExecutor, path: Path, workers: int, head: int | None = None, warm: bool = True
+    ) -> None:
         """``head``: scan only the file's first ``head`` bytes, to the end of the line under way there
-        (default: the whole file)."""
+        (default: the whole file). ``warm``: ready the workers' parsing caches too (:func:`scan_part`)."""
         self.pool, self.workers = pool, workers
         size = path.stat().st_size
         bounds = [0]
@@ -93,7 +97,7 @@ class Prepass:
                 handle.readline()  # to the next line start: a line is scanned by exactly one part
                 bounds.append(handle.tell())
         bounds.append(size)
-        self.scans = [pool.submit(scan_part, str(path), a, b) for a, b in itertools.pairwise(bounds)]
+        self.scans = [pool.submit(scan_part, str(path), a, b, warm) for a, b in itertools.pairwise(bounds)]
         self._found: Future[dict[str, Structure | str]] = Future()
         threading.Thread(target=self._compute, name="ingest-prepass", daemon=True).start()
 

@@ -78,8 +78,8 @@ class Store:
     def commit(self, table: str, count: int, source: tuple[str, str] | None = None) -> tuple[int, int]:
         """Move the ``count`` staged rows of ``table`` whose event_id is not stored yet into ``table``.
 
-        ``source``: (a query of the rows' ids, a query of the rows in ``table``'s column order) to insert
-        from instead of the staging table.
+        ``source``: (a query of the rows' ids, each id once, a query of the rows in ``table``'s column order)
+        to insert from instead of the staging table.
         """
         if not count:
             return 0, 0
@@ -97,11 +97,17 @@ class Store:
         # An empty table holds none of them (a first load's first chunk): its count is read from the parts'
         # metadata, where the lookup would hash every id of the chunk for nothing.
         empty = int(str(self.client.command(f"SELECT count() FROM {table}"))) == 0
-        already = (
-            0
-            if empty
-            else int(str(self.client.command(f"SELECT count() FROM {ids} WHERE {event_id} IN ({stored_ids})")))
-        )
+        if empty:
+            already = 0
+        elif source is not None:
+            # The source's ids are distinct (the first line of each id), so the ids already stored are the
+            # distinct stored ids among them: one read of the source, where counting the source's rows
+            # whose id is among the stored ones read and hashed the source twice.
+            already = int(
+                str(self.client.command(f"SELECT uniqExact(event_id) FROM {table} WHERE event_id IN ({source[0]})"))
+            )
+        else:
+            already = int(str(self.client.command(f"SELECT count() FROM {ids} WHERE {event_id} IN ({stored_ids})")))
         if already < count:
             # When none is stored and no other writer can store one meanwhile, the filter would read every
             # stored event_id a second time for nothing (a first load: each chunk, the whole table so far).
