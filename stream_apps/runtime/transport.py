@@ -48,6 +48,17 @@
    revoke began since (:attr:`Consumer.revocations`) and none was under way as it drained (:func:`drain_mark`:
    the revoke forgets the state only after Faust's own steps, such as the producer's flush): written later,
    during or after the rebalance, it could land in the changelog after the next owner's records of the same keys.
+   And a revoke that begins while such a write is under way (checked, then sending records and awaiting their
+   acknowledgements, its seal and spike alerts: :func:`state_write`, :class:`StateWrite`) waits for it before
+   anything else, Faust's producer flush and the forgetting included, so its records are in the changelog
+   before the worker rejoins the group. The wait is bounded (:attr:`Consumer.state_write_wait`, by default half
+   the broker session timeout: 2 s; a write takes milliseconds to ~0.2 s): past it, a broker that does not
+   answer, the revoke goes on, logs an error and abandons the writes, which send nothing more (no further
+   record, no seal: recovery reads an unsealed write's prefix, as after a kill; no spike alert); what they had
+   sent is flushed by Faust's revoke, but a record the broker takes only after that can still land after the
+   next owner's. ClickHouse is never waited for: rows are stored before a write registers. The order holds only
+   if the broker completes the new assignment after this worker rejoins (Kafka waits for every member up to the
+   rebalance timeout); that Tansu does for a worker still in its revoke was not measured.
 
 docs/performance.md has the measurements.
 """
@@ -160,7 +171,7 @@ class Consumer(faust_aiokafka.Consumer):
     #: Checkpoints writing detector state (and sending its spike alerts) now (:func:`state_write`): a revoke waits
     #: for them before Faust's steps and before the worker forgets the state (item 6).
     state_writes: set[StateWrite]
-    #: Longest a revoke waits for them, in seconds; None: the app's broker session timeout (item 6).
+    #: Longest a revoke waits for them, in seconds; None: half the app's broker session timeout (item 6).
     state_write_wait: float | None = None
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
@@ -189,8 +200,8 @@ class Consumer(faust_aiokafka.Consumer):
         if not writes:
             return
         bound = self.state_write_wait
-        if bound is None:
-            bound = float(self.app.conf.broker_session_timeout)
+        if bound is None:  # Tansu holds a JoinGroup about this long: a worker back by then is in the new generation
+            bound = float(self.app.conf.broker_session_timeout) / 2
         _, late = await asyncio.wait([write.finished for write in writes], timeout=bound)
         if late:
             for write in writes:
