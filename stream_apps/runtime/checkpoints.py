@@ -32,7 +32,8 @@ class Checkpoint:
     events are held. Events of an older consumer generation (their partitions were reassigned
     meanwhile) are not acknowledged: the new owner replays them from the state it restored. From the
     start of a revoke the consumer refuses every acknowledgement until the next assignment (the revoke
-    forgets the detector state the held events changed: :mod:`.transport`, item 6).
+    forgets the detector state the held events changed: :mod:`.transport`, item 6), and a revoke waits, up to
+    a bound, for a checkpoint writing detector state (:func:`.transport.state_write`) before it goes on.
     """
 
     def __init__(self, app: faust.App, every: float, most: int) -> None:

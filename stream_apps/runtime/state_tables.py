@@ -22,6 +22,7 @@ import faust
 from pydantic_core import from_json, to_json
 
 from synthwatch.stream_apps.runtime.context import WorkerContext, send_all
+from synthwatch.stream_apps.runtime.transport import StateWrite
 from synthwatch.stream_apps.runtime.worker_signature import WorkerSigner, verified_changelog
 
 log = logging.getLogger("synthwatch.stack.worker")
@@ -105,7 +106,7 @@ class StateTables:
         """Nothing recovered: a first start, or changelogs lost (the state is rebuilt from ClickHouse)."""
         return len(self.regions.data) == 0 and len(self.substances.data) == 0
 
-    async def save(self, table: Any, changes: list[Change]) -> list[Awaitable[Any]]:
+    async def save(self, table: Any, changes: list[Change], writing: StateWrite | None = None) -> list[Awaitable[Any]]:
         """Keep each record in the table and send it to the table's changelog, on the given partition.
 
         Straight to Faust's producer: ``Table.send_changelog`` builds a FutureMessage and goes through
@@ -116,12 +117,17 @@ class StateTables:
         at 1,000 events/s, which held the loop for 25-220 ms in one piece (measured, docs/performance.md), and
         every alert and sighting whose batch arrived meanwhile waited for all of it. The order of the records
         and what the checkpoint waits for are unchanged.
+
+        ``writing``: the checkpoint's :class:`.transport.StateWrite`; once a revoke has given up waiting for it,
+        nothing more is sent (the records sent so far are returned).
         """
         data, topic, send = table.data, table.changelog_topic.get_topic_name(), self.app.producer.send
         futures = []
         for n, (partition, key, value) in enumerate(changes, 1):
             if n % SAVE_SLICE == 0:
                 await asyncio.sleep(0)
+            if writing is not None and writing.abandoned:
+                break
             encoded = data[key] = to_json(value)
             raw_key = json.dumps(key).encode()
             headers = self.signer.headers(topic, raw_key, encoded, partition)  # checked at recovery
@@ -147,10 +153,15 @@ class StateTables:
             futures.append(await send(topic, key, SEAL_VALUE, partition, None, headers))
         await send_all(futures)
 
-    async def write(self, table: Any, changes: list[Change]) -> None:
-        """Save ``changes``, wait for their acknowledgement, then seal the partitions they wrote."""
-        await send_all(await self.save(table, changes))
+    async def write(self, table: Any, changes: list[Change], writing: StateWrite | None = None) -> bool:
+        """Save ``changes``, wait for their acknowledgement, then seal the partitions they wrote; False if a revoke
+        gave up waiting for ``writing`` meanwhile (:meth:`.transport.Consumer.wait_for_state_writes`): the write
+        stopped where it was, unsealed (recovery reads a prefix of it, as after a kill)."""
+        await send_all(await self.save(table, changes, writing))
+        if writing is not None and writing.abandoned:
+            return False
         await self.seal(table, changes)
+        return True
 
 
 def refuse_state_records(ctx: WorkerContext, events: list[Any]) -> None:

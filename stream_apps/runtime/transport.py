@@ -48,6 +48,17 @@
    revoke began since (:attr:`Consumer.revocations`) and none was under way as it drained (:func:`drain_mark`:
    the revoke forgets the state only after Faust's own steps, such as the producer's flush): written later,
    during or after the rebalance, it could land in the changelog after the next owner's records of the same keys.
+   And a revoke that begins while such a write is under way (checked, then sending records and awaiting their
+   acknowledgements, its seal and spike alerts: :func:`state_write`, :class:`StateWrite`) waits for it before
+   anything else, Faust's producer flush and the forgetting included, so its records are in the changelog
+   before the worker rejoins the group. The wait is bounded (:attr:`Consumer.state_write_wait`, by default half
+   the broker session timeout: 2 s; a write takes milliseconds to ~0.2 s): past it, a broker that does not
+   answer, the revoke goes on, logs an error and abandons the writes, which send nothing more (no further
+   record, no seal: recovery reads an unsealed write's prefix, as after a kill; no spike alert); what they had
+   sent is flushed by Faust's revoke, but a record the broker takes only after that can still land after the
+   next owner's. ClickHouse is never waited for: rows are stored before a write registers. The order holds only
+   if the broker completes the new assignment after this worker rejoins (Kafka waits for every member up to the
+   rebalance timeout); that Tansu does for a worker still in its revoke was not measured.
 
 docs/performance.md has the measurements.
 """
@@ -157,14 +168,52 @@ class Consumer(faust_aiokafka.Consumer):
     revoking: bool = False
     #: Revokes so far: a checkpoint writes the detector state it drained only if none began since (item 6).
     revocations: int = 0
+    #: Checkpoints writing detector state (and sending its spike alerts) now (:func:`state_write`): a revoke waits
+    #: for them before Faust's steps and before the worker forgets the state (item 6).
+    state_writes: set[StateWrite]
+    #: Longest a revoke waits for them, in seconds; None: half the app's broker session timeout (item 6).
+    state_write_wait: float | None = None
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         """Faust's revoke (it drops its acknowledged offsets and committed offset of every revoked partition,
-        then runs the app's callbacks: the worker forgets its detector state), with acknowledgements refused from
-        its start until the next assignment (item 6)."""
+        flushes the producer, then runs the app's callbacks: the worker forgets its detector state), with
+        acknowledgements refused from its start until the next assignment, and begun only once the checkpoints
+        writing detector state have finished (or the bound passed: :meth:`wait_for_state_writes`), item 6."""
         self.revoking = True
         self.revocations += 1
+        await self.wait_for_state_writes()
         await super().on_partitions_revoked(revoked)
+
+    async def wait_for_state_writes(self) -> None:
+        """Wait for the checkpoints writing detector state when a revoke began, up to :attr:`state_write_wait`.
+
+        Why: such a write checked that no revoke had begun (:func:`state_write`) and then sends records and awaits
+        their acknowledgements; had the revoke gone on, the state would be forgotten and the partition handed over
+        while the write's records still landed in the changelog, after the next owner's records of the same keys
+        perhaps. Waited for, every record it sent is acknowledged (or left to Faust's producer flush, next) before
+        the worker rejoins the group. Past the bound (a broker that does not answer; ClickHouse is not waited on:
+        rows are stored before a write registers) the revoke goes on and the writes are abandoned: they send
+        nothing more (no further record, no seal, no spike alert), and what they had sent is flushed by Faust's
+        revoke like any record; a record the broker takes only after that can still land late. Logged.
+        """
+        writes = [write for write in self.state_writes if not write.finished.done()]
+        if not writes:
+            return
+        bound = self.state_write_wait
+        if bound is None:  # Tansu holds a JoinGroup about this long: a worker back by then is in the new generation
+            bound = float(self.app.conf.broker_session_timeout) / 2
+        _, late = await asyncio.wait([write.finished for write in writes], timeout=bound)
+        if late:
+            for write in writes:
+                if not write.finished.done():
+                    write.abandoned = True
+            log.error(
+                "revoke: %d checkpoint write(s) of detector state unfinished after %.1f s (broker not answering?); "
+                "going on without them: they send nothing more, and a record of theirs the broker takes after the "
+                "producer's flush can land in the changelog after the next owner's",
+                len(late),
+                bound,
+            )
 
     async def on_partitions_assigned(self, assigned: Any, generation_id: int = 0) -> None:
         """Faust's assignment; what is fetched from here on, in the new generation, may be acknowledged again."""
@@ -177,6 +226,7 @@ class Consumer(faust_aiokafka.Consumer):
         if not hasattr(self, "stored"):
             self.stored = {}
             self.writes = []
+            self.state_writes = set()
 
     def ack(self, message: Any) -> bool:
         """Faust's ack, refused for a message fetched before the latest rebalance began (item 6); an offset it
@@ -395,6 +445,48 @@ def drain_mark(app: Any) -> int | None:
 def still_current(app: Any, mark: int | None) -> bool:
     """Whether state drained at ``mark`` may be written now: drained outside a revoke and no revoke began since."""
     return mark is not None and revocations(app) == mark
+
+
+class StateWrite:
+    """A checkpoint's write of the detector state it drained and of the spike alerts that state holds, from the
+    check that no revoke began since the drain to its end; a revoke waits for it (item 6). Use it as a context
+    manager: leaving it (done, failed or cancelled) lets the revoke go on."""
+
+    def __init__(self, registry: set[StateWrite] | None) -> None:
+        self.registry = registry
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        #: Set by a revoke that stopped waiting for this write (:meth:`Consumer.wait_for_state_writes`).
+        self.abandoned = False
+
+    @property
+    def current(self) -> bool:
+        """Whether the write may send more: no revoke gave up waiting for it."""
+        return not self.abandoned
+
+    def __enter__(self) -> StateWrite:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.finished.done():
+            self.finished.set_result(None)
+        if self.registry is not None:
+            self.registry.discard(self)
+
+
+def state_write(app: Any, mark: int | None) -> StateWrite | None:
+    """A :class:`StateWrite` for state drained at ``mark``, that a revoke beginning from now on waits for; None if
+    it may not be written (:func:`still_current`).
+
+    Why: checked and registered in one step (no await between), so a revoke either began before (nothing is
+    written) or waits for the write to end before it forgets the state and the partition moves on.
+    """
+    if not still_current(app, mark):
+        return None
+    registry: set[StateWrite] | None = getattr(app.consumer, "state_writes", None)  # None: a test's own app
+    write = StateWrite(registry)
+    if registry is not None:
+        registry.add(write)
+    return write
 
 
 class RowsBeingStored:

@@ -9,6 +9,7 @@ committed offsets) stubbed; the checkpoint is the worker's own (:mod:`.checkpoin
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from faust.types.tuples import ConsumerMessage
 from synthwatch.settings import Settings
 from synthwatch.stack.broker import unstored
 from synthwatch.stream_apps.runtime.checkpoints import Checkpoint
+from synthwatch.stream_apps.runtime.state_tables import SEAL_KEY as SEAL
 from synthwatch.stream_apps.runtime.transport import note_stored, stored_uncommitted, worker_app
 
 TOPIC = "lab-detections"
@@ -425,3 +427,117 @@ def test_state_drained_between_the_start_of_a_revoke_and_forget_state_is_not_wri
     assert worker.commits == []  # 5 is read again: not acknowledged
     # Failed before drain_mark: [GENERATION + 1], a pre-revoke region record written after the new assignment.
     assert changelog_sends == [], f"changelog written in generation(s) {changelog_sends} (revoke began in {GENERATION})"
+
+
+class _HeldChangelog:
+    """The broker's side of the region changelog for :class:`_Intake`: records sent to it are acknowledged only
+    once the test lets the broker answer (:meth:`answer`); every changelog send and the moment the revoke reaches
+    the app's side (whose ``forget_state`` forgets the detector state) are noted in ``order``, as they happen."""
+
+    def __init__(self, intake: _Intake) -> None:
+        self.order: list[str] = []
+        self.held: list[asyncio.Future[None]] = []
+        self.answering = False
+        self.sending = asyncio.Event()  # the first changelog record is sent: the write is under way
+        changelog = intake.tables.regions.changelog_topic.get_topic_name()
+        send, app_side = intake.app.producer.send, intake.worker.consumer._on_partitions_revoked
+
+        async def sent(topic: str, key: bytes, *args: Any, **kwargs: Any) -> Any:
+            acknowledged = await send(topic, key, *args, **kwargs)
+            if topic != changelog:
+                return acknowledged
+            self.order.append(f"changelog {key.decode()}")
+            self.sending.set()
+            if self.answering:
+                return acknowledged
+            self.held.append(asyncio.get_running_loop().create_future())
+            return self.held[-1]
+
+        async def forgetting(revoked: Any) -> None:  # the app's side of the revoke: forget_state among its receivers
+            self.order.append("forget")
+            await app_side(revoked)
+
+        intake.app.producer.send = sent
+        intake.worker.consumer._on_partitions_revoked = forgetting
+
+    def answer(self) -> None:
+        """The broker acknowledges what it holds, and whatever comes from now on at once."""
+        self.answering = True
+        for ack in self.held:
+            ack.set_result(None)
+
+
+def test_a_revoke_that_begins_during_a_changelog_write_waits_for_it_before_it_forgets_the_state(
+    tmp_path: Path,
+) -> None:
+    """Report 5's checkpoint has checked that no revoke began since it drained the state and is writing it: the
+    region's records are sent, the broker has not acknowledged them yet, and a rebalance begins. Before this fix
+    the revoke went straight on: it forgot the state (and the partition could go to its next owner) while this
+    write went on after it, its acknowledgements, seal record and spike alerts landing in the changelog and the
+    alerts topic after the revoke, interleaved with the next owner's records of the same region. The revoke must
+    wait for the write: every record of it is sent before the state is forgotten. 5 is still not acknowledged
+    (the revoke refuses it); the next owner restores the written state and takes 5, read again, for a replay."""
+    from tests.support.factories import lab
+
+    intake = _Intake(tmp_path, {5: lab(event_id="l-5", sample_id="S-5")})
+    worker = intake.worker
+    broker: list[_HeldChangelog] = []
+
+    async def batches() -> Any:
+        broker.append(_HeldChangelog(intake))
+        yield [intake.event(5)]
+        yield []  # quiet: the checkpoint drains the state, stores the row and begins the changelog write
+        await broker[0].sending.wait()
+        revoke = asyncio.ensure_future(worker.revoke())  # a rebalance begins during the write
+        await asyncio.sleep(0)
+        assert worker.consumer.revoking
+        broker[0].answer()
+        await revoke
+        await worker.assign_again()
+
+    intake.batches = batches
+    intake.run()
+
+    order = broker[0].order
+    assert f'changelog "{SEAL}"' in order, order
+    # Failed before the fix: ['changelog "S:…"', 'changelog "R:FR-75C"', 'forget', 'changelog "~sealed"'].
+    assert order[-1] == "forget", f"the write went on after the revoke forgot the state: {order}"
+    assert worker.commits == []
+    assert intake.replayed(5)
+
+
+def test_a_revoke_waits_for_a_changelog_write_only_up_to_its_bound_and_the_write_then_sends_nothing_more(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same write, but the broker does not answer until the revoke is over: a hung broker must not hold the
+    rebalance forever. Past its bound (``Consumer.state_write_wait``, here 10 ms) the revoke goes on, logs it, and
+    abandons the write: no seal record (nor spike alert) is sent after the state is forgotten, and the events are
+    not acknowledged. Before the fix the revoke did not wait at all and the seal came after it."""
+    from tests.support.factories import lab
+
+    intake = _Intake(tmp_path, {5: lab(event_id="l-5", sample_id="S-5")})
+    worker = intake.worker
+    worker.consumer.state_write_wait = 0.01
+    broker: list[_HeldChangelog] = []
+
+    async def batches() -> Any:
+        broker.append(_HeldChangelog(intake))
+        yield [intake.event(5)]
+        yield []
+        await broker[0].sending.wait()
+        await worker.revoke()  # the broker answers nothing meanwhile
+        broker[0].answer()  # late: the revoke gave up on the write
+        await worker.assign_again()
+
+    intake.batches = batches
+    with caplog.at_level(logging.WARNING, logger="synthwatch.stream_apps.runtime.transport"):
+        intake.run()
+
+    order = broker[0].order
+    assert "forget" in order
+    after = order[order.index("forget") + 1 :]
+    assert after == [], f"the write sent {after} after the revoke forgot the state"
+    assert f'changelog "{SEAL}"' not in order
+    assert worker.commits == []
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("1 checkpoint write(s) of detector state unfinished" in line for line in logged), logged

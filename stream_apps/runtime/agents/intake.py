@@ -33,7 +33,7 @@ from synthwatch.stream_apps.runtime.corrections import correction_notices, judge
 from synthwatch.stream_apps.runtime.metrics import ingest_times
 from synthwatch.stream_apps.runtime.outbox import Outbox, SpikeOutbox
 from synthwatch.stream_apps.runtime.state_tables import Change, StateTables
-from synthwatch.stream_apps.runtime.transport import drain_mark, revoked, still_current
+from synthwatch.stream_apps.runtime.transport import drain_mark, revoked, state_write
 from synthwatch.stream_apps.storage.sink import StoreResult
 
 log = logging.getLogger("synthwatch.stack.worker")
@@ -146,19 +146,24 @@ def add_intake_agent(agents: AgentContext, tables: StateTables, outbox: SpikeOut
             held.rows_stored()  # stored or refused: a stop from here on loses none of these reports
             # Notices to those alerted on a report these corrections supersede (again after a replay: same ids).
             await correction_notices(agents, [item for item in taken if item not in stored.changed])
-            if not still_current(agents.app, drained_at):
-                # A rebalance began since the state was drained, or was under way then: the state is forgotten,
-                # the events are read again (not acknowledged), and written now the records could land in the
-                # changelog after the next owner's records of the same regions. The rows above are stored by id:
-                # counted, harmless.
-                metrics.events_checkpointed(0, stored.lab_detections, stored.border_seizures, stored.already_stored)
-                return
-            await tables.write(tables.regions, changes)
-            # The spike alerts these records decided, now that the records holding them are acknowledged;
-            # acknowledged themselves before this checkpoint's offsets are (Checkpoint._complete).
-            await outbox.send(kept_outbox)
-            # acknowledged right after this returns
-            metrics.events_checkpointed(events, stored.lab_detections, stored.border_seizures, stored.already_stored)
+            # From here to the end, a revoke beginning waits for this write before it forgets the state (up to its
+            # bound, past which the write sends nothing more): state_write.
+            writing = state_write(agents.app, drained_at)
+            written = False
+            if writing is not None:
+                with writing:
+                    # The spike alerts these records decided, once the records holding them are acknowledged;
+                    # acknowledged themselves before this checkpoint's offsets are (Checkpoint._complete).
+                    if await tables.write(tables.regions, changes, writing):
+                        await outbox.send(kept_outbox)
+                        written = True
+            # Else a rebalance began since the state was drained, or was under way then: the state is forgotten,
+            # the events are read again (not acknowledged), and written now the records could land in the changelog
+            # after the next owner's records of the same regions. The rows above are stored by id: counted, harmless.
+            checkpointed = events if written else 0  # acknowledged right after this returns
+            metrics.events_checkpointed(
+                checkpointed, stored.lab_detections, stored.border_seizures, stored.already_stored
+            )
 
         async for events in agents.batches(stream):
             if events:

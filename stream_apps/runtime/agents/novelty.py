@@ -32,7 +32,7 @@ from synthwatch.stream_apps.runtime.agents.intake import send_rejects
 from synthwatch.stream_apps.runtime.batches import novelty_batches
 from synthwatch.stream_apps.runtime.context import AgentContext
 from synthwatch.stream_apps.runtime.state_tables import Change, StateTables
-from synthwatch.stream_apps.runtime.transport import drain_mark, revoked, still_current
+from synthwatch.stream_apps.runtime.transport import drain_mark, revoked, state_write
 
 log = logging.getLogger("synthwatch.stack.worker")
 
@@ -106,8 +106,10 @@ def add_novelty_agent(agents: AgentContext, tables: StateTables) -> None:
         partitions: dict[str, int] = {}
 
         async def write(changes: list[Change], drained_at: int | None) -> None:
-            if still_current(agents.app, drained_at):  # else forgotten in a rebalance since: as the intake's
-                await tables.write(tables.substances, changes)
+            writing = state_write(agents.app, drained_at)  # None: forgotten in a rebalance since, as the intake's
+            if writing is not None:
+                with writing:  # a revoke beginning meanwhile waits for it (up to its bound)
+                    await tables.write(tables.substances, changes, writing)
 
         async for events in batches(stream):
             if events:
