@@ -458,11 +458,6 @@ class StateWrite:
         #: Set by a revoke that stopped waiting for this write (:meth:`Consumer.wait_for_state_writes`).
         self.abandoned = False
 
-    @property
-    def current(self) -> bool:
-        """Whether the write may send more: no revoke gave up waiting for it."""
-        return not self.abandoned
-
     def __enter__(self) -> StateWrite:
         return self
 
