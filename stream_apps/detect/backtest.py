@@ -299,26 +299,23 @@ def _first_block_lines() -> int:
     return min(_FIRST_BLOCK_LINES, _BLOCK_LINES)
 
 
-# No match crosses a line break, so over a block's lines joined by "\n" it finds what it finds in each line.
-_SMILES_FIELD = re.compile(r'"smiles"[^\S\n]*:[^\S\n]*"((?:[^"\\\n]|\\[^\n])*)"')
+_SMILES_FIELD = re.compile(r'"smiles"\s*:\s*"((?:[^"\\]|\\.)*)"')
 
 
 def _spellings(block: list[tuple[str, str]], asked: set[str]) -> list[str]:
-    """SMILES spellings in ``block`` not asked for yet, as validation will hand them to the resolver.
-
-    One regex pass over the block's lines joined, not one per line (the reader's time bounds the command's).
-    """
-    # Callers may hand over raw bytes: those resolve when read.
-    joined = "\n".join([line for _source, line in block if isinstance(line, str)])
+    """SMILES spellings in ``block`` not asked for yet, as validation will hand them to the resolver."""
     new = set()
-    for raw in _SMILES_FIELD.findall(joined):
-        try:
-            text = json.loads(f'"{raw}"') if "\\" in raw else raw
-        except ValueError:
+    for _source, line in block:
+        if not isinstance(line, str):  # callers may hand over raw bytes: those resolve when read
             continue
-        text = text.strip()
-        if text and text not in asked:
-            new.add(text)
+        for raw in _SMILES_FIELD.findall(line):
+            try:
+                text = json.loads(f'"{raw}"') if "\\" in raw else raw
+            except ValueError:
+                continue
+            text = text.strip()
+            if text and text not in asked:
+                new.add(text)
     asked.update(new)
     return sorted(new)
 
