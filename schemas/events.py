@@ -232,12 +232,14 @@ EVENTS_ADAPTER: TypeAdapter[list[LabDetection | BorderSeizure]] = TypeAdapter(li
 """A JSON array of events in one call (bulk loads); fast path only, same acceptance rule per item."""
 
 
+_SURELY_AFTER_YEAR = EARLIEST_EVENT_TIME.year  # a local year above this one is inside the range
+_SURELY_BEFORE_YEAR = LATEST_EVENT_TIME.year - 1  # and one below this one
+
+
 def _plausible(value: datetime) -> bool:
     # A local year strictly inside the range is inside whatever the offset (offsets stay under a day);
     # comparing aware datetimes asks both offsets, which costs more than the rest of this check.
-    return EARLIEST_EVENT_TIME.year < value.year < LATEST_EVENT_TIME.year - 1 or (
-        EARLIEST_EVENT_TIME <= value < LATEST_EVENT_TIME
-    )
+    return _SURELY_AFTER_YEAR < value.year < _SURELY_BEFORE_YEAR or EARLIEST_EVENT_TIME <= value < LATEST_EVENT_TIME
 
 
 def fast_event_ok(event: LabDetection | BorderSeizure) -> bool:

@@ -73,7 +73,12 @@ def parse_event(raw: bytes | str) -> LabDetection | BorderSeizure:
     The fast models decide nearly every record inside pydantic-core; what they refuse is judged again
     by the checked models, which accept what only needs normalising and word the refusal.
     """
-    return _parse(raw, EVENT_ADAPTER.validate_json, CHECKED_EVENT_ADAPTER.validate_json)
+    return _parse(raw, _FAST_JSON, CHECKED_EVENT_ADAPTER.validate_json)
+
+
+# The fast models' own validator, called directly: the TypeAdapter's ``validate_json`` only forwards to it with
+# the same (default) arguments, ~0.3 µs a record of Python around ~6 µs of validation (issue 16, the reader).
+_FAST_JSON: Callable[[bytes | str], LabDetection | BorderSeizure] = EVENT_ADAPTER.validator.validate_json
 
 
 def parse_event_object(obj: dict[str, Any]) -> LabDetection | BorderSeizure:
@@ -147,9 +152,11 @@ def check_size(raw: bytes | str, limits: RecordLimits = DEFAULT_LIMITS) -> None:
 
 def parse_limited(raw: bytes | str, limits: RecordLimits = DEFAULT_LIMITS) -> LabDetection | BorderSeizure:
     """:func:`parse_event` within the record caps: what the publisher, the worker and the backtest apply."""
-    check_size(raw, limits)
-    event = parse_event(raw)
-    check_extras(event, limits)
+    if type(raw) is not str or len(raw) * 4 > limits.max_bytes:  # a shorter str cannot be over (see byte_size)
+        check_size(raw, limits)
+    event = _parse(raw, _FAST_JSON, CHECKED_EVENT_ADAPTER.validate_json)  # parse_event, one call less
+    if event.__pydantic_extra__ or event.substance.__pydantic_extra__:  # what check_extras would count
+        check_extras(event, limits)
     return event
 
 

@@ -109,9 +109,8 @@ class Intake:
         input, or a rebuild from stored rows) the organisation of its lab id, else the claimed lab/agency."""
         if org is not None:
             return f"org:{org}"
-        return self.stored_reporter(
-            f"lab:{event.lab_id}" if isinstance(event, LabDetection) else f"agency:{event.agency}"
-        )
+        claimed = f"lab:{event.lab_id}" if isinstance(event, LabDetection) else f"agency:{event.agency}"
+        return claimed if self.verifier is None else self.stored_reporter(claimed)  # once per report: no call
 
     def stored_reporter(self, claimed: str) -> str:
         """:meth:`reporter` for a claimed ``lab:ID``/``agency:NAME`` (a stored report keeps no signature):
@@ -119,12 +118,16 @@ class Intake:
         org = self.verifier.org_of(claimed) if self.verifier is not None else None
         return f"org:{org}" if org is not None else claimed
 
-    def enrich(self, event: LabDetection | BorderSeizure, source: str, org: str | None = None) -> EnrichedEvent:
-        """Resolve the substance (structure first, then names) and normalise the quantity."""
+    def identify(self, event: LabDetection | BorderSeizure, org: str | None = None) -> ResolvedSubstance:
+        """The substance of a report (structure first, then names): what :meth:`enrich` resolves, alone."""
         reported = event.substance
-        substance = self.resolver.resolve(
+        return self.resolver.resolve(
             reported.name, smiles=reported.smiles, inchikey=reported.inchikey, reporter=self.reporter(event, org)
         )
+
+    def enrich(self, event: LabDetection | BorderSeizure, source: str, org: str | None = None) -> EnrichedEvent:
+        """Resolve the substance (structure first, then names) and normalise the quantity."""
+        substance = self.identify(event, org)
         quantity = (
             normalise_quantity(event.quantity.value, event.quantity.unit) if isinstance(event, BorderSeizure) else None
         )

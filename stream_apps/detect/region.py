@@ -22,7 +22,7 @@ from datetime import datetime, timedelta, tzinfo
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from synthwatch.schemas import Alert, LabDetection
+from synthwatch.schemas import Alert, BorderSeizure, LabDetection
 from synthwatch.schemas.topics import Sighting
 from synthwatch.stream_apps.detect.alerting import FAMILY_LABELS, Subject, build_alert, day_of, day_start, region_label
 from synthwatch.stream_apps.detect.config import DetectionConfig
@@ -38,9 +38,27 @@ if TYPE_CHECKING:
 Fetch = Callable[[str], dict[str, Any] | None]
 
 
-@lru_cache(maxsize=65536)
+# The subject of each substance object seen lately, by the object's id: the object is held in the value, so its
+# id cannot be reused while the entry stands. The resolver returns one object per distinct answer, so this
+# finds nearly every report's subject without hashing the substance's nine fields (see _subject_by_value).
+_SUBJECTS: dict[int, tuple[ResolvedSubstance, Subject]] = {}
+
+
 def subject_of(substance: ResolvedSubstance) -> Subject:
     """The alert subject of a resolved substance (cached: the resolver returns few distinct ones)."""
+    known = _SUBJECTS.get(id(substance))
+    if known is not None and known[0] is substance:
+        return known[1]
+    subject = _subject_by_value(substance)
+    if len(_SUBJECTS) >= 4096:
+        _SUBJECTS.clear()
+    _SUBJECTS[id(substance)] = (substance, subject)
+    return subject
+
+
+@lru_cache(maxsize=65536)
+def _subject_by_value(substance: ResolvedSubstance) -> Subject:
+    """The subject of an equal substance met before: one Subject object per distinct answer."""
     return Subject(
         key=substance.key,
         name=substance.display_name,
@@ -85,7 +103,15 @@ class Observation:
     def fields_of(item: EnrichedEvent) -> ObservationFields:
         """The fields of :meth:`of`, in order, as a plain tuple: what the backtest sends its detection process
         (a tuple pickles in a third of the time of the dataclass)."""
-        event, quantity, moment = item.event, item.quantity, item.event.occurred_at
+        quantity = item.quantity
+        return Observation.fields_from(item.event, item.substance, quantity.grams if quantity is not None else None)
+
+    @staticmethod
+    def fields_from(
+        event: LabDetection | BorderSeizure, substance: ResolvedSubstance, grams: float | None
+    ) -> ObservationFields:
+        """:meth:`fields_of` from what an :class:`EnrichedEvent` would hold: the backtest's reader makes none."""
+        moment = event.occurred_at
         lab = event if isinstance(event, LabDetection) else None
         # The few distinct codes, names, spellings and UTC offsets as one object each: the detection process
         # gets each once per block (pickle keeps one copy of an object), its state holds one copy, and two
@@ -114,8 +140,8 @@ class Observation:
             intern_day(day_of(moment)),
             shared(event.country),
             shared(event.region),
-            subject_of(item.substance),
-            quantity.grams if quantity is not None else None,
+            subject_of(substance),
+            grams,
             method,
             sample_type,
             reporter,
