@@ -125,7 +125,7 @@ class StackProcess:
             raise StackProcessError(f"{self.what}: no settings given, so no stack.json to wait for")
         process = self.process
         if process.poll() is not None:
-            raise StackProcessError(self._failure(f"exited with code {process.returncode}"))
+            raise StackProcessError(self.failure(f"exited with code {process.returncode}"))
         info = read_stack(self.settings)
         if info is not None and info.pid == process.pid and info.ready_seconds is not None:
             return info
@@ -139,9 +139,9 @@ class StackProcess:
             if info is not None:
                 return info
             time.sleep(interval)
-        raise StackProcessError(self._failure(f"was not ready after {timeout:.0f} s"))
+        raise StackProcessError(self.failure(f"was not ready after {timeout:.0f} s"))
 
-    def _failure(self, what_happened: str) -> str:
+    def failure(self, what_happened: str) -> str:
         """An error naming the process, what happened, its log file and (``tail`` bytes) the log's end."""
         message = f"{self.what} {what_happened} (log: {self.log_path})"
         return f"{message}:\n{log_tail(self.log_path, self.tail)}" if self.tail else message
