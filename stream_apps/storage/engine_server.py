@@ -15,8 +15,8 @@ created by whoever started it (Basic auth, or ``X-ClickHouse-User``/``X-ClickHou
 gets 401 with no detail. The password comes in :data:`PASSWORD_ENV` (never on the command line, where
 ``ps`` shows it) and is never printed. Requests from web pages (an ``Origin`` header) are refused too.
 
-Run: ``SYNTHWATCH_ENGINE_PASSWORD=... python -m synthwatch.stream_apps.storage.engine_server DIR PORT_FILE``;
-it writes its port to ``PORT_FILE`` (0600) once it listens. :mod:`synthwatch.stack.engine` starts it.
+Run by :mod:`synthwatch.stack.engine`: ``python -m synthwatch.stream_apps.storage.engine_server DIR FD`` with
+the password in the environment and ``FD`` a listening loopback socket it inherits.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import json
 import os
 import queue
 import re
+import socket
 import sys
 import tempfile
 import threading
@@ -97,13 +98,14 @@ def authorized(headers: Mapping[str, str], password: str) -> bool:
 
     Compared in constant time; URL parameters (``?password=``) are not accepted: they end up in logs.
     """
+    lowered = {name.lower(): value for name, value in headers.items()}
     user, given = "", ""
-    scheme, _, value = headers.get("Authorization", "").partition(" ")
+    scheme, _, value = lowered.get("authorization", "").partition(" ")
     if scheme.lower() == "basic":
         with contextlib.suppress(ValueError, UnicodeDecodeError):
             user, _, given = base64.b64decode(value.strip(), validate=True).decode().partition(":")
-    elif "X-ClickHouse-User" in headers:
-        user, given = headers.get("X-ClickHouse-User", ""), headers.get("X-ClickHouse-Key", "")
+    elif "x-clickhouse-user" in lowered:
+        user, given = lowered["x-clickhouse-user"], lowered.get("x-clickhouse-key", "")
     ok_user = hmac.compare_digest(user.encode(), USER.encode())
     ok_password = hmac.compare_digest(given.encode(), password.encode())
     return bool(password) and ok_user and ok_password
@@ -301,7 +303,7 @@ def make_handler(engine: Engine, password: str) -> type[BaseHTTPRequestHandler]:
             self._serve(post=True)
 
         def _serve(self, post: bool) -> None:
-            if not authorized(self.headers, password):
+            if not authorized(dict(self.headers.items()), password):
                 self.close_connection = True  # the body (if any) is not read
                 self._reply(401, _AUTH_FAILED, {"X-ClickHouse-Exception-Code": "516"})
                 return
@@ -398,20 +400,26 @@ def _statement(query: str | None, body: bytes) -> tuple[str, bytes | None]:
     return body.decode(), None
 
 
-def serve(path: Path, port_file: Path, password: str, port: int = 0) -> None:
-    """Serve the engine in ``path`` on 127.0.0.1 (``port``, 0: any free one, written to ``port_file``); blocks."""
+def serve(path: Path, listener: socket.socket, password: str) -> None:
+    """Serve the engine in ``path`` on ``listener`` (a listening loopback socket); blocks.
+
+    The socket comes bound and listening from whoever started this process (:mod:`synthwatch.stack.engine`):
+    its port is known before the engine opens, and a client that connects meanwhile waits in the backlog
+    instead of being refused. Anything but a loopback address is refused here.
+    """
+    host = listener.getsockname()[0]
+    if host not in ("127.0.0.1", "::1"):
+        raise SystemExit(f"the engine serves loopback only, not {host}")
     prepare_embedded_engine()
     path.mkdir(parents=True, exist_ok=True)
     spool = Path(tempfile.mkdtemp(prefix="synthwatch-engine-"))  # 0700: inserted data is readable by us only
     engine = Engine(path, spool)
-    server = ThreadingHTTPServer(("127.0.0.1", port), make_handler(engine, password))
+    server = ThreadingHTTPServer(listener.getsockname()[:2], make_handler(engine, password), bind_and_activate=False)
+    server.socket.close()
+    server.socket = listener
     server.daemon_threads = True
     try:
-        fd = os.open(f"{port_file}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as file:
-            file.write(str(server.server_address[1]))
-        os.replace(f"{port_file}.tmp", port_file)
-        print(f"engine for {path} listening on 127.0.0.1:{server.server_address[1]}", flush=True)
+        print(f"engine for {path} serving on {host}:{listener.getsockname()[1]}", flush=True)
         server.serve_forever()
     finally:
         server.server_close()
@@ -421,11 +429,12 @@ def serve(path: Path, port_file: Path, password: str, port: int = 0) -> None:
 
 
 def main(argv: list[str]) -> None:
-    """``DIR PORT_FILE``; the password from :data:`PASSWORD_ENV`. SIGTERM stops it (the engine closes)."""
+    """``DIR FD``: the engine directory and the inherited listening socket; the password from
+    :data:`PASSWORD_ENV`. SIGTERM stops it (the engine closes)."""
     import signal
 
-    if len(argv) != 2:
-        raise SystemExit(f"usage: {PASSWORD_ENV}=... python -m {__name__} DIR PORT_FILE")
+    if len(argv) != 2 or not argv[1].isdigit():
+        raise SystemExit(f"usage: {PASSWORD_ENV}=... python -m {__name__} DIR LISTENING_SOCKET_FD")
     password = os.environ.pop(PASSWORD_ENV, "")
     if len(password) < 16:
         raise SystemExit(f"{PASSWORD_ENV} must hold a password of at least 16 characters")
@@ -435,7 +444,7 @@ def main(argv: list[str]) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     with contextlib.suppress(KeyboardInterrupt):
-        serve(Path(argv[0]), Path(argv[1]), password)
+        serve(Path(argv[0]), socket.socket(fileno=int(argv[1])), password)
 
 
 if __name__ == "__main__":

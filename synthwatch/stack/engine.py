@@ -3,47 +3,56 @@
 Why: a worker that talks to the engine over HTTP carries neither the engine's code and heap nor its insert
 CPU (docs/performance.md, "The engine out of the worker"). The engine process gets a random password at
 start, in its environment (never on its command line); whoever starts it passes :meth:`EngineProcess.url`
-(which holds the password) to the worker in the worker's environment, never in a log.
+(which holds the password) to the worker in the worker's environment or settings, never in a log.
+
+The listening socket is bound here, on loopback, and handed to the child: the port is known at once, no
+other process can take it meanwhile, and a client that connects while the engine still opens waits in the
+socket's backlog (the worker's first statement simply takes longer) instead of being refused.
 """
 
 from __future__ import annotations
 
+import os
 import secrets
+import socket
 import sys
-import time
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from synthwatch.stack.process import StackProcess, StackProcessError
+from synthwatch.stack.broker import die_with_parent
+from synthwatch.stack.process import StackProcess
 from synthwatch.stream_apps.storage.engine_server import PASSWORD_ENV, USER
 
 
 class EngineProcess:
-    """The engine for ``path`` in a child process on a loopback port, with a password made for this start."""
+    """The engine for ``path`` in a child process on a loopback port, with a password made for this start.
 
-    def __init__(self, path: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
-        import os
+    ``tied_to_parent``: the kernel kills it when the thread that started it exits (``synthwatch up`` killed
+    hard must not leave a process holding the engine directory); only from a process without other threads.
+    """
 
+    def __init__(
+        self, path: Path, log_path: Path, env: dict[str, str] | None = None, *, tied_to_parent: bool = False
+    ) -> None:
         self.path = Path(path)
         self.password = secrets.token_urlsafe(32)
-        self._port_file = self.path.parent / f".{self.path.name}.port"
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.port: int = self._listener.getsockname()[1]
         child_env = dict(os.environ if env is None else env)
         child_env[PASSWORD_ENV] = self.password
+        fd = self._listener.fileno()
         self.child = StackProcess(
-            [
-                sys.executable,
-                "-m",
-                "synthwatch.stream_apps.storage.engine_server",
-                str(self.path),
-                str(self._port_file),
-            ],
+            [sys.executable, "-m", "synthwatch.stream_apps.storage.engine_server", str(self.path), str(fd)],
             log_path,
             env=child_env,
             what="engine process",
             stop_timeout=30,
+            pass_fds=(fd,),
+            preexec_fn=die_with_parent() if tied_to_parent else None,
         )
-        self.port = 0
 
     @property
     def pid(self) -> int:
@@ -54,27 +63,19 @@ class EngineProcess:
         (``port``: another one in front of the engine's, a proxy's)."""
         return f"http://{USER}:{self.password}@127.0.0.1:{port or self.port}/{database}"
 
-    def start(self, timeout: float = 120.0) -> Self:
-        """Start the process and wait until it listens (it writes its port once it does)."""
+    def start(self) -> Self:
+        """Start the process; returns at once (clients connecting before it serves wait in the backlog)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._port_file.unlink(missing_ok=True)
-        self.child.start()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.child.poll() is not None:
-                raise StackProcessError(self.child.failure(f"exited with code {self.child.poll()}"))
-            if self._port_file.exists():
-                self.port = int(self._port_file.read_text(encoding="utf-8"))
-                return self
-            time.sleep(0.05)
-        self.child.stop()
-        raise StackProcessError(self.child.failure(f"was not listening after {timeout:.0f} s"))
+        try:
+            self.child.start()
+        finally:
+            self._listener.close()  # the child has its copy: this process never accepts on it
+        return self
 
     def stop(self) -> int | None:
-        """Stop the process (SIGTERM: it closes the engine), SIGKILL after 30 s."""
-        code = self.child.stop()
-        self._port_file.unlink(missing_ok=True)
-        return code
+        """Stop the process (SIGTERM: it closes the engine), SIGKILL after 30 s; its exit code."""
+        self._listener.close()
+        return self.child.stop()
 
     def __enter__(self) -> Self:
         return self.start()

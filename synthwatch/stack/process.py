@@ -12,7 +12,7 @@ import contextlib
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -71,6 +71,8 @@ class StackProcess:
         stdin: int | None = None,
         cwd: Path | None = None,
         tail: int = 2000,
+        pass_fds: Sequence[int] = (),
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.argv = list(argv)
         self.log_path = Path(log_path)
@@ -83,6 +85,8 @@ class StackProcess:
         self.stdin = stdin
         self.cwd = cwd
         self.tail = tail
+        self.pass_fds = tuple(pass_fds)  # descriptors the child inherits (a listening socket)
+        self.preexec_fn = preexec_fn  # e.g. broker.die_with_parent()
         self._process: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0  # time.monotonic() when the process was started
 
@@ -116,6 +120,8 @@ class StackProcess:
                 stderr=log if self.pipe_stdout else subprocess.STDOUT,
                 stdin=self.stdin,
                 cwd=self.cwd,
+                pass_fds=self.pass_fds,
+                preexec_fn=self.preexec_fn,
             )
         return self
 
