@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import socket
 import sys
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 from synthwatch.stack.broker import die_with_parent
@@ -25,11 +25,12 @@ from synthwatch.stack.process import StackProcess
 from synthwatch.stream_apps.storage.engine_server import PASSWORD_ENV, USER
 
 
-class EngineProcess:
+class EngineProcess(StackProcess):
     """The engine for ``path`` in a child process on a loopback port, with a password made for this start.
 
     ``tied_to_parent``: the kernel kills it when the thread that started it exits (``synthwatch up`` killed
     hard must not leave a process holding the engine directory); only from a process without other threads.
+    As a context manager it is started on entry and stopped (SIGTERM, 30 s, then SIGKILL) on exit.
     """
 
     def __init__(
@@ -44,7 +45,7 @@ class EngineProcess:
         child_env = dict(os.environ if env is None else env)
         child_env[PASSWORD_ENV] = self.password
         fd = self._listener.fileno()
-        self.child = StackProcess(
+        super().__init__(
             [sys.executable, "-m", "synthwatch.stream_apps.storage.engine_server", str(self.path), str(fd)],
             log_path,
             env=child_env,
@@ -53,10 +54,6 @@ class EngineProcess:
             pass_fds=(fd,),
             preexec_fn=die_with_parent() if tied_to_parent else None,
         )
-
-    @property
-    def pid(self) -> int:
-        return self.child.pid
 
     def url(self, database: str, port: int | None = None) -> str:
         """``http://user:password@127.0.0.1:port/database``: what the worker's ``SYNTHWATCH_CLICKHOUSE_URL`` gets
@@ -67,20 +64,12 @@ class EngineProcess:
         """Start the process; returns at once (clients connecting before it serves wait in the backlog)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.child.start()
+            super().start()
         finally:
             self._listener.close()  # the child has its copy: this process never accepts on it
         return self
 
-    def stop(self) -> int | None:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float | None = None) -> int | None:
         """Stop the process (SIGTERM: it closes the engine), SIGKILL after 30 s; its exit code."""
         self._listener.close()
-        return self.child.stop()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.stop()
+        return super().stop(sig, timeout)

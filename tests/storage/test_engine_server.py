@@ -86,7 +86,7 @@ def test_the_password_is_on_no_command_line_and_in_no_log(engine: EngineProcess)
     assert engine.password.encode() not in cmdline
     _request(engine, "/?query=SELECT%201", _basic(USER, engine.password))
     _request(engine, "/?query=SELECT%201", _basic(USER, "wrong"))
-    assert engine.password not in engine.child.log_path.read_text(encoding="utf-8", errors="replace")
+    assert engine.password not in engine.log_path.read_text(encoding="utf-8", errors="replace")
 
 
 def test_a_client_with_a_wrong_password_raises_the_servers_authentication_error(
