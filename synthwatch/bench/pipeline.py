@@ -55,7 +55,7 @@ from synthwatch.bench.experiments import (
     worker_experiments,
 )
 from synthwatch.bench.latency import LatencyStream, alert_latency, hop_lines
-from synthwatch.bench.memory import RssSeries, engine_heap_mib, rss_table
+from synthwatch.bench.memory import RssSeries, engine_heap_mib, proc_status, process_cpu_seconds, rss_table
 from synthwatch.bench.workers import (
     TRACEMALLOC_DUMP,
     WORKER_ENV,
@@ -79,6 +79,7 @@ from synthwatch.bench.workload import (
 )
 from synthwatch.consoles import command_console
 from synthwatch.settings import Settings
+from synthwatch.stack.engine import EngineProcess
 
 # --- ingest-history -----------------------------------------------------------------------------------
 
@@ -162,12 +163,16 @@ def bench_pipeline(
     changes: Sequence[str] = (),
     seed: int = 5,
     keep: Path | None = None,
+    engine_process: bool = False,
 ) -> dict[str, Any]:
     """Run every phase and print one table; returns the numbers (also for docs/performance.md).
 
     ``changes``: other setting values for the measured workers (names of ``WORKER_ENV``); empty
     measures the shipped worker. Sizes of 0 skip a phase. ``keep``: the run's directory (workers' data and
     logs, the stream, ``rss-audit.json``) goes under it and stays; without it the run's directory is deleted.
+    ``engine_process``: the workers use the embedded engine in a process of its own over HTTP
+    (:mod:`synthwatch.stack.engine`), each with a database of its own; its RSS and CPU are reported beside
+    the worker's (what leaves the worker does not leave the machine).
     """
     base = Settings()
     results: dict[str, Any] = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine()}
@@ -179,7 +184,13 @@ def bench_pipeline(
         results["kept"] = str(tmp)
         console.print(f"keeping this run's directories and logs in {tmp}")
     workers: list[BenchWorker] = []
+    engine: EngineProcess | None = None
     try:
+        if engine_process:
+            engine = EngineProcess(tmp / "engine" / "chdb", tmp / "engine.log").start()
+            base = base.model_copy(update={"clickhouse_url": engine.url("default")})
+            results["engine_process"] = True
+            console.print(f"engine process {engine.pid} on 127.0.0.1:{engine.port}")
         with bench_broker(base, console) as servers:
             run = uuid.uuid4().hex[:6]
             settings = Topics(f"{run}-main").created(base, servers)
@@ -199,6 +210,7 @@ def bench_pipeline(
             from synthwatch.producers.readers import InputRecord
 
             cpu = worker.cpu_seconds()
+            engine_cpu = process_cpu_seconds(engine.pid) if engine is not None else 0.0
             started = time.perf_counter()
             with Publisher(settings, servers) as publisher:
                 summary = publisher.publish_records(
@@ -207,6 +219,7 @@ def bench_pipeline(
             published = time.perf_counter()
             done = wait_consumed([worker], summary.sent, timeout=max(600.0, events / 100))
             cpu_stored = worker.cpu_seconds() - cpu
+            engine_cpu = process_cpu_seconds(engine.pid) - engine_cpu if engine is not None else 0.0
             stats = worker.stats()
             stored = worker.count("SELECT (SELECT count() FROM lab_detections) + (SELECT count() FROM border_seizures)")
             late = int(stats["late"])  # late reports are stored too (flagged): one of the stored rows
@@ -225,6 +238,8 @@ def bench_pipeline(
                 # the worker's CPU (all threads, the engine's too) from first publish to last stored, per 100k
                 # events: moves far less with the machine's load than events/s (docs/performance.md)
                 "worker_cpu_per_100k": cpu_stored * 100_000 / max(summary.sent, 1),
+                # the engine process's CPU over the same span (0 when the engine is in the worker)
+                "engine_cpu_per_100k": engine_cpu * 100_000 / max(summary.sent, 1),
                 "load": os.getloadavg(),
             }
             console.print(f"end to end: {results['e2e']}")
@@ -276,6 +291,7 @@ def bench_pipeline(
                 # read before the audit: its queries run in the worker's engine (the RSS read after them was
                 # 176-280 MiB above the series' last reading in five 1 M-event runs, docs/performance.md)
                 memory = worker.memory_kib()
+                engine_memory = proc_status(engine.pid, ("VmRSS", "VmHWM")) if engine is not None else {}
                 if keep is not None:  # what the worker stored of this phase, and the group's offsets
                     results["rss_audit"] = audit()
                 if "tracemalloc" in changes:
@@ -288,6 +304,8 @@ def bench_pipeline(
                     "keys": len(regions) * len(substances),
                     "rss_kib": memory.get("VmRSS", 0),
                     "peak_kib": memory.get("VmHWM", 0),
+                    "engine_rss_kib": engine_memory.get("VmRSS", 0),  # the engine process (0: in the worker)
+                    "engine_peak_kib": engine_memory.get("VmHWM", 0),
                     "seconds": done - started,
                     "rate": sent / (done - started),
                     "worker_total_events": worker.stats()["consumed"],
@@ -345,6 +363,8 @@ def bench_pipeline(
     finally:
         for w in workers:
             w.stop()
+        if engine is not None:
+            engine.stop()
         if keep is None:
             shutil.rmtree(tmp, ignore_errors=True)
     _print_table(console, results)
@@ -563,6 +583,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="DIR",
         help="keep the run's directory (workers' data and logs) under DIR and audit the RSS phase's stored events",
     )
+    parser.add_argument(
+        "--engine-process",
+        action="store_true",
+        help="the workers use the embedded engine in a process of their own, over HTTP (synthwatch.stack.engine)",
+    )
     args = parser.parse_args(argv)
     console = command_console()
     result: Any
@@ -599,6 +624,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             history=not args.no_history,
             changes=[c for c in args.changes.split(",") if c],
             keep=args.keep,
+            engine_process=args.engine_process,
         )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")

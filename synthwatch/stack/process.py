@@ -12,7 +12,7 @@ import contextlib
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -71,6 +71,8 @@ class StackProcess:
         stdin: int | None = None,
         cwd: Path | None = None,
         tail: int = 2000,
+        pass_fds: Sequence[int] = (),
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.argv = list(argv)
         self.log_path = Path(log_path)
@@ -83,6 +85,8 @@ class StackProcess:
         self.stdin = stdin
         self.cwd = cwd
         self.tail = tail
+        self.pass_fds = tuple(pass_fds)  # descriptors the child inherits (a listening socket)
+        self.preexec_fn = preexec_fn  # e.g. broker.die_with_parent()
         self._process: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0  # time.monotonic() when the process was started
 
@@ -116,6 +120,8 @@ class StackProcess:
                 stderr=log if self.pipe_stdout else subprocess.STDOUT,
                 stdin=self.stdin,
                 cwd=self.cwd,
+                pass_fds=self.pass_fds,
+                preexec_fn=self.preexec_fn,
             )
         return self
 
@@ -125,7 +131,7 @@ class StackProcess:
             raise StackProcessError(f"{self.what}: no settings given, so no stack.json to wait for")
         process = self.process
         if process.poll() is not None:
-            raise StackProcessError(self._failure(f"exited with code {process.returncode}"))
+            raise StackProcessError(self.failure(f"exited with code {process.returncode}"))
         info = read_stack(self.settings)
         if info is not None and info.pid == process.pid and info.ready_seconds is not None:
             return info
@@ -139,9 +145,9 @@ class StackProcess:
             if info is not None:
                 return info
             time.sleep(interval)
-        raise StackProcessError(self._failure(f"was not ready after {timeout:.0f} s"))
+        raise StackProcessError(self.failure(f"was not ready after {timeout:.0f} s"))
 
-    def _failure(self, what_happened: str) -> str:
+    def failure(self, what_happened: str) -> str:
         """An error naming the process, what happened, its log file and (``tail`` bytes) the log's end."""
         message = f"{self.what} {what_happened} (log: {self.log_path})"
         return f"{message}:\n{log_tail(self.log_path, self.tail)}" if self.tail else message

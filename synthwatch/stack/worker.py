@@ -37,10 +37,12 @@ from synthwatch.stack.broker import (
 from synthwatch.stack.drain import DrainingWorker, DrainOutcome, describe_lag, final_count
 from synthwatch.stackfile import StackInfo, new_web_token, read_stack, remove_stack, write_stack
 from synthwatch.stream_apps.runtime.transport import stored_uncommitted, unmarked
-from synthwatch.stream_apps.storage.clickhouse import Migration, OpeningClient
+from synthwatch.stream_apps.storage.clickhouse import Migration, OpeningClient, database_of
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
+
+    from synthwatch.stack.engine import EngineProcess
 
 log = logging.getLogger("synthwatch.stack")
 
@@ -81,6 +83,10 @@ def run_worker(
         if applied:
             announce(f"ClickHouse: applied migrations {', '.join(f'{m.version:04d}_{m.name}' for m in applied)}")
 
+    engine = _engine_process(settings)
+    if engine is not None:
+        settings = settings.model_copy(update={"clickhouse_url": engine.url(database_of(settings))})
+        announce(f"ClickHouse: the embedded engine in a process of its own (pid {engine.pid}, 127.0.0.1:{engine.port})")
     # Started when the group join begins (_run_worker): while the worker waits for the broker, not while it starts.
     client = OpeningClient(settings, apply_migrations=settings.migrate_on_start, on_migrated=migrated, start=False)
     prepare = JoinWaitWork()
@@ -105,7 +111,23 @@ def run_worker(
     finally:
         prepare.join()
         client.close()
+        if engine is not None:
+            engine.stop()
         gc.enable()  # off while the process started (`synthwatch worker`); on again in the join wait, or here
+
+
+def _engine_process(settings: Settings) -> EngineProcess | None:
+    """The engine's own process, started (it opens while the worker starts), when ``clickhouse_engine_process``
+    asks for it and the engine is the embedded one; None otherwise. Tied to this process: a worker killed
+    hard leaves no process holding the engine's directory."""
+    if not (settings.clickhouse_engine_process and settings.clickhouse_is_embedded):
+        return None
+    from synthwatch.stack.engine import EngineProcess
+
+    private_dir(settings.embedded_clickhouse_path)
+    return EngineProcess(
+        settings.embedded_clickhouse_path, settings.data_dir / "engine.log", tied_to_parent=True
+    ).start()
 
 
 def _run_worker(

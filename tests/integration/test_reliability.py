@@ -39,6 +39,7 @@ from synthwatch.producers.simulate import SimulationConfig, simulate
 from synthwatch.schemas import Alert
 from synthwatch.settings import Settings
 from synthwatch.stack.broker import EmbeddedBroker, consumer_lag, ensure_topics, free_port
+from synthwatch.stack.engine import EngineProcess
 from synthwatch.stream_apps.detect.backtest import run_lines
 from synthwatch.stream_apps.storage.query import QueryResult, run_query
 from tests.conftest import (
@@ -216,12 +217,12 @@ def test_worker_killed_mid_stream_restarts_and_stores_every_event_once_without_l
 
 
 @pytest.fixture
-def clickhouse_http(tmp_path: Path) -> Iterator[tuple[int, FlakyProxy]]:
+def clickhouse_http(tmp_path: Path) -> Iterator[tuple[EngineProcess, FlakyProxy]]:
     """The real engine behind ClickHouse's HTTP interface (own process), and a proxy that can refuse."""
-    with engine_over_http(tmp_path / "chdb", tmp_path / "clickhouse-http.log") as port:
-        proxy = FlakyProxy(port)
+    with engine_over_http(tmp_path / "chdb", tmp_path / "clickhouse-http.log") as engine:
+        proxy = FlakyProxy(engine.port)
         try:
-            yield port, proxy.up()
+            yield engine, proxy.up()
         finally:
             proxy.down()
 
@@ -234,7 +235,7 @@ STUCK_BATCH = 300
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("committed_before", [300, 0], ids=["after-commits", "never-committed"])
 def test_a_worker_stuck_without_an_error_is_sought_back_then_reported_not_ready_then_recovers(
-    broker: EmbeddedBroker, tmp_path: Path, clickhouse_http: tuple[int, FlakyProxy], committed_before: int
+    broker: EmbeddedBroker, tmp_path: Path, clickhouse_http: tuple[EngineProcess, FlakyProxy], committed_before: int
 ) -> None:
     """The consumer watchdog, on a real worker: ClickHouse stops answering without failing (a hung
     server), so checkpoints never finish and committed offsets stop while records wait. The worker must
@@ -243,16 +244,16 @@ def test_a_worker_stuck_without_an_error_is_sought_back_then_reported_not_ready_
 
     ``never-committed``: the partitions had no committed offset when the worker sought back (aiokafka
     seeks only partitions with one), so what the cleared queues held must be fetched from the start."""
-    port, proxy = clickhouse_http
+    engine, proxy = clickhouse_http
     (tmp_path / "worker").mkdir()
     settings = isolated_settings(
         broker,
         tmp_path / "worker",
-        clickhouse_url=f"http://127.0.0.1:{proxy.port}/watchdog",
+        clickhouse_url=engine.url("watchdog", proxy.port),
         stall_seconds=2.0,
         sink_batch_size=STUCK_BATCH,
     )
-    direct = settings.model_copy(update={"clickhouse_url": f"http://127.0.0.1:{port}/watchdog"})
+    direct = settings.model_copy(update={"clickhouse_url": engine.url("watchdog")})
     regions = [("ML", "ML-BKO"), ("MA", "MA-TNG"), ("SN", "SN-DK")]
     base = datetime.now(UTC) - timedelta(hours=2)
 
@@ -324,15 +325,13 @@ def test_a_worker_stuck_without_an_error_is_sought_back_then_reported_not_ready_
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_clickhouse_unavailable_the_sink_retries_the_consumer_waits_and_catches_up(
-    broker: EmbeddedBroker, tmp_path: Path, clickhouse_http: tuple[int, FlakyProxy]
+    broker: EmbeddedBroker, tmp_path: Path, clickhouse_http: tuple[EngineProcess, FlakyProxy]
 ) -> None:
-    port, proxy = clickhouse_http
+    engine, proxy = clickhouse_http
     database = "reliability"
     (tmp_path / "worker").mkdir()  # with a server URL nothing else creates the data dir (Faust's files go there)
-    settings = isolated_settings(
-        broker, tmp_path / "worker", clickhouse_url=f"http://127.0.0.1:{proxy.port}/{database}"
-    )
-    direct = settings.model_copy(update={"clickhouse_url": f"http://127.0.0.1:{port}/{database}"})
+    settings = isolated_settings(broker, tmp_path / "worker", clickhouse_url=engine.url(database, proxy.port))
+    direct = settings.model_copy(update={"clickhouse_url": engine.url(database)})
 
     def query(sql: str) -> QueryResult:  # straight to the engine, not through the proxy
         return run_query(direct, sql)

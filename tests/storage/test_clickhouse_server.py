@@ -3,7 +3,7 @@
 Two targets. A real ClickHouse server when SYNTHWATCH_TEST_CLICKHOUSE_URL=http://user:pass@host:8123 is set
 (each run uses a fresh database on that server and drops it afterwards); it skips with that reason otherwise.
 And always: the embedded engine (the same ClickHouse code, chDB) answering ClickHouse's HTTP interface in a
-process of its own (tests/support/reliability_helpers.py), so the HTTP client path runs in every `make test` even
+process of its own (synthwatch.stack.engine, with its password), so the HTTP client path runs in every `make test` even
 where no server is reachable. The second target is not a ClickHouse server: server-only behaviour
 (users, clusters, replication) is covered only by the first.
 """
@@ -21,6 +21,7 @@ from urllib.parse import urlparse, urlunparse
 import pytest
 
 from synthwatch.settings import Settings
+from synthwatch.stack.engine import EngineProcess
 from synthwatch.stream_apps.detect.intake import Intake, RawMessage
 from synthwatch.stream_apps.storage.backfill.ingest import ingest_history
 from synthwatch.stream_apps.storage.clickhouse import connect, migrate
@@ -34,9 +35,9 @@ pytestmark = [pytest.mark.integration]
 
 
 @pytest.fixture
-def engine_port(tmp_path: Path) -> Iterator[int]:
-    with engine_over_http(tmp_path / "chdb", tmp_path / "clickhouse-http.log") as port:
-        yield port
+def engine(tmp_path: Path) -> Iterator[EngineProcess]:
+    with engine_over_http(tmp_path / "chdb", tmp_path / "clickhouse-http.log") as engine:
+        yield engine
 
 
 @pytest.fixture(params=["server", "engine-over-http"])
@@ -46,8 +47,7 @@ def server_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
             pytest.skip("SYNTHWATCH_TEST_CLICKHOUSE_URL is not set (no ClickHouse server to test)")
         base = SERVER
     else:
-        port = request.getfixturevalue("engine_port")
-        base = f"http://default:@127.0.0.1:{port}"
+        base = request.getfixturevalue("engine").url("default")
     database = f"synthwatch_test_{uuid.uuid4().hex[:8]}"
     url = urlunparse(urlparse(base)._replace(path=f"/{database}"))
     settings = Settings(data_dir=tmp_path, clickhouse_url=url)

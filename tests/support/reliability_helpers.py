@@ -1,186 +1,24 @@
-"""Fault-injection helpers for tests/integration/test_reliability.py: a ClickHouse HTTP endpoint, a flaky proxy,
-a tailer.
+"""Fault-injection helpers for tests/integration/test_reliability.py: a flaky proxy, a tailer.
 
-Why a ClickHouse HTTP endpoint: the worker's production path is ``SYNTHWATCH_CLICKHOUSE_URL=http://...``,
-but no ClickHouse server ships with the project and the embedded engine lives inside the worker's own
-process, where nothing outside can make it unavailable. :func:`serve_clickhouse` answers the subset of
-ClickHouse's HTTP interface that clickhouse-connect uses (queries, commands, Native inserts) with the real
-engine (chDB) in a child process of its own; :class:`FlakyProxy` sits in front of it and refuses
-connections while "down", then forwards again. The worker sees exactly what a ClickHouse outage looks
-like to it: connection refused, then reset connections, then service again.
-
-Run the endpoint with ``python -m tests.support.reliability_helpers clickhouse-http PORT DATA_DIR``.
+Why a flaky proxy: the worker's production path is ``SYNTHWATCH_CLICKHOUSE_URL=http://...``; the engine
+process (:mod:`synthwatch.stack.engine`, the real engine behind ClickHouse's HTTP interface) stands in for
+the server, and :class:`FlakyProxy` sits in front of it and refuses connections while "down", then
+forwards again. The worker sees exactly what a ClickHouse outage looks like to it: connection refused,
+then reset connections, then service again.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import re
 import socket
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlparse
 
 from synthwatch.bench.crash import novelty_summary
 from synthwatch.stack.broker import committed_offsets, consumer_lag, high_watermarks
 from synthwatch.stack.kafka_checks import daily_chunks, read_all
-
-# --- a ClickHouse HTTP endpoint over the embedded engine --------------------------------------------------
-
-_FORMAT = re.compile(r"\sFORMAT\s+(\w+)\s*;?\s*$", re.IGNORECASE)
-_INSERT = re.compile(r"^\s*INSERT\s+INTO\s+(.+?)\s+FORMAT\s+(\w+)\s*$", re.IGNORECASE | re.DOTALL)
-_INLINE_INSERT = re.compile(rb"\s*(INSERT\s+INTO\s+.+?\s+FORMAT\s+\w+)[ \t]*\r?\n", re.IGNORECASE | re.DOTALL)
-_CODE = re.compile(r"Code:\s*(\d+)")
-
-
-def _decompress(encoding: str, body: bytes) -> bytes:
-    """A request body as sent by clickhouse-connect: lz4 or zstd frames (one per block), or plain."""
-    encoding = encoding.strip().lower()
-    if encoding == "lz4":
-        import lz4.frame
-
-        out = []
-        while body:
-            decompressor = lz4.frame.LZ4FrameDecompressor()
-            out.append(decompressor.decompress(body))
-            body = decompressor.unused_data
-        return b"".join(out)
-    if encoding == "zstd":
-        from clickhouse_connect.driver.compression import _zstd_decompress
-
-        return bytes(_zstd_decompress(body))
-    if encoding in ("gzip", "deflate"):
-        import zlib
-
-        return zlib.decompress(body, 47)
-    return body
-
-
-def _form_fields(content_type: str, body: bytes) -> dict[str, str]:
-    """Fields of a multipart/form-data body (clickhouse-connect sends big queries and parameters so)."""
-    from email.parser import BytesParser
-    from email.policy import HTTP
-
-    message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body)
-    fields: dict[str, str] = {}
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        payload = part.get_payload(decode=True)
-        if isinstance(name, str) and isinstance(payload, bytes):
-            fields[name] = payload.decode("utf-8", errors="replace")
-    return fields
-
-
-def serve_clickhouse(port: int, path: str) -> None:
-    """Serve ClickHouse's HTTP interface on 127.0.0.1:``port`` from a chDB engine in ``path`` (blocks)."""
-    import chdb
-
-    connection = chdb.connect(path)
-    lock = threading.Lock()
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, format: str, *args: Any) -> None:
-            return None
-
-        def do_GET(self) -> None:
-            self._handle(b"")
-
-        def do_POST(self) -> None:
-            body = self._body()
-            self._handle(_decompress(self.headers.get("Content-Encoding", ""), body))
-
-        def _body(self) -> bytes:
-            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-                chunks: list[bytes] = []
-                while True:
-                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                    if size == 0:
-                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                            pass
-                        return b"".join(chunks)
-                    chunks.append(self.rfile.read(size))
-                    self.rfile.readline()
-            length = int(self.headers.get("Content-Length") or 0)
-            return self.rfile.read(length) if length else b""
-
-        def _handle(self, body: bytes) -> None:
-            url = urlparse(self.path)
-            if url.path == "/ping":
-                self._reply(200, b"Ok.\n", {})
-                return
-            params = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
-            content_type = self.headers.get("Content-Type", "")
-            if content_type.startswith("multipart/form-data"):  # large queries and bound parameters
-                params.update(_form_fields(content_type, body))
-                body = b""
-            query = params.get("query")
-            data = body if query is not None else None
-            inline = _INLINE_INSERT.match(body) if query is None else None
-            if inline is not None:  # "INSERT ... FORMAT Native\n" then the data, in one body
-                query, data = inline.group(1).decode("utf-8", errors="replace"), body[inline.end() :]
-            sql = query if query is not None else body.decode("utf-8", errors="replace")
-            bound = {k[len("param_") :]: v for k, v in params.items() if k.startswith("param_")}
-            try:
-                with lock:
-                    if params.get("database"):
-                        connection.query(f"USE `{params['database']}`", "TabSeparated")
-                    result, fmt = self._run(sql, data, params.get("default_format") or "TabSeparated", bound)
-            except Exception as error:  # the engine's message is what the client shows
-                message = str(error)
-                print(f"query failed: {message[:300]} (statement: {sql[:200]!r})", file=sys.stderr, flush=True)
-                match = _CODE.search(message)
-                code = match.group(1) if match else "1002"
-                self._reply(
-                    500, f"Code: {code}. DB::Exception: {message}\n".encode(), {"X-ClickHouse-Exception-Code": code}
-                )
-                return
-            self._reply(200, result, {"X-ClickHouse-Format": fmt})
-
-        def _run(self, sql: str, data: bytes | None, default: str, bound: dict[str, str]) -> tuple[bytes, str]:
-            # Per-request settings (date_time_input_format, ...) are left out: synthwatch's statements
-            # do not depend on them, and the engine's defaults apply as in the embedded path.
-            insert = _INSERT.match(sql)
-            if data is not None and insert is not None:
-                with tempfile.NamedTemporaryFile(suffix=".bin") as tmp:
-                    tmp.write(data)
-                    tmp.flush()
-                    target, fmt = insert.group(1), insert.group(2)
-                    connection.query(f"INSERT INTO {target} FROM INFILE '{tmp.name}' FORMAT {fmt}", "TabSeparated")
-                return b"", "TabSeparated"
-            match = _FORMAT.search(sql)
-            fmt = match.group(1) if match else default
-            statement = sql[: match.start()] if match else sql
-            result = connection.query(statement, fmt, params=bound) if bound else connection.query(statement, fmt)
-            return result.bytes() or b"", fmt
-
-        def _reply(self, status: int, body: bytes, headers: dict[str, str]) -> None:
-            self.send_response(status)
-            summary = {"read_rows": "0", "read_bytes": "0", "written_rows": "0", "written_bytes": "0"}
-            for name, value in {
-                "Content-Type": "application/octet-stream",
-                "Content-Length": str(len(body)),
-                "X-ClickHouse-Timezone": "UTC",
-                "X-ClickHouse-Server-Display-Name": "chdb-http",
-                "X-ClickHouse-Summary": json.dumps(summary),
-                **headers,
-            }.items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(body)
-
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    server.daemon_threads = True
-    print(f"listening on {port}", flush=True)
-    server.serve_forever()
-
 
 # --- a TCP proxy that can refuse connections ---------------------------------------------------------
 
@@ -338,17 +176,6 @@ class Tailer:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10)
-
-
-def main(argv: list[str]) -> None:
-    if len(argv) == 3 and argv[0] == "clickhouse-http":
-        serve_clickhouse(int(argv[1]), argv[2])
-        return
-    raise SystemExit("usage: python -m tests.support.reliability_helpers clickhouse-http PORT DATA_DIR")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
 
 
 # --- streams and comparisons -------------------------------------------------------------------------------

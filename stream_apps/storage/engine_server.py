@@ -1,0 +1,451 @@
+"""The embedded ClickHouse engine (chDB) in a process of its own, answering ClickHouse's HTTP interface.
+
+Why: in the worker, the engine's code (~240-290 MiB), its heap and its insert CPU sat in the worker's
+process (docs/performance.md, "What 512 MiB needs"). chDB has no server mode and allows one engine per
+process, so this process owns the engine directory and serves the subset of ClickHouse's HTTP interface
+that clickhouse-connect's HTTP client sends: statements in the ``query`` URL parameter, the body, or a
+multipart form (large bound parameters); ``param_*`` bound parameters; ``database``; every other URL
+parameter a setting; ``INSERT ... FORMAT fmt`` with the data in the body (lz4/zstd/gzip per
+``Content-Encoding``). Errors come back as ClickHouse's do (status 500, ``X-ClickHouse-Exception-Code``, the
+engine's ``Code: N. DB::Exception: ...`` text), so the client raises the same exceptions as against a
+server. The worker then runs its production path (``SYNTHWATCH_CLICKHOUSE_URL=http://...``) unchanged.
+
+Security: it listens on loopback only, and every request, ``/ping`` included, must carry the password
+created by whoever started it (Basic auth, or ``X-ClickHouse-User``/``X-ClickHouse-Key``); anything else
+gets 401 with no detail. The password comes in :data:`PASSWORD_ENV` (never on the command line, where
+``ps`` shows it) and is never printed. Requests from web pages (an ``Origin`` header) are refused too.
+
+Run by :mod:`synthwatch.stack.engine`: ``python -m synthwatch.stream_apps.storage.engine_server DIR FD`` with
+the password in the environment and ``FD`` a listening loopback socket it inherits.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hmac
+import json
+import os
+import queue
+import re
+import socket
+import sys
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator, Mapping
+from email.parser import BytesParser
+from email.policy import HTTP
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlparse
+
+from synthwatch.stream_apps.storage.clickhouse import prepare_embedded_engine
+
+#: The environment variable that hands the process its password.
+PASSWORD_ENV = "SYNTHWATCH_ENGINE_PASSWORD"
+#: The user name the engine accepts (ClickHouse's default user's name, so URLs look like a server's).
+USER = "synthwatch"
+#: The largest request body accepted (a sink insert of a 100k-event checkpoint is ~30 MiB).
+MAX_BODY = 1 << 30
+
+#: URL parameters that are not settings: the HTTP interface's own, and the transport settings
+#: clickhouse-connect sends that the engine does not know (chDB would refuse them as unknown).
+_NOT_SETTINGS = frozenset(
+    {
+        "query",
+        "database",
+        "default_format",
+        "user",
+        "password",
+        "query_id",
+        "session_id",
+        "session_timeout",
+        "session_check",
+        "compress",
+        "decompress",
+        "buffer_size",
+        "wait_end_of_query",
+        "client_protocol_version",
+        "role",
+        "quota_key",
+        "enable_http_compression",
+        "send_progress_in_http_headers",
+        "http_headers_progress_interval_ms",
+        "cancel_http_readonly_queries_on_client_close",
+    }
+)
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_TRAILING_FORMAT = re.compile(r"\sFORMAT\s+(\w+)\s*;?\s*$", re.IGNORECASE)
+_INSERT = re.compile(r"^\s*INSERT\s+INTO\s+(.+?)\s+FORMAT\s+(\w+)\s*$", re.IGNORECASE | re.DOTALL)
+_INLINE_INSERT = re.compile(rb"\s*(INSERT\s+INTO\s+.+?\s+FORMAT\s+\w+)[ \t]*\r?\n", re.IGNORECASE | re.DOTALL)
+_CODE = re.compile(r"Code:\s*(\d+)")
+_AUTH_FAILED = b"Code: 516. DB::Exception: Authentication failed. (AUTHENTICATION_FAILED)\n"
+
+
+class RequestError(Exception):
+    """A request this endpoint cannot serve, answered as ClickHouse answers: ``code`` and ``message``."""
+
+    def __init__(self, code: int, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+def authorized(headers: Mapping[str, str], password: str) -> bool:
+    """Whether the request carries :data:`USER` and ``password`` (Basic auth or ClickHouse's own headers).
+
+    Compared in constant time; URL parameters (``?password=``) are not accepted: they end up in logs.
+    """
+    lowered = {name.lower(): value for name, value in headers.items()}
+    user, given = "", ""
+    scheme, _, value = lowered.get("authorization", "").partition(" ")
+    if scheme.lower() == "basic":
+        with contextlib.suppress(ValueError, UnicodeDecodeError):
+            user, _, given = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+    elif "x-clickhouse-user" in lowered:
+        user, given = lowered["x-clickhouse-user"], lowered.get("x-clickhouse-key", "")
+    ok_user = hmac.compare_digest(user.encode(), USER.encode())
+    ok_password = hmac.compare_digest(given.encode(), password.encode())
+    return bool(password) and ok_user and ok_password
+
+
+def decompress(encoding: str, body: bytes) -> bytes:
+    """A request body as clickhouse-connect sends it: lz4 or zstd frames (one per block), gzip, or plain."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding == "lz4":
+        import lz4.frame
+
+        out = []
+        while body:
+            decompressor = lz4.frame.LZ4FrameDecompressor()
+            out.append(decompressor.decompress(body))
+            body = decompressor.unused_data
+        return b"".join(out)
+    if encoding == "zstd":
+        from clickhouse_connect.driver.compression import _zstd_decompress
+
+        return bytes(_zstd_decompress(body))
+    if encoding in ("gzip", "deflate"):
+        import zlib
+
+        return zlib.decompress(body, 47)
+    raise RequestError(1, f"unsupported Content-Encoding {encoding!r}")
+
+
+def form_fields(content_type: str, body: bytes) -> dict[str, str]:
+    """Fields of a multipart/form-data body (clickhouse-connect sends big queries and parameters so)."""
+    message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body)
+    fields: dict[str, str] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        if isinstance(name, str) and isinstance(payload, bytes):
+            fields[name] = payload.decode("utf-8", errors="replace")
+    return fields
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+class _Handle:
+    """One chDB connection handle and the session state applied to it (``USE``, ``SET``).
+
+    Why the state is remembered: every request clickhouse-connect sends carries the same few settings
+    (``date_time_input_format``, ...); applying them with ``SET`` and restoring them after each statement
+    cost several engine calls per request. A handle only changes what differs from its last request, and
+    puts back to ``DEFAULT`` the settings the new request does not carry, so no request sees another's.
+    ``readonly`` cannot be taken back once set (no setting can then change): a request that sets it gets a
+    handle kept for requests with exactly its settings (:meth:`Engine.handle`), applied with ``readonly`` last.
+    """
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+        self.database: str | None = None
+        self.settings: dict[str, str] = {}
+
+    def prepare(self, database: str | None, settings: Mapping[str, str]) -> None:
+        if database and database != self.database:
+            if not _IDENTIFIER.match(database):
+                raise RequestError(81, f"Database {database!r} is not a plain identifier")
+            self.database = None
+            self.connection.query(f"USE {database}", "TabSeparated")
+            self.database = database
+        for name in [n for n in self.settings if n not in settings]:
+            del self.settings[name]
+            self.connection.query(f"SET {name} = DEFAULT", "TabSeparated")
+        for name, value in sorted(settings.items(), key=lambda item: item[0] == "readonly"):
+            if self.settings.get(name) != value:
+                if not _IDENTIFIER.match(name):
+                    raise RequestError(115, f"Setting name {name!r} is not a plain identifier")
+                self.settings.pop(name, None)
+                self.connection.query(f"SET {name} = {_quote(value)}", "TabSeparated")
+                self.settings[name] = value
+
+
+_Pool = tuple[tuple[str, str], ...] | None
+
+
+class Engine:
+    """The engine directory, a pool of connection handles to it, and the statements' execution."""
+
+    def __init__(self, path: Path, spool: Path) -> None:
+        import chdb
+
+        self._chdb = chdb
+        self.path = str(Path(path).resolve())
+        self.spool = spool
+        self._idle: dict[_Pool, queue.SimpleQueue[_Handle]] = {}
+        self._all: list[_Handle] = []
+        self._lock = threading.Lock()
+        with self.handle({}) as handle:
+            self.timezone = handle.connection.query("SELECT timezone()", "TabSeparated").bytes().decode().strip()
+
+    @contextlib.contextmanager
+    def handle(self, settings: Mapping[str, str]) -> Iterator[_Handle]:
+        """A handle of its own for one request (one is opened when all are busy). Requests that set ``readonly``
+        share handles only with requests of the very same settings (see :class:`_Handle`)."""
+        pool: _Pool = tuple(sorted(settings.items())) if "readonly" in settings else None
+        with self._lock:
+            idle = self._idle.setdefault(pool, queue.SimpleQueue())
+        try:
+            handle = idle.get_nowait()
+        except queue.Empty:
+            handle = _Handle(self._chdb.connect(self.path))
+            with self._lock:
+                self._all.append(handle)
+        try:
+            yield handle
+        finally:
+            idle.put(handle)
+
+    def close(self) -> None:
+        with self._lock:
+            for handle in self._all:
+                with contextlib.suppress(Exception):
+                    handle.connection.close()
+            self._all.clear()
+
+    def execute(
+        self, sql: str, data: bytes | None, params: Mapping[str, str], default_format: str
+    ) -> tuple[bytes, str, dict[str, str]]:
+        """Run one request's statement; returns (body, format, summary)."""
+        bound = {k[len("param_") :]: v for k, v in params.items() if k.startswith("param_")}
+        settings = {k: v for k, v in params.items() if k not in _NOT_SETTINGS and not k.startswith("param_")}
+        insert = _INSERT.match(sql) if data is not None else None
+        with self.handle(settings) as handle:
+            handle.prepare(params.get("database"), settings)
+            if insert is not None and data is not None:
+                return self._insert(handle, insert.group(1), insert.group(2), data)
+            match = _TRAILING_FORMAT.search(sql)
+            fmt = match.group(1) if match else default_format
+            statement = sql[: match.start()] if match else sql
+            result = handle.connection.query(statement, fmt, params=bound)
+            return result.bytes() or b"", fmt, _summary(result, "read")
+
+    def _insert(self, handle: _Handle, target: str, fmt: str, data: bytes) -> tuple[bytes, str, dict[str, str]]:
+        """An insert's data, through a file only this process can read (chDB takes inserted data from a file)."""
+        if not _IDENTIFIER.match(fmt):
+            raise RequestError(73, f"Unknown format {fmt!r}")
+        fd, name = tempfile.mkstemp(suffix=".data", dir=self.spool)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(data)
+            result = handle.connection.query(
+                f"INSERT INTO {target} FROM INFILE {_quote(name)} FORMAT {fmt}", "TabSeparated"
+            )
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+        return b"", "TabSeparated", _summary(result, "written")
+
+
+def _summary(result: Any, kind: str) -> dict[str, str]:
+    try:
+        return {f"{kind}_rows": str(result.rows_read()), f"{kind}_bytes": str(result.bytes_read())}
+    except Exception:  # older chDB results have no statistics
+        return {}
+
+
+def engine_error(error: Exception) -> tuple[int, bytes]:
+    """ClickHouse's HTTP error for an engine exception: (code, ``Code: N. DB::Exception: ...`` text)."""
+    if isinstance(error, RequestError):
+        return error.code, f"Code: {error.code}. DB::Exception: {error}\n".encode()
+    message = str(error)
+    start = message.find("Code: ")
+    message = message[start:].strip() if start > 0 else message.strip()
+    match = _CODE.search(message)
+    code = int(match.group(1)) if match else 1002
+    if not message.startswith("Code:"):
+        message = f"Code: {code}. DB::Exception: {message}"
+    return code, (message + "\n").encode()
+
+
+def make_handler(engine: Engine, password: str) -> type[BaseHTTPRequestHandler]:
+    """The request handler class for one engine and password."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "synthwatch-engine"
+        sys_version = ""
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return None  # request lines carry queries and bound values: nothing is logged per request
+
+        def do_GET(self) -> None:
+            self._serve(post=False)
+
+        def do_POST(self) -> None:
+            self._serve(post=True)
+
+        def _serve(self, post: bool) -> None:
+            if not authorized(dict(self.headers.items()), password):
+                self.close_connection = True  # the body (if any) is not read
+                self._reply(401, _AUTH_FAILED, {"X-ClickHouse-Exception-Code": "516"})
+                return
+            if "Origin" in self.headers:
+                self.close_connection = True
+                self._reply(
+                    403,
+                    b"Code: 497. DB::Exception: Requests from web pages are refused.\n",
+                    {"X-ClickHouse-Exception-Code": "497"},
+                )
+                return
+            query_id = str(uuid.uuid4())
+            try:
+                body = decompress(self.headers.get("Content-Encoding", ""), self._body()) if post else b""
+                url = urlparse(self.path)
+                if url.path.rstrip("/") == "/ping":
+                    self._reply(200, b"Ok.\n", {})
+                    return
+                params = dict(parse_qsl(url.query, keep_blank_values=True))
+                query_id = params.get("query_id") or query_id
+                content_type = self.headers.get("Content-Type", "")
+                if content_type.startswith("multipart/form-data"):
+                    params.update(form_fields(content_type, body))
+                    body = b""
+                sql, data = _statement(params.get("query"), body)
+                result, fmt, summary = engine.execute(sql, data, params, params.get("default_format") or "TabSeparated")
+            except Exception as error:  # the engine's message is what the client shows, as from a server
+                code, text = engine_error(error)
+                self._reply(500, text, {"X-ClickHouse-Exception-Code": str(code), "X-ClickHouse-Query-Id": query_id})
+                return
+            self._reply(
+                200,
+                result,
+                {
+                    "X-ClickHouse-Format": fmt,
+                    "X-ClickHouse-Query-Id": query_id,
+                    "X-ClickHouse-Summary": json.dumps(summary),
+                },
+            )
+
+        def _body(self) -> bytes:
+            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                chunks: list[bytes] = []
+                total = 0
+                while True:
+                    size = int(self.rfile.readline(100).split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        while self.rfile.readline(1000) not in (b"\r\n", b"\n", b""):
+                            pass
+                        return b"".join(chunks)
+                    total += size
+                    if total > MAX_BODY:
+                        self.close_connection = True
+                        raise RequestError(1, "request body too large")
+                    chunks.append(self.rfile.read(size))
+                    self.rfile.readline(100)
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_BODY or length < 0:
+                self.close_connection = True
+                raise RequestError(1, "request body too large")
+            return self.rfile.read(length) if length else b""
+
+        def _reply(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+            self.send_response(status)
+            for name, value in {
+                "Content-Type": "text/plain; charset=UTF-8" if status != 200 else "application/octet-stream",
+                "Content-Length": str(len(body)),
+                "X-ClickHouse-Timezone": engine.timezone,
+                "X-ClickHouse-Server-Display-Name": "synthwatch-engine",
+                **headers,
+            }.items():
+                self.send_header(name, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler
+
+
+def _statement(query: str | None, body: bytes) -> tuple[str, bytes | None]:
+    """The statement and the insert data of a request, as ClickHouse's HTTP interface reads them.
+
+    ``query`` parameter and body: the statement is the parameter, the body its data (an insert) or the rest
+    of the statement. No parameter: the body is the statement, or ``INSERT ... FORMAT fmt\\n`` then data.
+    """
+    if query is not None:
+        if _INSERT.match(query):
+            return query, body
+        return (f"{query}\n{body.decode()}" if body else query), None
+    inline = _INLINE_INSERT.match(body)
+    if inline is not None:
+        return inline.group(1).decode(), body[inline.end() :]
+    return body.decode(), None
+
+
+def serve(path: Path, listener: socket.socket, password: str) -> None:
+    """Serve the engine in ``path`` on ``listener`` (a listening loopback socket); blocks.
+
+    The socket comes bound and listening from whoever started this process (:mod:`synthwatch.stack.engine`):
+    its port is known before the engine opens, and a client that connects meanwhile waits in the backlog
+    instead of being refused. Anything but a loopback address is refused here.
+    """
+    host = listener.getsockname()[0]
+    if host not in ("127.0.0.1", "::1"):
+        raise SystemExit(f"the engine serves loopback only, not {host}")
+    prepare_embedded_engine()
+    path.mkdir(parents=True, exist_ok=True)
+    spool = Path(tempfile.mkdtemp(prefix="synthwatch-engine-"))  # 0700: inserted data is readable by us only
+    engine = Engine(path, spool)
+    server = ThreadingHTTPServer(listener.getsockname()[:2], make_handler(engine, password), bind_and_activate=False)
+    server.socket.close()
+    server.socket = listener
+    server.daemon_threads = True
+    try:
+        print(f"engine for {path} serving on {host}:{listener.getsockname()[1]}", flush=True)
+        server.serve_forever()
+    finally:
+        server.server_close()
+        engine.close()
+        with contextlib.suppress(OSError):
+            os.rmdir(spool)
+
+
+def main(argv: list[str]) -> None:
+    """``DIR FD``: the engine directory and the inherited listening socket; the password from
+    :data:`PASSWORD_ENV`. SIGTERM stops it (the engine closes)."""
+    import signal
+
+    if len(argv) != 2 or not argv[1].isdigit():
+        raise SystemExit(f"usage: {PASSWORD_ENV}=... python -m {__name__} DIR LISTENING_SOCKET_FD")
+    password = os.environ.pop(PASSWORD_ENV, "")
+    if len(password) < 16:
+        raise SystemExit(f"{PASSWORD_ENV} must hold a password of at least 16 characters")
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    with contextlib.suppress(KeyboardInterrupt):
+        serve(Path(argv[0]), socket.socket(fileno=int(argv[1])), password)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
