@@ -437,11 +437,15 @@ def run_embedded_stack(
     private_dir(settings.data_dir)
     lock = claim_data_dir(settings, announce)
     announce(f"Data directory: {settings.data_dir}")
-    settings = settings.model_copy(update={"web_port": web_port_for(settings)})
+    if settings.web_port != 0:
+        web_port_for(settings)  # a configured port that is taken: said before anything starts
     broker = EmbeddedBroker(settings, log_path=settings.data_dir / "tansu.log", tied_to_parent=True)
     broker.start()
     outcome = None
     try:
+        # Port 0: picked only now that the broker listens. Picked before, the port just released was free for the
+        # broker's own pick, and a test saw the worker's web port taken by this broker.
+        settings = settings.model_copy(update={"web_port": web_port_for(settings)})
         broker_pid = broker.process.pid if broker.process else None
         announce(f"Broker: Tansu on {broker.bootstrap_servers} (pid {broker_pid}; events in memory only)")
         write_stack(  # now: a later `up` finds this broker even if this process dies before the worker is ready
