@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlparse
 
+from synthwatch.errors import SynthwatchError
 from synthwatch.stream_apps.storage.clickhouse import prepare_embedded_engine
 
 #: The environment variable that hands the process its password.
@@ -84,7 +85,7 @@ _CODE = re.compile(r"Code:\s*(\d+)")
 _AUTH_FAILED = b"Code: 516. DB::Exception: Authentication failed. (AUTHENTICATION_FAILED)\n"
 
 
-class RequestError(Exception):
+class RequestError(SynthwatchError):
     """A request this endpoint cannot serve, answered as ClickHouse answers: ``code`` and ``message``."""
 
     def __init__(self, code: int, message: str, status: int = 400) -> None:
