@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection, Container, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, tzinfo
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from synthwatch.schemas import Alert, BorderSeizure, LabDetection
 from synthwatch.schemas.topics import Sighting
@@ -31,9 +31,6 @@ from synthwatch.stream_apps.detect.intake import EnrichedEvent
 from synthwatch.stream_apps.detect.novelty import NoveltyDetector
 from synthwatch.stream_apps.detect.replay import Position, apply_once, marks_of
 from synthwatch.stream_apps.detect.spikes import SeriesState, SpikeFinding, SpikeModel, intern_day
-
-if TYPE_CHECKING:
-    pass
 
 Fetch = Callable[[str], dict[str, Any] | None]
 
