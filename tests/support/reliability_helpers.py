@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from synthwatch.bench.crash import novelty_summary
-from synthwatch.stack.broker import committed_offsets, consumer_lag, high_watermarks
+from synthwatch.stack.broker import committed_offsets, consumer_lag, free_port, high_watermarks
 from synthwatch.stack.kafka_checks import daily_chunks, read_all
 
 # --- a TCP proxy that can refuse connections ---------------------------------------------------------
@@ -33,7 +33,7 @@ class FlakyProxy:
 
     def __init__(self, target_port: int, port: int = 0) -> None:
         self.target_port = target_port
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self._listener: socket.socket | None = None
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -104,21 +104,6 @@ class FlakyProxy:
                     conn.shutdown(socket.SHUT_RDWR)
                 with self._lock:
                     self._connections.discard(conn)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port} after {timeout:.0f} s")
 
 
 # --- reading topics ----------------------------------------------------------------------------------
