@@ -103,19 +103,33 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         return consumer
 
     def verify_event_path(self, now: float, tp: Any) -> None:
-        """Faust's livelock check, skipped for a partition that has no fetch position yet.
+        """Faust's livelock check, skipped for a partition that has no fetch position (yet, or any more).
 
         Why: Faust reads aiokafka's ``position`` without asking ``has_valid_position``; right after a
         seek to the beginning (:meth:`Consumer.perform_seek`, never-committed partitions) it is None until
         the reset is fetched, and the AssertionError crashed the consumer and so the worker (seen in the
-        burst test under load, after a watchdog seek-back). The next check, a few seconds on, looks again.
+        burst test under load, after a watchdog seek-back). Looking first is not enough: the check runs on
+        the event loop's thread while the seek (and a revoke) run in this consumer thread, so the position
+        can go between the look and Faust's read (seen under load: the worker crashed on that
+        AssertionError 0.07 s after the seek's log line). A check that finds the partition reset or
+        revoked meanwhile is skipped too; the next one, a few seconds on, looks again.
         """
-        subscription = self._ensure_consumer()._fetcher._subscriptions.subscription
-        assignment = subscription.assignment if subscription is not None else None
-        state = assignment.state_value(aiokafka.TopicPartition(tp.topic, tp.partition)) if assignment else None
-        if state is not None and not state.has_valid_position:
+        if not _fetch_position_known(self, tp):
             return None
-        return cast(None, super().verify_event_path(now, tp))
+        try:
+            return cast(None, faust_aiokafka.AIOKafkaConsumerThread.verify_event_path(self, now, tp))
+        except (AssertionError, AttributeError):  # position gone (reset) or partition gone (revoked) meanwhile
+            if _fetch_position_known(self, tp):
+                raise
+            return None
+
+
+def _fetch_position_known(thread: Any, tp: Any) -> bool:
+    """Whether aiokafka has a fetch position for ``tp`` now: assigned, and not awaiting a reset."""
+    subscription = thread._ensure_consumer()._fetcher._subscriptions.subscription
+    assignment = subscription.assignment if subscription is not None else None
+    state = assignment.state_value(aiokafka.TopicPartition(tp.topic, tp.partition)) if assignment else None
+    return state is not None and bool(state.has_valid_position)
 
 
 @types.coroutine

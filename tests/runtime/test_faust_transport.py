@@ -112,6 +112,37 @@ def test_the_livelock_check_skips_a_partition_sought_to_its_beginning() -> None:
     asyncio.run(check())
 
 
+def test_the_livelock_check_skips_a_partition_reset_or_revoked_by_the_consumer_thread_while_it_runs() -> None:
+    """The check runs on the event loop's thread, the seek and the revoke in the consumer thread: the position
+    can go between the check's look and Faust's read (it crashed a worker under load, 0.07 s after a seek to
+    the beginning). Here the consumer thread's step lands just there, deterministically: inside Faust's own
+    first step, after the look."""
+    import aiokafka
+
+    from synthwatch.stream_apps.runtime.transport import ConsumerThread
+
+    tp = SimpleNamespace(topic="sightings", partition=0)
+
+    async def check(lands: str) -> None:
+        thread = _thread_with_partition_awaiting_reset()
+        subscription = thread._ensure_consumer()._fetcher._subscriptions.subscription
+        state = subscription.assignment.state_value(aiokafka.TopicPartition("sightings", 0))
+        state.seek(5)  # fetched: a valid position when the check looks
+
+        def meanwhile(now: float, tp: Any) -> bool:  # Faust's first step; the consumer thread acts here
+            if lands == "reset":
+                state.await_reset(0)
+            else:
+                subscription.assignment = None
+            return False
+
+        thread._verify_aiokafka_event_path = meanwhile
+        assert ConsumerThread.verify_event_path(thread, 10.0, tp) is None  # type: ignore[arg-type,func-returns-value]
+
+    for lands in ("reset", "revoke"):
+        asyncio.run(check(lands))
+
+
 def test_the_table_manager_registers_the_tables_and_starts_recovery_without_faust_s_second_of_sleep(
     tmp_path: Path,
 ) -> None:
