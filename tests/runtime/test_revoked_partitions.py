@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -275,27 +276,12 @@ class _Intake:
     def sighting(self, offset: int) -> Any:
         """A signed sightings record at ``offset`` of partition 0: a substance never seen, in region FR-75C."""
         import json
-        from datetime import UTC, datetime
 
-        from synthwatch.schemas.topics import Sighting
+        from tests.support.factories import sighting
 
         topic, key = self.settings.topic_sightings, "NOVELSUBSTANCE"
         raw_key = key.encode()
-        sighting = Sighting(
-            event_id=f"l-{offset}",
-            kind="lab_detection",
-            occurred_at=datetime(2026, 3, 2, 10, 0, tzinfo=UTC),
-            day=20514,
-            country="FR",
-            region="FR-75C",
-            key=key,
-            name="unknown powder",
-            inchikey=None,
-            family=None,
-            controlled=None,
-            catalogued=False,
-        )
-        value = json.dumps([sighting.to_dict()]).encode()
+        value = json.dumps([sighting(event_id=f"l-{offset}", key=key).to_dict()]).encode()
         headers = self.signer.headers(topic, raw_key, value)
         message = ConsumerMessage(topic, 0, offset, 0.0, 0, headers, raw_key, value, None, generation_id=GENERATION)
         return Event(self.app, raw_key, value, None, message)
@@ -520,6 +506,31 @@ class _HeldChangelog:
             ack.set_result(None)
 
 
+def _a_revoke_during_the_changelog_write(
+    intake: _Intake, event: Any, table: str
+) -> tuple[Callable[[], AsyncIterator[list[Any]]], list[_HeldChangelog]]:
+    """An agent's batches: ``event``, then a quiet stream (its checkpoint drains the state and begins writing it to
+    ``table``'s changelog); once the first record is sent, unacknowledged, a rebalance begins, the broker answers,
+    the revoke ends and the partition comes back. With the broker's side (:class:`_HeldChangelog`, made as the agent
+    starts), in the list."""
+    broker: list[_HeldChangelog] = []
+    worker = intake.worker
+
+    async def batches() -> AsyncIterator[list[Any]]:
+        broker.append(_HeldChangelog(intake, table))
+        yield [event]
+        yield []  # quiet: the checkpoint drains the state (and stores the rows) and begins the changelog write
+        await broker[0].sending.wait()
+        revoke = asyncio.ensure_future(worker.revoke())  # a rebalance begins during the write
+        await asyncio.sleep(0)
+        assert worker.consumer.revoking
+        broker[0].answer()
+        await revoke
+        await worker.assign_again()
+
+    return batches, broker
+
+
 def test_a_revoke_that_begins_during_a_changelog_write_waits_for_it_before_it_forgets_the_state(
     tmp_path: Path,
 ) -> None:
@@ -534,21 +545,7 @@ def test_a_revoke_that_begins_during_a_changelog_write_waits_for_it_before_it_fo
 
     intake = _Intake(tmp_path, {5: lab(event_id="l-5", sample_id="S-5")})
     worker = intake.worker
-    broker: list[_HeldChangelog] = []
-
-    async def batches() -> Any:
-        broker.append(_HeldChangelog(intake))
-        yield [intake.event(5)]
-        yield []  # quiet: the checkpoint drains the state, stores the row and begins the changelog write
-        await broker[0].sending.wait()
-        revoke = asyncio.ensure_future(worker.revoke())  # a rebalance begins during the write
-        await asyncio.sleep(0)
-        assert worker.consumer.revoking
-        broker[0].answer()
-        await revoke
-        await worker.assign_again()
-
-    intake.batches = batches
+    intake.batches, broker = _a_revoke_during_the_changelog_write(intake, intake.event(5), "regions")
     intake.run()
 
     order = broker[0].order
@@ -570,21 +567,7 @@ def test_a_revoke_that_begins_during_the_novelty_agents_changelog_write_waits_fo
     record, takes 5, read again, for a replay (no second new-substance alert)."""
     intake = _Intake(tmp_path, {})
     worker = intake.worker
-    broker: list[_HeldChangelog] = []
-
-    async def sightings() -> Any:
-        broker.append(_HeldChangelog(intake, "substances"))
-        yield [intake.sighting(5)]
-        yield []  # quiet: the checkpoint drains the substance's record and begins the changelog write
-        await broker[0].sending.wait()
-        revoke = asyncio.ensure_future(worker.revoke())  # a rebalance begins during the write
-        await asyncio.sleep(0)
-        assert worker.consumer.revoking
-        broker[0].answer()
-        await revoke
-        await worker.assign_again()
-
-    intake.sightings = sightings
+    intake.sightings, broker = _a_revoke_during_the_changelog_write(intake, intake.sighting(5), "substances")
     intake.run("novelty")
 
     alerts = intake.settings.topic_alerts
