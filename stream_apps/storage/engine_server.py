@@ -26,13 +26,13 @@ import contextlib
 import hmac
 import json
 import os
-import queue
 import re
 import socket
 import sys
 import tempfile
 import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -190,9 +190,15 @@ class _Handle:
 
 _Pool = tuple[tuple[str, str], ...] | None
 
+#: Read-only pools (one per distinct setting set carrying ``readonly``, see :meth:`Engine.handle`) kept at once;
+#: the least recently used goes beyond it, its handles closed. The worker's analyst queries use one set.
+MAX_READONLY_POOLS = 8
+#: Idle handles a pool keeps; a handle coming back to a full pool is closed (the peak of concurrent requests).
+MAX_IDLE_HANDLES = 8
+
 
 class Engine:
-    """The engine directory, a pool of connection handles to it, and the statements' execution."""
+    """The engine directory, pools of connection handles to it, and the statements' execution."""
 
     def __init__(self, path: Path, spool: Path) -> None:
         import chdb
@@ -200,8 +206,9 @@ class Engine:
         self._chdb = chdb
         self.path = str(Path(path).resolve())
         self.spool = spool
-        self._idle: dict[_Pool, queue.SimpleQueue[_Handle]] = {}
-        self._all: list[_Handle] = []
+        #: Idle handles per pool, least recently used pool first.
+        self._idle: OrderedDict[_Pool, list[_Handle]] = OrderedDict()
+        self._all: set[_Handle] = set()  # open handles, idle or in use
         self._lock = threading.Lock()
         with self.handle({}) as handle:
             self.timezone = handle.connection.query("SELECT timezone()", "TabSeparated").bytes().decode().strip()
@@ -209,27 +216,61 @@ class Engine:
     @contextlib.contextmanager
     def handle(self, settings: Mapping[str, str]) -> Iterator[_Handle]:
         """A handle of its own for one request (one is opened when all are busy). Requests that set ``readonly``
-        share handles only with requests of the very same settings (see :class:`_Handle`)."""
+        share handles only with requests of the very same settings (see :class:`_Handle`).
+
+        Bounded whatever clients send: setting sets are the client's to choose, and a pool per set, kept for
+        ever, grew with every distinct one (a handle, its session and its queue each). At most
+        :data:`MAX_READONLY_POOLS` read-only pools are kept (the least recently used one's idle handles are
+        closed, and its handles in use are closed when they come back) and :data:`MAX_IDLE_HANDLES` idle handles
+        per pool. A set used again later only costs a new handle (~2 ms).
+        """
         pool: _Pool = tuple(sorted(settings.items())) if "readonly" in settings else None
+        evicted: list[_Handle] = []
         with self._lock:
-            idle = self._idle.setdefault(pool, queue.SimpleQueue())
-        try:
-            handle = idle.get_nowait()
-        except queue.Empty:
+            idle = self._idle.get(pool)
+            if idle is None:
+                idle = self._idle[pool] = []
+                evicted = self._evict()
+            self._idle.move_to_end(pool)
+            handle = idle.pop() if idle else None
+        _close(evicted)
+        if handle is None:
             handle = _Handle(self._chdb.connect(self.path))
             with self._lock:
-                self._all.append(handle)
+                self._all.add(handle)
         try:
             yield handle
         finally:
-            idle.put(handle)
+            with self._lock:
+                kept = self._idle.get(pool) is idle and len(idle) < MAX_IDLE_HANDLES
+                if kept:
+                    idle.append(handle)
+                else:
+                    self._all.discard(handle)
+            if not kept:
+                _close([handle])
+
+    def _evict(self) -> list[_Handle]:
+        """Drop the least recently used read-only pools beyond :data:`MAX_READONLY_POOLS` (under the lock); their
+        idle handles, to be closed by the caller once the lock is released."""
+        readonly = [pool for pool in self._idle if pool is not None]
+        evicted: list[_Handle] = []
+        for pool in readonly[: max(0, len(readonly) - MAX_READONLY_POOLS)]:
+            evicted += self._idle.pop(pool)
+        self._all.difference_update(evicted)
+        return evicted
+
+    def pools(self) -> dict[str, int]:
+        """How many read-only pools and open handles there are now (for tests and diagnosis)."""
+        with self._lock:
+            return {"readonly_pools": sum(pool is not None for pool in self._idle), "handles": len(self._all)}
 
     def close(self) -> None:
         with self._lock:
-            for handle in self._all:
-                with contextlib.suppress(Exception):
-                    handle.connection.close()
+            handles = list(self._all)
             self._all.clear()
+            self._idle.clear()
+        _close(handles)
 
     def execute(
         self, sql: str, data: bytes | None, params: Mapping[str, str], default_format: str
@@ -263,6 +304,13 @@ class Engine:
             with contextlib.suppress(OSError):
                 os.unlink(name)
         return b"", "TabSeparated", _summary(result, "written")
+
+
+def _close(handles: list[_Handle]) -> None:
+    """Close handles taken out of the pools; one that fails to close is already unusable."""
+    for handle in handles:
+        with contextlib.suppress(Exception):
+            handle.connection.close()
 
 
 def _summary(result: Any, kind: str) -> dict[str, str]:

@@ -118,16 +118,90 @@ def smaps_split(pid: int | str = "self") -> dict[str, int]:
 
 @dataclass
 class RssPoint:
-    """One reading of the worker's memory during the RSS phase (KiB; engine figures in MiB)."""
+    """One reading of the worker's memory during the RSS phase (KiB; engine figures in MiB), and of the engine
+    process's when the engine runs in one (the pipeline benchmark's ``--engine-process``)."""
 
     events: int  # events of the phase checkpointed (stored, state written) when read
     seconds: float  # since the phase started
-    rss_kib: int
+    rss_kib: int  # the worker's, as the four below
     peak_kib: int
     anon_kib: int
     file_kib: int
-    engine_code_kib: int  # resident pages of chDB's library file
-    engine_heap_mib: int | None = None  # the engine's jemalloc resident (None when /sql could not say)
+    engine_code_kib: int  # resident pages of chDB's library file in the worker
+    engine_heap_mib: int | None = None  # the engine's jemalloc resident, wherever it runs (None: /sql could not say)
+    #: The engine process's VmRSS and resident pages of chDB's library file in it; None: the engine is in the worker.
+    engine_process_rss_kib: int | None = None
+    engine_process_code_kib: int | None = None
+
+
+@dataclass(frozen=True)
+class RssColumns:
+    """One :class:`RssPoint` as the series' columns, in MiB, each read from the process it belongs to (None: not
+    read).
+
+    Why: with the engine in a process of its own its heap is not in the worker's RSS; subtracting it there (as the
+    series did) made "rest" up. ``rest`` is the worker's RSS less only what of the engine is in the worker.
+    """
+
+    rss: float
+    peak: float
+    anon: float
+    worker_engine_code: float  # chDB's library pages resident in the worker (0 when it does not map chDB)
+    engine_code: float | None  # in whichever process holds the engine
+    engine_heap: int | None  # likewise (the engine's own jemalloc reading)
+    engine_process_rss: float | None  # None: the engine is in the worker
+    rest: float | None  # the worker's Python, libraries and the like; None: its engine heap was not read
+
+    @classmethod
+    def of(cls, p: RssPoint) -> RssColumns:
+        """The columns of one reading."""
+        code = p.engine_code_kib / 1024
+        engine_code: float | None = code
+        heap_in_worker = p.engine_heap_mib  # the engine in the worker: its code and heap are in the worker's RSS
+        if p.engine_process_rss_kib is not None:  # in its own process: neither is
+            engine_code = None if p.engine_process_code_kib is None else p.engine_process_code_kib / 1024
+            heap_in_worker = 0
+        return cls(
+            rss=p.rss_kib / 1024,
+            peak=p.peak_kib / 1024,
+            anon=p.anon_kib / 1024,
+            worker_engine_code=code,
+            engine_code=engine_code,
+            engine_heap=p.engine_heap_mib,
+            engine_process_rss=None if p.engine_process_rss_kib is None else p.engine_process_rss_kib / 1024,
+            rest=None if heap_in_worker is None else p.rss_kib / 1024 - code - heap_in_worker,
+        )
+
+
+def rss_columns(points: Sequence[RssPoint], offset: int = 0) -> tuple[list[str], list[list[str]]]:
+    """The series' column names and rows (MiB, blank where not read), for :func:`rss_table` and :func:`rss_chart`.
+
+    The engine in the worker: its code and heap, then the rest of the worker's RSS. The engine in a process of its
+    own (any point read it): the worker's own columns (its chDB code, 0 unless something maps it), then the engine
+    process's RSS, code and heap beside them, never subtracted from the worker's.
+    """
+    apart = any(p.engine_process_rss_kib is not None for p in points)
+    names = ["events (worker)", "events (phase)", "s", "RSS", "peak", "anon"]
+    names += (
+        ["engine code in worker", "rest", "engine process RSS", "its engine code", "its engine heap"]
+        if apart
+        else ["engine code", "engine heap", "rest"]
+    )
+    rows = []
+    for p in points:
+        c = RssColumns.of(p)
+        row = [f"{p.events + offset:,}", f"{p.events:,}", f"{p.seconds:,.0f}", _num(c.rss), _num(c.peak), _num(c.anon)]
+        if apart:
+            row += [_num(c.worker_engine_code), _num(c.rest), _num(c.engine_process_rss)]
+            row += [_num(c.engine_code), _num(c.engine_heap)]
+        else:
+            row += [_num(c.engine_code), _num(c.engine_heap), _num(c.rest)]
+        rows.append(row)
+    return names, rows
+
+
+def _num(mib: float | None) -> str:
+    return "" if mib is None else f"{mib:,.0f}"
 
 
 @dataclass
@@ -135,13 +209,15 @@ class RssSeries:
     """RSS against events, read from a running worker every ``every`` checkpointed events (a thread).
 
     Why a series: the end point alone cannot tell state that grows with events from a fixed cost.
-    ``counted`` returns the worker's checkpointed events; ``engine`` its engine's jemalloc resident MiB.
+    ``counted`` returns the worker's checkpointed events; ``engine`` its engine's jemalloc resident MiB;
+    ``engine_pid`` the engine's process when it runs in one of its own (its RSS and code are read there).
     """
 
     pid: int
     counted: Callable[[], int]
     every: int = 100_000
     engine: Callable[[], int | None] | None = None
+    engine_pid: int | None = None
     interval: float = 0.25
     points: list[RssPoint] = field(default_factory=list)
     polls: int = 0
@@ -174,6 +250,9 @@ class RssSeries:
             split["engine_code"],
             self.engine() if self.engine is not None else None,
         )
+        if self.engine_pid is not None:  # the engine's own process: its memory is not the worker's
+            point.engine_process_rss_kib = proc_status(self.engine_pid, ("VmRSS",)).get("VmRSS", 0)
+            point.engine_process_code_kib = smaps_split(self.engine_pid)["engine_code"]
         self.points.append(point)
         return point
 
@@ -213,25 +292,14 @@ def engine_heap_mib(query: Callable[[str], Any]) -> int | None:
 
 
 def rss_table(points: Sequence[RssPoint], offset: int = 0) -> Table:
-    """The series as a table (MiB): RSS, its anonymous part, the engine's code and heap, the rest."""
-    table = Table(title="Worker RSS against events (MiB)")
-    columns = ("events (phase)", "worker total", "s", "RSS", "peak", "anon", "engine code", "engine heap", "rest")
-    for column in columns:
+    """The series as a table (MiB): :func:`rss_columns`."""
+    apart = any(p.engine_process_rss_kib is not None for p in points)
+    table = Table(title="Worker RSS against events (MiB)" + (", the engine process beside it" if apart else ""))
+    names, rows = rss_columns(points, offset)
+    for column in names:
         table.add_column(column, justify="right")
-    for p in points:
-        heap = p.engine_heap_mib
-        rest = p.rss_kib / 1024 - p.engine_code_kib / 1024 - (heap or 0)
-        table.add_row(
-            f"{p.events:,}",
-            f"{p.events + offset:,}",
-            f"{p.seconds:.0f}",
-            _mib(p.rss_kib),
-            _mib(p.peak_kib),
-            _mib(p.anon_kib),
-            _mib(p.engine_code_kib),
-            "" if heap is None else f"{heap:,}",
-            f"{rest:,.0f}" if heap is not None else "",
-        )
+    for row in rows:
+        table.add_row(*row)
     return table
 
 
@@ -249,12 +317,16 @@ def rss_chart(rss: dict[str, Any], title: str = "Worker RSS against events") -> 
     """
     points = [RssPoint(**p) for p in rss["series"]]
     offset = int(rss.get("events_before", 0))
+    columns = [RssColumns.of(p) for p in points]
+    apart = any(c.engine_process_rss is not None for c in columns)
     xs = [f"{(p.events + offset) / 1000:.0f}" for p in points]
-    rss_mib = [round(p.rss_kib / 1024) for p in points]
-    anon = [round(p.anon_kib / 1024) for p in points]
-    code = [round(p.engine_code_kib / 1024) for p in points]
-    heap = [p.engine_heap_mib or 0 for p in points]
+    rss_mib = [round(c.rss) for c in columns]
+    anon = [round(c.anon) for c in columns]
+    code = [round(c.engine_code or 0) for c in columns]
+    heap = [c.engine_heap or 0 for c in columns]
     top = max([*rss_mib, 512]) // 100 * 100 + 100
+    where = " (in its own process, not in the worker's RSS)" if apart else ""
+    heaps = "" if apart else ", the engine's jemalloc"
     chart = [
         "```mermaid",
         "xychart-beta",
@@ -269,18 +341,17 @@ def rss_chart(rss: dict[str, Any], title: str = "Worker RSS against events") -> 
         "```",
         "",
         "The lines, in the order drawn (the chart has no legend): 1 RSS; 2 its anonymous part (heaps: "
-        "Python, glibc, the engine's jemalloc); 3 the engine's heap (jemalloc resident); 4 the engine's code "
-        "(resident pages of chDB's library file); 5 the 512 MiB target (flat).",
+        f"Python, glibc{heaps}); 3 the engine's heap (jemalloc resident){where}; "
+        f"4 the engine's code (resident pages of chDB's library file){where}; 5 the 512 MiB target (flat).",
         "",
-        "| events (worker) | s | RSS MiB | peak | anonymous | engine code | engine heap | rest: Python, libraries |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for p, r, a, c, h in zip(points, rss_mib, anon, code, heap, strict=True):
-        rest = "" if p.engine_heap_mib is None else f"{r - c - h:,}"
-        chart.append(
-            f"| {p.events + offset:,} | {p.seconds:,.0f} | {r:,} | {p.peak_kib / 1024:,.0f} | {a:,} | {c:,} | "
-            f"{'' if p.engine_heap_mib is None else f'{h:,}'} | {rest} |"
-        )
+    names, rows = rss_columns(points, offset)
+    names.remove("events (phase)")
+    chart.append("| " + " | ".join(names) + " |")
+    chart.append("|" + " ---: |" * len(names))
+    for row in rows:
+        del row[1]
+        chart.append("| " + " | ".join(row) + " |")
     return "\n".join(chart) + "\n"
 
 
@@ -426,7 +497,7 @@ def run_variant(
 
 
 def _mib(kib: int | None) -> str:
-    return "" if kib is None else f"{kib / 1024:,.0f}"
+    return _num(None if kib is None else kib / 1024)
 
 
 def _line(row: dict[str, Any]) -> str:

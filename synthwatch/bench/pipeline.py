@@ -261,7 +261,8 @@ def bench_pipeline(
                     worker.process.pid,
                     worker.checkpointed,
                     rss_every,
-                    partial(engine_heap_mib, worker.query),
+                    partial(engine_heap_mib, worker.query),  # the engine's, wherever it runs (through /sql)
+                    engine_pid=engine.pid if engine is not None else None,
                 ).start()
                 started = time.perf_counter()
                 rss_summary = publish_lines(
@@ -510,6 +511,14 @@ def _print_table(console: Console, r: dict[str, Any]) -> None:
                 met="yes" if s["rss_kib"] <= 512 * 1024 else "NO",
             )
         )
+        if s.get("engine_rss_kib"):  # --engine-process: what left the worker did not leave the machine
+            rows.append(
+                Row(
+                    "engine process RSS, read with the worker's (peak); worker + engine process",
+                    f"{s['engine_rss_kib'] / 1024:,.0f} MiB ({s['engine_peak_kib'] / 1024:,.0f} MiB); "
+                    f"{(s['rss_kib'] + s['engine_rss_kib']) / 1024:,.0f} MiB",
+                )
+            )
     if "history" in r:
         h = r["history"]
         if h is None:

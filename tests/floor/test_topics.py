@@ -16,6 +16,7 @@ import yaml
 
 from synthwatch.schemas.topics import CHANGELOGS, INPUT_TOPICS, TOPICS, Sighting, default_partition
 from synthwatch.settings import Settings
+from tests.support import factories
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -143,19 +144,14 @@ def test_default_partition_is_the_kafka_clients_partitioner() -> None:
 
 
 def test_a_sighting_survives_the_sightings_topic() -> None:
-    sighting = Sighting(
+    sighting = factories.sighting(
         event_id="e1",
-        kind="lab_detection",
         occurred_at=datetime(2026, 3, 1, 12, 30, tzinfo=UTC),
         day=20513,
-        country="FR",
         region="FR-75",
         key="ABCDEFGHIJKLMN",
         name="x",
-        inchikey=None,
         family="cathinone",
-        controlled=None,
-        catalogued=False,
         late_by_hours=3.5,
         reporter="lab-fr",
     )

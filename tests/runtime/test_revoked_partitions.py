@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -181,9 +182,10 @@ def test_stored_offsets_of_a_revoked_partition_stay_count_nothing_below_the_comm
 
 
 class _Intake:
-    """The intake agent, wired as ``create_app`` wires it, on a :class:`_Worker` holding lab detections partition 0;
-    ClickHouse (``store_events``, the corrections' reads) and the producer's broker side stubbed. Every send is
-    recorded with the number of revokes begun before it."""
+    """The intake and novelty agents, wired as ``create_app`` wires them, on a :class:`_Worker` holding partition 0
+    of lab detections and of sightings; ClickHouse (``store_events``, the corrections' reads) and the producer's
+    broker side stubbed. Every send is recorded with the number of revokes begun before it. The intake agent takes
+    its batches from ``batches``, the novelty agent from ``sightings``."""
 
     def __init__(self, tmp_path: Path, reports: dict[int, dict[str, Any]], store_events: Any = None) -> None:
         import threading
@@ -194,6 +196,7 @@ class _Intake:
         from synthwatch.stream_apps.detect.novelty import NoveltyDetector
         from synthwatch.stream_apps.detect.region import DetectionConfig, RegionDetector
         from synthwatch.stream_apps.runtime.agents import intake as intake_module
+        from synthwatch.stream_apps.runtime.agents import novelty as novelty_module
         from synthwatch.stream_apps.runtime.context import AgentContext, Topics, WorkerContext
         from synthwatch.stream_apps.runtime.outbox import SpikeOutbox
         from synthwatch.stream_apps.runtime.recovery import add_recovery
@@ -221,10 +224,11 @@ class _Intake:
         self.worker = worker = _Worker(tmp_path)
         self.app = app = worker.app
         worker.tp = TP(topic, 0)
-        worker.assigned = {worker.tp}
-        app.topics._acking_topics.add(topic)
+        worker.assigned = {worker.tp, TP(settings.topic_sightings, 0)}
+        app.topics._acking_topics.update((topic, settings.topic_sightings))
         self.sends: list[tuple[str, int]] = []  # (topic, revokes begun before the send)
         self.batches: Any = None
+        self.sightings: Any = None
 
         async def sent(topic: str, *args: Any, **kwargs: Any) -> Any:  # the producer: acknowledged at once
             self.sends.append((topic, getattr(worker.consumer, "revocations", 0)))
@@ -253,7 +257,14 @@ class _Intake:
             make_checkpoint = agents.checkpoint
             agents.checkpoint = lambda: self.checkpoints.append(make_checkpoint()) or self.checkpoints[-1]  # type: ignore[method-assign]
             intake_module.add_intake_agent(agents, tables, outbox)
+            novelty_batches = novelty_module.novelty_batches  # the novelty agent picks its own batching
+            novelty_module.novelty_batches = lambda settings: lambda stream: self.sightings()
+            try:
+                novelty_module.add_novelty_agent(agents, tables)
+            finally:
+                novelty_module.novelty_batches = novelty_batches
             add_recovery(agents, tables, outbox)  # forget_state: what the revoke does to detector state
+        self.signer = signer
 
     def event(self, offset: int) -> Any:
         import json
@@ -262,11 +273,25 @@ class _Intake:
         message = ConsumerMessage(self.topic, 0, offset, 0.0, 0, None, b"FR-75C", value, None, generation_id=GENERATION)
         return Event(self.app, b"FR-75C", value, None, message)
 
-    def run(self) -> None:
-        """The agent over ``self.batches()``, then its checkpoints' end and one commit."""
+    def sighting(self, offset: int) -> Any:
+        """A signed sightings record at ``offset`` of partition 0: a substance never seen, in region FR-75C."""
+        import json
+
+        from tests.support.factories import sighting
+
+        topic, key = self.settings.topic_sightings, "NOVELSUBSTANCE"
+        raw_key = key.encode()
+        value = json.dumps([sighting(event_id=f"l-{offset}", key=key).to_dict()]).encode()
+        headers = self.signer.headers(topic, raw_key, value)
+        message = ConsumerMessage(topic, 0, offset, 0.0, 0, headers, raw_key, value, None, generation_id=GENERATION)
+        return Event(self.app, raw_key, value, None, message)
+
+    def run(self, agent: str = "intake") -> None:
+        """``agent`` over its batches (``self.batches()`` or ``self.sightings()``), then its checkpoints' end and
+        one commit."""
 
         async def run() -> None:
-            await self.app.agents["intake"].fun(None)
+            await self.app.agents[agent].fun(None)
             for checkpoint in self.checkpoints:
                 await checkpoint.wait()
             await self.worker.consumer.commit()
@@ -285,6 +310,19 @@ class _Intake:
         raw = RawMessage(f"{self.topic}:0:{offset}", self.event(offset).value, self.topic, b"FR-75C", None)
         (item,) = Intake().process([raw]).events
         return bool(taker.observe(Observation.of(item), at=position_of(item.source)).replayed)
+
+    def sighting_replayed(self, offset: int) -> bool:
+        """Whether a worker taking the sightings partition over, its state restored from the changelog (the table
+        here), takes the sightings record at ``offset`` for a replay (skips it: none of it taken)."""
+        from synthwatch.stream_apps.detect.novelty import NoveltyDetector
+        from synthwatch.stream_apps.runtime.agents.novelty import parse_sightings
+        from synthwatch.stream_apps.runtime.state_tables import load_record
+
+        taker = NoveltyDetector(self.config.novelty, fetch=lambda key: load_record(self.tables.substances.data, key))
+        event = self.sighting(offset)
+        at = (f"{event.message.topic}:0", offset)
+        _, taken = taker.observe_batch([(s, at) for s in parse_sightings(event)])
+        return taken == 0
 
 
 def test_a_batch_whose_rebalance_began_while_it_waited_is_not_applied_to_detector_state(tmp_path: Path) -> None:
@@ -430,16 +468,17 @@ def test_state_drained_between_the_start_of_a_revoke_and_forget_state_is_not_wri
 
 
 class _HeldChangelog:
-    """The broker's side of the region changelog for :class:`_Intake`: records sent to it are acknowledged only
-    once the test lets the broker answer (:meth:`answer`); every changelog send and the moment the revoke reaches
-    the app's side (whose ``forget_state`` forgets the detector state) are noted in ``order``, as they happen."""
+    """The broker's side of a detector table's changelog (the region table's unless told) for :class:`_Intake`:
+    records sent to it are acknowledged only once the test lets the broker answer (:meth:`answer`); every changelog
+    send and the moment the revoke reaches the app's side (whose ``forget_state`` forgets the detector state) are
+    noted in ``order``, as they happen."""
 
-    def __init__(self, intake: _Intake) -> None:
+    def __init__(self, intake: _Intake, table: str = "regions") -> None:
         self.order: list[str] = []
         self.held: list[asyncio.Future[None]] = []
         self.answering = False
         self.sending = asyncio.Event()  # the first changelog record is sent: the write is under way
-        changelog = intake.tables.regions.changelog_topic.get_topic_name()
+        changelog = getattr(intake.tables, table).changelog_topic.get_topic_name()
         send, app_side = intake.app.producer.send, intake.worker.consumer._on_partitions_revoked
 
         async def sent(topic: str, key: bytes, *args: Any, **kwargs: Any) -> Any:
@@ -467,6 +506,31 @@ class _HeldChangelog:
             ack.set_result(None)
 
 
+def _a_revoke_during_the_changelog_write(
+    intake: _Intake, event: Any, table: str
+) -> tuple[Callable[[], AsyncIterator[list[Any]]], list[_HeldChangelog]]:
+    """An agent's batches: ``event``, then a quiet stream (its checkpoint drains the state and begins writing it to
+    ``table``'s changelog); once the first record is sent, unacknowledged, a rebalance begins, the broker answers,
+    the revoke ends and the partition comes back. With the broker's side (:class:`_HeldChangelog`, made as the agent
+    starts), in the list."""
+    broker: list[_HeldChangelog] = []
+    worker = intake.worker
+
+    async def batches() -> AsyncIterator[list[Any]]:
+        broker.append(_HeldChangelog(intake, table))
+        yield [event]
+        yield []  # quiet: the checkpoint drains the state (and stores the rows) and begins the changelog write
+        await broker[0].sending.wait()
+        revoke = asyncio.ensure_future(worker.revoke())  # a rebalance begins during the write
+        await asyncio.sleep(0)
+        assert worker.consumer.revoking
+        broker[0].answer()
+        await revoke
+        await worker.assign_again()
+
+    return batches, broker
+
+
 def test_a_revoke_that_begins_during_a_changelog_write_waits_for_it_before_it_forgets_the_state(
     tmp_path: Path,
 ) -> None:
@@ -481,21 +545,7 @@ def test_a_revoke_that_begins_during_a_changelog_write_waits_for_it_before_it_fo
 
     intake = _Intake(tmp_path, {5: lab(event_id="l-5", sample_id="S-5")})
     worker = intake.worker
-    broker: list[_HeldChangelog] = []
-
-    async def batches() -> Any:
-        broker.append(_HeldChangelog(intake))
-        yield [intake.event(5)]
-        yield []  # quiet: the checkpoint drains the state, stores the row and begins the changelog write
-        await broker[0].sending.wait()
-        revoke = asyncio.ensure_future(worker.revoke())  # a rebalance begins during the write
-        await asyncio.sleep(0)
-        assert worker.consumer.revoking
-        broker[0].answer()
-        await revoke
-        await worker.assign_again()
-
-    intake.batches = batches
+    intake.batches, broker = _a_revoke_during_the_changelog_write(intake, intake.event(5), "regions")
     intake.run()
 
     order = broker[0].order
@@ -504,6 +554,28 @@ def test_a_revoke_that_begins_during_a_changelog_write_waits_for_it_before_it_fo
     assert order[-1] == "forget", f"the write went on after the revoke forgot the state: {order}"
     assert worker.commits == []
     assert intake.replayed(5)
+
+
+def test_a_revoke_that_begins_during_the_novelty_agents_changelog_write_waits_for_it_before_it_forgets_the_state(
+    tmp_path: Path,
+) -> None:
+    """The same rule for the novelty agent, whose checkpoint writes the substance table through the same
+    ``state_write``: sightings record 5 makes substance NOVELSUBSTANCE new (its alert goes out with the batch); the
+    stream is quiet, the checkpoint drains the substance's record and sends it to the changelog; the broker has not
+    acknowledged it when a rebalance begins. The revoke must wait for the write (its record and its seal) before it
+    forgets the state; 5 is not acknowledged (the revoke refuses it), and the next owner, restoring the written
+    record, takes 5, read again, for a replay (no second new-substance alert)."""
+    intake = _Intake(tmp_path, {})
+    worker = intake.worker
+    intake.sightings, broker = _a_revoke_during_the_changelog_write(intake, intake.sighting(5), "substances")
+    intake.run("novelty")
+
+    alerts = intake.settings.topic_alerts
+    assert [topic for topic, _ in intake.sends if topic == alerts] == [alerts]  # the new-substance alert, sent
+    # Failed without the revoke's wait: ['changelog "NOVELSUBSTANCE"', 'forget', 'changelog "~sealed"'].
+    assert broker[0].order == ['changelog "NOVELSUBSTANCE"', f'changelog "{SEAL}"', "forget"], broker[0].order
+    assert worker.commits == []
+    assert intake.sighting_replayed(5)
 
 
 def test_a_revoke_waits_for_a_changelog_write_only_up_to_its_bound_and_the_write_then_sends_nothing_more(

@@ -7,13 +7,15 @@ clickhouse-connect's HTTP client (the production path); and nothing to anyone wi
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 from clickhouse_connect.driver.exceptions import DatabaseError
@@ -22,7 +24,13 @@ from synthwatch.settings import Settings
 from synthwatch.stack.engine import EngineProcess
 from synthwatch.stream_apps.detect.intake import Intake, RawMessage
 from synthwatch.stream_apps.storage.clickhouse import connect, migrate
-from synthwatch.stream_apps.storage.engine_server import USER
+from synthwatch.stream_apps.storage.engine_server import (
+    MAX_IDLE_HANDLES,
+    MAX_READONLY_POOLS,
+    USER,
+    Engine,
+    make_handler,
+)
 from synthwatch.stream_apps.storage.sink import ClickHouseSink
 from tests.support.factories import lab, seizure
 
@@ -36,8 +44,12 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineProcess]:
         yield engine
 
 
+class _Listening(Protocol):
+    port: int
+
+
 def _request(
-    engine: EngineProcess, path: str, headers: dict[str, str], body: bytes | None = None
+    engine: _Listening, path: str, headers: dict[str, str], body: bytes | None = None
 ) -> tuple[int, bytes, dict[str, str]]:
     request = urllib.request.Request(f"http://127.0.0.1:{engine.port}{path}", data=body, headers=headers)
     try:
@@ -163,3 +175,63 @@ def test_per_request_settings_apply_to_their_request_only(engine: EngineProcess,
         assert client.query(sql).result_rows[0][0] == default
     finally:
         client.close()
+
+
+class _Served:
+    """:class:`Engine` behind its HTTP handler in this process, on the session's engine (a second set of handles,
+    as the analyst client's), so a test can look at its pools: the engine process's code, without the process."""
+
+    password = "p" * 24
+
+    def __init__(self, path: Path, spool: Path) -> None:
+        import threading
+        from http.server import ThreadingHTTPServer
+
+        self.engine = Engine(path, spool)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(self.engine, self.password))
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, name="engine-server", daemon=True).start()
+
+    def query(self, sql: str, **params: str) -> tuple[int, bytes]:
+        query = urllib.parse.urlencode({"query": sql, **params})
+        return _request(self, f"/?{query}", _basic(USER, self.password))[:2]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.engine.close()
+
+
+def test_read_only_pools_stay_bounded_whatever_setting_sets_clients_send(
+    ch: Any, ch_settings: Settings, tmp_path: Path
+) -> None:
+    """Requests that set ``readonly`` get handles kept for their exact setting set. Before the bound, every distinct
+    set a client sent left a pool and an open handle behind for the process's lifetime: a client sending ever new
+    values (any setting's) grew the engine process without end. Now at most MAX_READONLY_POOLS are kept, the least
+    recently used closed, a handle in use when its pool goes is closed when it comes back, and every request is
+    still answered with its own settings."""
+    served = _Served(ch_settings.embedded_clickhouse_path, tmp_path)
+    try:
+        setting = "SELECT getSetting('max_threads')"
+        in_flight = served.engine.handle({"max_threads": "1", "readonly": "1"})
+        held = in_flight.__enter__()  # a request under way on a pool about to be evicted
+        sets = 4 * MAX_READONLY_POOLS
+        for n in range(2, sets + 2):
+            assert served.query(setting, readonly="1", max_threads=str(n)) == (200, f"{n}\n".encode())
+            assert served.engine.pools()["readonly_pools"] <= MAX_READONLY_POOLS
+        in_flight.__exit__(None, None, None)
+        # Before: a pool and a handle per set, kept (33 pools, 34 handles here); failed at the 9th pool.
+        assert served.engine.pools() == {"readonly_pools": MAX_READONLY_POOLS, "handles": MAX_READONLY_POOLS + 1}
+        assert held not in served.engine._all
+        # an evicted set again, a plain request, a write refused under readonly: all answered as before
+        assert served.query(setting, readonly="1", max_threads="2") == (200, b"2\n")
+        assert served.query("SELECT 42") == (200, b"42\n")
+        status, body = served.query("CREATE TABLE ro_bound (x UInt8) ENGINE = Memory", readonly="1")
+        assert status == 500 and b"readonly" in body.lower()
+        # concurrent requests open handles; once they are done a pool keeps MAX_IDLE_HANDLES of them
+        with contextlib.ExitStack() as busy:
+            for _ in range(MAX_IDLE_HANDLES + 4):
+                busy.enter_context(served.engine.handle({}))
+        assert served.engine.pools()["handles"] <= MAX_READONLY_POOLS + MAX_IDLE_HANDLES
+    finally:
+        served.close()

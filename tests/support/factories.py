@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+from datetime import UTC, datetime
 from typing import Any
+
+from synthwatch.schemas.topics import Sighting
 
 SEIZURE: dict[str, Any] = {
     "event_id": "s-1",
@@ -72,3 +75,22 @@ def malformed_records(prefix: str) -> list[tuple[str, str | dict[str, Any], str]
     for label, record, fragment in MALFORMED:
         out.append((label, builders.get(record, record.replace("m-trunc", f"{prefix}-m-trunc")), fragment))
     return out
+
+
+def sighting(**changes: Any) -> Sighting:
+    """A sighting of the sightings topic: an uncatalogued substance seen in FR-75C (no structure to compare)."""
+    fields: dict[str, Any] = {
+        "event_id": "l-1",
+        "kind": "lab_detection",
+        "occurred_at": datetime(2026, 3, 2, 10, 0, tzinfo=UTC),
+        "day": 20514,
+        "country": "FR",
+        "region": "FR-75C",
+        "key": "NOVELSUBSTANCE",
+        "name": "unknown powder",
+        "inchikey": None,
+        "family": None,
+        "controlled": None,
+        "catalogued": False,
+    }
+    return Sighting(**{**fields, **changes})
