@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ class KafkaConnectError(SynthwatchError, RuntimeError):
         if _uses_tls(settings):
             hints.append(
                 "does the broker listen with TLS on that port, and does SYNTHWATCH_KAFKA_SSL_CAFILE hold the CA that "
-                "signed its certificate? (a TLS client against a plaintext listener waits until this timeout)"
+                "signed its certificate?"
             )
         if _uses_sasl(settings):
             hints.append(
@@ -90,12 +92,16 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-def tls_preflight(settings: Settings, servers: str, timeout: float = 10.0) -> None:
+def tls_preflight(settings: Settings, servers: str, timeout: float = 10.0, grace: float = 1.0) -> None:
     """Check that the first reachable bootstrap server completes a TLS handshake, or raise KafkaConnectError.
 
     Why: kafka-python waits forever for the answer to its TLS hello from a listener that does not speak
     TLS (a plaintext listener reads the hello as the length of a huge request and waits for the rest), so
     the publisher hung instead of failing. One handshake with a deadline first turns that into an error.
+    A handshake still unanswered after ``grace`` seconds is the mark of such a listener, but also of a slow
+    one: a second connection then asks in plaintext for the broker's API versions. A Kafka answer proves a
+    plaintext listener and fails at once (the user does not wait out ``timeout``); anything else (a TLS alert,
+    a close, silence) proves nothing and the handshake keeps its full deadline.
     """
     context = ssl_context(settings)
     if context is None:
@@ -105,18 +111,67 @@ def tls_preflight(settings: Settings, servers: str, timeout: float = 10.0) -> No
         host, _, port = server.strip().rpartition(":")
         host = host.strip("[]")
         try:
-            with (
-                socket.create_connection((host, int(port)), timeout=timeout) as raw,
-                context.wrap_socket(raw, server_hostname=host),
-            ):
-                return
-        except TimeoutError:
-            problems.append(f"{server}: no TLS answer within {timeout:.0f} s (is it a PLAINTEXT listener?)")
+            problem = _tls_handshake(context, host, int(port), timeout, grace)
         except ssl.SSLError as error:
-            problems.append(f"{server}: TLS handshake failed ({error.reason or error})")
+            problem = f"TLS handshake failed ({error.reason or error})"
         except (OSError, ValueError) as error:
-            problems.append(f"{server}: {error}")
+            problem = str(error)
+        if problem is None:
+            return
+        problems.append(f"{server}: {problem}")
     raise KafkaConnectError.of(settings, servers, ConnectionError("; ".join(problems)))
+
+
+def _tls_handshake(context: ssl.SSLContext, host: str, port: int, timeout: float, grace: float) -> str | None:
+    """None once the handshake with ``host:port`` completes, else why it did not (see ``tls_preflight``)."""
+    deadline = time.monotonic() + timeout
+    with socket.create_connection((host, port), timeout=timeout) as raw:
+        raw.settimeout(min(grace, timeout))
+        with context.wrap_socket(raw, server_hostname=host, do_handshake_on_connect=False) as tls:
+            probed = False
+            while True:
+                try:
+                    tls.do_handshake()  # resumable: a timeout leaves OpenSSL waiting for the server's answer
+                    return None
+                except TimeoutError:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return f"no TLS answer within {timeout:.0f} s (is it a PLAINTEXT listener?)"
+                    if not probed:
+                        probed = True
+                        if _answers_kafka_in_plaintext(host, port, min(remaining, grace)):
+                            return "it answers Kafka in plaintext, not TLS: a PLAINTEXT listener"
+                        remaining = deadline - time.monotonic()
+                    tls.settimeout(max(remaining, 0.001))
+
+
+# ApiVersions v0 (api key 18): the request every Kafka listener answers before any authentication.
+_PROBE_CORRELATION_ID = 0x53570001
+_PROBE_CLIENT_ID = b"synthwatch-tls-preflight"
+_PROBE_HEADER = struct.pack(">hhih", 18, 0, _PROBE_CORRELATION_ID, len(_PROBE_CLIENT_ID)) + _PROBE_CLIENT_ID
+_PROBE_REQUEST = struct.pack(">i", len(_PROBE_HEADER)) + _PROBE_HEADER
+
+
+def _answers_kafka_in_plaintext(host: str, port: int, timeout: float) -> bool:
+    """Whether ``host:port`` answers a plaintext ApiVersions request with a Kafka response frame.
+
+    A TLS listener reads the request as a malformed record and answers with an alert or closes; only a
+    plaintext Kafka listener echoes our correlation id in a frame of plausible size.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as probe:
+            probe.settimeout(timeout)
+            probe.sendall(_PROBE_REQUEST)
+            answer = b""
+            while len(answer) < 8:
+                chunk = probe.recv(8 - len(answer))
+                if not chunk:
+                    return False
+                answer += chunk
+    except OSError:  # includes the timeout: silence proves nothing
+        return False
+    size, correlation_id = struct.unpack(">ii", answer)
+    return correlation_id == _PROBE_CORRELATION_ID and 4 <= size <= 1 << 20
 
 
 def kafka_python_config(settings: Settings) -> dict[str, Any]:

@@ -96,7 +96,9 @@ def safe_traceback(exc: BaseException) -> str:
 
 #: Our modules that subclass Faust's services (App, Recovery, Worker): Faust's own messages (multi-line tables
 #: among them) are logged under these names, so they are treated like Faust's: only their arguments escaped.
-_FAUST_SERVICES = frozenset({"synthwatch.stream_apps.runtime.transport", "synthwatch.stack.drain"})
+_FAUST_SERVICES = frozenset(
+    {"synthwatch.stream_apps.runtime.transport", "synthwatch.stack.drain", "synthwatch.stack.service_worker"}
+)
 
 
 class _RedactingRecordFactory:

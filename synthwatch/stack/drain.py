@@ -25,6 +25,7 @@ import faust
 
 from synthwatch.settings import Settings
 from synthwatch.stack.broker import lag_by_topic
+from synthwatch.stack.service_worker import ServiceWorker
 
 log = logging.getLogger("synthwatch.stack.drain")
 
@@ -94,7 +95,7 @@ def describe_lag(settings: Settings, lag: dict[str, int]) -> str:
     return f"{reports:,} reports ({inside}); in flight: {flight}"
 
 
-class DrainingWorker(faust.Worker):
+class DrainingWorker(ServiceWorker):
     """Faust's worker whose first stop signal drains (see the module docstring) and second stops now."""
 
     def __init__(

@@ -35,6 +35,7 @@ from synthwatch.stack.broker import (
     stop_process,
 )
 from synthwatch.stack.drain import DrainingWorker, DrainOutcome, describe_lag, final_count
+from synthwatch.stack.service_worker import ServiceWorker
 from synthwatch.stackfile import StackInfo, new_web_token, read_stack, remove_stack, write_stack
 from synthwatch.stream_apps.runtime.transport import stored_uncommitted, unmarked
 from synthwatch.stream_apps.storage.clickhouse import Migration, OpeningClient, database_of
@@ -344,12 +345,12 @@ _WORKER_OPTIONS: dict[str, Any] = {"quiet": True, "redirect_stdouts": False}
 
 
 def faust_worker(app: faust.App, loglevel: str | int) -> faust.Worker:
-    """Faust's worker for a service: no terminal spinner.
+    """Faust's worker for a service: no terminal spinner, no idle second at its stop (:class:`ServiceWorker`).
 
     Faust's spinner sets the root logger to DEBUG at WARNING and above (so that it spins on every
     record): every debug call of aiokafka and Faust then built a LogRecord, ~8 % of the event loop.
     """
-    worker = faust.Worker(app, loglevel=loglevel, **_WORKER_OPTIONS)
+    worker = ServiceWorker(app, loglevel=loglevel, **_WORKER_OPTIONS)
     worker.spinner = None
     return worker
 

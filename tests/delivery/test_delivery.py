@@ -1256,6 +1256,14 @@ class _KillableDelivery:
                 self.producer.send(self.settings.topic_alerts, value=value, partition=0)
         self.producer.flush()
 
+    def wait_committed(self, what: str) -> None:
+        """Until the group has committed every alert published so far (it acknowledges only final ones)."""
+        from synthwatch.stack.broker import consumer_lag
+        from tests.conftest import wait_until
+
+        topics = [self.settings.topic_alerts]
+        wait_until(lambda: consumer_lag(self.bootstrap, self.settings.app_id, topics) == 0, 60, what)
+
     def start(self) -> subprocess.Popen[bytes]:
         log = open(self.tmp_path / "worker.log", "ab")  # noqa: SIM115 - the child writes to it for its whole life
         command = [sys.executable, "-m", "tests.support.delivery_helpers", str(self.settings.data_dir), self.bootstrap]
@@ -1291,7 +1299,7 @@ def test_the_agent_acknowledges_alerts_only_when_final_so_a_killed_worker_loses_
         try:
             publish(alerts[:3])
             wait_until(lambda: set(hooks.accepted()) >= {a.alert_id for a in alerts[:3]}, 90, "the first deliveries")
-            time.sleep(1.5)  # offsets of final deliveries get committed (commit interval 0.5 s)
+            worker.wait_committed("the offsets of the final deliveries committed")
             hooks.override = 503  # the officer's system goes down ...
             publish(alerts[3:])
             retrying = {a.alert_id for a in alerts[3:]}
@@ -1342,7 +1350,7 @@ def test_an_alert_still_retrying_is_not_committed_past_by_the_quick_ones_after_i
         try:
             publish(alerts[:2])
             wait_until(lambda: set(hooks.accepted()) >= {a.alert_id for a in alerts[:2]}, 90, "the first deliveries")
-            time.sleep(1.5)  # their offsets get committed (commit interval 0.5 s)
+            worker.wait_committed("their offsets committed")
             hooks.refuse.add(slow)  # this one alert's delivery keeps failing; the two after it go through
             publish(alerts[2:])
             wait_until(

@@ -38,6 +38,7 @@ from synthwatch.kafka_clients import (
     describe,
     faust_credentials,
     kafka_python_config,
+    tls_preflight,
 )
 from synthwatch.producers.publisher import Publisher, SigningError, signing_key
 from synthwatch.producers.readers import InputRecord
@@ -178,7 +179,8 @@ def test_the_password_is_never_printed() -> None:
 def test_sasl_ssl_clients_refuse_a_plaintext_broker_with_a_clear_error(
     broker: EmbeddedBroker, pki: dict[str, Path]
 ) -> None:
-    """Without the TLS pre-flight kafka-python waited forever (Tansu reads the TLS hello as a request length)."""
+    """Without the TLS pre-flight kafka-python waited forever (Tansu reads the TLS hello as a request length);
+    the pre-flight's plaintext probe names the cause at once instead of after its 10 s deadline."""
     settings = scram(kafka_ssl_cafile=pki["ca"])
     for make in (
         lambda: Publisher(settings, broker.bootstrap_servers),
@@ -188,8 +190,29 @@ def test_sasl_ssl_clients_refuse_a_plaintext_broker_with_a_clear_error(
             make()
         message = str(caught.value)
         assert f"cannot talk to Kafka at {broker.bootstrap_servers} (SASL_SSL, SCRAM-SHA-512 as 'lab-fr'" in message
-        assert "no TLS answer within 10 s (is it a PLAINTEXT listener?)" in message
+        assert "it answers Kafka in plaintext, not TLS: a PLAINTEXT listener" in message
         assert "does the broker listen with TLS" in message and PASSWORD not in message
+
+
+def test_a_listener_silent_in_tls_and_in_plaintext_still_gets_the_whole_tls_deadline(pki: dict[str, Path]) -> None:
+    """The plaintext probe proves only a Kafka answer: a listener that says nothing (a slow TLS broker, a
+    black hole) is not called plaintext, and the handshake keeps waiting until its own deadline."""
+    import socket
+
+    held: list[socket.socket] = []
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        silent.settimeout(5)
+        port = silent.getsockname()[1]
+        accepting = threading.Thread(target=lambda: held.extend(silent.accept()[0] for _ in range(2)), daemon=True)
+        accepting.start()
+        try:
+            with pytest.raises(KafkaConnectError, match=r"no TLS answer within 1 s \(is it a PLAINTEXT listener\?\)"):
+                tls_preflight(scram(kafka_ssl_cafile=pki["ca"]), f"127.0.0.1:{port}", timeout=1.0, grace=0.2)
+            accepting.join(5)
+            assert len(held) == 2  # the handshake and the probe: silence to the probe proved nothing
+        finally:
+            for connection in held:
+                connection.close()
 
 
 @pytest.mark.integration

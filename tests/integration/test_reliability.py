@@ -818,7 +818,15 @@ def test_a_huge_invalid_code_ends_in_rejects_and_does_not_stop_the_worker(
             producer.send(topic, key=b"ML-BKO", value=json.dumps(record).encode())
         producer.flush(60)
         wait_until(lambda: worker.count(STORED) >= 1 or None, 30, "the event before the huge one", interval=0.5)
-        time.sleep(2.0)  # the huge one's batch is done (or failing) by now; what comes next must get through
+
+        def poison_rejected() -> int:
+            return worker.count("SELECT count() FROM rejects WHERE event_id = %(id)s", {"id": f"{prefix}-poison"})
+
+        # the huge one's batch is done (rejected) before what comes next, which must get through; a worker that
+        # fails on it never rejects it, and the wait ends at its deadline (the asserts below say what failed)
+        deadline = time.monotonic() + 30
+        while not poison_rejected() and time.monotonic() < deadline:
+            time.sleep(0.2)
         producer.send(topic, key=b"ML-BKO", value=json.dumps(after).encode())
         producer.flush(60)
         producer.close()
@@ -826,9 +834,12 @@ def test_a_huge_invalid_code_ends_in_rejects_and_does_not_stop_the_worker(
         while worker.count(STORED) < 2 and time.monotonic() < deadline:
             time.sleep(0.5)
         stored = worker.count(STORED)
-        rejected = worker.count("SELECT count() FROM rejects WHERE event_id = %(id)s", {"id": f"{prefix}-poison"})
-        time.sleep(3.0)  # two commit intervals
-        lag = consumer_lag(broker.bootstrap_servers, settings.app_id, settings.input_topics)
+        rejected = poison_rejected()
+        deadline = time.monotonic() + 30  # the commit after the last checkpoint (every 0.5 s while stored)
+        while (lag := consumer_lag(broker.bootstrap_servers, settings.app_id, settings.input_topics)) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.2)
         crashes = worker.log_path.read_text(errors="replace").count("MessageSizeTooLargeError")
         report(
             "huge invalid code",

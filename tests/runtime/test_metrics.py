@@ -195,6 +195,7 @@ WORKER_SCRIPT = textwrap.dedent(
     import asyncio, sys
     from typing import Any
     import faust
+    from synthwatch.stack.service_worker import ServiceWorker
     from synthwatch.stream_apps.runtime.metrics import WorkerMetrics, attach_metrics
 
     bootstrap, topic, port, datadir, app_id = sys.argv[1:6]
@@ -219,7 +220,8 @@ WORKER_SCRIPT = textwrap.dedent(
         metrics.set_ready()
 
     attach_metrics(app, metrics, topics={topic}, lag_interval=1.0)
-    faust.Worker(app, loglevel="warning", quiet=True, redirect_stdouts=False).execute_from_commandline()
+    # the class of `synthwatch worker`: no idle second before its loop closes at the stop
+    ServiceWorker(app, loglevel="warning", quiet=True, redirect_stdouts=False).execute_from_commandline()
     """
 )
 

@@ -366,9 +366,9 @@ def run_delivery_worker(data_dir: str, bootstrap: str, topic: str, subscriptions
 
     Run as ``python -m tests.support.delivery_helpers DATA_DIR BOOTSTRAP TOPIC SUBSCRIPTIONS APP_ID``.
     """
-    import faust
 
     from synthwatch.settings import Settings
+    from synthwatch.stack.service_worker import ServiceWorker
     from synthwatch.stream_apps.delivery.service import DeliveryService, RetryPolicy, attach_delivery
     from synthwatch.stream_apps.runtime.batches import channel_batches
     from synthwatch.stream_apps.runtime.transport import App
@@ -400,7 +400,8 @@ def run_delivery_worker(data_dir: str, bootstrap: str, topic: str, subscriptions
     policy = RetryPolicy(max_attempts=1000, base_delay_s=0.2, max_delay_s=0.5, jitter=0.0)
     service = DeliveryService.from_settings(settings, client, policy=policy)
     attach_delivery(app, alerts, service, batches=lambda stream: channel_batches(stream, 50))
-    faust.Worker(app, loglevel="warning", quiet=True, redirect_stdouts=False).execute_from_commandline()
+    # the worker class of `synthwatch worker`: its loop closes without mode's idle second after a stop
+    ServiceWorker(app, loglevel="warning", quiet=True, redirect_stdouts=False).execute_from_commandline()
 
 
 if __name__ == "__main__":
