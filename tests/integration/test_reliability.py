@@ -758,7 +758,13 @@ def test_fuzzed_stream_never_crashes_the_worker_and_every_line_is_stored_or_reje
         producer.flush(120)
         producer.close()
         total = len(lines)
-        wait_until(lambda: worker.stats()["consumed"] >= total, 300, f"{total} fuzzed messages consumed", interval=1)
+        wait_until(
+            lambda: all_committed(broker, settings),
+            300,
+            f"{total} fuzzed messages committed",
+            interval=1,
+            details=worker.describe,
+        )
         # Rows count as stored at the checkpoint after they are consumed (up to a second later).
         wait_until(lambda: worker.stats()["checkpointed"] >= total, 60, "the last checkpoint written")
         stats = worker.stats()
