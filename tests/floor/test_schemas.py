@@ -143,9 +143,9 @@ def test_iso3166_table_is_the_installed_pycountry() -> None:
     from synthwatch.schemas import iso3166, iso3166_build
 
     assert iso3166_build.TARGET.read_text(encoding="utf-8") == iso3166_build.render()
-    assert iso3166.SUBDIVISIONS == {
+    assert {
         str(s.code).upper(): (str(s.country_code), str(s.name)) for s in pycountry.subdivisions
-    }
+    } == iso3166.SUBDIVISIONS
     assert set(iso3166.COUNTRIES) == {str(c.alpha_2).upper() for c in pycountry.countries}
 
 
