@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 
-import pycountry
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -32,6 +31,7 @@ from pydantic import (
 )
 from pydantic_core import core_schema
 
+from synthwatch.schemas.iso3166 import COUNTRIES, SUBDIVISIONS
 from synthwatch.schemas.text import FORBIDDEN_PATTERN
 
 #: Events before this instant or after ``LATEST_EVENT_TIME`` are typing errors, not history.
@@ -59,16 +59,38 @@ def _shown(value: str, limit: int = 40) -> str:
     return repr(value) if len(value) <= limit else repr(value[:limit]) + f"... ({len(value):,} characters)"
 
 
+_COUNTRY_SET = frozenset(COUNTRIES)
+
+
 @lru_cache(maxsize=4096)
 def _country_exists(code: str) -> bool:
+    """pycountry's answer (a case-insensitive lookup), from the generated table for ASCII text (every code is
+    ASCII, so the same answer) and from pycountry itself only for other text (its ``lower()`` may meet a code)."""
+    if code.isascii():
+        return code.upper() in _COUNTRY_SET
+    import pycountry  # ~0.1 s with its database: only for non-ASCII input, which nearly always fails anyway
 
     return pycountry.countries.get(alpha_2=code) is not None
 
 
 @lru_cache(maxsize=16384)
-def _subdivision_country(code: str) -> str | None:
+def subdivision_entry(code: str) -> tuple[str, str] | None:
+    """(country code, name) of an ISO 3166-2 subdivision as pycountry's case-insensitive lookup finds it, or None.
+
+    Why not pycountry: reading its database cost ~0.1-0.2 s of every start-up. The generated table gives the
+    same answer for ASCII text (every code is ASCII upper case); other text still asks pycountry.
+    """
+    if code.isascii():
+        return SUBDIVISIONS.get(code.upper())
+    import pycountry
+
     subdivision = pycountry.subdivisions.get(code=code)
-    return None if subdivision is None else str(subdivision.country_code)
+    return None if subdivision is None else (str(subdivision.country_code), str(subdivision.name))
+
+
+def _subdivision_country(code: str) -> str | None:
+    entry = subdivision_entry(code)
+    return None if entry is None else entry[0]
 
 
 def _country_code(value: str) -> str:
@@ -137,12 +159,10 @@ def _one_of(values: frozenset[str], json_schema: dict[str, Any]) -> Any:
 
 
 #: Every code the checked validators accept, in the normal form they return it in.
-COUNTRY_CODES: frozenset[str] = frozenset(
-    code for code in (str(c.alpha_2).upper() for c in pycountry.countries) if _country_exists(code)
-)
-#: Read off the subdivisions directly (5,000 lookups by code cost ~30 ms of every start-up); the same table as
-#: looking each code up with ``_subdivision_country`` (tests/floor/test_schemas.py checks it).
-SUBDIVISION_COUNTRY: dict[str, str] = {str(s.code).upper(): str(s.country_code) for s in pycountry.subdivisions}
+COUNTRY_CODES: frozenset[str] = _COUNTRY_SET
+#: Read off the generated table (:mod:`.iso3166`); the same table as looking each code up with
+#: ``_subdivision_country`` (tests/floor/test_schemas.py checks it, and the table against pycountry).
+SUBDIVISION_COUNTRY: dict[str, str] = {code: country for code, (country, _name) in SUBDIVISIONS.items()}
 
 _STRING = {"type": "string"}
 _FastCountry = Annotated[str, *_one_of(COUNTRY_CODES, _STRING)]

@@ -6,10 +6,9 @@ import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-import pycountry
-
 from synthwatch.catalogue import OPIOID_FAMILIES
 from synthwatch.schemas import Alert, AlertSubstance
+from synthwatch.schemas.events import subdivision_entry
 from synthwatch.schemas.records import AlertType, GuessedFamily, Severity, SimilarSubstance
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -62,8 +61,8 @@ def severity(alert_type: AlertType, subject: Subject) -> Severity:
 def region_label(region: str | None) -> str:
     if region is None:
         return "the network"
-    subdivision = pycountry.subdivisions.get(code=region)
-    return f"{region} ({subdivision.name})" if subdivision is not None else region
+    subdivision = subdivision_entry(region)  # pycountry's lookup without loading its database (start-up)
+    return f"{region} ({subdivision[1]})" if subdivision is not None else region
 
 
 @dataclass(slots=True)

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -131,15 +132,19 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def _command_seconds(input_path: Path, output_path: Path) -> tuple[float, float]:
-    """(wall, CPU) seconds of ``synthwatch backtest`` as a user runs it: a new process, start-up included."""
-    command = [sys.executable, "-m", "synthwatch.cli.main", "backtest", "--input", str(input_path)]
+def _command_seconds(input_path: Path, output_path: Path, python: str = sys.executable) -> tuple[float, float]:
+    """(wall, CPU) seconds of ``synthwatch backtest`` as a user runs it: a new process, start-up included.
+
+    ``python``: the interpreter of the checkout to run (another worktree's, to compare two versions)."""
+    command = [python, "-m", "synthwatch.cli.main", "backtest", "--input", str(input_path)]
     cpu, started = _cpu_seconds(), time.perf_counter()
     subprocess.run([*command, "--output", str(output_path)], check=True, capture_output=True)
     return time.perf_counter() - started, _cpu_seconds() - cpu
 
 
-def bench_backtest(console: Console, days: int, seed: int, small_lines: int = 30_000) -> dict[str, float]:
+def bench_backtest(
+    console: Console, days: int, seed: int, small_lines: int = 30_000, others: Sequence[str] = (), rounds: int = 1
+) -> dict[str, float]:
     """Lines/s of the whole ``synthwatch backtest`` command (start-up included) on a simulated stream and on its
     first ``small_lines`` lines, beside the in-process detection loop over the same stream in the same run.
 
@@ -149,6 +154,10 @@ def bench_backtest(console: Console, days: int, seed: int, small_lines: int = 30
     Lines/s move with the machine's load, so only the ratios of one run compare; the load is printed with
     them, and the CPU seconds (this process and its children, helper processes included), which move less
     with other work on the machine.
+
+    ``others``: interpreters of other checkouts (e.g. main's worktree): then each file is run by this checkout and
+    by each of them in turn, ``rounds`` times, the order reversed every other round, and a table gives each one's
+    medians and its ratio to this checkout (before/after on a shared machine, where only alternating runs compare).
     """
     from datetime import date
 
@@ -164,9 +173,15 @@ def bench_backtest(console: Console, days: int, seed: int, small_lines: int = 30
         small_count = min(small_lines, len(sim.lines))
         small.write_text("".join(line + "\n" for line in sim.lines[:small_count]), encoding="utf-8")
         one.write_text(sim.lines[0] + "\n", encoding="utf-8")
-        rows.append(("command, one line (start-up)", 1, _command_seconds(one, Path(tmp) / "one.alerts")))
-        rows.append((f"command, {days}-day stream", len(sim.lines), _command_seconds(year, Path(tmp) / "y.alerts")))
-        rows.append((f"command, first {small_count:,} lines", small_count, _command_seconds(small, Path(tmp) / "s")))
+        files = [
+            ("one line (start-up)", one, 1),
+            (f"{days}-day stream", year, len(sim.lines)),
+            (f"first {small_count:,} lines", small, small_count),
+        ]
+        if others:
+            return _compare_checkouts(console, files, [sys.executable, *others], rounds, Path(tmp))
+        for name, path, lines in files:
+            rows.append((f"command, {name}", lines, _command_seconds(path, Path(tmp) / "alerts")))
     cpu = _cpu_seconds()
     run = run_lines((f"sim:{i}", line) for i, line in enumerate(sim.lines))  # RDKit caches start cold here too
     s = run.summary
@@ -185,5 +200,57 @@ def bench_backtest(console: Console, days: int, seed: int, small_lines: int = 30
             name, f"{lines:,}", f"{seconds:.2f}", f"{rate:,.0f}", f"{rate / reference:.2f}", f"{cpu_seconds:.2f}"
         )
     console.print(table)
-    console.print("targets (issue 16): the command >= 50,000 lines/s on the simulated year, >= 30,000 on 30,000 lines")
+    console.print(_BACKTEST_TARGETS)
     return rates
+
+
+_BACKTEST_TARGETS = "targets (issue 16): the command >= 50,000 lines/s on the simulated year, >= 30,000 on 30,000 lines"
+
+
+def _compare_checkouts(
+    console: Console, files: list[tuple[str, Path, int]], pythons: list[str], rounds: int, tmp: Path
+) -> dict[str, float]:
+    """Each file run by each interpreter in turn (order reversed every other round); medians and ratios printed,
+    this checkout's median lines/s returned.
+
+    Why alternating: on a shared machine load moves between runs more than a change does; rounds that interleave
+    the versions see the same load on average. The first interpreter is this checkout: ratios are to it.
+    """
+    import statistics
+
+    runs: dict[tuple[int, str], list[tuple[float, float]]] = {}
+    loads: list[float] = []
+    for number in range(rounds):
+        loads.append(os.getloadavg()[0])
+        order = list(enumerate(pythons)) if number % 2 == 0 else list(enumerate(pythons))[::-1]
+        for name, path, _lines in files:
+            for index, python in order:
+                runs.setdefault((index, name), []).append(_command_seconds(path, tmp / "alerts", python))
+    table = Table(
+        title=f"synthwatch backtest, {rounds} alternating rounds; 1-minute load at the rounds' starts: "
+        + ", ".join(f"{load:.1f}" for load in loads)
+        + f" on {os.cpu_count()} cores"
+    )
+    for column in ("file", "checkout", "wall s (median)", "lines/s (median)", "CPU s (median)", "CPU s each round"):
+        table.add_column(column, justify="left" if column in ("file", "checkout") else "right")
+    table.add_column("CPU / this", justify="right")
+    table.add_column("lines/s / this", justify="right")
+    for name, _path, lines in files:
+        base_wall = statistics.median(wall for wall, _cpu in runs[(0, name)])
+        base_cpu = statistics.median(cpu for _wall, cpu in runs[(0, name)])
+        for index, python in enumerate(pythons):
+            walls, cpus = [w for w, _c in runs[(index, name)]], [c for _w, c in runs[(index, name)]]
+            wall, cpu = statistics.median(walls), statistics.median(cpus)
+            table.add_row(
+                name,
+                "this checkout" if index == 0 else python,
+                f"{wall:.2f}",
+                f"{lines / wall:,.0f}",
+                f"{cpu:.2f}",
+                " / ".join(f"{c:.2f}" for c in cpus),
+                f"{cpu / base_cpu:.2f}",
+                f"{base_wall / wall:.2f}",
+            )
+    console.print(table)
+    console.print(_BACKTEST_TARGETS)
+    return {name: lines / statistics.median(wall for wall, _cpu in runs[(0, name)]) for name, _path, lines in files}

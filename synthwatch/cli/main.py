@@ -428,12 +428,18 @@ def bench_backtest_command(
     small_lines: Annotated[
         int, typer.Option(min=1, help="Lines of the short file (the stream's first lines).")
     ] = 30_000,
+    python: Annotated[
+        list[str] | None,
+        typer.Option(help="Another checkout's interpreter, run alternately: OTHER/.venv/bin/python (repeatable)."),
+    ] = None,
+    rounds: Annotated[int, typer.Option(min=1, help="Alternating rounds, with --python.")] = 3,
 ) -> None:
     """Lines/s of the whole `synthwatch backtest` command (start-up included) on a simulated year and on its first
-    30,000 lines, beside the in-process detection loop in the same run."""
+    30,000 lines, beside the in-process detection loop in the same run; with --python, against other checkouts,
+    alternating, with medians and ratios."""
     from synthwatch.bench.throughput import bench_backtest
 
-    bench_backtest(console, days=days, seed=seed, small_lines=small_lines)
+    bench_backtest(console, days=days, seed=seed, small_lines=small_lines, others=python or (), rounds=rounds)
 
 
 @bench_app.command("core")

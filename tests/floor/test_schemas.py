@@ -135,6 +135,55 @@ def test_subdivision_table_is_the_lookup_per_code() -> None:
     assert len(events.SUBDIVISION_COUNTRY) > 4000
 
 
+def test_iso3166_table_is_the_installed_pycountry() -> None:
+    """The generated table (start-up: no pycountry database) says what pycountry says, code for code and name for
+    name; after a pycountry upgrade, run ``python -m synthwatch.schemas.iso3166_build``."""
+    import pycountry
+
+    from synthwatch.schemas import iso3166, iso3166_build
+
+    assert iso3166_build.TARGET.read_text(encoding="utf-8") == iso3166_build.render()
+    assert {
+        str(s.code).upper(): (str(s.country_code), str(s.name)) for s in pycountry.subdivisions
+    } == iso3166.SUBDIVISIONS
+    assert set(iso3166.COUNTRIES) == {str(c.alpha_2).upper() for c in pycountry.countries}
+
+
+@pytest.mark.parametrize(
+    "code",
+    ["NL-NH", "nl-nh", "Nl-nH", "FR", "fr", "XX", "XX-YY", "", "NL-N\u0130", "RS-\u212aM", "\u0130T", "\u212aE"],
+)
+def test_iso3166_lookups_answer_as_pycountry(code: str) -> None:
+    """The table's lookups give pycountry's case-insensitive answers, non-ASCII text included (its ``lower()``
+    can turn the Kelvin sign into a "k": that text still asks pycountry)."""
+    import pycountry
+
+    from synthwatch.schemas import events
+    from synthwatch.stream_apps.detect.alerting import region_label
+
+    subdivision = pycountry.subdivisions.get(code=code)
+    expected = None if subdivision is None else (str(subdivision.country_code), str(subdivision.name))
+    assert events.subdivision_entry(code) == expected
+    assert events._country_exists(code) == (pycountry.countries.get(alpha_2=code) is not None)
+    assert region_label(code) == (f"{code} ({subdivision.name})" if subdivision is not None else code)
+
+
+def test_event_models_do_not_load_pycountry() -> None:
+    """Start-up: validating a well-formed event needs no pycountry (its database cost ~0.1-0.2 s a process)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import json, sys\n"
+        "from synthwatch.schemas.wire import parse_limited\n"
+        "parse_limited(sys.argv[1])\n"
+        "print('pycountry' in sys.modules)\n"
+    )
+    record = json.dumps(lab())
+    done = subprocess.run([sys.executable, "-c", script, record], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
 def test_corrects_is_a_declared_field_of_both_kinds() -> None:
     """A correction names the report it corrects; it is part of the contract, not an unknown extra."""
     fixed = parse_event(json.dumps(lab(event_id="LAB-2", corrects=" LAB-1 ")))
