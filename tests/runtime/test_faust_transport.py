@@ -112,7 +112,9 @@ def test_the_livelock_check_skips_a_partition_sought_to_its_beginning() -> None:
     asyncio.run(check())
 
 
-def test_the_livelock_check_skips_a_partition_reset_or_revoked_by_the_consumer_thread_while_it_runs() -> None:
+def test_the_livelock_check_skips_a_partition_reset_or_revoked_by_the_consumer_thread_while_it_runs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """The check runs on the event loop's thread, the seek and the revoke in the consumer thread: the position
     can go between the check's look and Faust's read (it crashed a worker under load, 0.07 s after a seek to
     the beginning). Here the consumer thread's step lands just there, deterministically: inside Faust's own
@@ -140,7 +142,9 @@ def test_the_livelock_check_skips_a_partition_reset_or_revoked_by_the_consumer_t
         assert ConsumerThread.verify_event_path(thread, 10.0, tp) is None  # type: ignore[arg-type,func-returns-value]
 
     for lands in ("reset", "revoke"):
+        caplog.clear()
         asyncio.run(check(lands))
+        assert "Livelock check of sightings:0 skipped" in caplog.text, lands
 
 
 def test_the_table_manager_registers_the_tables_and_starts_recovery_without_faust_s_second_of_sleep(
