@@ -8,6 +8,8 @@ read from a ``SecretStr`` only when a client is built; nothing here logs or form
 
 from __future__ import annotations
 
+import contextlib
+import selectors
 import socket
 import ssl
 import struct
@@ -128,21 +130,17 @@ def _tls_handshake(context: ssl.SSLContext, host: str, port: int, timeout: float
     with socket.create_connection((host, port), timeout=timeout) as raw:
         raw.settimeout(min(grace, timeout))
         with context.wrap_socket(raw, server_hostname=host, do_handshake_on_connect=False) as tls:
-            probed = False
-            while True:
-                try:
-                    tls.do_handshake()  # resumable: a timeout leaves OpenSSL waiting for the server's answer
-                    return None
-                except TimeoutError:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        return f"no TLS answer within {timeout:.0f} s (is it a PLAINTEXT listener?)"
-                    if not probed:
-                        probed = True
-                        if _answers_kafka_in_plaintext(host, port, min(remaining, grace)):
-                            return "it answers Kafka in plaintext, not TLS: a PLAINTEXT listener"
-                        remaining = deadline - time.monotonic()
-                    tls.settimeout(max(remaining, 0.001))
+            try:
+                tls.do_handshake()  # resumable: a timeout leaves OpenSSL waiting for the server's answer
+                return None
+            except TimeoutError:
+                pass
+            answered = _handshake_or_kafka_answer(tls, host, port, deadline)
+            if answered == "tls":
+                return None
+            if answered == "kafka":
+                return "it answers Kafka in plaintext, not TLS: a PLAINTEXT listener"
+            return f"no TLS answer within {timeout:.0f} s (is it a PLAINTEXT listener?)"
 
 
 # ApiVersions v0 (api key 18): the request every Kafka listener answers before any authentication.
@@ -152,26 +150,54 @@ _PROBE_HEADER = struct.pack(">hhih", 18, 0, _PROBE_CORRELATION_ID, len(_PROBE_CL
 _PROBE_REQUEST = struct.pack(">i", len(_PROBE_HEADER)) + _PROBE_HEADER
 
 
-def _answers_kafka_in_plaintext(host: str, port: int, timeout: float) -> bool:
-    """Whether ``host:port`` answers a plaintext ApiVersions request with a Kafka response frame.
+def _handshake_or_kafka_answer(tls: ssl.SSLSocket, host: str, port: int, deadline: float) -> str | None:
+    """Until ``deadline``, whichever comes first: "tls" when the TLS handshake completes, "kafka" when a
+    second, plaintext connection gets a Kafka answer to ApiVersions; None at the deadline.
 
-    A TLS listener reads the request as a malformed record and answers with an alert or closes; only a
-    plaintext Kafka listener echoes our correlation id in a frame of plausible size.
+    Both are watched at once, so neither waits for the other: a slow TLS broker still completes its
+    handshake while the probe waits, and a plaintext broker slow to answer is still recognised however
+    late, within the deadline. A TLS listener reads the probe as a malformed record and answers with an
+    alert or closes; only a plaintext Kafka listener echoes our correlation id in a frame of plausible size.
+    A TLS error of the handshake (a certificate refused) is raised.
     """
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as probe:
-            probe.settimeout(timeout)
-            probe.sendall(_PROBE_REQUEST)
-            answer = b""
-            while len(answer) < 8:
-                chunk = probe.recv(8 - len(answer))
-                if not chunk:
-                    return False
-                answer += chunk
-    except OSError:  # includes the timeout: silence proves nothing
-        return False
-    size, correlation_id = struct.unpack(">ii", answer)
-    return correlation_id == _PROBE_CORRELATION_ID and 4 <= size <= 1 << 20
+    probe: socket.socket | None = None
+    with contextlib.suppress(OSError):  # no probe: the handshake alone decides, until the deadline
+        probe = socket.create_connection((host, port), timeout=max(deadline - time.monotonic(), 0.001))
+        probe.sendall(_PROBE_REQUEST)
+    answer = b""
+    tls.setblocking(False)
+    with selectors.DefaultSelector() as watching:
+        watching.register(tls, selectors.EVENT_READ, "tls")
+        if probe is not None:
+            watching.register(probe, selectors.EVENT_READ, "probe")
+        try:
+            while (remaining := deadline - time.monotonic()) > 0:
+                for key, _ in watching.select(remaining):
+                    if key.data == "tls":
+                        try:
+                            tls.do_handshake()
+                            return "tls"
+                        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                            continue
+                    assert probe is not None
+                    try:
+                        chunk = probe.recv(8 - len(answer))
+                    except OSError:
+                        chunk = b""
+                    answer += chunk
+                    if chunk and len(answer) < 8:
+                        continue
+                    if len(answer) == 8:
+                        size, correlation_id = struct.unpack(">ii", answer)
+                        if correlation_id == _PROBE_CORRELATION_ID and 4 <= size <= 1 << 20:
+                            return "kafka"
+                    watching.unregister(probe)  # closed, or not Kafka: the probe proved nothing
+                    probe.close()
+                    probe = None
+        finally:
+            if probe is not None:
+                probe.close()
+    return None
 
 
 def kafka_python_config(settings: Settings) -> dict[str, Any]:

@@ -15,10 +15,13 @@ signing publisher sends and rejects a forger's records (stage ``auth``) with the
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import shutil
+import socket
 import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -206,13 +209,75 @@ def test_a_listener_silent_in_tls_and_in_plaintext_still_gets_the_whole_tls_dead
         accepting = threading.Thread(target=lambda: held.extend(silent.accept()[0] for _ in range(2)), daemon=True)
         accepting.start()
         try:
-            with pytest.raises(KafkaConnectError, match=r"no TLS answer within 1 s \(is it a PLAINTEXT listener\?\)"):
-                tls_preflight(scram(kafka_ssl_cafile=pki["ca"]), f"127.0.0.1:{port}", timeout=1.0, grace=0.2)
+            with pytest.raises(KafkaConnectError, match=r"no TLS answer within 3 s \(is it a PLAINTEXT listener\?\)"):
+                tls_preflight(scram(kafka_ssl_cafile=pki["ca"]), f"127.0.0.1:{port}", timeout=3.0, grace=0.2)
             accepting.join(5)
             assert len(held) == 2  # the handshake and the probe: silence to the probe proved nothing
         finally:
             for connection in held:
                 connection.close()
+
+
+def _serve(handle: Any) -> tuple[int, socket.socket]:
+    """A loopback listener handing each connection, in order, to ``handle(n, connection)`` in a thread."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def accept() -> None:
+        for n in itertools.count():
+            try:
+                connection, _ = server.accept()
+            except OSError:  # closed by the test
+                return
+            threading.Thread(target=handle, args=(n, connection), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return server.getsockname()[1], server
+
+
+def test_a_plaintext_kafka_listener_slow_to_answer_is_still_named_before_the_deadline(pki: dict[str, Path]) -> None:
+    """A loaded plaintext broker answers the probe late, after the grace: it is still called plaintext, as
+    soon as it answers, not after the whole deadline (the probe waited only the grace before; under load the
+    SASL_SSL test then got the generic timeout)."""
+    from synthwatch.kafka_clients import _tls_handshake
+
+    def handle(n: int, connection: socket.socket) -> None:
+        data = connection.recv(200)
+        if data[:4] == struct.pack(">i", len(data) - 4):  # a Kafka request: the probe; the TLS hello is not one
+            time.sleep(0.6)
+            correlation_id = struct.unpack(">i", data[8:12])[0]
+            connection.sendall(struct.pack(">ii", 8, correlation_id) + b"\0\0\0\0")
+        time.sleep(3)
+
+    port, server = _serve(handle)
+    with server:
+        started = time.monotonic()
+        problem = _tls_handshake(ssl.create_default_context(cafile=pki["ca"]), "127.0.0.1", port, 5.0, 0.2)
+        took = time.monotonic() - started
+    assert problem == "it answers Kafka in plaintext, not TLS: a PLAINTEXT listener"
+    assert took < 5.0, "named at the answer, not at the deadline"
+
+
+def test_a_tls_listener_slow_to_handshake_completes_while_the_probe_waits(pki: dict[str, Path]) -> None:
+    """The probe and the handshake are watched together: a TLS broker that answers the hello late and never
+    answers the probe still completes the handshake before the deadline."""
+    from synthwatch.kafka_clients import _tls_handshake
+
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(pki["cert"], pki["key"])
+
+    def handle(n: int, connection: socket.socket) -> None:
+        if n == 0:  # the handshake's connection: a slow TLS broker
+            time.sleep(0.6)
+            with server_context.wrap_socket(connection, server_side=True):
+                time.sleep(3)
+        else:  # the probe: silence
+            time.sleep(3)
+
+    client_context = ssl.create_default_context(cafile=pki["ca"])
+    client_context.check_hostname = False  # the test certificate names "lab-fr", not 127.0.0.1
+    port, server = _serve(handle)
+    with server:
+        assert _tls_handshake(client_context, "127.0.0.1", port, 5.0, 0.2) is None
 
 
 @pytest.mark.integration
