@@ -381,9 +381,16 @@ def committed_offsets(
     return out
 
 
-def consumer_lag(servers: str, group: str, topics: Iterable[str]) -> int:
-    """High watermarks minus the group's committed offsets over ``topics`` (nothing committed: all of it)."""
-    return sum(mark - max(offset, 0) for offset, mark in committed_offsets(servers, group, topics).values())
+def consumer_lag(servers: str, group: str, topics: Iterable[str]) -> int | None:
+    """High watermarks minus the group's committed offsets over ``topics`` (nothing committed: all of it).
+
+    None when a partition's high watermark could not be read: the lag is unknown, not zero (summing the
+    partitions that answered made a wait for "lag 0" end before the commit it waited for).
+    """
+    offsets = committed_offsets(servers, group, topics, require_all=True)
+    if not offsets:
+        return None
+    return sum(mark - max(offset, 0) for offset, mark in offsets.values())
 
 
 def lag_by_topic(
