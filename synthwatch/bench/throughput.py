@@ -135,10 +135,13 @@ def _cpu_seconds() -> float:
 def _command_seconds(input_path: Path, output_path: Path, python: str = sys.executable) -> tuple[float, float]:
     """(wall, CPU) seconds of ``synthwatch backtest`` as a user runs it: a new process, start-up included.
 
-    ``python``: the interpreter of the checkout to run (another worktree's, to compare two versions)."""
+    ``python``: the interpreter of the checkout to run (another worktree's, to compare two versions). It runs in
+    the input's folder: ``python -m`` puts the working directory first on the import path, and run from a
+    checkout another checkout's interpreter imported this checkout's ``synthwatch/`` with its own ``schemas/``
+    and ``stream_apps/`` (mixed code, found in review)."""
     command = [python, "-m", "synthwatch.cli.main", "backtest", "--input", str(input_path)]
     cpu, started = _cpu_seconds(), time.perf_counter()
-    subprocess.run([*command, "--output", str(output_path)], check=True, capture_output=True)
+    subprocess.run([*command, "--output", str(output_path)], check=True, capture_output=True, cwd=input_path.parent)
     return time.perf_counter() - started, _cpu_seconds() - cpu
 
 

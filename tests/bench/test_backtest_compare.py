@@ -34,3 +34,20 @@ def test_checkouts_alternate_and_ratios_are_to_this_checkout(monkeypatch: pytest
     assert rates == {"one line": 0.5, "year": 50_000.0}
     row = next(line for line in out.getvalue().splitlines() if "year" in line and "other" in line)
     assert "6.00 / 6.00 / 6.00" in row and "1.50" in row and "0.50" in row  # CPU 1.5x this one's, half the rate
+
+
+def test_each_command_runs_outside_any_checkout(tmp_path: Path) -> None:
+    """``python -m`` puts the working directory first on the import path: run from this checkout, another
+    checkout's interpreter imported this one's ``synthwatch/`` with its own other packages (mixed code). The
+    command runs in its input's folder; a stand-in interpreter records where it ran."""
+    stand_in = tmp_path / "python"
+    stand_in.write_text('#!/bin/sh\npwd > "$7"\n')  # -m synthwatch.cli.main backtest --input IN --output OUT
+    stand_in.chmod(0o755)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "stream.ndjson").write_text("{}\n")
+    output = tmp_path / "out.ndjson"
+
+    throughput._command_seconds(inputs / "stream.ndjson", output, python=str(stand_in))
+
+    assert Path(output.read_text().strip()).resolve() == inputs.resolve()
