@@ -9,7 +9,8 @@ PYTEST_ARGS ?=
 # The suite runs in this many pytest processes (pytest-xdist; 1: one process, no xdist). Most integration tests
 # wait on a broker, a worker or an engine in child processes: one process kept ~1.2 of 2 cores busy
 # (1,308 CPU s over the run). Each process has its own session broker and engine (tests/conftest.py);
-# tests share no port, file or topic (tmp_path, ports picked by the OS, topics and groups of their own).
+# tests share no file or topic (tmp_path, topics and groups of their own); ports are picked by the OS, and a broker
+# whose port another process took in between fails with that reason rather than serve the other listener.
 # worksteal: each process starts with half the tests in order and takes the other's remaining ones when done.
 TEST_WORKERS ?= 2
 XDIST = $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist worksteal)

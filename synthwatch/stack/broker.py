@@ -105,6 +105,27 @@ def wait_for_port(host: str, port: int, timeout: float) -> None:
     raise BrokerError(f"nothing is listening on {host}:{port} after {timeout:.0f} s")
 
 
+def listens(pid: int, host: str, port: int) -> bool | None:
+    """Whether process ``pid`` holds a listening TCP socket on IPv4 ``host:port``; None where /proc cannot say."""
+    try:
+        table = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    wanted = (socket.inet_aton(host)[::-1].hex().upper(), "00000000")  # /proc writes addresses little-endian
+    inodes = set()
+    for line in table:
+        fields = line.split()
+        address, _, port_hex = fields[1].partition(":")
+        if fields[3] == "0A" and int(port_hex, 16) == port and address in wanted:  # 0A: LISTEN
+            inodes.add(f"socket:[{fields[9]}]")
+    links = set()
+    for fd in fds:
+        with contextlib.suppress(OSError):  # closed meanwhile
+            links.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return bool(inodes & links)
+
+
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -218,12 +239,37 @@ class EmbeddedBroker:
             )
         try:
             wait_for_port(self.host, self.port, timeout)
+            self._wait_until_ours(timeout)
         except BrokerError:
             self.stop()
             raise
-        if self.process.poll() is not None:
-            raise BrokerError(f"Tansu exited with code {self.process.returncode} (see {self.log_path})")
         return self
+
+    def _wait_until_ours(self, timeout: float) -> None:
+        """Block until the listener on our port is this Tansu's own socket, or raise BrokerError.
+
+        Why: something accepting on the port does not prove it is this broker. Another process can take a
+        port between :func:`free_port` and Tansu's bind (two test processes, a restart on the same port, any
+        other program); Tansu then exits, but until it does the port answered, and clients talked to the
+        other listener. Linux only: where /proc cannot say, the check is skipped.
+        """
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise BrokerError(
+                    f"Tansu exited with code {self.process.returncode} (see {self.log_path or 'its log'}); "
+                    f"is {self.bootstrap_servers} taken by another process? Choose another port"
+                )
+            owned = listens(self.process.pid, self.host, self.port)
+            if owned is None or owned:
+                return
+            if time.monotonic() > deadline:
+                raise BrokerError(
+                    f"{self.bootstrap_servers} answers, but not from this Tansu (pid {self.process.pid}): another "
+                    "process listens there; choose another port"
+                )
+            time.sleep(0.05)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Terminate the broker this object started (SIGTERM, then SIGKILL) and reap it."""

@@ -334,6 +334,21 @@ def test_up_leaves_a_process_that_only_looks_like_its_broker(tmp_path: Path) -> 
         stranger.wait()
 
 
+def test_a_broker_whose_port_another_process_took_fails_instead_of_serving_the_other_listener(tmp_path: Path) -> None:
+    """Something answering on the port is not proof that it is this Tansu: another process can take the port
+    between its pick and Tansu's bind (two test processes, a restart on the same port). Tansu then exits;
+    before, its start returned as soon as the other listener accepted, and clients talked to that one."""
+    from synthwatch.stack.broker import BrokerError, listens
+
+    with socket.create_server(("127.0.0.1", 0)) as squatter:
+        port = squatter.getsockname()[1]
+        assert listens(os.getpid(), "127.0.0.1", port) is True  # what the check reads: this process holds it
+        with pytest.raises(BrokerError, match=f"is 127.0.0.1:{port} taken by another process"):
+            EmbeddedBroker(Settings(), port=port, log_path=tmp_path / "tansu.log").start()
+    with EmbeddedBroker(Settings(), log_path=tmp_path / "tansu.log") as running:
+        assert running.process is not None and listens(running.process.pid, running.host, running.port) is True
+
+
 def test_a_second_up_says_one_line_and_fails(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "data", web_port=0)
     with running_up(settings, tmp_path / "up.log") as up:
