@@ -106,6 +106,13 @@ def all_committed(broker: EmbeddedBroker, settings: Settings) -> bool:
     return lag is not None and sum(lag.values()) == 0
 
 
+def wait_all_committed(
+    broker: EmbeddedBroker, settings: Settings, worker: RunningWorker, timeout: float, what: str, interval: float = 0.5
+) -> None:
+    """Wait until :func:`all_committed`; on a timeout the failure shows the worker's counters and log."""
+    wait_until(lambda: all_committed(broker, settings), timeout, what, interval=interval, details=worker.describe)
+
+
 # --- 1. a worker killed with SIGKILL mid-stream ---------------------------------------------------------
 
 
@@ -359,9 +366,7 @@ def test_clickhouse_unavailable_the_sink_retries_the_consumer_waits_and_catches_
     try:
         with Publisher(settings, broker.bootstrap_servers) as publisher:
             one = publisher.publish_records(InputRecord(source=f"a:{i}", raw=line) for i, line in enumerate(first))
-            wait_until(
-                lambda: all_committed(broker, settings), 150, "the first part stored and committed", interval=0.5
-            )
+            wait_all_committed(broker, settings, worker, 150, "the first part stored and committed")
             stored_before = count(STORED)
 
             proxy.down()  # ClickHouse refuses connections from here on
@@ -379,13 +384,7 @@ def test_clickhouse_unavailable_the_sink_retries_the_consumer_waits_and_catches_
             up_at = time.monotonic()
 
         sent = one.sent + two.sent
-        wait_until(
-            lambda: all_committed(broker, settings),
-            240,
-            "catching up after the outage: every offset committed",
-            interval=0.5,
-            details=worker.describe,
-        )
+        wait_all_committed(broker, settings, worker, 240, "catching up after the outage: every offset committed")
         caught_up = time.monotonic() - up_at
         after = worker.stats()
         rows, unique = count(STORED), count(UNIQUE)
@@ -758,13 +757,7 @@ def test_fuzzed_stream_never_crashes_the_worker_and_every_line_is_stored_or_reje
         producer.flush(120)
         producer.close()
         total = len(lines)
-        wait_until(
-            lambda: all_committed(broker, settings),
-            300,
-            f"{total} fuzzed messages committed",
-            interval=1,
-            details=worker.describe,
-        )
+        wait_all_committed(broker, settings, worker, 300, f"{total} fuzzed messages committed", interval=1)
         # Rows count as stored at the checkpoint after they are consumed (up to a second later).
         wait_until(lambda: worker.stats()["checkpointed"] >= total, 60, "the last checkpoint written")
         stats = worker.stats()
@@ -899,13 +892,7 @@ def test_burst_of_200k_events_is_absorbed_lag_returns_to_zero_and_nothing_is_los
             )
         published = time.monotonic() - started
         peak_lag = consumer_lag(broker.bootstrap_servers, settings.app_id, settings.input_topics)
-        wait_until(
-            lambda: all_committed(broker, settings),
-            600,
-            "consumer lag back to zero after the burst",
-            interval=1,
-            details=worker.describe,
-        )
+        wait_all_committed(broker, settings, worker, 600, "consumer lag back to zero after the burst", interval=1)
         drained = time.monotonic() - started
         stats = worker.stats()
         rows, unique = worker.count(STORED), worker.count(UNIQUE)
