@@ -16,13 +16,18 @@ class ServiceWorker(faust.Worker):
     Why: mode's worker runs a sentinel task that sleeps 1 s before it closes the loop, so that callbacks and
     tasks the stop left behind get to run. The tasks are already cancelled and gone by then almost always, so
     every stop of a worker (a user's Ctrl-C, a restart, each test) waited a whole second for nothing. This
-    one waits for those tasks (never longer than mode did), then lets the callbacks they scheduled run.
+    one waits for those tasks and any they start meanwhile (never longer than mode did), then lets the
+    callbacks they scheduled run.
     """
 
     async def _sentinel_task(self) -> None:
         current = asyncio.current_task()
-        running = [task for task in asyncio.all_tasks() if task is not current and not task.done()]
-        if running:
-            await asyncio.wait(running, timeout=CLOSE_WAIT_SECONDS)
+        deadline = asyncio.get_running_loop().time() + CLOSE_WAIT_SECONDS
+        while (remaining := deadline - asyncio.get_running_loop().time()) > 0:
+            # again after each wait: a task that ends may start another (a cleanup's own cleanup)
+            running = [task for task in asyncio.all_tasks() if task is not current and not task.done()]
+            if not running:
+                break
+            await asyncio.wait(running, timeout=remaining)
         for _ in range(3):  # a closed transport's connection_lost, then what that schedules, then its sockets
             await asyncio.sleep(0)

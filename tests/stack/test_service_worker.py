@@ -31,16 +31,23 @@ def test_the_close_waits_for_a_task_still_ending_and_never_sleeps_a_fixed_time(
     monkeypatch.setattr(asyncio, "sleep", recorded)
     worker = ServiceWorker.__new__(ServiceWorker)  # the sentinel uses nothing of the instance
     ended: list[str] = []
+    started: list[asyncio.Future[None]] = []
+
+    async def then() -> None:  # a task the cleanup starts: waited for too
+        for _ in range(20):
+            await sleep(0)
+        ended.append("its own cleanup")
 
     async def ending() -> None:  # a task the stop cancelled, still running its cleanup
         for _ in range(20):
             await sleep(0)
         ended.append("cleanup")
+        started.append(asyncio.ensure_future(then()))
 
     async def close() -> None:
         cleanup = asyncio.ensure_future(ending())
         await worker._sentinel_task()
-        assert cleanup.done() and ended == ["cleanup"]
+        assert cleanup.done() and ended == ["cleanup", "its own cleanup"]
 
     asyncio.run(close())
     assert delays and all(delay == 0 for delay in delays), delays
