@@ -38,7 +38,7 @@ from synthwatch.producers.readers import InputRecord
 from synthwatch.producers.simulate import SimulationConfig, simulate
 from synthwatch.schemas import Alert
 from synthwatch.settings import Settings
-from synthwatch.stack.broker import EmbeddedBroker, consumer_lag, ensure_topics, free_port, lag_by_topic
+from synthwatch.stack.broker import EmbeddedBroker, consumer_lag, ensure_topics, free_port
 from synthwatch.stack.engine import EngineProcess
 from synthwatch.stream_apps.detect.backtest import run_lines
 from synthwatch.stream_apps.storage.query import QueryResult, run_query
@@ -101,9 +101,8 @@ def all_committed(broker: EmbeddedBroker, settings: Settings) -> bool:
     What "caught up" means. Not the worker's ``consumed`` counter: it counts records read again after a
     watchdog seek-back too, so under load it reached the number sent with records still to checkpoint, and
     the minute then left for the lag ran out (the burst and outage tests, load 15-20). An unknown lag (a high
-    watermark not read) is not zero."""
-    lag = lag_by_topic(broker.bootstrap_servers, settings.app_id, settings.input_topics)
-    return lag is not None and sum(lag.values()) == 0
+    watermark not read) is None, not zero."""
+    return consumer_lag(broker.bootstrap_servers, settings.app_id, settings.input_topics) == 0
 
 
 def wait_all_committed(
