@@ -241,7 +241,7 @@ def clickhouse_http(tmp_path: Path) -> Iterator[tuple[EngineProcess, FlakyProxy]
         try:
             yield engine, proxy.up()
         finally:
-            proxy.down()
+            proxy.close()
 
 
 STUCK_EVENTS = 3000  # ten batches of STUCK_BATCH: while one batch hangs, the agent's queue holds more

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from synthwatch.bench.crash import novelty_summary
-from synthwatch.stack.broker import committed_offsets, consumer_lag, free_port, high_watermarks
+from synthwatch.stack.broker import committed_offsets, consumer_lag, high_watermarks
 from synthwatch.stack.kafka_checks import daily_chunks, read_all
 
 # --- a TCP proxy that can refuse connections ---------------------------------------------------------
@@ -29,22 +29,35 @@ class FlakyProxy:
     While down nothing listens on the port, so clients get ECONNREFUSED, as from a stopped server. While
     ``hung`` is set, connections stay open and nothing is forwarded either way: a server that has stopped
     answering without failing (requests wait; nothing errors).
+
+    The port is held from construction to :meth:`close`, down or not: a socket bound to it (never
+    listening, so it refuses like a closed port) stays beside the listener, both with ``SO_REUSEPORT``.
+    Another process (a second pytest process picking a free port for its broker) cannot be given the
+    port during an outage, so ``up()`` never finds it taken.
     """
 
-    def __init__(self, target_port: int, port: int = 0) -> None:
+    def __init__(self, target_port: int) -> None:
         self.target_port = target_port
-        self.port = port or free_port()
+        self._holder: socket.socket | None = self._socket(0)
+        self.port: int = self._holder.getsockname()[1]
         self._listener: socket.socket | None = None
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
         self.accepted = 0
-        self.refused_while_down = 0
         self.hung = threading.Event()
 
+    @staticmethod
+    def _socket(port: int) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("127.0.0.1", port))
+        return sock
+
     def up(self) -> FlakyProxy:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
+        if self._holder is None:
+            raise RuntimeError("this proxy was closed: make a new one")
+        listener = self._socket(self.port)
         listener.listen(64)
         self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
@@ -63,7 +76,12 @@ class FlakyProxy:
                 conn.shutdown(socket.SHUT_RDWR)
             conn.close()
 
-    close = down
+    def close(self) -> None:
+        """Down for good, and the port given back."""
+        self.down()
+        holder, self._holder = self._holder, None
+        if holder is not None:
+            holder.close()
 
     @property
     def is_up(self) -> bool:
