@@ -9,8 +9,9 @@ parameter a setting; ``INSERT ... FORMAT fmt`` with the data in the body (lz4/zs
 ``Content-Encoding``). Errors come back as ClickHouse's do (status 500, ``X-ClickHouse-Exception-Code``, the
 engine's ``Code: N. DB::Exception: ...`` text), so the client raises the same exceptions as against a
 server. The worker then runs its production path (``SYNTHWATCH_CLICKHOUSE_URL=http://...``) unchanged.
-Not served: statements that change a session (``SET``, ``USE``, temporary tables, transactions; 400, see
-:func:`session_statement`): handles are pooled, so they would change the next request's session.
+Not served (400, :func:`checked_statement`): statements that change a session (``SET``, ``USE``, temporary
+tables, transactions), as handles are pooled and they would change the next request's session; several
+statements in one text; an INSERT with its data in the statement text rather than the body.
 
 Security: it listens on loopback only, and every request, ``/ping`` included, must carry the password
 created by whoever started it (Basic auth, or ``X-ClickHouse-User``/``X-ClickHouse-Key``); anything else
@@ -219,11 +220,6 @@ class Admission:
             with self._turn:
                 self._running -= 1
                 self._turn.notify()
-
-    def counts(self) -> dict[str, int]:
-        """Requests running and waiting now (for tests and diagnosis)."""
-        with self._turn:
-            return {"running": self._running, "waiting": self._waiting}
 
 
 class Busy(RequestError):
@@ -640,6 +636,7 @@ class EngineHTTPServer(ThreadingHTTPServer):
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve the connection, then free its place (whatever ended it)."""
         try:
             super().process_request_thread(request, client_address)
         finally:
