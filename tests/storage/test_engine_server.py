@@ -26,6 +26,8 @@ from synthwatch.stack.engine import EngineProcess
 from synthwatch.stream_apps.detect.intake import Intake, RawMessage
 from synthwatch.stream_apps.storage.clickhouse import connect, migrate
 from synthwatch.stream_apps.storage.engine_server import (
+    MAX_CHECKED_CHARS,
+    MAX_CHECKED_STATEMENTS,
     MAX_IDLE_HANDLES,
     MAX_READONLY_POOLS,
     USER,
@@ -238,6 +240,22 @@ def test_read_only_pools_stay_bounded_whatever_setting_sets_clients_send(
         served.close()
 
 
+def test_remembered_checks_are_canonical_and_bounded(ch: Any, ch_settings: Settings, tmp_path: Path) -> None:
+    """The engine remembers the canonical form of the statements it checked (an engine call each), at most
+    MAX_CHECKED_STATEMENTS of them and none longer than MAX_CHECKED_CHARS: ever-new texts do not grow it."""
+    served = _Served(ch_settings.embedded_clickhouse_path, tmp_path)
+    try:
+        with served.engine.handle({}) as handle:
+            for n in range(MAX_CHECKED_STATEMENTS + 10):
+                assert served.engine.checked(handle, f"select  {n} -- a comment") == f"SELECT {n}"
+            assert len(served.engine._checked) == MAX_CHECKED_STATEMENTS
+            long = f"SELECT '{'x' * MAX_CHECKED_CHARS}'"
+            assert served.engine.checked(handle, long) == long
+            assert long not in served.engine._checked
+    finally:
+        served.close()
+
+
 #: Statements that would change the session of the pooled handle they run on, as a client could send them
 #: (comments, case, whitespace, several statements in one text), and the word the refusal says to use instead.
 _SESSION_CHANGES = {
@@ -274,7 +292,7 @@ def test_statements_that_change_a_pooled_session_are_refused_and_change_nothing(
         client.insert("shadowed", [[1]], column_names=["x"])
         before = client.query(probe).result_rows
         assert before[0][1:] == ("sessions", 1)
-        for statement, instead in _SESSION_CHANGES.items():
+        for statement, instead in [*_SESSION_CHANGES.items(), ("SET max_threads = 3", "settings")]:  # twice
             with pytest.raises(DatabaseError) as raised:
                 client.command(statement)
             assert instead in str(raised.value), statement
