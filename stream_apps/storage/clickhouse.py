@@ -208,16 +208,17 @@ def migrate(client: Client, migrations: list[Migration] | None = None) -> list[M
 
 
 def _record(client: Client, migration: Migration, status: str) -> None:
-    """One ledger row, as an ``INSERT ... VALUES`` with bound parameters.
+    """One ledger row, as an ``INSERT ... SELECT`` of bound parameters.
 
     Why not ``client.insert``: its first call imported pandas (clickhouse-connect checks whether the rows
     are a DataFrame; :func:`without_dataframes` now answers that), ~0.2 core-s and ~0.3 s on every start-up
     of a fresh directory (``ingest-history``, the worker's opening), and each call asks ClickHouse for the
-    table's column types first.
+    table's column types first. Why not ``INSERT ... VALUES``: the engine process refuses data in a statement's
+    text (chDB would run what follows the rows as statements of their own; :mod:`.engine_server`).
     """
     client.command(
         "INSERT INTO schema_migrations (version, name, checksum, status) "
-        "VALUES ({version:UInt32}, {name:String}, {checksum:String}, {status:String})",
+        "SELECT {version:UInt32}, {name:String}, {checksum:String}, {status:String}",
         parameters={
             "version": migration.version,
             "name": migration.name,

@@ -9,11 +9,16 @@ parameter a setting; ``INSERT ... FORMAT fmt`` with the data in the body (lz4/zs
 ``Content-Encoding``). Errors come back as ClickHouse's do (status 500, ``X-ClickHouse-Exception-Code``, the
 engine's ``Code: N. DB::Exception: ...`` text), so the client raises the same exceptions as against a
 server. The worker then runs its production path (``SYNTHWATCH_CLICKHOUSE_URL=http://...``) unchanged.
+Not served (400, :func:`checked_statement`): statements that change a session (``SET``, ``USE``, temporary
+tables, transactions), as handles are pooled and they would change the next request's session; several
+statements in one text; an INSERT with its data in the statement text rather than the body.
 
 Security: it listens on loopback only, and every request, ``/ping`` included, must carry the password
 created by whoever started it (Basic auth, or ``X-ClickHouse-User``/``X-ClickHouse-Key``); anything else
 gets 401 with no detail. The password comes in :data:`PASSWORD_ENV` (never on the command line, where
 ``ps`` shows it) and is never printed. Requests from web pages (an ``Origin`` header) are refused too.
+What it holds is bounded whatever clients send: requests running (:class:`Admission`), waiting, connections
+and so threads (:class:`EngineHTTPServer`), idle handles (:meth:`Engine.handle`).
 
 Run by :mod:`synthwatch.stack.engine`: ``python -m synthwatch.stream_apps.storage.engine_server DIR FD`` with
 the password in the environment and ``FD`` a listening loopback socket it inherits.
@@ -82,6 +87,13 @@ _TRAILING_FORMAT = re.compile(r"\sFORMAT\s+(\w+)\s*;?\s*$", re.IGNORECASE)
 _INSERT = re.compile(r"^\s*INSERT\s+INTO\s+(.+?)\s+FORMAT\s+(\w+)\s*$", re.IGNORECASE | re.DOTALL)
 _INLINE_INSERT = re.compile(rb"\s*(INSERT\s+INTO\s+.+?\s+FORMAT\s+\w+)[ \t]*\r?\n", re.IGNORECASE | re.DOTALL)
 _CODE = re.compile(r"Code:\s*(\d+)")
+#: Statements that change the session they run in, as ClickHouse's formatter writes them (keywords upper case,
+#: single spaces, no comments): settings and query parameters (``SET``, ``SET ROLE``, ``SET TRANSACTION
+#: SNAPSHOT``), the current database (``USE``), transactions, and temporary tables (session-scoped; an unqualified
+#: name finds a temporary table first, so one would shadow a real table for later requests).
+_SESSION_STATEMENT = re.compile(
+    r"^(?:(?:SET|USE|BEGIN|COMMIT|ROLLBACK)\b|(?:CREATE|ATTACH|REPLACE|DROP|DETACH)(?: OR REPLACE)? TEMPORARY\b)"
+)
 _AUTH_FAILED = b"Code: 516. DB::Exception: Authentication failed. (AUTHENTICATION_FAILED)\n"
 
 
@@ -153,6 +165,75 @@ def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def _escaped(value: str) -> str:
+    """A query parameter's value as the engine reads it (the ``Escaped``/TSV text form), so it arrives unchanged."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+
+
+def session_statement(canonical: str) -> str | None:
+    """What a statement in ClickHouse's canonical form (``formatQuerySingleLine``) would change in the session it
+    runs in (``"SET"``, ``"USE"``, ``"TEMPORARY"``, ...), or None for a statement that changes none.
+
+    Why on the canonical form: ClickHouse's own parser has dropped comments, folded case and whitespace and
+    refused several statements in one text, so ``/* x */ sEt``, ``\\nUSE`` and ``SELECT 1; SET ...`` look like what
+    they are. Not session state, so not refused: a ``SETTINGS`` clause (that statement only), ``SYSTEM ...``
+    (the whole engine's; the backfill stops merges so), DDL on real tables.
+    """
+    match = _SESSION_STATEMENT.match(canonical)
+    if match is None:
+        return None
+    return "TEMPORARY" if "TEMPORARY" in match.group(0) else match.group(0)
+
+
+class Admission:
+    """At most ``limit`` requests in the engine at once and at most ``queue`` more waiting for their turn; a
+    request beyond both is refused (:class:`Busy`) at once.
+
+    Why: each request in the engine holds a handle (a chDB session) and a thread; unbounded, a burst of
+    requests grew both without end. Waiting first, not refusing, because the worker's own requests should
+    simply take their turn; refusing beyond the queue, because a waiting request holds a thread too.
+    """
+
+    def __init__(self, limit: int, queue: int) -> None:
+        self.limit, self.queue = limit, queue
+        self._running = 0
+        self._waiting = 0
+        self._turn = threading.Condition()
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        """Run the block as one of the ``limit`` requests, after waiting for a turn if need be."""
+        with self._turn:
+            if self._running >= self.limit:
+                if self._waiting >= self.queue:
+                    raise Busy(self.limit, self.queue)
+                self._waiting += 1
+                try:
+                    while self._running >= self.limit:
+                        self._turn.wait()
+                finally:
+                    self._waiting -= 1
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._turn:
+                self._running -= 1
+                self._turn.notify()
+
+
+class Busy(RequestError):
+    """Every request slot and every place in the queue is taken: ClickHouse's TOO_MANY_SIMULTANEOUS_QUERIES, 503."""
+
+    def __init__(self, limit: int, queue: int) -> None:
+        super().__init__(
+            202,
+            f"Too many simultaneous queries: {limit} run and {queue} wait in the engine process; retry later "
+            "(SYNTHWATCH_CLICKHOUSE_ENGINE_MAX_REQUESTS sets how many run). (TOO_MANY_SIMULTANEOUS_QUERIES)",
+            status=503,
+        )
+
+
 class _Handle:
     """One chDB connection handle and the session state applied to it (``USE``, ``SET``).
 
@@ -190,6 +271,17 @@ class _Handle:
 
 _Pool = tuple[tuple[str, str], ...] | None
 
+#: Requests in the engine at once when ``clickhouse_engine_max_requests`` is unset: a few per core (a request
+#: mostly waits on the engine's own threads), at least 8 (the worker's sink, analysts and commands at once).
+DEFAULT_MAX_REQUESTS = max(8, 4 * (os.cpu_count() or 1))
+#: How long a connection may sit idle between requests before it is closed (its thread ends): ClickHouse's own
+#: ``keep_alive_timeout``. clickhouse-connect opens a new connection for a pooled one the server closed.
+IDLE_SECONDS = 30
+
+#: Statements whose canonical form is remembered (:meth:`Engine.checked`), and the longest one remembered.
+MAX_CHECKED_STATEMENTS = 256
+MAX_CHECKED_CHARS = 8192
+
 #: Read-only pools (one per distinct setting set carrying ``readonly``, see :meth:`Engine.handle`) kept at once;
 #: the least recently used goes beyond it, its handles closed. The worker's analyst queries use one set.
 MAX_READONLY_POOLS = 8
@@ -200,12 +292,16 @@ MAX_IDLE_HANDLES = 8
 class Engine:
     """The engine directory, pools of connection handles to it, and the statements' execution."""
 
-    def __init__(self, path: Path, spool: Path) -> None:
+    def __init__(self, path: Path, spool: Path, max_requests: int = DEFAULT_MAX_REQUESTS) -> None:
         import chdb
 
         self._chdb = chdb
         self.path = str(Path(path).resolve())
         self.spool = spool
+        #: Requests in the engine at once, and as many waiting: handles in use are bounded by it.
+        self.admission = Admission(max_requests, max_requests)
+        #: Canonical forms of statements recently checked, least recently used first (:meth:`checked`).
+        self._checked: OrderedDict[str, str] = OrderedDict()
         #: Idle handles per pool, least recently used pool first.
         self._idle: OrderedDict[_Pool, list[_Handle]] = OrderedDict()
         self._all: set[_Handle] = set()  # open handles, idle or in use
@@ -278,16 +374,48 @@ class Engine:
         """Run one request's statement; returns (body, format, summary)."""
         bound = {k[len("param_") :]: v for k, v in params.items() if k.startswith("param_")}
         settings = {k: v for k, v in params.items() if k not in _NOT_SETTINGS and not k.startswith("param_")}
+        if settings.get("dialect", "clickhouse").strip().lower() != "clickhouse":
+            # another dialect's parser would read the statement, not the one that checked it
+            raise RequestError(48, "Only the clickhouse dialect is served here")
         insert = _INSERT.match(sql) if data is not None else None
-        with self.handle(settings) as handle:
+        with self.admission.slot(), self.handle(settings) as handle:
             handle.prepare(params.get("database"), settings)
             if insert is not None and data is not None:
                 return self._insert(handle, insert.group(1), insert.group(2), data)
             match = _TRAILING_FORMAT.search(sql)
             fmt = match.group(1) if match else default_format
             statement = sql[: match.start()] if match else sql
-            result = handle.connection.query(statement, fmt, params=bound)
+            canonical = self.checked(handle, statement)
+            if _INLINE_DATA.match(canonical):
+                raise RequestError(
+                    48,
+                    "INSERT with its data in the statement text is not served here (what follows the data would "
+                    "run as further statements): send the data in the request body (clickhouse-connect: "
+                    "client.insert), or INSERT ... SELECT with parameters (NOT_IMPLEMENTED)",
+                )
+            result = handle.connection.query(canonical, fmt, params=bound)
             return result.bytes() or b"", fmt, _summary(result, "read")
+
+    def checked(self, handle: _Handle, statement: str) -> str:
+        """:func:`checked_statement`, remembered for the last :data:`MAX_CHECKED_STATEMENTS` statements.
+
+        Why: the check is an engine call (~1.5 ms of the engine's CPU, a third of a small query's), and most
+        requests repeat a text: an insert's statement, clickhouse-connect's ``DESCRIBE TABLE``, queries with
+        bound parameters. A canonical form is one statement without data whatever settings another request
+        has, so it is safe to run for any of them; refused statements are not remembered.
+        """
+        with self._lock:
+            canonical = self._checked.get(statement)
+            if canonical is not None:
+                self._checked.move_to_end(statement)
+                return canonical
+        canonical = checked_statement(handle, statement)
+        if len(statement) <= MAX_CHECKED_CHARS:
+            with self._lock:
+                self._checked[statement] = canonical
+                while len(self._checked) > MAX_CHECKED_STATEMENTS:
+                    self._checked.popitem(last=False)
+        return canonical
 
     def _insert(self, handle: _Handle, target: str, fmt: str, data: bytes) -> tuple[bytes, str, dict[str, str]]:
         """An insert's data, through a file only this process can read (chDB takes inserted data from a file)."""
@@ -297,13 +425,69 @@ class Engine:
         try:
             with os.fdopen(fd, "wb") as file:
                 file.write(data)
-            result = handle.connection.query(
-                f"INSERT INTO {target} FROM INFILE {_quote(name)} FORMAT {fmt}", "TabSeparated"
-            )
+            # ``target`` is the client's text (``t VALUES (1); SET ...; INSERT INTO t``): checked as any statement,
+            # with a file name of no consequence to the parse, so that the check is remembered for the next insert
+            source = f" FROM INFILE {_quote(str(self.spool / 'data'))} FORMAT {fmt}"
+            statement = self.checked(handle, f"INSERT INTO {target}{source}")
+            if not statement.endswith(source):  # the parser took our clause as inline data of the client's
+                raise RequestError(62, "Expected INSERT INTO table [(columns)] [SETTINGS ...] FORMAT format")
+            statement = statement[: -len(source)] + f" FROM INFILE {_quote(name)} FORMAT {fmt}"
+            result = handle.connection.query(statement, "TabSeparated")
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(name)
         return b"", "TabSeparated", _summary(result, "written")
+
+
+def checked_statement(handle: _Handle, statement: str) -> str:
+    """``statement`` in ClickHouse's canonical form, the text to run; 400 if it would change ``handle``'s
+    session, or if it is not exactly one statement.
+
+    Why: handles are pooled; a ``SET``, ``USE`` or temporary table in one request's text would be the next
+    request's session on that handle (chDB keeps them per handle, and runs every statement of an ``a; b``
+    text). ClickHouse's parser decides, not a pattern on the raw text: the text goes in as a bound parameter of
+    ``formatQuerySingleLine`` (parsed, never executed, on this handle with this request's settings), which
+    refuses several statements and gives the canonical form :func:`session_statement` reads. The canonical form
+    is what runs, as for analysts' SQL (:func:`synthwatch.stream_apps.storage.query.check_select`): the parser
+    takes an INSERT's inline data (``VALUES (1); SET ...``) as opaque, chDB's statement splitter does not, and
+    the canonical form has no data. Costs one engine call (~1 ms). Resetting a handle after each request
+    instead is not cheap: its settings, roles and temporary tables would each need reading back.
+    """
+    if "\0" in statement:
+        raise RequestError(62, "A statement with a NUL character is refused")
+    try:
+        formatted = handle.connection.query(
+            "SELECT formatQuerySingleLine({q:String})", "TabSeparatedRaw", params={"q": _escaped(statement)}
+        )
+    except Exception as error:  # not one valid statement: the parser's own error, without our wrapping query
+        message = str(error)
+        raise RequestError(_code(message), _IN_SCOPE.sub("", message.split("DB::Exception: ", 1)[-1])) from None
+    canonical = (formatted.bytes() or b"").decode().strip()
+    kind = session_statement(canonical)
+    if kind is not None:
+        raise RequestError(48, f"{kind} statements are not served here: {_INSTEAD[kind]} (NOT_IMPLEMENTED)")
+    return canonical
+
+
+#: What to do instead of each refused session statement (:func:`session_statement`).
+_INSTEAD = {
+    "SET": "requests share pooled sessions, so send settings as URL parameters (clickhouse-connect: settings=...) "
+    "and query parameters as param_NAME (clickhouse-connect: parameters=...)",
+    "USE": "requests share pooled sessions, so name the database in the database URL parameter "
+    "(clickhouse-connect: database=...) or qualify tables (db.table)",
+    "TEMPORARY": "temporary tables live in a session and requests share pooled sessions; use a subquery, WITH, "
+    "or a table in a database",
+    **dict.fromkeys(("BEGIN", "COMMIT", "ROLLBACK"), "each request runs on its own; there are no transactions"),
+}
+#: An INSERT with inline data (or ``FROM INFILE``), canonical: the formatter writes ``FORMAT fmt`` last and drops
+#: the data. Refused with a clear message; the canonical text that runs would have no data anyway.
+_INLINE_DATA = re.compile(r"^INSERT INTO .* FORMAT \w+$")
+_IN_SCOPE = re.compile(r":? In scope SELECT formatQuerySingleLine\(.*?\)\.?(?= \(|$)", re.DOTALL)
+
+
+def _code(message: str) -> int:
+    match = _CODE.search(message)
+    return int(match.group(1)) if match else 1002
 
 
 def _close(handles: list[_Handle]) -> None:
@@ -327,8 +511,7 @@ def engine_error(error: Exception) -> tuple[int, bytes]:
     message = str(error)
     start = message.find("Code: ")
     message = message[start:].strip() if start > 0 else message.strip()
-    match = _CODE.search(message)
-    code = int(match.group(1)) if match else 1002
+    code = _code(message)
     if not message.startswith("Code:"):
         message = f"Code: {code}. DB::Exception: {message}"
     return code, (message + "\n").encode()
@@ -341,6 +524,7 @@ def make_handler(engine: Engine, password: str) -> type[BaseHTTPRequestHandler]:
         protocol_version = "HTTP/1.1"
         server_version = "synthwatch-engine"
         sys_version = ""
+        timeout = IDLE_SECONDS  # a connection idle (or a body stalled) this long is closed, its thread ends
 
         def log_message(self, format: str, *args: Any) -> None:
             return None  # request lines carry queries and bound values: nothing is logged per request
@@ -381,7 +565,11 @@ def make_handler(engine: Engine, password: str) -> type[BaseHTTPRequestHandler]:
                 result, fmt, summary = engine.execute(sql, data, params, params.get("default_format") or "TabSeparated")
             except Exception as error:  # the engine's message is what the client shows, as from a server
                 code, text = engine_error(error)
-                self._reply(500, text, {"X-ClickHouse-Exception-Code": str(code), "X-ClickHouse-Query-Id": query_id})
+                status = error.status if isinstance(error, RequestError) else 500
+                headers = {"X-ClickHouse-Exception-Code": str(code), "X-ClickHouse-Query-Id": query_id}
+                if status == 503:
+                    headers["Retry-After"] = "1"
+                self._reply(status, text, headers)
                 return
             self._reply(
                 200,
@@ -449,12 +637,48 @@ def _statement(query: str | None, body: bytes) -> tuple[str, bytes | None]:
     return body.decode(), None
 
 
-def serve(path: Path, listener: socket.socket, password: str) -> None:
+class EngineHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, as :class:`ThreadingHTTPServer`, but at most ``max_connections`` of them.
+
+    Why: a thread serves one connection for as long as the client keeps it open, so threads grew with
+    connections without a cap. Beyond the cap the server stops accepting until a connection ends (an idle one
+    ends after :data:`IDLE_SECONDS`): new clients wait in the listening socket's backlog, as for a busy server,
+    and are then served, not refused.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, listener: socket.socket, handler: type[BaseHTTPRequestHandler], max_connections: int) -> None:
+        super().__init__(listener.getsockname()[:2], handler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = listener
+        self.max_connections = max_connections
+        self._connections = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Start the connection's thread once one of ``max_connections`` is free (blocks the accepting loop)."""
+        self._connections.acquire()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._connections.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve the connection, then free its place (whatever ended it)."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connections.release()
+
+
+def serve(path: Path, listener: socket.socket, password: str, max_requests: int = DEFAULT_MAX_REQUESTS) -> None:
     """Serve the engine in ``path`` on ``listener`` (a listening loopback socket); blocks.
 
     The socket comes bound and listening from whoever started this process (:mod:`synthwatch.stack.engine`):
     its port is known before the engine opens, and a client that connects meanwhile waits in the backlog
-    instead of being refused. Anything but a loopback address is refused here.
+    instead of being refused. Anything but a loopback address is refused here. ``max_requests`` run at once,
+    as many wait (:class:`Admission`), and four times as many connections are served (:class:`EngineHTTPServer`).
     """
     host = listener.getsockname()[0]
     if host not in ("127.0.0.1", "::1"):
@@ -462,11 +686,8 @@ def serve(path: Path, listener: socket.socket, password: str) -> None:
     prepare_embedded_engine()
     path.mkdir(parents=True, exist_ok=True)
     spool = Path(tempfile.mkdtemp(prefix="synthwatch-engine-"))  # 0700: inserted data is readable by us only
-    engine = Engine(path, spool)
-    server = ThreadingHTTPServer(listener.getsockname()[:2], make_handler(engine, password), bind_and_activate=False)
-    server.socket.close()
-    server.socket = listener
-    server.daemon_threads = True
+    engine = Engine(path, spool, max_requests)
+    server = EngineHTTPServer(listener, make_handler(engine, password), 4 * max_requests)
     try:
         print(f"engine for {path} serving on {host}:{listener.getsockname()[1]}", flush=True)
         server.serve_forever()
@@ -479,8 +700,11 @@ def serve(path: Path, listener: socket.socket, password: str) -> None:
 
 def main(argv: list[str]) -> None:
     """``DIR FD``: the engine directory and the inherited listening socket; the password from
-    :data:`PASSWORD_ENV`. SIGTERM stops it (the engine closes)."""
+    :data:`PASSWORD_ENV`, ``clickhouse_engine_max_requests`` from the settings (its environment).
+    SIGTERM stops it (the engine closes)."""
     import signal
+
+    from synthwatch.settings import Settings
 
     if len(argv) != 2 or not argv[1].isdigit():
         raise SystemExit(f"usage: {PASSWORD_ENV}=... python -m {__name__} DIR LISTENING_SOCKET_FD")
@@ -492,8 +716,9 @@ def main(argv: list[str]) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    max_requests = Settings().clickhouse_engine_max_requests or DEFAULT_MAX_REQUESTS
     with contextlib.suppress(KeyboardInterrupt):
-        serve(Path(argv[0]), socket.socket(fileno=int(argv[1])), password)
+        serve(Path(argv[0]), socket.socket(fileno=int(argv[1])), password, max_requests)
 
 
 if __name__ == "__main__":

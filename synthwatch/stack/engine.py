@@ -24,6 +24,9 @@ from synthwatch.stack.broker import die_with_parent
 from synthwatch.stack.process import StackProcess
 from synthwatch.stream_apps.storage.engine_server import PASSWORD_ENV, USER
 
+#: The setting ``clickhouse_engine_max_requests`` in the engine process's environment.
+MAX_REQUESTS_ENV = "SYNTHWATCH_CLICKHOUSE_ENGINE_MAX_REQUESTS"
+
 
 class EngineProcess(StackProcess):
     """The engine for ``path`` in a child process on a loopback port, with a password made for this start.
@@ -31,10 +34,18 @@ class EngineProcess(StackProcess):
     ``tied_to_parent``: the kernel kills it when the thread that started it exits (``synthwatch up`` killed
     hard must not leave a process holding the engine directory); only from a process without other threads.
     As a context manager it is started on entry and stopped (SIGTERM, 30 s, then SIGKILL) on exit.
+    ``max_requests``: the requests it runs at once (``clickhouse_engine_max_requests``; None: that setting in its
+    environment, else its default).
     """
 
     def __init__(
-        self, path: Path, log_path: Path, env: dict[str, str] | None = None, *, tied_to_parent: bool = False
+        self,
+        path: Path,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        *,
+        tied_to_parent: bool = False,
+        max_requests: int | None = None,
     ) -> None:
         self.path = Path(path)
         self.password = secrets.token_urlsafe(32)
@@ -44,6 +55,8 @@ class EngineProcess(StackProcess):
         self.port: int = self._listener.getsockname()[1]
         child_env = dict(os.environ if env is None else env)
         child_env[PASSWORD_ENV] = self.password
+        if max_requests is not None:
+            child_env[MAX_REQUESTS_ENV] = str(max_requests)
         fd = self._listener.fileno()
         super().__init__(
             [sys.executable, "-m", "synthwatch.stream_apps.storage.engine_server", str(self.path), str(fd)],

@@ -127,7 +127,10 @@ def _engine_process(settings: Settings) -> EngineProcess | None:
 
     private_dir(settings.embedded_clickhouse_path)
     return EngineProcess(
-        settings.embedded_clickhouse_path, settings.data_dir / "engine.log", tied_to_parent=True
+        settings.embedded_clickhouse_path,
+        settings.data_dir / "engine.log",
+        tied_to_parent=True,
+        max_requests=settings.clickhouse_engine_max_requests,
     ).start()
 
 

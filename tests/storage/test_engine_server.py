@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -25,6 +26,8 @@ from synthwatch.stack.engine import EngineProcess
 from synthwatch.stream_apps.detect.intake import Intake, RawMessage
 from synthwatch.stream_apps.storage.clickhouse import connect, migrate
 from synthwatch.stream_apps.storage.engine_server import (
+    MAX_CHECKED_CHARS,
+    MAX_CHECKED_STATEMENTS,
     MAX_IDLE_HANDLES,
     MAX_READONLY_POOLS,
     USER,
@@ -49,11 +52,11 @@ class _Listening(Protocol):
 
 
 def _request(
-    engine: _Listening, path: str, headers: dict[str, str], body: bytes | None = None
+    engine: _Listening, path: str, headers: dict[str, str], body: bytes | None = None, timeout: float = 30
 ) -> tuple[int, bytes, dict[str, str]]:
     request = urllib.request.Request(f"http://127.0.0.1:{engine.port}{path}", data=body, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read(), dict(response.headers)
     except urllib.error.HTTPError as error:
         return error.code, error.read(), dict(error.headers)
@@ -235,3 +238,224 @@ def test_read_only_pools_stay_bounded_whatever_setting_sets_clients_send(
         assert served.engine.pools()["handles"] <= MAX_READONLY_POOLS + MAX_IDLE_HANDLES
     finally:
         served.close()
+
+
+def test_remembered_checks_are_canonical_and_bounded(ch: Any, ch_settings: Settings, tmp_path: Path) -> None:
+    """The engine remembers the canonical form of the statements it checked (an engine call each), at most
+    MAX_CHECKED_STATEMENTS of them and none longer than MAX_CHECKED_CHARS: ever-new texts do not grow it."""
+    served = _Served(ch_settings.embedded_clickhouse_path, tmp_path)
+    try:
+        with served.engine.handle({}) as handle:
+            for n in range(MAX_CHECKED_STATEMENTS + 10):
+                assert served.engine.checked(handle, f"select  {n} -- a comment") == f"SELECT {n}"
+            assert len(served.engine._checked) == MAX_CHECKED_STATEMENTS
+            long = f"SELECT '{'x' * MAX_CHECKED_CHARS}'"
+            assert served.engine.checked(handle, long) == long
+            assert long not in served.engine._checked
+    finally:
+        served.close()
+
+
+#: Statements that would change the session of the pooled handle they run on, as a client could send them
+#: (comments, case, whitespace, several statements in one text), and the word the refusal says to use instead.
+_SESSION_CHANGES = {
+    "SET max_threads = 3": "settings",
+    "/* a comment */ sEt\tmax_threads=3": "settings",
+    "-- a comment\n\n   set max_threads = 3;": "settings",
+    "SELECT 1; SET max_threads = 3": "Multi-statements",
+    "SELECT 1;\nSET max_threads = 3 -- hidden": "Multi-statements",
+    "SET param_shadow = 'x'": "param_NAME",
+    "SET ROLE NONE": "settings",
+    "USE system": "database",
+    "/* x */\n uSe\nsystem": "database",
+    "CREATE TEMPORARY TABLE shadowed AS SELECT 99 AS x": "temporary tables",
+    "create  temporary table if not exists shadowed (x UInt8)": "temporary tables",
+    "BEGIN TRANSACTION": "transactions",
+    "INSERT INTO shadowed VALUES (7); SET max_threads = 3": "request body",
+    "INSERT INTO shadowed VALUES (7)\n;\n/* */ USE system": "request body",
+}
+
+
+def test_statements_that_change_a_pooled_session_are_refused_and_change_nothing(
+    engine: EngineProcess, tmp_path: Path
+) -> None:
+    """Handles are pooled: before, a ``SET``/``USE``/temporary table in one request's text (also behind comments, in
+    odd case, or after a first statement: chDB runs every statement of ``a; b``) stayed on the handle, and the next
+    request that got it ran with another setting, in another database, or read the temporary table instead of the
+    real one. Now ClickHouse's parser tells what the statement is and such statements get a 400 saying what to do
+    instead; the next request on the same client (the same handle: a pool gives back the handle just returned)
+    sees the session unchanged. Failed on the first statement before (it ran)."""
+    client = connect(Settings(data_dir=tmp_path, clickhouse_url=engine.url("sessions")))
+    probe = "SELECT getSetting('max_threads'), currentDatabase(), (SELECT max(x) FROM shadowed)"
+    try:
+        client.command("CREATE TABLE shadowed (x UInt8) ENGINE = MergeTree ORDER BY x")
+        client.insert("shadowed", [[1]], column_names=["x"])
+        before = client.query(probe).result_rows
+        assert before[0][1:] == ("sessions", 1)
+        for statement, instead in [*_SESSION_CHANGES.items(), ("SET max_threads = 3", "settings")]:  # twice
+            with pytest.raises(DatabaseError) as raised:
+                client.command(statement)
+            assert instead in str(raised.value), statement
+            assert client.query(probe).result_rows == before, statement
+        # the insert path: the statement's target is the client's text too
+        query = urllib.parse.urlencode(
+            {"query": "INSERT INTO shadowed VALUES (7); SET max_threads = 3; INSERT INTO shadowed FORMAT TSV"}
+        )
+        status, body, _ = _request(engine, f"/?database=sessions&{query}", _basic(USER, engine.password), b"2\n")
+        assert status == 400 and b"Expected INSERT INTO table" in body
+        assert client.query(probe).result_rows == before
+        # what clickhouse-connect sends for its own work is served as before
+        assert client.query("SELECT 2", settings={"max_threads": 2}).result_rows == [(2,)]
+        client.insert("shadowed", [[3]], column_names=["x"])
+        assert client.query("SELECT {n:UInt8} + max(x) FROM shadowed", parameters={"n": 1}).result_rows == [(4,)]
+        assert client.command("SELECT 'a; SET max_threads = 3'") == "a; SET max_threads = 3"
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def small_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineProcess]:
+    """An engine process of its own (no other test's connections) that runs 2 requests at once (2 more wait)
+    and serves 8 connections."""
+    root = tmp_path_factory.mktemp("small-engine")
+    with EngineProcess(root / "chdb", root / "engine.log", max_requests=2) as engine:
+        yield engine
+
+
+class _Fifos:
+    """Named pipes a request reads with ``file()``: the request blocks in the engine until the test releases it.
+    ``readers()`` tells which pipes a request has open (it is running in the engine); each is held until released."""
+
+    def __init__(self, root: Path, n: int) -> None:
+        import os
+
+        self.paths = [root / f"block-{i}" for i in range(n)]
+        for path in self.paths:
+            os.mkfifo(path)
+        self.held: dict[int, int] = {}
+        self.released: set[int] = set()
+
+    def query(self, i: int) -> str:
+        return f"SELECT count() FROM file('{self.paths[i]}', 'LineAsString', 'line String')"
+
+    def readers(self) -> set[int]:
+        """Pipes a request has opened so far (the write end is opened and held, so the request keeps waiting)."""
+        import os
+
+        for i, path in enumerate(self.paths):
+            if i not in self.held and i not in self.released:
+                with contextlib.suppress(OSError):  # ENXIO: no reader yet
+                    self.held[i] = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        return set(self.held)
+
+    def release(self, i: int) -> None:
+        import os
+
+        fd = self.held.pop(i)
+        os.write(fd, b"one line\n")
+        os.close(fd)
+        self.released.add(i)
+
+    def release_all(self) -> None:
+        for i in range(len(self.paths)):
+            self.readers()
+            if i in self.held:
+                self.release(i)
+
+
+def test_requests_beyond_the_cap_wait_their_turn_and_beyond_the_queue_get_503(
+    small_engine: EngineProcess, tmp_path: Path
+) -> None:
+    """Before, every request ran at once, each on a handle and a thread of its own: a burst of requests grew the
+    engine process without a bound. Now 2 run (the cap), 2 wait, and the rest get 503 with Retry-After at once,
+    as ClickHouse's TOO_MANY_SIMULTANEOUS_QUERIES, which clickhouse-connect retries and then raises. Requests
+    that block in the engine until the test releases them (reads of named pipes) show what runs: never more than
+    2, and every waiting request runs and answers once a slot is free. Failed before: no request got 503 (the
+    wait for two of them timed out) and all 6 ran at once."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    fifos = _Fifos(tmp_path, 6)
+    auth = _basic(USER, small_engine.password)
+
+    def send(i: int) -> tuple[int, bytes, dict[str, str]]:
+        # waits as long as the test holds the pipes: the timeout only ends a test gone wrong
+        return _request(small_engine, "/?" + urllib.parse.urlencode({"query": fifos.query(i)}), auth, timeout=600)
+
+    def wait_for_readers(n: int) -> set[int]:
+        for _ in range(600):
+            readers = fifos.readers()
+            assert len(readers) <= 2, f"{len(readers)} requests run at once"
+            if len(readers) >= n:
+                return readers
+            time.sleep(0.1)
+        raise AssertionError(f"{n} requests should run; {fifos.readers()} do")
+
+    client = connect(Settings(data_dir=tmp_path, clickhouse_url=small_engine.url("default")), create=False)
+    pool = ThreadPoolExecutor(6)
+    try:
+        running = [pool.submit(send, i) for i in (0, 1)]
+        assert wait_for_readers(2) == {0, 1}
+        rest = {pool.submit(send, i): i for i in range(2, 6)}
+        refused: list[tuple[int, bytes, dict[str, str]]] = []
+        pending = set(rest)
+        for _ in range(1200):
+            done, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
+            refused += [future.result() for future in done]
+            assert len(fifos.readers()) <= 2, f"{len(fifos.readers())} requests run at once"
+            if len(refused) >= 2:
+                break
+        else:
+            raise AssertionError("no request was refused while 2 ran and 2 waited")
+        assert fifos.readers() == {0, 1} and len(pending) == 2  # the other two wait, not run
+        for status, body, headers in refused:
+            assert (status, headers.get("Retry-After"), headers.get("X-ClickHouse-Exception-Code")) == (503, "1", "202")
+            assert b"TOO_MANY_SIMULTANEOUS_QUERIES" in body
+        # a clickhouse-connect client retries a 503 on a read, then raises ClickHouse's error
+        with pytest.raises(DatabaseError) as raised:
+            client.query("SELECT 1")
+        assert raised.value.code == 202
+        # a slot frees: a waiting request runs (still 2 at most), then the other, and each answers
+        for blocker in (0, 1):
+            fifos.release(blocker)
+            assert running[blocker].result(timeout=120)[:2] == (200, b"1\n")
+        waiting = wait_for_readers(2)
+        assert waiting == {rest[future] for future in pending}
+        for i in waiting:
+            fifos.release(i)
+        assert [future.result(timeout=120)[:2] for future in pending] == [(200, b"1\n")] * 2
+        assert client.query("SELECT 1").result_rows == [(1,)]
+    finally:
+        fifos.release_all()
+        pool.shutdown(wait=True)
+        client.close()
+
+
+def test_connections_beyond_the_cap_wait_in_the_backlog_and_are_then_served(small_engine: EngineProcess) -> None:
+    """A connection holds a server thread for as long as the client keeps it open; before, threads grew with
+    connections. Now the engine serves 8 (4 times its 2 requests) and accepts a 9th once one of them closes:
+    it waits, it is not refused. Failed before: the 9th was answered while 8 were open."""
+    import select
+    import socket
+
+    token = base64.b64encode(f"{USER}:{small_engine.password}".encode()).decode()
+    ping = f"GET /ping HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {token}\r\n\r\n".encode()
+
+    def open_and_ping() -> socket.socket:
+        connection = socket.create_connection(("127.0.0.1", small_engine.port), timeout=120)
+        connection.sendall(ping)
+        return connection
+
+    held = []
+    try:
+        for _ in range(8):
+            held.append(open_and_ping())
+            assert held[-1].recv(4096).startswith(b"HTTP/1.1 200")
+        ninth = open_and_ping()
+        held.append(ninth)
+        # not answered while 8 connections are open (the wait only bounds how long the test looks)
+        assert select.select([ninth], [], [], 1)[0] == []
+        held.pop(0).close()
+        assert ninth.recv(4096).startswith(b"HTTP/1.1 200")
+    finally:
+        for connection in held:
+            connection.close()

@@ -118,7 +118,7 @@ def test_opening_without_migrations_only_opens(ch: Any, ch_settings: Settings) -
 
 
 def test_the_ledger_records_each_migration_started_then_applied_with_its_values_bound(ch: Any) -> None:
-    """Ledger rows go in as ``INSERT ... VALUES`` with bound parameters (not ``client.insert``, which imports
+    """Ledger rows go in as ``INSERT ... SELECT`` of bound parameters (not ``client.insert``, which imports
     pandas): a name with quotes and backslashes is stored as it is, never spliced into the SQL."""
     awkward = Migration(1, "it's a \\ 'name'", "CREATE TABLE quoted_ok (x UInt8) ENGINE = MergeTree ORDER BY x")
     migrate(ch, [awkward])
