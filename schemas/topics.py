@@ -46,6 +46,9 @@ class Sighting:
     identified_by: str | None = None  # how the report's substance was identified (ResolvedSubstance.resolved_by)
     reporter: str | None = None  # the lab or agency whose report this is
     smiles: str | None = None  # the structure as the report gave it: what a new substance is compared by
+    # The name key (``name:...``) this report's name had until it tied the name to this structure
+    # (ResolvedSubstance.formerly): the novelty stage raises an ``identified`` alert, not a second new substance.
+    formerly: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The wire form on the sightings topic (fields are flat: no deep copy as ``asdict`` makes)."""

@@ -302,6 +302,9 @@ class ResolvedSubstance:
     resolved_by: ResolvedBy
     structure_error: str | None = None
     provisional: bool = False  # resolved through a learnt name not yet corroborated by enough reporters
+    # The name key (``name:...``) this structure report's name had until now: earlier name-only reports of that
+    # name were counted (and alerted) under it, and this report is the first to tie the name to a structure.
+    formerly: str | None = None
 
 
 class SubstanceResolver:
@@ -321,6 +324,9 @@ class SubstanceResolver:
         # Provisional learnt names -> the reporters that vouched for their structure (fewer than corroboration).
         self._vouched: dict[str, set[str]] = {}
         self._contested: dict[str, set[str]] = {}  # name -> the structure keys reported with it
+        # Names resolved by the name itself (``name:...`` keys) and not learnt since: the first structure report
+        # that teaches one of them says so (ResolvedSubstance.formerly), once.
+        self._unresolved: set[str] = set()
         self._key_family: dict[str, Family | None] = {}
         # One object per distinct answer (see _substance): its fields -> the object.
         self._answers: dict[tuple[Any, ...], ResolvedSubstance] = {}
@@ -406,6 +412,7 @@ class SubstanceResolver:
         resolved_by: ResolvedBy,
         structure_error: str | None = None,
         provisional: bool = False,
+        formerly: str | None = None,
     ) -> ResolvedSubstance:
         """The :class:`ResolvedSubstance` with these fields: the same object each time they repeat.
 
@@ -423,6 +430,7 @@ class SubstanceResolver:
             resolved_by,
             structure_error,
             provisional,
+            formerly,
         )
         answers = self._answers
         found = answers.get(fields)
@@ -437,7 +445,7 @@ class SubstanceResolver:
     ) -> ResolvedSubstance:
         """A structure decides identity; the catalogue only adds a display name and legal status."""
         key = structure.key
-        self._learn_from_report(name, key, reporter)
+        formerly = self._learn_from_report(name, key, reporter)
         catalogued = self._by_key.get(key)
         if catalogued is not None:
             entry, known = catalogued
@@ -450,6 +458,7 @@ class SubstanceResolver:
                 catalogued=True,
                 resolved_by="structure",
                 structure_error=error,
+                formerly=formerly,
             )
         if structure.family is not None or key not in self._key_family:
             self._key_family[key] = structure.family
@@ -462,6 +471,7 @@ class SubstanceResolver:
             catalogued=False,
             resolved_by="structure",
             structure_error=error,
+            formerly=formerly,
         )
 
     def _from_name(self, name: str, error: str | None) -> ResolvedSubstance:
@@ -498,6 +508,7 @@ class SubstanceResolver:
                 structure_error=error,
                 provisional=provisional,
             )
+        self._unresolved.add(normalised)
         return self._substance(
             key=NAME_KEY_PREFIX + normalised,
             display_name=name.strip(),
@@ -509,40 +520,57 @@ class SubstanceResolver:
             structure_error=error,
         )
 
-    def _learn_from_report(self, name: str, key: str, reporter: str | None = None) -> None:
-        """Remember a name seen with a structure; a name's key never flips (see the module docstring)."""
+    def _learn_from_report(self, name: str, key: str, reporter: str | None = None) -> str | None:
+        """Remember a name seen with a structure; a name's key never flips (see the module docstring).
+
+        Returns the name key (``name:...``) the name had until now when this report is the first to tie a name
+        already resolved by itself to a structure: the detectors then tell the two apart from two substances.
+        """
         normalised = name_key(name)
         learnt = self._learnt.get(normalised)
         if learnt is not None and normalised not in self._vouched:
-            return  # corroborated (or corroboration=1): settled, the hot path
+            return None  # corroborated (or corroboration=1): settled, the hot path
         if normalised in self._by_name or normalised in UNINFORMATIVE_NAMES:
-            return
-        self.vouch(normalised, key, reporter)
+            return None
+        if self.vouch(normalised, key, reporter) and normalised in self._unresolved:
+            self._unresolved.discard(normalised)
+            return NAME_KEY_PREFIX + normalised
+        return None
 
-    def vouch(self, normalised: str, key: str, reporter: str | None) -> None:
-        """One reporter's evidence that the (normalised) name means structure ``key``."""
+    def vouch(self, normalised: str, key: str, reporter: str | None) -> bool:
+        """One reporter's evidence that the (normalised) name means structure ``key``; True when it binds the
+        name for the first time."""
         learnt = self._learnt.get(normalised)
         if learnt is None:
             contested = self._contested.get(normalised)
             if contested is not None:
                 contested.add(key)
-                return
+                return False
             self._learnt[normalised] = key
             if self.corroboration > 1:
                 self._vouched[normalised] = {reporter} if reporter is not None else set()
-            return
+            return True
         vouched = self._vouched.get(normalised)
         if vouched is None:
-            return  # corroborated: first corroborated binding wins
+            return False  # corroborated: first corroborated binding wins
         if learnt == key:
             if reporter is not None:
                 vouched.add(reporter)
                 if len(vouched) >= self.corroboration:
                     del self._vouched[normalised]
-            return
+            return False
         # A provisional name reported with another structure: neither report decides it.
         del self._learnt[normalised], self._vouched[normalised]
         self._contested[normalised] = {learnt, key}
+        return False
+
+    def note_unresolved(self, key: str) -> None:
+        """Replay a stored name-only report's ``name:...`` key after a restart (after the learnt names): a name
+        still unlearnt is one whose first structure report will say it had that key (``formerly``)."""
+        if key.startswith(NAME_KEY_PREFIX):
+            normalised = key[len(NAME_KEY_PREFIX) :]
+            if normalised and normalised not in self._learnt and normalised not in self._by_name:
+                self._unresolved.add(normalised)
 
     def observe_name(self, name: str, key: str, reporter: str | None) -> None:
         """Replay stored evidence (a name reported with structure ``key`` by ``reporter``) after a restart."""

@@ -39,7 +39,7 @@ from typing import Any
 
 from synthwatch.schemas.topics import Sighting
 from synthwatch.stream_apps.detect.alerting import Subject, day_of, day_start
-from synthwatch.stream_apps.detect.identity import SubstanceResolver
+from synthwatch.stream_apps.detect.identity import NAME_KEY_PREFIX, SubstanceResolver
 from synthwatch.stream_apps.detect.novelty import NoveltyDetector
 from synthwatch.stream_apps.detect.region import Observation, RegionDetector
 from synthwatch.stream_apps.detect.spikes import SeriesState, intern_day
@@ -120,6 +120,17 @@ FROM (
 WHERE NOT startsWith(substance_key, 'name:')
 GROUP BY substance_name, substance_key, reporter
 ORDER BY first_at, substance_name, substance_key, reporter
+"""
+
+
+# Names stored as their own substance (``name:...``: name-only reports nobody could resolve when they came).
+_NAME_KEYS = """
+SELECT DISTINCT substance_key FROM (
+    SELECT substance_key FROM lab_detections WHERE startsWith(substance_key, 'name:')
+    UNION ALL
+    SELECT substance_key FROM border_seizures WHERE startsWith(substance_key, 'name:')
+)
+ORDER BY substance_key
 """
 
 
@@ -204,6 +215,7 @@ def rebuild(
             )
             replayed += 1
     learnt = learn_names(client, resolver, reporter_of)
+    _identified_names(client, novelty, resolver)
     seconds = time.perf_counter() - started
     return RebuildReport(len(substances), replayed, learnt, seconds, sightings, len(regions.series))
 
@@ -241,6 +253,18 @@ def _seed_series(client: Any, regions: RegionDetector, since: datetime) -> None:
             state.mass_values = [math.log(grams) for _, _, _, grams in masses]
 
 
+def _identified_names(client: Any, novelty: NoveltyDetector, resolver: SubstanceResolver) -> None:
+    """The name keys a structure report tied to each substance (``SubstanceState.names``): a learnt name that was
+    also stored as its own ``name:...`` key had name-only reports before the structure taught it, which the live
+    novelty stage recorded (and alerted as ``identified``) when that structure report came."""
+    stored = {str(row[0]) for row in client.query(_NAME_KEYS).result_rows}
+    for name, key in sorted(resolver.learnt_names().items()):
+        known = novelty.state.get(key)
+        if known is not None and NAME_KEY_PREFIX + name in stored and NAME_KEY_PREFIX + name not in known.names:
+            known.names.append(NAME_KEY_PREFIX + name)
+            novelty.dirty.add(key)
+
+
 def learn_names(client: Any, resolver: SubstanceResolver, reporter_of: Callable[[str], str] | None = None) -> int:
     """Teach the resolver every name stored beside a structure; returns how many it learnt.
 
@@ -248,8 +272,17 @@ def learn_names(client: Any, resolver: SubstanceResolver, reporter_of: Callable[
     tables came back from their changelogs must still learn them, or a name-only report of a substance
     it knew by structure becomes a "new substance" of its own. A resolver that asks for corroboration
     replays who reported each name (``reporter_of`` maps a stored ``lab:ID``/``agency:NAME`` to the
-    reporter the live intake would have counted, e.g. the lab's organisation).
+    reporter the live intake would have counted, e.g. the lab's organisation). Then the names stored as their
+    own key and still unlearnt: the first structure report of one says so (an ``identified`` alert).
     """
+    learnt = _learn_names(client, resolver, reporter_of)
+    for (key,) in client.query(_NAME_KEYS).result_rows:
+        resolver.note_unresolved(str(key))
+    return learnt
+
+
+def _learn_names(client: Any, resolver: SubstanceResolver, reporter_of: Callable[[str], str] | None = None) -> int:
+    """:func:`learn_names` without the unresolved names."""
     if resolver.corroboration > 1:
         before = len(resolver.learnt_names())
         for name, key, reporter, _first in client.query(_NAME_EVIDENCE).result_rows:
