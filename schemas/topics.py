@@ -49,6 +49,7 @@ class Sighting:
     # The name key (``name:...``) this report's name had until it tied the name to this structure
     # (ResolvedSubstance.formerly): the novelty stage raises an ``identified`` alert, not a second new substance.
     formerly: str | None = None
+    formerly_regions: list[str] | None = None  # the regions that name was reported from, by name only
 
     def to_dict(self) -> dict[str, Any]:
         """The wire form on the sightings topic (fields are flat: no deep copy as ``asdict`` makes)."""

@@ -53,6 +53,9 @@ class SubstanceState:
     # Name keys (``name:...``) a structure report tied to this substance (Sighting.formerly), each alerted once
     # as ``identified``: its name-only reports were counted, and alerted as never seen, under that key.
     names: list[str] = field(default_factory=list)
+    # Regions where those names were reported (so alerted under the name key) and this record has not seen yet: its
+    # first report there is no first appearance in the region (sorted; each leaves when the region is sighted).
+    named_regions: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A snapshot: the worker keeps it in its table, and a batch changes the live spans in place
@@ -66,6 +69,7 @@ class SubstanceState:
             "m": dict(self.days),
             "a": dict(self.applied),
             **({"n": list(self.names)} if self.names else {}),  # absent when empty: older records stay as they were
+            **({"nr": list(self.named_regions)} if self.named_regions else {}),
         }
 
     @classmethod
@@ -78,7 +82,12 @@ class SubstanceState:
             days={str(k): int(v) for k, v in (data.get("m") or {}).items()},
             applied=marks_of(data),
             names=[str(n) for n in data.get("n") or ()],
+            named_regions=[str(r) for r in data.get("nr") or ()],
         )
+
+    def add_named_regions(self, regions: Iterable[str]) -> None:
+        """Note regions a name tied to this substance was reported from (those it has not seen itself)."""
+        self.named_regions = sorted({*self.named_regions, *(r for r in regions if r not in self.regions)})
 
     def sighted(self, region: str, day: int, horizon: int) -> bool:
         """Whether a sighting of ``region`` on ``day`` was taken already (known for ``horizon`` days back)."""
@@ -193,6 +202,7 @@ class NoveltyDetector:
             # A name alerted on its own (name-only reports) is tied to this known structure: say so, once.
             self.dirty.add(key)
             known.names.append(formerly)
+            known.add_named_regions(sighting.formerly_regions or ())
             if emit:
                 alerts.append(self._identified(sighting, known))
         if known is not None and known.sighted(region, day, horizon):
@@ -204,6 +214,7 @@ class NoveltyDetector:
             known.mark_sighted(region, day, None, horizon)
             if formerly is not None:
                 known.names.append(formerly)
+                known.add_named_regions(sighting.formerly_regions or ())
             if emit:
                 # Not a second never-seen substance when its name was alerted already: the structure identifies it.
                 alerts.append(
@@ -213,7 +224,9 @@ class NoveltyDetector:
             if region not in known.regions:
                 known.regions[region] = [day, day]
                 known.mark_sighted(region, day, None, horizon)
-                if emit:
+                if region in known.named_regions:  # alerted there under a name now tied to it: not a first
+                    known.named_regions.remove(region)
+                elif emit:
                     alerts.append(self._first_in_region(sighting, known))
             else:
                 span = known.regions[region]
@@ -328,6 +341,7 @@ class NoveltyDetector:
                 "name_key": s.formerly,
                 "name": named,
                 "structure_new": known is None,
+                "name_regions": sorted(s.formerly_regions or ()),
                 **({"network_first_day": str(day_start(known.first_day).date())} if known is not None else {}),
                 **({"first_region": known.first_region} if known is not None else {"first_region": s.region}),
             },

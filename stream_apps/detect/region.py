@@ -65,6 +65,7 @@ def _subject_by_value(substance: ResolvedSubstance) -> Subject:
         catalogued=substance.catalogued,
         identified_by=substance.resolved_by,
         formerly=substance.formerly,
+        formerly_regions=substance.formerly_regions,
     )
 
 
@@ -169,6 +170,7 @@ class Observation:
             reporter=self.reporter,
             smiles=self.smiles if s.identified_by == "structure" else None,
             formerly=s.formerly,
+            formerly_regions=list(s.formerly_regions) if s.formerly is not None else None,
         )
 
 

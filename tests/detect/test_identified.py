@@ -74,11 +74,17 @@ def test_later_name_only_reports_join_the_structure_and_nothing_is_identified_tw
             lab(event_id="lab-2", occurred_at="2026-12-03T09:00:00Z", substance={"name": NAME, "smiles": SMILES}),
         ]
     )
-    assert [a.alert_type for a in alerts].count("new_substance") == 1
-    assert [a.alert_type for a in alerts].count("identified") == 1
-    # Known limit (docs/detection.md, "One substance, one new-substance alert"): the seizure's region was alerted
-    # under the name key, and the structure's record does not hold that key's regions.
-    assert kinds(alerts)[-1][0] == "first_in_region"
+    assert [a.alert_type for a in alerts] == ["new_substance", "identified"]
+    # ML-BKO was alerted under the name key: the later seizure there is no first appearance of the structure
+    assert alerts[1].details["name_regions"] == ["ML-BKO"]
+
+
+def test_a_region_never_seen_under_the_name_is_still_a_first_appearance() -> None:
+    elsewhere = seizure(
+        event_id="sz-3", occurred_at="2026-12-02T10:00:00+01:00", region="ML-1", substance={"name": NAME}
+    )
+    alerts = detect([SEIZURE, LAB, elsewhere])
+    assert [(a.alert_type, a.region) for a in alerts][1:] == [("identified", "FR-75C"), ("first_in_region", "ML-1")]
 
 
 def test_a_known_structure_tied_to_a_name_alerted_alone_is_a_follow_up() -> None:
@@ -96,9 +102,9 @@ def test_a_known_structure_tied_to_a_name_alerted_alone_is_a_follow_up() -> None
 def test_a_restarted_resolver_still_knows_the_names_stored_alone() -> None:
     """learn_names replays the stored ``name:`` keys (note_unresolved): the lab after the restart still says so."""
     resolver = SubstanceResolver()
-    resolver.note_unresolved(NAME_KEY)
+    resolver.note_unresolved(NAME_KEY, "ML-BKO")
     found = resolver.resolve(NAME, smiles=SMILES)
-    assert found.formerly == NAME_KEY
+    assert (found.formerly, found.formerly_regions) == (NAME_KEY, ("ML-BKO",))
     assert resolver.resolve(NAME, smiles=SMILES).formerly is None, "once"
     learnt = SubstanceResolver()
     learnt.resolve(NAME, smiles=SMILES)
@@ -107,7 +113,7 @@ def test_a_restarted_resolver_still_knows_the_names_stored_alone() -> None:
 
 
 def test_the_names_a_substance_was_identified_under_are_kept_in_its_record() -> None:
-    state = SubstanceState(first_region="FR-75C", first_day=20000, names=[NAME_KEY])
+    state = SubstanceState(first_region="FR-75C", first_day=20000, names=[NAME_KEY], named_regions=["ML-BKO"])
     assert SubstanceState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
     plain = SubstanceState(first_region="FR-75C", first_day=20000)
     assert "n" not in plain.to_dict(), "records without names are written as before"
