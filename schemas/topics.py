@@ -55,6 +55,8 @@ class Sighting:
         """The wire form on the sightings topic (fields are flat: no deep copy as ``asdict`` makes)."""
         data = {name: getattr(self, name) for name in _SIGHTING_FIELDS}
         data["occurred_at"] = self.occurred_at.isoformat()
+        if self.formerly is None:  # nearly every sighting: its record stays as a worker before these fields wrote it
+            del data["formerly"], data["formerly_regions"]
         return data
 
     @classmethod
