@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 RejectStage = Literal["publish", "worker", "auth", "detection", "backtest", "ingest"]
 #: ``correction``: not a detection but a notice that a report an earlier alert rests on was corrected; it goes
 #: to whoever received that alert (stream_apps/detect/corrections.py).
-AlertType = Literal["new_substance", "first_in_region", "spike", "spread", "correction"]
+AlertType = Literal["new_substance", "first_in_region", "spike", "spread", "correction", "identified"]
 Severity = Literal["info", "warning", "critical"]
 #: How a report's substance was identified: the structure the lab reported (SMILES or InChIKey), a catalogue
 #: name or synonym, a name learnt from earlier reports that carried a structure, or nothing (a bare name).

@@ -46,11 +46,17 @@ class Sighting:
     identified_by: str | None = None  # how the report's substance was identified (ResolvedSubstance.resolved_by)
     reporter: str | None = None  # the lab or agency whose report this is
     smiles: str | None = None  # the structure as the report gave it: what a new substance is compared by
+    # The name key (``name:...``) this report's name had until it tied the name to this structure
+    # (ResolvedSubstance.formerly): the novelty stage raises an ``identified`` alert, not a second new substance.
+    formerly: str | None = None
+    formerly_regions: list[str] | None = None  # the regions that name was reported from, by name only
 
     def to_dict(self) -> dict[str, Any]:
         """The wire form on the sightings topic (fields are flat: no deep copy as ``asdict`` makes)."""
         data = {name: getattr(self, name) for name in _SIGHTING_FIELDS}
         data["occurred_at"] = self.occurred_at.isoformat()
+        if self.formerly is None:  # nearly every sighting: its record stays as a worker before these fields wrote it
+            del data["formerly"], data["formerly_regions"]
         return data
 
     @classmethod

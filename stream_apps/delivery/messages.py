@@ -57,6 +57,7 @@ TYPE_LABELS: dict[str, dict[str, str]] = {
         "spike": "Spike",
         "spread": "Spread",
         "correction": "Correction of an earlier alert",
+        "identified": "Name identified by its structure",
     },
     "fr": {
         "new_substance": "Nouvelle substance",
@@ -64,6 +65,7 @@ TYPE_LABELS: dict[str, dict[str, str]] = {
         "spike": "Pic",
         "spread": "Diffusion",
         "correction": "Rectification d'une alerte antérieure",
+        "identified": "Nom identifié par sa structure",
     },
     "ar": {
         "new_substance": "مادة جديدة",
@@ -71,6 +73,7 @@ TYPE_LABELS: dict[str, dict[str, str]] = {
         "spike": "ارتفاع مفاجئ",
         "spread": "انتشار",
         "correction": "تصحيح تنبيه سابق",
+        "identified": "تحديد اسم ببنيته الكيميائية",
     },
 }
 
@@ -404,6 +407,10 @@ class AlertView:
     # that cut as the reader's moment; "" when the alert has no such section
     learnt: list[NeighbourView] = field(default_factory=list)
     learnt_as_of: str = ""
+    # an ``identified`` alert: the name key its name-only reports were alerted under, and whether the structure is
+    # new to the network too (else ``since`` says since when it is known)
+    former_name: str = ""
+    structure_new: bool = False
     language: str = "en"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -618,6 +625,9 @@ def alert_view(alert: Alert, language: str, grafana_url: str, timezone: str = "U
         reporters_n=len(alert.reported_by),
         language=language,
     )
+    if alert.alert_type == "identified":
+        view.former_name = visible(alert.details.get("name_key", ""))
+        view.structure_new = bool(alert.details.get("structure_new", False))
     view.similar, view.guess, view.did_you_mean = chemistry_views(alert, language)
     if alert.learnt_substances is not None and alert.learnt_substances.substances:
         view.learnt = learnt_views(alert, language)

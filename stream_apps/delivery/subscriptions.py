@@ -193,11 +193,15 @@ class Route(BaseModel):
     )
     channel: Channel
 
+    def _follows_up(self, alert: Alert) -> bool:
+        """An ``identified`` alert goes where new substances go: it replaces (or follows) a new-substance alert."""
+        return alert.alert_type == "identified" and "new_substance" in self.alert_types
+
     def matches(self, alert: Alert) -> bool:
         """Does this route want this alert (severity, type, family, substance and place filters)?"""
         if not severity_at_least(alert.severity, self.min_severity):
             return False
-        if self.alert_types and alert.alert_type not in self.alert_types:
+        if self.alert_types and alert.alert_type not in self.alert_types and not self._follows_up(alert):
             return False
         if self.families and alert.substance.family not in self.families:
             return False

@@ -76,6 +76,8 @@ class Subject:
     controlled: bool | None
     catalogued: bool
     identified_by: str | None = None  # how the resolver established identity (ResolvedSubstance.resolved_by)
+    formerly: str | None = None  # the name key this report's name had until it tied it to a structure
+    formerly_regions: tuple[str, ...] = ()  # the regions that name was reported from, by name only
 
     def as_alert_substance(self) -> AlertSubstance:
         return AlertSubstance(

@@ -24,7 +24,7 @@ import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from functools import cache, lru_cache
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 from rdkit import Chem
 from rdkit.Chem.MolStandardize import rdMolStandardize
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 ResolvedBy = IdentifiedBy  # carried to the alert (Alert.identified_by)
 
 NAME_KEY_PREFIX = "name:"
+FAMILY_NAMES: frozenset[str] = frozenset(get_args(Family))
 SMILES_ERROR = "SMILES not parseable by RDKit"
 INCHIKEY_ERROR = "InChIKey not well formed"
 STANDARDISE_ERROR = "structure could not be standardised to an InChIKey"
@@ -302,6 +303,10 @@ class ResolvedSubstance:
     resolved_by: ResolvedBy
     structure_error: str | None = None
     provisional: bool = False  # resolved through a learnt name not yet corroborated by enough reporters
+    # The name key (``name:...``) this structure report's name had until now: earlier name-only reports of that
+    # name were counted (and alerted) under it, and this report is the first to tie the name to a structure.
+    formerly: str | None = None
+    formerly_regions: tuple[str, ...] = ()  # the regions of those name-only reports (sorted)
 
 
 class SubstanceResolver:
@@ -321,6 +326,9 @@ class SubstanceResolver:
         # Provisional learnt names -> the reporters that vouched for their structure (fewer than corroboration).
         self._vouched: dict[str, set[str]] = {}
         self._contested: dict[str, set[str]] = {}  # name -> the structure keys reported with it
+        # Names resolved by the name itself (``name:...`` keys) and not learnt since: the first structure report
+        # that teaches one of them says so (ResolvedSubstance.formerly), once.
+        self._unresolved: dict[str, set[str]] = {}  # normalised name -> the regions it was reported from
         self._key_family: dict[str, Family | None] = {}
         # One object per distinct answer (see _substance): its fields -> the object.
         self._answers: dict[tuple[Any, ...], ResolvedSubstance] = {}
@@ -369,10 +377,12 @@ class SubstanceResolver:
         smiles: str | None = None,
         inchikey: str | None = None,
         reporter: str | None = None,
+        region: str | None = None,
     ) -> ResolvedSubstance:
         """Identity of one report: valid SMILES, else InChIKey, else catalogue name, learnt name, raw name.
 
-        ``reporter`` (who vouches for the report) counts towards corroborating a name learnt from it. A
+        ``reporter`` (who vouches for the report) counts towards corroborating a name learnt from it; ``region``
+        (where the report is from) is remembered for a name nobody can resolve yet (see ``formerly``). A
         report with a structure needs no name (the catalogue or the structure names it); when that
         structure is unreadable, the spelling itself stands in for the missing name.
         """
@@ -393,7 +403,7 @@ class SubstanceResolver:
                 structure = found
         if structure is not None:
             return self._from_structure(structure, name, error, reporter)
-        return self._from_name(name if name.strip() else (smiles or inchikey or ""), error)
+        return self._from_name(name if name.strip() else (smiles or inchikey or ""), error, region)
 
     def _substance(
         self,
@@ -406,6 +416,8 @@ class SubstanceResolver:
         resolved_by: ResolvedBy,
         structure_error: str | None = None,
         provisional: bool = False,
+        formerly: str | None = None,
+        formerly_regions: tuple[str, ...] = (),
     ) -> ResolvedSubstance:
         """The :class:`ResolvedSubstance` with these fields: the same object each time they repeat.
 
@@ -423,6 +435,8 @@ class SubstanceResolver:
             resolved_by,
             structure_error,
             provisional,
+            formerly,
+            formerly_regions,
         )
         answers = self._answers
         found = answers.get(fields)
@@ -437,7 +451,7 @@ class SubstanceResolver:
     ) -> ResolvedSubstance:
         """A structure decides identity; the catalogue only adds a display name and legal status."""
         key = structure.key
-        self._learn_from_report(name, key, reporter)
+        formerly, formerly_regions = self._learn_from_report(name, key, reporter)
         catalogued = self._by_key.get(key)
         if catalogued is not None:
             entry, known = catalogued
@@ -450,6 +464,8 @@ class SubstanceResolver:
                 catalogued=True,
                 resolved_by="structure",
                 structure_error=error,
+                formerly=formerly,
+                formerly_regions=formerly_regions,
             )
         if structure.family is not None or key not in self._key_family:
             self._key_family[key] = structure.family
@@ -462,9 +478,11 @@ class SubstanceResolver:
             catalogued=False,
             resolved_by="structure",
             structure_error=error,
+            formerly=formerly,
+            formerly_regions=formerly_regions,
         )
 
-    def _from_name(self, name: str, error: str | None) -> ResolvedSubstance:
+    def _from_name(self, name: str, error: str | None, region: str | None = None) -> ResolvedSubstance:
         """Name-only report: catalogue alias, else a learnt name, else a key made from the name itself."""
         normalised = name_key(name)
         by_name = self._by_name.get(normalised)
@@ -498,6 +516,11 @@ class SubstanceResolver:
                 structure_error=error,
                 provisional=provisional,
             )
+        regions = self._unresolved.get(normalised)
+        if regions is None:
+            regions = self._unresolved[normalised] = set()
+        if region is not None:
+            regions.add(region)
         return self._substance(
             key=NAME_KEY_PREFIX + normalised,
             display_name=name.strip(),
@@ -509,40 +532,61 @@ class SubstanceResolver:
             structure_error=error,
         )
 
-    def _learn_from_report(self, name: str, key: str, reporter: str | None = None) -> None:
-        """Remember a name seen with a structure; a name's key never flips (see the module docstring)."""
+    def _learn_from_report(
+        self, name: str, key: str, reporter: str | None = None
+    ) -> tuple[str | None, tuple[str, ...]]:
+        """Remember a name seen with a structure; a name's key never flips (see the module docstring).
+
+        Returns the name key (``name:...``) the name had until now, and the regions its reports came from, when
+        this report is the first to tie a name already resolved by itself to a structure: the detectors then tell
+        the two apart from two substances. Else (None, ()).
+        """
         normalised = name_key(name)
         learnt = self._learnt.get(normalised)
         if learnt is not None and normalised not in self._vouched:
-            return  # corroborated (or corroboration=1): settled, the hot path
+            return None, ()  # corroborated (or corroboration=1): settled, the hot path
         if normalised in self._by_name or normalised in UNINFORMATIVE_NAMES:
-            return
-        self.vouch(normalised, key, reporter)
+            return None, ()
+        if self.vouch(normalised, key, reporter) and normalised in self._unresolved:
+            return NAME_KEY_PREFIX + normalised, tuple(sorted(self._unresolved.pop(normalised)))
+        return None, ()
 
-    def vouch(self, normalised: str, key: str, reporter: str | None) -> None:
-        """One reporter's evidence that the (normalised) name means structure ``key``."""
+    def vouch(self, normalised: str, key: str, reporter: str | None) -> bool:
+        """One reporter's evidence that the (normalised) name means structure ``key``; True when it binds the
+        name for the first time."""
         learnt = self._learnt.get(normalised)
         if learnt is None:
             contested = self._contested.get(normalised)
             if contested is not None:
                 contested.add(key)
-                return
+                return False
             self._learnt[normalised] = key
             if self.corroboration > 1:
                 self._vouched[normalised] = {reporter} if reporter is not None else set()
-            return
+            return True
         vouched = self._vouched.get(normalised)
         if vouched is None:
-            return  # corroborated: first corroborated binding wins
+            return False  # corroborated: first corroborated binding wins
         if learnt == key:
             if reporter is not None:
                 vouched.add(reporter)
                 if len(vouched) >= self.corroboration:
                     del self._vouched[normalised]
-            return
+            return False
         # A provisional name reported with another structure: neither report decides it.
         del self._learnt[normalised], self._vouched[normalised]
         self._contested[normalised] = {learnt, key}
+        return False
+
+    def note_unresolved(self, key: str, region: str | None = None) -> None:
+        """Replay a stored name-only report's ``name:...`` key and region after a restart (after the learnt names):
+        a name still unlearnt is one whose first structure report will say it had that key (``formerly``)."""
+        if key.startswith(NAME_KEY_PREFIX):
+            normalised = key[len(NAME_KEY_PREFIX) :]
+            if normalised and normalised not in self._learnt and normalised not in self._by_name:
+                regions = self._unresolved.setdefault(normalised, set())
+                if region is not None:
+                    regions.add(region)
 
     def observe_name(self, name: str, key: str, reporter: str | None) -> None:
         """Replay stored evidence (a name reported with structure ``key`` by ``reporter``) after a restart."""
@@ -552,6 +596,12 @@ class SubstanceResolver:
         if normalised in self._by_name or normalised in UNINFORMATIVE_NAMES:
             return
         self.vouch(normalised, key, reporter)
+
+    def note_family(self, key: str, family: str) -> None:
+        """Replay a stored structure's family after a restart: name-only reports of its learnt names carry it, as
+        they did when the structure's reports had been resolved by this resolver."""
+        if family in FAMILY_NAMES and key not in self._by_key and self._key_family.get(key) is None:
+            self._key_family[key] = cast("Family", family)
 
     def contested_names(self) -> dict[str, set[str]]:
         """Names reported with different structures before corroboration -> those structure keys."""

@@ -122,7 +122,11 @@ class Intake:
         """The substance of a report (structure first, then names): what :meth:`enrich` resolves, alone."""
         reported = event.substance
         return self.resolver.resolve(
-            reported.name, smiles=reported.smiles, inchikey=reported.inchikey, reporter=self.reporter(event, org)
+            reported.name,
+            smiles=reported.smiles,
+            inchikey=reported.inchikey,
+            reporter=self.reporter(event, org),
+            region=event.region,
         )
 
     def enrich(self, event: LabDetection | BorderSeizure, source: str, org: str | None = None) -> EnrichedEvent:

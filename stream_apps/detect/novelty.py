@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 NEIGHBOURS = 5
 """How many similar known substances a new-substance alert lists."""
 
+STRUCTURE_ALERTS = frozenset({"new_substance", "identified"})
+"""Alerts that show a substance's chemistry (nearest known and learnt structures): a never-seen substance, and a
+name alerted on its own now identified by a structure."""
+
 
 def sighting_subject(s: Sighting) -> Subject:
     """What a sighting's alerts are about (the sighting itself is a wire model, in schemas/topics.py)."""
@@ -46,6 +50,12 @@ class SubstanceState:
     days: dict[str, int] = field(default_factory=dict)
     # Per sightings partition, the offset of the last sighting this record took (see replay.py).
     applied: dict[str, int] = field(default_factory=dict)
+    # Name keys (``name:...``) a structure report tied to this substance (Sighting.formerly), each alerted once
+    # as ``identified``: its name-only reports were counted, and alerted as never seen, under that key.
+    names: list[str] = field(default_factory=list)
+    # Regions where those names were reported (so alerted under the name key) and this record has not seen yet: its
+    # first report there is no first appearance in the region (sorted; each leaves when the region is sighted).
+    named_regions: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A snapshot: the worker keeps it in its table, and a batch changes the live spans in place
@@ -58,6 +68,8 @@ class SubstanceState:
             "s": [spread[0], spread[1]] if spread is not None else None,
             "m": dict(self.days),
             "a": dict(self.applied),
+            **({"n": list(self.names)} if self.names else {}),  # absent when empty: older records stay as they were
+            **({"nr": list(self.named_regions)} if self.named_regions else {}),
         }
 
     @classmethod
@@ -69,7 +81,13 @@ class SubstanceState:
             spread=[int(x) for x in data["s"]] if data.get("s") else None,
             days={str(k): int(v) for k, v in (data.get("m") or {}).items()},
             applied=marks_of(data),
+            names=[str(n) for n in data.get("n") or ()],
+            named_regions=[str(r) for r in data.get("nr") or ()],
         )
+
+    def add_named_regions(self, regions: Iterable[str]) -> None:
+        """Note regions a name tied to this substance was reported from (those it has not seen itself)."""
+        self.named_regions = sorted({*self.named_regions, *(r for r in regions if r not in self.regions)})
 
     def sighted(self, region: str, day: int, horizon: int) -> bool:
         """Whether a sighting of ``region`` on ``day`` was taken already (known for ``horizon`` days back)."""
@@ -179,6 +197,14 @@ class NoveltyDetector:
         horizon = self.config.resent_days
         known = self.get(key)
         alerts: list[Alert] = []
+        formerly = sighting.formerly
+        if formerly is not None and known is not None and formerly not in known.names:
+            # A name alerted on its own (name-only reports) is tied to this known structure: say so, once.
+            self.dirty.add(key)
+            known.names.append(formerly)
+            known.add_named_regions(sighting.formerly_regions or ())
+            if emit:
+                alerts.append(self._identified(sighting, known))
         if known is not None and known.sighted(region, day, horizon):
             return alerts
         self.dirty.add(key)
@@ -186,13 +212,21 @@ class NoveltyDetector:
             known = self.state[key] = SubstanceState(first_region=region, first_day=day)
             known.regions[region] = [day, day]
             known.mark_sighted(region, day, None, horizon)
+            if formerly is not None:
+                known.names.append(formerly)
+                known.add_named_regions(sighting.formerly_regions or ())
             if emit:
-                alerts.append(self._new_substance(sighting))
+                # Not a second never-seen substance when its name was alerted already: the structure identifies it.
+                alerts.append(
+                    self._identified(sighting, None) if formerly is not None else self._new_substance(sighting)
+                )
         else:
             if region not in known.regions:
                 known.regions[region] = [day, day]
                 known.mark_sighted(region, day, None, horizon)
-                if emit:
+                if region in known.named_regions:  # alerted there under a name now tied to it: not a first
+                    known.named_regions.remove(region)
+                elif emit:
                     alerts.append(self._first_in_region(sighting, known))
             else:
                 span = known.regions[region]
@@ -222,7 +256,7 @@ class NoveltyDetector:
         whenever (a replay). The catalogue part of the alert is left as :meth:`observe` made it. An alert of
         another type, or a sighting with no structure, is returned as it was.
         """
-        if alert.alert_type != "new_substance" or not self.compared_by_structure(s):
+        if alert.alert_type not in STRUCTURE_ALERTS or not self.compared_by_structure(s):
             return alert
         neighbours = self.similarity.rank_learnt(s.key, s.smiles or "", learnt, NEIGHBOURS)
         section = LearntNeighbours(
@@ -281,6 +315,40 @@ class NoveltyDetector:
             **self._chemistry(s),
         )
 
+    def _identified(self, s: Sighting, known: SubstanceState | None) -> Alert:
+        """A structure report ties a name the network alerted on its own (``s.formerly``) to this substance.
+
+        ``known`` None: the structure is new too, and this alert is its only "new" alert (not a second
+        new_substance beside the name's). Otherwise the substance was known, and this tells the name's readers
+        what it was. Either way the name key's own record stays apart (another partition may hold it).
+        """
+        subject = sighting_subject(s)
+        named = (s.formerly or "").removeprefix("name:")
+        place = region_label(s.region)
+        if known is None:
+            status = "the structure is new to the network too"
+        else:
+            status = f"known to the network since {day_start(known.first_day).date()} (first in {known.first_region})"
+        return self._first_alert(
+            s,
+            "identified",
+            summary=(
+                f"Identified: the name {s.name} ({s.formerly}), reported earlier by name only and alerted then as a "
+                f"never-seen substance, is the structure {s.key} ({subject.family_text}) reported in {place} by a "
+                f"{s.kind.replace('_', ' ')}{f' ({s.reporter})' if s.reporter else ''}; {status}."
+            ),
+            details={
+                "name_key": s.formerly,
+                "name": named,
+                "structure_new": known is None,
+                "name_regions": sorted(s.formerly_regions or ()),
+                **({"network_first_day": str(day_start(known.first_day).date())} if known is not None else {}),
+                **({"first_region": known.first_region} if known is not None else {"first_region": s.region}),
+            },
+            episode=s.formerly or "",
+            **self._chemistry(s),
+        )
+
     def _first_in_region(self, s: Sighting, known: SubstanceState) -> Alert:
         elsewhere = sorted(r for r in known.regions if r != s.region)
         since = day_start(known.first_day).date()
@@ -299,7 +367,13 @@ class NoveltyDetector:
 
     @staticmethod
     def _first_alert(
-        s: Sighting, alert_type: AlertType, *, summary: str, details: dict[str, Any], **extra: Any
+        s: Sighting,
+        alert_type: AlertType,
+        *,
+        summary: str,
+        details: dict[str, Any],
+        episode: str = "first",
+        **extra: Any,
     ) -> Alert:
         """A first sighting's alert (a new substance, or a known one in a new region): the day of one report."""
         return build_alert(
@@ -310,7 +384,7 @@ class NoveltyDetector:
             triggered_at=s.occurred_at,
             window_start=day_start(s.day),
             window_end=day_start(s.day + 1),
-            episode="first",
+            episode=episode,
             evidence=[s.event_id],
             summary=summary,
             methods=[s.method] if s.method else [],

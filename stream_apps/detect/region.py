@@ -64,6 +64,8 @@ def _subject_by_value(substance: ResolvedSubstance) -> Subject:
         controlled=substance.controlled,
         catalogued=substance.catalogued,
         identified_by=substance.resolved_by,
+        formerly=substance.formerly,
+        formerly_regions=substance.formerly_regions,
     )
 
 
@@ -167,6 +169,8 @@ class Observation:
             identified_by=s.identified_by,
             reporter=self.reporter,
             smiles=self.smiles if s.identified_by == "structure" else None,
+            formerly=s.formerly,
+            formerly_regions=list(s.formerly_regions) if s.formerly is not None else None,
         )
 
 
@@ -537,6 +541,8 @@ class RegionDetector:
             region.note_added(day, obs.event_id, obs.subject.key)
         else:
             region.note_added(day, obs.event_id, None)
+            if obs.subject.formerly is not None:  # it ties a name to its structure: novelty must hear it
+                result.sightings.append(obs.sighting())
         return result
 
     def _raise(self, result: RegionResult, name: str, state: SeriesState, alerts: list[Alert]) -> None:
@@ -586,6 +592,8 @@ class RegionDetector:
             region.note_added(day, obs.event_id, obs.subject.key)
         else:
             region.note_added(day, obs.event_id, None)
+            if obs.subject.formerly is not None:  # it ties a name to its structure: novelty must hear it
+                result.sightings.append(obs.sighting(late_by))
         return result
 
     def drain_dirty(self) -> list[tuple[str, str, dict[str, Any]]]:

@@ -39,7 +39,7 @@ from typing import Any
 
 from synthwatch.schemas.topics import Sighting
 from synthwatch.stream_apps.detect.alerting import Subject, day_of, day_start
-from synthwatch.stream_apps.detect.identity import SubstanceResolver
+from synthwatch.stream_apps.detect.identity import NAME_KEY_PREFIX, SubstanceResolver
 from synthwatch.stream_apps.detect.novelty import NoveltyDetector
 from synthwatch.stream_apps.detect.region import Observation, RegionDetector
 from synthwatch.stream_apps.detect.spikes import SeriesState, intern_day
@@ -120,6 +120,31 @@ FROM (
 WHERE NOT startsWith(substance_key, 'name:')
 GROUP BY substance_name, substance_key, reporter
 ORDER BY first_at, substance_name, substance_key, reporter
+"""
+
+
+# Names stored as their own substance (``name:...``: name-only reports nobody could resolve when they came), and
+# the regions they were reported from.
+_NAME_KEYS = """
+SELECT DISTINCT substance_key, toString(region) FROM (
+    SELECT substance_key, region FROM lab_detections WHERE startsWith(substance_key, 'name:')
+    UNION ALL
+    SELECT substance_key, region FROM border_seizures WHERE startsWith(substance_key, 'name:')
+)
+ORDER BY substance_key, region
+"""
+
+
+# The family of each structure stored with one (the resolver gives it to name-only reports of a learnt name).
+_STRUCTURE_FAMILIES = """
+SELECT substance_key, anyIf(toString(family), family != '') FROM (
+    SELECT substance_key, family FROM lab_detections WHERE match(substance_key, '^[A-Z]{14}$')
+    UNION ALL
+    SELECT substance_key, family FROM border_seizures WHERE match(substance_key, '^[A-Z]{14}$')
+)
+GROUP BY substance_key
+HAVING countIf(family != '') > 0
+ORDER BY substance_key
 """
 
 
@@ -204,6 +229,7 @@ def rebuild(
             )
             replayed += 1
     learnt = learn_names(client, resolver, reporter_of)
+    _identified_names(client, novelty, resolver)
     seconds = time.perf_counter() - started
     return RebuildReport(len(substances), replayed, learnt, seconds, sightings, len(regions.series))
 
@@ -241,6 +267,22 @@ def _seed_series(client: Any, regions: RegionDetector, since: datetime) -> None:
             state.mass_values = [math.log(grams) for _, _, _, grams in masses]
 
 
+def _identified_names(client: Any, novelty: NoveltyDetector, resolver: SubstanceResolver) -> None:
+    """The name keys a structure report tied to each substance (``SubstanceState.names``): a learnt name that was
+    also stored as its own ``name:...`` key had name-only reports before the structure taught it, which the live
+    novelty stage recorded (and alerted as ``identified``) when that structure report came."""
+    stored: dict[str, list[str]] = {}
+    for name_key, region in client.query(_NAME_KEYS).result_rows:
+        stored.setdefault(str(name_key), []).append(str(region))
+    for name, key in sorted(resolver.learnt_names().items()):
+        known = novelty.state.get(key)
+        regions = stored.get(NAME_KEY_PREFIX + name)
+        if known is not None and regions is not None and NAME_KEY_PREFIX + name not in known.names:
+            known.names.append(NAME_KEY_PREFIX + name)
+            known.add_named_regions(regions)
+            novelty.dirty.add(key)
+
+
 def learn_names(client: Any, resolver: SubstanceResolver, reporter_of: Callable[[str], str] | None = None) -> int:
     """Teach the resolver every name stored beside a structure; returns how many it learnt.
 
@@ -248,8 +290,20 @@ def learn_names(client: Any, resolver: SubstanceResolver, reporter_of: Callable[
     tables came back from their changelogs must still learn them, or a name-only report of a substance
     it knew by structure becomes a "new substance" of its own. A resolver that asks for corroboration
     replays who reported each name (``reporter_of`` maps a stored ``lab:ID``/``agency:NAME`` to the
-    reporter the live intake would have counted, e.g. the lab's organisation).
+    reporter the live intake would have counted, e.g. the lab's organisation). Then the names stored as their
+    own key and still unlearnt: the first structure report of one says so (an ``identified`` alert). And each
+    structure's family: a name-only report of a learnt name gets it, as it did before the restart.
     """
+    learnt = _learn_names(client, resolver, reporter_of)
+    for key, region in client.query(_NAME_KEYS).result_rows:
+        resolver.note_unresolved(str(key), str(region))
+    for key, family in client.query(_STRUCTURE_FAMILIES).result_rows:
+        resolver.note_family(str(key), family)
+    return learnt
+
+
+def _learn_names(client: Any, resolver: SubstanceResolver, reporter_of: Callable[[str], str] | None = None) -> int:
+    """:func:`learn_names` without the unresolved names."""
     if resolver.corroboration > 1:
         before = len(resolver.learnt_names())
         for name, key, reporter, _first in client.query(_NAME_EVIDENCE).result_rows:

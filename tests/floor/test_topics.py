@@ -4,9 +4,11 @@ that creates the topics, the Kafka ACLs). A topic added, renamed or re-keyed in 
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -158,4 +160,7 @@ def test_a_sighting_survives_the_sightings_topic() -> None:
     data = sighting.to_dict()
     assert data["occurred_at"] == "2026-03-01T12:30:00+00:00"
     assert Sighting.from_dict(data) == sighting
+    assert "formerly" not in data, "written only by the report that ties a name to a structure"
+    tied = replace(sighting, formerly="name:x", formerly_regions=["FR-75"])
+    assert Sighting.from_dict(json.loads(json.dumps(tied.to_dict()))) == tied
     assert sighting.reported_by == ["lab-fr"]

@@ -24,7 +24,7 @@ from synthwatch.stream_apps.storage.backfill.ingest import ingest_history
 from synthwatch.stream_apps.storage.clickhouse import migrate
 from synthwatch.stream_apps.storage.sink import ClickHouseSink
 from synthwatch.stream_apps.storage.state_rebuild import rebuild
-from tests.support.factories import lab
+from tests.support.factories import lab, seizure
 
 #: Longer than the spike series' memory (66 days) plus the replay's settling days, so the rebuild has to
 #: restore what the replay window alone cannot (series dated before it, their older seizure masses), and with
@@ -109,6 +109,43 @@ def test_rebuild_then_live_raises_the_alerts_of_one_backtest_over_everything(
     assert set(kinds) == {"new_substance", "first_in_region", "spread", "spike"}, kinds  # every kind is at stake
     assert {a.metric for a in expected if a.alert_type == "spike"} == {"count", "quantity"}
     assert _content(live) == _content(expected)
+
+
+def _pippp(event_id: str, day: int, region: str | None = None, structure: bool = False) -> str:
+    """A report of a substance the catalogue lacks: a lab's with its structure, else a seizure's by name only."""
+    at = datetime(2026, 11, 29, 10, tzinfo=UTC) + timedelta(days=day)
+    substance: dict[str, Any] = {"name": "3-Me-4-F-α-PipPP"}
+    if structure:
+        substance["smiles"] = "CC(N1CCCCC1)C(=O)c1ccc(F)c(C)c1"
+        return json.dumps(lab(event_id=event_id, occurred_at=at.isoformat(), substance=substance), ensure_ascii=False)
+    record = seizure(event_id=event_id, occurred_at=at.isoformat(), substance=substance)
+    if region is not None:
+        record.update(region=region, country=region[:2])
+    return json.dumps(record, ensure_ascii=False)
+
+
+@pytest.mark.parametrize("cut", [1, 2], ids=["restart-before-the-lab", "restart-after-the-lab"])
+def test_a_name_alerted_alone_is_identified_across_a_restart(ch: Any, cut: int) -> None:
+    """The name-only seizure, then (across a restart at ``cut``) the lab report that names its structure, then
+    more name-only seizures: the alerts of one backtest over everything (identified once, no first appearance in
+    the region alerted under the name), and the same novelty record for the structure."""
+    reports = [_pippp("sz-1", 0), _pippp("lab-1", 1, structure=True), _pippp("sz-2", 2), _pippp("sz-3", 3, "ML-1")]
+    config = DetectionConfig.from_settings(Settings())
+    saw = Detector(config)
+    whole = run_lines(_numbered(reports, "h"), config, detector=saw)
+    assert [a.alert_type for a in whole.alerts] == ["new_substance", "identified", "first_in_region", "spread"]
+    expected = whole.alerts[len(run_lines(_numbered(reports[:cut], "h"), config).alerts) :]
+
+    migrate(ch)
+    result = Intake().process([RawMessage(f"h:0:{n}", line) for n, line in enumerate(reports[:cut])])
+    assert ClickHouseSink(ch).store_events(result.events).stored == cut
+    intake, rebuilt = Intake(stage="backtest"), Detector(config)
+    rebuild(ch, rebuilt.regions, rebuilt.novelty, intake.resolver)
+    live = run_lines(_numbered(reports[cut:], "l"), config, detector=rebuilt, intake=intake, stored=set())
+    assert _content(live.alerts) == _content(expected)
+    key = whole.alerts[1].substance.key
+    assert rebuilt.novelty.state[key].names == saw.novelty.state[key].names == ["name:3me4fαpippp"]
+    assert rebuilt.novelty.state[key].named_regions == saw.novelty.state[key].named_regions == []
 
 
 def test_a_report_sent_before_it_occurred_does_not_reorder_the_replay(ch: Any) -> None:

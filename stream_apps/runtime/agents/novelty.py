@@ -27,6 +27,7 @@ import faust
 
 from synthwatch.schemas import Alert, Reject
 from synthwatch.schemas.topics import Sighting
+from synthwatch.stream_apps.detect.novelty import STRUCTURE_ALERTS
 from synthwatch.stream_apps.detect.replay import Position
 from synthwatch.stream_apps.runtime.agents.intake import send_rejects
 from synthwatch.stream_apps.runtime.batches import novelty_batches
@@ -89,7 +90,7 @@ def add_novelty_agent(agents: AgentContext, tables: StateTables) -> None:
             found = raised_by.get(
                 (alert.substance.key, alert.evidence_event_ids[0] if alert.evidence_event_ids else "")
             )
-            if alert.alert_type == "new_substance" and found is not None:
+            if alert.alert_type in STRUCTURE_ALERTS and found is not None:
                 sighting, stamp = found
                 # a message with no timestamp has no cut, and a name-only report no structure: no learnt section
                 if stamp is not None and ctx.novelty.compared_by_structure(sighting):

@@ -59,12 +59,17 @@ class _SharedStructuresResolver(SubstanceResolver):
         self.structures = structures
 
     def resolve(
-        self, name: str | None, smiles: str | None = None, inchikey: str | None = None, reporter: str | None = None
+        self,
+        name: str | None,
+        smiles: str | None = None,
+        inchikey: str | None = None,
+        reporter: str | None = None,
+        region: str | None = None,
     ) -> ResolvedSubstance:
         found = self.structures.get(smiles) if smiles else None
         if isinstance(found, Structure):
             return self._from_structure(found, name or "", None, reporter)
-        return super().resolve(name, smiles=smiles, inchikey=inchikey, reporter=reporter)
+        return super().resolve(name, smiles=smiles, inchikey=inchikey, reporter=reporter, region=region)
 
 
 def seeded_resolver(
