@@ -561,7 +561,8 @@ def test_a_hanging_channel_does_not_delay_other_officers_or_later_alerts(db: Any
             senegal_ticket, mali_ticket = await service.submit([senegal, mali])
             await mali_ticket  # the later alert is out ...
             await _until(lambda: len(hooks.accepted("fast")) == 2, "the fast officer has both alerts")
-            slow_held = hooks.arrivals.count("slow") == 1 and not hooks.on("slow")  # ... while slow's hangs
+            await _until(lambda: "slow" in hooks.arrivals, "the slow officer's request reached its receiver")
+            slow_held = hooks.arrivals.count("slow") == 1 and not hooks.on("slow")  # ... and hangs there
             senegal_pending = not senegal_ticket.done()
             await service.close()
             return [r.key for r in hooks.accepted("fast")], slow_held, senegal_pending
