@@ -63,6 +63,10 @@ async def channel_batches(
     seeks = (lambda: consumer.seeks) if hasattr(consumer, "seeks") else (lambda: 0)
     acking_topics = app.topics.acking_topics
     flow_control = app.flow_control
+    # and counts, per topic, the batches its agents take and finish (:attr:`.transport.Consumer.worked`): the
+    # watchdog's sign that this agent works through what was handed over to it, however long that waits
+    worked: dict[str, int] | None = getattr(consumer, "worked", None)
+    topics = tuple(getattr(s.channel, "topics", ()) or ())
     try:
         while not s.should_stop:
             if errors:
@@ -129,10 +133,21 @@ async def channel_batches(
                     unacked.add(message)
                 events.append(event)
             if events:
+                if worked is not None:
+                    _count_work(worked, topics, events)
                 yield events
+                if worked is not None:  # the agent is done with the batch (its checkpoint may still run)
+                    _count_work(worked, topics, events)
     finally:
         if started_here:
             await s.stop()
+
+
+def _count_work(worked: dict[str, int], topics: Sequence[str], events: list[EventT]) -> None:
+    """One more batch taken or finished by an agent of ``topics`` (those of its channel; of its events when the
+    channel does not say)."""
+    for topic in topics or {event.message.topic for event in events}:
+        worked[topic] = worked.get(topic, 0) + 1
 
 
 async def take_batches(stream: faust.StreamT[Any], size: int, within: float) -> AsyncIterator[list[EventT]]:

@@ -75,12 +75,16 @@ class PartitionOffsets:
     partition: int
     end: int
     committed: int
-    #: Records after ``committed`` were processed, but the record at ``committed`` never was: the committed
-    #: offset cannot move past it (the watchdog's "held" partition; only :mod:`.watchdog` fills it in).
+    #: Records after ``committed`` were processed, but the record at ``committed`` never was and no agent has it
+    #: in hand: the committed offset cannot move past it (the watchdog's "held" partition; only :mod:`.watchdog`
+    #: fills it in).
     held: bool = False
     #: Records at or after ``committed`` were handed to the agents since the latest seek: the partition is
     #: not merely waiting for its turn in the fetch (only :mod:`.watchdog` fills it in).
     handed_over: bool = False
+    #: Batches the agents reading this topic have taken or finished so far (:attr:`.transport.Consumer.worked`):
+    #: while it moves they are working through what was handed over to them (only :mod:`.watchdog` fills it in).
+    worked: int = 0
 
     @property
     def lag(self) -> int:

@@ -178,6 +178,10 @@ class Consumer(faust_aiokafka.Consumer):
     #: time, with a loop turn every 100): an agent's batch lingers for the rest of that fetch, not longer
     #: (:func:`.batches.channel_batches`).
     delivering: bool = False
+    #: Per topic, batches the agents reading it have taken or finished (:func:`.batches.channel_batches`): it moves
+    #: while they work, however long their records wait in a queue or a checkpoint; it stops when they hang. The
+    #: watchdog's sign that records handed over to them are being worked through (:mod:`.watchdog`).
+    worked: dict[str, int]
     #: Per partition, the offsets acknowledged (their checkpoint is done: stored) that no successful commit
     #: has covered yet (item 5 above). Kept across a restart of the consumer: stored stays stored.
     stored: dict[Any, set[int]]
@@ -245,6 +249,7 @@ class Consumer(faust_aiokafka.Consumer):
         super()._reset_state()  # at construction and on a restart of the consumer, as Faust's own state
         self.handed = {}
         if not hasattr(self, "stored"):
+            self.worked = {}
             self.stored = {}
             self.writes = []
             self.state_writes = set()

@@ -9,18 +9,34 @@ guarantees it is the only one, so the worker watches itself:
 - a partition is **stalled** when it has unread records (lag above zero) and its committed offset has
   not moved for ``after`` seconds while ClickHouse answers (a sink that is down holds the consumer
   back on purpose: :meth:`.context.AgentContext.with_retries` retries, and counts that in its own metric),
-  unless it is only **waiting its turn**: the worker committed on another partition within those
-  ``after`` seconds, nothing at or after the partition's committed offset has been handed to the agents
-  since the latest seek, and it has waited less than ``starved_after`` (10 × ``after``). An
-  agent that hangs or died holds records handed over to it, so it is stalled after ``after`` seconds
-  as before. Under a backlog the consumer hands over one
-  partition's fetched records at a time; the sightings topic, fed by the worker itself, then waits
-  tens of seconds between turns behind the input backlog. Counting that as a stall sought every
-  partition back (re-fetching what was already fetched), then answered 503 on ``/ready``, so an
-  orchestrator's probe would restart a worker that was busy, not stuck, and restart it again under the
-  same backlog. A partition whose later records were processed while its committed offset cannot move
-  (a record lost between fetch and agent: issue 11's stall) is **held**, and stalled after ``after``
-  seconds whatever the others do;
+  unless its records wait for **agents that are working**, or it is only **waiting its turn**, each for at most
+  ``starved_after`` (10 × ``after``):
+
+  - *agents working*: records at or after its committed offset were handed to the agents since the latest
+    seek, and the agents reading its topic took or finished a batch within the last ``after`` seconds
+    (:attr:`.transport.Consumer.worked`). Its committed offset then waits for its records' turn in the agent's
+    queue, their batch and their checkpoint, which under load took longer than ``after``: in the pipeline
+    benchmark's RSS phase every stall was of this kind (none held, batches still being taken and finished; 15 s
+    without a commit anywhere at a 5 s stall time), and each seek-back cleared every queue and fetched again,
+    which delayed every commit further: a cascade of seek-backs (docs/performance.md, "seek-backs"). An agent
+    that hangs or died (or a checkpoint that never ends: the agent waits for it before its next batch) takes
+    and finishes no batch, so its partitions are stalled ``after`` seconds after its last one;
+  - *waiting its turn*: nothing at or after its committed offset handed over since the latest seek, and the worker
+    committed on another partition, or its agents took or finished a batch, within those ``after`` seconds.
+    Under a backlog the consumer hands over one partition's fetched records at a time; the sightings topic,
+    fed by the worker itself, then waits tens of seconds between turns behind the input backlog. Counting
+    that as a stall sought every partition back (re-fetching what was already fetched), then answered 503 on
+    ``/ready``, so an orchestrator's probe would restart a worker that was busy, not stuck, and restart it
+    again under the same backlog.
+
+  Seconds count only while the worker's event loop can look: a look that comes later than twice the interval
+  between looks means an agent's batch held the loop (validation and detection run without a break for the whole
+  batch, seconds under load; no commit and no other agent could run meanwhile either), and that time is not
+  counted (:attr:`StallWatch.step`). An agent waiting forever does not hold the loop, so it is caught as before.
+
+  A partition whose later records were processed while its committed offset cannot move and the record at it
+  is in no agent's hands (a record lost between fetch and agent: issue 11's stall) is **held**, and stalled
+  after ``after`` seconds whatever the agents do;
 - on a stall the worker logs a warning, counts ``synthwatch_consumer_stalls_total`` and seeks its
   partitions back to their committed offsets the way recovery does (flow stopped, seek, flow resumed:
   :func:`.faust_transport.seek_to_committed`), so every record after them is fetched again (records
@@ -44,7 +60,7 @@ from typing import TYPE_CHECKING, Any
 import faust
 
 from synthwatch.stream_apps.runtime.metrics import PartitionOffsets
-from synthwatch.stream_apps.runtime.transport import seek_to_committed
+from synthwatch.stream_apps.runtime.transport import seek_to_committed, unacked_heads
 
 if TYPE_CHECKING:
     from synthwatch.stream_apps.runtime.context import WorkerContext
@@ -56,6 +72,8 @@ log = logging.getLogger("synthwatch.watchdog")
 class _Progress:
     committed: int
     since: float  # when the committed offset last moved, or the partition last had nothing to read
+    worked: int = 0  # the batches its agents had taken or finished at the last look (PartitionOffsets.worked)
+    worked_at: float = 0.0  # when that last moved (or ``since``, if later)
     sought_back: bool = False  # a seek-back was tried since the last progress
 
 
@@ -71,7 +89,17 @@ class StallWatch:
     starved_after: float | None = None
     _partitions: dict[tuple[str, int], _Progress] = field(default_factory=dict)
     _last_commit: float | None = None  # when any watched partition's committed offset last moved
+    _last_work: float | None = None  # when the agents of any watched partition last took or finished a batch
+    #: Most seconds between two looks that count (None: all). The worker looks from its event loop: a look later
+    #: than this means the loop was held, by an agent's batch (validation and detection run without a break for
+    #: the whole batch, seconds under load), and no agent, commit or look could run meanwhile. That time is the
+    #: worker working, not stalling: it is not counted. An agent waiting forever does not hold the loop.
+    step: float | None = None
+    _last_look: float | None = None
+    _held_loop: float = 0.0  # seconds not counted so far (see ``step``)
     unhealthy: dict[tuple[str, int], str] = field(default_factory=dict)
+    #: Why each partition of the latest :meth:`check` was found stalled (for the log).
+    reasons: dict[tuple[str, int], str] = field(default_factory=dict)
 
     def check(
         self, offsets: Iterable[PartitionOffsets], now: float, sink_failing: bool = False
@@ -80,31 +108,39 @@ class StallWatch:
 
         A partition already sought back that stalls again is moved to :attr:`unhealthy` instead.
         Partitions no longer in ``offsets`` (revoked) are forgotten. While ``sink_failing``, nothing
-        counts as stalled: the consumer waits for ClickHouse on purpose. A partition waiting its turn
-        (see the module's docstring) is not stalled either.
+        counts as stalled: the consumer waits for ClickHouse on purpose. A partition waiting its turn, or
+        whose records wait for agents that are working (see the module's docstring), is not stalled either.
         """
+        if self._last_look is not None and self.step is not None:
+            self._held_loop += max(0.0, now - self._last_look - self.step)
+        self._last_look = now
+        now -= self._held_loop  # the watch's own clock from here on
         offsets = list(offsets)
         for item in offsets:
             state = self._partitions.get((item.topic, item.partition))
             if state is not None and item.committed != state.committed:
                 self._last_commit = now
+            if state is not None and item.worked != state.worked:
+                self._last_work = now
         starved_after = self.starved_after if self.starved_after is not None else 10 * self.after
         stalled: list[PartitionOffsets] = []
+        self.reasons = {}
         seen: set[tuple[str, int]] = set()
         for item in offsets:
             key = (item.topic, item.partition)
             seen.add(key)
             state = self._partitions.get(key)
             if state is None or item.committed != state.committed or item.lag == 0 or sink_failing:
-                self._partitions[key] = _Progress(item.committed, now)
+                self._partitions[key] = _Progress(item.committed, now, item.worked, now)
                 self.unhealthy.pop(key, None)
                 continue
+            if item.worked != state.worked:
+                state.worked, state.worked_at = item.worked, now
             if now - state.since < self.after:
                 continue
-            busy_elsewhere = self._last_commit is not None and now - self._last_commit < self.after
-            waiting = not item.held and not item.handed_over
-            if busy_elsewhere and waiting and now - state.since < starved_after:
-                self.unhealthy.pop(key, None)  # waiting its turn behind a backlog
+            reason = self._stalled_why(item, state, now, starved_after)
+            if reason is None:
+                self.unhealthy.pop(key, None)  # waiting its turn, or for agents that are working
                 continue
             if state.sought_back:
                 held = " though later records were processed" if item.held else ""
@@ -114,11 +150,37 @@ class StallWatch:
                 )
                 continue
             state.sought_back, state.since = True, now
+            state.worked_at = max(state.worked_at, now)
+            self.reasons[key] = reason
             stalled.append(item)
         for key in set(self._partitions) - seen:
             del self._partitions[key]
             self.unhealthy.pop(key, None)
         return stalled
+
+    def _stalled_why(self, item: PartitionOffsets, state: _Progress, now: float, starved_after: float) -> str | None:
+        """Why a partition whose committed offset has not moved for ``after`` seconds is stalled; None if it is not.
+
+        Held: stalled (no turn and no agent will move it). Otherwise it is not stalled, up to ``starved_after``,
+        while its records wait for agents that took or finished a batch within ``after`` seconds (handed over), or,
+        nothing of it handed over, while the worker committed or its agents worked elsewhere within ``after``.
+        """
+        still = now - state.since
+        if item.held:
+            return f"held: records after the committed offset were processed, not the one at it, for {still:.0f} s"
+        idle = now - state.worked_at
+        if item.handed_over:
+            if idle < self.after and still < starved_after:
+                return None  # its agents work through what they were handed: it waits in their queue or checkpoint
+            if idle >= self.after:
+                return f"handed over to agents that have taken and finished no batch for {idle:.0f} s"
+            return f"starved: handed over, its agents working on others, for {still:.0f} s"
+        elsewhere = [t for t in (self._last_commit, self._last_work) if t is not None and now - t < self.after]
+        if elsewhere and still < starved_after:
+            return None  # waiting its turn behind a backlog
+        if elsewhere:
+            return f"starved: waited its turn for {still:.0f} s while the worker worked elsewhere"
+        return f"nothing committed and no agent took or finished a batch anywhere for {self.after:.0f} s"
 
     @property
     def healthy(self) -> bool:
@@ -147,6 +209,8 @@ async def committed_positions(app: faust.App, topics: Collection[str]) -> list[P
     committed: dict[Any, int | None] = {tp: consumer._committed_offset.get(tp) for tp in assigned}
     never = [tp for tp, offset in committed.items() if offset is None]
     earliest = dict(await consumer.earliest_offsets(*never)) if never else {}
+    # Per partition, the lowest record an agent has taken and not acknowledged yet (this generation's)
+    in_flight = unacked_heads(consumer._unacked_messages, consumer._committed_offset, app.consumer_generation_id)
     found = []
     for tp in assigned:
         end = max(e for e in (ends.get(tp), monitor.tp_end_offsets.get(tp), 0) if e is not None)
@@ -154,10 +218,14 @@ async def committed_positions(app: faust.App, topics: Collection[str]) -> list[P
         if offset is None:
             offset = earliest.get(tp) or 0
         acked = consumer._acked.get(tp)
-        held = bool(acked) and min(acked) > offset
+        # Not while an agent has the record at the committed offset in hand: a copy fetched again after a seek-back
+        # is processed after later records' earlier copies were acknowledged (seen under load); its agent's work
+        # decides then, as for any record handed over.
+        held = bool(acked) and min(acked) > offset and in_flight.get(tp) != offset
         handed = consumer.handed.get(tp)  # the last offset handed to the agents since a seek
         handed_over = handed is not None and handed >= offset
-        found.append(PartitionOffsets(tp.topic, tp.partition, int(end), int(offset), held, handed_over))
+        worked = int(getattr(consumer, "worked", {}).get(tp.topic, 0))
+        found.append(PartitionOffsets(tp.topic, tp.partition, int(end), int(offset), held, handed_over, worked))
     return found
 
 
@@ -189,13 +257,14 @@ def watch_consumer(
         for item in stalled:
             on_stall(item)
             log.warning(
-                "consumer stalled: %s[%d] has %d unread records and its committed offset %d has not moved for %.0f s; "
-                "seeking back to the committed offsets",
+                "consumer stalled: %s[%d] has %d unread records and its committed offset %d has not moved for %.0f s "
+                "(%s); seeking back to the committed offsets",
                 item.topic,
                 item.partition,
                 item.lag,
                 item.committed,
                 watch.after,
+                watch.reasons.get((item.topic, item.partition), "?"),
             )
         if stalled:
             await seek_to_committed(app)
@@ -211,7 +280,8 @@ def watch_consumer(
 def watch_worker(app: faust.App, ctx: WorkerContext) -> StallWatch:
     """Watch the worker's topics (:func:`watch_consumer`), counting stalls and keeping the ready gauge."""
     settings, metrics = ctx.settings, ctx.metrics
-    watch = StallWatch(after=settings.stall_seconds)
+    interval = max(0.5, settings.stall_seconds / 6)
+    watch = StallWatch(after=settings.stall_seconds, step=2 * interval)
 
     def on_stall(item: PartitionOffsets) -> None:
         metrics.consumer_stalled(item.topic)
@@ -226,7 +296,7 @@ def watch_worker(app: faust.App, ctx: WorkerContext) -> StallWatch:
         app,
         watch,
         watched,
-        interval=max(0.5, settings.stall_seconds / 6),
+        interval=interval,
         sink_failing=lambda: bool(metrics.failing),
         on_stall=on_stall,
         ready=lambda: ctx.state_ready,

@@ -197,3 +197,28 @@ def test_an_event_taken_before_a_seek_back_that_came_and_went_while_the_batch_li
         return [e.message.offset for e in batch]
 
     assert asyncio.run(run()) == list(range(40, 50))  # 50 comes again, after them
+
+
+def test_the_batches_an_agent_takes_and_finishes_are_counted_per_topic_of_its_channel_idle_ones_not() -> None:
+    """The watchdog's sign that an agent works through what was handed over to it (``Consumer.worked``): one count
+    per batch taken and one when the agent asks for the next, for every topic of its channel (the intake reads two);
+    an idle batch (nothing arrived) counts nothing: an agent with nothing to take holds no records."""
+
+    async def run() -> list[dict[str, int]]:
+        queue = _Queue()
+        stream = _stream(queue)
+        stream.app.consumer.worked = {}
+        stream.channel.topics = ("labs", "seizures")
+        batches = agent_batches(Settings(batch_linger_seconds=0.0, checkpoint_seconds=0.01))(stream)
+        seen = []
+        queue.put_nowait(_event(0))
+        assert len(await asyncio.wait_for(batches.__anext__(), 5)) == 1
+        seen.append(dict(stream.app.consumer.worked))  # taken
+        assert await asyncio.wait_for(batches.__anext__(), 5) == []  # idle: nothing arrived
+        seen.append(dict(stream.app.consumer.worked))  # finished, then idle
+        assert await asyncio.wait_for(batches.__anext__(), 5) == []
+        seen.append(dict(stream.app.consumer.worked))
+        await batches.aclose()
+        return seen
+
+    assert asyncio.run(run()) == [{"labs": 1, "seizures": 1}, {"labs": 2, "seizures": 2}, {"labs": 2, "seizures": 2}]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
+from typing import Any, cast
 
 from synthwatch.stream_apps.runtime.metrics import PartitionOffsets
 from synthwatch.stream_apps.runtime.watchdog import StallWatch
@@ -116,3 +118,111 @@ def test_a_partition_whose_records_were_handed_over_is_not_waiting_its_turn() ->
     watch.check([hung, labs(100, end=10_000)], now=0)
     assert watch.check([hung, labs(120, end=10_000)], now=29) == []
     assert watch.check([hung, labs(140, end=10_000)], now=30) == [hung]
+
+
+def _queued(committed: int, worked: int, partition: int = 0, topic: str = "labs") -> PartitionOffsets:
+    """A partition whose records were handed over and wait for its agents, which have done ``worked`` batches."""
+    return PartitionOffsets(topic, partition, end=10_000, committed=committed, handed_over=True, worked=worked)
+
+
+def test_records_waiting_for_agents_that_keep_working_are_not_stalled_though_nothing_commits_for_long() -> None:
+    """What the benchmark under load showed (docs/performance.md, "seek-backs"): every stalled partition had its
+    records handed over, none held, while the agents kept taking and finishing batches; its committed offset waits
+    for its records' turn in the agent's queue, their batch and their checkpoint, which took longer than the stall
+    time (15 s without a commit anywhere at a 5 s stall time). Sought back, every queue was cleared and fetched
+    again, which delayed every commit further: a cascade of seek-backs. The old rule stalled them at 30 s."""
+    watch = StallWatch(after=30)
+    for now in range(0, 90, 5):  # no commit anywhere for 90 s; the intake agent takes or finishes a batch every 10 s
+        looks = [_queued(100, now // 10), _queued(200, now // 10, partition=1, topic="seizures")]
+        assert watch.check(looks, now=now) == [], now
+    assert watch.check([_queued(150, 9), _queued(200, 9, partition=1, topic="seizures")], now=90) == []
+    assert watch.healthy
+
+
+def test_records_handed_to_agents_that_stop_working_stall_after_the_stall_time_from_their_last_batch() -> None:
+    """An agent that hangs (or a checkpoint that never ends) takes and finishes no more batches: its partitions
+    are stalled ``after`` seconds after its last one, whatever other agents do."""
+    watch = StallWatch(after=30)
+    sightings = partial(at, topic="sightings")
+    for now in range(0, 25, 5):  # the agent works until 20 s
+        assert watch.check([_queued(100, now), sightings(10 + now, end=10_000)], now=now) == []
+    for now in range(25, 50, 5):
+        assert watch.check([_queued(100, 20), sightings(10 + now, end=10_000)], now=now) == [], now
+    assert watch.check([_queued(100, 20), sightings(60, end=10_000)], now=50) == [_queued(100, 20)]
+    assert "taken and finished no batch for 30 s" in watch.reasons[("labs", 0)]
+
+
+def test_records_waiting_behind_other_partitions_for_ten_times_the_stall_time_are_stalled() -> None:
+    watch = StallWatch(after=30)
+    for now in range(0, 300, 5):
+        assert watch.check([_queued(100, now)], now=now) == []
+    assert watch.check([_queued(100, 300)], now=300) == [_queued(100, 300)]
+    assert watch.reasons[("labs", 0)].startswith("starved")
+
+
+def test_a_held_partition_stalls_after_the_stall_time_though_its_agents_work() -> None:
+    """Issue 11's loss (a record dropped between fetch and agent, later ones processed) is not excused by work."""
+    watch = StallWatch(after=30)
+    held = PartitionOffsets("labs", 0, end=10_000, committed=100, held=True, handed_over=True, worked=0)
+    for now in range(0, 30, 5):
+        assert watch.check([replace(held, worked=now)], now=now) == []
+    assert watch.check([replace(held, worked=30)], now=30) == [replace(held, worked=30)]
+    assert watch.reasons[("labs", 0)].startswith("held")
+
+
+def test_a_busy_worker_that_commits_nowhere_for_a_while_lets_a_partition_wait_its_turn() -> None:
+    """Nothing of the partition handed over, nothing committed anywhere for longer than the stall time, but the
+    agents work (a long batch and checkpoint): it waits its turn, as while the worker commits elsewhere."""
+    watch = StallWatch(after=30)
+    sightings, labs = partial(at, topic="sightings"), partial(_queued, topic="labs")
+    for now in range(0, 120, 5):
+        assert watch.check([sightings(10), labs(100, now // 10)], now=now) == [], now
+
+
+def test_committed_positions_says_held_only_when_no_agent_has_the_committed_record_in_hand() -> None:
+    """Seen under load after a seek-back: the record at the committed offset fetched again and in an agent's batch,
+    later records acknowledged from their earlier copies. That record is not lost (issue 11's held partition):
+    it is being processed, and its agent's work decides. Also: each partition carries its topic's work count."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from faust.types import TP
+
+    from synthwatch.stream_apps.runtime.watchdog import committed_positions
+
+    tp0, tp1 = TP("labs", 0), TP("labs", 1)
+    in_hand = SimpleNamespace(tp=tp0, offset=10, acked=False, generation_id=3)  # the copy fetched again
+    stale = SimpleNamespace(tp=tp1, offset=20, acked=False, generation_id=2)  # before a rebalance: holds nothing
+
+    async def highwaters(*tps: Any) -> dict[Any, int]:
+        return {tp: 100 for tp in tps}
+
+    consumer = SimpleNamespace(
+        assignment=lambda: {tp0, tp1},
+        highwaters=highwaters,
+        _committed_offset={tp0: 10, tp1: 20},
+        _acked={tp0: [11, 12], tp1: [21, 22]},
+        handed={tp0: 40, tp1: 40},
+        _unacked_messages=[in_hand, stale],
+        worked={"labs": 7},
+    )
+    app = SimpleNamespace(consumer=consumer, monitor=SimpleNamespace(tp_end_offsets={}), consumer_generation_id=3)
+    found = asyncio.run(committed_positions(cast(Any, app), {"labs"}))
+    by_partition = {item.partition: item for item in found}
+    assert not by_partition[0].held and by_partition[0].handed_over and by_partition[0].worked == 7
+    assert by_partition[1].held  # record 20 is in no agent's hands: lost, as in issue 11
+
+
+def test_time_the_event_loop_was_held_by_a_batch_does_not_count_towards_a_stall() -> None:
+    """The worker looks from its event loop; an intake batch (validation and detection without a break) held it
+    for seconds under load, and the first look after found nothing moved: no commit, no other agent's batch could
+    run meanwhile. Looks later than ``step`` count ``step`` seconds; looks on time count in full."""
+    watch = StallWatch(after=30, step=10)
+    sightings = partial(at, topic="sightings")
+    assert watch.check([sightings(10)], now=0) == []
+    assert watch.check([sightings(10)], now=5) == []
+    assert watch.check([sightings(10)], now=65) == []  # the loop held for 60 s: counts 10 (15 in all)
+    assert watch.check([sightings(10)], now=75) == []  # 25 s counted
+    assert watch.check([sightings(10)], now=79) == []  # 29 s counted
+    assert watch.check([sightings(10)], now=80) == [sightings(10)]  # on time again: stalled at 30 s counted
+    assert "nothing committed" in watch.reasons[("sightings", 0)]
