@@ -459,3 +459,72 @@ def test_connections_beyond_the_cap_wait_in_the_backlog_and_are_then_served(smal
     finally:
         for connection in held:
             connection.close()
+
+
+#: Analysts' statements that must not reach outside the database: files, the network, processes, the calling
+#: process's Python objects (chDB's ``python()``), chDB's arrow registry; and INTO OUTFILE.
+_OUTSIDE = [
+    "SELECT * FROM file('{secret}', 'LineAsString')",
+    "SELECT file('{secret}')",
+    "SELECT * FROM view(SELECT file('{secret}'))",
+    "SELECT * FROM url('http://127.0.0.1:1/', 'CSV', 'a String')",
+    "SELECT * FROM s3('http://127.0.0.1:1/a')",
+    "SELECT * FROM remote('127.0.0.1:1', system.one)",
+    "SELECT * FROM mysql('127.0.0.1:1', 'db', 't', 'u', 'p')",
+    "SELECT * FROM executable('x.sh', 'CSV', 'a String')",
+    "SELECT * FROM azureBlobStorage('http://127.0.0.1:1', 'c', 'b')",
+    "SELECT * FROM input('a String')",
+    "SELECT * FROM python(password)",
+    "SELECT * FROM Python(settings)",
+    "SELECT * FROM arrowstream('x')",
+    "SELECT * FROM bigquery('p', 'd', 't', 'token')",
+    "SELECT * FROM eval('1')",
+    "SELECT * FROM loop(numbers(1)) LIMIT 1",
+    "SELECT * FROM format(CSV, 'a')",
+    "SELECT * FROM mergeTreeIndex(currentDatabase(), 'x')",
+    "SELECT x FROM (SELECT 1 AS x) AS a JOIN fuzzJSON('{{}}') AS b ON 1",
+    "SELECT 1 WHERE 1 IN (SELECT * FROM generateRandom('a UInt8'))",
+    "SELECT 'x' INTO OUTFILE '{outfile}'",
+]
+
+
+@pytest.mark.parametrize("where", ["in-process engine", "engine process"])
+def test_analysts_sql_reads_no_file_reaches_no_network_and_uses_only_allowed_table_functions(
+    where: str, engine: EngineProcess, ch: Any, ch_settings: Settings, tmp_path: Path
+) -> None:
+    """Analysts (``synthwatch sql``, the worker's /sql) are the widest audience. On both engine paths every
+    function family that reaches outside the database and INTO OUTFILE are refused by the check, and a table
+    function is one of a short allow-list. Before, chDB's own table functions (``python()`` reads the calling
+    process's Python objects, ``bigquery()``, ``arrowstream()``, ``eval()``) passed the check and were stopped by
+    ``readonly=1`` alone, ``arrowstream()`` not even by it (it reached chDB's arrow registry): failed on those."""
+    from synthwatch.stream_apps.storage.query import QueryError, analyst_client, execute_analyst
+
+    if where == "engine process":
+        settings = Settings(data_dir=tmp_path / "data", clickhouse_url=engine.url("analysts"))
+        connect(settings).close()  # the database exists, as the worker's does
+    else:
+        settings = ch_settings
+    client = analyst_client(settings)  # what run_query and the worker's /sql use
+    secret, outfile = tmp_path / "secret.txt", tmp_path / "out.txt"
+    secret.write_text("top-secret\n")
+    try:
+        for template in _OUTSIDE:
+            sql = template.format(secret=secret, outfile=outfile)
+            with pytest.raises(QueryError) as raised:
+                execute_analyst(client, sql)
+            assert "not allowed" in str(raised.value), (sql, str(raised.value))
+            assert "top-secret" not in str(raised.value)
+        assert not outfile.exists()
+        allowed = {
+            "SELECT count() FROM numbers(3)": [[3]],
+            "SELECT sum(number) FROM numbers_mt(4)": [[6]],
+            "SELECT count() FROM generate_series(1, 3)": [[3]],
+            "SELECT * FROM values('x UInt8', 1)": [[1]],
+            "SELECT * FROM view(SELECT 1 AS x)": [[1]],
+            "SELECT count() FROM system.one": [[1]],
+            "SELECT number FROM numbers(2) WHERE number IN (SELECT * FROM numbers(1))": [[0]],
+        }
+        for sql, rows in allowed.items():
+            assert execute_analyst(client, sql).rows == rows, sql
+    finally:
+        client.close()
