@@ -10,8 +10,9 @@ parameter a setting; ``INSERT ... FORMAT fmt`` with the data in the body (lz4/zs
 engine's ``Code: N. DB::Exception: ...`` text), so the client raises the same exceptions as against a
 server. The worker then runs its production path (``SYNTHWATCH_CLICKHOUSE_URL=http://...``) unchanged.
 Not served (400, :func:`checked_statement`): statements that change a session (``SET``, ``USE``, temporary
-tables, transactions), as handles are pooled and they would change the next request's session; several
-statements in one text; an INSERT with its data in the statement text rather than the body.
+tables, transactions), as handles are pooled and they would change the next request's session; statements that
+reach beyond the request (``SYSTEM`` but for stopping and starting merges, ``KILL``, ``EXECUTE AS``, ``CREATE
+FUNCTION``); several statements in one text; an INSERT with its data in the statement text rather than the body.
 
 Security: it listens on loopback only, and every request, ``/ping`` included, must carry the password
 created by whoever started it (Basic auth, or ``X-ClickHouse-User``/``X-ClickHouse-Key``); anything else
@@ -53,6 +54,8 @@ from synthwatch.stream_apps.storage.clickhouse import prepare_embedded_engine
 PASSWORD_ENV = "SYNTHWATCH_ENGINE_PASSWORD"
 #: The user name the engine accepts (ClickHouse's default user's name, so URLs look like a server's).
 USER = "synthwatch"
+#: The database a request that names none runs in: a new chDB connection's, as a server's default user's.
+DEFAULT_DATABASE = "default"
 #: The largest request body accepted (a sink insert of a 100k-event checkpoint is ~30 MiB).
 MAX_BODY = 1 << 30
 
@@ -94,6 +97,12 @@ _CODE = re.compile(r"Code:\s*(\d+)")
 _SESSION_STATEMENT = re.compile(
     r"^(?:(?:SET|USE|BEGIN|COMMIT|ROLLBACK)\b|(?:CREATE|ATTACH|REPLACE|DROP|DETACH)(?: OR REPLACE)? TEMPORARY\b)"
 )
+#: Statements that reach beyond the request, canonical: ``SYSTEM`` (``SYSTEM SHUTDOWN`` signals the engine's whole
+#: process group, ``SYSTEM KILL`` kills the engine) except the merges switch the backfill uses
+#: (``stream_apps/storage/backfill/ingest.py``); ``KILL`` (``KILL QUERY WHERE 1`` ends every other request's
+#: query); ``EXECUTE AS`` (another user's rights); ``CREATE``/``DROP FUNCTION`` (global and stored in the engine
+#: directory: a function made by one request runs in every later one, analysts' included).
+_ENGINE_STATEMENT = re.compile(r"^(?:SYSTEM (?!(?:STOP|START) MERGES\b)|KILL\b|EXECUTE AS\b|(?:CREATE|DROP)(?: OR REPLACE)? FUNCTION\b)")
 _AUTH_FAILED = b"Code: 516. DB::Exception: Authentication failed. (AUTHENTICATION_FAILED)\n"
 
 
@@ -171,18 +180,24 @@ def _escaped(value: str) -> str:
 
 
 def session_statement(canonical: str) -> str | None:
-    """What a statement in ClickHouse's canonical form (``formatQuerySingleLine``) would change in the session it
-    runs in (``"SET"``, ``"USE"``, ``"TEMPORARY"``, ...), or None for a statement that changes none.
+    """What a statement in ClickHouse's canonical form (``formatQuerySingleLine``) would change beyond its own
+    request (``"SET"``, ``"USE"``, ``"TEMPORARY"``, ``"SYSTEM"``, ``"KILL"``, ...), or None for one that changes
+    neither the session it runs in nor the engine's process.
 
     Why on the canonical form: ClickHouse's own parser has dropped comments, folded case and whitespace and
     refused several statements in one text, so ``/* x */ sEt``, ``\\nUSE`` and ``SELECT 1; SET ...`` look like what
-    they are. Not session state, so not refused: a ``SETTINGS`` clause (that statement only), ``SYSTEM ...``
-    (the whole engine's; the backfill stops merges so), DDL on real tables.
+    they are. Not refused: a ``SETTINGS`` clause (that statement only), ``SYSTEM STOP/START MERGES`` (the
+    backfill's), DDL on real tables.
     """
-    match = _SESSION_STATEMENT.match(canonical)
+    match = _SESSION_STATEMENT.match(canonical) or _ENGINE_STATEMENT.match(canonical)
     if match is None:
         return None
-    return "TEMPORARY" if "TEMPORARY" in match.group(0) else match.group(0)
+    word = match.group(0)
+    if "TEMPORARY" in word:
+        return "TEMPORARY"
+    if word.endswith("FUNCTION"):
+        return "FUNCTION"
+    return "EXECUTE AS" if word.startswith("EXECUTE") else word.split(" ")[0]
 
 
 class Admission:
@@ -247,19 +262,23 @@ class _Handle:
 
     def __init__(self, connection: Any) -> None:
         self.connection = connection
-        self.database: str | None = None
+        self.database = DEFAULT_DATABASE  # a new connection's
         self.settings: dict[str, str] = {}
 
     def prepare(self, database: str | None, settings: Mapping[str, str]) -> None:
-        if database and database != self.database:
+        """Make the handle's session the request's: its database (the default one when it names none, as a
+        server does) and exactly its settings. A setting counts as applied, or as reset, only once its ``SET``
+        ran; whoever gets an exception from here must not pool the handle again (:meth:`Engine.handle`)."""
+        database = database or DEFAULT_DATABASE
+        if database != self.database:
             if not _IDENTIFIER.match(database):
                 raise RequestError(81, f"Database {database!r} is not a plain identifier")
             self.database = None
             self.connection.query(f"USE {database}", "TabSeparated")
             self.database = database
         for name in [n for n in self.settings if n not in settings]:
-            del self.settings[name]
             self.connection.query(f"SET {name} = DEFAULT", "TabSeparated")
+            del self.settings[name]
         for name, value in sorted(settings.items(), key=lambda item: item[0] == "readonly"):
             if self.settings.get(name) != value:
                 if not _IDENTIFIER.match(name):
@@ -310,9 +329,16 @@ class Engine:
             self.timezone = handle.connection.query("SELECT timezone()", "TabSeparated").bytes().decode().strip()
 
     @contextlib.contextmanager
-    def handle(self, settings: Mapping[str, str]) -> Iterator[_Handle]:
-        """A handle of its own for one request (one is opened when all are busy). Requests that set ``readonly``
-        share handles only with requests of the very same settings (see :class:`_Handle`).
+    def handle(self, settings: Mapping[str, str], database: str | None = None) -> Iterator[_Handle]:
+        """A handle of its own for one request (one is opened when all are busy), prepared with the request's
+        ``database`` and ``settings`` (:meth:`_Handle.prepare`). Requests that set ``readonly`` share handles only
+        with requests of the very same settings (see :class:`_Handle`).
+
+        A handle goes back to its pool only when its request raised nothing: a failed ``SET`` or statement leaves
+        its session in a state not known here (a request's ``max_query_size=20`` made every later ``SET`` on that
+        handle fail, and the pool handed it out for ever), so it is closed instead. A pooled handle that cannot
+        be prepared is replaced by a new one (it has no state to reset), so one request's settings never fail
+        another's.
 
         Bounded whatever clients send: setting sets are the client's to choose, and a pool per set, kept for
         ever, grew with every distinct one (a handle, its session and its queue each). At most
@@ -330,21 +356,40 @@ class Engine:
             self._idle.move_to_end(pool)
             handle = idle.pop() if idle else None
         _close(evicted)
+        if handle is not None:
+            try:
+                handle.prepare(database, settings)
+            except Exception:
+                self._discard(handle)
+                handle = None
         if handle is None:
             handle = _Handle(self._chdb.connect(self.path))
             with self._lock:
                 self._all.add(handle)
+            try:
+                handle.prepare(database, settings)
+            except BaseException:
+                self._discard(handle)
+                raise
         try:
             yield handle
-        finally:
-            with self._lock:
-                kept = self._idle.get(pool) is idle and len(idle) < MAX_IDLE_HANDLES
-                if kept:
-                    idle.append(handle)
-                else:
-                    self._all.discard(handle)
-            if not kept:
-                _close([handle])
+        except BaseException:
+            self._discard(handle)
+            raise
+        with self._lock:
+            kept = self._idle.get(pool) is idle and len(idle) < MAX_IDLE_HANDLES
+            if kept:
+                idle.append(handle)
+            else:
+                self._all.discard(handle)
+        if not kept:
+            _close([handle])
+
+    def _discard(self, handle: _Handle) -> None:
+        """Close a handle that is not to be pooled again."""
+        with self._lock:
+            self._all.discard(handle)
+        _close([handle])
 
     def _evict(self) -> list[_Handle]:
         """Drop the least recently used read-only pools beyond :data:`MAX_READONLY_POOLS` (under the lock); their
@@ -378,8 +423,7 @@ class Engine:
             # another dialect's parser would read the statement, not the one that checked it
             raise RequestError(48, "Only the clickhouse dialect is served here")
         insert = _INSERT.match(sql) if data is not None else None
-        with self.admission.slot(), self.handle(settings) as handle:
-            handle.prepare(params.get("database"), settings)
+        with self.admission.slot(), self.handle(settings, params.get("database")) as handle:
             if insert is not None and data is not None:
                 return self._insert(handle, insert.group(1), insert.group(2), data)
             match = _TRAILING_FORMAT.search(sql)
@@ -478,6 +522,13 @@ _INSTEAD = {
     "TEMPORARY": "temporary tables live in a session and requests share pooled sessions; use a subquery, WITH, "
     "or a table in a database",
     **dict.fromkeys(("BEGIN", "COMMIT", "ROLLBACK"), "each request runs on its own; there are no transactions"),
+    "SYSTEM": "they act on the engine's process (SYSTEM SHUTDOWN signals its whole process group); only SYSTEM "
+    "STOP MERGES and SYSTEM START MERGES are served",
+    "KILL": "every request's query runs in this one engine; a request ends when its client closes or at "
+    "max_execution_time",
+    "EXECUTE AS": "requests run as the engine's one user",
+    "FUNCTION": "a user-defined function is global and kept in the engine directory, so it would run in every "
+    "later request; write the expression in the query, or use WITH",
 }
 #: An INSERT with inline data (or ``FROM INFILE``), canonical: the formatter writes ``FORMAT fmt`` last and drops
 #: the data. Refused with a clear message; the canonical text that runs would have no data anyway.

@@ -176,8 +176,25 @@ def test_per_request_settings_apply_to_their_request_only(engine: EngineProcess,
         assert client.query("SELECT 1", settings={"max_threads": 2, "readonly": 1}).result_rows == [(1,)]
         client.command("CREATE TABLE rw (x UInt8) ENGINE = Memory")
         assert client.query(sql).result_rows[0][0] == default
+        # a setting that makes the next request's reset fail (its SET is longer than 20 bytes) is that request's
+        # problem only: before, the handle went back to the pool and every later request on it failed, for ever
+        for _ in range(3):
+            with contextlib.suppress(DatabaseError):
+                client.query("SELECT 1", settings={"max_query_size": 20})
+            assert [client.query("SELECT 1").result_rows for _ in range(4)] == [[(1,)]] * 4
+        assert client.query(sql).result_rows[0][0] == default
     finally:
         client.close()
+
+
+def test_a_request_without_a_database_runs_in_the_default_one(engine: EngineProcess) -> None:
+    """A server runs a request that names no database in the user's default one. Before, the handle kept the
+    database of the request that used it last: after a request in ``system``, one naming none ran there too."""
+    auth = _basic(USER, engine.password)
+    current = "/?" + urllib.parse.urlencode({"query": "SELECT currentDatabase()"})
+    for _ in range(2):
+        assert _request(engine, current + "&database=system", auth)[:2] == (200, b"system\n")
+        assert _request(engine, current, auth)[:2] == (200, b"default\n")
 
 
 class _Served:
@@ -273,6 +290,18 @@ _SESSION_CHANGES = {
     "BEGIN TRANSACTION": "transactions",
     "INSERT INTO shadowed VALUES (7); SET max_threads = 3": "request body",
     "INSERT INTO shadowed VALUES (7)\n;\n/* */ USE system": "request body",
+    # beyond the request: the engine's process (SYSTEM SHUTDOWN signalled the worker's whole process group), every
+    # other request's query (KILL), another user (EXECUTE AS), functions kept for every later request
+    "SYSTEM DROP DNS CACHE": "SYSTEM STOP MERGES",
+    "/* x */ system\tflush logs": "SYSTEM STOP MERGES",
+    "KILL QUERY WHERE 1": "max_execution_time",
+    "kill mutation where 0": "max_execution_time",
+    "EXECUTE AS default": "one user",
+    "CREATE FUNCTION sw_shadow AS (x) -> x + 1": "user-defined function",
+    "create or replace function sw_shadow as (x) -> x": "user-defined function",
+    "DROP FUNCTION IF EXISTS sw_shadow": "user-defined function",
+    "SYSTEM KILL": "SYSTEM STOP MERGES",  # last two: on code that runs them, they end the engine (and more)
+    "SYSTEM SHUTDOWN": "SYSTEM STOP MERGES",
 }
 
 
@@ -309,6 +338,9 @@ def test_statements_that_change_a_pooled_session_are_refused_and_change_nothing(
         client.insert("shadowed", [[3]], column_names=["x"])
         assert client.query("SELECT {n:UInt8} + max(x) FROM shadowed", parameters={"n": 1}).result_rows == [(4,)]
         assert client.command("SELECT 'a; SET max_threads = 3'") == "a; SET max_threads = 3"
+        client.command("SYSTEM STOP MERGES")  # the backfill's
+        client.command("sYsTeM start merges")
+        assert client.query("SELECT count() FROM system.functions WHERE name = 'sw_shadow'").result_rows == [(0,)]
     finally:
         client.close()
 
