@@ -102,7 +102,9 @@ _SESSION_STATEMENT = re.compile(
 #: (``stream_apps/storage/backfill/ingest.py``); ``KILL`` (``KILL QUERY WHERE 1`` ends every other request's
 #: query); ``EXECUTE AS`` (another user's rights); ``CREATE``/``DROP FUNCTION`` (global and stored in the engine
 #: directory: a function made by one request runs in every later one, analysts' included).
-_ENGINE_STATEMENT = re.compile(r"^(?:SYSTEM (?!(?:STOP|START) MERGES\b)|KILL\b|EXECUTE AS\b|(?:CREATE|DROP)(?: OR REPLACE)? FUNCTION\b)")
+_ENGINE_STATEMENT = re.compile(
+    r"^(?:SYSTEM (?!(?:STOP|START) MERGES\b)|KILL\b|EXECUTE AS\b|(?:CREATE|DROP)(?: OR REPLACE)? FUNCTION\b)"
+)
 _AUTH_FAILED = b"Code: 516. DB::Exception: Authentication failed. (AUTHENTICATION_FAILED)\n"
 
 
