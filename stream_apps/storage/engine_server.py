@@ -264,7 +264,7 @@ class _Handle:
 
     def __init__(self, connection: Any) -> None:
         self.connection = connection
-        self.database = DEFAULT_DATABASE  # a new connection's
+        self.database: str | None = DEFAULT_DATABASE  # a new connection's (None: unknown, a USE failed)
         self.settings: dict[str, str] = {}
 
     def prepare(self, database: str | None, settings: Mapping[str, str]) -> None:
