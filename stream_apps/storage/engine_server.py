@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hmac
+import io
 import json
 import os
 import re
@@ -37,6 +38,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -298,6 +300,10 @@ DEFAULT_MAX_REQUESTS = max(8, 4 * (os.cpu_count() or 1))
 #: How long a connection may sit idle between requests before it is closed (its thread ends): ClickHouse's own
 #: ``keep_alive_timeout``. clickhouse-connect opens a new connection for a pooled one the server closed.
 IDLE_SECONDS = 30
+#: How long a new connection has to deliver its first request's line and headers, in all (not per read): until a
+#: request has shown the password, a client holds one of the capped connections (:class:`EngineHTTPServer`), and
+#: with a per-read timeout a byte every few seconds held it for ever. Loopback clients send theirs in one write.
+HEADER_SECONDS = 5.0
 
 #: Statements whose canonical form is remembered (:meth:`Engine.checked`), and the longest one remembered.
 MAX_CHECKED_STATEMENTS = 256
@@ -570,14 +576,42 @@ def engine_error(error: Exception) -> tuple[int, bytes]:
     return code, (message + "\n").encode()
 
 
-def make_handler(engine: Engine, password: str) -> type[BaseHTTPRequestHandler]:
-    """The request handler class for one engine and password."""
+class _DeadlineReader(io.RawIOBase):
+    """A socket's reads, each with at most ``idle`` seconds, and all of them together ending at ``deadline``
+    (``time.monotonic()``; None: no deadline), past which a read raises TimeoutError."""
+
+    def __init__(self, connection: socket.socket, idle: float, deadline: float | None) -> None:
+        self.connection, self.idle, self.deadline = connection, idle, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        timeout = self.idle
+        if self.deadline is not None:
+            timeout = min(timeout, self.deadline - time.monotonic())
+            if timeout <= 0:
+                raise TimeoutError("the request's line and headers took too long")
+        self.connection.settimeout(timeout)
+        return self.connection.recv_into(buffer)
+
+
+def make_handler(engine: Engine, password: str, header_seconds: float = HEADER_SECONDS) -> type[BaseHTTPRequestHandler]:
+    """The request handler class for one engine and password; a new connection's first request line and headers
+    must arrive within ``header_seconds`` (:data:`HEADER_SECONDS`)."""
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "synthwatch-engine"
         sys_version = ""
         timeout = IDLE_SECONDS  # a connection idle (or a body stalled) this long is closed, its thread ends
+
+        def setup(self) -> None:
+            super().setup()
+            # until a request shows the password, reads share one deadline (a timeout ends the connection)
+            self._reader = _DeadlineReader(self.connection, IDLE_SECONDS, time.monotonic() + header_seconds)
+            self.rfile.close()  # the socket's own file: it holds a reference that keeps the socket open
+            self.rfile = io.BufferedReader(self._reader)
 
         def log_message(self, format: str, *args: Any) -> None:
             return None  # request lines carry queries and bound values: nothing is logged per request
@@ -593,6 +627,7 @@ def make_handler(engine: Engine, password: str) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True  # the body (if any) is not read
                 self._reply(401, _AUTH_FAILED, {"X-ClickHouse-Exception-Code": "516"})
                 return
+            self._reader.deadline = None  # the password's holder: idle and body reads as a server's
             if "Origin" in self.headers:
                 self.close_connection = True
                 self._reply(

@@ -32,6 +32,7 @@ from synthwatch.stream_apps.storage.engine_server import (
     MAX_READONLY_POOLS,
     USER,
     Engine,
+    EngineHTTPServer,
     make_handler,
 )
 from synthwatch.stream_apps.storage.sink import ClickHouseSink
@@ -560,3 +561,56 @@ def test_analysts_sql_reads_no_file_reaches_no_network_and_uses_only_allowed_tab
             assert execute_analyst(client, sql).rows == rows, sql
     finally:
         client.close()
+
+
+def test_clients_without_the_password_cannot_hold_the_connections_by_trickling_headers(
+    ch: Any, ch_settings: Settings, tmp_path: Path
+) -> None:
+    """Connections are capped before a request shows the password, and the 30 s timeout was per read: a client
+    sending a header byte now and then held a connection for ever, and as many such clients as the cap held the
+    engine from everyone. Now a connection's first request line and headers must all arrive within a deadline
+    (here 0.5 s; HEADER_SECONDS in the engine process). Two trickling clients on a server of two connections:
+    the server closes both, then serves a client with the password. Failed before: neither was closed (the wait
+    for it ran out) and the authorised client was never answered."""
+    import select
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    engine = Engine(ch_settings.embedded_clickhouse_path, tmp_path)
+    server = EngineHTTPServer(listener, make_handler(engine, "p" * 24, header_seconds=0.5), max_connections=2)
+    threading.Thread(target=server.serve_forever, name="engine-server", daemon=True).start()
+    port = listener.getsockname()[1]
+    slow = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(2)]
+    try:
+        for connection in slow:
+            connection.sendall(b"GET /ping HTTP/1.1\r\n")
+        open_ = list(slow)
+        for _ in range(600):  # a byte every 0.1 s on each, until the server has closed both (the bound: a failure)
+            for connection in list(open_):
+                if select.select([connection], [], [], 0)[0]:
+                    with contextlib.suppress(OSError):
+                        assert connection.recv(4096) == b""  # closed, no answer
+                    open_.remove(connection)
+                else:
+                    with contextlib.suppress(OSError):
+                        connection.sendall(b"X")
+            if not open_:
+                break
+            time.sleep(0.1)
+        assert not open_, "the trickling clients still hold their connections"
+        answer = _request(_Port(port), "/ping", _basic(USER, "p" * 24), timeout=60)
+        assert answer[:2] == (200, b"Ok.\n")
+    finally:
+        for connection in slow:
+            connection.close()
+        server.shutdown()
+        server.server_close()
+        engine.close()
+
+
+class _Port:
+    def __init__(self, port: int) -> None:
+        self.port = port
