@@ -19,7 +19,9 @@ created by whoever started it (Basic auth, or ``X-ClickHouse-User``/``X-ClickHou
 gets 401 with no detail. The password comes in :data:`PASSWORD_ENV` (never on the command line, where
 ``ps`` shows it) and is never printed. Requests from web pages (an ``Origin`` header) are refused too.
 What it holds is bounded whatever clients send: requests running (:class:`Admission`), waiting, connections
-and so threads (:class:`EngineHTTPServer`), idle handles (:meth:`Engine.handle`).
+and so threads (:class:`EngineHTTPServer`; a new connection's headers within :data:`HEADER_SECONDS`), idle
+handles (:meth:`Engine.handle`), request bodies (read in the request's turn, at most :data:`MAX_BODY` as sent
+and once decompressed).
 
 Run by :mod:`synthwatch.stack.engine`: ``python -m synthwatch.stream_apps.storage.engine_server DIR FD`` with
 the password in the environment and ``FD`` a listening loopback socket it inherits.
@@ -137,29 +139,46 @@ def authorized(headers: Mapping[str, str], password: str) -> bool:
     return bool(password) and ok_user and ok_password
 
 
-def decompress(encoding: str, body: bytes) -> bytes:
-    """A request body as clickhouse-connect sends it: lz4 or zstd frames (one per block), gzip, or plain."""
+def decompress(encoding: str, body: bytes, limit: int = MAX_BODY) -> bytes:
+    """A request body as clickhouse-connect sends it: lz4 or zstd frames (one per block), gzip, or plain; at most
+    ``limit`` bytes once decompressed (a few KiB of zeros compressed expand to GiB), else 400."""
     encoding = encoding.strip().lower()
     if encoding in ("", "identity"):
         return body
     if encoding == "lz4":
         import lz4.frame
 
-        out = []
-        while body:
-            decompressor = lz4.frame.LZ4FrameDecompressor()
-            out.append(decompressor.decompress(body))
-            body = decompressor.unused_data
-        return b"".join(out)
+        return _bounded(lz4.frame.LZ4FrameDecompressor, body, limit)
     if encoding == "zstd":
-        from clickhouse_connect.driver.compression import _zstd_decompress
+        from clickhouse_connect.driver.compression import _require_zstd
 
-        return bytes(_zstd_decompress(body))
+        return _bounded(_require_zstd().ZstdDecompressor, body, limit)
     if encoding in ("gzip", "deflate"):
         import zlib
 
-        return zlib.decompress(body, 47)
+        return _bounded(lambda: zlib.decompressobj(47), body, limit)
     raise RequestError(1, f"unsupported Content-Encoding {encoding!r}")
+
+
+def _bounded(decompressor: Any, body: bytes, limit: int) -> bytes:
+    """``body``'s frames (members), one after the other, decompressed by a new ``decompressor()`` each; never more
+    than ``limit`` + 1 bytes are made: beyond ``limit``, 400."""
+    out: list[bytes] = []
+    total = 0
+    while body:
+        frame = decompressor()
+        try:
+            chunk = frame.decompress(body, limit - total + 1)
+        except Exception as error:  # lz4's, zstd's and zlib's errors alike
+            raise RequestError(1, f"the request body does not decompress: {error}") from None
+        total += len(chunk)
+        if total > limit:
+            raise RequestError(1, f"request body too large: more than {limit} bytes decompressed")
+        if not frame.eof:
+            raise RequestError(1, "the request body ends inside a compressed frame")
+        out.append(chunk)
+        body = frame.unused_data
+    return b"".join(out)
 
 
 def form_fields(content_type: str, body: bytes) -> dict[str, str]:
@@ -170,7 +189,7 @@ def form_fields(content_type: str, body: bytes) -> dict[str, str]:
         name = part.get_param("name", header="content-disposition")
         payload = part.get_payload(decode=True)
         if isinstance(name, str) and isinstance(payload, bytes):
-            fields[name] = payload.decode("utf-8", errors="replace")
+            fields[name] = _text(payload)  # replacing bytes that are not UTF-8 changed the statement
     return fields
 
 
@@ -424,14 +443,15 @@ class Engine:
     def execute(
         self, sql: str, data: bytes | None, params: Mapping[str, str], default_format: str
     ) -> tuple[bytes, str, dict[str, str]]:
-        """Run one request's statement; returns (body, format, summary)."""
+        """Run one request's statement, in one of the :attr:`admission` slots the caller holds; returns (body,
+        format, summary)."""
         bound = {k[len("param_") :]: v for k, v in params.items() if k.startswith("param_")}
         settings = {k: v for k, v in params.items() if k not in _NOT_SETTINGS and not k.startswith("param_")}
         if settings.get("dialect", "clickhouse").strip().lower() != "clickhouse":
             # another dialect's parser would read the statement, not the one that checked it
             raise RequestError(48, "Only the clickhouse dialect is served here")
         insert = _INSERT.match(sql) if data is not None else None
-        with self.admission.slot(), self.handle(settings, params.get("database")) as handle:
+        with self.handle(settings, params.get("database")) as handle:
             if insert is not None and data is not None:
                 return self._insert(handle, insert.group(1), insert.group(2), data)
             match = _TRAILING_FORMAT.search(sql)
@@ -445,7 +465,7 @@ class Engine:
                     "run as further statements): send the data in the request body (clickhouse-connect: "
                     "client.insert), or INSERT ... SELECT with parameters (NOT_IMPLEMENTED)",
                 )
-            result = handle.connection.query(canonical, fmt, params=bound)
+            result = handle.connection.query(_engine_text(canonical), fmt, params=bound)
             return result.bytes() or b"", fmt, _summary(result, "read")
 
     def checked(self, handle: _Handle, statement: str) -> str:
@@ -484,7 +504,7 @@ class Engine:
             if not statement.endswith(source):  # the parser took our clause as inline data of the client's
                 raise RequestError(62, "Expected INSERT INTO table [(columns)] [SETTINGS ...] FORMAT format")
             statement = statement[: -len(source)] + f" FROM INFILE {_quote(name)} FORMAT {fmt}"
-            result = handle.connection.query(statement, "TabSeparated")
+            result = handle.connection.query(_engine_text(statement), "TabSeparated")
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(name)
@@ -514,7 +534,8 @@ def checked_statement(handle: _Handle, statement: str) -> str:
     except Exception as error:  # not one valid statement: the parser's own error, without our wrapping query
         message = str(error)
         raise RequestError(_code(message), _IN_SCOPE.sub("", message.split("DB::Exception: ", 1)[-1])) from None
-    canonical = (formatted.bytes() or b"").decode().strip()
+    # bytes, not necessarily UTF-8: ``'\\xff'`` in the text is the byte 0xFF in the canonical form
+    canonical = (formatted.bytes() or b"").decode("utf-8", "surrogateescape").strip()
     kind = session_statement(canonical)
     if kind is not None:
         raise RequestError(48, f"{kind} statements are not served here: {_INSTEAD[kind]} (NOT_IMPLEMENTED)")
@@ -542,6 +563,11 @@ _INSTEAD = {
 #: the data. Refused with a clear message; the canonical text that runs would have no data anyway.
 _INLINE_DATA = re.compile(r"^INSERT INTO .* FORMAT \w+$")
 _IN_SCOPE = re.compile(r":? In scope SELECT formatQuerySingleLine\(.*?\)\.?(?= \(|$)", re.DOTALL)
+
+
+def _engine_text(statement: str) -> bytes:
+    """A canonical statement as the engine wrote it (bytes its string literals hold that are not UTF-8 included)."""
+    return statement.encode("utf-8", "surrogateescape")
 
 
 def _code(message: str) -> int:
@@ -637,21 +663,29 @@ def make_handler(engine: Engine, password: str, header_seconds: float = HEADER_S
                 )
                 return
             query_id = str(uuid.uuid4())
+            url = urlparse(self.path)
+            if url.path.rstrip("/") == "/ping":
+                self.close_connection = self.close_connection or post  # a body (if any) is not read
+                self._reply(200, b"Ok.\n", {})
+                return
+            body_read = not post
             try:
-                body = decompress(self.headers.get("Content-Encoding", ""), self._body()) if post else b""
-                url = urlparse(self.path)
-                if url.path.rstrip("/") == "/ping":
-                    self._reply(200, b"Ok.\n", {})
-                    return
-                params = dict(parse_qsl(url.query, keep_blank_values=True))
-                query_id = params.get("query_id") or query_id
-                content_type = self.headers.get("Content-Type", "")
-                if content_type.startswith("multipart/form-data"):
-                    params.update(form_fields(content_type, body))
-                    body = b""
-                sql, data = _statement(params.get("query"), body)
-                result, fmt, summary = engine.execute(sql, data, params, params.get("default_format") or "TabSeparated")
+                # the body is read in the request's turn: bodies in memory are bounded by the requests running
+                with engine.admission.slot():
+                    body = decompress(self.headers.get("Content-Encoding", ""), self._body()) if post else b""
+                    body_read = True
+                    params = _url_parameters(url.query)
+                    query_id = params.get("query_id") or query_id
+                    content_type = self.headers.get("Content-Type", "")
+                    if content_type.startswith("multipart/form-data"):
+                        params.update(form_fields(content_type, body))
+                        body = b""
+                    sql, data = _statement(params.get("query"), body)
+                    default_format = params.get("default_format") or "TabSeparated"
+                    result, fmt, summary = engine.execute(sql, data, params, default_format)
             except Exception as error:  # the engine's message is what the client shows, as from a server
+                if not body_read:  # refused before its body was read: what follows on the connection is that body
+                    self.close_connection = True
                 code, text = engine_error(error)
                 status = error.status if isinstance(error, RequestError) else 500
                 headers = {"X-ClickHouse-Exception-Code": str(code), "X-ClickHouse-Query-Id": query_id}
@@ -709,6 +743,14 @@ def make_handler(engine: Engine, password: str, header_seconds: float = HEADER_S
     return Handler
 
 
+def _url_parameters(query: str) -> dict[str, str]:
+    """The URL's parameters; 400 if one is not UTF-8 (decoding them with replacement changed the statement)."""
+    try:
+        return dict(parse_qsl(query, keep_blank_values=True, errors="strict"))
+    except UnicodeDecodeError:
+        raise RequestError(27, "A URL parameter is not UTF-8 text once percent-decoded") from None
+
+
 def _statement(query: str | None, body: bytes) -> tuple[str, bytes | None]:
     """The statement and the insert data of a request, as ClickHouse's HTTP interface reads them.
 
@@ -718,11 +760,21 @@ def _statement(query: str | None, body: bytes) -> tuple[str, bytes | None]:
     if query is not None:
         if _INSERT.match(query):
             return query, body
-        return (f"{query}\n{body.decode()}" if body else query), None
+        return (f"{query}\n{_text(body)}" if body else query), None
     inline = _INLINE_INSERT.match(body)
     if inline is not None:
-        return inline.group(1).decode(), body[inline.end() :]
-    return body.decode(), None
+        return _text(inline.group(1)), body[inline.end() :]
+    return _text(body), None
+
+
+def _text(statement: bytes) -> str:
+    """A statement's text, which must be UTF-8 (400 otherwise; a byte goes in a string literal as ``'\\xFF'``)."""
+    try:
+        return statement.decode()
+    except UnicodeDecodeError:
+        raise RequestError(
+            27, "The statement is not UTF-8 text: write other bytes as escapes in string literals ('\\xFF')"
+        ) from None
 
 
 class EngineHTTPServer(ThreadingHTTPServer):

@@ -33,6 +33,8 @@ from synthwatch.stream_apps.storage.engine_server import (
     USER,
     Engine,
     EngineHTTPServer,
+    RequestError,
+    decompress,
     make_handler,
 )
 from synthwatch.stream_apps.storage.sink import ClickHouseSink
@@ -186,6 +188,41 @@ def test_per_request_settings_apply_to_their_request_only(engine: EngineProcess,
         assert client.query(sql).result_rows[0][0] == default
     finally:
         client.close()
+
+
+def test_statements_whose_strings_hold_bytes_that_are_not_utf8_run(engine: EngineProcess, tmp_path: Path) -> None:
+    """``'\\xff'`` in a string literal is the byte 0xFF, which ClickHouse's canonical form holds as is. Before, the
+    canonical form was decoded as UTF-8: such valid queries failed with a generic engine error (500). A statement
+    text that is itself not UTF-8 gets a 400 that says so."""
+    client = connect(Settings(data_dir=tmp_path, clickhouse_url=engine.url("bytes")))
+    try:
+        assert client.query(r"SELECT '\xff' = unhex('FF') AS a, length('\xfe\xff') AS b").result_rows == [(1, 2)]
+        assert client.query(r"SELECT hex({s:String} || '\xff') AS h", parameters={"s": "a"}).result_rows == [("61FF",)]
+    finally:
+        client.close()
+    status, body, _ = _request(engine, "/", _basic(USER, engine.password), b"SELECT '\xff'")
+    assert status == 400 and b"not UTF-8" in body
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "lz4", "zstd"])
+def test_a_compressed_body_is_decompressed_up_to_a_bound_only(encoding: str) -> None:
+    """A few KiB of compressed zeros expand to GiB: before, bodies were decompressed whatever they grew to. Now at
+    most ``limit`` bytes (MAX_BODY in the server) come out, frame after frame, and a body cut inside a frame is
+    refused, each as a 400 (RequestError)."""
+    import gzip
+
+    import lz4.frame
+    from clickhouse_connect.driver.compression import _require_zstd
+
+    compress = {"gzip": gzip.compress, "lz4": lz4.frame.compress, "zstd": _require_zstd().compress}[encoding]
+    frame = compress(bytes(1 << 20))  # 1 MiB of zeros: a few hundred bytes to a few KiB compressed
+    assert len(frame) < 8192
+    body = frame + compress(b"tail")
+    assert decompress(encoding, body, limit=(1 << 20) + 4) == bytes(1 << 20) + b"tail"
+    for limit, refusal in (((1 << 20) + 3, "too large"), (1000, "too large"), (1 << 30, "inside")):
+        with pytest.raises(RequestError) as raised:
+            decompress(encoding, body[:-2] if refusal == "inside" else body, limit=limit)
+        assert refusal in str(raised.value) and raised.value.status == 400
 
 
 def test_a_request_without_a_database_runs_in_the_default_one(engine: EngineProcess) -> None:
