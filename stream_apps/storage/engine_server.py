@@ -347,7 +347,7 @@ class Engine:
         #: Requests in the engine at once, and as many waiting: handles in use are bounded by it.
         self.admission = Admission(max_requests, max_requests)
         #: Canonical forms of statements recently checked, least recently used first (:meth:`checked`).
-        self._checked: OrderedDict[str, str] = OrderedDict()
+        self._checked: OrderedDict[tuple[str, tuple[tuple[str, str], ...]], str] = OrderedDict()
         #: Idle handles per pool, least recently used pool first.
         self._idle: OrderedDict[_Pool, list[_Handle]] = OrderedDict()
         self._all: set[_Handle] = set()  # open handles, idle or in use
@@ -473,18 +473,23 @@ class Engine:
 
         Why: the check is an engine call (~1.5 ms of the engine's CPU, a third of a small query's), and most
         requests repeat a text: an insert's statement, clickhouse-connect's ``DESCRIBE TABLE``, queries with
-        bound parameters. A canonical form is one statement without data whatever settings another request
-        has, so it is safe to run for any of them; refused statements are not remembered.
+        bound parameters. Remembered per text *and* setting set (the handle's, the request's): the parse that
+        checks runs under the request's settings, which decide what parses (``implicit_select``,
+        ``max_query_size``, ``max_parser_depth``); a form checked under one set is not run for another (before,
+        ``1`` checked under ``implicit_select=1`` then ran as ``SELECT 1`` for requests without it). A client
+        sends the same few settings with every request, so its texts still hit. Refused statements are not
+        remembered.
         """
+        key = (statement, tuple(sorted(handle.settings.items())))
         with self._lock:
-            canonical = self._checked.get(statement)
+            canonical = self._checked.get(key)
             if canonical is not None:
-                self._checked.move_to_end(statement)
+                self._checked.move_to_end(key)
                 return canonical
         canonical = checked_statement(handle, statement)
         if len(statement) <= MAX_CHECKED_CHARS:
             with self._lock:
-                self._checked[statement] = canonical
+                self._checked[key] = canonical
                 while len(self._checked) > MAX_CHECKED_STATEMENTS:
                     self._checked.popitem(last=False)
         return canonical
