@@ -558,8 +558,8 @@ _INSTEAD = {
     **dict.fromkeys(("BEGIN", "COMMIT", "ROLLBACK"), "each request runs on its own; there are no transactions"),
     "SYSTEM": "they act on the engine's process (SYSTEM SHUTDOWN signals its whole process group); only SYSTEM "
     "STOP MERGES and SYSTEM START MERGES are served",
-    "KILL": "every request's query runs in this one engine; a request ends when its client closes or at "
-    "max_execution_time",
+    "KILL": "every request's query runs in this one engine, so it would end other clients' queries; bound a "
+    "query with the max_execution_time setting",
     "EXECUTE AS": "requests run as the engine's one user",
     "FUNCTION": "a user-defined function is global and kept in the engine directory, so it would run in every "
     "later request; write the expression in the query, or use WITH",
