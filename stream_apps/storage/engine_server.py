@@ -10,15 +10,18 @@ parameter a setting; ``INSERT ... FORMAT fmt`` with the data in the body (lz4/zs
 engine's ``Code: N. DB::Exception: ...`` text), so the client raises the same exceptions as against a
 server. The worker then runs its production path (``SYNTHWATCH_CLICKHOUSE_URL=http://...``) unchanged.
 Not served (400, :func:`checked_statement`): statements that change a session (``SET``, ``USE``, temporary
-tables, transactions), as handles are pooled and they would change the next request's session; several
-statements in one text; an INSERT with its data in the statement text rather than the body.
+tables, transactions), as handles are pooled and they would change the next request's session; statements that
+reach beyond the request (``SYSTEM`` but for stopping and starting merges, ``KILL``, ``EXECUTE AS``, ``CREATE
+FUNCTION``); several statements in one text; an INSERT with its data in the statement text rather than the body.
 
 Security: it listens on loopback only, and every request, ``/ping`` included, must carry the password
 created by whoever started it (Basic auth, or ``X-ClickHouse-User``/``X-ClickHouse-Key``); anything else
 gets 401 with no detail. The password comes in :data:`PASSWORD_ENV` (never on the command line, where
 ``ps`` shows it) and is never printed. Requests from web pages (an ``Origin`` header) are refused too.
 What it holds is bounded whatever clients send: requests running (:class:`Admission`), waiting, connections
-and so threads (:class:`EngineHTTPServer`), idle handles (:meth:`Engine.handle`).
+and so threads (:class:`EngineHTTPServer`; a new connection's headers within :data:`HEADER_SECONDS`), idle
+handles (:meth:`Engine.handle`), request bodies (read in the request's turn, at most :data:`MAX_BODY` as sent
+and once decompressed).
 
 Run by :mod:`synthwatch.stack.engine`: ``python -m synthwatch.stream_apps.storage.engine_server DIR FD`` with
 the password in the environment and ``FD`` a listening loopback socket it inherits.
@@ -29,6 +32,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hmac
+import io
 import json
 import os
 import re
@@ -36,6 +40,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -53,6 +58,8 @@ from synthwatch.stream_apps.storage.clickhouse import prepare_embedded_engine
 PASSWORD_ENV = "SYNTHWATCH_ENGINE_PASSWORD"
 #: The user name the engine accepts (ClickHouse's default user's name, so URLs look like a server's).
 USER = "synthwatch"
+#: The database a request that names none runs in: a new chDB connection's, as a server's default user's.
+DEFAULT_DATABASE = "default"
 #: The largest request body accepted (a sink insert of a 100k-event checkpoint is ~30 MiB).
 MAX_BODY = 1 << 30
 
@@ -94,6 +101,14 @@ _CODE = re.compile(r"Code:\s*(\d+)")
 _SESSION_STATEMENT = re.compile(
     r"^(?:(?:SET|USE|BEGIN|COMMIT|ROLLBACK)\b|(?:CREATE|ATTACH|REPLACE|DROP|DETACH)(?: OR REPLACE)? TEMPORARY\b)"
 )
+#: Statements that reach beyond the request, canonical: ``SYSTEM`` (``SYSTEM SHUTDOWN`` signals the engine's whole
+#: process group, ``SYSTEM KILL`` kills the engine) except the merges switch the backfill uses
+#: (``stream_apps/storage/backfill/ingest.py``); ``KILL`` (``KILL QUERY WHERE 1`` ends every other request's
+#: query); ``EXECUTE AS`` (another user's rights); ``CREATE``/``DROP FUNCTION`` (global and stored in the engine
+#: directory: a function made by one request runs in every later one, analysts' included).
+_ENGINE_STATEMENT = re.compile(
+    r"^(?:SYSTEM (?!(?:STOP|START) MERGES\b)|KILL\b|EXECUTE AS\b|(?:CREATE|DROP)(?: OR REPLACE)? FUNCTION\b)"
+)
 _AUTH_FAILED = b"Code: 516. DB::Exception: Authentication failed. (AUTHENTICATION_FAILED)\n"
 
 
@@ -124,29 +139,46 @@ def authorized(headers: Mapping[str, str], password: str) -> bool:
     return bool(password) and ok_user and ok_password
 
 
-def decompress(encoding: str, body: bytes) -> bytes:
-    """A request body as clickhouse-connect sends it: lz4 or zstd frames (one per block), gzip, or plain."""
+def decompress(encoding: str, body: bytes, limit: int = MAX_BODY) -> bytes:
+    """A request body as clickhouse-connect sends it: lz4 or zstd frames (one per block), gzip, or plain; at most
+    ``limit`` bytes once decompressed (a few KiB of zeros compressed expand to GiB), else 400."""
     encoding = encoding.strip().lower()
     if encoding in ("", "identity"):
         return body
     if encoding == "lz4":
         import lz4.frame
 
-        out = []
-        while body:
-            decompressor = lz4.frame.LZ4FrameDecompressor()
-            out.append(decompressor.decompress(body))
-            body = decompressor.unused_data
-        return b"".join(out)
+        return _bounded(lz4.frame.LZ4FrameDecompressor, body, limit)
     if encoding == "zstd":
-        from clickhouse_connect.driver.compression import _zstd_decompress
+        from clickhouse_connect.driver.compression import _require_zstd
 
-        return bytes(_zstd_decompress(body))
+        return _bounded(_require_zstd().ZstdDecompressor, body, limit)
     if encoding in ("gzip", "deflate"):
         import zlib
 
-        return zlib.decompress(body, 47)
+        return _bounded(lambda: zlib.decompressobj(47), body, limit)
     raise RequestError(1, f"unsupported Content-Encoding {encoding!r}")
+
+
+def _bounded(decompressor: Any, body: bytes, limit: int) -> bytes:
+    """``body``'s frames (members), one after the other, decompressed by a new ``decompressor()`` each; never more
+    than ``limit`` + 1 bytes are made: beyond ``limit``, 400."""
+    out: list[bytes] = []
+    total = 0
+    while body:
+        frame = decompressor()
+        try:
+            chunk = frame.decompress(body, limit - total + 1)
+        except Exception as error:  # lz4's, zstd's and zlib's errors alike
+            raise RequestError(1, f"the request body does not decompress: {error}") from None
+        total += len(chunk)
+        if total > limit:
+            raise RequestError(1, f"request body too large: more than {limit} bytes decompressed")
+        if not frame.eof:
+            raise RequestError(1, "the request body ends inside a compressed frame")
+        out.append(chunk)
+        body = frame.unused_data
+    return b"".join(out)
 
 
 def form_fields(content_type: str, body: bytes) -> dict[str, str]:
@@ -157,7 +189,7 @@ def form_fields(content_type: str, body: bytes) -> dict[str, str]:
         name = part.get_param("name", header="content-disposition")
         payload = part.get_payload(decode=True)
         if isinstance(name, str) and isinstance(payload, bytes):
-            fields[name] = payload.decode("utf-8", errors="replace")
+            fields[name] = _text(payload)  # replacing bytes that are not UTF-8 changed the statement
     return fields
 
 
@@ -171,18 +203,24 @@ def _escaped(value: str) -> str:
 
 
 def session_statement(canonical: str) -> str | None:
-    """What a statement in ClickHouse's canonical form (``formatQuerySingleLine``) would change in the session it
-    runs in (``"SET"``, ``"USE"``, ``"TEMPORARY"``, ...), or None for a statement that changes none.
+    """What a statement in ClickHouse's canonical form (``formatQuerySingleLine``) would change beyond its own
+    request (``"SET"``, ``"USE"``, ``"TEMPORARY"``, ``"SYSTEM"``, ``"KILL"``, ...), or None for one that changes
+    neither the session it runs in nor the engine's process.
 
     Why on the canonical form: ClickHouse's own parser has dropped comments, folded case and whitespace and
     refused several statements in one text, so ``/* x */ sEt``, ``\\nUSE`` and ``SELECT 1; SET ...`` look like what
-    they are. Not session state, so not refused: a ``SETTINGS`` clause (that statement only), ``SYSTEM ...``
-    (the whole engine's; the backfill stops merges so), DDL on real tables.
+    they are. Not refused: a ``SETTINGS`` clause (that statement only), ``SYSTEM STOP/START MERGES`` (the
+    backfill's), DDL on real tables.
     """
-    match = _SESSION_STATEMENT.match(canonical)
+    match = _SESSION_STATEMENT.match(canonical) or _ENGINE_STATEMENT.match(canonical)
     if match is None:
         return None
-    return "TEMPORARY" if "TEMPORARY" in match.group(0) else match.group(0)
+    word = match.group(0)
+    if "TEMPORARY" in word:
+        return "TEMPORARY"
+    if word.endswith("FUNCTION"):
+        return "FUNCTION"
+    return "EXECUTE AS" if word.startswith("EXECUTE") else word.split(" ")[0]
 
 
 class Admission:
@@ -247,19 +285,23 @@ class _Handle:
 
     def __init__(self, connection: Any) -> None:
         self.connection = connection
-        self.database: str | None = None
+        self.database: str | None = DEFAULT_DATABASE  # a new connection's (None: unknown, a USE failed)
         self.settings: dict[str, str] = {}
 
     def prepare(self, database: str | None, settings: Mapping[str, str]) -> None:
-        if database and database != self.database:
+        """Make the handle's session the request's: its database (the default one when it names none, as a
+        server does) and exactly its settings. A setting counts as applied, or as reset, only once its ``SET``
+        ran; whoever gets an exception from here must not pool the handle again (:meth:`Engine.handle`)."""
+        database = database or DEFAULT_DATABASE
+        if database != self.database:
             if not _IDENTIFIER.match(database):
                 raise RequestError(81, f"Database {database!r} is not a plain identifier")
             self.database = None
             self.connection.query(f"USE {database}", "TabSeparated")
             self.database = database
         for name in [n for n in self.settings if n not in settings]:
-            del self.settings[name]
             self.connection.query(f"SET {name} = DEFAULT", "TabSeparated")
+            del self.settings[name]
         for name, value in sorted(settings.items(), key=lambda item: item[0] == "readonly"):
             if self.settings.get(name) != value:
                 if not _IDENTIFIER.match(name):
@@ -277,6 +319,10 @@ DEFAULT_MAX_REQUESTS = max(8, 4 * (os.cpu_count() or 1))
 #: How long a connection may sit idle between requests before it is closed (its thread ends): ClickHouse's own
 #: ``keep_alive_timeout``. clickhouse-connect opens a new connection for a pooled one the server closed.
 IDLE_SECONDS = 30
+#: How long a new connection has to deliver its first request's line and headers, in all (not per read): until a
+#: request has shown the password, a client holds one of the capped connections (:class:`EngineHTTPServer`), and
+#: with a per-read timeout a byte every few seconds held it for ever. Loopback clients send theirs in one write.
+HEADER_SECONDS = 5.0
 
 #: Statements whose canonical form is remembered (:meth:`Engine.checked`), and the longest one remembered.
 MAX_CHECKED_STATEMENTS = 256
@@ -301,7 +347,7 @@ class Engine:
         #: Requests in the engine at once, and as many waiting: handles in use are bounded by it.
         self.admission = Admission(max_requests, max_requests)
         #: Canonical forms of statements recently checked, least recently used first (:meth:`checked`).
-        self._checked: OrderedDict[str, str] = OrderedDict()
+        self._checked: OrderedDict[tuple[str, tuple[tuple[str, str], ...]], str] = OrderedDict()
         #: Idle handles per pool, least recently used pool first.
         self._idle: OrderedDict[_Pool, list[_Handle]] = OrderedDict()
         self._all: set[_Handle] = set()  # open handles, idle or in use
@@ -310,9 +356,16 @@ class Engine:
             self.timezone = handle.connection.query("SELECT timezone()", "TabSeparated").bytes().decode().strip()
 
     @contextlib.contextmanager
-    def handle(self, settings: Mapping[str, str]) -> Iterator[_Handle]:
-        """A handle of its own for one request (one is opened when all are busy). Requests that set ``readonly``
-        share handles only with requests of the very same settings (see :class:`_Handle`).
+    def handle(self, settings: Mapping[str, str], database: str | None = None) -> Iterator[_Handle]:
+        """A handle of its own for one request (one is opened when all are busy), prepared with the request's
+        ``database`` and ``settings`` (:meth:`_Handle.prepare`). Requests that set ``readonly`` share handles only
+        with requests of the very same settings (see :class:`_Handle`).
+
+        A handle goes back to its pool only when its request raised nothing: a failed ``SET`` or statement leaves
+        its session in a state not known here (a request's ``max_query_size=20`` made every later ``SET`` on that
+        handle fail, and the pool handed it out for ever), so it is closed instead. A pooled handle that cannot
+        be prepared is replaced by a new one (it has no state to reset), so one request's settings never fail
+        another's.
 
         Bounded whatever clients send: setting sets are the client's to choose, and a pool per set, kept for
         ever, grew with every distinct one (a handle, its session and its queue each). At most
@@ -330,21 +383,40 @@ class Engine:
             self._idle.move_to_end(pool)
             handle = idle.pop() if idle else None
         _close(evicted)
+        if handle is not None:
+            try:
+                handle.prepare(database, settings)
+            except Exception:
+                self._discard(handle)
+                handle = None
         if handle is None:
             handle = _Handle(self._chdb.connect(self.path))
             with self._lock:
                 self._all.add(handle)
+            try:
+                handle.prepare(database, settings)
+            except BaseException:
+                self._discard(handle)
+                raise
         try:
             yield handle
-        finally:
-            with self._lock:
-                kept = self._idle.get(pool) is idle and len(idle) < MAX_IDLE_HANDLES
-                if kept:
-                    idle.append(handle)
-                else:
-                    self._all.discard(handle)
-            if not kept:
-                _close([handle])
+        except BaseException:
+            self._discard(handle)
+            raise
+        with self._lock:
+            kept = self._idle.get(pool) is idle and len(idle) < MAX_IDLE_HANDLES
+            if kept:
+                idle.append(handle)
+            else:
+                self._all.discard(handle)
+        if not kept:
+            _close([handle])
+
+    def _discard(self, handle: _Handle) -> None:
+        """Close a handle that is not to be pooled again."""
+        with self._lock:
+            self._all.discard(handle)
+        _close([handle])
 
     def _evict(self) -> list[_Handle]:
         """Drop the least recently used read-only pools beyond :data:`MAX_READONLY_POOLS` (under the lock); their
@@ -371,15 +443,15 @@ class Engine:
     def execute(
         self, sql: str, data: bytes | None, params: Mapping[str, str], default_format: str
     ) -> tuple[bytes, str, dict[str, str]]:
-        """Run one request's statement; returns (body, format, summary)."""
+        """Run one request's statement, in one of the :attr:`admission` slots the caller holds; returns (body,
+        format, summary)."""
         bound = {k[len("param_") :]: v for k, v in params.items() if k.startswith("param_")}
         settings = {k: v for k, v in params.items() if k not in _NOT_SETTINGS and not k.startswith("param_")}
         if settings.get("dialect", "clickhouse").strip().lower() != "clickhouse":
             # another dialect's parser would read the statement, not the one that checked it
             raise RequestError(48, "Only the clickhouse dialect is served here")
         insert = _INSERT.match(sql) if data is not None else None
-        with self.admission.slot(), self.handle(settings) as handle:
-            handle.prepare(params.get("database"), settings)
+        with self.handle(settings, params.get("database")) as handle:
             if insert is not None and data is not None:
                 return self._insert(handle, insert.group(1), insert.group(2), data)
             match = _TRAILING_FORMAT.search(sql)
@@ -393,7 +465,7 @@ class Engine:
                     "run as further statements): send the data in the request body (clickhouse-connect: "
                     "client.insert), or INSERT ... SELECT with parameters (NOT_IMPLEMENTED)",
                 )
-            result = handle.connection.query(canonical, fmt, params=bound)
+            result = handle.connection.query(_engine_text(canonical), fmt, params=bound)
             return result.bytes() or b"", fmt, _summary(result, "read")
 
     def checked(self, handle: _Handle, statement: str) -> str:
@@ -401,18 +473,23 @@ class Engine:
 
         Why: the check is an engine call (~1.5 ms of the engine's CPU, a third of a small query's), and most
         requests repeat a text: an insert's statement, clickhouse-connect's ``DESCRIBE TABLE``, queries with
-        bound parameters. A canonical form is one statement without data whatever settings another request
-        has, so it is safe to run for any of them; refused statements are not remembered.
+        bound parameters. Remembered per text *and* setting set (the handle's, the request's): the parse that
+        checks runs under the request's settings, which decide what parses (``implicit_select``,
+        ``max_query_size``, ``max_parser_depth``); a form checked under one set is not run for another (before,
+        ``1`` checked under ``implicit_select=1`` then ran as ``SELECT 1`` for requests without it). A client
+        sends the same few settings with every request, so its texts still hit. Refused statements are not
+        remembered.
         """
+        key = (statement, tuple(sorted(handle.settings.items())))
         with self._lock:
-            canonical = self._checked.get(statement)
+            canonical = self._checked.get(key)
             if canonical is not None:
-                self._checked.move_to_end(statement)
+                self._checked.move_to_end(key)
                 return canonical
         canonical = checked_statement(handle, statement)
         if len(statement) <= MAX_CHECKED_CHARS:
             with self._lock:
-                self._checked[statement] = canonical
+                self._checked[key] = canonical
                 while len(self._checked) > MAX_CHECKED_STATEMENTS:
                     self._checked.popitem(last=False)
         return canonical
@@ -432,7 +509,7 @@ class Engine:
             if not statement.endswith(source):  # the parser took our clause as inline data of the client's
                 raise RequestError(62, "Expected INSERT INTO table [(columns)] [SETTINGS ...] FORMAT format")
             statement = statement[: -len(source)] + f" FROM INFILE {_quote(name)} FORMAT {fmt}"
-            result = handle.connection.query(statement, "TabSeparated")
+            result = handle.connection.query(_engine_text(statement), "TabSeparated")
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(name)
@@ -462,7 +539,8 @@ def checked_statement(handle: _Handle, statement: str) -> str:
     except Exception as error:  # not one valid statement: the parser's own error, without our wrapping query
         message = str(error)
         raise RequestError(_code(message), _IN_SCOPE.sub("", message.split("DB::Exception: ", 1)[-1])) from None
-    canonical = (formatted.bytes() or b"").decode().strip()
+    # bytes, not necessarily UTF-8: ``'\\xff'`` in the text is the byte 0xFF in the canonical form
+    canonical = (formatted.bytes() or b"").decode("utf-8", "surrogateescape").strip()
     kind = session_statement(canonical)
     if kind is not None:
         raise RequestError(48, f"{kind} statements are not served here: {_INSTEAD[kind]} (NOT_IMPLEMENTED)")
@@ -478,11 +556,23 @@ _INSTEAD = {
     "TEMPORARY": "temporary tables live in a session and requests share pooled sessions; use a subquery, WITH, "
     "or a table in a database",
     **dict.fromkeys(("BEGIN", "COMMIT", "ROLLBACK"), "each request runs on its own; there are no transactions"),
+    "SYSTEM": "they act on the engine's process (SYSTEM SHUTDOWN signals its whole process group); only SYSTEM "
+    "STOP MERGES and SYSTEM START MERGES are served",
+    "KILL": "every request's query runs in this one engine, so it would end other clients' queries; bound a "
+    "query with the max_execution_time setting",
+    "EXECUTE AS": "requests run as the engine's one user",
+    "FUNCTION": "a user-defined function is global and kept in the engine directory, so it would run in every "
+    "later request; write the expression in the query, or use WITH",
 }
 #: An INSERT with inline data (or ``FROM INFILE``), canonical: the formatter writes ``FORMAT fmt`` last and drops
 #: the data. Refused with a clear message; the canonical text that runs would have no data anyway.
 _INLINE_DATA = re.compile(r"^INSERT INTO .* FORMAT \w+$")
 _IN_SCOPE = re.compile(r":? In scope SELECT formatQuerySingleLine\(.*?\)\.?(?= \(|$)", re.DOTALL)
+
+
+def _engine_text(statement: str) -> bytes:
+    """A canonical statement as the engine wrote it (bytes its string literals hold that are not UTF-8 included)."""
+    return statement.encode("utf-8", "surrogateescape")
 
 
 def _code(message: str) -> int:
@@ -517,14 +607,42 @@ def engine_error(error: Exception) -> tuple[int, bytes]:
     return code, (message + "\n").encode()
 
 
-def make_handler(engine: Engine, password: str) -> type[BaseHTTPRequestHandler]:
-    """The request handler class for one engine and password."""
+class _DeadlineReader(io.RawIOBase):
+    """A socket's reads, each with at most ``idle`` seconds, and all of them together ending at ``deadline``
+    (``time.monotonic()``; None: no deadline), past which a read raises TimeoutError."""
+
+    def __init__(self, connection: socket.socket, idle: float, deadline: float | None) -> None:
+        self.connection, self.idle, self.deadline = connection, idle, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        timeout = self.idle
+        if self.deadline is not None:
+            timeout = min(timeout, self.deadline - time.monotonic())
+            if timeout <= 0:
+                raise TimeoutError("the request's line and headers took too long")
+        self.connection.settimeout(timeout)
+        return self.connection.recv_into(buffer)
+
+
+def make_handler(engine: Engine, password: str, header_seconds: float = HEADER_SECONDS) -> type[BaseHTTPRequestHandler]:
+    """The request handler class for one engine and password; a new connection's first request line and headers
+    must arrive within ``header_seconds`` (:data:`HEADER_SECONDS`)."""
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "synthwatch-engine"
         sys_version = ""
         timeout = IDLE_SECONDS  # a connection idle (or a body stalled) this long is closed, its thread ends
+
+        def setup(self) -> None:
+            super().setup()
+            # until a request shows the password, reads share one deadline (a timeout ends the connection)
+            self._reader = _DeadlineReader(self.connection, IDLE_SECONDS, time.monotonic() + header_seconds)
+            self.rfile.close()  # the socket's own file: it holds a reference that keeps the socket open
+            self.rfile = io.BufferedReader(self._reader)
 
         def log_message(self, format: str, *args: Any) -> None:
             return None  # request lines carry queries and bound values: nothing is logged per request
@@ -540,6 +658,7 @@ def make_handler(engine: Engine, password: str) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True  # the body (if any) is not read
                 self._reply(401, _AUTH_FAILED, {"X-ClickHouse-Exception-Code": "516"})
                 return
+            self._reader.deadline = None  # the password's holder: idle and body reads as a server's
             if "Origin" in self.headers:
                 self.close_connection = True
                 self._reply(
@@ -549,21 +668,29 @@ def make_handler(engine: Engine, password: str) -> type[BaseHTTPRequestHandler]:
                 )
                 return
             query_id = str(uuid.uuid4())
+            url = urlparse(self.path)
+            if url.path.rstrip("/") == "/ping":
+                self.close_connection = self.close_connection or post  # a body (if any) is not read
+                self._reply(200, b"Ok.\n", {})
+                return
+            body_read = not post
             try:
-                body = decompress(self.headers.get("Content-Encoding", ""), self._body()) if post else b""
-                url = urlparse(self.path)
-                if url.path.rstrip("/") == "/ping":
-                    self._reply(200, b"Ok.\n", {})
-                    return
-                params = dict(parse_qsl(url.query, keep_blank_values=True))
-                query_id = params.get("query_id") or query_id
-                content_type = self.headers.get("Content-Type", "")
-                if content_type.startswith("multipart/form-data"):
-                    params.update(form_fields(content_type, body))
-                    body = b""
-                sql, data = _statement(params.get("query"), body)
-                result, fmt, summary = engine.execute(sql, data, params, params.get("default_format") or "TabSeparated")
+                # the body is read in the request's turn: bodies in memory are bounded by the requests running
+                with engine.admission.slot():
+                    body = decompress(self.headers.get("Content-Encoding", ""), self._body()) if post else b""
+                    body_read = True
+                    params = _url_parameters(url.query)
+                    query_id = params.get("query_id") or query_id
+                    content_type = self.headers.get("Content-Type", "")
+                    if content_type.startswith("multipart/form-data"):
+                        params.update(form_fields(content_type, body))
+                        body = b""
+                    sql, data = _statement(params.get("query"), body)
+                    default_format = params.get("default_format") or "TabSeparated"
+                    result, fmt, summary = engine.execute(sql, data, params, default_format)
             except Exception as error:  # the engine's message is what the client shows, as from a server
+                if not body_read:  # refused before its body was read: what follows on the connection is that body
+                    self.close_connection = True
                 code, text = engine_error(error)
                 status = error.status if isinstance(error, RequestError) else 500
                 headers = {"X-ClickHouse-Exception-Code": str(code), "X-ClickHouse-Query-Id": query_id}
@@ -621,6 +748,14 @@ def make_handler(engine: Engine, password: str) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def _url_parameters(query: str) -> dict[str, str]:
+    """The URL's parameters; 400 if one is not UTF-8 (decoding them with replacement changed the statement)."""
+    try:
+        return dict(parse_qsl(query, keep_blank_values=True, errors="strict"))
+    except UnicodeDecodeError:
+        raise RequestError(27, "A URL parameter is not UTF-8 text once percent-decoded") from None
+
+
 def _statement(query: str | None, body: bytes) -> tuple[str, bytes | None]:
     """The statement and the insert data of a request, as ClickHouse's HTTP interface reads them.
 
@@ -630,11 +765,21 @@ def _statement(query: str | None, body: bytes) -> tuple[str, bytes | None]:
     if query is not None:
         if _INSERT.match(query):
             return query, body
-        return (f"{query}\n{body.decode()}" if body else query), None
+        return (f"{query}\n{_text(body)}" if body else query), None
     inline = _INLINE_INSERT.match(body)
     if inline is not None:
-        return inline.group(1).decode(), body[inline.end() :]
-    return body.decode(), None
+        return _text(inline.group(1)), body[inline.end() :]
+    return _text(body), None
+
+
+def _text(statement: bytes) -> str:
+    """A statement's text, which must be UTF-8 (400 otherwise; a byte goes in a string literal as ``'\\xFF'``)."""
+    try:
+        return statement.decode()
+    except UnicodeDecodeError:
+        raise RequestError(
+            27, "The statement is not UTF-8 text: write other bytes as escapes in string literals ('\\xFF')"
+        ) from None
 
 
 class EngineHTTPServer(ThreadingHTTPServer):

@@ -9,7 +9,8 @@ chDB connection handle (own lock, so a query never holds the sink's lock) with `
 limits on time, rows and memory. ``readonly=1`` alone is not enough in the embedded engine (checked:
 it still writes ``INTO OUTFILE`` and still reads files through the ``file()`` *function*), so a
 statement is first parsed by ClickHouse itself (:func:`check_select`): one SELECT, no INTO OUTFILE, no
-FORMAT, no SETTINGS clause anywhere, no function that reaches outside the database.
+FORMAT, no SETTINGS clause anywhere, no function that reaches outside the database, and in FROM only tables
+and the table functions of :data:`ALLOWED_TABLE_FUNCTIONS`.
 """
 
 from __future__ import annotations
@@ -96,6 +97,15 @@ def denied_function(name: str) -> bool:
     return name.lower().startswith(DENIED_FUNCTION_PREFIXES)
 
 
+#: The table functions (``FROM name(...)``) analysts may use (any case): generators of rows and views of the
+#: database's own tables. An allow-list, not only the denied families: the embedded engine has table functions
+#: of chDB's own that no prefix names (``python()`` reads the calling process's Python objects, ``arrowstream()``,
+#: ``bigquery()`` reaches the network, ``eval()``) and each release adds some; they were kept out by ``readonly=1``
+#: alone (``arrowstream()`` not even by that). A server's analyst profile is the other fence.
+ALLOWED_TABLE_FUNCTIONS = ("numbers", "numbers_mt", "generate_series", "generateSeries", "values", "view")
+_ALLOWED_TABLE_FUNCTIONS = frozenset(name.lower() for name in ALLOWED_TABLE_FUNCTIONS)
+
+
 #: What may hang directly under a SELECT's root node: its union list, and the FORMAT the client adds.
 _ALLOWED_TOP = ("ExpressionList", "Identifier Native")
 
@@ -171,9 +181,13 @@ def check_select(
     if not ast or not ast[0].startswith("SelectWithUnionQuery"):
         kind = ast[0].split(" ")[0] if ast else "nothing"
         raise QueryError(f"only a single SELECT (or WITH ... SELECT) statement is allowed, not {kind}")
+    parents = [ast[0]]  # the node at each depth above the current line
     for line in ast[1:]:
         depth = len(line) - len(line.lstrip(" "))
         node = line.strip()
+        del parents[depth:]
+        in_from = parents[-1].startswith("TableExpression")
+        parents.append(node)
         if depth == 1 and not node.startswith(_ALLOWED_TOP):
             raise QueryError("INTO OUTFILE, FORMAT and SETTINGS clauses are not allowed; send a plain SELECT")
         if node == "Set" or node.startswith("Set "):
@@ -182,6 +196,9 @@ def check_select(
             name = node.split(" ")[1]
             if denied_function(name):
                 raise QueryError(f"function {name}() reaches outside the database and is not allowed")
+            if in_from and name.lower() not in _ALLOWED_TABLE_FUNCTIONS:
+                allowed = ", ".join(ALLOWED_TABLE_FUNCTIONS)
+                raise QueryError(f"table function {name}() is not allowed; analysts may read tables and {allowed}")
     return canonical, run_parameters
 
 

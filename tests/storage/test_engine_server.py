@@ -32,6 +32,9 @@ from synthwatch.stream_apps.storage.engine_server import (
     MAX_READONLY_POOLS,
     USER,
     Engine,
+    EngineHTTPServer,
+    RequestError,
+    decompress,
     make_handler,
 )
 from synthwatch.stream_apps.storage.sink import ClickHouseSink
@@ -176,8 +179,66 @@ def test_per_request_settings_apply_to_their_request_only(engine: EngineProcess,
         assert client.query("SELECT 1", settings={"max_threads": 2, "readonly": 1}).result_rows == [(1,)]
         client.command("CREATE TABLE rw (x UInt8) ENGINE = Memory")
         assert client.query(sql).result_rows[0][0] == default
+        # a setting that makes the next request's reset fail (its SET is longer than 20 bytes) is that request's
+        # problem only: before, the handle went back to the pool and every later request on it failed, for ever
+        for _ in range(3):
+            with contextlib.suppress(DatabaseError):
+                client.query("SELECT 1", settings={"max_query_size": 20})
+            assert [client.query("SELECT 1").result_rows for _ in range(4)] == [[(1,)]] * 4
+        assert client.query(sql).result_rows[0][0] == default
+        # the statement check runs under the request's settings: what one setting lets parse (``1`` as ``SELECT 1``
+        # under implicit_select) is not run for a request without it (before: the remembered check ran it)
+        assert client.command("1", settings={"implicit_select": 1}) == 1
+        with pytest.raises(DatabaseError) as raised:
+            client.command("1")
+        assert raised.value.code == 62  # SYNTAX_ERROR
     finally:
         client.close()
+
+
+def test_statements_whose_strings_hold_bytes_that_are_not_utf8_run(engine: EngineProcess, tmp_path: Path) -> None:
+    """``'\\xff'`` in a string literal is the byte 0xFF, which ClickHouse's canonical form holds as is. Before, the
+    canonical form was decoded as UTF-8: such valid queries failed with a generic engine error (500). A statement
+    text that is itself not UTF-8 gets a 400 that says so."""
+    client = connect(Settings(data_dir=tmp_path, clickhouse_url=engine.url("bytes")))
+    try:
+        assert client.query(r"SELECT '\xff' = unhex('FF') AS a, length('\xfe\xff') AS b").result_rows == [(1, 2)]
+        assert client.query(r"SELECT hex({s:String} || '\xff') AS h", parameters={"s": "a"}).result_rows == [("61FF",)]
+    finally:
+        client.close()
+    status, body, _ = _request(engine, "/", _basic(USER, engine.password), b"SELECT '\xff'")
+    assert status == 400 and b"not UTF-8" in body
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "lz4", "zstd"])
+def test_a_compressed_body_is_decompressed_up_to_a_bound_only(encoding: str) -> None:
+    """A few KiB of compressed zeros expand to GiB: before, bodies were decompressed whatever they grew to. Now at
+    most ``limit`` bytes (MAX_BODY in the server) come out, frame after frame, and a body cut inside a frame is
+    refused, each as a 400 (RequestError)."""
+    import gzip
+
+    import lz4.frame
+    from clickhouse_connect.driver.compression import _require_zstd
+
+    compress = {"gzip": gzip.compress, "lz4": lz4.frame.compress, "zstd": _require_zstd().compress}[encoding]
+    frame = compress(bytes(1 << 20))  # 1 MiB of zeros: a few hundred bytes to a few KiB compressed
+    assert len(frame) < 8192
+    body = frame + compress(b"tail")
+    assert decompress(encoding, body, limit=(1 << 20) + 4) == bytes(1 << 20) + b"tail"
+    for limit, refusal in (((1 << 20) + 3, "too large"), (1000, "too large"), (1 << 30, "inside")):
+        with pytest.raises(RequestError) as raised:
+            decompress(encoding, body[:-2] if refusal == "inside" else body, limit=limit)
+        assert refusal in str(raised.value) and raised.value.status == 400
+
+
+def test_a_request_without_a_database_runs_in_the_default_one(engine: EngineProcess) -> None:
+    """A server runs a request that names no database in the user's default one. Before, the handle kept the
+    database of the request that used it last: after a request in ``system``, one naming none ran there too."""
+    auth = _basic(USER, engine.password)
+    current = "/?" + urllib.parse.urlencode({"query": "SELECT currentDatabase()"})
+    for _ in range(2):
+        assert _request(engine, current + "&database=system", auth)[:2] == (200, b"system\n")
+        assert _request(engine, current, auth)[:2] == (200, b"default\n")
 
 
 class _Served:
@@ -251,7 +312,7 @@ def test_remembered_checks_are_canonical_and_bounded(ch: Any, ch_settings: Setti
             assert len(served.engine._checked) == MAX_CHECKED_STATEMENTS
             long = f"SELECT '{'x' * MAX_CHECKED_CHARS}'"
             assert served.engine.checked(handle, long) == long
-            assert long not in served.engine._checked
+            assert all(text != long for text, _ in served.engine._checked)
     finally:
         served.close()
 
@@ -273,6 +334,18 @@ _SESSION_CHANGES = {
     "BEGIN TRANSACTION": "transactions",
     "INSERT INTO shadowed VALUES (7); SET max_threads = 3": "request body",
     "INSERT INTO shadowed VALUES (7)\n;\n/* */ USE system": "request body",
+    # beyond the request: the engine's process (SYSTEM SHUTDOWN signalled the worker's whole process group), every
+    # other request's query (KILL), another user (EXECUTE AS), functions kept for every later request
+    "SYSTEM DROP DNS CACHE": "SYSTEM STOP MERGES",
+    "/* x */ system\tflush logs": "SYSTEM STOP MERGES",
+    "KILL QUERY WHERE 1": "max_execution_time",
+    "kill mutation where 0": "max_execution_time",
+    "EXECUTE AS default": "one user",
+    "CREATE FUNCTION sw_shadow AS (x) -> x + 1": "user-defined function",
+    "create or replace function sw_shadow as (x) -> x": "user-defined function",
+    "DROP FUNCTION IF EXISTS sw_shadow": "user-defined function",
+    "SYSTEM KILL": "SYSTEM STOP MERGES",  # last two: on code that runs them, they end the engine (and more)
+    "SYSTEM SHUTDOWN": "SYSTEM STOP MERGES",
 }
 
 
@@ -309,6 +382,9 @@ def test_statements_that_change_a_pooled_session_are_refused_and_change_nothing(
         client.insert("shadowed", [[3]], column_names=["x"])
         assert client.query("SELECT {n:UInt8} + max(x) FROM shadowed", parameters={"n": 1}).result_rows == [(4,)]
         assert client.command("SELECT 'a; SET max_threads = 3'") == "a; SET max_threads = 3"
+        client.command("SYSTEM STOP MERGES")  # the backfill's
+        client.command("sYsTeM start merges")
+        assert client.query("SELECT count() FROM system.functions WHERE name = 'sw_shadow'").result_rows == [(0,)]
     finally:
         client.close()
 
@@ -459,3 +535,115 @@ def test_connections_beyond_the_cap_wait_in_the_backlog_and_are_then_served(smal
     finally:
         for connection in held:
             connection.close()
+
+
+#: Analysts' statements that must not reach outside the database: files, the network, processes, the calling
+#: process's Python objects (chDB's ``python()``), chDB's arrow registry; and INTO OUTFILE. (Every family of
+#: DENIED_FUNCTION_PREFIXES is tried against the worker's /sql in tests/integration/test_security.py.)
+_OUTSIDE = [
+    "SELECT * FROM file('{secret}', 'LineAsString')",
+    "SELECT file('{secret}')",
+    "SELECT * FROM url('http://127.0.0.1:1/', 'CSV', 'a String')",
+    "SELECT * FROM remote('127.0.0.1:1', system.one)",
+    "SELECT * FROM executable('x.sh', 'CSV', 'a String')",
+    "SELECT * FROM python(password)",
+    "SELECT * FROM arrowstream('x')",
+    "SELECT * FROM bigquery('p', 'd', 't', 'token')",
+    "SELECT * FROM eval('1')",
+    "SELECT * FROM loop(numbers(1)) LIMIT 1",
+    "SELECT x FROM (SELECT 1 AS x) AS a JOIN fuzzJSON('{{}}') AS b ON 1",
+    "SELECT 1 WHERE 1 IN (SELECT * FROM generateRandom('a UInt8'))",
+    "SELECT 'x' INTO OUTFILE '{outfile}'",
+]
+
+
+@pytest.mark.parametrize("where", ["in-process engine", "engine process"])
+def test_analysts_sql_reads_no_file_reaches_no_network_and_uses_only_allowed_table_functions(
+    where: str, engine: EngineProcess, ch: Any, ch_settings: Settings, tmp_path: Path
+) -> None:
+    """Analysts (``synthwatch sql``, the worker's /sql) are the widest audience. On both engine paths every
+    function family that reaches outside the database and INTO OUTFILE are refused by the check, and a table
+    function is one of a short allow-list. Before, chDB's own table functions (``python()`` reads the calling
+    process's Python objects, ``bigquery()``, ``arrowstream()``, ``eval()``) passed the check and were stopped by
+    ``readonly=1`` alone, ``arrowstream()`` not even by it (it reached chDB's arrow registry): failed on those."""
+    from synthwatch.stream_apps.storage.query import QueryError, analyst_client, execute_analyst
+
+    if where == "engine process":
+        settings = Settings(data_dir=tmp_path / "data", clickhouse_url=engine.url("analysts"))
+        connect(settings).close()  # the database exists, as the worker's does
+    else:
+        settings = ch_settings
+    client = analyst_client(settings)  # what run_query and the worker's /sql use
+    secret, outfile = tmp_path / "secret.txt", tmp_path / "out.txt"
+    secret.write_text("top-secret\n")
+    try:
+        for template in _OUTSIDE:
+            sql = template.format(secret=secret, outfile=outfile)
+            with pytest.raises(QueryError) as raised:
+                execute_analyst(client, sql)
+            assert "not allowed" in str(raised.value), (sql, str(raised.value))
+            assert "top-secret" not in str(raised.value)
+        assert not outfile.exists()
+        allowed = {
+            "SELECT count() FROM numbers(3)": [[3]],
+            "SELECT count() FROM generate_series(1, 3)": [[3]],
+            "SELECT * FROM values('x UInt8', 1)": [[1]],
+            "SELECT number FROM numbers(2) WHERE number IN (SELECT * FROM numbers(1))": [[0]],
+        }
+        for sql, rows in allowed.items():
+            assert execute_analyst(client, sql).rows == rows, sql
+    finally:
+        client.close()
+
+
+def test_clients_without_the_password_cannot_hold_the_connections_by_trickling_headers(
+    ch: Any, ch_settings: Settings, tmp_path: Path
+) -> None:
+    """Connections are capped before a request shows the password, and the 30 s timeout was per read: a client
+    sending a header byte now and then held a connection for ever, and as many such clients as the cap held the
+    engine from everyone. Now a connection's first request line and headers must all arrive within a deadline
+    (here 0.5 s; HEADER_SECONDS in the engine process). Two trickling clients on a server of two connections:
+    the server closes both, then serves a client with the password. Failed before: neither was closed (the wait
+    for it ran out) and the authorised client was never answered."""
+    import select
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    engine = Engine(ch_settings.embedded_clickhouse_path, tmp_path)
+    server = EngineHTTPServer(listener, make_handler(engine, "p" * 24, header_seconds=0.5), max_connections=2)
+    threading.Thread(target=server.serve_forever, name="engine-server", daemon=True).start()
+    port = listener.getsockname()[1]
+    slow = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(2)]
+    try:
+        for connection in slow:
+            connection.sendall(b"GET /ping HTTP/1.1\r\n")
+        open_ = list(slow)
+        for _ in range(600):  # a byte every 0.1 s on each, until the server has closed both (the bound: a failure)
+            for connection in list(open_):
+                if select.select([connection], [], [], 0)[0]:
+                    with contextlib.suppress(OSError):
+                        assert connection.recv(4096) == b""  # closed, no answer
+                    open_.remove(connection)
+                else:
+                    with contextlib.suppress(OSError):
+                        connection.sendall(b"X")
+            if not open_:
+                break
+            time.sleep(0.1)
+        assert not open_, "the trickling clients still hold their connections"
+        answer = _request(_Port(port), "/ping", _basic(USER, "p" * 24), timeout=60)
+        assert answer[:2] == (200, b"Ok.\n")
+    finally:
+        for connection in slow:
+            connection.close()
+        server.shutdown()
+        server.server_close()
+        engine.close()
+
+
+class _Port:
+    def __init__(self, port: int) -> None:
+        self.port = port
