@@ -34,14 +34,20 @@ guarantees it is the only one, so the worker watches itself:
   batch, seconds under load; no commit and no other agent could run meanwhile either), and that time is not
   counted (:attr:`StallWatch.step`). An agent waiting forever does not hold the loop, so it is caught as before.
 
-  A partition whose later records were processed while its committed offset cannot move and the record at it
-  is in no agent's hands (a record lost between fetch and agent: issue 11's stall) is **held**, and stalled
-  after ``after`` seconds whatever the agents do;
-- on a stall the worker logs a warning, counts ``synthwatch_consumer_stalls_total`` and seeks its
-  partitions back to their committed offsets the way recovery does (flow stopped, seek, flow resumed:
-  :func:`.faust_transport.seek_to_committed`), so every record after them is fetched again (records
-  already processed come back as duplicates, which the region stage and the sink skip by event id);
-- if the partition still makes no progress for another ``after`` seconds, the worker is **unhealthy**:
+  A partition is **held**, and stalled after ``after`` seconds whatever other partitions or agents do, when the
+  record at its committed offset is decided lost: handed over since the latest seek, yet not acknowledged, in no
+  agent's hand and in no agent's channel queue, at two looks running (a record lost between fetch and agent:
+  issue 11's stall, also when it is the last record of its partition and later records of other partitions keep
+  its agent busy); or when an agent has held it through two of its own checkpoints (each acknowledges all its
+  agent took before it began, so the record was leaked, not waiting; topics one agent reads);
+- on a stall the worker logs a warning (the reason, and the seconds counted since the last progress), counts
+  ``synthwatch_consumer_stalls_total`` and seeks its partitions back to their committed offsets the way recovery
+  does (flow stopped, seek, flow resumed: :func:`.faust_transport.seek_to_committed`), so every record after them
+  is fetched again (records already processed come back as duplicates, which the region stage and the sink skip
+  by event id);
+- if the partition is still stalled ``after`` seconds after the seek-back (which keeps the time since the
+  committed offset last moved: a starved partition is not given another ``starved_after``), the worker is
+  **unhealthy**:
   ``/ready`` answers 503 with the reason, so an orchestrator's probe restarts it (a restart resumes
   from the committed offsets, which lose nothing).
 
@@ -239,6 +245,7 @@ async def committed_positions(app: faust.App, topics: Collection[str]) -> list[P
     # Per partition, the lowest record an agent has taken and not acknowledged yet (this generation's)
     in_flight = unacked_heads(consumer._unacked_messages, consumer._committed_offset, app.consumer_generation_id)
     found = []
+    queued: dict[str, set[tuple[Any, int]]] = {}
     for tp in assigned:
         end = max(e for e in (ends.get(tp), monitor.tp_end_offsets.get(tp), 0) if e is not None)
         offset = committed[tp]
@@ -247,7 +254,11 @@ async def committed_positions(app: faust.App, topics: Collection[str]) -> list[P
         handed = consumer.handed.get(tp)  # the last offset handed to the agents since a seek
         handed_over = handed is not None and handed >= offset
         in_hand = in_flight.get(tp) == offset
-        held = handed_over and not in_hand and not _done(consumer, tp, offset) and not _queued(app, tp, offset)
+        held = handed_over and not in_hand and not _done(consumer, tp, offset)
+        if held:  # the agents' queues, read once per topic per look (thousands of records under a backlog)
+            if tp.topic not in queued:
+                queued[tp.topic] = _queued(app, tp.topic)
+            held = (tp, offset) not in queued[tp.topic]
         worked = int(getattr(consumer, "worked", {}).get(tp.topic, 0))
         # Counted per topic: only a topic that one agent reads says whose checkpoints they were (not the alerts topic,
         # whose delivery agent holds a record until its deliveries are final, across the storing agent's checkpoints)
@@ -269,16 +280,16 @@ def _done(consumer: Any, tp: Any, offset: int) -> bool:
     return bool(gap) and bool(gap.overlaps_point(offset))
 
 
-def _queued(app: Any, tp: Any, offset: int) -> bool:
-    """Whether the record at ``offset`` of ``tp`` waits in the channel queue of an agent reading its topic."""
-    channels = getattr(getattr(app, "topics", None), "_topic_name_index", {}).get(tp.topic, ())
-    for channel in list(channels):
+def _queued(app: Any, topic: str) -> set[tuple[Any, int]]:
+    """The records of ``topic`` waiting in the channel queues of the agents reading it: (partition, offset)."""
+    found: set[tuple[Any, int]] = set()
+    for channel in list(getattr(getattr(app, "topics", None), "_topic_name_index", {}).get(topic, ())):
         queue = getattr(channel, "_queue", None)  # not the ``queue`` property: it would create one
         for event in list(getattr(queue, "_queue", ())):  # asyncio.Queue's deque
             message = getattr(event, "message", None)
-            if message is not None and message.offset == offset and message.tp == tp:
-                return True
-    return False
+            if message is not None:
+                found.add((message.tp, message.offset))
+    return found
 
 
 def watch_consumer(
