@@ -6,6 +6,8 @@ from dataclasses import replace
 from functools import partial
 from typing import Any, cast
 
+import pytest
+
 from synthwatch.stream_apps.runtime.metrics import PartitionOffsets
 from synthwatch.stream_apps.runtime.watchdog import StallWatch
 
@@ -284,13 +286,24 @@ def _positions(app: Any) -> list[PartitionOffsets]:
     return asyncio.run(committed_positions(cast(Any, app), {"labs"}))
 
 
-def test_a_lost_last_record_stalls_at_the_stall_time_though_other_partitions_keep_its_agent_busy() -> None:
-    """Review scenario S1: the last record of labs[0] (at its committed offset) was handed over, then lost before an
-    agent took it: no later record of labs[0] was processed, and labs[1] keeps the intake agent busy. Decided
-    positively: handed over, not acknowledged, in no agent's hand and no queue: lost, whatever else works. Stalled at
-    ``after`` and unhealthy ``after`` later, as before the load change (which said 300 s and 600 s)."""
+@pytest.mark.parametrize(
+    ("labs0", "queued"),
+    [
+        ({}, ()),  # the last record of labs[0]: nothing later processed
+        ({"acked": [101, 102], "handed": 200}, ()),  # first or middle: later records processed (issue 11)
+        ({"handed": 200}, (101, 102)),  # later records still waiting in the agent's queue
+    ],
+    ids=["last", "later-processed", "later-queued"],
+)
+def test_a_lost_record_stalls_at_the_stall_time_though_other_partitions_keep_its_agent_busy(
+    labs0: dict[str, Any], queued: tuple[int, ...]
+) -> None:
+    """Review scenario S1: the record at labs[0]'s committed offset was handed over, then lost before an agent took
+    it, while labs[1] keeps the intake agent busy. Decided positively: handed over, not acknowledged, in no agent's
+    hand and no queue: lost, whatever later records or other partitions do. Stalled at ``after`` and unhealthy
+    ``after`` later, as before the load change (which said 300 s and 600 s for the last record)."""
     watch = StallWatch(after=30)
-    assert _timeline(watch, lambda now: _positions(_worker(now, {}))) == (30, 60)
+    assert _timeline(watch, lambda now: _positions(_worker(now, labs0, queued))) == (30, 60)
     assert watch.unhealthy.keys() == {("labs", 0)}
 
 
