@@ -75,9 +75,9 @@ class PartitionOffsets:
     partition: int
     end: int
     committed: int
-    #: Records after ``committed`` were processed, but the record at ``committed`` never was and no agent has it
-    #: in hand: the committed offset cannot move past it (the watchdog's "held" partition; only :mod:`.watchdog`
-    #: fills it in).
+    #: The record at ``committed`` was handed to the agents, and is neither acknowledged, nor in an agent's hand,
+    #: nor in an agent's queue: lost between fetch and agent, whatever later records did; the committed offset
+    #: cannot move past it (the watchdog's "held" partition; only :mod:`.watchdog` fills it in).
     held: bool = False
     #: Records at or after ``committed`` were handed to the agents since the latest seek: the partition is
     #: not merely waiting for its turn in the fetch (only :mod:`.watchdog` fills it in).
@@ -85,6 +85,12 @@ class PartitionOffsets:
     #: Batches the agents reading this topic have taken or finished so far (:attr:`.transport.Consumer.worked`):
     #: while it moves they are working through what was handed over to them (only :mod:`.watchdog` fills it in).
     worked: int = 0
+    #: An agent has the record at ``committed`` in hand (taken, not acknowledged yet; only :mod:`.watchdog`
+    #: fills it in).
+    in_hand: bool = False
+    #: Checkpoints completed so far by the agent reading this topic (:attr:`.transport.Consumer.checkpoints`; 0 when
+    #: more than one agent reads it: whose checkpoint it was is then unknown; only :mod:`.watchdog` fills it in).
+    checkpoints: int = 0
 
     @property
     def lag(self) -> int:

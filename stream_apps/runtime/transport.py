@@ -182,6 +182,10 @@ class Consumer(faust_aiokafka.Consumer):
     #: while they work, however long their records wait in a queue or a checkpoint; it stops when they hang. The
     #: watchdog's sign that records handed over to them are being worked through (:mod:`.watchdog`).
     worked: dict[str, int]
+    #: Per topic, checkpoints its agents have completed (:class:`.checkpoints.Checkpoint`): a record an agent took
+    #: is acknowledged at the latest by the second checkpoint that completes after it was taken, so a record at
+    #: the committed offset still in hand after two of them was leaked, not waiting (:mod:`.watchdog`).
+    checkpoints: dict[str, int]
     #: Per partition, the offsets acknowledged (their checkpoint is done: stored) that no successful commit
     #: has covered yet (item 5 above). Kept across a restart of the consumer: stored stays stored.
     stored: dict[Any, set[int]]
@@ -250,6 +254,7 @@ class Consumer(faust_aiokafka.Consumer):
         self.handed = {}
         if not hasattr(self, "stored"):
             self.worked = {}
+            self.checkpoints = {}
             self.stored = {}
             self.writes = []
             self.state_writes = set()

@@ -34,14 +34,20 @@ guarantees it is the only one, so the worker watches itself:
   batch, seconds under load; no commit and no other agent could run meanwhile either), and that time is not
   counted (:attr:`StallWatch.step`). An agent waiting forever does not hold the loop, so it is caught as before.
 
-  A partition whose later records were processed while its committed offset cannot move and the record at it
-  is in no agent's hands (a record lost between fetch and agent: issue 11's stall) is **held**, and stalled
-  after ``after`` seconds whatever the agents do;
-- on a stall the worker logs a warning, counts ``synthwatch_consumer_stalls_total`` and seeks its
-  partitions back to their committed offsets the way recovery does (flow stopped, seek, flow resumed:
-  :func:`.faust_transport.seek_to_committed`), so every record after them is fetched again (records
-  already processed come back as duplicates, which the region stage and the sink skip by event id);
-- if the partition still makes no progress for another ``after`` seconds, the worker is **unhealthy**:
+  A partition is **held**, and stalled after ``after`` seconds whatever other partitions or agents do, when the
+  record at its committed offset is decided lost: handed over since the latest seek, yet not acknowledged, in no
+  agent's hand and in no agent's channel queue, at two looks running (a record lost between fetch and agent:
+  issue 11's stall, also when it is the last record of its partition and later records of other partitions keep
+  its agent busy); or when an agent has held it through two of its own checkpoints (each acknowledges all its
+  agent took before it began, so the record was leaked, not waiting; topics one agent reads);
+- on a stall the worker logs a warning (the reason, and the seconds counted since the last progress), counts
+  ``synthwatch_consumer_stalls_total`` and seeks its partitions back to their committed offsets the way recovery
+  does (flow stopped, seek, flow resumed: :func:`.faust_transport.seek_to_committed`), so every record after them
+  is fetched again (records already processed come back as duplicates, which the region stage and the sink skip
+  by event id);
+- if the partition is still stalled ``after`` seconds after the seek-back (which keeps the time since the
+  committed offset last moved: a starved partition is not given another ``starved_after``), the worker is
+  **unhealthy**:
   ``/ready`` answers 503 with the reason, so an orchestrator's probe restarts it (a restart resumes
   from the committed offsets, which lose nothing).
 
@@ -75,6 +81,9 @@ class _Progress:
     worked: int = 0  # the batches its agents had taken or finished at the last look (PartitionOffsets.worked)
     worked_at: float = 0.0  # when that last moved (or ``since``, if later)
     sought_back: bool = False  # a seek-back was tried since the last progress
+    sought_at: float = 0.0  # when (``since`` is kept: the committed offset has not moved since then either)
+    lost_looks: int = 0  # successive looks that found the committed record lost (PartitionOffsets.held)
+    hand_mark: int | None = None  # its agent's checkpoints when the committed record was first seen in its hand
 
 
 @dataclass
@@ -100,6 +109,8 @@ class StallWatch:
     unhealthy: dict[tuple[str, int], str] = field(default_factory=dict)
     #: Why each partition of the latest :meth:`check` was found stalled (for the log).
     reasons: dict[tuple[str, int], str] = field(default_factory=dict)
+    #: Seconds counted without progress for each partition of the latest :meth:`check` found stalled (for the log).
+    stalled_for: dict[tuple[str, int], float] = field(default_factory=dict)
 
     def check(
         self, offsets: Iterable[PartitionOffsets], now: float, sink_failing: bool = False
@@ -124,34 +135,48 @@ class StallWatch:
                 self._last_work = now
         starved_after = self.starved_after if self.starved_after is not None else 10 * self.after
         stalled: list[PartitionOffsets] = []
-        self.reasons = {}
+        self.reasons, self.stalled_for = {}, {}
         seen: set[tuple[str, int]] = set()
         for item in offsets:
             key = (item.topic, item.partition)
             seen.add(key)
             state = self._partitions.get(key)
             if state is None or item.committed != state.committed or item.lag == 0 or sink_failing:
-                self._partitions[key] = _Progress(item.committed, now, item.worked, now)
+                self._partitions[key] = _Progress(
+                    item.committed,
+                    now,
+                    item.worked,
+                    now,
+                    lost_looks=int(item.held),
+                    hand_mark=item.checkpoints if item.in_hand else None,
+                )
                 self.unhealthy.pop(key, None)
                 continue
             if item.worked != state.worked:
                 state.worked, state.worked_at = item.worked, now
-            if now - state.since < self.after:
-                continue
+            state.lost_looks = state.lost_looks + 1 if item.held else 0
+            if not item.in_hand:
+                state.hand_mark = None
+            elif state.hand_mark is None:
+                state.hand_mark = item.checkpoints
+            if now - state.since < self.after or (state.sought_back and now - state.sought_at < self.after):
+                continue  # a seek-back gets ``after`` seconds to show progress
             reason = self._stalled_why(item, state, now, starved_after)
             if reason is None:
                 self.unhealthy.pop(key, None)  # waiting its turn, or for agents that are working
                 continue
             if state.sought_back:
-                held = " though later records were processed" if item.held else ""
                 self.unhealthy[key] = (
                     f"{item.topic}[{item.partition}]: committed offset {item.committed} of {item.end} has not moved "
-                    f"for {now - state.since:.0f} s after a seek back to it{held}"
+                    f"for {now - state.since:.0f} s, {now - state.sought_at:.0f} s of them after a seek back to it "
+                    f"({reason})"
                 )
                 continue
-            state.sought_back, state.since = True, now
+            # ``since`` is kept: a partition starved for ``starved_after`` is still starved after the seek-back, and
+            # unhealthy ``after`` seconds later if nothing moved, not after another ``starved_after``.
+            state.sought_back, state.sought_at = True, now
             state.worked_at = max(state.worked_at, now)
-            self.reasons[key] = reason
+            self.reasons[key], self.stalled_for[key] = reason, now - state.since
             stalled.append(item)
         for key in set(self._partitions) - seen:
             del self._partitions[key]
@@ -161,13 +186,20 @@ class StallWatch:
     def _stalled_why(self, item: PartitionOffsets, state: _Progress, now: float, starved_after: float) -> str | None:
         """Why a partition whose committed offset has not moved for ``after`` seconds is stalled; None if it is not.
 
-        Held: stalled (no turn and no agent will move it). Otherwise it is not stalled, up to ``starved_after``,
-        while its records wait for agents that took or finished a batch within ``after`` seconds (handed over), or,
-        nothing of it handed over, while the worker committed or its agents worked elsewhere within ``after``.
+        Held: stalled (no turn and no agent will move it): the committed record lost (two looks running), or in
+        an agent's hand through two of its checkpoints (each acknowledges all it took before it began). Otherwise it
+        is not stalled, up to ``starved_after``, while its records wait for agents that took or finished a batch
+        within ``after`` seconds (handed over), or, nothing of it handed over, while the worker committed or its
+        agents worked elsewhere within ``after``.
         """
         still = now - state.since
-        if item.held:
-            return f"held: records after the committed offset were processed, not the one at it, for {still:.0f} s"
+        if item.held and state.lost_looks >= 2:  # two looks: not a record between the queue and its batch
+            return f"held: the committed record was handed over and is in no agent's hand nor queue, for {still:.0f} s"
+        if state.hand_mark is not None and item.checkpoints - state.hand_mark >= 2:
+            return (
+                f"held: the committed record stayed in an agent's hand through {item.checkpoints - state.hand_mark} "
+                f"of its checkpoints, for {still:.0f} s"
+            )
         idle = now - state.worked_at
         if item.handed_over:
             if idle < self.after and still < starved_after:
@@ -195,10 +227,11 @@ async def committed_positions(app: faust.App, topics: Collection[str]) -> list[P
 
     Unlike the lag metric (:func:`.metrics.partition_offsets`), never the fetch position: a stalled
     consumer has fetched to the end and taken nothing, so its position says nothing is left. A partition
-    this group has never committed counts from its earliest offset. ``held``: Faust holds acknowledged
-    offsets of the partition above the committed one, so the record at the committed offset is the one
-    never acknowledged (Faust commits only up to the first gap). ``handed_over``: the last record given to the
-    agents since the latest seek (:attr:`.transport.Consumer.handed`) is at or past the committed offset.
+    this group has never committed counts from its earliest offset. ``handed_over``: the last record given to the
+    agents since the latest seek (:attr:`.transport.Consumer.handed`) is at or past the committed offset. ``held``:
+    decided positively, whatever later records did: handed over, yet the record at the committed offset is not
+    acknowledged (nor a gap), in no agent's hand and in no agent's channel queue, so nothing will ever move it
+    (lost between fetch and agent: issue 11). ``in_hand``: an agent has it, taken and not acknowledged.
     """
     consumer: Any = app.consumer
     monitor: Any = app.monitor
@@ -212,20 +245,50 @@ async def committed_positions(app: faust.App, topics: Collection[str]) -> list[P
     # Per partition, the lowest record an agent has taken and not acknowledged yet (this generation's)
     in_flight = unacked_heads(consumer._unacked_messages, consumer._committed_offset, app.consumer_generation_id)
     found = []
+    queued: dict[str, set[tuple[Any, int]]] = {}
     for tp in assigned:
         end = max(e for e in (ends.get(tp), monitor.tp_end_offsets.get(tp), 0) if e is not None)
         offset = committed[tp]
         if offset is None:
             offset = earliest.get(tp) or 0
-        acked = consumer._acked.get(tp)
-        # Not while an agent has the record at the committed offset in hand: a copy fetched again after a seek-back
-        # is processed after later records' earlier copies were acknowledged (seen under load); its agent's work
-        # decides then, as for any record handed over.
-        held = bool(acked) and min(acked) > offset and in_flight.get(tp) != offset
         handed = consumer.handed.get(tp)  # the last offset handed to the agents since a seek
         handed_over = handed is not None and handed >= offset
+        in_hand = in_flight.get(tp) == offset
+        held = handed_over and not in_hand and not _done(consumer, tp, offset)
+        if held:  # the agents' queues, read once per topic per look (thousands of records under a backlog)
+            if tp.topic not in queued:
+                queued[tp.topic] = _queued(app, tp.topic)
+            held = (tp, offset) not in queued[tp.topic]
         worked = int(getattr(consumer, "worked", {}).get(tp.topic, 0))
-        found.append(PartitionOffsets(tp.topic, tp.partition, int(end), int(offset), held, handed_over, worked))
+        # Counted per topic: only a topic that one agent reads says whose checkpoints they were (not the alerts topic,
+        # whose delivery agent holds a record until its deliveries are final, across the storing agent's checkpoints)
+        readers = len(getattr(getattr(app, "topics", None), "_topic_name_index", {}).get(tp.topic, ()))
+        checkpoints = int(getattr(consumer, "checkpoints", {}).get(tp.topic, 0)) if readers <= 1 else 0
+        found.append(
+            PartitionOffsets(
+                tp.topic, tp.partition, int(end), int(offset), held, handed_over, worked, in_hand, checkpoints
+            )
+        )
+    return found
+
+
+def _done(consumer: Any, tp: Any, offset: int) -> bool:
+    """Whether ``offset`` of ``tp`` is acknowledged, or a gap Faust commits past (its next commit moves on)."""
+    if offset in (consumer._acked.get(tp) or ()):
+        return True
+    gap: Any = getattr(consumer, "_gap", {}).get(tp)  # an IntervalTree
+    return bool(gap) and bool(gap.overlaps_point(offset))
+
+
+def _queued(app: Any, topic: str) -> set[tuple[Any, int]]:
+    """The records of ``topic`` waiting in the channel queues of the agents reading it: (partition, offset)."""
+    found: set[tuple[Any, int]] = set()
+    for channel in list(getattr(getattr(app, "topics", None), "_topic_name_index", {}).get(topic, ())):
+        queue = getattr(channel, "_queue", None)  # not the ``queue`` property: it would create one
+        for event in list(getattr(queue, "_queue", ())):  # asyncio.Queue's deque
+            message = getattr(event, "message", None)
+            if message is not None:
+                found.add((message.tp, message.offset))
     return found
 
 
@@ -263,7 +326,7 @@ def watch_consumer(
                 item.partition,
                 item.lag,
                 item.committed,
-                watch.after,
+                watch.stalled_for.get((item.topic, item.partition), watch.after),
                 watch.reasons.get((item.topic, item.partition), "?"),
             )
         if stalled:

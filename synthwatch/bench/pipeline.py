@@ -315,6 +315,9 @@ def bench_pipeline(
                     "heap_trim_seconds": worker.stats().get("heap_trim_seconds"),
                     # seek-backs of the consumer watchdog during the burst (a busy worker is not a stalled one)
                     "watchdog_seek_backs": worker.stats().get("consumer_stalls"),
+                    # /ready reads unanswered within 10 s (the event loop held), and the longest time unanswered
+                    "ready_timeouts": worker.ready_timeouts,
+                    "longest_unanswered_s": round(worker.longest_unanswered, 1),
                     "series": series.rows(),
                     "series_errors": series.errors[:20],
                 }

@@ -84,13 +84,21 @@ class BenchWorker:
     ready_cpu: float = 0.0  # CPU seconds (user + system, all threads) the worker had used when it was seen ready
     # seconds a /ready read may take: a worker tracing its allocations (``tracemalloc``) holds its loop for longer
     stats_timeout: float = 10.0
+    #: ``/ready`` reads that got no answer within ``stats_timeout``, and the longest time without an answer (s):
+    #: the worker's event loop was held that long (a product defect to report, not to retry away: the liveness
+    #: probe of deploy/k8s gives up after 6 such 10 s timeouts)
+    ready_timeouts: int = 0
+    longest_unanswered: float = 0.0
+    unanswered_since: float | None = None
 
     def stats(self) -> dict[str, Any]:
         """The worker's counters from ``/ready``, also while it answers 503.
 
         Why: ``/ready`` says 503 while the watchdog finds a partition stalled (it seeks back by itself) with
         the same counters in its body; under load that happened mid-phase and ended whole benchmark runs.
+        A read that times out is counted (:attr:`ready_timeouts`) and raised.
         """
+        asked = time.monotonic()
         try:
             with urllib.request.urlopen(f"{self.web_url}/ready", timeout=self.stats_timeout) as response:
                 stats: dict[str, Any] = json.loads(response.read())
@@ -98,6 +106,13 @@ class BenchWorker:
             if error.code != 503:
                 raise
             stats = json.loads(error.read())
+        except TimeoutError:
+            self.ready_timeouts += 1
+            if self.unanswered_since is None:
+                self.unanswered_since = asked
+            self.longest_unanswered = max(self.longest_unanswered, time.monotonic() - self.unanswered_since)
+            raise
+        self.unanswered_since = None
         return stats
 
     def checkpointed(self) -> int:
@@ -207,8 +222,8 @@ def wait_consumed(workers: Sequence[BenchWorker], total: int, timeout: float, in
             consumed = sum(w.checkpointed() for w in workers)
             if consumed >= total:
                 return time.perf_counter()
-        except TimeoutError:  # not yet: its web server shares the event loop, which a batch held > 10 s under load
-            pass
+        except TimeoutError:  # its web server shares the event loop, which a batch held > 10 s under load: counted
+            pass  # (BenchWorker.ready_timeouts, in the phase's results), then asked again
         for w in workers:
             if w.process.poll() is not None:
                 raise RuntimeError(

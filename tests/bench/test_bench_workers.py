@@ -27,6 +27,9 @@ class _Ready(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         status, body = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if status == 0:  # a worker whose event loop is held: no answer until the test ends
+            self.server.held.wait()  # type: ignore[attr-defined]
+            return
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -43,11 +46,13 @@ def ready_server() -> Iterator[tuple[str, list[tuple[int, dict[str, Any]]]]]:
     answers: ClassVar[list[tuple[int, dict[str, Any]]]] = []
     handler = type("Ready", (_Ready,), {"answers": answers})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.held = threading.Event()  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}", answers
     finally:
+        server.held.set()  # type: ignore[attr-defined]
         server.shutdown()
         server.server_close()
 
@@ -83,6 +88,18 @@ def test_a_phase_waits_until_its_events_are_checkpointed_once(ready_server: Any,
     ]
     wait_consumed([_worker(url, tmp_path)], 100, timeout=30, interval=0.01)
     assert answers == [(200, {"checkpointed": 120, "replayed": 20})]  # it read until the last answer
+
+
+def test_a_phase_counts_the_ready_reads_a_held_worker_left_unanswered(ready_server: Any, tmp_path: Path) -> None:
+    """Review finding 6: a /ready read unanswered within its timeout (the worker's event loop held by a batch) is
+    asked again, and counted with the longest time unanswered, for the results: not swallowed."""
+    url, answers = ready_server
+    answers += [(0, {}), (200, {"checkpointed": 100})]
+    worker = _worker(url, tmp_path)
+    worker.stats_timeout = 0.5
+    wait_consumed([worker], 100, timeout=30, interval=0.01)
+    assert worker.ready_timeouts >= 1 and worker.longest_unanswered >= 0.5
+    assert worker.unanswered_since is None  # answered since
 
 
 def test_a_phase_waits_until_its_sightings_are_processed_once(ready_server: Any, tmp_path: Path) -> None:

@@ -323,6 +323,13 @@ def test_a_worker_stuck_without_an_error_is_sought_back_then_reported_not_ready_
         assert alive(worker)
         log = worker.log_path.read_text(errors="replace")
         assert "consumer stalled:" in log and "reporting not ready" in log
+        # Why, not how fast (speed-independent): its agent hung on the checkpoint, so the seizures were stalled for
+        # taking and finishing no batch, never let wait as "starved" (the 10x bound a real stall must not need).
+        stalls = [line for line in log.splitlines() if f"consumer stalled: {settings.topic_border_seizures}[" in line]
+        assert stalls and all("taken and finished no batch" in line for line in stalls), stalls
+        seizures = [part for part in body["stalled"].split("; ") if settings.topic_border_seizures in part]
+        assert all("taken and finished no batch" in part for part in seizures), seizures
+        assert "starved" not in "\n".join(stalls) + body["stalled"]
 
         proxy.hung.clear()  # ClickHouse answers again: the held requests complete
         wait_until(lambda: lag() == 0, 90, "offsets committed once ClickHouse answers", interval=0.5)

@@ -6,6 +6,8 @@ from dataclasses import replace
 from functools import partial
 from typing import Any, cast
 
+import pytest
+
 from synthwatch.stream_apps.runtime.metrics import PartitionOffsets
 from synthwatch.stream_apps.runtime.watchdog import StallWatch
 
@@ -96,7 +98,7 @@ def test_a_held_partition_stalls_after_the_stall_time_whatever_the_others_do() -
     assert watch.check([held, at(140, end=10_000)], now=30) == [held]
     watch.check([held, at(160, end=10_000)], now=45)
     assert watch.check([held, at(180, end=10_000)], now=60) == []
-    assert not watch.healthy and "though later records were processed" in watch.reason()
+    assert not watch.healthy and "in no agent's hand nor queue" in watch.reason()
 
 
 def test_the_worker_committing_nowhere_stalls_every_lagging_partition() -> None:
@@ -226,3 +228,140 @@ def test_time_the_event_loop_was_held_by_a_batch_does_not_count_towards_a_stall(
     assert watch.check([sightings(10)], now=79) == []  # 29 s counted
     assert watch.check([sightings(10)], now=80) == [sightings(10)]  # on time again: stalled at 30 s counted
     assert "nothing committed" in watch.reasons[("sightings", 0)]
+
+
+def _timeline(watch: StallWatch, look: Any, until: int = 1300, step: int = 5) -> tuple[int | None, int | None]:
+    """Looks every ``step`` seconds on the watch's injected clock: (first stall, first unhealthy) times."""
+    stalled_at = unhealthy_at = None
+    for now in range(0, until, step):
+        if watch.check(look(now), now=now) and stalled_at is None:
+            stalled_at = now
+        if not watch.healthy and unhealthy_at is None:
+            unhealthy_at = now
+    return stalled_at, unhealthy_at
+
+
+def _worker(now: int, labs0: dict[str, Any], queued: tuple[int, ...] = ()) -> Any:
+    """A worker's consumer and conductor at ``now``: labs[1] is busy (its records handed over, taken, committed
+    every look: the intake agent takes and finishes batches and checkpoints); labs[0] is as ``labs0`` says."""
+    from collections import deque
+    from types import SimpleNamespace
+
+    from faust.types import TP
+
+    tp0, tp1 = TP("labs", 0), TP("labs", 1)
+
+    async def highwaters(*tps: Any) -> dict[Any, int]:
+        return {tp0: 10_000, tp1: 10_000}
+
+    def record(tp: Any, offset: int) -> Any:
+        return SimpleNamespace(tp=tp, offset=offset, acked=False, generation_id=3)
+
+    in_queue = [SimpleNamespace(message=record(tp1, 100 + now + 1))]
+    in_queue += [SimpleNamespace(message=record(tp0, offset)) for offset in queued]
+    channel = SimpleNamespace(_queue=SimpleNamespace(_queue=deque(in_queue)))
+    consumer = SimpleNamespace(
+        assignment=lambda: {tp0, tp1},
+        highwaters=highwaters,
+        _committed_offset={tp0: 100, tp1: 100 + now},
+        _acked={tp0: labs0.get("acked", []), tp1: []},
+        handed={tp0: labs0.get("handed", 100), tp1: 200 + now},
+        _unacked_messages=[record(tp0, offset) for offset in labs0.get("in_hand", ())],
+        worked={"labs": now},  # a batch taken or finished every second
+        checkpoints={"labs": now // 5},  # a checkpoint every 5 s
+    )
+    return SimpleNamespace(
+        consumer=consumer,
+        monitor=SimpleNamespace(tp_end_offsets={}),
+        consumer_generation_id=3,
+        topics=SimpleNamespace(_topic_name_index={"labs": [channel]}),
+    )
+
+
+def _positions(app: Any) -> list[PartitionOffsets]:
+    import asyncio
+
+    from synthwatch.stream_apps.runtime.watchdog import committed_positions
+
+    return asyncio.run(committed_positions(cast(Any, app), {"labs"}))
+
+
+@pytest.mark.parametrize(
+    ("labs0", "queued"),
+    [
+        ({}, ()),  # the last record of labs[0]: nothing later processed
+        ({"acked": [101, 102], "handed": 200}, ()),  # first or middle: later records processed (issue 11)
+        ({"handed": 200}, (101, 102)),  # later records still waiting in the agent's queue
+    ],
+    ids=["last", "later-processed", "later-queued"],
+)
+def test_a_lost_record_stalls_at_the_stall_time_though_other_partitions_keep_its_agent_busy(
+    labs0: dict[str, Any], queued: tuple[int, ...]
+) -> None:
+    """Review scenario S1: the record at labs[0]'s committed offset was handed over, then lost before an agent took
+    it, while labs[1] keeps the intake agent busy. Decided positively: handed over, not acknowledged, in no agent's
+    hand and no queue: lost, whatever later records or other partitions do. Stalled at ``after`` and unhealthy
+    ``after`` later, as before the load change (which said 300 s and 600 s for the last record)."""
+    watch = StallWatch(after=30)
+    assert _timeline(watch, lambda now: _positions(_worker(now, labs0, queued))) == (30, 60)
+    assert watch.unhealthy.keys() == {("labs", 0)}
+
+
+def test_a_committed_record_waiting_in_a_queue_or_in_hand_is_not_lost() -> None:
+    """The same labs[0], its record at the committed offset in its agent's queue, or taken and in hand (its
+    checkpoint not done yet): not lost; the agent's work decides. Acknowledged (commit pending): not lost."""
+    for labs0, queued in (({}, (100,)), ({"in_hand": (100,)}, ()), ({"acked": [100]}, ())):
+        found = {p.partition: p for p in _positions(_worker(7, labs0, queued))}
+        assert not found[0].held and found[0].handed_over, (labs0, queued)
+        assert found[0].in_hand == bool(labs0.get("in_hand"))
+
+
+def test_a_committed_record_left_in_an_agents_hand_stalls_at_the_stall_time_while_the_agent_works() -> None:
+    """Review scenario S2: the record at labs[0]'s committed offset was taken and never acknowledged (parked or
+    leaked by an agent), later records acknowledged; the agent goes on taking, finishing and checkpointing batches.
+    Each checkpoint acknowledges all its agent took before it began, so two checkpoints later it is not waiting:
+    held, stalled at ``after``, unhealthy ``after`` later (the load change said 300 s and 600 s)."""
+    labs0 = {"in_hand": (100,), "acked": [101, 102]}
+    watch = StallWatch(after=30)
+    assert _timeline(watch, lambda now: _positions(_worker(now, labs0))) == (30, 60)
+    assert "in an agent's hand through" in watch.reason()
+
+
+def test_a_committed_record_in_hand_until_its_checkpoint_is_not_stalled_while_the_agent_works() -> None:
+    """Under load one checkpoint can take longer than the stall time: a record in hand while its agent works and
+    completes fewer than two checkpoints is waiting for them, not leaked (up to ``starved_after``)."""
+    watch = StallWatch(after=30)
+    for now in range(0, 150, 5):
+        looks = [replace(p, checkpoints=7 + (now > 100)) for p in _positions(_worker(now, {"in_hand": (100,)}))]
+        assert watch.check(looks, now=now) == [], now
+
+
+def test_an_intake_agent_that_hangs_stalls_at_the_stall_time_though_the_novelty_agent_works() -> None:
+    """Review finding 5: work counts per topic. The intake agent (labs) hangs with its records handed over; the
+    novelty agent (sightings) takes, finishes and commits batches at every look. Another agent's work excuses
+    nothing: labs[0] is stalled ``after`` seconds after the intake's last batch, unhealthy ``after`` later."""
+    watch = StallWatch(after=30)
+
+    def look(now: int) -> list[PartitionOffsets]:
+        hung = PartitionOffsets("labs", 0, end=10_000, committed=100, handed_over=True, worked=7)
+        novelty = PartitionOffsets("sightings", 0, end=10_000, committed=100 + now, handed_over=True, worked=now)
+        return [hung, novelty]
+
+    assert _timeline(watch, look) == (30, 60)
+    assert watch.unhealthy.keys() == {("labs", 0)}
+
+
+def test_a_starved_partition_sought_back_is_unhealthy_the_stall_time_after_not_another_ten_times() -> None:
+    """A seek-back keeps the time since the committed offset last moved: still starved, the partition is unhealthy
+    ``after`` seconds after the seek-back (330 s), not after another ``starved_after`` (600 s)."""
+    watch = StallWatch(after=30)
+    assert _timeline(watch, lambda now: [_queued(100, now)]) == (300, 330)
+
+
+def test_a_stall_reports_how_long_the_committed_offset_has_not_moved() -> None:
+    """The warning says the real time (here 50 s: the agent worked until 20 s), not the stall time."""
+    watch = StallWatch(after=30)
+    for now in range(0, 50, 5):
+        assert watch.check([_queued(100, min(now, 20))], now=now) == []
+    assert watch.check([_queued(100, 20)], now=50) == [_queued(100, 20)]
+    assert watch.stalled_for == {("labs", 0): 50}
