@@ -127,6 +127,7 @@ class Intake:
             inchikey=reported.inchikey,
             reporter=self.reporter(event, org),
             region=event.region,
+            occurred_at=event.occurred_at,
         )
 
     def enrich(self, event: LabDetection | BorderSeizure, source: str, org: str | None = None) -> EnrichedEvent:
