@@ -366,6 +366,9 @@ class SubstanceResolver:
         # happens changes nothing.
         self._unresolved: dict[str, UnresolvedName] = {}
         self._watermark: datetime | None = None
+        # The reports that made a link (event id -> the name's last report time, then the link): resolved again,
+        # they make it again. Dropped with the name's horizon, as _unresolved.
+        self._linked: dict[str, tuple[datetime | None, str, tuple[str, ...], str | None]] = {}
         self._pruned_at: datetime | None = None
         self._key_family: dict[str, Family | None] = {}
         # One object per distinct answer (see _substance): its fields -> the object.
@@ -417,12 +420,14 @@ class SubstanceResolver:
         reporter: str | None = None,
         region: str | None = None,
         occurred_at: datetime | None = None,
+        event_id: str | None = None,
     ) -> ResolvedSubstance:
         """Identity of one report: valid SMILES, else InChIKey, else catalogue name, learnt name, raw name.
 
         ``reporter`` (who vouches for the report) counts towards corroborating a name learnt from it; ``region``
         and ``occurred_at`` (where and when the report is from) are remembered for a name nobody can resolve yet,
-        and bound which of those a structure report ties (see ``formerly``). A
+        and bound which of those a structure report ties (see ``formerly``); ``event_id`` lets the report that
+        made a link get the same link when it is resolved again (a batch the runtime threw away and re-reads). A
         report with a structure needs no name (the catalogue or the structure names it); when that
         structure is unreadable, the spelling itself stands in for the missing name.
         """
@@ -445,7 +450,7 @@ class SubstanceResolver:
             self._watermark = occurred_at
             self._prune()
         if structure is not None:
-            return self._from_structure(structure, name, error, reporter, occurred_at)
+            return self._from_structure(structure, name, error, reporter, occurred_at, event_id)
         return self._from_name(name if name.strip() else (smiles or inchikey or ""), error, region, occurred_at)
 
     def _substance(
@@ -498,10 +503,11 @@ class SubstanceResolver:
         error: str | None,
         reporter: str | None = None,
         occurred_at: datetime | None = None,
+        event_id: str | None = None,
     ) -> ResolvedSubstance:
         """A structure decides identity; the catalogue only adds a display name and legal status."""
         key = structure.key
-        formerly, formerly_regions, formerly_since = self._learn_from_report(name, key, reporter, occurred_at)
+        formerly, formerly_regions, formerly_since = self._learn_from_report(name, key, reporter, occurred_at, event_id)
         catalogued = self._by_key.get(key)
         if catalogued is not None:
             entry, known = catalogued
@@ -587,7 +593,12 @@ class SubstanceResolver:
         )
 
     def _learn_from_report(
-        self, name: str, key: str, reporter: str | None = None, occurred_at: datetime | None = None
+        self,
+        name: str,
+        key: str,
+        reporter: str | None = None,
+        occurred_at: datetime | None = None,
+        event_id: str | None = None,
     ) -> tuple[str | None, tuple[str, ...], str | None]:
         """Remember a name seen with a structure; a name's key never flips (see the module docstring).
 
@@ -595,8 +606,12 @@ class SubstanceResolver:
         and the day of the first, when this report *settles* the binding (corroborated: a provisional or
         contested name never links) of a name resolved by itself whose last name-only report is within the
         horizon of this report's time: the detectors then tell the two apart from two substances. Else
-        (None, (), None).
+        (None, (), None). The same report resolved again (same ``event_id``) gets the same link.
         """
+        if self._linked and event_id is not None:
+            again = self._linked.get(event_id)
+            if again is not None:
+                return again[1:]
         normalised = name_key(name)
         learnt = self._learnt.get(normalised)
         if learnt is not None and normalised not in self._vouched:
@@ -609,7 +624,10 @@ class SubstanceResolver:
         if seen is None or not self.links(seen.last, occurred_at):
             return None, (), None
         since = seen.first.date().isoformat() if seen.first is not None else None
-        return NAME_KEY_PREFIX + normalised, tuple(sorted(seen.regions)), since
+        link = (NAME_KEY_PREFIX + normalised, tuple(sorted(seen.regions)), since)
+        if event_id is not None:
+            self._linked[event_id] = (seen.last, *link)
+        return link
 
     def links(self, last: datetime | None, settled_at: datetime | None) -> bool:
         """Is a name last reported by name only at ``last`` tied to the structure report (at ``settled_at``) that
@@ -631,6 +649,8 @@ class SubstanceResolver:
         stale = [n for n, seen in self._unresolved.items() if seen.last is not None and seen.last < cut]
         for normalised in stale:
             del self._unresolved[normalised]
+        for event_id in [e for e, link in self._linked.items() if link[0] is not None and link[0] < cut]:
+            del self._linked[event_id]
 
     def vouch(self, normalised: str, key: str, reporter: str | None) -> bool:
         """One reporter's evidence that the (normalised) name means structure ``key``; True when this evidence

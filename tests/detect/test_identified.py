@@ -271,3 +271,19 @@ def test_a_follow_up_goes_to_routes_of_new_substances_that_take_info() -> None:
     warning_up = Route.model_validate({"alert_types": ["new_substance"], "min_severity": "warning", "channel": channel})
     spikes = Route.model_validate({"alert_types": ["spike"], "min_severity": "info", "channel": channel})
     assert (takes.matches(follow_up), warning_up.matches(follow_up), spikes.matches(follow_up)) == (True, False, False)
+
+
+def test_a_batch_read_again_keeps_the_link() -> None:
+    """Finding 6: the runtime may throw a resolved batch away (partition revoked) and read it again; the report
+    that made the link makes it again (same event id), and only that report."""
+    intake, detector = Intake(SubstanceResolver(), stage="backtest"), Detector()
+    alerts: list[Alert] = []
+    for item in intake.process([RawMessage("t:0", json.dumps(SEIZURE, ensure_ascii=False))]).events:
+        alerts.extend(detector.observe_event(item).alerts)
+    intake.process([RawMessage("t:1", json.dumps(LAB, ensure_ascii=False))])  # thrown away
+    for item in intake.process([RawMessage("t:1", json.dumps(LAB, ensure_ascii=False))]).events:
+        alerts.extend(detector.observe_event(item).alerts)
+    assert [a.alert_type for a in alerts] == ["new_substance", "new_substance"]
+    assert alerts[1].details["name_key"] == NAME_KEY
+    other = lab(event_id="lab-9", occurred_at="2026-11-30T09:00:00Z", sample_id="S9", substance=LAB["substance"])
+    assert [e.substance.formerly for e in intake.process([RawMessage("t:2", json.dumps(other))]).events] == [None]

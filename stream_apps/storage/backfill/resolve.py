@@ -67,14 +67,21 @@ class _SharedStructuresResolver(SubstanceResolver):
         reporter: str | None = None,
         region: str | None = None,
         occurred_at: datetime | None = None,
+        event_id: str | None = None,
     ) -> ResolvedSubstance:
         found = self.structures.get(smiles) if smiles else None
         if isinstance(found, Structure):
             if occurred_at is not None:
                 self.note_time(occurred_at)  # as resolve() does: the bound of a name's link
-            return self._from_structure(found, name or "", None, reporter, occurred_at)
+            return self._from_structure(found, name or "", None, reporter, occurred_at, event_id)
         return super().resolve(
-            name, smiles=smiles, inchikey=inchikey, reporter=reporter, region=region, occurred_at=occurred_at
+            name,
+            smiles=smiles,
+            inchikey=inchikey,
+            reporter=reporter,
+            region=region,
+            occurred_at=occurred_at,
+            event_id=event_id,
         )
 
 
