@@ -245,7 +245,7 @@ def test_the_names_a_substance_was_identified_under_are_kept_in_its_record() -> 
     state = SubstanceState(first_region="FR-75C", first_day=20000, names=[NAME_KEY], named_regions=["ML-BKO"])
     assert SubstanceState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
     plain = SubstanceState(first_region="FR-75C", first_day=20000)
-    assert "n" not in plain.to_dict(), "records without names are written as before"
+    assert not {"n", "nr"} & set(plain.to_dict()), "records without names are written as before"
     assert SubstanceState.from_dict(plain.to_dict()) == plain
 
 
@@ -287,3 +287,20 @@ def test_a_batch_read_again_keeps_the_link() -> None:
     assert alerts[1].details["name_key"] == NAME_KEY
     other = lab(event_id="lab-9", occurred_at="2026-11-30T09:00:00Z", sample_id="S9", substance=LAB["substance"])
     assert [e.substance.formerly for e in intake.process([RawMessage("t:2", json.dumps(other))]).events] == [None]
+
+
+def test_the_settling_report_reaches_novelty_when_its_structure_was_sighted_there_that_day() -> None:
+    """Finding 9: the region stage forwards the linking report's sighting even when K was sighted in that region
+    on that day already (it would otherwise send nothing, and the follow-up would never be raised)."""
+    same_day = lab(
+        event_id="lab-0",
+        occurred_at="2026-11-29T08:00:00Z",
+        sample_id="S0",
+        substance={"name": "PipPP-X", "smiles": SMILES},
+    )
+    alerts = detect([same_day, SEIZURE, LAB])
+    assert [(a.alert_type, a.region) for a in alerts] == [
+        ("new_substance", "FR-75C"),
+        ("new_substance", "ML-BKO"),
+        ("identified", "FR-75C"),
+    ]
