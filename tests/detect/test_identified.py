@@ -57,6 +57,14 @@ LAB_B = lab(
     substance={"name": NAME, "smiles": SMILES},
 )  # a second lab (another reporter): with corroboration 2 it settles the name
 OTHER = "CC(NC)C(=O)c1ccc(Cl)c(C)c1"  # another uncatalogued structure
+THERE = lab(
+    event_id="lab-ml",
+    occurred_at="2026-12-10T09:00:00Z",
+    region="ML-BKO",
+    country="ML",
+    sample_id="S7",
+    substance={"name": "unknown powder", "smiles": SMILES},
+)  # a lab report of the structure, under another name, in the region the name was seized in
 
 
 def test_a_new_structure_first_reported_by_name_is_a_new_substance_that_names_the_name() -> None:
@@ -110,15 +118,7 @@ def test_a_name_only_report_older_than_the_horizon_takes_nothing_from_a_new_stru
     """Reviewer's exp3: a junk name-only report two years before the lab report does not link; the structure's
     first report in that region is still a first appearance."""
     junk = seizure(event_id="sz-junk", occurred_at="2024-01-01T10:00:00+01:00", substance={"name": NAME})
-    there = lab(
-        event_id="lab-ml",
-        occurred_at="2026-12-10T09:00:00Z",
-        region="ML-BKO",
-        country="ML",
-        sample_id="S7",
-        substance={"name": "unknown powder", "smiles": SMILES},
-    )
-    alerts = detect([junk, LAB, there])
+    alerts = detect([junk, LAB, THERE])
     assert [a.alert_type for a in alerts] == ["new_substance", "new_substance", "first_in_region"]
     assert "name_key" not in alerts[1].details
 
@@ -150,15 +150,7 @@ def test_remembered_names_are_bounded_by_event_time_and_regions() -> None:
 def test_a_structure_bearing_report_in_a_region_alerted_under_the_name_is_a_first_appearance() -> None:
     """Decision E: only name-only reports of K (resolved through the name) join silently where the name was
     alerted; a report with the structure there is K's first appearance."""
-    there = lab(
-        event_id="lab-ml",
-        occurred_at="2026-12-10T09:00:00Z",
-        region="ML-BKO",
-        country="ML",
-        sample_id="S7",
-        substance={"name": "unknown powder", "smiles": SMILES},
-    )
-    alerts = detect([SEIZURE, LAB, there])
+    alerts = detect([SEIZURE, LAB, THERE])
     assert [(a.alert_type, a.region) for a in alerts][2:] == [("first_in_region", "ML-BKO")]
 
 
