@@ -50,17 +50,22 @@ class Sighting:
     # (ResolvedSubstance.formerly): the novelty stage raises an ``identified`` alert, not a second new substance.
     formerly: str | None = None
     formerly_regions: list[str] | None = None  # the regions that name was reported from, by name only
+    formerly_since: str | None = None  # the day (ISO date) that name was first reported by name only
 
     def to_dict(self) -> dict[str, Any]:
         """The wire form on the sightings topic (fields are flat: no deep copy as ``asdict`` makes)."""
         data = {name: getattr(self, name) for name in _SIGHTING_FIELDS}
         data["occurred_at"] = self.occurred_at.isoformat()
         if self.formerly is None:  # nearly every sighting: its record stays as a worker before these fields wrote it
-            del data["formerly"], data["formerly_regions"]
+            del data["formerly"], data["formerly_regions"], data["formerly_since"]
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Sighting:
+        """Read a sightings record; fields this version does not know are ignored (a newer producer during a
+        rolling upgrade must not make it refuse the record, with every sighting in it)."""
+        if not data.keys() <= _SIGHTING_NAMES:
+            data = {name: value for name, value in data.items() if name in _SIGHTING_NAMES}
         return cls(**{**data, "occurred_at": datetime.fromisoformat(data["occurred_at"])})
 
     @property
@@ -69,6 +74,7 @@ class Sighting:
 
 
 _SIGHTING_FIELDS = tuple(f.name for f in fields(Sighting))
+_SIGHTING_NAMES = frozenset(_SIGHTING_FIELDS)
 
 
 @dataclass(frozen=True)

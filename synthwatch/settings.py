@@ -358,6 +358,14 @@ class Settings(BaseSettings):
 
     # --- detection -----------------------------------------------------------------------------------
 
+    name_link_horizon_days: int = Field(
+        default=180,
+        ge=1,
+        le=3650,
+        description="Worker: a street name reported by name only is tied to the structure that settles it (the "
+        "structure's alert names it) only if its last name-only report is at most this many days (event time) "
+        "before that structure report; the resolver forgets such names after twice this (docs/detection.md).",
+    )
     learnt_name_reporters: int = Field(
         default=2,
         ge=1,

@@ -407,10 +407,10 @@ class AlertView:
     # that cut as the reader's moment; "" when the alert has no such section
     learnt: list[NeighbourView] = field(default_factory=list)
     learnt_as_of: str = ""
-    # an ``identified`` alert: the name key its name-only reports were alerted under, and whether the structure is
-    # new to the network too (else ``since`` says since when it is known)
+    # a new substance first reported by name only, or an ``identified`` follow-up: the name key its name-only
+    # reports were alerted under, and the day of the first ("" when not known)
     former_name: str = ""
-    structure_new: bool = False
+    former_since: str = ""
     language: str = "en"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -625,9 +625,9 @@ def alert_view(alert: Alert, language: str, grafana_url: str, timezone: str = "U
         reporters_n=len(alert.reported_by),
         language=language,
     )
-    if alert.alert_type == "identified":
-        view.former_name = visible(alert.details.get("name_key", ""))
-        view.structure_new = bool(alert.details.get("structure_new", False))
+    if alert.alert_type in ("identified", "new_substance") and alert.details.get("name_key"):
+        view.former_name = visible(str(alert.details.get("name_key", "")))
+        view.former_since = visible(str(alert.details.get("name_first_day", "")))
     view.similar, view.guess, view.did_you_mean = chemistry_views(alert, language)
     if alert.learnt_substances is not None and alert.learnt_substances.substances:
         view.learnt = learnt_views(alert, language)

@@ -46,9 +46,12 @@ def severity(alert_type: AlertType, subject: Subject) -> Severity:
     """Critical for opioids (a never-seen opioid kills); warning for NPS news; info for the familiar.
 
     A name nobody could resolve (no structure, not in the catalogue) is info: it may be a spelling
-    the catalogue lacks, and a false critical costs the officers' trust.
+    the catalogue lacks, and a false critical costs the officers' trust. An ``identified`` follow-up is info:
+    its substance was known, and alerted at its own severity, before.
     """
     if subject.key.startswith("name:") and alert_type in ("new_substance", "first_in_region"):
+        return "info"
+    if alert_type == "identified":  # a follow-up about a substance known already (its alert was raised then)
         return "info"
     opioid = subject.family in OPIOID_FAMILIES
     if opioid:
@@ -78,6 +81,7 @@ class Subject:
     identified_by: str | None = None  # how the resolver established identity (ResolvedSubstance.resolved_by)
     formerly: str | None = None  # the name key this report's name had until it tied it to a structure
     formerly_regions: tuple[str, ...] = ()  # the regions that name was reported from, by name only
+    formerly_since: str | None = None  # the day (ISO date) that name was first reported by name only
 
     def as_alert_substance(self) -> AlertSubstance:
         return AlertSubstance(

@@ -22,7 +22,8 @@ import math
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from functools import cache, lru_cache
 from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
@@ -40,6 +41,11 @@ if TYPE_CHECKING:
 ResolvedBy = IdentifiedBy  # carried to the alert (Alert.identified_by)
 
 NAME_KEY_PREFIX = "name:"
+NAME_LINK_HORIZON_DAYS = 180
+"""A name-only report older than this (event time) before the structure report that settles its name is not
+tied to the structure (``formerly``): one old or junk report must not decide how a new structure is announced."""
+NAME_LINK_REGIONS = 32
+"""At most this many regions are remembered per unresolved name (the first ones in code order: deterministic)."""
 FAMILY_NAMES: frozenset[str] = frozenset(get_args(Family))
 SMILES_ERROR = "SMILES not parseable by RDKit"
 INCHIKEY_ERROR = "InChIKey not well formed"
@@ -307,6 +313,27 @@ class ResolvedSubstance:
     # name were counted (and alerted) under it, and this report is the first to tie the name to a structure.
     formerly: str | None = None
     formerly_regions: tuple[str, ...] = ()  # the regions of those name-only reports (sorted)
+    formerly_since: str | None = None  # the day (ISO date) of the first of those name-only reports
+
+
+@dataclass(slots=True)
+class UnresolvedName:
+    """What the resolver keeps of a name resolved by itself (``name:...``): when and where it was reported."""
+
+    first: datetime | None = None  # event time of its first and last name-only reports (None: not given)
+    last: datetime | None = None
+    regions: set[str] = field(default_factory=set)  # at most NAME_LINK_REGIONS, the first in code order
+
+    def note(self, region: str | None, first: datetime | None, last: datetime | None) -> None:
+        """One more name-only report (or, on a restart, a stored span of them)."""
+        if first is not None and (self.first is None or first < self.first):
+            self.first = first
+        if last is not None and (self.last is None or last > self.last):
+            self.last = last
+        if region is not None and region not in self.regions:
+            self.regions.add(region)
+            if len(self.regions) > NAME_LINK_REGIONS:
+                self.regions.remove(max(self.regions))
 
 
 class SubstanceResolver:
@@ -315,20 +342,34 @@ class SubstanceResolver:
     Deterministic for a given catalogue and sequence of reports. Not thread-safe (one per stream worker).
     """
 
-    def __init__(self, catalogue: Iterable[CatalogueEntry] | None = None, corroboration: int = 1) -> None:
+    def __init__(
+        self,
+        catalogue: Iterable[CatalogueEntry] | None = None,
+        corroboration: int = 1,
+        name_horizon_days: int = NAME_LINK_HORIZON_DAYS,
+    ) -> None:
         if corroboration < 1:
             raise ValueError(f"corroboration counts reporters: at least 1, got {corroboration}")
         entries = tuple(shipped_catalogue() if catalogue is None else catalogue)
         self.corroboration = corroboration
+        self.name_horizon = timedelta(days=name_horizon_days)
         self._by_key: dict[str, tuple[CatalogueEntry, Structure]] = {}
         self._by_name: dict[str, ResolvedSubstance] = {}
         self._learnt: dict[str, str] = {}
         # Provisional learnt names -> the reporters that vouched for their structure (fewer than corroboration).
         self._vouched: dict[str, set[str]] = {}
         self._contested: dict[str, set[str]] = {}  # name -> the structure keys reported with it
-        # Names resolved by the name itself (``name:...`` keys) and not learnt since: the first structure report
-        # that teaches one of them says so (ResolvedSubstance.formerly), once.
-        self._unresolved: dict[str, set[str]] = {}  # normalised name -> the regions it was reported from
+        # Names resolved by the name itself (``name:...`` keys) and not learnt since: the structure report that
+        # settles one of them says so (ResolvedSubstance.formerly), once. Bounded by event time: an entry whose
+        # last report is older than twice the horizon before the latest report seen (``_watermark``) can never
+        # link again and is dropped (see _prune); the link rule checks the same bound, so when the drop
+        # happens changes nothing.
+        self._unresolved: dict[str, UnresolvedName] = {}
+        self._watermark: datetime | None = None
+        # The reports that made a link (event id -> the name's last report time, then the link): resolved again,
+        # they make it again. Dropped with the name's horizon, as _unresolved.
+        self._linked: dict[str, tuple[datetime | None, str, tuple[str, ...], str | None]] = {}
+        self._pruned_at: datetime | None = None
         self._key_family: dict[str, Family | None] = {}
         # One object per distinct answer (see _substance): its fields -> the object.
         self._answers: dict[tuple[Any, ...], ResolvedSubstance] = {}
@@ -378,11 +419,15 @@ class SubstanceResolver:
         inchikey: str | None = None,
         reporter: str | None = None,
         region: str | None = None,
+        occurred_at: datetime | None = None,
+        event_id: str | None = None,
     ) -> ResolvedSubstance:
         """Identity of one report: valid SMILES, else InChIKey, else catalogue name, learnt name, raw name.
 
         ``reporter`` (who vouches for the report) counts towards corroborating a name learnt from it; ``region``
-        (where the report is from) is remembered for a name nobody can resolve yet (see ``formerly``). A
+        and ``occurred_at`` (where and when the report is from) are remembered for a name nobody can resolve yet,
+        and bound which of those a structure report ties (see ``formerly``); ``event_id`` lets the report that
+        made a link get the same link when it is resolved again (a batch the runtime threw away and re-reads). A
         report with a structure needs no name (the catalogue or the structure names it); when that
         structure is unreadable, the spelling itself stands in for the missing name.
         """
@@ -401,9 +446,12 @@ class SubstanceResolver:
                 error = found if error is None else f"{error}; {found}"
             else:
                 structure = found
+        if occurred_at is not None and (self._watermark is None or occurred_at > self._watermark):
+            self._watermark = occurred_at
+            self._prune()
         if structure is not None:
-            return self._from_structure(structure, name, error, reporter)
-        return self._from_name(name if name.strip() else (smiles or inchikey or ""), error, region)
+            return self._from_structure(structure, name, error, reporter, occurred_at, event_id)
+        return self._from_name(name if name.strip() else (smiles or inchikey or ""), error, region, occurred_at)
 
     def _substance(
         self,
@@ -418,6 +466,7 @@ class SubstanceResolver:
         provisional: bool = False,
         formerly: str | None = None,
         formerly_regions: tuple[str, ...] = (),
+        formerly_since: str | None = None,
     ) -> ResolvedSubstance:
         """The :class:`ResolvedSubstance` with these fields: the same object each time they repeat.
 
@@ -437,6 +486,7 @@ class SubstanceResolver:
             provisional,
             formerly,
             formerly_regions,
+            formerly_since,
         )
         answers = self._answers
         found = answers.get(fields)
@@ -447,11 +497,17 @@ class SubstanceResolver:
         return found
 
     def _from_structure(
-        self, structure: Structure, name: str, error: str | None, reporter: str | None = None
+        self,
+        structure: Structure,
+        name: str,
+        error: str | None,
+        reporter: str | None = None,
+        occurred_at: datetime | None = None,
+        event_id: str | None = None,
     ) -> ResolvedSubstance:
         """A structure decides identity; the catalogue only adds a display name and legal status."""
         key = structure.key
-        formerly, formerly_regions = self._learn_from_report(name, key, reporter)
+        formerly, formerly_regions, formerly_since = self._learn_from_report(name, key, reporter, occurred_at, event_id)
         catalogued = self._by_key.get(key)
         if catalogued is not None:
             entry, known = catalogued
@@ -466,6 +522,7 @@ class SubstanceResolver:
                 structure_error=error,
                 formerly=formerly,
                 formerly_regions=formerly_regions,
+                formerly_since=formerly_since,
             )
         if structure.family is not None or key not in self._key_family:
             self._key_family[key] = structure.family
@@ -480,9 +537,12 @@ class SubstanceResolver:
             structure_error=error,
             formerly=formerly,
             formerly_regions=formerly_regions,
+            formerly_since=formerly_since,
         )
 
-    def _from_name(self, name: str, error: str | None, region: str | None = None) -> ResolvedSubstance:
+    def _from_name(
+        self, name: str, error: str | None, region: str | None = None, occurred_at: datetime | None = None
+    ) -> ResolvedSubstance:
         """Name-only report: catalogue alias, else a learnt name, else a key made from the name itself."""
         normalised = name_key(name)
         by_name = self._by_name.get(normalised)
@@ -516,11 +576,11 @@ class SubstanceResolver:
                 structure_error=error,
                 provisional=provisional,
             )
-        regions = self._unresolved.get(normalised)
-        if regions is None:
-            regions = self._unresolved[normalised] = set()
-        if region is not None:
-            regions.add(region)
+        if normalised not in UNINFORMATIVE_NAMES:
+            seen = self._unresolved.get(normalised)
+            if seen is None:
+                seen = self._unresolved[normalised] = UnresolvedName()
+            seen.note(region, occurred_at, occurred_at)
         return self._substance(
             key=NAME_KEY_PREFIX + normalised,
             display_name=name.strip(),
@@ -533,27 +593,68 @@ class SubstanceResolver:
         )
 
     def _learn_from_report(
-        self, name: str, key: str, reporter: str | None = None
-    ) -> tuple[str | None, tuple[str, ...]]:
+        self,
+        name: str,
+        key: str,
+        reporter: str | None = None,
+        occurred_at: datetime | None = None,
+        event_id: str | None = None,
+    ) -> tuple[str | None, tuple[str, ...], str | None]:
         """Remember a name seen with a structure; a name's key never flips (see the module docstring).
 
-        Returns the name key (``name:...``) the name had until now, and the regions its reports came from, when
-        this report is the first to tie a name already resolved by itself to a structure: the detectors then tell
-        the two apart from two substances. Else (None, ()).
+        Returns the name key (``name:...``) the name had until now, the regions its name-only reports came from
+        and the day of the first, when this report *settles* the binding (corroborated: a provisional or
+        contested name never links) of a name resolved by itself whose last name-only report is within the
+        horizon of this report's time: the detectors then tell the two apart from two substances. Else
+        (None, (), None). The same report resolved again (same ``event_id``) gets the same link.
         """
+        if self._linked and event_id is not None:
+            again = self._linked.get(event_id)
+            if again is not None:
+                return again[1:]
         normalised = name_key(name)
         learnt = self._learnt.get(normalised)
         if learnt is not None and normalised not in self._vouched:
-            return None, ()  # corroborated (or corroboration=1): settled, the hot path
+            return None, (), None  # corroborated (or corroboration=1): settled, the hot path
         if normalised in self._by_name or normalised in UNINFORMATIVE_NAMES:
-            return None, ()
-        if self.vouch(normalised, key, reporter) and normalised in self._unresolved:
-            return NAME_KEY_PREFIX + normalised, tuple(sorted(self._unresolved.pop(normalised)))
-        return None, ()
+            return None, (), None
+        if not self.vouch(normalised, key, reporter):
+            return None, (), None
+        seen = self._unresolved.pop(normalised, None)
+        if seen is None or not self.links(seen.last, occurred_at):
+            return None, (), None
+        since = seen.first.date().isoformat() if seen.first is not None else None
+        link = (NAME_KEY_PREFIX + normalised, tuple(sorted(seen.regions)), since)
+        if event_id is not None:
+            self._linked[event_id] = (seen.last, *link)
+        return link
+
+    def links(self, last: datetime | None, settled_at: datetime | None) -> bool:
+        """Is a name last reported by name only at ``last`` tied to the structure report (at ``settled_at``) that
+        settles it? Only within the horizon of that report, and of the latest report seen (so an entry
+        :meth:`_prune` dropped could not have linked either). A time not given does not bound."""
+        if last is None:
+            return True
+        if settled_at is not None and last < settled_at - self.name_horizon:
+            return False
+        return self._watermark is None or last >= self._watermark - 2 * self.name_horizon
+
+    def _prune(self) -> None:
+        """Drop unresolved names that can no longer link (see :meth:`links`), at most once a day of event time."""
+        mark = self._watermark
+        if mark is None or (self._pruned_at is not None and mark - self._pruned_at < timedelta(days=1)):
+            return
+        self._pruned_at = mark
+        cut = mark - 2 * self.name_horizon
+        stale = [n for n, seen in self._unresolved.items() if seen.last is not None and seen.last < cut]
+        for normalised in stale:
+            del self._unresolved[normalised]
+        for event_id in [e for e, link in self._linked.items() if link[0] is not None and link[0] < cut]:
+            del self._linked[event_id]
 
     def vouch(self, normalised: str, key: str, reporter: str | None) -> bool:
-        """One reporter's evidence that the (normalised) name means structure ``key``; True when it binds the
-        name for the first time."""
+        """One reporter's evidence that the (normalised) name means structure ``key``; True when this evidence
+        settles the binding (corroborated by enough reporters; at once with ``corroboration=1``)."""
         learnt = self._learnt.get(normalised)
         if learnt is None:
             contested = self._contested.get(normalised)
@@ -563,6 +664,7 @@ class SubstanceResolver:
             self._learnt[normalised] = key
             if self.corroboration > 1:
                 self._vouched[normalised] = {reporter} if reporter is not None else set()
+                return False
             return True
         vouched = self._vouched.get(normalised)
         if vouched is None:
@@ -572,21 +674,50 @@ class SubstanceResolver:
                 vouched.add(reporter)
                 if len(vouched) >= self.corroboration:
                     del self._vouched[normalised]
+                    return True
             return False
         # A provisional name reported with another structure: neither report decides it.
         del self._learnt[normalised], self._vouched[normalised]
         self._contested[normalised] = {learnt, key}
         return False
 
-    def note_unresolved(self, key: str, region: str | None = None) -> None:
-        """Replay a stored name-only report's ``name:...`` key and region after a restart (after the learnt names):
-        a name still unlearnt is one whose first structure report will say it had that key (``formerly``)."""
+    def note_unresolved(
+        self,
+        key: str,
+        region: str | None = None,
+        first: datetime | None = None,
+        last: datetime | None = None,
+    ) -> None:
+        """Replay stored name-only reports of a ``name:...`` key in a region (event times ``first``..``last``)
+        after a restart, after the learnt names: a name still unlearnt is one whose settling structure report
+        will say it had that key (``formerly``). The caller gives only spans within the horizon (see
+        :meth:`unresolved_cut`), as :meth:`_prune` keeps live."""
         if key.startswith(NAME_KEY_PREFIX):
             normalised = key[len(NAME_KEY_PREFIX) :]
-            if normalised and normalised not in self._learnt and normalised not in self._by_name:
-                regions = self._unresolved.setdefault(normalised, set())
-                if region is not None:
-                    regions.add(region)
+            settled = normalised in self._learnt and normalised not in self._vouched
+            if normalised and not settled and normalised not in self._by_name:
+                if normalised in UNINFORMATIVE_NAMES:
+                    return
+                self._unresolved.setdefault(normalised, UnresolvedName()).note(region, first, last)
+
+    def note_time(self, moment: datetime) -> None:
+        """Replay the latest event time stored after a restart: the bound of :meth:`links`, as live."""
+        if self._watermark is None or moment > self._watermark:
+            self._watermark = moment
+            self._prune()
+
+    def unresolved_cut(self, watermark: datetime) -> datetime:
+        """The oldest last name-only report a restarted resolver must remember, the latest report being at
+        ``watermark``: what :meth:`_prune` keeps live."""
+        return watermark - 2 * self.name_horizon
+
+    def unresolved_names(self) -> dict[str, set[str]]:
+        """Names remembered as resolved by themselves -> their regions (a copy: tests and diagnostics)."""
+        return {name: set(seen.regions) for name, seen in self._unresolved.items()}
+
+    def settled_names(self) -> dict[str, str]:
+        """Learnt names that are corroborated (not provisional) -> structure key."""
+        return {name: key for name, key in self._learnt.items() if name not in self._vouched}
 
     def observe_name(self, name: str, key: str, reporter: str | None) -> None:
         """Replay stored evidence (a name reported with structure ``key`` by ``reporter``) after a restart."""

@@ -127,6 +127,8 @@ class Intake:
             inchikey=reported.inchikey,
             reporter=self.reporter(event, org),
             region=event.region,
+            occurred_at=event.occurred_at,
+            event_id=event.event_id,
         )
 
     def enrich(self, event: LabDetection | BorderSeizure, source: str, org: str | None = None) -> EnrichedEvent:

@@ -85,8 +85,10 @@ class SubstanceState:
             named_regions=[str(r) for r in data.get("nr") or ()],
         )
 
-    def add_named_regions(self, regions: Iterable[str]) -> None:
-        """Note regions a name tied to this substance was reported from (those it has not seen itself)."""
+    def add_name(self, name_key: str, regions: Iterable[str]) -> None:
+        """Tie a name key to this substance, with the regions it was reported from (those not seen here yet);
+        both lists kept sorted, so a rebuilt record is byte-identical to the live one."""
+        self.names = sorted({*self.names, name_key})
         self.named_regions = sorted({*self.named_regions, *(r for r in regions if r not in self.regions)})
 
     def sighted(self, region: str, day: int, horizon: int) -> bool:
@@ -201,8 +203,7 @@ class NoveltyDetector:
         if formerly is not None and known is not None and formerly not in known.names:
             # A name alerted on its own (name-only reports) is tied to this known structure: say so, once.
             self.dirty.add(key)
-            known.names.append(formerly)
-            known.add_named_regions(sighting.formerly_regions or ())
+            known.add_name(formerly, sighting.formerly_regions or ())
             if emit:
                 alerts.append(self._identified(sighting, known))
         if known is not None and known.sighted(region, day, horizon):
@@ -213,20 +214,20 @@ class NoveltyDetector:
             known.regions[region] = [day, day]
             known.mark_sighted(region, day, None, horizon)
             if formerly is not None:
-                known.names.append(formerly)
-                known.add_named_regions(sighting.formerly_regions or ())
+                known.add_name(formerly, sighting.formerly_regions or ())
             if emit:
-                # Not a second never-seen substance when its name was alerted already: the structure identifies it.
-                alerts.append(
-                    self._identified(sighting, None) if formerly is not None else self._new_substance(sighting)
-                )
+                # A new substance whatever its name had: the link to the name's alert is in its details.
+                alerts.append(self._new_substance(sighting))
         else:
             if region not in known.regions:
                 known.regions[region] = [day, day]
                 known.mark_sighted(region, day, None, horizon)
-                if region in known.named_regions:  # alerted there under a name now tied to it: not a first
+                named = region in known.named_regions
+                if named:
                     known.named_regions.remove(region)
-                elif emit:
+                # A name-only report of the name alerted there already is no first appearance; a report with a
+                # structure is (a name-only report must never silence a structure's first_in_region).
+                if emit and not (named and sighting.identified_by == "learnt_name"):
                     alerts.append(self._first_in_region(sighting, known))
             else:
                 span = known.regions[region]
@@ -303,47 +304,60 @@ class NoveltyDetector:
         # How this report identified it, not whether the catalogue knows a structure: a name-only report of a
         # catalogued drug was identified by its name, and the officer must be able to tell.
         identified = IDENTIFIED_TEXT.get(s.identified_by or "", "identification not recorded")
+        details: dict[str, Any] = {"first_region": s.region, "catalogued": s.catalogued}
+        named = ""
+        if s.formerly is not None:  # its name was reported (and alerted, at info) by name only before
+            details.update(self._name_link(s))
+            named = (
+                f" It was first reported by name only, as {s.formerly.removeprefix('name:')}"
+                f" ({s.formerly}{f', since {s.formerly_since}' if s.formerly_since else ''})."
+            )
         return self._first_alert(
             s,
             "new_substance",
             summary=(
                 f"Never seen by the network: {s.name} ({subject.family_text}; {origin}; {identified}), "
                 f"first reported in {region_label(s.region)} by a {s.kind.replace('_', ' ')}"
-                f"{f' ({s.reporter})' if s.reporter else ''}."
+                f"{f' ({s.reporter})' if s.reporter else ''}.{named}"
             ),
-            details={"first_region": s.region, "catalogued": s.catalogued},
+            details=details,
             **self._chemistry(s),
         )
 
-    def _identified(self, s: Sighting, known: SubstanceState | None) -> Alert:
-        """A structure report ties a name the network alerted on its own (``s.formerly``) to this substance.
+    @staticmethod
+    def _name_link(s: Sighting) -> dict[str, Any]:
+        """The name a structure report tied to its substance: key, regions and first day of its name-only reports."""
+        return {
+            "name_key": s.formerly,
+            "name": (s.formerly or "").removeprefix("name:"),
+            "name_regions": sorted(s.formerly_regions or ()),
+            **({"name_first_day": s.formerly_since} if s.formerly_since else {}),
+        }
 
-        ``known`` None: the structure is new too, and this alert is its only "new" alert (not a second
-        new_substance beside the name's). Otherwise the substance was known, and this tells the name's readers
-        what it was. Either way the name key's own record stays apart (another partition may hold it).
+    def _identified(self, s: Sighting, known: SubstanceState) -> Alert:
+        """A follow-up: a structure report ties a name the network alerted on its own (``s.formerly``, at info) to
+        this substance, already known. Its new_substance alert was raised when it was first seen; this tells the
+        name's readers what the name was. (A structure new to the network gets its new_substance alert instead,
+        with the same link in its details.) The name key's own record stays apart (another partition may hold it).
         """
         subject = sighting_subject(s)
-        named = (s.formerly or "").removeprefix("name:")
         place = region_label(s.region)
-        if known is None:
-            status = "the structure is new to the network too"
-        else:
-            status = f"known to the network since {day_start(known.first_day).date()} (first in {known.first_region})"
+        since = day_start(known.first_day).date()
         return self._first_alert(
             s,
             "identified",
             summary=(
-                f"Identified: the name {s.name} ({s.formerly}), reported earlier by name only and alerted then as a "
-                f"never-seen substance, is the structure {s.key} ({subject.family_text}) reported in {place} by a "
-                f"{s.kind.replace('_', ' ')}{f' ({s.reporter})' if s.reporter else ''}; {status}."
+                f"Name identified: {s.formerly}, reported earlier by name only (alerted then, at info, as a name "
+                f"nobody could identify), is the known substance {s.key} ({subject.family_text}), known to the "
+                f"network since {since} (first in {known.first_region}); a {s.kind.replace('_', ' ')}"
+                f"{f' ({s.reporter})' if s.reporter else ''} in {place} reported it under that name. Not a new "
+                f"substance."
             ),
             details={
-                "name_key": s.formerly,
-                "name": named,
-                "structure_new": known is None,
-                "name_regions": sorted(s.formerly_regions or ()),
-                **({"network_first_day": str(day_start(known.first_day).date())} if known is not None else {}),
-                **({"first_region": known.first_region} if known is not None else {"first_region": s.region}),
+                **self._name_link(s),
+                "structure_new": False,
+                "network_first_day": str(since),
+                "first_region": known.first_region,
             },
             episode=s.formerly or "",
             **self._chemistry(s),

@@ -66,6 +66,7 @@ def _subject_by_value(substance: ResolvedSubstance) -> Subject:
         identified_by=substance.resolved_by,
         formerly=substance.formerly,
         formerly_regions=substance.formerly_regions,
+        formerly_since=substance.formerly_since,
     )
 
 
@@ -171,6 +172,7 @@ class Observation:
             smiles=self.smiles if s.identified_by == "structure" else None,
             formerly=s.formerly,
             formerly_regions=list(s.formerly_regions) if s.formerly is not None else None,
+            formerly_since=s.formerly_since,
         )
 
 

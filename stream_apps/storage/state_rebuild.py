@@ -39,7 +39,7 @@ from typing import Any
 
 from synthwatch.schemas.topics import Sighting
 from synthwatch.stream_apps.detect.alerting import Subject, day_of, day_start
-from synthwatch.stream_apps.detect.identity import NAME_KEY_PREFIX, SubstanceResolver
+from synthwatch.stream_apps.detect.identity import NAME_KEY_PREFIX, NAME_LINK_REGIONS, SubstanceResolver, name_key
 from synthwatch.stream_apps.detect.novelty import NoveltyDetector
 from synthwatch.stream_apps.detect.region import Observation, RegionDetector
 from synthwatch.stream_apps.detect.spikes import SeriesState, intern_day
@@ -123,16 +123,21 @@ ORDER BY first_at, substance_name, substance_key, reporter
 """
 
 
-# Names stored as their own substance (``name:...``: name-only reports nobody could resolve when they came), and
-# the regions they were reported from.
+# Names stored as their own substance (``name:...``: name-only reports nobody could resolve when they came), the
+# regions they were reported from and when (first and last report per region, event time).
 _NAME_KEYS = """
-SELECT DISTINCT substance_key, toString(region) FROM (
-    SELECT substance_key, region FROM lab_detections WHERE startsWith(substance_key, 'name:')
+SELECT substance_key, toString(region), min(occurred_at), max(occurred_at) FROM (
+    SELECT substance_key, region, occurred_at FROM lab_detections WHERE startsWith(substance_key, 'name:')
     UNION ALL
-    SELECT substance_key, region FROM border_seizures WHERE startsWith(substance_key, 'name:')
+    SELECT substance_key, region, occurred_at FROM border_seizures WHERE startsWith(substance_key, 'name:')
 )
+GROUP BY substance_key, region
 ORDER BY substance_key, region
 """
+
+_LATEST = (
+    "SELECT greatest((SELECT max(occurred_at) FROM lab_detections), (SELECT max(occurred_at) FROM border_seizures))"
+)
 
 
 # The family of each structure stored with one (the resolver gives it to name-only reports of a learnt name).
@@ -199,9 +204,7 @@ def rebuild(
         )
         substances.add(key)
         sightings += 1
-    latest = client.query(
-        "SELECT greatest((SELECT max(occurred_at) FROM lab_detections), (SELECT max(occurred_at) FROM border_seizures))"
-    ).result_rows[0][0]
+    latest = client.query(_LATEST).result_rows[0][0]
     replayed = 0
     if latest is not None and latest.year > 1970:
         tested_from = day_of(_utc(latest)) - SETTLE_DAYS
@@ -229,7 +232,7 @@ def rebuild(
             )
             replayed += 1
     learnt = learn_names(client, resolver, reporter_of)
-    _identified_names(client, novelty, resolver)
+    _identified_names(client, novelty, resolver, reporter_of)
     seconds = time.perf_counter() - started
     return RebuildReport(len(substances), replayed, learnt, seconds, sightings, len(regions.series))
 
@@ -267,20 +270,57 @@ def _seed_series(client: Any, regions: RegionDetector, since: datetime) -> None:
             state.mass_values = [math.log(grams) for _, _, _, grams in masses]
 
 
-def _identified_names(client: Any, novelty: NoveltyDetector, resolver: SubstanceResolver) -> None:
-    """The name keys a structure report tied to each substance (``SubstanceState.names``): a learnt name that was
-    also stored as its own ``name:...`` key had name-only reports before the structure taught it, which the live
-    novelty stage recorded (and alerted as ``identified``) when that structure report came."""
-    stored: dict[str, list[str]] = {}
-    for name_key, region in client.query(_NAME_KEYS).result_rows:
-        stored.setdefault(str(name_key), []).append(str(region))
-    for name, key in sorted(resolver.learnt_names().items()):
+def _stored_names(client: Any) -> dict[str, list[tuple[str, datetime, datetime]]]:
+    """Stored ``name:...`` keys -> (region, first, last report there), in key and region order."""
+    stored: dict[str, list[tuple[str, datetime, datetime]]] = {}
+    for stored_key, region, first, last in client.query(_NAME_KEYS).result_rows:
+        stored.setdefault(str(stored_key), []).append((str(region), _utc(first), _utc(last)))
+    return stored
+
+
+def _settled_at(
+    client: Any, resolver: SubstanceResolver, reporter_of: Callable[[str], str] | None
+) -> dict[str, datetime]:
+    """Settled learnt name -> event time of the report that settled it (the ``corroboration``-th reporter of its
+    structure, in the order :func:`_learn_names` replays them): the time a live link is bounded by."""
+    settled = resolver.settled_names()
+    counted: dict[str, set[str]] = {}
+    at: dict[str, datetime] = {}
+    for name, key, reporter, first in client.query(_NAME_EVIDENCE).result_rows:
+        normalised = name_key(str(name))
+        if settled.get(normalised) != key or normalised in at:
+            continue
+        reporters = counted.setdefault(normalised, set())
+        reporters.add(reporter_of(reporter) if reporter_of else reporter)
+        if len(reporters) >= resolver.corroboration:
+            at[normalised] = _utc(first)
+    return at
+
+
+def _identified_names(
+    client: Any,
+    novelty: NoveltyDetector,
+    resolver: SubstanceResolver,
+    reporter_of: Callable[[str], str] | None = None,
+) -> None:
+    """The name keys a structure report tied to each substance (``SubstanceState.names``): a *settled* learnt name
+    (never a provisional or contested one) also stored as its own ``name:...`` key, whose last name-only report
+    is within the resolver's horizon of the report that settled it, as the live resolver decides (``links``)."""
+    stored = _stored_names(client)
+    if not stored:
+        return
+    settled_at = _settled_at(client, resolver, reporter_of)
+    for name, key in sorted(resolver.settled_names().items()):
         known = novelty.state.get(key)
-        regions = stored.get(NAME_KEY_PREFIX + name)
-        if known is not None and regions is not None and NAME_KEY_PREFIX + name not in known.names:
-            known.names.append(NAME_KEY_PREFIX + name)
-            known.add_named_regions(regions)
-            novelty.dirty.add(key)
+        spans = stored.get(NAME_KEY_PREFIX + name)
+        if known is None or spans is None or NAME_KEY_PREFIX + name in known.names:
+            continue
+        last = max(span[2] for span in spans)
+        at = settled_at.get(name)
+        if at is not None and last < at - resolver.name_horizon:
+            continue
+        known.add_name(NAME_KEY_PREFIX + name, [region for region, _, _ in spans][:NAME_LINK_REGIONS])
+        novelty.dirty.add(key)
 
 
 def learn_names(client: Any, resolver: SubstanceResolver, reporter_of: Callable[[str], str] | None = None) -> int:
@@ -295,8 +335,14 @@ def learn_names(client: Any, resolver: SubstanceResolver, reporter_of: Callable[
     structure's family: a name-only report of a learnt name gets it, as it did before the restart.
     """
     learnt = _learn_names(client, resolver, reporter_of)
-    for key, region in client.query(_NAME_KEYS).result_rows:
-        resolver.note_unresolved(str(key), str(region))
+    latest = client.query(_LATEST).result_rows[0][0]
+    if latest is not None and latest.year > 1970:
+        resolver.note_time(_utc(latest))
+        cut = resolver.unresolved_cut(_utc(latest))
+        for key, spans in _stored_names(client).items():
+            if max(last for _, _, last in spans) >= cut:  # as the live resolver keeps them (_prune)
+                for region, first, last in spans:
+                    resolver.note_unresolved(key, region, first, last)
     for key, family in client.query(_STRUCTURE_FAMILIES).result_rows:
         resolver.note_family(str(key), family)
     return learnt

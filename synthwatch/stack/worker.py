@@ -200,7 +200,11 @@ def _run_worker(
         )
     # The catalogue is indexed in the join wait (prepare), before the resolver's first use: the agents and the
     # recovery that use it wait until the worker is ready, which waits for that work.
-    resolver = SubstanceResolver(catalogue=(), corroboration=settings.learnt_name_reporters)
+    resolver = SubstanceResolver(
+        catalogue=(),
+        corroboration=settings.learnt_name_reporters,
+        name_horizon_days=settings.name_link_horizon_days,
+    )
     prepare.add(lambda: resolver.add_catalogue(shipped_catalogue()))
     prepare.add(lambda: settle_start_up_objects(freeze=settings.gc_freeze))
     ctx = WorkerContext(

@@ -161,6 +161,9 @@ def test_a_sighting_survives_the_sightings_topic() -> None:
     assert data["occurred_at"] == "2026-03-01T12:30:00+00:00"
     assert Sighting.from_dict(data) == sighting
     assert "formerly" not in data, "written only by the report that ties a name to a structure"
-    tied = replace(sighting, formerly="name:x", formerly_regions=["FR-75"])
+    assert not {"formerly_regions", "formerly_since"} & set(data), "left out when unset"
+    tied = replace(sighting, formerly="name:x", formerly_regions=["FR-75"], formerly_since="2026-02-01")
     assert Sighting.from_dict(json.loads(json.dumps(tied.to_dict()))) == tied
+    # a newer producer's field (rolling upgrade) is ignored, not a reason to refuse the record and its batch
+    assert Sighting.from_dict({**data, "field_of_a_later_version": 1}) == sighting
     assert sighting.reported_by == ["lab-fr"]

@@ -18,6 +18,7 @@ import pytest
 from synthwatch.settings import Settings
 from synthwatch.stack.demo import demo_streams
 from synthwatch.stream_apps.detect.backtest import run_lines
+from synthwatch.stream_apps.detect.identity import SubstanceResolver
 from synthwatch.stream_apps.detect.intake import Intake, RawMessage
 from synthwatch.stream_apps.detect.region import DetectionConfig, Detector
 from synthwatch.stream_apps.storage.backfill.ingest import ingest_history
@@ -111,41 +112,127 @@ def test_rebuild_then_live_raises_the_alerts_of_one_backtest_over_everything(
     assert _content(live) == _content(expected)
 
 
-def _pippp(event_id: str, day: int, region: str | None = None, structure: bool = False) -> str:
+def _pippp(
+    event_id: str,
+    day: float,
+    region: str | None = None,
+    structure: bool = False,
+    lab_id: str = "LAB-FR-01",
+    name: str = "3-Me-4-F-α-PipPP",
+    smiles: str = "CC(N1CCCCC1)C(=O)c1ccc(F)c(C)c1",
+) -> str:
     """A report of a substance the catalogue lacks: a lab's with its structure, else a seizure's by name only."""
     at = datetime(2026, 11, 29, 10, tzinfo=UTC) + timedelta(days=day)
-    substance: dict[str, Any] = {"name": "3-Me-4-F-α-PipPP"}
+    substance: dict[str, Any] = {"name": name}
     if structure:
-        substance["smiles"] = "CC(N1CCCCC1)C(=O)c1ccc(F)c(C)c1"
-        return json.dumps(lab(event_id=event_id, occurred_at=at.isoformat(), substance=substance), ensure_ascii=False)
-    record = seizure(event_id=event_id, occurred_at=at.isoformat(), substance=substance)
+        substance["smiles"] = smiles
+        record = lab(event_id=event_id, occurred_at=at.isoformat(), substance=substance, lab_id=lab_id)
+        record.update(sample_id=f"S-{event_id}")
+        if region is not None:
+            record.update(region=region, country=region[:2])
+        return json.dumps(record, ensure_ascii=False)
+    record = seizure(event_id=event_id, occurred_at=at.isoformat(), substance=substance, seizure_id=event_id)
     if region is not None:
         record.update(region=region, country=region[:2])
     return json.dumps(record, ensure_ascii=False)
 
 
-@pytest.mark.parametrize("cut", [1, 2], ids=["restart-before-the-lab", "restart-after-the-lab"])
-def test_a_name_alerted_alone_is_identified_across_a_restart(ch: Any, cut: int) -> None:
-    """The name-only seizure, then (across a restart at ``cut``) the lab report that names its structure, then
-    more name-only seizures: the alerts of one backtest over everything (identified once, no first appearance in
-    the region alerted under the name), and the same novelty record for the structure."""
-    reports = [_pippp("sz-1", 0), _pippp("lab-1", 1, structure=True), _pippp("sz-2", 2), _pippp("sz-3", 3, "ML-1")]
+def _restarted(
+    ch: Any, reports: list[str], cut: int, corroboration: int
+) -> tuple[Any, Detector, Detector, list[Any], list[Any]]:
+    """One backtest over ``reports``, and detectors rebuilt from the first ``cut`` stored then given the rest:
+    (whole run, its detector, the rebuilt detector, alerts expected after the cut, alerts after the rebuild)."""
     config = DetectionConfig.from_settings(Settings())
     saw = Detector(config)
-    whole = run_lines(_numbered(reports, "h"), config, detector=saw)
-    assert [a.alert_type for a in whole.alerts] == ["new_substance", "identified", "first_in_region", "spread"]
-    expected = whole.alerts[len(run_lines(_numbered(reports[:cut], "h"), config).alerts) :]
-
+    whole = run_lines(
+        _numbered(reports, "h"), config, detector=saw, intake=Intake(SubstanceResolver(corroboration=corroboration))
+    )
+    before = run_lines(
+        _numbered(reports[:cut], "h"), config, intake=Intake(SubstanceResolver(corroboration=corroboration))
+    )
     migrate(ch)
-    result = Intake().process([RawMessage(f"h:0:{n}", line) for n, line in enumerate(reports[:cut])])
+    result = Intake(SubstanceResolver(corroboration=corroboration)).process(
+        [RawMessage(f"h:0:{n}", line) for n, line in enumerate(reports[:cut])]
+    )
     assert ClickHouseSink(ch).store_events(result.events).stored == cut
-    intake, rebuilt = Intake(stage="backtest"), Detector(config)
-    rebuild(ch, rebuilt.regions, rebuilt.novelty, intake.resolver)
+    intake, rebuilt = Intake(SubstanceResolver(corroboration=corroboration), stage="backtest"), Detector(config)
+    rebuild(ch, rebuilt.regions, rebuilt.novelty, intake.resolver, intake.stored_reporter)
     live = run_lines(_numbered(reports[cut:], "l"), config, detector=rebuilt, intake=intake, stored=set())
-    assert _content(live.alerts) == _content(expected)
+    return whole, saw, rebuilt, whole.alerts[len(before.alerts) :], live.alerts
+
+
+@pytest.mark.parametrize(
+    ("corroboration", "cut"),
+    [(1, 1), (1, 2), (2, 1), (2, 2), (2, 3)],
+    ids=["c1-before-the-lab", "c1-after-the-lab", "c2-before-the-labs", "c2-between-the-labs", "c2-after-the-labs"],
+)
+def test_a_name_alerted_alone_is_identified_across_a_restart(ch: Any, corroboration: int, cut: int) -> None:
+    """The name-only seizure, then (across a restart at ``cut``) the lab report(s) that settle its name, then more
+    name-only seizures: the alerts of one backtest over everything (the structure a new_substance naming the
+    name with corroboration 1, an info follow-up once a second lab settles it with 2; no first appearance in the
+    region alerted under the name), and the same novelty record for the structure, byte for byte."""
+    labs = [_pippp("lab-1", 1, structure=True)]
+    if corroboration == 2:
+        labs.append(_pippp("lab-2", 1.5, structure=True, lab_id="LAB-DE-09"))
+    reports = [_pippp("sz-1", 0), *labs, _pippp("sz-2", 2), _pippp("sz-3", 3, "ML-1")]
+    whole, saw, rebuilt, expected, live = _restarted(ch, reports, cut, corroboration)
+    linked = {1: ["new_substance", "new_substance"], 2: ["new_substance", "new_substance", "identified"]}
+    assert [a.alert_type for a in whole.alerts] == [*linked[corroboration], "first_in_region", "spread"]
+    assert [a.alert_type for a in live] == [a.alert_type for a in expected]
+    assert _content(live) == _content(expected)
     key = whole.alerts[1].substance.key
-    assert rebuilt.novelty.state[key].names == saw.novelty.state[key].names == ["name:3me4fαpippp"]
-    assert rebuilt.novelty.state[key].named_regions == saw.novelty.state[key].named_regions == []
+    assert saw.novelty.state[key].names == ["name:3me4fαpippp"]
+    assert json.dumps(rebuilt.novelty.state[key].to_dict()) == json.dumps(saw.novelty.state[key].to_dict())
+
+
+def test_a_contested_name_links_nothing_across_a_restart(ch: Any) -> None:
+    """Reviewer's probe (finding 2): a name bound by one lab and contested by another links nothing live, so the
+    rebuilt record is the live one and a later report of the structure elsewhere raises the same alerts."""
+    other = "CC(NC)C(=O)c1ccc(Cl)c(C)c1"
+    reports = [
+        _pippp("sz-1", 0),
+        _pippp("lab-1", 1, structure=True),
+        _pippp("lab-2", 2, structure=True, lab_id="LAB-FR-02", smiles=other),
+        _pippp("lab-3", 3, "ML-BKO", structure=True, name="whatever"),
+    ]
+    whole, saw, rebuilt, expected, live = _restarted(ch, reports, 3, 2)
+    assert [a.alert_type for a in whole.alerts] == ["new_substance"] * 3 + ["first_in_region"]
+    assert _content(live) == _content(expected)
+    key = whole.alerts[1].substance.key
+    assert json.dumps(rebuilt.novelty.state[key].to_dict()) == json.dumps(saw.novelty.state[key].to_dict())
+
+
+def test_names_tied_to_a_substance_are_in_the_same_order_after_a_rebuild(ch: Any) -> None:
+    """Reviewer's probe (finding 7): two names tied to one structure, the later-sorted one first."""
+    reports = [
+        _pippp("sz-1", 0, name="Zeta-PipPP"),
+        _pippp("sz-2", 0.1, name="Alpha-PipPP"),
+        _pippp("lab-1", 1, structure=True, name="Zeta-PipPP"),
+        _pippp("lab-2", 2, structure=True, name="Alpha-PipPP"),
+    ]
+    whole, saw, rebuilt, _expected, _live = _restarted(ch, reports, 4, 1)
+    key = whole.alerts[2].substance.key
+    assert saw.novelty.state[key].names == ["name:alphapippp", "name:zetapippp"]
+    assert json.dumps(rebuilt.novelty.state[key].to_dict()) == json.dumps(saw.novelty.state[key].to_dict())
+
+
+def test_a_name_reported_beyond_the_horizon_links_neither_live_nor_after_a_rebuild(ch: Any) -> None:
+    """Finding 1/8: a name-only report older than the horizon before the lab's links nothing, live or rebuilt, and
+    the structure's first report in that region is a first appearance on both."""
+    reports = [
+        _pippp("sz-1", -400),
+        _pippp("lab-1", 1, structure=True),
+        _pippp("lab-2", 2, "ML-BKO", structure=True, name="unknown powder"),
+    ]
+    for cut in (1, 2):
+        whole, saw, rebuilt, expected, live = _restarted(ch, reports, cut, 1)
+        assert [a.alert_type for a in whole.alerts] == ["new_substance", "new_substance", "first_in_region"]
+        assert "name_key" not in whole.alerts[1].details
+        assert _content(live) == _content(expected)
+        key = whole.alerts[1].substance.key
+        assert json.dumps(rebuilt.novelty.state[key].to_dict()) == json.dumps(saw.novelty.state[key].to_dict())
+        ch.command("TRUNCATE TABLE lab_detections")
+        ch.command("TRUNCATE TABLE border_seizures")
 
 
 def test_a_report_sent_before_it_occurred_does_not_reorder_the_replay(ch: Any) -> None:

@@ -9,6 +9,7 @@ sequential run. Names learnt by earlier loads or by the worker come from ClickHo
 from __future__ import annotations
 
 import re
+from datetime import datetime
 
 from clickhouse_connect.driver.client import Client
 
@@ -65,11 +66,23 @@ class _SharedStructuresResolver(SubstanceResolver):
         inchikey: str | None = None,
         reporter: str | None = None,
         region: str | None = None,
+        occurred_at: datetime | None = None,
+        event_id: str | None = None,
     ) -> ResolvedSubstance:
         found = self.structures.get(smiles) if smiles else None
         if isinstance(found, Structure):
-            return self._from_structure(found, name or "", None, reporter)
-        return super().resolve(name, smiles=smiles, inchikey=inchikey, reporter=reporter, region=region)
+            if occurred_at is not None:
+                self.note_time(occurred_at)  # as resolve() does: the bound of a name's link
+            return self._from_structure(found, name or "", None, reporter, occurred_at, event_id)
+        return super().resolve(
+            name,
+            smiles=smiles,
+            inchikey=inchikey,
+            reporter=reporter,
+            region=region,
+            occurred_at=occurred_at,
+            event_id=event_id,
+        )
 
 
 def seeded_resolver(
