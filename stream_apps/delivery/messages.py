@@ -626,7 +626,7 @@ def alert_view(alert: Alert, language: str, grafana_url: str, timezone: str = "U
         language=language,
     )
     if alert.alert_type in ("identified", "new_substance") and alert.details.get("name_key"):
-        view.former_name = visible(str(alert.details.get("name_key", "")))
+        view.former_name = visible(str(alert.details.get("name") or alert.details.get("name_key", "")))
         view.former_since = visible(str(alert.details.get("name_first_day", "")))
     view.similar, view.guess, view.did_you_mean = chemistry_views(alert, language)
     if alert.learnt_substances is not None and alert.learnt_substances.substances:

@@ -366,9 +366,12 @@ class SubstanceResolver:
         # happens changes nothing.
         self._unresolved: dict[str, UnresolvedName] = {}
         self._watermark: datetime | None = None
-        # The reports that made a link (event id -> the name's last report time, then the link): resolved again,
-        # they make it again. Dropped with the name's horizon, as _unresolved.
-        self._linked: dict[str, tuple[datetime | None, str, tuple[str, ...], str | None]] = {}
+        # The reports that made a link ((reporter, event id, name, structure key) -> the name's last report time,
+        # then the link): the same report resolved again makes it again. Event ids are unique per reporter only,
+        # so another report under a reused id is judged on its own. Dropped with the name's horizon, as _unresolved.
+        self._linked: dict[
+            tuple[str | None, str, str, str], tuple[datetime | None, str, tuple[str, ...], str | None]
+        ] = {}
         self._pruned_at: datetime | None = None
         self._key_family: dict[str, Family | None] = {}
         # One object per distinct answer (see _substance): its fields -> the object.
@@ -606,13 +609,14 @@ class SubstanceResolver:
         and the day of the first, when this report *settles* the binding (corroborated: a provisional or
         contested name never links) of a name resolved by itself whose last name-only report is within the
         horizon of this report's time: the detectors then tell the two apart from two substances. Else
-        (None, (), None). The same report resolved again (same ``event_id``) gets the same link.
+        (None, (), None). The same report resolved again (same reporter, ``event_id``, name and structure) gets the
+        same link.
         """
+        normalised = name_key(name)
         if self._linked and event_id is not None:
-            again = self._linked.get(event_id)
+            again = self._linked.get((reporter, event_id, normalised, key))
             if again is not None:
                 return again[1:]
-        normalised = name_key(name)
         learnt = self._learnt.get(normalised)
         if learnt is not None and normalised not in self._vouched:
             return None, (), None  # corroborated (or corroboration=1): settled, the hot path
@@ -626,7 +630,7 @@ class SubstanceResolver:
         since = seen.first.date().isoformat() if seen.first is not None else None
         link = (NAME_KEY_PREFIX + normalised, tuple(sorted(seen.regions)), since)
         if event_id is not None:
-            self._linked[event_id] = (seen.last, *link)
+            self._linked[(reporter, event_id, normalised, key)] = (seen.last, *link)
         return link
 
     def links(self, last: datetime | None, settled_at: datetime | None) -> bool:
@@ -649,8 +653,8 @@ class SubstanceResolver:
         stale = [n for n, seen in self._unresolved.items() if seen.last is not None and seen.last < cut]
         for normalised in stale:
             del self._unresolved[normalised]
-        for event_id in [e for e, link in self._linked.items() if link[0] is not None and link[0] < cut]:
-            del self._linked[event_id]
+        for made_by in [e for e, link in self._linked.items() if link[0] is not None and link[0] < cut]:
+            del self._linked[made_by]
 
     def vouch(self, normalised: str, key: str, reporter: str | None) -> bool:
         """One reporter's evidence that the (normalised) name means structure ``key``; True when this evidence

@@ -222,12 +222,11 @@ class NoveltyDetector:
             if region not in known.regions:
                 known.regions[region] = [day, day]
                 known.mark_sighted(region, day, None, horizon)
-                named = region in known.named_regions
-                if named:
+                if region in known.named_regions:
                     known.named_regions.remove(region)
-                # A name-only report of the name alerted there already is no first appearance; a report with a
-                # structure is (a name-only report must never silence a structure's first_in_region).
-                if emit and not (named and sighting.identified_by == "learnt_name"):
+                # Raised even where the name was alerted by itself: that alert was for information only (routes
+                # from warning up never had it), and a junk name-only report must never silence a real one.
+                if emit:
                     alerts.append(self._first_in_region(sighting, known))
             else:
                 span = known.regions[region]
@@ -308,9 +307,12 @@ class NoveltyDetector:
         named = ""
         if s.formerly is not None:  # its name was reported (and alerted, at info) by name only before
             details.update(self._name_link(s))
+            # what backs the link, no more: the name-only samples were never analysed, and the name may have
+            # been reported after this structure's first report
             named = (
-                f" It was first reported by name only, as {s.formerly.removeprefix('name:')}"
-                f" ({s.formerly}{f', since {s.formerly_since}' if s.formerly_since else ''})."
+                f" The name {s.formerly.removeprefix('name:')} ({s.formerly}) was reported by name only"
+                f"{f' since {s.formerly_since}' if s.formerly_since else ''} (alerted then for information);"
+                " structure-identified reports tie that name to this structure."
             )
         return self._first_alert(
             s,

@@ -77,7 +77,7 @@ def test_a_new_structure_first_reported_by_name_is_a_new_substance_that_names_th
     assert found.severity == "warning" and found.evidence_event_ids == ["lab-1"]
     assert found.details["name_key"] == NAME_KEY and found.details["name_regions"] == ["ML-BKO"]
     assert found.details["name_first_day"] == "2026-12-01"
-    assert f"first reported by name only, as {NAME_KEY.removeprefix('name:')}" in found.summary
+    assert f"The name {NAME_KEY.removeprefix('name:')} ({NAME_KEY}) was reported by name only" in found.summary
     assert found.similar_substances, "the structure's first alert shows its nearest known substances"
     plain = detect([LAB])[0]
     assert found.alert_id == plain.alert_id, "the same new_substance alert as without the name (same id)"
@@ -155,6 +155,8 @@ def test_a_structure_bearing_report_in_a_region_alerted_under_the_name_is_a_firs
 
 
 def test_later_name_only_reports_join_the_structure_and_nothing_is_linked_twice() -> None:
+    """A name-only report in a region alerted under the name is still the structure's first appearance there:
+    the name's alert was information only, and one junk name-only report must never silence a real one."""
     alerts = detect(
         [
             SEIZURE,
@@ -163,9 +165,28 @@ def test_later_name_only_reports_join_the_structure_and_nothing_is_linked_twice(
             lab(event_id="lab-2", occurred_at="2026-12-03T09:00:00Z", substance={"name": NAME, "smiles": SMILES}),
         ]
     )
-    assert [a.alert_type for a in alerts] == ["new_substance", "new_substance"]
-    # ML-BKO was alerted under the name key: the later name-only seizure there is no first appearance
-    assert alerts[1].details["name_regions"] == ["ML-BKO"]
+    assert [a.alert_type for a in alerts] == ["new_substance", "new_substance", "first_in_region"]
+    assert alerts[1].details["name_regions"] == ["ML-BKO"] and alerts[2].region == "ML-BKO"
+
+
+def test_a_reused_event_id_from_another_reporter_is_judged_on_its_own() -> None:
+    """Event ids are unique per reporter only: another lab's report under the id of the report that made a link
+    (another name, another structure) gets no link, and its own name is learnt."""
+    reused = lab(
+        event_id="lab-1",
+        occurred_at="2026-11-30T09:00:00Z",
+        lab_id="LAB-DE-09",
+        sample_id="S-9",
+        substance={"name": "blue powder x", "smiles": OTHER},
+    )
+    later = seizure(event_id="sz-9", occurred_at="2026-12-04T10:00:00+01:00", substance={"name": "blue powder x"})
+    alerts = detect([SEIZURE, LAB, reused, later])
+    other = [a for a in alerts if a.substance.key not in (NAME_KEY, alerts[1].substance.key)]
+    assert [(a.alert_type, "name_key" in a.details) for a in other] == [
+        ("new_substance", False),
+        ("first_in_region", False),
+    ]
+    assert other[1].region == "ML-BKO"  # the seizure of the name it taught resolved to its structure
 
 
 def test_a_region_never_seen_under_the_name_is_still_a_first_appearance() -> None:
@@ -245,13 +266,14 @@ def test_the_names_a_substance_was_identified_under_are_kept_in_its_record() -> 
 def test_the_link_and_the_follow_up_are_delivered_in_every_language(language: str) -> None:
     new = detect([SEIZURE, LAB])[1]
     message = render_alert(new, language, "https://grafana.example")
-    assert NAME_KEY in message.text and NAME_KEY in message.html and new.alert_id in message.text
+    name = NAME_KEY.removeprefix("name:")  # the name as resolved, not the internal key
+    assert name in message.text and name in message.html and new.alert_id in message.text
     plain = render_alert(detect([LAB])[0], language, "https://grafana.example")
-    assert NAME_KEY not in plain.text
+    assert name not in plain.text
     first = lab(event_id="lab-0", occurred_at="2026-11-20T09:00:00Z", substance={"name": "PipPP-X", "smiles": SMILES})
     follow_up = detect([first, SEIZURE, LAB])[2]
     message = render_alert(follow_up, language, "https://grafana.example")
-    assert NAME_KEY in message.text and follow_up.alert_id in message.text
+    assert name in message.text and follow_up.alert_id in message.text
 
 
 def test_a_follow_up_goes_to_routes_of_new_substances_that_take_info() -> None:

@@ -169,15 +169,20 @@ def _restarted(
 def test_a_name_alerted_alone_is_identified_across_a_restart(ch: Any, corroboration: int, cut: int) -> None:
     """The name-only seizure, then (across a restart at ``cut``) the lab report(s) that settle its name, then more
     name-only seizures: the alerts of one backtest over everything (the structure a new_substance naming the
-    name with corroboration 1, an info follow-up once a second lab settles it with 2; no first appearance in the
-    region alerted under the name), and the same novelty record for the structure, byte for byte."""
+    name with corroboration 1, an info follow-up once a second lab settles it with 2; a first appearance in the
+    region alerted under the name as in any other), and the same novelty record for the structure, byte for byte."""
     labs = [_pippp("lab-1", 1, structure=True)]
     if corroboration == 2:
         labs.append(_pippp("lab-2", 1.5, structure=True, lab_id="LAB-DE-09"))
     reports = [_pippp("sz-1", 0), *labs, _pippp("sz-2", 2), _pippp("sz-3", 3, "ML-1")]
     whole, saw, rebuilt, expected, live = _restarted(ch, reports, cut, corroboration)
     linked = {1: ["new_substance", "new_substance"], 2: ["new_substance", "new_substance", "identified"]}
-    assert [a.alert_type for a in whole.alerts] == [*linked[corroboration], "first_in_region", "spread"]
+    assert [(a.alert_type, a.region) for a in whole.alerts][len(linked[corroboration]) :] == [
+        ("first_in_region", "ML-BKO"),
+        ("first_in_region", "ML-1"),
+        ("spread", None),
+    ]
+    assert [a.alert_type for a in whole.alerts][: len(linked[corroboration])] == linked[corroboration]
     assert [a.alert_type for a in live] == [a.alert_type for a in expected]
     assert _content(live) == _content(expected)
     key = whole.alerts[1].substance.key
