@@ -101,13 +101,7 @@ def test_with_corroboration_only_the_settling_report_links_and_a_known_structure
 
 def test_a_contested_name_never_links() -> None:
     """Reviewer's exp1: one lab binds N to K1, another reports N as K2: contested, neither is identified."""
-    other = lab(
-        event_id="lab-b",
-        occurred_at="2026-11-30T13:18:07Z",
-        lab_id="LAB-DE-09",
-        sample_id="S-9",
-        substance={"name": NAME, "smiles": OTHER},
-    )
+    other = {**LAB_B, "occurred_at": "2026-11-30T13:18:07Z", "substance": {"name": NAME, "smiles": OTHER}}
     later = seizure(event_id="sz-9", occurred_at="2026-12-05T10:00:00+01:00", seizure_id="X9", substance={"name": NAME})
     alerts = detect([SEIZURE, LAB, other, later], corroboration=2)
     assert [a.alert_type for a in alerts] == ["new_substance"] * 3
