@@ -11,6 +11,7 @@ import contextlib
 import json
 import select
 import socket
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -653,3 +654,46 @@ def test_clients_without_the_password_cannot_hold_the_connections_by_trickling_h
 class _Port:
     def __init__(self, port: int) -> None:
         self.port = port
+
+
+def test_a_failed_request_on_an_idle_engine_does_not_close_its_last_chdb_handle(
+    ch_settings: Settings, tmp_path: Path
+) -> None:
+    """chDB stops its engine when its last handle closes and starts it again on the next connect, and each
+    restart leaves ~5 threads and ~8 descriptors behind (chDB 26.9): the engine process grew per failed request
+    (a failed request's handle is discarded, and an idle engine had only that one). Handles open are counted
+    through a wrapper of chdb; from the engine's start to its close they must never reach zero. Failed before:
+    they did after the first failed request."""
+    import chdb
+
+    open_counts: list[int] = []
+
+    class _Counted:
+        def __init__(self, connection: Any) -> None:
+            self._connection = connection
+            open_counts.append(open_counts[-1] + 1 if open_counts else 1)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._connection, name)
+
+        def close(self) -> None:
+            self._connection.close()
+            open_counts.append(open_counts[-1] - 1)
+
+    class _CountingChdb:
+        @staticmethod
+        def connect(path: str) -> _Counted:
+            return _Counted(chdb.connect(path))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "chdb", _CountingChdb)
+        engine = Engine(ch_settings.embedded_clickhouse_path, tmp_path)
+    try:
+        for _ in range(3):
+            with pytest.raises(chdb.ChdbError):
+                engine.execute("SELECT no_such_column", None, {}, "TabSeparated")
+            engine.execute("SELECT 1", None, {}, "TabSeparated")
+    finally:
+        engine.close()
+    assert open_counts[-1] == 0, "the engine left chDB handles open"
+    assert 0 not in open_counts[:-1], f"the engine closed its last chDB handle while running: {open_counts}"
