@@ -35,6 +35,8 @@ from collections.abc import Iterable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+_PRINTING = threading.Lock()
+
 TOLERANCE_S = 300  # a request signed more than 5 minutes away from our clock is refused
 KEEP_IDS_S = 7 * 86400  # remember accepted delivery ids this long (at least TOLERANCE_S)
 MAX_BODY = 1024 * 1024
@@ -120,7 +122,9 @@ def make_handler(secrets: Mapping[str, list[str]], seen: SeenIds) -> type[BaseHT
             self._answer(200, {**ids, "subject": payload.get("subject")})
 
         def _answer(self, status: int, record: dict[str, Any]) -> None:
-            print(json.dumps({"status": status, **record}, ensure_ascii=False), flush=True)
+            line = json.dumps({"status": status, **record}, ensure_ascii=False)
+            with _PRINTING:  # one thread per request: print() writes text and newline apart, lines interleaved
+                print(line, flush=True)
             self.send_response(status)
             self.send_header("Content-Type", "text/plain; charset=utf-8")
             self.end_headers()
