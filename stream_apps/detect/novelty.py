@@ -53,8 +53,9 @@ class SubstanceState:
     # Name keys (``name:...``) a structure report tied to this substance (Sighting.formerly), each alerted once
     # as ``identified``: its name-only reports were counted, and alerted as never seen, under that key.
     names: list[str] = field(default_factory=list)
-    # Regions where those names were reported (so alerted under the name key) and this record has not seen yet: its
-    # first report there is no first appearance in the region (sorted; each leaves when the region is sighted).
+    # Regions where those names were reported (so alerted under the name key) and this record has not seen yet
+    # (sorted; each leaves when the region is sighted). Bookkeeping only: a first report there raises
+    # first_in_region as anywhere else (docs/detection.md, "Regions alerted under the name").
     named_regions: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -350,8 +351,9 @@ class NoveltyDetector:
             "identified",
             summary=(
                 f"Name identified: {s.formerly}, reported earlier by name only (alerted then, at info, as a name "
-                f"nobody could identify), is the known substance {s.key} ({subject.family_text}), known to the "
-                f"network since {since} (first in {known.first_region}); a {s.kind.replace('_', ' ')}"
+                f"nobody could identify), is the known substance {s.name} ({s.key}; {subject.family_text}), known "
+                f"to the network since {since} (first in {region_label(known.first_region)}); a "
+                f"{s.kind.replace('_', ' ')}"
                 f"{f' ({s.reporter})' if s.reporter else ''} in {place} reported it under that name. Not a new "
                 f"substance."
             ),

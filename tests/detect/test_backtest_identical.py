@@ -34,8 +34,9 @@ EXPECTED: dict[int, tuple[int, int, str]] = {
     # seed 1: one alert more since the dupalert branch, an ``identified`` follow-up (a name alerted alone, then tied
     # to its already-known structure by a lab); without it the digest is f8ef11d's (db7c20c9...), checked when it
     # was changed. The dupfix branch changed only that alert (diffed): severity info (was warning), its summary,
-    # and details.name_first_day; same id.
-    1: (731, 37, "a411d66ca844dd38b3a689e240e86b913a7f8656762be317b79c8d1c273152ed"),
+    # and details.name_first_day; same id. Then only its summary (diffed): the substance's name beside its key, and
+    # its first region's label.
+    1: (731, 37, "fce1ed871b366f9c82680d640e9d83731653fb9ec369b63c83e7add48ec08816"),
     2: (723, 36, "171f05f84ed70dcbefce9053a466ebf846929d0ac552dc2d32f3d86295abac06"),
     3: (726, 37, "eb631d5a8ba2d08295a3a9f935aba4929db10b6be49826f8ce5a80ce682b4013"),
 }
@@ -43,7 +44,7 @@ EXPECTED: dict[int, tuple[int, int, str]] = {
 # sha256 of the alerts file and the rejects file ``synthwatch backtest`` writes for seed 1, stamps pinned and the
 # chemistry fields left out, the summaries' wording as above.
 EXPECTED_FILES = (
-    "ce760e15041bcc2bc611913a2684b4a160d075f81846f1211b2f9fe5e065f9a0",  # with seed 1's identified alert (info)
+    "99fc91fb16aa39eecf18e84fb3253f2f74f4767037afdf78e16c3eea2b283939",  # with seed 1's identified alert (info)
     "1f8da20d2720f2d8ea27fe452e0f1503e825e25050c5206d75366c71045ed626",
 )
 
