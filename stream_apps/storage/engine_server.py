@@ -42,7 +42,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator, Mapping
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -224,40 +224,51 @@ def session_statement(canonical: str) -> str | None:
 
 
 class Admission:
-    """At most ``limit`` requests in the engine at once and at most ``queue`` more waiting for their turn; a
-    request beyond both is refused (:class:`Busy`) at once.
+    """At most ``limit`` requests in the engine at once and at most ``queue`` more waiting for their turn, served
+    first come, first served; a request beyond both is refused (:class:`Busy`) at once.
 
     Why: each request in the engine holds a handle (a chDB session) and a thread; unbounded, a burst of
     requests grew both without end. Waiting first, not refusing, because the worker's own requests should
-    simply take their turn; refusing beyond the queue, because a waiting request holds a thread too.
+    simply take their turn; refusing beyond the queue, because a waiting request holds a thread too. In order,
+    because a condition variable wakes whichever waiter the scheduler picks: under a stream of analysts'
+    queries one sink insert could wait for ever while later requests ran. A slot that frees goes to the
+    oldest waiter directly, so a request arriving meanwhile cannot take it first.
     """
 
     def __init__(self, limit: int, queue: int) -> None:
         self.limit, self.queue = limit, queue
         self._running = 0
-        self._waiting = 0
-        self._turn = threading.Condition()
+        self._waiters: deque[threading.Event] = deque()
+        self._lock = threading.Lock()
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[None]:
         """Run the block as one of the ``limit`` requests, after waiting for a turn if need be."""
-        with self._turn:
-            if self._running >= self.limit:
-                if self._waiting >= self.queue:
-                    raise Busy(self.limit, self.queue)
-                self._waiting += 1
-                try:
-                    while self._running >= self.limit:
-                        self._turn.wait()
-                finally:
-                    self._waiting -= 1
-            self._running += 1
+        turn: threading.Event | None = None
+        with self._lock:
+            if self._running < self.limit and not self._waiters:
+                self._running += 1
+            elif len(self._waiters) >= self.queue:
+                raise Busy(self.limit, self.queue)
+            else:
+                turn = threading.Event()
+                self._waiters.append(turn)
+        if turn is not None:
+            turn.wait()  # set by the request that hands its slot over (``_running`` counts it already)
         try:
             yield
         finally:
-            with self._turn:
-                self._running -= 1
-                self._turn.notify()
+            with self._lock:
+                if self._waiters:
+                    self._waiters.popleft().set()
+                else:
+                    self._running -= 1
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a slot now."""
+        with self._lock:
+            return len(self._waiters)
 
 
 class Busy(RequestError):
@@ -516,7 +527,11 @@ class Engine:
             if not statement.endswith(source):  # the parser took our clause as inline data of the client's
                 raise RequestError(62, "Expected INSERT INTO table [(columns)] [SETTINGS ...] FORMAT format")
             statement = statement[: -len(source)] + f" FROM INFILE {_quote(name)} FORMAT {fmt}"
-            result = handle.connection.query(_engine_text(statement), "TabSeparated")
+            try:
+                result = handle.connection.query(_engine_text(statement), "TabSeparated")
+            except Exception as error:  # the engine names the spool file: a path of this process, not the client's
+                message = str(error).replace(_quote(name), "the request body").replace(name, "the request body")
+                raise RuntimeError(message) from None
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(name)

@@ -12,6 +12,7 @@ import json
 import select
 import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -34,6 +35,8 @@ from synthwatch.stream_apps.storage.engine_server import (
     MAX_IDLE_HANDLES,
     MAX_READONLY_POOLS,
     USER,
+    Admission,
+    Busy,
     Engine,
     EngineHTTPServer,
     RequestError,
@@ -697,3 +700,48 @@ def test_a_failed_request_on_an_idle_engine_does_not_close_its_last_chdb_handle(
         engine.close()
     assert open_counts[-1] == 0, "the engine left chDB handles open"
     assert 0 not in open_counts[:-1], f"the engine closed its last chDB handle while running: {open_counts}"
+
+
+def test_a_freed_slot_goes_to_the_oldest_waiting_request_not_to_a_newcomer() -> None:
+    """Admission is first come, first served. Before, a freed slot went to whoever took the condition's lock
+    first: a request arriving as the slot freed took it ahead of one that had waited (under a stream of
+    analysts' queries a sink insert could wait for ever). Here the newcomer asks in the same thread, right
+    after the slot frees, and still goes after the waiter; beyond the queue it is refused at once."""
+    admission = Admission(limit=1, queue=1)
+    entered: list[str] = []
+    first = contextlib.ExitStack()
+    first.enter_context(admission.slot())
+
+    def waiter() -> None:
+        with admission.slot():
+            entered.append("waiter")
+
+    waiting = threading.Thread(target=waiter)
+    waiting.start()
+    for _ in range(6000):  # until it waits (the loop only bounds a test gone wrong)
+        if admission.waiting == 1:
+            break
+        time.sleep(0.01)
+    assert admission.waiting == 1
+    with pytest.raises(Busy), admission.slot():  # one running, one waiting: a third is refused, not queued
+        pass
+    first.close()  # the slot frees: it is the waiter's now, whatever this thread does next
+    with admission.slot():
+        entered.append("newcomer")
+    waiting.join(60)
+    assert entered == ["waiter", "newcomer"]
+    assert admission.waiting == 0
+
+
+def test_an_insert_whose_data_does_not_parse_names_the_request_body_not_a_path_of_the_engine(
+    engine: EngineProcess,
+) -> None:
+    """The engine takes inserted data from a spool file of its own; its parse error named that file's path
+    (the engine process's temporary directory), which is not the client's to know."""
+    auth = _basic(USER, engine.password)
+    query = urllib.parse.urlencode({"query": "CREATE TABLE IF NOT EXISTS spool_errors (n UInt8) ENGINE = Memory"})
+    assert _request(engine, "/?" + query, auth)[0] == 200
+    insert = urllib.parse.urlencode({"query": "INSERT INTO spool_errors FORMAT TSV"})
+    status, body, _ = _request(engine, "/?" + insert, auth, body=b"not a number\n")
+    assert status == 500 and b"Code: " in body
+    assert b"the request body" in body and b"synthwatch-engine-" not in body and b".data" not in body
