@@ -141,6 +141,12 @@ class Settings(BaseSettings):
     sql_max_memory_bytes: int = Field(
         default=1024**3, ge=1024**2, description="Analyst queries: max_memory_usage (bytes)."
     )
+    sql_max_result_bytes: int = Field(
+        default=32 * 1024**2,
+        ge=1024,
+        description="Analyst queries: max_result_bytes, the result's uncompressed size as the engine counts it (the "
+        "rows become Python objects, then JSON, in the worker: ~10 x that in memory).",
+    )
     sql_max_body_bytes: int = Field(default=256 * 1024, ge=1024, description="Largest /sql request body accepted.")
 
     # --- publishing ----------------------------------------------------------------------------------

@@ -111,11 +111,13 @@ _ALLOWED_TOP = ("ExpressionList", "Identifier Native")
 
 
 def analyst_settings(settings: Settings) -> dict[str, Any]:
-    """Session settings of every analyst query: read-only, and bounded in time, rows and memory."""
+    """Session settings of every analyst query: read-only, and bounded in time, rows, result bytes and memory."""
     return {
         "max_execution_time": settings.sql_max_seconds,
         "timeout_overflow_mode": "throw",
         "max_result_rows": settings.sql_max_rows,
+        # bytes too: a few rows of long strings passed the row cap and became GiB in the worker that serves /sql
+        "max_result_bytes": settings.sql_max_result_bytes,
         "result_overflow_mode": "throw",
         "max_memory_usage": settings.sql_max_memory_bytes,
         "readonly": 1,  # last: once it is set, no other setting can be changed
@@ -262,17 +264,42 @@ class AnalystSessions:
         client = getattr(self._local, "client", None)
         if client is None:
             client = self._local.client = analyst_client(self.settings, prepare=False)
-        return execute_analyst(client, sql, parameters)
+        return execute_analyst(client, sql, parameters, self.settings.sql_max_result_bytes)
 
 
-def execute_analyst(client: Client, sql: str, parameters: dict[str, Any] | None = None) -> QueryResult:
-    """Check and run one SELECT on an analyst client; values made JSON-friendly."""
+def execute_analyst(
+    client: Client, sql: str, parameters: dict[str, Any] | None = None, max_bytes: int | None = None
+) -> QueryResult:
+    """Check and run one SELECT on an analyst client; values made JSON-friendly, at most ``max_bytes`` of them.
+
+    Why the bound here as well as the engine's ``max_result_bytes``: the engine counts a constant column once per
+    block, whatever its rows, so ``SELECT repeat('xx', 524288) FROM numbers(400)`` (400 MiB) passed a 2 MiB limit
+    and became GiB of Python objects and JSON in the worker that serves /sql. Rows are read block by block and
+    counted as they are converted (text by its length, any other value as 8 bytes); past the bound the query
+    stops with a message saying what to do.
+    """
     canonical, run_parameters = check_select(client, sql, parameters)
+    rows: list[list[Any]] = []
+    size = 0
     try:
-        result = client.query(canonical, parameters=run_parameters)
+        with client.query_row_block_stream(canonical, parameters=run_parameters) as stream:
+            columns = list(stream.source.column_names)
+            for block in stream:
+                for row in block:
+                    converted = jsonable(list(row))
+                    if max_bytes is not None:
+                        size += sum(len(v) if isinstance(v, str | bytes) else 8 for v in converted)
+                        if size > max_bytes:
+                            raise QueryError(
+                                f"the result is larger than {max_bytes} bytes (SYNTHWATCH_SQL_MAX_RESULT_BYTES) after "
+                                f"{len(rows)} rows: aggregate, select fewer or shorter columns, or add LIMIT"
+                            )
+                    rows.append(converted)
+    except QueryError:
+        raise
     except Exception as error:  # ClickHouse's own message (limits, unknown column) is what the user needs
         raise QueryError(_explained(error, client.database)) from None
-    return QueryResult(list(result.column_names), [jsonable(list(row)) for row in result.result_rows])
+    return QueryResult(columns, rows)
 
 
 def execute_remote(
@@ -383,6 +410,6 @@ def run_query(settings: Settings, sql: str, parameters: dict[str, Any] | None = 
     except Exception as error:  # chDB's "Unable to open", a server's connection error, a directory we cannot use
         raise _open_failure(settings, error) from None
     try:
-        return execute_analyst(client, sql, parameters)
+        return execute_analyst(client, sql, parameters, settings.sql_max_result_bytes)
     finally:
         client.close()

@@ -210,6 +210,18 @@ def test_result_rows_are_capped(worker: RunningWorker) -> None:
     assert status == 400 and "TOO_MANY_ROWS" in error_of(answer)
 
 
+def test_result_bytes_are_capped(worker: RunningWorker) -> None:
+    """40 rows of 1 MiB pass the row cap: before the byte cap, such a result became GiB of Python objects and JSON
+    in the worker that ingests (400 rows: 417 -> 2,391 MiB). Now it stops at 32 MiB: in the engine for a column
+    it materialises, while reading for a constant one (the engine counts that once per block)."""
+    status, answer = sql(worker, "SELECT repeat(toString(number % 2 + 10), 524288) FROM numbers(40)")
+    assert status == 400 and "TOO_MANY_ROWS_OR_BYTES" in error_of(answer), answer
+    status, answer = sql(worker, "SELECT repeat('xx', 524288) FROM numbers(40)")
+    assert status == 400 and "larger than 33554432 bytes" in error_of(answer), answer
+    status, answer = sql(worker, "SELECT length(repeat('xx', 524288)) FROM numbers(40)")
+    assert status == 200 and isinstance(answer, dict) and len(answer["rows"]) == 40, answer
+
+
 @pytest.mark.slow
 def test_a_slow_query_neither_stalls_ingestion_nor_runs_past_its_limit(worker: RunningWorker) -> None:
     """It held the sink lock 45 s; now it runs on a handle of its own and stops at max_execution_time."""
