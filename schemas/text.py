@@ -1,10 +1,10 @@
 """Characters that must not travel from a report into a terminal, an e-mail line or a log line.
 
-C0 and C1 control characters (newline, ESC, the OSC-8 hyperlink introducer...) let a report forge a
-line in a plain-text e-mail or rewrite what a terminal shows; bidirectional overrides and isolates
-reorder what is displayed ("Trojan Source"). The wire contract refuses them in its text fields
-(:data:`FORBIDDEN_PATTERN`); everything shown to people goes through :func:`visible`, because stored
-extras, older rows and other producers' records never went through that check.
+C0 and C1 control characters (newline, ESC, the OSC-8 hyperlink introducer...) and the Unicode line and
+paragraph separators let a report forge a line in a plain-text e-mail or rewrite what a terminal shows;
+bidirectional overrides and isolates reorder what is displayed ("Trojan Source"). The wire contract refuses
+them in its text fields (:data:`FORBIDDEN_PATTERN`); everything shown to people goes through :func:`visible`,
+because stored extras, older rows and other producers' records never went through that check.
 """
 
 from __future__ import annotations
@@ -19,11 +19,15 @@ BIDI_OVERRIDES = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
 #: All bidi formatting marks (the overrides plus LRM, RLM, ALM): removed on output.
 BIDI_MARKS = BIDI_OVERRIDES + "\u200e\u200f\u061c"
 
-_FORBIDDEN_CLASS = "\x00-\x1f\x7f-\x9f" + BIDI_OVERRIDES
+#: Unicode's line and paragraph separators: not control characters, but a line break to many readers (JavaScript,
+#: Python's ``splitlines``, some mail clients): "3-MMC\u2028Severity: CRITICAL" forged a second line.
+LINE_SEPARATORS = "\u2028\u2029"
+
+_FORBIDDEN_CLASS = "\x00-\x1f\x7f-\x9f" + LINE_SEPARATORS + BIDI_OVERRIDES
 #: For pydantic's ``pattern=`` (pydantic-core's Rust regex): a text with none of the refused characters.
 FORBIDDEN_PATTERN = f"^[^{_FORBIDDEN_CLASS}]*$"
 _FORBIDDEN = re.compile(f"[{_FORBIDDEN_CLASS}]")
-_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROLS = re.compile(f"[\x00-\x1f\x7f-\x9f{LINE_SEPARATORS}]")
 _BIDI = re.compile(f"[{BIDI_MARKS}]")
 
 

@@ -36,6 +36,8 @@ HOSTILE_NAMES = [
     "a\u202eevil",
     "nul\x00byte",
     "c1\x9bcontrol",
+    "3-MMC\u2028Severity: CRITICAL",  # Unicode's line separator: a line break to splitlines() and many readers
+    "3-MMC\u2029Severity: CRITICAL",
 ]
 
 
@@ -46,7 +48,7 @@ def test_control_characters_in_names_are_refused_with_a_reason(name: str) -> Non
     assert caught.value.reason.startswith("substance.name: contains U+")
     assert "one line of printable text" in caught.value.reason
     # the reason names the character; it does not carry it
-    assert not any(ch in caught.value.reason for ch in "\n\x1b\u202e\x00\x9b")
+    assert not any(ch in caught.value.reason for ch in "\n\x1b\u202e\x00\x9b\u2028\u2029")
 
 
 @pytest.mark.parametrize("field", ["event_id", "lab_id", "sample_id", "method"])
@@ -66,6 +68,7 @@ def test_markup_looking_names_are_data_and_accepted() -> None:
 
 def test_visible_escapes_controls_and_drops_bidi_marks() -> None:
     assert visible("a\nb\x1b[31m\u202ec\u200f") == "a\\nb\\x1b[31mc"
+    assert visible("a\u2028b\u2029c").splitlines() == ["a\\u2028b\\u2029c"]
     assert visible("plain Ñ") == "plain Ñ"
 
 

@@ -23,6 +23,7 @@ from synthwatch.stream_apps.storage.tables import extra_text, lab_values, seizur
 from tests.support.factories import lab, seizure
 
 _TEXTS = ["x", " x", "x ", "\u00a0x", "x\u2003", "x\u0085", "\u3000x", "x\x1f", "a  b", "", " ", "é" * 500, "é" * 501]
+_TEXTS += ["a\u2028b", "a\u2029b"]  # the line and paragraph separators, refused as control characters are
 _TEXTS += ["Gao 🚧 «nord»", 'quote " in', "back\\slash", "tab\tin", 5, 1.5, True, None, {"a": 1}, ["x"]]
 _TIMES = [
     "2026-03-01T10:00:00Z",

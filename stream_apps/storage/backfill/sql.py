@@ -114,8 +114,9 @@ _EDGE_CHARS = sorted(
 )
 
 
-#: re2 twin of schemas.text.FORBIDDEN_PATTERN: control and bidi-override characters anywhere in a text field.
-_FORBIDDEN_RE2 = r"[\x{0}-\x{1f}\x{7f}-\x{9f}\x{202a}-\x{202e}\x{2066}-\x{2069}]"
+#: re2 twin of schemas.text.FORBIDDEN_PATTERN: control, line-separator and bidi-override characters anywhere in a
+#: text field.
+_FORBIDDEN_RE2 = r"[\x{0}-\x{1f}\x{7f}-\x{9f}\x{2028}\x{2029}\x{202a}-\x{202e}\x{2066}-\x{2069}]"
 
 
 def _re2_class(chars: list[str]) -> str:
