@@ -312,8 +312,8 @@ class Settings(BaseSettings):
     smtp_starttls: bool = Field(default=True, description="Upgrade to TLS with STARTTLS (port 587).")
     smtp_ssl: bool = Field(default=False, description="SMTPS: TLS from the first byte (port 465).")
     smtp_username: str | None = None
-    smtp_password: str | None = Field(
-        default=None, description="Only over TLS (STARTTLS or SMTPS): a plain-text login is refused."
+    smtp_password: SecretStr | None = Field(
+        default=None, description="Only over TLS (STARTTLS or SMTPS): a plain-text login is refused; never printed."
     )
     smtp_sender: str = "synthwatch@localhost"
     webhook_allowed_networks: list[str] = Field(

@@ -15,7 +15,7 @@ import smtplib
 import ssl
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
 from email.utils import formatdate
@@ -43,7 +43,7 @@ class SmtpConfig:
     port: int = 587
     starttls: bool = True
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a repr, a log line or a traceback's locals
     sender: str = "synthwatch@localhost"
     ssl_context: ssl.SSLContext | None = None
     ssl: bool = False
@@ -65,7 +65,7 @@ class SmtpConfig:
             port=settings.smtp_port,
             starttls=settings.smtp_starttls and not settings.smtp_ssl,
             username=settings.smtp_username,
-            password=settings.smtp_password,
+            password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
             sender=settings.smtp_sender,
             ssl=settings.smtp_ssl,
         )

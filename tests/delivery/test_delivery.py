@@ -409,6 +409,9 @@ def test_a_password_is_never_configured_for_a_plain_text_smtp_connection() -> No
     assert relay is not None and relay.password is None  # no login: a plain relay stays possible
     smtps = SmtpConfig.from_settings(Settings(smtp_host="h", smtp_port=465, smtp_ssl=True, smtp_password="p"))
     assert smtps is not None and smtps.ssl and not smtps.starttls
+    assert smtps.password == "p"  # the login gets it; no repr shows it (a traceback's locals, a debug print)
+    settings = Settings(smtp_host="h", smtp_port=465, smtp_ssl=True, smtp_password="hunter2-smtp")
+    assert "hunter2-smtp" not in repr(settings) and "hunter2-smtp" not in repr(SmtpConfig.from_settings(settings))
 
 
 def test_a_server_without_starttls_never_sees_the_password(db: Any) -> None:
