@@ -466,3 +466,60 @@ def test_lines_only_python_accepts_go_in_without_pandas_and_keep_their_instants(
         expected.append([event.event_id, millis(event.occurred_at), millis(event.reported_at), event.confirmed])
     assert result["rows"] == sorted(expected)
     assert result["rows"][1][1] == millis(datetime(2026, 3, 2, 3, 30, 0, 999_900, tzinfo=UTC))  # lax-1: +05:30
+
+
+def test_first_chunk_is_parsed_while_the_migrations_run(tmp_path: Path) -> None:
+    """On an engine it opens itself, the engine's path parses its first chunk while the migrations run on a
+    second handle (they waited on the engine's threads and the disk: ~1.3 s at load 4 before the first parse);
+    the raw tables are touched only once they are done, and a failed migration still fails the load.
+
+    The stand-in migration waits until the first parse has started: run in order (the code before), it would
+    wait 30 s in vain and fail the load."""
+    lines = [json.dumps(lab(event_id=f"m-{i}")) for i in range(40)] + [json.dumps(seizure(event_id="m-s"))]
+    path = tmp_path / "history.ndjson"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    code = (
+        "import json, sys, threading\n"
+        "from pathlib import Path\n"
+        "from synthwatch.settings import Settings\n"
+        "from synthwatch.stream_apps.storage import clickhouse\n"
+        "from synthwatch.stream_apps.storage.backfill import engine, ingest\n"
+        "parsing = threading.Event()\n"
+        "real_parse, real_migrate = engine.EngineChunks.parse, clickhouse.migrate\n"
+        "def parse(self, start, end):\n"
+        "    parsing.set()\n"
+        "    return real_parse(self, start, end)\n"
+        "def migrate(client, migrations=None):\n"
+        "    if not parsing.wait(30):\n"
+        "        raise RuntimeError('the first parse did not start while the migrations ran')\n"
+        "    if sys.argv[3] == 'fail':\n"
+        "        raise clickhouse.MigrationError('migration 0001_x was started but not finished')\n"
+        "    return real_migrate(client, migrations)\n"
+        "engine.EngineChunks.parse, ingest.migrate = parse, migrate\n"
+        "settings = Settings(data_dir=Path(sys.argv[1]))\n"
+        "try:\n"
+        "    run = ingest.ingest_history(settings, sys.argv[2], progress=False, workers=0)\n"
+        "except clickhouse.MigrationError as error:\n"
+        "    print(json.dumps({'failed': str(error)}))\n"
+        "    sys.exit(0)\n"
+        "client = clickhouse.connect(settings)\n"
+        "ids = [r[0] for r in client.query('SELECT event_id FROM lab_detections UNION ALL '\n"
+        "    'SELECT event_id FROM border_seizures').result_rows]\n"
+        "print(json.dumps({'stored': run.stored, 'balanced': run.balanced, 'ids': sorted(ids)}))\n"
+    )
+    results = {}
+    for case in ("ok", "fail"):
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / f"data-{case}"), str(path), case],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert done.returncode == 0, done.stderr
+        results[case] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert results["ok"] == {
+        "stored": len(lines),
+        "balanced": True,
+        "ids": sorted(json.loads(line)["event_id"] for line in lines),
+    }
+    assert results["fail"] == {"failed": "migration 0001_x was started but not finished"}
