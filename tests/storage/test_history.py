@@ -415,6 +415,14 @@ def test_slow_lines_judged_in_the_pool_store_what_in_process_judging_stores(
     assert len(lax) == 60
 
 
+def _last_json_line(code: str, *args: str) -> Any:
+    """Run ``code`` in a fresh interpreter (it opens an engine of its own, which this process cannot) and
+    return the JSON of its last line of output."""
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_lines_only_python_accepts_go_in_without_pandas_and_keep_their_instants(tmp_path: Path) -> None:
     """The engine's path stores the lines only Python accepts (here a lax ``confirmed``) through a Native
     insert of millisecond ticks: pandas is never imported (~0.3 CPU s a load: pyarrow's ``pa.array``
@@ -449,11 +457,7 @@ def test_lines_only_python_accepts_go_in_without_pandas_and_keep_their_instants(
         "toUnixTimestamp64Milli(reported_at), confirmed FROM lab_detections ORDER BY event_id').result_rows\n"
         "print(json.dumps({'pandas': pandas, 'stored': run.stored, 'rows': rows}))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "data"), str(path)], capture_output=True, text=True, timeout=240
-    )
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = _last_json_line(code, str(tmp_path / "data"), str(path))
     assert result["pandas"] is False
     assert result["stored"] == len(lines)
 
@@ -476,14 +480,12 @@ def test_first_chunk_is_parsed_while_the_migrations_run(tmp_path: Path) -> None:
     The stand-in migration waits until the first parse has started: run in order (the code before), it would
     wait 30 s in vain and fail the load."""
     lines = [json.dumps(lab(event_id=f"m-{i}")) for i in range(40)] + [json.dumps(seizure(event_id="m-s"))]
-    path = tmp_path / "history.ndjson"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (tmp_path / "history.ndjson").write_text("\n".join(lines) + "\n", encoding="utf-8")
     code = (
         "import json, sys, threading\n"
-        "from pathlib import Path\n"
-        "from synthwatch.settings import Settings\n"
         "from synthwatch.stream_apps.storage import clickhouse\n"
         "from synthwatch.stream_apps.storage.backfill import engine, ingest\n"
+        "from synthwatch.settings import Settings\n"
         "parsing = threading.Event()\n"
         "real_parse, real_migrate = engine.EngineChunks.parse, clickhouse.migrate\n"
         "def parse(self, start, end):\n"
@@ -496,7 +498,7 @@ def test_first_chunk_is_parsed_while_the_migrations_run(tmp_path: Path) -> None:
         "        raise clickhouse.MigrationError('migration 0001_x was started but not finished')\n"
         "    return real_migrate(client, migrations)\n"
         "engine.EngineChunks.parse, ingest.migrate = parse, migrate\n"
-        "settings = Settings(data_dir=Path(sys.argv[1]))\n"
+        "settings = Settings(data_dir=sys.argv[1])\n"
         "try:\n"
         "    run = ingest.ingest_history(settings, sys.argv[2], progress=False, workers=0)\n"
         "except clickhouse.MigrationError as error:\n"
@@ -507,16 +509,10 @@ def test_first_chunk_is_parsed_while_the_migrations_run(tmp_path: Path) -> None:
         "    'SELECT event_id FROM border_seizures').result_rows]\n"
         "print(json.dumps({'stored': run.stored, 'balanced': run.balanced, 'ids': sorted(ids)}))\n"
     )
-    results = {}
-    for case in ("ok", "fail"):
-        done = subprocess.run(
-            [sys.executable, "-c", code, str(tmp_path / f"data-{case}"), str(path), case],
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
-        assert done.returncode == 0, done.stderr
-        results[case] = json.loads(done.stdout.strip().splitlines()[-1])
+    results = {
+        case: _last_json_line(code, str(tmp_path / f"data-{case}"), str(tmp_path / "history.ndjson"), case)
+        for case in ("ok", "fail")
+    }
     assert results["ok"] == {
         "stored": len(lines),
         "balanced": True,
