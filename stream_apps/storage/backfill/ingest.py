@@ -91,7 +91,8 @@ class IngestSummary:
     blank_lines: int = 0
     seconds: float = 0.0
     setup_seconds: float = 0.0  # of ``seconds``: everything before the first chunk is handed out (pool start,
-    # engine open, migrations, the RDKit pre-pass, names already learnt): a fixed cost per command
+    # engine open, migrations, the RDKit pre-pass, names already learnt): a fixed cost per command. On the engine's
+    # path the migrations and learnt names come after the first parse has started (``_Tables``), so not here.
     workers: int = 0  # parsing processes; 0: parsed in this process
     reject_reasons: dict[str, int] = field(default_factory=dict)
 
