@@ -415,6 +415,14 @@ def test_slow_lines_judged_in_the_pool_store_what_in_process_judging_stores(
     assert len(lax) == 60
 
 
+def _last_json_line(code: str, *args: str) -> Any:
+    """Run ``code`` in a fresh interpreter (it opens an engine of its own, which this process cannot) and
+    return the JSON of its last line of output."""
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_lines_only_python_accepts_go_in_without_pandas_and_keep_their_instants(tmp_path: Path) -> None:
     """The engine's path stores the lines only Python accepts (here a lax ``confirmed``) through a Native
     insert of millisecond ticks: pandas is never imported (~0.3 CPU s a load: pyarrow's ``pa.array``
@@ -449,11 +457,7 @@ def test_lines_only_python_accepts_go_in_without_pandas_and_keep_their_instants(
         "toUnixTimestamp64Milli(reported_at), confirmed FROM lab_detections ORDER BY event_id').result_rows\n"
         "print(json.dumps({'pandas': pandas, 'stored': run.stored, 'rows': rows}))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "data"), str(path)], capture_output=True, text=True, timeout=240
-    )
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = _last_json_line(code, str(tmp_path / "data"), str(path))
     assert result["pandas"] is False
     assert result["stored"] == len(lines)
 
@@ -466,3 +470,52 @@ def test_lines_only_python_accepts_go_in_without_pandas_and_keep_their_instants(
         expected.append([event.event_id, millis(event.occurred_at), millis(event.reported_at), event.confirmed])
     assert result["rows"] == sorted(expected)
     assert result["rows"][1][1] == millis(datetime(2026, 3, 2, 3, 30, 0, 999_900, tzinfo=UTC))  # lax-1: +05:30
+
+
+def test_first_chunk_is_parsed_while_the_migrations_run(tmp_path: Path) -> None:
+    """On an engine it opens itself, the engine's path parses its first chunk while the migrations run on a
+    second handle (they waited on the engine's threads and the disk: ~1.3 s at load 4 before the first parse);
+    the raw tables are touched only once they are done, and a failed migration still fails the load.
+
+    The stand-in migration waits until the first parse has started: run in order (the code before), it would
+    wait 30 s in vain and fail the load."""
+    lines = [json.dumps(lab(event_id=f"m-{i}")) for i in range(40)] + [json.dumps(seizure(event_id="m-s"))]
+    (tmp_path / "history.ndjson").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    code = (
+        "import json, sys, threading\n"
+        "from synthwatch.stream_apps.storage import clickhouse\n"
+        "from synthwatch.stream_apps.storage.backfill import engine, ingest\n"
+        "from synthwatch.settings import Settings\n"
+        "parsing = threading.Event()\n"
+        "real_parse, real_migrate = engine.EngineChunks.parse, clickhouse.migrate\n"
+        "def parse(self, start, end):\n"
+        "    parsing.set()\n"
+        "    return real_parse(self, start, end)\n"
+        "def migrate(client, migrations=None):\n"
+        "    if not parsing.wait(30):\n"
+        "        raise RuntimeError('the first parse did not start while the migrations ran')\n"
+        "    if sys.argv[3] == 'fail':\n"
+        "        raise clickhouse.MigrationError('migration 0001_x was started but not finished')\n"
+        "    return real_migrate(client, migrations)\n"
+        "engine.EngineChunks.parse, ingest.migrate = parse, migrate\n"
+        "settings = Settings(data_dir=sys.argv[1])\n"
+        "try:\n"
+        "    run = ingest.ingest_history(settings, sys.argv[2], progress=False, workers=0)\n"
+        "except clickhouse.MigrationError as error:\n"
+        "    print(json.dumps({'failed': str(error)}))\n"
+        "    sys.exit(0)\n"
+        "client = clickhouse.connect(settings)\n"
+        "ids = [r[0] for r in client.query('SELECT event_id FROM lab_detections UNION ALL '\n"
+        "    'SELECT event_id FROM border_seizures').result_rows]\n"
+        "print(json.dumps({'stored': run.stored, 'balanced': run.balanced, 'ids': sorted(ids)}))\n"
+    )
+    results = {
+        case: _last_json_line(code, str(tmp_path / f"data-{case}"), str(tmp_path / "history.ndjson"), case)
+        for case in ("ok", "fail")
+    }
+    assert results["ok"] == {
+        "stored": len(lines),
+        "balanced": True,
+        "ids": sorted(json.loads(line)["event_id"] for line in lines),
+    }
+    assert results["fail"] == {"failed": "migration 0001_x was started but not finished"}
