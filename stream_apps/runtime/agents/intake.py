@@ -17,6 +17,7 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import partial
 from itertools import chain
 from typing import Any
@@ -39,6 +40,17 @@ from synthwatch.stream_apps.storage.sink import StoreResult
 log = logging.getLogger("synthwatch.stack.worker")
 
 LateEvent = tuple[EnrichedEvent, RegionResult]  # a late report and what the region stage made of it
+
+
+def received_time(timestamp: float | None) -> datetime | None:
+    """A Kafka record's timestamp (seconds) as the time its report was received; None when it has none
+    (Kafka sends -1): its event time then has no bound but the schema's."""
+    if timestamp is None or timestamp <= 0:
+        return None
+    try:
+        return datetime.fromtimestamp(timestamp, UTC)
+    except (OverflowError, OSError, ValueError):  # a forged timestamp beyond what a datetime holds
+        return None
 
 
 def _partition(source: str) -> int:
@@ -169,7 +181,8 @@ def add_intake_agent(agents: AgentContext, tables: StateTables, outbox: SpikeOut
             if events:
                 await agents.until_state_ready()
                 metrics.consumed(events)
-                # topic, key and headers: what a signed envelope covers (checked in the intake when configured)
+                # topic, key and headers: what a signed envelope covers (checked in the intake when configured);
+                # the record's timestamp: when it was received, which bounds its event time (read again, the same)
                 messages = [
                     RawMessage(
                         f"{e.message.topic}:{e.message.partition}:{e.message.offset}",
@@ -177,6 +190,7 @@ def add_intake_agent(agents: AgentContext, tables: StateTables, outbox: SpikeOut
                         e.message.topic,
                         e.message.key,
                         e.message.headers,
+                        received_time(e.message.timestamp),
                     )
                     for e in events
                 ]
