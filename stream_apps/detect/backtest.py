@@ -1,7 +1,8 @@
 """Offline backtest: the worker's detector core over an NDJSON file, in file order, with no broker.
 
-Malformed lines and duplicates are counted and skipped (never fatal); rejects go to a file beside the
-output so nothing is lost silently. A late report counts as an event (the worker stores it, flagged),
+Malformed lines, lines dated past their receipt (``received_at``: refused as the worker refuses them) and
+duplicates are counted and skipped (never fatal); rejects go to a file beside the output so nothing is lost
+silently. A late report counts as an event (the worker stores it, flagged),
 and ``late`` says how many events were late.
 """
 
@@ -64,8 +65,9 @@ def run_lines(
 ) -> BacktestRun:
     """Detect over ``(source, line)`` pairs; returns alerts, rejects and counts that add up.
 
-    ``received_at``: when the file was received, if known (a line carries no receipt time but its
-    ``reported_at``): a line whose event time is past the bound of either is refused, as the worker refuses it.
+    ``received_at``: when the lines were received (a line records no receipt time; the command gives the file's
+    modification time): a line whose event time is more than ``intake.limits.max_future_hours`` after it is
+    refused, as the worker refuses a record past its Kafka timestamp. None: no such bound.
 
     ``detector``, ``intake`` and ``stored`` (ids stored before, grown with every event taken) continue from
     a state built elsewhere, e.g. rebuilt from ClickHouse: how the tests check that rebuild-then-live raises
