@@ -243,9 +243,11 @@ def test_worker_revalidates_what_other_producers_send(stack: RunningWorker) -> N
     producer.send(topic, key=b"ML-BKO", value=json.dumps(ok).encode())
     producer.send(topic, key=b"ML-BKO", value=json.dumps(bad).encode())
     producer.send(topic, key=b"ML-BKO", value=b"\xff not json " + prefix.encode())
-    # dated 2099 (the schema's bound): past its receipt, the record's Kafka timestamp, so it moves no watermark
+    # dated 2099 (the schema's bound): past its receipt, so it moves no watermark. Its producer set the record's
+    # timestamp (CreateTime) to 2099 too: the receipt is never after the worker's clock, so it is refused anyway.
     future = seizure(event_id=f"{prefix}-future", occurred_at="2099-06-01T10:00:00Z")
-    producer.send(topic, key=b"ML-BKO", value=json.dumps(future).encode())
+    forged = int(datetime(2099, 6, 1, 10, tzinfo=UTC).timestamp() * 1000)
+    producer.send(topic, key=b"ML-BKO", value=json.dumps(future).encode(), timestamp_ms=forged)
     producer.flush()
     producer.close()
     wait_until(lambda: _stored(stack, prefix) == 1, 60, "the valid event")
