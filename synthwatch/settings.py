@@ -159,11 +159,12 @@ class Settings(BaseSettings):
     )
     max_future_hours: float = Field(
         default=24.0,
-        ge=0,
+        ge=1,
         le=24 * 31,
         description="A report whose event time (occurred_at) is more than this after it was received (its Kafka "
         "timestamp; the publisher's send time) is refused with a reason: one far-future date moved the "
-        "detectors' watermarks (docs/detection.md, Far-future event times).",
+        "detectors' watermarks (docs/detection.md, Far-future event times). At least 1: 0 does not turn the "
+        "bound off, it refused every report from a clock a second ahead.",
     )
     max_csv_header_depth: int = Field(
         default=8, ge=1, le=64, description="Dots a CSV header may nest (substance.name is 2 levels)."

@@ -100,3 +100,19 @@ def test_a_far_future_report_does_not_make_later_reports_of_its_region_late() ->
         late.extend(detector.observe_event(item).late_by_hours for item in result.events)
     assert late[10:] == [None] * (len(late) - 10), "later reports of the region count as usual"
     assert late == [None] * 20 and refused == ["r-99"]
+
+
+def test_the_bound_is_at_least_an_hour_and_finite(monkeypatch: Any) -> None:
+    """SYNTHWATCH_MAX_FUTURE_HOURS=0 read as "off" refused every report from a clock a second ahead; a negative,
+    infinite or NaN bound, or one over a month, is refused when the settings load, with the setting's name."""
+    import pytest
+    from pydantic import ValidationError
+
+    from synthwatch.settings import Settings
+
+    for wrong in ("0", "0.5", "-1", "nan", "inf", "745"):
+        monkeypatch.setenv("SYNTHWATCH_MAX_FUTURE_HOURS", wrong)
+        with pytest.raises(ValidationError, match="max_future_hours"):
+            Settings()
+    monkeypatch.setenv("SYNTHWATCH_MAX_FUTURE_HOURS", "26")  # UTC+14 read as UTC-12: a day and two hours ahead
+    assert Settings().record_limits().max_future_hours == 26
