@@ -131,6 +131,9 @@ class RecordLimits:
     max_extra_bytes: int = 64 * 1024
     #: How far an event time may lie after the time its report was received (clock and offset slips), in hours.
     max_future_hours: float = 24.0
+    #: When every record judged under these limits was received, for a file's lines (``ingest-history``: a line
+    #: records no receipt); None elsewhere: a record's own receipt (its Kafka timestamp, the send time) bounds it.
+    received_at: datetime | None = None
 
     @property
     def future_allowed(self) -> timedelta:
@@ -194,6 +197,11 @@ def check_event_time(
         "time zone offset) and send the report again",
         event.event_id,
     )
+
+
+def latest_event_time(limits: RecordLimits) -> datetime | None:
+    """The latest event time :func:`check_event_time` takes under ``limits.received_at`` (None: no bound)."""
+    return None if limits.received_at is None else limits.received_at + limits.future_allowed
 
 
 def _hours_text(hours: float) -> str:

@@ -466,3 +466,38 @@ def test_lines_only_python_accepts_go_in_without_pandas_and_keep_their_instants(
         expected.append([event.event_id, millis(event.occurred_at), millis(event.reported_at), event.confirmed])
     assert result["rows"] == sorted(expected)
     assert result["rows"][1][1] == millis(datetime(2026, 3, 2, 3, 30, 0, 999_900, tzinfo=UTC))  # lax-1: +05:30
+
+
+def test_a_line_dated_past_the_files_receipt_is_refused_as_the_worker_refuses_it(
+    ch: Any, ch_settings: Settings, tmp_path: Path
+) -> None:
+    """The worker refuses an event time more than SYNTHWATCH_MAX_FUTURE_HOURS after its receipt; ingest-history
+    stored such a line (a 2099 date), silently left out of the rebuilt state after. Now the file's receipt (its
+    modification time) bounds its lines, on each path, with the worker's reason, and the counts add up."""
+    from synthwatch.schemas.reject_reasons import reject_reason
+
+    received = datetime(2026, 11, 1, 12, tzinfo=UTC)
+    for encoding in ("sql", "arrow", "json"):
+        dated = {
+            f"{encoding}-near": "2026-11-02T11:00:00+00:00",  # 23 h after the file's receipt: a clock slip
+            f"{encoding}-far": "2026-11-02T13:00:00+00:00",  # 25 h after
+            f"{encoding}-2099": "2099-06-01T10:00:00+00:00",
+            f"{encoding}-old": "2026-10-30T10:00:00+00:00",
+        }
+        path = tmp_path / f"{encoding}.ndjson"
+        path.write_text("".join(json.dumps(seizure(event_id=i, occurred_at=at)) + "\n" for i, at in dated.items()))
+        os.utime(path, (received.timestamp(), received.timestamp()))
+        summary = ingest_history(ch_settings, path, progress=False, workers=0, client=ch, encoding=encoding)
+        assert summary.balanced and (summary.lines, summary.stored, summary.rejected) == (4, 2, 2), encoding
+        stored = ch.query(
+            "SELECT event_id FROM border_seizures WHERE startsWith(event_id, %(p)s) ORDER BY event_id",
+            parameters={"p": f"{encoding}-"},
+        ).result_rows
+        assert [r[0] for r in stored] == [f"{encoding}-near", f"{encoding}-old"], encoding
+        rejects = ch.query(
+            "SELECT event_id, stage, reason FROM rejects WHERE startsWith(event_id, %(p)s) ORDER BY event_id",
+            parameters={"p": f"{encoding}-"},
+        ).result_rows
+        assert [(r[0], r[1]) for r in rejects] == [(f"{encoding}-2099", "ingest"), (f"{encoding}-far", "ingest")]
+        assert {reject_reason(r[2]) for r in rejects} == {"future_occurred_at"}, encoding
+        assert "after the report was received (2026-11-01T12:00:00+00:00)" in rejects[0][2]
