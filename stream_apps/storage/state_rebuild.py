@@ -202,8 +202,8 @@ def _left_out(client: _Plausible) -> int:
         log.warning(
             "%d stored reports are left out of the detector state: their event time is more than %g h after they "
             "were stored (SYNTHWATCH_MAX_FUTURE_HOURS; stored before that bound existed). They stay in "
-            "lab_detections/border_seizures; their senders correct them with a new event_id and `corrects` naming the old "
-            "one (docs/detection.md, Corrections). Some of them: %s",
+            "lab_detections/border_seizures; their senders correct them with a new event_id and `corrects` naming "
+            "the old one (docs/detection.md, Corrections). Some of them: %s",
             count,
             client.max_future_hours,
             ", ".join(str(i)[:80].encode("unicode_escape").decode() for i in some),

@@ -188,10 +188,8 @@ class EngineChunks:
         for table in (self.parsed, self.first, self.spellings, self.row_values):
             client.command(f"TRUNCATE TABLE {table}")
         lines = f"SELECT _row_number + 1 AS n, line FROM {self.source} WHERE _row_number BETWEEN {start} AND {end - 1}"
-        client.command(
-            f"INSERT INTO {self.parsed} {parse_select(lines + f' LIMIT {end - start}', self.limits.max_bytes, latest_event_time(self.limits))}",
-            settings=PARSE_SETTINGS,
-        )
+        select = parse_select(lines + f" LIMIT {end - start}", self.limits.max_bytes, latest_event_time(self.limits))
+        client.command(f"INSERT INTO {self.parsed} {select}", settings=PARSE_SETTINGS)
         return int(str(client.command(f"SELECT count() FROM {self.parsed}")))
 
     def new_smiles(self, known: Collection[str]) -> list[str]:
