@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from synthwatch.schemas import Alert, BorderSeizure, Reject, WireError
-from synthwatch.schemas.wire import check_event_time, parse_limited
+from synthwatch.schemas.wire import RecordLimits, check_event_time, parse_limited
 from synthwatch.stream_apps.detect.identity import Structure, grams_of, remember_structures, structure_from_smiles
 from synthwatch.stream_apps.detect.intake import Intake
 from synthwatch.stream_apps.detect.region import DetectionConfig, Detector, Observation, ObservationFields
@@ -407,13 +407,18 @@ def run_file(
     rejects_path: Path | None = None,
     progress: Callable[[int], None] | None = None,
     received_at: datetime | None = None,
+    max_future_hours: float | None = None,
 ) -> BacktestRun:
     """Backtest a file; writes one alert per line to ``output_path`` and rejects beside it.
 
     ``progress`` (a progress bar's advance) hears how many non-blank lines are done, a block at a time.
-    ``received_at``: when the file's reports were received (see :func:`run_lines`).
+    ``received_at``: when the file's reports were received (see :func:`run_lines`); ``max_future_hours``: how far
+    after it an event time may lie (the worker's ``SYNTHWATCH_MAX_FUTURE_HOURS``; None: its default, 24).
     """
-    run = run_lines(read_lines(input_path), config, progress=progress, received_at=received_at)
+    intake = None
+    if max_future_hours is not None:
+        intake = Intake(stage="backtest", limits=RecordLimits(max_future_hours=max_future_hours))
+    run = run_lines(read_lines(input_path), config, intake=intake, progress=progress, received_at=received_at)
     output_path.write_text("".join(a.model_dump_json() + "\n" for a in run.alerts), encoding="utf-8")
     rejects_path = rejects_path or output_path.with_name(output_path.name + ".rejects.ndjson")
     rejects_path.write_text("".join(r.model_dump_json() + "\n" for r in run.rejects), encoding="utf-8")

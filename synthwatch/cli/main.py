@@ -395,12 +395,13 @@ def backtest(
         _fail(f"no such file: {input}")
     settings = Settings()
     config = DetectionConfig.from_settings(settings)
+    future = settings.max_future_hours  # the worker's bound, so the backtest refuses what the worker refuses
     if received_at is None:
         received_at = datetime.fromtimestamp(input.stat().st_mtime, UTC)
     elif received_at.tzinfo is None:
         received_at = received_at.replace(tzinfo=UTC)
     if not err.is_terminal:
-        run = run_file(input, output, config, rejects, received_at=received_at)
+        run = run_file(input, output, config, rejects, received_at=received_at, max_future_hours=future)
     else:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -410,7 +411,13 @@ def backtest(
         with Progress(*columns, console=err, transient=True) as bar:
             task = bar.add_task("backtest", total=total)
             run = run_file(
-                input, output, config, rejects, progress=lambda n: bar.advance(task, n), received_at=received_at
+                input,
+                output,
+                config,
+                rejects,
+                progress=lambda n: bar.advance(task, n),
+                received_at=received_at,
+                max_future_hours=future,
             )
     s = run.summary
     table = Table(title=f"backtest of {input.name}")

@@ -116,3 +116,22 @@ def test_the_bound_is_at_least_an_hour_and_finite(monkeypatch: Any) -> None:
             Settings()
     monkeypatch.setenv("SYNTHWATCH_MAX_FUTURE_HOURS", "26")  # UTC+14 read as UTC-12: a day and two hours ahead
     assert Settings().record_limits().max_future_hours == 26
+
+
+def test_the_backtest_command_bounds_event_times_by_the_setting(tmp_path: Any, monkeypatch: Any) -> None:
+    """Its help names SYNTHWATCH_MAX_FUTURE_HOURS, but the command applied the default 24 h whatever the setting:
+    a backtest must refuse what the worker so configured refuses."""
+    from typer.testing import CliRunner
+
+    from synthwatch.cli.main import app
+
+    events, out = tmp_path / "in.ndjson", tmp_path / "alerts.ndjson"
+    dated = {"in-2h": "2026-12-01T14:00:00+00:00", "in-30m": "2026-12-01T12:30:00+00:00"}
+    events.write_text("".join(json.dumps(seizure(event_id=i, occurred_at=at)) + "\n" for i, at in dated.items()))
+    monkeypatch.setenv("SYNTHWATCH_MAX_FUTURE_HOURS", "1")
+    command = ["backtest", "--input", str(events), "--output", str(out), "--received-at", "2026-12-01T12:00:00+0000"]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0, result.output
+    refused = [json.loads(line) for line in (tmp_path / "alerts.ndjson.rejects.ndjson").read_text().splitlines()]
+    assert [r["event_id"] for r in refused] == ["in-2h"]
+    assert "at most 1 h is allowed" in refused[0]["reason"]
