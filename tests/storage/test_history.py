@@ -483,21 +483,23 @@ def test_a_line_dated_past_the_files_receipt_is_refused_as_the_worker_refuses_it
             f"{encoding}-far": "2026-11-02T13:00:00+00:00",  # 25 h after
             f"{encoding}-2099": "2099-06-01T10:00:00+00:00",
             f"{encoding}-old": "2026-10-30T10:00:00+00:00",
+            f"{encoding}-near-nz": "2026-11-02T23:00:00+12:00",  # 23 h after, written in UTC+12
+            f"{encoding}-far-nz": "2026-11-03T00:30:00+12:00",  # 24.5 h after
         }
         path = tmp_path / f"{encoding}.ndjson"
         path.write_text("".join(json.dumps(seizure(event_id=i, occurred_at=at)) + "\n" for i, at in dated.items()))
         os.utime(path, (received.timestamp(), received.timestamp()))
         summary = ingest_history(ch_settings, path, progress=False, workers=0, client=ch, encoding=encoding)
-        assert summary.balanced and (summary.lines, summary.stored, summary.rejected) == (4, 2, 2), encoding
+        assert summary.balanced and (summary.lines, summary.stored, summary.rejected) == (6, 3, 3), encoding
         stored = ch.query(
             "SELECT event_id FROM border_seizures WHERE startsWith(event_id, %(p)s) ORDER BY event_id",
             parameters={"p": f"{encoding}-"},
         ).result_rows
-        assert [r[0] for r in stored] == [f"{encoding}-near", f"{encoding}-old"], encoding
+        assert [r[0] for r in stored] == [f"{encoding}-{i}" for i in ("near", "near-nz", "old")], encoding
         rejects = ch.query(
             "SELECT event_id, stage, reason FROM rejects WHERE startsWith(event_id, %(p)s) ORDER BY event_id",
             parameters={"p": f"{encoding}-"},
         ).result_rows
-        assert [(r[0], r[1]) for r in rejects] == [(f"{encoding}-2099", "ingest"), (f"{encoding}-far", "ingest")]
+        assert [(r[0], r[1]) for r in rejects] == [(f"{encoding}-{i}", "ingest") for i in ("2099", "far", "far-nz")]
         assert {reject_reason(r[2]) for r in rejects} == {"future_occurred_at"}, encoding
         assert "after the report was received (2026-11-01T12:00:00+00:00)" in rejects[0][2]
