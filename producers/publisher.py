@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from kafka import KafkaProducer
@@ -30,8 +31,16 @@ from synthwatch.producers.readers import InputRecord
 from synthwatch.schemas import BorderSeizure, LabDetection, Reject, WireError, parse_event_object
 from synthwatch.schemas.envelope import envelope_headers, load_org_keys, parse_key
 from synthwatch.schemas.records import RejectStage
+from synthwatch.schemas.reject_reasons import FUTURE_EVENT_CLASS, reject_reason
 from synthwatch.schemas.topics import default_partition
-from synthwatch.schemas.wire import RecordLimits, changed_content_reason, check_extras, check_size, parse_limited
+from synthwatch.schemas.wire import (
+    RecordLimits,
+    changed_content_reason,
+    check_event_time,
+    check_extras,
+    check_size,
+    parse_limited,
+)
 from synthwatch.schemas.worker_keys import WorkerKeyError, WorkerSigner, existing_worker_keys
 from synthwatch.settings import Settings
 
@@ -316,6 +325,8 @@ class Publisher:
                 event = self._judge(record)
             except WireError as error:
                 label = error.reason.split(":", 1)[0] if ":" in error.reason else error.reason
+                if reject_reason(error.reason) == FUTURE_EVENT_CLASS:  # not a malformed occurred_at: a wrong date
+                    label = FUTURE_EVENT_CLASS
                 full = error.reason if record.hint is None else f"{error.reason} ({record.hint})"
                 refuse(record, full, label, error.event_id)
             else:
@@ -354,10 +365,13 @@ class Publisher:
         if record.problem is not None:
             raise WireError(record.problem)
         if record.obj is None:
-            return parse_limited(record.raw, self.limits)
-        check_size(record.raw, self.limits)
-        event = parse_event_object(record.obj)
-        check_extras(event, self.limits)
+            event = parse_limited(record.raw, self.limits)
+        else:
+            check_size(record.raw, self.limits)
+            event = parse_event_object(record.obj)
+            check_extras(event, self.limits)
+        # Sent now: its Kafka timestamp, the receipt time the worker bounds event times by, is about this.
+        check_event_time(event, datetime.now(UTC), self.limits)
         return event
 
     def flush(self, timeout: float | None = None) -> None:

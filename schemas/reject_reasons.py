@@ -12,6 +12,12 @@ from functools import lru_cache
 
 from synthwatch.schemas.envelope import auth_reason_class
 
+#: A report refused for a far-future event time (``schemas.wire.check_event_time``): its reason starts with the
+#: first and holds the second (``occurred_at: <time> is 3.0 days after the report was received (<time>), ...``).
+FUTURE_EVENT_FIELD = "occurred_at: "
+FUTURE_EVENT_MARK = " after the report was "
+FUTURE_EVENT_CLASS = "future_occurred_at"
+
 _FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*):(?:\s|$)")
 
 
@@ -25,6 +31,10 @@ def reject_reason(reason: str) -> str:
     if auth is not None:
         return auth
     lowered = text.lower()
+    # Before the field rule: not a malformed occurred_at but a wrong date (the publisher's summary keeps the class).
+    future = text.startswith(FUTURE_EVENT_FIELD) and FUTURE_EVENT_MARK in text.split(";")[0]
+    if future or text.startswith(FUTURE_EVENT_CLASS + ":"):
+        return FUTURE_EVENT_CLASS
     if lowered.startswith("empty message"):
         return "empty_message"
     if lowered.startswith("not a reject record"):
@@ -79,5 +89,5 @@ def reject_reason_classes() -> frozenset[str]:
     """The fixed set of reject reason label values (why: Prometheus series must not grow with input)."""
     fixed = {"too_late", "empty_message", "not_a_reject_record", "invalid_json", "too_large", "invalid_other_field"}
     fixed.add("not_a_sightings_record")
-    fixed |= {"too_many_extra_fields", "unreadable_csv", "changed_content", "not_utf8"}
+    fixed |= {"too_many_extra_fields", "unreadable_csv", "changed_content", "not_utf8", FUTURE_EVENT_CLASS}
     return frozenset(fixed | {f"invalid_{f}" for f in _wire_fields()} | {"other"})

@@ -10,12 +10,14 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
 
 from synthwatch.errors import SynthwatchError
 from synthwatch.schemas.events import CHECKED_EVENT_ADAPTER, EVENT_ADAPTER, BorderSeizure, LabDetection, fast_event_ok
+from synthwatch.schemas.reject_reasons import FUTURE_EVENT_FIELD, FUTURE_EVENT_MARK
 from synthwatch.schemas.text import FORBIDDEN_PATTERN, first_forbidden
 
 
@@ -127,6 +129,15 @@ class RecordLimits:
     max_bytes: int = 900 * 1024
     max_extra_fields: int = 64
     max_extra_bytes: int = 64 * 1024
+    #: How far an event time may lie after the time its report was received (clock and offset slips), in hours.
+    max_future_hours: float = 24.0
+    #: When every record judged under these limits was received, for a file's lines (``ingest-history``: a line
+    #: records no receipt); None elsewhere: a record's own receipt (its Kafka timestamp, the send time) bounds it.
+    received_at: datetime | None = None
+
+    @property
+    def future_allowed(self) -> timedelta:
+        return timedelta(hours=self.max_future_hours)
 
 
 DEFAULT_LIMITS = RecordLimits()
@@ -158,6 +169,43 @@ def parse_limited(raw: bytes | str, limits: RecordLimits = DEFAULT_LIMITS) -> La
     if event.__pydantic_extra__ or event.substance.__pydantic_extra__:  # what check_extras would count
         check_extras(event, limits)
     return event
+
+
+def check_event_time(
+    event: LabDetection | BorderSeizure, received_at: datetime | None, limits: RecordLimits = DEFAULT_LIMITS
+) -> None:
+    """Refuse an event that occurred more than ``limits.max_future_hours`` after its report was received.
+
+    Why: the detectors keep watermarks (the resolver's latest event time, each region's newest report per
+    kind); one report dated 2099 moved them for good, so every name was forgotten and every later honest report
+    of its region counted as late. A sample cannot be taken after its report arrived: such a date is an error.
+    ``received_at`` is a time recorded with the report by the pipeline, never a clock at processing, so a
+    replay, a backtest and the state rebuild judge it the same: the Kafka record's timestamp (the worker), the
+    send time (the publisher), a row's ``ingested_at`` (the rebuild). None: nothing to bound by. The report's
+    own ``reported_at`` is not a reference: a source's wrong clock must not cost it its reports.
+    """
+    if received_at is None:
+        return
+    ahead = event.occurred_at - received_at
+    if ahead <= limits.future_allowed:  # ~0.5 µs: every report but a wrong one returns here
+        return
+    hours = ahead.total_seconds() / 3600
+    raise WireError(
+        f"{FUTURE_EVENT_FIELD}{event.occurred_at.isoformat()} is {_hours_text(hours)}{FUTURE_EVENT_MARK}received "
+        f"({received_at.isoformat(timespec='seconds')}): at most {limits.max_future_hours:g} h is allowed "
+        "(SYNTHWATCH_MAX_FUTURE_HOURS); a sample or seizure cannot postdate its report, check the date (year, "
+        "time zone offset) and send the report again",
+        event.event_id,
+    )
+
+
+def latest_event_time(limits: RecordLimits) -> datetime | None:
+    """The latest event time :func:`check_event_time` takes under ``limits.received_at`` (None: no bound)."""
+    return None if limits.received_at is None else limits.received_at + limits.future_allowed
+
+
+def _hours_text(hours: float) -> str:
+    return f"{hours:,.1f} h" if hours < 72 else f"{hours / 24:,.1f} days"
 
 
 def _count_keys(value: Any) -> int:

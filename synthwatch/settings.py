@@ -163,6 +163,15 @@ class Settings(BaseSettings):
     max_extra_bytes: int = Field(
         default=64 * 1024, ge=0, description="Bytes of JSON the unknown (extra) fields of a record may take."
     )
+    max_future_hours: float = Field(
+        default=24.0,
+        ge=1,
+        le=24 * 31,
+        description="A report whose event time (occurred_at) is more than this after it was received (its Kafka "
+        "timestamp; the publisher's send time) is refused with a reason: one far-future date moved the "
+        "detectors' watermarks (docs/detection.md, Far-future event times). At least 1: 0 does not turn the "
+        "bound off, it refused every report from a clock a second ahead.",
+    )
     max_csv_header_depth: int = Field(
         default=8, ge=1, le=64, description="Dots a CSV header may nest (substance.name is 2 levels)."
     )
@@ -430,13 +439,15 @@ class Settings(BaseSettings):
         return values
 
     def record_limits(self) -> RecordLimits:
-        """The record size and unknown-field caps: the publisher and the worker apply the same."""
+        """The record size and unknown-field caps and the event-time bound: the publisher and the worker apply the
+        same."""
         from synthwatch.schemas.wire import RecordLimits
 
         return RecordLimits(
             max_bytes=self.max_record_bytes,
             max_extra_fields=self.max_extra_fields,
             max_extra_bytes=self.max_extra_bytes,
+            max_future_hours=self.max_future_hours,
         )
 
     @field_validator("data_dir")

@@ -1,7 +1,8 @@
 """Offline backtest: the worker's detector core over an NDJSON file, in file order, with no broker.
 
-Malformed lines and duplicates are counted and skipped (never fatal); rejects go to a file beside the
-output so nothing is lost silently. A late report counts as an event (the worker stores it, flagged),
+Malformed lines, lines dated past their receipt (``received_at``: refused as the worker refuses them) and
+duplicates are counted and skipped (never fatal); rejects go to a file beside the output so nothing is lost
+silently. A late report counts as an event (the worker stores it, flagged),
 and ``late`` says how many events were late.
 """
 
@@ -17,12 +18,13 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 from synthwatch.schemas import Alert, BorderSeizure, Reject, WireError
-from synthwatch.schemas.wire import parse_limited
+from synthwatch.schemas.wire import RecordLimits, check_event_time, parse_limited
 from synthwatch.stream_apps.detect.identity import Structure, grams_of, remember_structures, structure_from_smiles
 from synthwatch.stream_apps.detect.intake import Intake
 from synthwatch.stream_apps.detect.region import DetectionConfig, Detector, Observation, ObservationFields
@@ -59,8 +61,13 @@ def run_lines(
     intake: Intake | None = None,
     stored: set[str] | None = None,
     progress: Callable[[int], None] | None = None,
+    received_at: datetime | None = None,
 ) -> BacktestRun:
     """Detect over ``(source, line)`` pairs; returns alerts, rejects and counts that add up.
+
+    ``received_at``: when the lines were received (a line records no receipt time; the command gives the file's
+    modification time): a line whose event time is more than ``intake.limits.max_future_hours`` after it is
+    refused, as the worker refuses a record past its Kafka timestamp. None: no such bound.
 
     ``detector``, ``intake`` and ``stored`` (ids stored before, grown with every event taken) continue from
     a state built elsewhere, e.g. rebuilt from ClickHouse: how the tests check that rebuild-then-live raises
@@ -73,7 +80,7 @@ def run_lines(
         # A stream of several blocks, with no state handed in, is detected in a second process (see
         # _DetectionProcess); a caller's detector and id set stay here, where the caller sees them change.
         separate = helped and detector is None and stored is None and _fork_is_safe()
-        return _run(ahead, config, detector, intake, stored, separate, progress)
+        return _run(ahead, config, detector, intake, stored, separate, progress, received_at)
     finally:
         ahead.close()  # stops the helper processes even when building the resolver failed
 
@@ -86,6 +93,7 @@ def _run(
     stored: set[str] | None,
     separate: bool = False,
     progress: Callable[[int], None] | None = None,
+    received_at: datetime | None = None,
 ) -> BacktestRun:
     intake = intake or Intake(stage="backtest")
     summary, alerts, rejects = BacktestSummary(), [], []
@@ -105,10 +113,12 @@ def _run(
         # EnrichedEvent and NormalisedQuantity it would build only to take them apart (the reader's CPU bounds
         # the command's wall time on 2 cores; see docs/performance.md).
         identify, fields_from, read = intake.identify, Observation.fields_from, 0
+        limits = intake.limits
         for source, line in lines:
             read += 1
             try:
                 event = parse_limited(line)  # the worker's record caps (their defaults), as the worker applies them
+                check_event_time(event, received_at, limits)  # the worker's bound on event times
             except WireError as error:
                 summary.malformed += 1
                 rejects.append(
@@ -396,12 +406,19 @@ def run_file(
     config: DetectionConfig | None = None,
     rejects_path: Path | None = None,
     progress: Callable[[int], None] | None = None,
+    received_at: datetime | None = None,
+    max_future_hours: float | None = None,
 ) -> BacktestRun:
     """Backtest a file; writes one alert per line to ``output_path`` and rejects beside it.
 
     ``progress`` (a progress bar's advance) hears how many non-blank lines are done, a block at a time.
+    ``received_at``: when the file's reports were received (see :func:`run_lines`); ``max_future_hours``: how far
+    after it an event time may lie (the worker's ``SYNTHWATCH_MAX_FUTURE_HOURS``; None: its default, 24).
     """
-    run = run_lines(read_lines(input_path), config, progress=progress)
+    intake = None
+    if max_future_hours is not None:
+        intake = Intake(stage="backtest", limits=RecordLimits(max_future_hours=max_future_hours))
+    run = run_lines(read_lines(input_path), config, intake=intake, progress=progress, received_at=received_at)
     output_path.write_text("".join(a.model_dump_json() + "\n" for a in run.alerts), encoding="utf-8")
     rejects_path = rejects_path or output_path.with_name(output_path.name + ".rejects.ndjson")
     rejects_path.write_text("".join(r.model_dump_json() + "\n" for r in run.rejects), encoding="utf-8")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from synthwatch.schemas import BorderSeizure, LabDetection, Reject, WireError
 from synthwatch.schemas.envelope import EnvelopeVerifier, Headers
@@ -22,6 +23,7 @@ from synthwatch.schemas.wire import (
     DEFAULT_LIMITS,
     RecordLimits,
     changed_content_reason,
+    check_event_time,
     content_digest,
     event_to_json,
     parse_limited,
@@ -40,6 +42,8 @@ class RawMessage:
     """One input record and where it came from (``topic:partition:offset`` or ``file:line``).
 
     ``topic``, ``key`` and ``headers`` are what the signed envelope covers (Kafka records only).
+    ``received_at``: when the record was received (its Kafka timestamp), recorded with it, so a replay judges
+    it the same; an event time more than the limits allow after it is refused (``check_event_time``).
     """
 
     source: str
@@ -47,6 +51,7 @@ class RawMessage:
     topic: str | None = None
     key: bytes | None = None
     headers: Headers | None = None
+    received_at: datetime | None = None
 
 
 def changed_content_reject(event: LabDetection | BorderSeizure, source: str, stage: RejectStage) -> Reject:
@@ -161,6 +166,7 @@ class Intake:
                     continue
             try:
                 event = parse_limited(message.value, self.limits)
+                check_event_time(event, message.received_at, self.limits)  # before any watermark sees it
             except WireError as error:
                 result.rejects.append(
                     Reject.of(

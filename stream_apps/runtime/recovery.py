@@ -23,13 +23,22 @@ log = logging.getLogger("synthwatch.stack.worker")
 def learn_names_locked(ctx: WorkerContext) -> int:
     """Teach the resolver the names stored in ClickHouse while holding the client lock."""
     with ctx.sink.lock:
-        return learn_names(ctx.client, ctx.intake.resolver, ctx.intake.stored_reporter)
+        return learn_names(
+            ctx.client, ctx.intake.resolver, ctx.intake.stored_reporter, ctx.intake.limits.max_future_hours
+        )
 
 
 def rebuild_locked(ctx: WorkerContext) -> Any:
     """Rebuild detector state from ClickHouse while holding the client lock."""
     with ctx.sink.lock:
-        return rebuild(ctx.client, ctx.regions, ctx.novelty, ctx.intake.resolver, ctx.intake.stored_reporter)
+        return rebuild(
+            ctx.client,
+            ctx.regions,
+            ctx.novelty,
+            ctx.intake.resolver,
+            ctx.intake.stored_reporter,
+            ctx.intake.limits.max_future_hours,
+        )
 
 
 def freeze_long_lived_objects() -> None:

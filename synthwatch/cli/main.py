@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, NoReturn, cast
 
@@ -373,6 +373,16 @@ def backtest(
     input: Annotated[Path, typer.Option("--input", help="Events, NDJSON (the wire format).")],
     output: Annotated[Path, typer.Option("--output", help="Alerts, one JSON object per line.")],
     rejects: Annotated[Path | None, typer.Option(help="Rejects file (default: beside the output).")] = None,
+    received_at: Annotated[
+        datetime | None,
+        typer.Option(
+            "--received-at",
+            formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d %H:%M:%S%z", "%Y-%m-%d"],
+            help="When the file's reports were received (a line records none): a line whose event time is more "
+            "than SYNTHWATCH_MAX_FUTURE_HOURS after it is refused, as the worker refuses it. Default: the file's "
+            "modification time (when it was written, never the time of this run).",
+        ),
+    ] = None,
 ) -> None:
     """Run the worker's detectors over a file, in file order, with no broker.
 
@@ -383,9 +393,15 @@ def backtest(
 
     if not input.is_file():
         _fail(f"no such file: {input}")
-    config = DetectionConfig.from_settings(Settings())
+    settings = Settings()
+    config = DetectionConfig.from_settings(settings)
+    future = settings.max_future_hours  # the worker's bound, so the backtest refuses what the worker refuses
+    if received_at is None:
+        received_at = datetime.fromtimestamp(input.stat().st_mtime, UTC)
+    elif received_at.tzinfo is None:
+        received_at = received_at.replace(tzinfo=UTC)
     if not err.is_terminal:
-        run = run_file(input, output, config, rejects)
+        run = run_file(input, output, config, rejects, received_at=received_at, max_future_hours=future)
     else:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -394,7 +410,15 @@ def backtest(
         columns = (TextColumn("backtest"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=err, transient=True) as bar:
             task = bar.add_task("backtest", total=total)
-            run = run_file(input, output, config, rejects, progress=lambda n: bar.advance(task, n))
+            run = run_file(
+                input,
+                output,
+                config,
+                rejects,
+                progress=lambda n: bar.advance(task, n),
+                received_at=received_at,
+                max_future_hours=future,
+            )
     s = run.summary
     table = Table(title=f"backtest of {input.name}")
     for column in ("lines", "events", "of them late", "malformed", "duplicates", "alerts", "events/s"):

@@ -243,19 +243,26 @@ def test_worker_revalidates_what_other_producers_send(stack: RunningWorker) -> N
     producer.send(topic, key=b"ML-BKO", value=json.dumps(ok).encode())
     producer.send(topic, key=b"ML-BKO", value=json.dumps(bad).encode())
     producer.send(topic, key=b"ML-BKO", value=b"\xff not json " + prefix.encode())
+    # dated 2099 (the schema's bound): past its receipt, so it moves no watermark. Its producer set the record's
+    # timestamp (CreateTime) to 2099 too: the receipt is never after the worker's clock, so it is refused anyway.
+    future = seizure(event_id=f"{prefix}-future", occurred_at="2099-06-01T10:00:00Z")
+    forged = int(datetime(2099, 6, 1, 10, tzinfo=UTC).timestamp() * 1000)
+    producer.send(topic, key=b"ML-BKO", value=json.dumps(future).encode(), timestamp_ms=forged)
     producer.flush()
     producer.close()
     wait_until(lambda: _stored(stack, prefix) == 1, 60, "the valid event")
     rejects = stack.wait_rows(
-        "SELECT stage, reason, source FROM rejects WHERE event_id = %(id)s OR raw LIKE %(like)s",
-        {"id": f"{prefix}-bad", "like": f"%not json {prefix}%"},
-        2,
-        "two worker-stage rejects",
+        "SELECT stage, reason, source FROM rejects WHERE event_id IN (%(id)s, %(future)s) OR raw LIKE %(like)s",
+        {"id": f"{prefix}-bad", "future": f"{prefix}-future", "like": f"%not json {prefix}%"},
+        3,
+        "three worker-stage rejects",
     )
     assert {r["stage"] for r in rejects} == {"worker"}
     assert all(r["source"].startswith(f"{topic}:") for r in rejects)
     assert any("belongs to country FR" in r["reason"] for r in rejects)
     assert any("invalid JSON" in r["reason"] for r in rejects)
+    assert any(r["reason"].startswith("occurred_at: 2099-06-01T10:00:00+00:00 is ") for r in rejects)
+    assert any("after the report was received" in r["reason"] for r in rejects)
 
 
 def test_a_resent_id_with_changed_content_is_rejected_and_listed_by_rejects(

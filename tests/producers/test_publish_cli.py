@@ -115,8 +115,15 @@ def test_exit_codes_reasons_with_lines_and_the_pushed_counts(
     assert gateway.last_samples()[("synthwatch_publish_rejects_total", (("reason", "changed_content"),))] == 1
 
     bad = tmp_path / "bad.ndjson"
-    bad.write_text(ndjson([seizure(event_id="b-1", region="XX-99")]))
-    assert run_cli(settings, "publish", str(bad)).returncode == 2  # nothing sent
+    bad.write_text(
+        ndjson([seizure(event_id="b-1", region="XX-99"), seizure(event_id="b-2", occurred_at="2099-01-01T00:00:00Z")])
+    )
+    done = run_cli(settings, "publish", str(bad))
+    assert done.returncode == 2, done.stdout + done.stderr  # nothing sent
+    # a date past the send time (the worker would refuse it too): said plainly, counted under its own class
+    assert "rejected 1× occurred_at: 2099-01-01T00:00:00+00:00 is " in done.stdout
+    assert "days after the report was received" in done.stdout and "    line 2" in done.stdout
+    assert gateway.last_samples()[("synthwatch_publish_rejects_total", (("reason", "future_occurred_at"),))] == 1
 
 
 def test_empty_header_only_directory_and_csv_on_stdin(settings: Settings, tmp_path: Path) -> None:

@@ -519,3 +519,40 @@ def test_first_chunk_is_parsed_while_the_migrations_run(tmp_path: Path) -> None:
         "ids": sorted(json.loads(line)["event_id"] for line in lines),
     }
     assert results["fail"] == {"failed": "migration 0001_x was started but not finished"}
+
+
+def test_a_line_dated_past_the_files_receipt_is_refused_as_the_worker_refuses_it(
+    ch: Any, ch_settings: Settings, tmp_path: Path
+) -> None:
+    """The worker refuses an event time more than SYNTHWATCH_MAX_FUTURE_HOURS after its receipt; ingest-history
+    stored such a line (a 2099 date), silently left out of the rebuilt state after. Now the file's receipt (its
+    modification time) bounds its lines, on each path, with the worker's reason, and the counts add up."""
+    from synthwatch.schemas.reject_reasons import reject_reason
+
+    received = datetime(2026, 11, 1, 12, tzinfo=UTC)
+    for encoding in ("sql", "arrow", "json"):
+        dated = {
+            f"{encoding}-near": "2026-11-02T11:00:00+00:00",  # 23 h after the file's receipt: a clock slip
+            f"{encoding}-far": "2026-11-02T13:00:00+00:00",  # 25 h after
+            f"{encoding}-2099": "2099-06-01T10:00:00+00:00",
+            f"{encoding}-old": "2026-10-30T10:00:00+00:00",
+            f"{encoding}-near-nz": "2026-11-02T23:00:00+12:00",  # 23 h after, written in UTC+12
+            f"{encoding}-far-nz": "2026-11-03T00:30:00+12:00",  # 24.5 h after
+        }
+        path = tmp_path / f"{encoding}.ndjson"
+        path.write_text("".join(json.dumps(seizure(event_id=i, occurred_at=at)) + "\n" for i, at in dated.items()))
+        os.utime(path, (received.timestamp(), received.timestamp()))
+        summary = ingest_history(ch_settings, path, progress=False, workers=0, client=ch, encoding=encoding)
+        assert summary.balanced and (summary.lines, summary.stored, summary.rejected) == (6, 3, 3), encoding
+        stored = ch.query(
+            "SELECT event_id FROM border_seizures WHERE startsWith(event_id, %(p)s) ORDER BY event_id",
+            parameters={"p": f"{encoding}-"},
+        ).result_rows
+        assert [r[0] for r in stored] == [f"{encoding}-{i}" for i in ("near", "near-nz", "old")], encoding
+        rejects = ch.query(
+            "SELECT event_id, stage, reason FROM rejects WHERE startsWith(event_id, %(p)s) ORDER BY event_id",
+            parameters={"p": f"{encoding}-"},
+        ).result_rows
+        assert [(r[0], r[1]) for r in rejects] == [(f"{encoding}-{i}", "ingest") for i in ("2099", "far", "far-nz")]
+        assert {reject_reason(r[2]) for r in rejects} == {"future_occurred_at"}, encoding
+        assert "after the report was received (2026-11-01T12:00:00+00:00)" in rejects[0][2]

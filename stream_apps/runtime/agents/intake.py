@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import partial
 from itertools import chain
 from typing import Any
@@ -39,6 +41,24 @@ from synthwatch.stream_apps.storage.sink import StoreResult
 log = logging.getLogger("synthwatch.stack.worker")
 
 LateEvent = tuple[EnrichedEvent, RegionResult]  # a late report and what the region stage made of it
+
+
+def received_time(timestamp: float | None, now: float) -> datetime:
+    """A Kafka record's timestamp (seconds) as the time its report was received, never after the worker's clock
+    ``now`` (seconds; to the millisecond, below): the receipt that bounds the record's event time.
+
+    Why the worker's clock too: the timestamp is the producer's own (CreateTime, the default topic setting) unless
+    the topic says LogAppendTime, and even then the broker's clock may run ahead. A producer that set it to 2099
+    (with an event time of 2099), to -1 (Kafka's "none") or past what a datetime holds escaped the bound, so its
+    report moved the watermarks the bound is there to keep. Bounded by ``now`` an honest record is judged by its
+    timestamp (at or before ``now``), so a replay judges it the same; a record with none, or one ahead of the
+    clock, by ``now``, which is before the row's ``ingested_at`` (the engine's clock at insert, to the ms), so the
+    state rebuild keeps every report the intake took.
+    """
+    millis = math.floor(now * 1000)
+    if timestamp is not None and timestamp > 0 and math.isfinite(timestamp):
+        millis = min(millis, math.floor(timestamp * 1000))
+    return datetime.fromtimestamp(millis / 1000, UTC)
 
 
 def _partition(source: str) -> int:
@@ -169,7 +189,9 @@ def add_intake_agent(agents: AgentContext, tables: StateTables, outbox: SpikeOut
             if events:
                 await agents.until_state_ready()
                 metrics.consumed(events)
-                # topic, key and headers: what a signed envelope covers (checked in the intake when configured)
+                # topic, key and headers: what a signed envelope covers (checked in the intake when configured);
+                # the record's timestamp (never after this clock): when it was received, which bounds its event time
+                now = time.time()
                 messages = [
                     RawMessage(
                         f"{e.message.topic}:{e.message.partition}:{e.message.offset}",
@@ -177,6 +199,7 @@ def add_intake_agent(agents: AgentContext, tables: StateTables, outbox: SpikeOut
                         e.message.topic,
                         e.message.key,
                         e.message.headers,
+                        received_time(e.message.timestamp, now),
                     )
                     for e in events
                 ]

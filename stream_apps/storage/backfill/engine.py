@@ -18,7 +18,13 @@ from pathlib import Path
 from clickhouse_connect.driver.client import Client
 
 from synthwatch.schemas import BorderSeizure, LabDetection, WireError
-from synthwatch.schemas.wire import DEFAULT_LIMITS, RecordLimits, parse_limited
+from synthwatch.schemas.wire import (
+    DEFAULT_LIMITS,
+    RecordLimits,
+    check_event_time,
+    latest_event_time,
+    parse_limited,
+)
 from synthwatch.stream_apps.detect.identity import Structure, SubstanceResolver
 from synthwatch.stream_apps.storage.backfill.parse import ChunkParser, ChunkResult
 from synthwatch.stream_apps.storage.backfill.prepass import compute_in_pool
@@ -114,6 +120,7 @@ def judge_lines(slow: list[tuple[int, bytes]], limits: RecordLimits) -> Judged:
             continue
         try:
             event = parse_limited(raw, limits)  # the publisher's caps: size, unknown fields
+            check_event_time(event, limits.received_at, limits)  # the worker's bound, against the file's receipt
         except WireError as error:
             rejects.append((number, raw, error.reason, error.event_id))
             continue
@@ -181,10 +188,8 @@ class EngineChunks:
         for table in (self.parsed, self.first, self.spellings, self.row_values):
             client.command(f"TRUNCATE TABLE {table}")
         lines = f"SELECT _row_number + 1 AS n, line FROM {self.source} WHERE _row_number BETWEEN {start} AND {end - 1}"
-        client.command(
-            f"INSERT INTO {self.parsed} {parse_select(lines + f' LIMIT {end - start}', self.limits.max_bytes)}",
-            settings=PARSE_SETTINGS,
-        )
+        select = parse_select(lines + f" LIMIT {end - start}", self.limits.max_bytes, latest_event_time(self.limits))
+        client.command(f"INSERT INTO {self.parsed} {select}", settings=PARSE_SETTINGS)
         return int(str(client.command(f"SELECT count() FROM {self.parsed}")))
 
     def new_smiles(self, known: Collection[str]) -> list[str]:

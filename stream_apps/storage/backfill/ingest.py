@@ -25,6 +25,7 @@ back to this process, which re-resolves it in file order: the result equals a se
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -34,6 +35,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -300,7 +302,9 @@ def ingest_history(
         try:
             store = Store(client, encoding, exclusive=settings.clickhouse_is_embedded)
             try:
-                limits = settings.record_limits()  # the caps publish applies: a line may not smuggle megabytes either
+                # The caps publish applies (a line may not smuggle megabytes either) and the worker's bound on
+                # event times, against the file's receipt: as the backtest, its modification time (never after now).
+                limits = dataclasses.replace(settings.record_limits(), received_at=file_received_at(path))
                 run = (client, store, pool, prepass, path, batch_size, progress, size, summary, workers, started)
                 _run(*run, limits, tables.ready)
             finally:
@@ -314,6 +318,17 @@ def ingest_history(
             client.close()
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def file_received_at(path: Path) -> datetime:
+    """When a file's reports were received (a line records none): its modification time, never after this clock,
+    to the ms. A line dated more than ``SYNTHWATCH_MAX_FUTURE_HOURS`` after it is refused, as the worker refuses a
+    record past its receipt. Why both: the state rebuild bounds stored rows by their ``ingested_at`` (this clock
+    at insert, or later), so every row loaded here is also in the rebuilt state; and a file not touched since is
+    judged the same when loaded again.
+    """
+    millis = math.floor(min(path.stat().st_mtime, time.time()) * 1000)
+    return datetime.fromtimestamp(millis / 1000, UTC)
 
 
 def _run(

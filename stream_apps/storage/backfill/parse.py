@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from synthwatch.catalogue import shipped_catalogue
 from synthwatch.schemas import WireError, parse_event
 from synthwatch.schemas.events import EVENT_ADAPTER, QuantityUnit, fast_event_ok
-from synthwatch.schemas.wire import DEFAULT_LIMITS, RecordLimits, check_extras, check_size
+from synthwatch.schemas.wire import DEFAULT_LIMITS, RecordLimits, check_event_time, check_extras, check_size
 from synthwatch.stream_apps.detect.identity import (
     UNINFORMATIVE_NAMES,
     Structure,
@@ -164,6 +164,12 @@ class ChunkParser:
                 if event.extra_fields:
                     try:
                         check_extras(event, limits)
+                    except WireError as error:
+                        result.rejects.append((number, raw, error.reason, error.event_id))
+                        continue
+                if limits.received_at is not None and event.occurred_at > limits.received_at:
+                    try:  # the worker's bound on event times, against the file's receipt (~0.1 µs when earlier)
+                        check_event_time(event, limits.received_at, limits)
                     except WireError as error:
                         result.rejects.append((number, raw, error.reason, error.event_id))
                         continue

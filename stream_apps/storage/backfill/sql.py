@@ -17,6 +17,7 @@ Only the embedded engine reads the file itself (``file()``); a server cannot see
 from __future__ import annotations
 
 import sys
+from datetime import UTC, datetime, timedelta
 from typing import get_args
 
 from synthwatch.schemas.events import (
@@ -210,6 +211,11 @@ def _timestamp(text: str, name: str) -> tuple[str, str]:
     return f"fromUnixTimestamp64Milli(intDiv({micros}, 1000), 'UTC')", check
 
 
+def _micros(instant: datetime) -> int:
+    """``instant`` in whole microseconds since the epoch, exactly (a number: no text reaches the SQL)."""
+    return (instant - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+
+
 def _violations() -> str:
     """One regex over the raw line matching any value of the wrong JSON type for its key.
 
@@ -242,13 +248,15 @@ def _violations() -> str:
 _KIND_TEXT = (("lab_id", "agency"), ("sample_id", "seizure_id"), ("method", "border_point"))
 
 
-def parse_select(source: str, max_bytes: int | None = None) -> str:
+def parse_select(source: str, max_bytes: int | None = None, latest: datetime | None = None) -> str:
     """``SELECT`` of :data:`PARSED_STRUCTURE` from ``source``, a query giving ``n UInt64, line String``.
 
     Run it with :data:`PARSE_SETTINGS`: ``short_circuit_function_evaluation = 'disable'`` (evaluated
     lazily, the checks cost ~40x more; every function here is safe on any input) and simdjson.
     ``max_bytes``: a longer line is left to Python, which refuses it with the publisher's reason (known
     fields are bounded, but JSON whitespace is not).
+    ``latest``: a line whose event time is after it is left to Python, which refuses it with the worker's reason
+    (``check_event_time``: more than ``SYNTHWATCH_MAX_FUTURE_HOURS`` after the file's receipt).
     """
     occurred, occurred_ok = _timestamp("t.occurred_at", "occ")
     reported, reported_ok = _timestamp("ifNull(t.reported_at, '')", "rep")
@@ -260,6 +268,7 @@ def parse_select(source: str, max_bytes: int | None = None) -> str:
             f"NOT match(line, '{_violations()}')",
             text("t.event_id", 500),
             occurred_ok,
+            *([f"toUnixTimestamp64Micro(occ_p) <= {_micros(latest)}"] if latest is not None else []),
             f"(t.reported_at IS NULL OR {reported_ok})",
             "t.country IN countries",
             "concat(t.region, ' ', t.country) IN regions",
