@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -33,6 +33,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("synthwatch.stack.worker")
 T = TypeVar("T")
+
+#: Records an agent handles between two turns of the event loop (:func:`slices`): a batch holds up to 10,000, and
+#: under load one batch held the loop for over 10 s in one piece (the intake's); validating an input event or
+#: parsing a signed alert takes tens of µs of CPU, so a slice a few ms, where a turn costs microseconds.
+SLICE_RECORDS = 250
+
+
+def slices(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    """``items`` in consecutive slices of at most ``size``, in order (none for no items): an agent gives the
+    event loop a turn (``await asyncio.sleep(0)``) between two, so commits, sends, the watchdog and ``/ready``
+    are not held up by a large batch."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
 
 #: Kafka's default partitioner: ``(key, partitions) -> partition`` (handed in by the wiring).
 Partitioner = Callable[[bytes, int], int]

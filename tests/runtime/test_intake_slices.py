@@ -1,0 +1,209 @@
+"""The intake agent gives the event loop a turn within a batch (validation and region stage in slices), with the
+same outputs and state as in one piece, and a rebalance beginning at such a turn leaves the rest of the batch alone.
+
+The intake agent as ``create_app`` wires it (:class:`tests.runtime.test_revoked_partitions._Intake`); turns are
+counted, never timed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.runtime.test_revoked_partitions import _Intake
+from tests.support.factories import lab
+
+SLICE = 8  # events per slice in these tests (the shipped one is larger): a batch of a few slices stays small
+FIRST = 5  # the partition's committed offset: the batch starts there
+
+
+def _reports(n: int) -> dict[int, dict[str, Any]]:
+    """``n`` reports of one region from offset :data:`FIRST`: one a day for 30 days, then a burst on one day (a
+    spike, once the series is old enough), a few of another substance, an invalid report, and a duplicate and a
+    changed re-send of earlier reports in a later slice."""
+    reports: dict[int, dict[str, Any]] = {}
+    start = datetime(2026, 2, 1, 9, tzinfo=UTC)
+    for k in range(n):
+        at = start + (timedelta(days=k) if k < 30 else timedelta(days=31, minutes=k))
+        other = {"substance": {"name": "Tramadol"}} if k % 7 == 6 else {}
+        reports[FIRST + k] = lab(event_id=f"l-{k}", sample_id=f"S-{k}", occurred_at=at.isoformat(), **other)
+    reports[FIRST + 3] = {"event_id": "bad-3", "kind": "lab_detection"}  # refused: fields missing
+    reports[FIRST + n - 4] = reports[FIRST + 1]  # the same report again: a duplicate within the batch
+    reports[FIRST + n - 2] = {**reports[FIRST + 2], "purity_pct": 12.0}  # same id, other content: refused
+    return reports
+
+
+class _Turns:
+    """Another coroutine of the worker's loop: counts the turns it gets while a batch is in the agent's hands,
+    with the number of reports validated so far at each; ``at_turn(self)``, if given, is awaited at each."""
+
+    def __init__(self, intake: _Intake, at_turn: Any = None) -> None:
+        self.in_batch = False
+        self.validated = 0
+        self.seen: list[int] = []  # reports validated at each turn during the batch
+        self.at_turn = at_turn
+        enrich = intake.ctx.intake.enrich
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            self.validated += 1
+            return enrich(*args, **kwargs)
+
+        intake.ctx.intake.enrich = counting  # type: ignore[method-assign]
+
+    async def run(self) -> None:
+        while True:
+            if self.in_batch:
+                self.seen.append(self.validated)
+                if self.at_turn is not None:
+                    await self.at_turn(self)
+            await asyncio.sleep(0)
+
+
+def _run(intake: _Intake, n: int, at_turn: Any = None, again: bool = False) -> _Turns:
+    """One batch of ``n`` reports (``again``: then the same reports fetched again, in the consumer's generation
+    by then), then a quiet stream (the agent checkpoints)."""
+    turns = _Turns(intake, at_turn)
+
+    async def batches() -> AsyncIterator[list[Any]]:
+        ticker = asyncio.ensure_future(turns.run())
+        try:
+            turns.in_batch = True
+            yield [intake.event(FIRST + k) for k in range(n)]
+            turns.in_batch = False
+            if again:
+                events = [intake.event(FIRST + k) for k in range(n)]
+                for e in events:
+                    e.message.generation_id = intake.app.consumer_generation_id
+                yield events
+            yield []
+        finally:
+            ticker.cancel()
+
+    intake.batches = batches
+    intake.run()
+    return turns
+
+
+def _recorded(intake: _Intake) -> list[tuple[Any, ...]]:
+    """Every record the worker sends from here on: (topic, key, value, partition, headers)."""
+    sent: list[tuple[Any, ...]] = []
+    send = intake.app.producer.send
+
+    async def recording(topic: str, key: Any, value: Any, partition: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append((topic, key, value, partition, *args, *kwargs.items()))
+        return await send(topic, key, value, partition, *args, **kwargs)
+
+    intake.app.producer.send = recording
+    return sent
+
+
+#: The wall-clock stamps of alerts and rejects, in a record or quoted in a changelog record's JSON (pinned, as in
+#: tests/detect/test_backtest_identical.py: the clock's, not the batch's).
+_STAMP = re.compile(rb'((?:detected_at|rejected_at)\\?":\\?")[0-9T:.+Z-]*')
+
+
+def _comparable(record: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A sent record as (topic, key, value, partition), its wall-clock stamps pinned.
+
+    Not its signature header: each run has a worker key of its own (made in its data directory), and the
+    signature is a function of the key and the record's topic, key, value and partition."""
+    topic, key, value, partition, *_ = record
+    return (topic, key, _STAMP.sub(rb"\1PINNED", value), partition)
+
+
+def test_other_coroutines_get_turns_while_a_large_batch_is_validated_and_detected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: the whole batch (up to 10,000 events) ran without a turn of the loop; under load that was over
+    10 s with no commit, no alert sent, no look of the watchdog and no answer to /ready. Now no more than a slice
+    of reports is validated between two turns, and the stages after it give turns too (all validated by then)."""
+    from synthwatch.stream_apps.runtime.agents import intake as intake_module
+
+    monkeypatch.setattr(intake_module, "SLICE_EVENTS", SLICE)
+    n = 5 * SLICE
+    intake = _Intake(tmp_path, _reports(n))
+    turns = _run(intake, n)
+
+    assert turns.seen, "no other coroutine ran while the batch was processed"
+    validated = n - 3  # the invalid report, the duplicate and the changed re-send are not enriched
+    steps = [b - a for a, b in zip([0, *turns.seen], [*turns.seen, validated], strict=True)]
+    assert max(steps) <= SLICE, f"reports validated between turns: {steps}"
+    assert turns.seen.count(validated) >= validated // SLICE, (
+        f"the stages after validation gave too few turns: {turns.seen}"
+    )
+
+
+def test_a_batch_in_slices_sends_and_writes_exactly_what_it_did_in_one_piece(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rejects, sightings, spike alerts and changelog records are the same, byte for byte, in the same
+    order, whether the batch is taken in one slice or in many; so are the detector state and what is committed."""
+    from synthwatch.stream_apps.runtime.agents import intake as intake_module
+
+    n = 6 * SLICE
+    runs = []
+    for size in (10 * n, SLICE):  # one slice, then several
+        monkeypatch.setattr(intake_module, "SLICE_EVENTS", size)
+        intake = _Intake(tmp_path / str(size), _reports(n))
+        sent = _recorded(intake)
+        turns = _run(intake, n)
+        state = {key: _STAMP.sub(rb"\1PINNED", value) for key, value in intake.tables.regions.data.items()}
+        runs.append(([_comparable(record) for record in sent], state, intake.worker.commits, len(turns.seen)))
+
+    (whole, whole_state, whole_commits, whole_turns), (sliced, sliced_state, sliced_commits, sliced_turns) = runs
+    assert sliced_turns > whole_turns  # the second run was sliced
+    topics = {record[0] for record in whole}
+    changelog = intake.tables.regions.changelog_topic.get_topic_name()
+    assert {
+        intake.settings.topic_rejects,
+        intake.settings.topic_sightings,
+        intake.settings.topic_alerts,
+        changelog,
+    } <= topics
+    assert sum(1 for record in whole if record[0] == intake.settings.topic_rejects) == 2
+    assert sliced == whole
+    assert sliced_state == whole_state
+    assert sliced_commits == whole_commits != []
+
+
+def test_a_rebalance_beginning_at_a_turn_within_a_batch_leaves_the_rest_of_it_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rebalance begins at a turn during the region stage, and the partition comes back (new generation): the
+    batch is fetched again. The slices applied before the turn changed only the state the revoke forgot; applying
+    the rest to the state reloaded without them would mark the region's record as holding every report up to the
+    batch's last, and the batch fetched again would be skipped as replays: never stored, never counted, committed.
+    The rest must be left alone: the batch read again is applied and stored whole, and only then committed."""
+    from synthwatch.stream_apps.runtime.agents import intake as intake_module
+    from synthwatch.stream_apps.storage.sink import StoreResult
+
+    monkeypatch.setattr(intake_module, "SLICE_EVENTS", SLICE)
+    n = 4 * SLICE
+    stored: list[str] = []
+
+    def store(items: list[Any]) -> StoreResult:
+        stored.extend(item.event_id for item in items)
+        return StoreResult(lab_detections=len(items))
+
+    reports = _reports(n)
+    intake = _Intake(tmp_path, reports, store_events=store)
+    rebalanced: list[int] = []
+
+    async def rebalance_once_detection_is_under_way(turns: _Turns) -> None:
+        if not rebalanced and turns.validated == n - 3:  # all validated: the region stage is under way
+            rebalanced.append(len(turns.seen))
+            await intake.worker.revoke()
+            await intake.worker.assign_again()
+
+    _run(intake, n, at_turn=rebalance_once_detection_is_under_way, again=True)
+
+    assert rebalanced, "no turn during the region stage"
+    valid = [f"l-{k}" for k in range(n) if k not in (3, n - 4, n - 2)]  # less the invalid, duplicate, changed
+    assert stored == valid
+    assert [max(commit.values()) for commit in intake.worker.commits] == [FIRST + n]
