@@ -207,3 +207,49 @@ def test_a_rebalance_beginning_at_a_turn_within_a_batch_leaves_the_rest_of_it_al
     valid = [f"l-{k}" for k in range(n) if k not in (3, n - 4, n - 2)]  # less the invalid, duplicate, changed
     assert stored == valid
     assert [max(commit.values()) for commit in intake.worker.commits] == [FIRST + n]
+
+
+def test_the_storing_agents_give_turns_while_they_read_a_large_batch() -> None:
+    """The rejects and alerts agents check and parse every record of a batch (up to 10,000 signed records) before
+    holding it: in slices, with a turn between, and the batch held whole, once."""
+    from types import SimpleNamespace
+
+    from synthwatch.stream_apps.runtime.agents.storing import add_storing_agent
+    from synthwatch.stream_apps.runtime.context import SLICE_RECORDS
+
+    n = 3 * SLICE_RECORDS + 1
+    parsed: list[int] = []
+    seen: list[int] = []  # records parsed at each turn the other coroutine gets during the batch
+    held: list[int] = []  # the size of each batch held for a checkpoint
+    in_batch = [False]
+    agent: list[Any] = []
+
+    async def batches(stream: Any) -> AsyncIterator[list[Any]]:
+        in_batch[0] = True
+        yield list(range(n))
+        in_batch[0] = False
+
+    async def other() -> None:
+        while True:
+            if in_batch[0]:
+                seen.append(len(parsed))
+            await asyncio.sleep(0)
+
+    checkpoint = SimpleNamespace(hold=lambda events, sends: held.append(len(events)), due=lambda quiet: False)
+    agents = SimpleNamespace(
+        metrics=SimpleNamespace(consumed=lambda events: None),
+        checkpoint=lambda: checkpoint,
+        batches=batches,
+        app=SimpleNamespace(agent=lambda topic, name: agent.append),
+    )
+    add_storing_agent(agents, None, "alerts", lambda e: parsed.append(e), lambda items: 0)  # type: ignore[arg-type]
+
+    async def run() -> None:
+        ticker = asyncio.ensure_future(other())
+        await agent[0](None)
+        ticker.cancel()
+
+    asyncio.run(run())
+    assert parsed == list(range(n))
+    assert held == [n]
+    assert seen == [SLICE_RECORDS, 2 * SLICE_RECORDS, 3 * SLICE_RECORDS]
