@@ -236,13 +236,15 @@ def test_the_storing_agents_give_turns_while_they_read_a_large_batch() -> None:
             await asyncio.sleep(0)
 
     checkpoint = SimpleNamespace(hold=lambda events, sends: held.append(len(events)), due=lambda quiet: False)
+    worked: dict[str, int] = {}  # the consumer's count of the agents' work, per topic (the watchdog's)
     agents = SimpleNamespace(
         metrics=SimpleNamespace(consumed=lambda events: None),
         checkpoint=lambda: checkpoint,
         batches=batches,
-        app=SimpleNamespace(agent=lambda topic, name: agent.append),
+        app=SimpleNamespace(agent=lambda topic, name: agent.append, consumer=SimpleNamespace(worked=worked)),
     )
-    add_storing_agent(agents, None, "alerts", lambda e: parsed.append(e), lambda items: 0)  # type: ignore[arg-type]
+    topic = SimpleNamespace(topics=("synthwatch.alerts",))
+    add_storing_agent(agents, topic, "alerts", lambda e: parsed.append(e), lambda items: 0)  # type: ignore[arg-type]
 
     async def run() -> None:
         ticker = asyncio.ensure_future(other())
@@ -253,3 +255,61 @@ def test_the_storing_agents_give_turns_while_they_read_a_large_batch() -> None:
     assert parsed == list(range(n))
     assert held == [n]
     assert seen == [SLICE_RECORDS, 2 * SLICE_RECORDS, 3 * SLICE_RECORDS]
+    assert worked == {"synthwatch.alerts": 3}  # each turn noted as work: the watchdog looks on time meanwhile
+
+
+def test_the_watchdog_looking_between_the_slices_of_a_long_batch_finds_no_stall(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watchdog does not count time the event loop was held by a batch (a look that came late), and takes a
+    partition whose records were handed to agents that took or finished a batch within ``after`` seconds for one
+    waiting for them. A batch in slices holds the loop no more: the watchdog looks on time between its slices, and
+    before this fix the agents' work counter moved only when the batch was taken and when it was done, so a batch
+    that took longer than ``after`` under load (a 10,000-event batch, over 10 s) made its partition stalled: sought
+    back, its records read again (the false stalls the slicing was to end). Here every turn the watchdog gets in
+    the batch is ``after`` / 6 seconds of the batch's work (its look interval), on a clock of the test's own."""
+    from synthwatch.stream_apps.runtime.agents import intake as intake_module
+    from synthwatch.stream_apps.runtime.batches import _count_work
+    from synthwatch.stream_apps.runtime.metrics import PartitionOffsets
+    from synthwatch.stream_apps.runtime.watchdog import StallWatch
+
+    monkeypatch.setattr(intake_module, "SLICE_EVENTS", SLICE)
+    n = 8 * SLICE
+    intake = _Intake(tmp_path, _reports(n))
+    after = 6.0
+    interval = after / 6
+    watch = StallWatch(after=after, step=2 * interval)  # as watch_worker makes it
+    worked: dict[str, int] = intake.worker.consumer.worked
+    topic = intake.topic
+    clock = [0.0]
+    stalls: list[str] = []  # why a look during the batch found the partition stalled
+
+    async def look(turns: _Turns) -> None:
+        clock[0] += interval
+        offsets = PartitionOffsets(
+            topic, 0, FIRST + n, FIRST, handed_over=True, worked=worked.get(topic, 0), in_hand=True
+        )
+        if watch.check([offsets], clock[0]):
+            stalls.append(f"at {clock[0]:.0f} s: {watch.reasons}")
+
+    turns = _Turns(intake, look)
+
+    async def batches() -> AsyncIterator[list[Any]]:
+        """As :func:`.batches.channel_batches`: the batch counted as taken, and as finished once done with."""
+        ticker = asyncio.ensure_future(turns.run())
+        try:
+            events = [intake.event(FIRST + k) for k in range(n)]
+            _count_work(worked, (topic,), events)
+            turns.in_batch = True
+            yield events
+            turns.in_batch = False
+            _count_work(worked, (topic,), events)
+            yield []
+        finally:
+            ticker.cancel()
+
+    intake.batches = batches
+    intake.run()
+
+    assert clock[0] > 2 * after, f"the batch took {clock[0]:.0f} s of the test's clock: too short to tell"
+    assert stalls == []

@@ -19,7 +19,6 @@ at a turn leaves the rest of the batch alone (read again from the committed offs
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -37,7 +36,7 @@ from synthwatch.schemas.topics import Sighting
 from synthwatch.stream_apps.detect.intake import EnrichedEvent, IntakeResult, RawMessage
 from synthwatch.stream_apps.detect.region import Observation, RegionResult
 from synthwatch.stream_apps.detect.replay import position_of
-from synthwatch.stream_apps.runtime.context import SLICE_RECORDS, AgentContext, send_all, slices
+from synthwatch.stream_apps.runtime.context import SLICE_RECORDS, AgentContext, send_all, slices, turn
 from synthwatch.stream_apps.runtime.corrections import correction_notices, judge_batch
 from synthwatch.stream_apps.runtime.metrics import ingest_times
 from synthwatch.stream_apps.runtime.outbox import Outbox, SpikeOutbox
@@ -131,6 +130,7 @@ async def send_rejects(agents: AgentContext, rejects: list[Reject]) -> list[Awai
 def add_intake_agent(agents: AgentContext, tables: StateTables, outbox: SpikeOutbox) -> None:
     """Define the ``intake`` agent on the input topics."""
     ctx, metrics, settings = agents.worker, agents.metrics, agents.settings
+    inputs = agents.topics.inputs
 
     async def intake_agent(stream: faust.StreamT[bytes]) -> None:
         held = agents.checkpoint()
@@ -186,7 +186,7 @@ def add_intake_agent(agents: AgentContext, tables: StateTables, outbox: SpikeOut
                 result = IntakeResult()
                 for n, part in enumerate(slices(events, SLICE_EVENTS)):
                     if n:
-                        await asyncio.sleep(0)  # the other agents, the commits, the watchdog and /ready get a turn
+                        await turn(agents.app, inputs)  # the other agents, the commits, the watchdog, /ready
                     # topic, key and headers: what a signed envelope covers (checked in the intake when configured)
                     messages = (
                         RawMessage(
@@ -204,7 +204,7 @@ def add_intake_agent(agents: AgentContext, tables: StateTables, outbox: SpikeOut
                 found = RegionPass()
                 for n, part in enumerate(slices(result.events, SLICE_EVENTS)):
                     if n:
-                        await asyncio.sleep(0)
+                        await turn(agents.app, inputs)
                     if revoked(agents.app, events[0].message):
                         break
                     detect_regions(agents, part, into=found)
@@ -240,13 +240,13 @@ def add_intake_agent(agents: AgentContext, tables: StateTables, outbox: SpikeOut
                 ordered = sorted(sightings, key=lambda s: (s.occurred_at, s.event_id))
                 for n, part in enumerate(slices(ordered, SLICE_EVENTS)):
                     if n:
-                        await asyncio.sleep(0)
+                        await turn(agents.app, inputs)
                     for sighting in part:
                         by_substance[sighting.key].append(sighting.to_dict())
                 encoded = 0  # sightings encoded since the last turn
                 for key, values in by_substance.items():
                     if encoded >= SLICE_EVENTS:
-                        await asyncio.sleep(0)
+                        await turn(agents.app, inputs)
                         encoded = 0
                     pending.append(
                         await agents.send(agents.topics.sightings, key.encode(), json.dumps(values).encode())

@@ -16,7 +16,6 @@ sightings.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -33,7 +32,7 @@ from synthwatch.stream_apps.detect.novelty import STRUCTURE_ALERTS
 from synthwatch.stream_apps.detect.replay import Position
 from synthwatch.stream_apps.runtime.agents.intake import send_rejects
 from synthwatch.stream_apps.runtime.batches import novelty_batches
-from synthwatch.stream_apps.runtime.context import SLICE_RECORDS, AgentContext
+from synthwatch.stream_apps.runtime.context import SLICE_RECORDS, AgentContext, turn
 from synthwatch.stream_apps.runtime.state_tables import Change, StateTables
 from synthwatch.stream_apps.runtime.transport import drain_mark, revoked, state_write
 
@@ -77,6 +76,7 @@ def add_novelty_agent(agents: AgentContext, tables: StateTables) -> None:
     ctx, metrics, settings = agents.worker, agents.metrics, agents.settings
     batches = novelty_batches(settings)  # no linger: see novelty_batches
     settle = timedelta(seconds=settings.learnt_settle_seconds)
+    sightings_topic = agents.topics.sightings
 
     async def with_learnt(
         alerts: list[Alert], raised_by: dict[tuple[str, str], tuple[Sighting, float | None]]
@@ -124,7 +124,7 @@ def add_novelty_agent(agents: AgentContext, tables: StateTables) -> None:
                 parsed_here = 0  # records and sightings read since the last turn of the loop
                 for e in events:
                     if parsed_here >= SLICE_RECORDS:
-                        await asyncio.sleep(0)  # reading a batch's sightings in one piece held the loop too
+                        await turn(agents.app, sightings_topic)  # reading a batch in one piece held the loop too
                         parsed_here = 0
                     parsed_here += 1
                     of_event: list[tuple[Sighting, Position]] = []
@@ -143,7 +143,7 @@ def add_novelty_agent(agents: AgentContext, tables: StateTables) -> None:
                         raised_by.setdefault((sighting.key, sighting.event_id), (sighting, e.message.timestamp))
                 for n, (sliced, batch_sightings) in enumerate(slices(read)):
                     if n:
-                        await asyncio.sleep(0)  # alerts sent so far leave; the other agents get a turn
+                        await turn(agents.app, sightings_topic)  # alerts sent so far leave; the others get a turn
                     if revoked(agents.app, events[0].message):
                         # A rebalance began meanwhile (from its revoke, not only once the new assignment has
                         # come): the state is forgotten, and applied to state reloaded without the slices

@@ -7,7 +7,6 @@ parsed in slices with a turn of the event loop between them (:func:`.context.sli
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from functools import partial
@@ -16,7 +15,7 @@ from typing import Any
 import faust
 
 from synthwatch.schemas import Alert, Reject
-from synthwatch.stream_apps.runtime.context import SLICE_RECORDS, AgentContext, slices
+from synthwatch.stream_apps.runtime.context import SLICE_RECORDS, AgentContext, slices, turn
 
 log = logging.getLogger("synthwatch.stack.worker")
 
@@ -44,7 +43,7 @@ def add_storing_agent(
             metrics.consumed(events)
             for n, part in enumerate(slices(events, SLICE_RECORDS)):
                 if n:
-                    await asyncio.sleep(0)  # a batch of 10,000 signed records to check and parse: not in one piece
+                    await turn(agents.app, topic)  # a batch of 10,000 signed records to parse: not in one piece
                 for e in part:
                     item = parse(e)
                     if item is not None:
