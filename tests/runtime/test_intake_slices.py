@@ -313,3 +313,31 @@ def test_the_watchdog_looking_between_the_slices_of_a_long_batch_finds_no_stall(
 
     assert clock[0] > 2 * after, f"the batch took {clock[0]:.0f} s of the test's clock: too short to tell"
     assert stalls == []
+
+
+def test_a_batch_of_invalid_reports_sends_its_rejects_with_turns_between(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every input is hostile: a batch of 10,000 invalid reports is validated in slices, and then each of its
+    10,000 rejects was encoded, signed and handed to the producer in one piece (~0.1 s of CPU with the producer
+    stubbed, 13 slices' worth; more with aiokafka's). No more than a slice of rejects is sent between two turns,
+    in the same order."""
+    from synthwatch.stream_apps.runtime.agents import intake as intake_module
+
+    monkeypatch.setattr(intake_module, "SLICE_EVENTS", SLICE)
+    n = 5 * SLICE
+    reports = {FIRST + k: {"event_id": f"bad-{k}", "kind": "lab_detection"} for k in range(n)}
+    intake = _Intake(tmp_path, reports)
+    rejects = intake.settings.topic_rejects
+    sent: list[int] = []  # rejects sent at each turn the other coroutine gets during the batch
+
+    async def count(turns: _Turns) -> None:
+        sent.append(sum(1 for topic, _ in intake.sends if topic == rejects))
+
+    recorded = _recorded(intake)
+    _run(intake, n, at_turn=count)
+
+    keys = [record[1] for record in recorded if record[0] == rejects]
+    assert keys == [f"bad-{k}".encode() for k in range(n)]
+    steps = [b - a for a, b in zip([0, *sent], [*sent, n], strict=True)]
+    assert max(steps) <= SLICE, f"rejects sent between turns: {steps}"

@@ -121,10 +121,19 @@ async def keep_late(
     return kept, sightings, duplicates
 
 
-async def send_rejects(agents: AgentContext, rejects: list[Reject]) -> list[Awaitable[Any]]:
-    """Send rejects (keyed by event id, or source when there is none); returns their pending acks."""
+async def send_rejects(agents: AgentContext, rejects: list[Reject], reading: Any = None) -> list[Awaitable[Any]]:
+    """Send rejects (keyed by event id, or source when there is none); returns their pending acks.
+
+    A turn of the event loop every :data:`SLICE_EVENTS` rejects, noted as work on ``reading`` (the topic whose batch
+    they come from, :func:`.context.turn`): a batch of 10,000 invalid reports made 10,000 rejects to encode, sign
+    and hand to the producer in one piece (~0.1 s of CPU with the producer stubbed, 13 slices' worth)."""
     topic = agents.topics.rejects
-    return [await agents.send(topic, (r.event_id or r.source).encode(), r.model_dump_json().encode()) for r in rejects]
+    pending: list[Awaitable[Any]] = []
+    for n, r in enumerate(rejects):
+        if n and n % SLICE_EVENTS == 0:
+            await turn(agents.app, reading)
+        pending.append(await agents.send(topic, (r.event_id or r.source).encode(), r.model_dump_json().encode()))
+    return pending
 
 
 def add_intake_agent(agents: AgentContext, tables: StateTables, outbox: SpikeOutbox) -> None:
@@ -154,7 +163,7 @@ def add_intake_agent(agents: AgentContext, tables: StateTables, outbox: SpikeOut
             stored = await agents.with_retries("storing events", metrics.timed_call("events", len(taken), store))
             if stored.changed:  # ids stored with other content: refused with a reason, like any reject
                 refused = [item.changed_content_reject() for item in stored.changed]
-                await send_all(await send_rejects(agents, refused))
+                await send_all(await send_rejects(agents, refused, inputs))
                 metrics.rejected(refused)
                 metrics.produced(settings.topic_rejects, len(refused))
             held.rows_stored()  # stored or refused: a stop from here on loses none of these reports
@@ -225,7 +234,7 @@ def add_intake_agent(agents: AgentContext, tables: StateTables, outbox: SpikeOut
                 rows.extend(late_kept)
                 # Sent now, not at the checkpoint: alerts and the sightings that lead to new-substance
                 # alerts are not held back by storage. Acknowledged by the broker before the checkpoint.
-                pending = await send_rejects(agents, result.rejects)
+                pending = await send_rejects(agents, result.rejects, inputs)
                 # Spike alerts wait in the outbox of the series that raised them (RegionDetector.outbox) and
                 # go out at the checkpoint that writes that series: up to one checkpoint interval later.
                 if found.alerts:

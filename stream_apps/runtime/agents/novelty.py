@@ -159,7 +159,7 @@ def add_novelty_agent(agents: AgentContext, tables: StateTables) -> None:
                         for a in alerts
                     ]
                     rejects = [refused[id(e)] for e in sliced if id(e) in refused]
-                    sent += await send_rejects(agents, rejects)
+                    sent += await send_rejects(agents, rejects, sightings_topic)
                     held.hold(sliced, sent)
                     metrics.produced(settings.topic_alerts, len(alerts))
                     metrics.rejected(rejects)
