@@ -341,3 +341,55 @@ def test_a_batch_of_invalid_reports_sends_its_rejects_with_turns_between(
     assert keys == [f"bad-{k}".encode() for k in range(n)]
     steps = [b - a for a, b in zip([0, *sent], [*sent, n], strict=True)]
     assert max(steps) <= SLICE, f"rejects sent between turns: {steps}"
+
+
+@pytest.mark.parametrize("stage", ["validation", "region stage", "sightings"])
+def test_a_rebalance_at_any_turn_of_a_batch_counts_its_reports_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str
+) -> None:
+    """A rebalance begins at a turn within a batch (while it is validated, run through the region stage, or its
+    sightings encoded and sent) and the partition comes back: the batch is fetched again. The slices applied
+    before the turn changed only state the revoke forgot; the batch read again is applied once. The detector state
+    written to the changelog is that of a run without the rebalance (no report counted twice, none lost), every
+    report is stored (rows of a batch whose rebalance began once its region stage was done are stored again:
+    skipped by id in ClickHouse) and the committed offset is past the batch."""
+    from synthwatch.stream_apps.runtime.agents import intake as intake_module
+    from synthwatch.stream_apps.storage.sink import StoreResult
+
+    monkeypatch.setattr(intake_module, "SLICE_EVENTS", SLICE)
+    n = 4 * SLICE
+    valid = n - 3  # less the invalid, the duplicate and the changed re-send
+    runs = []
+    for rebalancing in (False, True):
+        stored: list[str] = []
+
+        def store(items: list[Any], stored: list[str] = stored) -> StoreResult:
+            stored.extend(item.event_id for item in items)
+            return StoreResult(lab_detections=len(items))
+
+        intake = _Intake(tmp_path / str(rebalancing), _reports(n), store_events=store)
+        rebalanced: list[int] = []
+
+        async def at_turn(turns: _Turns, intake: _Intake = intake, rebalanced: list[int] = rebalanced) -> None:
+            if rebalanced:
+                return
+            if stage == "validation" and not 0 < turns.validated < valid:
+                return
+            # the region stage's turns come once all are validated; the sightings' after its slices (4 here)
+            if stage == "region stage" and not (turns.validated == valid and turns.seen.count(valid) == 2):
+                return
+            if stage == "sightings" and not (turns.validated == valid and turns.seen.count(valid) == 6):
+                return
+            rebalanced.append(len(turns.seen))
+            await intake.worker.revoke()
+            await intake.worker.assign_again()
+
+        _run(intake, n, at_turn=at_turn if rebalancing else None, again=rebalancing)
+        state = {key: _STAMP.sub(rb"\1PINNED", value) for key, value in intake.tables.regions.data.items()}
+        runs.append((sorted(set(stored)), state, [max(commit.values()) for commit in intake.worker.commits]))
+        assert rebalanced or not rebalancing, "no such turn"
+
+    (rows, state, commits), (rows_again, state_again, commits_again) = runs
+    assert rows_again == rows and len(rows) == valid
+    assert state_again == state != {}
+    assert commits_again == commits == [FIRST + n]
