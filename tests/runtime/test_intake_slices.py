@@ -393,3 +393,59 @@ def test_a_rebalance_at_any_turn_of_a_batch_counts_its_reports_once(
     assert rows_again == rows and len(rows) == valid
     assert state_again == state != {}
     assert commits_again == commits == [FIRST + n]
+
+
+def test_an_exception_in_a_later_slice_leaves_nothing_of_the_batch_written_sent_or_acknowledged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A defect raises in the region stage's third slice, after two slices changed detector state in memory. The
+    agent raises (the worker then stops and its restart reads the batch again from the committed offset into the
+    state of the changelog, :mod:`.supervision`): nothing of the batch may be sent, written to the changelog,
+    stored or acknowledged on the way out, as when the batch was one piece."""
+    from synthwatch.stream_apps.runtime.agents import intake as intake_module
+    from synthwatch.stream_apps.storage.sink import StoreResult
+
+    monkeypatch.setattr(intake_module, "SLICE_EVENTS", SLICE)
+    n = 4 * SLICE
+    stored: list[str] = []
+
+    def store(items: list[Any]) -> StoreResult:
+        stored.extend(item.event_id for item in items)
+        return StoreResult(lab_detections=len(items))
+
+    intake = _Intake(tmp_path, _reports(n), store_events=store)
+    sent = _recorded(intake)
+    regions = intake.ctx.regions
+    observed: list[str] = []
+
+    class Failing:
+        """The region stage, with a defect at the fourth report of its third slice."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(regions, name)
+
+        def observe(self, obs: Any, *args: Any, **kwargs: Any) -> Any:
+            if len(observed) == 2 * SLICE + 3:
+                raise RuntimeError("a defect in the region stage")
+            observed.append(obs.event_id)
+            return regions.observe(obs, *args, **kwargs)
+
+    intake.ctx.regions = Failing()  # type: ignore[assignment]
+    turns = _Turns(intake)
+
+    async def batches() -> AsyncIterator[list[Any]]:
+        ticker = asyncio.ensure_future(turns.run())
+        try:
+            turns.in_batch = True
+            yield [intake.event(FIRST + k) for k in range(n)]
+            yield []
+        finally:
+            ticker.cancel()
+
+    intake.batches = batches
+    with pytest.raises(RuntimeError, match="a defect"):
+        intake.run()
+
+    assert len(observed) == 2 * SLICE + 3 and regions.dirty_regions  # changed in memory only
+    assert sent == [] and stored == [] and intake.tables.regions.data == {}
+    assert intake.worker.commits == [] and all(not e.events for e in intake.checkpoints)
