@@ -725,6 +725,11 @@ def _route_named(officer: Officer, name: str, channel: WebhookChannel | EmailCha
 # --- Faust wiring ------------------------------------------------------------------------------------------
 
 
+#: Alerts checked and parsed between two turns of the event loop (a batch holds up to 10,000; each takes tens of
+#: µs): other agents, commits, the watchdog and ``/ready`` are not held up by a large batch.
+SLICE_ALERTS = 250
+
+
 async def deliver_alerts(
     app: Any,
     batches: AsyncIterator[list[Any]],
@@ -764,7 +769,9 @@ async def deliver_alerts(
     async for events in batches:
         alerts: list[Alert] = []
         owners: list[Any] = []
-        for event in events:
+        for n, event in enumerate(events):
+            if n and n % SLICE_ALERTS == 0:
+                await asyncio.sleep(0)  # a batch of up to 10,000 alerts to check and parse: not in one piece
             if accept is not None and not accept(event):
                 event.ack()  # forged: never delivered (the alerts-storing agent counts and logs it)
                 continue

@@ -92,6 +92,7 @@ class IntakeResult:
     events: list[EnrichedEvent] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
     duplicates: int = 0
+    seen: dict[str, str] = field(default_factory=dict, repr=False)  # event id -> content digest, in this batch
 
 
 class Intake:
@@ -147,9 +148,11 @@ class Intake:
     def _refuse(self, message: RawMessage, reason: str, event_id: str | None = None) -> Reject:
         return Reject.of(message.value or b"", source=message.source, reason=reason, stage="auth", event_id=event_id)
 
-    def process(self, messages: Iterable[RawMessage]) -> IntakeResult:
-        result = IntakeResult()
-        seen: dict[str, str] = {}  # event id -> content digest
+    def process(self, messages: Iterable[RawMessage], into: IntakeResult | None = None) -> IntakeResult:
+        """Validate and enrich ``messages``; with ``into``, go on with that batch's result (a batch taken in
+        slices, :mod:`synthwatch.stream_apps.runtime.agents.intake`): the same as one call over all its messages."""
+        result = IntakeResult() if into is None else into
+        seen = result.seen  # event id -> content digest, over the whole batch
         verifier = self.verifier
         for message in messages:
             if message.value is None:

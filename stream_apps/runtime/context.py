@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -33,6 +33,39 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("synthwatch.stack.worker")
 T = TypeVar("T")
+
+#: Records an agent handles between two turns of the event loop (:func:`slices`): a batch holds up to 10,000, and
+#: under load one batch held the loop for over 10 s in one piece (the intake's); validating an input event or
+#: parsing a signed alert takes tens of µs of CPU, so a slice a few ms, where a turn costs microseconds.
+SLICE_RECORDS = 250
+
+
+def slices(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    """``items`` in consecutive slices of at most ``size``, in order (none for no items): an agent gives the
+    event loop a :func:`turn` between two, so commits, sends, the watchdog and ``/ready`` are not held up by a
+    large batch."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+async def turn(app: Any, topic: Any) -> None:
+    """Give the event loop a turn within a batch of ``topic``'s records (between two :func:`slices`), noted as work
+    of the agents reading it (:attr:`.transport.Consumer.worked`: the watchdog's sign that they are working through
+    what was handed over to them, :mod:`.watchdog`).
+
+    Why noted: the watchdog does not count time the event loop was held by a batch (its look came late), but a
+    batch that gives turns does not hold the loop: the watchdog looks on time between its slices, and with the
+    counter moved only when the batch was taken and when it was done, a batch that took longer than
+    ``stall_seconds`` under load (a 10,000-event batch took over 10 s) made its partitions stalled: sought back and
+    read again, the false stalls the slicing was to end. A ``topic`` of several topics (the intake's inputs) counts
+    for each. An agent waiting forever gives no turn here: it is still caught.
+    """
+    worked = getattr(getattr(app, "consumer", None), "worked", None)
+    if isinstance(worked, dict):
+        for name in getattr(topic, "topics", None) or ():
+            worked[name] = worked.get(name, 0) + 1
+    await asyncio.sleep(0)
+
 
 #: Kafka's default partitioner: ``(key, partitions) -> partition`` (handed in by the wiring).
 Partitioner = Callable[[bytes, int], int]

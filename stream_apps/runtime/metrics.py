@@ -291,10 +291,22 @@ class WorkerMetrics:
             self.replayed.labels(stage=stage).inc(n)
 
     def rejected(self, rejects: Iterable[Reject]) -> None:
-        """Records refused (sent to the rejects topic), per stage and reason class."""
+        """Records refused (sent to the rejects topic), per stage and reason class.
+
+        Counted per reason, then classified and added once per label set: a label lookup and a classification
+        per reject made a batch of 10,000 invalid reports hold the event loop ~40 ms in one piece here, the
+        batch's longest hold once it gave turns between slices (:mod:`.agents.intake`)."""
+        by_reason: dict[tuple[str, str], int] = {}
         for reject in rejects:
-            self.stats.rejected += 1
-            self.rejects.labels(stage=reject.stage, reason=reject_reason(reject.reason)).inc()
+            key = (reject.stage, reject.reason)
+            by_reason[key] = by_reason.get(key, 0) + 1
+        by_label: dict[tuple[str, str], int] = {}
+        for (stage, reason), n in by_reason.items():
+            label = (stage, reject_reason(reason))
+            by_label[label] = by_label.get(label, 0) + n
+        for (stage, reason_class), n in by_label.items():
+            self.stats.rejected += n
+            self.rejects.labels(stage=stage, reason=reason_class).inc(n)
 
     def records_stored(self, what: str, n: int) -> None:
         """New rows a storing agent (``rejects``, ``alerts``) inserted."""

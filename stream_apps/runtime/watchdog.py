@@ -30,9 +30,11 @@ guarantees it is the only one, so the worker watches itself:
     again under the same backlog.
 
   Seconds count only while the worker's event loop can look: a look that comes later than twice the interval
-  between looks means an agent's batch held the loop (validation and detection run without a break for the whole
-  batch, seconds under load; no commit and no other agent could run meanwhile either), and that time is not
-  counted (:attr:`StallWatch.step`). An agent waiting forever does not hold the loop, so it is caught as before.
+  between looks means something held the loop (no commit and no other agent could run meanwhile either), and that
+  time is not counted (:attr:`StallWatch.step`). An agent waiting forever does not hold the loop, so it is caught
+  as before. The agents' batches no longer hold it: they give the loop a turn between slices of a few hundred
+  records (:func:`.context.turn`), and each such turn counts as their work (``worked``), so a batch that takes
+  longer than ``after`` under load is an agent working, not a stall.
 
   A partition is **held**, and stalled after ``after`` seconds whatever other partitions or agents do, when the
   record at its committed offset is decided lost: handed over since the latest seek, yet not acknowledged, in no
@@ -100,8 +102,8 @@ class StallWatch:
     _last_commit: float | None = None  # when any watched partition's committed offset last moved
     _last_work: float | None = None  # when the agents of any watched partition last took or finished a batch
     #: Most seconds between two looks that count (None: all). The worker looks from its event loop: a look later
-    #: than this means the loop was held, by an agent's batch (validation and detection run without a break for
-    #: the whole batch, seconds under load), and no agent, commit or look could run meanwhile. That time is the
+    #: than this means the loop was held (an agent's batch held it for seconds under load before batches gave turns
+    #: between slices, :func:`.context.turn`), and no agent, commit or look could run meanwhile. That time is the
     #: worker working, not stalling: it is not counted. An agent waiting forever does not hold the loop.
     step: float | None = None
     _last_look: float | None = None

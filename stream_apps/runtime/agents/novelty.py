@@ -9,12 +9,13 @@ stage sees it: it raised out of the agent, and the worker stopped taking sightin
 A batch is judged and sent a slice at a time (:data:`SLICE_SIGHTINGS`), with a turn of the event loop
 between slices: under load one batch held ~1,000 first-in-region sightings, and every one of its alerts
 waited until all of them were built and signed, while the intake agent and the producer's sender waited
-too. Alerts are the same, in the same order; a slice's events are held for the checkpoint with its sends.
+too. Alerts are the same, in the same order; a slice's events are held for the checkpoint with its sends. The
+batch's records are read (signature checked, parsed) before that with a turn every :data:`.context.SLICE_RECORDS`
+sightings.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -31,7 +32,7 @@ from synthwatch.stream_apps.detect.novelty import STRUCTURE_ALERTS
 from synthwatch.stream_apps.detect.replay import Position
 from synthwatch.stream_apps.runtime.agents.intake import send_rejects
 from synthwatch.stream_apps.runtime.batches import novelty_batches
-from synthwatch.stream_apps.runtime.context import AgentContext
+from synthwatch.stream_apps.runtime.context import SLICE_RECORDS, AgentContext, turn
 from synthwatch.stream_apps.runtime.state_tables import Change, StateTables
 from synthwatch.stream_apps.runtime.transport import drain_mark, revoked, state_write
 
@@ -75,6 +76,7 @@ def add_novelty_agent(agents: AgentContext, tables: StateTables) -> None:
     ctx, metrics, settings = agents.worker, agents.metrics, agents.settings
     batches = novelty_batches(settings)  # no linger: see novelty_batches
     settle = timedelta(seconds=settings.learnt_settle_seconds)
+    sightings_topic = agents.topics.sightings
 
     async def with_learnt(
         alerts: list[Alert], raised_by: dict[tuple[str, str], tuple[Sighting, float | None]]
@@ -119,7 +121,12 @@ def add_novelty_agent(agents: AgentContext, tables: StateTables) -> None:
                 read: list[tuple[Any, list[tuple[Sighting, Position]]]] = []
                 raised_by: dict[tuple[str, str], tuple[Sighting, float | None]] = {}
                 refused: dict[int, Reject] = {}  # by id() of the event it refuses, sent with that event's slice
+                parsed_here = 0  # records and sightings read since the last turn of the loop
                 for e in events:
+                    if parsed_here >= SLICE_RECORDS:
+                        await turn(agents.app, sightings_topic)  # reading a batch in one piece held the loop too
+                        parsed_here = 0
+                    parsed_here += 1
                     of_event: list[tuple[Sighting, Position]] = []
                     read.append((e, of_event))  # a refused record is held (acknowledged) like the others
                     if not agents.produced_by_a_worker(e):
@@ -129,13 +136,14 @@ def add_novelty_agent(agents: AgentContext, tables: StateTables) -> None:
                         refused[id(e)] = parsed
                         continue
                     at = (f"{e.message.topic}:{e.message.partition}", e.message.offset)
+                    parsed_here += len(parsed)
                     for sighting in parsed:
                         partitions[sighting.key] = e.message.partition
                         of_event.append((sighting, at))
                         raised_by.setdefault((sighting.key, sighting.event_id), (sighting, e.message.timestamp))
                 for n, (sliced, batch_sightings) in enumerate(slices(read)):
                     if n:
-                        await asyncio.sleep(0)  # alerts sent so far leave; the other agents get a turn
+                        await turn(agents.app, sightings_topic)  # alerts sent so far leave; the others get a turn
                     if revoked(agents.app, events[0].message):
                         # A rebalance began meanwhile (from its revoke, not only once the new assignment has
                         # come): the state is forgotten, and applied to state reloaded without the slices
@@ -151,7 +159,7 @@ def add_novelty_agent(agents: AgentContext, tables: StateTables) -> None:
                         for a in alerts
                     ]
                     rejects = [refused[id(e)] for e in sliced if id(e) in refused]
-                    sent += await send_rejects(agents, rejects)
+                    sent += await send_rejects(agents, rejects, sightings_topic)
                     held.hold(sliced, sent)
                     metrics.produced(settings.topic_alerts, len(alerts))
                     metrics.rejected(rejects)

@@ -1,7 +1,8 @@
 """The ``rejects`` and ``alerts`` agents: store those topics in ClickHouse at their checkpoints.
 
 Only records a worker signed are stored (the delivery agent reads the alerts topic too, with the same
-check); a reject that is not a reject record is stored as a reject of its own, saying why.
+check); a reject that is not a reject record is stored as a reject of its own, saying why. A batch is checked and
+parsed in slices with a turn of the event loop between them (:func:`.context.slices`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import faust
 
 from synthwatch.schemas import Alert, Reject
-from synthwatch.stream_apps.runtime.context import AgentContext
+from synthwatch.stream_apps.runtime.context import SLICE_RECORDS, AgentContext, slices, turn
 
 log = logging.getLogger("synthwatch.stack.worker")
 
@@ -40,11 +41,14 @@ def add_storing_agent(
 
         async for events in agents.batches(stream):
             metrics.consumed(events)
-            for e in events:
-                item = parse(e)
-                if item is not None:
-                    items.append(item)
-            held.hold(events, [])
+            for n, part in enumerate(slices(events, SLICE_RECORDS)):
+                if n:
+                    await turn(agents.app, topic)  # a batch of 10,000 signed records to parse: not in one piece
+                for e in part:
+                    item = parse(e)
+                    if item is not None:
+                        items.append(item)
+            held.hold(events, [])  # only now, whole: its checkpoint (started below, never at a turn) takes all of it
             if held.due(quiet=not events):
                 taken, items = items, []
                 await held.start(write(taken))
