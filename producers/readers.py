@@ -325,27 +325,27 @@ def read_csv(
     first = stream.readline()
     if not first.strip():
         return
-    delimiter = options.delimiter or sniff_delimiter(first.removeprefix("\ufeff"))
-    lines = _chain(first.removeprefix("\ufeff"), stream)
-    reader = csv.reader(lines, delimiter=delimiter)
-    try:
-        fieldnames = next(reader)
-    except (csv.Error, StopIteration) as error:
-        yield InputRecord(source=f"{name}:1", raw="", problem=f"CSV header unreadable: {error}")
+    first = first.removeprefix("\ufeff")
+    delimiter = options.delimiter or sniff_delimiter(first)
+    # Physical lines first, then csv on each: no contract field holds a newline, and a quoted cell that may
+    # span lines let one stray quote swallow every later row into one reject.
+    header = _cells(first, delimiter)
+    if isinstance(header, str):
+        yield InputRecord(source=f"{name}:1", raw=first.rstrip("\r\n"), problem=f"CSV header unreadable: {header}")
         return
+    fieldnames = header
     fields = [_field_of(column, options.aliases) for column in fieldnames]
     header_problem = _too_deep([f for f in fields if f is not None], max_depth)
     hint = header_hint(fieldnames, fields, options, delimiter)
-    while True:
-        try:
-            cells = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as error:
-            problem = f"CSV row unreadable: {error} (SYNTHWATCH_MAX_CSV_FIELD_BYTES)"
-            yield InputRecord(source=f"{name}:{reader.line_num}", raw="", problem=problem)
+    for number, line in enumerate(stream, start=2):
+        text = line.rstrip("\r\n")
+        if not text.strip():
             continue
-        source = f"{name}:{reader.line_num}"
+        source = f"{name}:{number}"
+        cells = _cells(text, delimiter)
+        if isinstance(cells, str):
+            yield InputRecord(source=source, raw=text, problem=f"CSV line unreadable: {cells}")
+            continue
         if not any(cell.strip() for cell in cells):
             continue
         if header_problem is not None:
@@ -354,14 +354,31 @@ def read_csv(
         raw = delimiter.join(cells)
         undecodable = undecodable_hint(raw)
         if undecodable is not None:
-            yield InputRecord(source=source, raw=raw, problem=f"{undecodable} (line {reader.line_num})")
+            yield InputRecord(source=source, raw=raw, problem=f"{undecodable} (line {number})")
             continue
         yield _row_record(source, fieldnames, fields, cells, options, zone, hint)
 
 
-def _chain(first: str, rest: IO[str]) -> Iterator[str]:
-    yield first
-    yield from rest
+def _cells(line: str, delimiter: str) -> list[str] | str:
+    """The cells of one physical line, or why it cannot be read (a quote left open, a cell over the limit).
+
+    A quote opened and not closed on the line is refused (the plain reader took the next lines into the
+    cell); other quoting slips (``"ab"c``) are read as before, leniently."""
+    text = line.rstrip("\r\n")
+    try:
+        return next(csv.reader([text], delimiter=delimiter, strict=True), [])
+    except csv.Error as error:
+        if "unexpected end of data" in str(error):
+            return (
+                "a quote opens a cell and is not closed on this line (a cell cannot span lines; "
+                'close the quote, or double a quote inside a quoted cell: "say ""hi""")'
+            )
+        if "field larger than field limit" in str(error):
+            return f"{error} (SYNTHWATCH_MAX_CSV_FIELD_BYTES)"
+    try:
+        return next(csv.reader([text], delimiter=delimiter), [])
+    except csv.Error as error:
+        return str(error)
 
 
 def _row_record(

@@ -182,3 +182,34 @@ def test_a_summary_keeps_bounded_reasons_and_sources() -> None:
     assert summary.reject_counts["region: 'X0' is not a code"] == MAX_SOURCES_PER_REASON + 6
     assert len(summary.reject_sources["region: 'X0' is not a code"]) == MAX_SOURCES_PER_REASON
     assert sum(summary.reject_counts.values()) == MAX_REASONS_KEPT + 50 + MAX_SOURCES_PER_REASON + 5
+
+
+def test_a_stray_quote_costs_its_own_line_only(tmp_path: Path) -> None:
+    """A quoted cell may span lines for the plain csv reader: one stray quote swallowed every later row into
+    one reject (95,790 bytes of raw, 998 rows lost). No contract field holds a newline: lines come first."""
+    path = tmp_path / "seizures.csv"
+    names = {2: '"abc'}
+    rows = [
+        f"q-{n};border_seizure;2026-03-01T10:00:00+01:00;ML;ML-BKO;{names.get(n, 'Tramadol')};Douanes maliennes;"
+        f"S-{n};BKO;air;2.5;kg"
+        for n in range(1, 1001)
+    ]
+    path.write_text(SEIZURE_HEADER + "\r\n" + "\r\n".join(rows) + "\r\n", encoding="utf-8")
+    records = list(read_records(str(path)))
+    assert len(records) == 1000  # one record per line: lines = accepted + rejected
+    bad = [r for r in records if r.problem is not None]
+    assert [r.source for r in bad] == ["seizures.csv:3"]
+    assert "quote" in (bad[0].problem or "") and "cannot span lines" in (bad[0].problem or "")
+    assert bad[0].raw == rows[1]  # the line itself, not the rest of the file
+    good = [parse_event_object(r.obj or {}) for r in records if r.problem is None]
+    assert len(good) == 999 and good[-1].event_id == "q-1000"
+
+
+def test_a_cell_over_the_size_limit_costs_its_own_line_only(tmp_path: Path) -> None:
+    path = tmp_path / "seizures.csv"
+    good = "q-{};border_seizure;2026-03-01T10:00:00+01:00;ML;ML-BKO;Tramadol;Douanes maliennes;S;BKO;air;2.5;kg"
+    path.write_text("\n".join([SEIZURE_HEADER, good.format(1), "x" * 2000 + ";y", good.format(3)]) + "\n")
+    records = list(read_records(str(path), max_field=1000))
+    assert [r.source for r in records] == ["seizures.csv:2", "seizures.csv:3", "seizures.csv:4"]
+    assert records[1].problem is not None and "field limit" in records[1].problem
+    assert records[0].problem is None and records[2].problem is None
