@@ -495,8 +495,7 @@ def test_a_body_of_more_records_than_the_cap_is_refused_whole_and_a_full_one_is_
     records are capped per request (the default cap, proved with a body just above it), nothing of a refused
     body is published, and a full body's answer lists only a bounded number of the records not accepted."""
     with in_process(broker, tmp_path) as gateway:
-        cap = gateway.settings.gateway_max_records
-        assert cap == 10_000
+        cap = 10_000  # the default of SYNTHWATCH_GATEWAY_MAX_RECORDS
         topics = (gateway.settings.topic_lab_detections, gateway.settings.topic_rejects)
         for body, content_type in [
             (b"1\n" * (cap + 1), "application/x-ndjson"),
