@@ -575,3 +575,62 @@ def test_a_stray_quote_in_a_csv_row_costs_that_row_only(broker: EmbeddedBroker, 
         result = gateway.post(header + "".join(rows), "text/csv").json()
         assert (result["received"], result["accepted"], result["rejected"]) == (100, 99, 1), result["records"]
         assert result["records"][0]["position"] == 3 and "quote" in result["records"][0]["reason"]
+
+
+@pytest.mark.integration
+def test_two_requests_are_read_and_published_at_once_one_per_token_and_others_go_ahead(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """Read records are ~10-15 MiB a maximal request beyond its body: with no bound, every request in flight
+    held them while the serial publisher made it wait (16 maximal requests: 499 MiB; 336 one at a time).
+    At most two at once (one read while one is published), one per token: a token's second request
+    waits for its first, and another token's request goes ahead of it (one at a time for all, a
+    request stuck in publishing held every other token's request behind it)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from synthwatch.producers.gateway import PARSING_AT_ONCE, GatewayPublisher, create_app
+
+    assert PARSING_AT_ONCE == 2
+    settings = isolated_settings(broker, tmp_path / "data")
+    store = TokenStore.open(tmp_path / "tokens.json")
+    secrets = {name: store.create("lab-fr", ["LAB-FR-01"], [])[1] for name in "ABC"}
+    publisher = GatewayPublisher(settings, broker.bootstrap_servers, None)
+    held = {"A1": threading.Event(), "B1": threading.Event()}
+    entered: list[str] = []
+
+    def publish(token: Any, records: Any) -> Any:
+        event_id = json.loads(records[0].raw)["event_id"]
+        entered.append(event_id)
+        if event_id in held:
+            assert held[event_id].wait(60)
+        return publisher.publish_request(token, records)
+
+    def post(client: Any, name: str) -> int:
+        headers = {"Authorization": f"Bearer {secrets[name[0]]}", "Content-Type": "application/x-ndjson"}
+        return client.post("/v1/reports", content=json.dumps(lab(event_id=name)), headers=headers).status_code
+
+    try:
+        app = create_app(settings, store, publish)
+        with TestClient(app, base_url="http://localhost") as client, ThreadPoolExecutor(4) as pool:
+            a1 = pool.submit(post, client, "A1")
+            wait_until(lambda: entered == ["A1"], 30, "A1 to be published", details=lambda: f"{entered} {a1}")
+            a2 = pool.submit(post, client, "A2")  # the same token: waits for A1
+            b1 = pool.submit(post, client, "B1")
+            wait_until(lambda: "B1" in entered, 30, "B1 to go ahead of token A's queue")
+            c1 = pool.submit(post, client, "C1")
+            with pytest.raises(TimeoutError):  # two are in: neither A2 (A1's token) nor C1 (a third) may enter
+                c1.result(timeout=2)
+            assert entered == ["A1", "B1"] and not a2.done()
+            held["B1"].set()
+            assert (b1.result(timeout=30), c1.result(timeout=30)) == (200, 200)  # C1 took B1's place
+            assert entered == ["A1", "B1", "C1"] and not a2.done()
+            held["A1"].set()
+            assert (a1.result(timeout=30), a2.result(timeout=30)) == (200, 200)
+            assert entered == ["A1", "B1", "C1", "A2"]
+    finally:
+        for event in held.values():
+            event.set()
+        publisher.close()
