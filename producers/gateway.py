@@ -2,8 +2,10 @@
 
 One route, ``POST /v1/reports``, takes NDJSON, a JSON array (or one object) or CSV, authenticated by a
 bearer token of the organisation (producers/gateway_tokens.py). Each record gets a verdict: accepted
-(acknowledged by Kafka), rejected with the reason, duplicate (an ``event_id`` seen earlier in the request,
-or already accepted by this gateway), or failed (not acknowledged: send it again). The records are
+(acknowledged by Kafka), rejected with the reason (also a changed record under an ``event_id`` seen earlier
+in the request), duplicate (the same ``event_id`` and content earlier in the request, or already accepted
+by this gateway), or failed (not acknowledged: send it again); the answer counts them all and lists those
+not accepted (capped). A request holds at most SYNTHWATCH_GATEWAY_MAX_RECORDS records. The records are
 validated by the wire contract and produced by the same :class:`~synthwatch.producers.publisher.Publisher`
 as ``synthwatch publish``: refused records go to the rejects topic with their reason, and when the gateway
 holds the organisation keys file every record carries the organisation's signed envelope, which the worker
@@ -503,7 +505,12 @@ def create_app(settings: Settings, store: TokenStore, publish: PublishFn) -> Fas
             (400, "unreadable body or Host not allowed"),
             (401, "no, unknown or revoked token"),
             (403, "the organisation cannot be signed for"),
-            (413, "body over SYNTHWATCH_GATEWAY_MAX_BODY_BYTES, or more records than SYNTHWATCH_GATEWAY_MAX_RECORDS"),
+            (
+                413,
+                f"body over SYNTHWATCH_GATEWAY_MAX_BODY_BYTES ({settings.gateway_max_body_bytes:,} bytes here), or "
+                f"more records than SYNTHWATCH_GATEWAY_MAX_RECORDS ({settings.gateway_max_records:,} here): split "
+                "the batch into smaller requests; nothing of a refused body is published",
+            ),
             (415, "Content-Type not NDJSON, JSON or CSV, or an unknown charset"),
             (429, "request or record rate limit of the token; see Retry-After"),
         ]
@@ -526,7 +533,9 @@ def create_app(settings: Settings, store: TokenStore, publish: PublishFn) -> Fas
         summary="Publish reports",
     )
     async def post_reports(request: Request, token: Token) -> JSONResponse:
-        """Validate and publish the body's reports; one verdict per record (the wire contract is in schemas/json)."""
+        """Validate and publish the body's reports (at most SYNTHWATCH_GATEWAY_MAX_RECORDS, else 413: split the
+        batch); the answer counts every record and lists the records not accepted with their verdict and reason
+        (the wire contract is in schemas/json)."""
         content_type = request.headers.get("content-type", "")
         kind = CONTENT_TYPES.get(content_type.split(";")[0].strip().lower())
         if kind is None:

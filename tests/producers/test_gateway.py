@@ -163,6 +163,8 @@ def test_the_openapi_description_covers_the_routes_and_bodies() -> None:
     post = document["paths"]["/v1/reports"]["post"]
     assert set(post["requestBody"]["content"]) == {"application/x-ndjson", "application/json", "text/csv"}
     assert {"200", "401", "413", "415", "429"} <= set(post["responses"])
+    # a LIMS developer reads the limits here, with what to do on 413
+    assert "(10,000 here): split the batch" in post["responses"]["413"]["description"]
     assert document["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
 
 
