@@ -143,12 +143,20 @@ class RateLimiter:
 
     def take(self, key: str, cost: float = 1.0) -> float:
         """0 when ``cost`` units may go on (and are taken), else the seconds to wait until they may."""
+        return self._charge(key, cost, take=True)
+
+    def wait(self, key: str, cost: float = 1.0) -> float:
+        """What :meth:`take` would answer, taking nothing."""
+        return self._charge(key, cost, take=False)
+
+    def _charge(self, key: str, cost: float, take: bool) -> float:
         with self._lock:
             now = self.clock()
             tokens, at = self._buckets.get(key, (self.burst, now))
             tokens = min(self.burst, tokens + (now - at) * self.rate)
             if tokens >= cost:
-                self._buckets[key] = (tokens - cost, now)
+                if take:
+                    self._buckets[key] = (tokens - cost, now)
                 return 0.0
             self._buckets[key] = (tokens, now)
             return (min(cost, self.burst) - tokens) / self.rate
@@ -551,6 +559,13 @@ def create_app(settings: Settings, store: TokenStore, publish: PublishFn) -> Fas
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise HTTPException(413, f"the body has {int(declared):,} bytes, at most {limit:,}: split it")
+        owed = per_record.wait(f"token:{token.token_id}")
+        if owed:  # not one record could go: refused before its body is read or waits for its turn
+            raise too_many(
+                owed,
+                f"for token {token.token_id}: its record rate ({settings.gateway_rate_records_per_minute:,.0f} a "
+                "minute) is used up; nothing was read or published",
+            )
         body = bytearray()
         async for chunk in request.stream():
             body += chunk

@@ -51,6 +51,9 @@ def test_rate_limiter_allows_a_burst_then_paces_and_says_how_long_to_wait() -> N
     assert limiter.take("a") == pytest.approx(5.0)
     now[0] += 5
     assert limiter.take("a") == 0
+    assert limiter.wait("a") == pytest.approx(10.0) and limiter.wait("a") == pytest.approx(10.0)  # takes nothing
+    now[0] += 10
+    assert limiter.wait("a", 2) == pytest.approx(10.0) and limiter.wait("a") == 0 and limiter.take("a") == 0
 
 
 def test_tokens_are_stored_hashed_in_a_private_file_and_revocation_is_seen(tmp_path: Path) -> None:
@@ -544,6 +547,9 @@ def test_the_rate_bucket_is_charged_per_record_not_per_request(broker: EmbeddedB
         refused = gateway.post(json.dumps(lab(event_id="rate-over")))  # one more record: over the bucket
         assert refused.status_code == 429, refused.text
         assert "record rate" in refused.json()["detail"] and int(refused.headers["Retry-After"]) >= 1
+        # with its bucket empty, a token's next body is not even read (no parse, no turn): 429, not 413
+        unread = gateway.post(b"1\n" * 51)
+        assert unread.status_code == 429 and "nothing was read" in unread.json()["detail"], unread.text
         assert gateway.topic_size(gateway.settings.topic_lab_detections) == 50
 
 
