@@ -2,8 +2,10 @@
 
 One route, ``POST /v1/reports``, takes NDJSON, a JSON array (or one object) or CSV, authenticated by a
 bearer token of the organisation (producers/gateway_tokens.py). Each record gets a verdict: accepted
-(acknowledged by Kafka), rejected with the reason, duplicate (an ``event_id`` seen earlier in the request,
-or already accepted by this gateway), or failed (not acknowledged: send it again). The records are
+(acknowledged by Kafka), rejected with the reason (also a changed record under an ``event_id`` seen earlier
+in the request), duplicate (the same ``event_id`` and content earlier in the request, or already accepted
+by this gateway), or failed (not acknowledged: send it again); the answer counts them all and lists those
+not accepted (capped). A request holds at most SYNTHWATCH_GATEWAY_MAX_RECORDS records. The records are
 validated by the wire contract and produced by the same :class:`~synthwatch.producers.publisher.Publisher`
 as ``synthwatch publish``: refused records go to the rejects topic with their reason, and when the gateway
 holds the organisation keys file every record carries the organisation's signed envelope, which the worker
@@ -16,6 +18,7 @@ HTTP; its OpenAPI description is served, to token holders, at ``GET /v1/openapi.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations, which name locals.
+import asyncio
 import codecs
 import io
 import json
@@ -42,6 +45,7 @@ from synthwatch.producers.publisher import Publisher
 from synthwatch.producers.readers import InputRecord, read_csv, read_ndjson
 from synthwatch.schemas import BorderSeizure, LabDetection, WireError
 from synthwatch.schemas.envelope import Organisation
+from synthwatch.schemas.records import MAX_REASON_CHARS
 from synthwatch.settings import Settings
 
 log = logging.getLogger("synthwatch.producers.gateway")
@@ -83,7 +87,11 @@ class RecordVerdict(BaseModel):
 
 
 class IntakeResult(BaseModel):
-    """The verdict of every record: received = accepted + rejected + duplicates + failed."""
+    """Counts of every record (received = accepted + rejected + duplicates + failed) and the records not accepted.
+
+    Accepted records are not listed: a record whose position is not in ``records`` was accepted, unless
+    ``unlisted`` is above 0 (the list is capped; fix the listed ones and send the rest again).
+    """
 
     request_id: str = Field(description="Quote it to the operators; rejects carry it in their source.")
     org_id: str
@@ -92,7 +100,16 @@ class IntakeResult(BaseModel):
     rejected: int
     duplicates: int
     failed: int
-    records: list[RecordVerdict]
+    records: list[RecordVerdict] = Field(
+        description="The records not accepted (rejected, duplicate, failed), in request order, the first "
+        "SYNTHWATCH_GATEWAY_MAX_LISTED_VERDICTS of them."
+    )
+    unlisted: int = Field(default=0, description="Records not accepted beyond the listed ones (counted above).")
+    rejects_unrecorded: int = Field(
+        default=0,
+        description="Rejected records not sent to the operators' rejects topic (over "
+        "SYNTHWATCH_GATEWAY_MAX_REJECTS_SENT in one request); the others are there, under this request_id.",
+    )
 
 
 class TokenInfo(BaseModel):
@@ -112,7 +129,7 @@ class Problem(BaseModel):
 
 
 class RateLimiter:
-    """A token bucket per key: ``burst`` requests at once, then ``per_minute`` sustained.
+    """A token bucket per key: ``burst`` units at once (requests, or records), then ``per_minute`` sustained.
 
     Pure logic with an injectable clock, so its arithmetic is unit-tested without sleeping.
     """
@@ -124,17 +141,25 @@ class RateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
         self._lock = threading.Lock()
 
-    def take(self, key: str) -> float:
-        """0 when the request may go on, else the seconds to wait before the next one may."""
+    def take(self, key: str, cost: float = 1.0) -> float:
+        """0 when ``cost`` units may go on (and are taken), else the seconds to wait until they may."""
+        return self._charge(key, cost, take=True)
+
+    def wait(self, key: str, cost: float = 1.0) -> float:
+        """What :meth:`take` would answer, taking nothing."""
+        return self._charge(key, cost, take=False)
+
+    def _charge(self, key: str, cost: float, take: bool) -> float:
         with self._lock:
             now = self.clock()
             tokens, at = self._buckets.get(key, (self.burst, now))
             tokens = min(self.burst, tokens + (now - at) * self.rate)
-            if tokens >= 1.0:
-                self._buckets[key] = (tokens - 1.0, now)
+            if tokens >= cost:
+                if take:
+                    self._buckets[key] = (tokens - cost, now)
                 return 0.0
             self._buckets[key] = (tokens, now)
-            return (1.0 - tokens) / self.rate
+            return (min(cost, self.burst) - tokens) / self.rate
 
 
 # --- publishing with a verdict per record ------------------------------------------------------------------
@@ -151,6 +176,14 @@ class _Pending:
     verdict: Verdict | None = None
     reason: str | None = None
     digest: str | None = None
+
+
+@dataclass
+class RequestVerdicts:
+    """The verdict of every record of one request, and how many rejects were counted but not sent."""
+
+    records: list[_Pending]
+    rejects_unrecorded: int = 0
 
 
 def _position(source: str) -> int:
@@ -179,7 +212,7 @@ class GatewayPublisher(Publisher):
         self._lock = threading.Lock()
         self._token: GatewayToken | None = None
         self._records: dict[str, _Pending] = {}
-        self._request_ids: set[str] = set()
+        self.max_rejects_sent = settings.gateway_max_rejects_sent
         self._recent: OrderedDict[tuple[str, str], str] = OrderedDict()
 
     def signer_for(self, org_id: str) -> tuple[str, bytes] | None:
@@ -194,11 +227,11 @@ class GatewayPublisher(Publisher):
             )
         return None
 
-    def publish_request(self, token: GatewayToken, records: Iterable[InputRecord]) -> list[_Pending]:
+    def publish_request(self, token: GatewayToken, records: Iterable[InputRecord]) -> RequestVerdicts:
         """Validate, check the binding, produce; returns one verdict per record in request order."""
         with self._lock:
             self.signer = self.signer_for(token.org_id)
-            self._token, self._records, self._request_ids = token, {}, set()
+            self._token, self._records = token, {}
             summary = self.publish_records(self._skip_known(token, records))
             failed = {label.removeprefix("event "): problem for label, problem in summary.failed}
             for pending in self._records.values():
@@ -211,7 +244,13 @@ class GatewayPublisher(Publisher):
                 pending.verdict = "accepted"
                 if pending.event_id is not None and pending.digest is not None:
                     self._remember((token.org_id, pending.event_id), pending.digest)
-            return list(self._records.values())
+            if self.rejects_unsent:
+                log.warning(
+                    "token %s org %s: %d refused records over SYNTHWATCH_GATEWAY_MAX_REJECTS_SENT=%d were counted, "
+                    "not sent to the rejects topic",
+                    token.token_id, token.org_id, self.rejects_unsent, self.max_rejects_sent,
+                )  # fmt: skip
+            return RequestVerdicts(list(self._records.values()), self.rejects_unsent)
 
     def _remember(self, key: tuple[str, str], digest: str) -> None:
         self._recent[key] = digest
@@ -234,26 +273,27 @@ class GatewayPublisher(Publisher):
             yield record
 
     def _judge(self, record: InputRecord) -> LabDetection | BorderSeizure:
-        """The publisher's judgement, then the token's binding; keeps the record's verdict."""
-        pending = self._records[record.source]
-        try:
-            event = super()._judge(record)
-        except WireError as error:
-            pending.event_id, pending.verdict, pending.reason = error.event_id, "rejected", error.reason
-            raise
-        pending.event_id = event.event_id
+        """The publisher's judgement, then the token's binding (a refusal raises WireError, as the publisher's)."""
+        event = super()._judge(record)
+        self._records[record.source].event_id = event.event_id
         assert self._token is not None
         refused = self._token.permits(
             event.lab_id if isinstance(event, LabDetection) else None,
             event.agency if isinstance(event, BorderSeizure) else None,
         )
         if refused is not None:
-            pending.verdict, pending.reason = "rejected", refused
             raise WireError(refused, event.event_id)
-        if event.event_id in self._request_ids:  # the publisher counts it as a duplicate and does not send it
-            pending.verdict, pending.reason = "duplicate", "the same event_id came earlier in this request"
-        self._request_ids.add(event.event_id)
         return event
+
+    def _refused(self, record: InputRecord, reason: str, event_id: str | None) -> None:
+        """The verdict is the publisher's decision: what went to the rejects topic is what the lab is told."""
+        pending = self._records[record.source]
+        pending.event_id, pending.verdict, pending.reason = event_id, "rejected", reason
+
+    def _duplicate(self, record: InputRecord, event_id: str) -> None:
+        pending = self._records[record.source]
+        pending.event_id, pending.verdict = event_id, "duplicate"
+        pending.reason = "the same event_id and content came earlier in this request"
 
 
 def _cheap_event_id(record: InputRecord) -> str | None:
@@ -274,27 +314,94 @@ class BodyError(SynthwatchError, ValueError):
     """The body as a whole cannot be read (not one record can be judged)."""
 
 
+class TooManyRecords(BodyError):
+    """The body holds more records than one request may (SYNTHWATCH_GATEWAY_MAX_RECORDS): refused whole."""
+
+
 def records_of(text: str, kind: Literal["ndjson", "json", "csv"], name: str, settings: Settings) -> list[InputRecord]:
-    """The records of a request body, each with a ``name:position`` source (the same readers as the CLI)."""
+    """The records of a request body, each with a ``name:position`` source (the same readers as the CLI).
+
+    Read lazily and stopped at the first record over ``settings.gateway_max_records`` (TooManyRecords): the
+    body cap bounds bytes, not records, and a body of one-byte records cost gigabytes once every record was
+    built; now at most the cap's records are ever held, and nothing is published before the count is known.
+    """
+    limit = settings.gateway_max_records
+    records: list[InputRecord] = []
+    for record in _read_body(text, kind, name, settings):
+        if len(records) >= limit:
+            raise TooManyRecords(
+                f"the body holds more than {limit:,} records, at most {limit:,} per request "
+                "(SYNTHWATCH_GATEWAY_MAX_RECORDS): split the batch into requests of at most "
+                f"{limit:,} records; nothing of this request was published"
+            )
+        records.append(record)
+    return records
+
+
+def _read_body(
+    text: str, kind: Literal["ndjson", "json", "csv"], name: str, settings: Settings
+) -> Iterator[InputRecord]:
     if kind == "ndjson":
-        return list(read_ndjson(io.StringIO(text), name))
+        yield from read_ndjson(io.StringIO(text), name)
+        return
     if kind == "csv":
         stream = io.StringIO(text, newline="")
-        return list(read_csv(stream, name, settings.max_csv_header_depth, settings.max_csv_field_bytes))
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as error:
-        raise BodyError(f"the body is not JSON ({str(error)[:200]}); send a JSON array of reports") from None
-    items = data if isinstance(data, list) else [data]
-    records = []
-    for number, item in enumerate(items, start=1):
+        yield from read_csv(stream, name, settings.max_csv_header_depth, settings.max_csv_field_bytes)
+        return
+    for number, item in enumerate(_json_items(text), start=1):
         raw = json.dumps(item, ensure_ascii=False)
         if isinstance(item, dict):
-            records.append(InputRecord(source=f"{name}:{number}", raw=raw, obj=item))
+            yield InputRecord(source=f"{name}:{number}", raw=raw, obj=item)
         else:
             problem = f"not a report: element {number} is a JSON {type(item).__name__}, not an object"
-            records.append(InputRecord(source=f"{name}:{number}", raw=raw, problem=problem))
-    return records
+            yield InputRecord(source=f"{name}:{number}", raw=raw, problem=problem)
+
+
+_DECODER = json.JSONDecoder()
+_SPACE = " \t\n\r"
+
+
+def _json_items(text: str) -> Iterator[Any]:
+    """The elements of a JSON array one at a time (or one value), so a huge array is never built whole."""
+
+    def unreadable(why: str) -> BodyError:
+        return BodyError(f"the body is not JSON ({why[:200]}); send a JSON array of reports")
+
+    def value_at(at: int) -> tuple[Any, int]:
+        try:
+            return _DECODER.raw_decode(text, at)
+        except (ValueError, RecursionError) as error:
+            raise unreadable(str(error)) from None
+
+    def skip(at: int) -> int:
+        while at < len(text) and text[at] in _SPACE:
+            at += 1
+        return at
+
+    at = skip(0)
+    if not text.startswith("[", at):
+        item, at = value_at(at)
+        if skip(at) != len(text):
+            raise unreadable(f"extra data at character {skip(at)}")
+        yield item
+        return
+    at = skip(at + 1)
+    if text.startswith("]", at):
+        at = skip(at + 1)
+    else:
+        while True:
+            item, at = value_at(skip(at))
+            yield item
+            at = skip(at)
+            if text.startswith(",", at):
+                at += 1
+                continue
+            if text.startswith("]", at):
+                at = skip(at + 1)
+                break
+            raise unreadable(f"expecting ',' or ']' at character {at}")
+    if at != len(text):
+        raise unreadable(f"extra data at character {at}")
 
 
 def _charset(content_type: str) -> str:
@@ -305,9 +412,41 @@ def _charset(content_type: str) -> str:
     return "utf-8"
 
 
+def intake_result(request_id: str, org_id: str, outcome: RequestVerdicts, max_listed: int) -> IntakeResult:
+    """The response: complete counts, and the first ``max_listed`` records not accepted (bounded size)."""
+    counts = dict.fromkeys(("accepted", "rejected", "duplicate", "failed"), 0)
+    listed: list[RecordVerdict] = []
+    for pending in outcome.records:
+        verdict = pending.verdict or "failed"
+        counts[verdict] += 1
+        if verdict != "accepted" and len(listed) < max_listed:
+            reason = pending.reason
+            if reason is not None and len(reason) > MAX_REASON_CHARS:
+                reason = reason[:MAX_REASON_CHARS] + "... [reason cut]"
+            event_id = pending.event_id[:500] if pending.event_id else pending.event_id
+            listed.append(RecordVerdict(position=pending.position, event_id=event_id, verdict=verdict, reason=reason))
+    return IntakeResult(
+        request_id=request_id,
+        org_id=org_id,
+        received=len(outcome.records),
+        accepted=counts["accepted"],
+        rejected=counts["rejected"],
+        duplicates=counts["duplicate"],
+        failed=counts["failed"],
+        records=listed,
+        unlisted=len(outcome.records) - counts["accepted"] - len(listed),
+        rejects_unrecorded=outcome.rejects_unrecorded,
+    )
+
+
 # --- the application ---------------------------------------------------------------------------------------------
 
-PublishFn = Callable[[GatewayToken, list[InputRecord]], list[_Pending]]
+#: Requests decoded, read and published at once: two, so one is read while the other is published (the
+#: publisher is serial). With no bound, 16 concurrent maximal requests peaked at 499 MiB (336 one at a time,
+#: 374 two at a time); one at a time, the 16 took 29.8 s instead of 24.5 (24.0 two at a time).
+PARSING_AT_ONCE = 2
+
+PublishFn = Callable[[GatewayToken, list[InputRecord]], RequestVerdicts]
 
 
 def create_app(settings: Settings, store: TokenStore, publish: PublishFn) -> FastAPI:
@@ -325,6 +464,15 @@ def create_app(settings: Settings, store: TokenStore, publish: PublishFn) -> Fas
     limiter = RateLimiter(settings.gateway_rate_per_minute, settings.gateway_rate_burst)
     # Failed authentications are paced per peer address: a client looping on a wrong token is slowed.
     failures = RateLimiter(settings.gateway_rate_per_minute, settings.gateway_rate_burst)
+    # Records are paced too: a request may hold up to gateway_max_records of them, so requests alone bound nothing.
+    per_record = RateLimiter(
+        settings.gateway_rate_records_per_minute, max(settings.gateway_rate_records_burst, settings.gateway_max_records)
+    )
+    # A body waiting for its turn is only its bytes; decoded and read it is ~10-15 MiB more (records, their
+    # dicts): at most PARSING_AT_ONCE requests hold that at once, one per token (a token's next request
+    # waits for its previous one), the others waiting in arrival order. See docs/security.md.
+    reading = asyncio.Semaphore(PARSING_AT_ONCE)
+    turns: dict[str, asyncio.Lock] = {}  # per token id: tokens are the store's, a bounded set
     bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer swg_...` (synthwatch tokens create)")
 
     def too_many(wait: float, what: str) -> HTTPException:
@@ -365,9 +513,14 @@ def create_app(settings: Settings, store: TokenStore, publish: PublishFn) -> Fas
             (400, "unreadable body or Host not allowed"),
             (401, "no, unknown or revoked token"),
             (403, "the organisation cannot be signed for"),
-            (413, "body over SYNTHWATCH_GATEWAY_MAX_BODY_BYTES"),
+            (
+                413,
+                f"body over SYNTHWATCH_GATEWAY_MAX_BODY_BYTES ({settings.gateway_max_body_bytes:,} bytes here), or "
+                f"more records than SYNTHWATCH_GATEWAY_MAX_RECORDS ({settings.gateway_max_records:,} here): split "
+                "the batch into smaller requests; nothing of a refused body is published",
+            ),
             (415, "Content-Type not NDJSON, JSON or CSV, or an unknown charset"),
-            (429, "rate limit of the token; see Retry-After"),
+            (429, "request or record rate limit of the token; see Retry-After"),
         ]
     }
 
@@ -388,7 +541,9 @@ def create_app(settings: Settings, store: TokenStore, publish: PublishFn) -> Fas
         summary="Publish reports",
     )
     async def post_reports(request: Request, token: Token) -> JSONResponse:
-        """Validate and publish the body's reports; one verdict per record (the wire contract is in schemas/json)."""
+        """Validate and publish the body's reports (at most SYNTHWATCH_GATEWAY_MAX_RECORDS, else 413: split the
+        batch); the answer counts every record and lists the records not accepted with their verdict and reason
+        (the wire contract is in schemas/json)."""
         content_type = request.headers.get("content-type", "")
         kind = CONTENT_TYPES.get(content_type.split(";")[0].strip().lower())
         if kind is None:
@@ -404,39 +559,46 @@ def create_app(settings: Settings, store: TokenStore, publish: PublishFn) -> Fas
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise HTTPException(413, f"the body has {int(declared):,} bytes, at most {limit:,}: split it")
+        owed = per_record.wait(f"token:{token.token_id}")
+        if owed:  # not one record could go: refused before its body is read or waits for its turn
+            raise too_many(
+                owed,
+                f"for token {token.token_id}: its record rate ({settings.gateway_rate_records_per_minute:,.0f} a "
+                "minute) is used up; nothing was read or published",
+            )
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > limit:
                 raise HTTPException(413, f"the body is over {limit:,} bytes: split it")
         request_id = uuid.uuid4().hex[:12]
-        text = bytes(body).decode(
-            charset, errors="surrogateescape" if charset.replace("-", "") == "utf8" else "replace"
-        )
-        try:
-            records = records_of(text, kind, f"gateway/{token.org_id}/{request_id}", settings)
-        except BodyError as error:
-            raise HTTPException(400, str(error)) from None
-        try:
-            verdicts = await run_in_threadpool(publish, token, records)
-        except SigningKeyMissing as error:
-            raise HTTPException(403, str(error)) from None
-        counts = {
-            v: sum(1 for p in verdicts if p.verdict == v) for v in ("accepted", "rejected", "duplicate", "failed")
-        }
-        result = IntakeResult(
-            request_id=request_id,
-            org_id=token.org_id,
-            received=len(verdicts),
-            accepted=counts["accepted"],
-            rejected=counts["rejected"],
-            duplicates=counts["duplicate"],
-            failed=counts["failed"],
-            records=[
-                RecordVerdict(position=p.position, event_id=p.event_id, verdict=p.verdict or "failed", reason=p.reason)
-                for p in verdicts
-            ],
-        )
+        raw = bytes(body)
+        del body
+        async with turns.setdefault(token.token_id, asyncio.Lock()), reading:
+            text = raw.decode(charset, errors="surrogateescape" if charset.replace("-", "") == "utf8" else "replace")
+            del raw
+            try:
+                records = await run_in_threadpool(
+                    records_of, text, kind, f"gateway/{token.org_id}/{request_id}", settings
+                )
+            except TooManyRecords as error:
+                raise HTTPException(413, str(error)) from None
+            except BodyError as error:
+                raise HTTPException(400, str(error)) from None
+            del text
+            wait = per_record.take(f"token:{token.token_id}", len(records))
+            if wait:
+                raise too_many(
+                    wait,
+                    f"for token {token.token_id}: its {len(records):,} records are over its record rate "
+                    f"({settings.gateway_rate_records_per_minute:,.0f} a minute); nothing was published",
+                )
+            try:
+                outcome = await run_in_threadpool(publish, token, records)
+            except SigningKeyMissing as error:
+                raise HTTPException(403, str(error)) from None
+            del records
+        result = intake_result(request_id, token.org_id, outcome, settings.gateway_max_listed_verdicts)
         log.info(
             "request %s token %s org %s: %d received, %d accepted, %d rejected, %d duplicates, %d failed",
             request_id, token.token_id, token.org_id, result.received, result.accepted, result.rejected,
@@ -462,7 +624,9 @@ def create_app(settings: Settings, store: TokenStore, publish: PublishFn) -> Fas
 
 def openapi_document(settings: Settings) -> dict[str, Any]:
     """The OpenAPI description without a server, Kafka or tokens (``synthwatch gateway --openapi``)."""
-    app = create_app(settings, TokenStore(settings.resolved_gateway_tokens_file), lambda token, records: [])
+    app = create_app(
+        settings, TokenStore(settings.resolved_gateway_tokens_file), lambda token, records: RequestVerdicts([])
+    )
     return app.openapi()
 
 

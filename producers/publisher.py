@@ -187,6 +187,10 @@ class Publisher:
         self._partitions: dict[tuple[str, bytes], int] = {}
         self.renewals = 0  # fresh producers in the current publish_records call
         self.limits: RecordLimits = settings.record_limits()
+        #: Rejects sent to Kafka per ``publish_records`` call at most (None: all); the rest are counted only.
+        self.max_rejects_sent: int | None = None
+        self.rejects_sent = 0
+        self.rejects_unsent = 0  # refused in the last call beyond ``max_rejects_sent``: counted, not sent
 
     def partition_for(self, topic: str, key: bytes) -> int:
         """Kafka's default partition for ``key`` (murmur2, as Java and aiokafka clients compute it).
@@ -293,9 +297,15 @@ class Publisher:
             self._sweep()
 
     def send_reject(self, reject: Reject) -> None:
+        """Send a refused record to the rejects topic (counted only when rejects are off or over the cap)."""
         if not self.settings.publisher_send_rejects:
             self._acked["reject"] += 1  # counted and listed in the summary; the ACLs keep labs off that topic
             return
+        if self.max_rejects_sent is not None and self.rejects_sent >= self.max_rejects_sent:
+            self.rejects_unsent += 1
+            self._acked["reject"] += 1  # refused and counted; one bad request cannot fill the rejects table
+            return
+        self.rejects_sent += 1
         key = (reject.event_id or reject.source).encode()
         self.send_raw(self.settings.topic_rejects, key, reject.model_dump_json().encode(), "reject", reject.source)
 
@@ -308,6 +318,7 @@ class Publisher:
         self._failed, self._acked = [], {"event": 0, "reject": 0}
         self.acked_per_topic = {}
         self.renewals = 0
+        self.rejects_sent = self.rejects_unsent = 0
         summary = PublishSummary()
         seen: dict[str, int] = {}  # event id -> hash of its text in this run
         reasons = summary.reject_reasons
@@ -318,6 +329,7 @@ class Publisher:
             summary.note_reject(reason, record.source)
             reject = Reject.of(record.raw, source=record.source, reason=reason, stage=self.stage, event_id=event_id)
             self.send_reject(reject)
+            self._refused(record, reason, event_id)
 
         for record in records:
             summary.read += 1
@@ -334,6 +346,7 @@ class Publisher:
                 if earlier is not None:
                     if earlier == hash(record.raw):
                         summary.duplicates += 1
+                        self._duplicate(record, event.event_id)
                     else:  # the same id with another text in one run: a changed report, never a silent duplicate
                         reason = changed_content_reason(event.event_id, earlier_in="earlier in this file")
                         refuse(record, reason, "changed content", event.event_id)
@@ -359,6 +372,12 @@ class Publisher:
         summary.sent = self._acked["event"]
         summary.rejected = self._acked["reject"]  # a reject that never reached Kafka is in `failed`
         return summary
+
+    def _refused(self, record: InputRecord, reason: str, event_id: str | None) -> None:
+        """Called once per record the publisher refused (a subclass keeps a verdict per record)."""
+
+    def _duplicate(self, record: InputRecord, event_id: str) -> None:
+        """Called once per record not sent because the same text came earlier in this call."""
 
     def _judge(self, record: InputRecord) -> LabDetection | BorderSeizure:
         """The record's event, or WireError: unreadable, too large, not an event, too many unknown fields."""

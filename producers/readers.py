@@ -315,9 +315,13 @@ def read_csv(
     max_field: int = MAX_FIELD_CHARS,
     options: CsvOptions | None = None,
 ) -> Iterator[InputRecord]:
-    """Rows of a CSV file with a header; line numbers count the header as line 1.
+    """Rows of a CSV file with a header; line numbers count the header as line 1, a row is numbered by the
+    line it starts on.
 
     A row that cannot be read becomes a record with a ``problem`` (never an exception that ends the run).
+    A quoted cell may hold line breaks (RFC 4180: LIMS comment columns do), over at most
+    :data:`MAX_QUOTED_LINES` lines and never over a line that is a whole row on its own: a quote left open
+    costs its own line only (the plain csv reader took every later row into that cell).
     """
     options = options or CsvOptions()
     zone = options.zone()
@@ -325,43 +329,117 @@ def read_csv(
     first = stream.readline()
     if not first.strip():
         return
-    delimiter = options.delimiter or sniff_delimiter(first.removeprefix("\ufeff"))
-    lines = _chain(first.removeprefix("\ufeff"), stream)
-    reader = csv.reader(lines, delimiter=delimiter)
-    try:
-        fieldnames = next(reader)
-    except (csv.Error, StopIteration) as error:
-        yield InputRecord(source=f"{name}:1", raw="", problem=f"CSV header unreadable: {error}")
+    first = first.removeprefix("\ufeff")
+    delimiter = options.delimiter or sniff_delimiter(first)
+    header = _cells(first, delimiter)
+    if isinstance(header, str):
+        yield InputRecord(source=f"{name}:1", raw=first.rstrip("\r\n"), problem=f"CSV header unreadable: {header}")
         return
+    fieldnames = header
     fields = [_field_of(column, options.aliases) for column in fieldnames]
     header_problem = _too_deep([f for f in fields if f is not None], max_depth)
     hint = header_hint(fieldnames, fields, options, delimiter)
-    while True:
-        try:
-            cells = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as error:
-            problem = f"CSV row unreadable: {error} (SYNTHWATCH_MAX_CSV_FIELD_BYTES)"
-            yield InputRecord(source=f"{name}:{reader.line_num}", raw="", problem=problem)
+    lines = _Lines(stream, start=2)
+    for number, line in lines:
+        text = line.rstrip("\r\n")
+        if not text.strip():
             continue
-        source = f"{name}:{reader.line_num}"
+        source = f"{name}:{number}"
+        cells = _cells(text, delimiter)
+        if cells is _QUOTE_LEFT_OPEN:
+            cells = _spanning(line, lines, delimiter, len(fieldnames))
+        if isinstance(cells, str):
+            yield InputRecord(source=source, raw=text, problem=f"CSV line unreadable: {cells}")
+            continue
         if not any(cell.strip() for cell in cells):
             continue
         if header_problem is not None:
-            yield InputRecord(source=source, raw="", problem=header_problem)
+            yield InputRecord(source=source, raw=delimiter.join(cells), problem=header_problem)
             continue
         raw = delimiter.join(cells)
         undecodable = undecodable_hint(raw)
         if undecodable is not None:
-            yield InputRecord(source=source, raw=raw, problem=f"{undecodable} (line {reader.line_num})")
+            yield InputRecord(source=source, raw=raw, problem=f"{undecodable} (line {number})")
             continue
         yield _row_record(source, fieldnames, fields, cells, options, zone, hint)
 
 
-def _chain(first: str, rest: IO[str]) -> Iterator[str]:
-    yield first
-    yield from rest
+#: Physical lines one quoted cell may span at most (a comment typed over several lines).
+MAX_QUOTED_LINES = 20
+
+_QUOTE_LEFT_OPEN = (
+    "a quote opens a cell and does not close it: not on this line, and not within the next lines before "
+    f"a whole row or {MAX_QUOTED_LINES} lines in all (a quoted cell may hold line breaks up to that); close "
+    'the quote, or double a quote inside a quoted cell: "say ""hi"""'
+)
+
+
+class _Lines:
+    """Numbered physical lines of a stream, with lines read ahead given back."""
+
+    def __init__(self, stream: IO[str], start: int) -> None:
+        self._lines = enumerate(stream, start=start)
+        self._back: list[tuple[int, str]] = []
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> tuple[int, str]:
+        return self._back.pop() if self._back else next(self._lines)
+
+    def give_back(self, taken: list[tuple[int, str]]) -> None:
+        self._back.extend(reversed(taken))
+
+
+def _spanning(first: str, lines: _Lines, delimiter: str, width: int) -> list[str] | str:
+    """The cells of a row whose quoted cell continues on the next lines (RFC 4180), or why it is not one.
+
+    It is one only when the quote closes within :data:`MAX_QUOTED_LINES` lines, none of the lines it takes
+    is a whole row on its own (as many cells as the header), and the row then has the header's cells: else
+    the lines read ahead are given back and only ``first`` is refused. Each read-ahead is bounded, so a body
+    of quotes left open costs at most ``MAX_QUOTED_LINES`` lines read per line."""
+    taken: list[tuple[int, str]] = []
+
+    def feed() -> Iterator[str]:
+        yield first
+        for number, line in lines:
+            taken.append((number, line))
+            alone = _cells(line.rstrip("\r\n"), delimiter)
+            if not isinstance(alone, str) and len(alone) >= width:
+                return  # a row of its own is never taken into an earlier row's cell
+            yield line
+            if len(taken) + 1 >= MAX_QUOTED_LINES:
+                return
+
+    reader = csv.reader(feed(), delimiter=delimiter, strict=True)
+    try:
+        cells = next(reader, None)
+    except csv.Error as error:
+        cells = None
+        if "field larger than field limit" in str(error):
+            lines.give_back(taken)
+            return f"{error} (SYNTHWATCH_MAX_CSV_FIELD_BYTES)"
+    if cells is None or len(cells) != width or reader.line_num != len(taken) + 1:
+        lines.give_back(taken)
+        return _QUOTE_LEFT_OPEN
+    return cells
+
+
+def _cells(line: str, delimiter: str) -> list[str] | str:
+    """The cells of one physical line, or why it cannot be read (a quote left open: :data:`_QUOTE_LEFT_OPEN`,
+    a cell over the limit). Other quoting slips (``"ab"c``) are read as before, leniently."""
+    text = line.rstrip("\r\n")
+    try:
+        return next(csv.reader([text], delimiter=delimiter, strict=True), [])
+    except csv.Error as error:
+        if "unexpected end of data" in str(error):
+            return _QUOTE_LEFT_OPEN
+        if "field larger than field limit" in str(error):
+            return f"{error} (SYNTHWATCH_MAX_CSV_FIELD_BYTES)"
+    try:
+        return next(csv.reader([text], delimiter=delimiter), [])
+    except csv.Error as error:
+        return str(error)
 
 
 def _row_record(

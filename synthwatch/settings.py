@@ -358,6 +358,37 @@ class Settings(BaseSettings):
         default=60.0, gt=0, description="Requests per minute per token (sustained); more get 429 with Retry-After."
     )
     gateway_rate_burst: int = Field(default=10, ge=1, description="Requests a token may send at once before pacing.")
+    gateway_max_records: int = Field(
+        default=10_000,
+        ge=1,
+        description="Records in one request at most; a body with more is refused whole with 413 (split the batch), "
+        "before any record is published: the body cap bounds bytes, and one-byte records made one 8 MiB body "
+        "cost 6 GiB of memory.",
+    )
+    gateway_rate_records_per_minute: float = Field(
+        default=20_000.0,
+        gt=0,
+        description="Records per minute per token (sustained), besides the request rate: a request whose records "
+        "the token's bucket cannot cover gets 429 with Retry-After and nothing is published.",
+    )
+    gateway_rate_records_burst: int = Field(
+        default=20_000,
+        ge=1,
+        description="Records a token may send at once before pacing (at least SYNTHWATCH_GATEWAY_MAX_RECORDS is "
+        "used, so a full request always fits).",
+    )
+    gateway_max_listed_verdicts: int = Field(
+        default=1_000,
+        ge=0,
+        description="Records not accepted listed with their reason in one response at most (accepted records are "
+        "never listed); the counts always cover every record.",
+    )
+    gateway_max_rejects_sent: int = Field(
+        default=1_000,
+        ge=0,
+        description="Refused records of one request sent to the rejects topic at most; the rest are counted in "
+        "the response (rejects_unrecorded) and the gateway's log, not stored.",
+    )
     gateway_ssl_certfile: Path | None = Field(default=None, description="Gateway TLS certificate (PEM).")
     gateway_ssl_keyfile: Path | None = Field(default=None, description="Gateway TLS private key (PEM).")
     gateway_behind_tls_proxy: bool = Field(

@@ -13,8 +13,10 @@ import stat
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -49,6 +51,9 @@ def test_rate_limiter_allows_a_burst_then_paces_and_says_how_long_to_wait() -> N
     assert limiter.take("a") == pytest.approx(5.0)
     now[0] += 5
     assert limiter.take("a") == 0
+    assert limiter.wait("a") == pytest.approx(10.0) and limiter.wait("a") == pytest.approx(10.0)  # takes nothing
+    now[0] += 10
+    assert limiter.wait("a", 2) == pytest.approx(10.0) and limiter.wait("a") == 0 and limiter.take("a") == 0
 
 
 def test_tokens_are_stored_hashed_in_a_private_file_and_revocation_is_seen(tmp_path: Path) -> None:
@@ -128,6 +133,15 @@ def test_json_bodies_give_one_record_per_element_and_a_clear_error_when_unreadab
     assert len(records_of(json.dumps(lab()), "json", "req", Settings())) == 1  # one object is one record
     with pytest.raises(BodyError, match="not JSON"):
         records_of('[{"a": 1}', "json", "req", Settings())
+    # the array is read one element at a time (never built whole): the same answers as json.loads
+    assert records_of(" [ ] ", "json", "req", Settings()) == []
+    assert [r.obj for r in records_of(' [ {"a": 1} ,\n{"b": [2]} ]\n', "json", "req", Settings())] == [
+        {"a": 1},
+        {"b": [2]},
+    ]
+    for broken in ("[1,]", "[1 2]", '{"a": 1} x', "[1] 2", "", "[" * 100_000):
+        with pytest.raises(BodyError, match="not JSON"):
+            records_of(broken, "json", "req", Settings())
 
 
 def test_a_non_loopback_address_needs_tls_or_a_tls_proxy(tmp_path: Path) -> None:
@@ -152,6 +166,8 @@ def test_the_openapi_description_covers_the_routes_and_bodies() -> None:
     post = document["paths"]["/v1/reports"]["post"]
     assert set(post["requestBody"]["content"]) == {"application/x-ndjson", "application/json", "text/csv"}
     assert {"200", "401", "413", "415", "429"} <= set(post["responses"])
+    # a LIMS developer reads the limits here, with what to do on 413
+    assert "(10,000 here): split the batch" in post["responses"]["413"]["description"]
     assert document["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
 
 
@@ -241,9 +257,7 @@ def test_mixed_records_get_a_verdict_each_and_the_worker_stores_the_accepted(gat
     assert response.status_code == 200, response.text
     result = response.json()
     verdicts = [(r["position"], r["event_id"], r["verdict"]) for r in result["records"]]
-    assert verdicts == [
-        (1, "gw-ok-1", "accepted"),
-        (2, "gw-ok-2", "accepted"),
+    assert verdicts == [  # accepted records (1 and 2) are not listed: the counts say how many
         (3, None, "rejected"),
         (4, "gw-other-lab", "rejected"),
         (5, "gw-ok-1", "duplicate"),
@@ -296,13 +310,12 @@ def test_csv_and_json_bodies(gateway: Gateway) -> None:
         "gw-csv-3,border_seizure,2026-03-01T10:00:00+01:00,ML,ML-BKO,Tramadol,Douanes maliennes,S3,BKO,air,-1,kg\r\n"
     )
     result = gateway.post(token, csv_body.encode(), "text/csv; charset=utf-8").json()
-    assert [(r["position"], r["verdict"]) for r in result["records"]] == [
-        (2, "accepted"),
+    assert result["accepted"] == 1 and [(r["position"], r["verdict"]) for r in result["records"]] == [
         (3, "rejected"),
         (4, "rejected"),
     ], result["records"]
-    assert "may not report as agency 'Douanes sénégalaises'" in result["records"][1]["reason"]
-    assert "quantity.value" in result["records"][2]["reason"]
+    assert "may not report as agency 'Douanes sénégalaises'" in result["records"][0]["reason"]
+    assert "quantity.value" in result["records"][1]["reason"]
     # the same file as a Latin-1 LIMS export: decoded by its charset, so the first row is the record just accepted
     latin = gateway.post(token, csv_body.encode("latin-1"), "text/csv; charset=ISO-8859-1").json()
     assert [r["verdict"] for r in latin["records"]] == ["duplicate", "rejected", "rejected"], latin["records"]
@@ -310,7 +323,7 @@ def test_csv_and_json_bodies(gateway: Gateway) -> None:
 
     array = [seizure(event_id="gw-json-1"), seizure(event_id="gw-json-2", agency="Other"), 7]
     result = gateway.post(token, json.dumps(array), "application/json").json()
-    assert [r["verdict"] for r in result["records"]] == ["accepted", "rejected", "rejected"]
+    assert result["accepted"] == 1 and [r["verdict"] for r in result["records"]] == ["rejected", "rejected"]
     assert result["received"] == result["accepted"] + result["rejected"] + result["duplicates"] + result["failed"]
     stored = gateway.worker.wait_rows(
         "SELECT event_id FROM border_seizures WHERE event_id LIKE 'gw-%%' ORDER BY event_id",
@@ -423,7 +436,7 @@ def test_records_kafka_did_not_acknowledge_are_failed_not_accepted(own_broker: E
     quick = {"request_timeout_ms": 1000, "delivery_timeout_ms": 3000, "max_block_ms": 3000, "retries": 1}
     publisher = GatewayPublisher(settings, own_broker.bootstrap_servers, None, **quick)
     try:
-        first = publisher.publish_request(token, [InputRecord("r:1", json.dumps(lab(event_id="gw-up")))])
+        first = publisher.publish_request(token, [InputRecord("r:1", json.dumps(lab(event_id="gw-up")))]).records
         assert [(p.event_id, p.verdict) for p in first] == [("gw-up", "accepted")]
         own_broker.stop()
         records = [
@@ -431,7 +444,7 @@ def test_records_kafka_did_not_acknowledge_are_failed_not_accepted(own_broker: E
             InputRecord("r:2", json.dumps(lab(event_id="gw-down-2"))),
             InputRecord("r:3", "{not json"),
         ]
-        verdicts = publisher.publish_request(token, records)
+        verdicts = publisher.publish_request(token, records).records
     finally:
         publisher.producer.close(timeout=0)
     assert [(p.position, p.event_id, p.verdict) for p in verdicts] == [
@@ -440,3 +453,192 @@ def test_records_kafka_did_not_acknowledge_are_failed_not_accepted(own_broker: E
         (3, None, "rejected"),
     ]
     assert all("send it again" in (p.reason or "") for p in verdicts[:2])
+
+
+# --- the application in this process (real app, real publisher, real broker) -----------------------------------
+
+
+@dataclass
+class InProcess:
+    client: Any
+    settings: Settings
+    secret: str
+
+    def post(self, body: str | bytes, content_type: str = "application/x-ndjson") -> httpx.Response:
+        headers = {"Authorization": f"Bearer {self.secret}", "Content-Type": content_type}
+        return self.client.post("/v1/reports", content=body, headers=headers)
+
+    def topic_size(self, topic: str) -> int:
+        from synthwatch.stack.broker import high_watermarks
+
+        return sum(high_watermarks(self.settings.kafka_bootstrap_servers or "", [topic]).values())
+
+
+@contextmanager
+def in_process(broker: EmbeddedBroker, tmp_path: Path, **overrides: Any) -> Iterator[InProcess]:
+    """``create_app`` with a ``GatewayPublisher`` on the session broker, served by Starlette's test client."""
+    from fastapi.testclient import TestClient
+
+    from synthwatch.producers.gateway import GatewayPublisher, create_app
+
+    settings = isolated_settings(broker, tmp_path / "data", **overrides)
+    store = TokenStore.open(tmp_path / "tokens.json")
+    _, secret = store.create("lab-fr", ["LAB-FR-01"], [])
+    publisher = GatewayPublisher(settings, broker.bootstrap_servers, None)
+    try:
+        with TestClient(create_app(settings, store, publisher.publish_request), base_url="http://localhost") as client:
+            yield InProcess(client, settings, secret)
+    finally:
+        publisher.close()
+
+
+@pytest.mark.integration
+def test_a_body_of_more_records_than_the_cap_is_refused_whole_and_a_full_one_is_answered_in_bounded_size(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """One 8 MiB body of b"1\\n" lines was 4 million records, verdicts and rejects (6 GiB, a 379 MiB answer):
+    records are capped per request (the default cap, proved with a body just above it), nothing of a refused
+    body is published, and a full body's answer lists only a bounded number of the records not accepted."""
+    with in_process(broker, tmp_path) as gateway:
+        cap = 10_000  # the default of SYNTHWATCH_GATEWAY_MAX_RECORDS
+        topics = (gateway.settings.topic_lab_detections, gateway.settings.topic_rejects)
+        for body, content_type in [
+            (b"1\n" * (cap + 1), "application/x-ndjson"),
+            ("[" + ",".join(["1"] * (cap + 1)) + "]", "application/json"),
+            ("event_id,kind\n" + "x,lab_detection\n" * (cap + 1), "text/csv"),
+        ]:
+            response = gateway.post(body, content_type)
+            assert response.status_code == 413, (content_type, response.text[:300])
+            assert "10,000 records" in response.json()["detail"] and "split the batch" in response.json()["detail"]
+        assert sum(gateway.topic_size(t) for t in topics) == 0  # nothing published, not even a reject
+
+        response = gateway.post(b"1\n" * cap)
+        assert response.status_code == 200
+        assert len(response.content) < 300_000  # 1,000 listed verdicts, not 10,000
+        result = response.json()
+        assert (result["received"], result["accepted"], result["rejected"], result["duplicates"]) == (cap, 0, cap, 0)
+        listed = gateway.settings.gateway_max_listed_verdicts
+        assert len(result["records"]) == listed and result["unlisted"] == cap - listed
+        assert [r["position"] for r in result["records"][:3]] == [1, 2, 3]
+        # rejects sent per request are bounded too; the rest are counted, and the counts say so
+        sent = gateway.settings.gateway_max_rejects_sent
+        assert result["rejects_unrecorded"] == cap - sent
+        assert gateway.topic_size(gateway.settings.topic_rejects) == sent
+
+
+@pytest.mark.integration
+def test_accepted_records_are_not_listed_and_the_counts_add_up(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    with in_process(broker, tmp_path) as gateway:
+        body = "\n".join(
+            [json.dumps(lab(event_id="ip-ok-1")), "{broken", json.dumps(lab(event_id="ip-ok-2", region="FR-69"))]
+        )
+        result = gateway.post(body).json()
+        assert (result["received"], result["accepted"], result["rejected"], result["unlisted"]) == (3, 2, 1, 0)
+        assert [(r["position"], r["verdict"]) for r in result["records"]] == [(2, "rejected")]
+        assert gateway.topic_size(gateway.settings.topic_lab_detections) == 2
+
+
+@pytest.mark.integration
+def test_the_rate_bucket_is_charged_per_record_not_per_request(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    overrides = {"gateway_max_records": 50, "gateway_rate_records_per_minute": 1.0, "gateway_rate_records_burst": 50}
+    with in_process(broker, tmp_path, **overrides) as gateway:
+        full = "\n".join(json.dumps(lab(event_id=f"rate-{n}")) for n in range(50))
+        assert gateway.post(full).json()["accepted"] == 50
+        refused = gateway.post(json.dumps(lab(event_id="rate-over")))  # one more record: over the bucket
+        assert refused.status_code == 429, refused.text
+        assert "record rate" in refused.json()["detail"] and int(refused.headers["Retry-After"]) >= 1
+        # with its bucket empty, a token's next body is not even read (no parse, no turn): 429, not 413
+        unread = gateway.post(b"1\n" * 51)
+        assert unread.status_code == 429 and "nothing was read" in unread.json()["detail"], unread.text
+        assert gateway.topic_size(gateway.settings.topic_lab_detections) == 50
+
+
+@pytest.mark.integration
+def test_a_changed_record_under_an_earlier_event_id_is_rejected_as_the_rejects_topic_says(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """The gateway said "duplicate" while the publisher refused the record (another text, same id) and sent a
+    reject: the verdict is now the publisher's decision, and the counts match the rejects topic."""
+    with in_process(broker, tmp_path) as gateway:
+        first = lab(event_id="e-1", purity_pct=40.0)
+        body = "\n".join([json.dumps(first), json.dumps({**first, "purity_pct": 41.0}), json.dumps(first)])
+        result = gateway.post(body).json()
+        assert (result["accepted"], result["rejected"], result["duplicates"]) == (1, 1, 1), result
+        by_position = {r["position"]: r for r in result["records"]}
+        assert by_position[2]["verdict"] == "rejected" and "different content" in by_position[2]["reason"]
+        assert by_position[3]["verdict"] == "duplicate"  # the same text again: not sent, nothing refused
+        assert gateway.topic_size(gateway.settings.topic_rejects) == result["rejected"] == 1
+
+
+@pytest.mark.integration
+def test_a_stray_quote_in_a_csv_row_costs_that_row_only(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    with in_process(broker, tmp_path) as gateway:
+        header = "event_id,kind,occurred_at,country,region,substance.name,lab_id,sample_id,sample_type,method\n"
+        names = {2: '"abc'}  # a stray quote: the plain csv reader took every later line into this cell
+        rows = [
+            f"csvq-{n},lab_detection,2026-03-01T10:00:00Z,FR,FR-75C,{names.get(n, 'Tramadol')},LAB-FR-01,"
+            f"S-{n},seized_material,GC-MS\n"
+            for n in range(1, 101)
+        ]
+        result = gateway.post(header + "".join(rows), "text/csv").json()
+        assert (result["received"], result["accepted"], result["rejected"]) == (100, 99, 1), result["records"]
+        assert result["records"][0]["position"] == 3 and "quote" in result["records"][0]["reason"]
+
+
+@pytest.mark.integration
+def test_two_requests_are_read_and_published_at_once_one_per_token_and_others_go_ahead(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """Read records are ~10-15 MiB a maximal request beyond its body: with no bound, every request in flight
+    held them while the serial publisher made it wait (16 maximal requests: 499 MiB; 336 one at a time).
+    At most two at once (one read while one is published), one per token: a token's second request
+    waits for its first, and another token's request goes ahead of it (one at a time for all, a
+    request stuck in publishing held every other token's request behind it)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from synthwatch.producers.gateway import PARSING_AT_ONCE, GatewayPublisher, create_app
+
+    assert PARSING_AT_ONCE == 2
+    settings = isolated_settings(broker, tmp_path / "data")
+    store = TokenStore.open(tmp_path / "tokens.json")
+    secrets = {name: store.create("lab-fr", ["LAB-FR-01"], [])[1] for name in "ABC"}
+    publisher = GatewayPublisher(settings, broker.bootstrap_servers, None)
+    held = {"A1": threading.Event(), "B1": threading.Event()}
+    entered: list[str] = []
+
+    def publish(token: Any, records: Any) -> Any:
+        event_id = json.loads(records[0].raw)["event_id"]
+        entered.append(event_id)
+        if event_id in held:
+            assert held[event_id].wait(60)
+        return publisher.publish_request(token, records)
+
+    def post(client: Any, name: str) -> int:
+        headers = {"Authorization": f"Bearer {secrets[name[0]]}", "Content-Type": "application/x-ndjson"}
+        return client.post("/v1/reports", content=json.dumps(lab(event_id=name)), headers=headers).status_code
+
+    try:
+        app = create_app(settings, store, publish)
+        with TestClient(app, base_url="http://localhost") as client, ThreadPoolExecutor(4) as pool:
+            a1 = pool.submit(post, client, "A1")
+            wait_until(lambda: entered == ["A1"], 30, "A1 to be published", details=lambda: f"{entered} {a1}")
+            a2 = pool.submit(post, client, "A2")  # the same token: waits for A1
+            b1 = pool.submit(post, client, "B1")
+            wait_until(lambda: "B1" in entered, 30, "B1 to go ahead of token A's queue")
+            c1 = pool.submit(post, client, "C1")
+            with pytest.raises(TimeoutError):  # two are in: neither A2 (A1's token) nor C1 (a third) may enter
+                c1.result(timeout=2)
+            assert entered == ["A1", "B1"] and not a2.done()
+            held["B1"].set()
+            assert (b1.result(timeout=30), c1.result(timeout=30)) == (200, 200)  # C1 took B1's place
+            assert entered == ["A1", "B1", "C1"] and not a2.done()
+            held["A1"].set()
+            assert (a1.result(timeout=30), a2.result(timeout=30)) == (200, 200)
+            assert entered == ["A1", "B1", "C1", "A2"]
+    finally:
+        for event in held.values():
+            event.set()
+        publisher.close()

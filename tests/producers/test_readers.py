@@ -182,3 +182,94 @@ def test_a_summary_keeps_bounded_reasons_and_sources() -> None:
     assert summary.reject_counts["region: 'X0' is not a code"] == MAX_SOURCES_PER_REASON + 6
     assert len(summary.reject_sources["region: 'X0' is not a code"]) == MAX_SOURCES_PER_REASON
     assert sum(summary.reject_counts.values()) == MAX_REASONS_KEPT + 50 + MAX_SOURCES_PER_REASON + 5
+
+
+def test_a_stray_quote_costs_its_own_line_only(tmp_path: Path) -> None:
+    """A quoted cell may span lines for the plain csv reader: one stray quote swallowed every later row into
+    one reject (95,790 bytes of raw, 998 rows lost). A later line that is a whole row is never taken in."""
+    path = tmp_path / "seizures.csv"
+    names = {2: '"abc'}
+    rows = [
+        f"q-{n};border_seizure;2026-03-01T10:00:00+01:00;ML;ML-BKO;{names.get(n, 'Tramadol')};Douanes maliennes;"
+        f"S-{n};BKO;air;2.5;kg"
+        for n in range(1, 1001)
+    ]
+    path.write_text(SEIZURE_HEADER + "\r\n" + "\r\n".join(rows) + "\r\n", encoding="utf-8")
+    records = list(read_records(str(path)))
+    assert len(records) == 1000  # one record per line: lines = accepted + rejected
+    bad = [r for r in records if r.problem is not None]
+    assert [r.source for r in bad] == ["seizures.csv:3"]
+    assert "does not close it" in (bad[0].problem or "") and "whole row" in (bad[0].problem or "")
+    assert bad[0].raw == rows[1]  # the line itself, not the rest of the file
+    good = [parse_event_object(r.obj or {}) for r in records if r.problem is None]
+    assert len(good) == 999 and good[-1].event_id == "q-1000"
+
+
+def test_a_cell_over_the_size_limit_costs_its_own_line_only(tmp_path: Path) -> None:
+    path = tmp_path / "seizures.csv"
+    good = "q-{};border_seizure;2026-03-01T10:00:00+01:00;ML;ML-BKO;Tramadol;Douanes maliennes;S;BKO;air;2.5;kg"
+    path.write_text("\n".join([SEIZURE_HEADER, good.format(1), "x" * 2000 + ";y", good.format(3)]) + "\n")
+    records = list(read_records(str(path), max_field=1000))
+    assert [r.source for r in records] == ["seizures.csv:2", "seizures.csv:3", "seizures.csv:4"]
+    assert records[1].problem is not None and "field limit" in records[1].problem
+    assert records[0].problem is None and records[2].problem is None
+
+
+def test_a_quoted_cell_over_several_lines_is_one_row_as_rfc_4180_has_it(tmp_path: Path) -> None:
+    """LIMS exports put line breaks inside quoted comment cells; the csv reader always read such a row whole
+    (the comment ignored, or kept as an extra field), and reading by physical line must not break it."""
+    path = tmp_path / "seizures.csv"
+    good = "q-{};border_seizure;2026-03-01T10:00:00+01:00;ML;ML-BKO;Tramadol;Douanes maliennes;S;BKO;air;2.5;kg;{}"
+    lines = [
+        SEIZURE_HEADER + ";comments",
+        good.format(1, "one line"),
+        good.format(2, '"seal broken;\r\nre-weighed ""twice""\r\n\r\nsee report"'),  # CRLF and a blank line inside
+        good.format(3, ""),
+    ]
+    path.write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    records = list(read_records(str(path)))
+    assert [(r.source, r.problem) for r in records] == [(f"seizures.csv:{n}", None) for n in (2, 3, 7)]
+    events = [parse_event_object(r.obj or {}) for r in records]
+    assert events[1].extra_fields == {"comments": 'seal broken;\r\nre-weighed "twice"\r\n\r\nsee report'}
+    ignored = list(read_records(str(path), options=CsvOptions(aliases=_ignoring("comments", tmp_path))))
+    assert [parse_event_object(r.obj or {}).extra_fields for r in ignored] == [{}, {}, {}]
+
+
+def _ignoring(column: str, tmp_path: Path) -> Any:
+    aliases = tmp_path / "aliases.toml"
+    aliases.write_text(f'ignore = ["{column}"]\n', encoding="utf-8")
+    return load_aliases(aliases)
+
+
+def test_a_stray_quote_never_takes_whole_rows_into_its_cell(tmp_path: Path) -> None:
+    """A quote left open in a comment and a quote ending a later comment made one valid RFC 4180 row of
+    five lines: the rows between would vanish into an accepted record's comment. A line that is a whole
+    row on its own is a row; the open quote costs its own line only."""
+    path = tmp_path / "seizures.csv"
+    good = "q-{};border_seizure;2026-03-01T10:00:00+01:00;ML;ML-BKO;Tramadol;Douanes maliennes;S;BKO;air;2.5;kg;{}"
+    notes = {3: '"abc', 7: 'ok"'}
+    lines = [SEIZURE_HEADER + ";comments"] + [good.format(n, notes.get(n, "")) for n in range(2, 9)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    records = list(read_records(str(path)))
+    assert [r.source for r in records] == [f"seizures.csv:{n}" for n in range(2, 9)]
+    assert [r.source for r in records if r.problem is not None] == ["seizures.csv:3"]
+    assert "does not close it" in (records[1].problem or "")
+    assert parse_event_object(records[5].obj or {}).extra_fields == {"comments": 'ok"'}
+
+
+def test_a_quoted_cell_spans_a_bounded_number_of_lines(tmp_path: Path) -> None:
+    """Each quote left open reads at most MAX_QUOTED_LINES lines ahead (a body of open quotes is not read
+    again and again to its end); a longer cell is refused with its first line, and says so."""
+    from synthwatch.producers.readers import MAX_QUOTED_LINES
+
+    path = tmp_path / "seizures.csv"
+    good = "q-{};border_seizure;2026-03-01T10:00:00+01:00;ML;ML-BKO;Tramadol;Douanes maliennes;S;BKO;air;2.5;kg;{}"
+    for spanned, refused in ((MAX_QUOTED_LINES, False), (MAX_QUOTED_LINES + 1, True)):
+        comment = '"' + "\n".join(f"line {k}" for k in range(spanned)) + '"'
+        path.write_text("\n".join([SEIZURE_HEADER + ";comments", good.format(1, comment)]) + "\n", encoding="utf-8")
+        records = list(read_records(str(path)))
+        if not refused:
+            assert [(r.source, r.problem) for r in records] == [("seizures.csv:2", None)]
+        else:
+            assert records[0].source == "seizures.csv:2" and f"{MAX_QUOTED_LINES} lines" in (records[0].problem or "")
+            assert len(records) == spanned  # the lines after the refused one are read as rows (and refused)
