@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlparse, urlunparse
+from urllib.parse import urlparse, urlunparse
 
 from synthwatch.errors import SynthwatchError
 from synthwatch.settings import Settings
@@ -135,9 +135,14 @@ atexit.register(_ANCHOR.release)  # the engine shuts down cleanly at exit, as wh
 
 def _engine_location(url: str) -> str | None:
     """The engine path chDB is given for a ``chdb://`` URL, spelt as clickhouse-connect spells it (chDB compares
-    paths literally); None for an engine in memory (its data lives only while a handle is open: not anchored)."""
+    paths literally); None for an engine in memory (its data lives only while a handle is open: not anchored).
+
+    Parsed as clickhouse-connect parses it (``_create_chdb_client``): the netloc, else the path as written, not
+    percent-decoded. Decoded, a data directory named ``a%41b`` was held as ``aAb``, a second engine path, which
+    chDB refused: every client on it failed.
+    """
     parsed = urlparse(url)
-    location = parsed.netloc.rpartition("@")[2] if parsed.netloc else unquote(parsed.path)
+    location = parsed.netloc.rpartition("@")[2] if parsed.netloc else parsed.path
     if location in ("", "memory", ":memory:") or location.startswith(("file:", ":memory:")):
         return None
     return os.path.realpath(location)

@@ -46,3 +46,18 @@ def test_a_client_on_another_directory_moves_the_hold(ch_settings: Settings, tmp
     finally:
         client.close()
     connect(ch_settings).close()  # and back
+
+
+def test_a_data_directory_whose_name_holds_a_percent_escape_opens(ch_settings: Settings, tmp_path: Path) -> None:
+    """clickhouse-connect gives chDB a ``chdb:///path`` URL's path as written (no percent-decoding); the hold must
+    name the same path, or chDB refuses it as a second engine path and every client fails. Failed before: the hold
+    decoded ``%41`` to ``A`` and no command could open a data directory named ``a%41b``."""
+    settings = Settings(data_dir=tmp_path / "a%41b", clickhouse_database="other")
+    client = connect(settings)
+    try:
+        assert client.command("SELECT 1") == 1
+    finally:
+        client.close()
+    assert run_query(settings, "SELECT 2").rows == [[2]]
+    assert not (tmp_path / "aAb").exists()
+    connect(ch_settings).close()  # the session's engine held again
