@@ -150,9 +150,11 @@ def _engine_location(url: str) -> str | None:
 
 def embedded_client(url: str, **kwargs: Any) -> Client:
     """``clickhouse_connect.get_client(dsn=url, ...)`` for a ``chdb://`` URL, the engine kept running between clients
-    (:class:`_EngineAnchor`): every embedded client of this process is opened here."""
+    (:class:`_EngineAnchor`): every embedded client of this process is opened here, so chDB's allocator gets
+    :data:`EMBEDDED_MALLOC_CONF` whichever client loads it first (the test session's hold is opened here)."""
     import clickhouse_connect
 
+    prepare_embedded_engine()
     location = _engine_location(url)
     if location is not None:
         _ANCHOR.leave_other(location)
