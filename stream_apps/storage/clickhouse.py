@@ -168,6 +168,13 @@ def embedded_client(url: str, **kwargs: Any) -> Client:
     return client
 
 
+def leave_other_embedded_engine(path: str) -> None:
+    """Before chDB is opened at ``path`` other than through :func:`embedded_client` (the engine server opens its
+    own handles): end this process's hold on another path, which chDB would refuse ``path`` for (one engine path
+    per process). The hold on ``path`` itself is kept."""
+    _ANCHOR.leave_other(os.path.realpath(path))
+
+
 def release_embedded_engine() -> None:
     """End this process's hold on the embedded engine: it stops (and frees its directory for another process)
     once this process's clients on it are closed. Called when a process hands its engine over while it goes on

@@ -9,6 +9,7 @@ import pytest
 
 from synthwatch.settings import Settings
 from synthwatch.stream_apps.storage.clickhouse import connect, release_embedded_engine
+from synthwatch.stream_apps.storage.engine_server import Engine
 from synthwatch.stream_apps.storage.query import QueryError, analyst_client, run_query
 from tests.support.chdb_handles import count_chdb_handles
 
@@ -60,4 +61,20 @@ def test_a_data_directory_whose_name_holds_a_percent_escape_opens(ch_settings: S
         client.close()
     assert run_query(settings, "SELECT 2").rows == [[2]]
     assert not (tmp_path / "aAb").exists()
+    connect(ch_settings).close()  # the session's engine held again
+
+
+def test_an_engine_server_in_this_process_opens_after_clients_on_another_directory(
+    ch_settings: Settings, tmp_path: Path
+) -> None:
+    """The engine server (:class:`Engine`) opens chDB itself; the hold a client on another directory left must not
+    stop it (chDB hosts one engine path per process). Failed before: chDB refused the server's path (Code 36)
+    whenever an earlier test had opened a directory of its own in the pytest process."""
+    connect(Settings(data_dir=tmp_path / "other", clickhouse_database="other")).close()  # the hold is there now
+    engine = Engine(ch_settings.embedded_clickhouse_path, tmp_path)
+    try:
+        with engine.handle({}) as handle:
+            assert handle.connection.query("SELECT 1", "TabSeparated").bytes() == b"1\n"
+    finally:
+        engine.close()
     connect(ch_settings).close()  # the session's engine held again
