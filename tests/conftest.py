@@ -30,7 +30,7 @@ from synthwatch.stack.broker import EmbeddedBroker, ensure_topics
 from synthwatch.stack.engine import EngineProcess
 from synthwatch.stack.process import StackProcess, StackProcessError, stop_child
 from synthwatch.stackfile import StackInfo
-from synthwatch.stream_apps.storage.clickhouse import connect
+from synthwatch.stream_apps.storage.clickhouse import connect, embedded_client, release_embedded_engine
 from synthwatch.stream_apps.storage.query import QueryResult, run_query
 
 _db_counter = itertools.count()
@@ -80,8 +80,20 @@ def own_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
 
 
 @pytest.fixture(scope="session")
-def engine_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("chdb")
+def engine_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The session's engine directory, its engine held up for the whole session.
+
+    chDB stops its engine when the process's last handle closes and restarts it on the next connect, leaking
+    ~5 threads and ~8 descriptors each time (chDB 26.9); the product's hold (``embedded_client``) is taken here
+    at once and given up at the end. A test on another directory moves the hold there (chDB hosts one engine
+    path per process) and the next test here takes it back.
+    """
+    path = tmp_path_factory.mktemp("chdb")
+    embedded_client(Settings(data_dir=path).resolved_clickhouse_url).close()
+    try:
+        yield path
+    finally:
+        release_embedded_engine()
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ server or cluster.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import hashlib
 import os
@@ -83,6 +84,105 @@ def without_dataframes() -> None:
         options.pd_time_test = None
 
 
+class _EngineAnchor:
+    """One chDB handle on the embedded engine, held open and never used, from the process's first client on it
+    until the process ends (or :func:`release_embedded_engine`).
+
+    Why: chDB stops its engine when the last handle in the process closes and starts it again on the next
+    connect, and each restart leaves ~5 threads and ~8 descriptors behind (chDB 26.9). A process whose clients
+    all close between uses restarted it each time: ``synthwatch report`` (a client per panel's query, each
+    opened and closed by :func:`~synthwatch.stream_apps.storage.query.run_query`) went from 44 to 169 threads
+    and 26 to 317 descriptors in one run (25 restarts). chDB hosts one engine path per process: a client on
+    another path first closes the anchor (the old engine stops once its last client closes, as before).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._location: str | None = None
+        self._handle: Any = None
+
+    def leave_other(self, location: str) -> None:
+        """Close the anchor if it holds another path: chDB refuses a second path while any handle is open."""
+        with self._lock:
+            if self._location is not None and self._location != location:
+                self._close()
+
+    def hold(self, location: str) -> None:
+        """Anchor the engine at ``location`` (a client on it is open: this cannot start a second engine)."""
+        with self._lock:
+            if self._location == location:
+                return
+            self._close()
+            import chdb
+
+            self._handle = chdb.connect(location)
+            self._location = location
+
+    def release(self) -> None:
+        """Close the anchor: the engine stops when the process's last client on it closes."""
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        handle, self._handle, self._location = self._handle, None, None
+        if handle is not None:
+            handle.close()
+
+
+_ANCHOR = _EngineAnchor()
+atexit.register(_ANCHOR.release)  # the engine shuts down cleanly at exit, as when the last client closed
+
+
+def _engine_location(url: str) -> str | None:
+    """The engine path chDB is given for a ``chdb://`` URL, spelt as clickhouse-connect spells it (chDB compares
+    paths literally); None for an engine in memory (its data lives only while a handle is open: not anchored).
+
+    Parsed as clickhouse-connect parses it (``_create_chdb_client``): the netloc, else the path as written, not
+    percent-decoded. Decoded, a data directory named ``a%41b`` was held as ``aAb``, a second engine path, which
+    chDB refused: every client on it failed.
+    """
+    parsed = urlparse(url)
+    location = parsed.netloc.rpartition("@")[2] if parsed.netloc else parsed.path
+    if location in ("", "memory", ":memory:") or location.startswith(("file:", ":memory:")):
+        return None
+    return os.path.realpath(location)
+
+
+def embedded_client(url: str, **kwargs: Any) -> Client:
+    """``clickhouse_connect.get_client(dsn=url, ...)`` for a ``chdb://`` URL, the engine kept running between clients
+    (:class:`_EngineAnchor`): every embedded client of this process is opened here, so chDB's allocator gets
+    :data:`EMBEDDED_MALLOC_CONF` whichever client loads it first (the test session's hold is opened here)."""
+    import clickhouse_connect
+
+    prepare_embedded_engine()
+    location = _engine_location(url)
+    if location is not None:
+        _ANCHOR.leave_other(location)
+    client = clickhouse_connect.get_client(dsn=url, **kwargs)
+    if location is not None:
+        try:
+            _ANCHOR.hold(location)
+        except BaseException:
+            client.close()
+            raise
+    return client
+
+
+def leave_other_embedded_engine(path: str) -> None:
+    """Before chDB is opened at ``path`` other than through :func:`embedded_client` (the engine server opens its
+    own handles): end this process's hold on another path, which chDB would refuse ``path`` for (one engine path
+    per process). The hold on ``path`` itself is kept."""
+    _ANCHOR.leave_other(os.path.realpath(path))
+
+
+def release_embedded_engine() -> None:
+    """End this process's hold on the embedded engine: it stops (and frees its directory for another process)
+    once this process's clients on it are closed. Called when a process hands its engine over while it goes on
+    (a worker stopping inside ``synthwatch up``, before the data directory is released); at exit it is automatic.
+    """
+    _ANCHOR.release()
+
+
 def connect(settings: Settings, database: str | None = None, create: bool = True) -> Client:
     """A client on the configured ClickHouse, with ``database`` (created if missing) as default.
 
@@ -98,13 +198,13 @@ def connect(settings: Settings, database: str | None = None, create: bool = True
         prepare_embedded_engine()
         settings.embedded_clickhouse_path.mkdir(parents=True, exist_ok=True)
         if create:
-            bootstrap = clickhouse_connect.get_client(dsn=url)
+            bootstrap = embedded_client(url)
             try:
                 bootstrap.command(f"CREATE DATABASE IF NOT EXISTS {database}")
-                return clickhouse_connect.get_client(dsn=url, database=database)
+                return embedded_client(url, database=database)
             finally:
                 bootstrap.close()
-        return clickhouse_connect.get_client(dsn=url, database=database)
+        return embedded_client(url, database=database)
     parts = urlparse(url)
     if create:
         server = urlunparse(parts._replace(path="/default"))

@@ -52,7 +52,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlparse
 
 from synthwatch.errors import SynthwatchError
-from synthwatch.stream_apps.storage.clickhouse import prepare_embedded_engine
+from synthwatch.stream_apps.storage.clickhouse import leave_other_embedded_engine, prepare_embedded_engine
 
 #: The environment variable that hands the process its password.
 PASSWORD_ENV = "SYNTHWATCH_ENGINE_PASSWORD"
@@ -367,6 +367,7 @@ class Engine:
         #: and starts it again on the next connect, and each restart left ~5 threads and ~8 descriptors behind
         #: (chDB 26.9). A failed request discards its handle, so without this one an idle engine restarted per
         #: failed request and its process grew without bound.
+        leave_other_embedded_engine(self.path)  # a client's hold on another directory in this process (tests)
         self._anchor = chdb.connect(self.path)
         with self.handle({}) as handle:
             self.timezone = handle.connection.query("SELECT timezone()", "TabSeparated").bytes().decode().strip()

@@ -32,7 +32,7 @@ from synthwatch.redaction import redact
 from synthwatch.schemas.text import jsonable
 from synthwatch.settings import Settings
 from synthwatch.stackfile import read_stack, read_web_token
-from synthwatch.stream_apps.storage.clickhouse import connect
+from synthwatch.stream_apps.storage.clickhouse import connect, database_of, embedded_client
 
 if TYPE_CHECKING:
     # clickhouse-connect is imported where a client is opened: in the worker, by the thread that opens it.
@@ -134,15 +134,11 @@ def analyst_client(settings: Settings, *, prepare: bool = True) -> Client:
     """
     import clickhouse_connect
 
-    from synthwatch.stream_apps.storage.clickhouse import database_of
-
     url = settings.resolved_clickhouse_url
     if url.startswith("chdb:"):
         if prepare:
             connect(settings).close()  # the engine and database exist before a read-only handle opens
-        return clickhouse_connect.get_client(
-            dsn=url, database=database_of(settings), settings=analyst_settings(settings)
-        )
+        return embedded_client(url, database=database_of(settings), settings=analyst_settings(settings))
     query_url = settings.clickhouse_query_url or url
     return clickhouse_connect.get_client(dsn=query_url, settings=analyst_settings(settings))
 

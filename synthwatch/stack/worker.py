@@ -38,7 +38,7 @@ from synthwatch.stack.drain import DrainingWorker, DrainOutcome, describe_lag, f
 from synthwatch.stack.service_worker import ServiceWorker
 from synthwatch.stackfile import StackInfo, new_web_token, read_stack, remove_stack, write_stack
 from synthwatch.stream_apps.runtime.transport import stored_uncommitted, unmarked
-from synthwatch.stream_apps.storage.clickhouse import Migration, OpeningClient, database_of
+from synthwatch.stream_apps.storage.clickhouse import Migration, OpeningClient, database_of, release_embedded_engine
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
@@ -112,6 +112,9 @@ def run_worker(
     finally:
         prepare.join()
         client.close()
+        # The engine's life in this process ends with the worker's: `up` frees the data directory next, and the
+        # next `up` must find the engine's directory free too.
+        release_embedded_engine()
         if engine is not None:
             engine.stop()
         gc.enable()  # off while the process started (`synthwatch worker`); on again in the join wait, or here

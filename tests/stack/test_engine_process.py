@@ -33,8 +33,10 @@ def _alive(pid: int) -> bool:
 
 
 def _maps_chdb(pid: int) -> bool:
-    """Whether the process has chDB's library mapped (the engine's code)."""
-    return "chdb" in Path(f"/proc/{pid}/maps").read_text()
+    """Whether the process has chDB's library mapped (the engine's code): its file's name, not the whole path (a
+    checkout under a directory named after chDB maps every one of its files under a path with "chdb" in it)."""
+    mapped = (line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines() if "/" in line)
+    return any(Path(path).name.startswith("_chdb.") for path in mapped)
 
 
 def _engine_pid(log: Path) -> int:

@@ -37,16 +37,24 @@ client = connect(Settings(data_dir=Path(sys.argv[1])))
 print(client.command("SELECT * FROM system.jemalloc_stats"))
 """
 
+#: The same, opened by the door every embedded client goes through (the test session's engine is opened so).
+_OPEN_DIRECTLY_AND_REPORT = """
+import sys
+from synthwatch.stream_apps.storage.clickhouse import embedded_client
+client = embedded_client(f"chdb://{sys.argv[1]}")
+print(client.command("SELECT * FROM system.jemalloc_stats"))
+"""
+
 
 _BENCH = (sys.executable, "-m", "synthwatch.bench.memory")
 _VARIANTS = ("--variants", "python,chdb-default")
 
 
-def _engine_options(tmp_path: Path, **env: str) -> str:
+def _engine_options(tmp_path: Path, script: str = _OPEN_AND_REPORT, **env: str) -> str:
     """jemalloc's statistics text from a child process that opened the engine through ``connect``."""
     clean = {k: v for k, v in os.environ.items() if k != "JE_MALLOC_CONF" and not k.startswith("SYNTHWATCH_")}
     result = subprocess.run(
-        [sys.executable, "-c", _OPEN_AND_REPORT, str(tmp_path)],
+        [sys.executable, "-c", script, str(tmp_path)],
         env={**clean, **env},
         capture_output=True,
         text=True,
@@ -66,6 +74,13 @@ def _dirty_decay_ms(stats: str) -> int:
 def test_connect_opens_the_embedded_engine_with_freed_pages_returned_within_a_second(tmp_path: Path) -> None:
     assert EMBEDDED_MALLOC_CONF == "dirty_decay_ms:1000"
     assert _dirty_decay_ms(_engine_options(tmp_path)) == 1000
+
+
+@pytest.mark.integration
+def test_a_client_opened_without_connect_gets_the_same_allocator_options(tmp_path: Path) -> None:
+    """``embedded_client`` is the one door to the engine (the test session's hold opens it directly): a process
+    whose first client came through it loaded chDB with chDB's own ``dirty_decay_ms:5000``. Failed before: 5000."""
+    assert _dirty_decay_ms(_engine_options(tmp_path, _OPEN_DIRECTLY_AND_REPORT)) == 1000
 
 
 @pytest.mark.integration

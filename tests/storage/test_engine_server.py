@@ -11,7 +11,6 @@ import contextlib
 import json
 import select
 import socket
-import sys
 import threading
 import time
 import urllib.error
@@ -44,6 +43,7 @@ from synthwatch.stream_apps.storage.engine_server import (
     make_handler,
 )
 from synthwatch.stream_apps.storage.sink import ClickHouseSink
+from tests.support.chdb_handles import count_chdb_handles
 from tests.support.factories import lab, seizure
 
 pytestmark = [pytest.mark.integration]
@@ -660,7 +660,7 @@ class _Port:
 
 
 def test_a_failed_request_on_an_idle_engine_does_not_close_its_last_chdb_handle(
-    ch_settings: Settings, tmp_path: Path
+    ch_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """chDB stops its engine when its last handle closes and starts it again on the next connect, and each
     restart leaves ~5 threads and ~8 descriptors behind (chDB 26.9): the engine process grew per failed request
@@ -669,28 +669,8 @@ def test_a_failed_request_on_an_idle_engine_does_not_close_its_last_chdb_handle(
     they did after the first failed request."""
     import chdb
 
-    open_counts: list[int] = []
-
-    class _Counted:
-        def __init__(self, connection: Any) -> None:
-            self._connection = connection
-            open_counts.append(open_counts[-1] + 1 if open_counts else 1)
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._connection, name)
-
-        def close(self) -> None:
-            self._connection.close()
-            open_counts.append(open_counts[-1] - 1)
-
-    class _CountingChdb:
-        @staticmethod
-        def connect(path: str) -> _Counted:
-            return _Counted(chdb.connect(path))
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(sys.modules, "chdb", _CountingChdb)
-        engine = Engine(ch_settings.embedded_clickhouse_path, tmp_path)
+    open_counts = count_chdb_handles(monkeypatch)
+    engine = Engine(ch_settings.embedded_clickhouse_path, tmp_path)
     try:
         for _ in range(3):
             with pytest.raises(chdb.ChdbError):
