@@ -66,6 +66,16 @@ def claimed_reporter(event: LabDetection | BorderSeizure) -> str:
     return f"lab:{event.lab_id}" if isinstance(event, LabDetection) else f"agency:{event.agency}"
 
 
+ReportKey = tuple[str, str]
+"""(claimed reporter, event_id): what identifies a report. Event ids are unique per reporter only (a lab's
+LIMS numbers its own samples), so two reporters may send the same id; each is its own report."""
+
+
+def report_key(event: LabDetection | BorderSeizure) -> ReportKey:
+    """The :data:`ReportKey` of a report: duplicates, changed content and corrections are judged by it."""
+    return claimed_reporter(event), event.event_id
+
+
 def facts_of(
     event: LabDetection | BorderSeizure, resolved_name: str = "", counted: Counted | None = None
 ) -> ReportFacts:

@@ -2,8 +2,9 @@
 
 Pure and synchronous so the Faust agent, the offline backtest and the tests share it: the agent only
 moves bytes in and results out. Every message ends as exactly one of: an event, a duplicate (same
-``event_id`` and content earlier in the batch), or a reject (also: the same ``event_id`` with other
-content, a changed report, which must come with a new id).
+reporter, ``event_id`` and content earlier in the batch), or a reject (also: the same reporter and
+``event_id`` with other content, a changed report, which must come with a new id). Event ids are unique
+per reporter only (:func:`~.corrections.report_key`): another reporter's report with the same id is its own.
 
 With an :class:`~synthwatch.schemas.envelope.EnvelopeVerifier`, every record's signed envelope is checked
 before it is parsed: a missing, unknown or wrong signature, or an organisation reporting as a lab or
@@ -26,7 +27,7 @@ from synthwatch.schemas.wire import (
     event_to_json,
     parse_limited,
 )
-from synthwatch.stream_apps.detect.corrections import Counted
+from synthwatch.stream_apps.detect.corrections import Counted, ReportKey, report_key
 from synthwatch.stream_apps.detect.identity import (
     NormalisedQuantity,
     ResolvedSubstance,
@@ -80,6 +81,11 @@ class EnrichedEvent:
     @property
     def event_id(self) -> str:
         return self.event.event_id
+
+    @property
+    def key(self) -> ReportKey:
+        """(claimed reporter, event_id): what tells a re-send or a changed report from another's report."""
+        return report_key(self.event)
 
 
 @dataclass(slots=True)
@@ -144,7 +150,7 @@ class Intake:
 
     def process(self, messages: Iterable[RawMessage]) -> IntakeResult:
         result = IntakeResult()
-        seen: dict[str, str] = {}  # event id -> content digest
+        seen: dict[ReportKey, str] = {}  # (reporter, event id) -> content digest
         verifier = self.verifier
         for message in messages:
             if message.value is None:
@@ -182,14 +188,15 @@ class Intake:
                     result.rejects.append(self._refuse(message, refused, event.event_id))
                     continue
             digest = content_digest(event)
-            earlier = seen.get(event.event_id)
+            key = report_key(event)
+            earlier = seen.get(key)
             if earlier is not None:
                 if earlier == digest:
                     result.duplicates += 1
                 else:  # the same id with other content in one batch: a changed report, refused
                     result.rejects.append(changed_content_reject(event, message.source, self.stage))
                 continue
-            seen[event.event_id] = digest
+            seen[key] = digest
             enriched = self.enrich(event, message.source, org)
             enriched.digest = digest
             result.events.append(enriched)
