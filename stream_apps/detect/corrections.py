@@ -6,7 +6,9 @@ Both stay stored (a report is never overwritten); the old one is marked correcte
 comes from outside, it is judged like any hostile input (:func:`judge_corrections`):
 
 - only the reporter of the original may correct it: the same kind, the same ``lab_id`` (lab detections)
-  or ``agency`` (border seizures) and, for signed records, the same organisation;
+  or ``agency`` (border seizures) and, for signed records, the same organisation. Event ids are unique per
+  reporter only, so ``corrects`` names a report of the correction's own reporter: it is looked up by
+  (reporter, id) (:func:`report_key`), and another reporter's report under that id is never its target;
 - the original must be known: stored, or taken earlier (this batch, or since the last checkpoint);
   a correction that arrives before its original is refused with a reason (send the original first);
 - one correction per report: a report already corrected is corrected again by correcting its
@@ -122,9 +124,11 @@ def correction_refusal(
     target = event.corrects
     assert target is not None
     if original is None:
+        who = "lab (lab_id)" if isinstance(event, LabDetection) else "agency"
         return (
-            f"corrects: event_id {_shown(target)} is not stored (yet): a correction is taken once the report it "
-            "corrects is; send that report first, or, if it was rejected, send the right report as a new one "
+            f"corrects: event_id {_shown(target)} is not stored (yet) as a report of this {who}: a correction "
+            "names a report of its own reporter (event ids are unique per reporter), and is taken once that "
+            "report is; send that report first, or, if it was rejected, send the right report as a new one "
             "without `corrects`"
         )
     if original.kind != event.kind:
@@ -147,20 +151,28 @@ def correction_refusal(
     return None
 
 
+def corrected_key(event: LabDetection | BorderSeizure) -> ReportKey | None:
+    """The :data:`ReportKey` of the report ``event`` corrects (its own reporter's), None if it corrects none."""
+    return None if event.corrects is None else (claimed_reporter(event), event.corrects)
+
+
 def known_reports(
-    stored: Mapping[str, ReportFacts], pending: Iterable[Any], named: Collection[str]
-) -> dict[str, ReportFacts]:
+    stored: Mapping[ReportKey, ReportFacts], pending: Iterable[Any], named: Collection[ReportKey]
+) -> dict[ReportKey, ReportFacts]:
     """What the corrections of a batch can be judged against: the stored reports they name, and the
     ``pending`` items (:class:`~.intake.EnrichedEvent`, taken since the last checkpoint, not stored yet),
-    which count as known and whose corrections mark what they correct (a stored report too)."""
+    which count as known and whose corrections mark what they correct (a stored report too). Keyed by
+    (reporter, event id): a report of another reporter under a named id is not the one named."""
     known = dict(stored)
-    corrected: dict[str, str] = {}
+    corrected: dict[ReportKey, str] = {}
     for item in pending:
         event: LabDetection | BorderSeizure = item.event
-        if event.event_id in named:
-            known.setdefault(event.event_id, facts_of(event, item.substance.display_name, counted_of(item)))
-        if event.corrects is not None and event.corrects in named:
-            corrected.setdefault(event.corrects, event.event_id)  # the first one: later forks were refused
+        key = report_key(event)
+        if key in named:
+            known.setdefault(key, facts_of(event, item.substance.display_name, counted_of(item)))
+        target = corrected_key(event)
+        if target is not None and target in named:
+            corrected.setdefault(target, event.event_id)  # the first one: later forks were refused
     for old, new in corrected.items():
         if old in known and known[old].corrected_by is None:
             known[old] = replace(known[old], corrected_by=new)
@@ -177,12 +189,13 @@ class Judged:
 
 def judge_corrections(
     items: Iterable[Any],
-    known: MutableMapping[str, ReportFacts],
+    known: MutableMapping[ReportKey, ReportFacts],
     organisation_of: Callable[[str], str],
     stage: RejectStage = "worker",
 ) -> Judged:
     """Keep the items (:class:`~.intake.EnrichedEvent`) that are not corrections or may correct what they
-    name; refuse the others. ``known`` holds the reports the corrections name (stored or pending) and is
+    name; refuse the others. ``known`` holds the reports the corrections name (stored or pending), by
+    (reporter, event id), and is
     updated as the batch goes, so a correction earlier in the batch is known to the ones after it (a chain).
 
     A kept correction's ``retracts`` is set to what the original added to the counts (:class:`Counted`):
@@ -190,8 +203,9 @@ def judge_corrections(
     judged = Judged([], [])
     for item in items:
         event: LabDetection | BorderSeizure = item.event
-        if event.corrects is not None:
-            original = known.get(event.corrects)
+        target = corrected_key(event)
+        if target is not None:
+            original = known.get(target)
             refused = correction_refusal(event, original, organisation_of, item.org)
             if refused is not None:
                 judged.rejects.append(
@@ -201,10 +215,11 @@ def judge_corrections(
                 )
                 continue
             assert original is not None
-            known[event.corrects] = replace(original, corrected_by=event.event_id)
+            known[target] = replace(original, corrected_by=event.event_id)
             item.retracts = original.counted  # set here, as the worker sets ``late``: the item is this batch's
-        if event.event_id not in known:
-            known[event.event_id] = facts_of(event, item.substance.display_name, counted_of(item))
+        key = report_key(event)
+        if key not in known:
+            known[key] = facts_of(event, item.substance.display_name, counted_of(item))
         judged.kept.append(item)
     return judged
 

@@ -20,6 +20,8 @@ from synthwatch.schemas import Alert, Reject
 from synthwatch.stream_apps.detect.corrections import (
     CitedAlert,
     ReportFacts,
+    ReportKey,
+    corrected_key,
     correction_notice,
     judge_corrections,
     known_reports,
@@ -33,15 +35,15 @@ async def judge_batch(
     agents: AgentContext, events: list[EnrichedEvent], pending: Iterable[EnrichedEvent], rejects: list[Reject]
 ) -> list[EnrichedEvent]:
     """``events`` without the corrections that may not correct what they name (their rejects go to ``rejects``)."""
-    named = {item.event.corrects for item in events if item.event.corrects is not None}
+    named = {key for item in events if (key := corrected_key(item.event)) is not None}  # (reporter, id)
     if not named:
         return events
     pending = list(pending)
-    # Ids taken since the last checkpoint are known without asking ClickHouse (they are not stored yet).
-    wanted = sorted(named - {item.event_id for item in pending})
+    # Reports taken since the last checkpoint are known without asking ClickHouse (they are not stored yet).
+    wanted = sorted(named - {item.key for item in pending})
     sink = agents.worker.sink
 
-    def lookup() -> dict[str, ReportFacts]:
+    def lookup() -> dict[ReportKey, ReportFacts]:
         with sink.lock:
             return stored_reports(sink.client, wanted)
 
@@ -58,17 +60,19 @@ async def correction_notices(agents: AgentContext, stored: Sequence[EnrichedEven
     if not corrections:
         return []
     sink = agents.worker.sink
-    old_ids = sorted({item.event.corrects for item in corrections if item.event.corrects is not None})
+    old_keys = sorted({key for item in corrections if (key := corrected_key(item.event)) is not None})
+    old_ids = sorted({event_id for _, event_id in old_keys})
 
-    def lookup() -> tuple[dict[str, ReportFacts], list[CitedAlert]]:
+    def lookup() -> tuple[dict[ReportKey, ReportFacts], list[CitedAlert]]:
         with sink.lock:
-            return stored_reports(sink.client, old_ids), alerts_citing(sink.client, old_ids)
+            return stored_reports(sink.client, old_keys), alerts_citing(sink.client, old_ids)
 
     originals, alerts = await agents.with_retries("reading corrected reports and their alerts", lookup)
     now = datetime.now(UTC)
     notices: list[Alert] = []
     for item in corrections:
-        old = originals.get(item.event.corrects or "")
+        target = corrected_key(item.event)
+        old = originals.get(target) if target is not None else None
         if old is None:
             continue
         for alert in alerts:

@@ -148,8 +148,8 @@ class ClickHouseSink:
         """Insert the events not stored yet; safe to call again with the same batch after a failure.
 
         Then the retractions of the corrections among them (``retracts`` set by the judge) not stored yet,
-        by the correction's id: after the rows, so a crash in between leaves a correction whose retraction
-        the retry adds (its row is found stored with the same content); never twice."""
+        by the correction's reporter and id: after the rows, so a crash in between leaves a correction whose
+        retraction the retry adds (its row is found stored with the same content); never twice."""
         labs = [item for item in items if isinstance(item.event, LabDetection)]
         seizures = [item for item in items if isinstance(item.event, BorderSeizure)]
         changed_labs: list[EnrichedEvent] = []
@@ -160,8 +160,8 @@ class ClickHouseSink:
             new_seizures, old_seizures = self._insert_new(
                 SEIZURE_TABLE, seizures, SINK_SEIZURE_COLUMNS, seizure_row, changed_seizures, kept
             )
-            retractions = {i.event_id: retraction_row(i, i.retracts) for i in kept if i.retracts is not None}
-            retracted = self._insert_unique(RETRACTION_TABLE, "event_id", retractions, RETRACTION_COLUMNS)
+            retractions = {i.key: retraction_row(i, i.retracts) for i in kept if i.retracts is not None}
+            retracted = self._insert_retractions(retractions)
         return StoreResult(
             new_labs, new_seizures, old_labs + old_seizures, (*changed_labs, *changed_seizures), retracted
         )
@@ -192,16 +192,47 @@ class ClickHouseSink:
                 parameters={"ids": list(rows)},
             ).result_rows
         }
-        fresh = [row for key, row in rows.items() if key not in existing]
-        if fresh:
+        return self._insert_rows(table, [row for key, row in rows.items() if key not in existing], columns)
+
+    def _insert_retractions(self, rows: dict[ReportKey, list[Any]]) -> int:
+        """Insert the retractions whose correction (reporter, event id) has none yet (caller holds the lock).
+
+        A row stored before migration 0013 has reporter '' (unknown). Then every event id was unique per
+        table (the sink refused a second report under an id), so it is the retraction of the one correction
+        of its kind under its id that corrected its ``corrected`` id: it stands for a correction of the same
+        kind, id and corrected id (a retry of a correction stored before the upgrade never retracts twice),
+        and for no other reporter's correction under that id (whose retraction it would otherwise withhold)."""
+        if not rows:
+            return 0
+        mine: set[tuple[str, str]] = set()
+        legacy: set[tuple[str, str, str]] = set()  # (event_id, kind, corrected) of reporter-less rows
+        for who, event_id, kind, corrected in self.client.query(
+            f"SELECT reporter, event_id, kind, corrected FROM {RETRACTION_TABLE} "
+            "WHERE event_id IN {ids:Array(String)}",
+            parameters={"ids": sorted({event_id for _, event_id in rows})},
+        ).result_rows:
+            mine.add((str(who), str(event_id)))
+            if who == "":
+                legacy.add((str(event_id), str(kind), str(corrected)))
+        fresh = [
+            row
+            for key, row in rows.items()
+            if key not in mine
+            and (row[0], row[2], row[1]) not in legacy  # RETRACTION_COLUMNS: event_id, corrected, kind
+        ]
+        return self._insert_rows(RETRACTION_TABLE, fresh, RETRACTION_COLUMNS)
+
+    def _insert_rows(self, table: str, rows: list[Any], columns: list[str]) -> int:
+        """Insert ``rows`` (found not stored yet) column-oriented; returns how many (caller holds the lock)."""
+        if rows:
             self.client.insert(
                 table,
-                _columns(fresh, len(columns)),
+                _columns(rows, len(columns)),
                 column_names=columns,
                 column_oriented=True,
                 settings=INSERT_SETTINGS,
             )
-        return len(fresh)
+        return len(rows)
 
     def learnt_structures(self, as_of: datetime) -> list[LearntStructure]:
         """The structures learnt from reports stored at or before ``as_of`` (see :mod:`.learnt`), under the lock."""
