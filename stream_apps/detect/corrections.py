@@ -243,6 +243,27 @@ class CitedAlert:
     evidence_event_ids: tuple[str, ...]
 
 
+def rests_on(cited: CitedAlert, old: ReportFacts, holders: Collection[str]) -> bool:
+    """Whether ``cited`` may rest on ``old`` (a corrected report), so a notice of its correction is owed.
+
+    An alert's evidence holds event ids alone, and event ids are unique per reporter only: when another
+    reporter (``holders``: the claimed reporters with a stored report under ``old``'s id) holds a report under
+    the same id, the evidence may name that one. Then ``old`` must fit the alert: its substance (or, for a
+    family series, its family), its region (unless the alert is network-wide) and its occurrence within the
+    alert's window. Otherwise a lab that sent a report under another lab's id and corrected it would send a
+    notice on the other lab's alert ('report X behind alert ... was corrected') that is not true."""
+    if old.event_id not in cited.evidence_event_ids:
+        return False
+    if not set(holders) - {old.reporter}:
+        return True  # nobody else holds the id: the evidence names this report
+    counted = old.counted
+    if counted is None:
+        return False
+    substance = cited.substance.key in (counted.substance_key, f"family:{counted.family}")
+    region = cited.region is None or cited.region == counted.region
+    return substance and region and cited.window_start <= counted.occurred_at < cited.window_end
+
+
 def notice_id(alert_id: str, correction_event_id: str) -> str:
     """Deterministic id of the notice that ``correction_event_id`` changed the basis of ``alert_id``."""
     digest = hashlib.sha256(f"{alert_id}\x1f{correction_event_id}".encode()).hexdigest()[:16]

@@ -25,10 +25,11 @@ from synthwatch.stream_apps.detect.corrections import (
     correction_notice,
     judge_corrections,
     known_reports,
+    rests_on,
 )
 from synthwatch.stream_apps.detect.intake import EnrichedEvent
 from synthwatch.stream_apps.runtime.context import AgentContext, send_all
-from synthwatch.stream_apps.storage.corrections import alerts_citing, stored_reports
+from synthwatch.stream_apps.storage.corrections import alerts_citing, reporters_under, stored_reports
 
 
 async def judge_batch(
@@ -63,11 +64,12 @@ async def correction_notices(agents: AgentContext, stored: Sequence[EnrichedEven
     old_keys = sorted({key for item in corrections if (key := corrected_key(item.event)) is not None})
     old_ids = sorted({event_id for _, event_id in old_keys})
 
-    def lookup() -> tuple[dict[ReportKey, ReportFacts], list[CitedAlert]]:
+    def lookup() -> tuple[dict[ReportKey, ReportFacts], list[CitedAlert], dict[str, set[str]]]:
         with sink.lock:
-            return stored_reports(sink.client, old_keys), alerts_citing(sink.client, old_ids)
+            client = sink.client
+            return stored_reports(client, old_keys), alerts_citing(client, old_ids), reporters_under(client, old_ids)
 
-    originals, alerts = await agents.with_retries("reading corrected reports and their alerts", lookup)
+    originals, alerts, holders = await agents.with_retries("reading corrected reports and their alerts", lookup)
     now = datetime.now(UTC)
     notices: list[Alert] = []
     for item in corrections:
@@ -76,7 +78,7 @@ async def correction_notices(agents: AgentContext, stored: Sequence[EnrichedEven
         if old is None:
             continue
         for alert in alerts:
-            if old.event_id in alert.evidence_event_ids:
+            if rests_on(alert, old, holders.get(old.event_id, ())):  # not another reporter's under the id
                 notices.append(correction_notice(alert, old, item.event, item.substance.display_name, now))
     topic = agents.topics.alerts
     await send_all([await agents.send(topic, n.alert_id.encode(), n.model_dump_json().encode()) for n in notices])

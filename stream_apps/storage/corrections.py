@@ -79,11 +79,27 @@ def _quantity(text: str) -> str:
         return text
 
 
+def reporters_under(client: Client, ids: Sequence[str]) -> dict[str, set[str]]:
+    """Event id -> the claimed reporters (``lab:ID``/``agency:NAME``) with a stored report under it, either
+    kind: whether an alert's evidence id (an id alone) may name another reporter's report. Caller holds the lock."""
+    found: dict[str, set[str]] = {}
+    if not ids:
+        return found
+    for table in (LAB_TABLE, SEIZURE_TABLE):
+        column, prefix = REPORTER_COLUMN[table]
+        for event_id, who in client.query(
+            f"SELECT DISTINCT event_id, {column} FROM {table} WHERE event_id IN {{ids:Array(String)}}",
+            parameters={"ids": list(ids)},
+        ).result_rows:
+            found.setdefault(str(event_id), set()).add(prefix + str(who))
+    return found
+
+
 def alerts_citing(client: Client, ids: Sequence[str]) -> list[CitedAlert]:
     """Every stored alert whose evidence names one of ``ids`` (corrected reports), correction notices left out.
 
     Evidence holds event ids alone: an alert resting on another reporter's report under the same id is
-    found too (it cannot be told apart here)."""
+    found too; :func:`~synthwatch.stream_apps.detect.corrections.rests_on` tells them apart."""
     if not ids:
         return []
     rows = client.query(

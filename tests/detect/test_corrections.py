@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from synthwatch.schemas.records import AlertSubstance
 from synthwatch.schemas.reject_reasons import reject_reason
 from synthwatch.stream_apps.detect.corrections import (
     CitedAlert,
+    Counted,
     ReportFacts,
     correction_notice,
     counted_of,
@@ -17,6 +19,7 @@ from synthwatch.stream_apps.detect.corrections import (
     judge_corrections,
     known_reports,
     notice_id,
+    rests_on,
 )
 from synthwatch.stream_apps.detect.intake import EnrichedEvent, Intake, RawMessage
 from tests.support.factories import lab, seizure
@@ -183,3 +186,27 @@ def test_a_correction_names_a_report_of_its_own_reporter_never_another_s_under_t
     assert judged.kept == [own, fix] and fix.retracts == counted_of(own) and fix.retracts.region == "FR-IDF"
     assert known[("lab:LAB-A", "2026-000123")].corrected_by is None
     assert known[("lab:LAB-B", "2026-000123")].corrected_by == "2026-000124"
+
+
+def test_an_alert_rests_on_a_corrected_report_only_if_it_may_be_the_one_its_evidence_names() -> None:
+    """Evidence holds event ids alone. Nobody else holds the id: the alert rests on the report. Another
+    reporter holds it too: only if the report fits the alert (substance or family series, region, window)."""
+    day = datetime(2026, 3, 2, tzinfo=UTC)
+    counted = Counted(day + timedelta(hours=9), "FR", "FR-75C", "KEY-ISO", "Isotonitazene", "nitazene")
+    old = ReportFacts("2026-000123", "lab_detection", "lab:LAB-A", "isotonitazene", counted=counted)
+    substance = AlertSubstance(name="Isotonitazene", key="KEY-ISO", family="nitazene")
+    cited = CitedAlert(
+        "a", "spike", "warning", "FR", "FR-75C", substance, day, day + timedelta(days=1), day, ("x", old.event_id)
+    )
+    assert rests_on(cited, old, {"lab:LAB-A"}) and rests_on(cited, old, set())
+    both = {"lab:LAB-A", "lab:LAB-B"}
+    assert rests_on(cited, old, both)
+    family = replace(cited, substance=AlertSubstance(name="nitazenes", key="family:nitazene"), region=None)
+    assert rests_on(family, old, both)  # a family series, network-wide
+    assert not rests_on(replace(cited, region="FR-IDF"), old, both)
+    assert not rests_on(replace(cited, substance=substance.model_copy(update={"key": "KEY-OTHER"})), old, both)
+    assert not rests_on(
+        replace(cited, window_start=day + timedelta(days=1), window_end=day + timedelta(days=2)), old, both
+    )
+    assert not rests_on(cited, replace(old, counted=None), both)  # nothing to tell it by: no notice
+    assert not rests_on(replace(cited, evidence_event_ids=("x",)), old, {"lab:LAB-A"})  # not cited at all

@@ -172,8 +172,9 @@ def test_two_reporters_with_one_event_id_are_both_stored_and_counted(ch: Any) ->
 
 def test_two_reporters_with_one_event_id_in_one_batch_are_both_taken() -> None:
     result = Intake().process(_messages([*_two_labs_one_id(), _two_labs_one_id()[1]]))
-    assert ([e.key for e in result.events], result.duplicates, result.rejects) == (
-        [("lab:LAB-A", "2026-000123"), ("lab:LAB-B", "2026-000123")],
+    taken = [(e.event.lab_id, e.event_id) for e in result.events]  # type: ignore[union-attr]
+    assert (taken, result.duplicates, result.rejects) == (
+        [("LAB-A", "2026-000123"), ("LAB-B", "2026-000123")],
         1,
         [],
     )
