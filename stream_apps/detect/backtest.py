@@ -27,7 +27,13 @@ from synthwatch.schemas import Alert, BorderSeizure, Reject, WireError
 from synthwatch.schemas.wire import RecordLimits, check_event_time, parse_limited
 from synthwatch.stream_apps.detect.identity import Structure, grams_of, remember_structures, structure_from_smiles
 from synthwatch.stream_apps.detect.intake import Intake
-from synthwatch.stream_apps.detect.region import DetectionConfig, Detector, Observation, ObservationFields
+from synthwatch.stream_apps.detect.region import (
+    DetectionConfig,
+    Detector,
+    Observation,
+    ObservationFields,
+    report_id,
+)
 from synthwatch.stream_apps.detect.spikes import intern_day
 
 
@@ -69,7 +75,8 @@ def run_lines(
     modification time): a line whose event time is more than ``intake.limits.max_future_hours`` after it is
     refused, as the worker refuses a record past its Kafka timestamp. None: no such bound.
 
-    ``detector``, ``intake`` and ``stored`` (ids stored before, grown with every event taken) continue from
+    ``detector``, ``intake`` and ``stored`` (:func:`~.region.report_id` of the reports stored before, grown
+    with every event taken) continue from
     a state built elsewhere, e.g. rebuilt from ClickHouse: how the tests check that rebuild-then-live raises
     the alerts of one backtest over everything. ``progress`` (a progress bar's advance) hears how many
     lines are done, a block at a time, once the detector is through them: not when they are read, which
@@ -170,14 +177,15 @@ class _Found:
 
 
 def _observe_all(detector: Detector, seen: set[str], observations: Iterable[Observation]) -> _Found:
-    """Both stages over observations in order; ``seen`` (ids taken) grows with every event taken."""
+    """Both stages over observations in order; ``seen`` (:func:`report_id` of the events taken: reporter and
+    event id, as the worker's sink looks them up) grows with every event taken."""
     found = _Found([], 0, 0, 0)
     for obs in observations:
         result = detector.observe(obs, seen)
         if result.duplicate:
             found.duplicates += 1
         else:
-            seen.add(obs.event_id)
+            seen.add(report_id(obs))
             found.events += 1
             found.late += result.late_by_hours is not None
             found.alerts.extend(result.alerts)

@@ -6,7 +6,9 @@ Both stay stored (a report is never overwritten); the old one is marked correcte
 comes from outside, it is judged like any hostile input (:func:`judge_corrections`):
 
 - only the reporter of the original may correct it: the same kind, the same ``lab_id`` (lab detections)
-  or ``agency`` (border seizures) and, for signed records, the same organisation;
+  or ``agency`` (border seizures) and, for signed records, the same organisation. Event ids are unique per
+  reporter only, so ``corrects`` names a report of the correction's own reporter: it is looked up by
+  (reporter, id) (:func:`report_key`), and another reporter's report under that id is never its target;
 - the original must be known: stored, or taken earlier (this batch, or since the last checkpoint);
   a correction that arrives before its original is refused with a reason (send the original first);
 - one correction per report: a report already corrected is corrected again by correcting its
@@ -66,6 +68,16 @@ def claimed_reporter(event: LabDetection | BorderSeizure) -> str:
     return f"lab:{event.lab_id}" if isinstance(event, LabDetection) else f"agency:{event.agency}"
 
 
+ReportKey = tuple[str, str]
+"""(claimed reporter, event_id): what identifies a report. Event ids are unique per reporter only (a lab's
+LIMS numbers its own samples), so two reporters may send the same id; each is its own report."""
+
+
+def report_key(event: LabDetection | BorderSeizure) -> ReportKey:
+    """The :data:`ReportKey` of a report: duplicates, changed content and corrections are judged by it."""
+    return claimed_reporter(event), event.event_id
+
+
 def facts_of(
     event: LabDetection | BorderSeizure, resolved_name: str = "", counted: Counted | None = None
 ) -> ReportFacts:
@@ -112,9 +124,11 @@ def correction_refusal(
     target = event.corrects
     assert target is not None
     if original is None:
+        who = "lab (lab_id)" if isinstance(event, LabDetection) else "agency"
         return (
-            f"corrects: event_id {_shown(target)} is not stored (yet): a correction is taken once the report it "
-            "corrects is; send that report first, or, if it was rejected, send the right report as a new one "
+            f"corrects: event_id {_shown(target)} is not stored (yet) as a report of this {who}: a correction "
+            "names a report of its own reporter (event ids are unique per reporter), and is taken once that "
+            "report is; send that report first, or, if it was rejected, send the right report as a new one "
             "without `corrects`"
         )
     if original.kind != event.kind:
@@ -137,20 +151,28 @@ def correction_refusal(
     return None
 
 
+def corrected_key(event: LabDetection | BorderSeizure) -> ReportKey | None:
+    """The :data:`ReportKey` of the report ``event`` corrects (its own reporter's), None if it corrects none."""
+    return None if event.corrects is None else (claimed_reporter(event), event.corrects)
+
+
 def known_reports(
-    stored: Mapping[str, ReportFacts], pending: Iterable[Any], named: Collection[str]
-) -> dict[str, ReportFacts]:
+    stored: Mapping[ReportKey, ReportFacts], pending: Iterable[Any], named: Collection[ReportKey]
+) -> dict[ReportKey, ReportFacts]:
     """What the corrections of a batch can be judged against: the stored reports they name, and the
     ``pending`` items (:class:`~.intake.EnrichedEvent`, taken since the last checkpoint, not stored yet),
-    which count as known and whose corrections mark what they correct (a stored report too)."""
+    which count as known and whose corrections mark what they correct (a stored report too). Keyed by
+    (reporter, event id): a report of another reporter under a named id is not the one named."""
     known = dict(stored)
-    corrected: dict[str, str] = {}
+    corrected: dict[ReportKey, str] = {}
     for item in pending:
         event: LabDetection | BorderSeizure = item.event
-        if event.event_id in named:
-            known.setdefault(event.event_id, facts_of(event, item.substance.display_name, counted_of(item)))
-        if event.corrects is not None and event.corrects in named:
-            corrected.setdefault(event.corrects, event.event_id)  # the first one: later forks were refused
+        key = report_key(event)
+        if key in named:
+            known.setdefault(key, facts_of(event, item.substance.display_name, counted_of(item)))
+        target = corrected_key(event)
+        if target is not None and target in named:
+            corrected.setdefault(target, event.event_id)  # the first one: later forks were refused
     for old, new in corrected.items():
         if old in known and known[old].corrected_by is None:
             known[old] = replace(known[old], corrected_by=new)
@@ -167,12 +189,13 @@ class Judged:
 
 def judge_corrections(
     items: Iterable[Any],
-    known: MutableMapping[str, ReportFacts],
+    known: MutableMapping[ReportKey, ReportFacts],
     organisation_of: Callable[[str], str],
     stage: RejectStage = "worker",
 ) -> Judged:
     """Keep the items (:class:`~.intake.EnrichedEvent`) that are not corrections or may correct what they
-    name; refuse the others. ``known`` holds the reports the corrections name (stored or pending) and is
+    name; refuse the others. ``known`` holds the reports the corrections name (stored or pending), by
+    (reporter, event id), and is
     updated as the batch goes, so a correction earlier in the batch is known to the ones after it (a chain).
 
     A kept correction's ``retracts`` is set to what the original added to the counts (:class:`Counted`):
@@ -180,8 +203,9 @@ def judge_corrections(
     judged = Judged([], [])
     for item in items:
         event: LabDetection | BorderSeizure = item.event
-        if event.corrects is not None:
-            original = known.get(event.corrects)
+        target = corrected_key(event)
+        if target is not None:
+            original = known.get(target)
             refused = correction_refusal(event, original, organisation_of, item.org)
             if refused is not None:
                 judged.rejects.append(
@@ -191,10 +215,11 @@ def judge_corrections(
                 )
                 continue
             assert original is not None
-            known[event.corrects] = replace(original, corrected_by=event.event_id)
+            known[target] = replace(original, corrected_by=event.event_id)
             item.retracts = original.counted  # set here, as the worker sets ``late``: the item is this batch's
-        if event.event_id not in known:
-            known[event.event_id] = facts_of(event, item.substance.display_name, counted_of(item))
+        key = report_key(event)
+        if key not in known:
+            known[key] = facts_of(event, item.substance.display_name, counted_of(item))
         judged.kept.append(item)
     return judged
 
@@ -216,6 +241,27 @@ class CitedAlert:
     window_end: datetime
     triggered_at: datetime
     evidence_event_ids: tuple[str, ...]
+
+
+def rests_on(cited: CitedAlert, old: ReportFacts, holders: Collection[str]) -> bool:
+    """Whether ``cited`` may rest on ``old`` (a corrected report), so a notice of its correction is owed.
+
+    An alert's evidence holds event ids alone, and event ids are unique per reporter only: when another
+    reporter (``holders``: the claimed reporters with a stored report under ``old``'s id) holds a report under
+    the same id, the evidence may name that one. Then ``old`` must fit the alert: its substance (or, for a
+    family series, its family), its region (unless the alert is network-wide) and its occurrence within the
+    alert's window. Otherwise a lab that sent a report under another lab's id and corrected it would send a
+    notice on the other lab's alert ('report X behind alert ... was corrected') that is not true."""
+    if old.event_id not in cited.evidence_event_ids:
+        return False
+    if not set(holders) - {old.reporter}:
+        return True  # nobody else holds the id: the evidence names this report
+    counted = old.counted
+    if counted is None:
+        return False
+    substance = cited.substance.key in (counted.substance_key, f"family:{counted.family}")
+    region = cited.region is None or cited.region == counted.region
+    return substance and region and cited.window_start <= counted.occurred_at < cited.window_end
 
 
 def notice_id(alert_id: str, correction_event_id: str) -> str:

@@ -2,8 +2,9 @@
 
 Pure and synchronous so the Faust agent, the offline backtest and the tests share it: the agent only
 moves bytes in and results out. Every message ends as exactly one of: an event, a duplicate (same
-``event_id`` and content earlier in the batch), or a reject (also: the same ``event_id`` with other
-content, a changed report, which must come with a new id).
+reporter, ``event_id`` and content earlier in the batch), or a reject (also: the same reporter and
+``event_id`` with other content, a changed report, which must come with a new id). Event ids are unique
+per reporter only (:func:`~.corrections.report_key`): another reporter's report with the same id is its own.
 
 With an :class:`~synthwatch.schemas.envelope.EnvelopeVerifier`, every record's signed envelope is checked
 before it is parsed: a missing, unknown or wrong signature, or an organisation reporting as a lab or
@@ -28,7 +29,7 @@ from synthwatch.schemas.wire import (
     event_to_json,
     parse_limited,
 )
-from synthwatch.stream_apps.detect.corrections import Counted
+from synthwatch.stream_apps.detect.corrections import Counted, ReportKey, report_key
 from synthwatch.stream_apps.detect.identity import (
     NormalisedQuantity,
     ResolvedSubstance,
@@ -86,13 +87,18 @@ class EnrichedEvent:
     def event_id(self) -> str:
         return self.event.event_id
 
+    @property
+    def key(self) -> ReportKey:
+        """(claimed reporter, event_id): what tells a re-send or a changed report from another's report."""
+        return report_key(self.event)
+
 
 @dataclass(slots=True)
 class IntakeResult:
     events: list[EnrichedEvent] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
     duplicates: int = 0
-    seen: dict[str, str] = field(default_factory=dict, repr=False)  # event id -> content digest, in this batch
+    seen: dict[ReportKey, str] = field(default_factory=dict, repr=False)  # (reporter, event id) -> content digest
 
 
 class Intake:
@@ -152,7 +158,7 @@ class Intake:
         """Validate and enrich ``messages``; with ``into``, go on with that batch's result (a batch taken in
         slices, :mod:`synthwatch.stream_apps.runtime.agents.intake`): the same as one call over all its messages."""
         result = IntakeResult() if into is None else into
-        seen = result.seen  # event id -> content digest, over the whole batch
+        seen = result.seen  # (reporter, event id) -> content digest, over the whole batch
         verifier = self.verifier
         for message in messages:
             if message.value is None:
@@ -191,14 +197,15 @@ class Intake:
                     result.rejects.append(self._refuse(message, refused, event.event_id))
                     continue
             digest = content_digest(event)
-            earlier = seen.get(event.event_id)
+            key = report_key(event)
+            earlier = seen.get(key)
             if earlier is not None:
                 if earlier == digest:
                     result.duplicates += 1
                 else:  # the same id with other content in one batch: a changed report, refused
                     result.rejects.append(changed_content_reject(event, message.source, self.stage))
                 continue
-            seen[event.event_id] = digest
+            seen[key] = digest
             enriched = self.enrich(event, message.source, org)
             enriched.digest = digest
             result.events.append(enriched)

@@ -176,9 +176,20 @@ class Observation:
         )
 
 
+def report_id(obs: Observation) -> str:
+    """The claimed reporter and event id of ``obs`` as one string (``lab:ID``/``agency:NAME``, a unit
+    separator, the event id): what the region's recent ids hold. Event ids are unique per reporter only, so
+    another reporter's report with the same id is not a duplicate. No field may hold the separator (schemas
+    refuse control characters), so the string names one pair; an id noted before reporters were part of it
+    is a plain event id (no separator): see :meth:`RegionDetector._seen_before`."""
+    tag = "lab:" if obs.kind == "lab_detection" else "agency:"
+    return f"{tag}{obs.reporter or ''}\x1f{obs.event_id}"
+
+
 @dataclass(slots=True)
 class RegionState:
-    """Per-region bookkeeping: event-time watermarks, recent ids (duplicates), daily totals (rhythm).
+    """Per-region bookkeeping: event-time watermarks, recent ids (duplicates: :func:`report_id`, reporter
+    and event id), daily totals (rhythm).
 
     Watermarks are per kind: labs and seizures come on two topics whose interleaving is arbitrary
     (a replay may deliver a month of lab reports before the seizures), but each is in order.
@@ -256,12 +267,12 @@ class RegionState:
         self.cut = self.rhythm_cut = None
         return True, self.to_dict()
 
-    def note_added(self, day: int, event_id: str, forwarded_key: str | None) -> None:
-        """Remember an id (and a forwarded substance) added since the full record."""
+    def note_added(self, day: int, report: str, forwarded_key: str | None) -> None:
+        """Remember a :func:`report_id` (and a forwarded substance) added since the full record."""
         ids = self.added_recent.get(day)
         if ids is None:
             ids = self.added_recent[day] = []
-        ids.append(event_id)
+        ids.append(report)
         if forwarded_key is not None:
             keys = self.added_forwarded.get(day)
             if keys is None:
@@ -491,7 +502,8 @@ class RegionDetector:
         if watermark is not None and obs.occurred_at < watermark - self.lateness:
             return self._observe_late(obs, region, watermark, result)
         day = obs.day
-        if self._seen_before(region, obs, result):
+        key = report_id(obs)
+        if self._seen_before(region, obs, key, result):
             return result
         today = region.today
         if today is None:
@@ -540,9 +552,9 @@ class RegionDetector:
         if obs.subject.key not in forwarded:
             forwarded.add(obs.subject.key)
             result.sightings.append(obs.sighting())
-            region.note_added(day, obs.event_id, obs.subject.key)
+            region.note_added(day, key, obs.subject.key)
         else:
-            region.note_added(day, obs.event_id, None)
+            region.note_added(day, key, None)
             if obs.subject.formerly is not None:  # it ties a name to its structure: novelty must hear it
                 result.sightings.append(obs.sighting())
         return result
@@ -555,15 +567,17 @@ class RegionDetector:
                 state.outbox.extend(a.model_dump_json() for a in alerts)
                 self.outbox_series.add(name)
 
-    def _seen_before(self, region: RegionState, obs: Observation, result: RegionResult) -> bool:
-        """Note ``obs`` among its day's event ids; True (``result.duplicate`` set) if it was there already."""
+    def _seen_before(self, region: RegionState, obs: Observation, key: str, result: RegionResult) -> bool:
+        """Note ``key`` (:func:`report_id` of ``obs``) among its day's ids; True (``result.duplicate`` set) if
+        it was there already. A plain event id there was noted before ids were scoped by reporter: it may be
+        this reporter's, so it still makes ``obs`` a duplicate (as it did then) until its day is pruned."""
         seen = region.recent.get(obs.day)
         if seen is None:
             seen = region.recent[obs.day] = set()
-        elif obs.event_id in seen:
+        elif key in seen or obs.event_id in seen:
             result.duplicate = True
             return True
-        seen.add(obs.event_id)
+        seen.add(key)
         self.dirty_regions.add(obs.region)
         return False
 
@@ -583,7 +597,8 @@ class RegionDetector:
         if day < newest - self._keep_ids_days:
             result.sightings.append(obs.sighting(late_by))
             return result
-        if self._seen_before(region, obs, result):
+        key = report_id(obs)
+        if self._seen_before(region, obs, key, result):
             return result
         forwarded = region.forwarded.get(day)
         if forwarded is None:
@@ -591,9 +606,9 @@ class RegionDetector:
         if obs.subject.key not in forwarded:
             forwarded.add(obs.subject.key)
             result.sightings.append(obs.sighting(late_by))
-            region.note_added(day, obs.event_id, obs.subject.key)
+            region.note_added(day, key, obs.subject.key)
         else:
-            region.note_added(day, obs.event_id, None)
+            region.note_added(day, key, None)
             if obs.subject.formerly is not None:  # it ties a name to its structure: novelty must hear it
                 result.sightings.append(obs.sighting(late_by))
         return result
@@ -696,9 +711,10 @@ class Detector:
         self.novelty = NoveltyDetector(self.config.novelty)
 
     def observe(self, obs: Observation, stored: Container[str] = ()) -> DetectionResult:
-        """Both stages; a late report whose id is in ``stored`` is a re-send (the worker asks ClickHouse)."""
+        """Both stages; a late report whose :func:`report_id` is in ``stored`` is a re-send (the worker asks
+        ClickHouse by reporter and event id)."""
         stage = self.regions.observe(obs)
-        duplicate = stage.duplicate or (stage.late_by_hours is not None and obs.event_id in stored)
+        duplicate = stage.duplicate or (stage.late_by_hours is not None and report_id(obs) in stored)
         result = DetectionResult(alerts=[], late_by_hours=stage.late_by_hours, duplicate=duplicate)
         if duplicate:
             return result

@@ -20,28 +20,31 @@ from synthwatch.schemas import Alert, Reject
 from synthwatch.stream_apps.detect.corrections import (
     CitedAlert,
     ReportFacts,
+    ReportKey,
+    corrected_key,
     correction_notice,
     judge_corrections,
     known_reports,
+    rests_on,
 )
 from synthwatch.stream_apps.detect.intake import EnrichedEvent
 from synthwatch.stream_apps.runtime.context import AgentContext, send_all
-from synthwatch.stream_apps.storage.corrections import alerts_citing, stored_reports
+from synthwatch.stream_apps.storage.corrections import alerts_citing, reporters_under, stored_reports
 
 
 async def judge_batch(
     agents: AgentContext, events: list[EnrichedEvent], pending: Iterable[EnrichedEvent], rejects: list[Reject]
 ) -> list[EnrichedEvent]:
     """``events`` without the corrections that may not correct what they name (their rejects go to ``rejects``)."""
-    named = {item.event.corrects for item in events if item.event.corrects is not None}
+    named = {key for item in events if (key := corrected_key(item.event)) is not None}  # (reporter, id)
     if not named:
         return events
     pending = list(pending)
-    # Ids taken since the last checkpoint are known without asking ClickHouse (they are not stored yet).
-    wanted = sorted(named - {item.event_id for item in pending})
+    # Reports taken since the last checkpoint are known without asking ClickHouse (they are not stored yet).
+    wanted = sorted(named - {item.key for item in pending})
     sink = agents.worker.sink
 
-    def lookup() -> dict[str, ReportFacts]:
+    def lookup() -> dict[ReportKey, ReportFacts]:
         with sink.lock:
             return stored_reports(sink.client, wanted)
 
@@ -58,21 +61,24 @@ async def correction_notices(agents: AgentContext, stored: Sequence[EnrichedEven
     if not corrections:
         return []
     sink = agents.worker.sink
-    old_ids = sorted({item.event.corrects for item in corrections if item.event.corrects is not None})
+    old_keys = sorted({key for item in corrections if (key := corrected_key(item.event)) is not None})
+    old_ids = sorted({event_id for _, event_id in old_keys})
 
-    def lookup() -> tuple[dict[str, ReportFacts], list[CitedAlert]]:
+    def lookup() -> tuple[dict[ReportKey, ReportFacts], list[CitedAlert], dict[str, set[str]]]:
         with sink.lock:
-            return stored_reports(sink.client, old_ids), alerts_citing(sink.client, old_ids)
+            client = sink.client
+            return stored_reports(client, old_keys), alerts_citing(client, old_ids), reporters_under(client, old_ids)
 
-    originals, alerts = await agents.with_retries("reading corrected reports and their alerts", lookup)
+    originals, alerts, holders = await agents.with_retries("reading corrected reports and their alerts", lookup)
     now = datetime.now(UTC)
     notices: list[Alert] = []
     for item in corrections:
-        old = originals.get(item.event.corrects or "")
+        target = corrected_key(item.event)
+        old = originals.get(target) if target is not None else None
         if old is None:
             continue
         for alert in alerts:
-            if old.event_id in alert.evidence_event_ids:
+            if rests_on(alert, old, holders.get(old.event_id, ())):  # not another reporter's under the id
                 notices.append(correction_notice(alert, old, item.event, item.substance.display_name, now))
     topic = agents.topics.alerts
     await send_all([await agents.send(topic, n.alert_id.encode(), n.model_dump_json().encode()) for n in notices])

@@ -3,7 +3,8 @@
 Both are one query per table for a whole batch (ids bound as one ``Array(String)`` parameter, as the sink's
 stored-id check does), so a batch of corrections costs a few queries, never one per event; a batch with no
 correction costs none (the caller skips the call). The link old -> new is the ``corrects`` column of the
-new report (migration 0011): a report is corrected when a row of its table names it.
+new report (migration 0011): a report is corrected when a row of its table, of the same reporter, names it
+(event ids are unique per reporter only: reports are looked up by (reporter, event id)).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from synthwatch.schemas.events import EventKind
 from synthwatch.schemas.records import AlertSubstance
-from synthwatch.stream_apps.detect.corrections import CitedAlert, Counted, ReportFacts
+from synthwatch.stream_apps.detect.corrections import CitedAlert, Counted, ReportFacts, ReportKey
+from synthwatch.stream_apps.storage.sink import REPORTER_COLUMN
 from synthwatch.stream_apps.storage.tables import ALERT_TABLE, LAB_TABLE, SEIZURE_TABLE
 
 if TYPE_CHECKING:
@@ -32,33 +34,38 @@ _FACTS: dict[str, tuple[EventKind, str, str, str]] = {  # kind, reporter, quanti
 _COUNTED = "any(occurred_at), any(country), any(region), any(substance_key), any(resolved_name), any(family)"
 
 
-def stored_reports(client: Client, ids: Sequence[str]) -> dict[str, ReportFacts]:
-    """The stored reports among ``ids`` (either kind), each with the id of its stored correction, if any,
-    and what it added to the counts (which a correction of it takes out).
+def stored_reports(client: Client, keys: Sequence[ReportKey]) -> dict[ReportKey, ReportFacts]:
+    """The stored reports among ``keys`` ((``lab:ID``/``agency:NAME``, event id), either kind), each with the
+    id of its stored correction (by the same reporter), if any, and what it added to the counts (which a
+    correction of it takes out).
 
     Caller holds the client's lock. Rows stored by ``ingest-history`` count as stored: their reporter
     columns are the same."""
-    if not ids:
-        return {}
-    found: dict[str, ReportFacts] = {}
+    found: dict[ReportKey, ReportFacts] = {}
     for table, (kind, reporter, quantity, grams) in _FACTS.items():
+        column, prefix = REPORTER_COLUMN[table]
+        pairs = sorted({(who.removeprefix(prefix), event_id) for who, event_id in keys if who.startswith(prefix)})
+        if not pairs:
+            continue
+        ids = sorted({event_id for _, event_id in pairs})
         rows = client.query(
-            f"SELECT event_id, {reporter}, any(if(substance_name != '', substance_name, resolved_name)), "
+            f"SELECT {column}, event_id, {reporter}, any(if(substance_name != '', substance_name, resolved_name)), "
             f"{quantity}, {_COUNTED}, {grams} FROM {table} WHERE event_id IN {{ids:Array(String)}} "
-            "GROUP BY event_id",
-            parameters={"ids": list(ids)},
+            f"AND ({column}, event_id) IN {{pairs:Array(Tuple(String, String))}} GROUP BY {column}, event_id",
+            parameters={"ids": ids, "pairs": pairs},
         ).result_rows
-        corrected: dict[str, str] = {
-            str(old): str(new)
-            for old, new in client.query(
-                f"SELECT corrects, min(event_id) FROM {table} "
-                "WHERE corrects IN {ids:Array(String)} GROUP BY corrects",
-                parameters={"ids": list(ids)},
+        corrected: dict[tuple[str, str], str] = {
+            (str(by), str(old)): str(new)
+            for by, old, new in client.query(
+                f"SELECT {column}, corrects, min(event_id) FROM {table} "
+                f"WHERE corrects IN {{ids:Array(String)}} AND ({column}, corrects) IN "
+                f"{{pairs:Array(Tuple(String, String))}} GROUP BY {column}, corrects",
+                parameters={"ids": ids, "pairs": pairs},
             ).result_rows
         }
-        for event_id, who, substance, amount, *counted in rows:
-            found[event_id] = ReportFacts(
-                event_id, kind, who, substance, _quantity(amount), corrected.get(event_id), Counted(*counted)
+        for by, event_id, who, substance, amount, *counted in rows:
+            found[(prefix + by, event_id)] = ReportFacts(
+                event_id, kind, who, substance, _quantity(amount), corrected.get((by, event_id)), Counted(*counted)
             )
     return found
 
@@ -72,8 +79,27 @@ def _quantity(text: str) -> str:
         return text
 
 
+def reporters_under(client: Client, ids: Sequence[str]) -> dict[str, set[str]]:
+    """Event id -> the claimed reporters (``lab:ID``/``agency:NAME``) with a stored report under it, either
+    kind: whether an alert's evidence id (an id alone) may name another reporter's report. Caller holds the lock."""
+    found: dict[str, set[str]] = {}
+    if not ids:
+        return found
+    for table in (LAB_TABLE, SEIZURE_TABLE):
+        column, prefix = REPORTER_COLUMN[table]
+        for event_id, who in client.query(
+            f"SELECT DISTINCT event_id, {column} FROM {table} WHERE event_id IN {{ids:Array(String)}}",
+            parameters={"ids": list(ids)},
+        ).result_rows:
+            found.setdefault(str(event_id), set()).add(prefix + str(who))
+    return found
+
+
 def alerts_citing(client: Client, ids: Sequence[str]) -> list[CitedAlert]:
-    """Every stored alert whose evidence names one of ``ids`` (corrected reports), correction notices left out."""
+    """Every stored alert whose evidence names one of ``ids`` (corrected reports), correction notices left out.
+
+    Evidence holds event ids alone: an alert resting on another reporter's report under the same id is
+    found too; :func:`~synthwatch.stream_apps.detect.corrections.rests_on` tells them apart."""
     if not ids:
         return []
     rows = client.query(

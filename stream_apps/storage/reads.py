@@ -477,28 +477,33 @@ class CorrectionRow:
     superseded: bool  # the correction itself was corrected since (a chain)
 
 
+# Event ids are unique per reporter only: a correction and the report it corrects share a reporter (the
+# worker refuses any other), so the join and the chain are by (reporter, id).
 _CORRECTIONS = """
 SELECT corrected, corrected_by, kind, reporter, old_substance, new_substance, old_quantity, new_quantity,
-       occurred_at, corrected_by IN (SELECT corrects FROM lab_detections WHERE corrects != ''
-                                     UNION ALL SELECT corrects FROM border_seizures WHERE corrects != '') AS superseded
+       occurred_at,
+       (kind, reporter, corrected_by) IN (
+           SELECT 'lab_detection', lab_id, corrects FROM lab_detections WHERE corrects != ''
+           UNION ALL SELECT 'border_seizure', agency, corrects FROM border_seizures WHERE corrects != ''
+       ) AS superseded
 FROM (
     SELECT n.corrects AS corrected, n.event_id AS corrected_by, 'lab_detection' AS kind, n.lab_id AS reporter,
            o.substance_name AS old_substance, n.substance_name AS new_substance, '' AS old_quantity,
            '' AS new_quantity, n.occurred_at AS occurred_at
-    FROM lab_detections AS n LEFT JOIN lab_detections AS o ON o.event_id = n.corrects
+    FROM lab_detections AS n LEFT JOIN lab_detections AS o ON o.event_id = n.corrects AND o.lab_id = n.lab_id
     WHERE n.corrects != ''
     UNION ALL
     SELECT n.corrects, n.event_id, 'border_seizure', n.agency, o.substance_name, n.substance_name,
            if(o.event_id = '', '', concat(toString(o.quantity_value), ' ', o.quantity_unit)),
            concat(toString(n.quantity_value), ' ', n.quantity_unit), n.occurred_at
-    FROM border_seizures AS n LEFT JOIN border_seizures AS o ON o.event_id = n.corrects
+    FROM border_seizures AS n LEFT JOIN border_seizures AS o ON o.event_id = n.corrects AND o.agency = n.agency
     WHERE n.corrects != ''
 )
 WHERE occurred_at >= now64(3) - toIntervalSecond(%(seconds)s)
   AND (%(lab)s = '' OR reporter = %(lab)s)
   AND (%(event)s = '' OR corrected = %(event)s OR corrected_by = %(event)s)
 ORDER BY occurred_at DESC, corrected_by
-LIMIT 1 BY corrected_by
+LIMIT 1 BY kind, reporter, corrected_by
 LIMIT %(limit)s
 """
 

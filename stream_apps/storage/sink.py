@@ -1,10 +1,11 @@
 """Writing events and rejects into ClickHouse, idempotently and in batches.
 
-Idempotency: before inserting, the sink asks which of the batch's ``event_id`` values are already
-stored (ids bound as one Array(String) parameter, never spliced into the SQL text, which capped a
-batch at ~15,000 ids) and drops those,
- so a replayed partition or a re-sent file adds no rows (counts are right
-without FINAL). The tables are ReplacingMergeTree on a key ending in ``event_id`` as a backstop.
+Idempotency: before inserting, the sink asks which of the batch's reports are already stored, by
+(reporter, ``event_id``): event ids are unique per reporter only, so the reporter's own column (``lab_id``,
+``agency``) is part of the lookup, and another reporter's report with the same id is stored, not taken for
+a re-send or a changed report (ids and pairs bound as parameters, never spliced into the SQL text, which
+capped a batch at ~15,000 ids). It drops those, so a replayed partition or a re-sent file adds no rows
+(counts are right without FINAL). The tables are ReplacingMergeTree on a key ending in ``event_id`` as a backstop.
 Inserts are column-oriented: one Python list per column is far cheaper than row tuples. Tables, columns
 and row values come from :mod:`.tables`, which ``ingest-history`` shares, so both writers store the same.
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from synthwatch.schemas import Alert, BorderSeizure, LabDetection, Reject
+from synthwatch.stream_apps.detect.corrections import ReportKey
 from synthwatch.stream_apps.detect.intake import EnrichedEvent
 from synthwatch.stream_apps.storage.learnt import LearntStructures
 from synthwatch.stream_apps.storage.tables import (
@@ -49,6 +51,8 @@ if TYPE_CHECKING:
 # The sink never inserts an id twice in one block (ids already stored are filtered, and so are the
 # repeats of an id within the call), so merging Replacing/Summing rows at insert time is wasted work.
 INSERT_SETTINGS = {"optimize_on_insert": 0}
+# Each report table's reporter column and the prefix of its claimed reporter (:func:`.corrections.report_key`).
+REPORTER_COLUMN = {LAB_TABLE: ("lab_id", "lab:"), SEIZURE_TABLE: ("agency", "agency:")}
 
 
 @dataclass(slots=True, frozen=True)
@@ -80,19 +84,23 @@ class ClickHouseSink:
         self.lock = lock or threading.Lock()
         self._learnt = LearntStructures()  # kept between alerts: each reads only what was stored since
 
-    def _stored_ids(self, table: str, ids: Sequence[str]) -> set[str]:
-        return set(self._stored_digests(table, ids))
+    def _stored_keys(self, table: str, keys: Sequence[ReportKey]) -> set[ReportKey]:
+        return set(self._stored_digests(table, keys))
 
-    def _stored_digests(self, table: str, ids: Sequence[str]) -> dict[str, str]:
-        """Stored event id -> content digest ('' for rows stored before digests, or by ingest-history)."""
-        if not ids:
+    def _stored_digests(self, table: str, keys: Sequence[ReportKey]) -> dict[ReportKey, str]:
+        """Stored (reporter, event id) -> content digest ('' for rows stored before digests, or by
+        ingest-history). ``keys`` are all of ``table``'s kind: ``lab:ID`` keys for lab detections."""
+        if not keys:
             return {}
-        rows = self.client.query(
-            f"SELECT event_id, any(content_hash) FROM {table} "
-            "WHERE event_id IN {ids:Array(String)} GROUP BY event_id",
-            parameters={"ids": list(ids)},
+        column, prefix = REPORTER_COLUMN[table]
+        pairs = sorted({(reporter.removeprefix(prefix), event_id) for reporter, event_id in keys})
+        rows = self.client.query(  # ``event_id IN`` first: the bloom filter index skips granules by it
+            f"SELECT {column}, event_id, any(content_hash) FROM {table} "
+            "WHERE event_id IN {ids:Array(String)} "
+            f"AND ({column}, event_id) IN {{pairs:Array(Tuple(String, String))}} GROUP BY {column}, event_id",
+            parameters={"ids": sorted({event_id for _, event_id in pairs}), "pairs": pairs},
         ).result_rows
-        return {row[0]: row[1] for row in rows}
+        return {(prefix + row[0], row[1]): row[2] for row in rows}
 
     def _insert_new(
         self,
@@ -106,12 +114,12 @@ class ClickHouseSink:
         """Insert the events not stored yet; an id stored with another digest goes to ``changed``. ``kept``
         gets the events whose row is now stored with their content: inserted now, or before with the same
         digest (a replay, or a retry after a crash between this insert and the retractions)."""
-        stored = self._stored_digests(table, [item.event_id for item in items])
+        stored = self._stored_digests(table, [item.key for item in items])
         fresh = []
         for item in items:  # a checkpoint spans batches: an id may come twice in one call (a re-send)
-            known = stored.get(item.event_id)
+            known = stored.get(item.key)
             if known is None:
-                stored[item.event_id] = item.digest
+                stored[item.key] = item.digest
                 fresh.append(to_row(item))
                 kept.append(item)
             elif known and item.digest and known != item.digest:
@@ -128,19 +136,20 @@ class ClickHouseSink:
             )
         return len(fresh), len(items) - len(fresh) - len(changed)
 
-    def stored_event_ids(self, items: Sequence[EnrichedEvent]) -> set[str]:
-        """Which of these events are already stored (a re-sent old event is a duplicate, not late)."""
-        labs = [i.event_id for i in items if isinstance(i.event, LabDetection)]
-        seizures = [i.event_id for i in items if isinstance(i.event, BorderSeizure)]
+    def stored_event_keys(self, items: Sequence[EnrichedEvent]) -> set[ReportKey]:
+        """Which of these events are already stored, by (reporter, event id) (a re-sent old event is a
+        duplicate, not late)."""
+        labs = [i.key for i in items if isinstance(i.event, LabDetection)]
+        seizures = [i.key for i in items if isinstance(i.event, BorderSeizure)]
         with self.lock:
-            return self._stored_ids(LAB_TABLE, labs) | self._stored_ids(SEIZURE_TABLE, seizures)
+            return self._stored_keys(LAB_TABLE, labs) | self._stored_keys(SEIZURE_TABLE, seizures)
 
     def store_events(self, items: Sequence[EnrichedEvent]) -> StoreResult:
         """Insert the events not stored yet; safe to call again with the same batch after a failure.
 
         Then the retractions of the corrections among them (``retracts`` set by the judge) not stored yet,
-        by the correction's id: after the rows, so a crash in between leaves a correction whose retraction
-        the retry adds (its row is found stored with the same content); never twice."""
+        by the correction's reporter and id: after the rows, so a crash in between leaves a correction whose
+        retraction the retry adds (its row is found stored with the same content); never twice."""
         labs = [item for item in items if isinstance(item.event, LabDetection)]
         seizures = [item for item in items if isinstance(item.event, BorderSeizure)]
         changed_labs: list[EnrichedEvent] = []
@@ -151,16 +160,17 @@ class ClickHouseSink:
             new_seizures, old_seizures = self._insert_new(
                 SEIZURE_TABLE, seizures, SINK_SEIZURE_COLUMNS, seizure_row, changed_seizures, kept
             )
-            retractions = {i.event_id: retraction_row(i, i.retracts) for i in kept if i.retracts is not None}
-            retracted = self._insert_unique(RETRACTION_TABLE, "event_id", retractions, RETRACTION_COLUMNS)
+            retractions = {i.key: retraction_row(i, i.retracts) for i in kept if i.retracts is not None}
+            retracted = self._insert_retractions(retractions)
         return StoreResult(
             new_labs, new_seizures, old_labs + old_seizures, (*changed_labs, *changed_seizures), retracted
         )
 
-    def stored_event_digests(self, items: Sequence[EnrichedEvent]) -> dict[str, str]:
-        """Which of these events are already stored, with their stored content digest ('' when unknown)."""
-        labs = [i.event_id for i in items if isinstance(i.event, LabDetection)]
-        seizures = [i.event_id for i in items if isinstance(i.event, BorderSeizure)]
+    def stored_event_digests(self, items: Sequence[EnrichedEvent]) -> dict[ReportKey, str]:
+        """Which of these events are already stored, by (reporter, event id), with their stored content
+        digest ('' when unknown)."""
+        labs = [i.key for i in items if isinstance(i.event, LabDetection)]
+        seizures = [i.key for i in items if isinstance(i.event, BorderSeizure)]
         with self.lock:
             return {**self._stored_digests(LAB_TABLE, labs), **self._stored_digests(SEIZURE_TABLE, seizures)}
 
@@ -182,16 +192,47 @@ class ClickHouseSink:
                 parameters={"ids": list(rows)},
             ).result_rows
         }
-        fresh = [row for key, row in rows.items() if key not in existing]
-        if fresh:
+        return self._insert_rows(table, [row for key, row in rows.items() if key not in existing], columns)
+
+    def _insert_retractions(self, rows: dict[ReportKey, list[Any]]) -> int:
+        """Insert the retractions whose correction (reporter, event id) has none yet (caller holds the lock).
+
+        A row stored before migration 0013 has reporter '' (unknown). Then every event id was unique per
+        table (the sink refused a second report under an id), so it is the retraction of the one correction
+        of its kind under its id that corrected its ``corrected`` id: it stands for a correction of the same
+        kind, id and corrected id (a retry of a correction stored before the upgrade never retracts twice),
+        and for no other reporter's correction under that id (whose retraction it would otherwise withhold)."""
+        if not rows:
+            return 0
+        mine: set[tuple[str, str]] = set()
+        legacy: set[tuple[str, str, str]] = set()  # (event_id, kind, corrected) of reporter-less rows
+        for who, event_id, kind, corrected in self.client.query(
+            f"SELECT reporter, event_id, kind, corrected FROM {RETRACTION_TABLE} "
+            "WHERE event_id IN {ids:Array(String)}",
+            parameters={"ids": sorted({event_id for _, event_id in rows})},
+        ).result_rows:
+            mine.add((str(who), str(event_id)))
+            if who == "":
+                legacy.add((str(event_id), str(kind), str(corrected)))
+        fresh = [
+            row
+            for key, row in rows.items()
+            if key not in mine
+            and (row[0], row[2], row[1]) not in legacy  # RETRACTION_COLUMNS: event_id, corrected, kind
+        ]
+        return self._insert_rows(RETRACTION_TABLE, fresh, RETRACTION_COLUMNS)
+
+    def _insert_rows(self, table: str, rows: list[Any], columns: list[str]) -> int:
+        """Insert ``rows`` (found not stored yet) column-oriented; returns how many (caller holds the lock)."""
+        if rows:
             self.client.insert(
                 table,
-                _columns(fresh, len(columns)),
+                _columns(rows, len(columns)),
                 column_names=columns,
                 column_oriented=True,
                 settings=INSERT_SETTINGS,
             )
-        return len(fresh)
+        return len(rows)
 
     def learnt_structures(self, as_of: datetime) -> list[LearntStructure]:
         """The structures learnt from reports stored at or before ``as_of`` (see :mod:`.learnt`), under the lock."""

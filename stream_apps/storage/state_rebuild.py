@@ -61,21 +61,22 @@ _ROWS = """
     SELECT event_id, 'lab_detection' AS kind, occurred_at, greatest(occurred_at, coalesce(reported_at, occurred_at))
            AS arrival, country,
            region, substance_key, resolved_name, resolved_inchikey, family, CAST(NULL AS Nullable(Float64)) AS grams,
-           CAST(method AS Nullable(String)) AS method, CAST(sample_type AS Nullable(String)) AS sample_type, late
+           CAST(method AS Nullable(String)) AS method, CAST(sample_type AS Nullable(String)) AS sample_type, late,
+           lab_id AS reporter
     FROM lab_detections WHERE __PLAUSIBLE__
     UNION ALL
     SELECT event_id, 'border_seizure', occurred_at, greatest(occurred_at, coalesce(reported_at, occurred_at)),
            country, region,
-           substance_key, resolved_name, resolved_inchikey, family, grams, NULL, NULL, late
+           substance_key, resolved_name, resolved_inchikey, family, grams, NULL, NULL, late, agency
     FROM border_seizures WHERE __PLAUSIBLE__
 """
 
 _HISTORY = f"""
 SELECT event_id, kind, occurred_at, country, region, substance_key, resolved_name, resolved_inchikey, family,
-       grams, method, sample_type
+       grams, method, sample_type, reporter
 FROM ({_ROWS})
 WHERE occurred_at >= %(since)s AND NOT late
-ORDER BY arrival, event_id
+ORDER BY arrival, event_id, kind, reporter
 """
 
 # What the region stage forwarded: the first report of each substance, region and day to arrive.
@@ -274,7 +275,7 @@ def rebuild(
         since = day_start(tested_from - regions.model.keep_days)
         _seed_series(client, regions, since)
         for row in client.query(_HISTORY, parameters={"since": since}).result_rows:
-            event_id, kind, occurred_at, country, region, key, name, inchikey, family, grams, method, sample = row
+            event_id, kind, occurred_at, country, region, key, name, inchikey, family, grams, method, sample, by = row
             moment = _utc(occurred_at)
             day = intern_day(day_of(moment))
             regions.observe(
@@ -289,6 +290,7 @@ def rebuild(
                     grams,
                     method,
                     sample,
+                    by,  # the region's recent ids are (reporter, event id), as the live stage noted them
                 ),
                 emit=False,
                 test=day >= tested_from,

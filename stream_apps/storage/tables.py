@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any, Literal, cast
 
 from synthwatch.schemas import Alert, BorderSeizure, LabDetection, Reject
-from synthwatch.stream_apps.detect.corrections import Counted
+from synthwatch.stream_apps.detect.corrections import Counted, claimed_reporter
 from synthwatch.stream_apps.detect.identity import NormalisedQuantity, ResolvedSubstance
 from synthwatch.stream_apps.detect.intake import EnrichedEvent
 
@@ -60,7 +60,8 @@ SEIZURE_COLUMNS = [
 SINK_LAB_COLUMNS = [*LAB_COLUMNS, "late", "content_hash", "corrects"]
 SINK_SEIZURE_COLUMNS = [*SEIZURE_COLUMNS, "late", "content_hash", "corrects"]
 # What a stored correction takes out of the aggregates: the report it corrects' contribution, one row per
-# correction (keyed by the correction's event_id), subtracted by the retraction views (migration 0012).
+# correction (keyed by the correction's reporter and event_id, migration 0013), subtracted by the retraction
+# views (migration 0012).
 RETRACTION_TABLE = "retractions"
 RETRACTION_COLUMNS = [
     "event_id",
@@ -73,6 +74,7 @@ RETRACTION_COLUMNS = [
     "substance_name",
     "family",
     "grams",
+    "reporter",
 ]
 REJECT_COLUMNS = ["reject_id", "rejected_at", "stage", "source", "reason", "event_id", "raw"]
 ALERT_TABLE = "alerts"
@@ -214,6 +216,7 @@ def retraction_row(item: EnrichedEvent, retracts: Counted) -> list[Any]:
         r.substance_name,
         r.family,
         r.grams or 0.0,
+        claimed_reporter(item.event),
     ]
 
 

@@ -261,7 +261,7 @@ def test_report_delay_per_lab_shows_each_labs_delays_and_late_reports(loaded: Lo
 def test_a_corrected_report_counts_once_in_the_overview(ch: Any) -> None:
     """A lab's misidentification corrected (migration 0012 retracts the original): reports, distinct
     substances and regions count the report once, under the right substance, in every panel that counts them."""
-    from synthwatch.stream_apps.detect.corrections import judge_corrections, known_reports
+    from synthwatch.stream_apps.detect.corrections import corrected_key, judge_corrections, known_reports
     from synthwatch.stream_apps.detect.intake import Intake, RawMessage
     from synthwatch.stream_apps.storage.corrections import stored_reports
     from synthwatch.stream_apps.storage.sink import ClickHouseSink
@@ -273,7 +273,7 @@ def test_a_corrected_report_counts_once_in_the_overview(ch: Any) -> None:
 
     def take(*records: dict[str, Any]) -> None:
         items = Intake().process([RawMessage(f"t:0:{r['event_id']}", json.dumps(r)) for r in records]).events
-        named = {i.event.corrects for i in items if i.event.corrects}
+        named = {k for i in items if (k := corrected_key(i.event)) is not None}
         judged = judge_corrections(items, known_reports(stored_reports(ch, sorted(named)), [], named), str)
         assert not judged.rejects
         sink.store_events(judged.kept)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from synthwatch.stream_apps.detect.alerting import Subject, alert_id, day_of
 from synthwatch.stream_apps.detect.novelty import NoveltyConfig, SubstanceState
-from synthwatch.stream_apps.detect.region import DetectionConfig, Detector, Observation, RegionState
+from synthwatch.stream_apps.detect.region import DetectionConfig, Detector, Observation, RegionState, report_id
 from synthwatch.stream_apps.detect.spikes import (
     SeriesState,
     SpikeConfig,
@@ -250,8 +250,44 @@ def test_a_late_report_is_a_duplicate_only_when_resent() -> None:
     old = obs(TRAMADOL, now - timedelta(days=20))  # ids of that day are pruned: what is stored decides
     first = detector.observe(old, stored=set())
     assert not first.duplicate and first.late_by_hours == 480.0
-    again = detector.observe(old, stored={old.event_id})
+    again = detector.observe(old, stored={report_id(old)})
     assert again.duplicate and again.alerts == []
+    other = obs(TRAMADOL, now - timedelta(days=20))
+    other.event_id, other.reporter = old.event_id, "Douane FR"  # another reporter's report under that id
+    assert not detector.observe(other, stored={report_id(old)}).duplicate
+
+
+def _reported(by: str, event_id: str, at: datetime, kind: str = "lab_detection") -> Observation:
+    item = obs(TRAMADOL, at, kind=kind)
+    item.event_id, item.reporter = event_id, by
+    return item
+
+
+def test_two_reporters_with_one_event_id_are_both_counted_and_a_resend_is_a_duplicate() -> None:
+    """Event ids are unique per reporter only: the region stage took lab-b's report for lab-a's re-send."""
+    detector = Detector(DetectionConfig(lateness_hours=24))
+    day = day_of(T0)
+    assert not detector.observe(_reported("LAB-A", "2026-000123", T0)).duplicate
+    assert not detector.observe(_reported("LAB-B", "2026-000123", T0 + timedelta(minutes=5))).duplicate
+    assert detector.observe(_reported("LAB-B", "2026-000123", T0 + timedelta(minutes=5))).duplicate  # a re-send
+    # a lab and an agency of one name are two reporters, too
+    assert not detector.observe(_reported("LAB-A", "2026-000123", T0, kind="border_seizure")).duplicate
+    region = detector.regions.regions["ML-BKO"]
+    assert region.totals[day] == 3
+    # the recent ids survive the changelog: a restored state still tells the two labs apart
+    restored = RegionState.from_records(region.to_dict())
+    assert restored.recent == region.recent and len(restored.recent[day]) == 3
+
+
+def test_an_id_noted_before_ids_were_scoped_by_reporter_is_still_a_duplicate() -> None:
+    """A region record written before the upgrade holds plain event ids: a re-send of one (whoever sends it:
+    the record cannot tell) is a duplicate until its day is pruned, as before; a new id is not."""
+    detector = Detector(DetectionConfig(lateness_hours=24))
+    day = day_of(T0)
+    old = RegionState.from_records({"w": {"lab_detection": T0.isoformat()}, "r": {str(day): ["2026-000123"]}})
+    detector.regions.regions["ML-BKO"] = old
+    assert detector.observe(_reported("LAB-A", "2026-000123", T0)).duplicate
+    assert not detector.observe(_reported("LAB-A", "2026-000124", T0)).duplicate
 
 
 def test_a_late_report_never_reopens_or_raises_a_decided_spike() -> None:

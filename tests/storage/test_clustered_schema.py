@@ -182,7 +182,8 @@ def test_clustered_views_aggregate_like_single_node(ch: Any, scratch: Any) -> No
         lab(event_id="l-200", occurred_at="2026-04-01T00:00:00Z", corrects="l-0", substance={"name": "protonitazene"}),
     ]
     corrections = Intake().process([RawMessage(f"t:0:{200 + i}", json.dumps(r)) for i, r in enumerate(fixes)])
-    known = known_reports(stored_reports(ch, ["s-0", "s-1", "l-0"]), [], {"s-0", "s-1", "l-0"})
+    named = {("agency:Douanes maliennes", "s-0"), ("agency:Douanes maliennes", "s-1"), ("lab:LAB-FR-01", "l-0")}
+    known = known_reports(stored_reports(ch, sorted(named)), [], named)
     judged = judge_corrections(corrections.events, known, lambda claim: claim)
     assert len(judged.kept) == 3 and all(item.retracts is not None for item in judged.kept), judged.rejects
     assert sink.store_events(judged.kept).retractions == 3

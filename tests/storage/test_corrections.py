@@ -37,14 +37,16 @@ def test_a_correction_is_a_new_row_and_marks_the_old_one(ch: Any, ch_settings: S
             lab(event_id="L-9", occurred_at=now, lab_id="LAB-OTHER"),
         )
     )
-    stored = stored_reports(ch, ["L-1", "S-1", "L-404"])
-    assert set(stored) == {"L-1", "S-1"}  # one query per table for every id; unknown ids are absent
-    assert (stored["L-1"].kind, stored["L-1"].reporter, stored["L-1"].corrected_by) == (
+    l1, s1, l2 = ("lab:LAB-FR-01", "L-1"), ("agency:Douanes maliennes", "S-1"), ("lab:LAB-FR-01", "L-2")
+    # one query per table for every id; unknown ids, and ids of another reporter, are absent
+    stored = stored_reports(ch, [l1, s1, ("lab:LAB-FR-01", "L-404"), ("lab:LAB-FR-01", "L-9")])
+    assert set(stored) == {l1, s1}
+    assert (stored[l1].kind, stored[l1].reporter, stored[l1].corrected_by) == (
         "lab_detection",
         "lab:LAB-FR-01",
         None,
     )
-    assert (stored["S-1"].reporter, stored["S-1"].quantity) == ("agency:Douanes maliennes", "2.5 kg")
+    assert (stored[s1].reporter, stored[s1].quantity) == ("agency:Douanes maliennes", "2.5 kg")
 
     fixed = _events(
         lab(event_id="L-2", occurred_at=now, corrects="L-1", substance={"name": "protonitazene"}),
@@ -52,8 +54,8 @@ def test_a_correction_is_a_new_row_and_marks_the_old_one(ch: Any, ch_settings: S
     )
     assert sink.store_events(fixed).stored == 2  # never an overwrite: two new rows
     assert ch.query("SELECT count() FROM lab_detections WHERE event_id = 'L-1'").result_rows[0][0] == 1
-    again = stored_reports(ch, ["L-1", "S-1", "L-2"])
-    assert (again["L-1"].corrected_by, again["S-1"].corrected_by, again["L-2"].corrected_by) == ("L-2", "S-2", None)
+    again = stored_reports(ch, [l1, s1, l2])
+    assert (again[l1].corrected_by, again[s1].corrected_by, again[l2].corrected_by) == ("L-2", "S-2", None)
 
     # The analysts' read: the report shows as corrected, and by which id.
     monkeypatch.setenv("SYNTHWATCH_DATA_DIR", str(ch_settings.data_dir))
@@ -117,3 +119,24 @@ def test_ingest_history_keeps_a_correction_link_in_extra_without_acting_on_it(
         ("H-2", "", {"corrects": "H-1"}),
         ("HS-2", "", {"corrects": "HS-1"}),
     ]
+
+
+def test_two_reporters_reports_under_one_id_are_looked_up_apart(ch: Any) -> None:
+    """Event ids are unique per reporter only: a correction's original is found by (reporter, id), and a
+    report is marked corrected only by a correction of its own reporter."""
+    migrate(ch)
+    sink = ClickHouseSink(ch)
+    a, b = ("lab:LAB-A", "2026-000123"), ("lab:LAB-B", "2026-000123")
+    theirs = lab(event_id="2026-000123", lab_id="LAB-A", substance={"name": "isotonitazene"})
+    mine = lab(event_id="2026-000123", lab_id="LAB-B", region="FR-IDF", substance={"name": "etonitazene"})
+    assert sink.store_events(_events(theirs, mine)).stored == 2
+    fix = lab(event_id="2026-000124", lab_id="LAB-B", corrects="2026-000123", substance={"name": "protonitazene"})
+    assert sink.store_events(_events(fix)).stored == 1
+    stored = stored_reports(ch, [a, b])
+    assert (stored[a].reporter, stored[a].substance, stored[a].corrected_by) == ("lab:LAB-A", "isotonitazene", None)
+    assert (stored[b].reporter, stored[b].substance, stored[b].corrected_by) == (
+        "lab:LAB-B",
+        "etonitazene",
+        "2026-000124",
+    )
+    assert stored[b].counted is not None and stored[b].counted.region == "FR-IDF"

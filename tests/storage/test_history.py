@@ -556,3 +556,44 @@ def test_a_line_dated_past_the_files_receipt_is_refused_as_the_worker_refuses_it
         assert [(r[0], r[1]) for r in rejects] == [(f"{encoding}-{i}", "ingest") for i in ("2099", "far", "far-nz")]
         assert {reject_reason(r[2]) for r in rejects} == {"future_occurred_at"}, encoding
         assert "after the report was received (2026-11-01T12:00:00+00:00)" in rejects[0][2]
+
+
+def test_another_reporters_id_is_not_a_duplicate_on_any_path(ch_settings: Settings, tmp_path: Path) -> None:
+    """Event ids are unique per reporter only: lab A's live report under lab B's (predictable) id made B's
+    history row 'already stored', and lab C's row in the file under B's id a duplicate. Each path now keeps
+    every reporter's report, and a re-send of one (in the file, or re-ingested) is still a duplicate."""
+    live = lab(event_id="2026-000123", lab_id="LAB-A", substance={"name": "ketamine"})
+    history = [
+        lab(event_id="2026-000123", lab_id="LAB-B", region="FR-IDF"),
+        lab(event_id="2026-000124", lab_id="LAB-B"),
+        lab(event_id="2026-000124", lab_id="LAB-C", region="FR-IDF"),
+        lab(event_id="2026-000124", lab_id="LAB-C", region="FR-IDF"),  # a re-send: a duplicate
+        seizure(event_id="2026-000123", agency="LAB-A"),  # an agency named like a lab: another reporter
+        seizure(event_id="2026-000123", agency="LAB-A"),
+    ]
+    path = tmp_path / "history.ndjson"
+    path.write_text("".join(json.dumps(r) + "\n" for r in history), encoding="utf-8")
+    for encoding in ("json", "arrow", "sql"):
+        other = ch_settings.model_copy(update={"clickhouse_database": f"{ch_settings.clickhouse_database}_{encoding}"})
+        client = connect(other)
+        try:
+            migrate(client)
+            ClickHouseSink(client).store_events(Intake().process([RawMessage("t:0:0", json.dumps(live))]).events)
+            run = ingest_history(other, path, progress=False, workers=0, client=client, encoding=encoding)
+            assert (run.stored, run.duplicates_in_file, run.already_stored) == (4, 2, 0), encoding
+            again = ingest_history(other, path, progress=False, workers=0, client=client, encoding=encoding)
+            assert (again.stored, again.already_stored) == (0, 4), encoding
+            rows = client.query(
+                "SELECT * FROM (SELECT 'lab' AS k, lab_id AS who, event_id FROM lab_detections UNION ALL "
+                "SELECT 'agency', agency, event_id FROM border_seizures) ORDER BY k, who, event_id"
+            ).result_rows
+            assert rows == [
+                ("agency", "LAB-A", "2026-000123"),
+                ("lab", "LAB-A", "2026-000123"),
+                ("lab", "LAB-B", "2026-000123"),
+                ("lab", "LAB-B", "2026-000124"),
+                ("lab", "LAB-C", "2026-000124"),
+            ], encoding
+        finally:
+            client.command(f"DROP DATABASE IF EXISTS {other.clickhouse_database}")
+            client.close()

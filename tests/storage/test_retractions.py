@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from synthwatch.settings import Settings
-from synthwatch.stream_apps.detect.corrections import judge_corrections, known_reports
+from synthwatch.stream_apps.detect.corrections import corrected_key, judge_corrections, known_reports
 from synthwatch.stream_apps.detect.intake import EnrichedEvent, Intake, RawMessage
 from synthwatch.stream_apps.storage.clickhouse import migrate
 from synthwatch.stream_apps.storage.corrections import stored_reports
@@ -24,6 +24,7 @@ from synthwatch.stream_apps.storage.sink import ClickHouseSink, StoreResult
 from tests.support.factories import lab, seizure
 
 NOW = "2026-03-02T09:00:00Z"
+S1 = ("agency:Douanes maliennes", "S-1")
 
 
 def _events(*records: dict[str, Any], first: int = 0) -> list[EnrichedEvent]:
@@ -37,8 +38,8 @@ def _take(
 ) -> StoreResult:
     """What the worker does with a batch (runtime/corrections.judge_batch, then the checkpoint's store)."""
     pending = list(pending)
-    named = {item.event.corrects for item in items if item.event.corrects is not None}
-    wanted = sorted(named - {item.event_id for item in pending})
+    named = {key for item in items if (key := corrected_key(item.event)) is not None}
+    wanted = sorted(named - {item.key for item in pending})
     known = known_reports(stored_reports(ch, wanted), pending, named)
     judged = judge_corrections(items, known, lambda claim: claim)
     assert not judged.rejects, [r.reason for r in judged.rejects]
@@ -62,16 +63,16 @@ def _aggregate(ch: Any, table: str) -> list[tuple[Any, ...]]:
 
 
 def _recount(ch: Any, table: str) -> list[tuple[Any, ...]]:
-    """The same from the raw tables, every report counted unless a stored report corrects it."""
+    """The same from the raw tables, every report counted unless a stored report of its reporter corrects it."""
     expression, time = _KEYS[table]
     parts = [
         f"SELECT {expression} AS {time}, country, region, '{kind}' AS kind, family, substance_key, "
         f"toInt64(count()) AS n, round(sum({grams}), 6) AS g FROM {raw} "
-        f"WHERE event_id NOT IN (SELECT corrects FROM {raw} WHERE corrects != '') "
+        f"WHERE ({who}, event_id) NOT IN (SELECT {who}, corrects FROM {raw} WHERE corrects != '') "
         f"GROUP BY {time}, country, region, family, substance_key"
-        for raw, kind, grams in (
-            ("lab_detections", "lab_detection", "0"),
-            ("border_seizures", "border_seizure", "ifNull(grams, 0)"),
+        for raw, kind, grams, who in (
+            ("lab_detections", "lab_detection", "0", "lab_id"),
+            ("border_seizures", "border_seizure", "ifNull(grams, 0)", "agency"),
         )
     ]
     return ch.query(f"SELECT * FROM ({' UNION ALL '.join(parts)}) ORDER BY {time}, kind, substance_key").result_rows
@@ -160,7 +161,7 @@ def test_a_crash_between_the_correction_and_its_retraction_is_made_good_once(ch:
     _take(ch, sink, _events(seizure(event_id="S-1", occurred_at=NOW)))
     record = seizure(event_id="S-2", occurred_at=NOW, corrects="S-1", quantity={"value": 1, "unit": "kg"})
     (fixed,) = _events(record, first=1)
-    judged = judge_corrections([fixed], known_reports(stored_reports(ch, ["S-1"]), [], {"S-1"}), str).kept
+    judged = judge_corrections([fixed], known_reports(stored_reports(ch, [S1]), [], {S1}), str).kept
     assert judged == [fixed] and fixed.retracts is not None
     # What the first attempt got done: the row (the sink's first insert), not the retraction.
     assert sink.store_events([replace(fixed, retracts=None)]).stored == 1
@@ -255,11 +256,12 @@ def test_corrections_stored_before_the_migration_are_retracted_by_it(ch: Any) ->
     )
     assert sink.store_events(fixes).stored == 2  # the 0011 worker's rows: no retraction judged
     assert sum(row[6] for row in _aggregate(ch, "reports_daily")) == 4
-    assert [m.version for m in migrate(ch)] == [12]
+    assert [m.version for m in migrate(ch, [m for m in available_migrations() if m.version <= 12])] == [12]
     _assert_recounted(ch)
     assert sum(row[6] for row in _aggregate(ch, "reports_daily")) == 2
     assert ch.query("SELECT corrected FROM retractions ORDER BY event_id").result_rows == [("L-1",), ("S-1",)]
-    # The worker of 0012 finds them retracted: storing the judged corrections again retracts nothing more.
+    assert [m.version for m in migrate(ch)] == [13]  # retractions get their reporter column ('' for these)
+    # The worker of 0013 finds them retracted: storing the judged corrections again retracts nothing more.
     assert (
         _take(
             ch,
@@ -271,3 +273,91 @@ def test_corrections_stored_before_the_migration_are_retracted_by_it(ch: Any) ->
         == 0
     )
     _assert_recounted(ch)
+
+
+def test_two_reporters_corrections_under_one_id_each_retract_their_own_report(ch: Any) -> None:
+    """Event ids are unique per reporter only: two labs' LIMS both number a report 2026-000123 and its
+    correction 2026-000124. Each correction takes its own lab's report out of the counts, once: a
+    retraction is one per (reporter, correction id), and a replay of either retracts nothing more."""
+    migrate(ch)
+    sink = ClickHouseSink(ch)
+    reports = _events(
+        lab(event_id="2026-000123", lab_id="LAB-A", occurred_at=NOW, substance={"name": "isotonitazene"}),
+        lab(event_id="2026-000123", lab_id="LAB-B", occurred_at=NOW, substance={"name": "etonitazene"}),
+        seizure(event_id="2026-000123", occurred_at=NOW, quantity={"value": 2, "unit": "kg"}),
+        seizure(event_id="2026-000123", agency="Police", occurred_at=NOW, quantity={"value": 3, "unit": "kg"}),
+    )
+    assert _take(ch, sink, reports).stored == 4
+    fixes = _events(
+        lab(
+            event_id="2026-000124",
+            lab_id="LAB-A",
+            occurred_at=NOW,
+            corrects="2026-000123",
+            substance={"name": "protonitazene"},
+        ),
+        lab(
+            event_id="2026-000124",
+            lab_id="LAB-B",
+            occurred_at=NOW,
+            corrects="2026-000123",
+            substance={"name": "metonitazene"},
+        ),
+        seizure(event_id="2026-000124", occurred_at=NOW, corrects="2026-000123", quantity={"value": 20, "unit": "g"}),
+        seizure(
+            event_id="2026-000124",
+            agency="Police",
+            occurred_at=NOW,
+            corrects="2026-000123",
+            quantity={"value": 30, "unit": "g"},
+        ),
+        first=4,
+    )
+    result = _take(ch, sink, fixes)
+    assert (result.stored, result.retractions) == (4, 4)
+    _assert_recounted(ch)
+    assert sum(row[6] for row in _aggregate(ch, "reports_daily")) == 4
+    assert sorted(ch.query("SELECT reporter, corrected, kind FROM retractions").result_rows) == [
+        ("agency:Douanes maliennes", "2026-000123", "border_seizure"),
+        ("agency:Police", "2026-000123", "border_seizure"),
+        ("lab:LAB-A", "2026-000123", "lab_detection"),
+        ("lab:LAB-B", "2026-000123", "lab_detection"),
+    ]
+    ch.command("OPTIMIZE TABLE retractions FINAL")  # a merge keeps every reporter's row (reporter is in the key)
+    assert ch.query("SELECT count() FROM retractions").result_rows[0][0] == 4
+    again = sink.store_events(fixes)  # the judged items, replayed (their `retracts` still set)
+    assert (again.stored, again.retractions) == (0, 0)
+    _assert_recounted(ch)
+
+
+def test_a_retraction_stored_before_migration_0013_stands_for_its_own_correction_only(ch: Any) -> None:
+    """A retraction stored before 0013 has no reporter (''). A retry of its own correction (same kind, id and
+    corrected id) still finds it and retracts nothing more; another reporter's correction under the same id
+    (of another report id) is not withheld its retraction by it (by event id alone it was)."""
+    from synthwatch.stream_apps.storage.clickhouse import available_migrations
+
+    migrate(ch, [m for m in available_migrations() if m.version <= 12])
+    sink_rows = _events(seizure(event_id="S-1", occurred_at=NOW))
+    ClickHouseSink(ch).store_events(sink_rows)
+    fix = seizure(event_id="S-2", occurred_at=NOW, corrects="S-1", quantity={"value": 30, "unit": "g"})
+    (fixed,) = _events(fix, first=1)
+    assert ClickHouseSink(ch).store_events([fixed]).stored == 1
+    ch.command(
+        "INSERT INTO retractions (event_id, corrected, kind, occurred_at, country, region, substance_key, "
+        "substance_name, family, grams) SELECT 'S-2', 'S-1', 'border_seizure', occurred_at, country, region, "
+        "substance_key, resolved_name, family, ifNull(grams, 0) FROM border_seizures WHERE event_id = 'S-1'"
+    )  # what the 0012 sink stored for it (the columns of 0012: no reporter)
+    assert [m.version for m in migrate(ch)] == [13]
+    sink = ClickHouseSink(ch)
+    _assert_recounted(ch)
+    assert _take(ch, sink, _events(fix, first=1)).retractions == 0  # the retry: its retraction is the '' row
+    _assert_recounted(ch)
+    # Another agency's correction under the same id, of its own report: its own retraction, despite the '' row.
+    police = _events(seizure(event_id="P-1", agency="Police", occurred_at=NOW), first=2)
+    assert _take(ch, sink, police).stored == 1
+    theirs = seizure(
+        event_id="S-2", agency="Police", occurred_at=NOW, corrects="P-1", quantity={"value": 9, "unit": "g"}
+    )
+    assert _take(ch, sink, _events(theirs, first=3)).retractions == 1
+    _assert_recounted(ch)
+    assert sum(row[6] for row in _aggregate(ch, "reports_daily")) == 2

@@ -93,7 +93,8 @@ def test_a_changed_report_under_a_stored_id_is_refused_and_the_stored_row_kept(c
     assert "already stored with different content" in reject.reason and "new event_id" in reject.reason
     assert json.loads(reject.raw)["quantity"]["value"] == 25
     stored = sink.stored_event_digests(result.changed)
-    assert set(stored) == {"x-1"} and stored["x-1"] not in ("", result.changed[0].digest)
+    key = ("agency:Douanes maliennes", "x-1")
+    assert set(stored) == {key} and stored[key] not in ("", result.changed[0].digest)
     assert ch.query("SELECT quantity_value FROM border_seizures WHERE event_id = 'x-1'").result_rows == [(2.5,)]
 
 
@@ -137,3 +138,45 @@ def test_storing_events_does_not_import_pandas(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1]) == [2, False]
+
+
+def _two_labs_one_id() -> list[dict[str, Any]]:
+    """The security review's repro: two labs' reports under one id (LIMS sequences collide, or one lab
+    squats the other's predictable id), in different places and times."""
+    return [
+        lab(event_id="2026-000123", lab_id="LAB-A", country="FR", region="FR-75C"),
+        lab(event_id="2026-000123", lab_id="LAB-B", country="ML", region="ML-BKO", occurred_at="2026-03-03T09:00:00Z"),
+    ]
+
+
+def test_two_reporters_with_one_event_id_are_both_stored_and_counted(ch: Any) -> None:
+    """Event ids are unique per reporter only: lab-b's report was refused as lab-a's 'changed' report."""
+    migrate(ch)
+    intake, sink = Intake(), ClickHouseSink(ch)
+    first, second = _two_labs_one_id()
+    assert sink.store_events(intake.process(_messages([first])).events).stored == 1
+    result = sink.store_events(intake.process(_messages([second])).events)
+    assert (result.stored, result.already_stored, result.changed) == (1, 0, ())
+    again = sink.store_events(intake.process(_messages([second, first])).events)  # a re-send of each
+    assert (again.stored, again.already_stored, again.changed) == (0, 2, ())
+    assert sorted(ch.query("SELECT lab_id, region FROM lab_detections").result_rows) == [
+        ("LAB-A", "FR-75C"),
+        ("LAB-B", "ML-BKO"),
+    ]
+    counted = ch.query("SELECT region, sum(reports) FROM reports_daily GROUP BY region ORDER BY region")
+    assert counted.result_rows == [("FR-75C", 1), ("ML-BKO", 1)]
+    # the same reporter's changed content under its id is still a changed report, refused
+    changed = sink.store_events(intake.process(_messages([{**second, "method": "LC-MS"}])).events)
+    assert (changed.stored, [c.key for c in changed.changed]) == (0, [("lab:LAB-B", "2026-000123")])
+
+
+def test_two_reporters_with_one_event_id_in_one_batch_are_both_taken() -> None:
+    result = Intake().process(_messages([*_two_labs_one_id(), _two_labs_one_id()[1]]))
+    taken = [(e.event.lab_id, e.event_id) for e in result.events]  # type: ignore[union-attr]
+    assert (taken, result.duplicates, result.rejects) == (
+        [("LAB-A", "2026-000123"), ("LAB-B", "2026-000123")],
+        1,
+        [],
+    )
+    seizures = Intake().process(_messages([seizure(event_id="z-1"), seizure(event_id="z-1", agency="Douane FR")]))
+    assert (len(seizures.events), seizures.duplicates, seizures.rejects) == (2, 0, [])

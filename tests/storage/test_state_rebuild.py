@@ -50,7 +50,8 @@ def _rebuilt_then_live(client: Any, live: list[str]) -> list[Any]:
     stored = {
         row[0]
         for row in client.query(
-            "SELECT event_id FROM lab_detections UNION ALL SELECT event_id FROM border_seizures"
+            "SELECT concat('lab:', lab_id, char(31), event_id) FROM lab_detections "
+            "UNION ALL SELECT concat('agency:', agency, char(31), event_id) FROM border_seizures"
         ).result_rows
     }
     return run_lines(_numbered(live, "l"), config, detector=detector, intake=intake, stored=stored).alerts

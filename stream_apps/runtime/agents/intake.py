@@ -119,20 +119,20 @@ async def keep_late(
         return [], [], 0
     sink = agents.worker.sink
     stored = await agents.with_retries("checking late events", partial(sink.stored_event_digests, [i for i, _ in late]))
-    late_ids = {item.event_id for item, _ in late}
-    stored.update({item.event_id: item.digest for item in unstored if item.event_id in late_ids})
+    late_keys = {item.key for item, _ in late}  # (reporter, event id): another reporter's id is not a re-send
+    stored.update({item.key: item.digest for item in unstored if item.key in late_keys})
     kept: list[EnrichedEvent] = []
     sightings: list[Sighting] = []
     duplicates = 0
     for item, found in late:
-        known = stored.get(item.event_id)
+        known = stored.get(item.key)
         if known is not None:
             if known and item.digest and known != item.digest:
                 changed.append(item.changed_content_reject())
             else:
                 duplicates += 1
             continue
-        stored[item.event_id] = item.digest  # a re-send later in the same batch
+        stored[item.key] = item.digest  # a re-send later in the same batch
         item.late = True
         kept.append(item)
         sightings.extend(found.sightings)

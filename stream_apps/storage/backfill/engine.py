@@ -232,8 +232,12 @@ class EngineChunks:
                 column_names=[name for name, _ in PARSED_COLUMNS],
                 column_type_names=[kind for _, kind in PARSED_COLUMNS],
             )
-        # The first report of each id wins, whichever side accepted it; the others are duplicates.
-        client.command(f"INSERT INTO {self.first} SELECT min(n) FROM {self.parsed} WHERE ok > 0 GROUP BY event_id")
+        # The first report of each reporter's id wins, whichever side accepted it; the others are duplicates.
+        # Event ids are unique per reporter only: another lab's (or agency's) report under an id is its own.
+        client.command(
+            f"INSERT INTO {self.first} SELECT min(n) FROM {self.parsed} WHERE ok > 0 "
+            "GROUP BY kind, lab_id, agency, event_id"
+        )
         # One scan for the chunk's counts, the kept rows per table's included (``kept_rows`` reads them):
         # a count query per table read the parsed table and probed the first-line set twice more.
         accepted_lines, kept, kept_labs, kept_seizures = (
@@ -311,7 +315,8 @@ class EngineChunks:
             "units": UNITS,
         }
         select = ", ".join(f"{resolved[c]} AS {c}" if c in resolved else c for c in columns)
-        ids = f"SELECT event_id FROM {self.parsed} WHERE ok > 0 AND n IN {self.first} AND kind = '{kind}'"
+        reporter = "lab_id" if table == LAB_TABLE else "agency"
+        ids = f"SELECT {reporter}, event_id FROM {self.parsed} WHERE ok > 0 AND n IN {self.first} AND kind = '{kind}'"
         rows = (
             f"SELECT {select} FROM {self.parsed} AS p "
             f"LEFT JOIN {self.spellings} AS s ON p.name = s.s_name AND p.smiles = s.s_smiles "

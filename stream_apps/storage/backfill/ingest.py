@@ -4,7 +4,8 @@ Why a separate path: replaying two million reports through the broker and the wo
 this takes seconds, and applies the same contract. Every line is judged by the same
 :func:`~synthwatch.schemas.parse_event` as the publisher and the worker, resolved by the same
 :class:`~synthwatch.stream_apps.detect.identity.SubstanceResolver`, and ends as exactly one of: stored, duplicate
-(same ``event_id`` earlier in the file or already in ClickHouse), or a row in ``rejects`` with stage
+(same reporter and ``event_id`` earlier in the file or already in ClickHouse: event ids are unique per
+reporter only), or a row in ``rejects`` with stage
 ``ingest``, its ``file:line`` and a reason. Re-ingesting a file adds nothing.
 
 How it is fast (speeds in deploy/clickhouse/README.md, "Backfill speed"): with the embedded engine, the
@@ -13,8 +14,8 @@ engine reads the file itself and checks each line against a conservative SQL for
 distinct substance spellings come back to Python, which gives its own verdict on them. With a server (which
 cannot read the loader's file), worker processes validate and resolve chunks and build each chunk's rows as
 Arrow columns (the sink's own row values; the JSON encoding is kept as the reference path). A chunk's rows
-land in a Memory staging table, then one ``INSERT ... SELECT`` moves the rows whose ``event_id`` is not
-stored yet into the raw tables (their materialized views fire as for the sink; the engine's path inserts
+land in a Memory staging table, then one ``INSERT ... SELECT`` moves the rows whose (reporter, ``event_id``) is
+not stored yet into the raw tables (their materialized views fire as for the sink; the engine's path inserts
 from its parsed table directly). Dedup runs inside ClickHouse, so the file never needs to fit in memory (a
 chunk does: 600,000 lines at most on the engine's path).
 

@@ -18,6 +18,7 @@ from synthwatch.catalogue import shipped_catalogue
 from synthwatch.schemas import WireError, parse_event
 from synthwatch.schemas.events import EVENT_ADAPTER, QuantityUnit, fast_event_ok
 from synthwatch.schemas.wire import DEFAULT_LIMITS, RecordLimits, check_event_time, check_extras, check_size
+from synthwatch.stream_apps.detect.corrections import ReportKey, report_key
 from synthwatch.stream_apps.detect.identity import (
     UNINFORMATIVE_NAMES,
     Structure,
@@ -129,7 +130,7 @@ class ChunkParser:
             data = handle.read(chunk.end - chunk.start)
         result = ChunkResult(chunk.start, chunk.end)
         resolver = seeded_resolver(chunk.known, chunk.structures)
-        seen: set[str] = set()
+        seen: set[ReportKey] = set()
         learnt_here: set[str] = set()
         rows = ArrowRows(self.quantities) if chunk.encoding == "arrow" else None
         limits = chunk.limits
@@ -173,11 +174,11 @@ class ChunkParser:
                     except WireError as error:
                         result.rejects.append((number, raw, error.reason, error.event_id))
                         continue
-                event_id = event.event_id
-                if event_id in seen:
+                key = report_key(event)  # event ids are unique per reporter only
+                if key in seen:
                     result.duplicates += 1
                     continue
-                seen.add(event_id)
+                seen.add(key)
                 reported = event.substance
                 found = self.resolve_spelling(
                     resolver,

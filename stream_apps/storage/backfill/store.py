@@ -84,27 +84,36 @@ class Store:
         if not count:
             return 0, 0
         columns = LAB_COLUMNS if table == LAB_TABLE else SEIZURE_COLUMNS
+        # Event ids are unique per reporter only: a row is stored already if its reporter's id is.
+        reporter = "lab_id" if table == LAB_TABLE else "agency"
         if source is not None:
             ids, rows = f"({source[0]})", f"({source[1]})"
-            event_id, select = "event_id", "*"
+            event_id, select = f"({reporter}, event_id)", "*"
         elif self.encoding == "json":
             ids = rows = self.staging[table]
-            event_id, select = "e.event_id", LAB_SELECT if table == LAB_TABLE else SEIZURE_SELECT
+            event_id, select = f"(e.{reporter}, e.event_id)", LAB_SELECT if table == LAB_TABLE else SEIZURE_SELECT
         else:
             ids = rows = self.staging[table]
-            event_id, select = "event_id", ", ".join(columns)
-        stored_ids = f"SELECT event_id FROM {table} WHERE event_id IN (SELECT {event_id} FROM {ids})"
+            event_id, select = f"({reporter}, event_id)", ", ".join(columns)
+        stored_ids = (
+            f"SELECT {reporter}, event_id FROM {table} WHERE ({reporter}, event_id) IN (SELECT {event_id} FROM {ids})"
+        )
         # An empty table holds none of them (a first load's first chunk): its count is read from the parts'
         # metadata, where the lookup would hash every id of the chunk for nothing.
         empty = int(str(self.client.command(f"SELECT count() FROM {table}"))) == 0
         if empty:
             already = 0
         elif source is not None:
-            # The source's ids are distinct (the first line of each id), so the ids already stored are the
-            # distinct stored ids among them: one read of the source, where counting the source's rows
+            # The source's (reporter, id) pairs are distinct (the first line of each), so the pairs already
+            # stored are the distinct stored pairs among them: one read of the source, where counting the source's rows
             # whose id is among the stored ones read and hashed the source twice.
             already = int(
-                str(self.client.command(f"SELECT uniqExact(event_id) FROM {table} WHERE event_id IN ({source[0]})"))
+                str(
+                    self.client.command(
+                        f"SELECT uniqExact({reporter}, event_id) FROM {table} "
+                        f"WHERE ({reporter}, event_id) IN ({source[0]})"
+                    )
+                )
             )
         else:
             already = int(str(self.client.command(f"SELECT count() FROM {ids} WHERE {event_id} IN ({stored_ids})")))
