@@ -149,6 +149,15 @@ class RateLimiter:
         """What :meth:`take` would answer, taking nothing."""
         return self._charge(key, cost, take=False)
 
+    def charge(self, key: str, cost: float, floor: float = 0.0) -> None:
+        """Take ``cost`` units whatever the bucket holds, leaving at least ``floor`` (work already done, paid for:
+        records read and then refused). A negative ``floor`` lets the debt delay the key's next units."""
+        with self._lock:
+            now = self.clock()
+            tokens, at = self._buckets.get(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - at) * self.rate)
+            self._buckets[key] = (min(tokens, max(max(floor, -self.burst), tokens - cost)), now)
+
     def _charge(self, key: str, cost: float, take: bool) -> float:
         with self._lock:
             now = self.clock()
@@ -313,6 +322,9 @@ def _cheap_event_id(record: InputRecord) -> str | None:
 class BodyError(SynthwatchError, ValueError):
     """The body as a whole cannot be read (not one record can be judged)."""
 
+    #: Records read before the body was found unreadable (they cost the reading, and are charged for it).
+    read: int = 0
+
 
 class TooManyRecords(BodyError):
     """The body holds more records than one request may (SYNTHWATCH_GATEWAY_MAX_RECORDS): refused whole."""
@@ -339,14 +351,18 @@ def records_of(text: str, kind: Literal["ndjson", "json", "csv"], name: str, set
     """
     limit = settings.gateway_max_records
     records: list[InputRecord] = []
-    for record in _read_body(text, kind, name, settings):
-        if len(records) >= limit:
-            raise TooManyRecords(
-                f"the body holds more than {limit:,} records, at most {limit:,} per request "
-                "(SYNTHWATCH_GATEWAY_MAX_RECORDS): split the batch into requests of at most "
-                f"{limit:,} records; nothing of this request was published"
-            )
-        records.append(record)
+    try:
+        for record in _read_body(text, kind, name, settings):
+            if len(records) >= limit:
+                raise TooManyRecords(
+                    f"the body holds more than {limit:,} records, at most {limit:,} per request "
+                    "(SYNTHWATCH_GATEWAY_MAX_RECORDS): split the batch into requests of at most "
+                    f"{limit:,} records; nothing of this request was published"
+                )
+            records.append(record)
+    except BodyError as error:
+        error.read = len(records) + isinstance(error, TooManyRecords)
+        raise
     return records
 
 
@@ -503,6 +519,13 @@ def create_app(settings: Settings, store: TokenStore, publish: PublishFn) -> Fas
     # waits for its previous one), the others waiting in arrival order. See docs/security.md.
     reading = asyncio.Semaphore(PARSING_AT_ONCE)
     turns: dict[str, asyncio.Lock] = {}  # per token id: tokens are the store's, a bounded set
+    # Records are charged when read, published or not: a body refused after reading (413 over the record cap,
+    # 400, 429 over the bucket) cost a read of up to the cap's records (~0.2-1.2 CPU s and a turn among the
+    # PARSING_AT_ONCE) and was free, so a token could have one read a second for ever. A 413 or 400 is charged
+    # the records read; a 429 after reading empties the bucket and the token's next body is read only once
+    # the bucket holds that request's records (needs, per token id), so a token re-sending it as told by
+    # Retry-After is read once, when it can be published.
+    needs: dict[str, int] = {}
     bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer swg_...` (synthwatch tokens create)")
 
     def too_many(wait: float, what: str) -> HTTPException:
@@ -588,13 +611,22 @@ def create_app(settings: Settings, store: TokenStore, publish: PublishFn) -> Fas
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise HTTPException(413, f"the body has {int(declared):,} bytes, at most {limit:,}: split it")
-        owed = per_record.wait(f"token:{token.token_id}")
-        if owed:  # not one record could go: refused before its body is read or waits for its turn
-            raise too_many(
-                owed,
-                f"for token {token.token_id}: its record rate ({settings.gateway_rate_records_per_minute:,.0f} a "
-                "minute) is used up; nothing was read or published",
-            )
+        key = f"token:{token.token_id}"
+
+        def refuse_unread() -> None:
+            """429 when the token's bucket cannot cover what it needs read next (one record, or the records of
+            its request refused for the rate after reading): before its body is read, and again at its turn."""
+            need = needs.get(token.token_id, 1)
+            owed = per_record.wait(key, need)
+            if owed:
+                raise too_many(
+                    owed,
+                    f"for token {token.token_id}: its record rate ({settings.gateway_rate_records_per_minute:,.0f} "
+                    f"a minute) is used up{'' if need == 1 else f' for the {need:,} records it last sent'}; "
+                    "nothing was read or published",
+                )
+
+        refuse_unread()
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
@@ -602,21 +634,24 @@ def create_app(settings: Settings, store: TokenStore, publish: PublishFn) -> Fas
                 raise HTTPException(413, f"the body is over {limit:,} bytes: split it")
         request_id = uuid.uuid4().hex[:12]
         async with turns.setdefault(token.token_id, asyncio.Lock()), reading:
+            refuse_unread()  # the token's requests ahead of this one may have used its bucket meanwhile
             try:
                 records = await run_in_threadpool(
                     read_body, body, codec, kind, f"gateway/{token.org_id}/{request_id}", settings
                 )
-            except TooManyRecords as error:
-                raise HTTPException(413, str(error)) from None
             except BodyError as error:
-                raise HTTPException(400, str(error)) from None
-            wait = per_record.take(f"token:{token.token_id}", len(records))
+                per_record.charge(key, error.read, floor=-per_record.burst)
+                raise HTTPException(413 if isinstance(error, TooManyRecords) else 400, str(error)) from None
+            wait = per_record.take(key, len(records))
             if wait:
+                needs[token.token_id] = len(records)
+                per_record.charge(key, len(records))
                 raise too_many(
-                    wait,
+                    per_record.wait(key, len(records)),
                     f"for token {token.token_id}: its {len(records):,} records are over its record rate "
                     f"({settings.gateway_rate_records_per_minute:,.0f} a minute); nothing was published",
                 )
+            needs.pop(token.token_id, None)
             try:
                 outcome = await run_in_threadpool(publish, token, records)
             except SigningKeyMissing as error:

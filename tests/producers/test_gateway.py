@@ -660,3 +660,45 @@ def test_a_charset_that_is_no_character_set_is_refused_before_the_body_is_decode
             response = gateway.post(body, f"application/x-ndjson; charset={charset}")
             assert response.status_code == 200 and response.json()["accepted"] == 1, (charset, response.text)
         assert gateway.topic_size(gateway.settings.topic_lab_detections) == 3
+
+
+def test_records_read_and_refused_are_charged_to_the_bucket() -> None:
+    now = [0.0]
+    limiter = RateLimiter(per_minute=60, burst=10, clock=lambda: now[0])  # one unit a second
+    limiter.charge("a", 4)
+    assert limiter.wait("a", 6) == 0 and limiter.wait("a", 7) == pytest.approx(1.0)
+    limiter.charge("a", 100)  # floor 0: the bucket is emptied, never below
+    assert limiter.wait("a", 1) == pytest.approx(1.0)
+    now[0] += 3
+    limiter.charge("a", 100, floor=-limiter.burst)  # a debt, at most one burst deep
+    assert limiter.wait("a", 1) == pytest.approx(11.0)
+
+
+@pytest.mark.integration
+def test_a_body_refused_after_it_was_read_is_charged_its_records(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """A body over the record cap (413) or over the token's bucket (429 after reading) was read, up to the cap's
+    records (~0.2-1.2 CPU s and one of the two turns), and charged nothing: with its bucket never used, a token
+    had the gateway read such a body at its request rate (a second) for ever, ahead of other organisations."""
+    overrides = {
+        "gateway_max_records": 50,
+        "gateway_rate_records_per_minute": 1.0,
+        "gateway_rate_records_burst": 50,
+        "gateway_rate_burst": 20,
+    }
+    with in_process(broker, tmp_path / "cap", **overrides) as gateway:
+        over_cap = b"1\n" * 51
+        assert gateway.post(over_cap).status_code == 413
+        again = gateway.post(over_cap)  # the 51 records read are charged: the bucket is in debt, not read again
+        assert again.status_code == 429 and "nothing was read" in again.json()["detail"], again.text
+
+    with in_process(broker, tmp_path / "rate", **overrides) as gateway:
+        assert gateway.post("\n".join(json.dumps(lab(event_id=f"paid-{n}")) for n in range(30))).status_code == 200
+        full = "\n".join(json.dumps(lab(event_id=f"unpaid-{n}")) for n in range(50))
+        refused = gateway.post(full)  # 20 records left for 50: read, then refused; the read empties the bucket
+        assert refused.status_code == 429 and "nothing was published" in refused.json()["detail"], refused.text
+        assert 2990 <= int(refused.headers["Retry-After"]) <= 3000  # the time for all 50 records (1 a minute)
+        for body in (full, json.dumps(lab(event_id="small"))):  # not read again before the 50 can be published
+            unread = gateway.post(body)
+            assert unread.status_code == 429 and "nothing was read" in unread.json()["detail"], unread.text
+            assert "the 50 records it last sent" in unread.json()["detail"]
+        assert gateway.topic_size(gateway.settings.topic_lab_detections) == 30
