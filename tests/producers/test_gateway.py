@@ -702,3 +702,67 @@ def test_a_body_refused_after_it_was_read_is_charged_its_records(broker: Embedde
             assert unread.status_code == 429 and "nothing was read" in unread.json()["detail"], unread.text
             assert "the 50 records it last sent" in unread.json()["detail"]
         assert gateway.topic_size(gateway.settings.topic_lab_detections) == 30
+
+
+@pytest.mark.integration
+def test_a_tokens_requests_waiting_in_line_are_not_read_once_the_first_used_its_bucket(
+    broker: EmbeddedBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests a token sends at once all pass the bucket check before the first is read; they wait in line
+    behind it, and were each read in turn (10 at the request burst) though the first had used the bucket. The
+    bucket is checked again at a request's turn: those behind get 429 unread."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from synthwatch.producers import gateway as gateway_module
+
+    release = threading.Event()
+    reads: list[int] = []
+    read_body = gateway_module.read_body
+
+    def held_read(body: bytearray, *args: Any) -> Any:
+        reads.append(len(body))
+        assert release.wait(60)
+        return read_body(body, *args)
+
+    monkeypatch.setattr(gateway_module, "read_body", held_read)
+    received = [0]
+
+    def watched(app: Any) -> Any:
+        async def asgi(scope: Any, receive: Any, send: Any) -> None:
+            async def watched_receive() -> Any:
+                message = await receive()
+                received[0] += message["type"] == "http.request" and not message.get("more_body")
+                return message
+
+            await app(scope, watched_receive, send)
+
+        return asgi
+
+    overrides = {"gateway_max_records": 50, "gateway_rate_records_per_minute": 1.0, "gateway_rate_records_burst": 50}
+    settings = isolated_settings(broker, tmp_path / "data", **overrides)
+    store = TokenStore.open(tmp_path / "tokens.json")
+    _, secret = store.create("lab-fr", ["LAB-FR-01"], [])
+    publisher = gateway_module.GatewayPublisher(settings, broker.bootstrap_servers, None)
+    headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/x-ndjson"}
+    try:
+        app = watched(gateway_module.create_app(settings, store, publisher.publish_request))
+        with TestClient(app, base_url="http://localhost") as client, ThreadPoolExecutor(3) as pool:
+
+            def post() -> httpx.Response:
+                return client.post("/v1/reports", content=b"1\n" * 51, headers=headers)
+
+            first = pool.submit(post)
+            wait_until(lambda: len(reads) == 1, 30, "the first body to be read")
+            behind = [pool.submit(post) for _ in range(2)]
+            wait_until(lambda: received[0] == 3, 30, "the bodies behind it to be received (checked, in line)")
+            release.set()
+            assert first.result(timeout=30).status_code == 413
+            for response in (future.result(timeout=30) for future in behind):
+                assert response.status_code == 429 and "nothing was read" in response.json()["detail"], response.text
+            assert len(reads) == 1
+    finally:
+        release.set()
+        publisher.close()
