@@ -499,7 +499,8 @@ def test_a_body_of_more_records_than_the_cap_is_refused_whole_and_a_full_one_is_
     """One 8 MiB body of b"1\\n" lines was 4 million records, verdicts and rejects (6 GiB, a 379 MiB answer):
     records are capped per request (the default cap, proved with a body just above it), nothing of a refused
     body is published, and a full body's answer lists only a bounded number of the records not accepted."""
-    with in_process(broker, tmp_path) as gateway:
+    # the three refused bodies' records read (3 x 10,001) are charged: a bucket that still holds a full request
+    with in_process(broker, tmp_path, gateway_rate_records_burst=50_000) as gateway:
         cap = 10_000  # the default of SYNTHWATCH_GATEWAY_MAX_RECORDS
         topics = (gateway.settings.topic_lab_detections, gateway.settings.topic_rejects)
         for body, content_type in [
