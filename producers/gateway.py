@@ -376,10 +376,10 @@ def _read_body(
         stream = io.StringIO(text, newline="")
         yield from read_csv(stream, name, settings.max_csv_header_depth, settings.max_csv_field_bytes)
         return
-    for number, item in enumerate(_json_items(text), start=1):
+    for number, item in enumerate(_json_items(text, settings.max_record_bytes), start=1):
         raw = json.dumps(item, ensure_ascii=False)
-        if isinstance(item, dict):
-            yield InputRecord(source=f"{name}:{number}", raw=raw, obj=item)
+        if isinstance(item, dict):  # its text only, parsed again when judged: a record's objects are not held
+            yield InputRecord(source=f"{name}:{number}", raw=raw)
         else:
             problem = f"not a report: element {number} is a JSON {type(item).__name__}, not an object"
             yield InputRecord(source=f"{name}:{number}", raw=raw, problem=problem)
@@ -389,17 +389,36 @@ _DECODER = json.JSONDecoder()
 _SPACE = " \t\n\r"
 
 
-def _json_items(text: str) -> Iterator[Any]:
-    """The elements of a JSON array one at a time (or one value), so a huge array is never built whole."""
+def _json_items(text: str, max_chars: int) -> Iterator[Any]:
+    """The elements of a JSON array one at a time (or one value), so a huge array is never built whole.
+
+    An element is decoded from a window of the text grown as needed up to ``max_chars`` (the record size
+    limit): one decoded 8 MiB element of ``{}`` was ~190 MiB of objects, and so were 10,000 elements of ~840
+    bytes kept as objects until published. An element not complete within the window makes the body
+    unreadable (nothing published): it is over the record size limit or not JSON."""
 
     def unreadable(why: str) -> BodyError:
         return BodyError(f"the body is not JSON ({why[:200]}); send a JSON array of reports")
 
     def value_at(at: int) -> tuple[Any, int]:
-        try:
-            return _DECODER.raw_decode(text, at)
-        except (ValueError, RecursionError) as error:
-            raise unreadable(str(error)) from None
+        width = min(4096, max_chars + 1)
+        while True:
+            window = text[at : at + width]
+            whole = at + width >= len(text)
+            try:
+                item, end = _DECODER.raw_decode(window)
+                if whole or end < len(window):  # a number at the window's end may go on past it
+                    return item, at + end
+            except (ValueError, RecursionError) as error:
+                if whole:
+                    why = f"{error.msg}: character {at + error.pos}" if isinstance(error, json.JSONDecodeError) else ""
+                    raise unreadable(why or str(error)) from None
+            if width > max_chars:
+                raise unreadable(
+                    f"the value at character {at} is not complete within {max_chars:,} characters, the largest a "
+                    "report may be (SYNTHWATCH_MAX_RECORD_BYTES)"
+                )
+            width = min(width * 4, max_chars + 1)
 
     def skip(at: int) -> int:
         while at < len(text) and text[at] in _SPACE:
