@@ -524,6 +524,10 @@ def intake_result(request_id: str, org_id: str, outcome: RequestVerdicts, max_li
 #: publisher is serial). With no bound, 16 concurrent maximal requests peaked at 499 MiB (336 one at a time,
 #: 374 two at a time); one at a time, the 16 took 29.8 s instead of 24.5 (24.0 two at a time).
 PARSING_AT_ONCE = 2
+#: Requests of one token between authentication and answer at most (uploading, waiting in line, read): the
+#: server takes 64 connections at once, and a token whose bodies came slowly held them all after ~54 s of its
+#: request rate (10 at once, then one a second): every other organisation got 503. Its further ones get 429.
+IN_FLIGHT_PER_TOKEN = 8
 
 PublishFn = Callable[[GatewayToken, list[InputRecord]], RequestVerdicts]
 
@@ -610,26 +614,9 @@ def create_app(settings: Settings, store: TokenStore, publish: PublishFn) -> Fas
         ]
     }
 
-    @app.post(
-        "/v1/reports",
-        response_model=IntakeResult,
-        responses={**errors, 503: {"model": IntakeResult, "description": "some records were not acknowledged"}},
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/x-ndjson": {"schema": {"type": "string"}, "example": '{"kind": "lab_detection"}'},
-                    "application/json": {"schema": {"type": "array", "items": {"type": "object"}}},
-                    "text/csv": {"schema": {"type": "string"}, "example": "kind,event_id,substance.name\n"},
-                },
-            }
-        },
-        summary="Publish reports",
-    )
-    async def post_reports(request: Request, token: Token) -> JSONResponse:
-        """Validate and publish the body's reports (at most SYNTHWATCH_GATEWAY_MAX_RECORDS, else 413: split the
-        batch); the answer counts every record and lists the records not accepted with their verdict and reason
-        (the wire contract is in schemas/json)."""
+    in_flight: dict[str, int] = {}  # per token id: its requests between authentication and answer
+
+    async def read_and_publish(request: Request, token: GatewayToken) -> JSONResponse:
         content_type = request.headers.get("content-type", "")
         kind = CONTENT_TYPES.get(content_type.split(";")[0].strip().lower())
         if kind is None:
@@ -699,6 +686,42 @@ def create_app(settings: Settings, store: TokenStore, publish: PublishFn) -> Fas
         status = 503 if result.failed else 200
         headers = {"Retry-After": "5"} if result.failed else None
         return JSONResponse(result.model_dump(), status_code=status, headers=headers)
+
+    @app.post(
+        "/v1/reports",
+        response_model=IntakeResult,
+        responses={**errors, 503: {"model": IntakeResult, "description": "some records were not acknowledged"}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/x-ndjson": {"schema": {"type": "string"}, "example": '{"kind": "lab_detection"}'},
+                    "application/json": {"schema": {"type": "array", "items": {"type": "object"}}},
+                    "text/csv": {"schema": {"type": "string"}, "example": "kind,event_id,substance.name\n"},
+                },
+            }
+        },
+        summary="Publish reports",
+    )
+    async def post_reports(request: Request, token: Token) -> JSONResponse:
+        """Validate and publish the body's reports (at most SYNTHWATCH_GATEWAY_MAX_RECORDS, else 413: split the
+        batch); the answer counts every record and lists the records not accepted with their verdict and reason
+        (the wire contract is in schemas/json)."""
+        held = in_flight.get(token.token_id, 0)
+        if held >= IN_FLIGHT_PER_TOKEN:
+            raise HTTPException(
+                429,
+                f"too many requests at once for token {token.token_id}: at most {IN_FLIGHT_PER_TOKEN} in flight; "
+                "send the next when one is answered",
+                {"Retry-After": "5"},
+            )
+        in_flight[token.token_id] = held + 1
+        try:
+            return await read_and_publish(request, token)
+        finally:
+            in_flight[token.token_id] -= 1
+            if not in_flight[token.token_id]:
+                del in_flight[token.token_id]
 
     @app.get("/v1/whoami", response_model=TokenInfo, responses=errors, summary="Who this token publishes as")
     def whoami(token: Token) -> TokenInfo:

@@ -811,3 +811,64 @@ def test_a_csv_body_is_held_as_its_rows_text_until_they_are_judged() -> None:
 
     assert len(records) == 1_000 and isinstance(records[0], CsvRow) and records[0].obj is None
     assert records[0].object_of().obj == {f"c{n}": "1" for n in range(1_000)}
+
+
+@pytest.mark.integration
+def test_a_token_has_at_most_eight_requests_in_flight_and_others_still_get_in(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """The server takes 64 connections at once; a token whose requests waited in line (or whose bodies came
+    slowly) could hold them all within its request rate, and every other organisation got 503. A token's
+    requests beyond IN_FLIGHT_PER_TOKEN get 429 at once; another token's request is served meanwhile."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from synthwatch.producers.gateway import IN_FLIGHT_PER_TOKEN, GatewayPublisher, create_app
+
+    assert IN_FLIGHT_PER_TOKEN == 8
+    settings = isolated_settings(broker, tmp_path / "data", gateway_rate_burst=20)
+    store = TokenStore.open(tmp_path / "tokens.json")
+    secrets = {name: store.create("lab-fr", ["LAB-FR-01"], [])[1] for name in "AB"}
+    publisher = GatewayPublisher(settings, broker.bootstrap_servers, None)
+    release = threading.Event()
+    received = [0]
+
+    def publish(token: Any, records: Any) -> Any:
+        if json.loads(records[0].raw)["event_id"] == "A0":
+            assert release.wait(60)
+        return publisher.publish_request(token, records)
+
+    def watched(app: Any) -> Any:
+        async def asgi(scope: Any, receive: Any, send: Any) -> None:
+            async def watched_receive() -> Any:
+                message = await receive()
+                received[0] += message["type"] == "http.request" and not message.get("more_body")
+                return message
+
+            await app(scope, watched_receive, send)
+
+        return asgi
+
+    try:
+        app = watched(create_app(settings, store, publish))
+        with TestClient(app, base_url="http://localhost") as client, ThreadPoolExecutor(10) as pool:
+
+            def post(name: str) -> httpx.Response:
+                headers = {"Authorization": f"Bearer {secrets[name[0]]}", "Content-Type": "application/x-ndjson"}
+                return client.post("/v1/reports", content=json.dumps(lab(event_id=name)), headers=headers)
+
+            in_line = []
+            for n in range(IN_FLIGHT_PER_TOKEN):  # A0 held in publishing, A1-A7 in line behind it
+                in_line.append(pool.submit(post, f"A{n}"))
+                wait_until(lambda n=n: received[0] == n + 1, 30, f"A{n}'s body to be received")
+            refused = post("A8")
+            assert refused.status_code == 429 and "at most 8 in flight" in refused.json()["detail"], refused.text
+            assert post("B0").status_code == 200  # another organisation is served meanwhile
+            release.set()
+            assert [future.result(timeout=60).status_code for future in in_line] == [200] * IN_FLIGHT_PER_TOKEN
+            assert post("A9").status_code == 200  # answered ones leave the count
+    finally:
+        release.set()
+        publisher.close()
