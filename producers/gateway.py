@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import math
+import re
 import threading
 import time
 import uuid
@@ -400,7 +401,9 @@ def _read_body(
 
 
 _DECODER = json.JSONDecoder()
-_SPACE = " \t\n\r"
+#: JSON's white space, skipped by the regex engine: a Python loop took 0.51 CPU s over a body of 8 MiB of spaces
+#: (no record read, so none charged).
+_SPACE = re.compile(r"[ \t\n\r]*")
 
 
 def _json_items(text: str, max_chars: int) -> Iterator[Any]:
@@ -435,9 +438,8 @@ def _json_items(text: str, max_chars: int) -> Iterator[Any]:
             width = min(width * 4, max_chars + 1)
 
     def skip(at: int) -> int:
-        while at < len(text) and text[at] in _SPACE:
-            at += 1
-        return at
+        found = _SPACE.match(text, at)
+        return at if found is None else found.end()
 
     at = skip(0)
     if not text.startswith("[", at):
