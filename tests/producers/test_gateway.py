@@ -128,20 +128,44 @@ def test_a_token_is_bound_to_its_lab_ids_and_agencies(tmp_path: Path) -> None:
 def test_json_bodies_give_one_record_per_element_and_a_clear_error_when_unreadable() -> None:
     records = records_of(json.dumps([lab(), 3, "x"]), "json", "req", Settings())
     assert [r.source for r in records] == ["req:1", "req:2", "req:3"]
-    assert records[0].obj == lab() and records[0].problem is None
+    assert json.loads(records[0].raw) == lab() and records[0].problem is None
     assert records[1].problem is not None and "element 2 is a JSON int" in records[1].problem
     assert len(records_of(json.dumps(lab()), "json", "req", Settings())) == 1  # one object is one record
     with pytest.raises(BodyError, match="not JSON"):
         records_of('[{"a": 1}', "json", "req", Settings())
     # the array is read one element at a time (never built whole): the same answers as json.loads
     assert records_of(" [ ] ", "json", "req", Settings()) == []
-    assert [r.obj for r in records_of(' [ {"a": 1} ,\n{"b": [2]} ]\n', "json", "req", Settings())] == [
+    assert [json.loads(r.raw) for r in records_of(' [ {"a": 1} ,\n{"b": [2]} ]\n', "json", "req", Settings())] == [
         {"a": 1},
         {"b": [2]},
     ]
     for broken in ("[1,]", "[1 2]", '{"a": 1} x', "[1] 2", "", "[" * 100_000):
         with pytest.raises(BodyError, match="not JSON"):
             records_of(broken, "json", "req", Settings())
+
+
+def test_a_json_body_is_held_as_its_records_text_and_an_element_is_decoded_within_the_record_limit() -> None:
+    """An 8 MiB body of elements of 271 empty objects each (~840 bytes) was held as ~190 MiB of objects until
+    published (two requests read at once: ~400 MiB, the pod's limit is 1 GiB), as was one 8 MiB element: the
+    records are their text now, parsed one at a time when judged, and an element not complete within the
+    record size limit makes the body unreadable (400, nothing published) without being decoded whole."""
+    import tracemalloc
+
+    element = '{"a": [' + "{}, " * 270 + "{}]}"
+    body = "[" + ",".join([element] * 9_900) + "]"
+    tracemalloc.start()
+    try:
+        records = records_of(body, "json", "req", Settings())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 30 * 2**20, f"{peak / 2**20:.0f} MiB"  # the text again, not its objects
+    assert len(records) == 9_900 and all(r.obj is None for r in records)
+    with pytest.raises(BodyError, match="not complete within 921,600 characters"):
+        records_of('[{"a": "' + "x" * 1_000_000 + '"}]', "json", "req", Settings())
+    assert len(records_of('[{"a": "' + "x" * 900_000 + '"}]', "json", "req", Settings())) == 1
+    number = "1." + "0" * 5_000  # ends past the first window: read whole, not cut at the window's end
+    assert [r.raw for r in records_of(f"[{number}, 2]", "json", "req", Settings())] == ["1.0", "2"]
 
 
 def test_a_non_loopback_address_needs_tls_or_a_tls_proxy(tmp_path: Path) -> None:
@@ -499,7 +523,8 @@ def test_a_body_of_more_records_than_the_cap_is_refused_whole_and_a_full_one_is_
     """One 8 MiB body of b"1\\n" lines was 4 million records, verdicts and rejects (6 GiB, a 379 MiB answer):
     records are capped per request (the default cap, proved with a body just above it), nothing of a refused
     body is published, and a full body's answer lists only a bounded number of the records not accepted."""
-    with in_process(broker, tmp_path) as gateway:
+    # the three refused bodies' records read (3 x 10,001) are charged: a bucket that still holds a full request
+    with in_process(broker, tmp_path, gateway_rate_records_burst=50_000) as gateway:
         cap = 10_000  # the default of SYNTHWATCH_GATEWAY_MAX_RECORDS
         topics = (gateway.settings.topic_lab_detections, gateway.settings.topic_rejects)
         for body, content_type in [
@@ -642,3 +667,221 @@ def test_two_requests_are_read_and_published_at_once_one_per_token_and_others_go
         for event in held.values():
             event.set()
         publisher.close()
+
+
+@pytest.mark.integration
+def test_a_charset_that_is_no_character_set_is_refused_before_the_body_is_decoded(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """``charset=punycode`` was decoded, on the event loop, in quadratic time (1.28 M bytes: 14.5 CPU s; an
+    8 MiB body ~10 min during which no other organisation's request was even authenticated); ``idna`` and
+    ``undefined`` raised on decoding (500), ``zlib`` too. Real character sets are still honoured."""
+    with in_process(broker, tmp_path, gateway_rate_burst=20) as gateway:
+        for charset in ("punycode", "PUNYCODE", "idna", "undefined", "unicode_escape", "zlib", "base64", "nope"):
+            response = gateway.post(b"-" + b"a" * 1000, f"application/x-ndjson; charset={charset}")
+            assert response.status_code == 415, (charset, response.status_code, response.text[:200])
+        for charset, event_id in [("utf-16", "cs-utf16"), ("cp1252", "cs-cp1252"), ("UTF_8", "cs-utf8")]:
+            body = json.dumps(lab(event_id=event_id), ensure_ascii=False).encode(charset.replace("UTF_8", "utf-8"))
+            response = gateway.post(body, f"application/x-ndjson; charset={charset}")
+            assert response.status_code == 200 and response.json()["accepted"] == 1, (charset, response.text)
+        assert gateway.topic_size(gateway.settings.topic_lab_detections) == 3
+
+
+def test_records_read_and_refused_are_charged_to_the_bucket() -> None:
+    now = [0.0]
+    limiter = RateLimiter(per_minute=60, burst=10, clock=lambda: now[0])  # one unit a second
+    limiter.charge("a", 4)
+    assert limiter.wait("a", 6) == 0 and limiter.wait("a", 7) == pytest.approx(1.0)
+    limiter.charge("a", 100)  # floor 0: the bucket is emptied, never below
+    assert limiter.wait("a", 1) == pytest.approx(1.0)
+    now[0] += 3
+    limiter.charge("a", 100, floor=-limiter.burst)  # a debt, at most one burst deep
+    assert limiter.wait("a", 1) == pytest.approx(11.0)
+
+
+@pytest.mark.integration
+def test_a_body_refused_after_it_was_read_is_charged_its_records(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """A body over the record cap (413) or over the token's bucket (429 after reading) was read, up to the cap's
+    records (~0.2-1.2 CPU s and one of the two turns), and charged nothing: with its bucket never used, a token
+    had the gateway read such a body at its request rate (a second) for ever, ahead of other organisations."""
+    overrides = {
+        "gateway_max_records": 50,
+        "gateway_rate_records_per_minute": 1.0,
+        "gateway_rate_records_burst": 50,
+        "gateway_rate_burst": 20,
+    }
+    with in_process(broker, tmp_path / "cap", **overrides) as gateway:
+        over_cap = b"1\n" * 51
+        assert gateway.post(over_cap).status_code == 413
+        again = gateway.post(over_cap)  # the 51 records read are charged: the bucket is in debt, not read again
+        assert again.status_code == 429 and "nothing was read" in again.json()["detail"], again.text
+
+    with in_process(broker, tmp_path / "rate", **overrides) as gateway:
+        assert gateway.post("\n".join(json.dumps(lab(event_id=f"paid-{n}")) for n in range(30))).status_code == 200
+        full = "\n".join(json.dumps(lab(event_id=f"unpaid-{n}")) for n in range(50))
+        refused = gateway.post(full)  # 20 records left for 50: read, then refused; the read empties the bucket
+        assert refused.status_code == 429 and "nothing was published" in refused.json()["detail"], refused.text
+        assert 2990 <= int(refused.headers["Retry-After"]) <= 3000  # the time for all 50 records (1 a minute)
+        for body in (full, json.dumps(lab(event_id="small"))):  # not read again before the 50 can be published
+            unread = gateway.post(body)
+            assert unread.status_code == 429 and "nothing was read" in unread.json()["detail"], unread.text
+            assert "the 50 records it last sent" in unread.json()["detail"]
+        assert gateway.topic_size(gateway.settings.topic_lab_detections) == 30
+
+
+@pytest.mark.integration
+def test_a_tokens_requests_waiting_in_line_are_not_read_once_the_first_used_its_bucket(
+    broker: EmbeddedBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests a token sends at once all pass the bucket check before the first is read; they wait in line
+    behind it, and were each read in turn (10 at the request burst) though the first had used the bucket. The
+    bucket is checked again at a request's turn: those behind get 429 unread."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from synthwatch.producers import gateway as gateway_module
+
+    release = threading.Event()
+    reads: list[int] = []
+    read_body = gateway_module.read_body
+
+    def held_read(body: bytearray, *args: Any) -> Any:
+        reads.append(len(body))
+        assert release.wait(60)
+        return read_body(body, *args)
+
+    monkeypatch.setattr(gateway_module, "read_body", held_read)
+    received = [0]
+
+    def watched(app: Any) -> Any:
+        async def asgi(scope: Any, receive: Any, send: Any) -> None:
+            async def watched_receive() -> Any:
+                message = await receive()
+                received[0] += message["type"] == "http.request" and not message.get("more_body")
+                return message
+
+            await app(scope, watched_receive, send)
+
+        return asgi
+
+    overrides = {"gateway_max_records": 50, "gateway_rate_records_per_minute": 1.0, "gateway_rate_records_burst": 50}
+    settings = isolated_settings(broker, tmp_path / "data", **overrides)
+    store = TokenStore.open(tmp_path / "tokens.json")
+    _, secret = store.create("lab-fr", ["LAB-FR-01"], [])
+    publisher = gateway_module.GatewayPublisher(settings, broker.bootstrap_servers, None)
+    headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/x-ndjson"}
+    try:
+        app = watched(gateway_module.create_app(settings, store, publisher.publish_request))
+        with TestClient(app, base_url="http://localhost") as client, ThreadPoolExecutor(3) as pool:
+
+            def post() -> httpx.Response:
+                return client.post("/v1/reports", content=b"1\n" * 51, headers=headers)
+
+            first = pool.submit(post)
+            wait_until(lambda: len(reads) == 1, 30, "the first body to be read")
+            behind = [pool.submit(post) for _ in range(2)]
+            wait_until(lambda: received[0] == 3, 30, "the bodies behind it to be received (checked, in line)")
+            release.set()
+            assert first.result(timeout=30).status_code == 413
+            for response in (future.result(timeout=30) for future in behind):
+                assert response.status_code == 429 and "nothing was read" in response.json()["detail"], response.text
+            assert len(reads) == 1
+    finally:
+        release.set()
+        publisher.close()
+
+
+def test_a_csv_body_is_held_as_its_rows_text_until_they_are_judged() -> None:
+    """Rows were held as objects until published: 4,191 rows of 1,000 filled cells (8 MiB) were 156 MiB, two
+    requests read at once twice that. They are their JSON text now, the object built again when judged."""
+    import tracemalloc
+
+    header = ",".join(f"c{n}" for n in range(250)) + "\n"
+    body = header + (",".join(["1"] * 250) + "\n") * 4_000  # 2 MiB, a million filled cells
+    tracemalloc.start()
+    try:
+        records = records_of(body, "csv", "req", Settings())
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held < 20 * 2**20, f"{held / 2**20:.0f} MiB"  # the text, ~13 MiB
+    from synthwatch.producers.gateway import CsvRow
+
+    assert len(records) == 4_000 and isinstance(records[0], CsvRow) and records[0].obj is None
+    assert records[0].object_of().obj == {f"c{n}": "1" for n in range(250)}
+
+
+@pytest.mark.integration
+def test_a_token_has_at_most_eight_requests_in_flight_and_others_still_get_in(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """The server takes 64 connections at once; a token whose requests waited in line (or whose bodies came
+    slowly) could hold them all within its request rate, and every other organisation got 503. A token's
+    requests beyond IN_FLIGHT_PER_TOKEN get 429 at once; another token's request is served meanwhile."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from synthwatch.producers.gateway import IN_FLIGHT_PER_TOKEN, GatewayPublisher, create_app
+
+    assert IN_FLIGHT_PER_TOKEN == 8
+    settings = isolated_settings(broker, tmp_path / "data", gateway_rate_burst=20)
+    store = TokenStore.open(tmp_path / "tokens.json")
+    secrets = {name: store.create("lab-fr", ["LAB-FR-01"], [])[1] for name in "AB"}
+    publisher = GatewayPublisher(settings, broker.bootstrap_servers, None)
+    release = threading.Event()
+    received = [0]
+
+    def publish(token: Any, records: Any) -> Any:
+        if json.loads(records[0].raw)["event_id"] == "A0":
+            assert release.wait(60)
+        return publisher.publish_request(token, records)
+
+    def watched(app: Any) -> Any:
+        async def asgi(scope: Any, receive: Any, send: Any) -> None:
+            async def watched_receive() -> Any:
+                message = await receive()
+                received[0] += message["type"] == "http.request" and not message.get("more_body")
+                return message
+
+            await app(scope, watched_receive, send)
+
+        return asgi
+
+    try:
+        app = watched(create_app(settings, store, publish))
+        with TestClient(app, base_url="http://localhost") as client, ThreadPoolExecutor(10) as pool:
+
+            def post(name: str) -> httpx.Response:
+                headers = {"Authorization": f"Bearer {secrets[name[0]]}", "Content-Type": "application/x-ndjson"}
+                return client.post("/v1/reports", content=json.dumps(lab(event_id=name)), headers=headers)
+
+            in_line = []
+            for n in range(IN_FLIGHT_PER_TOKEN):  # A0 held in publishing, A1-A7 in line behind it
+                in_line.append(pool.submit(post, f"A{n}"))
+                wait_until(lambda n=n: received[0] == n + 1, 30, f"A{n}'s body to be received")
+            refused = post("A8")
+            assert refused.status_code == 429 and "at most 8 in flight" in refused.json()["detail"], refused.text
+            assert post("B0").status_code == 200  # another organisation is served meanwhile
+            release.set()
+            assert [future.result(timeout=60).status_code for future in in_line] == [200] * IN_FLIGHT_PER_TOKEN
+            assert post("A9").status_code == 200  # answered ones leave the count
+    finally:
+        release.set()
+        publisher.close()
+
+
+def test_white_space_of_a_json_body_is_skipped_at_the_regex_engines_speed() -> None:
+    """8 MiB of spaces around or in an array took 0.51 CPU s to skip one character at a time in Python, and
+    no record was read, so none was charged to the token."""
+    import time
+
+    spaces = " " * (8 * 2**20)
+    for body, count in [(f"[{spaces}]", 0), (f"{spaces}{{}}", 1), (f"[1,{spaces}2]", 2)]:
+        started = time.process_time()
+        records = records_of(body, "json", "req", Settings())
+        spent = time.process_time() - started
+        assert spent < 0.2 and len(records) == count, (spent, len(records))
