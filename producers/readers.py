@@ -361,7 +361,7 @@ def read_csv(
         if cells is _QUOTE_LEFT_OPEN:
             cells = _spanning(line, lines, delimiter, len(fieldnames))
         if isinstance(cells, str):
-            yield InputRecord(source=source, raw=text, problem=f"CSV line unreadable: {cells}")
+            yield InputRecord(source=source, raw=text, problem=f"CSV row unreadable: {cells}")
             continue
         if not any(cell.strip() for cell in cells):
             continue
