@@ -378,3 +378,37 @@ def test_a_retraction_stored_before_migration_0013_stands_for_its_own_correction
     assert _take(ch, sink, _events(theirs, first=3)).retractions == 1
     _assert_recounted(ch)
     assert sum(row[6] for row in _aggregate(ch, "reports_daily")) == 2
+
+
+def test_a_retraction_stored_before_migration_0013_withholds_no_other_reporters_alike_numbered_one(
+    ch: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two agencies' systems number alike: before the upgrade, customs corrected S-1 with S-2 (its retraction
+    has reporter ''); after it, the police store their own S-1 and correct it with their own S-2. The '' row is
+    customs' (their S-2 was stored first): the police's correction gets its own retraction. Matched by kind, id
+    and corrected id, the '' row withheld it, and the police's corrected S-1 counted twice."""
+    from synthwatch.stream_apps.storage.clickhouse import available_migrations
+
+    migrate(ch, [m for m in available_migrations() if m.version <= 12])
+    _as_before_0014(monkeypatch)
+    ClickHouseSink(ch).store_events(_events(seizure(event_id="S-1", occurred_at=NOW)))
+    fix = seizure(event_id="S-2", occurred_at=NOW, corrects="S-1", quantity={"value": 30, "unit": "g"})
+    assert ClickHouseSink(ch).store_events(_events(fix, first=1)).stored == 1
+    ch.command(
+        "INSERT INTO retractions (event_id, corrected, kind, occurred_at, country, region, substance_key, "
+        "substance_name, family, grams) SELECT 'S-2', 'S-1', 'border_seizure', occurred_at, country, region, "
+        "substance_key, resolved_name, family, ifNull(grams, 0) FROM border_seizures WHERE event_id = 'S-1'"
+    )  # what the 0012 sink stored for it (the columns of 0012: no reporter)
+    assert [m.version for m in migrate(ch)] == [13, 14]
+    monkeypatch.undo()  # the worker of 0014
+    sink = ClickHouseSink(ch)
+    assert _take(ch, sink, _events(fix, first=1)).retractions == 0  # customs' retry: its retraction is the '' row
+    police = _events(seizure(event_id="S-1", agency="Police", occurred_at=NOW), first=2)
+    assert _take(ch, sink, police).stored == 1
+    theirs = seizure(
+        event_id="S-2", agency="Police", occurred_at=NOW, corrects="S-1", quantity={"value": 9, "unit": "g"}
+    )
+    assert _take(ch, sink, _events(theirs, first=3)).retractions == 1
+    assert _take(ch, sink, _events(theirs, first=3)).retractions == 0  # the police's retry: once
+    _assert_recounted(ch)
+    assert sum(row[6] for row in _aggregate(ch, "reports_daily")) == 2
