@@ -320,7 +320,10 @@ class Publisher:
         self.renewals = 0
         self.rejects_sent = self.rejects_unsent = 0
         summary = PublishSummary()
-        seen: dict[str, int] = {}  # event id -> hash of its text in this run
+        # (kind, lab_id or agency, event id) -> hash of its text in this run: event ids are unique per reporter
+        # only, as the worker judges them (stream_apps.detect.corrections.report_key); another lab's (or
+        # agency's) report under an id is its own report, not a changed one.
+        seen: dict[tuple[str, str, str], int] = {}
         reasons = summary.reject_reasons
 
         def refuse(record: InputRecord, reason: str, label: str, event_id: str | None) -> None:
@@ -342,7 +345,8 @@ class Publisher:
                 full = error.reason if record.hint is None else f"{error.reason} ({record.hint})"
                 refuse(record, full, label, error.event_id)
             else:
-                earlier = seen.get(event.event_id)
+                key = (event.kind, event.lab_id if isinstance(event, LabDetection) else event.agency, event.event_id)
+                earlier = seen.get(key)
                 if earlier is not None:
                     if earlier == hash(record.raw):
                         summary.duplicates += 1
@@ -351,7 +355,7 @@ class Publisher:
                         reason = changed_content_reason(event.event_id, earlier_in="earlier in this file")
                         refuse(record, reason, "changed content", event.event_id)
                     continue
-                seen[event.event_id] = hash(record.raw)
+                seen[key] = hash(record.raw)
                 value = (
                     record.raw.encode("utf-8", errors="surrogateescape")
                     if record.obj is None

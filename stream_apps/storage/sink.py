@@ -199,9 +199,11 @@ class ClickHouseSink:
 
         A row stored before migration 0013 has reporter '' (unknown). Then every event id was unique per
         table (the sink refused a second report under an id), so it is the retraction of the one correction
-        of its kind under its id that corrected its ``corrected`` id: it stands for a correction of the same
-        kind, id and corrected id (a retry of a correction stored before the upgrade never retracts twice),
-        and for no other reporter's correction under that id (whose retraction it would otherwise withhold)."""
+        of its kind stored under its id before the upgrade: the one stored first (another reporter's report
+        under that id came after the upgrade), whose reporter it stands for. Matching it by kind, id and
+        corrected id instead withheld the retraction of another lab's correction numbered alike (its LIMS
+        numbers report and correction as the first lab's did), which then counted twice. Only when no report
+        of its kind is stored under its id does it stand for the correction of that kind, id and corrected id."""
         if not rows:
             return 0
         mine: set[tuple[str, str]] = set()
@@ -214,13 +216,38 @@ class ClickHouseSink:
             mine.add((str(who), str(event_id)))
             if who == "":
                 legacy.add((str(event_id), str(kind), str(corrected)))
+        unowned: set[tuple[str, str, str]] = set()
+        if legacy:
+            first = self._first_reporters(legacy)
+            for event_id, kind, corrected in legacy:
+                owner = first.get((kind, event_id))
+                if owner is None:
+                    unowned.add((event_id, kind, corrected))
+                else:
+                    mine.add((owner, event_id))
         fresh = [
             row
             for key, row in rows.items()
             if key not in mine
-            and (row[0], row[2], row[1]) not in legacy  # RETRACTION_COLUMNS: event_id, corrected, kind
+            and (row[0], row[2], row[1]) not in unowned  # RETRACTION_COLUMNS: event_id, corrected, kind
         ]
         return self._insert_rows(RETRACTION_TABLE, fresh, RETRACTION_COLUMNS)
+
+    def _first_reporters(self, legacy: set[tuple[str, str, str]]) -> dict[tuple[str, str], str]:
+        """(kind, event id) -> the claimed reporter of the first report of that kind stored under that id."""
+        found: dict[tuple[str, str], str] = {}
+        for table, kind in ((LAB_TABLE, "lab_detection"), (SEIZURE_TABLE, "border_seizure")):
+            ids = sorted({event_id for event_id, of, _ in legacy if of == kind})
+            if not ids:
+                continue
+            column, prefix = REPORTER_COLUMN[table]
+            for who, event_id in self.client.query(
+                f"SELECT {column}, event_id FROM {table} WHERE event_id IN {{ids:Array(String)}} "
+                f"ORDER BY ingested_at, {column} LIMIT 1 BY event_id",
+                parameters={"ids": ids},
+            ).result_rows:
+                found[(kind, str(event_id))] = prefix + str(who)
+        return found
 
     def _insert_rows(self, table: str, rows: list[Any], columns: list[str]) -> int:
         """Insert ``rows`` (found not stored yet) column-oriented; returns how many (caller holds the lock)."""

@@ -55,10 +55,15 @@ SEIZURE_COLUMNS = [
     "origin_country",
     "destination_country",
 ]
+# Every writer also stores the claimed reporter (``lab:ID``/``agency:NAME``, :func:`.corrections.claimed_reporter`):
+# in the raw tables' sorting key since migration 0014, so two reporters' reports under one id, place and time
+# never merge into one row. ``ingest-history`` computes it in SQL from ``lab_id``/``agency``.
+HISTORY_LAB_COLUMNS = [*LAB_COLUMNS, "reporter"]
+HISTORY_SEIZURE_COLUMNS = [*SEIZURE_COLUMNS, "reporter"]
 # The stream also stores whether a report was late, its content digest and the report it corrects
 # (``ingest-history`` leaves these columns to their defaults).
-SINK_LAB_COLUMNS = [*LAB_COLUMNS, "late", "content_hash", "corrects"]
-SINK_SEIZURE_COLUMNS = [*SEIZURE_COLUMNS, "late", "content_hash", "corrects"]
+SINK_LAB_COLUMNS = [*LAB_COLUMNS, "late", "content_hash", "corrects", "reporter"]
+SINK_SEIZURE_COLUMNS = [*SEIZURE_COLUMNS, "late", "content_hash", "corrects", "reporter"]
 # What a stored correction takes out of the aggregates: the report it corrects' contribution, one row per
 # correction (keyed by the correction's reporter and event_id, migration 0013), subtracted by the retraction
 # views (migration 0012).
@@ -190,7 +195,7 @@ def seizure_values(event: BorderSeizure, substance: SubstanceValues, quantity: Q
 def lab_row(item: EnrichedEvent) -> tuple[Any, ...]:
     """One row of :data:`SINK_LAB_COLUMNS`."""
     values = lab_values(cast(LabDetection, item.event), substance_values(item.substance))
-    return (*values, item.late, item.digest, item.event.corrects or "")
+    return (*values, item.late, item.digest, item.event.corrects or "", claimed_reporter(item.event))
 
 
 def seizure_row(item: EnrichedEvent) -> tuple[Any, ...]:
@@ -198,7 +203,7 @@ def seizure_row(item: EnrichedEvent) -> tuple[Any, ...]:
     values = seizure_values(
         cast(BorderSeizure, item.event), substance_values(item.substance), quantity_values(item.quantity)
     )
-    return (*values, item.late, item.digest, item.event.corrects or "")
+    return (*values, item.late, item.digest, item.event.corrects or "", claimed_reporter(item.event))
 
 
 def retraction_row(item: EnrichedEvent, retracts: Counted) -> list[Any]:

@@ -499,15 +499,18 @@ class InProcess:
 
 
 @contextmanager
-def in_process(broker: EmbeddedBroker, tmp_path: Path, **overrides: Any) -> Iterator[InProcess]:
-    """``create_app`` with a ``GatewayPublisher`` on the session broker, served by Starlette's test client."""
+def in_process(
+    broker: EmbeddedBroker, tmp_path: Path, labs: tuple[str, ...] = ("LAB-FR-01",), **overrides: Any
+) -> Iterator[InProcess]:
+    """``create_app`` with a ``GatewayPublisher`` on the session broker, served by Starlette's test client; its
+    token reports as ``labs``."""
     from fastapi.testclient import TestClient
 
     from synthwatch.producers.gateway import GatewayPublisher, create_app
 
     settings = isolated_settings(broker, tmp_path / "data", **overrides)
     store = TokenStore.open(tmp_path / "tokens.json")
-    _, secret = store.create("lab-fr", ["LAB-FR-01"], [])
+    _, secret = store.create("lab-fr", list(labs), [])
     publisher = GatewayPublisher(settings, broker.bootstrap_servers, None)
     try:
         with TestClient(create_app(settings, store, publisher.publish_request), base_url="http://localhost") as client:
@@ -593,6 +596,25 @@ def test_a_changed_record_under_an_earlier_event_id_is_rejected_as_the_rejects_t
         assert by_position[2]["verdict"] == "rejected" and "different content" in by_position[2]["reason"]
         assert by_position[3]["verdict"] == "duplicate"  # the same text again: not sent, nothing refused
         assert gateway.topic_size(gateway.settings.topic_rejects) == result["rejected"] == 1
+
+
+@pytest.mark.integration
+def test_two_labs_reports_under_one_event_id_in_one_body_are_both_accepted(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """Event ids are unique per reporter only (the worker judges by lab_id and id): an organisation's two labs
+    number their samples alike. The publisher refused the second lab's report as the first's 'changed' one."""
+    with in_process(broker, tmp_path, labs=("LAB-FR-01", "LAB-FR-02")) as gateway:
+        one, other = lab(event_id="two-labs-1"), lab(event_id="two-labs-1", lab_id="LAB-FR-02")
+        result = gateway.post("\n".join([json.dumps(one), json.dumps(other), json.dumps(other)])).json()
+        assert (result["accepted"], result["rejected"], result["duplicates"]) == (2, 0, 1), result
+        assert gateway.topic_size(gateway.settings.topic_lab_detections) == 2
+        changed = gateway.post(
+            json.dumps({**other, "event_id": "two-labs-2"})
+            + "\n"
+            + json.dumps({**other, "event_id": "two-labs-2", "purity_pct": 12.0})
+        ).json()  # the same lab's id with other content: still a changed report
+        assert (changed["accepted"], changed["rejected"]) == (1, 1), changed
 
 
 @pytest.mark.integration

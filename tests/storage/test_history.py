@@ -91,6 +91,35 @@ def test_counts_add_up_and_reingest_adds_nothing(ch: Any, ch_settings: Settings,
     assert ch.command("SELECT count() FROM rejects") == truth.malformed
 
 
+@pytest.mark.parametrize("encoding", ["sql", "json", "arrow"])
+def test_two_reporters_rows_under_one_id_place_and_time_survive_a_merge(
+    ch: Any, ch_settings: Settings, tmp_path: Path, encoding: str
+) -> None:
+    """ingest-history writes the reporter (the raw tables' sorting key has it since migration 0014): two labs'
+    history rows under one id, place and time (a date-only sample date) no longer merge into one row."""
+    place = {"country": "ML", "region": "ML-BKO", "occurred_at": "2026-03-03T00:00:00Z"}
+    records = [
+        lab(event_id="2026-000123", lab_id="LAB-A", **place),
+        lab(event_id="2026-000123", lab_id="LAB-B", **place),
+        seizure(event_id="z-1", agency="Douane ML", **place),
+        seizure(event_id="z-1", agency="Douane SN", **place),
+    ]
+    path = tmp_path / "history.ndjson"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    run = ingest_history(ch_settings, path, progress=False, workers=0, client=ch, encoding=encoding)
+    assert run.balanced and run.stored == 4
+    ch.command("OPTIMIZE TABLE lab_detections FINAL")
+    ch.command("OPTIMIZE TABLE border_seizures FINAL")
+    assert sorted(ch.query("SELECT lab_id, reporter FROM lab_detections").result_rows) == [
+        ("LAB-A", "lab:LAB-A"),
+        ("LAB-B", "lab:LAB-B"),
+    ]
+    assert sorted(ch.query("SELECT agency, reporter FROM border_seizures").result_rows) == [
+        ("Douane ML", "agency:Douane ML"),
+        ("Douane SN", "agency:Douane SN"),
+    ]
+
+
 @pytest.mark.slow
 def test_rows_equal_what_the_stream_sink_stores(ch: Any, ch_settings: Settings, tmp_path: Path) -> None:
     """Parallel chunks (2 processes, small batches) give the same rows as one Intake + the sink, column for column."""

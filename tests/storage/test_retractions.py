@@ -14,9 +14,12 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
+import pytest
+
 from synthwatch.settings import Settings
 from synthwatch.stream_apps.detect.corrections import corrected_key, judge_corrections, known_reports
 from synthwatch.stream_apps.detect.intake import EnrichedEvent, Intake, RawMessage
+from synthwatch.stream_apps.storage import sink as sink_module
 from synthwatch.stream_apps.storage.clickhouse import migrate
 from synthwatch.stream_apps.storage.corrections import stored_reports
 from synthwatch.stream_apps.storage.reads import stats
@@ -25,6 +28,14 @@ from tests.support.factories import lab, seizure
 
 NOW = "2026-03-02T09:00:00Z"
 S1 = ("agency:Douanes maliennes", "S-1")
+
+
+def _as_before_0014(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the sink write the raw tables' columns of a worker before migration 0014 (no ``reporter``)."""
+    for columns in ("SINK_LAB_COLUMNS", "SINK_SEIZURE_COLUMNS"):
+        monkeypatch.setattr(sink_module, columns, getattr(sink_module, columns)[:-1])
+    for row in ("lab_row", "seizure_row"):
+        monkeypatch.setattr(sink_module, row, lambda item, _row=getattr(sink_module, row): _row(item)[:-1])
 
 
 def _events(*records: dict[str, Any], first: int = 0) -> list[EnrichedEvent]:
@@ -237,13 +248,14 @@ def test_stats_leave_out_a_substance_whose_only_report_was_corrected_away(ch: An
     assert [(row.substance_key, row.reports) for row in rows] == [(right.substance.key, 1)]
 
 
-def test_corrections_stored_before_the_migration_are_retracted_by_it(ch: Any) -> None:
+def test_corrections_stored_before_the_migration_are_retracted_by_it(ch: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker of migration 0011 stored corrections without retractions; migrating to 0012 retracts each
     one once, from the rows they correct, so the aggregates equal the recount from then on."""
     from synthwatch.stream_apps.storage.clickhouse import available_migrations
 
     migrate(ch, [m for m in available_migrations() if m.version <= 11])
     sink = ClickHouseSink(ch)
+    _as_before_0014(monkeypatch)
     before = _events(
         seizure(event_id="S-1", occurred_at=NOW),
         lab(event_id="L-1", occurred_at=NOW, substance={"name": "isotonitazene"}),
@@ -260,7 +272,8 @@ def test_corrections_stored_before_the_migration_are_retracted_by_it(ch: Any) ->
     _assert_recounted(ch)
     assert sum(row[6] for row in _aggregate(ch, "reports_daily")) == 2
     assert ch.query("SELECT corrected FROM retractions ORDER BY event_id").result_rows == [("L-1",), ("S-1",)]
-    assert [m.version for m in migrate(ch)] == [13]  # retractions get their reporter column ('' for these)
+    assert [m.version for m in migrate(ch)] == [13, 14]  # retractions get their reporter column ('' for these)
+    monkeypatch.undo()  # the worker of 0014
     # The worker of 0013 finds them retracted: storing the judged corrections again retracts nothing more.
     assert (
         _take(
@@ -330,13 +343,16 @@ def test_two_reporters_corrections_under_one_id_each_retract_their_own_report(ch
     _assert_recounted(ch)
 
 
-def test_a_retraction_stored_before_migration_0013_stands_for_its_own_correction_only(ch: Any) -> None:
+def test_a_retraction_stored_before_migration_0013_stands_for_its_own_correction_only(
+    ch: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A retraction stored before 0013 has no reporter (''). A retry of its own correction (same kind, id and
     corrected id) still finds it and retracts nothing more; another reporter's correction under the same id
     (of another report id) is not withheld its retraction by it (by event id alone it was)."""
     from synthwatch.stream_apps.storage.clickhouse import available_migrations
 
     migrate(ch, [m for m in available_migrations() if m.version <= 12])
+    _as_before_0014(monkeypatch)
     sink_rows = _events(seizure(event_id="S-1", occurred_at=NOW))
     ClickHouseSink(ch).store_events(sink_rows)
     fix = seizure(event_id="S-2", occurred_at=NOW, corrects="S-1", quantity={"value": 30, "unit": "g"})
@@ -347,7 +363,8 @@ def test_a_retraction_stored_before_migration_0013_stands_for_its_own_correction
         "substance_name, family, grams) SELECT 'S-2', 'S-1', 'border_seizure', occurred_at, country, region, "
         "substance_key, resolved_name, family, ifNull(grams, 0) FROM border_seizures WHERE event_id = 'S-1'"
     )  # what the 0012 sink stored for it (the columns of 0012: no reporter)
-    assert [m.version for m in migrate(ch)] == [13]
+    assert [m.version for m in migrate(ch)] == [13, 14]
+    monkeypatch.undo()  # the worker of 0014
     sink = ClickHouseSink(ch)
     _assert_recounted(ch)
     assert _take(ch, sink, _events(fix, first=1)).retractions == 0  # the retry: its retraction is the '' row
@@ -359,5 +376,39 @@ def test_a_retraction_stored_before_migration_0013_stands_for_its_own_correction
         event_id="S-2", agency="Police", occurred_at=NOW, corrects="P-1", quantity={"value": 9, "unit": "g"}
     )
     assert _take(ch, sink, _events(theirs, first=3)).retractions == 1
+    _assert_recounted(ch)
+    assert sum(row[6] for row in _aggregate(ch, "reports_daily")) == 2
+
+
+def test_a_retraction_stored_before_migration_0013_withholds_no_other_reporters_alike_numbered_one(
+    ch: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two agencies' systems number alike: before the upgrade, customs corrected S-1 with S-2 (its retraction
+    has reporter ''); after it, the police store their own S-1 and correct it with their own S-2. The '' row is
+    customs' (their S-2 was stored first): the police's correction gets its own retraction. Matched by kind, id
+    and corrected id, the '' row withheld it, and the police's corrected S-1 counted twice."""
+    from synthwatch.stream_apps.storage.clickhouse import available_migrations
+
+    migrate(ch, [m for m in available_migrations() if m.version <= 12])
+    _as_before_0014(monkeypatch)
+    ClickHouseSink(ch).store_events(_events(seizure(event_id="S-1", occurred_at=NOW)))
+    fix = seizure(event_id="S-2", occurred_at=NOW, corrects="S-1", quantity={"value": 30, "unit": "g"})
+    assert ClickHouseSink(ch).store_events(_events(fix, first=1)).stored == 1
+    ch.command(
+        "INSERT INTO retractions (event_id, corrected, kind, occurred_at, country, region, substance_key, "
+        "substance_name, family, grams) SELECT 'S-2', 'S-1', 'border_seizure', occurred_at, country, region, "
+        "substance_key, resolved_name, family, ifNull(grams, 0) FROM border_seizures WHERE event_id = 'S-1'"
+    )  # what the 0012 sink stored for it (the columns of 0012: no reporter)
+    assert [m.version for m in migrate(ch)] == [13, 14]
+    monkeypatch.undo()  # the worker of 0014
+    sink = ClickHouseSink(ch)
+    assert _take(ch, sink, _events(fix, first=1)).retractions == 0  # customs' retry: its retraction is the '' row
+    police = _events(seizure(event_id="S-1", agency="Police", occurred_at=NOW), first=2)
+    assert _take(ch, sink, police).stored == 1
+    theirs = seizure(
+        event_id="S-2", agency="Police", occurred_at=NOW, corrects="S-1", quantity={"value": 9, "unit": "g"}
+    )
+    assert _take(ch, sink, _events(theirs, first=3)).retractions == 1
+    assert _take(ch, sink, _events(theirs, first=3)).retractions == 0  # the police's retry: once
     _assert_recounted(ch)
     assert sum(row[6] for row in _aggregate(ch, "reports_daily")) == 2

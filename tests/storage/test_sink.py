@@ -170,6 +170,34 @@ def test_two_reporters_with_one_event_id_are_both_stored_and_counted(ch: Any) ->
     assert (changed.stored, [c.key for c in changed.changed]) == (0, [("lab:LAB-B", "2026-000123")])
 
 
+def test_two_reporters_reports_under_one_id_place_and_time_survive_a_merge(ch: Any) -> None:
+    """The raw tables are ReplacingMergeTree: their sorting key was (country, region, occurred_at, event_id), so
+    two labs' reports under one id at one place and time (a date-only sample date is midnight) merged into one
+    row. One lab's row was lost though the aggregates counted both; the sink then stored it again at a replay
+    (counted three times). Seizures alike. Migration 0014 puts the reporter in the sorting key."""
+    migrate(ch)
+    intake, sink = Intake(), ClickHouseSink(ch)
+    place = {"country": "ML", "region": "ML-BKO", "occurred_at": "2026-03-03T00:00:00Z"}
+    records = [
+        lab(event_id="2026-000123", lab_id="LAB-A", **place),
+        lab(event_id="2026-000123", lab_id="LAB-B", **place),
+        seizure(event_id="z-1", agency="Douane ML", **place),
+        seizure(event_id="z-1", agency="Douane SN", **place),
+    ]
+    for record in records:  # one insert each: one part each, which the merge below folds together
+        assert sink.store_events(intake.process(_messages([record])).events).stored == 1
+    ch.command("OPTIMIZE TABLE lab_detections FINAL")
+    ch.command("OPTIMIZE TABLE border_seizures FINAL")
+    assert sorted(ch.query("SELECT lab_id FROM lab_detections").result_rows) == [("LAB-A",), ("LAB-B",)]
+    assert sorted(ch.query("SELECT agency FROM border_seizures").result_rows) == [("Douane ML",), ("Douane SN",)]
+    again = sink.store_events(intake.process(_messages(records)).events)  # a replay finds each stored
+    assert (again.stored, again.already_stored) == (0, 4)
+    assert ch.query("SELECT kind, sum(reports) FROM reports_daily GROUP BY kind ORDER BY kind").result_rows == [
+        ("border_seizure", 2),
+        ("lab_detection", 2),
+    ]
+
+
 def test_two_reporters_with_one_event_id_in_one_batch_are_both_taken() -> None:
     result = Intake().process(_messages([*_two_labs_one_id(), _two_labs_one_id()[1]]))
     taken = [(e.event.lab_id, e.event_id) for e in result.events]  # type: ignore[union-attr]

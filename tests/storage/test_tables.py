@@ -23,9 +23,9 @@ from tests.support.factories import lab, seizure
 
 #: (table, a column list a writer inserts with): every list tables.py declares.
 DECLARED = [
-    (tables.LAB_TABLE, "LAB_COLUMNS"),
+    (tables.LAB_TABLE, "HISTORY_LAB_COLUMNS"),
     (tables.LAB_TABLE, "SINK_LAB_COLUMNS"),
-    (tables.SEIZURE_TABLE, "SEIZURE_COLUMNS"),
+    (tables.SEIZURE_TABLE, "HISTORY_SEIZURE_COLUMNS"),
     (tables.SEIZURE_TABLE, "SINK_SEIZURE_COLUMNS"),
     (tables.REJECT_TABLE, "REJECT_COLUMNS"),
     (tables.ALERT_TABLE, "ALERT_COLUMNS"),
@@ -60,8 +60,8 @@ def test_every_column_list_names_columns_of_its_migrated_table(migrated: Any) ->
 
 
 def test_the_stream_writes_every_column_the_backfill_writes_and_its_own_two() -> None:
-    assert [*tables.LAB_COLUMNS, "late", "content_hash", "corrects"] == tables.SINK_LAB_COLUMNS
-    assert [*tables.SEIZURE_COLUMNS, "late", "content_hash", "corrects"] == tables.SINK_SEIZURE_COLUMNS
+    assert [*tables.LAB_COLUMNS, "late", "content_hash", "corrects", "reporter"] == tables.SINK_LAB_COLUMNS
+    assert [*tables.SEIZURE_COLUMNS, "late", "content_hash", "corrects", "reporter"] == tables.SINK_SEIZURE_COLUMNS
 
 
 def _value_of(source: Any, column: str) -> tuple[bool, Any]:

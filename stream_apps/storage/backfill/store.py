@@ -20,7 +20,14 @@ from synthwatch.stream_apps.storage.backfill.jsonrows import (
     SEIZURE_STAGING,
     STAGING_SETTINGS,
 )
-from synthwatch.stream_apps.storage.tables import LAB_COLUMNS, LAB_TABLE, SEIZURE_COLUMNS, SEIZURE_TABLE
+from synthwatch.stream_apps.storage.tables import (
+    HISTORY_LAB_COLUMNS,
+    HISTORY_SEIZURE_COLUMNS,
+    LAB_COLUMNS,
+    LAB_TABLE,
+    SEIZURE_COLUMNS,
+    SEIZURE_TABLE,
+)
 
 # Rows are unique per key already (ids deduplicated, MVs group by key): collapsing them again on insert
 # costs a third of the insert for nothing; merges still collapse across inserts.
@@ -85,16 +92,21 @@ class Store:
             return 0, 0
         columns = LAB_COLUMNS if table == LAB_TABLE else SEIZURE_COLUMNS
         # Event ids are unique per reporter only: a row is stored already if its reporter's id is.
-        reporter = "lab_id" if table == LAB_TABLE else "agency"
+        reporter, prefix = ("lab_id", "lab:") if table == LAB_TABLE else ("agency", "agency:")
         if source is not None:
             ids, rows = f"({source[0]})", f"({source[1]})"
-            event_id, select = f"({reporter}, event_id)", "*"
+            who, select, event_id = reporter, "*", f"({reporter}, event_id)"
         elif self.encoding == "json":
             ids = rows = self.staging[table]
-            event_id, select = f"(e.{reporter}, e.event_id)", LAB_SELECT if table == LAB_TABLE else SEIZURE_SELECT
+            who, select = f"e.{reporter}", LAB_SELECT if table == LAB_TABLE else SEIZURE_SELECT
+            event_id = f"(e.{reporter}, e.event_id)"
         else:
             ids = rows = self.staging[table]
-            event_id, select = f"({reporter}, event_id)", ", ".join(columns)
+            who, select, event_id = reporter, ", ".join(columns), f"({reporter}, event_id)"
+        # And the claimed reporter column, as the sink writes it (``lab:ID``/``agency:NAME``): in the sorting key
+        # since migration 0014, so two reporters' rows under one id, place and time never merge into one.
+        columns = HISTORY_LAB_COLUMNS if table == LAB_TABLE else HISTORY_SEIZURE_COLUMNS
+        select = f"{select}, concat('{prefix}', {who})"
         stored_ids = (
             f"SELECT {reporter}, event_id FROM {table} WHERE ({reporter}, event_id) IN (SELECT {event_id} FROM {ids})"
         )
