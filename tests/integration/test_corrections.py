@@ -79,7 +79,12 @@ def test_the_officer_alerted_on_a_corrected_report_is_told_and_a_forged_correcti
                 "the forged correction's reject",
             )
             assert reject["stage"] == "worker"
-            assert reject["reason"].startswith("corrects: event_id") and "only the reporter" in reject["reason"]
+            # Event ids are unique per reporter: another lab's correction names a report of its own lab, which it
+            # does not have (the reason does not tell the forger that the id exists under another lab).
+            assert (
+                reject["reason"].startswith("corrects: event_id")
+                and "not stored (yet) as a report of this lab" in (reject["reason"])
+            )
 
             publish("genuine.ndjson", genuine)
             publish("again.ndjson", genuine)  # a re-send: a duplicate, no second notice
