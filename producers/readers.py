@@ -312,6 +312,28 @@ def _fill(template: str, row: Mapping[str, str]) -> str | None:
     return _TEMPLATE.sub(lambda m: folded[_fold(m.group(1))], template)
 
 
+def _too_wide(columns: int, read: int, aliases: Aliases | None) -> str:
+    """Why rows of a header with more columns read than :data:`MAX_CSV_COLUMNS` are refused, and what to do."""
+    if aliases is None:
+        return (
+            f"the CSV header has {columns:,} columns, at most {MAX_CSV_COLUMNS:,} are read: is the first line the "
+            "header row? leave out the columns that are not reports' fields (synthwatch publish: or list them "
+            "under `ignore` in an --aliases file, docs/examples/lims_aliases.toml)"
+        )
+    return (
+        f"the CSV header has {columns:,} columns, {read:,} of them read (not in the alias file's `ignore`), at "
+        f"most {MAX_CSV_COLUMNS:,}: list the columns that are not reports' fields under `ignore` in the alias file"
+    )
+
+
+def _referenced_columns(fieldnames: Sequence[str], aliases: Aliases | None) -> list[int]:
+    """Indices of the columns the alias file's defaults name (``{Sample ID}``): only those are looked up per row."""
+    if aliases is None or not aliases.defaults:
+        return []
+    names = {_fold(ref) for template in aliases.defaults.values() for ref in _TEMPLATE.findall(template)}
+    return [index for index, column in enumerate(fieldnames) if _fold(column) in names]
+
+
 def read_csv(
     stream: IO[str],
     name: str,
@@ -340,17 +362,19 @@ def read_csv(
         yield InputRecord(source=f"{name}:1", raw=first.rstrip("\r\n"), problem=f"CSV header unreadable: {header}")
         return
     fieldnames = header
-    if len(fieldnames) > MAX_CSV_COLUMNS:  # every row refused with the reason, no row built
-        fields: list[str | None] = []
-        header_problem: str | None = (
-            f"the CSV header has {len(fieldnames):,} columns, at most {MAX_CSV_COLUMNS:,}: is the first line the "
-            "header row? leave out the columns that are not reports' fields"
-        )
-        hint = None
+    aliases = options.aliases
+    # Without aliases every column is read; with them, only those not in `ignore` (a LIMS export has hundreds
+    # of columns, most of them ignored), so a row costs at most MAX_CSV_COLUMNS cells built either way.
+    unmapped = aliases is None and len(fieldnames) > MAX_CSV_COLUMNS  # not even mapped: each is read
+    fields: list[str | None] = [] if unmapped else [_field_of(column, aliases) for column in fieldnames]
+    read = [(index, target) for index, target in enumerate(fields) if target is not None]
+    hint: str | None = None
+    if unmapped or len(read) > MAX_CSV_COLUMNS:  # every row refused with the reason, no row built
+        header_problem: str | None = _too_wide(len(fieldnames), len(read), aliases)
     else:
-        fields = [_field_of(column, options.aliases) for column in fieldnames]
-        header_problem = _too_deep([f for f in fields if f is not None], max_depth)
+        header_problem = _too_deep([target for _, target in read], max_depth)
         hint = header_hint(fieldnames, fields, options, delimiter)
+    referenced = _referenced_columns(fieldnames, aliases)
     lines = _Lines(stream, start=2)
     for number, line in lines:
         text = line.rstrip("\r\n")
@@ -373,7 +397,7 @@ def read_csv(
         if undecodable is not None:
             yield InputRecord(source=source, raw=raw, problem=f"{undecodable} (line {number})")
             continue
-        yield _row_record(source, fieldnames, fields, cells, options, zone, hint)
+        yield _row_record(source, fieldnames, read, referenced, cells, options, zone, hint)
 
 
 #: Physical lines one quoted cell may span at most (a comment typed over several lines).
@@ -457,20 +481,25 @@ def _cells(line: str, delimiter: str) -> list[str] | str:
 def _row_record(
     source: str,
     fieldnames: Sequence[str],
-    fields: Sequence[str | None],
+    read: Sequence[tuple[int, str]],
+    referenced: Sequence[int],
     cells: Sequence[str],
     options: CsvOptions,
     zone: ZoneInfo,
     hint: str | None,
 ) -> InputRecord:
-    """One row as a record: cells under their contract fields, defaults added, values normalised."""
+    """One row as a record: cells under their contract fields, defaults added, values normalised. Only the
+    columns read (``read``: index, field) and those the defaults name (``referenced``) are looked at."""
     row: dict[str, str] = {}
     extra = len(cells) - len(fieldnames)
-    for target, value in zip(fields, cells, strict=False):
-        if target is not None and value.strip() != "":
+    for index, target in read:
+        if index >= len(cells):
+            break
+        value = cells[index]
+        if value.strip() != "":
             row[target] = _cell(target, value, options, zone)
     if options.aliases is not None:
-        by_header = dict(zip(fieldnames, cells, strict=False))
+        by_header = {fieldnames[index]: cells[index] for index in referenced if index < len(cells)}
         for target, template in options.aliases.defaults.items():
             filled = _fill(template, by_header) if target not in row else None
             if filled is not None:

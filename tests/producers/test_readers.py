@@ -294,3 +294,37 @@ def test_a_csv_header_of_more_columns_than_a_report_can_have_refuses_its_rows_wi
     widest = ",".join(f"c{n}" for n in range(256)) + "\n" + ",".join(["1"] * 256) + "\n"
     (record,) = read_csv(io.StringIO(widest, newline=""), "f.csv")
     assert record.problem is None and record.obj is not None and len(record.obj) == 256
+
+
+def test_a_lims_export_of_hundreds_of_columns_most_ignored_by_its_aliases_publishes_every_row(tmp_path: Path) -> None:
+    """A LIMS export has hundreds of columns (instrument settings, audit fields) and its alias file ignores
+    them: the column cap counts the columns read, so those rows are read (every one was refused with 'the CSV
+    header has 313 columns, at most 256' since the cap counted the header's). An alias file that leaves too
+    many columns read says to list them under `ignore`."""
+    from synthwatch.producers.readers import MAX_CSV_COLUMNS
+
+    unused = [f"Audit {n}" for n in range(300)]
+    header = (EXAMPLES / "lims_export.csv").read_text(encoding="utf-8-sig").splitlines()[0].split(";")
+    path = tmp_path / "wide_export.csv"
+    rows = ["S-1;LAB-FR-01;2026-03-02;Mephedrone HCl;;;GC-MS;71,5;Saisie;FR;FR-75C;JD;", "S-2;LAB-FR-01;2026-03-03;"
+            "3-MMC;;;GC-MS;40;Urine;FR;FR-75C;JD;"]  # fmt: skip
+    path.write_text(
+        "\n".join([";".join(header + unused)] + [row + ";" + ";".join(["x"] * len(unused)) for row in rows]) + "\n",
+        encoding="utf-8",
+    )
+    aliases_text = (EXAMPLES / "lims_aliases.toml").read_text(encoding="utf-8")
+    wide = tmp_path / "wide.toml"
+    wide.write_text(
+        aliases_text.replace('ignore = ["Analyst", "Comments"]', f"ignore = {['Analyst', 'Comments', *unused]!r}"),
+        encoding="utf-8",
+    )
+    events = _events(path, options=CsvOptions(aliases=load_aliases(wide), timezone="Europe/Paris"))
+    assert [e.event_id for e in events] == ["LAB-FR-01:S-1", "LAB-FR-01:S-2"]
+    assert [e.sample_type for e in events] == ["seized_material", "biological"]
+    assert all((e.model_extra or {}) == {} for e in events)  # the ignored columns stay out
+
+    records = list(read_records(str(path), options=CsvOptions(aliases=load_aliases(EXAMPLES / "lims_aliases.toml"))))
+    problem = records[0].problem or ""
+    assert len(records) == 2 and all(r.problem == problem for r in records)
+    assert f"313 columns, 311 of them read (not in the alias file's `ignore`), at most {MAX_CSV_COLUMNS}" in problem
+    assert "under `ignore` in the alias file" in problem
