@@ -414,8 +414,14 @@ def _json_items(text: str, max_chars: int) -> Iterator[Any]:
     bytes kept as objects until published. An element not complete within the window makes the body
     unreadable (nothing published): it is over the record size limit or not JSON."""
 
-    def unreadable(why: str) -> BodyError:
-        return BodyError(f"the body is not JSON ({why[:200]}); send a JSON array of reports")
+    element = 0  # the array element being read, from 1 (0: the body is one value)
+
+    def unreadable(why: str, inside: bool = False) -> BodyError:
+        where = f", in element {element:,} of the array" if inside and element else ""
+        return BodyError(
+            f"the body is not JSON ({why[:200]}{where}); send a JSON array of reports; nothing of this request "
+            "was published"
+        )
 
     def value_at(at: int) -> tuple[Any, int]:
         width = min(4096, max_chars + 1)
@@ -429,11 +435,14 @@ def _json_items(text: str, max_chars: int) -> Iterator[Any]:
             except (ValueError, RecursionError) as error:
                 if whole:
                     why = f"{error.msg}: character {at + error.pos}" if isinstance(error, json.JSONDecodeError) else ""
-                    raise unreadable(why or str(error)) from None
-            if width > max_chars:
-                raise unreadable(
-                    f"the value at character {at} is not complete within {max_chars:,} characters, the largest a "
-                    "report may be (SYNTHWATCH_MAX_RECORD_BYTES)"
+                    raise unreadable(why or str(error), inside=True) from None
+            if width > max_chars:  # over the record limit, or not JSON: it is not decoded further to know which
+                what = f"element {element:,} of the array" if element else "the body's value"
+                raise BodyError(
+                    f"{what} (from character {at:,}) is not complete within {max_chars:,} characters, the largest a "
+                    "report may be (SYNTHWATCH_MAX_RECORD_BYTES), or is not JSON: nothing of this request was "
+                    f"published; shorten or fix {'that element (or leave it out)' if element else 'that report'} and "
+                    "send the request again"
                 )
             width = min(width * 4, max_chars + 1)
 
@@ -453,6 +462,7 @@ def _json_items(text: str, max_chars: int) -> Iterator[Any]:
         at = skip(at + 1)
     else:
         while True:
+            element += 1
             item, at = value_at(skip(at))
             yield item
             at = skip(at)

@@ -168,6 +168,21 @@ def test_a_json_body_is_held_as_its_records_text_and_an_element_is_decoded_withi
     assert [r.raw for r in records_of(f"[{number}, 2]", "json", "req", Settings())] == ["1.0", "2"]
 
 
+def test_a_json_body_refused_for_one_element_says_which_element_and_what_to_do() -> None:
+    """One oversized element makes the whole body 400 (it is not decoded whole): the LIMS developer is told
+    which element, that nothing was published and what to send; the answer said 'not complete within
+    921,600 characters' from a character offset only, and a broken element was named by character only."""
+    small = json.dumps(lab())
+    body = "[" + ",".join([small, '{"a": "' + "x" * 1_000_000 + '"}', small]) + "]"
+    with pytest.raises(BodyError) as refused:
+        records_of(body, "json", "req", Settings())
+    message = str(refused.value)
+    assert f"element 2 of the array (from character {len(small) + 2:,}) is not complete within 921,600" in message
+    assert "nothing of this request was published" in message and "that element (or leave it out)" in message
+    with pytest.raises(BodyError, match=r"in element 2 of the array\); .*nothing of this request was published"):
+        records_of(f'[{small}, {{"a": tru}}, {small}]', "json", "req", Settings())
+
+
 def test_a_non_loopback_address_needs_tls_or_a_tls_proxy(tmp_path: Path) -> None:
     check_listen_address(Settings(gateway_host="127.0.0.1"))
     with pytest.raises(GatewayConfigError, match="in clear"):
