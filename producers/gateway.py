@@ -612,7 +612,12 @@ def create_app(settings: Settings, store: TokenStore, publish: PublishFn) -> Fas
     errors: dict[int | str, dict[str, Any]] = {
         code: {"model": Problem, "description": text}
         for code, text in [
-            (400, "unreadable body or Host not allowed"),
+            (
+                400,
+                "unreadable body (not JSON, or a JSON element longer than SYNTHWATCH_MAX_RECORD_BYTES "
+                f"({settings.max_record_bytes:,} here): the detail names the element; nothing of the body is "
+                "published), or Host not allowed",
+            ),
             (401, "no, unknown or revoked token"),
             (403, "the organisation cannot be signed for"),
             (
@@ -622,7 +627,12 @@ def create_app(settings: Settings, store: TokenStore, publish: PublishFn) -> Fas
                 "the batch into smaller requests; nothing of a refused body is published",
             ),
             (415, "Content-Type not NDJSON, JSON or CSV, or an unknown charset"),
-            (429, "request or record rate limit of the token; see Retry-After"),
+            (
+                429,
+                f"request or record rate limit of the token ({settings.gateway_rate_records_per_minute:,.0f} records a "
+                f"minute here), or more than {IN_FLIGHT_PER_TOKEN} of its requests in flight: nothing was published; "
+                "send the same request again after Retry-After seconds",
+            ),
         ]
     }
 

@@ -207,6 +207,11 @@ def test_the_openapi_description_covers_the_routes_and_bodies() -> None:
     assert {"200", "401", "413", "415", "429"} <= set(post["responses"])
     # a LIMS developer reads the limits here, with what to do on 413
     assert "(10,000 here): split the batch" in post["responses"]["413"]["description"]
+    # and what a 400 or a 429 means for the batch: nothing of it published, what to send again
+    assert (
+        "JSON element longer than SYNTHWATCH_MAX_RECORD_BYTES (921,600 here)" in post["responses"]["400"]["description"]
+    )
+    assert "more than 8 of its requests in flight: nothing was published" in post["responses"]["429"]["description"]
     assert document["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
 
 
