@@ -345,6 +345,10 @@ def read_body(
     return records_of(text, kind, name, settings)
 
 
+#: A CSV batch split into requests: each part needs the header row, else its first row is read as the header.
+_EACH_CSV_PART = ", each beginning with the CSV header row"
+
+
 def records_of(text: str, kind: Literal["ndjson", "json", "csv"], name: str, settings: Settings) -> list[InputRecord]:
     """The records of a request body, each with a ``name:position`` source (the same readers as the CLI).
 
@@ -360,7 +364,7 @@ def records_of(text: str, kind: Literal["ndjson", "json", "csv"], name: str, set
                 raise TooManyRecords(
                     f"the body holds more than {limit:,} records, at most {limit:,} per request "
                     "(SYNTHWATCH_GATEWAY_MAX_RECORDS): split the batch into requests of at most "
-                    f"{limit:,} records; nothing of this request was published"
+                    f"{limit:,} records{_EACH_CSV_PART if kind == 'csv' else ''}; nothing of this request was published"
                 )
             records.append(record)
     except BodyError as error:
@@ -650,9 +654,14 @@ def create_app(settings: Settings, store: TokenStore, publish: PublishFn) -> Fas
         if codec is None:
             raise HTTPException(415, f"unknown charset {charset[:40]!r}; send UTF-8") from None
         limit = settings.gateway_max_body_bytes
+        too_big = (
+            f"at most {limit:,} (SYNTHWATCH_GATEWAY_MAX_BODY_BYTES): split the batch into requests of at most "
+            f"{limit:,} bytes and {settings.gateway_max_records:,} records{_EACH_CSV_PART if kind == 'csv' else ''}; "
+            "nothing of this request was published"
+        )
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            raise HTTPException(413, f"the body has {int(declared):,} bytes, at most {limit:,}: split it")
+            raise HTTPException(413, f"the body has {int(declared):,} bytes, {too_big}")
         key = f"token:{token.token_id}"
 
         def refuse_unread() -> None:
@@ -673,7 +682,7 @@ def create_app(settings: Settings, store: TokenStore, publish: PublishFn) -> Fas
         async for chunk in request.stream():
             body += chunk
             if len(body) > limit:
-                raise HTTPException(413, f"the body is over {limit:,} bytes: split it")
+                raise HTTPException(413, f"the body is over {limit:,} bytes, {too_big}")
         request_id = uuid.uuid4().hex[:12]
         async with turns.setdefault(token.token_id, asyncio.Lock()), reading:
             refuse_unread()  # the token's requests ahead of this one may have used its bucket meanwhile

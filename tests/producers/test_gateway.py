@@ -572,6 +572,31 @@ def test_a_body_of_more_records_than_the_cap_is_refused_whole_and_a_full_one_is_
 
 
 @pytest.mark.integration
+def test_a_batch_refused_for_its_size_is_told_both_limits_and_that_a_csv_part_needs_its_header(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """A customs officer's spreadsheet export over the limits: the 413 said 'at most 2,048: split it' (bytes,
+    not the records cap) and, over the records cap, nothing about the header, so the parts after the first were
+    sent without one and each had its first row read as the header and every other row refused."""
+    header = "event_id,kind,occurred_at,country,region,lab_id,substance.name\n"
+    row = "LAB-FR-01:S{n},lab_detection,2026-03-02T10:00:00Z,FR,FR-75C,LAB-FR-01,mephedrone\n"
+    with in_process(broker, tmp_path, gateway_max_body_bytes=2048, gateway_max_records=20) as gateway:
+        too_big = gateway.post(header + "".join(row.format(n=n) for n in range(40)), "text/csv")
+        assert too_big.status_code == 413, too_big.text
+        detail = too_big.json()["detail"]
+        assert "at most 2,048 (SYNTHWATCH_GATEWAY_MAX_BODY_BYTES): split the batch into requests of at most" in detail
+        assert "2,048 bytes and 20 records, each beginning with the CSV header row" in detail
+        assert "nothing of this request was published" in detail
+        too_many = gateway.post(
+            header + "".join(row.format(n=n) for n in range(21)).replace("LAB-FR-01:", ""), "text/csv"
+        )
+        assert too_many.status_code == 413, too_many.text
+        assert "requests of at most 20 records, each beginning with the CSV header row" in too_many.json()["detail"]
+        ndjson = gateway.post("1\n" * 21)
+        assert ndjson.status_code == 413 and "CSV" not in ndjson.json()["detail"]
+
+
+@pytest.mark.integration
 def test_accepted_records_are_not_listed_and_the_counts_add_up(broker: EmbeddedBroker, tmp_path: Path) -> None:
     with in_process(broker, tmp_path) as gateway:
         body = "\n".join(
