@@ -454,7 +454,7 @@ def _json_items(text: str, max_chars: int) -> Iterator[Any]:
         found = _SPACE.match(text, at)
         return at if found is None else found.end()
 
-    at = skip(0)
+    at = skip(1 if text.startswith("\ufeff") else 0)  # a BOM, as the NDJSON and CSV readers drop it
     if not text.startswith("[", at):
         item, at = value_at(at)
         if skip(at) != len(text):
