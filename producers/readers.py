@@ -431,7 +431,8 @@ def _spanning(first: str, lines: _Lines, delimiter: str, width: int) -> list[str
     """The cells of a row whose quoted cell continues on the next lines (RFC 4180), or why it is not one.
 
     It is one only when the quote closes within :data:`MAX_QUOTED_LINES` lines, none of the lines it takes
-    is a whole row on its own (as many cells as the header), and the row then has the header's cells: else
+    is a whole row on its own (as many cells as the header and its quotes paired: a line closing the quote
+    left open has an odd number), and the row then has the header's cells: else
     the lines read ahead are given back and only ``first`` is refused. Each read-ahead is bounded, so a body
     of quotes left open costs at most ``MAX_QUOTED_LINES`` lines read per line."""
     taken: list[tuple[int, str]] = []
@@ -441,8 +442,10 @@ def _spanning(first: str, lines: _Lines, delimiter: str, width: int) -> list[str
         for number, line in lines:
             taken.append((number, line))
             alone = _cells(line.rstrip("\r\n"), delimiter)
-            if not isinstance(alone, str) and len(alone) >= width:
-                return  # a row of its own is never taken into an earlier row's cell
+            # a row of its own is never taken into an earlier row's cell; a line with an odd number of quotes
+            # is not one: it closes the open cell (its first cell continues it: 'in a box";E-1;...')
+            if not isinstance(alone, str) and len(alone) >= width and line.count('"') % 2 == 0:
+                return
             yield line
             if len(taken) + 1 >= MAX_QUOTED_LINES:
                 return

@@ -235,6 +235,23 @@ def test_a_quoted_cell_over_several_lines_is_one_row_as_rfc_4180_has_it(tmp_path
     assert [parse_event_object(r.obj or {}).extra_fields for r in ignored] == [{}, {}, {}]
 
 
+def test_a_quoted_cell_over_several_lines_in_the_first_column_is_one_row(tmp_path: Path) -> None:
+    """A customs export whose first column is a description typed over two lines: the line closing the quote
+    holds the rest of the row, as many cells as the header, and was taken for a whole row of its own; the
+    row's first line was refused ('a quote opens a cell and does not close it') and its second published
+    with the description 'in a box"'. A line closing the open quote has an odd number of quotes."""
+    path = tmp_path / "seizures.csv"
+    rest = "border_seizure;2026-03-01T10:00:00+01:00;ML;ML-BKO;Tramadol;Douanes maliennes;S;BKO;air;2.5;kg"
+    header = "description;" + SEIZURE_HEADER
+    lines = [header, f'"Blue pills,\r\nin a box";q-1;{rest}', f"plain;q-2;{rest}", f'"one line";q-3;{rest}']
+    path.write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    records = list(read_records(str(path)))
+    assert [(r.source, r.problem) for r in records] == [(f"seizures.csv:{n}", None) for n in (2, 4, 5)]
+    events = [parse_event_object(r.obj or {}) for r in records]
+    assert [e.event_id for e in events] == ["q-1", "q-2", "q-3"]
+    assert events[0].extra_fields == {"description": "Blue pills,\r\nin a box"}
+
+
 def _ignoring(column: str, tmp_path: Path) -> Any:
     aliases = tmp_path / "aliases.toml"
     aliases.write_text(f'ignore = ["{column}"]\n', encoding="utf-8")
