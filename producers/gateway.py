@@ -91,7 +91,9 @@ class IntakeResult(BaseModel):
     """Counts of every record (received = accepted + rejected + duplicates + failed) and the records not accepted.
 
     Accepted records are not listed: a record whose position is not in ``records`` was accepted, unless
-    ``unlisted`` is above 0 (the list is capped; fix the listed ones and send the rest again).
+    ``unlisted`` is above 0: the list is capped, and which of the others were not accepted is not said; fix the
+    listed ones and send the whole request again (records this gateway already accepted come back as
+    duplicates, not published twice).
     """
 
     request_id: str = Field(description="Quote it to the operators; rejects carry it in their source.")
@@ -105,7 +107,11 @@ class IntakeResult(BaseModel):
         description="The records not accepted (rejected, duplicate, failed), in request order, the first "
         "SYNTHWATCH_GATEWAY_MAX_LISTED_VERDICTS of them."
     )
-    unlisted: int = Field(default=0, description="Records not accepted beyond the listed ones (counted above).")
+    unlisted: int = Field(
+        default=0,
+        description="Records not accepted beyond the listed ones (counted above); when above 0, fix the listed ones "
+        "and send the whole request again: records already accepted by this gateway come back as duplicates.",
+    )
     rejects_unrecorded: int = Field(
         default=0,
         description="Rejected records not sent to the operators' rejects topic (over "

@@ -214,6 +214,8 @@ def test_the_openapi_description_covers_the_routes_and_bodies() -> None:
         "JSON element longer than SYNTHWATCH_MAX_RECORD_BYTES (921,600 here)" in post["responses"]["400"]["description"]
     )
     assert "more than 8 of its requests in flight: nothing was published" in post["responses"]["429"]["description"]
+    unlisted = document["components"]["schemas"]["IntakeResult"]["properties"]["unlisted"]["description"]
+    assert "send the whole request again" in unlisted  # which unlisted ones were not accepted is not said
     assert document["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
 
 
