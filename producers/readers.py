@@ -361,7 +361,12 @@ def read_csv(
     if isinstance(header, str):
         yield InputRecord(source=f"{name}:1", raw=first.rstrip("\r\n"), problem=f"CSV header unreadable: {header}")
         return
-    fieldnames = header
+    # A spreadsheet's "CSV" has a delimiter for every column once formatted (16,000 trailing ones are seen):
+    # columns with no name at the header's end are no columns, their cells are read as cells past the header.
+    width = len(header)
+    while width > 1 and not header[width - 1].strip():
+        width -= 1
+    fieldnames = header[:width]
     aliases = options.aliases
     # Without aliases every column is read; with them, only those not in `ignore` (a LIMS export has hundreds
     # of columns, most of them ignored), so a row costs at most MAX_CSV_COLUMNS cells built either way.
@@ -387,7 +392,7 @@ def read_csv(
         if isinstance(cells, str):
             yield InputRecord(source=source, raw=text, problem=f"CSV row unreadable: {cells}")
             continue
-        if not any(cell.strip() for cell in cells):
+        if not any(map(str.strip, cells)):  # at C speed: a row may be thousands of empty cells
             continue
         if header_problem is not None:
             yield InputRecord(source=source, raw=delimiter.join(cells), problem=header_problem)
@@ -432,7 +437,7 @@ def _spanning(first: str, lines: _Lines, delimiter: str, width: int) -> list[str
 
     It is one only when the quote closes within :data:`MAX_QUOTED_LINES` lines, none of the lines it takes
     is a whole row on its own (as many cells as the header and its quotes paired: a line closing the quote
-    left open has an odd number), and the row then has the header's cells: else
+    left open has an odd number), and the row then has at least the header's cells: else
     the lines read ahead are given back and only ``first`` is refused. Each read-ahead is bounded, so a body
     of quotes left open costs at most ``MAX_QUOTED_LINES`` lines read per line."""
     taken: list[tuple[int, str]] = []
@@ -458,7 +463,7 @@ def _spanning(first: str, lines: _Lines, delimiter: str, width: int) -> list[str
         if "field larger than field limit" in str(error):
             lines.give_back(taken)
             return f"{error} (SYNTHWATCH_MAX_CSV_FIELD_BYTES)"
-    if cells is None or len(cells) != width or reader.line_num != len(taken) + 1:
+    if cells is None or len(cells) < width or reader.line_num != len(taken) + 1:
         lines.give_back(taken)
         return _QUOTE_LEFT_OPEN
     return cells
@@ -507,7 +512,7 @@ def _row_record(
             filled = _fill(template, by_header) if target not in row else None
             if filled is not None:
                 row[target] = _cell(target, filled, options, zone)
-    if hint is None and extra > 0 and any(cell.strip() for cell in cells[len(fieldnames) :]):
+    if hint is None and extra > 0 and any(map(str.strip, cells[len(fieldnames) :])):
         hint = (
             f"the row has {len(cells)} cells, the header {len(fieldnames)}: a cell holding the delimiter must be quoted"
         )

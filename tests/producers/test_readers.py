@@ -345,3 +345,29 @@ def test_a_lims_export_of_hundreds_of_columns_most_ignored_by_its_aliases_publis
     assert len(records) == 2 and all(r.problem == problem for r in records)
     assert f"313 columns, 311 of them read (not in the alias file's `ignore`), at most {MAX_CSV_COLUMNS}" in problem
     assert "under `ignore` in the alias file" in problem
+
+
+def test_a_spreadsheet_export_with_thousands_of_empty_trailing_columns_is_read() -> None:
+    """Excel writes a delimiter for every column once formatted: a customs export of 7 columns came with
+    16,000 empty ones after them, and since the 256-column cap every row was refused ('the CSV header has
+    16,007 columns, at most 256'; read by the csv reader before). Unnamed columns at the header's end are no
+    columns; the rows are read at the speed of plain ones (a filled cell past the header still gives a hint)."""
+    import io
+    import time
+
+    from synthwatch.producers.readers import read_csv
+
+    header = "event_id,kind,occurred_at,country,region,lab_id,sample_id,sample_type,method,substance.name"
+    row = "E-{n},lab_detection,2026-03-02T10:00:00Z,FR,FR-75C,LAB-FR-01,S-{n},seized_material,GC-MS,x"
+    body = header + "," * 16_000 + "\r\n" + "".join(row.format(n=n) + "," * 16_000 + "\r\n" for n in range(200))
+    started = time.process_time()
+    records = list(read_csv(io.StringIO(body, newline=""), "f.csv"))
+    spent = time.process_time() - started
+    assert [r.problem for r in records] == [None] * 200 and spent < 1.0, spent
+    assert parse_event_object(records[-1].obj or {}).event_id == "E-199"
+    assert parse_event_object(records[0].obj or {}).extra_fields == {}
+    quoted = header + ",,\n" + row.format(n=1).replace(",x", ',"two\nlines"') + ",,\n"
+    (spanning,) = read_csv(io.StringIO(quoted, newline=""), "f.csv")  # a row over two lines, trailing cells too
+    assert spanning.problem is None and (spanning.obj or {})["substance"] == {"name": "two\nlines"}
+    (filled,) = read_csv(io.StringIO(header + ",\n" + row.format(n=1).replace("x", "") + ",,lost\n", newline=""), "f")
+    assert filled.hint is not None and "the row has 12 cells, the header 10" in filled.hint
