@@ -91,7 +91,9 @@ class IntakeResult(BaseModel):
     """Counts of every record (received = accepted + rejected + duplicates + failed) and the records not accepted.
 
     Accepted records are not listed: a record whose position is not in ``records`` was accepted, unless
-    ``unlisted`` is above 0 (the list is capped; fix the listed ones and send the rest again).
+    ``unlisted`` is above 0: the list is capped, and which of the others were not accepted is not said; fix the
+    listed ones and send the whole request again (records this gateway already accepted come back as
+    duplicates, not published twice).
     """
 
     request_id: str = Field(description="Quote it to the operators; rejects carry it in their source.")
@@ -105,7 +107,11 @@ class IntakeResult(BaseModel):
         description="The records not accepted (rejected, duplicate, failed), in request order, the first "
         "SYNTHWATCH_GATEWAY_MAX_LISTED_VERDICTS of them."
     )
-    unlisted: int = Field(default=0, description="Records not accepted beyond the listed ones (counted above).")
+    unlisted: int = Field(
+        default=0,
+        description="Records not accepted beyond the listed ones (counted above); when above 0, fix the listed ones "
+        "and send the whole request again: records already accepted by this gateway come back as duplicates.",
+    )
     rejects_unrecorded: int = Field(
         default=0,
         description="Rejected records not sent to the operators' rejects topic (over "
@@ -345,6 +351,10 @@ def read_body(
     return records_of(text, kind, name, settings)
 
 
+#: A CSV batch split into requests: each part needs the header row, else its first row is read as the header.
+_EACH_CSV_PART = ", each beginning with the CSV header row"
+
+
 def records_of(text: str, kind: Literal["ndjson", "json", "csv"], name: str, settings: Settings) -> list[InputRecord]:
     """The records of a request body, each with a ``name:position`` source (the same readers as the CLI).
 
@@ -360,7 +370,7 @@ def records_of(text: str, kind: Literal["ndjson", "json", "csv"], name: str, set
                 raise TooManyRecords(
                     f"the body holds more than {limit:,} records, at most {limit:,} per request "
                     "(SYNTHWATCH_GATEWAY_MAX_RECORDS): split the batch into requests of at most "
-                    f"{limit:,} records; nothing of this request was published"
+                    f"{limit:,} records{_EACH_CSV_PART if kind == 'csv' else ''}; nothing of this request was published"
                 )
             records.append(record)
     except BodyError as error:
@@ -414,8 +424,14 @@ def _json_items(text: str, max_chars: int) -> Iterator[Any]:
     bytes kept as objects until published. An element not complete within the window makes the body
     unreadable (nothing published): it is over the record size limit or not JSON."""
 
-    def unreadable(why: str) -> BodyError:
-        return BodyError(f"the body is not JSON ({why[:200]}); send a JSON array of reports")
+    element = 0  # the array element being read, from 1 (0: the body is one value)
+
+    def unreadable(why: str, inside: bool = False) -> BodyError:
+        where = f", in element {element:,} of the array" if inside and element else ""
+        return BodyError(
+            f"the body is not JSON ({why[:200]}{where}); send a JSON array of reports; nothing of this request "
+            "was published"
+        )
 
     def value_at(at: int) -> tuple[Any, int]:
         width = min(4096, max_chars + 1)
@@ -429,11 +445,14 @@ def _json_items(text: str, max_chars: int) -> Iterator[Any]:
             except (ValueError, RecursionError) as error:
                 if whole:
                     why = f"{error.msg}: character {at + error.pos}" if isinstance(error, json.JSONDecodeError) else ""
-                    raise unreadable(why or str(error)) from None
-            if width > max_chars:
-                raise unreadable(
-                    f"the value at character {at} is not complete within {max_chars:,} characters, the largest a "
-                    "report may be (SYNTHWATCH_MAX_RECORD_BYTES)"
+                    raise unreadable(why or str(error), inside=True) from None
+            if width > max_chars:  # over the record limit, or not JSON: it is not decoded further to know which
+                what = f"element {element:,} of the array" if element else "the body's value"
+                raise BodyError(
+                    f"{what} (from character {at:,}) is not complete within {max_chars:,} characters, the largest a "
+                    "report may be (SYNTHWATCH_MAX_RECORD_BYTES), or is not JSON: nothing of this request was "
+                    f"published; shorten or fix {'that element (or leave it out)' if element else 'that report'} and "
+                    "send the request again"
                 )
             width = min(width * 4, max_chars + 1)
 
@@ -441,7 +460,7 @@ def _json_items(text: str, max_chars: int) -> Iterator[Any]:
         found = _SPACE.match(text, at)
         return at if found is None else found.end()
 
-    at = skip(0)
+    at = skip(1 if text.startswith("\ufeff") else 0)  # a BOM, as the NDJSON and CSV readers drop it
     if not text.startswith("[", at):
         item, at = value_at(at)
         if skip(at) != len(text):
@@ -453,6 +472,7 @@ def _json_items(text: str, max_chars: int) -> Iterator[Any]:
         at = skip(at + 1)
     else:
         while True:
+            element += 1
             item, at = value_at(skip(at))
             yield item
             at = skip(at)
@@ -602,7 +622,12 @@ def create_app(settings: Settings, store: TokenStore, publish: PublishFn) -> Fas
     errors: dict[int | str, dict[str, Any]] = {
         code: {"model": Problem, "description": text}
         for code, text in [
-            (400, "unreadable body or Host not allowed"),
+            (
+                400,
+                "unreadable body (not JSON, or a JSON element longer than SYNTHWATCH_MAX_RECORD_BYTES "
+                f"({settings.max_record_bytes:,} here): the detail names the element; nothing of the body is "
+                "published), or Host not allowed",
+            ),
             (401, "no, unknown or revoked token"),
             (403, "the organisation cannot be signed for"),
             (
@@ -612,7 +637,12 @@ def create_app(settings: Settings, store: TokenStore, publish: PublishFn) -> Fas
                 "the batch into smaller requests; nothing of a refused body is published",
             ),
             (415, "Content-Type not NDJSON, JSON or CSV, or an unknown charset"),
-            (429, "request or record rate limit of the token; see Retry-After"),
+            (
+                429,
+                f"request or record rate limit of the token ({settings.gateway_rate_records_per_minute:,.0f} records a "
+                f"minute here), or more than {IN_FLIGHT_PER_TOKEN} of its requests in flight: nothing was published; "
+                "send the same request again after Retry-After seconds",
+            ),
         ]
     }
 
@@ -630,9 +660,14 @@ def create_app(settings: Settings, store: TokenStore, publish: PublishFn) -> Fas
         if codec is None:
             raise HTTPException(415, f"unknown charset {charset[:40]!r}; send UTF-8") from None
         limit = settings.gateway_max_body_bytes
+        too_big = (
+            f"at most {limit:,} (SYNTHWATCH_GATEWAY_MAX_BODY_BYTES): split the batch into requests of at most "
+            f"{limit:,} bytes and {settings.gateway_max_records:,} records{_EACH_CSV_PART if kind == 'csv' else ''}; "
+            "nothing of this request was published"
+        )
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            raise HTTPException(413, f"the body has {int(declared):,} bytes, at most {limit:,}: split it")
+            raise HTTPException(413, f"the body has {int(declared):,} bytes, {too_big}")
         key = f"token:{token.token_id}"
 
         def refuse_unread() -> None:
@@ -653,7 +688,7 @@ def create_app(settings: Settings, store: TokenStore, publish: PublishFn) -> Fas
         async for chunk in request.stream():
             body += chunk
             if len(body) > limit:
-                raise HTTPException(413, f"the body is over {limit:,} bytes: split it")
+                raise HTTPException(413, f"the body is over {limit:,} bytes, {too_big}")
         request_id = uuid.uuid4().hex[:12]
         async with turns.setdefault(token.token_id, asyncio.Lock()), reading:
             refuse_unread()  # the token's requests ahead of this one may have used its bucket meanwhile

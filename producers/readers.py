@@ -312,6 +312,28 @@ def _fill(template: str, row: Mapping[str, str]) -> str | None:
     return _TEMPLATE.sub(lambda m: folded[_fold(m.group(1))], template)
 
 
+def _too_wide(columns: int, read: int, aliases: Aliases | None) -> str:
+    """Why rows of a header with more columns read than :data:`MAX_CSV_COLUMNS` are refused, and what to do."""
+    if aliases is None:
+        return (
+            f"the CSV header has {columns:,} columns, at most {MAX_CSV_COLUMNS:,} are read: is the first line the "
+            "header row? leave out the columns that are not reports' fields (synthwatch publish: or list them "
+            "under `ignore` in an --aliases file, docs/examples/lims_aliases.toml)"
+        )
+    return (
+        f"the CSV header has {columns:,} columns, {read:,} of them read (not in the alias file's `ignore`), at "
+        f"most {MAX_CSV_COLUMNS:,}: list the columns that are not reports' fields under `ignore` in the alias file"
+    )
+
+
+def _referenced_columns(fieldnames: Sequence[str], aliases: Aliases | None) -> list[int]:
+    """Indices of the columns the alias file's defaults name (``{Sample ID}``): only those are looked up per row."""
+    if aliases is None or not aliases.defaults:
+        return []
+    names = {_fold(ref) for template in aliases.defaults.values() for ref in _TEMPLATE.findall(template)}
+    return [index for index, column in enumerate(fieldnames) if _fold(column) in names]
+
+
 def read_csv(
     stream: IO[str],
     name: str,
@@ -339,18 +361,25 @@ def read_csv(
     if isinstance(header, str):
         yield InputRecord(source=f"{name}:1", raw=first.rstrip("\r\n"), problem=f"CSV header unreadable: {header}")
         return
-    fieldnames = header
-    if len(fieldnames) > MAX_CSV_COLUMNS:  # every row refused with the reason, no row built
-        fields: list[str | None] = []
-        header_problem: str | None = (
-            f"the CSV header has {len(fieldnames):,} columns, at most {MAX_CSV_COLUMNS:,}: is the first line the "
-            "header row? leave out the columns that are not reports' fields"
-        )
-        hint = None
+    # A spreadsheet's "CSV" has a delimiter for every column once formatted (16,000 trailing ones are seen):
+    # columns with no name at the header's end are no columns, their cells are read as cells past the header.
+    width = len(header)
+    while width > 1 and not header[width - 1].strip():
+        width -= 1
+    fieldnames = header[:width]
+    aliases = options.aliases
+    # Without aliases every column is read; with them, only those not in `ignore` (a LIMS export has hundreds
+    # of columns, most of them ignored), so a row costs at most MAX_CSV_COLUMNS cells built either way.
+    unmapped = aliases is None and len(fieldnames) > MAX_CSV_COLUMNS  # not even mapped: each is read
+    fields: list[str | None] = [] if unmapped else [_field_of(column, aliases) for column in fieldnames]
+    read = [(index, target) for index, target in enumerate(fields) if target is not None]
+    hint: str | None = None
+    if unmapped or len(read) > MAX_CSV_COLUMNS:  # every row refused with the reason, no row built
+        header_problem: str | None = _too_wide(len(fieldnames), len(read), aliases)
     else:
-        fields = [_field_of(column, options.aliases) for column in fieldnames]
-        header_problem = _too_deep([f for f in fields if f is not None], max_depth)
+        header_problem = _too_deep([target for _, target in read], max_depth)
         hint = header_hint(fieldnames, fields, options, delimiter)
+    referenced = _referenced_columns(fieldnames, aliases)
     lines = _Lines(stream, start=2)
     for number, line in lines:
         text = line.rstrip("\r\n")
@@ -363,7 +392,7 @@ def read_csv(
         if isinstance(cells, str):
             yield InputRecord(source=source, raw=text, problem=f"CSV row unreadable: {cells}")
             continue
-        if not any(cell.strip() for cell in cells):
+        if not any(map(str.strip, cells)):  # at C speed: a row may be thousands of empty cells
             continue
         if header_problem is not None:
             yield InputRecord(source=source, raw=delimiter.join(cells), problem=header_problem)
@@ -373,7 +402,7 @@ def read_csv(
         if undecodable is not None:
             yield InputRecord(source=source, raw=raw, problem=f"{undecodable} (line {number})")
             continue
-        yield _row_record(source, fieldnames, fields, cells, options, zone, hint)
+        yield _row_record(source, fieldnames, read, referenced, cells, options, zone, hint)
 
 
 #: Physical lines one quoted cell may span at most (a comment typed over several lines).
@@ -407,7 +436,8 @@ def _spanning(first: str, lines: _Lines, delimiter: str, width: int) -> list[str
     """The cells of a row whose quoted cell continues on the next lines (RFC 4180), or why it is not one.
 
     It is one only when the quote closes within :data:`MAX_QUOTED_LINES` lines, none of the lines it takes
-    is a whole row on its own (as many cells as the header), and the row then has the header's cells: else
+    is a whole row on its own (as many cells as the header and its quotes paired: a line closing the quote
+    left open has an odd number), and the row then has at least the header's cells: else
     the lines read ahead are given back and only ``first`` is refused. Each read-ahead is bounded, so a body
     of quotes left open costs at most ``MAX_QUOTED_LINES`` lines read per line."""
     taken: list[tuple[int, str]] = []
@@ -417,8 +447,10 @@ def _spanning(first: str, lines: _Lines, delimiter: str, width: int) -> list[str
         for number, line in lines:
             taken.append((number, line))
             alone = _cells(line.rstrip("\r\n"), delimiter)
-            if not isinstance(alone, str) and len(alone) >= width:
-                return  # a row of its own is never taken into an earlier row's cell
+            # a row of its own is never taken into an earlier row's cell; a line with an odd number of quotes
+            # is not one: it closes the open cell (its first cell continues it: 'in a box";E-1;...')
+            if not isinstance(alone, str) and len(alone) >= width and line.count('"') % 2 == 0:
+                return
             yield line
             if len(taken) + 1 >= MAX_QUOTED_LINES:
                 return
@@ -431,7 +463,7 @@ def _spanning(first: str, lines: _Lines, delimiter: str, width: int) -> list[str
         if "field larger than field limit" in str(error):
             lines.give_back(taken)
             return f"{error} (SYNTHWATCH_MAX_CSV_FIELD_BYTES)"
-    if cells is None or len(cells) != width or reader.line_num != len(taken) + 1:
+    if cells is None or len(cells) < width or reader.line_num != len(taken) + 1:
         lines.give_back(taken)
         return _QUOTE_LEFT_OPEN
     return cells
@@ -457,25 +489,30 @@ def _cells(line: str, delimiter: str) -> list[str] | str:
 def _row_record(
     source: str,
     fieldnames: Sequence[str],
-    fields: Sequence[str | None],
+    read: Sequence[tuple[int, str]],
+    referenced: Sequence[int],
     cells: Sequence[str],
     options: CsvOptions,
     zone: ZoneInfo,
     hint: str | None,
 ) -> InputRecord:
-    """One row as a record: cells under their contract fields, defaults added, values normalised."""
+    """One row as a record: cells under their contract fields, defaults added, values normalised. Only the
+    columns read (``read``: index, field) and those the defaults name (``referenced``) are looked at."""
     row: dict[str, str] = {}
     extra = len(cells) - len(fieldnames)
-    for target, value in zip(fields, cells, strict=False):
-        if target is not None and value.strip() != "":
+    for index, target in read:
+        if index >= len(cells):
+            break
+        value = cells[index]
+        if value.strip() != "":
             row[target] = _cell(target, value, options, zone)
     if options.aliases is not None:
-        by_header = dict(zip(fieldnames, cells, strict=False))
+        by_header = {fieldnames[index]: cells[index] for index in referenced if index < len(cells)}
         for target, template in options.aliases.defaults.items():
             filled = _fill(template, by_header) if target not in row else None
             if filled is not None:
                 row[target] = _cell(target, filled, options, zone)
-    if hint is None and extra > 0 and any(cell.strip() for cell in cells[len(fieldnames) :]):
+    if hint is None and extra > 0 and any(map(str.strip, cells[len(fieldnames) :])):
         hint = (
             f"the row has {len(cells)} cells, the header {len(fieldnames)}: a cell holding the delimiter must be quoted"
         )

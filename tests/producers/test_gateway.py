@@ -133,6 +133,8 @@ def test_json_bodies_give_one_record_per_element_and_a_clear_error_when_unreadab
     assert len(records_of(json.dumps(lab()), "json", "req", Settings())) == 1  # one object is one record
     with pytest.raises(BodyError, match="not JSON"):
         records_of('[{"a": 1}', "json", "req", Settings())
+    # a UTF-8 BOM (Windows tools write one) is dropped, as by the NDJSON and CSV readers: it was a 400
+    assert [r.source for r in records_of("\ufeff" + json.dumps([lab()]), "json", "req", Settings())] == ["req:1"]
     # the array is read one element at a time (never built whole): the same answers as json.loads
     assert records_of(" [ ] ", "json", "req", Settings()) == []
     assert [json.loads(r.raw) for r in records_of(' [ {"a": 1} ,\n{"b": [2]} ]\n', "json", "req", Settings())] == [
@@ -168,6 +170,21 @@ def test_a_json_body_is_held_as_its_records_text_and_an_element_is_decoded_withi
     assert [r.raw for r in records_of(f"[{number}, 2]", "json", "req", Settings())] == ["1.0", "2"]
 
 
+def test_a_json_body_refused_for_one_element_says_which_element_and_what_to_do() -> None:
+    """One oversized element makes the whole body 400 (it is not decoded whole): the LIMS developer is told
+    which element, that nothing was published and what to send; the answer said 'not complete within
+    921,600 characters' from a character offset only, and a broken element was named by character only."""
+    small = json.dumps(lab())
+    body = "[" + ",".join([small, '{"a": "' + "x" * 1_000_000 + '"}', small]) + "]"
+    with pytest.raises(BodyError) as refused:
+        records_of(body, "json", "req", Settings())
+    message = str(refused.value)
+    assert f"element 2 of the array (from character {len(small) + 2:,}) is not complete within 921,600" in message
+    assert "nothing of this request was published" in message and "that element (or leave it out)" in message
+    with pytest.raises(BodyError, match=r"in element 2 of the array\); .*nothing of this request was published"):
+        records_of(f'[{small}, {{"a": tru}}, {small}]', "json", "req", Settings())
+
+
 def test_a_non_loopback_address_needs_tls_or_a_tls_proxy(tmp_path: Path) -> None:
     check_listen_address(Settings(gateway_host="127.0.0.1"))
     with pytest.raises(GatewayConfigError, match="in clear"):
@@ -192,6 +209,13 @@ def test_the_openapi_description_covers_the_routes_and_bodies() -> None:
     assert {"200", "401", "413", "415", "429"} <= set(post["responses"])
     # a LIMS developer reads the limits here, with what to do on 413
     assert "(10,000 here): split the batch" in post["responses"]["413"]["description"]
+    # and what a 400 or a 429 means for the batch: nothing of it published, what to send again
+    assert (
+        "JSON element longer than SYNTHWATCH_MAX_RECORD_BYTES (921,600 here)" in post["responses"]["400"]["description"]
+    )
+    assert "more than 8 of its requests in flight: nothing was published" in post["responses"]["429"]["description"]
+    unlisted = document["components"]["schemas"]["IntakeResult"]["properties"]["unlisted"]["description"]
+    assert "send the whole request again" in unlisted  # which unlisted ones were not accepted is not said
     assert document["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
 
 
@@ -552,6 +576,31 @@ def test_a_body_of_more_records_than_the_cap_is_refused_whole_and_a_full_one_is_
         sent = gateway.settings.gateway_max_rejects_sent
         assert result["rejects_unrecorded"] == cap - sent
         assert gateway.topic_size(gateway.settings.topic_rejects) == sent
+
+
+@pytest.mark.integration
+def test_a_batch_refused_for_its_size_is_told_both_limits_and_that_a_csv_part_needs_its_header(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """A customs officer's spreadsheet export over the limits: the 413 said 'at most 2,048: split it' (bytes,
+    not the records cap) and, over the records cap, nothing about the header, so the parts after the first were
+    sent without one and each had its first row read as the header and every other row refused."""
+    header = "event_id,kind,occurred_at,country,region,lab_id,substance.name\n"
+    row = "LAB-FR-01:S{n},lab_detection,2026-03-02T10:00:00Z,FR,FR-75C,LAB-FR-01,mephedrone\n"
+    with in_process(broker, tmp_path, gateway_max_body_bytes=2048, gateway_max_records=20) as gateway:
+        too_big = gateway.post(header + "".join(row.format(n=n) for n in range(40)), "text/csv")
+        assert too_big.status_code == 413, too_big.text
+        detail = too_big.json()["detail"]
+        assert "at most 2,048 (SYNTHWATCH_GATEWAY_MAX_BODY_BYTES): split the batch into requests of at most" in detail
+        assert "2,048 bytes and 20 records, each beginning with the CSV header row" in detail
+        assert "nothing of this request was published" in detail
+        too_many = gateway.post(
+            header + "".join(row.format(n=n) for n in range(21)).replace("LAB-FR-01:", ""), "text/csv"
+        )
+        assert too_many.status_code == 413, too_many.text
+        assert "requests of at most 20 records, each beginning with the CSV header row" in too_many.json()["detail"]
+        ndjson = gateway.post("1\n" * 21)
+        assert ndjson.status_code == 413 and "CSV" not in ndjson.json()["detail"]
 
 
 @pytest.mark.integration

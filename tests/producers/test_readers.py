@@ -235,6 +235,23 @@ def test_a_quoted_cell_over_several_lines_is_one_row_as_rfc_4180_has_it(tmp_path
     assert [parse_event_object(r.obj or {}).extra_fields for r in ignored] == [{}, {}, {}]
 
 
+def test_a_quoted_cell_over_several_lines_in_the_first_column_is_one_row(tmp_path: Path) -> None:
+    """A customs export whose first column is a description typed over two lines: the line closing the quote
+    holds the rest of the row, as many cells as the header, and was taken for a whole row of its own; the
+    row's first line was refused ('a quote opens a cell and does not close it') and its second published
+    with the description 'in a box"'. A line closing the open quote has an odd number of quotes."""
+    path = tmp_path / "seizures.csv"
+    rest = "border_seizure;2026-03-01T10:00:00+01:00;ML;ML-BKO;Tramadol;Douanes maliennes;S;BKO;air;2.5;kg"
+    header = "description;" + SEIZURE_HEADER
+    lines = [header, f'"Blue pills,\r\nin a box";q-1;{rest}', f"plain;q-2;{rest}", f'"one line";q-3;{rest}']
+    path.write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    records = list(read_records(str(path)))
+    assert [(r.source, r.problem) for r in records] == [(f"seizures.csv:{n}", None) for n in (2, 4, 5)]
+    events = [parse_event_object(r.obj or {}) for r in records]
+    assert [e.event_id for e in events] == ["q-1", "q-2", "q-3"]
+    assert events[0].extra_fields == {"description": "Blue pills,\r\nin a box"}
+
+
 def _ignoring(column: str, tmp_path: Path) -> Any:
     aliases = tmp_path / "aliases.toml"
     aliases.write_text(f'ignore = ["{column}"]\n', encoding="utf-8")
@@ -294,3 +311,63 @@ def test_a_csv_header_of_more_columns_than_a_report_can_have_refuses_its_rows_wi
     widest = ",".join(f"c{n}" for n in range(256)) + "\n" + ",".join(["1"] * 256) + "\n"
     (record,) = read_csv(io.StringIO(widest, newline=""), "f.csv")
     assert record.problem is None and record.obj is not None and len(record.obj) == 256
+
+
+def test_a_lims_export_of_hundreds_of_columns_most_ignored_by_its_aliases_publishes_every_row(tmp_path: Path) -> None:
+    """A LIMS export has hundreds of columns (instrument settings, audit fields) and its alias file ignores
+    them: the column cap counts the columns read, so those rows are read (every one was refused with 'the CSV
+    header has 313 columns, at most 256' since the cap counted the header's). An alias file that leaves too
+    many columns read says to list them under `ignore`."""
+    from synthwatch.producers.readers import MAX_CSV_COLUMNS
+
+    unused = [f"Audit {n}" for n in range(300)]
+    header = (EXAMPLES / "lims_export.csv").read_text(encoding="utf-8-sig").splitlines()[0].split(";")
+    path = tmp_path / "wide_export.csv"
+    rows = ["S-1;LAB-FR-01;2026-03-02;Mephedrone HCl;;;GC-MS;71,5;Saisie;FR;FR-75C;JD;", "S-2;LAB-FR-01;2026-03-03;"
+            "3-MMC;;;GC-MS;40;Urine;FR;FR-75C;JD;"]  # fmt: skip
+    path.write_text(
+        "\n".join([";".join(header + unused)] + [row + ";" + ";".join(["x"] * len(unused)) for row in rows]) + "\n",
+        encoding="utf-8",
+    )
+    aliases_text = (EXAMPLES / "lims_aliases.toml").read_text(encoding="utf-8")
+    wide = tmp_path / "wide.toml"
+    wide.write_text(
+        aliases_text.replace('ignore = ["Analyst", "Comments"]', f"ignore = {['Analyst', 'Comments', *unused]!r}"),
+        encoding="utf-8",
+    )
+    events = _events(path, options=CsvOptions(aliases=load_aliases(wide), timezone="Europe/Paris"))
+    assert [e.event_id for e in events] == ["LAB-FR-01:S-1", "LAB-FR-01:S-2"]
+    assert [e.sample_type for e in events] == ["seized_material", "biological"]
+    assert all((e.model_extra or {}) == {} for e in events)  # the ignored columns stay out
+
+    records = list(read_records(str(path), options=CsvOptions(aliases=load_aliases(EXAMPLES / "lims_aliases.toml"))))
+    problem = records[0].problem or ""
+    assert len(records) == 2 and all(r.problem == problem for r in records)
+    assert f"313 columns, 311 of them read (not in the alias file's `ignore`), at most {MAX_CSV_COLUMNS}" in problem
+    assert "under `ignore` in the alias file" in problem
+
+
+def test_a_spreadsheet_export_with_thousands_of_empty_trailing_columns_is_read() -> None:
+    """Excel writes a delimiter for every column once formatted: a customs export of 7 columns came with
+    16,000 empty ones after them, and since the 256-column cap every row was refused ('the CSV header has
+    16,007 columns, at most 256'; read by the csv reader before). Unnamed columns at the header's end are no
+    columns; the rows are read at the speed of plain ones (a filled cell past the header still gives a hint)."""
+    import io
+    import time
+
+    from synthwatch.producers.readers import read_csv
+
+    header = "event_id,kind,occurred_at,country,region,lab_id,sample_id,sample_type,method,substance.name"
+    row = "E-{n},lab_detection,2026-03-02T10:00:00Z,FR,FR-75C,LAB-FR-01,S-{n},seized_material,GC-MS,x"
+    body = header + "," * 16_000 + "\r\n" + "".join(row.format(n=n) + "," * 16_000 + "\r\n" for n in range(200))
+    started = time.process_time()
+    records = list(read_csv(io.StringIO(body, newline=""), "f.csv"))
+    spent = time.process_time() - started
+    assert [r.problem for r in records] == [None] * 200 and spent < 1.0, spent
+    assert parse_event_object(records[-1].obj or {}).event_id == "E-199"
+    assert parse_event_object(records[0].obj or {}).extra_fields == {}
+    quoted = header + ",,\n" + row.format(n=1).replace(",x", ',"two\nlines"') + ",,\n"
+    (spanning,) = read_csv(io.StringIO(quoted, newline=""), "f.csv")  # a row over two lines, trailing cells too
+    assert spanning.problem is None and (spanning.obj or {})["substance"] == {"name": "two\nlines"}
+    (filled,) = read_csv(io.StringIO(header + ",\n" + row.format(n=1).replace("x", "") + ",,lost\n", newline=""), "f")
+    assert filled.hint is not None and "the row has 12 cells, the header 10" in filled.hint
