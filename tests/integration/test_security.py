@@ -220,6 +220,10 @@ def test_result_bytes_are_capped(worker: RunningWorker) -> None:
     assert status == 400 and "larger than 33554432 bytes" in error_of(answer), answer
     status, answer = sql(worker, "SELECT length(repeat('xx', 524288)) FROM numbers(40)")
     assert status == 200 and isinstance(answer, dict) and len(answer["rows"]) == 40, answer
+    # Wrapped in an array, a map or a tuple, the text counted as one value of 8 bytes: 40 MiB passed.
+    for wrapped in ("[repeat('xx', 524288)]", "map('k', repeat('xx', 524288))", "tuple(repeat('xx', 524288), 1)"):
+        status, answer = sql(worker, f"SELECT {wrapped} FROM numbers(40)")
+        assert status == 400 and "larger than 33554432 bytes" in error_of(answer), (wrapped, answer)
 
 
 @pytest.mark.slow
