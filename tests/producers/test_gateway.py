@@ -952,7 +952,7 @@ def test_white_space_of_a_json_body_is_skipped_at_the_regex_engines_speed() -> N
 
     spaces = " " * (8 * 2**20)
     for body, count in [(f"[{spaces}]", 0), (f"{spaces}{{}}", 1), (f"[1,{spaces}2]", 2)]:
-        started = time.process_time()
+        started = time.thread_time()
         records = records_of(body, "json", "req", Settings())
-        spent = time.process_time() - started
+        spent = time.thread_time() - started
         assert spent < 0.2 and len(records) == count, (spent, len(records))

@@ -302,9 +302,9 @@ def test_a_csv_header_of_more_columns_than_a_report_can_have_refuses_its_rows_wi
 
     assert MAX_CSV_COLUMNS == 256
     body = ",".join(f"c{n}" for n in range(200_000)) + "\n" + (",".join(["1"] * 200_000) + "\n") * 17
-    started = time.process_time()
+    started = time.thread_time()
     records = list(read_csv(io.StringIO(body, newline=""), "f.csv"))
-    spent = time.process_time() - started
+    spent = time.thread_time() - started
     assert spent < 1.0, spent
     assert len(records) == 17 and all(r.obj is None for r in records)
     assert "the CSV header has 200,000 columns, at most 256" in (records[0].problem or "")
@@ -360,9 +360,9 @@ def test_a_spreadsheet_export_with_thousands_of_empty_trailing_columns_is_read()
     header = "event_id,kind,occurred_at,country,region,lab_id,sample_id,sample_type,method,substance.name"
     row = "E-{n},lab_detection,2026-03-02T10:00:00Z,FR,FR-75C,LAB-FR-01,S-{n},seized_material,GC-MS,x"
     body = header + "," * 16_000 + "\r\n" + "".join(row.format(n=n) + "," * 16_000 + "\r\n" for n in range(200))
-    started = time.process_time()
+    started = time.thread_time()
     records = list(read_csv(io.StringIO(body, newline=""), "f.csv"))
-    spent = time.process_time() - started
+    spent = time.thread_time() - started
     assert [r.problem for r in records] == [None] * 200 and spent < 1.0, spent
     assert parse_event_object(records[-1].obj or {}).event_id == "E-199"
     assert parse_event_object(records[0].obj or {}).extra_fields == {}
