@@ -5,7 +5,8 @@ Idempotency: before inserting, the sink asks which of the batch's reports are al
 ``agency``) is part of the lookup, and another reporter's report with the same id is stored, not taken for
 a re-send or a changed report (ids and pairs bound as parameters, never spliced into the SQL text, which
 capped a batch at ~15,000 ids). It drops those, so a replayed partition or a re-sent file adds no rows
-(counts are right without FINAL). The tables are ReplacingMergeTree on a key ending in ``event_id`` as a backstop.
+(counts are right without FINAL). The tables are ReplacingMergeTree on a key ending in ``event_id, reporter``
+(migration 0014) as a backstop.
 Inserts are column-oriented: one Python list per column is far cheaper than row tuples. Tables, columns
 and row values come from :mod:`.tables`, which ``ingest-history`` shares, so both writers store the same.
 """
@@ -84,9 +85,6 @@ class ClickHouseSink:
         self.lock = lock or threading.Lock()
         self._learnt = LearntStructures()  # kept between alerts: each reads only what was stored since
 
-    def _stored_keys(self, table: str, keys: Sequence[ReportKey]) -> set[ReportKey]:
-        return set(self._stored_digests(table, keys))
-
     def _stored_digests(self, table: str, keys: Sequence[ReportKey]) -> dict[ReportKey, str]:
         """Stored (reporter, event id) -> content digest ('' for rows stored before digests, or by
         ingest-history). ``keys`` are all of ``table``'s kind: ``lab:ID`` keys for lab detections."""
@@ -135,14 +133,6 @@ class ClickHouseSink:
                 settings=INSERT_SETTINGS,
             )
         return len(fresh), len(items) - len(fresh) - len(changed)
-
-    def stored_event_keys(self, items: Sequence[EnrichedEvent]) -> set[ReportKey]:
-        """Which of these events are already stored, by (reporter, event id) (a re-sent old event is a
-        duplicate, not late)."""
-        labs = [i.key for i in items if isinstance(i.event, LabDetection)]
-        seizures = [i.key for i in items if isinstance(i.event, BorderSeizure)]
-        with self.lock:
-            return self._stored_keys(LAB_TABLE, labs) | self._stored_keys(SEIZURE_TABLE, seizures)
 
     def store_events(self, items: Sequence[EnrichedEvent]) -> StoreResult:
         """Insert the events not stored yet; safe to call again with the same batch after a failure.

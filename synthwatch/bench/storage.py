@@ -66,7 +66,7 @@ def bench_sink(
                     for i in range(0, len(items), size):
                         chunk = items[i : i + size]
                         t = time.perf_counter()
-                        sink.stored_event_keys(chunk)
+                        sink.stored_event_digests(chunk)  # the worker's late-event check (keep_late)
                         check += time.perf_counter() - t
                         sink.store_events(chunk)
                     elapsed = time.perf_counter() - started
