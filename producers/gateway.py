@@ -636,7 +636,11 @@ def create_app(settings: Settings, store: TokenStore, publish: PublishFn) -> Fas
                 f"more records than SYNTHWATCH_GATEWAY_MAX_RECORDS ({settings.gateway_max_records:,} here): split "
                 "the batch into smaller requests; nothing of a refused body is published",
             ),
-            (415, "Content-Type not NDJSON, JSON or CSV, or an unknown charset"),
+            (
+                415,
+                "Content-Type not NDJSON, JSON or CSV, or a charset that is unknown or no character set "
+                "(punycode, idna, zlib...)",
+            ),
             (
                 429,
                 f"request or record rate limit of the token ({settings.gateway_rate_records_per_minute:,.0f} records a "
@@ -658,7 +662,7 @@ def create_app(settings: Settings, store: TokenStore, publish: PublishFn) -> Fas
         charset = _charset(content_type)
         codec = body_codec(charset)
         if codec is None:
-            raise HTTPException(415, f"unknown charset {charset[:40]!r}; send UTF-8") from None
+            raise HTTPException(415, f"charset {charset[:40]!r} is unknown or no character set; send UTF-8") from None
         limit = settings.gateway_max_body_bytes
         too_big = (
             f"at most {limit:,} (SYNTHWATCH_GATEWAY_MAX_BODY_BYTES): split the batch into requests of at most "
