@@ -522,6 +522,21 @@ class InProcess:
         return sum(high_watermarks(self.settings.kafka_bootstrap_servers or "", [topic]).values())
 
 
+def bodies_counted(app: Any, received: list[int]) -> Any:
+    """``app`` counting, in ``received[0]``, the request bodies it has received whole: a request is then in the
+    gateway's hands (waiting its turn, or read), which a test can wait for instead of sleeping."""
+
+    async def asgi(scope: Any, receive: Any, send: Any) -> None:
+        async def counting_receive() -> Any:
+            message = await receive()
+            received[0] += message["type"] == "http.request" and not message.get("more_body")
+            return message
+
+        await app(scope, counting_receive, send)
+
+    return asgi
+
+
 @contextmanager
 def in_process(
     broker: EmbeddedBroker, tmp_path: Path, labs: tuple[str, ...] = ("LAB-FR-01",), **overrides: Any
@@ -826,17 +841,6 @@ def test_a_tokens_requests_waiting_in_line_are_not_read_once_the_first_used_its_
     monkeypatch.setattr(gateway_module, "read_body", held_read)
     received = [0]
 
-    def watched(app: Any) -> Any:
-        async def asgi(scope: Any, receive: Any, send: Any) -> None:
-            async def watched_receive() -> Any:
-                message = await receive()
-                received[0] += message["type"] == "http.request" and not message.get("more_body")
-                return message
-
-            await app(scope, watched_receive, send)
-
-        return asgi
-
     overrides = {"gateway_max_records": 50, "gateway_rate_records_per_minute": 1.0, "gateway_rate_records_burst": 50}
     settings = isolated_settings(broker, tmp_path / "data", **overrides)
     store = TokenStore.open(tmp_path / "tokens.json")
@@ -844,7 +848,7 @@ def test_a_tokens_requests_waiting_in_line_are_not_read_once_the_first_used_its_
     publisher = gateway_module.GatewayPublisher(settings, broker.bootstrap_servers, None)
     headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/x-ndjson"}
     try:
-        app = watched(gateway_module.create_app(settings, store, publisher.publish_request))
+        app = bodies_counted(gateway_module.create_app(settings, store, publisher.publish_request), received)
         with TestClient(app, base_url="http://localhost") as client, ThreadPoolExecutor(3) as pool:
 
             def post() -> httpx.Response:
@@ -911,19 +915,8 @@ def test_a_token_has_at_most_eight_requests_in_flight_and_others_still_get_in(
             assert release.wait(60)
         return publisher.publish_request(token, records)
 
-    def watched(app: Any) -> Any:
-        async def asgi(scope: Any, receive: Any, send: Any) -> None:
-            async def watched_receive() -> Any:
-                message = await receive()
-                received[0] += message["type"] == "http.request" and not message.get("more_body")
-                return message
-
-            await app(scope, watched_receive, send)
-
-        return asgi
-
     try:
-        app = watched(create_app(settings, store, publish))
+        app = bodies_counted(create_app(settings, store, publish), received)
         with TestClient(app, base_url="http://localhost") as client, ThreadPoolExecutor(10) as pool:
 
             def post(name: str) -> httpx.Response:

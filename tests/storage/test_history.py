@@ -21,7 +21,7 @@ from synthwatch.stream_apps.storage.backfill.ingest import IngestRefused, ingest
 from synthwatch.stream_apps.storage.clickhouse import connect, migrate
 from synthwatch.stream_apps.storage.sink import ClickHouseSink
 from tests.conftest import cli_env, start_worker, stop_worker
-from tests.support.factories import lab, seizure
+from tests.support.factories import alike_numbered_reports, lab, seizure
 
 # An uncatalogued structure reported under a street name, later seized by that name only: its identity
 # depends on file order (the name is learnt from the lab report), across chunk boundaries.
@@ -97,13 +97,7 @@ def test_two_reporters_rows_under_one_id_place_and_time_survive_a_merge(
 ) -> None:
     """ingest-history writes the reporter (the raw tables' sorting key has it since migration 0014): two labs'
     history rows under one id, place and time (a date-only sample date) no longer merge into one row."""
-    place = {"country": "ML", "region": "ML-BKO", "occurred_at": "2026-03-03T00:00:00Z"}
-    records = [
-        lab(event_id="2026-000123", lab_id="LAB-A", **place),
-        lab(event_id="2026-000123", lab_id="LAB-B", **place),
-        seizure(event_id="z-1", agency="Douane ML", **place),
-        seizure(event_id="z-1", agency="Douane SN", **place),
-    ]
+    records = alike_numbered_reports()
     path = tmp_path / "history.ndjson"
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     run = ingest_history(ch_settings, path, progress=False, workers=0, client=ch, encoding=encoding)

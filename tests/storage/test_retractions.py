@@ -38,6 +38,26 @@ def _as_before_0014(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(sink_module, row, lambda item, _row=getattr(sink_module, row): _row(item)[:-1])
 
 
+def _customs_corrected_before_0013(ch: Any, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Customs' S-1 corrected by S-2 as a worker before migration 0013 stored them (a retraction with no reporter),
+    then the migrations 0013 and 0014 and the worker of 0014; returns the correction S-2 (to send again)."""
+    from synthwatch.stream_apps.storage.clickhouse import available_migrations
+
+    migrate(ch, [m for m in available_migrations() if m.version <= 12])
+    _as_before_0014(monkeypatch)
+    ClickHouseSink(ch).store_events(_events(seizure(event_id="S-1", occurred_at=NOW)))
+    fix = seizure(event_id="S-2", occurred_at=NOW, corrects="S-1", quantity={"value": 30, "unit": "g"})
+    assert ClickHouseSink(ch).store_events(_events(fix, first=1)).stored == 1
+    ch.command(
+        "INSERT INTO retractions (event_id, corrected, kind, occurred_at, country, region, substance_key, "
+        "substance_name, family, grams) SELECT 'S-2', 'S-1', 'border_seizure', occurred_at, country, region, "
+        "substance_key, resolved_name, family, ifNull(grams, 0) FROM border_seizures WHERE event_id = 'S-1'"
+    )  # what the 0012 sink stored for it (the columns of 0012: no reporter)
+    assert [m.version for m in migrate(ch)] == [13, 14]
+    monkeypatch.undo()  # the worker of 0014
+    return fix
+
+
 def _events(*records: dict[str, Any], first: int = 0) -> list[EnrichedEvent]:
     result = Intake().process([RawMessage(f"t:0:{first + i}", json.dumps(r)) for i, r in enumerate(records)])
     assert not result.rejects, result.rejects
@@ -349,22 +369,7 @@ def test_a_retraction_stored_before_migration_0013_stands_for_its_own_correction
     """A retraction stored before 0013 has no reporter (''). A retry of its own correction (same kind, id and
     corrected id) still finds it and retracts nothing more; another reporter's correction under the same id
     (of another report id) is not withheld its retraction by it (by event id alone it was)."""
-    from synthwatch.stream_apps.storage.clickhouse import available_migrations
-
-    migrate(ch, [m for m in available_migrations() if m.version <= 12])
-    _as_before_0014(monkeypatch)
-    sink_rows = _events(seizure(event_id="S-1", occurred_at=NOW))
-    ClickHouseSink(ch).store_events(sink_rows)
-    fix = seizure(event_id="S-2", occurred_at=NOW, corrects="S-1", quantity={"value": 30, "unit": "g"})
-    (fixed,) = _events(fix, first=1)
-    assert ClickHouseSink(ch).store_events([fixed]).stored == 1
-    ch.command(
-        "INSERT INTO retractions (event_id, corrected, kind, occurred_at, country, region, substance_key, "
-        "substance_name, family, grams) SELECT 'S-2', 'S-1', 'border_seizure', occurred_at, country, region, "
-        "substance_key, resolved_name, family, ifNull(grams, 0) FROM border_seizures WHERE event_id = 'S-1'"
-    )  # what the 0012 sink stored for it (the columns of 0012: no reporter)
-    assert [m.version for m in migrate(ch)] == [13, 14]
-    monkeypatch.undo()  # the worker of 0014
+    fix = _customs_corrected_before_0013(ch, monkeypatch)
     sink = ClickHouseSink(ch)
     _assert_recounted(ch)
     assert _take(ch, sink, _events(fix, first=1)).retractions == 0  # the retry: its retraction is the '' row
@@ -387,20 +392,7 @@ def test_a_retraction_stored_before_migration_0013_withholds_no_other_reporters_
     has reporter ''); after it, the police store their own S-1 and correct it with their own S-2. The '' row is
     customs' (their S-2 was stored first): the police's correction gets its own retraction. Matched by kind, id
     and corrected id, the '' row withheld it, and the police's corrected S-1 counted twice."""
-    from synthwatch.stream_apps.storage.clickhouse import available_migrations
-
-    migrate(ch, [m for m in available_migrations() if m.version <= 12])
-    _as_before_0014(monkeypatch)
-    ClickHouseSink(ch).store_events(_events(seizure(event_id="S-1", occurred_at=NOW)))
-    fix = seizure(event_id="S-2", occurred_at=NOW, corrects="S-1", quantity={"value": 30, "unit": "g"})
-    assert ClickHouseSink(ch).store_events(_events(fix, first=1)).stored == 1
-    ch.command(
-        "INSERT INTO retractions (event_id, corrected, kind, occurred_at, country, region, substance_key, "
-        "substance_name, family, grams) SELECT 'S-2', 'S-1', 'border_seizure', occurred_at, country, region, "
-        "substance_key, resolved_name, family, ifNull(grams, 0) FROM border_seizures WHERE event_id = 'S-1'"
-    )  # what the 0012 sink stored for it (the columns of 0012: no reporter)
-    assert [m.version for m in migrate(ch)] == [13, 14]
-    monkeypatch.undo()  # the worker of 0014
+    fix = _customs_corrected_before_0013(ch, monkeypatch)
     sink = ClickHouseSink(ch)
     assert _take(ch, sink, _events(fix, first=1)).retractions == 0  # customs' retry: its retraction is the '' row
     police = _events(seizure(event_id="S-1", agency="Police", occurred_at=NOW), first=2)

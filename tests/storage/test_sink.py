@@ -14,7 +14,7 @@ from synthwatch.schemas import Reject
 from synthwatch.stream_apps.detect.intake import Intake, RawMessage
 from synthwatch.stream_apps.storage.clickhouse import migrate
 from synthwatch.stream_apps.storage.sink import ClickHouseSink
-from tests.support.factories import lab, seizure
+from tests.support.factories import alike_numbered_reports, lab, seizure
 
 
 def _messages(records: list[dict[str, Any]]) -> list[RawMessage]:
@@ -177,13 +177,7 @@ def test_two_reporters_reports_under_one_id_place_and_time_survive_a_merge(ch: A
     (counted three times). Seizures alike. Migration 0014 puts the reporter in the sorting key."""
     migrate(ch)
     intake, sink = Intake(), ClickHouseSink(ch)
-    place = {"country": "ML", "region": "ML-BKO", "occurred_at": "2026-03-03T00:00:00Z"}
-    records = [
-        lab(event_id="2026-000123", lab_id="LAB-A", **place),
-        lab(event_id="2026-000123", lab_id="LAB-B", **place),
-        seizure(event_id="z-1", agency="Douane ML", **place),
-        seizure(event_id="z-1", agency="Douane SN", **place),
-    ]
+    records = alike_numbered_reports()
     for record in records:  # one insert each: one part each, which the merge below folds together
         assert sink.store_events(intake.process(_messages([record])).events).stored == 1
     ch.command("OPTIMIZE TABLE lab_detections FINAL")

@@ -61,6 +61,18 @@ MALFORMED: list[tuple[str, str, str]] = [
 ]
 
 
+def alike_numbered_reports() -> list[dict[str, Any]]:
+    """Two labs' reports and two agencies' seizures, each pair under one event id, place and time (a date-only
+    sample date is midnight; LIMS number alike): four reports, since event ids are unique per reporter only."""
+    place = {"country": "ML", "region": "ML-BKO", "occurred_at": "2026-03-03T00:00:00Z"}
+    return [
+        lab(event_id="2026-000123", lab_id="LAB-A", **place),
+        lab(event_id="2026-000123", lab_id="LAB-B", **place),
+        seizure(event_id="z-1", agency="Douane ML", **place),
+        seizure(event_id="z-1", agency="Douane SN", **place),
+    ]
+
+
 def malformed_records(prefix: str) -> list[tuple[str, str | dict[str, Any], str]]:
     """(label, record, expected reason fragment) for every malformed kind, ids prefixed."""
     builders: dict[str, dict[str, Any]] = {
