@@ -698,19 +698,36 @@ def test_a_stray_quote_in_a_csv_row_costs_that_row_only(broker: EmbeddedBroker, 
 
 @pytest.mark.integration
 def test_two_requests_are_read_and_published_at_once_one_per_token_and_others_go_ahead(
-    broker: EmbeddedBroker, tmp_path: Path
+    broker: EmbeddedBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Read records are ~10-15 MiB a maximal request beyond its body: with no bound, every request in flight
     held them while the serial publisher made it wait (16 maximal requests: 499 MiB; 336 one at a time).
     At most two at once (one read while one is published), one per token: a token's second request
     waits for its first, and another token's request goes ahead of it (one at a time for all, a
-    request stuck in publishing held every other token's request behind it)."""
+    request stuck in publishing held every other token's request behind it).
+
+    Decided by order, not time: a request whose body has been received goes on, in that step of the event loop,
+    until it waits its turn or hands its body to a thread to be read (noted here, synchronously); once the loop
+    has taken another turn after the bodies arrived, whatever has not been handed over is waiting its turn."""
+    import asyncio
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from fastapi.testclient import TestClient
 
+    from synthwatch.producers import gateway as gateway_module
     from synthwatch.producers.gateway import PARSING_AT_ONCE, GatewayPublisher, create_app
+
+    read_started: list[str] = []
+    to_thread = gateway_module.run_in_threadpool
+
+    async def noting_reads(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if fn is gateway_module.read_body:
+            read_started.append(json.loads(bytes(args[0]))["event_id"])
+        return await to_thread(fn, *args, **kwargs)
+
+    monkeypatch.setattr(gateway_module, "run_in_threadpool", noting_reads)
+    received = [0]
 
     assert PARSING_AT_ONCE == 2
     settings = isolated_settings(broker, tmp_path / "data")
@@ -732,7 +749,7 @@ def test_two_requests_are_read_and_published_at_once_one_per_token_and_others_go
         return client.post("/v1/reports", content=json.dumps(lab(event_id=name)), headers=headers).status_code
 
     try:
-        app = create_app(settings, store, publish)
+        app = bodies_counted(create_app(settings, store, publish), received)
         with TestClient(app, base_url="http://localhost") as client, ThreadPoolExecutor(4) as pool:
             a1 = pool.submit(post, client, "A1")
             wait_until(lambda: entered == ["A1"], 30, "A1 to be published", details=lambda: f"{entered} {a1}")
@@ -740,9 +757,11 @@ def test_two_requests_are_read_and_published_at_once_one_per_token_and_others_go
             b1 = pool.submit(post, client, "B1")
             wait_until(lambda: "B1" in entered, 30, "B1 to go ahead of token A's queue")
             c1 = pool.submit(post, client, "C1")
-            with pytest.raises(TimeoutError):  # two are in: neither A2 (A1's token) nor C1 (a third) may enter
-                c1.result(timeout=2)
-            assert entered == ["A1", "B1"] and not a2.done()
+            wait_until(lambda: received[0] == 4, 30, "A2's and C1's bodies to be received")
+            assert client.portal is not None
+            client.portal.call(asyncio.sleep, 0)  # a turn of the loop after their steps: both are parked
+            # two are in: neither A2 (A1's token) nor C1 (a third) was handed to be read
+            assert read_started == ["A1", "B1"] and entered == ["A1", "B1"] and not a2.done()
             held["B1"].set()
             assert (b1.result(timeout=30), c1.result(timeout=30)) == (200, 200)  # C1 took B1's place
             assert entered == ["A1", "B1", "C1"] and not a2.done()
