@@ -144,7 +144,25 @@ def load_org_keys(path: Path) -> dict[str, Organisation]:
             lab_ids=lab_ids,
             agencies=agencies,
         )
+    _refuse_shared_reporters(path, orgs)
     return orgs
+
+
+def _refuse_shared_reporters(path: Path, orgs: Mapping[str, Organisation]) -> None:
+    """A lab id or agency is one organisation's: a report's claimed reporter names the organisation whose keys
+    may sign it and which may correct it. Listed under two, either could sign, correct or squat the other's reports,
+    and the reporter -> organisation map kept whichever came last in the file."""
+    for kind, names_of in (("lab id", lambda org: org.lab_ids), ("agency", lambda org: org.agencies)):
+        owner: dict[str, str] = {}
+        for org in orgs.values():
+            for name in sorted(names_of(org)):
+                first = owner.setdefault(name, org.org_id)
+                if first != org.org_id:
+                    raise OrgKeysError(
+                        f"{path}: {kind} {name!r} is listed under organisations {first!r} and {org.org_id!r}: a "
+                        f"{kind} reports for one organisation (its keys sign its reports, it alone corrects them); "
+                        "list it under one, or give each organisation its own"
+                    )
 
 
 def _names(value: Any, where: str) -> frozenset[str]:

@@ -120,6 +120,17 @@ def test_keys_file_is_loaded_and_refused_when_others_can_read_it(tmp_path: Path)
         ({"lab-fr": {"keys": ["abcd"], "lab_ids": ["L"]}}, "at least 16 bytes"),
         ({"lab-fr": {"keys": [KEY_A.hex()]}}, "neither lab_ids nor agencies"),
         ({"lab-fr": {"lab_ids": ["L"]}}, "needs `keys"),
+        (  # one lab under two organisations: either could sign, correct or squat the other's reports
+            {"lab-fr": {"keys": [KEY_A.hex()], "lab_ids": ["L"]}, "lab-x": {"keys": [KEY_B.hex()], "lab_ids": ["L"]}},
+            "lab id 'L' is listed under organisations 'lab-fr' and 'lab-x'",
+        ),
+        (
+            {
+                "d-1": {"keys": [KEY_A.hex()], "agencies": ["Douane"]},
+                "d-2": {"keys": [KEY_B.hex()], "agencies": ["Douane"]},
+            },
+            "agency 'Douane' is listed under organisations 'd-1' and 'd-2'",
+        ),
     ]:
         with pytest.raises(OrgKeysError, match=match):
             load_org_keys(write_keys(tmp_path / "bad.yaml", **bad))
