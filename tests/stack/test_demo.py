@@ -25,6 +25,7 @@ from synthwatch.stack.demo import (
     ALERT_QUERIES,
     HISTORY_DAYS,
     LIVE_DAYS,
+    NAMES_ALONE_SQL,
     PROSE_WIDTH,
     STORED_QUERIES,
     DemoFailed,
@@ -33,6 +34,7 @@ from synthwatch.stack.demo import (
     _prose,
     demo_streams,
     empty_network_alerts,
+    new_substances_said,
 )
 from synthwatch.stream_apps.detect.backtest import run_lines
 from synthwatch.stream_apps.detect.intake import Intake, RawMessage
@@ -120,6 +122,25 @@ def test_the_demo_streams_are_one_world_cut_where_the_live_days_begin() -> None:
 
 def _messages(lines: list[str]) -> list[RawMessage]:
     return [RawMessage(f"x:0:{i}", line) for i, line in enumerate(lines)]
+
+
+def test_the_demo_says_which_new_substance_alerts_are_about_a_name_alone(ch: Any, ch_settings: Settings) -> None:
+    """The worker reads seizures and lab reports from two topics in any order: when a name-only seizure comes
+    before the lab report that ties its name to a structure, the name is alerted at info, then the structure.
+    The demo said "3 in 21 days; the simulator planted 2", which read as a false alert."""
+    assert new_substances_said(2, 0, 21, 2) == "2 in 21 days; the simulator planted 2"
+    said = new_substances_said(3, 1, 21, 2)
+    assert said.startswith("3 in 21 days, 1 of them at info about a name reported by name only")
+    assert said.endswith("the simulator planted 2")
+    # The count it is given: new-substance alerts of a name key, and only those.
+    migrate(ch)
+    ch.command(
+        "INSERT INTO alerts (alert_id, alert_type, severity, substance_key, triggered_at, detected_at) VALUES "
+        "('a1', 'new_substance', 'info', 'name:zombie dust', now(), now()), "
+        "('a2', 'new_substance', 'warning', 'ABCDEFGHIJKLMN', now(), now()), "
+        "('a3', 'first_in_region', 'warning', 'name:zombie dust', now(), now())"
+    )
+    assert ch.query(NAMES_ALONE_SQL).result_rows[0][0] == 1
 
 
 def test_demo_paragraphs_wrap_between_words_in_a_pipe() -> None:
