@@ -15,8 +15,7 @@ from typing import TYPE_CHECKING, Any
 from synthwatch.schemas.events import EventKind
 from synthwatch.schemas.records import AlertSubstance
 from synthwatch.stream_apps.detect.corrections import CitedAlert, Counted, ReportFacts, ReportKey
-from synthwatch.stream_apps.storage.sink import REPORTER_COLUMN
-from synthwatch.stream_apps.storage.tables import ALERT_TABLE, LAB_TABLE, SEIZURE_TABLE
+from synthwatch.stream_apps.storage.tables import ALERT_TABLE, LAB_TABLE, REPORTER_COLUMN, SEIZURE_TABLE
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client

@@ -28,6 +28,7 @@ from synthwatch.stream_apps.storage.tables import (
     LAB_TABLE,
     REJECT_COLUMNS,
     REJECT_TABLE,
+    REPORTER_COLUMN,
     RETRACTION_COLUMNS,
     RETRACTION_TABLE,
     SEIZURE_TABLE,
@@ -52,8 +53,6 @@ if TYPE_CHECKING:
 # The sink never inserts an id twice in one block (ids already stored are filtered, and so are the
 # repeats of an id within the call), so merging Replacing/Summing rows at insert time is wasted work.
 INSERT_SETTINGS = {"optimize_on_insert": 0}
-# Each report table's reporter column and the prefix of its claimed reporter (:func:`.corrections.report_key`).
-REPORTER_COLUMN = {LAB_TABLE: ("lab_id", "lab:"), SEIZURE_TABLE: ("agency", "agency:")}
 
 
 @dataclass(slots=True, frozen=True)

@@ -22,6 +22,9 @@ from synthwatch.stream_apps.detect.intake import EnrichedEvent
 LAB_TABLE = "lab_detections"
 
 SEIZURE_TABLE = "border_seizures"
+# Each report table's reporter column and the prefix of its claimed reporter (:func:`.corrections.report_key`):
+# the sink, the corrections' reads and ingest-history key stored reports by it.
+REPORTER_COLUMN = {LAB_TABLE: ("lab_id", "lab:"), SEIZURE_TABLE: ("agency", "agency:")}
 REJECT_TABLE = "rejects"
 
 _COMMON = [

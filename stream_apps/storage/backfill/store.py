@@ -25,6 +25,7 @@ from synthwatch.stream_apps.storage.tables import (
     HISTORY_SEIZURE_COLUMNS,
     LAB_COLUMNS,
     LAB_TABLE,
+    REPORTER_COLUMN,
     SEIZURE_COLUMNS,
     SEIZURE_TABLE,
 )
@@ -92,7 +93,7 @@ class Store:
             return 0, 0
         columns = LAB_COLUMNS if table == LAB_TABLE else SEIZURE_COLUMNS
         # Event ids are unique per reporter only: a row is stored already if its reporter's id is.
-        reporter, prefix = ("lab_id", "lab:") if table == LAB_TABLE else ("agency", "agency:")
+        reporter, prefix = REPORTER_COLUMN[table]
         if source is not None:
             ids, rows = f"({source[0]})", f"({source[1]})"
             who, select, event_id = reporter, "*", f"({reporter}, event_id)"
