@@ -39,6 +39,17 @@ def _reports(n: int) -> dict[int, dict[str, Any]]:
     return reports
 
 
+def _storing_into(stored: list[str]) -> Any:
+    """A stand-in for the sink's ``store_events``: notes the ids it is given, in order, and stores them all."""
+    from synthwatch.stream_apps.storage.sink import StoreResult
+
+    def store(items: list[Any]) -> StoreResult:
+        stored.extend(item.event_id for item in items)
+        return StoreResult(lab_detections=len(items))
+
+    return store
+
+
 class _Turns:
     """Another coroutine of the worker's loop: counts the turns it gets while a batch is in the agent's hands,
     with the number of reports validated so far at each; ``at_turn(self)``, if given, is awaited at each."""
@@ -181,16 +192,11 @@ def test_a_rebalance_beginning_at_a_turn_within_a_batch_leaves_the_rest_of_it_al
     batch's last, and the batch fetched again would be skipped as replays: never stored, never counted, committed.
     The rest must be left alone: the batch read again is applied and stored whole, and only then committed."""
     from synthwatch.stream_apps.runtime.agents import intake as intake_module
-    from synthwatch.stream_apps.storage.sink import StoreResult
 
     monkeypatch.setattr(intake_module, "SLICE_EVENTS", SLICE)
     n = 4 * SLICE
     stored: list[str] = []
-
-    def store(items: list[Any]) -> StoreResult:
-        stored.extend(item.event_id for item in items)
-        return StoreResult(lab_detections=len(items))
-
+    store = _storing_into(stored)
     reports = _reports(n)
     intake = _Intake(tmp_path, reports, store_events=store)
     rebalanced: list[int] = []
@@ -354,7 +360,6 @@ def test_a_rebalance_at_any_turn_of_a_batch_counts_its_reports_once(
     report is stored (rows of a batch whose rebalance began once its region stage was done are stored again:
     skipped by id in ClickHouse) and the committed offset is past the batch."""
     from synthwatch.stream_apps.runtime.agents import intake as intake_module
-    from synthwatch.stream_apps.storage.sink import StoreResult
 
     monkeypatch.setattr(intake_module, "SLICE_EVENTS", SLICE)
     n = 4 * SLICE
@@ -362,11 +367,7 @@ def test_a_rebalance_at_any_turn_of_a_batch_counts_its_reports_once(
     runs = []
     for rebalancing in (False, True):
         stored: list[str] = []
-
-        def store(items: list[Any], stored: list[str] = stored) -> StoreResult:
-            stored.extend(item.event_id for item in items)
-            return StoreResult(lab_detections=len(items))
-
+        store = _storing_into(stored)
         intake = _Intake(tmp_path / str(rebalancing), _reports(n), store_events=store)
         rebalanced: list[int] = []
 
@@ -403,16 +404,11 @@ def test_an_exception_in_a_later_slice_leaves_nothing_of_the_batch_written_sent_
     state of the changelog, :mod:`.supervision`): nothing of the batch may be sent, written to the changelog,
     stored or acknowledged on the way out, as when the batch was one piece."""
     from synthwatch.stream_apps.runtime.agents import intake as intake_module
-    from synthwatch.stream_apps.storage.sink import StoreResult
 
     monkeypatch.setattr(intake_module, "SLICE_EVENTS", SLICE)
     n = 4 * SLICE
     stored: list[str] = []
-
-    def store(items: list[Any]) -> StoreResult:
-        stored.extend(item.event_id for item in items)
-        return StoreResult(lab_detections=len(items))
-
+    store = _storing_into(stored)
     intake = _Intake(tmp_path, _reports(n), store_events=store)
     sent = _recorded(intake)
     regions = intake.ctx.regions
