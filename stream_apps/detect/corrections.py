@@ -167,7 +167,7 @@ def known_reports(
     corrected: dict[ReportKey, str] = {}
     for item in pending:
         event: LabDetection | BorderSeizure = item.event
-        key = report_key(event)
+        key: ReportKey = item.key
         if key in named:
             known.setdefault(key, facts_of(event, item.substance.display_name, counted_of(item)))
         target = corrected_key(event)
@@ -217,7 +217,7 @@ def judge_corrections(
             assert original is not None
             known[target] = replace(original, corrected_by=event.event_id)
             item.retracts = original.counted  # set here, as the worker sets ``late``: the item is this batch's
-        key = report_key(event)
+        key = item.key
         if key not in known:
             known[key] = facts_of(event, item.substance.display_name, counted_of(item))
         judged.kept.append(item)

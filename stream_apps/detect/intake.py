@@ -78,6 +78,12 @@ class EnrichedEvent:
     late: bool = False  # set by the worker for a late report: stored with its ``late`` column true
     digest: str = ""  # content_digest of the event: a re-send with another digest is a changed report
     retracts: Counted | None = None  # a correction: what the report it corrects added to the counts
+    # (claimed reporter, event_id): what tells a re-send or a changed report from another's report. Kept, not
+    # derived at each look: the sink, the late check and the judge look several times per event.
+    key: ReportKey = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.key = report_key(self.event)
 
     def changed_content_reject(self, stage: RejectStage = "worker") -> Reject:
         """The reject of this event when its id is already stored (or taken) with different content."""
@@ -86,11 +92,6 @@ class EnrichedEvent:
     @property
     def event_id(self) -> str:
         return self.event.event_id
-
-    @property
-    def key(self) -> ReportKey:
-        """(claimed reporter, event_id): what tells a re-send or a changed report from another's report."""
-        return report_key(self.event)
 
 
 @dataclass(slots=True)

@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any, Literal, cast
 
 from synthwatch.schemas import Alert, BorderSeizure, LabDetection, Reject
-from synthwatch.stream_apps.detect.corrections import Counted, claimed_reporter
+from synthwatch.stream_apps.detect.corrections import Counted
 from synthwatch.stream_apps.detect.identity import NormalisedQuantity, ResolvedSubstance
 from synthwatch.stream_apps.detect.intake import EnrichedEvent
 
@@ -198,7 +198,7 @@ def seizure_values(event: BorderSeizure, substance: SubstanceValues, quantity: Q
 def lab_row(item: EnrichedEvent) -> tuple[Any, ...]:
     """One row of :data:`SINK_LAB_COLUMNS`."""
     values = lab_values(cast(LabDetection, item.event), substance_values(item.substance))
-    return (*values, item.late, item.digest, item.event.corrects or "", claimed_reporter(item.event))
+    return (*values, item.late, item.digest, item.event.corrects or "", item.key[0])
 
 
 def seizure_row(item: EnrichedEvent) -> tuple[Any, ...]:
@@ -206,7 +206,7 @@ def seizure_row(item: EnrichedEvent) -> tuple[Any, ...]:
     values = seizure_values(
         cast(BorderSeizure, item.event), substance_values(item.substance), quantity_values(item.quantity)
     )
-    return (*values, item.late, item.digest, item.event.corrects or "", claimed_reporter(item.event))
+    return (*values, item.late, item.digest, item.event.corrects or "", item.key[0])
 
 
 def retraction_row(item: EnrichedEvent, retracts: Counted) -> list[Any]:
@@ -224,7 +224,7 @@ def retraction_row(item: EnrichedEvent, retracts: Counted) -> list[Any]:
         r.substance_name,
         r.family,
         r.grams or 0.0,
-        claimed_reporter(item.event),
+        item.key[0],
     ]
 
 
