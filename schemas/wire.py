@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -134,10 +134,11 @@ class RecordLimits:
     #: When every record judged under these limits was received, for a file's lines (``ingest-history``: a line
     #: records no receipt); None elsewhere: a record's own receipt (its Kafka timestamp, the send time) bounds it.
     received_at: datetime | None = None
+    #: ``max_future_hours`` as a timedelta, built once: every report is compared with it.
+    future_allowed: timedelta = field(init=False, repr=False, compare=False)
 
-    @property
-    def future_allowed(self) -> timedelta:
-        return timedelta(hours=self.max_future_hours)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "future_allowed", timedelta(hours=self.max_future_hours))
 
 
 DEFAULT_LIMITS = RecordLimits()

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 from synthwatch.schemas.reject_reasons import reject_reason
 from synthwatch.stream_apps.detect.intake import Intake, RawMessage
-from synthwatch.stream_apps.runtime.agents.intake import received_time
+from synthwatch.stream_apps.runtime.agents.intake import Receipts, received_time
 from tests.support.factories import seizure
 
 NOW = 1_796_212_800.0  # 2026-12-02 12:00 UTC, the worker's clock
@@ -26,6 +26,28 @@ def test_a_forged_or_missing_timestamp_is_bounded_by_the_workers_clock() -> None
     for forged in (4_083_264_000.0, None, -1.0, -0.001, 0.0, 1e300, 9.2e15, float("inf"), float("nan")):
         assert received_time(forged, NOW) == AT_NOW, forged
     assert received_time(NOW + 0.0009, NOW + 0.0009) == AT_NOW, "to the ms, as ingested_at (DateTime64(3))"
+
+
+def test_one_batchs_receipts_are_each_records_own() -> None:
+    # The agent builds one datetime per distinct millisecond of a batch (``Receipts``): a record with another
+    # timestamp after one of the same millisecond, a forged one between two honest ones, and back again.
+    stamps = [
+        NOW - 3600,
+        NOW - 3600,
+        NOW - 3600.0004,
+        NOW - 3599.999,
+        None,
+        NOW - 3599.999,
+        4_083_264_000.0,
+        NOW - 5,
+        float("nan"),
+        NOW - 3600,
+        -1.0,
+        NOW,
+    ]
+    receipt = Receipts(NOW)
+    assert [receipt(t) for t in stamps] == [received_time(t, NOW) for t in stamps]
+    assert receipt(NOW - 3599.999) == datetime(2026, 12, 2, 11, 0, 0, 1000, tzinfo=UTC)
 
 
 def test_a_report_dated_2099_with_a_kafka_timestamp_of_2099_is_refused() -> None:

@@ -67,10 +67,28 @@ def received_time(timestamp: float | None, now: float) -> datetime:
     clock, by ``now``, which is before the row's ``ingested_at`` (the engine's clock at insert, to the ms), so the
     state rebuild keeps every report the intake took.
     """
-    millis = math.floor(now * 1000)
-    if timestamp is not None and timestamp > 0 and math.isfinite(timestamp):
-        millis = min(millis, math.floor(timestamp * 1000))
-    return datetime.fromtimestamp(millis / 1000, UTC)
+    return Receipts(now)(timestamp)
+
+
+class Receipts:
+    """:func:`received_time` of one batch's records (one ``now``), one datetime built per distinct millisecond:
+    a producer's records share milliseconds (~25 a millisecond from the publisher), and building a zoned
+    datetime for each record was ~1.4 % of the worker's samples (py-spy, backlog drain)."""
+
+    __slots__ = ("_at", "_bound", "_millis")
+
+    def __init__(self, now: float) -> None:
+        self._bound = math.floor(now * 1000)
+        self._millis: int | None = None
+        self._at = datetime.min.replace(tzinfo=UTC)
+
+    def __call__(self, timestamp: float | None) -> datetime:
+        millis = self._bound
+        if timestamp is not None and timestamp > 0 and math.isfinite(timestamp):
+            millis = min(millis, math.floor(timestamp * 1000))
+        if millis != self._millis:
+            self._millis, self._at = millis, datetime.fromtimestamp(millis / 1000, UTC)
+        return self._at
 
 
 def _partition(source: str) -> int:
@@ -213,7 +231,7 @@ def add_intake_agent(agents: AgentContext, tables: StateTables, outbox: SpikeOut
                 await agents.until_state_ready()
                 metrics.consumed(events)
                 result = IntakeResult()
-                now = time.time()  # the records' receipt is never after this clock (``received_time``)
+                receipt = Receipts(time.time())  # the records' receipt is never after this clock (``received_time``)
                 for n, part in enumerate(slices(events, SLICE_EVENTS)):
                     if n:
                         await turn(agents.app, inputs)  # the other agents, the commits, the watchdog, /ready
@@ -226,7 +244,7 @@ def add_intake_agent(agents: AgentContext, tables: StateTables, outbox: SpikeOut
                             e.message.topic,
                             e.message.key,
                             e.message.headers,
-                            received_time(e.message.timestamp, now),
+                            receipt(e.message.timestamp),
                         )
                         for e in part
                     )
