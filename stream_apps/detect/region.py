@@ -329,11 +329,11 @@ class RegionState:
         state recovered from the changelogs still holds it: its kind's watermark made every later report of the
         region late, and its day was ``today``, so every later report was pruned, totalled and tested against it.
 
-        Healed: every watermark after ``bound`` goes back to the start of the newest day, up to ``bound``'s, that
-        holds an id of its kind (:func:`report_id` says the kind; the report itself when its day is
-        ``bound``'s), or to none when no such day is kept (the kind's next report sets it). That is never after the
-        watermark the region would have without the bad report (its reports of those days were judged), so no
-        report is made late by healing; what the bad report's pruning forgot (older ids and totals) stays lost.
+        Healed: every watermark after ``bound`` goes back to the start of the newest day before ``bound``'s that
+        holds an id of its kind (:func:`report_id` says the kind; not ``bound``'s day: the bad report may be one of
+        its ids), or to none when no such day is kept (the kind's next report sets it). That is never after the
+        watermark the region would have without the bad report (a report of that day was judged), so no report is
+        made late by healing; what the bad report's pruning forgot (older ids and totals) stays lost.
         Ids, forwarded substances, totals and weekday factors of days after ``bound``'s are dropped; the first
         day and the pruning day are taken back to kept days (``today`` follows the watermarks at the next report,
         and so does the next pruning). The state is written as a full record next (the changelog holds it).
@@ -351,7 +351,9 @@ class RegionState:
         healed: dict[str, tuple[datetime, datetime | None]] = {}
         for kind, moment in far.items():
             tag = "lab:" if kind == "lab_detection" else "agency:"
-            kept = [d for d, ids in self.recent.items() if any(i.startswith(tag) and "\x1f" in i for i in ids)]
+            kept = [
+                d for d, ids in self.recent.items() if d < last and any(i.startswith(tag) and "\x1f" in i for i in ids)
+            ]
             if kept:
                 self.watermarks[kind] = to = day_start(max(kept))
             else:

@@ -150,7 +150,7 @@ def test_the_series_of_the_2099_report_is_healed_too() -> None:
 
 def test_a_watermark_goes_back_to_the_newest_kept_day_of_its_kind() -> None:
     """A report a few days ahead (inside what is kept): its kind's watermark goes back to the start of the newest
-    day with an id of that kind up to the bound's day; the other kind's, within the bound, stays; the far day goes."""
+    day before the bound's with an id of that kind; the other kind's, within the bound, stays; the far day goes."""
     day = day_of(START) + 33
     bound = day_start(day + 1) + timedelta(hours=12)
     lab_time = day_start(day) + timedelta(hours=9)
@@ -158,8 +158,8 @@ def test_a_watermark_goes_back_to_the_newest_kept_day_of_its_kind() -> None:
         watermarks={"border_seizure": day_start(day + 3) + timedelta(hours=10), "lab_detection": lab_time},
         recent={
             day - 1: {"agency:Douanes\x1fs-1", "plain-old-id"},
-            day: {"lab:LAB-1\x1fl-1"},
-            day + 1: {"lab:LAB-1\x1fl-2", "plain-old-id-2"},  # no seizure that day: a plain id's kind is unknown
+            day: {"lab:LAB-1\x1fl-1", "plain-old-id-2"},  # no seizure that day: a plain id's kind is unknown
+            day + 1: {"lab:LAB-1\x1fl-2", "agency:Douanes\x1fs-2"},  # the bound's day: its seizure may be the bad one
             day + 3: {"agency:Douanes\x1fs-far"},
         },
         forwarded={day: {"k"}, day + 3: {"k"}},
