@@ -75,7 +75,7 @@ def test_a_2099_watermark_recovered_from_the_changelog_is_healed_and_todays_repo
     upgraded = _observations([r for n in range(33, 40) for r in _day(n)])
 
     # Before the upgrade: the 2099 seizure was taken, and the region's later seizures were late.
-    before, table = Detector(), {}
+    before, table = Detector(), dict[str, Any]()
     for o in history + bad:
         before.observe(o)
     late_between = _late(before, between)
@@ -127,7 +127,7 @@ def test_the_series_of_the_2099_report_is_healed_too() -> None:
     bad = _observations(
         [seizure(event_id="sz-2099", seizure_id="S-2099", occurred_at=FUTURE, substance={"name": "Junk"})]
     )
-    before, table = Detector(), {}
+    before, table = Detector(), dict[str, Any]()
     for o in history + bad:
         before.observe(o)
     _write(before, table)
@@ -183,7 +183,7 @@ def test_sound_state_is_never_healed() -> None:
     """A detector restored (bounded by the newest event time it has seen) at batch boundaries of a simulated stream
     with late and re-sent reports continues exactly as the live one, and nothing is healed."""
     items = simulated()
-    live, table = Detector(), {}
+    live, table = Detector(), dict[str, Any]()
     told: list[tuple[str, Healed]] = []
     newest = items[0].occurred_at
     resumed = _restored(table, newest, told)
