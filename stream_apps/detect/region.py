@@ -430,7 +430,8 @@ class RegionDetector:
         # The worker's: the latest event time its intake takes now (its clock + SYNTHWATCH_MAX_FUTURE_HOURS). A
         # record loaded through ``fetch`` is healed of what a report dated after it left there (see
         # :meth:`RegionState.heal`, :meth:`SeriesState.heal`) and written back; ``on_healed`` is told (record key,
-        # what), once per record. None (the backtest, the tests): records are loaded as they are.
+        # what), once per region record and per series record that held far-future days. None (the backtest, the
+        # tests): records are loaded as they are.
         self.bound: Callable[[], datetime] | None = None
         self.on_healed: Callable[[str, Healed], None] | None = None
         self._healed: set[str] = set()
@@ -481,7 +482,8 @@ class RegionDetector:
             healed = state.heal(day_of(self.bound()))
             if healed is not None:
                 self.dirty_series.add(name)
-                self._tell(f"S:{name}", Healed({}, *healed))
+                if healed[0]:  # only pruned as of the far day: every series a report touched then, told by the region
+                    self._tell(f"S:{name}", Healed({}, *healed))
         if state.outbox:  # written with the state that decided them, maybe never sent: send (again)
             self.outbox_series.add(name)
         return state
