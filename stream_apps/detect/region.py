@@ -323,6 +323,64 @@ class RegionState:
     def from_dict(cls, data: dict[str, Any]) -> RegionState:
         return cls.from_records(data)
 
+    def heal(self, bound: datetime) -> Healed | None:
+        """Take out what a report dated after ``bound`` (the latest event time the intake takes now) left in this
+        state; None if nothing. Such a report was taken before the intake bounded event times (a 2099 date), and a
+        state recovered from the changelogs still holds it: its kind's watermark made every later report of the
+        region late, and its day was ``today``, so every later report was pruned, totalled and tested against it.
+
+        Healed: every watermark after ``bound`` goes back to the start of the newest day before ``bound``'s that
+        holds an id of its kind (:func:`report_id` says the kind; not ``bound``'s day: the bad report may be one of
+        its ids), or to none when no such day is kept (the kind's next report sets it). That is never after the
+        watermark the region would have without the bad report (a report of that day was judged), so no report is
+        made late by healing; what the bad report's pruning forgot (older ids and totals) stays lost.
+        Ids, forwarded substances, totals and weekday factors of days after ``bound``'s are dropped; the first
+        day and the pruning day are taken back to kept days (``today`` follows the watermarks at the next report,
+        and so does the next pruning). The state is written as a full record next (the changelog holds it).
+        """
+        last = day_of(bound)
+        far = {kind: moment for kind, moment in self.watermarks.items() if moment > bound}
+        days = sorted(
+            {d for table in (self.recent, self.forwarded, self.totals, self.rhythm) for d in table if d > last}
+        )
+        if not far and not days and (self.pruned_day is None or self.pruned_day <= last):
+            return None
+        for table in (self.recent, self.forwarded, self.totals, self.rhythm):
+            for d in [d for d in table if d > last]:
+                del table[d]
+        healed: dict[str, tuple[datetime, datetime | None]] = {}
+        for kind, moment in far.items():
+            tag = "lab:" if kind == "lab_detection" else "agency:"
+            kept = [
+                d for d, ids in self.recent.items() if d < last and any(i.startswith(tag) and "\x1f" in i for i in ids)
+            ]
+            if kept:
+                self.watermarks[kind] = to = day_start(max(kept))
+            else:
+                del self.watermarks[kind]
+                to = None
+            healed[kind] = (moment, to)
+        if self.first_day is not None and self.first_day > last:
+            self.first_day = min(self.totals) if self.totals else None
+        pruned = self.pruned_day if self.pruned_day is not None and self.pruned_day > last else None
+        if pruned is not None:
+            self.pruned_day = None
+        self.today = None
+        self.full_due = True
+        return Healed(healed, days, pruned)
+
+
+@dataclass(slots=True)
+class Healed:
+    """What healing took out of one state record (see :meth:`RegionState.heal`, :meth:`SeriesState.heal`): each
+    watermark after the bound (what it was, what it is now: None for none), the far-future days dropped (day
+    numbers, ascending) and the far-future day the state was pruned as of (forgotten: pruned again at the next
+    report, as of its day), if any."""
+
+    watermarks: dict[str, tuple[datetime, datetime | None]]
+    days: list[int]
+    pruned: int | None = None
+
 
 @dataclass(slots=True)
 class RegionResult:
@@ -369,6 +427,14 @@ class RegionDetector:
         self.outbox_series: set[str] = set()  # series holding outbox entries no checkpoint is sending
         self.lateness = timedelta(hours=self.config.lateness_hours)
         self._keep_ids_days = int(self.config.lateness_hours // 24) + 2
+        # The worker's: the latest event time its intake takes now (its clock + SYNTHWATCH_MAX_FUTURE_HOURS). A
+        # record loaded through ``fetch`` is healed of what a report dated after it left there (see
+        # :meth:`RegionState.heal`, :meth:`SeriesState.heal`) and written back; ``on_healed`` is told (record key,
+        # what), once per region record and per series record that held far-future days. None (the backtest, the
+        # tests): records are loaded as they are.
+        self.bound: Callable[[], datetime] | None = None
+        self.on_healed: Callable[[str, Healed], None] | None = None
+        self._healed: set[str] = set()
 
     # --- state access (the Faust adapter may preload these dicts from its tables) ---------------------
 
@@ -378,10 +444,23 @@ class RegionDetector:
             stored = self.fetch(f"R:{region}") if self.fetch else None
             if stored and self.fetch:
                 state = RegionState.from_records(stored, self.fetch(f"R+:{region}"))
+                if self.bound is not None:
+                    healed = state.heal(self.bound())
+                    if healed is not None:
+                        self.dirty_regions.add(region)
+                        self._tell(f"R:{region}", healed)
             else:
                 state = RegionState()
             self.regions[region] = state
         return state
+
+    def _tell(self, key: str, healed: Healed) -> None:
+        """Tell ``on_healed`` that the record ``key`` was healed, the first time only (a rebalance may load the
+        record again before the healed one is written)."""
+        if key not in self._healed and self.on_healed is not None:
+            if len(self._healed) < 100_000:  # a bound on what a stream of hostile region names can make it hold
+                self._healed.add(key)
+            self.on_healed(key, healed)
 
     def series_state(self, region: str, key: str, day: int) -> tuple[str, SeriesState]:
         name = f"{region}|{key}"
@@ -399,6 +478,12 @@ class RegionDetector:
         if not stored or not self.fetch:
             return None
         state = SeriesState.from_records(stored, self.fetch(f"S+:{name}"))
+        if self.bound is not None:
+            healed = state.heal(day_of(self.bound()))
+            if healed is not None:
+                self.dirty_series.add(name)
+                if healed[0]:  # only pruned as of the far day: every series a report touched then, told by the region
+                    self._tell(f"S:{name}", Healed({}, *healed))
         if state.outbox:  # written with the state that decided them, maybe never sent: send (again)
             self.outbox_series.add(name)
         return state

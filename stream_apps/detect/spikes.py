@@ -299,6 +299,44 @@ class SeriesState:
     def from_dict(cls, data: dict[str, Any]) -> SeriesState:
         return cls.from_records(data)
 
+    def heal(self, last_day: int) -> tuple[list[int], int | None] | None:
+        """Take out the days after ``last_day`` (the day of the latest event time the intake takes now): a report
+        dated 2099, taken before the intake bounded event times, in a state recovered from the changelogs. Returns
+        (the days dropped, ascending; the far-future pruning day forgotten, if any), or None if nothing changed.
+
+        Its count, mass, grams and evidence go; an episode it started goes, one it prolonged ends on
+        ``last_day`` at the latest; a cached baseline and a pruning of such a day are forgotten (learnt again); the
+        first day is taken back to a kept one. The state is written as a full record next. What the pruning at
+        that day dropped (the series' older days) stays lost.
+        """
+        days = sorted({d for d in (*self.counts, *self.grams, *self.mass_days, *self.evidence_days) if d > last_day})
+        episodes = [k for k, e in self.episodes.items() if e.last_day > last_day]
+        baseline = self.cached_baseline is not None and self.cached_baseline[0] > last_day
+        pruned = self.pruned_day if self.pruned_day is not None and self.pruned_day > last_day else None
+        if not days and not episodes and not baseline and pruned is None and self.first_day <= last_day:
+            return None
+        self.counts = {d: n for d, n in self.counts.items() if d <= last_day}
+        self.grams = {d: g for d, g in self.grams.items() if d <= last_day}
+        masses = [(d, v) for d, v in zip(self.mass_days, self.mass_values, strict=True) if d <= last_day]
+        self.mass_days, self.mass_values = [d for d, _ in masses], [v for _, v in masses]
+        evidence = [(d, i) for d, i in zip(self.evidence_days, self.evidence_ids, strict=True) if d <= last_day]
+        self.evidence_days, self.evidence_ids = [d for d, _ in evidence], [i for _, i in evidence]
+        for key in episodes:
+            episode = self.episodes[key]
+            if episode.start_day > last_day:
+                del self.episodes[key]
+            else:
+                episode.last_day = last_day
+        if baseline:
+            self.cached_baseline = None
+        if pruned is not None:
+            self.pruned_day = None
+        if self.first_day > last_day:
+            self.first_day = min(self.counts) if self.counts else last_day
+        self.newest_day = self.oldest_day = None
+        self.full_due = True
+        return days, pruned
+
     @classmethod
     def _from_whole_record(cls, data: dict[str, Any]) -> SeriesState:
         """The previous format: pairs ``[[day, n], ...]`` and no generation (written in full next time)."""

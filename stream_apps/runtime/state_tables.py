@@ -15,12 +15,16 @@ import logging
 from collections import defaultdict
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, cast
 
 import faust
 from pydantic_core import from_json, to_json
 
+from synthwatch.schemas.text import visible
+from synthwatch.stream_apps.detect.alerting import day_start
+from synthwatch.stream_apps.detect.region import Healed
 from synthwatch.stream_apps.runtime.context import WorkerContext, send_all
 from synthwatch.stream_apps.runtime.transport import StateWrite
 from synthwatch.stream_apps.runtime.worker_signature import WorkerSigner, verified_changelog
@@ -92,6 +96,10 @@ class StateTables:
         region_table = app.Table("detector-regions", **tables)  # value_type=bytes: restored raw, too
         substance_table = app.Table("detector-substances", **tables)
         ctx.regions.fetch = partial(load_record, region_table.data)
+        # A record a report dated past the intake's bound changed (taken before the bound existed) is healed as it
+        # is loaded, and written back at the next checkpoint (RegionState.heal, SeriesState.heal).
+        ctx.regions.bound = partial(latest_event_time, ctx.intake.limits.future_allowed)
+        ctx.regions.on_healed = log_healed
         ctx.regions.outbox = True  # spike alerts are sent after the checkpoint that writes the state deciding them
         ctx.novelty.fetch = partial(load_record, substance_table.data)
         for table in (region_table, substance_table):
@@ -162,6 +170,36 @@ class StateTables:
             return False
         await self.seal(table, changes)
         return True
+
+
+def latest_event_time(allowed: timedelta) -> datetime:
+    """The latest event time the intake takes now: the worker's clock plus SYNTHWATCH_MAX_FUTURE_HOURS (every report
+    it took was received before now, so no watermark it set is later)."""
+    return datetime.now(UTC) + allowed
+
+
+def log_healed(key: str, healed: Healed) -> None:
+    """One warning per healed record: which (escaped: a region is a sender's text), which watermarks went where,
+    which far-future days were dropped."""
+    kind, _, name = key.partition(":")
+    what = "region" if kind == "R" else "series"
+    moved = "; ".join(
+        f"{visible(k)} watermark {was.isoformat()} -> {to.isoformat() if to is not None else 'none'}"
+        for k, (was, to) in sorted(healed.watermarks.items())
+    )
+    days = [day_start(d).date().isoformat() for d in healed.days]
+    parts = [moved] if moved else []
+    if days:
+        parts.append(f"dropped {len(days)} day(s): {', '.join(days[:5])}{', ...' if len(days) > 5 else ''}")
+    if healed.pruned is not None:
+        parts.append(f"pruned as of {day_start(healed.pruned).date().isoformat()}: its older days are lost")
+    log.warning(
+        "detector state of %s %s held what a report dated past SYNTHWATCH_MAX_FUTURE_HOURS left (taken before that "
+        "bound existed): healed, written back at the next checkpoint (%s)",
+        what,
+        visible(name[:200]),
+        "; ".join(parts),
+    )
 
 
 def refuse_state_records(ctx: WorkerContext, events: list[Any]) -> None:
