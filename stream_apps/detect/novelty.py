@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Any
 from synthwatch.schemas import Alert
 from synthwatch.schemas.records import AlertType, GuessedFamily, LearntNeighbours, SimilarSubstance
 from synthwatch.schemas.topics import Sighting
-from synthwatch.stream_apps.detect.alerting import IDENTIFIED_TEXT, Subject, build_alert, day_start, region_label
+from synthwatch.stream_apps.detect.alerting import (
+    IDENTIFIED_TEXT,
+    Subject,
+    build_alert,
+    day_of,
+    day_start,
+    region_label,
+)
 from synthwatch.stream_apps.detect.config import NoveltyConfig
 from synthwatch.stream_apps.detect.replay import Position, applied, marks_of, note
 
@@ -111,6 +118,66 @@ class SubstanceState:
             mask |= 1 << back
         self.days[region] = mask & ((1 << horizon) - 1)
 
+    def heal(self, last_day: int) -> HealedSubstance | None:
+        """Take out what a sighting dated after ``last_day`` (the day of the latest event time the intake takes
+        now) left in this record; None if nothing. Such a sighting came from a report taken before the intake
+        bounded event times (a 2099 date), and a record recovered from the changelogs still holds it: its region's
+        span ended in 2099, so that region counted as active in every later spread test of the substance.
+
+        Healed: a region sighted only after ``last_day`` goes (its next sighting is a first in the region again);
+        one whose span ended after it ends on the newest day before it that the record still knows was sighted
+        there (the day bits reach ``resent_days`` back from the far day, so usually its first day: never later
+        than the region would have ended without the bad sighting, so healing makes no region active that was
+        not). A spread episode started after ``last_day`` goes, one prolonged after it ends on ``last_day``. A
+        record left with no region held only such sightings: it is as never seen (its next sighting is a new
+        substance), keeping its replay marks. What stays lost: the region's real sightings between its last known
+        day and the far one (its span ends earlier than it would have), names the bad sighting tied (told apart
+        from real ones only when no region is left), a region it took out of ``named_regions``, and the spread
+        episode a far one replaced.
+        """
+        far = {region: span for region, span in self.regions.items() if span[1] > last_day}
+        spread = self.spread
+        if not far and (spread is None or spread[1] <= last_day):
+            return None
+        dropped: list[str] = []
+        moved: dict[str, tuple[int, int]] = {}
+        for region, span in sorted(far.items()):
+            if span[0] > last_day:
+                del self.regions[region]
+                self.days.pop(region, None)
+                dropped.append(region)
+                continue
+            mask = self.days.get(region, 0)
+            kept = mask >> (span[1] - last_day)  # bit i: last_day - i (the bits below were days after it)
+            newest = last_day - (kept & -kept).bit_length() + 1 if kept else span[0]  # lowest set bit: newest day
+            self.days[region] = mask >> (span[1] - newest) | 1
+            moved[region] = (span[1], newest)
+            span[1] = newest
+        was = list(spread) if spread is not None else None
+        if spread is not None and spread[0] > last_day:
+            self.spread = None
+        elif spread is not None and spread[1] > last_day:
+            spread[1] = last_day
+        if not self.regions:  # every sighting it held was far: as never seen (the replay marks stay)
+            self.days.clear()
+            self.spread = None
+            self.names.clear()
+            self.named_regions.clear()
+        return HealedSubstance(moved, dropped, was if was != self.spread else None, not self.regions)
+
+
+@dataclass(slots=True)
+class HealedSubstance:
+    """What healing took out of one substance record (see :meth:`SubstanceState.heal`): per region whose span ended
+    after the bound, (its last day, its last day now); the regions dropped (sighted only after it); the spread
+    episode [start, last day] if it was changed (dropped or ended earlier); whether no region is left (the
+    substance is as never seen)."""
+
+    moved: dict[str, tuple[int, int]]
+    dropped: list[str]
+    spread: list[int] | None
+    emptied: bool
+
 
 class NoveltyDetector:
     """Pure and synchronous: ``observe(sighting) -> alerts``; state is a dict of SubstanceState.
@@ -138,6 +205,13 @@ class NoveltyDetector:
         self.state: dict[str, SubstanceState] = {}
         self.dirty: set[str] = set()
         self._similarity = similarity
+        # The worker's: the latest event time its intake takes now (as RegionDetector.bound). A record loaded
+        # through ``fetch`` is healed of what a sighting dated after its day left there (SubstanceState.heal) and
+        # written back; ``on_healed`` is told (substance key, what), once per record. None (the backtest, the
+        # tests): records are loaded as they are.
+        self.bound: Callable[[], datetime] | None = None
+        self.on_healed: Callable[[str, HealedSubstance], None] | None = None
+        self._healed: set[str] = set()
 
     @property
     def similarity(self) -> SimilarityIndex:
@@ -154,7 +228,20 @@ class NoveltyDetector:
             stored = self.fetch(key)
             if stored is not None:
                 known = self.state[key] = SubstanceState.from_dict(stored)
+                if self.bound is not None:
+                    healed = known.heal(day_of(self.bound()))
+                    if healed is not None:
+                        self.dirty.add(key)
+                        self._tell(key, healed)
         return known
+
+    def _tell(self, key: str, healed: HealedSubstance) -> None:
+        """Tell ``on_healed`` that ``key``'s record was healed, the first time only (a rebalance may load the
+        record again before the healed one is written)."""
+        if key not in self._healed and self.on_healed is not None:
+            if len(self._healed) < 100_000:  # a bound on what a stream of hostile substance keys can make it hold
+                self._healed.add(key)
+            self.on_healed(key, healed)
 
     def drain_dirty(self) -> list[tuple[str, dict[str, Any]]]:
         changed = [(key, self.state[key].to_dict()) for key in self.dirty]
@@ -201,6 +288,8 @@ class NoveltyDetector:
         known = self.get(key)
         alerts: list[Alert] = []
         formerly = sighting.formerly
+        if known is not None and not known.regions:  # healed of every sighting it held: as never seen
+            known = None
         if formerly is not None and known is not None and formerly not in known.names:
             # A name alerted on its own (name-only reports) is tied to this known structure: say so, once.
             self.dirty.add(key)
@@ -211,7 +300,10 @@ class NoveltyDetector:
             return alerts
         self.dirty.add(key)
         if known is None:
+            healed = self.state.get(key)  # a healed record's replay marks stay
             known = self.state[key] = SubstanceState(first_region=region, first_day=day)
+            if healed is not None:
+                known.applied = healed.applied
             known.regions[region] = [day, day]
             known.mark_sighted(region, day, None, horizon)
             if formerly is not None:

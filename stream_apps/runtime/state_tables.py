@@ -24,6 +24,7 @@ from pydantic_core import from_json, to_json
 
 from synthwatch.schemas.text import visible
 from synthwatch.stream_apps.detect.alerting import day_start
+from synthwatch.stream_apps.detect.novelty import HealedSubstance
 from synthwatch.stream_apps.detect.region import Healed
 from synthwatch.stream_apps.runtime.context import WorkerContext, send_all
 from synthwatch.stream_apps.runtime.transport import StateWrite
@@ -102,6 +103,9 @@ class StateTables:
         ctx.regions.on_healed = log_healed
         ctx.regions.outbox = True  # spike alerts are sent after the checkpoint that writes the state deciding them
         ctx.novelty.fetch = partial(load_record, substance_table.data)
+        # So is a substance record a far-future sighting changed (SubstanceState.heal).
+        ctx.novelty.bound = ctx.regions.bound
+        ctx.novelty.on_healed = log_healed_substance
         for table in (region_table, substance_table):
             # restored state is trusted (a series record's outbox is sent as alerts): only what a worker signed
             table.apply_changelog_batch = verified_changelog(  # type: ignore[method-assign,assignment]
@@ -198,6 +202,34 @@ def log_healed(key: str, healed: Healed) -> None:
         "bound existed): healed, written back at the next checkpoint (%s)",
         what,
         visible(name[:200]),
+        "; ".join(parts),
+    )
+
+
+def log_healed_substance(key: str, healed: HealedSubstance) -> None:
+    """One warning per healed substance record, as :func:`log_healed`: which (escaped: a substance key and a region
+    come from a sender's text), which regions' spans were ended earlier or dropped, what became of its spread."""
+
+    def day(n: int) -> str:
+        return day_start(n).date().isoformat()
+
+    parts = [
+        f"region {visible(region[:200])} last seen {day(was)} -> {day(now)}"
+        for region, (was, now) in sorted(healed.moved.items())[:5]
+    ]
+    if len(healed.moved) > 5:
+        parts.append(f"{len(healed.moved) - 5} more region(s) ended earlier")
+    if healed.dropped:
+        names = ", ".join(visible(r[:200]) for r in healed.dropped[:5]) + (", ..." if len(healed.dropped) > 5 else "")
+        parts.append(f"dropped {len(healed.dropped)} region(s) seen only then: {names}")
+    if healed.spread is not None:
+        parts.append(f"spread episode {day(healed.spread[0])}..{day(healed.spread[1])} dropped or ended earlier")
+    if healed.emptied:
+        parts.append("no sighting left: its next one is a new substance")
+    log.warning(
+        "detector state of substance %s held what a report dated past SYNTHWATCH_MAX_FUTURE_HOURS left (taken before "
+        "that bound existed): healed, written back at the next checkpoint (%s)",
+        visible(key[:200]),
         "; ".join(parts),
     )
 

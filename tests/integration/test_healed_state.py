@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kafka import KafkaProducer
@@ -19,13 +20,15 @@ from synthwatch.producers.readers import InputRecord
 from synthwatch.schemas.topics import default_partition
 from synthwatch.settings import Settings
 from synthwatch.stack.broker import EmbeddedBroker
+from synthwatch.stream_apps.detect.alerting import day_of
 from synthwatch.stream_apps.detect.intake import Intake, RawMessage
+from synthwatch.stream_apps.detect.novelty import NoveltyDetector
 from synthwatch.stream_apps.detect.region import Observation, RegionDetector, RegionState
 from synthwatch.stream_apps.runtime.state_tables import SEAL_KEY, SEAL_VALUE
 from synthwatch.stream_apps.runtime.worker_signature import WorkerSigner
 from tests.conftest import isolated_settings, ndjson, start_worker, stop_worker, wait_until
 from tests.integration.test_reliability import _changelog_records
-from tests.support.factories import seizure
+from tests.support.factories import seizure, sighting
 
 pytestmark = pytest.mark.integration
 
@@ -121,5 +124,89 @@ def test_a_2099_region_watermark_recovered_from_the_changelog_is_healed_by_the_w
         log = worker.log_path.read_text(errors="replace")
         assert log.count(f"detector state of region {REGION} held what a report dated past") == 1, log[-3000:]
         assert "border_seizure watermark 2099-06-01T10:00:00+00:00 -> none" in log
+    finally:
+        stop_worker(worker)
+
+
+def _plant_2099_sighting(servers: str, changelog: str, key: str, partition: int) -> int:
+    """What a worker before the bound wrote after a sighting dated 2099 of ``key`` in the region (sighted there
+    already): its novelty stage, on the record of the changelog, takes it, and the changed record is sent signed as
+    the worker's, then sealed. Returns the day of 2099."""
+    table = {json.loads(k): from_json(v) for k, v, _ in _changelog_records(servers, changelog)}
+    detector = NoveltyDetector(fetch=table.get)
+    at = datetime(2099, 6, 1, 10, tzinfo=UTC)
+    far = day_of(at)
+    detector.observe(
+        sighting(
+            event_id="sz-2099", kind="border_seizure", occurred_at=at, day=far, country="ML", region=REGION, key=key
+        )
+    )
+    signer = WorkerSigner(bytes.fromhex(KEY))
+    producer = KafkaProducer(bootstrap_servers=servers, acks="all")
+    try:
+        for record_key, value in [(json.dumps(k).encode(), to_json(v)) for k, v in detector.drain_dirty()]:
+            headers = signer.headers(changelog, record_key, value, partition)
+            producer.send(changelog, key=record_key, value=value, partition=partition, headers=headers)
+            producer.flush()
+        seal = json.dumps(SEAL_KEY).encode()
+        headers = signer.headers(changelog, seal, SEAL_VALUE, partition)
+        producer.send(changelog, key=seal, value=SEAL_VALUE, partition=partition, headers=headers)
+        producer.flush()
+    finally:
+        producer.close()
+    return far
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_2099_substance_span_recovered_from_the_changelog_is_healed_by_the_worker(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """The substance stage's record: a 2099 sighting in a region where the substance was sighted kept that region
+    active in every later spread test of the substance; the worker that recovers the record ends the span on its
+    real day, writes it back and says so once."""
+    settings = isolated_settings(broker, tmp_path, worker_key=KEY)
+    servers, changelog = broker.bootstrap_servers, f"{settings.app_id}-detector-substances-changelog"
+    now = datetime.now(UTC).replace(microsecond=0)
+
+    def substances() -> dict[str, tuple[dict[str, Any], int]]:
+        records = _changelog_records(servers, changelog)
+        return {json.loads(k): (from_json(v), p) for k, v, p in records if json.loads(k) != SEAL_KEY}
+
+    worker = start_worker(settings, tmp_path / "worker-1.log")
+    try:
+        _publish(
+            settings,
+            broker,
+            seizure(event_id="s-1", seizure_id="S-1", occurred_at=(now - timedelta(hours=3)).isoformat()),
+        )
+        worker.wait_rows(LATE, {"id": "s-1"}, 1, "the first report stored")
+        ((key, (record, partition)),) = wait_until(substances, 60, "the substance's record written").items()
+        today = record["d"]
+    finally:
+        stop_worker(worker)
+    far = _plant_2099_sighting(servers, changelog, key, partition)
+    assert substances()[key][0]["g"][REGION] == [today, far], "the changelog holds the 2099 span"
+
+    worker = start_worker(settings, tmp_path / "worker-2.log")  # recovers the tables from the changelogs
+    try:
+        elsewhere = seizure(
+            event_id="s-2",
+            seizure_id="S-2",
+            region="ML-2",
+            occurred_at=(now - timedelta(hours=1)).isoformat(),
+        )
+        _publish(settings, broker, elsewhere)  # its sighting (the first in ML-2) loads the substance's record
+        worker.wait_rows(LATE, {"id": "s-2"}, 1, "the report after the restart stored")
+
+        def healed() -> dict[str, Any] | None:
+            spans = substances()[key][0]["g"]
+            return spans if spans[REGION][1] < far and "ML-2" in spans else None
+
+        spans = wait_until(healed, 60, "the healed substance record written back")
+        assert spans[REGION] == [today, today]
+        log = worker.log_path.read_text(errors="replace")
+        assert log.count(f"detector state of substance {key} held what a report dated past") == 1, log[-3000:]
+        assert f"region {REGION} last seen 2099-06-01 -> " in log
     finally:
         stop_worker(worker)

@@ -9,8 +9,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from synthwatch.stream_apps.detect.alerting import day_of
+from synthwatch.stream_apps.detect.novelty import HealedSubstance
 from synthwatch.stream_apps.detect.region import Healed
-from synthwatch.stream_apps.runtime.state_tables import latest_event_time, log_healed
+from synthwatch.stream_apps.runtime.state_tables import latest_event_time, log_healed, log_healed_substance
 
 
 def test_a_healed_record_is_logged_once_with_its_name_escaped(caplog: pytest.LogCaptureFixture) -> None:
@@ -31,3 +32,18 @@ def test_the_bound_is_the_clock_plus_the_allowed_time() -> None:
     before = datetime.now(UTC)
     bound = latest_event_time(timedelta(hours=24))
     assert before + timedelta(hours=24) <= bound <= datetime.now(UTC) + timedelta(hours=24)
+
+
+def test_a_healed_substance_record_is_logged_once_with_its_names_escaped(caplog: pytest.LogCaptureFixture) -> None:
+    far, day = day_of(datetime(2099, 6, 1, tzinfo=UTC)), day_of(datetime(2026, 11, 2, tzinfo=UTC))
+    caplog.set_level(logging.WARNING, logger="synthwatch.stack.worker")
+    healed = HealedSubstance({"ML-BKO\x1b[2J": (far, day)}, ["GH\u2028AA"], [far, far], False)
+    log_healed_substance("name:junk\x1b]0;x\x07", healed)
+    (record,) = caplog.records
+    text = record.getMessage()
+    assert "substance name:junk\\x1b]0;x\\x07 held" in text and "\x1b" not in text and "\u2028" not in text
+    assert "region ML-BKO\\x1b[2J last seen 2099-06-01 -> 2026-11-02" in text
+    assert "dropped 1 region(s) seen only then: GH\\u2028AA" in text and "spread episode 2099-06-01..2099-06-01" in text
+    caplog.clear()
+    log_healed_substance("NOVEL", HealedSubstance({}, ["ML-BKO"], None, True))
+    assert "its next one is a new substance" in caplog.records[0].getMessage()
