@@ -141,8 +141,11 @@ def test_a_spread_episode_a_far_sighting_started_goes_one_it_prolonged_ends_on_t
 
 
 def test_sound_state_is_never_healed() -> None:
-    """Region and substance stages restored (bounded by the newest event time seen) at batch boundaries of a
-    simulated stream with late and re-sent reports continue exactly as the live one, and nothing is healed."""
+    """Region and substance stages restored at batch boundaries of a simulated stream with late and re-sent reports
+    continue exactly as the live one, and nothing is healed, though the bound is the tightest a sound record allows:
+    the newest event time taken so far (as a report dated the full SYNTHWATCH_MAX_FUTURE_HOURS after its receipt
+    leaves it), so its day holds sightings. A bound 24 h past that let a heal that took a span or a spread episode
+    ending on the bound's day for a far one pass (``>`` made ``>=`` in SubstanceState.heal)."""
     items = simulated()
     live, table = Detector(), dict[str, Any]()
     told: list[tuple[str, object]] = []
@@ -151,7 +154,7 @@ def test_sound_state_is_never_healed() -> None:
     def restored() -> Detector:
         detector = Detector()
         detector.regions.fetch = detector.novelty.fetch = table.get
-        bound = newest + timedelta(hours=24)  # the clock: the newest event time so far
+        bound = newest  # the bound (clock + 24 h): the newest event time so far
         detector.regions.bound = detector.novelty.bound = lambda: bound
         detector.regions.on_healed = lambda key, healed: told.append((key, healed))
         detector.novelty.on_healed = lambda key, healed: told.append((key, healed))
