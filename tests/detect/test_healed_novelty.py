@@ -175,3 +175,55 @@ def test_sound_state_is_never_healed() -> None:
         for key, value in resumed.novelty.drain_dirty():
             table[key] = from_json(to_json(value))
     assert told == [] and spreads > 0, spreads
+
+
+def test_the_far_reports_region_shares_its_alert_id_only_when_the_type_is_the_same() -> None:
+    """As docs/detection.md says: a 2099 report that was the substance's first raised new_substance in its region;
+    with real regions after it, the next real report there raises first_in_region, another id (delivery sends it)."""
+    detector = NoveltyDetector()
+    far = detector.observe(_seen("ML-BKO", FAR))
+    detector.observe(_seen("FR-75C", D0))
+    table: dict[str, Any] = {}
+    _write(detector, table)
+    healed = _restored(table, START + timedelta(days=1))
+    (again,) = healed.observe(_seen("ML-BKO", D0 + 1))
+    assert [a.alert_type for a in far] == ["new_substance"] and again.alert_type == "first_in_region"
+    assert again.alert_id != far[0].alert_id
+
+
+def test_a_healed_record_is_written_back_and_told_once_though_its_sighting_changes_nothing() -> None:
+    """Loaded for a sighting it holds already (a region stage's replay), the healed record is still written back at
+    the next checkpoint (else every later start heals and logs it again), and a reload before that checkpoint (a
+    rebalance: ``forget``) heals it again without telling again."""
+    history = [_seen("FR-75C", D0), _seen("ML-BKO", D0 + 1)]
+    _, table = _live([*history, _seen("ML-BKO", FAR, 1)])
+    told: list[tuple[str, HealedSubstance]] = []
+    healed = _restored(table, START + timedelta(days=3), told)
+    assert _alerts(healed, [history[0]]) == [], "a sighting taken already"
+    assert [key for key, _ in healed.drain_dirty()] == [KEY]
+    healed.forget()
+    assert healed.get(KEY) is not None and healed.state[KEY].regions["ML-BKO"] == [D0 + 1, D0 + 1]
+    assert [key for key, _ in told] == [KEY], "told once"
+
+
+def test_an_emptied_record_keeps_its_replay_marks_whatever_partition_its_next_sighting_comes_from() -> None:
+    """A record healed of every sighting it held is written back as never seen (no region, spread, names), with
+    its replay marks; the next real sighting keeps them, so the 2099 message read again after a repartition (the
+    real one on another partition) is still skipped."""
+    bad = _seen("ML-BKO", FAR, formerly="name:junk", formerly_regions=["GH-AA"])
+    detector, table = NoveltyDetector(), dict[str, Any]()
+    detector.observe_batch([(bad, ("sightings:0", 7))])
+    _write(detector, table)
+    healed = _restored(table, START + timedelta(days=3))
+    assert healed.get(KEY) is not None
+    written = dict(healed.drain_dirty())[KEY]
+    assert {k: v for k, v in written.items() if k not in ("r", "d")} == {
+        "g": {},
+        "s": None,
+        "m": {},
+        "a": {"sightings:0": 7},
+    }
+    alerts, taken = healed.observe_batch([(_seen("FR-75C", D0 + 3), ("sightings:1", 2))])
+    assert [a.alert_type for a in alerts] == ["new_substance"] and taken == 1
+    assert healed.observe_batch([(bad, ("sightings:0", 7))]) == ([], 0)
+    assert healed.state[KEY].regions == {"FR-75C": [D0 + 3, D0 + 3]}
