@@ -227,3 +227,22 @@ def test_an_emptied_record_keeps_its_replay_marks_whatever_partition_its_next_si
     assert [a.alert_type for a in alerts] == ["new_substance"] and taken == 1
     assert healed.observe_batch([(bad, ("sightings:0", 7))]) == ([], 0)
     assert healed.state[KEY].regions == {"FR-75C": [D0 + 3, D0 + 3]}
+
+
+def test_a_2099_sighting_read_only_after_the_upgrade_is_healed_at_once() -> None:
+    """A 2099 sighting a region stage sent before the bound and the novelty stage reads only after the upgrade (in
+    flight then) is taken as before, and its record healed at once, as it would be when next loaded: before, the
+    loaded record was sound, so the span it ended in 2099 stayed in memory and made the spread below."""
+    history = [_seen("FR-75C", D0), _seen("ML-BKO", D0 + 1)]
+    _, table = _live(history)
+    told: list[tuple[str, HealedSubstance]] = []
+    detector = _restored(table, START + timedelta(days=20, hours=12), told)
+    alerts, taken = detector.observe_batch([(_seen("ML-BKO", FAR, 1), ("sightings:0", 3))])
+    assert alerts == [] and taken == 1
+    assert told == [(KEY, HealedSubstance({"ML-BKO": (FAR, D0 + 1)}, [], None, False))]
+    assert detector.state[KEY].regions["ML-BKO"] == [D0 + 1, D0 + 1]
+    assert detector.state[KEY].applied == {"sightings:0": 3}, "taken: not read again"
+    upgraded = [(_seen("DE-BE", D0 + 20), ("sightings:0", 4)), (_seen("ES-MD", D0 + 20), ("sightings:0", 5))]
+    later, _ = detector.observe_batch(upgraded)
+    assert [a.alert_type for a in later] == ["first_in_region", "first_in_region"]
+    assert [key for key, _ in detector.drain_dirty()] == [KEY]
