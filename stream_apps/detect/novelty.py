@@ -265,9 +265,11 @@ class NoveltyDetector:
         alerts: list[Alert] = []
         taken = 0
         fresh: dict[Position | None, bool] = {None: True}  # per message: all its sightings, or none
-        # A sighting dated after the bound's day was sent by a region stage before the intake bounded event times
-        # and read only now (in flight at the upgrade): taken as then, and its record healed at once, as it would
-        # be when next loaded (else it kept the 2099 span in memory until the worker let the record go).
+        # A sighting dated more than a day after the bound's day was sent by a region stage before the intake
+        # bounded event times and read only now (in flight at the upgrade): taken as then, and its record healed at
+        # once, as it would be when next loaded (else it kept the 2099 span in memory until the worker let the
+        # record go). A day's margin: the intake bounds a report by its receipt stamp (a sender's clock), this by
+        # the worker's, and a sound sighting healed at once would lose its region (the next one alerts it again).
         last_day = day_of(self.bound()) if self.bound is not None else None
         for sighting, at in batch:
             if at not in fresh:
@@ -279,7 +281,7 @@ class NoveltyDetector:
             record = self.state[sighting.key]
             note(record.applied, at)
             taken += 1
-            if last_day is not None and sighting.day > last_day:
+            if last_day is not None and sighting.day > last_day + 1:
                 healed = record.heal(last_day)
                 if healed is not None:
                     self.dirty.add(sighting.key)
