@@ -268,8 +268,9 @@ class NoveltyDetector:
         # A sighting dated more than a day after the bound's day was sent by a region stage before the intake
         # bounded event times and read only now (in flight at the upgrade): taken as then, and its record healed at
         # once, as it would be when next loaded (else it kept the 2099 span in memory until the worker let the
-        # record go). A day's margin: the intake bounds a report by its receipt stamp (a sender's clock), this by
-        # the worker's, and a sound sighting healed at once would lose its region (the next one alerts it again).
+        # record go). A day's margin: the intake bounded its report by its receipt (at most that worker's clock),
+        # this is this worker's clock (often another worker: sightings go by substance), and a sound sighting healed
+        # at once would lose its region (the next one alerts it again).
         last_day = day_of(self.bound()) if self.bound is not None else None
         for sighting, at in batch:
             if at not in fresh:

@@ -249,9 +249,9 @@ def test_a_2099_sighting_read_only_after_the_upgrade_is_healed_at_once() -> None
 
 
 def test_a_sighting_a_day_past_the_bounds_day_is_left_to_the_next_load() -> None:
-    """The intake bounds a report by its receipt stamp (a sender's clock), the novelty stage by the worker's clock:
-    a sighting on the day after the bound's day may be sound under a little skew near midnight, so it is not healed
-    at once (its region would go, and its next sighting alert it again)."""
+    """The intake bounded the report by its receipt (at most that worker's clock), the novelty stage by its own
+    worker's clock: a sighting on the day after the bound's day may be sound under a little skew between the two near
+    midnight, so it is not healed at once (its region would go, and its next sighting alert it again)."""
     _, table = _live([_seen("FR-75C", D0)])
     told: list[tuple[str, HealedSubstance]] = []
     now = day_start(D0) + timedelta(hours=23, minutes=59)  # bound: D0 + 1, 23:59
