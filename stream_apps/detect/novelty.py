@@ -265,6 +265,13 @@ class NoveltyDetector:
         alerts: list[Alert] = []
         taken = 0
         fresh: dict[Position | None, bool] = {None: True}  # per message: all its sightings, or none
+        # A sighting dated more than a day after the bound's day was sent by a region stage before the intake
+        # bounded event times and read only now (in flight at the upgrade): taken as then, and its record healed at
+        # once, as it would be when next loaded (else it kept the 2099 span in memory until the worker let the
+        # record go). A day's margin: the intake bounded its report by its receipt (at most that worker's clock),
+        # this is this worker's clock (often another worker: sightings go by substance), and a sound sighting healed
+        # at once would lose its region (the next one alerts it again).
+        last_day = day_of(self.bound()) if self.bound is not None else None
         for sighting, at in batch:
             if at not in fresh:
                 known = self.get(sighting.key)
@@ -272,8 +279,14 @@ class NoveltyDetector:
             if not fresh[at]:
                 continue
             alerts.extend(self.observe(sighting))
-            note(self.state[sighting.key].applied, at)
+            record = self.state[sighting.key]
+            note(record.applied, at)
             taken += 1
+            if last_day is not None and sighting.day > last_day + 1:
+                healed = record.heal(last_day)
+                if healed is not None:
+                    self.dirty.add(sighting.key)
+                    self._tell(sighting.key, healed)
         return alerts, taken
 
     def observe(self, sighting: Sighting, emit: bool = True) -> list[Alert]:

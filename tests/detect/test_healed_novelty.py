@@ -141,8 +141,11 @@ def test_a_spread_episode_a_far_sighting_started_goes_one_it_prolonged_ends_on_t
 
 
 def test_sound_state_is_never_healed() -> None:
-    """Region and substance stages restored (bounded by the newest event time seen) at batch boundaries of a
-    simulated stream with late and re-sent reports continue exactly as the live one, and nothing is healed."""
+    """Region and substance stages restored at batch boundaries of a simulated stream with late and re-sent reports
+    continue exactly as the live one, and nothing is healed, though the bound is the tightest a sound record allows:
+    the newest event time taken so far (as a report dated the full SYNTHWATCH_MAX_FUTURE_HOURS after its receipt
+    leaves it), so its day holds sightings. A bound 24 h past that let a heal that took a span or a spread episode
+    ending on the bound's day for a far one pass (``>`` made ``>=`` in SubstanceState.heal)."""
     items = simulated()
     live, table = Detector(), dict[str, Any]()
     told: list[tuple[str, object]] = []
@@ -151,7 +154,7 @@ def test_sound_state_is_never_healed() -> None:
     def restored() -> Detector:
         detector = Detector()
         detector.regions.fetch = detector.novelty.fetch = table.get
-        bound = newest + timedelta(hours=24)  # the clock: the newest event time so far
+        bound = newest  # the bound (clock + 24 h): the newest event time so far
         detector.regions.bound = detector.novelty.bound = lambda: bound
         detector.regions.on_healed = lambda key, healed: told.append((key, healed))
         detector.novelty.on_healed = lambda key, healed: told.append((key, healed))
@@ -172,3 +175,87 @@ def test_sound_state_is_never_healed() -> None:
         for key, value in resumed.novelty.drain_dirty():
             table[key] = from_json(to_json(value))
     assert told == [] and spreads > 0, spreads
+
+
+def test_the_far_reports_region_shares_its_alert_id_only_when_the_type_is_the_same() -> None:
+    """As docs/detection.md says: a 2099 report that was the substance's first raised new_substance in its region;
+    with real regions after it, the next real report there raises first_in_region, another id (delivery sends it)."""
+    detector = NoveltyDetector()
+    far = detector.observe(_seen("ML-BKO", FAR))
+    detector.observe(_seen("FR-75C", D0))
+    table: dict[str, Any] = {}
+    _write(detector, table)
+    healed = _restored(table, START + timedelta(days=1))
+    (again,) = healed.observe(_seen("ML-BKO", D0 + 1))
+    assert [a.alert_type for a in far] == ["new_substance"] and again.alert_type == "first_in_region"
+    assert again.alert_id != far[0].alert_id
+
+
+def test_a_healed_record_is_written_back_and_told_once_though_its_sighting_changes_nothing() -> None:
+    """Loaded for a sighting it holds already (a region stage's replay), the healed record is still written back at
+    the next checkpoint (else every later start heals and logs it again), and a reload before that checkpoint (a
+    rebalance: ``forget``) heals it again without telling again."""
+    history = [_seen("FR-75C", D0), _seen("ML-BKO", D0 + 1)]
+    _, table = _live([*history, _seen("ML-BKO", FAR, 1)])
+    told: list[tuple[str, HealedSubstance]] = []
+    healed = _restored(table, START + timedelta(days=3), told)
+    assert _alerts(healed, [history[0]]) == [], "a sighting taken already"
+    assert [key for key, _ in healed.drain_dirty()] == [KEY]
+    healed.forget()
+    assert healed.get(KEY) is not None and healed.state[KEY].regions["ML-BKO"] == [D0 + 1, D0 + 1]
+    assert [key for key, _ in told] == [KEY], "told once"
+
+
+def test_an_emptied_record_keeps_its_replay_marks_whatever_partition_its_next_sighting_comes_from() -> None:
+    """A record healed of every sighting it held is written back as never seen (no region, spread, names), with
+    its replay marks; the next real sighting keeps them, so the 2099 message read again after a repartition (the
+    real one on another partition) is still skipped."""
+    bad = _seen("ML-BKO", FAR, formerly="name:junk", formerly_regions=["GH-AA"])
+    detector, table = NoveltyDetector(), dict[str, Any]()
+    detector.observe_batch([(bad, ("sightings:0", 7))])
+    _write(detector, table)
+    healed = _restored(table, START + timedelta(days=3))
+    assert healed.get(KEY) is not None
+    written = dict(healed.drain_dirty())[KEY]
+    assert {k: v for k, v in written.items() if k not in ("r", "d")} == {
+        "g": {},
+        "s": None,
+        "m": {},
+        "a": {"sightings:0": 7},
+    }
+    alerts, taken = healed.observe_batch([(_seen("FR-75C", D0 + 3), ("sightings:1", 2))])
+    assert [a.alert_type for a in alerts] == ["new_substance"] and taken == 1
+    assert healed.observe_batch([(bad, ("sightings:0", 7))]) == ([], 0)
+    assert healed.state[KEY].regions == {"FR-75C": [D0 + 3, D0 + 3]}
+
+
+def test_a_2099_sighting_read_only_after_the_upgrade_is_healed_at_once() -> None:
+    """A 2099 sighting a region stage sent before the bound and the novelty stage reads only after the upgrade (in
+    flight then) is taken as before, and its record healed at once, as it would be when next loaded: before, the
+    loaded record was sound, so the span it ended in 2099 stayed in memory and made the spread below."""
+    history = [_seen("FR-75C", D0), _seen("ML-BKO", D0 + 1)]
+    _, table = _live(history)
+    told: list[tuple[str, HealedSubstance]] = []
+    detector = _restored(table, START + timedelta(days=20, hours=12), told)
+    alerts, taken = detector.observe_batch([(_seen("ML-BKO", FAR, 1), ("sightings:0", 3))])
+    assert alerts == [] and taken == 1
+    assert told == [(KEY, HealedSubstance({"ML-BKO": (FAR, D0 + 1)}, [], None, False))]
+    assert detector.state[KEY].regions["ML-BKO"] == [D0 + 1, D0 + 1]
+    assert detector.state[KEY].applied == {"sightings:0": 3}, "taken: not read again"
+    upgraded = [(_seen("DE-BE", D0 + 20), ("sightings:0", 4)), (_seen("ES-MD", D0 + 20), ("sightings:0", 5))]
+    later, _ = detector.observe_batch(upgraded)
+    assert [a.alert_type for a in later] == ["first_in_region", "first_in_region"]
+    assert [key for key, _ in detector.drain_dirty()] == [KEY]
+
+
+def test_a_sighting_a_day_past_the_bounds_day_is_left_to_the_next_load() -> None:
+    """The intake bounded the report by its receipt (at most that worker's clock), the novelty stage by its own
+    worker's clock: a sighting on the day after the bound's day may be sound under a little skew between the two near
+    midnight, so it is not healed at once (its region would go, and its next sighting alert it again)."""
+    _, table = _live([_seen("FR-75C", D0)])
+    told: list[tuple[str, HealedSubstance]] = []
+    now = day_start(D0) + timedelta(hours=23, minutes=59)  # bound: D0 + 1, 23:59
+    detector = _restored(table, now, told)
+    alerts, _ = detector.observe_batch([(_seen("ML-BKO", D0 + 2), ("sightings:0", 1))])
+    assert [a.alert_type for a in alerts] == ["first_in_region"] and told == []
+    assert detector.state[KEY].regions["ML-BKO"] == [D0 + 2, D0 + 2]
