@@ -14,10 +14,13 @@ import hashlib
 import os
 import re
 import sys
+import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse, urlunparse
 
@@ -181,6 +184,21 @@ def release_embedded_engine() -> None:
     (a worker stopping inside ``synthwatch up``, before the data directory is released); at exit it is automatic.
     """
     _ANCHOR.release()
+
+
+@contextmanager
+def engine_scratch_directory(prefix: str) -> Iterator[Path]:
+    """A temporary directory for this process's embedded engine, removed only after the engine has stopped.
+
+    Why: the engine is held for the process's life (:class:`_EngineAnchor`), so it went on with its background
+    merges after the last client closed, and removing the directory under it failed ('Directory not empty:
+    tmp_merge_...'; ``python -m synthwatch.bench.memory`` failed so about one run in six). Close the clients
+    on it before leaving the block: the hold is released here, and the engine stops with the last client."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        try:
+            yield Path(tmp)
+        finally:
+            release_embedded_engine()
 
 
 def connect(settings: Settings, database: str | None = None, create: bool = True) -> Client:

@@ -20,7 +20,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -400,12 +399,14 @@ def _child(args: argparse.Namespace) -> None:
 
     started = time.monotonic()
     report("start", 0, started)
-    with tempfile.TemporaryDirectory(prefix="synthwatch-bench-memory-") as tmp:
+    from synthwatch.stream_apps.storage.clickhouse import engine_scratch_directory
+
+    with engine_scratch_directory("synthwatch-bench-memory-") as tmp:
         if variant not in ("python", "detectors"):
             from synthwatch.stream_apps.storage.clickhouse import connect, migrate
             from synthwatch.stream_apps.storage.sink import ClickHouseSink
 
-            client = connect(Settings(data_dir=Path(tmp)))
+            client = connect(Settings(data_dir=tmp))
             migrate(client)
             sink = ClickHouseSink(client)
             report("engine open", 0, started)

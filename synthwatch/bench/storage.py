@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import resource
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from datetime import date
@@ -20,7 +19,7 @@ from rich.table import Table
 
 from synthwatch.consoles import command_console
 from synthwatch.settings import Settings
-from synthwatch.stream_apps.storage.clickhouse import connect, migrate
+from synthwatch.stream_apps.storage.clickhouse import connect, engine_scratch_directory, migrate
 
 
 def _cpu_seconds() -> float:
@@ -53,7 +52,7 @@ def bench_sink(
     items = batch.events[:events]
 
     rates: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="synthwatch-bench-") as tmp:
+    with engine_scratch_directory("synthwatch-bench-") as tmp:
         for n, size in enumerate(batch_sizes):
             for label, sink_class in (("store_events", ClickHouseSink),):
                 settings = Settings(data_dir=Path(tmp), clickhouse_database=f"bench_{n}_{len(rates)}")
@@ -117,7 +116,7 @@ def bench_ingest(
     cpu: dict[str, float] = {}
     loads: dict[str, float] = {}
     partial: dict[str, bool] = {}
-    with tempfile.TemporaryDirectory(prefix="synthwatch-bench-") as tmp:
+    with engine_scratch_directory("synthwatch-bench-") as tmp:
         path = Path(tmp) / "history.ndjson"
         lines = _simulation_lines(events)
         path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")

@@ -407,7 +407,7 @@ def ingest_history(
         int | None,
         typer.Option(
             min=1000,
-            help="Lines per chunk and per insert, at most (default: 600,000 when the embedded engine parses the "
+            help="Lines per chunk and per insert, at most (default: 1,200,000 when the embedded engine parses the "
             "file, 200,000 with a server).",
         ),
     ] = None,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from synthwatch.settings import Settings
-from synthwatch.stream_apps.storage.clickhouse import connect, release_embedded_engine
+from synthwatch.stream_apps.storage.clickhouse import connect, engine_scratch_directory, release_embedded_engine
 from synthwatch.stream_apps.storage.engine_server import Engine
 from synthwatch.stream_apps.storage.query import QueryError, analyst_client, run_query
 from tests.support.chdb_handles import count_chdb_handles
@@ -78,3 +78,23 @@ def test_an_engine_server_in_this_process_opens_after_clients_on_another_directo
     finally:
         engine.close()
     connect(ch_settings).close()  # the session's engine held again
+
+
+def test_a_scratch_directory_goes_only_after_its_engine_stopped(
+    ch_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A benchmark's engine in a temporary directory: held for the process's life, the engine went on merging there
+    after its last client closed, and removing the directory failed ('Directory not empty: tmp_merge_...', the
+    memory benchmark one run in six). The engine must have stopped (no chDB handle left) when the directory goes."""
+    release_embedded_engine()  # the session's hold: the count starts from nothing
+    counts = count_chdb_handles(monkeypatch)
+    with engine_scratch_directory("synthwatch-test-scratch-") as tmp:
+        client = connect(Settings(data_dir=tmp, clickhouse_database="scratch"))
+        client.command("CREATE TABLE parts (n UInt64) ENGINE = MergeTree ORDER BY n")
+        for n in range(12):  # parts for the background merges
+            client.command(f"INSERT INTO parts VALUES ({n})")
+        client.close()
+        assert counts[-1] > 0, "closing the client stopped the engine: nothing is held"
+    assert counts[-1] == 0, f"the directory was removed under a running engine: {counts}"
+    assert not tmp.exists()
+    connect(ch_settings).close()  # the session's engine, held again
