@@ -7,6 +7,7 @@ of spikes), for ever; the only way out was to start once with empty state tables
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -64,12 +65,21 @@ def _plant_2099(servers: str, changelog: str, partitions: int) -> int:
     (event,) = Intake(stage="backtest").process([RawMessage("t:0:0", json.dumps(raw))]).events
     observation = Observation.of(event)
     assert detector.observe(observation).late_by_hours is None
+    changed = detector.drain_dirty()
+    assert {region for region, _, _ in changed} == {REGION}
+    _send_sealed(
+        servers, changelog, [(key, value) for _, key, value in changed], default_partition(REGION.encode(), partitions)
+    )
+    return observation.day
+
+
+def _send_sealed(servers: str, changelog: str, records: Iterable[tuple[Any, Any]], partition: int) -> None:
+    """Send ``records`` (key, value) to ``changelog`` signed as the worker's, one at a time, then the seal: what a
+    worker before the bound wrote at a checkpoint."""
     signer = WorkerSigner(bytes.fromhex(KEY))
-    partition = default_partition(REGION.encode(), partitions)
     producer = KafkaProducer(bootstrap_servers=servers, acks="all")
     try:
-        for region, key, value in detector.drain_dirty():
-            assert region == REGION
+        for key, value in records:
             record_key, encoded = json.dumps(key).encode(), to_json(value)
             headers = signer.headers(changelog, record_key, encoded, partition)
             producer.send(changelog, key=record_key, value=encoded, partition=partition, headers=headers)
@@ -80,7 +90,6 @@ def _plant_2099(servers: str, changelog: str, partitions: int) -> int:
         producer.flush()
     finally:
         producer.close()
-    return observation.day
 
 
 @pytest.mark.slow
@@ -141,19 +150,7 @@ def _plant_2099_sighting(servers: str, changelog: str, key: str, partition: int)
             event_id="sz-2099", kind="border_seizure", occurred_at=at, day=far, country="ML", region=REGION, key=key
         )
     )
-    signer = WorkerSigner(bytes.fromhex(KEY))
-    producer = KafkaProducer(bootstrap_servers=servers, acks="all")
-    try:
-        for record_key, value in [(json.dumps(k).encode(), to_json(v)) for k, v in detector.drain_dirty()]:
-            headers = signer.headers(changelog, record_key, value, partition)
-            producer.send(changelog, key=record_key, value=value, partition=partition, headers=headers)
-            producer.flush()
-        seal = json.dumps(SEAL_KEY).encode()
-        headers = signer.headers(changelog, seal, SEAL_VALUE, partition)
-        producer.send(changelog, key=seal, value=SEAL_VALUE, partition=partition, headers=headers)
-        producer.flush()
-    finally:
-        producer.close()
+    _send_sealed(servers, changelog, detector.drain_dirty(), partition)
     return far
 
 
