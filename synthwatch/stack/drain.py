@@ -175,7 +175,13 @@ class DrainingWorker(ServiceWorker):
                 if now - said >= PROGRESS_SECONDS:
                     said = now
                     pending = describe_lag(settings, lag) if lag is not None else "unknown (the broker did not answer)"
-                    self._tell(f"Draining ({now - started:.0f} s): not stored yet: {pending}. Ctrl-C again loses them.")
+                    # Uncommitted, not unstored: a checkpoint stores first and commits after, so right after a
+                    # checkpoint every report of it is counted here though stored (the demo said "not stored yet:
+                    # 6,134 reports" with all 6,134 in ClickHouse). Those are not lost on a second Ctrl-C.
+                    self._tell(
+                        f"Draining ({now - started:.0f} s): not committed yet: {pending}. "
+                        "Ctrl-C again loses those not stored yet."
+                    )
                 await asyncio.sleep(0.25)
         except Exception as error:  # the stop must happen whatever went wrong while counting
             self.outcome = DrainOutcome(f"drain failed: {error!r}")
