@@ -43,6 +43,7 @@ from synthwatch.schemas.wire import (
 )
 from synthwatch.schemas.worker_keys import WorkerKeyError, WorkerSigner, existing_worker_keys
 from synthwatch.settings import Settings
+from synthwatch.stream_apps.detect.corrections import ReportKey, report_key
 
 log = logging.getLogger("synthwatch.publisher")
 
@@ -320,10 +321,9 @@ class Publisher:
         self.renewals = 0
         self.rejects_sent = self.rejects_unsent = 0
         summary = PublishSummary()
-        # (kind, lab_id or agency, event id) -> hash of its text in this run: event ids are unique per reporter
-        # only, as the worker judges them (stream_apps.detect.corrections.report_key); another lab's (or
-        # agency's) report under an id is its own report, not a changed one.
-        seen: dict[tuple[str, str, str], int] = {}
+        # (claimed reporter, event id) -> hash of its text in this run: event ids are unique per reporter only, as
+        # the worker judges them (report_key); another lab's (or agency's) report under an id is its own report.
+        seen: dict[ReportKey, int] = {}
         reasons = summary.reject_reasons
 
         def refuse(record: InputRecord, reason: str, label: str, event_id: str | None) -> None:
@@ -345,7 +345,7 @@ class Publisher:
                 full = error.reason if record.hint is None else f"{error.reason} ({record.hint})"
                 refuse(record, full, label, error.event_id)
             else:
-                key = (event.kind, event.lab_id if isinstance(event, LabDetection) else event.agency, event.event_id)
+                key = report_key(event)
                 earlier = seen.get(key)
                 if earlier is not None:
                     if earlier == hash(record.raw):
