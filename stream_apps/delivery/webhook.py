@@ -220,6 +220,29 @@ def _refused_by(error: BaseException) -> TargetRefused | None:
     return None
 
 
+#: Bytes of a refusing receiver's answer read for the delivery record (which keeps 200 characters of it).
+ANSWER_BYTES = 1024
+
+
+async def _answer_text(response: aiohttp.ClientResponse) -> str:
+    """The start of a refusal's body, as UTF-8, for the record; never more than :data:`ANSWER_BYTES`.
+
+    The receiver is not ours: ``response.text()`` read the whole body into memory, waited for a body that never
+    ended until the attempt's timeout (a 2xx followed by an endless body was recorded as "no answer"), and decoded it
+    with the charset the receiver named, on the event loop: ``charset=punycode`` decodes in quadratic time, so
+    one answer held every agent of the worker for seconds.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while size < ANSWER_BYTES and (chunk := await response.content.read(ANSWER_BYTES - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+    except (TimeoutError, aiohttp.ClientError):
+        pass  # the status has arrived: it is the answer, whatever became of the body
+    return b"".join(chunks).decode("utf-8", errors="replace")
+
+
 class WebhookSender:
     """POSTs signed JSON with one pooled aiohttp session (created in the running loop, on first use)."""
 
@@ -244,8 +267,9 @@ class WebhookSender:
             async with self._session.post(
                 url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s), allow_redirects=False
             ) as response:
-                text = await response.text(errors="replace")
-                return classify_http(response.status, text)
+                if 200 <= response.status < 300 or response.status == 409:
+                    return classify_http(response.status)  # the status is the answer: its body is never read
+                return classify_http(response.status, await _answer_text(response))
         except TimeoutError:
             return SendResult(False, None, f"no answer within {timeout_s:g} s", retryable=True)
         except aiohttp.InvalidURL as error:

@@ -9,6 +9,7 @@ and that a hanging channel delays nobody else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -30,6 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 import faust
 import pytest
 import typer
+from aiohttp import web
 from babel.dates import format_date
 from typer.testing import CliRunner
 
@@ -45,6 +47,7 @@ from synthwatch.catalogue import Family
 from synthwatch.cli.delivery import register
 from synthwatch.schemas import Alert, parse_event_object
 from synthwatch.settings import Settings
+from synthwatch.stack.broker import free_port
 from synthwatch.stream_apps.delivery.email import SmtpConfig, SmtpConfigError, message_id
 from synthwatch.stream_apps.delivery.endpoints import Endpoint, EndpointLimits
 from synthwatch.stream_apps.delivery.messages import (
@@ -514,8 +517,6 @@ def test_delivery_gives_up_after_the_limit_and_at_once_when_retrying_cannot_help
 
 
 def _closed_port() -> int:
-    from synthwatch.stack.broker import free_port
-
     return free_port("127.0.0.1")  # free a moment ago and nobody listens: connection refused
 
 
@@ -712,6 +713,76 @@ def test_webhooks_connect_only_to_allowed_addresses_even_through_dns() -> None:
         assert "is 127.0.0.1 (loopback): refused" in refused.reason and "webhook_allowed_networks" in refused.reason
     assert allowed.ok and allowed.code == 200
     assert len(hooks.on("x")) == 1  # only the allowed request reached the receiver
+
+
+class _HostileReceiver:
+    """A receiver that is not ours answering as it likes: a status, then a body that never ends (``/endless``,
+    ``/refuses-endlessly``), or a refusal in a charset it names (``/punycode``: 300 KB of ``a``)."""
+
+    PUNYCODE_BODY = b"a" * 300_000
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        await request.read()
+        if name == "punycode":
+            named = {"Content-Type": "text/plain; charset=punycode"}
+            return web.Response(status=503, body=self.PUNYCODE_BODY, headers=named)
+        response = web.StreamResponse(status=200 if name == "endless" else 503)
+        response.content_type = "text/plain"
+        await response.prepare(request)
+        chunk = b"x" * 1024
+        with contextlib.suppress(ConnectionError):
+            while True:  # until the sender hangs up
+                await response.write(chunk)
+                await asyncio.sleep(0.001)
+        return response
+
+    async def __aenter__(self) -> _HostileReceiver:
+        app = web.Application()
+        app.router.add_post("/{name}", self._handle)
+        self._runner = web.AppRunner(app, shutdown_timeout=0.5)
+        await self._runner.setup()
+        self.port = free_port("127.0.0.1")
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+def test_a_receivers_answer_is_read_only_as_far_as_its_status_and_never_decoded_in_its_own_charset() -> None:
+    """The receiver is not ours. Before, the whole answer was read and decoded with the charset it named, on the
+    event loop: a 2xx followed by an endless body was recorded as "no answer" after the timeout (and held a
+    connection and a growing buffer until then), and ``charset=punycode`` (quadratic to decode) held the loop,
+    every agent of the worker with it, for as long as the receiver liked."""
+    body = b'{"kind": "alert", "delivery_id": "d_1", "officer_id": "bko"}'
+
+    async def scenario() -> dict[str, Any]:
+        async with _HostileReceiver() as hostile:
+            sender = WebhookSender(policy=TargetPolicy.of(LOOPBACK))
+            results = {}
+            for name in ("endless", "refuses-endlessly", "punycode"):
+                results[name] = await sender.post(
+                    hostile.url(name), body, secret=secret_for("bko"), delivery_id="d_1", event="alert", timeout_s=3
+                )
+            await sender.close()
+            return results
+
+    results = asyncio.run(scenario())
+    endless, refusing, punycode = results["endless"], results["refuses-endlessly"], results["punycode"]
+    assert endless.ok and endless.code == 200, endless.reason  # before: "no answer within 3 s"
+    assert not refusing.ok and refusing.retryable and refusing.code == 503, refusing.reason
+    assert refusing.reason == "HTTP 503: " + "x" * 200  # the start of the answer, for the record
+    assert not punycode.ok and punycode.code == 503
+    assert punycode.reason == "HTTP 503: " + "a" * 200  # read as UTF-8, whatever charset the receiver named
 
 
 async def _until(predicate: Any, what: str, timeout: float = 60.0) -> None:
