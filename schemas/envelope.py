@@ -125,8 +125,15 @@ def load_org_keys(path: Path) -> dict[str, Organisation]:
         raise OrgKeysError(f"{path} holds secret keys but other users can read or change it: run `chmod 600 {path}`")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as error:
+    except OSError as error:
         raise OrgKeysError(f"cannot read the organisation keys file {path}: {error}") from error
+    except yaml.YAMLError as error:
+        # The line and what is wrong, never the parser's quote of the line: that line may hold a key, and this
+        # message goes to the worker's log and the terminal.
+        mark = getattr(error, "context_mark", None) or getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        said = [str(part) for part in (getattr(error, "context", None), getattr(error, "problem", None)) if part]
+        raise OrgKeysError(f"{where}: not valid YAML: {', '.join(said) or type(error).__name__}") from None
     entries = data.get("organisations") if isinstance(data, dict) else None
     if not isinstance(entries, dict) or not entries:
         raise OrgKeysError(f"{path}: expected a mapping `organisations: {{org_id: {{keys: [...], lab_ids: [...]}}}}`")

@@ -136,6 +136,20 @@ def test_keys_file_is_loaded_and_refused_when_others_can_read_it(tmp_path: Path)
             load_org_keys(write_keys(tmp_path / "bad.yaml", **bad))
 
 
+def test_a_keys_file_that_is_not_yaml_is_refused_by_line_without_quoting_the_key(tmp_path: Path) -> None:
+    """The parser's own message quotes the offending line, and the line with the stray quote is a key's:
+    the worker printed the key to its log and terminal at start."""
+    path = tmp_path / "orgs.yaml"
+    path.write_text(f'organisations:\n  lab-fr:\n    keys: ["{KEY_A.hex()}", "{KEY_B.hex()}]\n', encoding="utf-8")
+    path.chmod(0o600)
+    with pytest.raises(OrgKeysError) as refused:
+        load_org_keys(path)
+    message = str(refused.value)
+    for key in (KEY_A.hex(), KEY_B.hex()):  # not even a part of one (the parser quotes up to 75 characters)
+        assert not any(key[i : i + 8] in message for i in range(len(key) - 8)), message
+    assert message.startswith(f"{path}:3: not valid YAML: while scanning a quoted scalar"), message
+
+
 # --- the intake ---------------------------------------------------------------------------------------
 
 
