@@ -5,7 +5,8 @@ Why: the report and the tests run the dashboards' own SQL outside Grafana, so th
 passes, in Grafana's order:
 
 1. ``$__conditionalAll(condition, $var)`` (plugin frontend): ``condition``, or ``1=1`` when ``$var`` is All;
-2. template variables (Grafana frontend): ``$var``, ``${var}``, ``${var:singlequote|csv|sqlstring|raw}``,
+2. template variables (Grafana frontend): ``$var``, ``${var}``,
+   ``${var:singlequote|csv|sqlstring|raw|percentencode}``,
    and the globals ``$__from``, ``$__to``, ``$__interval``, ``$__interval_ms``;
 3. the plugin's backend macros (``pkg/macros/macros.go``): ``$__timeFilter``, ``$__timeFilter_ms``,
    ``$__dateFilter``, ``$__dateTimeFilter``/``$__dt``, ``$__fromTime[_ms]``, ``$__toTime[_ms]``,
@@ -21,6 +22,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from urllib.parse import quote
 
 from synthwatch.errors import SynthwatchError
 
@@ -189,6 +191,8 @@ def _format_value(name: str, value: VariableValue, fmt: str | None) -> str:
         return ",".join("'" + v.replace("'", "\\'") + "'" for v in values)
     if fmt == "sqlstring":
         return ",".join("'" + v.replace("'", "''") + "'" for v in values)
+    if fmt == "percentencode":  # Grafana's encodeURIComponentStrict: only A-Z a-z 0-9 - _ . ~ and %XX (UTF-8)
+        return quote(value if isinstance(value, str) else "{" + ",".join(values) + "}", safe="")
     if fmt in ("csv", "raw"):
         return ",".join(values)
     if fmt is None:  # the plugin's own format: a multi-value is quoted and joined, a single value raw

@@ -222,6 +222,42 @@ def test_substance_variables_list_what_the_panels_filter_on(loaded: LoadedData) 
     assert 0 < len(of_family) < len(values["substance"])
 
 
+#: Values any viewer can give any variable through the URL (``?var-substance=...``, ``&var-country=...``). Under
+#: Grafana's ``singlequote`` format (it escapes the quote only; ClickHouse also reads a backslash as an escape) the
+#: first left its string: ``substance_key = '\\' OR 1=1 --'`` showed every substance, and any SELECT could follow.
+URL_VALUES = ("\\' OR 1=1 --", "\\", "x') OR 1=1 OR (1 IN ('", "%27) OR 1=1 --")
+
+
+@pytest.mark.integration
+def test_variables_set_through_the_url_never_leave_their_strings(loaded: LoadedData) -> None:
+    """Every panel and variable query that reads a variable, given a hostile value in it, runs and returns exactly
+    what it returns for a value that matches nothing."""
+    substance_key = _top_substance(loaded.client)[0]
+    base = {"substance": substance_key, "country": ALL, "region": ALL, "family": ALL}
+    nothing = "NO-SUCH-VALUE"
+    cases: list[tuple[str, str, Any]] = [
+        *((spec.key, name, spec) for spec in overview.PANELS for name in ("country", "region")),
+        *((spec.key, name, spec) for spec in substance.PANELS for name in ("substance", "country", "region")),
+        *((v.name, name, v) for v in (*overview.VARIABLES, *substance.VARIABLES) for name in ("country", "family")),
+    ]
+    checked = 0
+    for key, name, item in cases:
+        if f"${{{name}:" not in item.sql and f"${name}" not in item.sql:
+            continue
+
+        def rows(value: str, item: Any = item, name: str = name) -> list[Any]:
+            variables = {**base, name: value if name == "substance" else [value]}
+            if isinstance(item, SqlPanel):
+                return run_panel(loaded.client, item, RANGE, variables)[1]
+            return [list(r) for r in loaded.client.query(expand(item.sql, RANGE, variables=variables)).result_rows]
+
+        expected = rows(nothing)
+        for value in URL_VALUES:
+            assert rows(value) == expected, f"{key}: ${name} = {value!r}"
+        checked += 1
+    assert checked >= 20, checked
+
+
 @pytest.mark.integration
 def test_alert_counts_match_the_alerts_stored(loaded: LoadedData) -> None:
     spec = next(p for p in overview.PANELS if p.key == "open_alerts")
