@@ -34,8 +34,10 @@ def parse_networks(values: Iterable[str]) -> tuple[IPNetwork, ...]:
 
 def _kind(address: IPAddress) -> str | None:
     """Why an address is not public ('loopback', 'link-local', ...), or None for a global address."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped  # ::ffff:127.0.0.1 is loopback too
+    if isinstance(address, ipaddress.IPv6Address):
+        # ::ffff:127.0.0.1 is loopback too; so is 2002:7f00:1:: (6to4 carries the IPv4 address it wraps, and
+        # Python calls 2002::/16 global whatever it wraps). Teredo (2001::/32) and NAT64 are refused as they are.
+        address = address.ipv4_mapped or address.sixtofour or address
     for name in ("loopback", "unspecified", "link_local", "multicast", "private", "reserved"):
         if getattr(address, f"is_{name}"):
             return name.replace("_", "-")

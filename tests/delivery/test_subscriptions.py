@@ -266,6 +266,8 @@ def test_secrets_with_the_same_value_under_two_variables_are_unusable() -> None:
         ("http://localhost/hook", "loopback"),
         ("http://[::1]/hook", "loopback"),
         ("http://[::ffff:127.0.0.1]/hook", "loopback"),
+        ("http://[2002:7f00:1::1]/hook", "loopback"),  # 6to4 around 127.0.0.1
+        ("http://[2002:a9fe:a9fe::1]/hook", "link-local"),  # 6to4 around the cloud metadata address
         ("http://169.254.169.254/latest/meta-data", "link-local"),
         ("http://10.1.2.3/hook", "private"),
         ("http://192.168.0.10/hook", "private"),
