@@ -51,6 +51,7 @@ from synthwatch.stack.broker import free_port
 from synthwatch.stream_apps.delivery.email import SmtpConfig, SmtpConfigError, message_id
 from synthwatch.stream_apps.delivery.endpoints import Endpoint, EndpointLimits
 from synthwatch.stream_apps.delivery.messages import (
+    DIGEST_MAX_LISTED,
     FAMILIES,
     LANGUAGES,
     TEMPLATE_DIR,
@@ -967,6 +968,53 @@ def test_a_webhook_digest_that_gives_up_is_held_then_retried(db: Any) -> None:
     assert accepted.headers[EVENT_HEADER] == "digest" and accepted.key.startswith("digest-sn-dk-sante-webhook-")
     assert accepted.json()["delivery_id"] == accepted.headers[DELIVERY_HEADER] == delivery_id(accepted.key)
     assert accepted.json()["kind"] == "digest" and len(accepted.json()["alerts"]) == 1
+
+
+def test_a_digest_lists_the_most_severe_alerts_up_to_its_limit_and_counts_the_rest(db: Any) -> None:
+    """A junk name raises an info alert, so one lab could fill every officer's digest: the digest lists at most
+    DIGEST_MAX_LISTED alerts (most severe first), says how many more it covers, and marks them all sent."""
+    extra = 5
+    sn = {"region": "SN-DK", "country": "SN"}
+    junk = [
+        make_alert(
+            alert_id=f"j{i:023d}",
+            severity="info",
+            substance={"name": f"junk-{i}", "key": f"name:junk{i}", "family": None},
+            **sn,
+        )
+        for i in range(DIGEST_MAX_LISTED + extra)
+    ]
+    warning = make_alert(alert_id="w" * 24, severity="warning", alert_type="first_in_region", **sn)
+
+    async def scenario() -> tuple[WebhookReceiver, list[Any]]:
+        async with WebhookReceiver() as hooks:
+            text = DAKAR.replace("{type: email, to: a.ndiaye@sante.example.sn}", hook(hooks.url("d"), "sn-dk-sante"))
+            service = _service(db, text)
+            await service.handle_batch([*junk, warning])
+            moment = service.subscriptions.officers[0].digest_moment(datetime.now(UTC) + timedelta(days=1))
+            outcomes = await service.send_digests(moment + timedelta(minutes=1))
+            await service.close()
+            return hooks, outcomes
+
+    hooks, outcomes = asyncio.run(scenario())
+    assert len(outcomes) == len(junk) + 1 and {o.status for o in outcomes} == {"digest_sent"}  # all covered
+    (digest,) = hooks.accepted("d")
+    payload = digest.json()
+    assert len(payload["alerts"]) == DIGEST_MAX_LISTED and payload["alerts_not_listed"] == extra + 1
+    assert payload["alerts"][0]["alert_id"] == "w" * 24  # the most severe first
+    assert payload["subject"].endswith(f": {len(junk) + 1} alertes")
+    assert f"... et {extra + 1} autres alertes, non listées ici" in payload["text"]
+    assert len(payload["links"]) == DIGEST_MAX_LISTED
+    assert len(_rows(db, "status = 'digest_sent'")) == len(junk) + 1
+    count_line = {
+        "en": f"... and {extra + 1} more alerts, not listed here",
+        "fr": f"... et {extra + 1} autres alertes, non listées ici",
+        "ar": f"... وعدد التنبيهات الأخرى غير المدرجة هنا: {extra + 1} ",
+    }
+    for language, line in count_line.items():
+        message = render_digest([*junk, warning], language, GRAFANA, date(2026, 3, 10), "Awa")
+        assert len(message.links) == DIGEST_MAX_LISTED
+        assert line in message.text and line in message.html, language
 
 
 def test_an_edited_subscriptions_file_is_picked_up_and_a_broken_edit_ignored(db: Any, tmp_path: Path) -> None:
