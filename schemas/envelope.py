@@ -92,16 +92,19 @@ def parse_key(text: str, where: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Organisation:
-    """One publishing organisation: its keys (newest first; older ones accepted during a rotation) and
-    the lab ids and agencies it may report as."""
+    """One publishing organisation: its keys (newest first; older ones accepted during a rotation), the lab ids
+    and agencies it may report as, and the countries it may report for (empty: any)."""
 
     org_id: str
     keys: tuple[bytes, ...]
     lab_ids: frozenset[str]
     agencies: frozenset[str]
+    countries: frozenset[str] = frozenset()
 
     def __repr__(self) -> str:  # never the keys
-        return f"Organisation({self.org_id!r}, lab_ids={sorted(self.lab_ids)}, agencies={sorted(self.agencies)})"
+        where = f", countries={sorted(self.countries)}" if self.countries else ""
+        names = f"lab_ids={sorted(self.lab_ids)}, agencies={sorted(self.agencies)}"
+        return f"Organisation({self.org_id!r}, {names}{where})"
 
 
 def load_org_keys(path: Path) -> dict[str, Organisation]:
@@ -116,6 +119,7 @@ def load_org_keys(path: Path) -> dict[str, Organisation]:
           douane-sn:
             keys: ["<64 hex digits>"]
             agencies: ["Douanes sénégalaises"]
+            countries: [SN]             # optional: the countries it may report for (default: any)
     """
     try:
         mode = path.stat().st_mode
@@ -150,6 +154,7 @@ def load_org_keys(path: Path) -> dict[str, Organisation]:
             keys=tuple(parse_key(str(key), where) for key in entry["keys"]),
             lab_ids=lab_ids,
             agencies=agencies,
+            countries=_countries(entry.get("countries"), where),
         )
     _refuse_shared_reporters(path, orgs)
     return orgs
@@ -170,6 +175,19 @@ def _refuse_shared_reporters(path: Path, orgs: Mapping[str, Organisation]) -> No
                         f"{kind} reports for one organisation (its keys sign its reports, it alone corrects them); "
                         "list it under one, or give each organisation its own"
                     )
+
+
+def _countries(value: Any, where: str) -> frozenset[str]:
+    """``countries: [ML, SN]``: ISO 3166-1 alpha-2 codes, upper case (YAML 1.1 reads a bare NO as false: quote it)."""
+    if value is None:
+        return frozenset()
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(c, str) and len(c) == 2 and c.isascii() and c.isupper() for c in value)
+    ):
+        raise OrgKeysError(f"{where}: countries is a list of ISO 3166-1 alpha-2 codes, e.g. [ML, SN] (quote 'NO')")
+    return frozenset(value)
 
 
 def _names(value: Any, where: str) -> frozenset[str]:
@@ -241,13 +259,23 @@ class EnvelopeVerifier:
                 return org.org_id, None
         return None, auth_reason(BAD_SIGNATURE, f"the signature is not {org.org_id!r}'s for this topic, key and value")
 
-    def permits(self, org_id: str, lab_id: str | None, agency: str | None) -> str | None:
-        """None when ``org_id`` may report as this lab or agency, else the reason to refuse."""
+    def permits(self, org_id: str, lab_id: str | None, agency: str | None, country: str | None = None) -> str | None:
+        """None when ``org_id`` may report as this lab or agency, for this country, else the reason to refuse.
+
+        The country matters because alerts are routed by place: without ``countries`` in the keys file, any
+        organisation's report may place a sample in any country, and its alerts go to that country's officers.
+        """
         org = self.orgs[org_id]
         if lab_id is not None and lab_id not in org.lab_ids:
             return auth_reason(NOT_PERMITTED, f"organisation {org_id!r} may not report as lab_id {lab_id[:64]!r}")
         if agency is not None and agency not in org.agencies:
             return auth_reason(NOT_PERMITTED, f"organisation {org_id!r} may not report as agency {agency[:64]!r}")
+        if country is not None and org.countries and country not in org.countries:
+            return auth_reason(
+                NOT_PERMITTED,
+                f"organisation {org_id!r} may not report for country {country[:8]!r} "
+                f"(its countries: {', '.join(sorted(org.countries))})",
+            )
         return None
 
     def org_of(self, reporter: str) -> str | None:

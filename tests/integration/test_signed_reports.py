@@ -180,6 +180,39 @@ def test_intake_accepts_its_own_organisations_reports_and_refuses_forgeries_coun
     assert len(result.events) + len(result.rejects) + result.duplicates == len(messages)
 
 
+def test_an_organisation_limited_to_its_countries_cannot_place_a_report_in_another(tmp_path: Path) -> None:
+    """Alerts are routed by place: a French lab's signed report placed in Bamako raised an alert that went to Mali's
+    officers (a critical one at once, for an opioid). With ``countries`` in the keys file it is refused."""
+    path = write_keys(
+        tmp_path / "orgs.yaml",
+        **{
+            "lab-fr": {"keys": [KEY_A.hex()], "lab_ids": ["LAB-FR-01"], "countries": ["FR"]},
+            "douane-ml": {"keys": [KEY_B.hex()], "agencies": ["Douanes maliennes"]},  # no list: any country
+        },
+    )
+    orgs = load_org_keys(path)
+    assert orgs["lab-fr"].countries == {"FR"} and orgs["douane-ml"].countries == frozenset()
+    intake = Intake(verifier=EnvelopeVerifier(orgs))
+    bamako = {"country": "ML", "region": "ML-BKO"}
+    result = intake.process(
+        [
+            signed(lab(event_id="fr-in-fr"), "lab-fr", KEY_A),
+            signed(lab(event_id="fr-in-ml", **bamako), "lab-fr", KEY_A),
+            signed(seizure(event_id="ml-in-fr"), "douane-ml", KEY_B, topic="synthwatch.border-seizures"),
+        ]
+    )
+    assert [e.event_id for e in result.events] == ["fr-in-fr", "ml-in-fr"]
+    (refused,) = result.rejects
+    assert (refused.event_id, refused.stage) == ("fr-in-ml", "auth")
+    assert refused.reason == (
+        "auth: not_permitted: organisation 'lab-fr' may not report for country 'ML' (its countries: FR)"
+    )
+    for bad in ("FR", [], ["fr"], ["FRA"], [False]):  # YAML 1.1 reads a bare NO as false
+        entry = {"keys": [KEY_A.hex()], "lab_ids": ["L"], "countries": bad}
+        with pytest.raises(OrgKeysError, match="countries is a list of ISO 3166-1 alpha-2 codes"):
+            load_org_keys(write_keys(tmp_path / "bad.yaml", **{"lab-fr": entry}))
+
+
 def test_intake_without_a_verifier_reads_unsigned_records_as_before() -> None:
     result = Intake().process([RawMessage("t:0:1", json.dumps(lab()).encode())])
     assert len(result.events) == 1 and result.events[0].org is None and not result.rejects
