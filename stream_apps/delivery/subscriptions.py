@@ -515,7 +515,8 @@ def _webhook_problems(
                         "alerts for the other",
                     )
                 )
-        refused = policy.literal_refusal(urlsplit(channel.url).hostname or "")
+        url = urlsplit(channel.url)
+        refused = policy.literal_refusal(url.hostname or "", plain=url.scheme.lower() != "https")
         if refused is not None:
             line, path = _locate(root, (*where, "url"))
             problems.append((line, f"{source}:{line}: {path}: {refused}"))

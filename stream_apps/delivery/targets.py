@@ -54,27 +54,40 @@ class TargetPolicy:
     def of(cls, *groups: Iterable[str]) -> TargetPolicy:
         return cls(tuple(n for group in groups for n in parse_networks(group)))
 
-    def refusal(self, host: str, address: str) -> str | None:
-        """None if ``address`` (what ``host`` resolved to) may be connected to; else the reason and the fix."""
+    def refusal(self, host: str, address: str, *, plain: bool = False) -> str | None:
+        """None if ``address`` (what ``host`` resolved to) may be connected to; else the reason and the fix.
+
+        ``plain``: the URL is ``http://``. Alerts carry seizure and lab data shared under agreement, and the
+        signature protects their integrity, not their confidentiality: in clear they may only go to a network
+        the administrator allowed (their own), never to a public address across the internet.
+        """
         try:
             ip = ipaddress.ip_address(address.split("%", 1)[0])
         except ValueError:
             return f"{host}: {address!r} is not an IP address"
-        kind = _kind(ip)
-        if kind is None or any(ip in network for network in self.allowed):
+        if any(ip in network for network in self.allowed):
             return None
+        kind = _kind(ip)
+        if kind is None and not plain:
+            return None
+        if kind is None:
+            return (
+                f"webhook target {host} is {address}, a public address, and its URL is http://: alerts would "
+                "cross the internet in clear. Use https://, or allow its network on purpose with "
+                "webhook_allowed_networks if it is your own"
+            )
         return (
             f"webhook target {host} is {address} ({kind}): refused. Allow it on purpose with "
             "webhook_allowed_networks in the subscriptions file or SYNTHWATCH_WEBHOOK_ALLOWED_NETWORKS"
         )
 
-    def literal_refusal(self, host: str) -> str | None:
+    def literal_refusal(self, host: str, *, plain: bool = False) -> str | None:
         """Check a URL host before any DNS: an IP literal, or a ``localhost`` name (always loopback)."""
         name = host.strip("[]").rstrip(".").lower()
         try:
             ipaddress.ip_address(name.split("%", 1)[0])
         except ValueError:
             if name == "localhost" or name.endswith(".localhost"):
-                return self.refusal(host, "127.0.0.1")
+                return self.refusal(host, "127.0.0.1", plain=plain)
             return None
-        return self.refusal(host, name)
+        return self.refusal(host, name, plain=plain)

@@ -174,7 +174,8 @@ def _problems(subscriptions: Any, settings: Settings) -> tuple[list[str], list[s
                 except OSError as error:
                     warnings.append(f"{where}: cannot resolve {host} here ({error})")
                     continue
-                refused = sorted(filter(None, (policy.refusal(host, a) for a in addresses)))
+                plain = urlsplit(channel.url).scheme.lower() != "https"
+                refused = sorted(filter(None, (policy.refusal(host, a, plain=plain) for a in addresses)))
                 warnings.extend(f"{where}: {reason}" for reason in refused[:1])
             elif not settings.smtp_host:
                 warnings.append(f"{where}: e-mail, but SYNTHWATCH_SMTP_HOST is not set here")
