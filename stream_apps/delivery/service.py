@@ -53,6 +53,7 @@ from synthwatch.stream_apps.delivery.subscriptions import (
     SubscriptionsError,
     WebhookChannel,
     load_subscriptions,
+    readable_secrets,
     recipients,
     secret_problems,
 )
@@ -225,6 +226,9 @@ class DeliveryService:
 
     def _check_secrets(self) -> dict[str, str]:
         """Channels that cannot be signed for here (unset, short or shared secret): logged, never sent on."""
+        exposed = readable_secrets(self.subscriptions_file, self.subscriptions) if self.subscriptions_file else None
+        if exposed:
+            log.warning("subscriptions: %s", exposed)
         found = secret_problems(self.subscriptions)
         for key, why in found.items():
             log.error("webhook %s: %s; its deliveries will be refused until this is fixed", key, why)

@@ -262,7 +262,12 @@ def register(app: typer.Typer) -> None:
         ] = None,
     ) -> None:
         """Validate a subscriptions file and show who would receive what for sample alerts."""
-        from synthwatch.stream_apps.delivery.subscriptions import SubscriptionsError, load_subscriptions, recipients
+        from synthwatch.stream_apps.delivery.subscriptions import (
+            SubscriptionsError,
+            load_subscriptions,
+            readable_secrets,
+            recipients,
+        )
 
         console, err = command_console(), command_console(stderr=True)
         settings = Settings()
@@ -318,6 +323,8 @@ def register(app: typer.Typer) -> None:
             console.print(table)
 
         errors, warnings = _problems(subscriptions, settings)
+        exposed = readable_secrets(file, subscriptions)
+        warnings += [exposed] if exposed else []
         for warning in warnings:
             say(console, "[yellow]warning:[/] ", warning)
         for problem in errors:

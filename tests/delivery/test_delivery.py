@@ -1224,6 +1224,25 @@ def test_subscriptions_check_refuses_webhooks_without_an_own_secret(tmp_path: Pa
     assert bad.exit_code == 1 and "officers[2].routes[0].channel: a webhook needs its own secret" in bad.stderr
 
 
+def test_subscriptions_check_warns_when_other_users_can_read_literal_webhook_secrets(tmp_path: Path) -> None:
+    """A literal ``secret:`` signs alerts for its officer; in a file other users can read, any of them could forge
+    that officer's alerts. The keys files are refused for this; a subscriptions file gets a warning (one without
+    literal secrets may be world-readable, as a Kubernetes ConfigMap is)."""
+    runner = CliRunner()
+    literal = tmp_path / "literal.yaml"
+    literal.write_text("officers:\n" + _officer("bko", hook("https://hooks.example.org/b", "bko")))
+    by_env = tmp_path / "by-env.yaml"
+    by_env.write_text(EXAMPLE.read_text())
+    warned = "holds webhook secrets (bko/webhook) but other users can read or change it"
+    outputs = {}
+    for name, path, mode in (("open", literal, 0o644), ("private", literal, 0o600), ("env", by_env, 0o644)):
+        path.chmod(mode)
+        done = runner.invoke(_cli(), ["subscriptions", "check", str(path)], env={"COLUMNS": "300", **EXAMPLE_SECRETS})
+        outputs[name] = " ".join(done.output.split())
+    assert warned in outputs["open"] and f"chmod 600 {literal}" in outputs["open"]
+    assert "holds webhook secrets" not in outputs["private"] and "holds webhook secrets" not in outputs["env"]
+
+
 def test_deliveries_lists_recent_attempts_of_an_officer(db: Any, ch_settings: Settings, monkeypatch: Any) -> None:
     async def scenario() -> None:
         async with WebhookReceiver(statuses={"bamako": [503]}) as hooks:
