@@ -371,7 +371,13 @@ def sql_text(variable: str) -> str:
 
 
 def sql_texts(variable: str) -> str:
-    """A multi-value variable as an ``Array(String)`` (``x IN`` it): Grafana percent-encodes ``{a,b}``."""
+    """A multi-value variable as an ``Array(String)`` (``x IN`` it): Grafana percent-encodes ``{a,b}``.
+
+    Grafana joins the values with commas before encoding, so a value holding a comma (or starting or ending with a
+    brace) would be split: only for variables whose values are codes (ISO 3166 countries and regions, family names:
+    validated at intake). A single-valued variable (``substance``: keys such as ``name:2,5-dimethoxy...``) is
+    :func:`sql_text`, never split. ``tests/dashboards``: ``test_variable_values_reach_clickhouse_whole``.
+    """
     return f"splitByChar(',', trim(BOTH '{{}}' FROM {sql_text(variable)}))"
 
 

@@ -24,7 +24,7 @@ import yaml
 from synthwatch.dashboards import build, overview, pipeline, substance
 from synthwatch.dashboards.clickhouse_query import PLUGIN_ID, Dataquery, DataqueryBuilder, QueryType, register
 from synthwatch.dashboards.macros import ALL, MacroError, TimeRange, expand, panel_interval
-from synthwatch.dashboards.panels import CLICKHOUSE_UID, PROMETHEUS_UID, SqlPanel
+from synthwatch.dashboards.panels import CLICKHOUSE_UID, PROMETHEUS_UID, SqlPanel, sql_text, sql_texts
 from synthwatch.producers.metrics import PublisherMetrics
 from synthwatch.settings import Settings
 from synthwatch.stream_apps.runtime.metrics import WorkerMetrics, metric_names
@@ -256,6 +256,42 @@ def test_variables_set_through_the_url_never_leave_their_strings(loaded: LoadedD
             assert rows(value) == expected, f"{key}: ${name} = {value!r}"
         checked += 1
     assert checked >= 20, checked
+
+
+#: Values as Grafana's ``percentencode`` sends them (its ``encodeURIComponentStrict``: ``encodeURIComponent``, then
+#: ``! ' ( ) *`` as %XX; an array as ``{a,b}`` encoded whole), written out by hand from that definition.
+GRAFANA_PERCENTENCODE = {
+    "N,N-DMT": "N%2CN-DMT",
+    "name:2,5-dimethoxy-4-bromophenethylamine": "name%3A2%2C5-dimethoxy-4-bromophenethylamine",
+    "Île-de-France": "%C3%8Ele-de-France",
+    "القاهرة": "%D8%A7%D9%84%D9%82%D8%A7%D9%87%D8%B1%D8%A9",
+    "a b+c~!*()'%": "a%20b%2Bc~%21%2A%28%29%27%25",
+}
+
+
+@pytest.mark.integration
+def test_variable_values_reach_clickhouse_whole(loaded: LoadedData) -> None:
+    """What Grafana's percentencode sends, ClickHouse's decodeURLComponent gives back exactly: a substance key with
+    commas (single-valued, never split), UTF-8 names, ``+`` (not a space: decodeURLComponent is not the form
+    decoder). A multi-value arrives as ``{a,b}`` and is split on commas, so a multi-valued variable may only hold
+    values without commas or braces: ISO codes and family names, validated at intake; this checks what they list."""
+    for value, sent in GRAFANA_PERCENTENCODE.items():
+        assert expand("${v:percentencode}", RANGE, variables={"v": value}) == sent
+        sql = expand(f"SELECT {sql_text('v')}", RANGE, variables={"v": value})
+        assert loaded.client.query(sql).result_rows == [(value,)], value
+    assert expand("${v:percentencode}", RANGE, variables={"v": ["FR", "ML-BKO"]}) == "%7BFR%2CML-BKO%7D"
+    for multi, expected in ((["FR", "ML-BKO"], ["FR", "ML-BKO"]), (["SN"], ["SN"]), ("ML", ["ML"])):
+        sql = expand(f"SELECT {sql_texts('v')}", RANGE, variables={"v": multi})  # a string: one value from a URL
+        assert loaded.client.query(sql).result_rows == [(expected,)], multi
+    base = {"country": ALL, "region": ALL, "family": ALL}
+    listed = 0
+    for variable in (*overview.VARIABLES, *substance.VARIABLES):
+        if not variable.multi:
+            continue
+        for value, *_ in loaded.client.query(expand(variable.sql, RANGE, variables=base)).result_rows:
+            assert not set(value) & set(",{}"), f"${variable.name} lists {value!r}: sql_texts would split it"
+            listed += 1
+    assert listed > 10, listed
 
 
 @pytest.mark.integration
