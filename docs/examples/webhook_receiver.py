@@ -101,7 +101,9 @@ def make_handler(secrets: Mapping[str, list[str]], seen: SeenIds) -> type[BaseHT
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             declared = self.headers.get("Content-Length") or "0"
-            if not declared.isdigit():  # "-1" read until the sender hung up: unbounded, before any signature check
+            # "-1" read until the sender hung up: unbounded, before any signature check. ASCII digits only:
+            # str.isdigit() is also true of "²" (headers are read as Latin-1), which int() refuses with an error.
+            if not (declared.isascii() and declared.isdigit()):
                 self._answer(400, {"reason": "Content-Length must be a number of bytes"})
                 return
             length = int(declared)
