@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from synthwatch.errors import SynthwatchError
+from synthwatch.schemas.iso3166 import COUNTRIES
 
 HEADER_ORG = "synthwatch-org"
 HEADER_SIG = "synthwatch-sig"
@@ -178,16 +179,19 @@ def _refuse_shared_reporters(path: Path, orgs: Mapping[str, Organisation]) -> No
 
 
 def _countries(value: Any, where: str) -> frozenset[str]:
-    """``countries: [ML, SN]``: ISO 3166-1 alpha-2 codes, upper case (YAML 1.1 reads a bare NO as false: quote it)."""
+    """``countries: [ML, SN]``: ISO 3166-1 alpha-2 codes, upper case (YAML 1.1 reads a bare NO as false: quote it).
+
+    A code that is no country (``UK`` for GB) is refused here: accepted, it refused every report of the
+    organisation's real country at intake, one reject at a time, with a reason naming the typo only in passing.
+    """
     if value is None:
         return frozenset()
-    if (
-        not isinstance(value, list)
-        or not value
-        or not all(isinstance(c, str) and len(c) == 2 and c.isascii() and c.isupper() for c in value)
-    ):
+    if not isinstance(value, list) or not value or not all(isinstance(c, str) and c in _COUNTRY_CODES for c in value):
         raise OrgKeysError(f"{where}: countries is a list of ISO 3166-1 alpha-2 codes, e.g. [ML, SN] (quote 'NO')")
     return frozenset(value)
+
+
+_COUNTRY_CODES = frozenset(COUNTRIES)
 
 
 def _names(value: Any, where: str) -> frozenset[str]:

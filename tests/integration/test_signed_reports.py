@@ -207,7 +207,7 @@ def test_an_organisation_limited_to_its_countries_cannot_place_a_report_in_anoth
     assert refused.reason == (
         "auth: not_permitted: organisation 'lab-fr' may not report for country 'ML' (its countries: FR)"
     )
-    for bad in ("FR", [], ["fr"], ["FRA"], [False]):  # YAML 1.1 reads a bare NO as false
+    for bad in ("FR", [], ["fr"], ["FRA"], [False], ["UK"]):  # YAML 1.1 reads a bare NO as false; UK is GB
         entry = {"keys": [KEY_A.hex()], "lab_ids": ["L"], "countries": bad}
         with pytest.raises(OrgKeysError, match="countries is a list of ISO 3166-1 alpha-2 codes"):
             load_org_keys(write_keys(tmp_path / "bad.yaml", **{"lab-fr": entry}))
