@@ -161,6 +161,26 @@ def _macro_args(sql: str, open_paren: int) -> tuple[list[str], int]:
     raise MacroError(f"unbalanced parentheses after position {open_paren} in: {sql[open_paren : open_paren + 60]!r}")
 
 
+def _conditional_all_args(sql: str, open_paren: int) -> tuple[list[str], int]:
+    """The plugin frontend's ``getMacroArgs`` (``CHDatasource.ts``, 4.3.2): it counts parentheses and splits on
+    commas at depth 1 without knowing SQL strings, so ``x = ','`` is two arguments there and ``x = ')'`` ends the
+    macro. The same here, so SQL the plugin would cut apart fails the tests instead of passing them."""
+    depth, start, args = 0, open_paren + 1, []
+    for i in range(open_paren, len(sql)):
+        char = sql[i]
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+        if char == "," and depth == 1:
+            args.append(sql[start:i])
+            start = i + 1
+        if char in "()" and depth == 0:
+            args.append(sql[start:i])
+            return [a.strip() for a in args], i + 1
+    raise MacroError(f"unbalanced parentheses after position {open_paren} in: {sql[open_paren : open_paren + 60]!r}")
+
+
 _VAR_REF = re.compile(r"\$\{(\w+)\}|\$(\w+)")
 
 
@@ -168,7 +188,7 @@ def expand_conditional_all(sql: str, variables: Mapping[str, VariableValue]) -> 
     """``$__conditionalAll(cond, $var)``: ``cond``, or ``1=1`` when ``$var`` is All or empty (plugin frontend)."""
     macro = "$__conditionalAll("
     while (index := sql.rfind(macro)) != -1:
-        args, end = _macro_args(sql, index + len(macro) - 1)
+        args, end = _conditional_all_args(sql, index + len(macro) - 1)
         if len(args) != 2:
             raise MacroError(f"$__conditionalAll takes (condition, $variable), got {len(args)} arguments")
         ref = _VAR_REF.fullmatch(args[1])

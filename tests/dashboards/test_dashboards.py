@@ -572,6 +572,16 @@ def test_variables_and_conditional_all() -> None:
         expand("c IN (${c:singlequote})", _R, variables={"c": ALL})
     with pytest.raises(MacroError, match="expects 1 argument"):
         expand("$__timeFilter()", _R)
+    # The plugin splits $__conditionalAll's arguments on commas and counts parentheses, strings or not
+    got = expand("$__conditionalAll(c IN splitByChar(',', f('{}')), $c)", _R, variables={"c": ["FR"]})
+    assert got == "c IN splitByChar(',', f('{}'))"  # the comma nested in a call: one argument there too
+    for cut_apart in (
+        "$__conditionalAll(c = ',', $c)",
+        "$__conditionalAll(c = ')', $c)",
+        "$__conditionalAll(c = '(', $c)",
+    ):
+        with pytest.raises(MacroError, match="conditionalAll|unbalanced"):
+            expand(cut_apart, _R, variables={"c": ["FR"]})
 
 
 def test_panel_interval_rounds_like_grafana() -> None:
