@@ -102,6 +102,15 @@ class Organisation:
     agencies: frozenset[str]
     countries: frozenset[str] = frozenset()
 
+    def country_refusal(self, country: str) -> str | None:
+        """None when the organisation may report for ``country`` (or lists no countries), else why not."""
+        if not self.countries or country in self.countries:
+            return None
+        return (
+            f"organisation {self.org_id!r} may not report for country {country[:8]!r} "
+            f"(its countries: {', '.join(sorted(self.countries))})"
+        )
+
     def __repr__(self) -> str:  # never the keys
         where = f", countries={sorted(self.countries)}" if self.countries else ""
         names = f"lab_ids={sorted(self.lab_ids)}, agencies={sorted(self.agencies)}"
@@ -274,13 +283,8 @@ class EnvelopeVerifier:
             return auth_reason(NOT_PERMITTED, f"organisation {org_id!r} may not report as lab_id {lab_id[:64]!r}")
         if agency is not None and agency not in org.agencies:
             return auth_reason(NOT_PERMITTED, f"organisation {org_id!r} may not report as agency {agency[:64]!r}")
-        if country is not None and org.countries and country not in org.countries:
-            return auth_reason(
-                NOT_PERMITTED,
-                f"organisation {org_id!r} may not report for country {country[:8]!r} "
-                f"(its countries: {', '.join(sorted(org.countries))})",
-            )
-        return None
+        refused = None if country is None else org.country_refusal(country)
+        return None if refused is None else auth_reason(NOT_PERMITTED, refused)
 
     def org_of(self, reporter: str) -> str | None:
         """The organisation allowed to report as ``lab:ID`` or ``agency:NAME`` (for evidence rebuilt
