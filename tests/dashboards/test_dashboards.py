@@ -580,7 +580,7 @@ def test_variables_and_conditional_all() -> None:
         "$__conditionalAll(c = ')', $c)",
         "$__conditionalAll(c = '(', $c)",
     ):
-        with pytest.raises(MacroError, match="conditionalAll|unbalanced"):
+        with pytest.raises(MacroError, match=r"conditionalAll|unbalanced"):
             expand(cut_apart, _R, variables={"c": ["FR"]})
 
 
