@@ -5,7 +5,8 @@ Why: the report and the tests run the dashboards' own SQL outside Grafana, so th
 passes, in Grafana's order:
 
 1. ``$__conditionalAll(condition, $var)`` (plugin frontend): ``condition``, or ``1=1`` when ``$var`` is All;
-2. template variables (Grafana frontend): ``$var``, ``${var}``, ``${var:singlequote|csv|sqlstring|raw}``,
+2. template variables (Grafana frontend): ``$var``, ``${var}``,
+   ``${var:singlequote|csv|sqlstring|raw|percentencode}``,
    and the globals ``$__from``, ``$__to``, ``$__interval``, ``$__interval_ms``;
 3. the plugin's backend macros (``pkg/macros/macros.go``): ``$__timeFilter``, ``$__timeFilter_ms``,
    ``$__dateFilter``, ``$__dateTimeFilter``/``$__dt``, ``$__fromTime[_ms]``, ``$__toTime[_ms]``,
@@ -21,6 +22,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from urllib.parse import quote
 
 from synthwatch.errors import SynthwatchError
 
@@ -159,6 +161,26 @@ def _macro_args(sql: str, open_paren: int) -> tuple[list[str], int]:
     raise MacroError(f"unbalanced parentheses after position {open_paren} in: {sql[open_paren : open_paren + 60]!r}")
 
 
+def _conditional_all_args(sql: str, open_paren: int) -> tuple[list[str], int]:
+    """The plugin frontend's ``getMacroArgs`` (``CHDatasource.ts``, 4.3.2): it counts parentheses and splits on
+    commas at depth 1 without knowing SQL strings, so ``x = ','`` is two arguments there and ``x = ')'`` ends the
+    macro. The same here, so SQL the plugin would cut apart fails the tests instead of passing them."""
+    depth, start, args = 0, open_paren + 1, []
+    for i in range(open_paren, len(sql)):
+        char = sql[i]
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+        if char == "," and depth == 1:
+            args.append(sql[start:i])
+            start = i + 1
+        if char in "()" and depth == 0:
+            args.append(sql[start:i])
+            return [a.strip() for a in args], i + 1
+    raise MacroError(f"unbalanced parentheses after position {open_paren} in: {sql[open_paren : open_paren + 60]!r}")
+
+
 _VAR_REF = re.compile(r"\$\{(\w+)\}|\$(\w+)")
 
 
@@ -166,7 +188,7 @@ def expand_conditional_all(sql: str, variables: Mapping[str, VariableValue]) -> 
     """``$__conditionalAll(cond, $var)``: ``cond``, or ``1=1`` when ``$var`` is All or empty (plugin frontend)."""
     macro = "$__conditionalAll("
     while (index := sql.rfind(macro)) != -1:
-        args, end = _macro_args(sql, index + len(macro) - 1)
+        args, end = _conditional_all_args(sql, index + len(macro) - 1)
         if len(args) != 2:
             raise MacroError(f"$__conditionalAll takes (condition, $variable), got {len(args)} arguments")
         ref = _VAR_REF.fullmatch(args[1])
@@ -189,6 +211,8 @@ def _format_value(name: str, value: VariableValue, fmt: str | None) -> str:
         return ",".join("'" + v.replace("'", "\\'") + "'" for v in values)
     if fmt == "sqlstring":
         return ",".join("'" + v.replace("'", "''") + "'" for v in values)
+    if fmt == "percentencode":  # Grafana's encodeURIComponentStrict: only A-Z a-z 0-9 - _ . ~ and %XX (UTF-8)
+        return quote(value if isinstance(value, str) else "{" + ",".join(values) + "}", safe="")
     if fmt in ("csv", "raw"):
         return ",".join(values)
     if fmt is None:  # the plugin's own format: a multi-value is quoted and joined, a single value raw

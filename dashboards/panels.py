@@ -358,9 +358,32 @@ def layout(panels: Sequence[cogbuilder.Builder[dashboard_models.Panel]]) -> None
         row_height = max(row_height, grid.h)
 
 
+def sql_text(variable: str) -> str:
+    """A template variable's value as a ClickHouse string: Grafana percent-encodes it, ClickHouse decodes it.
+
+    Why not ``${v:singlequote}`` or ``${v:sqlstring}``: Grafana escapes the quote only, and ClickHouse also reads a
+    backslash as an escape. Any viewer sets any variable through the URL (``?var-substance=...``; alert e-mails
+    link there), and ``\\' OR 1=1 --`` became ``'\\\\' OR 1=1 --'``: SQL of the viewer's choosing, run as Grafana's
+    ClickHouse user on every table of the database, not only what the dashboards show. Percent-encoded
+    (Grafana's ``encodeURIComponentStrict``: ``A-Z a-z 0-9 - _ . ~`` and ``%XX`` only), no value leaves its string.
+    """
+    return f"decodeURLComponent('${{{variable}:percentencode}}')"
+
+
+def sql_texts(variable: str) -> str:
+    """A multi-value variable as an ``Array(String)`` (``x IN`` it): Grafana percent-encodes ``{a,b}``.
+
+    Grafana joins the values with commas before encoding, so a value holding a comma (or starting or ending with a
+    brace) would be split: only for variables whose values are codes (ISO 3166 countries and regions, family names:
+    validated at intake). A single-valued variable (``substance``: keys such as ``name:2,5-dimethoxy...``) is
+    :func:`sql_text`, never split. ``tests/dashboards``: ``test_variable_values_reach_clickhouse_whole``.
+    """
+    return f"splitByChar(',', trim(BOTH '{{}}' FROM {sql_text(variable)}))"
+
+
 #: The filter every overview and drill-down panel applies: the selected countries and regions (All: no filter).
-IN_PLACE = """$__conditionalAll(country IN (${country:singlequote}), $country)
-  AND $__conditionalAll(region IN (${region:singlequote}), $region)"""
+IN_PLACE = f"""$__conditionalAll(country IN {sql_texts("country")}, $country)
+  AND $__conditionalAll(region IN {sql_texts("region")}, $region)"""
 
 
 def in_place(sql: str) -> str:
@@ -425,10 +448,10 @@ REGION = SqlVariable(
     name="region",
     label="Region",
     description="Narrows the panels to these ISO 3166-2 regions (network-wide alerts show under All only).",
-    sql="""
+    sql=f"""
 SELECT DISTINCT toString(region) AS region
 FROM substance_region_first_seen
-WHERE $__conditionalAll(country IN (${country:singlequote}), $country)
+WHERE $__conditionalAll(country IN {sql_texts("country")}, $country)
 ORDER BY region
 """,
     columns=(Column("region", "text"),),

@@ -16,6 +16,8 @@ from synthwatch.dashboards.panels import (
     SqlVariable,
     assemble_sql_dashboard,
     num_col,
+    sql_text,
+    sql_texts,
     text_col,
     time_col,
 )
@@ -40,10 +42,10 @@ ORDER BY family
         name="substance",
         label="Substance",
         description="Value: the substance key (InChIKey first block or name:<normalised>); text: its name.",
-        sql="""
+        sql=f"""
 SELECT substance_key, any(substance_name) AS name
 FROM substance_first_seen
-WHERE $__conditionalAll(family IN (${family:singlequote}), $family)
+WHERE $__conditionalAll(family IN {sql_texts("family")}, $family)
 GROUP BY substance_key
 ORDER BY name
 """,
@@ -56,9 +58,9 @@ ORDER BY name
 )
 
 #: The WHERE clause every panel shares: this substance, in the selected countries and regions.
-WHERE = """substance_key = ${substance:singlequote}
-  AND $__conditionalAll(country IN (${country:singlequote}), $country)
-  AND $__conditionalAll(region IN (${region:singlequote}), $region)"""
+WHERE = f"""substance_key = {sql_text("substance")}
+  AND $__conditionalAll(country IN {sql_texts("country")}, $country)
+  AND $__conditionalAll(region IN {sql_texts("region")}, $region)"""
 
 PANELS: tuple[SqlPanel, ...] = (
     SqlPanel(

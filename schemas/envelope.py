@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from synthwatch.errors import SynthwatchError
+from synthwatch.schemas.iso3166 import COUNTRIES
 
 HEADER_ORG = "synthwatch-org"
 HEADER_SIG = "synthwatch-sig"
@@ -92,16 +93,28 @@ def parse_key(text: str, where: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Organisation:
-    """One publishing organisation: its keys (newest first; older ones accepted during a rotation) and
-    the lab ids and agencies it may report as."""
+    """One publishing organisation: its keys (newest first; older ones accepted during a rotation), the lab ids
+    and agencies it may report as, and the countries it may report for (empty: any)."""
 
     org_id: str
     keys: tuple[bytes, ...]
     lab_ids: frozenset[str]
     agencies: frozenset[str]
+    countries: frozenset[str] = frozenset()
+
+    def country_refusal(self, country: str) -> str | None:
+        """None when the organisation may report for ``country`` (or lists no countries), else why not."""
+        if not self.countries or country in self.countries:
+            return None
+        return (
+            f"organisation {self.org_id!r} may not report for country {country[:8]!r} "
+            f"(its countries: {', '.join(sorted(self.countries))})"
+        )
 
     def __repr__(self) -> str:  # never the keys
-        return f"Organisation({self.org_id!r}, lab_ids={sorted(self.lab_ids)}, agencies={sorted(self.agencies)})"
+        where = f", countries={sorted(self.countries)}" if self.countries else ""
+        names = f"lab_ids={sorted(self.lab_ids)}, agencies={sorted(self.agencies)}"
+        return f"Organisation({self.org_id!r}, {names}{where})"
 
 
 def load_org_keys(path: Path) -> dict[str, Organisation]:
@@ -116,6 +129,7 @@ def load_org_keys(path: Path) -> dict[str, Organisation]:
           douane-sn:
             keys: ["<64 hex digits>"]
             agencies: ["Douanes sénégalaises"]
+            countries: [SN]             # optional: the countries it may report for (default: any)
     """
     try:
         mode = path.stat().st_mode
@@ -125,8 +139,15 @@ def load_org_keys(path: Path) -> dict[str, Organisation]:
         raise OrgKeysError(f"{path} holds secret keys but other users can read or change it: run `chmod 600 {path}`")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as error:
+    except OSError as error:
         raise OrgKeysError(f"cannot read the organisation keys file {path}: {error}") from error
+    except yaml.YAMLError as error:
+        # The line and what is wrong, never the parser's quote of the line: that line may hold a key, and this
+        # message goes to the worker's log and the terminal.
+        mark = getattr(error, "context_mark", None) or getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        said = [str(part) for part in (getattr(error, "context", None), getattr(error, "problem", None)) if part]
+        raise OrgKeysError(f"{where}: not valid YAML: {', '.join(said) or type(error).__name__}") from None
     entries = data.get("organisations") if isinstance(data, dict) else None
     if not isinstance(entries, dict) or not entries:
         raise OrgKeysError(f"{path}: expected a mapping `organisations: {{org_id: {{keys: [...], lab_ids: [...]}}}}`")
@@ -143,6 +164,7 @@ def load_org_keys(path: Path) -> dict[str, Organisation]:
             keys=tuple(parse_key(str(key), where) for key in entry["keys"]),
             lab_ids=lab_ids,
             agencies=agencies,
+            countries=_countries(entry.get("countries"), where),
         )
     _refuse_shared_reporters(path, orgs)
     return orgs
@@ -163,6 +185,22 @@ def _refuse_shared_reporters(path: Path, orgs: Mapping[str, Organisation]) -> No
                         f"{kind} reports for one organisation (its keys sign its reports, it alone corrects them); "
                         "list it under one, or give each organisation its own"
                     )
+
+
+def _countries(value: Any, where: str) -> frozenset[str]:
+    """``countries: [ML, SN]``: ISO 3166-1 alpha-2 codes, upper case (YAML 1.1 reads a bare NO as false: quote it).
+
+    A code that is no country (``UK`` for GB) is refused here: accepted, it refused every report of the
+    organisation's real country at intake, one reject at a time, with a reason naming the typo only in passing.
+    """
+    if value is None:
+        return frozenset()
+    if not isinstance(value, list) or not value or not all(isinstance(c, str) and c in _COUNTRY_CODES for c in value):
+        raise OrgKeysError(f"{where}: countries is a list of ISO 3166-1 alpha-2 codes, e.g. [ML, SN] (quote 'NO')")
+    return frozenset(value)
+
+
+_COUNTRY_CODES = frozenset(COUNTRIES)
 
 
 def _names(value: Any, where: str) -> frozenset[str]:
@@ -234,14 +272,19 @@ class EnvelopeVerifier:
                 return org.org_id, None
         return None, auth_reason(BAD_SIGNATURE, f"the signature is not {org.org_id!r}'s for this topic, key and value")
 
-    def permits(self, org_id: str, lab_id: str | None, agency: str | None) -> str | None:
-        """None when ``org_id`` may report as this lab or agency, else the reason to refuse."""
+    def permits(self, org_id: str, lab_id: str | None, agency: str | None, country: str | None = None) -> str | None:
+        """None when ``org_id`` may report as this lab or agency, for this country, else the reason to refuse.
+
+        The country matters because alerts are routed by place: without ``countries`` in the keys file, any
+        organisation's report may place a sample in any country, and its alerts go to that country's officers.
+        """
         org = self.orgs[org_id]
         if lab_id is not None and lab_id not in org.lab_ids:
             return auth_reason(NOT_PERMITTED, f"organisation {org_id!r} may not report as lab_id {lab_id[:64]!r}")
         if agency is not None and agency not in org.agencies:
             return auth_reason(NOT_PERMITTED, f"organisation {org_id!r} may not report as agency {agency[:64]!r}")
-        return None
+        refused = None if country is None else org.country_refusal(country)
+        return None if refused is None else auth_reason(NOT_PERMITTED, refused)
 
     def org_of(self, reporter: str) -> str | None:
         """The organisation allowed to report as ``lab:ID`` or ``agency:NAME`` (for evidence rebuilt

@@ -78,7 +78,8 @@ class Settings(BaseSettings):
     # --- signed reports (a per-organisation envelope; docs/security.md#kafka-authentication) -----------------------
     org_keys_file: Path | None = Field(
         default=None,
-        description="Worker: YAML of organisation -> HMAC keys and the lab_ids/agencies it may report as.",
+        description="Worker: YAML of organisation -> HMAC keys, the lab_ids/agencies it may report as and "
+        "(optional) the countries it may report for.",
     )
     require_signed_reports: bool | None = Field(
         default=None,

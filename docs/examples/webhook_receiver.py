@@ -100,7 +100,13 @@ def handle_alert(payload: dict[str, Any]) -> None:
 def make_handler(secrets: Mapping[str, list[str]], seen: SeenIds) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
+            declared = self.headers.get("Content-Length") or "0"
+            # "-1" read until the sender hung up: unbounded, before any signature check. ASCII digits only:
+            # str.isdigit() is also true of "²" (headers are read as Latin-1), which int() refuses with an error.
+            if not (declared.isascii() and declared.isdigit()):
+                self._answer(400, {"reason": "Content-Length must be a number of bytes"})
+                return
+            length = int(declared)
             if length > MAX_BODY:
                 self._answer(413, {"reason": "body too large"})
                 return

@@ -43,7 +43,7 @@ from synthwatch.schemas import Alert
 from synthwatch.settings import Settings
 from synthwatch.stream_apps.delivery.email import SmtpConfig, SmtpSender, build_email, message_id
 from synthwatch.stream_apps.delivery.endpoints import Endpoint, EndpointLimits, Endpoints
-from synthwatch.stream_apps.delivery.messages import Message, render_alert, render_digest
+from synthwatch.stream_apps.delivery.messages import Message, digest_listed, render_alert, render_digest
 from synthwatch.stream_apps.delivery.results import SendResult
 from synthwatch.stream_apps.delivery.subscriptions import (
     EmailChannel,
@@ -53,6 +53,7 @@ from synthwatch.stream_apps.delivery.subscriptions import (
     SubscriptionsError,
     WebhookChannel,
     load_subscriptions,
+    readable_secrets,
     recipients,
     secret_problems,
 )
@@ -126,6 +127,9 @@ def webhook_payload(alert: Alert, officer: Officer, route: str, message: Message
 
 
 def digest_payload(digest_id: str, officer: Officer, alerts: Sequence[Alert], message: Message) -> dict[str, Any]:
+    """What a webhook receives for a digest: the alerts its message lists (most severe first, at most
+    ``DIGEST_MAX_LISTED``) and how many more it covers without listing them."""
+    listed, more = digest_listed(alerts)
     return {
         "kind": "digest",
         "delivery_id": delivery_id(digest_id),
@@ -135,7 +139,8 @@ def digest_payload(digest_id: str, officer: Officer, alerts: Sequence[Alert], me
         "subject": message.subject,
         "text": message.text,
         "links": list(message.links),
-        "alerts": [alert.model_dump(mode="json") for alert in alerts],
+        "alerts": [alert.model_dump(mode="json") for alert in listed],
+        "alerts_not_listed": more,
     }
 
 
@@ -221,6 +226,9 @@ class DeliveryService:
 
     def _check_secrets(self) -> dict[str, str]:
         """Channels that cannot be signed for here (unset, short or shared secret): logged, never sent on."""
+        exposed = readable_secrets(self.subscriptions_file, self.subscriptions) if self.subscriptions_file else None
+        if exposed:
+            log.warning("subscriptions: %s", exposed)
         found = secret_problems(self.subscriptions)
         for key, why in found.items():
             log.error("webhook %s: %s; its deliveries will be refused until this is fixed", key, why)
@@ -585,7 +593,9 @@ class DeliveryService:
         self, officer: Officer, channel: WebhookChannel | EmailChannel, items: list[QueuedAlert], now: datetime
     ) -> list[Outcome]:
         alerts: list[tuple[QueuedAlert, Alert]] = []
-        for item in items:
+        for n, item in enumerate(items):
+            if n and n % SLICE_ALERTS == 0:
+                await asyncio.sleep(0)  # a digest may hold many queued alerts: not parsed in one piece
             try:
                 alerts.append((item, Alert.model_validate_json(item.alert_json)))
             except ValueError as error:

@@ -45,6 +45,7 @@ from synthwatch.catalogue import Family
 from synthwatch.errors import SynthwatchError
 from synthwatch.redaction import redact_url
 from synthwatch.schemas import Alert
+from synthwatch.schemas.envelope import others_can_reach
 from synthwatch.schemas.events import CountryCode, RegionCode
 from synthwatch.schemas.records import AlertType, Severity
 from synthwatch.stream_apps.delivery.targets import TargetPolicy, parse_networks
@@ -515,7 +516,8 @@ def _webhook_problems(
                         "alerts for the other",
                     )
                 )
-        refused = policy.literal_refusal(urlsplit(channel.url).hostname or "")
+        url = urlsplit(channel.url)
+        refused = policy.literal_refusal(url.hostname or "", plain=url.scheme.lower() != "https")
         if refused is not None:
             line, path = _locate(root, (*where, "url"))
             problems.append((line, f"{source}:{line}: {path}: {refused}"))
@@ -589,6 +591,28 @@ def parse_subscriptions(
     if problems or subscriptions is None:
         raise SubscriptionsError([text for _, text in sorted(problems, key=lambda p: p[0])])
     return subscriptions
+
+
+def readable_secrets(path: Path | str, subscriptions: Subscriptions) -> str | None:
+    """Why the file's literal webhook secrets are exposed (other users may read or change the file), or None.
+
+    A warning, not a refusal: a file without literal secrets (``secret_env``) may be world-readable, as a
+    Kubernetes ConfigMap is; one with them holds what signs alerts for its officers, like the keys files that
+    are refused when others can read them.
+    """
+    literal = [f"{officer.id}/{channel.name}" for _, _, officer, channel in subscriptions.webhooks() if channel.secret]
+    if not literal:
+        return None
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError:
+        return None
+    if not others_can_reach(mode):
+        return None
+    return (
+        f"{path} holds webhook secrets ({', '.join(sorted(set(literal)))}) but other users can read or change it: "
+        f"`chmod 600 {path}`, or move the secrets to secret_env variables"
+    )
 
 
 def load_subscriptions(path: Path | str, allowed_networks: Sequence[str] = ()) -> Subscriptions:

@@ -34,8 +34,10 @@ def parse_networks(values: Iterable[str]) -> tuple[IPNetwork, ...]:
 
 def _kind(address: IPAddress) -> str | None:
     """Why an address is not public ('loopback', 'link-local', ...), or None for a global address."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped  # ::ffff:127.0.0.1 is loopback too
+    if isinstance(address, ipaddress.IPv6Address):
+        # ::ffff:127.0.0.1 is loopback too; so is 2002:7f00:1:: (6to4 carries the IPv4 address it wraps, and
+        # Python calls 2002::/16 global whatever it wraps). Teredo (2001::/32) and NAT64 are refused as they are.
+        address = address.ipv4_mapped or address.sixtofour or address
     for name in ("loopback", "unspecified", "link_local", "multicast", "private", "reserved"):
         if getattr(address, f"is_{name}"):
             return name.replace("_", "-")
@@ -52,27 +54,40 @@ class TargetPolicy:
     def of(cls, *groups: Iterable[str]) -> TargetPolicy:
         return cls(tuple(n for group in groups for n in parse_networks(group)))
 
-    def refusal(self, host: str, address: str) -> str | None:
-        """None if ``address`` (what ``host`` resolved to) may be connected to; else the reason and the fix."""
+    def refusal(self, host: str, address: str, *, plain: bool = False) -> str | None:
+        """None if ``address`` (what ``host`` resolved to) may be connected to; else the reason and the fix.
+
+        ``plain``: the URL is ``http://``. Alerts carry seizure and lab data shared under agreement, and the
+        signature protects their integrity, not their confidentiality: in clear they may only go to a network
+        the administrator allowed (their own), never to a public address across the internet.
+        """
         try:
             ip = ipaddress.ip_address(address.split("%", 1)[0])
         except ValueError:
             return f"{host}: {address!r} is not an IP address"
-        kind = _kind(ip)
-        if kind is None or any(ip in network for network in self.allowed):
+        if any(ip in network for network in self.allowed):
             return None
+        kind = _kind(ip)
+        if kind is None and not plain:
+            return None
+        if kind is None:
+            return (
+                f"webhook target {host} is {address}, a public address, and its URL is http://: alerts would "
+                "cross the internet in clear. Use https://, or allow its network on purpose with "
+                "webhook_allowed_networks if it is your own"
+            )
         return (
             f"webhook target {host} is {address} ({kind}): refused. Allow it on purpose with "
             "webhook_allowed_networks in the subscriptions file or SYNTHWATCH_WEBHOOK_ALLOWED_NETWORKS"
         )
 
-    def literal_refusal(self, host: str) -> str | None:
+    def literal_refusal(self, host: str, *, plain: bool = False) -> str | None:
         """Check a URL host before any DNS: an IP literal, or a ``localhost`` name (always loopback)."""
         name = host.strip("[]").rstrip(".").lower()
         try:
             ipaddress.ip_address(name.split("%", 1)[0])
         except ValueError:
             if name == "localhost" or name.endswith(".localhost"):
-                return self.refusal(host, "127.0.0.1")
+                return self.refusal(host, "127.0.0.1", plain=plain)
             return None
-        return self.refusal(host, name)
+        return self.refusal(host, name, plain=plain)

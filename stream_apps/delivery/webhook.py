@@ -192,16 +192,17 @@ class GuardedResolver(AbstractResolver):
     public address for a check and to a private one for the connection (DNS rebinding).
     """
 
-    def __init__(self, policy: TargetPolicy, inner: AbstractResolver | None = None) -> None:
+    def __init__(self, policy: TargetPolicy, inner: AbstractResolver | None = None, *, plain: bool = False) -> None:
         self.policy = policy
         self.inner = inner or DefaultResolver()
+        self.plain = plain  # for http:// URLs: public addresses refused too (TargetPolicy.refusal)
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
         found = await self.inner.resolve(host, port, family)
         for item in found:
-            reason = self.policy.refusal(host, str(item["host"]))
+            reason = self.policy.refusal(host, str(item["host"]), plain=self.plain)
             if reason is not None:
                 raise TargetRefused(reason)
         return found
@@ -220,32 +221,59 @@ def _refused_by(error: BaseException) -> TargetRefused | None:
     return None
 
 
+#: Bytes of a refusing receiver's answer read for the delivery record (which keeps 200 characters of it).
+ANSWER_BYTES = 1024
+
+
+async def _answer_text(response: aiohttp.ClientResponse) -> str:
+    """The start of a refusal's body, as UTF-8, for the record; never more than :data:`ANSWER_BYTES`.
+
+    The receiver is not ours: ``response.text()`` read the whole body into memory, waited for a body that never
+    ended until the attempt's timeout (a 2xx followed by an endless body was recorded as "no answer"), and decoded it
+    with the charset the receiver named, on the event loop: ``charset=punycode`` decodes in quadratic time, so
+    one answer held every agent of the worker for seconds.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while size < ANSWER_BYTES and (chunk := await response.content.read(ANSWER_BYTES - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+    except (TimeoutError, aiohttp.ClientError):
+        pass  # the status has arrived: it is the answer, whatever became of the body
+    return b"".join(chunks).decode("utf-8", errors="replace")
+
+
 class WebhookSender:
     """POSTs signed JSON with one pooled aiohttp session (created in the running loop, on first use)."""
 
     def __init__(self, clock: Callable[[], float] = time.time, policy: TargetPolicy | None = None) -> None:
         self.clock = clock
         self.policy = policy or TargetPolicy()
-        self._session: aiohttp.ClientSession | None = None
+        self._sessions: dict[bool, aiohttp.ClientSession] = {}  # plain (http://) or not: each its own resolver
 
     async def post(
         self, url: str, body: bytes, *, secret: str, delivery_id: str, event: str, timeout_s: float
     ) -> SendResult:
-        host = urlsplit(url).hostname or ""
-        refused = self.policy.literal_refusal(host)  # IP literals skip the resolver
+        parts = urlsplit(url)
+        plain = parts.scheme.lower() != "https"
+        refused = self.policy.literal_refusal(parts.hostname or "", plain=plain)  # IP literals skip the resolver
         if refused is not None:
             return SendResult(False, None, refused)
-        if self._session is None or self._session.closed:
+        session = self._sessions.get(plain)
+        if session is None or session.closed:
             # no connection limits here: the delivery service limits attempts per endpoint and in total
-            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, resolver=GuardedResolver(self.policy))
-            self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
+            resolver = GuardedResolver(self.policy, plain=plain)
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, resolver=resolver)
+            session = self._sessions[plain] = aiohttp.ClientSession(connector=connector, trust_env=False)
         headers = webhook_headers(secret, body, delivery_id, event, self.clock())
         try:
-            async with self._session.post(
+            async with session.post(
                 url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s), allow_redirects=False
             ) as response:
-                text = await response.text(errors="replace")
-                return classify_http(response.status, text)
+                if 200 <= response.status < 300 or response.status == 409:
+                    return classify_http(response.status)  # the status is the answer: its body is never read
+                return classify_http(response.status, await _answer_text(response))
         except TimeoutError:
             return SendResult(False, None, f"no answer within {timeout_s:g} s", retryable=True)
         except aiohttp.InvalidURL as error:
@@ -257,6 +285,6 @@ class WebhookSender:
             return SendResult(False, None, f"{type(error).__name__}: {error}", retryable=True)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            await session.close()

@@ -193,6 +193,7 @@ class Intake:
                     org,
                     event.lab_id if isinstance(event, LabDetection) else None,
                     event.agency if isinstance(event, BorderSeizure) else None,
+                    event.country,
                 )
                 if refused is not None:
                     result.rejects.append(self._refuse(message, refused, event.event_id))

@@ -174,7 +174,8 @@ def _problems(subscriptions: Any, settings: Settings) -> tuple[list[str], list[s
                 except OSError as error:
                     warnings.append(f"{where}: cannot resolve {host} here ({error})")
                     continue
-                refused = sorted(filter(None, (policy.refusal(host, a) for a in addresses)))
+                plain = urlsplit(channel.url).scheme.lower() != "https"
+                refused = sorted(filter(None, (policy.refusal(host, a, plain=plain) for a in addresses)))
                 warnings.extend(f"{where}: {reason}" for reason in refused[:1])
             elif not settings.smtp_host:
                 warnings.append(f"{where}: e-mail, but SYNTHWATCH_SMTP_HOST is not set here")
@@ -261,7 +262,12 @@ def register(app: typer.Typer) -> None:
         ] = None,
     ) -> None:
         """Validate a subscriptions file and show who would receive what for sample alerts."""
-        from synthwatch.stream_apps.delivery.subscriptions import SubscriptionsError, load_subscriptions, recipients
+        from synthwatch.stream_apps.delivery.subscriptions import (
+            SubscriptionsError,
+            load_subscriptions,
+            readable_secrets,
+            recipients,
+        )
 
         console, err = command_console(), command_console(stderr=True)
         settings = Settings()
@@ -317,6 +323,8 @@ def register(app: typer.Typer) -> None:
             console.print(table)
 
         errors, warnings = _problems(subscriptions, settings)
+        exposed = readable_secrets(file, subscriptions)
+        warnings += [exposed] if exposed else []
         for warning in warnings:
             say(console, "[yellow]warning:[/] ", warning)
         for problem in errors:

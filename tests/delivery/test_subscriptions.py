@@ -6,11 +6,14 @@ checked against an oracle written independently from the raw filter data, never 
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from datetime import UTC, datetime, time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp.abc import AbstractResolver, ResolveResult
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +28,7 @@ from synthwatch.stream_apps.delivery.subscriptions import (
     secret_problems,
 )
 from synthwatch.stream_apps.delivery.targets import TargetPolicy
+from synthwatch.stream_apps.delivery.webhook import GuardedResolver, TargetRefused
 from tests.support.delivery_helpers import make_alert
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "subscriptions.example.yaml"
@@ -266,6 +270,8 @@ def test_secrets_with_the_same_value_under_two_variables_are_unusable() -> None:
         ("http://localhost/hook", "loopback"),
         ("http://[::1]/hook", "loopback"),
         ("http://[::ffff:127.0.0.1]/hook", "loopback"),
+        ("http://[2002:7f00:1::1]/hook", "loopback"),  # 6to4 around 127.0.0.1
+        ("http://[2002:a9fe:a9fe::1]/hook", "link-local"),  # 6to4 around the cloud metadata address
         ("http://169.254.169.254/latest/meta-data", "link-local"),
         ("http://10.1.2.3/hook", "private"),
         ("http://192.168.0.10/hook", "private"),
@@ -286,6 +292,32 @@ def test_webhooks_to_loopback_link_local_or_private_addresses_are_refused_unless
     allowed = parse_subscriptions(text, allowed_networks=["0.0.0.0/0", "::/0"])  # or by the settings
     assert allowed.target_policy(["0.0.0.0/0", "::/0"]).refusal("h", "127.0.0.1") is None
     assert parse_subscriptions(text.replace(url, "https://alertes.douanes.example.ml/hook")).officers
+
+
+def test_alerts_go_in_clear_only_to_a_network_allowed_on_purpose() -> None:
+    """An http:// webhook to a public address sent seizure and lab data across the internet in clear (the signature
+    protects integrity, not confidentiality): refused at load for an IP literal, and at connection time for a name."""
+    channel = "{type: webhook, url: 'URL', secret_env: SECRET_BKO}"
+    text = f"officers:\n  - {{id: bko, name: B, language: fr, routes: [{{channel: {channel}}}]}}\n"
+    with pytest.raises(SubscriptionsError, match=r"93\.184\.215\.14, a public address, and its URL is http://"):
+        parse_subscriptions(text.replace("URL", "http://93.184.215.14/hook"), "f.yaml")
+    assert parse_subscriptions(text.replace("URL", "https://93.184.215.14/hook")).officers
+    own = "webhook_allowed_networks: [93.184.215.0/24]\n"  # the administrator's own network, on purpose
+    assert parse_subscriptions(own + text.replace("URL", "http://93.184.215.14/hook")).officers
+
+    class Public(AbstractResolver):
+        async def resolve(self, host: str, port: int = 0, family: Any = socket.AF_INET) -> list[ResolveResult]:
+            return [{"hostname": host, "host": "93.184.215.14", "port": port, "family": family, "proto": 0, "flags": 0}]
+
+        async def close(self) -> None:
+            pass
+
+    async def resolve(plain: bool) -> list[ResolveResult]:
+        return await GuardedResolver(TargetPolicy(), Public(), plain=plain).resolve("hooks.example.org", 80)
+
+    assert asyncio.run(resolve(plain=False))[0]["host"] == "93.184.215.14"  # https://: any public address
+    with pytest.raises(TargetRefused, match=r"hooks\.example\.org is 93\.184\.215\.14, a public address, and its URL"):
+        asyncio.run(resolve(plain=True))
 
 
 def test_allowing_one_network_does_not_allow_the_others() -> None:

@@ -136,6 +136,20 @@ def test_keys_file_is_loaded_and_refused_when_others_can_read_it(tmp_path: Path)
             load_org_keys(write_keys(tmp_path / "bad.yaml", **bad))
 
 
+def test_a_keys_file_that_is_not_yaml_is_refused_by_line_without_quoting_the_key(tmp_path: Path) -> None:
+    """The parser's own message quotes the offending line, and the line with the stray quote is a key's:
+    the worker printed the key to its log and terminal at start."""
+    path = tmp_path / "orgs.yaml"
+    path.write_text(f'organisations:\n  lab-fr:\n    keys: ["{KEY_A.hex()}", "{KEY_B.hex()}]\n', encoding="utf-8")
+    path.chmod(0o600)
+    with pytest.raises(OrgKeysError) as refused:
+        load_org_keys(path)
+    message = str(refused.value)
+    for key in (KEY_A.hex(), KEY_B.hex()):  # not even a part of one (the parser quotes up to 75 characters)
+        assert not any(key[i : i + 8] in message for i in range(len(key) - 8)), message
+    assert message.startswith(f"{path}:3: not valid YAML: while scanning a quoted scalar"), message
+
+
 # --- the intake ---------------------------------------------------------------------------------------
 
 
@@ -164,6 +178,39 @@ def test_intake_accepts_its_own_organisations_reports_and_refuses_forgeries_coun
     assert reasons[f"{TOPIC}:0:9"].startswith("auth: unsigned")
     assert reasons[tampered.source].startswith("auth: bad_signature")
     assert len(result.events) + len(result.rejects) + result.duplicates == len(messages)
+
+
+def test_an_organisation_limited_to_its_countries_cannot_place_a_report_in_another(tmp_path: Path) -> None:
+    """Alerts are routed by place: a French lab's signed report placed in Bamako raised an alert that went to Mali's
+    officers (a critical one at once, for an opioid). With ``countries`` in the keys file it is refused."""
+    path = write_keys(
+        tmp_path / "orgs.yaml",
+        **{
+            "lab-fr": {"keys": [KEY_A.hex()], "lab_ids": ["LAB-FR-01"], "countries": ["FR"]},
+            "douane-ml": {"keys": [KEY_B.hex()], "agencies": ["Douanes maliennes"]},  # no list: any country
+        },
+    )
+    orgs = load_org_keys(path)
+    assert orgs["lab-fr"].countries == {"FR"} and orgs["douane-ml"].countries == frozenset()
+    intake = Intake(verifier=EnvelopeVerifier(orgs))
+    bamako = {"country": "ML", "region": "ML-BKO"}
+    result = intake.process(
+        [
+            signed(lab(event_id="fr-in-fr"), "lab-fr", KEY_A),
+            signed(lab(event_id="fr-in-ml", **bamako), "lab-fr", KEY_A),
+            signed(seizure(event_id="ml-in-fr"), "douane-ml", KEY_B, topic="synthwatch.border-seizures"),
+        ]
+    )
+    assert [e.event_id for e in result.events] == ["fr-in-fr", "ml-in-fr"]
+    (refused,) = result.rejects
+    assert (refused.event_id, refused.stage) == ("fr-in-ml", "auth")
+    assert refused.reason == (
+        "auth: not_permitted: organisation 'lab-fr' may not report for country 'ML' (its countries: FR)"
+    )
+    for bad in ("FR", [], ["fr"], ["FRA"], [False], ["UK"]):  # YAML 1.1 reads a bare NO as false; UK is GB
+        entry = {"keys": [KEY_A.hex()], "lab_ids": ["L"], "countries": bad}
+        with pytest.raises(OrgKeysError, match="countries is a list of ISO 3166-1 alpha-2 codes"):
+            load_org_keys(write_keys(tmp_path / "bad.yaml", **{"lab-fr": entry}))
 
 
 def test_intake_without_a_verifier_reads_unsigned_records_as_before() -> None:

@@ -503,6 +503,38 @@ def test_records_kafka_did_not_acknowledge_are_failed_not_accepted(own_broker: E
     assert all("send it again" in (p.reason or "") for p in verdicts[:2])
 
 
+@pytest.mark.integration
+def test_a_report_placed_outside_the_organisations_countries_is_rejected_at_the_gateway(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """The worker refuses a report an organisation places outside its ``countries`` (keys file): the gateway, which
+    holds the same file, says so in the lab's verdict instead of answering "accepted" for a report then refused."""
+    from synthwatch.producers.gateway import GatewayPublisher
+    from synthwatch.producers.readers import InputRecord
+    from synthwatch.schemas.envelope import Organisation
+
+    org = Organisation("lab-fr", (KEY_FR,), frozenset({"LAB-FR-01"}), frozenset(), frozenset({"FR"}))
+    settings = isolated_settings(broker, tmp_path / "data")
+    token, _ = TokenStore.open(tmp_path / "tokens.json").create("lab-fr", ["LAB-FR-01"], [])
+    publisher = GatewayPublisher(settings, broker.bootstrap_servers, {"lab-fr": org})
+    try:
+        records = [
+            InputRecord("r:1", json.dumps(lab(event_id="gw-in-fr"))),
+            InputRecord("r:2", json.dumps(lab(event_id="gw-in-ml", country="ML", region="ML-BKO"))),
+        ]
+        verdicts = publisher.publish_request(token, records).records
+    finally:
+        publisher.close()
+    assert [(p.event_id, p.verdict, p.reason) for p in verdicts] == [
+        ("gw-in-fr", "accepted", None),
+        (
+            "gw-in-ml",
+            "rejected",
+            "auth: not_permitted: organisation 'lab-fr' may not report for country 'ML' (its countries: FR)",
+        ),
+    ]
+
+
 # --- the application in this process (real app, real publisher, real broker) -----------------------------------
 
 
