@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, NoReturn, cast
@@ -431,6 +433,7 @@ def backtest(
     for kind, count in sorted(s.alerts_by_type.items()):
         console.print(f"  {kind}: {count}")
     console.print(f"alerts -> {output}; rejects -> {rejects or output.with_name(output.name + '.rejects.ndjson')}")
+    _TEARDOWN_SKIPPABLE.set()  # files written and closed, helper processes joined: nothing left for the teardown
 
 
 @bench_app.command("detection")
@@ -561,8 +564,26 @@ def bench_publish(
     run(events=events, console=console)
 
 
+#: Set by a command once all it does is written and closed and its processes are joined (only ``backtest``): then
+#: :func:`main` ends the process at once (``os._exit``, standard streams flushed first) instead of through the
+#: interpreter's teardown, which freed the reader's heap, RDKit and numpy object by object and collected it:
+#: 0.07-0.1 s of every backtest (a fifth of its start-up's 0.49 s). Not for a command that registers exit work.
+_TEARDOWN_SKIPPABLE = threading.Event()
+
+
 def main() -> None:
-    app()
+    _TEARDOWN_SKIPPABLE.clear()
+    try:
+        app()
+    except SystemExit as done:
+        if done.code in (0, None) and _TEARDOWN_SKIPPABLE.is_set():
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            except (OSError, ValueError):  # a closed pipe: leave it to the usual exit, which reports it
+                raise done from None
+            os._exit(0)
+        raise
 
 
 if __name__ == "__main__":
