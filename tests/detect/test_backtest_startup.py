@@ -77,3 +77,35 @@ def test_the_backtest_command_builds_its_start_without_the_collector_and_turns_i
     assert result.exit_code == 0, result.output
     assert seen == [False]  # the catalogue and the detector built without it
     assert gc.isenabled()
+
+
+def test_the_first_block_goes_to_the_detector_before_the_helpers_second_part_is_awaited(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Blocks are cut by lines read, as the helper's are: the first block (the helper's first part, 1,024 lines)
+    is sent once its lines are read. Cut at 1,024 observations, a malformed line among them made it wait for the
+    helper's answers for the next 3,072 lines first, and the detector waited with it."""
+    taken: list[int] = []  # helper answers taken in by the reader so far, at each block sent
+    remember, send = backtest.remember_structures, backtest._DetectionProcess.send
+
+    def counted(found: Any) -> None:
+        taken.append(len(taken) + 1)
+        remember(found)
+
+    def sending(self: Any, block: list[Any], lines: int = 0) -> None:
+        sent.append((len(taken), len(block), lines))
+        send(self, block, lines)
+
+    sent: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(backtest, "remember_structures", counted)
+    monkeypatch.setattr(backtest._DetectionProcess, "send", sending)
+    lines = simulate(SimulationConfig(days=30, seed=2, start=date(2026, 1, 1))).lines
+    lines.insert(10, "{not json")  # a malformed line in the first block
+    assert len(lines) > 2 * backtest._BLOCK_LINES
+
+    run = backtest.run_lines((f"sim:{n}", line) for n, line in enumerate(lines))
+
+    first = backtest._first_block_lines()
+    assert sent[0][0] == 1  # only the first part's answers taken in when the first block left
+    assert sent[0][2] == first and sent[0][1] < first  # its lines, one of them malformed
+    assert sum(count for _taken, _block, count in sent) == len(lines) == run.summary.lines
