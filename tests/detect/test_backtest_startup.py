@@ -86,19 +86,26 @@ def test_the_first_block_goes_to_the_detector_before_the_helpers_second_part_is_
     is sent once its lines are read. Cut at 1,024 observations, a malformed line among them made it wait for the
     helper's answers for the next 3,072 lines first, and the detector waited with it."""
     taken: list[int] = []  # helper answers taken in by the reader so far, at each block sent
-    remember, send = backtest.remember_structures, backtest._DetectionProcess.send
+    remember = backtest.remember_structures
 
     def counted(found: Any) -> None:
         taken.append(len(taken) + 1)
         remember(found)
 
-    def sending(self: Any, block: list[Any], lines: int = 0) -> None:
-        sent.append((len(taken), len(block), lines))
-        send(self, block, lines)
+    def sending(sink: type[Any]) -> Any:
+        send = sink.send
+
+        def recorded(self: Any, block: list[Any], lines: int = 0) -> None:
+            sent.append((len(taken), len(block), lines))
+            send(self, block, lines)
+
+        return recorded
 
     sent: list[tuple[int, int, int]] = []
     monkeypatch.setattr(backtest, "remember_structures", counted)
-    monkeypatch.setattr(backtest._DetectionProcess, "send", sending)
+    # either sink: a test process holding the embedded engine detects in-process (no fork), with the same blocks
+    for sink in (backtest._DetectionProcess, backtest._InProcess):
+        monkeypatch.setattr(sink, "send", sending(sink))
     lines = simulate(SimulationConfig(days=30, seed=2, start=date(2026, 1, 1))).lines
     lines.insert(10, "{not json")  # a malformed line in the first block
     assert len(lines) > 2 * backtest._BLOCK_LINES
