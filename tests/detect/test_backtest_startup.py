@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
+from synthwatch.catalogue import shipped_catalogue
 from synthwatch.producers.simulate import SimulationConfig, simulate
-from synthwatch.stream_apps.detect import backtest
+from synthwatch.stream_apps.detect import backtest, identity
 
 _WITH_EXIT_MARK = """
 import atexit, sys
@@ -85,34 +86,35 @@ def test_the_first_block_goes_to_the_detector_before_the_helpers_second_part_is_
     """Blocks are cut by lines read, as the helper's are: the first block (the helper's first part, 1,024 lines)
     is sent once its lines are read. Cut at 1,024 observations, a malformed line among them made it wait for the
     helper's answers for the next 3,072 lines first, and the detector waited with it."""
-    taken: list[int] = []  # helper answers taken in by the reader so far, at each block sent
-    remember = backtest.remember_structures
-
-    def counted(found: Any) -> None:
-        taken.append(len(taken) + 1)
-        remember(found)
+    first = backtest._first_block_lines()
+    lines = simulate(SimulationConfig(days=30, seed=2, start=date(2026, 1, 1))).lines
+    lines.insert(10, "{not json")  # a malformed line in the first block
+    assert len(lines) > 2 * backtest._BLOCK_LINES
+    numbered = [(f"sim:{n}", line) for n, line in enumerate(lines)]
+    head = set(backtest._spellings(numbered[:first], set()))
+    catalogue = {entry.smiles for entry in shipped_catalogue()}  # standardised by the intake, in this process
+    second = set(backtest._spellings(numbered[first : backtest._BLOCK_LINES], set())) - head - catalogue
+    assert second  # only the second part's
 
     def sending(sink: type[Any]) -> Any:
         send = sink.send
 
         def recorded(self: Any, block: list[Any], lines: int = 0) -> None:
-            sent.append((len(taken), len(block), lines))
+            known = second & identity._BY_SPELLING.keys()  # the second part's structures this process has
+            sent.append((len(known), len(block), lines))
             send(self, block, lines)
 
         return recorded
 
     sent: list[tuple[int, int, int]] = []
-    monkeypatch.setattr(backtest, "remember_structures", counted)
+    monkeypatch.setattr(identity, "_BY_SPELLING", {})  # none known before (the catalogue's come in with the intake)
     # either sink: a test process holding the embedded engine detects in-process (no fork), with the same blocks
     for sink in (backtest._DetectionProcess, backtest._InProcess):
         monkeypatch.setattr(sink, "send", sending(sink))
-    lines = simulate(SimulationConfig(days=30, seed=2, start=date(2026, 1, 1))).lines
-    lines.insert(10, "{not json")  # a malformed line in the first block
-    assert len(lines) > 2 * backtest._BLOCK_LINES
 
-    run = backtest.run_lines((f"sim:{n}", line) for n, line in enumerate(lines))
+    run = backtest.run_lines(iter(numbered))
 
-    first = backtest._first_block_lines()
-    assert sent[0][0] == 1  # only the first part's answers taken in when the first block left
+    assert sent[0][0] == 0  # none of the second part's structures awaited when the first block left
+    assert sent[1][0] == len(second)  # (they are by the second)
     assert sent[0][2] == first and sent[0][1] < first  # its lines, one of them malformed
-    assert sum(count for _taken, _block, count in sent) == len(lines) == run.summary.lines
+    assert sum(count for _known, _block, count in sent) == len(lines) == run.summary.lines
