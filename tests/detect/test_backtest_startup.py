@@ -16,39 +16,81 @@ from synthwatch.catalogue import shipped_catalogue
 from synthwatch.producers.simulate import SimulationConfig, simulate
 from synthwatch.stream_apps.detect import backtest, identity
 
-_WITH_EXIT_MARK = """
-import atexit, sys
+_WITH_EXIT_WORK = """
+import atexit, sys, tempfile, threading
 from pathlib import Path
-from typing import Any
 
-import pytest
-atexit.register(Path(sys.argv[1]).write_text, "torn down")
-sys.argv = ["synthwatch", *sys.argv[2:]]
+marks = Path(sys.argv[1])
+atexit.register((marks / "exit handler").write_text, "ran")  # as coverage, a logging handler or the engine do
+kept = tempfile.TemporaryDirectory(dir=marks)  # removed at exit by its weakref.finalize
+
+
+class Freed:  # freed only by the interpreter's teardown
+    def __del__(self, write=(marks / "torn down").write_text) -> None:
+        write("freed")
+
+
+held = Freed()
+if sys.argv[2] == "thread":  # a thread the usual exit waits for: it ends once the main thread has
+    threading.Thread(target=lambda: (threading.main_thread().join(), (marks / "thread").write_text("ended"))).start()
+sys.argv = ["synthwatch", *sys.argv[3:]]
 from synthwatch.cli.main import main
 main()
 """
 
 
+def _backtest_with_exit_work(marks: Path, *arguments: str, thread: bool = False, shell: str = "") -> Any:
+    marks.mkdir()
+    script = [sys.executable, "-c", _WITH_EXIT_WORK, str(marks), "thread" if thread else "-", "backtest", *arguments]
+    command = ["sh", "-c", f'exec "$@" {shell}', "sh", *script] if shell else script
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=marks)
+
+
 def test_a_finished_backtest_ends_without_the_interpreters_teardown(tmp_path: Path) -> None:
     """Tearing the interpreter down after the backtest (its heap, RDKit, numpy freed object by object) cost
     0.07-0.1 s of every run, for nothing: the files are written and closed, the helpers joined. The process now
-    ends at once after a success (no exit handler runs), with everything written and printed; a failure exits
-    as before."""
+    ends at once after a success, with everything written and printed and the exit work anything registered
+    done (exit handlers, temporary directories' cleanup); a failure exits as before."""
     lines = simulate(SimulationConfig(days=3, seed=2, start=date(2026, 1, 1))).lines
-    events, out, mark = tmp_path / "in.ndjson", tmp_path / "alerts.ndjson", tmp_path / "mark"
+    events, out = tmp_path / "in.ndjson", tmp_path / "alerts.ndjson"
     events.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    command = [sys.executable, "-c", _WITH_EXIT_MARK, str(mark), "backtest", "--input", str(events), "--output"]
 
-    done = subprocess.run([*command, str(out)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    done = _backtest_with_exit_work(tmp_path / "ok", "--input", str(events), "--output", str(out))
 
     assert done.returncode == 0, done.stderr
-    assert not mark.exists()  # no teardown: the exit handlers did not run
+    assert not (tmp_path / "ok" / "torn down").exists()  # no teardown
+    assert sorted(p.name for p in (tmp_path / "ok").iterdir()) == ["exit handler"]  # ran; the temporary dir gone
     assert f"backtest of {events.name}" in done.stdout and done.stdout.endswith(".rejects.ndjson\n")  # all printed
     expected = backtest.run_lines((f"{events.name}:{n}", line) for n, line in enumerate(lines, start=1))
     assert len(out.read_text(encoding="utf-8").splitlines()) == len(expected.alerts) > 0
 
-    failed = subprocess.run([*command[:-3], "--input", str(tmp_path / "absent"), "--output", str(out)], timeout=120)
-    assert failed.returncode == 1 and mark.read_text() == "torn down"  # a failure exits the usual way
+    failed = _backtest_with_exit_work(tmp_path / "failed", "--input", str(tmp_path / "absent"), "--output", str(out))
+    assert failed.returncode == 1 and (tmp_path / "failed" / "torn down").read_text() == "freed"  # the usual exit
+
+
+def test_a_finished_backtest_with_standard_output_closed_succeeds(tmp_path: Path) -> None:
+    """Run with standard output closed (``>&-``; Python's ``sys.stdout`` is then None, and Rich prints to
+    nowhere), a finished backtest flushed ``None`` and failed (exit 1, a traceback) after writing its alerts."""
+    events, out = tmp_path / "in.ndjson", tmp_path / "alerts.ndjson"
+    events.write_text(simulate(SimulationConfig(days=1, seed=2, start=date(2026, 1, 1))).lines[0] + "\n")
+
+    done = _backtest_with_exit_work(tmp_path / "marks", "--input", str(events), "--output", str(out), shell=">&-")
+
+    assert (done.returncode, done.stderr) == (0, "")
+    assert out.exists() and not (tmp_path / "marks" / "torn down").exists()
+
+
+def test_a_finished_backtest_waits_for_a_running_thread_as_the_usual_exit_does(tmp_path: Path) -> None:
+    """A thread still running at the end (not a daemon) is waited for by the usual exit, then the exit handlers
+    run (how a process pool's thread joins its processes): the process is not ended under it."""
+    events, out = tmp_path / "in.ndjson", tmp_path / "alerts.ndjson"
+    events.write_text(simulate(SimulationConfig(days=1, seed=2, start=date(2026, 1, 1))).lines[0] + "\n")
+
+    done = _backtest_with_exit_work(tmp_path / "marks", "--input", str(events), "--output", str(out), thread=True)
+
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "marks" / "thread").read_text() == "ended"
+    assert (tmp_path / "marks" / "exit handler").read_text() == "ran"
 
 
 def test_the_backtest_command_builds_its_start_without_the_collector_and_turns_it_back_on(
