@@ -131,11 +131,17 @@ def _run(
                 rejects.append(
                     Reject.of(line, source=source, reason=error.reason, stage="backtest", event_id=error.event_id)
                 )
-                continue
-            substance = identify(event)
-            grams = grams_of(event.quantity.value, event.quantity.unit) if isinstance(event, BorderSeizure) else None
-            block.append(fields_from(event, substance, grams))
-            if len(block) >= size:
+            else:
+                substance = identify(event)
+                grams = (
+                    grams_of(event.quantity.value, event.quantity.unit) if isinstance(event, BorderSeizure) else None
+                )
+                block.append(fields_from(event, substance, grams))
+            # A block is so many lines read, as the structure helper's blocks are, so it is sent before the next
+            # line is asked for (which waits for the helper's answers for the next block). Cut at so many
+            # observations, the first block (1,024 lines, the helper's first part) waited for the helper's second
+            # part whenever one of its lines was malformed, before the detector got anything.
+            if read - sent_lines >= size:
                 sink.send(block, read - sent_lines)
                 block, size, sent_lines = [], _BLOCK_LINES, read
         summary.lines = read

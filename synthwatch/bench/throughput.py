@@ -234,7 +234,15 @@ def _compare_checkouts(
         + ", ".join(f"{load:.1f}" for load in loads)
         + f" on {os.cpu_count()} cores"
     )
-    for column in ("file", "checkout", "wall s (median)", "lines/s (median)", "CPU s (median)", "CPU s each round"):
+    for column in (
+        "file",
+        "checkout",
+        "wall s (median)",
+        "wall s each round",
+        "lines/s (median)",
+        "CPU s (median)",
+        "CPU s each round",
+    ):
         table.add_column(column, justify="left" if column in ("file", "checkout") else "right")
     table.add_column("CPU / this", justify="right")
     table.add_column("lines/s / this", justify="right")
@@ -248,6 +256,7 @@ def _compare_checkouts(
                 name,
                 "this checkout" if index == 0 else python,
                 f"{wall:.2f}",
+                " / ".join(f"{w:.2f}" for w in walls),
                 f"{lines / wall:,.0f}",
                 f"{cpu:.2f}",
                 " / ".join(f"{c:.2f}" for c in cpus),

@@ -34,6 +34,7 @@ def test_checkouts_alternate_and_ratios_are_to_this_checkout(monkeypatch: pytest
     assert rates == {"one line": 0.5, "year": 50_000.0}
     row = next(line for line in out.getvalue().splitlines() if "year" in line and "other" in line)
     assert "6.00 / 6.00 / 6.00" in row and "1.50" in row and "0.50" in row  # CPU 1.5x this one's, half the rate
+    assert "4.00 / 4.00 / 4.00" in row  # each round's wall time too: the spread a median hides
 
 
 def test_each_command_runs_outside_any_checkout(tmp_path: Path) -> None:
