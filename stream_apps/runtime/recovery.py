@@ -79,6 +79,7 @@ async def recover_state(agents: AgentContext, tables: StateTables, outbox: Spike
             log.info("%d spike alert(s) kept in state before a restart sent again", resent)
     if settings.gc_freeze:
         freeze_long_lived_objects(settings.gc_thresholds)
+    agents.metrics.watch_collections()
     start_heap_trimmer(settings.heap_trim_seconds, agents.metrics.heap_trimmed)
     install_snapshot_on_signal(settings.tracemalloc_dump)
     ctx.state_ready = True

@@ -47,3 +47,28 @@ def test_thresholds_come_from_the_environment_as_json(monkeypatch: pytest.Monkey
         monkeypatch.setenv("SYNTHWATCH_GC_THRESHOLDS", bad)
         with pytest.raises(ValidationError, match="gc_thresholds"):
             Settings()
+
+
+def test_collections_once_ready_are_counted_and_timed_per_generation() -> None:
+    from prometheus_client import generate_latest
+
+    from synthwatch.stream_apps.runtime.metrics import WorkerMetrics, _on_collection
+
+    metrics = WorkerMetrics()
+    assert metrics.stats.gc_collections == [0, 0, 0]
+    metrics.watch_collections()
+    try:
+        gc.collect(0)
+        gc.collect(2)
+        assert metrics.stats.gc_collections == [1, 0, 1]
+        assert metrics.stats.gc_seconds[2] > 0 and metrics.stats.gc_longest_seconds >= metrics.stats.gc_seconds[0]
+        text = generate_latest(metrics.registry).decode()
+        assert 'synthwatch_gc_pause_seconds_count{generation="2"} 1.0' in text
+        assert 'synthwatch_gc_pause_seconds_count{generation="1"} 0.0' in text
+        later = WorkerMetrics()  # another worker in this process takes the one hook over
+        later.watch_collections()
+        gc.collect(1)
+        assert gc.callbacks.count(_on_collection) == 1
+        assert (metrics.stats.gc_collections, later.stats.gc_collections) == ([1, 0, 1], [0, 1, 0])
+    finally:
+        gc.callbacks.remove(_on_collection)
