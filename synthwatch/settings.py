@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, PositiveInt, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from synthwatch.schemas import topics
@@ -287,7 +287,14 @@ class Settings(BaseSettings):
     gc_freeze: bool = Field(
         default=True,
         description="Once the worker is ready, move what start-up allocated out of the garbage collector's "
-        "sight (gc.freeze) and collect the young generation less often: fewer full scans of detector state.",
+        "sight (gc.freeze) and collect with ``gc_thresholds``: fewer full scans of detector state.",
+    )
+    gc_thresholds: tuple[PositiveInt, PositiveInt, PositiveInt] = Field(
+        default=(50_000, 20, 100),
+        description="With gc_freeze, the collector's thresholds once the worker is ready (gc.set_threshold), as "
+        "JSON, e.g. [50000, 20, 100]. A collection stops every agent of the worker for as long as it walks: the "
+        "first number bounds the young generation, the second how many young collections the middle one "
+        "gathers (docs/performance.md, 'garbage collector').",
     )
 
     heap_trim_seconds: float = Field(

@@ -14,6 +14,7 @@ schemas; reject reasons are reduced to a short class by
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -43,6 +44,8 @@ T = TypeVar("T")
 ALERT_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 SINK_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SINK_ROWS_BUCKETS = (1, 5, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000)
+GC_PAUSE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_GENERATIONS = ("0", "1", "2")
 
 
 class KafkaEvent(Protocol):
@@ -123,6 +126,19 @@ class WorkerStats:
     rebuild: dict[str, Any] = field(default_factory=dict)
     heap_trims: int = 0  # freed heap pages given back to the kernel (stream_apps/runtime/heap.py)
     heap_trim_seconds: float = 0.0  # time those calls took, in all (in their own thread)
+    # automatic garbage collections since ready, per generation, and the time they held the interpreter
+    gc_collections: list[int] = field(default_factory=lambda: [0, 0, 0])
+    gc_seconds: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    gc_longest_seconds: float = 0.0
+
+
+#: The metrics the process's collection hook reports to (:meth:`WorkerMetrics.watch_collections`).
+_watching: WorkerMetrics | None = None
+
+
+def _on_collection(phase: str, info: dict[str, int]) -> None:
+    if _watching is not None:
+        _watching.collection(phase, info)
 
 
 #: Which /ready counter a stage's replayed records add to (:meth:`WorkerMetrics.replayed_records`).
@@ -244,6 +260,17 @@ class WorkerMetrics:
             ["agent"],
             registry=r,
         )
+        self.gc_pause = Histogram(
+            "synthwatch_gc_pause_seconds",
+            "Garbage collections once ready, per generation, and how long each held the worker (every agent waits "
+            "meanwhile: alert latency's tail; SYNTHWATCH_GC_THRESHOLDS).",
+            ["generation"],
+            buckets=GC_PAUSE_BUCKETS,
+            registry=r,
+        )
+        # children made here: the hook takes no metric lock that code it interrupts could hold while allocating
+        self._gc_pauses = [self.gc_pause.labels(generation=g) for g in _GENERATIONS]
+        self._gc_started = 0.0
         self._lag_labels: set[tuple[str, str]] = set()
         self.failing: set[str] = set()  # operations failing now (sink_failing == 1)
         self.faust_metrics: Any = None  # Faust's own sensor metrics, once attach_metrics made them
@@ -408,6 +435,27 @@ class WorkerMetrics:
 
     def set_ready(self, ready: bool = True) -> None:
         self.ready.set(1 if ready else 0)
+
+    def watch_collections(self) -> None:
+        """Time every garbage collection from now on (:meth:`collection`), when the worker is ready; one hook per
+        process: a later worker's metrics (tests run several in one process) take it over."""
+        global _watching
+        _watching = self
+        if _on_collection not in gc.callbacks:
+            gc.callbacks.append(_on_collection)
+
+    def collection(self, phase: str, info: dict[str, int]) -> None:
+        """``gc.callbacks`` hook: a collection starting or done (in whichever thread allocated)."""
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+            return
+        seconds = time.perf_counter() - self._gc_started
+        generation = info["generation"]
+        stats = self.stats
+        stats.gc_collections[generation] += 1
+        stats.gc_seconds[generation] += seconds
+        stats.gc_longest_seconds = max(stats.gc_longest_seconds, seconds)
+        self._gc_pauses[generation].observe(seconds)
 
     def heap_trimmed(self, seconds: float) -> None:
         """One ``malloc_trim`` call done (:mod:`.heap`), taking ``seconds`` (called from its own thread)."""

@@ -41,12 +41,12 @@ def rebuild_locked(ctx: WorkerContext) -> Any:
         )
 
 
-def freeze_long_lived_objects() -> None:
-    """What exists now lives as long as the worker: keep it out of every later collection, and collect the
-    young generation less often (each collection walks the detector state)."""
+def freeze_long_lived_objects(thresholds: tuple[int, int, int]) -> None:
+    """What exists now lives as long as the worker: keep it out of every later collection, and collect with
+    ``thresholds`` (``SYNTHWATCH_GC_THRESHOLDS``): each collection holds the event loop while it walks."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+    gc.set_threshold(*thresholds)
 
 
 async def recover_state(agents: AgentContext, tables: StateTables, outbox: SpikeOutbox) -> None:
@@ -78,7 +78,8 @@ async def recover_state(agents: AgentContext, tables: StateTables, outbox: Spike
         if resent:
             log.info("%d spike alert(s) kept in state before a restart sent again", resent)
     if settings.gc_freeze:
-        freeze_long_lived_objects()
+        freeze_long_lived_objects(settings.gc_thresholds)
+    agents.metrics.watch_collections()
     start_heap_trimmer(settings.heap_trim_seconds, agents.metrics.heap_trimmed)
     install_snapshot_on_signal(settings.tracemalloc_dump)
     ctx.state_ready = True

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.table import Table
@@ -60,6 +60,9 @@ EXPERIMENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Python objects from glibc's malloc, 2 arenas (PYTHONMALLOC=malloc)", ("glibc-malloc",)),
     ("at most 2 glibc arenas (MALLOC_ARENA_MAX=2)", ("arenas-2",)),
     ("glibc's mmap threshold fixed at 128 KiB", ("mmap-128k",)),
+    ("collector thresholds 50,000 / 20 / 100", ("gc-50k",)),
+    ("collector thresholds 5,000 / 5 / 1,000", ("gc-5k",)),
+    ("collector thresholds 2,000 / 10 / 1,000", ("gc-2k",)),
 )
 
 
@@ -229,7 +232,24 @@ LATENCY_EXPERIMENTS: tuple[tuple[str, tuple[str, ...], dict[str, str]], ...] = (
     ("fetch wait 20 ms", ("fetch-wait-20",), {}),
     ("fetch wait 100 ms (the default before 50)", ("fetch-wait-100",), {}),
     ("Faust's fixed 1.5 s fetch wait", ("fetch-wait-1500",), {}),
+    ("collector thresholds 50,000 / 20 / 100", ("gc-50k",), {}),
+    ("collector thresholds 5,000 / 5 / 1,000", ("gc-5k",), {}),
+    ("collector thresholds 2,000 / 10 / 1,000", ("gc-2k",), {}),
 )
+
+
+def collections_between(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """The worker's garbage collections between two /ready readings, per generation: how many, and the seconds
+    they held it (every agent waits meanwhile); the longest one since ready. Empty from a worker that does not
+    count them (another checkout's)."""
+    if "gc_collections" not in after:
+        return {}
+    out: dict[str, float] = {}
+    for g in range(3):
+        out[f"gc{g} n"] = float(after["gc_collections"][g] - before["gc_collections"][g])
+        out[f"gc{g} s"] = after["gc_seconds"][g] - before["gc_seconds"][g]
+    out["gc longest s (since ready)"] = after["gc_longest_seconds"]
+    return out
 
 
 def latency_experiments(
@@ -282,9 +302,11 @@ def latency_experiments(
                         wait_consumed([worker], summary.sent, timeout=900)
                         wait_idle([worker], timeout=900)
                     step = timedelta(days=60) / warmup_events if warmup_events else timedelta(seconds=5)
+                    before = worker.stats()
                     result = alert_latency(
                         settings, servers, rate, seconds, LatencyStream(f"lat{run}", start, step, warmup_events)
                     )
+                    collections = collections_between(before, worker.stats())
                 finally:
                     worker.stop()
                 out[label] = {
@@ -294,6 +316,7 @@ def latency_experiments(
                     "alerts": float(len(result.matched)),
                     "rate": result.sent / result.seconds,
                     "load_1min": os.getloadavg()[0],
+                    **collections,
                     **{f"{kind} {k}": v for kind, r in result.per_type().items() for k, v in r.items()},
                 }
                 console.print(f"{label}: {out[label]}")
