@@ -61,7 +61,7 @@ EXPERIMENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("at most 2 glibc arenas (MALLOC_ARENA_MAX=2)", ("arenas-2",)),
     ("glibc's mmap threshold fixed at 128 KiB", ("mmap-128k",)),
     ("collector thresholds 50,000 / 20 / 100", ("gc-50k",)),
-    ("collector thresholds 5,000 / 5 / 1,000", ("gc-5k",)),
+    ("collector thresholds 5,000 / 5 / 4,000", ("gc-5k",)),
     ("collector thresholds 2,000 / 10 / 1,000", ("gc-2k",)),
 )
 
@@ -233,7 +233,7 @@ LATENCY_EXPERIMENTS: tuple[tuple[str, tuple[str, ...], dict[str, str]], ...] = (
     ("fetch wait 100 ms (the default before 50)", ("fetch-wait-100",), {}),
     ("Faust's fixed 1.5 s fetch wait", ("fetch-wait-1500",), {}),
     ("collector thresholds 50,000 / 20 / 100", ("gc-50k",), {}),
-    ("collector thresholds 5,000 / 5 / 1,000", ("gc-5k",), {}),
+    ("collector thresholds 5,000 / 5 / 4,000", ("gc-5k",), {}),
     ("collector thresholds 2,000 / 10 / 1,000", ("gc-2k",), {}),
 )
 

@@ -51,7 +51,7 @@ WORKER_ENV: dict[str, dict[str, str]] = {
     "checkpoint-0.25": {"SYNTHWATCH_CHECKPOINT_SECONDS": "0.25"},
     # The collector's thresholds once ready (each collection holds the loop while it walks; docs/performance.md)
     "gc-50k": {"SYNTHWATCH_GC_THRESHOLDS": "[50000, 20, 100]"},
-    "gc-5k": {"SYNTHWATCH_GC_THRESHOLDS": "[5000, 5, 1000]"},
+    "gc-5k": {"SYNTHWATCH_GC_THRESHOLDS": "[5000, 5, 4000]"},
     "gc-2k": {"SYNTHWATCH_GC_THRESHOLDS": "[2000, 10, 1000]"},
     # The consumer watchdog's stall time scaled down (shipped: 30 s): its seek-backs under a backlog show at a
     # lower load and in a shorter run (docs/performance.md, "seek-backs").
