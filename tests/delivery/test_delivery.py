@@ -23,10 +23,10 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, ClassVar, get_args
 from urllib.parse import parse_qs, urlsplit
 
 import faust
@@ -717,18 +717,12 @@ def test_webhooks_connect_only_to_allowed_addresses_even_through_dns() -> None:
     assert len(hooks.on("x")) == 1  # only the allowed request reached the receiver
 
 
-class _HostileReceiver:
+@dataclass
+class _HostileReceiver(WebhookReceiver):
     """A receiver that is not ours answering as it likes: a status, then a body that never ends (``/endless``,
     ``/refuses-endlessly``), or a refusal in a charset it names (``/punycode``: 300 KB of ``a``)."""
 
-    PUNYCODE_BODY = b"a" * 300_000
-
-    def __init__(self) -> None:
-        self.port = 0
-        self._runner: web.AppRunner | None = None
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{name}"
+    PUNYCODE_BODY: ClassVar[bytes] = b"a" * 300_000
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
@@ -745,19 +739,6 @@ class _HostileReceiver:
                 await response.write(chunk)
                 await asyncio.sleep(0.001)
         return response
-
-    async def __aenter__(self) -> _HostileReceiver:
-        app = web.Application()
-        app.router.add_post("/{name}", self._handle)
-        self._runner = web.AppRunner(app, shutdown_timeout=0.5)
-        await self._runner.setup()
-        self.port = free_port("127.0.0.1")
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
 
 def test_a_receivers_answer_is_read_only_as_far_as_its_status_and_never_decoded_in_its_own_charset() -> None:

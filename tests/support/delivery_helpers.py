@@ -143,7 +143,7 @@ class WebhookReceiver:
             counts[r.key] += 1
         return dict(counts)
 
-    async def _handle(self, request: web.Request) -> web.Response:
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
         body = await request.read()
         headers = dict(request.headers)
