@@ -138,4 +138,10 @@ def worker_key(configured: str | None, data_dir: Path) -> bytes:
         else:
             with os.fdopen(descriptor, "w") as file:
                 file.write(secrets.token_hex(32))
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        raise WorkerKeyError(f"{path}: {error.strerror}") from error
+    if others_can_reach(mode):  # made 0600; loosened or copied since: whoever reads it can forge alerts
+        raise WorkerKeyError(f"{path} holds the worker key but other users can read or change it: `chmod 600 {path}`")
     return parse_key(path.read_text().strip(), str(path))

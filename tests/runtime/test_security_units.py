@@ -382,12 +382,19 @@ def test_reason_classes_are_a_fixed_set() -> None:
 
 
 def test_a_worker_signature_holds_only_for_the_same_topic_key_value_and_key(tmp_path: Path) -> None:
-    from synthwatch.stream_apps.runtime.worker_signature import HEADER, WorkerSigner, worker_key
+    from synthwatch.stream_apps.runtime.worker_signature import HEADER, WorkerKeyError, WorkerSigner, worker_key
 
     key = worker_key(None, tmp_path)
     assert worker_key(None, tmp_path) == key  # kept in the data directory, made once
     assert stat.S_IMODE((tmp_path / "worker-key").stat().st_mode) == 0o600
     signer = WorkerSigner(key)
+    own_key = tmp_path / "worker-key"
+    for loose in (0o644, 0o660, 0o604):  # loosened or copied since it was made: others read or change it
+        own_key.chmod(loose)
+        with pytest.raises(WorkerKeyError, match="other users can read or change it: `chmod 600"):
+            worker_key(None, tmp_path)
+    own_key.chmod(0o640)  # group read stays allowed, as for every key file (a Kubernetes Secret's fsGroup)
+    assert worker_key(None, tmp_path) == key
     headers = signer.headers("alerts", b"k", b"v")
     assert signer.valid("alerts", b"k", b"v", headers)
     assert not signer.valid("sightings", b"k", b"v", headers)  # moved to another topic
