@@ -45,7 +45,7 @@ from synthwatch.producers.gateway_tokens import GatewayToken, TokenStore
 from synthwatch.producers.publisher import Publisher
 from synthwatch.producers.readers import InputRecord, read_csv, read_ndjson
 from synthwatch.schemas import BorderSeizure, LabDetection, WireError
-from synthwatch.schemas.envelope import NOT_PERMITTED, Organisation, auth_reason
+from synthwatch.schemas.envelope import Organisation
 from synthwatch.schemas.records import MAX_REASON_CHARS
 from synthwatch.settings import Settings
 
@@ -300,9 +300,9 @@ class GatewayPublisher(Publisher):
             event.agency if isinstance(event, BorderSeizure) else None,
         )
         org = (self.org_keys or {}).get(self._token.org_id)
-        if refused is None and org is not None and (outside := org.country_refusal(event.country)) is not None:
+        if refused is None and org is not None:
             # The worker refuses it (EnvelopeVerifier.permits): said here, the lab is told, not answered "accepted"
-            refused = auth_reason(NOT_PERMITTED, outside)
+            refused = org.country_refusal(event.country)
         if refused is not None:
             raise WireError(refused, event.event_id)
         return event

@@ -103,12 +103,14 @@ class Organisation:
     countries: frozenset[str] = frozenset()
 
     def country_refusal(self, country: str) -> str | None:
-        """None when the organisation may report for ``country`` (or lists no countries), else why not."""
+        """None when the organisation may report for ``country`` (or lists no countries), else the reject reason
+        (``auth: not_permitted``), the same wherever it is judged (the worker's intake, the gateway)."""
         if not self.countries or country in self.countries:
             return None
-        return (
+        return auth_reason(
+            NOT_PERMITTED,
             f"organisation {self.org_id!r} may not report for country {country[:8]!r} "
-            f"(its countries: {', '.join(sorted(self.countries))})"
+            f"(its countries: {', '.join(sorted(self.countries))})",
         )
 
     def __repr__(self) -> str:  # never the keys
@@ -283,8 +285,7 @@ class EnvelopeVerifier:
             return auth_reason(NOT_PERMITTED, f"organisation {org_id!r} may not report as lab_id {lab_id[:64]!r}")
         if agency is not None and agency not in org.agencies:
             return auth_reason(NOT_PERMITTED, f"organisation {org_id!r} may not report as agency {agency[:64]!r}")
-        refused = None if country is None else org.country_refusal(country)
-        return None if refused is None else auth_reason(NOT_PERMITTED, refused)
+        return None if country is None else org.country_refusal(country)
 
     def org_of(self, reporter: str) -> str | None:
         """The organisation allowed to report as ``lab:ID`` or ``agency:NAME`` (for evidence rebuilt
