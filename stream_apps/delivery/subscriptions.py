@@ -48,7 +48,7 @@ from synthwatch.schemas import Alert
 from synthwatch.schemas.envelope import others_can_reach
 from synthwatch.schemas.events import CountryCode, RegionCode
 from synthwatch.schemas.records import AlertType, Severity
-from synthwatch.stream_apps.delivery.targets import TargetPolicy, parse_networks
+from synthwatch.stream_apps.delivery.targets import TargetPolicy, in_clear, parse_networks
 from synthwatch.stream_apps.delivery.webhook import MIN_SECRET_LENGTH
 
 Language = Literal["en", "fr", "ar"]
@@ -516,8 +516,7 @@ def _webhook_problems(
                         "alerts for the other",
                     )
                 )
-        url = urlsplit(channel.url)
-        refused = policy.literal_refusal(url.hostname or "", plain=url.scheme.lower() != "https")
+        refused = policy.literal_refusal(urlsplit(channel.url).hostname or "", plain=in_clear(channel.url))
         if refused is not None:
             line, path = _locate(root, (*where, "url"))
             problems.append((line, f"{source}:{line}: {path}: {refused}"))

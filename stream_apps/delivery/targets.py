@@ -16,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -30,6 +31,11 @@ def parse_networks(values: Iterable[str]) -> tuple[IPNetwork, ...]:
         except ValueError:
             raise ValueError(f"{value!r} is not an IP network (e.g. 127.0.0.0/8 or 10.20.0.0/16)") from None
     return tuple(out)
+
+
+def in_clear(url: str) -> bool:
+    """Whether a webhook URL sends in clear (anything but ``https://``): :meth:`TargetPolicy.refusal`'s ``plain``."""
+    return urlsplit(url).scheme.lower() != "https"
 
 
 def _kind(address: IPAddress) -> str | None:

@@ -35,7 +35,7 @@ from aiohttp.resolver import DefaultResolver
 
 from synthwatch.errors import SynthwatchError
 from synthwatch.stream_apps.delivery.results import SendResult
-from synthwatch.stream_apps.delivery.targets import TargetPolicy
+from synthwatch.stream_apps.delivery.targets import TargetPolicy, in_clear
 
 MIN_SECRET_LENGTH = 16
 """Shortest webhook secret accepted (characters); ``openssl rand -hex 32`` gives 64."""
@@ -255,9 +255,9 @@ class WebhookSender:
     async def post(
         self, url: str, body: bytes, *, secret: str, delivery_id: str, event: str, timeout_s: float
     ) -> SendResult:
-        parts = urlsplit(url)
-        plain = parts.scheme.lower() != "https"
-        refused = self.policy.literal_refusal(parts.hostname or "", plain=plain)  # IP literals skip the resolver
+        plain = in_clear(url)
+        # IP literals skip the resolver: judged here
+        refused = self.policy.literal_refusal(urlsplit(url).hostname or "", plain=plain)
         if refused is not None:
             return SendResult(False, None, refused)
         session = self._sessions.get(plain)
@@ -271,8 +271,9 @@ class WebhookSender:
             async with session.post(
                 url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s), allow_redirects=False
             ) as response:
-                if 200 <= response.status < 300 or response.status == 409:
-                    return classify_http(response.status)  # the status is the answer: its body is never read
+                delivered = classify_http(response.status)
+                if delivered.ok:
+                    return delivered  # the status is the answer: its body is never read
                 return classify_http(response.status, await _answer_text(response))
         except TimeoutError:
             return SendResult(False, None, f"no answer within {timeout_s:g} s", retryable=True)

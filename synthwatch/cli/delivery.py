@@ -160,6 +160,7 @@ def _problems(subscriptions: Any, settings: Settings) -> tuple[list[str], list[s
     from urllib.parse import urlsplit
 
     from synthwatch.stream_apps.delivery.subscriptions import WebhookChannel, secret_problems
+    from synthwatch.stream_apps.delivery.targets import in_clear
 
     errors = [f"{key.replace('/', ' / channel ')}: {why}" for key, why in secret_problems(subscriptions).items()]
     warnings = []
@@ -174,7 +175,7 @@ def _problems(subscriptions: Any, settings: Settings) -> tuple[list[str], list[s
                 except OSError as error:
                     warnings.append(f"{where}: cannot resolve {host} here ({error})")
                     continue
-                plain = urlsplit(channel.url).scheme.lower() != "https"
+                plain = in_clear(channel.url)
                 refused = sorted(filter(None, (policy.refusal(host, a, plain=plain) for a in addresses)))
                 warnings.extend(f"{where}: {reason}" for reason in refused[:1])
             elif not settings.smtp_host:
