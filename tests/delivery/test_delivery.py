@@ -997,6 +997,8 @@ def test_a_digest_lists_the_most_severe_alerts_up_to_its_limit_and_counts_the_re
         message = render_digest([*junk, warning], language, GRAFANA, date(2026, 3, 10), "Awa")
         assert len(message.links) == DIGEST_MAX_LISTED
         assert line in message.text and line in message.html, language
+        assert "`synthwatch alerts`" in message.text, language  # plain text quotes the command
+        assert "synthwatch alerts</code>" in message.html and "`" not in message.html, language  # HTML sets it as code
 
 
 def test_an_edited_subscriptions_file_is_picked_up_and_a_broken_edit_ignored(db: Any, tmp_path: Path) -> None:
