@@ -42,9 +42,9 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from synthwatch.errors import SynthwatchError
 from synthwatch.producers.gateway_tokens import GatewayToken, TokenStore
-from synthwatch.producers.publisher import Publisher
+from synthwatch.producers.publisher import Publisher, Signing
 from synthwatch.producers.readers import InputRecord, read_csv, read_ndjson
-from synthwatch.schemas import BorderSeizure, LabDetection, WireError
+from synthwatch.schemas import BorderSeizure, LabDetection
 from synthwatch.schemas.envelope import Organisation
 from synthwatch.schemas.records import MAX_REASON_CHARS
 from synthwatch.settings import Settings
@@ -231,11 +231,11 @@ class GatewayPublisher(Publisher):
         self.max_rejects_sent = settings.gateway_max_rejects_sent
         self._recent: OrderedDict[tuple[str, str], str] = OrderedDict()
 
-    def signer_for(self, org_id: str) -> tuple[str, bytes] | None:
-        """(organisation, newest key) the gateway signs ``org_id``'s records with, or None (unsigned)."""
+    def signer_for(self, org_id: str) -> Signing | None:
+        """The organisation and newest key the gateway signs ``org_id``'s records with, or None (unsigned)."""
         org = (self.org_keys or {}).get(org_id)
         if org is not None:
-            return org.org_id, org.keys[0]
+            return Signing(org.org_id, org.keys[0], org)
         if self.sign_required or self.org_keys is not None:
             raise SigningKeyMissing(
                 f"organisation {org_id!r} has no key in the organisation keys file (SYNTHWATCH_ORG_KEYS_FILE), so "
@@ -291,21 +291,19 @@ class GatewayPublisher(Publisher):
             yield record
 
     def _judge(self, record: InputRecord) -> LabDetection | BorderSeizure:
-        """The publisher's judgement, then the token's binding (a refusal raises WireError, as the publisher's)."""
+        """The publisher's judgement (a refusal raises WireError), noting the record's event id for its verdict."""
         event = super()._judge(record)
         self._records[record.source].event_id = event.event_id
+        return event
+
+    def _binding_refusal(self, event: LabDetection | BorderSeizure) -> str | None:
+        """The token's binding first (its reason names the token), then the organisation's, as the publisher's."""
         assert self._token is not None
         refused = self._token.permits(
             event.lab_id if isinstance(event, LabDetection) else None,
             event.agency if isinstance(event, BorderSeizure) else None,
         )
-        org = (self.org_keys or {}).get(self._token.org_id)
-        if refused is None and org is not None:
-            # The worker refuses it (EnvelopeVerifier.permits): said here, the lab is told, not answered "accepted"
-            refused = org.country_refusal(event.country)
-        if refused is not None:
-            raise WireError(refused, event.event_id)
-        return event
+        return refused if refused is not None else super()._binding_refusal(event)
 
     def _refused(self, record: InputRecord, reason: str, event_id: str | None) -> None:
         """The verdict is the publisher's decision: what went to the rejects topic is what the lab is told."""

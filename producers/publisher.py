@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from kafka import KafkaProducer
 from kafka import errors as kafka_errors
@@ -29,7 +29,7 @@ from synthwatch.errors import SynthwatchError
 from synthwatch.kafka_clients import KafkaConnectError, kafka_python_config, tls_preflight
 from synthwatch.producers.readers import InputRecord
 from synthwatch.schemas import BorderSeizure, LabDetection, Reject, WireError, parse_event_object
-from synthwatch.schemas.envelope import envelope_headers, load_org_keys, parse_key
+from synthwatch.schemas.envelope import Organisation, envelope_headers, load_org_keys, parse_key
 from synthwatch.schemas.records import RejectStage
 from synthwatch.schemas.reject_reasons import FUTURE_EVENT_CLASS, reject_reason
 from synthwatch.schemas.topics import default_partition
@@ -129,20 +129,30 @@ class SigningError(SynthwatchError, ValueError):
     """The publisher was asked to sign as an organisation but has no usable key for it."""
 
 
-def signing_key(settings: Settings) -> tuple[str, bytes] | None:
-    """(organisation, key) the publisher signs events with: ``SYNTHWATCH_ORG_ID`` with ``SYNTHWATCH_ORG_KEY``,
+class Signing(NamedTuple):
+    """Whom the publisher signs events as, with which key, and that organisation's bindings when they are known
+    (from the keys file): then a record the worker would refuse (another lab id, agency or country) is refused
+    here, with the worker's reason, instead of being sent."""
+
+    org_id: str
+    key: bytes
+    organisation: Organisation | None = None
+
+
+def signing_key(settings: Settings) -> Signing | None:
+    """The organisation and key the publisher signs events with: ``SYNTHWATCH_ORG_ID`` with ``SYNTHWATCH_ORG_KEY``,
     or with its first key in ``SYNTHWATCH_ORG_KEYS_FILE``; None when no organisation is set."""
     org_id = settings.org_id
     if not org_id:
         return None
     if settings.org_key is not None:
-        return org_id, parse_key(settings.org_key.get_secret_value(), "SYNTHWATCH_ORG_KEY")
+        return Signing(org_id, parse_key(settings.org_key.get_secret_value(), "SYNTHWATCH_ORG_KEY"))
     if settings.org_keys_file is None:
         raise SigningError(f"SYNTHWATCH_ORG_ID={org_id!r} needs SYNTHWATCH_ORG_KEY (hex) or SYNTHWATCH_ORG_KEYS_FILE")
     org = load_org_keys(settings.org_keys_file).get(org_id)
     if org is None:
         raise SigningError(f"organisation {org_id!r} is not in {settings.org_keys_file}")
-    return org_id, org.keys[0]
+    return Signing(org_id, org.keys[0], org)
 
 
 class Publisher:
@@ -290,7 +300,7 @@ class Publisher:
         partition = None if key is None else self.partition_for(topic, key)
         headers = None
         if self.signer is not None and what == "event":
-            headers = envelope_headers(self.signer[0], self.signer[1], topic, key, value)
+            headers = envelope_headers(self.signer.org_id, self.signer.key, topic, key, value)
         elif self.reject_signer is not None and what == "reject":
             headers = self.reject_signer.headers(topic, key, value)
         self._send(topic, key, value, partition, what, label, headers)
@@ -395,7 +405,20 @@ class Publisher:
             check_extras(event, self.limits)
         # Sent now: its Kafka timestamp, the receipt time the worker bounds event times by, is about this.
         check_event_time(event, datetime.now(UTC), self.limits)
+        refused = self._binding_refusal(event)
+        if refused is not None:
+            raise WireError(refused, event.event_id)
         return event
+
+    def _binding_refusal(self, event: LabDetection | BorderSeizure) -> str | None:
+        """The worker's reason to refuse the signed event (EnvelopeVerifier.permits), when the signing organisation's
+        bindings are known: told to the sender now, not found later in the rejects table."""
+        org = None if self.signer is None else self.signer.organisation
+        if org is None:
+            return None
+        if isinstance(event, LabDetection):
+            return org.refusal(event.lab_id, None, event.country)
+        return org.refusal(None, event.agency, event.country)
 
     def flush(self, timeout: float | None = None) -> None:
         self.producer.flush(timeout=timeout)

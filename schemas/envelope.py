@@ -102,6 +102,15 @@ class Organisation:
     agencies: frozenset[str]
     countries: frozenset[str] = frozenset()
 
+    def refusal(self, lab_id: str | None, agency: str | None, country: str | None) -> str | None:
+        """None when the organisation may report as this lab or agency, for this country, else the reject reason:
+        the same wherever it is judged (the worker's intake, the gateway, ``synthwatch publish``)."""
+        if lab_id is not None and lab_id not in self.lab_ids:
+            return auth_reason(NOT_PERMITTED, f"organisation {self.org_id!r} may not report as lab_id {lab_id[:64]!r}")
+        if agency is not None and agency not in self.agencies:
+            return auth_reason(NOT_PERMITTED, f"organisation {self.org_id!r} may not report as agency {agency[:64]!r}")
+        return None if country is None else self.country_refusal(country)
+
     def country_refusal(self, country: str) -> str | None:
         """None when the organisation may report for ``country`` (or lists no countries), else the reject reason
         (``auth: not_permitted``), the same wherever it is judged (the worker's intake, the gateway)."""
@@ -280,12 +289,7 @@ class EnvelopeVerifier:
         The country matters because alerts are routed by place: without ``countries`` in the keys file, any
         organisation's report may place a sample in any country, and its alerts go to that country's officers.
         """
-        org = self.orgs[org_id]
-        if lab_id is not None and lab_id not in org.lab_ids:
-            return auth_reason(NOT_PERMITTED, f"organisation {org_id!r} may not report as lab_id {lab_id[:64]!r}")
-        if agency is not None and agency not in org.agencies:
-            return auth_reason(NOT_PERMITTED, f"organisation {org_id!r} may not report as agency {agency[:64]!r}")
-        return None if country is None else org.country_refusal(country)
+        return self.orgs[org_id].refusal(lab_id, agency, country)
 
     def org_of(self, reporter: str) -> str | None:
         """The organisation allowed to report as ``lab:ID`` or ``agency:NAME`` (for evidence rebuilt

@@ -344,8 +344,10 @@ def test_publisher_signing_key_comes_from_the_settings_or_the_keys_file(tmp_path
     keys.write_text(yaml.safe_dump({"organisations": {"lab-fr": {"keys": [key.hex()], "lab_ids": ["LAB-FR-01"]}}}))
     keys.chmod(0o600)
     assert signing_key(Settings()) is None
-    assert signing_key(Settings(org_id="lab-fr", org_key=key.hex())) == ("lab-fr", key)
-    assert signing_key(Settings(org_id="lab-fr", org_keys_file=keys)) == ("lab-fr", key)
+    assert signing_key(Settings(org_id="lab-fr", org_key=key.hex())) == ("lab-fr", key, None)  # bindings unknown
+    from_file = signing_key(Settings(org_id="lab-fr", org_keys_file=keys))
+    assert from_file is not None and from_file[:2] == ("lab-fr", key)
+    assert from_file.organisation is not None and from_file.organisation.lab_ids == {"LAB-FR-01"}
     with pytest.raises(SigningError, match="'lab-de' is not in"):
         signing_key(Settings(org_id="lab-de", org_keys_file=keys))
     with pytest.raises(SigningError, match="needs SYNTHWATCH_ORG_KEY"):
@@ -372,13 +374,18 @@ def test_worker_stores_signed_reports_and_rejects_forgeries(broker: EmbeddedBrok
     try:
         publisher_settings = settings.model_copy(update={"org_id": "lab-fr", "org_key": None})
         records = [lab(event_id="sig-ok-1"), lab(event_id="sig-ok-2", lab_id="LAB-FR-01")]
-        records.append(lab(event_id="sig-forged-lab", lab_id="LAB-DE-07"))  # lab-fr reporting as lab-de
         with Publisher(publisher_settings, broker.bootstrap_servers) as publisher:
             summary = publisher.publish_records(InputRecord(f"f:{i}", json.dumps(r)) for i, r in enumerate(records))
-        assert summary.sent == 3 and summary.balanced
+        assert summary.sent == 2 and summary.balanced
 
         topic = settings.topic_lab_detections
         forger = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, acks="all")
+        # lab-fr reporting as lab-de, signed with lab-fr's own key (synthwatch publish refuses it before sending:
+        # test_publisher_refuses_what_the_signing_organisation_may_not_report_with_the_workers_reason)
+        as_de = json.dumps(lab(event_id="sig-forged-lab", lab_id="LAB-DE-07")).encode()
+        forger.send(
+            topic, key=b"FR-75C", value=as_de, headers=envelope_headers("lab-fr", key_fr, topic, b"FR-75C", as_de)
+        )
         unsigned = json.dumps(lab(event_id="sig-unsigned")).encode()
         forger.send(topic, key=b"FR-75C", value=unsigned)
         # lab-de's real key, claiming to be lab-fr
@@ -423,4 +430,34 @@ def test_publisher_keeps_refused_records_off_the_rejects_topic_when_told(
     assert (summary.read, summary.sent, summary.rejected) == (2, 1, 1) and summary.balanced
     assert summary.reject_reasons == {"invalid JSON": 1}
     assert sum(high_watermarks(broker.bootstrap_servers, [settings.topic_rejects]).values()) == 0
+    assert sum(high_watermarks(broker.bootstrap_servers, [settings.topic_lab_detections]).values()) == 1
+
+
+@pytest.mark.integration
+def test_publisher_refuses_what_the_signing_organisation_may_not_report_with_the_workers_reason(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """With the keys file, the publisher knows the organisation's lab ids and countries: a record the worker would
+    refuse (EnvelopeVerifier.permits) is refused here with the same reason, counted, and never sent."""
+    from synthwatch.stack.broker import high_watermarks
+
+    keys = tmp_path / "orgs.yaml"
+    orgs = {"lab-fr": {"keys": [bytes(range(32)).hex()], "lab_ids": ["LAB-FR-01"], "countries": ["FR"]}}
+    keys.write_text(yaml.safe_dump({"organisations": orgs}))
+    keys.chmod(0o600)
+    settings = isolated_settings(broker, tmp_path, org_id="lab-fr", org_keys_file=keys, publisher_send_rejects=False)
+    france = {"lab_id": "LAB-FR-01", "country": "FR", "region": "FR-75C"}
+    records = [
+        InputRecord("f:1", json.dumps(lab(event_id="in-fr", **france))),
+        InputRecord("f:2", json.dumps(lab(event_id="in-ml", **{**france, "country": "ML", "region": "ML-BKO"}))),
+        InputRecord("f:3", json.dumps(lab(event_id="as-de", **{**france, "lab_id": "LAB-DE-07"}))),
+    ]
+    with Publisher(settings, broker.bootstrap_servers) as publisher:
+        summary = publisher.publish_records(records)
+    assert (summary.read, summary.sent, summary.rejected) == (3, 1, 2) and summary.balanced
+    assert summary.reject_reasons == {"auth": 2}
+    assert summary.reject_counts == {
+        "auth: not_permitted: organisation 'lab-fr' may not report for country 'ML' (its countries: FR)": 1,
+        "auth: not_permitted: organisation 'lab-fr' may not report as lab_id 'LAB-DE-07'": 1,
+    }
     assert sum(high_watermarks(broker.bootstrap_servers, [settings.topic_lab_detections]).values()) == 1
