@@ -781,3 +781,30 @@ def render_digest(
         html=_render(f"{language}/digest.html.j2", **context),
         links=tuple(v.link for v in views),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetNoticeView:
+    """What an immediate-budget notice says: which reporter, on which day, how many alerts went at once.
+
+    ``reporter`` comes from a report (hostile): through ``visible``, and the HTML templates escape it again."""
+
+    notice_id: str
+    reporter: str
+    day: str
+    sent: int
+    budget: int
+
+
+def render_budget_notice(notice_id: str, reporter: str, day: date, sent: int, budget: int, language: str) -> Message:
+    """The one notice an officer gets when ``reporter``'s first-sighting alerts of ``day`` (the officer's day)
+    passed the immediate budget: ``sent`` went at once, the next ones of that day go to the daily digest."""
+    if language not in LANGUAGES:
+        raise ValueError(f"no templates for language {language!r}; available: {', '.join(LANGUAGES)}")
+    view = BudgetNoticeView(visible(notice_id), visible(reporter), day_text(day, language), sent, budget)
+    return Message(
+        language=language,
+        subject=_subject(_render(f"{language}/budget_notice_subject.txt.j2", v=view)),
+        text=_render(f"{language}/budget_notice.txt.j2", v=view),
+        html=_render(f"{language}/budget_notice.html.j2", v=view),
+    )

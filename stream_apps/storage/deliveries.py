@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from synthwatch.stream_apps.storage.tables import DELIVERY_COLUMNS, DELIVERY_TABLE, Attempt
@@ -23,6 +23,12 @@ Key = tuple[str, str, str]
 """(alert_id, officer_id, channel name): what is delivered at most once."""
 
 FINAL_STATUSES = ("delivered", "queued_digest", "digest_sent")
+#: Statuses of the rows an immediate delivery writes (each attempt, or its wait on an open circuit): a row of one of
+#: these with an attempt number means the alert was let through at once, whatever came of it.
+IMMEDIATE_STATUSES = ("delivered", "failed", "gave_up", "deferred")
+
+BudgetKey = tuple[str, str, date]
+"""(officer_id, reporter, day): what the immediate budget counts alerts per."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +88,38 @@ class DeliveryStore:
             ).result_rows
         wanted = set(keys)
         return {key for key in ((str(a), str(o), str(c)) for a, o, c in rows) if key in wanted}
+
+    def immediate_alerts(self, keys: Collection[BudgetKey], alert_types: Collection[str]) -> dict[BudgetKey, set[str]]:
+        """(officer, reporter, day) -> the alerts of ``alert_types`` naming that reporter that the officer was sent
+        at once on that budget day (any attempt made, on any channel; digest rows and stale give-ups excluded).
+
+        What the immediate budget counts, read back after a restart or from other workers; one query for all the
+        keys. Distinct alert ids: attempts, channels and replays of one alert count once.
+        """
+        if not keys:
+            return {}
+        with self.lock:
+            rows = self.client.query(
+                f"SELECT officer_id, reporter, budget_day, groupUniqArray(alert_id) FROM {DELIVERY_TABLE} "
+                "ARRAY JOIN reported_by AS reporter "
+                "WHERE officer_id IN %(officers)s AND budget_day IN %(days)s AND reporter IN %(reporters)s "
+                "AND alert_type IN %(types)s AND status IN %(immediate)s AND attempt > 0 AND digest_id = '' "
+                "GROUP BY officer_id, reporter, budget_day",
+                parameters={
+                    "officers": tuple({k[0] for k in keys}),
+                    "reporters": tuple({k[1] for k in keys}),
+                    "days": tuple({k[2] for k in keys}),
+                    "types": tuple(alert_types),
+                    "immediate": IMMEDIATE_STATUSES,
+                },
+            ).result_rows
+        wanted = set(keys)
+        found: dict[BudgetKey, set[str]] = {}
+        for officer_id, reporter, day, alert_ids in rows:
+            key = (str(officer_id), str(reporter), day)
+            if key in wanted:
+                found[key] = {str(a) for a in alert_ids}
+        return found
 
     def recipients_of(self, alert_ids: Collection[str]) -> dict[str, set[tuple[str, str, str]]]:
         """alert id -> the (officer, channel, route) it was delivered to, queued for or sent in a digest:

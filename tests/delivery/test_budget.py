@@ -1,0 +1,265 @@
+"""The immediate budget on real parts: a webhook receiver and an SMTP server on loopback ports, and the embedded
+ClickHouse holding ``deliveries``.
+
+One signed lab sending invented structures raises a critical new-substance alert per report; an officer gets at
+most the budget (``SYNTHWATCH_DELIVERY_IMMEDIATE_BUDGET``, default 10) of them at once a day from that lab, the
+rest in the daily digest, and one notice per reporter and day saying so. Nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from synthwatch.schemas import Alert
+from synthwatch.settings import Settings
+from synthwatch.stream_apps.delivery.email import SmtpConfig
+from synthwatch.stream_apps.delivery.messages import LANGUAGES, render_budget_notice
+from synthwatch.stream_apps.delivery.service import DeliveryService, RetryPolicy
+from synthwatch.stream_apps.delivery.subscriptions import parse_subscriptions
+from synthwatch.stream_apps.storage.clickhouse import migrate
+from synthwatch.stream_apps.storage.deliveries import DeliveryStore
+from tests.support.delivery_helpers import LOOPBACK, SmtpServer, WebhookReceiver, make_alert, subscriptions_yaml
+
+FAST = RetryPolicy(max_attempts=2, base_delay_s=0.01, max_delay_s=0.05, jitter=0.0)
+BUDGET = Settings().delivery_immediate_budget  # what an operator gets without setting anything
+FLOODER, HONEST = "LAB-ML-FLOOD", "LNS-ML-BKO"
+HOSTILE = "<script>x</script>\nFrom: evil@x \u202eLAB"
+BAMAKO = "ml-bko-douanes"  # French, webhook (subscriptions_yaml)
+PARIS = "fr-paris-ofast"  # English, e-mail
+
+
+@pytest.fixture
+def db(ch: Any) -> Any:
+    migrate(ch)
+    return ch
+
+
+def _service(db: Any, hooks: WebhookReceiver, smtp: SmtpServer) -> DeliveryService:
+    config = SmtpConfig("127.0.0.1", smtp.port, starttls=False, sender="alerts@synthwatch.example")
+    return DeliveryService(
+        parse_subscriptions(subscriptions_yaml(hooks), allowed_networks=LOOPBACK),
+        DeliveryStore(db),
+        policy=FAST,
+        store_retries=3,
+        allowed_networks=LOOPBACK,
+        smtp=config,
+    )
+
+
+def _flood(n: int, reporters: list[str], start: int = 0, **changes: Any) -> list[Alert]:
+    """``n`` critical new-nitazene alerts (distinct structures) reported by ``reporters``."""
+    return [
+        make_alert(alert_id=f"{(reporters or ['nobody'])[0][:6]}{i:018d}", reported_by=reporters, **changes)
+        for i in range(start, start + n)
+    ]
+
+
+def _statuses(outcomes: list[list[Any]], officer: str) -> list[str]:
+    return [o.status for alert in outcomes for o in alert if o.officer_id == officer and o.alert_id[:7] != "budget-"]
+
+
+def _alerts_on_hook(hooks: WebhookReceiver) -> list[str]:
+    return [r.json()["alert_id"] for r in hooks.accepted("bamako") if r.json()["kind"] == "alert"]
+
+
+def _notices_on_hook(hooks: WebhookReceiver) -> list[dict[str, Any]]:
+    return [r.json() for r in hooks.accepted("bamako") if r.json()["kind"] == "notice"]
+
+
+def _alert_mails(smtp: SmtpServer) -> list[str]:
+    return [str(m["X-Synthwatch-Alert-Id"]) for _, _, m in smtp.messages if m["X-Synthwatch-Alert-Id"]]
+
+
+def _notice_mails(smtp: SmtpServer) -> list[Any]:
+    return [m for _, _, m in smtp.messages if m["X-Synthwatch-Notice-Id"]]
+
+
+def test_a_flooding_reporter_gets_the_budget_at_once_then_the_digest_and_one_notice(db: Any) -> None:
+    alerts = _flood(BUDGET + 3, [FLOODER])
+    later = _flood(2, [FLOODER], start=BUDGET + 3)
+
+    with SmtpServer() as smtp:
+
+        async def scenario() -> tuple[WebhookReceiver, list[list[Any]], list[list[Any]]]:
+            async with WebhookReceiver() as hooks:
+                service = _service(db, hooks, smtp)
+                first = await service.handle_batch(alerts)
+                second = await service.handle_batch(later)  # later the same day: still over, no second notice
+                await service.close()
+                return hooks, first, second
+
+        hooks, first, second = asyncio.run(scenario())
+    ids = [a.alert_id for a in alerts]
+    for officer in (BAMAKO, PARIS):
+        assert _statuses(first, officer) == ["delivered"] * BUDGET + ["queued_digest"] * 3
+        assert _statuses(second, officer) == ["queued_digest"] * 2
+    assert _alerts_on_hook(hooks) == ids[:BUDGET] and sorted(_alert_mails(smtp)) == sorted(ids[:BUDGET])
+
+    (notice,) = _notices_on_hook(hooks)  # one, in the officer's language (French), naming the reporter
+    assert notice["reporter"] == FLOODER and notice["immediate_sent"] == BUDGET and notice["language"] == "fr"
+    assert FLOODER in notice["subject"] and "résumé quotidien" in notice["text"]
+    assert f"{BUDGET} alertes" in notice["text"]
+    (mail,) = _notice_mails(smtp)  # the English officer's, by e-mail
+    body = mail.get_body(("plain",)).get_content()
+    assert FLOODER in mail["Subject"] and f"{BUDGET} alerts at once" in body and "daily digest" in body
+
+    # Nothing dropped: the held alerts are queued for the digest with the reason, and carry the alert.
+    held = db.query(
+        "SELECT alert_id, officer_id, reason, alert_json FROM deliveries WHERE status = 'queued_digest' "
+        "ORDER BY officer_id, alert_id"
+    ).result_rows
+    assert len(held) == 2 * 5
+    assert {r[0] for r in held} == set(ids[BUDGET:]) | {a.alert_id for a in later}
+    assert all(r[2].startswith("over the immediate budget") and FLOODER in r[2] for r in held)
+    assert all(Alert.model_validate_json(r[3]).alert_id == r[0] for r in held)
+
+
+def test_held_alerts_go_out_in_the_next_daily_digest(db: Any) -> None:
+    alerts = _flood(BUDGET + 2, [FLOODER])
+    with SmtpServer() as smtp:
+
+        async def scenario() -> tuple[WebhookReceiver, list[Any]]:
+            async with WebhookReceiver() as hooks:
+                service = _service(db, hooks, smtp)
+                await service.handle_batch(alerts)
+                officer = service.subscriptions.officer(BAMAKO)
+                assert officer is not None
+                due = officer.digest_moment(datetime.now(UTC) + timedelta(days=1)) + timedelta(minutes=1)
+                sent = await service.send_digests(due)
+                await service.close()
+                return hooks, sent
+
+        hooks, sent = asyncio.run(scenario())
+    digested = sorted({o.alert_id for o in sent if o.status == "digest_sent"})
+    assert digested == sorted(a.alert_id for a in alerts[BUDGET:])
+    (digest,) = [r.json() for r in hooks.accepted("bamako") if r.json()["kind"] == "digest"]
+    assert sorted(a["alert_id"] for a in digest["alerts"]) == digested
+
+
+def test_the_count_survives_a_restart_and_a_replay_counts_nothing_twice(db: Any) -> None:
+    alerts = _flood(BUDGET + 2, [FLOODER])
+    first_part = BUDGET - 2
+
+    with SmtpServer() as smtp:
+
+        async def scenario() -> tuple[WebhookReceiver, list[list[Any]]]:
+            async with WebhookReceiver() as hooks:
+                first = _service(db, hooks, smtp)
+                await first.handle_batch(alerts[:first_part])
+                await first.close()  # the worker restarts: an empty memory, the same ClickHouse
+                second = _service(db, hooks, smtp)
+                replayed = await second.handle_batch(alerts)  # the topic replayed from the start
+                again = await second.handle_batch(alerts)  # and once more: still one notice
+                await second.close()
+                third = _service(db, hooks, smtp)  # a third start: the notice is not sent again
+                await third.handle_batch(alerts)
+                await third.close()
+                return hooks, replayed + again
+
+        hooks, outcomes = asyncio.run(scenario())
+    replayed = outcomes[: len(alerts)]
+    assert _statuses(replayed, BAMAKO) == ["skipped"] * first_part + ["delivered"] * 2 + ["queued_digest"] * 2
+    assert _alerts_on_hook(hooks) == [a.alert_id for a in alerts[:BUDGET]]  # each once, BUDGET in all
+    assert len(_notices_on_hook(hooks)) == 1 and len(_notice_mails(smtp)) == 1
+    assert _notices_on_hook(hooks)[0]["immediate_sent"] == BUDGET
+
+
+def test_other_reporters_and_shared_alerts_are_not_held_by_a_flooding_one(db: Any) -> None:
+    flood = _flood(BUDGET + 1, [FLOODER])
+    honest = _flood(2, [HONEST])
+    shared = _flood(1, [FLOODER, HONEST], start=100)  # the same substance reported by both: the honest one counts
+    with SmtpServer() as smtp:
+
+        async def scenario() -> tuple[WebhookReceiver, list[list[Any]]]:
+            async with WebhookReceiver() as hooks:
+                service = _service(db, hooks, smtp)
+                await service.handle_batch(flood)
+                got = await service.handle_batch([*honest, *shared])
+                await service.close()
+                return hooks, got
+
+        hooks, got = asyncio.run(scenario())
+    assert _statuses(got, BAMAKO) == ["delivered"] * 3 and _statuses(got, PARIS) == ["delivered"] * 3
+    assert [n["reporter"] for n in _notices_on_hook(hooks)] == [FLOODER]
+
+
+def test_a_new_day_starts_a_new_budget_counted_on_the_day_of_detection(db: Any) -> None:
+    today = _flood(BUDGET + 1, [FLOODER])
+    # reported with yesterday's dates but detected tomorrow: the report's dates are the reporter's to choose
+    tomorrow = _flood(
+        1,
+        [FLOODER],
+        start=50,
+        detected_at=datetime.now(UTC) + timedelta(days=1),
+        triggered_at=datetime.now(UTC) - timedelta(days=1),
+    )
+    backdated = _flood(1, [FLOODER], start=60, triggered_at=datetime.now(UTC) - timedelta(days=3))
+    with SmtpServer() as smtp:
+
+        async def scenario() -> list[list[Any]]:
+            async with WebhookReceiver() as hooks:
+                service = _service(db, hooks, smtp)
+                await service.handle_batch(today)
+                got = await service.handle_batch([*tomorrow, *backdated])
+                await service.close()
+                return got
+
+        got = asyncio.run(scenario())
+    assert _statuses(got, BAMAKO) == ["delivered", "queued_digest"]
+
+
+def test_without_reporters_or_with_the_budget_off_nothing_is_held(db: Any) -> None:
+    unattributed = _flood(BUDGET + 1, [])  # make_alert's default: reported by nobody
+    with SmtpServer() as smtp:
+
+        async def scenario() -> list[list[Any]]:
+            async with WebhookReceiver() as hooks:
+                service = _service(db, hooks, smtp)
+                got = await service.handle_batch(unattributed)
+                service.immediate_budget = 0
+                got += await service.handle_batch(_flood(BUDGET + 1, [FLOODER]))
+                await service.close()
+                return got
+
+        got = asyncio.run(scenario())
+    assert _statuses(got, BAMAKO) == ["delivered"] * (2 * BUDGET + 2)
+
+
+def test_the_default_budget_is_far_above_an_honest_reporters_day() -> None:
+    """EU-wide, 25-50 new substances a year; a single lab sees a handful a month at most."""
+    assert 5 <= BUDGET <= 10
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_the_notice_names_the_reporter_and_the_count_with_hostile_text_escaped(language: str) -> None:
+    day = datetime(2026, 12, 7, tzinfo=UTC).date()
+    message = render_budget_notice("budget-2026-12-07-abc", HOSTILE, day, BUDGET, BUDGET, language)
+    assert "<script>" not in message.html and "&lt;script&gt;" in message.html
+    assert "\nFrom: evil" not in message.text and "\\nFrom: evil" in message.text
+    assert "\u202e" not in message.text + message.html + message.subject and "\n" not in message.subject
+    for text in (message.text, message.html):
+        assert "budget-2026-12-07-abc" in text and str(BUDGET) in text
+    assert {"en": "7 December 2026", "fr": "7 décembre 2026", "ar": "2026"}[language] in message.text
+
+
+def test_a_hostile_reporter_reaches_the_reason_and_the_email_notice_escaped(db: Any) -> None:
+    alerts = _flood(BUDGET + 1, [HOSTILE])
+    with SmtpServer() as smtp:
+
+        async def scenario() -> None:
+            async with WebhookReceiver() as hooks:
+                service = _service(db, hooks, smtp)
+                await service.handle_batch(alerts)
+                await service.close()
+
+        asyncio.run(scenario())
+    (mail,) = _notice_mails(smtp)
+    assert "\n" not in str(mail["Subject"]) and "From: evil" not in str(mail["From"])
+    html = mail.get_body(("html",)).get_content()
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    (reason,) = db.query("SELECT DISTINCT reason FROM deliveries WHERE status = 'queued_digest'").result_rows[0]
+    assert "\n" not in reason and "\u202e" not in reason
