@@ -168,6 +168,58 @@ def test_the_count_survives_a_restart_and_a_replay_counts_nothing_twice(db: Any)
     assert _notices_on_hook(hooks)[0]["immediate_sent"] == BUDGET
 
 
+def test_two_workers_taking_turns_share_one_count_and_one_notice(db: Any) -> None:
+    """Workers sharing the alerts topic read each other's stored attempts at every batch (docs: exact when their
+    decisions do not race; up to N x the budget when they do)."""
+    alerts = _flood(BUDGET + 2, [FLOODER])
+    third = len(alerts) // 3
+    with SmtpServer() as smtp:
+
+        async def scenario() -> tuple[WebhookReceiver, list[list[Any]]]:
+            async with WebhookReceiver() as hooks:
+                one, two = _service(db, hooks, smtp), _service(db, hooks, smtp)
+                got = await one.handle_batch(alerts[:third])
+                got += await two.handle_batch(alerts[third : 2 * third])
+                got += await one.handle_batch(alerts[2 * third :])
+                got += await two.handle_batch(_flood(1, [FLOODER], start=99))
+                await one.close()
+                await two.close()
+                return hooks, got
+
+        hooks, got = asyncio.run(scenario())
+    assert _statuses(got, BAMAKO) == ["delivered"] * BUDGET + ["queued_digest"] * 3
+    assert len(_notices_on_hook(hooks)) == 1 and len(_notice_mails(smtp)) == 1
+
+
+def test_a_notice_cut_off_by_a_crash_is_sent_after_the_replay_once(db: Any) -> None:
+    alerts = _flood(BUDGET + 1, [FLOODER])
+    with SmtpServer() as smtp:
+
+        async def scenario() -> tuple[WebhookReceiver, list[list[Any]]]:
+            async with WebhookReceiver(delay_s={"bamako": 0.3}) as hooks:
+                first = _service(db, hooks, smtp)
+                tickets = await first.submit(alerts)
+                await asyncio.sleep(0.1)  # the requests, the notice's too, are at the receiver, no answer yet
+                await first.close()  # the worker dies: nothing acknowledged
+                assert all(t.cancelled() or t.exception() is not None for t in tickets)
+                second = _service(db, hooks, smtp)
+                got = await second.handle_batch(alerts)  # the topic replayed
+                await second.close()
+                await asyncio.sleep(0.4)  # the abandoned requests finish
+                return hooks, got
+
+        hooks, got = asyncio.run(scenario())
+    assert _statuses(got, BAMAKO) == ["delivered"] * BUDGET + ["skipped"]  # held back before: queued for the digest
+    notices = _notices_on_hook(hooks)  # accepted once; the resend of a notice the receiver had got answered 409
+    assert len(notices) == 1 and notices[0]["immediate_sent"] == BUDGET
+    (delivered,) = db.query(
+        "SELECT count() FROM deliveries WHERE alert_type = 'budget_notice' AND officer_id = %(o)s "
+        "AND status = 'delivered'",
+        parameters={"o": BAMAKO},
+    ).result_rows[0]
+    assert delivered == 1
+
+
 def test_other_reporters_and_shared_alerts_are_not_held_by_a_flooding_one(db: Any) -> None:
     flood = _flood(BUDGET + 1, [FLOODER])
     honest = _flood(2, [HONEST])
