@@ -761,10 +761,17 @@ def digest_listed(alerts: Sequence[Alert]) -> tuple[list[Alert], int]:
 
 
 def render_digest(
-    alerts: Sequence[Alert], language: str, grafana_url: str, day: date, name: str, timezone: str = "UTC"
+    alerts: Sequence[Alert],
+    language: str,
+    grafana_url: str,
+    day: date,
+    name: str,
+    timezone: str = "UTC",
+    held: int = 0,
 ) -> Message:
     """One message listing ``alerts`` (most severe first, at most :data:`DIGEST_MAX_LISTED`, the rest counted) for
-    the reader ``name`` on ``day`` (their local day)."""
+    the reader ``name`` on ``day`` (their local day); ``held`` of them were not below the reader's threshold but
+    beyond a reporter's immediate budget of their day (the digest says so)."""
     listed, more = digest_listed(alerts)
     views = [alert_view(alert, language, grafana_url, timezone) for alert in listed]
     context = {
@@ -773,6 +780,7 @@ def render_digest(
         "name": visible(name),
         "count": len(views) + more,
         "more": more,
+        "held": held,
     }
     return Message(
         language=language,

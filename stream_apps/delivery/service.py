@@ -120,6 +120,8 @@ class Outcome:
 #: Not spikes (they need a baseline of many reports), not corrections (they go at once: a trust matter).
 BUDGETED_TYPES = frozenset({"new_substance", "first_in_region", "identified", "spread"})
 BUDGET_NOTICE_TYPE = "budget_notice"
+OVER_BUDGET = "over the immediate budget"
+"""How the reason of a ``queued_digest`` row held back by the budget begins (the digest counts them)."""
 """``alert_type`` of the rows of a budget notice's delivery."""
 
 
@@ -165,9 +167,12 @@ def webhook_payload(alert: Alert, officer: Officer, route: str, message: Message
     }
 
 
-def digest_payload(digest_id: str, officer: Officer, alerts: Sequence[Alert], message: Message) -> dict[str, Any]:
+def digest_payload(
+    digest_id: str, officer: Officer, alerts: Sequence[Alert], message: Message, held: int = 0
+) -> dict[str, Any]:
     """What a webhook receives for a digest: the alerts its message lists (most severe first, at most
-    ``DIGEST_MAX_LISTED``) and how many more it covers without listing them."""
+    ``DIGEST_MAX_LISTED``), how many more it covers without listing them, and how many of all it covers were
+    held back by a reporter's immediate budget (``alerts_over_budget``)."""
     listed, more = digest_listed(alerts)
     return {
         "kind": "digest",
@@ -180,6 +185,7 @@ def digest_payload(digest_id: str, officer: Officer, alerts: Sequence[Alert], me
         "links": list(message.links),
         "alerts": [alert.model_dump(mode="json") for alert in listed],
         "alerts_not_listed": more,
+        "alerts_over_budget": held,
     }
 
 
@@ -426,7 +432,7 @@ class DeliveryService:
     def _over_reason(self, over: Sequence[BudgetNotice]) -> str:
         reporters = ", ".join(visible(n.reporter[:100]) for n in over)
         return (
-            f"over the immediate budget ({self.immediate_budget} first-sighting alerts a day per reporter; "
+            f"{OVER_BUDGET} ({self.immediate_budget} first-sighting alerts a day per reporter; "
             f"{reporters} on {over[0].day.isoformat()}): queued for the daily digest"
         )
 
@@ -821,12 +827,13 @@ class DeliveryService:
             return []
         day = officer.local_day(now)
         digest_id = f"digest-{officer.id}-{channel.name}-{day.isoformat()}"
+        held = sum(1 for item, _ in alerts if item.reason.startswith(OVER_BUDGET))
         try:
             message = render_digest(
-                [a for _, a in alerts], officer.language, self.grafana_url, day, officer.name, officer.timezone
+                [a for _, a in alerts], officer.language, self.grafana_url, day, officer.name, officer.timezone, held
             )
             if isinstance(channel, WebhookChannel):
-                payload = digest_payload(digest_id, officer, [a for _, a in alerts], message)
+                payload = digest_payload(digest_id, officer, [a for _, a in alerts], message, held)
                 send = self._webhook_send(officer, channel, _json(payload), payload["delivery_id"], "digest")
             else:
                 headers = {"X-Synthwatch-Digest-Id": digest_id, "X-Synthwatch-Officer": officer.id}

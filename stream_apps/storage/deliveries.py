@@ -41,6 +41,7 @@ class QueuedAlert:
     alert_id: str
     alert_json: str
     queued_at: datetime
+    reason: str = ""  # why it was queued (below the officer's threshold, or beyond a reporter's immediate budget)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,14 +163,17 @@ class DeliveryStore:
         with self.lock:
             rows = self.client.query(
                 f"SELECT officer_id, channel, alert_id, argMaxIf(route, at, status = 'queued_digest'), "
-                "argMaxIf(alert_json, at, status = 'queued_digest'), minIf(at, status = 'queued_digest') AS queued "
+                "argMaxIf(alert_json, at, status = 'queued_digest'), minIf(at, status = 'queued_digest') AS queued, "
+                "argMaxIf(reason, at, status = 'queued_digest') "
                 f"FROM {DELIVERY_TABLE} WHERE status IN ('queued_digest', 'digest_sent') AND at >= %(since)s "
                 "GROUP BY officer_id, channel, alert_id "
                 "HAVING countIf(status = 'digest_sent') = 0 AND countIf(status = 'queued_digest') > 0 "
                 "ORDER BY officer_id, channel, queued",
                 parameters={"since": now - self.digest_window},
             ).result_rows
-        return [QueuedAlert(str(o), str(c), str(r), str(a), str(j), _aware(q)) for o, c, a, r, j, q in rows]
+        return [
+            QueuedAlert(str(o), str(c), str(r), str(a), str(j), _aware(q), str(why)) for o, c, a, r, j, q, why in rows
+        ]
 
     def last_digests(self, now: datetime) -> dict[tuple[str, str], datetime]:
         """(officer, channel) -> when its latest digest was sent."""

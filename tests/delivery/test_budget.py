@@ -138,6 +138,8 @@ def test_held_alerts_go_out_in_the_next_daily_digest(db: Any) -> None:
     assert digested == sorted(a.alert_id for a in alerts[BUDGET:])
     (digest,) = [r.json() for r in hooks.accepted("bamako") if r.json()["kind"] == "digest"]
     assert sorted(a["alert_id"] for a in digest["alerts"]) == digested
+    # Not below the officer's threshold, and the digest says so rather than that they were
+    assert digest["alerts_over_budget"] == 2 and "2 n'étaient pas sous votre seuil" in digest["text"]
 
 
 def test_the_count_survives_a_restart_and_a_replay_counts_nothing_twice(db: Any) -> None:
