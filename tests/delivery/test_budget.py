@@ -317,3 +317,12 @@ def test_a_hostile_reporter_reaches_the_reason_and_the_email_notice_escaped(db: 
     assert "<script>" not in html and "&lt;script&gt;" in html
     (reason,) = db.query("SELECT DISTINCT reason FROM deliveries WHERE status = 'queued_digest'").result_rows[0]
     assert "\n" not in reason and "\u202e" not in reason
+
+
+def test_the_worker_takes_the_budget_from_its_settings(db: Any, tmp_path: Any, monkeypatch: Any) -> None:
+    monkeypatch.setenv("SYNTHWATCH_DELIVERY_IMMEDIATE_BUDGET", "3")
+    subscriptions = tmp_path / "subscriptions.yaml"
+    subscriptions.write_text(subscriptions_yaml(), encoding="utf-8")
+    subscriptions.chmod(0o600)
+    settings = Settings(subscriptions_file=subscriptions, webhook_allowed_networks=list(LOOPBACK))
+    assert DeliveryService.from_settings(settings, db).immediate_budget == 3
