@@ -175,8 +175,20 @@ def test_0015_on_deliveries_stored_before_it_defaults_them_and_counts_them_again
 
     def old_row(alert_id: str, status: str, attempt: int) -> list[Any]:
         row = Attempt(
-            alert_id, "ml-bko", "hook", "webhook", "r", attempt, cast(Any, status), "why", 200, "t", at, 1.0,
-            alert_type="new_substance", alert_json="{}" if status == "queued_digest" else "",
+            alert_id,
+            "ml-bko",
+            "hook",
+            "webhook",
+            "r",
+            attempt,
+            cast(Any, status),
+            "why",
+            200,
+            "t",
+            at,
+            1.0,
+            alert_type="new_substance",
+            alert_json="{}" if status == "queued_digest" else "",
         )
         return [getattr(row, c) for c in old_columns]
 
@@ -194,8 +206,21 @@ def test_0015_on_deliveries_stored_before_it_defaults_them_and_counts_them_again
     (queued,) = store.pending_digests(at)
     assert (queued.alert_id, queued.reason) == ("A-2", "why")
     new = Attempt(
-        "A-3", "ml-bko", "hook", "webhook", "r", 1, "delivered", "", 200, "t", at, 1.0,
-        alert_type="new_substance", reported_by=["LAB-1"], budget_day=date(2026, 12, 7),
+        "A-3",
+        "ml-bko",
+        "hook",
+        "webhook",
+        "r",
+        1,
+        "delivered",
+        "",
+        200,
+        "t",
+        at,
+        1.0,
+        alert_type="new_substance",
+        reported_by=["LAB-1"],
+        budget_day=date(2026, 12, 7),
     )
     store.record([new])
     assert store.immediate_alerts(keys, ["new_substance"]) == {("ml-bko", "LAB-1", date(2026, 12, 7)): {"A-3"}}
