@@ -117,12 +117,13 @@ class Outcome:
 #: Alert types the immediate budget counts: those one reporter's reports raise on their own, one per substance (and
 #: region), so that a lab sending invented structures raises one per report: a new substance (critical for an
 #: opioid), its first report in each region, a name tied to it, its spread across regions (tipped by one report).
-#: Not spikes (they need a baseline of many reports), not corrections (they go at once: a trust matter).
+#: Not spikes (they need a baseline of many reports), not corrections (at once: a trust matter; but a correction of an
+#: alert held back by the budget follows it to the digest, :meth:`DeliveryService._plans`).
 BUDGETED_TYPES = frozenset({"new_substance", "first_in_region", "identified", "spread"})
 BUDGET_NOTICE_TYPE = "budget_notice"
+"""``alert_type`` of the rows of a budget notice's delivery."""
 OVER_BUDGET = "over the immediate budget"
 """How the reason of a ``queued_digest`` row held back by the budget begins (the digest counts them)."""
-"""``alert_type`` of the rows of a budget notice's delivery."""
 
 
 def budget_notice_id(reporter: str, day: date) -> str:
@@ -353,11 +354,12 @@ class DeliveryService:
                     queued.append(self._attempt(alert, recipient, 0, "gave_up", SendResult(False, None, reason), now))
                     settled.append(Outcome(*key, "gave_up", 0, reason))
                 elif not recipient.immediate or over:
-                    reason = (
-                        "below the immediate threshold: queued for the daily digest"
-                        if not recipient.immediate
-                        else self._over_reason(over)
-                    )
+                    if over:
+                        reason = self._over_reason(over)
+                    elif alert.alert_type == "correction":  # of an alert held back by the budget (_plans)
+                        reason = f"{OVER_BUDGET} (the corrected alert was held back by it): queued for the daily digest"
+                    else:
+                        reason = "below the immediate threshold: queued for the daily digest"
                     row = self._attempt(alert, recipient, 0, "queued_digest", SendResult(False, None, reason), now)
                     row.alert_json = alert.model_dump_json()
                     queued.append(row)
@@ -513,6 +515,13 @@ class DeliveryService:
         received = (
             await self._store("finding who received corrected alerts", self.store.recipients_of, about) if about else {}
         )
+        # A correction follows its alert where the immediate budget held that alert back: to the digest. Else a
+        # flooding reporter's correction of each held alert would reach the officer at once, one by one.
+        held = (
+            await self._store("finding corrected alerts held by the budget", self.store.held_back, about, OVER_BUDGET)
+            if about and self.immediate_budget > 0
+            else set()
+        )
         plans: list[tuple[Alert, list[Recipient]]] = []
         for alert in alerts:
             if alert.alert_type != "correction":
@@ -527,7 +536,8 @@ class DeliveryService:
                 if officer is None or channel is None:  # unsubscribed since: nobody to tell on that channel
                     continue
                 route = _route_named(officer, route_name, channel)
-                found.append(Recipient(officer, route, channel, immediate=True))
+                corrected = (str(alert.details.get("corrected_alert_id", "")), officer_id, channel_name)
+                found.append(Recipient(officer, route, channel, immediate=corrected not in held))
             plans.append((alert, found))
         return plans
 

@@ -138,6 +138,19 @@ class DeliveryStore:
             found.setdefault(str(alert_id), set()).add((str(officer_id), str(channel), str(route)))
         return found
 
+    def held_back(self, alert_ids: Collection[str], reason_prefix: str) -> set[Key]:
+        """(alert, officer, channel) of ``alert_ids`` queued for a digest with a reason beginning ``reason_prefix``
+        (the delivery side's: held back by the immediate budget). One query for all the ids."""
+        if not alert_ids:
+            return set()
+        with self.lock:
+            rows = self.client.query(
+                f"SELECT DISTINCT alert_id, officer_id, channel FROM {DELIVERY_TABLE} "
+                "WHERE alert_id IN %(alerts)s AND status = 'queued_digest' AND startsWith(reason, %(prefix)s)",
+                parameters={"alerts": tuple(alert_ids), "prefix": reason_prefix},
+            ).result_rows
+        return {(str(a), str(o), str(c)) for a, o, c in rows}
+
     def gave_up(self, delivery: str, id_of: Callable[[str, str, str], str]) -> GaveUp | None:
         """The alert delivery with id ``delivery`` (``id_of(alert, officer, channel)``) whose latest try gave up.
 

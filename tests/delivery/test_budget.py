@@ -14,15 +14,17 @@ from typing import Any
 
 import pytest
 
-from synthwatch.schemas import Alert
+from synthwatch.schemas import Alert, parse_event_object
 from synthwatch.settings import Settings
 from synthwatch.stream_apps.delivery.email import SmtpConfig
 from synthwatch.stream_apps.delivery.messages import LANGUAGES, render_budget_notice
 from synthwatch.stream_apps.delivery.service import DeliveryService, RetryPolicy
 from synthwatch.stream_apps.delivery.subscriptions import parse_subscriptions
+from synthwatch.stream_apps.detect.corrections import CitedAlert, ReportFacts, correction_notice
 from synthwatch.stream_apps.storage.clickhouse import migrate
 from synthwatch.stream_apps.storage.deliveries import DeliveryStore
 from tests.support.delivery_helpers import LOOPBACK, SmtpServer, WebhookReceiver, make_alert, subscriptions_yaml
+from tests.support.factories import lab
 
 FAST = RetryPolicy(max_attempts=2, base_delay_s=0.01, max_delay_s=0.05, jitter=0.0)
 BUDGET = Settings().delivery_immediate_budget  # what an operator gets without setting anything
@@ -326,3 +328,52 @@ def test_the_worker_takes_the_budget_from_its_settings(db: Any, tmp_path: Any, m
     subscriptions.chmod(0o600)
     settings = Settings(subscriptions_file=subscriptions, webhook_allowed_networks=list(LOOPBACK))
     assert DeliveryService.from_settings(settings, db).immediate_budget == 3
+
+
+def _correction(alert: Alert, n: int) -> Alert:
+    """The notice that the flooding lab corrected the report behind ``alert`` (a critical correction notice)."""
+    cited = CitedAlert(
+        alert.alert_id,
+        alert.alert_type,
+        alert.severity,
+        alert.country,
+        alert.region,
+        alert.substance,
+        alert.window_start,
+        alert.window_end,
+        alert.triggered_at,
+        tuple(alert.evidence_event_ids),
+    )
+    old = ReportFacts(f"F-{n}", "lab_detection", f"lab:{FLOODER}", "isotonitazene")
+    new = parse_event_object(
+        lab(event_id=f"F-{n}-fix", corrects=f"F-{n}", lab_id=FLOODER, substance={"name": "protonitazene"})
+    )
+    return correction_notice(cited, old, new, "protonitazene", alert.detected_at)
+
+
+def test_corrections_of_held_alerts_follow_them_to_the_digest_and_of_sent_ones_go_at_once(db: Any) -> None:
+    """A flooding lab corrects each of its reports: the officer hears at once of the alerts they got at once;
+    the corrections of the alerts the budget held back go to the digest with them, not one by one at once."""
+    alerts = _flood(BUDGET + 3, [FLOODER])
+    fixes = [_correction(alert, n) for n, alert in enumerate(alerts)]
+    with SmtpServer() as smtp:
+
+        async def scenario() -> tuple[WebhookReceiver, list[list[Any]]]:
+            async with WebhookReceiver() as hooks:
+                service = _service(db, hooks, smtp)
+                await service.handle_batch(alerts)
+                got = await service.handle_batch(fixes)
+                await service.close()
+                return hooks, got
+
+        hooks, got = asyncio.run(scenario())
+    for officer in (BAMAKO, PARIS):
+        assert _statuses(got, officer) == ["delivered"] * BUDGET + ["queued_digest"] * 3
+    at_once = [r.json()["alert"] for r in hooks.accepted("bamako") if r.json()["kind"] == "alert"]
+    assert len([a for a in at_once if a["alert_type"] == "correction"]) == BUDGET
+    reasons = db.query(
+        "SELECT DISTINCT reason FROM deliveries WHERE alert_type = 'correction' AND status = 'queued_digest'"
+    ).result_rows
+    assert [r[0] for r in reasons] == [
+        "over the immediate budget (the corrected alert was held back by it): queued for the daily digest"
+    ]
