@@ -32,6 +32,9 @@ FLOODER, HONEST = "LAB-ML-FLOOD", "LNS-ML-BKO"
 HOSTILE = "<script>x</script>\nFrom: evil@x \u202eLAB"
 BAMAKO = "ml-bko-douanes"  # French, webhook (subscriptions_yaml)
 PARIS = "fr-paris-ofast"  # English, e-mail
+# The worker's clock and the alerts' detection: noon in Bamako and Paris, so every alert of a test is on one officer's
+# day whenever the test runs (alerts made one by one at the wall clock straddle midnight if run then).
+NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture
@@ -49,11 +52,13 @@ def _service(db: Any, hooks: WebhookReceiver, smtp: SmtpServer) -> DeliveryServi
         store_retries=3,
         allowed_networks=LOOPBACK,
         smtp=config,
+        clock=lambda: NOW,
     )
 
 
 def _flood(n: int, reporters: list[str], start: int = 0, **changes: Any) -> list[Alert]:
-    """``n`` critical new-nitazene alerts (distinct structures) reported by ``reporters``."""
+    """``n`` critical new-nitazene alerts (distinct structures) reported by ``reporters``, detected at ``NOW``."""
+    changes.setdefault("detected_at", NOW)
     return [
         make_alert(alert_id=f"{(reporters or ['nobody'])[0][:6]}{i:018d}", reported_by=reporters, **changes)
         for i in range(start, start + n)
@@ -130,7 +135,7 @@ def test_held_alerts_go_out_in_the_next_daily_digest(db: Any) -> None:
                 await service.handle_batch(alerts)
                 officer = service.subscriptions.officer(BAMAKO)
                 assert officer is not None
-                due = officer.digest_moment(datetime.now(UTC) + timedelta(days=1)) + timedelta(minutes=1)
+                due = officer.digest_moment(NOW + timedelta(days=1)) + timedelta(minutes=1)
                 sent = await service.send_digests(due)
                 await service.close()
                 return hooks, sent
@@ -250,10 +255,10 @@ def test_a_new_day_starts_a_new_budget_counted_on_the_day_of_detection(db: Any) 
         1,
         [FLOODER],
         start=50,
-        detected_at=datetime.now(UTC) + timedelta(days=1),
-        triggered_at=datetime.now(UTC) - timedelta(days=1),
+        detected_at=NOW + timedelta(days=1),
+        triggered_at=NOW - timedelta(days=1),
     )
-    backdated = _flood(1, [FLOODER], start=60, triggered_at=datetime.now(UTC) - timedelta(days=3))
+    backdated = _flood(1, [FLOODER], start=60, triggered_at=NOW - timedelta(days=3))
     with SmtpServer() as smtp:
 
         async def scenario() -> list[list[Any]]:
