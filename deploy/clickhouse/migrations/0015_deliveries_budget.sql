@@ -1,4 +1,4 @@
--- The immediate budget (docs/delivery.md#immediate-budget): an officer gets at most N first-sighting alerts a day at
+-- The immediate budget (docs/security.md, "Immediate budget"): an officer gets at most N first-sighting alerts a day at
 -- once from one reporter, the rest in the daily digest. Counting an officer's immediate alerts per reporter and day
 -- must survive a restart, so each delivery row names the alert's reporters (the alert's `reported_by`: lab ids and
 -- agencies) and the day its budget counts on (the officer's local day of the alert's `detected_at`: the worker's
