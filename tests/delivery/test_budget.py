@@ -46,10 +46,10 @@ def db(ch: Any) -> Any:
     return ch
 
 
-def _service(db: Any, hooks: WebhookReceiver, smtp: SmtpServer) -> DeliveryService:
+def _service(db: Any, hooks: WebhookReceiver, smtp: SmtpServer, subscriptions: str = "") -> DeliveryService:
     config = SmtpConfig("127.0.0.1", smtp.port, starttls=False, sender="alerts@synthwatch.example")
     return DeliveryService(
-        parse_subscriptions(subscriptions_yaml(hooks), allowed_networks=LOOPBACK),
+        parse_subscriptions(subscriptions or subscriptions_yaml(hooks), allowed_networks=LOOPBACK),
         DeliveryStore(db),
         policy=FAST,
         store_retries=3,
@@ -398,3 +398,25 @@ def test_corrections_of_held_alerts_follow_them_to_the_digest_and_of_sent_ones_g
     assert [r[0] for r in reasons] == [
         "over the immediate budget (the corrected alert was held back by it): queued for the daily digest"
     ]
+
+
+def test_the_budget_day_is_the_officers_local_day(db: Any) -> None:
+    """23:30 UTC is still the same day in Bamako (UTC) but the next one in Paris (UTC+1): the Parisian officer's
+    budget starts again, the Bamako officer's does not."""
+    parisian = "    language: en\n    timezone: Europe/Paris\n"
+    today = _flood(BUDGET, [FLOODER])
+    late = _flood(1, [FLOODER], start=70, detected_at=NOW.replace(hour=23, minute=30))
+    with SmtpServer() as smtp:
+
+        async def scenario() -> list[list[Any]]:
+            async with WebhookReceiver() as hooks:
+                file = subscriptions_yaml(hooks).replace("    language: en\n", parisian)
+                assert "Europe/Paris" in file
+                service = _service(db, hooks, smtp, file)
+                await service.handle_batch(today)
+                got = await service.handle_batch(late)
+                await service.close()
+                return got
+
+        got = asyncio.run(scenario())
+    assert _statuses(got, BAMAKO) == ["queued_digest"] and _statuses(got, PARIS) == ["delivered"]
