@@ -399,6 +399,7 @@ class AlertView:
     reporters: str = ""  # labs and agencies whose report raised it
     reporters_n: int = 0
     unusual: str = ""
+    changed: str = ""  # a correction notice (listed in a digest): which report corrected which, and what changed
     late: str = ""  # why and how late, when a late report raised the alert; "" otherwise
     similar: list[NeighbourView] = field(default_factory=list)  # new substances: nearest known, best first
     guess: GuessView | None = None  # new substances no pattern classified: a family guess
@@ -634,6 +635,12 @@ def alert_view(alert: Alert, language: str, grafana_url: str, timezone: str = "U
         view.learnt_as_of = moment_text(alert.learnt_substances.as_of, zone, language)
     view.triggered = _render(f"{language}/moment.txt.j2", v=view).strip()
     view.unusual = _render(f"{language}/unusual.txt.j2", v=view).strip()
+    if alert.alert_type == "correction":  # in a digest (held back with the alert it corrects): what changed
+        c = correction_view(alert, language, grafana_url)
+        quantity = f"; {c.old_quantity or '-'} → {c.new_quantity or '-'}" if c.old_quantity or c.new_quantity else ""
+        reports = f"{c.old_event_id} → {c.new_event_id}"
+        view.changed = f"{c.alert_id}: {reports}; {c.old_substance} → {c.new_substance}{quantity}"
+        view.unusual = ""
     if alert.reported_late and alert.late_by_hours is not None:
         view.late = late_text(alert.late_by_hours, language)
     return view

@@ -19,7 +19,7 @@ from synthwatch.producers.simulate import SimulationConfig, simulate
 from synthwatch.schemas import Alert, parse_event_object
 from synthwatch.settings import Settings
 from synthwatch.stream_apps.delivery.email import SmtpConfig
-from synthwatch.stream_apps.delivery.messages import LANGUAGES, render_budget_notice
+from synthwatch.stream_apps.delivery.messages import LANGUAGES, render_budget_notice, render_digest
 from synthwatch.stream_apps.delivery.service import BUDGETED_TYPES, DeliveryService, RetryPolicy
 from synthwatch.stream_apps.delivery.subscriptions import parse_subscriptions
 from synthwatch.stream_apps.detect.backtest import run_lines
@@ -420,3 +420,18 @@ def test_the_budget_day_is_the_officers_local_day(db: Any) -> None:
 
         got = asyncio.run(scenario())
     assert _statuses(got, BAMAKO) == ["queued_digest"] and _statuses(got, PARIS) == ["delivered"]
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_a_held_correction_in_a_digest_says_what_changed_escaped(language: str) -> None:
+    """A correction held back with its alert is listed in the digest with which report corrected which and what
+    changed (not an empty "how unusual"), the reporter's text escaped."""
+    (alert,) = _flood(1, [FLOODER])
+    fix = _correction(alert, 7)
+    fix = fix.model_copy(update={"details": {**fix.details, "old_substance": HOSTILE}})
+    message = render_digest([fix, alert], language, "https://grafana.example", NOW.date(), "N", held=2)
+    facts = f"{alert.alert_id}: F-7 → F-7-fix; "
+    assert facts in message.text and facts in message.html and "→ protonitazene" in message.text
+    assert "<script>" not in message.html and "\nFrom: evil" not in message.text and "\u202e" not in message.text
+    unusual = {"en": "How unusual", "fr": "Caractère inhabituel", "ar": "مدى الخروج عن المعتاد"}[language]
+    assert message.text.count(unusual) == 1  # the new substance's line only
