@@ -347,6 +347,13 @@ class Settings(BaseSettings):
     delivery_breaker_cooldown_s: float = Field(
         default=30.0, gt=0, description="Open circuit: wait this long before one probe (doubles up to 10 min)."
     )
+    delivery_immediate_budget: int = Field(
+        default=10,
+        ge=0,
+        description="First-sighting alerts (new substance, first in region, identified, spread) one reporter may send "
+        "an officer at once per day (the officer's day of detection); the rest go to the daily digest, with one "
+        "notice. 0: no budget. docs/security.md#immediate-budget",
+    )
 
     # --- HTTP intake gateway (synthwatch gateway; docs/security.md#http-intake-gateway) ------------------------------
     gateway_host: str = Field(default="127.0.0.1", description="Address the gateway listens on.")

@@ -399,6 +399,7 @@ class AlertView:
     reporters: str = ""  # labs and agencies whose report raised it
     reporters_n: int = 0
     unusual: str = ""
+    changed: str = ""  # a correction notice (listed in a digest): which report corrected which, and what changed
     late: str = ""  # why and how late, when a late report raised the alert; "" otherwise
     similar: list[NeighbourView] = field(default_factory=list)  # new substances: nearest known, best first
     guess: GuessView | None = None  # new substances no pattern classified: a family guess
@@ -634,6 +635,12 @@ def alert_view(alert: Alert, language: str, grafana_url: str, timezone: str = "U
         view.learnt_as_of = moment_text(alert.learnt_substances.as_of, zone, language)
     view.triggered = _render(f"{language}/moment.txt.j2", v=view).strip()
     view.unusual = _render(f"{language}/unusual.txt.j2", v=view).strip()
+    if alert.alert_type == "correction":  # in a digest (held back with the alert it corrects): what changed
+        c = correction_view(alert, language, grafana_url)
+        quantity = f"; {c.old_quantity or '-'} → {c.new_quantity or '-'}" if c.old_quantity or c.new_quantity else ""
+        reports = f"{c.old_event_id} → {c.new_event_id}"
+        view.changed = f"{c.alert_id}: {reports}; {c.old_substance} → {c.new_substance}{quantity}"
+        view.unusual = ""
     if alert.reported_late and alert.late_by_hours is not None:
         view.late = late_text(alert.late_by_hours, language)
     return view
@@ -761,10 +768,17 @@ def digest_listed(alerts: Sequence[Alert]) -> tuple[list[Alert], int]:
 
 
 def render_digest(
-    alerts: Sequence[Alert], language: str, grafana_url: str, day: date, name: str, timezone: str = "UTC"
+    alerts: Sequence[Alert],
+    language: str,
+    grafana_url: str,
+    day: date,
+    name: str,
+    timezone: str = "UTC",
+    held: int = 0,
 ) -> Message:
     """One message listing ``alerts`` (most severe first, at most :data:`DIGEST_MAX_LISTED`, the rest counted) for
-    the reader ``name`` on ``day`` (their local day)."""
+    the reader ``name`` on ``day`` (their local day); ``held`` of them were not below the reader's threshold but
+    beyond a reporter's immediate budget of their day (the digest says so)."""
     listed, more = digest_listed(alerts)
     views = [alert_view(alert, language, grafana_url, timezone) for alert in listed]
     context = {
@@ -773,6 +787,7 @@ def render_digest(
         "name": visible(name),
         "count": len(views) + more,
         "more": more,
+        "held": held,
     }
     return Message(
         language=language,
@@ -780,4 +795,31 @@ def render_digest(
         text=_render(f"{language}/digest.txt.j2", **context),
         html=_render(f"{language}/digest.html.j2", **context),
         links=tuple(v.link for v in views),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetNoticeView:
+    """What an immediate-budget notice says: which reporter, on which day, how many alerts went at once.
+
+    ``reporter`` comes from a report (hostile): through ``visible``, and the HTML templates escape it again."""
+
+    notice_id: str
+    reporter: str
+    day: str
+    sent: int
+    budget: int
+
+
+def render_budget_notice(notice_id: str, reporter: str, day: date, sent: int, budget: int, language: str) -> Message:
+    """The one notice an officer gets when ``reporter``'s first-sighting alerts of ``day`` (the officer's day)
+    passed the immediate budget: ``sent`` went at once, the next ones of that day go to the daily digest."""
+    if language not in LANGUAGES:
+        raise ValueError(f"no templates for language {language!r}; available: {', '.join(LANGUAGES)}")
+    view = BudgetNoticeView(visible(notice_id), visible(reporter), day_text(day, language), sent, budget)
+    return Message(
+        language=language,
+        subject=_subject(_render(f"{language}/budget_notice_subject.txt.j2", v=view)),
+        text=_render(f"{language}/budget_notice.txt.j2", v=view),
+        html=_render(f"{language}/budget_notice.html.j2", v=view),
     )

@@ -17,12 +17,17 @@ the oldest unfinished alert, which is what makes a crash replay it). Attempts ar
 endpoint and in total, and a delivery holds neither slot while it waits to retry; an endpoint that keeps
 failing has its circuit opened (:mod:`.endpoints`): its deliveries are deferred (a ``deferred`` row says
 so) until a probe gets through, so one hung receiver costs the others nothing.
+
+No flood at once: an officer gets at most ``immediate_budget`` first-sighting alerts (:data:`BUDGETED_TYPES`) a day
+at once from one reporter; the next ones of that day go to the daily digest (a ``queued_digest`` row says why) and
+the officer gets one notice per reporter and day (:meth:`DeliveryService._budget`; docs/security.md#immediate-budget).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import json
 import logging
 import random
@@ -31,7 +36,7 @@ import time
 from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
@@ -40,10 +45,17 @@ import faust
 from synthwatch.errors import SynthwatchError
 from synthwatch.redaction import redact
 from synthwatch.schemas import Alert
+from synthwatch.schemas.text import visible
 from synthwatch.settings import Settings
 from synthwatch.stream_apps.delivery.email import SmtpConfig, SmtpSender, build_email, message_id
 from synthwatch.stream_apps.delivery.endpoints import Endpoint, EndpointLimits, Endpoints
-from synthwatch.stream_apps.delivery.messages import Message, digest_listed, render_alert, render_digest
+from synthwatch.stream_apps.delivery.messages import (
+    Message,
+    digest_listed,
+    render_alert,
+    render_budget_notice,
+    render_digest,
+)
 from synthwatch.stream_apps.delivery.results import SendResult
 from synthwatch.stream_apps.delivery.subscriptions import (
     EmailChannel,
@@ -58,9 +70,9 @@ from synthwatch.stream_apps.delivery.subscriptions import (
     secret_problems,
 )
 from synthwatch.stream_apps.delivery.webhook import WebhookSender, delivery_id
-from synthwatch.stream_apps.storage.deliveries import DeliveryStore, Key, QueuedAlert
+from synthwatch.stream_apps.storage.deliveries import BudgetKey, DeliveryStore, Key, QueuedAlert
 from synthwatch.stream_apps.storage.retries import retry_until_done
-from synthwatch.stream_apps.storage.tables import Attempt, DeliveryStatus
+from synthwatch.stream_apps.storage.tables import NO_DAY, Attempt, DeliveryStatus
 
 if TYPE_CHECKING:
     # clickhouse-connect is imported where a client is opened: in the worker, by the thread that opens it.
@@ -102,6 +114,36 @@ class Outcome:
     reason: str
 
 
+#: Alert types the immediate budget counts: those one reporter's reports raise on their own, one per substance (and
+#: region), so that a lab sending invented structures raises one per report: a new substance (critical for an
+#: opioid), its first report in each region, a name tied to it, its spread across regions (tipped by one report).
+#: Not spikes (they need a baseline of many reports), not corrections (at once: a trust matter; but a correction of an
+#: alert held back by the budget follows it to the digest, :meth:`DeliveryService._plans`).
+BUDGETED_TYPES = frozenset({"new_substance", "first_in_region", "identified", "spread"})
+BUDGET_NOTICE_TYPE = "budget_notice"
+"""``alert_type`` of the rows of a budget notice's delivery."""
+OVER_BUDGET = "over the immediate budget"
+"""How the reason of a ``queued_digest`` row held back by the budget begins (the digest counts them)."""
+
+
+def budget_notice_id(reporter: str, day: date) -> str:
+    """The notice about ``reporter``'s alerts of ``day``: one id per (reporter, day), so one notice per officer and
+    channel (the delivery key), on any worker, after any restart. The reporter is hashed: it comes from a report."""
+    digest = hashlib.sha256(f"{reporter}\x1f{day.isoformat()}".encode()).hexdigest()[:16]
+    return f"budget-{day.isoformat()}-{digest}"
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetNotice:
+    """An officer's notice that ``reporter``'s first-sighting alerts of ``day`` passed the immediate budget."""
+
+    notice_id: str
+    reporter: str
+    day: date
+    sent: int
+    budget: int
+
+
 class ResendError(SynthwatchError, ValueError):
     """A resend that cannot be done; the message says why and what to do instead."""
 
@@ -126,9 +168,12 @@ def webhook_payload(alert: Alert, officer: Officer, route: str, message: Message
     }
 
 
-def digest_payload(digest_id: str, officer: Officer, alerts: Sequence[Alert], message: Message) -> dict[str, Any]:
+def digest_payload(
+    digest_id: str, officer: Officer, alerts: Sequence[Alert], message: Message, held: int = 0
+) -> dict[str, Any]:
     """What a webhook receives for a digest: the alerts its message lists (most severe first, at most
-    ``DIGEST_MAX_LISTED``) and how many more it covers without listing them."""
+    ``DIGEST_MAX_LISTED``), how many more it covers without listing them, and how many of all it covers were
+    held back by a reporter's immediate budget (``alerts_over_budget``)."""
     listed, more = digest_listed(alerts)
     return {
         "kind": "digest",
@@ -141,6 +186,27 @@ def digest_payload(digest_id: str, officer: Officer, alerts: Sequence[Alert], me
         "links": list(message.links),
         "alerts": [alert.model_dump(mode="json") for alert in listed],
         "alerts_not_listed": more,
+        "alerts_over_budget": held,
+    }
+
+
+def budget_notice_payload(notice: BudgetNotice, officer: Officer, message: Message, channel: str) -> dict[str, Any]:
+    """What a webhook receives for a budget notice (``kind: notice``): the reporter, the day, how many alerts went at
+    once; ``delivery_id`` as for alerts (one per notice, officer and channel)."""
+    return {
+        "kind": "notice",
+        "notice": "immediate_budget",
+        "delivery_id": delivery_id(notice.notice_id, officer.id, channel),
+        "notice_id": notice.notice_id,
+        "officer_id": officer.id,
+        "reporter": notice.reporter,
+        "day": notice.day.isoformat(),
+        "immediate_sent": notice.sent,
+        "immediate_budget": notice.budget,
+        "alert_types": sorted(BUDGETED_TYPES),
+        "language": message.language,
+        "subject": message.subject,
+        "text": message.text,
     }
 
 
@@ -177,6 +243,7 @@ class DeliveryService:
         store_retries: int | None = None,
         remember: int = 100_000,
         clock: Callable[[], datetime] = utc_now,
+        immediate_budget: int = 10,
     ) -> None:
         self.subscriptions = subscriptions
         self.store = store
@@ -200,6 +267,10 @@ class DeliveryService:
         self._digest_lock = asyncio.Lock()
         self._digest_hold: dict[tuple[str, str], datetime] = {}
         self._mtime = self._file_mtime()
+        self.immediate_budget = immediate_budget  # 0: no budget
+        # (officer, reporter, budget day) -> alerts let through at once: read from the store for each batch that
+        # needs it (a restart, other workers), plus this worker's own decisions not yet recorded
+        self._granted: defaultdict[BudgetKey, set[str]] = defaultdict(set)
 
     @classmethod
     def from_settings(
@@ -221,6 +292,7 @@ class DeliveryService:
             subscriptions_file=settings.subscriptions_file,
             allowed_networks=settings.webhook_allowed_networks,
             endpoint_limits=limits,
+            immediate_budget=settings.delivery_immediate_budget,
             **options,
         )
 
@@ -243,14 +315,21 @@ class DeliveryService:
         are final, and is cancelled (never completed) when a delivery was interrupted by shutdown.
         """
         plans = await self._plans(alerts)
+        budgeted = self._budget_keys(plans)
+        notices = {
+            (budget_notice_id(reporter, day), recipient.officer.id, recipient.channel.name)
+            for recipient, (_, reporter, day) in budgeted
+        }
         unknown = {
             key
             for alert, found in plans
             for key in (r.key(alert.alert_id) for r in found)
             if key not in self._done and key not in self._inflight
-        }
+        } | {key for key in notices if key not in self._done and key not in self._inflight}
         if unknown:
             self._remember(await self._store("checking earlier deliveries", self.store.finished, unknown))
+        if budgeted:
+            await self._load_granted({key for _, key in budgeted})
         now = self.clock()
         queued: list[Attempt] = []
         tickets: list[asyncio.Future[list[Outcome]]] = []
@@ -260,7 +339,12 @@ class DeliveryService:
             age = (now - alert.detected_at).total_seconds()
             for recipient in found:
                 key = recipient.key(alert.alert_id)
-                if key in self._done or key in self._inflight:
+                done = key in self._done or key in self._inflight
+                # Over the immediate budget: its notices (one per reporter and day; a replayed alert held back before
+                # sends a notice its first pass did not finish). A done alert is only looked at, never counted again.
+                over = [] if age > self.policy.stale_after_s else self._budget(alert, recipient, grant=not done)
+                tasks.extend(self._notices(over, recipient))
+                if done:
                     why = "already delivered or queued" if key in self._done else "already being delivered"
                     settled.append(Outcome(*key, "skipped", 0, why))
                 elif age > self.policy.stale_after_s:
@@ -269,8 +353,13 @@ class DeliveryService:
                     )
                     queued.append(self._attempt(alert, recipient, 0, "gave_up", SendResult(False, None, reason), now))
                     settled.append(Outcome(*key, "gave_up", 0, reason))
-                elif not recipient.immediate:
-                    reason = "below the immediate threshold: queued for the daily digest"
+                elif not recipient.immediate or over:
+                    if over:
+                        reason = self._over_reason(over)
+                    elif alert.alert_type == "correction":  # of an alert held back by the budget (_plans)
+                        reason = f"{OVER_BUDGET} (the corrected alert was held back by it): queued for the daily digest"
+                    else:
+                        reason = "below the immediate threshold: queued for the daily digest"
                     row = self._attempt(alert, recipient, 0, "queued_digest", SendResult(False, None, reason), now)
                     row.alert_json = alert.model_dump_json()
                     queued.append(row)
@@ -285,12 +374,153 @@ class DeliveryService:
             await self._store("recording digest queue", self.store.record, queued)
         return tickets
 
+    # --- the immediate budget ------------------------------------------------------------------------------
+
+    def _budget_keys(self, plans: Sequence[tuple[Alert, list[Recipient]]]) -> list[tuple[Recipient, BudgetKey]]:
+        """Each (recipient, (officer, reporter, day)) the budget looks at in these plans: immediate recipients of
+        first-sighting alerts, per reporter the alert names, on the officer's day of the alert's detection."""
+        if self.immediate_budget <= 0:
+            return []
+        found: list[tuple[Recipient, BudgetKey]] = []
+        for alert, recipients_ in plans:
+            if alert.alert_type not in BUDGETED_TYPES:
+                continue
+            for recipient in recipients_:
+                if recipient.immediate:
+                    day = recipient.officer.local_day(alert.detected_at)
+                    found.extend((recipient, (recipient.officer.id, r, day)) for r in sorted(set(alert.reported_by)))
+        return found
+
+    async def _load_granted(self, keys: Collection[BudgetKey]) -> None:
+        """Add what the store knows (rows of earlier runs and of other workers) to the alerts let through at once."""
+        stored = await self._store(
+            "counting immediate alerts per reporter", self.store.immediate_alerts, keys, BUDGETED_TYPES
+        )
+        for key, alert_ids in stored.items():
+            self._granted[key] |= alert_ids
+        oldest = self.clock().date() - timedelta(days=2)  # an officer's day is less than a day off UTC's
+        for key in [k for k in self._granted if k[2] < oldest]:
+            del self._granted[key]
+
+    def _budget(self, alert: Alert, recipient: Recipient, *, grant: bool) -> list[BudgetNotice]:
+        """Empty when ``alert`` goes to ``recipient`` at once, else a notice per reporter it is over the budget for.
+
+        Counted per officer, reporter and the officer's day of the alert's ``detected_at`` (the worker's clock when
+        it raised the alert: a report's own dates are the reporter's to choose, and a replay keeps the day). An alert
+        named by several reporters goes at once if any of them is within budget (a flooding lab cannot silence
+        another lab's report of the same substance) and counts against each. One alert counts once (its id), on
+        every channel of the officer and at every replay. ``grant`` records it as let through.
+        """
+        if (
+            self.immediate_budget <= 0
+            or alert.alert_type not in BUDGETED_TYPES
+            or not recipient.immediate
+            or not alert.reported_by
+        ):
+            return []
+        day = recipient.officer.local_day(alert.detected_at)
+        keys = [(recipient.officer.id, reporter, day) for reporter in sorted(set(alert.reported_by))]
+        sent = [self._granted.get(key, set()) for key in keys]
+        if any(alert.alert_id in ids or len(ids) < self.immediate_budget for ids in sent):
+            if grant:
+                for key in keys:
+                    self._granted[key].add(alert.alert_id)
+            return []
+        return [
+            BudgetNotice(budget_notice_id(reporter, day), reporter, day, len(ids), self.immediate_budget)
+            for (_, reporter, _), ids in zip(keys, sent, strict=True)
+        ]
+
+    def _over_reason(self, over: Sequence[BudgetNotice]) -> str:
+        reporters = ", ".join(visible(n.reporter[:100]) for n in over)
+        return (
+            f"{OVER_BUDGET} ({self.immediate_budget} first-sighting alerts a day per reporter; "
+            f"{reporters} on {over[0].day.isoformat()}): queued for the daily digest"
+        )
+
+    def _notices(self, over: Sequence[BudgetNotice], recipient: Recipient) -> list[asyncio.Task[Outcome]]:
+        """Start the budget notices not sent (nor being sent) to this officer on this channel yet."""
+        tasks = []
+        for notice in over:
+            key = (notice.notice_id, recipient.officer.id, recipient.channel.name)
+            if key in self._done or key in self._inflight:
+                continue
+            task = asyncio.create_task(self._deliver_notice(notice, recipient), name=f"notice {'/'.join(key)}")
+            self._inflight[key] = task
+            tasks.append(task)
+        return tasks
+
+    async def _deliver_notice(self, notice: BudgetNotice, recipient: Recipient) -> Outcome:
+        """Send one budget notice at once, with retries, recorded in ``deliveries`` like an alert's delivery."""
+        officer, channel = recipient.officer, recipient.channel
+        key = (notice.notice_id, officer.id, channel.name)
+        try:
+            send = self._refusal(recipient) or self._notice_send(notice, recipient)
+
+            def rows(
+                attempt: int, status: DeliveryStatus, result: SendResult, at: datetime, ms: float
+            ) -> list[Attempt]:
+                return [
+                    Attempt(
+                        alert_id=notice.notice_id,
+                        officer_id=officer.id,
+                        channel=channel.name,
+                        channel_type=channel.type,
+                        route=recipient.route.name or "",
+                        attempt=attempt,
+                        status=status,
+                        reason=redact(result.reason),
+                        response_code=result.code,
+                        target=channel.target,
+                        at=at,
+                        duration_ms=round(ms, 3),
+                        alert_type=BUDGET_NOTICE_TYPE,
+                        reported_by=[notice.reporter],
+                        budget_day=notice.day,
+                    )
+                ]
+
+            status, attempts, result = await self._attempts(
+                send, rows, channel.timeout_s, "delivered", self._endpoint(channel)
+            )
+            if status == "delivered":
+                self._remember([key])
+            return Outcome(*key, cast(Any, status), attempts, result.reason)
+        finally:
+            self._inflight.pop(key, None)
+
+    def _notice_send(self, notice: BudgetNotice, recipient: Recipient) -> Send | SendResult:
+        officer, channel = recipient.officer, recipient.channel
+        try:
+            message = render_budget_notice(
+                notice.notice_id, notice.reporter, notice.day, notice.sent, notice.budget, officer.language
+            )
+        except Exception as error:  # a template bug: recorded, the agent goes on
+            log.exception("cannot prepare budget notice %s for %s", notice.notice_id, officer.id)
+            return _refuse(f"cannot render the message: {type(error).__name__}: {error}")
+        if isinstance(channel, WebhookChannel):
+            payload = budget_notice_payload(notice, officer, message, channel.name)
+            return self._webhook_send(officer, channel, _json(payload), payload["delivery_id"], "notice")
+        return self._email_send(
+            channel,
+            message,
+            message_id(notice.notice_id, officer.id, channel.name),
+            {"X-Synthwatch-Notice-Id": notice.notice_id, "X-Synthwatch-Officer": officer.id},
+        )
+
     async def _plans(self, alerts: Sequence[Alert]) -> list[tuple[Alert, list[Recipient]]]:
         """Each alert with its recipients: by the routes, except a correction notice, which goes to whoever
         received the alert it is about (at once: a trust matter), on the same channel, never re-routed."""
         about = {str(a.details.get("corrected_alert_id", "")) for a in alerts if a.alert_type == "correction"}
         received = (
             await self._store("finding who received corrected alerts", self.store.recipients_of, about) if about else {}
+        )
+        # A correction follows its alert where the immediate budget held that alert back: to the digest. Else a
+        # flooding reporter's correction of each held alert would reach the officer at once, one by one.
+        held = (
+            await self._store("finding corrected alerts held by the budget", self.store.held_back, about, OVER_BUDGET)
+            if about and self.immediate_budget > 0
+            else set()
         )
         plans: list[tuple[Alert, list[Recipient]]] = []
         for alert in alerts:
@@ -306,7 +536,8 @@ class DeliveryService:
                 if officer is None or channel is None:  # unsubscribed since: nobody to tell on that channel
                     continue
                 route = _route_named(officer, route_name, channel)
-                found.append(Recipient(officer, route, channel, immediate=True))
+                corrected = (str(alert.details.get("corrected_alert_id", "")), officer_id, channel_name)
+                found.append(Recipient(officer, route, channel, immediate=corrected not in held))
             plans.append((alert, found))
         return plans
 
@@ -551,6 +782,8 @@ class DeliveryService:
             digest_id=digest_id,
             # A delivery that gave up keeps its alert: `synthwatch deliveries resend` sends it from this row.
             alert_json=alert.model_dump_json() if status == "gave_up" and not digest_id else "",
+            reported_by=list(alert.reported_by),
+            budget_day=recipient.officer.local_day(alert.detected_at) if alert.alert_type in BUDGETED_TYPES else NO_DAY,
         )
 
     # --- digests -----------------------------------------------------------------------------------------
@@ -604,12 +837,13 @@ class DeliveryService:
             return []
         day = officer.local_day(now)
         digest_id = f"digest-{officer.id}-{channel.name}-{day.isoformat()}"
+        held = sum(1 for item, _ in alerts if item.reason.startswith(OVER_BUDGET))
         try:
             message = render_digest(
-                [a for _, a in alerts], officer.language, self.grafana_url, day, officer.name, officer.timezone
+                [a for _, a in alerts], officer.language, self.grafana_url, day, officer.name, officer.timezone, held
             )
             if isinstance(channel, WebhookChannel):
-                payload = digest_payload(digest_id, officer, [a for _, a in alerts], message)
+                payload = digest_payload(digest_id, officer, [a for _, a in alerts], message, held)
                 send = self._webhook_send(officer, channel, _json(payload), payload["delivery_id"], "digest")
             else:
                 headers = {"X-Synthwatch-Digest-Id": digest_id, "X-Synthwatch-Officer": officer.id}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from synthwatch.stream_apps.storage.tables import DELIVERY_COLUMNS, DELIVERY_TABLE, Attempt
@@ -23,6 +23,12 @@ Key = tuple[str, str, str]
 """(alert_id, officer_id, channel name): what is delivered at most once."""
 
 FINAL_STATUSES = ("delivered", "queued_digest", "digest_sent")
+#: Statuses of the rows an immediate delivery writes (each attempt, or its wait on an open circuit): a row of one of
+#: these with an attempt number means the alert was let through at once, whatever came of it.
+IMMEDIATE_STATUSES = ("delivered", "failed", "gave_up", "deferred")
+
+BudgetKey = tuple[str, str, date]
+"""(officer_id, reporter, day): what the immediate budget counts alerts per."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +41,7 @@ class QueuedAlert:
     alert_id: str
     alert_json: str
     queued_at: datetime
+    reason: str = ""  # why it was queued (below the officer's threshold, or beyond a reporter's immediate budget)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +90,38 @@ class DeliveryStore:
         wanted = set(keys)
         return {key for key in ((str(a), str(o), str(c)) for a, o, c in rows) if key in wanted}
 
+    def immediate_alerts(self, keys: Collection[BudgetKey], alert_types: Collection[str]) -> dict[BudgetKey, set[str]]:
+        """(officer, reporter, day) -> the alerts of ``alert_types`` naming that reporter that the officer was sent
+        at once on that budget day (any attempt made, on any channel; digest rows and stale give-ups excluded).
+
+        What the immediate budget counts, read back after a restart or from other workers; one query for all the
+        keys. Distinct alert ids: attempts, channels and replays of one alert count once.
+        """
+        if not keys:
+            return {}
+        with self.lock:
+            rows = self.client.query(
+                f"SELECT officer_id, reporter, budget_day, groupUniqArray(alert_id) FROM {DELIVERY_TABLE} "
+                "ARRAY JOIN reported_by AS reporter "
+                "WHERE officer_id IN %(officers)s AND budget_day IN %(days)s AND reporter IN %(reporters)s "
+                "AND alert_type IN %(types)s AND status IN %(immediate)s AND attempt > 0 AND digest_id = '' "
+                "GROUP BY officer_id, reporter, budget_day",
+                parameters={
+                    "officers": tuple({k[0] for k in keys}),
+                    "reporters": tuple({k[1] for k in keys}),
+                    "days": tuple({k[2] for k in keys}),
+                    "types": tuple(alert_types),
+                    "immediate": IMMEDIATE_STATUSES,
+                },
+            ).result_rows
+        wanted = set(keys)
+        found: dict[BudgetKey, set[str]] = {}
+        for officer_id, reporter, day, alert_ids in rows:
+            key = (str(officer_id), str(reporter), day)
+            if key in wanted:
+                found[key] = {str(a) for a in alert_ids}
+        return found
+
     def recipients_of(self, alert_ids: Collection[str]) -> dict[str, set[tuple[str, str, str]]]:
         """alert id -> the (officer, channel, route) it was delivered to, queued for or sent in a digest:
         whom a correction notice about that alert goes to. One query for all the ids."""
@@ -98,6 +137,19 @@ class DeliveryStore:
         for alert_id, officer_id, channel, route in rows:
             found.setdefault(str(alert_id), set()).add((str(officer_id), str(channel), str(route)))
         return found
+
+    def held_back(self, alert_ids: Collection[str], reason_prefix: str) -> set[Key]:
+        """(alert, officer, channel) of ``alert_ids`` queued for a digest with a reason beginning ``reason_prefix``
+        (the delivery side's: held back by the immediate budget). One query for all the ids."""
+        if not alert_ids:
+            return set()
+        with self.lock:
+            rows = self.client.query(
+                f"SELECT DISTINCT alert_id, officer_id, channel FROM {DELIVERY_TABLE} "
+                "WHERE alert_id IN %(alerts)s AND status = 'queued_digest' AND startsWith(reason, %(prefix)s)",
+                parameters={"alerts": tuple(alert_ids), "prefix": reason_prefix},
+            ).result_rows
+        return {(str(a), str(o), str(c)) for a, o, c in rows}
 
     def gave_up(self, delivery: str, id_of: Callable[[str, str, str], str]) -> GaveUp | None:
         """The alert delivery with id ``delivery`` (``id_of(alert, officer, channel)``) whose latest try gave up.
@@ -124,14 +176,17 @@ class DeliveryStore:
         with self.lock:
             rows = self.client.query(
                 f"SELECT officer_id, channel, alert_id, argMaxIf(route, at, status = 'queued_digest'), "
-                "argMaxIf(alert_json, at, status = 'queued_digest'), minIf(at, status = 'queued_digest') AS queued "
+                "argMaxIf(alert_json, at, status = 'queued_digest'), minIf(at, status = 'queued_digest') AS queued, "
+                "argMaxIf(reason, at, status = 'queued_digest') "
                 f"FROM {DELIVERY_TABLE} WHERE status IN ('queued_digest', 'digest_sent') AND at >= %(since)s "
                 "GROUP BY officer_id, channel, alert_id "
                 "HAVING countIf(status = 'digest_sent') = 0 AND countIf(status = 'queued_digest') > 0 "
                 "ORDER BY officer_id, channel, queued",
                 parameters={"since": now - self.digest_window},
             ).result_rows
-        return [QueuedAlert(str(o), str(c), str(r), str(a), str(j), _aware(q)) for o, c, a, r, j, q in rows]
+        return [
+            QueuedAlert(str(o), str(c), str(r), str(a), str(j), _aware(q), str(why)) for o, c, a, r, j, q, why in rows
+        ]
 
     def last_digests(self, now: datetime) -> dict[tuple[str, str], datetime]:
         """(officer, channel) -> when its latest digest was sent."""

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import date, datetime
 from typing import Any, Literal, cast
 
 from synthwatch.schemas import Alert, BorderSeizure, LabDetection, Reject
@@ -306,7 +306,11 @@ DELIVERY_COLUMNS = [
     "region",
     "digest_id",
     "alert_json",
+    "reported_by",
+    "budget_day",
 ]
+NO_DAY = date(1970, 1, 1)
+"""``budget_day`` of a row no immediate budget counts (what rows stored before migration 0015 read)."""
 DeliveryStatus = Literal["delivered", "failed", "gave_up", "queued_digest", "digest_sent", "deferred"]
 
 
@@ -332,6 +336,9 @@ class Attempt:
     region: str = ""
     digest_id: str = ""
     alert_json: str = ""
+    # the alert's reporters, and the day the officer's immediate budget counts it on (migration 0015)
+    reported_by: list[str] = field(default_factory=list)
+    budget_day: date = NO_DAY
 
     def row(self) -> list[Any]:
         return [getattr(self, column) for column in DELIVERY_COLUMNS]

@@ -195,7 +195,9 @@ def bench_delivery(console: Console, runs: int = 20, timeout_s: float = 30.0, ke
         up = StackProcess(
             [sys.executable, "-m", "synthwatch.cli.main", "up"],
             log_path,
-            env=stack_env(settings, {BENCH_SECRET_ENV: secret}),
+            # 21 new nitazenes from one lab within minutes: a flood by the immediate budget's measure (10 a day per
+            # reporter, docs/security.md#immediate-budget); the bench times immediate delivery, so no budget here
+            env=stack_env(settings, {BENCH_SECRET_ENV: secret, "SYNTHWATCH_DELIVERY_IMMEDIATE_BUDGET": "0"}),
             settings=settings,
             what="`synthwatch up`",
         )

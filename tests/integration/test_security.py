@@ -553,6 +553,7 @@ row = {
     "response_code": None, "target": channel.target, "at": datetime.now(UTC), "duration_ms": 1.0,
     "alert_type": "new_substance", "severity": "critical", "substance": "[/] :x: \x1b]8;;https://e\x07y",
     "region": "ML-BKO", "digest_id": "", "alert_json": "",
+    "reported_by": ["[/]"], "budget_day": datetime.now(UTC).date(),
 }
 client.insert(DELIVERY_TABLE, [[row[c] for c in DELIVERY_COLUMNS]], column_names=DELIVERY_COLUMNS)
 client.close()

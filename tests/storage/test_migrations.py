@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from clickhouse_connect.driver.exceptions import ClickHouseError
@@ -158,3 +158,69 @@ def test_migrating_a_fresh_directory_does_not_import_pandas(tmp_path: Any) -> No
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_0015_on_deliveries_stored_before_it_defaults_them_and_counts_them_against_nobody(ch: Any) -> None:
+    """Migration 0015 on a database with deliveries: the rows a worker of 0014 wrote read no reporter and budget day
+    1970-01-01 (the immediate budget counts them against nobody), their digest queue is intact, and a new worker's
+    rows store both columns; migrating again changes nothing."""
+    from datetime import UTC, date, datetime
+
+    from synthwatch.stream_apps.storage.deliveries import DeliveryStore
+    from synthwatch.stream_apps.storage.tables import DELIVERY_COLUMNS, NO_DAY, Attempt
+
+    assert [m.version for m in migrate(ch, [m for m in available_migrations() if m.version <= 14])][-1] == 14
+    at = datetime(2026, 12, 7, 9, 30, tzinfo=UTC)
+    old_columns = [c for c in DELIVERY_COLUMNS if c not in ("reported_by", "budget_day")]
+
+    def old_row(alert_id: str, status: str, attempt: int) -> list[Any]:
+        row = Attempt(
+            alert_id,
+            "ml-bko",
+            "hook",
+            "webhook",
+            "r",
+            attempt,
+            cast(Any, status),
+            "why",
+            200,
+            "t",
+            at,
+            1.0,
+            alert_type="new_substance",
+            alert_json="{}" if status == "queued_digest" else "",
+        )
+        return [getattr(row, c) for c in old_columns]
+
+    rows = [old_row("A-1", "delivered", 1), old_row("A-2", "queued_digest", 0)]
+    ch.insert("deliveries", rows, column_names=old_columns)  # as the worker of 0014 wrote them
+    assert [m.version for m in migrate(ch)] == [15]
+    assert migrate(ch) == []
+    assert ch.query("SELECT alert_id, reported_by, budget_day FROM deliveries ORDER BY alert_id").result_rows == [
+        ("A-1", [], NO_DAY),
+        ("A-2", [], NO_DAY),
+    ]
+    store = DeliveryStore(ch)
+    keys = [("ml-bko", "", NO_DAY), ("ml-bko", "LAB-1", date(2026, 12, 7))]
+    assert store.immediate_alerts(keys, ["new_substance"]) == {}  # counted against nobody
+    (queued,) = store.pending_digests(at)
+    assert (queued.alert_id, queued.reason) == ("A-2", "why")
+    new = Attempt(
+        "A-3",
+        "ml-bko",
+        "hook",
+        "webhook",
+        "r",
+        1,
+        "delivered",
+        "",
+        200,
+        "t",
+        at,
+        1.0,
+        alert_type="new_substance",
+        reported_by=["LAB-1"],
+        budget_day=date(2026, 12, 7),
+    )
+    store.record([new])
+    assert store.immediate_alerts(keys, ["new_substance"]) == {("ml-bko", "LAB-1", date(2026, 12, 7)): {"A-3"}}

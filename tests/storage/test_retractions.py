@@ -53,7 +53,8 @@ def _customs_corrected_before_0013(ch: Any, monkeypatch: pytest.MonkeyPatch) -> 
         "substance_name, family, grams) SELECT 'S-2', 'S-1', 'border_seizure', occurred_at, country, region, "
         "substance_key, resolved_name, family, ifNull(grams, 0) FROM border_seizures WHERE event_id = 'S-1'"
     )  # what the 0012 sink stored for it (the columns of 0012: no reporter)
-    assert [m.version for m in migrate(ch)] == [13, 14]
+    assert [m.version for m in migrate(ch, [m for m in available_migrations() if m.version <= 14])] == [13, 14]
+    migrate(ch)  # and any later one (0015 on: other tables)
     monkeypatch.undo()  # the worker of 0014
     return fix
 
@@ -292,7 +293,9 @@ def test_corrections_stored_before_the_migration_are_retracted_by_it(ch: Any, mo
     _assert_recounted(ch)
     assert sum(row[6] for row in _aggregate(ch, "reports_daily")) == 2
     assert ch.query("SELECT corrected FROM retractions ORDER BY event_id").result_rows == [("L-1",), ("S-1",)]
-    assert [m.version for m in migrate(ch)] == [13, 14]  # retractions get their reporter column ('' for these)
+    # retractions get their reporter column ('' for these); later migrations (0015 on) touch other tables
+    assert [m.version for m in migrate(ch, [m for m in available_migrations() if m.version <= 14])] == [13, 14]
+    migrate(ch)
     monkeypatch.undo()  # the worker of 0014
     # The worker of 0013 finds them retracted: storing the judged corrections again retracts nothing more.
     assert (

@@ -17,7 +17,13 @@ from pathlib import Path
 
 from synthwatch.schemas import Alert, AlertSubstance
 from synthwatch.schemas.records import GuessedFamily, SimilarSubstance
-from synthwatch.stream_apps.delivery.messages import LANGUAGES, Message, render_alert, render_digest
+from synthwatch.stream_apps.delivery.messages import (
+    LANGUAGES,
+    Message,
+    render_alert,
+    render_budget_notice,
+    render_digest,
+)
 
 HERE = Path(__file__).parent
 GRAFANA = "https://grafana.example.org"
@@ -238,6 +244,13 @@ def reference_messages() -> dict[tuple[str, str], Message]:
             found[language, name] = render_alert(alert, language, GRAFANA, zone)
         two = [alerts["spread"], alerts["spike_quantity"]]
         found[language, "digest"] = render_digest(two, language, GRAFANA, date(2026, 12, 6), "Awa Ndiaye", zone)
+        # a digest one of whose alerts a reporter's immediate budget held back, and the notice sent then
+        found[language, "digest_held"] = render_digest(
+            [alerts["new_substance"], *two], language, GRAFANA, date(2026, 12, 6), "Awa Ndiaye", zone, held=1
+        )
+        found[language, "budget_notice"] = render_budget_notice(
+            "budget-2026-12-05-0123456789abcdef", "LAB-ML-01", date(2026, 12, 5), 10, 10, language
+        )
     return found
 
 

@@ -1,0 +1,437 @@
+"""The immediate budget on real parts: a webhook receiver and an SMTP server on loopback ports, and the embedded
+ClickHouse holding ``deliveries``.
+
+One signed lab sending invented structures raises a critical new-substance alert per report; an officer gets at
+most the budget (``SYNTHWATCH_DELIVERY_IMMEDIATE_BUDGET``, default 10) of them at once a day from that lab, the
+rest in the daily digest, and one notice per reporter and day saying so. Nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from synthwatch.producers.simulate import SimulationConfig, simulate
+from synthwatch.schemas import Alert, parse_event_object
+from synthwatch.settings import Settings
+from synthwatch.stream_apps.delivery.email import SmtpConfig
+from synthwatch.stream_apps.delivery.messages import LANGUAGES, render_budget_notice, render_digest
+from synthwatch.stream_apps.delivery.service import BUDGETED_TYPES, DeliveryService, RetryPolicy
+from synthwatch.stream_apps.delivery.subscriptions import parse_subscriptions
+from synthwatch.stream_apps.detect.backtest import run_lines
+from synthwatch.stream_apps.detect.corrections import CitedAlert, ReportFacts, correction_notice
+from synthwatch.stream_apps.storage.clickhouse import migrate
+from synthwatch.stream_apps.storage.deliveries import DeliveryStore
+from tests.support.delivery_helpers import LOOPBACK, SmtpServer, WebhookReceiver, make_alert, subscriptions_yaml
+from tests.support.factories import lab
+
+FAST = RetryPolicy(max_attempts=2, base_delay_s=0.01, max_delay_s=0.05, jitter=0.0)
+BUDGET = Settings().delivery_immediate_budget  # what an operator gets without setting anything
+FLOODER, HONEST = "LAB-ML-FLOOD", "LNS-ML-BKO"
+HOSTILE = "<script>x</script>\nFrom: evil@x \u202eLAB"
+BAMAKO = "ml-bko-douanes"  # French, webhook (subscriptions_yaml)
+PARIS = "fr-paris-ofast"  # English, e-mail
+# The worker's clock and the alerts' detection: noon in Bamako and Paris, so every alert of a test is on one officer's
+# day whenever the test runs (alerts made one by one at the wall clock straddle midnight if run then).
+NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def db(ch: Any) -> Any:
+    migrate(ch)
+    return ch
+
+
+def _service(db: Any, hooks: WebhookReceiver, smtp: SmtpServer, subscriptions: str = "") -> DeliveryService:
+    config = SmtpConfig("127.0.0.1", smtp.port, starttls=False, sender="alerts@synthwatch.example")
+    return DeliveryService(
+        parse_subscriptions(subscriptions or subscriptions_yaml(hooks), allowed_networks=LOOPBACK),
+        DeliveryStore(db),
+        policy=FAST,
+        store_retries=3,
+        allowed_networks=LOOPBACK,
+        smtp=config,
+        clock=lambda: NOW,
+    )
+
+
+def _flood(n: int, reporters: list[str], start: int = 0, **changes: Any) -> list[Alert]:
+    """``n`` critical new-nitazene alerts (distinct structures) reported by ``reporters``, detected at ``NOW``."""
+    changes.setdefault("detected_at", NOW)
+    return [
+        make_alert(alert_id=f"{(reporters or ['nobody'])[0][:6]}{i:018d}", reported_by=reporters, **changes)
+        for i in range(start, start + n)
+    ]
+
+
+def _statuses(outcomes: list[list[Any]], officer: str) -> list[str]:
+    return [o.status for alert in outcomes for o in alert if o.officer_id == officer and o.alert_id[:7] != "budget-"]
+
+
+def _alerts_on_hook(hooks: WebhookReceiver) -> list[str]:
+    return [r.json()["alert_id"] for r in hooks.accepted("bamako") if r.json()["kind"] == "alert"]
+
+
+def _notices_on_hook(hooks: WebhookReceiver) -> list[dict[str, Any]]:
+    return [r.json() for r in hooks.accepted("bamako") if r.json()["kind"] == "notice"]
+
+
+def _alert_mails(smtp: SmtpServer) -> list[str]:
+    return [str(m["X-Synthwatch-Alert-Id"]) for _, _, m in smtp.messages if m["X-Synthwatch-Alert-Id"]]
+
+
+def _notice_mails(smtp: SmtpServer) -> list[Any]:
+    return [m for _, _, m in smtp.messages if m["X-Synthwatch-Notice-Id"]]
+
+
+def test_a_flooding_reporter_gets_the_budget_at_once_then_the_digest_and_one_notice(db: Any) -> None:
+    alerts = _flood(BUDGET + 3, [FLOODER])
+    later = _flood(2, [FLOODER], start=BUDGET + 3)
+
+    with SmtpServer() as smtp:
+
+        async def scenario() -> tuple[WebhookReceiver, list[list[Any]], list[list[Any]]]:
+            async with WebhookReceiver() as hooks:
+                service = _service(db, hooks, smtp)
+                first = await service.handle_batch(alerts)
+                second = await service.handle_batch(later)  # later the same day: still over, no second notice
+                await service.close()
+                return hooks, first, second
+
+        hooks, first, second = asyncio.run(scenario())
+    ids = [a.alert_id for a in alerts]
+    for officer in (BAMAKO, PARIS):
+        assert _statuses(first, officer) == ["delivered"] * BUDGET + ["queued_digest"] * 3
+        assert _statuses(second, officer) == ["queued_digest"] * 2
+    assert _alerts_on_hook(hooks) == ids[:BUDGET] and sorted(_alert_mails(smtp)) == sorted(ids[:BUDGET])
+
+    (notice,) = _notices_on_hook(hooks)  # one, in the officer's language (French), naming the reporter
+    assert notice["reporter"] == FLOODER and notice["immediate_sent"] == BUDGET and notice["language"] == "fr"
+    assert FLOODER in notice["subject"] and "résumé quotidien" in notice["text"]
+    assert f"{BUDGET} alertes" in notice["text"]
+    (mail,) = _notice_mails(smtp)  # the English officer's, by e-mail
+    body = mail.get_body(("plain",)).get_content()
+    assert FLOODER in mail["Subject"] and f"{BUDGET} alerts at once" in body and "daily digest" in body
+
+    # Nothing dropped: the held alerts are queued for the digest with the reason, and carry the alert.
+    held = db.query(
+        "SELECT alert_id, officer_id, reason, alert_json FROM deliveries WHERE status = 'queued_digest' "
+        "ORDER BY officer_id, alert_id"
+    ).result_rows
+    assert len(held) == 2 * 5
+    assert {r[0] for r in held} == set(ids[BUDGET:]) | {a.alert_id for a in later}
+    assert all(r[2].startswith("over the immediate budget") and FLOODER in r[2] for r in held)
+    assert all(Alert.model_validate_json(r[3]).alert_id == r[0] for r in held)
+
+
+def test_held_alerts_go_out_in_the_next_daily_digest(db: Any) -> None:
+    alerts = _flood(BUDGET + 2, [FLOODER])
+    with SmtpServer() as smtp:
+
+        async def scenario() -> tuple[WebhookReceiver, list[Any]]:
+            async with WebhookReceiver() as hooks:
+                service = _service(db, hooks, smtp)
+                await service.handle_batch(alerts)
+                officer = service.subscriptions.officer(BAMAKO)
+                assert officer is not None
+                due = officer.digest_moment(NOW + timedelta(days=1)) + timedelta(minutes=1)
+                sent = await service.send_digests(due)
+                await service.close()
+                return hooks, sent
+
+        hooks, sent = asyncio.run(scenario())
+    digested = sorted({o.alert_id for o in sent if o.status == "digest_sent"})
+    assert digested == sorted(a.alert_id for a in alerts[BUDGET:])
+    (digest,) = [r.json() for r in hooks.accepted("bamako") if r.json()["kind"] == "digest"]
+    assert sorted(a["alert_id"] for a in digest["alerts"]) == digested
+    # Not below the officer's threshold, and the digest says so rather than that they were
+    assert digest["alerts_over_budget"] == 2 and "2 n'étaient pas sous votre seuil" in digest["text"]
+
+
+def test_the_count_survives_a_restart_and_a_replay_counts_nothing_twice(db: Any) -> None:
+    alerts = _flood(BUDGET + 2, [FLOODER])
+    first_part = BUDGET - 2
+
+    with SmtpServer() as smtp:
+
+        async def scenario() -> tuple[WebhookReceiver, list[list[Any]]]:
+            async with WebhookReceiver() as hooks:
+                first = _service(db, hooks, smtp)
+                await first.handle_batch(alerts[:first_part])
+                await first.close()  # the worker restarts: an empty memory, the same ClickHouse
+                second = _service(db, hooks, smtp)
+                replayed = await second.handle_batch(alerts)  # the topic replayed from the start
+                again = await second.handle_batch(alerts)  # and once more: still one notice
+                await second.close()
+                third = _service(db, hooks, smtp)  # a third start: the notice is not sent again
+                await third.handle_batch(alerts)
+                await third.close()
+                return hooks, replayed + again
+
+        hooks, outcomes = asyncio.run(scenario())
+    replayed = outcomes[: len(alerts)]
+    assert _statuses(replayed, BAMAKO) == ["skipped"] * first_part + ["delivered"] * 2 + ["queued_digest"] * 2
+    assert _alerts_on_hook(hooks) == [a.alert_id for a in alerts[:BUDGET]]  # each once, BUDGET in all
+    assert len(_notices_on_hook(hooks)) == 1 and len(_notice_mails(smtp)) == 1
+    assert _notices_on_hook(hooks)[0]["immediate_sent"] == BUDGET
+
+
+def test_two_workers_taking_turns_share_one_count_and_one_notice(db: Any) -> None:
+    """Workers sharing the alerts topic read each other's stored attempts at every batch (docs: exact when their
+    decisions do not race; up to N x the budget when they do)."""
+    alerts = _flood(BUDGET + 2, [FLOODER])
+    third = len(alerts) // 3
+    with SmtpServer() as smtp:
+
+        async def scenario() -> tuple[WebhookReceiver, list[list[Any]]]:
+            async with WebhookReceiver() as hooks:
+                one, two = _service(db, hooks, smtp), _service(db, hooks, smtp)
+                got = await one.handle_batch(alerts[:third])
+                got += await two.handle_batch(alerts[third : 2 * third])
+                got += await one.handle_batch(alerts[2 * third :])
+                got += await two.handle_batch(_flood(1, [FLOODER], start=99))
+                await one.close()
+                await two.close()
+                return hooks, got
+
+        hooks, got = asyncio.run(scenario())
+    assert _statuses(got, BAMAKO) == ["delivered"] * BUDGET + ["queued_digest"] * 3
+    assert len(_notices_on_hook(hooks)) == 1 and len(_notice_mails(smtp)) == 1
+
+
+def test_a_notice_cut_off_by_a_crash_is_sent_after_the_replay_once(db: Any) -> None:
+    alerts = _flood(BUDGET + 1, [FLOODER])
+    with SmtpServer() as smtp:
+
+        async def scenario() -> tuple[WebhookReceiver, list[list[Any]]]:
+            async with WebhookReceiver(delay_s={"bamako": 0.3}) as hooks:
+                first = _service(db, hooks, smtp)
+                tickets = await first.submit(alerts)
+                await asyncio.sleep(0.1)  # the requests, the notice's too, are at the receiver, no answer yet
+                await first.close()  # the worker dies: nothing acknowledged
+                assert all(t.cancelled() or t.exception() is not None for t in tickets)
+                second = _service(db, hooks, smtp)
+                got = await second.handle_batch(alerts)  # the topic replayed
+                await second.close()
+                await asyncio.sleep(0.4)  # the abandoned requests finish
+                return hooks, got
+
+        hooks, got = asyncio.run(scenario())
+    assert _statuses(got, BAMAKO) == ["delivered"] * BUDGET + ["skipped"]  # held back before: queued for the digest
+    notices = _notices_on_hook(hooks)  # accepted once; the resend of a notice the receiver had got answered 409
+    assert len(notices) == 1 and notices[0]["immediate_sent"] == BUDGET
+    (delivered,) = db.query(
+        "SELECT count() FROM deliveries WHERE alert_type = 'budget_notice' AND officer_id = %(o)s "
+        "AND status = 'delivered'",
+        parameters={"o": BAMAKO},
+    ).result_rows[0]
+    assert delivered == 1
+
+
+def test_other_reporters_and_shared_alerts_are_not_held_by_a_flooding_one(db: Any) -> None:
+    flood = _flood(BUDGET + 1, [FLOODER])
+    honest = _flood(2, [HONEST])
+    shared = _flood(1, [FLOODER, HONEST], start=100)  # the same substance reported by both: the honest one counts
+    with SmtpServer() as smtp:
+
+        async def scenario() -> tuple[WebhookReceiver, list[list[Any]]]:
+            async with WebhookReceiver() as hooks:
+                service = _service(db, hooks, smtp)
+                await service.handle_batch(flood)
+                got = await service.handle_batch([*honest, *shared])
+                await service.close()
+                return hooks, got
+
+        hooks, got = asyncio.run(scenario())
+    assert _statuses(got, BAMAKO) == ["delivered"] * 3 and _statuses(got, PARIS) == ["delivered"] * 3
+    assert [n["reporter"] for n in _notices_on_hook(hooks)] == [FLOODER]
+
+
+def test_a_new_day_starts_a_new_budget_counted_on_the_day_of_detection(db: Any) -> None:
+    today = _flood(BUDGET + 1, [FLOODER])
+    # reported with yesterday's dates but detected tomorrow: the report's dates are the reporter's to choose
+    tomorrow = _flood(
+        1,
+        [FLOODER],
+        start=50,
+        detected_at=NOW + timedelta(days=1),
+        triggered_at=NOW - timedelta(days=1),
+    )
+    backdated = _flood(1, [FLOODER], start=60, triggered_at=NOW - timedelta(days=3))
+    with SmtpServer() as smtp:
+
+        async def scenario() -> list[list[Any]]:
+            async with WebhookReceiver() as hooks:
+                service = _service(db, hooks, smtp)
+                await service.handle_batch(today)
+                got = await service.handle_batch([*tomorrow, *backdated])
+                await service.close()
+                return got
+
+        got = asyncio.run(scenario())
+    assert _statuses(got, BAMAKO) == ["delivered", "queued_digest"]
+
+
+def test_without_reporters_or_with_the_budget_off_nothing_is_held(db: Any) -> None:
+    unattributed = _flood(BUDGET + 1, [])  # make_alert's default: reported by nobody
+    with SmtpServer() as smtp:
+
+        async def scenario() -> list[list[Any]]:
+            async with WebhookReceiver() as hooks:
+                service = _service(db, hooks, smtp)
+                got = await service.handle_batch(unattributed)
+                service.immediate_budget = 0
+                got += await service.handle_batch(_flood(BUDGET + 1, [FLOODER]))
+                await service.close()
+                return got
+
+        got = asyncio.run(scenario())
+    assert _statuses(got, BAMAKO) == ["delivered"] * (2 * BUDGET + 2)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_default_budget_is_far_above_an_honest_reporters_day(seed: int) -> None:
+    """The simulated network (40 days, the detection backtest): once past its first week, when every report is a
+    first sighting, no reporter raises more than half the default budget of counted alerts in a day (the day the
+    report came in: a live worker detects it then)."""
+    lines = simulate(SimulationConfig(days=40, seed=seed, start=date(2026, 1, 1))).lines
+    run = run_lines((f"sim:{i}", line) for i, line in enumerate(lines))
+    per_day = Counter(
+        (reporter, alert.triggered_at.date())
+        for alert in run.alerts
+        if alert.alert_type in BUDGETED_TYPES
+        for reporter in alert.reported_by
+    )
+    warm = {key: n for key, n in per_day.items() if key[1] >= date(2026, 1, 8)}
+    print(f"seed {seed}: most per reporter and day {max(per_day.values())}, after the first week {max(warm.values())}")
+    assert warm and max(warm.values()) <= BUDGET // 2
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_the_notice_names_the_reporter_and_the_count_with_hostile_text_escaped(language: str) -> None:
+    day = datetime(2026, 12, 7, tzinfo=UTC).date()
+    message = render_budget_notice("budget-2026-12-07-abc", HOSTILE, day, BUDGET, BUDGET, language)
+    assert "<script>" not in message.html and "&lt;script&gt;" in message.html
+    assert "\nFrom: evil" not in message.text and "\\nFrom: evil" in message.text
+    assert "\u202e" not in message.text + message.html + message.subject and "\n" not in message.subject
+    for text in (message.text, message.html):
+        assert "budget-2026-12-07-abc" in text and str(BUDGET) in text
+    assert {"en": "7 December 2026", "fr": "7 décembre 2026", "ar": "2026"}[language] in message.text
+
+
+def test_a_hostile_reporter_reaches_the_reason_and_the_email_notice_escaped(db: Any) -> None:
+    alerts = _flood(BUDGET + 1, [HOSTILE])
+    with SmtpServer() as smtp:
+
+        async def scenario() -> None:
+            async with WebhookReceiver() as hooks:
+                service = _service(db, hooks, smtp)
+                await service.handle_batch(alerts)
+                await service.close()
+
+        asyncio.run(scenario())
+    (mail,) = _notice_mails(smtp)
+    assert "\n" not in str(mail["Subject"]) and "From: evil" not in str(mail["From"])
+    html = mail.get_body(("html",)).get_content()
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    (reason,) = db.query("SELECT DISTINCT reason FROM deliveries WHERE status = 'queued_digest'").result_rows[0]
+    assert "\n" not in reason and "\u202e" not in reason
+
+
+def test_the_worker_takes_the_budget_from_its_settings(db: Any, tmp_path: Any, monkeypatch: Any) -> None:
+    monkeypatch.setenv("SYNTHWATCH_DELIVERY_IMMEDIATE_BUDGET", "3")
+    subscriptions = tmp_path / "subscriptions.yaml"
+    subscriptions.write_text(subscriptions_yaml(), encoding="utf-8")
+    subscriptions.chmod(0o600)
+    settings = Settings(subscriptions_file=subscriptions, webhook_allowed_networks=list(LOOPBACK))
+    assert DeliveryService.from_settings(settings, db).immediate_budget == 3
+
+
+def _correction(alert: Alert, n: int) -> Alert:
+    """The notice that the flooding lab corrected the report behind ``alert`` (a critical correction notice)."""
+    cited = CitedAlert(
+        alert.alert_id,
+        alert.alert_type,
+        alert.severity,
+        alert.country,
+        alert.region,
+        alert.substance,
+        alert.window_start,
+        alert.window_end,
+        alert.triggered_at,
+        tuple(alert.evidence_event_ids),
+    )
+    old = ReportFacts(f"F-{n}", "lab_detection", f"lab:{FLOODER}", "isotonitazene")
+    new = parse_event_object(
+        lab(event_id=f"F-{n}-fix", corrects=f"F-{n}", lab_id=FLOODER, substance={"name": "protonitazene"})
+    )
+    return correction_notice(cited, old, new, "protonitazene", alert.detected_at)
+
+
+def test_corrections_of_held_alerts_follow_them_to_the_digest_and_of_sent_ones_go_at_once(db: Any) -> None:
+    """A flooding lab corrects each of its reports: the officer hears at once of the alerts they got at once;
+    the corrections of the alerts the budget held back go to the digest with them, not one by one at once."""
+    alerts = _flood(BUDGET + 3, [FLOODER])
+    fixes = [_correction(alert, n) for n, alert in enumerate(alerts)]
+    with SmtpServer() as smtp:
+
+        async def scenario() -> tuple[WebhookReceiver, list[list[Any]]]:
+            async with WebhookReceiver() as hooks:
+                service = _service(db, hooks, smtp)
+                await service.handle_batch(alerts)
+                got = await service.handle_batch(fixes)
+                await service.close()
+                return hooks, got
+
+        hooks, got = asyncio.run(scenario())
+    for officer in (BAMAKO, PARIS):
+        assert _statuses(got, officer) == ["delivered"] * BUDGET + ["queued_digest"] * 3
+    at_once = [r.json()["alert"] for r in hooks.accepted("bamako") if r.json()["kind"] == "alert"]
+    assert len([a for a in at_once if a["alert_type"] == "correction"]) == BUDGET
+    reasons = db.query(
+        "SELECT DISTINCT reason FROM deliveries WHERE alert_type = 'correction' AND status = 'queued_digest'"
+    ).result_rows
+    assert [r[0] for r in reasons] == [
+        "over the immediate budget (the corrected alert was held back by it): queued for the daily digest"
+    ]
+
+
+def test_the_budget_day_is_the_officers_local_day(db: Any) -> None:
+    """23:30 UTC is still the same day in Bamako (UTC) but the next one in Paris (UTC+1): the Parisian officer's
+    budget starts again, the Bamako officer's does not."""
+    parisian = "    language: en\n    timezone: Europe/Paris\n"
+    today = _flood(BUDGET, [FLOODER])
+    late = _flood(1, [FLOODER], start=70, detected_at=NOW.replace(hour=23, minute=30))
+    with SmtpServer() as smtp:
+
+        async def scenario() -> list[list[Any]]:
+            async with WebhookReceiver() as hooks:
+                file = subscriptions_yaml(hooks).replace("    language: en\n", parisian)
+                assert "Europe/Paris" in file
+                service = _service(db, hooks, smtp, file)
+                await service.handle_batch(today)
+                got = await service.handle_batch(late)
+                await service.close()
+                return got
+
+        got = asyncio.run(scenario())
+    assert _statuses(got, BAMAKO) == ["queued_digest"] and _statuses(got, PARIS) == ["delivered"]
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_a_held_correction_in_a_digest_says_what_changed_escaped(language: str) -> None:
+    """A correction held back with its alert is listed in the digest with which report corrected which and what
+    changed (not an empty "how unusual"), the reporter's text escaped."""
+    (alert,) = _flood(1, [FLOODER])
+    fix = _correction(alert, 7)
+    fix = fix.model_copy(update={"details": {**fix.details, "old_substance": HOSTILE}})
+    message = render_digest([fix, alert], language, "https://grafana.example", NOW.date(), "N", held=2)
+    facts = f"{alert.alert_id}: F-7 → F-7-fix; "
+    assert facts in message.text and facts in message.html and "→ protonitazene" in message.text
+    assert "<script>" not in message.html and "\nFrom: evil" not in message.text and "\u202e" not in message.text
+    unusual = {"en": "How unusual", "fr": "Caractère inhabituel", "ar": "مدى الخروج عن المعتاد"}[language]
+    assert message.text.count(unusual) == 1  # the new substance's line only
