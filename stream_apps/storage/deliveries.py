@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import TYPE_CHECKING
 
 from synthwatch.stream_apps.storage.tables import DELIVERY_COLUMNS, DELIVERY_TABLE, Attempt
@@ -105,8 +105,13 @@ class DeliveryStore:
                 "ARRAY JOIN reported_by AS reporter "
                 "WHERE officer_id IN %(officers)s AND budget_day IN %(days)s AND reporter IN %(reporters)s "
                 "AND alert_type IN %(types)s AND status IN %(immediate)s AND attempt > 0 AND digest_id = '' "
+                "AND at >= %(since)s "
                 "GROUP BY officer_id, reporter, budget_day",
                 parameters={
+                    # An attempt comes after its alert's detection, which is on or after the officer's local budget
+                    # day began (at most 14 h before that day's UTC midnight): two days' margin bounds the read to
+                    # the months that can hold it (monthly partitions by `at`), on a server without statistics too.
+                    "since": datetime.combine(min(k[2] for k in keys), time.min, UTC) - timedelta(days=2),
                     "officers": tuple({k[0] for k in keys}),
                     "reporters": tuple({k[1] for k in keys}),
                     "days": tuple({k[2] for k in keys}),

@@ -435,3 +435,23 @@ def test_a_held_correction_in_a_digest_says_what_changed_escaped(language: str) 
     assert "<script>" not in message.html and "\nFrom: evil" not in message.text and "\u202e" not in message.text
     unusual = {"en": "How unusual", "fr": "Caractère inhabituel", "ar": "مدى الخروج عن المعتاد"}[language]
     assert message.text.count(unusual) == 1  # the new substance's line only
+
+
+def test_the_stored_count_reads_back_an_officer_14_hours_ahead_of_utc_and_no_older_months(db: Any) -> None:
+    """The read is bounded by the attempt time (monthly partitions): an attempt comes after its alert's detection, on
+    or after the officer's local budget day began, at most 14 h (UTC+14) before that day's UTC midnight."""
+    from synthwatch.stream_apps.storage.tables import Attempt
+
+    store = DeliveryStore(db)
+    day = date(2026, 12, 1)
+
+    def attempt(alert_id: str, at: datetime) -> Attempt:
+        return Attempt(
+            alert_id, "ki-officer", "hook", "webhook", "r", 1, "delivered", "", 200, "t", at, 1.0,
+            alert_type="new_substance", reported_by=[FLOODER], budget_day=day,
+        )  # fmt: skip
+
+    kiribati_midnight = datetime(2026, 11, 30, 10, 0, tzinfo=UTC)  # 2026-12-01 00:00 at UTC+14
+    store.record([attempt("K-1", kiribati_midnight), attempt("K-0", datetime(2026, 10, 30, tzinfo=UTC))])
+    found = store.immediate_alerts([("ki-officer", FLOODER, day)], BUDGETED_TYPES)
+    assert found == {("ki-officer", FLOODER, day): {"K-1"}}  # a row a month before its day cannot be an attempt of it
