@@ -808,5 +808,24 @@ class Detector:
         result.alerts.extend(stage.alerts)
         return result
 
+    def observe_all(self, observations: Iterable[Observation], seen: set[str]) -> tuple[list[Alert], int, int, int]:
+        """:meth:`observe` over ``observations`` in order, ``seen`` as ``stored`` (the backtest): (alerts in order,
+        events taken, duplicates, late events of those taken). ``seen`` grows with the :func:`report_id` of every event
+        taken, as the worker's sink stores them. Here, compiled, rather than in the backtest's interpreted loop
+        (~7 % of its detection process)."""
+        alerts: list[Alert] = []
+        events = duplicates = late = 0
+        for obs in observations:
+            result = self.observe(obs, seen)
+            if result.duplicate:
+                duplicates += 1
+            else:
+                seen.add(report_id(obs))
+                events += 1
+                if result.late_by_hours is not None:
+                    late += 1
+                alerts.extend(result.alerts)
+        return alerts, events, duplicates, late
+
     def observe_event(self, item: EnrichedEvent) -> DetectionResult:
         return self.observe(Observation.of(item))
