@@ -411,6 +411,12 @@ def _cap(mean: float, z: float) -> float:
     return mean + z * math.sqrt(mean) + 1.0
 
 
+def _factors(rhythm: Sequence[float]) -> list[float]:
+    """The weekday factors as a list (the region stage's are one already): compiled, a list is indexed directly,
+    any other sequence through a generic lookup (~1 M in a year's backtest)."""
+    return rhythm if isinstance(rhythm, list) else list(rhythm)
+
+
 def _values_until(days: list[int], values: list[float], cutoff: int) -> list[float]:
     """The masses of days up to ``cutoff``, in order. Indexed, not zipped: compiled, a strict ``zip`` built a
     tuple per mass (~60 a series), for every seizure tested."""
@@ -467,6 +473,8 @@ class SpikeModel:
         self._cfg = _Thresholds(cfg)
         self.keep_days = cfg.baseline_days + cfg.guard_days + max(cfg.windows) + 2
         self._windows, self._longest = frozenset(cfg.windows), max(cfg.windows)
+        # Whether a window ends ``length`` days back, by length: a list index where a frozenset needed a boxed lookup.
+        self._is_window = [length in self._windows for length in range(self._longest + 1)]
         self._alpha_per_window = cfg.alpha / len(cfg.windows)
         self._baseline_lag = max(cfg.windows) + cfg.guard_days - 1  # day - lag: the baseline's exclusive end
 
@@ -557,23 +565,24 @@ class SpikeModel:
         if day - first_day < cfg.min_history_days or days < cfg.min_baseline_days:
             return None
         # Summing only the days with reports (most days of a sparse series are zero).
+        factors = _factors(rhythm)
         weeks, rest = divmod(days, 7)
         partial = 0.0  # the same additions, in the same order, as ``sum()`` over the last ``rest`` days
         for d in range(end - rest, end):
-            partial += rhythm[d % 7]
+            partial += factors[d % 7]
         total_factor = weeks * _sum_floats(rhythm) + partial
         total = highest = 0.0
         for d, count in state.counts.items():
             if start <= d < end:
                 total += count
-                adjusted = count / rhythm[d % 7]
+                adjusted = count / factors[d % 7]
                 if adjusted > highest:
                     highest = adjusted
         # Robust: a day far above the rate (an earlier spike) is capped at rate + z·sqrt(rate) + 1
         # (weekday-adjusted) before the rate and dispersion are learnt, or it would hide the next spike.
         z = cfg.baseline_cap_z
         if z is not None and highest > _cap((total + cfg.prior_events) / total_factor, z):
-            values = [(count / rhythm[d % 7], rhythm[d % 7]) for d, count in state.counts.items() if start <= d < end]
+            values = [(count / factors[d % 7], factors[d % 7]) for d, count in state.counts.items() if start <= d < end]
             cap = highest
             for _ in range(2):  # the rate falls as the outliers are capped; two passes converge
                 cap = _cap((total + cfg.prior_events) / total_factor, z)
@@ -599,11 +608,11 @@ class SpikeModel:
             # Typed: compiled, the sums below were generic object arithmetic on the list's Any items.
             start: int = parts[3]
             end: int = parts[4]
-            rhythm: Sequence[float] = parts[5]
+            factors = _factors(parts[5])
             adjusted_sum = adjusted_squares = 0.0
             for d, count in state.counts.items():  # the order of the sums is the counts' own, as always
                 if start <= d < end:
-                    adjusted = count / rhythm[d % 7]
+                    adjusted = count / factors[d % 7]
                     adjusted_sum += adjusted
                     adjusted_squares += adjusted * adjusted
             parts[2] = self._dispersion_of(adjusted_sum, adjusted_squares, end - start)
@@ -641,7 +650,8 @@ class SpikeModel:
     ) -> tuple[float, int, int, float] | None:
         """(p, window, observed, expected) of the most surprising window ending on ``day``, if any."""
         cfg = self._cfg
-        counts, windows, min_count, min_ratio = state.counts, self._windows, cfg.min_count, cfg.min_ratio
+        counts, is_window, min_count, min_ratio = state.counts, self._is_window, cfg.min_count, cfg.min_ratio
+        factors = _factors(rhythm)
         baseline: list[Any] | None = None
         rate = events = exposure = 0.0
         dispersion: float | None = None
@@ -650,8 +660,8 @@ class SpikeModel:
         for length in range(1, self._longest + 1):  # one pass: every window's sums on the way
             d = day - length + 1
             observed += counts.get(d, 0)  # not a bound ``get``: compiled, that was a generic call per day
-            weight += rhythm[d % 7]
-            if observed < min_count or length not in windows:
+            weight += factors[d % 7]
+            if observed < min_count or not is_window[length]:
                 continue
             if baseline is None:  # learnt only when a window has enough reports (sparse series rarely do)
                 baseline = self._baseline_parts(state, day, rhythm)
