@@ -32,7 +32,6 @@ from synthwatch.stream_apps.detect.region import (
     Detector,
     Observation,
     ObservationFields,
-    report_id,
 )
 from synthwatch.stream_apps.detect.spikes import intern_day
 
@@ -184,18 +183,8 @@ class _Found:
 
 def _observe_all(detector: Detector, seen: set[str], observations: Iterable[Observation]) -> _Found:
     """Both stages over observations in order; ``seen`` (:func:`report_id` of the events taken: reporter and
-    event id, as the worker's sink looks them up) grows with every event taken."""
-    found = _Found([], 0, 0, 0)
-    for obs in observations:
-        result = detector.observe(obs, seen)
-        if result.duplicate:
-            found.duplicates += 1
-        else:
-            seen.add(report_id(obs))
-            found.events += 1
-            found.late += result.late_by_hours is not None
-            found.alerts.extend(result.alerts)
-    return found
+    event id, as the worker's sink looks them up) grows with every event taken (see :meth:`Detector.observe_all`)."""
+    return _Found(*detector.observe_all(observations, seen))
 
 
 class _InProcess:

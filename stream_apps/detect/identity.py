@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 ResolvedBy = IdentifiedBy  # carried to the alert (Alert.identified_by)
 
 NAME_KEY_PREFIX = "name:"
+_ONE_DAY = timedelta(days=1)  # how often unresolved names are pruned (in event time)
 NAME_LINK_HORIZON_DAYS = 180
 """A name-only report older than this (event time) before the structure report that settles its name is not
 tied to the structure (``formerly``): one old or junk report must not decide how a new structure is announced."""
@@ -373,6 +374,8 @@ class SubstanceResolver:
             tuple[str | None, str, str, str], tuple[datetime | None, str, tuple[str, ...], str | None]
         ] = {}
         self._pruned_at: datetime | None = None
+        # _pruned_at + a day, or None (never pruned, or that moment is past datetime.max): the next pruning is due then.
+        self._prune_due: datetime | None = None
         self._key_family: dict[str, Family | None] = {}
         # One object per distinct answer (see _substance): its fields -> the object.
         self._answers: dict[tuple[Any, ...], ResolvedSubstance] = {}
@@ -646,9 +649,21 @@ class SubstanceResolver:
     def _prune(self) -> None:
         """Drop unresolved names that can no longer link (see :meth:`links`), at most once a day of event time."""
         mark = self._watermark
-        if mark is None or (self._pruned_at is not None and mark - self._pruned_at < timedelta(days=1)):
+        if mark is None:
+            return
+        # Asked whenever the watermark moves (most reports): one comparison with the moment due, where the
+        # difference from _pruned_at and a new timedelta cost ~0.6 µs a report (~3 % of the backtest's reader).
+        # The same test: fixed UTC offsets, so ``mark - pruned_at < 1 day`` iff ``mark < pruned_at + 1 day``.
+        due = self._prune_due
+        if due is not None and mark < due:
+            return
+        if due is None and self._pruned_at is not None:  # pruned within a day of datetime.max: no later day
             return
         self._pruned_at = mark
+        try:
+            self._prune_due = mark + _ONE_DAY
+        except OverflowError:
+            self._prune_due = None
         cut = mark - 2 * self.name_horizon
         stale = [n for n, seen in self._unresolved.items() if seen.last is not None and seen.last < cut]
         for normalised in stale:

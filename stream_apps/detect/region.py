@@ -95,6 +95,36 @@ class Observation:
     reporter: str | None = None  # the lab (lab_id) or agency whose report this is: alerts name it
     smiles: str | None = None  # the structure as reported: a new substance's neighbours are found by it
 
+    # Written out, not left to @dataclass: compiled, the generated __init__ stays interpreted (one per report, in the
+    # backtest's detection process). The same arguments, in the same order, with the same defaults.
+    def __init__(
+        self,
+        event_id: str,
+        kind: str,
+        occurred_at: datetime,
+        day: int,
+        country: str,
+        region: str,
+        subject: Subject,
+        grams: float | None,
+        method: str | None,
+        sample_type: str | None,
+        reporter: str | None = None,
+        smiles: str | None = None,
+    ) -> None:
+        self.event_id = event_id
+        self.kind = kind
+        self.occurred_at = occurred_at
+        self.day = day
+        self.country = country
+        self.region = region
+        self.subject = subject
+        self.grams = grams
+        self.method = method
+        self.sample_type = sample_type
+        self.reporter = reporter
+        self.smiles = smiles
+
     @classmethod
     def of(cls, item: EnrichedEvent) -> Observation:
         return cls(*cls.fields_of(item))
@@ -389,6 +419,22 @@ class RegionResult:
     late_by_hours: float | None = None  # a late report: stored and flagged, not counted in spikes
     duplicate: bool = False
     replayed: bool = False  # judged before a restart and held in the region's state already: nothing to do
+
+    # Written out, not left to @dataclass: compiled, the generated __init__ stays interpreted (~2,500 instructions
+    # a result, one per report: ~3 % of the backtest's detection). The same arguments and defaults.
+    def __init__(
+        self,
+        alerts: list[Alert] | None = None,
+        sightings: list[Sighting] | None = None,
+        late_by_hours: float | None = None,
+        duplicate: bool = False,
+        replayed: bool = False,
+    ) -> None:
+        self.alerts = [] if alerts is None else alerts
+        self.sightings = [] if sightings is None else sightings
+        self.late_by_hours = late_by_hours
+        self.duplicate = duplicate
+        self.replayed = replayed
 
 
 @lru_cache(maxsize=1024)
@@ -786,6 +832,13 @@ class DetectionResult:
     late_by_hours: float | None = None
     duplicate: bool = False
 
+    def __init__(  # written out, as RegionResult's
+        self, alerts: list[Alert] | None = None, late_by_hours: float | None = None, duplicate: bool = False
+    ) -> None:
+        self.alerts = [] if alerts is None else alerts
+        self.late_by_hours = late_by_hours
+        self.duplicate = duplicate
+
 
 class Detector:
     """Both stages in one process, in arrival order: the backtest and the tests use this."""
@@ -807,6 +860,25 @@ class Detector:
             result.alerts.extend(self.novelty.observe(sighting))
         result.alerts.extend(stage.alerts)
         return result
+
+    def observe_all(self, observations: Iterable[Observation], seen: set[str]) -> tuple[list[Alert], int, int, int]:
+        """:meth:`observe` over ``observations`` in order, ``seen`` as ``stored`` (the backtest): (alerts in order,
+        events taken, duplicates, late events of those taken). ``seen`` grows with the :func:`report_id` of every event
+        taken, as the worker's sink stores them. Here, compiled, rather than in the backtest's interpreted loop
+        (~7 % of its detection process)."""
+        alerts: list[Alert] = []
+        events = duplicates = late = 0
+        for obs in observations:
+            result = self.observe(obs, seen)
+            if result.duplicate:
+                duplicates += 1
+            else:
+                seen.add(report_id(obs))
+                events += 1
+                if result.late_by_hours is not None:
+                    late += 1
+                alerts.extend(result.alerts)
+        return alerts, events, duplicates, late
 
     def observe_event(self, item: EnrichedEvent) -> DetectionResult:
         return self.observe(Observation.of(item))
