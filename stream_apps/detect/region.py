@@ -207,6 +207,8 @@ class RegionState:
         None  # pruning runs once per day (persisted: a restored state prunes when the live one would)
     )
     today: int | None = None  # not persisted: the day of the newest watermark, kept as they move
+    # Not persisted: the day pruning follows, that of the slowest kind's watermark (see RegionDetector._settled_day).
+    settled: int | None = None
     # Weekday factors per day, learnt when first asked for (see :meth:`RegionDetector.rhythm`); persisted, so a
     # restored state uses the factors the live one learnt even when a lagging topic changed old totals since.
     rhythm: dict[int, list[float]] = field(default_factory=dict)
@@ -365,7 +367,7 @@ class RegionState:
         pruned = self.pruned_day if self.pruned_day is not None and self.pruned_day > last else None
         if pruned is not None:
             self.pruned_day = None
-        self.today = None
+        self.today = self.settled = None
         self.full_due = True
         return Healed(healed, days, pruned)
 
@@ -409,6 +411,8 @@ class RegionDetector:
 
     RHYTHM_DAYS = 56
     RHYTHM_LAG = 9
+    #: How far (days) the slowest kind's watermark may hold pruning back behind the newest kind's.
+    KIND_SKEW_DAYS = 14
 
     def __init__(self, config: DetectionConfig | None = None, fetch: Fetch | None = None) -> None:
         self.config = config or DetectionConfig()
@@ -595,12 +599,16 @@ class RegionDetector:
             if watermark is None or obs.occurred_at > watermark:
                 region.watermarks[obs.kind] = obs.occurred_at
             today = region.today = day_of(max(region.watermarks.values()))
+            settled = region.settled = self._settled_day(region, today)
         elif watermark is None or obs.occurred_at > watermark:
             region.watermarks[obs.kind] = obs.occurred_at
             if day > today:  # the day of the newest watermark: day_of is monotonic
                 today = region.today = day
-        if region.pruned_day != today:
-            self._prune(region, today)
+            settled = region.settled = self._settled_day(region, today)
+        else:
+            settled = region.settled if region.settled is not None else self._settled_day(region, today)
+        if region.pruned_day != settled:
+            self._prune(region, settled)
         region.totals[day] = region.totals.get(day, 0) + 1
         if region.first_day is None or day < region.first_day:
             region.first_day = day
@@ -616,7 +624,7 @@ class RegionDetector:
         if apply_once(state.applied, at):
             self.dirty_series.add(name)
             findings = self.model.observe(
-                state, day, today, obs.event_id, obs.grams, rhythm, pool=family_state, test=test
+                state, day, settled, obs.event_id, obs.grams, rhythm, pool=family_state, test=test
             )
             if findings and emit:
                 alerts = [self._spike_alert(obs, subject, state, f) for f in findings if f.new_episode]
@@ -624,7 +632,7 @@ class RegionDetector:
         if family and family_state is not None and apply_once(family_state.applied, at):
             self.dirty_series.add(family_name)
             findings = self.model.observe(
-                family_state, day, today, obs.event_id, obs.grams, rhythm, test_mass=False, test=test
+                family_state, day, settled, obs.event_id, obs.grams, rhythm, test_mass=False, test=test
             )
             if findings and emit:
                 group = family_subject(family)
@@ -725,6 +733,21 @@ class RegionDetector:
         self.dirty_regions.clear()
         self.dirty_series.clear()
         self.outbox_series.clear()
+
+    def _settled_day(self, region: RegionState, today: int) -> int:
+        """The day the region's state is pruned as of: that of its *slowest* kind's watermark, at most
+        ``KIND_SKEW_DAYS`` before ``today`` (the newest kind's).
+
+        A report that is not late for its kind is at most a day older than its kind's watermark, and its
+        baseline and weekday rhythm need days up to ``keep_days`` before it. Pruned as of the newest kind's day,
+        a report of a kind read days behind the other (two topics interleave arbitrarily) found the first days
+        of its baseline gone while their exposure still counted: a lower rate, and a spike raised or not by how
+        the topics interleaved (the demo's 22nd alert). A kind silent for longer than ``KIND_SKEW_DAYS`` stops
+        holding pruning back, so state stays bounded.
+        """
+        slowest = day_of(min(region.watermarks.values()))
+        bound = today - self.KIND_SKEW_DAYS
+        return slowest if slowest > bound else bound
 
     def _prune(self, region: RegionState, today: int) -> None:
         if region.pruned_day == today:

@@ -1,0 +1,112 @@
+"""The worker reads lab detections and border seizures from two topics, each in its own order, interleaved
+arbitrarily from run to run; the backtest reads them in file order. The same reports must raise the same
+alerts however the two kinds interleave (docs/detection.md, "What late means").
+
+`make demo` raised 22 spike alerts in one run of 15 instead of 21, and dated one spike differently. Reproduced
+without a broker by feeding the demo's live lines to detectors rebuilt from its history in two interleavings (see
+the report of branch order20): two mechanisms, one test each below.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from synthwatch.stream_apps.detect.alerting import Subject, day_of
+from synthwatch.stream_apps.detect.region import Detector, Observation
+
+T0 = datetime(2026, 1, 5, tzinfo=UTC)  # a Monday
+METHADONE = Subject("USSIQXCVUWKGNF", "Methadone", None, None, True, True)
+HISTORY_DAYS = 80
+
+
+def _report(kind: str, day: int, hour: float, n: int) -> Observation:
+    at = T0 + timedelta(days=day, hours=hour)
+    if kind == "lab_detection":
+        return Observation(f"L{n}", kind, at, day_of(at), "MA", "MA-TNG", METHADONE, None, "GC-MS", "powder", "LAB-1")
+    return Observation(f"S{n}", kind, at, day_of(at), "MA", "MA-TNG", METHADONE, None, None, None, "customs")
+
+
+def _history() -> list[Observation]:
+    """80 days of one report a day, labs and seizures on alternate days, plus a lab on Tuesdays and a seizure on
+    Fridays (a weekday rhythm to learn), both kinds in step."""
+    reports = []
+    for day in range(HISTORY_DAYS):
+        kinds = ["lab_detection" if day % 2 else "border_seizure"]
+        kinds += ["lab_detection"] * (day % 7 == 1) + ["border_seizure"] * (day % 7 == 4)
+        for k, kind in enumerate(kinds):
+            reports.append(_report(kind, day, 9 + k, len(reports)))
+    return reports
+
+
+def _spikes(detector: Detector, reports: list[Observation]) -> list[dict[str, Any]]:
+    found = []
+    for report in reports:
+        found += [a for a in detector.observe(report).alerts if a.alert_type == "spike"]
+    return [a.model_dump(exclude={"detected_at"}) for a in found]  # detected_at is the wall clock
+
+
+def _run(live: list[Observation]) -> list[dict[str, Any]]:
+    detector = Detector()
+    _spikes(detector, _history())
+    return _spikes(detector, live)
+
+
+def _merged(labs: list[Observation], seizures: list[Observation]) -> list[Observation]:
+    return sorted(labs + seizures, key=lambda r: r.occurred_at)
+
+
+def test_a_kind_read_days_behind_the_other_tests_against_its_whole_baseline() -> None:
+    # A seizure surge on day 80, read after the lab topic reached day 86. The region's state used to be pruned as of
+    # the newest kind's day, so the surge's baseline had lost its first days (still counted as exposure): a lower
+    # rate, another expected value, and on the demo's data one spike more (NG-LA codeine, 2026-11-16).
+    labs = [_report("lab_detection", day, 9, 1000 + day) for day in range(HISTORY_DAYS, HISTORY_DAYS + 7)]
+    seizures = [_report("border_seizure", HISTORY_DAYS, 12 + k / 10, 2000 + k) for k in range(9)]
+    in_step = _run(_merged(labs, seizures))
+    assert [a["window_end"] for a in in_step] == [T0 + timedelta(days=HISTORY_DAYS + 1)]  # the surge is a spike
+    assert _run(labs + seizures) == in_step
+
+
+# Mechanism 2, not fixed: a report of a kind read behind the other tests the windows of the series' newest day
+# (`SpikeModel._count_test`), so which report makes a window cross depends on the interleaving; the alert takes that
+# report's event time (triggered_at), its reporter, the evidence read so far, and the weekday factors of that
+# report's day for the newest day's window (the demo: MA-TNG methadone raised at 2026-12-01 14:20 with 4.7 expected
+# when the 12-02 seizures were read before that 12-01 lab, at 2026-12-02 13:36 with 4.6 when fewer of them were).
+_CROSSING_REASON = (
+    "which report crosses a spike's threshold, and so the alert's triggered_at, reported_by, evidence and the "
+    "weekday factors of its expected value, depends on how the two topics interleave (the newest day's windows are "
+    "tested by reports of a kind read behind the other): not fixed yet, see docs/detection.md 'What late means'"
+)
+
+
+def _surge() -> tuple[list[Observation], list[Observation]]:
+    """Labs of day 80, seizures of day 81: neither day crosses alone, the two days together do."""
+    labs = [_report("lab_detection", HISTORY_DAYS, 8 + 2 * k, 3000 + k) for k in range(6)]
+    seizures = [_report("border_seizure", HISTORY_DAYS + 1, 6 + 2 * k, 4000 + k) for k in range(6)]
+    return labs, seizures
+
+
+@pytest.mark.xfail(strict=True, reason=_CROSSING_REASON)
+def test_the_report_that_crosses_does_not_depend_on_the_interleaving() -> None:
+    labs, seizures = _surge()
+    in_step = _run(_merged(labs, seizures))
+    assert in_step  # the surge is a spike
+    assert _run(seizures + labs) == in_step  # the seizures of day 81 read before the labs of day 80
+
+
+@pytest.mark.xfail(strict=True, reason=_CROSSING_REASON)
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.booleans(), min_size=12, max_size=12))
+def test_any_interleaving_of_two_in_order_kinds_raises_the_same_alerts(picks: list[bool]) -> None:
+    labs, seizures = _surge()
+    order, left, right = [], list(labs), list(seizures)
+    for pick in picks:
+        source = left if (pick and left) or not right else right
+        if source:
+            order.append(source.pop(0))
+    order += left + right
+    assert _run(order) == _run(_merged(labs, seizures))
