@@ -34,6 +34,10 @@ from synthwatch.stream_apps.detect.spikes import SeriesState, SpikeFinding, Spik
 
 Fetch = Callable[[str], dict[str, Any] | None]
 
+#: How far (days) the slowest kind's watermark may hold a region's pruning back behind the newest kind's (see
+#: :meth:`RegionDetector._settled_day`).
+KIND_SKEW_DAYS = 14
+
 
 # The subject of each substance object seen lately, by the object's id: the object is held in the value, so its
 # id cannot be reused while the entry stands. The resolver returns one object per distinct answer, so this
@@ -411,8 +415,6 @@ class RegionDetector:
 
     RHYTHM_DAYS = 56
     RHYTHM_LAG = 9
-    #: How far (days) the slowest kind's watermark may hold pruning back behind the newest kind's.
-    KIND_SKEW_DAYS = 14
 
     def __init__(self, config: DetectionConfig | None = None, fetch: Fetch | None = None) -> None:
         self.config = config or DetectionConfig()
@@ -746,7 +748,7 @@ class RegionDetector:
         holding pruning back, so state stays bounded.
         """
         slowest = day_of(min(region.watermarks.values()))
-        bound = today - self.KIND_SKEW_DAYS
+        bound = today - KIND_SKEW_DAYS
         return slowest if slowest > bound else bound
 
     def _prune(self, region: RegionState, today: int) -> None:
