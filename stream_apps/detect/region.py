@@ -626,7 +626,15 @@ class RegionDetector:
         if apply_once(state.applied, at):
             self.dirty_series.add(name)
             findings = self.model.observe(
-                state, day, settled, obs.event_id, obs.grams, rhythm, pool=family_state, test=test
+                state,
+                day,
+                settled,
+                obs.event_id,
+                obs.grams,
+                rhythm,
+                pool=family_state,
+                test=test,
+                rhythms=region.rhythm,
             )
             if findings and emit:
                 alerts = [self._spike_alert(obs, subject, state, f) for f in findings if f.new_episode]
@@ -634,7 +642,15 @@ class RegionDetector:
         if family and family_state is not None and apply_once(family_state.applied, at):
             self.dirty_series.add(family_name)
             findings = self.model.observe(
-                family_state, day, settled, obs.event_id, obs.grams, rhythm, test_mass=False, test=test
+                family_state,
+                day,
+                settled,
+                obs.event_id,
+                obs.grams,
+                rhythm,
+                test_mass=False,
+                test=test,
+                rhythms=region.rhythm,
             )
             if findings and emit:
                 group = family_subject(family)
