@@ -37,6 +37,8 @@ Fetch = Callable[[str], dict[str, Any] | None]
 #: How far (days) the slowest kind's watermark may hold a region's pruning back behind the newest kind's (see
 #: :meth:`RegionDetector._settled_day`).
 KIND_SKEW_DAYS = 14
+#: The kinds whose watermarks hold a region's pruning back (``schemas.events.EventKind``).
+KINDS = ("lab_detection", "border_seizure")
 
 
 # The subject of each substance object seen lately, by the object's id: the object is held in the value, so its
@@ -761,10 +763,16 @@ class RegionDetector:
         a report of a kind read days behind the other (two topics interleave arbitrarily) found the first days
         of its baseline gone while their exposure still counted: a lower rate, and a spike raised or not by how
         the topics interleaved (the demo's 22nd alert). A kind silent for longer than ``KIND_SKEW_DAYS`` stops
-        holding pruning back, so state stays bounded.
+        holding pruning back, so state stays bounded. A kind with no watermark in the region counts as silent that
+        long: its first report there (or its first after healing took its watermark, or after a rebuild from a window
+        it was silent in) may be read days behind the other kind too, and must find the days the live worker keeps.
         """
-        slowest = day_of(min(region.watermarks.values()))
         bound = today - KIND_SKEW_DAYS
+        marks = region.watermarks
+        for kind in KINDS:
+            if kind not in marks:
+                return bound
+        slowest = day_of(min(marks.values()))
         return slowest if slowest > bound else bound
 
     def _prune(self, region: RegionState, today: int) -> None:

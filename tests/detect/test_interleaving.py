@@ -10,14 +10,15 @@ the report of branch order20): two mechanisms, one test each below.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from synthwatch.schemas.events import EventKind
 from synthwatch.stream_apps.detect.alerting import Subject, day_of
-from synthwatch.stream_apps.detect.region import Detector, Observation
+from synthwatch.stream_apps.detect.region import KINDS, Detector, Observation
 
 T0 = datetime(2026, 1, 5, tzinfo=UTC)  # a Monday
 METHADONE = Subject("USSIQXCVUWKGNF", "Methadone", None, None, True, True)
@@ -69,6 +70,32 @@ def test_a_kind_read_days_behind_the_other_tests_against_its_whole_baseline() ->
     in_step = _run(_merged(labs, seizures))
     assert [a["window_end"] for a in in_step] == [T0 + timedelta(days=HISTORY_DAYS + 1)]  # the surge is a spike
     assert _run(labs + seizures) == in_step
+
+
+def _labs_only_history() -> list[Observation]:
+    """80 days of labs only (one a day, two more a week): the region's seizures have no watermark yet."""
+    reports = []
+    for day in range(HISTORY_DAYS):
+        for k in range(1 + (day % 7 == 1) + (day % 7 == 4)):
+            reports.append(_report("lab_detection", day, 9 + k, len(reports)))
+    return reports
+
+
+def test_every_event_kind_holds_pruning_back() -> None:
+    assert sorted(KINDS) == sorted(get_args(EventKind))
+
+
+@pytest.mark.parametrize("lead", [7, 10])
+def test_a_kinds_first_report_read_days_behind_the_other_tests_against_its_whole_baseline(lead: int) -> None:
+    # A kind with no watermark in the region yet (its first report there, or its watermark healed away, or a state
+    # rebuilt from a window it was silent in) held pruning back by nothing: the labs read `lead` days ahead pruned
+    # the series as of their day, and the first seizures (day 80) lost the first days of their baseline. Measured:
+    # expected 1.0069 in step, 0.9514 (lead 7) and 0.8958 with one report fewer in the window (lead 10).
+    labs = [_report("lab_detection", day, 9, 1000 + day) for day in range(HISTORY_DAYS, HISTORY_DAYS + lead)]
+    seizures = [_report("border_seizure", HISTORY_DAYS, 12 + k / 10, 2000 + k) for k in range(9)]
+    in_step = _run(_merged(labs, seizures), _labs_only_history())
+    assert [(a["window_end"], a["expected"]) for a in in_step] == [(T0 + timedelta(days=HISTORY_DAYS + 1), 1.0069)]
+    assert _run(labs + seizures, _labs_only_history()) == in_step
 
 
 # Mechanism 2, not fixed: a report of a kind read behind the other tests the windows of the series' newest day
