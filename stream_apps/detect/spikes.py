@@ -435,7 +435,8 @@ class SpikeModel:
         test: bool = True,
         rhythms: dict[int, list[float]] | None = None,
     ) -> list[SpikeFinding]:
-        """Add a report of ``day`` (≤ ``today``, the series' newest day) and test the series.
+        """Add a report of ``day`` and test the series; ``today`` is the day the series is pruned as of (the region's
+        slowest kind's, see ``RegionDetector._settled_day``: a report of the kind read ahead may be newer).
 
         ``rhythm[day % 7]`` is the region's weekday factor (1.0 when unknown). ``test_mass`` is off for
         series whose masses are only kept as ``pool``: the usual seizure of a sparse series' family.
@@ -546,8 +547,8 @@ class SpikeModel:
     def _dispersion(self, state: SeriesState, parts: list[Any]) -> float:
         """The baseline's dispersion, learnt on first use (the baseline's days no longer change today).
 
-        With the weekday factors the rate was learnt with: a late report tests the newest day's windows
-        with its own day's factors, and the cached baseline must stay the one first learnt.
+        With the weekday factors the rate was learnt with: the cached baseline must stay the one first learnt
+        (a state restored without the factors of the series' newest day tests its windows with the report's own).
         """
         if parts[2] is None:
             start, end, rhythm = parts[3], parts[4], parts[5]
