@@ -462,6 +462,9 @@ class SpikeModel:
         state.evidence_days.append(day)
         state.evidence_ids.append(event_id)
         state.added_evidence += 1
+        if len(state.evidence_ids) > 128:  # pruning trims them to 64 once a day; it may not run for days
+            del state.evidence_days[:-64]
+            del state.evidence_ids[:-64]
         findings = []
         # The windows ending on the report's day and, for a late report, on the series' newest day.
         count_finding = self._count_test(state, day, rhythm, newest, rhythms) if test else None

@@ -98,6 +98,19 @@ def test_a_kinds_first_report_read_days_behind_the_other_tests_against_its_whole
     assert _run(labs + seizures, _labs_only_history()) == in_step
 
 
+def test_a_series_evidence_stays_bounded_while_one_kind_pauses() -> None:
+    # The evidence list is trimmed to 64 by pruning, which ran once a day as of the newest kind's day; pruned as of
+    # the slowest kind's day, it does not run while that kind pauses (up to KIND_SKEW_DAYS): seizures paused for 10
+    # days under 30 labs a day left 365 ids in the series (and its changelog record) instead of at most 94.
+    detector = Detector()
+    _spikes(detector, _history())
+    labs = [_report("lab_detection", day, k / 2, 10_000 + 30 * day + k) for day in range(80, 90) for k in range(30)]
+    _spikes(detector, labs)
+    state = detector.regions.series["MA-TNG|USSIQXCVUWKGNF"]
+    assert len(state.evidence_ids) == len(state.evidence_days) <= 128
+    assert state.evidence_ids[-1] == labs[-1].event_id
+
+
 # Mechanism 2, not fixed: a report of a kind read behind the other tests the windows of the series' newest day
 # (`SpikeModel._count_test`), so which report makes a window cross depends on the interleaving; the alert takes that
 # report's event time (triggered_at), its reporter and the evidence read so far (the demo: MA-TNG methadone raised
