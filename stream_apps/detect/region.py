@@ -34,6 +34,12 @@ from synthwatch.stream_apps.detect.spikes import SeriesState, SpikeFinding, Spik
 
 Fetch = Callable[[str], dict[str, Any] | None]
 
+#: How far (days) the slowest kind's watermark may hold a region's pruning back behind the newest kind's (see
+#: :meth:`RegionDetector._settled_day`).
+KIND_SKEW_DAYS = 14
+#: The kinds whose watermarks hold a region's pruning back (``schemas.events.EventKind``).
+KINDS = ("lab_detection", "border_seizure")
+
 
 # The subject of each substance object seen lately, by the object's id: the object is held in the value, so its
 # id cannot be reused while the entry stands. The resolver returns one object per distinct answer, so this
@@ -237,6 +243,8 @@ class RegionState:
         None  # pruning runs once per day (persisted: a restored state prunes when the live one would)
     )
     today: int | None = None  # not persisted: the day of the newest watermark, kept as they move
+    # Not persisted: the day pruning follows, that of the slowest kind's watermark (see RegionDetector._settled_day).
+    settled: int | None = None
     # Weekday factors per day, learnt when first asked for (see :meth:`RegionDetector.rhythm`); persisted, so a
     # restored state uses the factors the live one learnt even when a lagging topic changed old totals since.
     rhythm: dict[int, list[float]] = field(default_factory=dict)
@@ -395,7 +403,7 @@ class RegionState:
         pruned = self.pruned_day if self.pruned_day is not None and self.pruned_day > last else None
         if pruned is not None:
             self.pruned_day = None
-        self.today = None
+        self.today = self.settled = None
         self.full_due = True
         return Healed(healed, days, pruned)
 
@@ -641,12 +649,16 @@ class RegionDetector:
             if watermark is None or obs.occurred_at > watermark:
                 region.watermarks[obs.kind] = obs.occurred_at
             today = region.today = day_of(max(region.watermarks.values()))
+            settled = region.settled = self._settled_day(region, today)
         elif watermark is None or obs.occurred_at > watermark:
             region.watermarks[obs.kind] = obs.occurred_at
             if day > today:  # the day of the newest watermark: day_of is monotonic
                 today = region.today = day
-        if region.pruned_day != today:
-            self._prune(region, today)
+            settled = region.settled = self._settled_day(region, today)
+        else:
+            settled = region.settled if region.settled is not None else self._settled_day(region, today)
+        if region.pruned_day != settled:
+            self._prune(region, settled)
         region.totals[day] = region.totals.get(day, 0) + 1
         if region.first_day is None or day < region.first_day:
             region.first_day = day
@@ -662,7 +674,15 @@ class RegionDetector:
         if apply_once(state.applied, at):
             self.dirty_series.add(name)
             findings = self.model.observe(
-                state, day, today, obs.event_id, obs.grams, rhythm, pool=family_state, test=test
+                state,
+                day,
+                settled,
+                obs.event_id,
+                obs.grams,
+                rhythm,
+                pool=family_state,
+                test=test,
+                rhythms=region.rhythm,
             )
             if findings and emit:
                 alerts = [self._spike_alert(obs, subject, state, f) for f in findings if f.new_episode]
@@ -670,7 +690,15 @@ class RegionDetector:
         if family and family_state is not None and apply_once(family_state.applied, at):
             self.dirty_series.add(family_name)
             findings = self.model.observe(
-                family_state, day, today, obs.event_id, obs.grams, rhythm, test_mass=False, test=test
+                family_state,
+                day,
+                settled,
+                obs.event_id,
+                obs.grams,
+                rhythm,
+                test_mass=False,
+                test=test,
+                rhythms=region.rhythm,
             )
             if findings and emit:
                 group = family_subject(family)
@@ -771,6 +799,27 @@ class RegionDetector:
         self.dirty_regions.clear()
         self.dirty_series.clear()
         self.outbox_series.clear()
+
+    def _settled_day(self, region: RegionState, today: int) -> int:
+        """The day the region's state is pruned as of: that of its *slowest* kind's watermark, at most
+        ``KIND_SKEW_DAYS`` before ``today`` (the newest kind's).
+
+        A report that is not late for its kind is at most a day older than its kind's watermark, and its
+        baseline and weekday rhythm need days up to ``keep_days`` before it. Pruned as of the newest kind's day,
+        a report of a kind read days behind the other (two topics interleave arbitrarily) found the first days
+        of its baseline gone while their exposure still counted: a lower rate, and a spike raised or not by how
+        the topics interleaved (the demo's 22nd alert). A kind silent for longer than ``KIND_SKEW_DAYS`` stops
+        holding pruning back, so state stays bounded. A kind with no watermark in the region counts as silent that
+        long: its first report there (or its first after healing took its watermark, or after a rebuild from a window
+        it was silent in) may be read days behind the other kind too, and must find the days the live worker keeps.
+        """
+        bound = today - KIND_SKEW_DAYS
+        marks = region.watermarks
+        for kind in KINDS:
+            if kind not in marks:
+                return bound
+        slowest = day_of(min(marks.values()))
+        return slowest if slowest > bound else bound
 
     def _prune(self, region: RegionState, today: int) -> None:
         if region.pruned_day == today:

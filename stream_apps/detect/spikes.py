@@ -489,13 +489,16 @@ class SpikeModel:
         test_mass: bool = True,
         pool: SeriesState | None = None,
         test: bool = True,
+        rhythms: dict[int, list[float]] | None = None,
     ) -> list[SpikeFinding]:
-        """Add a report of ``day`` (≤ ``today``, the series' newest day) and test the series.
+        """Add a report of ``day`` and test the series; ``today`` is the day the series is pruned as of (the region's
+        slowest kind's, see ``RegionDetector._settled_day``: a report of the kind read ahead may be newer).
 
         ``rhythm[day % 7]`` is the region's weekday factor (1.0 when unknown). ``test_mass`` is off for
         series whose masses are only kept as ``pool``: the usual seizure of a sparse series' family.
         ``test`` off only records the report (a state rebuild filling the days older findings no longer
-        depend on: testing them would cost most of the rebuild and decide nothing).
+        depend on: testing them would cost most of the rebuild and decide nothing). ``rhythms``: the region's
+        factors by day (:meth:`RegionDetector.rhythm`), for the windows of a newer day than ``day``.
         """
         cached = state.cached_baseline
         if cached is not None and cached[1] is not None and cached[1][2] is None and day < cached[1][4]:
@@ -515,9 +518,12 @@ class SpikeModel:
         state.evidence_days.append(day)
         state.evidence_ids.append(event_id)
         state.added_evidence += 1
+        if len(state.evidence_ids) > 128:  # pruning trims them to 64 once a day; it may not run for days
+            del state.evidence_days[:-64]
+            del state.evidence_ids[:-64]
         findings = []
         # The windows ending on the report's day and, for a late report, on the series' newest day.
-        count_finding = self._count_test(state, day, rhythm, newest) if test else None
+        count_finding = self._count_test(state, day, rhythm, newest, rhythms) if test else None
         if count_finding is not None:
             findings.append(count_finding)
         if grams is not None and grams > 0:
@@ -601,8 +607,8 @@ class SpikeModel:
     def _dispersion(self, state: SeriesState, parts: list[Any]) -> float:
         """The baseline's dispersion, learnt on first use (the baseline's days no longer change today).
 
-        With the weekday factors the rate was learnt with: a late report tests the newest day's windows
-        with its own day's factors, and the cached baseline must stay the one first learnt.
+        With the weekday factors the rate was learnt with: the cached baseline must stay the one first learnt
+        (a state restored without the factors of the series' newest day tests its windows with the report's own).
         """
         if parts[2] is None:
             # Typed: compiled, the sums below were generic object arithmetic on the list's Any items.
@@ -629,17 +635,28 @@ class SpikeModel:
         weight = (days - 1) / (days - 1 + cfg.dispersion_prior_days)
         return min(cfg.max_dispersion, max(1.0, 1.0 + weight * (raw - 1.0)))
 
-    def _count_test(self, state: SeriesState, day: int, rhythm: Sequence[float], newest: int) -> SpikeFinding | None:
+    def _count_test(
+        self,
+        state: SeriesState,
+        day: int,
+        rhythm: Sequence[float],
+        newest: int,
+        rhythms: dict[int, list[float]] | None = None,
+    ) -> SpikeFinding | None:
         """Test the windows ending on the report's day and, for a late report, on the series' newest day.
 
         A late report must be able to complete the evidence of the newest windows, or whether a spike
         is ever tested with all its reports would depend on the order reports happen to arrive in.
-        The episode is dated by the earliest window end that crosses.
+        The episode is dated by the earliest window end that crosses. The newest day's windows are weighed
+        with that day's weekday factors (``rhythms``), as a report of that day weighs them: with the report's
+        own day's, their expected value depended on which report (of which kind and day) tested them.
         """
         found = self._count_windows(state, day, rhythm)
         if found is not None:
             return self._count_finding(state, day, *found)
         if newest > day:
+            if rhythms is not None:
+                rhythm = rhythms.get(newest, rhythm)
             found = self._count_windows(state, newest, rhythm)
             if found is not None:
                 return self._count_finding(state, newest, *found)

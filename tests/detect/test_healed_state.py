@@ -12,7 +12,7 @@ from pydantic_core import from_json, to_json
 
 from synthwatch.stream_apps.detect.alerting import day_of, day_start
 from synthwatch.stream_apps.detect.intake import Intake, RawMessage
-from synthwatch.stream_apps.detect.region import Detector, Healed, Observation, RegionState
+from synthwatch.stream_apps.detect.region import KIND_SKEW_DAYS, Detector, Healed, Observation, RegionState
 from tests.detect.test_state_records import outcome, simulated
 from tests.support.factories import lab, seizure
 
@@ -109,8 +109,10 @@ def test_a_2099_watermark_recovered_from_the_changelog_is_healed_and_todays_repo
     # Told once: the region (its seizure watermark, none kept to go back to; its 2099 day; its pruning as of 2099).
     # The series the labs' reports pruned as of 2099 in between are healed too (their pruning day forgotten), not
     # told one by one: a region's every series may be among them.
+    # Pruned as of the slowest kind's day, at most KIND_SKEW_DAYS behind the newest: the labs' is older.
     far = day_of(datetime.fromisoformat(FUTURE))
-    assert told == [(f"R:{REGION}", Healed({"border_seizure": (datetime.fromisoformat(FUTURE), None)}, [far], far))]
+    pruned = far - KIND_SKEW_DAYS
+    assert told == [(f"R:{REGION}", Healed({"border_seizure": (datetime.fromisoformat(FUTURE), None)}, [far], pruned))]
 
     # Written back: the changelog holds the healed state, which a worker with no bound at all reads as sound.
     _write(healed, table)
