@@ -215,6 +215,36 @@ def _json(payload: dict[str, Any]) -> bytes:
 
 
 Send = Callable[[], Awaitable[SendResult]]
+#: The rows recording one attempt: (attempt number, status, result, when, milliseconds) -> rows.
+AttemptRows = Callable[[int, DeliveryStatus, SendResult, datetime, float], list[Attempt]]
+
+
+def _channel_attempt(
+    recipient: Recipient,
+    attempt: int,
+    status: DeliveryStatus,
+    result: SendResult,
+    at: datetime,
+    duration_ms: float,
+    **about: Any,
+) -> Attempt:
+    """One ``deliveries`` row of an attempt on ``recipient``'s channel; ``about`` names what was sent (an alert's or a
+    budget notice's id, type, reporters...)."""
+    channel = recipient.channel
+    return Attempt(
+        officer_id=recipient.officer.id,
+        channel=channel.name,
+        channel_type=channel.type,
+        route=recipient.route.name or "",
+        attempt=attempt,
+        status=status,
+        reason=redact(result.reason),  # an HTTP client's error may quote the URL with its user:password@
+        response_code=result.code,
+        target=channel.target,
+        at=at,
+        duration_ms=round(duration_ms, 3),
+        **about,
+    )
 
 
 def _refuse(reason: str) -> SendResult:
@@ -461,31 +491,21 @@ class DeliveryService:
                 attempt: int, status: DeliveryStatus, result: SendResult, at: datetime, ms: float
             ) -> list[Attempt]:
                 return [
-                    Attempt(
+                    _channel_attempt(
+                        recipient,
+                        attempt,
+                        status,
+                        result,
+                        at,
+                        ms,
                         alert_id=notice.notice_id,
-                        officer_id=officer.id,
-                        channel=channel.name,
-                        channel_type=channel.type,
-                        route=recipient.route.name or "",
-                        attempt=attempt,
-                        status=status,
-                        reason=redact(result.reason),
-                        response_code=result.code,
-                        target=channel.target,
-                        at=at,
-                        duration_ms=round(ms, 3),
                         alert_type=BUDGET_NOTICE_TYPE,
                         reported_by=[notice.reporter],
                         budget_day=notice.day,
                     )
                 ]
 
-            status, attempts, result = await self._attempts(
-                send, rows, channel.timeout_s, "delivered", self._endpoint(channel)
-            )
-            if status == "delivered":
-                self._remember([key])
-            return Outcome(*key, cast(Any, status), attempts, result.reason)
+            return await self._settle(key, send, rows, channel)
         finally:
             self._inflight.pop(key, None)
 
@@ -569,15 +589,21 @@ class DeliveryService:
             ) -> list[Attempt]:
                 return [self._attempt(alert, recipient, attempts_before + attempt, status, result, at, ms)]
 
-            channel = recipient.channel
-            status, attempts, result = await self._attempts(
-                send, rows, channel.timeout_s, "delivered", self._endpoint(channel)
-            )
-            if status == "delivered":
-                self._remember([key])
-            return Outcome(*key, cast(Any, status), attempts, result.reason)
+            return await self._settle(key, send, rows, recipient.channel)
         finally:
             self._inflight.pop(key, None)
+
+    async def _settle(
+        self, key: Key, send: Send | SendResult, rows: AttemptRows, channel: WebhookChannel | EmailChannel
+    ) -> Outcome:
+        """Try ``send`` until it is final (retries, each attempt recorded by ``rows``) and remember a delivery: the
+        one path of an alert's and a budget notice's immediate delivery."""
+        status, attempts, result = await self._attempts(
+            send, rows, channel.timeout_s, "delivered", self._endpoint(channel)
+        )
+        if status == "delivered":
+            self._remember([key])
+        return Outcome(*key, cast(Any, status), attempts, result.reason)
 
     async def resend(self, delivery: str) -> Outcome:
         """Send again, by hand, an alert delivery that gave up (``synthwatch deliveries resend ID``).
@@ -687,7 +713,7 @@ class DeliveryService:
     async def _attempts(
         self,
         send: Send | SendResult,
-        rows: Callable[[int, DeliveryStatus, SendResult, datetime, float], list[Attempt]],
+        rows: AttemptRows,
         timeout_s: float,
         success: DeliveryStatus,
         endpoint: Endpoint,
@@ -761,20 +787,14 @@ class DeliveryService:
         duration_ms: float = 0.0,
         digest_id: str = "",
     ) -> Attempt:
-        channel = recipient.channel
-        return Attempt(
+        return _channel_attempt(
+            recipient,
+            attempt,
+            status,
+            result,
+            at,
+            duration_ms,
             alert_id=alert.alert_id,
-            officer_id=recipient.officer.id,
-            channel=channel.name,
-            channel_type=channel.type,
-            route=recipient.route.name or "",
-            attempt=attempt,
-            status=status,
-            reason=redact(result.reason),  # an HTTP client's error may quote the URL with its user:password@
-            response_code=result.code,
-            target=channel.target,
-            at=at,
-            duration_ms=round(duration_ms, 3),
             alert_type=alert.alert_type,
             severity=alert.severity,
             substance=alert.substance.name,
