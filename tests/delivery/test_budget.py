@@ -23,10 +23,10 @@ from synthwatch.stream_apps.delivery.messages import LANGUAGES, render_budget_no
 from synthwatch.stream_apps.delivery.service import BUDGETED_TYPES, DeliveryService, RetryPolicy
 from synthwatch.stream_apps.delivery.subscriptions import parse_subscriptions
 from synthwatch.stream_apps.detect.backtest import run_lines
-from synthwatch.stream_apps.detect.corrections import CitedAlert, ReportFacts, correction_notice
+from synthwatch.stream_apps.detect.corrections import ReportFacts, correction_notice
 from synthwatch.stream_apps.storage.clickhouse import migrate
 from synthwatch.stream_apps.storage.deliveries import DeliveryStore
-from tests.support.delivery_helpers import LOOPBACK, SmtpServer, WebhookReceiver, make_alert, subscriptions_yaml
+from tests.support.delivery_helpers import LOOPBACK, SmtpServer, WebhookReceiver, cited, make_alert, subscriptions_yaml
 from tests.support.factories import lab
 
 FAST = RetryPolicy(max_attempts=2, base_delay_s=0.01, max_delay_s=0.05, jitter=0.0)
@@ -353,23 +353,11 @@ def test_the_worker_takes_the_budget_from_its_settings(db: Any, tmp_path: Any, m
 
 def _correction(alert: Alert, n: int) -> Alert:
     """The notice that the flooding lab corrected the report behind ``alert`` (a critical correction notice)."""
-    cited = CitedAlert(
-        alert.alert_id,
-        alert.alert_type,
-        alert.severity,
-        alert.country,
-        alert.region,
-        alert.substance,
-        alert.window_start,
-        alert.window_end,
-        alert.triggered_at,
-        tuple(alert.evidence_event_ids),
-    )
     old = ReportFacts(f"F-{n}", "lab_detection", f"lab:{FLOODER}", "isotonitazene")
     new = parse_event_object(
         lab(event_id=f"F-{n}-fix", corrects=f"F-{n}", lab_id=FLOODER, substance={"name": "protonitazene"})
     )
-    return correction_notice(cited, old, new, "protonitazene", alert.detected_at)
+    return correction_notice(cited(alert), old, new, "protonitazene", alert.detected_at)
 
 
 def test_corrections_of_held_alerts_follow_them_to_the_digest_and_of_sent_ones_go_at_once(db: Any) -> None:

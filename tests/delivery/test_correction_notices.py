@@ -13,10 +13,10 @@ from synthwatch.schemas import Alert, parse_event_object
 from synthwatch.stream_apps.delivery.messages import LANGUAGES, render_alert
 from synthwatch.stream_apps.delivery.service import DeliveryService, RetryPolicy
 from synthwatch.stream_apps.delivery.subscriptions import parse_subscriptions
-from synthwatch.stream_apps.detect.corrections import CitedAlert, ReportFacts, correction_notice
+from synthwatch.stream_apps.detect.corrections import ReportFacts, correction_notice
 from synthwatch.stream_apps.storage.clickhouse import migrate
 from synthwatch.stream_apps.storage.deliveries import DeliveryStore
-from tests.support.delivery_helpers import WebhookReceiver, make_alert, subscriptions_yaml
+from tests.support.delivery_helpers import WebhookReceiver, cited, make_alert, subscriptions_yaml
 from tests.support.factories import lab
 
 HOSTILE = "<script>alert(1)</script>\nFrom: evil@x \u202etxt"
@@ -24,21 +24,9 @@ FAST = RetryPolicy(max_attempts=2, base_delay_s=0.01, max_delay_s=0.05, jitter=0
 
 
 def _notice(alert: Alert, old_substance: str = "isotonitazene", new_name: str = "protonitazene") -> Alert:
-    cited = CitedAlert(
-        alert.alert_id,
-        alert.alert_type,
-        alert.severity,
-        alert.country,
-        alert.region,
-        alert.substance,
-        alert.window_start,
-        alert.window_end,
-        alert.triggered_at,
-        tuple(alert.evidence_event_ids),
-    )
     old = ReportFacts("lab-1", "lab_detection", "lab:LAB-FR-01", old_substance)
     new = parse_event_object(lab(event_id="lab-2", corrects="lab-1", substance={"name": new_name}))
-    return correction_notice(cited, old, new, new_name, datetime.now(UTC))
+    return correction_notice(cited(alert), old, new, new_name, datetime.now(UTC))
 
 
 @pytest.mark.parametrize("language", LANGUAGES)

@@ -29,6 +29,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from synthwatch.schemas import Alert, AlertSubstance
 from synthwatch.stack.broker import free_port
 from synthwatch.stream_apps.delivery.webhook import WebhookRejected, verify
+from synthwatch.stream_apps.detect.corrections import CitedAlert
 
 SECRET = "test-secret-Bamako"
 LOOPBACK = ("127.0.0.0/8",)
@@ -408,3 +409,19 @@ if __name__ == "__main__":
     import sys
 
     run_delivery_worker(*sys.argv[1:6])
+
+
+def cited(alert: Alert) -> CitedAlert:
+    """What a correction notice cites of ``alert`` (as storage reads it back from the alerts table)."""
+    return CitedAlert(
+        alert.alert_id,
+        alert.alert_type,
+        alert.severity,
+        alert.country,
+        alert.region,
+        alert.substance,
+        alert.window_start,
+        alert.window_end,
+        alert.triggered_at,
+        tuple(alert.evidence_event_ids),
+    )
