@@ -14,11 +14,8 @@ import pytest
 
 from synthwatch.settings import Settings
 from synthwatch.stack.demo import demo_streams
-from synthwatch.stream_apps.detect.backtest import run_lines
-from synthwatch.stream_apps.detect.intake import Intake
-from synthwatch.stream_apps.detect.region import DetectionConfig, Detector
 from synthwatch.stream_apps.storage.backfill.ingest import ingest_history
-from synthwatch.stream_apps.storage.state_rebuild import rebuild
+from tests.support.rebuilt import rebuilt_then_live
 
 Lines = list[tuple[int, str]]
 
@@ -55,18 +52,7 @@ def _labs_ahead(live: Lines, block: int) -> Lines:
 
 
 def _spikes(client: Any, order: Lines) -> list[Any]:
-    config = DetectionConfig.from_settings(Settings())
-    intake, detector = Intake(stage="backtest"), Detector(config)
-    rebuild(client, detector.regions, detector.novelty, intake.resolver, intake.stored_reporter)
-    stored = {
-        row[0]
-        for row in client.query(
-            "SELECT concat('lab:', lab_id, char(31), event_id) FROM lab_detections "
-            "UNION ALL SELECT concat('agency:', agency, char(31), event_id) FROM border_seizures"
-        ).result_rows
-    }
-    numbered = [(f"l:0:{n}", line) for n, line in order]
-    alerts = run_lines(numbered, config, detector=detector, intake=intake, stored=stored).alerts
+    alerts = rebuilt_then_live(client, [(f"l:0:{n}", line) for n, line in order])
     return [a for a in alerts if a.alert_type == "spike"]
 
 

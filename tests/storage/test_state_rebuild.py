@@ -27,6 +27,7 @@ from synthwatch.stream_apps.storage.clickhouse import migrate
 from synthwatch.stream_apps.storage.sink import ClickHouseSink
 from synthwatch.stream_apps.storage.state_rebuild import rebuild
 from tests.support.factories import lab, seizure
+from tests.support.rebuilt import rebuilt_then_live
 
 #: Longer than the spike series' memory (66 days) plus the replay's settling days, so the rebuild has to
 #: restore what the replay window alone cannot (series dated before it, their older seizure masses), and with
@@ -40,21 +41,6 @@ def _numbered(lines: list[str], stream: str) -> list[tuple[str, str]]:
 
 def _content(alerts: list[Any]) -> list[dict[str, Any]]:
     return [a.model_dump(exclude={"detected_at"}) for a in alerts]  # detected_at is the wall clock
-
-
-def _rebuilt_then_live(client: Any, live: list[str]) -> list[Any]:
-    """The alerts of the live lines, taken by detectors rebuilt from what ``client`` stores."""
-    config = DetectionConfig.from_settings(Settings())
-    intake, detector = Intake(stage="backtest"), Detector(config)
-    rebuild(client, detector.regions, detector.novelty, intake.resolver, intake.stored_reporter)
-    stored = {
-        row[0]
-        for row in client.query(
-            "SELECT concat('lab:', lab_id, char(31), event_id) FROM lab_detections "
-            "UNION ALL SELECT concat('agency:', agency, char(31), event_id) FROM border_seizures"
-        ).result_rows
-    }
-    return run_lines(_numbered(live, "l"), config, detector=detector, intake=intake, stored=stored).alerts
 
 
 def _report(n: int, region: str, day: int, reported_days: float = 1 / 24) -> str:
@@ -87,7 +73,7 @@ def test_a_spread_under_way_at_the_restart_is_not_announced_again(ch: Any) -> No
     migrate(ch)
     result = Intake().process([RawMessage(f"h:0:{n}", line) for n, line in enumerate(history)])
     assert ClickHouseSink(ch).store_events(result.events).stored == len(history)
-    assert _content(_rebuilt_then_live(ch, live)) == _content(expected)
+    assert _content(rebuilt_then_live(ch, _numbered(live, "l"))) == _content(expected)
 
 
 @pytest.mark.slow  # ~15 s alone: two backtests of 100 days, a load and a rebuild
@@ -106,7 +92,7 @@ def test_rebuild_then_live_raises_the_alerts_of_one_backtest_over_everything(
     path.write_text("".join(line + "\n" for line in streams.history), encoding="utf-8")
     loaded = ingest_history(ch_settings, path, progress=False, workers=0, client=ch)
     assert loaded.stored > 0
-    live = _rebuilt_then_live(ch, streams.live)
+    live = rebuilt_then_live(ch, _numbered(streams.live, "l"))
 
     kinds = Counter(a.alert_type for a in expected)
     assert set(kinds) == {"new_substance", "first_in_region", "spread", "spike"}, kinds  # every kind is at stake
@@ -330,4 +316,4 @@ def test_a_kind_silent_through_the_replay_window_holds_pruning_back_after_a_rebu
     migrate(ch)
     result = Intake().process([RawMessage(f"h:0:{n}", line) for n, line in enumerate(history)])
     assert ClickHouseSink(ch).store_events(result.events).stored == len(history)
-    assert _content(_rebuilt_then_live(ch, live)) == _content(expected)
+    assert _content(rebuilt_then_live(ch, _numbered(live, "l"))) == _content(expected)
