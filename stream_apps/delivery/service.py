@@ -426,11 +426,15 @@ class DeliveryService:
         stored = await self._store(
             "counting immediate alerts per reporter", self.store.immediate_alerts, keys, BUDGETED_TYPES
         )
+        # Days no alert can still be sent at once on (older than the stale limit; an officer's day is less than a
+        # day off UTC's) are forgotten, never a day this batch counts on: a replay after an outage of days brings
+        # alerts detected days ago, and forgetting their day gave each batch of them a whole budget again.
+        stale = self.clock() - timedelta(seconds=self.policy.stale_after_s)
+        oldest = stale.date() - timedelta(days=1)
+        for key in [k for k in self._granted if k[2] < oldest and k not in keys]:
+            del self._granted[key]
         for key, alert_ids in stored.items():
             self._granted[key] |= alert_ids
-        oldest = self.clock().date() - timedelta(days=2)  # an officer's day is less than a day off UTC's
-        for key in [k for k in self._granted if k[2] < oldest]:
-            del self._granted[key]
 
     def _budget(self, alert: Alert, recipient: Recipient, *, grant: bool) -> list[BudgetNotice]:
         """Empty when ``alert`` goes to ``recipient`` at once, else a notice per reporter it is over the budget for.

@@ -443,3 +443,24 @@ def test_the_stored_count_reads_back_an_officer_14_hours_ahead_of_utc_and_no_old
     store.record([attempt("K-1", kiribati_midnight), attempt("K-0", datetime(2026, 10, 30, tzinfo=UTC))])
     found = store.immediate_alerts([("ki-officer", FLOODER, day)], BUDGETED_TYPES)
     assert found == {("ki-officer", FLOODER, day): {"K-1"}}  # a row a month before its day cannot be an attempt of it
+
+
+def test_a_replay_of_alerts_detected_days_ago_is_held_to_one_budget(db: Any) -> None:
+    """After an outage of days the topic is replayed: alerts detected three days ago (within the stale limit) still
+    count on their day, across batches. Forgetting days older than two had given each batch a whole budget again."""
+    three_days_ago = NOW - timedelta(days=3)
+    first = _flood(BUDGET - 2, [FLOODER], detected_at=three_days_ago)
+    second = _flood(BUDGET - 2, [FLOODER], start=BUDGET - 2, detected_at=three_days_ago)
+
+    with SmtpServer() as smtp:
+
+        async def scenario() -> list[list[Any]]:
+            async with WebhookReceiver() as hooks:
+                service = _service(db, hooks, smtp)
+                outcomes = await service.handle_batch(first) + await service.handle_batch(second)
+                await service.close()
+                return outcomes
+
+        outcomes = asyncio.run(scenario())
+    for officer in (BAMAKO, PARIS):
+        assert _statuses(outcomes, officer) == ["delivered"] * BUDGET + ["queued_digest"] * (BUDGET - 4)
