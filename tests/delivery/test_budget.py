@@ -46,11 +46,14 @@ def db(ch: Any) -> Any:
     return ch
 
 
-def _service(db: Any, hooks: WebhookReceiver, smtp: SmtpServer, subscriptions: str = "") -> DeliveryService:
+def _service(
+    db: Any, hooks: WebhookReceiver, smtp: SmtpServer, subscriptions: str = "", budget: int = BUDGET
+) -> DeliveryService:
     config = SmtpConfig("127.0.0.1", smtp.port, starttls=False, sender="alerts@synthwatch.example")
     return DeliveryService(
         parse_subscriptions(subscriptions or subscriptions_yaml(hooks), allowed_networks=LOOPBACK),
         DeliveryStore(db),
+        immediate_budget=budget,
         policy=FAST,
         store_retries=3,
         allowed_networks=LOOPBACK,
@@ -204,26 +207,36 @@ def test_two_workers_taking_turns_share_one_count_and_one_notice(db: Any) -> Non
 
 
 def test_a_notice_cut_off_by_a_crash_is_sent_after_the_replay_once(db: Any) -> None:
-    alerts = _flood(BUDGET + 1, [FLOODER])
+    """The worker dies while the receiver holds its requests, the notice's too, unanswered; the receiver then takes
+    them. The replay sends them again: answered 409 (already received), each is delivered, the notice once. A budget
+    of 2 keeps every request within the endpoint's concurrency, so all of them are at the receiver when it dies."""
+    budget = 2
+    alerts = _flood(budget + 1, [FLOODER])
+    sent = budget + 1  # two alerts and the notice
     with SmtpServer() as smtp:
 
         async def scenario() -> tuple[WebhookReceiver, list[list[Any]]]:
-            async with WebhookReceiver(delay_s={"bamako": 0.3}) as hooks:
-                first = _service(db, hooks, smtp)
+            answer = asyncio.Event()
+            async with WebhookReceiver(gates={"bamako": answer}) as hooks:
+                first = _service(db, hooks, smtp, budget=budget)
                 tickets = await first.submit(alerts)
-                await asyncio.sleep(0.1)  # the requests, the notice's too, are at the receiver, no answer yet
+                await hooks.until("bamako", sent)  # every request, the notice's too, is at the receiver, unanswered
                 await first.close()  # the worker dies: nothing acknowledged
                 assert all(t.cancelled() or t.exception() is not None for t in tickets)
-                second = _service(db, hooks, smtp)
+                answer.set()  # the receiver takes what had arrived
+                await hooks.until("bamako", sent, answered=sent)
+                assert sum(r.json()["kind"] == "notice" for r in hooks.accepted("bamako")) == 1
+                second = _service(db, hooks, smtp, budget=budget)
                 got = await second.handle_batch(alerts)  # the topic replayed
                 await second.close()
-                await asyncio.sleep(0.4)  # the abandoned requests finish
                 return hooks, got
 
         hooks, got = asyncio.run(scenario())
-    assert _statuses(got, BAMAKO) == ["delivered"] * BUDGET + ["skipped"]  # held back before: queued for the digest
-    notices = _notices_on_hook(hooks)  # accepted once; the resend of a notice the receiver had got answered 409
-    assert len(notices) == 1 and notices[0]["immediate_sent"] == BUDGET
+    assert _statuses(got, BAMAKO) == ["delivered"] * budget + ["skipped"]  # held back before: queued for the digest
+    resent = hooks.on("bamako")[sent:]
+    assert len(resent) == sent and {r.status for r in resent} == {409}  # the replay's: already received
+    notices = _notices_on_hook(hooks)  # accepted once
+    assert len(notices) == 1 and notices[0]["immediate_sent"] == budget
     (delivered,) = db.query(
         "SELECT count() FROM deliveries WHERE alert_type = 'budget_notice' AND officer_id = %(o)s "
         "AND status = 'delivered'",

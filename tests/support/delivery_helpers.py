@@ -122,6 +122,8 @@ class WebhookReceiver:
 
     statuses: dict[str, list[int]] = field(default_factory=dict)  # scripted answers per path, then verification
     delay_s: dict[str, float] = field(default_factory=dict)
+    #: Requests to these paths wait, once arrived, until their event is set (a receiver that has not answered yet).
+    gates: dict[str, asyncio.Event] = field(default_factory=dict)
     tolerance_s: float = 300
     requests: list[Received] = field(default_factory=list)  # answered requests
     arrivals: list[str] = field(default_factory=list)  # the path of every request as it arrives, answered or not
@@ -144,6 +146,18 @@ class WebhookReceiver:
             counts[r.key] += 1
         return dict(counts)
 
+    async def until(self, name: str, arrived: int, answered: int = 0, timeout_s: float = 60.0) -> None:
+        """Wait until ``arrived`` requests have come to ``name`` and ``answered`` of them have been answered: what a
+        test waits for, instead of sleeping for a time that a loaded machine may not keep to."""
+        deadline = time.monotonic() + timeout_s
+        while self.arrivals.count(name) < arrived or len(self.on(name)) < answered:
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{name}: {self.arrivals.count(name)} requests arrived, {len(self.on(name))} answered in "
+                    f"{timeout_s:g} s; expected {arrived} and {answered}"
+                )
+            await asyncio.sleep(0.005)
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
         body = await request.read()
@@ -151,6 +165,8 @@ class WebhookReceiver:
         self.arrivals.append(name)
         if self.delay_s.get(name):
             await asyncio.sleep(self.delay_s[name])
+        if name in self.gates:
+            await self.gates[name].wait()
         scripted = self.statuses.get(name)
         if scripted:
             status, text = scripted.pop(0), "scripted failure"
