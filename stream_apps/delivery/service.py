@@ -861,7 +861,8 @@ class DeliveryService:
             return []
         day = officer.local_day(now)
         digest_id = f"digest-{officer.id}-{channel.name}-{day.isoformat()}"
-        held = sum(1 for item, _ in alerts if item.reason.startswith(OVER_BUDGET))
+        # The alerts the budget held back (a notice went out then); not the corrections of them that followed them
+        held = sum(1 for item, a in alerts if item.reason.startswith(OVER_BUDGET) and a.alert_type in BUDGETED_TYPES)
         try:
             message = render_digest(
                 [a for _, a in alerts], officer.language, self.grafana_url, day, officer.name, officer.timezone, held

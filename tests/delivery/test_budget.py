@@ -385,12 +385,20 @@ def test_corrections_of_held_alerts_follow_them_to_the_digest_and_of_sent_ones_g
                 service = _service(db, hooks, smtp)
                 await service.handle_batch(alerts)
                 got = await service.handle_batch(fixes)
+                officer = service.subscriptions.officer(BAMAKO)
+                assert officer is not None
+                await service.send_digests(officer.digest_moment(NOW + timedelta(days=1)) + timedelta(minutes=1))
                 await service.close()
                 return hooks, got
 
         hooks, got = asyncio.run(scenario())
     for officer in (BAMAKO, PARIS):
         assert _statuses(got, officer) == ["delivered"] * BUDGET + ["queued_digest"] * 3
+    # The digest lists the 3 held alerts and their 3 corrections, and says the budget held back 3, not 6: no notice
+    # was sent for a correction
+    (digest,) = [r.json() for r in hooks.accepted("bamako") if r.json()["kind"] == "digest"]
+    assert len(digest["alerts"]) == 6 and digest["alerts_over_budget"] == 3
+    assert "6 alertes ont été réservées pour ce résumé" in digest["text"]
     at_once = [r.json()["alert"] for r in hooks.accepted("bamako") if r.json()["kind"] == "alert"]
     assert len([a for a in at_once if a["alert_type"] == "correction"]) == BUDGET
     reasons = db.query(
