@@ -20,9 +20,10 @@ from collections.abc import Callable, Collection, Container, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, tzinfo
 from functools import lru_cache
-from typing import Any
+from typing import Any, get_args
 
 from synthwatch.schemas import Alert, BorderSeizure, LabDetection
+from synthwatch.schemas.events import EventKind
 from synthwatch.schemas.topics import Sighting
 from synthwatch.stream_apps.detect.alerting import FAMILY_LABELS, Subject, build_alert, day_of, day_start, region_label
 from synthwatch.stream_apps.detect.config import DetectionConfig
@@ -37,8 +38,8 @@ Fetch = Callable[[str], dict[str, Any] | None]
 #: How far (days) the slowest kind's watermark may hold a region's pruning back behind the newest kind's (see
 #: :meth:`RegionDetector._settled_day`).
 KIND_SKEW_DAYS = 14
-#: The kinds whose watermarks hold a region's pruning back (``schemas.events.EventKind``).
-KINDS = ("lab_detection", "border_seizure")
+#: The kinds whose watermarks hold a region's pruning back: every kind of event.
+KINDS: tuple[str, ...] = get_args(EventKind)
 
 
 # The subject of each substance object seen lately, by the object's id: the object is held in the value, so its

@@ -114,6 +114,10 @@ class SpikeFinding:
 _DAYS: dict[int, int] = {}
 
 
+#: Evidence ids a series keeps (the newest): what a spike alert can cite of its window.
+EVIDENCE_KEPT = 64
+
+
 def intern_day(day: int) -> int:
     """One int object per day number: a series holds a day in its counts, masses and evidence, and the
     5,000 series of a region stage repeat the same few dozen days (28 bytes each time otherwise)."""
@@ -387,9 +391,13 @@ class SeriesState:
                 if counts:
                     self.oldest_day = min(counts)
             self.cut = oldest
-        if len(self.evidence_ids) > 64:
-            del self.evidence_days[:-64]
-            del self.evidence_ids[:-64]
+        if len(self.evidence_ids) > EVIDENCE_KEPT:
+            self.trim_evidence()
+
+    def trim_evidence(self) -> None:
+        """Keep the newest :data:`EVIDENCE_KEPT` evidence ids (and their days)."""
+        del self.evidence_days[:-EVIDENCE_KEPT]
+        del self.evidence_ids[:-EVIDENCE_KEPT]
 
 
 def normal_sf(z: float) -> float:
@@ -518,9 +526,8 @@ class SpikeModel:
         state.evidence_days.append(day)
         state.evidence_ids.append(event_id)
         state.added_evidence += 1
-        if len(state.evidence_ids) > 128:  # pruning trims them to 64 once a day; it may not run for days
-            del state.evidence_days[:-64]
-            del state.evidence_ids[:-64]
+        if len(state.evidence_ids) > 2 * EVIDENCE_KEPT:  # pruning trims them once a day; it may not run for days
+            state.trim_evidence()
         findings = []
         # The windows ending on the report's day and, for a late report, on the series' newest day.
         count_finding = self._count_test(state, day, rhythm, newest, rhythms) if test else None

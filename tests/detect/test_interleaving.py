@@ -10,15 +10,14 @@ the report of branch order20): two mechanisms, one test each below.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Any, get_args
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from synthwatch.schemas.events import EventKind
 from synthwatch.stream_apps.detect.alerting import Subject, day_of
-from synthwatch.stream_apps.detect.region import KINDS, Detector, Observation
+from synthwatch.stream_apps.detect.region import Detector, Observation
 
 T0 = datetime(2026, 1, 5, tzinfo=UTC)  # a Monday
 METHADONE = Subject("USSIQXCVUWKGNF", "Methadone", None, None, True, True)
@@ -79,10 +78,6 @@ def _labs_only_history() -> list[Observation]:
         for k in range(1 + (day % 7 == 1) + (day % 7 == 4)):
             reports.append(_report("lab_detection", day, 9 + k, len(reports)))
     return reports
-
-
-def test_every_event_kind_holds_pruning_back() -> None:
-    assert sorted(KINDS) == sorted(get_args(EventKind))
 
 
 @pytest.mark.parametrize("lead", [7, 10])
