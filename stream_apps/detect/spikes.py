@@ -529,7 +529,7 @@ class SpikeModel:
         if len(state.evidence_ids) > 2 * EVIDENCE_KEPT:  # pruning trims them once a day; it may not run for days
             state.trim_evidence()
         findings = []
-        # The windows ending on the report's day and, for a late report, on the series' newest day.
+        # The windows ending on the report's day and, for a report behind the series' newest day, on that day.
         count_finding = self._count_test(state, day, rhythm, newest, rhythms) if test else None
         if count_finding is not None:
             findings.append(count_finding)
@@ -614,8 +614,7 @@ class SpikeModel:
     def _dispersion(self, state: SeriesState, parts: list[Any]) -> float:
         """The baseline's dispersion, learnt on first use (the baseline's days no longer change today).
 
-        With the weekday factors the rate was learnt with: the cached baseline must stay the one first learnt
-        (a state restored without the factors of the series' newest day tests its windows with the report's own).
+        With the weekday factors the rate was learnt with: the cached baseline must stay the one first learnt.
         """
         if parts[2] is None:
             # Typed: compiled, the sums below were generic object arithmetic on the list's Any items.
@@ -650,13 +649,15 @@ class SpikeModel:
         newest: int,
         rhythms: dict[int, list[float]] | None = None,
     ) -> SpikeFinding | None:
-        """Test the windows ending on the report's day and, for a late report, on the series' newest day.
+        """Test the windows ending on the report's day and, for a report behind the series' newest day (out of
+        order, not late: a late one never reaches the series), on the newest day.
 
-        A late report must be able to complete the evidence of the newest windows, or whether a spike
+        Such a report must be able to complete the evidence of the newest windows, or whether a spike
         is ever tested with all its reports would depend on the order reports happen to arrive in.
         The episode is dated by the earliest window end that crosses. The newest day's windows are weighed
         with that day's weekday factors (``rhythms``), as a report of that day weighs them: with the report's
-        own day's, their expected value depended on which report (of which kind and day) tested them.
+        own day's, their expected value depended on which report (of which kind and day) tested them. A state
+        restored without the newest day's factors (saved before they were kept) falls back to the report's own.
         """
         found = self._count_windows(state, day, rhythm)
         if found is not None:

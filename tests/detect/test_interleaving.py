@@ -96,7 +96,8 @@ def test_a_kinds_first_report_read_days_behind_the_other_tests_against_its_whole
 def test_a_series_evidence_stays_bounded_while_one_kind_pauses() -> None:
     # The evidence list is trimmed to 64 by pruning, which ran once a day as of the newest kind's day; pruned as of
     # the slowest kind's day, it does not run while that kind pauses (up to KIND_SKEW_DAYS): seizures paused for 10
-    # days under 30 labs a day left 365 ids in the series (and its changelog record) instead of at most 94.
+    # days under 30 labs a day left 365 ids in the series (and its changelog record), 93 before pruning followed the
+    # slowest kind; now at most 128 (trimmed to 64 past it between prunings; 105 at the end of this stream).
     detector = Detector()
     _spikes(detector, _history())
     labs = [_report("lab_detection", day, k / 2, 10_000 + 30 * day + k) for day in range(80, 90) for k in range(30)]
