@@ -409,17 +409,21 @@ class DeliveryService:
     def _budget_keys(self, plans: Sequence[tuple[Alert, list[Recipient]]]) -> list[tuple[Recipient, BudgetKey]]:
         """Each (recipient, (officer, reporter, day)) the budget looks at in these plans: immediate recipients of
         first-sighting alerts, per reporter the alert names, on the officer's day of the alert's detection."""
-        if self.immediate_budget <= 0:
+        return [
+            (recipient, key)
+            for alert, recipients_ in plans
+            for recipient in recipients_
+            for key in self._counted_on(alert, recipient)
+        ]
+
+    def _counted_on(self, alert: Alert, recipient: Recipient) -> list[BudgetKey]:
+        """The (officer, reporter, day) keys the budget counts ``alert`` on for ``recipient``: one per reporter it
+        names, on the officer's day of its detection; none when the budget is off, the type is not counted or the
+        recipient would not get it at once anyway."""
+        if self.immediate_budget <= 0 or alert.alert_type not in BUDGETED_TYPES or not recipient.immediate:
             return []
-        found: list[tuple[Recipient, BudgetKey]] = []
-        for alert, recipients_ in plans:
-            if alert.alert_type not in BUDGETED_TYPES:
-                continue
-            for recipient in recipients_:
-                if recipient.immediate:
-                    day = recipient.officer.local_day(alert.detected_at)
-                    found.extend((recipient, (recipient.officer.id, r, day)) for r in sorted(set(alert.reported_by)))
-        return found
+        day = recipient.officer.local_day(alert.detected_at)
+        return [(recipient.officer.id, reporter, day) for reporter in sorted(set(alert.reported_by))]
 
     async def _load_granted(self, keys: Collection[BudgetKey]) -> None:
         """Add what the store knows (rows of earlier runs and of other workers) to the alerts let through at once."""
@@ -445,15 +449,9 @@ class DeliveryService:
         another lab's report of the same substance) and counts against each. One alert counts once (its id), on
         every channel of the officer and at every replay. ``grant`` records it as let through.
         """
-        if (
-            self.immediate_budget <= 0
-            or alert.alert_type not in BUDGETED_TYPES
-            or not recipient.immediate
-            or not alert.reported_by
-        ):
+        keys = self._counted_on(alert, recipient)
+        if not keys:
             return []
-        day = recipient.officer.local_day(alert.detected_at)
-        keys = [(recipient.officer.id, reporter, day) for reporter in sorted(set(alert.reported_by))]
         sent = [self._granted.get(key, set()) for key in keys]
         if any(alert.alert_id in ids or len(ids) < self.immediate_budget for ids in sent):
             if grant:
@@ -462,7 +460,7 @@ class DeliveryService:
             return []
         return [
             BudgetNotice(budget_notice_id(reporter, day), reporter, day, len(ids), self.immediate_budget)
-            for (_, reporter, _), ids in zip(keys, sent, strict=True)
+            for (_, reporter, day), ids in zip(keys, sent, strict=True)
         ]
 
     def _over_reason(self, over: Sequence[BudgetNotice]) -> str:
