@@ -33,7 +33,7 @@ from synthwatch.stream_apps.runtime.worker_signature import WorkerSigner, verifi
 log = logging.getLogger("synthwatch.stack.worker")
 
 #: A detector state change: (changelog partition, record key, record).
-Change = tuple[int, str, dict[str, Any]]
+Change = tuple[int, str, dict[str, Any] | bytes]  # a value drained as its JSON bytes is written as it is
 
 #: The key of the record that ends a changelog write on each partition (see :meth:`StateTables.seal`).
 SEAL_KEY = "~sealed"
@@ -140,7 +140,7 @@ class StateTables:
                 await asyncio.sleep(0)
             if writing is not None and writing.abandoned:
                 break
-            encoded = data[key] = to_json(value)
+            encoded = data[key] = value if isinstance(value, bytes) else to_json(value)  # bytes: drained encoded
             raw_key = json.dumps(key).encode()
             headers = self.signer.headers(topic, raw_key, encoded, partition)  # checked at recovery
             futures.append(await send(topic, raw_key, encoded, partition, None, headers))

@@ -32,6 +32,7 @@ from itertools import chain
 from typing import Any
 
 import faust
+from pydantic_core import to_json
 
 from synthwatch.schemas import Alert, Reject
 from synthwatch.schemas.topics import Sighting
@@ -315,7 +316,7 @@ def add_intake_agent(agents: AgentContext, tables: StateTables, outbox: SpikeOut
                 n = settings.partitions
                 changes = [
                     (partitions.get(region) or agents.partition_of(region.encode(), n), key, value)
-                    for region, key, value in ctx.regions.drain_dirty()
+                    for region, key, value in ctx.regions.drain_dirty(encode=to_json)  # freed as built (drain_dirty)
                 ]
                 taken_outbox = ctx.regions.take_outbox()
                 storing, rows = rows, []
