@@ -33,7 +33,7 @@ from synthwatch.stream_apps.runtime.worker_signature import WorkerSigner, verifi
 log = logging.getLogger("synthwatch.stack.worker")
 
 #: A detector state change: (changelog partition, record key, record).
-Change = tuple[int, str, dict[str, Any] | bytes]  # a value drained as its JSON bytes is written as it is
+Change = tuple[int, str, Any]  # the record: a dict, or its JSON bytes (drained encoded: written as it is)
 
 #: The key of the record that ends a changelog write on each partition (see :meth:`StateTables.seal`).
 SEAL_KEY = "~sealed"
