@@ -792,9 +792,8 @@ class RegionDetector:
         changed: list[tuple[str, str, Any]] = []
         for n in self.dirty_series:
             full, value = self.series[n].changelog_record()
-            changed.append(
-                (n.split("|", 1)[0], f"S:{n}" if full else f"S+:{n}", value if encode is None else encode(value))
-            )
+            record = value if encode is None else encode(value)
+            changed.append((n.split("|", 1)[0], f"S:{n}" if full else f"S+:{n}", record))
         for r in self.dirty_regions:
             full, value = self.regions[r].changelog_record()
             record = value if encode is None else encode(value)
