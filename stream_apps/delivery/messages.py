@@ -811,12 +811,23 @@ class BudgetNoticeView:
     budget: int
 
 
-def render_budget_notice(notice_id: str, reporter: str, day: date, sent: int, budget: int, language: str) -> Message:
+#: How a budget notice names an organisation (the budget's unit when the keys file gives a reporter one): its id and
+#: what it is, so an officer does not take it for a lab id.
+ORGANISATION_NAMED = {"en": "{name} (organisation)", "fr": "{name} (organisation)", "ar": "{name} (منظمة)"}
+
+
+def render_budget_notice(
+    notice_id: str, reporter: str, day: date, sent: int, budget: int, language: str, *, organisation: bool = False
+) -> Message:
     """The one notice an officer gets when ``reporter``'s first-sighting alerts of ``day`` (the officer's day)
-    passed the immediate budget: ``sent`` went at once, the next ones of that day go to the daily digest."""
+    passed the immediate budget: ``sent`` went at once, the next ones of that day go to the daily digest.
+    ``organisation``: ``reporter`` is an organisation's id (all the lab ids and agencies it reports as)."""
     if language not in LANGUAGES:
         raise ValueError(f"no templates for language {language!r}; available: {', '.join(LANGUAGES)}")
-    view = BudgetNoticeView(visible(notice_id), visible(reporter), day_text(day, language), sent, budget)
+    name = visible(reporter)
+    if organisation:
+        name = ORGANISATION_NAMED[language].format(name=name)
+    view = BudgetNoticeView(visible(notice_id), name, day_text(day, language), sent, budget)
     return Message(
         language=language,
         subject=_subject(_render(f"{language}/budget_notice_subject.txt.j2", v=view)),

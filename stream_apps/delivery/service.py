@@ -19,8 +19,10 @@ failing has its circuit opened (:mod:`.endpoints`): its deliveries are deferred 
 so) until a probe gets through, so one hung receiver costs the others nothing.
 
 No flood at once: an officer gets at most ``immediate_budget`` first-sighting alerts (:data:`BUDGETED_TYPES`) a day
-at once from one reporter; the next ones of that day go to the daily digest (a ``queued_digest`` row says why) and
-the officer gets one notice per reporter and day (:meth:`DeliveryService._budget`; docs/security.md#immediate-budget).
+at once from one reporter (one organisation of the keys file, whatever lab ids it reports as; a reporter no
+organisation claims on its own); the next ones of that day go to the daily digest (a ``queued_digest`` row says why)
+and the officer gets one notice per reporter and day (:meth:`DeliveryService._budget`;
+docs/security.md#immediate-budget).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import faust
 from synthwatch.errors import SynthwatchError
 from synthwatch.redaction import redact
 from synthwatch.schemas import Alert
+from synthwatch.schemas.envelope import Organisation
 from synthwatch.schemas.text import visible
 from synthwatch.settings import Settings
 from synthwatch.stream_apps.delivery.email import SmtpConfig, SmtpSender, build_email, message_id
@@ -133,15 +136,65 @@ def budget_notice_id(reporter: str, day: date) -> str:
     return f"budget-{day.isoformat()}-{digest}"
 
 
+@dataclass(frozen=True, slots=True, order=True)
+class BudgetUnit:
+    """Whose budget an alert counts on: an organisation of the keys file (``organisation``; every lab id and agency it
+    may report as shares it), or a reporter no organisation claims (the lab id or agency as the alert names it)."""
+
+    name: str
+    organisation: bool = False
+
+    @property
+    def notice_key(self) -> str:
+        """What the notice id is derived from: the reporter's name as before organisations counted (the ids of
+        notices already sent stay), an organisation's with a prefix no reporter name has (no control characters)."""
+        return f"\x1eorg\x1e{self.name}" if self.organisation else self.name
+
+
+UnitKey = tuple[str, BudgetUnit, date]
+"""(officer_id, unit, day): what the immediate budget counts alerts per (the store counts per reporter name)."""
+
+
+def budget_units(organisations: Collection[Organisation]) -> tuple[dict[str, str], dict[str, frozenset[str]]]:
+    """(reporter name -> its organisation, organisation -> its reporter names) from the keys file, for the budget.
+
+    Alerts name bare lab ids and agencies (``reported_by``). A name more than one organisation claims (the keys file
+    refuses one lab id or agency under two organisations, but one's lab id may be spelt like another's agency) is
+    no organisation's: it keeps its own budget, as before. Charged to all of them, one organisation's flood through
+    it would use up the others' budgets (their honest reports to the digest); charged to any one, the others'
+    reports through it would use up that one's. Its own budget is one more than the claimants' and is the keys
+    file's doing, never a reporter's.
+    """
+    claims: defaultdict[str, set[str]] = defaultdict(set)
+    for org in organisations:
+        for name in org.lab_ids | org.agencies:
+            claims[name].add(org.org_id)
+    shared = sorted(name for name, orgs in claims.items() if len(orgs) > 1)
+    if shared:
+        log.warning(
+            "immediate budget: %d reporter names are claimed by several organisations and keep a budget of their "
+            "own (a lab id spelt like another organisation's agency?): %s",
+            len(shared),
+            ", ".join(repr(name[:64]) for name in shared[:10]),
+        )
+    org_of = {name: next(iter(orgs)) for name, orgs in claims.items() if len(orgs) == 1}
+    names: defaultdict[str, set[str]] = defaultdict(set)
+    for name, org_id in org_of.items():
+        names[org_id].add(name)
+    return org_of, {org_id: frozenset(found) for org_id, found in names.items()}
+
+
 @dataclass(frozen=True, slots=True)
 class BudgetNotice:
-    """An officer's notice that ``reporter``'s first-sighting alerts of ``day`` passed the immediate budget."""
+    """An officer's notice that ``reporter``'s first-sighting alerts of ``day`` passed the immediate budget;
+    ``organisation``: ``reporter`` is an organisation's id (its budget covers every lab id it reports as)."""
 
     notice_id: str
     reporter: str
     day: date
     sent: int
     budget: int
+    organisation: bool = False
 
 
 class ResendError(SynthwatchError, ValueError):
@@ -200,6 +253,7 @@ def budget_notice_payload(notice: BudgetNotice, officer: Officer, message: Messa
         "notice_id": notice.notice_id,
         "officer_id": officer.id,
         "reporter": notice.reporter,
+        "organisation": notice.reporter if notice.organisation else None,
         "day": notice.day.isoformat(),
         "immediate_sent": notice.sent,
         "immediate_budget": notice.budget,
@@ -274,6 +328,7 @@ class DeliveryService:
         remember: int = 100_000,
         clock: Callable[[], datetime] = utc_now,
         immediate_budget: int = 10,
+        organisations: Collection[Organisation] = (),
     ) -> None:
         self.subscriptions = subscriptions
         self.store = store
@@ -298,15 +353,19 @@ class DeliveryService:
         self._digest_hold: dict[tuple[str, str], datetime] = {}
         self._mtime = self._file_mtime()
         self.immediate_budget = immediate_budget  # 0: no budget
-        # (officer, reporter, budget day) -> alerts let through at once: read from the store for each batch that
+        # The budget's unit of each reporter name the keys file gives an organisation, and back (the worker's keys
+        # file as it started: the intake's organisations, applied to stored lab ids when the count is read)
+        self._org_of, self._names_of = budget_units(organisations)
+        # (officer, unit, budget day) -> alerts let through at once: read from the store for each batch that
         # needs it (a restart, other workers), plus this worker's own decisions not yet recorded
-        self._granted: defaultdict[BudgetKey, set[str]] = defaultdict(set)
+        self._granted: defaultdict[UnitKey, set[str]] = defaultdict(set)
 
     @classmethod
     def from_settings(
         cls, settings: Settings, client: Client, lock: threading.Lock | None = None, **options: Any
     ) -> DeliveryService:
-        """The worker's service: subscriptions from ``settings.subscriptions_file`` (errors name file:line)."""
+        """The worker's service: subscriptions from ``settings.subscriptions_file`` (errors name file:line);
+        ``options`` may give ``organisations`` (the worker's, from its intake: the budget counts per organisation)."""
         if settings.subscriptions_file is None:
             raise ValueError("settings.subscriptions_file is not set: there is nobody to deliver to")
         limits = EndpointLimits(
@@ -347,8 +406,8 @@ class DeliveryService:
         plans = await self._plans(alerts)
         budgeted = self._budget_keys(plans)
         notices = {
-            (budget_notice_id(reporter, day), recipient.officer.id, recipient.channel.name)
-            for recipient, (_, reporter, day) in budgeted
+            (budget_notice_id(unit.notice_key, day), recipient.officer.id, recipient.channel.name)
+            for recipient, (_, unit, day) in budgeted
         }
         unknown = {
             key
@@ -406,9 +465,9 @@ class DeliveryService:
 
     # --- the immediate budget ------------------------------------------------------------------------------
 
-    def _budget_keys(self, plans: Sequence[tuple[Alert, list[Recipient]]]) -> list[tuple[Recipient, BudgetKey]]:
-        """Each (recipient, (officer, reporter, day)) the budget looks at in these plans: immediate recipients of
-        first-sighting alerts, per reporter the alert names, on the officer's day of the alert's detection."""
+    def _budget_keys(self, plans: Sequence[tuple[Alert, list[Recipient]]]) -> list[tuple[Recipient, UnitKey]]:
+        """Each (recipient, (officer, unit, day)) the budget looks at in these plans: immediate recipients of
+        first-sighting alerts, per unit of the reporters the alert names, on the officer's day of its detection."""
         return [
             (recipient, key)
             for alert, recipients_ in plans
@@ -416,19 +475,34 @@ class DeliveryService:
             for key in self._counted_on(alert, recipient)
         ]
 
-    def _counted_on(self, alert: Alert, recipient: Recipient) -> list[BudgetKey]:
-        """The (officer, reporter, day) keys the budget counts ``alert`` on for ``recipient``: one per reporter it
-        names, on the officer's day of its detection; none when the budget is off, the type is not counted or the
-        recipient would not get it at once anyway."""
+    def _unit(self, reporter: str) -> BudgetUnit:
+        """The budget ``reporter`` (a lab id or agency, as alerts name it) counts on: its organisation's, if one
+        organisation claims it, else its own."""
+        org_id = self._org_of.get(reporter)
+        return BudgetUnit(reporter) if org_id is None else BudgetUnit(org_id, organisation=True)
+
+    def _counted_on(self, alert: Alert, recipient: Recipient) -> list[UnitKey]:
+        """The (officer, unit, day) keys the budget counts ``alert`` on for ``recipient``: one per unit of the
+        reporters it names (an alert named by two lab ids of one organisation counts once on it), on the officer's
+        day of its detection; none when the budget is off, the type is not counted or the recipient would not get it
+        at once anyway."""
         if self.immediate_budget <= 0 or alert.alert_type not in BUDGETED_TYPES or not recipient.immediate:
             return []
         day = recipient.officer.local_day(alert.detected_at)
-        return [(recipient.officer.id, reporter, day) for reporter in sorted(set(alert.reported_by))]
+        units = sorted({self._unit(reporter) for reporter in alert.reported_by})
+        return [(recipient.officer.id, unit, day) for unit in units]
 
-    async def _load_granted(self, keys: Collection[BudgetKey]) -> None:
-        """Add what the store knows (rows of earlier runs and of other workers) to the alerts let through at once."""
+    async def _load_granted(self, keys: Collection[UnitKey]) -> None:
+        """Add what the store knows (rows of earlier runs and of other workers) to the alerts let through at once.
+
+        The store keeps the reporter names the alerts named; an organisation's count is read as its names' (the
+        keys file's today), one alert id once however many of them it names."""
+        names: set[BudgetKey] = set()
+        for officer_id, unit, day in keys:
+            for name in self._names_of.get(unit.name, frozenset()) if unit.organisation else (unit.name,):
+                names.add((officer_id, name, day))
         stored = await self._store(
-            "counting immediate alerts per reporter", self.store.immediate_alerts, keys, BUDGETED_TYPES
+            "counting immediate alerts per reporter", self.store.immediate_alerts, names, BUDGETED_TYPES
         )
         # Days no alert can still be sent at once on (older than the stale limit; an officer's day is less than a
         # day off UTC's) are forgotten, never a day this batch counts on: a replay after an outage of days brings
@@ -437,16 +511,17 @@ class DeliveryService:
         oldest = stale.date() - timedelta(days=1)
         for key in [k for k in self._granted if k[2] < oldest and k not in keys]:
             del self._granted[key]
-        for key, alert_ids in stored.items():
-            self._granted[key] |= alert_ids
+        for (officer_id, name, day), alert_ids in stored.items():
+            self._granted[(officer_id, self._unit(name), day)] |= alert_ids
 
     def _budget(self, alert: Alert, recipient: Recipient, *, grant: bool) -> list[BudgetNotice]:
-        """Empty when ``alert`` goes to ``recipient`` at once, else a notice per reporter it is over the budget for.
+        """Empty when ``alert`` goes to ``recipient`` at once, else a notice per unit it is over the budget for.
 
-        Counted per officer, reporter and the officer's day of the alert's ``detected_at`` (the worker's clock when
-        it raised the alert: a report's own dates are the reporter's to choose, and a replay keeps the day). An alert
-        named by several reporters goes at once if any of them is within budget (a flooding lab cannot silence
-        another lab's report of the same substance) and counts against each. One alert counts once (its id), on
+        Counted per officer, unit (:meth:`_unit`: an organisation, or a reporter none claims) and the officer's day of
+        the alert's ``detected_at`` (the worker's clock when it raised the alert: a report's own dates are the
+        reporter's to choose, and a replay keeps the day). An alert named by reporters of several units goes at once
+        if any of them is within budget (a flooding lab cannot silence another organisation's report of the same
+        substance) and counts against each. One alert counts once (its id), on
         every channel of the officer and at every replay. ``grant`` records it as let through.
         """
         keys = self._counted_on(alert, recipient)
@@ -459,12 +534,19 @@ class DeliveryService:
                     self._granted[key].add(alert.alert_id)
             return []
         return [
-            BudgetNotice(budget_notice_id(reporter, day), reporter, day, len(ids), self.immediate_budget)
-            for (_, reporter, day), ids in zip(keys, sent, strict=True)
+            BudgetNotice(
+                budget_notice_id(unit.notice_key, day),
+                unit.name,
+                day,
+                len(ids),
+                self.immediate_budget,
+                unit.organisation,
+            )
+            for (_, unit, day), ids in zip(keys, sent, strict=True)
         ]
 
     def _over_reason(self, over: Sequence[BudgetNotice]) -> str:
-        reporters = ", ".join(visible(n.reporter[:100]) for n in over)
+        reporters = ", ".join(("organisation " if n.organisation else "") + visible(n.reporter[:100]) for n in over)
         return (
             f"{OVER_BUDGET} ({self.immediate_budget} first-sighting alerts a day per reporter; "
             f"{reporters} on {over[0].day.isoformat()}): queued for the daily digest"
@@ -515,7 +597,13 @@ class DeliveryService:
         officer, channel = recipient.officer, recipient.channel
         try:
             message = render_budget_notice(
-                notice.notice_id, notice.reporter, notice.day, notice.sent, notice.budget, officer.language
+                notice.notice_id,
+                notice.reporter,
+                notice.day,
+                notice.sent,
+                notice.budget,
+                officer.language,
+                organisation=notice.organisation,
             )
         except Exception as error:  # a template bug: recorded, the agent goes on
             log.exception("cannot prepare budget notice %s for %s", notice.notice_id, officer.id)

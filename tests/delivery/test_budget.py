@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Collection
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -17,10 +18,11 @@ import pytest
 
 from synthwatch.producers.simulate import SimulationConfig, simulate
 from synthwatch.schemas import Alert, parse_event_object
+from synthwatch.schemas.envelope import Organisation, load_org_keys
 from synthwatch.settings import Settings
 from synthwatch.stream_apps.delivery.email import SmtpConfig
 from synthwatch.stream_apps.delivery.messages import LANGUAGES, render_budget_notice, render_digest
-from synthwatch.stream_apps.delivery.service import BUDGETED_TYPES, DeliveryService, RetryPolicy
+from synthwatch.stream_apps.delivery.service import BUDGETED_TYPES, DeliveryService, RetryPolicy, budget_units
 from synthwatch.stream_apps.delivery.subscriptions import parse_subscriptions
 from synthwatch.stream_apps.detect.backtest import run_lines
 from synthwatch.stream_apps.detect.corrections import ReportFacts, correction_notice
@@ -47,13 +49,19 @@ def db(ch: Any) -> Any:
 
 
 def _service(
-    db: Any, hooks: WebhookReceiver, smtp: SmtpServer, subscriptions: str = "", budget: int = BUDGET
+    db: Any,
+    hooks: WebhookReceiver,
+    smtp: SmtpServer,
+    subscriptions: str = "",
+    budget: int = BUDGET,
+    organisations: Collection[Organisation] = (),
 ) -> DeliveryService:
     config = SmtpConfig("127.0.0.1", smtp.port, starttls=False, sender="alerts@synthwatch.example")
     return DeliveryService(
         parse_subscriptions(subscriptions or subscriptions_yaml(hooks), allowed_networks=LOOPBACK),
         DeliveryStore(db),
         immediate_budget=budget,
+        organisations=organisations,
         policy=FAST,
         store_retries=3,
         allowed_networks=LOOPBACK,
@@ -485,3 +493,174 @@ def test_a_replay_of_alerts_detected_days_ago_is_held_to_one_budget(db: Any) -> 
         outcomes = asyncio.run(scenario())
     for officer in (BAMAKO, PARIS):
         assert _statuses(outcomes, officer) == ["delivered"] * BUDGET + ["queued_digest"] * (BUDGET - 4)
+
+
+# --- per organisation -------------------------------------------------------------------------------------------------
+
+LIMS = ("LAB-ML-1", "LAB-ML-2", "LAB-ML-3")  # one organisation's lab ids (one key, a buggy LIMS)
+
+
+def _keys_file(tmp_path: Any, lims: tuple[str, ...] = LIMS, name: str = "keys.yaml") -> list[Organisation]:
+    """The organisations of a real keys file: ``lims-ml`` reporting as ``lims``, ``lns-bko`` as the honest lab."""
+    path = tmp_path / name
+    path.write_text(
+        "organisations:\n"
+        f"  lims-ml:\n    keys: ['{'11' * 32}']\n    lab_ids: [{', '.join(lims)}]\n"
+        f"  lns-bko:\n    keys: ['{'22' * 32}']\n    lab_ids: [{HONEST}]\n",
+        encoding="utf-8",
+    )
+    path.chmod(0o600)
+    return list(load_org_keys(path).values())
+
+
+def _lims_flood(per_lab: int, lims: tuple[str, ...] = LIMS, start: int = 0) -> list[Alert]:
+    """``per_lab`` alerts from each of ``lims``, interleaved (distinct ids: one hundred apart per lab)."""
+    each = [_flood(per_lab, [lab_id], start=start + 100 * n) for n, lab_id in enumerate(lims)]
+    return [alert for row in zip(*each, strict=True) for alert in row]
+
+
+def test_an_organisation_reporting_as_many_lab_ids_gets_one_budget(db: Any, tmp_path: Any) -> None:
+    """One key that may report for three lab ids floods 30 alerts: the officer gets 10 at once in all, not 10 per lab
+    id (30), and one notice naming the organisation. A lab of another organisation and a lab no organisation claims
+    keep their own budgets."""
+    orgs = _keys_file(tmp_path)
+    flood = _lims_flood(BUDGET)
+    others = [*_flood(2, [HONEST]), *_flood(2, ["LAB-UNCLAIMED"])]
+    with SmtpServer() as smtp:
+
+        async def scenario() -> tuple[WebhookReceiver, list[list[Any]], list[list[Any]]]:
+            async with WebhookReceiver() as hooks:
+                service = _service(db, hooks, smtp, organisations=orgs)
+                got = await service.handle_batch(flood)
+                rest = await service.handle_batch(others)
+                await service.close()
+                return hooks, got, rest
+
+        hooks, got, rest = asyncio.run(scenario())
+    for officer in (BAMAKO, PARIS):
+        assert _statuses(got, officer) == ["delivered"] * BUDGET + ["queued_digest"] * (2 * BUDGET)
+        assert _statuses(rest, officer) == ["delivered"] * 4
+    assert _alerts_on_hook(hooks)[:BUDGET] == [a.alert_id for a in flood[:BUDGET]]
+    (notice,) = _notices_on_hook(hooks)
+    assert notice["reporter"] == notice["organisation"] == "lims-ml" and notice["immediate_sent"] == BUDGET
+    assert "lims-ml (organisation)" in notice["subject"] and "lims-ml (organisation)" in notice["text"]
+    (mail,) = _notice_mails(smtp)
+    assert "lims-ml (organisation)" in str(mail["Subject"])
+    reasons = db.query("SELECT DISTINCT reason FROM deliveries WHERE status = 'queued_digest'").result_rows
+    assert [r[0] for r in reasons] == [
+        f"over the immediate budget ({BUDGET} first-sighting alerts a day per reporter; organisation lims-ml on "
+        f"{NOW.date().isoformat()}): queued for the daily digest"
+    ]
+
+
+def test_an_organisations_count_is_read_back_from_its_lab_ids_after_a_restart_and_a_keys_change(
+    db: Any, tmp_path: Any
+) -> None:
+    """The store keeps lab ids; a restarted worker counts them per organisation by its keys file. A lab id the keys file
+    gives the organisation only after the restart brings its earlier alerts of the day along: no fresh budget."""
+    before = _keys_file(tmp_path, LIMS[:2])  # LAB-ML-3 claimed by nobody yet: its own budget
+    after = _keys_file(tmp_path, LIMS, name="keys-after.yaml")
+    first = [*_flood(3, [LIMS[0]]), *_flood(3, [LIMS[2]], start=200)]
+    second = _flood(BUDGET, [LIMS[1]], start=100)
+    with SmtpServer() as smtp:
+
+        async def scenario() -> tuple[list[list[Any]], list[list[Any]]]:
+            async with WebhookReceiver() as hooks:
+                one = _service(db, hooks, smtp, organisations=before)
+                got = await one.handle_batch(first)
+                await one.close()  # the worker restarts with LAB-ML-3 added to lims-ml
+                two = _service(db, hooks, smtp, organisations=after)
+                rest = await two.handle_batch(second)
+                await two.close()
+                return got, rest
+
+        got, rest = asyncio.run(scenario())
+    assert _statuses(got, BAMAKO) == ["delivered"] * 6
+    assert _statuses(rest, BAMAKO) == ["delivered"] * (BUDGET - 6) + ["queued_digest"] * 6
+
+
+def test_a_name_claimed_by_two_organisations_is_neither_ones_budget(db: Any, tmp_path: Any) -> None:
+    """The keys file refuses a lab id under two organisations, but one's lab id may be spelt like another's agency:
+    alerts name it bare, so it is no organisation's (charged to both, one's flood through it would use up the
+    other's budget): it keeps its own, as before organisations counted."""
+    path = tmp_path / "keys.yaml"
+    path.write_text(
+        "organisations:\n"
+        f"  lims-ml:\n    keys: ['{'11' * 32}']\n    lab_ids: [{LIMS[0]}, SHARED]\n"
+        f"  douane-ml:\n    keys: ['{'22' * 32}']\n    agencies: [SHARED, Douanes maliennes]\n",
+        encoding="utf-8",
+    )
+    path.chmod(0o600)
+    orgs = list(load_org_keys(path).values())
+    org_of, names_of = budget_units(orgs)
+    assert "SHARED" not in org_of and org_of[LIMS[0]] == "lims-ml" and org_of["Douanes maliennes"] == "douane-ml"
+    assert names_of == {"lims-ml": frozenset({LIMS[0]}), "douane-ml": frozenset({"Douanes maliennes"})}
+    shared = _flood(BUDGET + 1, ["SHARED"])
+    own = [*_flood(1, [LIMS[0]], start=100), *_flood(1, ["Douanes maliennes"], start=100)]
+    with SmtpServer() as smtp:
+
+        async def scenario() -> tuple[WebhookReceiver, list[list[Any]]]:
+            async with WebhookReceiver() as hooks:
+                service = _service(db, hooks, smtp, organisations=orgs)
+                got = await service.handle_batch(shared)
+                got += await service.handle_batch(own)
+                await service.close()
+                return hooks, got
+
+        hooks, got = asyncio.run(scenario())
+    assert _statuses(got, BAMAKO) == ["delivered"] * BUDGET + ["queued_digest"] + ["delivered"] * 2
+    (notice,) = _notices_on_hook(hooks)
+    assert notice["reporter"] == "SHARED" and notice["organisation"] is None
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_the_notice_names_an_organisation_as_one_with_hostile_text_escaped(language: str) -> None:
+    day = datetime(2026, 12, 7, tzinfo=UTC).date()
+    message = render_budget_notice("budget-2026-12-07-abc", HOSTILE, day, BUDGET, BUDGET, language, organisation=True)
+    assert "<script>" not in message.html and "&lt;script&gt;" in message.html
+    assert "\nFrom: evil" not in message.text and "\u202e" not in message.text + message.html + message.subject
+    named = {"en": "(organisation)", "fr": "(organisation)", "ar": "(منظمة)"}[language]
+    for text in (message.text, message.html, message.subject):
+        assert named in text
+
+
+def test_the_worker_counts_per_the_organisations_its_intake_verifies_with(
+    db: Any, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """The worker's delivery agent takes the organisations from the intake's verifier (one view of the keys file)."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from synthwatch.schemas.envelope import EnvelopeVerifier
+    from synthwatch.stream_apps.app import WorkerContext, create_app
+    from synthwatch.stream_apps.delivery.service import BudgetUnit
+    from synthwatch.stream_apps.detect.intake import Intake
+    from synthwatch.stream_apps.detect.novelty import NoveltyDetector
+    from synthwatch.stream_apps.detect.region import DetectionConfig, RegionDetector
+
+    subscriptions = tmp_path / "subscriptions.yaml"
+    subscriptions.write_text(subscriptions_yaml(), encoding="utf-8")
+    subscriptions.chmod(0o600)
+    settings = Settings(subscriptions_file=subscriptions, webhook_allowed_networks=list(LOOPBACK))
+    built: list[DeliveryService] = []
+    original = DeliveryService.from_settings.__func__  # type: ignore[attr-defined]
+
+    def spy(cls: type[DeliveryService], *args: Any, **options: Any) -> DeliveryService:
+        built.append(original(cls, *args, **options))
+        return built[-1]
+
+    monkeypatch.setattr(DeliveryService, "from_settings", classmethod(spy))
+    ctx = WorkerContext(
+        settings=settings,
+        client=db,
+        sink=SimpleNamespace(lock=threading.Lock(), store_rejects=None, store_alerts=None),  # type: ignore[arg-type]
+        intake=Intake(verifier=EnvelopeVerifier({org.org_id: org for org in _keys_file(tmp_path)})),
+        regions=RegionDetector(DetectionConfig.from_settings(settings)),
+        novelty=NoveltyDetector(DetectionConfig.from_settings(settings).novelty),
+        started_at=time.monotonic(),
+    )
+    create_app(ctx, "127.0.0.1:9", 6066)
+    (service,) = built
+    assert service._unit(LIMS[2]) == BudgetUnit("lims-ml", organisation=True)
+    assert service._unit("LAB-UNCLAIMED") == BudgetUnit("LAB-UNCLAIMED")

@@ -19,7 +19,11 @@ def add_delivery_agent(agents: AgentContext) -> None:
         return
     from synthwatch.stream_apps.delivery.service import DeliveryService, attach_delivery
 
-    delivery = DeliveryService.from_settings(settings, ctx.client, lock=ctx.sink.lock)
+    # The organisations the intake verifies reports with: the immediate budget counts per organisation (one view of
+    # the keys file for both, as the worker started)
+    verifier = ctx.intake.verifier
+    organisations = list(verifier.orgs.values()) if verifier is not None else []
+    delivery = DeliveryService.from_settings(settings, ctx.client, lock=ctx.sink.lock, organisations=organisations)
     attach_delivery(
         agents.app, agents.topics.alerts, delivery, batches=delivery_batches(settings), accept=agents.signer.valid_event
     )
