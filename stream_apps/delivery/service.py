@@ -309,6 +309,22 @@ def _refuse(reason: str) -> SendResult:
 SMTP_ENDPOINT = "smtp"
 
 
+def _detected_since(corrections: Sequence[Alert]) -> datetime | None:
+    """The earliest detection of the alerts ``corrections`` are about (they carry it, ``corrected_detected_at``), or
+    None when one does not (a notice raised before they did, or a value that is no time): then no bound."""
+    found: list[datetime] = []
+    for correction in corrections:
+        value = correction.details.get("corrected_detected_at")
+        try:
+            moment = datetime.fromisoformat(value) if isinstance(value, str) else None
+        except ValueError:
+            moment = None
+        if moment is None or moment.tzinfo is None:
+            return None
+        found.append(moment)
+    return min(found, default=None)
+
+
 class DeliveryService:
     """Routes alerts to officers and delivers each (alert, officer, channel) at most once; see the module doc."""
 
@@ -628,7 +644,13 @@ class DeliveryService:
         # A correction follows its alert where the immediate budget held that alert back: to the digest. Else a
         # flooding reporter's correction of each held alert would reach the officer at once, one by one.
         held = (
-            await self._store("finding corrected alerts held by the budget", self.store.held_back, about, OVER_BUDGET)
+            await self._store(
+                "finding corrected alerts held by the budget",
+                self.store.held_back,
+                about,
+                OVER_BUDGET,
+                _detected_since([a for a in alerts if a.alert_type == "correction"]),
+            )
             if about and self.immediate_budget > 0
             else set()
         )

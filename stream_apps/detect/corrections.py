@@ -241,6 +241,9 @@ class CitedAlert:
     window_end: datetime
     triggered_at: datetime
     evidence_event_ids: tuple[str, ...]
+    #: When it was first detected (stored rows of one alert id may differ: the earliest); None if not known. A
+    #: correction notice carries it so the delivery side can bound its reads about the alert (weeks may lie between).
+    detected_at: datetime | None = None
 
 
 def rests_on(cited: CitedAlert, old: ReportFacts, holders: Collection[str]) -> bool:
@@ -288,6 +291,8 @@ def correction_notice(
         "new_quantity": new_quantity,
         "counts_recomputed": False,
     }
+    if cited.detected_at is not None:
+        details["corrected_detected_at"] = cited.detected_at.isoformat()
     summary = (
         f"Report {old.event_id} behind alert {cited.alert_id} was corrected by report {new.event_id}: "
         f"substance {old.substance} -> {new_substance}"

@@ -104,7 +104,7 @@ def alerts_citing(client: Client, ids: Sequence[str]) -> list[CitedAlert]:
     rows = client.query(
         "SELECT alert_id, any(alert_type), any(severity), any(country), any(region), any(substance_key), "
         "any(substance_name), any(substance_inchikey), any(family), any(controlled), any(window_start), "
-        "any(window_end), any(triggered_at), any(evidence_event_ids) "
+        "any(window_end), any(triggered_at), any(evidence_event_ids), min(detected_at) "
         f"FROM {ALERT_TABLE} WHERE hasAny(evidence_event_ids, {{ids:Array(String)}}) "
         "AND alert_type != 'correction' GROUP BY alert_id ORDER BY alert_id",
         parameters={"ids": list(ids)},
@@ -113,10 +113,36 @@ def alerts_citing(client: Client, ids: Sequence[str]) -> list[CitedAlert]:
 
 
 def _cited(row: Sequence[Any]) -> CitedAlert:
-    (alert_id, kind, severity, country, region, key, name, inchikey, family, controlled, start, end, at, evidence) = row
+    (
+        alert_id,
+        kind,
+        severity,
+        country,
+        region,
+        key,
+        name,
+        inchikey,
+        family,
+        controlled,
+        start,
+        end,
+        at,
+        evidence,
+        seen,
+    ) = row
     substance = AlertSubstance(
         name=name, key=key, inchikey=inchikey or None, family=family or None, controlled=controlled
     )
     return CitedAlert(
-        alert_id, kind, severity, country or None, region or None, substance, start, end, at, tuple(evidence)
+        alert_id,
+        kind,
+        severity,
+        country or None,
+        region or None,
+        substance,
+        start,
+        end,
+        at,
+        tuple(evidence),
+        seen,
     )

@@ -143,16 +143,25 @@ class DeliveryStore:
             found.setdefault(str(alert_id), set()).add((str(officer_id), str(channel), str(route)))
         return found
 
-    def held_back(self, alert_ids: Collection[str], reason_prefix: str) -> set[Key]:
+    def held_back(self, alert_ids: Collection[str], reason_prefix: str, detected_since: datetime | None) -> set[Key]:
         """(alert, officer, channel) of ``alert_ids`` queued for a digest with a reason beginning ``reason_prefix``
-        (the delivery side's: held back by the immediate budget). One query for all the ids."""
+        (the delivery side's: held back by the immediate budget). One query for all the ids.
+
+        ``detected_since``: the earliest detection of those alerts (None: unknown, every month is read). A row is
+        written when its alert is delivered, after its detection: two days' margin (another worker's clock) bounds
+        the read to the months that can hold it (monthly partitions by `at`), however long ago that was. Not "the
+        last days": a correction may come weeks after its alert."""
         if not alert_ids:
             return set()
+        parameters: dict[str, object] = {"alerts": tuple(alert_ids), "prefix": reason_prefix}
+        if detected_since is not None:
+            parameters["since"] = detected_since - timedelta(days=2)
         with self.lock:
             rows = self.client.query(
                 f"SELECT DISTINCT alert_id, officer_id, channel FROM {DELIVERY_TABLE} "
-                "WHERE alert_id IN %(alerts)s AND status = 'queued_digest' AND startsWith(reason, %(prefix)s)",
-                parameters={"alerts": tuple(alert_ids), "prefix": reason_prefix},
+                "WHERE alert_id IN %(alerts)s AND status = 'queued_digest' AND startsWith(reason, %(prefix)s)"
+                + ("" if detected_since is None else " AND at >= %(since)s"),
+                parameters=parameters,
             ).result_rows
         return {(str(a), str(o), str(c)) for a, o, c in rows}
 

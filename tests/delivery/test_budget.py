@@ -55,6 +55,7 @@ def _service(
     subscriptions: str = "",
     budget: int = BUDGET,
     organisations: Collection[Organisation] = (),
+    now: datetime = NOW,
 ) -> DeliveryService:
     config = SmtpConfig("127.0.0.1", smtp.port, starttls=False, sender="alerts@synthwatch.example")
     return DeliveryService(
@@ -66,7 +67,7 @@ def _service(
         store_retries=3,
         allowed_networks=LOOPBACK,
         smtp=config,
-        clock=lambda: NOW,
+        clock=lambda: now,
     )
 
 
@@ -372,13 +373,14 @@ def test_the_worker_takes_the_budget_from_its_settings(db: Any, tmp_path: Any, m
     assert DeliveryService.from_settings(settings, db).immediate_budget == 3
 
 
-def _correction(alert: Alert, n: int) -> Alert:
-    """The notice that the flooding lab corrected the report behind ``alert`` (a critical correction notice)."""
+def _correction(alert: Alert, n: int, detected_at: datetime | None = None) -> Alert:
+    """The notice that the flooding lab corrected the report behind ``alert`` (a critical correction notice), raised
+    at ``detected_at`` (default: when ``alert`` was)."""
     old = ReportFacts(f"F-{n}", "lab_detection", f"lab:{FLOODER}", "isotonitazene")
     new = parse_event_object(
         lab(event_id=f"F-{n}-fix", corrects=f"F-{n}", lab_id=FLOODER, substance={"name": "protonitazene"})
     )
-    return correction_notice(cited(alert), old, new, "protonitazene", alert.detected_at)
+    return correction_notice(cited(alert), old, new, "protonitazene", detected_at or alert.detected_at)
 
 
 def test_corrections_of_held_alerts_follow_them_to_the_digest_and_of_sent_ones_go_at_once(db: Any) -> None:
@@ -415,6 +417,55 @@ def test_corrections_of_held_alerts_follow_them_to_the_digest_and_of_sent_ones_g
     assert [r[0] for r in reasons] == [
         "over the immediate budget (the corrected alert was held back by it): queued for the daily digest"
     ]
+
+
+def test_a_correction_weeks_after_its_held_alert_still_follows_it_to_the_digest(db: Any) -> None:
+    """The held alert was detected (and queued) 40 days before its correction, two months' partitions back: the
+    correction reads back from the alert's detection, not from the last days, and goes to the digest with it."""
+    weeks_ago = NOW - timedelta(days=40)
+    alerts = _flood(BUDGET + 1, [FLOODER], detected_at=weeks_ago)
+    fixes = [_correction(alerts[0], 0, NOW), _correction(alerts[-1], 1, NOW)]  # of one sent at once, of the held one
+    assert fixes[1].details["corrected_detected_at"] == weeks_ago.isoformat()
+    with SmtpServer() as smtp:
+
+        async def scenario() -> list[list[Any]]:
+            async with WebhookReceiver() as hooks:
+                then = _service(db, hooks, smtp, now=weeks_ago)
+                await then.handle_batch(alerts)
+                await then.close()
+                today = _service(db, hooks, smtp)
+                got = await today.handle_batch(fixes)
+                await today.close()
+                return got
+
+        got = asyncio.run(scenario())
+    for officer in (BAMAKO, PARIS):
+        assert _statuses(got, officer) == ["delivered", "queued_digest"]
+
+
+def test_finding_held_alerts_reads_from_their_detection_and_no_older_months(db: Any) -> None:
+    """The read is bounded by the corrected alerts' detection (monthly partitions by `at`): a row a month before it
+    cannot be their queueing. A correction not carrying the detection (raised before it did) reads every month."""
+    from synthwatch.stream_apps.delivery.service import OVER_BUDGET, _detected_since
+    from synthwatch.stream_apps.storage.tables import Attempt
+
+    store = DeliveryStore(db)
+    detected = datetime(2026, 10, 31, 23, 0, tzinfo=UTC)
+
+    def queued(alert_id: str, at: datetime) -> Attempt:
+        return Attempt(
+            alert_id, BAMAKO, "hook", "webhook", "r", 0, "queued_digest", f"{OVER_BUDGET} (10 ...)", None, "t", at,
+            0.0, alert_type="new_substance", reported_by=[FLOODER],
+        )  # fmt: skip
+
+    # queued by a worker whose clock is an hour behind the detecting one's, and a row a month before the detection
+    store.record([queued("H-1", detected - timedelta(hours=1)), queued("H-0", detected - timedelta(days=31))])
+    assert store.held_back(["H-1", "H-0"], OVER_BUDGET, detected) == {("H-1", BAMAKO, "hook")}
+    assert store.held_back(["H-1", "H-0"], OVER_BUDGET, None) == {("H-1", BAMAKO, "hook"), ("H-0", BAMAKO, "hook")}
+    (alert,) = _flood(1, [FLOODER], detected_at=detected)
+    fix = _correction(alert, 0)
+    older = fix.model_copy(update={"details": {k: v for k, v in fix.details.items() if k != "corrected_detected_at"}})
+    assert _detected_since([fix]) == detected and _detected_since([fix, older]) is None
 
 
 def test_the_budget_day_is_the_officers_local_day(db: Any) -> None:

@@ -440,4 +440,5 @@ def cited(alert: Alert) -> CitedAlert:
         alert.window_end,
         alert.triggered_at,
         tuple(alert.evidence_event_ids),
+        alert.detected_at,
     )
