@@ -753,8 +753,13 @@ class RegionDetector:
         late_by = round((watermark - obs.occurred_at).total_seconds() / 3600, 1)
         result.late_by_hours = late_by
         day = obs.day
-        newest = region.pruned_day if region.pruned_day is not None else day_of(max(region.watermarks.values()))
-        if day < newest - self._keep_ids_days:
+        # The day the region's ids are kept as of: its last pruning's, else (right after healing forgot it) the day the
+        # next pruning will use, the settled one (the slowest kind's). Not the newest kind's day: a late report of a
+        # day pruning keeps was taken as from a pruned day, its id not noted, and its re-send sighted again.
+        pruned = region.pruned_day
+        if pruned is None:
+            pruned = self._settled_day(region, day_of(max(region.watermarks.values())))
+        if day < pruned - self._keep_ids_days:
             result.sightings.append(obs.sighting(late_by))
             return result
         key = report_id(obs)

@@ -198,3 +198,36 @@ def test_sound_state_is_never_healed() -> None:
         live.novelty.drain_dirty()
         _write(resumed, table)
     assert told == []
+
+
+def test_a_late_report_right_after_healing_is_judged_by_the_settled_day_as_pruning_is() -> None:
+    """Healing forgets the pruning day; until the next pruning, a late report was judged against the newest kind's
+    day while pruning keeps ids as of the slowest kind's (the settled day): a late report of a day whose ids the
+    region keeps was taken as from a pruned day, its id not noted, and its re-send sighted again as a first report.
+    Judged as the state with its pruning day is: the re-send is a duplicate."""
+    labs = [_day(n)[1] for n in range(30)]  # lab reports every day to day 29
+    seizures = [_day(n)[0] for n in range(10)]  # seizures stop at day 9: the settled day is 29 - KIND_SKEW_DAYS
+    late = _observations(
+        [
+            lab(
+                event_id="l-late",
+                sample_id="L-late",
+                country="ML",
+                region=REGION,
+                occurred_at=(START + timedelta(days=20, hours=9)).isoformat(),
+                substance={"name": "Junk"},
+            )
+        ]
+    )[0]
+
+    def judged(forget_pruning: bool) -> list[tuple[float | None, bool]]:
+        detector = Detector()
+        for o in _observations(labs + seizures):
+            detector.observe(o)
+        state = detector.regions.regions[REGION]
+        assert state.pruned_day == day_of(START) + 29 - KIND_SKEW_DAYS
+        if forget_pruning:  # as healing does (RegionState.heal)
+            state.pruned_day = None
+        return [(r.late_by_hours, r.duplicate) for r in (detector.observe(late), detector.observe(late))]
+
+    assert judged(forget_pruning=True) == judged(forget_pruning=False) == [(216.0, False), (216.0, True)]
