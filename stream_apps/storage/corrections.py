@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from synthwatch.schemas.events import EventKind
 from synthwatch.schemas.records import AlertSubstance
 from synthwatch.stream_apps.detect.corrections import CitedAlert, Counted, ReportFacts, ReportKey
-from synthwatch.stream_apps.storage.tables import ALERT_TABLE, LAB_TABLE, REPORTER_COLUMN, SEIZURE_TABLE
+from synthwatch.stream_apps.storage.tables import ALERT_TABLE, LAB_TABLE, REPORTER_COLUMN, SEIZURE_TABLE, utc_aware
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
@@ -144,5 +144,5 @@ def _cited(row: Sequence[Any]) -> CitedAlert:
         end,
         at,
         tuple(evidence),
-        seen,
+        utc_aware(seen),  # naive as read: without its offset the notice's corrected_detected_at would be refused
     )

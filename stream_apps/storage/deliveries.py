@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import TYPE_CHECKING
 
-from synthwatch.stream_apps.storage.tables import DELIVERY_COLUMNS, DELIVERY_TABLE, Attempt
+from synthwatch.stream_apps.storage.tables import DELIVERY_COLUMNS, DELIVERY_TABLE, Attempt, utc_aware
 
 if TYPE_CHECKING:
     # clickhouse-connect is imported where a client is opened: in the worker, by the thread that opens it.
@@ -199,7 +199,8 @@ class DeliveryStore:
                 parameters={"since": now - self.digest_window},
             ).result_rows
         return [
-            QueuedAlert(str(o), str(c), str(r), str(a), str(j), _aware(q), str(why)) for o, c, a, r, j, q, why in rows
+            QueuedAlert(str(o), str(c), str(r), str(a), str(j), utc_aware(q), str(why))
+            for o, c, a, r, j, q, why in rows
         ]
 
     def last_digests(self, now: datetime) -> dict[tuple[str, str], datetime]:
@@ -210,8 +211,4 @@ class DeliveryStore:
                 "WHERE status = 'digest_sent' AND at >= %(since)s GROUP BY officer_id, channel",
                 parameters={"since": now - self.digest_window},
             ).result_rows
-        return {(str(o), str(c)): _aware(at) for o, c, at in rows}
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+        return {(str(o), str(c)): utc_aware(at) for o, c, at in rows}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any, Literal, cast
 
 from synthwatch.schemas import Alert, BorderSeizure, LabDetection, Reject
@@ -86,6 +86,13 @@ RETRACTION_COLUMNS = [
 ]
 REJECT_COLUMNS = ["reject_id", "rejected_at", "stage", "source", "reason", "event_id", "raw"]
 ALERT_TABLE = "alerts"
+
+
+def utc_aware(moment: datetime) -> datetime:
+    """A DateTime64 column's value as read back (the client gives it naive, in UTC) as an aware datetime."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
 ALERT_COLUMNS = [
     "alert_id",
     "alert_type",

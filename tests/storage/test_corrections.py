@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from typer.testing import CliRunner
@@ -140,3 +140,25 @@ def test_two_reporters_reports_under_one_id_are_looked_up_apart(ch: Any) -> None
         "2026-000124",
     )
     assert stored[b].counted is not None and stored[b].counted.region == "FR-IDF"
+
+
+def test_a_notice_from_a_stored_alert_carries_its_first_detection_as_utc(ch: Any) -> None:
+    """The engine gives DateTime64 values back naive; the notice must carry an offset, else the delivery side takes it
+    for "not known" and reads every month of deliveries to find whether the corrected alert was held back."""
+    from synthwatch.schemas import parse_event_object
+    from synthwatch.stream_apps.delivery.service import _detected_since
+    from synthwatch.stream_apps.detect.corrections import ReportFacts, correction_notice
+
+    migrate(ch)
+    first = datetime(2026, 10, 31, 23, 0, 0, 123000, tzinfo=UTC)
+    again = first + timedelta(days=3)  # the same alert raised again (a rebuilt state): its first detection counts
+    ClickHouseSink(ch).store_alerts(
+        [make_alert(alert_id="new-1", evidence_event_ids=["L-1"], detected_at=at) for at in (again, first)]
+    )
+    (found,) = alerts_citing(ch, ["L-1"])
+    assert found.detected_at == first and found.detected_at.utcoffset() == timedelta(0)
+    old = ReportFacts("L-1", "lab_detection", "lab:LAB-FR-01", "isotonitazene")
+    new = parse_event_object(lab(event_id="L-2", corrects="L-1", substance={"name": "protonitazene"}))
+    notice = correction_notice(found, old, new, "protonitazene", first + timedelta(days=40))
+    assert notice.details["corrected_detected_at"] == first.isoformat()
+    assert _detected_since([notice]) == first
