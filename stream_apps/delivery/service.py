@@ -309,9 +309,11 @@ def _refuse(reason: str) -> SendResult:
 SMTP_ENDPOINT = "smtp"
 
 
-def _detected_since(corrections: Sequence[Alert]) -> datetime | None:
+def _detected_since(corrections: Sequence[Alert], now: datetime) -> datetime | None:
     """The earliest detection of the alerts ``corrections`` are about (they carry it, ``corrected_detected_at``), or
-    None when one does not (a notice raised before they did, or a value that is no time): then no bound."""
+    None when one does not (a notice raised before they did, or a value that is no time): then no bound. Never after
+    ``now``: it is the detecting worker's clock, and one ahead of this worker's by more than held_back's margin
+    passed the rows this worker wrote, so a held alert's correction went out at once."""
     found: list[datetime] = []
     for correction in corrections:
         value = correction.details.get("corrected_detected_at")
@@ -322,7 +324,7 @@ def _detected_since(corrections: Sequence[Alert]) -> datetime | None:
         if moment is None or moment.tzinfo is None:
             return None
         found.append(moment)
-    return min(found, default=None)
+    return min([*found, now]) if found else None
 
 
 class DeliveryService:
@@ -649,7 +651,7 @@ class DeliveryService:
                 self.store.held_back,
                 about,
                 OVER_BUDGET,
-                _detected_since([a for a in alerts if a.alert_type == "correction"]),
+                _detected_since([a for a in alerts if a.alert_type == "correction"], self.clock()),
             )
             if about and self.immediate_budget > 0
             else set()

@@ -443,6 +443,28 @@ def test_a_correction_weeks_after_its_held_alert_still_follows_it_to_the_digest(
         assert _statuses(got, officer) == ["delivered", "queued_digest"]
 
 
+def test_a_correction_carrying_a_detection_ahead_of_this_workers_clock_still_follows_its_held_alert(db: Any) -> None:
+    """The detection a notice carries is the detecting worker's clock; ahead of the delivering one's by more than the
+    margin (10 days here), the bound alone passed the held alert's queueing: its correction went out at once."""
+    alerts = _flood(BUDGET + 1, [FLOODER])
+    fix = _correction(alerts[-1], 1)
+    ahead = (NOW + timedelta(days=10)).isoformat()
+    fix = fix.model_copy(update={"details": {**fix.details, "corrected_detected_at": ahead}})
+    with SmtpServer() as smtp:
+
+        async def scenario() -> list[list[Any]]:
+            async with WebhookReceiver() as hooks:
+                service = _service(db, hooks, smtp)
+                await service.handle_batch(alerts)
+                got = await service.handle_batch([fix])
+                await service.close()
+                return got
+
+        got = asyncio.run(scenario())
+    for officer in (BAMAKO, PARIS):
+        assert _statuses(got, officer) == ["queued_digest"]
+
+
 def test_finding_held_alerts_reads_from_their_detection_and_no_older_months(db: Any) -> None:
     """The read is bounded by the corrected alerts' detection (monthly partitions by `at`): a row a month before it
     cannot be their queueing. A correction not carrying the detection (raised before it did) reads every month."""
@@ -465,7 +487,7 @@ def test_finding_held_alerts_reads_from_their_detection_and_no_older_months(db: 
     (alert,) = _flood(1, [FLOODER], detected_at=detected)
     fix = _correction(alert, 0)
     older = fix.model_copy(update={"details": {k: v for k, v in fix.details.items() if k != "corrected_detected_at"}})
-    assert _detected_since([fix]) == detected and _detected_since([fix, older]) is None
+    assert _detected_since([fix], NOW) == detected and _detected_since([fix, older], NOW) is None
 
 
 def test_the_budget_day_is_the_officers_local_day(db: Any) -> None:

@@ -161,4 +161,4 @@ def test_a_notice_from_a_stored_alert_carries_its_first_detection_as_utc(ch: Any
     new = parse_event_object(lab(event_id="L-2", corrects="L-1", substance={"name": "protonitazene"}))
     notice = correction_notice(found, old, new, "protonitazene", first + timedelta(days=40))
     assert notice.details["corrected_detected_at"] == first.isoformat()
-    assert _detected_since([notice]) == first
+    assert _detected_since([notice], first + timedelta(days=40)) == first
