@@ -350,7 +350,8 @@ class Settings(BaseSettings):
     delivery_immediate_budget: int = Field(
         default=10,
         ge=0,
-        description="First-sighting alerts (new substance, first in region, identified, spread) one reporter may send "
+        description="First-sighting alerts (new substance, first in region, identified, spread) one organisation "
+        "(all its lab ids and agencies, by the keys file), or one reporter no organisation claims, may send "
         "an officer at once per day (the officer's day of detection); the rest go to the daily digest, with one "
         "notice. 0: no budget. docs/security.md#immediate-budget",
     )
