@@ -29,6 +29,7 @@ import yaml
 
 from synthwatch.errors import SynthwatchError
 from synthwatch.schemas.iso3166 import COUNTRIES
+from synthwatch.schemas.text import first_forbidden
 
 HEADER_ORG = "synthwatch-org"
 HEADER_SIG = "synthwatch-sig"
@@ -165,6 +166,7 @@ def load_org_keys(path: Path) -> dict[str, Organisation]:
     orgs: dict[str, Organisation] = {}
     for org_id, entry in entries.items():
         where = f"{path}: organisation {org_id!r}"
+        _refuse_unprintable(str(org_id), "its id", where)
         if not isinstance(entry, dict) or not isinstance(entry.get("keys"), list) or not entry["keys"]:
             raise OrgKeysError(f"{where}: needs `keys: [<hex key>, ...]`")
         lab_ids, agencies = _names(entry.get("lab_ids"), where), _names(entry.get("agencies"), where)
@@ -219,7 +221,21 @@ def _names(value: Any, where: str) -> frozenset[str]:
         return frozenset()
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise OrgKeysError(f"{where}: lab_ids and agencies are lists of strings")
+    for name in value:
+        _refuse_unprintable(name, f"the name {name!r}", where)
     return frozenset(value)
+
+
+def _refuse_unprintable(text: str, what: str, where: str) -> None:
+    """Refuse a control, line-separator or bidi character in an organisation's id or reporter names.
+
+    Why: the id names the organisation in budget notices, digests and webhook fields sent to other agencies, and
+    in log lines; the wire contract refuses these characters in a report's names, so a lab id holding one could
+    never match a report anyway. Whoever writes the keys file is trusted, a pasted or mistyped character is not.
+    """
+    refused = first_forbidden(text)
+    if refused is not None:
+        raise OrgKeysError(f"{where}: {what} holds {refused}: remove it (ids and names are shown to people)")
 
 
 def _header(headers: Headers | None, name: str) -> bytes | None:

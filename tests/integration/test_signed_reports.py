@@ -131,6 +131,15 @@ def test_keys_file_is_loaded_and_refused_when_others_can_read_it(tmp_path: Path)
             },
             "agency 'Douane' is listed under organisations 'd-1' and 'd-2'",
         ),
+        # the id names the organisation in notices, digests and webhooks to other agencies: no forged line, no
+        # terminal escape, no reordered text (a report's names are refused these characters by the wire contract)
+        ({"lab-fr\nSeverity: critical": {"keys": [KEY_A.hex()], "lab_ids": ["L"]}}, r"its id holds U\+000A"),
+        (
+            {"lab-\u202efr": {"keys": [KEY_A.hex()], "lab_ids": ["L"]}},
+            r"organisation 'lab-\\u202efr': its id holds U\+202E",
+        ),
+        ({"lab-fr": {"keys": [KEY_A.hex()], "lab_ids": ["L\x1b[2J"]}}, r"the name 'L\\x1b\[2J' holds U\+001B"),
+        ({"d-1": {"keys": [KEY_A.hex()], "agencies": ["Douane\u2028x"]}}, r"U\+2028"),
     ]:
         with pytest.raises(OrgKeysError, match=match):
             load_org_keys(write_keys(tmp_path / "bad.yaml", **bad))
