@@ -24,7 +24,13 @@ REGENERATE = "regenerate with `.venv/bin/python -m tests.delivery.reference_mess
 @pytest.mark.parametrize("language", LANGUAGES)
 def test_every_alert_type_renders_as_the_reviewed_reference(language: str) -> None:
     rendered = {name: m for (lang, name), m in reference_messages().items() if lang == language}
-    assert set(rendered) == {*reference_alerts(), "digest", "digest_held", "budget_notice"}
+    assert set(rendered) == {
+        *reference_alerts(),
+        "digest",
+        "digest_held",
+        "budget_notice",
+        "budget_notice_organisation",
+    }
     for name, message in rendered.items():
         for suffix, content in files(message).items():
             path = HERE / language / f"{name}.{suffix}"

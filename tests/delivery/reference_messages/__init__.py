@@ -251,6 +251,10 @@ def reference_messages() -> dict[tuple[str, str], Message]:
         found[language, "budget_notice"] = render_budget_notice(
             "budget-2026-12-05-0123456789abcdef", "LAB-ML-01", date(2026, 12, 5), 10, 10, language
         )
+        # the same, when the keys file names the organisation the lab reports for (the budget's unit then)
+        found[language, "budget_notice_organisation"] = render_budget_notice(
+            "budget-2026-12-05-fedcba9876543210", "lns-bamako", date(2026, 12, 5), 10, 10, language, organisation=True
+        )
     return found
 
 
