@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections import defaultdict
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -39,8 +40,11 @@ Change = tuple[int, str, Any]  # the record: a dict, or its JSON bytes (drained 
 SEAL_KEY = "~sealed"
 SEAL_VALUE = b"{}"
 
-#: Records a checkpoint's changelog write sends between two turns of the event loop (:meth:`StateTables.save`).
-SAVE_SLICE = 200
+#: How long a checkpoint's changelog write sends records before it gives the event loop a turn
+#: (:meth:`StateTables.save`): ~115-140 records at the 7-9 us a record costs alone on a quiet machine (signature
+#: 2.5, Faust's producer.send 4.3), fewer when the worker's main thread is slowed (docs/performance.md, "The
+#: alert tail, per alert").
+SAVE_TURN_SECONDS = 0.001
 
 #: The key an undecodable changelog key is read as: refused by the signature check, never applied.
 UNDECODABLE_KEY = "~undecodable"
@@ -85,6 +89,7 @@ class StateTables:
     signer: WorkerSigner
     regions: Any  # faust Table of region/series records (JSON bytes)
     substances: Any  # faust Table of substance records
+    clock: Callable[[], float] = time.perf_counter  # what :meth:`save` measures its turns by
 
     @classmethod
     def create(cls, app: faust.App, ctx: WorkerContext, signer: WorkerSigner) -> StateTables:
@@ -125,19 +130,25 @@ class StateTables:
         Faust's producer buffer for every record, and its callback only matters to RocksDB stores. Keys
         are encoded as Faust's json codec does, so compaction and recovery see the same keys.
 
-        Gives the event loop back every :data:`SAVE_SLICE` records: a checkpoint writes 1,000-2,000 records
-        at 1,000 events/s, which held the loop for 25-220 ms in one piece (measured, docs/performance.md), and
-        every alert and sighting whose batch arrived meanwhile waited for all of it. The order of the records
-        and what the checkpoint waits for are unchanged.
+        Gives the event loop a turn once it has held it for :data:`SAVE_TURN_SECONDS`: a checkpoint writes
+        1,000-2,000 records at 1,000 events/s, which held the loop for 25-220 ms in one piece (measured,
+        docs/performance.md), and every alert and sighting whose batch arrived meanwhile waited for all of it.
+        By time, not by a count of records: a record costs ~9 us alone on a quiet machine (200 of them ~1.5 ms),
+        but in the worker the main thread shares the interpreter and two cores with the consumer's and the sink's
+        threads, the broker and the producers, and the loop was traced stalling 13-48 ms at a time while the write
+        ran in slices of 200. When the turns come is all the clock decides: the records, their order and what the
+        checkpoint waits for are the same.
 
         ``writing``: the checkpoint's :class:`.transport.StateWrite`; once a revoke has given up waiting for it,
         nothing more is sent (the records sent so far are returned).
         """
         data, topic, send = table.data, table.changelog_topic.get_topic_name(), self.app.producer.send
-        futures = []
-        for n, (partition, key, value) in enumerate(changes, 1):
-            if n % SAVE_SLICE == 0:
+        clock, futures = self.clock, []
+        turn = clock() + SAVE_TURN_SECONDS
+        for partition, key, value in changes:
+            if clock() >= turn:
                 await asyncio.sleep(0)
+                turn = clock() + SAVE_TURN_SECONDS
             if writing is not None and writing.abandoned:
                 break
             encoded = data[key] = value if isinstance(value, bytes) else to_json(value)  # bytes: drained encoded
