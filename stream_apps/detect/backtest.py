@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import itertools
 import json
+import os
 import re
 import sys
 import time
@@ -217,11 +218,22 @@ _DETECTION: list[Any] = []
 
 def _start_detection(config: DetectionConfig | None) -> None:
     gc.disable()  # as in the reader: a growing state of small objects, no cycles worth collecting
+    _one_blas_thread()
     detector = Detector(config)
     # The first new substance would build the catalogue's fingerprints (~0.15 s, it names the nearest ones):
     # built now, while the reader still waits for the first block. The same index either way (catalogue only).
     detector.novelty.similarity  # noqa: B018 (the property builds it)
     _DETECTION[:] = [detector, set(), 0]
+
+
+def _one_blas_thread() -> None:
+    """Numpy, imported here with the similarity index (RDKit's fingerprint generator imports it), runs no BLAS routine
+    in this process (the index scores with RDKit's own Tanimoto), but its OpenBLAS starts a thread per core that spins
+    for ~50 ms once imported: ~0.05-0.09 CPU s of every backtest, at its start, where the reader waits for the
+    structure helper's first answers, which it slowed. One thread: none started. Only in this forked process, only
+    before numpy is imported (the pool's size is read then), and never over a value the user set."""
+    if "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def _started() -> None:

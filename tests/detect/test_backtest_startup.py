@@ -160,3 +160,46 @@ def test_the_first_block_goes_to_the_detector_before_the_helpers_second_part_is_
     assert sent[1][0] == len(second)  # (they are by the second)
     assert sent[0][2] == first and sent[0][1] < first  # its lines, one of them malformed
     assert sum(count for _known, _block, count in sent) == len(lines) == run.summary.lines
+
+
+_DETECTION_THREADS = """
+import os, sys
+from synthwatch.stream_apps.detect.backtest import _DetectionProcess
+
+
+def threads() -> tuple[str | None, bool, int]:
+    # The detection process has built its similarity index (so imported numpy) before it runs any block.
+    return os.environ.get("OPENBLAS_NUM_THREADS"), "numpy" in sys.modules, len(os.listdir("/proc/self/task"))
+
+
+if len(sys.argv) > 1:
+    os.environ["OPENBLAS_NUM_THREADS"] = sys.argv[1]
+sink = _DetectionProcess(None)
+try:
+    print(*sink.pool.submit(threads).result(timeout=60))
+finally:
+    sink.close()
+print("numpy" in sys.modules, os.environ.get("OPENBLAS_NUM_THREADS"))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_the_detection_process_starts_no_blas_threads(tmp_path: Path) -> None:
+    """The detection process imports numpy with the similarity index (RDKit's fingerprint generator imports it) and
+    runs no BLAS routine, but OpenBLAS started a thread per core that spun ~50 ms at the import: CPU taken from the
+    structure helper while the reader waited for its first answers. One BLAS thread there (none started), set in that
+    process only: the command's own process keeps its environment, and a value the user set is kept."""
+
+    def run(*setting: str) -> list[str]:
+        done = subprocess.run(
+            [sys.executable, "-c", _DETECTION_THREADS, *setting],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert run() == ["1", "True", "1", "False", "None"]  # the pool's worker alone; the reader's process unchanged
+    assert run("2")[:2] == ["2", "True"]  # the user's setting is the user's
