@@ -137,13 +137,14 @@ def _run(
                     grams_of(event.quantity.value, event.quantity.unit) if isinstance(event, BorderSeizure) else None
                 )
                 block.append(fields_from(event, substance, grams))
-            # A block is so many lines read, as the structure helper's blocks are, so it is sent before the next
-            # line is asked for (which waits for the helper's answers for the next block). Cut at so many
-            # observations, the first block (1,024 lines, the helper's first part) waited for the helper's second
-            # part whenever one of its lines was malformed, before the detector got anything.
+            # A block ends where one of the structure helper's ends, so it is sent before the next line is asked for
+            # (which waits for the helper's answers for the next block). Cut at so many observations, the first block
+            # (1,024 lines, the helper's first part) waited for the helper's second part whenever one of its lines was
+            # malformed; cut at 4,096 lines after the first, every later block ended 1,024 lines into the helper's
+            # next one, so at each of its boundaries the detector waited for the helper with 3,072 lines read.
             if read - sent_lines >= size:
                 sink.send(block, read - sent_lines)
-                block, size, sent_lines = [], _BLOCK_LINES, read
+                block, size, sent_lines = [], _BLOCK_LINES - read % _BLOCK_LINES, read
         summary.lines = read
         if block or read > sent_lines:
             sink.send(block, read - sent_lines)

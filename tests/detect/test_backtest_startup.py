@@ -162,6 +162,49 @@ def test_the_first_block_goes_to_the_detector_before_the_helpers_second_part_is_
     assert sum(count for _known, _block, count in sent) == len(lines) == run.summary.lines
 
 
+def test_every_block_goes_to_the_detector_before_the_helpers_next_answers_are_awaited(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Blocks end where the helper's do (1,024, 4,096, 8,192, ... lines): each is sent before the reader asks for the
+    next line, which waits for the helper's answers for its next block. Cut at 4,096 lines after the first, every
+    block ended 1,024 lines into the helper's next one: at each helper boundary the detector waited for the helper's
+    answers with 3,072 lines read and not sent (at the start, where the helper is behind, 0.3 s of the year)."""
+    lines = simulate(SimulationConfig(days=50, seed=2, start=date(2026, 1, 1))).lines
+    size = backtest._BLOCK_LINES
+    assert len(lines) > 3 * size
+    numbered = [(f"sim:{n}", line) for n, line in enumerate(lines)]
+    ends: list[int] = []  # the lines read when each block was sent
+    asked: list[tuple[int, int]] = []  # (lines sent so far, helper blocks awaited so far) at each helper await
+
+    def sending(sink: type[Any]) -> Any:
+        send = sink.send
+
+        def recorded(self: Any, block: list[Any], lines: int = 0) -> None:
+            ends.append((ends[-1] if ends else 0) + lines)
+            send(self, block, lines)
+
+        return recorded
+
+    remember = backtest.remember_structures
+
+    def awaited(found: Any) -> None:
+        asked.append((ends[-1] if ends else 0, len(asked)))
+        remember(found)
+
+    for sink in (backtest._DetectionProcess, backtest._InProcess):
+        monkeypatch.setattr(sink, "send", sending(sink))
+    monkeypatch.setattr(backtest, "remember_structures", awaited)
+
+    run = backtest.run_lines(iter(numbered))
+
+    first = backtest._first_block_lines()
+    assert ends[:4] == [first, size, 2 * size, 3 * size]
+    # the helper's answers for lines (k-1)*4,096.. k*4,096 (its k+1-th answer, after the first block's two parts)
+    # are awaited only once every line before them is sent
+    assert [sent for sent, _k in asked[:5]] == [0, first, size, 2 * size, 3 * size]
+    assert ends[-1] == len(lines) == run.summary.lines
+
+
 _DETECTION_THREADS = """
 import os, sys
 from synthwatch.stream_apps.detect.backtest import _DetectionProcess
