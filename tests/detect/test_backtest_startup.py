@@ -4,6 +4,7 @@ on every run's critical path."""
 from __future__ import annotations
 
 import gc
+import os
 import subprocess
 import sys
 from datetime import date
@@ -246,3 +247,17 @@ def test_the_detection_process_starts_no_blas_threads(tmp_path: Path) -> None:
 
     assert run() == ["1", "True", "1", "False", "None"]  # the pool's worker alone; the reader's process unchanged
     assert run("2")[:2] == ["2", "True"]  # the user's setting is the user's
+
+
+def test_the_structure_helper_is_nicer_than_the_reader_and_the_detector() -> None:
+    """On 2 cores three busy processes shared them fairly, and the detection process (order-bound, the larger half)
+    lost a third of its core while the helper had work; the helper now runs behind them, on what they leave idle
+    (the reader's core while the reader waits for its answers). Its answers are unchanged (the pinned digests)."""
+    lines = [(f"l:{i}", "{}") for i in range(backtest._BLOCK_LINES + 1)]  # two blocks: the helper starts
+    ahead, helped = backtest._with_structures_ahead(lines)
+    try:
+        assert helped
+        pool = ahead.gi_frame.f_locals["pool"]  # type: ignore[attr-defined]  # the generator holds the pool
+        assert pool.submit(os.nice, 0).result(timeout=60) == min(19, os.nice(0) + 10)
+    finally:
+        ahead.close()
