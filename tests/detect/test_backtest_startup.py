@@ -4,6 +4,7 @@ on every run's critical path."""
 from __future__ import annotations
 
 import gc
+import os
 import subprocess
 import sys
 from datetime import date
@@ -160,3 +161,103 @@ def test_the_first_block_goes_to_the_detector_before_the_helpers_second_part_is_
     assert sent[1][0] == len(second)  # (they are by the second)
     assert sent[0][2] == first and sent[0][1] < first  # its lines, one of them malformed
     assert sum(count for _known, _block, count in sent) == len(lines) == run.summary.lines
+
+
+def test_every_block_goes_to_the_detector_before_the_helpers_next_answers_are_awaited(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Blocks end where the helper's do (1,024, 4,096, 8,192, ... lines): each is sent before the reader asks for the
+    next line, which waits for the helper's answers for its next block. Cut at 4,096 lines after the first, every
+    block ended 1,024 lines into the helper's next one: at each helper boundary the detector waited for the helper's
+    answers with 3,072 lines read and not sent (at the start, where the helper is behind, 0.3 s of the year)."""
+    lines = simulate(SimulationConfig(days=50, seed=2, start=date(2026, 1, 1))).lines
+    size = backtest._BLOCK_LINES
+    assert len(lines) > 3 * size
+    numbered = [(f"sim:{n}", line) for n, line in enumerate(lines)]
+    ends: list[int] = []  # the lines read when each block was sent
+    asked: list[tuple[int, int]] = []  # (lines sent so far, helper blocks awaited so far) at each helper await
+
+    def sending(sink: type[Any]) -> Any:
+        send = sink.send
+
+        def recorded(self: Any, block: list[Any], lines: int = 0) -> None:
+            ends.append((ends[-1] if ends else 0) + lines)
+            send(self, block, lines)
+
+        return recorded
+
+    remember = backtest.remember_structures
+
+    def awaited(found: Any) -> None:
+        asked.append((ends[-1] if ends else 0, len(asked)))
+        remember(found)
+
+    for sink in (backtest._DetectionProcess, backtest._InProcess):
+        monkeypatch.setattr(sink, "send", sending(sink))
+    monkeypatch.setattr(backtest, "remember_structures", awaited)
+
+    run = backtest.run_lines(iter(numbered))
+
+    first = backtest._first_block_lines()
+    assert ends[:4] == [first, size, 2 * size, 3 * size]
+    # the helper's answers for lines (k-1)*4,096.. k*4,096 (its k+1-th answer, after the first block's two parts)
+    # are awaited only once every line before them is sent
+    assert [sent for sent, _k in asked[:5]] == [0, first, size, 2 * size, 3 * size]
+    assert ends[-1] == len(lines) == run.summary.lines
+
+
+_DETECTION_THREADS = """
+import os, sys
+from synthwatch.stream_apps.detect.backtest import _DetectionProcess
+
+
+def threads() -> tuple[str | None, bool, int]:
+    # The detection process has built its similarity index (so imported numpy) before it runs any block.
+    return os.environ.get("OPENBLAS_NUM_THREADS"), "numpy" in sys.modules, len(os.listdir("/proc/self/task"))
+
+
+if len(sys.argv) > 1:
+    os.environ["OPENBLAS_NUM_THREADS"] = sys.argv[1]
+sink = _DetectionProcess(None)
+try:
+    print(*sink.pool.submit(threads).result(timeout=60))
+finally:
+    sink.close()
+print("numpy" in sys.modules, os.environ.get("OPENBLAS_NUM_THREADS"))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_the_detection_process_starts_no_blas_threads(tmp_path: Path) -> None:
+    """The detection process imports numpy with the similarity index (RDKit's fingerprint generator imports it) and
+    runs no BLAS routine, but OpenBLAS started a thread per core that spun ~50 ms at the import: CPU taken from the
+    structure helper while the reader waited for its first answers. One BLAS thread there (none started), set in that
+    process only: the command's own process keeps its environment, and a value the user set is kept."""
+
+    def run(*setting: str) -> list[str]:
+        done = subprocess.run(
+            [sys.executable, "-c", _DETECTION_THREADS, *setting],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert run() == ["1", "True", "1", "False", "None"]  # the pool's worker alone; the reader's process unchanged
+    assert run("2")[:2] == ["2", "True"]  # the user's setting is the user's
+
+
+def test_the_structure_helper_is_nicer_than_the_reader_and_the_detector() -> None:
+    """On 2 cores three busy processes shared them fairly, and the detection process (order-bound, the larger half)
+    lost a third of its core while the helper had work; the helper now runs behind them, on what they leave idle
+    (the reader's core while the reader waits for its answers). Its answers are unchanged (the pinned digests)."""
+    lines = [(f"l:{i}", "{}") for i in range(backtest._BLOCK_LINES + 1)]  # two blocks: the helper starts
+    ahead, helped = backtest._with_structures_ahead(lines)
+    try:
+        assert helped
+        pool = ahead.gi_frame.f_locals["pool"]  # type: ignore[attr-defined]  # the generator holds the pool
+        assert pool.submit(os.nice, 0).result(timeout=60) == min(19, os.nice(0) + 10)
+    finally:
+        ahead.close()
