@@ -8,6 +8,7 @@ and ``late`` says how many events were late.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import json
@@ -356,9 +357,13 @@ def _behind_the_others() -> None:
     shared fairly three ways it lost a third of its core whenever the helper had work. Nicer, the helper takes
     the reader's core while the reader waits for its answers (the reader needs them before it resolves the next
     block) and any core the other two leave idle, so the reader and the helper share one core and the detection
-    process keeps the other. The answers are the same function's: nothing but the schedule changes."""
-    if hasattr(os, "nice"):  # POSIX; raising one's own niceness needs no privilege
-        os.nice(HELPER_NICENESS)
+    process keeps the other. The answers are the same function's: nothing but the schedule changes.
+
+    A refusal (a seccomp or sandbox policy denying setpriority: EPERM) leaves the helper at the reader's niceness:
+    raised here, in the pool's initializer, it would break the pool and fail the whole backtest over a preference."""
+    if hasattr(os, "nice"):  # POSIX; raising one's own niceness needs no privilege, but a policy may refuse it
+        with contextlib.suppress(OSError):  # only the schedule: the same answers at the reader's niceness
+            os.nice(HELPER_NICENESS)
 
 
 def _standardise_all(spellings: list[str]) -> dict[str, Structure | str]:

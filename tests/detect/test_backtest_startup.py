@@ -261,3 +261,25 @@ def test_the_structure_helper_is_nicer_than_the_reader_and_the_detector() -> Non
         assert pool.submit(os.nice, 0).result(timeout=60) == min(19, os.nice(0) + 10)
     finally:
         ahead.close()
+
+
+def test_a_refused_niceness_leaves_the_helper_working(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where a policy refuses setpriority (seccomp, a sandbox: EPERM), the helper stays at the reader's niceness and
+    answers as before. Raised in the pool's initializer, the refusal broke the pool (BrokenProcessPool at the first
+    answer awaited) and failed every backtest of more than one block over a scheduling preference."""
+
+    def refused(increment: int) -> int:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "nice", refused)
+    backtest._behind_the_others()  # raised before
+    if not backtest._fork_is_safe():
+        return  # a forkserver helper does not inherit the patch: the call above is the check
+    # the helper is forked: it inherits the patched module, and its initializer's refusal broke the pool before
+    lines = [(f"l:{i}", "{}") for i in range(backtest._BLOCK_LINES + 1)]  # two blocks: the helper starts
+    ahead, helped = backtest._with_structures_ahead(lines)
+    try:
+        assert helped
+        assert list(ahead) == lines  # every answer awaited, so the helper ran
+    finally:
+        ahead.close()
