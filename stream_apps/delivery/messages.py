@@ -817,20 +817,30 @@ ORGANISATION_NAMED = {"en": "{name} (organisation)", "fr": "{name} (organisation
 
 
 def render_budget_notice(
-    notice_id: str, reporter: str, day: date, sent: int, budget: int, language: str, *, organisation: bool = False
+    notice_id: str,
+    reporter: str,
+    day: date,
+    sent: int,
+    budget: int,
+    language: str,
+    *,
+    organisation: bool = False,
+    corrections: bool = False,
 ) -> Message:
     """The one notice an officer gets when ``reporter``'s first-sighting alerts of ``day`` (the officer's day)
     passed the immediate budget: ``sent`` went at once, the next ones of that day go to the daily digest.
-    ``organisation``: ``reporter`` is an organisation's id (all the lab ids and agencies it reports as)."""
+    ``organisation``: ``reporter`` is an organisation's id (all the lab ids and agencies it reports as);
+    ``corrections``: the notice that its correction notices passed their budget (``correction_budget_notice``)."""
     if language not in LANGUAGES:
         raise ValueError(f"no templates for language {language!r}; available: {', '.join(LANGUAGES)}")
     name = visible(reporter)
     if organisation:
         name = ORGANISATION_NAMED[language].format(name=name)
     view = BudgetNoticeView(visible(notice_id), name, day_text(day, language), sent, budget)
+    template = "correction_budget_notice" if corrections else "budget_notice"
     return Message(
         language=language,
-        subject=_subject(_render(f"{language}/budget_notice_subject.txt.j2", v=view)),
-        text=_render(f"{language}/budget_notice.txt.j2", v=view),
-        html=_render(f"{language}/budget_notice.html.j2", v=view),
+        subject=_subject(_render(f"{language}/{template}_subject.txt.j2", v=view)),
+        text=_render(f"{language}/{template}.txt.j2", v=view),
+        html=_render(f"{language}/{template}.html.j2", v=view),
     )

@@ -22,7 +22,9 @@ No flood at once: an officer gets at most ``immediate_budget`` first-sighting al
 at once from one reporter (one organisation of the keys file, whatever lab ids it reports as; a reporter no
 organisation claims on its own); the next ones of that day go to the daily digest (a ``queued_digest`` row says why)
 and the officer gets one notice per reporter and day (:meth:`DeliveryService._budget`;
-docs/security.md#immediate-budget).
+docs/security.md#immediate-budget). Correction notices count on a budget of their own of the same size, per officer,
+unit of the correcting reporter and day (:data:`CORRECTION`): beyond it, they go to the digest too, with one notice of
+their own.
 """
 
 from __future__ import annotations
@@ -120,9 +122,14 @@ class Outcome:
 #: Alert types the immediate budget counts: those one reporter's reports raise on their own, one per substance (and
 #: region), so that a lab sending invented structures raises one per report: a new substance (critical for an
 #: opioid), its first report in each region, a name tied to it, its spread across regions (tipped by one report).
-#: Not spikes (they need a baseline of many reports), not corrections (at once: a trust matter; but a correction of an
-#: alert held back by the budget follows it to the digest, :meth:`DeliveryService._plans`).
+#: Not spikes (they need a baseline of many reports), not corrections (a budget of their own, :data:`CORRECTION`; a
+#: correction of an alert held back by the budget follows it to the digest, :meth:`DeliveryService._plans`).
 BUDGETED_TYPES = frozenset({"new_substance", "first_in_region", "identified", "spread"})
+CORRECTION = "correction"
+"""``alert_type`` of a correction notice. Corrections count on a budget of their own, of the same size, per officer,
+unit of the correcting reporter and officer's day of the correction's detection: the first ones of a day go at once (an
+officer acted on the alert), but one organisation correcting on one day the reports behind weeks of alerts it raised
+within its budget (10 a day for 30 days) sent each officer 300 correction notices at once."""
 BUDGET_NOTICE_TYPE = "budget_notice"
 """``alert_type`` of the rows of a budget notice's delivery."""
 OVER_BUDGET = "over the immediate budget"
@@ -139,16 +146,20 @@ def budget_notice_id(reporter: str, day: date) -> str:
 @dataclass(frozen=True, slots=True, order=True)
 class BudgetUnit:
     """Whose budget an alert counts on: an organisation of the keys file (``organisation``; every lab id and agency it
-    may report as shares it), or a reporter no organisation claims (the lab id or agency as the alert names it)."""
+    may report as shares it), or a reporter no organisation claims (the lab id or agency as the alert names it);
+    ``corrections``: its budget of correction notices (:data:`CORRECTION`), counted apart from first sightings."""
 
     name: str
     organisation: bool = False
+    corrections: bool = False
 
     @property
     def notice_key(self) -> str:
         """What the notice id is derived from: the reporter's name as before organisations counted (the ids of
-        notices already sent stay), an organisation's with a prefix no reporter name has (no control characters)."""
-        return f"\x1eorg\x1e{self.name}" if self.organisation else self.name
+        notices already sent stay), an organisation's with a prefix no reporter name has (no control characters);
+        a correction budget's with one more, so its notice is not taken for the first-sighting one (one per key)."""
+        key = f"\x1eorg\x1e{self.name}" if self.organisation else self.name
+        return f"\x1ecorrections\x1e{key}" if self.corrections else key
 
 
 UnitKey = tuple[str, BudgetUnit, date]
@@ -186,8 +197,9 @@ def budget_units(organisations: Collection[Organisation]) -> tuple[dict[str, str
 
 @dataclass(frozen=True, slots=True)
 class BudgetNotice:
-    """An officer's notice that ``reporter``'s first-sighting alerts of ``day`` passed the immediate budget;
-    ``organisation``: ``reporter`` is an organisation's id (its budget covers every lab id it reports as)."""
+    """An officer's notice that ``reporter``'s first-sighting alerts (``corrections``: correction notices) of ``day``
+    passed the immediate budget; ``organisation``: ``reporter`` is an organisation's id (its budget covers every lab id
+    it reports as)."""
 
     notice_id: str
     reporter: str
@@ -195,6 +207,7 @@ class BudgetNotice:
     sent: int
     budget: int
     organisation: bool = False
+    corrections: bool = False
 
 
 class ResendError(SynthwatchError, ValueError):
@@ -248,7 +261,7 @@ def budget_notice_payload(notice: BudgetNotice, officer: Officer, message: Messa
     once; ``delivery_id`` as for alerts (one per notice, officer and channel)."""
     return {
         "kind": "notice",
-        "notice": "immediate_budget",
+        "notice": "correction_budget" if notice.corrections else "immediate_budget",
         "delivery_id": delivery_id(notice.notice_id, officer.id, channel),
         "notice_id": notice.notice_id,
         "officer_id": officer.id,
@@ -257,7 +270,7 @@ def budget_notice_payload(notice: BudgetNotice, officer: Officer, message: Messa
         "day": notice.day.isoformat(),
         "immediate_sent": notice.sent,
         "immediate_budget": notice.budget,
-        "alert_types": sorted(BUDGETED_TYPES),
+        "alert_types": [CORRECTION] if notice.corrections else sorted(BUDGETED_TYPES),
         "language": message.language,
         "subject": message.subject,
         "text": message.text,
@@ -463,7 +476,7 @@ class DeliveryService:
                 elif not recipient.immediate or over:
                     if over:
                         reason = self._over_reason(over)
-                    elif alert.alert_type == "correction":  # of an alert held back by the budget (_plans)
+                    elif alert.alert_type == CORRECTION:  # of an alert held back by the budget (_plans)
                         reason = f"{OVER_BUDGET} (the corrected alert was held back by it): queued for the daily digest"
                     else:
                         reason = "below the immediate threshold: queued for the daily digest"
@@ -493,35 +506,53 @@ class DeliveryService:
             for key in self._counted_on(alert, recipient)
         ]
 
-    def _unit(self, reporter: str) -> BudgetUnit:
+    def _unit(self, reporter: str, corrections: bool = False) -> BudgetUnit:
         """The budget ``reporter`` (a lab id or agency, as alerts name it) counts on: its organisation's, if one
-        organisation claims it, else its own."""
+        organisation claims it, else its own; ``corrections``: its budget of correction notices."""
         org_id = self._org_of.get(reporter)
-        return BudgetUnit(reporter) if org_id is None else BudgetUnit(org_id, organisation=True)
+        if org_id is None:
+            return BudgetUnit(reporter, corrections=corrections)
+        return BudgetUnit(org_id, organisation=True, corrections=corrections)
 
     def _counted_on(self, alert: Alert, recipient: Recipient) -> list[UnitKey]:
         """The (officer, unit, day) keys the budget counts ``alert`` on for ``recipient``: one per unit of the
         reporters it names (an alert named by two lab ids of one organisation counts once on it), on the officer's
         day of its detection; none when the budget is off, the type is not counted or the recipient would not get it
-        at once anyway."""
-        if self.immediate_budget <= 0 or alert.alert_type not in BUDGETED_TYPES or not recipient.immediate:
+        at once anyway (a correction of an alert held back follows it to the digest uncounted).
+
+        A correction counts on the budget of corrections of the reporter that corrected (its ``reported_by``: the
+        signer of the correcting report), never on the corrected alert's reporters: those may include other
+        organisations that reported the same substance, whose budgets a flooding corrector would use up (their own
+        corrections to the digest) and, as any unit within budget lets an alert through, ride on."""
+        corrections = alert.alert_type == CORRECTION
+        if self.immediate_budget <= 0 or not recipient.immediate:
+            return []
+        if not corrections and alert.alert_type not in BUDGETED_TYPES:
             return []
         day = recipient.officer.local_day(alert.detected_at)
-        units = sorted({self._unit(reporter) for reporter in alert.reported_by})
+        units = sorted({self._unit(reporter, corrections) for reporter in alert.reported_by})
         return [(recipient.officer.id, unit, day) for unit in units]
 
     async def _load_granted(self, keys: Collection[UnitKey]) -> None:
         """Add what the store knows (rows of earlier runs and of other workers) to the alerts let through at once.
 
         The store keeps the reporter names the alerts named; an organisation's count is read as its names' (the
-        keys file's today), one alert id once however many of them it names."""
-        names: set[BudgetKey] = set()
+        keys file's today), one alert id once however many of them it names. Corrections are read apart (their
+        type; their rows carry a budget day since they count)."""
+        names: dict[bool, set[BudgetKey]] = {False: set(), True: set()}
         for officer_id, unit, day in keys:
             for name in self._names_of.get(unit.name, frozenset()) if unit.organisation else (unit.name,):
-                names.add((officer_id, name, day))
-        stored = await self._store(
-            "counting immediate alerts per reporter", self.store.immediate_alerts, names, BUDGETED_TYPES
-        )
+                names[unit.corrections].add((officer_id, name, day))
+        stored = {
+            corrections: await self._store(
+                "counting immediate alerts per reporter",
+                self.store.immediate_alerts,
+                wanted,
+                [CORRECTION] if corrections else BUDGETED_TYPES,
+            )
+            for corrections, wanted in names.items()
+            if wanted
+        }
         # Days no alert can still be sent at once on (older than the stale limit; an officer's day is less than a
         # day off UTC's) are forgotten, never a day this batch counts on: a replay after an outage of days brings
         # alerts detected days ago, and forgetting their day gave each batch of them a whole budget again.
@@ -529,8 +560,9 @@ class DeliveryService:
         oldest = stale.date() - timedelta(days=1)
         for key in [k for k in self._granted if k[2] < oldest and k not in keys]:
             del self._granted[key]
-        for (officer_id, name, day), alert_ids in stored.items():
-            self._granted[(officer_id, self._unit(name), day)] |= alert_ids
+        for corrections, found in stored.items():
+            for (officer_id, name, day), alert_ids in found.items():
+                self._granted[(officer_id, self._unit(name, corrections), day)] |= alert_ids
 
     def _budget(self, alert: Alert, recipient: Recipient, *, grant: bool) -> list[BudgetNotice]:
         """Empty when ``alert`` goes to ``recipient`` at once, else a notice per unit it is over the budget for.
@@ -559,14 +591,16 @@ class DeliveryService:
                 len(ids),
                 self.immediate_budget,
                 unit.organisation,
+                unit.corrections,
             )
             for (_, unit, day), ids in zip(keys, sent, strict=True)
         ]
 
     def _over_reason(self, over: Sequence[BudgetNotice]) -> str:
         reporters = ", ".join(("organisation " if n.organisation else "") + visible(n.reporter[:100]) for n in over)
+        counted = "correction notices" if over[0].corrections else "first-sighting alerts"
         return (
-            f"{OVER_BUDGET} ({self.immediate_budget} first-sighting alerts a day per reporter; "
+            f"{OVER_BUDGET} ({self.immediate_budget} {counted} a day per reporter; "
             f"{reporters} on {over[0].day.isoformat()}): queued for the daily digest"
         )
 
@@ -622,6 +656,7 @@ class DeliveryService:
                 notice.budget,
                 officer.language,
                 organisation=notice.organisation,
+                corrections=notice.corrections,
             )
         except Exception as error:  # a template bug: recorded, the agent goes on
             log.exception("cannot prepare budget notice %s for %s", notice.notice_id, officer.id)
@@ -917,7 +952,11 @@ class DeliveryService:
             # A delivery that gave up keeps its alert: `synthwatch deliveries resend` sends it from this row.
             alert_json=alert.model_dump_json() if status == "gave_up" and not digest_id else "",
             reported_by=list(alert.reported_by),
-            budget_day=recipient.officer.local_day(alert.detected_at) if alert.alert_type in BUDGETED_TYPES else NO_DAY,
+            budget_day=(
+                recipient.officer.local_day(alert.detected_at)
+                if alert.alert_type in BUDGETED_TYPES or alert.alert_type == CORRECTION
+                else NO_DAY
+            ),
         )
 
     # --- digests -----------------------------------------------------------------------------------------

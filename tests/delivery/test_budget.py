@@ -22,7 +22,13 @@ from synthwatch.schemas.envelope import Organisation, load_org_keys
 from synthwatch.settings import Settings
 from synthwatch.stream_apps.delivery.email import SmtpConfig
 from synthwatch.stream_apps.delivery.messages import LANGUAGES, render_budget_notice, render_digest
-from synthwatch.stream_apps.delivery.service import BUDGETED_TYPES, DeliveryService, RetryPolicy, budget_units
+from synthwatch.stream_apps.delivery.service import (
+    BUDGETED_TYPES,
+    DeliveryService,
+    RetryPolicy,
+    budget_notice_id,
+    budget_units,
+)
 from synthwatch.stream_apps.delivery.subscriptions import parse_subscriptions
 from synthwatch.stream_apps.detect.backtest import run_lines
 from synthwatch.stream_apps.detect.corrections import ReportFacts, correction_notice
@@ -737,3 +743,112 @@ def test_the_worker_counts_per_the_organisations_its_intake_verifies_with(
     (service,) = built
     assert service._unit(LIMS[2]) == BudgetUnit("lims-ml", organisation=True)
     assert service._unit("LAB-UNCLAIMED") == BudgetUnit("LAB-UNCLAIMED")
+
+
+# --- corrections ------------------------------------------------------------------------------------------------------
+
+
+def test_a_day_of_corrections_of_weeks_of_alerts_sent_at_once_is_held_to_one_budget(db: Any) -> None:
+    """A flooding lab raised ``BUDGET`` alerts a day for three days, all sent at once (within its budget), then
+    corrects every report behind them on one day: the officer gets ``BUDGET`` correction notices at once (they acted
+    on those alerts), the rest in the digest with the reason, and one notice per channel saying so: not 30 at once.
+    The count is read back after a restart (the second service sees the first one's corrections)."""
+    days = 3
+    alerts = [
+        alert
+        for back in range(days, 0, -1)
+        for alert in _flood(BUDGET, [FLOODER], start=100 * back, detected_at=NOW - timedelta(days=back))
+    ]
+    fixes = [_correction(alert, n, NOW) for n, alert in enumerate(alerts)]
+    with SmtpServer() as smtp:
+
+        async def scenario() -> tuple[WebhookReceiver, list[list[Any]], list[list[Any]]]:
+            async with WebhookReceiver() as hooks:
+                service = _service(db, hooks, smtp)
+                sent = await service.handle_batch(alerts)
+                for officer in (BAMAKO, PARIS):
+                    assert _statuses(sent, officer) == ["delivered"] * days * BUDGET
+                got = await service.handle_batch(fixes[:4])
+                await service.close()
+                restarted = _service(db, hooks, smtp)
+                got += await restarted.handle_batch(fixes[4:])
+                await restarted.close()
+                return hooks, got
+
+        hooks, got = asyncio.run(scenario())
+    for officer in (BAMAKO, PARIS):
+        assert _statuses(got, officer) == ["delivered"] * BUDGET + ["queued_digest"] * (days - 1) * BUDGET
+    at_once = [r.json()["alert"] for r in hooks.accepted("bamako") if r.json()["kind"] == "alert"]
+    assert len([a for a in at_once if a["alert_type"] == "correction"]) == BUDGET
+    assert len([m for m in _alert_mails(smtp) if m.startswith("correction:")]) == BUDGET
+
+    (notice,) = _notices_on_hook(hooks)  # one, naming the correcting lab, distinct from a first-sighting notice's
+    assert notice["notice"] == "correction_budget" and notice["alert_types"] == ["correction"]
+    assert notice["reporter"] == FLOODER and notice["immediate_sent"] == BUDGET and notice["language"] == "fr"
+    assert notice["notice_id"] != budget_notice_id(FLOODER, NOW.date())
+    assert "rectifications" in notice["text"] and FLOODER in notice["subject"]
+    (mail,) = _notice_mails(smtp)
+    body = mail.get_body(("plain",)).get_content()
+    assert f"{BUDGET} correction notices at once" in body and "daily digest" in body
+    assert mail["X-Synthwatch-Notice-Id"] == notice["notice_id"]
+
+    reasons = db.query(
+        "SELECT DISTINCT reason FROM deliveries WHERE alert_type = 'correction' AND status = 'queued_digest'"
+    ).result_rows
+    assert [r[0] for r in reasons] == [
+        f"over the immediate budget ({BUDGET} correction notices a day per reporter; {FLOODER} on "
+        f"{NOW.date().isoformat()}): queued for the daily digest"
+    ]
+    queued = db.query(
+        "SELECT count() FROM deliveries WHERE alert_type = 'correction' AND status = 'queued_digest'"
+    ).result_rows
+    assert queued == [(2 * (days - 1) * BUDGET,)]
+
+
+def test_corrections_count_on_the_correcting_reporter_not_on_the_corrected_alerts_other_reporters(
+    db: Any,
+) -> None:
+    """The corrected alerts were named by the flooding lab and an honest one: the flood of corrections (signed by the
+    flooding lab) uses up the flooding lab's correction budget only; the honest lab's corrections still go at once."""
+    shared = [
+        alert
+        for back in (2, 1)  # within both labs' first-sighting budgets: all sent at once
+        for alert in _flood(BUDGET, [FLOODER, HONEST], start=100 * back, detected_at=NOW - timedelta(days=back))
+    ]
+    fixes = [_correction(alert, n, NOW) for n, alert in enumerate(shared)]
+    honest = _flood(1, [HONEST], start=500, detected_at=NOW - timedelta(days=3))
+    old = ReportFacts("H-0", "lab_detection", f"lab:{HONEST}", "isotonitazene")
+    new = parse_event_object(
+        lab(event_id="H-0-fix", corrects="H-0", lab_id=HONEST, substance={"name": "protonitazene"})
+    )
+    honest_fix = correction_notice(cited(honest[0]), old, new, "protonitazene", NOW)
+    with SmtpServer() as smtp:
+
+        async def scenario() -> list[list[Any]]:
+            async with WebhookReceiver() as hooks:
+                service = _service(db, hooks, smtp)
+                await service.handle_batch([*shared, *honest])
+                got = await service.handle_batch([*fixes, honest_fix])
+                await service.close()
+                return got
+
+        got = asyncio.run(scenario())
+    for officer in (BAMAKO, PARIS):
+        assert _statuses(got, officer) == ["delivered"] * BUDGET + ["queued_digest"] * BUDGET + ["delivered"]
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_the_correction_notice_names_the_reporter_and_the_count_with_hostile_text_escaped(language: str) -> None:
+    day = datetime(2026, 12, 7, tzinfo=UTC).date()
+    for organisation in (False, True):
+        message = render_budget_notice(
+            "budget-2026-12-07-abc", HOSTILE, day, BUDGET, BUDGET, language, organisation=organisation, corrections=True
+        )
+        plain = render_budget_notice("budget-2026-12-07-abc", HOSTILE, day, BUDGET, BUDGET, language)
+        assert message.text != plain.text and message.subject != plain.subject
+        assert "<script>" not in message.html and "&lt;script&gt;" in message.html
+        assert "\nFrom: evil" not in message.text and "\\nFrom: evil" in message.text
+        assert "\u202e" not in message.text + message.html + message.subject and "\n" not in message.subject
+        for text in (message.text, message.html):
+            assert "budget-2026-12-07-abc" in text and str(BUDGET) in text
+        assert {"en": "correction", "fr": "rectification", "ar": "تصحيح"}[language] in message.text

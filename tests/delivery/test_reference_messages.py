@@ -30,6 +30,7 @@ def test_every_alert_type_renders_as_the_reviewed_reference(language: str) -> No
         "digest_held",
         "budget_notice",
         "budget_notice_organisation",
+        "correction_budget_notice",
     }
     for name, message in rendered.items():
         for suffix, content in files(message).items():

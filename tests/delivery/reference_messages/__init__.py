@@ -255,6 +255,10 @@ def reference_messages() -> dict[tuple[str, str], Message]:
         found[language, "budget_notice_organisation"] = render_budget_notice(
             "budget-2026-12-05-fedcba9876543210", "lns-bamako", date(2026, 12, 5), 10, 10, language, organisation=True
         )
+        # the notice that a reporter's correction notices of a day passed their own budget (the same size)
+        found[language, "correction_budget_notice"] = render_budget_notice(
+            "budget-2026-12-05-00112233aabbccdd", "LAB-ML-01", date(2026, 12, 5), 10, 10, language, corrections=True
+        )
     return found
 
 
