@@ -134,6 +134,9 @@ BUDGET_NOTICE_TYPE = "budget_notice"
 """``alert_type`` of the rows of a budget notice's delivery."""
 OVER_BUDGET = "over the immediate budget"
 """How the reason of a ``queued_digest`` row held back by the budget begins (the digest counts them)."""
+FOLLOWS_HELD = f"{OVER_BUDGET} (the corrected alert was held back by it)"
+"""How the reason of a correction that followed its held alert to the digest begins: no notice went out for it (the
+digest's count of alerts the budget held back leaves it out)."""
 
 
 def budget_notice_id(reporter: str, day: date) -> str:
@@ -477,7 +480,7 @@ class DeliveryService:
                     if over:
                         reason = self._over_reason(over)
                     elif alert.alert_type == CORRECTION:  # of an alert held back by the budget (_plans)
-                        reason = f"{OVER_BUDGET} (the corrected alert was held back by it): queued for the daily digest"
+                        reason = f"{FOLLOWS_HELD}: queued for the daily digest"
                     else:
                         reason = "below the immediate threshold: queued for the daily digest"
                     row = self._attempt(alert, recipient, 0, "queued_digest", SendResult(False, None, reason), now)
@@ -1010,8 +1013,11 @@ class DeliveryService:
             return []
         day = officer.local_day(now)
         digest_id = f"digest-{officer.id}-{channel.name}-{day.isoformat()}"
-        # The alerts the budget held back (a notice went out then); not the corrections of them that followed them
-        held = sum(1 for item, a in alerts if item.reason.startswith(OVER_BUDGET) and a.alert_type in BUDGETED_TYPES)
+        # The alerts and correction notices a budget held back (a notice went out then); not the corrections that
+        # followed their held alerts (no notice for them)
+        held = sum(
+            1 for item, _ in alerts if item.reason.startswith(OVER_BUDGET) and not item.reason.startswith(FOLLOWS_HELD)
+        )
         try:
             message = render_digest(
                 [a for _, a in alerts], officer.language, self.grafana_url, day, officer.name, officer.timezone, held

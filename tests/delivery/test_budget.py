@@ -772,12 +772,20 @@ def test_a_day_of_corrections_of_weeks_of_alerts_sent_at_once_is_held_to_one_bud
                 await service.close()
                 restarted = _service(db, hooks, smtp)
                 got += await restarted.handle_batch(fixes[4:])
+                officer = restarted.subscriptions.officer(BAMAKO)
+                assert officer is not None
+                await restarted.send_digests(officer.digest_moment(NOW + timedelta(days=1)) + timedelta(minutes=1))
                 await restarted.close()
                 return hooks, got
 
         hooks, got = asyncio.run(scenario())
     for officer in (BAMAKO, PARIS):
         assert _statuses(got, officer) == ["delivered"] * BUDGET + ["queued_digest"] * (days - 1) * BUDGET
+    # The digest lists the held corrections and says the budget held them (a notice went out), not that they were
+    # below the officer's threshold
+    (digest,) = [r.json() for r in hooks.accepted("bamako") if r.json()["kind"] == "digest"]
+    assert len(digest["alerts"]) == (days - 1) * BUDGET and digest["alerts_over_budget"] == (days - 1) * BUDGET
+    assert f"{(days - 1) * BUDGET} n'étaient pas sous votre seuil" in digest["text"]
     at_once = [r.json()["alert"] for r in hooks.accepted("bamako") if r.json()["kind"] == "alert"]
     assert len([a for a in at_once if a["alert_type"] == "correction"]) == BUDGET
     assert len([m for m in _alert_mails(smtp) if m.startswith("correction:")]) == BUDGET
