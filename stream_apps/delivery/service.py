@@ -540,22 +540,17 @@ class DeliveryService:
         """Add what the store knows (rows of earlier runs and of other workers) to the alerts let through at once.
 
         The store keeps the reporter names the alerts named; an organisation's count is read as its names' (the
-        keys file's today), one alert id once however many of them it names. Corrections are read apart (their
-        type; their rows carry a budget day since they count)."""
+        keys file's today), one alert id once however many of them it names. Corrections are counted apart (their
+        type; their rows carry a budget day since they count), read by the same query."""
         names: dict[bool, set[BudgetKey]] = {False: set(), True: set()}
         for officer_id, unit, day in keys:
             for name in self._names_of.get(unit.name, frozenset()) if unit.organisation else (unit.name,):
                 names[unit.corrections].add((officer_id, name, day))
-        stored = {
-            corrections: await self._store(
-                "counting immediate alerts per reporter",
-                self.store.immediate_alerts,
-                wanted,
-                [CORRECTION] if corrections else BUDGETED_TYPES,
-            )
-            for corrections, wanted in names.items()
-            if wanted
-        }
+        stored = await self._store(
+            "counting immediate alerts per reporter",
+            self.store.immediate_alerts_by_kind,
+            {kind: (wanted, [CORRECTION] if kind else BUDGETED_TYPES) for kind, wanted in names.items()},
+        )
         # Days no alert can still be sent at once on (older than the stale limit; an officer's day is less than a
         # day off UTC's) are forgotten, never a day this batch counts on: a replay after an outage of days brings
         # alerts detected days ago, and forgetting their day gave each batch of them a whole budget again.

@@ -8,10 +8,10 @@ storage, never the reverse. The table's columns and its row (:class:`.tables.Att
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from synthwatch.stream_apps.storage.tables import DELIVERY_COLUMNS, DELIVERY_TABLE, Attempt, utc_aware
 
@@ -29,6 +29,7 @@ IMMEDIATE_STATUSES = ("delivered", "failed", "gave_up", "deferred")
 
 BudgetKey = tuple[str, str, date]
 """(officer_id, reporter, day): what the immediate budget counts alerts per."""
+K = TypeVar("K")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,34 +98,44 @@ class DeliveryStore:
         What the immediate budget counts, read back after a restart or from other workers; one query for all the
         keys. Distinct alert ids: attempts, channels and replays of one alert count once.
         """
-        if not keys:
+        return self.immediate_alerts_by_kind({None: (keys, alert_types)}).get(None, {})
+
+    def immediate_alerts_by_kind(
+        self, wanted: Mapping[K, tuple[Collection[BudgetKey], Collection[str]]]
+    ) -> dict[K, dict[BudgetKey, set[str]]]:
+        """:meth:`immediate_alerts` for several budgets counted apart (kind -> (keys, alert types), types disjoint
+        between kinds: first sightings, corrections), in one query: a batch with both read the deliveries table
+        twice, one scan and round trip each."""
+        kinds = {kind: (set(keys), frozenset(types)) for kind, (keys, types) in wanted.items() if keys}
+        if not kinds:
             return {}
+        every = {key for keys, _ in kinds.values() for key in keys}
         with self.lock:
             rows = self.client.query(
-                f"SELECT officer_id, reporter, budget_day, groupUniqArray(alert_id) FROM {DELIVERY_TABLE} "
+                f"SELECT officer_id, reporter, budget_day, alert_type, groupUniqArray(alert_id) FROM {DELIVERY_TABLE} "
                 "ARRAY JOIN reported_by AS reporter "
                 "WHERE officer_id IN %(officers)s AND budget_day IN %(days)s AND reporter IN %(reporters)s "
                 "AND alert_type IN %(types)s AND status IN %(immediate)s AND attempt > 0 AND digest_id = '' "
                 "AND at >= %(since)s "
-                "GROUP BY officer_id, reporter, budget_day",
+                "GROUP BY officer_id, reporter, budget_day, alert_type",
                 parameters={
                     # An attempt comes after its alert's detection, which is on or after the officer's local budget
                     # day began (at most 14 h before that day's UTC midnight): two days' margin bounds the read to
                     # the months that can hold it (monthly partitions by `at`), on a server without statistics too.
-                    "since": datetime.combine(min(k[2] for k in keys), time.min, UTC) - timedelta(days=2),
-                    "officers": tuple({k[0] for k in keys}),
-                    "reporters": tuple({k[1] for k in keys}),
-                    "days": tuple({k[2] for k in keys}),
-                    "types": tuple(alert_types),
+                    "since": datetime.combine(min(k[2] for k in every), time.min, UTC) - timedelta(days=2),
+                    "officers": tuple({k[0] for k in every}),
+                    "reporters": tuple({k[1] for k in every}),
+                    "days": tuple({k[2] for k in every}),
+                    "types": tuple({t for _, types in kinds.values() for t in types}),
                     "immediate": IMMEDIATE_STATUSES,
                 },
             ).result_rows
-        wanted = set(keys)
-        found: dict[BudgetKey, set[str]] = {}
-        for officer_id, reporter, day, alert_ids in rows:
+        found: dict[K, dict[BudgetKey, set[str]]] = {}
+        for officer_id, reporter, day, alert_type, alert_ids in rows:
             key = (str(officer_id), str(reporter), day)
-            if key in wanted:
-                found[key] = {str(a) for a in alert_ids}
+            for kind, (keys, types) in kinds.items():
+                if key in keys and str(alert_type) in types:
+                    found.setdefault(kind, {}).setdefault(key, set()).update(str(a) for a in alert_ids)
         return found
 
     def recipients_of(self, alert_ids: Collection[str]) -> dict[str, set[tuple[str, str, str]]]:

@@ -860,3 +860,52 @@ def test_the_correction_notice_names_the_reporter_and_the_count_with_hostile_tex
         for text in (message.text, message.html):
             assert "budget-2026-12-07-abc" in text and str(BUDGET) in text
         assert {"en": "correction", "fr": "rectification", "ar": "تصحيح"}[language] in message.text
+
+
+class _CountingClient:
+    """The test's chDB client, counting the queries that read the immediate budget back."""
+
+    def __init__(self, client: Any) -> None:
+        self.client, self.budget_reads = client, 0
+
+    def query(self, sql: str, *args: Any, **kwargs: Any) -> Any:
+        self.budget_reads += "ARRAY JOIN reported_by" in sql
+        return self.client.query(sql, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+
+def test_a_batch_of_first_sightings_and_corrections_reads_both_budgets_in_one_query(db: Any) -> None:
+    """Both budgets are counted apart but read back by one query per batch (two scans and round trips before), and
+    each count stays its own: ``BUDGET`` first sightings and ``BUDGET`` corrections of the day go at once, the rest
+    of each to the digest."""
+    earlier = _flood(BUDGET + 2, [FLOODER], start=100, detected_at=NOW - timedelta(days=1))
+    batch = [
+        *_flood(BUDGET + 2, [FLOODER], start=300),
+        *(_correction(alert, n, NOW) for n, alert in enumerate(earlier[:BUDGET])),
+        *(_correction(alert, n, NOW) for n, alert in enumerate(_flood(2, [FLOODER], start=200), start=50)),
+    ]
+    counting = _CountingClient(db)
+    with SmtpServer() as smtp:
+
+        async def scenario() -> list[list[Any]]:
+            async with WebhookReceiver() as hooks:
+                for service, alerts in (
+                    (_service(db, hooks, smtp, now=NOW - timedelta(days=1)), earlier),
+                    (_service(db, hooks, smtp), _flood(2, [FLOODER], start=200)),
+                ):
+                    await service.handle_batch(alerts)
+                    await service.close()
+                service = _service(counting, hooks, smtp)
+                got = await service.handle_batch(batch)
+                await service.close()
+                return got
+
+        got = asyncio.run(scenario())
+    assert counting.budget_reads == 1
+    for officer in (BAMAKO, PARIS):
+        statuses = _statuses(got, officer)
+        first, fixes = statuses[: BUDGET + 2], statuses[BUDGET + 2 :]
+        assert first == ["delivered"] * (BUDGET - 2) + ["queued_digest"] * 4
+        assert fixes == ["delivered"] * BUDGET + ["queued_digest"] * 2
