@@ -77,6 +77,13 @@ def _service(
     )
 
 
+async def _send_bamako_digest(service: DeliveryService) -> list[Any]:
+    """Send the digests due a minute after Bamako's digest moment of the day after ``NOW``."""
+    officer = service.subscriptions.officer(BAMAKO)
+    assert officer is not None
+    return await service.send_digests(officer.digest_moment(NOW + timedelta(days=1)) + timedelta(minutes=1))
+
+
 def _flood(n: int, reporters: list[str], start: int = 0, **changes: Any) -> list[Alert]:
     """``n`` critical new-nitazene alerts (distinct structures) reported by ``reporters``, detected at ``NOW``."""
     changes.setdefault("detected_at", NOW)
@@ -154,10 +161,7 @@ def test_held_alerts_go_out_in_the_next_daily_digest(db: Any) -> None:
             async with WebhookReceiver() as hooks:
                 service = _service(db, hooks, smtp)
                 await service.handle_batch(alerts)
-                officer = service.subscriptions.officer(BAMAKO)
-                assert officer is not None
-                due = officer.digest_moment(NOW + timedelta(days=1)) + timedelta(minutes=1)
-                sent = await service.send_digests(due)
+                sent = await _send_bamako_digest(service)
                 await service.close()
                 return hooks, sent
 
@@ -401,9 +405,7 @@ def test_corrections_of_held_alerts_follow_them_to_the_digest_and_of_sent_ones_g
                 service = _service(db, hooks, smtp)
                 await service.handle_batch(alerts)
                 got = await service.handle_batch(fixes)
-                officer = service.subscriptions.officer(BAMAKO)
-                assert officer is not None
-                await service.send_digests(officer.digest_moment(NOW + timedelta(days=1)) + timedelta(minutes=1))
+                await _send_bamako_digest(service)
                 await service.close()
                 return hooks, got
 
@@ -772,9 +774,7 @@ def test_a_day_of_corrections_of_weeks_of_alerts_sent_at_once_is_held_to_one_bud
                 await service.close()
                 restarted = _service(db, hooks, smtp)
                 got += await restarted.handle_batch(fixes[4:])
-                officer = restarted.subscriptions.officer(BAMAKO)
-                assert officer is not None
-                await restarted.send_digests(officer.digest_moment(NOW + timedelta(days=1)) + timedelta(minutes=1))
+                await _send_bamako_digest(restarted)
                 await restarted.close()
                 return hooks, got
 
