@@ -775,10 +775,13 @@ def render_digest(
     name: str,
     timezone: str = "UTC",
     held: int = 0,
+    followed: int = 0,
 ) -> Message:
     """One message listing ``alerts`` (most severe first, at most :data:`DIGEST_MAX_LISTED`, the rest counted) for
     the reader ``name`` on ``day`` (their local day); ``held`` of them were not below the reader's threshold but
-    beyond a reporter's immediate budget of their day (the digest says so)."""
+    beyond a reporter's immediate budget of their day (the digest says so); ``followed`` are corrections that
+    followed an alert held so (no notice for them, but not below the threshold either: the first sentence does not
+    say they were)."""
     listed, more = digest_listed(alerts)
     views = [alert_view(alert, language, grafana_url, timezone) for alert in listed]
     context = {
@@ -788,6 +791,7 @@ def render_digest(
         "count": len(views) + more,
         "more": more,
         "held": held,
+        "neutral": bool(held or followed),
     }
     return Message(
         language=language,

@@ -1010,12 +1010,18 @@ class DeliveryService:
         digest_id = f"digest-{officer.id}-{channel.name}-{day.isoformat()}"
         # The alerts and correction notices a budget held back (a notice went out then); not the corrections that
         # followed their held alerts (no notice for them)
-        held = sum(
-            1 for item, _ in alerts if item.reason.startswith(OVER_BUDGET) and not item.reason.startswith(FOLLOWS_HELD)
-        )
+        followed = sum(1 for item, _ in alerts if item.reason.startswith(FOLLOWS_HELD))
+        held = sum(1 for item, _ in alerts if item.reason.startswith(OVER_BUDGET)) - followed
         try:
             message = render_digest(
-                [a for _, a in alerts], officer.language, self.grafana_url, day, officer.name, officer.timezone, held
+                [a for _, a in alerts],
+                officer.language,
+                self.grafana_url,
+                day,
+                officer.name,
+                officer.timezone,
+                held,
+                followed,
             )
             if isinstance(channel, WebhookChannel):
                 payload = digest_payload(digest_id, officer, [a for _, a in alerts], message, held)

@@ -393,6 +393,34 @@ def _correction(alert: Alert, n: int, detected_at: datetime | None = None) -> Al
     return correction_notice(cited(alert), old, new, "protonitazene", detected_at or alert.detected_at)
 
 
+def test_a_digest_of_corrections_that_followed_held_alerts_does_not_call_them_below_the_threshold(db: Any) -> None:
+    """The alerts the budget held went out in yesterday's digest; their corrections follow them to today's, which holds
+    nothing else: no notice went out for them (not counted as held back), but they were not below the officer's
+    threshold either, and the digest's first sentence must not say they were."""
+    alerts = _flood(BUDGET + 3, [FLOODER], detected_at=NOW - timedelta(days=1))
+    fixes = [_correction(alert, n, NOW) for n, alert in enumerate(alerts)][BUDGET:]  # those of the held alerts
+    with SmtpServer() as smtp:
+
+        async def scenario() -> WebhookReceiver:
+            async with WebhookReceiver() as hooks:
+                service = _service(db, hooks, smtp)
+                await service.handle_batch(alerts)
+                officer = service.subscriptions.officer(BAMAKO)
+                assert officer is not None
+                await service.send_digests(officer.digest_moment(NOW) + timedelta(minutes=1))
+                await service.handle_batch(fixes)
+                await _send_bamako_digest(service)
+                await service.close()
+                return hooks
+
+        hooks = asyncio.run(scenario())
+    first, second = [r.json() for r in hooks.accepted("bamako") if r.json()["kind"] == "digest"]
+    assert first["alerts_over_budget"] == 3 and len(first["alerts"]) == 3
+    assert [a["alert_type"] for a in second["alerts"]] == ["correction"] * 3 and second["alerts_over_budget"] == 0
+    assert "3 alertes ont été réservées pour ce résumé" in second["text"]
+    assert "sous votre seuil" not in second["text"]
+
+
 def test_corrections_of_held_alerts_follow_them_to_the_digest_and_of_sent_ones_go_at_once(db: Any) -> None:
     """A flooding lab corrects each of its reports: the officer hears at once of the alerts they got at once;
     the corrections of the alerts the budget held back go to the digest with them, not one by one at once."""
