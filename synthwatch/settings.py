@@ -353,7 +353,8 @@ class Settings(BaseSettings):
         description="First-sighting alerts (new substance, first in region, identified, spread) one organisation "
         "(all its lab ids and agencies, by the keys file), or one reporter no organisation claims, may send "
         "an officer at once per day (the officer's day of detection); the rest go to the daily digest, with one "
-        "notice. 0: no budget. docs/security.md#immediate-budget",
+        "notice. Correction notices count on a budget of their own, of the same size, per correcting organisation "
+        "(or reporter). 0: no budget. docs/security.md#immediate-budget",
     )
 
     # --- HTTP intake gateway (synthwatch gateway; docs/security.md#http-intake-gateway) ------------------------------
