@@ -659,14 +659,14 @@ class DeliveryService:
         except Exception as error:  # a template bug: recorded, the agent goes on
             log.exception("cannot prepare budget notice %s for %s", notice.notice_id, officer.id)
             return _refuse(f"cannot render the message: {type(error).__name__}: {error}")
-        if isinstance(channel, WebhookChannel):
-            payload = budget_notice_payload(notice, officer, message, channel.name)
-            return self._webhook_send(officer, channel, _json(payload), payload["delivery_id"], "notice")
-        return self._email_send(
+        return self._send_message(
+            officer,
             channel,
             message,
+            lambda: budget_notice_payload(notice, officer, message, channel.name),
+            "notice",
+            notice.notice_id,
             message_id(notice.notice_id, officer.id, channel.name),
-            {"X-Synthwatch-Notice-Id": notice.notice_id, "X-Synthwatch-Officer": officer.id},
         )
 
     async def _plans(self, alerts: Sequence[Alert]) -> list[tuple[Alert, list[Recipient]]]:
@@ -827,15 +827,34 @@ class DeliveryService:
     def _prepare(self, alert: Alert, recipient: Recipient) -> Send | SendResult:
         officer, channel = recipient.officer, recipient.channel
         message = self._render(alert, officer.language, officer.timezone)
-        if isinstance(channel, WebhookChannel):
-            payload = webhook_payload(alert, officer, recipient.route.name or "", message, channel.name)
-            return self._webhook_send(officer, channel, _json(payload), payload["delivery_id"], "alert")
-        return self._email_send(
+        return self._send_message(
+            officer,
             channel,
             message,
+            lambda: webhook_payload(alert, officer, recipient.route.name or "", message, channel.name),
+            "alert",
+            alert.alert_id,
             message_id(alert.alert_id, officer.id, channel.name),
-            {"X-Synthwatch-Alert-Id": alert.alert_id, "X-Synthwatch-Officer": officer.id},
         )
+
+    def _send_message(
+        self,
+        officer: Officer,
+        channel: WebhookChannel | EmailChannel,
+        message: Message,
+        payload: Callable[[], dict[str, Any]],
+        event: Literal["alert", "notice", "digest"],
+        about: str,
+        mail_id: str,
+    ) -> Send | SendResult:
+        """How one message (an alert, a budget notice, a digest) goes out on the recipient's channel: to a webhook
+        as its JSON ``payload`` (built only then), or as an e-mail whose ``X-Synthwatch-<Event>-Id`` header names
+        ``about``. One place, so the three kinds cannot drift apart in how they are addressed and signed."""
+        if isinstance(channel, WebhookChannel):
+            body = payload()
+            return self._webhook_send(officer, channel, _json(body), body["delivery_id"], event)
+        headers = {f"X-Synthwatch-{event.capitalize()}-Id": about, "X-Synthwatch-Officer": officer.id}
+        return self._email_send(channel, message, mail_id, headers)
 
     def _webhook_send(
         self, officer: Officer, channel: WebhookChannel, body: bytes, delivery: str, event: str
@@ -1023,12 +1042,15 @@ class DeliveryService:
                 held,
                 followed,
             )
-            if isinstance(channel, WebhookChannel):
-                payload = digest_payload(digest_id, officer, [a for _, a in alerts], message, held)
-                send = self._webhook_send(officer, channel, _json(payload), payload["delivery_id"], "digest")
-            else:
-                headers = {"X-Synthwatch-Digest-Id": digest_id, "X-Synthwatch-Officer": officer.id}
-                send = self._email_send(channel, message, message_id(digest_id), headers)
+            send = self._send_message(
+                officer,
+                channel,
+                message,
+                lambda: digest_payload(digest_id, officer, [a for _, a in alerts], message, held),
+                "digest",
+                digest_id,
+                message_id(digest_id),
+            )
         except Exception as error:
             log.exception("cannot prepare digest %s", digest_id)
             send = _refuse(f"cannot render the digest: {type(error).__name__}: {error}")
