@@ -16,6 +16,7 @@ from typing import Any
 
 from synthwatch.settings import Settings
 from synthwatch.stream_apps.storage.query import run_query
+from synthwatch.stream_apps.storage.tables import utc_aware
 
 _SINCE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -37,7 +38,7 @@ def _dt(value: Any) -> datetime | None:
     if value is None:
         return None
     parsed = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return utc_aware(parsed)
 
 
 def _day(value: Any) -> date:

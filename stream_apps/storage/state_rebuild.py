@@ -35,7 +35,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from synthwatch.schemas.topics import Sighting
@@ -45,6 +45,7 @@ from synthwatch.stream_apps.detect.identity import NAME_KEY_PREFIX, NAME_LINK_RE
 from synthwatch.stream_apps.detect.novelty import NoveltyDetector
 from synthwatch.stream_apps.detect.region import Observation, RegionDetector
 from synthwatch.stream_apps.detect.spikes import SeriesState, intern_day
+from synthwatch.stream_apps.storage.tables import utc_aware
 
 log = logging.getLogger("synthwatch.stack.worker")
 
@@ -228,10 +229,6 @@ def _subject(key: str, name: str, inchikey: str | None, family: str) -> Subject:
     return Subject(key, name, inchikey, family or None, None, False)
 
 
-def _utc(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=UTC)
-
-
 def rebuild(
     client: Any,
     regions: RegionDetector,
@@ -248,7 +245,7 @@ def rebuild(
     sightings = 0
     for key, region, first in client.query(_SIGHTINGS).result_rows:
         event_id, kind, occurred_at, country, name, inchikey, family = first
-        moment = _utc(occurred_at)
+        moment = utc_aware(occurred_at)
         novelty.observe(
             Sighting(
                 event_id,
@@ -271,12 +268,12 @@ def rebuild(
     latest = client.query(_LATEST).result_rows[0][0]
     replayed = 0
     if latest is not None and latest.year > 1970:
-        tested_from = day_of(_utc(latest)) - SETTLE_DAYS
+        tested_from = day_of(utc_aware(latest)) - SETTLE_DAYS
         since = day_start(tested_from - regions.model.keep_days)
         _seed_series(client, regions, since)
         for row in client.query(_HISTORY, parameters={"since": since}).result_rows:
             event_id, kind, occurred_at, country, region, key, name, inchikey, family, grams, method, sample, by = row
-            moment = _utc(occurred_at)
+            moment = utc_aware(occurred_at)
             day = intern_day(day_of(moment))
             regions.observe(
                 Observation(
@@ -312,7 +309,7 @@ def _seed_series(client: Any, regions: RegionDetector, since: datetime) -> None:
     firsts: dict[str, int] = {}
     region_firsts: dict[str, int] = {}
     for region, key, family, first in client.query(_SERIES).result_rows:
-        day = day_of(_utc(first))
+        day = day_of(utc_aware(first))
         names = [f"{region}|{key}"] + ([f"{region}|family:{family}"] if family else [])
         for name in names:
             if name not in firsts or day < firsts[name]:
@@ -332,7 +329,7 @@ def _seed_series(client: Any, regions: RegionDetector, since: datetime) -> None:
             state = regions.series.get(f"{region}|{prefix}{key}")
             if state is None:  # a series of late reports only
                 continue
-            state.mass_days = [intern_day(day_of(_utc(occurred_at))) for _, _, occurred_at, _ in masses]
+            state.mass_days = [intern_day(day_of(utc_aware(occurred_at))) for _, _, occurred_at, _ in masses]
             state.mass_values = [math.log(grams) for _, _, _, grams in masses]
 
 
@@ -340,7 +337,7 @@ def _stored_names(client: Any) -> dict[str, list[tuple[str, datetime, datetime]]
     """Stored ``name:...`` keys -> (region, first, last report there), in key and region order."""
     stored: dict[str, list[tuple[str, datetime, datetime]]] = {}
     for stored_key, region, first, last in client.query(_NAME_KEYS).result_rows:
-        stored.setdefault(str(stored_key), []).append((str(region), _utc(first), _utc(last)))
+        stored.setdefault(str(stored_key), []).append((str(region), utc_aware(first), utc_aware(last)))
     return stored
 
 
@@ -359,7 +356,7 @@ def _settled_at(
         reporters = counted.setdefault(normalised, set())
         reporters.add(reporter_of(reporter) if reporter_of else reporter)
         if len(reporters) >= resolver.corroboration:
-            at[normalised] = _utc(first)
+            at[normalised] = utc_aware(first)
     return at
 
 
@@ -410,8 +407,8 @@ def learn_names(
     learnt = _learn_names(client, resolver, reporter_of)
     latest = client.query(_LATEST).result_rows[0][0]
     if latest is not None and latest.year > 1970:
-        resolver.note_time(_utc(latest))
-        cut = resolver.unresolved_cut(_utc(latest))
+        resolver.note_time(utc_aware(latest))
+        cut = resolver.unresolved_cut(utc_aware(latest))
         for key, spans in _stored_names(client).items():
             if max(last for _, _, last in spans) >= cut:  # as the live resolver keeps them (_prune)
                 for region, first, last in spans:
