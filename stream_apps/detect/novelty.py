@@ -297,7 +297,7 @@ class NoveltyDetector:
         nothing.
         """
         key, region, day = sighting.key, sighting.region, sighting.day
-        horizon = self.config.resent_days
+        horizon, bits = self.config.resent_days, self.day_bits
         known = self.get(key)
         alerts: list[Alert] = []
         formerly = sighting.formerly
@@ -318,7 +318,7 @@ class NoveltyDetector:
             if healed is not None:
                 known.applied = healed.applied
             known.regions[region] = [day, day]
-            known.mark_sighted(region, day, None, horizon)
+            known.mark_sighted(region, day, None, bits)
             if formerly is not None:
                 known.add_name(formerly, sighting.formerly_regions or ())
             if emit:
@@ -327,7 +327,7 @@ class NoveltyDetector:
         else:
             if region not in known.regions:
                 known.regions[region] = [day, day]
-                known.mark_sighted(region, day, None, horizon)
+                known.mark_sighted(region, day, None, bits)
                 if region in known.named_regions:
                     known.named_regions.remove(region)
                 # Raised even where the name was alerted by itself: that alert was for information only (routes
@@ -338,7 +338,7 @@ class NoveltyDetector:
                 span = known.regions[region]
                 last_before = span[1]
                 span[0], span[1] = min(span[0], day), max(span[1], day)
-                known.mark_sighted(region, day, last_before, horizon)
+                known.mark_sighted(region, day, last_before, bits)
         if day < known.first_day:  # "first" is by occurrence: a late report can predate the first one received
             known.first_day, known.first_region = day, region
         spread = self._spread(sighting, known)
@@ -518,26 +518,52 @@ class NoveltyDetector:
             **extra,
         )
 
+    @property
+    def day_bits(self) -> int:
+        """How many days back from a region's last sighting its day bits reach: the re-send horizon, and at least
+        the days a spread test of a late report reads (``2 * spread_days - 1``: every window that holds its day)."""
+        return max(self.config.resent_days, 2 * self.config.spread_days - 1)
+
     def _spread(self, s: Sighting, known: SubstanceState) -> Alert | None:
+        """A spread alert if this sighting opens an episode: ``spread_regions`` regions reported the substance within
+        ``spread_days`` days of each other, more than ``spread_days`` after the last day such a window held.
+
+        A sighting dated before another region's last sighting (a late report) is tested on every window holding
+        its day, each region counted only if a day bit puts a report of it inside the window: a region's span
+        [first, last] also covers days it was silent, and counting spans said a late report made a spread of
+        regions with no report in its window (or missed one that the late report completed after its own day).
+        In order (no region's last day after the sighting's), a region is active exactly when its last day is in
+        the window, as the spans say, and the test is the one it always was.
+        """
         cfg = self.config
-        since, day, needed = s.day - cfg.spread_days + 1, s.day, cfg.spread_regions
+        day, width, needed = s.day, cfg.spread_days, cfg.spread_regions
         if len(known.regions) < needed:
             return None
-        # Counting stops at k: a widespread substance is active in dozens of regions, and the region
-        # list is only needed for an alert.
-        found = 0
-        for first, last in known.regions.values():
-            if last >= since and first <= day:
+        since, newest, found = day - width + 1, day, 0
+        for span in known.regions.values():
+            last = span[1]
+            if last > newest:
+                newest = last
+            elif last >= since:
                 found += 1
-                if found >= needed:
-                    break
+        if newest == day:
+            if found < needed:
+                return None
+            first_held = last_held = day
         else:
+            end = min(day + width - 1, newest)  # the windows holding this day, up to the newest day sighted
+            if known.spread is not None and known.spread[1] >= end:
+                return None  # whatever window holds, it is within the episode's known days: nothing to extend
+            held = [x for x in range(day, end + 1) if len(self._active(known, x)) >= needed]
+            if not held:
+                return None
+            first_held, last_held = held[0], held[-1]
+        if known.spread is not None and first_held - known.spread[1] <= width:
+            known.spread[1] = max(known.spread[1], last_held)  # same episode: condition still holds
             return None
-        if known.spread is not None and s.day - known.spread[1] <= cfg.spread_days:
-            known.spread[1] = max(known.spread[1], s.day)  # same episode: condition still holds
-            return None
-        active = sorted(r for r, (first, last) in known.regions.items() if last >= since and first <= day)
-        known.spread = [s.day, s.day]
+        known.spread = [first_held, last_held]
+        day, since = first_held, first_held - width + 1
+        active = self._active(known, day)
         subject = sighting_subject(s)
         return build_alert(
             alert_type="spread",
@@ -546,8 +572,8 @@ class NoveltyDetector:
             region=None,
             triggered_at=s.occurred_at,
             window_start=day_start(since),
-            window_end=day_start(s.day + 1),
-            episode=s.day,
+            window_end=day_start(day + 1),
+            episode=day,
             evidence=[s.event_id],
             summary=(
                 f"{s.name} ({subject.family_text}) is spreading: reported in {len(active)} regions within "
@@ -559,3 +585,16 @@ class NoveltyDetector:
             late_by_hours=s.late_by_hours,
             reported_by=s.reported_by,
         )
+
+    def _active(self, known: SubstanceState, day: int) -> list[str]:
+        """The regions (sorted) with a sighting in the ``spread_days`` ending on ``day``, by their day bits: a day
+        the bits no longer reach is not counted (an alert names only regions a kept sighting backs)."""
+        width, bits = self.config.spread_days, self.day_bits
+        active = []
+        for region, span in known.regions.items():
+            last = span[1]
+            low, high = max(last - day, 0), min(last - (day - width + 1), bits - 1)  # bit i: the day last - i
+            # The last day is a sighting whatever the bits say (a record written before they were kept has none).
+            if low <= high and (known.days.get(region, 0) | 1) >> low & ((1 << (high - low + 1)) - 1):
+                active.append(region)
+        return sorted(active)

@@ -1,0 +1,100 @@
+"""A spread alert says "reported in N regions within 14 days (A, B, C)": each region it names must have a report
+in that window, and a late report (labs report days to weeks after sampling) that completes such a window must
+raise it. The test counted each region's span [first day, last day] as active on every day between, so a late
+report made a spread of regions silent in its window, and it tested only the window ending on the late report's own
+day, so a late report completing a window of later reports raised nothing, however long it waited."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from itertools import permutations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from synthwatch.schemas import Alert
+from synthwatch.schemas.topics import Sighting
+from synthwatch.stream_apps.detect.alerting import day_of, day_start
+from synthwatch.stream_apps.detect.config import NoveltyConfig
+from synthwatch.stream_apps.detect.novelty import NoveltyDetector
+from tests.support.factories import sighting
+
+D0 = day_of(datetime(2026, 9, 1, tzinfo=UTC))
+WIDTH, NEEDED = 14, 3
+
+
+def _seen(region: str, day: int) -> Sighting:
+    at = day_start(D0 + day) + timedelta(hours=10)
+    return sighting(event_id=f"{region}-{day}", region=region, country=region[:2], day=D0 + day, occurred_at=at)
+
+
+def _spreads(order: list[tuple[str, int]]) -> list[Alert]:
+    detector = NoveltyDetector(NoveltyConfig(spread_regions=NEEDED, spread_days=WIDTH))
+    return [a for region, day in order for a in detector.observe(_seen(region, day)) if a.alert_type == "spread"]
+
+
+def _window(alert: Alert) -> tuple[int, int]:
+    return day_of(alert.window_start) - D0, day_of(alert.window_end) - 1 - D0
+
+
+def test_a_late_report_does_not_make_a_spread_of_regions_silent_in_its_window() -> None:
+    # AA and DD reported on days 0-1 and again on day 40; CC's report of day 20 arrives last. No 14 days hold
+    # reports of three regions: the span test counted AA and DD on day 20 (their spans run from day 0-1 to 40).
+    assert _spreads([("AA-1", 0), ("DD-1", 1), ("AA-1", 40), ("DD-1", 40), ("CC-1", 20)]) == []
+
+
+def test_a_late_report_that_completes_a_later_window_raises_the_spread() -> None:
+    # AA on day 10, BB on day 12, then CC's report of day 5: days -1 to 12 hold all three. In day order the spread
+    # is raised on BB's report; read late, CC's report was tested on days -8 to 5 only, and nothing was raised.
+    in_order = _spreads([("CC-1", 5), ("AA-1", 10), ("BB-1", 12)])
+    late = _spreads([("AA-1", 10), ("BB-1", 12), ("CC-1", 5)])
+    assert [(_window(a), a.details["regions"]) for a in late] == [((-1, 12), ["AA-1", "BB-1", "CC-1"])]
+    assert [a.alert_id for a in late] == [a.alert_id for a in in_order]  # the same alert: same window, same id
+    assert late[0].evidence_event_ids == ["CC-1-5"]  # what completed it, read last
+
+
+def test_the_windows_after_a_late_report_extend_the_episode_as_in_order() -> None:
+    # A spread held from day 10 to 21; BB's late report of day 22 makes days 22-24 hold too, so the reports of day
+    # 37 (within 14 days of 24) continue the episode, as they do in day order. Tested on day 22 alone (the span
+    # test), the episode's last day was 22, and day 37 opened a second one.
+    days = [("AA-1", 10), ("BB-1", 10), ("CC-1", 10), ("AA-1", 20), ("CC-1", 21), ("AA-1", 24)]
+    in_order = _spreads([*days[:5], ("BB-1", 22), days[5], ("DD-1", 37), ("EE-1", 37), ("AA-1", 37)])
+    late = _spreads([*days, ("BB-1", 22), ("DD-1", 37), ("EE-1", 37), ("AA-1", 37)])
+    assert [_window(a) for a in late] == [_window(a) for a in in_order] == [(-3, 10)]
+
+
+def _truth(reports: set[tuple[str, int]]) -> set[int]:
+    """The days on which the last 14 days hold reports of three regions or more, from all the reports."""
+    last = max(day for _, day in reports)
+    return {x for x in range(last + 1) if len({region for region, day in reports if x - WIDTH < day <= x}) >= NEEDED}
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(
+    st.sets(st.tuples(st.sampled_from(["AA-1", "BB-1", "CC-1", "DD-1", "EE-1"]), st.integers(0, 14)), max_size=9),
+    st.randoms(use_true_random=False),
+)
+def test_in_any_arrival_order_each_spread_names_regions_reported_in_its_window(
+    reports: set[tuple[str, int]], rng: object
+) -> None:
+    order = sorted(reports)
+    rng.shuffle(order)  # type: ignore[attr-defined]
+    alerts = _spreads(order)
+    truth = _truth(reports) if reports else set()
+    # Raised if and only if some window holds three regions, whatever the order (days 0-14: one episode at most).
+    assert len(alerts) == (1 if truth else 0)
+    for alert in alerts:
+        start, end = _window(alert)
+        assert end - start == WIDTH - 1 and end in truth
+        region, day = alert.evidence_event_ids[0].rsplit("-", 1)
+        received = order[: order.index((region, int(day))) + 1]
+        reported = sorted({region for region, day in received if start <= day <= end})
+        assert alert.details["regions"] == reported  # each region named has a report in the window read so far
+        assert alert.observed == len(reported) >= NEEDED
+
+
+def test_in_day_order_the_spread_is_raised_on_the_first_day_it_holds() -> None:
+    reports = [("AA-1", 0), ("BB-1", 3), ("AA-1", 9), ("CC-1", 15), ("DD-1", 16)]
+    for order in permutations(reports[:3]):  # the three of days 0-9 in any order: no window of three yet
+        assert _spreads(list(order)) == []
+    assert [_window(a) for a in _spreads(reports)] == [(2, 15)]
