@@ -554,16 +554,16 @@ class NoveltyDetector:
             end = min(day + width - 1, newest)  # the windows holding this day, up to the newest day sighted
             if known.spread is not None and known.spread[1] >= end:
                 return None  # whatever window holds, it is within the episode's known days: nothing to extend
-            held = [x for x in range(day, end + 1) if len(self._active(known, x)) >= needed]
-            if not held:
+            held = self._held(known, s, end)
+            if held is None:
                 return None
-            first_held, last_held = held[0], held[-1]
+            first_held, last_held = held
         if known.spread is not None and first_held - known.spread[1] <= width:
             known.spread[1] = max(known.spread[1], last_held)  # same episode: condition still holds
             return None
         known.spread = [first_held, last_held]
         day, since = first_held, first_held - width + 1
-        active = self._active(known, day)
+        active = self._active(known, day, s)
         subject = sighting_subject(s)
         return build_alert(
             alert_type="spread",
@@ -586,15 +586,61 @@ class NoveltyDetector:
             reported_by=s.reported_by,
         )
 
-    def _active(self, known: SubstanceState, day: int) -> list[str]:
-        """The regions (sorted) with a sighting in the ``spread_days`` ending on ``day``, by their day bits: a day
-        the bits no longer reach is not counted (an alert names only regions a kept sighting backs)."""
+    def _held(self, known: SubstanceState, s: Sighting, end: int) -> tuple[int, int] | None:
+        """The first and the last day from the late sighting's day to ``end`` on which a report was sighted and the
+        ``spread_days`` ending there hold ``spread_regions`` regions; None if no such day.
+
+        Report days only: in day order the test runs on the day of each report, and an episode's last day is the
+        last report's day that held. A day between reports whose window still held (one ending up to
+        ``spread_days - 1`` days after a report that held) made the episode last longer than in day order, and a
+        later spread that day order raised as a new episode continued it instead, unsent."""
+        width, needed, bits, day = self.config.spread_days, self.config.spread_regions, self.day_bits, s.day
+        rows: list[tuple[bool, int, int, int]] = []
+        sighted = 0  # bit i: a report of the day ``end - i``
+        for region, span in known.regions.items():
+            first, last = span
+            mask = known.days.get(region, 0) | 1
+            rows.append((region == s.region, first, last, mask))
+            if last >= day:  # a region last sighted before the day has no report from it to the end
+                sighted |= mask << (end - last) if last <= end else mask >> (last - end)
+            if day <= first <= end:
+                sighted |= 1 << (end - first)
+        sighted |= 1 << (end - day)
+        held = [x for x in range(day, end + 1) if sighted >> (end - x) & 1]
+        first_held = next((x for x in held if self._holds(rows, x, width, needed, bits)), None)
+        if first_held is None:
+            return None
+        last_held = next(x for x in reversed(held) if x == first_held or self._holds(rows, x, width, needed, bits))
+        return first_held, last_held
+
+    @staticmethod
+    def _holds(rows: list[tuple[bool, int, int, int]], day: int, width: int, needed: int, bits: int) -> bool:
+        """Whether ``needed`` regions of ``rows`` (as :meth:`_held` reads them) have a report in the window ending on
+        ``day`` (a window holding the late sighting's day: its own region is one)."""
+        since, found = day - width + 1, 0
+        for own, first, last, mask in rows:
+            low, high = max(last - day, 0), min(last - since, bits - 1)
+            if own or since <= first <= day or (low <= high and mask >> low & ((1 << (high - low + 1)) - 1)):
+                found += 1
+                if found >= needed:
+                    return True
+        return False
+
+    def _active(self, known: SubstanceState, day: int, s: Sighting) -> list[str]:
+        """The regions (sorted) with a report in the ``spread_days`` ending on ``day``: by their day bits, their first
+        day (a report, however far back the bits reach) and the sighting ``s`` itself; a report the bits no longer
+        reach that is neither is not counted (an alert names only regions a kept report backs)."""
         width, bits = self.config.spread_days, self.day_bits
+        since = day - width + 1
         active = []
         for region, span in known.regions.items():
-            last = span[1]
-            low, high = max(last - day, 0), min(last - (day - width + 1), bits - 1)  # bit i: the day last - i
-            # The last day is a sighting whatever the bits say (a record written before they were kept has none).
-            if low <= high and (known.days.get(region, 0) | 1) >> low & ((1 << (high - low + 1)) - 1):
+            first, last = span
+            low, high = max(last - day, 0), min(last - since, bits - 1)  # bit i: the day last - i
+            # The last day is a report whatever the bits say (a record written before they were kept has none).
+            if (
+                (region == s.region and since <= s.day <= day)
+                or since <= first <= day
+                or (low <= high and (known.days.get(region, 0) | 1) >> low & ((1 << (high - low + 1)) - 1))
+            ):
                 active.append(region)
         return sorted(active)
