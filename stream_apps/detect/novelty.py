@@ -599,6 +599,8 @@ class NoveltyDetector:
         sighted = 0  # bit i: a report of the day ``end - i``
         for region, span in known.regions.items():
             first, last = span
+            if last <= day - width:  # silent in every window holding the day: one comparison, not one per window
+                continue
             mask = known.days.get(region, 0) | 1
             rows.append((region == s.region, first, last, mask))
             if last >= day:  # a region last sighted before the day has no report from it to the end
