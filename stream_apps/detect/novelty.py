@@ -552,17 +552,29 @@ class NoveltyDetector:
             first_held = last_held = day
         else:
             end = min(day + width - 1, newest)  # the windows holding this day, up to the newest day sighted
-            if known.spread is not None and known.spread[1] >= end:
+            episode = known.spread
+            if episode is not None and episode[1] >= end and end >= episode[0] - width:
                 return None  # whatever window holds, it is within the episode's known days: nothing to extend
             held = self._held(known, s, end)
             if held is None:
                 return None
             first_held, last_held = held
+            if episode is not None and last_held < episode[0] - width:
+                # Windows more than spread_days before the known episode began: an earlier episode of its own, if
+                # the late report made it (none held before, none within spread_days before or after it holds).
+                if not self._earlier_episode(known, s, first_held, last_held, end):
+                    return None
+                return self._spread_alert(s, known, first_held)
         if known.spread is not None and first_held - known.spread[1] <= width:
             known.spread[1] = max(known.spread[1], last_held)  # same episode: condition still holds
             return None
         known.spread = [first_held, last_held]
-        day, since = first_held, first_held - width + 1
+        return self._spread_alert(s, known, first_held)
+
+    def _spread_alert(self, s: Sighting, known: SubstanceState, day: int) -> Alert:
+        """The spread alert of the episode that began on ``day``."""
+        cfg = self.config
+        since = day - cfg.spread_days + 1
         active = self._active(known, day, s)
         subject = sighting_subject(s)
         return build_alert(
@@ -614,6 +626,42 @@ class NoveltyDetector:
             return None
         last_held = next(x for x in reversed(held) if x == first_held or self._holds(rows, x, width, needed, bits))
         return first_held, last_held
+
+    def _earlier_episode(self, known: SubstanceState, s: Sighting, first: int, last: int, end: int) -> bool:
+        """Whether the windows from ``first`` to ``last`` that the late sighting ``s`` makes hold (tested up to
+        ``end``) are an episode of their own: none of them held without it (else it was tested when it came to
+        hold), no report's window within ``spread_days`` before ``first`` or after ``last`` holds (else they
+        continue an episode, alerted or not), and every report those windows read is known (a region whose bits
+        no longer reach them could hide one: then it is not raised, as a second alert of an episode would be)."""
+        width, needed, bits = self.config.spread_days, self.config.spread_regions, self.day_bits
+        low, high = first - 2 * width + 1, last + width
+        rows: list[tuple[bool, int, int, int]] = []
+        without: list[tuple[bool, int, int, int]] = []  # as before the sighting
+        reports: set[int] = set()
+        for region, span in known.regions.items():
+            head, tail = span
+            if tail < low:
+                continue
+            if head + 1 <= min(tail - bits, high) and tail - bits >= low:
+                return False  # days between its first report and what its bits reach, in the windows read
+            mask = known.days.get(region, 0) | 1
+            rows.append((False, head, tail, mask))
+            reports.update(d for d in range(max(low, tail - bits + 1), min(high, tail) + 1) if mask >> (tail - d) & 1)
+            if low <= head <= high:
+                reports.add(head)
+            if region == s.region:
+                if 0 <= tail - s.day < bits:
+                    mask &= ~(1 << (tail - s.day))
+                if head == s.day:  # its first report was this one: none before it in the windows read
+                    head = low - 1
+            without.append((False, head, tail, mask))
+        for x in sorted(reports):
+            if first - width <= x < first or end < x <= high:
+                if self._holds(rows, x, width, needed, bits):
+                    return False
+            elif first <= x <= last and self._holds(without, x, width, needed, bits):
+                return False
+        return True
 
     @staticmethod
     def _holds(rows: list[tuple[bool, int, int, int]], day: int, width: int, needed: int, bits: int) -> bool:

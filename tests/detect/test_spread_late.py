@@ -153,3 +153,27 @@ def test_over_ten_weeks_each_spread_names_only_regions_reported_in_its_window(
         assert end - start == WIDTH - 1
         assert set(alert.details["regions"]) <= set(_received_in(order, alert))
         assert alert.observed == len(alert.details["regions"]) >= NEEDED
+
+
+def test_a_late_report_completing_an_episode_long_before_the_known_one_raises_it() -> None:
+    # DD, EE and FF make a spread on day 100; CC's report of day 2, read after them, completes days -11 to 2 with AA
+    # and BB: an episode 98 days before, raised in day order. It was taken for the episode of day 100 (a negative
+    # gap), and never raised.
+    early, known = [("AA-1", 0), ("BB-1", 1)], [("DD-1", 100), ("EE-1", 100), ("FF-1", 100)]
+    in_order = _spreads([*early, ("CC-1", 2), *known])
+    late = _spreads([*early, *known, ("CC-1", 2)])
+    assert sorted(a.alert_id for a in late) == sorted(a.alert_id for a in in_order)
+    assert [(_window(a), a.details["regions"]) for a in late][-1] == ((-11, 2), ["AA-1", "BB-1", "CC-1"])
+    # The episode of day 100 is still the one a later report continues.
+    assert _spreads([*early, *known, ("CC-1", 2), ("GG-1", 110)])[2:] == []
+
+
+def test_a_late_report_in_an_episode_alerted_before_the_known_one_raises_nothing() -> None:
+    # Days 0-2 were alerted, then day 100; reports of days 5 and 20 read late hold windows of the first episode (or
+    # continue it): no second alert of it, whichever day its windows start.
+    first, known = [("AA-1", 0), ("BB-1", 1), ("CC-1", 2)], [("DD-1", 100), ("EE-1", 100), ("FF-1", 100)]
+    assert len(_spreads([*first, *known])) == 2
+    assert len(_spreads([*first, *known, ("GG-1", 5)])) == 2
+    assert len(_spreads([*first, *known, ("GG-1", 5), ("HH-1", 12), ("II-1", 20)])) == 2
+    # AA and BB again on days 10 and 12: the window of day 12 held before GG's report of day 12 was read.
+    assert len(_spreads([*first, ("AA-1", 10), ("CC-1", 12), *known, ("GG-1", 12)])) == 2
