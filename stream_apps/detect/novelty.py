@@ -297,7 +297,7 @@ class NoveltyDetector:
         nothing.
         """
         key, region, day = sighting.key, sighting.region, sighting.day
-        horizon = self.config.resent_days
+        horizon, bits = self.config.resent_days, self.day_bits
         known = self.get(key)
         alerts: list[Alert] = []
         formerly = sighting.formerly
@@ -318,7 +318,7 @@ class NoveltyDetector:
             if healed is not None:
                 known.applied = healed.applied
             known.regions[region] = [day, day]
-            known.mark_sighted(region, day, None, horizon)
+            known.mark_sighted(region, day, None, bits)
             if formerly is not None:
                 known.add_name(formerly, sighting.formerly_regions or ())
             if emit:
@@ -327,7 +327,7 @@ class NoveltyDetector:
         else:
             if region not in known.regions:
                 known.regions[region] = [day, day]
-                known.mark_sighted(region, day, None, horizon)
+                known.mark_sighted(region, day, None, bits)
                 if region in known.named_regions:
                     known.named_regions.remove(region)
                 # Raised even where the name was alerted by itself: that alert was for information only (routes
@@ -338,7 +338,7 @@ class NoveltyDetector:
                 span = known.regions[region]
                 last_before = span[1]
                 span[0], span[1] = min(span[0], day), max(span[1], day)
-                known.mark_sighted(region, day, last_before, horizon)
+                known.mark_sighted(region, day, last_before, bits)
         if day < known.first_day:  # "first" is by occurrence: a late report can predate the first one received
             known.first_day, known.first_region = day, region
         spread = self._spread(sighting, known)
@@ -518,26 +518,64 @@ class NoveltyDetector:
             **extra,
         )
 
+    @property
+    def day_bits(self) -> int:
+        """How many days back from a region's last sighting its day bits reach: the re-send horizon, and at least
+        the days a spread test of a late report reads (``2 * spread_days - 1``: every window that holds its day)."""
+        return max(self.config.resent_days, 2 * self.config.spread_days - 1)
+
     def _spread(self, s: Sighting, known: SubstanceState) -> Alert | None:
+        """A spread alert if this sighting opens an episode: ``spread_regions`` regions reported the substance within
+        ``spread_days`` days of each other, more than ``spread_days`` after the last day such a window held.
+
+        A sighting dated before another region's last sighting (a late report) is tested on every window holding
+        its day, each region counted only if a day bit puts a report of it inside the window: a region's span
+        [first, last] also covers days it was silent, and counting spans said a late report made a spread of
+        regions with no report in its window (or missed one that the late report completed after its own day).
+        In order (no region's last day after the sighting's), a region is active exactly when its last day is in
+        the window, as the spans say, and the test is the one it always was.
+        """
         cfg = self.config
-        since, day, needed = s.day - cfg.spread_days + 1, s.day, cfg.spread_regions
+        day, width, needed = s.day, cfg.spread_days, cfg.spread_regions
         if len(known.regions) < needed:
             return None
-        # Counting stops at k: a widespread substance is active in dozens of regions, and the region
-        # list is only needed for an alert.
-        found = 0
-        for first, last in known.regions.values():
-            if last >= since and first <= day:
+        since, newest, found = day - width + 1, day, 0
+        for span in known.regions.values():
+            last = span[1]
+            if last > newest:
+                newest = last
+            elif last >= since:
                 found += 1
-                if found >= needed:
-                    break
+        if newest == day:
+            if found < needed:
+                return None
+            first_held = last_held = day
         else:
+            end = min(day + width - 1, newest)  # the windows holding this day, up to the newest day sighted
+            episode = known.spread
+            if episode is not None and episode[1] >= end and end >= episode[0] - width:
+                return None  # whatever window holds, it is within the episode's known days: nothing to extend
+            held = self._held(known, s, end)
+            if held is None:
+                return None
+            first_held, last_held = held
+            if episode is not None and last_held < episode[0] - width:
+                # Windows more than spread_days before the known episode began: an earlier episode of its own, if
+                # the late report made it (none held before, none within spread_days before or after it holds).
+                if not self._earlier_episode(known, s, first_held, last_held, end):
+                    return None
+                return self._spread_alert(s, known, first_held)
+        if known.spread is not None and first_held - known.spread[1] <= width:
+            known.spread[1] = max(known.spread[1], last_held)  # same episode: condition still holds
             return None
-        if known.spread is not None and s.day - known.spread[1] <= cfg.spread_days:
-            known.spread[1] = max(known.spread[1], s.day)  # same episode: condition still holds
-            return None
-        active = sorted(r for r, (first, last) in known.regions.items() if last >= since and first <= day)
-        known.spread = [s.day, s.day]
+        known.spread = [first_held, last_held]
+        return self._spread_alert(s, known, first_held)
+
+    def _spread_alert(self, s: Sighting, known: SubstanceState, day: int) -> Alert:
+        """The spread alert of the episode that began on ``day``."""
+        cfg = self.config
+        since = day - cfg.spread_days + 1
+        active = self._active(known, day, s)
         subject = sighting_subject(s)
         return build_alert(
             alert_type="spread",
@@ -546,8 +584,8 @@ class NoveltyDetector:
             region=None,
             triggered_at=s.occurred_at,
             window_start=day_start(since),
-            window_end=day_start(s.day + 1),
-            episode=s.day,
+            window_end=day_start(day + 1),
+            episode=day,
             evidence=[s.event_id],
             summary=(
                 f"{s.name} ({subject.family_text}) is spreading: reported in {len(active)} regions within "
@@ -559,3 +597,100 @@ class NoveltyDetector:
             late_by_hours=s.late_by_hours,
             reported_by=s.reported_by,
         )
+
+    def _held(self, known: SubstanceState, s: Sighting, end: int) -> tuple[int, int] | None:
+        """The first and the last day from the late sighting's day to ``end`` on which a report was sighted and the
+        ``spread_days`` ending there hold ``spread_regions`` regions; None if no such day.
+
+        Report days only: in day order the test runs on the day of each report, and an episode's last day is the
+        last report's day that held. A day between reports whose window still held (one ending up to
+        ``spread_days - 1`` days after a report that held) made the episode last longer than in day order, and a
+        later spread that day order raised as a new episode continued it instead, unsent."""
+        width, needed, bits, day = self.config.spread_days, self.config.spread_regions, self.day_bits, s.day
+        rows: list[tuple[bool, int, int, int]] = []
+        sighted = 0  # bit i: a report of the day ``end - i``
+        for region, span in known.regions.items():
+            first, last = span
+            if last <= day - width:  # silent in every window holding the day: one comparison, not one per window
+                continue
+            mask = known.days.get(region, 0) | 1
+            rows.append((region == s.region, first, last, mask))
+            if last >= day:  # a region last sighted before the day has no report from it to the end
+                sighted |= mask << (end - last) if last <= end else mask >> (last - end)
+            if day <= first <= end:
+                sighted |= 1 << (end - first)
+        sighted |= 1 << (end - day)
+        held = [x for x in range(day, end + 1) if sighted >> (end - x) & 1]
+        first_held = next((x for x in held if self._holds(rows, x, width, needed, bits)), None)
+        if first_held is None:
+            return None
+        last_held = next(x for x in reversed(held) if x == first_held or self._holds(rows, x, width, needed, bits))
+        return first_held, last_held
+
+    def _earlier_episode(self, known: SubstanceState, s: Sighting, first: int, last: int, end: int) -> bool:
+        """Whether the windows from ``first`` to ``last`` that the late sighting ``s`` makes hold (tested up to
+        ``end``) are an episode of their own: none of them held without it (else it was tested when it came to
+        hold), no report's window within ``spread_days`` before ``first`` or after ``last`` holds (else they
+        continue an episode, alerted or not), and every report those windows read is known (a region whose bits
+        no longer reach them could hide one: then it is not raised, as a second alert of an episode would be)."""
+        width, needed, bits = self.config.spread_days, self.config.spread_regions, self.day_bits
+        low, high = first - 2 * width + 1, last + width
+        rows: list[tuple[bool, int, int, int]] = []
+        without: list[tuple[bool, int, int, int]] = []  # as before the sighting
+        reports: set[int] = set()
+        for region, span in known.regions.items():
+            head, tail = span
+            if tail < low:
+                continue
+            if head + 1 <= min(tail - bits, high) and tail - bits >= low:
+                return False  # days between its first report and what its bits reach, in the windows read
+            mask = known.days.get(region, 0) | 1
+            rows.append((False, head, tail, mask))
+            reports.update(d for d in range(max(low, tail - bits + 1), min(high, tail) + 1) if mask >> (tail - d) & 1)
+            if low <= head <= high:
+                reports.add(head)
+            if region == s.region:
+                if 0 <= tail - s.day < bits:
+                    mask &= ~(1 << (tail - s.day))
+                if head == s.day:  # its first report was this one: none before it in the windows read
+                    head = low - 1
+            without.append((False, head, tail, mask))
+        for x in sorted(reports):
+            if first - width <= x < first or end < x <= high:
+                if self._holds(rows, x, width, needed, bits):
+                    return False
+            elif first <= x <= last and self._holds(without, x, width, needed, bits):
+                return False
+        return True
+
+    @staticmethod
+    def _holds(rows: list[tuple[bool, int, int, int]], day: int, width: int, needed: int, bits: int) -> bool:
+        """Whether ``needed`` regions of ``rows`` (as :meth:`_held` reads them) have a report in the window ending on
+        ``day`` (a window holding the late sighting's day: its own region is one)."""
+        since, found = day - width + 1, 0
+        for own, first, last, mask in rows:
+            low, high = max(last - day, 0), min(last - since, bits - 1)
+            if own or since <= first <= day or (low <= high and mask >> low & ((1 << (high - low + 1)) - 1)):
+                found += 1
+                if found >= needed:
+                    return True
+        return False
+
+    def _active(self, known: SubstanceState, day: int, s: Sighting) -> list[str]:
+        """The regions (sorted) with a report in the ``spread_days`` ending on ``day``: by their day bits, their first
+        day (a report, however far back the bits reach) and the sighting ``s`` itself; a report the bits no longer
+        reach that is neither is not counted (an alert names only regions a kept report backs)."""
+        width, bits = self.config.spread_days, self.day_bits
+        since = day - width + 1
+        active = []
+        for region, span in known.regions.items():
+            first, last = span
+            low, high = max(last - day, 0), min(last - since, bits - 1)  # bit i: the day last - i
+            # The last day is a report whatever the bits say (a record written before they were kept has none).
+            if (
+                (region == s.region and since <= s.day <= day)
+                or since <= first <= day
+                or (low <= high and (known.days.get(region, 0) | 1) >> low & ((1 << (high - low + 1)) - 1))
+            ):
+                active.append(region)
+        return sorted(active)
