@@ -114,60 +114,71 @@ def add_novelty_agent(agents: AgentContext, tables: StateTables) -> None:
                 with writing:  # a revoke beginning meanwhile waits for it (up to its bound)
                     await tables.write(tables.substances, changes, writing)
 
+        async def judge(events: list[Any]) -> None:
+            """One batch: its records parsed, then judged in slices and held for the checkpoint.
+
+            A function of its own so that what it parsed goes when it returns: as locals of the loop below,
+            ``read`` and ``raised_by`` kept every sighting of the batch alive until the next batch that held
+            any. Behind a backlog a batch holds up to ``sink_batch_size`` records of many sightings each:
+            276,267 parsed sightings (~155 MiB traced) were still held by an idle worker (docs/performance.md,
+            "Session 22"). Nothing else changes: the same steps, in the same order, with the same awaits.
+            """
+            await agents.until_state_ready()
+            metrics.consumed(events)
+            read: list[tuple[Any, list[tuple[Sighting, Position]]]] = []
+            raised_by: dict[tuple[str, str], tuple[Sighting, float | None]] = {}
+            refused: dict[int, Reject] = {}  # by id() of the event it refuses, sent with that event's slice
+            parsed_here = 0  # records and sightings read since the last turn of the loop
+            for e in events:
+                if parsed_here >= SLICE_RECORDS:
+                    await turn(agents.app, sightings_topic)  # reading a batch in one piece held the loop too
+                    parsed_here = 0
+                parsed_here += 1
+                of_event: list[tuple[Sighting, Position]] = []
+                read.append((e, of_event))  # a refused record is held (acknowledged) like the others
+                if not agents.produced_by_a_worker(e):
+                    continue
+                parsed = parse_sightings(e)
+                if isinstance(parsed, Reject):
+                    refused[id(e)] = parsed
+                    continue
+                at = (f"{e.message.topic}:{e.message.partition}", e.message.offset)
+                parsed_here += len(parsed)
+                for sighting in parsed:
+                    partitions[sighting.key] = e.message.partition
+                    of_event.append((sighting, at))
+                    raised_by.setdefault((sighting.key, sighting.event_id), (sighting, e.message.timestamp))
+            for n, (sliced, batch_sightings) in enumerate(slices(read)):
+                if n:
+                    await turn(agents.app, sightings_topic)  # alerts sent so far leave; the others get a turn
+                if revoked(agents.app, events[0].message):
+                    # A rebalance began meanwhile (from its revoke, not only once the new assignment has
+                    # come): the state is forgotten, and applied to state reloaded without the slices
+                    # before it, this slice's marks would cover theirs. The rest is fetched again.
+                    break
+                # In the order read; those a record holds already (read again after a restart) skipped.
+                alerts, taken = ctx.novelty.observe_batch(batch_sightings)
+                alerts = await with_learnt(alerts, raised_by)
+                metrics.sightings_processed(len(batch_sightings))
+                agents.replayed_records("novelty", len(batch_sightings) - taken)
+                sent = [
+                    await agents.send(agents.topics.alerts, a.alert_id.encode(), a.model_dump_json().encode())
+                    for a in alerts
+                ]
+                rejects = [refused[id(e)] for e in sliced if id(e) in refused]
+                sent += await send_rejects(agents, rejects, sightings_topic)
+                held.hold(sliced, sent)
+                metrics.produced(settings.topic_alerts, len(alerts))
+                metrics.rejected(rejects)
+                metrics.produced(settings.topic_rejects, len(rejects))
+                if alerts:
+                    # from the sighting's Kafka timestamp: the intake stage's time before it is not included
+                    metrics.alerts_published(alerts, min(e.message.timestamp or time.time() for e in sliced))
+                metrics.alerts_raised(len(alerts))
+
         async for events in batches(stream):
             if events:
-                await agents.until_state_ready()
-                metrics.consumed(events)
-                read: list[tuple[Any, list[tuple[Sighting, Position]]]] = []
-                raised_by: dict[tuple[str, str], tuple[Sighting, float | None]] = {}
-                refused: dict[int, Reject] = {}  # by id() of the event it refuses, sent with that event's slice
-                parsed_here = 0  # records and sightings read since the last turn of the loop
-                for e in events:
-                    if parsed_here >= SLICE_RECORDS:
-                        await turn(agents.app, sightings_topic)  # reading a batch in one piece held the loop too
-                        parsed_here = 0
-                    parsed_here += 1
-                    of_event: list[tuple[Sighting, Position]] = []
-                    read.append((e, of_event))  # a refused record is held (acknowledged) like the others
-                    if not agents.produced_by_a_worker(e):
-                        continue
-                    parsed = parse_sightings(e)
-                    if isinstance(parsed, Reject):
-                        refused[id(e)] = parsed
-                        continue
-                    at = (f"{e.message.topic}:{e.message.partition}", e.message.offset)
-                    parsed_here += len(parsed)
-                    for sighting in parsed:
-                        partitions[sighting.key] = e.message.partition
-                        of_event.append((sighting, at))
-                        raised_by.setdefault((sighting.key, sighting.event_id), (sighting, e.message.timestamp))
-                for n, (sliced, batch_sightings) in enumerate(slices(read)):
-                    if n:
-                        await turn(agents.app, sightings_topic)  # alerts sent so far leave; the others get a turn
-                    if revoked(agents.app, events[0].message):
-                        # A rebalance began meanwhile (from its revoke, not only once the new assignment has
-                        # come): the state is forgotten, and applied to state reloaded without the slices
-                        # before it, this slice's marks would cover theirs. The rest is fetched again.
-                        break
-                    # In the order read; those a record holds already (read again after a restart) skipped.
-                    alerts, taken = ctx.novelty.observe_batch(batch_sightings)
-                    alerts = await with_learnt(alerts, raised_by)
-                    metrics.sightings_processed(len(batch_sightings))
-                    agents.replayed_records("novelty", len(batch_sightings) - taken)
-                    sent = [
-                        await agents.send(agents.topics.alerts, a.alert_id.encode(), a.model_dump_json().encode())
-                        for a in alerts
-                    ]
-                    rejects = [refused[id(e)] for e in sliced if id(e) in refused]
-                    sent += await send_rejects(agents, rejects, sightings_topic)
-                    held.hold(sliced, sent)
-                    metrics.produced(settings.topic_alerts, len(alerts))
-                    metrics.rejected(rejects)
-                    metrics.produced(settings.topic_rejects, len(rejects))
-                    if alerts:
-                        # from the sighting's Kafka timestamp: the intake stage's time before it is not included
-                        metrics.alerts_published(alerts, min(e.message.timestamp or time.time() for e in sliced))
-                    metrics.alerts_raised(len(alerts))
+                await judge(events)
             if held.due(quiet=not events):
                 changes = [(partitions[k], k, v) for k, v in ctx.novelty.drain_dirty()]
                 await held.start(write(changes, drain_mark(agents.app)))
