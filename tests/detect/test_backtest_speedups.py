@@ -155,7 +155,6 @@ def test_progress_advances_only_for_blocks_detected_not_for_failed_or_cancelled_
     assert not [r for r in caplog.records if "exception calling callback" in r.getMessage()]
 
 
-
 def test_observations_built_from_fields_in_the_compiled_core_are_those_of_the_constructor() -> None:
     """Observation.all_from (the detection process's blocks) gives Observation(*fields) for each, field for field."""
     from synthwatch.stream_apps.detect.alerting import Subject
