@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Collection, Container, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, tzinfo
+from datetime import datetime, timedelta, timezone, tzinfo
 from functools import lru_cache
 from typing import Any, get_args
 
@@ -77,7 +77,24 @@ def _subject_by_value(substance: ResolvedSubstance) -> Subject:
     )
 
 
-_ZONES: dict[tzinfo, tzinfo] = {}  # one object per UTC offset (see Observation.fields_of)
+_ZONES: dict[tzinfo, tzinfo] = {}  # one object per UTC offset, a datetime.timezone (see Observation.fields_from)
+
+
+def _zone_for(zone: tzinfo) -> tzinfo:
+    """The object :meth:`Observation.fields_from` gives every time of ``zone``'s offset: a ``datetime.timezone`` of that
+    offset (``timezone.utc`` for UTC, the one ``alerting.EPOCH`` has), or ``zone`` itself if it has no fixed offset.
+
+    Why a ``timezone`` rather than the first parsed time's own (pydantic-core's ``TzInfo``): the detectors compare
+    times and take day numbers (``day_of``: a difference from the epoch) all the time, and each asks both times'
+    tzinfo for its offset unless the two are one object; a ``timezone`` answers in C, ``TzInfo`` through a Python
+    call: ``day_of`` 0.29 against 0.065 µs, ``<`` of two offsets 0.23 against 0.02 µs. The same offset, so the same
+    instants, written the same way (``isoformat``, the alerts' JSON)."""
+    same = _ZONES.get(zone)
+    if same is None:
+        offset = zone.utcoffset(None)
+        same = _ZONES[zone] = timezone(offset) if offset is not None else zone
+    return same
+
 
 #: An :class:`Observation`'s fields in order (``Observation(*fields)`` builds it).
 ObservationFields = tuple[
@@ -152,11 +169,12 @@ class Observation:
         lab = event if isinstance(event, LabDetection) else None
         # The few distinct codes, names, spellings and UTC offsets as one object each: the detection process
         # gets each once per block (pickle keeps one copy of an object), its state holds one copy, and two
-        # times with the same offset object compare without asking it for the offset. Fixed offsets: a time
-        # given another object of the same offset is the same instant, written the same way.
+        # times with the same offset object compare without asking it for the offset (others ask a datetime.timezone,
+        # in C: see _zone_for). Fixed offsets: a time given another object of the same offset is the same instant,
+        # written the same way.
         zone = moment.tzinfo
         if zone is not None:
-            same = _ZONES.setdefault(zone, zone)
+            same = _zone_for(zone)
             if same is not zone:
                 moment = moment.replace(tzinfo=same)
         shared = sys.intern

@@ -240,3 +240,31 @@ def test_a_sighting_built_positionally_has_every_field_the_keywords_give() -> No
     assert obs.sighting() == replace(
         expected, late_by_hours=None, identified_by="name", smiles=None, formerly=None, formerly_regions=None
     )
+
+
+def test_observation_times_carry_a_datetime_timezone_of_their_offset() -> None:
+    """Observation.fields_from gives each time a datetime.timezone of its offset (timezone.utc for UTC, the epoch's):
+    the detectors' comparisons and day numbers ask it for the offset in C, not pydantic-core's TzInfo through a Python
+    call. The same instants, offsets, ISO texts and day numbers as the parsed times."""
+    from datetime import timezone
+
+    from synthwatch.schemas import parse_event
+    from synthwatch.stream_apps.detect.alerting import day_of
+    from synthwatch.stream_apps.detect.intake import Intake
+    from synthwatch.stream_apps.detect.region import Observation
+    from tests.support.factories import lab, seizure
+
+    intake = Intake(stage="backtest")
+    records = [
+        lab(event_id="a", occurred_at="2026-03-01T23:30:00+01:00"),
+        seizure(event_id="b", occurred_at="2026-03-01T09:00:00Z"),
+        seizure(event_id="c", occurred_at="2026-03-01T23:59:59-05:00"),
+        lab(event_id="d", occurred_at="2026-03-01T00:15:00+05:45"),
+    ]
+    events = [parse_event(json.dumps(record)) for record in records]
+    for event in events:
+        moment = Observation.fields_of(intake.enrich(event, "test"))[2]
+        assert type(moment.tzinfo) is timezone and moment.utcoffset() == event.occurred_at.utcoffset()
+        assert moment == event.occurred_at and moment.isoformat() == event.occurred_at.isoformat()
+        assert day_of(moment) == day_of(event.occurred_at)
+    assert Observation.fields_of(intake.enrich(events[1], "test"))[2].tzinfo is timezone.utc
