@@ -267,4 +267,4 @@ def test_observation_times_carry_a_datetime_timezone_of_their_offset() -> None:
         assert type(moment.tzinfo) is timezone and moment.utcoffset() == event.occurred_at.utcoffset()
         assert moment == event.occurred_at and moment.isoformat() == event.occurred_at.isoformat()
         assert day_of(moment) == day_of(event.occurred_at)
-    assert Observation.fields_of(intake.enrich(events[1], "test"))[2].tzinfo is timezone.utc
+    assert Observation.fields_of(intake.enrich(events[1], "test"))[2].tzinfo is UTC
