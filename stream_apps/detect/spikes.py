@@ -375,17 +375,11 @@ class SeriesState:
             # the kept days keep their order, so every sum over them is the same.
             counts, grams = self.counts, self.grams
             changed_counts, changed_grams = self.changed_counts, self.changed_grams
-            # ``del`` after ``in``, not ``pop(day, None)``: compiled, a two-argument pop is a generic method call
-            # (~3 % of the backtest's detection process, four per series and day); the same entries go.
             for day in range(first, oldest):  # a day with grams always has a count (observe adds both)
-                if day in counts:
-                    del counts[day]
-                if day in grams:
-                    del grams[day]
-                if day in changed_counts:
-                    del changed_counts[day]
-                if day in changed_grams:
-                    del changed_grams[day]
+                counts.pop(day, None)
+                grams.pop(day, None)
+                changed_counts.pop(day, None)
+                changed_grams.pop(day, None)
             # Every day kept is >= oldest: the first of the next few days that has a count is the minimum. Most
             # series had a report on one of them; ``min`` over ~40 boxed days was ~3 % of the backtest's detection.
             self.oldest_day = None
