@@ -35,7 +35,6 @@ from synthwatch.stream_apps.detect.region import (
     Observation,
     ObservationFields,
 )
-from synthwatch.stream_apps.detect.spikes import intern_day
 
 
 @dataclass
@@ -199,7 +198,7 @@ class _InProcess:
 
     def send(self, block: list[ObservationFields], lines: int = 0) -> None:
         """Detect ``block``; ``lines``: how many input lines it stands for (malformed ones too), for progress."""
-        found = _observe_all(self.detector, self.seen, (Observation(*fields) for fields in block))
+        found = _observe_all(self.detector, self.seen, Observation.all_from(block))
         self.found.alerts.extend(found.alerts)
         self.found.events += found.events
         self.found.duplicates += found.duplicates
@@ -247,13 +246,8 @@ def _detect_block(number: int, block: list[ObservationFields]) -> _Found:
     if number != expected:
         raise RuntimeError(f"detection block {number} arrived before block {expected}: order would change alerts")
     _DETECTION[2] = expected + 1
-    return _observe_all(detector, seen, (_observation(fields) for fields in block))
-
-
-def _observation(fields: ObservationFields) -> Observation:
-    obs = Observation(*fields)
-    obs.day = intern_day(obs.day)  # one int per day across the state, as in the reader (see intern_day)
-    return obs
+    # Each day number as one object across the state, as in the reader (see intern_day): Observation.all_from.
+    return _observe_all(detector, seen, Observation.all_from(block))
 
 
 class _DetectionProcess:

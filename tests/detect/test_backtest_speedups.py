@@ -7,7 +7,7 @@ import gc
 import json
 import subprocess
 import sys
-from datetime import date
+from datetime import UTC, date, datetime
 from typing import Any
 
 import pytest
@@ -15,6 +15,7 @@ import pytest
 from synthwatch.producers.simulate import SimulationConfig, simulate
 from synthwatch.stream_apps.detect import backtest, identity
 from synthwatch.stream_apps.detect.backtest import BacktestRun, run_lines
+from synthwatch.stream_apps.detect.region import ObservationFields
 
 
 def _comparable(run: BacktestRun) -> tuple[Any, ...]:
@@ -152,3 +153,118 @@ def test_progress_advances_only_for_blocks_detected_not_for_failed_or_cancelled_
     assert cancelled.cancel()
     assert advanced == [700]
     assert not [r for r in caplog.records if "exception calling callback" in r.getMessage()]
+
+
+def test_observations_built_from_fields_in_the_compiled_core_are_those_of_the_constructor() -> None:
+    """Observation.all_from (the detection process's blocks) gives Observation(*fields) for each, field for field."""
+    from synthwatch.stream_apps.detect.alerting import Subject
+    from synthwatch.stream_apps.detect.region import Observation
+
+    subject = Subject(key="inchikey:X", name="x", inchikey="X", family="f", controlled=True, catalogued=False)
+    moment = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    day = 20513
+    block: list[ObservationFields] = [
+        ("e1", "lab", moment, day, "FR", "FR-75", subject, None, "gc-ms", "powder", "lab-1", "CCO"),
+        ("e2", "seizure", moment, day + 1, "DE", "DE-BE", subject, 12.5, None, None, "agency", None),
+    ]
+    built = Observation.all_from(block)
+    assert built == [Observation(*fields) for fields in block]
+    assert [[getattr(o, name) for name in _OBSERVATION_FIELDS] for o in built] == [list(f) for f in block]
+
+
+_OBSERVATION_FIELDS = (
+    "event_id",
+    "kind",
+    "occurred_at",
+    "day",
+    "country",
+    "region",
+    "subject",
+    "grams",
+    "method",
+    "sample_type",
+    "reporter",
+    "smiles",
+)
+
+
+def test_a_sighting_built_positionally_has_every_field_the_keywords_give() -> None:
+    """Observation.sighting passes Sighting's fields by position: each value must land in its own field (the
+    keywords it replaced are the reference), every field set to a value of its own."""
+    from dataclasses import replace
+
+    from synthwatch.schemas.topics import Sighting
+    from synthwatch.stream_apps.detect.alerting import Subject
+    from synthwatch.stream_apps.detect.region import Observation
+
+    subject = Subject(
+        key="inchikey:K",
+        name="name",
+        inchikey="K",
+        family="family",
+        controlled=False,
+        catalogued=True,
+        identified_by="structure",
+        formerly="name:old",
+        formerly_regions=("FR-75", "DE-BE"),
+        formerly_since="2026-01-02",
+    )
+    moment = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    obs = Observation("e1", "lab", moment, 20513, "FR", "FR-69", subject, 3.5, "gc-ms", "powder", "lab-1", "CCO")
+    expected = Sighting(
+        event_id="e1",
+        kind="lab",
+        occurred_at=moment,
+        day=20513,
+        country="FR",
+        region="FR-69",
+        key="inchikey:K",
+        name="name",
+        inchikey="K",
+        family="family",
+        controlled=False,
+        catalogued=True,
+        method="gc-ms",
+        sample_type="powder",
+        late_by_hours=7.25,
+        identified_by="structure",
+        reporter="lab-1",
+        smiles="CCO",
+        formerly="name:old",
+        formerly_regions=["FR-75", "DE-BE"],
+        formerly_since="2026-01-02",
+    )
+    assert obs.sighting(7.25) == expected
+    # Identified by name, never named otherwise: no structure, no former name's regions.
+    obs.subject = replace(subject, identified_by="name", formerly=None)
+    assert obs.sighting() == replace(
+        expected, late_by_hours=None, identified_by="name", smiles=None, formerly=None, formerly_regions=None
+    )
+
+
+def test_observation_times_carry_a_datetime_timezone_of_their_offset() -> None:
+    """Observation.fields_from gives each time a datetime.timezone of its offset (timezone.utc for UTC, the epoch's):
+    the detectors' comparisons and day numbers ask it for the offset in C, not pydantic-core's TzInfo through a Python
+    call. The same instants, offsets, ISO texts and day numbers as the parsed times."""
+    from datetime import timezone
+
+    from synthwatch.schemas import parse_event
+    from synthwatch.stream_apps.detect.alerting import day_of
+    from synthwatch.stream_apps.detect.intake import Intake
+    from synthwatch.stream_apps.detect.region import Observation
+    from tests.support.factories import lab, seizure
+
+    intake = Intake(stage="backtest")
+    records = [
+        lab(event_id="a", occurred_at="2026-03-01T23:30:00+01:00"),
+        seizure(event_id="b", occurred_at="2026-03-01T09:00:00Z"),
+        seizure(event_id="c", occurred_at="2026-03-01T23:59:59-05:00"),
+        lab(event_id="d", occurred_at="2026-03-01T00:15:00+05:45"),
+    ]
+    events = [parse_event(json.dumps(record)) for record in records]
+    for event in events:
+        moment = Observation.fields_of(intake.enrich(event, "test"))[2]
+        assert type(moment.tzinfo) is timezone and moment.utcoffset() == event.occurred_at.utcoffset()
+        assert moment == event.occurred_at and moment.isoformat() == event.occurred_at.isoformat()
+        assert day_of(moment) == day_of(event.occurred_at)
+    assert Observation.fields_of(intake.enrich(events[1], "test"))[2].tzinfo is UTC
