@@ -52,3 +52,32 @@ def test_each_command_runs_outside_any_checkout(tmp_path: Path) -> None:
     throughput._command_seconds(inputs / "stream.ndjson", output, python=str(stand_in))
 
     assert Path(output.read_text().strip()).resolve() == inputs.resolve()
+
+
+def test_the_benchmark_files_are_dated_after_their_last_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command takes a file's modification time as its receipt: the simulated year of 2026, written now, lost its
+    last weeks to the future-time rule (8,331 lines refused on 2026-12-07), so the command detected less than the
+    in-process loop, and less each day earlier it ran."""
+    import json
+    from datetime import UTC, datetime
+
+    dated: dict[str, tuple[datetime, datetime]] = {}
+
+    def occurred(line: str) -> datetime | None:
+        try:
+            at = datetime.fromisoformat(json.loads(line)["occurred_at"])
+        except (ValueError, KeyError, TypeError):
+            return None  # the simulator's malformed lines
+        return at if at.tzinfo is not None else None
+
+    def files_only(console: Console, files: list[tuple[str, Path, int]], *_: object) -> dict[str, float]:
+        for name, path, _lines in files:
+            last = max(at for line in path.read_text().splitlines() if (at := occurred(line)) is not None)
+            dated[name] = (datetime.fromtimestamp(path.stat().st_mtime, UTC), last)
+        return {}
+
+    monkeypatch.setattr(throughput, "_compare_checkouts", files_only)
+    throughput.bench_backtest(Console(file=io.StringIO()), days=365, seed=1, small_lines=30_000, others=["x"], rounds=1)
+
+    assert len(dated) == 3
+    assert all(received > last for received, last in dated.values()), dated
