@@ -235,6 +235,7 @@ LATENCY_EXPERIMENTS: tuple[tuple[str, tuple[str, ...], dict[str, str]], ...] = (
     ("collector thresholds 50,000 / 20 / 100", ("gc-50k",), {}),
     ("collector thresholds 5,000 / 5 / 4,000", ("gc-5k",), {}),
     ("collector thresholds 2,000 / 10 / 1,000", ("gc-2k",), {}),
+    ("bounded polls: 4,096 records a poll", ("poll-4096",), {}),
 )
 
 

@@ -246,13 +246,22 @@ def clickhouse_http(tmp_path: Path) -> Iterator[tuple[EngineProcess, FlakyProxy]
 
 STUCK_EVENTS = 3000  # ten batches of STUCK_BATCH: while one batch hangs, the agent's queue holds more
 STUCK_BATCH = 300
+POLL_RECORDS = 64  # records per poll in the bounded variants: a fifth of a batch, so a batch takes several polls
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("committed_before", [300, 0], ids=["after-commits", "never-committed"])
+@pytest.mark.parametrize(
+    ("committed_before", "poll_records"),
+    [(300, None), (0, None), (300, POLL_RECORDS), (0, POLL_RECORDS)],
+    ids=["after-commits", "never-committed", "after-commits-bounded-polls", "never-committed-bounded-polls"],
+)
 def test_a_worker_stuck_without_an_error_is_sought_back_then_reported_not_ready_then_recovers(
-    broker: EmbeddedBroker, tmp_path: Path, clickhouse_http: tuple[EngineProcess, FlakyProxy], committed_before: int
+    broker: EmbeddedBroker,
+    tmp_path: Path,
+    clickhouse_http: tuple[EngineProcess, FlakyProxy],
+    committed_before: int,
+    poll_records: int | None,
 ) -> None:
     """The consumer watchdog, on a real worker: ClickHouse stops answering without failing (a hung
     server), so checkpoints never finish and committed offsets stop while records wait. The worker must
@@ -260,7 +269,12 @@ def test_a_worker_stuck_without_an_error_is_sought_back_then_reported_not_ready_
     again and store every event exactly once.
 
     ``never-committed``: the partitions had no committed offset when the worker sought back (aiokafka
-    seeks only partitions with one), so what the cleared queues held must be fetched from the start."""
+    seeks only partitions with one), so what the cleared queues held must be fetched from the start.
+
+    ``bounded-polls``: each poll returns at most :data:`POLL_RECORDS` records
+    (``SYNTHWATCH_CONSUMER_MAX_POLL_RECORDS``), so at the seek-back the consumer's fetcher still holds records
+    fetched and not yet returned beside what the agent's queue holds: those too must be dropped and fetched again
+    from the sought offset, none skipped (docs/performance.md, "Session 22": bounded polls lower the worker's RSS)."""
     engine, proxy = clickhouse_http
     (tmp_path / "worker").mkdir()
     settings = isolated_settings(
@@ -269,6 +283,7 @@ def test_a_worker_stuck_without_an_error_is_sought_back_then_reported_not_ready_
         clickhouse_url=engine.url("watchdog", proxy.port),
         stall_seconds=2.0,
         sink_batch_size=STUCK_BATCH,
+        **({} if poll_records is None else {"consumer_max_poll_records": poll_records}),
     )
     direct = settings.model_copy(update={"clickhouse_url": engine.url("watchdog")})
     regions = [("ML", "ML-BKO"), ("MA", "MA-TNG"), ("SN", "SN-DK")]

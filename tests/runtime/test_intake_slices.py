@@ -445,3 +445,47 @@ def test_an_exception_in_a_later_slice_leaves_nothing_of_the_batch_written_sent_
     assert len(observed) == 2 * SLICE + 3 and regions.dirty_regions  # changed in memory only
     assert sent == [] and stored == [] and intake.tables.regions.data == {}
     assert intake.worker.commits == [] and all(not e.events for e in intake.checkpoints)
+
+
+def _live(kind: type) -> int:
+    import gc
+
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if type(o) is kind)
+
+
+def test_the_intake_agent_keeps_nothing_of_a_processed_batch_but_its_rows_while_it_waits_for_the_next(
+    tmp_path: Path,
+) -> None:
+    """The agent's loop kept what it made of a batch (the validated events, the region stage's pass, the sightings,
+    sorted and grouped by substance, the rejects) in locals until its next batch with events: behind a backlog the
+    next batch is fetched and decoded while the last one's sightings and results are still alive, and an idle worker
+    holds them for good (docs/performance.md, "Session 22"). The novelty agent did the same (513bf18). Two reports
+    taken (their sightings sent): while the agent asks for its next batch, no ``Sighting``, ``Reject``,
+    ``IntakeResult`` or ``RegionPass`` of theirs is alive; the kept events wait in the checkpoint's rows, as they must.
+    """
+    from synthwatch.schemas import Reject
+    from synthwatch.schemas.topics import Sighting
+    from synthwatch.stream_apps.detect.intake import IntakeResult
+    from synthwatch.stream_apps.runtime.agents.intake import RegionPass
+
+    kinds = (Sighting, Reject, IntakeResult, RegionPass)
+    reports = _reports(3 * SLICE)
+    intake = _Intake(tmp_path, reports)
+    sent = _recorded(intake)
+    before: list[tuple[int, ...]] = []
+    after: list[tuple[int, ...]] = []
+
+    async def batches() -> AsyncIterator[list[Any]]:
+        before.append(tuple(_live(kind) for kind in kinds))
+        yield [intake.event(offset) for offset in sorted(reports)]  # an invalid report among them: a reject
+        after.append(tuple(_live(kind) for kind in kinds))  # the batch is processed; the agent asks for the next
+        yield []
+
+    intake.batches = batches
+    intake.run()
+
+    assert any(topic == intake.settings.topic_sightings for topic, *_ in sent)  # the batch's sightings went out
+    assert any(topic == intake.settings.topic_rejects for topic, *_ in sent)  # and its rejects
+    # Failed before the batch was taken in a function of its own: its sightings, rejects and passes were still held.
+    assert after == before, (kinds, before, after)
