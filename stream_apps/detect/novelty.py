@@ -179,6 +179,14 @@ class HealedSubstance:
     emptied: bool
 
 
+def reported_between(first: int, last: int, mask: int, since: int, day: int, bits: int) -> bool:
+    """Whether a region first sighted on ``first`` and last on ``last``, with day bits ``mask`` (bit i: the day
+    ``last - i``; ``bits`` of them kept), has a report from ``since`` to ``day``: its first day, or a bit in the window.
+    One test for the spread's counts (:meth:`NoveltyDetector._holds`) and the regions an alert names (``_active``)."""
+    low, high = max(last - day, 0), min(last - since, bits - 1)
+    return since <= first <= day or (low <= high and mask >> low & ((1 << (high - low + 1)) - 1) != 0)
+
+
 class NoveltyDetector:
     """Pure and synchronous: ``observe(sighting) -> alerts``; state is a dict of SubstanceState.
 
@@ -669,8 +677,7 @@ class NoveltyDetector:
         ``day`` (a window holding the late sighting's day: its own region is one)."""
         since, found = day - width + 1, 0
         for own, first, last, mask in rows:
-            low, high = max(last - day, 0), min(last - since, bits - 1)
-            if own or since <= first <= day or (low <= high and mask >> low & ((1 << (high - low + 1)) - 1)):
+            if own or reported_between(first, last, mask, since, day, bits):
                 found += 1
                 if found >= needed:
                     return True
@@ -684,13 +691,10 @@ class NoveltyDetector:
         since = day - width + 1
         active = []
         for region, span in known.regions.items():
-            first, last = span
-            low, high = max(last - day, 0), min(last - since, bits - 1)  # bit i: the day last - i
             # The last day is a report whatever the bits say (a record written before they were kept has none).
-            if (
-                (region == s.region and since <= s.day <= day)
-                or since <= first <= day
-                or (low <= high and (known.days.get(region, 0) | 1) >> low & ((1 << (high - low + 1)) - 1))
+            mask = known.days.get(region, 0) | 1
+            if (region == s.region and since <= s.day <= day) or reported_between(
+                span[0], span[1], mask, since, day, bits
             ):
                 active.append(region)
         return sorted(active)
